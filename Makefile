@@ -1,0 +1,40 @@
+# Fluxbase — `make run` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test check lint format bench clean
+
+help: ## List every target
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install Fluxbase with its dev tools
+
+run: $(STAMP) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
+	$(BIN)/fluxbase dev
+
+test: $(STAMP) ## Run the test suite against real PostgreSQL and S3
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: $(STAMP) ## ruff (incl. A005) and mypy
+	$(BIN)/ruff check platform realtime tests bench
+	$(BIN)/ruff format --check platform realtime tests bench
+	$(BIN)/mypy
+
+format: $(STAMP) ## Apply ruff formatting and safe fixes
+	$(BIN)/ruff format platform realtime tests bench
+	$(BIN)/ruff check --fix platform realtime tests bench
+
+bench: $(STAMP) ## Run the SQL-over-HTTP benchmark (see bench/README.md)
+	$(BIN)/python bench/sql_throughput.py
+
+clean: ## Remove the venv and local dev data
+	rm -rf $(VENV) .fluxbase .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,216 @@
+"""The `fluxbase` command: dev, api, realtime, worker, migrate and headless setup commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fluxbase.config import ConfigError, Settings, load_settings
+
+
+def _settings() -> Settings:
+    return load_settings(os.environ)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # botocore and asyncpg are chatty at INFO and may echo request details.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("aiobotocore").setLevel(logging.WARNING)
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    import asyncpg
+
+    from fluxbase.db.migrate import migrate
+    from fluxbase.db.tenants import sync_role_passwords
+
+    conn = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
+    try:
+        applied = await migrate(conn)
+        await sync_role_passwords(conn, settings)
+        return applied
+    finally:
+        await conn.close()
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    settings = _settings()
+    applied = asyncio.run(_migrate(settings))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    from fluxbase.devstack.procs import ensure_port_free
+
+    host = args.host or settings.http.host
+    port = args.port or settings.http.port
+    ensure_port_free(host, port, "API", "FLUXBASE_API_PORT")
+    if not args.no_migrate:
+        asyncio.run(_migrate(settings))
+    workers = args.workers or settings.http.workers
+    uvicorn.run(
+        "fluxbase.http.asgi:create_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers if workers > 1 else None,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def cmd_realtime(args: argparse.Namespace) -> int:
+    from fluxbase.devstack.procs import ensure_port_free
+    from fluxbase_realtime.server import serve
+
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    host = args.host or settings.realtime.host
+    port = args.port or settings.realtime.port
+    ensure_port_free(host, port, "realtime service", "FLUXBASE_REALTIME_PORT")
+    asyncio.run(serve(settings, host, port))
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    from fluxbase.worker import run_worker
+
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+def cmd_dev(_: argparse.Namespace) -> int:
+    from fluxbase.devstack.runner import run_dev
+
+    return run_dev(os.environ)
+
+
+async def _with_db(settings: Settings, fn: Any) -> Any:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
+    try:
+        return await fn(pool)
+    finally:
+        await pool.close()
+
+
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    from fluxbase.services import accounts
+
+    settings = _settings()
+    password = args.password or os.environ.get("FLUXBASE_ADMIN_PASSWORD") or getpass.getpass("Password: ")
+
+    async def go(db: Any) -> Any:
+        return await accounts.create_user(db, args.email, password, args.display_name or "", instance_admin=True)
+
+    user = asyncio.run(_with_db(settings, go))
+    print(json.dumps({"id": user.id, "email": user.email, "isInstanceAdmin": True}))
+    return 0
+
+
+def cmd_create_project(args: argparse.Namespace) -> int:
+    from fluxbase.services import projects
+
+    settings = _settings()
+
+    async def go(db: Any) -> Any:
+        owner = await db.fetchval("SELECT id FROM fluxbase.users WHERE lower(email) = lower($1)", args.owner)
+        if owner is None:
+            raise SystemExit(f"no account with email {args.owner}")
+        return await projects.create_project(db, settings, owner, args.name)
+
+    project = asyncio.run(_with_db(settings, go))
+    print(json.dumps({"id": project.id, "name": project.name}))
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    from fluxbase.services import apikeys
+    from fluxbase.services.access import Principal, ProjectAccess, load_project
+
+    settings = _settings()
+
+    async def go(db: Any) -> Any:
+        project = await load_project(db, args.project)
+        access = ProjectAccess(project, Principal(), args.scope, "admin")
+        return await apikeys.create_key(db, access, name=args.name, scope=args.scope,
+                                        expires_in_days=args.expires_in_days)
+
+    raw, key = asyncio.run(_with_db(settings, go))
+    print(json.dumps({"key": raw, "id": key.id, "scope": key.scope, "projectId": key.project_id}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxbase", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="embedded PostgreSQL + S3, api, realtime and worker on one machine").set_defaults(
+        fn=cmd_dev
+    )
+    api = sub.add_parser("api", help="run the HTTP API (production)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int, help="worker processes (default FLUXBASE_API_WORKERS or 1)")
+    api.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    api.set_defaults(fn=cmd_api)
+    rt = sub.add_parser("realtime", help="run the realtime WebSocket service")
+    rt.add_argument("--host")
+    rt.add_argument("--port", type=int)
+    rt.set_defaults(fn=cmd_realtime)
+    sub.add_parser("worker", help="run webhook delivery and housekeeping").set_defaults(fn=cmd_worker)
+    sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(fn=cmd_migrate)
+    ca = sub.add_parser("create-admin", help="create an instance admin account")
+    ca.add_argument("--email", required=True)
+    ca.add_argument("--password", help="or FLUXBASE_ADMIN_PASSWORD, or prompted")
+    ca.add_argument("--display-name")
+    ca.set_defaults(fn=cmd_create_admin)
+    cp = sub.add_parser("create-project", help="create a project owned by an existing account")
+    cp.add_argument("--owner", required=True, help="owner's email")
+    cp.add_argument("--name", required=True)
+    cp.set_defaults(fn=cmd_create_project)
+    ck = sub.add_parser("create-key", help="mint an API key for a project (printed once)")
+    ck.add_argument("--project", required=True)
+    ck.add_argument("--scope", choices=["read", "readwrite", "admin"], default="admin")
+    ck.add_argument("--name", default="cli")
+    ck.add_argument("--expires-in-days", type=int)
+    ck.set_defaults(fn=cmd_create_key)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fluxbase.devstack.procs import PortInUse
+    from fluxbase.errors import FluxbaseError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, PortInUse) as exc:
+        print(f"fluxbase: {exc}", file=sys.stderr)
+        return 2
+    except FluxbaseError as exc:
+        print(f"fluxbase: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

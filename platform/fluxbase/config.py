@@ -1,0 +1,208 @@
+"""Typed settings, grouped by concern, loaded once from the environment and passed in."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+
+import msgspec
+
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; startup must stop with this message."""
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True):
+    """Control-plane PostgreSQL connection (a role that may create roles and schemas)."""
+
+    url: str
+    pool_min: int = 1
+    pool_max: int = 10
+    connect_timeout: float = 5.0
+
+
+class S3Settings(msgspec.Struct, frozen=True):
+    """S3-compatible object store; credentials never leave the server."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    bucket: str = "fluxbase"
+    region: str = "us-east-1"
+
+
+class HttpSettings(msgspec.Struct, frozen=True):
+    """Where the API listens and which proxies may set X-Forwarded-For."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    public_url: str = ""
+    trusted_proxies: tuple[str, ...] = ()
+
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+
+class RealtimeSettings(msgspec.Struct, frozen=True):
+    """Where the realtime WebSocket service listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    public_url: str = ""
+
+
+class AuthSettings(msgspec.Struct, frozen=True):
+    """Dashboard accounts and sessions."""
+
+    secret_key: str
+    session_ttl_seconds: int = 12 * 3600
+    allow_registration: bool = True
+    login_max_failures: int = 5
+    login_window_seconds: int = 15 * 60
+
+
+class TenantSettings(msgspec.Struct, frozen=True):
+    """Limits on tenant SQL that the tenant cannot lift."""
+
+    request_deadline_ms: int = 15_000
+    statement_timeout_ms: int = 15_000
+    lock_timeout_ms: int = 5_000
+    idle_in_transaction_ms: int = 10_000
+    temp_file_limit_kb: int = 1_048_576
+    work_mem_kb: int = 16_384
+    role_connection_limit: int = 20
+    pool_max_per_role: int = 10
+    pool_acquire_timeout_s: float = 5.0
+    max_rows: int = 10_000
+    max_bytes: int = 10 * 1024 * 1024
+    rate_limit_requests: int = 50
+    rate_limit_window_s: int = 10
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Everything a Fluxbase process needs, built once by `load_settings`."""
+
+    database: DatabaseSettings
+    s3: S3Settings
+    auth: AuthSettings
+    http: HttpSettings = HttpSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
+    tenant: TenantSettings = TenantSettings()
+    run_worker_in_api: bool = True
+    log_level: str = "info"
+
+    @property
+    def api_url(self) -> str:
+        return self.http.public_url or f"http://{self.http.host}:{self.http.port}"
+
+    @property
+    def realtime_url(self) -> str:
+        return self.realtime.public_url or f"ws://{self.realtime.host}:{self.realtime.port}"
+
+
+def _bool(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def check_secret(secret: str | None) -> str:
+    """Refuse a missing or weak server secret (it signs sessions and derives tenant passwords)."""
+    if not secret:
+        raise ConfigError(
+            "FLUXBASE_SECRET_KEY is not set. Generate one with: "
+            'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+        )
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"FLUXBASE_SECRET_KEY is too weak: {len(secret.encode())} bytes, at least "
+            f"{MIN_SECRET_BYTES} are required."
+        )
+    return secret
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from FLUXBASE_* variables; raise ConfigError with a clear message."""
+
+    def get(name: str, default: str | None = None) -> str | None:
+        value = environ.get(name)
+        return value if value not in (None, "") else default
+
+    secret = check_secret(get("FLUXBASE_SECRET_KEY"))
+    db_url = get("FLUXBASE_DATABASE_URL")
+    if not db_url:
+        raise ConfigError("FLUXBASE_DATABASE_URL is not set (postgresql://user:pass@host:port/db).")
+    s3_endpoint = get("FLUXBASE_S3_ENDPOINT")
+    s3_access = get("FLUXBASE_S3_ACCESS_KEY")
+    s3_secret = get("FLUXBASE_S3_SECRET_KEY")
+    if not (s3_endpoint and s3_access and s3_secret):
+        raise ConfigError(
+            "FLUXBASE_S3_ENDPOINT, FLUXBASE_S3_ACCESS_KEY and FLUXBASE_S3_SECRET_KEY must all be set."
+        )
+
+    def int_of(name: str, default: int) -> int:
+        raw = get(name)
+        return default if raw is None else _int(raw, name)
+
+    tenant_defaults = TenantSettings()
+    tenant = TenantSettings(
+        request_deadline_ms=int_of("FLUXBASE_SQL_DEADLINE_MS", tenant_defaults.request_deadline_ms),
+        statement_timeout_ms=int_of("FLUXBASE_SQL_STATEMENT_TIMEOUT_MS", tenant_defaults.statement_timeout_ms),
+        max_rows=int_of("FLUXBASE_SQL_MAX_ROWS", tenant_defaults.max_rows),
+        max_bytes=int_of("FLUXBASE_SQL_MAX_BYTES", tenant_defaults.max_bytes),
+        role_connection_limit=int_of("FLUXBASE_TENANT_CONNECTION_LIMIT", tenant_defaults.role_connection_limit),
+        pool_max_per_role=int_of("FLUXBASE_TENANT_POOL_MAX", tenant_defaults.pool_max_per_role),
+        rate_limit_requests=int_of("FLUXBASE_RATE_LIMIT_REQUESTS", tenant_defaults.rate_limit_requests),
+        rate_limit_window_s=int_of("FLUXBASE_RATE_LIMIT_WINDOW_S", tenant_defaults.rate_limit_window_s),
+    )
+    proxies = tuple(p.strip() for p in (get("FLUXBASE_TRUSTED_PROXIES", "") or "").split(",") if p.strip())
+    http = HttpSettings(
+        host=get("FLUXBASE_API_HOST", "127.0.0.1") or "127.0.0.1",
+        port=int_of("FLUXBASE_API_PORT", 8080),
+        workers=int_of("FLUXBASE_API_WORKERS", 1),
+        public_url=get("FLUXBASE_API_PUBLIC_URL", "") or "",
+        trusted_proxies=proxies,
+    )
+    try:
+        http.proxy_networks()
+    except ValueError as exc:
+        raise ConfigError(f"FLUXBASE_TRUSTED_PROXIES: {exc}") from None
+    return Settings(
+        database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
+        s3=S3Settings(
+            endpoint_url=s3_endpoint,
+            access_key=s3_access,
+            secret_key=s3_secret,
+            bucket=get("FLUXBASE_S3_BUCKET", "fluxbase") or "fluxbase",
+            region=get("FLUXBASE_S3_REGION", "us-east-1") or "us-east-1",
+        ),
+        auth=AuthSettings(
+            secret_key=secret,
+            session_ttl_seconds=int_of("FLUXBASE_SESSION_TTL_SECONDS", 12 * 3600),
+            allow_registration=_bool(get("FLUXBASE_ALLOW_REGISTRATION", "true") or "true", "FLUXBASE_ALLOW_REGISTRATION"),
+            login_max_failures=int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5),
+            login_window_seconds=int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60),
+        ),
+        http=http,
+        realtime=RealtimeSettings(
+            host=get("FLUXBASE_REALTIME_HOST", "127.0.0.1") or "127.0.0.1",
+            port=int_of("FLUXBASE_REALTIME_PORT", 8081),
+            public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
+        ),
+        tenant=tenant,
+        run_worker_in_api=_bool(get("FLUXBASE_RUN_WORKER_IN_API", "true") or "true", "FLUXBASE_RUN_WORKER_IN_API"),
+        log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
+    )

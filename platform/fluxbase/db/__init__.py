@@ -1,0 +1,1 @@
+"""Database access: the control-plane pool, migrations, and tenant roles and pools."""

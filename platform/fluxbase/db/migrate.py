@@ -1,0 +1,93 @@
+"""Plain numbered SQL migrations with a checksum ledger, applied in order under an advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+LOCK_KEY = 7_243_190_001  # pg_advisory_lock key reserved for the migration runner
+FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class MigrationError(Exception):
+    """The ledger disagrees with the files on disk (or a file is malformed)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def sql_dir() -> Path:
+    """The migrations folder: packaged as fluxbase/_sql, or `sql/` in a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    packaged = here / "_sql"
+    if packaged.is_dir():
+        return packaged
+    return here.parent.parent / "sql"
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or sql_dir()
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        m = FILE_RE.match(path.name)
+        if not m:
+            raise MigrationError(f"migration file name must look like 0001_name.sql: {path.name}")
+        found.append(Migration(version=m.group(1), name=path.name, sql=path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migration files share a number")
+    return found
+
+
+LEDGER_DDL = """
+CREATE SCHEMA IF NOT EXISTS fluxbase;
+CREATE TABLE IF NOT EXISTS fluxbase.schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply pending migrations; return the names applied. Refuse if an applied file changed."""
+    migrations = load_migrations(directory)
+    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    try:
+        await conn.execute(LEDGER_DDL)
+        ledger = {r["version"]: r for r in await conn.fetch("SELECT * FROM fluxbase.schema_migrations")}
+        for m in migrations:
+            row = ledger.get(m.version)
+            if row is not None and row["checksum"] != m.checksum:
+                raise MigrationError(
+                    f"migration {m.name} was changed after it was applied "
+                    f"(ledger checksum {row['checksum'][:12]}…, file {m.checksum[:12]}…). "
+                    "Applied migrations are never edited: add a new numbered file instead."
+                )
+        applied: list[str] = []
+        for m in migrations:
+            if m.version in ledger:
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO fluxbase.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    m.version, m.name, m.checksum,
+                )
+            applied.append(m.name)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)

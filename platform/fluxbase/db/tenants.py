@@ -1,0 +1,227 @@
+"""Project schemas and roles, and the pools whose session user is the project role itself.
+
+Tenant SQL never runs on a privileged connection that switches with SET ROLE: the tenant
+could `RESET ROLE` or `set_config('role', ...)` its way out. Each (project, scope) gets its
+own LOGIN role and its own lazily created, bounded pool; idle connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import asyncpg
+import msgspec
+
+from fluxbase.config import Settings
+from fluxbase.security.roles import SCOPES, role_name, role_password, schema_name
+
+log = logging.getLogger(__name__)
+
+INT53 = 2**53 - 1
+
+# Run after every request, in the same round trip as COMMIT/ROLLBACK: nothing a tenant did to
+# its session (settings, cursors, LISTEN, advisory locks, temp tables) survives into the next.
+SESSION_RESET = (
+    "CLOSE ALL; UNLISTEN *; RESET ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;"
+)
+
+
+def quote_ident(name: str) -> str:
+    """Quote an SQL identifier (the one helper for interpolated identifiers)."""
+    if "\x00" in name:
+        raise ValueError("identifier contains NUL")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """Quote a string literal for standard_conforming_strings=on (the PostgreSQL default)."""
+    if "\x00" in value:
+        raise ValueError("string contains NUL")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _int8_decode(text: str) -> int | str:
+    n = int(text)
+    return n if -INT53 <= n <= INT53 else text
+
+
+def _json_encode(value: object) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+async def init_tenant_connection(conn: asyncpg.Connection) -> None:
+    """JSON-faithful decoding: json stays raw JSON, numeric exact, big int8 as strings."""
+    raw = msgspec.Raw
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, schema="pg_catalog", format="text", encoder=_json_encode, decoder=lambda s: raw(s.encode())
+        )
+    await conn.set_type_codec("numeric", schema="pg_catalog", format="text", encoder=str, decoder=str)
+    await conn.set_type_codec("int8", schema="pg_catalog", format="text", encoder=str, decoder=_int8_decode)
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Session reset happens in the request's last round trip (see SESSION_RESET)."""
+
+
+def _role_settings(settings: Settings) -> dict[str, str]:
+    t = settings.tenant
+    return {
+        "statement_timeout": f"{t.statement_timeout_ms}ms",
+        "lock_timeout": f"{t.lock_timeout_ms}ms",
+        "idle_in_transaction_session_timeout": f"{t.idle_in_transaction_ms}ms",
+        "work_mem": f"{t.work_mem_kb}kB",
+        "temp_file_limit": f"{t.temp_file_limit_kb}kB",
+    }
+
+
+async def provision_project(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
+    """Create the project's schema and its three LOGIN roles (caller owns the transaction)."""
+    schema = quote_ident(schema_name(project_id))
+    admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    limit = settings.tenant.role_connection_limit
+    for scope in SCOPES:
+        role = role_name(project_id, scope)
+        pw = quote_literal(role_password(settings.auth.secret_key, role))
+        await conn.execute(
+            f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
+            f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
+        )
+        await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {quote_ident(role)}")
+        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
+        for name, value in _role_settings(settings).items():
+            await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
+    await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
+    await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
+    await conn.execute(
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}"
+    )
+    await conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT ON TABLES TO {ro}")
+    await conn.execute(
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {rw}"
+    )
+    await conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT ON SEQUENCES TO {ro}")
+
+
+async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
+    """Remove the project's schema, objects and roles (caller owns the transaction)."""
+    roles = [role_name(project_id, s) for s in SCOPES]
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
+    )
+    await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema_name(project_id))} CASCADE")
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    for role in roles:
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+        if exists:
+            await conn.execute(f"DROP OWNED BY {quote_ident(role)} CASCADE")
+            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {quote_ident(role)}")
+            await conn.execute(f"DROP ROLE {quote_ident(role)}")
+
+
+async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> int:
+    """Re-derive every tenant role password (after FLUXBASE_SECRET_KEY rotation)."""
+    n = 0
+    for row in await conn.fetch("SELECT id FROM fluxbase.projects"):
+        for scope in SCOPES:
+            role = role_name(row["id"], scope)
+            pw = quote_literal(role_password(settings.auth.secret_key, role))
+            await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {pw}")
+            n += 1
+    return n
+
+
+class TenantPools:
+    """Lazily created, bounded asyncpg pools keyed by (project, scope); idle pools are closed."""
+
+    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0):
+        self._settings = settings
+        parts = urlsplit(settings.database.url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 5432
+        self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
+        self._pools: dict[tuple[str, str], asyncpg.Pool] = {}
+        self._last_used: dict[tuple[str, str], float] = {}
+        self._creating: dict[tuple[str, str], asyncio.Future[asyncpg.Pool]] = {}
+        self._idle_pool_seconds = idle_pool_seconds
+        self._reaper: asyncio.Task[None] | None = None
+
+    def _connect_kwargs(self, project_id: str, scope: str) -> dict[str, object]:
+        role = role_name(project_id, scope)
+        return {
+            "host": self._host,
+            "port": self._port,
+            "database": self._database,
+            "user": role,
+            "password": role_password(self._settings.auth.secret_key, role),
+            "ssl": False,
+            "timeout": self._settings.database.connect_timeout,
+            "server_settings": {"application_name": f"fluxbase-tenant-{project_id}"},
+        }
+
+    async def pool(self, project_id: str, scope: str) -> asyncpg.Pool:
+        key = (project_id, scope)
+        self._last_used[key] = time.monotonic()
+        existing = self._pools.get(key)
+        if existing is not None:
+            return existing
+        pending = self._creating.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[asyncpg.Pool] = asyncio.get_running_loop().create_future()
+        self._creating[key] = fut
+        try:
+            pool = await asyncpg.create_pool(
+                min_size=0,
+                max_size=self._settings.tenant.pool_max_per_role,
+                max_inactive_connection_lifetime=60.0,
+                init=init_tenant_connection,
+                reset=_no_reset,
+                **self._connect_kwargs(project_id, scope),  # type: ignore[arg-type]
+            )
+            self._pools[key] = pool
+            fut.set_result(pool)
+            if self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_idle())
+            return pool
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._creating.pop(key, None)
+
+    async def close_project(self, project_id: str) -> None:
+        for key in [k for k in self._pools if k[0] == project_id]:
+            pool = self._pools.pop(key)
+            self._last_used.pop(key, None)
+            pool.terminate()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            now = time.monotonic()
+            for key, last in list(self._last_used.items()):
+                pool = self._pools.get(key)
+                if pool is not None and now - last > self._idle_pool_seconds and pool.get_idle_size() == pool.get_size():
+                    self._pools.pop(key, None)
+                    self._last_used.pop(key, None)
+                    await pool.close()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, Exception):
+                pool.terminate()
+
+
+Factory = Callable[[], Awaitable[asyncpg.Connection]]

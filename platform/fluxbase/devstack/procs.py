@@ -1,0 +1,77 @@
+"""Child-process helpers: free ports, clear port-in-use errors, children that die with their parent."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+class PortInUse(Exception):
+    """A port we must listen on is taken; the message says which and how to change it."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the kernel for a port nobody is listening on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_port_free(host: str, port: int, what: str, env_var: str) -> None:
+    """Raise PortInUse with a helpful message when host:port is already bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise PortInUse(
+                f"Port {port} on {host} is already in use, so the {what} cannot start. "
+                f"Stop whatever is listening there or choose another port with {env_var}=<port>."
+            ) from None
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn that makes the kernel SIGTERM the child when its parent dies (Linux)."""
+
+    def _apply() -> None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+        os.setpgrp()  # own process group: a terminal's Ctrl-C reaches only the supervisor
+
+    return _apply
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Signal a child, wait for it, and kill it if it will not go."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")

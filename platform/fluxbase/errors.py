@@ -1,0 +1,109 @@
+"""The one catalog of stable error codes; the HTTP edge maps them to responses once."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FluxbaseError(Exception):
+    """A public-safe error: `code`, HTTP `status` and a message fit for a response body."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "Unexpected server error."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.headers = headers or {}
+        self.extra = extra or {}
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error.update(self.extra)
+        return {"success": False, "error": error}
+
+
+class ValidationError(FluxbaseError):
+    code, status, default_message = "VALIDATION_ERROR", 400, "The request is not valid."
+
+
+class AuthRequired(FluxbaseError):
+    code, status = "AUTH_REQUIRED", 401
+    default_message = "API key missing or malformed. Include Authorization: Bearer <key>."
+
+
+class TokenExpired(FluxbaseError):
+    code, status, default_message = "TOKEN_EXPIRED", 401, "Session token has expired. Re-authenticate."
+
+
+class ScopeMismatch(FluxbaseError):
+    code, status = "SCOPE_MISMATCH", 403
+    default_message = "This credential does not have access to this project or resource."
+
+
+class OriginNotAllowed(FluxbaseError):
+    code, status = "ORIGIN_NOT_ALLOWED", 403
+    default_message = "Request Origin is not permitted for this key."
+
+
+class ProjectSuspended(FluxbaseError):
+    code, status, default_message = "PROJECT_SUSPENDED", 403, "Project is suspended."
+
+
+class InsufficientPermissions(FluxbaseError):
+    code, status, default_message = "INSUFFICIENT_PERMISSIONS", 403, "Only admins can perform this action."
+
+
+class RegistrationClosed(FluxbaseError):
+    code, status, default_message = "REGISTRATION_CLOSED", 403, "Self-registration is disabled."
+
+
+class ProjectNotFound(FluxbaseError):
+    code, status = "PROJECT_NOT_FOUND", 404
+    default_message = "No project found for the given projectId."
+
+
+class UserNotFound(FluxbaseError):
+    code, status, default_message = "USER_NOT_FOUND", 404, "No such user."
+
+
+class NotFound(FluxbaseError):
+    code, status, default_message = "NOT_FOUND", 404, "Not found."
+
+
+class Conflict(FluxbaseError):
+    code, status, default_message = "CONFLICT", 409, "The resource already exists or is in use."
+
+
+class PayloadTooLarge(FluxbaseError):
+    code, status, default_message = "PAYLOAD_TOO_LARGE", 413, "The request is too large."
+
+
+class RateLimited(FluxbaseError):
+    code, status = "RATE_LIMIT", 429
+    default_message = "Too many requests. Retry later with exponential backoff."
+
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = retry_after
+
+
+class InternalError(FluxbaseError):
+    pass
+
+
+class DatabaseUnavailable(FluxbaseError):
+    code, status = "DATABASE_CONNECTION_ERROR", 503
+    default_message = "Transient database connectivity issue. Retry after a few seconds."
+
+
+class StorageUnavailable(FluxbaseError):
+    code, status = "STORAGE_UNAVAILABLE", 503
+    default_message = "Object storage is unreachable. Retry after a few seconds."

@@ -1,0 +1,1 @@
+"""HTTP transport: Litestar app factory, error edge, caller resolution and thin controllers."""

@@ -1,0 +1,68 @@
+"""The Litestar application factory: `create_app(settings)`."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from fluxbase import __version__
+from fluxbase.config import Settings
+from fluxbase.db.control import create_control_pool
+from fluxbase.db.tenants import TenantPools
+from fluxbase.http.context import AppContext
+from fluxbase.http.controllers import auth, health, projects
+from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
+from fluxbase.services.access import Authenticator
+from fluxbase.storage.s3 import ObjectStore
+
+log = logging.getLogger("fluxbase")
+
+ROUTES = [
+    health.live, health.ready,
+    auth.register, auth.login, auth.logout, auth.me, auth.admin_status,
+    projects.create_project, projects.list_projects, projects.get_project, projects.delete_project,
+    projects.create_key, projects.list_keys, projects.rotate_key, projects.revoke_key,
+]
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the API app; connections are opened at startup, closed at shutdown."""
+
+    async def startup(app: Litestar) -> None:
+        db = await create_control_pool(settings)
+        store = ObjectStore(settings.s3)
+        await store.start()
+        try:
+            await store.ensure_bucket()
+        except Exception as exc:  # S3 may come up later; /ready reports it meanwhile
+            log.warning("could not ensure the S3 bucket exists: %r", exc)
+        app.state.ctx = AppContext(
+            settings=settings, db=db, tenants=TenantPools(settings), store=store,
+            auth=Authenticator(db, settings),
+        )
+
+    async def shutdown(app: Litestar) -> None:
+        ctx: AppContext | None = getattr(app.state, "ctx", None)
+        if ctx is None:
+            return
+        await ctx.tenants.close()
+        await ctx.store.close()
+        await ctx.db.close()
+
+    return Litestar(
+        route_handlers=ROUTES,
+        dependencies={"ctx": Provide(provide_ctx), "caller": Provide(provide_caller)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        on_startup=[startup],
+        on_shutdown=[shutdown],
+        state=State(),
+        cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"], max_age=600),
+        openapi_config=OpenAPIConfig(title="Fluxbase API", version=__version__, path="/schema"),
+        debug=False,
+        logging_config=None,
+    )

@@ -1,0 +1,1 @@
+"""Thin route handlers: decode a Struct, call one service, return the documented shape."""

@@ -1,0 +1,50 @@
+"""Dashboard accounts: register, login, logout, me; public admin status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get, post
+
+from fluxbase.errors import AuthRequired
+from fluxbase.http.context import AppContext
+from fluxbase.http.edge import Caller, client_ip
+from fluxbase.http.shapes import LoginBody, RegisterBody, user_out
+from fluxbase.services import accounts
+
+
+def _session_user(caller: Caller) -> accounts.User:
+    if caller.principal.user is None:
+        raise AuthRequired("This endpoint needs a dashboard session token, not an API key.")
+    return caller.principal.user
+
+
+@post("/api/auth/register", operation_id="register", tags=["auth"], status_code=201)
+async def register(data: RegisterBody, ctx: AppContext) -> dict[str, Any]:
+    user = await accounts.register(ctx.db, ctx.settings, data.email, data.password, data.display_name)
+    return {"success": True, "user": user_out(user)}
+
+
+@post("/api/auth/login", operation_id="login", tags=["auth"], status_code=200)
+async def login(data: LoginBody, ctx: AppContext, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    session = await accounts.login(ctx.db, ctx.settings, data.email, data.password, client_ip(request, ctx))
+    return {"success": True, "token": session.token, "expiresAt": session.expires_at, "user": user_out(session.user)}
+
+
+@post("/api/auth/logout", operation_id="logout", tags=["auth"], status_code=200)
+async def logout(ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    _session_user(caller)
+    assert caller.principal.session_id is not None
+    await accounts.logout(ctx.db, caller.principal.session_id)
+    return {"success": True}
+
+
+@get("/api/auth/me", operation_id="me", tags=["auth"])
+async def me(caller: Caller) -> dict[str, Any]:
+    return {"success": True, "user": user_out(_session_user(caller))}
+
+
+@get("/api/admin/status", operation_id="adminStatus", tags=["auth"])
+async def admin_status(ctx: AppContext) -> dict[str, Any]:
+    return {"success": True, "adminExists": await accounts.admin_exists(ctx.db),
+            "registrationOpen": ctx.settings.auth.allow_registration}

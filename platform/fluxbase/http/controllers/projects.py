@@ -1,0 +1,87 @@
+"""Projects and their API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import delete, get, post
+
+from fluxbase.errors import AuthRequired, ValidationError
+from fluxbase.http.context import AppContext
+from fluxbase.http.edge import Caller
+from fluxbase.http.shapes import CreateKeyBody, CreateProjectBody, key_out, project_out
+from fluxbase.services import apikeys, projects
+from fluxbase.services.access import Need, authorize
+
+
+def _user_id(caller: Caller) -> str:
+    if caller.principal.user is None:
+        raise AuthRequired("This endpoint needs a dashboard session token, not an API key.")
+    return caller.principal.user.id
+
+
+@post("/api/projects", operation_id="createProject", tags=["projects"], status_code=201)
+async def create_project(data: CreateProjectBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    project = await projects.create_project(ctx.db, ctx.settings, _user_id(caller), data.name)
+    return {"success": True, "project": project_out(project, "admin")}
+
+
+@get("/api/projects", operation_id="listProjects", tags=["projects"])
+async def list_projects(ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    rows = await projects.list_projects(ctx.db, _user_id(caller))
+    return {"success": True, "projects": [project_out(p, role) for p, role in rows]}
+
+
+@get("/api/projects/{project_id:str}", operation_id="getProject", tags=["projects"])
+async def get_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    return {"success": True, "project": project_out(access.project, access.member_role)}
+
+
+@delete("/api/projects/{project_id:str}", operation_id="deleteProject", tags=["projects"], status_code=200)
+async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
+    await ctx.tenants.close_project(access.project.id)
+    await projects.delete_project(ctx.db, access.project.id)
+    return {"success": True, "projectId": access.project.id}
+
+
+def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
+    if data.rate_limit_requests is None:
+        return None
+    window = data.rate_limit_window_seconds or 10
+    if data.rate_limit_requests < 1 or window < 1:
+        raise ValidationError("rateLimitRequests and rateLimitWindowSeconds must be positive.")
+    return data.rate_limit_requests, window
+
+
+@post("/api/projects/{project_id:str}/api-keys", operation_id="createApiKey", tags=["api-keys"], status_code=201)
+async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    raw, key = await apikeys.create_key(
+        ctx.db, access, name=data.name, scope=data.scope, expires_in_days=data.expires_in_days,
+        allowed_origins=data.allowed_origins, rate_limit=_rate_limit(data),
+    )
+    return {"success": True, "key": raw, "apiKey": key_out(key)}
+
+
+@get("/api/projects/{project_id:str}/api-keys", operation_id="listApiKeys", tags=["api-keys"])
+async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    return {"success": True, "apiKeys": [key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)]}
+
+
+@post("/api/projects/{project_id:str}/api-keys/{key_id:str}/rotate", operation_id="rotateApiKey",
+      tags=["api-keys"], status_code=200)
+async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    raw, key = await apikeys.rotate_key(ctx.db, access, key_id)
+    return {"success": True, "key": raw, "apiKey": key_out(key)}
+
+
+@delete("/api/projects/{project_id:str}/api-keys/{key_id:str}", operation_id="revokeApiKey",
+        tags=["api-keys"], status_code=200)
+async def revoke_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    key = await apikeys.revoke_key(ctx.db, access, key_id)
+    return {"success": True, "apiKey": key_out(key)}

@@ -1,0 +1,146 @@
+"""The HTTP edge: error rendering (once, for every error) and caller resolution.
+
+No stack trace, SQL text or secret reaches a response: unexpected errors are logged with
+their cause and answered with INTERNAL_ERROR.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
+
+from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError
+from fluxbase.http.context import AppContext
+from fluxbase.services.access import Principal, Project
+
+log = logging.getLogger("fluxbase.http")
+
+DB_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+_JSON = msgspec.json.Encoder()
+
+
+def error_response(exc: FluxbaseError) -> Response[bytes]:
+    return Response(
+        content=_JSON.encode(exc.body()), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers
+    )
+
+
+def on_fluxbase_error(_: Request[Any, Any, Any], exc: FluxbaseError) -> Response[bytes]:
+    return error_response(exc)
+
+
+def on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    messages = [str(e.get("message")) for e in extra if isinstance(e, dict) and e.get("message")]
+    fields = [str(e.get("key")) for e in extra if isinstance(e, dict) and e.get("key")]
+    msg = "; ".join(messages) or "The request body or parameters are not valid."
+    body: dict[str, Any] = {"success": False, "error": {"code": "VALIDATION_ERROR", "message": msg}}
+    if fields:
+        body["error"]["fields"] = fields
+    return Response(content=_JSON.encode(body), status_code=400, media_type=MediaType.JSON)
+
+
+def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    if isinstance(exc, NotFoundException):
+        code, msg = "NOT_FOUND", "No such route."
+    elif isinstance(exc, MethodNotAllowedException):
+        code, msg = "METHOD_NOT_ALLOWED", "This method is not allowed on this route."
+    elif exc.status_code == 413:
+        code, msg = "PAYLOAD_TOO_LARGE", "The request body is too large."
+    elif 400 <= exc.status_code < 500:
+        code, msg = "VALIDATION_ERROR", str(exc.detail)
+    else:
+        log.error("http exception %s: %s", exc.status_code, exc.detail)
+        code, msg = "INTERNAL_ERROR", InternalError.default_message
+    body = {"success": False, "error": {"code": code, "message": msg}}
+    return Response(content=_JSON.encode(body), status_code=exc.status_code, media_type=MediaType.JSON,
+                    headers=exc.headers or {})
+
+
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, DB_UNAVAILABLE) or isinstance(exc, TimeoutError):
+        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(DatabaseUnavailable())
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(InternalError())
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    FluxbaseError: on_fluxbase_error,
+    ValidationException: on_validation,
+    HTTPException: on_http_exception,
+    Exception: on_unexpected,
+}
+
+
+def bearer_token(request: Request[Any, Any, Any]) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def client_ip(request: Request[Any, Any, Any], ctx: AppContext) -> str:
+    """The peer address, or the nearest untrusted X-Forwarded-For hop behind trusted proxies."""
+    peer = request.client.host if request.client else "unknown"
+    nets = ctx.settings.http.proxy_networks()
+    if not nets:
+        return peer
+
+    def trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in n for n in nets)
+
+    if not trusted(peer):
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            return hop
+    return hops[0] if hops else peer
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated principal of a request, plus the API key's own project if any."""
+
+    principal: Principal
+    key_project: Project | None
+
+
+async def provide_ctx(request: Request[Any, Any, Any]) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
+    ctx: AppContext = request.app.state.ctx
+    principal, project = await ctx.auth.principal(bearer_token(request), request.headers.get("origin"))
+    return Caller(principal, project)

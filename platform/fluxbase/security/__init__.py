@@ -1,0 +1,1 @@
+"""Credentials: password hashing, session tokens, API key format, derived role passwords."""

@@ -1,0 +1,21 @@
+"""Tenant role names and their passwords, derived from the server secret (nothing stored)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+SCOPES = ("read", "readwrite", "admin")
+_SUFFIX = {"read": "ro", "readwrite": "rw", "admin": "admin"}
+
+
+def schema_name(project_id: str) -> str:
+    return f"p_{project_id}"
+
+
+def role_name(project_id: str, scope: str) -> str:
+    return f"p_{project_id}_{_SUFFIX[scope]}"
+
+
+def role_password(secret: str, role: str) -> str:
+    return hmac.new(secret.encode(), f"fluxbase-tenant-role:{role}".encode(), hashlib.sha256).hexdigest()

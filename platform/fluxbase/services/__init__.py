@@ -1,0 +1,1 @@
+"""Domain services: business rules over the database; no HTTP types here."""

@@ -1,0 +1,215 @@
+"""Who is calling and what they may do: the one permission model every project endpoint obeys.
+
+A caller is a *principal*: a project API key (checked by scope) or a dashboard session
+(checked by the member's role). `authorize` turns (principal, project, need) into a
+`ProjectAccess` or raises the documented error. Handlers never check permissions themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from fluxbase import ids
+from fluxbase.config import Settings
+from fluxbase.errors import (
+    AuthRequired,
+    InsufficientPermissions,
+    OriginNotAllowed,
+    ProjectNotFound,
+    ProjectSuspended,
+    ScopeMismatch,
+    ValidationError,
+)
+from fluxbase.security import apikeys
+from fluxbase.services import accounts
+from fluxbase.services.accounts import User
+
+SCOPE_RANK = {"read": 0, "readwrite": 1, "admin": 2}
+ROLE_RANK = {"viewer": 0, "developer": 1, "admin": 2}
+# The SQL role a dashboard member's session runs as.
+ROLE_SQL_SCOPE = {"viewer": "read", "developer": "admin", "admin": "admin"}
+
+
+class Need(enum.Enum):
+    """What an endpoint requires, as (minimum key scope or None, minimum member role)."""
+
+    READ = ("read", "viewer")  # read data, list, sign downloads
+    WRITE = ("readwrite", "developer")  # insert/update data, upload
+    SCHEMA = ("admin", "developer")  # DDL, buckets, realtime switches
+    MANAGE = ("admin", "admin")  # keys, webhooks, team, settings
+    OWNER = (None, "admin")  # dashboard-only: delete the project
+
+    @property
+    def min_scope(self) -> str | None:
+        return self.value[0]
+
+    @property
+    def min_role(self) -> str:
+        return self.value[1]
+
+
+@dataclass(frozen=True)
+class ApiKeyIdentity:
+    id: str
+    project_id: str
+    scope: str
+    rate_limit: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: User | None = None
+    session_id: str | None = None
+    key: ApiKeyIdentity | None = None
+
+    @property
+    def label(self) -> str:
+        return f"key:{self.key.id}" if self.key else f"user:{self.user.id if self.user else '?'}"
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str
+    status: str
+    read_only: bool
+    rate_limit: tuple[int, int] | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
+        rl = row[prefix + "rate_limit_requests"], row[prefix + "rate_limit_window_s"]
+        return cls(
+            row[prefix + "id"], row[prefix + "name"], row[prefix + "status"], row[prefix + "read_only"],
+            (rl[0], rl[1]) if rl[0] else None, row[prefix + "created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class ProjectAccess:
+    """The outcome of authorisation: the project, the caller, and the SQL scope to run as."""
+
+    project: Project
+    principal: Principal
+    sql_scope: str
+    member_role: str | None
+
+    def rate_limit(self, settings: Settings) -> tuple[int, int]:
+        key = self.principal.key
+        if key is not None and key.rate_limit:
+            return key.rate_limit
+        if self.project.rate_limit:
+            return self.project.rate_limit
+        return settings.tenant.rate_limit_requests, settings.tenant.rate_limit_window_s
+
+
+_KEY_QUERY = """
+SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k.expires_at,
+       k.revoked_at, k.last_used_at, k.rate_limit_requests AS k_rlr, k.rate_limit_window_s AS k_rlw,
+       p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
+       p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
+       p.created_at AS p_created_at
+FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
+WHERE k.key_hash = $1
+"""
+
+
+@dataclass(frozen=True)
+class _KeyAuth:
+    principal: Principal
+    project: Project
+
+
+async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -> _KeyAuth:
+    if not apikeys.well_formed(raw_key):
+        raise AuthRequired("API key is malformed (checksum mismatch).")
+    row = await db.fetchrow(_KEY_QUERY, apikeys.hash_key(raw_key))
+    if row is None:
+        raise AuthRequired("API key is not valid.")
+    if row["revoked_at"] is not None:
+        raise AuthRequired("API key has been revoked.")
+    now = datetime.now(UTC)
+    if row["expires_at"] is not None and row["expires_at"] <= now:
+        raise AuthRequired("API key has expired.")
+    allowed = row["allowed_origins"]
+    if allowed and origin not in allowed:
+        raise OriginNotAllowed()
+    last = row["last_used_at"]
+    if last is None or (now - last).total_seconds() > 60:
+        await db.execute("UPDATE fluxbase.api_keys SET last_used_at = now() WHERE id = $1", row["k_id"])
+    rl = (row["k_rlr"], row["k_rlw"]) if row["k_rlr"] else None
+    key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl)
+    return _KeyAuth(Principal(key=key), Project.from_row(row, "p_"))
+
+
+class Authenticator:
+    """Resolves a bearer credential to a principal, remembering the key's own project."""
+
+    def __init__(self, db: asyncpg.Pool, settings: Settings):
+        self.db = db
+        self.settings = settings
+
+    async def principal(self, bearer: str | None, origin: str | None) -> tuple[Principal, Project | None]:
+        if not bearer:
+            raise AuthRequired()
+        if apikeys.looks_like_key(bearer):
+            auth = await authenticate_key(self.db, bearer, origin)
+            return auth.principal, auth.project
+        user, session_id = await accounts.authenticate_session(self.db, self.settings, bearer)
+        return Principal(user=user, session_id=session_id), None
+
+
+async def load_project(db: asyncpg.Pool, project_id: str) -> Project:
+    if not isinstance(project_id, str) or not ids.valid_project_id(project_id):
+        raise ProjectNotFound()
+    row = await db.fetchrow("SELECT * FROM fluxbase.projects WHERE id = $1", project_id)
+    if row is None:
+        raise ProjectNotFound()
+    return Project.from_row(row)
+
+
+async def authorize(
+    db: asyncpg.Pool,
+    principal: Principal,
+    key_project: Project | None,
+    project_id: str | None,
+    need: Need,
+) -> ProjectAccess:
+    """Check that the principal may do `need` on project_id; raise the documented error if not."""
+    if not project_id:
+        raise ValidationError("projectId is required.")
+    if principal.key is not None:
+        if project_id != principal.key.project_id:
+            await load_project(db, project_id)  # 404 for an unknown project, else:
+            raise ScopeMismatch("This API key does not have access to this project.")
+        assert key_project is not None
+        project = key_project
+        _check_status(project)
+        if need.min_scope is None or SCOPE_RANK[principal.key.scope] < SCOPE_RANK[need.min_scope]:
+            raise InsufficientPermissions(
+                f"This action needs a key with scope '{need.min_scope or 'dashboard session'}'; "
+                f"this key has scope '{principal.key.scope}'."
+            )
+        return ProjectAccess(project, principal, principal.key.scope, None)
+    assert principal.user is not None
+    project = await load_project(db, project_id)
+    role = await db.fetchval(
+        "SELECT role FROM fluxbase.project_members WHERE project_id = $1 AND user_id = $2",
+        project.id, principal.user.id,
+    )
+    if role is None:
+        raise ScopeMismatch("You are not a member of this project.")
+    _check_status(project)
+    if ROLE_RANK[role] < ROLE_RANK[need.min_role]:
+        raise InsufficientPermissions(f"This action needs the '{need.min_role}' role; you are '{role}'.")
+    return ProjectAccess(project, principal, ROLE_SQL_SCOPE[role], role)
+
+
+def _check_status(project: Project) -> None:
+    if project.status == "suspended":
+        raise ProjectSuspended()
+

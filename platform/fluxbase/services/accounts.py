@@ -1,0 +1,140 @@
+"""Dashboard accounts: registration, login with per-IP throttling, sessions, logout."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from fluxbase import ids
+from fluxbase.config import Settings
+from fluxbase.errors import AuthRequired, Conflict, RateLimited, RegistrationClosed, ValidationError
+from fluxbase.security import passwords, tokens
+
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+SESSION_KIND = "session"
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    email: str
+    display_name: str
+    is_instance_admin: bool
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> User:
+        return cls(row["id"], row["email"], row["display_name"], row["is_instance_admin"], row["created_at"])
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    expires_at: int
+    user: User
+
+
+def normalise_email(email: str) -> str:
+    email = email.strip()
+    if len(email) > 254 or not EMAIL_RE.match(email):
+        raise ValidationError("email must be a valid email address.")
+    return email
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < passwords.MIN_PASSWORD_LENGTH:
+        raise ValidationError(f"password must be at least {passwords.MIN_PASSWORD_LENGTH} characters.")
+    if len(password) > 1024:
+        raise ValidationError("password must be at most 1024 characters.")
+
+
+async def admin_exists(db: asyncpg.Pool) -> bool:
+    return bool(await db.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.users WHERE is_instance_admin)"))
+
+
+async def create_user(
+    db: asyncpg.Pool | asyncpg.Connection, email: str, password: str, display_name: str, *, instance_admin: bool
+) -> User:
+    email = normalise_email(email)
+    check_password_strength(password)
+    pw_hash = await passwords.hash_password(password)
+    try:
+        row = await db.fetchrow(
+            """INSERT INTO fluxbase.users (id, email, password_hash, display_name, is_instance_admin)
+               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+            ids.prefixed("usr"), email, pw_hash, display_name.strip()[:200], instance_admin,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict("An account with this email already exists.") from None
+    assert row is not None
+    return User.from_row(row)
+
+
+async def register(db: asyncpg.Pool, settings: Settings, email: str, password: str, display_name: str) -> User:
+    """The first account becomes the instance admin; later ones need open registration."""
+    async with db.acquire() as conn, conn.transaction():
+        # Serialise first-admin creation so two racing registrations cannot both become admin.
+        await conn.execute("SELECT pg_advisory_xact_lock(7243190002)")
+        first = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.users)")
+        if not first and not settings.auth.allow_registration:
+            raise RegistrationClosed()
+        return await create_user(conn, email, password, display_name, instance_admin=first)
+
+
+async def _check_throttle(db: asyncpg.Pool, settings: Settings, client_ip: str) -> None:
+    window = settings.auth.login_window_seconds
+    row = await db.fetchrow(
+        """SELECT count(*) AS n, min(failed_at) AS oldest FROM fluxbase.login_failures
+           WHERE client_ip = $1 AND failed_at > now() - make_interval(secs => $2)""",
+        client_ip, window,
+    )
+    assert row is not None
+    if row["n"] >= settings.auth.login_max_failures:
+        retry = int(row["oldest"].timestamp() + window - time.time()) + 1
+        raise RateLimited(retry, "Too many failed login attempts. Try again later.")
+
+
+async def login(db: asyncpg.Pool, settings: Settings, email: str, password: str, client_ip: str) -> Session:
+    """Verify credentials; unknown email and wrong password cost the same and answer the same."""
+    await _check_throttle(db, settings, client_ip)
+    row = await db.fetchrow("SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", email.strip())
+    ok = await passwords.verify_password(row["password_hash"] if row else None, password)
+    if not ok or row is None:
+        await db.execute("INSERT INTO fluxbase.login_failures (client_ip) VALUES ($1)", client_ip)
+        raise AuthRequired("Invalid email or password.")
+    await db.execute("DELETE FROM fluxbase.login_failures WHERE client_ip = $1", client_ip)
+    return await start_session(db, settings, User.from_row(row))
+
+
+async def start_session(db: asyncpg.Pool, settings: Settings, user: User) -> Session:
+    session_id = ids.prefixed("ses", 16)
+    token, exp = tokens.issue(
+        settings.auth.secret_key, kind=SESSION_KIND, subject=user.id, session_id=session_id,
+        ttl_seconds=settings.auth.session_ttl_seconds,
+    )
+    await db.execute(
+        "INSERT INTO fluxbase.sessions (id, user_id, expires_at) VALUES ($1, $2, to_timestamp($3))",
+        session_id, user.id, exp,
+    )
+    return Session(token, exp, user)
+
+
+async def authenticate_session(db: asyncpg.Pool, settings: Settings, token: str) -> tuple[User, str]:
+    """A live session: valid signature, not expired, not logged out, account still there."""
+    claims = tokens.verify(settings.auth.secret_key, token, kind=SESSION_KIND)
+    row = await db.fetchrow(
+        """SELECT u.* FROM fluxbase.sessions s JOIN fluxbase.users u ON u.id = s.user_id
+           WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL""",
+        claims.session_id, claims.subject,
+    )
+    if row is None:
+        raise AuthRequired("Session is no longer valid. Log in again.")
+    return User.from_row(row), claims.session_id
+
+
+async def logout(db: asyncpg.Pool, session_id: str) -> None:
+    await db.execute("UPDATE fluxbase.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", session_id)

@@ -1,0 +1,46 @@
+"""The background worker: housekeeping now; webhook delivery and outbox retention build on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from fluxbase.config import Settings
+
+log = logging.getLogger("fluxbase.worker")
+
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+async def housekeeping(db: asyncpg.Pool, settings: Settings) -> dict[str, int]:
+    """Trim expired sessions and old login failures; return how many rows went."""
+    sessions = await db.execute(
+        "DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'"
+    )
+    failures = await db.execute(
+        "DELETE FROM fluxbase.login_failures WHERE failed_at < now() - make_interval(secs => $1)",
+        settings.auth.login_window_seconds,
+    )
+    return {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    from fluxbase.db.control import create_control_pool
+
+    stop = stop or asyncio.Event()
+    db = await create_control_pool(settings)
+    log.info("worker started")
+    try:
+        while not stop.is_set():
+            try:
+                await housekeeping(db, settings)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("housekeeping failed, will retry: %r", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), HOUSEKEEPING_INTERVAL_S)
+            except TimeoutError:
+                pass
+    finally:
+        await db.close()

@@ -1,0 +1,1 @@
+"""The Fluxbase realtime service: WebSocket fan-out of committed database events."""

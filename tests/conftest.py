@@ -1,0 +1,112 @@
+"""Session fixtures: real PostgreSQL and S3, a real API server process, fresh projects per test."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
+
+from fluxbase.devstack.procs import free_port
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield s
+    finally:
+        stop_stack(s)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@dataclass
+class Instance:
+    """One Fluxbase instance under test: its database, env and running API server."""
+
+    dbname: str
+    env: dict[str, str]
+    server: ServerProcess
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.asynccontextmanager
+async def spawn_instance(stack: Stack, log_dir: Path, **env_extra: str) -> AsyncIterator[Instance]:
+    """A fresh database with a Fluxbase API on it (the API applies migrations at start)."""
+    dbname = await stack.create_database()
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port), **env_extra)
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            yield Instance(dbname, env, server)
+    finally:
+        await stack.drop_database(dbname)
+
+
+@pytest.fixture(scope="session")
+async def instance(stack: Stack, log_dir: Path) -> AsyncIterator[Instance]:
+    async with spawn_instance(stack, log_dir) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def spawn(stack: Stack, log_dir: Path) -> Callable[..., Any]:
+    def _spawn(**env_extra: str) -> Any:
+        return spawn_instance(stack, log_dir, **env_extra)
+
+    return _spawn
+
+
+@pytest.fixture(scope="session")
+async def control_db(stack: Stack, instance: Instance) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.database_url(instance.dbname), min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def api(instance: Instance) -> AsyncIterator[Api]:
+    client = Api(instance.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="session")
+async def instance_admin(instance: Instance) -> dict[str, Any]:
+    """The first account registered on the session instance (so its instance admin)."""
+    client = Api(instance.url)
+    try:
+        user = await client.register(email="root@example.com", name="Root")
+        user["token"] = await client.login(user["email"], user["password"])
+        return user
+    finally:
+        await client.close()
+
+
+@dataclass
+class ProjectCtx:
+    id: str
+    owner_token: str
+    owner: dict[str, Any]
+    admin_key: str
+
+
+@pytest.fixture
+async def project(api: Api, instance_admin: dict[str, Any]) -> ProjectCtx:
+    owner, token = await api.new_user()
+    pid = await api.new_project(token)
+    key = await api.new_key(token, pid, "admin")
+    return ProjectCtx(pid, token, owner, key)
