@@ -92,7 +92,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
             f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
             f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
         )
-        await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {quote_ident(role)}")
+        await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {quote_ident(role)}")
         await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")

@@ -15,7 +15,7 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects
+from fluxbase.http.controllers import auth, health, projects, sql
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -27,6 +27,7 @@ ROUTES = [
     auth.register, auth.login, auth.logout, auth.me, auth.admin_status,
     projects.create_project, projects.list_projects, projects.get_project, projects.delete_project,
     projects.create_key, projects.list_keys, projects.rotate_key, projects.revoke_key,
+    sql.execute_sql,
 ]
 
 

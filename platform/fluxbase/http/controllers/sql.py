@@ -1,0 +1,65 @@
+"""POST /api/execute-sql: the reference doc's Core SQL API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response, post
+
+from fluxbase.errors import ValidationError
+from fluxbase.http.context import AppContext
+from fluxbase.http.edge import Caller
+from fluxbase.services import sql
+from fluxbase.services.access import Need, ProjectAccess, authorize
+
+AUTH_UID_HEADER = "x-fluxbase-auth-uid"
+
+
+class ExecuteSqlBody(msgspec.Struct, rename="camel"):
+    project_id: str
+    query: str
+    params: list[Any] = []
+    auth_uid: str | None = None
+
+
+_decode = msgspec.json.Decoder(ExecuteSqlBody).decode
+
+
+def decode_body(raw: bytes) -> ExecuteSqlBody:
+    try:
+        return _decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(str(exc)) from None
+    except msgspec.DecodeError:
+        raise ValidationError("The request body must be JSON.") from None
+
+
+def identity_for(access: ProjectAccess, auth_uid: str | None) -> sql.Identity:
+    if auth_uid is not None and (len(auth_uid) > 256 or "\x00" in auth_uid):
+        raise ValidationError("authUid must be at most 256 characters.")
+    claims: dict[str, Any] = {"role": access.sql_scope, "project_id": access.project.id}
+    if auth_uid:
+        claims["sub"] = auth_uid
+    return sql.Identity(uid=auth_uid or None, claims=claims, role=access.sql_scope)
+
+
+def limits_of(ctx: AppContext) -> sql.Limits:
+    t = ctx.settings.tenant
+    return sql.Limits(deadline_s=t.request_deadline_ms / 1000, max_rows=t.max_rows, max_bytes=t.max_bytes,
+                      acquire_timeout_s=t.pool_acquire_timeout_s)
+
+
+@post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
+async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext, caller: Caller) -> Response[bytes]:
+    body = decode_body(await request.body())
+    access = await authorize(ctx.db, caller.principal, caller.key_project, body.project_id, Need.READ)
+    limit, window = access.rate_limit(ctx.settings)
+    ctx.limiter.hit(caller.principal.label, limit, window)
+    auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
+    result = await sql.execute(
+        ctx.tenants, ctx.db,
+        project_id=access.project.id, scope=access.sql_scope, read_only=access.project.read_only,
+        query=body.query, params=body.params, identity=identity_for(access, auth_uid), limits=limits_of(ctx),
+    )
+    return Response(content=result, media_type=MediaType.JSON, status_code=200)

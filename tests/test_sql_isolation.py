@@ -1,0 +1,226 @@
+"""Hostile SQL from project A's keys reaches nothing of project B, the control plane or the server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from support import Api
+
+HOSTILE = [
+    # role switching
+    "SET ROLE p_{b}_admin",
+    "SET ROLE postgres",
+    "SELECT set_config('role', 'p_{b}_admin', false)",
+    "SELECT set_config('role', 'postgres', true)",
+    "SET SESSION AUTHORIZATION postgres",
+    "SET SESSION AUTHORIZATION p_{b}_admin",
+    # other schemas and the control plane
+    "SELECT * FROM p_{b}.secrets",
+    "INSERT INTO p_{b}.secrets VALUES ('pwned')",
+    "SELECT * FROM fluxbase.users",
+    "SELECT key_hash FROM fluxbase.api_keys",
+    "UPDATE fluxbase.projects SET status = 'active'",
+    "CREATE TABLE public.planted (id int)",
+    "CREATE TABLE fluxbase.planted (id int)",
+    "CREATE FUNCTION auth.uid() RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$",
+    "CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$",
+    "ALTER SCHEMA p_{b} RENAME TO stolen",
+    "DROP SCHEMA p_{b} CASCADE",
+    # files and programs
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT pg_ls_dir('.')",
+    "COPY (SELECT 1) TO '/tmp/fluxbase-pwned'",
+    "COPY secrets FROM PROGRAM 'id'",
+    "SELECT lo_import('/etc/passwd')",
+    "CREATE EXTENSION dblink",
+    "CREATE EXTENSION file_fdw",
+    "LOAD 'plpgsql'",
+    # roles and grants
+    "CREATE ROLE evil LOGIN SUPERUSER",
+    "CREATE ROLE evil",
+    "ALTER ROLE p_{a}_admin SUPERUSER",
+    "ALTER ROLE p_{a}_rw CONNECTION LIMIT -1",
+    "ALTER ROLE p_{a}_admin SET temp_file_limit = -1",
+    "GRANT p_{b}_admin TO p_{a}_admin",
+    "GRANT ALL ON SCHEMA p_{b} TO p_{a}_admin",
+    "CREATE DATABASE evil",
+    "ALTER SYSTEM SET fsync = off",
+    "SET temp_file_limit = -1",
+    # signalling other backends
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename <> current_user",
+    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE usename <> current_user",
+    "SELECT pg_reload_conf()",
+    # transaction-control smuggling and multiple statements
+    "COMMIT",
+    "ROLLBACK",
+    "BEGIN",
+    "END",
+    "  /* hidden */ -- comment\n COMMIT AND CHAIN",
+    "(( ; COMMIT",
+    "SAVEPOINT s1",
+    "PREPARE TRANSACTION 'x'",
+    "SELECT 1; SELECT * FROM p_{b}.secrets",
+    "SELECT 1; COMMIT; SELECT 2",
+    "DO $$ BEGIN COMMIT; END $$",
+    # session state
+    "PREPARE p AS SELECT 1",
+    "DISCARD ALL",
+    "LISTEN chan",
+    "COPY secrets TO STDOUT",
+]
+
+
+@pytest.fixture
+async def two_projects(api: Api):
+    _, token_a = await api.new_user()
+    _, token_b = await api.new_user()
+    a = await api.new_project(token_a)
+    b = await api.new_project(token_b)
+    key_a = await api.new_key(token_a, a, rateLimitRequests=100_000)
+    key_b = await api.new_key(token_b, b)
+    assert (await api.sql(key_a, a, "CREATE TABLE secrets (v text)")).json()["success"]
+    assert (await api.sql(key_b, b, "CREATE TABLE secrets (v text)")).json()["success"]
+    assert (await api.sql(key_b, b, "INSERT INTO secrets VALUES ('b-secret')")).json()["success"]
+    return a, b, key_a, key_b
+
+
+async def test_hostile_statements_all_fail_and_change_nothing(api: Api, two_projects, control_db) -> None:
+    a, b, key_a, key_b = two_projects
+    before_roles = await control_db.fetch("SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles "
+                                          "ORDER BY rolname")
+    for template in HOSTILE:
+        q = template.format(a=a, b=b)
+        r = await api.sql(key_a, a, q)
+        assert r.status_code == 200, (q, r.text)
+        body = r.json()
+        assert body["success"] is False, f"hostile statement succeeded: {q!r} -> {body}"
+        assert "b-secret" not in r.text
+    # Nothing changed: B's data, roles, schemas, the control plane.
+    rows = (await api.sql(key_b, b, "SELECT v FROM secrets")).json()["result"]["rows"]
+    assert rows == [{"v": "b-secret"}]
+    after_roles = await control_db.fetch("SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles "
+                                         "ORDER BY rolname")
+    assert before_roles == after_roles
+    assert await control_db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'planted'") == 0
+    assert await control_db.fetchval("SELECT auth.uid()") is None
+
+
+async def test_set_role_to_own_other_scopes_is_refused(api: Api, project) -> None:
+    ro = await api.new_key(project.owner_token, project.id, "read")
+    await api.sql(project.admin_key, project.id, "CREATE TABLE t (id int)")
+    for q in (f"SET ROLE p_{project.id}_admin", f"SELECT set_config('role', 'p_{project.id}_admin', true)",
+              "RESET ROLE; INSERT INTO t VALUES (1)"):
+        assert (await api.sql(ro, project.id, q)).json()["success"] is False
+    # Even a successful RESET ROLE leaves the session user: still read-only.
+    assert (await api.sql(ro, project.id, "RESET ROLE")).json()["success"] is True
+    assert (await api.sql(ro, project.id, "INSERT INTO t VALUES (1)")).json()["success"] is False
+    body = (await api.sql(ro, project.id, "SELECT session_user AS s, current_user AS c")).json()
+    assert body["result"]["rows"] == [{"s": f"p_{project.id}_ro", "c": f"p_{project.id}_ro"}]
+
+
+async def test_commit_smuggling_cannot_drop_identity(api: Api, project) -> None:
+    for q in ("COMMIT", "COMMIT AND CHAIN", "ROLLBACK AND CHAIN", "END"):
+        body = (await api.sql(project.admin_key, project.id, q, authUid="user-1")).json()
+        assert body["success"] is False and body["error"]["details"] == "ERROR:  0A000"
+    body = (await api.sql(project.admin_key, project.id, "SELECT auth.uid() AS u", authUid="user-1")).json()
+    assert body["result"]["rows"] == [{"u": "user-1"}]
+
+
+async def test_no_state_leaks_between_requests(spawn) -> None:
+    # One tenant connection only, so every request reuses the same backend.
+    async with spawn(FLUXBASE_TENANT_POOL_MAX="1") as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid)
+
+            async def one(q: str, **kw) -> dict:
+                return (await api.sql(key, pid, q, **kw)).json()
+
+            pid1 = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
+            assert (await one("SET statement_timeout = 0"))["success"]
+            assert (await one("SET work_mem = '1GB'"))["success"]
+            assert (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
+            assert (await one("SELECT pg_advisory_lock(42)"))["success"]
+            assert (await one("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))["success"]
+            assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
+            body = await one("""SELECT pg_backend_pid() AS p, current_setting('statement_timeout') AS st,
+                                current_setting('work_mem') AS wm, auth.uid() AS uid,
+                                (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                                  AND pid = pg_backend_pid()) AS locks,
+                                (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
+                                to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp""")
+            row = body["result"]["rows"][0]
+            assert row["p"] == pid1  # same backend, so the checks below are meaningful
+            assert row["st"] != "0" and row["wm"] != "1GB"
+            assert row["uid"] is None and row["locks"] == 0 and row["cursors"] == 0 and row["no_temp"] is True
+        finally:
+            await api.close()
+
+
+async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> None:
+    async with spawn(FLUXBASE_SQL_DEADLINE_MS="1500") as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid)
+            t0 = time.monotonic()
+            body = (await api.sql(key, pid, "SELECT pg_sleep(30)")).json()
+            assert time.monotonic() - t0 < 6
+            assert body["success"] is False and body["error"]["code"] == "QUERY_TIMEOUT"
+            # A plpgsql loop that swallows cancellation is terminated too.
+            await api.sql(key, pid, """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN LOOP BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP;
+                END $$""")
+            t0 = time.monotonic()
+            body = (await api.sql(key, pid, "SELECT stubborn()")).json()
+            assert time.monotonic() - t0 < 8
+            assert body["error"]["code"] == "QUERY_TIMEOUT"
+            # The project still works afterwards and no backend of its roles is left busy.
+            assert (await api.sql(key, pid, "SELECT 1 AS one")).json()["result"]["rows"] == [{"one": 1}]
+            await asyncio.sleep(0.5)
+            busy = (await api.sql(key, pid, "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
+                                  f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()")).json()
+            assert busy["result"]["rows"] == [{"n": 0}]
+        finally:
+            await api.close()
+
+
+async def test_held_locks_do_not_outlive_the_request(api: Api, project) -> None:
+    await api.sql(project.admin_key, project.id, "CREATE TABLE lk (id int)")
+    assert (await api.sql(project.admin_key, project.id, "LOCK TABLE lk IN ACCESS EXCLUSIVE MODE")).json()["success"]
+    # If the lock leaked, this would wait for lock_timeout and fail.
+    assert (await api.sql(project.admin_key, project.id, "INSERT INTO lk VALUES (1)")).json()["success"]
+
+
+async def test_one_project_saturating_its_pool_does_not_block_another(spawn) -> None:
+    async with spawn(FLUXBASE_TENANT_POOL_MAX="2", FLUXBASE_SQL_DEADLINE_MS="4000") as inst:
+        api = Api(inst.url)
+        try:
+            _, ta = await api.new_user()
+            _, tb = await api.new_user()
+            a, b = await api.new_project(ta), await api.new_project(tb)
+            ka, kb = await api.new_key(ta, a), await api.new_key(tb, b)
+            hogs = [asyncio.create_task(api.sql(ka, a, "SELECT pg_sleep(3)")) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            r = await api.sql(kb, b, "SELECT 1 AS one")
+            assert r.json()["result"]["rows"] == [{"one": 1}] and time.monotonic() - t0 < 1.5
+            await asyncio.gather(*hogs)
+        finally:
+            await api.close()
+
+
+async def test_role_connection_cap_holds(api: Api, project, control_db) -> None:
+    limits = await control_db.fetch("SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname LIKE $1",
+                                    f"p_{project.id}_%")
+    assert limits and all(0 < r["rolconnlimit"] <= 100 for r in limits)
+
+
+async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> None:
+    # NOTIFY cannot be restricted in PostgreSQL; it must simply not break anything.
+    assert (await api.sql(project.admin_key, project.id, "SELECT pg_notify('fluxbase_events', 'forged')"))
