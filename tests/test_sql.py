@@ -197,3 +197,35 @@ async def test_reference_fluxbase_js_snippet_runs_unchanged(api: Api, project, t
                                   timeout=60)
     assert res.returncode == 0, res.stderr
     assert "Ann" in res.stdout and "Bo" not in res.stdout
+
+
+async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cache(api: Api, project,
+                                                                                    control_db) -> None:
+    key = await api.new_key(project.owner_token, project.id, "readwrite")
+    await api.sql(project.admin_key, project.id, "CREATE TABLE ro_t (id int)")
+    assert (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (1)")).json()["success"]  # now cached
+    # Read-only switch: writes refused on the very next request, reads still work.
+    await control_db.execute("UPDATE fluxbase.projects SET read_only = true WHERE id = $1", project.id)
+    body = (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (2)")).json()
+    assert body["success"] is False and body["error"]["details"] == "ERROR:  25006"
+    assert (await api.sql(key, project.id, "SELECT count(*) AS n FROM ro_t")).json()["result"]["rows"] == [{"n": 1}]
+    await control_db.execute("UPDATE fluxbase.projects SET read_only = false WHERE id = $1", project.id)
+    assert (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (3)")).json()["success"]
+    # Suspension.
+    await control_db.execute("UPDATE fluxbase.projects SET status = 'suspended' WHERE id = $1", project.id)
+    assert_error(await api.sql(key, project.id, "SELECT 1"), 403, "PROJECT_SUSPENDED")
+    await control_db.execute("UPDATE fluxbase.projects SET status = 'active' WHERE id = $1", project.id)
+    assert (await api.sql(key, project.id, "SELECT 1")).json()["success"]
+    # Revocation through the API.
+    key_id = (await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(project.owner_token))
+              ).json()["apiKeys"][-1]["id"]
+    r = await api.http.delete(f"/api/projects/{project.id}/api-keys/{key_id}", headers=bearer(project.owner_token))
+    assert r.status_code == 200
+    assert_error(await api.sql(key, project.id, "SELECT 1"), 401, "AUTH_REQUIRED")
+
+
+async def test_guard_function_reveals_nothing_without_a_key(api: Api, project) -> None:
+    for q in ("SELECT fluxbase_guard.check_key('\\x00'::bytea, $1)",
+              "SELECT * FROM fluxbase.api_keys"):
+        body = (await api.sql(project.admin_key, project.id, q, [project.id] if "$1" in q else None)).json()
+        assert body["success"] is False

@@ -7,7 +7,10 @@ A caller is a *principal*: a project API key (checked by scope) or a dashboard s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -119,15 +122,26 @@ WHERE k.key_hash = $1
 
 
 @dataclass(frozen=True)
-class _KeyAuth:
+class KeyAuth:
+    """An API key resolved to its principal and project (what the key cache holds)."""
+
     principal: Principal
     project: Project
+    key_hash: bytes
+    allowed_origins: tuple[str, ...]
+    expires_at: datetime | None
 
 
-async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -> _KeyAuth:
+def _check_origin(auth: KeyAuth, origin: str | None) -> None:
+    if auth.allowed_origins and origin not in auth.allowed_origins:
+        raise OriginNotAllowed()
+
+
+async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -> KeyAuth:
     if not apikeys.well_formed(raw_key):
         raise AuthRequired("API key is malformed (checksum mismatch).")
-    row = await db.fetchrow(_KEY_QUERY, apikeys.hash_key(raw_key))
+    key_hash = apikeys.hash_key(raw_key)
+    row = await db.fetchrow(_KEY_QUERY, key_hash)
     if row is None:
         raise AuthRequired("API key is not valid.")
     if row["revoked_at"] is not None:
@@ -135,23 +149,36 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
     now = datetime.now(UTC)
     if row["expires_at"] is not None and row["expires_at"] <= now:
         raise AuthRequired("API key has expired.")
-    allowed = row["allowed_origins"]
-    if allowed and origin not in allowed:
-        raise OriginNotAllowed()
+    rl = (row["k_rlr"], row["k_rlw"]) if row["k_rlr"] else None
+    key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl)
+    auth = KeyAuth(Principal(key=key), Project.from_row(row, "p_"), key_hash, tuple(row["allowed_origins"]),
+                   row["expires_at"])
+    _check_origin(auth, origin)
     last = row["last_used_at"]
     if last is None or (now - last).total_seconds() > 60:
         await db.execute("UPDATE fluxbase.api_keys SET last_used_at = now() WHERE id = $1", row["k_id"])
-    rl = (row["k_rlr"], row["k_rlw"]) if row["k_rlr"] else None
-    key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl)
-    return _KeyAuth(Principal(key=key), Project.from_row(row, "p_"))
+    return auth
 
 
 class Authenticator:
-    """Resolves a bearer credential to a principal, remembering the key's own project."""
+    """Resolves a bearer credential to a principal, remembering the key's own project.
+
+    `key_for_sql` serves keys from a short-lived in-process cache for the SQL hot path; the
+    caller must then run `fluxbase_guard.check_key` inside its transaction, which refuses a key
+    revoked or expired (or a project suspended) since it was cached, so revocation still takes
+    effect at once.
+    """
+
+    CACHE_TTL_S = 30.0
+    CACHE_MAX = 10_000
+    TOUCH_EVERY_S = 60.0
 
     def __init__(self, db: asyncpg.Pool, settings: Settings):
         self.db = db
         self.settings = settings
+        self._cache: dict[bytes, tuple[float, KeyAuth]] = {}
+        self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def principal(self, bearer: str | None, origin: str | None) -> tuple[Principal, Project | None]:
         if not bearer:
@@ -161,6 +188,43 @@ class Authenticator:
             return auth.principal, auth.project
         user, session_id = await accounts.authenticate_session(self.db, self.settings, bearer)
         return Principal(user=user, session_id=session_id), None
+
+    async def key_for_sql(self, raw_key: str, origin: str | None) -> KeyAuth:
+        if not apikeys.well_formed(raw_key):
+            raise AuthRequired("API key is malformed (checksum mismatch).")
+        now = time.monotonic()
+        hit = self._cache.get(apikeys.hash_key(raw_key))
+        if hit is not None and hit[0] > now:
+            auth = hit[1]
+            if auth.expires_at is not None and auth.expires_at <= datetime.now(UTC):
+                raise AuthRequired("API key has expired.")
+            _check_origin(auth, origin)
+            self._touch(auth, now)
+            return auth
+        auth = await authenticate_key(self.db, raw_key, origin)
+        if len(self._cache) >= self.CACHE_MAX:
+            self._cache.clear()
+        self._cache[auth.key_hash] = (now + self.CACHE_TTL_S, auth)
+        self._touched[auth.principal.key.id if auth.principal.key else ""] = now
+        return auth
+
+    def evict(self, key_hash: bytes) -> None:
+        self._cache.pop(key_hash, None)
+
+    def _touch(self, auth: KeyAuth, now: float) -> None:
+        """Keep lastUsedAt roughly current without a write per request."""
+        assert auth.principal.key is not None
+        key_id = auth.principal.key.id
+        if now - self._touched.get(key_id, 0.0) < self.TOUCH_EVERY_S:
+            return
+        self._touched[key_id] = now
+        task = asyncio.create_task(self._touch_db(key_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _touch_db(self, key_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.db.execute("UPDATE fluxbase.api_keys SET last_used_at = now() WHERE id = $1", key_id)
 
 
 async def load_project(db: asyncpg.Pool, project_id: str) -> Project:

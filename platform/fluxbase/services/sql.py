@@ -22,7 +22,7 @@ import asyncpg
 import msgspec
 
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
-from fluxbase.errors import DatabaseUnavailable, RateLimited, ValidationError
+from fluxbase.errors import AuthRequired, DatabaseUnavailable, ProjectSuspended, RateLimited, ValidationError
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -222,13 +222,16 @@ def adapt_params(types: Sequence[Any], params: list[Any]) -> list[Any]:
 # -- execution --------------------------------------------------------------------------------
 
 
-def begin_script(identity: Identity, read_only: bool) -> str:
-    """BEGIN and the request identity in one simple-protocol round trip (values quoted)."""
+def begin_script(identity: Identity, read_only: bool, guard: tuple[bytes, str] | None = None) -> str:
+    """BEGIN, the key guard and the request identity in one simple-protocol round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
     claims = msgspec.json.encode(identity.claims).decode()
+    check = ""
+    if guard is not None:
+        check = f"fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}), "
     return (
         f"BEGIN ISOLATION LEVEL READ COMMITTED {mode}; "
-        f"SELECT set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
+        f"SELECT {check}set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
         f"set_config('fluxbase.auth_claims', {quote_literal(claims)}, true), "
         f"set_config('fluxbase.auth_role', {quote_literal(identity.role)}, true)"
     )
@@ -265,6 +268,7 @@ async def execute(
     params: list[Any],
     identity: Identity,
     limits: Limits,
+    guard: tuple[bytes, str] | None = None,
 ) -> bytes:
     """Run one tenant statement; return the encoded response body (success or SQL error)."""
     if not query.strip():
@@ -282,7 +286,7 @@ async def execute(
         )
     if keyword == "SET" and re.match(r"\s*SET\s+(SESSION\s+)?AUTHORIZATION\b", query.lstrip(" (\t\n"), re.I):
         return _error_body("SET SESSION AUTHORIZATION is not allowed.", "42501")
-    begin = begin_script(identity, read_only or scope == "read")
+    begin = begin_script(identity, read_only or scope == "read", guard)
     pool = await pools.pool(project_id, scope)
     started = time.perf_counter()
     try:
@@ -316,7 +320,17 @@ async def execute(
 
 async def _run(conn: Any, begin: str, query: str, params: list[Any], keyword: str, limits: Limits,
                started: float) -> bytes:
-    await conn.execute(begin)
+    try:
+        await conn.execute(begin)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, _SESSION_GONE):
+            raise
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        if exc.sqlstate == "FX401":
+            raise AuthRequired("API key is no longer valid (revoked or expired).") from None
+        if exc.sqlstate == "FX403":
+            raise ProjectSuspended() from None
+        raise
     try:
         stmt, rows, status, completed = await _bind_execute(conn, query, params, limits.max_rows + 1)
     except (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError):

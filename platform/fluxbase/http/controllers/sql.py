@@ -7,9 +7,10 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, post
 
-from fluxbase.errors import ValidationError
+from fluxbase.errors import AuthRequired, ProjectSuspended, ValidationError
 from fluxbase.http.context import AppContext
-from fluxbase.http.edge import Caller
+from fluxbase.http.edge import bearer_token
+from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import Need, ProjectAccess, authorize
 
@@ -51,15 +52,33 @@ def limits_of(ctx: AppContext) -> sql.Limits:
 
 
 @post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
-async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext, caller: Caller) -> Response[bytes]:
+async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Response[bytes]:
     body = decode_body(await request.body())
-    access = await authorize(ctx.db, caller.principal, caller.key_project, body.project_id, Need.READ)
+    bearer = bearer_token(request)
+    origin = request.headers.get("origin")
+    guard: tuple[bytes, str] | None = None
+    if bearer and apikeys.looks_like_key(bearer):
+        # Hot path: the key's project and scope come from a short-lived cache; its liveness
+        # is re-checked inside the request's transaction by fluxbase_guard.check_key.
+        key_auth = await ctx.auth.key_for_sql(bearer, origin)
+        principal, key_project = key_auth.principal, key_auth.project
+        guard = (key_auth.key_hash, key_auth.project.id)
+    else:
+        principal, key_project = await ctx.auth.principal(bearer, origin)
+    access = await authorize(ctx.db, principal, key_project, body.project_id, Need.READ)
     limit, window = access.rate_limit(ctx.settings)
-    ctx.limiter.hit(caller.principal.label, limit, window)
+    ctx.limiter.hit(principal.label, limit, window)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
-    result = await sql.execute(
-        ctx.tenants, ctx.db,
-        project_id=access.project.id, scope=access.sql_scope, read_only=access.project.read_only,
-        query=body.query, params=body.params, identity=identity_for(access, auth_uid), limits=limits_of(ctx),
-    )
+    try:
+        result = await sql.execute(
+            ctx.tenants, ctx.db,
+            project_id=access.project.id, scope=access.sql_scope,
+            read_only=access.project.read_only and guard is None,
+            query=body.query, params=body.params, identity=identity_for(access, auth_uid), limits=limits_of(ctx),
+            guard=guard,
+        )
+    except (AuthRequired, ProjectSuspended):
+        if guard is not None:
+            ctx.auth.evict(guard[0])
+        raise
     return Response(content=result, media_type=MediaType.JSON, status_code=200)

@@ -1,0 +1,206 @@
+"""Point-SELECT throughput and latency through /api/execute-sql vs. asyncpg directly.
+
+One invocation: starts an embedded PostgreSQL and S3, a Fluxbase API with --workers
+processes, creates a project with one row, then measures at 8 and 32 concurrent clients:
+  * direct: the same SELECT issued straight through an asyncpg pool (the limit),
+  * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1,
+  * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL.
+Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
+
+    .venv/bin/python bench/sql_throughput.py [--seconds 10] [--workers 2] [--postgraphile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support import run_service, start_stack, stop_stack  # noqa: E402
+
+from fluxbase.devstack.procs import free_port, stop_process  # noqa: E402
+
+QUERY = "SELECT id, name, email FROM bench_users WHERE id = $1"
+
+
+class Result:
+    def __init__(self, name: str, clients: int, latencies: list[float], seconds: float, errors: int):
+        self.name, self.clients, self.errors = name, clients, errors
+        self.rps = len(latencies) / seconds
+        lat = sorted(latencies)
+        self.p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
+        self.p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else float("nan")
+
+    def line(self) -> str:
+        return (f"{self.name:<13} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
+                f"p99 {self.p99:6.2f} ms   errors {self.errors}")
+
+
+async def http_load(host: str, port: int, request: bytes, clients: int, seconds: float, check: bytes) -> Result:
+    """Keep-alive HTTP/1.1 clients on raw asyncio streams (a lean load generator)."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t0)
+                if not head.startswith(b"HTTP/1.1 200") or check not in body:
+                    errors += 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Result("", clients, latencies, time.perf_counter() - t0, errors)
+
+
+async def direct_load(url: str, clients: int, seconds: float) -> Result:
+    pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        async with pool.acquire() as conn:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await conn.fetch(QUERY, 1)
+                latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    await pool.close()
+    return Result("direct", clients, latencies, elapsed, 0)
+
+
+def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}"] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def start_postgraphile(db_url: str, schema: str, port: int, workdir: Path) -> subprocess.Popen[bytes] | None:
+    npm = shutil.which("npm")
+    if npm is None:
+        print("postgraphile: npm not found, skipped")
+        return None
+    if not (workdir / "node_modules" / "postgraphile").exists():
+        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "postgraphile@4"], cwd=workdir,
+                       check=True, capture_output=True)
+    cli = workdir / "node_modules" / ".bin" / "postgraphile"
+    proc = subprocess.Popen([str(cli), "-c", db_url, "-s", schema, "-p", str(port), "-n", "127.0.0.1",
+                             "--disable-query-log"], cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": "{__typename}"}, timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    stop_process(proc)
+    print("postgraphile: did not start, skipped")
+    return None
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--workers", type=int, default=2, help="API worker processes")
+    ap.add_argument("--clients", default="8,32")
+    ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
+    args = ap.parse_args()
+    client_counts = [int(c) for c in args.clients.split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="fluxbase-bench-"))
+    stack = start_stack(tmp)
+    try:
+        dbname = await stack.create_database()
+        port = free_port()
+        env = stack.env(dbname, FLUXBASE_API_PORT=str(port), FLUXBASE_API_WORKERS=str(args.workers),
+                        FLUXBASE_RATE_LIMIT_REQUESTS="100000000", FLUXBASE_TENANT_POOL_MAX="16",
+                        FLUXBASE_TENANT_CONNECTION_LIMIT="40")
+        with run_service(["api"], env, port, tmp) as server:
+            api = httpx.Client(base_url=server.url, timeout=30)
+            email = f"bench-{secrets.token_hex(4)}@example.com"
+            api.post("/api/auth/register", json={"email": email, "password": "bench password 1"})
+            token = api.post("/api/auth/login", json={"email": email, "password": "bench password 1"}).json()["token"]
+            h = {"Authorization": f"Bearer {token}"}
+            pid = api.post("/api/projects", json={"name": "bench"}, headers=h).json()["project"]["id"]
+            key = api.post(f"/api/projects/{pid}/api-keys", json={"name": "bench", "scope": "admin"},
+                           headers=h).json()["key"]
+            for q in ("CREATE TABLE bench_users (id int PRIMARY KEY, name text, email text)",
+                      "INSERT INTO bench_users VALUES (1, 'Alice', 'alice@example.com')"):
+                r = api.post("/api/execute-sql", json={"projectId": pid, "query": q},
+                             headers={"Authorization": f"Bearer {key}"})
+                assert r.json()["success"], r.text
+            body = json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode()
+            request = post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
+            # Direct asyncpg reads the same table in the project's schema (superuser connection,
+            # so the project role's connection cap stays with the API).
+            direct_url = stack.database_url(dbname) + f"?options=-csearch_path%3Dp_{pid}"
+            pg_proc = None
+            pg_port = free_port()
+            if args.postgraphile:
+                workdir = ROOT / "bench" / ".node"
+                workdir.mkdir(exist_ok=True)
+                pg_proc = start_postgraphile(direct_url, f"p_{pid}", pg_port, workdir)
+            gql = json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode()
+            gql_request = post("/graphql", pg_port, gql, {})
+            print(f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}")
+            try:
+                for clients in client_counts:
+                    # Warm-up so pools and statement caches are filled.
+                    await http_load("127.0.0.1", port, request, clients, 1.0, b'"Alice"')
+                    d = await direct_load(direct_url, clients, args.seconds)
+                    f = await http_load("127.0.0.1", port, request, clients, args.seconds, b'"Alice"')
+                    f.name = "fluxbase"
+                    print(d.line())
+                    print(f.line())
+                    if pg_proc is not None:
+                        await http_load("127.0.0.1", pg_port, gql_request, clients, 1.0, b"Alice")
+                        g = await http_load("127.0.0.1", pg_port, gql_request, clients, args.seconds, b"Alice")
+                        g.name = "postgraphile4"
+                        print(g.line())
+                        print(f"  fluxbase / postgraphile4 = {f.rps / g.rps:.2f}x")
+                    print(f"  fluxbase / direct asyncpg = {f.rps / d.rps:.2%}")
+            finally:
+                if pg_proc is not None:
+                    stop_process(pg_proc, signal.SIGTERM)
+            api.close()
+        await stack.drop_database(dbname)
+    finally:
+        stop_stack(stack)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
