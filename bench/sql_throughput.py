@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import run_service, start_stack, stop_stack  # noqa: E402
-
 from fluxbase.devstack.procs import free_port, stop_process  # noqa: E402
+from support import run_service, start_stack, stop_stack  # noqa: E402
 
 QUERY = "SELECT id, name, email FROM bench_users WHERE id = $1"
 
@@ -48,11 +46,15 @@ class Result:
         self.p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else float("nan")
 
     def line(self) -> str:
-        return (f"{self.name:<13} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
-                f"p99 {self.p99:6.2f} ms   errors {self.errors}")
+        return (
+            f"{self.name:<13} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
+            f"p99 {self.p99:6.2f} ms   errors {self.errors}"
+        )
 
 
-async def http_load(host: str, port: int, request: bytes, clients: int, seconds: float, check: bytes) -> Result:
+async def http_load(
+    host: str, port: int, request: bytes, clients: int, seconds: float, check: bytes
+) -> Result:
     """Keep-alive HTTP/1.1 clients on raw asyncio streams (a lean load generator)."""
     latencies: list[float] = []
     errors = 0
@@ -102,8 +104,12 @@ async def direct_load(url: str, clients: int, seconds: float) -> Result:
 
 
 def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}"] + [f"{k}: {v}" for k, v in headers.items()]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ] + [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -113,12 +119,19 @@ def start_postgraphile(db_url: str, schema: str, port: int, workdir: Path) -> su
         print("postgraphile: npm not found, skipped")
         return None
     if not (workdir / "node_modules" / "postgraphile").exists():
-        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "postgraphile@4"], cwd=workdir,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [npm, "install", "--silent", "--no-audit", "--no-fund", "postgraphile@4"],
+            cwd=workdir,
+            check=True,
+            capture_output=True,
+        )
     cli = workdir / "node_modules" / ".bin" / "postgraphile"
-    proc = subprocess.Popen([str(cli), "-c", db_url, "-s", schema, "-p", str(port), "-n", "127.0.0.1",
-                             "--disable-query-log"], cwd=workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(cli), "-c", db_url, "-s", schema, "-p", str(port), "-n", "127.0.0.1", "--disable-query-log"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -145,22 +158,35 @@ async def main() -> None:
     try:
         dbname = await stack.create_database()
         port = free_port()
-        env = stack.env(dbname, FLUXBASE_API_PORT=str(port), FLUXBASE_API_WORKERS=str(args.workers),
-                        FLUXBASE_RATE_LIMIT_REQUESTS="100000000", FLUXBASE_TENANT_POOL_MAX="16",
-                        FLUXBASE_TENANT_CONNECTION_LIMIT="40")
+        env = stack.env(
+            dbname,
+            FLUXBASE_API_PORT=str(port),
+            FLUXBASE_API_WORKERS=str(args.workers),
+            FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
+            FLUXBASE_TENANT_POOL_MAX="16",
+            FLUXBASE_TENANT_CONNECTION_LIMIT="40",
+        )
         with run_service(["api"], env, port, tmp) as server:
             api = httpx.Client(base_url=server.url, timeout=30)
             email = f"bench-{secrets.token_hex(4)}@example.com"
             api.post("/api/auth/register", json={"email": email, "password": "bench password 1"})
-            token = api.post("/api/auth/login", json={"email": email, "password": "bench password 1"}).json()["token"]
+            token = api.post("/api/auth/login", json={"email": email, "password": "bench password 1"}).json()[
+                "token"
+            ]
             h = {"Authorization": f"Bearer {token}"}
             pid = api.post("/api/projects", json={"name": "bench"}, headers=h).json()["project"]["id"]
-            key = api.post(f"/api/projects/{pid}/api-keys", json={"name": "bench", "scope": "admin"},
-                           headers=h).json()["key"]
-            for q in ("CREATE TABLE bench_users (id int PRIMARY KEY, name text, email text)",
-                      "INSERT INTO bench_users VALUES (1, 'Alice', 'alice@example.com')"):
-                r = api.post("/api/execute-sql", json={"projectId": pid, "query": q},
-                             headers={"Authorization": f"Bearer {key}"})
+            key = api.post(
+                f"/api/projects/{pid}/api-keys", json={"name": "bench", "scope": "admin"}, headers=h
+            ).json()["key"]
+            for q in (
+                "CREATE TABLE bench_users (id int PRIMARY KEY, name text, email text)",
+                "INSERT INTO bench_users VALUES (1, 'Alice', 'alice@example.com')",
+            ):
+                r = api.post(
+                    "/api/execute-sql",
+                    json={"projectId": pid, "query": q},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
                 assert r.json()["success"], r.text
             body = json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode()
             request = post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
@@ -175,7 +201,9 @@ async def main() -> None:
                 pg_proc = start_postgraphile(direct_url, f"p_{pid}", pg_port, workdir)
             gql = json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode()
             gql_request = post("/graphql", pg_port, gql, {})
-            print(f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}")
+            print(
+                f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}"
+            )
             try:
                 for clients in client_counts:
                     # Warm-up so pools and statement caches are filled.
@@ -187,7 +215,9 @@ async def main() -> None:
                     print(f.line())
                     if pg_proc is not None:
                         await http_load("127.0.0.1", pg_port, gql_request, clients, 1.0, b"Alice")
-                        g = await http_load("127.0.0.1", pg_port, gql_request, clients, args.seconds, b"Alice")
+                        g = await http_load(
+                            "127.0.0.1", pg_port, gql_request, clients, args.seconds, b"Alice"
+                        )
                         g.name = "postgraphile4"
                         print(g.line())
                         print(f"  fluxbase / postgraphile4 = {f.rps / g.rps:.2f}x")

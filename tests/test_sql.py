@@ -9,44 +9,74 @@ import shutil
 import subprocess
 
 import pytest
+
 from support import ROOT, Api, assert_error, bearer
 
 
 async def test_doc_example_shapes(api: Api, project) -> None:
-    r = await api.sql(project.admin_key, project.id,
-                      "CREATE TABLE users (id serial PRIMARY KEY, name text, email text, active boolean)")
+    r = await api.sql(
+        project.admin_key,
+        project.id,
+        "CREATE TABLE users (id serial PRIMARY KEY, name text, email text, active boolean)",
+    )
     assert r.status_code == 200 and r.json()["success"] is True, r.text
     assert r.json()["executionInfo"]["operation"] == "CREATE TABLE"
-    r = await api.sql(project.admin_key, project.id, "INSERT INTO users (name, email, active) VALUES ($1, $2, $3)",
-                      ["Alice", "alice@example.com", True])
+    r = await api.sql(
+        project.admin_key,
+        project.id,
+        "INSERT INTO users (name, email, active) VALUES ($1, $2, $3)",
+        ["Alice", "alice@example.com", True],
+    )
     body = r.json()
-    assert body["success"] and body["result"]["rowCount"] == 1 and body["executionInfo"]["operation"] == "INSERT"
+    assert (
+        body["success"] and body["result"]["rowCount"] == 1 and body["executionInfo"]["operation"] == "INSERT"
+    )
     r = await api.sql(project.admin_key, project.id, "SELECT id, name, email FROM users LIMIT 10;")
     body = r.json()
     assert body == {
         "success": True,
-        "result": {"rows": [{"id": 1, "name": "Alice", "email": "alice@example.com"}],
-                   "columns": ["id", "name", "email"], "rowCount": 1, "message": None, "truncated": False},
-        "executionInfo": {"time": body["executionInfo"]["time"], "timeMs": body["executionInfo"]["timeMs"],
-                          "rowCount": 1, "operation": "SELECT"},
+        "result": {
+            "rows": [{"id": 1, "name": "Alice", "email": "alice@example.com"}],
+            "columns": ["id", "name", "email"],
+            "rowCount": 1,
+            "message": None,
+            "truncated": False,
+        },
+        "executionInfo": {
+            "time": body["executionInfo"]["time"],
+            "timeMs": body["executionInfo"]["timeMs"],
+            "rowCount": 1,
+            "operation": "SELECT",
+        },
     }
     assert body["executionInfo"]["time"].endswith("ms")
     # The doc's error example, byte for byte where it matters.
     r = await api.sql(project.admin_key, project.id, "SELECT * FROM usrs")
     assert r.status_code == 200
-    assert r.json() == {"success": False, "error": {"message": 'relation "usrs" does not exist',
-                                                    "code": "SQL_EXEC_ERROR", "details": "ERROR:  42P01"}}
+    assert r.json() == {
+        "success": False,
+        "error": {
+            "message": 'relation "usrs" does not exist',
+            "code": "SQL_EXEC_ERROR",
+            "details": "ERROR:  42P01",
+        },
+    }
 
 
 async def test_json_faithful_values(api: Api, project) -> None:
-    r = await api.sql(project.admin_key, project.id, """
-        SELECT 9007199254740993::bigint AS big, 42::bigint AS small, 12345678901234567890.123456789::numeric AS num,
+    r = await api.sql(
+        project.admin_key,
+        project.id,
+        """
+        SELECT 9007199254740993::bigint AS big, 42::bigint AS small,
+               12345678901234567890.123456789::numeric AS num,
                1.5::float8 AS f, '2026-04-14 12:00:00+00'::timestamptz AS ts, '2026-04-14'::date AS d,
                'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS u, '{"a": [1, 2, {"b": null}]}'::jsonb AS j,
                '[1,2]'::json AS js, '\\x0001ff'::bytea AS b, ARRAY[1,2,3] AS arr, ARRAY['x', NULL] AS tarr,
                NULL::text AS n, true AS t, interval '1 day 2 hours' AS iv, '10.0.0.1'::inet AS ip,
                int4range(1, 5) AS rng
-    """)
+    """,
+    )
     body = r.json()
     assert body["success"], body
     row = body["result"]["rows"][0]
@@ -68,18 +98,30 @@ async def test_json_faithful_values(api: Api, project) -> None:
 
 
 async def test_params_are_bound_and_coerced(api: Api, project) -> None:
-    await api.sql(project.admin_key, project.id,
-                  "CREATE TABLE ev (id bigserial PRIMARY KEY, at timestamptz, day date, tag uuid, meta jsonb, n int)")
-    r = await api.sql(project.admin_key, project.id,
-                      "INSERT INTO ev (at, day, tag, meta, n) VALUES ($1, $2, $3, $4, $5) RETURNING id, meta, n",
-                      ["2026-01-02T03:04:05Z", "2026-01-02", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
-                       {"k": [1, "two"]}, "7"])
+    await api.sql(
+        project.admin_key,
+        project.id,
+        "CREATE TABLE ev (id bigserial PRIMARY KEY, at timestamptz, day date, tag uuid, meta jsonb, n int)",
+    )
+    r = await api.sql(
+        project.admin_key,
+        project.id,
+        "INSERT INTO ev (at, day, tag, meta, n) VALUES ($1, $2, $3, $4, $5) RETURNING id, meta, n",
+        [
+            "2026-01-02T03:04:05Z",
+            "2026-01-02",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            {"k": [1, "two"]},
+            "7",
+        ],
+    )
     body = r.json()
     assert body["success"], body
     assert body["result"]["rows"] == [{"id": 1, "meta": {"k": [1, "two"]}, "n": 7}]
     # Injection through params is inert.
-    r = await api.sql(project.admin_key, project.id, "SELECT count(*) AS c FROM ev WHERE meta->>'k' = $1",
-                      ["x' OR '1'='1"])
+    r = await api.sql(
+        project.admin_key, project.id, "SELECT count(*) AS c FROM ev WHERE meta->>'k' = $1", ["x' OR '1'='1"]
+    )
     assert r.json()["result"]["rows"] == [{"c": 0}]
     r = await api.sql(project.admin_key, project.id, "SELECT $1::int AS x", ["not a number"])
     body = r.json()
@@ -92,8 +134,11 @@ async def test_params_are_bound_and_coerced(api: Api, project) -> None:
 async def test_credentials_and_project_errors(api: Api, project) -> None:
     r = await api.http.post("/api/execute-sql", json={"projectId": project.id, "query": "SELECT 1"})
     assert_error(r, 401, "AUTH_REQUIRED")
-    r = await api.http.post("/api/execute-sql", json={"projectId": project.id, "query": "SELECT 1"},
-                            headers=bearer("flx_live_nope"))
+    r = await api.http.post(
+        "/api/execute-sql",
+        json={"projectId": project.id, "query": "SELECT 1"},
+        headers=bearer("flx_live_nope"),
+    )
     assert_error(r, 401, "AUTH_REQUIRED")
     _, token = await api.new_user()
     other = await api.new_project(token)
@@ -101,8 +146,11 @@ async def test_credentials_and_project_errors(api: Api, project) -> None:
     assert_error(await api.sql(project.admin_key, "00000000000000aa", "SELECT 1"), 404, "PROJECT_NOT_FOUND")
     r = await api.http.post("/api/execute-sql", json={"query": "SELECT 1"}, headers=bearer(project.admin_key))
     assert_error(r, 400, "VALIDATION_ERROR")
-    r = await api.http.post("/api/execute-sql", json={"projectId": project.id, "query": "SELECT 1", "params": 5},
-                            headers=bearer(project.admin_key))
+    r = await api.http.post(
+        "/api/execute-sql",
+        json={"projectId": project.id, "query": "SELECT 1", "params": 5},
+        headers=bearer(project.admin_key),
+    )
     assert_error(r, 400, "VALIDATION_ERROR")
     assert_error(await api.sql(project.admin_key, project.id, "   "), 400, "VALIDATION_ERROR")
 
@@ -145,10 +193,11 @@ async def test_dashboard_session_of_creator_acts_as_admin(api: Api, project) -> 
 
 
 async def test_per_key_rate_limit(api: Api, project) -> None:
-    r = await api.http.post(f"/api/projects/{project.id}/api-keys",
-                            json={"name": "limited", "scope": "read", "rateLimitRequests": 3,
-                                  "rateLimitWindowSeconds": 10},
-                            headers=bearer(project.owner_token))
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "limited", "scope": "read", "rateLimitRequests": 3, "rateLimitWindowSeconds": 10},
+        headers=bearer(project.owner_token),
+    )
     key = r.json()["key"]
     for _ in range(3):
         assert (await api.sql(key, project.id, "SELECT 1")).json()["success"]
@@ -170,13 +219,15 @@ async def test_row_cap_truncates(spawn) -> None:
     async with spawn(FLUXBASE_SQL_MAX_ROWS="100", FLUXBASE_SQL_MAX_BYTES="4000") as inst:
         api = Api(inst.url)
         try:
-            user, token = await api.new_user()
+            _, token = await api.new_user()
             pid = await api.new_project(token)
             key = await api.new_key(token, pid)
             body = (await api.sql(key, pid, "SELECT g FROM generate_series(1, 1000) g")).json()
             assert body["success"] and body["result"]["truncated"] is True
             assert body["result"]["rowCount"] == 100 and len(body["result"]["rows"]) == 100
-            body = (await api.sql(key, pid, "SELECT repeat('x', 100) AS s FROM generate_series(1, 90)")).json()
+            body = (
+                await api.sql(key, pid, "SELECT repeat('x', 100) AS s FROM generate_series(1, 90)")
+            ).json()
             assert body["result"]["truncated"] is True and len(body["result"]["rows"]) < 40
             body = (await api.sql(key, pid, "SELECT g FROM generate_series(1, 100) g")).json()
             assert body["result"]["truncated"] is False and body["result"]["rowCount"] == 100
@@ -186,21 +237,27 @@ async def test_row_cap_truncates(spawn) -> None:
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 async def test_reference_fluxbase_js_snippet_runs_unchanged(api: Api, project, tmp_path) -> None:
-    await api.sql(project.admin_key, project.id, "CREATE TABLE users (id serial PRIMARY KEY, name text, active bool)")
-    await api.sql(project.admin_key, project.id, "INSERT INTO users (name, active) VALUES ('Ann', true), ('Bo', false)")
+    await api.sql(
+        project.admin_key, project.id, "CREATE TABLE users (id serial PRIMARY KEY, name text, active bool)"
+    )
+    await api.sql(
+        project.admin_key, project.id, "INSERT INTO users (name, active) VALUES ('Ann', true), ('Bo', false)"
+    )
     snippet = (ROOT / "tests" / "js" / "fluxbase.js").read_text()
     # Only BASE_URL differs from the doc: it points at the server under test.
     script = tmp_path / "fluxbase.mjs"
     script.write_text(snippet.replace("'https://fluxbase.vercel.app'", json.dumps(api.base_url)))
     env = {"FLUXBASE_API_KEY": project.admin_key, "FLUXBASE_PROJECT_ID": project.id, "PATH": "/usr/bin:/bin"}
-    res = await asyncio.to_thread(subprocess.run, ["node", str(script)], env=env, capture_output=True, text=True,
-                                  timeout=60)
+    res = await asyncio.to_thread(
+        subprocess.run, ["node", str(script)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     assert "Ann" in res.stdout and "Bo" not in res.stdout
 
 
-async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cache(api: Api, project,
-                                                                                    control_db) -> None:
+async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cache(
+    api: Api, project, control_db
+) -> None:
     key = await api.new_key(project.owner_token, project.id, "readwrite")
     await api.sql(project.admin_key, project.id, "CREATE TABLE ro_t (id int)")
     assert (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (1)")).json()["success"]  # now cached
@@ -208,7 +265,9 @@ async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cac
     await control_db.execute("UPDATE fluxbase.projects SET read_only = true WHERE id = $1", project.id)
     body = (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (2)")).json()
     assert body["success"] is False and body["error"]["details"] == "ERROR:  25006"
-    assert (await api.sql(key, project.id, "SELECT count(*) AS n FROM ro_t")).json()["result"]["rows"] == [{"n": 1}]
+    assert (await api.sql(key, project.id, "SELECT count(*) AS n FROM ro_t")).json()["result"]["rows"] == [
+        {"n": 1}
+    ]
     await control_db.execute("UPDATE fluxbase.projects SET read_only = false WHERE id = $1", project.id)
     assert (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (3)")).json()["success"]
     # Suspension.
@@ -217,15 +276,17 @@ async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cac
     await control_db.execute("UPDATE fluxbase.projects SET status = 'active' WHERE id = $1", project.id)
     assert (await api.sql(key, project.id, "SELECT 1")).json()["success"]
     # Revocation through the API.
-    key_id = (await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(project.owner_token))
-              ).json()["apiKeys"][-1]["id"]
-    r = await api.http.delete(f"/api/projects/{project.id}/api-keys/{key_id}", headers=bearer(project.owner_token))
+    key_id = (
+        await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(project.owner_token))
+    ).json()["apiKeys"][-1]["id"]
+    r = await api.http.delete(
+        f"/api/projects/{project.id}/api-keys/{key_id}", headers=bearer(project.owner_token)
+    )
     assert r.status_code == 200
     assert_error(await api.sql(key, project.id, "SELECT 1"), 401, "AUTH_REQUIRED")
 
 
 async def test_guard_function_reveals_nothing_without_a_key(api: Api, project) -> None:
-    for q in ("SELECT fluxbase_guard.check_key('\\x00'::bytea, $1)",
-              "SELECT * FROM fluxbase.api_keys"):
+    for q in ("SELECT fluxbase_guard.check_key('\\x00'::bytea, $1)", "SELECT * FROM fluxbase.api_keys"):
         body = (await api.sql(project.admin_key, project.id, q, [project.id] if "$1" in q else None)).json()
         assert body["success"] is False

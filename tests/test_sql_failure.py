@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from support import Api, assert_error, start_stack, stop_stack
-
 from conftest import spawn_instance
+from support import Api, assert_error, start_stack, stop_stack
 
 
 async def test_database_down_then_back(tmp_path, log_dir) -> None:
@@ -49,14 +48,16 @@ async def test_database_down_then_back(tmp_path, log_dir) -> None:
 
 async def test_connection_killed_mid_write_never_reports_success(api: Api, project, control_db) -> None:
     assert (await api.sql(project.admin_key, project.id, "CREATE TABLE w (id int)")).json()["success"]
-    write = asyncio.create_task(api.sql(project.admin_key, project.id,
-                                        "INSERT INTO w SELECT 1 FROM pg_sleep(3)"))
+    write = asyncio.create_task(
+        api.sql(project.admin_key, project.id, "INSERT INTO w SELECT 1 FROM pg_sleep(3)")
+    )
     victim = None
     for _ in range(50):
         await asyncio.sleep(0.1)
         victim = await control_db.fetchval(
             "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'INSERT INTO w%'",
-            f"p_{project.id}_admin")
+            f"p_{project.id}_admin",
+        )
         if victim:
             break
     assert victim, "the write never started"

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+
 from support import Api
 
 HOSTILE = [
@@ -88,8 +89,9 @@ async def two_projects(api: Api):
 
 async def test_hostile_statements_all_fail_and_change_nothing(api: Api, two_projects, control_db) -> None:
     a, b, key_a, key_b = two_projects
-    before_roles = await control_db.fetch("SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles "
-                                          "ORDER BY rolname")
+    before_roles = await control_db.fetch(
+        "SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles ORDER BY rolname"
+    )
     for template in HOSTILE:
         q = template.format(a=a, b=b)
         r = await api.sql(key_a, a, q)
@@ -100,8 +102,9 @@ async def test_hostile_statements_all_fail_and_change_nothing(api: Api, two_proj
     # Nothing changed: B's data, roles, schemas, the control plane.
     rows = (await api.sql(key_b, b, "SELECT v FROM secrets")).json()["result"]["rows"]
     assert rows == [{"v": "b-secret"}]
-    after_roles = await control_db.fetch("SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles "
-                                         "ORDER BY rolname")
+    after_roles = await control_db.fetch(
+        "SELECT rolname, rolsuper, rolconnlimit, rolconfig FROM pg_roles ORDER BY rolname"
+    )
     assert before_roles == after_roles
     assert await control_db.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'planted'") == 0
     assert await control_db.fetchval("SELECT auth.uid()") is None
@@ -110,8 +113,11 @@ async def test_hostile_statements_all_fail_and_change_nothing(api: Api, two_proj
 async def test_set_role_to_own_other_scopes_is_refused(api: Api, project) -> None:
     ro = await api.new_key(project.owner_token, project.id, "read")
     await api.sql(project.admin_key, project.id, "CREATE TABLE t (id int)")
-    for q in (f"SET ROLE p_{project.id}_admin", f"SELECT set_config('role', 'p_{project.id}_admin', true)",
-              "RESET ROLE; INSERT INTO t VALUES (1)"):
+    for q in (
+        f"SET ROLE p_{project.id}_admin",
+        f"SELECT set_config('role', 'p_{project.id}_admin', true)",
+        "RESET ROLE; INSERT INTO t VALUES (1)",
+    ):
         assert (await api.sql(ro, project.id, q)).json()["success"] is False
     # Even a successful RESET ROLE leaves the session user: still read-only.
     assert (await api.sql(ro, project.id, "RESET ROLE")).json()["success"] is True
@@ -173,9 +179,14 @@ async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> N
             assert time.monotonic() - t0 < 6
             assert body["success"] is False and body["error"]["code"] == "QUERY_TIMEOUT"
             # A plpgsql loop that swallows cancellation is terminated too.
-            await api.sql(key, pid, """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
-                BEGIN LOOP BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP;
-                END $$""")
+            await api.sql(
+                key,
+                pid,
+                """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN LOOP BEGIN PERFORM pg_sleep(0.2);
+                EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP;
+                END $$""",
+            )
             t0 = time.monotonic()
             body = (await api.sql(key, pid, "SELECT stubborn()")).json()
             assert time.monotonic() - t0 < 8
@@ -183,8 +194,14 @@ async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> N
             # The project still works afterwards and no backend of its roles is left busy.
             assert (await api.sql(key, pid, "SELECT 1 AS one")).json()["result"]["rows"] == [{"one": 1}]
             await asyncio.sleep(0.5)
-            busy = (await api.sql(key, pid, "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
-                                  f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()")).json()
+            busy = (
+                await api.sql(
+                    key,
+                    pid,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
+                    f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()",
+                )
+            ).json()
             assert busy["result"]["rows"] == [{"n": 0}]
         finally:
             await api.close()
@@ -192,7 +209,9 @@ async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> N
 
 async def test_held_locks_do_not_outlive_the_request(api: Api, project) -> None:
     await api.sql(project.admin_key, project.id, "CREATE TABLE lk (id int)")
-    assert (await api.sql(project.admin_key, project.id, "LOCK TABLE lk IN ACCESS EXCLUSIVE MODE")).json()["success"]
+    assert (await api.sql(project.admin_key, project.id, "LOCK TABLE lk IN ACCESS EXCLUSIVE MODE")).json()[
+        "success"
+    ]
     # If the lock leaked, this would wait for lock_timeout and fail.
     assert (await api.sql(project.admin_key, project.id, "INSERT INTO lk VALUES (1)")).json()["success"]
 
@@ -216,11 +235,12 @@ async def test_one_project_saturating_its_pool_does_not_block_another(spawn) -> 
 
 
 async def test_role_connection_cap_holds(api: Api, project, control_db) -> None:
-    limits = await control_db.fetch("SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname LIKE $1",
-                                    f"p_{project.id}_%")
+    limits = await control_db.fetch(
+        "SELECT rolname, rolconnlimit FROM pg_roles WHERE rolname LIKE $1", f"p_{project.id}_%"
+    )
     assert limits and all(0 < r["rolconnlimit"] <= 100 for r in limits)
 
 
 async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> None:
     # NOTIFY cannot be restricted in PostgreSQL; it must simply not break anything.
-    assert (await api.sql(project.admin_key, project.id, "SELECT pg_notify('fluxbase_events', 'forged')"))
+    assert await api.sql(project.admin_key, project.id, "SELECT pg_notify('fluxbase_events', 'forged')")

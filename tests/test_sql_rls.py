@@ -6,17 +6,24 @@ from support import Api
 
 
 async def _keys(api: Api, project) -> tuple[str, str]:
-    return (await api.new_key(project.owner_token, project.id, "readwrite"),
-            await api.new_key(project.owner_token, project.id, "read"))
+    return (
+        await api.new_key(project.owner_token, project.id, "readwrite"),
+        await api.new_key(project.owner_token, project.id, "read"),
+    )
 
 
-async def _ok(api: Api, key: str, pid: str, q: str, params=None, uid: str | None = None, header: bool = False):
+async def _ok(
+    api: Api, key: str, pid: str, q: str, params=None, uid: str | None = None, header: bool = False
+):
     extra = {}
     if uid is not None and not header:
         extra["authUid"] = uid
     if header and uid is not None:
-        r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": q, "params": params or []},
-                                headers={"Authorization": f"Bearer {key}", "X-Fluxbase-Auth-Uid": uid})
+        r = await api.http.post(
+            "/api/execute-sql",
+            json={"projectId": pid, "query": q, "params": params or []},
+            headers={"Authorization": f"Bearer {key}", "X-Fluxbase-Auth-Uid": uid},
+        )
     else:
         r = await api.sql(key, pid, q, params, **extra)
     body = r.json()
@@ -25,8 +32,9 @@ async def _ok(api: Api, key: str, pid: str, q: str, params=None, uid: str | None
 
 async def test_identity_functions(api: Api, project) -> None:
     rw, _ = await _keys(api, project)
-    body = await _ok(api, rw, project.id, "SELECT auth.uid() AS uid, auth.role() AS role, auth.jwt() AS jwt",
-                     uid="user-42")
+    body = await _ok(
+        api, rw, project.id, "SELECT auth.uid() AS uid, auth.role() AS role, auth.jwt() AS jwt", uid="user-42"
+    )
     row = body["result"]["rows"][0]
     assert row["uid"] == "user-42" and row["role"] == "readwrite"
     assert row["jwt"]["sub"] == "user-42" and row["jwt"]["project_id"] == project.id
@@ -42,10 +50,12 @@ async def test_identity_functions(api: Api, project) -> None:
 async def test_owner_rows_pattern(api: Api, project) -> None:
     rw, ro = await _keys(api, project)
     admin = project.admin_key
-    for q in ("CREATE TABLE posts (id serial PRIMARY KEY, user_id text, body text)",
-              "INSERT INTO posts (user_id, body) VALUES ('u1', 'a'), ('u1', 'b'), ('u2', 'c')",
-              "ALTER TABLE posts ENABLE ROW LEVEL SECURITY",
-              "CREATE POLICY own ON posts USING (user_id = auth.uid()) WITH CHECK (user_id = auth.uid())"):
+    for q in (
+        "CREATE TABLE posts (id serial PRIMARY KEY, user_id text, body text)",
+        "INSERT INTO posts (user_id, body) VALUES ('u1', 'a'), ('u1', 'b'), ('u2', 'c')",
+        "ALTER TABLE posts ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON posts USING (user_id = auth.uid()) WITH CHECK (user_id = auth.uid())",
+    ):
         assert (await _ok(api, admin, project.id, q))["success"], q
     got = await _ok(api, ro, project.id, "SELECT body FROM posts ORDER BY body", uid="u1")
     assert [r["body"] for r in got["result"]["rows"]] == ["a", "b"]
@@ -64,11 +74,13 @@ async def test_owner_rows_pattern(api: Api, project) -> None:
 
 
 async def test_org_scoped_pattern(api: Api, project) -> None:
-    rw, ro = await _keys(api, project)
-    for q in ("CREATE TABLE docs (id serial, org_id text, title text)",
-              "INSERT INTO docs (org_id, title) VALUES ('acme', 'plan'), ('acme', 'memo'), ('globex', 'x')",
-              "ALTER TABLE docs ENABLE ROW LEVEL SECURITY",
-              "CREATE POLICY org ON docs USING (org_id = auth.uid())"):
+    _, ro = await _keys(api, project)
+    for q in (
+        "CREATE TABLE docs (id serial, org_id text, title text)",
+        "INSERT INTO docs (org_id, title) VALUES ('acme', 'plan'), ('acme', 'memo'), ('globex', 'x')",
+        "ALTER TABLE docs ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY org ON docs USING (org_id = auth.uid())",
+    ):
         assert (await _ok(api, project.admin_key, project.id, q))["success"], q
     got = await _ok(api, ro, project.id, "SELECT title FROM docs ORDER BY title", uid="acme", header=True)
     assert [r["title"] for r in got["result"]["rows"]] == ["memo", "plan"]
@@ -76,13 +88,15 @@ async def test_org_scoped_pattern(api: Api, project) -> None:
 
 async def test_public_read_owner_write_pattern(api: Api, project) -> None:
     rw, ro = await _keys(api, project)
-    for q in ("CREATE TABLE articles (id serial PRIMARY KEY, author_id text, title text)",
-              "INSERT INTO articles (author_id, title) VALUES ('alice', 'A1'), ('bob', 'B1')",
-              "ALTER TABLE articles ENABLE ROW LEVEL SECURITY",
-              "CREATE POLICY read_all ON articles FOR SELECT USING (true)",
-              "CREATE POLICY ins_own ON articles FOR INSERT WITH CHECK (author_id = auth.uid())",
-              "CREATE POLICY upd_own ON articles FOR UPDATE USING (author_id = auth.uid())",
-              "CREATE POLICY del_own ON articles FOR DELETE USING (author_id = auth.uid())"):
+    for q in (
+        "CREATE TABLE articles (id serial PRIMARY KEY, author_id text, title text)",
+        "INSERT INTO articles (author_id, title) VALUES ('alice', 'A1'), ('bob', 'B1')",
+        "ALTER TABLE articles ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY read_all ON articles FOR SELECT USING (true)",
+        "CREATE POLICY ins_own ON articles FOR INSERT WITH CHECK (author_id = auth.uid())",
+        "CREATE POLICY upd_own ON articles FOR UPDATE USING (author_id = auth.uid())",
+        "CREATE POLICY del_own ON articles FOR DELETE USING (author_id = auth.uid())",
+    ):
         assert (await _ok(api, project.admin_key, project.id, q))["success"], q
     got = await _ok(api, ro, project.id, "SELECT title FROM articles ORDER BY title")
     assert [r["title"] for r in got["result"]["rows"]] == ["A1", "B1"]
@@ -90,26 +104,38 @@ async def test_public_read_owner_write_pattern(api: Api, project) -> None:
     assert upd["result"]["rowCount"] == 1
     got = await _ok(api, ro, project.id, "SELECT title FROM articles WHERE author_id = 'bob'")
     assert got["result"]["rows"] == [{"title": "B1"}]
-    ins = await _ok(api, rw, project.id, "INSERT INTO articles (author_id, title) VALUES ('bob', 'fake')",
-                    uid="alice")
+    ins = await _ok(
+        api, rw, project.id, "INSERT INTO articles (author_id, title) VALUES ('bob', 'fake')", uid="alice"
+    )
     assert ins["success"] is False
-    ins = await _ok(api, rw, project.id, "INSERT INTO articles (author_id, title) VALUES ('alice', 'A2')",
-                    uid="alice")
+    ins = await _ok(
+        api, rw, project.id, "INSERT INTO articles (author_id, title) VALUES ('alice', 'A2')", uid="alice"
+    )
     assert ins["success"] is True
 
 
 async def test_full_lockdown_and_force(api: Api, project) -> None:
     rw, ro = await _keys(api, project)
     admin = project.admin_key
-    for q in ("CREATE TABLE audit (id serial, what text)", "INSERT INTO audit (what) VALUES ('login')",
-              "ALTER TABLE audit ENABLE ROW LEVEL SECURITY", "CREATE POLICY lock ON audit USING (false)"):
+    for q in (
+        "CREATE TABLE audit (id serial, what text)",
+        "INSERT INTO audit (what) VALUES ('login')",
+        "ALTER TABLE audit ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY lock ON audit USING (false)",
+    ):
         assert (await _ok(api, admin, project.id, q))["success"], q
     for key in (rw, ro):
         got = await _ok(api, key, project.id, "SELECT * FROM audit", uid="anyone")
         assert got["success"] and got["result"]["rows"] == []
-    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [{"n": 1}]
+    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [
+        {"n": 1}
+    ]
     # FORCE ROW LEVEL SECURITY binds the owner (admin keys) too, as the doc's troubleshooting says.
     assert (await _ok(api, admin, project.id, "ALTER TABLE audit FORCE ROW LEVEL SECURITY"))["success"]
-    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [{"n": 0}]
+    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [
+        {"n": 0}
+    ]
     assert (await _ok(api, admin, project.id, "ALTER TABLE audit NO FORCE ROW LEVEL SECURITY"))["success"]
-    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [{"n": 1}]
+    assert (await _ok(api, admin, project.id, "SELECT count(*) AS n FROM audit"))["result"]["rows"] == [
+        {"n": 1}
+    ]

@@ -87,8 +87,12 @@ class Project:
     def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
         rl = row[prefix + "rate_limit_requests"], row[prefix + "rate_limit_window_s"]
         return cls(
-            row[prefix + "id"], row[prefix + "name"], row[prefix + "status"], row[prefix + "read_only"],
-            (rl[0], rl[1]) if rl[0] else None, row[prefix + "created_at"],
+            row[prefix + "id"],
+            row[prefix + "name"],
+            row[prefix + "status"],
+            row[prefix + "read_only"],
+            (rl[0], rl[1]) if rl[0] else None,
+            row[prefix + "created_at"],
         )
 
 
@@ -151,8 +155,13 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
         raise AuthRequired("API key has expired.")
     rl = (row["k_rlr"], row["k_rlw"]) if row["k_rlr"] else None
     key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl)
-    auth = KeyAuth(Principal(key=key), Project.from_row(row, "p_"), key_hash, tuple(row["allowed_origins"]),
-                   row["expires_at"])
+    auth = KeyAuth(
+        Principal(key=key),
+        Project.from_row(row, "p_"),
+        key_hash,
+        tuple(row["allowed_origins"]),
+        row["expires_at"],
+    )
     _check_origin(auth, origin)
     last = row["last_used_at"]
     if last is None or (now - last).total_seconds() > 60:
@@ -263,7 +272,8 @@ async def authorize(
     project = await load_project(db, project_id)
     role = await db.fetchval(
         "SELECT role FROM fluxbase.project_members WHERE project_id = $1 AND user_id = $2",
-        project.id, principal.user.id,
+        project.id,
+        principal.user.id,
     )
     if role is None:
         raise ScopeMismatch("You are not a member of this project.")
@@ -276,4 +286,3 @@ async def authorize(
 def _check_status(project: Project) -> None:
     if project.status == "suspended":
         raise ProjectSuspended()
-

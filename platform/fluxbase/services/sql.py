@@ -116,8 +116,13 @@ def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> by
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, asyncpg.Range):
-        return {"lower": obj.lower, "upper": obj.upper, "lowerInc": obj.lower_inc, "upperInc": obj.upper_inc,
-                "empty": obj.isempty}
+        return {
+            "lower": obj.lower,
+            "upper": obj.upper,
+            "lowerInc": obj.lower_inc,
+            "upperInc": obj.upper_inc,
+            "empty": obj.isempty,
+        }
     if isinstance(obj, asyncpg.Record):
         return dict(obj.items())
     return str(obj)
@@ -237,7 +242,9 @@ def begin_script(identity: Identity, read_only: bool, guard: tuple[bytes, str] |
     )
 
 
-async def _bind_execute(conn: Any, query: str, params: list[Any], limit: int) -> tuple[Any, list[Any], str | None, bool]:
+async def _bind_execute(
+    conn: Any, query: str, params: list[Any], limit: int
+) -> tuple[Any, list[Any], str | None, bool]:
     # asyncpg's public API cannot cap fetched rows and also return the command tag and the
     # columns in one round trip; these are the internals Connection.fetch itself uses
     # (asyncpg is pinned to a tested range in pyproject.toml).
@@ -302,7 +309,9 @@ async def execute(
             dead = True
             await _terminate(control, conn)
             ms = int(limits.deadline_s * 1000)
-            return _error_body(f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT")
+            return _error_body(
+                f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT"
+            )
         except _CONNECTION_LOST as exc:
             # The connection broke: the transaction did not commit (or we cannot know it did).
             dead = True
@@ -318,8 +327,9 @@ async def execute(
             await pool.release(conn)
 
 
-async def _run(conn: Any, begin: str, query: str, params: list[Any], keyword: str, limits: Limits,
-               started: float) -> bytes:
+async def _run(
+    conn: Any, begin: str, query: str, params: list[Any], keyword: str, limits: Limits, started: float
+) -> bytes:
     try:
         await conn.execute(begin)
     except asyncpg.PostgresError as exc:
@@ -377,10 +387,19 @@ async def _run(conn: Any, begin: str, query: str, params: list[Any], keyword: st
     message = None if columns else status
     body = {
         "success": True,
-        "result": {"rows": encoded, "columns": columns, "rowCount": count, "message": message,
-                   "truncated": truncated},
-        "executionInfo": {"time": f"{round(elapsed_ms)}ms", "timeMs": round(elapsed_ms, 3), "rowCount": count,
-                          "operation": operation},
+        "result": {
+            "rows": encoded,
+            "columns": columns,
+            "rowCount": count,
+            "message": message,
+            "truncated": truncated,
+        },
+        "executionInfo": {
+            "time": f"{round(elapsed_ms)}ms",
+            "timeMs": round(elapsed_ms, 3),
+            "rowCount": count,
+            "operation": operation,
+        },
     }
     return _ENC.encode(body)
 

@@ -12,7 +12,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
 from fluxbase.services import sql
-from fluxbase.services.access import Need, ProjectAccess, authorize
+from fluxbase.services.access import Need, Project, ProjectAccess, authorize
 
 AUTH_UID_HEADER = "x-fluxbase-auth-uid"
 
@@ -47,8 +47,12 @@ def identity_for(access: ProjectAccess, auth_uid: str | None) -> sql.Identity:
 
 def limits_of(ctx: AppContext) -> sql.Limits:
     t = ctx.settings.tenant
-    return sql.Limits(deadline_s=t.request_deadline_ms / 1000, max_rows=t.max_rows, max_bytes=t.max_bytes,
-                      acquire_timeout_s=t.pool_acquire_timeout_s)
+    return sql.Limits(
+        deadline_s=t.request_deadline_ms / 1000,
+        max_rows=t.max_rows,
+        max_bytes=t.max_bytes,
+        acquire_timeout_s=t.pool_acquire_timeout_s,
+    )
 
 
 @post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
@@ -57,6 +61,7 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
     guard: tuple[bytes, str] | None = None
+    key_project: Project | None
     if bearer and apikeys.looks_like_key(bearer):
         # Hot path: the key's project and scope come from a short-lived cache; its liveness
         # is re-checked inside the request's transaction by fluxbase_guard.check_key.
@@ -71,10 +76,15 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     try:
         result = await sql.execute(
-            ctx.tenants, ctx.db,
-            project_id=access.project.id, scope=access.sql_scope,
+            ctx.tenants,
+            ctx.db,
+            project_id=access.project.id,
+            scope=access.sql_scope,
             read_only=access.project.read_only and guard is None,
-            query=body.query, params=body.params, identity=identity_for(access, auth_uid), limits=limits_of(ctx),
+            query=body.query,
+            params=body.params,
+            identity=identity_for(access, auth_uid),
+            limits=limits_of(ctx),
             guard=guard,
         )
     except (AuthRequired, ProjectSuspended):
