@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
 
 from fluxbase.devstack.procs import free_port
+from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from fluxbase.devstack.s3 import EmbeddedS3
 ROOT = Path(__file__).resolve().parent.parent
 
 # Strings that must never appear in any response body.
-NEVER_IN_RESPONSES = ("Traceback", "asyncpg", "password_hash", "key_hash", "File \"")
+NEVER_IN_RESPONSES = ("Traceback", "asyncpg", "password_hash", "key_hash", 'File "')
 
 
 @dataclass
@@ -120,7 +120,9 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}")
+            raise RuntimeError(
+                f"server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -129,13 +131,20 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
 
 
 @contextlib.contextmanager
-def run_service(command: list[str], env: dict[str, str], port: int, log_dir: Path,
-                ready_path: str = "/ready") -> Iterator[ServerProcess]:
+def run_service(
+    command: list[str], env: dict[str, str], port: int, log_dir: Path, ready_path: str = "/ready"
+) -> Iterator[ServerProcess]:
     """Start `python -m fluxbase <command>` and wait for it to be ready; always stop it."""
     log_path = log_dir / f"{command[0]}-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fluxbase", *command], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fluxbase", *command],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
     try:
         wait_http_ok(f"http://127.0.0.1:{port}{ready_path}", proc, log_path)
         yield ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
@@ -174,17 +183,22 @@ class Api:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def register(self, email: str | None = None, password: str = "correct horse battery",
-                       name: str = "Test User") -> dict[str, Any]:
+    async def register(
+        self, email: str | None = None, password: str = "correct horse battery", name: str = "Test User"
+    ) -> dict[str, Any]:
         email = email or f"user-{secrets.token_hex(5)}@example.com"
-        r = await self.http.post("/api/auth/register",
-                                 json={"email": email, "password": password, "displayName": name})
+        r = await self.http.post(
+            "/api/auth/register", json={"email": email, "password": password, "displayName": name}
+        )
         assert r.status_code == 201, r.text
         return {**r.json()["user"], "password": password}
 
     async def login(self, email: str, password: str) -> str:
-        r = await self.http.post("/api/auth/login", json={"email": email, "password": password},
-                                 headers={"X-Forwarded-For": random_ip()})
+        r = await self.http.post(
+            "/api/auth/login",
+            json={"email": email, "password": password},
+            headers={"X-Forwarded-For": random_ip()},
+        )
         assert r.status_code == 200, r.text
         return str(r.json()["token"])
 
@@ -198,13 +212,17 @@ class Api:
         return str(r.json()["project"]["id"])
 
     async def new_key(self, token: str, project_id: str, scope: str = "admin", **extra: Any) -> str:
-        r = await self.http.post(f"/api/projects/{project_id}/api-keys",
-                                 json={"name": f"{scope} key", "scope": scope, **extra}, headers=bearer(token))
+        r = await self.http.post(
+            f"/api/projects/{project_id}/api-keys",
+            json={"name": f"{scope} key", "scope": scope, **extra},
+            headers=bearer(token),
+        )
         assert r.status_code == 201, r.text
         return str(r.json()["key"])
 
-    async def sql(self, key: str, project_id: str, query: str, params: list[Any] | None = None,
-                  **extra: Any) -> httpx.Response:
+    async def sql(
+        self, key: str, project_id: str, query: str, params: list[Any] | None = None, **extra: Any
+    ) -> httpx.Response:
         body: dict[str, Any] = {"projectId": project_id, "query": query}
         if params is not None:
             body["params"] = params

@@ -6,9 +6,8 @@ import asyncio
 import statistics
 import time
 
-from support import Api, assert_error, bearer, random_ip
-
 from fluxbase.security import tokens
+from support import Api, assert_error, bearer, random_ip
 
 
 async def test_first_account_is_instance_admin_and_status_reports_it(spawn) -> None:
@@ -31,25 +30,31 @@ async def test_closed_registration_refuses_all_but_the_first(spawn) -> None:
         api = Api(inst.url)
         try:
             await api.register()
-            r = await api.http.post("/api/auth/register",
-                                    json={"email": "late@example.com", "password": "long enough pw"})
+            r = await api.http.post(
+                "/api/auth/register", json={"email": "late@example.com", "password": "long enough pw"}
+            )
             assert_error(r, 403, "REGISTRATION_CLOSED")
         finally:
             await api.close()
 
 
 async def test_register_validation_and_duplicates(api: Api, instance_admin) -> None:
-    r = await api.http.post("/api/auth/register", json={"email": "not-an-email", "password": "long enough pw"})
+    r = await api.http.post(
+        "/api/auth/register", json={"email": "not-an-email", "password": "long enough pw"}
+    )
     assert_error(r, 400, "VALIDATION_ERROR")
     r = await api.http.post("/api/auth/register", json={"email": "a@b.co", "password": "short"})
     assert_error(r, 400, "VALIDATION_ERROR")
     r = await api.http.post("/api/auth/register", json={"email": "a@b.co"})
     assert_error(r, 400, "VALIDATION_ERROR")
-    r = await api.http.post("/api/auth/register", content=b"{not json", headers={"content-type": "application/json"})
+    r = await api.http.post(
+        "/api/auth/register", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_error(r, 400, "VALIDATION_ERROR")
     user = await api.register()
-    r = await api.http.post("/api/auth/register",
-                            json={"email": user["email"].upper(), "password": "another long pw"})
+    r = await api.http.post(
+        "/api/auth/register", json={"email": user["email"].upper(), "password": "another long pw"}
+    )
     assert_error(r, 409, "CONFLICT")
 
 
@@ -69,18 +74,27 @@ async def test_login_me_logout(api: Api, instance_admin) -> None:
 async def test_missing_and_garbage_credentials(api: Api) -> None:
     assert_error(await api.http.get("/api/auth/me"), 401, "AUTH_REQUIRED")
     assert_error(await api.http.get("/api/auth/me", headers=bearer("garbage")), 401, "AUTH_REQUIRED")
-    assert_error(await api.http.get("/api/auth/me", headers={"Authorization": "Basic abc"}), 401, "AUTH_REQUIRED")
+    assert_error(
+        await api.http.get("/api/auth/me", headers={"Authorization": "Basic abc"}), 401, "AUTH_REQUIRED"
+    )
 
 
 async def test_expired_session_token(api: Api, stack, instance_admin) -> None:
-    user, token = await api.new_user()
+    _user, token = await api.new_user()
     claims = tokens.verify(stack.secret_key, token, kind="session")
-    expired, _ = tokens.issue(stack.secret_key, kind="session", subject=claims.subject,
-                              session_id=claims.session_id, ttl_seconds=60, now=time.time() - 3600)
+    expired, _ = tokens.issue(
+        stack.secret_key,
+        kind="session",
+        subject=claims.subject,
+        session_id=claims.session_id,
+        ttl_seconds=60,
+        now=time.time() - 3600,
+    )
     assert_error(await api.http.get("/api/auth/me", headers=bearer(expired)), 401, "TOKEN_EXPIRED")
     # A token signed with another secret is not accepted.
-    forged, _ = tokens.issue("x" * 48, kind="session", subject=claims.subject,
-                             session_id=claims.session_id, ttl_seconds=60)
+    forged, _ = tokens.issue(
+        "x" * 48, kind="session", subject=claims.subject, session_id=claims.session_id, ttl_seconds=60
+    )
     assert_error(await api.http.get("/api/auth/me", headers=bearer(forged)), 401, "AUTH_REQUIRED")
 
 
@@ -88,16 +102,25 @@ async def test_login_throttled_per_ip_with_retry_after(api: Api, instance_admin)
     user = await api.register()
     ip = random_ip()
     for _ in range(5):
-        r = await api.http.post("/api/auth/login", json={"email": user["email"], "password": "wrong password"},
-                                headers={"X-Forwarded-For": ip})
+        r = await api.http.post(
+            "/api/auth/login",
+            json={"email": user["email"], "password": "wrong password"},
+            headers={"X-Forwarded-For": ip},
+        )
         assert_error(r, 401, "AUTH_REQUIRED")
-    r = await api.http.post("/api/auth/login", json={"email": user["email"], "password": user["password"]},
-                            headers={"X-Forwarded-For": ip})
+    r = await api.http.post(
+        "/api/auth/login",
+        json={"email": user["email"], "password": user["password"]},
+        headers={"X-Forwarded-For": ip},
+    )
     assert_error(r, 429, "RATE_LIMIT")
     assert 1 <= int(r.headers["Retry-After"]) <= 15 * 60
     # Another client IP is not affected.
-    r = await api.http.post("/api/auth/login", json={"email": user["email"], "password": user["password"]},
-                            headers={"X-Forwarded-For": random_ip()})
+    r = await api.http.post(
+        "/api/auth/login",
+        json={"email": user["email"], "password": user["password"]},
+        headers={"X-Forwarded-For": random_ip()},
+    )
     assert r.status_code == 200
 
 
@@ -106,8 +129,11 @@ async def test_unknown_email_and_wrong_password_look_the_same(api: Api, instance
 
     async def attempt(email: str) -> tuple[float, int, dict]:
         t0 = time.perf_counter()
-        r = await api.http.post("/api/auth/login", json={"email": email, "password": "definitely wrong"},
-                                headers={"X-Forwarded-For": random_ip()})
+        r = await api.http.post(
+            "/api/auth/login",
+            json={"email": email, "password": "definitely wrong"},
+            headers={"X-Forwarded-For": random_ip()},
+        )
         return time.perf_counter() - t0, r.status_code, r.json()
 
     unknown, wrong = [], []

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-from support import Api, assert_clean, assert_error, bearer
-
 from fluxbase.security import apikeys
+from support import Api, assert_clean, assert_error, bearer
 
 
 async def test_create_list_get_delete_project(api: Api, control_db, instance_admin) -> None:
@@ -18,10 +17,13 @@ async def test_create_list_get_delete_project(api: Api, control_db, instance_adm
     assert project["name"] == "Shop" and project["role"] == "admin"
     pid = project["id"]
     # Schema and three roles exist, owned as DESIGN.md says.
-    owner = await control_db.fetchval("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1", f"p_{pid}")
+    owner = await control_db.fetchval(
+        "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1", f"p_{pid}"
+    )
     assert owner == f"p_{pid}_admin"
-    roles = await control_db.fetch("SELECT rolname, rolsuper, rolcanlogin FROM pg_roles WHERE rolname LIKE $1",
-                                   f"p_{pid}_%")
+    roles = await control_db.fetch(
+        "SELECT rolname, rolsuper, rolcanlogin FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%"
+    )
     assert sorted(r["rolname"] for r in roles) == sorted(f"p_{pid}_{s}" for s in ("admin", "ro", "rw"))
     assert all(r["rolcanlogin"] and not r["rolsuper"] for r in roles)
 
@@ -42,18 +44,32 @@ async def test_create_list_get_delete_project(api: Api, control_db, instance_adm
 
 async def test_project_errors(api: Api, project) -> None:
     _, stranger = await api.new_user()
-    assert_error(await api.http.get(f"/api/projects/{project.id}", headers=bearer(stranger)), 403, "SCOPE_MISMATCH")
-    assert_error(await api.http.get("/api/projects/ffffffffffffffff", headers=bearer(stranger)), 404,
-                 "PROJECT_NOT_FOUND")
-    assert_error(await api.http.get("/api/projects/not-an-id", headers=bearer(stranger)), 404, "PROJECT_NOT_FOUND")
-    assert_error(await api.http.post("/api/projects", json={"name": ""}, headers=bearer(stranger)), 400,
-                 "VALIDATION_ERROR")
+    assert_error(
+        await api.http.get(f"/api/projects/{project.id}", headers=bearer(stranger)), 403, "SCOPE_MISMATCH"
+    )
+    assert_error(
+        await api.http.get("/api/projects/ffffffffffffffff", headers=bearer(stranger)),
+        404,
+        "PROJECT_NOT_FOUND",
+    )
+    assert_error(
+        await api.http.get("/api/projects/not-an-id", headers=bearer(stranger)), 404, "PROJECT_NOT_FOUND"
+    )
+    assert_error(
+        await api.http.post("/api/projects", json={"name": ""}, headers=bearer(stranger)),
+        400,
+        "VALIDATION_ERROR",
+    )
     assert_error(await api.http.post("/api/projects", json={"name": "x"}), 401, "AUTH_REQUIRED")
     # An API key cannot delete the project (dashboard admins only).
-    assert_error(await api.http.delete(f"/api/projects/{project.id}", headers=bearer(project.admin_key)), 403,
-                 "INSUFFICIENT_PERMISSIONS")
-    assert_error(await api.http.delete(f"/api/projects/{project.id}", headers=bearer(stranger)), 403,
-                 "SCOPE_MISMATCH")
+    assert_error(
+        await api.http.delete(f"/api/projects/{project.id}", headers=bearer(project.admin_key)),
+        403,
+        "INSUFFICIENT_PERMISSIONS",
+    )
+    assert_error(
+        await api.http.delete(f"/api/projects/{project.id}", headers=bearer(stranger)), 403, "SCOPE_MISMATCH"
+    )
 
 
 async def test_unknown_route_and_method(api: Api) -> None:
@@ -62,9 +78,11 @@ async def test_unknown_route_and_method(api: Api) -> None:
 
 
 async def test_key_lifecycle(api: Api, project) -> None:
-    r = await api.http.post(f"/api/projects/{project.id}/api-keys",
-                            json={"name": "backend", "scope": "readwrite", "expiresInDays": 30},
-                            headers=bearer(project.owner_token))
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "backend", "scope": "readwrite", "expiresInDays": 30},
+        headers=bearer(project.owner_token),
+    )
     assert r.status_code == 201
     body = r.json()
     raw, meta = body["key"], body["apiKey"]
@@ -74,7 +92,7 @@ async def test_key_lifecycle(api: Api, project) -> None:
 
     listed = await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(project.owner_token))
     assert listed.status_code == 200
-    assert_clean(listed, raw, raw[len("flx_live_"):])
+    assert_clean(listed, raw, raw[len("flx_live_") :])
     entry = next(k for k in listed.json()["apiKeys"] if k["id"] == meta["id"])
     assert set(entry) >= {"prefix", "scope", "createdAt", "lastUsedAt", "expiresAt", "revokedAt"}
 
@@ -84,8 +102,9 @@ async def test_key_lifecycle(api: Api, project) -> None:
     assert next(k for k in listed.json()["apiKeys"] if k["id"] == meta["id"])["lastUsedAt"] is not None
 
     # Rotation: new secret works, old one dies at once.
-    r = await api.http.post(f"/api/projects/{project.id}/api-keys/{meta['id']}/rotate",
-                            headers=bearer(project.owner_token))
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys/{meta['id']}/rotate", headers=bearer(project.owner_token)
+    )
     assert r.status_code == 200
     new_raw = r.json()["key"]
     assert new_raw != raw and r.json()["apiKey"]["id"] == meta["id"]
@@ -93,11 +112,13 @@ async def test_key_lifecycle(api: Api, project) -> None:
     assert (await api.http.get(f"/api/projects/{project.id}", headers=bearer(new_raw))).status_code == 200
 
     # Revocation: refused at once.
-    r = await api.http.delete(f"/api/projects/{project.id}/api-keys/{meta['id']}",
-                              headers=bearer(project.owner_token))
+    r = await api.http.delete(
+        f"/api/projects/{project.id}/api-keys/{meta['id']}", headers=bearer(project.owner_token)
+    )
     assert r.status_code == 200 and r.json()["apiKey"]["revokedAt"]
-    body = assert_error(await api.http.get(f"/api/projects/{project.id}", headers=bearer(new_raw)), 401,
-                        "AUTH_REQUIRED")
+    body = assert_error(
+        await api.http.get(f"/api/projects/{project.id}", headers=bearer(new_raw)), 401, "AUTH_REQUIRED"
+    )
     assert "revoked" in body["error"]["message"]
 
 
@@ -105,59 +126,114 @@ async def test_key_checksum_rejects_typos_without_lookup(api: Api, project) -> N
     key = project.admin_key
     typo = key[:-8] + ("A" if key[-8] != "A" else "B") + key[-7:]
     assert not apikeys.well_formed(typo)
-    body = assert_error(await api.http.get(f"/api/projects/{project.id}", headers=bearer(typo)), 401,
-                        "AUTH_REQUIRED")
+    body = assert_error(
+        await api.http.get(f"/api/projects/{project.id}", headers=bearer(typo)), 401, "AUTH_REQUIRED"
+    )
     assert "checksum" in body["error"]["message"]
     # A well-formed key that was never issued is refused too.
-    assert_error(await api.http.get(f"/api/projects/{project.id}", headers=bearer(apikeys.generate())), 401,
-                 "AUTH_REQUIRED")
+    assert_error(
+        await api.http.get(f"/api/projects/{project.id}", headers=bearer(apikeys.generate())),
+        401,
+        "AUTH_REQUIRED",
+    )
 
 
 async def test_expired_key_is_refused(api: Api, project, control_db) -> None:
     key = await api.new_key(project.owner_token, project.id, "read", expiresInDays=1)
     assert (await api.http.get(f"/api/projects/{project.id}", headers=bearer(key))).status_code == 200
-    await control_db.execute("UPDATE fluxbase.api_keys SET expires_at = now() - interval '1 second' "
-                             "WHERE key_hash = $1", apikeys.hash_key(key))
-    body = assert_error(await api.http.get(f"/api/projects/{project.id}", headers=bearer(key)), 401, "AUTH_REQUIRED")
+    await control_db.execute(
+        "UPDATE fluxbase.api_keys SET expires_at = now() - interval '1 second' WHERE key_hash = $1",
+        apikeys.hash_key(key),
+    )
+    body = assert_error(
+        await api.http.get(f"/api/projects/{project.id}", headers=bearer(key)), 401, "AUTH_REQUIRED"
+    )
     assert "expired" in body["error"]["message"]
 
 
 async def test_key_scopes_for_key_management(api: Api, project) -> None:
     # An admin key may mint read/readwrite keys for its own project, not admin keys.
-    r = await api.http.post(f"/api/projects/{project.id}/api-keys", json={"name": "ro", "scope": "read"},
-                            headers=bearer(project.admin_key))
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "ro", "scope": "read"},
+        headers=bearer(project.admin_key),
+    )
     assert r.status_code == 201
     ro_key = r.json()["key"]
-    assert_error(await api.http.post(f"/api/projects/{project.id}/api-keys", json={"name": "a", "scope": "admin"},
-                                     headers=bearer(project.admin_key)), 403, "INSUFFICIENT_PERMISSIONS")
+    assert_error(
+        await api.http.post(
+            f"/api/projects/{project.id}/api-keys",
+            json={"name": "a", "scope": "admin"},
+            headers=bearer(project.admin_key),
+        ),
+        403,
+        "INSUFFICIENT_PERMISSIONS",
+    )
     # A read key manages nothing.
-    assert_error(await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(ro_key)), 403,
-                 "INSUFFICIENT_PERMISSIONS")
-    assert_error(await api.http.post(f"/api/projects/{project.id}/api-keys", json={"name": "x", "scope": "nope"},
-                                     headers=bearer(project.owner_token)), 400, "VALIDATION_ERROR")
+    assert_error(
+        await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(ro_key)),
+        403,
+        "INSUFFICIENT_PERMISSIONS",
+    )
+    assert_error(
+        await api.http.post(
+            f"/api/projects/{project.id}/api-keys",
+            json={"name": "x", "scope": "nope"},
+            headers=bearer(project.owner_token),
+        ),
+        400,
+        "VALIDATION_ERROR",
+    )
     # A key of project A naming project B.
     _, other_token = await api.new_user()
     other = await api.new_project(other_token)
-    assert_error(await api.http.get(f"/api/projects/{other}/api-keys", headers=bearer(project.admin_key)), 403,
-                 "SCOPE_MISMATCH")
-    assert_error(await api.http.get("/api/projects/0123456789abcdef/api-keys", headers=bearer(project.admin_key)),
-                 404, "PROJECT_NOT_FOUND")
+    assert_error(
+        await api.http.get(f"/api/projects/{other}/api-keys", headers=bearer(project.admin_key)),
+        403,
+        "SCOPE_MISMATCH",
+    )
+    assert_error(
+        await api.http.get("/api/projects/0123456789abcdef/api-keys", headers=bearer(project.admin_key)),
+        404,
+        "PROJECT_NOT_FOUND",
+    )
     # Keys cannot act as dashboard sessions.
     assert_error(await api.http.get("/api/auth/me", headers=bearer(project.admin_key)), 401, "AUTH_REQUIRED")
-    assert_error(await api.http.get(f"/api/projects/{project.id}/api-keys/nope/rotate",
-                                    headers=bearer(project.owner_token)), 405, "METHOD_NOT_ALLOWED")
-    assert_error(await api.http.post(f"/api/projects/{project.id}/api-keys/key_0000/rotate",
-                                     headers=bearer(project.owner_token)), 404, "NOT_FOUND")
+    assert_error(
+        await api.http.get(
+            f"/api/projects/{project.id}/api-keys/nope/rotate", headers=bearer(project.owner_token)
+        ),
+        405,
+        "METHOD_NOT_ALLOWED",
+    )
+    assert_error(
+        await api.http.post(
+            f"/api/projects/{project.id}/api-keys/key_0000/rotate", headers=bearer(project.owner_token)
+        ),
+        404,
+        "NOT_FOUND",
+    )
 
 
 async def test_allowed_origins_pin_a_key(api: Api, project) -> None:
-    key = await api.new_key(project.owner_token, project.id, "read", allowedOrigins=["https://app.example.com"])
+    key = await api.new_key(
+        project.owner_token, project.id, "read", allowedOrigins=["https://app.example.com"]
+    )
     url = f"/api/projects/{project.id}"
     ok = await api.http.get(url, headers={**bearer(key), "Origin": "https://app.example.com"})
     assert ok.status_code == 200
-    assert_error(await api.http.get(url, headers={**bearer(key), "Origin": "https://evil.example.com"}), 403,
-                 "ORIGIN_NOT_ALLOWED")
+    assert_error(
+        await api.http.get(url, headers={**bearer(key), "Origin": "https://evil.example.com"}),
+        403,
+        "ORIGIN_NOT_ALLOWED",
+    )
     assert_error(await api.http.get(url, headers=bearer(key)), 403, "ORIGIN_NOT_ALLOWED")
-    assert_error(await api.http.post(f"/api/projects/{project.id}/api-keys",
-                                     json={"name": "x", "scope": "read", "allowedOrigins": ["javascript:alert(1)"]},
-                                     headers=bearer(project.owner_token)), 400, "VALIDATION_ERROR")
+    assert_error(
+        await api.http.post(
+            f"/api/projects/{project.id}/api-keys",
+            json={"name": "x", "scope": "read", "allowedOrigins": ["javascript:alert(1)"]},
+            headers=bearer(project.owner_token),
+        ),
+        400,
+        "VALIDATION_ERROR",
+    )

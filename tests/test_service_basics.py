@@ -18,13 +18,20 @@ async def test_live_ready_and_openapi(api) -> None:
     assert ready.status_code == 200 and ready.json()["checks"] == {"postgres": "ok", "s3": "ok"}
     spec = (await api.http.get("/schema/openapi.json")).json()
     assert "/api/projects/{project_id}/api-keys" in spec["paths"]
-    op_ids = {op["operationId"] for path in spec["paths"].values() for op in path.values() if "operationId" in op}
+    op_ids = {
+        op["operationId"] for path in spec["paths"].values() for op in path.values() if "operationId" in op
+    }
     assert {"login", "createProject", "createApiKey", "rotateApiKey"} <= op_ids
 
 
 def _env(**kw: str) -> dict[str, str]:
-    base = {"FLUXBASE_DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db", "FLUXBASE_S3_ENDPOINT": "http://127.0.0.1:1",
-            "FLUXBASE_S3_ACCESS_KEY": "a", "FLUXBASE_S3_SECRET_KEY": "b", "FLUXBASE_SECRET_KEY": "s" * 32}
+    base = {
+        "FLUXBASE_DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db",
+        "FLUXBASE_S3_ENDPOINT": "http://127.0.0.1:1",
+        "FLUXBASE_S3_ACCESS_KEY": "a",
+        "FLUXBASE_S3_SECRET_KEY": "b",
+        "FLUXBASE_SECRET_KEY": "s" * 32,
+    }
     base.update(kw)
     return base
 
@@ -41,8 +48,9 @@ def test_settings_refuse_missing_or_weak_secret() -> None:
 
 def test_api_command_with_weak_secret_stops_with_a_clear_message() -> None:
     env = _env(FLUXBASE_SECRET_KEY="weak")
-    res = subprocess.run([sys.executable, "-m", "fluxbase", "api"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "fluxbase", "api"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2
     assert "FLUXBASE_SECRET_KEY is too weak" in res.stderr
     assert "Traceback" not in res.stderr
@@ -73,9 +81,15 @@ async def test_migrations_twice_change_nothing(stack, tmp_path) -> None:
 def _schema_dump(stack, dbname: str) -> str:
     from fluxbase.devstack.postgres import find_bin_dir
 
-    res = subprocess.run([str(find_bin_dir() / "pg_dump"), "--schema-only", "--no-owner",
-                          stack.database_url(dbname)], capture_output=True, text=True, check=True)
-    return "\n".join(line for line in res.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+    res = subprocess.run(
+        [str(find_bin_dir() / "pg_dump"), "--schema-only", "--no-owner", stack.database_url(dbname)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return "\n".join(
+        line for line in res.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))
+    )
 
 
 def test_migration_names_are_checked(tmp_path) -> None:
@@ -83,4 +97,3 @@ def test_migration_names_are_checked(tmp_path) -> None:
     with pytest.raises(MigrationError):
         load_migrations(tmp_path)
     assert Migration("0001", "0001_x.sql", "a").checksum != Migration("0001", "0001_x.sql", "b").checksum
-

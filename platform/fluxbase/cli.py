@@ -27,21 +27,14 @@ def _setup_logging(level: str) -> None:
     # botocore and asyncpg are chatty at INFO and may echo request details.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("aiobotocore").setLevel(logging.WARNING)
+    # websockets logs every /live and /ready probe at INFO.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
 async def _migrate(settings: Settings) -> list[str]:
-    import asyncpg
+    from fluxbase.db.migrate import migrate_database
 
-    from fluxbase.db.migrate import migrate
-    from fluxbase.db.tenants import sync_role_passwords
-
-    conn = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
-    try:
-        applied = await migrate(conn)
-        await sync_role_passwords(conn, settings)
-        return applied
-    finally:
-        await conn.close()
+    return await migrate_database(settings)
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -123,7 +116,9 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
     password = args.password or os.environ.get("FLUXBASE_ADMIN_PASSWORD") or getpass.getpass("Password: ")
 
     async def go(db: Any) -> Any:
-        return await accounts.create_user(db, args.email, password, args.display_name or "", instance_admin=True)
+        return await accounts.create_user(
+            db, args.email, password, args.display_name or "", instance_admin=True
+        )
 
     user = asyncio.run(_with_db(settings, go))
     print(json.dumps({"id": user.id, "email": user.email, "isInstanceAdmin": True}))
@@ -155,8 +150,9 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     async def go(db: Any) -> Any:
         project = await load_project(db, args.project)
         access = ProjectAccess(project, Principal(), args.scope, "admin")
-        return await apikeys.create_key(db, access, name=args.name, scope=args.scope,
-                                        expires_in_days=args.expires_in_days)
+        return await apikeys.create_key(
+            db, access, name=args.name, scope=args.scope, expires_in_days=args.expires_in_days
+        )
 
     raw, key = asyncio.run(_with_db(settings, go))
     print(json.dumps({"key": raw, "id": key.id, "scope": key.scope, "projectId": key.project_id}))
@@ -166,9 +162,9 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluxbase", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="embedded PostgreSQL + S3, api, realtime and worker on one machine").set_defaults(
-        fn=cmd_dev
-    )
+    sub.add_parser(
+        "dev", help="embedded PostgreSQL + S3, api, realtime and worker on one machine"
+    ).set_defaults(fn=cmd_dev)
     api = sub.add_parser("api", help="run the HTTP API (production)")
     api.add_argument("--host")
     api.add_argument("--port", type=int)

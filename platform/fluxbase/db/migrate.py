@@ -9,6 +9,9 @@ from pathlib import Path
 
 import asyncpg
 
+from fluxbase.config import Settings
+from fluxbase.db.tenants import sync_role_passwords
+
 LOCK_KEY = 7_243_190_001  # pg_advisory_lock key reserved for the migration runner
 FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -85,9 +88,22 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
                 await conn.execute(m.sql)
                 await conn.execute(
                     "INSERT INTO fluxbase.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    m.version, m.name, m.checksum,
+                    m.version,
+                    m.name,
+                    m.checksum,
                 )
             applied.append(m.name)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def migrate_database(settings: Settings) -> list[str]:
+    """What `fluxbase migrate` does: apply pending migrations, then re-derive tenant role passwords."""
+    conn = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
+    try:
+        applied = await migrate(conn)
+        await sync_role_passwords(conn, settings)
+        return applied
+    finally:
+        await conn.close()

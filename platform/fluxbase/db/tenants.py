@@ -98,14 +98,11 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
-    await conn.execute(
-        f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}"
-    )
-    await conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT ON TABLES TO {ro}")
-    await conn.execute(
-        f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {rw}"
-    )
-    await conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema} GRANT SELECT ON SEQUENCES TO {ro}")
+    defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
+    await conn.execute(f"{defaults} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}")
+    await conn.execute(f"{defaults} GRANT SELECT ON TABLES TO {ro}")
+    await conn.execute(f"{defaults} GRANT USAGE, SELECT ON SEQUENCES TO {rw}")
+    await conn.execute(f"{defaults} GRANT SELECT ON SEQUENCES TO {ro}")
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
@@ -208,7 +205,11 @@ class TenantPools:
             now = time.monotonic()
             for key, last in list(self._last_used.items()):
                 pool = self._pools.get(key)
-                if pool is not None and now - last > self._idle_pool_seconds and pool.get_idle_size() == pool.get_size():
+                if (
+                    pool is not None
+                    and now - last > self._idle_pool_seconds
+                    and pool.get_idle_size() == pool.get_size()
+                ):
                     self._pools.pop(key, None)
                     self._last_used.pop(key, None)
                     await pool.close()

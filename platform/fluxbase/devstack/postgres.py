@@ -12,13 +12,14 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
-from fluxbase.devstack.procs import die_with_parent, ensure_port_free, stop_process
+from fluxbase.devstack.procs import Interrupted, StopCheck, die_with_parent, ensure_port_free, stop_process
 
 SYSTEM_USER = "fluxbase-pg"
 
@@ -64,7 +65,9 @@ def _open_path_for(path: Path) -> None:
 class EmbeddedPostgres:
     """initdb once, then start/stop a postmaster listening on 127.0.0.1:port."""
 
-    def __init__(self, base_dir: Path, port: int, *, durable: bool = True, superuser_password: str | None = None):
+    def __init__(
+        self, base_dir: Path, port: int, *, durable: bool = True, superuser_password: str | None = None
+    ):
         self.base_dir = base_dir
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "run"
@@ -86,9 +89,10 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres:{quote(self.password, safe='')}@127.0.0.1:{self.port}/postgres"
 
-    def _run_as(self) -> dict[str, int]:
+    def _run_as(self) -> tuple[int | None, int | None]:
+        """(uid, gid) for subprocess' user=/group=: the unprivileged system user when we are root."""
         user = _system_user()
-        return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid}
+        return (None, None) if user is None else (user.pw_uid, user.pw_gid)
 
     def _chown(self, path: Path) -> None:
         user = _system_user()
@@ -98,7 +102,8 @@ class EmbeddedPostgres:
     def init(self) -> None:
         """Create the cluster on first use (idempotent)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base_dir, 0o711)
+        # The server's system user must traverse (not list) this folder to reach data/ and run/.
+        os.chmod(self.base_dir, 0o711)  # noqa: S103
         if (self.data_dir / "PG_VERSION").exists():
             return
         if self.data_dir.exists():
@@ -111,6 +116,7 @@ class EmbeddedPostgres:
         pwfile.write_text(self.password)
         self._chown(pwfile)
         pwfile.chmod(0o600)
+        uid, gid = self._run_as()
         _open_path_for(self.base_dir)
         self.data_dir.mkdir(mode=0o700)
         self._chown(self.data_dir)
@@ -118,8 +124,10 @@ class EmbeddedPostgres:
             subprocess.run(
                 [
                     str(self.bin_dir / "initdb"),
-                    "-D", str(self.data_dir),
-                    "-U", "postgres",
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
                     "--auth-host=scram-sha-256",
                     "--auth-local=scram-sha-256",
                     f"--pwfile={pwfile}",
@@ -128,22 +136,22 @@ class EmbeddedPostgres:
                 ],
                 check=True,
                 capture_output=True,
-                **self._run_as(),  # type: ignore[arg-type]
+                user=uid,
+                group=gid,
             )
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"initdb failed: {exc.stderr.decode(errors='replace')[-2000:]}") from None
         finally:
             pwfile.unlink(missing_ok=True)
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, should_stop: StopCheck | None = None) -> None:
         """Start the postmaster as a child process and wait until it accepts connections."""
         ensure_port_free("127.0.0.1", self.port, "embedded PostgreSQL", "FLUXBASE_DEV_PG_PORT")
         self.socket_dir.mkdir(exist_ok=True)
         self._chown(self.socket_dir)
-        stale = self.data_dir / "postmaster.pid"
-        if stale.exists():
-            # A postmaster.pid left by a killed server; postgres itself refuses if one is really running.
-            pass
+        # A postmaster.pid left by a killed server needs no cleanup: postgres checks whether its
+        # PID is alive and refuses to start only if that server is really still running.
+        uid, gid = self._run_as()
         log = self.log_path.open("ab")
         settings = [
             "listen_addresses=127.0.0.1",
@@ -157,8 +165,15 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
-        args = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-k", str(self.socket_dir)]
+        args = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.socket_dir),
+        ]
         for s in settings:
             args += ["-c", s]
         self._proc = subprocess.Popen(
@@ -166,18 +181,24 @@ class EmbeddedPostgres:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent(),  # noqa: PLW1509
-            **self._run_as(),  # type: ignore[arg-type]
+            preexec_fn=die_with_parent(),
+            user=uid,
+            group=gid,
         )
         log.close()
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, should_stop)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, should_stop: StopCheck | None = None) -> None:
+        """Poll pg_isready until the server accepts connections; fail fast if it exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if should_stop is not None and should_stop():
+                raise Interrupted()
             if self._proc is not None and self._proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"PostgreSQL exited during startup (code {self._proc.returncode}):\n{tail}")
+                raise RuntimeError(
+                    f"PostgreSQL exited during startup (code {self._proc.returncode}):\n{tail}"
+                )
             res = subprocess.run(
                 [str(self.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
                 capture_output=True,
@@ -196,8 +217,6 @@ class EmbeddedPostgres:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: 'smart' (SIGTERM), 'fast' (SIGINT) or 'immediate' (SIGQUIT)."""
-        import signal
-
         if self._proc is None:
             return
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]

@@ -17,6 +17,17 @@ class PortInUse(Exception):
     """A port we must listen on is taken; the message says which and how to change it."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop was requested (SIGINT/SIGTERM) while starting or waiting.
+
+    A KeyboardInterrupt on purpose: asyncio re-raises it out of callbacks and tasks instead of
+    logging it away, and `except Exception` clean-up paths let it through to the supervisor.
+    """
+
+
+StopCheck = Callable[[], bool]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Ask the kernel for a port nobody is listening on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -63,10 +74,18 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeo
         proc.wait(5)
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until something accepts TCP connections on host:port."""
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    should_stop: StopCheck | None = None,
+) -> None:
+    """Block until something accepts TCP connections on host:port (or a stop is requested)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if should_stop is not None and should_stop():
+            raise Interrupted()
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
         try:

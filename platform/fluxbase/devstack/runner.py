@@ -1,4 +1,4 @@
-"""`fluxbase dev`: embedded PostgreSQL and S3, migrations, api + realtime, first-run credentials.
+"""`fluxbase dev`: embedded PostgreSQL and S3, migrations, api + realtime + worker, first-run credentials.
 
 A supervisor: every child is started by us, in its own process group, and stopped by us on
 SIGINT/SIGTERM (and by the kernel if we are killed), so nothing is left behind.
@@ -20,16 +20,44 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import asyncpg
 import httpx
 
 from fluxbase.config import load_settings
+from fluxbase.db.migrate import migrate_database
 from fluxbase.devstack.postgres import EmbeddedPostgres
-from fluxbase.devstack.procs import die_with_parent, ensure_port_free, stop_process
+from fluxbase.devstack.procs import Interrupted, StopCheck, die_with_parent, ensure_port_free, stop_process
 from fluxbase.devstack.s3 import EmbeddedS3
+from fluxbase.security import apikeys as key_format
+from fluxbase.services import accounts, apikeys, projects
+from fluxbase.services.access import Principal, ProjectAccess
+
+DEV_EMAIL = "admin@fluxbase.local"
 
 
-class _Stop(Exception):
-    pass
+class _StopRequest:
+    """SIGINT/SIGTERM handling for the supervisor.
+
+    The first signal only records the request; every wait loop polls it, so the supervisor
+    stops at its next check and cleans up. Raising from the handler instead can land inside a
+    weakref callback or `__del__`, where Python prints the exception and carries on starting.
+    A second signal interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum:
+            raise Interrupted()
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum:
+            raise Interrupted()
 
 
 def _dev_secret(base: Path) -> str:
@@ -50,84 +78,152 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-async def _first_run(env: Mapping[str, str], creds_path: Path) -> dict[str, Any]:
-    """Create the instance admin, a project and an admin key once; reuse them on restarts."""
-    import asyncpg
+async def _first_run(env: Mapping[str, str], saved: dict[str, Any]) -> dict[str, Any]:
+    """Create the instance admin, a project and an admin key once; reuse them on restarts.
 
-    from fluxbase.services import accounts, apikeys, projects
-    from fluxbase.services.access import Principal, ProjectAccess
-
+    Saved credentials are reused only while they still work: if the project was deleted (or
+    the database wiped) a new project and key are made, so the printed curl line always works.
+    """
     settings = load_settings(env)
-    if creds_path.exists():
-        data: dict[str, Any] = json.loads(creds_path.read_text())
-        data.update(apiUrl=settings.api_url, realtimeUrl=settings.realtime_url)
-        _write_private(creds_path, data)
-        return data
+    data = dict(saved)
     pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
+    assert pool is not None
     try:
-        email = "admin@fluxbase.local"
-        password = secrets.token_urlsafe(18)
-        user = await accounts.create_user(pool, email, password, "Admin", instance_admin=True)
-        project = await projects.create_project(pool, settings, user.id, "My first project")
-        access = ProjectAccess(project, Principal(user=user), "admin", "admin")
-        raw, _ = await apikeys.create_key(pool, access, name="dev admin key", scope="admin")
+        key_ok = bool(data.get("apiKey")) and await pool.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM fluxbase.api_keys
+                              WHERE key_hash = $1 AND project_id = $2 AND revoked_at IS NULL
+                                AND (expires_at IS NULL OR expires_at > now()))""",
+            key_format.hash_key(str(data.get("apiKey"))),
+            str(data.get("projectId")),
+        )
+        if not key_ok:
+            row = await pool.fetchrow(
+                "SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", DEV_EMAIL
+            )
+            if row is None:
+                password = secrets.token_urlsafe(18)
+                user = await accounts.create_user(pool, DEV_EMAIL, password, "Admin", instance_admin=True)
+                data = {"email": DEV_EMAIL, "password": password}
+            else:
+                user = accounts.User.from_row(row)
+            project = await projects.create_project(pool, settings, user.id, "My first project")
+            access = ProjectAccess(project, Principal(user=user), "admin", "admin")
+            raw, _ = await apikeys.create_key(pool, access, name="dev admin key", scope="admin")
+            data.update(projectId=project.id, apiKey=raw)
     finally:
         await pool.close()
-    data = {"email": email, "password": password, "projectId": project.id, "apiKey": raw,
-            "apiUrl": settings.api_url, "realtimeUrl": settings.realtime_url}
-    _write_private(creds_path, data)
+    data.update(apiUrl=settings.api_url, realtimeUrl=settings.realtime_url)
     return data
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 90) -> None:
+def _credentials(env: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """Load, check or create the dev credentials, and (re)write them with mode 600."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    data = asyncio.run(_first_run(env, saved))
+    _write_private(path, data)
+    return data
+
+
+def _wait_ready(
+    url: str, children: dict[str, subprocess.Popen[bytes]], should_stop: StopCheck, timeout: float = 90
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for p in procs:
+        if should_stop():
+            raise Interrupted()
+        for name, p in children.items():
             if p.poll() is not None:
-                raise RuntimeError(f"a service exited during startup (code {p.returncode})")
+                raise RuntimeError(f"the {name} service exited during startup (code {p.returncode})")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become ready")
+    raise TimeoutError(f"{url} did not become ready within {timeout:.0f}s")
+
+
+def _start_child(
+    children: dict[str, subprocess.Popen[bytes]], name: str, args: list[str], env: Mapping[str, str]
+) -> None:
+    children[name] = subprocess.Popen(
+        [sys.executable, "-m", "fluxbase", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
+    )
+
+
+def _stop_all(children: dict[str, subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    """SIGTERM every child at once, then wait for each (and kill stragglers)."""
+    for p in children.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in children.values():
+        stop_process(p, signal.SIGTERM, timeout=timeout)
+
+
+def _supervise(children: dict[str, subprocess.Popen[bytes]], stop: _StopRequest) -> int:
+    """Wait for a stop request (exit code 0) or for a service to exit on its own (1)."""
+    while not stop():
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(
+                    f"fluxbase dev: the {name} service exited (code {child.returncode}); stopping",
+                    file=sys.stderr,
+                )
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _probe_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def run_dev(environ: Mapping[str, str]) -> int:
-    base = Path(environ.get("FLUXBASE_DEV_DIR", ".fluxbase")).resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    api_port = int(environ.get("FLUXBASE_API_PORT", "8080"))
-    rt_port = int(environ.get("FLUXBASE_REALTIME_PORT", "8081"))
-    pg_port = int(environ.get("FLUXBASE_DEV_PG_PORT", "54329"))
-    s3_port = int(environ.get("FLUXBASE_DEV_S3_PORT", "8333"))
-    # Fail fast, before anything starts, if a port we need is taken.
-    ensure_port_free("127.0.0.1", api_port, "API", "FLUXBASE_API_PORT")
-    ensure_port_free("127.0.0.1", rt_port, "realtime service", "FLUXBASE_REALTIME_PORT")
+    """Run the whole stack until SIGINT/SIGTERM; return the process exit code."""
+    base = Path(environ.get("FLUXBASE_DEV_DIR") or ".fluxbase").resolve()
+    api_host = environ.get("FLUXBASE_API_HOST") or "127.0.0.1"
+    rt_host = environ.get("FLUXBASE_REALTIME_HOST") or "127.0.0.1"
+    ports = {}
+    for var, default in (
+        ("FLUXBASE_API_PORT", 8080),
+        ("FLUXBASE_REALTIME_PORT", 8081),
+        ("FLUXBASE_DEV_PG_PORT", 54329),
+        ("FLUXBASE_DEV_S3_PORT", 8333),
+    ):
+        raw = environ.get(var) or str(default)
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            print(f"fluxbase dev: {var} must be a port number, got {raw!r}", file=sys.stderr)
+            return 2
+        ports[var] = int(raw)
+    api_port, rt_port = ports["FLUXBASE_API_PORT"], ports["FLUXBASE_REALTIME_PORT"]
+    pg_port, s3_port = ports["FLUXBASE_DEV_PG_PORT"], ports["FLUXBASE_DEV_S3_PORT"]
+    # Fail fast, before anything starts, if a port we need is taken (PortInUse → exit code 2).
+    ensure_port_free(api_host, api_port, "API", "FLUXBASE_API_PORT")
+    ensure_port_free(rt_host, rt_port, "realtime service", "FLUXBASE_REALTIME_PORT")
     ensure_port_free("127.0.0.1", pg_port, "embedded PostgreSQL", "FLUXBASE_DEV_PG_PORT")
     ensure_port_free("127.0.0.1", s3_port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT")
+    base.mkdir(parents=True, exist_ok=True)
 
-    stopping = {"sig": 0}
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping["sig"] = signum
-        raise _Stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = _StopRequest()
+    signal.signal(signal.SIGINT, stop.handle)
+    signal.signal(signal.SIGTERM, stop.handle)
 
     pg = EmbeddedPostgres(base / "pg", pg_port, durable=True)
     s3 = EmbeddedS3(base / "s3", s3_port)
-    children: list[subprocess.Popen[bytes]] = []
+    children: dict[str, subprocess.Popen[bytes]] = {}
     code = 0
     try:
-        print(f"fluxbase dev: data in {base}")
+        print(f"fluxbase dev: data in {base}", flush=True)
         pg.init()
-        pg.start()
-        print(f"  PostgreSQL  127.0.0.1:{pg_port} (pid {pg.pid})")
-        s3.start()
+        stop.check()
+        pg.start(should_stop=stop)
+        print(f"  PostgreSQL  127.0.0.1:{pg_port} (pid {pg.pid})", flush=True)
+        s3.start(should_stop=stop)
         access_key, secret_key = s3.credentials()
-        print(f"  S3          {s3.endpoint_url} (pid {s3.pid})")
+        print(f"  S3          {s3.endpoint_url} (pid {s3.pid})", flush=True)
         env = dict(environ)
         env.update(
             FLUXBASE_DATABASE_URL=pg.url,
@@ -138,43 +234,40 @@ def run_dev(environ: Mapping[str, str]) -> int:
             FLUXBASE_API_PORT=str(api_port),
             FLUXBASE_REALTIME_PORT=str(rt_port),
         )
-        from fluxbase.cli import _migrate
-
-        applied = asyncio.run(_migrate(load_settings(env)))
+        applied = asyncio.run(migrate_database(load_settings(env)))
         if applied:
-            print(f"  migrations  applied {', '.join(applied)}")
-        creds = asyncio.run(_first_run(env, base / "dev-credentials.json"))
-        for cmd in (["api"], ["realtime"]):
-            children.append(
-                subprocess.Popen([sys.executable, "-m", "fluxbase", *cmd], env=env, stdin=subprocess.DEVNULL,
-                                 preexec_fn=die_with_parent())  # noqa: PLW1509
-            )
-        _wait_ready(f"http://127.0.0.1:{api_port}/ready", children)
-        _wait_ready(f"http://127.0.0.1:{rt_port}/ready", children)
+            print(f"  migrations  applied {', '.join(applied)}", flush=True)
+        stop.check()
+        creds = _credentials(env, base / "dev-credentials.json")
+        stop.check()
+        _start_child(children, "api", ["api", "--no-migrate"], env)
+        _start_child(children, "realtime", ["realtime"], env)
+        _wait_ready(f"http://{_probe_host(api_host)}:{api_port}/ready", children, stop)
+        _wait_ready(f"http://{_probe_host(rt_host)}:{rt_port}/ready", children, stop)
+        # After the API is ready, so the platform bucket it creates at startup exists.
+        _start_child(children, "worker", ["worker"], env)
         body = json.dumps({"projectId": creds["projectId"], "query": "SELECT now() AS server_time"})
-        curl = (f"curl -s {creds['apiUrl']}/api/execute-sql -H 'Authorization: Bearer {creds['apiKey']}' "
-                f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+        curl = (
+            f"curl -s {creds['apiUrl']}/api/execute-sql -H 'Authorization: Bearer {creds['apiKey']}' "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+        )
         print(f"\n  API         {creds['apiUrl']}   (OpenAPI: {creds['apiUrl']}/schema)")
         print(f"  Realtime    {creds['realtimeUrl']}")
         print(f"  Credentials {base / 'dev-credentials.json'} (admin {creds['email']})")
         print(f"\nTry it:\n  {curl}\n\nCtrl-C stops everything.", flush=True)
-        while True:
-            for child in children:
-                if child.poll() is not None:
-                    print(f"fluxbase dev: a service exited (code {child.returncode}); stopping", file=sys.stderr)
-                    code = 1
-                    raise _Stop()
-            time.sleep(0.5)
-    except _Stop:
+        code = _supervise(children, stop)
+    except Interrupted:
         pass
     except Exception as exc:
-        print(f"fluxbase dev: {exc}", file=sys.stderr)
-        code = 1
+        # A child (initdb, pg_isready) in our process group also gets a terminal's Ctrl-C and
+        # fails; that is a stop, not an error.
+        if not stop():
+            print(f"fluxbase dev: {exc}", file=sys.stderr)
+            code = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for child in children:
-            stop_process(child, signal.SIGTERM, timeout=15)
+        _stop_all(children)
         s3.stop()
         pg.stop("fast")
         print("fluxbase dev: stopped", flush=True)

@@ -9,7 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fluxbase.devstack.procs import die_with_parent, ensure_port_free, free_port, stop_process, wait_for_port
+from fluxbase.devstack.procs import (
+    Interrupted,
+    StopCheck,
+    die_with_parent,
+    ensure_port_free,
+    free_port,
+    stop_process,
+    wait_for_port,
+)
 
 
 def find_weed() -> str:
@@ -58,19 +66,28 @@ class EmbeddedS3:
         cred = json.loads(self.config_path.read_text())["identities"][0]["credentials"][0]
         return cred["accessKey"], cred["secretKey"]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, should_stop: StopCheck | None = None) -> None:
+        """Start `weed mini` as a child process and wait until its S3 port accepts connections."""
         ensure_port_free("127.0.0.1", self.port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT")
         self.credentials()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ports = {
             name: free_port()
             for name in (
-                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc",
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "admin.port",
+                "admin.port.grpc",
             )
         }
         args = [
-            find_weed(), "mini",
+            find_weed(),
+            "mini",
             f"-dir={self.data_dir}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
@@ -84,12 +101,19 @@ class EmbeddedS3:
         ] + [f"-{k}={v}" for k, v in ports.items()]
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.base_dir, preexec_fn=die_with_parent(),  # noqa: PLW1509
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.base_dir,
+            preexec_fn=die_with_parent(),
         )
         log.close()
         try:
-            wait_for_port("127.0.0.1", self.port, timeout, self._proc)
+            wait_for_port("127.0.0.1", self.port, timeout, self._proc, should_stop)
+        except Interrupted:
+            self.stop()
+            raise
         except Exception as exc:
             tail = self.log_path.read_text(errors="replace")[-3000:]
             self.stop()
@@ -100,6 +124,7 @@ class EmbeddedS3:
         return self._proc.pid if self._proc else None
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL if it will not go)."""
         if self._proc is not None:
             stop_process(self._proc, timeout=20)
             self._proc = None

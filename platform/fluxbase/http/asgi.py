@@ -13,7 +13,9 @@ from fluxbase.http.app import create_app
 
 def create_from_env() -> Litestar:
     settings = load_settings(os.environ)
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("botocore").setLevel(logging.WARNING)
     return create_app(settings)

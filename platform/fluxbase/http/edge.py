@@ -42,7 +42,10 @@ _JSON = msgspec.json.Encoder()
 
 def error_response(exc: FluxbaseError) -> Response[bytes]:
     return Response(
-        content=_JSON.encode(exc.body()), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers
+        content=_JSON.encode(exc.body()),
+        status_code=exc.status,
+        media_type=MediaType.JSON,
+        headers=exc.headers,
     )
 
 
@@ -74,8 +77,12 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
         log.error("http exception %s: %s", exc.status_code, exc.detail)
         code, msg = "INTERNAL_ERROR", InternalError.default_message
     body = {"success": False, "error": {"code": code, "message": msg}}
-    return Response(content=_JSON.encode(body), status_code=exc.status_code, media_type=MediaType.JSON,
-                    headers=exc.headers or {})
+    return Response(
+        content=_JSON.encode(body),
+        status_code=exc.status_code,
+        media_type=MediaType.JSON,
+        headers=exc.headers or {},
+    )
 
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -40,19 +40,38 @@ class CreateKeyBody(Body):
 
 
 def user_out(u: User) -> dict[str, Any]:
-    return {"id": u.id, "email": u.email, "displayName": u.display_name,
-            "isInstanceAdmin": u.is_instance_admin, "createdAt": u.created_at}
+    return {
+        "id": u.id,
+        "email": u.email,
+        "displayName": u.display_name,
+        "isInstanceAdmin": u.is_instance_admin,
+        "createdAt": u.created_at,
+    }
 
 
 def project_out(p: Project, role: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": p.id, "name": p.name, "status": p.status, "readOnly": p.read_only,
-                           "createdAt": p.created_at}
+    out: dict[str, Any] = {
+        "id": p.id,
+        "name": p.name,
+        "status": p.status,
+        "readOnly": p.read_only,
+        "createdAt": p.created_at,
+    }
     if role is not None:
         out["role"] = role
     return out
 
 
 def key_out(k: ApiKey) -> dict[str, Any]:
-    return {"id": k.id, "projectId": k.project_id, "name": k.name, "prefix": k.prefix, "scope": k.scope,
-            "allowedOrigins": k.allowed_origins, "createdAt": k.created_at, "lastUsedAt": k.last_used_at,
-            "expiresAt": k.expires_at, "revokedAt": k.revoked_at}
+    return {
+        "id": k.id,
+        "projectId": k.project_id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "scope": k.scope,
+        "allowedOrigins": k.allowed_origins,
+        "createdAt": k.created_at,
+        "lastUsedAt": k.last_used_at,
+        "expiresAt": k.expires_at,
+        "revokedAt": k.revoked_at,
+    }

@@ -31,13 +31,27 @@ def _key(secret: str, kind: str) -> bytes:
     return hmac.new(secret.encode(), f"fluxbase-token:{kind}".encode(), hashlib.sha256).digest()
 
 
-def issue(secret: str, *, kind: str, subject: str, session_id: str, ttl_seconds: int,
-          extra: dict[str, Any] | None = None, now: float | None = None) -> tuple[str, int]:
+def issue(
+    secret: str,
+    *,
+    kind: str,
+    subject: str,
+    session_id: str,
+    ttl_seconds: int,
+    extra: dict[str, Any] | None = None,
+    now: float | None = None,
+) -> tuple[str, int]:
     """Return (token, expires_at_epoch)."""
     issued = int(now if now is not None else time.time())
     exp = issued + ttl_seconds
-    payload: dict[str, Any] = {"iss": ISSUER, "typ": kind, "sub": subject, "sid": session_id,
-                               "iat": issued, "exp": exp}
+    payload: dict[str, Any] = {
+        "iss": ISSUER,
+        "typ": kind,
+        "sub": subject,
+        "sid": session_id,
+        "iat": issued,
+        "exp": exp,
+    }
     if extra:
         payload.update(extra)
     return jwt.encode(payload, _key(secret, kind), algorithm=ALGORITHM), exp
@@ -47,7 +61,10 @@ def verify(secret: str, token: str, *, kind: str) -> TokenClaims:
     """Decode and check signature, issuer, kind and expiry; raise AuthRequired/TokenExpired."""
     try:
         payload = jwt.decode(
-            token, _key(secret, kind), algorithms=[ALGORITHM], issuer=ISSUER,
+            token,
+            _key(secret, kind),
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
             options={"require": ["exp", "iat", "sub", "sid", "typ"]},
         )
     except jwt.ExpiredSignatureError:

@@ -57,7 +57,12 @@ async def admin_exists(db: asyncpg.Pool) -> bool:
 
 
 async def create_user(
-    db: asyncpg.Pool | asyncpg.Connection, email: str, password: str, display_name: str, *, instance_admin: bool
+    db: asyncpg.Pool | asyncpg.Connection,
+    email: str,
+    password: str,
+    display_name: str,
+    *,
+    instance_admin: bool,
 ) -> User:
     email = normalise_email(email)
     check_password_strength(password)
@@ -66,7 +71,11 @@ async def create_user(
         row = await db.fetchrow(
             """INSERT INTO fluxbase.users (id, email, password_hash, display_name, is_instance_admin)
                VALUES ($1, $2, $3, $4, $5) RETURNING *""",
-            ids.prefixed("usr"), email, pw_hash, display_name.strip()[:200], instance_admin,
+            ids.prefixed("usr"),
+            email,
+            pw_hash,
+            display_name.strip()[:200],
+            instance_admin,
         )
     except asyncpg.UniqueViolationError:
         raise Conflict("An account with this email already exists.") from None
@@ -74,7 +83,9 @@ async def create_user(
     return User.from_row(row)
 
 
-async def register(db: asyncpg.Pool, settings: Settings, email: str, password: str, display_name: str) -> User:
+async def register(
+    db: asyncpg.Pool, settings: Settings, email: str, password: str, display_name: str
+) -> User:
     """The first account becomes the instance admin; later ones need open registration."""
     async with db.acquire() as conn, conn.transaction():
         # Serialise first-admin creation so two racing registrations cannot both become admin.
@@ -90,7 +101,8 @@ async def _check_throttle(db: asyncpg.Pool, settings: Settings, client_ip: str) 
     row = await db.fetchrow(
         """SELECT count(*) AS n, min(failed_at) AS oldest FROM fluxbase.login_failures
            WHERE client_ip = $1 AND failed_at > now() - make_interval(secs => $2)""",
-        client_ip, window,
+        client_ip,
+        window,
     )
     assert row is not None
     if row["n"] >= settings.auth.login_max_failures:
@@ -113,12 +125,17 @@ async def login(db: asyncpg.Pool, settings: Settings, email: str, password: str,
 async def start_session(db: asyncpg.Pool, settings: Settings, user: User) -> Session:
     session_id = ids.prefixed("ses", 16)
     token, exp = tokens.issue(
-        settings.auth.secret_key, kind=SESSION_KIND, subject=user.id, session_id=session_id,
+        settings.auth.secret_key,
+        kind=SESSION_KIND,
+        subject=user.id,
+        session_id=session_id,
         ttl_seconds=settings.auth.session_ttl_seconds,
     )
     await db.execute(
         "INSERT INTO fluxbase.sessions (id, user_id, expires_at) VALUES ($1, $2, to_timestamp($3))",
-        session_id, user.id, exp,
+        session_id,
+        user.id,
+        exp,
     )
     return Session(token, exp, user)
 
@@ -129,7 +146,8 @@ async def authenticate_session(db: asyncpg.Pool, settings: Settings, token: str)
     row = await db.fetchrow(
         """SELECT u.* FROM fluxbase.sessions s JOIN fluxbase.users u ON u.id = s.user_id
            WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL""",
-        claims.session_id, claims.subject,
+        claims.session_id,
+        claims.subject,
     )
     if row is None:
         raise AuthRequired("Session is no longer valid. Log in again.")
@@ -137,4 +155,6 @@ async def authenticate_session(db: asyncpg.Pool, settings: Settings, token: str)
 
 
 async def logout(db: asyncpg.Pool, session_id: str) -> None:
-    await db.execute("UPDATE fluxbase.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", session_id)
+    await db.execute(
+        "UPDATE fluxbase.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", session_id
+    )

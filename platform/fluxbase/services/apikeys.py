@@ -29,8 +29,18 @@ class ApiKey:
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> ApiKey:
-        return cls(r["id"], r["project_id"], r["name"], r["prefix"], r["scope"], list(r["allowed_origins"]),
-                   r["created_at"], r["last_used_at"], r["expires_at"], r["revoked_at"])
+        return cls(
+            r["id"],
+            r["project_id"],
+            r["name"],
+            r["prefix"],
+            r["scope"],
+            list(r["allowed_origins"]),
+            r["created_at"],
+            r["last_used_at"],
+            r["expires_at"],
+            r["revoked_at"],
+        )
 
 
 def _check_origins(origins: list[str]) -> list[str]:
@@ -38,7 +48,9 @@ def _check_origins(origins: list[str]) -> list[str]:
     for o in origins:
         parts = urlsplit(o)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise ValidationError(f"allowedOrigins entries must look like https://app.example.com, got {o!r}.")
+            raise ValidationError(
+                f"allowedOrigins entries must look like https://app.example.com, got {o!r}."
+            )
         out.append(f"{parts.scheme}://{parts.netloc}")
     return out
 
@@ -50,8 +62,13 @@ def _may_manage(access: ProjectAccess, scope: str) -> None:
 
 
 async def create_key(
-    db: asyncpg.Pool, access: ProjectAccess, *, name: str, scope: str,
-    expires_in_days: int | None = None, allowed_origins: list[str] | None = None,
+    db: asyncpg.Pool,
+    access: ProjectAccess,
+    *,
+    name: str,
+    scope: str,
+    expires_in_days: int | None = None,
+    allowed_origins: list[str] | None = None,
     rate_limit: tuple[int, int] | None = None,
 ) -> tuple[str, ApiKey]:
     if scope not in SCOPE_RANK:
@@ -69,21 +86,33 @@ async def create_key(
         """INSERT INTO fluxbase.api_keys (id, project_id, name, prefix, key_hash, scope, allowed_origins,
                expires_at, created_by, rate_limit_requests, rate_limit_window_s)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *""",
-        ids.prefixed("key"), access.project.id, name, apikeys.display_prefix(raw), apikeys.hash_key(raw),
-        scope, origins, expires, access.principal.label,
-        rate_limit[0] if rate_limit else None, rate_limit[1] if rate_limit else None,
+        ids.prefixed("key"),
+        access.project.id,
+        name,
+        apikeys.display_prefix(raw),
+        apikeys.hash_key(raw),
+        scope,
+        origins,
+        expires,
+        access.principal.label,
+        rate_limit[0] if rate_limit else None,
+        rate_limit[1] if rate_limit else None,
     )
     assert row is not None
     return raw, ApiKey.from_row(row)
 
 
 async def list_keys(db: asyncpg.Pool, project_id: str) -> list[ApiKey]:
-    rows = await db.fetch("SELECT * FROM fluxbase.api_keys WHERE project_id = $1 ORDER BY created_at, id", project_id)
+    rows = await db.fetch(
+        "SELECT * FROM fluxbase.api_keys WHERE project_id = $1 ORDER BY created_at, id", project_id
+    )
     return [ApiKey.from_row(r) for r in rows]
 
 
 async def _get(db: asyncpg.Pool | asyncpg.Connection, project_id: str, key_id: str) -> ApiKey:
-    row = await db.fetchrow("SELECT * FROM fluxbase.api_keys WHERE id = $1 AND project_id = $2", key_id, project_id)
+    row = await db.fetchrow(
+        "SELECT * FROM fluxbase.api_keys WHERE id = $1 AND project_id = $2", key_id, project_id
+    )
     if row is None:
         raise NotFound("No such API key in this project.")
     return ApiKey.from_row(row)
@@ -99,7 +128,10 @@ async def rotate_key(db: asyncpg.Pool, access: ProjectAccess, key_id: str) -> tu
     row = await db.fetchrow(
         """UPDATE fluxbase.api_keys SET key_hash = $3, prefix = $4, last_used_at = NULL
            WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL RETURNING *""",
-        key_id, access.project.id, apikeys.hash_key(raw), apikeys.display_prefix(raw),
+        key_id,
+        access.project.id,
+        apikeys.hash_key(raw),
+        apikeys.display_prefix(raw),
     )
     if row is None:
         raise NotFound("No such API key in this project.")
@@ -112,7 +144,8 @@ async def revoke_key(db: asyncpg.Pool, access: ProjectAccess, key_id: str) -> Ap
     row = await db.fetchrow(
         """UPDATE fluxbase.api_keys SET revoked_at = coalesce(revoked_at, now())
            WHERE id = $1 AND project_id = $2 RETURNING *""",
-        key_id, access.project.id,
+        key_id,
+        access.project.id,
     )
     assert row is not None
     return ApiKey.from_row(row)

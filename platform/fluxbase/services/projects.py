@@ -25,11 +25,14 @@ async def create_project(db: asyncpg.Pool, settings: Settings, owner_id: str, na
         project_id = ids.project_id()
         row = await conn.fetchrow(
             "INSERT INTO fluxbase.projects (id, name, owner_id) VALUES ($1, $2, $3) RETURNING *",
-            project_id, name, owner_id,
+            project_id,
+            name,
+            owner_id,
         )
         await conn.execute(
             "INSERT INTO fluxbase.project_members (project_id, user_id, role) VALUES ($1, $2, 'admin')",
-            project_id, owner_id,
+            project_id,
+            owner_id,
         )
         await tenants.provision_project(conn, project_id, settings)
     assert row is not None

@@ -28,7 +28,12 @@ async def register(data: RegisterBody, ctx: AppContext) -> dict[str, Any]:
 @post("/api/auth/login", operation_id="login", tags=["auth"], status_code=200)
 async def login(data: LoginBody, ctx: AppContext, request: Request[Any, Any, Any]) -> dict[str, Any]:
     session = await accounts.login(ctx.db, ctx.settings, data.email, data.password, client_ip(request, ctx))
-    return {"success": True, "token": session.token, "expiresAt": session.expires_at, "user": user_out(session.user)}
+    return {
+        "success": True,
+        "token": session.token,
+        "expiresAt": session.expires_at,
+        "user": user_out(session.user),
+    }
 
 
 @post("/api/auth/logout", operation_id="logout", tags=["auth"], status_code=200)
@@ -46,5 +51,8 @@ async def me(caller: Caller) -> dict[str, Any]:
 
 @get("/api/admin/status", operation_id="adminStatus", tags=["auth"])
 async def admin_status(ctx: AppContext) -> dict[str, Any]:
-    return {"success": True, "adminExists": await accounts.admin_exists(ctx.db),
-            "registrationOpen": ctx.settings.auth.allow_registration}
+    return {
+        "success": True,
+        "adminExists": await accounts.admin_exists(ctx.db),
+        "registrationOpen": ctx.settings.auth.allow_registration,
+    }

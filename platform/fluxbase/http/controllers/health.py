@@ -30,6 +30,8 @@ async def ready(ctx: AppContext) -> Response[dict[str, Any]]:
             return False
 
     pg_ok, s3_ok = await asyncio.gather(pg(), s3())
-    body = {"status": "ok" if pg_ok and s3_ok else "unavailable",
-            "checks": {"postgres": "ok" if pg_ok else "down", "s3": "ok" if s3_ok else "down"}}
+    body = {
+        "status": "ok" if pg_ok and s3_ok else "unavailable",
+        "checks": {"postgres": "ok" if pg_ok else "down", "s3": "ok" if s3_ok else "down"},
+    }
     return Response(body, status_code=200 if pg_ok and s3_ok else 503)
