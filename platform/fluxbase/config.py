@@ -31,6 +31,27 @@ class S3Settings(msgspec.Struct, frozen=True):
     secret_key: str
     bucket: str = "fluxbase"
     region: str = "us-east-1"
+    # Endpoint that clients can reach, used to sign URLs; empty means endpoint_url.
+    public_endpoint_url: str = ""
+
+
+MIB = 1024 * 1024
+MIN_PART_SIZE = 5 * MIB  # S3's minimum for every multipart part but the last
+
+
+class StorageSettings(msgspec.Struct, frozen=True):
+    """Storage limits and URL lifetimes; fluxbase.storage_limits rows override the first two per project."""
+
+    max_file_size: int = 100 * MIB
+    quota_bytes: int = 10 * 1024 * MIB
+    url_expires_default_s: int = 900
+    url_expires_max_s: int = 7 * 24 * 3600  # SigV4's own ceiling
+    upload_url_expires_max_s: int = 3600
+    part_size: int = 8 * MIB
+    # Work older than this without a live lease is an orphan: objects with no row, stale uploads.
+    orphan_grace_s: int = 15 * 60
+    # Incomplete S3 multipart uploads older than this are aborted by housekeeping.
+    max_upload_s: int = 24 * 3600
 
 
 class HttpSettings(msgspec.Struct, frozen=True):
@@ -52,6 +73,8 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8081
     public_url: str = ""
+    queue_size: int = 1000
+    """Messages buffered per socket before a slow consumer is closed (code 4008)."""
 
 
 class AuthSettings(msgspec.Struct, frozen=True):
@@ -62,6 +85,8 @@ class AuthSettings(msgspec.Struct, frozen=True):
     allow_registration: bool = True
     login_max_failures: int = 5
     login_window_seconds: int = 15 * 60
+    # How long a team invitation can be accepted (FLUXBASE_INVITE_TTL_SECONDS).
+    invite_ttl_seconds: int = 7 * 24 * 3600
 
 
 class TenantSettings(msgspec.Struct, frozen=True):
@@ -91,6 +116,7 @@ class Settings(msgspec.Struct, frozen=True):
     http: HttpSettings = HttpSettings()
     realtime: RealtimeSettings = RealtimeSettings()
     tenant: TenantSettings = TenantSettings()
+    storage: StorageSettings = StorageSettings()
     run_worker_in_api: bool = True
     log_level: str = "info"
 
@@ -119,6 +145,12 @@ def _int(value: str, name: str) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
 def check_secret(secret: str | None) -> str:
     """Refuse a missing or weak server secret (it signs sessions and derives tenant passwords)."""
     if not secret:
@@ -132,6 +164,23 @@ def check_secret(secret: str | None) -> str:
             f"{MIN_SECRET_BYTES} are required."
         )
     return secret
+
+
+def _check_storage(s: StorageSettings) -> None:
+    if s.part_size < MIN_PART_SIZE:
+        raise ConfigError(f"FLUXBASE_STORAGE_PART_SIZE must be at least {MIN_PART_SIZE} bytes (S3 minimum).")
+    if s.max_file_size < 1 or s.quota_bytes < 1:
+        raise ConfigError("FLUXBASE_STORAGE_MAX_FILE_SIZE and FLUXBASE_STORAGE_QUOTA_BYTES must be positive.")
+    if not 1 <= s.url_expires_default_s <= s.url_expires_max_s <= 7 * 24 * 3600:
+        raise ConfigError(
+            "Need 1 <= FLUXBASE_STORAGE_URL_EXPIRES_S <= FLUXBASE_STORAGE_URL_EXPIRES_MAX_S <= 604800 "
+            "(seven days, the longest a SigV4 presigned URL may live)."
+        )
+    if s.upload_url_expires_max_s < 1 or s.orphan_grace_s < 0 or s.max_upload_s < 60:
+        raise ConfigError(
+            "FLUXBASE_STORAGE_UPLOAD_URL_EXPIRES_MAX_S must be positive, FLUXBASE_STORAGE_ORPHAN_GRACE_S "
+            "non-negative and FLUXBASE_STORAGE_MAX_UPLOAD_S at least 60."
+        )
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -160,10 +209,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     tenant_defaults = TenantSettings()
     tenant = TenantSettings(
         request_deadline_ms=int_of("FLUXBASE_SQL_DEADLINE_MS", tenant_defaults.request_deadline_ms),
-        statement_timeout_ms=int_of("FLUXBASE_SQL_STATEMENT_TIMEOUT_MS", tenant_defaults.statement_timeout_ms),
+        statement_timeout_ms=int_of(
+            "FLUXBASE_SQL_STATEMENT_TIMEOUT_MS", tenant_defaults.statement_timeout_ms
+        ),
         max_rows=int_of("FLUXBASE_SQL_MAX_ROWS", tenant_defaults.max_rows),
         max_bytes=int_of("FLUXBASE_SQL_MAX_BYTES", tenant_defaults.max_bytes),
-        role_connection_limit=int_of("FLUXBASE_TENANT_CONNECTION_LIMIT", tenant_defaults.role_connection_limit),
+        role_connection_limit=int_of(
+            "FLUXBASE_TENANT_CONNECTION_LIMIT", tenant_defaults.role_connection_limit
+        ),
         pool_max_per_role=int_of("FLUXBASE_TENANT_POOL_MAX", tenant_defaults.pool_max_per_role),
         rate_limit_requests=int_of("FLUXBASE_RATE_LIMIT_REQUESTS", tenant_defaults.rate_limit_requests),
         rate_limit_window_s=int_of("FLUXBASE_RATE_LIMIT_WINDOW_S", tenant_defaults.rate_limit_window_s),
@@ -180,6 +233,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         http.proxy_networks()
     except ValueError as exc:
         raise ConfigError(f"FLUXBASE_TRUSTED_PROXIES: {exc}") from None
+    sd = StorageSettings()
+    storage = StorageSettings(
+        max_file_size=int_of("FLUXBASE_STORAGE_MAX_FILE_SIZE", sd.max_file_size),
+        quota_bytes=int_of("FLUXBASE_STORAGE_QUOTA_BYTES", sd.quota_bytes),
+        url_expires_default_s=int_of("FLUXBASE_STORAGE_URL_EXPIRES_S", sd.url_expires_default_s),
+        url_expires_max_s=int_of("FLUXBASE_STORAGE_URL_EXPIRES_MAX_S", sd.url_expires_max_s),
+        upload_url_expires_max_s=int_of(
+            "FLUXBASE_STORAGE_UPLOAD_URL_EXPIRES_MAX_S", sd.upload_url_expires_max_s
+        ),
+        part_size=int_of("FLUXBASE_STORAGE_PART_SIZE", sd.part_size),
+        orphan_grace_s=int_of("FLUXBASE_STORAGE_ORPHAN_GRACE_S", sd.orphan_grace_s),
+        max_upload_s=int_of("FLUXBASE_STORAGE_MAX_UPLOAD_S", sd.max_upload_s),
+    )
+    _check_storage(storage)
     return Settings(
         database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
         s3=S3Settings(
@@ -188,21 +255,31 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             secret_key=s3_secret,
             bucket=get("FLUXBASE_S3_BUCKET", "fluxbase") or "fluxbase",
             region=get("FLUXBASE_S3_REGION", "us-east-1") or "us-east-1",
+            public_endpoint_url=get("FLUXBASE_S3_PUBLIC_ENDPOINT", "") or "",
         ),
         auth=AuthSettings(
             secret_key=secret,
             session_ttl_seconds=int_of("FLUXBASE_SESSION_TTL_SECONDS", 12 * 3600),
-            allow_registration=_bool(get("FLUXBASE_ALLOW_REGISTRATION", "true") or "true", "FLUXBASE_ALLOW_REGISTRATION"),
+            allow_registration=_bool(
+                get("FLUXBASE_ALLOW_REGISTRATION", "true") or "true", "FLUXBASE_ALLOW_REGISTRATION"
+            ),
             login_max_failures=int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5),
             login_window_seconds=int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60),
+            invite_ttl_seconds=_positive(
+                int_of("FLUXBASE_INVITE_TTL_SECONDS", 7 * 24 * 3600), "FLUXBASE_INVITE_TTL_SECONDS"
+            ),
         ),
         http=http,
         realtime=RealtimeSettings(
             host=get("FLUXBASE_REALTIME_HOST", "127.0.0.1") or "127.0.0.1",
             port=int_of("FLUXBASE_REALTIME_PORT", 8081),
             public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
+            queue_size=int_of("FLUXBASE_REALTIME_QUEUE_SIZE", 1000),
         ),
         tenant=tenant,
-        run_worker_in_api=_bool(get("FLUXBASE_RUN_WORKER_IN_API", "true") or "true", "FLUXBASE_RUN_WORKER_IN_API"),
+        storage=storage,
+        run_worker_in_api=_bool(
+            get("FLUXBASE_RUN_WORKER_IN_API", "true") or "true", "FLUXBASE_RUN_WORKER_IN_API"
+        ),
         log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
     )

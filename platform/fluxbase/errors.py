@@ -86,6 +86,18 @@ class PayloadTooLarge(FluxbaseError):
     code, status, default_message = "PAYLOAD_TOO_LARGE", 413, "The request is too large."
 
 
+class QuotaExceeded(FluxbaseError):
+    code, status, default_message = "STORAGE_QUOTA_EXCEEDED", 413, "The project's storage quota is used up."
+
+
+class UnsupportedMediaType(FluxbaseError):
+    code, status, default_message = "UNSUPPORTED_MEDIA_TYPE", 415, "This content type is not accepted here."
+
+
+class RangeNotSatisfiable(FluxbaseError):
+    code, status, default_message = "RANGE_NOT_SATISFIABLE", 416, "The requested range is not satisfiable."
+
+
 class RateLimited(FluxbaseError):
     code, status = "RATE_LIMIT", 429
     default_message = "Too many requests. Retry later with exponential backoff."
@@ -107,3 +119,8 @@ class DatabaseUnavailable(FluxbaseError):
 class StorageUnavailable(FluxbaseError):
     code, status = "STORAGE_UNAVAILABLE", 503
     default_message = "Object storage is unreachable. Retry after a few seconds."
+
+
+class InvitationExpired(FluxbaseError):
+    code, status = "INVITATION_EXPIRED", 410
+    default_message = "This invitation has expired. Ask a project admin to invite you again."

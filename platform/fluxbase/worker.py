@@ -8,22 +8,33 @@ import logging
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.errors import StorageUnavailable
+from fluxbase.storage.s3 import ObjectStore
+from fluxbase.storage.service import StorageService
 
 log = logging.getLogger("fluxbase.worker")
 
 HOUSEKEEPING_INTERVAL_S = 60.0
 
 
-async def housekeeping(db: asyncpg.Pool, settings: Settings) -> dict[str, int]:
-    """Trim expired sessions and old login failures; return how many rows went."""
-    sessions = await db.execute(
-        "DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'"
-    )
+async def housekeeping(
+    db: asyncpg.Pool, settings: Settings, store: ObjectStore | None = None
+) -> dict[str, int]:
+    """Trim expired sessions and old login failures, and (given the object store) settle storage
+    leftovers: abandoned uploads and deletes, orphaned objects. Returns counts."""
+    sessions = await db.execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'")
     failures = await db.execute(
         "DELETE FROM fluxbase.login_failures WHERE failed_at < now() - make_interval(secs => $1)",
         settings.auth.login_window_seconds,
     )
-    return {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+    counts = {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+    if store is not None:
+        try:
+            storage = await StorageService(db, store, settings).housekeep()
+            counts.update({f"storage.{k}": v for k, v in storage.items()})
+        except StorageUnavailable:
+            log.warning("storage housekeeping skipped: S3 is unreachable")
+    return counts
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -31,11 +42,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     stop = stop or asyncio.Event()
     db = await create_control_pool(settings)
+    store = ObjectStore(settings.s3)
+    await store.start()
     log.info("worker started")
     try:
         while not stop.is_set():
             try:
-                await housekeeping(db, settings)
+                await housekeeping(db, settings, store)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("housekeeping failed, will retry: %r", exc)
             try:
@@ -43,4 +56,5 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             except TimeoutError:
                 pass
     finally:
+        await store.close()
         await db.close()

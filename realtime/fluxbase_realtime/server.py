@@ -1,4 +1,11 @@
-"""WebSocket server (the `websockets` library) with /live and /ready HTTP probes."""
+"""The realtime WebSocket service (the `websockets` library): the reference doc's protocol.
+
+Client → server: `{"type": "subscribe", "roomId": "project_<id>", "token"?, "since"?, "tables"?,
+"operations"?}`, `{"type": "unsubscribe", "roomId"}`, `{"type": "broadcast", "roomId", "event",
+"payload"}`, `{"type": "ping"}`. A credential (project API key or realtime token) comes as
+`token` in the subscribe message or `?token=` on the URL. Server → client: `subscribed`,
+`db_event`, `schema_update`, `broadcast`, `resync_required`, `error`, `pong`.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +14,97 @@ import contextlib
 import json
 import logging
 import signal
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-from websockets.asyncio.server import Request, Response, ServerConnection, serve as ws_serve
+from websockets.asyncio.server import Request, Response, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
 
+from fluxbase import ids
 from fluxbase.config import Settings
+from fluxbase.errors import (
+    AuthRequired,
+    FluxbaseError,
+    ProjectNotFound,
+    ProjectSuspended,
+    ScopeMismatch,
+    ValidationError,
+)
+from fluxbase.security import apikeys, tokens
+from fluxbase.services import realtime
+from fluxbase.services.access import authenticate_key
+from fluxbase.services.realtime import MESSAGE_SQL, Cursor
 from fluxbase.storage.s3 import ObjectStore
+from fluxbase_realtime.hub import Client, Hub, Subscription
+from fluxbase_realtime.outbox import OutboxEvent, OutboxReader
 
 log = logging.getLogger("fluxbase.realtime")
 
+ROOM_PREFIX = "project_"
+OPERATIONS = {"INSERT", "UPDATE", "DELETE", "SCHEMA"}
+
+_REPLAY_SQL = f"""
+SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation, {MESSAGE_SQL} AS message
+FROM fluxbase.events e
+WHERE e.project_id = $1 AND (e.xid, e.id) > ($2::text::xid8, $3::bigint)
+  AND (e.xid, e.id) <= ($4::text::xid8, $5::bigint)
+ORDER BY e.xid, e.id
+LIMIT $6
+"""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a verified credential allows on one project."""
+
+    project_id: str
+    scope: str
+    auth_uid: str | None
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error(code: str, message: str, room: str | None = None) -> bytes:
+    body: dict[str, Any] = {"type": "error", "error": {"code": code, "message": message}}
+    if room:
+        body["roomId"] = room
+    return _dumps(body)
+
 
 class RealtimeService:
-    """Holds the process-wide resources of the realtime service."""
+    """Process-wide state of the realtime service: pool, outbox reader, hub."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db: asyncpg.Pool | None = None
         self.store = ObjectStore(settings.s3)
+        self.hub = Hub()
+        self.queue_size = settings.realtime.queue_size
+        # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
+        # by one burst; writers drain between batches while the reader waits on PostgreSQL.
+        self.reader = OutboxReader(
+            settings.database.url, self.hub.dispatch, batch=max(1, min(2000, self.queue_size // 2))
+        )
+        self._stop = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=4)
+        self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
         await self.store.start()
+        self._reader_task = asyncio.create_task(self.reader.run(self._stop))
 
     async def close(self) -> None:
+        self._stop.set()
+        if self._reader_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader_task, 5)
+        await self.reader.close()
         if self.db is not None:
             await self.db.close()
         await self.store.close()
@@ -50,7 +124,11 @@ class RealtimeService:
                 return False
 
         pg_ok, s3_ok = await asyncio.gather(pg(), s3())
-        return {"postgres": "ok" if pg_ok else "down", "s3": "ok" if s3_ok else "down"}
+        return {
+            "postgres": "ok" if pg_ok else "down",
+            "s3": "ok" if s3_ok else "down",
+            "outbox": "ok" if self.reader.ready.is_set() else "starting",
+        }
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -59,14 +137,184 @@ class RealtimeService:
         if path == "/ready":
             checks = await self.ready()
             ok = all(v == "ok" for v in checks.values())
-            return _json(connection, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                         {"status": "ok" if ok else "unavailable", "checks": checks})
+            return _json(
+                connection,
+                HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                {"status": "ok" if ok else "unavailable", "checks": checks},
+            )
         return None
 
+    # -- authentication ---------------------------------------------------------------------
+
+    async def _grant(self, token: str | None, project_id: str, origin: str | None) -> Grant:
+        if not ids.valid_project_id(project_id):
+            raise ProjectNotFound()
+        if not token:
+            raise AuthRequired("A credential is required: a project API key or a realtime token.")
+        assert self.db is not None
+        if apikeys.looks_like_key(token):
+            auth = await authenticate_key(self.db, token, origin)
+            if auth.project.id != project_id:
+                raise ScopeMismatch("This API key does not have access to this project.")
+            if auth.project.status == "suspended":
+                raise ProjectSuspended()
+            assert auth.principal.key is not None
+            return Grant(project_id, auth.principal.key.scope, None)
+        claims = tokens.verify(self.settings.auth.secret_key, token, kind=realtime.TOKEN_KIND)
+        if claims.subject != project_id:
+            raise ScopeMismatch("This realtime token is for another project.")
+        status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
+        if status is None:
+            raise ProjectNotFound()
+        if status == "suspended":
+            raise ProjectSuspended()
+        return Grant(project_id, str(claims.extra.get("scope", "read")), claims.extra.get("authUid"))
+
+    # -- protocol ---------------------------------------------------------------------------
+
     async def handler(self, ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "error", "error": {"code": "NOT_IMPLEMENTED",
-                                                             "message": "Realtime events are not available yet."}}))
-        await ws.close()
+        query = parse_qs(urlsplit(ws.request.path).query) if ws.request else {}
+        url_token: str | None = (query.get("token") or [None])[0]  # type: ignore[list-item]
+        origin = ws.request.headers.get("Origin") if ws.request else None
+        client = Client(ws, self.queue_size)
+        client.start()
+        grants: dict[str, Grant] = {}
+        try:
+            async for raw in ws:
+                try:
+                    msg = json.loads(raw)
+                    if not isinstance(msg, dict):
+                        raise ValueError
+                except ValueError:
+                    client.push(_error("VALIDATION_ERROR", "Messages must be JSON objects."))
+                    continue
+                kind = msg.get("type")
+                room = msg.get("roomId")
+                try:
+                    if kind == "subscribe":
+                        await self._subscribe(client, grants, msg, url_token, origin)
+                    elif kind == "unsubscribe":
+                        sub = client.subs.pop(str(room), None)
+                        if sub is not None:
+                            self.hub.leave(sub)
+                            grants.pop(str(room), None)
+                        client.push(_dumps({"type": "unsubscribed", "roomId": room}))
+                    elif kind == "broadcast":
+                        grant = grants.get(str(room))
+                        if grant is None:
+                            client.push(
+                                _error("AUTH_REQUIRED", "Subscribe to the room before broadcasting.", room)
+                            )
+                            continue
+                        assert self.db is not None
+                        await realtime.broadcast(
+                            self.db, grant.project_id, msg.get("event"), msg.get("payload")
+                        )
+                    elif kind == "ping":
+                        client.push(_dumps({"type": "pong"}))
+                    else:
+                        client.push(_error("VALIDATION_ERROR", f"Unknown message type {kind!r}.", room))
+                except FluxbaseError as exc:
+                    client.push(_error(exc.code, exc.message, room if isinstance(room, str) else None))
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("database error in realtime handler: %r", exc)
+                    client.push(_error("DATABASE_CONNECTION_ERROR", "Transient database error; retry.", room))
+        except ConnectionClosed:
+            pass
+        finally:
+            for sub in client.subs.values():
+                self.hub.leave(sub)
+            await client.stop()
+
+    async def _subscribe(
+        self,
+        client: Client,
+        grants: dict[str, Grant],
+        msg: dict[str, Any],
+        url_token: str | None,
+        origin: str | None,
+    ) -> None:
+        room = msg.get("roomId")
+        if not isinstance(room, str) or not room.startswith(ROOM_PREFIX):
+            raise ValidationError("roomId must look like project_<projectId>.")
+        project_id = room[len(ROOM_PREFIX) :]
+        grant = await self._grant(msg.get("token") or url_token, project_id, origin)
+        tables = msg.get("tables")
+        operations = msg.get("operations")
+        if tables is not None and not (isinstance(tables, list) and all(isinstance(t, str) for t in tables)):
+            raise ValidationError("tables must be a list of table names.")
+        if operations is not None:
+            if not (isinstance(operations, list) and all(isinstance(o, str) for o in operations)):
+                raise ValidationError("operations must be a list.")
+            operations = [o.upper() for o in operations]
+            if not set(operations) <= OPERATIONS:
+                raise ValidationError(f"operations must be among {sorted(OPERATIONS)}.")
+        since = msg.get("since")
+        old = client.subs.pop(room, None)
+        if old is not None:
+            self.hub.leave(old)
+        sub = Subscription(
+            project_id,
+            frozenset(tables) if tables is not None else None,
+            frozenset(operations) if operations is not None else None,
+        )
+        await self.reader.ready.wait()
+        upto = self.reader.cursor
+        assert upto is not None
+        if since is not None:
+            start = realtime.parse_cursor(since)
+            sub.held = []
+        client.subs[room] = sub
+        grants[room] = grant
+        self.hub.join(client, sub)
+        client.push(_dumps({"type": "subscribed", "roomId": room, "cursor": str(upto)}))
+        if since is not None:
+            await self._replay(client, sub, room, start, upto)
+
+    async def _replay(
+        self, client: Client, sub: Subscription, room: str, since: Cursor, upto: Cursor
+    ) -> None:
+        assert self.db is not None
+        try:
+            row = await self.db.fetchrow(
+                "SELECT trimmed_to_xid::text AS x, trimmed_to_id AS i FROM fluxbase.event_retention"
+            )
+            if row is not None and (since.xid, since.id) < (int(row["x"]), row["i"]):
+                client.push(
+                    _dumps(
+                        {
+                            "type": "resync_required",
+                            "roomId": room,
+                            "message": "The requested cursor is older than the event retention.",
+                            "cursor": str(upto),
+                        }
+                    )
+                )
+                return
+            after = since
+            while not client.closed:
+                rows = await self.db.fetch(
+                    _REPLAY_SQL, sub.project_id, str(after.xid), after.id, str(upto.xid), upto.id, 1000
+                )
+                for r in rows:
+                    ev = OutboxEvent(
+                        Cursor(int(r["xid"]), r["id"]),
+                        r["project_id"],
+                        r["kind"],
+                        r["table_name"],
+                        r["operation"],
+                        r["message"].encode(),
+                    )
+                    if sub.wants(ev):
+                        client.push(ev.message)
+                if len(rows) < 1000:
+                    break
+                after = Cursor(int(rows[-1]["xid"]), rows[-1]["id"])
+        finally:
+            held, sub.held = sub.held or [], None
+            for ev in held:
+                if (ev.cursor.xid, ev.cursor.id) > (upto.xid, upto.id) and sub.wants(ev):
+                    client.push(ev.message)
 
 
 def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, object]) -> Response:
@@ -84,8 +332,16 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        async with ws_serve(service.handler, host, port, process_request=service.process_request,
-                            ping_interval=20, ping_timeout=20, max_size=1 << 20):
+        async with ws_serve(
+            service.handler,
+            host,
+            port,
+            process_request=service.process_request,
+            ping_interval=20,
+            ping_timeout=20,
+            max_size=1 << 20,
+            max_queue=64,
+        ):
             log.info("realtime listening on ws://%s:%s", host, port)
             await stop.wait()
     finally:

@@ -15,7 +15,7 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects, sql
+from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -23,11 +23,46 @@ from fluxbase.storage.s3 import ObjectStore
 log = logging.getLogger("fluxbase")
 
 ROUTES = [
-    health.live, health.ready,
-    auth.register, auth.login, auth.logout, auth.me, auth.admin_status,
-    projects.create_project, projects.list_projects, projects.get_project, projects.delete_project,
-    projects.create_key, projects.list_keys, projects.rotate_key, projects.revoke_key,
+    health.live,
+    health.ready,
+    auth.register,
+    auth.login,
+    auth.logout,
+    auth.me,
+    auth.admin_status,
+    projects.create_project,
+    projects.list_projects,
+    projects.get_project,
+    projects.delete_project,
+    projects.create_key,
+    projects.list_keys,
+    projects.rotate_key,
+    projects.revoke_key,
+    storage.list_buckets,
+    storage.create_bucket,
+    storage.update_bucket,
+    storage.delete_bucket,
+    storage.upload_file,
+    storage.list_files,
+    storage.file_url,
+    storage.delete_files,
+    storage.delete_file,
+    storage.create_upload_url,
+    storage.confirm_upload,
+    storage.public_file,
+    team.list_team,
+    team.invite_member,
+    team.answer_invite,
+    team.remove_member,
+    team.change_member_role,
+    team.list_my_invites,
     sql.execute_sql,
+    realtime.list_tables,
+    realtime.enable,
+    realtime.disable,
+    realtime.version,
+    realtime.create_token,
+    realtime.broadcast,
 ]
 
 
@@ -43,7 +78,10 @@ def create_app(settings: Settings) -> Litestar:
         except Exception as exc:  # S3 may come up later; /ready reports it meanwhile
             log.warning("could not ensure the S3 bucket exists: %r", exc)
         app.state.ctx = AppContext(
-            settings=settings, db=db, tenants=TenantPools(settings), store=store,
+            settings=settings,
+            db=db,
+            tenants=TenantPools(settings),
+            store=store,
             auth=Authenticator(db, settings),
         )
 

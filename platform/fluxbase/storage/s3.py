@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import aioboto3
+import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fluxbase.config import S3Settings
 from fluxbase.errors import StorageUnavailable
+
+log = logging.getLogger("fluxbase.storage")
 
 
 class ObjectStore:
@@ -21,13 +26,22 @@ class ObjectStore:
         self.bucket = settings.bucket
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
+        # Signs URLs for clients: the same client unless a public endpoint is configured.
+        self.presigner: Any = None
 
     async def start(self) -> None:
         session = aioboto3.Session()
-        self.client = await self._stack.enter_async_context(
+        self.client = await self._open(session, self.settings.endpoint_url)
+        public = self.settings.public_endpoint_url
+        self.presigner = self.client
+        if public and public != self.settings.endpoint_url:
+            self.presigner = await self._open(session, public)
+
+    async def _open(self, session: aioboto3.Session, endpoint_url: str) -> Any:
+        return await self._stack.enter_async_context(
             session.client(
                 "s3",
-                endpoint_url=self.settings.endpoint_url,
+                endpoint_url=endpoint_url,
                 aws_access_key_id=self.settings.access_key,
                 aws_secret_access_key=self.settings.secret_key,
                 region_name=self.settings.region,
@@ -61,3 +75,25 @@ class ObjectStore:
             return True
         except (ClientError, BotoCoreError, OSError):
             return False
+
+
+class ObjectMissing(Exception):
+    """S3 says the key does not exist (NoSuchKey / 404)."""
+
+
+_MISSING_CODES = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
+
+
+@contextlib.contextmanager
+def s3_errors() -> Iterator[None]:
+    """Map botocore/aiohttp failures to ObjectMissing or StorageUnavailable (the cause goes to the log)."""
+    try:
+        yield
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+            raise ObjectMissing() from exc
+        log.warning("S3 request failed: %s", exc.response.get("Error", {}).get("Code"))
+        raise StorageUnavailable() from exc
+    except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        log.warning("S3 unreachable: %r", exc)
+        raise StorageUnavailable() from exc

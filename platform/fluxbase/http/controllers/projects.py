@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from litestar import delete, get, post
 
-from fluxbase.errors import AuthRequired, ValidationError
+from fluxbase.errors import AuthRequired, StorageUnavailable, ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import CreateKeyBody, CreateProjectBody, key_out, project_out
 from fluxbase.services import apikeys, projects
 from fluxbase.services.access import Need, authorize
+from fluxbase.storage.service import delete_project_objects
 
 
 def _user_id(caller: Caller) -> str:
@@ -43,6 +45,9 @@ async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> di
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
     await ctx.tenants.close_project(access.project.id)
     await projects.delete_project(ctx.db, access.project.id)
+    # Rows are gone; the bytes follow (if S3 is down, housekeeping removes them as orphans).
+    with contextlib.suppress(StorageUnavailable):
+        await delete_project_objects(ctx.store, access.project.id)
     return {"success": True, "projectId": access.project.id}
 
 
@@ -55,12 +60,19 @@ def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
     return data.rate_limit_requests, window
 
 
-@post("/api/projects/{project_id:str}/api-keys", operation_id="createApiKey", tags=["api-keys"], status_code=201)
+@post(
+    "/api/projects/{project_id:str}/api-keys", operation_id="createApiKey", tags=["api-keys"], status_code=201
+)
 async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     raw, key = await apikeys.create_key(
-        ctx.db, access, name=data.name, scope=data.scope, expires_in_days=data.expires_in_days,
-        allowed_origins=data.allowed_origins, rate_limit=_rate_limit(data),
+        ctx.db,
+        access,
+        name=data.name,
+        scope=data.scope,
+        expires_in_days=data.expires_in_days,
+        allowed_origins=data.allowed_origins,
+        rate_limit=_rate_limit(data),
     )
     return {"success": True, "key": raw, "apiKey": key_out(key)}
 
@@ -68,19 +80,30 @@ async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, call
 @get("/api/projects/{project_id:str}/api-keys", operation_id="listApiKeys", tags=["api-keys"])
 async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    return {"success": True, "apiKeys": [key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)]}
+    return {
+        "success": True,
+        "apiKeys": [key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)],
+    }
 
 
-@post("/api/projects/{project_id:str}/api-keys/{key_id:str}/rotate", operation_id="rotateApiKey",
-      tags=["api-keys"], status_code=200)
+@post(
+    "/api/projects/{project_id:str}/api-keys/{key_id:str}/rotate",
+    operation_id="rotateApiKey",
+    tags=["api-keys"],
+    status_code=200,
+)
 async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     raw, key = await apikeys.rotate_key(ctx.db, access, key_id)
     return {"success": True, "key": raw, "apiKey": key_out(key)}
 
 
-@delete("/api/projects/{project_id:str}/api-keys/{key_id:str}", operation_id="revokeApiKey",
-        tags=["api-keys"], status_code=200)
+@delete(
+    "/api/projects/{project_id:str}/api-keys/{key_id:str}",
+    operation_id="revokeApiKey",
+    tags=["api-keys"],
+    status_code=200,
+)
 async def revoke_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     key = await apikeys.revoke_key(ctx.db, access, key_id)

@@ -1,0 +1,83 @@
+"""Realtime control endpoints: table switches, version cursor, tokens, broadcasts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import get, post
+from litestar.params import QueryParameter
+
+from fluxbase.http.context import AppContext
+from fluxbase.http.edge import Caller
+from fluxbase.services import realtime
+from fluxbase.services.access import Need, authorize
+
+ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
+
+
+class TablesBody(msgspec.Struct, rename="camel"):
+    project_id: str
+    tables: list[str]
+
+
+class TokenBody(msgspec.Struct, rename="camel"):
+    project_id: str
+    auth_uid: str | None = None
+    expires_in: int = 3600
+
+
+class BroadcastBody(msgspec.Struct, rename="camel"):
+    project_id: str
+    event: str
+    payload: Any = None
+
+
+@get("/api/realtime/tables", operation_id="listRealtimeTables", tags=["realtime"])
+async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    return {"success": True, "tables": await realtime.list_tables(ctx.db, access.project.id)}
+
+
+@post("/api/realtime/enable", operation_id="enableRealtime", tags=["realtime"], status_code=200)
+async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    return {
+        "success": True,
+        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, True),
+    }
+
+
+@post("/api/realtime/disable", operation_id="disableRealtime", tags=["realtime"], status_code=200)
+async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    return {
+        "success": True,
+        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, False),
+    }
+
+
+@get("/api/version", operation_id="getVersion", tags=["realtime"])
+async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    return {
+        "success": True,
+        "projectId": access.project.id,
+        "version": await realtime.latest_cursor(ctx.db, access.project.id),
+    }
+
+
+@post("/api/realtime/token", operation_id="createRealtimeToken", tags=["realtime"], status_code=201)
+async def create_token(data: TokenBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ)
+    token, exp = realtime.mint_token(
+        ctx.settings.auth.secret_key, access.project.id, access.sql_scope, data.auth_uid, data.expires_in
+    )
+    return {"success": True, "token": token, "expiresAt": exp, "projectId": access.project.id}
+
+
+@post("/api/realtime/broadcast", operation_id="broadcast", tags=["realtime"], status_code=200)
+async def broadcast(data: BroadcastBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE)
+    event_id = await realtime.broadcast(ctx.db, access.project.id, data.event, data.payload)
+    return {"success": True, "id": event_id}

@@ -1,0 +1,138 @@
+"""Rooms and subscribers: fan-out of pre-encoded messages through bounded per-socket queues.
+
+A subscriber whose queue fills up (it cannot keep up) is closed with code 4008; it can
+reconnect and resume with `since`. Memory per subscriber is bounded by the queue size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from fluxbase.services.realtime import Cursor
+from fluxbase_realtime.outbox import OutboxEvent
+
+log = logging.getLogger("fluxbase.realtime.hub")
+
+CLOSE_SLOW_CONSUMER = 4008
+_background: set[asyncio.Task[None]] = set()
+DEFAULT_QUEUE = 1000
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One room joined by one socket, with optional filters."""
+
+    project_id: str
+    tables: frozenset[str] | None = None
+    operations: frozenset[str] | None = None
+    # While a `since` replay runs, live events are held here and flushed afterwards.
+    held: list[OutboxEvent] | None = None
+    replay_until: Cursor | None = None
+
+    def wants(self, ev: OutboxEvent) -> bool:
+        if ev.kind == "broadcast":
+            return True
+        if self.tables is not None:
+            if ev.table is None and ev.kind == "row":
+                return False
+            if ev.table is not None and ev.table not in self.tables:
+                return False
+        if self.operations is not None:
+            return (ev.operation if ev.kind == "row" else "SCHEMA") in self.operations
+        return True
+
+
+@dataclass(eq=False)
+class Client:
+    """A socket and its bounded outgoing queue, drained by one writer task."""
+
+    ws: ServerConnection
+    queue_size: int = DEFAULT_QUEUE
+    queue: asyncio.Queue[bytes] = field(init=False)
+    subs: dict[str, Subscription] = field(default_factory=dict)
+    closed: bool = False
+    writer: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.queue_size)
+
+    def start(self) -> None:
+        self.writer = asyncio.create_task(self._write())
+
+    def push(self, message: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.cut_off()
+
+    def cut_off(self) -> None:
+        """Close a consumer that cannot keep up; others are not affected."""
+        if self.closed:
+            return
+        self.closed = True
+        log.warning("closing slow consumer %s (queue full)", self.ws.remote_address)
+        if self.writer is not None:
+            self.writer.cancel()  # frames already written stay ahead of the close frame
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        task = asyncio.create_task(
+            self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
+        )
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                message = await self.queue.get()
+                await self.ws.send(message, text=True)
+        except ConnectionClosed:
+            pass
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self.writer is not None:
+            self.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.writer
+
+
+class Hub:
+    """project id → subscriptions; `dispatch` sends each event's bytes to every matching socket."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, dict[Subscription, Client]] = defaultdict(dict)
+        self.delivered = 0
+
+    def join(self, client: Client, sub: Subscription) -> None:
+        self.rooms[sub.project_id][sub] = client
+
+    def leave(self, sub: Subscription) -> None:
+        room = self.rooms.get(sub.project_id)
+        if room is not None:
+            room.pop(sub, None)
+            if not room:
+                del self.rooms[sub.project_id]
+
+    async def dispatch(self, events: list[OutboxEvent]) -> None:
+        for ev in events:
+            room = self.rooms.get(ev.project_id)
+            if not room:
+                continue
+            for sub, client in list(room.items()):
+                if sub.held is not None:
+                    sub.held.append(ev)
+                    if len(sub.held) > client.queue_size:
+                        client.cut_off()
+                elif sub.wants(ev):
+                    client.push(ev.message)
+                    self.delivered += 1
