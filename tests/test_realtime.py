@@ -448,3 +448,62 @@ async def test_two_realtime_processes_both_deliver_everything(
                 await api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ($1)", [f"n{i}"])
             a, b = await s1.rows(30), await s2.rows(30)
             assert [m["id"] for m in a] == [m["id"] for m in b]
+
+
+async def test_retention_trims_and_old_cursors_get_resync_required(api: Api, project, rt, control_db) -> None:
+    from fluxbase.services.realtime import trim_events
+
+    await _table(api, project)
+    async with subscribe(rt, project.id, project.admin_key) as sub:
+        for v in ("old1", "old2"):
+            await api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ($1)", [v])
+        first, _ = await sub.rows(2)
+    # Trim by age (everything finished is older than 0 s) while a writer keeps inserting.
+    writer = asyncio.create_task(
+        api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ('during')")
+    )
+    deleted = await trim_events(control_db, max_age_s=0, max_rows=1_000_000, batch=1)
+    assert deleted >= 2
+    assert (await writer).json()["success"]
+    left = await control_db.fetchval(
+        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND id <= $2", project.id, first["id"]
+    )
+    assert left == 0
+    async with connect(f"{rt}/?token={project.admin_key}") as ws:
+        await ws.send(
+            json.dumps({"type": "subscribe", "roomId": f"project_{project.id}", "since": first["cursor"]})
+        )
+        kinds = [json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] for _ in range(2)]
+        assert kinds == ["subscribed", "resync_required"]
+    # Size limit: keep at most N rows.
+    for i in range(5):
+        await api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ($1)", [f"n{i}"])
+    await asyncio.sleep(0.2)
+    await trim_events(control_db, max_age_s=10**9, max_rows=2)
+    assert await control_db.fetchval("SELECT count(*) FROM fluxbase.events") <= 2
+
+
+async def test_member_realtime_token_dies_with_the_membership(api: Api, project, rt, control_db) -> None:
+    member, member_token = await api.new_user()
+    await control_db.execute(
+        "INSERT INTO fluxbase.project_members (project_id, user_id, role) VALUES ($1, $2, 'viewer')",
+        project.id,
+        member["id"],
+    )
+    r = await api.http.post(
+        "/api/realtime/token", json={"projectId": project.id}, headers=bearer(member_token)
+    )
+    assert r.status_code == 201
+    token = r.json()["token"]
+    async with subscribe(rt, project.id, token):
+        pass
+    r = await api.http.delete(
+        "/api/team",
+        params={"projectId": project.id, "userId": member["id"]},
+        headers=bearer(project.owner_token),
+    )
+    assert r.status_code == 200, r.text
+    async with connect(f"{rt}/?token={token}") as ws:
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"}))
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert msg["type"] == "error" and msg["error"]["code"] == "SCOPE_MISMATCH"

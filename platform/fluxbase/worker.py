@@ -1,4 +1,4 @@
-"""The background worker: housekeeping now; webhook delivery and outbox retention build on it."""
+"""The background worker: housekeeping (sessions, login failures, outbox retention, storage)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.errors import StorageUnavailable
+from fluxbase.services import realtime
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.service import StorageService
 
@@ -28,6 +29,10 @@ async def housekeeping(
         settings.auth.login_window_seconds,
     )
     counts = {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+    counts["events"] = await realtime.trim_events(
+        db, settings.realtime.events_retention_s, settings.realtime.events_max_rows
+    )
+    await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
     if store is not None:
         try:
             storage = await StorageService(db, store, settings).housekeep()

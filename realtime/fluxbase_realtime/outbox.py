@@ -141,7 +141,10 @@ class OutboxReader:
                 conn = self._conn = await self._connect()
                 backoff = 0.2
                 await self._loop(conn, stop)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:
+                # A restart of PostgreSQL surfaces as OSError, PostgresError, InterfaceError and
+                # even asyncpg's InternalClientError; whatever it was, reconnect and go on from
+                # the cursor, which only ever advances past delivered events.
                 log.warning("outbox reader lost its connection (%r); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)

@@ -166,6 +166,13 @@ class RealtimeService:
         status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
         if status is None:
             raise ProjectNotFound()
+        member = claims.extra.get("memberId")
+        if member is not None and not await self.db.fetchval(
+            "SELECT 1 FROM fluxbase.project_members WHERE project_id = $1 AND user_id = $2",
+            project_id,
+            member,
+        ):
+            raise ScopeMismatch("The member who minted this token no longer belongs to the project.")
         if status == "suspended":
             raise ProjectSuspended()
         return Grant(project_id, str(claims.extra.get("scope", "read")), claims.extra.get("authUid"))

@@ -113,12 +113,16 @@ async def latest_cursor(db: asyncpg.Pool, project_id: str) -> str | None:
     return f"{row['xid']}:{row['id']}" if row else None
 
 
-def mint_token(secret: str, project_id: str, scope: str, auth_uid: str | None, ttl_s: int) -> tuple[str, int]:
+def mint_token(
+    secret: str, project_id: str, scope: str, auth_uid: str | None, ttl_s: int, member_id: str | None = None
+) -> tuple[str, int]:
     if not 1 <= ttl_s <= MAX_TOKEN_TTL_S:
         raise ValidationError(f"expiresIn must be between 1 and {MAX_TOKEN_TTL_S} seconds.")
     if auth_uid is not None and (not auth_uid or len(auth_uid) > 256):
         raise ValidationError("authUid must be 1 to 256 characters.")
     extra: dict[str, Any] = {"scope": scope}
+    if member_id:
+        extra["memberId"] = member_id  # re-checked on every subscribe: removal takes effect at once
     if auth_uid:
         extra["authUid"] = auth_uid
     return tokens.issue(
@@ -145,3 +149,46 @@ async def broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, even
     )
     await db.execute("SELECT fluxbase.ring_doorbell()")
     return int(event_id)
+
+
+_TRIM_CUTOFF_SQL = """
+WITH oldest AS (
+    SELECT xid, id, created_at, row_number() OVER (ORDER BY xid, id) AS rn
+    FROM (SELECT xid, id, created_at FROM fluxbase.events
+          WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY xid, id LIMIT $1) s
+)
+SELECT xid::text AS xid, id FROM oldest
+WHERE created_at < now() - make_interval(secs => $2) OR rn <= $3
+ORDER BY xid DESC, id DESC LIMIT 1
+"""
+
+
+async def trim_events(db: asyncpg.Pool, max_age_s: int, max_rows: int, batch: int = 5000) -> int:
+    """Delete the oldest outbox events past the age or size limit, a short batch at a time.
+
+    Only finished transactions are trimmed, a prefix in cursor order, and the retention mark
+    moves first, so a `since` older than the mark answers resync_required instead of a gap.
+    Inserts never wait on these deletes.
+    """
+    deleted = 0
+    while True:
+        estimate = await db.fetchval("SELECT count(*) FROM fluxbase.events")
+        excess = max(0, int(estimate) - max_rows)
+        async with db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_TRIM_CUTOFF_SQL, batch, max_age_s, excess)
+            if row is None:
+                return deleted
+            await conn.execute(
+                """UPDATE fluxbase.event_retention SET trimmed_to_xid = $1::text::xid8, trimmed_to_id = $2
+                   WHERE (trimmed_to_xid, trimmed_to_id) < ($1::text::xid8, $2)""",
+                row["xid"],
+                row["id"],
+            )
+            status = await conn.execute(
+                "DELETE FROM fluxbase.events WHERE (xid, id) <= ($1::text::xid8, $2)", row["xid"], row["id"]
+            )
+        n = int(status.split()[-1])
+        deleted += n
+        if n < batch:
+            return deleted

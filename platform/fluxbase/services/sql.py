@@ -35,7 +35,7 @@ _SESSION_GONE = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.PostgresConnectionError,
 )
-_CONNECTION_LOST = (OSError, asyncpg.InterfaceError, *_SESSION_GONE)
+_CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, *_SESSION_GONE)
 MAX_PARAMS = 10_000
 
 # Statements refused before they reach PostgreSQL: each request is exactly one transaction, so

@@ -70,8 +70,14 @@ async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) 
 @post("/api/realtime/token", operation_id="createRealtimeToken", tags=["realtime"], status_code=201)
 async def create_token(data: TokenBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ)
+    member = caller.principal.user.id if caller.principal.user else None
     token, exp = realtime.mint_token(
-        ctx.settings.auth.secret_key, access.project.id, access.sql_scope, data.auth_uid, data.expires_in
+        ctx.settings.auth.secret_key,
+        access.project.id,
+        access.sql_scope,
+        data.auth_uid,
+        data.expires_in,
+        member,
     )
     return {"success": True, "token": token, "expiresAt": exp, "projectId": access.project.id}
 

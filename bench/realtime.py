@@ -1,0 +1,207 @@
+"""Realtime: commit-to-client latency, fan-out, write cost of capture, idle subscriber memory.
+
+One invocation starts an embedded PostgreSQL and S3, a Fluxbase API and realtime service, and
+measures on one table:
+  1. p50/p99 commit-to-client latency with --subscribers clients while writing --rate commits/s,
+  2. fan-out: deliveries/s when one transaction inserts --burst rows to all subscribers,
+  3. write throughput of 32 concurrent single-row INSERT transactions, realtime on vs off,
+  4. realtime-process RSS per idle subscriber (--idle clients).
+Writers use asyncpg directly (as the project's admin role), so only the capture path differs.
+
+    .venv/bin/python bench/realtime.py [--subscribers 100] [--rate 100] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fluxbase.devstack.procs import free_port  # noqa: E402
+from fluxbase.security.roles import role_name, role_password  # noqa: E402
+from support import run_service, start_stack, stop_stack  # noqa: E402
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def open_subscribers(url: str, pid: str, key: str, n: int) -> list:
+    socks = []
+    for _ in range(n):
+        ws = await connect(f"{url}/?token={key}", max_queue=None, ping_interval=None)
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        socks.append(ws)
+    return socks
+
+
+async def latency(socks: list, writer: asyncpg.Connection, rate: float, seconds: float) -> list[float]:
+    sent: dict[str, float] = {}
+    lat: list[float] = []
+    total = int(rate * seconds)
+
+    async def reader(ws) -> None:
+        got = 0
+        while got < total:
+            msg = json.loads(await ws.recv())
+            if msg["type"] != "db_event":
+                continue
+            got += 1
+            t = time.perf_counter()
+            lat.append(t - sent[msg["payload"]["record"]["v"]])
+
+    tasks = [asyncio.create_task(reader(ws)) for ws in socks]
+    start = time.perf_counter()
+    for i in range(total):
+        target = start + i / rate
+        await asyncio.sleep(max(0.0, target - time.perf_counter()))
+        v = f"m{i}"
+        await writer.execute("INSERT INTO bench (v) VALUES ($1)", v)
+        sent[v] = time.perf_counter()  # the commit has returned
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    return lat
+
+
+async def fanout(socks: list, writer: asyncpg.Connection, burst: int) -> float:
+    async def reader(ws) -> None:
+        got = 0
+        while got < burst:
+            raw = await ws.recv()
+            if '"db_event"' in raw:
+                got += 1
+
+    tasks = [asyncio.create_task(reader(ws)) for ws in socks]
+    t0 = time.perf_counter()
+    await writer.execute("INSERT INTO bench (v) SELECT 'f' || g FROM generate_series(1, $1) g", burst)
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    return len(socks) * burst / (time.perf_counter() - t0)
+
+
+async def write_rate(dsn: str, seconds: float, clients: int = 32) -> float:
+    pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients)
+    n = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def one() -> None:
+        nonlocal n
+        async with pool.acquire() as conn:
+            while time.perf_counter() < stop_at:
+                await conn.execute("INSERT INTO bench (v) VALUES ('w')")
+                n += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    rate = n / (time.perf_counter() - t0)
+    await pool.close()
+    return rate
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subscribers", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--burst", type=int, default=2000)
+    ap.add_argument("--idle", type=int, default=1000)
+    ap.add_argument("--no-fsync", action="store_true", help="run PostgreSQL with fsync off (test settings)")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fluxbase-rt-bench-"))
+    stack = start_stack(tmp, durable=not args.no_fsync)
+    try:
+        dbname = await stack.create_database()
+        api_port, rt_port = free_port(), free_port()
+        env = stack.env(
+            dbname,
+            FLUXBASE_API_PORT=str(api_port),
+            FLUXBASE_REALTIME_PORT=str(rt_port),
+            FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
+            FLUXBASE_REALTIME_QUEUE_SIZE="5000",
+            FLUXBASE_TENANT_CONNECTION_LIMIT="100",
+        )
+        with run_service(["api"], env, api_port, tmp), run_service(["realtime"], env, rt_port, tmp) as rt:
+            api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+            api.post("/api/auth/register", json={"email": "b@example.com", "password": "bench password"})
+            tok = api.post(
+                "/api/auth/login", json={"email": "b@example.com", "password": "bench password"}
+            ).json()
+            h = {"Authorization": f"Bearer {tok['token']}"}
+            pid = api.post("/api/projects", json={"name": "rt"}, headers=h).json()["project"]["id"]
+            key = api.post(
+                f"/api/projects/{pid}/api-keys", json={"name": "k", "scope": "admin"}, headers=h
+            ).json()["key"]
+            kh = {"Authorization": f"Bearer {key}"}
+            api.post(
+                "/api/execute-sql",
+                json={"projectId": pid, "query": "CREATE TABLE bench (id bigserial PRIMARY KEY, v text)"},
+                headers=kh,
+            )
+            role = role_name(pid, "admin")
+            assert stack.pg is not None
+            dsn = f"postgresql://{role}:{role_password(stack.secret_key, role)}@127.0.0.1:{stack.pg.port}/{dbname}"
+            writer = await asyncpg.connect(dsn)
+            url = f"ws://127.0.0.1:{rt_port}"
+            cores = Path("/proc/cpuinfo").read_text().count("processor")
+            print(f"\nRealtime on {cores} cores, PostgreSQL fsync {'off' if args.no_fsync else 'on'}")
+
+            socks = await open_subscribers(url, pid, key, args.subscribers)
+            lat = sorted(await latency(socks, writer, args.rate, args.seconds))
+            p50 = lat[len(lat) // 2] * 1000
+            p99 = lat[int(len(lat) * 0.99)] * 1000
+            print(
+                f"latency      {args.subscribers} subscribers, {args.rate:.0f} commits/s: "
+                f"p50 {p50:.2f} ms  p99 {p99:.2f} ms  mean {statistics.mean(lat) * 1000:.2f} ms "
+                f"({len(lat)} deliveries)"
+            )
+            rate = await fanout(socks, writer, args.burst)
+            print(
+                f"fan-out      {args.subscribers} subscribers x {args.burst} events: {rate:,.0f} deliveries/s"
+            )
+            for ws in socks:
+                await ws.close()
+
+            on = await write_rate(dsn, args.seconds / 2)
+            api.post("/api/realtime/disable", json={"projectId": pid, "tables": ["bench"]}, headers=kh)
+            off = await write_rate(dsn, args.seconds / 2)
+            api.post("/api/realtime/enable", json={"projectId": pid, "tables": ["bench"]}, headers=kh)
+            print(
+                f"writes       32 clients: realtime on {on:,.0f}/s, off {off:,.0f}/s, on/off = {on / off:.1%}"
+            )
+
+            await asyncio.sleep(1)
+            before = rss_kb(rt.proc.pid)
+            idle = await open_subscribers(url, pid, key, args.idle)
+            await asyncio.sleep(1)
+            after = rss_kb(rt.proc.pid)
+            print(
+                f"idle memory  {args.idle} subscribers: {(after - before) / args.idle:.1f} KB each "
+                f"(realtime RSS {before / 1024:.0f} -> {after / 1024:.0f} MB)"
+            )
+            for ws in idle:
+                await ws.close()
+            await writer.close()
+            api.close()
+    finally:
+        stop_stack(stack)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
