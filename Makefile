@@ -33,7 +33,7 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 	$(BIN)/ruff format platform realtime tests bench
 	$(BIN)/ruff check --fix platform realtime tests bench
 
-bench: $(STAMP) ## Run the SQL-over-HTTP benchmark (see bench/README.md)
+bench: $(STAMP) ## Run the SQL-over-HTTP benchmark (README: Benchmarks)
 	$(BIN)/python bench/sql_throughput.py
 
 clean: ## Remove the venv and local dev data
