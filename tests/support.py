@@ -92,7 +92,7 @@ def start_stack(tmp: Path, *, durable: bool = False) -> Stack:
         secret = os.environ["FLUXBASE_TEST_S3_SECRET_KEY"]
         endpoint = s3_url
     else:
-        s3 = EmbeddedS3(tmp / "s3", free_port())
+        s3 = EmbeddedS3(tmp / "s3", free_port(below=55_000))
         s3.start()
         access, secret = s3.credentials()
         endpoint = s3.endpoint_url

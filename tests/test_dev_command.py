@@ -73,7 +73,7 @@ class DevSetup:
 
 
 def new_setup(path: Path) -> DevSetup:
-    return DevSetup(path, free_port(), free_port(), free_port(), free_port())
+    return DevSetup(path, free_port(), free_port(), free_port(), free_port(below=55_000))
 
 
 @pytest.fixture(scope="module")

@@ -507,3 +507,23 @@ async def test_member_realtime_token_dies_with_the_membership(api: Api, project,
         await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"}))
         msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert msg["type"] == "error" and msg["error"]["code"] == "SCOPE_MISMATCH"
+
+
+async def test_idle_sockets_are_pinged(api: Api, project, instance, log_dir) -> None:
+    with _realtime(instance, log_dir, FLUXBASE_REALTIME_PING_SECONDS="1") as rt:
+        sock = await asyncio.to_thread(_raw_ws, int(rt.rsplit(":", 1)[1]), f"/?token={project.admin_key}")
+        try:
+            await asyncio.to_thread(
+                _send_text, sock, json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"})
+            )
+            await asyncio.sleep(2.5)
+            sock.settimeout(2)
+            data = await asyncio.to_thread(sock.recv, 1 << 16)
+            opcodes = []
+            while len(data) >= 2:
+                length = data[1] & 0x7F
+                opcodes.append(data[0] & 0x0F)
+                data = data[2 + length :]
+            assert 0x9 in opcodes, opcodes  # a ping frame arrived while the socket sat idle
+        finally:
+            sock.close()

@@ -75,6 +75,8 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     public_url: str = ""
     queue_size: int = 1000
     """Messages buffered per socket before a slow consumer is closed (code 4008)."""
+    ping_interval_s: float = 20.0
+    """Every socket is pinged this often so proxies keep idle connections open."""
     events_retention_s: int = 24 * 3600
     """Outbox events older than this are trimmed by housekeeping."""
     events_max_rows: int = 1_000_000
@@ -279,6 +281,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             port=int_of("FLUXBASE_REALTIME_PORT", 8081),
             public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
             queue_size=int_of("FLUXBASE_REALTIME_QUEUE_SIZE", 1000),
+            ping_interval_s=float(int_of("FLUXBASE_REALTIME_PING_SECONDS", 20)),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),
             events_max_rows=int_of("FLUXBASE_EVENTS_MAX_ROWS", 1_000_000),
         ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
@@ -51,28 +51,28 @@ class Subscription:
 
 @dataclass(eq=False)
 class Client:
-    """A socket and its bounded outgoing queue, drained by one writer task."""
+    """A socket and its bounded outgoing buffer; a writer task runs only while it has messages.
+
+    An idle subscriber therefore costs no task and no asyncio.Queue, only this object and the
+    connection itself.
+    """
 
     ws: ServerConnection
     queue_size: int = DEFAULT_QUEUE
-    queue: asyncio.Queue[bytes] = field(init=False)
+    pending: deque[bytes] = field(default_factory=deque)
     subs: dict[str, Subscription] = field(default_factory=dict)
     closed: bool = False
     writer: asyncio.Task[None] | None = None
 
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.queue_size)
-
-    def start(self) -> None:
-        self.writer = asyncio.create_task(self._write())
-
     def push(self, message: bytes) -> None:
         if self.closed:
             return
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.queue_size:
             self.cut_off()
+            return
+        self.pending.append(message)
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write())
 
     def cut_off(self) -> None:
         """Close a consumer that cannot keep up; others are not affected."""
@@ -82,8 +82,7 @@ class Client:
         log.warning("closing slow consumer %s (queue full)", self.ws.remote_address)
         if self.writer is not None:
             self.writer.cancel()  # frames already written stay ahead of the close frame
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.pending.clear()
         task = asyncio.create_task(
             self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
         )
@@ -91,16 +90,18 @@ class Client:
         task.add_done_callback(_background.discard)
 
     async def _write(self) -> None:
+        # Single-threaded: between the last emptiness check and the task finishing there is no
+        # await, so a push either lands before the check or sees a finished writer and starts one.
         try:
-            while True:
-                message = await self.queue.get()
-                await self.ws.send(message, text=True)
+            while self.pending:
+                await self.ws.send(self.pending.popleft(), text=True)
         except ConnectionClosed:
             pass
 
     async def stop(self) -> None:
         self.closed = True
-        if self.writer is not None:
+        self.pending.clear()
+        if self.writer is not None and not self.writer.done():
             self.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.writer

@@ -93,14 +93,29 @@ class RealtimeService:
         )
         self._stop = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
+        self._ping_task: asyncio.Task[None] | None = None
+        self.clients: set[Client] = set()
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
         await self.store.start()
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
+        self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
+
+    async def _keepalive(self, every_s: float) -> None:
+        """One ping loop for all sockets (instead of a keepalive task per connection) keeps idle
+        connections open through proxies at a lower memory cost per subscriber."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
+            for client in list(self.clients):
+                with contextlib.suppress(ConnectionClosed, RuntimeError):
+                    await client.ws.ping()
 
     async def close(self) -> None:
         self._stop.set()
+        if self._ping_task is not None:
+            self._ping_task.cancel()
         if self._reader_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
@@ -184,7 +199,7 @@ class RealtimeService:
         url_token: str | None = (query.get("token") or [None])[0]  # type: ignore[list-item]
         origin = ws.request.headers.get("Origin") if ws.request else None
         client = Client(ws, self.queue_size)
-        client.start()
+        self.clients.add(client)
         grants: dict[str, Grant] = {}
         try:
             async for raw in ws:
@@ -229,6 +244,7 @@ class RealtimeService:
         except ConnectionClosed:
             pass
         finally:
+            self.clients.discard(client)
             for sub in client.subs.values():
                 self.hub.leave(sub)
             await client.stop()
@@ -344,10 +360,9 @@ async def serve(settings: Settings, host: str, port: int) -> None:
             host,
             port,
             process_request=service.process_request,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=None,  # one service-wide ping loop instead (RealtimeService._keepalive)
             max_size=1 << 20,
-            max_queue=64,
+            max_queue=16,
         ):
             log.info("realtime listening on ws://%s:%s", host, port)
             await stop.wait()

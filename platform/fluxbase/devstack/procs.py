@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,11 +29,21 @@ class Interrupted(KeyboardInterrupt):
 StopCheck = Callable[[], bool]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the kernel for a port nobody is listening on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", *, below: int | None = None) -> int:
+    """A port nobody is listening on; with `below`, one under that bound (from 20000 up)."""
+    if below is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+    for _ in range(200):
+        port = random.randrange(20_000, below)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {below}")
 
 
 def ensure_port_free(host: str, port: int, what: str, env_var: str) -> None:

@@ -67,12 +67,25 @@ class EmbeddedS3:
         return cred["accessKey"], cred["secretKey"]
 
     def start(self, timeout: float = 60.0, should_stop: StopCheck | None = None) -> None:
-        """Start `weed mini` as a child process and wait until its S3 port accepts connections."""
+        """Start `weed mini` as a child process and wait until its S3 port accepts connections.
+
+        Its other components get fresh loopback ports; a start that fails (say, a port taken
+        between choosing and binding it) is retried once with new ones.
+        """
+        try:
+            self._start_once(timeout, should_stop)
+        except Interrupted:
+            raise
+        except RuntimeError:
+            self._start_once(timeout, should_stop)
+
+    def _start_once(self, timeout: float, should_stop: StopCheck | None) -> None:
         ensure_port_free("127.0.0.1", self.port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT")
         self.credentials()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # weed derives some ports as port + 10000: stay below 55000 so none is out of range.
         ports = {
-            name: free_port()
+            name: free_port(below=55_000)
             for name in (
                 "master.port",
                 "master.port.grpc",
