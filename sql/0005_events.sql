@@ -100,29 +100,7 @@ $$;
 REVOKE ALL ON FUNCTION fluxbase.ring_doorbell(), fluxbase.capture_insert(), fluxbase.capture_delete(),
     fluxbase.capture_update(), fluxbase.capture_truncate() FROM PUBLIC;
 
--- Attach (or re-attach) the capture triggers to one table.
-CREATE OR REPLACE FUNCTION fluxbase.attach_capture(p_table regclass) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
-AS $$
-BEGIN
-    IF (SELECT relispartition FROM pg_class WHERE oid = p_table) THEN
-        RETURN;  -- the partitioned parent's triggers already cover its partitions
-    END IF;
-    EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_ins ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_upd ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_del ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_trunc ON %s', p_table);
-    EXECUTE format('CREATE TRIGGER fluxbase_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_insert()', p_table);
-    EXECUTE format('CREATE TRIGGER fluxbase_capture_upd AFTER UPDATE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION fluxbase.capture_update()', p_table);
-    EXECUTE format('CREATE TRIGGER fluxbase_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_delete()', p_table);
-    EXECUTE format('CREATE TRIGGER fluxbase_capture_trunc AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_truncate()', p_table);
-END
-$$;
-
+-- Remove the capture triggers from one table (the per-table realtime switch).
 CREATE OR REPLACE FUNCTION fluxbase.detach_capture(p_table regclass) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
@@ -131,6 +109,26 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_upd ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_del ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS fluxbase_capture_trunc ON %s', p_table);
+END
+$$;
+
+-- Attach (or re-attach) the capture triggers to one table.
+CREATE OR REPLACE FUNCTION fluxbase.attach_capture(p_table regclass) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+BEGIN
+    IF (SELECT relispartition FROM pg_class WHERE oid = p_table) THEN
+        RETURN;  -- the partitioned parent's triggers already cover its partitions
+    END IF;
+    PERFORM fluxbase.detach_capture(p_table);
+    EXECUTE format('CREATE TRIGGER fluxbase_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_insert()', p_table);
+    EXECUTE format('CREATE TRIGGER fluxbase_capture_upd AFTER UPDATE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION fluxbase.capture_update()', p_table);
+    EXECUTE format('CREATE TRIGGER fluxbase_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_delete()', p_table);
+    EXECUTE format('CREATE TRIGGER fluxbase_capture_trunc AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.capture_truncate()', p_table);
 END
 $$;
 

@@ -243,4 +243,9 @@ async def test_role_connection_cap_holds(api: Api, project, control_db) -> None:
 
 async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> None:
     # NOTIFY cannot be restricted in PostgreSQL; it must simply not break anything.
-    assert await api.sql(project.admin_key, project.id, "SELECT pg_notify('fluxbase_events', 'forged')")
+    for q in ("SELECT pg_notify('fluxbase_events', 'forged')", "NOTIFY fluxbase_events, 'forged'"):
+        r = await api.sql(project.admin_key, project.id, q)
+        assert r.status_code == 200 and r.json()["success"] is True, r.text
+    # The pooled connection is reset and keeps serving the project.
+    body = (await api.sql(project.admin_key, project.id, "SELECT 1 AS one")).json()
+    assert body["result"]["rows"] == [{"one": 1}]

@@ -35,13 +35,31 @@ class OutboxEvent:
     message: bytes  # the wire message, encoded once by PostgreSQL
 
 
-_POLL_SQL = f"""
+_SELECT = f"""
 SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation, {MESSAGE_SQL} AS message
 FROM fluxbase.events e
+"""
+
+_POLL_SQL = (
+    _SELECT
+    + """
 WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < $3::text::xid8
 ORDER BY e.xid, e.id
 LIMIT $4
 """
+)
+
+# A `since` replay: one project's events after the client's cursor, up to where live delivery
+# to that subscriber begins.
+_REPLAY_SQL = (
+    _SELECT
+    + """
+WHERE e.project_id = $1 AND (e.xid, e.id) > ($2::text::xid8, $3::bigint)
+  AND (e.xid, e.id) <= ($4::text::xid8, $5::bigint)
+ORDER BY e.xid, e.id
+LIMIT $6
+"""
+)
 
 
 def _event(row: asyncpg.Record) -> OutboxEvent:
@@ -63,6 +81,13 @@ async def read_range(
     if project_id is not None:
         args.append(project_id)
     return [_event(r) for r in await conn.fetch(sql, *args)]
+
+
+async def read_replay(
+    db: asyncpg.Pool | asyncpg.Connection, project_id: str, after: Cursor, upto: Cursor, limit: int
+) -> list[OutboxEvent]:
+    rows = await db.fetch(_REPLAY_SQL, project_id, str(after.xid), after.id, str(upto.xid), upto.id, limit)
+    return [_event(r) for r in rows]
 
 
 async def snapshot_xmin(conn: asyncpg.Connection) -> int:

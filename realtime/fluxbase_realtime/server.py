@@ -37,24 +37,15 @@ from fluxbase.errors import (
 from fluxbase.security import apikeys, tokens
 from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key
-from fluxbase.services.realtime import MESSAGE_SQL, Cursor
+from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime.hub import Client, Hub, Subscription
-from fluxbase_realtime.outbox import OutboxEvent, OutboxReader
+from fluxbase_realtime.outbox import OutboxReader, read_replay
 
 log = logging.getLogger("fluxbase.realtime")
 
 ROOM_PREFIX = "project_"
 OPERATIONS = {"INSERT", "UPDATE", "DELETE", "SCHEMA"}
-
-_REPLAY_SQL = f"""
-SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation, {MESSAGE_SQL} AS message
-FROM fluxbase.events e
-WHERE e.project_id = $1 AND (e.xid, e.id) > ($2::text::xid8, $3::bigint)
-  AND (e.xid, e.id) <= ($4::text::xid8, $5::bigint)
-ORDER BY e.xid, e.id
-LIMIT $6
-"""
 
 
 @dataclass(frozen=True)
@@ -316,23 +307,13 @@ class RealtimeService:
                 return
             after = since
             while not client.closed:
-                rows = await self.db.fetch(
-                    _REPLAY_SQL, sub.project_id, str(after.xid), after.id, str(upto.xid), upto.id, 1000
-                )
-                for r in rows:
-                    ev = OutboxEvent(
-                        Cursor(int(r["xid"]), r["id"]),
-                        r["project_id"],
-                        r["kind"],
-                        r["table_name"],
-                        r["operation"],
-                        r["message"].encode(),
-                    )
+                events = await read_replay(self.db, sub.project_id, after, upto, 1000)
+                for ev in events:
                     if sub.wants(ev):
                         client.push(ev.message)
-                if len(rows) < 1000:
+                if len(events) < 1000:
                     break
-                after = Cursor(int(rows[-1]["xid"]), rows[-1]["id"])
+                after = events[-1].cursor
         finally:
             held, sub.held = sub.held or [], None
             for ev in held:

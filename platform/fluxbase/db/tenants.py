@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -223,6 +222,3 @@ class TenantPools:
                 await asyncio.wait_for(pool.close(), 5)
             except (TimeoutError, Exception):
                 pool.terminate()
-
-
-Factory = Callable[[], Awaitable[asyncpg.Connection]]

@@ -214,7 +214,8 @@ class Authenticator:
         if len(self._cache) >= self.CACHE_MAX:
             self._cache.clear()
         self._cache[auth.key_hash] = (now + self.CACHE_TTL_S, auth)
-        self._touched[auth.principal.key.id if auth.principal.key else ""] = now
+        assert auth.principal.key is not None
+        self._touched[auth.principal.key.id] = now
         return auth
 
     def evict(self, key_hash: bytes) -> None:
