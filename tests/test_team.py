@@ -571,6 +571,7 @@ class World:
     creds: dict[str, str | None]
     file_key: str
     file_id: str
+    db: Any = None  # the control database, for the few rows that need a fixture behind the API
 
     def headers(self, principal: str) -> dict[str, str]:
         token = self.creds[principal]
@@ -622,7 +623,7 @@ class World:
 
 
 @pytest.fixture
-async def world(api: Api, people: People) -> World:
+async def world(api: Api, people: People, control_db: Any) -> World:
     owner = people.token("owner")
     pid = await api.new_project(owner, "matrix")
     keys = {scope: await api.new_key(owner, pid, scope) for scope in ("read", "readwrite", "admin")}
@@ -646,7 +647,7 @@ async def world(api: Api, people: People) -> World:
         "foreign_key": people.foreign_key,
         "no_credential": None,
     }
-    w = World(api, pid, people, creds, "", "")
+    w = World(api, pid, people, creds, "", "", control_db)
     r = await w.upload(w.owner, "kept.txt")
     assert r.status_code == 201, r.text
     w.file_key, w.file_id = r.json()["file"]["s3_key"], r.json()["file"]["id"]
@@ -718,6 +719,52 @@ def _delete_files(path: str) -> Call:
         )
 
     return call
+
+
+async def _webhook(w: World) -> str:
+    """A fresh webhook whose URL (as if DNS had changed since) the sender refuses at once."""
+    r = await w.api.http.post(
+        "/api/webhooks",
+        json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.inserted"]},
+        headers=w.owner,
+    )
+    assert r.status_code == 201, r.text
+    hook_id = str(r.json()["webhook"]["id"])
+    await w.db.execute("UPDATE fluxbase.webhooks SET url = 'http://127.0.0.1:9/hook' WHERE id = $1", hook_id)
+    return hook_id
+
+
+async def _hook_call(w: World, h: dict[str, str], method: str, suffix: str = "", **kw: Any) -> httpx.Response:
+    return await w.api.http.request(method, f"/api/webhooks/{await _webhook(w)}{suffix}", headers=h, **kw)
+
+
+async def _redeliver(w: World, h: dict[str, str]) -> httpx.Response:
+    hook_id = await _webhook(w)
+    ping = await w.api.http.post(f"/api/webhooks/{hook_id}/test", headers=w.owner)
+    delivery_id = ping.json()["delivery"]["id"]
+    return await w.api.http.post(f"/api/webhooks/{hook_id}/deliveries/{delivery_id}/redeliver", headers=h)
+
+
+WEBHOOK_ROWS: tuple[Row, ...] = (
+    Row(
+        "createWebhook",
+        "manage",
+        201,
+        lambda w, h: w.api.http.post(
+            "/api/webhooks",
+            json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.deleted"]},
+            headers=h,
+        ),
+    ),
+    Row("listWebhooks", "manage", 200, lambda w, h: w.api.http.get("/api/webhooks", params=_q(w), headers=h)),
+    Row("getWebhook", "manage", 200, lambda w, h: _hook_call(w, h, "GET")),
+    Row("updateWebhook", "manage", 200, lambda w, h: _hook_call(w, h, "PATCH", json={"enabled": False})),
+    Row("deleteWebhook", "manage", 200, lambda w, h: _hook_call(w, h, "DELETE")),
+    Row("testWebhook", "manage", 200, lambda w, h: _hook_call(w, h, "POST", "/test")),
+    Row("listWebhookDeliveries", "manage", 200, lambda w, h: _hook_call(w, h, "GET", "/deliveries")),
+    Row("redeliverWebhook", "manage", 202, _redeliver),
+    Row("projectLog", "manage", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/log", headers=h)),
+)
 
 
 MATRIX: tuple[Row, ...] = (
@@ -856,6 +903,7 @@ MATRIX: tuple[Row, ...] = (
             headers=h,
         ),
     ),
+    *WEBHOOK_ROWS,
     # Last: the admin's call deletes the project.
     Row("deleteProject", "owner", 200, lambda w, h: w.api.http.delete(f"/api/projects/{w.pid}", headers=h)),
 )

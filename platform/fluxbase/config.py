@@ -95,6 +95,28 @@ class AuthSettings(msgspec.Struct, frozen=True):
     invite_ttl_seconds: int = 7 * 24 * 3600
 
 
+# Svix-like: immediately, then after 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h (~28 h in all).
+DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class WebhookSettings(msgspec.Struct, frozen=True):
+    """Webhook delivery: timeouts, the retry schedule and the SSRF guard's one exception."""
+
+    allow_loopback: bool = False
+    """Allow URLs that resolve to 127.0.0.0/8 or ::1 (local development and tests only)."""
+    timeout_s: float = 10.0
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    """Seconds to wait before each retry (±20% jitter); after the last one the endpoint is disabled."""
+    concurrency: int = 16
+    """Endpoints a worker delivers to at once (each in order, one request at a time)."""
+    batch: int = 100
+    """Pending deliveries one endpoint claim sends before its row lock is given up."""
+    response_body_max: int = 1024
+    """Characters of a receiver's response body kept in the delivery log."""
+    log_retention_s: int = 30 * 24 * 3600
+    """Finished deliveries older than this are removed by housekeeping."""
+
+
 class TenantSettings(msgspec.Struct, frozen=True):
     """Limits on tenant SQL that the tenant cannot lift."""
 
@@ -123,7 +145,8 @@ class Settings(msgspec.Struct, frozen=True):
     realtime: RealtimeSettings = RealtimeSettings()
     tenant: TenantSettings = TenantSettings()
     storage: StorageSettings = StorageSettings()
-    run_worker_in_api: bool = True
+    webhooks: WebhookSettings = WebhookSettings()
+    run_worker_in_api: bool = False
     log_level: str = "info"
 
     @property
@@ -155,6 +178,16 @@ def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
     return value
+
+
+def _schedule(value: str, name: str) -> tuple[float, ...]:
+    try:
+        steps = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds, got {value!r}") from None
+    if not steps or any(s <= 0 for s in steps):
+        raise ConfigError(f"{name} needs at least one positive number of seconds, got {value!r}")
+    return steps
 
 
 def check_secret(secret: str | None) -> str:
@@ -253,6 +286,21 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_upload_s=int_of("FLUXBASE_STORAGE_MAX_UPLOAD_S", sd.max_upload_s),
     )
     _check_storage(storage)
+    wd = WebhookSettings()
+    webhooks = WebhookSettings(
+        allow_loopback=_bool(
+            get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK", "false") or "false", "FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK"
+        ),
+        timeout_s=float(_positive(int_of("FLUXBASE_WEBHOOKS_TIMEOUT_S", 10), "FLUXBASE_WEBHOOKS_TIMEOUT_S")),
+        retry_schedule=_schedule(
+            get("FLUXBASE_WEBHOOKS_RETRY_SCHEDULE", "") or ",".join(str(s) for s in wd.retry_schedule),
+            "FLUXBASE_WEBHOOKS_RETRY_SCHEDULE",
+        ),
+        concurrency=_positive(
+            int_of("FLUXBASE_WEBHOOKS_CONCURRENCY", wd.concurrency), "FLUXBASE_WEBHOOKS_CONCURRENCY"
+        ),
+        log_retention_s=int_of("FLUXBASE_WEBHOOKS_LOG_RETENTION_S", wd.log_retention_s),
+    )
     return Settings(
         database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
         s3=S3Settings(
@@ -287,8 +335,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         tenant=tenant,
         storage=storage,
+        webhooks=webhooks,
         run_worker_in_api=_bool(
-            get("FLUXBASE_RUN_WORKER_IN_API", "true") or "true", "FLUXBASE_RUN_WORKER_IN_API"
+            get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),
         log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
     )

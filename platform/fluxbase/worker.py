@@ -1,4 +1,5 @@
-"""The background worker: housekeeping (sessions, login failures, outbox retention, storage)."""
+"""The background worker: webhook delivery, and housekeeping (sessions, login failures, outbox
+retention, the webhook log, storage leftovers)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fluxbase.errors import StorageUnavailable
 from fluxbase.services import realtime
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.service import StorageService
+from fluxbase.webhooks import service as webhooks
+from fluxbase.webhooks.delivery import WebhookWorker
 
 log = logging.getLogger("fluxbase.worker")
 
@@ -33,6 +36,7 @@ async def housekeeping(
         db, settings.realtime.events_retention_s, settings.realtime.events_max_rows
     )
     await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
+    counts["webhookDeliveries"] = await webhooks.trim_log(db, settings.webhooks.log_retention_s)
     if store is not None:
         try:
             storage = await StorageService(db, store, settings).housekeep()
@@ -46,9 +50,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     from fluxbase.db.control import create_control_pool
 
     stop = stop or asyncio.Event()
-    db = await create_control_pool(settings)
+    # Each endpoint being sent to holds a connection (its advisory lock is session-level).
+    db = await create_control_pool(settings, max_size=settings.webhooks.concurrency + 4)
     store = ObjectStore(settings.s3)
     await store.start()
+    hooks = WebhookWorker(settings, db)
+    delivery = asyncio.create_task(hooks.run(stop))
     log.info("worker started")
     try:
         while not stop.is_set():
@@ -61,5 +68,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             except TimeoutError:
                 pass
     finally:
+        stop.set()
+        await asyncio.gather(delivery, return_exceptions=True)
         await store.close()
         await db.close()

@@ -233,6 +233,10 @@ def run_dev(environ: Mapping[str, str]) -> int:
             FLUXBASE_SECRET_KEY=environ.get("FLUXBASE_SECRET_KEY") or _dev_secret(base),
             FLUXBASE_API_PORT=str(api_port),
             FLUXBASE_REALTIME_PORT=str(rt_port),
+            # A development machine's receivers live on localhost.
+            FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK=environ.get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK") or "true",
+            # The worker runs as its own child here.
+            FLUXBASE_RUN_WORKER_IN_API="false",
         )
         applied = asyncio.run(migrate_database(load_settings(env)))
         if applied:

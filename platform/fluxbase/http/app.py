@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from litestar import Litestar
@@ -15,7 +17,7 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team
+from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team, webhooks
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -63,6 +65,15 @@ ROUTES = [
     realtime.version,
     realtime.create_token,
     realtime.broadcast,
+    webhooks.create_webhook,
+    webhooks.list_webhooks,
+    webhooks.get_webhook,
+    webhooks.update_webhook,
+    webhooks.delete_webhook,
+    webhooks.test_webhook,
+    webhooks.list_deliveries,
+    webhooks.redeliver,
+    webhooks.project_log,
 ]
 
 
@@ -85,13 +96,22 @@ def create_app(settings: Settings) -> Litestar:
             auth=Authenticator(db, settings),
         )
 
+        if settings.run_worker_in_api:
+            # One-node setups: the worker (webhook delivery, housekeeping) inside this process.
+            from fluxbase.worker import run_worker
+
+            app.state.worker_stop = asyncio.Event()
+            app.state.worker = asyncio.create_task(run_worker(settings, app.state.worker_stop))
+
     async def shutdown(app: Litestar) -> None:
+        worker: asyncio.Task[None] | None = getattr(app.state, "worker", None)
+        if worker is not None:
+            app.state.worker_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker, 10)
         ctx: AppContext | None = getattr(app.state, "ctx", None)
-        if ctx is None:
-            return
-        await ctx.tenants.close()
-        await ctx.store.close()
-        await ctx.db.close()
+        if ctx is not None:
+            await ctx.close()
 
     return Litestar(
         route_handlers=ROUTES,

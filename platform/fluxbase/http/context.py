@@ -11,6 +11,7 @@ from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
+from fluxbase.webhooks.sender import Sender
 
 
 @dataclass
@@ -21,3 +22,17 @@ class AppContext:
     store: ObjectStore
     auth: Authenticator
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    _sender: Sender | None = None
+
+    def webhook_sender(self) -> Sender:
+        """The HTTP client for webhook test pings, made on first use."""
+        if self._sender is None:
+            self._sender = Sender(self.settings.webhooks)
+        return self._sender
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            await self._sender.close()
+        await self.tenants.close()
+        await self.store.close()
+        await self.db.close()

@@ -156,6 +156,9 @@ WITH oldest AS (
     SELECT xid, id, created_at, row_number() OVER (ORDER BY xid, id) AS rn
     FROM (SELECT xid, id, created_at FROM fluxbase.events
           WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
+            -- never past the webhook dispatcher while any endpoint waits for events
+            AND (NOT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)
+                 OR (xid, id) <= (SELECT last_xid, last_id FROM fluxbase.webhook_dispatch))
           ORDER BY xid, id LIMIT $1) s
 )
 SELECT xid::text AS xid, id FROM oldest

@@ -1,0 +1,440 @@
+"""Webhook delivery: the dispatcher turns outbox events into queued deliveries, the sender
+drains each endpoint's queue in order. Both run in `fluxbase worker`, any number of them.
+
+- **Dispatch.** One transaction: lock the single `webhook_dispatch` cursor row (SKIP LOCKED, so
+  exactly one worker dispatches at a time), read events after the cursor and below the
+  snapshot's xmin (commit-safe order, as the realtime reader does), insert one delivery per
+  matching endpoint and move the cursor. Either all of it commits or none of it: an event is
+  queued exactly once, a rolled-back change never has an event to queue.
+- **Send.** Per endpoint, a session-level advisory lock (never a long transaction: an open
+  transaction with an xid would hold back every outbox reader's xmin) and then up to `batch`
+  pending deliveries in id order; the first failure stops that endpoint until its retry is due,
+  so receivers see events in order. Results are written in one statement after the requests.
+  A crash in between re-sends those requests with the same `webhook-id`: at-least-once.
+- **Doorbell.** The dispatcher registers as an outbox reader and sleeps on the same doorbell
+  as the realtime service (NOTIFY only while someone waits; the payload is never read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from fluxbase.config import Settings
+from fluxbase.webhooks.sender import Attempt, Sender
+
+log = logging.getLogger("fluxbase.webhooks")
+
+CHANNEL = "fluxbase_events"
+LOCK_CLASS = 72_431_902  # advisory lock space for endpoints (first int4 of the key pair)
+
+EVENT_TYPES = {
+    ("row", "INSERT"): "row.inserted",
+    ("row", "UPDATE"): "row.updated",
+    ("row", "DELETE"): "row.deleted",
+}
+ALL_EVENTS = ("row.inserted", "row.updated", "row.deleted", "schema.changed")
+
+_EVENTS_SQL = """
+SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation,
+       e.record::text AS record, e.old::text AS old, e.created_at,
+       to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS ts
+FROM fluxbase.events e
+WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < $3::text::xid8
+  AND e.kind IN ('row', 'schema')
+  AND e.project_id IN (SELECT project_id FROM fluxbase.webhooks WHERE enabled)
+ORDER BY e.xid, e.id
+LIMIT $4
+"""
+
+# Endpoints whose oldest pending delivery is due.
+_DUE_SQL = """
+SELECT w.id FROM fluxbase.webhooks w
+JOIN LATERAL (
+    SELECT d.next_attempt_at FROM fluxbase.webhook_deliveries d
+    WHERE d.webhook_id = w.id AND d.status = 'pending' ORDER BY d.id LIMIT 1
+) head ON true
+WHERE w.enabled AND head.next_attempt_at <= now() AND w.id <> ALL($2::text[])
+ORDER BY head.next_attempt_at
+LIMIT $1
+"""
+
+_NEXT_DUE_SQL = """
+SELECT min(head.next_attempt_at) FROM fluxbase.webhooks w
+JOIN LATERAL (
+    SELECT d.next_attempt_at FROM fluxbase.webhook_deliveries d
+    WHERE d.webhook_id = w.id AND d.status = 'pending' ORDER BY d.id LIMIT 1
+) head ON true
+WHERE w.enabled AND w.id <> ALL($1::text[])
+"""
+
+_RECORD_SQL = """
+UPDATE fluxbase.webhook_deliveries d SET
+    status = r.status, attempts = d.attempts + 1, last_attempt_at = r.at,
+    next_attempt_at = r.next_at, response_status = r.code, response_ms = r.ms,
+    response_body = r.body, error = r.error
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[], $6::int[],
+            $7::text[], $8::text[]) AS r(id, status, at, next_at, code, ms, body, error)
+WHERE d.id = r.id
+"""
+
+_ENC = msgspec.json.Encoder()
+
+
+def message_body(
+    event_type: str, project_id: str, table: str | None, ts: str, new: str | None, old: str | None
+) -> bytes:
+    """The reference doc's payload, keys in its order; row images are PostgreSQL's own JSON."""
+    return _ENC.encode(
+        {
+            "event_type": event_type,
+            "project_id": project_id,
+            "table_id": table,
+            "timestamp": ts,
+            "data": {
+                "new": msgspec.Raw(new.encode()) if new is not None else None,
+                "old": msgspec.Raw(old.encode()) if old is not None else None,
+            },
+        }
+    )
+
+
+def event_message(row: asyncpg.Record) -> tuple[str, bytes] | None:
+    """(event_type, body) for one outbox row, or None for what webhooks do not carry."""
+    if row["kind"] == "schema":
+        return "schema.changed", message_body(
+            "schema.changed", row["project_id"], row["table_name"], row["ts"], row["record"], None
+        )
+    event_type = EVENT_TYPES.get((row["kind"], row["operation"]))
+    if event_type is None:
+        return None
+    new = None if row["operation"] == "DELETE" else row["record"]
+    old = row["old"] if row["operation"] != "INSERT" else None
+    return event_type, message_body(event_type, row["project_id"], row["table_name"], row["ts"], new, old)
+
+
+def retry_delay(settings: Settings, attempts: int) -> float | None:
+    """Seconds before the next try after `attempts` failed ones, or None when the schedule is spent."""
+    schedule = settings.webhooks.retry_schedule
+    if attempts > len(schedule):
+        return None
+    return schedule[attempts - 1] * random.uniform(0.8, 1.2)
+
+
+@dataclass
+class _Hook:
+    id: str
+    project_id: str
+    events: frozenset[str]
+    tables: frozenset[str] | None
+    created_at: Any
+
+    def wants(self, event_type: str, table: str | None, created_at: Any) -> bool:
+        if event_type not in self.events or created_at < self.created_at:
+            return False
+        return self.tables is None or table in self.tables
+
+
+async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[int, bool, bool]:
+    """Queue deliveries for the next events: (deliveries queued, more events pending, whether any
+    endpoint is enabled at all). (0, False, True) when another worker holds the cursor."""
+    async with conn.transaction():
+        cursor = await conn.fetchrow(
+            "SELECT last_xid::text AS xid, last_id FROM fluxbase.webhook_dispatch FOR UPDATE SKIP LOCKED"
+        )
+        if cursor is None:
+            return 0, False, True
+        xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
+        rows = await conn.fetch(_EVENTS_SQL, cursor["xid"], cursor["last_id"], xmin, limit) if active else []
+        queued: list[tuple[str, str, str, str]] = []
+        if rows:
+            hooks: dict[str, list[_Hook]] = {}
+            for h in await conn.fetch(
+                "SELECT id, project_id, events, tables, created_at FROM fluxbase.webhooks "
+                "WHERE enabled AND project_id = ANY($1::text[])",
+                list({r["project_id"] for r in rows}),
+            ):
+                hooks.setdefault(h["project_id"], []).append(
+                    _Hook(
+                        h["id"],
+                        h["project_id"],
+                        frozenset(h["events"]),
+                        frozenset(h["tables"]) if h["tables"] is not None else None,
+                        h["created_at"],
+                    )
+                )
+            for r in rows:
+                message = event_message(r)
+                if message is None:
+                    continue
+                event_type, body = message
+                message_id = f"msg_{r['xid']}_{r['id']}"
+                for hook in hooks.get(r["project_id"], ()):
+                    if hook.wants(event_type, r["table_name"], r["created_at"]):
+                        queued.append((hook.id, message_id, event_type, body.decode()))
+            if queued:
+                await conn.copy_records_to_table(
+                    "webhook_deliveries",
+                    schema_name="fluxbase",
+                    columns=["webhook_id", "message_id", "event_type", "body"],
+                    records=queued,
+                )
+        more = len(rows) == limit
+        if more:
+            new_xid, new_id = rows[-1]["xid"], rows[-1]["id"]
+        else:
+            new_xid, new_id = xmin, 0  # every event below xmin has been seen
+        await conn.execute(
+            "UPDATE fluxbase.webhook_dispatch SET last_xid = $1::text::xid8, last_id = $2 "
+            "WHERE (last_xid, last_id) < ($1::text::xid8, $2)",
+            new_xid,
+            new_id,
+        )
+    return len(queued), more, active
+
+
+async def send_endpoint(
+    db: asyncpg.Pool, settings: Settings, sender: Sender, webhook_id: str
+) -> tuple[int, bool] | None:
+    """Send one endpoint's due deliveries in order: (requests made, more due now), or None
+    when another worker is sending to this endpoint."""
+    async with db.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, webhook_id):
+            return None
+        try:
+            return await _send_locked(conn, settings, sender, webhook_id)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, webhook_id)
+
+
+async def _send_locked(
+    conn: asyncpg.Connection, settings: Settings, sender: Sender, webhook_id: str
+) -> tuple[int, bool]:
+    hook = await conn.fetchrow(
+        "SELECT id, project_id, url, secret, enabled FROM fluxbase.webhooks WHERE id = $1", webhook_id
+    )
+    if hook is None or not hook["enabled"]:
+        return 0, False
+    batch = settings.webhooks.batch
+    pending = await conn.fetch(
+        "SELECT id, message_id, event_type, body, attempts, next_attempt_at <= now() AS due "
+        "FROM fluxbase.webhook_deliveries WHERE webhook_id = $1 AND status = 'pending' ORDER BY id LIMIT $2",
+        webhook_id,
+        batch,
+    )
+    results: list[tuple[asyncpg.Record, Attempt, datetime]] = []
+    failed = False
+    started = time.monotonic()
+    for d in pending:
+        if not d["due"]:
+            break
+        attempt = await sender.send(
+            hook["url"], hook["secret"], d["message_id"], d["event_type"], d["body"].encode()
+        )
+        results.append((d, attempt, datetime.now(UTC)))
+        if not attempt.ok:
+            failed = True
+            break
+        if time.monotonic() - started > 5.0:
+            break  # write progress down regularly
+    if not results:
+        return 0, False
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    exhausted: tuple[asyncpg.Record, Attempt] | None = None
+    for d, attempt, at in results:
+        if attempt.ok:
+            status, next_at = "delivered", at
+        else:
+            delay = retry_delay(settings, d["attempts"] + 1)
+            if delay is None:
+                status, next_at = "failed", at
+                exhausted = (d, attempt)
+            else:
+                status, next_at = "pending", at + timedelta(seconds=delay)
+        row = (d["id"], status, at, next_at, attempt.status, attempt.ms, attempt.body, attempt.error)
+        for col, value in zip(columns, row, strict=True):
+            col.append(value)
+    async with conn.transaction():
+        await conn.execute(_RECORD_SQL, *columns)
+        if exhausted is not None:
+            await _disable(conn, hook, *exhausted)
+    more = not failed and (len(results) < len(pending) or len(pending) == batch)
+    return len(results), more
+
+
+async def _disable(
+    conn: asyncpg.Connection, hook: asyncpg.Record, d: asyncpg.Record, attempt: Attempt
+) -> None:
+    """The schedule is spent: turn the endpoint off and tell the project in its log."""
+    attempts = d["attempts"] + 1
+    reason = f"disabled after {attempts} failed attempts; last error: {attempt.error}"
+    await conn.execute(
+        "UPDATE fluxbase.webhooks SET enabled = false, disabled_reason = $2, updated_at = now() "
+        "WHERE id = $1",
+        hook["id"],
+        reason,
+    )
+    await conn.execute(
+        "INSERT INTO fluxbase.project_log (project_id, level, source, message, details) "
+        "VALUES ($1, 'error', 'webhooks', $2, $3::jsonb)",
+        hook["project_id"],
+        f"Webhook {hook['id']} ({hook['url']}) was {reason}. Fix the endpoint and enable it again "
+        "(PATCH /api/webhooks/{id} with enabled: true); its pending deliveries then resume in order.",
+        _ENC.encode({"webhookId": hook["id"], "deliveryId": d["id"], "attempts": attempts}).decode(),
+    )
+    log.warning("webhook %s disabled after %d failed attempts", hook["id"], attempts)
+
+
+class WebhookWorker:
+    """The dispatcher and the sender loop of one worker process."""
+
+    def __init__(self, settings: Settings, db: asyncpg.Pool):
+        self.settings = settings
+        self.db = db
+        self.sender = Sender(settings.webhooks)
+        self.reader_id = "wh_" + secrets.token_hex(6)
+        self.ready = asyncio.Event()
+        self._bell = asyncio.Event()
+        self._work = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._elsewhere: dict[str, float] = {}  # endpoints another worker is sending to, until
+        self.delivered = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self._dispatch_loop(stop)), asyncio.create_task(self._send_loop(stop))]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in list(self._inflight.values()):
+                t.cancel()
+            await asyncio.gather(*tasks, *self._inflight.values(), return_exceptions=True)
+            await self.sender.close()
+            with contextlib.suppress(Exception):
+                await self.db.execute(
+                    "DELETE FROM fluxbase.event_readers WHERE reader_id = $1", self.reader_id
+                )
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _on_notify(self, *_: object) -> None:
+        self._bell.set()
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.database.url,
+                    timeout=self.settings.database.connect_timeout,
+                    server_settings={"application_name": "fluxbase-webhooks"},
+                )
+                await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.execute(
+                    "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, false) "
+                    "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now()",
+                    self.reader_id,
+                )
+                backoff = 0.2
+                await self._dispatch_forever(conn, stop)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("webhook dispatcher lost its connection (%r); retrying in %.1fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
+
+    async def _set_waiting(self, conn: asyncpg.Connection, waiting: bool) -> None:
+        await conn.execute(
+            "UPDATE fluxbase.event_readers SET waiting = $2, seen_at = now() WHERE reader_id = $1",
+            self.reader_id,
+            waiting,
+        )
+
+    async def _dispatch(self, conn: asyncpg.Connection) -> tuple[bool, bool]:
+        queued, more, active = await dispatch_once(conn)
+        if queued:
+            self._work.set()
+        return more or queued > 0, active
+
+    async def _dispatch_forever(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            busy, active = await self._dispatch(conn)
+            self.ready.set()
+            if busy:
+                await asyncio.sleep(0.002)
+                continue
+            if not active:
+                # No endpoint anywhere: no doorbell (each one costs writers a NOTIFY), just a
+                # look once a second for the first endpoint.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            # Drained: ask for the doorbell, look once more, then sleep until it rings.
+            self._bell.clear()
+            await self._set_waiting(conn, True)
+            if not (await self._dispatch(conn))[0]:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._bell.wait(), 1.0)
+            await self._set_waiting(conn, False)
+
+    # -- send -------------------------------------------------------------------------------
+
+    async def _send_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._work.clear()
+            try:
+                wait = await self._send_round()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("webhook sender could not reach the database (%r)", exc)
+                wait = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait(), wait)
+
+    async def _send_round(self) -> float:
+        """Start a task for each due endpoint there is room for; return how long to sleep."""
+        now = time.monotonic()
+        self._elsewhere = {h: t for h, t in self._elsewhere.items() if t > now}
+        excluded = [*self._inflight, *self._elsewhere]
+        room = self.settings.webhooks.concurrency - len(self._inflight)
+        if room <= 0:
+            return 1.0  # a finishing task sets _work
+        for row in await self.db.fetch(_DUE_SQL, room, excluded):
+            self._inflight[row["id"]] = asyncio.create_task(self._send_one(row["id"]))
+        nxt = await self.db.fetchval(_NEXT_DUE_SQL, [*self._inflight, *self._elsewhere])
+        if nxt is None:
+            return 1.0
+        return max(0.005, min(1.0, (nxt - datetime.now(UTC)).total_seconds()))
+
+    async def _send_one(self, hook_id: str) -> None:
+        try:
+            while True:
+                outcome = await send_endpoint(self.db, self.settings, self.sender, hook_id)
+                if outcome is None:  # another worker holds it; look again a little later
+                    self._elsewhere[hook_id] = time.monotonic() + 0.5
+                    break
+                sent, more = outcome
+                self.delivered += sent
+                if not more:
+                    break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("webhook %s: delivery round failed (%r)", hook_id, exc)
+        finally:
+            self._inflight.pop(hook_id, None)
+            self._work.set()  # a slot is free; look for more

@@ -1,0 +1,324 @@
+"""Webhook configuration, the delivery log, redelivery, test pings and the project log."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from fluxbase import ids
+from fluxbase.config import Settings
+from fluxbase.errors import NotFound, ValidationError
+from fluxbase.webhooks import signing, ssrf
+from fluxbase.webhooks.delivery import ALL_EVENTS, message_body
+from fluxbase.webhooks.sender import Sender
+
+MAX_PER_PROJECT = 50
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_COLUMNS = "id, project_id, url, events, tables, enabled, disabled_reason, created_at, updated_at"
+
+
+@dataclass(frozen=True)
+class Webhook:
+    id: str
+    project_id: str
+    url: str
+    events: list[str]
+    tables: list[str] | None
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, r: asyncpg.Record) -> Webhook:
+        return cls(
+            r["id"],
+            r["project_id"],
+            r["url"],
+            list(r["events"]),
+            list(r["tables"]) if r["tables"] is not None else None,
+            r["enabled"],
+            r["disabled_reason"],
+            r["created_at"],
+            r["updated_at"],
+        )
+
+    def out(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "projectId": self.project_id,
+            "url": self.url,
+            "events": self.events,
+            "tables": self.tables,
+            "enabled": self.enabled,
+            "disabledReason": self.disabled_reason,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+
+def check_events(events: list[str]) -> list[str]:
+    if not isinstance(events, list) or not events:
+        raise ValidationError(f"events must be a non-empty list of: {', '.join(ALL_EVENTS)}.")
+    unknown = sorted({e for e in events if e not in ALL_EVENTS})
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ValidationError(f"Unknown event(s) {names}; use: {', '.join(ALL_EVENTS)}.")
+    return sorted(set(events), key=ALL_EVENTS.index)
+
+
+def check_tables(tables: list[str] | None) -> list[str] | None:
+    if tables is None:
+        return None
+    if not isinstance(tables, list) or not tables or len(tables) > 100:
+        raise ValidationError("tables must be null (every table) or a list of 1 to 100 table names.")
+    bad = [t for t in tables if not isinstance(t, str) or not _TABLE_RE.match(t)]
+    if bad:
+        raise ValidationError(f"Not a table name: {bad[0]!r}.")
+    return sorted(set(tables))
+
+
+async def check_url(settings: Settings, url: str) -> str:
+    await ssrf.check_url(url, settings.webhooks.allow_loopback)
+    return url
+
+
+async def create(
+    db: asyncpg.Pool,
+    settings: Settings,
+    project_id: str,
+    url: str,
+    events: list[str],
+    tables: list[str] | None,
+    secret: str | None,
+    enabled: bool,
+) -> tuple[Webhook, str]:
+    """Create an endpoint; returns it and its secret (shown this once)."""
+    events = check_events(events)
+    tables = check_tables(tables)
+    secret = signing.check_secret(secret) if secret is not None else signing.new_secret()
+    await check_url(settings, url)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM fluxbase.projects WHERE id = $1 FOR UPDATE", project_id)
+        count = await conn.fetchval(
+            "SELECT count(*) FROM fluxbase.webhooks WHERE project_id = $1", project_id
+        )
+        if count >= MAX_PER_PROJECT:
+            raise ValidationError(f"A project may have at most {MAX_PER_PROJECT} webhooks.")
+        row = await conn.fetchrow(
+            f"INSERT INTO fluxbase.webhooks (id, project_id, url, events, tables, secret, enabled) "
+            f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+            ids.prefixed("wh"),
+            project_id,
+            url,
+            events,
+            tables,
+            secret,
+            enabled,
+        )
+    return Webhook.from_row(row), secret
+
+
+async def list_for(db: asyncpg.Pool, project_id: str) -> list[Webhook]:
+    rows = await db.fetch(
+        f"SELECT {_COLUMNS} FROM fluxbase.webhooks WHERE project_id = $1 ORDER BY created_at, id", project_id
+    )
+    return [Webhook.from_row(r) for r in rows]
+
+
+async def project_of(db: asyncpg.Pool, webhook_id: str) -> str:
+    """The project a webhook belongs to (for authorisation), or 404."""
+    project_id = await db.fetchval("SELECT project_id FROM fluxbase.webhooks WHERE id = $1", webhook_id)
+    if project_id is None:
+        raise NotFound("No webhook with this id.")
+    return str(project_id)
+
+
+async def get(db: asyncpg.Pool, project_id: str, webhook_id: str) -> Webhook:
+    row = await db.fetchrow(
+        f"SELECT {_COLUMNS} FROM fluxbase.webhooks WHERE id = $1 AND project_id = $2", webhook_id, project_id
+    )
+    if row is None:
+        raise NotFound("No webhook with this id.")
+    return Webhook.from_row(row)
+
+
+async def update(
+    db: asyncpg.Pool, settings: Settings, project_id: str, webhook_id: str, changes: dict[str, Any]
+) -> tuple[Webhook, str | None]:
+    """Apply a PATCH; returns the endpoint and a new secret if one was set or generated."""
+    sets: list[str] = []
+    args: list[Any] = [webhook_id, project_id]
+
+    def put(column: str, value: Any) -> None:
+        args.append(value)
+        sets.append(f"{column} = ${len(args)}")
+
+    new_secret: str | None = None
+    if "url" in changes:
+        put("url", await check_url(settings, changes["url"]))
+    if "events" in changes:
+        put("events", check_events(changes["events"]))
+    if "tables" in changes:
+        put("tables", check_tables(changes["tables"]))
+    if changes.get("rotate_secret"):
+        new_secret = signing.new_secret()
+    elif changes.get("secret") is not None:
+        new_secret = signing.check_secret(changes["secret"])
+    if new_secret is not None:
+        put("secret", new_secret)
+    if "enabled" in changes:
+        if not isinstance(changes["enabled"], bool):
+            raise ValidationError("enabled must be true or false.")
+        put("enabled", changes["enabled"])
+        if changes["enabled"]:
+            sets.append("disabled_reason = NULL")
+        else:
+            sets.append("disabled_reason = 'disabled by a project admin'")
+    if not sets:
+        return await get(db, project_id, webhook_id), None
+    row = await db.fetchrow(
+        f"UPDATE fluxbase.webhooks SET {', '.join(sets)}, updated_at = now() "
+        f"WHERE id = $1 AND project_id = $2 RETURNING {_COLUMNS}",
+        *args,
+    )
+    if row is None:
+        raise NotFound("No webhook with this id.")
+    return Webhook.from_row(row), new_secret
+
+
+async def delete(db: asyncpg.Pool, project_id: str, webhook_id: str) -> None:
+    status = await db.execute(
+        "DELETE FROM fluxbase.webhooks WHERE id = $1 AND project_id = $2", webhook_id, project_id
+    )
+    if status.endswith(" 0"):
+        raise NotFound("No webhook with this id.")
+
+
+_DELIVERY_COLUMNS = """id, message_id, event_type, body, status, attempts, next_attempt_at, last_attempt_at,
+response_status, response_ms, response_body, error, redelivery_of, created_at"""
+
+
+def delivery_out(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": str(r["id"]),
+        "messageId": r["message_id"],
+        "eventType": r["event_type"],
+        "status": r["status"],
+        "attempts": r["attempts"],
+        "responseStatus": r["response_status"],
+        "responseTimeMs": r["response_ms"],
+        "responseBody": r["response_body"],
+        "error": r["error"],
+        "nextRetryAt": r["next_attempt_at"] if r["status"] == "pending" else None,
+        "lastAttemptAt": r["last_attempt_at"],
+        "createdAt": r["created_at"],
+        "redeliveryOf": str(r["redelivery_of"]) if r["redelivery_of"] is not None else None,
+        "payload": msgspec.Raw(r["body"].encode()),
+    }
+
+
+def _delivery_id(value: str) -> int:
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
+        raise NotFound("No delivery with this id.")
+    return int(value)
+
+
+async def deliveries(
+    db: asyncpg.Pool, webhook_id: str, status: str | None, limit: int, before: str | None
+) -> list[dict[str, Any]]:
+    if status is not None and status not in ("pending", "delivered", "failed"):
+        raise ValidationError("status must be pending, delivered or failed.")
+    if not 1 <= limit <= 500:
+        raise ValidationError("limit must be between 1 and 500.")
+    upper = _delivery_id(before) if before else 2**62
+    rows = await db.fetch(
+        f"SELECT {_DELIVERY_COLUMNS} FROM fluxbase.webhook_deliveries "
+        "WHERE webhook_id = $1 AND id < $2 AND ($3::text IS NULL OR status = $3) ORDER BY id DESC LIMIT $4",
+        webhook_id,
+        upper,
+        status,
+        limit,
+    )
+    return [delivery_out(r) for r in rows]
+
+
+async def redeliver(db: asyncpg.Pool, webhook_id: str, delivery_id: str) -> dict[str, Any]:
+    """Queue the same message (same body, same webhook-id) again, behind the endpoint's queue."""
+    row = await db.fetchrow(
+        f"""INSERT INTO fluxbase.webhook_deliveries (webhook_id, message_id, event_type, body, redelivery_of)
+            SELECT webhook_id, message_id, event_type, body, id FROM fluxbase.webhook_deliveries
+            WHERE id = $1 AND webhook_id = $2
+            RETURNING {_DELIVERY_COLUMNS}""",
+        _delivery_id(delivery_id),
+        webhook_id,
+    )
+    if row is None:
+        raise NotFound("No delivery with this id for this webhook.")
+    return delivery_out(row)
+
+
+async def send_test(db: asyncpg.Pool, sender: Sender, project_id: str, webhook_id: str) -> dict[str, Any]:
+    """Send a `ping` now (not queued, not retried) and log it like any delivery."""
+    hook = await db.fetchrow(
+        "SELECT url, secret FROM fluxbase.webhooks WHERE id = $1 AND project_id = $2", webhook_id, project_id
+    )
+    if hook is None:
+        raise NotFound("No webhook with this id.")
+    now = datetime.now(UTC)
+    ts = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    new = msgspec.json.encode({"message": "Fluxbase webhook test", "webhookId": webhook_id}).decode()
+    body = message_body("ping", project_id, None, ts, new, None)
+    message_id = f"msg_ping_{secrets.token_hex(8)}"
+    attempt = await sender.send(hook["url"], hook["secret"], message_id, "ping", body)
+    row = await db.fetchrow(
+        f"""INSERT INTO fluxbase.webhook_deliveries (webhook_id, message_id, event_type, body, status,
+                attempts, last_attempt_at, response_status, response_ms, response_body, error)
+            VALUES ($1, $2, 'ping', $3, $4, 1, now(), $5, $6, $7, $8) RETURNING {_DELIVERY_COLUMNS}""",
+        webhook_id,
+        message_id,
+        body.decode(),
+        "delivered" if attempt.ok else "failed",
+        attempt.status,
+        attempt.ms,
+        attempt.body,
+        attempt.error,
+    )
+    return delivery_out(row)
+
+
+async def project_log(db: asyncpg.Pool, project_id: str, limit: int) -> list[dict[str, Any]]:
+    if not 1 <= limit <= 500:
+        raise ValidationError("limit must be between 1 and 500.")
+    rows = await db.fetch(
+        "SELECT id, level, source, message, details::text AS details, created_at FROM fluxbase.project_log "
+        "WHERE project_id = $1 ORDER BY id DESC LIMIT $2",
+        project_id,
+        limit,
+    )
+    return [
+        {
+            "id": str(r["id"]),
+            "level": r["level"],
+            "source": r["source"],
+            "message": r["message"],
+            "details": msgspec.Raw(r["details"].encode()) if r["details"] else None,
+            "createdAt": r["created_at"],
+        }
+        for r in rows
+    ]
+
+
+async def trim_log(db: asyncpg.Pool, max_age_s: int) -> int:
+    status = await db.execute(
+        "DELETE FROM fluxbase.webhook_deliveries WHERE status <> 'pending' "
+        "AND created_at < now() - make_interval(secs => $1)",
+        max_age_s,
+    )
+    return int(status.split()[-1])
