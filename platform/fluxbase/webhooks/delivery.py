@@ -149,6 +149,9 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[in
     """Queue deliveries for the next events: (deliveries queued, more events pending, whether any
     endpoint is enabled at all). (0, False, True) when another worker holds the cursor."""
     async with conn.transaction():
+        # Safe without waiting for the WAL flush: a crash loses the deliveries and the cursor
+        # move together, and the next dispatcher queues the same events again.
+        await conn.execute("SET LOCAL synchronous_commit = off")
         cursor = await conn.fetchrow(
             "SELECT last_xid::text AS xid, last_id FROM fluxbase.webhook_dispatch FOR UPDATE SKIP LOCKED"
         )
@@ -266,6 +269,8 @@ async def _send_locked(
         for col, value in zip(columns, row, strict=True):
             col.append(value)
     async with conn.transaction():
+        # A lost result only means the request is made again (same webhook-id): at-least-once.
+        await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute(_RECORD_SQL, *columns)
         if exhausted is not None:
             await _disable(conn, hook, *exhausted)
