@@ -57,6 +57,7 @@ ROUTES = [
     team.change_member_role,
     team.list_my_invites,
     sql.execute_sql,
+    sql.execute_batch,
     realtime.list_tables,
     realtime.enable,
     realtime.disable,
