@@ -282,6 +282,18 @@ async def test_scopes(api: Api, project) -> None:
     other = await api.new_project(token)
     r = await api.http.get(url(other, "items"), headers=bearer(rw))
     assert_error(r, 403, "SCOPE_MISMATCH")
+    # The records endpoints use the cached-key hot path; revocation still applies at once.
+    keys = (await api.http.get(f"/api/projects/{pid}/api-keys", headers=bearer(project.owner_token))).json()
+    rw_id = next(k["id"] for k in keys["apiKeys"] if rw.startswith(k["prefix"]))
+    r = await api.http.delete(f"/api/projects/{pid}/api-keys/{rw_id}", headers=bearer(project.owner_token))
+    assert r.status_code == 200, r.text
+    for method, path in (
+        ("GET", url(pid, "items")),
+        ("POST", url(pid, "items")),
+        ("GET", url(pid, "items", "1")),
+    ):
+        r = await api.http.request(method, path, json={"id": 21}, headers=bearer(rw))
+        assert_error(r, 401, "AUTH_REQUIRED")
 
 
 async def test_rls_applies_with_auth_uid(api: Api, project) -> None:

@@ -575,41 +575,68 @@ def _int_param(raw: str | None, name: str, default: int, lo: int, hi: int) -> in
 
 @dataclass(frozen=True)
 class ListQuery:
-    """The raw query-string parameters of GET …/records (parsed against the catalog)."""
+    """GET …/records parameters, parsed before a connection is borrowed; names checked later."""
 
-    filter: str | None = None
-    sort: str | None = None
-    limit: str | None = None
-    offset: str | None = None
-    fields: str | None = None
+    filter: Any
+    sort: list[tuple[str, str]]
+    limit: int
+    offset: int
+    fields: list[str]
+
+    @classmethod
+    def parse(
+        cls,
+        filter_: str | None = None,
+        sort: str | None = None,
+        limit: str | None = None,
+        offset: str | None = None,
+        fields: str | None = None,
+    ) -> ListQuery:
+        spec: Any = {}
+        if filter_ is not None and filter_.strip():
+            try:
+                spec = msgspec.json.decode(filter_)
+            except msgspec.DecodeError:
+                raise ValidationError("filter must be a JSON object (URL-encoded).") from None
+            if not isinstance(spec, dict):
+                raise ValidationError("filter must be a JSON object.")
+        keys = [
+            (n[1:], "DESC") if n.startswith("-") else (n.lstrip("+"), "ASC") for n in _name_list(sort, "sort")
+        ]
+        return cls(
+            spec,
+            keys,
+            _int_param(limit, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+            _int_param(offset, "offset", 0, 0, MAX_OFFSET),
+            _name_list(fields, "fields"),
+        )
 
 
-def compile_list(table: Table, project_id: str, q: ListQuery) -> tuple[str, list[Any], int, int]:
-    """SELECT for GET …/records: (sql, params, limit, offset). Fetches limit + 1 rows for hasMore."""
-    limit = _int_param(q.limit, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int_param(q.offset, "offset", 0, 0, MAX_OFFSET)
+def compile_list(table: Table, project_id: str, q: ListQuery) -> tuple[str, list[Any]]:
+    """SELECT for GET …/records. Fetches limit + 1 rows, so the caller can tell hasMore."""
     params = _Params()
-    where = "TRUE"
-    if q.filter is not None and q.filter.strip():
-        try:
-            spec = msgspec.json.decode(q.filter)
-        except msgspec.DecodeError:
-            raise ValidationError("filter must be a JSON object (URL-encoded).") from None
-        where = compile_filter(table, spec, params)
-    fields = _name_list(q.fields, "fields")
-    _require_columns(table, fields, "fields")
-    select = ", ".join(quote_ident(f) for f in fields) if fields else "*"
-    order: list[str] = []
-    sort_names = _name_list(q.sort, "sort")
-    keys = [(n[1:], "DESC") if n.startswith("-") else (n.lstrip("+"), "ASC") for n in sort_names]
-    _require_columns(table, [k for k, _ in keys], "sort")
-    order = [f"{quote_ident(k)} {d}" for k, d in keys]
-    order += [quote_ident(k) for k in table.primary_key if k not in {k for k, _ in keys}]
+    where = compile_filter(table, q.filter, params)
+    _require_columns(table, q.fields, "fields")
+    select = ", ".join(quote_ident(f) for f in q.fields) if q.fields else "*"
+    _require_columns(table, [k for k, _ in q.sort], "sort")
+    order = [f"{quote_ident(k)} {d}" for k, d in q.sort]
+    order += [quote_ident(k) for k in table.primary_key if k not in {k for k, _ in q.sort}]
     sql = f"SELECT {select} FROM {_qualified(project_id, table.name)} WHERE {where}"
     if order:
         sql += " ORDER BY " + ", ".join(order)
-    sql += f" LIMIT {params.add(limit + 1)} OFFSET {params.add(offset)}"
-    return sql, params.values, limit, offset
+    sql += f" LIMIT {params.add(q.limit + 1)} OFFSET {params.add(q.offset)}"
+    return sql, params.values
+
+
+def check_insert(payload: Any) -> None:
+    """Shape checks of a POST …/records body (before a connection is borrowed)."""
+    _object_rows(payload)
+
+
+def check_patch(payload: Any) -> None:
+    """Shape check of a PATCH …/records/{pk} body (before a connection is borrowed)."""
+    if not isinstance(payload, dict) or not payload:
+        raise ValidationError("the body must be a non-empty JSON object of column values.")
 
 
 def _object_rows(payload: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -662,8 +689,7 @@ def compile_by_key(
         return f"SELECT * FROM {target} WHERE {pk} = {params.add(key)}", params.values
     if op == "delete":
         return f"DELETE FROM {target} WHERE {pk} = {params.add(key)} RETURNING *", params.values
-    if not isinstance(patch, dict) or not patch:
-        raise ValidationError("the body must be a non-empty JSON object of column values.")
+    check_patch(patch)
     _require_columns(table, list(patch), "the record")
     sets = ", ".join(f"{quote_ident(c)} = {params.add(v)}" for c, v in patch.items())
     return f"UPDATE {target} SET {sets} WHERE {pk} = {params.add(key)} RETURNING *", params.values
@@ -674,17 +700,17 @@ def compile_by_key(
 
 async def list_records(tx: Tx, project_id: str, table_name: str, q: ListQuery) -> dict[str, Any]:
     table = await table_of(tx, project_id, table_name)
-    sql, params, limit, offset = compile_list(table, project_id, q)
+    sql, params = compile_list(table, project_id, q)
     res = await tx.run(sql, params, "SELECT")
-    rows = res.rows[:limit]
+    rows = res.rows[: q.limit]
     return {
         "success": True,
         "records": rows,
         "count": len(rows),
-        "limit": limit,
-        "offset": offset,
-        "hasMore": len(res.rows) > limit,
-        "truncated": res.truncated and len(res.rows) <= limit,
+        "limit": q.limit,
+        "offset": q.offset,
+        "hasMore": len(res.rows) > q.limit,
+        "truncated": res.truncated and len(res.rows) <= q.limit,
     }
 
 
@@ -726,6 +752,7 @@ async def run(
     identity: Identity,
     limits: Limits,
     work: Callable[[Tx], Awaitable[dict[str, Any]]],
+    guard: tuple[bytes, str] | None = None,
 ) -> bytes:
     """Run a data work function in the tenant transaction; SQL failures become REST errors."""
     try:
@@ -738,6 +765,7 @@ async def run(
             identity=identity,
             limits=limits,
             work=work,
+            guard=guard,
         )
     except StatementFailed as exc:
         raise rest_error(exc) from None

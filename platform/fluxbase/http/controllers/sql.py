@@ -56,9 +56,13 @@ def limits_of(ctx: AppContext) -> sql.Limits:
 
 
 async def sql_access(
-    request: Request[Any, Any, Any], ctx: AppContext, project_id: str
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
 ) -> tuple[ProjectAccess, tuple[bytes, str] | None]:
-    """Authenticate (cached key on the hot path), authorise Need.READ and count the request."""
+    """Authenticate (cached key on the hot path), authorise `need` and count the request.
+
+    With an API key the second value is the guard that `sql.transaction` must run inside the
+    request's transaction (the cached key may have been revoked since).
+    """
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
     guard: tuple[bytes, str] | None = None
@@ -71,7 +75,7 @@ async def sql_access(
         guard = (key_auth.key_hash, key_auth.project.id)
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
-    access = await authorize(ctx.db, principal, key_project, project_id, Need.READ)
+    access = await authorize(ctx.db, principal, key_project, project_id, need)
     limit, window = access.rate_limit(ctx.settings)
     ctx.limiter.hit(principal.label, limit, window)
     return access, guard
