@@ -67,26 +67,22 @@ def rest_error(exc: StatementFailed) -> Exception:
 
 # -- catalog ------------------------------------------------------------------------------------
 
+# Tables and their columns in one round trip (LEFT JOIN: a table may have no columns).
 _TABLES_SQL = """
-SELECT c.oid, c.relname, c.relrowsecurity, c.relforcerowsecurity
+SELECT c.oid, c.relname, c.relrowsecurity, c.relforcerowsecurity,
+       a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type, t.typname,
+       NOT a.attnotnull AS nullable, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS expr,
+       a.attidentity::text AS attidentity, a.attgenerated::text AS attgenerated,
+       COALESCE(a.attnum = ANY(pk.conkey), false) AS primary_key
 FROM pg_catalog.pg_class c
+LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+LEFT JOIN pg_catalog.pg_constraint pk ON pk.conrelid = c.oid AND pk.contype = 'p'
 WHERE c.relnamespace = pg_catalog.to_regnamespace($1)::oid AND c.relkind IN ('r', 'p')
   AND (c.relname = $2 OR $2 IS NULL)
   AND left(c.relname, length($3)) <> $3
-ORDER BY c.relname
-"""
-
-_COLUMNS_SQL = """
-SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type,
-       t.typname, NOT a.attnotnull AS nullable, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS expr,
-       a.attidentity::text AS attidentity, a.attgenerated::text AS attgenerated,
-       COALESCE(a.attnum = ANY(pk.conkey), false) AS primary_key
-FROM pg_catalog.pg_attribute a
-JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-LEFT JOIN pg_catalog.pg_constraint pk ON pk.conrelid = a.attrelid AND pk.contype = 'p'
-WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attrelid, a.attnum
+ORDER BY c.relname, a.attnum
 """
 
 _CONSTRAINTS_SQL = """
@@ -178,26 +174,29 @@ class Table:
 async def describe(tx: Tx, project_id: str, only: str | None = None, *, details: bool = True) -> list[Table]:
     """The project's tables (or just `only`) from the catalog, internal tables hidden."""
     schema = schema_name(project_id)
-    rows = await tx.fetch(_TABLES_SQL, schema, only, INTERNAL_PREFIX)
-    tables = {
-        r["oid"]: Table(r["oid"], r["relname"], r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows
-    }
+    tables: dict[int, Table] = {}
+    for r in await tx.fetch(_TABLES_SQL, schema, only, INTERNAL_PREFIX):
+        table = tables.get(r["oid"])
+        if table is None:
+            table = tables[r["oid"]] = Table(
+                r["oid"], r["relname"], r["relrowsecurity"], r["relforcerowsecurity"]
+            )
+        if r["attname"] is not None:
+            table.columns.append(
+                Column(
+                    r["attname"],
+                    r["type"],
+                    r["typname"],
+                    r["nullable"],
+                    r["expr"],
+                    r["attidentity"],
+                    r["attgenerated"],
+                    r["primary_key"],
+                )
+            )
     if not tables:
         return []
     oids = list(tables)
-    for r in await tx.fetch(_COLUMNS_SQL, oids):
-        tables[r["attrelid"]].columns.append(
-            Column(
-                r["attname"],
-                r["type"],
-                r["typname"],
-                r["nullable"],
-                r["expr"],
-                r["attidentity"],
-                r["attgenerated"],
-                r["primary_key"],
-            )
-        )
     if details:
         for r in await tx.fetch(_CONSTRAINTS_SQL, oids):
             tables[r["conrelid"]].constraints.append((r["conname"], r["def"]))
