@@ -720,6 +720,71 @@ def _delete_files(path: str) -> Call:
     return call
 
 
+async def _fresh_record(w: World) -> str:
+    rid = secrets.randbelow(2**31 - 1)
+    r = await w.api.http.post(
+        f"/api/projects/{w.pid}/tables/items/records", json={"id": rid}, headers=w.headers("key_admin")
+    )
+    assert r.status_code == 201, r.text
+    return str(rid)
+
+
+def _record(method: str) -> Call:
+    async def call(w: World, h: dict[str, str]) -> httpx.Response:
+        rid = await _fresh_record(w)
+        body = {"id": int(rid)} if method == "PATCH" else None
+        return await w.api.http.request(
+            method, f"/api/projects/{w.pid}/tables/items/records/{rid}", json=body, headers=h
+        )
+
+    return call
+
+
+DATA_ROWS: tuple[Row, ...] = (
+    Row(
+        "executeBatch",
+        "read",
+        200,
+        lambda w, h: w.api.http.post(
+            "/api/execute-batch",
+            json={"projectId": w.pid, "statements": [{"query": "SELECT count(*) AS n FROM items"}]},
+            headers=h,
+        ),
+    ),
+    Row("getSchema", "read", 200, lambda w, h: w.api.http.get("/api/schema", params=_q(w), headers=h)),
+    Row("listTables", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/tables", headers=h)),
+    Row(
+        "createTable",
+        "schema",
+        201,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/tables",
+            json={"name": "t" + secrets.token_hex(4), "columns": [{"name": "id", "type": "int"}]},
+            headers=h,
+        ),
+    ),
+    Row(
+        "listRecords",
+        "read",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/tables/items/records", headers=h),
+    ),
+    Row(
+        "createRecords",
+        "write",
+        201,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/tables/items/records",
+            json={"id": secrets.randbelow(2**31 - 1)},
+            headers=h,
+        ),
+    ),
+    Row("getRecord", "read", 200, _record("GET")),
+    Row("updateRecord", "write", 200, _record("PATCH")),
+    Row("deleteRecord", "schema", 200, _record("DELETE")),
+)
+
+
 MATRIX: tuple[Row, ...] = (
     Row("getProject", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}", headers=h)),
     Row(
@@ -856,6 +921,7 @@ MATRIX: tuple[Row, ...] = (
             headers=h,
         ),
     ),
+    *DATA_ROWS,
     # Last: the admin's call deletes the project.
     Row("deleteProject", "owner", 200, lambda w, h: w.api.http.delete(f"/api/projects/{w.pid}", headers=h)),
 )
