@@ -261,3 +261,29 @@ async def test_deadline_names_the_running_statement(spawn) -> None:
             assert got.json()["result"]["rows"] == [{"n": 0}]
         finally:
             await api.close()
+
+
+async def test_connection_killed_mid_batch_never_reports_success(api: Api, project, control_db) -> None:
+    await _setup(api, project)
+    task = asyncio.create_task(
+        batch(
+            api,
+            project.admin_key,
+            project.id,
+            ["INSERT INTO acct VALUES (1, 'a', 1)", "SELECT pg_sleep(5) /* batch victim */"],
+        )
+    )
+    victim = None
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        victim = await control_db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND query LIKE '%batch victim%'",
+            f"p_{project.id}_admin",
+        )
+        if victim:
+            break
+    assert victim, "the batch never reached its second statement"
+    await control_db.execute("SELECT pg_terminate_backend($1)", victim)
+    assert_error(await task, 503, "DATABASE_CONNECTION_ERROR")
+    got = await api.sql(project.admin_key, project.id, "SELECT count(*)::int AS n FROM acct")
+    assert got.json()["result"]["rows"] == [{"n": 0}]
