@@ -201,6 +201,9 @@ async def test_create_table_refuses_bad_definitions(api: Api, project) -> None:
     assert r.status_code == 201
     r = await _create(api, project.admin_key, project.id, {"name": "t", "columns": [ok_col]})
     assert_error(r, 409, "SQL_EXEC_ERROR")
+    # A name taken by another kind of object (the primary key's index) is PostgreSQL's 42P07.
+    r = await _create(api, project.admin_key, project.id, {"name": "t_pkey", "columns": [ok_col]})
+    assert assert_error(r, 409, "SQL_EXEC_ERROR")["error"]["details"] == "ERROR:  42P07"
     r = await _create(
         api, project.admin_key, project.id, {"name": "t", "columns": [ok_col], "ifNotExists": True}
     )

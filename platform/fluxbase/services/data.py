@@ -58,7 +58,7 @@ def rest_error(exc: StatementFailed) -> Exception:
     extra = {"details": f"ERROR:  {exc.sqlstate}"}
     if exc.code == "QUERY_TIMEOUT":
         return QueryTimeout(exc.message, extra=extra)
-    if exc.sqlstate == "23505":
+    if exc.sqlstate in ("23505", "42P07", "42710"):  # unique violation, object already exists
         return SqlConflict(exc.message, extra=extra)
     if exc.sqlstate in ("42501", "25006"):
         return SqlForbidden(exc.message, extra=extra)
@@ -384,27 +384,24 @@ def _default_sql(col: ColumnDef, type_sql: str) -> str | None:
     return _literal(col.default, type_sql)
 
 
-async def create_table(tx: Tx, project_id: str, spec: TableDef) -> Table:
-    """CREATE TABLE from JSON column definitions; returns the table as the catalog sees it."""
+def check_table_def(spec: TableDef) -> list[str]:
+    """Everything about a table definition that needs no catalog: names, types, defaults, actions.
+
+    Returns each column's SQL without its REFERENCES clause (that needs the catalog).
+    Called before a connection is borrowed, and again by `create_table`.
+    """
     _check_new_name(spec.name, "table")
     if not spec.columns:
         raise ValidationError("a table needs at least one column.")
     if len(spec.columns) > MAX_COLUMNS:
         raise ValidationError(f"at most {MAX_COLUMNS} columns are allowed.")
     seen: set[str] = set()
+    out: list[str] = []
     for col in spec.columns:
         _check_new_name(col.name, "column")
         if col.name in seen:
             raise ValidationError(f"column {col.name!r} is defined twice.")
         seen.add(col.name)
-    existing = {t.name: t for t in await describe(tx, project_id, None, details=False)}
-    if spec.name in existing:
-        if spec.if_not_exists:
-            return (await describe(tx, project_id, spec.name))[0]
-        raise SqlConflict(f"table {spec.name!r} already exists.", extra={"details": "ERROR:  42P07"})
-    lines: list[str] = []
-    pk = [c.name for c in spec.columns if c.primary_key]
-    for col in spec.columns:
         type_sql = sql_type(col.type)
         parts = [quote_ident(col.name), type_sql]
         if col.auto_increment:
@@ -422,9 +419,29 @@ async def create_table(tx: Tx, project_id: str, spec: TableDef) -> Table:
             parts.append("NOT NULL")
         if col.unique:
             parts.append("UNIQUE")
+        ref = col.references
+        if ref is not None:
+            for word, action in (("Delete", ref.on_delete), ("Update", ref.on_update)):
+                if action is not None and " ".join(action.lower().split()) not in ON_ACTIONS:
+                    raise ValidationError(f"on{word} must be one of: " + ", ".join(ON_ACTIONS) + ".")
+        out.append(" ".join(parts))
+    return out
+
+
+async def create_table(tx: Tx, project_id: str, spec: TableDef) -> Table:
+    """CREATE TABLE from JSON column definitions; returns the table as the catalog sees it."""
+    columns_sql = check_table_def(spec)
+    existing = {t.name: t for t in await describe(tx, project_id, None, details=False)}
+    if spec.name in existing:
+        if spec.if_not_exists:
+            return (await describe(tx, project_id, spec.name))[0]
+        raise SqlConflict(f"table {spec.name!r} already exists.", extra={"details": "ERROR:  42P07"})
+    lines: list[str] = []
+    for col, sql in zip(spec.columns, columns_sql, strict=True):
         if col.references is not None:
-            parts.append(_references(col, spec, existing, project_id))
-        lines.append(" ".join(parts))
+            sql += " " + _references(col, spec, existing, project_id)
+        lines.append(sql)
+    pk = [c.name for c in spec.columns if c.primary_key]
     if pk:
         lines.append("PRIMARY KEY (" + ", ".join(quote_ident(n) for n in pk) + ")")
     ddl = f"CREATE TABLE {_qualified(project_id, spec.name)} (" + ", ".join(lines) + ")"
@@ -454,11 +471,8 @@ def _references(col: ColumnDef, spec: TableDef, existing: dict[str, Table], proj
         raise ValidationError(f"column {col.name!r} references unknown column: {_shown(target)}")
     out = f"REFERENCES {_qualified(project_id, ref.table)} ({quote_ident(target)})"
     for word, action in (("DELETE", ref.on_delete), ("UPDATE", ref.on_update)):
-        if action is not None:
-            sql_action = ON_ACTIONS.get(" ".join(action.lower().split()))
-            if sql_action is None:
-                raise ValidationError(f"on{word.title()} must be one of: " + ", ".join(ON_ACTIONS) + ".")
-            out += f" ON {word} {sql_action}"
+        if action is not None:  # checked by check_table_def
+            out += f" ON {word} {ON_ACTIONS[' '.join(action.lower().split())]}"
     return out
 
 

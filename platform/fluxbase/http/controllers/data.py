@@ -81,6 +81,7 @@ async def create_table(request: Request[Any, Any, Any], ctx: AppContext, project
         spec = msgspec.json.decode(await request.body(), type=data.TableDef)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ValidationError(f"table definition: {exc}") from None
+    data.check_table_def(spec)
 
     async def work(tx: Tx, pid: str) -> dict[str, Any]:
         return {"success": True, "table": (await data.create_table(tx, pid, spec)).out()}
