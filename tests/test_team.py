@@ -721,11 +721,16 @@ def _delete_files(path: str) -> Call:
     return call
 
 
+# Disabled: an enabled endpoint holds back outbox retention until a worker dispatches, and this
+# session's instance runs no worker (the retention test shares it).
+OFF = {"enabled": False}
+
+
 async def _webhook(w: World) -> str:
     """A fresh webhook whose URL (as if DNS had changed since) the sender refuses at once."""
     r = await w.api.http.post(
         "/api/webhooks",
-        json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.inserted"]},
+        json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.inserted"], **OFF},
         headers=w.owner,
     )
     assert r.status_code == 201, r.text
@@ -752,7 +757,7 @@ WEBHOOK_ROWS: tuple[Row, ...] = (
         201,
         lambda w, h: w.api.http.post(
             "/api/webhooks",
-            json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.deleted"]},
+            json={"projectId": w.pid, "url": "https://93.184.215.14/hook", "events": ["row.deleted"], **OFF},
             headers=h,
         ),
     ),
@@ -764,6 +769,71 @@ WEBHOOK_ROWS: tuple[Row, ...] = (
     Row("listWebhookDeliveries", "manage", 200, lambda w, h: _hook_call(w, h, "GET", "/deliveries")),
     Row("redeliverWebhook", "manage", 202, _redeliver),
     Row("projectLog", "manage", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/log", headers=h)),
+)
+
+
+async def _fresh_record(w: World) -> str:
+    rid = secrets.randbelow(2**31 - 1)
+    r = await w.api.http.post(
+        f"/api/projects/{w.pid}/tables/items/records", json={"id": rid}, headers=w.headers("key_admin")
+    )
+    assert r.status_code == 201, r.text
+    return str(rid)
+
+
+def _record(method: str) -> Call:
+    async def call(w: World, h: dict[str, str]) -> httpx.Response:
+        rid = await _fresh_record(w)
+        body = {"id": int(rid)} if method == "PATCH" else None
+        return await w.api.http.request(
+            method, f"/api/projects/{w.pid}/tables/items/records/{rid}", json=body, headers=h
+        )
+
+    return call
+
+
+DATA_ROWS: tuple[Row, ...] = (
+    Row(
+        "executeBatch",
+        "read",
+        200,
+        lambda w, h: w.api.http.post(
+            "/api/execute-batch",
+            json={"projectId": w.pid, "statements": [{"query": "SELECT count(*) AS n FROM items"}]},
+            headers=h,
+        ),
+    ),
+    Row("getSchema", "read", 200, lambda w, h: w.api.http.get("/api/schema", params=_q(w), headers=h)),
+    Row("listTables", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/tables", headers=h)),
+    Row(
+        "createTable",
+        "schema",
+        201,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/tables",
+            json={"name": "t" + secrets.token_hex(4), "columns": [{"name": "id", "type": "int"}]},
+            headers=h,
+        ),
+    ),
+    Row(
+        "listRecords",
+        "read",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/tables/items/records", headers=h),
+    ),
+    Row(
+        "createRecords",
+        "write",
+        201,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/tables/items/records",
+            json={"id": secrets.randbelow(2**31 - 1)},
+            headers=h,
+        ),
+    ),
+    Row("getRecord", "read", 200, _record("GET")),
+    Row("updateRecord", "write", 200, _record("PATCH")),
+    Row("deleteRecord", "schema", 200, _record("DELETE")),
 )
 
 
@@ -904,6 +974,7 @@ MATRIX: tuple[Row, ...] = (
         ),
     ),
     *WEBHOOK_ROWS,
+    *DATA_ROWS,
     # Last: the admin's call deletes the project.
     Row("deleteProject", "owner", 200, lambda w, h: w.api.http.delete(f"/api/projects/{w.pid}", headers=h)),
 )

@@ -124,3 +124,21 @@ class StorageUnavailable(FluxbaseError):
 class InvitationExpired(FluxbaseError):
     code, status = "INVITATION_EXPIRED", 410
     default_message = "This invitation has expired. Ask a project admin to invite you again."
+
+
+# SQL failures on the REST data endpoints (records, tables): the same code and `details`
+# (SQLSTATE) as /api/execute-sql, with an HTTP status that says what kind of failure it was.
+class SqlExecFailed(FluxbaseError):
+    code, status, default_message = "SQL_EXEC_ERROR", 400, "The statement failed."
+
+
+class SqlConflict(SqlExecFailed):
+    status = 409
+
+
+class SqlForbidden(SqlExecFailed):
+    status = 403
+
+
+class QueryTimeout(FluxbaseError):
+    code, status, default_message = "QUERY_TIMEOUT", 504, "The request deadline passed."

@@ -17,7 +17,7 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team, webhooks
+from fluxbase.http.controllers import auth, data, health, projects, realtime, sql, storage, team, webhooks
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -59,6 +59,15 @@ ROUTES = [
     team.change_member_role,
     team.list_my_invites,
     sql.execute_sql,
+    sql.execute_batch,
+    data.get_schema,
+    data.list_tables,
+    data.create_table,
+    data.list_records,
+    data.create_records,
+    data.get_record,
+    data.update_record,
+    data.delete_record,
     realtime.list_tables,
     realtime.enable,
     realtime.disable,

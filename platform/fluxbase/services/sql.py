@@ -1,7 +1,9 @@
-"""Tenant SQL over HTTP: one statement, one transaction, the project's own role, hard limits.
+"""Tenant SQL over HTTP: one transaction per request on the project's own role, hard limits.
 
-Round trips per request (cached statement): 1) BEGIN + identity set_config, 2) Bind/Execute
-of the tenant statement with a row cap, 3) COMMIT (or ROLLBACK) + session reset.
+`transaction` is the one code path every tenant data endpoint runs through (execute-sql,
+execute-batch, schema, tables and records). Round trips per execute-sql request (cached
+statement): 1) BEGIN + identity set_config, 2) Bind/Execute of the tenant statement with a row
+cap, 3) COMMIT (or ROLLBACK) + session reset.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
-from fluxbase.errors import AuthRequired, DatabaseUnavailable, ProjectSuspended, RateLimited, ValidationError
+from fluxbase.errors import (
+    AuthRequired,
+    DatabaseUnavailable,
+    FluxbaseError,
+    ProjectSuspended,
+    RateLimited,
+    ValidationError,
+)
 
 log = logging.getLogger("fluxbase.sql")
+
+T = TypeVar("T")
 
 MAX_QUERY_CHARS = 1_000_000
 
@@ -108,10 +119,6 @@ class SqlError(msgspec.Struct):
     message: str
     code: str
     details: str
-
-
-def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> bytes:
-    return _ENC.encode({"success": False, "error": SqlError(message, code, f"ERROR:  {sqlstate}")})
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -224,22 +231,133 @@ def adapt_params(types: Sequence[Any], params: list[Any]) -> list[Any]:
     return out
 
 
+# -- batch statement checks -------------------------------------------------------------------
+
+MAX_BATCH_STATEMENTS = 100
+ISOLATION_LEVELS = {
+    "read committed": "READ COMMITTED",
+    "repeatable read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+}
+
+_TOKEN = re.compile(r'"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*|\.|\S')
+
+
+def _words(sql: str, count: int) -> list[str]:
+    """The first `count` tokens of a statement, skipping comments; identifiers lower-cased."""
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n and len(out) < count:
+        c = sql[i]
+        if c.isspace() or (not out and c in "(;"):
+            i += 1
+        elif sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif sql.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        else:
+            m = _TOKEN.match(sql, i)
+            assert m is not None  # \S always matches
+            tok = m.group(0)
+            out.append(tok[1:-1].replace('""', '"').lower() if tok.startswith('"') else tok.lower())
+            i = m.end()
+    return out
+
+
+def _setting_name(tokens: list[str]) -> str:
+    """A (possibly dotted, possibly quoted) setting name from the front of `tokens`."""
+    parts: list[str] = []
+    expect_name = True
+    for tok in tokens:
+        if expect_name:
+            parts.append(tok)
+        elif tok != ".":
+            break
+        expect_name = not expect_name
+    return ".".join(parts)
+
+
+def batch_refusal(query: str) -> str | None:
+    """Why a batch statement would change identity or session state across statements, or None.
+
+    In a batch only `SET LOCAL` of ordinary settings is allowed (it ends with the transaction);
+    `SET`/`SET SESSION` (session scope), `RESET ALL`, `RESET ROLE`/`SESSION AUTHORIZATION`
+    and any `SET`/`RESET` of a `fluxbase.*` setting (the request identity) are refused.
+    """
+    words = _words(query, 12)
+    if not words or words[0] not in ("set", "reset"):
+        return None
+    rest = words[1:]
+    if words[0] == "reset":
+        name = _setting_name(rest)
+        if name in ("all", "role", "session") or name.startswith("fluxbase."):
+            return f"RESET {name.upper() if '.' not in name else name} is not allowed in a batch"
+        return None
+    if not rest or rest[0] == "session":
+        return "SET SESSION is not allowed in a batch; use SET LOCAL"
+    if rest[0] in ("transaction", "constraints"):
+        return None
+    if rest[0] != "local":
+        return "session-level SET is not allowed in a batch; use SET LOCAL"
+    name = _setting_name(rest[1:])
+    if name.startswith("fluxbase.") or name in ("role", "session"):
+        return f"SET LOCAL {name} is not allowed: it would change the request identity"
+    return None
+
+
 # -- execution --------------------------------------------------------------------------------
 
 
-def begin_script(identity: Identity, read_only: bool, guard: tuple[bytes, str] | None = None) -> str:
-    """BEGIN, the key guard and the request identity in one simple-protocol round trip."""
-    mode = "READ ONLY" if read_only else "READ WRITE"
+class StatementFailed(Exception):
+    """A tenant statement (or the commit) failed; the transaction has been rolled back."""
+
+    def __init__(self, message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR", index: int | None = None):
+        super().__init__(message)
+        self.message, self.sqlstate, self.code, self.index = message, sqlstate, code, index
+
+    def body(self, with_index: bool = False) -> dict[str, Any]:
+        message = self.message
+        error: dict[str, Any] = {"message": message, "code": self.code, "details": f"ERROR:  {self.sqlstate}"}
+        if with_index:
+            where = "commit" if self.index is None else f"statement {self.index}"
+            error["message"] = f"{where}: {message}"
+            error["statementIndex"] = self.index
+        return {"success": False, "error": error}
+
+
+def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> bytes:
+    return _ENC.encode({"success": False, "error": SqlError(message, code, f"ERROR:  {sqlstate}")})
+
+
+def identity_script(identity: Identity) -> str:
     claims = msgspec.json.encode(identity.claims).decode()
-    check = ""
-    if guard is not None:
-        check = f"fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}), "
     return (
-        f"BEGIN ISOLATION LEVEL READ COMMITTED {mode}; "
-        f"SELECT {check}set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
+        f"set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
         f"set_config('fluxbase.auth_claims', {quote_literal(claims)}, true), "
         f"set_config('fluxbase.auth_role', {quote_literal(identity.role)}, true)"
     )
+
+
+def begin_script(
+    identity: Identity,
+    read_only: bool,
+    guard: tuple[bytes, str] | None = None,
+    isolation: str = "READ COMMITTED",
+) -> str:
+    """BEGIN, the key guard and the request identity in one simple-protocol round trip."""
+    mode = "READ ONLY" if read_only else "READ WRITE"
+    check = ""
+    if guard is not None:
+        check = f"fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}), "
+    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; SELECT {check}{identity_script(identity)}"
 
 
 async def _bind_execute(
@@ -264,54 +382,182 @@ async def _terminate(control: asyncpg.Pool, conn: Any) -> None:
         await asyncio.wait_for(control.execute("SELECT pg_terminate_backend($1)", pid), 3)
 
 
-async def execute(
+_CACHE_STALE = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)
+
+
+@dataclass
+class StatementResult:
+    """One statement's outcome, encoded: execute-sql's `result` plus the operation name."""
+
+    columns: list[str]
+    rows: list[msgspec.Raw]
+    count: int
+    message: str | None
+    truncated: bool
+    operation: str
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "columns": self.columns,
+            "rowCount": self.count,
+            "message": self.message,
+            "truncated": self.truncated,
+        }
+
+
+class Tx:
+    """The request's open transaction on a tenant connection: the only way work touches it."""
+
+    def __init__(self, conn: Any, limits: Limits, identity: Identity):
+        self.conn = conn
+        self.limits = limits
+        self.identity = identity
+        self.index: int | None = None  # the statement running now (for error messages)
+        self.retried = False
+        self.bytes_left = limits.max_bytes
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """Map a driver error to StatementFailed; session-level failures pass through."""
+        if isinstance(exc, _SESSION_GONE):
+            return exc
+        if isinstance(exc, _CACHE_STALE) and not self.retried:
+            return exc  # the transaction runner retries once
+        if isinstance(exc, asyncpg.PostgresError):
+            sqlstate = exc.sqlstate or "XX000"
+            message = str(exc.args[0]) if exc.args else type(exc).__name__
+            code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
+            return StatementFailed(message, sqlstate, code, self.index)
+        if isinstance(exc, (_ParamError, asyncpg.DataError)):  # DataError: client-side encoding
+            return StatementFailed(str(exc), "22023", index=self.index)
+        return exc
+
+    async def run(self, query: str, params: list[Any], keyword: str = "") -> StatementResult:
+        """Run one statement with the row cap and the request's remaining byte budget."""
+        try:
+            stmt, rows, status, completed = await _bind_execute(
+                self.conn, query, params, self.limits.max_rows + 1
+            )
+        except Exception as exc:
+            raise self._failed(exc) from None
+        columns = [a.name for a in stmt._get_attributes()]
+        truncated = not completed or len(rows) > self.limits.max_rows
+        encoded: list[msgspec.Raw] = []
+        enc = _ENC.encode
+        for rec in rows[: self.limits.max_rows]:
+            chunk = enc(dict(zip(columns, rec, strict=False)))
+            if len(chunk) + 1 > self.bytes_left:
+                truncated = True
+                break
+            self.bytes_left -= len(chunk) + 1
+            encoded.append(msgspec.Raw(chunk))
+        count = len(encoded) if columns else (_count_of(status) or 0)
+        return StatementResult(
+            columns,
+            encoded,
+            count,
+            None if columns else status,
+            truncated,
+            _op_of(status, keyword or "UNKNOWN"),
+        )
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """A platform-written query (catalog lookups) in the same transaction, decoded."""
+        try:
+            return list(await self.conn.fetch(query, *args))
+        except Exception as exc:
+            raise self._failed(exc) from None
+
+    async def reassert_identity(self) -> None:
+        """Set the request identity again (a batch does this before each later statement)."""
+        try:
+            await self.conn.execute("SELECT " + identity_script(self.identity))
+        except Exception as exc:
+            raise self._failed(exc) from None
+
+
+async def _begin(conn: Any, begin: str) -> None:
+    try:
+        await conn.execute(begin)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, _SESSION_GONE):
+            raise
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        if exc.sqlstate == "FX401":
+            raise AuthRequired("API key is no longer valid (revoked or expired).") from None
+        if exc.sqlstate == "FX403":
+            raise ProjectSuspended() from None
+        raise
+
+
+async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+    conn = tx.conn
+    await _begin(conn, begin)
+    try:
+        try:
+            out = await work(tx)
+        except _CACHE_STALE:
+            # A concurrent DDL changed a cached plan; nothing ran for real. Retry once.
+            await conn.execute("ROLLBACK")
+            await _begin(conn, begin)
+            tx.retried, tx.index, tx.bytes_left = True, None, tx.limits.max_bytes
+            out = await work(tx)
+    except (StatementFailed, FluxbaseError):
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        raise
+    try:
+        await conn.execute("COMMIT; " + SESSION_RESET)
+    except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
+        if isinstance(exc, _SESSION_GONE):
+            raise
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        await conn.execute(SESSION_RESET)
+        raise StatementFailed(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000") from None
+    return out
+
+
+async def transaction(
     pools: TenantPools,
     control: asyncpg.Pool,
     *,
     project_id: str,
     scope: str,
     read_only: bool,
-    query: str,
-    params: list[Any],
     identity: Identity,
     limits: Limits,
+    work: Callable[[Tx], Awaitable[T]],
     guard: tuple[bytes, str] | None = None,
-) -> bytes:
-    """Run one tenant statement; return the encoded response body (success or SQL error)."""
-    if not query.strip():
-        raise ValidationError("query must not be empty.")
-    if len(query) > MAX_QUERY_CHARS or "\x00" in query:
-        raise ValidationError("query is too long or contains NUL characters.")
-    if len(params) > MAX_PARAMS:
-        raise ValidationError(f"at most {MAX_PARAMS} params are allowed.")
-    keyword = leading_keyword(query)
-    if keyword in DENIED:
-        return _error_body(
-            f"{keyword} is not allowed ({DENIED[keyword]}): each request runs as exactly one transaction. "
-            "Use /api/execute-batch to run several statements atomically.",
-            "0A000",
-        )
-    if keyword == "SET" and re.match(r"\s*SET\s+(SESSION\s+)?AUTHORIZATION\b", query.lstrip(" (\t\n"), re.I):
-        return _error_body("SET SESSION AUTHORIZATION is not allowed.", "42501")
-    begin = begin_script(identity, read_only or scope == "read", guard)
+    isolation: str = "READ COMMITTED",
+) -> T:
+    """Run `work` in one transaction on the project's own role, with identity and limits.
+
+    The one code path for tenant data access (execute-sql, execute-batch, schema, records):
+    a pooled connection whose session user is the project role, BEGIN + key guard + identity,
+    the request deadline (the backend is terminated when it passes), commit + session reset.
+    Raises StatementFailed (rolled back), DatabaseUnavailable (connection lost: the outcome is
+    unknown, never reported as success), RateLimited (pool exhausted) or `work`'s own
+    FluxbaseError (rolled back).
+    """
+    begin = begin_script(identity, read_only or scope == "read", guard, isolation)
     pool = await pools.pool(project_id, scope)
-    started = time.perf_counter()
     try:
         conn = await pool.acquire(timeout=limits.acquire_timeout_s)
     except TimeoutError:
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
+    tx = Tx(conn, limits, identity)
     dead = False
     try:
         try:
             async with asyncio.timeout(limits.deadline_s):
-                return await _run(conn, begin, query, params, keyword, limits, started)
+                return await _in_transaction(tx, begin, work)
         except TimeoutError:
             dead = True
             await _terminate(control, conn)
             ms = int(limits.deadline_s * 1000)
-            return _error_body(
-                f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT"
-            )
+            raise StatementFailed(
+                f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT", tx.index
+            ) from None
         except _CONNECTION_LOST as exc:
             # The connection broke: the transaction did not commit (or we cannot know it did).
             dead = True
@@ -327,88 +573,173 @@ async def execute(
             await pool.release(conn)
 
 
-async def _run(
-    conn: Any, begin: str, query: str, params: list[Any], keyword: str, limits: Limits, started: float
-) -> bytes:
-    try:
-        await conn.execute(begin)
-    except asyncpg.PostgresError as exc:
-        if isinstance(exc, _SESSION_GONE):
-            raise
-        await conn.execute("ROLLBACK; " + SESSION_RESET)
-        if exc.sqlstate == "FX401":
-            raise AuthRequired("API key is no longer valid (revoked or expired).") from None
-        if exc.sqlstate == "FX403":
-            raise ProjectSuspended() from None
-        raise
-    try:
-        stmt, rows, status, completed = await _bind_execute(conn, query, params, limits.max_rows + 1)
-    except (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError):
-        # A concurrent DDL changed a cached plan; the statement did not run. Retry once.
-        await conn.execute("ROLLBACK")
-        await conn.execute(begin)
-        try:
-            stmt, rows, status, completed = await _bind_execute(conn, query, params, limits.max_rows + 1)
-        except asyncpg.PostgresError as exc:
-            return await _fail(conn, exc)
-    except asyncpg.PostgresError as exc:
-        return await _fail(conn, exc)
-    except _ParamError as exc:
-        await conn.execute("ROLLBACK; " + SESSION_RESET)
-        return _error_body(str(exc), "22023")
-    except asyncpg.DataError as exc:  # client-side encoding of a parameter
-        await conn.execute("ROLLBACK; " + SESSION_RESET)
-        return _error_body(str(exc), "22023")
+def _check_query(query: str, what: str = "query") -> None:
+    if not query.strip():
+        raise ValidationError(f"{what} must not be empty.")
+    if len(query) > MAX_QUERY_CHARS or "\x00" in query:
+        raise ValidationError(f"{what} is too long or contains NUL characters.")
 
-    columns = [a.name for a in stmt._get_attributes()]
-    truncated = not completed or len(rows) > limits.max_rows
-    encoded: list[msgspec.Raw] = []
-    size = 0
-    enc = _ENC.encode
-    for rec in rows[: limits.max_rows]:
-        chunk = enc(dict(zip(columns, rec, strict=False)))
-        size += len(chunk) + 1
-        if size > limits.max_bytes:
-            truncated = True
-            break
-        encoded.append(msgspec.Raw(chunk))
-    try:
-        await conn.execute("COMMIT; " + SESSION_RESET)
-    except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
-        if isinstance(exc, _SESSION_GONE):
-            raise
-        if conn.is_in_transaction():
-            await conn.execute("ROLLBACK")
-        await conn.execute(SESSION_RESET)
-        return _error_body(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000")
+
+def _refusal(query: str) -> tuple[str, str, str] | None:
+    """(keyword, message, sqlstate) when a statement is refused before reaching PostgreSQL."""
+    keyword = leading_keyword(query)
+    if keyword in DENIED:
+        return (
+            keyword,
+            f"{keyword} is not allowed ({DENIED[keyword]}): each request runs as exactly one transaction. "
+            "Use /api/execute-batch to run several statements atomically.",
+            "0A000",
+        )
+    if keyword == "SET" and re.match(r"\s*SET\s+(SESSION\s+)?AUTHORIZATION\b", query.lstrip(" (\t\n"), re.I):
+        return keyword, "SET SESSION AUTHORIZATION is not allowed.", "42501"
+    return None
+
+
+def _execution_info(started: float, count: int, operation: str) -> dict[str, Any]:
     elapsed_ms = (time.perf_counter() - started) * 1000
-    operation = _op_of(status, keyword or "UNKNOWN")
-    count = len(encoded) if columns else (_count_of(status) or 0)
-    message = None if columns else status
+    return {
+        "time": f"{round(elapsed_ms)}ms",
+        "timeMs": round(elapsed_ms, 3),
+        "rowCount": count,
+        "operation": operation,
+    }
+
+
+async def execute(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    *,
+    project_id: str,
+    scope: str,
+    read_only: bool,
+    query: str,
+    params: list[Any],
+    identity: Identity,
+    limits: Limits,
+    guard: tuple[bytes, str] | None = None,
+) -> bytes:
+    """Run one tenant statement; return the encoded response body (success or SQL error)."""
+    _check_query(query)
+    if len(params) > MAX_PARAMS:
+        raise ValidationError(f"at most {MAX_PARAMS} params are allowed.")
+    refused = _refusal(query)
+    if refused is not None:
+        return _error_body(refused[1], refused[2])
+    keyword = leading_keyword(query)
+    started = time.perf_counter()
+
+    async def work(tx: Tx) -> StatementResult:
+        return await tx.run(query, params, keyword)
+
+    try:
+        res = await transaction(
+            pools,
+            control,
+            project_id=project_id,
+            scope=scope,
+            read_only=read_only,
+            identity=identity,
+            limits=limits,
+            work=work,
+            guard=guard,
+        )
+    except StatementFailed as exc:
+        return _error_body(exc.message, exc.sqlstate, exc.code)
     body = {
         "success": True,
-        "result": {
-            "rows": encoded,
-            "columns": columns,
-            "rowCount": count,
-            "message": message,
-            "truncated": truncated,
-        },
+        "result": res.result(),
+        "executionInfo": _execution_info(started, res.count, res.operation),
+    }
+    return _ENC.encode(body)
+
+
+@dataclass(frozen=True)
+class Statement:
+    query: str
+    params: list[Any]
+
+
+def _batch_error(index: int, message: str, sqlstate: str) -> bytes:
+    return _ENC.encode(StatementFailed(message, sqlstate, index=index).body(with_index=True))
+
+
+async def execute_batch(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    *,
+    project_id: str,
+    scope: str,
+    read_only: bool,
+    isolation: str,
+    statements: list[Statement],
+    identity: Identity,
+    limits: Limits,
+    guard: tuple[bytes, str] | None = None,
+) -> bytes:
+    """Run statements in order in one transaction, all or nothing; return the encoded body."""
+    if not statements:
+        raise ValidationError("statements must not be empty.")
+    if len(statements) > MAX_BATCH_STATEMENTS:
+        raise ValidationError(f"at most {MAX_BATCH_STATEMENTS} statements are allowed in a batch.")
+    if sum(len(s.query) for s in statements) > MAX_QUERY_CHARS:
+        raise ValidationError(f"the statements may total at most {MAX_QUERY_CHARS} characters.")
+    if sum(len(s.params) for s in statements) > MAX_PARAMS:
+        raise ValidationError(f"at most {MAX_PARAMS} params are allowed in a batch.")
+    level = ISOLATION_LEVELS.get(isolation.strip().lower())
+    if level is None:
+        raise ValidationError("isolationLevel must be one of: " + ", ".join(ISOLATION_LEVELS) + ".")
+    keywords: list[str] = []
+    for i, s in enumerate(statements):
+        _check_query(s.query, f"statements[{i}].query")
+        refused = _refusal(s.query)
+        if refused is not None:
+            return _batch_error(i, refused[1], refused[2])
+        why = batch_refusal(s.query)
+        if why is not None:
+            return _batch_error(i, why + ".", "42501")
+        keywords.append(leading_keyword(s.query))
+    started = time.perf_counter()
+
+    async def work(tx: Tx) -> list[StatementResult]:
+        out = []
+        for i, s in enumerate(statements):
+            tx.index = i
+            if i:
+                # Whatever statement i-1 did to the settings, statement i runs as the request.
+                await tx.reassert_identity()
+            out.append(await tx.run(s.query, s.params, keywords[i]))
+        return out
+
+    try:
+        results = await transaction(
+            pools,
+            control,
+            project_id=project_id,
+            scope=scope,
+            read_only=read_only,
+            identity=identity,
+            limits=limits,
+            work=work,
+            guard=guard,
+            isolation=level,
+        )
+    except StatementFailed as exc:
+        return _ENC.encode(exc.body(with_index=True))
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    body = {
+        "success": True,
+        "results": [r.result() for r in results],
         "executionInfo": {
             "time": f"{round(elapsed_ms)}ms",
             "timeMs": round(elapsed_ms, 3),
-            "rowCount": count,
-            "operation": operation,
+            "statements": len(results),
+            "rowCount": sum(r.count for r in results),
+            "operations": [r.operation for r in results],
         },
     }
     return _ENC.encode(body)
 
 
-async def _fail(conn: Any, exc: asyncpg.PostgresError) -> bytes:
-    if isinstance(exc, _SESSION_GONE):
-        raise exc
-    await conn.execute("ROLLBACK; " + SESSION_RESET)
-    sqlstate = exc.sqlstate or "XX000"
-    message = str(exc.args[0]) if exc.args else type(exc).__name__
-    code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
-    return _error_body(message, sqlstate, code)
+def encode(body: Any) -> bytes:
+    """Encode a response body with the tenant value encoding (records, schema)."""
+    return _ENC.encode(body)

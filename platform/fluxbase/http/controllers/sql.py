@@ -1,4 +1,4 @@
-"""POST /api/execute-sql: the reference doc's Core SQL API."""
+"""POST /api/execute-sql (the reference doc's Core SQL API) and POST /api/execute-batch."""
 
 from __future__ import annotations
 
@@ -55,9 +55,14 @@ def limits_of(ctx: AppContext) -> sql.Limits:
     )
 
 
-@post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
-async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Response[bytes]:
-    body = decode_body(await request.body())
+async def sql_access(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
+) -> tuple[ProjectAccess, tuple[bytes, str] | None]:
+    """Authenticate (cached key on the hot path), authorise `need` and count the request.
+
+    With an API key the second value is the guard that `sql.transaction` must run inside the
+    request's transaction (the cached key may have been revoked since).
+    """
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
     guard: tuple[bytes, str] | None = None
@@ -70,9 +75,16 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
         guard = (key_auth.key_hash, key_auth.project.id)
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
-    access = await authorize(ctx.db, principal, key_project, body.project_id, Need.READ)
+    access = await authorize(ctx.db, principal, key_project, project_id, need)
     limit, window = access.rate_limit(ctx.settings)
     ctx.limiter.hit(principal.label, limit, window)
+    return access, guard
+
+
+@post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
+async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Response[bytes]:
+    body = decode_body(await request.body())
+    access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     try:
         result = await sql.execute(
@@ -83,6 +95,52 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
             read_only=access.project.read_only and guard is None,
             query=body.query,
             params=body.params,
+            identity=identity_for(access, auth_uid),
+            limits=limits_of(ctx),
+            guard=guard,
+        )
+    except (AuthRequired, ProjectSuspended):
+        if guard is not None:
+            ctx.auth.evict(guard[0])
+        raise
+    return Response(content=result, media_type=MediaType.JSON, status_code=200)
+
+
+class BatchStatement(msgspec.Struct, rename="camel"):
+    query: str
+    params: list[Any] = []
+
+
+class ExecuteBatchBody(msgspec.Struct, rename="camel"):
+    project_id: str
+    statements: list[BatchStatement]
+    read_only: bool = False
+    isolation_level: str = "read committed"
+    auth_uid: str | None = None
+
+
+_decode_batch = msgspec.json.Decoder(ExecuteBatchBody).decode
+
+
+@post("/api/execute-batch", operation_id="executeBatch", tags=["sql"], status_code=200)
+async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Response[bytes]:
+    try:
+        body = _decode_batch(await request.body())
+    except msgspec.ValidationError as exc:
+        raise ValidationError(str(exc)) from None
+    except msgspec.DecodeError:
+        raise ValidationError("The request body must be JSON.") from None
+    access, guard = await sql_access(request, ctx, body.project_id)
+    auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
+    try:
+        result = await sql.execute_batch(
+            ctx.tenants,
+            ctx.db,
+            project_id=access.project.id,
+            scope=access.sql_scope,
+            read_only=body.read_only or (access.project.read_only and guard is None),
+            isolation=body.isolation_level,
+            statements=[sql.Statement(s.query, s.params) for s in body.statements],
             identity=identity_for(access, auth_uid),
             limits=limits_of(ctx),
             guard=guard,
