@@ -23,6 +23,7 @@ from fluxbase.errors import (
     InsufficientPermissions,
     OriginNotAllowed,
     ProjectNotFound,
+    ProjectReadOnly,
     ProjectSuspended,
     ScopeMismatch,
     ValidationError,
@@ -262,7 +263,7 @@ async def authorize(
             raise ScopeMismatch("This API key does not have access to this project.")
         assert key_project is not None
         project = key_project
-        _check_status(project)
+        _check_status(project, need)
         if need.min_scope is None or SCOPE_RANK[principal.key.scope] < SCOPE_RANK[need.min_scope]:
             raise InsufficientPermissions(
                 f"This action needs a key with scope '{need.min_scope or 'dashboard session'}'; "
@@ -278,12 +279,19 @@ async def authorize(
     )
     if role is None:
         raise ScopeMismatch("You are not a member of this project.")
-    _check_status(project)
+    _check_status(project, need)
     if ROLE_RANK[role] < ROLE_RANK[need.min_role]:
         raise InsufficientPermissions(f"This action needs the '{need.min_role}' role; you are '{role}'.")
     return ProjectAccess(project, principal, ROLE_SQL_SCOPE[role], role)
 
 
-def _check_status(project: Project) -> None:
+# Needs that change a project's data or schema; a read-only project refuses them for every caller
+# (settings, keys and team stay manageable, so an admin can switch read-only off again).
+WRITE_NEEDS = frozenset({Need.WRITE, Need.SCHEMA})
+
+
+def _check_status(project: Project, need: Need) -> None:
     if project.status == "suspended":
         raise ProjectSuspended()
+    if project.read_only and need in WRITE_NEEDS:
+        raise ProjectReadOnly()

@@ -22,7 +22,15 @@ import asyncpg
 import msgspec
 
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
-from fluxbase.errors import AuthRequired, DatabaseUnavailable, ProjectSuspended, RateLimited, ValidationError
+from fluxbase.errors import (
+    AuthRequired,
+    DatabaseQuotaExceeded,
+    DatabaseUnavailable,
+    ProjectReadOnly,
+    ProjectSuspended,
+    RateLimited,
+    ValidationError,
+)
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -37,6 +45,11 @@ _SESSION_GONE = (
 )
 _CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, *_SESSION_GONE)
 MAX_PARAMS = 10_000
+
+# Sent with COMMIT by every tenant write path: refuses a transaction that grows the project past
+# its database-size cap (FX413). A transaction that wrote nothing returns at once (no xid), and a
+# project without a cap costs one primary-key lookup per writing transaction.
+COMMIT_SCRIPT = "SELECT fluxbase_guard.check_db_quota(); COMMIT; " + SESSION_RESET
 
 # Statements refused before they reach PostgreSQL: each request is exactly one transaction, so
 # transaction control would end it early (and drop the request's identity), and session-level
@@ -304,7 +317,7 @@ async def execute(
     try:
         try:
             async with asyncio.timeout(limits.deadline_s):
-                return await _run(conn, begin, query, params, keyword, limits, started)
+                return await _run(conn, begin, query, params, keyword, limits, started, scope != "read")
         except TimeoutError:
             dead = True
             await _terminate(control, conn)
@@ -328,7 +341,14 @@ async def execute(
 
 
 async def _run(
-    conn: Any, begin: str, query: str, params: list[Any], keyword: str, limits: Limits, started: float
+    conn: Any,
+    begin: str,
+    query: str,
+    params: list[Any],
+    keyword: str,
+    limits: Limits,
+    started: float,
+    may_write: bool,
 ) -> bytes:
     try:
         await conn.execute(begin)
@@ -350,9 +370,9 @@ async def _run(
         try:
             stmt, rows, status, completed = await _bind_execute(conn, query, params, limits.max_rows + 1)
         except asyncpg.PostgresError as exc:
-            return await _fail(conn, exc)
+            return await _fail(conn, exc, may_write)
     except asyncpg.PostgresError as exc:
-        return await _fail(conn, exc)
+        return await _fail(conn, exc, may_write)
     except _ParamError as exc:
         await conn.execute("ROLLBACK; " + SESSION_RESET)
         return _error_body(str(exc), "22023")
@@ -373,13 +393,15 @@ async def _run(
             break
         encoded.append(msgspec.Raw(chunk))
     try:
-        await conn.execute("COMMIT; " + SESSION_RESET)
+        await conn.execute(COMMIT_SCRIPT)
     except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
         if isinstance(exc, _SESSION_GONE):
             raise
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
         await conn.execute(SESSION_RESET)
+        if exc.sqlstate == "FX413":
+            raise quota_exceeded(exc) from None
         return _error_body(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000")
     elapsed_ms = (time.perf_counter() - started) * 1000
     operation = _op_of(status, keyword or "UNKNOWN")
@@ -404,10 +426,24 @@ async def _run(
     return _ENC.encode(body)
 
 
-async def _fail(conn: Any, exc: asyncpg.PostgresError) -> bytes:
+def quota_exceeded(exc: asyncpg.PostgresError) -> DatabaseQuotaExceeded:
+    """FX413 from fluxbase_guard.check_db_quota → the public 413 with size and limit."""
+    m = re.match(r"size=(\d+) limit=(\d+)", getattr(exc, "detail", None) or "")
+    size, limit = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return DatabaseQuotaExceeded(
+        f"The project's database would be {size} bytes; its limit is {limit} bytes. "
+        "Delete rows and vacuum to shrink it, or ask an instance admin to raise the limit.",
+        extra={"sizeBytes": size, "limitBytes": limit},
+    )
+
+
+async def _fail(conn: Any, exc: asyncpg.PostgresError, may_write: bool = False) -> bytes:
     if isinstance(exc, _SESSION_GONE):
         raise exc
     await conn.execute("ROLLBACK; " + SESSION_RESET)
+    if exc.sqlstate == "25006" and may_write:
+        # The scope may write, so the transaction was read-only because the project is.
+        raise ProjectReadOnly()
     sqlstate = exc.sqlstate or "XX000"
     message = str(exc.args[0]) if exc.args else type(exc).__name__
     code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
