@@ -79,7 +79,9 @@ $$;
 -- Called just before COMMIT by every tenant write path of a project that has a cap. A
 -- transaction that wrote nothing has no xid and returns at once. Otherwise the schema is
 -- measured; over the cap, the transaction is refused (FX413) if it inserted or updated rows or
--- created relations, so a transaction that only deletes or drops can always bring it back.
+-- created relations, so a transaction that only deletes or drops can always bring it back. (A
+-- connection's first write after a cap is set may still see counters of its earlier
+-- transactions: a delete-only transaction can then be refused once.)
 CREATE OR REPLACE FUNCTION fluxbase_guard.check_db_quota() RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog
@@ -98,6 +100,10 @@ BEGIN
     IF cap IS NULL THEN
         RETURN;
     END IF;
+    -- pg_stat_get_xact_* read this backend's pending counters, which also hold earlier
+    -- transactions' counts until the next stats flush; force that flush when this transaction
+    -- ends, so the counters seen by the next one are its own.
+    PERFORM pg_stat_force_next_flush();
     size := fluxbase_guard.schema_size(pid);
     IF size <= cap THEN
         RETURN;
