@@ -99,27 +99,32 @@ async def _lines(stream: asyncio.StreamReader, first: bytes) -> AsyncIterator[by
 
 
 async def _filtered(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """pg_dump's lines minus the TOC blocks of Fluxbase's capture triggers."""
+    """pg_dump's lines minus the TOC blocks of Fluxbase's capture triggers.
+
+    pg_dump writes each object as "--", "-- Name: <table> <trigger>; Type: TRIGGER; ...", "--",
+    a blank line and the one-line CREATE TRIGGER statement.
+    """
     pending: bytes | None = None  # a bare "--" line that may open a trigger's TOC block
-    skipping = False
+    state = 0  # 0: copying; 1: in a capture trigger's block; 2: after its CREATE TRIGGER line
     async for line in lines:
-        if skipping:
-            if line.startswith(b"CREATE TRIGGER") or line.strip() == b"" or line == b"--\n":
-                continue
-            skipping = False
-        if line == b"--\n" and pending is None:
-            pending = line
+        if state == 1:
+            if line.startswith(b"CREATE TRIGGER") and line.rstrip().endswith(b";"):
+                state = 2
             continue
-        if pending is not None and line.startswith(b"-- Name: ") and b"; Type: TRIGGER;" in line:
-            if CAPTURE.encode() in line.split(b";", 1)[0]:
-                pending, skipping = None, True
+        if state == 2:
+            if not line.strip():
                 continue
+            state = 0
         if pending is not None:
+            if line.startswith(b"-- Name: ") and b"; Type: TRIGGER;" in line:
+                if CAPTURE.encode() in line.split(b";", 1)[0]:
+                    pending, state = None, 1
+                    continue
             yield pending
             pending = None
-            if line == b"--\n":
-                pending = line
-                continue
+        if line == b"--\n":
+            pending = line
+            continue
         yield line
     if pending is not None:
         yield pending
@@ -334,7 +339,7 @@ def parse(f: IO[bytes], source: str) -> Iterator[Statement | Copy]:
         if TRAILER_RE.match(raw):
             break
         line = raw.decode("utf-8")
-        if not buf.strip():
+        if not _strip_comments(buf):
             stripped = line.strip()
             if stripped.startswith("\\"):
                 if re.match(r"^\\(un)?restrict\s+\w+$", stripped):
