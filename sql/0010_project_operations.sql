@@ -25,12 +25,9 @@ CREATE TABLE IF NOT EXISTS fluxbase.migration_tickets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Per-project database size cap (bytes of the project schema); NULL or no row: no cap.
-CREATE TABLE IF NOT EXISTS fluxbase.project_quotas (
-    project_id text PRIMARY KEY REFERENCES fluxbase.projects (id) ON DELETE CASCADE,
-    db_bytes   bigint CHECK (db_bytes > 0),
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
+-- Per-project database size cap (bytes of the project schema); NULL: no cap. On the project row
+-- so that the API learns it with the project (and sends the check only for capped projects).
+ALTER TABLE fluxbase.projects ADD COLUMN IF NOT EXISTS db_quota_bytes bigint CHECK (db_quota_bytes > 0);
 
 -- The project id of the calling tenant role, or an error for anyone else.
 CREATE OR REPLACE FUNCTION fluxbase_guard.tenant_project() RETURNS text
@@ -76,13 +73,13 @@ AS $$
     WHERE n.nspname = 'p_' || p_project_id AND c.relkind IN ('r', 'm', 'S')
 $$;
 
--- Called just before COMMIT by every tenant write path of a project that has a cap. A
--- transaction that wrote nothing has no xid and returns at once. Otherwise the schema is
--- measured; over the cap, the transaction is refused (FX413) if it inserted or updated rows or
--- created relations, so a transaction that only deletes or drops can always bring it back. (A
--- connection's first write after a cap is set may still see counters of its earlier
--- transactions: a delete-only transaction can then be refused once.)
-CREATE OR REPLACE FUNCTION fluxbase_guard.check_db_quota() RETURNS void
+-- Called just before COMMIT by tenant write paths of a project that has a cap; returns the
+-- schema size it measured (NULL when it measured nothing). A transaction that wrote nothing has
+-- no xid and returns at once. Over the cap, the transaction is refused (FX413) if it inserted or
+-- updated rows or created relations, so a transaction that only deletes or drops can always
+-- bring the project back under it.
+DROP FUNCTION IF EXISTS fluxbase_guard.check_db_quota();
+CREATE FUNCTION fluxbase_guard.check_db_quota() RETURNS bigint
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog
 AS $$
@@ -93,20 +90,20 @@ DECLARE
     grew  bigint;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NULL THEN
-        RETURN;
+        RETURN NULL;
     END IF;
     pid := fluxbase_guard.tenant_project();
-    SELECT q.db_bytes INTO cap FROM fluxbase.project_quotas q WHERE q.project_id = pid;
+    SELECT p.db_quota_bytes INTO cap FROM fluxbase.projects p WHERE p.id = pid;
     IF cap IS NULL THEN
-        RETURN;
+        RETURN NULL;
     END IF;
     -- pg_stat_get_xact_* read this backend's pending counters, which also hold earlier
-    -- transactions' counts until the next stats flush; force that flush when this transaction
-    -- ends, so the counters seen by the next one are its own.
+    -- transactions' counts until the next stats flush (at most ~10 s later when idle); force
+    -- that flush when this transaction ends, so the counters the next one sees are its own.
     PERFORM pg_stat_force_next_flush();
     size := fluxbase_guard.schema_size(pid);
     IF size <= cap THEN
-        RETURN;
+        RETURN size;
     END IF;
     SELECT coalesce(sum(pg_stat_get_xact_tuples_inserted(c.oid) + pg_stat_get_xact_tuples_updated(c.oid)), 0)
     INTO grew
@@ -117,6 +114,7 @@ BEGIN
         RAISE EXCEPTION 'Database size % bytes exceeds the project''s limit of % bytes', size, cap
             USING ERRCODE = 'FX413', DETAIL = format('size=%s limit=%s', size, cap);
     END IF;
+    RETURN size;
 END
 $$;
 

@@ -111,14 +111,19 @@ async def test_database_quota_crossing_and_recovery(api: Api, project, instance_
         f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": 1}, headers=bearer(project.owner_token)
     )
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
-    cap = 400_000
+    await _ok(
+        await api.sql(key, pid, "INSERT INTO blob SELECT repeat('x', 1000) FROM generate_series(1, 250)")
+    )
+    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
+    used = (await _ok(r))["quotas"]["databaseUsedBytes"]
+    # A cap with the project at ~82% of it: from there on every write is measured before COMMIT.
+    cap = int(used / 0.82)
     r = await api.http.patch(
         f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": cap}, headers=bearer(root)
     )
     assert (await _ok(r))["quotas"]["databaseBytes"] == cap
-
     batch = "INSERT INTO blob SELECT repeat('x', 1000) FROM generate_series(1, 40)"  # ~41 KB
-    committed = 0
+    committed = 250
     for _ in range(30):
         r = await api.sql(key, pid, batch)
         if r.status_code != 200:
@@ -130,7 +135,7 @@ async def test_database_quota_crossing_and_recovery(api: Api, project, instance_
     assert (
         str(cap) in body["error"]["message"] and str(body["error"]["sizeBytes"]) in body["error"]["message"]
     )
-    assert committed >= 200  # well below the cap, writes went through
+    assert committed >= 250
     # The refused write left nothing; reads keep working; further growth is refused.
     r = await api.sql(key, pid, "SELECT count(*)::int AS n FROM blob")
     assert (await _ok(r))["result"]["rows"] == [{"n": committed}]

@@ -10,6 +10,7 @@ from fluxbase.config import Settings
 from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.services.access import Authenticator
+from fluxbase.services.quota import SizeCache
 from fluxbase.storage.s3 import ObjectStore
 
 
@@ -21,3 +22,4 @@ class AppContext:
     store: ObjectStore
     auth: Authenticator
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    sizes: SizeCache = field(default_factory=SizeCache)

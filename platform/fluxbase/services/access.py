@@ -83,6 +83,7 @@ class Project:
     read_only: bool
     rate_limit: tuple[int, int] | None
     created_at: datetime
+    db_quota: int | None = None  # database-size cap in bytes (None: no cap)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
@@ -94,6 +95,7 @@ class Project:
             row[prefix + "read_only"],
             (rl[0], rl[1]) if rl[0] else None,
             row[prefix + "created_at"],
+            row.get(prefix + "db_quota_bytes"),
         )
 
 
@@ -120,7 +122,7 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        k.revoked_at, k.last_used_at, k.rate_limit_requests AS k_rlr, k.rate_limit_window_s AS k_rlw,
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
-       p.created_at AS p_created_at
+       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1
 """
@@ -212,6 +214,10 @@ class Authenticator:
             self._touch(auth, now)
             return auth
         auth = await authenticate_key(self.db, raw_key, origin)
+        if auth.project.status != "active":
+            # Never cache a suspended project: resuming must take effect on the next request
+            # (the guard only re-checks in the direction active → suspended).
+            return auth
         if len(self._cache) >= self.CACHE_MAX:
             self._cache.clear()
         self._cache[auth.key_hash] = (now + self.CACHE_TTL_S, auth)
@@ -221,6 +227,12 @@ class Authenticator:
 
     def evict(self, key_hash: bytes) -> None:
         self._cache.pop(key_hash, None)
+
+    def forget_project(self, project_id: str) -> None:
+        """Drop this process's cached keys of a project (after its settings changed)."""
+        for key_hash, (_, auth) in list(self._cache.items()):
+            if auth.project.id == project_id:
+                self._cache.pop(key_hash, None)
 
     def _touch(self, auth: KeyAuth, now: float) -> None:
         """Keep lastUsedAt roughly current without a write per request."""

@@ -48,9 +48,9 @@ from fluxbase.errors import (
     RateLimited,
 )
 from fluxbase.security.roles import role_name, role_password, schema_name
-from fluxbase.services import projects
+from fluxbase.services import projects, quota
 from fluxbase.services.access import Project
-from fluxbase.services.sql import COMMIT_SCRIPT, leading_keyword, quota_exceeded
+from fluxbase.services.sql import leading_keyword
 from fluxbase.services.sqlscript import ScriptError, split_statements
 
 log = logging.getLogger("fluxbase.dump")
@@ -469,11 +469,10 @@ async def _load(
             sql = vet(item, source)
             if sql is not None:
                 await conn.execute(SCHEMA_RE.sub(target, sql))
-        await conn.execute(COMMIT_SCRIPT)
+        await quota.check(conn, project_id)
+        await conn.execute("COMMIT; " + SESSION_RESET)
         ok = True
     except asyncpg.PostgresError as exc:
-        if exc.sqlstate == "FX413":
-            raise quota_exceeded(exc) from None
         raise ImportFailed(
             f"The import failed at statement {index}: {exc.args[0] if exc.args else exc}. "
             "No project was created.",

@@ -28,15 +28,14 @@ from fluxbase.errors import (
     RateLimited,
     ValidationError,
 )
+from fluxbase.services import quota
 from fluxbase.services.access import ProjectAccess
-from fluxbase.services.sql import quota_exceeded
 from fluxbase.services.sqlscript import ScriptError, check_statement, split_statements
 
 log = logging.getLogger("fluxbase.migrations")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 MAX_SQL_CHARS = 5_000_000
-QUOTA_CHECK = "SELECT fluxbase_guard.check_db_quota()"
 
 
 @dataclass(frozen=True)
@@ -166,12 +165,7 @@ async def _run(
                 # The splitter refuses transaction control, so this is a bug, never a tenant path.
                 log.error("migration %s of %s left its transaction at statement %d", name, project_id, index)
                 raise InternalError()
-        try:
-            await conn.execute(QUOTA_CHECK)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == "FX413":
-                raise quota_exceeded(exc) from None
-            raise
+        await quota.check(conn, project_id)
         await conn.execute("COMMIT; " + SESSION_RESET)
         ok = True
     finally:

@@ -2,9 +2,9 @@
 
 Vacuum runs on the project's own admin role (tables are the tenant's: their indexes and
 triggers may call tenant functions). Quotas gather three limits in one place: the database-size
-cap (`fluxbase.project_quotas`, enforced by `fluxbase_guard.check_db_quota` before every tenant
-COMMIT), the storage quota (`fluxbase.storage_limits`, enforced by storage) and the request
-rate limit (`fluxbase.projects.rate_limit_*`, enforced per API process).
+cap (`fluxbase.projects.db_quota_bytes`, enforced by `fluxbase_guard.check_db_quota` before
+tenant COMMITs, see `services.quota`), the storage quota (`fluxbase.storage_limits`, enforced
+by storage) and the request rate limit (`fluxbase.projects.rate_limit_*`, per API process).
 """
 
 from __future__ import annotations
@@ -108,20 +108,19 @@ class Quotas:
 
 async def get_quotas(db: asyncpg.Pool | asyncpg.Connection, settings: Settings, project_id: str) -> Quotas:
     row = await db.fetchrow(
-        """SELECT q.db_bytes, fluxbase_guard.schema_size(p.id) AS db_used,
+        """SELECT p.db_quota_bytes, fluxbase_guard.schema_size(p.id) AS db_used,
                   l.quota_bytes, l.max_file_size,
                   (SELECT coalesce(sum(o.size), 0)::bigint FROM fluxbase.objects o
                     WHERE o.project_id = p.id) AS storage_used,
                   p.rate_limit_requests, p.rate_limit_window_s
            FROM fluxbase.projects p
-           LEFT JOIN fluxbase.project_quotas q ON q.project_id = p.id
            LEFT JOIN fluxbase.storage_limits l ON l.project_id = p.id
            WHERE p.id = $1""",
         project_id,
     )
     assert row is not None
     return Quotas(
-        row["db_bytes"],
+        row["db_quota_bytes"],
         int(row["db_used"]),
         row["quota_bytes"] or settings.storage.quota_bytes,
         int(row["storage_used"]),
@@ -155,8 +154,7 @@ async def set_quotas(
     async with db.acquire() as conn, conn.transaction():
         if "databaseBytes" in vals:
             await conn.execute(
-                """INSERT INTO fluxbase.project_quotas (project_id, db_bytes) VALUES ($1, $2)
-                   ON CONFLICT (project_id) DO UPDATE SET db_bytes = $2, updated_at = now()""",
+                "UPDATE fluxbase.projects SET db_quota_bytes = $2 WHERE id = $1",
                 project_id,
                 vals["databaseBytes"],
             )

@@ -24,13 +24,14 @@ import msgspec
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
 from fluxbase.errors import (
     AuthRequired,
-    DatabaseQuotaExceeded,
     DatabaseUnavailable,
     ProjectReadOnly,
     ProjectSuspended,
     RateLimited,
     ValidationError,
 )
+from fluxbase.services import quota
+from fluxbase.services.quota import SizeCache
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -45,11 +46,6 @@ _SESSION_GONE = (
 )
 _CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, *_SESSION_GONE)
 MAX_PARAMS = 10_000
-
-# Sent with COMMIT by every tenant write path: refuses a transaction that grows the project past
-# its database-size cap (FX413). A transaction that wrote nothing returns at once (no xid), and a
-# project without a cap costs one primary-key lookup per writing transaction.
-COMMIT_SCRIPT = "SELECT fluxbase_guard.check_db_quota(); COMMIT; " + SESSION_RESET
 
 # Statements refused before they reach PostgreSQL: each request is exactly one transaction, so
 # transaction control would end it early (and drop the request's identity), and session-level
@@ -289,8 +285,14 @@ async def execute(
     identity: Identity,
     limits: Limits,
     guard: tuple[bytes, str] | None = None,
+    db_quota: int | None = None,
+    sizes: SizeCache | None = None,
 ) -> bytes:
-    """Run one tenant statement; return the encoded response body (success or SQL error)."""
+    """Run one tenant statement; return the encoded response body (success or SQL error).
+
+    `db_quota` is the project's database-size cap; with `sizes`, writes are measured before
+    COMMIT when the cap may be near (see services.quota).
+    """
     if not query.strip():
         raise ValidationError("query must not be empty.")
     if len(query) > MAX_QUERY_CHARS or "\x00" in query:
@@ -317,7 +319,17 @@ async def execute(
     try:
         try:
             async with asyncio.timeout(limits.deadline_s):
-                return await _run(conn, begin, query, params, keyword, limits, started, scope != "read")
+                return await _run(
+                    conn,
+                    begin,
+                    query,
+                    params,
+                    keyword,
+                    limits,
+                    started,
+                    scope != "read",
+                    (project_id, db_quota, sizes) if scope != "read" and db_quota and sizes else None,
+                )
         except TimeoutError:
             dead = True
             await _terminate(control, conn)
@@ -349,6 +361,7 @@ async def _run(
     limits: Limits,
     started: float,
     may_write: bool,
+    quota_of: tuple[str, int, SizeCache] | None = None,
 ) -> bytes:
     try:
         await conn.execute(begin)
@@ -392,16 +405,24 @@ async def _run(
             truncated = True
             break
         encoded.append(msgspec.Raw(chunk))
+    if quota_of is not None and quota_of[2].needs_check(
+        quota_of[0], quota_of[1], _count_of(status) or 0, _op_of(status, keyword).split(" ", 1)[0]
+    ):
+        try:
+            await quota.check(conn, quota_of[0], quota_of[2])
+        except asyncpg.PostgresError as exc:
+            return await _fail(conn, exc, may_write)
+        except quota.DatabaseQuotaExceeded:
+            await conn.execute("ROLLBACK; " + SESSION_RESET)
+            raise
     try:
-        await conn.execute(COMMIT_SCRIPT)
+        await conn.execute("COMMIT; " + SESSION_RESET)
     except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
         if isinstance(exc, _SESSION_GONE):
             raise
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
         await conn.execute(SESSION_RESET)
-        if exc.sqlstate == "FX413":
-            raise quota_exceeded(exc) from None
         return _error_body(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000")
     elapsed_ms = (time.perf_counter() - started) * 1000
     operation = _op_of(status, keyword or "UNKNOWN")
@@ -424,17 +445,6 @@ async def _run(
         },
     }
     return _ENC.encode(body)
-
-
-def quota_exceeded(exc: asyncpg.PostgresError) -> DatabaseQuotaExceeded:
-    """FX413 from fluxbase_guard.check_db_quota → the public 413 with size and limit."""
-    m = re.match(r"size=(\d+) limit=(\d+)", getattr(exc, "detail", None) or "")
-    size, limit = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    return DatabaseQuotaExceeded(
-        f"The project's database would be {size} bytes; its limit is {limit} bytes. "
-        "Delete rows and vacuum to shrink it, or ask an instance admin to raise the limit.",
-        extra={"sizeBytes": size, "limitBytes": limit},
-    )
 
 
 async def _fail(conn: Any, exc: asyncpg.PostgresError, may_write: bool = False) -> bytes:

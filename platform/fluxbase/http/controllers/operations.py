@@ -83,6 +83,7 @@ async def update_project(
     project = access.project
     if data.read_only is not None:
         project = await operations.set_read_only(ctx.db, project.id, data.read_only)
+        ctx.auth.forget_project(project.id)
     return {"success": True, "project": project_out(project, access.member_role)}
 
 
@@ -105,6 +106,9 @@ async def set_quotas(
     if not isinstance(changes, dict):
         raise ValidationError("The request body must be a JSON object.")
     quotas = await operations.set_quotas(ctx.db, ctx.settings, project_id, changes)
+    # This process's caches learn the new cap at once; other processes within the key cache TTL.
+    ctx.auth.forget_project(project_id)
+    ctx.sizes.forget(project_id)
     return {"success": True, "quotas": quotas.out()}
 
 
@@ -117,6 +121,7 @@ async def set_quotas(
 async def suspend_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     operations.require_instance_admin(caller.principal)
     project = await operations.set_status(ctx.db, project_id, "suspended")
+    ctx.auth.forget_project(project_id)
     return {"success": True, "project": project_out(project)}
 
 
