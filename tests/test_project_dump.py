@@ -27,6 +27,7 @@ SETUP = [
     "CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT upper(t) || '; !' $$",
     "ALTER TABLE posts ENABLE ROW LEVEL SECURITY",
     "CREATE POLICY own_posts ON posts FOR SELECT USING (owner IS NULL OR owner = auth.uid())",
+    "CREATE POLICY rw_insert ON posts FOR INSERT TO {rw} WITH CHECK (true)",
     "INSERT INTO authors (name) VALUES ('Ada'), ('Bob ''the'' builder')",
 ]
 TRICKY = "tab\there\nnewline \\ backslash ünïcødé 🚀 \\. end"
@@ -44,7 +45,7 @@ async def source(api: Api, project):
         project.owner_token, project.id, "admin", rateLimitRequests=1_000_000
     )
     for stmt in SETUP:
-        await _ok(await api.sql(project.admin_key, project.id, stmt))
+        await _ok(await api.sql(project.admin_key, project.id, stmt.replace("{rw}", f"p_{project.id}_rw")))
     await _ok(
         await api.sql(
             project.admin_key,
@@ -107,7 +108,8 @@ async def test_export_shape_and_import_into_new_project(api: Api, source, contro
     assert re.match(rf"-- fluxbase-export format=1 schema=p_{source.id} created=\S+\n", text)
     assert re.search(r"\n-- fluxbase-export-end sha256=[0-9a-f]{64}\n$", text)
     assert "fluxbase_capture" not in text and "fluxbase." not in text
-    assert f"p_{source.id}_" not in text  # no role names
+    # No owners or grants; the only role name is the one the project's own policy names.
+    assert text.count(f"p_{source.id}_") == text.count(f"TO p_{source.id}_rw")
     assert "OWNER TO" not in text and "GRANT " not in text
     assert "CREATE POLICY own_posts" in text
 
@@ -129,6 +131,16 @@ async def test_export_shape_and_import_into_new_project(api: Api, source, contro
     assert r["result"]["rows"][0]["n"] > 0  # realtime capture attached to the new tables
     after = await _project_count(control_db)
     assert after == (before[0] + 1, before[1] + 1, before[2] + 3)
+    # A policy naming the source project's role names the new project's role after import.
+    r = await _ok(
+        await api.sql(
+            key,
+            new["id"],
+            "SELECT roles::text AS r FROM pg_policies "
+            "WHERE policyname = 'rw_insert' AND schemaname = current_schema()",
+        )
+    )
+    assert r["result"]["rows"] == [{"r": f"{{p_{new['id']}_rw}}"}]
     # Exporting needs MANAGE; importing needs a dashboard session.
     rw = await api.new_key(source.owner_token, source.id, "readwrite")
     assert_error(

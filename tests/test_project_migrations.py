@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from support import ROOT, Api, assert_error, bearer
+
+
+@pytest.fixture
+async def project(api: Api, project):
+    project.admin_key = await api.new_key(
+        project.owner_token, project.id, "admin", rateLimitRequests=1_000_000
+    )
+    return project
 
 
 async def _migrate(api: Api, key: str, pid: str, name: str, sql: str) -> Any:

@@ -58,6 +58,8 @@ log = logging.getLogger("fluxbase.dump")
 HEADER_RE = re.compile(rb"^-- fluxbase-export format=1 schema=(p_[0-9a-f]{16}) created=\S+\n$")
 TRAILER_RE = re.compile(rb"^-- fluxbase-export-end sha256=([0-9a-f]{64})\n?$")
 SCHEMA_RE = re.compile(r"\bp_[0-9a-f]{16}\b")
+# A project role named in a policy (`TO p_<id>_rw`): retargeted like the schema.
+ROLE_RE = re.compile(r"\b(p_[0-9a-f]{16})_(admin|rw|ro)\b")
 CONTROL_RE = re.compile(r'\b"?(fluxbase|fluxbase_guard)"?\s*\.', re.I)
 CAPTURE = "fluxbase_capture_"
 
@@ -400,8 +402,8 @@ def vet(item: Statement, source: str) -> str | None:
             "(only schema definitions, settings and data of one project schema).",
             extra={"statementIndex": item.index},
         )
-    for m in SCHEMA_RE.finditer(sql):
-        if m.group(0) != source:
+    for m in (*SCHEMA_RE.finditer(sql), *ROLE_RE.finditer(sql)):
+        if m.group(1 if m.re is ROLE_RE else 0) != source:
             raise ImportRefused(
                 f"statement {item.index} references another project's schema ({m.group(0)}).",
                 extra={"statementIndex": item.index},
@@ -412,6 +414,12 @@ def vet(item: Statement, source: str) -> str | None:
             extra={"statementIndex": item.index},
         )
     return sql
+
+
+def retarget(sql: str, target: str) -> str:
+    """The vetted statement with the exported schema (and its roles) renamed to the new project's."""
+    sql = ROLE_RE.sub(lambda m: f"{target}_{m.group(2)}", sql)
+    return SCHEMA_RE.sub(target, sql)
 
 
 def check_dump(f: IO[bytes]) -> str:
@@ -468,7 +476,7 @@ async def _load(
                 continue
             sql = vet(item, source)
             if sql is not None:
-                await conn.execute(SCHEMA_RE.sub(target, sql))
+                await conn.execute(retarget(sql, target))
         await quota.check(conn, project_id)
         await conn.execute("COMMIT; " + SESSION_RESET)
         ok = True
