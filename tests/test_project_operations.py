@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from support import Api, assert_error, bearer
-from test_realtime import rt  # noqa: F401  (the module-scoped realtime service fixture)
+from test_realtime import _realtime, rt  # noqa: F401  (the module-scoped realtime service fixture)
 
 
 @pytest.fixture
@@ -242,3 +243,32 @@ async def test_suspend_and_resume(api: Api, project, instance_admin, rt) -> None
         404,
         "PROJECT_NOT_FOUND",
     )
+
+
+async def test_suspension_ends_live_subscriptions(
+    api: Api, project, instance_admin, instance, log_dir
+) -> None:
+    key, pid, root = project.admin_key, project.id, instance_admin["token"]
+    await _ok(await api.sql(key, pid, "CREATE TABLE t (v int)"))
+    with _realtime(instance, log_dir, FLUXBASE_REALTIME_PING_SECONDS="1") as url:
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}", "token": key}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await _ok(await api.sql(key, pid, "INSERT INTO t VALUES (1)"))
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert msg["type"] == "db_event" and msg["payload"]["record"] == {"v": 1}
+            await _ok(await api.http.post(f"/api/admin/projects/{pid}/suspend", headers=bearer(root)))
+            # The next round of the service's ping loop ends the subscription with the documented code.
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert msg["type"] == "error" and msg["error"]["code"] == "PROJECT_SUSPENDED", msg
+            assert msg["roomId"] == f"project_{pid}"
+            # Nothing of the project reaches the socket any more, and it cannot broadcast there.
+            await ws.send(
+                json.dumps({"type": "broadcast", "roomId": f"project_{pid}", "event": "x", "payload": {}})
+            )
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert msg["type"] == "error" and msg["error"]["code"] == "AUTH_REQUIRED"
+            await api.http.post(f"/api/admin/projects/{pid}/resume", headers=bearer(root))
+            await _ok(await api.sql(key, pid, "INSERT INTO t VALUES (2)"))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 1.5)
