@@ -263,8 +263,7 @@ async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cac
     assert (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (1)")).json()["success"]  # now cached
     # Read-only switch: writes refused on the very next request, reads still work.
     await control_db.execute("UPDATE fluxbase.projects SET read_only = true WHERE id = $1", project.id)
-    body = (await api.sql(key, project.id, "INSERT INTO ro_t VALUES (2)")).json()
-    assert body["success"] is False and body["error"]["details"] == "ERROR:  25006"
+    assert_error(await api.sql(key, project.id, "INSERT INTO ro_t VALUES (2)"), 403, "PROJECT_READ_ONLY")
     assert (await api.sql(key, project.id, "SELECT count(*) AS n FROM ro_t")).json()["result"]["rows"] == [
         {"n": 1}
     ]

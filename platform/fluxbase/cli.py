@@ -159,6 +159,27 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote(fn_name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from fluxbase import remote
+
+        try:
+            return int(getattr(remote, fn_name)(args))
+        except remote.RemoteError as exc:
+            print(f"fluxbase: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # includes httpx transport errors' causes: unreachable server, bad path
+            print(f"fluxbase: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="API base URL (or FLUXBASE_URL)")
+    p.add_argument("--key", help="API key or session token (or FLUXBASE_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluxbase", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--name", default="cli")
     ck.add_argument("--expires-in-days", type=int)
     ck.set_defaults(fn=cmd_create_key)
+    mg = sub.add_parser("migrations", help="project schema migrations over the HTTP API")
+    mg_sub = mg.add_subparsers(dest="migrations_command", required=True)
+    push = mg_sub.add_parser("push", help="apply a folder of NNNN_name.sql files in order")
+    push.add_argument("dir")
+    push.add_argument("--project", required=True)
+    _remote_args(push)
+    push.set_defaults(fn=_remote("push_migrations"))
+    ex = sub.add_parser("export", help="download a project's SQL dump (psql can load it)")
+    ex.add_argument("--project", required=True)
+    ex.add_argument("-o", "--output", required=True)
+    _remote_args(ex)
+    ex.set_defaults(fn=_remote("export_project"))
+    im = sub.add_parser("import", help="create a new project from an export (needs a session token)")
+    im.add_argument("file")
+    im.add_argument("--name")
+    _remote_args(im)
+    im.set_defaults(fn=_remote("import_project"))
     return p
 
 

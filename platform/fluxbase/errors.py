@@ -142,3 +142,43 @@ class SqlForbidden(SqlExecFailed):
 
 class QueryTimeout(FluxbaseError):
     code, status, default_message = "QUERY_TIMEOUT", 504, "The request deadline passed."
+
+
+# -- project operations (migrations, export/import, read-only, quotas) -------------------------
+
+
+class ProjectReadOnly(FluxbaseError):
+    code, status = "PROJECT_READ_ONLY", 403
+    default_message = "Project is read-only: writes are refused until an admin switches read-only off."
+
+
+class DatabaseQuotaExceeded(FluxbaseError):
+    code, status = "DATABASE_QUOTA_EXCEEDED", 413
+    default_message = "The project's database size limit is reached. Delete rows and vacuum to shrink."
+
+
+class MigrationChecksumMismatch(FluxbaseError):
+    code, status = "MIGRATION_CHECKSUM_MISMATCH", 409
+    default_message = "A migration with this name was already applied with different SQL."
+
+
+class MigrationFailed(FluxbaseError):
+    code, status, default_message = "MIGRATION_FAILED", 400, "The migration failed; nothing was applied."
+
+
+class ImportIntegrityError(FluxbaseError):
+    code, status = "IMPORT_INTEGRITY_ERROR", 400
+    default_message = "The file is not a complete Fluxbase export (header or checksum does not match)."
+
+
+class ImportRefused(FluxbaseError):
+    code, status = "IMPORT_REFUSED", 400
+    default_message = "The dump contains a statement that reaches outside the project's schema."
+
+
+class ImportFailed(FluxbaseError):
+    code, status, default_message = "IMPORT_FAILED", 400, "The import failed; no project was created."
+
+
+class ExportUnavailable(FluxbaseError):
+    code, status, default_message = "EXPORT_UNAVAILABLE", 503, "The export could not be started."

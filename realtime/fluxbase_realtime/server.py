@@ -102,6 +102,26 @@ class RealtimeService:
             for client in list(self.clients):
                 with contextlib.suppress(ConnectionClosed, RuntimeError):
                     await client.ws.ping()
+            await self._drop_suspended()
+
+    async def _drop_suspended(self) -> None:
+        """End the subscriptions of projects suspended since they were granted (each ping round)."""
+        if not self.hub.rooms or self.db is None:
+            return
+        try:
+            rows = await self.db.fetch(
+                "SELECT id FROM fluxbase.projects WHERE id = ANY($1::text[]) AND status = 'suspended'",
+                list(self.hub.rooms),
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not check for suspended projects: %r", exc)
+            return
+        for row in rows:
+            for sub, client in list(self.hub.rooms.get(row["id"], {}).items()):
+                self.hub.leave(sub)
+                room = ROOM_PREFIX + sub.project_id
+                client.subs.pop(room, None)
+                client.push(_error("PROJECT_SUSPENDED", "Project is suspended.", room))
 
     async def close(self) -> None:
         self._stop.set()
@@ -214,7 +234,7 @@ class RealtimeService:
                         client.push(_dumps({"type": "unsubscribed", "roomId": room}))
                     elif kind == "broadcast":
                         grant = grants.get(str(room))
-                        if grant is None:
+                        if grant is None or str(room) not in client.subs:
                             client.push(
                                 _error("AUTH_REQUIRED", "Subscribe to the room before broadcasting.", room)
                             )

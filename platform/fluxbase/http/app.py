@@ -17,7 +17,18 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, data, health, projects, realtime, sql, storage, team, webhooks
+from fluxbase.http.controllers import (
+    auth,
+    data,
+    health,
+    operations,
+    projects,
+    realtime,
+    sql,
+    storage,
+    team,
+    webhooks,
+)
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -83,6 +94,16 @@ ROUTES = [
     webhooks.list_deliveries,
     webhooks.redeliver,
     webhooks.project_log,
+    operations.apply_migration,
+    operations.list_migrations,
+    operations.vacuum_project,
+    operations.update_project,
+    operations.get_quotas,
+    operations.set_quotas,
+    operations.suspend_project,
+    operations.resume_project,
+    operations.export_project,
+    operations.import_project,
 ]
 
 

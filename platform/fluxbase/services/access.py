@@ -23,6 +23,7 @@ from fluxbase.errors import (
     InsufficientPermissions,
     OriginNotAllowed,
     ProjectNotFound,
+    ProjectReadOnly,
     ProjectSuspended,
     ScopeMismatch,
     ValidationError,
@@ -82,6 +83,7 @@ class Project:
     read_only: bool
     rate_limit: tuple[int, int] | None
     created_at: datetime
+    db_quota: int | None = None  # database-size cap in bytes (None: no cap)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
@@ -93,6 +95,7 @@ class Project:
             row[prefix + "read_only"],
             (rl[0], rl[1]) if rl[0] else None,
             row[prefix + "created_at"],
+            row.get(prefix + "db_quota_bytes"),
         )
 
 
@@ -119,7 +122,7 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        k.revoked_at, k.last_used_at, k.rate_limit_requests AS k_rlr, k.rate_limit_window_s AS k_rlw,
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
-       p.created_at AS p_created_at
+       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1
 """
@@ -211,6 +214,10 @@ class Authenticator:
             self._touch(auth, now)
             return auth
         auth = await authenticate_key(self.db, raw_key, origin)
+        if auth.project.status != "active":
+            # Never cache a suspended project: resuming must take effect on the next request
+            # (the guard only re-checks in the direction active → suspended).
+            return auth
         if len(self._cache) >= self.CACHE_MAX:
             self._cache.clear()
         self._cache[auth.key_hash] = (now + self.CACHE_TTL_S, auth)
@@ -220,6 +227,12 @@ class Authenticator:
 
     def evict(self, key_hash: bytes) -> None:
         self._cache.pop(key_hash, None)
+
+    def forget_project(self, project_id: str) -> None:
+        """Drop this process's cached keys of a project (after its settings changed)."""
+        for key_hash, (_, auth) in list(self._cache.items()):
+            if auth.project.id == project_id:
+                self._cache.pop(key_hash, None)
 
     def _touch(self, auth: KeyAuth, now: float) -> None:
         """Keep lastUsedAt roughly current without a write per request."""
@@ -262,7 +275,7 @@ async def authorize(
             raise ScopeMismatch("This API key does not have access to this project.")
         assert key_project is not None
         project = key_project
-        _check_status(project)
+        _check_status(project, need)
         if need.min_scope is None or SCOPE_RANK[principal.key.scope] < SCOPE_RANK[need.min_scope]:
             raise InsufficientPermissions(
                 f"This action needs a key with scope '{need.min_scope or 'dashboard session'}'; "
@@ -278,12 +291,19 @@ async def authorize(
     )
     if role is None:
         raise ScopeMismatch("You are not a member of this project.")
-    _check_status(project)
+    _check_status(project, need)
     if ROLE_RANK[role] < ROLE_RANK[need.min_role]:
         raise InsufficientPermissions(f"This action needs the '{need.min_role}' role; you are '{role}'.")
     return ProjectAccess(project, principal, ROLE_SQL_SCOPE[role], role)
 
 
-def _check_status(project: Project) -> None:
+# Needs that change a project's data or schema; a read-only project refuses them for every caller
+# (settings, keys and team stay manageable, so an admin can switch read-only off again).
+WRITE_NEEDS = frozenset({Need.WRITE, Need.SCHEMA})
+
+
+def _check_status(project: Project, need: Need) -> None:
     if project.status == "suspended":
         raise ProjectSuspended()
+    if project.read_only and need in WRITE_NEEDS:
+        raise ProjectReadOnly()

@@ -27,6 +27,7 @@ from fluxbase.errors import (
     ValidationError,
 )
 from fluxbase.security.roles import schema_name
+from fluxbase.services.quota import SizeCache
 from fluxbase.services.sql import Identity, Limits, StatementFailed, Tx, encode, transaction
 
 # Tables whose names start with this prefix are the platform's own (e.g. a migration ledger
@@ -766,6 +767,9 @@ async def run(
     limits: Limits,
     work: Callable[[Tx], Awaitable[dict[str, Any]]],
     guard: tuple[bytes, str] | None = None,
+    requested_read_only: bool = False,
+    db_quota: int | None = None,
+    sizes: SizeCache | None = None,
 ) -> bytes:
     """Run a data work function in the tenant transaction; SQL failures become REST errors."""
     try:
@@ -779,6 +783,9 @@ async def run(
             limits=limits,
             work=work,
             guard=guard,
+            requested_read_only=requested_read_only,
+            db_quota=db_quota,
+            sizes=sizes,
         )
     except StatementFailed as exc:
         raise rest_error(exc) from None

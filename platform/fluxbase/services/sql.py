@@ -28,10 +28,13 @@ from fluxbase.errors import (
     AuthRequired,
     DatabaseUnavailable,
     FluxbaseError,
+    ProjectReadOnly,
     ProjectSuspended,
     RateLimited,
     ValidationError,
 )
+from fluxbase.services import quota
+from fluxbase.services.quota import SizeCache
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -409,13 +412,26 @@ class StatementResult:
 class Tx:
     """The request's open transaction on a tenant connection: the only way work touches it."""
 
-    def __init__(self, conn: Any, limits: Limits, identity: Identity):
+    def __init__(
+        self,
+        conn: Any,
+        limits: Limits,
+        identity: Identity,
+        may_write: bool = False,
+        quota_of: tuple[str, int, SizeCache] | None = None,
+    ):
         self.conn = conn
         self.limits = limits
         self.identity = identity
         self.index: int | None = None  # the statement running now (for error messages)
         self.retried = False
         self.bytes_left = limits.max_bytes
+        # A read-only transaction for a scope that may write means the project is read-only.
+        self.may_write = may_write
+        # (project, cap, sizes) of a project with a database-size cap: checked before COMMIT.
+        self.quota_of = quota_of
+        self.rows_written = 0
+        self.last_keyword = ""
 
     def _failed(self, exc: BaseException) -> BaseException:
         """Map a driver error to StatementFailed; session-level failures pass through."""
@@ -424,6 +440,8 @@ class Tx:
         if isinstance(exc, _CACHE_STALE) and not self.retried:
             return exc  # the transaction runner retries once
         if isinstance(exc, asyncpg.PostgresError):
+            if exc.sqlstate == "25006" and self.may_write:
+                return ProjectReadOnly()
             sqlstate = exc.sqlstate or "XX000"
             message = str(exc.args[0]) if exc.args else type(exc).__name__
             code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
@@ -452,6 +470,8 @@ class Tx:
             self.bytes_left -= len(chunk) + 1
             encoded.append(msgspec.Raw(chunk))
         count = len(encoded) if columns else (_count_of(status) or 0)
+        self.rows_written += _count_of(status) or 0
+        self.last_keyword = _op_of(status, keyword or "UNKNOWN").split(" ", 1)[0]
         return StatementResult(
             columns,
             encoded,
@@ -466,6 +486,20 @@ class Tx:
         try:
             return list(await self.conn.fetch(query, *args))
         except Exception as exc:
+            raise self._failed(exc) from None
+
+    async def check_quota(self) -> None:
+        """Before COMMIT: refuse the write that takes a capped project past its size limit.
+
+        Only when the cap may be near (services.quota.SizeCache): far below it, no query."""
+        if self.quota_of is None:
+            return
+        project_id, cap, sizes = self.quota_of
+        if not sizes.needs_check(project_id, cap, self.rows_written, self.last_keyword):
+            return
+        try:
+            await quota.check(self.conn, project_id, sizes)
+        except asyncpg.PostgresError as exc:
             raise self._failed(exc) from None
 
     async def reassert_identity(self) -> None:
@@ -501,7 +535,9 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
             await conn.execute("ROLLBACK")
             await _begin(conn, begin)
             tx.retried, tx.index, tx.bytes_left = True, None, tx.limits.max_bytes
+            tx.rows_written, tx.last_keyword = 0, ""
             out = await work(tx)
+        await tx.check_quota()
     except (StatementFailed, FluxbaseError):
         await conn.execute("ROLLBACK; " + SESSION_RESET)
         raise
@@ -529,6 +565,9 @@ async def transaction(
     work: Callable[[Tx], Awaitable[T]],
     guard: tuple[bytes, str] | None = None,
     isolation: str = "READ COMMITTED",
+    requested_read_only: bool = False,
+    db_quota: int | None = None,
+    sizes: SizeCache | None = None,
 ) -> T:
     """Run `work` in one transaction on the project's own role, with identity and limits.
 
@@ -537,7 +576,9 @@ async def transaction(
     the request deadline (the backend is terminated when it passes), commit + session reset.
     Raises StatementFailed (rolled back), DatabaseUnavailable (connection lost: the outcome is
     unknown, never reported as success), RateLimited (pool exhausted) or `work`'s own
-    FluxbaseError (rolled back).
+    FluxbaseError (rolled back), including PROJECT_READ_ONLY for a write to a read-only project
+    (`requested_read_only`: the caller asked for a read-only transaction, so 25006 is theirs)
+    and DATABASE_QUOTA_EXCEEDED for one that crosses the project's size cap (`db_quota`).
     """
     begin = begin_script(identity, read_only or scope == "read", guard, isolation)
     pool = await pools.pool(project_id, scope)
@@ -545,7 +586,9 @@ async def transaction(
         conn = await pool.acquire(timeout=limits.acquire_timeout_s)
     except TimeoutError:
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
-    tx = Tx(conn, limits, identity)
+    may_write = scope != "read" and not requested_read_only
+    quota_of = (project_id, db_quota, sizes) if may_write and db_quota and sizes is not None else None
+    tx = Tx(conn, limits, identity, may_write, quota_of)
     dead = False
     try:
         try:
@@ -617,6 +660,8 @@ async def execute(
     identity: Identity,
     limits: Limits,
     guard: tuple[bytes, str] | None = None,
+    db_quota: int | None = None,
+    sizes: SizeCache | None = None,
 ) -> bytes:
     """Run one tenant statement; return the encoded response body (success or SQL error)."""
     _check_query(query)
@@ -642,6 +687,8 @@ async def execute(
             limits=limits,
             work=work,
             guard=guard,
+            db_quota=db_quota,
+            sizes=sizes,
         )
     except StatementFailed as exc:
         return _error_body(exc.message, exc.sqlstate, exc.code)
@@ -675,6 +722,9 @@ async def execute_batch(
     identity: Identity,
     limits: Limits,
     guard: tuple[bytes, str] | None = None,
+    requested_read_only: bool = False,
+    db_quota: int | None = None,
+    sizes: SizeCache | None = None,
 ) -> bytes:
     """Run statements in order in one transaction, all or nothing; return the encoded body."""
     if not statements:
@@ -722,6 +772,9 @@ async def execute_batch(
             work=work,
             guard=guard,
             isolation=level,
+            requested_read_only=requested_read_only,
+            db_quota=db_quota,
+            sizes=sizes,
         )
     except StatementFailed as exc:
         return _ENC.encode(exc.body(with_index=True))

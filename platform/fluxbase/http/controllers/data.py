@@ -48,6 +48,9 @@ async def _run(
             limits=limits_of(ctx),
             work=lambda tx: work(tx, pid),
             guard=guard,
+            requested_read_only=need is Need.READ,
+            db_quota=access.project.db_quota,
+            sizes=ctx.sizes,
         )
     except (AuthRequired, ProjectSuspended):
         if guard is not None:

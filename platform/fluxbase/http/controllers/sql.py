@@ -98,6 +98,8 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
             identity=identity_for(access, auth_uid),
             limits=limits_of(ctx),
             guard=guard,
+            db_quota=access.project.db_quota,
+            sizes=ctx.sizes,
         )
     except (AuthRequired, ProjectSuspended):
         if guard is not None:
@@ -144,6 +146,9 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
             identity=identity_for(access, auth_uid),
             limits=limits_of(ctx),
             guard=guard,
+            requested_read_only=body.read_only,
+            db_quota=access.project.db_quota,
+            sizes=ctx.sizes,
         )
     except (AuthRequired, ProjectSuspended):
         if guard is not None:

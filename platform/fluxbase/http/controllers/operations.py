@@ -1,0 +1,185 @@
+"""Project operations: migrations, export/import, vacuum, read-only, quotas, suspend/resume."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, get, patch, post
+from litestar.params import QueryParameter
+from litestar.response import Stream
+
+from fluxbase.errors import AuthRequired, PayloadTooLarge, ValidationError
+from fluxbase.http.context import AppContext
+from fluxbase.http.edge import Caller
+from fluxbase.http.shapes import Body, project_out
+from fluxbase.services import dump, migrations, operations
+from fluxbase.services.access import Need, authorize
+
+
+class MigrationBody(Body):
+    name: str
+    sql: str
+
+
+class ProjectPatchBody(Body):
+    read_only: bool | None = None
+
+
+def _migration_out(m: migrations.Migration) -> dict[str, Any]:
+    return {"name": m.name, "checksum": m.checksum, "appliedAt": m.applied_at, "appliedBy": m.applied_by}
+
+
+@post(
+    "/api/projects/{project_id:str}/migrations",
+    operation_id="applyMigration",
+    tags=["migrations"],
+    status_code=200,
+)
+async def apply_migration(
+    project_id: str, data: MigrationBody, ctx: AppContext, caller: Caller
+) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+    applied, migration = await migrations.apply_migration(
+        ctx.db, ctx.tenants, access, data.name, data.sql, ctx.settings.tenant.pool_acquire_timeout_s
+    )
+    return {"success": True, "applied": applied, "migration": _migration_out(migration)}
+
+
+@get("/api/projects/{project_id:str}/migrations", operation_id="listMigrations", tags=["migrations"])
+async def list_migrations(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    rows = await migrations.list_migrations(ctx.db, access.project.id)
+    return {"success": True, "migrations": [_migration_out(m) for m in rows]}
+
+
+@post(
+    "/api/projects/{project_id:str}/vacuum",
+    operation_id="vacuumProject",
+    tags=["operations"],
+    status_code=200,
+)
+async def vacuum_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    r = await operations.vacuum(
+        ctx.db, ctx.tenants, access.project.id, ctx.settings.tenant.pool_acquire_timeout_s
+    )
+    return {
+        "success": True,
+        "tables": r.tables,
+        "sizeBefore": r.size_before,
+        "sizeAfter": r.size_after,
+        "durationMs": r.duration_ms,
+    }
+
+
+@patch("/api/projects/{project_id:str}", operation_id="updateProject", tags=["projects"])
+async def update_project(
+    project_id: str, data: ProjectPatchBody, ctx: AppContext, caller: Caller
+) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    project = access.project
+    if data.read_only is not None:
+        project = await operations.set_read_only(ctx.db, project.id, data.read_only)
+        ctx.auth.forget_project(project.id)
+    return {"success": True, "project": project_out(project, access.member_role)}
+
+
+@get("/api/projects/{project_id:str}/quotas", operation_id="getQuotas", tags=["operations"])
+async def get_quotas(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    quotas = await operations.get_quotas(ctx.db, ctx.settings, access.project.id)
+    return {"success": True, "quotas": quotas.out()}
+
+
+@patch("/api/admin/projects/{project_id:str}/quotas", operation_id="setQuotas", tags=["admin"])
+async def set_quotas(
+    request: Request[Any, Any, Any], project_id: str, ctx: AppContext, caller: Caller
+) -> dict[str, Any]:
+    operations.require_instance_admin(caller.principal)
+    try:
+        changes = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError:
+        raise ValidationError("The request body must be JSON.") from None
+    if not isinstance(changes, dict):
+        raise ValidationError("The request body must be a JSON object.")
+    quotas = await operations.set_quotas(ctx.db, ctx.settings, project_id, changes)
+    # This process's caches learn the new cap at once; other processes within the key cache TTL.
+    ctx.auth.forget_project(project_id)
+    ctx.sizes.forget(project_id)
+    return {"success": True, "quotas": quotas.out()}
+
+
+@post(
+    "/api/admin/projects/{project_id:str}/suspend",
+    operation_id="suspendProject",
+    tags=["admin"],
+    status_code=200,
+)
+async def suspend_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    operations.require_instance_admin(caller.principal)
+    project = await operations.set_status(ctx.db, project_id, "suspended")
+    ctx.auth.forget_project(project_id)
+    return {"success": True, "project": project_out(project)}
+
+
+@post(
+    "/api/admin/projects/{project_id:str}/resume",
+    operation_id="resumeProject",
+    tags=["admin"],
+    status_code=200,
+)
+async def resume_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+    operations.require_instance_admin(caller.principal)
+    project = await operations.set_status(ctx.db, project_id, "active")
+    return {"success": True, "project": project_out(project)}
+
+
+@get("/api/projects/{project_id:str}/export", operation_id="exportProject", tags=["operations"])
+async def export_project(project_id: str, ctx: AppContext, caller: Caller) -> Stream:
+    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    export = await dump.start_export(ctx.settings, access.project.id)
+    return Stream(
+        export.stream(),
+        media_type="application/sql",
+        headers={"Content-Disposition": f'attachment; filename="fluxbase-{access.project.id}.sql"'},
+    )
+
+
+NameQ = Annotated[str | None, QueryParameter(name="name", required=False)]
+
+
+@post(
+    "/api/projects/import",
+    operation_id="importProject",
+    tags=["operations"],
+    status_code=201,
+    request_max_body_size=None,
+    description="Body: a Fluxbase export (application/sql). Creates a new project owned by the caller.",
+)
+async def import_project(
+    request: Request[Any, Any, Any], ctx: AppContext, caller: Caller, name: NameQ = None
+) -> dict[str, Any]:
+    if caller.principal.user is None:
+        raise AuthRequired("This endpoint needs a dashboard session token, not an API key.")
+    limit = ctx.settings.dump.import_max_bytes
+    with tempfile.TemporaryFile() as f:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The dump is larger than the import limit of {limit} bytes.")
+            f.write(chunk)
+        project_name = name or _name_from(f)
+        project = await dump.import_project(
+            ctx.db, ctx.tenants, ctx.settings, caller.principal.user.id, project_name, f
+        )
+    return {"success": True, "project": project_out(project, "admin")}
+
+
+def _name_from(f: Any) -> str:
+    f.seek(0)
+    m = re.match(rb"-- fluxbase-export format=1 schema=(p_[0-9a-f]{16})", f.readline(200))
+    return f"import of {m.group(1).decode()}" if m else "imported project"
