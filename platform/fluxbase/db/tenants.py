@@ -95,6 +95,10 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
         await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
+    # Only the admin role may change request-local settings or run plpgsql (DO blocks,
+    # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007).
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
+    await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"

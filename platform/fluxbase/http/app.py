@@ -15,9 +15,10 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team
+from fluxbase.http.controllers import auth, end_users, health, projects, realtime, sql, storage, team
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
+from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
 
 log = logging.getLogger("fluxbase")
@@ -63,6 +64,18 @@ ROUTES = [
     realtime.version,
     realtime.create_token,
     realtime.broadcast,
+    end_users.register,
+    end_users.login,
+    end_users.refresh,
+    end_users.logout,
+    end_users.me,
+    end_users.list_users,
+    end_users.disable_user,
+    end_users.enable_user,
+    end_users.revoke_sessions,
+    end_users.delete_user,
+    end_users.get_settings,
+    end_users.update_settings,
 ]
 
 
@@ -83,6 +96,7 @@ def create_app(settings: Settings) -> Litestar:
             tenants=TenantPools(settings),
             store=store,
             auth=Authenticator(db, settings),
+            identity=IdentityResolver(db, settings),
         )
 
     async def shutdown(app: Litestar) -> None:

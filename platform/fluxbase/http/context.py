@@ -10,6 +10,7 @@ from fluxbase.config import Settings
 from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.services.access import Authenticator
+from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
 
 
@@ -20,4 +21,5 @@ class AppContext:
     tenants: TenantPools
     store: ObjectStore
     auth: Authenticator
+    identity: IdentityResolver
     limiter: RateLimiter = field(default_factory=RateLimiter)

@@ -1,6 +1,6 @@
 """Tenant SQL over HTTP: one statement, one transaction, the project's own role, hard limits.
 
-Round trips per request (cached statement): 1) BEGIN + identity set_config, 2) Bind/Execute
+Round trips per request (cached statement): 1) BEGIN + guard + identity (SET LOCAL), 2) Bind/Execute
 of the tenant statement with a row cap, 3) COMMIT (or ROLLBACK) + session reset.
 """
 
@@ -228,17 +228,21 @@ def adapt_params(types: Sequence[Any], params: list[Any]) -> list[Any]:
 
 
 def begin_script(identity: Identity, read_only: bool, guard: tuple[bytes, str] | None = None) -> str:
-    """BEGIN, the key guard and the request identity in one simple-protocol round trip."""
+    """BEGIN, the key guard and the request identity in one simple-protocol round trip.
+
+    Identity is set with SET LOCAL statements, not set_config(): tenant read and readwrite
+    roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
+    """
     mode = "READ ONLY" if read_only else "READ WRITE"
     claims = msgspec.json.encode(identity.claims).decode()
     check = ""
     if guard is not None:
-        check = f"fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}), "
+        check = f"SELECT fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}); "
     return (
-        f"BEGIN ISOLATION LEVEL READ COMMITTED {mode}; "
-        f"SELECT {check}set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
-        f"set_config('fluxbase.auth_claims', {quote_literal(claims)}, true), "
-        f"set_config('fluxbase.auth_role', {quote_literal(identity.role)}, true)"
+        f"BEGIN ISOLATION LEVEL READ COMMITTED {mode}; {check}"
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}; "
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}; "
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}"
     )
 
 

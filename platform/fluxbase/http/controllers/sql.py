@@ -13,8 +13,10 @@ from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import Need, Project, ProjectAccess, authorize
+from fluxbase.services.identity import key_identity
 
 AUTH_UID_HEADER = "x-fluxbase-auth-uid"
+USER_TOKEN_HEADER = "x-fluxbase-user-token"  # noqa: S105 (a header name)
 
 
 class ExecuteSqlBody(msgspec.Struct, rename="camel"):
@@ -37,12 +39,8 @@ def decode_body(raw: bytes) -> ExecuteSqlBody:
 
 
 def identity_for(access: ProjectAccess, auth_uid: str | None) -> sql.Identity:
-    if auth_uid is not None and (len(auth_uid) > 256 or "\x00" in auth_uid):
-        raise ValidationError("authUid must be at most 256 characters.")
-    claims: dict[str, Any] = {"role": access.sql_scope, "project_id": access.project.id}
-    if auth_uid:
-        claims["sub"] = auth_uid
-    return sql.Identity(uid=auth_uid or None, claims=claims, role=access.sql_scope)
+    """The identity an `authUid` asserts (no end-user token); see IdentityResolver.identity."""
+    return key_identity(access, auth_uid)
 
 
 def limits_of(ctx: AppContext) -> sql.Limits:
@@ -74,6 +72,9 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     limit, window = access.rate_limit(ctx.settings)
     ctx.limiter.hit(principal.label, limit, window)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
+    identity = await ctx.identity.identity(
+        access, user_token=request.headers.get(USER_TOKEN_HEADER), auth_uid=auth_uid
+    )
     try:
         result = await sql.execute(
             ctx.tenants,
@@ -83,7 +84,7 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
             read_only=access.project.read_only and guard is None,
             query=body.query,
             params=body.params,
-            identity=identity_for(access, auth_uid),
+            identity=identity,
             limits=limits_of(ctx),
             guard=guard,
         )
