@@ -23,8 +23,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from websockets.asyncio.client import connect
 
-from support import Api, assert_clean, assert_error, bearer, random_ip
+from fluxbase.devstack.procs import free_port
+from support import Api, assert_clean, assert_error, bearer, random_ip, run_service
 
 PASSWORD = "correct horse battery"
 MANY = 1_000_000
@@ -325,6 +327,19 @@ async def test_unknown_kid_refetches_rate_limited(jwks_env: JwksProject) -> None
     assert e.jwks.hits - before == 2
 
 
+async def test_unreachable_jwks_answers_503(jwks_env: JwksProject) -> None:
+    e = jwks_env
+    pid = await e.api.new_project(e.owner_token)
+    ro = await e.api.new_key(e.owner_token, pid, "read")
+    await configure(e.api, e.owner_token, pid, jwksUri=f"http://127.0.0.1:{free_port()}/jwks.json")
+    tok = jwt.encode(claims("x"), e.ec_key, algorithm="ES256", headers={"kid": "ec1"})
+    for _ in range(2):
+        assert_error(await run(e.api, ro, pid, "SELECT 1", tok), 503, "IDENTITY_PROVIDER_UNAVAILABLE")
+    # The project that trusts the working JWKS is unaffected.
+    ok = jwt.encode(idp("still-fine"), e.ec_key, algorithm="ES256", headers={"kid": "ec1"})
+    assert await rows(e.api, e.ro, e.pid, "SELECT auth.uid() AS uid", ok) == [{"uid": "still-fine"}]
+
+
 async def test_jwks_on_private_address_refused_by_default(api: Api, project) -> None:
     ro = await api.new_key(project.owner_token, project.id, "read")
     with jwks_server() as server:
@@ -522,3 +537,46 @@ async def test_full_lockdown_with_jwks_tokens(jwks_env: JwksProject) -> None:
         r = await run(e.api, key, e.pid, "INSERT INTO audit (what) VALUES ('x')", tok)
         assert r.json()["success"] is False
     assert await rows(e.api, e.admin_key, e.pid, "SELECT count(*) AS n FROM audit") == [{"n": 1}]
+
+
+# -- realtime: requireUserAuth keys reach it only through a user's realtime token ---------------------
+
+
+async def test_realtime_with_require_user_auth_key(api: Api, project, instance, log_dir) -> None:
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "browser", "scope": "read", "requireUserAuth": True},
+        headers=bearer(project.owner_token),
+    )
+    key = r.json()["key"]
+    uid, token = await project_user_token(api, project.id)
+    mint = "/api/realtime/token"
+    assert_error(
+        await api.http.post(mint, json={"projectId": project.id}, headers=bearer(key)),
+        401,
+        "USER_TOKEN_REQUIRED",
+    )
+    with_token = {**bearer(key), "X-Fluxbase-User-Token": token}
+    spoof = await api.http.post(mint, json={"projectId": project.id, "authUid": "victim"}, headers=with_token)
+    assert_error(spoof, 400, "VALIDATION_ERROR")
+    r = await api.http.post(mint, json={"projectId": project.id}, headers=with_token)
+    assert r.status_code == 201, r.text
+    rt_token = r.json()["token"]
+    assert jwt.decode(rt_token, options={"verify_signature": False})["authUid"] == uid
+    # An ordinary key still names any end user (a trusted server).
+    r = await api.http.post(
+        mint, json={"projectId": project.id, "authUid": "srv-user"}, headers=bearer(project.admin_key)
+    )
+    assert jwt.decode(r.json()["token"], options={"verify_signature": False})["authUid"] == "srv-user"
+
+    port = free_port()
+    env = dict(instance.env, FLUXBASE_REALTIME_PORT=str(port))
+    with run_service(["realtime"], env, port, log_dir):
+        async with connect(f"ws://127.0.0.1:{port}") as ws:
+            room = f"project_{project.id}"
+            await ws.send(json.dumps({"type": "subscribe", "roomId": room, "token": key}))
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert msg["type"] == "error" and msg["error"]["code"] == "USER_TOKEN_REQUIRED", msg
+            await ws.send(json.dumps({"type": "subscribe", "roomId": room, "token": rt_token}))
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert msg["type"] == "subscribed", msg

@@ -41,6 +41,7 @@ class JwksCache:
         self._sets: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._keys: dict[tuple[str, str | None, str, int], Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._failed: dict[str, tuple[float, IdentityProviderUnavailable]] = {}
 
     async def key(self, uri: str, kid: str | None, alg: str) -> Any:
         entry = self._sets.get(uri)
@@ -79,9 +80,14 @@ class JwksCache:
             current = self._sets.get(uri)
             if current is not None and current is not stale:
                 return current  # another request refreshed it while we waited
+            failed = self._failed.get(uri)
+            if stale is None and failed and time.monotonic() - failed[0] < self._s.jwks_min_refresh_s:
+                # A failing IdP is not asked again on every request; the same answer is repeated.
+                raise IdentityProviderUnavailable(failed[1].message)
             try:
                 keys = await self._fetch(uri)
-            except IdentityProviderUnavailable:
+            except IdentityProviderUnavailable as exc:
+                self._failed[uri] = (time.monotonic(), exc)
                 if stale is None:
                     raise
                 # Keep serving the last good set, but do not retry before the refresh interval.
@@ -90,6 +96,7 @@ class JwksCache:
                 return entry
             entry = (time.monotonic(), keys)
             self._sets[uri] = entry
+            self._failed.pop(uri, None)
             self._keys = {k: v for k, v in self._keys.items() if k[0] != uri}
             return entry
 
