@@ -59,6 +59,19 @@ GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO CURRENT_
 REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
 GRANT USAGE ON LANGUAGE plpgsql TO CURRENT_USER;
 
+-- A REVOKE by a role that does not own the object only warns and changes nothing; this must
+-- not pass silently (the migration role must be a superuser, as for 0005's event triggers).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+               WHERE p.oid = 'pg_catalog.set_config(text, text, boolean)'::regprocedure AND a.grantee = 0)
+       OR EXISTS (SELECT 1 FROM pg_language l, aclexplode(coalesce(l.lanacl, acldefault('l', l.lanowner))) a
+                  WHERE l.lanname = 'plpgsql' AND a.grantee = 0) THEN
+        RAISE EXCEPTION 'could not revoke set_config/plpgsql from PUBLIC: run migrations as a superuser';
+    END IF;
+END
+$$;
+
 DO $$
 DECLARE
     p record;

@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import jwt
 
+from fluxbase.config import load_settings
+from fluxbase.worker import housekeeping
 from support import Api, assert_clean, assert_error, bearer, random_ip
 
 PASSWORD = "correct horse battery"
@@ -310,3 +312,28 @@ async def test_unknown_project(api: Api) -> None:
     )
     assert_error(r, 404, "PROJECT_NOT_FOUND")
     assert_error(await login(api, "0123456789abcdef", "a@example.com"), 404, "PROJECT_NOT_FOUND")
+
+
+async def test_housekeeping_removes_old_sessions(api: Api, project, instance, control_db) -> None:
+    _, old = await new_session(api, project.id)
+    _, live = await new_session(api, project.id)
+    sid = jwt.decode(old["accessToken"], options={"verify_signature": False})["sid"]
+    await control_db.execute(
+        "UPDATE fluxbase.project_user_sessions SET expires_at = now() - interval '2 days' WHERE id = $1", sid
+    )
+    counts = await housekeeping(control_db, load_settings(instance.env))
+    assert counts["projectUserSessions"] >= 1
+    assert (
+        await control_db.fetchval("SELECT count(*) FROM fluxbase.project_user_sessions WHERE id = $1", sid)
+        == 0
+    )
+    gone = await api.http.post(f"{base(project.id)}/refresh", json={"refreshToken": old["refreshToken"]})
+    assert_error(gone, 401, "INVALID_USER_TOKEN")
+    assert_error(
+        await api.http.get(f"{base(project.id)}/me", headers=bearer(old["accessToken"])),
+        401,
+        "INVALID_USER_TOKEN",
+    )
+    assert (
+        await api.http.get(f"{base(project.id)}/me", headers=bearer(live["accessToken"]))
+    ).status_code == 200
