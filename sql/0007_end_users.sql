@@ -85,3 +85,33 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The user-session guard: /api/execute-sql calls it in the request's first round trip (like
+-- check_key), so a project user's logout, revoked sessions or disabled account take effect on
+-- the very next request without a control-plane query. It only answers for the calling
+-- project's own roles, and only to a caller who already holds the session id (128 random bits).
+CREATE OR REPLACE FUNCTION fluxbase_guard.check_user_session(p_session_id text, p_user_id text, p_project_id text)
+    RETURNS void
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog
+AS $$
+DECLARE
+    r record;
+BEGIN
+    IF left(session_user::text, length(p_project_id) + 3) <> 'p_' || p_project_id || '_' THEN
+        RAISE EXCEPTION 'user session belongs to another project' USING ERRCODE = 'FXU01';
+    END IF;
+    SELECT s.revoked_at, u.disabled_at INTO r
+    FROM fluxbase.project_user_sessions s JOIN fluxbase.project_users u ON u.id = s.user_id
+    WHERE s.id = p_session_id AND u.id = p_user_id AND u.project_id = p_project_id;
+    IF NOT FOUND OR r.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'user session revoked' USING ERRCODE = 'FXU01';
+    END IF;
+    IF r.disabled_at IS NOT NULL THEN
+        RAISE EXCEPTION 'user disabled' USING ERRCODE = 'FXU02';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION fluxbase_guard.check_user_session(text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fluxbase_guard.check_user_session(text, text, text) TO PUBLIC;

@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 import httpx
+import jwt
 
 from support import Api, bearer, random_ip
 
@@ -127,3 +128,17 @@ async def test_admin_keys_keep_set_config_and_plpgsql(api: Api, project) -> None
     # A dashboard developer runs as the admin role too, and a viewer as read: refused.
     denied = (await run(api, ro, pid, "SELECT set_config('search_path', 'public', true)")).json()
     assert denied["success"] is False and denied["error"]["details"] == "ERROR:  42501"
+
+
+async def test_user_session_guard_answers_only_for_its_own_project(api: Api, project) -> None:
+    ro = await api.new_key(project.owner_token, project.id, "read")
+    _, owner = await api.new_user()
+    other = await api.new_project(owner)
+    uid_b, tok_b = await user_token(api, other)
+    sid_b = jwt.decode(tok_b, options={"verify_signature": False})["sid"]
+    q = f"SELECT fluxbase_guard.check_user_session('{sid_b}', '{uid_b}', '{other}')"
+    body = (await run(api, ro, project.id, q)).json()
+    assert body["success"] is False and body["error"]["details"] == "ERROR:  FXU01"
+    # In its own project the same call passes (it reveals only what the caller already holds).
+    other_ro = await api.new_key(owner, other, "read")
+    assert (await run(api, other_ro, other, q)).json()["success"] is True

@@ -252,6 +252,10 @@ async def test_external_hs_tokens(api: Api, project) -> None:
     assert_error(await run(api, ro, pid, "SELECT 1", fake_own), 401, "INVALID_USER_TOKEN")
     # Nothing about the secret leaks.
     assert_clean(await run(api, ro, pid, "SELECT 1", bad_sig), secret)
+    # Rotating the secret ends tokens signed with the old one at once (verified tokens are
+    # remembered briefly, but a settings change forgets them).
+    await configure(api, project.owner_token, pid, jwtSecret=secrets.token_urlsafe(64))
+    assert_error(await run(api, ro, pid, "SELECT 1", good), 401, "INVALID_USER_TOKEN")
 
 
 async def test_jwks_tokens_all_key_types(jwks_env: JwksProject) -> None:

@@ -302,10 +302,11 @@ async def refresh(db: asyncpg.Pool, settings: Settings, project_id: str, refresh
     return pair
 
 
-async def verify_own(
-    db: asyncpg.Pool, settings: Settings, project_id: str, token: str
-) -> tuple[dict[str, Any], ProjectUser]:
-    """A project user's access token: signature, expiry, audience, and a live session."""
+def verify_own_signature(settings: Settings, project_id: str, token: str) -> dict[str, Any]:
+    """A project user's access token without the session check: signature, expiry, audience.
+
+    The caller must still check the session (`verify_own`, or fluxbase_guard.check_user_session
+    inside the request's transaction)."""
     header = usertokens.peek(token)
     if header.alg != usertokens.OWN_ALGORITHM:
         raise InvalidUserToken("Fluxbase user tokens are HS256.")
@@ -316,8 +317,17 @@ async def verify_own(
         issuers=[usertokens.OWN_ISSUER],
         audiences=[project_id],
     )
-    sid = claims.get("sid")
-    row = await db.fetchrow(_SESSION_USER, sid, project_id) if isinstance(sid, str) else None
+    if not isinstance(claims.get("sid"), str):
+        raise InvalidUserToken("The token names no session.")
+    return claims
+
+
+async def verify_own(
+    db: asyncpg.Pool, settings: Settings, project_id: str, token: str
+) -> tuple[dict[str, Any], ProjectUser]:
+    """A project user's access token: signature, expiry, audience, and a live session."""
+    claims = verify_own_signature(settings, project_id, token)
+    row = await db.fetchrow(_SESSION_USER, claims["sid"], project_id)
     if row is None or row["id"] != claims["sub"]:
         raise InvalidUserToken("The token's session does not exist (the user may have been deleted).")
     if row["s_revoked_at"] is not None:

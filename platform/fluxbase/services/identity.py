@@ -30,6 +30,14 @@ log = logging.getLogger("fluxbase.identity")
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_AUTH_UID = 256
+# A project's auth settings are reused this long per process (a PATCH clears them at once in the
+# process that served it; other processes and replicas follow within this many seconds).
+CONFIG_CACHE_S = 5.0
+CONFIG_CACHE_MAX = 10_000
+# Verified tokens are remembered for as long as settings are (and never past their `exp`), so a
+# client reusing its token does not pay for parsing and signature checks on every request.
+TOKEN_CACHE_MAX = 2_000
+TOKEN_CACHE_MAX_CHARS = 4_096
 
 
 class JwksCache:
@@ -163,14 +171,55 @@ class IdentityResolver:
         self.db = db
         self.settings = settings
         self.jwks = JwksCache(settings.end_user)
+        self._configs: dict[str, tuple[float, end_users.AuthConfig]] = {}
+        self._verified: dict[tuple[str, str, bool], tuple[float, float, dict[str, Any]]] = {}
 
-    async def claims(self, project_id: str, token: str) -> dict[str, Any]:
-        """Verified claims of an own or external token for this project, or a 401 naming why."""
+    def forget(self, project_id: str) -> None:
+        """Drop a project's cached auth settings and verified tokens (after settings changed)."""
+        self._configs.pop(project_id, None)
+        self._verified = {k: v for k, v in self._verified.items() if k[0] != project_id}
+
+    async def _config(self, project_id: str) -> end_users.AuthConfig:
+        now = time.monotonic()
+        hit = self._configs.get(project_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        cfg = await end_users.get_config(self.db, project_id)
+        if len(self._configs) >= CONFIG_CACHE_MAX:
+            self._configs.clear()
+        self._configs[project_id] = (now + CONFIG_CACHE_S, cfg)
+        return cfg
+
+    async def claims(
+        self, project_id: str, token: str, *, session_checked_later: bool = False
+    ) -> dict[str, Any]:
+        """Verified claims of an own or external token for this project, or a 401 naming why.
+
+        With `session_checked_later`, an own token's session is not looked up here: the caller
+        promises to run fluxbase_guard.check_user_session (sql.Identity.user_session does).
+        """
+        memo = (project_id, token, session_checked_later)
+        hit = self._verified.get(memo)
+        if hit is not None and hit[0] > time.monotonic() and hit[1] > time.time():
+            return hit[2]
+        claims = await self._verify(project_id, token, session_checked_later)
+        own = claims.get("iss") == usertokens.OWN_ISSUER
+        # Own tokens whose session is checked here (by a query) must not skip it next time.
+        if len(token) <= TOKEN_CACHE_MAX_CHARS and (session_checked_later or not own):
+            if len(self._verified) >= TOKEN_CACHE_MAX:
+                self._verified.clear()
+            exp = float(claims["exp"])  # PyJWT accepted it as a number
+            self._verified[memo] = (time.monotonic() + CONFIG_CACHE_S, exp, claims)
+        return claims
+
+    async def _verify(self, project_id: str, token: str, session_checked_later: bool) -> dict[str, Any]:
         header = usertokens.peek(token)
         if header.issuer == usertokens.OWN_ISSUER:
+            if session_checked_later:
+                return end_users.verify_own_signature(self.settings, project_id, token)
             claims, _ = await end_users.verify_own(self.db, self.settings, project_id, token)
             return claims
-        cfg = await end_users.get_config(self.db, project_id)
+        cfg = await self._config(project_id)
         key: Any
         if header.alg in usertokens.HMAC_ALGORITHMS:
             if not cfg.jwt_secret:
@@ -192,19 +241,30 @@ class IdentityResolver:
         )
 
     async def identity(
-        self, access: ProjectAccess, *, user_token: str | None, auth_uid: str | None
+        self,
+        access: ProjectAccess,
+        *,
+        user_token: str | None,
+        auth_uid: str | None,
+        session_checked_in_sql: bool = False,
     ) -> Identity:
         """The request's identity: a verified end-user token wins; `authUid` may not contradict it.
 
         A key created with requireUserAuth must carry a token. Without one, an API key holder is
-        a trusted server and may name any end user with `authUid`.
+        a trusted server and may name any end user with `authUid`. Callers that run the Identity
+        through sql.begin_script pass `session_checked_in_sql=True`: an own token's session is
+        then checked inside the request's transaction instead of by a control-plane query here.
         """
         key = access.principal.key
         if user_token:
-            claims = await self.claims(access.project.id, user_token)
+            claims = await self.claims(
+                access.project.id, user_token, session_checked_later=session_checked_in_sql
+            )
             if auth_uid is not None and auth_uid != claims["sub"]:
                 raise ValidationError("authUid cannot override the identity of the end-user token.")
-            return Identity(uid=claims["sub"], claims=claims, role=access.sql_scope)
+            own = session_checked_in_sql and claims.get("iss") == usertokens.OWN_ISSUER
+            session = (claims["sid"], access.project.id) if own else None
+            return Identity(uid=claims["sub"], claims=claims, role=access.sql_scope, user_session=session)
         if key is not None and key.require_user_auth:
             raise UserTokenRequired()
         return key_identity(access, auth_uid)

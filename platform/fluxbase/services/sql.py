@@ -22,7 +22,15 @@ import asyncpg
 import msgspec
 
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
-from fluxbase.errors import AuthRequired, DatabaseUnavailable, ProjectSuspended, RateLimited, ValidationError
+from fluxbase.errors import (
+    AuthRequired,
+    DatabaseUnavailable,
+    InvalidUserToken,
+    ProjectSuspended,
+    RateLimited,
+    UserDisabled,
+    ValidationError,
+)
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -94,6 +102,9 @@ class Identity:
     uid: str | None
     claims: dict[str, Any]
     role: str
+    # A Fluxbase project user's (session id, project id): checked inside the transaction by
+    # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
+    user_session: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +249,10 @@ def begin_script(identity: Identity, read_only: bool, guard: tuple[bytes, str] |
     check = ""
     if guard is not None:
         check = f"SELECT fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}); "
+    if identity.user_session is not None:
+        sid, project = (quote_literal(v) for v in identity.user_session)
+        uid = quote_literal(identity.uid or "")
+        check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
     return (
         f"BEGIN ISOLATION LEVEL READ COMMITTED {mode}; {check}"
         f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}; "
@@ -344,6 +359,10 @@ async def _run(
             raise AuthRequired("API key is no longer valid (revoked or expired).") from None
         if exc.sqlstate == "FX403":
             raise ProjectSuspended() from None
+        if exc.sqlstate == "FXU01":
+            raise InvalidUserToken("The token's session has been revoked or no longer exists.") from None
+        if exc.sqlstate == "FXU02":
+            raise UserDisabled() from None
         raise
     try:
         stmt, rows, status, completed = await _bind_execute(conn, query, params, limits.max_rows + 1)

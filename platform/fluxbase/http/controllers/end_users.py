@@ -209,4 +209,5 @@ async def update_settings(
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
     config = await end_users.update_config(ctx.db, access.project.id, changes)
+    ctx.identity.forget(access.project.id)
     return {"success": True, "settings": settings_out(config)}

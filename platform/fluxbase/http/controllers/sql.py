@@ -73,7 +73,10 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     ctx.limiter.hit(principal.label, limit, window)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     identity = await ctx.identity.identity(
-        access, user_token=request.headers.get(USER_TOKEN_HEADER), auth_uid=auth_uid
+        access,
+        user_token=request.headers.get(USER_TOKEN_HEADER),
+        auth_uid=auth_uid,
+        session_checked_in_sql=True,
     )
     try:
         result = await sql.execute(
