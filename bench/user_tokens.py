@@ -7,7 +7,7 @@ Then, with a read key and the same point SELECT, at the given client counts:
   * own token:  a Fluxbase project user's access token (signature + one session lookup),
   * HS256:      an external token checked with the project's jwtSecret (one settings lookup),
   * RS256 JWKS: an external token checked with a cached JWKS key (one settings lookup).
-Prints req/s, p50/p99 and each ratio to the baseline.
+Prints req/s, p50/p99 and each ratio to the baseline (which runs first and again last).
 
     .venv/bin/python bench/user_tokens.py [--seconds 6] [--clients 8] [--workers 1]
 """
@@ -150,6 +150,8 @@ async def main() -> None:
                 ("HS256", post("/api/execute-sql", port, plain, {**key_h, "X-Fluxbase-User-Token": hs})),
                 ("RS256 JWKS", post("/api/execute-sql", port, plain, {**key_h, "X-Fluxbase-User-Token": rs})),
             ]
+            # The baseline runs first and last, so drift on a shared machine shows in its two figures.
+            scenarios.append(("authUid again", scenarios[0][1]))
             # Each scenario must see exactly its own row (RLS), or the numbers mean nothing.
             check = b'"rows":[{"body":"hello"}]'
             print(
