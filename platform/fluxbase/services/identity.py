@@ -146,7 +146,7 @@ async def _refuse_private(host: str, port: int) -> None:
     except OSError:
         raise IdentityProviderUnavailable("The project's jwksUri host does not resolve.") from None
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # drop an IPv6 zone id
         if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified:
             raise IdentityProviderUnavailable(
                 "The project's jwksUri resolves to a private address "
