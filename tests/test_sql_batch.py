@@ -131,10 +131,16 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
         "CREATE TABLE notes (id serial PRIMARY KEY, owner text, body text)",
         "INSERT INTO notes (owner, body) VALUES ('u1', 'mine'), ('u2', 'theirs')",
         "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE notes FORCE ROW LEVEL SECURITY",  # the admin key (table owner) too
         "CREATE POLICY own ON notes USING (owner = auth.uid()) WITH CHECK (owner = auth.uid())",
     ):
         assert (await api.sql(project.admin_key, project.id, q)).json()["success"], q
-    # set_config() cannot be refused by keyword; the identity is set again before each statement.
+    # Read and readwrite roles may not call set_config() at all (sql/0007).
+    r = await batch(api, rw, project.id, ["SELECT 1", "SELECT set_config('fluxbase.auth_uid', 'u2', false)"])
+    err = r.json()["error"]
+    assert err["statementIndex"] == 1 and err["details"] == "ERROR:  42501" and "set_config" in err["message"]
+    # An admin key may, and a keyword check cannot see it: the identity is set again before
+    # each statement.
     r = await api.http.post(
         "/api/execute-batch",
         json={
@@ -146,14 +152,14 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
                 {"query": "SELECT set_config('role', 'p_someone_else_admin', true)"},
             ],
         },
-        headers={**bearer(rw), "X-Fluxbase-Auth-Uid": "u1"},
+        headers={**bearer(project.admin_key), "X-Fluxbase-Auth-Uid": "u1"},
     )
     body = r.json()
     # Setting 'role' to a role the tenant is not a member of fails: the whole batch is refused.
     assert body["success"] is False and body["error"]["statementIndex"] == 3, body
     r = await batch(
         api,
-        rw,
+        project.admin_key,
         project.id,
         [
             "SELECT set_config('fluxbase.auth_uid', 'u2', false)",
@@ -163,10 +169,10 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
         authUid="u1",
     )
     results = r.json()["results"]
-    assert results[1]["rows"] == [{"uid": "u1", "role": "readwrite"}]
+    assert results[1]["rows"] == [{"uid": "u1", "role": "admin"}]
     assert results[2]["rows"] == [{"body": "mine"}]
     # And nothing of the forged session setting survives into the next request.
-    r = await api.sql(rw, project.id, "SELECT auth.uid() AS uid")
+    r = await api.sql(project.admin_key, project.id, "SELECT auth.uid() AS uid")
     assert r.json()["result"]["rows"] == [{"uid": None}]
 
 

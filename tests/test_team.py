@@ -514,6 +514,12 @@ NOT_PROJECT_SCOPED = {
     "createProject",
     "listProjects",
     "getPublicFile",
+    # A project's own end users: public (no key, no member), or the user's own access token.
+    "projectUserRegister",
+    "projectUserLogin",
+    "projectUserRefresh",
+    "projectUserLogout",
+    "projectUserMe",
 }
 # Instance-admin operations on a project (not member roles or key scopes): their own tests in
 # test_project_operations.py check that keys, members and project admins are refused.
@@ -679,6 +685,28 @@ async def _rotate(w: World, h: dict[str, str]) -> httpx.Response:
 
 async def _revoke(w: World, h: dict[str, str]) -> httpx.Response:
     return await w.api.http.delete(f"/api/projects/{w.pid}/api-keys/{await w.fresh_key()}", headers=h)
+
+
+async def _project_user(w: World) -> str:
+    r = await w.api.http.post(
+        f"/api/projects/{w.pid}/auth/register",
+        json={"email": f"pu-{secrets.token_hex(4)}@example.com", "password": "correct horse battery"},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["user"]["id"])
+
+
+def _project_user_action(action: str) -> Call:
+    async def call(w: World, h: dict[str, str]) -> httpx.Response:
+        return await w.api.http.post(
+            f"/api/projects/{w.pid}/auth/users/{await _project_user(w)}/{action}", headers=h
+        )
+
+    return call
+
+
+async def _delete_project_user(w: World, h: dict[str, str]) -> httpx.Response:
+    return await w.api.http.delete(f"/api/projects/{w.pid}/auth/users/{await _project_user(w)}", headers=h)
 
 
 async def _answer_someone_elses(w: World, h: dict[str, str]) -> httpx.Response:
@@ -1027,6 +1055,30 @@ MATRIX: tuple[Row, ...] = (
     Row("getQuotas", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/quotas", headers=h)),
     Row("exportProject", "manage", 200, _export),
     Row("importProject", "session", 201, _import),
+    Row(
+        "listProjectUsers",
+        "manage",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/auth/users", headers=h),
+    ),
+    Row("disableProjectUser", "manage", 200, _project_user_action("disable")),
+    Row("enableProjectUser", "manage", 200, _project_user_action("enable")),
+    Row("revokeProjectUserSessions", "manage", 200, _project_user_action("revoke-sessions")),
+    Row("deleteProjectUser", "manage", 200, _delete_project_user),
+    Row(
+        "getProjectAuthSettings",
+        "manage",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/auth/settings", headers=h),
+    ),
+    Row(
+        "updateProjectAuthSettings",
+        "manage",
+        200,
+        lambda w, h: w.api.http.patch(
+            f"/api/projects/{w.pid}/auth/settings", json={"registrationOpen": True}, headers=h
+        ),
+    ),
     # Last: the admin's call deletes the project.
     Row("deleteProject", "owner", 200, lambda w, h: w.api.http.delete(f"/api/projects/{w.pid}", headers=h)),
 )

@@ -145,6 +145,23 @@ class DumpSettings(msgspec.Struct, frozen=True):
     import_max_bytes: int = 1024 * MIB
 
 
+class EndUserSettings(msgspec.Struct, frozen=True):
+    """Project end users (their tokens) and external identity providers (JWKS fetching)."""
+
+    access_ttl_s: int = 3600
+    """Lifetime of a project user's access token (FLUXBASE_ENDUSER_ACCESS_TTL_SECONDS)."""
+    refresh_ttl_s: int = 30 * 24 * 3600
+    """Lifetime of a login session and its refresh tokens (FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS)."""
+    jwks_timeout_s: float = 5.0
+    """Connect and read timeout for fetching a project's JWKS (FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS)."""
+    jwks_cache_s: int = 600
+    """A fetched JWKS is used this long before it is fetched again (FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS)."""
+    jwks_min_refresh_s: int = 30
+    """An unknown `kid` refetches the JWKS at most this often (FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS)."""
+    jwks_allow_private: bool = False
+    """Allow jwksUri hosts on loopback/private/link-local addresses (FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE)."""
+
+
 class Settings(msgspec.Struct, frozen=True):
     """Everything a Fluxbase process needs, built once by `load_settings`."""
 
@@ -157,6 +174,7 @@ class Settings(msgspec.Struct, frozen=True):
     storage: StorageSettings = StorageSettings()
     webhooks: WebhookSettings = WebhookSettings()
     dump: DumpSettings = DumpSettings()
+    end_user: EndUserSettings = EndUserSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
 
@@ -312,6 +330,29 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         log_retention_s=int_of("FLUXBASE_WEBHOOKS_LOG_RETENTION_S", wd.log_retention_s),
     )
+    eu = EndUserSettings()
+    end_user = EndUserSettings(
+        access_ttl_s=_positive(
+            int_of("FLUXBASE_ENDUSER_ACCESS_TTL_SECONDS", eu.access_ttl_s),
+            "FLUXBASE_ENDUSER_ACCESS_TTL_SECONDS",
+        ),
+        refresh_ttl_s=_positive(
+            int_of("FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS", eu.refresh_ttl_s),
+            "FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS",
+        ),
+        jwks_timeout_s=float(
+            _positive(
+                int_of("FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS", int(eu.jwks_timeout_s)),
+                "FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS",
+            )
+        ),
+        jwks_cache_s=int_of("FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS", eu.jwks_cache_s),
+        jwks_min_refresh_s=int_of("FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS", eu.jwks_min_refresh_s),
+        jwks_allow_private=_bool(
+            get("FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE", "false") or "false",
+            "FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE",
+        ),
+    )
     return Settings(
         database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
         s3=S3Settings(
@@ -354,6 +395,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                 "FLUXBASE_IMPORT_MAX_BYTES",
             ),
         ),
+        end_user=end_user,
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

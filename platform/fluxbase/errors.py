@@ -182,3 +182,22 @@ class ImportFailed(FluxbaseError):
 
 class ExportUnavailable(FluxbaseError):
     code, status, default_message = "EXPORT_UNAVAILABLE", 503, "The export could not be started."
+
+
+class InvalidUserToken(FluxbaseError):
+    code, status = "INVALID_USER_TOKEN", 401
+    default_message = "The end-user token is not valid."
+
+
+class UserTokenRequired(FluxbaseError):
+    code, status = "USER_TOKEN_REQUIRED", 401
+    default_message = "This API key requires an end-user token (X-Fluxbase-User-Token)."
+
+
+class UserDisabled(FluxbaseError):
+    code, status, default_message = "USER_DISABLED", 401, "This user account is disabled."
+
+
+class IdentityProviderUnavailable(FluxbaseError):
+    code, status = "IDENTITY_PROVIDER_UNAVAILABLE", 503
+    default_message = "The project's JWKS endpoint could not be reached. Retry after a few seconds."

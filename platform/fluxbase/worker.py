@@ -32,6 +32,13 @@ async def housekeeping(
         settings.auth.login_window_seconds,
     )
     counts = {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+    # Project users' sessions (their refresh tokens cascade): a day after expiry or revocation
+    # a token naming them is refused as "no such session" just as well.
+    user_sessions = await db.execute(
+        """DELETE FROM fluxbase.project_user_sessions
+           WHERE expires_at < now() - interval '1 day' OR revoked_at < now() - interval '1 day'"""
+    )
+    counts["projectUserSessions"] = int(user_sessions.split()[-1])
     counts["events"] = await realtime.trim_events(
         db, settings.realtime.events_retention_s, settings.realtime.events_max_rows
     )

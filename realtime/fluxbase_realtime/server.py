@@ -32,6 +32,7 @@ from fluxbase.errors import (
     ProjectNotFound,
     ProjectSuspended,
     ScopeMismatch,
+    UserTokenRequired,
     ValidationError,
 )
 from fluxbase.security import apikeys, tokens
@@ -185,6 +186,12 @@ class RealtimeService:
             if auth.project.status == "suspended":
                 raise ProjectSuspended()
             assert auth.principal.key is not None
+            if auth.principal.key.require_user_auth:
+                # A browser-side key: it may only subscribe through a token naming its end user.
+                raise UserTokenRequired(
+                    "This API key requires an end-user identity: mint a realtime token with "
+                    "POST /api/realtime/token and X-Fluxbase-User-Token."
+                )
             return Grant(project_id, auth.principal.key.scope, None)
         claims = tokens.verify(self.settings.auth.secret_key, token, kind=realtime.TOKEN_KIND)
         if claims.subject != project_id:

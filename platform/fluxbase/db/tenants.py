@@ -54,6 +54,10 @@ def _json_encode(value: object) -> str:
 
 async def init_tenant_connection(conn: asyncpg.Connection) -> None:
     """JSON-faithful decoding: json stays raw JSON, numeric exact, big int8 as strings."""
+    # asyncpg wraps its type introspection (first use of an enum, domain, composite, ...) in
+    # set_config('jit', ...), which read and readwrite roles may not call (sql/0007). Without
+    # this, such a type would fail for them; the introspection query runs with the role's jit.
+    conn._server_caps = conn._server_caps._replace(jit=False)
     raw = msgspec.Raw
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -95,6 +99,10 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
         await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
+    # Only the admin role may change request-local settings or run plpgsql (DO blocks,
+    # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007).
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
+    await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"

@@ -20,6 +20,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.controllers import (
     auth,
     data,
+    end_users,
     health,
     operations,
     projects,
@@ -31,6 +32,7 @@ from fluxbase.http.controllers import (
 )
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
+from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
 
 log = logging.getLogger("fluxbase")
@@ -104,6 +106,18 @@ ROUTES = [
     operations.resume_project,
     operations.export_project,
     operations.import_project,
+    end_users.register,
+    end_users.login,
+    end_users.refresh,
+    end_users.logout,
+    end_users.me,
+    end_users.list_users,
+    end_users.disable_user,
+    end_users.enable_user,
+    end_users.revoke_sessions,
+    end_users.delete_user,
+    end_users.get_settings,
+    end_users.update_settings,
 ]
 
 
@@ -124,6 +138,7 @@ def create_app(settings: Settings) -> Litestar:
             tenants=TenantPools(settings),
             store=store,
             auth=Authenticator(db, settings),
+            identity=IdentityResolver(db, settings),
         )
 
         if settings.run_worker_in_api:

@@ -10,6 +10,7 @@ from fluxbase.config import Settings
 from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.services.access import Authenticator
+from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.quota import SizeCache
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.webhooks.sender import Sender
@@ -22,6 +23,7 @@ class AppContext:
     tenants: TenantPools
     store: ObjectStore
     auth: Authenticator
+    identity: IdentityResolver
     limiter: RateLimiter = field(default_factory=RateLimiter)
     sizes: SizeCache = field(default_factory=SizeCache)
     _sender: Sender | None = None

@@ -37,6 +37,7 @@ class CreateKeyBody(Body):
     allowed_origins: list[str] = []
     rate_limit_requests: int | None = None
     rate_limit_window_seconds: int | None = None
+    require_user_auth: bool = False
 
 
 def user_out(u: User) -> dict[str, Any]:
@@ -74,4 +75,5 @@ def key_out(k: ApiKey) -> dict[str, Any]:
         "lastUsedAt": k.last_used_at,
         "expiresAt": k.expires_at,
         "revokedAt": k.revoked_at,
+        "requireUserAuth": k.require_user_auth,
     }

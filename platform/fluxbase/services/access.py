@@ -62,6 +62,7 @@ class ApiKeyIdentity:
     project_id: str
     scope: str
     rate_limit: tuple[int, int] | None
+    require_user_auth: bool = False  # every data call must carry a valid end-user token
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class ProjectAccess:
 _KEY_QUERY = """
 SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k.expires_at,
        k.revoked_at, k.last_used_at, k.rate_limit_requests AS k_rlr, k.rate_limit_window_s AS k_rlw,
+       k.require_user_auth,
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
        p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes
@@ -157,7 +159,7 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
     if row["expires_at"] is not None and row["expires_at"] <= now:
         raise AuthRequired("API key has expired.")
     rl = (row["k_rlr"], row["k_rlw"]) if row["k_rlr"] else None
-    key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl)
+    key = ApiKeyIdentity(row["k_id"], row["k_project_id"], row["scope"], rl, row["require_user_auth"])
     auth = KeyAuth(
         Principal(key=key),
         Project.from_row(row, "p_"),

@@ -26,6 +26,7 @@ class ApiKey:
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    require_user_auth: bool = False
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> ApiKey:
@@ -40,6 +41,7 @@ class ApiKey:
             r["last_used_at"],
             r["expires_at"],
             r["revoked_at"],
+            r["require_user_auth"],
         )
 
 
@@ -70,6 +72,7 @@ async def create_key(
     expires_in_days: int | None = None,
     allowed_origins: list[str] | None = None,
     rate_limit: tuple[int, int] | None = None,
+    require_user_auth: bool = False,
 ) -> tuple[str, ApiKey]:
     if scope not in SCOPE_RANK:
         raise ValidationError("scope must be one of read, readwrite, admin.")
@@ -84,8 +87,8 @@ async def create_key(
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     row = await db.fetchrow(
         """INSERT INTO fluxbase.api_keys (id, project_id, name, prefix, key_hash, scope, allowed_origins,
-               expires_at, created_by, rate_limit_requests, rate_limit_window_s)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *""",
+               expires_at, created_by, rate_limit_requests, rate_limit_window_s, require_user_auth)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *""",
         ids.prefixed("key"),
         access.project.id,
         name,
@@ -97,6 +100,7 @@ async def create_key(
         access.principal.label,
         rate_limit[0] if rate_limit else None,
         rate_limit[1] if rate_limit else None,
+        require_user_auth,
     )
     assert row is not None
     return raw, ApiKey.from_row(row)

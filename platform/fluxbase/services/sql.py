@@ -2,7 +2,7 @@
 
 `transaction` is the one code path every tenant data endpoint runs through (execute-sql,
 execute-batch, schema, tables and records). Round trips per execute-sql request (cached
-statement): 1) BEGIN + identity set_config, 2) Bind/Execute of the tenant statement with a row
+statement): 1) BEGIN + key guard + identity (SET LOCAL), 2) Bind/Execute of the tenant statement with a row
 cap, 3) COMMIT (or ROLLBACK) + session reset.
 """
 
@@ -28,9 +28,11 @@ from fluxbase.errors import (
     AuthRequired,
     DatabaseUnavailable,
     FluxbaseError,
+    InvalidUserToken,
     ProjectReadOnly,
     ProjectSuspended,
     RateLimited,
+    UserDisabled,
     ValidationError,
 )
 from fluxbase.services import quota
@@ -108,6 +110,9 @@ class Identity:
     uid: str | None
     claims: dict[str, Any]
     role: str
+    # A Fluxbase project user's (session id, project id): checked inside the transaction by
+    # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
+    user_session: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -341,11 +346,13 @@ def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> by
 
 
 def identity_script(identity: Identity) -> str:
+    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
+    roles may not execute set_config (sql/0007), so they cannot change it mid-statement."""
     claims = msgspec.json.encode(identity.claims).decode()
     return (
-        f"set_config('fluxbase.auth_uid', {quote_literal(identity.uid or '')}, true), "
-        f"set_config('fluxbase.auth_claims', {quote_literal(claims)}, true), "
-        f"set_config('fluxbase.auth_role', {quote_literal(identity.role)}, true)"
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}; "
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}; "
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}"
     )
 
 
@@ -355,12 +362,16 @@ def begin_script(
     guard: tuple[bytes, str] | None = None,
     isolation: str = "READ COMMITTED",
 ) -> str:
-    """BEGIN, the key guard and the request identity in one simple-protocol round trip."""
+    """BEGIN, the key guard, the end user's session check and the identity in one round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
     check = ""
     if guard is not None:
-        check = f"fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}), "
-    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; SELECT {check}{identity_script(identity)}"
+        check = f"SELECT fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}); "
+    if identity.user_session is not None:
+        sid, project = (quote_literal(v) for v in identity.user_session)
+        uid = quote_literal(identity.uid or "")
+        check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
+    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}"
 
 
 async def _bind_execute(
@@ -505,7 +516,7 @@ class Tx:
     async def reassert_identity(self) -> None:
         """Set the request identity again (a batch does this before each later statement)."""
         try:
-            await self.conn.execute("SELECT " + identity_script(self.identity))
+            await self.conn.execute(identity_script(self.identity))
         except Exception as exc:
             raise self._failed(exc) from None
 
@@ -521,6 +532,10 @@ async def _begin(conn: Any, begin: str) -> None:
             raise AuthRequired("API key is no longer valid (revoked or expired).") from None
         if exc.sqlstate == "FX403":
             raise ProjectSuspended() from None
+        if exc.sqlstate == "FXU01":
+            raise InvalidUserToken("The token's session has been revoked or no longer exists.") from None
+        if exc.sqlstate == "FXU02":
+            raise UserDisabled() from None
         raise
 
 

@@ -11,7 +11,7 @@ from litestar.params import QueryParameter
 
 from fluxbase.errors import AuthRequired, ProjectSuspended, ValidationError
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers.sql import AUTH_UID_HEADER, identity_for, limits_of, sql_access
+from fluxbase.http.controllers.sql import AUTH_UID_HEADER, limits_of, request_identity, sql_access
 from fluxbase.services import data
 from fluxbase.services.access import Need
 from fluxbase.services.sql import Tx
@@ -37,6 +37,7 @@ async def _run(
     """Authorise `need` (execute-sql's hot path), run `work(tx, project_id)` as the caller's role."""
     access, guard = await sql_access(request, ctx, project_id, need)
     pid = access.project.id
+    identity = await request_identity(request, ctx, access, request.headers.get(AUTH_UID_HEADER))
     try:
         body = await data.run(
             ctx.tenants,
@@ -44,7 +45,7 @@ async def _run(
             project_id=pid,
             scope=access.sql_scope,
             read_only=need is Need.READ or (access.project.read_only and guard is None),
-            identity=identity_for(access, request.headers.get(AUTH_UID_HEADER)),
+            identity=identity,
             limits=limits_of(ctx),
             work=lambda tx: work(tx, pid),
             guard=guard,

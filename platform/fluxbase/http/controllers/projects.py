@@ -73,6 +73,7 @@ async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, call
         expires_in_days=data.expires_in_days,
         allowed_origins=data.allowed_origins,
         rate_limit=_rate_limit(data),
+        require_user_auth=data.require_user_auth,
     )
     return {"success": True, "key": raw, "apiKey": key_out(key)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import get, post
+from litestar import Request, get, post
 from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
@@ -68,14 +68,19 @@ async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) 
 
 
 @post("/api/realtime/token", operation_id="createRealtimeToken", tags=["realtime"], status_code=201)
-async def create_token(data: TokenBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def create_token(
+    data: TokenBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ)
     member = caller.principal.user.id if caller.principal.user else None
+    # The same identity rules as SQL: an end-user token wins, requireUserAuth keys need one.
+    user_token = request.headers.get("x-fluxbase-user-token")
+    identity = await ctx.identity.identity(access, user_token=user_token, auth_uid=data.auth_uid)
     token, exp = realtime.mint_token(
         ctx.settings.auth.secret_key,
         access.project.id,
         access.sql_scope,
-        data.auth_uid,
+        identity.uid if user_token else data.auth_uid,
         data.expires_in,
         member,
     )

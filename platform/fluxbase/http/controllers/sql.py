@@ -15,6 +15,7 @@ from fluxbase.services import sql
 from fluxbase.services.access import Need, Project, ProjectAccess, authorize
 
 AUTH_UID_HEADER = "x-fluxbase-auth-uid"
+USER_TOKEN_HEADER = "x-fluxbase-user-token"  # noqa: S105 (a header name)
 
 
 class ExecuteSqlBody(msgspec.Struct, rename="camel"):
@@ -36,13 +37,18 @@ def decode_body(raw: bytes) -> ExecuteSqlBody:
         raise ValidationError("The request body must be JSON.") from None
 
 
-def identity_for(access: ProjectAccess, auth_uid: str | None) -> sql.Identity:
-    if auth_uid is not None and (len(auth_uid) > 256 or "\x00" in auth_uid):
-        raise ValidationError("authUid must be at most 256 characters.")
-    claims: dict[str, Any] = {"role": access.sql_scope, "project_id": access.project.id}
-    if auth_uid:
-        claims["sub"] = auth_uid
-    return sql.Identity(uid=auth_uid or None, claims=claims, role=access.sql_scope)
+async def request_identity(
+    request: Request[Any, Any, Any], ctx: AppContext, access: ProjectAccess, auth_uid: str | None
+) -> sql.Identity:
+    """Who a data request runs for: the end-user token (`X-Fluxbase-User-Token`), else the
+    `authUid` a trusted key holder asserts; a `requireUserAuth` key must carry a token. The
+    session of a Fluxbase project user is re-checked inside the request's transaction."""
+    return await ctx.identity.identity(
+        access,
+        user_token=request.headers.get(USER_TOKEN_HEADER),
+        auth_uid=auth_uid,
+        session_checked_in_sql=True,
+    )
 
 
 def limits_of(ctx: AppContext) -> sql.Limits:
@@ -86,6 +92,7 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     body = decode_body(await request.body())
     access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
+    identity = await request_identity(request, ctx, access, auth_uid)
     try:
         result = await sql.execute(
             ctx.tenants,
@@ -95,7 +102,7 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
             read_only=access.project.read_only and guard is None,
             query=body.query,
             params=body.params,
-            identity=identity_for(access, auth_uid),
+            identity=identity,
             limits=limits_of(ctx),
             guard=guard,
             db_quota=access.project.db_quota,
@@ -134,6 +141,7 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
         raise ValidationError("The request body must be JSON.") from None
     access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
+    identity = await request_identity(request, ctx, access, auth_uid)
     try:
         result = await sql.execute_batch(
             ctx.tenants,
@@ -143,7 +151,7 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
             read_only=body.read_only or (access.project.read_only and guard is None),
             isolation=body.isolation_level,
             statements=[sql.Statement(s.query, s.params) for s in body.statements],
-            identity=identity_for(access, auth_uid),
+            identity=identity,
             limits=limits_of(ctx),
             guard=guard,
             requested_read_only=body.read_only,

@@ -1,0 +1,401 @@
+"""Project end users: registration, login, refresh-token sessions, admin actions, auth settings.
+
+These are a project's own users (its app's customers), separate from dashboard accounts. An
+access token is a short-lived HS256 JWT (issuer `fluxbase`, audience the project id, a key
+derived from the server secret per project) naming a session; the refresh token is opaque,
+stored as SHA-256 and used once. Revoking the session ends both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from fluxbase import ids
+from fluxbase.config import Settings
+from fluxbase.errors import (
+    AuthRequired,
+    Conflict,
+    InvalidUserToken,
+    ProjectSuspended,
+    RegistrationClosed,
+    UserDisabled,
+    UserNotFound,
+    ValidationError,
+)
+from fluxbase.security import passwords, usertokens
+from fluxbase.services import accounts
+from fluxbase.services.access import load_project
+
+REFRESH_PREFIX = "fxr_"
+MIN_JWT_SECRET_CHARS = 32
+MAX_LIST = 1000
+
+
+@dataclass(frozen=True)
+class ProjectUser:
+    id: str
+    project_id: str
+    email: str
+    display_name: str
+    disabled_at: datetime | None
+    created_at: datetime
+    last_login_at: datetime | None
+
+    @classmethod
+    def from_row(cls, r: asyncpg.Record) -> ProjectUser:
+        return cls(
+            r["id"],
+            r["project_id"],
+            r["email"],
+            r["display_name"],
+            r["disabled_at"],
+            r["created_at"],
+            r["last_login_at"],
+        )
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    expires_at: int
+    refresh_token: str
+    user: ProjectUser
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """A project's end-user auth settings; `jwt_secret` never leaves the server."""
+
+    registration_open: bool = True
+    jwt_secret: str | None = None
+    jwks_uri: str | None = None
+    jwt_allowed_issuers: tuple[str, ...] = ()
+    jwt_expected_audiences: tuple[str, ...] = ()
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+async def get_config(db: asyncpg.Pool | asyncpg.Connection, project_id: str) -> AuthConfig:
+    row = await db.fetchrow("SELECT * FROM fluxbase.project_auth_settings WHERE project_id = $1", project_id)
+    if row is None:
+        return AuthConfig()
+    return AuthConfig(
+        row["registration_open"],
+        row["jwt_secret"],
+        row["jwks_uri"],
+        tuple(row["jwt_allowed_issuers"]),
+        tuple(row["jwt_expected_audiences"]),
+    )
+
+
+def _check_uri(uri: str) -> str:
+    parts = urlsplit(uri.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(uri) > 2048:
+        raise ValidationError(
+            "jwksUri must be an http(s) URL, e.g. https://issuer.example.com/.well-known/jwks.json."
+        )
+    return uri.strip()
+
+
+def _check_list(name: str, values: list[str]) -> tuple[str, ...]:
+    if len(values) > 20 or any(not isinstance(v, str) or not v.strip() or len(v) > 512 for v in values):
+        raise ValidationError(f"{name} must be a list of at most 20 non-empty strings.")
+    return tuple(v.strip() for v in values)
+
+
+async def update_config(db: asyncpg.Pool, project_id: str, changes: dict[str, Any]) -> AuthConfig:
+    """Apply a partial update (already type-checked); validate everything before writing."""
+    current = await get_config(db, project_id)
+    values: dict[str, Any] = {
+        "registration_open": current.registration_open,
+        "jwt_secret": current.jwt_secret,
+        "jwks_uri": current.jwks_uri,
+        "jwt_allowed_issuers": current.jwt_allowed_issuers,
+        "jwt_expected_audiences": current.jwt_expected_audiences,
+    }
+    if "registration_open" in changes:
+        values["registration_open"] = bool(changes["registration_open"])
+    if "jwt_secret" in changes:
+        secret = changes["jwt_secret"]
+        if secret is not None and (len(secret) < MIN_JWT_SECRET_CHARS or len(secret) > 4096):
+            raise ValidationError(f"jwtSecret must be at least {MIN_JWT_SECRET_CHARS} characters.")
+        values["jwt_secret"] = secret or None
+    if "jwks_uri" in changes:
+        values["jwks_uri"] = _check_uri(changes["jwks_uri"]) if changes["jwks_uri"] else None
+    if "jwt_allowed_issuers" in changes:
+        values["jwt_allowed_issuers"] = _check_list("jwtAllowedIssuers", changes["jwt_allowed_issuers"] or [])
+    if "jwt_expected_audiences" in changes:
+        values["jwt_expected_audiences"] = _check_list(
+            "jwtExpectedAudiences", changes["jwt_expected_audiences"] or []
+        )
+    await db.execute(
+        """INSERT INTO fluxbase.project_auth_settings AS s (project_id, registration_open, jwt_secret,
+               jwks_uri, jwt_allowed_issuers, jwt_expected_audiences)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (project_id) DO UPDATE SET registration_open = EXCLUDED.registration_open,
+               jwt_secret = EXCLUDED.jwt_secret, jwks_uri = EXCLUDED.jwks_uri,
+               jwt_allowed_issuers = EXCLUDED.jwt_allowed_issuers,
+               jwt_expected_audiences = EXCLUDED.jwt_expected_audiences, updated_at = now()""",
+        project_id,
+        values["registration_open"],
+        values["jwt_secret"],
+        values["jwks_uri"],
+        list(values["jwt_allowed_issuers"]),
+        list(values["jwt_expected_audiences"]),
+    )
+    return await get_config(db, project_id)
+
+
+# -- registration, login, sessions ------------------------------------------------------------
+
+
+async def _active_project(db: asyncpg.Pool, project_id: str) -> None:
+    """Public end-user endpoints take no API key: the project must exist and be active."""
+    if (await load_project(db, project_id)).status == "suspended":
+        raise ProjectSuspended()
+
+
+async def register(
+    db: asyncpg.Pool, project_id: str, email: str, password: str, display_name: str
+) -> ProjectUser:
+    email = accounts.normalise_email(email)
+    accounts.check_password_strength(password)
+    await _active_project(db, project_id)
+    if not (await get_config(db, project_id)).registration_open:
+        raise RegistrationClosed("Registration is closed for this project.")
+    pw_hash = await passwords.hash_password(password)
+    try:
+        row = await db.fetchrow(
+            """INSERT INTO fluxbase.project_users (id, project_id, email, password_hash, display_name)
+               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+            ids.prefixed("pu"),
+            project_id,
+            email,
+            pw_hash,
+            display_name.strip()[:200],
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict("A user with this email already exists in this project.") from None
+    assert row is not None
+    return ProjectUser.from_row(row)
+
+
+def _hash_refresh(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def _new_refresh(conn: asyncpg.Connection, session_id: str) -> str:
+    token = REFRESH_PREFIX + secrets.token_urlsafe(32)
+    await conn.execute(
+        "INSERT INTO fluxbase.project_user_refresh_tokens (token_hash, session_id) VALUES ($1, $2)",
+        _hash_refresh(token),
+        session_id,
+    )
+    return token
+
+
+def _access(settings: Settings, user: ProjectUser, session_id: str) -> tuple[str, int]:
+    return usertokens.issue_own(
+        settings.auth.secret_key,
+        user.project_id,
+        user_id=user.id,
+        session_id=session_id,
+        email=user.email,
+        ttl_s=settings.end_user.access_ttl_s,
+    )
+
+
+async def login(
+    db: asyncpg.Pool, settings: Settings, project_id: str, email: str, password: str, client_ip: str
+) -> TokenPair:
+    """Unknown email and wrong password cost the same (a dummy argon2 verify) and answer the same."""
+    await _active_project(db, project_id)
+    throttle_key = f"project:{project_id}:{client_ip}"
+    await accounts._check_throttle(db, settings, throttle_key)
+    row = await db.fetchrow(
+        "SELECT * FROM fluxbase.project_users WHERE project_id = $1 AND lower(email) = lower($2)",
+        project_id,
+        email.strip(),
+    )
+    ok = await passwords.verify_password(row["password_hash"] if row else None, password)
+    if not ok or row is None:
+        await db.execute("INSERT INTO fluxbase.login_failures (client_ip) VALUES ($1)", throttle_key)
+        raise AuthRequired("Invalid email or password.")
+    await db.execute("DELETE FROM fluxbase.login_failures WHERE client_ip = $1", throttle_key)
+    user = ProjectUser.from_row(row)
+    if user.disabled_at is not None:
+        raise UserDisabled()
+    session_id = ids.prefixed("pus", 16)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """INSERT INTO fluxbase.project_user_sessions (id, user_id, expires_at)
+               VALUES ($1, $2, now() + make_interval(secs => $3))""",
+            session_id,
+            user.id,
+            settings.end_user.refresh_ttl_s,
+        )
+        await conn.execute("UPDATE fluxbase.project_users SET last_login_at = now() WHERE id = $1", user.id)
+        refresh_token = await _new_refresh(conn, session_id)
+    token, exp = _access(settings, user, session_id)
+    return TokenPair(token, exp, refresh_token, user)
+
+
+_SESSION_USER = """
+SELECT u.*, s.revoked_at AS s_revoked_at, s.expires_at AS s_expires_at
+FROM fluxbase.project_user_sessions s JOIN fluxbase.project_users u ON u.id = s.user_id
+WHERE s.id = $1 AND u.project_id = $2
+"""
+
+
+async def refresh(db: asyncpg.Pool, settings: Settings, project_id: str, refresh_token: str) -> TokenPair:
+    """Exchange a refresh token for a new pair; a reused one revokes its whole session."""
+    if not isinstance(refresh_token, str) or not refresh_token.startswith(REFRESH_PREFIX):
+        raise InvalidUserToken("The refresh token is malformed.")
+    await _active_project(db, project_id)
+    token_hash = _hash_refresh(refresh_token)
+    refused: str | None = None
+    pair: TokenPair | None = None
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            """SELECT session_id, used_at FROM fluxbase.project_user_refresh_tokens
+               WHERE token_hash = $1 FOR UPDATE""",
+            token_hash,
+        )
+        session = await conn.fetchrow(_SESSION_USER, row["session_id"], project_id) if row else None
+        if row is None or session is None:
+            refused = "The refresh token is not valid."
+        elif row["used_at"] is not None:
+            # Reuse of a rotated token: someone else may hold the newer one. End the session.
+            await conn.execute(
+                """UPDATE fluxbase.project_user_sessions SET revoked_at = coalesce(revoked_at, now())
+                   WHERE id = $1""",
+                row["session_id"],
+            )
+            refused = "The refresh token was already used; the session has been revoked. Log in again."
+        elif session["s_revoked_at"] is not None:
+            refused = "The session has been revoked. Log in again."
+        elif session["s_expires_at"] <= datetime.now(session["s_expires_at"].tzinfo):
+            refused = "The session has expired. Log in again."
+        elif session["disabled_at"] is not None:
+            refused = "disabled"
+        else:
+            await conn.execute(
+                "UPDATE fluxbase.project_user_refresh_tokens SET used_at = now() WHERE token_hash = $1",
+                token_hash,
+            )
+            user = ProjectUser.from_row(session)
+            new_refresh = await _new_refresh(conn, row["session_id"])
+            token, exp = _access(settings, user, row["session_id"])
+            pair = TokenPair(token, exp, new_refresh, user)
+    if refused == "disabled":
+        raise UserDisabled()
+    if refused is not None or pair is None:
+        raise InvalidUserToken(refused)
+    return pair
+
+
+def verify_own_signature(settings: Settings, project_id: str, token: str) -> dict[str, Any]:
+    """A project user's access token without the session check: signature, expiry, audience.
+
+    The caller must still check the session (`verify_own`, or fluxbase_guard.check_user_session
+    inside the request's transaction)."""
+    header = usertokens.peek(token)
+    if header.alg != usertokens.OWN_ALGORITHM:
+        raise InvalidUserToken("Fluxbase user tokens are HS256.")
+    claims = usertokens.verify(
+        token,
+        usertokens.own_key(settings.auth.secret_key, project_id),
+        algorithm=usertokens.OWN_ALGORITHM,
+        issuers=[usertokens.OWN_ISSUER],
+        audiences=[project_id],
+    )
+    if not isinstance(claims.get("sid"), str):
+        raise InvalidUserToken("The token names no session.")
+    return claims
+
+
+async def verify_own(
+    db: asyncpg.Pool, settings: Settings, project_id: str, token: str
+) -> tuple[dict[str, Any], ProjectUser]:
+    """A project user's access token: signature, expiry, audience, and a live session."""
+    claims = verify_own_signature(settings, project_id, token)
+    row = await db.fetchrow(_SESSION_USER, claims["sid"], project_id)
+    if row is None or row["id"] != claims["sub"]:
+        raise InvalidUserToken("The token's session does not exist (the user may have been deleted).")
+    if row["s_revoked_at"] is not None:
+        raise InvalidUserToken("The token's session has been revoked (logged out).")
+    if row["disabled_at"] is not None:
+        raise UserDisabled()
+    return claims, ProjectUser.from_row(row)
+
+
+async def logout(db: asyncpg.Pool, session_id: str) -> None:
+    await db.execute(
+        "UPDATE fluxbase.project_user_sessions SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1",
+        session_id,
+    )
+
+
+# -- admin ------------------------------------------------------------------------------------
+
+
+async def list_users(
+    db: asyncpg.Pool, project_id: str, limit: int, offset: int
+) -> tuple[list[ProjectUser], int]:
+    if not 1 <= limit <= MAX_LIST or offset < 0:
+        raise ValidationError(f"limit must be 1..{MAX_LIST} and offset at least 0.")
+    rows = await db.fetch(
+        """SELECT * FROM fluxbase.project_users WHERE project_id = $1
+           ORDER BY created_at, id LIMIT $2 OFFSET $3""",
+        project_id,
+        limit,
+        offset,
+    )
+    total = await db.fetchval("SELECT count(*) FROM fluxbase.project_users WHERE project_id = $1", project_id)
+    return [ProjectUser.from_row(r) for r in rows], int(total)
+
+
+async def set_disabled(db: asyncpg.Pool, project_id: str, user_id: str, disabled: bool) -> ProjectUser:
+    row = await db.fetchrow(
+        """UPDATE fluxbase.project_users
+           SET disabled_at = CASE WHEN $3 THEN coalesce(disabled_at, now()) ELSE NULL END
+           WHERE id = $1 AND project_id = $2 RETURNING *""",
+        user_id,
+        project_id,
+        disabled,
+    )
+    if row is None:
+        raise UserNotFound()
+    return ProjectUser.from_row(row)
+
+
+async def delete_user(db: asyncpg.Pool, project_id: str, user_id: str) -> None:
+    status = await db.execute(
+        "DELETE FROM fluxbase.project_users WHERE id = $1 AND project_id = $2", user_id, project_id
+    )
+    if status.endswith(" 0"):
+        raise UserNotFound()
+
+
+async def revoke_sessions(db: asyncpg.Pool, project_id: str, user_id: str) -> int:
+    """End every live session of a user (their access and refresh tokens stop working at once)."""
+    async with db.acquire() as conn, conn.transaction():
+        exists = await conn.fetchval(
+            "SELECT 1 FROM fluxbase.project_users WHERE id = $1 AND project_id = $2", user_id, project_id
+        )
+        if not exists:
+            raise UserNotFound()
+        status = await conn.execute(
+            """UPDATE fluxbase.project_user_sessions SET revoked_at = now()
+               WHERE user_id = $1 AND revoked_at IS NULL""",
+            user_id,
+        )
+    return int(status.rsplit(" ", 1)[-1])
