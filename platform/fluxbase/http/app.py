@@ -15,7 +15,7 @@ from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers import auth, health, projects, realtime, sql, storage, team
+from fluxbase.http.controllers import auth, health, projects, realtime, rls, sql, storage, team
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.storage.s3 import ObjectStore
@@ -63,6 +63,12 @@ ROUTES = [
     realtime.version,
     realtime.create_token,
     realtime.broadcast,
+    rls.list_rls,
+    rls.create_policy,
+    rls.drop_policy,
+    rls.set_table_rls,
+    rls.get_realtime_settings,
+    rls.set_realtime_settings,
 ]
 
 
