@@ -10,25 +10,62 @@ CREATE TABLE IF NOT EXISTS fluxbase.realtime_settings (
     updated_at             timestamptz NOT NULL DEFAULT now()
 );
 
--- SECURITY INVOKER on purpose: it runs as the calling tenant role (the project's read role) with
--- that role's privileges, policies and search_path, so it can do nothing the role could not do
--- with plain SQL. One call evaluates every table of a batch for one user: the identity is set
--- for this transaction only, each check is a statement the realtime service built from the
--- table's policies (parameters: $1 the row images as a jsonb array, $2 the check number), and a
+-- The two functions below are SECURITY INVOKER on purpose: they run as the calling tenant role
+-- (the realtime service calls them on the project's read role) with that role's privileges and
+-- policies, so they can do nothing the role could not do with plain SQL. Each pins the
+-- search_path to the project schema for its own transaction, so a policy function that changed
+-- the session's search_path cannot change how the next check resolves names.
+
+-- The SELECT policies that apply to the calling role on some tables, deparsed for that
+-- search_path: permissive quals (a policy without one contributes `false`, as in PostgreSQL)
+-- and restrictive quals.
+CREATE OR REPLACE FUNCTION fluxbase_guard.select_policies(p_schema text, p_tables text[])
+RETURNS TABLE (table_name text, rls_enabled boolean, can_select boolean, permissive text[], restrictive text[])
+    LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', pg_catalog.quote_ident(p_schema), true);
+    RETURN QUERY
+    SELECT c.relname::text, c.relrowsecurity, pg_catalog.has_table_privilege(c.oid, 'SELECT'),
+           ARRAY(SELECT coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'false')
+                 FROM pg_catalog.pg_policy p
+                 WHERE p.polrelid = c.oid AND p.polpermissive AND p.polcmd IN ('r', '*')
+                   AND (0::oid = ANY (p.polroles) OR EXISTS (
+                        SELECT 1 FROM pg_catalog.unnest(p.polroles) r(oid)
+                        WHERE pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')))
+                 ORDER BY p.polname),
+           ARRAY(SELECT pg_catalog.pg_get_expr(p.polqual, p.polrelid)
+                 FROM pg_catalog.pg_policy p
+                 WHERE p.polrelid = c.oid AND NOT p.polpermissive AND p.polcmd IN ('r', '*')
+                   AND p.polqual IS NOT NULL
+                   AND (0::oid = ANY (p.polroles) OR EXISTS (
+                        SELECT 1 FROM pg_catalog.unnest(p.polroles) r(oid)
+                        WHERE pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')))
+                 ORDER BY p.polname)
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = p_schema AND c.relname = ANY (p_tables) AND c.relkind IN ('r', 'p');
+END
+$$;
+
+-- One call evaluates every table of a batch for one end user: the identity is set for this
+-- transaction only, each check is a statement the realtime service built from the output of
+-- select_policies (parameters: $1 the row images as a jsonb array, $2 the check number), and a
 -- check that raises is reported in `failed` instead of aborting the others (fail closed for
 -- that table and that user only). Query cancellation (the caller's timeout) is not caught.
 CREATE OR REPLACE FUNCTION fluxbase_guard.visible_rows(
-    p_uid text, p_claims text, p_role text, p_checks text[], p_rows text[]
+    p_schema text, p_uid text, p_claims text, p_role text, p_checks text[], p_rows text[]
 ) RETURNS TABLE (check_no integer, ord bigint, failed text)
     LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
     i integer;
 BEGIN
-    PERFORM set_config('fluxbase.auth_uid', coalesce(p_uid, ''), true),
-            set_config('fluxbase.auth_claims', coalesce(p_claims, '{}'), true),
-            set_config('fluxbase.auth_role', coalesce(p_role, ''), true);
-    FOR i IN 1 .. coalesce(array_length(p_checks, 1), 0) LOOP
+    PERFORM pg_catalog.set_config('search_path', pg_catalog.quote_ident(p_schema), true),
+            pg_catalog.set_config('fluxbase.auth_uid', coalesce(p_uid, ''), true),
+            pg_catalog.set_config('fluxbase.auth_claims', coalesce(p_claims, '{}'), true),
+            pg_catalog.set_config('fluxbase.auth_role', coalesce(p_role, ''), true);
+    FOR i IN 1 .. coalesce(pg_catalog.array_length(p_checks, 1), 0) LOOP
         BEGIN
             RETURN QUERY EXECUTE p_checks[i] USING p_rows[i]::jsonb, i;
         EXCEPTION WHEN OTHERS THEN
@@ -41,5 +78,7 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION fluxbase_guard.visible_rows(text, text, text, text[], text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION fluxbase_guard.visible_rows(text, text, text, text[], text[]) TO PUBLIC;
+REVOKE ALL ON FUNCTION fluxbase_guard.select_policies(text, text[]),
+    fluxbase_guard.visible_rows(text, text, text, text, text[], text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]),
+    fluxbase_guard.visible_rows(text, text, text, text, text[], text[]) TO PUBLIC;

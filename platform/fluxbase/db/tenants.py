@@ -135,8 +135,9 @@ async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> i
 class TenantPools:
     """Lazily created, bounded asyncpg pools keyed by (project, scope); idle pools are closed."""
 
-    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0):
+    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0, max_size: int | None = None):
         self._settings = settings
+        self._max_size = max_size or settings.tenant.pool_max_per_role
         parts = urlsplit(settings.database.url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 5432
@@ -174,7 +175,7 @@ class TenantPools:
         try:
             pool = await asyncpg.create_pool(
                 min_size=0,
-                max_size=self._settings.tenant.pool_max_per_role,
+                max_size=self._max_size,
                 max_inactive_connection_lifetime=60.0,
                 init=init_tenant_connection,
                 reset=_no_reset,
