@@ -48,37 +48,43 @@ BEGIN
 END
 $$;
 
--- One call evaluates every table of a batch for one end user: the identity is set for this
--- transaction only, each check is a statement the realtime service built from the output of
--- select_policies (parameters: $1 the row images as a jsonb array, $2 the check number), and a
--- check that raises is reported in `failed` instead of aborting the others (fail closed for
--- that table and that user only). Query cancellation (the caller's timeout) is not caught.
+-- One call evaluates every table of a batch for some end users, one user after the other: each
+-- user's identity is set for this transaction (set_config is immediate; auth.uid() reads it at
+-- run time in every statement), each check is a statement the realtime service built from the
+-- output of select_policies (parameters: $1 the row images as a jsonb array, $2 the check
+-- number, $3 the user number), and a check that raises is reported in `failed` instead of
+-- aborting the others (fail closed for that table and that user only). Query cancellation (the
+-- caller's timeout) is not caught: the caller then retries the users one by one.
 CREATE OR REPLACE FUNCTION fluxbase_guard.visible_rows(
-    p_schema text, p_uid text, p_claims text, p_role text, p_checks text[], p_rows text[]
-) RETURNS TABLE (check_no integer, ord bigint, failed text)
+    p_schema text, p_uids text[], p_claims text[], p_roles text[], p_checks text[], p_rows text[]
+) RETURNS TABLE (user_no integer, check_no integer, ord bigint, failed text)
     LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $$
 DECLARE
+    u integer;
     i integer;
 BEGIN
-    PERFORM pg_catalog.set_config('search_path', pg_catalog.quote_ident(p_schema), true),
-            pg_catalog.set_config('fluxbase.auth_uid', coalesce(p_uid, ''), true),
-            pg_catalog.set_config('fluxbase.auth_claims', coalesce(p_claims, '{}'), true),
-            pg_catalog.set_config('fluxbase.auth_role', coalesce(p_role, ''), true);
-    FOR i IN 1 .. coalesce(pg_catalog.array_length(p_checks, 1), 0) LOOP
-        BEGIN
-            RETURN QUERY EXECUTE p_checks[i] USING p_rows[i]::jsonb, i;
-        EXCEPTION WHEN OTHERS THEN
-            check_no := i;
-            ord := NULL;
-            failed := SQLSTATE || ': ' || SQLERRM;
-            RETURN NEXT;
-        END;
+    PERFORM pg_catalog.set_config('search_path', pg_catalog.quote_ident(p_schema), true);
+    FOR u IN 1 .. coalesce(pg_catalog.array_length(p_uids, 1), 0) LOOP
+        PERFORM pg_catalog.set_config('fluxbase.auth_uid', coalesce(p_uids[u], ''), true),
+                pg_catalog.set_config('fluxbase.auth_claims', coalesce(p_claims[u], '{}'), true),
+                pg_catalog.set_config('fluxbase.auth_role', coalesce(p_roles[u], ''), true);
+        FOR i IN 1 .. coalesce(pg_catalog.array_length(p_checks, 1), 0) LOOP
+            BEGIN
+                RETURN QUERY EXECUTE p_checks[i] USING p_rows[i]::jsonb, i, u;
+            EXCEPTION WHEN OTHERS THEN
+                user_no := u;
+                check_no := i;
+                ord := NULL;
+                failed := SQLSTATE || ': ' || SQLERRM;
+                RETURN NEXT;
+            END;
+        END LOOP;
     END LOOP;
 END
 $$;
 
 REVOKE ALL ON FUNCTION fluxbase_guard.select_policies(text, text[]),
-    fluxbase_guard.visible_rows(text, text, text, text, text[], text[]) FROM PUBLIC;
+    fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]),
-    fluxbase_guard.visible_rows(text, text, text, text, text[], text[]) TO PUBLIC;
+    fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) TO PUBLIC;

@@ -15,8 +15,10 @@ ROW = "db_event"
 
 @pytest.fixture(scope="module")
 def rt_log(instance, log_dir) -> Iterator[tuple[str, Any]]:
-    # A short check timeout so that the slow-policy case below stays quick.
-    with _realtime(instance, log_dir, FLUXBASE_REALTIME_RLS_TIMEOUT_MS="1000") as url:
+    # A short check timeout so that the slow-policy case below stays quick; one connection per
+    # project, so that all end users of a batch are checked in one group (one query).
+    env = {"FLUXBASE_REALTIME_RLS_TIMEOUT_MS": "1000", "FLUXBASE_REALTIME_RLS_POOL_MAX": "1"}
+    with _realtime(instance, log_dir, **env) as url:
         yield url, log_dir / f"realtime-{url.rsplit(':', 1)[1]}.log"
 
 

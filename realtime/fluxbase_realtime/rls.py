@@ -7,10 +7,11 @@ state). An UPDATE whose old row the user could not see arrives with `old: null`,
 moving into a user's view does not reveal what it was before. Schema events reach end users
 only if the project allows it (`fluxbase.realtime_settings`); broadcasts reach everyone.
 
-Cost per batch and project: one query for the tables' policies, then one query per distinct
-end user (all tables at once, `fluxbase_guard.visible_rows`), whatever the number of
-subscribers. A check that fails or times out denies that user's events of the batch (fail
-closed, logged) and nobody else's.
+Cost per batch and project: one query for the tables' policies, then one evaluation per
+distinct end user (all tables at once, `fluxbase_guard.visible_rows`), whatever the number of
+subscribers; users are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the
+pool. A check that fails denies that user's events of the batch (fail closed, logged) and
+nobody else's; a group that times out is retried user by user to find the culprit.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ EndUserVerifier = Callable[[str], Awaitable[EndUser | None]]
 
 _POLICIES_SQL = "SELECT * FROM fluxbase_guard.select_policies($1, $2::text[])"
 _VISIBLE_SQL = (
-    "SELECT check_no, ord, failed FROM fluxbase_guard.visible_rows($1, $2, $3, $4, $5::text[], $6::text[])"
+    "SELECT user_no, check_no, ord, failed "
+    "FROM fluxbase_guard.visible_rows($1, $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
 )
+MAX_USERS_PER_QUERY = 100
 
 
 class _Payload(msgspec.Struct):
@@ -87,7 +90,8 @@ class _TablePolicies:
 
 
 def check_sql(schema: str, table: str, permissive: list[str], restrictive: list[str]) -> str:
-    """One table's visibility check: the ordinals of the row images ($1) that pass its policies.
+    """One table's visibility check: the ordinals of the row images ($1) that pass its policies
+    ($2: the check number, $3: the user number, echoed for the caller).
 
     The row type is the table's own, aliased as the table, so the deparsed quals (which refer to
     its columns, or to it by name) mean exactly what they mean in a query on the table.
@@ -97,7 +101,7 @@ def check_sql(schema: str, table: str, permissive: list[str], restrictive: list[
         where = f"({where}) AND " + " AND ".join(f"({q})" for q in restrictive)
     rowtype = f"{quote_ident(schema)}.{quote_ident(table)}"
     return (
-        "SELECT $2::integer, __fx_in.__fx_ord, NULL::text "
+        "SELECT $3::integer, $2::integer, __fx_in.__fx_ord, NULL::text "
         "FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS __fx_in(__fx_row, __fx_ord) "
         f"CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{rowtype}, "
         f"__fx_in.__fx_row) AS {quote_ident(table)} WHERE {where}"
@@ -110,6 +114,7 @@ class RlsGate:
     def __init__(self, settings: Settings, control: asyncpg.Pool):
         self.pools = TenantPools(settings, max_size=settings.realtime.rls_pool_max)
         self.timeout_s = settings.realtime.rls_timeout_ms / 1000
+        self.pool_max = settings.realtime.rls_pool_max
         self.control = control
         self.queries = 0  # round trips to tenant roles (tests and benchmarks read it)
         self.failures = 0
@@ -223,27 +228,7 @@ class RlsGate:
         args = [r.decode() for r in rows_text]
         stripped: dict[int, bytes] = {}
 
-        async def one(viewer: Viewer) -> None:
-            try:
-                self.queries += 1
-                result = await pool.fetch(
-                    _VISIBLE_SQL,
-                    schema,
-                    viewer.uid,
-                    viewer.claims,
-                    viewer.role,
-                    checks,
-                    args,
-                    timeout=self.timeout_s,
-                )
-            except Exception as exc:
-                self.failures += 1
-                log.warning(
-                    "RLS check failed for an end user of project %s (%r): their row events withheld",
-                    project_id,
-                    exc,
-                )
-                return
+        def apply(viewer: Viewer, result: list[asyncpg.Record]) -> None:
             failed = {r["check_no"] - 1 for r in result if r["failed"] is not None}
             for r in result:
                 if r["failed"] is not None:
@@ -263,7 +248,42 @@ class RlsGate:
                         stripped[i] = _without_old(events[i].message)
                     allowed[i] = stripped[i]
 
-        await asyncio.gather(*(one(v) for v in viewers))
+        async def check(group: list[Viewer]) -> None:
+            try:
+                self.queries += 1
+                result = await pool.fetch(
+                    _VISIBLE_SQL,
+                    schema,
+                    [v.uid for v in group],
+                    [v.claims for v in group],
+                    [v.role for v in group],
+                    checks,
+                    args,
+                    timeout=self.timeout_s,
+                )
+            except Exception as exc:
+                if len(group) > 1:
+                    # A timeout or lost connection: find the user it was, one by one.
+                    await asyncio.gather(*(check([v]) for v in group))
+                    return
+                self.failures += 1
+                log.warning(
+                    "RLS check failed for an end user of project %s (%r): their row events withheld",
+                    project_id,
+                    exc,
+                )
+                return
+            per_user: list[list[asyncpg.Record]] = [[] for _ in group]
+            for r in result:
+                per_user[r["user_no"] - 1].append(r)
+            for viewer, rows_of in zip(group, per_user, strict=True):
+                apply(viewer, rows_of)
+
+        # Users are checked in groups, one query per group, enough groups to keep every
+        # connection of the pool busy.
+        users = list(viewers)
+        size = max(1, min(MAX_USERS_PER_QUERY, -(-len(users) // self.pool_max)))
+        await asyncio.gather(*(check(users[k : k + size]) for k in range(0, len(users), size)))
 
 
 def _without_old(message: bytes) -> bytes:
