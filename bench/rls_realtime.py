@@ -10,8 +10,10 @@ in --counts:
     per batch,
   - end-user subscribers and rows owned by one user each (round robin): each commit reaches one
     subscriber, but every batch is still checked for every user.
-Ratios are against the API-key run with the same subscriber count. Writers use asyncpg directly
-(as the project's admin role), so only the delivery path differs.
+Ratios are against the API-key run with the same subscriber count. Besides latency, each run
+prints the realtime process's CPU time per commit, which a busy machine disturbs less than
+latency. Writers use asyncpg directly (as the project's admin role), so only the delivery path
+differs.
 
     .venv/bin/python bench/rls_realtime.py [--counts 100,1000] [--rate 20] [--seconds 5]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -99,6 +102,12 @@ async def latency(
     return lat, sum(expect)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(len(s) * q))] * 1000
@@ -126,7 +135,7 @@ async def main() -> None:
             FLUXBASE_REALTIME_QUEUE_SIZE="5000",
             FLUXBASE_TENANT_CONNECTION_LIMIT="100",
         )
-        with run_service(["api"], env, api_port, tmp), run_service(["realtime"], env, rt_port, tmp):
+        with run_service(["api"], env, api_port, tmp), run_service(["realtime"], env, rt_port, tmp) as rt:
             api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
             await api.post(
                 "/api/auth/register", json={"email": "b@example.com", "password": "bench password"}
@@ -186,7 +195,7 @@ async def main() -> None:
                 tokens: list[str] = []
                 for i in range(0, n, 50):
                     tokens += await asyncio.gather(*(user_token(u) for u in users[i : i + 50]))
-                results: dict[str, tuple[float, float]] = {}
+                results: dict[str, tuple[float, float, float]] = {}
                 for label, creds, owners in (
                     ("api keys", [key] * n, ["all"]),
                     ("end users, shared rows", tokens, ["all"]),
@@ -194,15 +203,21 @@ async def main() -> None:
                 ):
                     socks = await open_subscribers(url, pid, creds)
                     await asyncio.sleep(0.5)
+                    cpu0 = cpu_s(rt.proc.pid)
                     lat, expected = await latency(socks, writer, args.rate, args.seconds, owners)
+                    cpu = (cpu_s(rt.proc.pid) - cpu0) * 1000 / int(args.rate * args.seconds)
                     assert len(lat) == expected, (len(lat), expected)
                     p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
-                    results[label] = (p50, p99)
+                    results[label] = (p50, p99, cpu)
                     base = results["api keys"]
-                    ratio = "" if label == "api keys" else f"  p99 x{p99 / base[1]:.1f} of api keys"
+                    ratio = (
+                        ""
+                        if label == "api keys"
+                        else f"  p99 x{p99 / base[1]:.1f}, cpu x{cpu / base[2]:.1f} of api keys"
+                    )
                     print(
                         f"{n:>5} subscribers  {label:<24} p50 {p50:8.2f} ms  p99 {p99:8.2f} ms"
-                        f"  ({len(lat)} deliveries){ratio}"
+                        f"  realtime cpu {cpu:6.2f} ms/commit  ({len(lat)} deliveries){ratio}"
                     )
                     await asyncio.gather(*(ws.close() for ws in socks))
             await writer.close()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve as ws_serve
 
+from fluxbase.config import load_settings
+from fluxbase.devstack.procs import free_port
+from fluxbase.errors import TokenExpired
+from fluxbase_realtime.rls import EndUser
+from fluxbase_realtime.server import RealtimeService
 from support import Api, bearer
 from test_realtime import Sub, _realtime, subscribe
 
@@ -195,3 +203,51 @@ async def test_tables_without_rls_and_locked_down_tables(api: Api, project, rt) 
         assert [(m["payload"]["table"], m["payload"]["record"]["v"]) for m in got if m["type"] == ROW] == [
             ("open_t", "public")
         ]
+
+
+async def test_end_user_verifier_plugs_in(api: Api, project, instance) -> None:
+    """The integration point for end-user JWTs: a verifier given to the service (in-process here,
+    with the real handler on a real socket) turns a credential into (project, authUid, claims)."""
+    await _docs(api, project, "owner = auth.uid() AND auth.jwt() ->> 'tier' = 'gold'")
+    other = await api.new_project(project.owner_token)
+
+    async def verify(credential: str) -> EndUser | None:
+        if not credential.startswith("jwt:"):
+            return None
+        pid, uid, tier = credential[4:].split(":")
+        if uid == "expired":
+            raise TokenExpired()
+        return EndUser(pid, uid, {"sub": uid, "tier": tier, "role": "authenticated"})
+
+    service = RealtimeService(load_settings(instance.env), verify)
+    await service.start()
+    port = free_port()
+    try:
+        async with ws_serve(service.handler, "127.0.0.1", port, process_request=service.process_request):
+            url = f"ws://127.0.0.1:{port}"
+            for bad, code in (
+                ("jwt:" + other + ":u1:gold", "SCOPE_MISMATCH"),
+                (f"jwt:{project.id}:expired:gold", "TOKEN_EXPIRED"),
+                ("not-a-credential", "AUTH_REQUIRED"),
+            ):
+                async with connect(f"{url}/?token={bad}") as ws:
+                    await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"}))
+                    assert json.loads(await ws.recv())["error"]["code"] == code
+            async with (
+                subscribe(url, project.id, f"jwt:{project.id}:u1:gold") as gold,
+                subscribe(url, project.id, f"jwt:{project.id}:u1:silver") as silver,
+                subscribe(url, project.id, f"jwt:{project.id}:u2:gold") as u2,
+            ):
+                await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b')")
+                await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'end1'), ('u2', 'end2')")
+                assert _rows(await _until_marker(gold, "end1")) == [
+                    ("INSERT", "a", None),
+                    ("INSERT", "end1", None),
+                ]
+                assert _rows(await _until_marker(u2, "end2")) == [
+                    ("INSERT", "b", None),
+                    ("INSERT", "end2", None),
+                ]
+                assert _rows(await silver.silent(0.5)) == []
+    finally:
+        await service.close()

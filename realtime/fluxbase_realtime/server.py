@@ -368,8 +368,11 @@ def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, obje
     return response
 
 
-async def serve(settings: Settings, host: str, port: int) -> None:
-    service = RealtimeService(settings)
+async def serve(
+    settings: Settings, host: str, port: int, end_user_verifier: EndUserVerifier | None = None
+) -> None:
+    """Run the service until SIGINT/SIGTERM; `end_user_verifier` admits end-user credentials."""
+    service = RealtimeService(settings, end_user_verifier)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
