@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from fluxbase.config import ConfigError, load_settings
 from support import Api, assert_error, bearer
 
 
@@ -228,3 +231,36 @@ async def test_realtime_setting_for_end_users(api: Api, project) -> None:
         headers=bearer(ro),
     )
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+
+
+async def test_openapi_lists_rls_operations(api: Api) -> None:
+    spec = (await api.http.get("/schema/openapi.json")).json()
+    op_ids = {
+        op["operationId"] for path in spec["paths"].values() for op in path.values() if "operationId" in op
+    }
+    assert {
+        "listRls",
+        "createPolicy",
+        "dropPolicy",
+        "setTableRls",
+        "getRealtimeSettings",
+        "setRealtimeSettings",
+    } <= op_ids
+
+
+def test_rls_realtime_settings_are_checked() -> None:
+    env = {
+        "FLUXBASE_DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db",
+        "FLUXBASE_S3_ENDPOINT": "http://127.0.0.1:1",
+        "FLUXBASE_S3_ACCESS_KEY": "a",
+        "FLUXBASE_S3_SECRET_KEY": "b",
+        "FLUXBASE_SECRET_KEY": "s" * 32,
+    }
+    s = load_settings(env).realtime
+    assert (s.rls_pool_max, s.rls_timeout_ms) == (4, 2000)
+    s = load_settings(
+        {**env, "FLUXBASE_REALTIME_RLS_POOL_MAX": "2", "FLUXBASE_REALTIME_RLS_TIMEOUT_MS": "500"}
+    )
+    assert (s.realtime.rls_pool_max, s.realtime.rls_timeout_ms) == (2, 500)
+    with pytest.raises(ConfigError, match="FLUXBASE_REALTIME_RLS_TIMEOUT_MS"):
+        load_settings({**env, "FLUXBASE_REALTIME_RLS_TIMEOUT_MS": "0"})
