@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -205,6 +206,47 @@ async def test_tables_without_rls_and_locked_down_tables(api: Api, project, rt) 
         ]
 
 
+@contextlib.asynccontextmanager
+async def in_process(instance, verify=None) -> AsyncIterator[tuple[str, RealtimeService]]:
+    """The real service and handler on a real socket, in this process (to reach its internals)."""
+    service = RealtimeService(load_settings(instance.env), verify)
+    await service.start()
+    port = free_port()
+    try:
+        async with ws_serve(service.handler, "127.0.0.1", port, process_request=service.process_request):
+            yield f"ws://127.0.0.1:{port}", service
+    finally:
+        await service.close()
+
+
+async def test_check_cost_grows_with_distinct_users_not_sockets(api: Api, project, instance) -> None:
+    await _docs(api, project)
+    tokens = {uid: await _token(api, project, uid) for uid in ("u1", "u2")}
+    async with in_process(instance) as (url, service), contextlib.AsyncExitStack() as stack:
+        socks = {
+            uid: [await stack.enter_async_context(subscribe(url, project.id, tokens[uid])) for _ in range(15)]
+            for uid in ("u1", "u2")
+        }
+        await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'warm')")
+        for s in socks["u1"]:
+            await _until_marker(s, "warm")
+        assert service.gate is not None
+        before = service.gate.queries
+        # One transaction: one outbox batch with six events for thirty end-user sockets.
+        await _sql(
+            api,
+            project,
+            "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b'), ('u1', 'c'), ('u2', 'd'), "
+            "('x', 'e'), ('u1', 'end')",
+        )
+        for s in socks["u1"]:
+            assert [v for _, v, _ in _rows(await _until_marker(s, "end"))] == ["a", "c", "end"]
+        for s in socks["u2"]:
+            assert [v for _, v, _ in _rows(await s.rows(2))] == ["b", "d"]
+        # One policy lookup, then one query per distinct user (two), not per socket or event.
+        assert service.gate.queries - before == 3
+
+
 async def test_end_user_verifier_plugs_in(api: Api, project, instance) -> None:
     """The integration point for end-user JWTs: a verifier given to the service (in-process here,
     with the real handler on a real socket) turns a credential into (project, authUid, claims)."""
@@ -219,35 +261,28 @@ async def test_end_user_verifier_plugs_in(api: Api, project, instance) -> None:
             raise TokenExpired()
         return EndUser(pid, uid, {"sub": uid, "tier": tier, "role": "authenticated"})
 
-    service = RealtimeService(load_settings(instance.env), verify)
-    await service.start()
-    port = free_port()
-    try:
-        async with ws_serve(service.handler, "127.0.0.1", port, process_request=service.process_request):
-            url = f"ws://127.0.0.1:{port}"
-            for bad, code in (
-                ("jwt:" + other + ":u1:gold", "SCOPE_MISMATCH"),
-                (f"jwt:{project.id}:expired:gold", "TOKEN_EXPIRED"),
-                ("not-a-credential", "AUTH_REQUIRED"),
-            ):
-                async with connect(f"{url}/?token={bad}") as ws:
-                    await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"}))
-                    assert json.loads(await ws.recv())["error"]["code"] == code
-            async with (
-                subscribe(url, project.id, f"jwt:{project.id}:u1:gold") as gold,
-                subscribe(url, project.id, f"jwt:{project.id}:u1:silver") as silver,
-                subscribe(url, project.id, f"jwt:{project.id}:u2:gold") as u2,
-            ):
-                await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b')")
-                await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'end1'), ('u2', 'end2')")
-                assert _rows(await _until_marker(gold, "end1")) == [
-                    ("INSERT", "a", None),
-                    ("INSERT", "end1", None),
-                ]
-                assert _rows(await _until_marker(u2, "end2")) == [
-                    ("INSERT", "b", None),
-                    ("INSERT", "end2", None),
-                ]
-                assert _rows(await silver.silent(0.5)) == []
-    finally:
-        await service.close()
+    async with in_process(instance, verify) as (url, _):
+        for bad, code in (
+            ("jwt:" + other + ":u1:gold", "SCOPE_MISMATCH"),
+            (f"jwt:{project.id}:expired:gold", "TOKEN_EXPIRED"),
+            ("not-a-credential", "AUTH_REQUIRED"),
+        ):
+            async with connect(f"{url}/?token={bad}") as ws:
+                await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{project.id}"}))
+                assert json.loads(await ws.recv())["error"]["code"] == code
+        async with (
+            subscribe(url, project.id, f"jwt:{project.id}:u1:gold") as gold,
+            subscribe(url, project.id, f"jwt:{project.id}:u1:silver") as silver,
+            subscribe(url, project.id, f"jwt:{project.id}:u2:gold") as u2,
+        ):
+            await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b')")
+            await _sql(api, project, "INSERT INTO docs (owner, v) VALUES ('u1', 'end1'), ('u2', 'end2')")
+            assert _rows(await _until_marker(gold, "end1")) == [
+                ("INSERT", "a", None),
+                ("INSERT", "end1", None),
+            ]
+            assert _rows(await _until_marker(u2, "end2")) == [
+                ("INSERT", "b", None),
+                ("INSERT", "end2", None),
+            ]
+            assert _rows(await silver.silent(0.5)) == []
