@@ -149,6 +149,8 @@ async def test_errors_name_the_cause_and_leave_nothing_behind(api: Api, project)
     assert_error(await create(using="true", name=""), 400, "VALIDATION_ERROR")
     # Injection attempts: a second statement, or a clause of its own.
     body = assert_error(await create(using="true); DROP TABLE posts; --"), 400, "VALIDATION_ERROR")
+    assert_error(await create(using="owner = $1"), 400, "VALIDATION_ERROR")
+    assert_error(await create(using="user_id = 'x' /* unterminated"), 400, "VALIDATION_ERROR")
     body = assert_error(await create(using="true) WITH CHECK (true"), 400, "VALIDATION_ERROR")
     assert "single SQL expression" in body["error"]["message"]
     r = await api.sql(project.admin_key, project.id, "SELECT count(*) AS n FROM posts")
