@@ -16,7 +16,7 @@ async def test_create_list_get_delete_project(api: Api, control_db, instance_adm
     assert re.fullmatch(r"[0-9a-f]{16}", project["id"])
     assert project["name"] == "Shop" and project["role"] == "admin"
     pid = project["id"]
-    # Schema and three roles exist, owned as DESIGN.md says.
+    # Schema and the three key roles exist, owned as DESIGN.md says, plus the realtime RLS checker.
     owner = await control_db.fetchval(
         "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1", f"p_{pid}"
     )
@@ -24,8 +24,22 @@ async def test_create_list_get_delete_project(api: Api, control_db, instance_adm
     roles = await control_db.fetch(
         "SELECT rolname, rolsuper, rolcanlogin FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%"
     )
-    assert sorted(r["rolname"] for r in roles) == sorted(f"p_{pid}_{s}" for s in ("admin", "ro", "rw"))
+    assert sorted(r["rolname"] for r in roles) == sorted(f"p_{pid}_{s}" for s in ("admin", "ro", "rw", "rt"))
     assert all(r["rolcanlogin"] and not r["rolsuper"] for r in roles)
+    # The checker is the read role plus set_config; no other role may call the check functions.
+    member = await control_db.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", f"p_{pid}_rt", f"p_{pid}_ro")
+    assert member is True
+    for kind, may in (("ro", False), ("rw", False), ("admin", False), ("rt", True)):
+        for fn in (
+            "pg_catalog.set_config(text, text, boolean)",
+            "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[])",
+        ):
+            if fn.startswith("pg_catalog") and kind in ("admin", "rt"):
+                continue  # admin keeps set_config (sql/0007)
+            ok = await control_db.fetchval(
+                "SELECT has_function_privilege($1, $2, 'EXECUTE')", f"p_{pid}_{kind}", fn
+            )
+            assert ok is may, (kind, fn)
 
     listed = (await api.http.get("/api/projects", headers=bearer(token))).json()["projects"]
     assert [p["id"] for p in listed] == [pid]

@@ -886,6 +886,26 @@ async def _import(w: World, h: dict[str, str]) -> httpx.Response:
     )
 
 
+async def _create_policy(w: World, h: dict[str, str], name: str | None = None) -> httpx.Response:
+    return await w.api.http.post(
+        f"/api/projects/{w.pid}/rls/policies",
+        json={
+            "table": "items",
+            "name": name or "p" + secrets.token_hex(4),
+            "command": "SELECT",
+            "using": "id > 0",
+        },
+        headers=h,
+    )
+
+
+async def _drop_policy(w: World, h: dict[str, str]) -> httpx.Response:
+    name = "p" + secrets.token_hex(4)
+    r = await _create_policy(w, w.owner, name)
+    assert r.status_code == 201, r.text
+    return await w.api.http.delete(f"/api/projects/{w.pid}/rls/policies/items/{name}", headers=h)
+
+
 MATRIX: tuple[Row, ...] = (
     Row("getProject", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}", headers=h)),
     Row(
@@ -1077,6 +1097,31 @@ MATRIX: tuple[Row, ...] = (
         200,
         lambda w, h: w.api.http.patch(
             f"/api/projects/{w.pid}/auth/settings", json={"registrationOpen": True}, headers=h
+        ),
+    ),
+    Row("listRls", "manage", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/rls", headers=h)),
+    Row("createPolicy", "manage", 201, _create_policy),
+    Row("dropPolicy", "manage", 200, _drop_policy),
+    Row(
+        "setTableRls",
+        "manage",
+        200,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/rls/tables/items", json={"forced": False}, headers=h
+        ),
+    ),
+    Row(
+        "getRealtimeSettings",
+        "read",
+        200,
+        lambda w, h: w.api.http.get("/api/realtime/settings", params=_q(w), headers=h),
+    ),
+    Row(
+        "setRealtimeSettings",
+        "manage",
+        200,
+        lambda w, h: w.api.http.post(
+            "/api/realtime/settings", json={"projectId": w.pid, "schemaEventsToUsers": False}, headers=h
         ),
     ),
     # Last: the admin's call deletes the project.

@@ -81,6 +81,10 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     """Outbox events older than this are trimmed by housekeeping."""
     events_max_rows: int = 1_000_000
     """The outbox keeps at most about this many events."""
+    rls_pool_max: int = 4
+    """Connections per project (its read role) for RLS checks of end-user subscribers."""
+    rls_timeout_ms: int = 2000
+    """One end user's RLS check for one event batch; past it that user's events are dropped."""
 
 
 class AuthSettings(msgspec.Struct, frozen=True):
@@ -384,6 +388,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             ping_interval_s=float(int_of("FLUXBASE_REALTIME_PING_SECONDS", 20)),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),
             events_max_rows=int_of("FLUXBASE_EVENTS_MAX_ROWS", 1_000_000),
+            rls_pool_max=_positive(
+                int_of("FLUXBASE_REALTIME_RLS_POOL_MAX", 4), "FLUXBASE_REALTIME_RLS_POOL_MAX"
+            ),
+            rls_timeout_ms=_positive(
+                int_of("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", 2000), "FLUXBASE_REALTIME_RLS_TIMEOUT_MS"
+            ),
         ),
         tenant=tenant,
         storage=storage,

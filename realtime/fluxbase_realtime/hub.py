@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fluxbase.services.realtime import Cursor
 from fluxbase_realtime.outbox import OutboxEvent
+from fluxbase_realtime.rls import RlsGate, Viewer
 
 log = logging.getLogger("fluxbase.realtime.hub")
 
@@ -35,6 +36,8 @@ class Subscription:
     # While a `since` replay runs, live events are held here and flushed afterwards.
     held: list[OutboxEvent] | None = None
     replay_until: Cursor | None = None
+    # An end user: receives only what the RLS gate lets it see (None: everything, API keys).
+    viewer: Viewer | None = None
 
     def wants(self, ev: OutboxEvent) -> bool:
         if ev.kind == "broadcast":
@@ -108,11 +111,17 @@ class Client:
 
 
 class Hub:
-    """project id → subscriptions; `dispatch` sends each event's bytes to every matching socket."""
+    """project id → subscriptions; `dispatch` sends each event's bytes to every matching socket.
 
-    def __init__(self) -> None:
+    Subscribers without a viewer get the fast path: the same bytes, pushed as the batch is
+    walked. End-user subscribers of a project are served after that, from one gate decision per
+    batch and project, in event order; without a gate they receive nothing (fail closed).
+    """
+
+    def __init__(self, gate: RlsGate | None = None) -> None:
         self.rooms: dict[str, dict[Subscription, Client]] = defaultdict(dict)
         self.delivered = 0
+        self.gate = gate
 
     def join(self, client: Client, sub: Subscription) -> None:
         self.rooms[sub.project_id][sub] = client
@@ -125,6 +134,8 @@ class Hub:
                 del self.rooms[sub.project_id]
 
     async def dispatch(self, events: list[OutboxEvent]) -> None:
+        # project → (the events some end user wants, the end-user subscriptions at this moment)
+        gated: dict[str, tuple[list[OutboxEvent], dict[Subscription, Client]]] = {}
         for ev in events:
             room = self.rooms.get(ev.project_id)
             if not room:
@@ -134,6 +145,41 @@ class Hub:
                     sub.held.append(ev)
                     if len(sub.held) > client.queue_size:
                         client.cut_off()
+                elif sub.viewer is not None:
+                    if sub.wants(ev):
+                        pending, subs = gated.setdefault(ev.project_id, ([], {}))
+                        if not pending or pending[-1] is not ev:
+                            pending.append(ev)
+                        subs[sub] = client
                 elif sub.wants(ev):
                     client.push(ev.message)
                     self.delivered += 1
+        for project_id, (pending, subs) in gated.items():
+            await self._dispatch_gated(project_id, pending, subs)
+
+    async def _dispatch_gated(
+        self, project_id: str, events: list[OutboxEvent], subs: dict[Subscription, Client]
+    ) -> None:
+        if self.gate is None:
+            return
+        viewers = {sub.viewer for sub in subs if sub.viewer is not None}
+        allowed = await self.gate.decide(project_id, viewers, events)
+        room = self.rooms.get(project_id, {})
+        for i, ev in enumerate(events):
+            for sub, client in subs.items():
+                if sub.viewer is None or room.get(sub) is not client or not sub.wants(ev):
+                    continue  # left (or resubscribed) while the gate was deciding
+                message = allowed.get(sub.viewer, {}).get(i)
+                if message is not None:
+                    client.push(message)
+                    self.delivered += 1
+
+    async def visible(self, sub: Subscription, events: list[OutboxEvent]) -> list[bytes]:
+        """The messages of `events` (a replay) that this subscription may receive, in order."""
+        wanted = [ev for ev in events if sub.wants(ev)]
+        if sub.viewer is None:
+            return [ev.message for ev in wanted]
+        if self.gate is None or not wanted:
+            return []
+        allowed = (await self.gate.decide(sub.project_id, [sub.viewer], wanted)).get(sub.viewer, {})
+        return [allowed[i] for i in range(len(wanted)) if i in allowed]

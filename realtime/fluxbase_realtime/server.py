@@ -5,6 +5,9 @@ Client → server: `{"type": "subscribe", "roomId": "project_<id>", "token"?, "s
 "payload"}`, `{"type": "ping"}`. A credential (project API key or realtime token) comes as
 `token` in the subscribe message or `?token=` on the URL. Server → client: `subscribed`,
 `db_event`, `schema_update`, `broadcast`, `resync_required`, `error`, `pong`.
+
+A subscriber identified as an end user (a realtime token with `authUid`, or a credential an
+`EndUserVerifier` accepts) only receives what the project's RLS policies let it see (`rls`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from fluxbase.errors import (
 from fluxbase.security import apikeys, tokens
 from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key
+from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime.hub import Client, Hub, Subscription
-from fluxbase_realtime.outbox import OutboxReader, read_replay
+from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
+from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
 
 log = logging.getLogger("fluxbase.realtime")
 
@@ -55,7 +60,7 @@ class Grant:
 
     project_id: str
     scope: str
-    auth_uid: str | None
+    viewer: Viewer | None  # an end user: RLS-filtered delivery
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -72,8 +77,10 @@ def _error(code: str, message: str, room: str | None = None) -> bytes:
 class RealtimeService:
     """Process-wide state of the realtime service: pool, outbox reader, hub."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, end_user_verifier: EndUserVerifier | None = None):
         self.settings = settings
+        self.end_user_verifier = end_user_verifier
+        self.gate: RlsGate | None = None
         self.db: asyncpg.Pool | None = None
         self.store = ObjectStore(settings.s3)
         self.hub = Hub()
@@ -90,6 +97,9 @@ class RealtimeService:
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
+        if self.end_user_verifier is None:
+            self.end_user_verifier = resolver_verifier(IdentityResolver(self.db, self.settings))
+        self.gate = self.hub.gate = RlsGate(self.settings, self.db)
         await self.store.start()
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
@@ -132,6 +142,8 @@ class RealtimeService:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
         await self.reader.close()
+        if self.gate is not None:
+            await self.gate.close()
         if self.db is not None:
             await self.db.close()
         await self.store.close()
@@ -193,7 +205,12 @@ class RealtimeService:
                     "POST /api/realtime/token and X-Fluxbase-User-Token."
                 )
             return Grant(project_id, auth.principal.key.scope, None)
-        claims = tokens.verify(self.settings.auth.secret_key, token, kind=realtime.TOKEN_KIND)
+        try:
+            claims = tokens.verify(self.settings.auth.secret_key, token, kind=realtime.TOKEN_KIND)
+        except AuthRequired:
+            if self.end_user_verifier is None:
+                raise
+            return await self._end_user_grant(token, project_id)
         if claims.subject != project_id:
             raise ScopeMismatch("This realtime token is for another project.")
         status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
@@ -208,7 +225,28 @@ class RealtimeService:
             raise ScopeMismatch("The member who minted this token no longer belongs to the project.")
         if status == "suspended":
             raise ProjectSuspended()
-        return Grant(project_id, str(claims.extra.get("scope", "read")), claims.extra.get("authUid"))
+        scope = str(claims.extra.get("scope", "read"))
+        uid = claims.extra.get("authUid")
+        viewer = None
+        if isinstance(uid, str) and uid:
+            # The same identity /api/execute-sql gives a request with this scope and authUid.
+            viewer = Viewer.of(uid, {"role": scope, "project_id": project_id, "sub": uid}, scope)
+        return Grant(project_id, scope, viewer)
+
+    async def _end_user_grant(self, token: str, project_id: str) -> Grant:
+        assert self.end_user_verifier is not None and self.db is not None
+        user = await self.end_user_verifier(token, project_id)
+        if user is None:
+            raise AuthRequired("Invalid or malformed token.")
+        if user.project_id != project_id:
+            raise ScopeMismatch("This end-user token is for another project.")
+        status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
+        if status is None:
+            raise ProjectNotFound()
+        if status == "suspended":
+            raise ProjectSuspended()
+        role = str(user.claims.get("role") or "authenticated")
+        return Grant(project_id, "read", Viewer.of(user.auth_uid, user.claims, role))
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -298,6 +336,7 @@ class RealtimeService:
             project_id,
             frozenset(tables) if tables is not None else None,
             frozenset(operations) if operations is not None else None,
+            viewer=grant.viewer,
         )
         await self.reader.ready.wait()
         upto = self.reader.cursor
@@ -335,17 +374,22 @@ class RealtimeService:
             after = since
             while not client.closed:
                 events = await read_replay(self.db, sub.project_id, after, upto, 1000)
-                for ev in events:
-                    if sub.wants(ev):
-                        client.push(ev.message)
+                for message in await self.hub.visible(sub, events):
+                    client.push(message)
                 if len(events) < 1000:
                     break
                 after = events[-1].cursor
         finally:
-            held, sub.held = sub.held or [], None
-            for ev in held:
-                if (ev.cursor.xid, ev.cursor.id) > (upto.xid, upto.id) and sub.wants(ev):
-                    client.push(ev.message)
+            # Events that arrived during the replay are held until here, then sent in order; the
+            # loop ends once no more arrive while the gate decides on the previous ones.
+            while sub.held:
+                held: list[OutboxEvent] = [
+                    ev for ev in sub.held if (ev.cursor.xid, ev.cursor.id) > (upto.xid, upto.id)
+                ]
+                sub.held = [] if sub.viewer is not None else None
+                for message in await self.hub.visible(sub, held):
+                    client.push(message)
+            sub.held = None
 
 
 def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, object]) -> Response:
@@ -354,8 +398,11 @@ def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, obje
     return response
 
 
-async def serve(settings: Settings, host: str, port: int) -> None:
-    service = RealtimeService(settings)
+async def serve(
+    settings: Settings, host: str, port: int, end_user_verifier: EndUserVerifier | None = None
+) -> None:
+    """Run the service until SIGINT/SIGTERM; `end_user_verifier` admits end-user credentials."""
+    service = RealtimeService(settings, end_user_verifier)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
-from fluxbase.security.roles import SCOPES, role_name, role_password, schema_name
+from fluxbase.security.roles import CHECKER, ROLES, SCOPES, role_name, role_password, schema_name
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007).
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
+    await _provision_checker(conn, project_id, settings)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
@@ -112,9 +113,31 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     await conn.execute(f"{defaults} GRANT SELECT ON SEQUENCES TO {ro}")
 
 
+async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
+    """The realtime RLS checker role: inherits the read role, may set the identity, and may call
+    the check functions (sql/0008), which nobody else may."""
+    rt, ro = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "read"))
+    pw = quote_literal(role_password(settings.auth.secret_key, role_name(project_id, CHECKER)))
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    await conn.execute(
+        f"CREATE ROLE {rt} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        f"CONNECTION LIMIT {int(settings.tenant.role_connection_limit)} PASSWORD {pw}"
+    )
+    await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {rt}")
+    await conn.execute(f"ALTER ROLE {rt} SET search_path = {quote_ident(schema_name(project_id))}")
+    for name, value in _role_settings(settings).items():
+        await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
+    await conn.execute(f"GRANT {ro} TO {rt}")
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt}")
+    await conn.execute(
+        "GRANT EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]), "
+        f"fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) TO {rt}"
+    )
+
+
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
     """Remove the project's schema, objects and roles (caller owns the transaction)."""
-    roles = [role_name(project_id, s) for s in SCOPES]
+    roles = [role_name(project_id, s) for s in ROLES]
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
     )
@@ -132,8 +155,8 @@ async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> i
     """Re-derive every tenant role password (after FLUXBASE_SECRET_KEY rotation)."""
     n = 0
     for row in await conn.fetch("SELECT id FROM fluxbase.projects"):
-        for scope in SCOPES:
-            role = role_name(row["id"], scope)
+        for kind in ROLES:
+            role = role_name(row["id"], kind)
             pw = quote_literal(role_password(settings.auth.secret_key, role))
             await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {pw}")
             n += 1
@@ -143,8 +166,9 @@ async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> i
 class TenantPools:
     """Lazily created, bounded asyncpg pools keyed by (project, scope); idle pools are closed."""
 
-    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0):
+    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0, max_size: int | None = None):
         self._settings = settings
+        self._max_size = max_size or settings.tenant.pool_max_per_role
         parts = urlsplit(settings.database.url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 5432
@@ -182,7 +206,7 @@ class TenantPools:
         try:
             pool = await asyncpg.create_pool(
                 min_size=0,
-                max_size=self._settings.tenant.pool_max_per_role,
+                max_size=self._max_size,
                 max_inactive_connection_lifetime=60.0,
                 init=init_tenant_connection,
                 reset=_no_reset,

@@ -25,6 +25,7 @@ from fluxbase.http.controllers import (
     operations,
     projects,
     realtime,
+    rls,
     sql,
     storage,
     team,
@@ -118,6 +119,12 @@ ROUTES = [
     end_users.delete_user,
     end_users.get_settings,
     end_users.update_settings,
+    rls.list_rls,
+    rls.create_policy,
+    rls.drop_policy,
+    rls.set_table_rls,
+    rls.get_realtime_settings,
+    rls.set_realtime_settings,
 ]
 
 

@@ -6,7 +6,12 @@ import hashlib
 import hmac
 
 SCOPES = ("read", "readwrite", "admin")
-_SUFFIX = {"read": "ro", "readwrite": "rw", "admin": "admin"}
+# The realtime service's RLS checker: a member of the read role (so exactly its privileges and
+# policies) that may also set the request identity, which the read role may not (sql/0007).
+# No key or session ever runs SQL as it.
+CHECKER = "realtime"
+ROLES = (*SCOPES, CHECKER)
+_SUFFIX = {"read": "ro", "readwrite": "rw", "admin": "admin", CHECKER: "rt"}
 
 
 def schema_name(project_id: str) -> str:

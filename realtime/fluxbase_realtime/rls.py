@@ -1,0 +1,314 @@
+"""RLS-filtered delivery: which events a subscriber identified as an end user may receive.
+
+A row event reaches an end user only if its row image is visible to that user under the
+table's SELECT policies, evaluated by PostgreSQL on the project's read role (never a privileged
+role): the image of INSERT and UPDATE is the new row, that of DELETE the old row (its last
+state). An UPDATE whose old row the user could not see arrives with `old: null`, so a row
+moving into a user's view does not reveal what it was before. Schema events reach end users
+only if the project allows it (`fluxbase.realtime_settings`); broadcasts reach everyone.
+
+Cost per batch and project: one query for the tables' policies, then one evaluation per
+distinct end user (all tables at once, `fluxbase_guard.visible_rows`), whatever the number of
+subscribers; users are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the
+pool. A check that fails denies that user's events of the batch (fail closed, logged) and
+nobody else's; a group that times out is retried user by user to find the culprit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import jwt
+import msgspec
+
+from fluxbase.config import Settings
+from fluxbase.db.tenants import TenantPools, quote_ident
+from fluxbase.security import tokens
+from fluxbase.security.roles import CHECKER, schema_name
+from fluxbase.services.identity import IdentityResolver
+from fluxbase_realtime.outbox import OutboxEvent
+
+log = logging.getLogger("fluxbase.realtime.rls")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """An end user as policies see them: auth.uid(), auth.jwt() (JSON text) and auth.role()."""
+
+    uid: str
+    claims: str
+    role: str
+
+    @classmethod
+    def of(cls, uid: str, claims: dict[str, Any], role: str) -> Viewer:
+        return cls(uid, msgspec.json.encode(claims).decode(), role)
+
+
+@dataclass(frozen=True)
+class EndUser:
+    """What an end-user credential verifier returns: whose project, who, and the claims."""
+
+    project_id: str
+    auth_uid: str
+    claims: dict[str, Any]
+
+
+# The integration point for end-user JWTs: given a credential that is neither an API key nor a
+# realtime token, and the project it is presented for, return the end user it proves, None if it
+# is not such a credential, or raise a FluxbaseError (expired, bad signature...) to refuse it.
+EndUserVerifier = Callable[[str, str], Awaitable[EndUser | None]]
+
+
+def resolver_verifier(resolver: IdentityResolver) -> EndUserVerifier:
+    """End-user JWTs as /api/execute-sql accepts them (X-Fluxbase-User-Token): a project user's
+    own token (its session is looked up, so logout and disabling refuse it) or a token from the
+    project's external identity provider (jwtSecret / jwksUri, issuers, audiences)."""
+
+    async def verify(credential: str, project_id: str) -> EndUser | None:
+        try:
+            unverified = jwt.decode(credential, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return None  # not a JWT: not an end-user credential
+        if unverified.get("iss") == tokens.ISSUER and "typ" in unverified:
+            return None  # a Fluxbase realtime or dashboard token that did not verify
+        claims = await resolver.claims(project_id, credential)
+        return EndUser(project_id, str(claims["sub"]), claims)
+
+    return verify
+
+
+_POLICIES_SQL = "SELECT * FROM fluxbase_guard.select_policies($1, $2::text[])"
+_VISIBLE_SQL = (
+    "SELECT user_no, check_no, ord, failed "
+    "FROM fluxbase_guard.visible_rows($1, $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
+)
+MAX_USERS_PER_QUERY = 100
+
+
+class _Payload(msgspec.Struct):
+    operation: str = ""
+    record: msgspec.Raw = msgspec.Raw(b"null")
+    old: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class _Message(msgspec.Struct):
+    payload: _Payload
+
+
+_decode_message = msgspec.json.Decoder(_Message).decode
+
+
+@dataclass(frozen=True)
+class _TablePolicies:
+    rls_enabled: bool
+    can_select: bool
+    permissive: list[str]
+    restrictive: list[str]
+
+
+def check_sql(schema: str, table: str, permissive: list[str], restrictive: list[str]) -> str:
+    """One table's visibility check: the ordinals of the row images ($1) that pass its policies
+    ($2: the check number, $3: the user number, echoed for the caller).
+
+    The row type is the table's own, aliased as the table, so the deparsed quals (which refer to
+    its columns, or to it by name) mean exactly what they mean in a query on the table.
+    """
+    where = " OR ".join(f"({q})" for q in permissive)
+    if restrictive:
+        where = f"({where}) AND " + " AND ".join(f"({q})" for q in restrictive)
+    rowtype = f"{quote_ident(schema)}.{quote_ident(table)}"
+    return (
+        "SELECT $3::integer, $2::integer, __fx_in.__fx_ord, NULL::text "
+        "FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS __fx_in(__fx_row, __fx_ord) "
+        f"CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{rowtype}, "
+        f"__fx_in.__fx_row) AS {quote_ident(table)} WHERE {where}"
+    )
+
+
+class RlsGate:
+    """Decides, per batch, which events each distinct end user of a project may receive."""
+
+    def __init__(self, settings: Settings, control: asyncpg.Pool):
+        self.pools = TenantPools(settings, max_size=settings.realtime.rls_pool_max)
+        self.timeout_s = settings.realtime.rls_timeout_ms / 1000
+        self.pool_max = settings.realtime.rls_pool_max
+        self.control = control
+        self.queries = 0  # round trips to tenant roles (tests and benchmarks read it)
+        self.failures = 0
+
+    async def close(self) -> None:
+        await self.pools.close()
+
+    async def decide(
+        self, project_id: str, viewers: Collection[Viewer], events: Sequence[OutboxEvent]
+    ) -> dict[Viewer, dict[int, bytes]]:
+        """For each viewer: event index → the message to send it (absent: not for this user)."""
+        out: dict[Viewer, dict[int, bytes]] = {v: {} for v in viewers}
+        if not viewers:
+            return out
+        rows: list[int] = []
+        schema_ok: bool | None = None
+        for i, ev in enumerate(events):
+            if ev.kind == "row":
+                rows.append(i)
+            elif ev.kind == "schema":
+                if schema_ok is None:
+                    schema_ok = await self._schema_allowed(project_id)
+                if schema_ok:
+                    for allowed in out.values():
+                        allowed[i] = ev.message
+            else:
+                for allowed in out.values():
+                    allowed[i] = ev.message
+        if rows:
+            await self._rows(project_id, viewers, events, rows, out)
+        return out
+
+    async def _schema_allowed(self, project_id: str) -> bool:
+        try:
+            return bool(
+                await self.control.fetchval(
+                    "SELECT schema_events_to_users FROM fluxbase.realtime_settings WHERE project_id = $1",
+                    project_id,
+                )
+            )
+        except Exception as exc:
+            log.warning(
+                "could not read the realtime settings of %s (%r): schema events withheld", project_id, exc
+            )
+            return False
+
+    async def _rows(
+        self,
+        project_id: str,
+        viewers: Collection[Viewer],
+        events: Sequence[OutboxEvent],
+        rows: list[int],
+        out: dict[Viewer, dict[int, bytes]],
+    ) -> None:
+        schema = schema_name(project_id)
+        tables = sorted({t for t in (events[i].table for i in rows) if t is not None})
+        try:
+            pool = await self.pools.pool(project_id, CHECKER)
+            self.queries += 1
+            found = {
+                r["table_name"]: _TablePolicies(
+                    r["rls_enabled"], r["can_select"], list(r["permissive"]), list(r["restrictive"])
+                )
+                for r in await pool.fetch(_POLICIES_SQL, schema, tables, timeout=self.timeout_s)
+            }
+        except Exception as exc:
+            self.failures += 1
+            log.warning(
+                "RLS policy lookup failed for project %s (%r): row events withheld from end users",
+                project_id,
+                exc,
+            )
+            return
+        # Row images per table that needs a check; images of UPDATEs are (new, old).
+        checks: list[str] = []
+        images: list[list[bytes]] = []
+        check_of: dict[str, int] = {}
+        image_at: dict[int, tuple[int, int, int | None]] = {}  # event index → (check, new ord, old ord)
+        public: list[int] = []
+        for i in rows:
+            ev = events[i]
+            pol = found.get(ev.table or "")
+            if pol is None or not pol.can_select:
+                continue  # dropped since, or not readable by the read role: nobody sees it
+            if not pol.rls_enabled:
+                public.append(i)
+                continue
+            if not pol.permissive:
+                continue  # RLS on without a SELECT policy: nothing is visible
+            assert ev.table is not None
+            c = check_of.get(ev.table)
+            if c is None:
+                c = check_of[ev.table] = len(checks)
+                checks.append(check_sql(schema, ev.table, pol.permissive, pol.restrictive))
+                images.append([])
+            msg = _decode_message(ev.message).payload
+            batch = images[c]
+            batch.append(bytes(msg.record))
+            new_ord = len(batch)
+            old_ord = None
+            if ev.operation == "UPDATE" and bytes(msg.old) != b"null":
+                batch.append(bytes(msg.old))
+                old_ord = len(batch)
+            image_at[i] = (c, new_ord, old_ord)
+        for allowed in out.values():
+            for i in public:
+                allowed[i] = events[i].message
+        if not checks:
+            return
+        rows_text = [b"[" + b",".join(batch) + b"]" for batch in images]
+        args = [r.decode() for r in rows_text]
+        stripped: dict[int, bytes] = {}
+
+        def apply(viewer: Viewer, result: list[asyncpg.Record]) -> None:
+            failed = {r["check_no"] - 1 for r in result if r["failed"] is not None}
+            for r in result:
+                if r["failed"] is not None:
+                    self.failures += 1
+                    log.warning(
+                        "RLS policy error on project %s: %s (events withheld)", project_id, r["failed"]
+                    )
+            visible = {(r["check_no"] - 1, r["ord"]) for r in result if r["failed"] is None}
+            allowed = out[viewer]
+            for i, (c, new_ord, old_ord) in image_at.items():
+                if c in failed or (c, new_ord) not in visible:
+                    continue
+                if old_ord is None or (c, old_ord) in visible:
+                    allowed[i] = events[i].message
+                else:
+                    if i not in stripped:
+                        stripped[i] = _without_old(events[i].message)
+                    allowed[i] = stripped[i]
+
+        async def check(group: list[Viewer]) -> None:
+            try:
+                self.queries += 1
+                result = await pool.fetch(
+                    _VISIBLE_SQL,
+                    schema,
+                    [v.uid for v in group],
+                    [v.claims for v in group],
+                    [v.role for v in group],
+                    checks,
+                    args,
+                    timeout=self.timeout_s,
+                )
+            except Exception as exc:
+                if len(group) > 1:
+                    # A timeout or lost connection: find the user it was, one by one.
+                    await asyncio.gather(*(check([v]) for v in group))
+                    return
+                self.failures += 1
+                log.warning(
+                    "RLS check failed for an end user of project %s (%r): their row events withheld",
+                    project_id,
+                    exc,
+                )
+                return
+            per_user: list[list[asyncpg.Record]] = [[] for _ in group]
+            for r in result:
+                per_user[r["user_no"] - 1].append(r)
+            for viewer, rows_of in zip(group, per_user, strict=True):
+                apply(viewer, rows_of)
+
+        # Users are checked in groups, one query per group, enough groups to keep every
+        # connection of the pool busy.
+        users = list(viewers)
+        size = max(1, min(MAX_USERS_PER_QUERY, -(-len(users) // self.pool_max)))
+        await asyncio.gather(*(check(users[k : k + size]) for k in range(0, len(users), size)))
+
+
+def _without_old(message: bytes) -> bytes:
+    body = msgspec.json.decode(message)
+    body["payload"]["old"] = None
+    return msgspec.json.encode(body)
