@@ -130,7 +130,7 @@ async def test_export_shape_and_import_into_new_project(api: Api, source, contro
     )
     assert r["result"]["rows"][0]["n"] > 0  # realtime capture attached to the new tables
     after = await _project_count(control_db)
-    assert after == (before[0] + 1, before[1] + 1, before[2] + 3)
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 4)  # admin, rw, ro and the RLS checker
     # A policy naming the source project's role names the new project's role after import.
     r = await _ok(
         await api.sql(

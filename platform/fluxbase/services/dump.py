@@ -59,7 +59,7 @@ HEADER_RE = re.compile(rb"^-- fluxbase-export format=1 schema=(p_[0-9a-f]{16}) c
 TRAILER_RE = re.compile(rb"^-- fluxbase-export-end sha256=([0-9a-f]{64})\n?$")
 SCHEMA_RE = re.compile(r"\bp_[0-9a-f]{16}\b")
 # A project role named in a policy (`TO p_<id>_rw`): retargeted like the schema.
-ROLE_RE = re.compile(r"\b(p_[0-9a-f]{16})_(admin|rw|ro)\b")
+ROLE_RE = re.compile(r"\b(p_[0-9a-f]{16})_(admin|rw|ro|rt)\b")
 CONTROL_RE = re.compile(r'\b"?(fluxbase|fluxbase_guard)"?\s*\.', re.I)
 CAPTURE = "fluxbase_capture_"
 
