@@ -145,9 +145,10 @@ class _Hook:
         return self.tables is None or table in self.tables
 
 
-async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[int, bool, bool]:
-    """Queue deliveries for the next events: (deliveries queued, more events pending, whether any
-    endpoint is enabled at all). (0, False, True) when another worker holds the cursor."""
+async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[set[str], bool, bool]:
+    """Queue deliveries for the next events: (endpoints that got deliveries, more events pending,
+    whether any endpoint is enabled at all). (empty, False, True) when another worker holds the
+    cursor."""
     async with conn.transaction():
         # Safe without waiting for the WAL flush: a crash loses the deliveries and the cursor
         # move together, and the next dispatcher queues the same events again.
@@ -156,7 +157,7 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[in
             "SELECT last_xid::text AS xid, last_id FROM fluxbase.webhook_dispatch FOR UPDATE SKIP LOCKED"
         )
         if cursor is None:
-            return 0, False, True
+            return set(), False, True
         xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
         active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
         rows = await conn.fetch(_EVENTS_SQL, cursor["xid"], cursor["last_id"], xmin, limit) if active else []
@@ -204,7 +205,7 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[in
             new_xid,
             new_id,
         )
-    return len(queued), more, active
+    return {q[0] for q in queued}, more, active
 
 
 async def send_endpoint(
@@ -374,9 +375,13 @@ class WebhookWorker:
 
     async def _dispatch(self, conn: asyncpg.Connection) -> tuple[bool, bool]:
         queued, more, active = await dispatch_once(conn)
+        # Start sending to those endpoints now, without waiting for the sender loop's next look.
+        for hook_id in queued:
+            if hook_id not in self._inflight and len(self._inflight) < self.settings.webhooks.concurrency:
+                self._inflight[hook_id] = asyncio.create_task(self._send_one(hook_id))
         if queued:
             self._work.set()
-        return more or queued > 0, active
+        return more or bool(queued), active
 
     async def _dispatch_forever(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         while not stop.is_set():
