@@ -622,3 +622,21 @@ def test_handler_copy_matches_the_reference_doc() -> None:
     doc = (ROOT.parent / "shared" / "reference" / "002_c3226fd7e0f4349b.txt").read_text()
     snippet = (ROOT / "tests" / "js" / "webhook-handler.js").read_text()
     assert snippet.strip() in doc
+
+
+async def test_worker_inside_the_api_for_one_node_setups(spawn, receiver: Receiver) -> None:
+    """FLUXBASE_RUN_WORKER_IN_API=true: no `fluxbase worker` process, deliveries still flow."""
+    async with spawn(FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true", FLUXBASE_RUN_WORKER_IN_API="true") as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid, "admin")
+            p = Proj(pid, token, key)
+            await sql(api, p, "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int)")
+            await create_hook(api, p, receiver.url, events=["row.inserted"])
+            await sql(api, p, "INSERT INTO orders (customer_id) VALUES (42)")
+            await receiver.wait(lambda: len(receiver.bodies()) >= 1)
+            assert receiver.bodies()[0]["data"]["new"] == {"id": 1, "customer_id": 42}
+        finally:
+            await api.close()
