@@ -251,3 +251,37 @@ async def test_allowed_origins_pin_a_key(api: Api, project) -> None:
         400,
         "VALIDATION_ERROR",
     )
+
+
+async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, control_db) -> None:
+    """Projects created before 0008 get their RLS checker role from the migration's DO block."""
+    from fluxbase.db.migrate import sql_dir
+
+    _, token = await api.new_user()
+    pid = await api.new_project(token)
+    rt, ro = f"p_{pid}_rt", f"p_{pid}_ro"
+    async with control_db.acquire() as conn:
+        await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')  # as before 0008
+        text = (sql_dir() / "0008_rls.sql").read_text()
+        await conn.execute(text[text.index("DO $$") :])
+        row = await conn.fetchrow(
+            "SELECT rolcanlogin, rolinherit, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = $1", rt
+        )
+        assert row is not None and row["rolcanlogin"] and row["rolinherit"] and not row["rolsuper"]
+        assert row["rolconnlimit"] == await conn.fetchval(
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", ro
+        )
+        assert await conn.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", rt, ro)
+        for fn in (
+            "pg_catalog.set_config(text, text, boolean)",
+            "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[])",
+        ):
+            assert await conn.fetchval("SELECT has_function_privilege($1, $2, 'EXECUTE')", rt, fn)
+        settings = await conn.fetchval(
+            "SELECT setconfig FROM pg_db_role_setting WHERE setrole = $1::regrole AND setdatabase = 0", rt
+        )
+        assert f"search_path=p_{pid}" in settings and any(
+            s.startswith("statement_timeout=") for s in settings
+        )
+        # Idempotent: a second run changes nothing and does not fail.
+        await conn.execute(text[text.index("DO $$") :])
