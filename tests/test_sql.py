@@ -289,3 +289,41 @@ async def test_guard_function_reveals_nothing_without_a_key(api: Api, project) -
     for q in ("SELECT fluxbase_guard.check_key('\\x00'::bytea, $1)", "SELECT * FROM fluxbase.api_keys"):
         body = (await api.sql(project.admin_key, project.id, q, [project.id] if "$1" in q else None)).json()
         assert body["success"] is False
+
+
+async def test_execute_sql_edges_match_the_rest_of_the_api(api: Api, project) -> None:
+    """`/api/execute-sql` is answered ahead of Litestar (http.fastpath); its edges must still
+    behave as every other route's: CORS, preflight, method, body limit, envelope, OpenAPI."""
+    h = {**bearer(project.admin_key), "Origin": "https://app.example"}
+    r = await api.http.post(
+        "/api/execute-sql", json={"projectId": project.id, "query": "SELECT 1 AS x"}, headers=h
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["content-type"] == "application/json" and r.json()["result"]["rows"] == [{"x": 1}]
+    r = await api.http.options(
+        "/api/execute-sql",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert r.status_code in (200, 204) and r.headers["access-control-allow-origin"] in (
+        "*",
+        "https://app.example",
+    )
+    assert_error(await api.http.get("/api/execute-sql", headers=h), 405, "METHOD_NOT_ALLOWED")
+    r = await api.http.post("/api/execute-sql", content=b"{not json", headers=h)
+    assert_error(r, 400, "VALIDATION_ERROR")
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert_error(
+        await api.http.post("/api/execute-sql", json={"projectId": project.id, "query": "SELECT 1"}),
+        401,
+        "AUTH_REQUIRED",
+    )
+    big = (
+        b'{"projectId": "'
+        + project.id.encode()
+        + b'", "query": "SELECT 1", "x": "'
+        + b"a" * 10_000_001
+        + b'"}'
+    )
+    assert_error(await api.http.post("/api/execute-sql", content=big, headers=h), 413, "PAYLOAD_TOO_LARGE")
+    spec = (await api.http.get("/schema/openapi.json")).json()
+    assert spec["paths"]["/api/execute-sql"]["post"]["operationId"] == "executeSql"

@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import os
 
-from litestar import Litestar
-
 from fluxbase.config import load_settings
 from fluxbase.http.app import create_app
+from fluxbase.http.fastpath import SqlFastPath
 
 
-def create_from_env() -> Litestar:
+def create_from_env() -> SqlFastPath:
     settings = load_settings(os.environ)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    return create_app(settings)
+    return SqlFastPath(create_app(settings))

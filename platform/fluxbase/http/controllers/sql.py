@@ -89,6 +89,12 @@ async def sql_access(
 
 @post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
 async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Response[bytes]:
+    """The route as Litestar serves it (and documents it); `http.fastpath` usually answers first."""
+    return Response(content=await run_execute_sql(request, ctx), media_type=MediaType.JSON, status_code=200)
+
+
+async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> bytes:
+    """One execute-sql request: the encoded body of a 200 answer, or a FluxbaseError."""
     body = decode_body(await request.body())
     access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
@@ -112,7 +118,7 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
         if guard is not None:
             ctx.auth.evict(guard[0])
         raise
-    return Response(content=result, media_type=MediaType.JSON, status_code=200)
+    return result
 
 
 class BatchStatement(msgspec.Struct, rename="camel"):

@@ -1,0 +1,101 @@
+"""`POST /api/execute-sql` straight from ASGI, ahead of Litestar's per-request machinery.
+
+The hottest route does its own work (body, key, authorisation, SQL) and builds its answer from
+bytes; routing, middleware, dependency injection and response objects cost more than the rest
+of the Python side together. Everything else — including OPTIONS preflights and the route's
+OpenAPI entry — stays with Litestar. The answers are the same: the same handler code
+(`run_execute_sql`), the same error envelope, `access-control-allow-origin: *` as the CORS
+config sends, 413 past Litestar's body limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, cast
+
+from litestar import Litestar
+
+from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError, PayloadTooLarge
+from fluxbase.http.context import AppContext
+from fluxbase.http.controllers.sql import run_execute_sql
+from fluxbase.http.edge import _JSON, DB_UNAVAILABLE
+
+log = logging.getLogger("fluxbase.http")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+PATH = "/api/execute-sql"
+MAX_BODY = 10_000_000  # Litestar's request_max_body_size default, which the other routes use
+
+
+class _Headers(dict[str, str]):
+    """Lower-case header names, as Litestar's `request.headers.get` sees them."""
+
+
+class _Request:
+    """The two things the SQL handler reads from a request."""
+
+    __slots__ = ("_body", "headers")
+
+    def __init__(self, headers: _Headers, body: bytes):
+        self.headers = headers
+        self._body = body
+
+    async def body(self) -> bytes:
+        return self._body
+
+
+class SqlFastPath:
+    def __init__(self, app: Litestar):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
+            return
+        ctx: AppContext = self.app.state.ctx
+        headers = _Headers((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            body = await _read_body(receive)
+            content, status = await run_execute_sql(cast(Any, _Request(headers, body)), ctx), 200
+        except FluxbaseError as exc:
+            content, status = _JSON.encode(exc.body()), exc.status
+            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        except Exception as exc:
+            if isinstance(exc, (*DB_UNAVAILABLE, TimeoutError)):
+                log.warning("database unavailable on POST %s: %r", PATH, exc)
+                err: FluxbaseError = DatabaseUnavailable()
+            else:
+                log.exception("unexpected error on POST %s", PATH, exc_info=exc)
+                err = InternalError()
+            content, status = _JSON.encode(err.body()), err.status
+        response = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            *extra,
+        ]
+        if "origin" in headers:
+            response.append((b"access-control-allow-origin", b"*"))
+        await send({"type": "http.response.start", "status": status, "headers": response})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge("The request body is too large.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
