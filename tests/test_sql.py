@@ -327,3 +327,27 @@ async def test_execute_sql_edges_match_the_rest_of_the_api(api: Api, project) ->
     assert_error(await api.http.post("/api/execute-sql", content=big, headers=h), 413, "PAYLOAD_TOO_LARGE")
     spec = (await api.http.get("/schema/openapi.json")).json()
     assert spec["paths"]["/api/execute-sql"]["post"]["operationId"] == "executeSql"
+
+
+async def test_key_rate_limit_counts_every_endpoint(api: Api, project) -> None:
+    """RATE_LIMIT is per key, whatever the route: storage, realtime and webhook calls count too,
+    and share the budget with SQL."""
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "limited", "scope": "read", "rateLimitRequests": 4, "rateLimitWindowSeconds": 10},
+        headers=bearer(project.owner_token),
+    )
+    key = r.json()["key"]
+    h = bearer(key)
+    q = {"projectId": project.id}
+    assert (await api.http.get("/api/storage/buckets", params=q, headers=h)).status_code == 200
+    assert (await api.http.get("/api/realtime/tables", params=q, headers=h)).status_code == 200
+    assert (await api.http.get("/api/version", params=q, headers=h)).status_code == 200
+    assert (await api.sql(key, project.id, "SELECT 1")).json()["success"]
+    r = await api.http.get("/api/storage/buckets", params=q, headers=h)
+    assert_error(r, 429, "RATE_LIMIT")
+    assert 1 <= int(r.headers["Retry-After"]) <= 10
+    assert_error(await api.sql(key, project.id, "SELECT 1"), 429, "RATE_LIMIT")
+    # Another key of the project is unaffected.
+    r = await api.http.get("/api/storage/buckets", params=q, headers=bearer(project.admin_key))
+    assert r.status_code == 200

@@ -150,4 +150,11 @@ async def provide_ctx(request: Request[Any, Any, Any]) -> AppContext:
 async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
     ctx: AppContext = request.app.state.ctx
     principal, project = await ctx.auth.principal(bearer_token(request), request.headers.get("origin"))
+    key = principal.key
+    if key is not None and project is not None:
+        # Every API-key request counts against the key's limit, as the doc's RATE_LIMIT says, not
+        # only SQL (which counts in its own path): the key's, else the project's, else the default.
+        t = ctx.settings.tenant
+        limit, window = key.rate_limit or project.rate_limit or (t.rate_limit_requests, t.rate_limit_window_s)
+        ctx.limiter.hit(principal.label, limit, window)
     return Caller(principal, project)
