@@ -27,8 +27,7 @@ from fluxbase.errors import (
     ValidationError,
 )
 from fluxbase.security.roles import schema_name
-from fluxbase.services.quota import SizeCache
-from fluxbase.services.sql import Identity, Limits, StatementFailed, Tx, encode, transaction
+from fluxbase.services.sql import StatementFailed, TenantRequest, Tx, encode, transaction
 
 # Tables whose names start with this prefix are the platform's own (e.g. a migration ledger
 # kept in the project schema); they are hidden from the schema listing and the records API.
@@ -759,34 +758,14 @@ async def schema(tx: Tx, project_id: str) -> dict[str, Any]:
 async def run(
     pools: TenantPools,
     control: asyncpg.Pool,
-    *,
-    project_id: str,
-    scope: str,
-    read_only: bool,
-    identity: Identity,
-    limits: Limits,
+    req: TenantRequest,
     work: Callable[[Tx], Awaitable[dict[str, Any]]],
-    guard: tuple[bytes, str] | None = None,
-    requested_read_only: bool = False,
-    db_quota: int | None = None,
-    sizes: SizeCache | None = None,
+    *,
+    read_only: bool = False,
 ) -> bytes:
     """Run a data work function in the tenant transaction; SQL failures become REST errors."""
     try:
-        body = await transaction(
-            pools,
-            control,
-            project_id=project_id,
-            scope=scope,
-            read_only=read_only,
-            identity=identity,
-            limits=limits,
-            work=work,
-            guard=guard,
-            requested_read_only=requested_read_only,
-            db_quota=db_quota,
-            sizes=sizes,
-        )
+        body = await transaction(pools, control, req, work, read_only=read_only)
     except StatementFailed as exc:
         raise rest_error(exc) from None
     return encode(body)

@@ -123,6 +123,21 @@ class Limits:
     acquire_timeout_s: float
 
 
+@dataclass(frozen=True)
+class TenantRequest:
+    """What one data request brings to its tenant transaction, resolved once at the HTTP edge."""
+
+    project_id: str
+    scope: str
+    identity: Identity
+    limits: Limits
+    # The project's read-only switch when no key guard enforces it inside the transaction.
+    project_read_only: bool = False
+    guard: tuple[bytes, str] | None = None  # (key hash, project) for fluxbase_guard.check_key
+    db_quota: int | None = None  # the project's database-size cap
+    sizes: SizeCache | None = None
+
+
 class SqlError(msgspec.Struct):
     message: str
     code: str
@@ -571,18 +586,11 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
 async def transaction(
     pools: TenantPools,
     control: asyncpg.Pool,
-    *,
-    project_id: str,
-    scope: str,
-    read_only: bool,
-    identity: Identity,
-    limits: Limits,
+    req: TenantRequest,
     work: Callable[[Tx], Awaitable[T]],
-    guard: tuple[bytes, str] | None = None,
+    *,
+    read_only: bool = False,
     isolation: str = "READ COMMITTED",
-    requested_read_only: bool = False,
-    db_quota: int | None = None,
-    sizes: SizeCache | None = None,
 ) -> T:
     """Run `work` in one transaction on the project's own role, with identity and limits.
 
@@ -592,18 +600,24 @@ async def transaction(
     Raises StatementFailed (rolled back), DatabaseUnavailable (connection lost: the outcome is
     unknown, never reported as success), RateLimited (pool exhausted) or `work`'s own
     FluxbaseError (rolled back), including PROJECT_READ_ONLY for a write to a read-only project
-    (`requested_read_only`: the caller asked for a read-only transaction, so 25006 is theirs)
-    and DATABASE_QUOTA_EXCEEDED for one that crosses the project's size cap (`db_quota`).
+    and DATABASE_QUOTA_EXCEEDED for one that crosses the project's size cap. `read_only` is the
+    caller's own request for a read-only transaction: a write then fails as SQL (25006), not as
+    the project's switch.
     """
-    begin = begin_script(identity, read_only or scope == "read", guard, isolation)
+    project_id, scope, limits = req.project_id, req.scope, req.limits
+    begin = begin_script(
+        req.identity, read_only or req.project_read_only or scope == "read", req.guard, isolation
+    )
     pool = await pools.pool(project_id, scope)
     try:
         conn = await pool.acquire(timeout=limits.acquire_timeout_s)
     except TimeoutError:
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
-    may_write = scope != "read" and not requested_read_only
-    quota_of = (project_id, db_quota, sizes) if may_write and db_quota and sizes is not None else None
-    tx = Tx(conn, limits, identity, may_write, quota_of)
+    may_write = scope != "read" and not read_only
+    quota_of = None
+    if may_write and req.db_quota and req.sizes is not None:
+        quota_of = (project_id, req.db_quota, req.sizes)
+    tx = Tx(conn, limits, req.identity, may_write, quota_of)
     dead = False
     try:
         try:
@@ -664,19 +678,7 @@ def _execution_info(started: float, count: int, operation: str) -> dict[str, Any
 
 
 async def execute(
-    pools: TenantPools,
-    control: asyncpg.Pool,
-    *,
-    project_id: str,
-    scope: str,
-    read_only: bool,
-    query: str,
-    params: list[Any],
-    identity: Identity,
-    limits: Limits,
-    guard: tuple[bytes, str] | None = None,
-    db_quota: int | None = None,
-    sizes: SizeCache | None = None,
+    pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any]
 ) -> bytes:
     """Run one tenant statement; return the encoded response body (success or SQL error)."""
     _check_query(query)
@@ -692,19 +694,7 @@ async def execute(
         return await tx.run(query, params, keyword)
 
     try:
-        res = await transaction(
-            pools,
-            control,
-            project_id=project_id,
-            scope=scope,
-            read_only=read_only,
-            identity=identity,
-            limits=limits,
-            work=work,
-            guard=guard,
-            db_quota=db_quota,
-            sizes=sizes,
-        )
+        res = await transaction(pools, control, req, work)
     except StatementFailed as exc:
         return _error_body(exc.message, exc.sqlstate, exc.code)
     body = {
@@ -728,18 +718,11 @@ def _batch_error(index: int, message: str, sqlstate: str) -> bytes:
 async def execute_batch(
     pools: TenantPools,
     control: asyncpg.Pool,
-    *,
-    project_id: str,
-    scope: str,
-    read_only: bool,
-    isolation: str,
+    req: TenantRequest,
     statements: list[Statement],
-    identity: Identity,
-    limits: Limits,
-    guard: tuple[bytes, str] | None = None,
-    requested_read_only: bool = False,
-    db_quota: int | None = None,
-    sizes: SizeCache | None = None,
+    *,
+    isolation: str,
+    read_only: bool = False,
 ) -> bytes:
     """Run statements in order in one transaction, all or nothing; return the encoded body."""
     if not statements:
@@ -776,21 +759,7 @@ async def execute_batch(
         return out
 
     try:
-        results = await transaction(
-            pools,
-            control,
-            project_id=project_id,
-            scope=scope,
-            read_only=read_only,
-            identity=identity,
-            limits=limits,
-            work=work,
-            guard=guard,
-            isolation=level,
-            requested_read_only=requested_read_only,
-            db_quota=db_quota,
-            sizes=sizes,
-        )
+        results = await transaction(pools, control, req, work, read_only=read_only, isolation=level)
     except StatementFailed as exc:
         return _ENC.encode(exc.body(with_index=True))
     elapsed_ms = (time.perf_counter() - started) * 1000

@@ -9,9 +9,9 @@ import msgspec
 from litestar import MediaType, Request, Response, delete, get, patch, post
 from litestar.params import QueryParameter
 
-from fluxbase.errors import AuthRequired, ProjectSuspended, ValidationError
+from fluxbase.errors import ValidationError
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers.sql import AUTH_UID_HEADER, limits_of, request_identity, sql_access
+from fluxbase.http.controllers.sql import AUTH_UID_HEADER, forget_refused_key, tenant_request
 from fluxbase.services import data
 from fluxbase.services.access import Need
 from fluxbase.services.sql import Tx
@@ -35,28 +35,11 @@ async def _run(
     status: int = 200,
 ) -> Response[bytes]:
     """Authorise `need` (execute-sql's hot path), run `work(tx, project_id)` as the caller's role."""
-    access, guard = await sql_access(request, ctx, project_id, need)
-    pid = access.project.id
-    identity = await request_identity(request, ctx, access, request.headers.get(AUTH_UID_HEADER))
-    try:
+    req = await tenant_request(request, ctx, project_id, request.headers.get(AUTH_UID_HEADER), need)
+    with forget_refused_key(ctx, req):
         body = await data.run(
-            ctx.tenants,
-            ctx.db,
-            project_id=pid,
-            scope=access.sql_scope,
-            read_only=need is Need.READ or (access.project.read_only and guard is None),
-            identity=identity,
-            limits=limits_of(ctx),
-            work=lambda tx: work(tx, pid),
-            guard=guard,
-            requested_read_only=need is Need.READ,
-            db_quota=access.project.db_quota,
-            sizes=ctx.sizes,
+            ctx.tenants, ctx.db, req, lambda tx: work(tx, req.project_id), read_only=need is Need.READ
         )
-    except (AuthRequired, ProjectSuspended):
-        if guard is not None:
-            ctx.auth.evict(guard[0])
-        raise
     return Response(content=body, media_type=MediaType.JSON, status_code=status)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -93,32 +95,45 @@ async def execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> Respo
     return Response(content=await run_execute_sql(request, ctx), media_type=MediaType.JSON, status_code=200)
 
 
+async def tenant_request(
+    request: Request[Any, Any, Any],
+    ctx: AppContext,
+    project_id: str | None,
+    auth_uid: str | None,
+    need: Need = Need.READ,
+) -> sql.TenantRequest:
+    """Authenticate, authorise, count and resolve the identity of one data request."""
+    access, guard = await sql_access(request, ctx, project_id, need)
+    return sql.TenantRequest(
+        project_id=access.project.id,
+        scope=access.sql_scope,
+        identity=await request_identity(request, ctx, access, auth_uid),
+        limits=limits_of(ctx),
+        project_read_only=access.project.read_only and guard is None,
+        guard=guard,
+        db_quota=access.project.db_quota,
+        sizes=ctx.sizes,
+    )
+
+
+@contextlib.contextmanager
+def forget_refused_key(ctx: AppContext, req: sql.TenantRequest) -> Iterator[None]:
+    """A key the in-transaction guard refused (revoked, expired, suspended) leaves the cache."""
+    try:
+        yield
+    except (AuthRequired, ProjectSuspended):
+        if req.guard is not None:
+            ctx.auth.evict(req.guard[0])
+        raise
+
+
 async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> bytes:
     """One execute-sql request: the encoded body of a 200 answer, or a FluxbaseError."""
     body = decode_body(await request.body())
-    access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
-    identity = await request_identity(request, ctx, access, auth_uid)
-    try:
-        result = await sql.execute(
-            ctx.tenants,
-            ctx.db,
-            project_id=access.project.id,
-            scope=access.sql_scope,
-            read_only=access.project.read_only and guard is None,
-            query=body.query,
-            params=body.params,
-            identity=identity,
-            limits=limits_of(ctx),
-            guard=guard,
-            db_quota=access.project.db_quota,
-            sizes=ctx.sizes,
-        )
-    except (AuthRequired, ProjectSuspended):
-        if guard is not None:
-            ctx.auth.evict(guard[0])
-        raise
-    return result
+    req = await tenant_request(request, ctx, body.project_id, auth_uid)
+    with forget_refused_key(ctx, req):
+        return await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
 
 
 class BatchStatement(msgspec.Struct, rename="camel"):
@@ -145,27 +160,11 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
         raise ValidationError(str(exc)) from None
     except msgspec.DecodeError:
         raise ValidationError("The request body must be JSON.") from None
-    access, guard = await sql_access(request, ctx, body.project_id)
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
-    identity = await request_identity(request, ctx, access, auth_uid)
-    try:
+    req = await tenant_request(request, ctx, body.project_id, auth_uid)
+    statements = [sql.Statement(s.query, s.params) for s in body.statements]
+    with forget_refused_key(ctx, req):
         result = await sql.execute_batch(
-            ctx.tenants,
-            ctx.db,
-            project_id=access.project.id,
-            scope=access.sql_scope,
-            read_only=body.read_only or (access.project.read_only and guard is None),
-            isolation=body.isolation_level,
-            statements=[sql.Statement(s.query, s.params) for s in body.statements],
-            identity=identity,
-            limits=limits_of(ctx),
-            guard=guard,
-            requested_read_only=body.read_only,
-            db_quota=access.project.db_quota,
-            sizes=ctx.sizes,
+            ctx.tenants, ctx.db, req, statements, isolation=body.isolation_level, read_only=body.read_only
         )
-    except (AuthRequired, ProjectSuspended):
-        if guard is not None:
-            ctx.auth.evict(guard[0])
-        raise
     return Response(content=result, media_type=MediaType.JSON, status_code=200)
