@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -283,6 +284,42 @@ async def test_revocation_suspension_and_read_only_apply_at_once_despite_key_cac
     )
     assert r.status_code == 200
     assert_error(await api.sql(key, project.id, "SELECT 1"), 401, "AUTH_REQUIRED")
+
+
+async def test_auth_epoch_moves_with_access_changes_only_and_stays_private(
+    api: Api, project, control_db
+) -> None:
+    """The cached key state is trusted only while its project's auth epoch is current (sql/0011):
+    a change made straight in the database, past every API cache, is still refused at once."""
+    key = await api.new_key(project.owner_token, project.id, "readwrite")
+    assert (await api.sql(key, project.id, "SELECT 1 AS x")).json()["success"]  # now cached
+
+    async def epoch() -> int:
+        q = "SELECT epoch FROM fluxbase_guard.auth_epochs WHERE project_id = $1"
+        return int(await control_db.fetchval(q, project.id))
+
+    e0 = await epoch()
+    await control_db.execute(
+        "UPDATE fluxbase.api_keys SET last_used_at = now() WHERE project_id = $1", project.id
+    )
+    await control_db.execute("UPDATE fluxbase.projects SET name = name || '!' WHERE id = $1", project.id)
+    assert await epoch() == e0  # usage bookkeeping and renames do not flush caches
+    assert (await api.sql(key, project.id, "SELECT 1 AS x")).json()["success"]
+    key_hash = hashlib.sha256(key.encode()).digest()
+    await control_db.execute("UPDATE fluxbase.api_keys SET revoked_at = now() WHERE key_hash = $1", key_hash)
+    assert await epoch() > e0
+    assert_error(await api.sql(key, project.id, "SELECT 1 AS x"), 401, "AUTH_REQUIRED")
+    # A tenant sees its own project's epoch row only.
+    _, owner = await api.new_user()
+    await api.new_project(owner)
+    body = (
+        await api.sql(project.admin_key, project.id, "SELECT project_id FROM fluxbase_guard.auth_epochs")
+    ).json()
+    assert body["result"]["rows"] == [{"project_id": project.id}]
+    body = (
+        await api.sql(project.admin_key, project.id, "UPDATE fluxbase_guard.auth_epochs SET epoch = 0")
+    ).json()
+    assert body["success"] is False and body["error"]["details"] == "ERROR:  42501"
 
 
 async def test_guard_function_reveals_nothing_without_a_key(api: Api, project) -> None:

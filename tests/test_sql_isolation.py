@@ -153,6 +153,43 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
             assert (await one("SELECT pg_advisory_lock(42)"))["success"]
             assert (await one("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))["success"]
             assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
+            # Transaction defaults: a one-round-trip request's transaction starts before its
+            # session reset runs, so these must be caught too (sql/0011, FXRST).
+            assert (await one("SET default_transaction_isolation = 'serializable'"))["success"]
+            assert (await one("SET default_transaction_read_only = on"))["success"]
+            # One-round-trip path (no advisory-lock text in the statement).
+            body = await one("""SELECT pg_backend_pid() AS p,
+                                current_setting('transaction_isolation') AS iso,
+                                current_setting('transaction_read_only') AS ro,
+                                current_setting('work_mem') AS wm,
+                                auth.uid() AS uid, to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp,
+                                (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors""")
+            row = body["result"]["rows"][0]
+            assert row == {
+                "p": pid1,
+                "iso": "read committed",
+                "ro": "off",
+                "wm": row["wm"],
+                "uid": None,
+                "no_temp": True,
+                "cursors": 0,
+            }
+            assert row["wm"] != "1GB"
+            # A session lock taken inside a function (no lock text in the request) is gone by the
+            # next request on the connection.
+            assert (
+                await one(
+                    "CREATE FUNCTION take_lock() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(43)'"
+                )
+            )["success"]
+            assert (await one("SELECT take_lock()"))["success"]
+            body = await one(
+                "SELECT count(*) AS n FROM pg_locks WHERE locktype::text LIKE 'adv%' "
+                "AND pid = pg_backend_pid()"
+            )
+            assert body["result"]["rows"] == [{"n": 0}]
+            assert (await one("SET default_transaction_isolation = 'repeatable read'"))["success"]
+            assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
             body = await one("""SELECT pg_backend_pid() AS p, current_setting('statement_timeout') AS st,
                                 current_setting('work_mem') AS wm, auth.uid() AS uid,
                                 (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'

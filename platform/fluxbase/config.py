@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
@@ -21,6 +22,15 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     pool_min: int = 1
     pool_max: int = 10
     connect_timeout: float = 5.0
+
+    def server(self) -> tuple[str, int]:
+        """(host, port) of the server; host may be a Unix socket directory, given as the URL's
+        host or, as libpq and asyncpg take it, in a `?host=` parameter (`?port=` likewise)."""
+        parts = urlsplit(self.url)
+        query = parse_qs(parts.query)
+        host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
+        port = query.get("port", [str(parts.port or 5432)])[0]
+        return host, int(port)
 
 
 class S3Settings(msgspec.Struct, frozen=True):

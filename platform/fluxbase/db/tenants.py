@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -65,6 +66,40 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
         )
     await conn.set_type_codec("numeric", schema="pg_catalog", format="text", encoder=str, decoder=str)
     await conn.set_type_codec("int8", schema="pg_catalog", format="text", encoder=str, decoder=_int8_decode)
+
+
+class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A tenant pool connection: its prepared one-round-trip prefix (db.pipeline), and whether
+    a request left session state that only the next one-round-trip request's prefix clears."""
+
+    __slots__ = ("dirty", "request_prefix")
+
+
+def acquire(pool: asyncpg.Pool, timeout: float) -> Any:
+    """`pool.acquire(timeout=...)`, without the task asyncio.wait_for creates when a connection
+    (or a free slot to open one, bounded by the connect timeout) is available right away."""
+    return pool.acquire() if pool._queue.qsize() else pool.acquire(timeout=timeout)
+
+
+async def release(conn: Any) -> None:
+    """`Pool.release` without its asyncio.shield: tenant pools reset nothing on release
+    (`_no_reset`), so a release never waits on I/O and cancellation cannot cut it in half.
+    (asyncpg internals; the version is pinned in pyproject.toml.)"""
+    con = conn._con
+    if con is None:
+        return  # already released
+    con._on_release()
+    holder = conn._holder
+    await holder.release(holder._timeout)
+
+
+async def clean(conn: asyncpg.Connection) -> None:
+    """Reset the session if a one-round-trip request used it last (call right after acquire
+    on any path that does not start with the request prefix)."""
+    raw = getattr(conn, "_con", conn)
+    if getattr(raw, "dirty", False):
+        await conn.execute(SESSION_RESET)
+        raw.dirty = False
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -170,8 +205,7 @@ class TenantPools:
         self._settings = settings
         self._max_size = max_size or settings.tenant.pool_max_per_role
         parts = urlsplit(settings.database.url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 5432
+        self._host, self._port = settings.database.server()
         self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
         self._pools: dict[tuple[str, str], asyncpg.Pool] = {}
         self._last_used: dict[tuple[str, str], float] = {}
@@ -210,6 +244,7 @@ class TenantPools:
                 max_inactive_connection_lifetime=60.0,
                 init=init_tenant_connection,
                 reset=_no_reset,
+                connection_class=TenantConnection,
                 **self._connect_kwargs(project_id, scope),  # type: ignore[arg-type]
             )
             self._pools[key] = pool

@@ -124,7 +124,8 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        k.require_user_auth,
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
-       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes
+       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes,
+       (SELECT e.epoch FROM fluxbase_guard.auth_epochs e WHERE e.project_id = k.project_id) AS epoch
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1
 """
@@ -139,6 +140,8 @@ class KeyAuth:
     key_hash: bytes
     allowed_origins: tuple[str, ...]
     expires_at: datetime | None
+    # The project's auth epoch (sql/0011), read in the same snapshot as the state above.
+    epoch: int | None = None
 
 
 def _check_origin(auth: KeyAuth, origin: str | None) -> None:
@@ -166,6 +169,7 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
         key_hash,
         tuple(row["allowed_origins"]),
         row["expires_at"],
+        row["epoch"],
     )
     _check_origin(auth, origin)
     last = row["last_used_at"]
@@ -190,7 +194,7 @@ class Authenticator:
     def __init__(self, db: asyncpg.Pool, settings: Settings):
         self.db = db
         self.settings = settings
-        self._cache: dict[bytes, tuple[float, KeyAuth]] = {}
+        self._cache: dict[str, tuple[float, KeyAuth]] = {}
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -204,10 +208,10 @@ class Authenticator:
         return Principal(user=user, session_id=session_id), None
 
     async def key_for_sql(self, raw_key: str, origin: str | None) -> KeyAuth:
-        if not apikeys.well_formed(raw_key):
-            raise AuthRequired("API key is malformed (checksum mismatch).")
         now = time.monotonic()
-        hit = self._cache.get(apikeys.hash_key(raw_key))
+        # Keyed by the key itself: a hit skips the checksum and the SHA-256 (the process
+        # already holds every key it is sent; the cache adds no new place for one to leak).
+        hit = self._cache.get(raw_key)
         if hit is not None and hit[0] > now:
             auth = hit[1]
             if auth.expires_at is not None and auth.expires_at <= datetime.now(UTC):
@@ -222,19 +226,21 @@ class Authenticator:
             return auth
         if len(self._cache) >= self.CACHE_MAX:
             self._cache.clear()
-        self._cache[auth.key_hash] = (now + self.CACHE_TTL_S, auth)
+        self._cache[raw_key] = (now + self.CACHE_TTL_S, auth)
         assert auth.principal.key is not None
         self._touched[auth.principal.key.id] = now
         return auth
 
     def evict(self, key_hash: bytes) -> None:
-        self._cache.pop(key_hash, None)
+        for raw_key, (_, auth) in list(self._cache.items()):
+            if auth.key_hash == key_hash:
+                self._cache.pop(raw_key, None)
 
     def forget_project(self, project_id: str) -> None:
         """Drop this process's cached keys of a project (after its settings changed)."""
-        for key_hash, (_, auth) in list(self._cache.items()):
+        for raw_key, (_, auth) in list(self._cache.items()):
             if auth.project.id == project_id:
-                self._cache.pop(key_hash, None)
+                self._cache.pop(raw_key, None)
 
     def _touch(self, auth: KeyAuth, now: float) -> None:
         """Keep lastUsedAt roughly current without a write per request."""

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.db import tenants
 from fluxbase.db.tenants import SESSION_RESET, TenantPools
 from fluxbase.errors import (
     ExportUnavailable,
@@ -181,6 +182,7 @@ class Export:
 async def start_export(settings: Settings, project_id: str) -> Export:
     """Start pg_dump as the project's admin role; fail here (before any byte is sent) if it cannot."""
     parts = urlsplit(settings.database.url)
+    host, port = settings.database.server()
     role = role_name(project_id, "admin")
     schema = schema_name(project_id)
     env = {
@@ -193,9 +195,9 @@ async def start_export(settings: Settings, project_id: str) -> Export:
     args = [
         pg_dump_path(settings),
         "--host",
-        parts.hostname or "127.0.0.1",
+        host,
         "--port",
-        str(parts.port or 5432),
+        str(port),
         "--username",
         role,
         "--dbname",
@@ -466,6 +468,7 @@ async def _load(
     ok = False
     index = -1
     try:
+        await tenants.clean(conn)
         await conn.execute("BEGIN")
         for item in parse(f, source):
             index = item.index

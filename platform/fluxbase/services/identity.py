@@ -24,7 +24,7 @@ from fluxbase.errors import IdentityProviderUnavailable, InvalidUserToken, UserT
 from fluxbase.security import usertokens
 from fluxbase.services import end_users
 from fluxbase.services.access import ProjectAccess
-from fluxbase.services.sql import Identity
+from fluxbase.services.sql import Identity, base_claims
 
 log = logging.getLogger("fluxbase.identity")
 
@@ -158,7 +158,7 @@ def key_identity(access: ProjectAccess, auth_uid: str | None) -> Identity:
     """The identity an API key or session asserts with `authUid` (a trusted server's claim)."""
     if auth_uid is not None and (len(auth_uid) > MAX_AUTH_UID or "\x00" in auth_uid):
         raise ValidationError("authUid must be at most 256 characters.")
-    claims: dict[str, Any] = {"role": access.sql_scope, "project_id": access.project.id}
+    claims = base_claims(access.sql_scope, access.project.id)
     if auth_uid:
         claims["sub"] = auth_uid
     return Identity(uid=auth_uid or None, claims=claims, role=access.sql_scope)

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from fluxbase.db import tenants
 from fluxbase.db.tenants import SESSION_RESET, TenantPools
 from fluxbase.errors import (
     InternalError,
@@ -152,6 +153,7 @@ async def _run(
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
     ok = False
     try:
+        await tenants.clean(conn)
         await conn.execute(f"BEGIN; SELECT fluxbase_guard.redeem_migration('\\x{token.hex()}'::bytea)")
         for index, stmt in enumerate(statements):
             try:

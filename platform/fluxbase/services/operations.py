@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.db import tenants
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_ident
 from fluxbase.errors import InsufficientPermissions, RateLimited, ValidationError
 from fluxbase.security.roles import schema_name
@@ -43,6 +44,7 @@ async def vacuum(
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
     started = time.perf_counter()
     try:
+        await tenants.clean(conn)
         before = int(await db.fetchval(SIZE_SQL, project_id))
         tables = await conn.fetch(
             """SELECT c.relname FROM pg_class c

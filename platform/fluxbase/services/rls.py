@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from fluxbase.db import tenants
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_ident
 from fluxbase.errors import Conflict, InsufficientPermissions, NotFound, ValidationError
 from fluxbase.security.roles import schema_name
@@ -84,6 +85,7 @@ async def _admin_tx(pools: TenantPools, project_id: str) -> AsyncIterator[asyncp
     pool = await pools.pool(project_id, "admin")
     async with pool.acquire() as conn:
         try:
+            await tenants.clean(conn)
             async with conn.transaction():
                 yield conn
         finally:

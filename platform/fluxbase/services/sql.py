@@ -1,9 +1,11 @@
 """Tenant SQL over HTTP: one transaction per request on the project's own role, hard limits.
 
-`transaction` is the one code path every tenant data endpoint runs through (execute-sql,
-execute-batch, schema, tables and records). Round trips per execute-sql request (cached
-statement): 1) BEGIN + key guard + identity (SET LOCAL), 2) Bind/Execute of the tenant statement with a row
-cap, 3) COMMIT (or ROLLBACK) + session reset.
+`transaction` is the code path of every tenant data endpoint (execute-batch, schema, tables
+and records, and execute-sql where the fast path does not apply): 1) BEGIN + key guard +
+identity (SET LOCAL), 2) Bind/Execute of each statement with a row cap, 3) COMMIT (or
+ROLLBACK) + session reset. A single execute-sql statement (cached) takes one round trip
+instead (`_pipelined`, db.pipeline): session reset, identity, guard and the statement, written
+together and run as one implicit transaction up to a single Sync.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
+from fluxbase.db import pipeline, tenants
 from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_literal
 from fluxbase.errors import (
     AuthRequired,
@@ -136,6 +139,17 @@ class TenantRequest:
     guard: tuple[bytes, str] | None = None  # (key hash, project) for fluxbase_guard.check_key
     db_quota: int | None = None  # the project's database-size cap
     sizes: SizeCache | None = None
+    # The project's auth epoch the cached key state was read with (sql/0011), and how to drop
+    # that cache entry when the epoch has moved on since.
+    epoch: int | None = None
+    evict_key: Callable[[bytes], None] | None = None
+    # The read-only switch in the cached key state (valid while `epoch` is current).
+    key_project_read_only: bool = False
+
+
+def base_claims(scope: str, project_id: str) -> dict[str, Any]:
+    """auth.jwt() of a request without an end user (an API key or member acting for itself)."""
+    return {"role": scope, "project_id": project_id}
 
 
 class SqlError(msgspec.Struct):
@@ -360,15 +374,23 @@ def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> by
     return _ENC.encode({"success": False, "error": SqlError(message, code, f"ERROR:  {sqlstate}")})
 
 
-def identity_script(identity: Identity) -> str:
-    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
-    roles may not execute set_config (sql/0007), so they cannot change it mid-statement."""
+def identity_statements(identity: Identity, scope: str = "LOCAL") -> tuple[str, str, str]:
+    """The request identity as SET statements, not set_config(): tenant read and readwrite
+    roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
+
+    `scope` is "LOCAL" inside an explicit transaction; the one-round-trip path sets it for the
+    session instead (SET LOCAL outside a transaction block logs a warning), and the next
+    request's prefix resets it before anything else runs."""
     claims = msgspec.json.encode(identity.claims).decode()
     return (
-        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}; "
-        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}; "
-        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}"
+        f"SET {scope} fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET {scope} fluxbase.auth_claims = {quote_literal(claims)}",
+        f"SET {scope} fluxbase.auth_role = {quote_literal(identity.role)}",
     )
+
+
+def identity_script(identity: Identity) -> str:
+    return "; ".join(identity_statements(identity))
 
 
 def begin_script(
@@ -435,6 +457,35 @@ class StatementResult:
         }
 
 
+def encode_result(
+    stmt: Any,
+    rows: list[Any],
+    status: str | None,
+    completed: bool,
+    limits: Limits,
+    bytes_left: int,
+    keyword: str,
+) -> tuple[StatementResult, int]:
+    """Encode a statement's rows within the row cap (`rows` holds up to one more) and the byte
+    budget; the result and the budget left."""
+    columns = [a.name for a in stmt._get_attributes()]
+    truncated = not completed or len(rows) > limits.max_rows
+    encoded: list[msgspec.Raw] = []
+    enc = _ENC.encode
+    for rec in rows[: limits.max_rows]:
+        chunk = enc(dict(zip(columns, rec, strict=False)))
+        if len(chunk) + 1 > bytes_left:
+            truncated = True
+            break
+        bytes_left -= len(chunk) + 1
+        encoded.append(msgspec.Raw(chunk))
+    count = len(encoded) if columns else (_count_of(status) or 0)
+    operation = _op_of(status, keyword or "UNKNOWN")
+    return StatementResult(
+        columns, encoded, count, None if columns else status, truncated, operation
+    ), bytes_left
+
+
 class Tx:
     """The request's open transaction on a tenant connection: the only way work touches it."""
 
@@ -461,20 +512,9 @@ class Tx:
 
     def _failed(self, exc: BaseException) -> BaseException:
         """Map a driver error to StatementFailed; session-level failures pass through."""
-        if isinstance(exc, _SESSION_GONE):
-            return exc
         if isinstance(exc, _CACHE_STALE) and not self.retried:
             return exc  # the transaction runner retries once
-        if isinstance(exc, asyncpg.PostgresError):
-            if exc.sqlstate == "25006" and self.may_write:
-                return ProjectReadOnly()
-            sqlstate = exc.sqlstate or "XX000"
-            message = str(exc.args[0]) if exc.args else type(exc).__name__
-            code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
-            return StatementFailed(message, sqlstate, code, self.index)
-        if isinstance(exc, (_ParamError, asyncpg.DataError)):  # DataError: client-side encoding
-            return StatementFailed(str(exc), "22023", index=self.index)
-        return exc
+        return _statement_error(exc, self.may_write, self.index)
 
     async def run(self, query: str, params: list[Any], keyword: str = "") -> StatementResult:
         """Run one statement with the row cap and the request's remaining byte budget."""
@@ -484,28 +524,12 @@ class Tx:
             )
         except Exception as exc:
             raise self._failed(exc) from None
-        columns = [a.name for a in stmt._get_attributes()]
-        truncated = not completed or len(rows) > self.limits.max_rows
-        encoded: list[msgspec.Raw] = []
-        enc = _ENC.encode
-        for rec in rows[: self.limits.max_rows]:
-            chunk = enc(dict(zip(columns, rec, strict=False)))
-            if len(chunk) + 1 > self.bytes_left:
-                truncated = True
-                break
-            self.bytes_left -= len(chunk) + 1
-            encoded.append(msgspec.Raw(chunk))
-        count = len(encoded) if columns else (_count_of(status) or 0)
-        self.rows_written += _count_of(status) or 0
-        self.last_keyword = _op_of(status, keyword or "UNKNOWN").split(" ", 1)[0]
-        return StatementResult(
-            columns,
-            encoded,
-            count,
-            None if columns else status,
-            truncated,
-            _op_of(status, keyword or "UNKNOWN"),
+        res, self.bytes_left = encode_result(
+            stmt, rows, status, completed, self.limits, self.bytes_left, keyword
         )
+        self.rows_written += _count_of(status) or 0
+        self.last_keyword = res.operation.split(" ", 1)[0]
+        return res
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """A platform-written query (catalog lookups) in the same transaction, decoded."""
@@ -536,6 +560,20 @@ class Tx:
             raise self._failed(exc) from None
 
 
+def _guard_refusal(exc: asyncpg.PostgresError) -> FluxbaseError | None:
+    """The request guard's refusals (sql/0002, 0007, 0011) as API errors."""
+    state = exc.sqlstate
+    if state == "FX401":
+        return AuthRequired("API key is no longer valid (revoked or expired).")
+    if state == "FX403":
+        return ProjectSuspended()
+    if state == "FXU01":
+        return InvalidUserToken("The token's session has been revoked or no longer exists.")
+    if state == "FXU02":
+        return UserDisabled()
+    return None
+
+
 async def _begin(conn: Any, begin: str) -> None:
     try:
         await conn.execute(begin)
@@ -543,14 +581,9 @@ async def _begin(conn: Any, begin: str) -> None:
         if isinstance(exc, _SESSION_GONE):
             raise
         await conn.execute("ROLLBACK; " + SESSION_RESET)
-        if exc.sqlstate == "FX401":
-            raise AuthRequired("API key is no longer valid (revoked or expired).") from None
-        if exc.sqlstate == "FX403":
-            raise ProjectSuspended() from None
-        if exc.sqlstate == "FXU01":
-            raise InvalidUserToken("The token's session has been revoked or no longer exists.") from None
-        if exc.sqlstate == "FXU02":
-            raise UserDisabled() from None
+        refusal = _guard_refusal(exc)
+        if refusal is not None:
+            raise refusal from None
         raise
 
 
@@ -583,6 +616,69 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     return out
 
 
+async def _on_connection(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    req: TenantRequest,
+    run: Callable[[Any], Awaitable[T]],
+    index: Callable[[], int | None] = lambda: None,
+    *,
+    pipelined: bool = False,
+) -> T:
+    """Run `run(conn)` on a pooled connection of the project's own role within the request
+    deadline (the backend is terminated when it passes). A connection that is lost, timed out or
+    still in a transaction afterwards is terminated, never handed to the next request."""
+    project_id, limits = req.project_id, req.limits
+    pool = await pools.pool(project_id, req.scope)
+    try:
+        conn = await tenants.acquire(pool, limits.acquire_timeout_s)
+    except TimeoutError:
+        raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
+    dead = False
+    try:
+        # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
+        # of its cost on this path); the backend is then terminated.
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + limits.deadline_s, expire)
+        try:
+            if not pipelined:
+                await tenants.clean(conn)
+            return await run(conn)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            dead = True
+            await _terminate(control, conn)
+            ms = int(limits.deadline_s * 1000)
+            raise StatementFailed(
+                f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT", index()
+            ) from None
+        except _CONNECTION_LOST as exc:
+            # The connection broke: the transaction did not commit (or we cannot know it did).
+            dead = True
+            with contextlib.suppress(asyncpg.InterfaceError):  # already detached from the pool
+                conn.terminate()
+            log.warning("tenant connection lost for project %s: %r", project_id, exc)
+            raise DatabaseUnavailable() from None
+        finally:
+            timer.cancel()
+    finally:
+        if not dead and not conn.is_closed() and conn.is_in_transaction():
+            dead = True
+            conn.terminate()  # never hand an open transaction to the next request
+        if not dead:
+            await tenants.release(conn)
+
+
 async def transaction(
     pools: TenantPools,
     control: asyncpg.Pool,
@@ -594,9 +690,9 @@ async def transaction(
 ) -> T:
     """Run `work` in one transaction on the project's own role, with identity and limits.
 
-    The one code path for tenant data access (execute-sql, execute-batch, schema, records):
-    a pooled connection whose session user is the project role, BEGIN + key guard + identity,
-    the request deadline (the backend is terminated when it passes), commit + session reset.
+    The code path for tenant data access (execute-batch, schema, records, and execute-sql
+    where `_pipelined` does not apply): a pooled connection whose session user is the project
+    role, BEGIN + key guard + identity, the request deadline, commit + session reset.
     Raises StatementFailed (rolled back), DatabaseUnavailable (connection lost: the outcome is
     unknown, never reported as success), RateLimited (pool exhausted) or `work`'s own
     FluxbaseError (rolled back), including PROJECT_READ_ONLY for a write to a read-only project
@@ -604,45 +700,135 @@ async def transaction(
     caller's own request for a read-only transaction: a write then fails as SQL (25006), not as
     the project's switch.
     """
-    project_id, scope, limits = req.project_id, req.scope, req.limits
+    scope = req.scope
     begin = begin_script(
         req.identity, read_only or req.project_read_only or scope == "read", req.guard, isolation
     )
-    pool = await pools.pool(project_id, scope)
-    try:
-        conn = await pool.acquire(timeout=limits.acquire_timeout_s)
-    except TimeoutError:
-        raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
     may_write = scope != "read" and not read_only
     quota_of = None
     if may_write and req.db_quota and req.sizes is not None:
-        quota_of = (project_id, req.db_quota, req.sizes)
-    tx = Tx(conn, limits, req.identity, may_write, quota_of)
-    dead = False
-    try:
+        quota_of = (req.project_id, req.db_quota, req.sizes)
+    txs: list[Tx] = []
+
+    async def run(conn: Any) -> T:
+        tx = Tx(conn, req.limits, req.identity, may_write, quota_of)
+        txs.append(tx)
+        return await _in_transaction(tx, begin, work)
+
+    return await _on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
+
+
+# Statements the one-round-trip path leaves to `transaction`: procedures and DO blocks may
+# COMMIT outside an explicit transaction block (which would end the request's transaction and
+# its identity), an empty statement has no command tag, and session advisory locks are released
+# at the end of an explicit transaction's request rather than at the start of the next one.
+_NOT_PIPELINED = frozenset({"", "CALL", "DO"})
+
+
+def pipelinable(req: TenantRequest, keyword: str, query: str) -> bool:
+    if keyword in _NOT_PIPELINED or "advisory" in query.lower():
+        return False
+    # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
+    return not (req.db_quota and req.scope != "read")
+
+
+_REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
+
+
+class _Fallback(Exception):
+    """Run the request as an explicit transaction after all (sql/0011): FXRST, a previous
+    request changed the session's transaction defaults (now reset); FXEPO, the cached key state
+    is out of date (`check_key` decides); FXU01/FXU02, the end user's session check refused."""
+
+
+async def _pipelined(
+    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
+) -> StatementResult:
+    """One round trip: reset, identity, guard and the statement as one implicit transaction."""
+    raw = getattr(conn, "_con", conn)  # the TenantConnection behind the pool's proxy
+    prefix = getattr(raw, "request_prefix", None)
+    if prefix is None:
+        anonymous = Identity(None, base_claims(req.scope, req.project_id), req.scope)
+        fixed = identity_statements(anonymous, "SESSION")
+        prefix = raw.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed)
+    identity = req.identity
+    head = b"".join(
+        (
+            prefix.reset,
+            *(prefix.statement(s) for s in identity_statements(identity, "SESSION")),
+            prefix.checks(
+                req.project_id,
+                req.epoch if req.guard is not None else None,
+                req.scope == "read" or req.project_read_only or req.key_project_read_only,
+                identity.user_session,
+                identity.uid,
+            ),
+        )
+    )
+    may_write = req.scope != "read"
+    limits = req.limits
+    for attempt in (0, 1):
         try:
-            async with asyncio.timeout(limits.deadline_s):
-                return await _in_transaction(tx, begin, work)
-        except TimeoutError:
-            dead = True
-            await _terminate(control, conn)
-            ms = int(limits.deadline_s * 1000)
-            raise StatementFailed(
-                f"canceling statement due to request deadline ({ms} ms)", "57014", "QUERY_TIMEOUT", tx.index
-            ) from None
-        except _CONNECTION_LOST as exc:
-            # The connection broke: the transaction did not commit (or we cannot know it did).
-            dead = True
-            with contextlib.suppress(asyncpg.InterfaceError):  # already detached from the pool
-                conn.terminate()
-            log.warning("tenant connection lost for project %s: %r", project_id, exc)
-            raise DatabaseUnavailable() from None
-    finally:
-        if not dead and not conn.is_closed() and conn.is_in_transaction():
-            dead = True
-            conn.terminate()  # never hand an open transaction to the next request
-        if not dead:
-            await pool.release(conn)
+            stmt = await conn._get_statement(query, None)
+        except Exception as exc:
+            raise _statement_error(exc, may_write) from None
+        try:
+            args = adapt_params(stmt._get_parameters(), params)
+        except _ParamError as exc:
+            await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
+            raise StatementFailed(str(exc), "22023") from None
+        pipeline.write(conn, head)
+        raw.dirty = True  # until the next request's prefix (or tenants.clean) resets the session
+        try:
+            rows, status, completed = await conn._protocol.bind_execute(
+                state=stmt,
+                args=args,
+                portal_name="",
+                limit=limits.max_rows + 1,
+                return_extra=True,
+                timeout=None,
+            )
+        except asyncpg.PostgresError as exc:
+            state = exc.sqlstate
+            if state in _REFUSALS:
+                # A pipeline check refused, or the tenant's statement raised one of these codes
+                # itself: either way nothing committed, and the explicit-transaction path, whose
+                # guard runs apart from the statement, tells the two apart.
+                if state == "FXRST":
+                    await conn.execute(SESSION_RESET)
+                    raw.dirty = False
+                elif state == "FXEPO" and req.evict_key is not None and req.guard is not None:
+                    req.evict_key(req.guard[0])
+                raise _Fallback() from None
+            if isinstance(exc, _CACHE_STALE) and attempt == 0:
+                continue  # a concurrent DDL changed a cached plan; nothing ran for real
+            raise _statement_error(exc, may_write) from None
+        except (_ParamError, asyncpg.DataError, ValueError, TypeError, OverflowError) as exc:
+            # Refused while encoding, before the driver wrote anything: the prefix is already
+            # on the wire without a Sync. Run a harmless prefix step to end it, then report.
+            await prefix.drain(conn)
+            raise StatementFailed(str(exc), "22023") from None
+        if len(rows) > limits.max_rows:
+            status = None  # the portal was suspended: the last command tag is the prefix's
+        status_text = status.decode() if isinstance(status, bytes) else status
+        return encode_result(stmt, rows, status_text, bool(completed), limits, limits.max_bytes, keyword)[0]
+    raise AssertionError("unreachable")
+
+
+def _statement_error(exc: BaseException, may_write: bool, index: int | None = None) -> BaseException:
+    """A driver error of the tenant statement as StatementFailed; session-level errors pass."""
+    if isinstance(exc, _SESSION_GONE):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        if exc.sqlstate == "25006" and may_write:
+            return ProjectReadOnly()
+        sqlstate = exc.sqlstate or "XX000"
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        code = "QUERY_TIMEOUT" if sqlstate == "57014" else "SQL_EXEC_ERROR"
+        return StatementFailed(message, sqlstate, code, index)
+    if isinstance(exc, (_ParamError, asyncpg.DataError)):  # DataError: client-side encoding
+        return StatementFailed(str(exc), "22023", index=index)
+    return exc
 
 
 def _check_query(query: str, what: str = "query") -> None:
@@ -694,7 +880,19 @@ async def execute(
         return await tx.run(query, params, keyword)
 
     try:
-        res = await transaction(pools, control, req, work)
+        if pipelinable(req, keyword, query):
+            try:
+                res = await _on_connection(
+                    pools,
+                    control,
+                    req,
+                    lambda conn: _pipelined(conn, req, query, params, keyword),
+                    pipelined=True,
+                )
+            except _Fallback:
+                res = await transaction(pools, control, req, work)
+        else:
+            res = await transaction(pools, control, req, work)
     except StatementFailed as exc:
         return _error_body(exc.message, exc.sqlstate, exc.code)
     body = {

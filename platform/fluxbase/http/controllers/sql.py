@@ -14,7 +14,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
 from fluxbase.services import sql
-from fluxbase.services.access import Need, Project, ProjectAccess, authorize
+from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authorize
 
 AUTH_UID_HEADER = "x-fluxbase-auth-uid"
 USER_TOKEN_HEADER = "x-fluxbase-user-token"  # noqa: S105 (a header name)
@@ -65,28 +65,27 @@ def limits_of(ctx: AppContext) -> sql.Limits:
 
 async def sql_access(
     request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
-) -> tuple[ProjectAccess, tuple[bytes, str] | None]:
+) -> tuple[ProjectAccess, KeyAuth | None]:
     """Authenticate (cached key on the hot path), authorise `need` and count the request.
 
-    With an API key the second value is the guard that `sql.transaction` must run inside the
-    request's transaction (the cached key may have been revoked since).
+    With an API key the second value is its cached state, whose liveness `sql.transaction`
+    re-checks inside the request's transaction (the key may have been revoked since).
     """
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
-    guard: tuple[bytes, str] | None = None
+    key_auth: KeyAuth | None = None
     key_project: Project | None
     if bearer and apikeys.looks_like_key(bearer):
         # Hot path: the key's project and scope come from a short-lived cache; its liveness
-        # is re-checked inside the request's transaction by fluxbase_guard.check_key.
+        # is re-checked inside the request's transaction (auth epoch, fluxbase_guard.check_key).
         key_auth = await ctx.auth.key_for_sql(bearer, origin)
         principal, key_project = key_auth.principal, key_auth.project
-        guard = (key_auth.key_hash, key_auth.project.id)
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
     access = await authorize(ctx.db, principal, key_project, project_id, need)
     limit, window = access.rate_limit(ctx.settings)
     ctx.limiter.hit(principal.label, limit, window)
-    return access, guard
+    return access, key_auth
 
 
 @post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
@@ -103,16 +102,19 @@ async def tenant_request(
     need: Need = Need.READ,
 ) -> sql.TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
-    access, guard = await sql_access(request, ctx, project_id, need)
+    access, key_auth = await sql_access(request, ctx, project_id, need)
     return sql.TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
         identity=await request_identity(request, ctx, access, auth_uid),
         limits=limits_of(ctx),
-        project_read_only=access.project.read_only and guard is None,
-        guard=guard,
+        project_read_only=access.project.read_only and key_auth is None,
+        guard=(key_auth.key_hash, key_auth.project.id) if key_auth is not None else None,
         db_quota=access.project.db_quota,
         sizes=ctx.sizes,
+        epoch=key_auth.epoch if key_auth is not None else None,
+        evict_key=ctx.auth.evict,
+        key_project_read_only=key_auth is not None and key_auth.project.read_only,
     )
 
 

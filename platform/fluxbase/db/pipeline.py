@@ -1,0 +1,141 @@
+"""The one-round-trip request prefix: PostgreSQL extended-protocol messages written ahead of a
+statement's Bind/Execute/Sync on the same connection (sql/0011 explains the server side).
+
+asyncpg sends one operation at a time and waits for its ReadyForQuery. Everything written
+before its Bind/Execute/Sync, with no Sync of its own, runs in the same implicit transaction
+and answers in the same reply; the driver's bind/execute reader skips ParseComplete,
+BindComplete and CommandComplete, so prefix steps must not return rows. Writing to the
+connection's transport is the one asyncpg internal this relies on (pinned in pyproject.toml;
+tests/test_sql.py covers every step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+# Steps with no parameters, in this order: clear what a previous request left in the session
+# (settings, cursors, LISTEN, temp objects, sequence state, session advisory locks) before
+# anything of this request runs.
+RESET_STEPS = (
+    "CLOSE ALL",
+    "UNLISTEN *",
+    "RESET ALL",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+    "SELECT FROM pg_catalog.pg_advisory_unlock_all() u WHERE u IS NULL",
+)
+# Refuses (sql/0011) with FXRST when the transaction started with isolation, read-only or
+# deferrable defaults a previous request changed, and with FXEPO when the project's auth epoch
+# is not the one the API's cached key state was read with ($2 NULL: no cached key state).
+# Every name and operator is schema-qualified: nothing resolves through the tenant's path.
+CHECK = """SELECT FROM (SELECT pg_catalog.max(a.epoch) AS epoch FROM fluxbase_guard.auth_epochs a
+              WHERE a.project_id OPERATOR(pg_catalog.=) $1::pg_catalog.text) e
+WHERE CASE
+    WHEN pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed'
+      OR pg_catalog.current_setting('transaction_read_only') OPERATOR(pg_catalog.<>) 'off'
+      OR pg_catalog.current_setting('transaction_deferrable') OPERATOR(pg_catalog.<>) 'off'
+    THEN fluxbase_guard.refuse('FXRST')
+    WHEN $2::pg_catalog.int8 IS NOT NULL
+      AND (e.epoch IS NULL OR e.epoch OPERATOR(pg_catalog.<>) $2::pg_catalog.int8)
+    THEN fluxbase_guard.refuse('FXEPO')
+    ELSE false
+END"""
+READ_ONLY = "SET transaction_read_only = on"
+USER_SESSION = "SELECT FROM fluxbase_guard.check_user_session($1, $2, $3) s WHERE s IS NULL"
+
+_EXECUTE = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"  # Execute: unnamed portal, no row limit
+_BIND_NO_PARAMS_TAIL = b"\x00\x00\x00\x00\x00\x00"  # no param formats, no params, no result formats
+_NULL = b"\xff\xff\xff\xff"
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def bind_execute(statement: str, params: Sequence[bytes | None] = ()) -> bytes:
+    """Bind a prepared statement (text-format parameters) to the unnamed portal and run it."""
+    parts = [b"\x00", statement.encode(), b"\x00\x00\x00", len(params).to_bytes(2, "big")]
+    for value in params:
+        if value is None:
+            parts.append(_NULL)
+        else:
+            parts.append(len(value).to_bytes(4, "big"))
+            parts.append(value)
+    parts.append(b"\x00\x00")
+    return _message(b"B", b"".join(parts)) + _EXECUTE
+
+
+def parse_bind_execute(sql: str) -> bytes:
+    """An unnamed statement without parameters, parsed, bound and run."""
+    return (
+        _message(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00")
+        + _message(b"B", b"\x00\x00" + _BIND_NO_PARAMS_TAIL)
+        + _EXECUTE
+    )
+
+
+class RequestPrefix:
+    """A connection's prepared pipeline steps, kept referenced so asyncpg never closes them.
+
+    `fixed` are statements the connection's requests often repeat (the identity of requests
+    without an end user: constant per project and scope, hence per pool); they are prepared
+    too, and any other statement is parsed unnamed."""
+
+    __slots__ = ("_check", "_fixed", "_read_only", "_statements", "_user_session", "reset")
+
+    def __init__(self, statements: list[Any], fixed: Sequence[str]):
+        self._statements = statements
+        names = [s._state.name for s in statements]
+        n = len(RESET_STEPS)
+        self.reset = b"".join(bind_execute(name) for name in names[:n])
+        self._check, self._read_only, self._user_session = names[n : n + 3]
+        self._fixed = {sql: bind_execute(name) for sql, name in zip(fixed, names[n + 3 :], strict=True)}
+
+    @classmethod
+    async def prepare(cls, conn: asyncpg.Connection, fixed: Sequence[str] = ()) -> RequestPrefix:
+        sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed)
+        return cls([await conn.prepare(sql) for sql in sqls], fixed)
+
+    def statement(self, sql: str) -> bytes:
+        """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""
+        prepared = self._fixed.get(sql)
+        return prepared if prepared is not None else parse_bind_execute(sql)
+
+    def checks(
+        self,
+        project_id: str,
+        epoch: int | None,
+        read_only: bool,
+        session: tuple[str, str] | None,
+        user_id: str | None,
+    ) -> bytes:
+        out = bind_execute(self._check, (project_id.encode(), None if epoch is None else str(epoch).encode()))
+        if session is not None:
+            out += bind_execute(
+                self._user_session, (session[0].encode(), (user_id or "").encode(), session[1].encode())
+            )
+        if read_only:
+            out += bind_execute(self._read_only)
+        return out
+
+    async def drain(self, conn: Any) -> None:
+        """End a prefix written without its statement: run one reset step with a Sync after it.
+        A refusal the prefix raised is moot then (the request already failed)."""
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn._protocol.bind_execute(
+                state=self._statements[0]._state,
+                args=[],
+                portal_name="",
+                limit=0,
+                return_extra=False,
+                timeout=None,
+            )
+
+
+def write(conn: Any, data: bytes) -> None:
+    """Queue raw protocol messages ahead of the connection's next operation."""
+    conn._transport.write(data)
