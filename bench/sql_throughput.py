@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -150,6 +151,11 @@ async def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="API worker processes")
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
+    ap.add_argument(
+        "--socket",
+        action="store_true",
+        help="connect the API, asyncpg and PostGraphile over the embedded server's Unix socket",
+    )
     args = ap.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
 
@@ -158,8 +164,18 @@ async def main() -> None:
     try:
         dbname = await stack.create_database()
         port = free_port()
+        db_url = stack.database_url(dbname)
+        if args.socket:
+            if stack.pg is None:
+                raise SystemExit("--socket needs the embedded PostgreSQL (no FLUXBASE_TEST_DATABASE_URL)")
+            parts = urlsplit(db_url)
+            db_url = (
+                f"postgresql://{parts.username}:{parts.password}@/{dbname}"
+                f"?host={stack.pg.socket_dir}&port={parts.port}"
+            )
         env = stack.env(
             dbname,
+            FLUXBASE_DATABASE_URL=db_url,
             FLUXBASE_API_PORT=str(port),
             FLUXBASE_API_WORKERS=str(args.workers),
             FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
@@ -192,7 +208,8 @@ async def main() -> None:
             request = post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
             # Direct asyncpg reads the same table in the project's schema (superuser connection,
             # so the project role's connection cap stays with the API).
-            direct_url = stack.database_url(dbname) + f"?options=-csearch_path%3Dp_{pid}"
+            sep = "&" if "?" in db_url else "?"
+            direct_url = db_url + f"{sep}options=-csearch_path%3Dp_{pid}"
             pg_proc = None
             pg_port = free_port()
             if args.postgraphile:
@@ -202,7 +219,8 @@ async def main() -> None:
             gql = json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode()
             gql_request = post("/graphql", pg_port, gql, {})
             print(
-                f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}"
+                f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}, "
+                f"database over {'Unix socket' if args.socket else 'TCP 127.0.0.1'}"
             )
             try:
                 for clients in client_counts:

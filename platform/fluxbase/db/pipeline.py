@@ -85,20 +85,34 @@ class RequestPrefix:
     without an end user: constant per project and scope, hence per pool); they are prepared
     too, and any other statement is parsed unnamed."""
 
-    __slots__ = ("_check", "_fixed", "_read_only", "_statements", "_user_session", "reset")
+    __slots__ = (
+        "_check",
+        "_fixed",
+        "_read_only",
+        "_statements",
+        "_user_session",
+        "anonymous",
+        "anonymous_claims",
+        "reset",
+    )
 
-    def __init__(self, statements: list[Any], fixed: Sequence[str]):
+    def __init__(self, statements: list[Any], fixed: Sequence[str], anonymous_claims: dict[str, Any]):
         self._statements = statements
+        # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
+        self.anonymous_claims = anonymous_claims
         names = [s._state.name for s in statements]
         n = len(RESET_STEPS)
         self.reset = b"".join(bind_execute(name) for name in names[:n])
         self._check, self._read_only, self._user_session = names[n : n + 3]
         self._fixed = {sql: bind_execute(name) for sql, name in zip(fixed, names[n + 3 :], strict=True)}
+        self.anonymous = b"".join(self._fixed[sql] for sql in fixed)
 
     @classmethod
-    async def prepare(cls, conn: asyncpg.Connection, fixed: Sequence[str] = ()) -> RequestPrefix:
+    async def prepare(
+        cls, conn: asyncpg.Connection, fixed: Sequence[str], anonymous_claims: dict[str, Any]
+    ) -> RequestPrefix:
         sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed)
-        return cls([await conn.prepare(sql) for sql in sqls], fixed)
+        return cls([await conn.prepare(sql) for sql in sqls], fixed, anonymous_claims)
 
     def statement(self, sql: str) -> bytes:
         """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""

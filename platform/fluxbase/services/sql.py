@@ -748,14 +748,18 @@ async def _pipelined(
     raw = getattr(conn, "_con", conn)  # the TenantConnection behind the pool's proxy
     prefix = getattr(raw, "request_prefix", None)
     if prefix is None:
-        anonymous = Identity(None, base_claims(req.scope, req.project_id), req.scope)
-        fixed = identity_statements(anonymous, "SESSION")
-        prefix = raw.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed)
+        claims = base_claims(req.scope, req.project_id)
+        fixed = identity_statements(Identity(None, claims, req.scope), "SESSION")
+        prefix = raw.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed, claims)
     identity = req.identity
+    if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
+        who = prefix.anonymous
+    else:
+        who = b"".join(prefix.statement(s) for s in identity_statements(identity, "SESSION"))
     head = b"".join(
         (
             prefix.reset,
-            *(prefix.statement(s) for s in identity_statements(identity, "SESSION")),
+            who,
             prefix.checks(
                 req.project_id,
                 req.epoch if req.guard is not None else None,
@@ -769,7 +773,7 @@ async def _pipelined(
     limits = req.limits
     for attempt in (0, 1):
         try:
-            stmt = await conn._get_statement(query, None)
+            stmt = await raw._get_statement(query, None)
         except Exception as exc:
             raise _statement_error(exc, may_write) from None
         try:
@@ -777,10 +781,10 @@ async def _pipelined(
         except _ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        pipeline.write(conn, head)
+        pipeline.write(raw, head)
         raw.dirty = True  # until the next request's prefix (or tenants.clean) resets the session
         try:
-            rows, status, completed = await conn._protocol.bind_execute(
+            rows, status, completed = await raw._protocol.bind_execute(
                 state=stmt,
                 args=args,
                 portal_name="",
@@ -832,15 +836,16 @@ def _statement_error(exc: BaseException, may_write: bool, index: int | None = No
 
 
 def _check_query(query: str, what: str = "query") -> None:
-    if not query.strip():
+    if not query or query.isspace():
         raise ValidationError(f"{what} must not be empty.")
     if len(query) > MAX_QUERY_CHARS or "\x00" in query:
         raise ValidationError(f"{what} is too long or contains NUL characters.")
 
 
-def _refusal(query: str) -> tuple[str, str, str] | None:
+def _refusal(query: str, keyword: str | None = None) -> tuple[str, str, str] | None:
     """(keyword, message, sqlstate) when a statement is refused before reaching PostgreSQL."""
-    keyword = leading_keyword(query)
+    if keyword is None:
+        keyword = leading_keyword(query)
     if keyword in DENIED:
         return (
             keyword,
@@ -870,10 +875,10 @@ async def execute(
     _check_query(query)
     if len(params) > MAX_PARAMS:
         raise ValidationError(f"at most {MAX_PARAMS} params are allowed.")
-    refused = _refusal(query)
+    keyword = leading_keyword(query)
+    refused = _refusal(query, keyword)
     if refused is not None:
         return _error_body(refused[1], refused[2])
-    keyword = leading_keyword(query)
     started = time.perf_counter()
 
     async def work(tx: Tx) -> StatementResult:
