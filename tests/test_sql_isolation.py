@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import pytest
 
 from support import Api
@@ -286,3 +287,38 @@ async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> No
     # The pooled connection is reset and keeps serving the project.
     body = (await api.sql(project.admin_key, project.id, "SELECT 1 AS one")).json()
     assert body["result"]["rows"] == [{"one": 1}]
+
+
+async def test_one_connection_pool_gives_its_slot_back_after_every_kind_of_end(spawn) -> None:
+    """db.tenants.TenantPool with a single slot: a backend terminated at the deadline, one killed
+    from outside and plain releases all leave the slot usable; a waiter gets the released one."""
+    async with spawn(FLUXBASE_TENANT_POOL_MAX="1", FLUXBASE_SQL_DEADLINE_MS="1500") as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid, rateLimitRequests=1_000_000)
+
+            async def one(q: str) -> dict:
+                return (await api.sql(key, pid, q)).json()
+
+            assert (await one("SELECT pg_sleep(10)"))["error"]["code"] == "QUERY_TIMEOUT"
+            assert (await one("SELECT 1 AS x"))["result"]["rows"] == [{"x": 1}]
+            # Two at once on one slot: the second waits for the first's release.
+            slow, fast = await asyncio.gather(one("SELECT pg_sleep(0.5) AS s"), one("SELECT 2 AS x"))
+            assert slow["success"] and fast["result"]["rows"] == [{"x": 2}]
+            # The idle connection's backend is killed from outside: at most one request notices
+            # (503, nothing reported as done), then a new connection takes the slot.
+            backend = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
+            control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
+            try:
+                await control.execute("SELECT pg_terminate_backend($1)", backend)
+            finally:
+                await control.close()
+            await asyncio.sleep(0.3)
+            first = await api.sql(key, pid, "SELECT 3 AS x")
+            assert first.status_code == 503 or first.json()["result"]["rows"] == [{"x": 3}]
+            for _ in range(5):
+                assert (await one("SELECT 4 AS x"))["result"]["rows"] == [{"x": 4}]
+        finally:
+            await api.close()

@@ -83,7 +83,7 @@ def _table_of(row: asyncpg.Record) -> TableRls:
 async def _admin_tx(pools: TenantPools, project_id: str) -> AsyncIterator[asyncpg.Connection]:
     """One transaction on the project's admin role; the session is reset afterwards."""
     pool = await pools.pool(project_id, "admin")
-    async with pool.acquire() as conn:
+    async with pool.connection() as conn:
         try:
             await tenants.clean(conn)
             async with conn.transaction():

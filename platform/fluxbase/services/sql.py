@@ -631,7 +631,7 @@ async def _on_connection(
     project_id, limits = req.project_id, req.limits
     pool = await pools.pool(project_id, req.scope)
     try:
-        conn = await tenants.acquire(pool, limits.acquire_timeout_s)
+        conn = await pool.acquire(limits.acquire_timeout_s)
     except TimeoutError:
         raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
     dead = False
@@ -676,7 +676,7 @@ async def _on_connection(
             dead = True
             conn.terminate()  # never hand an open transaction to the next request
         if not dead:
-            await tenants.release(conn)
+            await pool.release(conn)
 
 
 async def transaction(
@@ -745,7 +745,7 @@ async def _pipelined(
     conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
 ) -> StatementResult:
     """One round trip: reset, identity, guard and the statement as one implicit transaction."""
-    raw = getattr(conn, "_con", conn)  # the TenantConnection behind the pool's proxy
+    raw = conn
     prefix = getattr(raw, "request_prefix", None)
     if prefix is None:
         claims = base_claims(req.scope, req.project_id)
