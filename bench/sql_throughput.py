@@ -4,7 +4,9 @@ One invocation: starts an embedded PostgreSQL and S3, a Fluxbase API with --work
 processes, creates a project with one row, then measures at 8 and 32 concurrent clients:
   * direct: the same SELECT issued straight through an asyncpg pool (the limit),
   * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1,
-  * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL.
+  * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
+  * minimal (optional, --minimal): a bare ASGI app over asyncpg (bench/minimal_app.py: no auth,
+    no transaction, no reset) under uvicorn with the same workers, the floor for Python HTTP.
 Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
     .venv/bin/python bench/sql_throughput.py [--seconds 10] [--workers 2] [--postgraphile]
@@ -145,12 +147,47 @@ def start_postgraphile(db_url: str, schema: str, port: int, workdir: Path) -> su
     return None
 
 
+def start_minimal(dsn: str, port: int, workers: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "minimal_app:app",
+            "--app-dir",
+            str(ROOT / "bench"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env={**os.environ, "MINIMAL_DSN": dsn},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"http://127.0.0.1:{port}/", json={"params": [1]}, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    stop_process(proc)
+    raise SystemExit("minimal ASGI app did not start")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--workers", type=int, default=2, help="API worker processes")
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
+    ap.add_argument("--minimal", action="store_true", help="also measure a bare ASGI app over asyncpg")
     ap.add_argument(
         "--socket",
         action="store_true",
@@ -216,6 +253,11 @@ async def main() -> None:
                 workdir = ROOT / "bench" / ".node"
                 workdir.mkdir(exist_ok=True)
                 pg_proc = start_postgraphile(direct_url, f"p_{pid}", pg_port, workdir)
+            minimal_proc = None
+            minimal_port = free_port()
+            if args.minimal:
+                minimal_proc = start_minimal(direct_url, minimal_port, args.workers)
+            minimal_request = post("/", minimal_port, json.dumps({"params": [1]}).encode(), {})
             gql = json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode()
             gql_request = post("/graphql", pg_port, gql, {})
             print(
@@ -239,10 +281,20 @@ async def main() -> None:
                         g.name = "postgraphile4"
                         print(g.line())
                         print(f"  fluxbase / postgraphile4 = {f.rps / g.rps:.2f}x")
+                    if minimal_proc is not None:
+                        await http_load("127.0.0.1", minimal_port, minimal_request, clients, 1.0, b"Alice")
+                        m = await http_load(
+                            "127.0.0.1", minimal_port, minimal_request, clients, args.seconds, b"Alice"
+                        )
+                        m.name = "minimal"
+                        print(m.line())
+                        print(f"  fluxbase / minimal ASGI over asyncpg = {f.rps / m.rps:.2%}")
                     print(f"  fluxbase / direct asyncpg = {f.rps / d.rps:.2%}")
             finally:
                 if pg_proc is not None:
                     stop_process(pg_proc, signal.SIGTERM)
+                if minimal_proc is not None:
+                    stop_process(minimal_proc, signal.SIGTERM)
             api.close()
         await stack.drop_database(dbname)
     finally:
