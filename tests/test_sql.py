@@ -388,3 +388,24 @@ async def test_key_rate_limit_counts_every_endpoint(api: Api, project) -> None:
     # Another key of the project is unaffected.
     r = await api.http.get("/api/storage/buckets", params=q, headers=bearer(project.admin_key))
     assert r.status_code == 200
+
+
+async def test_cached_statements_survive_a_change_of_their_result_type(api: Api, project) -> None:
+    """After ALTER TABLE changes what `SELECT *` returns, every pooled connection's cached plan
+    is stale; each request retries once with a fresh statement instead of failing (0A000)."""
+    key, pid = project.admin_key, project.id
+    assert (await api.sql(key, pid, "CREATE TABLE shape (a int)")).json()["success"]
+    assert (await api.sql(key, pid, "INSERT INTO shape VALUES (1)")).json()["success"]
+    warm = await asyncio.gather(*(api.sql(key, pid, "SELECT * FROM shape") for _ in range(8)))
+    assert all(r.json()["result"]["rows"] == [{"a": 1}] for r in warm)
+    assert (await api.sql(key, pid, "ALTER TABLE shape ADD COLUMN b int DEFAULT 7")).json()["success"]
+    for _ in range(3):
+        after = await asyncio.gather(*(api.sql(key, pid, "SELECT * FROM shape") for _ in range(8)))
+        for r in after:
+            assert r.json()["result"]["rows"] == [{"a": 1, "b": 7}], r.text
+    # The explicit-transaction path (a statement naming advisory locks) retries the same way.
+    q = "SELECT *, 'advisory' AS note FROM shape"
+    assert (await api.sql(key, pid, q)).json()["success"]
+    assert (await api.sql(key, pid, "ALTER TABLE shape ADD COLUMN c int DEFAULT 8")).json()["success"]
+    body = (await api.sql(key, pid, q)).json()
+    assert body["result"]["rows"] == [{"a": 1, "b": 7, "c": 8, "note": "advisory"}], body

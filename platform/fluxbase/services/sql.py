@@ -436,6 +436,15 @@ async def _terminate(control: asyncpg.Pool, conn: Any) -> None:
 _CACHE_STALE = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)
 
 
+async def _forget_cached_plans(conn: Any, exc: BaseException) -> None:
+    """Before the one retry after a DDL: without this asyncpg hands back the same cached
+    statement (we call `_get_statement` ourselves, past the driver's own retry)."""
+    if isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError):
+        await conn.reload_schema_state()
+    else:
+        conn._drop_local_statement_cache()
+
+
 @dataclass
 class StatementResult:
     """One statement's outcome, encoded: execute-sql's `result` plus the operation name."""
@@ -593,9 +602,10 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     try:
         try:
             out = await work(tx)
-        except _CACHE_STALE:
+        except _CACHE_STALE as exc:
             # A concurrent DDL changed a cached plan; nothing ran for real. Retry once.
             await conn.execute("ROLLBACK")
+            await _forget_cached_plans(conn, exc)
             await _begin(conn, begin)
             tx.retried, tx.index, tx.bytes_left = True, None, tx.limits.max_bytes
             tx.rows_written, tx.last_keyword = 0, ""
@@ -745,12 +755,11 @@ async def _pipelined(
     conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
 ) -> StatementResult:
     """One round trip: reset, identity, guard and the statement as one implicit transaction."""
-    raw = conn
-    prefix = getattr(raw, "request_prefix", None)
+    prefix = getattr(conn, "request_prefix", None)
     if prefix is None:
         claims = base_claims(req.scope, req.project_id)
         fixed = identity_statements(Identity(None, claims, req.scope), "SESSION")
-        prefix = raw.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed, claims)
+        prefix = conn.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed, claims)
     identity = req.identity
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
         who = prefix.anonymous
@@ -773,7 +782,7 @@ async def _pipelined(
     limits = req.limits
     for attempt in (0, 1):
         try:
-            stmt = await raw._get_statement(query, None)
+            stmt = await conn._get_statement(query, None)
         except Exception as exc:
             raise _statement_error(exc, may_write) from None
         try:
@@ -781,10 +790,10 @@ async def _pipelined(
         except _ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        pipeline.write(raw, head)
-        raw.dirty = True  # until the next request's prefix (or tenants.clean) resets the session
+        pipeline.write(conn, head)
+        conn.dirty = True  # until the next request's prefix (or tenants.clean) resets the session
         try:
-            rows, status, completed = await raw._protocol.bind_execute(
+            rows, status, completed = await conn._protocol.bind_execute(
                 state=stmt,
                 args=args,
                 portal_name="",
@@ -800,18 +809,24 @@ async def _pipelined(
                 # guard runs apart from the statement, tells the two apart.
                 if state == "FXRST":
                     await conn.execute(SESSION_RESET)
-                    raw.dirty = False
+                    conn.dirty = False
                 elif state == "FXEPO" and req.evict_key is not None and req.guard is not None:
                     req.evict_key(req.guard[0])
                 raise _Fallback() from None
             if isinstance(exc, _CACHE_STALE) and attempt == 0:
-                continue  # a concurrent DDL changed a cached plan; nothing ran for real
+                await _forget_cached_plans(conn, exc)
+                continue  # a DDL changed a cached plan; nothing ran for real
             raise _statement_error(exc, may_write) from None
-        except (_ParamError, asyncpg.DataError, ValueError, TypeError, OverflowError) as exc:
+        except asyncpg.DataError as exc:
             # Refused while encoding, before the driver wrote anything: the prefix is already
             # on the wire without a Sync. Run a harmless prefix step to end it, then report.
             await prefix.drain(conn)
             raise StatementFailed(str(exc), "22023") from None
+        except _CONNECTION_LOST:
+            raise
+        except Exception:
+            conn.terminate()  # the protocol state is unknown: never reuse this connection
+            raise
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
         status_text = status.decode() if isinstance(status, bytes) else status
