@@ -322,3 +322,38 @@ async def test_one_connection_pool_gives_its_slot_back_after_every_kind_of_end(s
                 assert (await one("SELECT 4 AS x"))["result"]["rows"] == [{"x": 4}]
         finally:
             await api.close()
+
+
+async def test_session_lock_from_a_one_round_trip_request_is_released_when_idle(spawn) -> None:
+    """A session advisory lock taken inside a function (the request text names no lock, so it
+    takes the one-round-trip path, whose reset runs at the start of the next request) is released
+    shortly after the request even if no other request comes (db.tenants.IDLE_RESET_S)."""
+    async with spawn(FLUXBASE_TENANT_POOL_MAX="1") as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid)
+            fn = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
+            assert (await api.sql(key, pid, fn)).json()["success"]
+            assert (await api.sql(key, pid, "SELECT grab()")).json()["success"]
+            held = (
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND a.usename LIKE $1"
+            )
+            control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
+            try:
+                n = None
+                for _ in range(30):
+                    n = await control.fetchval(held, f"p_{pid}_%")
+                    if n == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert n == 0
+                # ...and the connection is still the pool's, clean, for the next request.
+                body = (await api.sql(key, pid, "SELECT current_setting('work_mem') AS wm")).json()
+                assert body["success"]
+            finally:
+                await control.close()
+        finally:
+            await api.close()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 INT53 = 2**53 - 1
 IDLE_CONNECTION_S = 60.0  # a tenant connection unused this long is closed
+IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle this long
 
 # Run after every request, in the same round trip as COMMIT/ROLLBACK: nothing a tenant did to
 # its session (settings, cursors, LISTEN, advisory locks, temp tables) survives into the next.
@@ -96,6 +97,7 @@ class TenantPool:
         self._all: set[TenantConnection] = set()
         self._opening = 0
         self._waiters: collections.deque[asyncio.Future[TenantConnection | None]] = collections.deque()
+        self._resets: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def get_size(self) -> int:
@@ -168,6 +170,30 @@ class TenantPool:
             conn.terminate()  # its termination listener frees the slot
             return
         self._hand_on(conn)
+        if getattr(conn, "dirty", False):
+            # A one-round-trip request resets the session only when the next one starts: if
+            # none comes soon, reset it now, so that nothing it held (session advisory locks,
+            # temp tables) outlives it by more than IDLE_RESET_S.
+            asyncio.get_running_loop().call_later(IDLE_RESET_S, self._reset_if_idle, conn)
+
+    def _reset_if_idle(self, conn: TenantConnection) -> None:
+        if self._closed or not getattr(conn, "dirty", False) or conn not in self._idle:
+            return
+        if time.monotonic() - conn.idle_since < IDLE_RESET_S * 0.9:
+            return  # used and released again since: that release's timer decides
+        self._idle.remove(conn)
+        task = asyncio.get_running_loop().create_task(self._reset(conn))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+
+    async def _reset(self, conn: TenantConnection) -> None:
+        try:
+            await asyncio.wait_for(conn.execute(SESSION_RESET), 10)
+            conn.dirty = False
+        except Exception:
+            conn.terminate()  # its termination listener frees the slot
+            return
+        await self.release(conn)
 
     @contextlib.asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[TenantConnection]:  # noqa: ASYNC109
