@@ -134,7 +134,9 @@ class TenantRequest:
     scope: str
     identity: Identity
     limits: Limits
-    # The project's read-only switch when no key guard enforces it inside the transaction.
+    # The project's read-only switch as the edge knows it (for a key: from its cached state,
+    # which the one-round-trip path trusts only while `epoch` is current; the explicit path
+    # leaves it to the key guard, which reads it inside the transaction).
     project_read_only: bool = False
     guard: tuple[bytes, str] | None = None  # (key hash, project) for fluxbase_guard.check_key
     db_quota: int | None = None  # the project's database-size cap
@@ -143,8 +145,6 @@ class TenantRequest:
     # that cache entry when the epoch has moved on since.
     epoch: int | None = None
     evict_key: Callable[[bytes], None] | None = None
-    # The read-only switch in the cached key state (valid while `epoch` is current).
-    key_project_read_only: bool = False
 
 
 def base_claims(scope: str, project_id: str) -> dict[str, Any]:
@@ -712,7 +712,10 @@ async def transaction(
     """
     scope = req.scope
     begin = begin_script(
-        req.identity, read_only or req.project_read_only or scope == "read", req.guard, isolation
+        req.identity,
+        read_only or (req.project_read_only and req.guard is None) or scope == "read",
+        req.guard,
+        isolation,
     )
     may_write = scope != "read" and not read_only
     quota_of = None
@@ -735,8 +738,11 @@ async def transaction(
 _NOT_PIPELINED = frozenset({"", "CALL", "DO"})
 
 
+_ADVISORY = re.compile("advisory", re.IGNORECASE)
+
+
 def pipelinable(req: TenantRequest, keyword: str, query: str) -> bool:
-    if keyword in _NOT_PIPELINED or "advisory" in query.lower():
+    if keyword in _NOT_PIPELINED or _ADVISORY.search(query):
         return False
     # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
     return not (req.db_quota and req.scope != "read")
@@ -772,7 +778,7 @@ async def _pipelined(
             prefix.checks(
                 req.project_id,
                 req.epoch if req.guard is not None else None,
-                req.scope == "read" or req.project_read_only or req.key_project_read_only,
+                req.scope == "read" or req.project_read_only,
                 identity.user_session,
                 identity.uid,
             ),

@@ -108,13 +108,12 @@ async def tenant_request(
         scope=access.sql_scope,
         identity=await request_identity(request, ctx, access, auth_uid),
         limits=limits_of(ctx),
-        project_read_only=access.project.read_only and key_auth is None,
+        project_read_only=access.project.read_only,
         guard=(key_auth.key_hash, key_auth.project.id) if key_auth is not None else None,
         db_quota=access.project.db_quota,
         sizes=ctx.sizes,
         epoch=key_auth.epoch if key_auth is not None else None,
         evict_key=ctx.auth.evict,
-        key_project_read_only=key_auth is not None and key_auth.project.read_only,
     )
 
 
