@@ -2,7 +2,12 @@
 
 One invocation: starts an embedded PostgreSQL and S3, a Fluxbase API with --workers
 processes, creates a project with one row, then measures at 8 and 32 concurrent clients:
-  * direct: the same SELECT issued straight through an asyncpg pool (the limit),
+  * direct: the same SELECT issued straight through asyncpg on connections each client holds for
+    the whole run (no reset between queries: the limit),
+  * pooled: the same SELECT through asyncpg's pool as its documentation uses it
+    (`pool.fetchrow`: acquire, query, release; release resets the session, so two round trips),
+    the baseline the issue's figures match and the one that does the per-request isolation
+    work Fluxbase does,
   * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1,
   * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
   * minimal (optional, --minimal): a bare ASGI app over asyncpg (bench/minimal_app.py: no auth,
@@ -104,6 +109,25 @@ async def direct_load(url: str, clients: int, seconds: float) -> Result:
     elapsed = time.perf_counter() - t0
     await pool.close()
     return Result("direct", clients, latencies, elapsed, 0)
+
+
+async def pooled_load(url: str, clients: int, seconds: float) -> Result:
+    """asyncpg's pool per query: acquire, fetch, release (which runs the session reset)."""
+    pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await pool.fetchrow(QUERY, 1)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    await pool.close()
+    return Result("pooled", clients, latencies, elapsed, 0)
 
 
 def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
@@ -269,9 +293,11 @@ async def main() -> None:
                     # Warm-up so pools and statement caches are filled.
                     await http_load("127.0.0.1", port, request, clients, 1.0, b'"Alice"')
                     d = await direct_load(direct_url, clients, args.seconds)
+                    pl = await pooled_load(direct_url, clients, args.seconds)
                     f = await http_load("127.0.0.1", port, request, clients, args.seconds, b'"Alice"')
                     f.name = "fluxbase"
                     print(d.line())
+                    print(pl.line())
                     print(f.line())
                     if pg_proc is not None:
                         await http_load("127.0.0.1", pg_port, gql_request, clients, 1.0, b"Alice")
@@ -289,7 +315,8 @@ async def main() -> None:
                         m.name = "minimal"
                         print(m.line())
                         print(f"  fluxbase / minimal ASGI over asyncpg = {f.rps / m.rps:.2%}")
-                    print(f"  fluxbase / direct asyncpg = {f.rps / d.rps:.2%}")
+                    print(f"  fluxbase / direct asyncpg (held connections) = {f.rps / d.rps:.2%}")
+                    print(f"  fluxbase / asyncpg pool (pool.fetchrow) = {f.rps / pl.rps:.2%}")
             finally:
                 if pg_proc is not None:
                     stop_process(pg_proc, signal.SIGTERM)
