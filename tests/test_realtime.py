@@ -207,6 +207,32 @@ async def test_resume_with_since_gets_exactly_the_gap(api: Api, project, rt) -> 
     assert version == last
 
 
+async def test_version_is_never_another_projects_event(api: Api, project, control_db) -> None:
+    """/api/version looks up the newest entry of the project's index below (project, xmin); the
+    entry just before a project without events belongs to the project sorting before it."""
+    neighbour = project.id[:-1]  # a prefix sorts right before the project's id
+    q = {"projectId": project.id}
+    h = bearer(project.admin_key)
+    event_id = await control_db.fetchval(
+        "INSERT INTO fluxbase.events (project_id, kind, operation, record) "
+        "VALUES ($1, 'broadcast', 'BROADCAST', '{}') RETURNING id",
+        neighbour,
+    )
+    try:
+        r = await api.http.get("/api/version", params=q, headers=h)
+        assert r.status_code == 200 and r.json()["version"] is None, r.text
+        await api.http.post("/api/realtime/broadcast", json={**q, "event": "e", "payload": {}}, headers=h)
+        deadline = time.monotonic() + 10
+        while (
+            version := (await api.http.get("/api/version", params=q, headers=h)).json()["version"]
+        ) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert not version.endswith(f":{event_id}")
+    finally:
+        await control_db.execute("DELETE FROM fluxbase.events WHERE id = $1", event_id)
+
+
 async def test_forged_notify_delivers_nothing(api: Api, project, rt) -> None:
     await _table(api, project)
     forged = json.dumps(
@@ -527,3 +553,60 @@ async def test_idle_sockets_are_pinged(api: Api, project, instance, log_dir) -> 
             assert 0x9 in opcodes, opcodes  # a ping frame arrived while the socket sat idle
         finally:
             sock.close()
+
+
+async def test_outbox_reads_stay_index_probes_on_a_large_outbox(control_db) -> None:
+    """The realtime reader's and the webhook dispatcher's polls, `since` replays and
+    GET /api/version run these statements. As prepared statements they settle on a generic plan;
+    with many events in the outbox that plan must still be an index probe, and a quiet project's
+    reads must walk its own index, not every project's events (a scan per poll once cost the
+    realtime reader's backend ~20 ms per 200k events, several times a second under load)."""
+    from fluxbase.services.realtime import LATEST_CURSOR_SQL
+    from fluxbase.webhooks.delivery import _EVENTS_SQL
+    from fluxbase_realtime.outbox import _PENDING_SQL, _POLL_SQL, _REPLAY_SQL
+
+    statements = {
+        "fx_probe_pending": (_PENDING_SQL, "(text)", "('999999999')", "events_xid_idx"),
+        "fx_probe_poll": (
+            _POLL_SQL,
+            "(text, bigint, text, int)",
+            "('999999990', 0, '999999999', 2000)",
+            "events_xid_idx",
+        ),
+        "fx_probe_webhook": (
+            _EVENTS_SQL,
+            "(text, bigint, text, int)",
+            "('999999990', 0, '999999999', 1000)",
+            "events_xid_idx",
+        ),
+        "fx_probe_replay": (
+            _REPLAY_SQL,
+            "(text, text, bigint, text, bigint, int)",
+            "('planquiet', '0', 0, '999999999', 0, 1000)",
+            "events_project_xid_idx",
+        ),
+        "fx_probe_version": (LATEST_CURSOR_SQL, "(text)", "('planquiet')", "events_project_xid_idx"),
+    }
+    async with control_db.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute(
+                "INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record) "
+                "SELECT CASE WHEN g <= 10 THEN 'planquiet' ELSE 'planbusy' END, 'row', 't', 'INSERT', "
+                "'{}'::jsonb FROM generate_series(1, 50000) g"
+            )
+            await conn.execute("ANALYZE fluxbase.events")
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            for name, (sql, types, args, index) in statements.items():
+                await conn.execute(f"PREPARE {name}{types} AS {sql}")
+                try:
+                    plan = "\n".join(
+                        r[0] for r in await conn.fetch(f"EXPLAIN (COSTS OFF) EXECUTE {name}{args}")
+                    )
+                finally:
+                    await conn.execute(f"DEALLOCATE {name}")
+                assert "Seq Scan on events" not in plan, f"{name}:\n{plan}"
+                assert f"using {index} on events" in plan, f"{name}:\n{plan}"
+        finally:
+            await tx.rollback()  # the rows and the statistics both go

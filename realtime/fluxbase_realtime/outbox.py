@@ -50,16 +50,23 @@ LIMIT $4
 )
 
 # A `since` replay: one project's events after the client's cursor, up to where live delivery
-# to that subscriber begins.
+# to that subscriber begins. Both bounds lead with the project, so only the project's index can
+# serve them: the plan never walks every project's events in xid order (see
+# fluxbase.services.realtime.LATEST_CURSOR_SQL).
 _REPLAY_SQL = (
     _SELECT
     + """
-WHERE e.project_id = $1 AND (e.xid, e.id) > ($2::text::xid8, $3::bigint)
-  AND (e.xid, e.id) <= ($4::text::xid8, $5::bigint)
-ORDER BY e.xid, e.id
+WHERE (e.project_id, e.xid, e.id) > ($1::text, $2::text::xid8, $3::bigint)
+  AND (e.project_id, e.xid, e.id) <= ($1::text, $4::text::xid8, $5::bigint)
+ORDER BY e.project_id, e.xid, e.id
 LIMIT $6
 """
 )
+
+# Committed events this snapshot cannot read yet (an older transaction is still open). Written as
+# an ordered LIMIT 1 so the plan is an index probe: as EXISTS, the generic plan asyncpg's
+# prepared statement settles on is a sequential scan of the whole outbox on every poll.
+_PENDING_SQL = "SELECT 1 FROM fluxbase.events WHERE xid >= $1::text::xid8 ORDER BY xid LIMIT 1"
 
 
 def _event(row: asyncpg.Record) -> OutboxEvent:
@@ -74,13 +81,9 @@ def _event(row: asyncpg.Record) -> OutboxEvent:
 
 
 async def read_range(
-    conn: asyncpg.Connection, after: Cursor, below_xid: int, limit: int, project_id: str | None = None
+    conn: asyncpg.Connection, after: Cursor, below_xid: int, limit: int
 ) -> list[OutboxEvent]:
-    sql = _POLL_SQL if project_id is None else _POLL_SQL.replace("WHERE ", "WHERE e.project_id = $5 AND ", 1)
-    args: list[object] = [str(after.xid), after.id, str(below_xid), limit]
-    if project_id is not None:
-        args.append(project_id)
-    return [_event(r) for r in await conn.fetch(sql, *args)]
+    return [_event(r) for r in await conn.fetch(_POLL_SQL, str(after.xid), after.id, str(below_xid), limit)]
 
 
 async def read_replay(
@@ -150,11 +153,7 @@ class OutboxReader:
             if self.cursor is None:
                 self.cursor = Cursor(xmin, 0)
             events = await read_range(conn, self.cursor, xmin, self.batch)
-            pending = len(events) == self.batch or bool(
-                await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM fluxbase.events WHERE xid >= $1::text::xid8)", str(xmin)
-                )
-            )
+            pending = len(events) == self.batch or (await conn.fetchval(_PENDING_SQL, str(xmin))) is not None
         if events:
             self.cursor = events[-1].cursor
         return events, pending

@@ -102,15 +102,23 @@ async def set_enabled(
     return await list_tables(db, project_id)
 
 
+# One probe of the project's index (project_id, xid, id), whatever the statistics say: its
+# newest entry below (project, xmin). With `project_id = $1` the planner may instead walk the xid
+# index back through every project's events (for a quiet project next to a busy one, the busy
+# one's whole history); a row comparison that leads with project_id is an index condition only
+# for the project's index. The row found may belong to an earlier project: then there is none.
+# (Ordered by the xid8 column, not its text alias.)
+LATEST_CURSOR_SQL = """
+SELECT e.project_id, e.xid::text AS xid, e.id FROM fluxbase.events e
+WHERE (e.project_id, e.xid) < ($1::text, pg_snapshot_xmin(pg_current_snapshot()))
+ORDER BY e.project_id DESC, e.xid DESC, e.id DESC LIMIT 1
+"""
+
+
 async def latest_cursor(db: asyncpg.Pool, project_id: str) -> str | None:
     """The newest event of the project that every reader can already see (commit-safe)."""
-    row = await db.fetchrow(
-        """SELECT e.xid::text AS xid, e.id FROM fluxbase.events e
-           WHERE e.project_id = $1 AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
-           ORDER BY e.xid DESC, e.id DESC LIMIT 1""",  # order by the xid8 column, not its text alias
-        project_id,
-    )
-    return f"{row['xid']}:{row['id']}" if row else None
+    row = await db.fetchrow(LATEST_CURSOR_SQL, project_id)
+    return f"{row['xid']}:{row['id']}" if row is not None and row["project_id"] == project_id else None
 
 
 def mint_token(
