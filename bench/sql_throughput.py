@@ -14,7 +14,7 @@ processes, creates a project with one row, then measures at 8 and 32 concurrent 
     no transaction, no reset) under uvicorn with the same workers, the floor for Python HTTP.
 Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
-    .venv/bin/python bench/sql_throughput.py [--seconds 10] [--workers 2] [--postgraphile]
+    .venv/bin/python bench/sql_throughput.py [--seconds 10] [--workers 1] [--postgraphile] [--minimal]
 """
 
 from __future__ import annotations
@@ -208,7 +208,12 @@ def start_minimal(dsn: str, port: int, workers: int) -> subprocess.Popen[bytes]:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--workers", type=int, default=2, help="API worker processes")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API worker processes (1 pays off best on 2 cores: docs/sql.md)",
+    )
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
     ap.add_argument("--minimal", action="store_true", help="also measure a bare ASGI app over asyncpg")
