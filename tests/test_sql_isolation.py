@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -88,6 +91,21 @@ async def two_projects(api: Api):
     return a, b, key_a, key_b
 
 
+@contextlib.asynccontextmanager
+async def _own_project(
+    spawn: Any, key_settings: dict[str, Any] | None = None, **env: str
+) -> AsyncIterator[tuple[Any, Api, str, str]]:
+    """A server process of its own (`env` overrides) with a user, a project and an admin key."""
+    async with spawn(**env) as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            yield inst, api, pid, await api.new_key(token, pid, **(key_settings or {}))
+        finally:
+            await api.close()
+
+
 async def test_hostile_statements_all_fail_and_change_nothing(api: Api, two_projects, control_db) -> None:
     a, b, key_a, key_b = two_projects
     before_roles = await control_db.fetch(
@@ -137,112 +155,97 @@ async def test_commit_smuggling_cannot_drop_identity(api: Api, project) -> None:
 
 async def test_no_state_leaks_between_requests(spawn) -> None:
     # One tenant connection only, so every request reuses the same backend.
-    async with spawn(FLUXBASE_TENANT_POOL_MAX="1") as inst:
-        api = Api(inst.url)
-        try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            key = await api.new_key(token, pid)
+    async with _own_project(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (_, api, pid, key):
 
-            async def one(q: str, **kw) -> dict:
-                return (await api.sql(key, pid, q, **kw)).json()
+        async def one(q: str, **kw) -> dict:
+            return (await api.sql(key, pid, q, **kw)).json()
 
-            pid1 = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
-            assert (await one("SET statement_timeout = 0"))["success"]
-            assert (await one("SET work_mem = '1GB'"))["success"]
-            assert (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
-            assert (await one("SELECT pg_advisory_lock(42)"))["success"]
-            assert (await one("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))["success"]
-            assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
-            # Transaction defaults: a one-round-trip request's transaction starts before its
-            # session reset runs, so these must be caught too (sql/0011, FXRST).
-            assert (await one("SET default_transaction_isolation = 'serializable'"))["success"]
-            assert (await one("SET default_transaction_read_only = on"))["success"]
-            # One-round-trip path (no advisory-lock text in the statement).
-            body = await one("""SELECT pg_backend_pid() AS p,
-                                current_setting('transaction_isolation') AS iso,
-                                current_setting('transaction_read_only') AS ro,
-                                current_setting('work_mem') AS wm,
-                                auth.uid() AS uid, to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp,
-                                (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors""")
-            row = body["result"]["rows"][0]
-            assert row == {
-                "p": pid1,
-                "iso": "read committed",
-                "ro": "off",
-                "wm": row["wm"],
-                "uid": None,
-                "no_temp": True,
-                "cursors": 0,
-            }
-            assert row["wm"] != "1GB"
-            # A session lock taken inside a function (no lock text in the request) is gone by the
-            # next request on the connection.
-            assert (
-                await one(
-                    "CREATE FUNCTION take_lock() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(43)'"
-                )
-            )["success"]
-            assert (await one("SELECT take_lock()"))["success"]
-            body = await one(
-                "SELECT count(*) AS n FROM pg_locks WHERE locktype::text LIKE 'adv%' "
-                "AND pid = pg_backend_pid()"
+        pid1 = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
+        assert (await one("SET statement_timeout = 0"))["success"]
+        assert (await one("SET work_mem = '1GB'"))["success"]
+        assert (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
+        assert (await one("SELECT pg_advisory_lock(42)"))["success"]
+        assert (await one("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))["success"]
+        assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
+        # Transaction defaults: a one-round-trip request's transaction starts before its
+        # session reset runs, so these must be caught too (sql/0011, FXRST).
+        assert (await one("SET default_transaction_isolation = 'serializable'"))["success"]
+        assert (await one("SET default_transaction_read_only = on"))["success"]
+        # One-round-trip path (no advisory-lock text in the statement).
+        body = await one("""SELECT pg_backend_pid() AS p,
+                            current_setting('transaction_isolation') AS iso,
+                            current_setting('transaction_read_only') AS ro,
+                            current_setting('work_mem') AS wm,
+                            auth.uid() AS uid, to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp,
+                            (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors""")
+        row = body["result"]["rows"][0]
+        assert row == {
+            "p": pid1,
+            "iso": "read committed",
+            "ro": "off",
+            "wm": row["wm"],
+            "uid": None,
+            "no_temp": True,
+            "cursors": 0,
+        }
+        assert row["wm"] != "1GB"
+        # A session lock taken inside a function (no lock text in the request) is gone by the
+        # next request on the connection.
+        assert (
+            await one(
+                "CREATE FUNCTION take_lock() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(43)'"
             )
-            assert body["result"]["rows"] == [{"n": 0}]
-            assert (await one("SET default_transaction_isolation = 'repeatable read'"))["success"]
-            assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
-            body = await one("""SELECT pg_backend_pid() AS p, current_setting('statement_timeout') AS st,
-                                current_setting('work_mem') AS wm, auth.uid() AS uid,
-                                (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
-                                  AND pid = pg_backend_pid()) AS locks,
-                                (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
-                                to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp""")
-            row = body["result"]["rows"][0]
-            assert row["p"] == pid1  # same backend, so the checks below are meaningful
-            assert row["st"] != "0" and row["wm"] != "1GB"
-            assert row["uid"] is None and row["locks"] == 0 and row["cursors"] == 0 and row["no_temp"] is True
-        finally:
-            await api.close()
+        )["success"]
+        assert (await one("SELECT take_lock()"))["success"]
+        body = await one(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype::text LIKE 'adv%' AND pid = pg_backend_pid()"
+        )
+        assert body["result"]["rows"] == [{"n": 0}]
+        assert (await one("SET default_transaction_isolation = 'repeatable read'"))["success"]
+        assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
+        body = await one("""SELECT pg_backend_pid() AS p, current_setting('statement_timeout') AS st,
+                            current_setting('work_mem') AS wm, auth.uid() AS uid,
+                            (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                              AND pid = pg_backend_pid()) AS locks,
+                            (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
+                            to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp""")
+        row = body["result"]["rows"][0]
+        assert row["p"] == pid1  # same backend, so the checks below are meaningful
+        assert row["st"] != "0" and row["wm"] != "1GB"
+        assert row["uid"] is None and row["locks"] == 0 and row["cursors"] == 0 and row["no_temp"] is True
 
 
 async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> None:
-    async with spawn(FLUXBASE_SQL_DEADLINE_MS="1500") as inst:
-        api = Api(inst.url)
-        try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            key = await api.new_key(token, pid)
-            t0 = time.monotonic()
-            body = (await api.sql(key, pid, "SELECT pg_sleep(30)")).json()
-            assert time.monotonic() - t0 < 6
-            assert body["success"] is False and body["error"]["code"] == "QUERY_TIMEOUT"
-            # A plpgsql loop that swallows cancellation is terminated too.
+    async with _own_project(spawn, FLUXBASE_SQL_DEADLINE_MS="1500") as (_, api, pid, key):
+        t0 = time.monotonic()
+        body = (await api.sql(key, pid, "SELECT pg_sleep(30)")).json()
+        assert time.monotonic() - t0 < 6
+        assert body["success"] is False and body["error"]["code"] == "QUERY_TIMEOUT"
+        # A plpgsql loop that swallows cancellation is terminated too.
+        await api.sql(
+            key,
+            pid,
+            """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN LOOP BEGIN PERFORM pg_sleep(0.2);
+            EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP;
+            END $$""",
+        )
+        t0 = time.monotonic()
+        body = (await api.sql(key, pid, "SELECT stubborn()")).json()
+        assert time.monotonic() - t0 < 8
+        assert body["error"]["code"] == "QUERY_TIMEOUT"
+        # The project still works afterwards and no backend of its roles is left busy.
+        assert (await api.sql(key, pid, "SELECT 1 AS one")).json()["result"]["rows"] == [{"one": 1}]
+        await asyncio.sleep(0.5)
+        busy = (
             await api.sql(
                 key,
                 pid,
-                """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
-                BEGIN LOOP BEGIN PERFORM pg_sleep(0.2);
-                EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP;
-                END $$""",
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
+                f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()",
             )
-            t0 = time.monotonic()
-            body = (await api.sql(key, pid, "SELECT stubborn()")).json()
-            assert time.monotonic() - t0 < 8
-            assert body["error"]["code"] == "QUERY_TIMEOUT"
-            # The project still works afterwards and no backend of its roles is left busy.
-            assert (await api.sql(key, pid, "SELECT 1 AS one")).json()["result"]["rows"] == [{"one": 1}]
-            await asyncio.sleep(0.5)
-            busy = (
-                await api.sql(
-                    key,
-                    pid,
-                    "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
-                    f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()",
-                )
-            ).json()
-            assert busy["result"]["rows"] == [{"n": 0}]
-        finally:
-            await api.close()
+        ).json()
+        assert busy["result"]["rows"] == [{"n": 0}]
 
 
 async def test_held_locks_do_not_outlive_the_request(api: Api, project) -> None:
@@ -292,68 +295,56 @@ async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> No
 async def test_one_connection_pool_gives_its_slot_back_after_every_kind_of_end(spawn) -> None:
     """db.tenants.TenantPool with a single slot: a backend terminated at the deadline, one killed
     from outside and plain releases all leave the slot usable; a waiter gets the released one."""
-    async with spawn(FLUXBASE_TENANT_POOL_MAX="1", FLUXBASE_SQL_DEADLINE_MS="1500") as inst:
-        api = Api(inst.url)
+    async with _own_project(
+        spawn, {"rateLimitRequests": 1_000_000}, FLUXBASE_TENANT_POOL_MAX="1", FLUXBASE_SQL_DEADLINE_MS="1500"
+    ) as (inst, api, pid, key):
+
+        async def one(q: str) -> dict:
+            return (await api.sql(key, pid, q)).json()
+
+        assert (await one("SELECT pg_sleep(10)"))["error"]["code"] == "QUERY_TIMEOUT"
+        assert (await one("SELECT 1 AS x"))["result"]["rows"] == [{"x": 1}]
+        # Two at once on one slot: the second waits for the first's release.
+        slow, fast = await asyncio.gather(one("SELECT pg_sleep(0.5) AS s"), one("SELECT 2 AS x"))
+        assert slow["success"] and fast["result"]["rows"] == [{"x": 2}]
+        # The idle connection's backend is killed from outside: at most one request notices
+        # (503, nothing reported as done), then a new connection takes the slot.
+        backend = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
+        control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
         try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            key = await api.new_key(token, pid, rateLimitRequests=1_000_000)
-
-            async def one(q: str) -> dict:
-                return (await api.sql(key, pid, q)).json()
-
-            assert (await one("SELECT pg_sleep(10)"))["error"]["code"] == "QUERY_TIMEOUT"
-            assert (await one("SELECT 1 AS x"))["result"]["rows"] == [{"x": 1}]
-            # Two at once on one slot: the second waits for the first's release.
-            slow, fast = await asyncio.gather(one("SELECT pg_sleep(0.5) AS s"), one("SELECT 2 AS x"))
-            assert slow["success"] and fast["result"]["rows"] == [{"x": 2}]
-            # The idle connection's backend is killed from outside: at most one request notices
-            # (503, nothing reported as done), then a new connection takes the slot.
-            backend = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
-            control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
-            try:
-                await control.execute("SELECT pg_terminate_backend($1)", backend)
-            finally:
-                await control.close()
-            await asyncio.sleep(0.3)
-            first = await api.sql(key, pid, "SELECT 3 AS x")
-            assert first.status_code == 503 or first.json()["result"]["rows"] == [{"x": 3}]
-            for _ in range(5):
-                assert (await one("SELECT 4 AS x"))["result"]["rows"] == [{"x": 4}]
+            await control.execute("SELECT pg_terminate_backend($1)", backend)
         finally:
-            await api.close()
+            await control.close()
+        await asyncio.sleep(0.3)
+        first = await api.sql(key, pid, "SELECT 3 AS x")
+        assert first.status_code == 503 or first.json()["result"]["rows"] == [{"x": 3}]
+        for _ in range(5):
+            assert (await one("SELECT 4 AS x"))["result"]["rows"] == [{"x": 4}]
 
 
 async def test_session_lock_from_a_one_round_trip_request_is_released_when_idle(spawn) -> None:
     """A session advisory lock taken inside a function (the request text names no lock, so it
     takes the one-round-trip path, whose reset runs at the start of the next request) is released
     shortly after the request even if no other request comes (db.tenants.IDLE_RESET_S)."""
-    async with spawn(FLUXBASE_TENANT_POOL_MAX="1") as inst:
-        api = Api(inst.url)
+    async with _own_project(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, key):
+        fn = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
+        assert (await api.sql(key, pid, fn)).json()["success"]
+        assert (await api.sql(key, pid, "SELECT grab()")).json()["success"]
+        held = (
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND a.usename LIKE $1"
+        )
+        control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
         try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            key = await api.new_key(token, pid)
-            fn = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
-            assert (await api.sql(key, pid, fn)).json()["success"]
-            assert (await api.sql(key, pid, "SELECT grab()")).json()["success"]
-            held = (
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND a.usename LIKE $1"
-            )
-            control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
-            try:
-                n = None
-                for _ in range(30):
-                    n = await control.fetchval(held, f"p_{pid}_%")
-                    if n == 0:
-                        break
-                    await asyncio.sleep(0.1)
-                assert n == 0
-                # ...and the connection is still the pool's, clean, for the next request.
-                body = (await api.sql(key, pid, "SELECT current_setting('work_mem') AS wm")).json()
-                assert body["success"]
-            finally:
-                await control.close()
+            n = None
+            for _ in range(30):
+                n = await control.fetchval(held, f"p_{pid}_%")
+                if n == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert n == 0
+            # ...and the connection is still the pool's, clean, for the next request.
+            body = (await api.sql(key, pid, "SELECT current_setting('work_mem') AS wm")).json()
+            assert body["success"]
         finally:
-            await api.close()
+            await control.close()
