@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -92,42 +93,27 @@ async def http_load(
     return Result("", clients, latencies, time.perf_counter() - t0, errors)
 
 
-async def direct_load(url: str, clients: int, seconds: float) -> Result:
+async def asyncpg_load(url: str, clients: int, seconds: float, *, per_query_pool: bool) -> Result:
+    """The query straight through asyncpg: on a connection each client holds for the whole run
+    ("direct"), or through the pool per query ("pooled": acquire, fetch, release, which runs the
+    session reset)."""
     pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
 
     async def client() -> None:
-        async with pool.acquire() as conn:
+        async with contextlib.AsyncExitStack() as stack:
+            db = pool if per_query_pool else await stack.enter_async_context(pool.acquire())
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                await conn.fetch(QUERY, 1)
+                await db.fetchrow(QUERY, 1)
                 latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - t0
     await pool.close()
-    return Result("direct", clients, latencies, elapsed, 0)
-
-
-async def pooled_load(url: str, clients: int, seconds: float) -> Result:
-    """asyncpg's pool per query: acquire, fetch, release (which runs the session reset)."""
-    pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
-    latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-
-    async def client() -> None:
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            await pool.fetchrow(QUERY, 1)
-            latencies.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - t0
-    await pool.close()
-    return Result("pooled", clients, latencies, elapsed, 0)
+    return Result("pooled" if per_query_pool else "direct", clients, latencies, elapsed, 0)
 
 
 def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
@@ -297,8 +283,8 @@ async def main() -> None:
                 for clients in client_counts:
                     # Warm-up so pools and statement caches are filled.
                     await http_load("127.0.0.1", port, request, clients, 1.0, b'"Alice"')
-                    d = await direct_load(direct_url, clients, args.seconds)
-                    pl = await pooled_load(direct_url, clients, args.seconds)
+                    d = await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=False)
+                    pl = await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=True)
                     f = await http_load("127.0.0.1", port, request, clients, args.seconds, b'"Alice"')
                     f.name = "fluxbase"
                     print(d.line())
