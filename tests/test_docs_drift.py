@@ -387,3 +387,31 @@ def test_the_defaults_check_sees_a_changed_value() -> None:
     assert load_settings(dict(REQUIRED)) == baseline
     assert load_settings({**REQUIRED, "FLUXBASE_API_PORT": "8081"}) != baseline
     assert load_settings({**REQUIRED, "FLUXBASE_RUN_WORKER_IN_API": "true"}) != baseline
+
+
+# -- links between the docs --------------------------------------------------------------------
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", dest.read_text(), flags=re.M)}
+                if anchor not in anchors:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
