@@ -135,6 +135,17 @@ async def test_browser_key_without_user_token_reaches_no_private_file(
             headers=headers,
         )
         assert r.status_code in (401, 403), r.text
+        r = await api.http.post(
+            "/api/realtime/broadcast", json={"projectId": pid, "event": "x", "payload": 1}, headers=headers
+        )
+        assert r.status_code in (401, 403), r.text
+        for path in (
+            f"/api/projects/{pid}",
+            f"/api/projects/{pid}/migrations",
+            f"/api/projects/{pid}/quotas",
+        ):
+            r = await api.http.get(path, headers=headers)
+            assert r.status_code in (401, 403), (path, r.text)
 
     # Public files stay public: no key at all.
     async with httpx.AsyncClient(base_url=api.base_url) as anon:
