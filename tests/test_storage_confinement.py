@@ -70,11 +70,19 @@ async def delete_file(api: Api, headers: dict[str, str], pid: str, s3_key: str) 
 
 
 async def upload_as(
-    api: Api, headers: dict[str, str], pid: str, bucket: str, name: str, data: bytes, **extra: str
+    api: Api,
+    headers: dict[str, str],
+    pid: str,
+    bucket: str,
+    name: str,
+    data: bytes,
+    *,
+    file_first: bool = True,
+    **extra: str,
 ) -> httpx.Response:
     key = headers["Authorization"].removeprefix("Bearer ")
     rest = {k: v for k, v in headers.items() if k != "Authorization"}
-    return await upload(api, key, pid, bucket, name, data, headers=rest, **extra)
+    return await upload(api, key, pid, bucket, name, data, headers=rest, file_first=file_first, **extra)
 
 
 # -- finding 3: a browser key without an end-user token ------------------------------------------
@@ -224,7 +232,7 @@ async def test_end_user_rules_owner_and_user_folder(api: Api, project, s3, contr
         "NOT_FOUND",
     )
     assert_error(
-        await upload_as(api, b, pid, "docs", "a.txt", b"bob was here", upsert="true"),
+        await upload_as(api, b, pid, "docs", "a.txt", b"bob was here", upsert="true", file_first=False),
         403,
         "INSUFFICIENT_PERMISSIONS",
     )
@@ -249,7 +257,9 @@ async def test_end_user_rules_owner_and_user_folder(api: Api, project, s3, contr
     # userFolder: the first path segment must be the user's id.
     assert (await upload_as(api, a, pid, "home", f"{alice}/notes.txt", b"mine")).status_code == 201
     assert_error(
-        await upload_as(api, a, pid, "home", f"{bob}/notes.txt", b"forged"), 403, "INSUFFICIENT_PERMISSIONS"
+        await upload_as(api, a, pid, "home", f"{bob}/notes.txt", b"forged", file_first=False),
+        403,
+        "INSUFFICIENT_PERMISSIONS",
     )
     assert_error(
         await upload_as(api, a, pid, "home", "shared.txt", b"top level"), 403, "INSUFFICIENT_PERMISSIONS"
