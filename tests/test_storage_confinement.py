@@ -22,6 +22,7 @@ import pytest
 
 from fluxbase.config import S3Settings, load_settings
 from fluxbase.errors import Conflict
+from fluxbase.storage.rules import END_USER_RULES, end_user_allows, end_user_sql
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.streaming import copy_object
 from fluxbase.worker import housekeeping
@@ -471,3 +472,25 @@ async def test_confirm_copies_only_the_version_it_measured(s3) -> None:
     await copy_object(s3, src, dst, 8, "application/octet-stream", if_match=fresh)
     assert await s3_get(s3, dst) == b"swapped!"
     await s3.client.delete_objects(Bucket=s3.bucket, Delete={"Objects": [{"Key": src}, {"Key": dst}]})
+
+
+async def test_rule_predicate_in_python_and_sql_agree(control_db) -> None:
+    """storage/rules.py states each rule twice (single files in Python, listings and deletes in
+    SQL); both must give the same answer, tricky ids and names included."""
+    uids = ["alice", "al", "a/b", "", "ä", "alice/"]
+    names = ["alice/x", "alice", "al/x", "alice/x/y", "a/b/c", "a/x", "/x", "ä/f", "alicex/y", "x"]
+    owners = [None, "alice", "al", "a/b", ""]
+    cases = [(r, u, n, o) for r in END_USER_RULES for u in uids for n in names for o in owners]
+    got = await control_db.fetch(
+        f"""SELECT {end_user_sql("f.rule", "f.uid", alias="f")} AS ok
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                 WITH ORDINALITY AS f(rule, uid, name, owner_uid, i)
+            ORDER BY f.i""",
+        [c[0] for c in cases],
+        [c[1] for c in cases],
+        [c[2] for c in cases],
+        [c[3] for c in cases],
+    )
+    python = [end_user_allows(*c) for c in cases]
+    assert [bool(r["ok"]) for r in got] == python
+    assert python.count(True) > 50 and python.count(False) > 50
