@@ -791,13 +791,16 @@ async def test_presigned_post_upload(api: Api, project, s3, control_db) -> None:
             grant["url"], data=grant["fields"], files={"file": ("pic.png", b"PNGDATA", "image/png")}
         )
         assert ok.status_code in (200, 201, 204), ok.text
-    assert await s3_keys(s3, f"{pid}/{bucket['id']}/") == [
-        f"{pid}/{bucket['id']}/direct/pic.png"
-    ]  # no "evil"
+    # The form writes to a staging key of its own (no "evil"); the file appears on confirm.
+    assert grant["fields"]["key"].startswith(f"_presigned/{pid}/")
+    assert await s3_keys(s3, f"{pid}/{bucket['id']}/") == []
+    assert await s3_keys(s3, f"_presigned/{pid}/") == [grant["fields"]["key"]]
     r = await api.http.post(
         "/api/storage/upload-url/confirm", json={"projectId": pid, "fileId": file_id}, headers=bearer(key)
     )
     assert r.status_code == 200, r.text
+    assert await s3_keys(s3, f"{pid}/{bucket['id']}/") == [f"{pid}/{bucket['id']}/direct/pic.png"]
+    assert await s3_keys(s3, f"_presigned/{pid}/") == []
     assert r.json()["file"]["size"] == 7 and r.json()["file"]["contentType"] == "image/png"
     assert "status" not in r.json()["file"]
     again = await api.http.post(

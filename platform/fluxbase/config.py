@@ -22,6 +22,12 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     pool_min: int = 1
     pool_max: int = 10
     connect_timeout: float = 5.0
+    # Every wait on the control plane is bounded: a lock held elsewhere (by another request, or a
+    # tenant's transaction on a shared object) fails the request with 503 instead of pinning a
+    # control connection; a pool with no free connection likewise.
+    lock_timeout_ms: int = 10_000
+    statement_timeout_ms: int = 120_000
+    acquire_timeout_s: float = 10.0
 
     def server(self) -> tuple[str, int]:
         """(host, port) of the server; host may be a Unix socket directory, given as the URL's
@@ -368,7 +374,17 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
     )
     return Settings(
-        database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
+        database=DatabaseSettings(
+            url=db_url,
+            pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10),
+            lock_timeout_ms=_positive(
+                int_of("FLUXBASE_DATABASE_LOCK_TIMEOUT_MS", 10_000), "FLUXBASE_DATABASE_LOCK_TIMEOUT_MS"
+            ),
+            statement_timeout_ms=_positive(
+                int_of("FLUXBASE_DATABASE_STATEMENT_TIMEOUT_MS", 120_000),
+                "FLUXBASE_DATABASE_STATEMENT_TIMEOUT_MS",
+            ),
+        ),
         s3=S3Settings(
             endpoint_url=s3_endpoint,
             access_key=s3_access,

@@ -1,20 +1,54 @@
-"""The control-plane connection pool (service role; never runs tenant SQL)."""
+"""The control-plane connection pool (service role; never runs tenant SQL).
+
+Every wait on it is bounded: `lock_timeout` and `statement_timeout` on each of its sessions, and
+a default timeout on acquiring a connection. A control-plane request therefore never waits
+indefinitely for a lock someone else holds (another request, a tenant transaction on an object
+both touch): it fails with 503 DATABASE_CONNECTION_ERROR (http/edge.py) and frees its connection.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
+from asyncpg.pool import Pool
 
 from fluxbase.config import Settings
 
 
+class ControlPool(Pool):
+    """An asyncpg pool whose `acquire` (and so fetch/execute/...) times out by default."""
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self._acquire_timeout if timeout is None else timeout)
+
+
 async def create_control_pool(settings: Settings, max_size: int | None = None) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        settings.database.url,
+    db = settings.database
+    pool = ControlPool(
+        db.url,
+        acquire_timeout=db.acquire_timeout_s,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         min_size=0,
-        max_size=max_size or settings.database.pool_max,
-        timeout=settings.database.connect_timeout,
+        max_size=max_size or db.pool_max,
+        max_queries=50_000,
+        loop=None,
+        connect=None,
+        setup=None,
+        init=None,
+        reset=None,
         max_inactive_connection_lifetime=120.0,
-        server_settings={"application_name": "fluxbase-control"},
+        timeout=db.connect_timeout,
+        server_settings={
+            "application_name": "fluxbase-control",
+            "lock_timeout": f"{db.lock_timeout_ms}ms",
+            "statement_timeout": f"{db.statement_timeout_ms}ms",
+        },
     )
-    assert pool is not None
+    await pool
     return pool

@@ -37,6 +37,10 @@ DB_UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
 )
 
+# A control-plane wait that ran into its bound (db/control.py): lock_timeout, statement_timeout.
+# Tenant statements never get here: the SQL and data paths map their own errors first.
+CONTROL_BUSY = (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError)
+
 _JSON = msgspec.json.Encoder()
 
 
@@ -86,6 +90,13 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, CONTROL_BUSY):
+        log.warning("control-plane wait timed out on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(
+            DatabaseUnavailable(
+                "The database is busy: a lock or statement timed out. Retry in a few seconds."
+            )
+        )
     if isinstance(exc, DB_UNAVAILABLE) or isinstance(exc, TimeoutError):
         log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
         return error_response(DatabaseUnavailable())

@@ -28,6 +28,9 @@ class CreateBucketBody(Body):
     name: str
     is_public: bool = False
     allowed_mime_types: list[str] | None = None
+    # What end users (requests with an end-user token) may do: {"list"|"read"|"insert"|"update"|
+    # "delete": "none"|"authenticated"|"owner"|"userFolder"}; left out means "none".
+    end_user_access: dict[str, Any] | None = None
 
 
 class UpdateBucketBody(Body):
@@ -40,6 +43,7 @@ class UpdateBucketBody(Body):
     new_name: str | None = None
     is_public: bool | None = None
     allowed_mime_types: msgspec.UnsetType | list[str] | None = msgspec.UNSET
+    end_user_access: dict[str, Any] | None = None  # operations to change; the others keep theirs
 
 
 class BucketRefBody(Body):
@@ -105,6 +109,7 @@ def bucket_out(b: Bucket) -> dict[str, Any]:
         "name": b.name,
         "isPublic": b.is_public,
         "allowedMimeTypes": b.allowed_mime_types,
+        "endUserAccess": b.rules.out(),
         "fileCount": b.file_count,
         "size": b.size,
         "createdAt": b.created_at,

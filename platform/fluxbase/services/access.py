@@ -26,6 +26,7 @@ from fluxbase.errors import (
     ProjectReadOnly,
     ProjectSuspended,
     ScopeMismatch,
+    UserTokenRequired,
     ValidationError,
 )
 from fluxbase.security import apikeys
@@ -273,11 +274,19 @@ async def authorize(
     key_project: Project | None,
     project_id: str | None,
     need: Need,
+    *,
+    end_user_surface: bool = False,
 ) -> ProjectAccess:
-    """Check that the principal may do `need` on project_id; raise the documented error if not."""
+    """Check that the principal may do `need` on project_id; raise the documented error if not.
+
+    `end_user_surface=True` marks a data endpoint that resolves the request's end user with
+    `IdentityResolver.identity` (SQL, batch, records, storage files, realtime tokens): only
+    there may a `requireUserAuth` key be used at all (see `confine_end_user_key`).
+    """
     if not project_id:
         raise ValidationError("projectId is required.")
     if principal.key is not None:
+        confine_end_user_key(principal.key, end_user_surface)
         if project_id != principal.key.project_id:
             await load_project(db, project_id)  # 404 for an unknown project, else:
             raise ScopeMismatch("This API key does not have access to this project.")
@@ -303,6 +312,29 @@ async def authorize(
     if ROLE_RANK[role] < ROLE_RANK[need.min_role]:
         raise InsufficientPermissions(f"This action needs the '{need.min_role}' role; you are '{role}'.")
     return ProjectAccess(project, principal, ROLE_SQL_SCOPE[role], role)
+
+
+def confine_end_user_key(key: ApiKeyIdentity, end_user_surface: bool) -> None:
+    """The one rule for `requireUserAuth` keys, the keys that ship inside browser apps.
+
+    Such a key reaches a project only through an end user: on data surfaces, which then require
+    a valid end-user token (`IdentityResolver.identity` raises USER_TOKEN_REQUIRED without one)
+    and act as that user (RLS, storage bucket rules). Everything else (settings, keys, team,
+    webhooks, buckets, migrations, broadcast) is refused with or without a token: a browser
+    key that could mint a plain key or open a bucket would confine nothing.
+    """
+    if key.require_user_auth and not end_user_surface:
+        raise InsufficientPermissions(
+            "This API key is for end users (requireUserAuth): it reaches project data only, with an "
+            "end-user token (X-Fluxbase-User-Token), and cannot manage the project."
+        )
+
+
+def require_end_user_token(access: ProjectAccess, user_token: str | None) -> None:
+    """A `requireUserAuth` key without an end-user token is refused (401 USER_TOKEN_REQUIRED)."""
+    key = access.principal.key
+    if not user_token and key is not None and key.require_user_auth:
+        raise UserTokenRequired()
 
 
 # Needs that change a project's data or schema; a read-only project refuses them for every caller

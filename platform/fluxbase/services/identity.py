@@ -20,10 +20,10 @@ import httpx
 import jwt
 
 from fluxbase.config import EndUserSettings, Settings
-from fluxbase.errors import IdentityProviderUnavailable, InvalidUserToken, UserTokenRequired, ValidationError
+from fluxbase.errors import IdentityProviderUnavailable, InvalidUserToken, ValidationError
 from fluxbase.security import usertokens
 from fluxbase.services import end_users
-from fluxbase.services.access import ProjectAccess
+from fluxbase.services.access import ProjectAccess, require_end_user_token
 from fluxbase.services.sql import Identity, base_claims
 
 log = logging.getLogger("fluxbase.identity")
@@ -255,7 +255,6 @@ class IdentityResolver:
         through sql.begin_script pass `session_checked_in_sql=True`: an own token's session is
         then checked inside the request's transaction instead of by a control-plane query here.
         """
-        key = access.principal.key
         if user_token:
             claims = await self.claims(
                 access.project.id, user_token, session_checked_later=session_checked_in_sql
@@ -265,6 +264,5 @@ class IdentityResolver:
             own = session_checked_in_sql and claims.get("iss") == usertokens.OWN_ISSUER
             session = (claims["sid"], access.project.id) if own else None
             return Identity(uid=claims["sub"], claims=claims, role=access.sql_scope, user_session=session)
-        if key is not None and key.require_user_auth:
-            raise UserTokenRequired()
+        require_end_user_token(access, user_token)
         return key_identity(access, auth_uid)

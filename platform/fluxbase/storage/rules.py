@@ -1,4 +1,4 @@
-"""Storage rules: bucket and file names, S3 keys, content types, cursors (pure functions).
+"""Storage rules: bucket and file names, S3 keys, content types, cursors, end-user rules (pure).
 
 Every S3 key is `<projectId>/<bucketId>/<name>`; the checks here are what keep a name inside
 its prefix and a caller's s3Key inside the caller's project.
@@ -11,6 +11,7 @@ import binascii
 import re
 import unicodedata
 import uuid
+from dataclasses import dataclass, replace
 
 from fluxbase.errors import ScopeMismatch, ValidationError
 
@@ -156,3 +157,74 @@ def parse_bool(value: str | None, name: str) -> bool:
 
 def size_text(n: int) -> str:
     return f"{n} bytes ({n / (1024 * 1024):.1f} MiB)"
+
+
+# -- end-user rules (sql/0014, docs/storage-access.md) --------------------------------------------
+
+END_USER_OPS = ("list", "read", "insert", "update", "delete")
+END_USER_RULES = ("none", "authenticated", "owner", "userFolder")
+
+
+@dataclass(frozen=True)
+class EndUserRules:
+    """What an end user may do with a bucket's files, one rule per operation."""
+
+    list: str = "none"
+    read: str = "none"
+    insert: str = "none"
+    update: str = "none"
+    delete: str = "none"
+
+    def rule(self, op: str) -> str:
+        rule: str = getattr(self, op)
+        return rule
+
+    def out(self) -> dict[str, str]:
+        return {op: self.rule(op) for op in END_USER_OPS}
+
+    @property
+    def any_open(self) -> bool:
+        return any(self.rule(op) != "none" for op in END_USER_OPS)
+
+
+def check_end_user_rules(value: object, base: EndUserRules | None = None) -> EndUserRules:
+    """Validate an `endUserAccess` object; operations it leaves out keep `base`'s rule ('none')."""
+    if not isinstance(value, dict):
+        raise ValidationError("endUserAccess must be an object of operation: rule.")
+    changes = {}
+    for op, rule in value.items():
+        if op not in END_USER_OPS:
+            raise ValidationError(f"endUserAccess: unknown operation {op!r} (use {', '.join(END_USER_OPS)}).")
+        if rule not in END_USER_RULES:
+            raise ValidationError(
+                f"endUserAccess.{op}: unknown rule {rule!r} (use {', '.join(END_USER_RULES)})."
+            )
+        changes[op] = rule
+    return replace(base or EndUserRules(), **changes)
+
+
+def end_user_allows(rule: str, uid: str, name: str, owner_uid: str | None) -> bool:
+    """Whether `rule` lets end user `uid` act on the file `name` owned by `owner_uid`.
+
+    `end_user_sql` is the same predicate in SQL; keep the two in step.
+    """
+    if rule == "authenticated":
+        return True
+    if rule == "owner":
+        return owner_uid is not None and owner_uid == uid
+    if rule == "userFolder":
+        # The first segment is the id itself: an id with a '/' would own other ids' folders.
+        folder, slash, _ = name.partition("/")
+        return bool(slash) and bool(uid) and "/" not in uid and folder == uid
+    return False
+
+
+def end_user_sql(rule_column: str, uid_param: str, alias: str = "o") -> str:
+    """`end_user_allows` as an SQL predicate over `<alias>.owner_uid` and `<alias>.name`."""
+    return (
+        f"(CASE {rule_column} WHEN 'authenticated' THEN true "
+        f"WHEN 'owner' THEN {alias}.owner_uid IS NOT NULL AND {alias}.owner_uid = {uid_param} "
+        f"WHEN 'userFolder' THEN strpos({uid_param}, '/') = 0 AND {uid_param} <> '' "
+        f"AND strpos({alias}.name, '/') > 0 AND split_part({alias}.name, '/', 1) = {uid_param} "
+        "ELSE false END)"
+    )

@@ -27,7 +27,7 @@ import re
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -49,30 +49,45 @@ from fluxbase.errors import (
     ValidationError,
 )
 from fluxbase.services.access import ProjectAccess
+from fluxbase.storage.access import StorageAccess
 from fluxbase.storage.rules import (
     DEFAULT_CONTENT_TYPE,
     MAX_NAME_BYTES,
+    EndUserRules,
     as_uuid,
     check_bucket_name,
     check_content_type,
+    check_end_user_rules,
     check_mime_patterns,
     check_object_name,
     decode_cursor,
     encode_cursor,
+    end_user_allows,
+    end_user_sql,
     mime_allowed,
     object_key,
     parse_object_key,
     size_text,
 )
 from fluxbase.storage.s3 import ObjectMissing, ObjectStore, s3_errors
+from fluxbase.storage.streaming import copy_object
 
 log = logging.getLogger("fluxbase.storage")
 
 STAGING_PREFIX = "_staging/"
+# Presigned POST forms upload to `_presigned/<projectId>/<leaseId>`, never to the file's key:
+# confirming copies the bytes to the file, and the form is dead from then on (a later POST
+# lands where nothing reads it, and housekeeping removes it).
+PRESIGNED_PREFIX = "_presigned/"
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 MAX_BULK_DELETE = 1000
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def presigned_key(project_id: str, lease_id: uuid.UUID) -> str:
+    """Where a presigned POST form uploads: unique to its lease, never a file's key."""
+    return f"{PRESIGNED_PREFIX}{project_id}/{lease_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +105,7 @@ class Bucket:
     updated_at: datetime
     file_count: int = 0
     size: int = 0
+    rules: EndUserRules = field(default_factory=EndUserRules)
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> Bucket:
@@ -104,7 +120,12 @@ class Bucket:
             r["updated_at"],
             r.get("file_count") or 0,
             r.get("size") or 0,
+            rules_of(r),
         )
+
+
+def rules_of(r: asyncpg.Record) -> EndUserRules:
+    return EndUserRules(r["eu_list"], r["eu_read"], r["eu_insert"], r["eu_update"], r["eu_delete"])
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,7 @@ class BucketPatch:
     is_public: bool | None = None
     allowed_mime_types: list[str] | None = None
     clear_mime_types: bool = False
+    end_user_access: dict[str, object] | None = None  # operations to change; others keep theirs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,16 +291,22 @@ class StorageService:
             raise NotFound(f"No bucket {ref!r} in this project.")
         return Bucket.from_row(row)
 
-    async def list_buckets(self, access: ProjectAccess) -> BucketListing:
+    async def list_buckets(self, sa: StorageAccess) -> BucketListing:
+        """The project's buckets; an end user sees those open to end users (or public), with
+        counts of the files their list rule shows them."""
+        visible = "true" if sa.end_user is None else end_user_sql("b.eu_list", "$2")
         rows = await self.db.fetch(
-            """SELECT b.*, count(o.id) FILTER (WHERE o.status = 'ready') AS file_count,
-                      coalesce(sum(o.size) FILTER (WHERE o.status = 'ready'), 0)::bigint AS size
+            f"""SELECT b.*, count(o.id) FILTER (WHERE o.status = 'ready' AND {visible}) AS file_count,
+                      coalesce(sum(o.size) FILTER (WHERE o.status = 'ready' AND {visible}), 0)::bigint AS size
                FROM fluxbase.buckets b LEFT JOIN fluxbase.objects o ON o.bucket_id = b.id
-               WHERE b.project_id = $1 GROUP BY b.id ORDER BY b.name""",
-            access.project.id,
+               WHERE b.project_id = $1 AND ($2::text IS NULL OR b.is_public
+                     OR 'none' <> ANY (ARRAY[b.eu_list, b.eu_read, b.eu_insert, b.eu_update, b.eu_delete]))
+               GROUP BY b.id ORDER BY b.name""",
+            sa.project_id,
+            sa.end_user,
         )
         buckets = [Bucket.from_row(r) for r in rows]
-        limits = await self.limits(self.db, access.project.id)
+        limits = await self.limits(self.db, sa.project_id)
         return BucketListing(buckets, sum(b.size for b in buckets), limits)
 
     async def create_bucket(
@@ -287,17 +315,21 @@ class StorageService:
         name: object,
         is_public: bool,
         allowed_mime_types: list[str] | None = None,
+        end_user_access: object = None,
     ) -> Bucket:
         name = check_bucket_name(name)
         types = check_mime_patterns(allowed_mime_types)
+        rules = EndUserRules() if end_user_access is None else check_end_user_rules(end_user_access)
         try:
             row = await self.db.fetchrow(
-                """INSERT INTO fluxbase.buckets (project_id, name, is_public, allowed_mime_types)
-                   VALUES ($1, $2, $3, $4) RETURNING *""",
+                """INSERT INTO fluxbase.buckets (project_id, name, is_public, allowed_mime_types,
+                       eu_list, eu_read, eu_insert, eu_update, eu_delete)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *""",
                 access.project.id,
                 name,
                 bool(is_public),
                 types,
+                *rules.out().values(),
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"A bucket named {name!r} already exists in this project.") from None
@@ -310,12 +342,16 @@ class StorageService:
         types = None if patch.allowed_mime_types is None else check_mime_patterns(patch.allowed_mime_types)
         async with self.db.acquire() as conn, conn.transaction():
             bucket = await self.resolve_bucket(conn, access.project.id, ref, lock=True)
+            rules = bucket.rules
+            if patch.end_user_access is not None:
+                rules = check_end_user_rules(patch.end_user_access, bucket.rules)
             try:
                 row = await conn.fetchrow(
                     """UPDATE fluxbase.buckets
                        SET name = coalesce($2, name), is_public = coalesce($3, is_public),
                            allowed_mime_types = CASE WHEN $5 THEN NULL
                                                      ELSE coalesce($4, allowed_mime_types) END,
+                           eu_list = $6, eu_read = $7, eu_insert = $8, eu_update = $9, eu_delete = $10,
                            updated_at = now()
                        WHERE id = $1 RETURNING *""",
                     uuid.UUID(bucket.id),
@@ -323,6 +359,7 @@ class StorageService:
                     patch.is_public,
                     types,
                     patch.clear_mime_types,
+                    *rules.out().values(),
                 )
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"A bucket named {new_name!r} already exists in this project.") from None
@@ -350,7 +387,7 @@ class StorageService:
 
     async def list_files(
         self,
-        access: ProjectAccess,
+        sa: StorageAccess,
         bucket_ref: object,
         *,
         prefix: str = "",
@@ -362,40 +399,51 @@ class StorageService:
         if len(prefix.encode()) > MAX_NAME_BYTES or any(unicodedata.category(c) == "Cc" for c in prefix):
             raise ValidationError("prefix is not valid.")
         after = decode_cursor(cursor) if cursor else None
-        bucket = await self.resolve_bucket(self.db, access.project.id, bucket_ref)
+        bucket = await self.resolve_bucket(self.db, sa.project_id, bucket_ref)
+        if sa.end_user is not None and bucket.rules.list == "none":
+            raise InsufficientPermissions(f"End users may not list bucket {bucket.name!r}.")
         rows = await self.db.fetch(
             f"""SELECT {_OBJECT_COLUMNS} FROM fluxbase.objects o
                WHERE o.bucket_id = $1 AND o.status = 'ready' AND o.name >= $2 AND starts_with(o.name, $2)
                  AND ($3::text IS NULL OR o.name > $3)
+                 AND ($5::text IS NULL OR {end_user_sql("$6::text", "$5::text")})
                ORDER BY o.name LIMIT $4""",
             uuid.UUID(bucket.id),
             prefix,
             after,
             limit + 1,
+            sa.end_user,
+            bucket.rules.list,
         )
         files = [self._file(r, bucket.is_public) for r in rows[:limit]]
         next_cursor = encode_cursor(files[-1].name) if len(rows) > limit else None
         return FilePage(files, next_cursor)
 
-    async def _ready_file(self, project_id: str, s3_key: str) -> tuple[StoredFile, bool]:
+    async def _ready_file(self, sa: StorageAccess, s3_key: str) -> StoredFile:
+        """A ready file of the project that the caller may read; NOT_FOUND otherwise (an end user
+        learns nothing of files their read rule hides)."""
         row = await self.db.fetchrow(
-            f"""SELECT {_OBJECT_COLUMNS}, b.is_public FROM fluxbase.objects o
+            f"""SELECT {_OBJECT_COLUMNS}, o.owner_uid, b.is_public, b.eu_read FROM fluxbase.objects o
                 JOIN fluxbase.buckets b ON b.id = o.bucket_id
                 WHERE o.project_id = $1 AND o.s3_key = $2 AND o.status = 'ready'""",
-            project_id,
+            sa.project_id,
             s3_key,
         )
         if row is None:
             raise NotFound("No such file.")
-        return self._file(row, row["is_public"]), row["is_public"]
+        if sa.end_user is not None and not (
+            row["is_public"] or end_user_allows(row["eu_read"], sa.end_user, row["name"], row["owner_uid"])
+        ):
+            raise NotFound("No such file.")
+        return self._file(row, row["is_public"])
 
-    async def sign_download(self, access: ProjectAccess, s3_key: object, expires_in: int | None) -> SignedUrl:
+    async def sign_download(self, sa: StorageAccess, s3_key: object, expires_in: int | None) -> SignedUrl:
         """A presigned GET URL for a file of the project (15 minutes unless expiresIn says otherwise)."""
-        key = parse_object_key(access.project.id, s3_key)
+        key = parse_object_key(sa.project_id, s3_key)
         ttl = self.cfg.url_expires_default_s if expires_in is None else expires_in
         if not 1 <= ttl <= self.cfg.url_expires_max_s:
             raise ValidationError(f"expiresIn must be between 1 and {self.cfg.url_expires_max_s} seconds.")
-        file, _ = await self._ready_file(access.project.id, key)
+        file = await self._ready_file(sa, key)
         with s3_errors():
             url = await self.store.presigner.generate_presigned_url(
                 "get_object", Params={"Bucket": self.store.bucket, "Key": file.s3_key}, ExpiresIn=ttl
@@ -453,7 +501,7 @@ class StorageService:
     # -- deleting ------------------------------------------------------------------------------
 
     async def delete_files(
-        self, access: ProjectAccess, s3_keys: list[object], *, single: bool = False
+        self, sa: StorageAccess, s3_keys: list[object], *, single: bool = False
     ) -> tuple[list[str], list[str]]:
         """Delete files (S3 and row); returns (deleted keys, keys not found). One key that is not
         there is NOT_FOUND; in a list, missing keys are reported instead."""
@@ -461,11 +509,11 @@ class StorageService:
             raise ValidationError("s3Key is required.")
         if len(s3_keys) > MAX_BULK_DELETE:
             raise ValidationError(f"At most {MAX_BULK_DELETE} files per request.")
-        keys = [parse_object_key(access.project.id, k) for k in s3_keys]
+        keys = [parse_object_key(sa.project_id, k) for k in s3_keys]
         deleted, missing = [], []
         for key in dict.fromkeys(keys):
             try:
-                await self._delete_one(access.project.id, key)
+                await self._delete_one(sa.project_id, key, sa.end_user)
                 deleted.append(key)
             except NotFound:
                 if single:
@@ -473,22 +521,32 @@ class StorageService:
                 missing.append(key)
         return deleted, missing
 
-    async def _delete_one(self, project_id: str, key: str) -> None:
+    async def _delete_one(self, project_id: str, key: str, end_user: str | None = None) -> None:
+        """Delete one file; an end user only one their bucket's delete rule allows (else NOT_FOUND)."""
         lease_id = uuid.uuid4()
+        # The rule is evaluated in the same statement that leases the row, so it holds for the
+        # row as it is deleted.
+        allowed = f"($5::text IS NULL OR {end_user_sql('b.eu_delete', '$5')})"
         row = await self.db.fetchrow(
-            """UPDATE fluxbase.objects SET status = 'deleting', lease_id = $3, lease_kind = 'delete',
+            f"""UPDATE fluxbase.objects o SET status = 'deleting', lease_id = $3, lease_kind = 'delete',
                    lease_until = now() + make_interval(secs => $4), updated_at = now()
-               WHERE project_id = $1 AND s3_key = $2 AND status = 'ready'
-                 AND (lease_id IS NULL OR lease_until < now())
-               RETURNING id""",
+               FROM fluxbase.buckets b
+               WHERE b.id = o.bucket_id AND o.project_id = $1 AND o.s3_key = $2 AND o.status = 'ready'
+                 AND (o.lease_id IS NULL OR o.lease_until < now()) AND {allowed}
+               RETURNING o.id""",
             project_id,
             key,
             lease_id,
             self.lease_s,
+            end_user,
         )
         if row is None:
             busy = await self.db.fetchval(
-                "SELECT status FROM fluxbase.objects WHERE project_id = $1 AND s3_key = $2", project_id, key
+                f"""SELECT o.status FROM fluxbase.objects o JOIN fluxbase.buckets b ON b.id = o.bucket_id
+                    WHERE o.project_id = $1 AND o.s3_key = $2 AND {allowed.replace("$5", "$3")}""",
+                project_id,
+                key,
+                end_user,
             )
             if busy in ("ready", "deleting"):
                 raise Conflict("This file is being uploaded or deleted right now; retry in a moment.")
@@ -512,16 +570,32 @@ class StorageService:
 
     # -- uploads: shared steps -----------------------------------------------------------------
 
+    def check_insert(self, bucket: Bucket, name: str, end_user: str | None) -> None:
+        """An end user may create `name` in `bucket` only if the bucket's insert rule allows it."""
+        if end_user is not None and not end_user_allows(bucket.rules.insert, end_user, name, end_user):
+            raise InsufficientPermissions(f"End users may not upload {name!r} to bucket {bucket.name!r}.")
+
     async def acquire(
-        self, bucket: Bucket, name: str, *, upsert: bool, kind: str, upload_expires_at: datetime | None = None
+        self,
+        bucket: Bucket,
+        name: str,
+        *,
+        upsert: bool,
+        kind: str,
+        upload_expires_at: datetime | None = None,
+        end_user: str | None = None,
     ) -> Lease:
-        """Insert a pending row (or lease the ready row to replace); CONFLICT if the name is taken or busy."""
+        """Insert a pending row (or lease the ready row to replace); CONFLICT if the name is taken or busy.
+
+        For an end user, a new file needs the bucket's insert rule and becomes theirs; replacing
+        one needs the update rule, evaluated on the locked row.
+        """
         key = object_key(bucket.project_id, bucket.id, name)
         lease_id = uuid.uuid4()
         until = (upload_expires_at or datetime.now(UTC)) + timedelta(seconds=self.lease_s)
         async with self.db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """SELECT id, status, lease_id IS NOT NULL AND lease_until > now() AS busy
+                """SELECT id, status, owner_uid, lease_id IS NOT NULL AND lease_until > now() AS busy
                    FROM fluxbase.objects WHERE bucket_id = $1 AND name = $2 FOR UPDATE""",
                 uuid.UUID(bucket.id),
                 name,
@@ -534,6 +608,12 @@ class StorageService:
                         f"A file named {name!r} already exists in bucket {bucket.name!r}. "
                         "Send upsert=true to replace it."
                     )
+                if end_user is not None and not end_user_allows(
+                    bucket.rules.update, end_user, name, row["owner_uid"]
+                ):
+                    raise InsufficientPermissions(
+                        f"End users may not replace {name!r} in bucket {bucket.name!r}."
+                    )
                 await conn.execute(
                     """UPDATE fluxbase.objects SET lease_id = $2, lease_kind = $3, lease_until = $4,
                            upload_expires_at = $5 WHERE id = $1""",
@@ -544,23 +624,25 @@ class StorageService:
                     upload_expires_at,
                 )
                 return Lease(row["id"], lease_id, True, key)
+            self.check_insert(bucket, name, end_user)
             if row is not None:  # an abandoned upload or delete: take the row over
                 await conn.execute(
                     """UPDATE fluxbase.objects SET status = 'pending', size = 0, pending_size = NULL,
                            lease_id = $2, lease_kind = $3, lease_until = $4, upload_expires_at = $5,
-                           created_at = now(), updated_at = now() WHERE id = $1""",
+                           owner_uid = $6, created_at = now(), updated_at = now() WHERE id = $1""",
                     row["id"],
                     lease_id,
                     kind,
                     until,
                     upload_expires_at,
+                    end_user,
                 )
                 return Lease(row["id"], lease_id, False, key)
             try:
                 row_id = await conn.fetchval(
                     """INSERT INTO fluxbase.objects (bucket_id, project_id, name, s3_key, status, lease_id,
-                           lease_kind, lease_until, upload_expires_at)
-                       VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8) RETURNING id""",
+                           lease_kind, lease_until, upload_expires_at, owner_uid)
+                       VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $9) RETURNING id""",
                     uuid.UUID(bucket.id),
                     bucket.project_id,
                     name,
@@ -569,6 +651,7 @@ class StorageService:
                     kind,
                     until,
                     upload_expires_at,
+                    end_user,
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(f"Bucket {bucket.name!r} was deleted.") from None
@@ -591,11 +674,18 @@ class StorageService:
             )
 
     async def reserve(self, project_id: str, lease: Lease, size: int) -> None:
-        """Check the file size and quota under the project's lock and reserve the bytes."""
+        """Check the file size and quota under the project's lock and reserve the bytes.
+
+        The lock is the project's control-plane row (FOR NO KEY UPDATE: it serialises reservations
+        but not the foreign-key checks of inserts). It used to be an advisory lock, and any tenant
+        may take any advisory-lock key: one project could then stall another's uploads.
+        """
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('fluxbase.storage:' || $1, 0))", project_id
+            found = await conn.fetchval(
+                "SELECT true FROM fluxbase.projects WHERE id = $1 FOR NO KEY UPDATE", project_id
             )
+            if not found:
+                raise NotFound("The project was deleted.")
             limits = await self.limits(conn, project_id)
             if size > limits.max_file_size:
                 raise PayloadTooLarge(
@@ -679,7 +769,7 @@ class StorageService:
 
     async def create_upload_url(
         self,
-        access: ProjectAccess,
+        sa: StorageAccess,
         bucket_ref: object,
         name: object,
         *,
@@ -688,9 +778,10 @@ class StorageService:
         expires_in: int | None,
         upsert: bool,
     ) -> PresignedPost:
-        """A presigned POST form limited by content-length-range and Content-Type; the file is
-        registered by `confirm_upload` (or by housekeeping, if the client never confirms)."""
-        bucket = await self.resolve_bucket(self.db, access.project.id, bucket_ref)
+        """A presigned POST form limited by content-length-range and Content-Type, for a staging
+        key of its own; `confirm_upload` (or housekeeping, if the client never confirms) copies
+        the bytes to the file. A declared `size` is the only size the form accepts."""
+        bucket = await self.resolve_bucket(self.db, sa.project_id, bucket_ref)
         name = check_object_name(name)
         ctype = check_content_type(content_type)
         if not mime_allowed(bucket.allowed_mime_types, ctype):
@@ -704,20 +795,20 @@ class StorageService:
             raise ValidationError("size must not be negative.")
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         lease = await self.acquire(
-            bucket, name, upsert=upsert, kind="presigned", upload_expires_at=expires_at
+            bucket, name, upsert=upsert, kind="presigned", upload_expires_at=expires_at, end_user=sa.end_user
         )
         try:
-            limits = await self.limits(self.db, access.project.id)
+            limits = await self.limits(self.db, sa.project_id)
             replaced = await self.db.fetchval("SELECT size FROM fluxbase.objects WHERE id = $1", lease.row_id)
             cap, error = self.upload_cap(limits, replaced or 0)
             if size is not None and size > cap:
                 raise error
             if size is not None:
-                await self.reserve(access.project.id, lease, size)
+                await self.reserve(sa.project_id, lease, size)
             with s3_errors():
                 post = await self.store.presigner.generate_presigned_post(
                     self.store.bucket,
-                    lease.s3_key,
+                    presigned_key(sa.project_id, lease.lease_id),
                     Fields={"Content-Type": ctype},
                     Conditions=[
                         ["content-length-range", size or 0, size if size is not None else cap],
@@ -741,47 +832,64 @@ class StorageService:
             self._file(row, bucket.is_public),
         )
 
-    async def confirm_upload(self, access: ProjectAccess, file_id: object) -> StoredFile:
+    async def confirm_upload(self, sa: StorageAccess, file_id: object) -> StoredFile:
         """Register a presigned POST upload once its bytes are in S3 (idempotent)."""
         row_id = as_uuid(file_id)
         if row_id is None:
             raise ValidationError("fileId must be the id returned by upload-url.")
         row = await self.db.fetchrow(
-            f"""SELECT {_OBJECT_COLUMNS}, o.lease_id, o.lease_kind, b.is_public FROM fluxbase.objects o
-                JOIN fluxbase.buckets b ON b.id = o.bucket_id WHERE o.id = $1 AND o.project_id = $2""",
+            f"""SELECT {_OBJECT_COLUMNS}, o.lease_id, o.lease_kind, o.owner_uid, b.is_public, b.eu_update
+                FROM fluxbase.objects o JOIN fluxbase.buckets b ON b.id = o.bucket_id
+                WHERE o.id = $1 AND o.project_id = $2""",
             uuid.UUID(row_id),
-            access.project.id,
+            sa.project_id,
         )
         if row is None:
             raise NotFound("No such upload.")
+        replacing = row["status"] == "ready"
+        if sa.end_user is not None:
+            # Only what this end user could have started: a new file is theirs (acquire set
+            # owner_uid), a replacement needs the bucket's update rule.
+            if replacing:
+                ok = end_user_allows(row["eu_update"], sa.end_user, row["name"], row["owner_uid"])
+            else:
+                ok = row["owner_uid"] == sa.end_user
+            if not ok:
+                raise NotFound("No such upload.")
         if row["lease_kind"] != "presigned":
-            if row["status"] == "ready":
+            if replacing:
                 return self._file(row, row["is_public"])
             raise NotFound("No such upload.")
-        lease = Lease(row["id"], row["lease_id"], row["status"] == "ready", row["s3_key"])
-        result = await self._register_presigned(lease, access.project.id, row["is_public"])
+        lease = Lease(row["id"], row["lease_id"], replacing, row["s3_key"])
+        result = await self._register_presigned(lease, sa.project_id, row["is_public"])
         if result is None:
             raise Conflict("The file has not been uploaded yet: POST it to the presigned URL first.")
         return result
 
     async def _register_presigned(self, lease: Lease, project_id: str, is_public: bool) -> StoredFile | None:
+        """Copy a presigned POST's bytes from its staging key to the file and register them.
+
+        The copy is of the exact version measured (CopySourceIfMatch), so what the row and the
+        quota account for is what the file holds, even if the form is used again meanwhile.
+        """
+        staged = presigned_key(project_id, lease.lease_id)
         try:
             with s3_errors():
-                head = await self.store.client.head_object(Bucket=self.store.bucket, Key=lease.s3_key)
+                head = await self.store.client.head_object(Bucket=self.store.bucket, Key=staged)
         except ObjectMissing:
             return None
         size, ctype = int(head["ContentLength"]), head.get("ContentType") or DEFAULT_CONTENT_TYPE
-        lease.committed = True
         try:
             await self.reserve(project_id, lease, size)
         except (PayloadTooLarge, QuotaExceeded):
-            # New bytes are not a file yet: remove them. A replacement has already landed: keep it.
-            if not lease.replacing:
-                with s3_errors():
-                    await self.store.client.delete_object(Bucket=self.store.bucket, Key=lease.s3_key)
-                await self.release(lease)
-                raise
-        return await self.finalize(lease, size, ctype, is_public)
+            await self.delete_staging(staged)
+            await self.release(lease)
+            raise
+        await copy_object(self.store, staged, lease.s3_key, size, ctype, if_match=head.get("ETag"))
+        lease.committed = True
+        file = await self.finalize(lease, size, ctype, is_public)
+        await self.delete_staging(staged)
+        return file
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -880,6 +988,7 @@ class StorageService:
             async for page in paginator.paginate(Bucket=self.store.bucket):
                 old = [o["Key"] for o in page.get("Contents", []) if o["LastModified"] <= cutoff]
                 staging = [k for k in old if k.startswith(STAGING_PREFIX)]
+                staging += await self._dead_presigned([k for k in old if k.startswith(PRESIGNED_PREFIX)])
                 project_keys = [k for k in old if ids.valid_project_id(k.partition("/")[0])]
                 known = (
                     {
@@ -893,6 +1002,19 @@ class StorageService:
                 )
                 doomed = staging + [k for k in project_keys if k not in known]
                 stats["orphans"] += await self._delete_keys(doomed)
+
+    async def _dead_presigned(self, keys: list[str]) -> list[str]:
+        """Presigned staging objects whose form no longer belongs to a live presigned lease."""
+        leases = {k: as_uuid(k.rpartition("/")[2]) for k in keys}
+        live = {
+            str(r["lease_id"])
+            for r in await self.db.fetch(
+                """SELECT lease_id FROM fluxbase.objects
+                   WHERE lease_kind = 'presigned' AND lease_id = ANY($1::uuid[])""",
+                [uuid.UUID(v) for v in leases.values() if v is not None],
+            )
+        }
+        return [k for k, lease in leases.items() if lease not in live]
 
     async def _delete_keys(self, keys: list[str]) -> int:
         deleted = 0
@@ -914,7 +1036,13 @@ async def delete_project_objects(store: ObjectStore, project_id: str) -> int:
     """
     if not ids.valid_project_id(project_id):
         raise ValueError("not a project id")
-    prefix = f"{project_id}/"
+    deleted = 0
+    for prefix in (f"{project_id}/", f"{PRESIGNED_PREFIX}{project_id}/"):
+        deleted += await _delete_prefix(store, prefix)
+    return deleted
+
+
+async def _delete_prefix(store: ObjectStore, prefix: str) -> int:
     deleted = 0
     with s3_errors():
         uploads = store.client.get_paginator("list_multipart_uploads")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from fluxbase.errors import ValidationError
+from fluxbase.errors import Conflict, StorageUnavailable, ValidationError
 from fluxbase.storage.s3 import ObjectStore, s3_errors
 
 MAX_FIELD_BYTES = 4096
@@ -279,12 +279,32 @@ class S3Writer:
                 )
 
 
-async def copy_object(store: ObjectStore, source: str, target: str, size: int, content_type: str) -> None:
-    """Server-side copy inside the platform bucket (multipart copy past S3's 5 GiB single-copy limit)."""
+@contextlib.contextmanager
+def _changed_is_conflict() -> Iterator[None]:
+    try:
+        yield
+    except StorageUnavailable as exc:
+        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "412"):
+            raise Conflict(
+                "The uploaded object changed while it was being confirmed; confirm again."
+            ) from None
+        raise
+
+
+async def copy_object(
+    store: ObjectStore, source: str, target: str, size: int, content_type: str, *, if_match: str | None = None
+) -> None:
+    """Server-side copy inside the platform bucket (multipart copy past S3's 5 GiB single-copy limit).
+
+    With `if_match` (an ETag), only that version of the source is copied; if it changed, S3
+    refuses and this raises CONFLICT.
+    """
     client: Any = store.client
     src = {"Bucket": store.bucket, "Key": source}
+    cond = {"CopySourceIfMatch": if_match} if if_match else {}
     single_limit = 5 * 1024**3
-    with s3_errors():
+    with _changed_is_conflict(), s3_errors():
         if size <= single_limit:
             await client.copy_object(
                 Bucket=store.bucket,
@@ -292,6 +312,7 @@ async def copy_object(store: ObjectStore, source: str, target: str, size: int, c
                 CopySource=src,
                 ContentType=content_type,
                 MetadataDirective="REPLACE",
+                **cond,
             )
             return
         created = await client.create_multipart_upload(
@@ -310,6 +331,7 @@ async def copy_object(store: ObjectStore, source: str, target: str, size: int, c
                     PartNumber=number,
                     CopySource=src,
                     CopySourceRange=f"bytes={start}-{end}",
+                    **cond,
                 )
                 parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
             await client.complete_multipart_upload(

@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fluxbase.errors import FluxbaseError, UnsupportedMediaType, ValidationError
-from fluxbase.services.access import Need, Principal, Project, ProjectAccess, authorize
+from fluxbase.services.access import Principal, Project
+from fluxbase.services.identity import IdentityResolver
+from fluxbase.storage.access import Op, StorageAccess, storage_access
 from fluxbase.storage.rules import (
     DEFAULT_CONTENT_TYPE,
     check_content_type,
@@ -47,9 +49,11 @@ log = logging.getLogger("fluxbase.storage")
 FORM_ENVELOPE = MAX_PARTS * (MAX_FIELD_BYTES + MAX_HEADER_BYTES + 256)
 
 
-async def stream_upload(svc: StorageService, req: UploadRequest, chunks: AsyncIterator[bytes]) -> StoredFile:
+async def stream_upload(
+    svc: StorageService, identity: IdentityResolver, req: UploadRequest, chunks: AsyncIterator[bytes]
+) -> StoredFile:
     """Stream a multipart/form-data upload to S3 and register the file."""
-    upload = _StreamedUpload(svc, req, FormReader(boundary_of(req.content_type)))
+    upload = _StreamedUpload(svc, identity, req, FormReader(boundary_of(req.content_type)))
     try:
         return await upload.run(chunks)
     except FluxbaseError:
@@ -69,6 +73,7 @@ class UploadRequest:
     content_length: int | None
     query: dict[str, str]
     upsert_header: str | None = None
+    user_token: str | None = None  # X-Fluxbase-User-Token: the upload is that end user's
 
 
 DRAIN_LIMIT = 16 * 1024 * 1024
@@ -99,13 +104,14 @@ _DESTINATION_FIELDS = ("projectId", "bucketId", "name", "upsert")
 @dataclass
 class _StreamedUpload:
     svc: StorageService
+    identity: IdentityResolver
     req: UploadRequest
     reader: FormReader
     fields: dict[str, str] = field(default_factory=dict)
     file_part: PartInfo | None = None
     writer: S3Writer | None = None
     lease: Lease | None = None
-    access: ProjectAccess | None = None
+    access: StorageAccess | None = None
     bucket: Bucket | None = None
     name: str | None = None
     content_type: str = DEFAULT_CONTENT_TYPE
@@ -170,15 +176,13 @@ class _StreamedUpload:
         if project_id is None and principal.key is not None:
             project_id = principal.key.project_id  # a key reaches one project only; checked again at the end
         if project_id is not None:
-            self.access = await authorize(
-                self.svc.db, principal, self.req.key_project, project_id, Need.WRITE
-            )
+            self.access = await self.authorize(project_id)
         bucket_ref, name = self.value("bucketId"), self.value("name") or part.filename
         if self.access is not None and bucket_ref and name and self.value("projectId") is not None:
             await self.begin_direct(self.access, bucket_ref, name)
             return
         if self.access is not None:
-            limits = await self.svc.limits(self.svc.db, self.access.project.id)
+            limits = await self.svc.limits(self.svc.db, self.access.project_id)
             cap, self.cap_error = self.svc.upload_cap(limits)
         else:
             assert principal.user is not None
@@ -187,15 +191,23 @@ class _StreamedUpload:
         self.staged_key = f"{STAGING_PREFIX}{uuid.uuid4()}"
         self.writer = self.new_writer(self.staged_key, cap)
 
-    async def begin_direct(self, access: ProjectAccess, bucket_ref: str, name: str) -> None:
-        self.bucket = await self.svc.resolve_bucket(self.svc.db, access.project.id, bucket_ref)
+    async def authorize(self, project_id: str | None) -> StorageAccess:
+        r = self.req
+        return await storage_access(
+            self.svc.db, self.identity, r.principal, r.key_project, project_id, Op.WRITE, r.user_token
+        )
+
+    async def begin_direct(self, access: StorageAccess, bucket_ref: str, name: str) -> None:
+        self.bucket = await self.svc.resolve_bucket(self.svc.db, access.project_id, bucket_ref)
         self.name = check_object_name(name)
         self.check_mime()
         upsert = self.upsert()
         self.used_values = {k: self.value(k) for k in _DESTINATION_FIELDS}
         self.used_values["name"] = self.name
-        limits = await self.svc.limits(self.svc.db, access.project.id)
-        self.lease = await self.svc.acquire(self.bucket, self.name, upsert=upsert, kind="stream")
+        limits = await self.svc.limits(self.svc.db, access.project_id)
+        self.lease = await self.svc.acquire(
+            self.bucket, self.name, upsert=upsert, kind="stream", end_user=access.end_user
+        )
         replaced = 0
         if self.lease.replacing:  # the old bytes make room
             replaced = (
@@ -248,7 +260,7 @@ class _StreamedUpload:
                 raise ValidationError(
                     "projectId, bucketId, name and upsert must not change or repeat after the file part."
                 )
-            await self.svc.reserve(self.access.project.id, self.lease, size)
+            await self.svc.reserve(self.access.project_id, self.lease, size)
             await self.writer.commit()
             self.lease.committed = True
             return await self.svc.finalize(self.lease, size, self.content_type, self.bucket.is_public)
@@ -258,18 +270,16 @@ class _StreamedUpload:
         assert self.writer is not None and self.file_part is not None and self.staged_key is not None
         await self.writer.commit()
         self.staged_committed = True
-        self.access = await authorize(
-            self.svc.db, self.req.principal, self.req.key_project, self.value("projectId"), Need.WRITE
-        )
+        self.access = await self.authorize(self.value("projectId"))
         self.bucket = await self.svc.resolve_bucket(
-            self.svc.db, self.access.project.id, self.value("bucketId")
+            self.svc.db, self.access.project_id, self.value("bucketId")
         )
         self.name = check_object_name(self.value("name") or self.file_part.filename)
         self.check_mime()
         lease = self.lease = await self.svc.acquire(
-            self.bucket, self.name, upsert=self.upsert(), kind="stream"
+            self.bucket, self.name, upsert=self.upsert(), kind="stream", end_user=self.access.end_user
         )
-        await self.svc.reserve(self.access.project.id, lease, size)
+        await self.svc.reserve(self.access.project_id, lease, size)
         await copy_object(self.svc.store, self.staged_key, lease.s3_key, size, self.content_type)
         lease.committed = True
         return await self.svc.finalize(lease, size, self.content_type, self.bucket.is_public)

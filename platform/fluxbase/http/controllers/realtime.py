@@ -71,7 +71,9 @@ async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) 
 async def create_token(
     data: TokenBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
 ) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ)
+    access = await authorize(
+        ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ, end_user_surface=True
+    )
     member = caller.principal.user.id if caller.principal.user else None
     # The same identity rules as SQL: an end-user token wins, requireUserAuth keys need one.
     user_token = request.headers.get("x-fluxbase-user-token")

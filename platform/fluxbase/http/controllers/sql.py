@@ -82,7 +82,8 @@ async def sql_access(
         principal, key_project = key_auth.principal, key_auth.project
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
-    access = await authorize(ctx.db, principal, key_project, project_id, need)
+    # A data surface: request_identity applies the requireUserAuth rule right after.
+    access = await authorize(ctx.db, principal, key_project, project_id, need, end_user_surface=True)
     limit, window = access.rate_limit(ctx.settings)
     ctx.limiter.hit(principal.label, limit, window)
     return access, key_auth

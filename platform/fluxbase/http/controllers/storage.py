@@ -1,7 +1,9 @@
 """Storage v2: buckets, streamed uploads, presigned URLs (the reference doc's endpoints, and a few more).
 
 Scopes: `read` lists and signs downloads, `readwrite` uploads, `admin` manages buckets and
-deletes files (members: viewer / developer / developer, as in services/access.py).
+deletes files (members: viewer / developer / developer, as in services/access.py). A request
+with an end-user token acts as that user under each bucket's end-user rules, and a
+`requireUserAuth` key needs one (storage/access.py, docs/storage-access.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fluxbase.http.storage_shapes import (
     signed_out,
 )
 from fluxbase.services.access import Need, authorize
+from fluxbase.storage.access import Op, StorageAccess, storage_access
 from fluxbase.storage.service import BucketPatch, StorageService
 from fluxbase.storage.uploads import UploadRequest, stream_upload
 
@@ -39,20 +42,41 @@ BucketQ = Annotated[str | None, QueryParameter(name="bucketId", required=False)]
 KeyQ = Annotated[str | None, QueryParameter(name="s3Key", required=False)]
 
 
+USER_TOKEN_HEADER = "x-fluxbase-user-token"  # noqa: S105 (a header name)
+
+
 def _svc(ctx: AppContext) -> StorageService:
     return StorageService(ctx.db, ctx.store, ctx.settings)
 
 
+async def _files_access(
+    request: Request[Any, Any, Any], ctx: AppContext, caller: Caller, project_id: str | None, op: Op
+) -> StorageAccess:
+    return await storage_access(
+        ctx.db,
+        ctx.identity,
+        caller.principal,
+        caller.key_project,
+        project_id,
+        op,
+        request.headers.get(USER_TOKEN_HEADER),
+    )
+
+
 @get("/api/storage/buckets", operation_id="listBuckets", tags=["storage"])
-async def list_buckets(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return listing_out(await _svc(ctx).list_buckets(access))
+async def list_buckets(
+    request: Request[Any, Any, Any], ctx: AppContext, caller: Caller, project_id: ProjectQ = None
+) -> dict[str, Any]:
+    sa = await _files_access(request, ctx, caller, project_id, Op.READ)
+    return listing_out(await _svc(ctx).list_buckets(sa))
 
 
 @post("/api/storage/buckets", operation_id="createBucket", tags=["storage"], status_code=201)
 async def create_bucket(data: CreateBucketBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
-    bucket = await _svc(ctx).create_bucket(access, data.name, data.is_public, data.allowed_mime_types)
+    bucket = await _svc(ctx).create_bucket(
+        access, data.name, data.is_public, data.allowed_mime_types, data.end_user_access
+    )
     return {"success": True, "bucket": bucket_out(bucket)}
 
 
@@ -66,6 +90,7 @@ async def update_bucket(data: UpdateBucketBody, ctx: AppContext, caller: Caller)
         is_public=data.is_public,
         clear_mime_types=types is None,
         allowed_mime_types=types if isinstance(types, list) else None,
+        end_user_access=data.end_user_access,
     )
     return {"success": True, "bucket": bucket_out(await _svc(ctx).update_bucket(access, ref, change))}
 
@@ -108,13 +133,15 @@ async def upload_file(request: Request[Any, Any, Any], ctx: AppContext, caller: 
         content_length=int(length) if length and length.isdigit() else None,
         query=dict(request.query_params.items()),
         upsert_header=request.headers.get("x-upsert"),
+        user_token=request.headers.get(USER_TOKEN_HEADER),
     )
-    file = await stream_upload(_svc(ctx), req, request.stream())
+    file = await stream_upload(_svc(ctx), ctx.identity, req, request.stream())
     return {"success": True, "file": file_out(file)}
 
 
 @get("/api/storage/files", operation_id="listFiles", tags=["storage"])
 async def list_files(
+    request: Request[Any, Any, Any],
     ctx: AppContext,
     caller: Caller,
     project_id: ProjectQ = None,
@@ -123,20 +150,21 @@ async def list_files(
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return page_out(await _svc(ctx).list_files(access, bucket_id, prefix=prefix, limit=limit, cursor=cursor))
+    sa = await _files_access(request, ctx, caller, project_id, Op.READ)
+    return page_out(await _svc(ctx).list_files(sa, bucket_id, prefix=prefix, limit=limit, cursor=cursor))
 
 
 @get("/api/storage/url", operation_id="getFileUrl", tags=["storage"])
 async def file_url(
+    request: Request[Any, Any, Any],
     ctx: AppContext,
     caller: Caller,
     project_id: ProjectQ = None,
     s3_key: KeyQ = None,
     expires_in: Annotated[int | None, QueryParameter(name="expiresIn", required=False)] = None,
 ) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return signed_out(await _svc(ctx).sign_download(access, s3_key, expires_in))
+    sa = await _files_access(request, ctx, caller, project_id, Op.READ)
+    return signed_out(await _svc(ctx).sign_download(sa, s3_key, expires_in))
 
 
 async def _delete_files(
@@ -147,18 +175,12 @@ async def _delete_files(
     s3_key: str | None,
 ) -> dict[str, Any]:
     body = decode_optional(await request.body(), DeleteFilesBody)
-    access = await authorize(
-        ctx.db,
-        caller.principal,
-        caller.key_project,
-        either("projectId", project_id, body.project_id),
-        Need.SCHEMA,
+    sa = await _files_access(
+        request, ctx, caller, either("projectId", project_id, body.project_id), Op.DELETE
     )
     single = either("s3Key", s3_key, body.s3_key)
     keys: list[object] = [*([single] if single is not None else []), *(body.s3_keys or [])]
-    deleted, missing = await _svc(ctx).delete_files(
-        access, keys, single=single is not None and not body.s3_keys
-    )
+    deleted, missing = await _svc(ctx).delete_files(sa, keys, single=single is not None and not body.s3_keys)
     return {"success": True, "deleted": deleted, "notFound": missing}
 
 
@@ -185,10 +207,12 @@ async def delete_file(
 
 
 @post("/api/storage/upload-url", operation_id="createUploadUrl", tags=["storage"], status_code=201)
-async def create_upload_url(data: UploadUrlBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE)
+async def create_upload_url(
+    request: Request[Any, Any, Any], data: UploadUrlBody, ctx: AppContext, caller: Caller
+) -> dict[str, Any]:
+    sa = await _files_access(request, ctx, caller, data.project_id, Op.WRITE)
     post_form = await _svc(ctx).create_upload_url(
-        access,
+        sa,
         data.bucket_id,
         data.name,
         content_type=data.content_type,
@@ -200,9 +224,11 @@ async def create_upload_url(data: UploadUrlBody, ctx: AppContext, caller: Caller
 
 
 @post("/api/storage/upload-url/confirm", operation_id="confirmUpload", tags=["storage"], status_code=200)
-async def confirm_upload(data: ConfirmUploadBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE)
-    return {"success": True, "file": file_out(await _svc(ctx).confirm_upload(access, data.file_id))}
+async def confirm_upload(
+    request: Request[Any, Any, Any], data: ConfirmUploadBody, ctx: AppContext, caller: Caller
+) -> dict[str, Any]:
+    sa = await _files_access(request, ctx, caller, data.project_id, Op.WRITE)
+    return {"success": True, "file": file_out(await _svc(ctx).confirm_upload(sa, data.file_id))}
 
 
 @get("/api/storage/public/{key:path}", operation_id="getPublicFile", tags=["storage"])
