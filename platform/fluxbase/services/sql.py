@@ -4,8 +4,11 @@
 and records, and execute-sql where the fast path does not apply): 1) BEGIN + key guard +
 identity (SET LOCAL), 2) Bind/Execute of each statement with a row cap, 3) COMMIT (or
 ROLLBACK) + session reset. A single execute-sql statement (cached) takes one round trip
-instead (`_pipelined`, db.pipeline): session reset, identity, guard and the statement, written
-together and run as one implicit transaction up to a single Sync.
+instead (`_pipelined`, db.pipeline): session reset, identity (SET LOCAL), guard and the
+statement, written together and run as one implicit transaction up to a single Sync.
+
+What a statement is, and whether it is refused, is tenancy.statements' decision (PostgreSQL's
+own parser, one cached classification per text); nothing here reads SQL text.
 """
 
 from __future__ import annotations
@@ -273,18 +276,20 @@ def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> by
     return _ENC.encode({"success": False, "error": SqlError(message, code, f"ERROR:  {sqlstate}")})
 
 
-def identity_statements(identity: Identity, scope: str = "LOCAL") -> tuple[str, str, str]:
-    """The request identity as SET statements, not set_config(): tenant read and readwrite
+def identity_statements(identity: Identity) -> tuple[str, str, str]:
+    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
     roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
 
-    `scope` is "LOCAL" inside an explicit transaction; the one-round-trip path sets it for the
-    session instead (SET LOCAL outside a transaction block logs a warning), and the next
-    request's prefix resets it before anything else runs."""
+    SET LOCAL on every path, so no identity outlives its transaction. On the one-round-trip path
+    the messages before the Sync are one implicit transaction: there SET LOCAL takes effect for
+    the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
+    pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
+    can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
     claims = msgspec.json.encode(identity.claims).decode()
     return (
-        f"SET {scope} fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
-        f"SET {scope} fluxbase.auth_claims = {quote_literal(claims)}",
-        f"SET {scope} fluxbase.auth_role = {quote_literal(identity.role)}",
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
     )
 
 
