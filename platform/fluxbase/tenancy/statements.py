@@ -147,6 +147,7 @@ class Statement:
     settings: tuple[Setting, ...] = ()
     functions: frozenset[str] = frozenset()  # names of every function called anywhere in it
     large_objects: bool = False  # an lo_* function or a LARGE OBJECT target
+    targets: frozenset[str] = frozenset()  # object kinds it names (OBJECT_DATABASE, OBJECT_ROLE, ...)
     pg_settings_write: bool = False  # UPDATE pg_settings (its rule calls set_config)
 
 
@@ -308,6 +309,7 @@ def _facts(stmt: dict[str, Any], keyword: str) -> Statement:
     functions: set[str] = set()
     large = False
     pg_settings_write = False
+    targets: set[str] = set()
     for kind, fields in _walk(stmt):
         if kind == "FuncCall":
             name = _func_name(fields)
@@ -335,15 +337,18 @@ def _facts(stmt: dict[str, Any], keyword: str) -> Statement:
             rel = fields.get("relation", {})
             if str(rel.get("relname", "")).lower() == "pg_settings":
                 pg_settings_write = True
-        if fields.get("objtype") == "OBJECT_LARGEOBJECT" or fields.get("targtype") == "OBJECT_LARGEOBJECT":
-            large = True
+        for attr in ("objtype", "objectType", "renameType", "relationType"):
+            target = fields.get(attr)
+            if isinstance(target, str):
+                targets.add(target)
     return Statement(
         node=node,
         keyword=keyword,
         detail=detail,
         settings=tuple(settings),
         functions=frozenset(functions),
-        large_objects=large,
+        large_objects=large or "OBJECT_LARGEOBJECT" in targets,
+        targets=frozenset(targets),
         pg_settings_write=pg_settings_write,
     )
 
@@ -370,6 +375,8 @@ def parse(text: str) -> tuple[Statement, ...]:
         tree = _decode(pg.parse_sql_json(text))
     except pg.ParseError as exc:
         return (Statement(node="", keyword="", detail=str(exc.args[0]) if exc.args else "syntax error"),)
+    except RecursionError:  # msgspec's limit on nesting, far below PostgreSQL's own stack limit
+        return (Statement(node="", keyword="", detail="the statement is nested too deeply"),)
     raw = tree.get("stmts") or []
     starts = [int(r.get("stmt_location", 0)) for r in raw]
     if not text.isascii():  # the parser counts UTF-8 bytes, the scanner characters
@@ -421,9 +428,18 @@ LABELS = {
 }
 
 
-def _node_in(*nodes: str) -> Callable[[Statement, Caps], str | None]:
+def _node_in(*nodes: str, naming: str = "") -> Callable[[Statement, Caps], str | None]:
+    """Statements of these kinds, and RENAME / OWNER TO / COMMENT ON of a `naming` object."""
     wanted = frozenset(nodes)
-    return lambda s, _caps: LABELS.get(s.node, s.keyword) if s.node in wanted else None
+
+    def check(s: Statement, _caps: Caps) -> str | None:
+        if s.node in wanted:
+            return LABELS.get(s.node, s.keyword)
+        if naming and naming in s.targets and s.node in ("RenameStmt", "AlterOwnerStmt", "CommentStmt"):
+            return f"{s.keyword} of a {naming.removeprefix('OBJECT_').lower()}"
+        return None
+
+    return check
 
 
 def _setting_named(test: Callable[[str], bool]) -> Callable[[Statement, Caps], str | None]:
@@ -537,6 +553,7 @@ RULES: tuple[Rule, ...] = (
             "DropRoleStmt",
             "GrantRoleStmt",
             "ReassignOwnedStmt",
+            naming="OBJECT_ROLE",
         ),
     ),
     Rule(
@@ -551,6 +568,7 @@ RULES: tuple[Rule, ...] = (
             "AlterDatabaseRefreshCollStmt",
             "DropdbStmt",
             "AlterSystemStmt",
+            naming="OBJECT_DATABASE",
         ),
     ),
     Rule(
