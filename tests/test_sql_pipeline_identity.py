@@ -69,23 +69,26 @@ async def test_a_statement_that_ends_the_transaction_fails_and_closes_the_connec
     request fails and the session never serves another request."""
     pools, control, pid = tenancy
     req = _request(pid, "admin", "alice")
-    seen: list[Any] = []
-
-    async def work(tx: sql.Tx) -> Any:
-        seen.append(tx.conn)
-        await tx.run("SELECT 1", [])
-        return await tx.run("COMMIT", [])  # as if the classifier had let it through
-
-    with pytest.raises(sql.StatementFailed) as caught:
-        await sql.transaction(pools, control, req, work)
-    assert caught.value.sqlstate == "0A000" and "ended the request's transaction" in caught.value.message
-    assert seen[0].is_closed()
     pool = await pools.pool(pid, "admin")
-    fresh = await pool.acquire()
-    try:
-        assert fresh is not seen[0] and not fresh.is_in_transaction()
-    finally:
-        await pool.release(fresh)
+    # AND CHAIN starts a new transaction at once: still one, but not the request's.
+    for ender in ("COMMIT", "COMMIT AND CHAIN", "ROLLBACK AND CHAIN", "END"):
+        seen: list[Any] = []
+
+        async def work(tx: sql.Tx, ender: str = ender, seen: list[Any] = seen) -> Any:
+            seen.append(tx.conn)
+            await tx.run("SELECT 1", [])
+            return await tx.run(ender, [])  # as if the classifier had let it through
+
+        with pytest.raises(sql.StatementFailed) as caught:
+            await sql.transaction(pools, control, req, work)
+        assert caught.value.sqlstate == "0A000", ender
+        assert "ended the request's transaction" in caught.value.message
+        assert seen[0].is_closed(), ender
+        fresh = await pool.acquire()
+        try:
+            assert fresh is not seen[0] and not fresh.is_in_transaction()
+        finally:
+            await pool.release(fresh)
     # The project keeps working on a new connection.
     body = await sql.execute(pools, control, req, "SELECT auth.uid() AS u", [])
     assert b'"rows":[{"u":"alice"}]' in body

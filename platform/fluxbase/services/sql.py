@@ -260,6 +260,11 @@ class StatementFailed(Exception):
         return {"success": False, "error": error}
 
 
+# Command tags of statements that end the transaction they run in (even when AND CHAIN
+# starts another): COMMIT, ROLLBACK (also ROLLBACK TO a savepoint), PREPARE TRANSACTION.
+_ENDED = ("COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
+
+
 class TransactionEnded(StatementFailed):
     """A tenant statement ended the request's transaction; the connection has been closed."""
 
@@ -437,10 +442,11 @@ class Tx:
             )
         except Exception as exc:
             raise self._failed(exc) from None
-        if not self.conn.is_in_transaction():
+        if not self.conn.is_in_transaction() or (status is not None and status.startswith(_ENDED)):
             # The statement ended the request's transaction (what tenancy.statements refuses
-            # got through): its identity, read-only mode and size check are gone. Fail, and
-            # never hand this session to anyone again.
+            # got through; AND CHAIN opens a new one, without the request's SET LOCALs): its
+            # identity, read-only mode and size check are gone. Fail, and never hand this
+            # session to anyone again.
             self.conn.terminate()
             raise TransactionEnded(self.index)
         res, self.bytes_left = encode_result(
