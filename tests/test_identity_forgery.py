@@ -289,3 +289,29 @@ async def test_prepared_statements_of_earlier_requests_are_not_visible(spawn) ->
                 assert body["success"] is False and body["error"]["details"] == "ERROR:  42501", (q, body)
         finally:
             await api.close()
+
+
+async def test_end_user_cannot_hide_a_set_in_a_temporary_sql_function(api: Api, project) -> None:
+    """A SQL-language function's body may run SET: a readwrite role (which may create functions in
+    pg_temp) wrapped `SET LOCAL fluxbase.auth_uid` and the query in one, and a batch called it."""
+    pid = project.id
+    key, a_tok, _, victim = await _browser_setup(api, project)
+    bodies = [
+        f"SET LOCAL fluxbase.auth_uid = '{victim}'; SELECT string_agg(v, ',') FROM secrets",
+        f"--\r\nSET LOCAL \"fluxbase\".auth_uid = '{victim}'; SELECT string_agg(v, ',') FROM secrets",
+        "SET work_mem = '8GB'; SELECT current_setting('work_mem')",
+        "RESET ALL; SELECT string_agg(v, ',') FROM secrets",
+    ]
+    for body in bodies:
+        for header in ("", "CREATE OR REPLACE "):
+            create = (
+                f"{header or 'CREATE '}FUNCTION pg_temp.peek() RETURNS text LANGUAGE sql AS $fn${body}$fn$"
+            )
+            r = await _batch(api, key, pid, a_tok, [create, "SELECT pg_temp.peek() AS v"])
+            assert "victim-secret" not in r.text and r.json()["success"] is False, (body, r.text)
+            err = r.json()["error"]
+            assert err["statementIndex"] == 0 and err["details"] == "ERROR:  42501", (body, err)
+    # An ordinary temporary SQL function stays allowed.
+    create = "CREATE FUNCTION pg_temp.twice(i int) RETURNS int LANGUAGE sql AS 'SELECT i * 2'"
+    r = await _batch(api, key, pid, a_tok, [create, "SELECT pg_temp.twice(21) AS v"])
+    assert r.json()["results"][1]["rows"] == [{"v": 42}], r.text

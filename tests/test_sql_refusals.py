@@ -105,8 +105,20 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
             "WITH x AS MATERIALIZED (SELECT set_config('fluxbase.auth_claims', '{}', true)) SELECT * FROM x",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET fluxbase.auth_uid = 'x' AS 'SELECT 1'",
             "ALTER FUNCTION f() SET fluxbase.auth_uid = 'x'",
+            # a SQL function's body runs its SET inside the caller's statement
+            "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS $$ SET LOCAL fluxbase.auth_uid = 'x'; "
+            "SELECT 1 $$",
+            "CREATE PROCEDURE pg_temp.p() AS 'RESET fluxbase.auth_uid' LANGUAGE SQL",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $a$ CREATE FUNCTION g() RETURNS void "
+            "LANGUAGE sql AS $b$ SET fluxbase.auth_uid = 'x' $b$ $a$",
         ],
-        ["SELECT current_setting('fluxbase.auth_uid', true)", "SELECT auth.uid()", "SET LOCAL myapp.x = 1"],
+        [
+            "SELECT current_setting('fluxbase.auth_uid', true)",
+            "SELECT auth.uid()",
+            "SET LOCAL myapp.x = 1",
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $$ SELECT current_setting('fluxbase.x') $$",
+            "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN 'SET fluxbase.x'; END $$",
+        ],
     ),
     "RESET ALL": (["RESET ALL", "--\rRESET ALL", "ALTER FUNCTION f() RESET ALL"], ["RESET work_mem"]),
     "computed setting name": (

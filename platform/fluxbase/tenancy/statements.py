@@ -148,6 +148,9 @@ class Statement:
     functions: frozenset[str] = frozenset()  # names of every function called anywhere in it
     large_objects: bool = False  # an lo_* function or a LARGE OBJECT target
     targets: frozenset[str] = frozenset()  # object kinds it names (OBJECT_DATABASE, OBJECT_ROLE, ...)
+    # The statements of a SQL-language function body it creates: they run whenever the function
+    # is called, inside the caller's statement (a SET there changes the caller's settings).
+    inner: tuple[Statement, ...] = ()
     pg_settings_write: bool = False  # UPDATE pg_settings (its rule calls set_config)
 
 
@@ -298,7 +301,25 @@ def _func_name(call: dict[str, Any]) -> str:
     return str(last.get("String", {}).get("sval", "")).lower()
 
 
-def _facts(stmt: dict[str, Any], keyword: str) -> Statement:
+MAX_BODY_DEPTH = 4  # SQL function bodies that create SQL functions, and so on
+
+
+def _sql_body(fields: dict[str, Any]) -> str | None:
+    """The body of CREATE FUNCTION/PROCEDURE ... LANGUAGE sql AS '...' (None for other languages
+    and for BEGIN ATOMIC bodies, which are part of the parse tree already)."""
+    language, body = "sql", None
+    for option in fields.get("options") or []:
+        d = option.get("DefElem", {})
+        if d.get("defname") == "language":
+            language = str(d.get("arg", {}).get("String", {}).get("sval", "")).lower()
+        elif d.get("defname") == "as":
+            items = d.get("arg", {}).get("List", {}).get("items") or []
+            if items:
+                body = str(items[0].get("String", {}).get("sval", ""))
+    return body if language == "sql" else None
+
+
+def _facts(stmt: dict[str, Any], keyword: str, depth: int = 0) -> Statement:
     (node, body), *_ = stmt.items()
     detail = ""
     if node == "TransactionStmt":
@@ -310,7 +331,17 @@ def _facts(stmt: dict[str, Any], keyword: str) -> Statement:
     large = False
     pg_settings_write = False
     targets: set[str] = set()
+    inner: list[Statement] = []
     for kind, fields in _walk(stmt):
+        if kind == "CreateFunctionStmt":
+            body_text = _sql_body(fields)
+            if body_text is not None:
+                if depth >= MAX_BODY_DEPTH:
+                    inner.append(
+                        Statement(node="", keyword="", detail="SQL function bodies nested too deeply")
+                    )
+                else:
+                    inner.extend(parse(body_text, depth + 1))
         if kind == "FuncCall":
             name = _func_name(fields)
             functions.add(name)
@@ -350,6 +381,7 @@ def _facts(stmt: dict[str, Any], keyword: str) -> Statement:
         large_objects=large or "OBJECT_LARGEOBJECT" in targets,
         targets=frozenset(targets),
         pg_settings_write=pg_settings_write,
+        inner=tuple(inner),
     )
 
 
@@ -369,7 +401,7 @@ def _keywords(text: str, starts: list[int]) -> list[str]:
     return out
 
 
-def parse(text: str) -> tuple[Statement, ...]:
+def parse(text: str, depth: int = 0) -> tuple[Statement, ...]:
     """The statements of `text` with their facts (a one-element "" node on a parse error)."""
     try:
         tree = _decode(pg.parse_sql_json(text))
@@ -383,7 +415,7 @@ def parse(text: str) -> tuple[Statement, ...]:
         data = text.encode()
         starts = [len(data[:b].decode(errors="ignore")) for b in starts]
     keywords = _keywords(text, starts) if raw else []
-    return tuple(_facts(r["stmt"], kw) for r, kw in zip(raw, keywords, strict=True) if r.get("stmt"))
+    return tuple(_facts(r["stmt"], kw, depth) for r, kw in zip(raw, keywords, strict=True) if r.get("stmt"))
 
 
 # -- the refusal table --------------------------------------------------------------------------
@@ -652,15 +684,29 @@ def _refusal(statements: tuple[Statement, ...], context: str, caps: Caps) -> Ref
     if context in _SEVERAL.contexts and len(statements) > 1:
         return Refusal(_SEVERAL.what, _SEVERAL.message.format(detail=len(statements)), _SEVERAL.sqlstate)
     for index, s in enumerate(statements):
-        for rule in RULES:
-            if context not in rule.contexts:
-                continue
-            detail = rule.check(s, caps)
-            if detail is not None:
-                message = rule.message.format(
-                    keyword=s.keyword or s.node, detail=detail, context=ONE_TRANSACTION[context]
-                )
-                return Refusal(rule.what, message, rule.sqlstate, index)
+        found = _first_rule(s, context, caps)
+        if found is not None:
+            rule, message = found
+            return Refusal(rule.what, message, rule.sqlstate, index)
+    return None
+
+
+def _first_rule(s: Statement, context: str, caps: Caps) -> tuple[Rule, str] | None:
+    """The first row that refuses `s`, or one of the statements of a SQL function body it
+    creates (each as if it ran where the function is called)."""
+    for rule in RULES:
+        if context not in rule.contexts:
+            continue
+        detail = rule.check(s, caps)
+        if detail is not None:
+            return rule, rule.message.format(
+                keyword=s.keyword or s.node, detail=detail, context=ONE_TRANSACTION[context]
+            )
+    for inner in s.inner:
+        # A function body is not a batch: its session-level SET is judged like a request's.
+        found = _first_rule(inner, SCRIPT if context == BATCH else context, caps)
+        if found is not None:
+            return found[0], "in the body of a SQL function: " + found[1]
     return None
 
 
