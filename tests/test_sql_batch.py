@@ -144,11 +144,11 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
         api, project.admin_key, project.id, ["SELECT set_config('fluxbase.auth_uid', 'u2', false)"]
     )
     assert r.json()["error"]["details"] == "ERROR:  42501" and "identity" in r.json()["error"]["message"]
-    # An admin's function may, and no statement check can see it: the identity is set again
+    # An admin's plpgsql function may, and no statement check reads plpgsql: the identity is set again
     # before each statement.
     forge = (
-        "CREATE FUNCTION forge() RETURNS text LANGUAGE sql "
-        "AS $$ SELECT set_config('fluxbase.auth_uid', 'u2', false) $$"
+        "CREATE FUNCTION forge() RETURNS text LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN set_config('fluxbase.auth_uid', 'u2', false); END $$"
     )
     assert (await api.sql(project.admin_key, project.id, forge)).json()["success"]
     r = await api.http.post(

@@ -165,11 +165,11 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
         # Session settings within the per-role caps are allowed (above them: refused, below).
         assert (await one("SET statement_timeout = '3s'"))["success"]
         assert (await one("SET work_mem = '1MB'"))["success"]
-        # set_config of the identity is refused as a statement; a function can still call it.
+        # set_config of the identity is refused as a statement; an admin's plpgsql function can still.
         assert not (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
         forge = (
-            "CREATE FUNCTION forge() RETURNS text LANGUAGE sql "
-            "AS $$ SELECT set_config('fluxbase.auth_uid', 'forged', false) $$"
+            "CREATE FUNCTION forge() RETURNS text LANGUAGE plpgsql "
+            "AS $$ BEGIN RETURN set_config('fluxbase.auth_uid', 'forged', false); END $$"
         )
         assert (await one(forge))["success"]
         assert (await one("SELECT forge()"))["success"]
@@ -402,8 +402,11 @@ async def test_tenant_roles_cannot_alter_themselves_or_take_more_than_their_shar
     after = await control_db.fetch(ROLES_OF, f"p_{pid}_%")
     assert before == after
     assert await control_db.fetchval("SELECT count(*) FROM pg_largeobject_metadata") == 0
-    # A function that hides the large-object call from the statement is refused by privileges.
-    hidden = "CREATE FUNCTION stash() RETURNS oid LANGUAGE sql AS $$ SELECT lo_from_bytea(0, 'x') $$"
+    # A plpgsql function hides the large-object call from the classifier: privileges refuse it.
+    hidden = (
+        "CREATE FUNCTION stash() RETURNS oid LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN lo_from_bytea(0, 'x'); END $$"
+    )
     assert (await api.sql(project.admin_key, pid, hidden)).json()["success"]
     body = (await api.sql(project.admin_key, pid, "SELECT stash()")).json()
     assert body["success"] is False and body["error"]["details"] == "ERROR:  42501", body
