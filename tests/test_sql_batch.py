@@ -136,17 +136,27 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
     ):
         assert (await api.sql(project.admin_key, project.id, q)).json()["success"], q
     # Read and readwrite roles may not call set_config() at all (sql/0007).
-    r = await batch(api, rw, project.id, ["SELECT 1", "SELECT set_config('fluxbase.auth_uid', 'u2', false)"])
+    r = await batch(api, rw, project.id, ["SELECT 1", "SELECT set_config('myapp.x', 'u2', false)"])
     err = r.json()["error"]
     assert err["statementIndex"] == 1 and err["details"] == "ERROR:  42501" and "set_config" in err["message"]
-    # An admin key may, and a keyword check cannot see it: the identity is set again before
-    # each statement.
+    # Of the identity, not even as admin: tenancy.statements refuses the statement.
+    r = await batch(
+        api, project.admin_key, project.id, ["SELECT set_config('fluxbase.auth_uid', 'u2', false)"]
+    )
+    assert r.json()["error"]["details"] == "ERROR:  42501" and "identity" in r.json()["error"]["message"]
+    # An admin's plpgsql function may, and no statement check reads plpgsql: the identity is set again
+    # before each statement.
+    forge = (
+        "CREATE FUNCTION forge() RETURNS text LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN set_config('fluxbase.auth_uid', 'u2', false); END $$"
+    )
+    assert (await api.sql(project.admin_key, project.id, forge)).json()["success"]
     r = await api.http.post(
         "/api/execute-batch",
         json={
             "projectId": project.id,
             "statements": [
-                {"query": "SELECT set_config('fluxbase.auth_uid', 'u2', false)"},
+                {"query": "SELECT forge()"},
                 {"query": "SELECT auth.uid() AS uid, auth.role() AS role"},
                 {"query": "SELECT body FROM notes ORDER BY id"},
                 {"query": "SELECT set_config('role', 'p_someone_else_admin', true)"},
@@ -162,7 +172,7 @@ async def test_identity_holds_across_statements(api: Api, project) -> None:
         project.admin_key,
         project.id,
         [
-            "SELECT set_config('fluxbase.auth_uid', 'u2', false)",
+            "SELECT forge()",
             "SELECT auth.uid() AS uid, auth.role() AS role",
             "SELECT body FROM notes ORDER BY id",
         ],

@@ -138,8 +138,9 @@ async def test_set_role_to_own_other_scopes_is_refused(api: Api, project) -> Non
         "RESET ROLE; INSERT INTO t VALUES (1)",
     ):
         assert (await api.sql(ro, project.id, q)).json()["success"] is False
-    # Even a successful RESET ROLE leaves the session user: still read-only.
-    assert (await api.sql(ro, project.id, "RESET ROLE")).json()["success"] is True
+    # RESET ROLE is refused as a role switch (tenancy.statements); it would leave the session
+    # user anyway: still read-only.
+    assert (await api.sql(ro, project.id, "RESET ROLE")).json()["error"]["details"] == "ERROR:  42501"
     assert (await api.sql(ro, project.id, "INSERT INTO t VALUES (1)")).json()["success"] is False
     body = (await api.sql(ro, project.id, "SELECT session_user AS s, current_user AS c")).json()
     assert body["result"]["rows"] == [{"s": f"p_{project.id}_ro", "c": f"p_{project.id}_ro"}]
@@ -161,9 +162,17 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
             return (await api.sql(key, pid, q, **kw)).json()
 
         pid1 = (await one("SELECT pg_backend_pid() AS p"))["result"]["rows"][0]["p"]
-        assert (await one("SET statement_timeout = 0"))["success"]
-        assert (await one("SET work_mem = '1GB'"))["success"]
-        assert (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
+        # Session settings within the per-role caps are allowed (above them: refused, below).
+        assert (await one("SET statement_timeout = '3s'"))["success"]
+        assert (await one("SET work_mem = '1MB'"))["success"]
+        # set_config of the identity is refused as a statement; an admin's plpgsql function can still.
+        assert not (await one("SELECT set_config('fluxbase.auth_uid', 'forged', false)"))["success"]
+        forge = (
+            "CREATE FUNCTION forge() RETURNS text LANGUAGE plpgsql "
+            "AS $$ BEGIN RETURN set_config('fluxbase.auth_uid', 'forged', false); END $$"
+        )
+        assert (await one(forge))["success"]
+        assert (await one("SELECT forge()"))["success"]
         assert (await one("SELECT pg_advisory_lock(42)"))["success"]
         assert (await one("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))["success"]
         assert (await one("CREATE TEMP TABLE tmp_leak (id int)"))["success"]
@@ -176,8 +185,7 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
                             current_setting('transaction_isolation') AS iso,
                             current_setting('transaction_read_only') AS ro,
                             current_setting('work_mem') AS wm,
-                            auth.uid() AS uid, to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp,
-                            (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors""")
+                            auth.uid() AS uid, to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp""")
         row = body["result"]["rows"][0]
         assert row == {
             "p": pid1,
@@ -186,9 +194,10 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
             "wm": row["wm"],
             "uid": None,
             "no_temp": True,
-            "cursors": 0,
         }
-        assert row["wm"] != "1GB"
+        assert row["wm"] != "1MB"
+        # The WITH HOLD cursor is gone too (pg_cursors is not readable by tenants: sql/0013).
+        assert (await one("FETCH c"))["error"]["details"] == "ERROR:  34000"
         # A session lock taken inside a function (no lock text in the request) is gone by the
         # next request on the connection.
         assert (
@@ -207,16 +216,15 @@ async def test_no_state_leaks_between_requests(spawn) -> None:
                             current_setting('work_mem') AS wm, auth.uid() AS uid,
                             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
                               AND pid = pg_backend_pid()) AS locks,
-                            (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
                             to_regclass('pg_temp.tmp_leak') IS NULL AS no_temp""")
         row = body["result"]["rows"][0]
         assert row["p"] == pid1  # same backend, so the checks below are meaningful
-        assert row["st"] != "0" and row["wm"] != "1GB"
-        assert row["uid"] is None and row["locks"] == 0 and row["cursors"] == 0 and row["no_temp"] is True
+        assert row["st"] != "3s" and row["wm"] != "1MB"
+        assert row["uid"] is None and row["locks"] == 0 and row["no_temp"] is True
 
 
 async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> None:
-    async with _own_project(spawn, FLUXBASE_SQL_DEADLINE_MS="1500") as (_, api, pid, key):
+    async with _own_project(spawn, FLUXBASE_SQL_DEADLINE_MS="1500") as (inst, api, pid, key):
         t0 = time.monotonic()
         body = (await api.sql(key, pid, "SELECT pg_sleep(30)")).json()
         assert time.monotonic() - t0 < 6
@@ -237,15 +245,16 @@ async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> N
         # The project still works afterwards and no backend of its roles is left busy.
         assert (await api.sql(key, pid, "SELECT 1 AS one")).json()["result"]["rows"] == [{"one": 1}]
         await asyncio.sleep(0.5)
-        busy = (
-            await api.sql(
-                key,
-                pid,
-                "SELECT count(*) AS n FROM pg_stat_activity WHERE usename LIKE "
-                f"'p_{pid}_%' AND state = 'active' AND pid <> pg_backend_pid()",
+        # (Tenants cannot read pg_stat_activity, sql/0013: look from a platform connection.)
+        control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
+        try:
+            busy = await control.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE $1 AND state = 'active'",
+                f"p_{pid}_%",
             )
-        ).json()
-        assert busy["result"]["rows"] == [{"n": 0}]
+        finally:
+            await control.close()
+        assert busy == 0
 
 
 async def test_held_locks_do_not_outlive_the_request(api: Api, project) -> None:
@@ -348,3 +357,98 @@ async def test_session_lock_from_a_one_round_trip_request_is_released_when_idle(
             assert body["success"]
         finally:
             await control.close()
+
+
+ROLES_OF = """SELECT a.rolname, r.rolconfig, a.rolpassword FROM pg_authid a JOIN pg_roles r USING (oid)
+               WHERE a.rolname LIKE $1 ORDER BY 1"""
+
+
+async def test_tenant_roles_cannot_alter_themselves_or_take_more_than_their_share(
+    api: Api, project, control_db
+) -> None:
+    """Issue 15 finding 5: `ALTER ROLE CURRENT_USER ...` succeeded (a password or setting that
+    breaks every new connection of the project and scope), `SET work_mem = '8GB'` overrode the
+    per-role cap, and `lo_from_bytea` stored data outside the schema and its quota."""
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=1_000_000)
+    before = await control_db.fetch(ROLES_OF, f"p_{pid}_%")
+    refused = [
+        "ALTER ROLE CURRENT_USER SET search_path = nowhere",
+        "ALTER ROLE CURRENT_USER PASSWORD 'chosen-by-tenant'",
+        "ALTER USER CURRENT_USER SET work_mem = '8GB'",
+        f"--\rALTER ROLE p_{pid}_admin SET statement_timeout = 0",
+        "ALTER ROLE CURRENT_USER RESET ALL",
+        f"ALTER DATABASE {await control_db.fetchval('SELECT current_database()')} SET work_mem = '8GB'",
+        "SET work_mem = '8GB'",
+        "SET LOCAL work_mem = 8388608",
+        "SET maintenance_work_mem = '4GB'",
+        "SET hash_mem_multiplier = 1000",
+        "SET temp_file_limit = -1",
+        "SET statement_timeout = 0",
+        "SET lock_timeout = '1h'",
+        "SET idle_in_transaction_session_timeout = 0",
+        "SELECT set_config('work_mem', '8GB', false)",
+        "SELECT pg_catalog.set_config('statement_timeout', '0', true)",
+        "CREATE FUNCTION hog() RETURNS int LANGUAGE sql SET work_mem = '8GB' AS 'SELECT 1'",
+        "SELECT lo_from_bytea(0, 'outside the quota')",
+        "SELECT lo_create(0)",
+        "SELECT lo_put(lo_creat(-1), 0, 'x')",
+    ]
+    for key in (project.admin_key, rw):
+        for q in refused:
+            body = (await api.sql(key, pid, q)).json()
+            assert body["success"] is False, f"{q!r} -> {body}"
+            assert body["error"]["code"] == "SQL_EXEC_ERROR", body
+    after = await control_db.fetch(ROLES_OF, f"p_{pid}_%")
+    assert before == after
+    assert await control_db.fetchval("SELECT count(*) FROM pg_largeobject_metadata") == 0
+    # A plpgsql function hides the large-object call from the classifier: privileges refuse it.
+    hidden = (
+        "CREATE FUNCTION stash() RETURNS oid LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN lo_from_bytea(0, 'x'); END $$"
+    )
+    assert (await api.sql(project.admin_key, pid, hidden)).json()["success"]
+    body = (await api.sql(project.admin_key, pid, "SELECT stash()")).json()
+    assert body["success"] is False and body["error"]["details"] == "ERROR:  42501", body
+    assert await control_db.fetchval("SELECT count(*) FROM pg_largeobject_metadata") == 0
+    # Settings within the caps stay allowed, and end with the request.
+    for q in ("SET LOCAL work_mem = '1MB'", "SET statement_timeout = '2s'", "SET lock_timeout = 1000"):
+        body = (await api.sql(rw, pid, q)).json()
+        assert body["success"], (q, body)
+
+
+async def test_end_user_traffic_does_not_share_sessions_with_server_keys(spawn) -> None:
+    """Requests carrying an end user's token run on connections of their own: nothing one of them
+    leaves in a session (or reads of it) meets a trusted server key's requests."""
+    async with _own_project(spawn, {"rateLimitRequests": 1_000_000}, FLUXBASE_TENANT_POOL_MAX="1") as (
+        _,
+        api,
+        pid,
+        admin,
+    ):
+        email = f"lane-{pid[:6]}@example.com"
+        r = await api.http.post(
+            f"/api/projects/{pid}/auth/register", json={"email": email, "password": "correct horse battery"}
+        )
+        assert r.status_code == 201, r.text
+        r = await api.http.post(
+            f"/api/projects/{pid}/auth/login",
+            json={"email": email, "password": "correct horse battery"},
+            headers={"X-Forwarded-For": "203.0.113.9"},
+        )
+        assert r.status_code == 200, r.text
+        token = r.json()["accessToken"]
+
+        async def pid_of(headers: dict[str, str]) -> int:
+            r = await api.http.post(
+                "/api/execute-sql",
+                json={"projectId": pid, "query": "SELECT pg_backend_pid() AS p"},
+                headers={"Authorization": f"Bearer {admin}", **headers},
+            )
+            assert r.json()["success"], r.text
+            return int(r.json()["result"]["rows"][0]["p"])
+
+        server = {await pid_of({}) for _ in range(3)}
+        user = {await pid_of({"X-Fluxbase-User-Token": token}) for _ in range(3)}
+        assert len(server) == 1 and len(user) == 1  # one connection each (pool max 1) ...
+        assert server.isdisjoint(user)  # ... and never the same one

@@ -21,6 +21,7 @@ import msgspec
 
 from fluxbase.config import Settings
 from fluxbase.security.roles import CHECKER, ROLES, SCOPES, role_name, role_password, schema_name
+from fluxbase.tenancy.statements import Caps, Classifier
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> i
 
 
 class TenantPools:
-    """Lazily created, bounded `TenantPool`s keyed by (project, scope); idle pools are closed."""
+    """Lazily created, bounded `TenantPool`s keyed by (project, scope, end user or not); idle
+    pools are closed."""
 
     def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0, max_size: int | None = None):
         self._settings = settings
@@ -350,8 +352,10 @@ class TenantPools:
         parts = urlsplit(settings.database.url)
         self._host, self._port = settings.database.server()
         self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
-        self._pools: dict[tuple[str, str], TenantPool] = {}
-        self._last_used: dict[tuple[str, str], float] = {}
+        self._pools: dict[tuple[str, str, bool], TenantPool] = {}
+        self._last_used: dict[tuple[str, str, bool], float] = {}
+        # What tenant statements are and which are refused, for these roles' caps.
+        self.statements = Classifier(Caps.of(settings.tenant))
         self._idle_pool_seconds = idle_pool_seconds
         self._reaper: asyncio.Task[None] | None = None
 
@@ -368,8 +372,10 @@ class TenantPools:
             "server_settings": {"application_name": f"fluxbase-tenant-{project_id}"},
         }
 
-    async def pool(self, project_id: str, scope: str) -> TenantPool:
-        key = (project_id, scope)
+    async def pool(self, project_id: str, scope: str, end_user: bool = False) -> TenantPool:
+        """The pool of (project, scope); `end_user` requests (a user token) get connections of
+        their own, never a session that a trusted server key's requests use."""
+        key = (project_id, scope, end_user)
         self._last_used[key] = time.monotonic()
         existing = self._pools.get(key)
         if existing is not None:

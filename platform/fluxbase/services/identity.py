@@ -263,6 +263,8 @@ class IdentityResolver:
                 raise ValidationError("authUid cannot override the identity of the end-user token.")
             own = session_checked_in_sql and claims.get("iss") == usertokens.OWN_ISSUER
             session = (claims["sid"], access.project.id) if own else None
-            return Identity(uid=claims["sub"], claims=claims, role=access.sql_scope, user_session=session)
+            return Identity(
+                uid=claims["sub"], claims=claims, role=access.sql_scope, user_session=session, end_user=True
+            )
         require_end_user_token(access, user_token)
         return key_identity(access, auth_uid)

@@ -4,8 +4,11 @@
 and records, and execute-sql where the fast path does not apply): 1) BEGIN + key guard +
 identity (SET LOCAL), 2) Bind/Execute of each statement with a row cap, 3) COMMIT (or
 ROLLBACK) + session reset. A single execute-sql statement (cached) takes one round trip
-instead (`_pipelined`, db.pipeline): session reset, identity, guard and the statement, written
-together and run as one implicit transaction up to a single Sync.
+instead (`_pipelined`, db.pipeline): session reset, identity (SET LOCAL), guard and the
+statement, written together and run as one implicit transaction up to a single Sync.
+
+What a statement is, and whether it is refused, is tenancy.statements' decision (PostgreSQL's
+own parser, one cached classification per text); nothing here reads SQL text.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import base64
 import contextlib
 import datetime as dt
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +42,7 @@ from fluxbase.errors import (
 )
 from fluxbase.services import quota
 from fluxbase.services.quota import SizeCache
+from fluxbase.tenancy import statements as classification
 
 log = logging.getLogger("fluxbase.sql")
 
@@ -57,53 +60,10 @@ _SESSION_GONE = (
 _CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, *_SESSION_GONE)
 MAX_PARAMS = 10_000
 
-# Statements refused before they reach PostgreSQL: each request is exactly one transaction, so
-# transaction control would end it early (and drop the request's identity), and session-level
-# state (prepared statements, LISTEN, DISCARD, COPY streams) has no meaning over stateless HTTP.
-DENIED = {
-    "BEGIN": "transaction control",
-    "START": "transaction control",
-    "COMMIT": "transaction control",
-    "END": "transaction control",
-    "ROLLBACK": "transaction control",
-    "ABORT": "transaction control",
-    "SAVEPOINT": "transaction control",
-    "RELEASE": "transaction control",
-    "PREPARE": "session prepared statements",
-    "DEALLOCATE": "session prepared statements",
-    "DISCARD": "session state",
-    "LISTEN": "session state",
-    "UNLISTEN": "session state",
-    "COPY": "COPY streams",
-    "LOAD": "loading libraries",
-}
-
-_WORD = re.compile(r"[A-Za-z_]+")
-
 
 def leading_keyword(sql: str) -> str:
-    """The first keyword of a statement, skipping whitespace, comments, '(' and ';'."""
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        if c.isspace() or c in "(;":
-            i += 1
-        elif sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        else:
-            break
-    m = _WORD.match(sql, i)
-    return m.group(0).upper() if m else ""
+    """The first keyword of a statement ("" if none), as PostgreSQL's scanner reads it."""
+    return classification.default().classify(sql).keyword
 
 
 @dataclass(frozen=True)
@@ -116,6 +76,9 @@ class Identity:
     # A Fluxbase project user's (session id, project id): checked inside the transaction by
     # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
     user_session: tuple[str, str] | None = None
+    # An end user's request (a user token: requireUserAuth keys always carry one). It runs on
+    # connections of its own, never shared with a trusted server key's requests.
+    end_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,79 +240,6 @@ ISOLATION_LEVELS = {
     "serializable": "SERIALIZABLE",
 }
 
-_TOKEN = re.compile(r'"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*|\.|\S')
-
-
-def _words(sql: str, count: int) -> list[str]:
-    """The first `count` tokens of a statement, skipping comments; identifiers lower-cased."""
-    out: list[str] = []
-    i, n = 0, len(sql)
-    while i < n and len(out) < count:
-        c = sql[i]
-        if c.isspace() or (not out and c in "(;"):
-            i += 1
-        elif sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        else:
-            m = _TOKEN.match(sql, i)
-            assert m is not None  # \S always matches
-            tok = m.group(0)
-            out.append(tok[1:-1].replace('""', '"').lower() if tok.startswith('"') else tok.lower())
-            i = m.end()
-    return out
-
-
-def _setting_name(tokens: list[str]) -> str:
-    """A (possibly dotted, possibly quoted) setting name from the front of `tokens`."""
-    parts: list[str] = []
-    expect_name = True
-    for tok in tokens:
-        if expect_name:
-            parts.append(tok)
-        elif tok != ".":
-            break
-        expect_name = not expect_name
-    return ".".join(parts)
-
-
-def batch_refusal(query: str) -> str | None:
-    """Why a batch statement would change identity or session state across statements, or None.
-
-    In a batch only `SET LOCAL` of ordinary settings is allowed (it ends with the transaction);
-    `SET`/`SET SESSION` (session scope), `RESET ALL`, `RESET ROLE`/`SESSION AUTHORIZATION`
-    and any `SET`/`RESET` of a `fluxbase.*` setting (the request identity) are refused.
-    """
-    words = _words(query, 12)
-    if not words or words[0] not in ("set", "reset"):
-        return None
-    rest = words[1:]
-    if words[0] == "reset":
-        name = _setting_name(rest)
-        if name in ("all", "role", "session") or name.startswith("fluxbase."):
-            return f"RESET {name.upper() if '.' not in name else name} is not allowed in a batch"
-        return None
-    if not rest or rest[0] == "session":
-        return "SET SESSION is not allowed in a batch; use SET LOCAL"
-    if rest[0] in ("transaction", "constraints"):
-        return None
-    if rest[0] != "local":
-        return "session-level SET is not allowed in a batch; use SET LOCAL"
-    name = _setting_name(rest[1:])
-    if name.startswith("fluxbase.") or name in ("role", "session"):
-        return f"SET LOCAL {name} is not allowed: it would change the request identity"
-    return None
-
-
 # -- execution --------------------------------------------------------------------------------
 
 
@@ -370,22 +260,41 @@ class StatementFailed(Exception):
         return {"success": False, "error": error}
 
 
+# Command tags of statements that end the transaction they run in (even when AND CHAIN
+# starts another): COMMIT, ROLLBACK (also ROLLBACK TO a savepoint), PREPARE TRANSACTION.
+_ENDED = ("COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
+
+
+class TransactionEnded(StatementFailed):
+    """A tenant statement ended the request's transaction; the connection has been closed."""
+
+    def __init__(self, index: int | None):
+        super().__init__(
+            "the statement ended the request's transaction (transaction control is not allowed); "
+            "what it committed cannot be undone, and the connection was closed",
+            "0A000",
+            index=index,
+        )
+
+
 def _error_body(message: str, sqlstate: str, code: str = "SQL_EXEC_ERROR") -> bytes:
     return _ENC.encode({"success": False, "error": SqlError(message, code, f"ERROR:  {sqlstate}")})
 
 
-def identity_statements(identity: Identity, scope: str = "LOCAL") -> tuple[str, str, str]:
-    """The request identity as SET statements, not set_config(): tenant read and readwrite
+def identity_statements(identity: Identity) -> tuple[str, str, str]:
+    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
     roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
 
-    `scope` is "LOCAL" inside an explicit transaction; the one-round-trip path sets it for the
-    session instead (SET LOCAL outside a transaction block logs a warning), and the next
-    request's prefix resets it before anything else runs."""
+    SET LOCAL on every path, so no identity outlives its transaction. On the one-round-trip path
+    the messages before the Sync are one implicit transaction: there SET LOCAL takes effect for
+    the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
+    pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
+    can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
     claims = msgspec.json.encode(identity.claims).decode()
     return (
-        f"SET {scope} fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
-        f"SET {scope} fluxbase.auth_claims = {quote_literal(claims)}",
-        f"SET {scope} fluxbase.auth_role = {quote_literal(identity.role)}",
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
     )
 
 
@@ -533,6 +442,13 @@ class Tx:
             )
         except Exception as exc:
             raise self._failed(exc) from None
+        if not self.conn.is_in_transaction() or (status is not None and status.startswith(_ENDED)):
+            # The statement ended the request's transaction (what tenancy.statements refuses
+            # got through; AND CHAIN opens a new one, without the request's SET LOCALs): its
+            # identity, read-only mode and size check are gone. Fail, and never hand this
+            # session to anyone again.
+            self.conn.terminate()
+            raise TransactionEnded(self.index)
         res, self.bytes_left = encode_result(
             stmt, rows, status, completed, self.limits, self.bytes_left, keyword
         )
@@ -611,6 +527,8 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
             tx.rows_written, tx.last_keyword = 0, ""
             out = await work(tx)
         await tx.check_quota()
+    except TransactionEnded:
+        raise  # the connection is closed: nothing to roll back on it
     except (StatementFailed, FluxbaseError):
         await conn.execute("ROLLBACK; " + SESSION_RESET)
         raise
@@ -639,7 +557,7 @@ async def _on_connection(
     deadline (the backend is terminated when it passes). A connection that is lost, timed out or
     still in a transaction afterwards is terminated, never handed to the next request."""
     project_id, limits = req.project_id, req.limits
-    pool = await pools.pool(project_id, req.scope)
+    pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
     try:
         conn = await pool.acquire(limits.acquire_timeout_s)
     except TimeoutError:
@@ -731,21 +649,10 @@ async def transaction(
     return await _on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
 
 
-# Statements the one-round-trip path leaves to `transaction`: procedures and DO blocks may
-# COMMIT outside an explicit transaction block (which would end the request's transaction and
-# its identity), an empty statement has no command tag, and session advisory locks are released
-# at the end of an explicit transaction's request rather than at the start of the next one.
-_NOT_PIPELINED = frozenset({"", "CALL", "DO"})
-
-
-_ADVISORY = re.compile("advisory", re.IGNORECASE)
-
-
-def pipelinable(req: TenantRequest, keyword: str, query: str) -> bool:
-    if keyword in _NOT_PIPELINED or _ADVISORY.search(query):
-        return False
+def pipelinable(req: TenantRequest, verdict: classification.Verdict) -> bool:
+    """Whether the one-round-trip path may run it (tenancy.statements.Verdict.pipelinable)."""
     # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
-    return not (req.db_quota and req.scope != "read")
+    return verdict.pipelinable and not (req.db_quota and req.scope != "read")
 
 
 _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
@@ -764,13 +671,13 @@ async def _pipelined(
     prefix = getattr(conn, "request_prefix", None)
     if prefix is None:
         claims = base_claims(req.scope, req.project_id)
-        fixed = identity_statements(Identity(None, claims, req.scope), "SESSION")
+        fixed = identity_statements(Identity(None, claims, req.scope))
         prefix = conn.request_prefix = await pipeline.RequestPrefix.prepare(conn, fixed, claims)
     identity = req.identity
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
         who = prefix.anonymous
     else:
-        who = b"".join(prefix.statement(s) for s in identity_statements(identity, "SESSION"))
+        who = b"".join(prefix.statement(s) for s in identity_statements(identity))
     head = b"".join(
         (
             prefix.reset,
@@ -863,22 +770,6 @@ def _check_query(query: str, what: str = "query") -> None:
         raise ValidationError(f"{what} is too long or contains NUL characters.")
 
 
-def _refusal(query: str, keyword: str | None = None) -> tuple[str, str, str] | None:
-    """(keyword, message, sqlstate) when a statement is refused before reaching PostgreSQL."""
-    if keyword is None:
-        keyword = leading_keyword(query)
-    if keyword in DENIED:
-        return (
-            keyword,
-            f"{keyword} is not allowed ({DENIED[keyword]}): each request runs as exactly one transaction. "
-            "Use /api/execute-batch to run several statements atomically.",
-            "0A000",
-        )
-    if keyword == "SET" and re.match(r"\s*SET\s+(SESSION\s+)?AUTHORIZATION\b", query.lstrip(" (\t\n"), re.I):
-        return keyword, "SET SESSION AUTHORIZATION is not allowed.", "42501"
-    return None
-
-
 def _execution_info(started: float, count: int, operation: str) -> dict[str, Any]:
     elapsed_ms = (time.perf_counter() - started) * 1000
     return {
@@ -896,17 +787,18 @@ async def execute(
     _check_query(query)
     if len(params) > MAX_PARAMS:
         raise ValidationError(f"at most {MAX_PARAMS} params are allowed.")
-    keyword = leading_keyword(query)
-    refused = _refusal(query, keyword)
+    verdict = pools.statements.classify(query)
+    refused = verdict.refusal(classification.REQUEST)
     if refused is not None:
-        return _error_body(refused[1], refused[2])
+        return _error_body(refused.message, refused.sqlstate)
+    keyword = verdict.keyword
     started = time.perf_counter()
 
     async def work(tx: Tx) -> StatementResult:
         return await tx.run(query, params, keyword)
 
     try:
-        if pipelinable(req, keyword, query):
+        if pipelinable(req, verdict):
             try:
                 res = await _on_connection(
                     pools,
@@ -963,13 +855,11 @@ async def execute_batch(
     keywords: list[str] = []
     for i, s in enumerate(statements):
         _check_query(s.query, f"statements[{i}].query")
-        refused = _refusal(s.query)
+        verdict = pools.statements.classify(s.query)
+        refused = verdict.refusal(classification.BATCH)
         if refused is not None:
-            return _batch_error(i, refused[1], refused[2])
-        why = batch_refusal(s.query)
-        if why is not None:
-            return _batch_error(i, why + ".", "42501")
-        keywords.append(leading_keyword(s.query))
+            return _batch_error(i, refused.message, refused.sqlstate)
+        keywords.append(verdict.keyword)
     started = time.perf_counter()
 
     async def work(tx: Tx) -> list[StatementResult]:
