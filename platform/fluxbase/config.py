@@ -104,7 +104,15 @@ class AuthSettings(msgspec.Struct, frozen=True):
     session_ttl_seconds: int = 12 * 3600
     allow_registration: bool = True
     login_max_failures: int = 5
+    """Failed logins per account and client (IPv4 address or IPv6 /64) in the window."""
     login_window_seconds: int = 15 * 60
+    login_account_max_failures: int = 20
+    """Failed logins per account from all clients in the window (distributed guessing)."""
+    login_ip_max_failures: int = 100
+    """Failed logins per client over all accounts in the window (password spraying)."""
+    register_max_per_ip: int = 30
+    register_window_seconds: int = 10 * 60
+    """Sign-ups per client (dashboard; end users per project) in this window."""
     # How long a team invitation can be accepted (FLUXBASE_INVITE_TTL_SECONDS).
     invite_ttl_seconds: int = 7 * 24 * 3600
 
@@ -383,8 +391,24 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             allow_registration=_bool(
                 get("FLUXBASE_ALLOW_REGISTRATION", "true") or "true", "FLUXBASE_ALLOW_REGISTRATION"
             ),
-            login_max_failures=int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5),
-            login_window_seconds=int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60),
+            login_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5), "FLUXBASE_LOGIN_MAX_FAILURES"
+            ),
+            login_window_seconds=_positive(
+                int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60), "FLUXBASE_LOGIN_WINDOW_SECONDS"
+            ),
+            login_account_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_ACCOUNT_MAX_FAILURES", 20), "FLUXBASE_LOGIN_ACCOUNT_MAX_FAILURES"
+            ),
+            login_ip_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_IP_MAX_FAILURES", 100), "FLUXBASE_LOGIN_IP_MAX_FAILURES"
+            ),
+            register_max_per_ip=_positive(
+                int_of("FLUXBASE_REGISTER_MAX_PER_IP", 30), "FLUXBASE_REGISTER_MAX_PER_IP"
+            ),
+            register_window_seconds=_positive(
+                int_of("FLUXBASE_REGISTER_WINDOW_SECONDS", 10 * 60), "FLUXBASE_REGISTER_WINDOW_SECONDS"
+            ),
             invite_ttl_seconds=_positive(
                 int_of("FLUXBASE_INVITE_TTL_SECONDS", 7 * 24 * 3600), "FLUXBASE_INVITE_TTL_SECONDS"
             ),
