@@ -121,11 +121,16 @@ class AuthSettings(msgspec.Struct, frozen=True):
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
-class WebhookSettings(msgspec.Struct, frozen=True):
-    """Webhook delivery: timeouts, the retry schedule and the SSRF guard's one exception."""
+class OutboundSettings(msgspec.Struct, frozen=True):
+    """The platform's own outbound HTTP (webhooks, JWKS): the SSRF guard's allow-list."""
 
-    allow_loopback: bool = False
-    """Allow URLs that resolve to 127.0.0.0/8 or ::1 (local development and tests only)."""
+    allow_networks: tuple[str, ...] = ()
+    """Networks reachable although not public, e.g. 127.0.0.1/32 (local development only)."""
+
+
+class WebhookSettings(msgspec.Struct, frozen=True):
+    """Webhook delivery: timeouts and the retry schedule (targets: OutboundSettings)."""
+
     timeout_s: float = 10.0
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     """Seconds to wait before each retry (±20% jitter); after the last one the endpoint is disabled."""
@@ -180,8 +185,6 @@ class EndUserSettings(msgspec.Struct, frozen=True):
     """A fetched JWKS is used this long before it is fetched again (FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS)."""
     jwks_min_refresh_s: int = 30
     """An unknown `kid` refetches the JWKS at most this often (FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS)."""
-    jwks_allow_private: bool = False
-    """Allow jwksUri hosts on loopback/private/link-local addresses (FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE)."""
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -197,6 +200,7 @@ class Settings(msgspec.Struct, frozen=True):
     webhooks: WebhookSettings = WebhookSettings()
     dump: DumpSettings = DumpSettings()
     end_user: EndUserSettings = EndUserSettings()
+    outbound: OutboundSettings = OutboundSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
 
@@ -339,9 +343,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     _check_storage(storage)
     wd = WebhookSettings()
     webhooks = WebhookSettings(
-        allow_loopback=_bool(
-            get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK", "false") or "false", "FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK"
-        ),
         timeout_s=float(_positive(int_of("FLUXBASE_WEBHOOKS_TIMEOUT_S", 10), "FLUXBASE_WEBHOOKS_TIMEOUT_S")),
         retry_schedule=_schedule(
             get("FLUXBASE_WEBHOOKS_RETRY_SCHEDULE", "") or ",".join(str(s) for s in wd.retry_schedule),
@@ -370,11 +371,19 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         jwks_cache_s=int_of("FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS", eu.jwks_cache_s),
         jwks_min_refresh_s=int_of("FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS", eu.jwks_min_refresh_s),
-        jwks_allow_private=_bool(
-            get("FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE", "false") or "false",
-            "FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE",
-        ),
     )
+    allow = [n.strip() for n in (get("FLUXBASE_OUTBOUND_ALLOW_NETWORKS", "") or "").split(",") if n.strip()]
+    # The switches that came before the one allow-list, now entries of it (for both consumers).
+    if _bool(get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK", "false") or "false", "FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK"):
+        allow += ["127.0.0.0/8", "::1/128"]
+    if _bool(
+        get("FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE", "false") or "false", "FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE"
+    ):
+        allow += ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+    try:
+        networks = [str(ipaddress.ip_network(n, strict=False)) for n in allow]
+    except ValueError as exc:
+        raise ConfigError(f"FLUXBASE_OUTBOUND_ALLOW_NETWORKS: {exc}") from None
     return Settings(
         database=DatabaseSettings(url=db_url, pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10)),
         s3=S3Settings(
@@ -440,6 +449,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             ),
         ),
         end_user=end_user,
+        outbound=OutboundSettings(allow_networks=tuple(dict.fromkeys(networks))),
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

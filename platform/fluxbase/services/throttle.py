@@ -25,6 +25,7 @@ from fluxbase.config import AuthSettings
 from fluxbase.errors import RateLimited
 
 MAX_CLIENT_CHARS = 64
+ACQUIRE_TIMEOUT_S = 5.0  # a control connection not free by then: 503, not an unbounded wait
 
 # Lock (creating it when missing) every counter in key order, starting a new window where the
 # old one has passed; answers each counter's attempts in its current window.
@@ -95,7 +96,7 @@ def login_counters(settings: AuthSettings, realm: str, account: str, client_ip: 
 async def _take(db: asyncpg.Pool, counters: Sequence[Counter], message: str) -> None:
     """Count one attempt on every counter, or on none when one of them is full (RATE_LIMIT)."""
     by_key = {c.key: c for c in counters}
-    async with db.acquire() as conn, conn.transaction():
+    async with db.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         rows = await conn.fetch(_LOCK, list(by_key), [c.window_s for c in by_key.values()])
         full = [r["retry_s"] for r in rows if r["hits"] >= by_key[r["key"]].limit]
         if full:
