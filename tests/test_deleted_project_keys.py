@@ -49,6 +49,18 @@ async def _surfaces(api: Api, pid: str, key: str) -> list[tuple[str, httpx.Respo
         ),
         ("realtime-token", api.http.post("/api/realtime/token", json={"projectId": pid}, headers=h)),
         ("version", api.http.get("/api/version", params={"projectId": pid}, headers=h)),
+        (
+            "upload-url",
+            api.http.post(
+                "/api/storage/upload-url",
+                json={"projectId": pid, "bucketId": "docs", "name": "a.txt", "size": 1},
+                headers=h,
+            ),
+        ),
+        (
+            "broadcast",
+            api.http.post("/api/realtime/broadcast", json={"projectId": pid, "event": "e"}, headers=h),
+        ),
     ]
     out = []
     for name, call in calls:
