@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -195,6 +196,34 @@ async def test_allow_list_opens_exactly_what_it_names() -> None:
         assert ssrf.refusal(ipaddress.ip_address(refused), policy) is not None, refused
     with pytest.raises(ValueError):
         ssrf.Policy.parse("not-a-network")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/",
+        "http://0x7f.1/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://localhost/",
+        "http://[::ffff:7f00:1]/",
+        "http://[::ffff:127.0.0.1]:8080/",
+        "http://[0:0:0:0:0:ffff:a9fe:a9fe]/latest/meta-data/",
+    ],
+)
+async def test_other_spellings_of_refused_addresses(url: str, loopback_only: list[str]) -> None:
+    """Names the system resolver turns into loopback, and IPv6 spellings of IPv4 literals, are
+    refused by the guard; yarl refuses non-canonical IPv4 spellings before anything else. Either
+    way nothing connects (a connect to 127.0.0.1:80 would fail differently)."""
+    ssrf = _ssrf()
+    client = ssrf.OutboundClient(ssrf.Policy())
+    try:
+        with pytest.raises((ssrf.ForbiddenTarget, aiohttp.InvalidURL)):
+            async with client.request("GET", url, timeout_s=2):
+                pass
+    finally:
+        await client.close()
+    assert loopback_only == []
 
 
 def test_allow_list_setting_and_the_old_switches() -> None:

@@ -10,6 +10,7 @@ import aiohttp
 
 from fluxbase import __version__
 from fluxbase.config import WebhookSettings
+from fluxbase.errors import ValidationError
 from fluxbase.security import ssrf
 from fluxbase.webhooks import signing
 
@@ -59,7 +60,7 @@ class Sender:
                 return Attempt(ok, resp.status, elapsed(), text, error)
         except TimeoutError:
             return Attempt(False, None, elapsed(), None, f"timed out after {self.settings.timeout_s:g}s")
-        except ssrf.ForbiddenTarget as exc:
+        except (ssrf.ForbiddenTarget, ValidationError) as exc:
             return Attempt(False, None, elapsed(), None, f"refused: {exc}"[:500])
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             return Attempt(False, None, elapsed(), None, f"connection failed: {exc}"[:500])
