@@ -182,6 +182,24 @@ async def test_guesses_spread_over_many_addresses_hit_the_account_limit(low: Api
 
 
 @KINDS
+async def test_the_owner_is_not_locked_out_where_they_logged_in_before(low: Api, kind: str) -> None:
+    """The account limit lets anyone lock an account for a window; a client the account has
+    logged in from before is held to its own (account, client) limit instead."""
+    s = await _surface(low, kind)
+    victim = await s.register()
+    home = random_ip()
+    assert (await s.login(victim, PASSWORD, home)).status_code == 200
+    answers = [(await s.login(victim, WRONG, random_ip())).status_code for _ in range(8)]
+    assert answers == [401] * 6 + [429] * 2, answers
+    assert_error(await s.login(victim, PASSWORD, random_ip()), 429, "RATE_LIMIT")
+    assert (await s.login(victim, PASSWORD, home)).status_code == 200
+    # Home is not a free pass for guessing: its own limit still holds.
+    for _ in range(3):
+        assert_error(await s.login(victim, WRONG, home), 401, "AUTH_REQUIRED")
+    assert_error(await s.login(victim, PASSWORD, home), 429, "RATE_LIMIT")
+
+
+@KINDS
 async def test_one_address_spraying_many_accounts_hits_the_client_limit(low: Api, kind: str) -> None:
     s = await _surface(low, kind)
     ip = random_ip()

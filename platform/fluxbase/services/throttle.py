@@ -7,8 +7,10 @@ the caller gets RATE_LIMIT with Retry-After. The check and the count happen unde
 taken in key order in one transaction, so a parallel burst cannot slip between them. Only the
 account's own successful login clears the account's counters (and the one for this client); a
 success gives back the client counter's one attempt and nothing more, so logging in to one's
-own account buys no guesses at another. A client is an IPv4 address or an IPv6 /64 (one
-subscriber usually holds a whole /64). Sign-ups count per client alone.
+own account buys no guesses at another. A client the account has logged in from before is
+not held to the account counter (only to its own), so filling that counter locks everyone out
+for a window except the owner where they usually log in. A client is an IPv4 address or an
+IPv6 /64 (one subscriber usually holds a whole /64). Sign-ups count per client alone.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ RETURNING t.key, t.hits, extract(epoch FROM t.resets_at - now())::float8 AS retr
 """
 _COUNT = "UPDATE fluxbase.auth_throttle SET hits = hits + 1 WHERE key = ANY($1::text[])"
 _SUCCEEDED = """
-WITH cleared AS (DELETE FROM fluxbase.auth_throttle WHERE key = ANY($1::text[]))
+WITH cleared AS (DELETE FROM fluxbase.auth_throttle WHERE key = ANY($1::text[])),
+known AS (
+    INSERT INTO fluxbase.auth_throttle (key, hits, resets_at)
+    VALUES ($3, 0, now() + make_interval(secs => $4))
+    ON CONFLICT (key) DO UPDATE SET resets_at = EXCLUDED.resets_at
+)
 UPDATE fluxbase.auth_throttle SET hits = greatest(hits - 1, 0) WHERE key = $2
 """
+_KNOWN = "SELECT EXISTS (SELECT 1 FROM fluxbase.auth_throttle WHERE key = $1 AND resets_at > now())"
+# A client the account logged in from is remembered this long (see LoginCounters.known).
+KNOWN_CLIENT_S = 30 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,14 @@ class Counter:
 
 @dataclass(frozen=True)
 class LoginCounters:
-    """The three counters one login attempt is held to."""
+    """The counters one login attempt is held to. A client the account has logged in from
+    before (`known`, a marker row) is not held to the account counter: anyone can fill that one
+    and lock the account for a window, but not for its owner at home."""
 
     pair: Counter
     account: Counter
     client: Counter
-
-    def all(self) -> tuple[Counter, Counter, Counter]:
-        return self.pair, self.account, self.client
+    known: str
 
 
 def client_group(client_ip: str) -> str:
@@ -90,6 +100,7 @@ def login_counters(settings: AuthSettings, realm: str, account: str, client_ip: 
         pair=Counter(f"login:{realm}:{account}:{client}", settings.login_max_failures, window),
         account=Counter(f"login:{realm}:{account}", settings.login_account_max_failures, window),
         client=Counter(f"login-client:{realm}:{client}", settings.login_ip_max_failures, window),
+        known=f"login-known:{realm}:{account}:{client}",
     )
 
 
@@ -106,12 +117,22 @@ async def _take(db: asyncpg.Pool, counters: Sequence[Counter], message: str) -> 
 
 async def login_attempt(db: asyncpg.Pool, counters: LoginCounters) -> None:
     """Count a login attempt before its password is checked, or refuse it (RATE_LIMIT)."""
-    await _take(db, counters.all(), "Too many failed login attempts. Try again later.")
+    held = [counters.pair, counters.client]
+    if not await db.fetchval(_KNOWN, counters.known):
+        held.append(counters.account)
+    await _take(db, held, "Too many failed login attempts. Try again later.")
 
 
 async def login_succeeded(db: asyncpg.Pool, counters: LoginCounters) -> None:
-    """The account's own success clears its counters; the client gets this one attempt back."""
-    await db.execute(_SUCCEEDED, [counters.pair.key, counters.account.key], counters.client.key)
+    """The account's own success clears its counters and remembers the client as known; the
+    client counter gets this one attempt back."""
+    await db.execute(
+        _SUCCEEDED,
+        [counters.pair.key, counters.account.key],
+        counters.client.key,
+        counters.known,
+        KNOWN_CLIENT_S,
+    )
 
 
 async def signup_attempt(db: asyncpg.Pool, settings: AuthSettings, realm: str, client_ip: str) -> None:
