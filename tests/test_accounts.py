@@ -98,7 +98,8 @@ async def test_expired_session_token(api: Api, stack, instance_admin) -> None:
     assert_error(await api.http.get("/api/auth/me", headers=bearer(forged)), 401, "AUTH_REQUIRED")
 
 
-async def test_login_throttled_per_ip_with_retry_after(api: Api, instance_admin) -> None:
+async def test_login_throttled_per_account_and_client_with_retry_after(api: Api, instance_admin) -> None:
+    """The basics; tests/test_login_throttle.py has the attacks (issue 15, finding 6)."""
     user = await api.register()
     ip = random_ip()
     for _ in range(5):

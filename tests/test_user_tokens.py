@@ -156,7 +156,7 @@ async def jwks_env(spawn) -> AsyncIterator[JwksProject]:
         ed_key = ed25519.Ed25519PrivateKey.generate()
         server.keys = [public_jwk(rsa_key, "rsa1"), public_jwk(ec_key, "ec1"), public_jwk(ed_key, "ed1")]
         async with spawn(
-            FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE="true", FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS="1"
+            FLUXBASE_OUTBOUND_ALLOW_NETWORKS="127.0.0.1/32", FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS="1"
         ) as inst:
             api = Api(inst.url)
             try:

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from fluxbase.config import WebhookSettings
 from fluxbase.devstack.procs import free_port, stop_process
+from fluxbase.security.ssrf import ForbiddenTarget, GuardedResolver, Policy
 from fluxbase.webhooks.sender import Sender
-from fluxbase.webhooks.ssrf import ForbiddenTarget, GuardedResolver
 from support import ROOT, Api, assert_clean, assert_error, bearer
 
 SCHEDULE = "0.3,0.3,0.3,0.3,0.3"  # five retries, about 1.5 s in all
@@ -320,8 +320,8 @@ async def test_ssrf_targets_are_refused_at_configuration(api: Api, project) -> N
 async def test_ssrf_guard_applies_again_at_connect_time(receiver: Receiver) -> None:
     """DNS may change after configuration: the sender's resolver refuses loopback answers."""
     with pytest.raises(ForbiddenTarget):
-        await GuardedResolver(allow_loopback=False).resolve("localhost", receiver.port)
-    sender = Sender(WebhookSettings(allow_loopback=False, timeout_s=2))
+        await GuardedResolver(Policy()).resolve("localhost", receiver.port)
+    sender = Sender(WebhookSettings(timeout_s=2), Policy())
     try:
         for url in (f"http://localhost:{receiver.port}/hook", receiver.url):
             attempt = await sender.send(url, "whsec_" + "A" * 44, "msg_1", "row.inserted", b"{}")

@@ -110,7 +110,15 @@ class AuthSettings(msgspec.Struct, frozen=True):
     session_ttl_seconds: int = 12 * 3600
     allow_registration: bool = True
     login_max_failures: int = 5
+    """Failed logins per account and client (IPv4 address or IPv6 /64) in the window."""
     login_window_seconds: int = 15 * 60
+    login_account_max_failures: int = 20
+    """Failed logins per account from all clients in the window (distributed guessing)."""
+    login_ip_max_failures: int = 100
+    """Failed logins per client over all accounts in the window (password spraying)."""
+    register_max_per_ip: int = 30
+    register_window_seconds: int = 10 * 60
+    """Sign-ups per client (dashboard; end users per project) in this window."""
     # How long a team invitation can be accepted (FLUXBASE_INVITE_TTL_SECONDS).
     invite_ttl_seconds: int = 7 * 24 * 3600
 
@@ -119,11 +127,16 @@ class AuthSettings(msgspec.Struct, frozen=True):
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
-class WebhookSettings(msgspec.Struct, frozen=True):
-    """Webhook delivery: timeouts, the retry schedule and the SSRF guard's one exception."""
+class OutboundSettings(msgspec.Struct, frozen=True):
+    """The platform's own outbound HTTP (webhooks, JWKS): the SSRF guard's allow-list."""
 
-    allow_loopback: bool = False
-    """Allow URLs that resolve to 127.0.0.0/8 or ::1 (local development and tests only)."""
+    allow_networks: tuple[str, ...] = ()
+    """Networks reachable although not public, e.g. 127.0.0.1/32 (local development only)."""
+
+
+class WebhookSettings(msgspec.Struct, frozen=True):
+    """Webhook delivery: timeouts and the retry schedule (targets: OutboundSettings)."""
+
     timeout_s: float = 10.0
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     """Seconds to wait before each retry (±20% jitter); after the last one the endpoint is disabled."""
@@ -178,8 +191,6 @@ class EndUserSettings(msgspec.Struct, frozen=True):
     """A fetched JWKS is used this long before it is fetched again (FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS)."""
     jwks_min_refresh_s: int = 30
     """An unknown `kid` refetches the JWKS at most this often (FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS)."""
-    jwks_allow_private: bool = False
-    """Allow jwksUri hosts on loopback/private/link-local addresses (FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE)."""
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -195,6 +206,7 @@ class Settings(msgspec.Struct, frozen=True):
     webhooks: WebhookSettings = WebhookSettings()
     dump: DumpSettings = DumpSettings()
     end_user: EndUserSettings = EndUserSettings()
+    outbound: OutboundSettings = OutboundSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
 
@@ -337,9 +349,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     _check_storage(storage)
     wd = WebhookSettings()
     webhooks = WebhookSettings(
-        allow_loopback=_bool(
-            get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK", "false") or "false", "FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK"
-        ),
         timeout_s=float(_positive(int_of("FLUXBASE_WEBHOOKS_TIMEOUT_S", 10), "FLUXBASE_WEBHOOKS_TIMEOUT_S")),
         retry_schedule=_schedule(
             get("FLUXBASE_WEBHOOKS_RETRY_SCHEDULE", "") or ",".join(str(s) for s in wd.retry_schedule),
@@ -368,11 +377,19 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         jwks_cache_s=int_of("FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS", eu.jwks_cache_s),
         jwks_min_refresh_s=int_of("FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS", eu.jwks_min_refresh_s),
-        jwks_allow_private=_bool(
-            get("FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE", "false") or "false",
-            "FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE",
-        ),
     )
+    allow = [n.strip() for n in (get("FLUXBASE_OUTBOUND_ALLOW_NETWORKS", "") or "").split(",") if n.strip()]
+    # The switches that came before the one allow-list, now entries of it (for both consumers).
+    if _bool(get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK", "false") or "false", "FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK"):
+        allow += ["127.0.0.0/8", "::1/128"]
+    if _bool(
+        get("FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE", "false") or "false", "FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE"
+    ):
+        allow += ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+    try:
+        networks = [str(ipaddress.ip_network(n, strict=False)) for n in allow]
+    except ValueError as exc:
+        raise ConfigError(f"FLUXBASE_OUTBOUND_ALLOW_NETWORKS: {exc}") from None
     return Settings(
         database=DatabaseSettings(
             url=db_url,
@@ -399,8 +416,24 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             allow_registration=_bool(
                 get("FLUXBASE_ALLOW_REGISTRATION", "true") or "true", "FLUXBASE_ALLOW_REGISTRATION"
             ),
-            login_max_failures=int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5),
-            login_window_seconds=int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60),
+            login_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_MAX_FAILURES", 5), "FLUXBASE_LOGIN_MAX_FAILURES"
+            ),
+            login_window_seconds=_positive(
+                int_of("FLUXBASE_LOGIN_WINDOW_SECONDS", 15 * 60), "FLUXBASE_LOGIN_WINDOW_SECONDS"
+            ),
+            login_account_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_ACCOUNT_MAX_FAILURES", 20), "FLUXBASE_LOGIN_ACCOUNT_MAX_FAILURES"
+            ),
+            login_ip_max_failures=_positive(
+                int_of("FLUXBASE_LOGIN_IP_MAX_FAILURES", 100), "FLUXBASE_LOGIN_IP_MAX_FAILURES"
+            ),
+            register_max_per_ip=_positive(
+                int_of("FLUXBASE_REGISTER_MAX_PER_IP", 30), "FLUXBASE_REGISTER_MAX_PER_IP"
+            ),
+            register_window_seconds=_positive(
+                int_of("FLUXBASE_REGISTER_WINDOW_SECONDS", 10 * 60), "FLUXBASE_REGISTER_WINDOW_SECONDS"
+            ),
             invite_ttl_seconds=_positive(
                 int_of("FLUXBASE_INVITE_TTL_SECONDS", 7 * 24 * 3600), "FLUXBASE_INVITE_TTL_SECONDS"
             ),
@@ -432,6 +465,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             ),
         ),
         end_user=end_user,
+        outbound=OutboundSettings(allow_networks=tuple(dict.fromkeys(networks))),
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

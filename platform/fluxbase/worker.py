@@ -1,4 +1,4 @@
-"""The background worker: webhook delivery, and housekeeping (sessions, login failures, outbox
+"""The background worker: webhook delivery, and housekeeping (sessions, login throttle, outbox
 retention, the webhook log, storage leftovers)."""
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 async def housekeeping(
     db: asyncpg.Pool, settings: Settings, store: ObjectStore | None = None
 ) -> dict[str, int]:
-    """Trim expired sessions and old login failures, and (given the object store) settle storage
+    """Trim expired sessions and throttle counters, and (given the object store) settle storage
     leftovers: abandoned uploads and deletes, orphaned objects. Returns counts."""
     sessions = await db.execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'")
-    failures = await db.execute(
-        "DELETE FROM fluxbase.login_failures WHERE failed_at < now() - make_interval(secs => $1)",
-        settings.auth.login_window_seconds,
-    )
-    counts = {"sessions": int(sessions.split()[-1]), "loginFailures": int(failures.split()[-1])}
+    throttle = await db.execute("DELETE FROM fluxbase.auth_throttle WHERE resets_at < now()")
+    counts = {"sessions": int(sessions.split()[-1]), "throttleCounters": int(throttle.split()[-1])}
     # Project users' sessions (their refresh tokens cascade): a day after expiry or revocation
     # a token naming them is refused as "no such session" just as well.
     user_sessions = await db.execute(

@@ -9,6 +9,7 @@ import asyncpg
 from fluxbase.config import Settings
 from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
+from fluxbase.security import ssrf
 from fluxbase.services.access import Authenticator
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.quota import SizeCache
@@ -31,7 +32,7 @@ class AppContext:
     def webhook_sender(self) -> Sender:
         """The HTTP client for webhook test pings, made on first use."""
         if self._sender is None:
-            self._sender = Sender(self.settings.webhooks)
+            self._sender = Sender(self.settings.webhooks, ssrf.Policy.of(self.settings))
         return self._sender
 
     async def close(self) -> None:

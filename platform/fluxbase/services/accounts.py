@@ -1,9 +1,8 @@
-"""Dashboard accounts: registration, login with per-IP throttling, sessions, logout."""
+"""Dashboard accounts: registration and login (both throttled), sessions, logout."""
 
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,11 +10,13 @@ import asyncpg
 
 from fluxbase import ids
 from fluxbase.config import Settings
-from fluxbase.errors import AuthRequired, Conflict, RateLimited, RegistrationClosed, ValidationError
+from fluxbase.errors import AuthRequired, Conflict, RegistrationClosed, ValidationError
 from fluxbase.security import passwords, tokens
+from fluxbase.services import throttle
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SESSION_KIND = "session"
+MAX_EMAIL_CHARS = 320  # longer is no address at all: not looked up (but verified against a dummy)
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,14 @@ async def create_user(
 
 
 async def register(
-    db: asyncpg.Pool, settings: Settings, email: str, password: str, display_name: str
+    db: asyncpg.Pool, settings: Settings, email: str, password: str, display_name: str, client_ip: str
 ) -> User:
-    """The first account becomes the instance admin; later ones need open registration."""
+    """The first account becomes the instance admin; later ones need open registration.
+
+    Sign-ups are throttled per client (every attempt that gets as far as hashing counts)."""
+    email = normalise_email(email)
+    check_password_strength(password)
+    await throttle.signup_attempt(db, settings.auth, "dashboard", client_ip)
     async with db.acquire() as conn, conn.transaction():
         # Serialise first-admin creation so two racing registrations cannot both become admin.
         await conn.execute("SELECT pg_advisory_xact_lock(7243190002)")
@@ -96,29 +102,21 @@ async def register(
         return await create_user(conn, email, password, display_name, instance_admin=first)
 
 
-async def _check_throttle(db: asyncpg.Pool, settings: Settings, client_ip: str) -> None:
-    window = settings.auth.login_window_seconds
-    row = await db.fetchrow(
-        """SELECT count(*) AS n, min(failed_at) AS oldest FROM fluxbase.login_failures
-           WHERE client_ip = $1 AND failed_at > now() - make_interval(secs => $2)""",
-        client_ip,
-        window,
-    )
-    assert row is not None
-    if row["n"] >= settings.auth.login_max_failures:
-        retry = int(row["oldest"].timestamp() + window - time.time()) + 1
-        raise RateLimited(retry, "Too many failed login attempts. Try again later.")
-
-
 async def login(db: asyncpg.Pool, settings: Settings, email: str, password: str, client_ip: str) -> Session:
-    """Verify credentials; unknown email and wrong password cost the same and answer the same."""
-    await _check_throttle(db, settings, client_ip)
-    row = await db.fetchrow("SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", email.strip())
+    """Verify credentials; unknown email and wrong password cost the same and answer the same.
+
+    Throttled (services/throttle.py) per account and client, per account and per client; only
+    this account's own success clears its failures."""
+    row = None
+    if len(email) <= MAX_EMAIL_CHARS:
+        row = await db.fetchrow("SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", email.strip())
+    account = row["id"] if row is not None else throttle.unknown_account(email)
+    counters = throttle.login_counters(settings.auth, "dashboard", account, client_ip)
+    await throttle.login_attempt(db, counters)
     ok = await passwords.verify_password(row["password_hash"] if row else None, password)
     if not ok or row is None:
-        await db.execute("INSERT INTO fluxbase.login_failures (client_ip) VALUES ($1)", client_ip)
         raise AuthRequired("Invalid email or password.")
-    await db.execute("DELETE FROM fluxbase.login_failures WHERE client_ip = $1", client_ip)
+    await throttle.login_succeeded(db, counters)
     return await start_session(db, settings, User.from_row(row))
 
 

@@ -30,7 +30,7 @@ from fluxbase.errors import (
     ValidationError,
 )
 from fluxbase.security import passwords, usertokens
-from fluxbase.services import accounts
+from fluxbase.services import accounts, throttle
 from fluxbase.services.access import load_project
 
 REFRESH_PREFIX = "fxr_"
@@ -164,13 +164,21 @@ async def _active_project(db: asyncpg.Pool, project_id: str) -> None:
 
 
 async def register(
-    db: asyncpg.Pool, project_id: str, email: str, password: str, display_name: str
+    db: asyncpg.Pool,
+    settings: Settings,
+    project_id: str,
+    email: str,
+    password: str,
+    display_name: str,
+    client_ip: str,
 ) -> ProjectUser:
+    """A new project user; sign-ups are throttled per project and client."""
     email = accounts.normalise_email(email)
     accounts.check_password_strength(password)
     await _active_project(db, project_id)
     if not (await get_config(db, project_id)).registration_open:
         raise RegistrationClosed("Registration is closed for this project.")
+    await throttle.signup_attempt(db, settings.auth, project_id, client_ip)
     pw_hash = await passwords.hash_password(password)
     try:
         row = await db.fetchrow(
@@ -216,20 +224,24 @@ def _access(settings: Settings, user: ProjectUser, session_id: str) -> tuple[str
 async def login(
     db: asyncpg.Pool, settings: Settings, project_id: str, email: str, password: str, client_ip: str
 ) -> TokenPair:
-    """Unknown email and wrong password cost the same (a dummy argon2 verify) and answer the same."""
+    """Unknown email and wrong password cost the same (a dummy argon2 verify) and answer the same.
+
+    Throttled as dashboard logins are (services/throttle.py), within the project."""
     await _active_project(db, project_id)
-    throttle_key = f"project:{project_id}:{client_ip}"
-    await accounts._check_throttle(db, settings, throttle_key)
-    row = await db.fetchrow(
-        "SELECT * FROM fluxbase.project_users WHERE project_id = $1 AND lower(email) = lower($2)",
-        project_id,
-        email.strip(),
-    )
+    row = None
+    if len(email) <= accounts.MAX_EMAIL_CHARS:
+        row = await db.fetchrow(
+            "SELECT * FROM fluxbase.project_users WHERE project_id = $1 AND lower(email) = lower($2)",
+            project_id,
+            email.strip(),
+        )
+    account = row["id"] if row is not None else throttle.unknown_account(email)
+    counters = throttle.login_counters(settings.auth, project_id, account, client_ip)
+    await throttle.login_attempt(db, counters)
     ok = await passwords.verify_password(row["password_hash"] if row else None, password)
     if not ok or row is None:
-        await db.execute("INSERT INTO fluxbase.login_failures (client_ip) VALUES ($1)", throttle_key)
         raise AuthRequired("Invalid email or password.")
-    await db.execute("DELETE FROM fluxbase.login_failures WHERE client_ip = $1", throttle_key)
+    await throttle.login_succeeded(db, counters)  # the right password, even for a disabled user
     user = ProjectUser.from_row(row)
     if user.disabled_at is not None:
         raise UserDisabled()

@@ -8,20 +8,18 @@ end-user token (`X-Fluxbase-User-Token`) or `authUid` into the identity that `au
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
-import httpx
 import jwt
 
 from fluxbase.config import EndUserSettings, Settings
 from fluxbase.errors import IdentityProviderUnavailable, InvalidUserToken, ValidationError
-from fluxbase.security import usertokens
+from fluxbase.security import ssrf, usertokens
 from fluxbase.services import end_users
 from fluxbase.services.access import ProjectAccess, require_end_user_token
 from fluxbase.services.sql import Identity, base_claims
@@ -44,8 +42,9 @@ class JwksCache:
     """Per-process JWKS cache: fetched with a timeout, reused for `jwks_cache_s`, refetched on
     an unknown `kid` at most every `jwks_min_refresh_s` (so junk tokens cannot hammer the IdP)."""
 
-    def __init__(self, settings: EndUserSettings):
+    def __init__(self, settings: EndUserSettings, policy: ssrf.Policy | None = None):
         self._s = settings
+        self._policy = policy or ssrf.Policy()  # the SSRF guard's allow-list
         self._sets: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._keys: dict[tuple[str, str | None, str, int], Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -109,25 +108,27 @@ class JwksCache:
             return entry
 
     async def _fetch(self, uri: str) -> list[dict[str, Any]]:
-        parts = urlsplit(uri)
-        host = parts.hostname or ""
-        if not self._s.jwks_allow_private:
-            await _refuse_private(host, parts.port or (443 if parts.scheme == "https" else 80))
+        # Through the one SSRF guard: the address checked is the address connected to.
+        http = ssrf.OutboundClient(self._policy, limit=1)
         try:
-            async with httpx.AsyncClient(timeout=self._s.jwks_timeout_s, follow_redirects=False) as client:
-                async with client.stream("GET", uri, headers={"Accept": "application/json"}) as resp:
-                    if resp.status_code != 200:
-                        raise IdentityProviderUnavailable(
-                            f"The project's JWKS endpoint answered {resp.status_code}."
-                        )
-                    body = b""
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > MAX_JWKS_BYTES:
-                            raise IdentityProviderUnavailable("The project's JWKS document is too large.")
-        except httpx.HTTPError as exc:
+            async with http.request(
+                "GET", uri, headers={"Accept": "application/json"}, timeout_s=self._s.jwks_timeout_s
+            ) as resp:
+                if resp.status != 200:
+                    raise IdentityProviderUnavailable(f"The project's JWKS endpoint answered {resp.status}.")
+                body = await resp.content.read(MAX_JWKS_BYTES + 1)
+                if len(body) > MAX_JWKS_BYTES:
+                    raise IdentityProviderUnavailable("The project's JWKS document is too large.")
+        except ssrf.ForbiddenTarget:
+            raise IdentityProviderUnavailable(
+                "The project's jwksUri resolves to a private or otherwise non-public address "
+                "(reachable only through FLUXBASE_OUTBOUND_ALLOW_NETWORKS)."
+            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValidationError) as exc:
             log.warning("JWKS fetch from %s failed: %r", uri, exc)
             raise IdentityProviderUnavailable() from None
+        finally:
+            await http.close()
         try:
             doc = json.loads(body)
             keys = doc["keys"]
@@ -138,20 +139,6 @@ class JwksCache:
                 "The project's JWKS document is not a JSON Web Key Set."
             ) from None
         return [k for k in keys if isinstance(k, dict) and k.get("use", "sig") == "sig"]
-
-
-async def _refuse_private(host: str, port: int) -> None:
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
-    except OSError:
-        raise IdentityProviderUnavailable("The project's jwksUri host does not resolve.") from None
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])  # drop an IPv6 zone id
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified:
-            raise IdentityProviderUnavailable(
-                "The project's jwksUri resolves to a private address "
-                "(allowed only with FLUXBASE_ENDUSER_JWKS_ALLOW_PRIVATE)."
-            )
 
 
 def key_identity(access: ProjectAccess, auth_uid: str | None) -> Identity:
@@ -170,7 +157,7 @@ class IdentityResolver:
     def __init__(self, db: asyncpg.Pool, settings: Settings):
         self.db = db
         self.settings = settings
-        self.jwks = JwksCache(settings.end_user)
+        self.jwks = JwksCache(settings.end_user, ssrf.Policy.of(settings))
         self._configs: dict[str, tuple[float, end_users.AuthConfig]] = {}
         self._verified: dict[tuple[str, str, bool], tuple[float, float, dict[str, Any]]] = {}
 

@@ -31,6 +31,7 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
+from fluxbase.security import ssrf
 from fluxbase.webhooks.sender import Attempt, Sender
 
 log = logging.getLogger("fluxbase.webhooks")
@@ -308,7 +309,7 @@ class WebhookWorker:
     def __init__(self, settings: Settings, db: asyncpg.Pool):
         self.settings = settings
         self.db = db
-        self.sender = Sender(settings.webhooks)
+        self.sender = Sender(settings.webhooks, ssrf.Policy.of(settings))
         self.reader_id = "wh_" + secrets.token_hex(6)
         self.ready = asyncio.Event()
         self._bell = asyncio.Event()

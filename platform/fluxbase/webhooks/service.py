@@ -14,7 +14,8 @@ import msgspec
 from fluxbase import ids
 from fluxbase.config import Settings
 from fluxbase.errors import NotFound, ValidationError
-from fluxbase.webhooks import signing, ssrf
+from fluxbase.security import ssrf
+from fluxbase.webhooks import signing
 from fluxbase.webhooks.delivery import ALL_EVENTS, message_body
 from fluxbase.webhooks.sender import Sender
 
@@ -85,7 +86,7 @@ def check_tables(tables: list[str] | None) -> list[str] | None:
 
 
 async def check_url(settings: Settings, url: str) -> str:
-    await ssrf.check_url(url, settings.webhooks.allow_loopback)
+    await ssrf.check_url(url, ssrf.Policy.of(settings))
     return url
 
 

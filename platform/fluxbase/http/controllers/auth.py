@@ -20,8 +20,10 @@ def _session_user(caller: Caller) -> accounts.User:
 
 
 @post("/api/auth/register", operation_id="register", tags=["auth"], status_code=201)
-async def register(data: RegisterBody, ctx: AppContext) -> dict[str, Any]:
-    user = await accounts.register(ctx.db, ctx.settings, data.email, data.password, data.display_name)
+async def register(data: RegisterBody, ctx: AppContext, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    user = await accounts.register(
+        ctx.db, ctx.settings, data.email, data.password, data.display_name, client_ip(request, ctx)
+    )
     return {"success": True, "user": user_out(user)}
 
 

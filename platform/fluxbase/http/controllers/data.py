@@ -36,7 +36,7 @@ async def _run(
 ) -> Response[bytes]:
     """Authorise `need` (execute-sql's hot path), run `work(tx, project_id)` as the caller's role."""
     req = await tenant_request(request, ctx, project_id, request.headers.get(AUTH_UID_HEADER), need)
-    with forget_refused_key(ctx, req):
+    async with forget_refused_key(ctx, req):
         body = await data.run(
             ctx.tenants, ctx.db, req, lambda tx: work(tx, req.project_id), read_only=need is Need.READ
         )

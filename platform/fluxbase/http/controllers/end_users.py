@@ -93,8 +93,18 @@ def _user_token(request: Request[Any, Any, Any]) -> str:
 
 
 @post(f"{BASE}/register", operation_id="projectUserRegister", tags=["end-user auth"], status_code=201)
-async def register(project_id: str, data: UserRegisterBody, ctx: AppContext) -> dict[str, Any]:
-    user = await end_users.register(ctx.db, project_id, data.email, data.password, data.display_name)
+async def register(
+    project_id: str, data: UserRegisterBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    user = await end_users.register(
+        ctx.db,
+        ctx.settings,
+        project_id,
+        data.email,
+        data.password,
+        data.display_name,
+        client_ip(request, ctx),
+    )
     return {"success": True, "user": user_out(user)}
 
 

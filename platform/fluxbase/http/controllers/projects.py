@@ -45,6 +45,7 @@ async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> di
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
     await ctx.tenants.close_project(access.project.id)
     await projects.delete_project(ctx.db, access.project.id)
+    ctx.auth.forget_project(access.project.id)  # its cached keys die now, not when they expire
     # Rows are gone; the bytes follow (if S3 is down, housekeeping removes them as orphans).
     with contextlib.suppress(StorageUnavailable):
         await delete_project_objects(ctx.store, access.project.id)

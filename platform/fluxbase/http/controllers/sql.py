@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import msgspec
 from litestar import MediaType, Request, Response, post
 
-from fluxbase.errors import AuthRequired, ProjectSuspended, ValidationError
+from fluxbase.errors import (
+    AuthRequired,
+    DatabaseUnavailable,
+    ProjectNotFound,
+    ProjectSuspended,
+    ValidationError,
+)
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
@@ -118,15 +125,40 @@ async def tenant_request(
     )
 
 
-@contextlib.contextmanager
-def forget_refused_key(ctx: AppContext, req: sql.TenantRequest) -> Iterator[None]:
-    """A key the in-transaction guard refused (revoked, expired, suspended) leaves the cache."""
+@contextlib.asynccontextmanager
+async def forget_refused_key(ctx: AppContext, req: sql.TenantRequest) -> AsyncIterator[None]:
+    """A key the in-transaction guard refused (revoked, expired, suspended) leaves the cache.
+
+    A project deleted since its key was cached (by any replica) has no roles left, so the tenant
+    connection fails before any guard runs: that is the caller's credential being gone (401, or
+    404 for a dashboard session), not a server error."""
     try:
         yield
     except (AuthRequired, ProjectSuspended):
         if req.guard is not None:
             ctx.auth.evict(req.guard[0])
         raise
+    except (DatabaseUnavailable, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        if await _project_exists(ctx, req):
+            if isinstance(exc, DatabaseUnavailable):
+                raise
+            raise DatabaseUnavailable() from None
+        ctx.auth.forget_project(req.project_id)
+        await ctx.tenants.close_project(req.project_id)
+        if req.guard is not None:
+            raise AuthRequired("API key is not valid.") from None
+        raise ProjectNotFound() from None
+
+
+async def _project_exists(ctx: AppContext, req: sql.TenantRequest) -> bool:
+    try:
+        return bool(
+            await ctx.db.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM fluxbase.projects WHERE id = $1)", req.project_id
+            )
+        )
+    except (OSError, asyncpg.PostgresError):
+        return True  # the control plane is unreachable too: report the outage, not a verdict
 
 
 async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> bytes:
@@ -134,7 +166,7 @@ async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> b
     body = decode_body(await request.body())
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
-    with forget_refused_key(ctx, req):
+    async with forget_refused_key(ctx, req):
         return await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
 
 
@@ -165,7 +197,7 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
     statements = [sql.Statement(s.query, s.params) for s in body.statements]
-    with forget_refused_key(ctx, req):
+    async with forget_refused_key(ctx, req):
         result = await sql.execute_batch(
             ctx.tenants, ctx.db, req, statements, isolation=body.isolation_level, read_only=body.read_only
         )
