@@ -156,3 +156,31 @@ async def test_concurrent_first_registrations_make_one_admin(spawn) -> None:
             assert sum(u["isInstanceAdmin"] for u in users) == 1
         finally:
             await api.close()
+
+
+async def test_tenant_advisory_lock_does_not_block_registration(api: Api, project, control_db) -> None:
+    """Registration used to serialise on advisory key 7243190002, which any tenant can take."""
+    hold_s = 8
+    holder = asyncio.create_task(
+        api.sql(project.admin_key, project.id, f"SELECT pg_advisory_xact_lock(7243190002), pg_sleep({hold_s})")
+    )
+
+    async def lock_held() -> bool:
+        n = await control_db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return bool(n)
+
+    deadline = time.monotonic() + 10
+    while not await lock_held():
+        assert time.monotonic() < deadline, "the tenant never got its lock"
+        await asyncio.sleep(0.05)
+    try:
+        user, _ = await api.new_user()
+        assert user["email"]
+        # Registered while the tenant still holds the key: nothing waited on it.
+        assert await lock_held()
+    finally:
+        done = await holder
+    assert done.json()["success"], done.text

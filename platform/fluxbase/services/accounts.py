@@ -94,8 +94,10 @@ async def register(
     check_password_strength(password)
     await throttle.signup_attempt(db, settings.auth, "dashboard", client_ip)
     async with db.acquire() as conn, conn.transaction():
-        # Serialise first-admin creation so two racing registrations cannot both become admin.
-        await conn.execute("SELECT pg_advisory_xact_lock(7243190002)")
+        # Serialise first-admin creation so two racing registrations cannot both become admin: a
+        # table lock tenants cannot take (an advisory key is open to every role in the database).
+        # SHARE ROW EXCLUSIVE conflicts with itself and with inserts, not with reads (logins).
+        await conn.execute("LOCK TABLE fluxbase.users IN SHARE ROW EXCLUSIVE MODE")
         first = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.users)")
         if not first and not settings.auth.allow_registration:
             raise RegistrationClosed()
