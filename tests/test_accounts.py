@@ -162,7 +162,9 @@ async def test_tenant_advisory_lock_does_not_block_registration(api: Api, projec
     """Registration used to serialise on advisory key 7243190002, which any tenant can take."""
     hold_s = 8
     holder = asyncio.create_task(
-        api.sql(project.admin_key, project.id, f"SELECT pg_advisory_xact_lock(7243190002), pg_sleep({hold_s})")
+        api.sql(
+            project.admin_key, project.id, f"SELECT pg_advisory_xact_lock(7243190002), pg_sleep({hold_s})"
+        )
     )
 
     async def lock_held() -> bool:
