@@ -634,3 +634,27 @@ async def test_worker_inside_the_api_for_one_node_setups(spawn, receiver: Receiv
             assert receiver.bodies()[0]["data"]["new"] == {"id": 1, "customer_id": 42}
         finally:
             await api.close()
+
+
+async def test_tenant_advisory_lock_does_not_stall_deliveries(
+    wapi: Api, proj: Proj, receiver: Receiver
+) -> None:
+    """Sending used to take advisory key (72431902, hashtext(webhook id)), which any tenant may hold."""
+    hook = await create_hook(wapi, proj, receiver.url)
+    hold_s = 10
+    holder = asyncio.create_task(
+        wapi.sql(
+            proj.key,
+            proj.id,
+            f"SELECT pg_advisory_xact_lock(72431902, hashtext('{hook['id']}')), pg_sleep({hold_s})",
+        )
+    )
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(0.5)  # the holder's statement is running
+        await sql(wapi, proj, "INSERT INTO orders (customer_id, amount, status) VALUES (1, 2, 'x')")
+        await receiver.wait(lambda: len(receiver.bodies()) >= 1, timeout=hold_s - 2)
+        assert time.monotonic() - started < hold_s, "delivered only after the tenant let go"
+    finally:
+        done = await holder
+    assert done.json()["success"], done.text

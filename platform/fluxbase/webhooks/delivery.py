@@ -6,8 +6,10 @@ drains each endpoint's queue in order. Both run in `fluxbase worker`, any number
   snapshot's xmin (commit-safe order, as the realtime reader does), insert one delivery per
   matching endpoint and move the cursor. Either all of it commits or none of it: an event is
   queued exactly once, a rolled-back change never has an event to queue.
-- **Send.** Per endpoint, a session-level advisory lock (never a long transaction: an open
-  transaction with an xid would hold back every outbox reader's xmin) and then up to `batch`
+- **Send.** Per endpoint, a lease on the endpoint's row (`send_lease`, sql/0017), taken and
+  released in short statements (never a long transaction: an open transaction with an xid would
+  hold back every outbox reader's xmin; never an advisory lock: any tenant may take any advisory
+  key), expiring on its own if the worker dies; then up to `batch`
   pending deliveries in id order; the first failure stops that endpoint until its retry is due,
   so receivers see events in order. Results are written in one statement after the requests.
   A crash in between re-sends those requests with the same `webhook-id`: at-least-once.
@@ -37,7 +39,6 @@ from fluxbase.webhooks.sender import Attempt, Sender
 log = logging.getLogger("fluxbase.webhooks")
 
 CHANNEL = "fluxbase_events"
-LOCK_CLASS = 72_431_902  # advisory lock space for endpoints (first int4 of the key pair)
 
 EVENT_TYPES = {
     ("row", "INSERT"): "row.inserted",
@@ -214,13 +215,29 @@ async def send_endpoint(
 ) -> tuple[int, bool] | None:
     """Send one endpoint's due deliveries in order: (requests made, more due now), or None
     when another worker is sending to this endpoint."""
+    lease = secrets.token_hex(8)
+    # Longer than one round of sending can take (5 s of progress plus one request's timeout).
+    lease_s = max(60.0, 4 * settings.webhooks.timeout_s + 30)
     async with db.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, webhook_id):
+        taken = await conn.fetchval(
+            "UPDATE fluxbase.webhooks SET send_lease = $2, "
+            "send_lease_until = now() + make_interval(secs => $3) "
+            "WHERE id = $1 AND (send_lease_until IS NULL OR send_lease_until < now()) RETURNING true",
+            webhook_id,
+            lease,
+            lease_s,
+        )
+        if not taken:
             return None
         try:
             return await _send_locked(conn, settings, sender, webhook_id)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, webhook_id)
+            await conn.execute(
+                "UPDATE fluxbase.webhooks SET send_lease = NULL, send_lease_until = NULL "
+                "WHERE id = $1 AND send_lease = $2",
+                webhook_id,
+                lease,
+            )
 
 
 async def _send_locked(
