@@ -1,7 +1,9 @@
 """Rooms and subscribers: fan-out of pre-encoded messages through bounded per-socket queues.
 
 A subscriber whose queue fills up (it cannot keep up) is closed with code 4008; it can
-reconnect and resume with `since`. Memory per subscriber is bounded by the queue size.
+reconnect and resume with `since`. Memory per subscriber is bounded by the queue size. A socket
+whose last subscription ended because its credential no longer holds is closed with code 4001
+after the error message that says why.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from fluxbase.services.realtime import Cursor
+from fluxbase_realtime.credentials import Grant
 from fluxbase_realtime.outbox import OutboxEvent
 from fluxbase_realtime.rls import RlsGate, Viewer
 
 log = logging.getLogger("fluxbase.realtime.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_CREDENTIAL_ENDED = 4001
 _background: set[asyncio.Task[None]] = set()
 DEFAULT_QUEUE = 1000
 
@@ -36,8 +40,10 @@ class Subscription:
     # While a `since` replay runs, live events are held here and flushed afterwards.
     held: list[OutboxEvent] | None = None
     replay_until: Cursor | None = None
-    # An end user: receives only what the RLS gate lets it see (None: everything, API keys).
+    # Not an admin: receives only what the gate lets it see (None: everything).
     viewer: Viewer | None = None
+    # The credential it was granted for (fluxbase_realtime.credentials.Grant).
+    grant: Grant | None = None
 
     def wants(self, ev: OutboxEvent) -> bool:
         if ev.kind == "broadcast":
@@ -91,6 +97,22 @@ class Client:
         )
         _background.add(task)
         task.add_done_callback(_background.discard)
+
+    def end(self, code: int, reason: str) -> None:
+        """Close the socket once what is already queued (the error saying why) has been sent."""
+        if self.closed:
+            return
+        self.closed = True
+        task = asyncio.create_task(self._end(code, reason))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _end(self, code: int, reason: str) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self.writer), 5)
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
 
     async def _write(self) -> None:
         # Single-threaded: between the last emptiness check and the task finishing there is no
