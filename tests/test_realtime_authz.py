@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from support import Api, assert_error, bearer
 from test_realtime import Sub, _realtime, subscribe
@@ -60,18 +58,14 @@ async def _rt_token(api: Api, project, credential: str, **headers: str) -> str:
 
 
 async def _ended(sub: Sub, code: str) -> dict[str, Any]:
-    """The subscription ends: an error naming the room and `code`, then the socket closes (4001)."""
-    deadline = time.monotonic() + ENDS_WITHIN_S
-    error = None
-    try:
-        while True:
-            msg = await sub.next(max(0.01, deadline - time.monotonic()))
-            if msg["type"] == "error":
-                error = msg
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None and exc.rcvd.code == 4001, exc
-    assert error is not None, "no error message before the close"
+    """The subscription ends: an error naming the room and `code` arrives, and the room is gone
+    from the socket (broadcasting there is refused as not subscribed)."""
+    error = await sub.until(lambda m: m["type"] == "error", ENDS_WITHIN_S)
     assert error["error"]["code"] == code and error["roomId"].startswith("project_"), error
+    room = error["roomId"]
+    await sub.ws.send(json.dumps({"type": "broadcast", "roomId": room, "event": "after", "payload": 0}))
+    refused = await sub.until(lambda m: m["type"] == "error", 5)
+    assert refused["error"]["code"] == "AUTH_REQUIRED" and "Subscribe" in refused["error"]["message"]
     return error
 
 

@@ -1,9 +1,7 @@
 """Rooms and subscribers: fan-out of pre-encoded messages through bounded per-socket queues.
 
 A subscriber whose queue fills up (it cannot keep up) is closed with code 4008; it can
-reconnect and resume with `since`. Memory per subscriber is bounded by the queue size. A socket
-whose last subscription ended because its credential no longer holds is closed with code 4001
-after the error message that says why.
+reconnect and resume with `since`. Memory per subscriber is bounded by the queue size.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from fluxbase_realtime.rls import RlsGate, Viewer
 log = logging.getLogger("fluxbase.realtime.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
-CLOSE_CREDENTIAL_ENDED = 4001
 _background: set[asyncio.Task[None]] = set()
 DEFAULT_QUEUE = 1000
 
@@ -97,22 +94,6 @@ class Client:
         )
         _background.add(task)
         task.add_done_callback(_background.discard)
-
-    def end(self, code: int, reason: str) -> None:
-        """Close the socket once what is already queued (the error saying why) has been sent."""
-        if self.closed:
-            return
-        self.closed = True
-        task = asyncio.create_task(self._end(code, reason))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-    async def _end(self, code: int, reason: str) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self.writer), 5)
-        with contextlib.suppress(Exception):
-            await self.ws.close(code, reason)
 
     async def _write(self) -> None:
         # Single-threaded: between the last emptiness check and the task finishing there is no

@@ -11,8 +11,9 @@ keys (and tokens they mint) as their role with the anonymous identity, end users
 token with `authUid`, or a credential an `EndUserVerifier` accepts) by RLS as that user; admin
 keys receive everything. Broadcasting needs scope readwrite or admin, as over HTTP, and is
 rate-limited per key. Every few seconds each live subscription's credential is checked again
-(`credentials`); one that no longer holds ends with an `error` naming why, and a socket left
-without subscriptions is closed with code 4001.
+(`credentials`); a subscription whose credential no longer holds ends with an `error` message
+that names the room and why (`AUTH_REQUIRED`, `PROJECT_SUSPENDED`, `SCOPE_MISMATCH`,
+`INVALID_USER_TOKEN`, `USER_DISABLED`, ...), and nothing of the room reaches the socket after it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime import credentials
 from fluxbase_realtime.credentials import Credential, Grant
-from fluxbase_realtime.hub import CLOSE_CREDENTIAL_ENDED, Client, Hub, Subscription
+from fluxbase_realtime.hub import Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
 from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
 
@@ -168,9 +169,9 @@ class RealtimeService:
         room = ROOM_PREFIX + sub.project_id
         if client.subs.get(room) is sub:
             del client.subs[room]
+        # The socket stays open (it may hold other rooms, or subscribe again with a valid
+        # credential); the reference client would only reconnect with the same credential.
         client.push(_error(exc.code, exc.message, room))
-        if not client.subs:
-            client.end(CLOSE_CREDENTIAL_ENDED, f"credential no longer valid: {exc.code}")
 
     async def close(self) -> None:
         self._stop.set()
