@@ -292,6 +292,16 @@ async def test_removing_a_member_ends_their_subscriptions(api: Api, project, rt,
         await _ended(sub, "SCOPE_MISMATCH")
 
 
+async def test_dashboard_logout_ends_the_members_subscriptions(api: Api, project, rt) -> None:
+    _, session = await api.new_user()
+    pid = await api.new_project(session)
+    token = await _rt_token(api, type(project)(pid, session, {}, ""), session)
+    async with subscribe(rt, pid, token) as sub:
+        r = await api.http.post("/api/auth/logout", headers=bearer(session))
+        assert r.status_code == 200, r.text
+        await _ended(sub, "AUTH_REQUIRED")
+
+
 async def test_suspending_a_project_ends_subscriptions_within_seconds(
     api: Api, project, rt, instance_admin
 ) -> None:
@@ -362,3 +372,20 @@ async def test_broadcast_flood_cannot_evict_another_projects_history(
         await ws.send(json.dumps(msg))
         kinds = [json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] for _ in range(2)]
         assert kinds == ["subscribed", "resync_required"]
+
+
+async def test_tenants_cannot_call_the_checker_functions(api: Api, project) -> None:
+    """Only the checker role may evaluate rows as another identity: a key of any scope that
+    calls the functions from SQL is refused (else it could read as any end user)."""
+    schema, ro_role = f"p_{project.id}", f"p_{project.id}_ro"
+    calls = (
+        f"SELECT * FROM fluxbase_guard.visible_rows_as('{schema}', '{ro_role}', ARRAY['victim'], "
+        "ARRAY['{}'], ARRAY['read'], ARRAY['SELECT 1, 1, 1::bigint, NULL::text'], ARRAY['[]'])",
+        f"SELECT * FROM fluxbase_guard.scope_policies('{schema}', ARRAY['t'], '{ro_role}')",
+        f"SELECT fluxbase_guard.checker_role_ok('{schema}', '{ro_role}')",
+    )
+    for scope in ("read", "readwrite", "admin"):
+        key, _ = await _key(api, project, scope)
+        for call in calls:
+            body = (await api.sql(key, project.id, call)).json()
+            assert body["success"] is False, (scope, call, body)
