@@ -146,6 +146,9 @@ class RealtimeService:
                 await self.revalidate_once()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("could not re-validate realtime credentials: %r", exc)
+            except Exception:
+                # Revocation depends on this loop: whatever went wrong, log it and go on.
+                log.exception("realtime credential re-validation failed")
 
     async def revalidate_once(self) -> int:
         """One re-validation round; returns the number of subscriptions ended."""
@@ -159,7 +162,8 @@ class RealtimeService:
             if sub.grant is None:
                 continue
             exc = bad.get(sub.grant.credential)
-            if exc is not None:
+            # (Skip a subscription that ended or was replaced while the check ran.)
+            if exc is not None and self.hub.rooms.get(sub.project_id, {}).get(sub) is client:
                 self._end(sub, client, exc)
                 ended += 1
         return ended
