@@ -315,7 +315,7 @@ class RealtimeService:
     async def _end_user_grant(self, token: str, project_id: str) -> Grant:
         assert self.end_user_verifier is not None and self.db is not None
         user = await self.end_user_verifier(token, project_id)
-        if user is None:
+        if user is None or not user.auth_uid:
             raise AuthRequired("Invalid or malformed token.")
         if user.project_id != project_id:
             raise ScopeMismatch("This end-user token is for another project.")
