@@ -73,6 +73,7 @@ async def latency(socks: list, writer: asyncpg.Connection, rate: float, seconds:
         target = start + i / rate
         await asyncio.sleep(max(0.0, target - time.perf_counter()))
         v = f"m{i}"
+        sent[v] = time.perf_counter()  # set before the commit: a reader may see the event first
         await writer.execute("INSERT INTO bench (v) VALUES ($1)", v)
         sent[v] = time.perf_counter()  # the commit has returned
     await asyncio.wait_for(asyncio.gather(*tasks), 60)

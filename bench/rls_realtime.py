@@ -4,7 +4,9 @@ One invocation starts an embedded PostgreSQL and S3, a Fluxbase API and realtime
 on one RLS-protected table (`owner = auth.uid() OR owner = 'all'`) measures p50/p99
 commit-to-client latency while writing --rate single-row commits/s, for each subscriber count
 in --counts:
-  - API-key subscribers (no filtering: the same bytes to every socket),
+  - API-key subscribers (admin keys: no filtering, the same bytes to every socket),
+  - read-key subscribers and rows anyone may see ('all'): since read keys are checked as the
+    read role (grants and policies, anonymous identity), one check per batch for all of them,
   - end-user subscribers (realtime tokens with a distinct authUid each) and rows every user may
     see ('all'): the same deliveries as the API-key run, plus one RLS check per distinct user
     per batch,
@@ -153,6 +155,11 @@ async def main() -> None:
                 )
             ).json()["key"]
             kh = {"Authorization": f"Bearer {key}"}
+            read_key = (
+                await api.post(
+                    f"/api/projects/{pid}/api-keys", json={"name": "r", "scope": "read"}, headers=h
+                )
+            ).json()["key"]
             r = await api.post(
                 "/api/execute-sql",
                 json={
@@ -198,6 +205,7 @@ async def main() -> None:
                 results: dict[str, tuple[float, float, float]] = {}
                 for label, creds, owners in (
                     ("api keys", [key] * n, ["all"]),
+                    ("read keys, shared rows", [read_key] * n, ["all"]),
                     ("end users, shared rows", tokens, ["all"]),
                     ("end users, own rows", tokens, users),
                 ):

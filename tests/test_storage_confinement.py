@@ -127,6 +127,11 @@ async def test_browser_key_without_user_token_reaches_no_private_file(
     assert await s3_get(s3, secret["s3_key"]) == b"top secret"
     assert await s3_keys(s3, f"{pid}/") == sorted([secret["s3_key"], shown["s3_key"]])
 
+    # Broadcast is an end-user surface (as over WebSocket): with a user token only.
+    r = await api.http.post(
+        "/api/realtime/broadcast", json={"projectId": pid, "event": "x", "payload": 1}, headers=h
+    )
+    assert r.status_code == 401, r.text
     # Managing the project is never a browser key's business, token or not.
     _, token = await project_user_token(api, pid)
     for headers in (h, user(key, token)):
@@ -142,10 +147,6 @@ async def test_browser_key_without_user_token_reaches_no_private_file(
             "/api/storage/buckets",
             json={"projectId": pid, "bucketId": "private", "isPublic": True},
             headers=headers,
-        )
-        assert r.status_code in (401, 403), r.text
-        r = await api.http.post(
-            "/api/realtime/broadcast", json={"projectId": pid, "event": "x", "payload": 1}, headers=headers
         )
         assert r.status_code in (401, 403), r.text
         for path in (

@@ -101,6 +101,10 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     """Connections per project (its read role) for RLS checks of end-user subscribers."""
     rls_timeout_ms: int = 2000
     """One end user's RLS check for one event batch; past it that user's events are dropped."""
+    revalidate_s: float = 2.0
+    """Every live subscription's credential is checked again this often (revocation delay)."""
+    broadcast_keep: int = 1000
+    """Broadcasts each project keeps for `since` replays (housekeeping trims the older ones)."""
 
 
 class AuthSettings(msgspec.Struct, frozen=True):
@@ -452,6 +456,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             ),
             rls_timeout_ms=_positive(
                 int_of("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", 2000), "FLUXBASE_REALTIME_RLS_TIMEOUT_MS"
+            ),
+            revalidate_s=float(
+                _positive(
+                    int_of("FLUXBASE_REALTIME_REVALIDATE_SECONDS", 2), "FLUXBASE_REALTIME_REVALIDATE_SECONDS"
+                )
+            ),
+            broadcast_keep=_positive(
+                int_of("FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT", 1000),
+                "FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT",
             ),
         ),
         tenant=tenant,

@@ -37,7 +37,10 @@ async def housekeeping(
     )
     counts["projectUserSessions"] = int(user_sessions.split()[-1])
     counts["events"] = await realtime.trim_events(
-        db, settings.realtime.events_retention_s, settings.realtime.events_max_rows
+        db,
+        settings.realtime.events_retention_s,
+        settings.realtime.events_max_rows,
+        broadcast_keep=settings.realtime.broadcast_keep,
     )
     await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
     counts["webhookDeliveries"] = await webhooks.trim_log(db, settings.webhooks.log_retention_s)

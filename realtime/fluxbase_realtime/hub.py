@@ -16,6 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from fluxbase.services.realtime import Cursor
+from fluxbase_realtime.credentials import Grant
 from fluxbase_realtime.outbox import OutboxEvent
 from fluxbase_realtime.rls import RlsGate, Viewer
 
@@ -36,8 +37,10 @@ class Subscription:
     # While a `since` replay runs, live events are held here and flushed afterwards.
     held: list[OutboxEvent] | None = None
     replay_until: Cursor | None = None
-    # An end user: receives only what the RLS gate lets it see (None: everything, API keys).
+    # Not an admin: receives only what the gate lets it see (None: everything).
     viewer: Viewer | None = None
+    # The credential it was granted for (fluxbase_realtime.credentials.Grant).
+    grant: Grant | None = None
 
     def wants(self, ev: OutboxEvent) -> bool:
         if ev.kind == "broadcast":

@@ -1,17 +1,22 @@
-"""RLS-filtered delivery: which events a subscriber identified as an end user may receive.
+"""Filtered delivery: which events a subscriber that is not an admin may receive.
 
-A row event reaches an end user only if its row image is visible to that user under the
-table's SELECT policies, evaluated by PostgreSQL on the project's read role (never a privileged
-role): the image of INSERT and UPDATE is the new row, that of DELETE the old row (its last
-state). An UPDATE whose old row the user could not see arrives with `old: null`, so a row
-moving into a user's view does not reveal what it was before. Schema events reach end users
-only if the project allows it (`fluxbase.realtime_settings`); broadcasts reach everyone.
+A subscriber receives a row event only if it could SELECT the row with SQL: read keys as the
+project's read role and readwrite keys as its readwrite role, with the anonymous identity
+(auth.uid() null), end users with their identity and the role of the key that admitted them
+(the read role for end-user JWTs presented directly). That is the role's table privilege and,
+on tables with RLS, the SELECT policies that apply to the role, evaluated by PostgreSQL as that
+very role (sql/0015: the checker role `p_<id>_rt` does SET ROLE; never a privileged role). The
+image of INSERT and UPDATE is the new row, that of DELETE the old row (its last state). An UPDATE
+whose old row the subscriber could not see arrives with `old: null`, so a row moving into view
+does not reveal what it was before. Schema events reach keys, and end users only if the project
+allows it (`fluxbase.realtime_settings`); broadcasts reach everyone.
 
-Cost per batch and project: one query for the tables' policies, then one evaluation per
-distinct end user (all tables at once, `fluxbase_guard.visible_rows`), whatever the number of
-subscribers; users are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the
-pool. A check that fails denies that user's events of the batch (fail closed, logged) and
-nobody else's; a group that times out is retried user by user to find the culprit.
+Cost per batch, project and role: one query for the tables' privileges and policies, then one
+evaluation per distinct viewer (all tables at once, `fluxbase_guard.visible_rows_as`) — all read
+keys of a project are one viewer, as are all readwrite keys — whatever the number of sockets;
+viewers are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the pool. A check
+that fails denies that viewer's events of the batch (fail closed, logged) and nobody else's; a
+group that times out is retried viewer by viewer to find the culprit.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import msgspec
 from fluxbase.config import Settings
 from fluxbase.db.tenants import TenantPools, quote_ident
 from fluxbase.security import tokens
-from fluxbase.security.roles import CHECKER, schema_name
+from fluxbase.security.roles import CHECKER, role_name, schema_name
 from fluxbase.services.identity import IdentityResolver
 from fluxbase_realtime.outbox import OutboxEvent
 
@@ -38,15 +43,22 @@ log = logging.getLogger("fluxbase.realtime.rls")
 
 @dataclass(frozen=True)
 class Viewer:
-    """An end user as policies see them: auth.uid(), auth.jwt() (JSON text) and auth.role()."""
+    """A subscriber as SQL sees it: the role its checks run as (`scope`: read or readwrite),
+    and auth.uid() ('' for none: a key), auth.jwt() (JSON text) and auth.role()."""
 
     uid: str
     claims: str
     role: str
+    scope: str = "read"
 
     @classmethod
-    def of(cls, uid: str, claims: dict[str, Any], role: str) -> Viewer:
-        return cls(uid, msgspec.json.encode(claims).decode(), role)
+    def of(cls, uid: str, claims: dict[str, Any], role: str, scope: str = "read") -> Viewer:
+        return cls(uid, msgspec.json.encode(claims).decode(), role, scope)
+
+    @property
+    def is_key(self) -> bool:
+        """An API key (or a token without an end user): anonymous identity."""
+        return not self.uid
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,10 @@ def resolver_verifier(resolver: IdentityResolver) -> EndUserVerifier:
     return verify
 
 
-_POLICIES_SQL = "SELECT * FROM fluxbase_guard.select_policies($1, $2::text[])"
+_POLICIES_SQL = "SELECT * FROM fluxbase_guard.scope_policies($1, $2::text[], $3)"
 _VISIBLE_SQL = (
-    "SELECT user_no, check_no, ord, failed "
-    "FROM fluxbase_guard.visible_rows($1, $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
+    "SELECT user_no, check_no, ord, failed FROM fluxbase_guard.visible_rows_as("
+    "$1, $2, $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])"
 )
 MAX_USERS_PER_QUERY = 100
 
@@ -147,7 +159,7 @@ class RlsGate:
     async def decide(
         self, project_id: str, viewers: Collection[Viewer], events: Sequence[OutboxEvent]
     ) -> dict[Viewer, dict[int, bytes]]:
-        """For each viewer: event index → the message to send it (absent: not for this user)."""
+        """For each viewer: event index → the message to send it (absent: not for this viewer)."""
         out: dict[Viewer, dict[int, bytes]] = {v: {} for v in viewers}
         if not viewers:
             return out
@@ -157,16 +169,21 @@ class RlsGate:
             if ev.kind == "row":
                 rows.append(i)
             elif ev.kind == "schema":
-                if schema_ok is None:
+                if schema_ok is None and any(not v.is_key for v in viewers):
                     schema_ok = await self._schema_allowed(project_id)
-                if schema_ok:
-                    for allowed in out.values():
+                for viewer, allowed in out.items():
+                    if viewer.is_key or schema_ok:
                         allowed[i] = ev.message
             else:
                 for allowed in out.values():
                     allowed[i] = ev.message
         if rows:
-            await self._rows(project_id, viewers, events, rows, out)
+            by_scope: dict[str, list[Viewer]] = {}
+            for v in viewers:
+                by_scope.setdefault(v.scope, []).append(v)
+            await asyncio.gather(
+                *(self._rows(project_id, scope, vs, events, rows, out) for scope, vs in by_scope.items())
+            )
         return out
 
     async def _schema_allowed(self, project_id: str) -> bool:
@@ -186,12 +203,14 @@ class RlsGate:
     async def _rows(
         self,
         project_id: str,
+        scope: str,
         viewers: Collection[Viewer],
         events: Sequence[OutboxEvent],
         rows: list[int],
         out: dict[Viewer, dict[int, bytes]],
     ) -> None:
         schema = schema_name(project_id)
+        role = role_name(project_id, scope if scope in ("read", "readwrite") else "read")
         tables = sorted({t for t in (events[i].table for i in rows) if t is not None})
         try:
             pool = await self.pools.pool(project_id, CHECKER)
@@ -200,13 +219,14 @@ class RlsGate:
                 r["table_name"]: _TablePolicies(
                     r["rls_enabled"], r["can_select"], list(r["permissive"]), list(r["restrictive"])
                 )
-                for r in await pool.fetch(_POLICIES_SQL, schema, tables, timeout=self.timeout_s)
+                for r in await pool.fetch(_POLICIES_SQL, schema, tables, role, timeout=self.timeout_s)
             }
         except Exception as exc:
             self.failures += 1
             log.warning(
-                "RLS policy lookup failed for project %s (%r): row events withheld from end users",
+                "RLS policy lookup failed for project %s as %s (%r): row events withheld",
                 project_id,
+                scope,
                 exc,
             )
             return
@@ -220,7 +240,7 @@ class RlsGate:
             ev = events[i]
             pol = found.get(ev.table or "")
             if pol is None or not pol.can_select:
-                continue  # dropped since, or not readable by the read role: nobody sees it
+                continue  # dropped since, or the role may not SELECT it: none of these viewers sees it
             if not pol.rls_enabled:
                 public.append(i)
                 continue
@@ -241,7 +261,8 @@ class RlsGate:
                 batch.append(bytes(msg.old))
                 old_ord = len(batch)
             image_at[i] = (c, new_ord, old_ord)
-        for allowed in out.values():
+        for viewer in viewers:
+            allowed = out[viewer]
             for i in public:
                 allowed[i] = events[i].message
         if not checks:
@@ -276,6 +297,7 @@ class RlsGate:
                 result = await pool.fetch(
                     _VISIBLE_SQL,
                     schema,
+                    role,
                     [v.uid for v in group],
                     [v.claims for v in group],
                     [v.role for v in group],

@@ -6,8 +6,14 @@ Client → server: `{"type": "subscribe", "roomId": "project_<id>", "token"?, "s
 `token` in the subscribe message or `?token=` on the URL. Server → client: `subscribed`,
 `db_event`, `schema_update`, `broadcast`, `resync_required`, `error`, `pong`.
 
-A subscriber identified as an end user (a realtime token with `authUid`, or a credential an
-`EndUserVerifier` accepts) only receives what the project's RLS policies let it see (`rls`).
+A subscriber receives only rows its credential could SELECT with SQL (`rls`): read and readwrite
+keys (and tokens they mint) as their role with the anonymous identity, end users (a realtime
+token with `authUid`, or a credential an `EndUserVerifier` accepts) by RLS as that user; admin
+keys receive everything. Broadcasting needs scope readwrite or admin, as over HTTP, and is
+rate-limited per key. Every few seconds each live subscription's credential is checked again
+(`credentials`); a subscription whose credential no longer holds ends with an `error` message
+that names the room and why (`AUTH_REQUIRED`, `PROJECT_SUSPENDED`, `SCOPE_MISMATCH`,
+`INVALID_USER_TOKEN`, `USER_DISABLED`, ...), and nothing of the room reaches the socket after it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import contextlib
 import json
 import logging
 import signal
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,18 +37,22 @@ from fluxbase.config import Settings
 from fluxbase.errors import (
     AuthRequired,
     FluxbaseError,
+    InsufficientPermissions,
     ProjectNotFound,
     ProjectSuspended,
     ScopeMismatch,
     UserTokenRequired,
     ValidationError,
 )
-from fluxbase.security import apikeys, tokens
+from fluxbase.ratelimit import RateLimiter
+from fluxbase.security import apikeys, tokens, usertokens
 from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
+from fluxbase_realtime import credentials
+from fluxbase_realtime.credentials import Credential, Grant
 from fluxbase_realtime.hub import Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
 from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
@@ -52,15 +61,24 @@ log = logging.getLogger("fluxbase.realtime")
 
 ROOM_PREFIX = "project_"
 OPERATIONS = {"INSERT", "UPDATE", "DELETE", "SCHEMA"}
+WRITE_SCOPES = frozenset({"readwrite", "admin"})
 
 
-@dataclass(frozen=True)
-class Grant:
-    """What a verified credential allows on one project."""
-
-    project_id: str
-    scope: str
-    viewer: Viewer | None  # an end user: RLS-filtered delivery
+def viewer_for(
+    project_id: str, scope: str, uid: str | None, claims: dict[str, Any] | None = None
+) -> Viewer | None:
+    """How the gate sees a subscriber: None for an admin without an end user (everything); else
+    the SQL role it is checked as and its identity, as /api/execute-sql would set them."""
+    if scope == "admin" and not uid:
+        return None
+    # An admin-minted token naming an end user is meant for that user's browser: it is checked
+    # as the read role for that user, never with the admin role's ownership of the tables.
+    role_scope = scope if scope in ("read", "readwrite") else "read"
+    if claims is None:
+        claims = {"role": scope, "project_id": project_id}  # as SQL's auth.jwt() for a key
+        if uid:
+            claims["sub"] = uid
+    return Viewer.of(uid or "", claims, scope, role_scope)
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -94,6 +112,8 @@ class RealtimeService:
         self._reader_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self.clients: set[Client] = set()
+        self.limiter = RateLimiter()
+        self._revalidate_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
@@ -103,6 +123,7 @@ class RealtimeService:
         await self.store.start()
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
+        self._revalidate_task = asyncio.create_task(self._revalidate(self.settings.realtime.revalidate_s))
 
     async def _keepalive(self, every_s: float) -> None:
         """One ping loop for all sockets (instead of a keepalive task per connection) keeps idle
@@ -113,31 +134,54 @@ class RealtimeService:
             for client in list(self.clients):
                 with contextlib.suppress(ConnectionClosed, RuntimeError):
                     await client.ws.ping()
-            await self._drop_suspended()
 
-    async def _drop_suspended(self) -> None:
-        """End the subscriptions of projects suspended since they were granted (each ping round)."""
-        if not self.hub.rooms or self.db is None:
-            return
-        try:
-            rows = await self.db.fetch(
-                "SELECT id FROM fluxbase.projects WHERE id = ANY($1::text[]) AND status = 'suspended'",
-                list(self.hub.rooms),
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("could not check for suspended projects: %r", exc)
-            return
-        for row in rows:
-            for sub, client in list(self.hub.rooms.get(row["id"], {}).items()):
-                self.hub.leave(sub)
-                room = ROOM_PREFIX + sub.project_id
-                client.subs.pop(room, None)
-                client.push(_error("PROJECT_SUSPENDED", "Project is suspended.", room))
+    async def _revalidate(self, every_s: float) -> None:
+        """Check every live subscription's credential again, every `every_s` seconds, in one
+        batched query per kind for all projects (credentials.invalid); end those that no longer
+        hold. The state is PostgreSQL's, so every replica ends them within one round."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
+            try:
+                await self.revalidate_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not re-validate realtime credentials: %r", exc)
+            except Exception:
+                # Revocation depends on this loop: whatever went wrong, log it and go on.
+                log.exception("realtime credential re-validation failed")
+
+    async def revalidate_once(self) -> int:
+        """One re-validation round; returns the number of subscriptions ended."""
+        if self.db is None:
+            return 0
+        live = [(sub, client) for room in list(self.hub.rooms.values()) for sub, client in list(room.items())]
+        creds = {sub.grant.credential for sub, _ in live if sub.grant is not None}
+        bad = await credentials.invalid(self.db, creds)
+        ended = 0
+        for sub, client in live:
+            if sub.grant is None:
+                continue
+            exc = bad.get(sub.grant.credential)
+            # (Skip a subscription that ended or was replaced while the check ran.)
+            if exc is not None and self.hub.rooms.get(sub.project_id, {}).get(sub) is client:
+                self._end(sub, client, exc)
+                ended += 1
+        return ended
+
+    def _end(self, sub: Subscription, client: Client, exc: FluxbaseError) -> None:
+        self.hub.leave(sub)
+        room = ROOM_PREFIX + sub.project_id
+        if client.subs.get(room) is sub:
+            del client.subs[room]
+        # The socket stays open (it may hold other rooms, or subscribe again with a valid
+        # credential); the reference client would only reconnect with the same credential.
+        client.push(_error(exc.code, exc.message, room))
 
     async def close(self) -> None:
         self._stop.set()
-        if self._ping_task is not None:
-            self._ping_task.cancel()
+        for task in (self._ping_task, self._revalidate_task):
+            if task is not None:
+                task.cancel()
         if self._reader_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
@@ -185,6 +229,14 @@ class RealtimeService:
 
     # -- authentication ---------------------------------------------------------------------
 
+    def _rate(self, *limits: tuple[int | None, int | None] | None) -> tuple[int, int]:
+        """The first configured (requests, window) of key, project; else the tenant default."""
+        for lim in limits:
+            if lim is not None and lim[0] and lim[1]:
+                return int(lim[0]), int(lim[1])
+        t = self.settings.tenant
+        return t.rate_limit_requests, t.rate_limit_window_s
+
     async def _grant(self, token: str | None, project_id: str, origin: str | None) -> Grant:
         if not ids.valid_project_id(project_id):
             raise ProjectNotFound()
@@ -197,14 +249,25 @@ class RealtimeService:
                 raise ScopeMismatch("This API key does not have access to this project.")
             if auth.project.status == "suspended":
                 raise ProjectSuspended()
-            assert auth.principal.key is not None
-            if auth.principal.key.require_user_auth:
+            key = auth.principal.key
+            assert key is not None
+            if key.require_user_auth:
                 # A browser-side key: it may only subscribe through a token naming its end user.
                 raise UserTokenRequired(
                     "This API key requires an end-user identity: mint a realtime token with "
                     "POST /api/realtime/token and X-Fluxbase-User-Token."
                 )
-            return Grant(project_id, auth.principal.key.scope, None)
+            cred = Credential(
+                project_id,
+                key.scope,
+                key_id=key.id,
+                key_fingerprint=realtime.key_fingerprint(auth.key_hash),
+                key_direct=True,
+            )
+            rate = self._rate(key.rate_limit, auth.project.rate_limit)
+            return Grant(
+                project_id, key.scope, viewer_for(project_id, key.scope, None), cred, f"key:{key.id}", rate
+            )
         try:
             claims = tokens.verify(self.settings.auth.secret_key, token, kind=realtime.TOKEN_KIND)
         except AuthRequired:
@@ -213,40 +276,66 @@ class RealtimeService:
             return await self._end_user_grant(token, project_id)
         if claims.subject != project_id:
             raise ScopeMismatch("This realtime token is for another project.")
-        status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
-        if status is None:
-            raise ProjectNotFound()
-        member = claims.extra.get("memberId")
-        if member is not None and not await self.db.fetchval(
-            "SELECT 1 FROM fluxbase.project_members WHERE project_id = $1 AND user_id = $2",
+        x = claims.extra
+        scope = str(x.get("scope", "read"))
+        uid = x.get("authUid") if isinstance(x.get("authUid"), str) and x.get("authUid") else None
+        cred = Credential(
             project_id,
-            member,
-        ):
-            raise ScopeMismatch("The member who minted this token no longer belongs to the project.")
-        if status == "suspended":
-            raise ProjectSuspended()
-        scope = str(claims.extra.get("scope", "read"))
-        uid = claims.extra.get("authUid")
-        viewer = None
-        if isinstance(uid, str) and uid:
-            # The same identity /api/execute-sql gives a request with this scope and authUid.
-            viewer = Viewer.of(uid, {"role": scope, "project_id": project_id, "sub": uid}, scope)
-        return Grant(project_id, scope, viewer)
+            scope,
+            key_id=_str(x.get("keyId")),
+            key_fingerprint=_str(x.get("keyFp")),
+            member_id=_str(x.get("memberId")),
+            session_id=_str(x.get("sessionId")),
+            user_id=uid if x.get("userSession") else None,
+            user_session=_str(x.get("userSession")),
+        )
+        # The token dies with what minted it: the same check as the periodic re-validation.
+        bad = await credentials.invalid(self.db, [cred])
+        if cred in bad:
+            raise bad[cred]
+        row = await self.db.fetchrow(
+            """SELECT p.rate_limit_requests AS p_req, p.rate_limit_window_s AS p_win,
+                      k.rate_limit_requests AS k_req, k.rate_limit_window_s AS k_win
+               FROM fluxbase.projects p LEFT JOIN fluxbase.api_keys k ON k.id = $2 AND k.project_id = p.id
+               WHERE p.id = $1""",
+            project_id,
+            cred.key_id,
+        )
+        rate = self._rate(
+            (row["k_req"], row["k_win"]) if row else None, (row["p_req"], row["p_win"]) if row else None
+        )
+        if cred.key_id:
+            name = f"key:{cred.key_id}"
+        elif cred.member_id:
+            name = f"user:{cred.member_id}"
+        else:
+            name = f"token:{project_id}:{uid or ''}"
+        return Grant(project_id, scope, viewer_for(project_id, scope, uid), cred, name, rate)
 
     async def _end_user_grant(self, token: str, project_id: str) -> Grant:
         assert self.end_user_verifier is not None and self.db is not None
         user = await self.end_user_verifier(token, project_id)
-        if user is None:
+        if user is None or not user.auth_uid:
             raise AuthRequired("Invalid or malformed token.")
         if user.project_id != project_id:
             raise ScopeMismatch("This end-user token is for another project.")
-        status = await self.db.fetchval("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
-        if status is None:
-            raise ProjectNotFound()
-        if status == "suspended":
-            raise ProjectSuspended()
+        own = user.claims.get("iss") == usertokens.OWN_ISSUER and isinstance(user.claims.get("sid"), str)
+        cred = Credential(
+            project_id,
+            "read",
+            user_id=user.auth_uid if own else None,
+            user_session=str(user.claims["sid"]) if own else None,
+        )
+        bad = await credentials.invalid(self.db, [cred])
+        if cred in bad:
+            raise bad[cred]
         role = str(user.claims.get("role") or "authenticated")
-        return Grant(project_id, "read", Viewer.of(user.auth_uid, user.claims, role))
+        row = await self.db.fetchrow(
+            "SELECT rate_limit_requests, rate_limit_window_s FROM fluxbase.projects WHERE id = $1", project_id
+        )
+        rate = self._rate((row["rate_limit_requests"], row["rate_limit_window_s"]) if row else None)
+        viewer = Viewer.of(user.auth_uid, user.claims, role, "read")
+        return Grant(project_id, "read", viewer, cred, f"enduser:{project_id}:{user.auth_uid}", rate)
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -256,7 +345,6 @@ class RealtimeService:
         origin = ws.request.headers.get("Origin") if ws.request else None
         client = Client(ws, self.queue_size)
         self.clients.add(client)
-        grants: dict[str, Grant] = {}
         try:
             async for raw in ws:
                 try:
@@ -270,24 +358,14 @@ class RealtimeService:
                 room = msg.get("roomId")
                 try:
                     if kind == "subscribe":
-                        await self._subscribe(client, grants, msg, url_token, origin)
+                        await self._subscribe(client, msg, url_token, origin)
                     elif kind == "unsubscribe":
                         sub = client.subs.pop(str(room), None)
                         if sub is not None:
                             self.hub.leave(sub)
-                            grants.pop(str(room), None)
                         client.push(_dumps({"type": "unsubscribed", "roomId": room}))
                     elif kind == "broadcast":
-                        grant = grants.get(str(room))
-                        if grant is None or str(room) not in client.subs:
-                            client.push(
-                                _error("AUTH_REQUIRED", "Subscribe to the room before broadcasting.", room)
-                            )
-                            continue
-                        assert self.db is not None
-                        await realtime.broadcast(
-                            self.db, grant.project_id, msg.get("event"), msg.get("payload")
-                        )
+                        await self._broadcast(client, str(room), msg)
                     elif kind == "ping":
                         client.push(_dumps({"type": "pong"}))
                     else:
@@ -305,10 +383,24 @@ class RealtimeService:
                 self.hub.leave(sub)
             await client.stop()
 
+    async def _broadcast(self, client: Client, room: str, msg: dict[str, Any]) -> None:
+        """As POST /api/realtime/broadcast: write scope, the size cap, the key's rate limit."""
+        sub = client.subs.get(room)
+        if sub is None or sub.grant is None:
+            raise AuthRequired("Subscribe to the room before broadcasting.")
+        grant = sub.grant
+        if grant.scope not in WRITE_SCOPES:
+            raise InsufficientPermissions(
+                f"Broadcasting needs scope 'readwrite' or 'admin'; this credential has '{grant.scope}'."
+            )
+        body = realtime.broadcast_body(msg.get("event"), msg.get("payload"))
+        self.limiter.hit(grant.limiter_name, *grant.rate)
+        assert self.db is not None
+        await realtime.insert_broadcast(self.db, grant.project_id, body)
+
     async def _subscribe(
         self,
         client: Client,
-        grants: dict[str, Grant],
         msg: dict[str, Any],
         url_token: str | None,
         origin: str | None,
@@ -337,6 +429,7 @@ class RealtimeService:
             frozenset(tables) if tables is not None else None,
             frozenset(operations) if operations is not None else None,
             viewer=grant.viewer,
+            grant=grant,
         )
         await self.reader.ready.wait()
         upto = self.reader.cursor
@@ -345,7 +438,6 @@ class RealtimeService:
             start = realtime.parse_cursor(since)
             sub.held = []
         client.subs[room] = sub
-        grants[room] = grant
         self.hub.join(client, sub)
         client.push(_dumps({"type": "subscribed", "roomId": room, "cursor": str(upto)}))
         if since is not None:
@@ -356,10 +448,8 @@ class RealtimeService:
     ) -> None:
         assert self.db is not None
         try:
-            row = await self.db.fetchrow(
-                "SELECT trimmed_to_xid::text AS x, trimmed_to_id AS i FROM fluxbase.event_retention"
-            )
-            if row is not None and (since.xid, since.id) < (int(row["x"]), row["i"]):
+            mark = await realtime.retention_mark(self.db, sub.project_id)
+            if mark is not None and (since.xid, since.id) < (mark.xid, mark.id):
                 client.push(
                     _dumps(
                         {
@@ -390,6 +480,10 @@ class RealtimeService:
                 for message in await self.hub.visible(sub, held):
                     client.push(message)
             sub.held = None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, object]) -> Response:

@@ -6,6 +6,7 @@ the replay path forward the same bytes without re-encoding them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,16 @@ import msgspec
 
 from fluxbase import ids
 from fluxbase.db.tenants import quote_ident
-from fluxbase.errors import ValidationError
+from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
-from fluxbase.security.roles import schema_name
+from fluxbase.security.roles import CHECKER, role_name, schema_name
 
 TOKEN_KIND = "realtime"  # noqa: S105 - a token type, not a secret
 MAX_TOKEN_TTL_S = 24 * 3600
+# One broadcast's `{"event", "payload"}` as JSON, over HTTP and WebSocket alike.
+MAX_BROADCAST_BYTES = 64 * 1024
+# Broadcasts kept per project for `since` replays (beyond it, that project's oldest are trimmed).
+BROADCAST_KEEP_PER_PROJECT = 1000
 _CURSOR_RE = re.compile(r"^(\d{1,20}):(\d{1,20})$")
 
 # One row of fluxbase.events → the wire message (type, id, cursor, roomId, timestamp, payload).
@@ -121,16 +126,44 @@ async def latest_cursor(db: asyncpg.Pool, project_id: str) -> str | None:
     return f"{row['xid']}:{row['id']}" if row is not None and row["project_id"] == project_id else None
 
 
+def key_fingerprint(key_hash: bytes) -> str:
+    """Names one version of an API key (rotation changes it) without revealing its hash."""
+    return hashlib.sha256(b"fluxbase-realtime-key:" + key_hash).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Minter:
+    """Whose credential mints a realtime token: the token lives only as long as that credential.
+
+    `key_id`/`key_fingerprint`: the API key (revoked, rotated or expired: the token dies);
+    `member_id`/`session_id`: a dashboard member and their session (removed, logged out);
+    `user_session`: a project user's own session (logged out, disabled)."""
+
+    key_id: str | None = None
+    key_fingerprint: str | None = None
+    member_id: str | None = None
+    session_id: str | None = None
+    user_session: str | None = None
+
+
 def mint_token(
-    secret: str, project_id: str, scope: str, auth_uid: str | None, ttl_s: int, member_id: str | None = None
+    secret: str, project_id: str, scope: str, auth_uid: str | None, ttl_s: int, minter: Minter
 ) -> tuple[str, int]:
     if not 1 <= ttl_s <= MAX_TOKEN_TTL_S:
         raise ValidationError(f"expiresIn must be between 1 and {MAX_TOKEN_TTL_S} seconds.")
     if auth_uid is not None and (not auth_uid or len(auth_uid) > 256):
         raise ValidationError("authUid must be 1 to 256 characters.")
     extra: dict[str, Any] = {"scope": scope}
-    if member_id:
-        extra["memberId"] = member_id  # re-checked on every subscribe: removal takes effect at once
+    # Re-checked on every subscribe and, while subscribed, by the realtime service's periodic
+    # re-validation: the token dies with the credential that minted it.
+    if minter.key_id:
+        extra["keyId"] = minter.key_id
+        extra["keyFp"] = minter.key_fingerprint
+    if minter.member_id:
+        extra["memberId"] = minter.member_id
+        extra["sessionId"] = minter.session_id
+    if minter.user_session:
+        extra["userSession"] = minter.user_session
     if auth_uid:
         extra["authUid"] = auth_uid
     return tokens.issue(
@@ -143,48 +176,101 @@ def mint_token(
     )
 
 
-async def broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, event: Any, payload: Any) -> int:
+async def provision_checker(conn: asyncpg.Connection, project_id: str) -> None:
+    """Let a new project's realtime checker role evaluate as its read and readwrite roles
+    (sql/0015); the caller owns the transaction that provisions the project."""
+    rt, rw = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "readwrite"))
+    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
+    await conn.execute(
+        "GRANT EXECUTE ON FUNCTION fluxbase_guard.checker_role_ok(text, text), "
+        "fluxbase_guard.scope_policies(text, text[], text), "
+        f"fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[]) TO {rt}"
+    )
+
+
+def broadcast_body(event: Any, payload: Any) -> str:
+    """A broadcast's stored JSON, or ValidationError (event name, size cap)."""
     if not isinstance(event, str) or not 1 <= len(event) <= 100:
         raise ValidationError("event must be a name of 1 to 100 characters.")
     body = msgspec.json.encode({"event": event, "payload": payload}).decode()
-    if len(body) > 256 * 1024:
-        raise ValidationError("broadcast payloads are limited to 256 KiB.")
+    if len(body) > MAX_BROADCAST_BYTES:
+        raise ValidationError(f"broadcasts are limited to {MAX_BROADCAST_BYTES // 1024} KiB of JSON.")
+    return body
+
+
+async def insert_broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, body: str) -> int:
+    """Store a broadcast in the outbox if the project is active and writable (else the error)."""
     event_id = await db.fetchval(
         """INSERT INTO fluxbase.events (project_id, kind, operation, record)
-           VALUES ($1, 'broadcast', 'BROADCAST', $2::jsonb) RETURNING id""",
+           SELECT p.id, 'broadcast', 'BROADCAST', $2::jsonb FROM fluxbase.projects p
+           WHERE p.id = $1 AND p.status = 'active' AND NOT p.read_only
+           RETURNING id""",
         project_id,
         body,
     )
+    if event_id is None:
+        row = await db.fetchrow("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
+        if row is None:
+            raise ProjectNotFound()
+        raise ProjectSuspended() if row["status"] == "suspended" else ProjectReadOnly()
     await db.execute("SELECT fluxbase.ring_doorbell()")
     return int(event_id)
 
 
+async def broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, event: Any, payload: Any) -> int:
+    return await insert_broadcast(db, project_id, broadcast_body(event, payload))
+
+
+# The global bounds count only row and schema events: broadcasts have per-project bounds (below),
+# so a project that broadcasts a lot never pushes another project's history out of the outbox.
 _TRIM_CUTOFF_SQL = """
 WITH oldest AS (
-    SELECT xid, id, created_at, row_number() OVER (ORDER BY xid, id) AS rn
-    FROM (SELECT xid, id, created_at FROM fluxbase.events
+    SELECT xid, id, created_at,
+           count(*) FILTER (WHERE kind <> 'broadcast') OVER (ORDER BY xid, id) AS rn
+    FROM (SELECT xid, id, kind, created_at FROM fluxbase.events
           WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
             -- never past the webhook dispatcher while any endpoint waits for events
             AND (NOT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)
                  OR (xid, id) <= (SELECT last_xid, last_id FROM fluxbase.webhook_dispatch))
           ORDER BY xid, id LIMIT $1) s
 )
-SELECT xid::text AS xid, id FROM oldest
-WHERE created_at < now() - make_interval(secs => $2) OR rn <= $3
-ORDER BY xid DESC, id DESC LIMIT 1
+SELECT o.xid::text AS xid, o.id FROM oldest o
+WHERE o.created_at < now() - make_interval(secs => $2) OR o.rn <= $3
+ORDER BY o.xid DESC, o.id DESC LIMIT 1
+"""
+
+# Projects over their broadcast bound, and the newest broadcast of one of them that goes.
+_BROADCAST_HEAVY_SQL = """
+SELECT project_id FROM fluxbase.events WHERE kind = 'broadcast'
+GROUP BY project_id HAVING count(*) > $1
+"""
+# (Ordered by the xid8 columns, never their text aliases: '990' sorts after '1030'.)
+_BROADCAST_CUTOFF_SQL = """
+SELECT e.xid::text AS xid, e.id FROM fluxbase.events e
+WHERE (e.project_id, e.xid) < ($1::text, pg_snapshot_xmin(pg_current_snapshot()))
+  AND e.project_id = $1 AND e.kind = 'broadcast'
+ORDER BY e.project_id DESC, e.xid DESC, e.id DESC OFFSET $2 LIMIT 1
 """
 
 
-async def trim_events(db: asyncpg.Pool, max_age_s: int, max_rows: int, batch: int = 5000) -> int:
-    """Delete the oldest outbox events past the age or size limit, a short batch at a time.
+async def trim_events(
+    db: asyncpg.Pool,
+    max_age_s: int,
+    max_rows: int,
+    batch: int = 5000,
+    broadcast_keep: int = BROADCAST_KEEP_PER_PROJECT,
+) -> int:
+    """Delete the oldest outbox events past the age or size limit, a short batch at a time,
+    and each project's broadcasts beyond its newest `broadcast_keep`.
 
-    Only finished transactions are trimmed, a prefix in cursor order, and the retention mark
-    moves first, so a `since` older than the mark answers resync_required instead of a gap.
-    Inserts never wait on these deletes.
+    Only finished transactions are trimmed, a prefix in cursor order (per project for
+    broadcasts), and the retention mark (the project's, for broadcasts) moves first, so a
+    `since` older than the mark answers resync_required instead of a gap. Inserts never wait
+    on these deletes.
     """
-    deleted = 0
+    deleted = await _trim_broadcasts(db, broadcast_keep)
     while True:
-        estimate = await db.fetchval("SELECT count(*) FROM fluxbase.events")
+        estimate = await db.fetchval("SELECT count(*) FROM fluxbase.events WHERE kind <> 'broadcast'")
         excess = max(0, int(estimate) - max_rows)
         async with db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_TRIM_CUTOFF_SQL, batch, max_age_s, excess)
@@ -203,3 +289,47 @@ async def trim_events(db: asyncpg.Pool, max_age_s: int, max_rows: int, batch: in
         deleted += n
         if n < batch:
             return deleted
+
+
+async def _trim_broadcasts(db: asyncpg.Pool, keep: int) -> int:
+    deleted = 0
+    for project in await db.fetch(_BROADCAST_HEAVY_SQL, keep):
+        project_id = project["project_id"]
+        async with db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_BROADCAST_CUTOFF_SQL, project_id, keep)
+            if row is None:
+                continue
+            await conn.execute(
+                """INSERT INTO fluxbase.event_retention_projects AS r
+                       (project_id, trimmed_to_xid, trimmed_to_id)
+                   SELECT p.id, $2::text::xid8, $3 FROM fluxbase.projects p WHERE p.id = $1
+                   ON CONFLICT (project_id) DO UPDATE
+                   SET trimmed_to_xid = EXCLUDED.trimmed_to_xid, trimmed_to_id = EXCLUDED.trimmed_to_id
+                   WHERE (r.trimmed_to_xid, r.trimmed_to_id)
+                         < (EXCLUDED.trimmed_to_xid, EXCLUDED.trimmed_to_id)""",
+                project_id,
+                row["xid"],
+                row["id"],
+            )
+            status = await conn.execute(
+                """DELETE FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'
+                   AND (project_id, xid, id) <= ($1::text, $2::text::xid8, $3::bigint)""",
+                project_id,
+                row["xid"],
+                row["id"],
+            )
+        deleted += int(status.split()[-1])
+    return deleted
+
+
+_RETENTION_SQL = """
+SELECT trimmed_to_xid::text AS x, trimmed_to_id AS i FROM fluxbase.event_retention
+UNION ALL
+SELECT trimmed_to_xid::text, trimmed_to_id FROM fluxbase.event_retention_projects WHERE project_id = $1
+"""
+
+
+async def retention_mark(db: asyncpg.Pool | asyncpg.Connection, project_id: str) -> Cursor | None:
+    """The project's events at or before this cursor may have been trimmed (None: nothing was)."""
+    marks = [Cursor(int(r["x"]), r["i"]) for r in await db.fetch(_RETENTION_SQL, project_id)]
+    return max(marks, key=lambda c: (c.xid, c.id)) if marks else None

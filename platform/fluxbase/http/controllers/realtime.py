@@ -9,9 +9,11 @@ from litestar import Request, get, post
 from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
-from fluxbase.http.edge import Caller
+from fluxbase.http.edge import Caller, bearer_token
+from fluxbase.security import apikeys, usertokens
 from fluxbase.services import realtime
 from fluxbase.services.access import Need, authorize
+from fluxbase.services.realtime import Minter
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
 
@@ -74,7 +76,6 @@ async def create_token(
     access = await authorize(
         ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ, end_user_surface=True
     )
-    member = caller.principal.user.id if caller.principal.user else None
     # The same identity rules as SQL: an end-user token wins, requireUserAuth keys need one.
     user_token = request.headers.get("x-fluxbase-user-token")
     identity = await ctx.identity.identity(access, user_token=user_token, auth_uid=data.auth_uid)
@@ -84,13 +85,38 @@ async def create_token(
         access.sql_scope,
         identity.uid if user_token else data.auth_uid,
         data.expires_in,
-        member,
+        _minter(caller, request, identity.claims if user_token else None),
     )
     return {"success": True, "token": token, "expiresAt": exp, "projectId": access.project.id}
 
 
+def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[str, Any] | None) -> Minter:
+    """The credentials a realtime token dies with: the key (this version of it) or the member's
+    session, and a project user's own session."""
+    principal = caller.principal
+    key_id = fingerprint = member_id = session_id = user_session = None
+    if principal.key is not None:
+        bearer = bearer_token(request)
+        assert bearer is not None  # the key was authenticated from it
+        key_id, fingerprint = principal.key.id, realtime.key_fingerprint(apikeys.hash_key(bearer))
+    elif principal.user is not None:
+        member_id, session_id = principal.user.id, principal.session_id
+    if user_claims is not None and user_claims.get("iss") == usertokens.OWN_ISSUER:
+        user_session = str(user_claims["sid"])
+    return Minter(key_id, fingerprint, member_id, session_id, user_session)
+
+
 @post("/api/realtime/broadcast", operation_id="broadcast", tags=["realtime"], status_code=200)
-async def broadcast(data: BroadcastBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE)
+async def broadcast(
+    data: BroadcastBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    access = await authorize(
+        ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE, end_user_surface=True
+    )
+    # A requireUserAuth (browser) key broadcasts only for a verified end user, as it runs SQL
+    # and as it broadcasts over the socket.
+    await ctx.identity.identity(
+        access, user_token=request.headers.get("x-fluxbase-user-token"), auth_uid=None
+    )
     event_id = await realtime.broadcast(ctx.db, access.project.id, data.event, data.payload)
     return {"success": True, "id": event_id}
