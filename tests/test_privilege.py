@@ -113,29 +113,199 @@ async def test_export_and_schema_listing_run_as_the_tenant(api: Api, project, co
 
 
 async def test_outbox_cannot_be_forged_by_calling_the_writer(api: Api, project, control_db) -> None:
-    """The definer that writes the outbox refuses direct calls: read/readwrite end users cannot
-    forge row events, and nobody can name another project."""
+    """The definers that write the outbox refuse direct calls: read/readwrite end users cannot
+    forge row or schema events, and nobody can write another project's events."""
     pid, admin = project.id, project.admin_key
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=1_000_000)
+    other = await api.new_project(project.owner_token)
     await _ok(api, admin, pid, "CREATE TABLE items (id int PRIMARY KEY)")
-    async with control_db.acquire() as conn:
-        writers = await conn.fetch(
-            "SELECT p.oid::regprocedure::text AS sig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname LIKE 'fluxbase%' AND p.prosecdef AND p.proname LIKE 'write_%'"
-        )
-    assert writers, "no outbox writer function found"
-    before = await _event_count(control_db, pid)
-    for w in writers:
-        sig = w["sig"]
-        name, argtypes = sig.split("(", 1)
-        nargs = len([a for a in argtypes.rstrip(")").split(",") if a.strip()])
-        args = ", ".join(["NULL"] * nargs)
-        for key in (rw, admin):
-            r = await api.sql(key, pid, f"SELECT {name}({args})")
-            assert r.json()["success"] is False, (sig, r.text)
-    assert await _event_count(control_db, pid) == before
+    before = await _event_count(control_db, pid), await _event_count(control_db, other)
+    row = "ARRAY['{{\"id\": 666}}'::jsonb]"
+    forged = [
+        (rw, f"SELECT fluxbase_capture.write_events('p_{pid}', 'items', 'INSERT', {row}, NULL)"),
+        (admin, f"SELECT fluxbase_capture.write_events('p_{pid}', 'items', 'INSERT', {row}, NULL)"),
+        (admin, f"SELECT fluxbase_capture.write_events('p_{other}', 'items', 'DELETE', {row}, {row})"),
+        (rw, f"SELECT fluxbase_capture.write_schema_event('p_{pid}', 'items', 'DROP TABLE', '{{}}')"),
+        (admin, f"SELECT fluxbase_capture.write_schema_event('p_{other}', NULL, 'DROP TABLE', '{{}}')"),
+        (rw, "SELECT fluxbase.ring_doorbell()"),
+        (rw, "INSERT INTO fluxbase.events (project_id, kind, operation) VALUES ('x', 'row', 'INSERT')"),
+    ]
+    for key, q in forged:
+        r = await api.sql(key, pid, q.replace("{{", "{").replace("}}", "}"))
+        assert r.json()["success"] is False, (q, r.text)
+    # Nor through a trigger of its own table: the writer checks the table is the caller's.
+    await _ok(
+        api,
+        admin,
+        pid,
+        f"""CREATE FUNCTION forge() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            PERFORM fluxbase_capture.write_events('p_{other}', 'items', 'INSERT', ARRAY['{{}}'::jsonb], NULL);
+            RETURN NULL; END $$""".replace("{{}}", "{}"),
+    )
+    await _ok(
+        api, admin, pid, "CREATE TRIGGER forge AFTER INSERT ON items FOR EACH ROW EXECUTE FUNCTION forge()"
+    )
+    r = await api.sql(rw, pid, "INSERT INTO items VALUES (1)")
+    assert r.json()["success"] is False, r.text
+    assert (await _event_count(control_db, pid), await _event_count(control_db, other)) == before
 
 
 async def _event_count(control_db: asyncpg.Pool, pid: str) -> int:
     async with control_db.acquire() as conn:
-        return int(await conn.fetchval("SELECT count(*) FROM fluxbase.events WHERE project_id = $1", pid))
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM fluxbase.events "
+                "WHERE project_id = $1 AND (kind = 'row' OR operation = 'DROP TABLE')",
+                pid,
+            )
+        )
+
+
+# Every platform SECURITY DEFINER function, its owner, and everything that owner may do in the
+# database (table and column privileges, function EXECUTE beyond PUBLIC's, schema USAGE).
+DEFINERS = {
+    "fluxbase_capture.write_events(text,text,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
+    "fluxbase_capture.write_schema_event(text,text,text,jsonb)": "fluxbase_outbox_writer",
+    "fluxbase_capture.capture_disabled(text)": "fluxbase_outbox_writer",
+    "fluxbase_guard.check_key(bytea,text)": "fluxbase_guard_keys",
+    "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
+    "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
+    "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+}
+ALLOWED = {
+    "fluxbase_outbox_writer": {
+        "USAGE schema fluxbase",
+        "INSERT fluxbase.events",
+        "SELECT fluxbase.event_readers(waiting)",
+        "SELECT fluxbase.realtime_tables(project_id)",
+        "SELECT fluxbase.realtime_tables(table_name)",
+        "SELECT fluxbase.realtime_tables(enabled)",
+    },
+    "fluxbase_guard_keys": {
+        "USAGE schema fluxbase",
+        *(f"SELECT fluxbase.api_keys({c})" for c in ("key_hash", "project_id", "revoked_at", "expires_at")),
+        *(f"SELECT fluxbase.projects({c})" for c in ("id", "status", "read_only")),
+        *(f"SELECT fluxbase.project_user_sessions({c})" for c in ("id", "user_id", "revoked_at")),
+        *(f"SELECT fluxbase.project_users({c})" for c in ("id", "project_id", "disabled_at")),
+    },
+    "fluxbase_guard_migrations": {
+        "USAGE schema fluxbase",
+        "USAGE schema fluxbase_guard",
+        "SELECT fluxbase.migration_tickets",
+        "DELETE fluxbase.migration_tickets",
+        "INSERT fluxbase.project_migrations",
+        "EXECUTE fluxbase_guard.tenant_project()",
+    },
+    "fluxbase_guard_quota": {
+        "USAGE schema fluxbase",
+        "USAGE schema fluxbase_guard",
+        "SELECT fluxbase.projects(id)",
+        "SELECT fluxbase.projects(db_quota_bytes)",
+        "EXECUTE fluxbase_guard.tenant_project()",
+        "EXECUTE fluxbase_guard.schema_size(text)",
+    },
+}
+
+_PRIVILEGES_SQL = """
+SELECT a.privilege_type || ' ' || c.oid::regclass::text
+FROM pg_class c, aclexplode(c.relacl) a WHERE a.grantee = $1::regrole
+UNION ALL
+SELECT a.privilege_type || ' ' || c.oid::regclass::text || '(' || att.attname || ')'
+FROM pg_attribute att JOIN pg_class c ON c.oid = att.attrelid, aclexplode(att.attacl) a
+WHERE a.grantee = $1::regrole
+UNION ALL
+SELECT a.privilege_type || ' ' || p.oid::regprocedure::text
+FROM pg_proc p, aclexplode(p.proacl) a WHERE a.grantee = $1::regrole AND p.proowner <> $1::regrole
+UNION ALL
+SELECT a.privilege_type || ' schema ' || n.nspname
+FROM pg_namespace n, aclexplode(n.nspacl) a WHERE a.grantee = $1::regrole
+UNION ALL
+SELECT 'OWNS ' || c.oid::regclass::text FROM pg_class c WHERE c.relowner = $1::regrole
+UNION ALL
+SELECT 'MEMBER OF ' || m.roleid::regrole::text FROM pg_auth_members m WHERE m.member = $1::regrole
+UNION ALL
+SELECT a.privilege_type || ' database ' || d.datname
+FROM pg_database d, aclexplode(d.datacl) a WHERE a.grantee = $1::regrole AND d.datname = current_database()
+"""
+
+
+async def test_catalog_definer_functions_are_owned_by_narrow_roles(control_db, instance) -> None:
+    """Fails if any SECURITY DEFINER function is owned by a superuser or a role with more than it
+    needs, or does not pin search_path; and if the platform's roles are not what they must be."""
+    async with control_db.acquire() as conn:
+        funcs = await conn.fetch(
+            """SELECT p.oid::regprocedure::text AS sig, n.nspname, pg_get_userbyid(p.proowner) AS owner,
+                      p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+               WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')"""
+        )
+        found = {}
+        for f in funcs:
+            sig = f["sig"].replace(", ", ",")
+            sig = sig if "." in sig.split("(")[0] else f"{f['nspname']}.{sig}"
+            found[sig] = f["owner"]
+            assert any(c.startswith("search_path=") for c in f["proconfig"] or []), (
+                f"{sig} does not pin search_path"
+            )
+        assert found == DEFINERS, "SECURITY DEFINER functions differ from the allow-map (db/privileges.py)"
+        for role, allowed in ALLOWED.items():
+            r = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
+            assert r is not None, role
+            for attr in (
+                "rolsuper",
+                "rolcanlogin",
+                "rolcreaterole",
+                "rolcreatedb",
+                "rolreplication",
+                "rolbypassrls",
+            ):
+                assert r[attr] is False, (role, attr)
+            held = {row[0] for row in await conn.fetch(_PRIVILEGES_SQL, role)}
+            assert held <= allowed, (role, sorted(held - allowed))
+        # The control plane's owner: NOLOGIN, not a superuser, member of nothing.
+        owner = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'fluxbase_owner'")
+        assert owner is not None and not owner["rolsuper"] and not owner["rolcanlogin"]
+        assert not owner["rolcreaterole"] and not owner["rolbypassrls"]
+        assert not [
+            row[0]
+            for row in await conn.fetch(_PRIVILEGES_SQL, "fluxbase_owner")
+            if row[0].startswith("MEMBER")
+        ]
+        wrong_owner = await conn.fetch(
+            """SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname IN ('fluxbase', 'fluxbase_guard', 'fluxbase_capture', 'auth')
+                 AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+                 AND pg_get_userbyid(c.relowner) <> 'fluxbase_owner'"""
+        )
+        assert not wrong_owner, wrong_owner
+    # The runtime login role (what api, realtime and worker log in as) is not a superuser.
+    runtime = instance.env["FLUXBASE_DATABASE_URL"].split("//", 1)[1].split(":", 1)[0]
+    async with control_db.acquire() as conn:
+        r = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", runtime)
+        assert r is not None and r["rolcanlogin"] and not r["rolsuper"] and not r["rolbypassrls"]
+        assert not r["rolcreatedb"] and not r["rolreplication"]
+        active = await conn.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'fluxbase-control'"
+        )
+        assert {a["usename"] for a in active} <= {runtime}
+
+
+async def test_runtime_refuses_a_superuser(spawn, stack, log_dir) -> None:
+    """Started with a superuser as its runtime URL, the API refuses with a clear message."""
+    import contextlib
+
+    from fluxbase.devstack.procs import free_port
+    from support import run_service
+
+    dbname = await stack.create_database()
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port), FLUXBASE_DATABASE_URL=stack.database_url(dbname))
+    try:
+        try:
+            with run_service(["api"], env, port, log_dir):
+                raise AssertionError("the API started as a superuser")
+        except RuntimeError as exc:
+            assert "superuser" in str(exc) and "FLUXBASE_DATABASE_ALLOW_SUPERUSER" in str(exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await stack.drop_database(dbname)

@@ -144,10 +144,16 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     # Terminating a project's backends (deadlines, project deletion).
     await conn.execute(f"GRANT pg_signal_backend TO {rt}")
     # The request pipeline's epochs table has row security for tenants; the runtime sees all.
-    await conn.execute("DROP POLICY IF EXISTS runtime_all ON fluxbase_guard.auth_epochs")
-    await conn.execute(
-        f"CREATE POLICY runtime_all ON fluxbase_guard.auth_epochs FOR ALL TO {rt} USING (true) WITH CHECK (true)"
+    policy_roles = await conn.fetchval(
+        "SELECT roles::text[] FROM pg_policies WHERE schemaname = 'fluxbase_guard' "
+        "AND tablename = 'auth_epochs' AND policyname = 'runtime_all'"
     )
+    if policy_roles != [user]:
+        await conn.execute("DROP POLICY IF EXISTS runtime_all ON fluxbase_guard.auth_epochs")
+        await conn.execute(
+            f"CREATE POLICY runtime_all ON fluxbase_guard.auth_epochs FOR ALL TO {rt} "
+            "USING (true) WITH CHECK (true)"
+        )
     await _adopt_project_roles(conn, user)
 
 
@@ -179,7 +185,8 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
                     f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}"
                 )
                 await conn.execute(
-                    f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {r} GRANTED BY {rt}"
+                    "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) "
+                    f"TO {r} GRANTED BY {rt}"
                 )
             if kind == "admin":
                 await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
