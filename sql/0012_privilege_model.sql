@@ -47,9 +47,11 @@ GRANT SELECT (waiting) ON fluxbase.event_readers TO fluxbase_outbox_writer;
 GRANT SELECT (project_id, table_name, enabled) ON fluxbase.realtime_tables TO fluxbase_outbox_writer;
 
 -- Row events (and TRUNCATE). Only from a trigger (pg_trigger_depth() > 0): a read or readwrite
--- role cannot call it from a statement to forge events. The project is the session user's; the
--- table must be one of that project's tables. A session that is not a tenant role (a migration,
--- the platform dropping a project) writes no event.
+-- role cannot call it from a statement to forge events. For a tenant session the project is the
+-- session user's (a tenant cannot change its session user) and the table must be one of that
+-- project's tables. A session that is not a tenant role is the platform's own (the runtime or a
+-- migration, which may write the outbox directly anyway): its events go to the project whose
+-- schema holds the table.
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
     p_schema text, p_table text, p_operation text, p_records jsonb[], p_olds jsonb[]
 ) RETURNS void
@@ -63,11 +65,11 @@ BEGIN
         RAISE EXCEPTION 'fluxbase_capture.write_events may only be called by the capture triggers'
             USING ERRCODE = '42501';
     END IF;
-    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro)$');
+    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$');
     IF m IS NULL THEN
-        RETURN;
+        m := pg_catalog.regexp_match(p_schema, '^p_([0-9a-f]{16})$');
     END IF;
-    IF p_schema IS DISTINCT FROM 'p_' || m[1] OR NOT EXISTS (
+    IF m IS NULL OR p_schema IS DISTINCT FROM 'p_' || m[1] OR NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = p_schema AND c.relname = p_table AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION 'fluxbase_capture.write_events: not a table of the calling project' USING ERRCODE = '42501';
@@ -96,7 +98,7 @@ $$;
 -- project's admin role does DDL in its schema; it may call this directly, which tells its own
 -- subscribers nothing it could not make true with a real statement. Read and readwrite roles
 -- are refused (so a DDL statement of theirs in a project schema, should an admin ever grant them
--- that, fails instead of going unannounced).
+-- that, fails instead of going unannounced). Platform sessions, as above, by schema.
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_schema_event(
     p_schema text, p_table text, p_command text, p_record jsonb
 ) RETURNS void
@@ -106,11 +108,11 @@ AS $$
 DECLARE
     m text[];
 BEGIN
-    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro)$');
+    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$');
     IF m IS NULL THEN
-        RETURN;
+        m := pg_catalog.regexp_match(p_schema, '^p_([0-9a-f]{16})$') || ARRAY['admin'];
     END IF;
-    IF m[2] <> 'admin' OR p_schema IS DISTINCT FROM 'p_' || m[1] THEN
+    IF m IS NULL OR m[2] <> 'admin' OR p_schema IS DISTINCT FROM 'p_' || m[1] THEN
         RAISE EXCEPTION 'fluxbase_capture.write_schema_event: only the project''s admin role announces its DDL'
             USING ERRCODE = '42501';
     END IF;
