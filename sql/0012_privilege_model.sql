@@ -303,6 +303,30 @@ REVOKE ALL ON FUNCTION fluxbase.ring_doorbell() FROM PUBLIC;
 -- ---------------------------------------------------------------------------------------------
 -- The request guards: owned by roles that may read exactly the columns each reads.
 
+-- check_key as in sql/0002, but read-only mode is set with SET LOCAL (a statement, not the
+-- set_config() function, which sql/0007 keeps from everyone but admin and checker roles).
+CREATE OR REPLACE FUNCTION fluxbase_guard.check_key(p_key_hash bytea, p_project_id text) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog
+AS $$
+DECLARE
+    k record;
+BEGIN
+    SELECT a.revoked_at, a.expires_at, p.status, p.read_only INTO k
+    FROM fluxbase.api_keys a JOIN fluxbase.projects p ON p.id = a.project_id
+    WHERE a.key_hash = p_key_hash AND a.project_id = p_project_id;
+    IF NOT FOUND OR k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= now()) THEN
+        RAISE EXCEPTION 'API key is no longer valid' USING ERRCODE = 'FX401';
+    END IF;
+    IF k.status = 'suspended' THEN
+        RAISE EXCEPTION 'Project is suspended' USING ERRCODE = 'FX403';
+    END IF;
+    IF k.read_only THEN
+        SET LOCAL transaction_read_only = on;
+    END IF;
+END
+$$;
+
 GRANT SELECT (key_hash, project_id, revoked_at, expires_at) ON fluxbase.api_keys TO fluxbase_guard_keys;
 GRANT SELECT (id, status, read_only) ON fluxbase.projects TO fluxbase_guard_keys;
 GRANT SELECT (id, user_id, revoked_at) ON fluxbase.project_user_sessions TO fluxbase_guard_keys;

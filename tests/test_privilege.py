@@ -309,3 +309,25 @@ async def test_runtime_refuses_a_superuser(spawn, stack, log_dir) -> None:
     finally:
         with contextlib.suppress(Exception):
             await stack.drop_database(dbname)
+
+
+async def test_projects_provisioned_by_a_superuser_are_adopted(api: Api, instance, control_db) -> None:
+    """A project made before the runtime role existed (by a superuser runtime) keeps working,
+    and the non-superuser runtime can delete it, after the post-migration step adopts its roles."""
+    from fluxbase.config import load_settings
+    from fluxbase.db.migrate import migrate_database
+    from fluxbase.services import projects
+
+    settings = load_settings(instance.env)
+    user, token = await api.new_user()
+    legacy = await projects.create_project(control_db, settings, user["id"], "legacy")  # as superuser
+    await migrate_database(settings)
+    key = await api.new_key(token, legacy.id, "admin")
+    await _ok(api, key, legacy.id, "CREATE TABLE t (id int)")
+    await _ok(api, key, legacy.id, "INSERT INTO t VALUES (1)")
+    r = await api.http.delete(f"/api/projects/{legacy.id}", headers=bearer(token))
+    assert r.status_code in (200, 204), r.text
+    async with control_db.acquire() as conn:
+        left = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{legacy.id}_%")
+        assert not left, left
+        assert not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", f"p_{legacy.id}")

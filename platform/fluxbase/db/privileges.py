@@ -166,7 +166,7 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
         for kind in ROLES:
             role = role_name(p["id"], kind)
             adopted = await conn.fetchval(
-                """SELECT m.admin_option AND m.set_option FROM pg_auth_members m
+                """SELECT bool_or(m.admin_option) AND bool_or(m.set_option) FROM pg_auth_members m
                    WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
                      AND m.member = (SELECT oid FROM pg_roles WHERE rolname = $2)""",
                 role,
@@ -177,24 +177,27 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
                 continue
             r = quote_ident(role)
             await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
-            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+            # What the superuser granted, the runtime could not revoke when it drops the project:
+            # grant it again as the runtime.
             privs = "CONNECT, TEMPORARY" if kind != "realtime" else "CONNECT"
-            await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r} GRANTED BY {rt}")
+            fns = (
+                "fluxbase_guard.select_policies(text, text[]), "
+                "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[])"
+            )
+            set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
+            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
             if kind in ("admin", "realtime"):
-                await conn.execute(
-                    f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}"
-                )
-                await conn.execute(
-                    "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) "
-                    f"TO {r} GRANTED BY {rt}"
-                )
+                await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
             if kind == "admin":
                 await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-                await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r} GRANTED BY {rt}")
             if kind == "realtime":
-                fns = (
-                    "fluxbase_guard.select_policies(text, text[]), "
-                    "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[])"
-                )
                 await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
-                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r} GRANTED BY {rt}")
+            await conn.execute(f"SET LOCAL ROLE {rt}")
+            await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
+            if kind in ("admin", "realtime"):
+                await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
+            if kind == "admin":
+                await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
+            if kind == "realtime":
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
+            await conn.execute("RESET ROLE")
