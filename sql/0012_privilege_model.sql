@@ -53,34 +53,38 @@ GRANT SELECT (project_id, table_name, enabled) ON fluxbase.realtime_tables TO fl
 -- migration, which may write the outbox directly anyway): its events go to the project whose
 -- schema holds the table.
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
-    p_schema text, p_table text, p_operation text, p_records jsonb[], p_olds jsonb[]
+    p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
 ) RETURNS void
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog
 AS $$
 DECLARE
     m text[];
+    ident text[];
 BEGIN
     IF pg_catalog.pg_trigger_depth() < 1 THEN
         RAISE EXCEPTION 'fluxbase_capture.write_events may only be called by the capture triggers'
             USING ERRCODE = '42501';
     END IF;
+    -- The table's schema and name from the catalog (with search_path = pg_catalog, regclass
+    -- output is always schema-qualified; an oid that is no relation comes out as a bare number).
+    -- A catalog cache lookup: a query here would double the cost of a captured UPDATE.
+    ident := pg_catalog.parse_ident(p_table::text);
     m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$');
     IF m IS NULL THEN
-        m := pg_catalog.regexp_match(p_schema, '^p_([0-9a-f]{16})$');
+        m := pg_catalog.regexp_match(ident[1], '^p_([0-9a-f]{16})$');
     END IF;
-    IF m IS NULL OR p_schema IS DISTINCT FROM 'p_' || m[1] OR NOT EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = p_schema AND c.relname = p_table AND c.relkind IN ('r', 'p')) THEN
+    IF m IS NULL OR pg_catalog.array_length(ident, 1) <> 2 OR ident[1] IS DISTINCT FROM 'p_' || m[1] THEN
         RAISE EXCEPTION 'fluxbase_capture.write_events: not a table of the calling project' USING ERRCODE = '42501';
     END IF;
     IF p_operation = 'TRUNCATE' THEN
         INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record)
-        VALUES (m[1], 'schema', p_table, 'TRUNCATE',
-                pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', p_schema || '.' || p_table));
+        VALUES (m[1], 'schema', ident[2], 'TRUNCATE',
+                pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]));
     ELSIF p_operation IN ('INSERT', 'UPDATE', 'DELETE') THEN
         INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old)
-        SELECT m[1], 'row', p_table, p_operation, u.r, u.o FROM unnest(p_records, p_olds) AS u(r, o);  -- (multi-argument unnest: FROM only, unqualified)
+        SELECT m[1], 'row', ident[2], p_operation, u.r, u.o
+        FROM unnest(p_records, p_olds) AS u(r, o);  -- (multi-argument unnest: FROM only, unqualified)
         IF NOT FOUND THEN
             RETURN;
         END IF;
@@ -134,13 +138,13 @@ AS $$
                      AND r.table_name = p_table AND NOT r.enabled)
 $$;
 
-ALTER FUNCTION fluxbase_capture.write_events(text, text, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
+ALTER FUNCTION fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
 ALTER FUNCTION fluxbase_capture.write_schema_event(text, text, text, jsonb) OWNER TO fluxbase_outbox_writer;
 ALTER FUNCTION fluxbase_capture.capture_disabled(text) OWNER TO fluxbase_outbox_writer;
-REVOKE ALL ON FUNCTION fluxbase_capture.write_events(text, text, text, jsonb[], jsonb[]),
+REVOKE ALL ON FUNCTION fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]),
     fluxbase_capture.write_schema_event(text, text, text, jsonb), fluxbase_capture.capture_disabled(text) FROM PUBLIC;
 -- Tenant roles reach them only through triggers of their own tables (the checks above).
-GRANT EXECUTE ON FUNCTION fluxbase_capture.write_events(text, text, text, jsonb[], jsonb[]),
+GRANT EXECUTE ON FUNCTION fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]),
     fluxbase_capture.write_schema_event(text, text, text, jsonb), fluxbase_capture.capture_disabled(text) TO PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ DECLARE
 BEGIN
     imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n)) FROM new_rows n);
     IF imgs IS NOT NULL THEN
-        PERFORM fluxbase_capture.write_events(TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', imgs, NULL);
+        PERFORM fluxbase_capture.write_events(TG_RELID, 'INSERT', imgs, NULL);
     END IF;
     RETURN NULL;
 END
@@ -169,7 +173,7 @@ DECLARE
 BEGIN
     imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o)) FROM old_rows o);
     IF imgs IS NOT NULL THEN
-        PERFORM fluxbase_capture.write_events(TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', imgs, imgs);
+        PERFORM fluxbase_capture.write_events(TG_RELID, 'DELETE', imgs, imgs);
     END IF;
     RETURN NULL;
 END
@@ -180,8 +184,7 @@ CREATE OR REPLACE FUNCTION fluxbase_capture.capture_update() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM fluxbase_capture.write_events(TG_TABLE_SCHEMA, TG_TABLE_NAME, 'UPDATE',
-                                  ARRAY[pg_catalog.to_jsonb(NEW)], ARRAY[pg_catalog.to_jsonb(OLD)]);
+    PERFORM fluxbase_capture.write_events(TG_RELID, 'UPDATE', ARRAY[pg_catalog.to_jsonb(NEW)], ARRAY[pg_catalog.to_jsonb(OLD)]);
     RETURN NULL;
 END
 $$;
@@ -190,7 +193,7 @@ CREATE OR REPLACE FUNCTION fluxbase_capture.capture_truncate() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM fluxbase_capture.write_events(TG_TABLE_SCHEMA, TG_TABLE_NAME, 'TRUNCATE', NULL, NULL);
+    PERFORM fluxbase_capture.write_events(TG_RELID, 'TRUNCATE', NULL, NULL);
     RETURN NULL;
 END
 $$;

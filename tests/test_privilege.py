@@ -119,12 +119,15 @@ async def test_outbox_cannot_be_forged_by_calling_the_writer(api: Api, project, 
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=1_000_000)
     other = await api.new_project(project.owner_token)
     await _ok(api, admin, pid, "CREATE TABLE items (id int PRIMARY KEY)")
+    async with control_db.acquire() as conn:
+        await conn.execute(f'CREATE TABLE "p_{other}".items (id int)')
+        theirs = await conn.fetchval(f"SELECT 'p_{other}.items'::regclass::oid")
     before = await _event_count(control_db, pid), await _event_count(control_db, other)
     row = "ARRAY['{{\"id\": 666}}'::jsonb]"
     forged = [
-        (rw, f"SELECT fluxbase_capture.write_events('p_{pid}', 'items', 'INSERT', {row}, NULL)"),
-        (admin, f"SELECT fluxbase_capture.write_events('p_{pid}', 'items', 'INSERT', {row}, NULL)"),
-        (admin, f"SELECT fluxbase_capture.write_events('p_{other}', 'items', 'DELETE', {row}, {row})"),
+        (rw, f"SELECT fluxbase_capture.write_events('p_{pid}.items', 'INSERT', {row}, NULL)"),
+        (admin, f"SELECT fluxbase_capture.write_events('p_{pid}.items', 'INSERT', {row}, NULL)"),
+        (admin, f"SELECT fluxbase_capture.write_events({theirs}, 'DELETE', {row}, {row})"),
         (rw, f"SELECT fluxbase_capture.write_schema_event('p_{pid}', 'items', 'DROP TABLE', '{{}}')"),
         (admin, f"SELECT fluxbase_capture.write_schema_event('p_{other}', NULL, 'DROP TABLE', '{{}}')"),
         (rw, "SELECT fluxbase.ring_doorbell()"),
@@ -139,7 +142,7 @@ async def test_outbox_cannot_be_forged_by_calling_the_writer(api: Api, project, 
         admin,
         pid,
         f"""CREATE FUNCTION forge() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-            PERFORM fluxbase_capture.write_events('p_{other}', 'items', 'INSERT', ARRAY['{{}}'::jsonb], NULL);
+            PERFORM fluxbase_capture.write_events({theirs}, 'INSERT', ARRAY['{{}}'::jsonb], NULL);
             RETURN NULL; END $$""".replace("{{}}", "{}"),
     )
     await _ok(
@@ -164,7 +167,7 @@ async def _event_count(control_db: asyncpg.Pool, pid: str) -> int:
 # Every platform SECURITY DEFINER function, its owner, and everything that owner may do in the
 # database (table and column privileges, function EXECUTE beyond PUBLIC's, schema USAGE).
 DEFINERS = {
-    "fluxbase_capture.write_events(text,text,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
+    "fluxbase_capture.write_events(regclass,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
     "fluxbase_capture.write_schema_event(text,text,text,jsonb)": "fluxbase_outbox_writer",
     "fluxbase_capture.capture_disabled(text)": "fluxbase_outbox_writer",
     "fluxbase_guard.check_key(bytea,text)": "fluxbase_guard_keys",

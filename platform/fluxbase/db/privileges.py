@@ -28,7 +28,7 @@ PLATFORM_SCHEMAS = ("fluxbase", "fluxbase_guard", "fluxbase_capture", "auth")
 # listed here is owned by OWNER and reported (tests/test_privilege.py fails on it): add it here
 # with a role of its own, holding only what it needs, granted in its migration file.
 DEFINER_OWNERS = {
-    "fluxbase_capture.write_events(text,text,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
+    "fluxbase_capture.write_events(regclass,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
     "fluxbase_capture.write_schema_event(text,text,text,jsonb)": "fluxbase_outbox_writer",
     "fluxbase_capture.capture_disabled(text)": "fluxbase_outbox_writer",
     "fluxbase_guard.check_key(bytea,text)": "fluxbase_guard_keys",
