@@ -309,6 +309,15 @@ async def test_runtime_refuses_a_superuser(spawn, stack, log_dir) -> None:
                 raise AssertionError("the API started as a superuser")
         except RuntimeError as exc:
             assert "superuser" in str(exc) and "FLUXBASE_DATABASE_ALLOW_SUPERUSER" in str(exc)
+        # The development override.
+        with run_service(
+            ["api"], {**env, "FLUXBASE_DATABASE_ALLOW_SUPERUSER": "true"}, port, log_dir
+        ) as server:
+            client = Api(server.url)
+            try:
+                assert (await client.http.get("/ready")).status_code == 200
+            finally:
+                await client.close()
     finally:
         with contextlib.suppress(Exception):
             await stack.drop_database(dbname)
