@@ -350,6 +350,25 @@ GRANT SELECT (id, db_quota_bytes) ON fluxbase.projects TO fluxbase_guard_quota;
 GRANT EXECUTE ON FUNCTION fluxbase_guard.tenant_project(), fluxbase_guard.schema_size(text) TO fluxbase_guard_quota;
 ALTER FUNCTION fluxbase_guard.check_db_quota() OWNER TO fluxbase_guard_quota;
 
+-- Every platform function lists pg_temp last. Unlisted, the caller's temporary schema is
+-- searched FIRST for type and relation names: a tenant's `CREATE DOMAIN pg_temp.text ... CHECK
+-- (its_function(VALUE))` made every `text` in a definer's body (a declaration, a cast) run the
+-- tenant's function with the owner's rights; before this file that owner was a superuser
+-- (tests/test_privilege.py). Invoker functions too: a definer calls some of them.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_catalog.pg_proc p
+             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname IN ('fluxbase', 'fluxbase_guard', 'fluxbase_capture', 'auth')
+               AND (p.prosecdef OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.proconfig) c
+                                          WHERE c = 'search_path=pg_catalog')) LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
+    END LOOP;
+END
+$$;
+
 -- Existing tables keep their triggers (same functions, replaced in place); attach them again
 -- anyway so that every table of a project schema has the current set (except those switched off).
 DO $$

@@ -246,9 +246,10 @@ async def test_catalog_definer_functions_are_owned_by_narrow_roles(control_db, i
             sig = f["sig"].replace(", ", ",")
             sig = sig if "." in sig.split("(")[0] else f"{f['nspname']}.{sig}"
             found[sig] = f["owner"]
-            assert any(c.startswith("search_path=") for c in f["proconfig"] or []), (
-                f"{sig} does not pin search_path"
-            )
+            paths = [c[len("search_path=") :] for c in f["proconfig"] or [] if c.startswith("search_path=")]
+            assert paths, f"{sig} does not pin search_path"
+            # pg_temp last: unlisted, it is searched first for types (the pg_temp test below).
+            assert paths[0].replace(" ", "").split(",")[-1] == "pg_temp", (sig, paths)
         assert found == DEFINERS, "SECURITY DEFINER functions differ from the allow-map (db/privileges.py)"
         for role, allowed in ALLOWED.items():
             r = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
@@ -343,3 +344,45 @@ async def test_projects_provisioned_by_a_superuser_are_adopted(api: Api, instanc
         left = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{legacy.id}_%")
         assert not left, left
         assert not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", f"p_{legacy.id}")
+
+
+async def test_temporary_types_cannot_hijack_definer_functions(api: Api, project) -> None:
+    """A type a tenant creates in its temporary schema (pg_temp.text, a domain whose CHECK calls
+    the tenant's function) is found before pg_catalog's unless search_path lists pg_temp last:
+    every `text` in a definer's body would then run the tenant's function with the owner's
+    rights. The spy raises with the role it runs as; each vector is followed by a statement that
+    runs it as the tenant, so the batch fails naming who ran it first (or the vector refuses on
+    its own, having run nothing of the tenant's)."""
+    pid, admin = project.id, project.admin_key
+    await _ok(
+        api,
+        admin,
+        pid,
+        """CREATE FUNCTION spy_text(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'spy as % / %', current_user, session_user; END $$""",
+    )
+    await _ok(api, admin, pid, "CREATE TABLE items (id int)")
+    domain = f"CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (p_{pid}.spy_text(VALUE))"
+    vectors = [
+        "SELECT fluxbase_guard.check_db_quota()",  # plpgsql: `pid text`
+        "CREATE TABLE items2 (id int)",  # DDL path: capture_disabled, write_schema_event
+        "INSERT INTO items VALUES (1)",  # write_events
+        "SELECT fluxbase_guard.check_key('\\x00'::bytea, 'x')",
+        "SELECT fluxbase_guard.check_user_session('s', 'u', 'p')",
+        "SELECT fluxbase_guard.redeem_migration('\\x00'::bytea)",
+    ]
+    for vector in vectors:
+        r = await api.http.post(
+            "/api/execute-batch",
+            json={
+                "projectId": pid,
+                "statements": [{"query": domain}, {"query": vector}, {"query": "SELECT 'x'::pg_temp.text"}],
+            },
+            headers=bearer(admin),
+        )
+        text = r.text
+        if "spy as" not in text:  # the vector refused on its own (a bogus key, ticket, session)
+            assert r.json()["error"]["statementIndex"] == 1, (vector, text)
+            continue
+        who = text.split("spy as ", 1)[1].split(" / ", 1)[0]
+        assert who.startswith(f"p_{pid}_"), (vector, text)

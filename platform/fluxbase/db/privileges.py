@@ -43,7 +43,8 @@ SUSET_ROLE_SETTINGS = ("temp_file_limit",)
 
 _FUNCTIONS_SQL = """
 SELECT p.oid::regprocedure::text AS sig, n.nspname, p.prosecdef, pg_get_userbyid(p.proowner) AS owner,
-       p.prokind::text AS prokind
+       p.prokind::text AS prokind,
+       (SELECT substr(c, 13) FROM unnest(p.proconfig) c WHERE starts_with(c, 'search_path=')) AS search_path
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = ANY($1::text[])
 """
@@ -102,9 +103,23 @@ async def _own_control_plane(conn: asyncpg.Connection) -> None:
         want = DEFINER_OWNERS.get(sig, OWNER) if f["prosecdef"] else OWNER
         if f["prosecdef"] and sig not in DEFINER_OWNERS:
             log.warning("SECURITY DEFINER function %s has no owner role of its own (db/privileges.py)", sig)
+        if f["prosecdef"] or f["search_path"] is not None:  # (invoker ones may be called by definers)
+            await _pin_search_path(conn, sig, f["search_path"], f["prokind"])
         if f["owner"] != want:
             kind = "PROCEDURE" if f["prokind"] == "p" else "FUNCTION"
             await conn.execute(f"ALTER {kind} {sig} OWNER TO {quote_ident(want)}")
+
+
+async def _pin_search_path(conn: asyncpg.Connection, sig: str, path: str | None, prokind: str) -> None:
+    """A definer's search_path must exist and end with pg_temp: unlisted, the caller's temporary
+    schema is searched first for types and relations (a tenant's pg_temp.text domain would run
+    its CHECK function with the owner's rights). Appending pg_temp changes nothing else."""
+    parts = [p.strip() for p in (path or "").split(",") if p.strip()]
+    if parts and parts[-1] == "pg_temp":
+        return
+    parts = [p for p in parts if p != "pg_temp"] or ["pg_catalog"]
+    kind = "PROCEDURE" if prokind == "p" else "FUNCTION"
+    await conn.execute(f"ALTER {kind} {sig} SET search_path = {', '.join([*parts, 'pg_temp'])}")
 
 
 async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | None) -> None:
