@@ -6,11 +6,13 @@ only ever call it with a tenant role's rights. The tenant's own function records
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
 
-from support import Api, bearer
+from support import RUNTIME_ROLE, Api, bearer
 
 SETUP = [
     "CREATE TYPE mood AS ENUM ('ok', 'bad')",
@@ -296,7 +298,6 @@ async def test_catalog_definer_functions_are_owned_by_narrow_roles(control_db, i
 
 async def test_runtime_refuses_a_superuser(spawn, stack, log_dir) -> None:
     """Started with a superuser as its runtime URL, the API refuses with a clear message."""
-    import contextlib
 
     from fluxbase.devstack.procs import free_port
     from support import run_service
@@ -386,3 +387,34 @@ async def test_temporary_types_cannot_hijack_definer_functions(api: Api, project
             continue
         who = text.split("spy as ", 1)[1].split(" / ", 1)[0]
         assert who.startswith(f"p_{pid}_"), (vector, text)
+
+
+async def test_migrate_without_a_superuser(stack, instance) -> None:
+    """With only the runtime URL, `fluxbase migrate` has nothing it may do: it succeeds when
+    nothing is pending and refuses, saying what to set, when something is."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    def migrate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in env.items() if k != "FLUXBASE_MIGRATION_DATABASE_URL"}
+        return subprocess.run(
+            [sys.executable, "-m", "fluxbase", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+
+    done = await asyncio.to_thread(migrate, instance.env)
+    assert done.returncode == 0, done.stderr
+    fresh = await stack.create_database()
+    try:
+        conn = await asyncpg.connect(stack.database_url(fresh))
+        try:
+            await conn.execute(f'GRANT CONNECT ON DATABASE "{fresh}" TO {RUNTIME_ROLE}')
+        finally:
+            await conn.close()
+        pending = await asyncio.to_thread(migrate, stack.env(fresh))
+        assert pending.returncode != 0
+        assert "FLUXBASE_MIGRATION_DATABASE_URL" in pending.stderr, pending.stderr
+        assert "Traceback" not in pending.stderr, pending.stderr
+    finally:
+        await stack.drop_database(fresh)

@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from fluxbase.config import Settings
+from fluxbase.config import ConfigError, Settings
 from fluxbase.db.privileges import apply_privileges
 from fluxbase.db.tenants import sync_role_passwords
 
@@ -139,7 +139,7 @@ async def _refuse_pending(conn: asyncpg.Connection) -> None:
     )
     pending = [m.name for m in migrations if m.version not in done]
     if pending:
-        raise MigrationError(
+        raise ConfigError(
             f"{len(pending)} migration(s) pending ({pending[0]}…) and this role is not a superuser: set "
             "FLUXBASE_MIGRATION_DATABASE_URL to a superuser URL (used only to migrate; docs/security.md)."
         )
