@@ -75,10 +75,11 @@ async def apply_privileges(
     if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", OWNER):
         return  # migrations before sql/0012 (a test migrating a subset)
     async with conn.transaction():
-        # One database at a time for the cluster-wide part (roles, memberships, role settings).
-        await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
         await _own_control_plane(conn)
         if runtime_user:
+            # One database at a time for the cluster-wide part (roles, memberships, role
+            # settings); taken after the per-database part, so it is held for as short as may be.
+            await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
             await _runtime_role(conn, runtime_user, runtime_password)
 
 
