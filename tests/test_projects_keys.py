@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
+from fluxbase.db.tenants import quote_ident
 from fluxbase.security import apikeys
-from support import Api, assert_clean, assert_error, bearer
+from support import RUNTIME_ROLE, Api, assert_clean, assert_error, bearer
 
 
 async def test_create_list_get_delete_project(api: Api, control_db, instance_admin) -> None:
@@ -261,7 +262,16 @@ async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, c
     pid = await api.new_project(token)
     rt, ro = f"p_{pid}_rt", f"p_{pid}_ro"
     async with control_db.acquire() as conn:
-        await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')  # as before 0008
+        # As before 0008. The runtime role granted its privileges: only it can revoke them.
+        db = quote_ident(await conn.fetchval("SELECT current_database()"))
+        await conn.execute(
+            f'SET ROLE "{RUNTIME_ROLE}"; REVOKE ALL ON DATABASE {db} FROM "{rt}"; '
+            "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean), "
+            "fluxbase_guard.select_policies(text, text[]), "
+            f'fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) FROM "{rt}"; '
+            "RESET ROLE"
+        )
+        await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')
         text = (sql_dir() / "0008_rls.sql").read_text()
         await conn.execute(text[text.index("DO $$") :])
         row = await conn.fetchrow(

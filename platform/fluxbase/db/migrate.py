@@ -6,10 +6,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from fluxbase.config import Settings
+from fluxbase.config import ConfigError, Settings
+from fluxbase.db.privileges import apply_privileges
 from fluxbase.db.tenants import sync_role_passwords
 
 LOCK_KEY = 7_243_190_001  # pg_advisory_lock key reserved for the migration runner
@@ -99,11 +101,45 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
 
 
 async def migrate_database(settings: Settings) -> list[str]:
-    """What `fluxbase migrate` does: apply pending migrations, then re-derive tenant role passwords."""
-    conn = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
+    """What `fluxbase migrate` does: apply pending migrations as the migration role, apply the
+    privilege model (db/privileges.py), then re-derive tenant role passwords.
+
+    Without FLUXBASE_MIGRATION_DATABASE_URL the runtime URL migrates; if that role is not a
+    superuser (the runtime's own role), there is nothing it may do: it only checks that no
+    migration is pending."""
+    db = settings.database
+    conn = await asyncpg.connect(db.migration_url or db.url, timeout=db.connect_timeout)
     try:
+        superuser = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not superuser:
+            await _refuse_pending(conn)
+            return []
         applied = await migrate(conn)
+        runtime_user, runtime_password = None, None
+        if db.migration_url:
+            parts = urlsplit(db.url)
+            mig = urlsplit(db.migration_url)
+            if parts.username and parts.username != mig.username:
+                runtime_user = unquote(parts.username)
+                runtime_password = unquote(parts.password) if parts.password else None
+        await apply_privileges(conn, runtime_user, runtime_password)
         await sync_role_passwords(conn, settings)
         return applied
     finally:
         await conn.close()
+
+
+async def _refuse_pending(conn: asyncpg.Connection) -> None:
+    migrations = load_migrations()
+    exists = await conn.fetchval("SELECT to_regclass('fluxbase.schema_migrations') IS NOT NULL")
+    done = (
+        {r["version"] for r in await conn.fetch("SELECT version FROM fluxbase.schema_migrations")}
+        if exists
+        else set()
+    )
+    pending = [m.name for m in migrations if m.version not in done]
+    if pending:
+        raise ConfigError(
+            f"{len(pending)} migration(s) pending ({pending[0]}…) and this role is not a superuser: set "
+            "FLUXBASE_MIGRATION_DATABASE_URL to a superuser URL (used only to migrate; docs/security.md)."
+        )

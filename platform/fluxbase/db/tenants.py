@@ -284,12 +284,16 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
     await _provision_checker(conn, project_id, settings)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
+    # The runtime role is not a superuser: what only the schema's owner may do, it does as the
+    # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
+    await conn.execute(f"SET LOCAL ROLE {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
     await conn.execute(f"{defaults} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}")
     await conn.execute(f"{defaults} GRANT SELECT ON TABLES TO {ro}")
     await conn.execute(f"{defaults} GRANT USAGE, SELECT ON SEQUENCES TO {rw}")
     await conn.execute(f"{defaults} GRANT SELECT ON SEQUENCES TO {ro}")
+    await conn.execute("SET LOCAL ROLE NONE")
 
 
 async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
@@ -315,19 +319,38 @@ async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
-    """Remove the project's schema, objects and roles (caller owns the transaction)."""
+    """Remove the project's schema, objects and roles (caller owns the transaction).
+
+    Runs as the runtime role (not a superuser): what only an owner may drop, it drops as that
+    role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
     roles = [role_name(project_id, s) for s in ROLES]
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
     )
+    existing = {
+        r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
+    }
+    admin = role_name(project_id, "admin")
+    if admin in existing:
+        await conn.execute(f"SET LOCAL ROLE {quote_ident(admin)}")
     await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema_name(project_id))} CASCADE")
+    await conn.execute("SET LOCAL ROLE NONE")
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     for role in roles:
-        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-        if exists:
-            await conn.execute(f"DROP OWNED BY {quote_ident(role)} CASCADE")
-            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {quote_ident(role)}")
-            await conn.execute(f"DROP ROLE {quote_ident(role)}")
+        if role not in existing:
+            continue
+        r = quote_ident(role)
+        await conn.execute(f"SET LOCAL ROLE {r}")
+        await conn.execute(f"DROP OWNED BY {r} CASCADE")
+        await conn.execute("SET LOCAL ROLE NONE")
+        await conn.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}")
+        await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
+        await conn.execute(
+            "REVOKE EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]), "
+            f"fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) FROM {r}"
+        )
+        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+        await conn.execute(f"DROP ROLE {r}")
 
 
 async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> int:

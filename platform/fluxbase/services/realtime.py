@@ -95,8 +95,11 @@ async def set_enabled(
     async with db.acquire() as conn, conn.transaction():
         for table in tables:
             regclass = f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
-            fn = "fluxbase.attach_capture" if enabled else "fluxbase.detach_capture"
+            fn = "fluxbase_capture.attach_capture" if enabled else "fluxbase_capture.detach_capture"
+            # As the table's owner (capture functions are SECURITY INVOKER; docs/security.md).
+            await conn.execute(f"SET LOCAL ROLE {quote_ident(role_name(project_id, 'admin'))}")
             await conn.execute(f"SELECT {fn}($1::regclass)", regclass)
+            await conn.execute("SET LOCAL ROLE NONE")
             await conn.execute(
                 """INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled) VALUES ($1, $2, $3)
                    ON CONFLICT (project_id, table_name) DO UPDATE SET enabled = EXCLUDED.enabled""",
