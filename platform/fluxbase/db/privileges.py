@@ -17,7 +17,7 @@ import logging
 import asyncpg
 
 from fluxbase.db.tenants import quote_ident, quote_literal
-from fluxbase.security.roles import ROLES, role_name
+from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,6 @@ PLATFORM_SCHEMAS = ("fluxbase", "fluxbase_guard", "fluxbase_capture", "auth")
 # Every platform SECURITY DEFINER function and the role that owns it. A definer function not
 # listed here is owned by OWNER and reported (tests/test_privilege.py fails on it): add it here
 # with a role of its own, holding only what it needs, granted in its migration file.
-# What a project's realtime checker role may call (sql/0008, sql/0015); the runtime passes them on.
-CHECKER_FUNCTIONS = (
-    "fluxbase_guard.select_policies(text, text[]), "
-    "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]), "
-    "fluxbase_guard.checker_role_ok(text, text), "
-    "fluxbase_guard.scope_policies(text, text[], text), "
-    "fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[])"
-)
-
 DEFINER_OWNERS = {
     "fluxbase_capture.write_events(regclass,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
     "fluxbase_capture.write_schema_event(text,text,text,jsonb)": "fluxbase_outbox_writer",
@@ -165,6 +156,9 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
         await conn.execute(f"GRANT SET ON PARAMETER {param} TO {rt}")
     # Terminating a project's backends (deadlines, project deletion).
     await conn.execute(f"GRANT pg_signal_backend TO {rt}")
+    # Finding a project's backends: sql/0013 closes pg_stat_activity to PUBLIC (tenants must not
+    # read other sessions' statements) and opens it to pg_read_all_stats.
+    await conn.execute(f"GRANT pg_read_all_stats TO {rt}")
     # The request pipeline's epochs table has row security for tenants; the runtime sees all.
     policy_roles = await conn.fetchval(
         "SELECT roles::text[] FROM pg_policies WHERE schemaname = 'fluxbase_guard' "

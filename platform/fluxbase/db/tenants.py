@@ -20,7 +20,15 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
-from fluxbase.security.roles import CHECKER, ROLES, SCOPES, role_name, role_password, schema_name
+from fluxbase.security.roles import (
+    CHECKER,
+    CHECKER_FUNCTIONS,
+    ROLES,
+    SCOPES,
+    role_name,
+    role_password,
+    schema_name,
+)
 from fluxbase.tenancy.statements import Caps, Classifier
 
 log = logging.getLogger(__name__)
@@ -312,10 +320,10 @@ async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings
         await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
     await conn.execute(f"GRANT {ro} TO {rt}")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt}")
-    await conn.execute(
-        "GRANT EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]), "
-        f"fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) TO {rt}"
-    )
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt}")
+    # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
+    rw = quote_ident(role_name(project_id, "readwrite"))
+    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
@@ -345,10 +353,7 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute("SET LOCAL ROLE NONE")
         await conn.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}")
         await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-        await conn.execute(
-            "REVOKE EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]), "
-            f"fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) FROM {r}"
-        )
+        await conn.execute(f"REVOKE EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} FROM {r}")
         await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
         await conn.execute(f"DROP ROLE {r}")
 

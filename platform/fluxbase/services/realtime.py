@@ -18,7 +18,7 @@ from fluxbase import ids
 from fluxbase.db.tenants import quote_ident
 from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
-from fluxbase.security.roles import CHECKER, role_name, schema_name
+from fluxbase.security.roles import role_name, schema_name
 
 TOKEN_KIND = "realtime"  # noqa: S105 - a token type, not a secret
 MAX_TOKEN_TTL_S = 24 * 3600
@@ -176,18 +176,6 @@ def mint_token(
         session_id=ids.prefixed("rt"),
         ttl_seconds=ttl_s,
         extra=extra,
-    )
-
-
-async def provision_checker(conn: asyncpg.Connection, project_id: str) -> None:
-    """Let a new project's realtime checker role evaluate as its read and readwrite roles
-    (sql/0015); the caller owns the transaction that provisions the project."""
-    rt, rw = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "readwrite"))
-    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
-    await conn.execute(
-        "GRANT EXECUTE ON FUNCTION fluxbase_guard.checker_role_ok(text, text), "
-        "fluxbase_guard.scope_policies(text, text[], text), "
-        f"fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[]) TO {rt}"
     )
 
 
