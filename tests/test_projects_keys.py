@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fluxbase.db.tenants import quote_ident
+from fluxbase.db.quoting import quote_ident
 from fluxbase.security import apikeys
 from support import RUNTIME_ROLE, Api, assert_clean, assert_error, bearer
 

@@ -14,8 +14,11 @@ import asyncpg
 import pytest
 
 from fluxbase.config import load_settings
-from fluxbase.db.tenants import TenantPools
+from fluxbase.errors import StatementFailed
 from fluxbase.services import sql
+from fluxbase.tenancy import session
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.results import encode
 from support import Api
 
 
@@ -29,15 +32,15 @@ async def tenancy(instance, control_db, project) -> AsyncIterator[tuple[TenantPo
         await pools.close()
 
 
-def _request(pid: str, scope: str, uid: str | None, end_user: bool = False) -> sql.TenantRequest:
+def _request(pid: str, scope: str, uid: str | None, end_user: bool = False) -> session.TenantRequest:
     claims: dict[str, Any] = {"role": scope, "project_id": pid}
     if uid is not None:
         claims["sub"] = uid
-    return sql.TenantRequest(
+    return session.TenantRequest(
         project_id=pid,
         scope=scope,
-        identity=sql.Identity(uid, claims, scope, end_user=end_user),
-        limits=sql.Limits(deadline_s=10, max_rows=100, max_bytes=1 << 20, acquire_timeout_s=5),
+        identity=session.Identity(uid, claims, scope, end_user=end_user),
+        limits=session.Limits(deadline_s=10, max_rows=100, max_bytes=1 << 20, acquire_timeout_s=5),
     )
 
 
@@ -49,7 +52,7 @@ async def test_one_round_trip_identity_ends_with_its_transaction(tenancy, api: A
     conn.add_log_listener(lambda _c, msg: notices.append(f"{msg.severity}: {msg.message}"))
     await pool.release(conn)
 
-    body = await sql.execute(pools, control, _request(pid, "admin", "alice"), "SELECT auth.uid() AS u", [])
+    body = await _body(pools, control, _request(pid, "admin", "alice"), "SELECT auth.uid() AS u", [])
     assert b'"rows":[{"u":"alice"}]' in body, body
     conn2 = await pool.acquire()
     try:
@@ -74,13 +77,13 @@ async def test_a_statement_that_ends_the_transaction_fails_and_closes_the_connec
     for ender in ("COMMIT", "COMMIT AND CHAIN", "ROLLBACK AND CHAIN", "END"):
         seen: list[Any] = []
 
-        async def work(tx: sql.Tx, ender: str = ender, seen: list[Any] = seen) -> Any:
+        async def work(tx: session.Tx, ender: str = ender, seen: list[Any] = seen) -> Any:
             seen.append(tx.conn)
             await tx.run("SELECT 1", [])
             return await tx.run(ender, [])  # as if the classifier had let it through
 
-        with pytest.raises(sql.StatementFailed) as caught:
-            await sql.transaction(pools, control, req, work)
+        with pytest.raises(StatementFailed) as caught:
+            await session.transaction(pools, control, req, work)
         assert caught.value.sqlstate == "0A000", ender
         assert "ended the request's transaction" in caught.value.message
         assert seen[0].is_closed(), ender
@@ -90,7 +93,7 @@ async def test_a_statement_that_ends_the_transaction_fails_and_closes_the_connec
         finally:
             await pool.release(fresh)
     # The project keeps working on a new connection.
-    body = await sql.execute(pools, control, req, "SELECT auth.uid() AS u", [])
+    body = await _body(pools, control, req, "SELECT auth.uid() AS u", [])
     assert b'"rows":[{"u":"alice"}]' in body
 
 
@@ -102,7 +105,7 @@ async def test_end_user_requests_have_pools_of_their_own(tenancy) -> None:
     pids = set()
     for end_user in (False, True):
         req = _request(pid, "readwrite", "bob" if end_user else None, end_user=end_user)
-        body = await sql.execute(pools, control, req, "SELECT pg_backend_pid() AS p", [])
+        body = await _body(pools, control, req, "SELECT pg_backend_pid() AS p", [])
         pids.add(body)
     assert len(pids) == 2
     assert server.get_size() == 1 and user.get_size() == 1
@@ -114,10 +117,15 @@ async def test_control_connection_is_not_needed_for_refusals(tenancy) -> None:
     req = _request(pid, "readwrite", None)
     before = pools.statements.cache_info().hits
     for _ in range(2):
-        body = await sql.execute(pools, asyncpg_pool_unused(), req, "--\rCOMMIT", [])
-        assert b'"details":"ERROR:  0A000"' in body
+        with pytest.raises(StatementFailed) as refused:
+            await sql.execute(pools, asyncpg_pool_unused(), req, "--\rCOMMIT", [])
+        assert refused.value.sqlstate == "0A000"
     assert pools.statements.cache_info().hits == before + 1
     assert (await pools.pool(pid, "readwrite")).get_size() == 0
+
+
+async def _body(*args: Any) -> bytes:
+    return encode((await sql.execute(*args)).result())
 
 
 def asyncpg_pool_unused() -> asyncpg.Pool:

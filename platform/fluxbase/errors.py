@@ -116,6 +116,15 @@ class DatabaseUnavailable(FluxbaseError):
     default_message = "Transient database connectivity issue. Retry after a few seconds."
 
 
+class ConnectionsBusy(DatabaseUnavailable):
+    """Every connection of the project's pool stayed in use for the acquire timeout."""
+
+    default_message = "All database connections of this project are busy. Retry in a second."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class StorageUnavailable(FluxbaseError):
     code, status = "STORAGE_UNAVAILABLE", 503
     default_message = "Object storage is unreachable. Retry after a few seconds."
@@ -138,6 +147,26 @@ class SqlConflict(SqlExecFailed):
 
 class SqlForbidden(SqlExecFailed):
     status = 403
+
+
+class StatementFailed(FluxbaseError):
+    """A tenant statement (or its COMMIT) failed and its transaction was rolled back.
+
+    /api/execute-sql and /api/execute-batch answer it with 200 and the SQL envelope (the
+    reference's SQL_EXEC_ERROR: `details` carries the SQLSTATE); the REST data endpoints map it
+    to an HTTP status by SQLSTATE (tenancy.errors.rest_error)."""
+
+    code, status, default_message = "SQL_EXEC_ERROR", 200, "The statement failed."
+
+    def __init__(self, message: str, sqlstate: str, index: int | None = None) -> None:
+        super().__init__(message, extra={"details": f"ERROR:  {sqlstate}"})
+        self.sqlstate, self.index = sqlstate, index
+
+
+class StatementTimedOut(StatementFailed):
+    """The statement ran past the request deadline or the role's statement_timeout (57014)."""
+
+    code = "QUERY_TIMEOUT"
 
 
 class QueryTimeout(FluxbaseError):

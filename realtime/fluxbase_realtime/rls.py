@@ -32,10 +32,11 @@ import jwt
 import msgspec
 
 from fluxbase.config import Settings
-from fluxbase.db.tenants import TenantPools, quote_ident
+from fluxbase.db.quoting import quote_ident
 from fluxbase.security import tokens
 from fluxbase.security.roles import CHECKER, role_name, schema_name
 from fluxbase.services.identity import IdentityResolver
+from fluxbase.tenancy.pools import TenantPools
 from fluxbase_realtime.outbox import OutboxEvent
 
 log = logging.getLogger("fluxbase.realtime.rls")

@@ -12,7 +12,7 @@ import asyncpg
 
 from fluxbase.config import ConfigError, Settings
 from fluxbase.db.privileges import apply_privileges
-from fluxbase.db.tenants import sync_role_passwords
+from fluxbase.tenancy.provision import sync_role_passwords
 
 FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

@@ -16,7 +16,7 @@ import logging
 
 import asyncpg
 
-from fluxbase.db.tenants import quote_ident, quote_literal
+from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
 
 log = logging.getLogger(__name__)

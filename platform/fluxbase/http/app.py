@@ -15,7 +15,6 @@ from litestar.openapi import OpenAPIConfig
 from fluxbase import __version__
 from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
-from fluxbase.db.tenants import TenantPools
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers import (
     auth,
@@ -35,6 +34,7 @@ from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.services.access import Authenticator
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
+from fluxbase.tenancy.pools import TenantPools
 
 log = logging.getLogger("fluxbase")
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from fluxbase.config import Settings
-from fluxbase.db.tenants import TenantPools
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.security import ssrf
 from fluxbase.services.access import Authenticator
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.quota import SizeCache
 from fluxbase.storage.s3 import ObjectStore
+from fluxbase.tenancy.pools import TenantPools
 from fluxbase.webhooks.sender import Sender
 
 

@@ -1,6 +1,6 @@
 """Schema listing, table creation and records REST, built on the tenant transaction path.
 
-Everything here runs inside `sql.transaction` on the project's own role, so RLS, scopes,
+Everything here runs inside `tenancy.session.transaction` on the project's own role, so RLS, scopes,
 limits and the capture triggers apply exactly as for `/api/execute-sql`. Table and column
 names from a request are looked up in the catalog first (as bind parameters); only names the
 catalog returned are ever interpolated into SQL, and always through `quote_ident`. Values are
@@ -17,17 +17,13 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from fluxbase.db.tenants import TenantPools, quote_ident, quote_literal
-from fluxbase.errors import (
-    NotFound,
-    QueryTimeout,
-    SqlConflict,
-    SqlExecFailed,
-    SqlForbidden,
-    ValidationError,
-)
+from fluxbase.db.quoting import quote_ident, quote_literal
+from fluxbase.errors import NotFound, SqlConflict, StatementFailed, ValidationError
 from fluxbase.security.roles import schema_name
-from fluxbase.services.sql import StatementFailed, TenantRequest, Tx, encode, transaction
+from fluxbase.tenancy.errors import rest_error
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.results import encode
+from fluxbase.tenancy.session import TenantRequest, Tx, transaction
 
 # Tables whose names start with this prefix are the platform's own (e.g. a migration ledger
 # kept in the project schema); they are hidden from the schema listing and the records API.
@@ -48,21 +44,6 @@ _NAME_SHOWN = 80
 def _shown(name: str) -> str:
     """A request-supplied name for an error message (JSON-escaped by the encoder; bounded)."""
     return name if len(name) <= _NAME_SHOWN else name[:_NAME_SHOWN] + "…"
-
-
-# -- REST mapping of SQL failures ---------------------------------------------------------------
-
-
-def rest_error(exc: StatementFailed) -> Exception:
-    """A SQL failure on a REST endpoint: execute-sql's code and details, HTTP status by SQLSTATE."""
-    extra = {"details": f"ERROR:  {exc.sqlstate}"}
-    if exc.code == "QUERY_TIMEOUT":
-        return QueryTimeout(exc.message, extra=extra)
-    if exc.sqlstate in ("23505", "42P07", "42710"):  # unique violation, object already exists
-        return SqlConflict(exc.message, extra=extra)
-    if exc.sqlstate in ("42501", "25006"):
-        return SqlForbidden(exc.message, extra=extra)
-    return SqlExecFailed(exc.message, extra=extra)
 
 
 # -- catalog ------------------------------------------------------------------------------------

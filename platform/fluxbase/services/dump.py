@@ -33,26 +33,25 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from fluxbase.config import Settings
-from fluxbase.db import tenants
-from fluxbase.db.tenants import SESSION_RESET, TenantPools
 from fluxbase.errors import (
     ExportUnavailable,
     ImportFailed,
     ImportIntegrityError,
     ImportRefused,
-    RateLimited,
 )
 from fluxbase.security.roles import role_name, role_password, schema_name
 from fluxbase.services import projects, quota
 from fluxbase.services.access import Project
-from fluxbase.services.sql import leading_keyword
 from fluxbase.services.sqlscript import ScriptError, split_statements
+from fluxbase.tenancy import statements as classification
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.session import admin_session
 
 log = logging.getLogger("fluxbase.dump")
 
@@ -308,32 +307,25 @@ class Statement:
     sql: str
 
 
-_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
-COPY_RE = re.compile(rf"^\s*COPY\s+({_IDENT})\.({_IDENT})\s*(?:\((.*)\))?\s+FROM\s+stdin\s*$", re.I | re.S)
-
-
-def _unquote(ident: str) -> str:
-    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
-
-
-def _columns(text: str) -> list[str]:
-    out, cur, quoted = [], "", False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-            cur += ch
-        elif ch == "," and not quoted:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return [_unquote(c) for c in out]
+def _copy_target(sql: str) -> tuple[str, str, list[str] | None] | None:
+    """(schema, table, columns) of a `COPY ... FROM stdin` statement, None for any other."""
+    try:
+        parsed = classification.tree(sql)
+    except ValueError:
+        return None
+    if len(parsed) != 1 or parsed[0][0] != "CopyStmt":
+        return None
+    copy = parsed[0][1]
+    if not copy.get("is_from") or copy.get("filename") or copy.get("query") or copy.get("is_program"):
+        return None
+    relation = copy.get("relation") or {}
+    columns = [c["String"]["sval"] for c in copy.get("attlist") or []] or None
+    return relation.get("schemaname", ""), relation.get("relname", ""), columns
 
 
 def parse(f: IO[bytes], source: str) -> Iterator[Statement | Copy]:
-    """The dump's statements and COPY blocks (between header and trailer), in order."""
+    """The dump's statements and COPY blocks (between header and trailer), in order. PostgreSQL's
+    grammar (tenancy.statements) finds where each statement ends and what it is."""
     f.seek(0)
     f.readline()  # header
     lines = iter(f.readline, b"")
@@ -343,10 +335,13 @@ def parse(f: IO[bytes], source: str) -> Iterator[Statement | Copy]:
         if TRAILER_RE.match(raw):
             break
         line = raw.decode("utf-8")
-        if not _strip_comments(buf):
+        if classification.blank(buf):
             stripped = line.strip()
             if stripped.startswith("\\"):
-                if re.match(r"^\\(un)?restrict\s+\w+$", stripped):
+                if (
+                    stripped.split()[0] in ("\\restrict", "\\unrestrict")
+                    and stripped[1:].replace(" ", "", 1).isalnum()
+                ):
                     continue  # pg_dump's psql guard lines; nothing for us to do
                 raise ImportRefused(f"psql meta-command not allowed in an import: {stripped[:40]}")
         buf += line
@@ -358,59 +353,131 @@ def parse(f: IO[bytes], source: str) -> Iterator[Statement | Copy]:
             continue  # inside a string, dollar quote or comment: read on
         buf = ""
         for stmt in statements:
-            m = COPY_RE.match(_strip_comments(stmt))
-            if m is not None:
-                if _unquote(m.group(1)) != source:
+            target = _copy_target(stmt)
+            if target is not None:
+                schema, table, columns = target
+                if schema != source:
                     raise ImportRefused(f"statement {index}: COPY into another schema.")
-                cols = _columns(m.group(3)) if m.group(3) else None
-                yield Copy(index, _unquote(m.group(2)), cols, lines)
+                yield Copy(index, table, columns, lines)
             else:
                 yield Statement(index, stmt)
             index += 1
-    if buf.strip() and split_statements(buf):
+    if not classification.blank(buf) and split_statements(buf):
         raise ImportRefused("the dump ends in the middle of a statement.")
 
 
 # Statement kinds a dump may contain: definitions, settings and data.
 ALLOWED = {"SET", "SELECT", "CREATE", "ALTER", "COMMENT", "INSERT"}
-_REFUSED = re.compile(
-    r"^\s*(CREATE|ALTER|DROP)\s+(ROLE|USER|GROUP|DATABASE|EXTENSION|EVENT\s+TRIGGER|SCHEMA|SYSTEM|SUBSCRIPTION"
-    r"|PUBLICATION|SERVER|FOREIGN\s+DATA\s+WRAPPER|USER\s+MAPPING|LANGUAGE|TABLESPACE)\b"
-    r"|\bOWNER\s+TO\b|^\s*SET\s+(SESSION\s+|LOCAL\s+)?(ROLE|SESSION\s+AUTHORIZATION)\b",
-    re.I,
+# Parse nodes a dump of one schema never needs: roles, databases, the server, other schemas.
+REFUSED_NODES = frozenset(
+    {
+        "CreateRoleStmt",
+        "AlterRoleStmt",
+        "AlterRoleSetStmt",
+        "DropRoleStmt",
+        "CreatedbStmt",
+        "AlterDatabaseStmt",
+        "AlterDatabaseSetStmt",
+        "AlterDatabaseRefreshCollStmt",
+        "CreateExtensionStmt",
+        "AlterExtensionStmt",
+        "AlterExtensionContentsStmt",
+        "CreateEventTrigStmt",
+        "AlterEventTrigStmt",
+        "CreateSchemaStmt",
+        "AlterSystemStmt",
+        "CreateSubscriptionStmt",
+        "AlterSubscriptionStmt",
+        "CreatePublicationStmt",
+        "AlterPublicationStmt",
+        "CreateForeignServerStmt",
+        "AlterForeignServerStmt",
+        "CreateFdwStmt",
+        "AlterFdwStmt",
+        "CreateUserMappingStmt",
+        "AlterUserMappingStmt",
+        "CreatePLangStmt",
+        "CreateTableSpaceStmt",
+        "AlterTableSpaceOptionsStmt",
+        "AlterOwnerStmt",
+        "GrantRoleStmt",
+        "ReassignOwnedStmt",
+    }
 )
-_SKIPPED_SET = re.compile(
-    r"^\s*SET\s+(statement_timeout|lock_timeout|idle_in_transaction_session_timeout|transaction_timeout)\b",
-    re.I,
+# Settings the dump sets that the project role's own limits win over: skipped.
+SKIPPED_SETTINGS = frozenset(
+    {"statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "transaction_timeout"}
 )
+CONTROL_SCHEMAS = frozenset({"fluxbase", "fluxbase_guard"})
 
 
-def _strip_comments(stmt: str) -> str:
-    s = re.sub(r"^(\s*--[^\n]*\n)+", "", stmt)
-    return s.strip()
+def _refused(item: Statement, sql: str) -> ImportRefused:
+    return ImportRefused(
+        f"statement {item.index}: '{sql[:60]}' is not allowed in an import "
+        "(only schema definitions, settings and data of one project schema).",
+        extra={"statementIndex": item.index},
+    )
+
+
+def _names_control_plane(node: Any) -> bool:
+    """A schema-qualified name (relation, function, type, ...) in Fluxbase's control schemas."""
+    for _, fields in _nodes(node):
+        if fields.get("schemaname") in CONTROL_SCHEMAS:
+            return True
+        for key in ("funcname", "names", "defnames", "objname"):
+            parts = fields.get(key)
+            if isinstance(parts, list) and len(parts) > 1:
+                first = parts[0].get("String", {}).get("sval") if isinstance(parts[0], dict) else None
+                if first in CONTROL_SCHEMAS:
+                    return True
+    # Names inside literals ('fluxbase.users'::regclass) and function bodies.
+    return any(CONTROL_RE.search(text) for text in classification.strings(node))
+
+
+def _nodes(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            yield "", cur
+            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend(cur)
 
 
 def vet(item: Statement, source: str) -> str | None:
     """The statement to run (None: skip it), or ImportRefused for anything foreign."""
-    sql = _strip_comments(item.sql)
-    keyword = leading_keyword(sql)
-    if re.match(rf"^\s*CREATE\s+SCHEMA\s+(IF\s+NOT\s+EXISTS\s+)?\"?{source}\"?\s*$", sql, re.I):
+    sql = item.sql
+    try:
+        parsed = classification.tree(sql)
+    except ValueError:
+        raise _refused(item, sql) from None
+    if len(parsed) != 1:
+        raise _refused(item, sql)
+    node, fields = parsed[0]
+    if node == "CreateSchemaStmt" and fields.get("schemaname") == source and not fields.get("schemaElts"):
         return None  # the new project's schema already exists
-    if _SKIPPED_SET.match(sql):
+    if node == "VariableSetStmt" and fields.get("name") in SKIPPED_SETTINGS:
         return None  # the project role's own limits stay in force
-    if keyword not in ALLOWED or _REFUSED.search(sql):
-        raise ImportRefused(
-            f"statement {item.index}: '{sql[:60]}' is not allowed in an import "
-            "(only schema definitions, settings and data of one project schema).",
-            extra={"statementIndex": item.index},
+    verdict = classification.default().classify(sql)
+    if (
+        verdict.keyword not in ALLOWED
+        or node in REFUSED_NODES
+        or (node == "VariableSetStmt" and fields.get("name") in ("role", "session_authorization"))
+        or any(
+            c.get("AlterTableCmd", {}).get("subtype") == "AT_ChangeOwner" for c in fields.get("cmds") or []
         )
-    for m in (*SCHEMA_RE.finditer(sql), *ROLE_RE.finditer(sql)):
-        if m.group(1 if m.re is ROLE_RE else 0) != source:
-            raise ImportRefused(
-                f"statement {item.index} references another project's schema ({m.group(0)}).",
-                extra={"statementIndex": item.index},
-            )
-    if CONTROL_RE.search(sql):
+        or verdict.refusal(classification.SCRIPT) is not None
+    ):
+        raise _refused(item, sql)
+    for text in classification.strings(fields):
+        for m in (*SCHEMA_RE.finditer(text), *ROLE_RE.finditer(text)):
+            if m.group(1 if m.re is ROLE_RE else 0) != source:
+                raise ImportRefused(
+                    f"statement {item.index} references another project's schema ({m.group(0)}).",
+                    extra={"statementIndex": item.index},
+                )
+    if _names_control_plane(fields):
         raise ImportRefused(
             f"statement {item.index} references Fluxbase's control plane.",
             extra={"statementIndex": item.index},
@@ -419,7 +486,10 @@ def vet(item: Statement, source: str) -> str | None:
 
 
 def retarget(sql: str, target: str) -> str:
-    """The vetted statement with the exported schema (and its roles) renamed to the new project's."""
+    """The vetted statement with the exported schema (and its roles) renamed to the new project's.
+
+    A rename of our own fixed-form names to names of the same length and alphabet, so it is the
+    same in any quoting context (identifier, literal, function body)."""
     sql = ROLE_RE.sub(lambda m: f"{target}_{m.group(2)}", sql)
     return SCHEMA_RE.sub(target, sql)
 
@@ -460,44 +530,26 @@ async def import_project(
 async def _load(
     pools: TenantPools, settings: Settings, project_id: str, f: IO[bytes], source: str, target: str
 ) -> None:
-    pool = await pools.pool(project_id, "admin")
-    try:
-        conn = await pool.acquire(timeout=settings.tenant.pool_acquire_timeout_s)
-    except TimeoutError:
-        raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
-    ok = False
     index = -1
     try:
-        await tenants.clean(conn)
-        await conn.execute("BEGIN")
-        for item in parse(f, source):
-            index = item.index
-            if isinstance(item, Copy):
-                await conn.copy_to_table(
-                    item.table, schema_name=target, columns=item.columns, source=_aiter(item.chunks())
-                )
-                continue
-            sql = vet(item, source)
-            if sql is not None:
-                await conn.execute(retarget(sql, target))
-        await quota.check(conn, project_id)
-        await conn.execute("COMMIT; " + SESSION_RESET)
-        ok = True
+        async with admin_session(pools, project_id, settings.tenant.pool_acquire_timeout_s) as conn:
+            for item in parse(f, source):
+                index = item.index
+                if isinstance(item, Copy):
+                    await conn.copy_to_table(
+                        item.table, schema_name=target, columns=item.columns, source=_aiter(item.chunks())
+                    )
+                    continue
+                sql = vet(item, source)
+                if sql is not None:
+                    await conn.execute(retarget(sql, target))
+            await quota.check(conn, project_id)
     except asyncpg.PostgresError as exc:
         raise ImportFailed(
             f"The import failed at statement {index}: {exc.args[0] if exc.args else exc}. "
             "No project was created.",
             extra={"statementIndex": index, "details": f"ERROR:  {exc.sqlstate}"},
         ) from None
-    finally:
-        if not ok and not conn.is_closed():
-            try:
-                if conn.is_in_transaction():
-                    await conn.execute("ROLLBACK")
-                await conn.execute(SESSION_RESET)
-            except Exception:
-                conn.terminate()
-        await pool.release(conn)
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -20,18 +20,17 @@ from typing import Any
 
 import asyncpg
 
-from fluxbase.db import tenants
-from fluxbase.db.tenants import SESSION_RESET, TenantPools
 from fluxbase.errors import (
     InternalError,
     MigrationChecksumMismatch,
     MigrationFailed,
-    RateLimited,
     ValidationError,
 )
 from fluxbase.services import quota
 from fluxbase.services.access import ProjectAccess
 from fluxbase.services.sqlscript import ScriptError, check_statement, split_statements
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.session import admin_session
 
 log = logging.getLogger("fluxbase.migrations")
 
@@ -146,15 +145,8 @@ async def _run(
     name: str,
     acquire_timeout_s: float,
 ) -> None:
-    pool = await pools.pool(project_id, "admin")
-    try:
-        conn = await pool.acquire(timeout=acquire_timeout_s)
-    except TimeoutError:
-        raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
-    ok = False
-    try:
-        await tenants.clean(conn)
-        await conn.execute(f"BEGIN; SELECT fluxbase_guard.redeem_migration('\\x{token.hex()}'::bytea)")
+    redeem = f"BEGIN; SELECT fluxbase_guard.redeem_migration('\\x{token.hex()}'::bytea)"
+    async with admin_session(pools, project_id, acquire_timeout_s, begin=redeem) as conn:
         for index, stmt in enumerate(statements):
             try:
                 await conn.execute(stmt)  # simple protocol: no parameters, any statement
@@ -168,14 +160,3 @@ async def _run(
                 log.error("migration %s of %s left its transaction at statement %d", name, project_id, index)
                 raise InternalError()
         await quota.check(conn, project_id)
-        await conn.execute("COMMIT; " + SESSION_RESET)
-        ok = True
-    finally:
-        if not ok and not conn.is_closed():
-            try:
-                if conn.is_in_transaction():
-                    await conn.execute("ROLLBACK")
-                await conn.execute(SESSION_RESET)
-            except Exception:
-                conn.terminate()
-        await pool.release(conn)

@@ -16,11 +16,12 @@ from typing import Any
 import asyncpg
 
 from fluxbase.config import Settings
-from fluxbase.db import tenants
-from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_ident
-from fluxbase.errors import InsufficientPermissions, RateLimited, ValidationError
+from fluxbase.db.quoting import quote_ident
+from fluxbase.errors import InsufficientPermissions, ValidationError
 from fluxbase.security.roles import schema_name
 from fluxbase.services.access import Principal, Project, load_project
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.session import admin_session
 
 SIZE_SQL = "SELECT fluxbase_guard.schema_size($1)"
 
@@ -37,14 +38,8 @@ async def vacuum(
     db: asyncpg.Pool, pools: TenantPools, project_id: str, acquire_timeout_s: float
 ) -> VacuumReport:
     """VACUUM (ANALYZE) every table and materialized view of the project schema, as its admin role."""
-    pool = await pools.pool(project_id, "admin")
-    try:
-        conn = await pool.acquire(timeout=acquire_timeout_s)
-    except TimeoutError:
-        raise RateLimited(1, "All database connections of this project are busy. Retry shortly.") from None
     started = time.perf_counter()
-    try:
-        await tenants.clean(conn)
+    async with admin_session(pools, project_id, acquire_timeout_s, begin=None) as conn:
         before = int(await db.fetchval(SIZE_SQL, project_id))
         tables = await conn.fetch(
             """SELECT c.relname FROM pg_class c
@@ -57,9 +52,6 @@ async def vacuum(
         for row in tables:
             # VACUUM cannot run inside a transaction block; each table is its own command.
             await conn.execute(f"VACUUM (ANALYZE) {schema}.{quote_ident(row['relname'])}")
-        await conn.execute(SESSION_RESET)
-    finally:
-        await pool.release(conn)
     after = int(await db.fetchval(SIZE_SQL, project_id))
     return VacuumReport(len(tables), before, after, round((time.perf_counter() - started) * 1000))
 

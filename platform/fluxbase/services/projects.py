@@ -6,9 +6,9 @@ import asyncpg
 
 from fluxbase import ids
 from fluxbase.config import Settings
-from fluxbase.db import tenants
 from fluxbase.errors import ValidationError
 from fluxbase.services.access import Project
+from fluxbase.tenancy import provision
 
 
 def _check_name(name: str) -> str:
@@ -34,7 +34,7 @@ async def create_project(db: asyncpg.Pool, settings: Settings, owner_id: str, na
             project_id,
             owner_id,
         )
-        await tenants.provision_project(conn, project_id, settings)
+        await provision.provision_project(conn, project_id, settings)
     assert row is not None
     return Project.from_row(row)
 
@@ -53,5 +53,5 @@ async def delete_project(db: asyncpg.Pool, project_id: str) -> None:
     """Drop roles, schema and control-plane rows in one transaction."""
     async with db.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM fluxbase.projects WHERE id = $1 FOR UPDATE", project_id)
-        await tenants.drop_project(conn, project_id)
+        await provision.drop_project(conn, project_id)
         await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)

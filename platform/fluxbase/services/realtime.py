@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from fluxbase import ids
-from fluxbase.db.tenants import quote_ident
+from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
 from fluxbase.security.roles import role_name, schema_name

@@ -11,31 +11,22 @@ a clause of its own (`true) WITH CHECK (true`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from fluxbase.db import tenants
-from fluxbase.db.tenants import SESSION_RESET, TenantPools, quote_ident
-from fluxbase.errors import Conflict, InsufficientPermissions, NotFound, ValidationError
+from fluxbase.db.quoting import quote_ident
+from fluxbase.errors import NotFound, ValidationError
 from fluxbase.security.roles import schema_name
+from fluxbase.tenancy.errors import management_error
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.session import admin_session
 
 COMMANDS = ("ALL", "SELECT", "INSERT", "UPDATE", "DELETE")
 MAX_NAME = 63  # NAMEDATALEN - 1: PostgreSQL would silently truncate a longer name
 MAX_EXPRESSION = 8000
-
-# SQLSTATEs that mean the session is gone rather than that the request was wrong: re-raised so
-# that the HTTP edge answers 503 DATABASE_CONNECTION_ERROR.
-_SESSION_GONE = (
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.PostgresConnectionError,
-)
 
 _TABLES_SQL = """
 SELECT c.relname AS name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
@@ -79,22 +70,6 @@ def _table_of(row: asyncpg.Record) -> TableRls:
     return TableRls(row["name"], row["enabled"], row["forced"], policies)
 
 
-@contextlib.asynccontextmanager
-async def _admin_tx(pools: TenantPools, project_id: str) -> AsyncIterator[asyncpg.Connection]:
-    """One transaction on the project's admin role; the session is reset afterwards."""
-    pool = await pools.pool(project_id, "admin")
-    async with pool.connection() as conn:
-        try:
-            await tenants.clean(conn)
-            async with conn.transaction():
-                yield conn
-        finally:
-            try:
-                await conn.execute(SESSION_RESET)
-            except Exception:
-                conn.terminate()  # never hand a connection with unknown session state back
-
-
 async def _tables(conn: asyncpg.Connection, project_id: str, only: str | None = None) -> list[TableRls]:
     return [_table_of(r) for r in await conn.fetch(_TABLES_SQL, schema_name(project_id), only)]
 
@@ -109,19 +84,6 @@ async def _one_table(conn: asyncpg.Connection, project_id: str, table: str, *, i
 
 def _qualified(project_id: str, table: str) -> str:
     return f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
-
-
-def _sql_error(exc: asyncpg.PostgresError) -> Exception:
-    """PostgreSQL's own message names the cause (e.g. `column "owner" does not exist`)."""
-    if isinstance(exc, _SESSION_GONE):
-        return exc
-    message = str(exc.args[0]) if exc.args else type(exc).__name__
-    extra = {"sqlstate": exc.sqlstate or "XX000"}
-    if exc.sqlstate == "42710":
-        return Conflict(message, extra=extra)
-    if exc.sqlstate == "42501":
-        return InsufficientPermissions(message, extra=extra)
-    return ValidationError(message, extra=extra)
 
 
 def _check_name(value: Any, field: str) -> str:
@@ -140,7 +102,7 @@ def _check_expression(value: Any, field: str) -> str | None:
 
 async def list_tables(pools: TenantPools, project_id: str) -> list[TableRls]:
     """Every table of the project with its RLS switches and policies."""
-    async with _admin_tx(pools, project_id) as conn:
+    async with admin_session(pools, project_id) as conn:
         return await _tables(conn, project_id)
 
 
@@ -181,13 +143,13 @@ async def create_policy(
         sql += f" USING ({using})"
     if with_check is not None:
         sql += f" WITH CHECK ({with_check})"
-    async with _admin_tx(pools, project_id) as conn:
+    async with admin_session(pools, project_id) as conn:
         await _one_table(conn, project_id, table, in_path=False)
         try:
             # fetch() uses the extended protocol: one statement, so `; DROP ...` cannot ride along.
             await conn.fetch(sql)
         except asyncpg.PostgresError as exc:
-            raise _sql_error(exc) from exc
+            raise management_error(exc) from exc
         created = await _one_table(conn, project_id, table, in_path=False)
         policy = next(p for p in created.policies if p.name == name)
         if (policy.using is None) != (using is None) or (policy.with_check is None) != (with_check is None):
@@ -197,14 +159,14 @@ async def create_policy(
 
 
 async def drop_policy(pools: TenantPools, project_id: str, table: str, name: str) -> TableRls:
-    async with _admin_tx(pools, project_id) as conn:
+    async with admin_session(pools, project_id) as conn:
         found = await _one_table(conn, project_id, table, in_path=True)
         if not any(p.name == name for p in found.policies):
             raise NotFound(f'policy "{name}" does not exist on table "{table}".')
         try:
             await conn.fetch(f"DROP POLICY {quote_ident(name)} ON {_qualified(project_id, table)}")
         except asyncpg.PostgresError as exc:
-            raise _sql_error(exc) from exc
+            raise management_error(exc) from exc
         return await _one_table(conn, project_id, table, in_path=True)
 
 
@@ -219,12 +181,12 @@ async def set_table(
         actions.append("ENABLE ROW LEVEL SECURITY" if enabled else "DISABLE ROW LEVEL SECURITY")
     if forced is not None:
         actions.append("FORCE ROW LEVEL SECURITY" if forced else "NO FORCE ROW LEVEL SECURITY")
-    async with _admin_tx(pools, project_id) as conn:
+    async with admin_session(pools, project_id) as conn:
         await _one_table(conn, project_id, table, in_path=True)
         try:
             await conn.fetch(f"ALTER TABLE {_qualified(project_id, table)} {', '.join(actions)}")
         except asyncpg.PostgresError as exc:
-            raise _sql_error(exc) from exc
+            raise management_error(exc) from exc
         return await _one_table(conn, project_id, table, in_path=True)
 
 

@@ -746,3 +746,44 @@ def split(script: str) -> list[str]:
     except pg.ParseError as exc:
         raise ValueError(str(exc.args[0]) if exc.args else "syntax error") from None
     return [script[s] for s in slices]
+
+
+def tree(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """The parse tree of each statement of `text`: (node type, its fields); ValueError if it does
+    not parse. For callers that need more than `Statement`'s facts (the import's vetting)."""
+    try:
+        parsed = _decode(pg.parse_sql_json(text))
+    except pg.ParseError as exc:
+        raise ValueError(str(exc.args[0]) if exc.args else "syntax error") from None
+    except RecursionError:
+        raise ValueError("the statement is nested too deeply") from None
+    out = []
+    for raw in parsed.get("stmts") or []:
+        stmt = raw.get("stmt") or {}
+        for node, fields in stmt.items():
+            out.append((node, fields))
+    return out
+
+
+def strings(node: Any) -> Iterator[str]:
+    """Every name and string constant in a parse tree (identifiers, literals, function bodies)."""
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            for value in cur.values():
+                if isinstance(value, str):
+                    yield value
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(cur, list):
+            stack.extend(cur)
+
+
+def blank(text: str) -> bool:
+    """Whether `text` holds nothing but whitespace and comments, as PostgreSQL's scanner reads it
+    (False for a text it cannot scan, such as an unterminated string)."""
+    try:
+        return all(t.name in ("SQL_COMMENT", "C_COMMENT") for t in pg.scan(text))
+    except pg.ParseError:
+        return False

@@ -14,7 +14,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.controllers.sql import AUTH_UID_HEADER, forget_refused_key, tenant_request
 from fluxbase.services import data
 from fluxbase.services.access import Need
-from fluxbase.services.sql import Tx
+from fluxbase.tenancy.session import Tx
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
 FilterQ = Annotated[str | None, QueryParameter(name="filter", required=False)]

@@ -1,8 +1,14 @@
-"""POST /api/execute-sql (the reference doc's Core SQL API) and POST /api/execute-batch."""
+"""POST /api/execute-sql (the reference doc's Core SQL API) and POST /api/execute-batch.
+
+The services run the statements; this module renders their answers: `result`/`results`, the
+`executionInfo` timing, and a failed statement as the SQL envelope (200, SQL_EXEC_ERROR or
+QUERY_TIMEOUT, `details` with the SQLSTATE, `statementIndex` in a batch).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +21,7 @@ from fluxbase.errors import (
     DatabaseUnavailable,
     ProjectNotFound,
     ProjectSuspended,
+    StatementFailed,
     ValidationError,
 )
 from fluxbase.http.context import AppContext
@@ -22,6 +29,8 @@ from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authorize
+from fluxbase.tenancy.results import ENCODER, StatementResult
+from fluxbase.tenancy.session import Identity, Limits, TenantRequest
 
 AUTH_UID_HEADER = "x-fluxbase-auth-uid"
 USER_TOKEN_HEADER = "x-fluxbase-user-token"  # noqa: S105 (a header name)
@@ -48,7 +57,7 @@ def decode_body(raw: bytes) -> ExecuteSqlBody:
 
 async def request_identity(
     request: Request[Any, Any, Any], ctx: AppContext, access: ProjectAccess, auth_uid: str | None
-) -> sql.Identity:
+) -> Identity:
     """Who a data request runs for: the end-user token (`X-Fluxbase-User-Token`), else the
     `authUid` a trusted key holder asserts; a `requireUserAuth` key must carry a token. The
     session of a Fluxbase project user is re-checked inside the request's transaction."""
@@ -60,9 +69,9 @@ async def request_identity(
     )
 
 
-def limits_of(ctx: AppContext) -> sql.Limits:
+def limits_of(ctx: AppContext) -> Limits:
     t = ctx.settings.tenant
-    return sql.Limits(
+    return Limits(
         deadline_s=t.request_deadline_ms / 1000,
         max_rows=t.max_rows,
         max_bytes=t.max_bytes,
@@ -108,10 +117,10 @@ async def tenant_request(
     project_id: str | None,
     auth_uid: str | None,
     need: Need = Need.READ,
-) -> sql.TenantRequest:
+) -> TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
     access, key_auth = await sql_access(request, ctx, project_id, need)
-    return sql.TenantRequest(
+    return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
         identity=await request_identity(request, ctx, access, auth_uid),
@@ -126,7 +135,7 @@ async def tenant_request(
 
 
 @contextlib.asynccontextmanager
-async def forget_refused_key(ctx: AppContext, req: sql.TenantRequest) -> AsyncIterator[None]:
+async def forget_refused_key(ctx: AppContext, req: TenantRequest) -> AsyncIterator[None]:
     """A key the in-transaction guard refused (revoked, expired, suspended) leaves the cache.
 
     A project deleted since its key was cached (by any replica) has no roles left, so the tenant
@@ -150,7 +159,7 @@ async def forget_refused_key(ctx: AppContext, req: sql.TenantRequest) -> AsyncIt
         raise ProjectNotFound() from None
 
 
-async def _project_exists(ctx: AppContext, req: sql.TenantRequest) -> bool:
+async def _project_exists(ctx: AppContext, req: TenantRequest) -> bool:
     try:
         return bool(
             await ctx.db.fetchval(
@@ -166,8 +175,64 @@ async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> b
     body = decode_body(await request.body())
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
-    async with forget_refused_key(ctx, req):
-        return await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
+    started = time.perf_counter()
+    try:
+        async with forget_refused_key(ctx, req):
+            res = await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
+    except StatementFailed as exc:
+        return statement_failed_body(exc)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return ENCODER.encode(
+        {
+            "success": True,
+            "result": res.result(),
+            "executionInfo": {
+                "time": f"{round(elapsed_ms)}ms",
+                "timeMs": round(elapsed_ms, 3),
+                "rowCount": res.count,
+                "operation": res.operation,
+            },
+        }
+    )
+
+
+class SqlError(msgspec.Struct):
+    """The SQL envelope's error, in its field order."""
+
+    message: str
+    code: str
+    details: str
+
+
+def statement_failed_body(exc: StatementFailed, *, batch: bool = False) -> bytes:
+    """A failed statement as execute-sql (or, with its index, execute-batch) answers it."""
+    details = f"ERROR:  {exc.sqlstate}"
+    if not batch:
+        return ENCODER.encode({"success": False, "error": SqlError(exc.message, exc.code, details)})
+    where = "commit" if exc.index is None else f"statement {exc.index}"
+    error = {
+        "message": f"{where}: {exc.message}",
+        "code": exc.code,
+        "details": details,
+        "statementIndex": exc.index,
+    }
+    return ENCODER.encode({"success": False, "error": error})
+
+
+def batch_body(results: list[StatementResult], elapsed_ms: float) -> bytes:
+    return ENCODER.encode(
+        {
+            "success": True,
+            "results": [r.result() for r in results],
+            "executionInfo": {
+                "time": f"{round(elapsed_ms)}ms",
+                "timeMs": round(elapsed_ms, 3),
+                "statements": len(results),
+                "rowCount": sum(r.count for r in results),
+                "operations": [r.operation for r in results],
+            },
+        }
+    )
 
 
 class BatchStatement(msgspec.Struct, rename="camel"):
@@ -197,8 +262,14 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
     statements = [sql.Statement(s.query, s.params) for s in body.statements]
-    async with forget_refused_key(ctx, req):
-        result = await sql.execute_batch(
-            ctx.tenants, ctx.db, req, statements, isolation=body.isolation_level, read_only=body.read_only
-        )
-    return Response(content=result, media_type=MediaType.JSON, status_code=200)
+    started = time.perf_counter()
+    try:
+        async with forget_refused_key(ctx, req):
+            results = await sql.execute_batch(
+                ctx.tenants, ctx.db, req, statements, isolation=body.isolation_level, read_only=body.read_only
+            )
+    except StatementFailed as exc:
+        content = statement_failed_body(exc, batch=True)
+    else:
+        content = batch_body(results, (time.perf_counter() - started) * 1000)
+    return Response(content=content, media_type=MediaType.JSON, status_code=200)

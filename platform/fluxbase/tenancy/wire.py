@@ -1,12 +1,16 @@
-"""The one-round-trip request prefix: PostgreSQL extended-protocol messages written ahead of a
+"""The only module that touches asyncpg's internals (tests/test_tenancy_kernel.py checks it).
+
+Two things asyncpg's public API cannot do: run a statement with a row cap and return its rows,
+command tag and columns in one round trip (`bind_execute`, what Connection.fetch itself does),
+and the one-round-trip request prefix: PostgreSQL extended-protocol messages written ahead of a
 statement's Bind/Execute/Sync on the same connection (sql/0011 explains the server side).
+asyncpg is pinned to a tested range in pyproject.toml.
 
 asyncpg sends one operation at a time and waits for its ReadyForQuery. Everything written
 before its Bind/Execute/Sync, with no Sync of its own, runs in the same implicit transaction
 and answers in the same reply; the driver's bind/execute reader skips ParseComplete,
-BindComplete and CommandComplete, so prefix steps must not return rows. Writing to the
-connection's transport is the one asyncpg internal this relies on (pinned in pyproject.toml;
-tests/test_sql.py covers every step).
+BindComplete and CommandComplete, so prefix steps must not return rows (tests/test_sql.py
+covers every step).
 """
 
 from __future__ import annotations
@@ -153,3 +157,45 @@ class RequestPrefix:
 def write(conn: Any, data: bytes) -> None:
     """Queue raw protocol messages ahead of the connection's next operation."""
     conn._transport.write(data)
+
+
+# -- statements with a row cap --------------------------------------------------------------------
+
+
+async def prepare(conn: Any, query: str) -> Any:
+    """The connection's (cached) prepared statement for `query`."""
+    return await conn._get_statement(query, None)
+
+
+def parameter_types(stmt: Any) -> Sequence[Any]:
+    """The statement's parameter types (each with `.name`)."""
+    return stmt._get_parameters()  # type: ignore[no-any-return]
+
+
+def column_names(stmt: Any) -> list[str]:
+    return [a.name for a in stmt._get_attributes()]
+
+
+async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[list[Any], str | None, bool]:
+    """Bind and run a prepared statement, fetching at most `limit` rows: (rows, command tag or
+    None, whether it completed). Anything already `write`n goes out ahead of it."""
+    rows, status, completed = await conn._protocol.bind_execute(
+        state=stmt, args=args, portal_name="", limit=limit, return_extra=True, timeout=None
+    )
+    return rows, (status.decode() if isinstance(status, bytes) else status), bool(completed)
+
+
+async def forget_cached_plans(conn: Any, exc: BaseException) -> None:
+    """Before the one retry after a DDL: without this asyncpg hands back the same cached
+    statement (`prepare` is past the driver's own retry)."""
+    if isinstance(exc, asyncpg.exceptions.OutdatedSchemaCacheError):
+        await conn.reload_schema_state()
+    else:
+        conn._drop_local_statement_cache()
+
+
+def no_jit_introspection(conn: Any) -> None:
+    """asyncpg wraps its type introspection (first use of an enum, domain, composite, ...) in
+    set_config('jit', ...), which read and readwrite roles may not call (sql/0007). Without
+    this, such a type would fail for them; the introspection query runs with the role's jit."""
+    conn._server_caps = conn._server_caps._replace(jit=False)

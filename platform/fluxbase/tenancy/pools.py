@@ -1,4 +1,4 @@
-"""Project schemas and roles, and the pools whose session user is the project role itself.
+"""The pools whose session user is the project role itself (roles: tenancy.provision).
 
 Tenant SQL never runs on a privileged connection that switches with SET ROLE: the tenant
 could `RESET ROLE` or `set_config('role', ...)` its way out. Each (project, scope) gets its
@@ -20,15 +20,8 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
-from fluxbase.security.roles import (
-    CHECKER,
-    CHECKER_FUNCTIONS,
-    ROLES,
-    SCOPES,
-    role_name,
-    role_password,
-    schema_name,
-)
+from fluxbase.security.roles import role_name, role_password
+from fluxbase.tenancy import wire
 from fluxbase.tenancy.statements import Caps, Classifier
 
 log = logging.getLogger(__name__)
@@ -39,23 +32,8 @@ IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle 
 
 # Run after every request, in the same round trip as COMMIT/ROLLBACK: nothing a tenant did to
 # its session (settings, cursors, LISTEN, advisory locks, temp tables) survives into the next.
-SESSION_RESET = (
-    "CLOSE ALL; UNLISTEN *; RESET ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;"
-)
-
-
-def quote_ident(name: str) -> str:
-    """Quote an SQL identifier (the one helper for interpolated identifiers)."""
-    if "\x00" in name:
-        raise ValueError("identifier contains NUL")
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    """Quote a string literal for standard_conforming_strings=on (the PostgreSQL default)."""
-    if "\x00" in value:
-        raise ValueError("string contains NUL")
-    return "'" + value.replace("'", "''") + "'"
+# The same steps as the one-round-trip prefix's (one list: tenancy.wire.RESET_STEPS).
+SESSION_RESET = "; ".join(wire.RESET_STEPS) + ";"
 
 
 def _int8_decode(text: str) -> int | str:
@@ -69,10 +47,7 @@ def _json_encode(value: object) -> str:
 
 async def init_tenant_connection(conn: asyncpg.Connection) -> None:
     """JSON-faithful decoding: json stays raw JSON, numeric exact, big int8 as strings."""
-    # asyncpg wraps its type introspection (first use of an enum, domain, composite, ...) in
-    # set_config('jit', ...), which read and readwrite roles may not call (sql/0007). Without
-    # this, such a type would fail for them; the introspection query runs with the role's jit.
-    conn._server_caps = conn._server_caps._replace(jit=False)
+    wire.no_jit_introspection(conn)
     raw = msgspec.Raw
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -258,118 +233,6 @@ async def clean(conn: TenantConnection) -> None:
         conn.dirty = False
 
 
-def _role_settings(settings: Settings) -> dict[str, str]:
-    t = settings.tenant
-    return {
-        "statement_timeout": f"{t.statement_timeout_ms}ms",
-        "lock_timeout": f"{t.lock_timeout_ms}ms",
-        "idle_in_transaction_session_timeout": f"{t.idle_in_transaction_ms}ms",
-        "work_mem": f"{t.work_mem_kb}kB",
-        "temp_file_limit": f"{t.temp_file_limit_kb}kB",
-    }
-
-
-async def provision_project(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
-    """Create the project's schema and its three LOGIN roles (caller owns the transaction)."""
-    schema = quote_ident(schema_name(project_id))
-    admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    limit = settings.tenant.role_connection_limit
-    for scope in SCOPES:
-        role = role_name(project_id, scope)
-        pw = quote_literal(role_password(settings.auth.secret_key, role))
-        await conn.execute(
-            f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
-            f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
-        )
-        await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {quote_ident(role)}")
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
-        for name, value in _role_settings(settings).items():
-            await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
-    # Only the admin role may change request-local settings or run plpgsql (DO blocks,
-    # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007).
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
-    await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
-    await _provision_checker(conn, project_id, settings)
-    await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
-    # The runtime role is not a superuser: what only the schema's owner may do, it does as the
-    # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
-    await conn.execute(f"SET LOCAL ROLE {admin}")
-    await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
-    defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
-    await conn.execute(f"{defaults} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}")
-    await conn.execute(f"{defaults} GRANT SELECT ON TABLES TO {ro}")
-    await conn.execute(f"{defaults} GRANT USAGE, SELECT ON SEQUENCES TO {rw}")
-    await conn.execute(f"{defaults} GRANT SELECT ON SEQUENCES TO {ro}")
-    await conn.execute("SET LOCAL ROLE NONE")
-
-
-async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
-    """The realtime RLS checker role: inherits the read role, may set the identity, and may call
-    the check functions (sql/0008), which nobody else may."""
-    rt, ro = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "read"))
-    pw = quote_literal(role_password(settings.auth.secret_key, role_name(project_id, CHECKER)))
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    await conn.execute(
-        f"CREATE ROLE {rt} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-        f"CONNECTION LIMIT {int(settings.tenant.role_connection_limit)} PASSWORD {pw}"
-    )
-    await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {rt}")
-    await conn.execute(f"ALTER ROLE {rt} SET search_path = {quote_ident(schema_name(project_id))}")
-    for name, value in _role_settings(settings).items():
-        await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
-    await conn.execute(f"GRANT {ro} TO {rt}")
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt}")
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt}")
-    # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
-    rw = quote_ident(role_name(project_id, "readwrite"))
-    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
-
-
-async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
-    """Remove the project's schema, objects and roles (caller owns the transaction).
-
-    Runs as the runtime role (not a superuser): what only an owner may drop, it drops as that
-    role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
-    roles = [role_name(project_id, s) for s in ROLES]
-    await conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
-    )
-    existing = {
-        r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
-    }
-    admin = role_name(project_id, "admin")
-    if admin in existing:
-        await conn.execute(f"SET LOCAL ROLE {quote_ident(admin)}")
-    await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema_name(project_id))} CASCADE")
-    await conn.execute("SET LOCAL ROLE NONE")
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    for role in roles:
-        if role not in existing:
-            continue
-        r = quote_ident(role)
-        await conn.execute(f"SET LOCAL ROLE {r}")
-        await conn.execute(f"DROP OWNED BY {r} CASCADE")
-        await conn.execute("SET LOCAL ROLE NONE")
-        await conn.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}")
-        await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-        await conn.execute(f"REVOKE EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} FROM {r}")
-        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
-        await conn.execute(f"DROP ROLE {r}")
-
-
-async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> int:
-    """Re-derive every tenant role password (after FLUXBASE_SECRET_KEY rotation)."""
-    n = 0
-    for row in await conn.fetch("SELECT id FROM fluxbase.projects"):
-        for kind in ROLES:
-            role = role_name(row["id"], kind)
-            pw = quote_literal(role_password(settings.auth.secret_key, role))
-            await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {pw}")
-            n += 1
-    return n
-
-
 class TenantPools:
     """Lazily created, bounded `TenantPool`s keyed by (project, scope, end user or not); idle
     pools are closed."""
@@ -386,6 +249,11 @@ class TenantPools:
         self.statements = Classifier(Caps.of(settings.tenant))
         self._idle_pool_seconds = idle_pool_seconds
         self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def acquire_timeout_s(self) -> float:
+        """How long a request waits for a busy pool's connection (then 503)."""
+        return self._settings.tenant.pool_acquire_timeout_s
 
     def _connect_kwargs(self, project_id: str, scope: str) -> dict[str, object]:
         role = role_name(project_id, scope)

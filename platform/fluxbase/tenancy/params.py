@@ -1,0 +1,87 @@
+"""Request parameters (JSON values) coerced to what the statement's placeholders take."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+_INT_TYPES = {"int2", "int4", "int8", "oid"}
+_FLOAT_TYPES = {"float4", "float8"}
+
+
+def adapt(value: Any, typename: str) -> Any:
+    """Coerce a JSON value to what asyncpg's codec for `typename` accepts; leave others alone."""
+    if value is None:
+        return None
+    try:
+        if typename in _INT_TYPES:
+            if isinstance(value, bool):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value.strip())
+        elif typename in _FLOAT_TYPES:
+            if isinstance(value, (int, str)) and not isinstance(value, bool):
+                return float(value)
+        elif typename == "bool":
+            if isinstance(value, str):
+                v = value.strip().lower()
+                if v in ("true", "t", "1", "yes", "on"):
+                    return True
+                if v in ("false", "f", "0", "no", "off"):
+                    return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+        elif typename == "timestamptz" or typename == "timestamp":
+            if isinstance(value, str):
+                parsed = dt.datetime.fromisoformat(value)
+                if typename == "timestamptz" and parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=dt.UTC)
+                if typename == "timestamp" and parsed.tzinfo is not None:
+                    parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+                return parsed
+        elif typename == "date":
+            if isinstance(value, str):
+                return dt.date.fromisoformat(value[:10])
+        elif typename in ("time", "timetz"):
+            if isinstance(value, str):
+                return dt.time.fromisoformat(value)
+        elif typename == "uuid":
+            if isinstance(value, str):
+                return uuid.UUID(value)
+        elif typename == "bytea":
+            if isinstance(value, str):
+                return base64.b64decode(value, validate=True)
+        elif typename in ("text", "varchar", "bpchar", "name", "citext"):
+            if isinstance(value, (dict, list)):
+                return msgspec.json.encode(value).decode()
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, (int, float)):
+                return str(value)
+    except (ValueError, TypeError) as exc:
+        raise ParamError(f"cannot convert {value!r} to {typename}: {exc}") from None
+    return value
+
+
+class ParamError(Exception):
+    """A request parameter does not fit its placeholder's type (reported as SQLSTATE 22023)."""
+
+
+def adapt_params(types: Sequence[Any], params: list[Any]) -> list[Any]:
+    """The request's JSON parameters for the statement's parameter types (ParamError if not)."""
+    if len(params) != len(types):
+        raise ParamError(f"the query expects {len(types)} parameter(s), {len(params)} given")
+    out = []
+    for i, (value, typ) in enumerate(zip(params, types, strict=True), start=1):
+        try:
+            out.append(adapt(value, typ.name))
+        except ParamError as exc:
+            raise ParamError(f"parameter ${i}: {exc}") from None
+    return out

@@ -1,0 +1,555 @@
+"""The one routine every tenant session goes through: acquire, clean, BEGIN, deadline, COMMIT,
+reset — and termination of a backend whose state is unknown.
+
+Tenant data requests (`transaction`, `one_round_trip`) run on a pooled connection of the
+project's own role with the request identity (SET LOCAL), the key guard and the request
+deadline; platform-driven work on a project's objects (migrations, import, vacuum, RLS
+management) runs in `admin_session` on the project's admin role. Every path acquires through
+`acquire` (an exhausted pool is 503 DATABASE_CONNECTION_ERROR, never a wait without bound), and
+hands back only a connection that is out of any transaction with its session reset: anything
+else is terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+
+from fluxbase.db.quoting import quote_literal
+from fluxbase.errors import (
+    ConnectionsBusy,
+    DatabaseUnavailable,
+    FluxbaseError,
+    InternalError,
+    StatementFailed,
+    StatementTimedOut,
+)
+from fluxbase.services import quota
+from fluxbase.services.quota import SizeCache
+from fluxbase.tenancy import statements as classification
+from fluxbase.tenancy import wire
+from fluxbase.tenancy.errors import (
+    CACHE_STALE,
+    CONNECTION_LOST,
+    SESSION_GONE,
+    guard_refusal,
+    statement_error,
+)
+from fluxbase.tenancy.params import ParamError, adapt_params
+from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
+from fluxbase.tenancy.results import StatementResult, count_of, encode_result
+
+log = logging.getLogger("fluxbase.tenancy")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the statement runs for: auth.uid(), auth.jwt() claims and auth.role()."""
+
+    uid: str | None
+    claims: dict[str, Any]
+    role: str
+    # A Fluxbase project user's (session id, project id): checked inside the transaction by
+    # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
+    user_session: tuple[str, str] | None = None
+    # An end user's request (a user token: requireUserAuth keys always carry one). It runs on
+    # connections of its own, never shared with a trusted server key's requests.
+    end_user: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    deadline_s: float
+    max_rows: int
+    max_bytes: int
+    acquire_timeout_s: float
+
+
+@dataclass(frozen=True)
+class TenantRequest:
+    """What one data request brings to its tenant transaction, resolved once at the HTTP edge."""
+
+    project_id: str
+    scope: str
+    identity: Identity
+    limits: Limits
+    # The project's read-only switch as the edge knows it (for a key: from its cached state,
+    # which the one-round-trip path trusts only while `epoch` is current; the explicit path
+    # leaves it to the key guard, which reads it inside the transaction).
+    project_read_only: bool = False
+    guard: tuple[bytes, str] | None = None  # (key hash, project) for fluxbase_guard.check_key
+    db_quota: int | None = None  # the project's database-size cap
+    sizes: SizeCache | None = None
+    # The project's auth epoch the cached key state was read with (sql/0011), and how to drop
+    # that cache entry when the epoch has moved on since.
+    epoch: int | None = None
+    evict_key: Callable[[bytes], None] | None = None
+
+
+def base_claims(scope: str, project_id: str) -> dict[str, Any]:
+    """auth.jwt() of a request without an end user (an API key or member acting for itself)."""
+    return {"role": scope, "project_id": project_id}
+
+
+def identity_statements(identity: Identity) -> tuple[str, str, str]:
+    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
+    roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
+
+    SET LOCAL on every path, so no identity outlives its transaction. On the one-round-trip path
+    the messages before the Sync are one implicit transaction: there SET LOCAL takes effect for
+    the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
+    pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
+    can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
+    claims = msgspec.json.encode(identity.claims).decode()
+    return (
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
+    )
+
+
+def identity_script(identity: Identity) -> str:
+    return "; ".join(identity_statements(identity))
+
+
+def begin_script(
+    identity: Identity,
+    read_only: bool,
+    guard: tuple[bytes, str] | None = None,
+    isolation: str = "READ COMMITTED",
+) -> str:
+    """BEGIN, the key guard, the end user's session check and the identity in one round trip."""
+    mode = "READ ONLY" if read_only else "READ WRITE"
+    check = ""
+    if guard is not None:
+        check = f"SELECT fluxbase_guard.check_key('\\x{guard[0].hex()}'::bytea, {quote_literal(guard[1])}); "
+    if identity.user_session is not None:
+        sid, project = (quote_literal(v) for v in identity.user_session)
+        uid = quote_literal(identity.uid or "")
+        check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
+    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}"
+
+
+# Command tags of statements that end the transaction they run in (even when AND CHAIN
+# starts another): COMMIT, ROLLBACK (also ROLLBACK TO a savepoint), PREPARE TRANSACTION.
+_ENDED = ("COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
+
+
+class TransactionEnded(StatementFailed):
+    """A tenant statement ended the request's transaction; the connection has been closed."""
+
+    def __init__(self, index: int | None):
+        super().__init__(
+            "the statement ended the request's transaction (transaction control is not allowed); "
+            "what it committed cannot be undone, and the connection was closed",
+            "0A000",
+            index,
+        )
+
+
+# -- acquire and termination ------------------------------------------------------------------
+
+
+async def acquire(pool: TenantPool, timeout_s: float) -> TenantConnection:
+    """A connection of `pool`, or 503 DATABASE_CONNECTION_ERROR when all stay busy `timeout_s`."""
+    try:
+        return await pool.acquire(timeout_s)
+    except TimeoutError:
+        raise ConnectionsBusy() from None
+
+
+async def terminate(control: asyncpg.Pool, conn: Any) -> None:
+    """Kill a tenant backend that outlived its deadline (cancel can be swallowed by plpgsql)."""
+    pid = conn.get_server_pid()
+    conn.terminate()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(control.execute("SELECT pg_terminate_backend($1)", pid), 3)
+
+
+# -- the request's transaction ----------------------------------------------------------------
+
+
+class Tx:
+    """The request's open transaction on a tenant connection: the only way work touches it."""
+
+    def __init__(
+        self,
+        conn: Any,
+        limits: Limits,
+        identity: Identity,
+        may_write: bool = False,
+        quota_of: tuple[str, int, SizeCache] | None = None,
+    ):
+        self.conn = conn
+        self.limits = limits
+        self.identity = identity
+        self.index: int | None = None  # the statement running now (for error messages)
+        self.retried = False
+        self.bytes_left = limits.max_bytes
+        # A read-only transaction for a scope that may write means the project is read-only.
+        self.may_write = may_write
+        # (project, cap, sizes) of a project with a database-size cap: checked before COMMIT.
+        self.quota_of = quota_of
+        self.rows_written = 0
+        self.last_keyword = ""
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """Map a driver error to StatementFailed; session-level failures pass through."""
+        if isinstance(exc, CACHE_STALE) and not self.retried:
+            return exc  # the transaction runner retries once
+        return statement_error(exc, self.may_write, self.index)
+
+    async def run(self, query: str, params: list[Any], keyword: str = "") -> StatementResult:
+        """Run one statement with the row cap and the request's remaining byte budget."""
+        conn = self.conn
+        try:
+            stmt = await wire.prepare(conn, query)
+            args = adapt_params(wire.parameter_types(stmt), params)
+            rows, status, completed = await wire.execute(conn, stmt, args, self.limits.max_rows + 1)
+        except Exception as exc:
+            raise self._failed(exc) from None
+        if not conn.is_in_transaction() or (status is not None and status.startswith(_ENDED)):
+            # The statement ended the request's transaction (what tenancy.statements refuses
+            # got through; AND CHAIN opens a new one, without the request's SET LOCALs): its
+            # identity, read-only mode and size check are gone. Fail, and never hand this
+            # session to anyone again.
+            conn.terminate()
+            raise TransactionEnded(self.index)
+        res, self.bytes_left = encode_result(
+            wire.column_names(stmt), rows, status, completed, self.limits.max_rows, self.bytes_left, keyword
+        )
+        self.rows_written += count_of(status) or 0
+        self.last_keyword = res.operation.split(" ", 1)[0]
+        return res
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """A platform-written query (catalog lookups) in the same transaction, decoded."""
+        try:
+            return list(await self.conn.fetch(query, *args))
+        except Exception as exc:
+            raise self._failed(exc) from None
+
+    async def check_quota(self) -> None:
+        """Before COMMIT: refuse the write that takes a capped project past its size limit.
+
+        Only when the cap may be near (services.quota.SizeCache): far below it, no query."""
+        if self.quota_of is None:
+            return
+        project_id, cap, sizes = self.quota_of
+        if not sizes.needs_check(project_id, cap, self.rows_written, self.last_keyword):
+            return
+        try:
+            await quota.check(self.conn, project_id, sizes)
+        except asyncpg.PostgresError as exc:
+            raise self._failed(exc) from None
+
+    async def reassert_identity(self) -> None:
+        """Set the request identity again (a batch does this before each later statement)."""
+        try:
+            await self.conn.execute(identity_script(self.identity))
+        except Exception as exc:
+            raise self._failed(exc) from None
+
+
+async def _begin(conn: Any, begin: str) -> None:
+    try:
+        await conn.execute(begin)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, SESSION_GONE):
+            raise
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        refusal = guard_refusal(exc)
+        if refusal is not None:
+            raise refusal from None
+        raise
+
+
+async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+    conn = tx.conn
+    await _begin(conn, begin)
+    try:
+        try:
+            out = await work(tx)
+        except CACHE_STALE as exc:
+            # A concurrent DDL changed a cached plan; nothing ran for real. Retry once.
+            await conn.execute("ROLLBACK")
+            await wire.forget_cached_plans(conn, exc)
+            await _begin(conn, begin)
+            tx.retried, tx.index, tx.bytes_left = True, None, tx.limits.max_bytes
+            tx.rows_written, tx.last_keyword = 0, ""
+            out = await work(tx)
+        await tx.check_quota()
+    except TransactionEnded:
+        raise  # the connection is closed: nothing to roll back on it
+    except FluxbaseError:
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        raise
+    try:
+        await conn.execute("COMMIT; " + SESSION_RESET)
+    except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
+        if isinstance(exc, SESSION_GONE):
+            raise
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+        await conn.execute(SESSION_RESET)
+        raise StatementFailed(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000") from None
+    return out
+
+
+async def on_connection(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    req: TenantRequest,
+    run: Callable[[Any], Awaitable[T]],
+    index: Callable[[], int | None] = lambda: None,
+    *,
+    pipelined: bool = False,
+) -> T:
+    """Run `run(conn)` on a pooled connection of the project's own role within the request
+    deadline (the backend is terminated when it passes). A connection that is lost, timed out or
+    still in a transaction afterwards is terminated, never handed to the next request."""
+    project_id, limits = req.project_id, req.limits
+    pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
+    conn = await acquire(pool, limits.acquire_timeout_s)
+    dead = False
+    try:
+        # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
+        # of its cost on this path); the backend is then terminated.
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + limits.deadline_s, expire)
+        try:
+            if not pipelined:
+                await clean(conn)
+            return await run(conn)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            dead = True
+            await terminate(control, conn)
+            ms = int(limits.deadline_s * 1000)
+            raise StatementTimedOut(
+                f"canceling statement due to request deadline ({ms} ms)", "57014", index()
+            ) from None
+        except CONNECTION_LOST as exc:
+            # The connection broke: the transaction did not commit (or we cannot know it did).
+            dead = True
+            with contextlib.suppress(asyncpg.InterfaceError):  # already detached from the pool
+                conn.terminate()
+            log.warning("tenant connection lost for project %s: %r", project_id, exc)
+            raise DatabaseUnavailable() from None
+        finally:
+            timer.cancel()
+    finally:
+        if not dead and not conn.is_closed() and conn.is_in_transaction():
+            dead = True
+            conn.terminate()  # never hand an open transaction to the next request
+        if not dead:
+            await pool.release(conn)
+
+
+async def transaction(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    req: TenantRequest,
+    work: Callable[[Tx], Awaitable[T]],
+    *,
+    read_only: bool = False,
+    isolation: str = "READ COMMITTED",
+) -> T:
+    """Run `work` in one transaction on the project's own role, with identity and limits.
+
+    The code path for tenant data access (execute-batch, schema, records, and execute-sql
+    where `one_round_trip` does not apply): a pooled connection whose session user is the project
+    role, BEGIN + key guard + identity, the request deadline, commit + session reset.
+    Raises StatementFailed (rolled back), DatabaseUnavailable (connection lost: the outcome is
+    unknown, never reported as success; ConnectionsBusy: pool exhausted) or `work`'s own
+    FluxbaseError (rolled back), including PROJECT_READ_ONLY for a write to a read-only project
+    and DATABASE_QUOTA_EXCEEDED for one that crosses the project's size cap. `read_only` is the
+    caller's own request for a read-only transaction: a write then fails as SQL (25006), not as
+    the project's switch.
+    """
+    scope = req.scope
+    begin = begin_script(
+        req.identity,
+        read_only or (req.project_read_only and req.guard is None) or scope == "read",
+        req.guard,
+        isolation,
+    )
+    may_write = scope != "read" and not read_only
+    quota_of = None
+    if may_write and req.db_quota and req.sizes is not None:
+        quota_of = (req.project_id, req.db_quota, req.sizes)
+    txs: list[Tx] = []
+
+    async def run(conn: Any) -> T:
+        tx = Tx(conn, req.limits, req.identity, may_write, quota_of)
+        txs.append(tx)
+        return await _in_transaction(tx, begin, work)
+
+    return await on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
+
+
+# -- one round trip ---------------------------------------------------------------------------
+
+
+def pipelinable(req: TenantRequest, verdict: classification.Verdict) -> bool:
+    """Whether the one-round-trip path may run it (tenancy.statements.Verdict.pipelinable)."""
+    # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
+    return verdict.pipelinable and not (req.db_quota and req.scope != "read")
+
+
+_REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
+
+
+class Fallback(Exception):
+    """Run the request as an explicit transaction after all (sql/0011): FXRST, a previous
+    request changed the session's transaction defaults (now reset); FXEPO, the cached key state
+    is out of date (`check_key` decides); FXU01/FXU02, the end user's session check refused."""
+
+
+async def _one_round_trip(
+    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
+) -> StatementResult:
+    """Reset, identity, guard and the statement as one implicit transaction."""
+    prefix = getattr(conn, "request_prefix", None)
+    if prefix is None:
+        claims = base_claims(req.scope, req.project_id)
+        fixed = identity_statements(Identity(None, claims, req.scope))
+        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(conn, fixed, claims)
+    identity = req.identity
+    if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
+        who = prefix.anonymous
+    else:
+        who = b"".join(prefix.statement(s) for s in identity_statements(identity))
+    head = b"".join(
+        (
+            prefix.reset,
+            who,
+            prefix.checks(
+                req.project_id,
+                req.epoch if req.guard is not None else None,
+                req.scope == "read" or req.project_read_only,
+                identity.user_session,
+                identity.uid,
+            ),
+        )
+    )
+    may_write = req.scope != "read"
+    limits = req.limits
+    for attempt in (0, 1):
+        try:
+            stmt = await wire.prepare(conn, query)
+        except Exception as exc:
+            raise statement_error(exc, may_write) from None
+        try:
+            args = adapt_params(wire.parameter_types(stmt), params)
+        except ParamError as exc:
+            await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
+            raise StatementFailed(str(exc), "22023") from None
+        wire.write(conn, head)
+        conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
+        try:
+            rows, status, completed = await wire.execute(conn, stmt, args, limits.max_rows + 1)
+        except asyncpg.PostgresError as exc:
+            state = exc.sqlstate
+            if state in _REFUSALS:
+                # A pipeline check refused, or the tenant's statement raised one of these codes
+                # itself: either way nothing committed, and the explicit-transaction path, whose
+                # guard runs apart from the statement, tells the two apart.
+                if state == "FXRST":
+                    await conn.execute(SESSION_RESET)
+                    conn.dirty = False
+                elif state == "FXEPO" and req.evict_key is not None and req.guard is not None:
+                    req.evict_key(req.guard[0])
+                raise Fallback() from None
+            if isinstance(exc, CACHE_STALE) and attempt == 0:
+                await wire.forget_cached_plans(conn, exc)
+                continue  # a DDL changed a cached plan; nothing ran for real
+            raise statement_error(exc, may_write) from None
+        except asyncpg.DataError as exc:
+            # Refused while encoding, before the driver wrote anything: the prefix is already
+            # on the wire without a Sync. Run a harmless prefix step to end it, then report.
+            await prefix.drain(conn)
+            raise StatementFailed(str(exc), "22023") from None
+        except CONNECTION_LOST:
+            raise
+        except Exception:
+            conn.terminate()  # the protocol state is unknown: never reuse this connection
+            raise
+        if len(rows) > limits.max_rows:
+            status = None  # the portal was suspended: the last command tag is the prefix's
+        return encode_result(
+            wire.column_names(stmt), rows, status, completed, limits.max_rows, limits.max_bytes, keyword
+        )[0]
+    raise AssertionError("unreachable")
+
+
+async def one_round_trip(
+    pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any], keyword: str
+) -> StatementResult:
+    """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
+    return await on_connection(
+        pools, control, req, lambda conn: _one_round_trip(conn, req, query, params, keyword), pipelined=True
+    )
+
+
+# -- platform work on a project's objects -----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def admin_session(
+    pools: TenantPools,
+    project_id: str,
+    acquire_timeout_s: float | None = None,
+    *,
+    begin: str | None = "BEGIN",
+) -> AsyncIterator[TenantConnection]:
+    """A connection of the project's admin role for platform-driven work (migrations, import,
+    vacuum, RLS management): `begin` opens its one transaction (None: no transaction, VACUUM),
+    committed when the block ends and rolled back when it raises; the session is reset either
+    way, and a connection that cannot be reset is terminated, never pooled again."""
+    pool = await pools.pool(project_id, "admin")
+    timeout = pools.acquire_timeout_s if acquire_timeout_s is None else acquire_timeout_s
+    conn = await acquire(pool, timeout)
+    ok = False
+    try:
+        await clean(conn)
+        if begin is not None:
+            await conn.execute(begin)
+        yield conn
+        if begin is not None:
+            if not conn.is_in_transaction():
+                # tenancy.statements refuses transaction control in scripts: a bug, never a path.
+                log.error("an admin session of %s left its transaction", project_id)
+                raise InternalError()
+            await conn.execute("COMMIT; " + SESSION_RESET)
+        else:
+            await conn.execute(SESSION_RESET)
+        ok = True
+    finally:
+        if not ok and not conn.is_closed():
+            try:
+                if conn.is_in_transaction():
+                    await conn.execute("ROLLBACK")
+                await conn.execute(SESSION_RESET)
+            except Exception:
+                conn.terminate()
+        await pool.release(conn)
