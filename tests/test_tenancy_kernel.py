@@ -31,26 +31,28 @@ async def test_an_exhausted_pool_answers_503_with_a_clear_message(spawn) -> None
             _, token = await api.new_user()
             pid = await api.new_project(token)
             key = await api.new_key(token, pid, rateLimitRequests=1_000_000)
-            slow = asyncio.create_task(api.sql(key, pid, "SELECT pg_sleep(8) AS s"))
+            slow = asyncio.create_task(api.sql(key, pid, "SELECT pg_sleep(10) AS s"))
             # Wait until the long statement holds the one connection (an event, not a sleep).
             for _ in range(200):
                 running = await control.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE $1 AND query LIKE $2",
                     f"p_{pid}_%",
-                    "%pg_sleep(8)%",
+                    "%pg_sleep(10)%",
                 )
                 if running:
                     break
                 await asyncio.sleep(0.05)
             assert running == 1
-            for r in (
-                await api.sql(key, pid, "SELECT 1 AS x"),
-                await api.http.post(
+            # Both wait (together) for the acquire timeout, 5 s, well inside the 10 s statement.
+            waiting = await asyncio.gather(
+                api.sql(key, pid, "SELECT 1 AS x"),
+                api.http.post(
                     "/api/execute-batch",
                     json={"projectId": pid, "statements": [{"query": "SELECT 1"}]},
                     headers={"Authorization": f"Bearer {key}"},
                 ),
-            ):
+            )
+            for r in waiting:
                 body = assert_error(r, 503, "DATABASE_CONNECTION_ERROR")
                 assert "connections" in body["error"]["message"] and "busy" in body["error"]["message"]
                 assert r.headers.get("retry-after") == "1"
