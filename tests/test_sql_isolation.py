@@ -302,7 +302,7 @@ async def test_forged_notify_and_pg_notify_are_harmless(api: Api, project) -> No
 
 
 async def test_one_connection_pool_gives_its_slot_back_after_every_kind_of_end(spawn) -> None:
-    """db.tenants.TenantPool with a single slot: a backend terminated at the deadline, one killed
+    """tenancy.pools.TenantPool with a single slot: a backend terminated at the deadline, one killed
     from outside and plain releases all leave the slot usable; a waiter gets the released one."""
     async with _own_project(
         spawn, {"rateLimitRequests": 1_000_000}, FLUXBASE_TENANT_POOL_MAX="1", FLUXBASE_SQL_DEADLINE_MS="1500"
@@ -334,7 +334,7 @@ async def test_one_connection_pool_gives_its_slot_back_after_every_kind_of_end(s
 async def test_session_lock_from_a_one_round_trip_request_is_released_when_idle(spawn) -> None:
     """A session advisory lock taken inside a function (the request text names no lock, so it
     takes the one-round-trip path, whose reset runs at the start of the next request) is released
-    shortly after the request even if no other request comes (db.tenants.IDLE_RESET_S)."""
+    shortly after the request even if no other request comes (tenancy.pools.IDLE_RESET_S)."""
     async with _own_project(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, key):
         fn = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
         assert (await api.sql(key, pid, fn)).json()["success"]

@@ -689,7 +689,7 @@ def compile_by_key(
     return f"UPDATE {target} SET {sets} WHERE {pk} = {params.add(key)} RETURNING *", params.values
 
 
-# -- records: the work functions run inside sql.transaction -----------------------------------
+# -- records: the work functions run inside tenancy.session.transaction --------------------------
 
 
 async def list_records(tx: Tx, project_id: str, table_name: str, q: ListQuery) -> dict[str, Any]:

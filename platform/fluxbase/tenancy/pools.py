@@ -58,7 +58,7 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
 
 
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A tenant pool connection: its prepared one-round-trip prefix (db.pipeline), and whether
+    """A tenant pool connection: its prepared one-round-trip prefix (tenancy.wire), and whether
     a request left session state that only the next one-round-trip request's prefix clears."""
 
     __slots__ = ("dirty", "idle_since", "request_prefix")

@@ -319,7 +319,10 @@ async def on_connection(
     still in a transaction afterwards is terminated, never handed to the next request."""
     project_id, limits = req.project_id, req.limits
     pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
-    conn = await acquire(pool, limits.acquire_timeout_s)
+    try:
+        conn = await pool.acquire(limits.acquire_timeout_s)  # `acquire`, inlined: the hot path
+    except TimeoutError:
+        raise ConnectionsBusy() from None
     dead = False
     try:
         # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction

@@ -84,7 +84,7 @@ async def sql_access(
 ) -> tuple[ProjectAccess, KeyAuth | None]:
     """Authenticate (cached key on the hot path), authorise `need` and count the request.
 
-    With an API key the second value is its cached state, whose liveness `sql.transaction`
+    With an API key the second value is its cached state, whose liveness `tenancy.session.transaction`
     re-checks inside the request's transaction (the key may have been revoked since).
     """
     bearer = bearer_token(request)

@@ -1,0 +1,142 @@
+"""A/B of the SQL hot path: this tree's API against another checkout's, alternately, in one run.
+
+Throughput on a shared, noisy machine moves by more than the difference a refactor makes, so
+the two servers run side by side on one PostgreSQL (a database each) and are measured in turns
+(A B A B ...), and each turn also reports the API process's CPU time per request (user + system,
+from /proc): the Python work a request costs, which other load on the machine disturbs far less.
+
+    .venv/bin/python bench/sql_ab.py --base /path/to/other/checkout [--rounds 4] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from sql_throughput import QUERY, http_load, post  # noqa: E402
+
+from fluxbase.devstack.procs import free_port  # noqa: E402
+from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / TICK
+
+
+@contextmanager
+def server(stack: Stack, dbname: str, tree: Path, tmp: Path) -> Iterator[tuple[int, int]]:
+    """An API server running the code of `tree`: (its port, its pid)."""
+    port = free_port()
+    env = stack.env(
+        dbname,
+        FLUXBASE_API_PORT=str(port),
+        FLUXBASE_API_WORKERS="1",
+        FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
+        FLUXBASE_TENANT_POOL_MAX="16",
+        FLUXBASE_TENANT_CONNECTION_LIMIT="40",
+        PYTHONPATH=f"{tree / 'platform'}:{tree / 'realtime'}",
+    )
+    with run_service(["api"], env, port, tmp) as proc:
+        yield port, proc.proc.pid
+
+
+def setup(port: int) -> bytes:
+    """A user, a project with one row and an admin key; the request the load repeats."""
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    email = f"bench-{secrets.token_hex(4)}@example.com"
+    api.post("/api/auth/register", json={"email": email, "password": "bench password 1"})
+    token = api.post("/api/auth/login", json={"email": email, "password": "bench password 1"}).json()["token"]
+    h = {"Authorization": f"Bearer {token}"}
+    pid = api.post("/api/projects", json={"name": "bench"}, headers=h).json()["project"]["id"]
+    key = api.post(
+        f"/api/projects/{pid}/api-keys", json={"name": "bench", "scope": "admin"}, headers=h
+    ).json()["key"]
+    for q in (
+        "CREATE TABLE bench_users (id int PRIMARY KEY, name text, email text)",
+        "INSERT INTO bench_users VALUES (1, 'Alice', 'alice@example.com')",
+    ):
+        r = api.post(
+            "/api/execute-sql",
+            json={"projectId": pid, "query": q},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.json()["success"], r.text
+    api.close()
+    body = json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode()
+    return post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="the other checkout (A); this tree is B")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--clients", type=int, default=32)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fluxbase-ab-"))
+    stack = start_stack(tmp)
+    try:
+        db_a, db_b = await stack.create_database(), await stack.create_database()
+        with (
+            server(stack, db_a, args.base.resolve(), tmp) as (port_a, pid_a),
+            server(stack, db_b, ROOT, tmp) as (
+                port_b,
+                pid_b,
+            ),
+        ):
+            sides = {"A (base)": (port_a, pid_a, setup(port_a)), "B (this)": (port_b, pid_b, setup(port_b))}
+            rps: dict[str, list[float]] = {k: [] for k in sides}
+            cpu_us: dict[str, list[float]] = {k: [] for k in sides}
+            for port, _, request in sides.values():
+                await http_load("127.0.0.1", port, request, args.clients, 2.0, b'"Alice"')  # warm-up
+            for n in range(args.rounds):
+                order = list(sides) if n % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    port, pid, request = sides[name]
+                    before = cpu_seconds(pid)
+                    r = await http_load("127.0.0.1", port, request, args.clients, args.seconds, b'"Alice"')
+                    used = cpu_seconds(pid) - before
+                    done = r.rps * args.seconds
+                    rps[name].append(r.rps)
+                    cpu_us[name].append(used / done * 1e6 if done else float("nan"))
+                    print(
+                        f"round {n} {name}: {r.rps:8.0f} req/s  {cpu_us[name][-1]:6.1f} µs CPU/request  errors {r.errors}"
+                    )
+            print(f"\n{args.clients} clients, {args.rounds} rounds of {args.seconds:.0f}s each, alternating")
+            for name in sides:
+                print(
+                    f"{name}: median {statistics.median(rps[name]):8.0f} req/s, "
+                    f"median {statistics.median(cpu_us[name]):6.1f} µs API CPU per request"
+                )
+            a, b = list(sides)
+            print(f"B/A throughput {statistics.median(rps[b]) / statistics.median(rps[a]):.3f}")
+            print(f"B/A CPU per request {statistics.median(cpu_us[b]) / statistics.median(cpu_us[a]):.3f}")
+        await stack.drop_database(db_a)
+        await stack.drop_database(db_b)
+    finally:
+        stop_stack(stack)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
