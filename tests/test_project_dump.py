@@ -270,3 +270,26 @@ async def test_cli_export_import_and_plain_psql(api: Api, source, stack: Stack, 
             await conn.close()
     finally:
         await stack.drop_database(dbname)
+
+
+async def test_import_vetting_reads_sql_as_postgresql_does(api: Api, source) -> None:
+    """The vetting asks PostgreSQL's parser (tenancy.statements), so comments, U& identifiers and
+    spacing cannot hide a role, an owner change or the control plane from it: each is refused
+    before anything runs (not merely failing later on the new project's privileges)."""
+    dump = await _export(api, source.admin_key, source.id)
+
+    def inject(sql: str) -> bytes:
+        at = dump.index(b"\n--\n-- PostgreSQL database dump complete")
+        return _reseal(dump[:at] + b"\n" + sql.encode() + b"\n" + dump[at:])
+
+    for sql in (
+        "CREATE /* c */ ROLE evil LOGIN;",
+        f"ALTER TABLE p_{source.id}.authors OWNER /* c */ TO postgres;",
+        "SET /* c */ ROLE postgres;",
+        'SELECT * FROM "fluxbase" /* c */ . api_keys;',
+        'SELECT * FROM U&"\\0066luxbase".api_keys;',
+        "SET LOCAL\r\nSESSION AUTHORIZATION postgres;",
+    ):
+        r = await _import(api, source.owner_token, inject(sql))
+        body = assert_error(r, 400, "IMPORT_REFUSED")
+        assert "statementIndex" in body["error"], (sql, body)
