@@ -191,8 +191,8 @@ class TenantPool:
             await self.release(conn)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[asyncpg.Record]:  # noqa: ASYNC109
-        """One query on a pooled connection; `timeout` bounds the wait for the connection too."""
-        async with self.connection(timeout) as conn:
+        """One query on a pooled connection (`timeout` bounds the query, not the wait for it)."""
+        async with self.connection() as conn:
             return list(await conn.fetch(query, *args, timeout=timeout))
 
     async def reap(self, idle_s: float) -> None:
