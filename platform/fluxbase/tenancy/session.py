@@ -505,11 +505,11 @@ async def _one_round_trip(
     raise AssertionError("unreachable")
 
 
-async def one_round_trip(
+def one_round_trip(
     pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any], keyword: str
-) -> StatementResult:
+) -> Awaitable[StatementResult]:
     """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
-    return await on_connection(
+    return on_connection(
         pools, control, req, lambda conn: _one_round_trip(conn, req, query, params, keyword), pipelined=True
     )
 
