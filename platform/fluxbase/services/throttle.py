@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from fluxbase.config import AuthSettings
+from fluxbase.config import AuthSettings, MailSettings
 from fluxbase.errors import RateLimited
 
 MAX_CLIENT_CHARS = 64
@@ -143,3 +143,16 @@ async def signup_attempt(db: asyncpg.Pool, settings: AuthSettings, realm: str, c
         settings.register_window_seconds,
     )
     await _take(db, [counter], "Too many sign-ups from this address. Try again later.")
+
+
+async def mail_request_attempt(
+    db: asyncpg.Pool, settings: MailSettings, realm: str, email: str, client_ip: str
+) -> None:
+    """Count a request that sends mail (reset, magic link, verification) per address and per
+    client, or refuse it (RATE_LIMIT). The same for addresses with and without an account."""
+    window = settings.request_window_s
+    counters = [
+        Counter(f"mail:{realm}:{unknown_account(email)[8:]}", settings.request_max_per_address, window),
+        Counter(f"mail-client:{realm}:{client_group(client_ip)}", settings.request_max_per_ip, window),
+    ]
+    await _take(db, counters, "Too many email requests. Try again later.")
