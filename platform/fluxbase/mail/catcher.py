@@ -61,16 +61,29 @@ def _parse(id_: int, envelope: Envelope) -> Caught:
 class MailCatcher:
     """Keeps what it receives (the newest MAX_KEPT messages) and wakes whoever waits for one."""
 
-    def __init__(self, smtp_port: int, http_port: int | None = None) -> None:
+    def __init__(
+        self, smtp_port: int, http_port: int | None = None, refuse: frozenset[str] = frozenset()
+    ) -> None:
         self.smtp_port = smtp_port
         self.http_port = http_port
+        self.refuse = frozenset(
+            a.lower() for a in refuse
+        )  # answered 550, as a server does for no such mailbox
         self._messages: list[Caught] = []
         self._next = 1
         self._cond = threading.Condition()
         self._controller: Controller | None = None
         self._http: ThreadingHTTPServer | None = None
 
-    # aiosmtpd handler hook
+    # aiosmtpd handler hooks
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.lower() in self.refuse:
+            return "550 5.1.1 No such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self._cond:
             self._messages.append(_parse(self._next, envelope))
