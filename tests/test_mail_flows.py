@@ -312,6 +312,9 @@ async def test_request_endpoints_are_throttled_per_client(spawn: Any) -> None:
         "//evil.example.com/auth",
         "javascript:alert(1)//app.example.com/auth",
         "https://app.example.com/auth/../admin",
+        "https://app.example.com/auth/%2e%2e/admin",  # browsers read %2e%2e as ..
+        "https://app.example.com/auth/%2E%2e/admin",
+        "https://app.example.com/auth/.%2e/admin",
         "https://app.example.com\\@evil.example.com/auth",
         "https://app.example.com/auth#@evil.example.com",
         "/auth",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -104,7 +104,9 @@ def choose_redirect(requested: str | None, allowed: Sequence[str]) -> str | None
         scheme, host, port, path = _parts(requested)
     except ValueError:
         raise RedirectNotAllowed() from None
-    if any(ord(c) < 0x21 for c in requested) or "/." in path:
+    # No dot segments, also percent-encoded ones (browsers resolve %2e%2e as ..), which could
+    # climb out of the allowed path prefix.
+    if any(ord(c) < 0x21 for c in requested) or "/." in unquote(path):
         raise RedirectNotAllowed()
     for entry in allowed:
         e_scheme, e_host, e_port, e_path = _parts(entry)

@@ -48,7 +48,7 @@ async def send_due(db: asyncpg.Pool, settings: MailSettings) -> int:
     for r in rows:
         msg = smtp.build(settings, r["recipient"], r["subject"], r["text_body"], r["html_body"])
         try:
-            await smtp.send(settings, msg)
+            await smtp.send(settings, msg, r["recipient"])
         except smtp.SendFailed as exc:
             retries = settings.retry_schedule
             if exc.permanent:

@@ -40,7 +40,7 @@ def build(settings: MailSettings, recipient: str, subject: str, text: str, html:
     return msg
 
 
-def _send_blocking(settings: MailSettings, msg: EmailMessage) -> None:
+def _send_blocking(settings: MailSettings, msg: EmailMessage, recipient: str) -> None:
     timeout = settings.smtp_timeout_s
     context = ssl.create_default_context()
     client: smtplib.SMTP
@@ -55,7 +55,9 @@ def _send_blocking(settings: MailSettings, msg: EmailMessage) -> None:
             client.ehlo()
         if settings.smtp_username:
             client.login(settings.smtp_username, settings.smtp_password)
-        client.send_message(msg)
+        # The envelope names exactly the one stored recipient, never what a header parser makes
+        # of it (a comma in an address would otherwise add recipients).
+        client.send_message(msg, to_addrs=[recipient])
 
 
 def _classify(exc: BaseException) -> SendFailed:
@@ -74,11 +76,11 @@ def _classify(exc: BaseException) -> SendFailed:
     return SendFailed(f"{type(exc).__name__}: {exc}", permanent=False)
 
 
-async def send(settings: MailSettings, msg: EmailMessage) -> None:
+async def send(settings: MailSettings, msg: EmailMessage, recipient: str) -> None:
     """Send, or raise SendFailed (permanent or not)."""
     if not settings.smtp_host:
         raise SendFailed("no SMTP server configured (FLUXBASE_SMTP_HOST)", permanent=False)
     try:
-        await asyncio.to_thread(_send_blocking, settings, msg)
+        await asyncio.to_thread(_send_blocking, settings, msg, recipient)
     except (smtplib.SMTPException, OSError, ssl.SSLError) as exc:
         raise _classify(exc) from None
