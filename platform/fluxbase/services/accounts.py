@@ -179,7 +179,6 @@ SELECT count(*) FROM u
 async def request_reset(db: asyncpg.Pool, settings: Settings, email: str, client_ip: str) -> None:
     """Queue a reset link if the address has an account; throttled per address and client."""
     email = normalise_email(email)
-    await throttle.mail_request_attempt(db, settings.mail, "dashboard", email, client_ip)
     token, token_hash = links.new_token()
     ttl = settings.mail.link_ttl_s
     values = {
@@ -189,7 +188,11 @@ async def request_reset(db: asyncpg.Pool, settings: Settings, email: str, client
         "expires_minutes": str(max(1, ttl // 60)),
     }
     message = await outbox.compose(db, None, "account_reset", values)
-    await db.fetchval(_RESET_REQUEST, email, token_hash, ttl, message.subject, message.text, message.html)
+    async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, "dashboard", email, client_ip)
+        await conn.fetchval(
+            _RESET_REQUEST, email, token_hash, ttl, message.subject, message.text, message.html
+        )
 
 
 async def reset_password(db: asyncpg.Pool, token: str, new_password: str) -> int:

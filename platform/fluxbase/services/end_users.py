@@ -551,21 +551,22 @@ async def request_link(
     config = await get_config(db, project_id)
     base = links.choose_redirect(redirect_to, config.redirect_urls)
     email = accounts.normalise_email(email)
-    await throttle.mail_request_attempt(db, settings.mail, project_id, email, client_ip)
     token, token_hash = links.new_token()
     values = _values(settings, purpose, project.name, email, links.link(base, purpose, token), token)
     message = await outbox.compose(db, project_id, purpose, values)
-    await db.fetchval(
-        _REQUEST,
-        project_id,
-        email,
-        purpose,
-        token_hash,
-        int(getattr(settings.mail, _PURPOSE_TTL[purpose])),
-        message.subject,
-        message.text,
-        message.html,
-    )
+    async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, project_id, email, client_ip)
+        await conn.fetchval(
+            _REQUEST,
+            project_id,
+            email,
+            purpose,
+            token_hash,
+            int(getattr(settings.mail, _PURPOSE_TTL[purpose])),
+            message.subject,
+            message.text,
+            message.html,
+        )
 
 
 async def verify_email(db: asyncpg.Pool, project_id: str, token: str) -> ProjectUser:
@@ -654,8 +655,8 @@ async def request_email_change(
     new_email = accounts.normalise_email(new_email)
     if new_email.lower() == user.email.lower():
         raise ValidationError("The new email is the current one.")
-    await throttle.mail_request_attempt(db, settings.mail, user.project_id, new_email, client_ip)
     async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, user.project_id, new_email, client_ip)
         await _send_link(
             conn,
             settings,
