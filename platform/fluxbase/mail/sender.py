@@ -42,27 +42,37 @@ WHERE id = $1
 
 
 async def send_due(db: asyncpg.Pool, settings: MailSettings) -> int:
-    """Send one batch of due messages; returns how many were claimed."""
-    lease = settings.smtp_timeout_s * 4 + 30
-    rows = await db.fetch(_CLAIM, BATCH, lease)
-    for r in rows:
-        msg = smtp.build(settings, r["recipient"], r["subject"], r["text_body"], r["html_body"])
-        try:
-            await smtp.send(settings, msg, r["recipient"])
-        except smtp.SendFailed as exc:
-            retries = settings.retry_schedule
-            if exc.permanent:
-                await db.execute(_DONE, r["id"], "bounced", exc.reason)
-                log.warning("mail %s bounced: %s", r["id"], exc.reason)
-            elif r["attempts"] > len(retries):
-                await db.execute(_DONE, r["id"], "failed", exc.reason)
-                log.warning("mail %s failed after %s attempts: %s", r["id"], r["attempts"], exc.reason)
-            else:
-                delay = retries[r["attempts"] - 1] * random.uniform(0.8, 1.2)
-                await db.execute(_RETRY, r["id"], exc.reason, delay)
-            continue
-        await db.execute(_DONE, r["id"], "sent", None)
-    return len(rows)
+    """Send up to BATCH due messages; returns how many were claimed. Each is claimed just before
+    it is sent, so its lease covers one send and never a queue of them (a lease that ran out
+    behind a slow batch would let another worker send the same message again)."""
+    lease = settings.smtp_timeout_s * 8 + 30  # connect, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA
+    claimed = 0
+    for _ in range(BATCH):
+        r = await db.fetchrow(_CLAIM, 1, lease)
+        if r is None:
+            break
+        claimed += 1
+        await _send_one(db, settings, r)
+    return claimed
+
+
+async def _send_one(db: asyncpg.Pool, settings: MailSettings, r: asyncpg.Record) -> None:
+    msg = smtp.build(settings, r["recipient"], r["subject"], r["text_body"], r["html_body"])
+    try:
+        await smtp.send(settings, msg, r["recipient"])
+    except smtp.SendFailed as exc:
+        retries = settings.retry_schedule
+        if exc.permanent:
+            await db.execute(_DONE, r["id"], "bounced", exc.reason)
+            log.warning("mail %s bounced: %s", r["id"], exc.reason)
+        elif r["attempts"] > len(retries):
+            await db.execute(_DONE, r["id"], "failed", exc.reason)
+            log.warning("mail %s failed after %s attempts: %s", r["id"], r["attempts"], exc.reason)
+        else:
+            delay = retries[r["attempts"] - 1] * random.uniform(0.8, 1.2)
+            await db.execute(_RETRY, r["id"], exc.reason, delay)
+        return
+    await db.execute(_DONE, r["id"], "sent", None)
 
 
 async def run(db: asyncpg.Pool, settings: MailSettings, stop: asyncio.Event) -> None:
