@@ -421,3 +421,25 @@ async def sent_log(env: Env, pid: str, count: int = 1) -> list[dict[str, Any]]:
         if sum(e["status"] != "pending" for e in entries) >= count or time.monotonic() > deadline:
             return entries
         await asyncio.sleep(0.2)
+
+
+async def test_a_token_works_once_under_concurrency_and_only_in_its_project(env: Env) -> None:
+    pid, other = await new_project(env), await new_project(env)
+    address = email()
+    assert (await register_user(env, pid, address)).status_code == 201
+    assert (await register_user(env, other, address)).status_code == 201
+    assert (await post(env, f"/api/projects/{pid}/auth/magic-link", {"email": address})).status_code == 202
+    _, token = link_token(link_of(await wait_mail(env.catcher, address, lambda m: "Sign in" in m.subject)))
+    # The same address in another project: the token is not that project's.
+    r = await post(env, f"/api/projects/{other}/auth/magic-link/verify", {"token": token})
+    assert_error(r, 400, "INVALID_EMAIL_TOKEN")
+    results = await asyncio.gather(
+        *(post(env, f"/api/projects/{pid}/auth/magic-link/verify", {"token": token}) for _ in range(8))
+    )
+    assert sorted(r.status_code for r in results) == [200] + [400] * 7
+    sessions = await env.db.fetchval(
+        """SELECT count(*) FROM fluxbase.project_user_sessions s
+           JOIN fluxbase.project_users u ON u.id = s.user_id WHERE u.project_id = $1""",
+        pid,
+    )
+    assert sessions == 1
