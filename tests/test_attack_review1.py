@@ -1,0 +1,259 @@
+"""Hostile review 1: attacks on tenant confinement through the public HTTP API.
+
+Each test asserts the SECURE behaviour. Tests of holes that are still open are marked
+`xfail(strict=True)`: they start passing (and so fail the suite) when the hole is closed, and
+the mark is removed with the fix.
+
+The `standard_conforming_strings` attacks: the classifier (tenancy/statements.py) parses every
+text with libpg_query, which always lexes '...' as if standard_conforming_strings were on. A
+tenant may `SET LOCAL standard_conforming_strings = off` in a batch (no rule refuses it); from
+then on PostgreSQL reads a backslash in '...' as an escape, so `'a\\', '` is one string to the
+server but a string, a comma and the start of another to the classifier. Whatever the server
+then sees outside the string, the classifier saw inside it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+
+from support import Api, bearer, random_ip
+
+PASSWORD = "correct horse battery"
+MANY = 1_000_000
+
+
+async def sql(api: Api, key: str, pid: str, q: str, token: str | None = None) -> dict[str, Any]:
+    headers = bearer(key)
+    if token is not None:
+        headers["X-Fluxbase-User-Token"] = token
+    r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": q}, headers=headers)
+    return dict(r.json())
+
+
+async def batch(api: Api, key: str, pid: str, queries: list[str], token: str | None = None) -> dict[str, Any]:
+    headers = bearer(key)
+    if token is not None:
+        headers["X-Fluxbase-User-Token"] = token
+    body = {"projectId": pid, "statements": [{"query": q} for q in queries]}
+    r = await api.http.post("/api/execute-batch", json=body, headers=headers)
+    return dict(r.json())
+
+
+async def end_user(api: Api, pid: str) -> tuple[str, str]:
+    email = f"atk-{secrets.token_hex(4)}@example.com"
+    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{pid}/auth/login",
+        json={"email": email, "password": PASSWORD},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["user"]["id"], r.json()["accessToken"]
+
+
+async def browser_key(api: Api, project: Any) -> str:
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "browser", "scope": "readwrite", "requireUserAuth": True, "rateLimitRequests": MANY},
+        headers=bearer(project.owner_token),
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
+async def secrets_table(api: Api, project: Any) -> tuple[str, str, str]:
+    """A table with one row per end user under RLS; (alice id, alice token, victim id)."""
+    pid = project.id
+    alice, a_tok = await end_user(api, pid)
+    victim, _ = await end_user(api, pid)
+    for q in (
+        "CREATE TABLE secrets (owner text NOT NULL, v text NOT NULL)",
+        f"INSERT INTO secrets VALUES ('{alice}', 'alice-row'), ('{victim}', 'victim-secret')",
+        "ALTER TABLE secrets ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON secrets USING (owner = auth.uid())",
+    ):
+        assert (await sql(api, project.admin_key, pid, q))["success"], q
+    return alice, a_tok, victim
+
+
+def smuggled_function(name: str, hidden: str, last: str) -> str:
+    """A temp SQL function whose body the classifier reads as one harmless SELECT of two string
+    constants, and PostgreSQL (standard_conforming_strings off) as `SELECT 'a'', '; <hidden>;
+    <last> --'`. `hidden` and `last` may not contain a single quote."""
+    assert "'" not in hidden + last
+    body = f"SELECT 'a\\', ' ; {hidden} ; {last} --'"
+    return f"CREATE FUNCTION pg_temp.{name}() RETURNS text LANGUAGE sql AS $fx${body}$fx$"
+
+
+# -- 1. auth.uid() forged by an end user through a smuggled SET LOCAL -----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: standard_conforming_strings=off makes PG lex a SQL function body "
+    "differently from pglast; a hidden SET LOCAL fluxbase.auth_uid forges the end user",
+)
+async def test_end_user_cannot_forge_uid_via_standard_conforming_strings(api: Api, project: Any) -> None:
+    pid = project.id
+    alice, a_tok, victim = await secrets_table(api, project)
+    key = await browser_key(api, project)
+    create = smuggled_function(
+        "forge",
+        f"SET LOCAL fluxbase.auth_uid = $${victim}$$",
+        "SELECT string_agg(v, $$,$$) FROM secrets",
+    )
+    body = await batch(
+        api,
+        key,
+        pid,
+        ["SET LOCAL standard_conforming_strings = off", create, "SELECT pg_temp.forge() AS leak"],
+        a_tok,
+    )
+    assert "victim-secret" not in str(body), body
+
+
+# -- 2. per-role resource caps escaped the same way --------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: a SET hidden by standard_conforming_strings=off in a SQL function body "
+    "escapes the work_mem / statement_timeout caps",
+)
+async def test_caps_hold_against_standard_conforming_strings_smuggling(api: Api, project: Any) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    create = smuggled_function(
+        "caps",
+        "SET LOCAL work_mem = 4000000 ; SET LOCAL statement_timeout = 0",
+        "SELECT current_setting($$work_mem$$) || $$/$$ || current_setting($$statement_timeout$$)",
+    )
+    probe = "SELECT current_setting('work_mem') || '/' || current_setting('statement_timeout') AS v"
+    baseline = (await sql(api, rw, pid, probe))["result"]["rows"][0]["v"]
+    body = await batch(
+        api, rw, pid, ["SET LOCAL standard_conforming_strings = off", create, "SELECT pg_temp.caps() AS v"]
+    )
+    got = body["results"][2]["rows"][0]["v"] if body.get("success") else None
+    assert got in (None, baseline), (baseline, body)
+
+
+# -- 3. the outer statement itself, as an admin: the identity rule that binds even admin keys ----
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: with standard_conforming_strings=off a batch statement the classifier reads "
+    "as SELECT of constants calls set_config('fluxbase.auth_uid', ...) for the server",
+)
+async def test_admin_cannot_set_identity_via_standard_conforming_strings(api: Api, project: Any) -> None:
+    pid = project.id
+    q = "SELECT 'a\\', ' , set_config($$fluxbase.auth_uid$$, $$chosen$$, true) AS x, auth.uid() AS u --'"
+    body = await batch(api, project.admin_key, pid, ["SET LOCAL standard_conforming_strings = off", q])
+    assert "chosen" not in str(body.get("results", "")), body
+
+
+# -- 4. the same SET without the lexer trick stays refused (regression guards) ---------------------
+
+
+async def test_sql_function_body_set_is_refused_plainly(api: Api, project: Any) -> None:
+    pid = project.id
+    alice, a_tok, victim = await secrets_table(api, project)
+    key = await browser_key(api, project)
+    for q in (
+        "CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+        f"$$ SET LOCAL fluxbase.auth_uid = '{victim}'; SELECT string_agg(v, ',') FROM secrets $$",
+        "CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql AS "
+        f"'SET LOCAL fluxbase.auth_uid = ''{victim}''; SELECT string_agg(v, '','') FROM secrets'",
+        # nested: a SQL function that creates one
+        "CREATE FUNCTION pg_temp.g() RETURNS void LANGUAGE sql AS $a$ CREATE FUNCTION pg_temp.h() "
+        f"RETURNS text LANGUAGE sql AS $b$ SET LOCAL fluxbase.auth_uid = '{victim}'; SELECT 'x' $b$ $a$",
+        f"CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql SET fluxbase.auth_uid FROM CURRENT AS $$ SELECT '{victim}' $$",
+    ):
+        body = await sql(api, key, pid, q, a_tok)
+        assert body["success"] is False, (q, body)
+    body = await sql(api, key, pid, "SELECT auth.uid() AS u, v FROM secrets", a_tok)
+    assert body["result"]["rows"] == [{"u": alice, "v": "alice-row"}], body
+
+
+async def test_pg_temp_shadowing_does_not_reach_platform_statements(api: Api, project: Any) -> None:
+    """A readwrite key puts pg_temp first and shadows functions/operators the platform's own
+    statements might resolve; the next request still runs as itself."""
+    pid = project.id
+    alice, a_tok, victim = await secrets_table(api, project)
+    key = await browser_key(api, project)
+    body = await batch(
+        api,
+        key,
+        pid,
+        [
+            "SET LOCAL search_path = pg_temp, pg_catalog",
+            f"CREATE FUNCTION pg_temp.current_setting(text) RETURNS text LANGUAGE sql AS $$ SELECT '{victim}' $$",
+            "CREATE FUNCTION pg_temp.eqx(text, text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$",
+            "CREATE OPERATOR pg_temp.= (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_temp.eqx)",
+            "SELECT v FROM secrets",
+        ],
+        a_tok,
+    )
+    assert "victim-secret" not in str(body), body
+    body = await sql(api, key, pid, "SELECT auth.uid() AS u, v FROM secrets", a_tok)
+    assert body["result"]["rows"] == [{"u": alice, "v": "alice-row"}], body
+
+
+async def test_readwrite_cannot_reach_another_project_or_control_plane(api: Api, project: Any) -> None:
+    pid = project.id
+    _, owner = await api.new_user()
+    other = await api.new_project(owner)
+    other_admin = await api.new_key(owner, other, "admin")
+    assert (await sql(api, other_admin, other, "CREATE TABLE loot (v text)"))["success"]
+    assert (await sql(api, other_admin, other, "INSERT INTO loot VALUES ('other-secret')"))["success"]
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    for key in (rw, project.admin_key):
+        for q in (
+            f"SELECT * FROM p_{other}.loot",
+            "SELECT * FROM fluxbase.api_keys",
+            "SELECT * FROM fluxbase.project_users",
+            f"SET ROLE p_{other}_admin",
+            "SELECT pg_read_file('postgresql.conf')",
+            "SELECT * FROM pg_stat_activity WHERE query <> ''",
+            "SELECT * FROM pg_prepared_statements",
+            "CREATE EXTENSION dblink",
+            "CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1' PUBLICATION p",
+            "CREATE PUBLICATION p FOR ALL TABLES",
+            "CREATE EVENT TRIGGER e ON ddl_command_start EXECUTE FUNCTION pg_catalog.now()",
+            "SECURITY LABEL ON TABLE secrets IS 'x'",
+            "COPY (SELECT 1) TO PROGRAM 'id'",
+            "ALTER FUNCTION pg_catalog.now() SET work_mem = '1GB'",
+            "EXPLAIN ANALYZE SELECT set_config('fluxbase.auth_uid', 'x', true)",
+        ):
+            body = await sql(api, key, pid, q)
+            assert body["success"] is False or "other-secret" not in str(body), (q, body)
+            assert "other-secret" not in str(body) and "key_hash" not in str(body), (q, body)
+
+
+# -- 5. login throttling across rotated client addresses ----------------------------------------------
+
+
+async def test_login_throttle_holds_across_rotated_forwarded_for(api: Api, project: Any) -> None:
+    pid = project.id
+    email = f"victim-{secrets.token_hex(4)}@example.com"
+    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    limited = False
+    for i in range(30):
+        guess_email = email if i % 2 else email.upper()
+        r = await api.http.post(
+            f"/api/projects/{pid}/auth/login",
+            json={"email": guess_email, "password": f"wrong-{i}"},
+            headers={"X-Forwarded-For": random_ip()},
+        )
+        if r.status_code == 429:
+            limited = True
+            break
+        assert r.status_code in (400, 401), r.text
+    assert limited, "30 guesses from 30 addresses at one account were never throttled"
+
+
