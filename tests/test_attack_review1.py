@@ -257,3 +257,56 @@ async def test_login_throttle_holds_across_rotated_forwarded_for(api: Api, proje
     assert limited, "30 guesses from 30 addresses at one account were never throttled"
 
 
+
+
+# -- 6. platform SQL built for standard_conforming_strings=on, run after the tenant turned it off --
+
+
+async def _batch_as(api: Api, key: str, pid: str, queries: list[str], auth_uid: str) -> dict[str, Any]:
+    body = {"projectId": pid, "statements": [{"query": q} for q in queries], "authUid": auth_uid}
+    r = await api.http.post("/api/execute-batch", json=body, headers=bearer(key))
+    return dict(r.json())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: execute-batch re-sets the identity with quote_literal() (scs=on quoting) over the "
+    "simple protocol after the tenant's SET LOCAL standard_conforming_strings = off; an authUid "
+    "ending the literal with \\' injects COMMIT; BEGIN and the rest runs outside the read-only transaction",
+)
+async def test_read_only_project_holds_against_auth_uid_injection(api: Api, project: Any) -> None:
+    pid = project.id
+    assert (await sql(api, project.admin_key, pid, "CREATE TABLE ro_t (v text)"))["success"]
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    r = await api.http.patch(f"/api/projects/{pid}", json={"readOnly": True}, headers=bearer(project.owner_token))
+    assert r.status_code == 200, r.text
+    plain = await _batch_as(api, rw, pid, ["INSERT INTO ro_t VALUES ('plain')"], "u1")
+    assert plain["success"] is False, plain
+    await _batch_as(
+        api,
+        rw,
+        pid,
+        ["SET LOCAL standard_conforming_strings = off", "INSERT INTO ro_t VALUES ('escaped')"],
+        "\\'; COMMIT; BEGIN; --",
+    )
+    got = await sql(api, project.admin_key, pid, "SELECT count(*) AS n FROM ro_t")
+    assert got["result"]["rows"] == [{"n": 0}], got
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the same authUid injection runs statements the classifier refuses "
+    "(session-level SET of a capped setting that outlives the request on the pooled connection)",
+)
+async def test_classifier_holds_against_auth_uid_injection(api: Api, project: Any) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    body = await _batch_as(
+        api,
+        rw,
+        pid,
+        ["SET LOCAL standard_conforming_strings = off", "SELECT current_setting('work_mem') AS w"],
+        "\\'; SET LOCAL work_mem = 4000000; --",
+    )
+    got = body["results"][1]["rows"][0]["w"] if body.get("success") else None
+    assert got != "4000000kB", body
