@@ -310,3 +310,43 @@ async def test_classifier_holds_against_auth_uid_injection(api: Api, project: An
     )
     got = body["results"][1]["rows"][0]["w"] if body.get("success") else None
     assert got != "4000000kB", body
+
+
+# -- 7. caps checked on the literal, not on the value PostgreSQL stores -----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: over_cap() accepts statement_timeout/lock_timeout = '0.4' (0.4 ms, under the cap), "
+    "PostgreSQL rounds it to 0, which means no timeout at all",
+)
+async def test_fractional_timeout_does_not_round_to_unlimited(api: Api, project: Any) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    for setting, value in (("statement_timeout", "0.4"), ("lock_timeout", "400us")):
+        body = await batch(api, rw, pid, [f"SET LOCAL {setting} = '{value}'", f"SHOW {setting}"])
+        shown = body["results"][1]["rows"][0][setting] if body.get("success") else None
+        assert shown != "0", (setting, value, body)
+
+
+async def test_caps_refused_in_plain_spellings(api: Api, project: Any) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    for q in (
+        "SET LOCAL statement_timeout = 0",
+        "SET LOCAL statement_timeout = '-1'",
+        "SET LOCAL work_mem = '0x7fffffff'",
+        "SET LOCAL work_mem = '1TB'",
+        "SET LOCAL work_mem = 1e12",
+        "SET LOCAL temp_file_limit = -1",
+        "SET LOCAL hash_mem_multiplier = 1000",
+        "SET LOCAL max_parallel_workers_per_gather = 64",
+        "SELECT set_config('work_mem', '4GB', true)",
+        "CREATE FUNCTION pg_temp.w() RETURNS int LANGUAGE sql SET work_mem = '4GB' AS $$ SELECT 1 $$",
+        "CREATE FUNCTION pg_temp.w() RETURNS int LANGUAGE sql AS $$ SET LOCAL work_mem = '4GB'; SELECT 1 $$",
+        "UPDATE pg_settings SET setting = '4GB' WHERE name = 'work_mem'",
+        "WITH s AS (UPDATE pg_catalog.pg_settings SET setting = '4GB' WHERE name = 'work_mem' RETURNING 1) "
+        "SELECT * FROM s",
+    ):
+        body = await batch(api, rw, pid, [q, "SELECT current_setting('work_mem') AS w"])
+        assert body["success"] is False, (q, body)
