@@ -423,3 +423,61 @@ async def test_other_projects_catalog_entries_are_not_readable(api: Api, project
         if any(s in text for s in ("SECRETFN", "SECRETDEFAULT", "SECRETCOMMENT", "SECRETPOLICY", "77")):
             leaks.append(q)
     assert leaks == [], leaks
+
+
+# -- 10. outbound requests to loopback through other spellings of the address -----------------------
+
+
+async def test_outbound_requests_never_reach_loopback(api: Api, project: Any) -> None:
+    import asyncio
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+
+    hits: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await reader.read(200))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"keys\":[]}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spellings = [
+        f"http://127.0.0.1:{port}/",
+        f"http://2130706433:{port}/",
+        f"http://0x7f000001:{port}/",
+        f"http://0177.0.0.1:{port}/",
+        f"http://127.1:{port}/",
+        f"http://[::ffff:127.0.0.1]:{port}/",
+        f"http://[::ffff:7f00:1]:{port}/",
+        f"http://localhost:{port}/",
+        f"http://LOCALHOST.:{port}/",
+        f"http://127.0.0.1.:{port}/",
+        f"http://%31%32%37.0.0.1:{port}/",
+    ]
+    try:
+        for url in spellings:
+            r = await api.http.post(
+                "/api/webhooks",
+                json={"projectId": project.id, "url": url, "events": ["row.inserted"]},
+                headers=bearer(project.admin_key),
+            )
+            if r.status_code == 201:
+                hook = r.json()["webhook"]["id"]
+                await api.http.post(f"/api/webhooks/{hook}/test", headers=bearer(project.admin_key))
+            r = await api.http.patch(
+                f"/api/projects/{project.id}/auth/settings",
+                json={"jwksUri": url},
+                headers=bearer(project.owner_token),
+            )
+            if r.status_code == 200:
+                tok = pyjwt.encode({"sub": "x", "exp": 2_000_000_000}, ec_key, algorithm="ES256", headers={"kid": "a"})
+                await sql(api, project.admin_key, project.id, "SELECT 1", tok)
+        await asyncio.sleep(0.5)
+    finally:
+        server.close()
+    assert hits == [], hits
