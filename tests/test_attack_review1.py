@@ -481,3 +481,24 @@ async def test_outbound_requests_never_reach_loopback(api: Api, project: Any) ->
     finally:
         server.close()
     assert hits == [], hits
+
+
+async def test_login_throttle_holds_against_a_parallel_burst(api: Api, project: Any) -> None:
+    import asyncio
+
+    pid = project.id
+    email = f"burst-{secrets.token_hex(4)}@example.com"
+    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+
+    async def guess(i: int) -> int:
+        r = await api.http.post(
+            f"/api/projects/{pid}/auth/login",
+            json={"email": email, "password": f"wrong-{i}"},
+            headers={"X-Forwarded-For": random_ip()},
+        )
+        return r.status_code
+
+    codes = await asyncio.gather(*(guess(i) for i in range(40)))
+    checked = [c for c in codes if c != 429]
+    assert len(checked) <= 20, codes  # login_account_max_failures
