@@ -502,3 +502,31 @@ async def test_login_throttle_holds_against_a_parallel_burst(api: Api, project: 
     codes = await asyncio.gather(*(guess(i) for i in range(40)))
     checked = [c for c in codes if c != 429]
     assert len(checked) <= 20, codes  # login_account_max_failures
+
+
+# -- 11. tenant code run by the platform's capture triggers -------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: sql/0005 capture triggers are SECURITY DEFINER (owned by the migration role) and call "
+    "to_jsonb() of the tenant row, which calls a tenant-defined cast to json with the definer's rights",
+)
+async def test_capture_trigger_does_not_run_tenant_cast_with_platform_rights(api: Api, project: Any) -> None:
+    pid, key = project.id, project.admin_key
+    schema = f"p_{pid}"
+    for q in (
+        "CREATE TABLE loot (who text, super boolean)",
+        "CREATE TYPE mood AS ENUM ('happy')",
+        f"CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql AS $$ INSERT INTO {schema}.loot "
+        "SELECT current_user::text, (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user); "
+        "SELECT '{}'::json $$",
+        "CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)",
+        "CREATE TABLE t (m mood)",
+        "INSERT INTO t VALUES ('happy')",
+    ):
+        body = await sql(api, key, pid, q)
+        assert body["success"], (q, body)
+    body = await sql(api, key, pid, "SELECT who, super FROM loot")
+    rows = body["result"]["rows"]
+    assert all(r["who"].startswith(f"p_{pid}_") and not r["super"] for r in rows), rows
