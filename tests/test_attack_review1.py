@@ -99,7 +99,7 @@ def smuggled_function(name: str, hidden: str, last: str) -> str:
 )
 async def test_end_user_cannot_forge_uid_via_standard_conforming_strings(api: Api, project: Any) -> None:
     pid = project.id
-    alice, a_tok, victim = await secrets_table(api, project)
+    _alice, a_tok, victim = await secrets_table(api, project)
     key = await browser_key(api, project)
     create = smuggled_function(
         "forge",
@@ -171,7 +171,8 @@ async def test_sql_function_body_set_is_refused_plainly(api: Api, project: Any) 
         # nested: a SQL function that creates one
         "CREATE FUNCTION pg_temp.g() RETURNS void LANGUAGE sql AS $a$ CREATE FUNCTION pg_temp.h() "
         f"RETURNS text LANGUAGE sql AS $b$ SET LOCAL fluxbase.auth_uid = '{victim}'; SELECT 'x' $b$ $a$",
-        f"CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql SET fluxbase.auth_uid FROM CURRENT AS $$ SELECT '{victim}' $$",
+        "CREATE FUNCTION pg_temp.g() RETURNS text LANGUAGE sql SET fluxbase.auth_uid FROM CURRENT "
+        f"AS $$ SELECT '{victim}' $$",
     ):
         body = await sql(api, key, pid, q, a_tok)
         assert body["success"] is False, (q, body)
@@ -191,7 +192,8 @@ async def test_pg_temp_shadowing_does_not_reach_platform_statements(api: Api, pr
         pid,
         [
             "SET LOCAL search_path = pg_temp, pg_catalog",
-            f"CREATE FUNCTION pg_temp.current_setting(text) RETURNS text LANGUAGE sql AS $$ SELECT '{victim}' $$",
+            "CREATE FUNCTION pg_temp.current_setting(text) RETURNS text LANGUAGE sql "
+            f"AS $$ SELECT '{victim}' $$",
             "CREATE FUNCTION pg_temp.eqx(text, text) RETURNS boolean LANGUAGE sql AS $$ SELECT true $$",
             "CREATE OPERATOR pg_temp.= (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_temp.eqx)",
             "SELECT v FROM secrets",
@@ -257,8 +259,6 @@ async def test_login_throttle_holds_across_rotated_forwarded_for(api: Api, proje
     assert limited, "30 guesses from 30 addresses at one account were never throttled"
 
 
-
-
 # -- 6. platform SQL built for standard_conforming_strings=on, run after the tenant turned it off --
 
 
@@ -278,7 +278,9 @@ async def test_read_only_project_holds_against_auth_uid_injection(api: Api, proj
     pid = project.id
     assert (await sql(api, project.admin_key, pid, "CREATE TABLE ro_t (v text)"))["success"]
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
-    r = await api.http.patch(f"/api/projects/{pid}", json={"readOnly": True}, headers=bearer(project.owner_token))
+    r = await api.http.patch(
+        f"/api/projects/{pid}", json={"readOnly": True}, headers=bearer(project.owner_token)
+    )
     assert r.status_code == 200, r.text
     plain = await _batch_as(api, rw, pid, ["INSERT INTO ro_t VALUES ('plain')"], "u1")
     assert plain["success"] is False, plain
@@ -369,7 +371,9 @@ async def test_db_quota_holds_for_a_large_write_hidden_in_a_cte(
     r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
     used = r.json()["quotas"]["databaseUsedBytes"]
     cap = used * 4 + 65_536
-    r = await api.http.patch(f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": cap}, headers=bearer(root))
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": cap}, headers=bearer(root)
+    )
     assert r.status_code == 200, r.text
     # A small write: measured (no fresh measurement yet), far below the cap.
     assert (await sql(api, key, pid, "INSERT INTO blob VALUES ('small')"))["success"]
@@ -440,7 +444,7 @@ async def test_outbound_requests_never_reach_loopback(api: Api, project: Any) ->
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hits.append(await reader.read(200))
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"keys\":[]}")
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{"keys":[]}')
         await writer.drain()
         writer.close()
 
@@ -475,7 +479,9 @@ async def test_outbound_requests_never_reach_loopback(api: Api, project: Any) ->
                 headers=bearer(project.owner_token),
             )
             if r.status_code == 200:
-                tok = pyjwt.encode({"sub": "x", "exp": 2_000_000_000}, ec_key, algorithm="ES256", headers={"kid": "a"})
+                tok = pyjwt.encode(
+                    {"sub": "x", "exp": 2_000_000_000}, ec_key, algorithm="ES256", headers={"kid": "a"}
+                )
                 await sql(api, project.admin_key, project.id, "SELECT 1", tok)
         await asyncio.sleep(0.5)
     finally:
