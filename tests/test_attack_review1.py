@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import httpx
 import pytest
 
 from support import Api, bearer, random_ip
@@ -597,3 +598,53 @@ async def test_admin_key_cannot_escape_caps_or_identity_without_a_visible_set(ap
             if row.get("w") == "4GB" or row.get("u") == "chosen":
                 escaped[label] = row
     assert escaped == {}, escaped
+
+
+# -- 13. storage: userFolder names that might land in another user's folder ---------------------------
+
+
+async def test_user_folder_rule_holds_for_tricky_names(api: Api, project: Any) -> None:
+    from test_storage import create_bucket
+    from test_storage_confinement import list_files, upload_as, user
+
+    pid, admin = project.id, project.admin_key
+    key = await browser_key(api, project)
+    alice, a_tok = await end_user(api, pid)
+    bob, b_tok = await end_user(api, pid)
+    a, b = user(key, a_tok), user(key, b_tok)
+    await create_bucket(
+        api,
+        admin,
+        pid,
+        "home",
+        endUserAccess=dict.fromkeys(("list", "read", "insert", "update", "delete"), "userFolder"),
+    )
+    assert (await upload_as(api, b, pid, "home", f"{bob}/secret.txt", b"bob's")).status_code == 201
+    names = [
+        f"{alice}/../{bob}/x.txt",
+        f"{alice}/./../{bob}/x.txt",
+        f"{alice}%2F..%2F{bob}/x.txt",
+        f"{alice}/..%2F{bob}/x.txt",
+        f"{alice}\u2215..\u2215{bob}/x.txt",
+        f"{alice}/\uff0e\uff0e/{bob}/x.txt",
+        f"{alice}//{bob}/x.txt",
+        f"{bob}/x.txt",
+        f"{bob.upper()}/x.txt",
+        f"{alice}/" + "a" * 2000,
+        f"{bob}/secret.txt",
+    ]
+    for name in names:
+        await upload_as(api, a, pid, "home", name, b"alice was here", upsert="true")
+    listed = (await list_files(api, b, pid, "home")).json()["files"]
+    assert [f["name"] for f in listed] == [f"{bob}/secret.txt"], listed
+    r = await api.http.get(
+        "/api/storage/url", params={"projectId": pid, "s3Key": listed[0]["s3_key"]}, headers=a
+    )
+    assert r.status_code == 404, r.text
+    url = (
+        await api.http.get(
+            "/api/storage/url", params={"projectId": pid, "s3Key": listed[0]["s3_key"]}, headers=b
+        )
+    ).json()["url"]
+    async with httpx.AsyncClient() as raw:
+        assert (await raw.get(url)).content == b"bob's"
