@@ -6,10 +6,10 @@ the mark is removed with the fix.
 
 The `standard_conforming_strings` attacks: the classifier (tenancy/statements.py) parses every
 text with libpg_query, which always lexes '...' as if standard_conforming_strings were on. A
-tenant may `SET LOCAL standard_conforming_strings = off` in a batch (no rule refuses it); from
-then on PostgreSQL reads a backslash in '...' as an escape, so `'a\\', '` is one string to the
-server but a string, a comma and the start of another to the classifier. Whatever the server
-then sees outside the string, the classifier saw inside it.
+tenant could `SET LOCAL standard_conforming_strings = off` in a batch (the "how SQL text is read"
+row of the refusal table refuses it now); from then on PostgreSQL reads a backslash in '...'
+as an escape, so `'a\\', '` is one string to the server but a string, a comma and the start of
+another to the classifier. Whatever the server then sees outside the string, the classifier saw inside it.
 """
 
 from __future__ import annotations
@@ -93,11 +93,6 @@ def smuggled_function(name: str, hidden: str, last: str) -> str:
 # -- 1. auth.uid() forged by an end user through a smuggled SET LOCAL -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: standard_conforming_strings=off makes PG lex a SQL function body "
-    "differently from pglast; a hidden SET LOCAL fluxbase.auth_uid forges the end user",
-)
 async def test_end_user_cannot_forge_uid_via_standard_conforming_strings(api: Api, project: Any) -> None:
     pid = project.id
     _alice, a_tok, victim = await secrets_table(api, project)
@@ -120,11 +115,6 @@ async def test_end_user_cannot_forge_uid_via_standard_conforming_strings(api: Ap
 # -- 2. per-role resource caps escaped the same way --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: a SET hidden by standard_conforming_strings=off in a SQL function body "
-    "escapes the work_mem / statement_timeout caps",
-)
 async def test_caps_hold_against_standard_conforming_strings_smuggling(api: Api, project: Any) -> None:
     pid = project.id
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
@@ -145,11 +135,6 @@ async def test_caps_hold_against_standard_conforming_strings_smuggling(api: Api,
 # -- 3. the outer statement itself, as an admin: the identity rule that binds even admin keys ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: with standard_conforming_strings=off a batch statement the classifier reads "
-    "as SELECT of constants calls set_config('fluxbase.auth_uid', ...) for the server",
-)
 async def test_admin_cannot_set_identity_via_standard_conforming_strings(api: Api, project: Any) -> None:
     pid = project.id
     q = "SELECT 'a\\', ' , set_config($$fluxbase.auth_uid$$, $$chosen$$, true) AS x, auth.uid() AS u --'"
@@ -269,12 +254,6 @@ async def _batch_as(api: Api, key: str, pid: str, queries: list[str], auth_uid: 
     return dict(r.json())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: execute-batch re-sets the identity with quote_literal() (scs=on quoting) over the "
-    "simple protocol after the tenant's SET LOCAL standard_conforming_strings = off; an authUid "
-    "ending the literal with \\' injects COMMIT; BEGIN and the rest runs outside the read-only transaction",
-)
 async def test_read_only_project_holds_against_auth_uid_injection(api: Api, project: Any) -> None:
     pid = project.id
     assert (await sql(api, project.admin_key, pid, "CREATE TABLE ro_t (v text)"))["success"]
@@ -296,11 +275,6 @@ async def test_read_only_project_holds_against_auth_uid_injection(api: Api, proj
     assert got["result"]["rows"] == [{"n": 0}], got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the same authUid injection runs statements the classifier refuses "
-    "(session-level SET of a capped setting that outlives the request on the pooled connection)",
-)
 async def test_classifier_holds_against_auth_uid_injection(api: Api, project: Any) -> None:
     pid = project.id
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
@@ -318,11 +292,6 @@ async def test_classifier_holds_against_auth_uid_injection(api: Api, project: An
 # -- 7. caps checked on the literal, not on the value PostgreSQL stores -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: over_cap() accepts statement_timeout/lock_timeout = '0.4' (0.4 ms, under the cap), "
-    "PostgreSQL rounds it to 0, which means no timeout at all",
-)
 async def test_fractional_timeout_does_not_round_to_unlimited(api: Api, project: Any) -> None:
     pid = project.id
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
@@ -358,11 +327,6 @@ async def test_caps_refused_in_plain_spellings(api: Api, project: Any) -> None:
 # -- 8. the database-size cap, skipped for a write whose command tag hides its size ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: quota.SizeCache.needs_check trusts the command tag's row count; a data-modifying "
-    "CTE (tag SELECT 1) writes many times the cap in one statement without a measurement",
-)
 async def test_db_quota_holds_for_a_large_write_hidden_in_a_cte(
     api: Api, project: Any, instance_admin: dict[str, Any]
 ) -> None:
@@ -383,10 +347,12 @@ async def test_db_quota_holds_for_a_large_write_hidden_in_a_cte(
         "WITH w AS (INSERT INTO blob SELECT (SELECT string_agg(md5(random()::text || g || i), '') "
         f"FROM generate_series(1, 31) i) FROM generate_series(1, {rows}) g RETURNING 1) SELECT 1 AS one"
     )
-    await api.http.post("/api/execute-sql", json={"projectId": pid, "query": hidden}, headers=bearer(key))
-    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
-    now = r.json()["quotas"]["databaseUsedBytes"]
-    assert now <= cap, (used, cap, now)
+    r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": hidden}, headers=bearer(key))
+    # Refused, and nothing of it committed. (The rolled-back rows' pages stay in the file until
+    # vacuum, so the measured size may read above the cap; only deleting writes are allowed then.)
+    assert r.json()["error"]["code"] == "DATABASE_QUOTA_EXCEEDED", r.text
+    count = await sql(api, key, pid, "SELECT count(*) AS n FROM blob")
+    assert count["result"]["rows"] == [{"n": 1}], count
 
 
 # -- 9. the shared catalogs: another project's code, schema and statistics --------------------------
@@ -514,11 +480,6 @@ async def test_login_throttle_holds_against_a_parallel_burst(api: Api, project: 
 # -- 11. tenant code run by the platform's capture triggers -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: sql/0005 capture triggers are SECURITY DEFINER (owned by the migration role) and call "
-    "to_jsonb() of the tenant row, which calls a tenant-defined cast to json with the definer's rights",
-)
 async def test_capture_trigger_does_not_run_tenant_cast_with_platform_rights(api: Api, project: Any) -> None:
     pid, key = project.id, project.admin_key
     schema = f"p_{pid}"
@@ -539,11 +500,6 @@ async def test_capture_trigger_does_not_run_tenant_cast_with_platform_rights(api
     assert all(r["who"].startswith(f"p_{pid}_") and not r["super"] for r in rows), rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: fluxbase_guard.schema_size() counts only the schema's relations; bytes kept in "
-    "catalogs (function bodies in pg_proc, comments in pg_description) are never measured against the cap",
-)
 async def test_db_quota_counts_bytes_kept_in_the_catalogs(
     api: Api, project: Any, instance_admin: dict[str, Any]
 ) -> None:
