@@ -3,6 +3,7 @@ end user up and in, subscribes with the user's token and shows only the user's r
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -61,7 +62,8 @@ async def test_live_list_page_in_chromium(api: Api, project, rt, site: str) -> N
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = await browser.new_page()
+            context = await browser.new_context()
+            page = await context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             await page.goto(url)
@@ -86,6 +88,23 @@ async def test_live_list_page_in_chromium(api: Api, project, rt, site: str) -> N
             await page.locator("#list li", has_text="from the server").wait_for(timeout=10000)
             items = await page.locator("#list li").all_inner_texts()
             assert items == ["from the page", "from the server"], items
+            # A second tab shares the session (localStorage). Both find the access token about
+            # to expire and call at once: one refresh happens (a Web Lock), the other tab adopts
+            # its result. Spending the single-use refresh token twice would revoke the session.
+            tab2 = await context.new_page()
+            tab2.on("pageerror", lambda e: errors.append(str(e)))
+            await tab2.goto(url)
+            await tab2.locator("#status").filter(has_text="live").wait_for(timeout=15000)
+            before = await page.evaluate("fluxbase.auth.session.refreshToken")
+            expire_soon = "fluxbase.auth.session.expiresAt = Date.now() / 1000 + 5"
+            await page.evaluate(expire_soon)
+            await tab2.evaluate(expire_soon)
+            count = "fluxbase.sql('SELECT count(*)::int AS c FROM todos').then(r => r.rows[0].c)"
+            both = await asyncio.gather(page.evaluate(count), tab2.evaluate(count))
+            assert both == [2, 2]
+            after = [await p.evaluate("fluxbase.auth.session.refreshToken") for p in (page, tab2)]
+            assert after[0] == after[1] != before
+            assert await page.evaluate(count) == 2 and await tab2.evaluate(count) == 2  # not revoked
             assert errors == []
         finally:
             await browser.close()
