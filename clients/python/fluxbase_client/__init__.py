@@ -1,6 +1,7 @@
 """Fluxbase client: SQL, records, storage, end-user auth, webhooks and exactly-once realtime."""
 
-from fluxbase_client._client import AsyncFluxbase, Query, Session, SqlResult
+from fluxbase_client._client import AsyncFluxbase, Query
+from fluxbase_client._models import Session, SqlResult
 from fluxbase_client._sync import Fluxbase
 from fluxbase_client.errors import (
     AuthError,

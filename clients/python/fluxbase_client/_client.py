@@ -6,54 +6,19 @@ import asyncio
 import json
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
 from fluxbase_client._encode import to_json
-from fluxbase_client.errors import ConnectionFailed, FluxbaseError, SqlError, error_for
+from fluxbase_client._models import AuthListener, Session, SqlResult
+from fluxbase_client.auth import Auth
+from fluxbase_client.errors import ConnectionFailed, error_for
+from fluxbase_client.realtime import Realtime
+from fluxbase_client.storage import Storage
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-@dataclass
-class SqlResult:
-    """One statement's answer: rows (dicts), column names, counts and execution info."""
-
-    rows: list[dict[str, Any]]
-    columns: list[str]
-    row_count: int
-    message: str | None = None
-    truncated: bool = False
-    execution_info: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, result: Mapping[str, Any], info: Mapping[str, Any] | None) -> SqlResult:
-        return cls(
-            rows=list(result.get("rows") or []),
-            columns=list(result.get("columns") or []),
-            row_count=int(result.get("rowCount") or 0),
-            message=result.get("message"),
-            truncated=bool(result.get("truncated", False)),
-            execution_info=dict(info or {}),
-        )
-
-
-@dataclass
-class Session:
-    """An end user's session: the access token (JWT) and the single-use refresh token."""
-
-    access_token: str
-    refresh_token: str
-    expires_at: float
-    user: dict[str, Any]
-
-
-AuthListener = Callable[[str, "Session | None"], Any]
 
 
 class AsyncFluxbase:
@@ -81,9 +46,6 @@ class AsyncFluxbase:
         self.session: Session | None = None
         self._auth_listeners: list[AuthListener] = []
         self._refresh_lock = asyncio.Lock()
-        from fluxbase_client.auth import Auth
-        from fluxbase_client.storage import Storage
-
         self.auth = Auth(self)
         self.storage = Storage(self)
 
@@ -245,11 +207,9 @@ class AsyncFluxbase:
         token: str | Callable[[], Awaitable[str]] | None = None,
         url: str | None = None,
         **options: Any,
-    ) -> Any:
+    ) -> Realtime:
         """A realtime connection (not yet open). The credential is `token` (a string or an async
         function called at every connect), else the end user's access token, else the API key."""
-        from fluxbase_client.realtime import Realtime
-
         ws_url = url or self.realtime_url or os.environ.get("FLUXBASE_REALTIME_URL")
         if not ws_url:
             raise ValueError("realtime_url is not set")
@@ -401,8 +361,3 @@ def _retry_after(resp: httpx.Response) -> float | None:
 def _backoff(attempt: int, base: float = 0.25, cap: float = 8.0) -> float:
     """Exponential backoff with full jitter."""
     return random.uniform(0, min(cap, base * 2**attempt))
-
-
-# Re-exported for the typing of stream uploads.
-Readable = IO[bytes] | Path | str | bytes
-_ = (time, FluxbaseError, SqlError)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
+from fluxbase_client._models import AuthListener, Session
 from fluxbase_client.errors import AuthError
 
 if TYPE_CHECKING:
-    from fluxbase_client._client import AsyncFluxbase, AuthListener, Session
+    from fluxbase_client._client import AsyncFluxbase
 
 
 class Auth:
@@ -42,8 +42,6 @@ class Auth:
                 await out
 
     async def _adopt(self, pair: dict[str, Any], event: str) -> Session:
-        from fluxbase_client._client import Session
-
         self.client.session = Session(
             access_token=pair["accessToken"],
             refresh_token=pair["refreshToken"],
@@ -72,8 +70,6 @@ class Auth:
 
     async def set_session(self, access_token: str, refresh_token: str, expires_at: float) -> None:
         """Adopt a session kept elsewhere (a cookie, a keychain)."""
-        from fluxbase_client._client import Session
-
         self.client.session = Session(access_token, refresh_token, expires_at, {})
         await self._emit("SIGNED_IN")
 
@@ -141,6 +137,3 @@ class Auth:
         finally:
             self.client.session = None
             await self._emit("SIGNED_OUT")
-
-
-_ = asyncio

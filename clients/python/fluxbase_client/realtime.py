@@ -24,6 +24,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from fluxbase_client.errors import FluxbaseError
+
 log = logging.getLogger("fluxbase_client.realtime")
 
 # A subscription refused for one of these reasons is not retried on its own: the credential or
@@ -224,8 +226,6 @@ class Realtime:
                 waiter.cancel()
                 failed.cancel()
             if ch.error is not None:
-                from fluxbase_client.errors import FluxbaseError
-
                 err = ch.error.get("error") or {}
                 raise FluxbaseError(0, str(err.get("code")), str(err.get("message")), body=ch.error)
             if not done:

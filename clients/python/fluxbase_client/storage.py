@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import mimetypes
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import httpx
+
+from fluxbase_client.errors import FluxbaseError
 
 if TYPE_CHECKING:
     from fluxbase_client._client import AsyncFluxbase
@@ -62,8 +64,6 @@ class Storage:
             total = len(source)
             if not name:
                 raise ValueError("name is required when uploading bytes")
-            import io
-
             data = source
             opener = lambda: io.BytesIO(data)  # noqa: E731
         else:
@@ -137,8 +137,6 @@ class Storage:
             with path.open("rb") as f:
                 r = await s3.post(post["url"], data=post["fields"], files={"file": (name, f, ctype)})
         if r.status_code >= 300:
-            from fluxbase_client.errors import FluxbaseError
-
             raise FluxbaseError(r.status_code, "STORAGE_UPLOAD_FAILED", r.text[:200])
         out = await self.client.request(
             "POST",
@@ -190,6 +188,3 @@ def _q(s: str) -> str:
 
 def _field(boundary: str, name: str, value: str) -> bytes:
     return f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-
-
-_ = os
