@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
+from fluxbase.devstack.procs import free_port
 from fluxbase_client import (
     AsyncFluxbase,
     AuthError,
@@ -246,3 +248,46 @@ async def test_webhook_verify_on_real_deliveries(wapi: Api, proj: Proj, receiver
 
 
 _: Any = None
+
+
+async def test_503_is_retried_only_for_idempotent_calls() -> None:
+    """A real HTTP server that answers 503 DATABASE_CONNECTION_ERROR twice: a GET is retried
+    with backoff, a statement (which may have run) is not."""
+    hits: dict[str, int] = {}
+
+    async def flaky(request: web.Request) -> web.Response:
+        hits[request.method] = hits.get(request.method, 0) + 1
+        if hits[request.method] <= 2:
+            body = {"success": False, "error": {"code": "DATABASE_CONNECTION_ERROR", "message": "retry"}}
+            return web.json_response(body, status=503)
+        return web.json_response({"success": True, "buckets": [], "result": {"rows": []}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", flaky)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with AsyncFluxbase(f"http://127.0.0.1:{port}", "0123456789abcdef", "k") as c:
+            assert await c.storage.list_buckets() == []
+            assert hits["GET"] == 3
+            with pytest.raises(FluxbaseError) as e:
+                await c.sql("INSERT INTO t VALUES (1)")
+            assert e.value.status == 503 and e.value.code == "DATABASE_CONNECTION_ERROR"
+            assert hits["POST"] == 1
+    finally:
+        await runner.cleanup()
+
+
+def test_sync_realtime(api: Api, project, fx) -> None:
+    with Fluxbase(api.base_url, project.id, fx.api_key, realtime_url=fx.realtime_url) as c:
+        c.sql("CREATE TABLE sr (id serial PRIMARY KEY, v text)")
+        rt_ = c.realtime()
+        try:
+            ch = rt_.subscribe(tables=["sr"])
+            c.sql("INSERT INTO sr (v) VALUES ('blocking')")
+            ev = ch.next(10)
+            assert ev["payload"]["record"]["v"] == "blocking"
+        finally:
+            rt_.close()
