@@ -216,7 +216,7 @@ async def main() -> None:
     try:
         dbname = await stack.create_database()
         port = free_port()
-        db_url = stack.database_url(dbname)
+        db_url = stack.runtime_url(dbname)
         if args.socket:
             if stack.pg is None:
                 raise SystemExit("--socket needs the embedded PostgreSQL (no FLUXBASE_TEST_DATABASE_URL)")

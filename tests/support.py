@@ -25,6 +25,8 @@ from fluxbase.devstack.s3 import EmbeddedS3
 ROOT = Path(__file__).resolve().parent.parent
 
 # Strings that must never appear in any response body.
+RUNTIME_ROLE = "fluxbase_app"
+
 NEVER_IN_RESPONSES = ("Traceback", "asyncpg", "password_hash", "key_hash", 'File "')
 
 
@@ -39,6 +41,9 @@ class Stack:
     pg: EmbeddedPostgres | None = None
     s3: EmbeddedS3 | None = None
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    # One runtime role per cluster (roles are cluster-wide): every database's migration sets the
+    # same password, so no instance's migration breaks another's logins.
+    runtime_password: str = field(default_factory=lambda: secrets.token_hex(24))
 
     def database_url(self, dbname: str) -> str:
         parts = urlsplit(self.admin_url)
@@ -60,10 +65,17 @@ class Stack:
         finally:
             await conn.close()
 
+    def runtime_url(self, dbname: str) -> str:
+        """The runtime's own login role (not a superuser): created by the migration step."""
+        parts = urlsplit(self.database_url(dbname))
+        netloc = f"{RUNTIME_ROLE}:{self.runtime_password}@{parts.hostname}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
     def env(self, dbname: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLUXBASE_")}
         env.update(
-            FLUXBASE_DATABASE_URL=self.database_url(dbname),
+            FLUXBASE_DATABASE_URL=self.runtime_url(dbname),
+            FLUXBASE_MIGRATION_DATABASE_URL=self.database_url(dbname),
             FLUXBASE_S3_ENDPOINT=self.s3_endpoint,
             FLUXBASE_S3_ACCESS_KEY=self.s3_access_key,
             FLUXBASE_S3_SECRET_KEY=self.s3_secret_key,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
+from fluxbase.db.tenants import quote_ident
 from fluxbase.security import apikeys
-from support import Api, assert_clean, assert_error, bearer
+from support import RUNTIME_ROLE, Api, assert_clean, assert_error, bearer
 
 
 async def test_create_list_get_delete_project(api: Api, control_db, instance_admin) -> None:
@@ -256,12 +257,21 @@ async def test_allowed_origins_pin_a_key(api: Api, project) -> None:
 async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, control_db) -> None:
     """Projects created before 0008 get their RLS checker role from the migration's DO block."""
     from fluxbase.db.migrate import sql_dir
+    from fluxbase.security.roles import CHECKER_FUNCTIONS
 
     _, token = await api.new_user()
     pid = await api.new_project(token)
     rt, ro = f"p_{pid}_rt", f"p_{pid}_ro"
     async with control_db.acquire() as conn:
-        await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')  # as before 0008
+        # As before 0008. The runtime role granted its privileges: only it can revoke them.
+        db = quote_ident(await conn.fetchval("SELECT current_database()"))
+        await conn.execute(
+            f'SET ROLE "{RUNTIME_ROLE}"; REVOKE ALL ON DATABASE {db} FROM "{rt}"; '
+            "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean), "
+            f'{CHECKER_FUNCTIONS} FROM "{rt}"; REVOKE "p_{pid}_rw" FROM "{rt}"; '
+            "RESET ROLE"
+        )
+        await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')
         text = (sql_dir() / "0008_rls.sql").read_text()
         await conn.execute(text[text.index("DO $$") :])
         row = await conn.fetchrow(

@@ -16,9 +16,17 @@ class ConfigError(Exception):
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True):
-    """Control-plane PostgreSQL connection (a role that may create roles and schemas)."""
+    """PostgreSQL connections (docs/security.md).
+
+    `url` is the runtime's login role: not a superuser (the processes refuse one unless
+    `allow_superuser`), with CREATEROLE to provision project roles. `migration_url`, when set, is
+    a superuser used only by `fluxbase migrate` (and the migration step at API start): it applies
+    the migrations, owns nothing at run time, and creates or updates the runtime role named in
+    `url` with that URL's password."""
 
     url: str
+    migration_url: str = ""
+    allow_superuser: bool = False
     pool_min: int = 1
     pool_max: int = 10
     connect_timeout: float = 5.0
@@ -500,6 +508,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     return Settings(
         database=DatabaseSettings(
             url=db_url,
+            migration_url=get("FLUXBASE_MIGRATION_DATABASE_URL", "") or "",
+            allow_superuser=_bool(
+                get("FLUXBASE_DATABASE_ALLOW_SUPERUSER", "false") or "false",
+                "FLUXBASE_DATABASE_ALLOW_SUPERUSER",
+            ),
             pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10),
             lock_timeout_ms=_positive(
                 int_of("FLUXBASE_DATABASE_LOCK_TIMEOUT_MS", 10_000), "FLUXBASE_DATABASE_LOCK_TIMEOUT_MS"

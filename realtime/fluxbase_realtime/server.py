@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fluxbase import ids
 from fluxbase.config import Settings
+from fluxbase.db.control import check_runtime_role
 from fluxbase.errors import (
     AuthRequired,
     FluxbaseError,
@@ -117,6 +118,7 @@ class RealtimeService:
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
+        await check_runtime_role(self.db, self.settings)
         if self.end_user_verifier is None:
             self.end_user_verifier = resolver_verifier(IdentityResolver(self.db, self.settings))
         self.gate = self.hub.gate = RlsGate(self.settings, self.db)

@@ -1,4 +1,4 @@
-"""Plain numbered SQL migrations with a checksum ledger, applied in order under an advisory lock."""
+"""Plain numbered SQL migrations with a checksum ledger, applied in order under a lock on the ledger."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from fluxbase.config import Settings
+from fluxbase.config import ConfigError, Settings
+from fluxbase.db.privileges import apply_privileges
 from fluxbase.db.tenants import sync_role_passwords
 
-LOCK_KEY = 7_243_190_001  # pg_advisory_lock key reserved for the migration runner
 FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -65,12 +66,30 @@ CREATE TABLE IF NOT EXISTS fluxbase.schema_migrations (
 """
 
 
+async def _ensure_ledger(conn: asyncpg.Connection) -> None:
+    """Create the ledger if missing. Two first runs racing on CREATE ... IF NOT EXISTS can collide
+    in the catalogs (unique_violation); the loser retries and finds it there."""
+    for attempt in range(5):
+        try:
+            await conn.execute(LEDGER_DDL)
+            return
+        except (asyncpg.UniqueViolationError, asyncpg.DuplicateObjectError, asyncpg.DuplicateSchemaError):
+            if attempt == 4:
+                raise
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied. Refuse if an applied file changed."""
+    """Apply pending migrations; return the names applied. Refuse if an applied file changed.
+
+    All pending files run in one transaction that first locks the ledger table, so concurrent
+    migrators (several processes starting at once) apply each file exactly once, and a failing
+    file leaves nothing of the run behind. Not an advisory lock: every role in the database,
+    tenants included, may take any advisory key, and one holding ours would stall every start."""
     migrations = load_migrations(directory)
-    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
-    try:
-        await conn.execute(LEDGER_DDL)
+    await _ensure_ledger(conn)
+    async with conn.transaction():
+        # Conflicts with itself and with writers of the ledger, not with readers.
+        await conn.execute("LOCK TABLE fluxbase.schema_migrations IN SHARE ROW EXCLUSIVE MODE")
         ledger = {r["version"]: r for r in await conn.fetch("SELECT * FROM fluxbase.schema_migrations")}
         for m in migrations:
             row = ledger.get(m.version)
@@ -84,26 +103,57 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
         for m in migrations:
             if m.version in ledger:
                 continue
-            async with conn.transaction():
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO fluxbase.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    m.version,
-                    m.name,
-                    m.checksum,
-                )
+            await conn.execute(m.sql)
+            await conn.execute(
+                "INSERT INTO fluxbase.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                m.version,
+                m.name,
+                m.checksum,
+            )
             applied.append(m.name)
         return applied
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
 
 
 async def migrate_database(settings: Settings) -> list[str]:
-    """What `fluxbase migrate` does: apply pending migrations, then re-derive tenant role passwords."""
-    conn = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
+    """What `fluxbase migrate` does: apply pending migrations as the migration role, apply the
+    privilege model (db/privileges.py), then re-derive tenant role passwords.
+
+    Without FLUXBASE_MIGRATION_DATABASE_URL the runtime URL migrates; if that role is not a
+    superuser (the runtime's own role), there is nothing it may do: it only checks that no
+    migration is pending."""
+    db = settings.database
+    conn = await asyncpg.connect(db.migration_url or db.url, timeout=db.connect_timeout)
     try:
+        superuser = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not superuser:
+            await _refuse_pending(conn)
+            return []
         applied = await migrate(conn)
+        runtime_user, runtime_password = None, None
+        if db.migration_url:
+            parts = urlsplit(db.url)
+            mig = urlsplit(db.migration_url)
+            if parts.username and parts.username != mig.username:
+                runtime_user = unquote(parts.username)
+                runtime_password = unquote(parts.password) if parts.password else None
+        await apply_privileges(conn, runtime_user, runtime_password)
         await sync_role_passwords(conn, settings)
         return applied
     finally:
         await conn.close()
+
+
+async def _refuse_pending(conn: asyncpg.Connection) -> None:
+    migrations = load_migrations()
+    exists = await conn.fetchval("SELECT to_regclass('fluxbase.schema_migrations') IS NOT NULL")
+    done = (
+        {r["version"] for r in await conn.fetch("SELECT version FROM fluxbase.schema_migrations")}
+        if exists
+        else set()
+    )
+    pending = [m.name for m in migrations if m.version not in done]
+    if pending:
+        raise ConfigError(
+            f"{len(pending)} migration(s) pending ({pending[0]}…) and this role is not a superuser: set "
+            "FLUXBASE_MIGRATION_DATABASE_URL to a superuser URL (used only to migrate; docs/security.md)."
+        )

@@ -20,7 +20,15 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
-from fluxbase.security.roles import CHECKER, ROLES, SCOPES, role_name, role_password, schema_name
+from fluxbase.security.roles import (
+    CHECKER,
+    CHECKER_FUNCTIONS,
+    ROLES,
+    SCOPES,
+    role_name,
+    role_password,
+    schema_name,
+)
 from fluxbase.tenancy.statements import Caps, Classifier
 
 log = logging.getLogger(__name__)
@@ -44,10 +52,14 @@ def quote_ident(name: str) -> str:
 
 
 def quote_literal(value: str) -> str:
-    """Quote a string literal for standard_conforming_strings=on (the PostgreSQL default)."""
+    """Quote a string literal that means the same whatever standard_conforming_strings is: a
+    value with a backslash becomes an escape string (E'...'), where backslashes are escaped."""
     if "\x00" in value:
         raise ValueError("string contains NUL")
-    return "'" + value.replace("'", "''") + "'"
+    body = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + body.replace("\\", "\\\\") + "'"
+    return "'" + body + "'"
 
 
 def _int8_decode(text: str) -> int | str:
@@ -284,12 +296,16 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
     await _provision_checker(conn, project_id, settings)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
+    # The runtime role is not a superuser: what only the schema's owner may do, it does as the
+    # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
+    await conn.execute(f"SET LOCAL ROLE {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
     await conn.execute(f"{defaults} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}")
     await conn.execute(f"{defaults} GRANT SELECT ON TABLES TO {ro}")
     await conn.execute(f"{defaults} GRANT USAGE, SELECT ON SEQUENCES TO {rw}")
     await conn.execute(f"{defaults} GRANT SELECT ON SEQUENCES TO {ro}")
+    await conn.execute("SET LOCAL ROLE NONE")
 
 
 async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
@@ -308,26 +324,42 @@ async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings
         await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
     await conn.execute(f"GRANT {ro} TO {rt}")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt}")
-    await conn.execute(
-        "GRANT EXECUTE ON FUNCTION fluxbase_guard.select_policies(text, text[]), "
-        f"fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) TO {rt}"
-    )
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt}")
+    # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
+    rw = quote_ident(role_name(project_id, "readwrite"))
+    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
-    """Remove the project's schema, objects and roles (caller owns the transaction)."""
+    """Remove the project's schema, objects and roles (caller owns the transaction).
+
+    Runs as the runtime role (not a superuser): what only an owner may drop, it drops as that
+    role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
     roles = [role_name(project_id, s) for s in ROLES]
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
     )
+    existing = {
+        r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
+    }
+    admin = role_name(project_id, "admin")
+    if admin in existing:
+        await conn.execute(f"SET LOCAL ROLE {quote_ident(admin)}")
     await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema_name(project_id))} CASCADE")
+    await conn.execute("SET LOCAL ROLE NONE")
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     for role in roles:
-        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-        if exists:
-            await conn.execute(f"DROP OWNED BY {quote_ident(role)} CASCADE")
-            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {quote_ident(role)}")
-            await conn.execute(f"DROP ROLE {quote_ident(role)}")
+        if role not in existing:
+            continue
+        r = quote_ident(role)
+        await conn.execute(f"SET LOCAL ROLE {r}")
+        await conn.execute(f"DROP OWNED BY {r} CASCADE")
+        await conn.execute("SET LOCAL ROLE NONE")
+        await conn.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}")
+        await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
+        await conn.execute(f"REVOKE EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} FROM {r}")
+        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+        await conn.execute(f"DROP ROLE {r}")
 
 
 async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> int:

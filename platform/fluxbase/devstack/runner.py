@@ -8,6 +8,8 @@ SIGINT/SIGTERM (and by the kernel if we are killed), so nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -67,6 +70,16 @@ def _dev_secret(base: Path) -> str:
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+DEV_RUNTIME_ROLE = "fluxbase_app"
+
+
+def _runtime_url(superuser_url: str, secret: str) -> str:
+    """The runtime role's URL on the embedded server, its password derived from the secret."""
+    password = hmac.new(secret.encode(), b"fluxbase-dev-runtime-role", hashlib.sha256).hexdigest()
+    parts = urlsplit(superuser_url)
+    return urlunsplit(parts._replace(netloc=f"{DEV_RUNTIME_ROLE}:{password}@{parts.hostname}:{parts.port}"))
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
@@ -234,12 +247,16 @@ def run_dev(environ: Mapping[str, str]) -> int:
         access_key, secret_key = s3.credentials()
         print(f"  S3          {s3.endpoint_url} (pid {s3.pid})", flush=True)
         env = dict(environ)
+        secret = environ.get("FLUXBASE_SECRET_KEY") or _dev_secret(base)
         env.update(
-            FLUXBASE_DATABASE_URL=pg.url,
+            # The processes log in as a role of their own that is not a superuser; the embedded
+            # server's superuser only migrates (and creates that role; docs/security.md).
+            FLUXBASE_DATABASE_URL=_runtime_url(pg.url, secret),
+            FLUXBASE_MIGRATION_DATABASE_URL=pg.url,
             FLUXBASE_S3_ENDPOINT=s3.endpoint_url,
             FLUXBASE_S3_ACCESS_KEY=access_key,
             FLUXBASE_S3_SECRET_KEY=secret_key,
-            FLUXBASE_SECRET_KEY=environ.get("FLUXBASE_SECRET_KEY") or _dev_secret(base),
+            FLUXBASE_SECRET_KEY=secret,
             FLUXBASE_API_PORT=str(api_port),
             FLUXBASE_REALTIME_PORT=str(rt_port),
             # A development machine's receivers live on localhost.

@@ -8,7 +8,6 @@ from fluxbase import ids
 from fluxbase.config import Settings
 from fluxbase.db import tenants
 from fluxbase.errors import ValidationError
-from fluxbase.services import realtime
 from fluxbase.services.access import Project
 
 
@@ -36,7 +35,6 @@ async def create_project(db: asyncpg.Pool, settings: Settings, owner_id: str, na
             owner_id,
         )
         await tenants.provision_project(conn, project_id, settings)
-        await realtime.provision_checker(conn, project_id)
     assert row is not None
     return Project.from_row(row)
 

@@ -18,7 +18,7 @@ from fluxbase import ids
 from fluxbase.db.tenants import quote_ident
 from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
-from fluxbase.security.roles import CHECKER, role_name, schema_name
+from fluxbase.security.roles import role_name, schema_name
 
 TOKEN_KIND = "realtime"  # noqa: S105 - a token type, not a secret
 MAX_TOKEN_TTL_S = 24 * 3600
@@ -58,16 +58,18 @@ class Cursor:
 
 
 def parse_cursor(value: Any) -> Cursor:
-    """A cursor is '<xid>:<id>' as sent in every event; a bare integer means 'after that xid'."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return Cursor(value, 2**63 - 1)
+    """A cursor is '<xid>:<id>' exactly as sent in every event's `cursor` field.
+
+    A bare number is refused: it used to mean "after transaction <n>", so a client resuming with
+    an event's `id` (the natural choice) silently got a different position and duplicates."""
     if isinstance(value, str):
         m = _CURSOR_RE.match(value.strip())
         if m:
             return Cursor(int(m.group(1)), int(m.group(2)))
-        if value.strip().isdigit():
-            return Cursor(int(value.strip()), 2**63 - 1)
-    raise ValidationError("since must be an event cursor like '1234:56'.")
+    raise ValidationError(
+        "since must be the `cursor` of the last event received (like '1234:56'), "
+        "not an event id or another number."
+    )
 
 
 async def list_tables(db: asyncpg.Pool, project_id: str) -> list[dict[str, Any]]:
@@ -95,8 +97,11 @@ async def set_enabled(
     async with db.acquire() as conn, conn.transaction():
         for table in tables:
             regclass = f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
-            fn = "fluxbase.attach_capture" if enabled else "fluxbase.detach_capture"
+            fn = "fluxbase_capture.attach_capture" if enabled else "fluxbase_capture.detach_capture"
+            # As the table's owner (capture functions are SECURITY INVOKER; docs/security.md).
+            await conn.execute(f"SET LOCAL ROLE {quote_ident(role_name(project_id, 'admin'))}")
             await conn.execute(f"SELECT {fn}($1::regclass)", regclass)
+            await conn.execute("SET LOCAL ROLE NONE")
             await conn.execute(
                 """INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled) VALUES ($1, $2, $3)
                    ON CONFLICT (project_id, table_name) DO UPDATE SET enabled = EXCLUDED.enabled""",
@@ -173,18 +178,6 @@ def mint_token(
         session_id=ids.prefixed("rt"),
         ttl_seconds=ttl_s,
         extra=extra,
-    )
-
-
-async def provision_checker(conn: asyncpg.Connection, project_id: str) -> None:
-    """Let a new project's realtime checker role evaluate as its read and readwrite roles
-    (sql/0015); the caller owns the transaction that provisions the project."""
-    rt, rw = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "readwrite"))
-    await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
-    await conn.execute(
-        "GRANT EXECUTE ON FUNCTION fluxbase_guard.checker_role_ok(text, text), "
-        "fluxbase_guard.scope_policies(text, text[], text), "
-        f"fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[]) TO {rt}"
     )
 
 

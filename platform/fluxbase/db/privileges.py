@@ -1,0 +1,216 @@
+"""The privilege model, applied after every migration run (docs/security.md).
+
+Migrations run as a superuser (event triggers need one) and so create objects it owns. This
+step, idempotent and run after every `migrate`, hands the control plane to the NOLOGIN role
+`fluxbase_owner`, each platform SECURITY DEFINER function to the NOLOGIN role that holds only
+what it needs (created by sql/0012), and gives the runtime login role exactly what the
+processes use: DML on the control plane (tables of later migration files included, because
+this runs after them), CREATEROLE for project roles, and the grant options it passes on to
+them. Cluster-wide changes (roles, role settings, memberships) are serialised across databases
+by a lock on pg_authid, because several databases of one cluster may migrate at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from fluxbase.db.tenants import quote_ident, quote_literal
+from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
+
+log = logging.getLogger(__name__)
+
+OWNER = "fluxbase_owner"
+PLATFORM_SCHEMAS = ("fluxbase", "fluxbase_guard", "fluxbase_capture", "auth")
+
+# Every platform SECURITY DEFINER function and the role that owns it. A definer function not
+# listed here is owned by OWNER and reported (tests/test_privilege.py fails on it): add it here
+# with a role of its own, holding only what it needs, granted in its migration file.
+DEFINER_OWNERS = {
+    "fluxbase_capture.write_events(regclass,text,jsonb[],jsonb[])": "fluxbase_outbox_writer",
+    "fluxbase_capture.write_schema_event(text,text,text,jsonb)": "fluxbase_outbox_writer",
+    "fluxbase_capture.capture_disabled(text)": "fluxbase_outbox_writer",
+    "fluxbase_guard.check_key(bytea,text)": "fluxbase_guard_keys",
+    "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
+    "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
+    "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+}
+
+# Session settings the runtime writes into project roles (ALTER ROLE ... SET) that only a
+# superuser or a holder of SET on the parameter may set.
+SUSET_ROLE_SETTINGS = ("temp_file_limit",)
+
+_FUNCTIONS_SQL = """
+SELECT p.oid::regprocedure::text AS sig, n.nspname, p.prosecdef, pg_get_userbyid(p.proowner) AS owner,
+       p.prokind::text AS prokind,
+       (SELECT substr(c, 13) FROM unnest(p.proconfig) c WHERE starts_with(c, 'search_path=')) AS search_path
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = ANY($1::text[])
+"""
+
+_RELATIONS_SQL = """
+SELECT c.oid::regclass::text AS name, c.relkind::text AS relkind, pg_get_userbyid(c.relowner) AS owner,
+       EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+               AND d.deptype IN ('a', 'i')) AS linked
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+"""
+
+
+def _sig(row: asyncpg.Record) -> str:
+    """regprocedure text without spaces after commas, schema-qualified."""
+    sig = str(row["sig"]).replace(", ", ",")
+    return sig if "." in sig.split("(")[0] else f"{row['nspname']}.{sig}"
+
+
+async def apply_privileges(
+    conn: asyncpg.Connection, runtime_user: str | None, runtime_password: str | None
+) -> None:
+    """Owners and grants of the privilege model; `runtime_user` (with its password, if known) is
+    the login role of api/realtime/worker, or None when the processes log in as the migrating
+    role itself (a development override)."""
+    if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        raise RuntimeError("the post-migration privilege step must run as a superuser")
+    if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", OWNER):
+        return  # migrations before sql/0012 (a test migrating a subset)
+    async with conn.transaction():
+        await _own_control_plane(conn)
+        if runtime_user:
+            # One database at a time for the cluster-wide part (roles, memberships, role
+            # settings); taken after the per-database part, so it is held for as short as may be.
+            await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
+            await _runtime_role(conn, runtime_user, runtime_password)
+
+
+async def _own_control_plane(conn: asyncpg.Connection) -> None:
+    for schema in PLATFORM_SCHEMAS:
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = $1", schema
+        )
+        if owner is not None and owner != OWNER:
+            await conn.execute(f"ALTER SCHEMA {quote_ident(schema)} OWNER TO {OWNER}")
+    # Tables first: their owned sequences follow them (and cannot be re-owned on their own).
+    rels = await conn.fetch(_RELATIONS_SQL, list(PLATFORM_SCHEMAS))
+    for r in sorted(rels, key=lambda r: r["relkind"] == "S"):
+        if r["owner"] == OWNER or (r["relkind"] == "S" and r["linked"]):
+            continue
+        kind = {"S": "SEQUENCE", "v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE"}.get(
+            r["relkind"], "TABLE"
+        )
+        await conn.execute(f"ALTER {kind} {r['name']} OWNER TO {OWNER}")
+    for f in await conn.fetch(_FUNCTIONS_SQL, list(PLATFORM_SCHEMAS)):
+        sig = _sig(f)
+        want = DEFINER_OWNERS.get(sig, OWNER) if f["prosecdef"] else OWNER
+        if f["prosecdef"] and sig not in DEFINER_OWNERS:
+            log.warning("SECURITY DEFINER function %s has no owner role of its own (db/privileges.py)", sig)
+        if f["prosecdef"] or f["search_path"] is not None:  # (invoker ones may be called by definers)
+            await _pin_search_path(conn, sig, f["search_path"], f["prokind"])
+        if f["owner"] != want:
+            kind = "PROCEDURE" if f["prokind"] == "p" else "FUNCTION"
+            await conn.execute(f"ALTER {kind} {sig} OWNER TO {quote_ident(want)}")
+
+
+async def _pin_search_path(conn: asyncpg.Connection, sig: str, path: str | None, prokind: str) -> None:
+    """A definer's search_path must exist and end with pg_temp: unlisted, the caller's temporary
+    schema is searched first for types and relations (a tenant's pg_temp.text domain would run
+    its CHECK function with the owner's rights). Appending pg_temp changes nothing else."""
+    parts = [p.strip() for p in (path or "").split(",") if p.strip()]
+    if parts and parts[-1] == "pg_temp":
+        return
+    parts = [p for p in parts if p != "pg_temp"] or ["pg_catalog"]
+    kind = "PROCEDURE" if prokind == "p" else "FUNCTION"
+    await conn.execute(f"ALTER {kind} {sig} SET search_path = {', '.join([*parts, 'pg_temp'])}")
+
+
+async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | None) -> None:
+    rt = quote_ident(user)
+    row = await conn.fetchrow("SELECT rolsuper FROM pg_roles WHERE rolname = $1", user)
+    attrs = "LOGIN NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS INHERIT"
+    pw = f" PASSWORD {quote_literal(password)}" if password else ""
+    if row is None:
+        await conn.execute(f"CREATE ROLE {rt} NOSUPERUSER {attrs}{pw}")
+    else:
+        if row["rolsuper"]:
+            log.warning("the runtime role %s is a superuser: the processes will refuse to run as it", user)
+        await conn.execute(f"ALTER ROLE {rt} {attrs}{pw}")
+    # Project roles it creates are granted to it WITH ADMIN and SET (not INHERIT): it can manage
+    # them and SET ROLE to them for owner-only DDL, but does not hold their privileges.
+    await conn.execute(f"ALTER ROLE {rt} SET createrole_self_grant = 'set'")
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    await conn.execute(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {rt} WITH GRANT OPTION")
+    for schema in PLATFORM_SCHEMAS:
+        await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {rt}")
+    for schema in ("fluxbase", "fluxbase_guard"):
+        s = quote_ident(schema)
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {rt}")
+        await conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {s} TO {rt}")
+        await conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO {rt}")
+    # Passed on to project roles at provisioning (sql/0007, sql/0008).
+    await conn.execute(
+        f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt} WITH GRANT OPTION"
+    )
+    await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {rt} WITH GRANT OPTION")
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt} WITH GRANT OPTION")
+    for param in SUSET_ROLE_SETTINGS:
+        await conn.execute(f"GRANT SET ON PARAMETER {param} TO {rt}")
+    # Terminating a project's backends (deadlines, project deletion).
+    await conn.execute(f"GRANT pg_signal_backend TO {rt}")
+    # Finding a project's backends: sql/0013 closes pg_stat_activity to PUBLIC (tenants must not
+    # read other sessions' statements) and opens it to pg_read_all_stats.
+    await conn.execute(f"GRANT pg_read_all_stats TO {rt}")
+    # The request pipeline's epochs table has row security for tenants; the runtime sees all.
+    policy_roles = await conn.fetchval(
+        "SELECT roles::text[] FROM pg_policies WHERE schemaname = 'fluxbase_guard' "
+        "AND tablename = 'auth_epochs' AND policyname = 'runtime_all'"
+    )
+    if policy_roles != [user]:
+        await conn.execute("DROP POLICY IF EXISTS runtime_all ON fluxbase_guard.auth_epochs")
+        await conn.execute(
+            f"CREATE POLICY runtime_all ON fluxbase_guard.auth_epochs FOR ALL TO {rt} "
+            "USING (true) WITH CHECK (true)"
+        )
+    await _adopt_project_roles(conn, user)
+
+
+async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
+    """Project roles created before the runtime role existed (by a superuser runtime): give the
+    runtime what it has over the ones it creates, and re-grant what it must be able to revoke."""
+    rt = quote_ident(user)
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    for p in await conn.fetch("SELECT id FROM fluxbase.projects"):
+        for kind in ROLES:
+            role = role_name(p["id"], kind)
+            adopted = await conn.fetchval(
+                """SELECT bool_or(m.admin_option) AND bool_or(m.set_option) FROM pg_auth_members m
+                   WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
+                     AND m.member = (SELECT oid FROM pg_roles WHERE rolname = $2)""",
+                role,
+                user,
+            )
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            if not exists or adopted:
+                continue
+            r = quote_ident(role)
+            await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
+            # What the superuser granted, the runtime could not revoke when it drops the project:
+            # grant it again as the runtime.
+            privs = "CONNECT, TEMPORARY" if kind != "realtime" else "CONNECT"
+            fns = CHECKER_FUNCTIONS
+            set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
+            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+            if kind in ("admin", "realtime"):
+                await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
+            if kind == "admin":
+                await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
+            if kind == "realtime":
+                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
+            await conn.execute(f"SET LOCAL ROLE {rt}")
+            await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
+            if kind in ("admin", "realtime"):
+                await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
+            if kind == "admin":
+                await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
+            if kind == "realtime":
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
+            await conn.execute("RESET ROLE")
