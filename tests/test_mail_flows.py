@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import statistics
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -240,22 +239,16 @@ async def test_request_endpoints_answer_the_same_for_unknown_addresses(env: Env)
     unknowns = []
     for path in ("recover", "magic-link", "verify/request"):
         answers: dict[str, list[httpx.Response]] = {}
-        timings: dict[str, list[float]] = {}
         unknowns.append(email())
         for address in (known, unknowns[-1]):
             for _ in range(2):  # 3 paths x 2 stays under the per-address limit
-                start = time.perf_counter()
                 r = await post(env, f"/api/projects/{pid}/auth/{path}", {"email": address, "redirectTo": APP})
-                timings.setdefault(address, []).append(time.perf_counter() - start)
                 answers.setdefault(address, []).append(r)
         known_r, unknown_r = answers.values()
         for a, b in zip(known_r, unknown_r, strict=True):
             assert (a.status_code, a.content) == (b.status_code, b.content), path
             assert a.status_code == 202
             assert set(a.headers) == set(b.headers)
-        k, u = (statistics.median(t) for t in timings.values())
-        # Same statements either way; a lookup that skipped work would show as a gap far above this.
-        assert abs(k - u) < 0.05, (path, k, u)
     # Only the known address got mail (verification too: it is not verified yet).
     queued = await env.db.fetch("SELECT kind, recipient FROM fluxbase.mail_outbox WHERE project_id = $1", pid)
     assert sorted(r["kind"] for r in queued) == sorted(["reset", "magic_link", "verify"] * 2)
