@@ -10,10 +10,10 @@ STAMP  := $(VENV)/.installed
 help: ## List every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	@touch $(STAMP)
 
 venv: $(STAMP) ## Create .venv and install Fluxbase with its dev tools
@@ -25,13 +25,13 @@ test: $(STAMP) ## Run the test suite against real PostgreSQL and S3
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP) ## ruff (incl. A005) and mypy
-	$(BIN)/ruff check platform realtime tests bench
-	$(BIN)/ruff format --check platform realtime tests bench
+	$(BIN)/ruff check platform realtime tests bench clients/python
+	$(BIN)/ruff format --check platform realtime tests bench clients/python
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff formatting and safe fixes
-	$(BIN)/ruff format platform realtime tests bench
-	$(BIN)/ruff check --fix platform realtime tests bench
+	$(BIN)/ruff format platform realtime tests bench clients/python
+	$(BIN)/ruff check --fix platform realtime tests bench clients/python
 
 bench: $(STAMP) ## Run the SQL-over-HTTP benchmark (README: Benchmarks)
 	$(BIN)/python bench/sql_throughput.py

@@ -43,6 +43,8 @@ class DevSetup:
     rt_port: int
     pg_port: int
     s3_port: int
+    smtp_port: int
+    mail_port: int
 
     @property
     def api_url(self) -> str:
@@ -64,6 +66,8 @@ class DevSetup:
             FLUXBASE_REALTIME_PORT=str(self.rt_port),
             FLUXBASE_DEV_PG_PORT=str(self.pg_port),
             FLUXBASE_DEV_S3_PORT=str(self.s3_port),
+            FLUXBASE_DEV_SMTP_PORT=str(self.smtp_port),
+            FLUXBASE_DEV_MAIL_PORT=str(self.mail_port),
         )
         return env
 
@@ -73,7 +77,9 @@ class DevSetup:
 
 
 def new_setup(path: Path) -> DevSetup:
-    return DevSetup(path, free_port(), free_port(), free_port(), free_port(below=55_000))
+    return DevSetup(
+        path, free_port(), free_port(), free_port(), free_port(below=55_000), free_port(), free_port()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +203,17 @@ def run_printed_curl(dev: DevProcess) -> dict[str, Any]:
     return body
 
 
+def wait_caught(url: str, to: str, timeout: float = 30) -> dict[str, Any]:
+    """The catcher's first message to `to` (the worker is another process: poll its endpoint)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = httpx.get(url, params={"to": to}, timeout=10).json()["messages"]
+        if messages:
+            return dict(messages[0])
+        assert time.monotonic() < deadline, f"no message to {to} at {url}"
+        time.sleep(0.2)
+
+
 def test_first_start_prints_working_curl_and_sigint_stops_everything(
     dev_setup: DevSetup, tmp_path: Path
 ) -> None:
@@ -220,6 +237,13 @@ def test_first_start_prints_working_curl_and_sigint_stops_everything(
         assert body["result"]["columns"] == ["server_time"], body
         assert body["result"]["rowCount"] == 1, body
 
+        # Mail goes to the local catcher, readable where the supervisor says.
+        mail_url = f"http://127.0.0.1:{dev_setup.mail_port}/messages"
+        assert mail_url in dev.output()
+        r = httpx.post(f"{dev_setup.api_url}/api/auth/recover", json={"email": creds["email"]}, timeout=10)
+        assert r.status_code == 202, r.text
+        assert "Reset your Fluxbase password" in wait_caught(mail_url, creds["email"])["subject"]
+
         # Something written at runtime, to find again after a restart: a read key minted by the
         # admin key (an admin key may mint read/readwrite keys for its own project).
         r = httpx.post(
@@ -233,7 +257,8 @@ def test_first_start_prints_working_curl_and_sigint_stops_everything(
         assert dev.stop(signal.SIGINT) == 0, dev.output()
         assert "Traceback" not in dev.output()
     wait_no_leftovers(dev_setup.path, dev.tracked)
-    for port in (dev_setup.api_port, dev_setup.rt_port, dev_setup.pg_port, dev_setup.s3_port):
+    ports = (dev_setup.api_port, dev_setup.rt_port, dev_setup.pg_port, dev_setup.s3_port, dev_setup.smtp_port)
+    for port in (*ports, dev_setup.mail_port):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
 
@@ -290,7 +315,14 @@ def test_restart_reuses_credentials_keeps_data_and_sigterm_stops_everything(
 
 @pytest.mark.parametrize(
     "taken",
-    ["FLUXBASE_API_PORT", "FLUXBASE_REALTIME_PORT", "FLUXBASE_DEV_PG_PORT", "FLUXBASE_DEV_S3_PORT"],
+    [
+        "FLUXBASE_API_PORT",
+        "FLUXBASE_REALTIME_PORT",
+        "FLUXBASE_DEV_PG_PORT",
+        "FLUXBASE_DEV_S3_PORT",
+        "FLUXBASE_DEV_SMTP_PORT",
+        "FLUXBASE_DEV_MAIL_PORT",
+    ],
 )
 def test_port_in_use_gives_a_clear_message_and_starts_nothing(tmp_path: Path, taken: str) -> None:
     setup = new_setup(tmp_path / "data")

@@ -239,6 +239,8 @@ async def test_settings_secret_is_write_only_and_registration_can_close(api: Api
         "jwksUri": None,
         "jwtAllowedIssuers": [],
         "jwtExpectedAudiences": [],
+        "emailVerification": "off",
+        "redirectUrls": [],
     }
     secret = "s3cr3t-" + secrets.token_hex(24)
     r = await api.http.patch(

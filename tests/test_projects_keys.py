@@ -257,6 +257,7 @@ async def test_allowed_origins_pin_a_key(api: Api, project) -> None:
 async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, control_db) -> None:
     """Projects created before 0008 get their RLS checker role from the migration's DO block."""
     from fluxbase.db.migrate import sql_dir
+    from fluxbase.security.roles import CHECKER_FUNCTIONS
 
     _, token = await api.new_user()
     pid = await api.new_project(token)
@@ -267,8 +268,7 @@ async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, c
         await conn.execute(
             f'SET ROLE "{RUNTIME_ROLE}"; REVOKE ALL ON DATABASE {db} FROM "{rt}"; '
             "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean), "
-            "fluxbase_guard.select_policies(text, text[]), "
-            f'fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]) FROM "{rt}"; '
+            f'{CHECKER_FUNCTIONS} FROM "{rt}"; REVOKE "p_{pid}_rw" FROM "{rt}"; '
             "RESET ROLE"
         )
         await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')

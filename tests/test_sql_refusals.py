@@ -120,6 +120,23 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
             "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN 'SET fluxbase.x'; END $$",
         ],
     ),
+    "how SQL text is read": (
+        [
+            "SET LOCAL standard_conforming_strings = off",
+            "--\rSET standard_conforming_strings TO off",
+            "SELECT set_config('standard_conforming_strings', 'off', true)",
+            "SET backslash_quote = on",
+            "SET LOCAL client_encoding = 'SJIS'",
+            "RESET standard_conforming_strings",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET standard_conforming_strings = off "
+            "AS 'SELECT 1'",
+        ],
+        [
+            "SHOW standard_conforming_strings",
+            "SELECT current_setting('client_encoding')",
+            "SET LOCAL work_mem = '1MB'",
+        ],
+    ),
     "RESET ALL": (["RESET ALL", "--\rRESET ALL", "ALTER FUNCTION f() RESET ALL"], ["RESET work_mem"]),
     "computed setting name": (
         [
@@ -141,6 +158,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
             "SET max_parallel_workers_per_gather = 64",
             "SET statement_timeout = 0",
             "SET statement_timeout = '1h'",
+            "SET LOCAL statement_timeout = '0.4'",
+            "SET LOCAL lock_timeout = '400us'",
             "SET lock_timeout = '6s'",
             "SET idle_in_transaction_session_timeout = 0",
             "SELECT set_config('work_mem', '8GB', false)",

@@ -520,6 +520,17 @@ NOT_PROJECT_SCOPED = {
     "projectUserRefresh",
     "projectUserLogout",
     "projectUserMe",
+    # Email flows (docs/email.md): public request/confirm endpoints, or the user's own token.
+    "projectUserRequestVerification",
+    "projectUserVerifyEmail",
+    "projectUserRecover",
+    "projectUserResetPassword",
+    "projectUserMagicLink",
+    "projectUserMagicLinkLogin",
+    "projectUserRequestEmailChange",
+    "projectUserConfirmEmailChange",
+    "recoverAccount",
+    "resetAccountPassword",
 }
 # Instance-admin operations on a project (not member roles or key scopes): their own tests in
 # test_project_operations.py check that keys, members and project admins are refused.
@@ -1099,6 +1110,37 @@ MATRIX: tuple[Row, ...] = (
             f"/api/projects/{w.pid}/auth/settings", json={"registrationOpen": True}, headers=h
         ),
     ),
+    Row(
+        "listMailTemplates",
+        "manage",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/mail/templates", headers=h),
+    ),
+    Row(
+        "setMailTemplate",
+        "manage",
+        200,
+        lambda w, h: w.api.http.put(
+            f"/api/projects/{w.pid}/mail/templates/reset",
+            json={"subject": "Reset", "text": "{{ link }}", "html": "<a href='{{ link }}'>reset</a>"},
+            headers=h,
+        ),
+    ),
+    Row(
+        "resetMailTemplate",
+        "manage",
+        200,
+        lambda w, h: w.api.http.delete(f"/api/projects/{w.pid}/mail/templates/reset", headers=h),
+    ),
+    Row(
+        "previewMailTemplate",
+        "manage",
+        200,
+        lambda w, h: w.api.http.post(
+            f"/api/projects/{w.pid}/mail/templates/verify/preview", json={}, headers=h
+        ),
+    ),
+    Row("mailLog", "manage", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/mail/log", headers=h)),
     Row("listRls", "manage", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/rls", headers=h)),
     Row("createPolicy", "manage", 201, _create_policy),
     Row("dropPolicy", "manage", 200, _drop_policy),

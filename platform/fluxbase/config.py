@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -205,6 +205,36 @@ class EndUserSettings(msgspec.Struct, frozen=True):
     """An unknown `kid` refetches the JWKS at most this often (FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS)."""
 
 
+class MailSettings(msgspec.Struct, frozen=True):
+    """Outgoing email (mail/): the SMTP server, the sender, retries, token lifetimes, throttles."""
+
+    smtp_host: str = ""
+    """SMTP server (FLUXBASE_SMTP_HOST); empty: messages stay queued until one is configured."""
+    smtp_port: int = 587
+    smtp_security: str = "starttls"
+    """starttls, tls (implicit, port 465) or none (plain text: only to a loopback host)."""
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_timeout_s: float = 10.0
+    sender: str = "Fluxbase <no-reply@localhost>"
+    """The From header (FLUXBASE_MAIL_FROM)."""
+    retry_schedule: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0)
+    """Seconds before each retry of a message the server could not take; then it is failed."""
+    poll_s: float = 2.0
+    """How often the worker looks for due messages."""
+    link_ttl_s: int = 3600
+    """Password reset and magic-link tokens (FLUXBASE_MAIL_LINK_TTL_SECONDS)."""
+    verify_ttl_s: int = 24 * 3600
+    """Email verification and email-change tokens (FLUXBASE_MAIL_VERIFY_TTL_SECONDS)."""
+    request_max_per_address: int = 5
+    """Requests (reset, magic link, verification) per address in the window."""
+    request_max_per_ip: int = 30
+    """Requests per client (IPv4 address or IPv6 /64) in the window."""
+    request_window_s: int = 3600
+    log_retention_s: int = 30 * 24 * 3600
+    """Finished messages older than this leave the per-project log."""
+
+
 class Settings(msgspec.Struct, frozen=True):
     """Everything a Fluxbase process needs, built once by `load_settings`."""
 
@@ -219,6 +249,7 @@ class Settings(msgspec.Struct, frozen=True):
     dump: DumpSettings = DumpSettings()
     end_user: EndUserSettings = EndUserSettings()
     outbound: OutboundSettings = OutboundSettings()
+    mail: MailSettings = MailSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
 
@@ -293,6 +324,78 @@ def _check_storage(s: StorageSettings) -> None:
             "FLUXBASE_STORAGE_UPLOAD_URL_EXPIRES_MAX_S must be positive, FLUXBASE_STORAGE_ORPHAN_GRACE_S "
             "non-negative and FLUXBASE_STORAGE_MAX_UPLOAD_S at least 60."
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _mail(get: Callable[[str, str], str], int_of: Callable[[str, int], int]) -> MailSettings:
+    d = MailSettings()
+    security = get("FLUXBASE_SMTP_SECURITY", d.smtp_security).strip().lower()
+    if security not in ("starttls", "tls", "none"):
+        raise ConfigError(f"FLUXBASE_SMTP_SECURITY must be starttls, tls or none, got {security!r}")
+    host = get("FLUXBASE_SMTP_HOST", "").strip()
+    if security == "none" and host and not _is_loopback(host):
+        raise ConfigError(
+            "FLUXBASE_SMTP_SECURITY=none sends passwords and links in clear text: it is allowed only "
+            "to a loopback host (a local mail catcher). Use starttls or tls."
+        )
+    username, password = get("FLUXBASE_SMTP_USERNAME", ""), get("FLUXBASE_SMTP_PASSWORD", "")
+    if bool(username) != bool(password):
+        raise ConfigError("FLUXBASE_SMTP_USERNAME and FLUXBASE_SMTP_PASSWORD go together.")
+    sender = get("FLUXBASE_MAIL_FROM", d.sender).strip()
+    if "@" not in sender or "\r" in sender or "\n" in sender:
+        raise ConfigError(f"FLUXBASE_MAIL_FROM must be an address, e.g. {d.sender!r}")
+    default_port = 465 if security == "tls" else d.smtp_port
+    return MailSettings(
+        smtp_host=host,
+        smtp_port=_positive(int_of("FLUXBASE_SMTP_PORT", default_port), "FLUXBASE_SMTP_PORT"),
+        smtp_security=security,
+        smtp_username=username,
+        smtp_password=password,
+        smtp_timeout_s=float(
+            _positive(
+                int_of("FLUXBASE_SMTP_TIMEOUT_SECONDS", int(d.smtp_timeout_s)),
+                "FLUXBASE_SMTP_TIMEOUT_SECONDS",
+            )
+        ),
+        sender=sender,
+        retry_schedule=_schedule(
+            get("FLUXBASE_MAIL_RETRY_SCHEDULE", ",".join(str(s) for s in d.retry_schedule)),
+            "FLUXBASE_MAIL_RETRY_SCHEDULE",
+        ),
+        poll_s=float(
+            _positive(int_of("FLUXBASE_MAIL_POLL_SECONDS", int(d.poll_s)), "FLUXBASE_MAIL_POLL_SECONDS")
+        ),
+        link_ttl_s=_positive(
+            int_of("FLUXBASE_MAIL_LINK_TTL_SECONDS", d.link_ttl_s), "FLUXBASE_MAIL_LINK_TTL_SECONDS"
+        ),
+        verify_ttl_s=_positive(
+            int_of("FLUXBASE_MAIL_VERIFY_TTL_SECONDS", d.verify_ttl_s), "FLUXBASE_MAIL_VERIFY_TTL_SECONDS"
+        ),
+        request_max_per_address=_positive(
+            int_of("FLUXBASE_MAIL_REQUEST_MAX_PER_ADDRESS", d.request_max_per_address),
+            "FLUXBASE_MAIL_REQUEST_MAX_PER_ADDRESS",
+        ),
+        request_max_per_ip=_positive(
+            int_of("FLUXBASE_MAIL_REQUEST_MAX_PER_IP", d.request_max_per_ip),
+            "FLUXBASE_MAIL_REQUEST_MAX_PER_IP",
+        ),
+        request_window_s=_positive(
+            int_of("FLUXBASE_MAIL_REQUEST_WINDOW_SECONDS", d.request_window_s),
+            "FLUXBASE_MAIL_REQUEST_WINDOW_SECONDS",
+        ),
+        log_retention_s=_positive(
+            int_of("FLUXBASE_MAIL_LOG_RETENTION_SECONDS", d.log_retention_s),
+            "FLUXBASE_MAIL_LOG_RETENTION_SECONDS",
+        ),
+    )
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -492,6 +595,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         end_user=end_user,
         outbound=OutboundSettings(allow_networks=tuple(dict.fromkeys(networks))),
+        mail=_mail(lambda n, dflt: get(n, dflt) or dflt, int_of),
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

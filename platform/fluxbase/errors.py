@@ -230,3 +230,21 @@ class UserDisabled(FluxbaseError):
 class IdentityProviderUnavailable(FluxbaseError):
     code, status = "IDENTITY_PROVIDER_UNAVAILABLE", 503
     default_message = "The project's JWKS endpoint could not be reached. Retry after a few seconds."
+
+
+# -- email links (mail/) -------------------------------------------------------------------------
+
+
+class InvalidEmailToken(FluxbaseError):
+    code, status = "INVALID_EMAIL_TOKEN", 400
+    default_message = "This link is not valid: it may have expired or been used already. Ask for a new one."
+
+
+class RedirectNotAllowed(FluxbaseError):
+    code, status = "REDIRECT_NOT_ALLOWED", 400
+    default_message = "redirectTo is not in the project's list of allowed redirect URLs."
+
+
+class EmailNotVerified(FluxbaseError):
+    code, status = "EMAIL_NOT_VERIFIED", 403
+    default_message = "Confirm your email address first: follow the link in the verification email."

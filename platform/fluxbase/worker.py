@@ -1,4 +1,4 @@
-"""The background worker: webhook delivery, and housekeeping (sessions, login throttle, outbox
+"""The background worker: webhook delivery, email sending, and housekeeping (sessions, login throttle, outbox
 retention, the webhook log, storage leftovers)."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.errors import StorageUnavailable
+from fluxbase.mail import outbox as mail_outbox
+from fluxbase.mail import sender as mail_sender
 from fluxbase.services import realtime
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.service import StorageService
@@ -44,6 +46,9 @@ async def housekeeping(
     )
     await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
     counts["webhookDeliveries"] = await webhooks.trim_log(db, settings.webhooks.log_retention_s)
+    counts["mailMessages"] = await mail_outbox.trim_log(db, settings.mail.log_retention_s)
+    tokens = await db.execute("DELETE FROM fluxbase.mail_tokens WHERE expires_at < now() - interval '1 day'")
+    counts["mailTokens"] = int(tokens.split()[-1])
     if store is not None:
         try:
             storage = await StorageService(db, store, settings).housekeep()
@@ -63,6 +68,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     await store.start()
     hooks = WebhookWorker(settings, db)
     delivery = asyncio.create_task(hooks.run(stop))
+    mail = asyncio.create_task(mail_sender.run(db, settings.mail, stop))
     log.info("worker started")
     try:
         while not stop.is_set():
@@ -76,6 +82,6 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                 pass
     finally:
         stop.set()
-        await asyncio.gather(delivery, return_exceptions=True)
+        await asyncio.gather(delivery, mail, return_exceptions=True)
         await store.close()
         await db.close()

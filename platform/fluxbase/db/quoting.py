@@ -11,7 +11,11 @@ def quote_ident(name: str) -> str:
 
 
 def quote_literal(value: str) -> str:
-    """Quote a string literal for standard_conforming_strings=on (the PostgreSQL default)."""
+    """Quote a string literal that means the same whatever standard_conforming_strings is: a
+    value with a backslash becomes an escape string (E'...'), where backslashes are escaped."""
     if "\x00" in value:
         raise ValueError("string contains NUL")
-    return "'" + value.replace("'", "''") + "'"
+    body = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + body.replace("\\", "\\\\") + "'"
+    return "'" + body + "'"

@@ -1,4 +1,5 @@
-"""`fluxbase dev`: embedded PostgreSQL and S3, migrations, api + realtime + worker, first-run credentials.
+"""`fluxbase dev`: embedded PostgreSQL and S3, a mail catcher, migrations, api + realtime + worker,
+first-run credentials.
 
 A supervisor: every child is started by us, in its own process group, and stopped by us on
 SIGINT/SIGTERM (and by the kernel if we are killed), so nothing is left behind.
@@ -205,6 +206,8 @@ def run_dev(environ: Mapping[str, str]) -> int:
         ("FLUXBASE_REALTIME_PORT", 8081),
         ("FLUXBASE_DEV_PG_PORT", 54329),
         ("FLUXBASE_DEV_S3_PORT", 8333),
+        ("FLUXBASE_DEV_SMTP_PORT", 1025),
+        ("FLUXBASE_DEV_MAIL_PORT", 8025),
     ):
         raw = environ.get(var) or str(default)
         if not raw.isdigit() or not 0 < int(raw) < 65536:
@@ -213,11 +216,17 @@ def run_dev(environ: Mapping[str, str]) -> int:
         ports[var] = int(raw)
     api_port, rt_port = ports["FLUXBASE_API_PORT"], ports["FLUXBASE_REALTIME_PORT"]
     pg_port, s3_port = ports["FLUXBASE_DEV_PG_PORT"], ports["FLUXBASE_DEV_S3_PORT"]
+    smtp_port, mail_port = ports["FLUXBASE_DEV_SMTP_PORT"], ports["FLUXBASE_DEV_MAIL_PORT"]
+    # Without an SMTP server of the user's own, mail goes to the local catcher.
+    catch_mail = not environ.get("FLUXBASE_SMTP_HOST")
     # Fail fast, before anything starts, if a port we need is taken (PortInUse → exit code 2).
     ensure_port_free(api_host, api_port, "API", "FLUXBASE_API_PORT")
     ensure_port_free(rt_host, rt_port, "realtime service", "FLUXBASE_REALTIME_PORT")
     ensure_port_free("127.0.0.1", pg_port, "embedded PostgreSQL", "FLUXBASE_DEV_PG_PORT")
     ensure_port_free("127.0.0.1", s3_port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT")
+    if catch_mail:
+        ensure_port_free("127.0.0.1", smtp_port, "mail catcher (SMTP)", "FLUXBASE_DEV_SMTP_PORT")
+        ensure_port_free("127.0.0.1", mail_port, "mail catcher (HTTP)", "FLUXBASE_DEV_MAIL_PORT")
     base.mkdir(parents=True, exist_ok=True)
 
     stop = _StopRequest()
@@ -255,6 +264,27 @@ def run_dev(environ: Mapping[str, str]) -> int:
             # The worker runs as its own child here.
             FLUXBASE_RUN_WORKER_IN_API="false",
         )
+        if catch_mail:
+            env.update(
+                FLUXBASE_SMTP_HOST="127.0.0.1",
+                FLUXBASE_SMTP_PORT=str(smtp_port),
+                FLUXBASE_SMTP_SECURITY="none",  # loopback only: config refuses it elsewhere
+            )
+            children["mail"] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fluxbase.mail.catcher",
+                    "--smtp-port",
+                    str(smtp_port),
+                    "--http-port",
+                    str(mail_port),
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
+            )
         applied = asyncio.run(migrate_database(load_settings(env)))
         if applied:
             print(f"  migrations  applied {', '.join(applied)}", flush=True)
@@ -274,6 +304,10 @@ def run_dev(environ: Mapping[str, str]) -> int:
         )
         print(f"\n  API         {creds['apiUrl']}   (OpenAPI: {creds['apiUrl']}/schema)")
         print(f"  Realtime    {creds['realtimeUrl']}")
+        if catch_mail:
+            print(
+                f"  Mail        http://127.0.0.1:{mail_port}/messages   (catcher: SMTP 127.0.0.1:{smtp_port})"
+            )
         print(f"  Credentials {base / 'dev-credentials.json'} (admin {creds['email']})")
         print(f"\nTry it:\n  {curl}\n\nCtrl-C stops everything.", flush=True)
         code = _supervise(children, stop)

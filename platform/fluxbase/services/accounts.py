@@ -11,6 +11,7 @@ import asyncpg
 from fluxbase import ids
 from fluxbase.config import Settings
 from fluxbase.errors import AuthRequired, Conflict, RegistrationClosed, ValidationError
+from fluxbase.mail import links, outbox
 from fluxbase.security import passwords, tokens
 from fluxbase.services import throttle
 
@@ -158,3 +159,58 @@ async def logout(db: asyncpg.Pool, session_id: str) -> None:
     await db.execute(
         "UPDATE fluxbase.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", session_id
     )
+
+
+# -- password reset (the link goes to the address; the request answers the same for any address) --
+
+_RESET_REQUEST = """
+WITH u AS (SELECT id, email FROM fluxbase.users WHERE lower(email) = lower($1)),
+t AS (
+    INSERT INTO fluxbase.mail_tokens (token_hash, purpose, account_id, email, expires_at)
+    SELECT $2, 'account_reset', u.id, u.email, now() + make_interval(secs => $3) FROM u
+), m AS (
+    INSERT INTO fluxbase.mail_outbox (project_id, kind, recipient, subject, text_body, html_body)
+    SELECT NULL, 'account_reset', u.email, $4, $5, $6 FROM u
+)
+SELECT count(*) FROM u
+"""
+
+
+async def request_reset(db: asyncpg.Pool, settings: Settings, email: str, client_ip: str) -> None:
+    """Queue a reset link if the address has an account; throttled per address and client."""
+    email = normalise_email(email)
+    token, token_hash = links.new_token()
+    ttl = settings.mail.link_ttl_s
+    values = {
+        "email": email,
+        "link": links.link(settings.api_url.rstrip("/") + "/reset-password", "account_reset", token),
+        "token": token,
+        "expires_minutes": str(max(1, ttl // 60)),
+    }
+    message = await outbox.compose(db, None, "account_reset", values)
+    async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, "dashboard", email, client_ip)
+        await conn.fetchval(
+            _RESET_REQUEST, email, token_hash, ttl, message.subject, message.text, message.html
+        )
+
+
+async def reset_password(db: asyncpg.Pool, token: str, new_password: str) -> int:
+    """Use a reset token: new password, every session of the account ended (returns how many)."""
+    check_password_strength(new_password)
+    pw_hash = await passwords.hash_password(new_password)
+    async with db.acquire() as conn, conn.transaction():
+        t = await links.consume(conn, token, "account_reset", None)
+        await conn.execute(
+            "UPDATE fluxbase.users SET password_hash = $2 WHERE id = $1", t["account_id"], pw_hash
+        )
+        await conn.execute(
+            """UPDATE fluxbase.mail_tokens SET used_at = now()
+               WHERE account_id = $1 AND used_at IS NULL AND purpose = 'account_reset'""",
+            t["account_id"],
+        )
+        status = await conn.execute(
+            "UPDATE fluxbase.sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+            t["account_id"],
+        )
+    return int(status.rsplit(" ", 1)[-1])

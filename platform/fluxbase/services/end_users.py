@@ -22,6 +22,8 @@ from fluxbase.config import Settings
 from fluxbase.errors import (
     AuthRequired,
     Conflict,
+    EmailNotVerified,
+    InvalidEmailToken,
     InvalidUserToken,
     ProjectSuspended,
     RegistrationClosed,
@@ -29,9 +31,10 @@ from fluxbase.errors import (
     UserNotFound,
     ValidationError,
 )
+from fluxbase.mail import links, outbox
 from fluxbase.security import passwords, usertokens
 from fluxbase.services import accounts, throttle
-from fluxbase.services.access import load_project
+from fluxbase.services.access import Project, load_project
 
 REFRESH_PREFIX = "fxr_"
 MIN_JWT_SECRET_CHARS = 32
@@ -47,6 +50,7 @@ class ProjectUser:
     disabled_at: datetime | None
     created_at: datetime
     last_login_at: datetime | None
+    email_verified_at: datetime | None = None
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> ProjectUser:
@@ -58,6 +62,7 @@ class ProjectUser:
             r["disabled_at"],
             r["created_at"],
             r["last_login_at"],
+            r["email_verified_at"],
         )
 
 
@@ -78,6 +83,11 @@ class AuthConfig:
     jwks_uri: str | None = None
     jwt_allowed_issuers: tuple[str, ...] = ()
     jwt_expected_audiences: tuple[str, ...] = ()
+    email_verification: str = "off"  # off | optional | required
+    redirect_urls: tuple[str, ...] = ()
+
+
+VERIFICATION_MODES = ("off", "optional", "required")
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -93,6 +103,8 @@ async def get_config(db: asyncpg.Pool | asyncpg.Connection, project_id: str) -> 
         row["jwks_uri"],
         tuple(row["jwt_allowed_issuers"]),
         tuple(row["jwt_expected_audiences"]),
+        row["email_verification"],
+        tuple(row["redirect_urls"]),
     )
 
 
@@ -120,7 +132,15 @@ async def update_config(db: asyncpg.Pool, project_id: str, changes: dict[str, An
         "jwks_uri": current.jwks_uri,
         "jwt_allowed_issuers": current.jwt_allowed_issuers,
         "jwt_expected_audiences": current.jwt_expected_audiences,
+        "email_verification": current.email_verification,
+        "redirect_urls": current.redirect_urls,
     }
+    if "email_verification" in changes:
+        if changes["email_verification"] not in VERIFICATION_MODES:
+            raise ValidationError("emailVerification must be off, optional or required.")
+        values["email_verification"] = changes["email_verification"]
+    if "redirect_urls" in changes:
+        values["redirect_urls"] = links.check_allow_list(changes["redirect_urls"] or [])
     if "registration_open" in changes:
         values["registration_open"] = bool(changes["registration_open"])
     if "jwt_secret" in changes:
@@ -138,18 +158,22 @@ async def update_config(db: asyncpg.Pool, project_id: str, changes: dict[str, An
         )
     await db.execute(
         """INSERT INTO fluxbase.project_auth_settings AS s (project_id, registration_open, jwt_secret,
-               jwks_uri, jwt_allowed_issuers, jwt_expected_audiences)
-           VALUES ($1, $2, $3, $4, $5, $6)
+               jwks_uri, jwt_allowed_issuers, jwt_expected_audiences, email_verification, redirect_urls)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT (project_id) DO UPDATE SET registration_open = EXCLUDED.registration_open,
                jwt_secret = EXCLUDED.jwt_secret, jwks_uri = EXCLUDED.jwks_uri,
                jwt_allowed_issuers = EXCLUDED.jwt_allowed_issuers,
-               jwt_expected_audiences = EXCLUDED.jwt_expected_audiences, updated_at = now()""",
+               jwt_expected_audiences = EXCLUDED.jwt_expected_audiences,
+               email_verification = EXCLUDED.email_verification, redirect_urls = EXCLUDED.redirect_urls,
+               updated_at = now()""",
         project_id,
         values["registration_open"],
         values["jwt_secret"],
         values["jwks_uri"],
         list(values["jwt_allowed_issuers"]),
         list(values["jwt_expected_audiences"]),
+        values["email_verification"],
+        list(values["redirect_urls"]),
     )
     return await get_config(db, project_id)
 
@@ -171,28 +195,37 @@ async def register(
     password: str,
     display_name: str,
     client_ip: str,
+    redirect_to: str | None = None,
 ) -> ProjectUser:
-    """A new project user; sign-ups are throttled per project and client."""
+    """A new project user; sign-ups are throttled per project and client. With email
+    verification on, the verification message is queued in the same transaction."""
     email = accounts.normalise_email(email)
     accounts.check_password_strength(password)
-    await _active_project(db, project_id)
-    if not (await get_config(db, project_id)).registration_open:
+    project = await load_project(db, project_id)
+    if project.status == "suspended":
+        raise ProjectSuspended()
+    config = await get_config(db, project_id)
+    if not config.registration_open:
         raise RegistrationClosed("Registration is closed for this project.")
+    base = links.choose_redirect(redirect_to, config.redirect_urls)
     await throttle.signup_attempt(db, settings.auth, project_id, client_ip)
     pw_hash = await passwords.hash_password(password)
     try:
-        row = await db.fetchrow(
-            """INSERT INTO fluxbase.project_users (id, project_id, email, password_hash, display_name)
-               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
-            ids.prefixed("pu"),
-            project_id,
-            email,
-            pw_hash,
-            display_name.strip()[:200],
-        )
+        async with db.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """INSERT INTO fluxbase.project_users (id, project_id, email, password_hash, display_name)
+                   VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+                ids.prefixed("pu"),
+                project_id,
+                email,
+                pw_hash,
+                display_name.strip()[:200],
+            )
+            assert row is not None
+            if config.email_verification != "off":
+                await _send_link(conn, settings, project, "verify", row["id"], email, email, base)
     except asyncpg.UniqueViolationError:
         raise Conflict("A user with this email already exists in this project.") from None
-    assert row is not None
     return ProjectUser.from_row(row)
 
 
@@ -245,17 +278,23 @@ async def login(
     user = ProjectUser.from_row(row)
     if user.disabled_at is not None:
         raise UserDisabled()
-    session_id = ids.prefixed("pus", 16)
+    if user.email_verified_at is None and (await get_config(db, project_id)).email_verification == "required":
+        raise EmailNotVerified()
     async with db.acquire() as conn, conn.transaction():
-        await conn.execute(
-            """INSERT INTO fluxbase.project_user_sessions (id, user_id, expires_at)
-               VALUES ($1, $2, now() + make_interval(secs => $3))""",
-            session_id,
-            user.id,
-            settings.end_user.refresh_ttl_s,
-        )
-        await conn.execute("UPDATE fluxbase.project_users SET last_login_at = now() WHERE id = $1", user.id)
-        refresh_token = await _new_refresh(conn, session_id)
+        return await _start_session(conn, settings, user)
+
+
+async def _start_session(conn: asyncpg.Connection, settings: Settings, user: ProjectUser) -> TokenPair:
+    session_id = ids.prefixed("pus", 16)
+    await conn.execute(
+        """INSERT INTO fluxbase.project_user_sessions (id, user_id, expires_at)
+           VALUES ($1, $2, now() + make_interval(secs => $3))""",
+        session_id,
+        user.id,
+        settings.end_user.refresh_ttl_s,
+    )
+    await conn.execute("UPDATE fluxbase.project_users SET last_login_at = now() WHERE id = $1", user.id)
+    refresh_token = await _new_refresh(conn, session_id)
     token, exp = _access(settings, user, session_id)
     return TokenPair(token, exp, refresh_token, user)
 
@@ -411,3 +450,239 @@ async def revoke_sessions(db: asyncpg.Pool, project_id: str, user_id: str) -> in
             user_id,
         )
     return int(status.rsplit(" ", 1)[-1])
+
+
+# -- email flows: verification, password reset, magic links, email change -----------------------
+#
+# Request endpoints (verification, reset, magic link) answer the same whether or not the address
+# has an account: the redirect is checked, the request is throttled per address and client, the
+# message is rendered and one statement inserts the token and the message only if the user
+# exists. The same work either way, so the answer and its timing say nothing about the address.
+
+_PURPOSE_TTL = {
+    "verify": "verify_ttl_s",
+    "email_change": "verify_ttl_s",
+    "reset": "link_ttl_s",
+    "magic_link": "link_ttl_s",
+}
+
+
+def _values(
+    settings: Settings, purpose: str, project_name: str, email: str, link: str, token: str
+) -> dict[str, str]:
+    ttl = int(getattr(settings.mail, _PURPOSE_TTL[purpose]))
+    return {
+        "project_name": project_name,
+        "email": email,
+        "link": link,
+        "token": token,
+        "expires_minutes": str(max(1, ttl // 60)),
+        "expires_hours": str(max(1, ttl // 3600)),
+    }
+
+
+async def _send_link(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    project: Project,
+    purpose: str,
+    user_id: str,
+    recipient: str,
+    email_value: str,
+    base: str | None,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Issue a token for a known user and queue its message, in the caller's transaction."""
+    token, token_hash = links.new_token()
+    ttl = int(getattr(settings.mail, _PURPOSE_TTL[purpose]))
+    await conn.execute(
+        """INSERT INTO fluxbase.mail_tokens
+               (token_hash, purpose, project_id, project_user_id, email, expires_at)
+           VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))""",
+        token_hash,
+        purpose,
+        project.id,
+        user_id,
+        recipient,
+        ttl,
+    )
+    values = {
+        **_values(settings, purpose, project.name, email_value, links.link(base, purpose, token), token),
+        **(extra or {}),
+    }
+    await outbox.enqueue(
+        conn, project.id, purpose, recipient, await outbox.compose(conn, project.id, purpose, values)
+    )
+
+
+_REQUEST = """
+WITH u AS (
+    SELECT id, email FROM fluxbase.project_users
+    WHERE project_id = $1 AND lower(email) = lower($2) AND disabled_at IS NULL
+      AND ($3 <> 'verify' OR email_verified_at IS NULL)
+), t AS (
+    INSERT INTO fluxbase.mail_tokens (token_hash, purpose, project_id, project_user_id, email, expires_at)
+    SELECT $4, $3, $1, u.id, u.email, now() + make_interval(secs => $5) FROM u
+), m AS (
+    INSERT INTO fluxbase.mail_outbox (project_id, kind, recipient, subject, text_body, html_body)
+    SELECT $1, $3, u.email, $6, $7, $8 FROM u
+)
+SELECT count(*) FROM u
+"""
+
+REQUEST_PURPOSES = ("verify", "reset", "magic_link")
+
+
+async def request_link(
+    db: asyncpg.Pool,
+    settings: Settings,
+    project_id: str,
+    purpose: str,
+    email: str,
+    redirect_to: str | None,
+    client_ip: str,
+) -> None:
+    """Queue a verification, reset or magic-link message if the address has an account; the
+    caller answers the same either way."""
+    assert purpose in REQUEST_PURPOSES
+    project = await load_project(db, project_id)
+    if project.status == "suspended":
+        raise ProjectSuspended()
+    config = await get_config(db, project_id)
+    base = links.choose_redirect(redirect_to, config.redirect_urls)
+    email = accounts.normalise_email(email)
+    token, token_hash = links.new_token()
+    values = _values(settings, purpose, project.name, email, links.link(base, purpose, token), token)
+    message = await outbox.compose(db, project_id, purpose, values)
+    async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, project_id, email, client_ip)
+        await conn.fetchval(
+            _REQUEST,
+            project_id,
+            email,
+            purpose,
+            token_hash,
+            int(getattr(settings.mail, _PURPOSE_TTL[purpose])),
+            message.subject,
+            message.text,
+            message.html,
+        )
+
+
+async def verify_email(db: asyncpg.Pool, project_id: str, token: str) -> ProjectUser:
+    """Use a verification token: the address it was sent to is now verified."""
+    await _active_project(db, project_id)
+    async with db.acquire() as conn, conn.transaction():
+        t = await links.consume(conn, token, "verify", project_id)
+        row = await conn.fetchrow(
+            """UPDATE fluxbase.project_users SET email_verified_at = coalesce(email_verified_at, now())
+               WHERE id = $1 AND lower(email) = lower($2) RETURNING *""",
+            t["project_user_id"],
+            t["email"],
+        )
+        if row is None:  # the address changed since: this proves nothing about the new one
+            raise InvalidEmailToken()
+    return ProjectUser.from_row(row)
+
+
+async def _end_other_links(conn: asyncpg.Connection, user_id: str) -> None:
+    await conn.execute(
+        """UPDATE fluxbase.mail_tokens SET used_at = now()
+           WHERE project_user_id = $1 AND used_at IS NULL AND purpose IN ('reset', 'magic_link')""",
+        user_id,
+    )
+
+
+async def reset_password(db: asyncpg.Pool, project_id: str, token: str, new_password: str) -> int:
+    """Use a reset token: set the new password and revoke every session (returns how many)."""
+    accounts.check_password_strength(new_password)
+    await _active_project(db, project_id)
+    pw_hash = await passwords.hash_password(new_password)
+    async with db.acquire() as conn, conn.transaction():
+        t = await links.consume(conn, token, "reset", project_id)
+        # Following the link proves the address too.
+        await conn.execute(
+            """UPDATE fluxbase.project_users SET password_hash = $2,
+                   email_verified_at = CASE WHEN lower(email) = lower($3)
+                                            THEN coalesce(email_verified_at, now()) ELSE email_verified_at END
+               WHERE id = $1""",
+            t["project_user_id"],
+            pw_hash,
+            t["email"],
+        )
+        await _end_other_links(conn, t["project_user_id"])
+        status = await conn.execute(
+            """UPDATE fluxbase.project_user_sessions SET revoked_at = now()
+               WHERE user_id = $1 AND revoked_at IS NULL""",
+            t["project_user_id"],
+        )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def magic_link_login(db: asyncpg.Pool, settings: Settings, project_id: str, token: str) -> TokenPair:
+    """Use a magic-link token: a new session, as a password login makes."""
+    await _active_project(db, project_id)
+    async with db.acquire() as conn, conn.transaction():
+        t = await links.consume(conn, token, "magic_link", project_id)
+        row = await conn.fetchrow(
+            """UPDATE fluxbase.project_users SET email_verified_at = coalesce(email_verified_at, now())
+               WHERE id = $1 AND lower(email) = lower($2) RETURNING *""",
+            t["project_user_id"],
+            t["email"],
+        )
+        if row is None:
+            raise InvalidEmailToken()
+        user = ProjectUser.from_row(row)
+        if user.disabled_at is not None:
+            raise UserDisabled()
+        await _end_other_links(conn, user.id)
+        return await _start_session(conn, settings, user)
+
+
+async def request_email_change(
+    db: asyncpg.Pool,
+    settings: Settings,
+    user: ProjectUser,
+    new_email: str,
+    redirect_to: str | None,
+    client_ip: str,
+) -> None:
+    """Send a confirmation link to the new address; the address changes when it is followed.
+    Whether the new address is taken is only told at confirmation (not to this caller now)."""
+    project = await load_project(db, user.project_id)
+    config = await get_config(db, user.project_id)
+    base = links.choose_redirect(redirect_to, config.redirect_urls)
+    new_email = accounts.normalise_email(new_email)
+    if new_email.lower() == user.email.lower():
+        raise ValidationError("The new email is the current one.")
+    async with db.acquire() as conn, conn.transaction():
+        await throttle.mail_request_attempt(conn, settings.mail, user.project_id, new_email, client_ip)
+        await _send_link(
+            conn,
+            settings,
+            project,
+            "email_change",
+            user.id,
+            new_email,
+            user.email,
+            base,
+            {"new_email": new_email},
+        )
+
+
+async def confirm_email_change(db: asyncpg.Pool, project_id: str, token: str) -> ProjectUser:
+    await _active_project(db, project_id)
+    try:
+        async with db.acquire() as conn, conn.transaction():
+            t = await links.consume(conn, token, "email_change", project_id)
+            row = await conn.fetchrow(
+                """UPDATE fluxbase.project_users SET email = $2, email_verified_at = now()
+                   WHERE id = $1 RETURNING *""",
+                t["project_user_id"],
+                t["email"],
+            )
+            if row is None:
+                raise InvalidEmailToken()
+    except asyncpg.UniqueViolationError:
+        raise Conflict("Another user of this project has this email address now.") from None
+    return ProjectUser.from_row(row)

@@ -1,20 +1,15 @@
-"""The database-size cap on the write path, and what keeps it cheap far below the cap.
+"""The database-size cap on the write path.
 
-`fluxbase_guard.check_db_quota()` (sql/0010) measures the project schema and refuses (FX413) a
-transaction that grows it past `projects.db_quota_bytes`. Measuring walks every relation of the
-schema (about 0.5 ms for 20 tables, `bench/db_quota.py`), so the SQL hot path does not measure
-every write:
+`fluxbase_guard.check_db_quota()` (sql/0010, sql/0012) measures the project schema and refuses
+(FX413) a transaction that grows it past `projects.db_quota_bytes`. It runs before COMMIT of
+every transaction of a capped project, and returns at once when the transaction wrote nothing
+(no xid). Projects without a cap never send it (the cap comes with the project row).
 
-* projects without a cap never send the check (zero cost; the cap comes with the project row);
-* a capped project is measured before COMMIT when this process's last measurement of it is
-  older than `FRESH_S`, or was at `NEAR` of the cap or more, or when the statement itself was
-  large (`BIG_ROWS` rows or more, or DDL). Near the cap every writing transaction is measured,
-  so the write that crosses it is refused; far below it, a project costs about one measured
-  transaction per `FRESH_S` per API process. The price: small writes arriving faster than that
-  can carry a project from under `NEAR` past the cap before the next measurement, which then
-  refuses every further growing write until rows are deleted and the project vacuumed.
-
-Rare paths (migrations, imports) always measure.
+An earlier version measured only when the statement looked large (its command tag's row count,
+DDL) or the last measurement was old or near the cap: a data-modifying CTE (tag `SELECT 1`) or a
+few hundred large rows wrote many times the cap in one request (hostile review 1). What a
+statement writes cannot be read from its tag, so every writing transaction is measured: about
+0.5 ms for a 20-table schema (`bench/db_quota.py`), for capped projects only.
 """
 
 from __future__ import annotations
@@ -27,12 +22,6 @@ import asyncpg
 from fluxbase.errors import DatabaseQuotaExceeded
 
 CHECK_SQL = "SELECT fluxbase_guard.check_db_quota()"
-FRESH_S = 2.0
-NEAR = 0.8
-BIG_ROWS = 1000
-DDL = frozenset(
-    {"CREATE", "ALTER", "COMMENT", "GRANT", "REVOKE", "SECURITY", "REINDEX", "CLUSTER", "REFRESH"}
-)
 
 
 class SizeCache:
@@ -43,13 +32,10 @@ class SizeCache:
     def __init__(self) -> None:
         self._sizes: dict[str, tuple[int, float]] = {}
 
-    def needs_check(self, project_id: str, cap: int | None, rows: int = 0, keyword: str = "") -> bool:
-        if cap is None:
-            return False
-        if rows >= BIG_ROWS or keyword in DDL:
-            return True
-        hit = self._sizes.get(project_id)
-        return hit is None or time.monotonic() - hit[1] > FRESH_S or hit[0] >= cap * NEAR
+    def needs_check(self, project_id: str, cap: int | None) -> bool:
+        """Whether a writing transaction of this project is measured before COMMIT: always
+        when it has a cap (see the module docstring for why no cheaper rule holds)."""
+        return cap is not None
 
     def record(self, project_id: str, size: int | None) -> None:
         if size is None:

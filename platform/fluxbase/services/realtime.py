@@ -58,16 +58,18 @@ class Cursor:
 
 
 def parse_cursor(value: Any) -> Cursor:
-    """A cursor is '<xid>:<id>' as sent in every event; a bare integer means 'after that xid'."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return Cursor(value, 2**63 - 1)
+    """A cursor is '<xid>:<id>' exactly as sent in every event's `cursor` field.
+
+    A bare number is refused: it used to mean "after transaction <n>", so a client resuming with
+    an event's `id` (the natural choice) silently got a different position and duplicates."""
     if isinstance(value, str):
         m = _CURSOR_RE.match(value.strip())
         if m:
             return Cursor(int(m.group(1)), int(m.group(2)))
-        if value.strip().isdigit():
-            return Cursor(int(value.strip()), 2**63 - 1)
-    raise ValidationError("since must be an event cursor like '1234:56'.")
+    raise ValidationError(
+        "since must be the `cursor` of the last event received (like '1234:56'), "
+        "not an event id or another number."
+    )
 
 
 async def list_tables(db: asyncpg.Pool, project_id: str) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ ask for `Need.MANAGE`); this module holds the rules about the team itself:
   compared without case. Inviting the same address again resets its invitation, whatever
   state it was in, to a new pending one (new id, new expiry): there is one row per
   (project, email).
+- The invitee is emailed a link (queued in the invitation's transaction, sent by the worker);
+  accepting still needs the invitee's own dashboard session, so the link alone grants nothing.
 - Invitations expire `auth.invite_ttl_seconds` after they are sent. Only the invited account
   (by email) may answer; accepting adds the membership, or changes the role of an existing one.
 - A project always keeps an admin: removing or demoting its last admin is a 409 CONFLICT.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlencode
 
 import asyncpg
 
@@ -36,6 +39,7 @@ from fluxbase.errors import (
     UserNotFound,
     ValidationError,
 )
+from fluxbase.mail import outbox
 from fluxbase.services.access import ROLE_RANK, Principal, ProjectAccess
 from fluxbase.services.accounts import User, normalise_email
 
@@ -177,23 +181,36 @@ async def invite(
     _key_may_touch(access, role)
     if await db.fetchval("SELECT id FROM fluxbase.users WHERE lower(email) = lower($1)", email) is None:
         raise UserNotFound("Invitee email does not match any registered Fluxbase account.")
-    row = await db.fetchrow(
-        f"""INSERT INTO fluxbase.invitations AS i (id, project_id, email, role, invited_by, expires_at)
-            VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-            ON CONFLICT (project_id, lower(email)) DO UPDATE
-               SET id = EXCLUDED.id, email = EXCLUDED.email, role = EXCLUDED.role, status = 'pending',
-                   invited_by = EXCLUDED.invited_by, invited_at = now(), expires_at = EXCLUDED.expires_at,
-                   responded_at = NULL
-            RETURNING {_INVITE_COLUMNS}""",
-        ids.prefixed("inv"),
-        access.project.id,
-        email,
-        role,
-        access.principal.label,
-        settings.auth.invite_ttl_seconds,
-    )
-    assert row is not None
-    return Invitation.from_row(row)
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"""INSERT INTO fluxbase.invitations AS i (id, project_id, email, role, invited_by, expires_at)
+                VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+                ON CONFLICT (project_id, lower(email)) DO UPDATE
+                   SET id = EXCLUDED.id, email = EXCLUDED.email, role = EXCLUDED.role, status = 'pending',
+                       invited_by = EXCLUDED.invited_by, invited_at = now(), expires_at = EXCLUDED.expires_at,
+                       responded_at = NULL
+                RETURNING {_INVITE_COLUMNS}""",
+            ids.prefixed("inv"),
+            access.project.id,
+            email,
+            role,
+            access.principal.label,
+            settings.auth.invite_ttl_seconds,
+        )
+        assert row is not None
+        invitation = Invitation.from_row(row)
+        # The invitee gets a link, in the same transaction: no invitation without its message.
+        values = {
+            "project_name": access.project.name,
+            "email": email,
+            "role": role,
+            "invite_id": invitation.id,
+            "link": f"{settings.api_url.rstrip('/')}/invites?{urlencode({'invite': invitation.id})}",
+            "expires_hours": str(max(1, settings.auth.invite_ttl_seconds // 3600)),
+        }
+        message = await outbox.compose(conn, access.project.id, "invite", values)
+        await outbox.enqueue(conn, access.project.id, "invite", email, message)
+    return invitation
 
 
 async def respond(db: asyncpg.Pool, user: User, invite_id: str, answer: str) -> Invitation:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from fluxbase.config import AuthSettings
+from fluxbase.config import AuthSettings, MailSettings
 from fluxbase.errors import RateLimited
 
 MAX_CLIENT_CHARS = 64
@@ -106,13 +106,18 @@ def login_counters(settings: AuthSettings, realm: str, account: str, client_ip: 
 
 async def _take(db: asyncpg.Pool, counters: Sequence[Counter], message: str) -> None:
     """Count one attempt on every counter, or on none when one of them is full (RATE_LIMIT)."""
-    by_key = {c.key: c for c in counters}
     async with db.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-        rows = await conn.fetch(_LOCK, list(by_key), [c.window_s for c in by_key.values()])
-        full = [r["retry_s"] for r in rows if r["hits"] >= by_key[r["key"]].limit]
-        if full:
-            raise RateLimited(math.ceil(max(full)), message)
-        await conn.execute(_COUNT, list(by_key))
+        await _take_in(conn, counters, message)
+
+
+async def _take_in(conn: asyncpg.Connection, counters: Sequence[Counter], message: str) -> None:
+    """`_take` inside the caller's transaction."""
+    by_key = {c.key: c for c in counters}
+    rows = await conn.fetch(_LOCK, list(by_key), [c.window_s for c in by_key.values()])
+    full = [r["retry_s"] for r in rows if r["hits"] >= by_key[r["key"]].limit]
+    if full:
+        raise RateLimited(math.ceil(max(full)), message)
+    await conn.execute(_COUNT, list(by_key))
 
 
 async def login_attempt(db: asyncpg.Pool, counters: LoginCounters) -> None:
@@ -143,3 +148,18 @@ async def signup_attempt(db: asyncpg.Pool, settings: AuthSettings, realm: str, c
         settings.register_window_seconds,
     )
     await _take(db, [counter], "Too many sign-ups from this address. Try again later.")
+
+
+async def mail_request_attempt(
+    conn: asyncpg.Connection, settings: MailSettings, realm: str, email: str, client_ip: str
+) -> None:
+    """Count a request that sends mail (reset, magic link, verification) per address and per
+    client, or refuse it (RATE_LIMIT). The same for addresses with and without an account. In
+    the caller's transaction: the request's own writes commit with the count, so a request for
+    an unknown address writes (and flushes) as much as one for a known address."""
+    window = settings.request_window_s
+    counters = [
+        Counter(f"mail:{realm}:{unknown_account(email)[8:]}", settings.request_max_per_address, window),
+        Counter(f"mail-client:{realm}:{client_group(client_ip)}", settings.request_max_per_ip, window),
+    ]
+    await _take_in(conn, counters, "Too many email requests. Try again later.")

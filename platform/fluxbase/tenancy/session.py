@@ -44,7 +44,7 @@ from fluxbase.tenancy.errors import (
 )
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
-from fluxbase.tenancy.results import StatementResult, count_of, encode_result
+from fluxbase.tenancy.results import StatementResult, encode_result
 
 log = logging.getLogger("fluxbase.tenancy")
 
@@ -199,8 +199,6 @@ class Tx:
         self.may_write = may_write
         # (project, cap, sizes) of a project with a database-size cap: checked before COMMIT.
         self.quota_of = quota_of
-        self.rows_written = 0
-        self.last_keyword = ""
 
     def _failed(self, exc: BaseException) -> BaseException:
         """Map a driver error to StatementFailed; session-level failures pass through."""
@@ -227,8 +225,6 @@ class Tx:
         res, self.bytes_left = encode_result(
             wire.column_names(stmt), rows, status, completed, self.limits.max_rows, self.bytes_left, keyword
         )
-        self.rows_written += count_of(status) or 0
-        self.last_keyword = res.operation.split(" ", 1)[0]
         return res
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -241,11 +237,11 @@ class Tx:
     async def check_quota(self) -> None:
         """Before COMMIT: refuse the write that takes a capped project past its size limit.
 
-        Only when the cap may be near (services.quota.SizeCache): far below it, no query."""
+        Every writing transaction of a capped project (services.quota)."""
         if self.quota_of is None:
             return
         project_id, cap, sizes = self.quota_of
-        if not sizes.needs_check(project_id, cap, self.rows_written, self.last_keyword):
+        if not sizes.needs_check(project_id, cap):
             return
         try:
             await quota.check(self.conn, project_id, sizes)
@@ -285,7 +281,6 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
             await wire.forget_cached_plans(conn, exc)
             await _begin(conn, begin)
             tx.retried, tx.index, tx.bytes_left = True, None, tx.limits.max_bytes
-            tx.rows_written, tx.last_keyword = 0, ""
             out = await work(tx)
         await tx.check_quota()
     except TransactionEnded:

@@ -116,6 +116,10 @@ def over_cap(name: str, value: str | None, caps: Caps) -> str | None:
     amount = _in_base_unit(value, unit)
     if amount is None:
         return f"{name} = {value!r} is not a value Fluxbase can check against the cap ({shown})"
+    if unit in ("kB", "8kB", "ms"):
+        # PostgreSQL stores these as integers: it rounds the value in its base unit (rint, so
+        # half to even), and '0.4' or '400us' for a timeout becomes 0, which means no limit.
+        amount = float(round(amount / (8 if unit == "8kB" else 1))) * (8 if unit == "8kB" else 1)
     # -1 (temp_file_limit) and 0 (the timeouts) mean "no limit".
     unlimited = amount < 0 or (unit == "ms" and amount == 0)
     if unlimited or amount > cap:
@@ -488,6 +492,19 @@ def _identity(name: str) -> bool:
     return name == "fluxbase" or name.startswith("fluxbase.")
 
 
+# Settings that change how PostgreSQL reads SQL text. The classifier parses as the server does
+# with their defaults (standard_conforming_strings on): once a request turned one of them, the
+# server would read a later statement of the batch (or a SQL function body) differently from
+# the classifier — `'a\', '` is one string to one and an escaped quote to the other.
+_LEXICAL = frozenset(
+    {"standard_conforming_strings", "backslash_quote", "escape_string_warning", "client_encoding"}
+)
+
+
+def _lexical(name: str) -> bool:
+    return name in _LEXICAL
+
+
 def _role_switch(s: Statement, _caps: Caps) -> str | None:
     for st in s.settings:
         if st.name in ("role", "session_authorization"):
@@ -617,6 +634,15 @@ RULES: tuple[Rule, ...] = (
         "42501",
         "changing {detail} is not allowed: it is the request identity, which Fluxbase sets.",
         _setting_named(_identity),
+    ),
+    Rule(
+        "how SQL text is read",
+        "standard_conforming_strings, backslash_quote, escape_string_warning and client_encoding "
+        "change how the server reads string literals: statements would then mean something else "
+        "to the server than to the classifier that checked them",
+        "42501",
+        "changing {detail} is not allowed: it changes how SQL text is read.",
+        _setting_named(_lexical),
     ),
     Rule(
         "RESET ALL",

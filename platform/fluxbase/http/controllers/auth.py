@@ -9,7 +9,7 @@ from litestar import Request, get, post
 from fluxbase.errors import AuthRequired
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller, client_ip
-from fluxbase.http.shapes import LoginBody, RegisterBody, user_out
+from fluxbase.http.shapes import Body, LoginBody, RegisterBody, user_out
 from fluxbase.services import accounts
 
 
@@ -49,6 +49,28 @@ async def logout(ctx: AppContext, caller: Caller) -> dict[str, Any]:
 @get("/api/auth/me", operation_id="me", tags=["auth"])
 async def me(caller: Caller) -> dict[str, Any]:
     return {"success": True, "user": user_out(_session_user(caller))}
+
+
+class RecoverBody(Body):
+    email: str
+
+
+class ResetPasswordBody(Body):
+    token: str
+    password: str
+
+
+@post("/api/auth/recover", operation_id="recoverAccount", tags=["auth"], status_code=202)
+async def recover(data: RecoverBody, ctx: AppContext, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Email a password-reset link; the same answer whether or not the address has an account."""
+    await accounts.request_reset(ctx.db, ctx.settings, data.email, client_ip(request, ctx))
+    return {"success": True, "message": "If this address belongs to an account, a message is on its way."}
+
+
+@post("/api/auth/reset-password", operation_id="resetAccountPassword", tags=["auth"], status_code=200)
+async def reset_password(data: ResetPasswordBody, ctx: AppContext) -> dict[str, Any]:
+    revoked = await accounts.reset_password(ctx.db, data.token, data.password)
+    return {"success": True, "revokedSessions": revoked}
 
 
 @get("/api/admin/status", operation_id="adminStatus", tags=["auth"])

@@ -24,6 +24,21 @@ class UserRegisterBody(Body):
     email: str
     password: str
     display_name: str = ""
+    redirect_to: str | None = None
+
+
+class EmailRequestBody(Body):
+    email: str
+    redirect_to: str | None = None
+
+
+class TokenBody(Body):
+    token: str
+
+
+class ResetPasswordBody(Body):
+    token: str
+    password: str
 
 
 class UserLoginBody(Body):
@@ -43,6 +58,8 @@ class AuthSettingsPatch(msgspec.Struct, rename="camel", forbid_unknown_fields=Tr
     jwks_uri: str | msgspec.UnsetType | None = msgspec.UNSET
     jwt_allowed_issuers: list[str] | msgspec.UnsetType | None = msgspec.UNSET
     jwt_expected_audiences: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    email_verification: str | msgspec.UnsetType = msgspec.UNSET
+    redirect_urls: list[str] | msgspec.UnsetType | None = msgspec.UNSET
 
 
 _decode_patch = msgspec.json.Decoder(AuthSettingsPatch).decode
@@ -53,6 +70,8 @@ def user_out(u: end_users.ProjectUser) -> dict[str, Any]:
         "id": u.id,
         "email": u.email,
         "displayName": u.display_name,
+        "emailVerified": u.email_verified_at is not None,
+        "emailVerifiedAt": u.email_verified_at,
         "disabled": u.disabled_at is not None,
         "disabledAt": u.disabled_at,
         "createdAt": u.created_at,
@@ -79,6 +98,8 @@ def settings_out(c: end_users.AuthConfig) -> dict[str, Any]:
         "jwksUri": c.jwks_uri,
         "jwtAllowedIssuers": list(c.jwt_allowed_issuers),
         "jwtExpectedAudiences": list(c.jwt_expected_audiences),
+        "emailVerification": c.email_verification,
+        "redirectUrls": list(c.redirect_urls),
     }
 
 
@@ -104,6 +125,7 @@ async def register(
         data.password,
         data.display_name,
         client_ip(request, ctx),
+        data.redirect_to,
     )
     return {"success": True, "user": user_out(user)}
 
@@ -133,6 +155,98 @@ async def logout(project_id: str, ctx: AppContext, request: Request[Any, Any, An
 @get(f"{BASE}/me", operation_id="projectUserMe", tags=["end-user auth"])
 async def me(project_id: str, ctx: AppContext, request: Request[Any, Any, Any]) -> dict[str, Any]:
     _, user = await end_users.verify_own(ctx.db, ctx.settings, project_id, _user_token(request))
+    return {"success": True, "user": user_out(user)}
+
+
+# -- email flows (no API key; requests answer the same whether or not the address exists) -------
+
+# The one answer of every request endpoint, whatever the address.
+REQUESTED = {"success": True, "message": "If this address belongs to an account, a message is on its way."}
+
+
+async def _request(
+    purpose: str, project_id: str, data: EmailRequestBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    await end_users.request_link(
+        ctx.db, ctx.settings, project_id, purpose, data.email, data.redirect_to, client_ip(request, ctx)
+    )
+    return REQUESTED
+
+
+@post(
+    f"{BASE}/verify/request",
+    operation_id="projectUserRequestVerification",
+    tags=["end-user auth"],
+    status_code=202,
+)
+async def request_verification(
+    project_id: str, data: EmailRequestBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    return await _request("verify", project_id, data, ctx, request)
+
+
+@post(f"{BASE}/verify", operation_id="projectUserVerifyEmail", tags=["end-user auth"], status_code=200)
+async def verify_email(project_id: str, data: TokenBody, ctx: AppContext) -> dict[str, Any]:
+    user = await end_users.verify_email(ctx.db, project_id, data.token)
+    return {"success": True, "user": user_out(user)}
+
+
+@post(f"{BASE}/recover", operation_id="projectUserRecover", tags=["end-user auth"], status_code=202)
+async def recover(
+    project_id: str, data: EmailRequestBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    return await _request("reset", project_id, data, ctx, request)
+
+
+@post(
+    f"{BASE}/reset-password", operation_id="projectUserResetPassword", tags=["end-user auth"], status_code=200
+)
+async def reset_password(project_id: str, data: ResetPasswordBody, ctx: AppContext) -> dict[str, Any]:
+    revoked = await end_users.reset_password(ctx.db, project_id, data.token, data.password)
+    return {"success": True, "revokedSessions": revoked}
+
+
+@post(f"{BASE}/magic-link", operation_id="projectUserMagicLink", tags=["end-user auth"], status_code=202)
+async def magic_link(
+    project_id: str, data: EmailRequestBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    return await _request("magic_link", project_id, data, ctx, request)
+
+
+@post(
+    f"{BASE}/magic-link/verify",
+    operation_id="projectUserMagicLinkLogin",
+    tags=["end-user auth"],
+    status_code=200,
+)
+async def magic_link_login(project_id: str, data: TokenBody, ctx: AppContext) -> dict[str, Any]:
+    return pair_out(await end_users.magic_link_login(ctx.db, ctx.settings, project_id, data.token))
+
+
+@post(
+    f"{BASE}/email-change",
+    operation_id="projectUserRequestEmailChange",
+    tags=["end-user auth"],
+    status_code=202,
+)
+async def request_email_change(
+    project_id: str, data: EmailRequestBody, ctx: AppContext, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    _, user = await end_users.verify_own(ctx.db, ctx.settings, project_id, _user_token(request))
+    await end_users.request_email_change(
+        ctx.db, ctx.settings, user, data.email, data.redirect_to, client_ip(request, ctx)
+    )
+    return {"success": True, "message": "A confirmation link was sent to the new address."}
+
+
+@post(
+    f"{BASE}/email-change/confirm",
+    operation_id="projectUserConfirmEmailChange",
+    tags=["end-user auth"],
+    status_code=200,
+)
+async def confirm_email_change(project_id: str, data: TokenBody, ctx: AppContext) -> dict[str, Any]:
+    user = await end_users.confirm_email_change(ctx.db, project_id, data.token)
     return {"success": True, "user": user_out(user)}
 
 
