@@ -49,7 +49,7 @@ async def execute(
     if refused is not None:
         raise StatementFailed(refused.message, refused.sqlstate)
     keyword = verdict.keyword
-    if pipelinable(req, verdict):
+    if pipelinable(req, verdict, query):
         try:
             return await one_round_trip(pools, control, req, query, params, keyword)
         except Fallback:

@@ -408,10 +408,21 @@ async def transaction(
 # -- one round trip ---------------------------------------------------------------------------
 
 
-def pipelinable(req: TenantRequest, verdict: classification.Verdict) -> bool:
+# asyncpg names (and caches) only statements up to this size; a longer one is parsed unnamed,
+# and the one-round-trip prefix's own unnamed steps (an end user's identity) would replace it:
+# Bind would then run the prefix's SET instead of the statement, and report success (hostile
+# review 2). Longer statements take the explicit-transaction path.
+MAX_PIPELINED_CHARS = 15 * 1024 - 1
+
+
+def pipelinable(req: TenantRequest, verdict: classification.Verdict, query: str = "") -> bool:
     """Whether the one-round-trip path may run it (tenancy.statements.Verdict.pipelinable)."""
     # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
-    return verdict.pipelinable and not (req.db_quota and req.scope != "read")
+    return (
+        verdict.pipelinable
+        and len(query.encode()) <= MAX_PIPELINED_CHARS
+        and not (req.db_quota and req.scope != "read")
+    )
 
 
 _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})

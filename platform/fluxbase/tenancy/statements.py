@@ -156,6 +156,8 @@ class Statement:
     # is called, inside the caller's statement (a SET there changes the caller's settings).
     inner: tuple[Statement, ...] = ()
     pg_settings_write: bool = False  # UPDATE pg_settings (its rule calls set_config)
+    # Every parse node kind inside it: EXECUTE hides in EXPLAIN and CREATE TABLE AS.
+    kinds: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,9 @@ def _facts(stmt: dict[str, Any], keyword: str, depth: int = 0) -> Statement:
     pg_settings_write = False
     targets: set[str] = set()
     inner: list[Statement] = []
+    kinds: set[str] = set()
     for kind, fields in _walk(stmt):
+        kinds.add(kind)
         if kind == "CreateFunctionStmt":
             body_text = _sql_body(fields)
             if body_text is not None:
@@ -386,6 +390,7 @@ def _facts(stmt: dict[str, Any], keyword: str, depth: int = 0) -> Statement:
         targets=frozenset(targets),
         pg_settings_write=pg_settings_write,
         inner=tuple(inner),
+        kinds=frozenset(kinds),
     )
 
 
@@ -471,6 +476,9 @@ def _node_in(*nodes: str, naming: str = "") -> Callable[[Statement, Caps], str |
     def check(s: Statement, _caps: Caps) -> str | None:
         if s.node in wanted:
             return LABELS.get(s.node, s.keyword)
+        hidden = wanted & s.kinds  # EXPLAIN EXECUTE, CREATE TABLE ... AS EXECUTE
+        if hidden:
+            return LABELS.get(min(hidden), min(hidden))
         if naming and naming in s.targets and s.node in ("RenameStmt", "AlterOwnerStmt", "CommentStmt"):
             return f"{s.keyword} of a {naming.removeprefix('OBJECT_').lower()}"
         return None
