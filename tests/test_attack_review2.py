@@ -1,0 +1,204 @@
+"""Hostile review 2: attacks on the privilege model (sql/0012), realtime authorization
+(sql/0015) and the round-1 fixes, through the public HTTP API.
+
+Each test asserts the SECURE behaviour. Tests of holes that are still open are marked
+`xfail(strict=True)`: they start passing (and so fail the suite) when the hole is closed, and
+the mark is removed with the fix. The database fixture (`control_db`) is used only to observe
+effects (what landed in the outbox), never to set an attack up.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from support import Api, bearer, random_ip
+from test_realtime import _realtime, subscribe
+
+PASSWORD = "correct horse battery"
+MANY = 1_000_000
+
+
+async def sql(api: Api, key: str, pid: str, q: str, token: str | None = None) -> dict[str, Any]:
+    headers = bearer(key)
+    if token is not None:
+        headers["X-Fluxbase-User-Token"] = token
+    r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": q}, headers=headers)
+    return dict(r.json())
+
+
+async def batch(api: Api, key: str, pid: str, queries: list[str], token: str | None = None) -> dict[str, Any]:
+    headers = bearer(key)
+    if token is not None:
+        headers["X-Fluxbase-User-Token"] = token
+    body = {"projectId": pid, "statements": [{"query": q} for q in queries]}
+    r = await api.http.post("/api/execute-batch", json=body, headers=headers)
+    return dict(r.json())
+
+
+async def end_user(api: Api, pid: str) -> tuple[str, str]:
+    email = f"atk-{secrets.token_hex(4)}@example.com"
+    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{pid}/auth/login",
+        json={"email": email, "password": PASSWORD},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["user"]["id"], r.json()["accessToken"]
+
+
+async def browser_key(api: Api, project: Any) -> str:
+    r = await api.http.post(
+        f"/api/projects/{project.id}/api-keys",
+        json={"name": "browser", "scope": "readwrite", "requireUserAuth": True, "rateLimitRequests": MANY},
+        headers=bearer(project.owner_token),
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
+async def forged_events(control_db: asyncpg.Pool, marker: str) -> list[asyncpg.Record]:
+    return list(
+        await control_db.fetch(
+            "SELECT project_id, table_name, operation, record FROM fluxbase.events "
+            "WHERE record::text LIKE $1",
+            f"%{marker}%",
+        )
+    )
+
+
+def cast_forge(target: str, marker: str, call: str = "") -> list[str]:
+    """Statements that make a caller with no trigger of its own run `call` (default: a forged
+    INSERT event for `target`) inside a trigger (pg_trigger_depth() = 1), with no platform
+    trigger around it that would fail: a temporary enum with an implicit cast to integer, and a
+    temporary foreign key from the enum to an integer key. The foreign key's check is a trigger, and
+    its query casts the new row's value with the caller's function."""
+    record = '{"owner": "victim", "v": "' + marker + '"}'
+    call = call or (
+        f"fluxbase_capture.write_events('{target}'::regclass, 'INSERT', ARRAY['{record}'::jsonb], NULL)"
+    )
+    return [
+        "CREATE TYPE pg_temp.fx_e AS ENUM ('k')",
+        "CREATE FUNCTION pg_temp.fx_text(pg_temp.fx_e) RETURNS integer LANGUAGE sql AS "
+        f"$f$ SELECT 1 FROM (SELECT {call}) AS s $f$",
+        "CREATE CAST (pg_temp.fx_e AS integer) WITH FUNCTION pg_temp.fx_text(pg_temp.fx_e) AS IMPLICIT",
+        "CREATE TEMP TABLE fx_pk (k integer PRIMARY KEY)",
+        "INSERT INTO pg_temp.fx_pk VALUES (1)",
+        "CREATE TEMP TABLE fx_fk (e pg_temp.fx_e REFERENCES pg_temp.fx_pk (k))",
+        "INSERT INTO pg_temp.fx_fk VALUES ('k')",
+    ]
+
+
+async def messages_table(api: Api, project: Any) -> None:
+    for q in (
+        "CREATE TABLE messages (owner text NOT NULL, v text NOT NULL)",
+        "ALTER TABLE messages ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON messages USING (owner = auth.uid())",
+        "CREATE POLICY ins ON messages FOR INSERT WITH CHECK (owner = auth.uid())",
+    ):
+        assert (await sql(api, project.admin_key, project.id, q))["success"], q
+
+
+FORGE_HOLE = (
+    "open hole: an end user (or any readwrite key) runs its own SQL function inside a trigger "
+    "(the check trigger of a temporary foreign key calls its implicit cast), so write_events' "
+    "pg_trigger_depth() test passes and it forges row events for any table of its project"
+)
+
+
+@pytest.fixture(scope="module")
+def rt(instance: Any, log_dir: Any) -> Iterator[str]:
+    with _realtime(instance, log_dir) as url:
+        yield url
+
+
+# -- 1. forged row events without a trigger of one's own ---------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=FORGE_HOLE)
+async def test_end_user_cannot_forge_row_events_through_a_temp_cast(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    pid = project.id
+    await messages_table(api, project)
+    key = await browser_key(api, project)
+    _uid, tok = await end_user(api, pid)
+    marker = f"forged-{secrets.token_hex(4)}"
+    body = await batch(api, key, pid, cast_forge(f"p_{pid}.messages", marker), tok)
+    assert not await forged_events(control_db, marker), body
+
+
+@pytest.mark.xfail(strict=True, reason=FORGE_HOLE)
+async def test_forged_row_event_does_not_reach_another_end_users_subscription(
+    api: Api, project: Any, rt: str
+) -> None:
+    """The consequence: Mallory makes Victim's realtime client show a message row that no one
+    wrote, attributed to Victim's own row (the policy `owner = auth.uid()` passes on the image)."""
+    pid = project.id
+    await messages_table(api, project)
+    key = await browser_key(api, project)
+    _m, mallory = await end_user(api, pid)
+    victim, victim_tok = await end_user(api, pid)
+    marker = f"forged-{secrets.token_hex(4)}"
+    forge = cast_forge(f"p_{pid}.messages", marker)
+    forge[1] = forge[1].replace('"owner": "victim"', f'"owner": "{victim}"')
+    async with subscribe(rt, pid, victim_tok) as sub:
+        body = await batch(api, key, pid, forge, mallory)
+        got = await sub.silent(3.0)
+    assert not any(marker in str(m) for m in got), (body, got)
+
+
+async def test_read_key_cannot_forge_row_events_through_a_temp_cast(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    pid = project.id
+    await messages_table(api, project)
+    ro = await api.new_key(project.owner_token, pid, "read", rateLimitRequests=MANY)
+    marker = f"forged-{secrets.token_hex(4)}"
+    body = await batch(api, ro, pid, cast_forge(f"p_{pid}.messages", marker))
+    assert not await forged_events(control_db, marker), body
+
+
+async def test_forged_events_never_reach_another_project(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Even from inside a trigger, write_events refuses a table of another project."""
+    other = await api.new_project(project.owner_token, "victim")
+    other_key = await api.new_key(project.owner_token, other, "admin", rateLimitRequests=MANY)
+    assert (await sql(api, other_key, other, "CREATE TABLE messages (owner text, v text)"))["success"]
+    marker = f"forged-{secrets.token_hex(4)}"
+    body = await batch(api, project.admin_key, project.id, cast_forge(f"p_{other}.messages", marker))
+    assert not await forged_events(control_db, marker), body
+    # and directly from an admin's own trigger
+    marker2 = f"forged-{secrets.token_hex(4)}"
+    rec = '{"v": "' + marker2 + '"}'
+    for q in (
+        "CREATE TABLE src (v text)",
+        "CREATE FUNCTION fwd() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+        f"PERFORM fluxbase_capture.write_events('p_{other}.messages'::regclass, 'INSERT', "
+        f"ARRAY['{rec}'::jsonb], NULL); RETURN NULL; END $f$",
+        "CREATE TRIGGER fwd AFTER INSERT ON src FOR EACH ROW EXECUTE FUNCTION fwd()",
+        "INSERT INTO src VALUES ('x')",
+    ):
+        await sql(api, project.admin_key, project.id, q)
+    assert not await forged_events(control_db, marker2)
+
+
+async def test_readwrite_cannot_announce_schema_events_through_a_temp_cast(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    marker = f"forged-{secrets.token_hex(4)}"
+    call = (
+        f"fluxbase_capture.write_schema_event('p_{pid}', 'messages', 'DROP TABLE', "
+        "'{\"object\": \"%s\"}'::jsonb)" % marker
+    )
+    body = await batch(api, rw, pid, cast_forge("", marker, call))
+    assert not await forged_events(control_db, marker), body
