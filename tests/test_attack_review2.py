@@ -9,12 +9,15 @@ effects (what landed in the outbox), never to set an attack up.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
+from websockets.asyncio.client import connect
 
 from support import Api, bearer, random_ip
 from test_realtime import _realtime, subscribe
@@ -198,7 +201,48 @@ async def test_readwrite_cannot_announce_schema_events_through_a_temp_cast(
     marker = f"forged-{secrets.token_hex(4)}"
     call = (
         f"fluxbase_capture.write_schema_event('p_{pid}', 'messages', 'DROP TABLE', "
-        "'{\"object\": \"%s\"}'::jsonb)" % marker
+        '\'{"object": "%s"}\'::jsonb)' % marker
     )
     body = await batch(api, rw, pid, cast_forge("", marker, call))
     assert not await forged_events(control_db, marker), body
+
+
+# -- 2. another project's room, tokens and history ---------------------------------------------------
+
+
+async def _first_reply(url: str, room_project: str, token: str, **extra: Any) -> dict[str, Any]:
+    async with connect(url, max_queue=None) as ws:
+        await ws.send(
+            json.dumps({"type": "subscribe", "roomId": f"project_{room_project}", "token": token, **extra})
+        )
+        return dict(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+
+
+async def test_no_credential_of_one_project_subscribes_to_another(api: Api, project: Any, rt: str) -> None:
+    other = await api.new_project(project.owner_token, "victim")
+    r = await api.http.post(
+        "/api/realtime/token", json={"projectId": project.id}, headers=bearer(project.admin_key)
+    )
+    assert r.status_code == 201, r.text
+    minted = r.json()["token"]
+    _uid, user_tok = await end_user(api, project.id)
+    for cred in (project.admin_key, minted, user_tok):
+        reply = await _first_reply(rt, other, cred)
+        assert reply["type"] != "subscribed", reply
+    # minting for the other project with this project's key is refused too
+    r = await api.http.post(
+        "/api/realtime/token", json={"projectId": other}, headers=bearer(project.admin_key)
+    )
+    assert r.status_code in (401, 403, 404), r.text
+
+
+async def test_replay_from_the_beginning_shows_only_the_own_project(api: Api, project: Any, rt: str) -> None:
+    other = await api.new_project(project.owner_token, "victim")
+    other_key = await api.new_key(project.owner_token, other, "admin", rateLimitRequests=MANY)
+    marker = f"theirs-{secrets.token_hex(4)}"
+    for q in ("CREATE TABLE t (v text)", f"INSERT INTO t VALUES ('{marker}')"):
+        assert (await sql(api, other_key, other, q))["success"], q
+    assert (await sql(api, project.admin_key, project.id, "CREATE TABLE mine (v text)"))["success"]
+    async with subscribe(rt, project.id, project.admin_key, since="0:0") as sub:
+        got = await sub.silent(2.0)
+    assert not any(marker in str(m) for m in got), got
