@@ -246,3 +246,39 @@ async def test_replay_from_the_beginning_shows_only_the_own_project(api: Api, pr
     async with subscribe(rt, project.id, project.admin_key, since="0:0") as sub:
         got = await sub.silent(2.0)
     assert not any(marker in str(m) for m in got), got
+
+
+# -- 3. the outbox as storage outside the quota ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: write_events stores any jsonb a trigger hands it in the shared outbox; a "
+    "BEFORE trigger that returns NULL stores nothing in the project's tables, so the database quota "
+    "never sees it (docs/security.md calls admin-forged events harmless: not for disk)",
+)
+async def test_outbox_writes_count_against_the_database_quota(
+    api: Api, project: Any, instance_admin: dict[str, Any], control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    root = instance_admin["token"]
+    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
+    cap = r.json()["quotas"]["databaseUsedBytes"] * 4 + 65_536
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": cap}, headers=bearer(root)
+    )
+    assert r.status_code == 200, r.text
+    big = "(SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 40000) g)"
+    for q in (
+        "CREATE TABLE src (v text)",
+        "CREATE FUNCTION stuff() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+        f"PERFORM fluxbase_capture.write_events('src'::regclass, 'INSERT', "
+        f"ARRAY[pg_catalog.jsonb_build_object('v', {big})], NULL); RETURN NULL; END $f$",
+        "CREATE TRIGGER stuff BEFORE INSERT ON src FOR EACH ROW EXECUTE FUNCTION stuff()",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+    body = await sql(api, key, pid, "INSERT INTO src SELECT 'x' FROM generate_series(1, 8)")
+    stored = await control_db.fetchval(
+        "SELECT coalesce(sum(pg_column_size(record)), 0) FROM fluxbase.events WHERE project_id = $1", pid
+    )
+    assert stored <= cap, (stored, cap, body)
