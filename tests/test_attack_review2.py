@@ -282,3 +282,43 @@ async def test_outbox_writes_count_against_the_database_quota(
         "SELECT coalesce(sum(pg_column_size(record)), 0) FROM fluxbase.events WHERE project_id = $1", pid
     )
     assert stored <= cap, (stored, cap, body)
+
+
+# -- 4. another end user's statement text through the connection's prepared statements ---------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the classifier refuses EXECUTE only as a top-level statement; "
+    "EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_<n>__ runs, and asyncpg keeps every tenant "
+    "statement prepared under a process-wide counter name on the pooled session, so an end user "
+    "reads the literals of other end users' earlier statements",
+)
+async def test_end_user_cannot_read_other_end_users_statements_via_explain_execute(
+    api: Api, project: Any
+) -> None:
+    pid = project.id
+    key = await browser_key(api, project)
+    _v, victim_tok = await end_user(api, pid)
+    _a, mallory = await end_user(api, pid)
+    marker = f"victim-secret-{secrets.token_hex(4)}"
+    # The victim's requests, spread over the end-user pool's connections.
+    await asyncio.gather(*(sql(api, key, pid, f"SELECT '{marker}' AS s", victim_tok) for _ in range(8)))
+    leaks: list[str] = []
+    refused: list[str] = []
+
+    async def probe(n: int) -> None:
+        body = await sql(api, key, pid, f"EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_{n:x}__", mallory)
+        if marker in str(body):
+            leaks.append(str(body))
+        elif not body.get("success") and "does not exist" not in str(body):
+            refused.append(str(body))
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    for base in range(1, 400_000, 64):
+        await asyncio.gather(*(probe(n) for n in range(base, base + 64)))
+        if leaks or refused or loop.time() > deadline:
+            break
+    assert not leaks, leaks[0]
+    assert refused, "EXPLAIN EXECUTE of a session prepared statement should be refused"
