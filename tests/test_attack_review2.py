@@ -284,41 +284,76 @@ async def test_outbox_writes_count_against_the_database_quota(
     assert stored <= cap, (stored, cap, body)
 
 
-# -- 4. another end user's statement text through the connection's prepared statements ---------------
+# -- 4. other requests' statement texts through the connection's prepared statements -----------------
+
+PAD = "x" * 16_000  # past asyncpg's max_cacheable_statement_size: sent unnamed, cached nowhere
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="open hole: the classifier refuses EXECUTE only as a top-level statement; "
     "EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_<n>__ runs, and asyncpg keeps every tenant "
-    "statement prepared under a process-wide counter name on the pooled session, so an end user "
-    "reads the literals of other end users' earlier statements",
+    "statement prepared on the pooled session under a process-wide counter name, so one key "
+    "reads the literals of another key's (or end user's) earlier statements",
 )
-async def test_end_user_cannot_read_other_end_users_statements_via_explain_execute(
-    api: Api, project: Any
-) -> None:
+async def test_key_cannot_read_other_requests_statements_via_explain_execute(api: Api, project: Any) -> None:
     pid = project.id
-    key = await browser_key(api, project)
-    _v, victim_tok = await end_user(api, pid)
-    _a, mallory = await end_user(api, pid)
+    victim = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    mallory = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
     marker = f"victim-secret-{secrets.token_hex(4)}"
-    # The victim's requests, spread over the end-user pool's connections.
-    await asyncio.gather(*(sql(api, key, pid, f"SELECT '{marker}' AS s", victim_tok) for _ in range(8)))
+    # The victim's requests, spread over the pool's connections.
+    await asyncio.gather(*(sql(api, victim, pid, f"SELECT '{marker}' AS s") for _ in range(8)))
     leaks: list[str] = []
     refused: list[str] = []
 
     async def probe(n: int) -> None:
-        body = await sql(api, key, pid, f"EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_{n:x}__", mallory)
+        # Padded: the probe itself is not prepared by name, so it neither moves the counter nor
+        # evicts the victim's statement from the connection's cache.
+        body = await sql(api, mallory, pid, f"EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_{n:x}__ -- {PAD}")
         if marker in str(body):
             leaks.append(str(body))
         elif not body.get("success") and "does not exist" not in str(body):
             refused.append(str(body))
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    for base in range(1, 400_000, 64):
+    deadline = loop.time() + 90
+    for base in range(1, 1_000_000, 64):
         await asyncio.gather(*(probe(n) for n in range(base, base + 64)))
         if leaks or refused or loop.time() > deadline:
             break
     assert not leaks, leaks[0]
     assert refused, "EXPLAIN EXECUTE of a session prepared statement should be refused"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: EXPLAIN EXECUTE / CREATE TABLE AS EXECUTE reach PostgreSQL for end users too "
+    "(their pool's statements are other end users'; finding the counter is harder without padding)",
+)
+async def test_end_user_explain_execute_is_refused(api: Api, project: Any) -> None:
+    """End users share their own pool: the same EXPLAIN EXECUTE must be refused for them."""
+    pid = project.id
+    key = await browser_key(api, project)
+    _a, mallory = await end_user(api, pid)
+    for q in (
+        "EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_1__",
+        "CREATE TEMP TABLE stolen AS EXECUTE __asyncpg_stmt_1__",
+    ):
+        body = await sql(api, key, pid, q, mallory)
+        assert "does not exist" not in str(body), (q, body)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug: a statement over asyncpg's max_cacheable_statement_size (15 KiB) is parsed "
+    "unnamed, then the one-round-trip prefix parses the end user's identity SET unnamed too and "
+    "replaces it; Bind runs the SET again and the request answers success without running the statement",
+)
+async def test_long_end_user_statement_runs_or_fails_never_silently_skipped(api: Api, project: Any) -> None:
+    pid = project.id
+    await messages_table(api, project)
+    key = await browser_key(api, project)
+    _uid, tok = await end_user(api, pid)
+    body = await sql(api, key, pid, f"INSERT INTO messages VALUES (auth.uid(), 'long') -- {PAD}", tok)
+    count = await sql(api, project.admin_key, pid, "SELECT count(*) AS n FROM messages")
+    assert not body.get("success") or count["result"]["rows"] == [{"n": 1}], (body, count)
