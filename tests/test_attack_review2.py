@@ -312,11 +312,11 @@ async def test_key_cannot_read_other_requests_statements_via_explain_execute(api
         body = await sql(api, mallory, pid, f"EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_{n:x}__ -- {PAD}")
         if marker in str(body):
             leaks.append(str(body))
-        elif not body.get("success") and "does not exist" not in str(body):
-            refused.append(str(body))
+        elif not body.get("success") and "not allowed" in str(body):
+            refused.append(str(body))  # the classifier's refusal, not PostgreSQL's lookup
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 90
+    deadline = loop.time() + 45
     for base in range(1, 1_000_000, 64):
         await asyncio.gather(*(probe(n) for n in range(base, base + 64)))
         if leaks or refused or loop.time() > deadline:
@@ -340,7 +340,7 @@ async def test_end_user_explain_execute_is_refused(api: Api, project: Any) -> No
         "CREATE TEMP TABLE stolen AS EXECUTE __asyncpg_stmt_1__",
     ):
         body = await sql(api, key, pid, q, mallory)
-        assert "does not exist" not in str(body), (q, body)
+        assert "not allowed" in str(body), (q, body)
 
 
 @pytest.mark.xfail(
