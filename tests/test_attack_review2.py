@@ -289,13 +289,6 @@ async def test_outbox_writes_count_against_the_database_quota(
 PAD = "x" * 16_000  # past asyncpg's max_cacheable_statement_size: sent unnamed, cached nowhere
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the classifier refuses EXECUTE only as a top-level statement; "
-    "EXPLAIN (VERBOSE) EXECUTE __asyncpg_stmt_<n>__ runs, and asyncpg keeps every tenant "
-    "statement prepared on the pooled session under a process-wide counter name, so one key "
-    "reads the literals of another key's (or end user's) earlier statements",
-)
 async def test_key_cannot_read_other_requests_statements_via_explain_execute(api: Api, project: Any) -> None:
     pid = project.id
     victim = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
@@ -325,11 +318,6 @@ async def test_key_cannot_read_other_requests_statements_via_explain_execute(api
     assert refused, "EXPLAIN EXECUTE of a session prepared statement should be refused"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: EXPLAIN EXECUTE / CREATE TABLE AS EXECUTE reach PostgreSQL for end users too "
-    "(their pool's statements are other end users'; finding the counter is harder without padding)",
-)
 async def test_end_user_explain_execute_is_refused(api: Api, project: Any) -> None:
     """End users share their own pool: the same EXPLAIN EXECUTE must be refused for them."""
     pid = project.id
@@ -343,12 +331,6 @@ async def test_end_user_explain_execute_is_refused(api: Api, project: Any) -> No
         assert "not allowed" in str(body), (q, body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: a statement over asyncpg's max_cacheable_statement_size (15 KiB) is parsed "
-    "unnamed, then the one-round-trip prefix parses the end user's identity SET unnamed too and "
-    "replaces it; Bind runs the SET again and the request answers success without running the statement",
-)
 async def test_long_end_user_statement_runs_or_fails_never_silently_skipped(api: Api, project: Any) -> None:
     pid = project.id
     await messages_table(api, project)
