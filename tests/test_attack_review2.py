@@ -124,7 +124,6 @@ def rt(instance: Any, log_dir: Any) -> Iterator[str]:
 # -- 1. forged row events without a trigger of one's own ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=FORGE_HOLE)
 async def test_end_user_cannot_forge_row_events_through_a_temp_cast(
     api: Api, project: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -137,7 +136,6 @@ async def test_end_user_cannot_forge_row_events_through_a_temp_cast(
     assert not await forged_events(control_db, marker), body
 
 
-@pytest.mark.xfail(strict=True, reason=FORGE_HOLE)
 async def test_forged_row_event_does_not_reach_another_end_users_subscription(
     api: Api, project: Any, rt: str
 ) -> None:

@@ -171,6 +171,26 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
             "USING (true) WITH CHECK (true)"
         )
     await _adopt_project_roles(conn, user)
+    await _no_temporary_for_readers(conn, user)
+
+
+async def _no_temporary_for_readers(conn: asyncpg.Connection, user: str) -> None:
+    """Read and readwrite roles of existing projects lose TEMPORARY (see tenancy/provision.py);
+    revoked as the runtime role, which granted it."""
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    roles = await conn.fetch(
+        """SELECT r.rolname FROM pg_roles r
+           WHERE r.rolname ~ '^p_[0-9a-f]{16}_(rw|ro)$'
+             AND has_database_privilege(r.oid, current_database(), 'TEMPORARY')"""
+    )
+    if not roles:
+        return
+    await conn.execute(f"SET ROLE {quote_ident(user)}")
+    try:
+        for r in roles:
+            await conn.execute(f"REVOKE TEMPORARY ON DATABASE {db} FROM {quote_ident(r['rolname'])}")
+    finally:
+        await conn.execute("RESET ROLE")
 
 
 async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
@@ -195,7 +215,7 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
             await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
             # What the superuser granted, the runtime could not revoke when it drops the project:
             # grant it again as the runtime.
-            privs = "CONNECT, TEMPORARY" if kind != "realtime" else "CONNECT"
+            privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
             fns = CHECKER_FUNCTIONS
             set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
             await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")

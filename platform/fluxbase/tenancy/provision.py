@@ -42,7 +42,11 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
             f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
             f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
         )
-        await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {quote_ident(role)}")
+        # Only the admin role may create temporary objects: with none of its own, a read or
+        # readwrite key (an end user) cannot run code it wrote anywhere — a temporary cast called
+        # by a foreign key's check trigger let it forge capture events (hostile review 2).
+        privs = "CONNECT, TEMPORARY" if scope == "admin" else "CONNECT"
+        await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {quote_ident(role)}")
         await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
