@@ -143,6 +143,8 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
         [
             "SHOW standard_conforming_strings",
             "SELECT current_setting('client_encoding')",
+            "SET standard_conforming_strings = on",
+            "SET client_encoding = 'UTF8'",
             "SET LOCAL work_mem = '1MB'",
         ],
     ),

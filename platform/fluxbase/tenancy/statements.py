@@ -501,16 +501,22 @@ def _identity(name: str) -> bool:
 
 
 # Settings that change how PostgreSQL reads SQL text. The classifier parses as the server does
-# with their defaults (standard_conforming_strings on): once a request turned one of them, the
-# server would read a later statement of the batch (or a SQL function body) differently from
-# the classifier — `'a\', '` is one string to one and an escaped quote to the other.
-_LEXICAL = frozenset(
-    {"standard_conforming_strings", "backslash_quote", "escape_string_warning", "client_encoding"}
-)
+# with these values (standard_conforming_strings on, UTF-8): once a request turned one of them,
+# the server would read a later statement of the batch (or a SQL function body) differently from
+# the classifier — `'a\\', '` is one string to one and an escaped quote to the other. Setting
+# them to the values the classifier assumes (pg_dump's header does) changes nothing.
+_LEXICAL: dict[str, frozenset[str]] = {
+    "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
+    "client_encoding": frozenset({"utf8", "utf-8", "unicode"}),
+    "backslash_quote": frozenset({"safe_encoding", "off", "false", "no", "0"}),
+}
 
 
-def _lexical(name: str) -> bool:
-    return name in _LEXICAL
+def _lexical(s: Statement, _caps: Caps) -> str | None:
+    for st in s.settings:
+        if st.name in _LEXICAL and (st.value is None or st.value.strip().lower() not in _LEXICAL[st.name]):
+            return st.name
+    return None
 
 
 def _role_switch(s: Statement, _caps: Caps) -> str | None:
@@ -645,12 +651,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "how SQL text is read",
-        "standard_conforming_strings, backslash_quote, escape_string_warning and client_encoding "
-        "change how the server reads string literals: statements would then mean something else "
-        "to the server than to the classifier that checked them",
+        "standard_conforming_strings, backslash_quote and client_encoding change how the server "
+        "reads string literals: statements would then mean something else to the server than to "
+        "the classifier that checked them (their default values stay allowed)",
         "42501",
         "changing {detail} is not allowed: it changes how SQL text is read.",
-        _setting_named(_lexical),
+        _lexical,
     ),
     Rule(
         "RESET ALL",
