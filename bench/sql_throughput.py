@@ -260,8 +260,17 @@ async def main() -> None:
             request = post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
             # Direct asyncpg reads the same table in the project's schema (superuser connection,
             # so the project role's connection cap stays with the API).
-            sep = "&" if "?" in db_url else "?"
-            direct_url = db_url + f"{sep}options=-csearch_path%3Dp_{pid}"
+            # (The API's runtime role may not read project tables: the superuser's URL, which the
+            # --socket form shares host and port with.)
+            super_url = stack.database_url(dbname)
+            if args.socket:
+                sparts = urlsplit(super_url)
+                super_url = (
+                    f"postgresql://{sparts.username}:{sparts.password}@/{dbname}"
+                    f"?host={stack.pg.socket_dir}&port={sparts.port}"
+                )
+            sep = "&" if "?" in super_url else "?"
+            direct_url = super_url + f"{sep}options=-csearch_path%3Dp_{pid}"
             pg_proc = None
             pg_port = free_port()
             if args.postgraphile:
