@@ -19,51 +19,9 @@ import asyncpg
 import pytest
 from websockets.asyncio.client import connect
 
-from support import Api, bearer, random_ip
+from support import Api, bearer
+from test_attack_review1 import MANY, batch, browser_key, end_user, sql
 from test_realtime import _realtime, subscribe
-
-PASSWORD = "correct horse battery"
-MANY = 1_000_000
-
-
-async def sql(api: Api, key: str, pid: str, q: str, token: str | None = None) -> dict[str, Any]:
-    headers = bearer(key)
-    if token is not None:
-        headers["X-Fluxbase-User-Token"] = token
-    r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": q}, headers=headers)
-    return dict(r.json())
-
-
-async def batch(api: Api, key: str, pid: str, queries: list[str], token: str | None = None) -> dict[str, Any]:
-    headers = bearer(key)
-    if token is not None:
-        headers["X-Fluxbase-User-Token"] = token
-    body = {"projectId": pid, "statements": [{"query": q} for q in queries]}
-    r = await api.http.post("/api/execute-batch", json=body, headers=headers)
-    return dict(r.json())
-
-
-async def end_user(api: Api, pid: str) -> tuple[str, str]:
-    email = f"atk-{secrets.token_hex(4)}@example.com"
-    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    r = await api.http.post(
-        f"/api/projects/{pid}/auth/login",
-        json={"email": email, "password": PASSWORD},
-        headers={"X-Forwarded-For": random_ip()},
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["user"]["id"], r.json()["accessToken"]
-
-
-async def browser_key(api: Api, project: Any) -> str:
-    r = await api.http.post(
-        f"/api/projects/{project.id}/api-keys",
-        json={"name": "browser", "scope": "readwrite", "requireUserAuth": True, "rateLimitRequests": MANY},
-        headers=bearer(project.owner_token),
-    )
-    assert r.status_code == 201, r.text
-    return str(r.json()["key"])
 
 
 async def forged_events(control_db: asyncpg.Pool, marker: str) -> list[asyncpg.Record]:
