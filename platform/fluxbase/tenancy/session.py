@@ -412,7 +412,7 @@ async def transaction(
 # and the one-round-trip prefix's own unnamed steps (an end user's identity) would replace it:
 # Bind would then run the prefix's SET instead of the statement, and report success (hostile
 # review 2). Longer statements take the explicit-transaction path.
-MAX_PIPELINED_CHARS = 15 * 1024 - 1
+MAX_PIPELINED_CHARS = 15 * 1024  # asyncpg's max_cacheable_statement_size (it compares len(query))
 
 
 def pipelinable(req: TenantRequest, verdict: classification.Verdict, query: str = "") -> bool:
@@ -420,7 +420,7 @@ def pipelinable(req: TenantRequest, verdict: classification.Verdict, query: str 
     # A capped project's writes are size-checked before COMMIT, which needs the explicit one.
     return (
         verdict.pipelinable
-        and len(query.encode()) <= MAX_PIPELINED_CHARS
+        and len(query) <= MAX_PIPELINED_CHARS
         and not (req.db_quota and req.scope != "read")
     )
 
