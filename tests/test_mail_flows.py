@@ -194,6 +194,62 @@ async def test_email_change_is_confirmed_at_the_new_address(env: Env) -> None:
     assert_error(again, 400, "INVALID_EMAIL_TOKEN")
 
 
+async def test_the_old_address_is_told_when_the_email_changes(env: Env) -> None:
+    pid = await new_project(env)
+    address, new_address = email(), email()
+    assert (await register_user(env, pid, address)).status_code == 201
+    pair = (await login(env, pid, address)).json()
+    auth = f"Bearer {pair['accessToken']}"
+    assert (
+        await post(env, f"/api/projects/{pid}/auth/email-change", {"email": new_address}, Authorization=auth)
+    ).status_code == 202
+    _, token = link_token(link_of(await wait_mail(env.catcher, new_address)))
+    assert (
+        await post(env, f"/api/projects/{pid}/auth/email-change/confirm", {"token": token})
+    ).status_code == 200
+    notice = await wait_mail(env.catcher, address, lambda m: "changed" in m.subject.lower())
+    assert new_address in notice.text and new_address in notice.html and "Acme" in notice.subject
+    # A notice, not a credential: no token in it.
+    assert token not in notice.text and "fxm_" not in notice.text
+
+
+async def test_sign_up_with_a_taken_address_answers_like_a_new_one_when_verification_is_on(env: Env) -> None:
+    pid = await new_project(env, emailVerification="required")
+    taken, fresh = email(), email()
+    first = await register_user(env, pid, taken, displayName="Ada")
+    assert first.status_code == 201, first.text
+    first_verify = await wait_mail(env.catcher, taken, lambda m: "Confirm your email" in m.subject)
+    verify_token = token_of(first_verify)
+    assert (await post(env, f"/api/projects/{pid}/auth/verify", {"token": verify_token})).status_code == 200
+
+    again = await register_user(env, pid, taken, displayName="Mallory")
+    new = await register_user(env, pid, fresh, displayName="Mallory")
+    assert again.status_code == new.status_code == 201, (again.text, new.text)
+    a, b = again.json(), new.json()
+    assert set(a) == set(b) and set(a["user"]) == set(b["user"])
+    assert a["user"]["emailVerified"] is b["user"]["emailVerified"] is False
+    assert a["user"]["email"] == taken and a["user"]["id"] != first.json()["user"]["id"]
+    # The real owner hears about it (with a way back in), and nothing about them changed.
+    notice = await wait_mail(env.catcher, taken, lambda m: "already" in m.subject.lower())
+    kind, _ = link_token(link_of(notice))
+    assert kind == "reset"
+    assert (await login(env, pid, taken)).status_code == 200
+    users = await env.db.fetch(
+        "SELECT display_name FROM fluxbase.project_users WHERE project_id = $1 AND lower(email) = $2",
+        pid,
+        taken,
+    )
+    assert [u["display_name"] for u in users] == ["Ada"]
+
+
+async def test_sign_up_with_a_taken_address_is_a_conflict_when_verification_is_off(env: Env) -> None:
+    # Without verification the new account could sign in at once, so the answer cannot hide it.
+    pid = await new_project(env)
+    taken = email()
+    assert (await register_user(env, pid, taken)).status_code == 201
+    assert_error(await register_user(env, pid, taken), 409, "CONFLICT")
+
+
 async def test_an_expired_token_is_refused(env: Env) -> None:
     pid = await new_project(env)
     address = email()

@@ -29,6 +29,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "magic_link": (*COMMON, "link", "token", "expires_minutes"),
     "email_change": (*COMMON, "link", "token", "new_email", "expires_hours"),
     "account_reset": (*COMMON, "link", "token", "expires_minutes"),
+    "email_changed": (*COMMON, "new_email"),
+    "signup_existing": (*COMMON, "link", "token", "expires_minutes"),
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "invite": ("link", "invite_id"),
@@ -37,8 +39,18 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "magic_link": ("link", "token"),
     "email_change": ("link", "token"),
     "account_reset": ("link", "token"),
+    "email_changed": ("new_email",),
+    "signup_existing": ("link", "token"),
 }
-PROJECT_KINDS = ("invite", "verify", "reset", "magic_link", "email_change")
+PROJECT_KINDS = (
+    "invite",
+    "verify",
+    "reset",
+    "magic_link",
+    "email_change",
+    "email_changed",
+    "signup_existing",
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,31 @@ DEFAULTS: dict[str, Template] = {
             "<p>Confirm {{ new_email }} as the new address of your <b>{{ project_name }}</b> account.</p>"
             + _BUTTON % "Confirm"
             + _CODE,
+        ),
+    ),
+    "email_changed": Template(
+        "Your {{ project_name }} email was changed",
+        "The address of your {{ project_name }} account {{ email }} was changed to {{ new_email }}.\n"
+        "If you did not do this, contact the team behind {{ project_name }} at once.\n",
+        _page(
+            "Your email was changed",
+            "<p>The address of your <b>{{ project_name }}</b> account {{ email }} was changed to "
+            "{{ new_email }}.</p>"
+            "<p>If you did not do this, contact the team behind {{ project_name }} at once.</p>",
+        ),
+    ),
+    "signup_existing": Template(
+        "You already have a {{ project_name }} account",
+        "Someone tried to sign up to {{ project_name }} as {{ email }}, which already has an account.\n"
+        "If it was you and you forgot your password, choose a new one here "
+        "(within {{ expires_minutes }} minutes, once):\n{{ link }}\n\nOr enter this code: {{ token }}\n",
+        _page(
+            "You already have an account",
+            "<p>Someone tried to sign up to <b>{{ project_name }}</b> as {{ email }}, which already has "
+            "an account.</p><p>If it was you and you forgot your password:</p>"
+            + _BUTTON % "Choose a new password"
+            + _CODE
+            + "<p>The link works once, within {{ expires_minutes }} minutes.</p>",
         ),
     ),
     "account_reset": Template(

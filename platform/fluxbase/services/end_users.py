@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ from fluxbase.errors import (
     InvalidEmailToken,
     InvalidUserToken,
     ProjectSuspended,
+    RateLimited,
     RegistrationClosed,
     UserDisabled,
     UserNotFound,
@@ -225,8 +226,52 @@ async def register(
             if config.email_verification != "off":
                 await _send_link(conn, settings, project, "verify", row["id"], email, email, base)
     except asyncpg.UniqueViolationError:
-        raise Conflict("A user with this email already exists in this project.") from None
+        if config.email_verification == "off":
+            # The new account could sign in at once: the answer cannot hide that it exists.
+            raise Conflict("A user with this email already exists in this project.") from None
+        await _signup_with_a_taken_address(db, settings, project, email, client_ip, base)
+        # Answer exactly as for a new address: a user that is not verified yet.
+        now = datetime.now(UTC)
+        return ProjectUser(ids.prefixed("pu"), project_id, email, display_name.strip()[:200], None, now, None)
     return ProjectUser.from_row(row)
+
+
+async def _signup_with_a_taken_address(
+    db: asyncpg.Pool, settings: Settings, project: Project, email: str, client_ip: str, base: str | None
+) -> None:
+    """Someone signed up with an address that has an account (with verification on, the answer
+    does not say so). Its owner hears about it: an unverified account gets its verification
+    message again, a verified one a notice with a password-reset link. Throttled per address
+    like the request endpoints; over the limit nothing is sent and the answer stays the same."""
+    try:
+        async with db.acquire() as conn, conn.transaction():
+            await throttle.mail_request_attempt(conn, settings.mail, project.id, email, client_ip)
+            user = await conn.fetchrow(
+                """SELECT id, email, email_verified_at FROM fluxbase.project_users
+                   WHERE project_id = $1 AND lower(email) = lower($2) AND disabled_at IS NULL""",
+                project.id,
+                email,
+            )
+            if user is None:
+                return
+            if user["email_verified_at"] is None:
+                await _send_link(
+                    conn, settings, project, "verify", user["id"], user["email"], user["email"], base
+                )
+            else:
+                await _send_link(
+                    conn,
+                    settings,
+                    project,
+                    "reset",
+                    user["id"],
+                    user["email"],
+                    user["email"],
+                    base,
+                    kind="signup_existing",
+                )
+    except RateLimited:
+        return
 
 
 def _hash_refresh(token: str) -> bytes:
@@ -491,8 +536,11 @@ async def _send_link(
     email_value: str,
     base: str | None,
     extra: dict[str, str] | None = None,
+    *,
+    kind: str | None = None,
 ) -> None:
-    """Issue a token for a known user and queue its message, in the caller's transaction."""
+    """Issue a token for a known user and queue its message (of `kind`, by default the token's
+    purpose), in the caller's transaction."""
     token, token_hash = links.new_token()
     ttl = int(getattr(settings.mail, _PURPOSE_TTL[purpose]))
     await conn.execute(
@@ -510,8 +558,9 @@ async def _send_link(
         **_values(settings, purpose, project.name, email_value, links.link(base, purpose, token), token),
         **(extra or {}),
     }
+    kind = kind or purpose
     await outbox.enqueue(
-        conn, project.id, purpose, recipient, await outbox.compose(conn, project.id, purpose, values)
+        conn, project.id, kind, recipient, await outbox.compose(conn, project.id, kind, values)
     )
 
 
@@ -672,9 +721,13 @@ async def request_email_change(
 
 async def confirm_email_change(db: asyncpg.Pool, project_id: str, token: str) -> ProjectUser:
     await _active_project(db, project_id)
+    project = await load_project(db, project_id)
     try:
         async with db.acquire() as conn, conn.transaction():
             t = await links.consume(conn, token, "email_change", project_id)
+            old_email = await conn.fetchval(
+                "SELECT email FROM fluxbase.project_users WHERE id = $1 FOR UPDATE", t["project_user_id"]
+            )
             row = await conn.fetchrow(
                 """UPDATE fluxbase.project_users SET email = $2, email_verified_at = now()
                    WHERE id = $1 RETURNING *""",
@@ -683,6 +736,15 @@ async def confirm_email_change(db: asyncpg.Pool, project_id: str, token: str) ->
             )
             if row is None:
                 raise InvalidEmailToken()
+            # The old address hears about it: if the change was not its owner's doing, they know.
+            values = {"project_name": project.name, "email": old_email, "new_email": t["email"]}
+            await outbox.enqueue(
+                conn,
+                project_id,
+                "email_changed",
+                old_email,
+                await outbox.compose(conn, project_id, "email_changed", values),
+            )
     except asyncpg.UniqueViolationError:
         raise Conflict("Another user of this project has this email address now.") from None
     return ProjectUser.from_row(row)
