@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
@@ -108,6 +109,47 @@ async def test_login_throttle_per_project_and_ip(api: Api, project) -> None:
     assert (await login(api, project.id, user["email"])).status_code == 200
 
 
+async def test_two_refreshes_at_once_with_one_token_both_succeed(api: Api, project) -> None:
+    """Two tabs that share a session may send the same refresh token at the same moment. Within
+    FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS (10 s), while no successor of the token was used, the
+    second is answered with a new pair of the same session instead of revoking it."""
+    _, s1 = await new_session(api, project.id)
+    url = f"{base(project.id)}/refresh"
+    a, b = await asyncio.gather(
+        api.http.post(url, json={"refreshToken": s1["refreshToken"]}),
+        api.http.post(url, json={"refreshToken": s1["refreshToken"]}),
+    )
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    pa, pb = a.json(), b.json()
+    assert pa["refreshToken"] != pb["refreshToken"]
+    for pair in (pa, pb):
+        assert (
+            await api.http.get(f"{base(project.id)}/me", headers=bearer(pair["accessToken"]))
+        ).status_code == 200
+    # Each successor works once, as usual.
+    r = await api.http.post(url, json={"refreshToken": pa["refreshToken"]})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_used_token_outside_the_reuse_window_revokes(api: Api, project, control_db) -> None:
+    _, s1 = await new_session(api, project.id)
+    url = f"{base(project.id)}/refresh"
+    r = await api.http.post(url, json={"refreshToken": s1["refreshToken"]})
+    assert r.status_code == 200, r.text
+    s2 = r.json()
+    await control_db.execute(
+        "UPDATE fluxbase.project_user_refresh_tokens SET used_at = used_at - interval '11 seconds' "
+        "WHERE used_at IS NOT NULL AND session_id IN (SELECT s.id FROM fluxbase.project_user_sessions s "
+        "JOIN fluxbase.project_users u ON u.id = s.user_id WHERE u.project_id = $1)",
+        project.id,
+    )
+    reuse = await api.http.post(url, json={"refreshToken": s1["refreshToken"]})
+    assert_error(reuse, 401, "INVALID_USER_TOKEN")
+    assert_error(
+        await api.http.post(url, json={"refreshToken": s2["refreshToken"]}), 401, "INVALID_USER_TOKEN"
+    )
+
+
 async def test_refresh_rotates_and_reuse_revokes_the_session(api: Api, project) -> None:
     _, s1 = await new_session(api, project.id)
     r = await api.http.post(f"{base(project.id)}/refresh", json={"refreshToken": s1["refreshToken"]})
@@ -116,6 +158,10 @@ async def test_refresh_rotates_and_reuse_revokes_the_session(api: Api, project) 
     assert s2["refreshToken"] != s1["refreshToken"] and s2["accessToken"]
     me = await api.http.get(f"{base(project.id)}/me", headers=bearer(s2["accessToken"]))
     assert me.status_code == 200
+    # s2 is spent too: from now on s1 is a token whose successor was used, i.e. a stolen copy.
+    r = await api.http.post(f"{base(project.id)}/refresh", json={"refreshToken": s2["refreshToken"]})
+    assert r.status_code == 200, r.text
+    s2 = r.json()
     # Presenting the rotated (used) token again: refused, and the whole session ends.
     reuse = await api.http.post(f"{base(project.id)}/refresh", json={"refreshToken": s1["refreshToken"]})
     assert_error(reuse, 401, "INVALID_USER_TOKEN")

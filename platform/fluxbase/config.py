@@ -197,6 +197,10 @@ class EndUserSettings(msgspec.Struct, frozen=True):
     """Lifetime of a project user's access token (FLUXBASE_ENDUSER_ACCESS_TTL_SECONDS)."""
     refresh_ttl_s: int = 30 * 24 * 3600
     """Lifetime of a login session and its refresh tokens (FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS)."""
+    refresh_reuse_s: int = 10
+    """A used refresh token presented again within this many seconds, while no later token of its
+    session was used, gets a new pair instead of revoking the session: two tabs refreshing at
+    once (FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS; 0 turns it off)."""
     jwks_timeout_s: float = 5.0
     """Connect and read timeout for fetching a project's JWKS (FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS)."""
     jwks_cache_s: int = 600
@@ -281,6 +285,12 @@ def _int(value: str, name: str) -> int:
 def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 or a positive integer, got {value}")
     return value
 
 
@@ -483,6 +493,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         refresh_ttl_s=_positive(
             int_of("FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS", eu.refresh_ttl_s),
             "FLUXBASE_ENDUSER_REFRESH_TTL_SECONDS",
+        ),
+        refresh_reuse_s=_non_negative(
+            int_of("FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS", eu.refresh_reuse_s),
+            "FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS",
         ),
         jwks_timeout_s=float(
             _positive(

@@ -360,15 +360,24 @@ async def refresh(db: asyncpg.Pool, settings: Settings, project_id: str, refresh
     refused: str | None = None
     pair: TokenPair | None = None
     async with db.acquire() as conn, conn.transaction():
+        # `concurrent`: used moments ago and no token of its session used since — the same
+        # client (two tabs of one session) refreshing twice at once, not a stolen copy.
         row = await conn.fetchrow(
-            """SELECT session_id, used_at FROM fluxbase.project_user_refresh_tokens
-               WHERE token_hash = $1 FOR UPDATE""",
+            """SELECT r.session_id, r.used_at,
+                      r.used_at IS NOT NULL
+                      AND r.used_at > now() - make_interval(secs => $2)
+                      AND NOT EXISTS (SELECT 1 FROM fluxbase.project_user_refresh_tokens n
+                                      WHERE n.session_id = r.session_id AND n.used_at > r.used_at)
+                      AS concurrent
+               FROM fluxbase.project_user_refresh_tokens r
+               WHERE r.token_hash = $1 FOR UPDATE OF r""",
             token_hash,
+            settings.end_user.refresh_reuse_s,
         )
         session = await conn.fetchrow(_SESSION_USER, row["session_id"], project_id) if row else None
         if row is None or session is None:
             refused = "The refresh token is not valid."
-        elif row["used_at"] is not None:
+        elif row["used_at"] is not None and not row["concurrent"]:
             # Reuse of a rotated token: someone else may hold the newer one. End the session.
             await conn.execute(
                 """UPDATE fluxbase.project_user_sessions SET revoked_at = coalesce(revoked_at, now())
@@ -384,7 +393,8 @@ async def refresh(db: asyncpg.Pool, settings: Settings, project_id: str, refresh
             refused = "disabled"
         else:
             await conn.execute(
-                "UPDATE fluxbase.project_user_refresh_tokens SET used_at = now() WHERE token_hash = $1",
+                """UPDATE fluxbase.project_user_refresh_tokens SET used_at = coalesce(used_at, now())
+                   WHERE token_hash = $1""",
                 token_hash,
             )
             user = ProjectUser.from_row(session)
