@@ -34,6 +34,28 @@ def _env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_NO_WARNINGS": "1", **extra}
 
 
+async def _suite_env(api: Api, project: Any, rt_url: str, w: Api, p: Proj, rx: Receiver) -> dict[str, str]:
+    # A real delivery from `fluxbase worker` for the webhook test.
+    hook = await create_hook(w, p, rx.url)
+    seen = len(rx.bodies())
+    r = await w.sql(p.key, p.id, "INSERT INTO orders (customer_id, amount) VALUES (7, 59.99)")
+    assert r.json()["success"]
+    await rx.wait(lambda: len(rx.bodies()) > seen)
+    delivery = [x for x in rx.requests if x["path"] == "/hook"][-1]
+    key = await api.new_key(project.owner_token, project.id, "admin", rateLimitRequests=1_000_000)
+    user_key = await api.new_key(project.owner_token, project.id, "readwrite", requireUserAuth=True)
+    return _env(
+        FLUXBASE_URL=api.base_url,
+        FLUXBASE_PROJECT_ID=project.id,
+        FLUXBASE_API_KEY=key,
+        FLUXBASE_USER_KEY=user_key,
+        FLUXBASE_REALTIME_URL=rt_url,
+        FLUXBASE_WEBHOOK_BODY=base64.b64encode(delivery["body"]).decode(),
+        FLUXBASE_WEBHOOK_HEADERS=json.dumps(delivery["headers"]),
+        FLUXBASE_WEBHOOK_SECRET=hook["secret"],
+    )
+
+
 async def test_node_suite_against_the_real_stack(
     api: Api,
     project,
@@ -42,24 +64,7 @@ async def test_node_suite_against_the_real_stack(
     proj: Proj,  # noqa: F811
     receiver: Receiver,  # noqa: F811
 ) -> None:
-    # A real delivery from `fluxbase worker` for the webhook test.
-    hook = await create_hook(wapi, proj, receiver.url)
-    r = await wapi.sql(proj.key, proj.id, "INSERT INTO orders (customer_id, amount) VALUES (7, 59.99)")
-    assert r.json()["success"]
-    await receiver.wait(lambda: len(receiver.bodies()) >= 1)
-    delivery = next(x for x in receiver.requests if x["path"] == "/hook")
-    key = await api.new_key(project.owner_token, project.id, "admin", rateLimitRequests=1_000_000)
-    user_key = await api.new_key(project.owner_token, project.id, "readwrite", requireUserAuth=True)
-    env = _env(
-        FLUXBASE_URL=api.base_url,
-        FLUXBASE_PROJECT_ID=project.id,
-        FLUXBASE_API_KEY=key,
-        FLUXBASE_USER_KEY=user_key,
-        FLUXBASE_REALTIME_URL=rt,
-        FLUXBASE_WEBHOOK_BODY=base64.b64encode(delivery["body"]).decode(),
-        FLUXBASE_WEBHOOK_HEADERS=json.dumps(delivery["headers"]),
-        FLUXBASE_WEBHOOK_SECRET=hook["secret"],
-    )
+    env = await _suite_env(api, project, rt, wapi, proj, receiver)
     proc = await asyncio.create_subprocess_exec(
         NODE or "node",
         *_node_flags(),
@@ -76,6 +81,66 @@ async def test_node_suite_against_the_real_stack(
     assert "# fail 0" in out and "# skipped 0" in out and "# todo 0" in out, out[-3000:]
     passed = int(out.split("# pass ")[1].split()[0])
     assert passed >= 7, out[-3000:]
+
+
+# Deno comes from npm (the `deno` package ships the binary for this platform), pinned, installed
+# once into the virtualenv; FLUXBASE_DENO points at another one.
+DENO_VERSION = "2.9.6"
+
+
+def _deno() -> str | None:
+    if os.environ.get("FLUXBASE_DENO"):
+        return os.environ["FLUXBASE_DENO"]
+    home = ROOT / ".venv" / "deno"
+    binary = home / "node_modules" / ".bin" / "deno"
+    if not binary.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            return None
+        home.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [npm, "install", "--prefix", str(home), "--no-audit", "--no-fund", f"deno@{DENO_VERSION}"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return str(binary)
+
+
+async def test_deno_runs_the_same_suite(
+    api: Api,
+    rt,  # noqa: F811
+    wapi: Api,  # noqa: F811
+    proj: Proj,  # noqa: F811
+    receiver: Receiver,  # noqa: F811
+) -> None:
+    """Deno (the runtime of Deno Deploy and Supabase-style edge functions) runs the client's own
+    suite unchanged, through its native fetch and WebSocket, in a project of its own."""
+    deno = await asyncio.to_thread(_deno)
+    if deno is None:
+        pytest.skip("npm is not installed, so Deno cannot be fetched (set FLUXBASE_DENO to a deno binary)")
+    _, owner = await api.new_user()
+    pid = await api.new_project(owner)
+    project = type("P", (), {"id": pid, "owner_token": owner})()
+    env = await _suite_env(api, project, rt, wapi, proj, receiver)
+    env.update(DENO_DIR=str(ROOT / ".venv" / "deno" / "cache"), NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
+    proc = await asyncio.create_subprocess_exec(
+        deno,
+        "test",
+        "--allow-net=127.0.0.1",
+        "--allow-env",
+        "--allow-read",
+        "test/client.test.mjs",
+        env=env,
+        cwd=JS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out = (await asyncio.wait_for(proc.communicate(), 150))[0].decode()
+    assert proc.returncode == 0, out[-6000:]
+    summary = [line for line in out.splitlines() if " passed | " in line][-1]
+    assert summary.startswith("ok | ") and "| 0 failed" in summary, out[-3000:]
+    assert int(summary.split("ok | ")[1].split()[0]) >= 7, summary
 
 
 async def test_js_client_gets_every_event_once_through_cuts_and_a_kill(
