@@ -80,10 +80,11 @@ END
 $$;
 
 -- Views: those that show content revoked above, computed as the view's owner or by a revoked
--- function. The listing columns (names) stay open; NULL: the whole view.
+-- function, to rows a tenant may see. The listing columns (names) stay open; NULL: the whole view.
 DO $$
 DECLARE
     t record;
+    rel text;
     open_cols text;
 BEGIN
     FOR t IN SELECT * FROM (VALUES
@@ -99,16 +100,19 @@ BEGIN
         ('pg_statio_all_indexes', NULL), ('pg_statio_sys_indexes', NULL), ('pg_statio_user_indexes', NULL),
         ('pg_statio_all_sequences', NULL), ('pg_statio_sys_sequences', NULL),
         ('pg_statio_user_sequences', NULL),
-        ('pg_stat_user_functions', NULL)
+        ('pg_stat_user_functions', NULL),
+        -- Filtered by USAGE on the type, which every role has on every domain by default.
+        ('information_schema.domains', ARRAY['domain_default'])
     ) AS v(tab, closed) LOOP
-        EXECUTE format('REVOKE SELECT ON pg_catalog.%I FROM PUBLIC', t.tab);
-        EXECUTE format('GRANT SELECT ON pg_catalog.%I TO fluxbase_catalog_reader', t.tab);
+        rel := CASE WHEN t.tab LIKE '%.%' THEN t.tab ELSE 'pg_catalog.' || t.tab END;
+        EXECUTE format('REVOKE SELECT ON %s FROM PUBLIC', rel);
+        EXECUTE format('GRANT SELECT ON %s TO fluxbase_catalog_reader', rel);
         CONTINUE WHEN t.closed IS NULL;
         SELECT string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO open_cols
         FROM pg_catalog.pg_attribute a
-        WHERE a.attrelid = ('pg_catalog.' || t.tab)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE a.attrelid = rel::regclass AND a.attnum > 0 AND NOT a.attisdropped
           AND a.attname <> ALL (t.closed);
-        EXECUTE format('GRANT SELECT (%s) ON pg_catalog.%I TO PUBLIC', open_cols, t.tab);
+        EXECUTE format('GRANT SELECT (%s) ON %s TO PUBLIC', open_cols, rel);
     END LOOP;
 END
 $$;
