@@ -400,6 +400,24 @@ async def test_a_project_still_introspects_its_own_objects(api: Api, control_db:
     r = await api.http.get("/api/schema", params={"projectId": other}, headers=bearer(admin))
     assert "nextval('serials_id_seq'::regclass)" in r.text, r.text
     assert seq_default == "'SECRET_DEFAULT'::text"
+    # Export: pg_dump reads the project's code as its export role, which no key role can become.
+    r = await api.http.get(f"/api/projects/{other}/export", headers=bearer(admin))
+    assert r.status_code == 200, r.text
+    for marker in ("SECRET_PROSRC", "SECRET_VIEW", "SECRET_POLQUAL", "SECRET_TGQUAL", "SECRET_COMMENT"):
+        assert marker.encode() in r.content, marker
+    assert r.content.rstrip().splitlines()[-1].startswith(b"-- fluxbase-export-end sha256="), r.content[-300:]
+    exporter = f"p_{other}_ex"
+    async with control_db.acquire() as conn:
+        assert await conn.fetchval("SELECT pg_has_role($1, 'fluxbase_catalog_reader', 'USAGE')", exporter)
+        for scope in ("admin", "rw", "ro", "rt"):
+            assert not await conn.fetchval(
+                "SELECT pg_has_role($1, $2, 'MEMBER')", f"p_{other}_{scope}", exporter
+            )
+    # Deleting the project drops its export role with the others.
+    r = await api.http.delete(f"/api/projects/{other}", headers=bearer(owner))
+    assert r.status_code == 200, r.text
+    async with control_db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p_{other}%") == 0
 
 
 async def test_public_holds_no_closed_catalog_content(control_db: asyncpg.Pool) -> None:
@@ -409,7 +427,9 @@ async def test_public_holds_no_closed_catalog_content(control_db: asyncpg.Pool) 
     async with control_db.acquire() as conn:
         reopened = []
         for rel, cols in CLOSED_COLUMNS.items():
-            relid = await conn.fetchval("SELECT $1::regclass::oid", rel if "." in rel else f"pg_catalog.{rel}")
+            relid = await conn.fetchval(
+                "SELECT $1::regclass::oid", rel if "." in rel else f"pg_catalog.{rel}"
+            )
             if cols is None:
                 cols = [
                     r[0]
