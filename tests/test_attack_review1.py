@@ -358,12 +358,6 @@ async def test_db_quota_holds_for_a_large_write_hidden_in_a_cte(
 # -- 9. the shared catalogs: another project's code, schema and statistics --------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: pg_catalog is readable by every role of the database: pg_proc.prosrc, "
-    "pg_attrdef, pg_description, pg_policy and pg_stat_all_tables show other projects' function "
-    "bodies, defaults, comments, policies and row counts",
-)
 async def test_other_projects_catalog_entries_are_not_readable(api: Api, project: Any) -> None:
     _, owner = await api.new_user()
     other = await api.new_project(owner)

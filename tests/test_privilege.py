@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any
 
 import asyncpg
@@ -176,6 +177,10 @@ DEFINERS = {
     "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
     "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
     "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+    "fluxbase_guard.own_column_default(oid,smallint)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_constraint_def(oid)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_index_def(oid)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_policy_expr(oid,boolean)": "fluxbase_catalog_own",
 }
 ALLOWED = {
     "fluxbase_outbox_writer": {
@@ -208,6 +213,14 @@ ALLOWED = {
         "SELECT fluxbase.projects(db_quota_bytes)",
         "EXECUTE fluxbase_guard.tenant_project()",
         "EXECUTE fluxbase_guard.schema_size(text)",
+        # Schema sizes count function bodies, comments, rules ... of the project (sql/0020).
+        "MEMBER OF fluxbase_catalog_reader",
+    },
+    # Deparses a project's own defaults, constraints, indexes and policies for it (sql/0021).
+    "fluxbase_catalog_own": {
+        "USAGE schema fluxbase_guard",
+        "EXECUTE fluxbase_guard.caller_schema()",
+        "MEMBER OF fluxbase_catalog_reader",
     },
 }
 
@@ -266,6 +279,8 @@ async def test_catalog_definer_functions_are_owned_by_narrow_roles(control_db, i
             ):
                 assert r[attr] is False, (role, attr)
             held = {row[0] for row in await conn.fetch(_PRIVILEGES_SQL, role)}
+            if role == "fluxbase_catalog_own":  # USAGE on every project schema, and only that there
+                held = {h for h in held if not re.fullmatch(r"USAGE schema p_[0-9a-f]{16}", h)}
             assert held <= allowed, (role, sorted(held - allowed))
         # The control plane's owner: NOLOGIN, not a superuser, member of nothing.
         owner = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'fluxbase_owner'")

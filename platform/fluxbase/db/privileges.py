@@ -35,7 +35,17 @@ DEFINER_OWNERS = {
     "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
     "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
     "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+    "fluxbase_guard.own_column_default(oid,smallint)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_constraint_def(oid)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_index_def(oid)": "fluxbase_catalog_own",
+    "fluxbase_guard.own_policy_expr(oid,boolean)": "fluxbase_catalog_own",
 }
+
+# sql/0021: the group role that may read the catalog content closed to PUBLIC (function bodies,
+# expressions, comments, statistics), and the platform roles that are its members. Tenant roles
+# never are; a project's export role is, for the length of its pg_dump (services/dump.py).
+CATALOG_READER = "fluxbase_catalog_reader"
+CATALOG_READERS = ("fluxbase_catalog_own", "fluxbase_guard_quota")
 
 # Session settings the runtime writes into project roles (ALTER ROLE ... SET) that only a
 # superuser or a holder of SET on the parameter may set.
@@ -76,11 +86,33 @@ async def apply_privileges(
         return  # migrations before sql/0012 (a test migrating a subset)
     async with conn.transaction():
         await _own_control_plane(conn)
+        # One database at a time for the cluster-wide part (roles, memberships, role
+        # settings); taken after the per-database part, so it is held for as short as may be.
+        await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
+        for member in CATALOG_READERS:
+            await _grant_reader(conn, member, admin=False)
         if runtime_user:
-            # One database at a time for the cluster-wide part (roles, memberships, role
-            # settings); taken after the per-database part, so it is held for as short as may be.
-            await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
             await _runtime_role(conn, runtime_user, runtime_password)
+
+
+async def _grant_reader(conn: asyncpg.Connection, member: str, *, admin: bool) -> None:
+    """Make `member` an inheriting member of the catalog reader role (sql/0021), if both exist;
+    `admin`: it may grant the role on (the runtime, to project export roles)."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT oid FROM pg_roles WHERE rolname = $1) AS reader,
+                  (SELECT oid FROM pg_roles WHERE rolname = $2) AS member,
+                  EXISTS (SELECT 1 FROM pg_auth_members m
+                          WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
+                            AND m.member = (SELECT oid FROM pg_roles WHERE rolname = $2)
+                            AND m.inherit_option AND (m.admin_option OR NOT $3)) AS done""",
+        CATALOG_READER,
+        member,
+        admin,
+    )
+    if row["reader"] is None or row["member"] is None or row["done"]:
+        return
+    options = "ADMIN OPTION, INHERIT TRUE" if admin else "INHERIT TRUE"
+    await conn.execute(f"GRANT {CATALOG_READER} TO {quote_ident(member)} WITH {options}")
 
 
 async def _own_control_plane(conn: asyncpg.Connection) -> None:
@@ -159,6 +191,9 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     # Finding a project's backends: sql/0013 closes pg_stat_activity to PUBLIC (tenants must not
     # read other sessions' statements) and opens it to pg_read_all_stats.
     await conn.execute(f"GRANT pg_read_all_stats TO {rt}")
+    # Reading every project's catalog content (sql/0021): schema sizes, platform listings; and
+    # granting that to a project's export role for its pg_dump.
+    await _grant_reader(conn, user, admin=True)
     # The request pipeline's epochs table has row security for tenants; the runtime sees all.
     policy_roles = await conn.fetchval(
         "SELECT roles::text[] FROM pg_policies WHERE schemaname = 'fluxbase_guard' "

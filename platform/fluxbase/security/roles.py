@@ -10,8 +10,12 @@ SCOPES = ("read", "readwrite", "admin")
 # policies) that may also set the request identity, which the read role may not (sql/0007).
 # No key or session ever runs SQL as it.
 CHECKER = "realtime"
-ROLES = (*SCOPES, CHECKER)
-_SUFFIX = {"read": "ro", "readwrite": "rw", "admin": "admin", CHECKER: "rt"}
+# The project's export role: pg_dump logs in as it (services/dump.py). It has the admin role's
+# privileges and reads the catalog content closed to tenants (sql/0021), which pg_dump needs;
+# created on the first export. No key or session ever runs SQL as it.
+EXPORTER = "export"
+ROLES = (*SCOPES, CHECKER, EXPORTER)
+_SUFFIX = {"read": "ro", "readwrite": "rw", "admin": "admin", CHECKER: "rt", EXPORTER: "ex"}
 
 
 def schema_name(project_id: str) -> str:

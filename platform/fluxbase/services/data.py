@@ -48,11 +48,14 @@ def _shown(name: str) -> str:
 
 # -- catalog ------------------------------------------------------------------------------------
 
+# Defaults, constraints and index definitions are catalog content closed to tenant roles
+# (sql/0021): the fluxbase_guard.own_* functions deparse them for the caller's own project only.
+
 # Tables and their columns in one round trip (LEFT JOIN: a table may have no columns).
 _TABLES_SQL = """
 SELECT c.oid, c.relname, c.relrowsecurity, c.relforcerowsecurity,
        a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type, t.typname,
-       NOT a.attnotnull AS nullable, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS expr,
+       NOT a.attnotnull AS nullable, fluxbase_guard.own_column_default(d.adrelid, d.adnum) AS expr,
        a.attidentity::text AS attidentity, a.attgenerated::text AS attgenerated,
        COALESCE(a.attnum = ANY(pk.conkey), false) AS primary_key
 FROM pg_catalog.pg_class c
@@ -67,14 +70,14 @@ ORDER BY c.relname, a.attnum
 """
 
 _CONSTRAINTS_SQL = """
-SELECT conrelid, conname, contype, pg_catalog.pg_get_constraintdef(oid) AS def, conkey
+SELECT conrelid, conname, contype, fluxbase_guard.own_constraint_def(oid) AS def, conkey
 FROM pg_catalog.pg_constraint
 WHERE conrelid = ANY($1::oid[]) AND contype IN ('p', 'u', 'f', 'c', 'x')
 ORDER BY conrelid, CASE contype WHEN 'p' THEN 0 WHEN 'u' THEN 1 WHEN 'f' THEN 2 ELSE 3 END, conname
 """
 
 _INDEXES_SQL = """
-SELECT i.indrelid, c.relname, pg_catalog.pg_get_indexdef(i.indexrelid) AS def,
+SELECT i.indrelid, c.relname, fluxbase_guard.own_index_def(i.indexrelid) AS def,
        i.indisunique, i.indisprimary
 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
 WHERE i.indrelid = ANY($1::oid[])

@@ -1,7 +1,8 @@
 """Project export (a plain SQL dump psql can load) and import into a new project.
 
 Export runs `pg_dump --schema=p_<id> --no-owner --no-privileges` logged in as the project's own
-admin role (never the service role: the dump reads tenant objects) and streams its output with
+export role (never the service role): the admin role's privileges plus the catalog content
+closed to tenants (sql/0021, tenancy/provision.ensure_export_role), and streams its output with
 Fluxbase's capture triggers removed, between a header line naming the source schema and a
 trailer line carrying the SHA-256 of everything before it:
 
@@ -45,12 +46,13 @@ from fluxbase.errors import (
     ImportIntegrityError,
     ImportRefused,
 )
-from fluxbase.security.roles import role_name, role_password, schema_name
+from fluxbase.security.roles import role_password, schema_name
 from fluxbase.services import projects, quota
 from fluxbase.services.access import Project
 from fluxbase.services.sqlscript import ScriptError, split_statements
 from fluxbase.tenancy import statements as classification
 from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.provision import ensure_export_role
 from fluxbase.tenancy.session import admin_session
 
 log = logging.getLogger("fluxbase.dump")
@@ -178,11 +180,18 @@ class Export:
                 await self.proc.wait()
 
 
-async def start_export(settings: Settings, project_id: str) -> Export:
-    """Start pg_dump as the project's admin role; fail here (before any byte is sent) if it cannot."""
+async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) -> Export:
+    """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot."""
     parts = urlsplit(settings.database.url)
     host, port = settings.database.server()
-    role = role_name(project_id, "admin")
+    for attempt in range(3):
+        try:
+            async with db.acquire(timeout=settings.database.connect_timeout) as conn, conn.transaction():
+                role = await ensure_export_role(conn, project_id, settings)
+            break
+        except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+            if attempt == 2:  # a concurrent export created it: found on the next try
+                raise
     schema = schema_name(project_id)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

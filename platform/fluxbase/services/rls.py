@@ -28,14 +28,18 @@ COMMANDS = ("ALL", "SELECT", "INSERT", "UPDATE", "DELETE")
 MAX_NAME = 63  # NAMEDATALEN - 1: PostgreSQL would silently truncate a longer name
 MAX_EXPRESSION = 8000
 
+# Policy expressions are catalog content closed to tenant roles (sql/0021): read through
+# fluxbase_guard.own_policy_expr, which deparses the caller's own project's policies only.
 _TABLES_SQL = """
 SELECT c.relname AS name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
        coalesce((
            SELECT json_agg(json_build_object(
                       'name', p.policyname, 'command', p.cmd, 'permissive', p.permissive = 'PERMISSIVE',
-                      'roles', p.roles, 'using', p.qual, 'withCheck', p.with_check)
+                      'roles', p.roles, 'using', fluxbase_guard.own_policy_expr(y.oid, false),
+                      'withCheck', fluxbase_guard.own_policy_expr(y.oid, true))
                   ORDER BY p.policyname)
-           FROM pg_policies p WHERE p.schemaname = n.nspname AND p.tablename = c.relname
+           FROM pg_policies p JOIN pg_policy y ON y.polrelid = c.oid AND y.polname = p.policyname
+           WHERE p.schemaname = n.nspname AND p.tablename = c.relname
        ), '[]')::text AS policies
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition

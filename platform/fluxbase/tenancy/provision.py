@@ -10,6 +10,7 @@ from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
     CHECKER_FUNCTIONS,
+    EXPORTER,
     ROLES,
     SCOPES,
     role_name,
@@ -60,6 +61,9 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
     await conn.execute(f"SET LOCAL ROLE {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
+    # The owner of the fluxbase_guard.own_* deparsers (sql/0021) prints names as this schema's
+    # sessions do only if it may use the schema.
+    await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO fluxbase_catalog_own")
     defaults = f"ALTER DEFAULT PRIVILEGES FOR ROLE {admin} IN SCHEMA {schema}"
     await conn.execute(f"{defaults} GRANT SELECT, INSERT, UPDATE ON TABLES TO {rw}")
     await conn.execute(f"{defaults} GRANT SELECT ON TABLES TO {ro}")
@@ -88,6 +92,37 @@ async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings
     # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
     rw = quote_ident(role_name(project_id, "readwrite"))
     await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
+
+
+async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings: Settings) -> str:
+    """The project's export role, created on first use (caller owns the transaction); returns its name.
+
+    pg_dump must read the project's function bodies, defaults, views and policies, which sql/0021
+    closes to tenant roles (pg_catalog has no per-row privileges, so no tenant role can be given
+    its own rows only). This role holds the admin role's privileges (to lock and copy the tables)
+    and the catalog reader's. It is safe because pg_dump evaluates nothing of the tenant's: it reads
+    catalogs with built-in functions under an empty search_path, copies tables with built-in type
+    output functions (only superusers create base types), and refuses rather than applies row
+    security (row_security = off). Nobody but pg_dump logs in as it; its password derives from the
+    server secret like every project role's."""
+    role = role_name(project_id, EXPORTER)
+    if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+        return role
+    r = quote_ident(role)
+    admin = quote_ident(role_name(project_id, "admin"))
+    pw = quote_literal(role_password(settings.auth.secret_key, role))
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    await conn.execute(
+        f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        f"CONNECTION LIMIT 2 PASSWORD {pw}"
+    )
+    await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {r}")
+    await conn.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
+    for name, value in _role_settings(settings).items():
+        await conn.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
+    await conn.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
+    await conn.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
+    return role
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
@@ -128,6 +163,9 @@ async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> i
     for row in await conn.fetch("SELECT id FROM fluxbase.projects"):
         for kind in ROLES:
             role = role_name(row["id"], kind)
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            if kind == EXPORTER and not exists:
+                continue  # created on the project's first export
             pw = quote_literal(role_password(settings.auth.secret_key, role))
             await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {pw}")
             n += 1
