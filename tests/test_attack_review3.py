@@ -539,3 +539,43 @@ async def test_db_quota_counts_column_definitions(
         pid,
     )
     assert kept <= cap * 1.5, (kept, cap)
+
+
+# -- 8. the realtime checker writes: policies with side effects ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the checker evaluates SELECT policies as the readwrite role in an ordinary "
+    "read-write transaction (rls.py pool.fetch, no READ ONLY, no quota check): a policy that "
+    "writes stores data past the project's database quota, once per check (replays repeat it)",
+)
+async def test_policy_side_effects_in_the_checker_do_not_escape_the_quota(
+    api: Api, project: Any, rt: str, instance_admin: dict[str, Any], control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    for q in (
+        "CREATE TABLE sink (v text)",
+        "CREATE FUNCTION fill() RETURNS boolean LANGUAGE plpgsql AS $f$ BEGIN "
+        "INSERT INTO sink SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 4000); "
+        "RETURN true; END $f$",
+        "CREATE TABLE watched (v text)",
+        "ALTER TABLE watched ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY side ON watched FOR SELECT USING (fill())",
+        "INSERT INTO watched VALUES ('one')",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
+    cap = r.json()["quotas"]["databaseUsedBytes"] + 131_072
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas",
+        json={"databaseBytes": cap},
+        headers=bearer(instance_admin["token"]),
+    )
+    assert r.status_code == 200, r.text
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    for _ in range(8):  # each replay checks the old event again
+        async with subscribe(rt, pid, rw, tables=["watched"], since="0:0") as sub:
+            await sub.silent(0.5)
+    size = await control_db.fetchval("SELECT fluxbase_guard.schema_size($1)", pid)
+    assert size <= cap + 65_536, (size, cap)
