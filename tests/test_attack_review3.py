@@ -579,3 +579,37 @@ async def test_policy_side_effects_in_the_checker_do_not_escape_the_quota(
             await sub.silent(0.5)
     size = await control_db.fetchval("SELECT fluxbase_guard.schema_size($1)", pid)
     assert size <= cap + 65_536, (size, cap)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the checker's transaction is not read-only for a read-only project: a "
+    "SELECT policy's writes land while every API write is refused with PROJECT_READ_ONLY",
+)
+async def test_policy_side_effects_in_the_checker_do_not_write_to_a_read_only_project(
+    api: Api, project: Any, rt: str
+) -> None:
+    pid, key = project.id, project.admin_key
+    for q in (
+        "CREATE TABLE sink (v text)",
+        "CREATE FUNCTION fill() RETURNS boolean LANGUAGE plpgsql AS $f$ BEGIN "
+        "INSERT INTO sink VALUES ('written while read-only'); RETURN true; END $f$",
+        "CREATE TABLE watched (v text)",
+        "ALTER TABLE watched ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY side ON watched FOR SELECT USING (fill())",
+        "INSERT INTO watched VALUES ('one')",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    r = await api.http.patch(
+        f"/api/projects/{pid}", json={"readOnly": True}, headers=bearer(project.owner_token)
+    )
+    assert r.status_code == 200, r.text
+    before = (await sql(api, key, pid, "SELECT count(*) AS n FROM sink"))["result"]["rows"][0]["n"]
+    refused = await sql(api, rw, pid, "INSERT INTO sink VALUES ('api')")
+    assert not refused["success"], refused
+    for _ in range(3):
+        async with subscribe(rt, pid, rw, tables=["watched"], since="0:0") as sub:
+            await sub.silent(0.5)
+    after = (await sql(api, key, pid, "SELECT count(*) AS n FROM sink"))["result"]["rows"][0]["n"]
+    assert after == before, (before, after)
