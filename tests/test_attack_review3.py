@@ -613,3 +613,30 @@ async def test_policy_side_effects_in_the_checker_do_not_write_to_a_read_only_pr
             await sub.silent(0.5)
     after = (await sql(api, key, pid, "SELECT count(*) AS n FROM sink"))["result"]["rows"][0]["n"]
     assert after == before, (before, after)
+
+
+# -- 9. signals between sessions of one role ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: PostgreSQL lets a role signal backends of the same role, and end users' "
+    "requests run as the project's readwrite role like its server keys' requests: "
+    "pg_terminate_backend / pg_cancel_backend stay executable (sql/0013 revokes only the "
+    "statement-text functions), so an end user kills a server key's connections",
+)
+async def test_end_user_cannot_terminate_a_server_keys_backend(api: Api, project: Any) -> None:
+    pid = project.id
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    key = await browser_key(api, project)
+    _m, mallory = await end_user(api, pid)
+    assert (await sql(api, rw, pid, "SELECT 1 AS one"))["success"]  # the key's pooled connection
+    # Mallory finds her role's other backends herself (the backend id set and user ids stay public).
+    kill = (
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pg_stat_get_backend_pid(i))) AS n "
+        "FROM pg_stat_get_backend_idset() i "
+        "WHERE pg_stat_get_backend_userid(i) = (SELECT oid FROM pg_roles WHERE rolname = current_user) "
+        "AND pg_stat_get_backend_pid(i) <> pg_backend_pid()"
+    )
+    body = await sql(api, key, pid, kill, mallory)
+    assert not (body.get("success") and body["result"]["rows"][0]["n"] > 0), body
