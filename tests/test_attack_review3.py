@@ -707,3 +707,38 @@ async def test_one_projects_open_write_does_not_delay_other_projects_realtime(
     finally:
         await task
     assert lag < 2, lag
+
+
+# -- 11. auth.role() in the checker vs in SQL -----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the checker sets auth.role() to the token's `role` claim ('authenticated' "
+    "for own tokens, anything an external provider puts there: realtime server._end_user_grant) "
+    "while SQL sets the key's scope (services/identity.py, docs/sql.md): a policy on auth.role() "
+    "delivers rows by realtime that the same end user cannot SELECT",
+)
+async def test_realtime_role_matches_sql_role(api: Api, project: Any, rt: str) -> None:
+    pid, key = project.id, project.admin_key
+    for q in (
+        "CREATE TABLE notes (v text)",
+        "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY by_role ON notes FOR SELECT USING (auth.role() = 'authenticated')",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+    _uid, tok = await end_user(api, pid)
+    reader = await api.http.post(
+        f"/api/projects/{pid}/api-keys",
+        json={"name": "ro", "scope": "read", "requireUserAuth": True, "rateLimitRequests": MANY},
+        headers=bearer(project.owner_token),
+    )
+    assert reader.status_code == 201, reader.text
+    seen = await sql(api, reader.json()["key"], pid, "SELECT auth.role() AS r, count(*) AS n FROM notes", tok)
+    assert seen["success"], seen
+    async with subscribe(rt, pid, tok, tables=["notes"]) as sub:
+        assert (await sql(api, key, pid, "INSERT INTO notes VALUES ('role-gated')"))["success"]
+        got = await sub.silent(2.0)
+    delivered = any("role-gated" in str(m) for m in got)
+    selectable = (await sql(api, reader.json()["key"], pid, "SELECT v FROM notes", tok))["result"]["rows"]
+    assert delivered == bool(selectable), (seen, selectable, got)
