@@ -53,7 +53,7 @@ BEGIN
                                             '__asyncpg_stmt_' || pg_catalog.to_hex(n) || '__') LOOP
         IF pg_catalog.strpos(line, '{marker}') > 0 THEN found := found || line; END IF;
       END LOOP;
-    EXCEPTION WHEN invalid_sql_statement_name THEN NULL;
+    EXCEPTION WHEN OTHERS THEN NULL;
     END;
     EXIT WHEN found <> '';
   END LOOP;
@@ -94,6 +94,26 @@ async def test_key_cannot_read_another_keys_statement_via_dynamic_execute(api: A
     victim = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
     mallory = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
     marker = f"keysecret{secrets.token_hex(6)}"
+    for _ in range(3):
+        assert (await sql(api, victim, pid, f"SELECT '{marker}' AS s"))["success"]
+    leak = await peek_statements(api, mallory, pid, marker)
+    assert marker not in leak, leak
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the round-2 fix refuses EXECUTE of a prepared statement where the "
+    "classifier sees it (EXPLAIN EXECUTE, CREATE TABLE AS EXECUTE); PL/pgSQL's dynamic EXECUTE "
+    "hides it in a string, so an admin key (or admin-scope member) reads the literals of other "
+    "admin keys' requests on the shared admin pool",
+)
+async def test_admin_key_cannot_read_another_admin_keys_statement_via_dynamic_execute(
+    api: Api, project: Any
+) -> None:
+    pid = project.id
+    victim = await api.new_key(project.owner_token, pid, "admin", rateLimitRequests=MANY)
+    mallory = await api.new_key(project.owner_token, pid, "admin", rateLimitRequests=MANY)
+    marker = f"adminsecret{secrets.token_hex(6)}"
     for _ in range(3):
         assert (await sql(api, victim, pid, f"SELECT '{marker}' AS s"))["success"]
     leak = await peek_statements(api, mallory, pid, marker)
