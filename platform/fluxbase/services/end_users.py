@@ -226,10 +226,11 @@ async def register(
             if config.email_verification != "off":
                 await _send_link(conn, settings, project, "verify", row["id"], email, email, base)
     except asyncpg.UniqueViolationError:
-        if config.email_verification == "off":
-            # The new account could sign in at once: the answer cannot hide that it exists.
+        if config.email_verification != "required":
+            # The new account could sign in at once (its login would tell), so the answer
+            # cannot hide that the address has one.
             raise Conflict("A user with this email already exists in this project.") from None
-        await _signup_with_a_taken_address(db, settings, project, email, client_ip, base)
+        await _signup_with_a_taken_address(db, settings, project, email, pw_hash, client_ip, base)
         # Answer exactly as for a new address: a user that is not verified yet.
         now = datetime.now(UTC)
         return ProjectUser(ids.prefixed("pu"), project_id, email, display_name.strip()[:200], None, now, None)
@@ -237,39 +238,53 @@ async def register(
 
 
 async def _signup_with_a_taken_address(
-    db: asyncpg.Pool, settings: Settings, project: Project, email: str, client_ip: str, base: str | None
+    db: asyncpg.Pool,
+    settings: Settings,
+    project: Project,
+    email: str,
+    pw_hash: str,
+    client_ip: str,
+    base: str | None,
 ) -> None:
-    """Someone signed up with an address that has an account (with verification on, the answer
-    does not say so). Its owner hears about it: an unverified account gets its verification
-    message again, a verified one a notice with a password-reset link. Throttled per address
-    like the request endpoints; over the limit nothing is sent and the answer stays the same."""
+    """Someone signed up with an address that has an account (with verification required, the
+    answer does not say so). The chosen password is kept only so that logging in with it answers
+    EMAIL_NOT_VERIFIED as for a new account (sql/0027); it never becomes the account's password.
+    The address's owner gets a notice with a password-reset link — never a verification link for
+    the existing account, whose password may be an attacker's who signed up first (following the
+    reset proves the address, sets the owner's own password and ends every session). Throttled
+    per address like the request endpoints; over the limit nothing is sent, the answer is the same."""
     try:
         async with db.acquire() as conn, conn.transaction():
             await throttle.mail_request_attempt(conn, settings.mail, project.id, email, client_ip)
             user = await conn.fetchrow(
-                """SELECT id, email, email_verified_at FROM fluxbase.project_users
+                """SELECT id, email FROM fluxbase.project_users
                    WHERE project_id = $1 AND lower(email) = lower($2) AND disabled_at IS NULL""",
                 project.id,
                 email,
             )
             if user is None:
                 return
-            if user["email_verified_at"] is None:
-                await _send_link(
-                    conn, settings, project, "verify", user["id"], user["email"], user["email"], base
-                )
-            else:
-                await _send_link(
-                    conn,
-                    settings,
-                    project,
-                    "reset",
-                    user["id"],
-                    user["email"],
-                    user["email"],
-                    base,
-                    kind="signup_existing",
-                )
+            await conn.execute(
+                """WITH gone AS (
+                       DELETE FROM fluxbase.project_user_signup_attempts
+                       WHERE user_id = $1 AND expires_at <= now())
+                   INSERT INTO fluxbase.project_user_signup_attempts (user_id, password_hash, expires_at)
+                   VALUES ($1, $2, now() + make_interval(secs => $3))""",
+                user["id"],
+                pw_hash,
+                int(settings.mail.verify_ttl_s),
+            )
+            await _send_link(
+                conn,
+                settings,
+                project,
+                "reset",
+                user["id"],
+                user["email"],
+                user["email"],
+                base,
+                kind="signup_existing",
+            )
     except RateLimited:
         return
 
@@ -317,6 +332,10 @@ async def login(
     counters = throttle.login_counters(settings.auth, project_id, account, client_ip)
     await throttle.login_attempt(db, counters)
     ok = await passwords.verify_password(row["password_hash"] if row else None, password)
+    if row is not None and not ok and await _matches_a_signup_attempt(db, row["id"], password):
+        # The password of a sign-up answered as new (register, verification required): answer as
+        # a new account would, not as a wrong password, so the pair does not reveal the address.
+        raise EmailNotVerified()
     if not ok or row is None:
         raise AuthRequired("Invalid email or password.")
     await throttle.login_succeeded(db, counters)  # the right password, even for a disabled user
@@ -327,6 +346,18 @@ async def login(
         raise EmailNotVerified()
     async with db.acquire() as conn, conn.transaction():
         return await _start_session(conn, settings, user)
+
+
+async def _matches_a_signup_attempt(db: asyncpg.Pool, user_id: str, password: str) -> bool:
+    hashes = await db.fetch(
+        """SELECT password_hash FROM fluxbase.project_user_signup_attempts
+           WHERE user_id = $1 AND expires_at > now() ORDER BY created_at DESC LIMIT 3""",
+        user_id,
+    )
+    for h in hashes:
+        if await passwords.verify_password(h["password_hash"], password):
+            return True
+    return False
 
 
 async def _start_session(conn: asyncpg.Connection, settings: Settings, user: ProjectUser) -> TokenPair:
@@ -360,14 +391,18 @@ async def refresh(db: asyncpg.Pool, settings: Settings, project_id: str, refresh
     refused: str | None = None
     pair: TokenPair | None = None
     async with db.acquire() as conn, conn.transaction():
-        # `concurrent`: used moments ago and no token of its session used since — the same
-        # client (two tabs of one session) refreshing twice at once, not a stolen copy.
+        # `concurrent`: used moments ago, no token of its session used since, and only one
+        # successor so far — the same client (two tabs of one session) refreshing twice at once,
+        # not a stolen copy. The grace is given once per token: a third use revokes the session,
+        # so a used token can fork the session at most once (hostile review 3).
         row = await conn.fetchrow(
             """SELECT r.session_id, r.used_at,
                       r.used_at IS NOT NULL
                       AND r.used_at > now() - make_interval(secs => $2)
                       AND NOT EXISTS (SELECT 1 FROM fluxbase.project_user_refresh_tokens n
                                       WHERE n.session_id = r.session_id AND n.used_at > r.used_at)
+                      AND (SELECT count(*) FROM fluxbase.project_user_refresh_tokens n
+                           WHERE n.session_id = r.session_id AND n.created_at >= r.used_at) < 2
                       AS concurrent
                FROM fluxbase.project_user_refresh_tokens r
                WHERE r.token_hash = $1 FOR UPDATE OF r""",
@@ -670,6 +705,9 @@ async def reset_password(db: asyncpg.Pool, project_id: str, token: str, new_pass
             t["email"],
         )
         await _end_other_links(conn, t["project_user_id"])
+        await conn.execute(
+            "DELETE FROM fluxbase.project_user_signup_attempts WHERE user_id = $1", t["project_user_id"]
+        )
         status = await conn.execute(
             """UPDATE fluxbase.project_user_sessions SET revoked_at = now()
                WHERE user_id = $1 AND revoked_at IS NULL""",
