@@ -252,6 +252,8 @@ class Settings(msgspec.Struct, frozen=True):
     mail: MailSettings = MailSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
+    # One line per request on stderr (method, path, status, ms, project, request id): `fluxbase dev`.
+    request_log: bool = False
 
     @property
     def api_url(self) -> str:
@@ -298,7 +300,9 @@ def check_secret(secret: str | None) -> str:
     """Refuse a missing or weak server secret (it signs sessions and derives tenant passwords)."""
     if not secret:
         raise ConfigError(
-            "FLUXBASE_SECRET_KEY is not set. Generate one with: "
+            "FLUXBASE_SECRET_KEY is not set. Use the secret of the installation you are working on "
+            "(tenant database passwords are derived from it, so a different one locks every project "
+            "out); only a brand-new installation generates one: "
             'python -c "import secrets; print(secrets.token_urlsafe(48))"'
         )
     if len(secret.encode()) < MIN_SECRET_BYTES:
@@ -600,4 +604,5 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),
         log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
+        request_log=_bool(get("FLUXBASE_REQUEST_LOG", "false") or "false", "FLUXBASE_REQUEST_LOG"),
     )
