@@ -420,6 +420,7 @@ async def test_openapi_pages_use_packaged_assets(api: Api) -> None:
             r'<link[^>]+href="([^"]+)"', r.text
         )
         assert scripts, r.text[:500]
+        assert "cdn" not in r.text and "googleapis" not in r.text and "unpkg" not in r.text
         for src in scripts:
             assert not src.startswith(("http:", "https:", "//")), (page, src)
             asset = await api.http.get(src)
