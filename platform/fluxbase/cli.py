@@ -84,7 +84,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         asyncio.run(_migrate(settings))
     workers = args.workers or settings.http.workers
     uvicorn.run(
-        "fluxbase.http.asgi:create_from_env",
+        "fluxbase.http.asgi:create_with_request_log"
+        if args.request_log
+        else "fluxbase.http.asgi:create_from_env",
         factory=True,
         host=host,
         port=port,
@@ -231,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int, help="worker processes (default FLUXBASE_API_WORKERS or 1)")
     api.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    api.add_argument(
+        "--request-log",
+        action="store_true",
+        help="one line per request on stderr: method, path, status, ms, project, request id (as in dev)",
+    )
     api.set_defaults(fn=cmd_api)
     rt = sub.add_parser("realtime", help="run the realtime WebSocket service")
     rt.add_argument("--host")

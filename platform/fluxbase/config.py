@@ -252,8 +252,6 @@ class Settings(msgspec.Struct, frozen=True):
     mail: MailSettings = MailSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
-    # One line per request on stderr (method, path, status, ms, project, request id): `fluxbase dev`.
-    request_log: bool = False
 
     @property
     def api_url(self) -> str:
@@ -604,5 +602,4 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),
         log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
-        request_log=_bool(get("FLUXBASE_REQUEST_LOG", "false") or "false", "FLUXBASE_REQUEST_LOG"),
     )

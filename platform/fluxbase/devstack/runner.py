@@ -300,8 +300,6 @@ def run_dev(environ: Mapping[str, str]) -> int:
             FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK=environ.get("FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK") or "true",
             # The worker runs as its own child here.
             FLUXBASE_RUN_WORKER_IN_API="false",
-            # One line per request (and every error with its request id) in this terminal.
-            FLUXBASE_REQUEST_LOG=environ.get("FLUXBASE_REQUEST_LOG") or "true",
         )
         if catch_mail:
             env.update(
@@ -335,7 +333,8 @@ def run_dev(environ: Mapping[str, str]) -> int:
             {"pid": os.getpid(), "env": {k: v for k, v in env.items() if v != environ.get(k)}},
         )
         stop.check()
-        _start_child(children, "api", ["api", "--no-migrate"], env)
+        # One line per request (and every error with its request id) in this terminal.
+        _start_child(children, "api", ["api", "--no-migrate", "--request-log"], env)
         _start_child(children, "realtime", ["realtime"], env)
         _wait_ready(f"http://{_probe_host(api_host)}:{api_port}/ready", children, stop)
         _wait_ready(f"http://{_probe_host(rt_host)}:{rt_port}/ready", children, stop)

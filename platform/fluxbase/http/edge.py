@@ -25,6 +25,7 @@ from litestar.exceptions import (
 
 from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError
 from fluxbase.http.context import AppContext
+from fluxbase.http.requestlog import request_id
 from fluxbase.ratelimit import Quota
 from fluxbase.services.access import Principal, Project
 
@@ -128,16 +129,34 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, CONTROL_BUSY):
-        log.warning("control-plane wait timed out on %s %s: %r", request.method, request.url.path, exc)
+        log.warning(
+            "control-plane wait timed out on %s %s (%s): %r",
+            request.method,
+            request.url.path,
+            request_id(request.scope),
+            exc,
+        )
         return error_response(
             DatabaseUnavailable(
                 "The database is busy: a lock or statement timed out. Retry in a few seconds."
             )
         )
     if isinstance(exc, DB_UNAVAILABLE) or isinstance(exc, TimeoutError):
-        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+        log.warning(
+            "database unavailable on %s %s (%s): %r",
+            request.method,
+            request.url.path,
+            request_id(request.scope),
+            exc,
+        )
         return error_response(DatabaseUnavailable())
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.exception(
+        "unexpected error on %s %s (%s)",
+        request.method,
+        request.url.path,
+        request_id(request.scope),
+        exc_info=exc,
+    )
     return error_response(InternalError())
 
 

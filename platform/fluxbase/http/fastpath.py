@@ -20,6 +20,7 @@ from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError, P
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers.sql import run_execute_sql
 from fluxbase.http.edge import _JSON, DB_UNAVAILABLE, QUOTA_SCOPE_KEY
+from fluxbase.http.requestlog import request_id
 from fluxbase.ratelimit import Quota
 
 log = logging.getLogger("fluxbase.http")
@@ -83,10 +84,10 @@ class SqlFastPath:
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         except Exception as exc:
             if isinstance(exc, (*DB_UNAVAILABLE, TimeoutError)):
-                log.warning("database unavailable on POST %s: %r", PATH, exc)
+                log.warning("database unavailable on POST %s (%s): %r", PATH, request_id(scope), exc)
                 err: FluxbaseError = DatabaseUnavailable()
             else:
-                log.exception("unexpected error on POST %s", PATH, exc_info=exc)
+                log.exception("unexpected error on POST %s (%s)", PATH, request_id(scope), exc_info=exc)
                 err = InternalError()
             content, status = _JSON.encode(err.body()), err.status
         quota = scope.get(QUOTA_SCOPE_KEY)
