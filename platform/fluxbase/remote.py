@@ -1,7 +1,8 @@
 """CLI commands that talk to a running Fluxbase API over HTTP: migrations push, export, import.
 
 They take `--url`/`--key` or FLUXBASE_URL/FLUXBASE_KEY (a project API key or a dashboard session
-token), print what they did on stdout and progress on stderr, and turn an error envelope into
+token), else use the running `fluxbase dev` of the checkout they are run in (devstack.discover),
+print what they did on stdout and progress on stderr, and turn an error envelope into
 `fluxbase: CODE: message` with exit code 1. The key never appears in their output.
 """
 
@@ -64,7 +65,8 @@ class Progress:
 
 def connection(args: Any, *, session: bool = False) -> tuple[str, str]:
     """API URL and credential: --url/--key, else FLUXBASE_URL/FLUXBASE_KEY, else the running dev
-    stack of this checkout (its admin key; for `session`, a dashboard session of its admin)."""
+    stack of this checkout: its admin key for its first project, a dashboard session of its
+    admin for `session` commands and for the admin's other projects (an imported copy)."""
     url = args.url or os.environ.get("FLUXBASE_URL") or ""
     key = args.key or os.environ.get("FLUXBASE_KEY") or ""
     want = bool(getattr(args, "dev", False))
@@ -72,7 +74,11 @@ def connection(args: Any, *, session: bool = False) -> tuple[str, str]:
         stack = discover.find(os.environ, required=want)
         if stack is not None:
             url = url or stack.api_url
-            key = key or (_dev_session(stack) if session else str(stack.credentials.get("apiKey") or ""))
+            project = getattr(args, "project", None)
+            if session or (project and project != stack.credentials.get("projectId")):
+                key = key or _dev_session(stack)
+            else:
+                key = key or str(stack.credentials.get("apiKey") or "")
     if not url or not key:
         raise RemoteError(
             "VALIDATION_ERROR",
