@@ -55,7 +55,8 @@ async def test_step_by_step_setup_through_the_api(api: Api, project) -> None:
     )
     assert r.status_code == 201, r.text
     table = r.json()["table"]
-    assert table["rlsEnabled"] is False
+    # The guide's step 03: the policy is switched on with its table's RLS, and the answer says so.
+    assert table["rlsEnabled"] is True and r.json()["rlsEnabledNow"] is True
     assert table["policies"] == [
         {
             "name": "own rows",
@@ -66,7 +67,9 @@ async def test_step_by_step_setup_through_the_api(api: Api, project) -> None:
             "withCheck": None,
         }
     ]
-    # Not enabled yet: the read key sees every row.
+    # Switched off again, the read key sees every row; on, only the policy's.
+    r = await api.http.post(_url(project.id, "/tables/posts"), json={"enabled": False}, headers=h)
+    assert r.status_code == 200, r.text
     assert await _bodies(api, ro, project.id, "u1") == ["a", "b", "c"]
 
     r = await api.http.post(_url(project.id, "/tables/posts"), json={"enabled": True}, headers=h)

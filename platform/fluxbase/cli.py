@@ -15,8 +15,34 @@ from typing import Any
 from fluxbase.config import ConfigError, Settings, load_settings
 
 
-def _settings() -> Settings:
-    return load_settings(os.environ)
+def _environ(args: argparse.Namespace | None = None) -> dict[str, str]:
+    """The process environment, plus a running dev stack's when the command has no database of
+    its own configured (or `--dev` asks for it)."""
+    from fluxbase.devstack import discover
+
+    environ = dict(os.environ)
+    if args is None:  # the services (api, realtime, worker) are configured explicitly
+        return environ
+    want = bool(getattr(args, "dev", False))
+    if want or not environ.get("FLUXBASE_DATABASE_URL"):
+        stack = discover.find(environ, required=want)
+        if stack is not None:
+            environ.update(stack.env)
+    return environ
+
+
+def _settings(args: argparse.Namespace | None = None) -> Settings:
+    from fluxbase.devstack import discover
+
+    environ = _environ(args)
+    try:
+        return load_settings(environ)
+    except ConfigError as exc:
+        hint = discover.hint(environ)
+        if hint is None:
+            raise
+        # Say what is missing and how to reach the dev stack; never "generate a new secret".
+        raise ConfigError(f"{str(exc).split('. ')[0].rstrip('.')}. {hint}") from None
 
 
 def _setup_logging(level: str) -> None:
@@ -37,8 +63,8 @@ async def _migrate(settings: Settings) -> list[str]:
     return await migrate_database(settings)
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
-    settings = _settings()
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     applied = asyncio.run(_migrate(settings))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -58,7 +84,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         asyncio.run(_migrate(settings))
     workers = args.workers or settings.http.workers
     uvicorn.run(
-        "fluxbase.http.asgi:create_from_env",
+        "fluxbase.http.asgi:create_with_request_log"
+        if args.request_log
+        else "fluxbase.http.asgi:create_from_env",
         factory=True,
         host=host,
         port=port,
@@ -112,7 +140,7 @@ async def _with_db(settings: Settings, fn: Any) -> Any:
 def cmd_create_admin(args: argparse.Namespace) -> int:
     from fluxbase.services import accounts
 
-    settings = _settings()
+    settings = _settings(args)
     password = args.password or os.environ.get("FLUXBASE_ADMIN_PASSWORD") or getpass.getpass("Password: ")
 
     async def go(db: Any) -> Any:
@@ -128,7 +156,7 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
 def cmd_create_project(args: argparse.Namespace) -> int:
     from fluxbase.services import projects
 
-    settings = _settings()
+    settings = _settings(args)
 
     async def go(db: Any) -> Any:
         owner = await db.fetchval("SELECT id FROM fluxbase.users WHERE lower(email) = lower($1)", args.owner)
@@ -145,7 +173,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     from fluxbase.services import apikeys
     from fluxbase.services.access import Principal, ProjectAccess, load_project
 
-    settings = _settings()
+    settings = _settings(args)
 
     async def go(db: Any) -> Any:
         project = await load_project(db, args.project)
@@ -161,6 +189,8 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
 def _remote(fn_name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
+        import httpx
+
         from fluxbase import remote
 
         try:
@@ -171,13 +201,25 @@ def _remote(fn_name: str) -> Any:
         except OSError as exc:  # includes httpx transport errors' causes: unreachable server, bad path
             print(f"fluxbase: {exc}", file=sys.stderr)
             return 1
+        except httpx.TransportError as exc:
+            print(f"fluxbase: cannot reach the API: {exc}", file=sys.stderr)
+            return 1
 
     return run
 
 
+def _dev_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="use the running `fluxbase dev` of this checkout (found by itself when nothing else is set)",
+    )
+
+
 def _remote_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="API base URL (or FLUXBASE_URL)")
-    p.add_argument("--key", help="API key or session token (or FLUXBASE_KEY)")
+    p.add_argument("--url", help="API base URL (or FLUXBASE_URL; default: the running dev stack)")
+    p.add_argument("--key", help="API key or session token (or FLUXBASE_KEY; default: the dev stack's)")
+    _dev_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,27 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int, help="worker processes (default FLUXBASE_API_WORKERS or 1)")
     api.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    api.add_argument(
+        "--request-log",
+        action="store_true",
+        help="one line per request on stderr: method, path, status, ms, project, request id (as in dev)",
+    )
     api.set_defaults(fn=cmd_api)
     rt = sub.add_parser("realtime", help="run the realtime WebSocket service")
     rt.add_argument("--host")
     rt.add_argument("--port", type=int)
     rt.set_defaults(fn=cmd_realtime)
     sub.add_parser("worker", help="run webhook delivery and housekeeping").set_defaults(fn=cmd_worker)
-    sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(fn=cmd_migrate)
+    mig = sub.add_parser("migrate", help="apply pending SQL migrations")
+    _dev_arg(mig)
+    mig.set_defaults(fn=cmd_migrate)
     ca = sub.add_parser("create-admin", help="create an instance admin account")
     ca.add_argument("--email", required=True)
     ca.add_argument("--password", help="or FLUXBASE_ADMIN_PASSWORD, or prompted")
     ca.add_argument("--display-name")
+    _dev_arg(ca)
     ca.set_defaults(fn=cmd_create_admin)
     cp = sub.add_parser("create-project", help="create a project owned by an existing account")
     cp.add_argument("--owner", required=True, help="owner's email")
     cp.add_argument("--name", required=True)
+    _dev_arg(cp)
     cp.set_defaults(fn=cmd_create_project)
     ck = sub.add_parser("create-key", help="mint an API key for a project (printed once)")
     ck.add_argument("--project", required=True)
     ck.add_argument("--scope", choices=["read", "readwrite", "admin"], default="admin")
     ck.add_argument("--name", default="cli")
     ck.add_argument("--expires-in-days", type=int)
+    _dev_arg(ck)
     ck.set_defaults(fn=cmd_create_key)
     mg = sub.add_parser("migrations", help="project schema migrations over the HTTP API")
     mg_sub = mg.add_subparsers(dest="migrations_command", required=True)
@@ -234,13 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fluxbase.devstack.discover import NoDevStack
     from fluxbase.devstack.procs import PortInUse
     from fluxbase.errors import FluxbaseError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (ConfigError, PortInUse) as exc:
+    except (ConfigError, PortInUse, NoDevStack) as exc:
         print(f"fluxbase: {exc}", file=sys.stderr)
         return 2
     except FluxbaseError as exc:

@@ -308,7 +308,9 @@ def check_secret(secret: str | None) -> str:
     """Refuse a missing or weak server secret (it signs sessions and derives tenant passwords)."""
     if not secret:
         raise ConfigError(
-            "FLUXBASE_SECRET_KEY is not set. Generate one with: "
+            "FLUXBASE_SECRET_KEY is not set. Use the secret of the installation you are working on "
+            "(tenant database passwords are derived from it, so a different one locks every project "
+            "out); only a brand-new installation generates one: "
             'python -c "import secrets; print(secrets.token_urlsafe(48))"'
         )
     if len(secret.encode()) < MIN_SECRET_BYTES:

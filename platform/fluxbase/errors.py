@@ -102,8 +102,11 @@ class RateLimited(FluxbaseError):
     code, status = "RATE_LIMIT", 429
     default_message = "Too many requests. Retry later with exponential backoff."
 
-    def __init__(self, retry_after: int, message: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+    def __init__(self, retry_after: int, message: str | None = None, *, quota: Any = None) -> None:
+        headers = {"Retry-After": str(max(1, retry_after))}
+        if quota is not None:  # ratelimit.Quota: X-RateLimit-Limit/Remaining/Reset
+            headers.update(quota.headers())
+        super().__init__(message, headers=headers)
         self.retry_after = retry_after
 
 

@@ -1,7 +1,8 @@
 """CLI commands that talk to a running Fluxbase API over HTTP: migrations push, export, import.
 
 They take `--url`/`--key` or FLUXBASE_URL/FLUXBASE_KEY (a project API key or a dashboard session
-token), print what they did on stdout and progress on stderr, and turn an error envelope into
+token), else use the running `fluxbase dev` of the checkout they are run in (devstack.discover),
+print what they did on stdout and progress on stderr, and turn an error envelope into
 `fluxbase: CODE: message` with exit code 1. The key never appears in their output.
 """
 
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+
+from fluxbase.devstack import discover
+from fluxbase.security import apikeys
 
 MIGRATION_FILE = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
 
@@ -59,12 +63,41 @@ class Progress:
         self._draw("\n")
 
 
-def connection(args: Any) -> tuple[str, str]:
+def connection(args: Any, *, session: bool = False) -> tuple[str, str]:
+    """API URL and credential: --url/--key, else FLUXBASE_URL/FLUXBASE_KEY, else the running dev
+    stack of this checkout: its admin key for its first project, a dashboard session of its
+    admin for `session` commands and for the admin's other projects (an imported copy)."""
     url = args.url or os.environ.get("FLUXBASE_URL") or ""
     key = args.key or os.environ.get("FLUXBASE_KEY") or ""
+    want = bool(getattr(args, "dev", False))
+    if want or not url or not key:
+        stack = discover.find(os.environ, required=want)
+        if stack is not None:
+            url = url or stack.api_url
+            project = getattr(args, "project", None)
+            if session or (project and project != stack.credentials.get("projectId")):
+                key = key or _dev_session(stack)
+            else:
+                key = key or str(stack.credentials.get("apiKey") or "")
     if not url or not key:
-        raise RemoteError("VALIDATION_ERROR", "set --url and --key (or FLUXBASE_URL and FLUXBASE_KEY)")
+        raise RemoteError(
+            "VALIDATION_ERROR",
+            "set --url and --key (or FLUXBASE_URL and FLUXBASE_KEY), or run the command inside a "
+            "checkout whose `make run` (fluxbase dev) is running",
+        )
     return url.rstrip("/"), key
+
+
+def _dev_session(stack: discover.DevStack) -> str:
+    """A dashboard session token of the dev stack's admin (import needs a session, not a key)."""
+    creds = stack.credentials
+    r = httpx.post(
+        f"{stack.api_url}/api/auth/login",
+        json={"email": creds.get("email"), "password": creds.get("password")},
+        timeout=30,
+    )
+    _raise_for(r)
+    return str(r.json()["token"])
 
 
 def _raise_for(r: httpx.Response) -> None:
@@ -133,13 +166,23 @@ def _chunks(path: Path, progress: Progress) -> Iterator[bytes]:
 
 
 def import_project(args: Any) -> int:
-    url, key = connection(args)
+    url, key = connection(args, session=True)
     path = Path(args.file)
-    progress = Progress("import", path.stat().st_size)
+    size = path.stat().st_size
     params = {"name": args.name} if args.name else {}
     with httpx.Client(
         base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(30, read=3600)
     ) as client:
+        # The credential is checked before the upload: a dump can be gigabytes, and the server
+        # can only refuse a wrong one after reading the whole body.
+        if apikeys.looks_like_key(key):
+            raise RemoteError(
+                "AUTH_REQUIRED",
+                "import creates a project, so it needs a dashboard session token (POST /api/auth/login), "
+                "not an API key",
+            )
+        _raise_for(client.get("/api/auth/me"))
+        progress = Progress("import", size)
         r = client.post(
             "/api/projects/import",
             params=params,

@@ -48,7 +48,7 @@ from fluxbase.errors import (
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.security import apikeys, tokens, usertokens
 from fluxbase.services import realtime
-from fluxbase.services.access import authenticate_key
+from fluxbase.services.access import authenticate_key, load_project
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
@@ -248,6 +248,7 @@ class RealtimeService:
         if apikeys.looks_like_key(token):
             auth = await authenticate_key(self.db, token, origin)
             if auth.project.id != project_id:
+                await load_project(self.db, project_id)  # 404 for an unknown project, as over HTTP
                 raise ScopeMismatch("This API key does not have access to this project.")
             if auth.project.status == "suspended":
                 raise ProjectSuspended()
@@ -277,6 +278,7 @@ class RealtimeService:
                 raise
             return await self._end_user_grant(token, project_id)
         if claims.subject != project_id:
+            await load_project(self.db, project_id)  # 404 for an unknown project, as over HTTP
             raise ScopeMismatch("This realtime token is for another project.")
         x = claims.extra
         scope = str(x.get("scope", "read"))
@@ -320,6 +322,7 @@ class RealtimeService:
         if user is None or not user.auth_uid:
             raise AuthRequired("Invalid or malformed token.")
         if user.project_id != project_id:
+            await load_project(self.db, project_id)  # 404 for an unknown project, as over HTTP
             raise ScopeMismatch("This end-user token is for another project.")
         own = user.claims.get("iss") == usertokens.OWN_ISSUER and isinstance(user.claims.get("sid"), str)
         cred = Credential(

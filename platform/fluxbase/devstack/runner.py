@@ -30,13 +30,22 @@ import httpx
 from fluxbase.config import load_settings
 from fluxbase.db.migrate import migrate_database
 from fluxbase.devstack.postgres import EmbeddedPostgres
-from fluxbase.devstack.procs import Interrupted, StopCheck, die_with_parent, ensure_port_free, stop_process
+from fluxbase.devstack.procs import (
+    Interrupted,
+    PortInUse,
+    StopCheck,
+    die_with_parent,
+    ensure_port_free,
+    stop_process,
+)
 from fluxbase.devstack.s3 import EmbeddedS3
 from fluxbase.security import apikeys as key_format
 from fluxbase.services import accounts, apikeys, projects
-from fluxbase.services.access import Principal, ProjectAccess
+from fluxbase.services.access import Principal, ProjectAccess, load_project
 
 DEV_EMAIL = "admin@fluxbase.local"
+# Written (mode 600) while the stack runs: its supervisor's pid and the services' environment.
+DEV_ENV_FILE = "dev-env.json"
 
 
 class _StopRequest:
@@ -93,23 +102,31 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
 
 
 async def _first_run(env: Mapping[str, str], saved: dict[str, Any]) -> dict[str, Any]:
-    """Create the instance admin, a project and an admin key once; reuse them on restarts.
+    """Create the instance admin, a project, an admin key and a readwrite key once; reuse them on
+    restarts.
 
     Saved credentials are reused only while they still work: if the project was deleted (or
-    the database wiped) a new project and key are made, so the printed curl line always works.
+    the database wiped) a new project and keys are made, so the printed curl line always works.
+    The readwrite key is the one to try RLS with: the admin key owns the tables and bypasses it.
     """
     settings = load_settings(env)
     data = dict(saved)
     pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
     assert pool is not None
-    try:
-        key_ok = bool(data.get("apiKey")) and await pool.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM fluxbase.api_keys
-                              WHERE key_hash = $1 AND project_id = $2 AND revoked_at IS NULL
-                                AND (expires_at IS NULL OR expires_at > now()))""",
-            key_format.hash_key(str(data.get("apiKey"))),
-            str(data.get("projectId")),
+
+    async def works(field: str) -> bool:
+        return bool(data.get(field)) and bool(
+            await pool.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM fluxbase.api_keys
+                                  WHERE key_hash = $1 AND project_id = $2 AND revoked_at IS NULL
+                                    AND (expires_at IS NULL OR expires_at > now()))""",
+                key_format.hash_key(str(data.get(field))),
+                str(data.get("projectId")),
+            )
         )
+
+    try:
+        key_ok = await works("apiKey")
         if not key_ok:
             row = await pool.fetchrow(
                 "SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", DEV_EMAIL
@@ -124,6 +141,15 @@ async def _first_run(env: Mapping[str, str], saved: dict[str, Any]) -> dict[str,
             access = ProjectAccess(project, Principal(user=user), "admin", "admin")
             raw, _ = await apikeys.create_key(pool, access, name="dev admin key", scope="admin")
             data.update(projectId=project.id, apiKey=raw)
+            data.pop("readwriteKey", None)
+        if not await works("readwriteKey"):
+            project = await load_project(pool, str(data["projectId"]))
+            owner = await pool.fetchrow(
+                "SELECT * FROM fluxbase.users WHERE lower(email) = lower($1)", DEV_EMAIL
+            )
+            access = ProjectAccess(project, Principal(user=accounts.User.from_row(owner)), "admin", "admin")
+            raw, _ = await apikeys.create_key(pool, access, name="dev readwrite key", scope="readwrite")
+            data["readwriteKey"] = raw
     finally:
         await pool.close()
     data.update(apiUrl=settings.api_url, realtimeUrl=settings.realtime_url)
@@ -219,14 +245,25 @@ def run_dev(environ: Mapping[str, str]) -> int:
     smtp_port, mail_port = ports["FLUXBASE_DEV_SMTP_PORT"], ports["FLUXBASE_DEV_MAIL_PORT"]
     # Without an SMTP server of the user's own, mail goes to the local catcher.
     catch_mail = not environ.get("FLUXBASE_SMTP_HOST")
-    # Fail fast, before anything starts, if a port we need is taken (PortInUse → exit code 2).
-    ensure_port_free(api_host, api_port, "API", "FLUXBASE_API_PORT")
-    ensure_port_free(rt_host, rt_port, "realtime service", "FLUXBASE_REALTIME_PORT")
-    ensure_port_free("127.0.0.1", pg_port, "embedded PostgreSQL", "FLUXBASE_DEV_PG_PORT")
-    ensure_port_free("127.0.0.1", s3_port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT")
+    # Fail fast, before anything starts, if a port we need is taken (PortInUse → exit code 2),
+    # naming every taken port at once rather than one per run.
+    wanted = [
+        (api_host, api_port, "API", "FLUXBASE_API_PORT"),
+        (rt_host, rt_port, "realtime service", "FLUXBASE_REALTIME_PORT"),
+        ("127.0.0.1", pg_port, "embedded PostgreSQL", "FLUXBASE_DEV_PG_PORT"),
+        ("127.0.0.1", s3_port, "embedded S3 server", "FLUXBASE_DEV_S3_PORT"),
+    ]
     if catch_mail:
-        ensure_port_free("127.0.0.1", smtp_port, "mail catcher (SMTP)", "FLUXBASE_DEV_SMTP_PORT")
-        ensure_port_free("127.0.0.1", mail_port, "mail catcher (HTTP)", "FLUXBASE_DEV_MAIL_PORT")
+        wanted.append(("127.0.0.1", smtp_port, "mail catcher (SMTP)", "FLUXBASE_DEV_SMTP_PORT"))
+        wanted.append(("127.0.0.1", mail_port, "mail catcher (HTTP)", "FLUXBASE_DEV_MAIL_PORT"))
+    taken: list[str] = []
+    for host, port, what, var in wanted:
+        try:
+            ensure_port_free(host, port, what, var)
+        except PortInUse as exc:
+            taken.append(str(exc))
+    if taken:
+        raise PortInUse("\n".join(taken))
     base.mkdir(parents=True, exist_ok=True)
 
     stop = _StopRequest()
@@ -290,8 +327,14 @@ def run_dev(environ: Mapping[str, str]) -> int:
             print(f"  migrations  applied {', '.join(applied)}", flush=True)
         stop.check()
         creds = _credentials(env, base / "dev-credentials.json")
+        # What the `fluxbase` CLI needs to reach this stack from inside the checkout (cli.py).
+        _write_private(
+            base / DEV_ENV_FILE,
+            {"pid": os.getpid(), "env": {k: v for k, v in env.items() if v != environ.get(k)}},
+        )
         stop.check()
-        _start_child(children, "api", ["api", "--no-migrate"], env)
+        # One line per request (and every error with its request id) in this terminal.
+        _start_child(children, "api", ["api", "--no-migrate", "--request-log"], env)
         _start_child(children, "realtime", ["realtime"], env)
         _wait_ready(f"http://{_probe_host(api_host)}:{api_port}/ready", children, stop)
         _wait_ready(f"http://{_probe_host(rt_host)}:{rt_port}/ready", children, stop)
@@ -309,6 +352,9 @@ def run_dev(environ: Mapping[str, str]) -> int:
                 f"  Mail        http://127.0.0.1:{mail_port}/messages   (catcher: SMTP 127.0.0.1:{smtp_port})"
             )
         print(f"  Credentials {base / 'dev-credentials.json'} (admin {creds['email']})")
+        print(f"  Admin key   {creds['apiKey']}   (owns the tables: bypasses RLS)")
+        print(f"  Readwrite   {creds['readwriteKey']}   (RLS policies apply: use it for your app)")
+        print("  CLI         `fluxbase …` commands run inside this checkout use this stack")
         print(f"\nTry it:\n  {curl}\n\nCtrl-C stops everything.", flush=True)
         code = _supervise(children, stop)
     except Interrupted:
@@ -323,6 +369,7 @@ def run_dev(environ: Mapping[str, str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop_all(children)
+        (base / DEV_ENV_FILE).unlink(missing_ok=True)
         s3.stop()
         pg.stop("fast")
         print("fluxbase dev: stopped", flush=True)

@@ -10,7 +10,6 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 
 from fluxbase import __version__
 from fluxbase.config import Settings
@@ -32,6 +31,7 @@ from fluxbase.http.controllers import (
     webhooks,
 )
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
+from fluxbase.http.openapi import openapi_asset, openapi_config
 from fluxbase.services.access import Authenticator
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
@@ -141,6 +141,7 @@ ROUTES = [
     rls.set_table_rls,
     rls.get_realtime_settings,
     rls.set_realtime_settings,
+    openapi_asset,
 ]
 
 
@@ -189,7 +190,7 @@ def create_app(settings: Settings) -> Litestar:
         on_shutdown=[shutdown],
         state=State(),
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"], max_age=600),
-        openapi_config=OpenAPIConfig(title="Fluxbase API", version=__version__, path="/schema"),
+        openapi_config=openapi_config("Fluxbase API", __version__),
         debug=False,
         logging_config=None,
     )

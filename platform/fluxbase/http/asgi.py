@@ -8,6 +8,7 @@ import os
 from fluxbase.config import load_settings
 from fluxbase.http.app import create_app
 from fluxbase.http.fastpath import SqlFastPath
+from fluxbase.http.requestlog import RequestLog
 
 
 def create_from_env() -> SqlFastPath:
@@ -18,3 +19,8 @@ def create_from_env() -> SqlFastPath:
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
     return SqlFastPath(create_app(settings))
+
+
+def create_with_request_log() -> RequestLog:
+    """`fluxbase api --request-log` (as `fluxbase dev` runs it): one line per request on stderr."""
+    return RequestLog(create_from_env())

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import msgspec
@@ -18,11 +19,14 @@ from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
     NotFoundException,
+    SerializationException,
     ValidationException,
 )
 
 from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError
 from fluxbase.http.context import AppContext
+from fluxbase.http.requestlog import request_id
+from fluxbase.ratelimit import Quota
 from fluxbase.services.access import Principal, Project
 
 log = logging.getLogger("fluxbase.http")
@@ -57,9 +61,41 @@ def on_fluxbase_error(_: Request[Any, Any, Any], exc: FluxbaseError) -> Response
     return error_response(exc)
 
 
-def on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+# The one wording of a body that is not JSON, on every route (the SQL fast path included).
+NOT_JSON = "The request body must be JSON."
+_ENUM_RE = re.compile(r"^Invalid enum value (.+)$")
+
+
+def _choices(request: Request[Any, Any, Any], key: str) -> list[str] | None:
+    """The allowed values of the body field `key` when its type is a Literal, else None."""
+    try:
+        data = request.route_handler.parsed_fn_signature.parameters.get("data")
+        info = msgspec.inspect.type_info(data.annotation) if data is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    for field in getattr(info, "fields", ()):
+        if key in (field.name, field.encode_name):
+            values = getattr(field.type, "values", None)  # msgspec.inspect.LiteralType
+            return [str(v) for v in values] if values else None
+    return None
+
+
+def _field_message(request: Request[Any, Any, Any], message: str, key: str | None) -> str:
+    m = _ENUM_RE.match(message)
+    if m and key:
+        choices = _choices(request, key)
+        if choices:
+            return f"{key} must be one of {', '.join(choices)}; got {m.group(1)}."
+    return message
+
+
+def on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     extra = exc.extra if isinstance(exc.extra, list) else []
-    messages = [str(e.get("message")) for e in extra if isinstance(e, dict) and e.get("message")]
+    messages = [
+        _field_message(request, str(e.get("message")), str(e["key"]) if e.get("key") else None)
+        for e in extra
+        if isinstance(e, dict) and e.get("message")
+    ]
     fields = [str(e.get("key")) for e in extra if isinstance(e, dict) and e.get("key")]
     msg = "; ".join(messages) or "The request body or parameters are not valid."
     body: dict[str, Any] = {"success": False, "error": {"code": "VALIDATION_ERROR", "message": msg}}
@@ -75,6 +111,8 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
         code, msg = "METHOD_NOT_ALLOWED", "This method is not allowed on this route."
     elif exc.status_code == 413:
         code, msg = "PAYLOAD_TOO_LARGE", "The request body is too large."
+    elif isinstance(exc.__cause__, SerializationException) and exc.status_code == 400:
+        code, msg = "VALIDATION_ERROR", NOT_JSON
     elif 400 <= exc.status_code < 500:
         code, msg = "VALIDATION_ERROR", str(exc.detail)
     else:
@@ -91,16 +129,34 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, CONTROL_BUSY):
-        log.warning("control-plane wait timed out on %s %s: %r", request.method, request.url.path, exc)
+        log.warning(
+            "control-plane wait timed out on %s %s (%s): %r",
+            request.method,
+            request.url.path,
+            request_id(request.scope),
+            exc,
+        )
         return error_response(
             DatabaseUnavailable(
                 "The database is busy: a lock or statement timed out. Retry in a few seconds."
             )
         )
     if isinstance(exc, DB_UNAVAILABLE) or isinstance(exc, TimeoutError):
-        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+        log.warning(
+            "database unavailable on %s %s (%s): %r",
+            request.method,
+            request.url.path,
+            request_id(request.scope),
+            exc,
+        )
         return error_response(DatabaseUnavailable())
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.exception(
+        "unexpected error on %s %s (%s)",
+        request.method,
+        request.url.path,
+        request_id(request.scope),
+        exc_info=exc,
+    )
     return error_response(InternalError())
 
 
@@ -167,5 +223,14 @@ async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
         # only SQL (which counts in its own path): the key's, else the project's, else the default.
         t = ctx.settings.tenant
         limit, window = key.rate_limit or project.rate_limit or (t.rate_limit_requests, t.rate_limit_window_s)
-        ctx.limiter.hit(principal.label, limit, window)
+        remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
     return Caller(principal, project)
+
+
+# Where a request's Quota waits for its answer (http.fastpath adds the X-RateLimit-* headers).
+QUOTA_SCOPE_KEY = "fluxbase.quota"
+
+
+def remember_quota(request: Any, quota: Quota) -> None:
+    """Keep the caller's rate-limit standing for the answer's headers."""
+    cast(dict[str, Any], request.scope)[QUOTA_SCOPE_KEY] = quota

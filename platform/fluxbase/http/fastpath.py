@@ -19,7 +19,9 @@ from litestar import Litestar
 from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError, PayloadTooLarge
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers.sql import run_execute_sql
-from fluxbase.http.edge import _JSON, DB_UNAVAILABLE
+from fluxbase.http.edge import _JSON, DB_UNAVAILABLE, QUOTA_SCOPE_KEY
+from fluxbase.http.requestlog import request_id
+from fluxbase.ratelimit import Quota
 
 log = logging.getLogger("fluxbase.http")
 
@@ -36,13 +38,14 @@ class _Headers(dict[str, str]):
 
 
 class _Request:
-    """The two things the SQL handler reads from a request."""
+    """What the SQL handler reads from a request (and the scope it leaves the quota in)."""
 
-    __slots__ = ("_body", "headers")
+    __slots__ = ("_body", "headers", "scope")
 
-    def __init__(self, headers: _Headers, body: bytes):
+    def __init__(self, headers: _Headers, body: bytes, scope: Scope):
         self.headers = headers
         self._body = body
+        self.scope = scope
 
     async def body(self) -> bytes:
         return self._body
@@ -54,25 +57,42 @@ class SqlFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self.app(scope, receive, send)  # type: ignore[arg-type]
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)  # type: ignore[arg-type]
+                return
+
+            async def send_with_quota(message: MutableMapping[str, Any]) -> None:
+                quota = scope.get(QUOTA_SCOPE_KEY)
+                if message["type"] == "http.response.start" and quota is not None:
+                    have = {k.lower() for k, _ in message.get("headers", ())}
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        *_quota_headers(quota, have),
+                    ]
+                await send(message)
+
+            await self.app(scope, receive, send_with_quota)  # type: ignore[arg-type]
             return
         ctx: AppContext = self.app.state.ctx
         headers = _Headers((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
         extra: list[tuple[bytes, bytes]] = []
         try:
             body = await _read_body(receive)
-            content, status = await run_execute_sql(cast(Any, _Request(headers, body)), ctx), 200
+            content, status = await run_execute_sql(cast(Any, _Request(headers, body, scope)), ctx), 200
         except FluxbaseError as exc:
             content, status = _JSON.encode(exc.body()), exc.status
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         except Exception as exc:
             if isinstance(exc, (*DB_UNAVAILABLE, TimeoutError)):
-                log.warning("database unavailable on POST %s: %r", PATH, exc)
+                log.warning("database unavailable on POST %s (%s): %r", PATH, request_id(scope), exc)
                 err: FluxbaseError = DatabaseUnavailable()
             else:
-                log.exception("unexpected error on POST %s", PATH, exc_info=exc)
+                log.exception("unexpected error on POST %s (%s)", PATH, request_id(scope), exc_info=exc)
                 err = InternalError()
             content, status = _JSON.encode(err.body()), err.status
+        quota = scope.get(QUOTA_SCOPE_KEY)
+        if quota is not None:
+            extra.extend(_quota_headers(quota, {k for k, _ in extra}))
         response = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),
@@ -82,6 +102,13 @@ class SqlFastPath:
             response.append((b"access-control-allow-origin", b"*"))
         await send({"type": "http.response.start", "status": status, "headers": response})
         await send({"type": "http.response.body", "body": content})
+
+
+def _quota_headers(quota: Quota, have: set[bytes]) -> list[tuple[bytes, bytes]]:
+    """X-RateLimit-* for an answer that does not carry them yet (a 429 brings its own)."""
+    return [
+        (k.lower().encode(), v.encode()) for k, v in quota.headers().items() if k.lower().encode() not in have
+    ]
 
 
 async def _read_body(receive: Receive) -> bytes:

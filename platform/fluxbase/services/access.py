@@ -156,6 +156,11 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
     key_hash = apikeys.hash_key(raw_key)
     row = await db.fetchrow(_KEY_QUERY, key_hash)
     if row is None:
+        if await db.fetchval("SELECT true FROM fluxbase.rotated_api_keys WHERE key_hash = $1", key_hash):
+            raise AuthRequired(
+                "API key has been rotated: use the new key that the rotation returned (the old one "
+                "stopped working at once)."
+            )
         raise AuthRequired("API key is not valid.")
     if row["revoked_at"] is not None:
         raise AuthRequired("API key has been revoked.")

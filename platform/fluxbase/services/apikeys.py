@@ -129,9 +129,14 @@ async def rotate_key(db: asyncpg.Pool, access: ProjectAccess, key_id: str) -> tu
     if current.revoked_at is not None:
         raise ValidationError("A revoked key cannot be rotated.")
     raw = apikeys.generate()
+    # The old hash is remembered (sql/0024) so that the old secret is answered "rotated".
     row = await db.fetchrow(
-        """UPDATE fluxbase.api_keys SET key_hash = $3, prefix = $4, last_used_at = NULL
-           WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL RETURNING *""",
+        """WITH old AS (SELECT key_hash FROM fluxbase.api_keys
+                        WHERE id = $1 AND project_id = $2 AND revoked_at IS NULL FOR UPDATE),
+                retired AS (INSERT INTO fluxbase.rotated_api_keys (key_hash, key_id)
+                            SELECT key_hash, $1 FROM old ON CONFLICT (key_hash) DO NOTHING)
+           UPDATE fluxbase.api_keys k SET key_hash = $3, prefix = $4, last_used_at = NULL
+           FROM old WHERE k.id = $1 RETURNING k.*""",
         key_id,
         access.project.id,
         apikeys.hash_key(raw),

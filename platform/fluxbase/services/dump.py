@@ -7,6 +7,7 @@ Fluxbase's capture triggers removed, between a header line naming the source sch
 trailer line carrying the SHA-256 of everything before it:
 
     -- fluxbase-export format=1 schema=p_<id> created=<iso time>
+    -- fluxbase-migration name=<name> checksum=<sha256>    (one per applied migration)
     ...pg_dump output...
     -- fluxbase-export-end sha256=<hex>
 
@@ -29,6 +30,7 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from fluxbase.errors import (
 from fluxbase.security.roles import role_password, schema_name
 from fluxbase.services import projects, quota
 from fluxbase.services.access import Project
+from fluxbase.services.migrations import Migration
 from fluxbase.services.sqlscript import ScriptError, split_statements
 from fluxbase.tenancy import statements as classification
 from fluxbase.tenancy.pools import TenantPools
@@ -59,6 +62,9 @@ log = logging.getLogger("fluxbase.dump")
 
 HEADER_RE = re.compile(rb"^-- fluxbase-export format=1 schema=(p_[0-9a-f]{16}) created=\S+\n$")
 TRAILER_RE = re.compile(rb"^-- fluxbase-export-end sha256=([0-9a-f]{64})\n?$")
+LEDGER_RE = re.compile(
+    rb"^-- fluxbase-migration name=([A-Za-z0-9][A-Za-z0-9_.-]{0,199}) checksum=([0-9a-f]{64})\n$"
+)
 SCHEMA_RE = re.compile(r"\bp_[0-9a-f]{16}\b")
 # A project role named in a policy (`TO p_<id>_rw`): retargeted like the schema.
 ROLE_RE = re.compile(r"\b(p_[0-9a-f]{16})_(admin|rw|ro|rt)\b")
@@ -134,6 +140,22 @@ async def _filtered(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield pending
 
 
+def ledger_lines(ledger: list[Migration]) -> bytes:
+    """The project's migration ledger as comment lines right after the header (psql skips them;
+    import reads them back, so `migrations push` on the copy skips what the source applied)."""
+    return b"".join(f"-- fluxbase-migration name={m.name} checksum={m.checksum}\n".encode() for m in ledger)
+
+
+def read_ledger(f: IO[bytes]) -> list[tuple[str, str]]:
+    """(name, checksum) of each ledger line following the header of a verified dump."""
+    f.seek(0)
+    f.readline()
+    found = []
+    while m := LEDGER_RE.match(f.readline(600)):
+        found.append((m.group(1).decode(), m.group(2).decode()))
+    return found
+
+
 @dataclass
 class Export:
     """A started pg_dump whose output is ready to stream."""
@@ -141,11 +163,13 @@ class Export:
     proc: asyncio.subprocess.Process
     schema: str
     first: bytes
+    ledger: list[Migration]
 
     async def stream(self) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         header = f"-- fluxbase-export format=1 schema={self.schema} created={created}\n".encode()
+        header += ledger_lines(self.ledger)
         digest.update(header)
         yield header
         assert self.proc.stdout is not None
@@ -180,8 +204,11 @@ class Export:
                 await self.proc.wait()
 
 
-async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) -> Export:
-    """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot."""
+async def start_export(
+    settings: Settings, db: asyncpg.Pool, project_id: str, ledger: list[Migration]
+) -> Export:
+    """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot.
+    `ledger` is the project's applied migrations, carried in the export."""
     parts = urlsplit(settings.database.url)
     host, port = settings.database.server()
     for attempt in range(3):
@@ -249,7 +276,7 @@ async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) ->
         err = await proc.stderr.read() if proc.stderr is not None else b""
         log.error("pg_dump of %s produced nothing: %s", schema, err.decode(errors="replace")[:2000])
         raise ExportUnavailable()
-    return Export(proc, schema, first)
+    return Export(proc, schema, first, ledger)
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -523,12 +550,28 @@ async def import_project(
     name: str,
     f: IO[bytes],
 ) -> Project:
-    """Create a project and load the dump into it, all or nothing."""
+    """Create a project and load the dump into it, with its migration ledger, all or nothing."""
     source = await asyncio.to_thread(check_dump, f)
+    ledger = read_ledger(f)
     project = await projects.create_project(db, settings, owner_id, name)
     target = schema_name(project.id)
     try:
-        await _load(pools, settings, project.id, f, source, target)
+        # The ledger rows are written by the load's own transaction (one-use tickets redeemed
+        # by fluxbase_guard.redeem_migration, as `migrations push` does): they commit with it.
+        tokens = []
+        for ledger_name, checksum in ledger:
+            token = secrets.token_bytes(32)
+            await db.execute(
+                """INSERT INTO fluxbase.migration_tickets (token_hash, project_id, name, checksum, applied_by)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                hashlib.sha256(token).digest(),
+                project.id,
+                ledger_name,
+                checksum,
+                f"import of {source}",
+            )
+            tokens.append(token)
+        await _load(pools, settings, project.id, f, source, target, tokens)
     except BaseException:
         await pools.close_project(project.id)
         await projects.delete_project(db, project.id)
@@ -537,11 +580,19 @@ async def import_project(
 
 
 async def _load(
-    pools: TenantPools, settings: Settings, project_id: str, f: IO[bytes], source: str, target: str
+    pools: TenantPools,
+    settings: Settings,
+    project_id: str,
+    f: IO[bytes],
+    source: str,
+    target: str,
+    ledger_tokens: list[bytes],
 ) -> None:
     index = -1
     try:
         async with admin_session(pools, project_id, settings.tenant.pool_acquire_timeout_s) as conn:
+            for token in ledger_tokens:
+                await conn.execute("SELECT fluxbase_guard.redeem_migration($1)", token)
             for item in parse(f, source):
                 index = item.index
                 if isinstance(item, Copy):

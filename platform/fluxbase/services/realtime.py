@@ -29,20 +29,24 @@ BROADCAST_KEEP_PER_PROJECT = 1000
 _CURSOR_RE = re.compile(r"^(\d{1,20}):(\d{1,20})$")
 
 # One row of fluxbase.events → the wire message (type, id, cursor, roomId, timestamp, payload).
+# Timestamps in UTC ending in `Z`, with microseconds, like every timestamp the API answers.
 MESSAGE_SQL = """
 CASE e.kind
   WHEN 'row' THEN json_build_object(
     'type', 'db_event', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
-    'roomId', 'project_' || e.project_id, 'timestamp', e.created_at,
+    'roomId', 'project_' || e.project_id,
+    'timestamp', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'payload', json_build_object('operation', e.operation, 'table', e.table_name,
                                  'record', e.record, 'old', e.old))
   WHEN 'schema' THEN json_build_object(
     'type', 'schema_update', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
-    'roomId', 'project_' || e.project_id, 'timestamp', e.created_at,
+    'roomId', 'project_' || e.project_id,
+    'timestamp', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'payload', jsonb_build_object('event_type', 'schema_update', 'table', e.table_name) || e.record)
   ELSE json_build_object(
     'type', 'broadcast', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
-    'roomId', 'project_' || e.project_id, 'timestamp', e.created_at,
+    'roomId', 'project_' || e.project_id,
+    'timestamp', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'event', e.record->'event', 'payload', e.record->'payload')
 END::text
 """

@@ -120,8 +120,10 @@ async def create_policy(
     using: str | None,
     with_check: str | None,
     permissive: bool = True,
-) -> TableRls:
-    """CREATE POLICY on one table; nothing is left behind if PostgreSQL refuses it."""
+) -> tuple[TableRls, bool]:
+    """CREATE POLICY on one table, and ENABLE ROW LEVEL SECURITY on it if it was off (the guide's
+    step 03: a policy is switched on with its table's RLS). Answers the table and whether RLS was
+    switched on now; nothing is left behind if PostgreSQL refuses either statement."""
     _check_name(table, "table")
     _check_name(name, "name")
     command = command.upper() if isinstance(command, str) else command
@@ -148,10 +150,12 @@ async def create_policy(
     if with_check is not None:
         sql += f" WITH CHECK ({with_check})"
     async with admin_session(pools, project_id) as conn:
-        await _one_table(conn, project_id, table, in_path=False)
+        before = await _one_table(conn, project_id, table, in_path=False)
         try:
             # fetch() uses the extended protocol: one statement, so `; DROP ...` cannot ride along.
             await conn.fetch(sql)
+            if not before.enabled:
+                await conn.fetch(f"ALTER TABLE {_qualified(project_id, table)} ENABLE ROW LEVEL SECURITY")
         except asyncpg.PostgresError as exc:
             raise management_error(exc) from exc
         created = await _one_table(conn, project_id, table, in_path=False)
@@ -159,7 +163,7 @@ async def create_policy(
         if (policy.using is None) != (using is None) or (policy.with_check is None) != (with_check is None):
             # The expression closed its parenthesis and added a clause: refuse, roll back.
             raise ValidationError("using and withCheck must each be a single SQL expression.")
-        return created
+        return created, not before.enabled
 
 
 async def drop_policy(pools: TenantPools, project_id: str, table: str, name: str) -> TableRls:

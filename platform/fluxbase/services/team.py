@@ -177,7 +177,8 @@ async def invite(
 ) -> Invitation:
     """Invite a registered account, or reset the existing invitation for that email to a new pending one."""
     _check_role(role)
-    email = normalise_email(email)
+    # Invitations are email-case-insensitive (the guide): stored and shown lower-case.
+    email = normalise_email(email).lower()
     _key_may_touch(access, role)
     if await db.fetchval("SELECT id FROM fluxbase.users WHERE lower(email) = lower($1)", email) is None:
         raise UserNotFound("Invitee email does not match any registered Fluxbase account.")

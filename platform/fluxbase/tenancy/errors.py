@@ -58,7 +58,7 @@ SQLSTATES: dict[str, str] = {
 
 # The platform guard's refusals raised inside the request's transaction (sql/0002, 0007, 0011).
 GUARD_REFUSALS: dict[str, Callable[[], FluxbaseError]] = {
-    "FX401": lambda: AuthRequired("API key is no longer valid (revoked or expired)."),
+    "FX401": lambda: AuthRequired("API key is no longer valid (revoked, rotated or expired)."),
     "FX403": ProjectSuspended,
     "FXU01": lambda: InvalidUserToken("The token's session has been revoked or no longer exists."),
     "FXU02": UserDisabled,

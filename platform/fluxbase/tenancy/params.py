@@ -65,9 +65,28 @@ def adapt(value: Any, typename: str) -> Any:
                 return "true" if value else "false"
             if isinstance(value, (int, float)):
                 return str(value)
-    except (ValueError, TypeError) as exc:
-        raise ParamError(f"cannot convert {value!r} to {typename}: {exc}") from None
+    except (ValueError, TypeError):
+        # Python's own text ("invalid literal for int() with base 10") means nothing to a caller.
+        raise ParamError(f"{_shown(value)} is not {_EXPECTED.get(typename, 'valid')} ({typename})") from None
     return value
+
+
+_EXPECTED = {
+    **dict.fromkeys(_INT_TYPES, "an integer"),
+    **dict.fromkeys(_FLOAT_TYPES, "a number"),
+    "timestamptz": "an ISO 8601 timestamp like 2026-04-14T12:00:00Z",
+    "timestamp": "an ISO 8601 timestamp like 2026-04-14T12:00:00",
+    "date": "an ISO 8601 date like 2026-04-14",
+    "time": "an ISO 8601 time like 12:00:00",
+    "timetz": "an ISO 8601 time like 12:00:00+00:00",
+    "uuid": "a UUID",
+    "bytea": "base64-encoded bytes",
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class ParamError(Exception):

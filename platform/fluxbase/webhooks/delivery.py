@@ -284,6 +284,17 @@ async def _send_locked(
                 exhausted = (d, attempt)
             else:
                 status, next_at = "pending", at + timedelta(seconds=delay)
+        if not attempt.ok:
+            # Visible where the worker runs (the `fluxbase dev` terminal), not only in the log API.
+            log.warning(
+                "webhook %s: delivery %s (%s) to %s failed: %s; %s",
+                webhook_id,
+                d["id"],
+                d["event_type"],
+                hook["url"],
+                attempt.error,
+                f"next try at {next_at:%H:%M:%S} UTC" if status == "pending" else "no tries left",
+            )
         row = (d["id"], status, at, next_at, attempt.status, attempt.ms, attempt.body, attempt.error)
         for col, value in zip(columns, row, strict=True):
             col.append(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from dataclasses import dataclass
 
@@ -63,4 +64,34 @@ class Sender:
         except (ssrf.ForbiddenTarget, ValidationError) as exc:
             return Attempt(False, None, elapsed(), None, f"refused: {exc}"[:500])
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            return Attempt(False, None, elapsed(), None, f"connection failed: {exc}"[:500])
+            return Attempt(False, None, elapsed(), None, connection_error(exc)[:500])
+
+
+def connection_error(exc: BaseException) -> str:
+    """A failed request in plain words (aiohttp's own text says `ssl:default` even for http)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"could not connect to {exc.host}:{exc.port}: its TLS certificate is not valid"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"could not connect to {exc.host}:{exc.port}: the TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"could not connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the receiver closed the connection without answering"
+    if isinstance(exc, (aiohttp.ClientPayloadError, asyncio.IncompleteReadError)):
+        return "the receiver's answer was cut off"
+    if isinstance(exc, OSError):
+        return f"connection failed: {_os_reason(exc)}"
+    return f"connection failed: {exc}"
+
+
+def _os_reason(exc: OSError) -> str:
+    reasons = {
+        errno.ECONNREFUSED: "connection refused",
+        errno.ECONNRESET: "connection reset",
+        errno.EHOSTUNREACH: "host unreachable",
+        errno.ENETUNREACH: "network unreachable",
+        errno.ETIMEDOUT: "timed out",
+    }
+    if exc.errno in reasons:
+        return reasons[exc.errno]
+    return (exc.strerror or str(exc) or type(exc).__name__).lower()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from fluxbase import ids
 from fluxbase.config import Settings
 from fluxbase.errors import NotFound, ValidationError
 from fluxbase.security import ssrf
+from fluxbase.security.roles import schema_name
 from fluxbase.webhooks import signing
 from fluxbase.webhooks.delivery import ALL_EVENTS, message_body
 from fluxbase.webhooks.sender import Sender
@@ -35,6 +37,8 @@ class Webhook:
     disabled_reason: str | None
     created_at: datetime
     updated_at: datetime
+    # The delivery queue's state (pending count, what blocks it, when it retries): get and list.
+    queue: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> Webhook:
@@ -61,6 +65,7 @@ class Webhook:
             "disabledReason": self.disabled_reason,
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
+            **({"queue": self.queue} if self.queue is not None else {}),
         }
 
 
@@ -85,6 +90,27 @@ def check_tables(tables: list[str] | None) -> list[str] | None:
     return sorted(set(tables))
 
 
+async def check_tables_exist(db: asyncpg.Pool, project_id: str, tables: list[str] | None) -> None:
+    """Refuse table names the project does not have (a typo would silently match nothing)."""
+    if tables is None:
+        return
+    existing = {
+        r["relname"]
+        for r in await db.fetch(
+            """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')""",
+            schema_name(project_id),
+        )
+    }
+    missing = [t for t in tables if t not in existing]
+    if missing:
+        have = ", ".join(sorted(existing)) or "none yet"
+        raise ValidationError(
+            f"No table {', '.join(map(repr, missing))} in this project (its tables: {have}). "
+            "Create the table first, or leave tables null for every table."
+        )
+
+
 async def check_url(settings: Settings, url: str) -> str:
     await ssrf.check_url(url, ssrf.Policy.of(settings))
     return url
@@ -103,6 +129,7 @@ async def create(
     """Create an endpoint; returns it and its secret (shown this once)."""
     events = check_events(events)
     tables = check_tables(tables)
+    await check_tables_exist(db, project_id, tables)
     secret = signing.check_secret(secret) if secret is not None else signing.new_secret()
     await check_url(settings, url)
     async with db.acquire() as conn, conn.transaction():
@@ -130,7 +157,7 @@ async def list_for(db: asyncpg.Pool, project_id: str) -> list[Webhook]:
     rows = await db.fetch(
         f"SELECT {_COLUMNS} FROM fluxbase.webhooks WHERE project_id = $1 ORDER BY created_at, id", project_id
     )
-    return [Webhook.from_row(r) for r in rows]
+    return await _with_queues(db, [Webhook.from_row(r) for r in rows])
 
 
 async def project_of(db: asyncpg.Pool, webhook_id: str) -> str:
@@ -147,7 +174,7 @@ async def get(db: asyncpg.Pool, project_id: str, webhook_id: str) -> Webhook:
     )
     if row is None:
         raise NotFound("No webhook with this id.")
-    return Webhook.from_row(row)
+    return (await _with_queues(db, [Webhook.from_row(row)]))[0]
 
 
 async def update(
@@ -167,7 +194,9 @@ async def update(
     if "events" in changes:
         put("events", check_events(changes["events"]))
     if "tables" in changes:
-        put("tables", check_tables(changes["tables"]))
+        tables = check_tables(changes["tables"])
+        await check_tables_exist(db, project_id, tables)
+        put("tables", tables)
     if changes.get("rotate_secret"):
         new_secret = signing.new_secret()
     elif changes.get("secret") is not None:
@@ -184,14 +213,71 @@ async def update(
             sets.append("disabled_reason = 'disabled by a project admin'")
     if not sets:
         return await get(db, project_id, webhook_id), None
-    row = await db.fetchrow(
-        f"UPDATE fluxbase.webhooks SET {', '.join(sets)}, updated_at = now() "
-        f"WHERE id = $1 AND project_id = $2 RETURNING {_COLUMNS}",
-        *args,
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"UPDATE fluxbase.webhooks SET {', '.join(sets)}, updated_at = now() "
+            f"WHERE id = $1 AND project_id = $2 RETURNING {_COLUMNS}",
+            *args,
+        )
+        if row is None:
+            raise NotFound("No webhook with this id.")
+        if changes.get("enabled") is True:
+            # Switched on again (usually after fixing the receiver): the backlog goes out now,
+            # not when the retry schedule would have come round.
+            await _due_now(conn, webhook_id)
+    return (await _with_queues(db, [Webhook.from_row(row)]))[0], new_secret
+
+
+async def _due_now(conn: asyncpg.Connection, webhook_id: str) -> None:
+    await conn.execute(
+        "UPDATE fluxbase.webhook_deliveries SET next_attempt_at = now() "
+        "WHERE webhook_id = $1 AND status = 'pending' AND next_attempt_at > now()",
+        webhook_id,
     )
-    if row is None:
-        raise NotFound("No webhook with this id.")
-    return Webhook.from_row(row), new_secret
+
+
+_QUEUE_SQL = """
+SELECT w.id, q.pending, h.id AS head_id, h.attempts, h.error, h.next_attempt_at
+FROM unnest($1::text[]) AS w(id)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending FROM fluxbase.webhook_deliveries d
+    WHERE d.webhook_id = w.id AND d.status = 'pending'
+) q
+LEFT JOIN LATERAL (
+    SELECT d.id, d.attempts, d.error, d.next_attempt_at FROM fluxbase.webhook_deliveries d
+    WHERE d.webhook_id = w.id AND d.status = 'pending' ORDER BY d.id LIMIT 1
+) h ON true
+"""
+
+
+async def _with_queues(db: asyncpg.Pool, hooks: list[Webhook]) -> list[Webhook]:
+    """Each endpoint with its queue: how much waits, whether (and by what) it is blocked, and
+    when it is tried next. Deliveries go out in order, so a failed head holds up the rest."""
+    if not hooks:
+        return hooks
+    rows = {r["id"]: r for r in await db.fetch(_QUEUE_SQL, [h.id for h in hooks])}
+    out = []
+    for h in hooks:
+        r = rows[h.id]
+        failed_head = r["head_id"] is not None and r["attempts"] > 0
+        blocked = bool(r["pending"]) and (failed_head or not h.enabled)
+        if not blocked:
+            reason = None
+        elif not h.enabled:
+            reason = h.disabled_reason or "the endpoint is disabled"
+        else:
+            reason = f"delivery {r['head_id']} failed {r['attempts']} time(s): {r['error']}"
+        queue = {
+            "pending": r["pending"],
+            "blocked": blocked,
+            "reason": reason,
+            "blockedBy": str(r["head_id"]) if failed_head else None,
+            "lastError": r["error"] if failed_head else None,
+            # Disabled: nothing is tried until it is enabled again (which sends at once).
+            "nextRetryAt": r["next_attempt_at"] if r["head_id"] is not None and h.enabled else None,
+        }
+        out.append(dataclasses.replace(h, queue=queue))
+    return out
 
 
 async def delete(db: asyncpg.Pool, project_id: str, webhook_id: str) -> None:
@@ -251,17 +337,31 @@ async def deliveries(
 
 
 async def redeliver(db: asyncpg.Pool, webhook_id: str, delivery_id: str) -> dict[str, Any]:
-    """Queue the same message (same body, same webhook-id) again, behind the endpoint's queue."""
-    row = await db.fetchrow(
-        f"""INSERT INTO fluxbase.webhook_deliveries (webhook_id, message_id, event_type, body, redelivery_of)
-            SELECT webhook_id, message_id, event_type, body, id FROM fluxbase.webhook_deliveries
-            WHERE id = $1 AND webhook_id = $2
-            RETURNING {_DELIVERY_COLUMNS}""",
-        _delivery_id(delivery_id),
-        webhook_id,
-    )
-    if row is None:
-        raise NotFound("No delivery with this id for this webhook.")
+    """Send a delivery again now. A pending one (waiting for its retry) is simply made due; a
+    delivered or failed one is queued again (same body, same webhook-id) behind the endpoint's
+    queue. Either way the whole queue is due at once: whoever asks for a redelivery has just
+    fixed the receiver, and deliveries go out in order."""
+    wanted = _delivery_id(delivery_id)
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {_DELIVERY_COLUMNS} FROM fluxbase.webhook_deliveries WHERE id = $1 AND webhook_id = $2",
+            wanted,
+            webhook_id,
+        )
+        if row is None:
+            raise NotFound("No delivery with this id for this webhook.")
+        if row["status"] != "pending":
+            row = await conn.fetchrow(
+                f"""INSERT INTO fluxbase.webhook_deliveries
+                        (webhook_id, message_id, event_type, body, redelivery_of)
+                    SELECT webhook_id, message_id, event_type, body, id FROM fluxbase.webhook_deliveries
+                    WHERE id = $1 RETURNING {_DELIVERY_COLUMNS}""",
+                wanted,
+            )
+        await _due_now(conn, webhook_id)
+        row = await conn.fetchrow(
+            f"SELECT {_DELIVERY_COLUMNS} FROM fluxbase.webhook_deliveries WHERE id = $1", row["id"]
+        )
     return delivery_out(row)
 
 

@@ -72,7 +72,7 @@ async def create_policy(
     project_id: str, data: CreatePolicyBody, ctx: AppContext, caller: Caller
 ) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    table = await rls.create_policy(
+    table, enabled_now = await rls.create_policy(
         ctx.tenants,
         access.project.id,
         table=data.table,
@@ -82,7 +82,15 @@ async def create_policy(
         with_check=data.with_check,
         permissive=data.permissive,
     )
-    return {"success": True, "table": table_out(table)}
+    out: dict[str, Any] = {"success": True, "table": table_out(table), "rlsEnabledNow": enabled_now}
+    if enabled_now:
+        out["message"] = (
+            f'Row level security was off on table "{table.name}": Fluxbase ran ALTER TABLE … ENABLE ROW '
+            "LEVEL SECURITY with this policy, so it applies now. Keys of scope read and readwrite (and end "
+            "users) see only the rows policies allow; an admin key owns the table and bypasses RLS "
+            "unless it is forced (POST …/rls/tables/{table} with forced: true)."
+        )
+    return out
 
 
 @delete(

@@ -25,7 +25,7 @@ from fluxbase.errors import (
     ValidationError,
 )
 from fluxbase.http.context import AppContext
-from fluxbase.http.edge import bearer_token
+from fluxbase.http.edge import bearer_token, remember_quota
 from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authorize
@@ -101,7 +101,7 @@ async def sql_access(
     # A data surface: request_identity applies the requireUserAuth rule right after.
     access = await authorize(ctx.db, principal, key_project, project_id, need, end_user_surface=True)
     limit, window = access.rate_limit(ctx.settings)
-    ctx.limiter.hit(principal.label, limit, window)
+    remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
     return access, key_auth
 
 
