@@ -626,13 +626,6 @@ async def test_policy_side_effects_in_the_checker_do_not_write_to_a_read_only_pr
 # -- 9. signals between sessions of one role ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: PostgreSQL lets a role signal backends of the same role, and end users' "
-    "requests run as the project's readwrite role like its server keys' requests: "
-    "pg_terminate_backend / pg_cancel_backend stay executable (sql/0013 revokes only the "
-    "statement-text functions), so an end user kills a server key's connections",
-)
 async def test_end_user_cannot_terminate_a_server_keys_backend(api: Api, project: Any) -> None:
     pid = project.id
     rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)

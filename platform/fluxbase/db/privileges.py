@@ -186,8 +186,14 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt} WITH GRANT OPTION")
     for param in SUSET_ROLE_SETTINGS:
         await conn.execute(f"GRANT SET ON PARAMETER {param} TO {rt}")
-    # Terminating a project's backends (deadlines, project deletion).
+    # Terminating a project's backends (deadlines, project deletion). sql/0028 closes the signal
+    # functions to PUBLIC (a role may signal its own role's backends: an end user could end the
+    # connection a server key of the same scope was using).
     await conn.execute(f"GRANT pg_signal_backend TO {rt}")
+    await conn.execute(
+        f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint), "
+        f"pg_catalog.pg_cancel_backend(integer) TO {rt}"
+    )
     # Finding a project's backends: sql/0013 closes pg_stat_activity to PUBLIC (tenants must not
     # read other sessions' statements) and opens it to pg_read_all_stats.
     await conn.execute(f"GRANT pg_read_all_stats TO {rt}")
