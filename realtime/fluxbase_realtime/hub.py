@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fluxbase.services.realtime import Cursor
 from fluxbase_realtime.credentials import Grant
+from fluxbase_realtime.filters import RowFilter
 from fluxbase_realtime.outbox import OutboxEvent
 from fluxbase_realtime.rls import RlsGate, Viewer
 
@@ -29,7 +30,11 @@ DEFAULT_QUEUE = 1000
 
 @dataclass(eq=False)
 class Subscription:
-    """One room joined by one socket, with optional filters."""
+    """One room joined by one socket, with optional filters.
+
+    The project room (`topic` None) receives row, schema and project broadcast events; a topic
+    room (`project_<id>:<topic>`) only its topic's broadcasts (and presence, sent directly).
+    """
 
     project_id: str
     tables: frozenset[str] | None = None
@@ -41,17 +46,31 @@ class Subscription:
     viewer: Viewer | None = None
     # The credential it was granted for (fluxbase_realtime.credentials.Grant).
     grant: Grant | None = None
+    topic: str | None = None
+    room: str = ""
+    watcher: object | None = None  # presence.Watcher of a topic room
+    # Row filters per table (fluxbase_realtime.filters): data compared in Python, never SQL.
+    filters: dict[str, RowFilter] | None = None
 
     def wants(self, ev: OutboxEvent) -> bool:
         if ev.kind == "broadcast":
-            return True
+            return ev.table == self.topic  # a topic broadcast names its topic in table_name
+        if self.topic is not None:
+            return False
         if self.tables is not None:
             if ev.table is None and ev.kind == "row":
                 return False
             if ev.table is not None and ev.table not in self.tables:
                 return False
-        if self.operations is not None:
-            return (ev.operation if ev.kind == "row" else "SCHEMA") in self.operations
+        if (
+            self.operations is not None
+            and (ev.operation if ev.kind == "row" else "SCHEMA") not in self.operations
+        ):
+            return False
+        if self.filters and ev.kind == "row":
+            f = self.filters.get(ev.table or "")
+            if f is not None and not f.matches(ev.image()):
+                return False
         return True
 
 
