@@ -460,3 +460,19 @@ async def test_presence_bounds(api: Api, project, rt, rt2) -> None:
             m = await many.next()
             got += m["type"] == "subscribed"
         _err(await _send(many, type="subscribe", roomId=f"project_{project.id}:one-more"), "VALIDATION_ERROR")
+
+
+async def test_same_topic_name_in_two_projects_shares_nothing(api: Api, project, rt, rt2) -> None:
+    other_id = await api.new_project(project.owner_token)
+    other_key = await api.new_key(project.owner_token, other_id, "admin")
+    mine, theirs = f"project_{project.id}:lobby", f"project_{other_id}:lobby"
+    async with _socket(rt, project.admin_key) as a, _socket(rt2, other_key) as b:
+        await _join(a, mine)
+        await _track(a, mine, {"secret": "a"})
+        await a.ws.send(json.dumps({"type": "broadcast", "roomId": mine, "event": "e", "payload": "a-only"}))
+        assert (await a.until(lambda m: m["type"] == "broadcast"))["payload"] == "a-only"
+        assert await _join(b, theirs) == {}
+        # B's credential cannot name A's room, and B's own topic gets nothing of A's
+        _err(await _send(b, type="subscribe", roomId=mine), "SCOPE_MISMATCH")
+        _err(await _send(b, type="track", roomId=mine, payload={}), "AUTH_REQUIRED")
+        assert [m for m in await b.silent(0.5) if m["type"] in ("presence_diff", "broadcast")] == []
