@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from fluxbase.errors import Conflict, PayloadTooLarge, ValidationError
 
@@ -89,33 +90,19 @@ WHERE NOT EXISTS (SELECT 1 FROM fluxbase.realtime_presence m
 """
 
 
-def _message(kind: str, room: str, payload: bytes) -> bytes:
-    return (
-        b'{"type":"'
-        + kind.encode()
-        + b'","roomId":'
-        + json.dumps(room).encode()
-        + b',"payload":'
-        + payload
-        + b"}"
-    )
-
-
-def _members_json(members: dict[str, str]) -> bytes:
-    return (
-        b"{"
-        + b",".join(json.dumps(k).encode() + b":" + v.encode() for k, v in sorted(members.items()))
-        + b"}"
-    )
+def _members(members: dict[str, str]) -> msgspec.Raw:
+    """key → state, the states as PostgreSQL wrote them (never parsed again)."""
+    body = b",".join(json.dumps(k).encode() + b":" + v.encode() for k, v in sorted(members.items()))
+    return msgspec.Raw(b"{" + body + b"}")
 
 
 def presence_state(room: str, members: dict[str, str]) -> bytes:
-    return _message("presence_state", room, _members_json(members))
+    return msgspec.json.encode({"type": "presence_state", "roomId": room, "payload": _members(members)})
 
 
 def presence_diff(room: str, joins: dict[str, str], leaves: dict[str, str]) -> bytes:
-    body = b'{"joins":' + _members_json(joins) + b',"leaves":' + _members_json(leaves) + b"}"
-    return _message("presence_diff", room, body)
+    payload = {"joins": _members(joins), "leaves": _members(leaves)}
+    return msgspec.json.encode({"type": "presence_diff", "roomId": room, "payload": payload})
 
 
 class Presence:
