@@ -5,7 +5,11 @@ measures on one table:
   1. p50/p99 commit-to-client latency with --subscribers clients while writing --rate commits/s,
   2. fan-out: deliveries/s when one transaction inserts --burst rows to all subscribers,
   3. write throughput of 32 concurrent single-row INSERT transactions, realtime on vs off,
-  4. realtime-process RSS per idle subscriber (--idle clients).
+  4. realtime-process RSS per idle subscriber (--idle clients),
+  5. with a Node load client (bench/realtime_load.mjs: Node's built-in WebSocket, one process,
+     lighter than the Python client, which would compete with the server for the same cores):
+     p50/p99 commit-to-client latency at --node-subscribers and --rate commits/s, and the
+     realtime process's RSS holding --node-idle idle sockets.
 Writers use asyncpg directly (as the project's admin role), so only the capture path differs.
 
     .venv/bin/python bench/realtime.py [--subscribers 100] [--rate 100] [--seconds 10]
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -33,6 +38,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from fluxbase.security.roles import role_name, role_password  # noqa: E402
 from support import run_service, start_stack, stop_stack  # noqa: E402
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -114,6 +125,62 @@ async def write_rate(dsn: str, seconds: float, clients: int = 32) -> float:
     return rate
 
 
+NODE_LOAD = ROOT / "bench" / "realtime_load.mjs"
+
+
+async def _node(*args: str) -> asyncio.subprocess.Process:
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("node (20+) is needed for the load client")
+    flags = ["--experimental-websocket"] if int(_node_major(node)) < 22 else []
+    proc = await asyncio.create_subprocess_exec(
+        node, *flags, str(NODE_LOAD), *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 300)
+    if line.strip() != b"ready":
+        raise SystemExit(f"load client failed to start: {line!r}")
+    return proc
+
+
+def _node_major(node: str) -> str:
+    import subprocess
+
+    return (
+        subprocess.run([node, "--version"], capture_output=True, text=True)
+        .stdout.strip()
+        .lstrip("v")
+        .split(".")[0]
+    )
+
+
+async def node_latency(
+    url: str, pid: str, key: str, n: int, writer: asyncpg.Connection, rate: float, seconds: float
+) -> dict[str, float]:
+    total = int(rate * seconds)
+    proc = await _node("latency", url, key, f"project_{pid}", str(n), str(total))
+    start = time.perf_counter()
+    for i in range(total):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        await writer.execute("INSERT INTO bench (v) VALUES ($1)", f"{time.time() * 1000:.3f}")
+    assert proc.stdout is not None
+    out = await asyncio.wait_for(proc.stdout.readline(), 180)
+    await proc.wait()
+    return dict(json.loads(out))
+
+
+async def node_idle(url: str, pid: str, key: str, n: int, rt_pid: int) -> tuple[int, int]:
+    await asyncio.sleep(1)
+    before = rss_kb(rt_pid)
+    proc = await _node("idle", url, key, f"project_{pid}", str(n))
+    await asyncio.sleep(2)
+    after = rss_kb(rt_pid)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    await proc.wait()
+    return before, after
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subscribers", type=int, default=100)
@@ -121,6 +188,9 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--burst", type=int, default=2000)
     ap.add_argument("--idle", type=int, default=1000)
+    ap.add_argument("--node-subscribers", type=int, default=1000)
+    ap.add_argument("--node-idle", type=int, default=10000)
+    ap.add_argument("--only-node", action="store_true", help="only the Node load client measurements")
     ap.add_argument("--no-fsync", action="store_true", help="run PostgreSQL with fsync off (test settings)")
     args = ap.parse_args()
 
@@ -161,6 +231,26 @@ async def main() -> None:
             url = f"ws://127.0.0.1:{rt_port}"
             cores = Path("/proc/cpuinfo").read_text().count("processor")
             print(f"\nRealtime on {cores} cores, PostgreSQL fsync {'off' if args.no_fsync else 'on'}")
+
+            if args.node_subscribers:
+                cpu0 = cpu_s(rt.proc.pid)
+                r = await node_latency(url, pid, key, args.node_subscribers, writer, args.rate, args.seconds)
+                cpu = cpu_s(rt.proc.pid) - cpu0
+                print(
+                    f"latency      {args.node_subscribers} subscribers (Node load client), {args.rate:.0f} "
+                    f"commits/s: p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  mean {r['mean']:.2f} ms  "
+                    f"max {r['max']:.0f} ms ({r['deliveries']:.0f} deliveries); realtime CPU "
+                    f"{cpu:.1f} s = {cpu / max(1, r['deliveries']) * 1e6:.1f} us per delivery; "
+                    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+                )
+            if args.node_idle:
+                before, after = await node_idle(url, pid, key, args.node_idle, rt.proc.pid)
+                print(
+                    f"idle memory  {args.node_idle} sockets (Node load client): realtime RSS "
+                    f"{before / 1024:.0f} -> {after / 1024:.0f} MB ({(after - before) / args.node_idle:.1f} KB each)"
+                )
+            if args.only_node:
+                return
 
             socks = await open_subscribers(url, pid, key, args.subscribers)
             lat = sorted(await latency(socks, writer, args.rate, args.seconds))

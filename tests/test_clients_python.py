@@ -205,6 +205,47 @@ async def test_realtime_events_filters_broadcast_and_resume(fx: AsyncFluxbase) -
         assert m["payload"]["record"]["v"] == "while away"
 
 
+async def test_realtime_row_filters_topics_and_presence(fx: AsyncFluxbase) -> None:
+    await fx.sql("CREATE TABLE todos (id serial PRIMARY KEY, owner text, done boolean)")
+    async with fx.realtime() as rt_, fx.realtime() as other:
+        mine = await rt_.subscribe(
+            tables=["todos"], filters={"todos": {"column": "owner", "op": "eq", "value": "u1"}}
+        )
+        await fx.sql("INSERT INTO todos (owner, done) VALUES ('u2', false), ('u1', true)")
+        ev = await mine.next(10)
+        while ev["type"] == "schema_update":
+            ev = await mine.next(10)
+        assert ev["payload"]["record"]["owner"] == "u1"
+        with pytest.raises(FluxbaseError) as e:
+            await rt_.subscribe(filters={"todos": {"column": "owner", "op": "like", "value": "u%"}})
+        assert e.value.code == "VALIDATION_ERROR" and "like" in e.value.message
+        # a topic: broadcasts and presence
+        chat = await rt_.subscribe(topic="chat")
+        seen = await other.subscribe(topic="chat")
+        assert (await seen.next(10))["type"] == "presence_state"
+        key = await chat.track({"name": "ann"})
+        diff = await seen.next(10)
+        while diff["type"] != "presence_diff":
+            diff = await seen.next(10)
+        assert diff["payload"]["joins"] == {key: {"name": "ann"}} and seen.presence == {key: {"name": "ann"}}
+        with pytest.raises(FluxbaseError) as e:
+            await chat.track({"big": "x" * 5000})
+        assert e.value.code == "PAYLOAD_TOO_LARGE"
+        await chat.broadcast("hi", {"n": 1})
+        b = await seen.next(10)
+        assert b["type"] == "broadcast" and b["roomId"].endswith(":chat") and b["payload"] == {"n": 1}
+        # a dropped socket reconnects, and the state is tracked again (under a new key)
+        await rt_.disconnect()
+        for _ in range(4):
+            await seen.next(10)
+            if len(seen.presence) == 1 and key not in seen.presence:
+                break
+        assert list(seen.presence.values()) == [{"name": "ann"}] and key not in seen.presence
+        await chat.untrack()
+        while seen.presence:
+            await seen.next(10)
+
+
 async def test_realtime_with_a_refused_credential_raises(fx: AsyncFluxbase) -> None:
     async with fx.realtime(token="flx_live_" + "y" * 49) as rt_:
         with pytest.raises(FluxbaseError) as e:

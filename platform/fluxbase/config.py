@@ -113,6 +113,12 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     """Every live subscription's credential is checked again this often (revocation delay)."""
     broadcast_keep: int = 1000
     """Broadcasts each project keeps for `since` replays (housekeeping trims the older ones)."""
+    presence_heartbeat_s: float = 15.0
+    """A presence member whose connection or realtime process is gone leaves within this."""
+    presence_max_members: int = 100
+    """Presence members per topic."""
+    presence_max_state_bytes: int = 2048
+    """One presence state, as JSON."""
 
 
 class AuthSettings(msgspec.Struct, frozen=True):
@@ -597,6 +603,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             broadcast_keep=_positive(
                 int_of("FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT", 1000),
                 "FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT",
+            ),
+            presence_heartbeat_s=float(
+                _positive(
+                    int_of("FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS", 15),
+                    "FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS",
+                )
+            ),
+            presence_max_members=_positive(
+                int_of("FLUXBASE_REALTIME_PRESENCE_MAX_MEMBERS", 100),
+                "FLUXBASE_REALTIME_PRESENCE_MAX_MEMBERS",
+            ),
+            presence_max_state_bytes=_positive(
+                int_of("FLUXBASE_REALTIME_PRESENCE_MAX_STATE_BYTES", 2048),
+                "FLUXBASE_REALTIME_PRESENCE_MAX_STATE_BYTES",
             ),
         ),
         tenant=tenant,

@@ -2,21 +2,30 @@
 
 A subscriber whose queue fills up (it cannot keep up) is closed with code 4008; it can
 reconnect and resume with `since`. Memory per subscriber is bounded by the queue size.
+
+The WebSocket frame of a message is the same bytes for every subscriber (server frames are not
+masked, and the service negotiates no compression), so it is serialized once (`frame_of`) and a
+socket's writer sends all its pending frames in one transport write: the cost per delivery is a
+list append and a share of one write, not a frame encoding and a system call each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 from fluxbase.services.realtime import Cursor
 from fluxbase_realtime.credentials import Grant
+from fluxbase_realtime.filters import RowFilter
 from fluxbase_realtime.outbox import OutboxEvent
 from fluxbase_realtime.rls import RlsGate, Viewer
 
@@ -29,7 +38,11 @@ DEFAULT_QUEUE = 1000
 
 @dataclass(eq=False)
 class Subscription:
-    """One room joined by one socket, with optional filters."""
+    """One room joined by one socket, with optional filters.
+
+    The project room (`topic` None) receives row, schema and project broadcast events; a topic
+    room (`project_<id>:<topic>`) only its topic's broadcasts (and presence, sent directly).
+    """
 
     project_id: str
     tables: frozenset[str] | None = None
@@ -41,18 +54,53 @@ class Subscription:
     viewer: Viewer | None = None
     # The credential it was granted for (fluxbase_realtime.credentials.Grant).
     grant: Grant | None = None
+    topic: str | None = None
+    room: str = ""
+    watcher: object | None = None  # presence.Watcher of a topic room
+    # Row filters per table (fluxbase_realtime.filters): data compared in Python, never SQL.
+    filters: dict[str, RowFilter] | None = None
 
     def wants(self, ev: OutboxEvent) -> bool:
         if ev.kind == "broadcast":
-            return True
+            return ev.table == self.topic  # a topic broadcast names its topic in table_name
+        if self.topic is not None:
+            return False
         if self.tables is not None:
             if ev.table is None and ev.kind == "row":
                 return False
             if ev.table is not None and ev.table not in self.tables:
                 return False
-        if self.operations is not None:
-            return (ev.operation if ev.kind == "row" else "SCHEMA") in self.operations
+        if (
+            self.operations is not None
+            and (ev.operation if ev.kind == "row" else "SCHEMA") not in self.operations
+        ):
+            return False
+        if self.filters and ev.kind == "row":
+            f = self.filters.get(ev.table or "")
+            if f is not None and not f.matches(ev.image()):
+                return False
         return True
+
+
+# Sockets with messages pushed during the current event-loop callback; one call_soon flushes
+# them all, so a batch of events costs one write per socket and no task per socket.
+_dirty: list[Client] = []
+
+
+def _flush_dirty() -> None:
+    batch = _dirty[:]
+    _dirty.clear()
+    for client in batch:
+        try:
+            client.flush()
+        except Exception as exc:  # a broken socket: its handler ends it
+            log.debug("flush failed: %r", exc)
+
+
+@functools.lru_cache(maxsize=8192)
+def frame_of(message: bytes) -> bytes:
+    """The unmasked, uncompressed text frame of `message` (the same for every socket)."""
+    return Frame(Opcode.TEXT, message).serialize(mask=False)
 
 
 @dataclass(eq=False)
@@ -69,6 +117,7 @@ class Client:
     subs: dict[str, Subscription] = field(default_factory=dict)
     closed: bool = False
     writer: asyncio.Task[None] | None = None
+    dirty: bool = False  # in _dirty: flushed once the current callback (a dispatch) is done
 
     def push(self, message: bytes) -> None:
         if self.closed:
@@ -77,8 +126,27 @@ class Client:
             self.cut_off()
             return
         self.pending.append(message)
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.create_task(self._write())
+        if not self.dirty and (self.writer is None or self.writer.done()):
+            self.dirty = True
+            _dirty.append(self)
+            if len(_dirty) == 1:
+                asyncio.get_running_loop().call_soon(_flush_dirty)
+
+    def flush(self) -> None:
+        """Write what is pending now, in one write, if the socket takes it without waiting;
+        else leave it to a writer task that waits for the socket (flow control)."""
+        self.dirty = False
+        if self.closed or not self.pending:
+            return
+        if self.writer is not None and not self.writer.done():
+            return  # a writer is waiting for the socket: it sends these too, in order
+        ws = self.ws
+        if not ws.protocol.extensions and ws.protocol.state is State.OPEN and not ws.paused:
+            frames = [frame_of(m) for m in self.pending]
+            self.pending.clear()
+            ws.transport.write(b"".join(frames))
+            return
+        self.writer = asyncio.create_task(self._write())
 
     def cut_off(self) -> None:
         """Close a consumer that cannot keep up; others are not affected."""
@@ -98,9 +166,18 @@ class Client:
     async def _write(self) -> None:
         # Single-threaded: between the last emptiness check and the task finishing there is no
         # await, so a push either lands before the check or sees a finished writer and starts one.
+        ws = self.ws
         try:
             while self.pending:
-                await self.ws.send(self.pending.popleft(), text=True)
+                if ws.protocol.extensions or ws.protocol.state is not State.OPEN:
+                    await ws.send(self.pending.popleft(), text=True)  # (raises once closed)
+                    continue
+                # Whole frames, in order, in one write; frames the protocol itself sends (pong,
+                # close) go between two writes, never inside a frame.
+                frames = [frame_of(m) for m in self.pending]
+                self.pending.clear()
+                ws.transport.write(b"".join(frames))
+                await ws.drain()  # flow control: wait while the socket's buffer is full
         except ConnectionClosed:
             pass
 

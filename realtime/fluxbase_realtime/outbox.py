@@ -14,9 +14,11 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
+import msgspec
 
 from fluxbase.services.realtime import MESSAGE_SQL, Cursor
 
@@ -33,6 +35,24 @@ class OutboxEvent:
     table: str | None
     operation: str
     message: bytes  # the wire message, encoded once by PostgreSQL
+    _image: list[Any] = field(default_factory=list, compare=False, repr=False)
+
+    def image(self) -> Any:
+        """The row image of a row event (`payload.record`), decoded once, for row filters."""
+        if not self._image:
+            self._image.append(_decode_record(self.message).payload.record)
+        return self._image[0]
+
+
+class _RecordPayload(msgspec.Struct):
+    record: Any = None
+
+
+class _RecordMessage(msgspec.Struct):
+    payload: _RecordPayload = msgspec.field(default_factory=_RecordPayload)
+
+
+_decode_record = msgspec.json.Decoder(_RecordMessage).decode
 
 
 _SELECT = f"""

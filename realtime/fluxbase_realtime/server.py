@@ -1,10 +1,17 @@
 """The realtime WebSocket service (the `websockets` library): the reference doc's protocol.
 
 Client → server: `{"type": "subscribe", "roomId": "project_<id>", "token"?, "since"?, "tables"?,
-"operations"?}`, `{"type": "unsubscribe", "roomId"}`, `{"type": "broadcast", "roomId", "event",
-"payload"}`, `{"type": "ping"}`. A credential (project API key or realtime token) comes as
-`token` in the subscribe message or `?token=` on the URL. Server → client: `subscribed`,
-`db_event`, `schema_update`, `broadcast`, `resync_required`, `error`, `pong`.
+"operations"?, "filters"?}`, `{"type": "unsubscribe", "roomId"}`, `{"type": "broadcast", "roomId",
+"event", "payload"}`, `{"type": "track", "roomId", "payload"}`, `{"type": "untrack", "roomId"}`,
+`{"type": "ping"}`. A credential (project API key or realtime token) comes as `token` in the
+subscribe message or `?token=` on the URL. Server → client: `subscribed`, `db_event`,
+`schema_update`, `broadcast`, `resync_required`, `error`, `pong`, `tracked`, `untracked`,
+`presence_state`, `presence_diff`.
+
+Rooms: the project room `project_<id>` (row, schema and project broadcast events; `filters`
+narrows row events per table, fluxbase_realtime.filters) and topics `project_<id>:<topic>`
+(broadcasts to the topic and presence, fluxbase_realtime.presence). Who may join a topic, send
+to it and track presence in it is the project's `topics` setting (admin keys always may).
 
 A subscriber receives only rows its credential could SELECT with SQL (`rls`): read and readwrite
 keys (and tokens they mint) as their role with the anonymous identity, end users (a realtime
@@ -47,15 +54,18 @@ from fluxbase.errors import (
 )
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.security import apikeys, tokens, usertokens
+from fluxbase.security.roles import role_name
 from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key, load_project
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime import credentials
+from fluxbase_realtime import filters as row_filters
 from fluxbase_realtime.credentials import Credential, Grant
 from fluxbase_realtime.hub import Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
+from fluxbase_realtime.presence import Presence, Watcher
 from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
 
 log = logging.getLogger("fluxbase.realtime")
@@ -63,6 +73,18 @@ log = logging.getLogger("fluxbase.realtime")
 ROOM_PREFIX = "project_"
 OPERATIONS = {"INSERT", "UPDATE", "DELETE", "SCHEMA"}
 WRITE_SCOPES = frozenset({"readwrite", "admin"})
+MAX_ROOMS_PER_SOCKET = 100
+TOPIC_RULES_TTL_S = 2.0
+
+
+def parse_room(room: Any) -> tuple[str, str | None]:
+    """`project_<id>` → (id, None); `project_<id>:<topic>` → (id, topic); else ValidationError."""
+    if not isinstance(room, str) or not room.startswith(ROOM_PREFIX) or len(room) > 200:
+        raise ValidationError("roomId must look like project_<projectId> or project_<projectId>:<topic>.")
+    project_id, sep, topic = room[len(ROOM_PREFIX) :].partition(":")
+    if not sep:
+        return project_id, None
+    return project_id, realtime.check_topic(topic)
 
 
 def viewer_for(
@@ -107,7 +129,7 @@ class RealtimeService:
         # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
         # by one burst; writers drain between batches while the reader waits on PostgreSQL.
         self.reader = OutboxReader(
-            settings.database.url, self.hub.dispatch, batch=max(1, min(2000, self.queue_size // 2))
+            settings.database.url, self._deliver, batch=max(1, min(2000, self.queue_size // 2))
         )
         self._stop = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -115,6 +137,9 @@ class RealtimeService:
         self.clients: set[Client] = set()
         self.limiter = RateLimiter()
         self._revalidate_task: asyncio.Task[None] | None = None
+        self.presence: Presence | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+        self._topic_rules: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
@@ -126,6 +151,22 @@ class RealtimeService:
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
         self._revalidate_task = asyncio.create_task(self._revalidate(self.settings.realtime.revalidate_s))
+        rt = self.settings.realtime
+        self.presence = Presence(
+            self.settings.database.url,
+            self.db,
+            heartbeat_s=rt.presence_heartbeat_s,
+            max_members=rt.presence_max_members,
+            max_state_bytes=rt.presence_max_state_bytes,
+        )
+        self._presence_task = asyncio.create_task(self.presence.run(self._stop, _abort))
+
+    async def _deliver(self, events: list[OutboxEvent]) -> None:
+        await self.hub.dispatch(events)
+        # While events keep coming, the reader polls again after a pause that grows with the
+        # number of sockets (5 ms up to 25 ms at 1 250 and more): with many sockets, each write
+        # carries several commits' events instead of one write per commit and socket.
+        self.reader.busy_poll_s = min(0.025, max(0.005, len(self.clients) * 0.00002))
 
     async def _keepalive(self, every_s: float) -> None:
         """One ping loop for all sockets (instead of a keepalive task per connection) keeps idle
@@ -171,19 +212,32 @@ class RealtimeService:
         return ended
 
     def _end(self, sub: Subscription, client: Client, exc: FluxbaseError) -> None:
-        self.hub.leave(sub)
-        room = ROOM_PREFIX + sub.project_id
-        if client.subs.get(room) is sub:
-            del client.subs[room]
+        room = sub.room or ROOM_PREFIX + sub.project_id
+        self._leave(client, sub)
         # The socket stays open (it may hold other rooms, or subscribe again with a valid
         # credential); the reference client would only reconnect with the same credential.
         client.push(_error(exc.code, exc.message, room))
 
+    def _leave(self, client: Client, sub: Subscription) -> None:
+        """The socket leaves a room: fan-out, presence watching and its presence member."""
+        self.hub.leave(sub)
+        if client.subs.get(sub.room) is sub:
+            del client.subs[sub.room]
+        if sub.topic is not None and self.presence is not None:
+            if isinstance(sub.watcher, Watcher):
+                self.presence.unwatch(sub.project_id, sub.topic, sub.watcher)
+            if (sub.project_id, sub.topic) in self.presence.tracking.get(client, {}):
+                task = asyncio.create_task(self.presence.untrack(client, sub.project_id, sub.topic))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
     async def close(self) -> None:
         self._stop.set()
-        for task in (self._ping_task, self._revalidate_task):
+        for task in (self._ping_task, self._revalidate_task, self._presence_task):
             if task is not None:
                 task.cancel()
+        if self.presence is not None:
+            await self.presence.close()
         if self._reader_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
@@ -365,12 +419,16 @@ class RealtimeService:
                     if kind == "subscribe":
                         await self._subscribe(client, msg, url_token, origin)
                     elif kind == "unsubscribe":
-                        sub = client.subs.pop(str(room), None)
+                        sub = client.subs.get(str(room))
                         if sub is not None:
-                            self.hub.leave(sub)
+                            self._leave(client, sub)
                         client.push(_dumps({"type": "unsubscribed", "roomId": room}))
                     elif kind == "broadcast":
                         await self._broadcast(client, str(room), msg)
+                    elif kind == "track":
+                        await self._track(client, str(room), msg)
+                    elif kind == "untrack":
+                        await self._untrack(client, str(room))
                     elif kind == "ping":
                         client.push(_dumps({"type": "pong"}))
                     else:
@@ -384,24 +442,78 @@ class RealtimeService:
             pass
         finally:
             self.clients.discard(client)
-            for sub in client.subs.values():
+            for sub in list(client.subs.values()):
                 self.hub.leave(sub)
+                if sub.topic is not None and isinstance(sub.watcher, Watcher) and self.presence is not None:
+                    self.presence.unwatch(sub.project_id, sub.topic, sub.watcher)
             await client.stop()
+            if self.presence is not None and client in self.presence.tracking:
+                try:
+                    await self.presence.untrack_all(client)
+                except Exception as exc:
+                    # Its rows expire within the heartbeat anyway.
+                    log.warning("could not untrack a closed connection's presence: %r", exc)
 
     async def _broadcast(self, client: Client, room: str, msg: dict[str, Any]) -> None:
-        """As POST /api/realtime/broadcast: write scope, the size cap, the key's rate limit."""
+        """As POST /api/realtime/broadcast: write scope, the size cap, the key's rate limit; on a
+        topic, the project's `send` rule for it instead of the scope."""
         sub = client.subs.get(room)
         if sub is None or sub.grant is None:
             raise AuthRequired("Subscribe to the room before broadcasting.")
         grant = sub.grant
-        if grant.scope not in WRITE_SCOPES:
+        if sub.topic is not None:
+            await self._topic_allows(grant, sub.topic, "send")
+        elif grant.scope not in WRITE_SCOPES:
             raise InsufficientPermissions(
                 f"Broadcasting needs scope 'readwrite' or 'admin'; this credential has '{grant.scope}'."
             )
         body = realtime.broadcast_body(msg.get("event"), msg.get("payload"))
         self.limiter.hit(grant.limiter_name, *grant.rate)
         assert self.db is not None
-        await realtime.insert_broadcast(self.db, grant.project_id, body)
+        await realtime.insert_broadcast(self.db, grant.project_id, body, sub.topic)
+
+    async def _topic_allows(self, grant: Grant, topic: str, action: str) -> None:
+        """InsufficientPermissions unless the project's topic rules let `grant` do `action`."""
+        now = asyncio.get_running_loop().time()
+        cached = self._topic_rules.get(grant.project_id)
+        if cached is None or now - cached[0] > TOPIC_RULES_TTL_S:
+            assert self.db is not None
+            raw = await self.db.fetchval(
+                "SELECT topics FROM fluxbase.realtime_settings WHERE project_id = $1", grant.project_id
+            )
+            rules = realtime.parse_topic_rules(json.loads(raw)) if raw is not None else None
+            cached = self._topic_rules[grant.project_id] = (now, rules)
+            if len(self._topic_rules) > 10_000:
+                self._topic_rules.clear()
+        uid = grant.viewer.uid if grant.viewer is not None and grant.viewer.uid else None
+        if not realtime.topic_allowed(cached[1], topic, action, grant.scope, uid):
+            who = "end users" if uid else f"'{grant.scope}' credentials"
+            raise InsufficientPermissions(
+                f"The project's topic rules do not let {who} {action} on topic {topic!r}."
+            )
+
+    def _topic_sub(self, client: Client, room: str) -> Subscription:
+        sub = client.subs.get(room)
+        if sub is None or sub.grant is None or sub.topic is None:
+            raise AuthRequired("Join the topic (subscribe to project_<id>:<topic>) before tracking presence.")
+        return sub
+
+    async def _track(self, client: Client, room: str, msg: dict[str, Any]) -> None:
+        sub = self._topic_sub(client, room)
+        assert sub.grant is not None and sub.topic is not None and self.presence is not None
+        await self._topic_allows(sub.grant, sub.topic, "track")
+        self.limiter.hit(sub.grant.limiter_name, *sub.grant.rate)
+        key = await self.presence.track(client, sub.project_id, sub.topic, msg.get("payload"))
+        if client.subs.get(room) is not sub:  # left while tracking: take it back
+            await self.presence.untrack(client, sub.project_id, sub.topic)
+            return
+        client.push(_dumps({"type": "tracked", "roomId": room, "key": key}))
+
+    async def _untrack(self, client: Client, room: str) -> None:
+        sub = self._topic_sub(client, room)
+        assert sub.topic is not None and self.presence is not None
+        await self.presence.untrack(client, sub.project_id, sub.topic)
+        client.push(_dumps({"type": "untracked", "roomId": room}))
 
     async def _subscribe(
         self,
@@ -411,10 +523,17 @@ class RealtimeService:
         origin: str | None,
     ) -> None:
         room = msg.get("roomId")
-        if not isinstance(room, str) or not room.startswith(ROOM_PREFIX):
-            raise ValidationError("roomId must look like project_<projectId>.")
-        project_id = room[len(ROOM_PREFIX) :]
+        project_id, topic = parse_room(room)
+        assert isinstance(room, str)
+        if room not in client.subs and len(client.subs) >= MAX_ROOMS_PER_SOCKET:
+            raise ValidationError(f"A connection joins at most {MAX_ROOMS_PER_SOCKET} rooms.")
         grant = await self._grant(msg.get("token") or url_token, project_id, origin)
+        if topic is not None:
+            if any(msg.get(k) is not None for k in ("tables", "operations", "filters")):
+                raise ValidationError(
+                    "tables, operations and filters apply to the project room, not to topics."
+                )
+            await self._topic_allows(grant, topic, "join")
         tables = msg.get("tables")
         operations = msg.get("operations")
         if tables is not None and not (isinstance(tables, list) and all(isinstance(t, str) for t in tables)):
@@ -425,16 +544,25 @@ class RealtimeService:
             operations = [o.upper() for o in operations]
             if not set(operations) <= OPERATIONS:
                 raise ValidationError(f"operations must be among {sorted(OPERATIONS)}.")
+        filters = row_filters.parse(msg.get("filters"), frozenset(tables) if tables is not None else None)
+        if filters:
+            assert self.db is not None
+            # Checked as the role the subscriber's rows are checked as (None: an admin).
+            role = None if grant.viewer is None else role_name(project_id, grant.viewer.scope)
+            await row_filters.check_columns(self.db, project_id, role, filters)
         since = msg.get("since")
-        old = client.subs.pop(room, None)
+        old = client.subs.get(room)
         if old is not None:
-            self.hub.leave(old)
+            self._leave(client, old)
         sub = Subscription(
             project_id,
             frozenset(tables) if tables is not None else None,
             frozenset(operations) if operations is not None else None,
             viewer=grant.viewer,
             grant=grant,
+            topic=topic,
+            room=room,
+            filters=filters or None,
         )
         await self.reader.ready.wait()
         upto = self.reader.cursor
@@ -445,6 +573,9 @@ class RealtimeService:
         client.subs[room] = sub
         self.hub.join(client, sub)
         client.push(_dumps({"type": "subscribed", "roomId": room, "cursor": str(upto)}))
+        if topic is not None and self.presence is not None:
+            sub.watcher = Watcher(room, client.push)
+            await self.presence.watch(project_id, topic, sub.watcher)
         if since is not None:
             await self._replay(client, sub, room, start, upto)
 
@@ -487,6 +618,16 @@ class RealtimeService:
             sub.held = None
 
 
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _abort(client: Any) -> None:
+    """Drop a connection at once (it stopped answering pings): its handler then cleans up."""
+    transport = getattr(getattr(client, "ws", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -517,6 +658,9 @@ async def serve(
             ping_interval=None,  # one service-wide ping loop instead (RealtimeService._keepalive)
             max_size=1 << 20,
             max_queue=16,
+            # No permessage-deflate: compressing each message once per subscriber costs more CPU
+            # than the fan-out itself, and one frame's bytes can then serve every socket (hub).
+            compression=None,
         ):
             log.info("realtime listening on ws://%s:%s", host, port)
             await stop.wait()

@@ -102,7 +102,11 @@ export interface SchemaEvent { type: 'schema_update'; id: number; cursor: string
 export interface BroadcastEvent { type: 'broadcast'; id: number; cursor: string; roomId: string; timestamp: string; event: string; payload: Json }
 export interface ResyncRequired { type: 'resync_required'; roomId: string; message: string; cursor: string }
 export interface RealtimeError { type: 'error'; roomId?: string; error: { code: string; message: string } }
-export type RealtimeMessage = DbEvent | SchemaEvent | BroadcastEvent | ResyncRequired | RealtimeError;
+export interface PresenceState { type: 'presence_state'; roomId: string; payload: Record<string, Json> }
+export interface PresenceDiff { type: 'presence_diff'; roomId: string;
+  payload: { joins: Record<string, Json>; leaves: Record<string, Json> } }
+export type RealtimeMessage = DbEvent | SchemaEvent | BroadcastEvent | ResyncRequired | RealtimeError
+  | PresenceState | PresenceDiff;
 
 export class Channel {
   readonly room: string;
@@ -114,7 +118,17 @@ export class Channel {
   next(timeoutMs?: number): Promise<RealtimeMessage>;
   [Symbol.asyncIterator](): AsyncIterator<RealtimeMessage>;
   broadcast(event: string, payload?: Json): void;
+  /** Topics: the members as last described by the server (key → state). */
+  readonly presence: Record<string, Json>;
+  readonly presenceKey: string | null;
+  track(state: { [k: string]: Json }, opts?: { timeoutMs?: number }): Promise<string>;
+  untrack(opts?: { timeoutMs?: number }): Promise<void>;
   unsubscribe(): void;
+}
+export interface RowFilter {
+  column: string;
+  op: 'eq' | 'neq' | 'lt' | 'lte' | 'gt' | 'gte' | 'in';
+  value: string | number | boolean | Array<string | number | boolean>;
 }
 export interface RealtimeOptions {
   token?: string | (() => Promise<string>);
@@ -127,7 +141,7 @@ export interface RealtimeOptions {
 }
 export class Realtime {
   readonly reconnects: number;
-  subscribe(opts?: { tables?: string[]; operations?: string[]; since?: string; onEvent?: (m: RealtimeMessage) => void; timeoutMs?: number }): Promise<Channel>;
+  subscribe(opts?: { tables?: string[]; operations?: string[]; since?: string; onEvent?: (m: RealtimeMessage) => void; timeoutMs?: number; filters?: Record<string, RowFilter>; topic?: string }): Promise<Channel>;
   disconnect(): void;
   close(): void;
 }

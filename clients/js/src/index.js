@@ -412,8 +412,10 @@ class Storage {
 // -- realtime -------------------------------------------------------------------------------------
 
 const FATAL = new Set(['AUTH_REQUIRED', 'TOKEN_EXPIRED', 'SCOPE_MISMATCH', 'PROJECT_SUSPENDED', 'PROJECT_NOT_FOUND',
-  'INSUFFICIENT_PERMISSIONS', 'INVALID_USER_TOKEN', 'USER_DISABLED', 'USER_TOKEN_REQUIRED', 'VALIDATION_ERROR']);
+  'INSUFFICIENT_PERMISSIONS', 'INVALID_USER_TOKEN', 'USER_DISABLED', 'USER_TOKEN_REQUIRED', 'VALIDATION_ERROR',
+  'CONFLICT', 'PAYLOAD_TOO_LARGE']);  // (the last two: presence, a full topic or a state too large)
 const EVENTS = new Set(['db_event', 'schema_update', 'broadcast']);
+const PRESENCE = new Set(['presence_state', 'presence_diff']);
 
 /** Compare two cursors '<xid>:<id>' exactly (xids exceed 2^53 in long-lived clusters). */
 export function compareCursors(a, b) {
@@ -422,12 +424,19 @@ export function compareCursors(a, b) {
   return ax < bx ? -1 : ax > bx ? 1 : ai < bi ? -1 : ai > bi ? 1 : 0;
 }
 
-/** The subscription to one project. Every committed event is delivered once, in commit order,
- * across reconnects: it resumes with `since` = the cursor of the last event delivered. */
+/** The subscription to one project (or to one of its topics). Every committed event is delivered
+ * once, in commit order, across reconnects: it resumes with `since` = the cursor of the last event
+ * delivered. On a topic, `track(state)` / `untrack()` and `presence` (key → state); a tracked
+ * state is tracked again after a reconnect. */
 export class Channel {
-  constructor(rt, room, { tables, operations, since, onEvent }) {
+  constructor(rt, room, { tables, operations, since, onEvent, filters }) {
     this.rt = rt; this.room = room;
     this.tables = tables ?? null;
+    this.filters = filters ?? null;
+    this.presence = {};
+    this.presenceKey = null;
+    this._tracked = null;
+    this._pending = null;
     this.operations = operations ? operations.map((o) => o.toUpperCase()) : null;
     this.cursor = since ?? null;
     this.listeners = new Set(onEvent ? [onEvent] : []);
@@ -446,6 +455,7 @@ export class Channel {
     if (this.cursor != null) m.since = this.cursor;
     if (this.tables) m.tables = this.tables;
     if (this.operations) m.operations = this.operations;
+    if (this.filters) m.filters = this.filters;
     return m;
   }
   _deliver(msg) {
@@ -456,6 +466,20 @@ export class Channel {
   _settle(ok) { for (const w of this._readyWaiters.splice(0)) w(ok); }
   _handle(msg) {
     const t = msg.type;
+    if (this._pending && (t === 'tracked' || t === 'untracked' || (t === 'error' && this.subscribed))) {
+      const p = this._pending; this._pending = null; p(msg); return;  // the answer to track()/untrack()
+    }
+    if (t === 'tracked') { this.presenceKey = msg.key; return; }  // tracked again after a reconnect
+    if (PRESENCE.has(t)) {
+      const p = msg.payload ?? {};
+      if (t === 'presence_state') this.presence = { ...p };
+      else {
+        for (const k of Object.keys(p.leaves ?? {})) delete this.presence[k];
+        Object.assign(this.presence, p.joins ?? {});
+      }
+      this._deliver(msg);
+      return;
+    }
     if (t === 'subscribed') {
       if (this.cursor == null && typeof msg.cursor === 'string') this.cursor = msg.cursor;
       this.error = null; this.subscribed = true; this._settle(true);
@@ -486,6 +510,30 @@ export class Channel {
   }
   async *[Symbol.asyncIterator]() { while (!this.closed) yield await this.next(); }
   broadcast(event, payload = null) { this.rt._send({ type: 'broadcast', roomId: this.room, event, payload }); }
+  _request(msg, timeoutMs = 10000) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { this._pending = null; reject(new Error('no answer from the realtime service')); }, timeoutMs);
+      this._pending = (answer) => {
+        clearTimeout(timer);
+        if (answer.type === 'error') {
+          const err = answer.error ?? {};
+          reject(new FluxbaseError(0, String(err.code), String(err.message), { body: answer }));
+        } else resolve(answer);
+      };
+      try { this.rt._send(msg); } catch (e) { clearTimeout(timer); this._pending = null; reject(e); }
+    });
+  }
+  /** Track this connection in the topic with `state` (a small JSON object); resolves to its key. */
+  async track(state, { timeoutMs } = {}) {
+    const answer = await this._request({ type: 'track', roomId: this.room, payload: state }, timeoutMs);
+    this._tracked = state; this.presenceKey = answer.key;
+    return answer.key;
+  }
+  async untrack({ timeoutMs } = {}) {
+    this._tracked = null;
+    await this._request({ type: 'untrack', roomId: this.room }, timeoutMs);
+    this.presenceKey = null;
+  }
   unsubscribe() {
     this.closed = true;
     this.rt.channels.delete(this.room);
@@ -553,7 +601,12 @@ export class Realtime {
       if (!msg || typeof msg !== 'object') return;
       const ch = this.channels.get(String(msg.roomId));
       if (!ch) return;
-      if (msg.type === 'subscribed') confirmed = true;
+      if (msg.type === 'subscribed') {
+        confirmed = true;
+        // Presence does not survive the old socket: track the same state again.
+        if (ch._tracked != null) ws.send(JSON.stringify({ type: 'track', roomId: ch.room, payload: ch._tracked }));
+      }
+      if (msg.type === 'error' && ch._pending) { ch._handle(msg); return; }
       if (msg.type === 'error' && !FATAL.has(msg.error?.code)) {
         ch._handle(msg); ch.error = null;
         finish();
@@ -573,10 +626,11 @@ export class Realtime {
     this._attempt++;
     this._timer = setTimeout(() => this._connect(), delay);
   }
-  /** Subscribe to the project; resolves once `subscribed` arrives (rejects with the server's error). */
-  subscribe({ tables, operations, since, onEvent, timeoutMs = 10000 } = {}) {
-    const room = `project_${this.projectId}`;
-    const ch = new Channel(this, room, { tables, operations, since, onEvent });
+  /** Subscribe to the project (`filters`: {table: {column, op, value}}), or with `topic` to one of its
+   * topics; resolves once `subscribed` arrives (rejects with the server's error). */
+  subscribe({ tables, operations, since, onEvent, filters, topic, timeoutMs = 10000 } = {}) {
+    const room = `project_${this.projectId}` + (topic != null ? `:${topic}` : '');
+    const ch = new Channel(this, room, { tables, operations, since, onEvent, filters });
     this.channels.set(room, ch);
     if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(ch._message(this._token)));
     this.start();

@@ -121,6 +121,44 @@ test('realtime: filters, broadcast, resume after a cut without loss or repeat', 
   } finally { refused.close(); }
 });
 
+test('realtime: row filters, topics and presence', async () => {
+  await fx.sql('CREATE TABLE js_todos (id serial PRIMARY KEY, owner text, pri int)');
+  const rt = fx.realtime({ backoffBaseMs: 100 });
+  const other = fx.realtime({ backoffBaseMs: 100 });
+  try {
+    const ch = await rt.subscribe({ tables: ['js_todos'], filters: { js_todos: { column: 'pri', op: 'gte', value: 5 } } });
+    await fx.sql("INSERT INTO js_todos (owner, pri) VALUES ('a', 1), ('b', 7)");
+    let ev = await ch.next(10000);
+    while (ev.type === 'schema_update') ev = await ch.next(10000);
+    assert.equal(ev.payload.record.owner, 'b');
+    await assert.rejects(rt.subscribe({ topic: 'x', filters: { js_todos: { column: 'nope', op: 'eq', value: 1 } } }),
+      (e) => e.code === 'VALIDATION_ERROR');
+    await assert.rejects(rt.subscribe({ filters: { js_todos: { column: 'nope', op: 'eq', value: 1 } } }),
+      (e) => e.code === 'VALIDATION_ERROR' && e.message.includes('nope'));
+    const chat = await rt.subscribe({ topic: 'js-chat' });
+    const seen = await other.subscribe({ topic: 'js-chat' });
+    assert.equal((await seen.next(10000)).type, 'presence_state');
+    const key = await chat.track({ name: 'ann' });
+    let d = await seen.next(10000);
+    while (d.type !== 'presence_diff') d = await seen.next(10000);
+    assert.deepEqual(d.payload.joins, { [key]: { name: 'ann' } });
+    assert.deepEqual(seen.presence, { [key]: { name: 'ann' } });
+    await assert.rejects(chat.track({ big: 'x'.repeat(5000) }), (e) => e.code === 'PAYLOAD_TOO_LARGE');
+    chat.broadcast('hi', { n: 1 });
+    let b = await seen.next(10000);
+    while (b.type !== 'broadcast') b = await seen.next(10000);
+    assert.ok(b.roomId.endsWith(':js-chat'));
+    assert.deepEqual(b.payload, { n: 1 });
+    // a cut socket reconnects and tracks the same state again, under a new key
+    rt.disconnect();
+    for (let i = 0; i < 6 && !(Object.keys(seen.presence).length === 1 && !(key in seen.presence)); i++) await seen.next(15000);
+    assert.deepEqual(Object.values(seen.presence), [{ name: 'ann' }]);
+    assert.ok(!(key in seen.presence));
+    await chat.untrack();
+    while (Object.keys(seen.presence).length) await seen.next(10000);
+  } finally { rt.close(); other.close(); }
+});
+
 test('cursors compare exactly beyond 2^53', () => {
   assert.equal(compareCursors('9007199254740993:1', '9007199254740992:5'), 1);
   assert.equal(compareCursors('10:2', '10:10'), -1);

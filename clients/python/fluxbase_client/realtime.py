@@ -6,6 +6,11 @@ answered) and subscribes again with `since` set to it; the server replays what w
 then continues live. Anything at or before the remembered cursor is dropped, so even a server
 that sent an event twice could not make the app see it twice. `resync_required` (the cursor is
 older than the server keeps) is delivered as an event: reload your state, then go on.
+
+Row filters (`filters={"todos": {"column": "owner", "op": "eq", "value": "u1"}}`) narrow what
+the server sends; topics (`subscribe(topic="chat")`) are rooms inside the project for broadcasts
+and presence: `channel.track(state)`, `channel.untrack()`, `channel.presence` (key → state), and
+`presence_state` / `presence_diff` events. A tracked state is tracked again after a reconnect.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ FATAL_CODES = frozenset(
         "USER_DISABLED",
         "USER_TOKEN_REQUIRED",
         "VALIDATION_ERROR",
+        "CONFLICT",  # presence: the topic is full
+        "PAYLOAD_TOO_LARGE",  # presence: the state is too large
     }
 )
 EVENT_TYPES = frozenset({"db_event", "schema_update", "broadcast"})
+PRESENCE_TYPES = frozenset({"presence_state", "presence_diff"})
 
 
 def cursor_key(cursor: str) -> tuple[int, int]:
@@ -65,11 +73,19 @@ class Channel:
         operations: list[str] | None,
         since: str | None,
         on_event: Callable[[dict[str, Any]], Any] | None,
+        filters: dict[str, dict[str, Any]] | None = None,
     ):
         self.rt = rt
         self.room = room
         self.tables = tables
         self.operations = operations
+        self.filters = filters
+        # Presence (topics only): the members as the server last described them, this socket's
+        # own tracked state (tracked again after a reconnect) and the answer a track waits for.
+        self.presence: dict[str, Any] = {}
+        self.presence_key: str | None = None
+        self._tracked: Any = None
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
         self.cursor: str | None = since
         self._last: tuple[int, int] | None = cursor_key(since) if since else None
         self.on_event = on_event
@@ -89,6 +105,8 @@ class Channel:
             msg["tables"] = self.tables
         if self.operations is not None:
             msg["operations"] = self.operations
+        if self.filters is not None:
+            msg["filters"] = self.filters
         return msg
 
     async def _deliver(self, msg: dict[str, Any]) -> None:
@@ -100,6 +118,25 @@ class Channel:
 
     async def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
+        if (
+            self._pending is not None
+            and not self._pending.done()
+            and kind in ("tracked", "untracked", "error")
+        ):
+            # The answer to track()/untrack() (the server answers a room's requests in order).
+            if kind != "error" or self.subscribed.is_set():
+                self._pending.set_result(msg)
+                return
+        if kind in PRESENCE_TYPES:
+            payload = msg.get("payload") or {}
+            if kind == "presence_state":
+                self.presence = dict(payload)
+            else:
+                for key in payload.get("leaves") or {}:
+                    self.presence.pop(key, None)
+                self.presence.update(payload.get("joins") or {})
+            await self._deliver(msg)
+            return
         if kind == "subscribed":
             if self.cursor is None and isinstance(msg.get("cursor"), str):
                 # Nothing seen yet: resume from where live delivery began.
@@ -139,6 +176,31 @@ class Channel:
     async def broadcast(self, event: str, payload: Any = None) -> None:
         """Broadcast over the socket (needs scope readwrite or admin)."""
         await self.rt._send({"type": "broadcast", "roomId": self.room, "event": event, "payload": payload})
+
+    async def _request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._pending = asyncio.get_running_loop().create_future()
+        try:
+            await self.rt._send(msg)
+            answer = await asyncio.wait_for(self._pending, timeout)
+        finally:
+            self._pending = None
+        if answer.get("type") == "error":
+            err = answer.get("error") or {}
+            raise FluxbaseError(0, str(err.get("code")), str(err.get("message")), body=answer)
+        return answer
+
+    async def track(self, state: dict[str, Any], timeout: float = 10.0) -> str:
+        """Track this connection in the topic with `state` (a small JSON object); returns the
+        member key. Tracking again replaces the state."""
+        answer = await self._request({"type": "track", "roomId": self.room, "payload": state}, timeout)
+        self._tracked = state
+        self.presence_key = str(answer.get("key"))
+        return self.presence_key
+
+    async def untrack(self, timeout: float = 10.0) -> None:
+        self._tracked = None
+        await self._request({"type": "untrack", "roomId": self.room}, timeout)
+        self.presence_key = None
 
     async def unsubscribe(self) -> None:
         self.closed = True
@@ -200,10 +262,13 @@ class Realtime:
         on_event: Callable[[dict[str, Any]], Any] | None = None,
         wait: bool = True,
         timeout: float = 10.0,
+        filters: dict[str, dict[str, Any]] | None = None,
+        topic: str | None = None,
     ) -> Channel:
-        """Subscribe to the project (optionally only some tables or operations; `since` resumes
-        after a cursor saved earlier). Waits for `subscribed` unless `wait` is False."""
-        room = f"project_{self.project_id}"
+        """Subscribe to the project (optionally only some tables or operations, and rows
+        matching `filters`; `since` resumes after a cursor saved earlier), or with `topic` to
+        that topic's room. Waits for `subscribed` unless `wait` is False."""
+        room = f"project_{self.project_id}" + (f":{topic}" if topic is not None else "")
         ch = Channel(
             self,
             room,
@@ -211,6 +276,7 @@ class Realtime:
             [o.upper() for o in operations] if operations is not None else None,
             since,
             on_event,
+            filters,
         )
         self.channels[room] = ch
         self.start()
@@ -338,6 +404,15 @@ class Realtime:
                 continue
             if msg.get("type") == "subscribed":
                 confirmed = True
+                if ch._tracked is not None:
+                    # Presence does not survive the old socket: track the same state again.
+                    await ws.send(json.dumps({"type": "track", "roomId": ch.room, "payload": ch._tracked}))
+            if msg.get("type") == "tracked" and (ch._pending is None or ch._pending.done()):
+                ch.presence_key = str(msg.get("key"))
+                continue
+            if msg.get("type") == "error" and ch._pending is not None and not ch._pending.done():
+                await ch._handle(msg)
+                continue
             if msg.get("type") == "error":
                 code = (msg.get("error") or {}).get("code")
                 if code not in FATAL_CODES:

@@ -45,7 +45,7 @@ CASE e.kind
     'payload', jsonb_build_object('event_type', 'schema_update', 'table', e.table_name) || e.record)
   ELSE json_build_object(
     'type', 'broadcast', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
-    'roomId', 'project_' || e.project_id,
+    'roomId', 'project_' || e.project_id || coalesce(':' || e.table_name, ''),
     'timestamp', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'event', e.record->'event', 'payload', e.record->'payload')
 END::text
@@ -195,15 +195,23 @@ def broadcast_body(event: Any, payload: Any) -> str:
     return body
 
 
-async def insert_broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, body: str) -> int:
-    """Store a broadcast in the outbox if the project is active and writable (else the error)."""
+async def insert_broadcast(
+    db: asyncpg.Pool | asyncpg.Connection, project_id: str, body: str, topic: str | None = None
+) -> int:
+    """Store a broadcast in the outbox if the project is active and writable (else the error).
+
+    A topic's broadcast names its topic in the event's `table_name` (broadcasts have no table):
+    it reaches that topic's room `project_<id>:<topic>` only, never the project room."""
+    if topic is not None:
+        check_topic(topic)
     event_id = await db.fetchval(
-        """INSERT INTO fluxbase.events (project_id, kind, operation, record)
-           SELECT p.id, 'broadcast', 'BROADCAST', $2::jsonb FROM fluxbase.projects p
+        """INSERT INTO fluxbase.events (project_id, kind, operation, record, table_name)
+           SELECT p.id, 'broadcast', 'BROADCAST', $2::jsonb, $3::text FROM fluxbase.projects p
            WHERE p.id = $1 AND p.status = 'active' AND NOT p.read_only
            RETURNING id""",
         project_id,
         body,
+        topic,
     )
     if event_id is None:
         row = await db.fetchrow("SELECT status FROM fluxbase.projects WHERE id = $1", project_id)
@@ -212,6 +220,75 @@ async def insert_broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: st
         raise ProjectSuspended() if row["status"] == "suspended" else ProjectReadOnly()
     await db.execute("SELECT fluxbase.ring_doorbell()")
     return int(event_id)
+
+
+# -- topics ---------------------------------------------------------------------------------------
+
+# A topic is a room inside its project, `project_<id>:<topic>`: letters, digits and `_ - .`
+# only, so a topic can never name another project or another topic's room.
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TOPIC_ACTIONS = ("join", "send", "track")
+# Who besides admin keys (always allowed) may act on a topic: keys and tokens without an end
+# user by scope ("read", "readwrite"), and end users ("user", whatever key admitted them).
+TOPIC_PRINCIPALS = ("read", "readwrite", "user")
+DEFAULT_TOPIC_RULE: dict[str, Any] = {
+    "pattern": "*",
+    "join": ["read", "readwrite", "user"],
+    "send": ["readwrite"],
+    "track": ["read", "readwrite", "user"],
+}
+MAX_TOPIC_RULES = 50
+_PATTERN_RE = re.compile(r"^(\*|[A-Za-z0-9_.-]{1,64}\*?)$")
+
+
+def check_topic(topic: Any) -> str:
+    if not isinstance(topic, str) or not TOPIC_RE.match(topic):
+        raise ValidationError("A topic is 1 to 64 letters, digits, '_', '-' or '.'.")
+    return topic
+
+
+def parse_topic_rules(raw: Any) -> list[dict[str, Any]]:
+    """The project setting `topics`: a list of {pattern, join?, send?, track?}; the first rule
+    whose pattern matches a topic decides (`name`, `prefix*` or `*`); an action a rule leaves out
+    takes the default (DEFAULT_TOPIC_RULE), as does a topic no rule matches."""
+    if not isinstance(raw, list) or len(raw) > MAX_TOPIC_RULES:
+        raise ValidationError(f"topics must be a list of at most {MAX_TOPIC_RULES} rules.")
+    rules: list[dict[str, Any]] = []
+    for rule in raw:
+        if not isinstance(rule, dict) or set(rule) - {"pattern", *TOPIC_ACTIONS}:
+            raise ValidationError('A topic rule is {"pattern", "join"?, "send"?, "track"?}.')
+        pattern = rule.get("pattern")
+        if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+            raise ValidationError("A topic rule's pattern is a topic name, a prefix ending in '*', or '*'.")
+        out: dict[str, Any] = {"pattern": pattern}
+        for action in TOPIC_ACTIONS:
+            who = rule.get(action, DEFAULT_TOPIC_RULE[action])
+            if not isinstance(who, list) or not all(w in TOPIC_PRINCIPALS for w in who):
+                raise ValidationError(
+                    f"A topic rule's {action} lists some of {', '.join(TOPIC_PRINCIPALS)} "
+                    "(admin keys always may)."
+                )
+            out[action] = sorted(set(who))
+        rules.append(out)
+    return rules
+
+
+def topic_rule(rules: list[dict[str, Any]] | None, topic: str) -> dict[str, Any]:
+    for rule in rules or ():
+        pattern = rule["pattern"]
+        if pattern == topic or (pattern.endswith("*") and topic.startswith(pattern[:-1])):
+            return rule
+    return DEFAULT_TOPIC_RULE
+
+
+def topic_allowed(
+    rules: list[dict[str, Any]] | None, topic: str, action: str, scope: str, uid: str | None
+) -> bool:
+    """Whether a credential (its scope, and its end user if any) may `action` on `topic`."""
+    if scope == "admin" and not uid:
+        return True
+    principal = "user" if uid else scope
+    return principal in topic_rule(rules, topic)[action]
 
 
 async def broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, event: Any, payload: Any) -> int:

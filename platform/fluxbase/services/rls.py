@@ -11,6 +11,7 @@ a clause of its own (`true) WITH CHECK (true`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import msgspec
 from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import NotFound, ValidationError
 from fluxbase.security.roles import schema_name
+from fluxbase.services import realtime
 from fluxbase.tenancy.errors import management_error
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.session import admin_session
@@ -202,20 +204,35 @@ async def set_table(
 
 
 async def realtime_settings(db: asyncpg.Pool, project_id: str) -> dict[str, Any]:
-    allowed = await db.fetchval(
-        "SELECT schema_events_to_users FROM fluxbase.realtime_settings WHERE project_id = $1", project_id
+    row = await db.fetchrow(
+        """SELECT schema_events_to_users, topics::text AS topics
+           FROM fluxbase.realtime_settings WHERE project_id = $1""",
+        project_id,
     )
-    return {"schemaEventsToUsers": bool(allowed)}
+    topics = json.loads(row["topics"]) if row is not None and row["topics"] is not None else None
+    return {
+        "schemaEventsToUsers": bool(row and row["schema_events_to_users"]),
+        # The topic rules (fluxbase.services.realtime.parse_topic_rules); none: the defaults.
+        "topics": topics if topics is not None else [realtime.DEFAULT_TOPIC_RULE],
+    }
 
 
 async def set_realtime_settings(
-    db: asyncpg.Pool, project_id: str, schema_events_to_users: bool
+    db: asyncpg.Pool,
+    project_id: str,
+    schema_events_to_users: bool | None,
+    topics: list[Any] | None = None,
 ) -> dict[str, Any]:
+    """Change the given settings; those left out (None) keep their value."""
+    rules = json.dumps(realtime.parse_topic_rules(topics)) if topics is not None else None
     await db.execute(
-        """INSERT INTO fluxbase.realtime_settings (project_id, schema_events_to_users) VALUES ($1, $2)
+        """INSERT INTO fluxbase.realtime_settings (project_id, schema_events_to_users, topics)
+           VALUES ($1, coalesce($2, false), $3::jsonb)
            ON CONFLICT (project_id) DO UPDATE
-           SET schema_events_to_users = EXCLUDED.schema_events_to_users, updated_at = now()""",
+           SET schema_events_to_users = coalesce($2, fluxbase.realtime_settings.schema_events_to_users),
+               topics = coalesce($3::jsonb, fluxbase.realtime_settings.topics), updated_at = now()""",
         project_id,
         schema_events_to_users,
+        rules,
     )
     return await realtime_settings(db, project_id)

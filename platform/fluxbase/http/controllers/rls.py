@@ -36,7 +36,8 @@ class TableRlsBody(Body):
 
 class RealtimeSettingsBody(Body):
     project_id: str
-    schema_events_to_users: bool
+    schema_events_to_users: bool | None = None
+    topics: list[Any] | None = None
 
 
 def table_out(t: rls.TableRls) -> dict[str, Any]:
@@ -139,5 +140,7 @@ async def set_realtime_settings(
     data: RealtimeSettingsBody, ctx: AppContext, caller: Caller
 ) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
-    settings = await rls.set_realtime_settings(ctx.db, access.project.id, data.schema_events_to_users)
+    settings = await rls.set_realtime_settings(
+        ctx.db, access.project.id, data.schema_events_to_users, data.topics
+    )
     return {"success": True, "projectId": access.project.id, "settings": settings}
