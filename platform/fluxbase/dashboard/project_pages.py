@@ -1,0 +1,107 @@
+"""Projects: list, create, home (ids, URLs, snippets, usage against quotas), delete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+from typing import Any
+
+from litestar import Request, Response, get, post
+
+from fluxbase.errors import FluxbaseError, StorageUnavailable
+from fluxbase.http.context import AppContext
+from fluxbase.services import operations, projects
+from fluxbase.services.access import Need
+from fluxbase.storage.service import delete_project_objects
+
+from .web import form, signed_in
+
+
+@get("/")
+async def project_list(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    dash = await signed_in(request, ctx)
+    rows = await projects.list_projects(ctx.db, dash.user.id)
+    return dash.render("projects.html", projects=rows, name="")
+
+
+@post("/projects", status_code=200)
+async def create_project(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    dash = await signed_in(request, ctx)
+    name = (await form(request)).get("name", "")
+    try:
+        project = await projects.create_project(ctx.db, ctx.settings, dash.user.id, name)
+    except FluxbaseError as exc:
+        rows = await projects.list_projects(ctx.db, dash.user.id)
+        return dash.render("projects.html", exc.status, projects=rows, error=exc, name=name)
+    return dash.redirect(f"/p/{project.id}/")
+
+
+def snippets(api_url: str, project_id: str) -> dict[str, str]:
+    body = json.dumps({"projectId": project_id, "query": "SELECT now() AS server_time"})
+    curl = (
+        f"curl -s {api_url}/api/execute-sql \\\n  -H 'Authorization: Bearer $FLUXBASE_KEY' \\\n"
+        f"  -H 'Content-Type: application/json' \\\n  -d {shlex.quote(body)}"
+    )
+    js = (
+        f"const res = await fetch('{api_url}/api/execute-sql', {{\n"
+        "  method: 'POST',\n"
+        "  headers: {\n"
+        "    'Authorization': `Bearer ${FLUXBASE_KEY}`,\n"
+        "    'Content-Type': 'application/json',\n"
+        "  },\n"
+        f"  body: JSON.stringify({{ projectId: '{project_id}', query: 'SELECT now() AS server_time' }}),\n"
+        "});\n"
+        "const { result } = await res.json();\n"
+        "console.log(result.rows);"
+    )
+    return {"curl": curl, "js": js}
+
+
+@get("/p/{project_id:str}/")
+async def project_home(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.READ)
+    quotas = await operations.get_quotas(ctx.db, ctx.settings, access.project.id)
+    api_url = ctx.settings.api_url.rstrip("/")
+    return dash.render(
+        "project_home.html",
+        quotas=quotas,
+        api_url=api_url,
+        realtime_url=ctx.settings.realtime_url,
+        room=f"project_{access.project.id}",
+        snippets=snippets(api_url, access.project.id),
+    )
+
+
+@get("/p/{project_id:str}/settings")
+async def project_settings(
+    project_id: str, request: Request[Any, Any, Any], ctx: AppContext
+) -> Response[Any]:
+    dash = await signed_in(request, ctx)
+    await dash.project(project_id, Need.READ)
+    return dash.render("project_settings.html", confirm="")
+
+
+@post("/p/{project_id:str}/delete", status_code=200)
+async def delete_project(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """The API's deleteProject, after the member typed the project's name."""
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.OWNER)
+    confirm = (await form(request)).get("confirm", "")
+    if confirm != access.project.name:
+        return dash.render(
+            "project_settings.html",
+            400,
+            confirm=confirm,
+            error_message="Type the project's name exactly to confirm its deletion.",
+        )
+    await ctx.tenants.close_project(access.project.id)
+    await projects.delete_project(ctx.db, access.project.id)
+    ctx.auth.forget_project(access.project.id)
+    with contextlib.suppress(StorageUnavailable):
+        await delete_project_objects(ctx.store, access.project.id)
+    return dash.redirect("/")
+
+
+ROUTES = [project_list, create_project, project_home, project_settings, delete_project]

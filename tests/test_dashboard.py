@@ -1,0 +1,367 @@
+"""The dashboard in a real Chromium against the real stack: one test per screen's main flow,
+plus its security: session cookie, CSRF refusal, CSP on every page, a key shown once, viewers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Instance, ProjectCtx
+from dashboard_support import PASSWORD, Console, add_member, launch, needs_chromium, sign_in
+from support import Api, bearer, random_ip
+
+pytestmark = needs_chromium
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async for b in launch():
+        yield b
+
+
+@pytest.fixture
+async def context(browser: Any) -> AsyncIterator[Any]:
+    ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
+    yield ctx
+    await ctx.close()
+
+
+@pytest.fixture
+async def page(context: Any) -> Any:
+    return await context.new_page()
+
+
+def cookie(cookies: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found = [c for c in cookies if c["name"] == name]
+    assert found, f"no {name} cookie in {[c['name'] for c in cookies]}"
+    return found[0]
+
+
+async def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_the_session(
+    api: Api, instance: Instance, context: Any, page: Any
+) -> None:
+    user, _ = await api.new_user()
+    console = Console(page)
+    await page.goto(instance.url + "/")
+    assert page.url.endswith("/dashboard/sign-in")  # / → /dashboard/ → sign-in
+    await page.get_by_label("Email").fill(user["email"])
+    await page.get_by_label("Password").fill("wrong password!")
+    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_role("alert").filter(has_text="Invalid email or password").wait_for()
+    await sign_in(page, instance.url, user["email"])
+    await page.get_by_text("You have no projects yet").wait_for()
+    session = cookie(await context.cookies(), "fluxbase_session")
+    assert session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/dashboard"
+    assert await page.evaluate("document.cookie") == ""  # nothing readable by page scripts
+    assert await page.evaluate("JSON.stringify(Object.keys(localStorage))") == "[]"
+    token = session["value"]
+    assert (await api.http.get("/api/auth/me", headers=bearer(token))).status_code == 200
+    await page.get_by_role("button", name="Sign out").click()
+    await page.get_by_role("heading", name="Sign in to Fluxbase").wait_for()
+    # Ended server-side: the token no longer works anywhere, not just forgotten by the browser.
+    assert (await api.http.get("/api/auth/me", headers=bearer(token))).status_code == 401
+    await page.goto(instance.url + "/dashboard/")
+    assert page.url.endswith("/dashboard/sign-in")
+    assert console.errors == []
+
+
+async def test_first_admin_setup_on_a_fresh_instance(spawn: Any, browser: Any) -> None:
+    async with spawn() as fresh:
+        ctx = await browser.new_context(extra_http_headers={"X-Forwarded-For": random_ip()})
+        try:
+            page = await ctx.new_page()
+            console = Console(page)
+            await page.goto(fresh.url + "/dashboard/")
+            assert page.url.endswith("/dashboard/setup")
+            await page.get_by_role("heading", name="Set up Fluxbase").wait_for()
+            await page.get_by_label("Name").fill("Ada")
+            await page.get_by_label("Email").fill("ada@example.com")
+            await page.get_by_label("Password", exact=True).fill(PASSWORD)
+            await page.get_by_label("Password again").fill(PASSWORD)
+            await page.get_by_role("button", name="Create the administrator").click()
+            await page.get_by_role("heading", name="Projects").wait_for()
+            admin = Api(fresh.url)
+            try:
+                r = await admin.http.get("/api/admin/status")
+                assert r.json()["adminExists"] is True
+            finally:
+                await admin.close()
+            # Setup is a one-time page: once an admin exists it leads to sign-in.
+            await page.get_by_role("button", name="Sign out").click()
+            await page.goto(fresh.url + "/dashboard/setup")
+            assert "Set up Fluxbase" not in await page.content()
+            assert console.errors == []
+        finally:
+            await ctx.close()
+
+
+async def test_projects_create_open_and_delete_by_typing_the_name(
+    api: Api, instance: Instance, page: Any
+) -> None:
+    user, token = await api.new_user()
+    console = Console(page)
+    await sign_in(page, instance.url, user["email"])
+    await page.get_by_label("Project name").fill("Dash Demo")
+    await page.get_by_role("button", name="Create project").click()
+    await page.get_by_role("heading", name="Dash Demo").wait_for()
+    pid = (await page.locator("#project-id").text_content() or "").strip()
+    r = await api.http.get(f"/api/projects/{pid}", headers=bearer(token))
+    assert r.status_code == 200 and r.json()["project"]["name"] == "Dash Demo"
+    await page.get_by_role("link", name="Settings").click()
+    delete = page.get_by_role("button", name="Delete project")
+    assert await delete.is_disabled()
+    await page.get_by_label(re.compile("Type the project's name")).fill("Dash Dem")
+    assert await delete.is_disabled()
+    await page.get_by_label(re.compile("Type the project's name")).fill("Dash Demo")
+    assert await delete.is_enabled()
+    await delete.click()
+    await page.get_by_role("heading", name="Projects").wait_for()
+    assert (await api.http.get(f"/api/projects/{pid}", headers=bearer(token))).status_code == 404
+    assert console.errors == []
+
+
+async def test_project_home_shows_ids_urls_snippets_and_usage(
+    instance: Instance, project: ProjectCtx, context: Any, page: Any
+) -> None:
+    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=instance.url)
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/")
+    assert (await page.locator("#project-id").text_content()) == project.id
+    assert (await page.locator("#api-url").text_content() or "").startswith("http://127.0.0.1:")
+    assert project.id in (await page.locator("#snippet-curl").text_content() or "")
+    assert project.id in (await page.locator("#snippet-js").text_content() or "")
+    await page.get_by_role("button", name="Copy Project id").click()
+    assert await page.evaluate("navigator.clipboard.readText()") == project.id
+    await page.get_by_text("Storage").wait_for()
+    assert console.errors == []
+
+
+async def test_api_key_is_shown_once_then_rotated_and_revoked(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/keys")
+    await page.get_by_label("Name").fill("server key")
+    await page.get_by_label("Scope").select_option("readwrite")
+    await page.get_by_label(re.compile("Expires after")).fill("30")
+    await page.get_by_label(re.compile("Allowed origins")).fill("https://app.example.com")
+    await page.get_by_role("button", name="Create key").click()
+    raw = (await page.locator("#new-key").text_content() or "").strip()
+    assert raw.startswith("flx_live_")
+    assert raw not in page.url
+    body = {"projectId": project.id, "query": "SELECT 1 AS one"}
+    for origin, works in (("https://app.example.com", True), ("https://evil.example.com", False)):
+        r = await api.http.post("/api/execute-sql", json=body, headers={**bearer(raw), "Origin": origin})
+        assert (r.status_code == 200) is works, r.text
+    row = page.get_by_role("row").filter(has_text="server key")
+    await row.get_by_text("https://app.example.com").wait_for()
+    # Never again: reloading the list shows the prefix, not the key.
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/keys")
+    assert raw not in await page.content()
+    # Rotate: a new secret shown once; the old one stops working at once.
+    await page.get_by_role("button", name="Rotate key server key").click()
+    rotated = (await page.locator("#new-key").text_content() or "").strip()
+    assert rotated.startswith("flx_live_") and rotated != raw
+    origin = {"Origin": "https://app.example.com"}
+    r = await api.http.post("/api/execute-sql", json=body, headers={**bearer(raw), **origin})
+    assert r.status_code == 401
+    r = await api.http.post("/api/execute-sql", json=body, headers={**bearer(rotated), **origin})
+    assert r.json()["success"] is True
+    await page.get_by_role("button", name="Revoke key server key").click()
+    await page.get_by_role("status").filter(has_text="is revoked").wait_for()
+    r = await api.http.post("/api/execute-sql", json=body, headers={**bearer(rotated), **origin})
+    assert r.status_code == 401
+    assert rotated not in await page.content()
+    assert console.errors == []
+
+
+async def test_sql_editor_runs_with_params_shows_errors_and_downloads_csv(
+    instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/sql")
+    editor = page.get_by_role("textbox", name=re.compile("^Query"))
+    await editor.fill("SELECT $1::text AS name, $2::int + 1 AS next, true AS ok, NULL AS nothing")
+    await page.get_by_label(re.compile("^Parameters")).fill('["alice", 41]')
+    await editor.press("Control+Enter")
+    grid = page.get_by_role("table", name="Query result")
+    await grid.wait_for()
+    assert await grid.get_by_role("cell").all_inner_texts() == ["alice", "42", "true", "NULL"]
+    headers = await grid.get_by_role("columnheader").all_inner_texts()
+    assert headers == ["name text", "next number", "ok boolean", "nothing null"]
+    assert await page.locator("[data-row-count]").get_attribute("data-row-count") == "1"
+    async with page.expect_download() as download_info:
+        await page.get_by_role("button", name="Download CSV").click()
+    download = await download_info.value
+    path = await download.path()
+    csv = Path(path).read_bytes()  # noqa: ASYNC240 (a small local file)
+    assert csv == b"name,next,ok,nothing\r\nalice,42,true,\r\n"
+    # An error: the API's code and the SQLSTATE.
+    await page.get_by_label(re.compile("^Parameters")).fill("")
+    await editor.fill("SELECT * FROM no_such_table")
+    await editor.press("Control+Enter")
+    error = page.locator("[data-sql-error]")
+    await error.wait_for()
+    assert "SQL_EXEC_ERROR" in await error.inner_text()
+    assert await page.locator(".sqlstate").inner_text() == "42P01"
+    # Truncated: more rows than the API returns.
+    await editor.fill("SELECT g FROM generate_series(1, 20000) g")
+    await editor.press("Control+Enter")
+    await page.locator("[data-truncated]").wait_for()
+    # History: both queries, newest first, one click puts one back.
+    history = page.locator("#sql-history button")
+    assert (await history.first.inner_text()).startswith("SELECT g FROM generate_series")
+    await history.nth(2).click()
+    assert (await editor.input_value()).startswith("SELECT $1::text")
+    assert console.errors == []
+
+
+async def test_rls_walkthrough_in_the_browser(instance: Instance, project: ProjectCtx, page: Any) -> None:
+    """The guide's walkthrough: a table, RLS on with the owner template, then the same query as two
+    end users in the SQL editor shows each their own rows."""
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/sql")
+    editor = page.get_by_role("textbox", name=re.compile("^Query"))
+
+    async def run(query: str) -> None:
+        await editor.fill(query)
+        async with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/sql")):
+            await editor.press("Control+Enter")
+
+    await run("CREATE TABLE notes (id serial PRIMARY KEY, user_id text NOT NULL, body text NOT NULL)")
+    await run(
+        "INSERT INTO notes (user_id, body) "
+        "VALUES ('alice', 'alice 1'), ('alice', 'alice 2'), ('bob', 'bob 1')"
+    )
+    await (
+        page.get_by_role("navigation", name="Project").get_by_role("link", name="Row Level Security").click()
+    )
+    table = page.locator("[data-table=notes]")
+    assert await table.locator("[data-rls-state]").inner_text() == "RLS disabled"
+    await page.get_by_label("Table", exact=True).select_option("notes")
+    await page.get_by_role("radio", name=re.compile("User owns their rows")).check()
+    await page.get_by_role("button", name="Create policy").click()
+    await page.get_by_role("status").filter(has_text="RLS is on for notes").wait_for()
+    assert await table.locator("[data-rls-state]").inner_text() == "RLS enabled"
+    await table.get_by_role("cell", name="notes_owner", exact=True).wait_for()
+
+    await page.get_by_role("navigation", name="Project").get_by_role("link", name="SQL editor").click()
+    await page.get_by_label(re.compile("Run as an end user")).check()
+    seen = {}
+    for uid in ("alice", "bob"):
+        await page.get_by_label("authUid").fill(uid)
+        await run("SELECT body FROM notes ORDER BY id")
+        grid = page.get_by_role("table", name="Query result")
+        seen[uid] = await grid.get_by_role("cell").all_inner_texts()
+    assert seen == {"alice": ["alice 1", "alice 2"], "bob": ["bob 1"]}
+    # As the member (admin, the tables' owner) every row is there.
+    await page.get_by_label(re.compile("Run as an end user")).uncheck()
+    await run("SELECT body FROM notes ORDER BY id")
+    assert (
+        len(await page.get_by_role("table", name="Query result").get_by_role("cell").all_inner_texts()) == 3
+    )
+    assert console.errors == []
+
+
+async def test_viewer_sees_read_only_screens_and_cannot_write(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    viewer, viewer_token = await api.new_user()
+    await add_member(api, project.owner_token, project.id, viewer, viewer_token, "viewer")
+    await api.sql(project.admin_key, project.id, "CREATE TABLE t (id int)")
+    console = Console(page)
+    await sign_in(page, instance.url, viewer["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/keys")
+    await page.get_by_text("Needs the admin role; you are viewer.").wait_for()
+    assert await page.get_by_role("button", name="Create key").count() == 0
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/settings")
+    assert await page.get_by_role("button", name="Delete project").count() == 0
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/rls")
+    await page.get_by_text("Needs the admin role; you are viewer.").wait_for()
+    # Reads work; writes are refused by the database role the API gives viewers.
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/sql")
+    editor = page.get_by_role("textbox", name=re.compile("^Query"))
+    await editor.fill("SELECT count(*) AS n FROM t")
+    await editor.press("Control+Enter")
+    await page.get_by_role("table", name="Query result").wait_for()
+    await editor.fill("INSERT INTO t VALUES (1)")
+    await editor.press("Control+Enter")
+    await page.locator("[data-sql-error]").wait_for()
+    assert await page.locator(".sqlstate").inner_text() == "25006"  # a read-only transaction
+    # A forged form (with a valid CSRF token) is refused by the same check as the API's.
+    csrf = await page.locator("input[name=_csrf]").first.get_attribute("value")
+    r = await page.request.post(
+        f"{instance.url}/dashboard/p/{project.id}/keys", form={"_csrf": csrf, "name": "x", "scope": "read"}
+    )
+    assert r.status == 403 and "INSUFFICIENT_PERMISSIONS" in await r.text()
+    keys = await api.http.get(f"/api/projects/{project.id}/api-keys", headers=bearer(project.owner_token))
+    assert [k["name"] for k in keys.json()["apiKeys"]] == ["admin key"]
+    assert console.errors == []
+
+
+async def test_a_state_change_without_a_csrf_token_is_refused(
+    api: Api, instance: Instance, page: Any
+) -> None:
+    user, token = await api.new_user()
+    await sign_in(page, instance.url, user["email"])
+    url = f"{instance.url}/dashboard/projects"
+    for form in ({"name": "forged"}, {"name": "forged", "_csrf": "not-the-token"}):
+        r = await page.request.post(url, form=form)
+        assert r.status == 403, await r.text()
+        assert "CSRF_FAILED" in await r.text()
+    r = await page.request.post(url, form={"name": "forged"}, headers={"X-CSRF-Token": "nope"})
+    assert r.status == 403
+    assert (await api.http.get("/api/projects", headers=bearer(token))).json()["projects"] == []
+    # Sign-out is a state change too: without the token the session survives.
+    session = next(c for c in await page.context.cookies() if c["name"] == "fluxbase_session")["value"]
+    r = await page.request.post(f"{instance.url}/dashboard/sign-out", form={})
+    assert r.status == 403
+    assert (await api.http.get("/api/auth/me", headers=bearer(session))).status_code == 200
+    # With the page's own token the same form works.
+    csrf = await page.locator("input[name=_csrf]").first.get_attribute("value")
+    r = await page.request.post(url, form={"name": "real", "_csrf": csrf})
+    assert r.status == 200
+    assert [
+        p["name"] for p in (await api.http.get("/api/projects", headers=bearer(token))).json()["projects"]
+    ] == ["real"]
+
+
+async def test_every_page_has_a_strict_csp_and_no_framing(
+    instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    console = Console(page)
+    seen: dict[str, dict[str, str]] = {}
+    page.on(
+        "response",
+        lambda r: seen.__setitem__(r.url, r.headers) if "/dashboard" in r.url else None,
+    )
+    await page.goto(f"{instance.url}/dashboard/sign-in")
+    await page.goto(f"{instance.url}/dashboard/register")
+    await sign_in(page, instance.url, project.owner["email"])
+    for screen in ("", "keys", "sql", "rls", "settings"):
+        await page.goto(f"{instance.url}/dashboard/p/{project.id}/{screen}")
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/no-such-screen")
+    await page.goto(f"{instance.url}/dashboard/p/p_doesnotexist/")
+    editor = page.get_by_role("textbox", name=re.compile("^Query"))
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/sql")
+    await editor.press("Control+Enter")
+    await page.get_by_role("table", name="Query result").wait_for()
+    pages = [u for u in seen if "/static/" not in u]
+    assert len(pages) >= 10, pages
+    for url, headers in seen.items():
+        csp = headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp, url
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp, url
+        assert headers.get("x-frame-options") == "DENY", url
+        assert headers.get("x-content-type-options") == "nosniff", url
+    for url in pages:
+        assert seen[url].get("cache-control") == "no-store", url
+    assert console.errors == []  # no CSP violation on any page (Chromium reports them as errors)
