@@ -365,3 +365,44 @@ async def test_every_page_has_a_strict_csp_and_no_framing(
     for url in pages:
         assert seen[url].get("cache-control") == "no-store", url
     assert console.errors == []  # no CSP violation on any page (Chromium reports them as errors)
+
+
+async def test_team_invite_accept_change_role_and_remove(
+    api: Api, instance: Instance, project: ProjectCtx, browser: Any, page: Any
+) -> None:
+    member, member_token = await api.new_user()
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/team")
+    await page.get_by_text("No invitations yet").wait_for()
+    await page.get_by_label("Email").fill(member["email"])
+    await page.get_by_label("Role", exact=True).select_option("developer")
+    await page.get_by_role("button", name="Invite").click()
+    await page.get_by_role("status").filter(has_text=f"{member['email']} is invited as developer").wait_for()
+    invites = page.get_by_role("table", name="Invitations")
+    await invites.get_by_role("cell", name="pending").wait_for()
+
+    # The invitee, in a browser of their own, accepts from the projects page.
+    other = await browser.new_context()
+    try:
+        theirs = await other.new_page()
+        await sign_in(theirs, instance.url, member["email"])
+        await theirs.get_by_role("button", name="Accept the invitation to test project").click()
+        await theirs.get_by_role("heading", name="test project").wait_for()
+        assert await theirs.locator("header .badge").inner_text() == "developer"
+    finally:
+        await other.close()
+
+    await page.reload()
+    members = page.get_by_role("table", name="Members")
+    await members.get_by_text(member["email"], exact=True).wait_for()
+    await page.get_by_label(f"Role of {member['email']}", exact=True).select_option("viewer")
+    await page.get_by_role("button", name=f"Change the role of {member['email']}").click()
+    await page.get_by_role("status").filter(has_text=f"{member['email']} is now viewer").wait_for()
+    r = await api.http.get(f"/api/projects/{project.id}", headers=bearer(member_token))
+    assert r.json()["project"]["role"] == "viewer"
+    await page.get_by_role("button", name=f"Remove {member['email']}").click()
+    await page.get_by_role("status").filter(has_text="was removed").wait_for()
+    r = await api.http.get(f"/api/projects/{project.id}", headers=bearer(member_token))
+    assert r.status_code == 403
+    assert console.errors == []

@@ -11,18 +11,24 @@ from litestar import Request, Response, get, post
 
 from fluxbase.errors import FluxbaseError, StorageUnavailable
 from fluxbase.http.context import AppContext
-from fluxbase.services import operations, projects
+from fluxbase.services import operations, projects, team
 from fluxbase.services.access import Need
 from fluxbase.storage.service import delete_project_objects
 
-from .web import form, signed_in
+from .web import Dash, form, signed_in
+
+
+async def projects_page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
+    """The projects list with the user's open invitations (also the error page of its forms)."""
+    rows = await projects.list_projects(dash.ctx.db, dash.user.id)
+    invites = await team.my_invites(dash.ctx.db, dash.user)
+    extra.setdefault("name", "")
+    return dash.render("projects.html", status, projects=rows, invites=invites, **extra)
 
 
 @get("/")
 async def project_list(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
-    dash = await signed_in(request, ctx)
-    rows = await projects.list_projects(ctx.db, dash.user.id)
-    return dash.render("projects.html", projects=rows, name="")
+    return await projects_page(await signed_in(request, ctx))
 
 
 @post("/projects", status_code=200)
@@ -32,8 +38,7 @@ async def create_project(request: Request[Any, Any, Any], ctx: AppContext) -> Re
     try:
         project = await projects.create_project(ctx.db, ctx.settings, dash.user.id, name)
     except FluxbaseError as exc:
-        rows = await projects.list_projects(ctx.db, dash.user.id)
-        return dash.render("projects.html", exc.status, projects=rows, error=exc, name=name)
+        return await projects_page(dash, exc.status, error=exc, name=name)
     return dash.redirect(f"/p/{project.id}/")
 
 

@@ -114,7 +114,8 @@ async def _apply_template(dash: Dash, table: str, template: Template, column: st
             with contextlib.suppress(FluxbaseError):
                 await rls.drop_policy(pools, pid, table, name)
         raise
-    return f"RLS is on for {table}, with the {template.title.lower()} pattern ({len(created)} policies)."
+    count = f"{len(created)} {'policy' if len(created) == 1 else 'policies'}"
+    return f"RLS is on for {table}, with the {template.title.lower()} pattern ({count})."
 
 
 @post("/p/{project_id:str}/rls/policies", status_code=200)
