@@ -16,11 +16,21 @@ from litestar.static_files import create_static_files_router
 
 from fluxbase.errors import FluxbaseError
 
-from . import auth_pages, key_pages, project_pages, rls_pages, security, sql_pages, team_pages, web
+from . import (
+    auth_pages,
+    key_pages,
+    project_pages,
+    rls_pages,
+    security,
+    sql_pages,
+    table_pages,
+    team_pages,
+    web,
+)
 
 __all__ = ["root", "router", "security"]
 
-SCREENS = (auth_pages, project_pages, key_pages, sql_pages, rls_pages, team_pages)
+SCREENS = (auth_pages, project_pages, key_pages, table_pages, sql_pages, rls_pages, team_pages)
 
 
 def router() -> Router:

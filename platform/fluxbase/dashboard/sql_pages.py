@@ -18,11 +18,10 @@ from litestar import Request, Response, get, post
 
 from fluxbase.errors import FluxbaseError, StatementFailed, ValidationError
 from fluxbase.http.context import AppContext
-from fluxbase.http.controllers.sql import limits_of
 from fluxbase.services import sql
 from fluxbase.services.access import SCOPE_RANK, Need, ProjectAccess
-from fluxbase.tenancy.session import TenantRequest
 
+from .tenant import tenant_request
 from .web import Dash, form, signed_in
 
 DISPLAY_ROWS = 1000  # the grid shows this many; the CSV has every row the API returned
@@ -74,8 +73,6 @@ def _as_end_user(access: ProjectAccess) -> ProjectAccess:
 
 async def _run(dash: Dash, access: ProjectAccess, data: dict[str, str]) -> dict[str, Any]:
     ctx = dash.ctx
-    limit, window = access.rate_limit(ctx.settings)
-    ctx.limiter.hit(access.principal.label, limit, window)
     as_user = data.get("as_user") == "on"
     auth_uid = data.get("auth_uid", "").strip() or None
     user_token = data.get("user_token", "").strip() or None
@@ -88,15 +85,7 @@ async def _run(dash: Dash, access: ProjectAccess, data: dict[str, str]) -> dict[
     identity = await ctx.identity.identity(
         access, user_token=user_token, auth_uid=auth_uid, session_checked_in_sql=True
     )
-    req = TenantRequest(
-        project_id=access.project.id,
-        scope=access.sql_scope,
-        identity=identity,
-        limits=limits_of(ctx),
-        project_read_only=access.project.read_only,
-        db_quota=access.project.db_quota,
-        sizes=ctx.sizes,
-    )
+    req = tenant_request(ctx, access, identity)
     query = data.get("query", "")
     params = _params(data.get("params", ""))
     started = time.perf_counter()
