@@ -12,6 +12,7 @@ import pytest
 
 from conftest import Instance, ProjectCtx
 from dashboard_support import PASSWORD, Console, add_member, launch, needs_chromium, sign_in
+from fluxbase.devstack.procs import free_port
 from support import Api, bearer, random_ip
 
 pytestmark = needs_chromium
@@ -346,7 +347,7 @@ async def test_every_page_has_a_strict_csp_and_no_framing(
     await page.goto(f"{instance.url}/dashboard/sign-in")
     await page.goto(f"{instance.url}/dashboard/register")
     await sign_in(page, instance.url, project.owner["email"])
-    for screen in ("", "keys", "sql", "rls", "settings"):
+    for screen in ("", "keys", "tables", "sql", "rls", "team", "webhooks", "settings"):
         await page.goto(f"{instance.url}/dashboard/p/{project.id}/{screen}")
     await page.goto(f"{instance.url}/dashboard/p/{project.id}/no-such-screen")
     await page.goto(f"{instance.url}/dashboard/p/p_doesnotexist/")
@@ -454,3 +455,59 @@ async def test_table_editor_creates_browses_inserts_edits_and_deletes(
     await page.goto(f"{instance.url}/dashboard/p/{project.id}/tables")
     assert await page.locator("[data-rows=todos]").inner_text() == "2"
     assert console.errors == []
+
+
+async def test_webhook_created_with_its_secret_once_pinged_disabled_and_redelivered(
+    spawn: Any, browser: Any
+) -> None:
+    from aiohttp import web
+
+    received: list[dict[str, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(dict(request.headers))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with spawn(FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true") as inst:
+            api = Api(inst.url)
+            ctx = await browser.new_context()
+            try:
+                user, token = await api.new_user()
+                pid = await api.new_project(token, "hooks")
+                page = await ctx.new_page()
+                console = Console(page)
+                await sign_in(page, inst.url, user["email"])
+                await page.goto(f"{inst.url}/dashboard/p/{pid}/webhooks")
+                await page.get_by_label("Endpoint URL").fill(f"http://127.0.0.1:{port}/hook")
+                await page.get_by_label("schema.changed").check()
+                await page.get_by_role("button", name="Create webhook").click()
+                secret = (await page.locator("#new-secret").inner_text()).strip()
+                assert len(secret) >= 24
+                await page.get_by_role("button", name="Send test ping").click()
+                await (
+                    page.get_by_role("status").filter(has_text="Test ping delivered: answered 200").wait_for()
+                )
+                assert received and received[-1]["X-Fluxbase-Signature"].startswith("sha256=")
+                assert secret not in await page.content()  # shown once
+                await page.get_by_role("button", name="Disable").click()
+                assert (await page.locator("[data-webhook-state]").inner_text()).startswith("disabled")
+                await page.get_by_role("button", name="Enable").click()
+                assert await page.locator("[data-webhook-state]").inner_text() == "enabled"
+                deliveries = page.get_by_role("table", name="Deliveries")
+                first = (await deliveries.locator("tbody tr td").first.inner_text()).strip()
+                await page.get_by_role("button", name=f"Redeliver {first}").click()
+                await page.get_by_role("status").filter(has_text=f"Delivery {first} queued again").wait_for()
+                assert await deliveries.locator("tbody tr").count() == 2
+                assert console.errors == []
+            finally:
+                await ctx.close()
+                await api.close()
+    finally:
+        await runner.cleanup()

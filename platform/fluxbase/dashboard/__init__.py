@@ -26,11 +26,12 @@ from . import (
     table_pages,
     team_pages,
     web,
+    webhook_pages,
 )
 
 __all__ = ["root", "router", "security"]
 
-SCREENS = (auth_pages, project_pages, key_pages, table_pages, sql_pages, rls_pages, team_pages)
+SCREENS = (auth_pages, project_pages, key_pages, table_pages, sql_pages, rls_pages, team_pages, webhook_pages)
 
 
 def router() -> Router:
