@@ -511,3 +511,36 @@ async def test_webhook_created_with_its_secret_once_pinged_disabled_and_redelive
                 await api.close()
     finally:
         await runner.cleanup()
+
+
+async def test_settings_read_only_switch_vacuum_export_and_migrations(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    r = await api.http.post(
+        f"/api/projects/{project.id}/migrations",
+        json={"name": "0001_items", "sql": "CREATE TABLE items (id int PRIMARY KEY)"},
+        headers=bearer(project.admin_key),
+    )
+    assert r.status_code == 200, r.text
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/settings")
+    await (
+        page.get_by_role("table", name="Applied migrations").get_by_role("cell", name="0001_items").wait_for()
+    )
+    await page.get_by_role("button", name="Make read-only").click()
+    await page.get_by_role("status").filter(has_text="read-only now").wait_for()
+    r = await api.sql(project.admin_key, project.id, "INSERT INTO items VALUES (1)")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "PROJECT_READ_ONLY", r.text
+    await page.get_by_role("button", name="Allow writes again").click()
+    await page.get_by_role("status").filter(has_text="Writes are allowed again").wait_for()
+    assert (await api.sql(project.admin_key, project.id, "INSERT INTO items VALUES (1)")).json()["success"]
+    await page.get_by_role("button", name="Vacuum and analyze").click()
+    await page.get_by_role("status").filter(has_text="Vacuumed").wait_for()
+    async with page.expect_download() as info:
+        await page.get_by_role("link", name="Download an export (.sql)").click()
+    download = await info.value
+    assert download.suggested_filename == f"fluxbase-{project.id}.sql"
+    dumped = Path(await download.path()).read_text()  # noqa: ASYNC240 (a small local file)
+    assert dumped.startswith("-- fluxbase-export") and "items" in dumped
+    assert console.errors == []

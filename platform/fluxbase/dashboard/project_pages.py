@@ -8,10 +8,11 @@ import shlex
 from typing import Any
 
 from litestar import Request, Response, get, post
+from litestar.response import Stream
 
 from fluxbase.errors import FluxbaseError, StorageUnavailable
 from fluxbase.http.context import AppContext
-from fluxbase.services import operations, projects, team
+from fluxbase.services import dump, migrations, operations, projects, team
 from fluxbase.services.access import Need
 from fluxbase.storage.service import delete_project_objects
 
@@ -79,13 +80,63 @@ async def project_home(project_id: str, request: Request[Any, Any, Any], ctx: Ap
     )
 
 
+async def settings_page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
+    assert dash.access is not None
+    applied = await migrations.list_migrations(dash.ctx.db, dash.access.project.id)
+    extra.setdefault("confirm", "")
+    return dash.render("project_settings.html", status, migrations=applied, **extra)
+
+
 @get("/p/{project_id:str}/settings")
 async def project_settings(
     project_id: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
     dash = await signed_in(request, ctx)
     await dash.project(project_id, Need.READ)
-    return dash.render("project_settings.html", confirm="")
+    return await settings_page(dash)
+
+
+@post("/p/{project_id:str}/read-only", status_code=200)
+async def set_read_only(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """The API's updateProject: the read-only switch."""
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.MANAGE)
+    on = (await form(request)).get("read_only") == "true"
+    await operations.set_read_only(ctx.db, access.project.id, on)
+    ctx.auth.forget_project(access.project.id)
+    await dash.project(project_id, Need.READ)  # the page shows the new state
+    return await settings_page(
+        dash, notice="The project is read-only now." if on else "Writes are allowed again."
+    )
+
+
+@post("/p/{project_id:str}/vacuum", status_code=200)
+async def vacuum(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.MANAGE)
+    try:
+        r = await operations.vacuum(
+            ctx.db, ctx.tenants, access.project.id, ctx.settings.tenant.pool_acquire_timeout_s
+        )
+    except FluxbaseError as exc:
+        return await settings_page(dash, exc.status, error=exc)
+    return await settings_page(
+        dash,
+        notice=f"Vacuumed {r.tables} tables in {r.duration_ms} ms: {r.size_before} → {r.size_after} bytes.",
+    )
+
+
+@get("/p/{project_id:str}/export")
+async def export(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Stream:
+    """The API's exportProject, as a download (a GET: it changes nothing)."""
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.MANAGE)
+    started = await dump.start_export(ctx.settings, access.project.id)
+    return Stream(
+        started.stream(),
+        media_type="application/sql",
+        headers={"Content-Disposition": f'attachment; filename="fluxbase-{access.project.id}.sql"'},
+    )
 
 
 @post("/p/{project_id:str}/delete", status_code=200)
@@ -95,8 +146,8 @@ async def delete_project(project_id: str, request: Request[Any, Any, Any], ctx: 
     access = await dash.project(project_id, Need.OWNER)
     confirm = (await form(request)).get("confirm", "")
     if confirm != access.project.name:
-        return dash.render(
-            "project_settings.html",
+        return await settings_page(
+            dash,
             400,
             confirm=confirm,
             error_message="Type the project's name exactly to confirm its deletion.",
@@ -109,4 +160,13 @@ async def delete_project(project_id: str, request: Request[Any, Any, Any], ctx: 
     return dash.redirect("/")
 
 
-ROUTES = [project_list, create_project, project_home, project_settings, delete_project]
+ROUTES = [
+    project_list,
+    create_project,
+    project_home,
+    project_settings,
+    set_read_only,
+    vacuum,
+    export,
+    delete_project,
+]
