@@ -347,7 +347,7 @@ async def test_every_page_has_a_strict_csp_and_no_framing(
     await page.goto(f"{instance.url}/dashboard/sign-in")
     await page.goto(f"{instance.url}/dashboard/register")
     await sign_in(page, instance.url, project.owner["email"])
-    for screen in ("", "keys", "tables", "sql", "rls", "team", "webhooks", "settings"):
+    for screen in ("", "keys", "tables", "sql", "rls", "users", "team", "webhooks", "settings"):
         await page.goto(f"{instance.url}/dashboard/p/{project.id}/{screen}")
     await page.goto(f"{instance.url}/dashboard/p/{project.id}/no-such-screen")
     await page.goto(f"{instance.url}/dashboard/p/p_doesnotexist/")
@@ -543,4 +543,50 @@ async def test_settings_read_only_switch_vacuum_export_and_migrations(
     assert download.suggested_filename == f"fluxbase-{project.id}.sql"
     dumped = Path(await download.path()).read_text()  # noqa: ASYNC240 (a small local file)
     assert dumped.startswith("-- fluxbase-export") and "items" in dumped
+    assert console.errors == []
+
+
+async def test_end_users_disable_revoke_and_auth_settings(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    r = await api.http.post(
+        f"/api/projects/{project.id}/auth/register",
+        json={"email": "carol@example.com", "password": PASSWORD},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{project.id}/auth/login",
+        json={"email": "carol@example.com", "password": PASSWORD},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 200, r.text
+    access = r.json()["accessToken"]
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/users")
+    state = page.locator('[data-user-state="carol@example.com"]')
+    assert await state.inner_text() == "active"
+    await page.get_by_role("button", name="Sign out everywhere: carol@example.com").click()
+    await page.get_by_role("status").filter(has_text="1 session ended").wait_for()
+    me = await api.http.get(f"/api/projects/{project.id}/auth/me", headers=bearer(access))
+    assert me.status_code == 401, me.text
+    await page.get_by_role("button", name="Disable: carol@example.com").click()
+    await page.get_by_role("status").filter(has_text="carol@example.com is disabled").wait_for()
+    assert await state.inner_text() == "disabled"
+    # Settings: the secret is write-only (never shown back), issuers and audiences saved.
+    await page.get_by_label(re.compile("External JWT secret")).fill(
+        "s3cret-for-hs256-tokens-0123456789abcdef"
+    )
+    await page.get_by_label(re.compile("Allowed issuers")).fill("https://idp.example.com")
+    await page.get_by_label(re.compile("Expected audiences")).fill("my-app")
+    await page.get_by_role("button", name="Save auth settings").click()
+    await page.get_by_role("status").filter(has_text="Auth settings saved").wait_for()
+    assert "s3cret-for-hs256" not in await page.content()
+    await page.get_by_text("set: leave empty to keep it").wait_for()
+    r = await api.http.get(f"/api/projects/{project.id}/auth/settings", headers=bearer(project.admin_key))
+    settings = r.json()["settings"]
+    assert settings["jwtSecretSet"] is True
+    assert settings["jwtAllowedIssuers"] == ["https://idp.example.com"]
+    assert settings["jwtExpectedAudiences"] == ["my-app"]
     assert console.errors == []

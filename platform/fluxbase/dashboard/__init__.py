@@ -18,6 +18,7 @@ from fluxbase.errors import FluxbaseError
 
 from . import (
     auth_pages,
+    end_user_pages,
     key_pages,
     project_pages,
     rls_pages,
@@ -31,7 +32,17 @@ from . import (
 
 __all__ = ["root", "router", "security"]
 
-SCREENS = (auth_pages, project_pages, key_pages, table_pages, sql_pages, rls_pages, team_pages, webhook_pages)
+SCREENS = (
+    auth_pages,
+    project_pages,
+    key_pages,
+    table_pages,
+    sql_pages,
+    rls_pages,
+    end_user_pages,
+    team_pages,
+    webhook_pages,
+)
 
 
 def router() -> Router:
