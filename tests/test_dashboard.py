@@ -347,7 +347,7 @@ async def test_every_page_has_a_strict_csp_and_no_framing(
     await page.goto(f"{instance.url}/dashboard/sign-in")
     await page.goto(f"{instance.url}/dashboard/register")
     await sign_in(page, instance.url, project.owner["email"])
-    for screen in ("", "keys", "tables", "sql", "rls", "users", "team", "webhooks", "settings"):
+    for screen in ("", "keys", "tables", "sql", "rls", "storage", "users", "team", "webhooks", "settings"):
         await page.goto(f"{instance.url}/dashboard/p/{project.id}/{screen}")
     await page.goto(f"{instance.url}/dashboard/p/{project.id}/no-such-screen")
     await page.goto(f"{instance.url}/dashboard/p/p_doesnotexist/")
@@ -589,4 +589,50 @@ async def test_end_users_disable_revoke_and_auth_settings(
     assert settings["jwtSecretSet"] is True
     assert settings["jwtAllowedIssuers"] == ["https://idp.example.com"]
     assert settings["jwtExpectedAudiences"] == ["my-app"]
+    assert console.errors == []
+
+
+async def test_storage_bucket_upload_with_progress_download_and_delete(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any, tmp_path: Path
+) -> None:
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/storage")
+    await page.get_by_text("No buckets yet").wait_for()
+    await page.get_by_label("Bucket name").fill("docs")
+    await page.get_by_role("button", name="Create bucket").click()
+    await page.get_by_role("heading", name="docs").wait_for()
+    content = b"fluxbase " * 300_000  # 2.7 MB: several progress events
+    local = tmp_path / "report.txt"
+    local.write_bytes(content)
+    progress: list[int] = []
+    await page.expose_function("recordProgress", lambda v: progress.append(int(v)))
+    await page.evaluate(
+        """() => { const bar = document.getElementById('upload-progress');
+                   new MutationObserver(() => window.recordProgress(bar.value))
+                       .observe(bar, {attributes: true}); }"""
+    )
+    async with page.expect_navigation():  # the page reloads when the uploads are done
+        await page.get_by_label("choose files").set_input_files(str(local))
+    files = page.get_by_role("table", name="Files")
+    link = files.get_by_role("link", name="Download report.txt")
+    await link.wait_for()
+    assert progress and progress[-1] == 100, progress
+    # Download: the dashboard redirects to the file's presigned URL, as the API signs it.
+    fetched = await page.request.get(instance.url + (await link.get_attribute("href") or ""))
+    assert fetched.ok and await fetched.body() == content
+    # The API sees the same file.
+    r = await api.http.get(
+        "/api/storage/files",
+        params={"projectId": project.id, "bucketId": "docs"},
+        headers=bearer(project.admin_key),
+    )
+    assert [f["name"] for f in r.json()["files"]] == ["report.txt"], r.text
+    await page.get_by_role("button", name="Link to report.txt").click()
+    assert "X-Amz-Signature" in await page.locator("#signed-url").inner_text()
+    await page.get_by_role("button", name="Delete report.txt").click()
+    await page.get_by_role("status").filter(has_text="Deleted report.txt").wait_for()
+    await page.get_by_text("No files yet").wait_for()
+    await page.get_by_role("button", name="Delete bucket (must be empty)").click()
+    await page.get_by_role("status").filter(has_text="Bucket docs deleted").wait_for()
     assert console.errors == []

@@ -159,8 +159,69 @@
     setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
   }
 
+  // Uploads: each file streamed through the API's upload path, with a progress bar.
+  function csrfToken() {
+    const headers = document.body.getAttribute("hx-headers");
+    try { return JSON.parse(headers)["X-CSRF-Token"]; } catch (e) { return ""; }
+  }
+
+  function uploadOne(url, file, name, onProgress) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", url + "?name=" + encodeURIComponent(name));
+      xhr.setRequestHeader("X-CSRF-Token", csrfToken());
+      xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+      xhr.addEventListener("load", () => {
+        let body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (e) { body = {}; }
+        if (xhr.status === 201) resolve(body);
+        else reject(new Error(body.error ? body.error.code + ": " + body.error.message : "HTTP " + xhr.status));
+      });
+      xhr.addEventListener("error", () => reject(new Error("The upload failed (network).")));
+      const data = new FormData();
+      data.append("file", file, file.name);
+      xhr.send(data);
+    });
+  }
+
+  function wireUploads() {
+    const zone = document.querySelector("[data-upload]");
+    if (!zone) return;
+    const input = zone.querySelector("input[type=file]");
+    const bar = document.getElementById("upload-progress");
+    const status = document.getElementById("upload-status");
+    const run = async (files) => {
+      const list = Array.from(files);
+      if (!list.length) return;
+      const total = list.reduce((n, f) => n + f.size, 0) || 1;
+      let done = 0;
+      bar.hidden = false;
+      for (const file of list) {
+        status.textContent = "Uploading " + file.name + "…";
+        try {
+          await uploadOne(zone.getAttribute("data-upload"), file, zone.getAttribute("data-prefix") + file.name,
+            (part) => { bar.value = Math.round(100 * (done + part * file.size) / total); });
+        } catch (err) {
+          status.textContent = file.name + ": " + err.message;
+          status.classList.add("error");
+          return;
+        }
+        done += file.size;
+        bar.value = Math.round(100 * done / total);
+      }
+      status.textContent = "Uploaded " + list.length + " file" + (list.length === 1 ? "" : "s") + ".";
+      window.location.reload();
+    };
+    input.addEventListener("change", () => run(input.files));
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); run(e.dataTransfer.files); });
+    zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     wireConfirm(document);
     wireEditor();
+    wireUploads();
   });
 })();
