@@ -15,9 +15,14 @@ from pathlib import Path
 
 from dashboard_support import CHROMIUM, launch, sign_in
 from fluxbase.devstack.procs import free_port
-from support import ROOT, Api, random_ip, run_service, start_stack, stop_stack
+from support import ROOT, Api, bearer, random_ip, run_service, start_stack, stop_stack
 
 OUT = ROOT / "docs" / "screenshots"
+# A 1x1 PNG to upload.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f80f0000010101005b8d9a6a0000000049454e44ae426082"
+)
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 800}
 
@@ -30,6 +35,19 @@ async def fill_demo(api: Api) -> tuple[dict[str, str], str, str]:
     await api.new_key(
         token, pid, "readwrite", allowedOrigins=["https://notes.example.com"], requireUserAuth=True
     )
+    r = await api.http.post(
+        "/api/team",
+        json={"projectId": pid, "email": "grace@example.com", "role": "developer"},
+        headers=bearer(token),
+    )
+    assert r.status_code == 201, r.text
+    for email in ("alice@example.com", "bob@example.com"):
+        r = await api.http.post(
+            f"/api/projects/{pid}/auth/register",
+            json={"email": email, "password": "correct horse battery"},
+            headers={"X-Forwarded-For": random_ip()},
+        )
+        assert r.status_code == 201, r.text
     for q in (
         "CREATE TABLE notes (id serial PRIMARY KEY, user_id text NOT NULL DEFAULT auth.uid(), "
         "body text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
@@ -113,6 +131,35 @@ async def run(base: str) -> None:
                 await editor.press("Control+Enter")
                 await page.locator("[data-sql-error]").wait_for()
                 await shoot(page, "sql-editor-error")
+            await page.goto(f"{base}/dashboard/p/{pid}/tables")
+            await shoot(page, "tables" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/tables/notes")
+            await shoot(page, "table-editor" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/storage")
+            if not label:
+                await page.get_by_label("Bucket name").fill("avatars")
+                await page.get_by_role("button", name="Create bucket").click()
+                await page.get_by_role("heading", name="avatars").wait_for()
+                async with page.expect_navigation():
+                    await page.get_by_label("choose files").set_input_files(
+                        files=[{"name": "ada.png", "mimeType": "image/png", "buffer": PNG}]
+                    )
+                await page.goto(f"{base}/dashboard/p/{pid}/storage")
+            await shoot(page, "storage" + label)
+            await page.get_by_role("link", name="avatars").click()
+            await shoot(page, "storage-bucket" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/users")
+            await shoot(page, "end-users" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/team")
+            await shoot(page, "team" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/webhooks")
+            if not label:
+                await page.get_by_label("Endpoint URL").fill("https://hooks.example.com/fluxbase")
+                await page.get_by_role("button", name="Create webhook").click()
+                await page.locator("#new-secret").wait_for()
+                await shoot(page, "webhook")
+                await page.goto(f"{base}/dashboard/p/{pid}/webhooks")
+            await shoot(page, "webhooks" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/settings")
             await shoot(page, "settings" + label)
             await ctx.close()

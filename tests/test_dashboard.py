@@ -138,7 +138,7 @@ async def test_project_home_shows_ids_urls_snippets_and_usage(
     assert project.id in (await page.locator("#snippet-js").text_content() or "")
     await page.get_by_role("button", name="Copy Project id").click()
     assert await page.evaluate("navigator.clipboard.readText()") == project.id
-    await page.get_by_text("Storage").wait_for()
+    await page.locator("#u-st").wait_for()
     assert console.errors == []
 
 
@@ -347,7 +347,20 @@ async def test_every_page_has_a_strict_csp_and_no_framing(
     await page.goto(f"{instance.url}/dashboard/sign-in")
     await page.goto(f"{instance.url}/dashboard/register")
     await sign_in(page, instance.url, project.owner["email"])
-    for screen in ("", "keys", "tables", "sql", "rls", "storage", "users", "team", "webhooks", "settings"):
+    screens = (
+        "",
+        "keys",
+        "tables",
+        "sql",
+        "rls",
+        "storage",
+        "realtime",
+        "users",
+        "team",
+        "webhooks",
+        "settings",
+    )
+    for screen in screens:
         await page.goto(f"{instance.url}/dashboard/p/{project.id}/{screen}")
     await page.goto(f"{instance.url}/dashboard/p/{project.id}/no-such-screen")
     await page.goto(f"{instance.url}/dashboard/p/p_doesnotexist/")
@@ -635,4 +648,30 @@ async def test_storage_bucket_upload_with_progress_download_and_delete(
     await page.get_by_text("No files yet").wait_for()
     await page.get_by_role("button", name="Delete bucket (must be empty)").click()
     await page.get_by_role("status").filter(has_text="Bucket docs deleted").wait_for()
+    assert console.errors == []
+
+
+async def test_realtime_capture_switches(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    await api.sql(project.admin_key, project.id, "CREATE TABLE feed (id int)")
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/realtime")
+    cell = page.locator("[data-capture=feed]")
+    assert await cell.inner_text() == "captured"
+    await page.get_by_role("button", name="Stop capturing feed").click()
+    await page.get_by_role("status").filter(has_text="no longer captured").wait_for()
+    assert await cell.inner_text() == "off"
+
+    async def captured() -> bool:
+        r = await api.http.get(
+            "/api/realtime/tables", params={"projectId": project.id}, headers=bearer(project.admin_key)
+        )
+        return bool(next(t for t in r.json()["tables"] if t["name"] == "feed")["enabled"])
+
+    assert await captured() is False
+    await page.get_by_role("button", name="Capture feed").click()
+    await page.get_by_role("status").filter(has_text="are captured").wait_for()
+    assert await captured() is True
     assert console.errors == []
