@@ -35,6 +35,7 @@ async def fill_demo(api: Api) -> tuple[dict[str, str], str, str]:
     await api.new_key(
         token, pid, "readwrite", allowedOrigins=["https://notes.example.com"], requireUserAuth=True
     )
+    await api.register(email="grace@example.com", name="Grace")
     r = await api.http.post(
         "/api/team",
         json={"projectId": pid, "email": "grace@example.com", "role": "developer"},
@@ -76,7 +77,8 @@ async def main() -> int:
         try:
             dbname = await stack.create_database()
             port = free_port()
-            env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+            # Loopback webhook URLs are allowed here (no DNS offline): the demo webhook is a local one.
+            env = stack.env(dbname, FLUXBASE_API_PORT=str(port), FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true")
             with run_service(["api"], env, port, Path(tmp)) as server:
                 await run(server.url)
         finally:
@@ -154,7 +156,7 @@ async def run(base: str) -> None:
             await shoot(page, "team" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/webhooks")
             if not label:
-                await page.get_by_label("Endpoint URL").fill("https://hooks.example.com/fluxbase")
+                await page.get_by_label("Endpoint URL").fill("http://localhost:3000/hooks/fluxbase")
                 await page.get_by_role("button", name="Create webhook").click()
                 await page.locator("#new-secret").wait_for()
                 await shoot(page, "webhook")
