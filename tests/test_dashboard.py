@@ -13,7 +13,7 @@ import pytest
 from conftest import Instance, ProjectCtx
 from dashboard_support import PASSWORD, Console, add_member, launch, needs_chromium, sign_in
 from fluxbase.devstack.procs import free_port
-from support import Api, bearer, random_ip
+from support import Api, bearer, random_ip, run_service
 
 pytestmark = needs_chromium
 
@@ -675,3 +675,45 @@ async def test_realtime_capture_switches(
     await page.get_by_role("status").filter(has_text="are captured").wait_for()
     assert await captured() is True
     assert console.errors == []
+
+
+async def test_realtime_inspector_shows_live_changes_and_filters_by_table(
+    spawn: Any, browser: Any, log_dir: Path
+) -> None:
+    rt_port = free_port()
+    async with spawn(FLUXBASE_REALTIME_PORT=str(rt_port)) as inst:
+        with run_service(["realtime"], inst.env, rt_port, log_dir):
+            api = Api(inst.url)
+            ctx = await browser.new_context()
+            try:
+                user, token = await api.new_user()
+                pid = await api.new_project(token, "live")
+                key = await api.new_key(token, pid, "admin")
+                for q in ("CREATE TABLE a (id int)", "CREATE TABLE b (id int)"):
+                    assert (await api.sql(key, pid, q)).json()["success"]
+                page = await ctx.new_page()
+                console = Console(page)
+                seen: list[str] = []
+                page.on("response", lambda r: seen.append(r.headers.get("content-security-policy", "")))
+                await sign_in(page, inst.url, user["email"])
+                await page.goto(f"{inst.url}/dashboard/p/{pid}/realtime")
+                assert f"connect-src 'self' ws://127.0.0.1:{rt_port};" in seen[-1]
+                await page.get_by_role("button", name="Start").click()
+                await page.get_by_role("status").filter(has_text=f"Live: watching project_{pid}").wait_for()
+                await page.get_by_role("textbox", name="Table").fill("a")
+                assert (await api.sql(key, pid, "INSERT INTO b VALUES (1)")).json()["success"]
+                assert (await api.sql(key, pid, "INSERT INTO a VALUES (42)")).json()["success"]
+                events = page.get_by_role("list", name="Events")
+                await events.get_by_text("INSERT a").wait_for()
+                assert await events.locator("li[data-table=b]").count() == 0  # filtered out
+                await page.get_by_role("button", name="Pause").click()
+                assert (await api.sql(key, pid, "INSERT INTO a VALUES (43)")).json()["success"]
+                await page.get_by_role("button", name="Resume").click()
+                assert (await api.sql(key, pid, "INSERT INTO a VALUES (44)")).json()["success"]
+                await events.get_by_text('{"id":44}').wait_for()
+                texts = await events.locator("li").all_inner_texts()
+                assert not any('"id":43' in t for t in texts), texts  # paused: not shown
+                assert console.errors == []
+            finally:
+                await ctx.close()
+                await api.close()

@@ -1,6 +1,6 @@
-"""Realtime: per-table capture switches and the project's latest event cursor (services.realtime,
-as the API's /api/realtime endpoints). The live event inspector comes next (it needs the realtime
-service's origin in connect-src and a member realtime token)."""
+"""Realtime: per-table capture switches, the latest event cursor, and a live event inspector that
+subscribes to the project's room with a realtime token minted for the member's session
+(services.realtime, as the API's /api/realtime endpoints)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fluxbase.services import realtime
 from fluxbase.services.access import Need
 
 from .web import Dash, form, signed_in
+
+TOKEN_TTL_S = 300  # the inspector subscribes at once; the token is re-checked while subscribed
 
 
 async def _page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
@@ -53,4 +55,23 @@ async def switch(
     return await _page(dash, notice=f"Changes of {table} are {'captured' if on else 'no longer captured'}.")
 
 
-ROUTES = [realtime_page, switch]
+@post("/p/{project_id:str}/realtime-token", status_code=201)
+async def token(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> dict[str, Any]:
+    """A short-lived realtime token for the inspector, as /api/realtime/token mints one for a member
+    session: it reads what the member's SQL scope reads and dies with the session."""
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.READ)
+    assert dash.principal is not None and dash.principal.user is not None
+    minter = realtime.Minter(None, None, dash.principal.user.id, dash.principal.session_id, None)
+    raw, exp = realtime.mint_token(
+        ctx.settings.auth.secret_key, access.project.id, access.sql_scope, None, TOKEN_TTL_S, minter
+    )
+    return {
+        "token": raw,
+        "expiresAt": exp,
+        "url": ctx.settings.realtime_url,
+        "roomId": f"project_{project_id}",
+    }
+
+
+ROUTES = [realtime_page, switch, token]

@@ -11,10 +11,12 @@ compute the token. The Content-Security-Policy allows no inline script and no fr
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar import Request, Response
 from litestar.types import Message, Scope
@@ -27,11 +29,10 @@ COOKIE_PATH = "/dashboard"
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "font-src 'self'; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+    "font-src 'self'; connect-src 'self'{realtime}; form-action 'self'; base-uri 'none'; "
     "frame-ancestors 'none'; object-src 'none'"
 )
 HEADERS: dict[str, str] = {
-    "content-security-policy": CSP,
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
     # Page URLs carry project ids only, but no dashboard URL needs to reach another site.
@@ -45,6 +46,21 @@ _NO_STORE = (b"cache-control", b"no-store")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+@functools.lru_cache(maxsize=8)
+def csp_header(realtime_url: str) -> tuple[bytes, bytes]:
+    """The policy: scripts, styles and connections to this origin only, plus the realtime
+    service's origin for the live event inspector's WebSocket."""
+    parts = urlsplit(realtime_url)
+    origin = f" {parts.scheme}://{parts.netloc}" if parts.scheme in ("ws", "wss") and parts.netloc else ""
+    return b"content-security-policy", CSP.format(realtime=origin).encode()
+
+
+def _realtime_url(scope: Scope) -> str:
+    app = scope.get("app")
+    ctx = getattr(getattr(app, "state", None), "ctx", None)
+    return str(ctx.settings.realtime_url) if ctx is not None else ""
+
+
 def add_headers(message: Message, scope: Scope) -> None:
     """An app `before_send` hook: every /dashboard answer (pages, partials, errors, the router's own
     404s, static files) gets the security headers; all but static assets are `no-store` (a page
@@ -56,7 +72,7 @@ def add_headers(message: Message, scope: Scope) -> None:
         return
     headers = list(message.get("headers", []))  # type: ignore[union-attr]
     names = {h[0].lower() for h in headers}
-    headers += [h for h in _HEADER_BYTES if h[0] not in names]
+    headers += [h for h in (*_HEADER_BYTES, csp_header(_realtime_url(scope))) if h[0] not in names]
     if not path.startswith(COOKIE_PATH + "/static/"):
         headers = [h for h in headers if h[0].lower() != b"cache-control"]
         headers.append(_NO_STORE)

@@ -219,9 +219,72 @@
     zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
   }
 
+  // The live event inspector: a member realtime token, then the project's room over WebSocket.
+  function wireInspector() {
+    const button = document.getElementById("rt-toggle");
+    if (!button) return;
+    const status = document.getElementById("rt-status");
+    const list = document.getElementById("rt-events");
+    const filter = document.getElementById("rt-filter");
+    let socket = null;
+    let paused = false;
+    const show = (kind, table, text) => {
+      if (paused) return;
+      const wanted = filter.value.trim();
+      if (wanted && table !== wanted) return;
+      const li = document.createElement("li");
+      li.setAttribute("data-table", table || "");
+      const op = document.createElement("span");
+      op.className = "op";
+      op.textContent = kind + (table ? " " + table : "");
+      const body = document.createElement("code");
+      body.textContent = text;
+      li.append(new Date().toLocaleTimeString() + " ", op, body);
+      list.prepend(li);
+      while (list.children.length > 200) list.lastChild.remove();
+    };
+    const start = async () => {
+      status.textContent = "Connecting…";
+      const res = await fetch(button.getAttribute("data-token-url"), {
+        method: "POST", headers: { "X-CSRF-Token": csrfToken() }, credentials: "same-origin",
+      });
+      if (!res.ok) { status.textContent = "Could not get a realtime token (HTTP " + res.status + ")."; return; }
+      const grant = await res.json();
+      socket = new WebSocket(grant.url);
+      socket.addEventListener("open", () => {
+        socket.send(JSON.stringify({ type: "subscribe", roomId: grant.roomId, token: grant.token }));
+      });
+      socket.addEventListener("message", (e) => {
+        let msg = {};
+        try { msg = JSON.parse(e.data); } catch (err) { return; }
+        if (msg.type === "subscribed") { status.textContent = "Live: watching " + grant.roomId + "."; }
+        else if (msg.type === "db_event") {
+          const p = msg.payload || {};
+          show(p.operation || "event", p.table, JSON.stringify(p.record !== undefined ? p.record : p));
+        } else if (msg.type === "schema_update") {
+          const p = msg.payload || {};
+          show("schema " + (p.command || ""), p.object || "", "");
+        } else if (msg.type === "error") { status.textContent = "Error: " + (msg.message || msg.code || e.data); }
+      });
+      socket.addEventListener("close", (e) => {
+        status.textContent = "Disconnected (" + e.code + "). Start again to reconnect.";
+        button.textContent = "Start";
+        socket = null;
+      });
+      button.textContent = "Pause";
+    };
+    button.addEventListener("click", () => {
+      if (!socket) { paused = false; start(); return; }
+      paused = !paused;
+      button.textContent = paused ? "Resume" : "Pause";
+      status.textContent = paused ? "Paused: new events are not shown." : "Live.";
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     wireConfirm(document);
     wireEditor();
     wireUploads();
+    wireInspector();
   });
 })();
