@@ -150,6 +150,8 @@ async def run(base: str) -> None:
             await shoot(page, "storage" + label)
             await page.get_by_role("link", name="avatars").click()
             await shoot(page, "storage-bucket" + label)
+            await page.goto(f"{base}/dashboard/p/{pid}/realtime")
+            await shoot(page, "realtime" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/users")
             await shoot(page, "end-users" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/team")
