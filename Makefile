@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test check lint format bench clean
+.PHONY: help venv run test check lint format bench screenshots clean
 
 help: ## List every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +35,9 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 
 bench: $(STAMP) ## Run the SQL-over-HTTP benchmark (README: Benchmarks)
 	$(BIN)/python bench/sql_throughput.py
+
+screenshots: $(STAMP) ## Regenerate docs/screenshots/ (the dashboard in Debian's Chromium)
+	PYTHONPATH=tests $(BIN)/python tests/dashboard_screenshots.py
 
 clean: ## Remove the venv and local dev data
 	rm -rf $(VENV) .fluxbase .pytest_cache .mypy_cache .ruff_cache

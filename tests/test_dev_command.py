@@ -25,6 +25,7 @@ import httpx
 import psutil
 import pytest
 
+from dashboard_support import http_sign_in
 from fluxbase.devstack.procs import free_port
 from support import ROOT, bearer
 
@@ -236,6 +237,13 @@ def test_first_start_prints_working_curl_and_sigint_stops_everything(
         assert body["success"] is True, body
         assert body["result"]["columns"] == ["server_time"], body
         assert body["result"]["rowCount"] == 1, body
+
+        # The dashboard's URL is printed, and the saved credentials sign in to it.
+        assert f"Dashboard   {dev_setup.api_url}/dashboard/" in dev.output()
+        with httpx.Client(timeout=10) as browser:
+            r = http_sign_in(browser, dev_setup.api_url, creds["email"], creds["password"])
+            assert r.status_code == 303 and r.headers["location"] == "/dashboard/", r.text
+            assert "My first project" in browser.get(f"{dev_setup.api_url}/dashboard/").text
 
         # Mail goes to the local catcher, readable where the supervisor says.
         mail_url = f"http://127.0.0.1:{dev_setup.mail_port}/messages"

@@ -345,7 +345,8 @@ def run_dev(environ: Mapping[str, str]) -> int:
             f"curl -s {creds['apiUrl']}/api/execute-sql -H 'Authorization: Bearer {creds['apiKey']}' "
             f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
         )
-        print(f"\n  API         {creds['apiUrl']}   (OpenAPI: {creds['apiUrl']}/schema)")
+        print(f"\n  Dashboard   {creds['apiUrl']}/dashboard/   (sign in with the credentials below)")
+        print(f"  API         {creds['apiUrl']}   (OpenAPI: {creds['apiUrl']}/schema)")
         print(f"  Realtime    {creds['realtimeUrl']}")
         if catch_mail:
             print(

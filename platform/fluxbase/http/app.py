@@ -11,7 +11,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from fluxbase import __version__
+from fluxbase import __version__, dashboard
 from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
 from fluxbase.http.context import AppContext
@@ -183,9 +183,11 @@ def create_app(settings: Settings) -> Litestar:
             await ctx.close()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, dashboard.root, dashboard.router()],
         dependencies={"ctx": Provide(provide_ctx), "caller": Provide(provide_caller)},
         exception_handlers=EXCEPTION_HANDLERS,
+        # Security headers on every /dashboard answer, the 404s the router itself gives included.
+        before_send=[dashboard.security.add_headers],
         on_startup=[startup],
         on_shutdown=[shutdown],
         state=State(),

@@ -1,0 +1,119 @@
+"""The dashboard's browser security: session and CSRF cookies, the CSRF check, response headers.
+
+The session is the same signed, server-revocable session token the API's `/api/auth/login`
+issues (services.accounts), kept in an HttpOnly, SameSite=Strict cookie scoped to /dashboard
+(Secure behind HTTPS) and never exposed to page scripts. Every state-changing request carries a
+CSRF token (a form field or the `X-CSRF-Token` header) that must equal the HMAC of a random
+per-browser cookie under the server secret: a cross-site page can neither read the cookie nor
+compute the token. The Content-Security-Policy allows no inline script and no framing.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import secrets
+from typing import Any
+from urllib.parse import urlsplit
+
+from litestar import Request, Response
+from litestar.types import Message, Scope
+
+SESSION_COOKIE = "fluxbase_session"
+CSRF_COOKIE = "fluxbase_csrf"
+CSRF_FIELD = "_csrf"
+CSRF_HEADER = "x-csrf-token"
+COOKIE_PATH = "/dashboard"
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'{realtime}; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'; object-src 'none'"
+)
+HEADERS: dict[str, str] = {
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    # Page URLs carry project ids only, but no dashboard URL needs to reach another site.
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "permissions-policy": "camera=(), microphone=(), geolocation=()",
+}
+_HEADER_BYTES = [(k.encode(), v.encode()) for k, v in HEADERS.items()]
+_NO_STORE = (b"cache-control", b"no-store")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@functools.lru_cache(maxsize=8)
+def csp_header(realtime_url: str) -> tuple[bytes, bytes]:
+    """The policy: scripts, styles and connections to this origin only, plus the realtime
+    service's origin for the live event inspector's WebSocket."""
+    parts = urlsplit(realtime_url)
+    origin = f" {parts.scheme}://{parts.netloc}" if parts.scheme in ("ws", "wss") and parts.netloc else ""
+    return b"content-security-policy", CSP.format(realtime=origin).encode()
+
+
+def _realtime_url(scope: Scope) -> str:
+    app = scope.get("app")
+    ctx = getattr(getattr(app, "state", None), "ctx", None)
+    return str(ctx.settings.realtime_url) if ctx is not None else ""
+
+
+def add_headers(message: Message, scope: Scope) -> None:
+    """An app `before_send` hook: every /dashboard answer (pages, partials, errors, the router's own
+    404s, static files) gets the security headers; all but static assets are `no-store` (a page
+    may show a key that is shown only once)."""
+    if message["type"] != "http.response.start":
+        return
+    path = str(scope.get("path", ""))
+    if not (path == COOKIE_PATH or path.startswith(COOKIE_PATH + "/")):
+        return
+    headers = list(message.get("headers", []))  # type: ignore[union-attr]
+    names = {h[0].lower() for h in headers}
+    headers += [h for h in (*_HEADER_BYTES, csp_header(_realtime_url(scope))) if h[0] not in names]
+    if not path.startswith(COOKIE_PATH + "/static/"):
+        headers = [h for h in headers if h[0].lower() != b"cache-control"]
+        headers.append(_NO_STORE)
+    message["headers"] = headers  # type: ignore[typeddict-unknown-key]
+
+
+def secure_cookies(request: Request[Any, Any, Any], api_url: str) -> bool:
+    """Secure cookies when the dashboard is reached over HTTPS (directly or as configured)."""
+    return request.url.scheme == "https" or api_url.startswith("https://")
+
+
+def csrf_token(secret: str, basis: str) -> str:
+    mac = hmac.new(secret.encode(), b"dashboard-csrf\x00" + basis.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def new_csrf_basis() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def csrf_ok(secret: str, basis: str | None, presented: str | None) -> bool:
+    if not basis or not presented:
+        return False
+    return hmac.compare_digest(csrf_token(secret, basis), presented)
+
+
+def set_cookie(
+    response: Response[Any], name: str, value: str, *, secure: bool, max_age: int | None = None
+) -> None:
+    response.set_cookie(
+        name,
+        value,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+        max_age=max_age,
+    )
+
+
+def clear_cookie(response: Response[Any], name: str, *, secure: bool) -> None:
+    response.set_cookie(
+        name, "", path=COOKIE_PATH, httponly=True, samesite="strict", secure=secure, max_age=0
+    )
