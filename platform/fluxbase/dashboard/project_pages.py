@@ -131,7 +131,7 @@ async def export(project_id: str, request: Request[Any, Any, Any], ctx: AppConte
     """The API's exportProject, as a download (a GET: it changes nothing)."""
     dash = await signed_in(request, ctx)
     access = await dash.project(project_id, Need.MANAGE)
-    started = await dump.start_export(ctx.settings, access.project.id)
+    started = await dump.start_export(ctx.settings, ctx.db, access.project.id)
     return Stream(
         started.stream(),
         media_type="application/sql",

@@ -49,7 +49,7 @@ from fluxbase.errors import (
     ImportRefused,
 )
 from fluxbase.security.roles import role_password, schema_name
-from fluxbase.services import projects, quota
+from fluxbase.services import migrations, projects, quota
 from fluxbase.services.access import Project
 from fluxbase.services.migrations import Migration
 from fluxbase.services.sqlscript import ScriptError, split_statements
@@ -204,11 +204,10 @@ class Export:
                 await self.proc.wait()
 
 
-async def start_export(
-    settings: Settings, db: asyncpg.Pool, project_id: str, ledger: list[Migration]
-) -> Export:
+async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) -> Export:
     """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot.
-    `ledger` is the project's applied migrations, carried in the export."""
+    The project's applied migrations (its ledger) are carried in the export."""
+    ledger = await migrations.list_migrations(db, project_id)
     parts = urlsplit(settings.database.url)
     host, port = settings.database.server()
     for attempt in range(3):

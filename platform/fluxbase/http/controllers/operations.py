@@ -140,8 +140,7 @@ async def resume_project(project_id: str, ctx: AppContext, caller: Caller) -> di
 @get("/api/projects/{project_id:str}/export", operation_id="exportProject", tags=["operations"])
 async def export_project(project_id: str, ctx: AppContext, caller: Caller) -> Stream:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    ledger = await migrations.list_migrations(ctx.db, access.project.id)
-    export = await dump.start_export(ctx.settings, ctx.db, access.project.id, ledger)
+    export = await dump.start_export(ctx.settings, ctx.db, access.project.id)
     return Stream(
         export.stream(),
         media_type="application/sql",
