@@ -4,11 +4,13 @@ each message is read from the catcher, its link or token followed, and the effec
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -492,3 +494,80 @@ async def test_a_token_works_once_under_concurrency_and_only_in_its_project(env:
         pid,
     )
     assert sessions == 1
+
+
+def _csrf(html: str) -> str:
+    m = re.search(r'name="_csrf" value="([^"]+)"', html)
+    assert m, html[:2000]
+    return m.group(1)
+
+
+async def test_the_account_reset_link_lands_on_a_dashboard_form_that_sets_the_password(env: Env) -> None:
+    user = await env.api.register()
+    r = await post(env, "/api/auth/recover", {"email": user["email"]})
+    assert r.status_code == 202
+    message = await wait_mail(
+        env.catcher, user["email"], lambda m: "Reset your Fluxbase password" in m.subject
+    )
+    link = link_of(message)
+    assert urlsplit(link).path == "/dashboard/reset-password", link
+    async with httpx.AsyncClient(timeout=30) as browser:  # a browser: cookies kept, links followed
+        page = await browser.get(link)
+        assert page.status_code == 200 and 'name="password2"' in page.text
+        token = link_token(link)[1]
+        answer = await browser.post(
+            env.api.base_url + "/dashboard/reset-password",
+            data={
+                "_csrf": _csrf(page.text),
+                "token": token,
+                "password": "new passphrase 42",
+                "password2": "new passphrase 42",
+            },
+            headers={"X-Forwarded-For": random_ip()},
+        )
+        assert answer.status_code == 200 and "Your password is changed" in answer.text, answer.text[:2000]
+        # Once only.
+        again = await browser.post(
+            env.api.base_url + "/dashboard/reset-password",
+            data={
+                "_csrf": _csrf(page.text),
+                "token": token,
+                "password": "other passphrase 43",
+                "password2": "other passphrase 43",
+            },
+        )
+        assert again.status_code == 400 and "INVALID_EMAIL_TOKEN" in again.text
+    assert await env.api.login(user["email"], "new passphrase 42")
+
+
+async def test_the_invitation_link_leads_the_invitee_to_accept_it_in_the_dashboard(env: Env) -> None:
+    pid = await env.api.new_project(env.owner_token, "Linked")
+    invitee, _ = await env.api.new_user()
+    r = await env.api.http.post(
+        "/api/team",
+        json={"projectId": pid, "email": invitee["email"], "role": "viewer"},
+        headers=bearer(env.owner_token),
+    )
+    assert r.status_code == 201, r.text
+    message = await wait_mail(env.catcher, invitee["email"], lambda m: "Linked" in m.subject)
+    link = link_of(message)
+    assert urlsplit(link).path == "/dashboard/invites", link
+    async with httpx.AsyncClient(timeout=30, follow_redirects=True) as browser:
+        page = await browser.get(link)  # not signed in: the sign-in page
+        assert urlsplit(str(page.url)).path == "/dashboard/sign-in" and 'name="password"' in page.text
+        signed = await browser.post(
+            env.api.base_url + "/dashboard/sign-in",
+            data={"_csrf": _csrf(page.text), "email": invitee["email"], "password": invitee["password"]},
+            headers={"X-Forwarded-For": random_ip()},
+        )
+        assert signed.status_code == 200, signed.text[:2000]
+        page = await browser.get(link)
+        assert "Linked" in page.text and "Accept" in page.text, page.text[:3000]
+        invite_id = r.json()["invite"]["id"]
+        accepted = await browser.post(
+            env.api.base_url + f"/dashboard/invites/{invite_id}",
+            data={"_csrf": _csrf(page.text), "status": "accepted"},
+        )
+        assert accepted.status_code == 200
+    team = await env.api.http.get("/api/team", params={"projectId": pid}, headers=bearer(env.owner_token))
+    assert invitee["email"] in {m["email"] for m in team.json()["members"]}

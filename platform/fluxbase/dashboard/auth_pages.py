@@ -13,7 +13,7 @@ from fluxbase.http.edge import client_ip
 from fluxbase.services import accounts
 
 from . import security
-from .web import Dash, form, session_principal
+from .web import Dash, form, session_principal, signed_in
 
 
 def _signed_in_response(dash: Dash, session: accounts.Session) -> Response[Any]:
@@ -104,4 +104,71 @@ async def sign_out(request: Request[Any, Any, Any], ctx: AppContext) -> Response
     return dash.redirect("/sign-in")
 
 
-ROUTES = [sign_in_page, sign_in, setup_page, register_page, register, sign_out]
+@get("/forgot")
+async def forgot_page(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    return Dash(request, ctx).render("account_reset.html", token="", email="")
+
+
+@post("/forgot", status_code=200)
+async def forgot(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """The API's POST /api/auth/recover: the same answer whether or not the address has an account."""
+    dash = Dash(request, ctx)
+    email = (await form(request)).get("email", "")
+    try:
+        await accounts.request_reset(ctx.db, ctx.settings, email, client_ip(request, ctx))
+    except FluxbaseError as exc:
+        return dash.render("account_reset.html", exc.status, error=exc, token="", email=email)
+    notice = f"If {email} has an account, a link to choose a new password is on its way."
+    return dash.render("account_reset.html", notice=notice, token="", email=email)
+
+
+@get("/reset-password")
+async def reset_page(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """Where the account_reset message's link lands (the token is checked when the form is sent)."""
+    token = request.query_params.get("token", "")
+    if not token:
+        return Dash(request, ctx).redirect("/forgot")
+    return Dash(request, ctx).render("account_reset.html", token=token, email="")
+
+
+@post("/reset-password", status_code=200)
+async def reset(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """The API's POST /api/auth/reset-password: every session of the account ends."""
+    dash = Dash(request, ctx)
+    data = await form(request)
+    token = data.get("token", "")
+    if data.get("password", "") != data.get("password2", ""):
+        return dash.render("account_reset.html", 400, error_message="The two passwords differ.", token=token)
+    try:
+        await accounts.reset_password(ctx.db, token, data.get("password", ""))
+    except FluxbaseError as exc:
+        return dash.render("account_reset.html", exc.status, error=exc, token=token)
+    return dash.render(
+        "sign_in.html",
+        notice="Your password is changed. Sign in with it.",
+        email="",
+        registration=ctx.settings.auth.allow_registration,
+    )
+
+
+@get("/invites")
+async def invitation_link(request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """Where an invitation message's link lands: the projects page lists the signed-in user's
+    invitations to accept or reject (signing in first, as the invited address)."""
+    await signed_in(request, ctx)
+    return Dash(request, ctx).redirect("/")
+
+
+ROUTES = [
+    sign_in_page,
+    sign_in,
+    setup_page,
+    register_page,
+    register,
+    sign_out,
+    forgot_page,
+    forgot,
+    reset_page,
+    reset,
+    invitation_link,
+]

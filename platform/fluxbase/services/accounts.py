@@ -183,7 +183,9 @@ async def request_reset(db: asyncpg.Pool, settings: Settings, email: str, client
     ttl = settings.mail.link_ttl_s
     values = {
         "email": email,
-        "link": links.link(settings.api_url.rstrip("/") + "/reset-password", "account_reset", token),
+        "link": links.link(
+            settings.api_url.rstrip("/") + "/dashboard/reset-password", "account_reset", token
+        ),
         "token": token,
         "expires_minutes": str(max(1, ttl // 60)),
     }

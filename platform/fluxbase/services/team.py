@@ -206,7 +206,9 @@ async def invite(
             "email": email,
             "role": role,
             "invite_id": invitation.id,
-            "link": f"{settings.api_url.rstrip('/')}/invites?{urlencode({'invite': invitation.id})}",
+            "link": settings.api_url.rstrip("/")
+            + "/dashboard/invites?"
+            + urlencode({"invite": invitation.id}),
             "expires_hours": str(max(1, settings.auth.invite_ttl_seconds // 3600)),
         }
         message = await outbox.compose(conn, access.project.id, "invite", values)
