@@ -1,0 +1,217 @@
+"""Resource caps that hold against invisible SETs, and outbox bytes counted as the project's
+(issue 15; docs/security.md, "Resource caps" and "Outbox bytes").
+
+The caps: a project admin runs plpgsql, whose dynamic `EXECUTE 'SET …'` and `ALTER ROLE
+CURRENT_USER SET …` the classifier cannot see. Every request's transaction therefore starts with
+the caps asserted (SET LOCAL), each later statement of a batch too, and routine SET clauses that
+would carry a resource setting into every call are refused, also when built dynamically (an
+event trigger). The outbox: capture events are bytes of the project's, counted in its database
+size and refused over its cap, and one event's row images are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from fluxbase.services import realtime
+from support import Api, assert_error, bearer
+from test_attack_review1 import batch, sql
+
+CAP = "16MB"  # the default per-role work_mem cap (FLUXBASE_TENANT_WORK_MEM_KB = 16384)
+
+
+async def _work_mem_and_backend(api: Api, key: str, pid: str) -> tuple[str, int]:
+    body = await sql(
+        api, key, pid, "SELECT current_setting('work_mem') AS w, pg_backend_pid() AS b, pg_sleep(0.3) AS s"
+    )
+    assert body["success"], body
+    row = body["result"]["rows"][0]
+    return row["w"], row["b"]
+
+
+async def test_role_defaults_set_from_plpgsql_do_not_lift_the_caps(api: Api, project: Any) -> None:
+    pid, key = project.id, project.admin_key
+    before = {b for _, b in await asyncio.gather(*(_work_mem_and_backend(api, key, pid) for _ in range(3)))}
+    body = await sql(
+        api,
+        key,
+        pid,
+        "DO $$ BEGIN EXECUTE 'ALTER ROLE CURRENT_USER SET work_mem = ''4GB'''; "
+        "EXECUTE 'ALTER ROLE CURRENT_USER SET hash_mem_multiplier = 1000'; END $$",
+    )
+    assert body["success"], body  # PostgreSQL lets any role change its own defaults
+    # More requests at once than idle connections: some run on backends opened after the change.
+    seen = await asyncio.gather(*(_work_mem_and_backend(api, key, pid) for _ in range(8)))
+    assert {b for _, b in seen} - before, "no new backend was opened"
+    assert {w for w, _ in seen} == {CAP}, seen
+    body = await sql(api, key, pid, "SELECT current_setting('hash_mem_multiplier') AS h")
+    assert body["result"]["rows"][0]["h"] == "2", body
+
+
+async def test_batch_statements_keep_visible_set_local_and_lose_invisible_ones(api: Api, project: Any) -> None:
+    pid, key = project.id, project.admin_key
+    body = await batch(
+        api,
+        key,
+        pid,
+        [
+            "SET LOCAL work_mem = '1MB'",
+            "SET LOCAL statement_timeout = '2s'",
+            "DO $$ BEGIN EXECUTE 'SET LOCAL work_mem = ''4GB'''; "
+            "EXECUTE 'SET LOCAL statement_timeout = 0'; EXECUTE 'SET maintenance_work_mem = ''4GB'''; END $$",
+            "SELECT current_setting('work_mem') AS w, current_setting('statement_timeout') AS t, "
+            "current_setting('maintenance_work_mem') AS m",
+            "RESET work_mem",
+            "SELECT current_setting('work_mem') AS w",
+        ],
+    )
+    assert body["success"], body
+    assert body["results"][3]["rows"] == [{"w": "1MB", "t": "2s", "m": "64MB"}], body
+    assert body["results"][5]["rows"] == [{"w": CAP}], body
+
+
+async def test_routine_set_clauses_of_resource_settings_are_refused_even_when_built_in_plpgsql(
+    api: Api, project: Any
+) -> None:
+    pid, key = project.id, project.admin_key
+    assert (await sql(api, key, pid, "CREATE FUNCTION plain() RETURNS int LANGUAGE sql AS 'SELECT 1'"))["success"]
+    for q in (
+        "CREATE FUNCTION f() RETURNS text LANGUAGE sql SET work_mem FROM CURRENT AS 'SELECT 1::text'",
+        "CREATE FUNCTION f() RETURNS text LANGUAGE sql SET work_mem = '1MB' AS 'SELECT 1::text'",
+        "ALTER FUNCTION plain() SET maintenance_work_mem = '1MB'",
+        "DO $$ BEGIN EXECUTE 'CREATE FUNCTION g() RETURNS text LANGUAGE sql SET work_mem = ''4GB'' "
+        "AS ''SELECT current_setting(''''work_mem'''')'''; END $$",
+        "DO $$ BEGIN EXECUTE 'ALTER FUNCTION plain() SET work_mem = ''4GB'''; END $$",
+        "DO $$ BEGIN EXECUTE 'ALTER ROUTINE plain() SET hash_mem_multiplier = 1000'; END $$",
+        "DO $$ BEGIN EXECUTE 'CREATE PROCEDURE pg_temp.p() LANGUAGE sql SET fluxbase.auth_uid = ''x'' "
+        "AS ''SELECT 1'''; END $$",
+    ):
+        body = await sql(api, key, pid, q)
+        assert not body["success"], (q, body)
+    body = await sql(
+        api, key, pid, "SELECT p.proconfig FROM pg_proc p WHERE p.proname IN ('plain', 'f', 'g')"
+    )
+    assert body["result"]["rows"] == [{"proconfig": None}], body
+    # Other settings in routine SET clauses stay allowed (search_path is the usual one).
+    body = await sql(api, key, pid, "ALTER FUNCTION plain() SET search_path = pg_catalog")
+    assert body["success"], body
+
+
+# -- outbox bytes ------------------------------------------------------------------------------
+
+
+BIG = "(SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, {n}) g)"
+
+
+async def _forging_table(api: Api, key: str, pid: str, chars: int) -> None:
+    """A table whose BEFORE trigger stores nothing in it and hands write_events a `chars`-long
+    image instead: bytes only the outbox holds."""
+    big = BIG.format(n=chars // 32)
+    for q in (
+        "CREATE TABLE src (v text)",
+        "CREATE FUNCTION stuff() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+        f"PERFORM fluxbase_capture.write_events('src'::regclass, 'INSERT', "
+        f"ARRAY[pg_catalog.jsonb_build_object('v', {big})], NULL); RETURN NULL; END $f$",
+        "CREATE TRIGGER stuff BEFORE INSERT ON src FOR EACH ROW EXECUTE FUNCTION stuff()",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+
+
+async def _used(api: Api, pid: str, key: str) -> int:
+    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return int(r.json()["quotas"]["databaseUsedBytes"])
+
+
+async def _outbox(control_db: asyncpg.Pool, pid: str) -> int:
+    return int(
+        await control_db.fetchval(
+            "SELECT coalesce(sum(pg_column_size(record)), 0) FROM fluxbase.events WHERE project_id = $1", pid
+        )
+    )
+
+
+async def test_outbox_bytes_count_in_the_database_size_and_over_the_cap_fail_the_write(
+    api: Api, project: Any, instance_admin: dict[str, Any], control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    await _forging_table(api, key, pid, 200_000)
+    used = await _used(api, pid, key)
+    body = await sql(api, key, pid, "INSERT INTO src SELECT 'x' FROM generate_series(1, 4)")
+    assert body["success"], body
+    grown = await _used(api, pid, key) - used
+    assert grown >= 4 * 200_000, grown  # outbox bytes are the project's
+
+    cap = await _used(api, pid, key) + 300_000
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": cap}, headers=bearer(instance_admin["token"])
+    )
+    assert r.status_code == 200, r.text
+    stored = await _outbox(control_db, pid)
+    r = await api.http.post(
+        "/api/execute-sql",
+        json={"projectId": pid, "query": "INSERT INTO src SELECT 'x' FROM generate_series(1, 4)"},
+        headers=bearer(key),
+    )
+    assert_error(r, 413, "DATABASE_QUOTA_EXCEEDED")
+    assert await _outbox(control_db, pid) == stored  # nothing half-applied
+    # A batch: the same, and its earlier statements are rolled back with it.
+    r = await api.http.post(
+        "/api/execute-batch",
+        json={
+            "projectId": pid,
+            "statements": [{"query": "INSERT INTO src VALUES ('a')"}, {"query": "INSERT INTO src VALUES ('b')"}],
+        },
+        headers=bearer(key),
+    )
+    assert_error(r, 413, "DATABASE_QUOTA_EXCEEDED")
+    assert await _outbox(control_db, pid) == stored
+    # One event under the cap still passes.
+    assert (await sql(api, key, pid, "INSERT INTO src VALUES ('c')"))["success"]
+
+
+async def test_one_event_is_bounded_and_a_large_row_is_still_written(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    assert (await sql(api, key, pid, "CREATE TABLE docs (id int PRIMARY KEY, title text, body text)"))["success"]
+    body = await sql(api, key, pid, f"INSERT INTO docs VALUES (1, 'big', {BIG.format(n=50_000)})")
+    assert body["success"], body  # 1.6 MB: the row is the tenant's, the event is bounded
+    rows = await control_db.fetch(
+        "SELECT record, pg_column_size(record) AS n FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = 'docs' AND kind = 'row'",
+        pid,
+    )
+    assert len(rows) == 1 and rows[0]["n"] < 1_048_576, rows
+    assert rows[0]["record"] == '{"id": 1, "title": "big"}', rows  # the small columns stay
+    # The forged path is bounded the same way.
+    await _forging_table(api, key, pid, 2_000_000)
+    assert (await sql(api, key, pid, "INSERT INTO src VALUES ('x')"))["success"]
+    n = await control_db.fetchval(
+        "SELECT max(pg_column_size(record)) FROM fluxbase.events WHERE project_id = $1 AND table_name = 'src'",
+        pid,
+    )
+    assert n < 1_048_576, n
+
+
+async def test_trimming_the_outbox_gives_its_bytes_back(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    await _forging_table(api, key, pid, 200_000)
+    used = await _used(api, pid, key)
+    assert (await sql(api, key, pid, "INSERT INTO src SELECT 'x' FROM generate_series(1, 3)"))["success"]
+    await realtime.count_outbox_bytes(control_db)  # folded into the per-project counter
+    assert (await sql(api, key, pid, "INSERT INTO src SELECT 'x' FROM generate_series(1, 2)"))["success"]
+    full = await _used(api, pid, key)
+    assert full - used >= 5 * 200_000, (used, full)
+    # Trim everything finished (the folded and the not yet folded events alike).
+    await realtime.trim_events(control_db, max_age_s=0, max_rows=0)
+    assert await _outbox(control_db, pid) == 0
+    after = await _used(api, pid, key)
+    assert abs(after - used) < 50_000, (used, full, after)
+    await realtime.count_outbox_bytes(control_db)
+    assert abs(await _used(api, pid, key) - after) < 50_000
