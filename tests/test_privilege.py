@@ -208,6 +208,10 @@ ALLOWED = {
         "SELECT fluxbase.projects(db_quota_bytes)",
         "EXECUTE fluxbase_guard.tenant_project()",
         "EXECUTE fluxbase_guard.schema_size(text)",
+        # The project's outbox bytes (sql/0022).
+        *(f"SELECT fluxbase.events({c})" for c in ("project_id", "xid", "bytes")),
+        "SELECT fluxbase.outbox_usage",
+        "SELECT fluxbase.outbox_usage_mark",
     },
 }
 

@@ -45,6 +45,7 @@ from fluxbase.tenancy.errors import (
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
+from fluxbase.tenancy.statements import Caps
 
 log = logging.getLogger("fluxbase.tenancy")
 
@@ -126,8 +127,11 @@ def begin_script(
     read_only: bool,
     guard: tuple[bytes, str] | None = None,
     isolation: str = "READ COMMITTED",
+    caps: Caps | None = None,
 ) -> str:
-    """BEGIN, the key guard, the end user's session check and the identity in one round trip."""
+    """BEGIN, the key guard, the end user's session check, the identity and the resource caps
+    (tenancy.statements.ASSERTED: the role's own defaults may have been changed from plpgsql,
+    `ALTER ROLE CURRENT_USER SET work_mem`, which RESET ALL restores) in one round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
     check = ""
     if guard is not None:
@@ -136,7 +140,8 @@ def begin_script(
         sid, project = (quote_literal(v) for v in identity.user_session)
         uid = quote_literal(identity.uid or "")
         check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
-    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}"
+    limits = f"; {caps.script()}" if caps is not None else ""
+    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}{limits}"
 
 
 # Command tags of statements that end the transaction they run in (even when AND CHAIN
@@ -188,8 +193,10 @@ class Tx:
         identity: Identity,
         may_write: bool = False,
         quota_of: tuple[str, int, SizeCache] | None = None,
+        caps: Caps | None = None,
     ):
         self.conn = conn
+        self.caps = caps
         self.limits = limits
         self.identity = identity
         self.index: int | None = None  # the statement running now (for error messages)
@@ -248,10 +255,16 @@ class Tx:
         except asyncpg.PostgresError as exc:
             raise self._failed(exc) from None
 
-    async def reassert_identity(self) -> None:
-        """Set the request identity again (a batch does this before each later statement)."""
+    async def reassert(self, carried: dict[str, str] | None = None) -> None:
+        """Set the request identity and the caps again, the caps at the values the request SET
+        visibly (`carried`): a batch does this before each later statement, so nothing a
+        statement changed unseen (plpgsql's `EXECUTE 'SET …'`, an aggregate over set_config)
+        outlives it."""
+        script = identity_script(self.identity)
+        if self.caps is not None:
+            script += "; " + self.caps.script(carried)
         try:
-            await self.conn.execute(identity_script(self.identity))
+            await self.conn.execute(script)
         except Exception as exc:
             raise self._failed(exc) from None
 
@@ -385,11 +398,13 @@ async def transaction(
     the project's switch.
     """
     scope = req.scope
+    caps = pools.statements.caps
     begin = begin_script(
         req.identity,
         read_only or (req.project_read_only and req.guard is None) or scope == "read",
         req.guard,
         isolation,
+        caps,
     )
     may_write = scope != "read" and not read_only
     quota_of = None
@@ -398,7 +413,7 @@ async def transaction(
     txs: list[Tx] = []
 
     async def run(conn: Any) -> T:
-        tx = Tx(conn, req.limits, req.identity, may_write, quota_of)
+        tx = Tx(conn, req.limits, req.identity, may_write, quota_of, caps)
         txs.append(tx)
         return await _in_transaction(tx, begin, work)
 
@@ -435,14 +450,16 @@ class Fallback(Exception):
 
 
 async def _one_round_trip(
-    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
+    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str, caps: Caps
 ) -> StatementResult:
-    """Reset, identity, guard and the statement as one implicit transaction."""
+    """Reset, identity, caps, guard and the statement as one implicit transaction."""
     prefix = getattr(conn, "request_prefix", None)
     if prefix is None:
         claims = base_claims(req.scope, req.project_id)
         fixed = identity_statements(Identity(None, claims, req.scope))
-        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(conn, fixed, claims)
+        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(
+            conn, fixed, claims, caps.statements()
+        )
     identity = req.identity
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
         who = prefix.anonymous
@@ -451,6 +468,7 @@ async def _one_round_trip(
     head = b"".join(
         (
             prefix.reset,
+            prefix.limits,
             who,
             prefix.checks(
                 req.project_id,
@@ -516,7 +534,11 @@ def one_round_trip(
 ) -> Awaitable[StatementResult]:
     """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
     return on_connection(
-        pools, control, req, lambda conn: _one_round_trip(conn, req, query, params, keyword), pipelined=True
+        pools,
+        control,
+        req,
+        lambda conn: _one_round_trip(conn, req, query, params, keyword, pools.statements.caps),
+        pipelined=True,
     )
 
 
@@ -541,8 +563,13 @@ async def admin_session(
     ok = False
     try:
         await clean(conn)
+        # The caps, as for requests (the admin role's own defaults may have been changed from
+        # plpgsql); VACUUM, outside a transaction, gets them for the session until the reset.
+        caps = pools.statements.caps
         if begin is not None:
-            await conn.execute(begin)
+            await conn.execute(f"{begin}; {caps.script()}")
+        else:
+            await conn.execute(caps.script(local=False))
         yield conn
         if begin is not None:
             if not conn.is_in_transaction():
