@@ -58,8 +58,9 @@ DROP FUNCTION IF EXISTS fluxbase_guard.visible_rows(text, text[], text[], text[]
 --     plus the bytes of its events at or above the mark (those since the last fold: an index
 --     range of the project's newest events, never a full scan). Writers update no shared row:
 --     nothing serialises a project's concurrent writers;
---   * `schema_size` (databaseUsedBytes, and the quota check before COMMIT) includes them, and a
---     transaction that wrote outbox bytes counts as growing: over the cap it fails with FX413
+--   * databaseUsedBytes and the quota check before COMMIT add them (`outbox_bytes`) to
+--     `schema_size`, and a transaction that wrote outbox bytes counts as growing (but see
+--     check_db_quota for deleting over the cap): over the cap it fails with FX413
 --     (DATABASE_QUOTA_EXCEEDED), its events rolled back with it.
 
 ALTER TABLE fluxbase.events ADD COLUMN IF NOT EXISTS bytes integer;
@@ -160,9 +161,10 @@ BEGIN
         RAISE EXCEPTION 'fluxbase_capture.write_schema_event: only the project''s admin role announces its DDL'
             USING ERRCODE = '42501';
     END IF;
-    -- Built by the DDL event triggers, but an admin may call this directly: bounded as row events.
-    rec := CASE WHEN pg_catalog.pg_column_size(p_record) > 1048576
-                THEN fluxbase_capture.small_fields(p_record) ELSE p_record END;
+    -- Built by the DDL event triggers (a few hundred bytes), but an admin may call this directly:
+    -- over 8 KiB, only the small fields stay.
+    rec := CASE WHEN pg_catalog.pg_column_size(p_record) > 8192
+                THEN coalesce(fluxbase_capture.small_fields(p_record), '{}'::jsonb) ELSE p_record END;
     INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, bytes)
     VALUES (m[1], 'schema', p_table, p_command, rec, coalesce(pg_catalog.pg_column_size(rec), 0));
     IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
@@ -171,43 +173,25 @@ BEGIN
 END
 $$;
 
--- The project's size: its relations and catalog rows (sql/0020) and its outbox bytes.
-CREATE OR REPLACE FUNCTION fluxbase_guard.schema_size(p_project_id text) RETURNS bigint
+-- The project's outbox bytes: its counter plus its events since the last fold.
+CREATE OR REPLACE FUNCTION fluxbase_guard.outbox_bytes(p_project_id text) RETURNS bigint
     LANGUAGE sql STABLE SECURITY INVOKER
     SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH ns AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'p_' || p_project_id),
-    rels AS (SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT oid FROM ns))
-    SELECT (
-        coalesce((SELECT sum(pg_catalog.pg_total_relation_size(c.oid)) FROM pg_catalog.pg_class c
-                  WHERE c.relnamespace = (SELECT oid FROM ns) AND c.relkind IN ('r', 'm', 'S')), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(p.*)) FROM pg_catalog.pg_proc p
-                  WHERE p.pronamespace = (SELECT oid FROM ns)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(t.*)) FROM pg_catalog.pg_type t
-                  WHERE t.typnamespace = (SELECT oid FROM ns)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(d.*)) FROM pg_catalog.pg_description d
-                  WHERE d.objoid IN (SELECT oid FROM rels)
-                     OR d.objoid IN (SELECT p.oid FROM pg_catalog.pg_proc p
-                                     WHERE p.pronamespace = (SELECT oid FROM ns))
-                     OR d.objoid IN (SELECT t.oid FROM pg_catalog.pg_type t
-                                     WHERE t.typnamespace = (SELECT oid FROM ns))), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(r.*)) FROM pg_catalog.pg_rewrite r
-                  WHERE r.ev_class IN (SELECT oid FROM rels)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(a.*)) FROM pg_catalog.pg_attrdef a
-                  WHERE a.adrelid IN (SELECT oid FROM rels)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(k.*)) FROM pg_catalog.pg_constraint k
-                  WHERE k.connamespace = (SELECT oid FROM ns)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(y.*)) FROM pg_catalog.pg_policy y
-                  WHERE y.polrelid IN (SELECT oid FROM rels)), 0)
-      + coalesce((SELECT sum(pg_catalog.pg_column_size(g.*)) FROM pg_catalog.pg_trigger g
-                  WHERE g.tgrelid IN (SELECT oid FROM rels)), 0)
-      + coalesce((SELECT u.bytes FROM fluxbase.outbox_usage u WHERE u.project_id = p_project_id), 0)
-      + coalesce((SELECT sum(e.bytes) FROM fluxbase.events e
-                  WHERE e.project_id = p_project_id
-                    AND e.xid >= (SELECT k.counted_to_xid FROM fluxbase.outbox_usage_mark k)), 0)
-    )::bigint
+    SELECT (coalesce((SELECT u.bytes FROM fluxbase.outbox_usage u WHERE u.project_id = p_project_id), 0)
+          + coalesce((SELECT sum(e.bytes) FROM fluxbase.events e
+                      WHERE e.project_id = p_project_id
+                        AND e.xid >= (SELECT k.counted_to_xid FROM fluxbase.outbox_usage_mark k)), 0))::bigint
 $$;
+REVOKE ALL ON FUNCTION fluxbase_guard.outbox_bytes(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fluxbase_guard.outbox_bytes(text) TO fluxbase_guard_quota;
 
+-- The size the cap bounds: the project's relations and catalog rows (schema_size, sql/0020) and
+-- its outbox bytes. A transaction that wrote outbox bytes grows the project, except for what
+-- deleting over the cap must be able to write: DELETE events up to four times what its deleted
+-- rows occupy (two images each, jsonb against the row's share of the table with its TOAST and
+-- indexes; a BEFORE trigger that deletes nothing earns nothing), and schema events up to 8 KiB
+-- per relation it dropped.
 CREATE OR REPLACE FUNCTION fluxbase_guard.check_db_quota() RETURNS bigint
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -217,6 +201,10 @@ DECLARE
     cap   bigint;
     size  bigint;
     grew  bigint;
+    o_rows bigint;
+    o_deletes bigint;
+    o_schema bigint;
+    freed bigint := 0;
 BEGIN
     IF pg_catalog.pg_current_xact_id_if_assigned() IS NULL THEN
         RETURN NULL;
@@ -230,7 +218,7 @@ BEGIN
     -- transactions' counts until the next stats flush (at most ~10 s later when idle); force
     -- that flush when this transaction ends, so the counters the next one sees are its own.
     PERFORM pg_catalog.pg_stat_force_next_flush();
-    size := fluxbase_guard.schema_size(pid);
+    size := fluxbase_guard.schema_size(pid) + fluxbase_guard.outbox_bytes(pid);
     IF size <= cap THEN
         RETURN size;
     END IF;
@@ -249,10 +237,30 @@ BEGIN
                       'pg_catalog.pg_constraint', 'pg_catalog.pg_policy',
                       'pg_catalog.pg_trigger']::pg_catalog.regclass[]) AS r;
     -- Outbox events this transaction wrote for the project (its own, by the xid index).
-    IF grew = 0 AND EXISTS (SELECT 1 FROM fluxbase.events e
-                            WHERE e.xid = pg_catalog.pg_current_xact_id() AND e.project_id = pid
-                              AND e.bytes > 0) THEN
-        grew := 1;
+    IF grew = 0 THEN
+        SELECT coalesce(sum(e.bytes) FILTER (WHERE e.kind = 'row' AND e.operation <> 'DELETE'), 0),
+               coalesce(sum(e.bytes) FILTER (WHERE e.kind = 'row' AND e.operation = 'DELETE'), 0),
+               coalesce(sum(e.bytes) FILTER (WHERE e.kind = 'schema'), 0)
+        INTO o_rows, o_deletes, o_schema
+        FROM fluxbase.events e
+        WHERE e.xid = pg_catalog.pg_current_xact_id() AND e.project_id = pid;
+        IF o_deletes > 0 THEN
+            SELECT coalesce(sum(4 * LEAST(
+                       pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)::numeric
+                           * pg_catalog.pg_total_relation_size(c.oid)
+                           / GREATEST(c.reltuples::numeric, pg_catalog.pg_stat_get_live_tuples(c.oid)
+                                      + pg_catalog.pg_stat_get_dead_tuples(c.oid), 1),
+                       pg_catalog.pg_total_relation_size(c.oid)::numeric)), 0)::bigint
+            INTO freed
+            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'p_' || pid AND c.relkind IN ('r', 'p');
+            o_deletes := GREATEST(o_deletes - freed, 0);
+        END IF;
+        IF o_schema > 0 THEN
+            o_schema := GREATEST(o_schema - 8192 * pg_catalog.pg_stat_get_xact_tuples_deleted(
+                                     'pg_catalog.pg_class'::pg_catalog.regclass), 0);
+        END IF;
+        grew := o_rows + o_deletes + o_schema;
     END IF;
     IF grew > 0 THEN
         RAISE EXCEPTION 'Database size % bytes exceeds the project''s limit of % bytes', size, cap
@@ -262,5 +270,5 @@ BEGIN
 END
 $$;
 
-GRANT SELECT (project_id, xid, bytes) ON fluxbase.events TO fluxbase_guard_quota;
+GRANT SELECT (project_id, xid, kind, operation, bytes) ON fluxbase.events TO fluxbase_guard_quota;
 GRANT SELECT ON fluxbase.outbox_usage, fluxbase.outbox_usage_mark TO fluxbase_guard_quota;

@@ -240,3 +240,41 @@ async def test_trimming_the_outbox_gives_its_bytes_back(spawn: Any, stack: Any) 
         finally:
             await db.close()
             await api.close()
+
+
+async def test_deleting_over_the_cap_writes_its_delete_events_but_forged_ones_are_refused(
+    api: Api, project: Any, instance_admin: dict[str, Any], control_db: asyncpg.Pool
+) -> None:
+    pid, key = project.id, project.admin_key
+    for q in (
+        "CREATE TABLE rows (id int PRIMARY KEY, v text)",
+        "INSERT INTO rows SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 300) g",
+        "CREATE TABLE fake (v text)",
+        "INSERT INTO fake VALUES ('one')",
+        "CREATE FUNCTION forge() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+        "PERFORM fluxbase_capture.write_events('fake'::regclass, 'DELETE', "
+        f"ARRAY[pg_catalog.jsonb_build_object('v', {BIG.format(n=6_000)})], NULL); RETURN NULL; END $f$",
+        "CREATE TRIGGER forge BEFORE DELETE ON fake FOR EACH ROW EXECUTE FUNCTION forge()",
+    ):
+        assert (await sql(api, key, pid, q))["success"], q
+    cap = await _used(api, pid, key) - 1  # over the cap from here on
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas",
+        json={"databaseBytes": cap},
+        headers=bearer(instance_admin["token"]),
+    )
+    assert r.status_code == 200, r.text
+    assert_error(await api.sql(key, pid, "INSERT INTO rows VALUES (0, 'x')"), 413, "DATABASE_QUOTA_EXCEEDED")
+    # A DELETE event per deleted row (its record and old image) is what deleting must write.
+    body = await sql(api, key, pid, "DELETE FROM rows WHERE id <= 200")
+    assert body["success"], body
+    deletes = await control_db.fetchval(
+        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND table_name = 'rows' "
+        "AND operation = 'DELETE'",
+        pid,
+    )
+    assert deletes == 200
+    # A BEFORE trigger that deletes nothing but hands write_events a DELETE event earns nothing.
+    stored = await _outbox(control_db, pid)
+    assert_error(await api.sql(key, pid, "DELETE FROM fake"), 413, "DATABASE_QUOTA_EXCEEDED")
+    assert await _outbox(control_db, pid) == stored

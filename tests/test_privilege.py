@@ -209,7 +209,8 @@ ALLOWED = {
         "EXECUTE fluxbase_guard.tenant_project()",
         "EXECUTE fluxbase_guard.schema_size(text)",
         # The project's outbox bytes (sql/0022).
-        *(f"SELECT fluxbase.events({c})" for c in ("project_id", "xid", "bytes")),
+        *(f"SELECT fluxbase.events({c})" for c in ("project_id", "xid", "kind", "operation", "bytes")),
+        "EXECUTE fluxbase_guard.outbox_bytes(text)",
         "SELECT fluxbase.outbox_usage",
         "SELECT fluxbase.outbox_usage_mark",
     },

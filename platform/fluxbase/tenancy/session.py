@@ -129,9 +129,8 @@ def begin_script(
     isolation: str = "READ COMMITTED",
     caps: Caps | None = None,
 ) -> str:
-    """BEGIN, the key guard, the end user's session check, the identity and the resource caps
-    (tenancy.statements.ASSERTED: the role's own defaults may have been changed from plpgsql,
-    `ALTER ROLE CURRENT_USER SET work_mem`, which RESET ALL restores) in one round trip."""
+    """BEGIN, the key guard, the end user's session check, the identity and (given) the resource
+    caps in one round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
     check = ""
     if guard is not None:
@@ -159,6 +158,13 @@ class TransactionEnded(StatementFailed):
             "0A000",
             index,
         )
+
+
+def over_caps(conn: Any) -> bool:
+    """Whether `conn` logged in with settings above the caps (tenancy.pools.login_over_caps):
+    then every transaction on it starts with the caps asserted. (RESET ALL, at each request's
+    start, goes back to the login values: within a session nothing else can leave them raised.)"""
+    return bool(getattr(conn, "over_caps", True))
 
 
 # -- acquire and termination ------------------------------------------------------------------
@@ -404,8 +410,8 @@ async def transaction(
         read_only or (req.project_read_only and req.guard is None) or scope == "read",
         req.guard,
         isolation,
-        caps,
     )
+    begin_over_caps = f"{begin}; {caps.script()}"
     may_write = scope != "read" and not read_only
     quota_of = None
     if may_write and req.db_quota and req.sizes is not None:
@@ -415,7 +421,7 @@ async def transaction(
     async def run(conn: Any) -> T:
         tx = Tx(conn, req.limits, req.identity, may_write, quota_of, caps)
         txs.append(tx)
-        return await _in_transaction(tx, begin, work)
+        return await _in_transaction(tx, begin_over_caps if over_caps(conn) else begin, work)
 
     return await on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
 
@@ -458,9 +464,10 @@ async def _one_round_trip(
         claims = base_claims(req.scope, req.project_id)
         fixed = identity_statements(Identity(None, claims, req.scope))
         prefix = conn.request_prefix = await wire.RequestPrefix.prepare(
-            conn, fixed, claims, caps.statements()
+            conn, fixed, claims, caps.statements() if over_caps(conn) else ()
         )
     identity = req.identity
+    caps_steps = prefix.limits if over_caps(conn) else b""
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
         who = prefix.anonymous
     else:
@@ -468,7 +475,7 @@ async def _one_round_trip(
     head = b"".join(
         (
             prefix.reset,
-            prefix.limits,
+            caps_steps,
             who,
             prefix.checks(
                 req.project_id,
@@ -567,8 +574,8 @@ async def admin_session(
         # plpgsql); VACUUM, outside a transaction, gets them for the session until the reset.
         caps = pools.statements.caps
         if begin is not None:
-            await conn.execute(f"{begin}; {caps.script()}")
-        else:
+            await conn.execute(f"{begin}; {caps.script()}" if over_caps(conn) else begin)
+        elif over_caps(conn):
             await conn.execute(caps.script(local=False))
         yield conn
         if begin is not None:
