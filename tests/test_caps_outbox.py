@@ -96,7 +96,11 @@ async def test_routine_set_clauses_of_resource_settings_are_refused_even_when_bu
         body = await sql(api, key, pid, q)
         assert not body["success"], (q, body)
     body = await sql(
-        api, key, pid, "SELECT p.proconfig FROM pg_proc p WHERE p.proname IN ('plain', 'f', 'g')"
+        api,
+        key,
+        pid,
+        "SELECT p.proconfig FROM pg_proc p WHERE p.proname IN ('plain', 'f', 'g') "
+        "AND p.pronamespace = current_schema()::regnamespace",
     )
     assert body["result"]["rows"] == [{"proconfig": None}], body
     # Other settings in routine SET clauses stay allowed (search_path is the usual one).

@@ -7,7 +7,10 @@ deadline; platform-driven work on a project's objects (migrations, import, vacuu
 management) runs in `admin_session` on the project's admin role. Every path acquires through
 `acquire` (an exhausted pool is 503 DATABASE_CONNECTION_ERROR, never a wait without bound), and
 hands back only a connection that is out of any transaction with its session reset: anything
-else is terminated.
+else is terminated. The resource caps hold against what the classifier cannot see (plpgsql's
+`EXECUTE 'SET …'`, a role's own `ALTER ROLE CURRENT_USER SET`): a connection that logged in
+above them gets them asserted at every transaction's start, and a batch's later statements
+start with the identity and the caps set again (docs/security.md, "Resource caps").
 """
 
 from __future__ import annotations
@@ -127,10 +130,8 @@ def begin_script(
     read_only: bool,
     guard: tuple[bytes, str] | None = None,
     isolation: str = "READ COMMITTED",
-    caps: Caps | None = None,
 ) -> str:
-    """BEGIN, the key guard, the end user's session check, the identity and (given) the resource
-    caps in one round trip."""
+    """BEGIN, the key guard, the end user's session check and the identity in one round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
     check = ""
     if guard is not None:
@@ -139,8 +140,7 @@ def begin_script(
         sid, project = (quote_literal(v) for v in identity.user_session)
         uid = quote_literal(identity.uid or "")
         check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
-    limits = f"; {caps.script()}" if caps is not None else ""
-    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}{limits}"
+    return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}"
 
 
 # Command tags of statements that end the transaction they run in (even when AND CHAIN
@@ -411,7 +411,7 @@ async def transaction(
         req.guard,
         isolation,
     )
-    begin_over_caps = f"{begin}; {caps.script()}"
+    begin_over_caps = f"{begin}; {caps.script()}"  # a connection that logged in above the caps
     may_write = scope != "read" and not read_only
     quota_of = None
     if may_write and req.db_quota and req.sizes is not None:
