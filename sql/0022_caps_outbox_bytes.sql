@@ -97,7 +97,9 @@ AS $$
 DECLARE
     m text[];
     ident text[];
-    rec jsonb;
+    v_rec jsonb;
+    v_old jsonb;
+    v_n integer;
 BEGIN
     IF pg_catalog.pg_trigger_depth() < 1 THEN
         RAISE EXCEPTION 'fluxbase_capture.write_events may only be called by the capture triggers'
@@ -115,23 +117,39 @@ BEGIN
         RAISE EXCEPTION 'fluxbase_capture.write_events: not a table of the calling project' USING ERRCODE = '42501';
     END IF;
     IF p_operation = 'TRUNCATE' THEN
-        rec := pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]);
+        v_rec := pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]);
         INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, bytes)
-        VALUES (m[1], 'schema', ident[2], 'TRUNCATE', rec, pg_catalog.pg_column_size(rec));
+        VALUES (m[1], 'schema', ident[2], 'TRUNCATE', v_rec, pg_catalog.pg_column_size(v_rec));
     ELSIF p_operation IN ('INSERT', 'UPDATE', 'DELETE') THEN
-        -- (multi-argument unnest: FROM only, unqualified)
-        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
-        SELECT m[1], 'row', ident[2], p_operation, s.r, s.o,
-               coalesce(pg_catalog.pg_column_size(s.r), 0) + coalesce(pg_catalog.pg_column_size(s.o), 0)
-        FROM unnest(p_records, p_olds) AS u(r, o)
-        CROSS JOIN LATERAL (
-            SELECT coalesce(pg_catalog.pg_column_size(u.r), 0) + coalesce(pg_catalog.pg_column_size(u.o), 0)
-                   > 1048576 AS big) AS b
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN b.big THEN fluxbase_capture.small_fields(u.r) ELSE u.r END AS r,
-                   CASE WHEN b.big THEN fluxbase_capture.small_fields(u.o) ELSE u.o END AS o) AS s;
-        IF NOT FOUND THEN
-            RETURN;
+        IF pg_catalog.cardinality(p_records) = 1 THEN
+            -- One image (pair): the row-level UPDATE trigger calls this for every row, so no
+            -- set-returning query here.
+            v_rec := p_records[1];
+            v_old := p_olds[1];
+            v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            IF v_n > 1048576 THEN
+                v_rec := fluxbase_capture.small_fields(v_rec);
+                v_old := fluxbase_capture.small_fields(v_old);
+                v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            END IF;
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
+        ELSE
+            -- (multi-argument unnest: FROM only, unqualified)
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            SELECT m[1], 'row', ident[2], p_operation, s.r, s.o,
+                   CASE WHEN s.n > 1048576
+                        THEN coalesce(pg_catalog.pg_column_size(s.r), 0) + coalesce(pg_catalog.pg_column_size(s.o), 0)
+                        ELSE s.n END
+            FROM (SELECT CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.r) ELSE u.r END AS r,
+                         CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.o) ELSE u.o END AS o,
+                         u.n
+                  FROM (SELECT x.r, x.o, coalesce(pg_catalog.pg_column_size(x.r), 0)
+                                         + coalesce(pg_catalog.pg_column_size(x.o), 0) AS n
+                        FROM unnest(p_records, p_olds) AS x(r, o)) AS u) AS s;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
         END IF;
     ELSE
         RAISE EXCEPTION 'fluxbase_capture.write_events: unknown operation' USING ERRCODE = '22023';
