@@ -282,3 +282,37 @@ async def test_deleting_over_the_cap_writes_its_delete_events_but_forged_ones_ar
     stored = await _outbox(control_db, pid)
     assert_error(await api.sql(key, pid, "DELETE FROM fake"), 413, "DATABASE_QUOTA_EXCEEDED")
     assert await _outbox(control_db, pid) == stored
+
+
+async def test_batch_reassertion_rides_with_each_statement(api: Api, project: Any) -> None:
+    """The identity and caps go out in the statement's own round trip (tenancy.session.Tx.run):
+    also for a statement too long to be prepared by name, a later statement whose parameters the
+    driver refuses, and a later statement cut at the row cap."""
+    pid, key = project.id, project.admin_key
+    raise_it = "DO $$ BEGIN EXECUTE 'SET LOCAL work_mem = ''4GB'''; END $$"
+    long_probe = "SELECT current_setting('work_mem') AS w -- " + "x" * 16_000
+    body = await batch(
+        api, key, pid, [raise_it, long_probe, raise_it, "SELECT current_setting('work_mem') AS w"]
+    )
+    assert body["success"], body
+    assert [r["rows"] for r in body["results"][1::2]] == [[{"w": CAP}], [{"w": CAP}]], body
+    r = await api.http.post(
+        "/api/execute-batch",
+        json={
+            "projectId": pid,
+            "statements": [{"query": raise_it}, {"query": "SELECT $1::int4 AS n", "params": [2**40]}],
+        },
+        headers=bearer(key),
+    )
+    assert not r.json()["success"] and "int32" in r.json()["error"]["message"], r.text  # SQL envelope
+    # The connection is still good for the next requests.
+    for _ in range(3):
+        assert (await batch(api, key, pid, ["SELECT 1 AS one", "SELECT 2 AS two"]))["results"][1]["rows"] == [
+            {"two": 2}
+        ]
+    many = "SELECT g FROM generate_series(1, 100000) g"
+    body = await batch(api, key, pid, [many, many])
+    first, second = body["results"]
+    assert {k: v for k, v in first.items() if k != "rows"} == {
+        k: v for k, v in second.items() if k != "rows"
+    }, body

@@ -105,11 +105,10 @@ async def execute_batch(
         carried: dict[str, str] = {}  # capped settings the batch SET visibly, as it SET them
         for i, s in enumerate(statements):
             tx.index = i
-            if i:
-                # Whatever statement i-1 did to the settings unseen, statement i runs with the
-                # request's identity and caps (and what the batch SET visibly).
-                await tx.reassert(carried)
-            out.append(await tx.run(s.query, s.params, keywords[i]))
+            # Whatever statement i-1 did to the settings unseen, statement i runs with the
+            # request's identity and caps (and what the batch SET visibly), set in its round trip.
+            before = tx.reasserting(carried) if i else ()
+            out.append(await tx.run(s.query, s.params, keywords[i], before))
             for st in verdicts[i].statements:
                 classification.carried_settings(st, carried)
         return out

@@ -219,13 +219,37 @@ class Tx:
             return exc  # the transaction runner retries once
         return statement_error(exc, self.may_write, self.index)
 
-    async def run(self, query: str, params: list[Any], keyword: str = "") -> StatementResult:
-        """Run one statement with the row cap and the request's remaining byte budget."""
+    async def run(
+        self, query: str, params: list[Any], keyword: str = "", before: tuple[str, ...] = ()
+    ) -> StatementResult:
+        """Run one statement with the row cap and the request's remaining byte budget; `before`
+        (statements without parameters or rows: `reasserting`) runs first, in the same round
+        trip where the statement is prepared by name."""
         conn = self.conn
+        limit = self.limits.max_rows + 1
         try:
             stmt = await wire.prepare(conn, query)
             args = adapt_params(wire.parameter_types(stmt), params)
-            rows, status, completed = await wire.execute(conn, stmt, args, self.limits.max_rows + 1)
+            if before and not wire.named(stmt):
+                # A simple query destroys the unnamed statement: run `before`, then parse again.
+                await conn.execute("; ".join(before))
+                stmt = await wire.prepare(conn, query)
+                before = ()
+            if before:
+                drain = await wire.prepare(conn, wire.DRAIN)
+                wire.write(conn, b"".join(wire.parse_bind_execute(sql) for sql in before))
+                try:
+                    rows, status, completed = await wire.execute(conn, stmt, args, limit)
+                except asyncpg.DataError:
+                    # Refused while encoding, before the driver wrote anything: end the steps
+                    # already written (their outcome is moot: the statement failed).
+                    with contextlib.suppress(asyncpg.PostgresError):
+                        await wire.execute(conn, drain, [], 0)
+                    raise
+                if len(rows) >= limit:
+                    status = None  # the portal was suspended: the last command tag is a step's
+            else:
+                rows, status, completed = await wire.execute(conn, stmt, args, limit)
         except Exception as exc:
             raise self._failed(exc) from None
         if not conn.is_in_transaction() or (status is not None and status.startswith(_ENDED)):
@@ -261,18 +285,13 @@ class Tx:
         except asyncpg.PostgresError as exc:
             raise self._failed(exc) from None
 
-    async def reassert(self, carried: dict[str, str] | None = None) -> None:
-        """Set the request identity and the caps again, the caps at the values the request SET
-        visibly (`carried`): a batch does this before each later statement, so nothing a
-        statement changed unseen (plpgsql's `EXECUTE 'SET …'`, an aggregate over set_config)
-        outlives it."""
-        script = identity_script(self.identity)
-        if self.caps is not None:
-            script += "; " + self.caps.script(carried)
-        try:
-            await self.conn.execute(script)
-        except Exception as exc:
-            raise self._failed(exc) from None
+    def reasserting(self, carried: dict[str, str] | None = None) -> tuple[str, ...]:
+        """The request identity and the caps, the caps at the values the request SET visibly
+        (`carried`), for `run(before=...)`: a batch sets them again before each later statement,
+        so nothing a statement changed unseen (plpgsql's `EXECUTE 'SET …'`, an aggregate over
+        set_config) outlives it."""
+        caps = self.caps.statements(carried) if self.caps is not None else ()
+        return (*identity_statements(self.identity), *caps)
 
 
 async def _begin(conn: Any, begin: str) -> None:

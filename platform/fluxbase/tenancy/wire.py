@@ -181,6 +181,17 @@ async def prepare(conn: Any, query: str) -> Any:
     return await conn._get_statement(query, None)
 
 
+def named(stmt: Any) -> bool:
+    """Whether asyncpg prepared `stmt` by name: it parses statements longer than its cache size
+    unnamed, and a pipelined step's own (unnamed) Parse would replace them."""
+    return bool(stmt.name)
+
+
+# A statement run only to end a pipeline whose own statement was never sent (Bind refused while
+# encoding its parameters): its Sync ends the implicit run of the steps written before it.
+DRAIN = "SELECT WHERE false"
+
+
 def parameter_types(stmt: Any) -> Sequence[Any]:
     """The statement's parameter types (each with `.name`)."""
     return stmt._get_parameters()  # type: ignore[no-any-return]
