@@ -518,12 +518,6 @@ async def test_db_quota_counts_bytes_kept_in_the_catalogs(
 # -- 12. admin keys: caps and identity enforced only on what the classifier sees -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: admin roles keep plpgsql and set_config (sql/0007); a DO block's EXECUTE, or an "
-    "aggregate whose SFUNC is set_config, sets work_mem/statement_timeout (USERSET) past the caps: the "
-    "classifier sees neither (the identity is re-asserted before the next batch statement)",
-)
 async def test_admin_key_cannot_escape_caps_or_identity_without_a_visible_set(api: Api, project: Any) -> None:
     pid, key = project.id, project.admin_key
     probe = "SELECT current_setting('work_mem') AS w, auth.uid() AS u"

@@ -207,12 +207,6 @@ async def test_replay_from_the_beginning_shows_only_the_own_project(api: Api, pr
 # -- 3. the outbox as storage outside the quota ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: write_events stores any jsonb a trigger hands it in the shared outbox; a "
-    "BEFORE trigger that returns NULL stores nothing in the project's tables, so the database quota "
-    "never sees it (docs/security.md calls admin-forged events harmless: not for disk)",
-)
 async def test_outbox_writes_count_against_the_database_quota(
     api: Api, project: Any, instance_admin: dict[str, Any], control_db: asyncpg.Pool
 ) -> None:

@@ -215,6 +215,11 @@ ALLOWED = {
         "EXECUTE fluxbase_guard.schema_size(text)",
         # Schema sizes count function bodies, comments, rules ... of the project (sql/0020).
         "MEMBER OF fluxbase_catalog_reader",
+        # The project's outbox bytes (sql/0022).
+        *(f"SELECT fluxbase.events({c})" for c in ("project_id", "xid", "kind", "operation", "bytes")),
+        "EXECUTE fluxbase_guard.outbox_bytes(text)",
+        "SELECT fluxbase.outbox_usage",
+        "SELECT fluxbase.outbox_usage_mark",
     },
     # Deparses a project's own defaults, constraints, indexes and policies for it (sql/0021).
     "fluxbase_catalog_own": {

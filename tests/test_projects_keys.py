@@ -33,7 +33,7 @@ async def test_create_list_get_delete_project(api: Api, control_db, instance_adm
     for kind, may in (("ro", False), ("rw", False), ("admin", False), ("rt", True)):
         for fn in (
             "pg_catalog.set_config(text, text, boolean)",
-            "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[])",
+            "fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[])",
         ):
             if fn.startswith("pg_catalog") and kind in ("admin", "rt"):
                 continue  # admin keeps set_config (sql/0007)
@@ -255,7 +255,10 @@ async def test_allowed_origins_pin_a_key(api: Api, project) -> None:
 
 
 async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, control_db) -> None:
-    """Projects created before 0008 get their RLS checker role from the migration's DO block."""
+    """Projects created before 0008 get their RLS checker role from the migration's DO block.
+
+    0008's own check functions are gone since sql/0022 (unused since 0015): the file is replayed
+    whole (it creates them again), and 0022's drop afterwards."""
     from fluxbase.db.migrate import sql_dir
     from fluxbase.security.roles import CHECKER_FUNCTIONS
 
@@ -273,7 +276,7 @@ async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, c
         )
         await conn.execute(f'DROP OWNED BY "{rt}"; DROP ROLE "{rt}"')
         text = (sql_dir() / "0008_rls.sql").read_text()
-        await conn.execute(text[text.index("DO $$") :])
+        await conn.execute(text)
         row = await conn.fetchrow(
             "SELECT rolcanlogin, rolinherit, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = $1", rt
         )
@@ -295,3 +298,9 @@ async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, c
         )
         # Idempotent: a second run changes nothing and does not fail.
         await conn.execute(text[text.index("DO $$") :])
+        drop = (sql_dir() / "0022_caps_outbox_bytes.sql").read_text()
+        for stmt in re.findall(r"^DROP FUNCTION IF EXISTS fluxbase_guard\.[^;]*;", drop, re.M):
+            await conn.execute(stmt)
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('select_policies', 'visible_rows')"
+        )

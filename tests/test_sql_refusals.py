@@ -189,6 +189,23 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
             "SELECT set_config('work_mem', '4MB', true)",
         ],
     ),
+    "resource setting in a routine": (
+        [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem = '1MB' AS 'SELECT 1'",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem FROM CURRENT AS 'SELECT 1'",
+            "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql SET lock_timeout = '1s' AS 'SELECT 1'",
+            "ALTER FUNCTION f() SET maintenance_work_mem = '1MB'",
+            "ALTER ROUTINE f() SET hash_mem_multiplier FROM CURRENT",
+            "ALTER PROCEDURE p() SET temp_buffers = '1MB'",
+        ],
+        [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path FROM CURRENT AS 'SELECT 1'",
+            "ALTER FUNCTION f() SET search_path = pg_catalog",
+            "ALTER FUNCTION f() RESET work_mem",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem TO DEFAULT AS 'SELECT 1'",
+            "SET LOCAL work_mem = '1MB'",
+        ],
+    ),
     "large objects": (
         [
             "SELECT lo_from_bytea(0, 'x')",

@@ -38,6 +38,7 @@ async def housekeeping(
            WHERE expires_at < now() - interval '1 day' OR revoked_at < now() - interval '1 day'"""
     )
     counts["projectUserSessions"] = int(user_sessions.split()[-1])
+    await realtime.count_outbox_bytes(db)
     counts["events"] = await realtime.trim_events(
         db,
         settings.realtime.events_retention_s,

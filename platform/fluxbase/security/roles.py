@@ -30,11 +30,10 @@ def role_password(secret: str, role: str) -> str:
     return hmac.new(secret.encode(), f"fluxbase-tenant-role:{role}".encode(), hashlib.sha256).hexdigest()
 
 
-# What a project's realtime checker role may call (sql/0008, sql/0015): granted at provisioning,
-# passed on by the runtime role (db/privileges.py), revoked when the project is dropped.
+# What a project's realtime checker role may call (sql/0015; sql/0008's first two are dropped by
+# sql/0022): granted at provisioning, passed on by the runtime role (db/privileges.py), revoked
+# when the project is dropped.
 CHECKER_FUNCTIONS = (
-    "fluxbase_guard.select_policies(text, text[]), "
-    "fluxbase_guard.visible_rows(text, text[], text[], text[], text[], text[]), "
     "fluxbase_guard.checker_role_ok(text, text), "
     "fluxbase_guard.scope_policies(text, text[], text), "
     "fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[])"

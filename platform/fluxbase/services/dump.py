@@ -225,6 +225,13 @@ async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) ->
         "PGCONNECT_TIMEOUT": str(max(1, int(settings.database.connect_timeout))),
         "PGAPPNAME": f"fluxbase-export-{project_id}",
         "PGSSLMODE": "disable",
+        # The memory caps over the role's own defaults, which plpgsql may have changed (`ALTER
+        # ROLE CURRENT_USER SET work_mem`); pg_dump turns the timeouts off itself.
+        "PGOPTIONS": " ".join(
+            f"-c {name}={value}"
+            for name, value in classification.Caps.of(settings.tenant).values().items()
+            if not name.endswith("timeout")
+        ),
     }
     args = [
         pg_dump_path(settings),
@@ -592,6 +599,7 @@ async def _load(
         async with admin_session(pools, project_id, settings.tenant.pool_acquire_timeout_s) as conn:
             for token in ledger_tokens:
                 await conn.execute("SELECT fluxbase_guard.redeem_migration($1)", token)
+            caps = pools.statements.caps.script() + "; "  # before each statement, as migrations
             for item in parse(f, source):
                 index = item.index
                 if isinstance(item, Copy):
@@ -601,7 +609,7 @@ async def _load(
                     continue
                 sql = vet(item, source)
                 if sql is not None:
-                    await conn.execute(retarget(sql, target))
+                    await conn.execute(caps + retarget(sql, target))
             await quota.check(conn, project_id)
     except asyncpg.PostgresError as exc:
         raise ImportFailed(

@@ -31,6 +31,7 @@ from fluxbase.services.access import ProjectAccess
 from fluxbase.services.sqlscript import ScriptError, check_statement, split_statements
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.session import admin_session
+from fluxbase.tenancy.statements import carried_settings
 
 log = logging.getLogger("fluxbase.migrations")
 
@@ -147,9 +148,15 @@ async def _run(
 ) -> None:
     redeem = f"BEGIN; SELECT fluxbase_guard.redeem_migration('\\x{token.hex()}'::bytea)"
     async with admin_session(pools, project_id, acquire_timeout_s, begin=redeem) as conn:
+        # Each statement starts with the caps (a DO block may have raised them unseen for the
+        # rest of the migration) at the values the migration SET visibly, in the same round trip.
+        carried: dict[str, str] = {}
         for index, stmt in enumerate(statements):
             try:
-                await conn.execute(stmt)  # simple protocol: no parameters, any statement
+                caps = pools.statements.caps.script(carried)
+                await conn.execute(f"{caps}; {stmt}")  # simple protocol: no parameters, any statement
+                for st in pools.statements.classify(stmt).statements:
+                    carried_settings(st, carried)
             except asyncpg.PostgresError as exc:
                 raise MigrationFailed(
                     f"Migration {name} failed at statement {index}: {exc.args[0] if exc.args else exc}",

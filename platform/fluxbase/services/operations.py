@@ -102,7 +102,8 @@ class Quotas:
 
 async def get_quotas(db: asyncpg.Pool | asyncpg.Connection, settings: Settings, project_id: str) -> Quotas:
     row = await db.fetchrow(
-        """SELECT p.db_quota_bytes, fluxbase_guard.schema_size(p.id) AS db_used,
+        """SELECT p.db_quota_bytes,
+                  fluxbase_guard.schema_size(p.id) + fluxbase_guard.outbox_bytes(p.id) AS db_used,
                   l.quota_bytes, l.max_file_size,
                   (SELECT coalesce(sum(o.size), 0)::bigint FROM fluxbase.objects o
                     WHERE o.project_id = p.id) AS storage_used,

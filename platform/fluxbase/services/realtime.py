@@ -327,6 +327,47 @@ ORDER BY e.project_id DESC, e.xid DESC, e.id DESC OFFSET $2 LIMIT 1
 """
 
 
+# Outbox bytes (sql/0022): events of transactions below the mark are in the per-project counter,
+# newer ones are counted from their own rows. Folding and trimming both hold the mark's row, so a
+# trim knows which of the events it deletes the counter holds.
+_MARK_SQL = "SELECT counted_to_xid::text FROM fluxbase.outbox_usage_mark FOR UPDATE"
+_FOLD_SQL = """
+INSERT INTO fluxbase.outbox_usage AS u (project_id, bytes)
+SELECT e.project_id, sum(e.bytes) FROM fluxbase.events e
+WHERE e.xid >= $1::text::xid8 AND e.xid < $2::text::xid8 AND e.bytes IS NOT NULL
+GROUP BY e.project_id
+ON CONFLICT (project_id) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes
+"""
+_TRIM_SQL = """
+WITH gone AS (
+    DELETE FROM fluxbase.events WHERE (xid, id) <= ($1::text::xid8, $2) RETURNING project_id, xid, bytes
+), counted AS (
+    INSERT INTO fluxbase.outbox_usage AS u (project_id, bytes)
+    SELECT project_id, -sum(bytes) FROM gone WHERE bytes IS NOT NULL AND xid < $3::text::xid8
+    GROUP BY project_id
+    ON CONFLICT (project_id) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def count_outbox_bytes(db: asyncpg.Pool) -> None:
+    """Fold the outbox bytes of finished transactions since the mark into each project's
+    counter (housekeeping), so a project's size reads a short range of its newest events only.
+    Counters of deleted projects go."""
+    async with db.acquire() as conn, conn.transaction():
+        low = await conn.fetchval(_MARK_SQL)
+        # Every transaction below the snapshot's xmin has finished: its events are all visible
+        # now, or rolled back. (A statement of its own: a new snapshot after the lock.)
+        high = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        await conn.execute(_FOLD_SQL, low, high)
+        await conn.execute("UPDATE fluxbase.outbox_usage_mark SET counted_to_xid = $1::text::xid8", high)
+        await conn.execute(
+            """DELETE FROM fluxbase.outbox_usage u
+               WHERE NOT EXISTS (SELECT 1 FROM fluxbase.projects p WHERE p.id = u.project_id)"""
+        )
+
+
 async def trim_events(
     db: asyncpg.Pool,
     max_age_s: int,
@@ -356,10 +397,8 @@ async def trim_events(
                 row["xid"],
                 row["id"],
             )
-            status = await conn.execute(
-                "DELETE FROM fluxbase.events WHERE (xid, id) <= ($1::text::xid8, $2)", row["xid"], row["id"]
-            )
-        n = int(status.split()[-1])
+            mark = await conn.fetchval(_MARK_SQL)
+            n = int(await conn.fetchval(_TRIM_SQL, row["xid"], row["id"], mark))
         deleted += n
         if n < batch:
             return deleted

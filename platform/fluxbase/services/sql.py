@@ -90,6 +90,7 @@ async def execute_batch(
     if level is None:
         raise ValidationError("isolationLevel must be one of: " + ", ".join(ISOLATION_LEVELS) + ".")
     keywords: list[str] = []
+    verdicts: list[classification.Verdict] = []
     for i, s in enumerate(statements):
         _check_query(s.query, f"statements[{i}].query")
         verdict = pools.statements.classify(s.query)
@@ -97,15 +98,19 @@ async def execute_batch(
         if refused is not None:
             raise StatementFailed(refused.message, refused.sqlstate, i)
         keywords.append(verdict.keyword)
+        verdicts.append(verdict)
 
     async def work(tx: Tx) -> list[StatementResult]:
         out = []
+        carried: dict[str, str] = {}  # capped settings the batch SET visibly, as it SET them
         for i, s in enumerate(statements):
             tx.index = i
-            if i:
-                # Whatever statement i-1 did to the settings, statement i runs as the request.
-                await tx.reassert_identity()
-            out.append(await tx.run(s.query, s.params, keywords[i]))
+            # Whatever statement i-1 did to the settings unseen, statement i runs with the
+            # request's identity and caps (and what the batch SET visibly), set in its round trip.
+            before = tx.reasserting(carried) if i else ()
+            out.append(await tx.run(s.query, s.params, keywords[i], before))
+            for st in verdicts[i].statements:
+                classification.carried_settings(st, carried)
         return out
 
     return await transaction(pools, control, req, work, read_only=read_only, isolation=level)

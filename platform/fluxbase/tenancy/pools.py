@@ -22,7 +22,7 @@ import msgspec
 from fluxbase.config import Settings
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.tenancy import wire
-from fluxbase.tenancy.statements import Caps, Classifier
+from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,25 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
 
 
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A tenant pool connection: its prepared one-round-trip prefix (tenancy.wire), and whether
-    a request left session state that only the next one-round-trip request's prefix clears."""
+    """A tenant pool connection: its prepared one-round-trip prefix (tenancy.wire), whether
+    a request left session state that only the next one-round-trip request's prefix clears, and
+    whether it logged in with settings above the caps (`login_over_caps`)."""
 
-    __slots__ = ("dirty", "idle_since", "request_prefix")
+    __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix")
+
+
+_LOGIN_SETTINGS_SQL = "SELECT " + ", ".join(
+    f"pg_catalog.current_setting('{n}') AS {n}" for n in sorted(ASSERTED)
+)
+
+
+async def login_over_caps(conn: asyncpg.Connection, caps: Caps) -> bool:
+    """Whether the session's own defaults (what RESET ALL returns to) exceed the caps: a role
+    may change its defaults itself (`ALTER ROLE CURRENT_USER SET work_mem` from plpgsql), and a
+    new login picks them up. Such a connection gets the caps asserted at each request's start
+    (tenancy.session); the others need not pay for it."""
+    row = await conn.fetchrow(_LOGIN_SETTINGS_SQL)
+    return any(over_cap(name, row[name], caps) is not None for name in ASSERTED)
 
 
 class TenantPool:
@@ -283,6 +298,7 @@ class TenantPools:
             conn = await asyncpg.connect(connection_class=TenantConnection, **kwargs)  # type: ignore[arg-type]
             try:
                 await init_tenant_connection(conn)
+                conn.over_caps = await login_over_caps(conn, self.statements.caps)
             except BaseException:
                 conn.terminate()
                 raise

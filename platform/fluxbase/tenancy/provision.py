@@ -52,7 +52,10 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
     # Only the admin role may change request-local settings or run plpgsql (DO blocks,
-    # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007).
+    # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007). The
+    # admin keeps set_config because pg_dump (the export, logged in as it) calls it on connecting;
+    # what it could do with it, plpgsql's EXECUTE 'SET …' can as well, and both end with the
+    # statement that ran them (the caps are asserted again: tenancy.statements.ASSERTED).
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
     await _provision_checker(conn, project_id, settings)

@@ -7,7 +7,10 @@ deadline; platform-driven work on a project's objects (migrations, import, vacuu
 management) runs in `admin_session` on the project's admin role. Every path acquires through
 `acquire` (an exhausted pool is 503 DATABASE_CONNECTION_ERROR, never a wait without bound), and
 hands back only a connection that is out of any transaction with its session reset: anything
-else is terminated.
+else is terminated. The resource caps hold against what the classifier cannot see (plpgsql's
+`EXECUTE 'SET …'`, a role's own `ALTER ROLE CURRENT_USER SET`): a connection that logged in
+above them gets them asserted at every transaction's start, and a batch's later statements
+start with the identity and the caps set again (docs/security.md, "Resource caps").
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from fluxbase.tenancy.errors import (
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
+from fluxbase.tenancy.statements import Caps
 
 log = logging.getLogger("fluxbase.tenancy")
 
@@ -156,6 +160,13 @@ class TransactionEnded(StatementFailed):
         )
 
 
+def over_caps(conn: Any) -> bool:
+    """Whether `conn` logged in with settings above the caps (tenancy.pools.login_over_caps):
+    then every transaction on it starts with the caps asserted. (RESET ALL, at each request's
+    start, goes back to the login values: within a session nothing else can leave them raised.)"""
+    return bool(getattr(conn, "over_caps", True))
+
+
 # -- acquire and termination ------------------------------------------------------------------
 
 
@@ -188,8 +199,10 @@ class Tx:
         identity: Identity,
         may_write: bool = False,
         quota_of: tuple[str, int, SizeCache] | None = None,
+        caps: Caps | None = None,
     ):
         self.conn = conn
+        self.caps = caps
         self.limits = limits
         self.identity = identity
         self.index: int | None = None  # the statement running now (for error messages)
@@ -206,13 +219,37 @@ class Tx:
             return exc  # the transaction runner retries once
         return statement_error(exc, self.may_write, self.index)
 
-    async def run(self, query: str, params: list[Any], keyword: str = "") -> StatementResult:
-        """Run one statement with the row cap and the request's remaining byte budget."""
+    async def run(
+        self, query: str, params: list[Any], keyword: str = "", before: tuple[str, ...] = ()
+    ) -> StatementResult:
+        """Run one statement with the row cap and the request's remaining byte budget; `before`
+        (statements without parameters or rows: `reasserting`) runs first, in the same round
+        trip where the statement is prepared by name."""
         conn = self.conn
+        limit = self.limits.max_rows + 1
         try:
             stmt = await wire.prepare(conn, query)
             args = adapt_params(wire.parameter_types(stmt), params)
-            rows, status, completed = await wire.execute(conn, stmt, args, self.limits.max_rows + 1)
+            if before and not wire.named(stmt):
+                # A simple query destroys the unnamed statement: run `before`, then parse again.
+                await conn.execute("; ".join(before))
+                stmt = await wire.prepare(conn, query)
+                before = ()
+            if before:
+                drain = await wire.prepare(conn, wire.DRAIN)
+                wire.write(conn, b"".join(wire.parse_bind_execute(sql) for sql in before))
+                try:
+                    rows, status, completed = await wire.execute(conn, stmt, args, limit)
+                except asyncpg.DataError:
+                    # Refused while encoding, before the driver wrote anything: end the steps
+                    # already written (their outcome is moot: the statement failed).
+                    with contextlib.suppress(asyncpg.PostgresError):
+                        await wire.execute(conn, drain, [], 0)
+                    raise
+                if len(rows) >= limit:
+                    status = None  # the portal was suspended: the last command tag is a step's
+            else:
+                rows, status, completed = await wire.execute(conn, stmt, args, limit)
         except Exception as exc:
             raise self._failed(exc) from None
         if not conn.is_in_transaction() or (status is not None and status.startswith(_ENDED)):
@@ -248,12 +285,13 @@ class Tx:
         except asyncpg.PostgresError as exc:
             raise self._failed(exc) from None
 
-    async def reassert_identity(self) -> None:
-        """Set the request identity again (a batch does this before each later statement)."""
-        try:
-            await self.conn.execute(identity_script(self.identity))
-        except Exception as exc:
-            raise self._failed(exc) from None
+    def reasserting(self, carried: dict[str, str] | None = None) -> tuple[str, ...]:
+        """The request identity and the caps, the caps at the values the request SET visibly
+        (`carried`), for `run(before=...)`: a batch sets them again before each later statement,
+        so nothing a statement changed unseen (plpgsql's `EXECUTE 'SET …'`, an aggregate over
+        set_config) outlives it."""
+        caps = self.caps.statements(carried) if self.caps is not None else ()
+        return (*identity_statements(self.identity), *caps)
 
 
 async def _begin(conn: Any, begin: str) -> None:
@@ -385,12 +423,14 @@ async def transaction(
     the project's switch.
     """
     scope = req.scope
+    caps = pools.statements.caps
     begin = begin_script(
         req.identity,
         read_only or (req.project_read_only and req.guard is None) or scope == "read",
         req.guard,
         isolation,
     )
+    begin_over_caps = f"{begin}; {caps.script()}"  # a connection that logged in above the caps
     may_write = scope != "read" and not read_only
     quota_of = None
     if may_write and req.db_quota and req.sizes is not None:
@@ -398,9 +438,9 @@ async def transaction(
     txs: list[Tx] = []
 
     async def run(conn: Any) -> T:
-        tx = Tx(conn, req.limits, req.identity, may_write, quota_of)
+        tx = Tx(conn, req.limits, req.identity, may_write, quota_of, caps)
         txs.append(tx)
-        return await _in_transaction(tx, begin, work)
+        return await _in_transaction(tx, begin_over_caps if over_caps(conn) else begin, work)
 
     return await on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
 
@@ -435,15 +475,18 @@ class Fallback(Exception):
 
 
 async def _one_round_trip(
-    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str
+    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str, caps: Caps
 ) -> StatementResult:
-    """Reset, identity, guard and the statement as one implicit transaction."""
+    """Reset, identity, caps, guard and the statement as one implicit transaction."""
     prefix = getattr(conn, "request_prefix", None)
     if prefix is None:
         claims = base_claims(req.scope, req.project_id)
         fixed = identity_statements(Identity(None, claims, req.scope))
-        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(conn, fixed, claims)
+        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(
+            conn, fixed, claims, caps.statements() if over_caps(conn) else ()
+        )
     identity = req.identity
+    caps_steps = prefix.limits if over_caps(conn) else b""
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
         who = prefix.anonymous
     else:
@@ -451,6 +494,7 @@ async def _one_round_trip(
     head = b"".join(
         (
             prefix.reset,
+            caps_steps,
             who,
             prefix.checks(
                 req.project_id,
@@ -516,7 +560,11 @@ def one_round_trip(
 ) -> Awaitable[StatementResult]:
     """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
     return on_connection(
-        pools, control, req, lambda conn: _one_round_trip(conn, req, query, params, keyword), pipelined=True
+        pools,
+        control,
+        req,
+        lambda conn: _one_round_trip(conn, req, query, params, keyword, pools.statements.caps),
+        pipelined=True,
     )
 
 
@@ -541,8 +589,13 @@ async def admin_session(
     ok = False
     try:
         await clean(conn)
+        # The caps, as for requests (the admin role's own defaults may have been changed from
+        # plpgsql); VACUUM, outside a transaction, gets them for the session until the reset.
+        caps = pools.statements.caps
         if begin is not None:
-            await conn.execute(begin)
+            await conn.execute(f"{begin}; {caps.script()}" if over_caps(conn) else begin)
+        elif over_caps(conn):
+            await conn.execute(caps.script(local=False))
         yield conn
         if begin is not None:
             if not conn.is_in_transaction():

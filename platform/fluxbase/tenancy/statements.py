@@ -80,6 +80,64 @@ class Caps:
             "idle_in_transaction_session_timeout": ("ms", self.idle_in_transaction_ms),
         }
 
+    def values(self, carried: dict[str, str] | None = None) -> dict[str, str]:
+        """The value of each ASSERTED setting a statement starts with: its cap, or what the
+        request itself SET visibly (the classifier checked that against the cap)."""
+        out = {}
+        for name, (unit, cap) in self.limits().items():
+            if name in ASSERTED:
+                out[name] = f"{int(cap)}{unit}" if unit else f"{cap:g}"
+        if carried:
+            out.update(carried)
+        return out
+
+    def statements(self, carried: dict[str, str] | None = None, *, local: bool = True) -> tuple[str, ...]:
+        """`SET LOCAL` (or session `SET`) statements asserting `values(carried)`."""
+        verb = "SET LOCAL" if local else "SET"
+        return tuple(f"{verb} {n} = {_quote(v)}" for n, v in self.values(carried).items())
+
+    def script(self, carried: dict[str, str] | None = None, *, local: bool = True) -> str:
+        return "; ".join(self.statements(carried, local=local))
+
+
+# The capped settings every request's transaction asserts at its start, and before each later
+# statement of a batch (tenancy.session): a project admin runs plpgsql, whose `EXECUTE 'SET …'`
+# and `ALTER ROLE CURRENT_USER SET …` the classifier never sees, and PostgreSQL has no per-role
+# maximum for user-settable settings. Not temp_buffers (it cannot be set again once the session
+# used temporary tables, so asserting it would fail every later request on that connection) and
+# not temp_file_limit (superuser-only: tenants cannot change it).
+ASSERTED = frozenset(
+    {
+        "work_mem",
+        "maintenance_work_mem",
+        "hash_mem_multiplier",
+        "max_parallel_workers_per_gather",
+        "max_parallel_maintenance_workers",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+    }
+)
+# Resource settings a function's or procedure's SET clause may not name (sql/0022 refuses the
+# same in dynamic DDL): the clause applies at every call, also when the value comes FROM CURRENT.
+ROUTINE_REFUSED = frozenset(Caps().limits())
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def carried_settings(statement: Statement, carried: dict[str, str]) -> None:
+    """Update `carried` (setting → value) with the ASSERTED settings a statement SETs visibly,
+    so a batch's later statements keep them (RESET or DEFAULT goes back to the cap)."""
+    for st in statement.settings:
+        if st.name not in ASSERTED or st.via == "SET clause":
+            continue
+        if st.resets:
+            carried.pop(st.name, None)
+        elif st.value is not None:
+            carried[st.name] = st.value
+
 
 _MEMORY = {"b": 1 / 1024, "kb": 1, "mb": 1024, "gb": 1024**2, "tb": 1024**3}
 _TIME = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -139,6 +197,7 @@ class Setting:
     local: bool  # SET LOCAL / set_config(..., true) / a function's SET clause
     via: str  # "SET", "RESET", "set_config", "SET clause"
     resets: bool = False  # RESET, SET ... TO DEFAULT, FROM CURRENT: back to the role's value
+    from_current: bool = False  # a routine's SET ... FROM CURRENT: whatever the session has then
 
 
 @dataclass(frozen=True)
@@ -287,7 +346,14 @@ def _variable_set(v: dict[str, Any], via_clause: bool) -> Setting:
         return Setting(None, None, local, "RESET", resets=True)
     lname = name.lower() if isinstance(name, str) else None
     if kind in ("VAR_RESET", "VAR_SET_DEFAULT", "VAR_SET_CURRENT"):
-        return Setting(lname, None, local, "RESET" if kind == "VAR_RESET" else via, resets=True)
+        return Setting(
+            lname,
+            None,
+            local,
+            "RESET" if kind == "VAR_RESET" else via,
+            resets=True,
+            from_current=kind == "VAR_SET_CURRENT",
+        )
     if kind == "VAR_SET_MULTI":
         # SET TRANSACTION ..., SET SESSION CHARACTERISTICS ..., SET TRANSACTION SNAPSHOT
         return Setting(lname, None, local or (lname or "").startswith("transaction"), via)
@@ -550,6 +616,13 @@ def _above_cap(s: Statement, caps: Caps) -> str | None:
     return None
 
 
+def _routine_setting(s: Statement, _caps: Caps) -> str | None:
+    for st in s.settings:
+        if st.via == "SET clause" and st.name in ROUTINE_REFUSED and (not st.resets or st.from_current):
+            return st.name
+    return None
+
+
 def _session_set(s: Statement, _caps: Caps) -> str | None:
     if s.node != "VariableSetStmt":
         return None
@@ -681,6 +754,16 @@ RULES: tuple[Rule, ...] = (
         "42501",
         "{detail}.",
         _above_cap,
+    ),
+    Rule(
+        "resource setting in a routine",
+        "a function's or procedure's SET clause applies at every call, and FROM CURRENT takes "
+        "whatever the creating session has (a plpgsql EXECUTE may have raised it unseen); per-role "
+        "caps then no longer bound the calls (sql/0022 refuses the same DDL built dynamically)",
+        "42501",
+        "a SET clause of {detail} in a function or procedure is not allowed: resource settings are "
+        "per-role caps; set them in the request with SET LOCAL.",
+        _routine_setting,
     ),
     Rule(
         "large objects",

@@ -86,8 +86,9 @@ class RequestPrefix:
     """A connection's prepared pipeline steps, kept referenced so asyncpg never closes them.
 
     `fixed` are statements the connection's requests often repeat (the identity of requests
-    without an end user: constant per project and scope, hence per pool); they are prepared
-    too, and any other statement is parsed unnamed."""
+    without an end user: constant per project and scope, hence per pool), and `limits` those
+    every request runs (the resource caps, tenancy.statements.ASSERTED); they are prepared too,
+    and any other statement is parsed unnamed."""
 
     __slots__ = (
         "_check",
@@ -97,10 +98,17 @@ class RequestPrefix:
         "_user_session",
         "anonymous",
         "anonymous_claims",
+        "limits",
         "reset",
     )
 
-    def __init__(self, statements: list[Any], fixed: Sequence[str], anonymous_claims: dict[str, Any]):
+    def __init__(
+        self,
+        statements: list[Any],
+        fixed: Sequence[str],
+        anonymous_claims: dict[str, Any],
+        limits: Sequence[str] = (),
+    ):
         self._statements = statements
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
@@ -108,15 +116,21 @@ class RequestPrefix:
         n = len(RESET_STEPS)
         self.reset = b"".join(bind_execute(name) for name in names[:n])
         self._check, self._read_only, self._user_session = names[n : n + 3]
-        self._fixed = {sql: bind_execute(name) for sql, name in zip(fixed, names[n + 3 :], strict=True)}
+        steps = (*fixed, *limits)
+        self._fixed = {sql: bind_execute(name) for sql, name in zip(steps, names[n + 3 :], strict=True)}
         self.anonymous = b"".join(self._fixed[sql] for sql in fixed)
+        self.limits = b"".join(self._fixed[sql] for sql in limits)
 
     @classmethod
     async def prepare(
-        cls, conn: asyncpg.Connection, fixed: Sequence[str], anonymous_claims: dict[str, Any]
+        cls,
+        conn: asyncpg.Connection,
+        fixed: Sequence[str],
+        anonymous_claims: dict[str, Any],
+        limits: Sequence[str] = (),
     ) -> RequestPrefix:
-        sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed)
-        return cls([await conn.prepare(sql) for sql in sqls], fixed, anonymous_claims)
+        sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed, *limits)
+        return cls([await conn.prepare(sql) for sql in sqls], fixed, anonymous_claims, limits)
 
     def statement(self, sql: str) -> bytes:
         """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""
@@ -165,6 +179,17 @@ def write(conn: Any, data: bytes) -> None:
 async def prepare(conn: Any, query: str) -> Any:
     """The connection's (cached) prepared statement for `query`."""
     return await conn._get_statement(query, None)
+
+
+def named(stmt: Any) -> bool:
+    """Whether asyncpg prepared `stmt` by name: it parses statements longer than its cache size
+    unnamed, and a pipelined step's own (unnamed) Parse would replace them."""
+    return bool(stmt.name)
+
+
+# A statement run only to end a pipeline whose own statement was never sent (Bind refused while
+# encoding its parameters): its Sync ends the implicit run of the steps written before it.
+DRAIN = "SELECT WHERE false"
 
 
 def parameter_types(stmt: Any) -> Sequence[Any]:
