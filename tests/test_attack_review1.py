@@ -18,7 +18,6 @@ import secrets
 from typing import Any
 
 import httpx
-import pytest
 
 from support import Api, bearer, random_ip
 
