@@ -395,12 +395,6 @@ async def busy_backends(control_db: asyncpg.Pool, pid: str, needle: str) -> int:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: a migration runs in admin_session with no request deadline and no backend "
-    "termination (services/migrations.py _run: conn.execute without a timeout); a statement that "
-    "swallows statement_timeout's cancel holds its backend, connection and locks for as long as it likes",
-)
 async def test_migration_does_not_outlive_the_request_deadline(
     api: Api, project: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -659,13 +653,6 @@ async def bystander_latency(api: Api, project: Any, rt: str) -> float:
         return loop.time() - t0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the outbox reader delivers only below the cluster's oldest open xid "
-    "(outbox._poll), which docs/architecture.md bounds by the request deadline; a migration has "
-    "no deadline (see test_migration_does_not_outlive_the_request_deadline), so one project's "
-    "migration stops every project's realtime delivery for as long as it likes",
-)
 async def test_a_migration_does_not_stall_other_projects_realtime(api: Api, project: Any, rt: str) -> None:
     pid = project.id
     needle = f"hold{secrets.token_hex(4)}"

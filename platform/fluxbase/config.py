@@ -173,6 +173,9 @@ class TenantSettings(msgspec.Struct, frozen=True):
 
     request_deadline_ms: int = 15_000
     statement_timeout_ms: int = 15_000
+    import_deadline_ms: int = 600_000
+    """The whole load of one import (FLUXBASE_IMPORT_DEADLINE_MS): its one transaction holds back
+    every project's realtime events while it runs."""
     lock_timeout_ms: int = 5_000
     idle_in_transaction_ms: int = 10_000
     temp_file_limit_kb: int = 1_048_576
@@ -442,6 +445,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     tenant_defaults = TenantSettings()
     tenant = TenantSettings(
         request_deadline_ms=int_of("FLUXBASE_SQL_DEADLINE_MS", tenant_defaults.request_deadline_ms),
+        import_deadline_ms=_positive(
+            int_of("FLUXBASE_IMPORT_DEADLINE_MS", tenant_defaults.import_deadline_ms),
+            "FLUXBASE_IMPORT_DEADLINE_MS",
+        ),
         statement_timeout_ms=int_of(
             "FLUXBASE_SQL_STATEMENT_TIMEOUT_MS", tenant_defaults.statement_timeout_ms
         ),

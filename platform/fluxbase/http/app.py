@@ -159,7 +159,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.ctx = AppContext(
             settings=settings,
             db=db,
-            tenants=TenantPools(settings),
+            tenants=TenantPools(settings, control=db),
             store=store,
             auth=Authenticator(db, settings),
             identity=IdentityResolver(db, settings),

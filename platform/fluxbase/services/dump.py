@@ -596,7 +596,12 @@ async def _load(
 ) -> None:
     index = -1
     try:
-        async with admin_session(pools, project_id, settings.tenant.pool_acquire_timeout_s) as conn:
+        async with admin_session(
+            pools,
+            project_id,
+            settings.tenant.pool_acquire_timeout_s,
+            deadline_s=settings.tenant.import_deadline_ms / 1000,
+        ) as conn:
             for token in ledger_tokens:
                 await conn.execute("SELECT fluxbase_guard.redeem_migration($1)", token)
             caps = pools.statements.caps.script() + "; "  # before each statement, as migrations

@@ -253,8 +253,16 @@ class TenantPools:
     """Lazily created, bounded `TenantPool`s keyed by (project, scope, end user or not); idle
     pools are closed."""
 
-    def __init__(self, settings: Settings, idle_pool_seconds: float = 300.0, max_size: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        idle_pool_seconds: float = 300.0,
+        max_size: int | None = None,
+        control: asyncpg.Pool | None = None,
+    ):
         self._settings = settings
+        # A platform pool for terminating a tenant backend past its deadline (admin sessions).
+        self.control = control
         self._max_size = max_size or settings.tenant.pool_max_per_role
         parts = urlsplit(settings.database.url)
         self._host, self._port = settings.database.server()
@@ -265,6 +273,13 @@ class TenantPools:
         self.statements = Classifier(Caps.of(settings.tenant))
         self._idle_pool_seconds = idle_pool_seconds
         self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def admin_deadline_s(self) -> float:
+        """The deadline of platform-driven work in a project's transaction (migrations, RLS
+        management): the SQL request deadline, because any open transaction holds back every
+        project's realtime events (the outbox is read below the oldest running transaction)."""
+        return self._settings.tenant.request_deadline_ms / 1000
 
     @property
     def acquire_timeout_s(self) -> float:

@@ -578,25 +578,41 @@ async def admin_session(
     acquire_timeout_s: float | None = None,
     *,
     begin: str | None = "BEGIN",
+    deadline_s: float | None = None,
 ) -> AsyncIterator[TenantConnection]:
     """A connection of the project's admin role for platform-driven work (migrations, import,
     vacuum, RLS management): `begin` opens its one transaction (None: no transaction, VACUUM),
     committed when the block ends and rolled back when it raises; the session is reset either
-    way, and a connection that cannot be reset is terminated, never pooled again."""
+    way, and a connection that cannot be reset is terminated, never pooled again.
+
+    A transaction has a deadline (`deadline_s`, by default `pools.admin_deadline_s`): past it the
+    block is cancelled and the backend terminated (a plpgsql loop can swallow a cancel), and the
+    caller gets 57014 — an open transaction holds back every project's realtime events."""
     pool = await pools.pool(project_id, "admin")
     timeout = pools.acquire_timeout_s if acquire_timeout_s is None else acquire_timeout_s
     conn = await acquire(pool, timeout)
     ok = False
+    limit = None if begin is None else (pools.admin_deadline_s if deadline_s is None else deadline_s)
     try:
-        await clean(conn)
-        # The caps, as for requests (the admin role's own defaults may have been changed from
-        # plpgsql); VACUUM, outside a transaction, gets them for the session until the reset.
-        caps = pools.statements.caps
-        if begin is not None:
-            await conn.execute(f"{begin}; {caps.script()}" if over_caps(conn) else begin)
-        elif over_caps(conn):
-            await conn.execute(caps.script(local=False))
-        yield conn
+        try:
+            async with asyncio.timeout(limit):
+                await clean(conn)
+                # The caps, as for requests (the admin role's own defaults may have been changed
+                # from plpgsql); VACUUM, outside a transaction, gets them for the session until
+                # the reset.
+                caps = pools.statements.caps
+                if begin is not None:
+                    await conn.execute(f"{begin}; {caps.script()}" if over_caps(conn) else begin)
+                elif over_caps(conn):
+                    await conn.execute(caps.script(local=False))
+                yield conn
+        except TimeoutError:
+            if pools.control is not None:
+                await terminate(pools.control, conn)
+            else:
+                conn.terminate()
+            ms = int((limit or 0) * 1000)
+            raise StatementTimedOut(f"canceling statement due to deadline ({ms} ms)", "57014", None) from None
         if begin is not None:
             if not conn.is_in_transaction():
                 # tenancy.statements refuses transaction control in scripts: a bug, never a path.
