@@ -35,6 +35,9 @@ DEFINER_OWNERS = {
     "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
     "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
     "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+    "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
 }
 
 # Session settings the runtime writes into project roles (ALTER ROLE ... SET) that only a

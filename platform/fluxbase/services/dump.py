@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import (
     ExportUnavailable,
     ImportFailed,
@@ -139,11 +140,16 @@ class Export:
     proc: asyncio.subprocess.Process
     schema: str
     first: bytes
+    extensions: tuple[str, ...] = ()  # installed in the project: the dump turns them on first
 
     async def stream(self) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         header = f"-- fluxbase-export format=1 schema={self.schema} created={created}\n".encode()
+        # pg_dump of one schema leaves out the extensions (they live in schemas of their own,
+        # sql/0023); the import installs them in the new project before the tables that use them.
+        for name in self.extensions:
+            header += f"CREATE EXTENSION IF NOT EXISTS {quote_ident(name)};\n".encode()
         digest.update(header)
         yield header
         assert self.proc.stdout is not None
@@ -178,7 +184,7 @@ class Export:
                 await self.proc.wait()
 
 
-async def start_export(settings: Settings, project_id: str) -> Export:
+async def start_export(settings: Settings, project_id: str, extensions: tuple[str, ...] = ()) -> Export:
     """Start pg_dump as the project's admin role; fail here (before any byte is sent) if it cannot."""
     parts = urlsplit(settings.database.url)
     host, port = settings.database.server()
@@ -240,7 +246,7 @@ async def start_export(settings: Settings, project_id: str) -> Export:
         err = await proc.stderr.read() if proc.stderr is not None else b""
         log.error("pg_dump of %s produced nothing: %s", schema, err.decode(errors="replace")[:2000])
         raise ExportUnavailable()
-    return Export(proc, schema, first)
+    return Export(proc, schema, first, extensions)
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -379,7 +385,6 @@ REFUSED_NODES = frozenset(
         "AlterDatabaseStmt",
         "AlterDatabaseSetStmt",
         "AlterDatabaseRefreshCollStmt",
-        "CreateExtensionStmt",
         "AlterExtensionStmt",
         "AlterExtensionContentsStmt",
         "CreateEventTrigStmt",
@@ -542,7 +547,8 @@ async def _load(
                     continue
                 sql = vet(item, source)
                 if sql is not None:
-                    await conn.execute(retarget(sql, target))
+                    # CREATE EXTENSION: the platform's call that turns it on (sql/0023).
+                    await conn.execute(classification.as_run(retarget(sql, target)))
             await quota.check(conn, project_id)
     except asyncpg.PostgresError as exc:
         raise ImportFailed(

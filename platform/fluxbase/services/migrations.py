@@ -29,6 +29,7 @@ from fluxbase.errors import (
 from fluxbase.services import quota
 from fluxbase.services.access import ProjectAccess
 from fluxbase.services.sqlscript import ScriptError, check_statement, split_statements
+from fluxbase.tenancy import statements as classification
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.session import admin_session
 
@@ -149,7 +150,8 @@ async def _run(
     async with admin_session(pools, project_id, acquire_timeout_s, begin=redeem) as conn:
         for index, stmt in enumerate(statements):
             try:
-                await conn.execute(stmt)  # simple protocol: no parameters, any statement
+                # simple protocol: no parameters, any statement
+                await conn.execute(classification.as_run(stmt))
             except asyncpg.PostgresError as exc:
                 raise MigrationFailed(
                     f"Migration {name} failed at statement {index}: {exc.args[0] if exc.args else exc}",

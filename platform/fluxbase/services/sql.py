@@ -55,10 +55,24 @@ async def execute(
         except Fallback:
             pass
 
+    ext = verdict.statements[0].extension
+
     async def work(tx: Tx) -> StatementResult:
-        return await tx.run(query, params, keyword)
+        return await _run(tx, ext, query, params, keyword)
 
     return await transaction(pools, control, req, work)
+
+
+async def _run(
+    tx: Tx, ext: classification.ExtensionOp | None, query: str, params: list[Any], keyword: str
+) -> StatementResult:
+    """Run one statement; CREATE/DROP EXTENSION as the platform's call that does it (sql/0023)."""
+    if ext is None:
+        return await tx.run(query, params, keyword)
+    if params:
+        raise StatementFailed(f"{ext.tag} takes no parameters.", "42P02", tx.index)
+    await tx.fetch(ext.call())
+    return StatementResult([], [], 0, ext.tag, False, ext.tag)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ async def execute_batch(
     if level is None:
         raise ValidationError("isolationLevel must be one of: " + ", ".join(ISOLATION_LEVELS) + ".")
     keywords: list[str] = []
+    exts: list[classification.ExtensionOp | None] = []
     for i, s in enumerate(statements):
         _check_query(s.query, f"statements[{i}].query")
         verdict = pools.statements.classify(s.query)
@@ -97,6 +112,7 @@ async def execute_batch(
         if refused is not None:
             raise StatementFailed(refused.message, refused.sqlstate, i)
         keywords.append(verdict.keyword)
+        exts.append(verdict.statements[0].extension)
 
     async def work(tx: Tx) -> list[StatementResult]:
         out = []
@@ -105,7 +121,7 @@ async def execute_batch(
             if i:
                 # Whatever statement i-1 did to the settings, statement i runs as the request.
                 await tx.reassert_identity()
-            out.append(await tx.run(s.query, s.params, keywords[i]))
+            out.append(await _run(tx, exts[i], s.query, s.params, keywords[i]))
         return out
 
     return await transaction(pools, control, req, work, read_only=read_only, isolation=level)

@@ -15,7 +15,7 @@ from fluxbase.errors import AuthRequired, PayloadTooLarge, ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Body, project_out
-from fluxbase.services import dump, migrations, operations
+from fluxbase.services import dump, extensions, migrations, operations
 from fluxbase.services.access import Need, authorize
 
 
@@ -140,7 +140,8 @@ async def resume_project(project_id: str, ctx: AppContext, caller: Caller) -> di
 @get("/api/projects/{project_id:str}/export", operation_id="exportProject", tags=["operations"])
 async def export_project(project_id: str, ctx: AppContext, caller: Caller) -> Stream:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    export = await dump.start_export(ctx.settings, access.project.id)
+    installed = await extensions.installed(ctx.db, access.project.id)
+    export = await dump.start_export(ctx.settings, access.project.id, installed)
     return Stream(
         export.stream(),
         media_type="application/sql",
