@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from fluxbase.db.extensions import CATALOG
 from support import RUNTIME_ROLE, Api, bearer
 
 SETUP = [
@@ -176,6 +177,9 @@ DEFINERS = {
     "fluxbase_guard.check_user_session(text,text,text)": "fluxbase_guard_keys",
     "fluxbase_guard.redeem_migration(bytea)": "fluxbase_guard_migrations",
     "fluxbase_guard.check_db_quota()": "fluxbase_guard_quota",
+    "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
 }
 ALLOWED = {
     "fluxbase_outbox_writer": {
@@ -208,6 +212,23 @@ ALLOWED = {
         "SELECT fluxbase.projects(db_quota_bytes)",
         "EXECUTE fluxbase_guard.tenant_project()",
         "EXECUTE fluxbase_guard.schema_size(text)",
+    },
+    # Grants USAGE on the extension schemas (sql/0023): it holds that with grant option, reads
+    # the allow-list and writes which project installed what.
+    "fluxbase_guard_extensions": {
+        "USAGE schema fluxbase",
+        "USAGE schema fluxbase_guard",
+        *(
+            f"SELECT fluxbase.extensions({c})"
+            for c in ("name", "schema_name", "requires", "available", "position")
+        ),
+        "SELECT fluxbase.project_extensions",
+        "INSERT fluxbase.project_extensions",
+        "DELETE fluxbase.project_extensions",
+        "EXECUTE fluxbase_guard.tenant_project()",
+        "EXECUTE fluxbase_guard.allowed_extensions()",
+        "EXECUTE fluxbase_guard.extension_grant(text,text,boolean)",
+        *(f"USAGE schema {o.schema}" for o in CATALOG),
     },
 }
 

@@ -759,7 +759,7 @@ RULES: tuple[Rule, ...] = (
         "42501",
         "{detail}: Fluxbase offers only the extensions of its allow-list ("
         + ", ".join(o.name for o in EXTENSION_CATALOG)
-        + "; GET /api/projects/{{id}}/extensions lists those this instance has).",
+        + "; GET /api/projects/<id>/extensions lists those this instance has).",
         _extension,
     ),
     Rule(
