@@ -261,11 +261,10 @@ async def test_pgvector_end_to_end(api: Api, project, control_db) -> None:
     # A vector comes back as its text form; a read key reads it; records REST returns it too.
     got = _ok(await api.sql(key, pid, "SELECT embedding FROM items WHERE id = 3"))["result"]["rows"]
     assert got == [{"embedding": "[3,6,3]"}], got
-    r = await api.http.get(
-        f"/api/projects/{pid}/tables/items/records", params={"id": "eq.3"}, headers=bearer(key)
-    )
-    if r.status_code == 200:
-        assert "[3,6,3]" in r.text, r.text
+    r = await api.http.get(f"/api/projects/{pid}/tables/items/records/3", headers=bearer(key))
+    assert r.status_code == 200 and "[3,6,3]" in r.text, r.text
+    r = await api.http.get(f"/api/schema?projectId={pid}", headers=bearer(key))
+    assert r.status_code == 200 and "vector" in r.text, r.text
     # Records REST cannot order by an expression: nearest-neighbour queries go through SQL.
 
 
