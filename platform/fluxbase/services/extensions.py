@@ -113,8 +113,11 @@ async def install(
     if project.read_only:
         raise ProjectReadOnly("The project is read-only.")
     op = classification.ExtensionOp(True, (name,), True, False)
-    async with admin_session(pools, project.id, acquire_timeout_s) as conn:
-        await conn.execute(op.call())
+    try:
+        async with admin_session(pools, project.id, acquire_timeout_s) as conn:
+            await conn.execute(op.call())
+    except asyncpg.UniqueViolationError:
+        return False, await _get(db, project.id, name)  # a concurrent install won the race
     return True, await _get(db, project.id, name)
 
 
@@ -132,6 +135,8 @@ async def remove(
     try:
         async with admin_session(pools, project.id, acquire_timeout_s) as conn:
             await conn.execute(op.call())
+    except asyncpg.UndefinedObjectError:
+        raise NotFound(f'Extension "{name}" is not installed in this project.') from None
     except asyncpg.DependentObjectsStillExistError as exc:
         detail = f" ({exc.detail})" if getattr(exc, "detail", None) else ""
         raise Conflict(f"{exc.args[0] if exc.args else exc}{detail}. Drop them first.") from None
