@@ -11,6 +11,13 @@ Prints rows/s, index build time and p50/p99 query latency for each. Both use the
 defaults (maintenance_work_mem, ivfflat.probes = 1, hnsw.ef_search = 40).
 
     .venv/bin/python bench/vectors.py [--rows 100000] [--dims 384] [--index ivfflat|hnsw]
+
+Measured 2 December 2026, 100 000 x 384, batches of 500, 300 queries, on a 2-core machine shared
+with other work (figures vary by 2x between runs):
+  ivfflat (lists 316): fluxbase 4 453 rows/s, build 4.9 s, p50 3.70 ms, p99 10.4 ms;
+                       direct  14 483 rows/s, build 4.4 s, p50 1.00 ms, p99  4.6 ms
+  hnsw (m 16, ef 64):  fluxbase 6 540 rows/s, build 366 s, p50 4.66 ms, p99 15.5 ms;
+                       direct  15 221 rows/s, build 428 s, p50 4.21 ms, p99 27.9 ms
 """
 
 from __future__ import annotations
