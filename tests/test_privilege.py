@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from fluxbase.db.extensions import CATALOG
 from support import RUNTIME_ROLE, Api, bearer
 
 SETUP = [
@@ -181,6 +182,9 @@ DEFINERS = {
     "fluxbase_guard.own_constraint_def(oid)": "fluxbase_catalog_own",
     "fluxbase_guard.own_index_def(oid)": "fluxbase_catalog_own",
     "fluxbase_guard.own_policy_expr(oid,boolean)": "fluxbase_catalog_own",
+    "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
+    "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
 }
 ALLOWED = {
     "fluxbase_outbox_writer": {
@@ -226,6 +230,23 @@ ALLOWED = {
         "USAGE schema fluxbase_guard",
         "EXECUTE fluxbase_guard.caller_schema()",
         "MEMBER OF fluxbase_catalog_reader",
+    },
+    # Grants USAGE on the extension schemas (sql/0023): it holds that with grant option, reads
+    # the allow-list and writes which project installed what.
+    "fluxbase_guard_extensions": {
+        "USAGE schema fluxbase",
+        "USAGE schema fluxbase_guard",
+        *(
+            f"SELECT fluxbase.extensions({c})"
+            for c in ("name", "schema_name", "requires", "available", "position")
+        ),
+        "SELECT fluxbase.project_extensions",
+        "INSERT fluxbase.project_extensions",
+        "DELETE fluxbase.project_extensions",
+        "EXECUTE fluxbase_guard.tenant_project()",
+        "EXECUTE fluxbase_guard.allowed_extensions()",
+        "EXECUTE fluxbase_guard.extension_grant(text,text,boolean)",
+        *(f"USAGE schema {o.schema}" for o in CATALOG),
     },
 }
 

@@ -219,6 +219,25 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["SELECT 'lo_from_bytea'", "SELECT decode('00', 'hex')"],
     ),
+    "extensions": (
+        [
+            "CREATE EXTENSION dblink",
+            "create extension if not exists file_fdw",
+            'CREATE EXTENSION "adminpack" CASCADE',
+            "DROP EXTENSION vector, plpgsql",
+            "ALTER EXTENSION vector UPDATE",
+            "ALTER EXTENSION vector ADD FUNCTION now()",
+            "ALTER EXTENSION vector SET SCHEMA public",
+            "COMMENT ON EXTENSION vector IS 'x'",
+            "CREATE EXTENSION vector VERSION '0.1.0'",
+        ],
+        [
+            "CREATE EXTENSION vector",
+            "CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA extensions",
+            'DROP EXTENSION IF EXISTS "uuid-ossp", hstore',
+            "SELECT 'CREATE EXTENSION dblink'",
+        ],
+    ),
     "session SET in a batch": (
         [
             "SET search_path = x",

@@ -365,6 +365,21 @@ async def test_payload_and_both_signatures_verify(wapi: Api, proj: Proj, receive
     assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
 
 
+async def test_columns_of_extension_types_are_serialised(wapi: Api, proj: Proj, receiver: Receiver) -> None:
+    """A vector column arrives as pgvector's text form, an hstore one through its json cast."""
+    await create_hook(wapi, proj, receiver.url, events=["row.inserted"])
+    await sql(wapi, proj, "CREATE EXTENSION vector")
+    await sql(wapi, proj, "CREATE EXTENSION hstore")
+    await sql(wapi, proj, "CREATE TABLE docs (id int PRIMARY KEY, embedding vector(3), attrs hstore)")
+    await sql(wapi, proj, "INSERT INTO docs VALUES (1, '[1,2.5,3]', 'lang=>en, n=>2')")
+    await receiver.wait(lambda: len(receiver.bodies()) >= 1)
+    event = receiver.bodies()[0]
+    assert event["table_id"] == "docs", event
+    assert event["data"]["new"] == {"id": 1, "embedding": "[1,2.5,3]", "attrs": {"lang": "en", "n": "2"}}, (
+        event
+    )
+
+
 async def test_every_event_kind_in_order_with_filters(wapi: Api, proj: Proj, receiver: Receiver) -> None:
     # A table filter names an existing table (an unknown one is refused: issue 25).
     await sql(wapi, proj, "CREATE TABLE customers (id int PRIMARY KEY)")

@@ -8,6 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
+from fluxbase.db.extensions import NAMES as EXTENSION_NAMES
+
 MIN_SECRET_BYTES = 32
 
 
@@ -187,6 +189,9 @@ class TenantSettings(msgspec.Struct, frozen=True):
     max_bytes: int = 10 * 1024 * 1024
     rate_limit_requests: int = 50
     rate_limit_window_s: int = 10
+    extensions: tuple[str, ...] | None = None
+    """The extensions offered to projects (FLUXBASE_EXTENSIONS, comma-separated); None: every one
+    of db/extensions.CATALOG that the server has. Read at migration time."""
 
 
 class DumpSettings(msgspec.Struct, frozen=True):
@@ -311,6 +316,19 @@ def _schedule(value: str, name: str) -> tuple[float, ...]:
     if not steps or any(s <= 0 for s in steps):
         raise ConfigError(f"{name} needs at least one positive number of seconds, got {value!r}")
     return steps
+
+
+def _extensions(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in EXTENSION_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"FLUXBASE_EXTENSIONS: {', '.join(unknown)} cannot be offered; choose among "
+            + ", ".join(sorted(EXTENSION_NAMES))
+        )
+    return names
 
 
 def check_secret(secret: str | None) -> str:
@@ -460,6 +478,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         pool_max_per_role=int_of("FLUXBASE_TENANT_POOL_MAX", tenant_defaults.pool_max_per_role),
         rate_limit_requests=int_of("FLUXBASE_RATE_LIMIT_REQUESTS", tenant_defaults.rate_limit_requests),
         rate_limit_window_s=int_of("FLUXBASE_RATE_LIMIT_WINDOW_S", tenant_defaults.rate_limit_window_s),
+        extensions=_extensions(get("FLUXBASE_EXTENSIONS")),
     )
     proxies = tuple(p.strip() for p in (get("FLUXBASE_TRUSTED_PROXIES", "") or "").split(",") if p.strip())
     http = HttpSettings(

@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from fluxbase.config import ConfigError, Settings
+from fluxbase.db.extensions import apply_extensions
 from fluxbase.db.privileges import apply_privileges
 from fluxbase.tenancy.provision import sync_role_passwords
 
@@ -137,6 +138,7 @@ async def migrate_database(settings: Settings) -> list[str]:
                 runtime_user = unquote(parts.username)
                 runtime_password = unquote(parts.password) if parts.password else None
         await apply_privileges(conn, runtime_user, runtime_password)
+        await apply_extensions(conn, settings.tenant.extensions)
         await sync_role_passwords(conn, settings)
         return applied
     finally:

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import (
     ExportUnavailable,
     ImportFailed,
@@ -49,7 +50,7 @@ from fluxbase.errors import (
     ImportRefused,
 )
 from fluxbase.security.roles import role_password, schema_name
-from fluxbase.services import migrations, projects, quota
+from fluxbase.services import extensions, migrations, projects, quota
 from fluxbase.services.access import Project
 from fluxbase.services.migrations import Migration
 from fluxbase.services.sqlscript import ScriptError, split_statements
@@ -164,11 +165,16 @@ class Export:
     schema: str
     first: bytes
     ledger: list[Migration]
+    extensions: tuple[str, ...] = ()  # installed in the project: the dump turns them on first
 
     async def stream(self) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         header = f"-- fluxbase-export format=1 schema={self.schema} created={created}\n".encode()
+        # pg_dump of one schema leaves out the extensions (they live in schemas of their own,
+        # sql/0023); the import installs them in the new project before the tables that use them.
+        for name in self.extensions:
+            header += f"CREATE EXTENSION IF NOT EXISTS {quote_ident(name)};\n".encode()
         header += ledger_lines(self.ledger)
         digest.update(header)
         yield header
@@ -208,6 +214,7 @@ async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) ->
     """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot.
     The project's applied migrations (its ledger) are carried in the export."""
     ledger = await migrations.list_migrations(db, project_id)
+    installed = await extensions.installed(db, project_id)
     parts = urlsplit(settings.database.url)
     host, port = settings.database.server()
     for attempt in range(3):
@@ -282,7 +289,7 @@ async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) ->
         err = await proc.stderr.read() if proc.stderr is not None else b""
         log.error("pg_dump of %s produced nothing: %s", schema, err.decode(errors="replace")[:2000])
         raise ExportUnavailable()
-    return Export(proc, schema, first, ledger)
+    return Export(proc, schema, first, ledger, installed)
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -421,7 +428,6 @@ REFUSED_NODES = frozenset(
         "AlterDatabaseStmt",
         "AlterDatabaseSetStmt",
         "AlterDatabaseRefreshCollStmt",
-        "CreateExtensionStmt",
         "AlterExtensionStmt",
         "AlterExtensionContentsStmt",
         "CreateEventTrigStmt",
@@ -614,7 +620,8 @@ async def _load(
                     continue
                 sql = vet(item, source)
                 if sql is not None:
-                    await conn.execute(caps + retarget(sql, target))
+                    # CREATE EXTENSION: the platform's call that turns it on (sql/0023).
+                    await conn.execute(caps + classification.as_run(retarget(sql, target)))
             await quota.check(conn, project_id)
     except asyncpg.PostgresError as exc:
         raise ImportFailed(

@@ -29,6 +29,7 @@ from fluxbase.errors import (
 from fluxbase.services import quota
 from fluxbase.services.access import ProjectAccess
 from fluxbase.services.sqlscript import ScriptError, check_statement, split_statements
+from fluxbase.tenancy import statements as classification
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.session import admin_session
 from fluxbase.tenancy.statements import carried_settings
@@ -154,7 +155,8 @@ async def _run(
         for index, stmt in enumerate(statements):
             try:
                 caps = pools.statements.caps.script(carried)
-                await conn.execute(f"{caps}; {stmt}")  # simple protocol: no parameters, any statement
+                # simple protocol: no parameters, any statement; CREATE EXTENSION as the call
+                await conn.execute(f"{caps}; {classification.as_run(stmt)}")
                 for st in pools.statements.classify(stmt).statements:
                     carried_settings(st, carried)
             except asyncpg.PostgresError as exc:

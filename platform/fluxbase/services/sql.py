@@ -55,10 +55,32 @@ async def execute(
         except Fallback:
             pass
 
+    ext = verdict.statements[0].extension
+
     async def work(tx: Tx) -> StatementResult:
-        return await tx.run(query, params, keyword)
+        return await _run(tx, ext, query, params, keyword)
 
     return await transaction(pools, control, req, work)
+
+
+async def _run(
+    tx: Tx,
+    ext: classification.ExtensionOp | None,
+    query: str,
+    params: list[Any],
+    keyword: str,
+    before: tuple[str, ...] = (),
+) -> StatementResult:
+    """Run one statement (after `before`: Tx.reasserting); CREATE/DROP EXTENSION as the
+    platform's call that does it (sql/0023)."""
+    if ext is None:
+        return await tx.run(query, params, keyword, before)
+    if params:
+        raise StatementFailed(f"{ext.tag} takes no parameters.", "42P02", tx.index)
+    for step in before:
+        await tx.fetch(step)
+    await tx.fetch(ext.call())
+    return StatementResult([], [], 0, ext.tag, False, ext.tag)
 
 
 @dataclass(frozen=True)
@@ -108,7 +130,9 @@ async def execute_batch(
             # Whatever statement i-1 did to the settings unseen, statement i runs with the
             # request's identity and caps (and what the batch SET visibly), set in its round trip.
             before = tx.reasserting(carried) if i else ()
-            out.append(await tx.run(s.query, s.params, keywords[i], before))
+            out.append(
+                await _run(tx, verdicts[i].statements[0].extension, s.query, s.params, keywords[i], before)
+            )
             for st in verdicts[i].statements:
                 classification.carried_settings(st, carried)
         return out

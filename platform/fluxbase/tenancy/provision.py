@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from fluxbase.config import Settings
+from fluxbase.db import extensions
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -36,6 +37,9 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     limit = settings.tenant.role_connection_limit
+    # The project's schema, then every extension schema: PostgreSQL skips those the role may not
+    # use, so an extension becomes visible when the project installs it (db/extensions.py).
+    path = extensions.search_path(project_id)
     for scope in SCOPES:
         role = role_name(project_id, scope)
         pw = quote_literal(role_password(settings.auth.secret_key, role))
@@ -48,7 +52,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
         # by a foreign key's check trigger let it forge capture events (hostile review 2).
         privs = "CONNECT, TEMPORARY" if scope == "admin" else "CONNECT"
         await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {quote_ident(role)}")
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {schema}")
+        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {path}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
     # Only the admin role may change request-local settings or run plpgsql (DO blocks,
@@ -58,7 +62,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     # statement that ran them (the caps are asserted again: tenancy.statements.ASSERTED).
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
-    await _provision_checker(conn, project_id, settings)
+    await _provision_checker(conn, project_id, settings, path)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     # The runtime role is not a superuser: what only the schema's owner may do, it does as the
     # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
@@ -75,7 +79,9 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     await conn.execute("SET LOCAL ROLE NONE")
 
 
-async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
+async def _provision_checker(
+    conn: asyncpg.Connection, project_id: str, settings: Settings, path: str
+) -> None:
     """The realtime RLS checker role: inherits the read role, may set the identity, and may call
     the check functions (sql/0008), which nobody else may."""
     rt, ro = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "read"))
@@ -86,7 +92,7 @@ async def _provision_checker(conn: asyncpg.Connection, project_id: str, settings
         f"CONNECTION LIMIT {int(settings.tenant.role_connection_limit)} PASSWORD {pw}"
     )
     await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {rt}")
-    await conn.execute(f"ALTER ROLE {rt} SET search_path = {quote_ident(schema_name(project_id))}")
+    await conn.execute(f"ALTER ROLE {rt} SET search_path = {path}")
     for name, value in _role_settings(settings).items():
         await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
     await conn.execute(f"GRANT {ro} TO {rt}")
@@ -140,6 +146,9 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
     existing = {
         r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
     }
+    # What create_extension granted the project's roles (USAGE on extension schemas), revoked by
+    # the role that granted it (sql/0023).
+    await conn.execute("SELECT fluxbase_guard.forget_extensions($1)", project_id)
     admin = role_name(project_id, "admin")
     if admin in existing:
         await conn.execute(f"SET LOCAL ROLE {quote_ident(admin)}")

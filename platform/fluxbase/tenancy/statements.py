@@ -26,6 +26,10 @@ from typing import Any
 import msgspec
 from pglast import parser as pg
 
+from fluxbase.db.extensions import CATALOG as EXTENSION_CATALOG
+from fluxbase.db.extensions import NAMES as EXTENSION_NAMES
+from fluxbase.db.quoting import quote_literal
+
 REQUEST, BATCH, SCRIPT = "request", "batch", "script"
 CONTEXTS = (REQUEST, BATCH, SCRIPT)
 
@@ -201,6 +205,50 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class ExtensionOp:
+    """A CREATE EXTENSION or DROP EXTENSION, which Fluxbase runs as a call of its own definer
+    (sql/0023): the extension was installed at migration time; a project only gets USAGE on it."""
+
+    create: bool
+    names: tuple[str, ...]
+    missing_ok: bool  # IF NOT EXISTS / IF EXISTS
+    cascade: bool
+    version: str | None = None  # CREATE EXTENSION ... VERSION (refused: the instance's is installed)
+
+    @property
+    def tag(self) -> str:
+        return "CREATE EXTENSION" if self.create else "DROP EXTENSION"
+
+    def call(self) -> str:
+        """The platform statement that does it, in the tenant's own transaction."""
+        flag = "true" if self.missing_ok else "false"
+        if self.create:
+            return f"SELECT fluxbase_guard.create_extension({quote_literal(self.names[0])}, {flag})"
+        names = ", ".join(quote_literal(n) for n in self.names)
+        cascade = "true" if self.cascade else "false"
+        return f"SELECT fluxbase_guard.drop_extensions(ARRAY[{names}]::text[], {flag}, {cascade})"
+
+
+def _extension_op(node: str, body: dict[str, Any]) -> ExtensionOp | None:
+    if node == "CreateExtensionStmt":
+        version = None
+        cascade = False
+        for option in body.get("options") or []:
+            d = option.get("DefElem", {})
+            if d.get("defname") == "new_version":
+                version = str(d.get("arg", {}).get("String", {}).get("sval", "")) or "?"
+            elif d.get("defname") == "cascade":
+                cascade = True
+        return ExtensionOp(
+            True, (str(body.get("extname", "")),), bool(body.get("if_not_exists")), cascade, version
+        )
+    if node == "DropStmt" and body.get("removeType") == "OBJECT_EXTENSION":
+        names = tuple(str(o.get("String", {}).get("sval", "")) for o in body.get("objects") or [])
+        return ExtensionOp(False, names, bool(body.get("missing_ok")), body.get("behavior") == "DROP_CASCADE")
+    return None
+
+
+@dataclass(frozen=True)
 class Statement:
     """Facts of one statement, from its parse tree."""
 
@@ -217,6 +265,7 @@ class Statement:
     pg_settings_write: bool = False  # UPDATE pg_settings (its rule calls set_config)
     # Every parse node kind inside it: EXECUTE hides in EXPLAIN and CREATE TABLE AS.
     kinds: frozenset[str] = frozenset()
+    extension: ExtensionOp | None = None  # CREATE/DROP EXTENSION, run by Fluxbase (sql/0023)
 
 
 @dataclass(frozen=True)
@@ -260,7 +309,11 @@ class Verdict:
         if len(self.statements) != 1:
             return False
         s = self.statements[0]
-        return s.node not in ("CallStmt", "DoStmt", "") and not (s.functions & SESSION_LOCKS)
+        return (
+            s.node not in ("CallStmt", "DoStmt", "")
+            and not (s.functions & SESSION_LOCKS)
+            and s.extension is None
+        )
 
 
 SESSION_LOCKS = frozenset(
@@ -457,6 +510,7 @@ def _facts(stmt: dict[str, Any], keyword: str, depth: int = 0) -> Statement:
         pg_settings_write=pg_settings_write,
         inner=tuple(inner),
         kinds=frozenset(kinds),
+        extension=_extension_op(node, body),
     )
 
 
@@ -632,6 +686,22 @@ def _session_set(s: Statement, _caps: Caps) -> str | None:
     return "SET SESSION CHARACTERISTICS" if st.name == "session characteristics" else f"SET {st.name}"
 
 
+def _extension(s: Statement, _caps: Caps) -> str | None:
+    op = s.extension
+    if op is None:
+        if s.node in ("AlterExtensionStmt", "AlterExtensionContentsStmt"):
+            return "ALTER EXTENSION is not allowed"
+        if "OBJECT_EXTENSION" in s.targets:
+            return f"{s.keyword} of an extension is not allowed"
+        return None
+    unknown = [n for n in op.names if n not in EXTENSION_NAMES]
+    if unknown:
+        return f'extension "{unknown[0]}" is not allowed'
+    if op.version is not None:
+        return f"{op.tag} ... VERSION is not allowed (the instance installs one version)"
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "unparsable",
@@ -766,6 +836,16 @@ RULES: tuple[Rule, ...] = (
         _routine_setting,
     ),
     Rule(
+        "extensions",
+        "an extension is installed once per database by the platform (db/extensions.py); a "
+        "project may turn on only those of the allow-list, and change none of them",
+        "42501",
+        "{detail}: Fluxbase offers only the extensions of its allow-list ("
+        + ", ".join(o.name for o in EXTENSION_CATALOG)
+        + "; GET /api/projects/<id>/extensions lists those this instance has).",
+        _extension,
+    ),
+    Rule(
         "large objects",
         "large objects live in pg_largeobject, outside the project's schema and its size quota",
         "42501",
@@ -858,6 +938,14 @@ class Classifier:
 def default() -> Classifier:
     """A classifier with the default caps (scripts, which carry no settings)."""
     return Classifier()
+
+
+def as_run(text: str) -> str:
+    """The text to send for one statement of a script (migrations, imports): itself, or for
+    CREATE/DROP EXTENSION the platform's call that does it (sql/0023)."""
+    statements = default().classify(text).statements
+    ext = statements[0].extension if len(statements) == 1 else None
+    return text if ext is None else ext.call()
 
 
 def split(script: str) -> list[str]:
