@@ -39,6 +39,7 @@ DEFINER_OWNERS = {
     "fluxbase_guard.own_constraint_def(oid)": "fluxbase_catalog_own",
     "fluxbase_guard.own_index_def(oid)": "fluxbase_catalog_own",
     "fluxbase_guard.own_policy_expr(oid,boolean)": "fluxbase_catalog_own",
+    "fluxbase.refuse_routine_settings()": "fluxbase_catalog_own",
     "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
