@@ -230,6 +230,8 @@ async def test_a_project_override_is_used_and_can_be_reset(mailer: Any) -> None:
         "reset",
         "magic_link",
         "email_change",
+        "email_changed",
+        "signup_existing",
     }
 
 

@@ -917,7 +917,27 @@ async def _drop_policy(w: World, h: dict[str, str]) -> httpx.Response:
     return await w.api.http.delete(f"/api/projects/{w.pid}/rls/policies/items/{name}", headers=h)
 
 
+async def _install_extension(w: World, h: dict[str, str]) -> httpx.Response:
+    # Off first (as the owner), so every allowed caller's install is a new one (201).
+    await w.api.http.delete(f"/api/projects/{w.pid}/extensions/pg_trgm", headers=w.owner)
+    return await w.api.http.post(f"/api/projects/{w.pid}/extensions", json={"name": "pg_trgm"}, headers=h)
+
+
+async def _remove_extension(w: World, h: dict[str, str]) -> httpx.Response:
+    r = await w.api.http.post(f"/api/projects/{w.pid}/extensions", json={"name": "pg_trgm"}, headers=w.owner)
+    assert r.status_code in (200, 201), r.text
+    return await w.api.http.delete(f"/api/projects/{w.pid}/extensions/pg_trgm", headers=h)
+
+
 MATRIX: tuple[Row, ...] = (
+    Row(
+        "listExtensions",
+        "read",
+        200,
+        lambda w, h: w.api.http.get(f"/api/projects/{w.pid}/extensions", headers=h),
+    ),
+    Row("installExtension", "schema", 201, _install_extension),
+    Row("removeExtension", "schema", 200, _remove_extension),
     Row("getProject", "read", 200, lambda w, h: w.api.http.get(f"/api/projects/{w.pid}", headers=h)),
     Row(
         "createApiKey",
