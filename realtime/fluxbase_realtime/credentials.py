@@ -138,9 +138,7 @@ async def invalid(
             bad[c] = ProjectSuspended()
         elif c.expires_at is not None and c.expires_at <= now:
             bad[c] = TokenExpired("The end-user token has expired.")  # (as usertokens.verify says)
-        elif c.external and (
-            c.auth_settings_at is None or settings_at.get(c.project_id) != c.auth_settings_at
-        ):
+        elif c.external and settings_at.get(c.project_id) != c.auth_settings_at:  # (None: no settings)
             bad[c] = InvalidUserToken(
                 "The project's identity provider settings changed: subscribe again with a token they accept."
             )
