@@ -16,7 +16,9 @@ evaluation per distinct viewer (all tables at once, `fluxbase_guard.visible_rows
 keys of a project are one viewer, as are all readwrite keys — whatever the number of sockets;
 viewers are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the pool. A check
 that fails denies that viewer's events of the batch (fail closed, logged) and nobody else's; a
-group that times out is retried viewer by viewer to find the culprit.
+group that times out is retried viewer by viewer to find the culprit. Checks run in READ ONLY
+transactions (a policy is tenant code: its side effects fail, and so does its check), and a check
+past its timeout has its backend terminated, not only cancelled (PL/pgSQL can swallow a cancel).
 """
 
 from __future__ import annotations
