@@ -161,12 +161,6 @@ async def busy_checkers(control_db: asyncpg.Pool, pid: str) -> int:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the realtime checker's timeout only cancels (asyncpg) and closes the socket "
-    "(TenantPool.connection); a policy that swallows query_canceled keeps its backend running "
-    "with nobody to terminate it, one more per event batch",
-)
 async def test_checker_backend_does_not_outlive_its_timeout(
     api: Api, project: Any, rt: str, control_db: asyncpg.Pool
 ) -> None:
@@ -185,12 +179,6 @@ async def test_checker_backend_does_not_outlive_its_timeout(
     assert left == 0, f"{left} checker backend(s) still running a policy past the checker's timeout"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: Hub.dispatch awaits each project's gate decision in turn and the outbox "
-    "reader awaits dispatch, so one project's slow SELECT policy delays every other project's "
-    "gated subscribers by up to the checker's timeout, batch after batch",
-)
 async def test_one_projects_slow_policy_does_not_delay_another_projects_events(
     api: Api, project: Any, rt: str
 ) -> None:
@@ -216,13 +204,6 @@ async def test_one_projects_slow_policy_does_not_delay_another_projects_events(
     assert max(lags) < 0.6, lags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: a subscription admitted by an external identity provider's token "
-    "(jwtSecret / JWKS) carries no session (realtime server._end_user_grant), and "
-    "credentials.invalid re-checks only the project for it: it outlives the token's exp and "
-    "the project's rotation of its jwtSecret",
-)
 async def test_external_token_subscription_ends_when_the_token_expires(
     api: Api, project: Any, rt: str
 ) -> None:
@@ -540,12 +521,6 @@ async def test_db_quota_counts_column_definitions(
 # -- 8. the realtime checker writes: policies with side effects ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the checker evaluates SELECT policies as the readwrite role in an ordinary "
-    "read-write transaction (rls.py pool.fetch, no READ ONLY, no quota check): a policy that "
-    "writes stores data past the project's database quota, once per check (replays repeat it)",
-)
 async def test_policy_side_effects_in_the_checker_do_not_escape_the_quota(
     api: Api, project: Any, rt: str, instance_admin: dict[str, Any], control_db: asyncpg.Pool
 ) -> None:
@@ -577,11 +552,6 @@ async def test_policy_side_effects_in_the_checker_do_not_escape_the_quota(
     assert size <= cap + 65_536, (size, cap)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the checker's transaction is not read-only for a read-only project: a "
-    "SELECT policy's writes land while every API write is refused with PROJECT_READ_ONLY",
-)
 async def test_policy_side_effects_in_the_checker_do_not_write_to_a_read_only_project(
     api: Api, project: Any, rt: str
 ) -> None:
@@ -694,13 +664,6 @@ async def test_one_projects_open_write_does_not_delay_other_projects_realtime(
 # -- 11. auth.role() in the checker vs in SQL -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the checker sets auth.role() to the token's `role` claim ('authenticated' "
-    "for own tokens, anything an external provider puts there: realtime server._end_user_grant) "
-    "while SQL sets the key's scope (services/identity.py, docs/sql.md): a policy on auth.role() "
-    "delivers rows by realtime that the same end user cannot SELECT",
-)
 async def test_realtime_role_matches_sql_role(api: Api, project: Any, rt: str) -> None:
     pid, key = project.id, project.admin_key
     for q in (

@@ -6,13 +6,17 @@ an end user's token (own tokens name their session). The service checks the cred
 subscribes and again every few seconds for every live subscription, in one batched query per
 kind against the control plane. The state lives in PostgreSQL, so a revocation reaches every
 realtime replica: revoking or rotating a key, logging out or disabling an end user, removing a
-member or ending their session, suspending or deleting the project.
+member or ending their session, suspending or deleting the project. An end user's token also
+ends its subscriptions at its exp, and an external provider's token when the project changes its
+identity provider settings (SQL would refuse the token from then on).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -23,6 +27,7 @@ from fluxbase.errors import (
     ProjectNotFound,
     ProjectSuspended,
     ScopeMismatch,
+    TokenExpired,
     UserDisabled,
 )
 from fluxbase.services.access import ROLE_SQL_SCOPE
@@ -43,6 +48,13 @@ class Credential:
     session_id: str | None = None  # the member's dashboard session
     user_id: str | None = None
     user_session: str | None = None  # a project user's own session
+    # An end-user token's exp (Unix seconds): the subscription ends with it, as SQL refuses it.
+    expires_at: float | None = None
+    # A token of the project's external identity provider: the project's auth settings as they
+    # were (updated_at) when it was verified; any change (a rotated jwtSecret, another jwksUri or
+    # issuer) ends the subscription, whose token would have to be verified again.
+    auth_settings_at: datetime | None = None
+    external: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,9 @@ SELECT c.project_id, c.user_id, c.session_id, m.role,
 FROM unnest($1::text[], $2::text[], $3::text[]) AS c(project_id, user_id, session_id)
 LEFT JOIN fluxbase.project_members m ON m.project_id = c.project_id AND m.user_id = c.user_id
 """
+_AUTH_SETTINGS_SQL = (
+    "SELECT project_id, updated_at FROM fluxbase.project_auth_settings WHERE project_id = ANY($1::text[])"
+)
 _USER_SESSIONS_SQL = """
 SELECT s.id, u.id AS user_id, u.project_id, s.revoked_at IS NULL AND s.expires_at > now() AS live,
        u.disabled_at IS NOT NULL AS disabled
@@ -105,12 +120,28 @@ async def invalid(
         if users
         else {}
     )
+    external = [c for c in creds if c.external]
+    settings_at = (
+        {
+            r["project_id"]: r["updated_at"]
+            for r in await db.fetch(_AUTH_SETTINGS_SQL, list({c.project_id for c in external}))
+        }
+        if external
+        else {}
+    )
+    now = time.time()
     for c in creds:
         status = projects.get(c.project_id)
         if status is None:
             bad[c] = ProjectNotFound()
         elif status == "suspended":
             bad[c] = ProjectSuspended()
+        elif c.expires_at is not None and c.expires_at <= now:
+            bad[c] = TokenExpired("The end-user token has expired.")  # (as usertokens.verify says)
+        elif c.external and settings_at.get(c.project_id) != c.auth_settings_at:  # (None: no settings)
+            bad[c] = InvalidUserToken(
+                "The project's identity provider settings changed: subscribe again with a token they accept."
+            )
         elif c.key_id is not None and not _key_holds(c, keys.get(c.key_id)):
             bad[c] = AuthRequired("The API key was revoked, rotated or has expired.")
         elif c.member_id is not None:

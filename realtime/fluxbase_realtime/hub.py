@@ -190,18 +190,34 @@ class Client:
                 await self.writer
 
 
+# Events of one project waiting for its gate decisions; past this the project's gated
+# subscribers are cut off (4008) rather than held in memory without bound.
+MAX_GATED_PENDING = 20_000
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One project's gated batches, delivered in order by one task at a time."""
+
+    batches: deque[tuple[list[OutboxEvent], dict[Subscription, Client]]] = field(default_factory=deque)
+    size: int = 0
+    task: asyncio.Task[None] | None = None
+
+
 class Hub:
     """project id → subscriptions; `dispatch` sends each event's bytes to every matching socket.
 
     Subscribers without a viewer get the fast path: the same bytes, pushed as the batch is
-    walked. End-user subscribers of a project are served after that, from one gate decision per
-    batch and project, in event order; without a gate they receive nothing (fail closed).
+    walked. End-user subscribers of a project are served by the project's lane, from one gate
+    decision per batch and project, in event order, concurrently with other projects' lanes;
+    without a gate they receive nothing (fail closed).
     """
 
     def __init__(self, gate: RlsGate | None = None) -> None:
         self.rooms: dict[str, dict[Subscription, Client]] = defaultdict(dict)
         self.delivered = 0
         self.gate = gate
+        self._lanes: dict[str, _Lane] = {}
 
     def join(self, client: Client, sub: Subscription) -> None:
         self.rooms[sub.project_id][sub] = client
@@ -235,7 +251,52 @@ class Hub:
                     client.push(ev.message)
                     self.delivered += 1
         for project_id, (pending, subs) in gated.items():
-            await self._dispatch_gated(project_id, pending, subs)
+            self._enqueue_gated(project_id, pending, subs)
+
+    def _enqueue_gated(
+        self, project_id: str, events: list[OutboxEvent], subs: dict[Subscription, Client]
+    ) -> None:
+        """Hand a batch to its project's lane: each project's gate decisions run in a task of
+        their own, one batch after another (so a socket gets a project's events in commit
+        order), and a slow policy of one project delays no other project's events."""
+        lane = self._lanes.get(project_id)
+        if lane is None:
+            lane = self._lanes[project_id] = _Lane()
+        lane.batches.append((events, subs))
+        lane.size += len(events)
+        if lane.size > MAX_GATED_PENDING:
+            # The project's checks cannot keep up: its gated subscribers are slow consumers
+            # (they resume with `since`), and nothing more is held in memory for them.
+            for _events, waiting in lane.batches:
+                for client in waiting.values():
+                    client.cut_off()
+            lane.batches.clear()
+            lane.size = 0
+            return
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._run_lane(project_id, lane))
+
+    async def _run_lane(self, project_id: str, lane: _Lane) -> None:
+        try:
+            while lane.batches:
+                events, subs = lane.batches.popleft()
+                lane.size -= len(events)
+                try:
+                    await self._dispatch_gated(project_id, events, subs)
+                except Exception:
+                    log.exception("gated delivery failed for project %s (events withheld)", project_id)
+        finally:
+            lane.task = None
+            if self._lanes.get(project_id) is lane and not lane.batches:
+                del self._lanes[project_id]
+
+    async def close(self) -> None:
+        """Stop the lanes (the service is closing: what they held is resumed with `since`)."""
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        self._lanes.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _dispatch_gated(
         self, project_id: str, events: list[OutboxEvent], subs: dict[Subscription, Client]

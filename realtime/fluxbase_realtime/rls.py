@@ -16,7 +16,9 @@ evaluation per distinct viewer (all tables at once, `fluxbase_guard.visible_rows
 keys of a project are one viewer, as are all readwrite keys — whatever the number of sockets;
 viewers are sent in groups (up to MAX_USERS_PER_QUERY per query) spread over the pool. A check
 that fails denies that viewer's events of the batch (fail closed, logged) and nobody else's; a
-group that times out is retried viewer by viewer to find the culprit.
+group that times out is retried viewer by viewer to find the culprit. Checks run in READ ONLY
+transactions (a policy is tenant code: its side effects fail, and so does its check), and a check
+past its timeout has its backend terminated, not only cancelled (PL/pgSQL can swallow a cancel).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from fluxbase.db.quoting import quote_ident
 from fluxbase.security import tokens
 from fluxbase.security.roles import CHECKER, role_name, schema_name
 from fluxbase.services.identity import IdentityResolver
-from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy import session
+from fluxbase.tenancy.pools import TenantPool, TenantPools
 from fluxbase_realtime.outbox import OutboxEvent
 
 log = logging.getLogger("fluxbase.realtime.rls")
@@ -187,6 +190,21 @@ class RlsGate:
             )
         return out
 
+    async def _read_only(self, pool: TenantPool, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a check in a READ ONLY transaction, so that whatever a policy does (it is tenant
+        code) writes nothing: not past the project's quota, not to a read-only project. Past the
+        timeout the backend is terminated through the control connection, since a policy that
+        swallows query_canceled would otherwise keep running with nobody waiting for it."""
+        async with pool.connection() as conn:  # (terminated on any error: state unknown)
+            await conn.execute("BEGIN READ ONLY")
+            try:
+                rows = await conn.fetch(query, *args, timeout=self.timeout_s)
+            except TimeoutError:
+                await session.terminate(self.control, conn)
+                raise
+            await conn.execute("ROLLBACK")  # (read only: nothing to keep)
+            return list(rows)
+
     async def _schema_allowed(self, project_id: str) -> bool:
         try:
             return bool(
@@ -295,7 +313,8 @@ class RlsGate:
         async def check(group: list[Viewer]) -> None:
             try:
                 self.queries += 1
-                result = await pool.fetch(
+                result = await self._read_only(
+                    pool,
                     _VISIBLE_SQL,
                     schema,
                     role,
@@ -304,7 +323,6 @@ class RlsGate:
                     [v.role for v in group],
                     checks,
                     args,
-                    timeout=self.timeout_s,
                 )
             except Exception as exc:
                 if len(group) > 1:

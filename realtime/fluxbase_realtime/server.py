@@ -57,7 +57,7 @@ from fluxbase.security import apikeys, tokens, usertokens
 from fluxbase.security.roles import role_name
 from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key, load_project
-from fluxbase.services.identity import IdentityResolver
+from fluxbase.services.identity import IdentityResolver, end_user_identity
 from fluxbase.services.realtime import Cursor
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime import credentials
@@ -242,6 +242,7 @@ class RealtimeService:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
         await self.reader.close()
+        await self.hub.close()
         if self.gate is not None:
             await self.gate.close()
         if self.db is not None:
@@ -372,6 +373,11 @@ class RealtimeService:
 
     async def _end_user_grant(self, token: str, project_id: str) -> Grant:
         assert self.end_user_verifier is not None and self.db is not None
+        # Read before the token is verified: a change of the settings after this ends the
+        # subscription at the next re-validation round (credentials.invalid).
+        settings_at = await self.db.fetchval(
+            "SELECT updated_at FROM fluxbase.project_auth_settings WHERE project_id = $1", project_id
+        )
         user = await self.end_user_verifier(token, project_id)
         if user is None or not user.auth_uid:
             raise AuthRequired("Invalid or malformed token.")
@@ -384,16 +390,20 @@ class RealtimeService:
             "read",
             user_id=user.auth_uid if own else None,
             user_session=str(user.claims["sid"]) if own else None,
+            expires_at=float(exp) if isinstance(exp := user.claims.get("exp"), int | float) else None,
+            auth_settings_at=None if own else settings_at,
+            external=not own,
         )
         bad = await credentials.invalid(self.db, [cred])
         if cred in bad:
             raise bad[cred]
-        role = str(user.claims.get("role") or "authenticated")
         row = await self.db.fetchrow(
             "SELECT rate_limit_requests, rate_limit_window_s FROM fluxbase.projects WHERE id = $1", project_id
         )
         rate = self._rate((row["rate_limit_requests"], row["rate_limit_window_s"]) if row else None)
-        viewer = Viewer.of(user.auth_uid, user.claims, role, "read")
+        # auth.role() exactly as SQL sets it for this user behind a read key.
+        ident = end_user_identity("read", {**user.claims, "sub": user.auth_uid})
+        viewer = Viewer.of(user.auth_uid, ident.claims, ident.role, "read")
         return Grant(project_id, "read", viewer, cred, f"enduser:{project_id}:{user.auth_uid}", rate)
 
     # -- protocol ---------------------------------------------------------------------------

@@ -151,6 +151,13 @@ def key_identity(access: ProjectAccess, auth_uid: str | None) -> Identity:
     return Identity(uid=auth_uid or None, claims=claims, role=access.sql_scope)
 
 
+def end_user_identity(scope: str, claims: dict[str, Any], session: tuple[str, str] | None = None) -> Identity:
+    """A verified end user as SQL (and the realtime checker) sees them: auth.role() is the SQL
+    scope of the key that admitted them (`read` for a token presented on its own), never the
+    token's `role` claim, which an external identity provider may set to anything."""
+    return Identity(uid=claims["sub"], claims=claims, role=scope, user_session=session, end_user=True)
+
+
 class IdentityResolver:
     """Verifies end-user tokens for a project and builds the request's Identity."""
 
@@ -250,8 +257,6 @@ class IdentityResolver:
                 raise ValidationError("authUid cannot override the identity of the end-user token.")
             own = session_checked_in_sql and claims.get("iss") == usertokens.OWN_ISSUER
             session = (claims["sid"], access.project.id) if own else None
-            return Identity(
-                uid=claims["sub"], claims=claims, role=access.sql_scope, user_session=session, end_user=True
-            )
+            return end_user_identity(access.sql_scope, claims, session)
         require_end_user_token(access, user_token)
         return key_identity(access, auth_uid)
