@@ -260,6 +260,8 @@ async def test_rls_walkthrough_in_the_browser(instance: Instance, project: Proje
     for uid in ("alice", "bob"):
         await page.get_by_label("authUid").fill(uid)
         await run("SELECT body FROM notes ORDER BY id")
+        # The response is in; wait until htmx has swapped this run's result in (it names the uid).
+        await page.locator("code", has_text=re.compile(f"^{uid}$")).wait_for()
         grid = page.get_by_role("table", name="Query result")
         seen[uid] = await grid.get_by_role("cell").all_inner_texts()
     assert seen == {"alice": ["alice 1", "alice 2"], "bob": ["bob 1"]}
