@@ -291,9 +291,11 @@ class RealtimeService:
             host = connection.remote_address[0] if connection.remote_address else None
             if not metrics.allowed(self.settings.metrics_token, request.headers.get("Authorization"), host):
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, metrics.DENIED.decode())
+                del response.headers["Content-Type"]  # respond() sets text/plain
                 response.headers["Content-Type"] = "application/json"
                 return response
             response = connection.respond(HTTPStatus.OK, (await metrics.REGISTRY.render()).decode())
+            del response.headers["Content-Type"]
             response.headers["Content-Type"] = metrics.CONTENT_TYPE
             response.headers["Cache-Control"] = "no-store"
             return response
