@@ -372,6 +372,16 @@ async def test_worker_metrics_count_attempts_and_failures(obs, worker: Worker, r
             )
 
         await until(delivered)
+        # The delivery log shows every attempt: the 500s, then the 200.
+        r = await obs["api"].http.get(f"/api/webhooks/{hook}/deliveries", headers=bearer(obs["key"]))
+        (d,) = r.json()["deliveries"]
+        log = d["attemptLog"]
+        assert d["status"] == "delivered" and d["attempts"] == len(log) >= 3, d
+        assert [a["responseStatus"] for a in log] == [500] * (len(log) - 1) + [200]
+        assert all(a["responseTimeMs"] is not None and a["at"] and a["error"] is None for a in log[-1:])
+        assert all(a["error"] == "HTTP 500" or "500" in a["error"] for a in log[:-1]), log
+        assert log[-1]["responseBody"] == "OK"
+        assert [a["at"] for a in log] == sorted(a["at"] for a in log)
     finally:
         await delete_hook(obs, hook)
 

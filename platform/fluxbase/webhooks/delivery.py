@@ -100,6 +100,13 @@ FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::
 WHERE d.id = r.id
 """
 
+# Every attempt, in the same statement's transaction as the delivery's new state.
+_ATTEMPTS_SQL = """
+INSERT INTO fluxbase.webhook_attempts
+    (delivery_id, attempted_at, response_status, response_ms, response_body, error)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[], $4::int[], $5::text[], $6::text[])
+"""
+
 _ENC = msgspec.json.Encoder()
 
 
@@ -322,6 +329,7 @@ async def _send_locked(
         # A lost result only means the request is made again (same webhook-id): at-least-once.
         await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute(_RECORD_SQL, *columns)
+        await conn.execute(_ATTEMPTS_SQL, columns[0], columns[2], *columns[4:])
         if exhausted is not None:
             await _disable(conn, hook, *exhausted)
     more = not failed and (len(results) < len(pending) or len(pending) == batch)
