@@ -128,6 +128,38 @@ def test_without_a_token_only_loopback_may_read() -> None:
     assert not metrics.allowed("", None, None)
     assert not metrics.allowed("t", None, "127.0.0.1")  # a token, when set, is needed from anywhere
     assert metrics.allowed("t", "Bearer t", "10.1.2.3")
+    # A reverse proxy on the same host connects from loopback: its forwarding header gives it away.
+    assert not metrics.allowed("", None, "127.0.0.1", proxied=True)
+    assert metrics.allowed("t", "Bearer t", "127.0.0.1", proxied=True)
+
+
+async def test_a_proxied_request_is_not_loopback(stack, log_dir) -> None:
+    """Without a token: direct loopback scrapes are answered, proxied ones refused (API, worker)."""
+    dbname = await stack.create_database()
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            w = Worker(env, log_dir / f"obs-worker-{port}.log")
+            try:
+                async with httpx.AsyncClient(timeout=10) as http:
+                    for url in (server.url, w.url):
+                        deadline = time.monotonic() + 60
+                        while True:
+                            try:
+                                direct = await http.get(f"{url}/metrics")
+                                break
+                            except httpx.HTTPError:
+                                assert time.monotonic() < deadline and w.proc.poll() is None, w.log()
+                                await asyncio.sleep(0.1)
+                        assert direct.status_code == 200 and "fluxbase_" in direct.text
+                        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+                            r = await http.get(f"{url}/metrics", headers={header: "203.0.113.9"})
+                            assert r.status_code == 401, (url, header)
+            finally:
+                stop_process(w.proc, signal.SIGTERM, timeout=30)
+    finally:
+        await stack.drop_database(dbname)
 
 
 async def test_a_request_moves_its_counter_and_histogram_by_route_template(obs) -> None:

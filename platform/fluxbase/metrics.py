@@ -7,7 +7,8 @@ project ids or user input. Gauges that mirror live state are filled at scrape ti
 collectors (`REGISTRY.on_scrape`). No dependency: the format is a few lines of text.
 
 Access: with FLUXBASE_METRICS_TOKEN set, a request needs `Authorization: Bearer <token>`;
-without it, only loopback clients (127.0.0.0/8, ::1) are answered.
+without it, only loopback clients (127.0.0.0/8, ::1) are answered, and never a request that
+carries a proxy's forwarding header.
 """
 
 from __future__ import annotations
@@ -191,12 +192,21 @@ S3_ERRORS = REGISTRY.counter(
 )
 
 
-def allowed(token: str | None, authorization: str | None, client_host: str | None) -> bool:
-    """Whether a /metrics request may be answered (see the module docstring)."""
+PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
+def allowed(
+    token: str | None, authorization: str | None, client_host: str | None, proxied: bool = False
+) -> bool:
+    """Whether a /metrics request may be answered (see the module docstring). Without a token,
+    a request a proxy forwarded (`proxied`: it carries a forwarding header) is refused even from
+    loopback: a reverse proxy on the same host would otherwise open /metrics to everyone."""
     if token:
         given = (authorization or "").strip()
         scheme, _, value = given.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+    if proxied:
+        return False
     try:
         if client_host is None:
             return False
@@ -228,9 +238,10 @@ async def serve_metrics(host: str, port: int, token: str) -> asyncio.Server:
                 k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
             }
             peer = writer.get_extra_info("peername")
+            proxied = any(h in headers for h in PROXY_HEADERS)
             if method != "GET" or path != "/metrics":
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            elif not allowed(token, headers.get("authorization"), peer[0] if peer else None):
+            elif not allowed(token, headers.get("authorization"), peer[0] if peer else None, proxied):
                 status, ctype, body = "401 Unauthorized", "application/json", DENIED
             else:
                 status, ctype, body = "200 OK", CONTENT_TYPE, await REGISTRY.render()

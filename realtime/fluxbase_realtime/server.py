@@ -289,7 +289,9 @@ class RealtimeService:
             return _json(connection, HTTPStatus.OK, {"status": "ok"})
         if path == "/metrics":
             host = connection.remote_address[0] if connection.remote_address else None
-            if not metrics.allowed(self.settings.metrics_token, request.headers.get("Authorization"), host):
+            proxied = any(h in request.headers for h in metrics.PROXY_HEADERS)
+            auth = request.headers.get("Authorization")
+            if not metrics.allowed(self.settings.metrics_token, auth, host, proxied):
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, metrics.DENIED.decode())
                 del response.headers["Content-Type"]  # respond() sets text/plain
                 response.headers["Content-Type"] = "application/json"

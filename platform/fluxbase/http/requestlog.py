@@ -165,9 +165,9 @@ class RequestLog:
 
     async def _metrics(self, scope: Scope, send: Any) -> None:
         client = scope.get("client")
-        if not metrics.allowed(
-            self.metrics_token, _header(scope, b"authorization"), client[0] if client else None
-        ):
+        host = client[0] if client else None
+        proxied = any(_header(scope, h.encode()) is not None for h in metrics.PROXY_HEADERS)
+        if not metrics.allowed(self.metrics_token, _header(scope, b"authorization"), host, proxied):
             body, status, ctype = metrics.DENIED, 401, b"application/json"
         else:
             body, status, ctype = await metrics.REGISTRY.render(), 200, metrics.CONTENT_TYPE.encode()
