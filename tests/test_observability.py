@@ -5,6 +5,7 @@ real webhook receiver. Its S3 endpoint is a port nothing listens on, so S3 error
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import signal
@@ -58,8 +59,14 @@ async def scrape(url: str, token: str = TOKEN) -> Sample:
 
 
 async def until(pred: Callable[[], Any], timeout: float = 20.0) -> None:
+    """Wait for `pred()` (a bool, or an awaitable of one) to hold."""
     deadline = time.monotonic() + timeout
-    while not await pred():
+
+    async def check() -> bool:
+        result = pred()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await check():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
 
@@ -233,7 +240,7 @@ async def test_one_json_line_per_request_with_the_given_request_id(obs) -> None:
         headers={**bearer(obs["key"]), "X-Request-Id": rid},
     )
     assert r.headers["x-request-id"] == rid
-    await until(lambda: _async(any(d.get("requestId") == rid for d in json_lines(obs["server"].log()))))
+    await until(lambda: any(d.get("requestId") == rid for d in json_lines(obs["server"].log())))
     lines = [d for d in json_lines(obs["server"].log()) if d.get("requestId") == rid]
     assert len(lines) == 1, lines
     line = lines[0]
@@ -243,10 +250,6 @@ async def test_one_json_line_per_request_with_the_given_request_id(obs) -> None:
     assert isinstance(line["durationMs"], float)
     log = obs["server"].log()
     assert secret not in log and obs["key"] not in log
-
-
-async def _async(v: Any) -> Any:
-    return v
 
 
 @pytest.mark.parametrize("given", [b"x" * 129, b"bad\tid", "caf\u00e9".encode("latin-1"), b""])
@@ -269,7 +272,7 @@ async def test_every_line_a_request_causes_carries_its_id(obs) -> None:
     )
     assert r.status_code == 503, r.text
     assert r.headers["x-request-id"] == rid
-    await until(lambda: _async(any(d.get("requestId") == rid for d in json_lines(obs["server"].log()))))
+    await until(lambda: any(d.get("requestId") == rid for d in json_lines(obs["server"].log())))
     mine = [d for d in json_lines(obs["server"].log()) if d.get("requestId") == rid]
     loggers = {d["logger"] for d in mine}
     assert "fluxbase.request" in loggers and len(loggers) >= 2, mine
