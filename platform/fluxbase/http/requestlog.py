@@ -109,7 +109,8 @@ class RequestLog:
         token = REQUEST_ID.set(rid)
         HTTP_IN_FLIGHT.inc()
         started = time.perf_counter()
-        project = _project_of(scope)
+        logged = self.terminal or self.json_log  # else: no project, no peeking (the hot path)
+        project = _project_of(scope) if logged else None
         head = bytearray()
         status = 0
         error_body = bytearray()
@@ -126,7 +127,7 @@ class RequestLog:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
-                json_answer = any(
+                json_answer = self.terminal and any(
                     k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers
                 )
                 headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
@@ -136,9 +137,9 @@ class RequestLog:
             await send(message)
 
         try:
-            await self.app(scope, receive_peek, send_peek)
+            await self.app(scope, receive_peek if logged else receive, send_peek)
         finally:
-            if project is None:
+            if logged and project is None:
                 m = _PROJECT_IN_BODY.search(head)
                 project = m.group(1).decode() if m else None
             seconds = time.perf_counter() - started
