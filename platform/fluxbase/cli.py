@@ -45,26 +45,45 @@ def _settings(args: argparse.Namespace | None = None) -> Settings:
         raise ConfigError(f"{str(exc).split('. ')[0].rstrip('.')}. {hint}") from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # botocore and asyncpg are chatty at INFO and may echo request details.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("aiobotocore").setLevel(logging.WARNING)
-    # websockets logs every /live and /ready probe at INFO.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+def _setup_logging(settings: Settings) -> None:
+    from fluxbase.config import unknown_variables
+    from fluxbase.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("fluxbase.config")
+    for name, close in unknown_variables(os.environ):
+        hint = f" (did you mean {close}?)" if close else ""
+        log.warning("unknown setting %s is ignored%s", name, hint)
 
 
-async def _migrate(settings: Settings) -> list[str]:
+MIGRATE_CONNECT_WITHIN_S = 60.0  # how long `migrate` waits for PostgreSQL to accept connections
+
+
+async def _migrate(settings: Settings, within_s: float = MIGRATE_CONNECT_WITHIN_S) -> list[str]:
+    """Apply the migrations; while PostgreSQL does not accept connections yet (a container
+    starting beside it), retry with exponential backoff for up to `within_s` seconds."""
+    import asyncpg
+
     from fluxbase.db.migrate import migrate_database
 
-    return await migrate_database(settings)
+    log = logging.getLogger("fluxbase.migrate")
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within_s
+    delay = 0.25
+    while True:
+        try:
+            return await migrate_database(settings)
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+            if loop.time() + delay > give_up:
+                raise
+            log.warning("database not reachable (%s), retrying in %.2fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    _setup_logging(settings)
     applied = asyncio.run(_migrate(settings))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -74,7 +93,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     from fluxbase.devstack.procs import ensure_port_free
 
     host = args.host or settings.http.host
@@ -104,7 +123,7 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     from fluxbase_realtime.server import serve
 
     settings = _settings()
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     host = args.host or settings.realtime.host
     port = args.port or settings.realtime.port
     ensure_port_free(host, port, "realtime service", "FLUXBASE_REALTIME_PORT")
@@ -113,11 +132,23 @@ def cmd_realtime(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
+    import signal
+
     from fluxbase.worker import run_worker
 
     settings = _settings()
-    _setup_logging(settings.log_level)
-    asyncio.run(run_worker(settings))
+    _setup_logging(settings)
+
+    async def main() -> None:
+        # SIGTERM (a container stopping) and SIGINT: start nothing new, let deliveries in flight
+        # finish and be written down (WebhookWorker.run), then exit.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    asyncio.run(main())
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -270,6 +271,10 @@ class Settings(msgspec.Struct, frozen=True):
     mail: MailSettings = MailSettings()
     run_worker_in_api: bool = False
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object per line
+    # /metrics: with a token, a bearer of it may read; without, loopback clients only.
+    metrics_token: str = ""
+    worker_metrics_port: int = 0  # 0: the worker has no metrics listener
 
     @property
     def api_url(self) -> str:
@@ -435,6 +440,46 @@ def _mail(get: Callable[[str, str], str], int_of: Callable[[str, int], int]) -> 
             "FLUXBASE_MAIL_LOG_RETENTION_SECONDS",
         ),
     )
+
+
+def _log_format(value: str) -> str:
+    v = value.strip().lower()
+    if v not in ("text", "json"):
+        raise ConfigError(f"FLUXBASE_LOG_FORMAT must be text or json, got {value!r}")
+    return v
+
+
+def _port(value: int, name: str) -> int:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name} must be a port number (0 to 65535), got {value}")
+    return value
+
+
+def known_variables() -> set[str]:
+    """Every FLUXBASE_* name the code of the platform and the realtime service spells out."""
+    import importlib.util
+    import re
+
+    names: set[str] = set()
+    for package in ("fluxbase", "fluxbase_realtime"):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for path in Path(root).rglob("*.py"):
+                names.update(re.findall(r"FLUXBASE_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """FLUXBASE_* variables set in `environ` that no code reads, each with the closest known name."""
+    import difflib
+
+    known = known_variables()
+    found = []
+    for name in sorted(environ):
+        if name.startswith("FLUXBASE_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            found.append((name, close[0] if close else None))
+    return found
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -662,4 +707,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),
         log_level=get("FLUXBASE_LOG_LEVEL", "info") or "info",
+        log_format=_log_format(get("FLUXBASE_LOG_FORMAT", "text") or "text"),
+        metrics_token=get("FLUXBASE_METRICS_TOKEN", "") or "",
+        worker_metrics_port=_port(int_of("FLUXBASE_WORKER_METRICS_PORT", 0), "FLUXBASE_WORKER_METRICS_PORT"),
     )

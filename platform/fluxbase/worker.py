@@ -12,6 +12,7 @@ from fluxbase.config import Settings
 from fluxbase.errors import StorageUnavailable
 from fluxbase.mail import outbox as mail_outbox
 from fluxbase.mail import sender as mail_sender
+from fluxbase.metrics import serve_metrics
 from fluxbase.services import realtime
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.service import StorageService
@@ -70,6 +71,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     hooks = WebhookWorker(settings, db)
     delivery = asyncio.create_task(hooks.run(stop))
     mail = asyncio.create_task(mail_sender.run(db, settings.mail, stop))
+    listener = None
+    if settings.worker_metrics_port:
+        listener = await serve_metrics(
+            settings.http.host, settings.worker_metrics_port, settings.metrics_token
+        )
     log.info("worker started")
     try:
         while not stop.is_set():
@@ -84,5 +90,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     finally:
         stop.set()
         await asyncio.gather(delivery, mail, return_exceptions=True)
+        if listener is not None:
+            listener.close()
+            await listener.wait_closed()
+        log.info("worker stopped")
         await store.close()
         await db.close()

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from fluxbase.metrics import REGISTRY
 from fluxbase.services.realtime import Cursor
 from fluxbase_realtime.credentials import Grant
 from fluxbase_realtime.filters import RowFilter
@@ -103,6 +104,14 @@ def frame_of(message: bytes) -> bytes:
     return Frame(Opcode.TEXT, message).serialize(mask=False)
 
 
+CUT_OFF = REGISTRY.counter(
+    "fluxbase_realtime_slow_consumers_total", "Subscribers closed because their queue was full."
+)
+DROPPED = REGISTRY.counter(
+    "fluxbase_realtime_dropped_messages_total", "Messages not sent because their subscriber was cut off."
+)
+
+
 @dataclass(eq=False)
 class Client:
     """A socket and its bounded outgoing buffer; a writer task runs only while it has messages.
@@ -153,6 +162,8 @@ class Client:
         if self.closed:
             return
         self.closed = True
+        CUT_OFF.inc()
+        DROPPED.inc(amount=len(self.pending) + 1)
         log.warning("closing slow consumer %s (queue full)", self.ws.remote_address)
         if self.writer is not None:
             self.writer.cancel()  # frames already written stay ahead of the close frame

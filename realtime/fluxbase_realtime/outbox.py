@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,12 @@ class OutboxReader:
         self._conn: asyncpg.Connection | None = None
         self.polls = 0
         self.doorbells = 0
+        self.drained = False  # the last poll found nothing more to read (lag 0)
+        self.drained_at = time.monotonic()
+
+    def lag_s(self) -> float:
+        """Seconds since this reader last found the outbox drained; 0 while it is."""
+        return 0.0 if self.drained else time.monotonic() - self.drained_at
 
     def _on_notify(self, *_: object) -> None:
         self.doorbells += 1
@@ -206,8 +213,10 @@ class OutboxReader:
             if events:
                 await self.deliver(events)
             if events or pending:
+                self.drained = False
                 await asyncio.sleep(self.busy_poll_s)
                 continue
+            self.drained, self.drained_at = True, time.monotonic()
             # Drained: ask for the doorbell, then look once more so nothing slips in between.
             self._bell.clear()
             await self._set_waiting(conn, True)
@@ -217,6 +226,7 @@ class OutboxReader:
             if not events and not pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._bell.wait(), self.idle_poll_s)
+            self.drained, self.drained_at = False, time.monotonic()
             await self._set_waiting(conn, False)
 
     async def close(self) -> None:

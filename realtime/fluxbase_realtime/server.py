@@ -39,7 +39,7 @@ from websockets.asyncio.server import Request, Response, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
-from fluxbase import ids
+from fluxbase import ids, metrics
 from fluxbase.config import Settings
 from fluxbase.db.control import check_runtime_role
 from fluxbase.errors import (
@@ -75,6 +75,12 @@ OPERATIONS = {"INSERT", "UPDATE", "DELETE", "SCHEMA"}
 WRITE_SCOPES = frozenset({"readwrite", "admin"})
 MAX_ROOMS_PER_SOCKET = 100
 TOPIC_RULES_TTL_S = 2.0
+
+CONNECTIONS = metrics.REGISTRY.gauge("fluxbase_realtime_connections", "Open realtime sockets.")
+SUBSCRIPTIONS = metrics.REGISTRY.gauge("fluxbase_realtime_subscriptions", "Subscriptions of open sockets.")
+DELIVERED = metrics.REGISTRY.counter(
+    "fluxbase_realtime_delivered_messages_total", "Change messages queued to subscribers."
+)
 
 
 def parse_room(room: Any) -> tuple[str, str | None]:
@@ -140,6 +146,13 @@ class RealtimeService:
         self.presence: Presence | None = None
         self._presence_task: asyncio.Task[None] | None = None
         self._topic_rules: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
+        self._unregister = metrics.REGISTRY.on_scrape(self._collect)
+
+    def _collect(self) -> None:
+        CONNECTIONS.set(value=len(self.clients))
+        SUBSCRIPTIONS.set(value=sum(len(room) for room in self.hub.rooms.values()))
+        DELIVERED.values[()] = float(self.hub.delivered)
+        metrics.OUTBOX_LAG.set("realtime", value=self.reader.lag_s())
 
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
@@ -248,6 +261,7 @@ class RealtimeService:
         if self.db is not None:
             await self.db.close()
         await self.store.close()
+        self._unregister()
 
     async def ready(self) -> dict[str, str]:
         async def pg() -> bool:
@@ -274,6 +288,20 @@ class RealtimeService:
         path = request.path.split("?", 1)[0]
         if path == "/live":
             return _json(connection, HTTPStatus.OK, {"status": "ok"})
+        if path == "/metrics":
+            host = connection.remote_address[0] if connection.remote_address else None
+            proxied = any(h in request.headers for h in metrics.PROXY_HEADERS)
+            auth = request.headers.get("Authorization")
+            if not metrics.allowed(self.settings.metrics_token, auth, host, proxied):
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, metrics.DENIED.decode())
+                del response.headers["Content-Type"]  # respond() sets text/plain
+                response.headers["Content-Type"] = "application/json"
+                return response
+            response = connection.respond(HTTPStatus.OK, (await metrics.REGISTRY.render()).decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = metrics.CONTENT_TYPE
+            response.headers["Cache-Control"] = "no-store"
+            return response
         if path == "/ready":
             checks = await self.ready()
             ok = all(v == "ok" for v in checks.values())

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from fluxbase.config import load_settings
 from fluxbase.http.app import create_app
 from fluxbase.http.fastpath import SqlFastPath
 from fluxbase.http.requestlog import RequestLog
+from fluxbase.logs import setup_logging
 
 
-def create_from_env() -> SqlFastPath:
+def create_from_env(terminal: bool = False) -> RequestLog:
     settings = load_settings(os.environ)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    setup_logging(settings.log_level, settings.log_format)
+    return RequestLog(
+        SqlFastPath(create_app(settings)),
+        terminal=terminal,
+        json_log=settings.log_format == "json",
+        metrics_token=settings.metrics_token,
     )
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    return SqlFastPath(create_app(settings))
 
 
 def create_with_request_log() -> RequestLog:
     """`fluxbase api --request-log` (as `fluxbase dev` runs it): one line per request on stderr."""
-    return RequestLog(create_from_env())
+    return create_from_env(terminal=True)

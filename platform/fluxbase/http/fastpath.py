@@ -73,6 +73,7 @@ class SqlFastPath:
 
             await self.app(scope, receive, send_with_quota)  # type: ignore[arg-type]
             return
+        scope["path_template"] = PATH  # the route label of the request metrics
         ctx: AppContext = self.app.state.ctx
         headers = _Headers((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
         extra: list[tuple[bytes, bytes]] = []

@@ -14,6 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fluxbase.config import S3Settings
 from fluxbase.errors import StorageUnavailable
+from fluxbase.metrics import S3_ERRORS
 
 log = logging.getLogger("fluxbase.storage")
 
@@ -74,6 +75,7 @@ class ObjectStore:
             await self.client.head_bucket(Bucket=self.bucket)
             return True
         except (ClientError, BotoCoreError, OSError):
+            S3_ERRORS.inc("unreachable")
             return False
 
 
@@ -93,7 +95,9 @@ def s3_errors() -> Iterator[None]:
         if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
             raise ObjectMissing() from exc
         log.warning("S3 request failed: %s", exc.response.get("Error", {}).get("Code"))
+        S3_ERRORS.inc("error_answer")
         raise StorageUnavailable() from exc
     except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
         log.warning("S3 unreachable: %r", exc)
+        S3_ERRORS.inc("unreachable")
         raise StorageUnavailable() from exc

@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
+from fluxbase.metrics import REGISTRY
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.tenancy import wire
 from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
@@ -27,6 +28,21 @@ from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
 log = logging.getLogger(__name__)
 
 INT53 = 2**53 - 1
+
+POOL_WAITS = REGISTRY.counter(
+    "fluxbase_tenant_pool_waits_total", "Tenant connection requests that had to wait for a free connection."
+)
+POOL_WAIT_SECONDS = REGISTRY.histogram(
+    "fluxbase_tenant_pool_wait_seconds", "Time waited for a tenant connection (requests that waited)."
+)
+POOLS_OPEN = REGISTRY.gauge("fluxbase_tenant_pools", "Open tenant pools (one per project, scope and kind).")
+POOL_CONNECTIONS = REGISTRY.gauge(
+    "fluxbase_tenant_pool_connections", "Tenant connections of this process, by state.", ("state",)
+)
+POOL_WAITING = REGISTRY.gauge("fluxbase_tenant_pool_waiting", "Requests waiting for a tenant connection now.")
+POOL_BUSIEST = REGISTRY.gauge(
+    "fluxbase_tenant_pool_busiest_ratio", "Connections in use over the cap, in the busiest tenant pool."
+)
 IDLE_CONNECTION_S = 60.0  # a tenant connection unused this long is closed
 IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle this long
 
@@ -119,6 +135,8 @@ class TenantPool:
             return await self._open()
         fut: asyncio.Future[TenantConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        POOL_WAITS.inc()
+        waited = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 got = await fut
@@ -128,6 +146,8 @@ class TenantPool:
             else:
                 fut.cancel()
             raise
+        finally:
+            POOL_WAIT_SECONDS.observe(time.perf_counter() - waited)
         return got if got is not None else await self._open()
 
     async def _open(self) -> TenantConnection:
@@ -273,6 +293,19 @@ class TenantPools:
         self.statements = Classifier(Caps.of(settings.tenant))
         self._idle_pool_seconds = idle_pool_seconds
         self._reaper: asyncio.Task[None] | None = None
+        self._unregister = REGISTRY.on_scrape(self._collect)
+
+    def _collect(self) -> None:
+        """Set the pool gauges (totals and the busiest pool: no per-project labels)."""
+        pools = list(self._pools.values())
+        size = sum(p.get_size() for p in pools)
+        idle = sum(p.get_idle_size() for p in pools)
+        POOLS_OPEN.set(value=len(pools))
+        POOL_CONNECTIONS.set("in_use", value=size - idle)
+        POOL_CONNECTIONS.set("idle", value=idle)
+        POOL_WAITING.set(value=sum(len(p._waiters) for p in pools))
+        busiest = max(((p.get_size() - p.get_idle_size()) / max(p._max, 1) for p in pools), default=0.0)
+        POOL_BUSIEST.set(value=busiest)
 
     @property
     def admin_deadline_s(self) -> float:
@@ -346,6 +379,7 @@ class TenantPools:
                     await pool.reap(IDLE_CONNECTION_S)
 
     async def close(self) -> None:
+        self._unregister()
         if self._reaper is not None:
             self._reaper.cancel()
         pools, self._pools = list(self._pools.values()), {}

@@ -33,12 +33,22 @@ import asyncpg
 import msgspec
 
 from fluxbase.config import Settings
+from fluxbase.metrics import OUTBOX_LAG, REGISTRY
 from fluxbase.security import ssrf
 from fluxbase.webhooks.sender import Attempt, Sender
 
 log = logging.getLogger("fluxbase.webhooks")
 
 CHANNEL = "fluxbase_events"
+
+ATTEMPTS = REGISTRY.counter(
+    "fluxbase_webhook_attempts_total", "Webhook requests made, by result (delivered or failed).", ("result",)
+)
+EXHAUSTED = REGISTRY.counter(
+    "fluxbase_webhook_deliveries_failed_total", "Webhook deliveries given up after their last retry."
+)
+QUEUE_DEPTH = REGISTRY.gauge("fluxbase_webhook_queue_depth", "Webhook deliveries pending (all projects).")
+IN_FLIGHT = REGISTRY.gauge("fluxbase_webhook_endpoints_in_flight", "Endpoints this worker is sending to now.")
 
 EVENT_TYPES = {
     ("row", "INSERT"): "row.inserted",
@@ -88,6 +98,13 @@ UPDATE fluxbase.webhook_deliveries d SET
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[], $6::int[],
             $7::text[], $8::text[]) AS r(id, status, at, next_at, code, ms, body, error)
 WHERE d.id = r.id
+"""
+
+# Every attempt, in the same statement's transaction as the delivery's new state.
+_ATTEMPTS_SQL = """
+INSERT INTO fluxbase.webhook_attempts
+    (delivery_id, attempted_at, response_status, response_ms, response_body, error)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[], $4::int[], $5::text[], $6::text[])
 """
 
 _ENC = msgspec.json.Encoder()
@@ -211,7 +228,11 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
 
 
 async def send_endpoint(
-    db: asyncpg.Pool, settings: Settings, sender: Sender, webhook_id: str
+    db: asyncpg.Pool,
+    settings: Settings,
+    sender: Sender,
+    webhook_id: str,
+    stopping: asyncio.Event | None = None,
 ) -> tuple[int, bool] | None:
     """Send one endpoint's due deliveries in order: (requests made, more due now), or None
     when another worker is sending to this endpoint."""
@@ -230,7 +251,7 @@ async def send_endpoint(
         if not taken:
             return None
         try:
-            return await _send_locked(conn, settings, sender, webhook_id)
+            return await _send_locked(conn, settings, sender, webhook_id, stopping)
         finally:
             await conn.execute(
                 "UPDATE fluxbase.webhooks SET send_lease = NULL, send_lease_until = NULL "
@@ -241,7 +262,11 @@ async def send_endpoint(
 
 
 async def _send_locked(
-    conn: asyncpg.Connection, settings: Settings, sender: Sender, webhook_id: str
+    conn: asyncpg.Connection,
+    settings: Settings,
+    sender: Sender,
+    webhook_id: str,
+    stopping: asyncio.Event | None = None,
 ) -> tuple[int, bool]:
     hook = await conn.fetchrow(
         "SELECT id, project_id, url, secret, enabled FROM fluxbase.webhooks WHERE id = $1", webhook_id
@@ -265,11 +290,12 @@ async def _send_locked(
             hook["url"], hook["secret"], d["message_id"], d["event_type"], d["body"].encode()
         )
         results.append((d, attempt, datetime.now(UTC)))
+        ATTEMPTS.inc("delivered" if attempt.ok else "failed")
         if not attempt.ok:
             failed = True
             break
-        if time.monotonic() - started > 5.0:
-            break  # write progress down regularly
+        if time.monotonic() - started > 5.0 or (stopping is not None and stopping.is_set()):
+            break  # write progress down regularly, and at once when the worker stops
     if not results:
         return 0, False
     columns: list[list[Any]] = [[] for _ in range(8)]
@@ -282,6 +308,7 @@ async def _send_locked(
             if delay is None:
                 status, next_at = "failed", at
                 exhausted = (d, attempt)
+                EXHAUSTED.inc()
             else:
                 status, next_at = "pending", at + timedelta(seconds=delay)
         if not attempt.ok:
@@ -302,6 +329,7 @@ async def _send_locked(
         # A lost result only means the request is made again (same webhook-id): at-least-once.
         await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute(_RECORD_SQL, *columns)
+        await conn.execute(_ATTEMPTS_SQL, columns[0], columns[2], *columns[4:])
         if exhausted is not None:
             await _disable(conn, hook, *exhausted)
     more = not failed and (len(results) < len(pending) or len(pending) == batch)
@@ -345,22 +373,48 @@ class WebhookWorker:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._elsewhere: dict[str, float] = {}  # endpoints another worker is sending to, until
         self.delivered = 0
+        self.stopping = asyncio.Event()  # set when the worker stops: finish, start nothing new
+        # Outbox lag: seconds since the dispatcher last found the outbox drained (0 while it is).
+        self._drained_at = time.monotonic()
+        self._drained = False
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, grace_s: float | None = None) -> None:
+        """Dispatch and send until `stop`; then start nothing new and give the requests in
+        flight `grace_s` (default: the request timeout plus 5 s) to finish and be written
+        down. What is still unfinished then is cancelled: its deliveries stay pending and are
+        sent again later with the same webhook-id (at-least-once), its lease released."""
         tasks = [asyncio.create_task(self._dispatch_loop(stop)), asyncio.create_task(self._send_loop(stop))]
+        unregister = REGISTRY.on_scrape(self._collect)
         try:
             await stop.wait()
         finally:
+            self.stopping.set()
             for t in tasks:
                 t.cancel()
-            for t in list(self._inflight.values()):
-                t.cancel()
-            await asyncio.gather(*tasks, *self._inflight.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            inflight = list(self._inflight.values())
+            if inflight:
+                grace = self.settings.webhooks.timeout_s + 5 if grace_s is None else grace_s
+                log.info("worker stopping: waiting up to %.0fs for %d endpoint(s)", grace, len(inflight))
+                _, late = await asyncio.wait(inflight, timeout=grace)
+                for t in late:
+                    t.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
+            unregister()
             await self.sender.close()
             with contextlib.suppress(Exception):
                 await self.db.execute(
                     "DELETE FROM fluxbase.event_readers WHERE reader_id = $1", self.reader_id
                 )
+
+    async def _collect(self) -> None:
+        IN_FLIGHT.set(value=len(self._inflight))
+        OUTBOX_LAG.set("webhooks", value=0.0 if self._drained else time.monotonic() - self._drained_at)
+        QUEUE_DEPTH.set(
+            value=await self.db.fetchval(
+                "SELECT count(*) FROM fluxbase.webhook_deliveries WHERE status = 'pending'", timeout=5
+            )
+        )
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -417,8 +471,10 @@ class WebhookWorker:
             busy, active = await self._dispatch(conn)
             self.ready.set()
             if busy:
+                self._drained = False
                 await asyncio.sleep(0.002)
                 continue
+            self._drained, self._drained_at = True, time.monotonic()
             if not active:
                 # No endpoint anywhere: no doorbell (each one costs writers a NOTIFY), just a
                 # look once a second for the first endpoint.
@@ -431,6 +487,7 @@ class WebhookWorker:
             if not (await self._dispatch(conn))[0]:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._bell.wait(), 1.0)
+            self._drained, self._drained_at = False, time.monotonic()
             await self._set_waiting(conn, False)
 
     # -- send -------------------------------------------------------------------------------
@@ -463,8 +520,8 @@ class WebhookWorker:
 
     async def _send_one(self, hook_id: str) -> None:
         try:
-            while True:
-                outcome = await send_endpoint(self.db, self.settings, self.sender, hook_id)
+            while not self.stopping.is_set():
+                outcome = await send_endpoint(self.db, self.settings, self.sender, hook_id, self.stopping)
                 if outcome is None:  # another worker holds it; look again a little later
                     self._elsewhere[hook_id] = time.monotonic() + 0.5
                     break

@@ -317,6 +317,36 @@ def _delivery_id(value: str) -> int:
     return int(value)
 
 
+ATTEMPTS_SHOWN = 50  # per delivery, the newest
+
+
+async def with_attempts(db: Any, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add `attemptLog` to each delivery: its attempts (newest last, at most ATTEMPTS_SHOWN)."""
+    ids = [int(d["id"]) for d in out]
+    rows = await db.fetch(
+        """SELECT delivery_id, attempted_at, response_status, response_ms, response_body, error FROM (
+               SELECT a.*, row_number() OVER (PARTITION BY delivery_id ORDER BY id DESC) AS n
+               FROM fluxbase.webhook_attempts a WHERE delivery_id = ANY($1::bigint[])) t
+           WHERE n <= $2 ORDER BY delivery_id, id""",
+        ids,
+        ATTEMPTS_SHOWN,
+    )
+    log: dict[str, list[dict[str, Any]]] = {d["id"]: [] for d in out}
+    for r in rows:
+        log[str(r["delivery_id"])].append(
+            {
+                "at": r["attempted_at"],
+                "responseStatus": r["response_status"],
+                "responseTimeMs": r["response_ms"],
+                "responseBody": r["response_body"],
+                "error": r["error"],
+            }
+        )
+    for d in out:
+        d["attemptLog"] = log[d["id"]]
+    return out
+
+
 async def deliveries(
     db: asyncpg.Pool, webhook_id: str, status: str | None, limit: int, before: str | None
 ) -> list[dict[str, Any]]:
@@ -333,7 +363,7 @@ async def deliveries(
         status,
         limit,
     )
-    return [delivery_out(r) for r in rows]
+    return await with_attempts(db, [delivery_out(r) for r in rows])
 
 
 async def redeliver(db: asyncpg.Pool, webhook_id: str, delivery_id: str) -> dict[str, Any]:
@@ -362,7 +392,7 @@ async def redeliver(db: asyncpg.Pool, webhook_id: str, delivery_id: str) -> dict
         row = await conn.fetchrow(
             f"SELECT {_DELIVERY_COLUMNS} FROM fluxbase.webhook_deliveries WHERE id = $1", row["id"]
         )
-    return delivery_out(row)
+        return (await with_attempts(conn, [delivery_out(row)]))[0]
 
 
 async def send_test(db: asyncpg.Pool, sender: Sender, project_id: str, webhook_id: str) -> dict[str, Any]:
@@ -378,20 +408,31 @@ async def send_test(db: asyncpg.Pool, sender: Sender, project_id: str, webhook_i
     body = message_body("ping", project_id, None, ts, new, None)
     message_id = f"msg_ping_{secrets.token_hex(8)}"
     attempt = await sender.send(hook["url"], hook["secret"], message_id, "ping", body)
-    row = await db.fetchrow(
-        f"""INSERT INTO fluxbase.webhook_deliveries (webhook_id, message_id, event_type, body, status,
-                attempts, last_attempt_at, response_status, response_ms, response_body, error)
-            VALUES ($1, $2, 'ping', $3, $4, 1, now(), $5, $6, $7, $8) RETURNING {_DELIVERY_COLUMNS}""",
-        webhook_id,
-        message_id,
-        body.decode(),
-        "delivered" if attempt.ok else "failed",
-        attempt.status,
-        attempt.ms,
-        attempt.body,
-        attempt.error,
-    )
-    return delivery_out(row)
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"""INSERT INTO fluxbase.webhook_deliveries (webhook_id, message_id, event_type, body, status,
+                    attempts, last_attempt_at, response_status, response_ms, response_body, error)
+                VALUES ($1, $2, 'ping', $3, $4, 1, now(), $5, $6, $7, $8) RETURNING {_DELIVERY_COLUMNS}""",
+            webhook_id,
+            message_id,
+            body.decode(),
+            "delivered" if attempt.ok else "failed",
+            attempt.status,
+            attempt.ms,
+            attempt.body,
+            attempt.error,
+        )
+        await conn.execute(
+            "INSERT INTO fluxbase.webhook_attempts (delivery_id, attempted_at, response_status, "
+            "response_ms, response_body, error) VALUES ($1, $2, $3, $4, $5, $6)",
+            row["id"],
+            row["last_attempt_at"],
+            attempt.status,
+            attempt.ms,
+            attempt.body,
+            attempt.error,
+        )
+        return (await with_attempts(conn, [delivery_out(row)]))[0]
 
 
 async def project_log(db: asyncpg.Pool, project_id: str, limit: int) -> list[dict[str, Any]]:
