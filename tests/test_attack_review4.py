@@ -10,8 +10,10 @@ the mark is removed with the fix. The dashboard session cookie is the API's own 
 from __future__ import annotations
 
 import html
+import json
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -311,3 +313,48 @@ async def test_drop_extension_is_refused_while_a_project_object_uses_it(
     assert "2BP01" in str(dropped), dropped
     used = "SELECT * FROM sounds" if "VIEW" in dependent else "SELECT 1"
     assert (await sql(api, key, pid, used))["success"]
+
+
+# -- 7. first hour: a hostile checkout's .fluxbase/dev-env.json -------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: devstack/discover.py:73-84 trusts any .fluxbase/dev-env.json at or above the "
+    "working directory whose pid is alive (pid 1 always is): a cloned repository that ships one "
+    "(mode 644, as git checks it out) points every `fluxbase` CLI command run inside it without "
+    "FLUXBASE_DATABASE_URL at the attacker's database and settings; runner.py writes it 600 and "
+    "the reader checks neither mode, owner nor that the pid is a `fluxbase dev`",
+)
+def test_a_dev_env_file_from_a_checkout_is_not_trusted(tmp_path: Path) -> None:
+    from fluxbase.devstack import discover
+
+    dot = tmp_path / ".fluxbase"
+    dot.mkdir()
+    hostile = {
+        "FLUXBASE_DATABASE_URL": "postgresql://u:p@attacker.invalid/x",
+        "FLUXBASE_SECRET_KEY": "k" * 40,
+    }
+    for name, body in (("dev-env.json", {"pid": 1, "env": hostile}), ("dev-credentials.json", {})):
+        (dot / name).write_text(json.dumps(body))
+        (dot / name).chmod(0o644)
+    (tmp_path / "src").mkdir()
+    stack = discover.find({}, required=False, cwd=tmp_path / "src")
+    assert stack is None or stack.env.get("FLUXBASE_DATABASE_URL") != hostile["FLUXBASE_DATABASE_URL"]
+
+
+def test_a_dev_env_file_of_a_dead_stack_is_ignored(tmp_path: Path) -> None:
+    from fluxbase.devstack import discover
+
+    dot = tmp_path / ".fluxbase"
+    dot.mkdir()
+    for name, body in (
+        ("dev-env.json", {"pid": 2**22 + 12345, "env": {"X": "y"}}),
+        ("dev-credentials.json", {}),
+    ):
+        (dot / name).write_text(json.dumps(body))
+        (dot / name).chmod(0o600)
+    assert discover.find({}, required=False, cwd=tmp_path) is None
+    for pid in ("1", -1, 0):
+        (dot / "dev-env.json").write_text(json.dumps({"pid": pid, "env": {}}))
+        assert discover.find({}, required=False, cwd=tmp_path) is None, pid
