@@ -111,6 +111,17 @@ async def test_a_session_token_in_the_cookie_of_a_state_change_needs_the_csrf_to
     assert await key_works(api, project.admin_key, project.id)
 
 
+async def test_the_api_does_not_honour_the_dashboard_cookie(api: Api, instance: Any, project: Any) -> None:
+    """The session cookie is the API's session token: the API must take it from Authorization only,
+    or any cross-site form could post to /api/* with the member's cookie."""
+    async with browser(instance, project.owner_token) as b:
+        b.cookies.set("fluxbase_session", project.owner_token, path="/")
+        r = await b.post("/api/projects", json={"name": "via cookie"})
+        assert r.status_code == 401, r.text
+        r = await b.get("/api/projects")
+        assert r.status_code == 401, r.text
+
+
 # -- 2. form actions built from tenant values: Jinja's urlencode keeps "/" ------------------------
 
 
@@ -192,6 +203,10 @@ async def test_reset_and_invite_links_neither_reflect_script_nor_redirect_off_si
         r = await b.get("/dashboard/reset-password", params={"token": token})
         assert r.status_code == 200
         assert "<script>alert" not in r.text
+        # The token in this URL never leaves in a Referer, nor stays in a cache.
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["cache-control"] == "no-store"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
         for path in ("/dashboard/sign-in", "/dashboard/invites"):
             r = await b.get(path, params={"next": "https://evil.example/", "redirect": "//evil.example"})
             assert "evil.example" not in r.headers.get("location", ""), path
@@ -358,3 +373,24 @@ def test_a_dev_env_file_of_a_dead_stack_is_ignored(tmp_path: Path) -> None:
     for pid in ("1", -1, 0):
         (dot / "dev-env.json").write_text(json.dumps({"pid": pid, "env": {}}))
         assert discover.find({}, required=False, cwd=tmp_path) is None, pid
+
+
+# -- 8. X-RateLimit-* tell a caller its own key's state only ----------------------------------------
+
+
+async def test_rate_limit_headers_show_only_the_callers_own_key(api: Api, project: Any) -> None:
+    pid = project.id
+    busy = await api.new_key(project.owner_token, pid, "read", rateLimitRequests=50)
+    quiet = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=50)
+    for _ in range(10):
+        await api.sql(busy, pid, "SELECT 1")
+    r = await api.sql(quiet, pid, "SELECT 1")
+    assert r.headers["x-ratelimit-limit"] == "50"
+    assert r.headers["x-ratelimit-remaining"] == "49", r.headers
+    bad = await api.http.post(
+        "/api/execute-sql",
+        json={"projectId": pid, "query": "SELECT 1"},
+        headers=bearer("flx_live_" + "x" * 52),
+    )
+    assert bad.status_code == 401
+    assert "x-ratelimit-remaining" not in bad.headers
