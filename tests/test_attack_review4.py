@@ -56,13 +56,6 @@ async def key_works(api: Api, key: str, pid: str) -> bool:
 # -- 1. CSRF: the token is bound to a cookie any browser can be given, not to the session ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the CSRF token is HMAC(secret, csrf cookie) only (dashboard/security.py:86, "
-    "web.py:230): a (cookie, token) pair an attacker fetched anonymously from /dashboard/sign-in is "
-    "valid for every session, so whoever can toss that cookie into a victim's browser (a sibling "
-    "subdomain, plain-HTTP injection: the cookie has no __Host- prefix) forges any dashboard form",
-)
 async def test_a_csrf_pair_from_another_browser_is_refused_for_a_signed_in_member(
     api: Api, instance: Any, project: Any
 ) -> None:
@@ -125,14 +118,6 @@ async def test_the_api_does_not_honour_the_dashboard_cookie(api: Api, instance: 
 # -- 2. form actions built from tenant values: Jinja's urlencode keeps "/" ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: table.html builds form actions with `{{ key|urlencode }}`, and Jinja's "
-    "urlencode leaves '/' (and '.') as is: a row whose primary key is '../../../keys/<id>/revoke' "
-    "(insertable by any writer, or an end user an RLS policy lets insert) gets an edit form whose "
-    "action resolves to the key-revoke action; the admin's 'Save row' revokes the key with the "
-    "page's valid CSRF token (same for the delete form, the rls.html policy-drop form)",
-)
 async def test_a_row_key_cannot_point_the_edit_form_at_another_action(
     api: Api, instance: Any, project: Any
 ) -> None:
@@ -333,14 +318,6 @@ async def test_drop_extension_is_refused_while_a_project_object_uses_it(
 # -- 7. first hour: a hostile checkout's .fluxbase/dev-env.json -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: devstack/discover.py:73-84 trusts any .fluxbase/dev-env.json at or above the "
-    "working directory whose pid is alive (pid 1 always is): a cloned repository that ships one "
-    "(mode 644, as git checks it out) points every `fluxbase` CLI command run inside it without "
-    "FLUXBASE_DATABASE_URL at the attacker's database and settings; runner.py writes it 600 and "
-    "the reader checks neither mode, owner nor that the pid is a `fluxbase dev`",
-)
 def test_a_dev_env_file_from_a_checkout_is_not_trusted(tmp_path: Path) -> None:
     from fluxbase.devstack import discover
 

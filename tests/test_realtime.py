@@ -477,6 +477,19 @@ async def test_two_realtime_processes_both_deliver_everything(
 
 
 async def test_retention_trims_and_old_cursors_get_resync_required(api: Api, project, rt, control_db) -> None:
+    # Retention never trims past the webhook dispatcher while an endpoint is enabled; this
+    # instance runs no worker, so endpoints other tests left enabled here would hold it back.
+    paused = await control_db.fetch("UPDATE fluxbase.webhooks SET enabled = false WHERE enabled RETURNING id")
+    try:
+        await _retention_trims_and_old_cursors_get_resync_required(api, project, rt, control_db)
+    finally:
+        await control_db.execute(
+            "UPDATE fluxbase.webhooks SET enabled = true WHERE id = ANY($1::text[])",
+            [r["id"] for r in paused],
+        )
+
+
+async def _retention_trims_and_old_cursors_get_resync_required(api: Api, project, rt, control_db) -> None:
     from fluxbase.services.realtime import trim_events
 
     await _table(api, project)

@@ -84,19 +84,23 @@ def secure_cookies(request: Request[Any, Any, Any], api_url: str) -> bool:
     return request.url.scheme == "https" or api_url.startswith("https://")
 
 
-def csrf_token(secret: str, basis: str) -> str:
-    mac = hmac.new(secret.encode(), b"dashboard-csrf\x00" + basis.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+def csrf_token(secret: str, basis: str, session: str = "") -> str:
+    """The token for this browser's CSRF basis cookie AND its session cookie ("" when signed out):
+    a basis cookie planted by someone else (a sibling subdomain, plain HTTP) is worthless once the
+    member signs in, because the attacker cannot know the session (hostile review 4)."""
+    bound = hashlib.sha256(session.encode()).digest()
+    mac = hmac.new(secret.encode(), b"dashboard-csrf\x00" + basis.encode() + b"\x00" + bound, hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
 
 def new_csrf_basis() -> str:
     return secrets.token_urlsafe(32)
 
 
-def csrf_ok(secret: str, basis: str | None, presented: str | None) -> bool:
+def csrf_ok(secret: str, basis: str | None, presented: str | None, session: str = "") -> bool:
     if not basis or not presented:
         return False
-    return hmac.compare_digest(csrf_token(secret, basis), presented)
+    return hmac.compare_digest(csrf_token(secret, basis, session), presented)
 
 
 def set_cookie(

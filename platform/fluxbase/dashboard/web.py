@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from litestar import MediaType, Request, Response
@@ -55,6 +56,17 @@ def _when(value: Any) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _segment(value: Any) -> str:
+    """A tenant value (table, policy, row key) as ONE path segment: every `/` and `?` quoted, and
+    `.`/`..` (which browsers resolve, encoded or not) replaced by a segment naming no object, so
+    a value can never aim a form at another route (hostile review 4)."""
+    text = str(value)
+    if text in (".", ".."):
+        return "%00"
+    return quote(text, safe="")
+
+
+_ENV.filters["segment"] = _segment
 _ENV.filters["bytes"] = _bytes
 _ENV.filters["when"] = _when
 
@@ -114,9 +126,14 @@ class Dash:
 
     def render(self, template: str, status: int = 200, **context: Any) -> Response[str]:
         basis, fresh = csrf_basis(self.request)
+        session = self.request.cookies.get(security.SESSION_COOKIE, "")
+        if security.SESSION_COOKIE in self.clear:
+            session = ""
         for name, value, _ in self.cookies:
             if name == security.CSRF_COOKIE:
                 basis, fresh = value, False
+            elif name == security.SESSION_COOKIE:
+                session = value
         response = render_html(
             template,
             status,
@@ -124,7 +141,7 @@ class Dash:
             user=self.principal.user if self.principal else None,
             project=self.access.project if self.access else None,
             role=self.access.member_role if self.access else None,
-            csrf=security.csrf_token(self.ctx.settings.auth.secret_key, basis),
+            csrf=security.csrf_token(self.ctx.settings.auth.secret_key, basis, session),
             csrf_field=security.CSRF_FIELD,
             Need=Need,
             path=self.request.url.path,
@@ -187,7 +204,10 @@ async def check_csrf(request: Request[Any, Any, Any]) -> Response[Any] | None:
     presented = request.headers.get(security.CSRF_HEADER)
     if presented is None:
         presented = (await form(request)).get(security.CSRF_FIELD)
-    if security.csrf_ok(ctx.settings.auth.secret_key, request.cookies.get(security.CSRF_COOKIE), presented):
+    session = request.cookies.get(security.SESSION_COOKIE, "")
+    if security.csrf_ok(
+        ctx.settings.auth.secret_key, request.cookies.get(security.CSRF_COOKIE), presented, session
+    ):
         return None
     log.warning("dashboard: refused %s %s without a valid CSRF token", request.method, request.url.path)
     return render_html(

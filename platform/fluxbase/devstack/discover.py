@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +51,34 @@ def dev_dir(environ: Mapping[str, str], cwd: Path | None = None) -> Path | None:
 
 
 def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+    """A live `fluxbase dev` process (not merely some live pid: pid 1 is always alive)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not Path("/proc/self").exists():
+        return True  # no procfs (macOS): the file's owner and mode are the check
+    try:
+        args = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"fluxbase" in a for a in args) and b"dev" in args
+
+
+def _private(path: Path) -> bool:
+    """Written by this user's own `fluxbase dev` (mode 600, a file, not a link): a dev-env.json
+    that came with a cloned checkout, or that another user can write, is not trusted (it names
+    the database and the secret every command would use; hostile review 4)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 def find(environ: Mapping[str, str], *, required: bool, cwd: Path | None = None) -> DevStack | None:
@@ -72,6 +92,8 @@ def find(environ: Mapping[str, str], *, required: bool, cwd: Path | None = None)
             )
         return None
     try:
+        if not (_private(folder / ENV_FILE) and _private(folder / CREDENTIALS_FILE)):
+            raise ValueError("not this user's own private files")
         state = json.loads((folder / ENV_FILE).read_text())
         credentials = json.loads((folder / CREDENTIALS_FILE).read_text())
     except (OSError, ValueError):
