@@ -279,25 +279,13 @@ async def test_a_request_id_with_control_characters_or_overlong_is_replaced(api:
 # -- 6. extensions: DROP's dependency check ---------------------------------------------------------
 
 
-DROP_HOLE = pytest.mark.xfail(
-    strict=True,
-    reason="open hole (low): drop_extensions (sql/0023_extensions.sql:170-180) keeps only dependents "
-    "whose pg_identify_object(...).schema is the project's; a column default (pg_attrdef), a view's "
-    "rule (pg_rewrite) and a generated column's expression report no schema, so DROP EXTENSION "
-    "succeeds while they use it, and they keep working after it (the functions' EXECUTE stays with "
-    "PUBLIC; only schema USAGE is revoked): the project still uses an extension listed as removed",
-)
-
-
 @pytest.mark.parametrize(
     "dependent",
     [
-        pytest.param("CREATE TABLE tok (id int, t text DEFAULT soundex('x'))", marks=DROP_HOLE),
-        pytest.param("CREATE VIEW sounds AS SELECT soundex('a') AS s", marks=DROP_HOLE),
+        pytest.param("CREATE TABLE tok (id int, t text DEFAULT soundex('x'))"),
+        pytest.param("CREATE VIEW sounds AS SELECT soundex('a') AS s"),
         "CREATE TABLE checked (v text CHECK (levenshtein(v, 'x') < 100))",
-        pytest.param(
-            "CREATE TABLE typed (v text, s text GENERATED ALWAYS AS (soundex(v)) STORED)", marks=DROP_HOLE
-        ),
+        pytest.param("CREATE TABLE typed (v text, s text GENERATED ALWAYS AS (soundex(v)) STORED)"),
     ],
     ids=["column-default", "view", "check-constraint", "generated-column"],
 )
