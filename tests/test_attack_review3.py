@@ -100,13 +100,6 @@ async def test_key_cannot_read_another_keys_statement_via_dynamic_execute(api: A
     assert marker not in leak, leak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: the round-2 fix refuses EXECUTE of a prepared statement where the "
-    "classifier sees it (EXPLAIN EXECUTE, CREATE TABLE AS EXECUTE); PL/pgSQL's dynamic EXECUTE "
-    "hides it in a string, so an admin key (or admin-scope member) reads the literals of other "
-    "admin keys' requests on the shared admin pool",
-)
 async def test_admin_key_cannot_read_another_admin_keys_statement_via_dynamic_execute(
     api: Api, project: Any
 ) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -79,6 +80,19 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     whether it logged in with settings above the caps (`login_over_caps`)."""
 
     __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix")
+
+    def _get_unique_id(self, prefix: str) -> str:
+        """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
+
+        asyncpg numbers them from one process-wide counter (`__asyncpg_stmt_1f__`), and every
+        statement a request sends stays prepared on the pooled session under that name, with its
+        literals. `pg_prepared_statements` is closed to tenants (sql/0013) and the classifier
+        refuses EXECUTE of a prepared statement, but PL/pgSQL's dynamic `EXECUTE 'EXPLAIN
+        (VERBOSE) EXECUTE __asyncpg_stmt_' || n || '__'` hides the name in a string, so an admin
+        principal walking the counter read another principal's literals on the shared admin pool
+        (hostile review 3, hole 12). 128 random bits leave nothing to walk; no catalog a tenant
+        can read lists them. Costs one token_hex per statement prepared, nothing per request."""
+        return f"__asyncpg_{prefix}_{secrets.token_hex(16)}__"
 
 
 _LOGIN_SETTINGS_SQL = "SELECT " + ", ".join(
