@@ -629,16 +629,11 @@ async def test_a_migration_does_not_stall_other_projects_realtime(api: Api, proj
         lag = await bystander_latency(api, project, rt)
     finally:
         await task
-    # The request deadline (15 s) bounds a SQL request's transaction; nothing should take longer.
-    assert lag < 18, lag
+    # The migration's transaction holds back only its own project's events (per-project outbox
+    # horizons); before those, the request deadline (15 s) bounded the stall.
+    assert lag < 3, lag
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole (design): any tenant statement that holds a transaction id delays every "
-    "project's realtime events until it ends (up to the 15 s request deadline); overlapping such "
-    "requests keep the whole service that far behind",
-)
 async def test_one_projects_open_write_does_not_delay_other_projects_realtime(
     api: Api, project: Any, rt: str
 ) -> None:

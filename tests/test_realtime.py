@@ -576,14 +576,20 @@ async def test_outbox_reads_stay_index_probes_on_a_large_outbox(control_db) -> N
     realtime reader's backend ~20 ms per 200k events, several times a second under load)."""
     from fluxbase.services.realtime import LATEST_CURSOR_SQL
     from fluxbase.webhooks.delivery import _EVENTS_SQL
-    from fluxbase_realtime.outbox import _PENDING_SQL, _POLL_SQL, _REPLAY_SQL
+    from fluxbase_realtime.outbox import _HELD_SQL, _PROJECT_POLL_SQL, _REPLAY_SQL
 
     statements = {
-        "fx_probe_pending": (_PENDING_SQL, "(text)", "('999999999')", "events_xid_idx"),
+        "fx_probe_held": (
+            _HELD_SQL,
+            "(text, text[], text[], bigint[])",
+            "('999999999', '{planbusy}', '{999999999}', '{1}')",
+            "events_xid_idx",
+        ),
         "fx_probe_poll": (
-            _POLL_SQL,
-            "(text, bigint, text, int)",
-            "('999999990', 0, '999999999', 2000)",
+            _PROJECT_POLL_SQL,
+            "(text, bigint, text, text[], text[], text[], text[], bigint[], int)",
+            "('999999990', 0, '999999999', '{planquiet}', '{999999995}', '{planbusy}', '{999999991}', "
+            "'{1}', 2000)",
             "events_xid_idx",
         ),
         "fx_probe_webhook": (

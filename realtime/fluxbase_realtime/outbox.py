@@ -1,10 +1,22 @@
-"""Commit-safe outbox reading with a doorbell that rings only while the reader sleeps.
+"""Commit-safe outbox reading, per project, with a doorbell that rings only while the reader sleeps.
 
 Event ids are assigned before commit, so "id > last" loses events that commit out of order.
-The reader only reads transactions below its snapshot's xmin — every one of them has finished —
-in (xid, id) order, and keeps that pair as its cursor. While events keep coming it polls; once
-drained it marks itself waiting (so triggers NOTIFY), polls once more, and sleeps until the
-doorbell or a safety timeout. NOTIFY payloads are ignored: a forged NOTIFY only causes a poll.
+Every transaction below the snapshot's xmin has finished, so the reader reads those in (xid, id)
+order and keeps that pair as its global cursor. Above xmin it reads per project: an event of
+project P is read once no transaction that could still write P's events with a lower xid is in
+progress. The snapshot's in-progress xids are matched to their sessions in `pg_stat_activity`: a
+project role (`p_<id>_<scope>`) writes only its own project's events (the capture definers
+check the schema against the session user), so it holds back only its project; any other
+session (the platform's own roles, a superuser, one that ended meanwhile, a prepared
+transaction) holds back every project, as the global horizon always did. One project's open
+transaction therefore no longer delays every other project's events (hostile review 3, hole 11).
+Per project, events are still delivered in (xid, id) order, so a client's cursor stays a safe
+resume point; `position(project)` is where live delivery of a project stands.
+
+While events keep coming it polls; once drained it marks itself waiting (so triggers NOTIFY),
+polls once more, and sleeps until the doorbell or a safety timeout. While events are held back
+by an open transaction it polls at `blocked_poll_s`. NOTIFY payloads are ignored: a forged NOTIFY
+only causes a poll.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -61,14 +74,68 @@ SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation
 FROM fluxbase.events e
 """
 
-_POLL_SQL = (
+# The per-project read: after the global cursor ($1, $2) and below the horizon of every project
+# ($3), each project below its own horizon ($4/$5: the lowest open xid of its roles) and after
+# what was already delivered of it early ($6/$7/$8).
+_PROJECT_POLL_SQL = (
     _SELECT
     + """
+LEFT JOIN unnest($4::text[], $5::text[]) AS b(project_id, below) ON b.project_id = e.project_id
+LEFT JOIN unnest($6::text[], $7::text[], $8::bigint[]) AS f(project_id, xid, id)
+  ON f.project_id = e.project_id
 WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < $3::text::xid8
+  AND (b.below IS NULL OR e.xid < b.below::xid8)
+  AND (f.project_id IS NULL OR (e.xid, e.id) > (f.xid::xid8, f.id))
 ORDER BY e.xid, e.id
-LIMIT $4
+LIMIT $9
 """
 )
+
+# Committed events this snapshot sees above xmin that are not delivered yet: held back by an open
+# transaction of their project (or of the platform). Written as an ordered LIMIT 1 so the plan is
+# an index probe: as EXISTS, the generic plan asyncpg's prepared statement settles on is a
+# sequential scan of the whole outbox on every poll.
+_HELD_SQL = """
+SELECT 1 FROM fluxbase.events e
+LEFT JOIN unnest($2::text[], $3::text[], $4::bigint[]) AS f(project_id, xid, id)
+  ON f.project_id = e.project_id
+WHERE e.xid >= $1::text::xid8 AND (f.project_id IS NULL OR (e.xid, e.id) > (f.xid::xid8, f.id))
+ORDER BY e.xid LIMIT 1
+"""
+
+# The sessions holding the snapshot's open transactions (needs pg_read_all_stats: the runtime
+# role has it, docs/security.md).
+_HOLDERS_SQL = (
+    "SELECT backend_xid::text AS xid, usename FROM pg_catalog.pg_stat_activity WHERE backend_xid IS NOT NULL"
+)
+
+# A project's LOGIN roles (fluxbase.security.roles.role_name): p_<16 hex>_<scope>. Only the
+# platform creates roles; tenants have no CREATEROLE.
+_PROJECT_ROLE = re.compile(r"p_([0-9a-f]{16})_[a-z]+")
+
+
+def parse_snapshot(text: str) -> tuple[int, int, list[int]]:
+    """`pg_current_snapshot()` as text, 'xmin:xmax:xip,xip': its bounds and open xids."""
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
+
+
+def horizons(xmax: int, xip: list[int], holders: dict[int, str | None]) -> tuple[int, dict[str, int]]:
+    """The horizon below which every project's events are complete (the lowest open xid of a
+    session that is not a project role, else xmax), and each project's own lower one.
+
+    `holders` maps a 32-bit xid to its session's user; an open xid found in no session (it
+    ended after the snapshot, or is a prepared transaction) holds every project back."""
+    below_all = xmax
+    below: dict[str, int] = {}
+    for x in xip:
+        m = _PROJECT_ROLE.fullmatch(holders.get(x & 0xFFFFFFFF) or "")
+        if m is None:
+            below_all = min(below_all, x)
+        else:
+            below[m.group(1)] = min(below.get(m.group(1), x), x)
+    return below_all, {p: b for p, b in below.items() if b < below_all}
+
 
 # A `since` replay: one project's events after the client's cursor, up to where live delivery
 # to that subscriber begins. Both bounds lead with the project, so only the project's index can
@@ -84,11 +151,6 @@ LIMIT $6
 """
 )
 
-# Committed events this snapshot cannot read yet (an older transaction is still open). Written as
-# an ordered LIMIT 1 so the plan is an index probe: as EXISTS, the generic plan asyncpg's
-# prepared statement settles on is a sequential scan of the whole outbox on every poll.
-_PENDING_SQL = "SELECT 1 FROM fluxbase.events WHERE xid >= $1::text::xid8 ORDER BY xid LIMIT 1"
-
 
 def _event(row: asyncpg.Record) -> OutboxEvent:
     return OutboxEvent(
@@ -101,21 +163,11 @@ def _event(row: asyncpg.Record) -> OutboxEvent:
     )
 
 
-async def read_range(
-    conn: asyncpg.Connection, after: Cursor, below_xid: int, limit: int
-) -> list[OutboxEvent]:
-    return [_event(r) for r in await conn.fetch(_POLL_SQL, str(after.xid), after.id, str(below_xid), limit)]
-
-
 async def read_replay(
     db: asyncpg.Pool | asyncpg.Connection, project_id: str, after: Cursor, upto: Cursor, limit: int
 ) -> list[OutboxEvent]:
     rows = await db.fetch(_REPLAY_SQL, project_id, str(after.xid), after.id, str(upto.xid), upto.id, limit)
     return [_event(r) for r in rows]
-
-
-async def snapshot_xmin(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
 
 
 class OutboxReader:
@@ -127,16 +179,19 @@ class OutboxReader:
         deliver: Callable[[list[OutboxEvent]], Awaitable[None]],
         *,
         busy_poll_s: float = 0.005,
+        blocked_poll_s: float = 0.01,
         idle_poll_s: float = 1.0,
         batch: int = 2000,
     ):
         self.dsn = dsn
         self.deliver = deliver
         self.busy_poll_s = busy_poll_s
+        self.blocked_poll_s = blocked_poll_s
         self.idle_poll_s = idle_poll_s
         self.batch = batch
         self.reader_id = "rt_" + secrets.token_hex(6)
-        self.cursor: Cursor | None = None
+        self.cursor: Cursor | None = None  # every event at or below it is delivered
+        self.early: dict[str, Cursor] = {}  # per project: delivered up to here, above `cursor`
         self.ready = asyncio.Event()
         self._bell = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -144,6 +199,15 @@ class OutboxReader:
         self.doorbells = 0
         self.drained = False  # the last poll found nothing more to read (lag 0)
         self.drained_at = time.monotonic()
+
+    def position(self, project_id: str) -> Cursor:
+        """Where live delivery of a project's events stands: each of its events at or below it
+        has been handed to `deliver`, each later one will be (in order)."""
+        assert self.cursor is not None
+        early = self.early.get(project_id)
+        if early is not None and (early.xid, early.id) > (self.cursor.xid, self.cursor.id):
+            return early
+        return self.cursor
 
     def lag_s(self) -> float:
         """Seconds since this reader last found the outbox drained; 0 while it is."""
@@ -173,17 +237,59 @@ class OutboxReader:
         )
 
     async def _poll(self, conn: asyncpg.Connection) -> tuple[list[OutboxEvent], bool]:
-        """One consistent read: events below xmin after the cursor, and whether more are pending."""
+        """One consistent read: the events each project's horizon lets through, after what was
+        delivered, and whether more are pending (a full batch, or events held back)."""
         self.polls += 1
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            xmin = await snapshot_xmin(conn)
+            # The first statement takes the transaction's snapshot: the one the reads below see.
+            xmin, xmax, xip = parse_snapshot(await conn.fetchval("SELECT pg_current_snapshot()::text"))
             if self.cursor is None:
                 self.cursor = Cursor(xmin, 0)
-            events = await read_range(conn, self.cursor, xmin, self.batch)
-            pending = len(events) == self.batch or (await conn.fetchval(_PENDING_SQL, str(xmin))) is not None
-        if events:
-            self.cursor = events[-1].cursor
-        return events, pending
+            holders: dict[int, str | None] = {}
+            if xip:
+                # Read after the snapshot: an xid whose session has ended by now is found in none
+                # and holds everything back for this one poll.
+                holders = {int(r["xid"]): r["usename"] for r in await conn.fetch(_HOLDERS_SQL)}
+            below_all, below = horizons(xmax, xip, holders)
+            early = list(self.early.items())
+            f_projects = [p for p, _ in early]
+            f_xids = [str(c.xid) for _, c in early]
+            f_ids = [c.id for _, c in early]
+            rows = await conn.fetch(
+                _PROJECT_POLL_SQL,
+                str(self.cursor.xid),
+                self.cursor.id,
+                str(below_all),
+                list(below),
+                [str(b) for b in below.values()],
+                f_projects,
+                f_xids,
+                f_ids,
+                self.batch,
+            )
+            events = [_event(r) for r in rows]
+            full = len(events) == self.batch
+            held = full or (
+                xmax > xmin
+                and (await conn.fetchval(_HELD_SQL, str(xmin), f_projects, f_xids, f_ids)) is not None
+            )
+        # Below xmin everything is read in order: the global cursor moves to the last event read
+        # there, or to xmin when the batch held all of it.
+        last_safe = next((ev.cursor for ev in reversed(events) if ev.cursor.xid < xmin), None)
+        if not full or (events and events[-1].cursor.xid >= xmin):
+            if xmin > self.cursor.xid:
+                self.cursor = Cursor(xmin, 0)
+            elif last_safe is not None:
+                self.cursor = last_safe
+        elif last_safe is not None:
+            self.cursor = last_safe
+        for ev in events:
+            if ev.cursor.xid >= xmin:
+                self.early[ev.project_id] = ev.cursor
+        g = (self.cursor.xid, self.cursor.id)
+        for p in [p for p, c in self.early.items() if (c.xid, c.id) <= g]:
+            del self.early[p]
+        return events, held
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -214,7 +320,9 @@ class OutboxReader:
                 await self.deliver(events)
             if events or pending:
                 self.drained = False
-                await asyncio.sleep(self.busy_poll_s)
+                # Held back by an open transaction, nothing new read: no doorbell will say when
+                # it ends (an abort rings none), so look again soon, but not in a tight loop.
+                await asyncio.sleep(self.busy_poll_s if events else self.blocked_poll_s)
                 continue
             self.drained, self.drained_at = True, time.monotonic()
             # Drained: ask for the doorbell, then look once more so nothing slips in between.

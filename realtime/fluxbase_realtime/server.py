@@ -603,8 +603,7 @@ class RealtimeService:
             filters=filters or None,
         )
         await self.reader.ready.wait()
-        upto = self.reader.cursor
-        assert upto is not None
+        upto = self.reader.position(project_id)
         if since is not None:
             start = realtime.parse_cursor(since)
             sub.held = []
