@@ -594,8 +594,8 @@ async def test_outbox_reads_stay_index_probes_on_a_large_outbox(control_db) -> N
         ),
         "fx_probe_webhook": (
             _EVENTS_SQL,
-            "(text, bigint, text, int)",
-            "('999999990', 0, '999999999', 1000)",
+            "(text, bigint, int, text[], text[], bigint[])",
+            "('999999990', 0, 1000, '{planbusy}', '{999999991}', '{1}')",
             "events_xid_idx",
         ),
         "fx_probe_replay": (

@@ -675,3 +675,39 @@ async def test_tenant_advisory_lock_does_not_stall_deliveries(
     finally:
         done = await holder
     assert done.json()["success"], done.text
+
+
+async def test_one_projects_open_write_does_not_delay_other_projects_webhooks(
+    wapi: Api, proj: Proj, receiver: Receiver
+) -> None:
+    """Per-project horizons (sql/0035): project A's open transaction holds back A's later events
+    only; project B's webhook goes out meanwhile, and A's two arrive afterwards in order."""
+    other_pid = await wapi.new_project(proj.token, "bystander")
+    other_key = await wapi.new_key(proj.token, other_pid, "admin", rateLimitRequests=1_000_000)
+    other = Proj(other_pid, proj.token, other_key)
+    await sql(wapi, other, "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int)")
+    base = f"http://127.0.0.1:{receiver.port}"
+    await create_hook(wapi, proj, f"{base}/a", events=["row.inserted"])
+    await create_hook(wapi, other, f"{base}/b", events=["row.inserted"])
+    hold_s = 8
+    holder = asyncio.create_task(
+        wapi.sql(
+            proj.key,
+            proj.id,
+            "WITH x AS (INSERT INTO orders (customer_id) VALUES (1) RETURNING id) "
+            f"SELECT pg_sleep({hold_s}) FROM x",
+        )
+    )
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(0.7)  # the holder's transaction has its xid
+        await sql(wapi, proj, "INSERT INTO orders (customer_id) VALUES (2)")
+        await sql(wapi, other, "INSERT INTO orders (customer_id) VALUES (3)")
+        await receiver.wait(lambda: len(receiver.bodies("/b")) >= 1, timeout=hold_s - 3)
+        assert time.monotonic() - started < hold_s - 2, "delivered only after the other project let go"
+        assert receiver.bodies("/a") == []  # A's committed second insert waits for its first
+    finally:
+        done = await holder
+    assert done.json()["success"], done.text
+    await receiver.wait(lambda: len(receiver.bodies("/a")) >= 2)
+    assert [b["data"]["new"]["customer_id"] for b in receiver.bodies("/a")] == [1, 2]

@@ -245,16 +245,23 @@ class OutboxReader:
             xmin, xmax, xip = parse_snapshot(await conn.fetchval("SELECT pg_current_snapshot()::text"))
             if self.cursor is None:
                 self.cursor = Cursor(xmin, 0)
-            holders: dict[int, str | None] = {}
-            if xip:
-                # Read after the snapshot: an xid whose session has ended by now is found in none
-                # and holds everything back for this one poll.
-                holders = {int(r["xid"]): r["usename"] for r in await conn.fetch(_HOLDERS_SQL)}
-            below_all, below = horizons(xmax, xip, holders)
             early = list(self.early.items())
             f_projects = [p for p, _ in early]
             f_xids = [str(c.xid) for _, c in early]
             f_ids = [c.id for _, c in early]
+            # Committed events above xmin not delivered yet? Only then do the open transactions'
+            # sessions matter (pg_stat_activity is the costly read); otherwise all there is to
+            # read lies below xmin.
+            above = (
+                xmax > xmin
+                and (await conn.fetchval(_HELD_SQL, str(xmin), f_projects, f_xids, f_ids)) is not None
+            )
+            below_all, below = xmin, dict[str, int]()
+            if above:
+                # Read after the snapshot: an xid whose session has ended by now is found in none
+                # and holds everything back for this one poll.
+                holders = {int(r["xid"]): r["usename"] for r in await conn.fetch(_HOLDERS_SQL)}
+                below_all, below = horizons(xmax, xip, holders)
             rows = await conn.fetch(
                 _PROJECT_POLL_SQL,
                 str(self.cursor.xid),
@@ -269,10 +276,8 @@ class OutboxReader:
             )
             events = [_event(r) for r in rows]
             full = len(events) == self.batch
-            held = full or (
-                xmax > xmin
-                and (await conn.fetchval(_HELD_SQL, str(xmin), f_projects, f_xids, f_ids)) is not None
-            )
+            # Conservative: what was above xmin may all have been read now; one more poll says.
+            held = full or above
         # Below xmin everything is read in order: the global cursor moves to the last event read
         # there, or to xmin when the batch held all of it.
         last_safe = next((ev.cursor for ev in reversed(events) if ev.cursor.xid < xmin), None)

@@ -2,8 +2,10 @@
 drains each endpoint's queue in order. Both run in `fluxbase worker`, any number of them.
 
 - **Dispatch.** One transaction: lock the single `webhook_dispatch` cursor row (SKIP LOCKED, so
-  exactly one worker dispatches at a time), read events after the cursor and below the
-  snapshot's xmin (commit-safe order, as the realtime reader does), insert one delivery per
+  exactly one worker dispatches at a time), read events after the cursor in commit-safe order
+  with per-project horizons above the snapshot's xmin (as the realtime reader does: one
+  project's open transaction holds back only its own events; `webhook_dispatch_early` keeps
+  what was queued of each project above the cursor, sql/0035), insert one delivery per
   matching endpoint and move the cursor. Either all of it commits or none of it: an event is
   queued exactly once, a rolled-back change never has an event to queue.
 - **Send.** Per endpoint, a lease on the endpoint's row (`send_lease`, sql/0017), taken and
@@ -57,16 +59,41 @@ EVENT_TYPES = {
 }
 ALL_EVENTS = ("row.inserted", "row.updated", "row.deleted", "schema.changed")
 
-_EVENTS_SQL = """
+# After the global cursor ($1, $2), below every project's horizon and each project's own, and
+# after what was queued of that project early ($4/$5/$6). One statement, so the open
+# transactions and the events are seen in one snapshot; its sessions come from
+# pg_stat_activity (the runtime role is a member of pg_read_all_stats). A project role
+# (p_<16 hex>_<scope>, fluxbase.security.roles) writes only its own project's events (the
+# capture definers check the schema against the session user), so it holds back only its
+# project; any other open transaction, or one whose session has ended since the snapshot,
+# holds back all. The same rule as the realtime reader (fluxbase_realtime.outbox.horizons).
+_EVENTS_SQL = r"""
+WITH snap AS MATERIALIZED (SELECT pg_catalog.pg_current_snapshot() AS s),
+open AS MATERIALIZED (
+    SELECT x, (SELECT pg_catalog.substring(a.usename::text, '^p_([0-9a-f]{16})_[a-z]+$')
+               FROM pg_catalog.pg_stat_activity a WHERE a.backend_xid = pg_catalog.xid(x) LIMIT 1) AS project
+    FROM snap, pg_catalog.pg_snapshot_xip(snap.s) AS x
+),
+horizon AS MATERIALIZED (
+    SELECT coalesce((SELECT min(x) FROM open WHERE project IS NULL),
+                    (SELECT pg_catalog.pg_snapshot_xmax(s) FROM snap)) AS below_all
+),
+own AS MATERIALIZED (SELECT project, min(x) AS below FROM open WHERE project IS NOT NULL GROUP BY project)
 SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation,
        e.record::text AS record, e.old::text AS old, e.created_at,
        to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS ts
 FROM fluxbase.events e
-WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < $3::text::xid8
+CROSS JOIN horizon h
+LEFT JOIN own b ON b.project = e.project_id
+LEFT JOIN unnest($4::text[], $5::text[], $6::bigint[]) AS f(project_id, xid, id)
+    ON f.project_id = e.project_id
+WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < h.below_all
+  AND (b.below IS NULL OR e.xid < b.below)
+  AND (f.project_id IS NULL OR (e.xid, e.id) > (f.xid::xid8, f.id))
   AND e.kind IN ('row', 'schema')
   AND e.project_id IN (SELECT project_id FROM fluxbase.webhooks WHERE enabled)
 ORDER BY e.xid, e.id
-LIMIT $4
+LIMIT $3
 """
 
 # Endpoints whose oldest pending delivery is due.
@@ -177,9 +204,27 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
         )
         if cursor is None:
             return set(), False, True
+        # Taken before the events are read, in an earlier snapshot: every event below it is
+        # visible to the read, and no horizon of the read's snapshot lies below it.
         xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
         active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
-        rows = await conn.fetch(_EVENTS_SQL, cursor["xid"], cursor["last_id"], xmin, limit) if active else []
+        early = {
+            r["project_id"]: (int(r["xid"]), r["last_id"])
+            for r in await conn.fetch(
+                "SELECT project_id, last_xid::text AS xid, last_id FROM fluxbase.webhook_dispatch_early"
+            )
+        }
+        rows = []
+        if active:
+            rows = await conn.fetch(
+                _EVENTS_SQL,
+                cursor["xid"],
+                cursor["last_id"],
+                limit,
+                list(early),
+                [str(x) for x, _ in early.values()],
+                [i for _, i in early.values()],
+            )
         queued: list[tuple[str, str, str, str]] = []
         if rows:
             hooks: dict[str, list[_Hook]] = {}
@@ -214,7 +259,8 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
                     records=queued,
                 )
         more = len(rows) == limit
-        if more:
+        below = [r for r in rows if int(r["xid"]) < int(xmin)]
+        if more and len(below) == len(rows):
             new_xid, new_id = rows[-1]["xid"], rows[-1]["id"]
         else:
             new_xid, new_id = xmin, 0  # every event below xmin has been seen
@@ -224,6 +270,23 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
             new_xid,
             new_id,
         )
+        # Queued above xmin: remembered per project until the global cursor passes it.
+        after = dict(early)
+        for r in rows:
+            if int(r["xid"]) >= int(xmin):
+                after[r["project_id"]] = (int(r["xid"]), r["id"])
+        gone = (int(new_xid), int(new_id))
+        after = {p: c for p, c in after.items() if c > gone}
+        if after != early:
+            await conn.execute("DELETE FROM fluxbase.webhook_dispatch_early")
+            if after:
+                await conn.execute(
+                    "INSERT INTO fluxbase.webhook_dispatch_early (project_id, last_xid, last_id) "
+                    "SELECT * FROM unnest($1::text[], $2::text[]::xid8[], $3::bigint[])",
+                    list(after),
+                    [str(x) for x, _ in after.values()],
+                    [i for _, i in after.values()],
+                )
     return {q[0] for q in queued}, more, active
 
 
