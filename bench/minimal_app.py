@@ -1,7 +1,8 @@
 """The floor for Python HTTP over asyncpg: a bare ASGI app, no auth, no transaction, no reset.
 
-`bench/sql_throughput.py --minimal` serves it with uvicorn (same worker count and event loop as
-the API) so the API's figures can be read against what any Python HTTP service pays per request.
+`bench/sql_throughput.py --minimal` serves it under each API variant's server (uvicorn or granian,
+with that variant's workers) so the API's figures can be read against what any Python HTTP service
+pays per request on the same server.
 It answers POST / with the row of `QUERY` for the `params` in the JSON body, JSON-encoded.
 Configured by MINIMAL_DSN (search_path of the project schema set in the DSN).
 """

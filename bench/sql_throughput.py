@@ -1,20 +1,26 @@
 """Point-SELECT throughput and latency through /api/execute-sql vs. asyncpg directly.
 
-One invocation: starts an embedded PostgreSQL and S3, a Fluxbase API with --workers
-processes, creates a project with one row, then measures at 8 and 32 concurrent clients:
-  * direct: the same SELECT issued straight through asyncpg on connections each client holds for
+One invocation: starts an embedded PostgreSQL and S3, a Fluxbase API (`fluxbase api`), creates a
+project with one row, then measures at 8 and 32 concurrent clients:
+  * held: the same SELECT issued straight through asyncpg on connections each client holds for
     the whole run (no reset between queries: the limit),
-  * pooled: the same SELECT through asyncpg's pool as its documentation uses it
+  * pool: the same SELECT through asyncpg's pool as its documentation uses it
     (`pool.fetchrow`: acquire, query, release; release resets the session, so two round trips),
-    the baseline the issue's figures match and the one that does the per-request isolation
-    work Fluxbase does,
-  * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1,
+    the baseline that does the per-request isolation work Fluxbase does,
+  * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1, once per server variant of
+    --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, the others
+    serve the same ASGI factory under that server),
   * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
   * minimal (optional, --minimal): a bare ASGI app over asyncpg (bench/minimal_app.py: no auth,
-    no transaction, no reset) under uvicorn with the same workers, the floor for Python HTTP.
+    no transaction, no reset) under each variant's server and workers: the floor of that server.
+The HTTP load comes from `wrk` (Debian's package, one thread, bench/wrk_post.lua) when it is
+installed, else from the Python generator below; `--cross-check` measures Fluxbase with the
+Python generator as well. Next to each HTTP result: the generator's and the server's CPU share
+(% of one core, from /proc/<pid>/stat), and per client count the load average (`uptime`).
 Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
-    .venv/bin/python bench/sql_throughput.py [--seconds 10] [--workers 1] [--postgraphile] [--minimal]
+    .venv/bin/python bench/sql_throughput.py [--seconds 8] [--servers api,uvicorn:2,granian:1]
+        [--rounds 3] [--postgraphile] [--minimal] [--generator wrk|python] [--cross-check] [--socket]
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,6 +54,8 @@ from fluxbase.devstack.procs import free_port, stop_process  # noqa: E402
 from support import run_service, start_stack, stop_stack  # noqa: E402
 
 QUERY = "SELECT id, name, email FROM bench_users WHERE id = $1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_SCRIPT = ROOT / "bench" / "wrk_post.lua"
 
 
 class Result:
@@ -53,18 +65,50 @@ class Result:
         lat = sorted(latencies)
         self.p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
         self.p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else float("nan")
+        self.gen_cpu: float | None = None  # % of one core: the load generator
+        self.server_cpu: float | None = None  # % of one core: the server's process tree
 
     def line(self) -> str:
+        cpu = ""
+        if self.gen_cpu is not None:
+            cpu = f"   generator CPU {self.gen_cpu:4.0f}%"
+        if self.server_cpu is not None:
+            per = self.server_cpu / 100 / self.rps * 1e6 if self.rps else float("nan")
+            cpu += f"   server CPU {self.server_cpu:4.0f}% ({per:4.0f} us/req)"
         return (
-            f"{self.name:<13} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
-            f"p99 {self.p99:6.2f} ms   errors {self.errors}"
+            f"{self.name:<24} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
+            f"p99 {self.p99:6.2f} ms   errors {self.errors}{cpu}"
         )
+
+
+def _stat_ticks(pid: int) -> tuple[int, int]:
+    """(ppid, utime + stime in clock ticks) of one process."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def tree_cpu_ticks(root: int) -> int:
+    """CPU ticks of a process and all its live descendants (server workers)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(entry)], ticks[int(entry)] = _stat_ticks(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total
 
 
 async def http_load(
     host: str, port: int, request: bytes, clients: int, seconds: float, check: bytes
 ) -> Result:
-    """Keep-alive HTTP/1.1 clients on raw asyncio streams (a lean load generator)."""
+    """Keep-alive HTTP/1.1 clients on raw asyncio streams in this process (the cross-check)."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -88,14 +132,96 @@ async def http_load(
         finally:
             writer.close()
 
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Result("", clients, latencies, time.perf_counter() - t0, errors)
+    elapsed = time.perf_counter() - t0
+    result = Result("", clients, latencies, elapsed, errors)
+    result.gen_cpu = 100 * (time.process_time() - cpu0) / elapsed
+    return result
+
+
+def wrk_load(port: int, target: Target, clients: int, seconds: float) -> Result:
+    """`wrk -t1` with bench/wrk_post.lua; CPU share from /proc/<pid>/stat of wrk itself, read
+    after it exited and before it is reaped."""
+    env = {**os.environ, "WRK_BODY": target.body.decode(), "WRK_HEADERS": "\n".join(target.headers)}
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(WRK_SCRIPT)]
+    proc = subprocess.Popen(
+        [*cmd, f"http://127.0.0.1:{port}{target.path}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    t0 = time.perf_counter()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    elapsed = time.perf_counter() - t0
+    _, ticks = _stat_ticks(proc.pid)
+    proc.wait()
+    found = re.search(r"^WRKJSON (.*)$", out, re.M)
+    if found is None:
+        raise SystemExit(f"wrk gave no result:\n{out}")
+    data = json.loads(found.group(1))
+    result = Result("", clients, [], data["seconds"], data["errors"])
+    result.rps = data["requests"] / data["seconds"]
+    result.p50, result.p99 = data["p50_us"] / 1000, data["p99_us"] / 1000
+    result.gen_cpu = 100 * ticks / CLK_TCK / elapsed
+    return result
+
+
+@dataclass
+class Target:
+    path: str
+    body: bytes
+    headers: list[str]
+    check: bytes
+
+    def raw(self, port: int) -> bytes:
+        lines = [
+            f"POST {self.path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(self.body)}",
+            *self.headers,
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
+
+
+@dataclass
+class Server:
+    """One HTTP server process (tree) under measurement."""
+
+    label: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+
+async def measure_http(
+    server: Server, target: Target, clients: int, seconds: float, generator: str, warmup: float = 1.0
+) -> Result:
+    if generator == "wrk":
+        await asyncio.to_thread(wrk_load, server.port, target, clients, warmup)
+    else:
+        await http_load("127.0.0.1", server.port, target.raw(server.port), clients, warmup, target.check)
+    cpu0 = tree_cpu_ticks(server.proc.pid) if server.proc is not None else 0
+    t0 = time.perf_counter()
+    if generator == "wrk":
+        result = await asyncio.to_thread(wrk_load, server.port, target, clients, seconds)
+    else:
+        result = await http_load(
+            "127.0.0.1", server.port, target.raw(server.port), clients, seconds, target.check
+        )
+    if server.proc is not None:
+        elapsed = time.perf_counter() - t0
+        result.server_cpu = 100 * (tree_cpu_ticks(server.proc.pid) - cpu0) / CLK_TCK / elapsed
+    result.name = server.label
+    return result
 
 
 async def asyncpg_load(url: str, clients: int, seconds: float, *, per_query_pool: bool) -> Result:
     """The query straight through asyncpg: on a connection each client holds for the whole run
-    ("direct"), or through the pool per query ("pooled": acquire, fetch, release, which runs the
+    ("held"), or through the pool per query ("pool": acquire, fetch, release, which runs the
     session reset)."""
     pool = await asyncpg.create_pool(url, min_size=clients, max_size=clients)
     latencies: list[float] = []
@@ -109,21 +235,14 @@ async def asyncpg_load(url: str, clients: int, seconds: float, *, per_query_pool
                 await db.fetchrow(QUERY, 1)
                 latencies.append(time.perf_counter() - t0)
 
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - t0
     await pool.close()
-    return Result("pooled" if per_query_pool else "direct", clients, latencies, elapsed, 0)
-
-
-def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-    ] + [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    result = Result("asyncpg pool" if per_query_pool else "asyncpg held", clients, latencies, elapsed, 0)
+    result.server_cpu = 100 * (time.process_time() - cpu0) / elapsed  # the client is the "server"
+    return result
 
 
 def start_postgraphile(db_url: str, schema: str, port: int, workdir: Path) -> subprocess.Popen[bytes] | None:
@@ -157,52 +276,148 @@ def start_postgraphile(db_url: str, schema: str, port: int, workdir: Path) -> su
     return None
 
 
-def start_minimal(dsn: str, port: int, workers: int) -> subprocess.Popen[bytes]:
+def server_command(server: str, workers: int, app: str, port: int, *, factory: bool) -> list[str]:
+    """The command serving ASGI `app` ("module:attr") with `server` (uvicorn or granian)."""
+    if server == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+        return cmd + (["--factory"] if factory else [])
+    if server == "granian":
+        if importlib.util.find_spec("granian") is None:
+            raise SystemExit(
+                "granian is not installed (not a Fluxbase dependency): .venv/bin/pip install granian"
+            )
+        cmd = [sys.executable, "-m", "granian", app, "--interface", "asgi", "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+        cmd += ["--no-access-log", "--no-ws"]
+        return cmd + (["--factory"] if factory else [])
+    raise SystemExit(f"unknown server {server!r} (uvicorn, granian)")
+
+
+def start_server(cmd: list[str], env: dict[str, str], probe: Target, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "minimal_app:app",
-            "--app-dir",
-            str(ROOT / "bench"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        env={**os.environ, "MINIMAL_DSN": dsn},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT / "bench"
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
         try:
-            if httpx.post(f"http://127.0.0.1:{port}/", json={"params": [1]}, timeout=1).status_code == 200:
+            headers = dict(h.split(": ", 1) for h in probe.headers)
+            r = httpx.post(
+                f"http://127.0.0.1:{port}{probe.path}", content=probe.body, headers=headers, timeout=2
+            )
+            if r.status_code == 200 and probe.check in r.content:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     stop_process(proc)
-    raise SystemExit("minimal ASGI app did not start")
+    raise SystemExit(f"{' '.join(cmd)} did not answer")
+
+
+def parse_servers(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for item in spec.split(","):
+        name, _, workers = item.strip().partition(":")
+        out.append((name, int(workers or 1)))
+    return out
+
+
+@contextlib.contextmanager
+def started(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in procs:
+            stop_process(proc, signal.SIGTERM)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def median(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.rps)[len(results) // 2]
+
+
+async def measure_all(
+    args: argparse.Namespace,
+    clients: int,
+    direct_url: str,
+    pg4: Server | None,
+    gql: Target,
+    apis: list[tuple[Server, Server | None]],
+    sql: Target,
+    minimal: Target,
+) -> None:
+    """Every target at `clients`, --rounds times in turn (so that load from elsewhere on the
+    machine falls on all of them alike); prints each round's lines, then the medians (by req/s)
+    and the ratios of the medians, with each ratio's range over the rounds."""
+    runs: dict[str, list[Result]] = {}
+
+    def keep(r: Result) -> None:
+        runs.setdefault(r.name, []).append(r)
+        if args.rounds > 1:
+            print(f"  round {len(runs[r.name])}: {r.line()}")
+
+    for _ in range(args.rounds):
+        keep(await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=False))
+        keep(await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=True))
+        if pg4 is not None:
+            keep(await measure_http(pg4, gql, clients, args.seconds, args.generator))
+        for server, floor in apis:
+            keep(await measure_http(server, sql, clients, args.seconds, args.generator))
+            if args.cross_check and args.generator != "python":
+                x = await measure_http(server, sql, clients, args.seconds, "python")
+                x.name += " (python gen)"
+                keep(x)
+            if floor is not None:
+                keep(await measure_http(floor, minimal, clients, args.seconds, args.generator))
+    if args.rounds > 1:
+        print(f"  medians of {args.rounds} rounds:")
+    for results in runs.values():
+        print(median(results).line())
+
+    def ratio(a: str, b: str) -> str:
+        per_round = [x.rps / y.rps for x, y in zip(runs[a], runs[b], strict=True)]
+        text = f"{median(runs[a]).rps / median(runs[b]).rps:.2f}x"
+        return text + (f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else "")
+
+    for server, floor in apis:
+        ratios = [
+            f"/ pool {ratio(server.label, 'asyncpg pool')}",
+            f"/ held {ratio(server.label, 'asyncpg held')}",
+        ]
+        if pg4 is not None:
+            ratios.insert(0, f"/ postgraphile4 {ratio(server.label, 'postgraphile4')}")
+        if floor is not None:
+            ratios.append(f"/ floor {ratio(server.label, floor.label)}")
+        print(f"  {server.label}: " + "   ".join(ratios))
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="API worker processes (1 pays off best on 2 cores: docs/sql.md)",
+        "--servers",
+        default="api",
+        help="comma-separated API variants: `api` (fluxbase api as shipped, FLUXBASE_API_WORKERS "
+        "from --workers) and server:workers with server uvicorn or granian, e.g. api,uvicorn:1,granian:2",
     )
+    ap.add_argument("--workers", type=int, default=1, help="workers of the `api` variant")
     ap.add_argument("--clients", default="8,32")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every target this many times in turn")
     ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
-    ap.add_argument("--minimal", action="store_true", help="also measure a bare ASGI app over asyncpg")
+    ap.add_argument("--minimal", action="store_true", help="also measure a bare ASGI app on each server")
+    ap.add_argument(
+        "--generator",
+        choices=("wrk", "python"),
+        default="wrk" if shutil.which("wrk") else "python",
+        help="HTTP load generator (default wrk when installed: apt-get install wrk)",
+    )
+    ap.add_argument("--cross-check", action="store_true", help="also load Fluxbase with the Python generator")
     ap.add_argument(
         "--socket",
         action="store_true",
@@ -210,6 +425,7 @@ async def main() -> None:
     )
     args = ap.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
+    variants = parse_servers(args.servers)
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-bench-"))
     stack = start_stack(tmp)
@@ -232,10 +448,11 @@ async def main() -> None:
             FLUXBASE_API_WORKERS=str(args.workers),
             FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
             FLUXBASE_TENANT_POOL_MAX="16",
-            FLUXBASE_TENANT_CONNECTION_LIMIT="40",
+            # every variant's workers hold their own tenant pool while all of them run
+            FLUXBASE_TENANT_CONNECTION_LIMIT="200",
         )
-        with run_service(["api"], env, port, tmp) as server:
-            api = httpx.Client(base_url=server.url, timeout=30)
+        with run_service(["api"], env, port, tmp) as api_server:
+            api = httpx.Client(base_url=api_server.url, timeout=30)
             email = f"bench-{secrets.token_hex(4)}@example.com"
             api.post("/api/auth/register", json={"email": email, "password": "bench password 1"})
             token = api.post("/api/auth/login", json={"email": email, "password": "bench password 1"}).json()[
@@ -256,8 +473,19 @@ async def main() -> None:
                     headers={"Authorization": f"Bearer {key}"},
                 )
                 assert r.json()["success"], r.text
-            body = json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode()
-            request = post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
+            sql = Target(
+                "/api/execute-sql",
+                json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode(),
+                [f"Authorization: Bearer {key}"],
+                b'"Alice"',
+            )
+            minimal = Target("/", json.dumps({"params": [1]}).encode(), [], b"Alice")
+            gql = Target(
+                "/graphql",
+                json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode(),
+                [],
+                b"Alice",
+            )
             # Direct asyncpg reads the same table in the project's schema (superuser connection,
             # so the project role's connection cap stays with the API).
             # (The API's runtime role may not read project tables: the superuser's URL, which the
@@ -271,57 +499,57 @@ async def main() -> None:
                 )
             sep = "&" if "?" in super_url else "?"
             direct_url = super_url + f"{sep}options=-csearch_path%3Dp_{pid}"
-            pg_proc = None
-            pg_port = free_port()
-            if args.postgraphile:
-                workdir = ROOT / "bench" / ".node"
-                workdir.mkdir(exist_ok=True)
-                pg_proc = start_postgraphile(direct_url, f"p_{pid}", pg_port, workdir)
-            minimal_proc = None
-            minimal_port = free_port()
-            if args.minimal:
-                minimal_proc = start_minimal(direct_url, minimal_port, args.workers)
-            minimal_request = post("/", minimal_port, json.dumps({"params": [1]}).encode(), {})
-            gql = json.dumps({"query": "{ benchUserById(id: 1) { id name email } }"}).encode()
-            gql_request = post("/graphql", pg_port, gql, {})
-            print(
-                f"\nPoint SELECT, {args.seconds:.0f}s per run, API workers={args.workers}, cores={os.cpu_count()}, "
-                f"database over {'Unix socket' if args.socket else 'TCP 127.0.0.1'}"
-            )
-            try:
-                for clients in client_counts:
-                    # Warm-up so pools and statement caches are filled.
-                    await http_load("127.0.0.1", port, request, clients, 1.0, b'"Alice"')
-                    d = await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=False)
-                    pl = await asyncpg_load(direct_url, clients, args.seconds, per_query_pool=True)
-                    f = await http_load("127.0.0.1", port, request, clients, args.seconds, b'"Alice"')
-                    f.name = "fluxbase"
-                    print(d.line())
-                    print(pl.line())
-                    print(f.line())
+
+            procs: list[subprocess.Popen[bytes]] = []
+            with started(procs):
+                apis: list[tuple[Server, Server | None]] = []
+                for name, workers in variants:
+                    server = Server(f"fluxbase {name}:{workers}", port)
+                    if name == "api":
+                        server = Server(f"fluxbase api:{args.workers}", port, api_server.proc)
+                    else:
+                        server.port = free_port()
+                        cmd = server_command(
+                            name, workers, "fluxbase.http.asgi:create_from_env", server.port, factory=True
+                        )
+                        server.proc = start_server(
+                            cmd, {**env, "FLUXBASE_API_PORT": str(server.port)}, sql, server.port
+                        )
+                        procs.append(server.proc)
+                    floor = None
+                    if args.minimal:
+                        floor = Server(f"minimal {name}:{workers}", free_port())
+                        real = "uvicorn" if name == "api" else name
+                        floor.label = f"minimal {real}:{args.workers if name == 'api' else workers}"
+                        cmd = server_command(
+                            real,
+                            args.workers if name == "api" else workers,
+                            "minimal_app:app",
+                            floor.port,
+                            factory=False,
+                        )
+                        floor.proc = start_server(
+                            cmd, {**env, "MINIMAL_DSN": direct_url}, minimal, floor.port
+                        )
+                        procs.append(floor.proc)
+                    apis.append((server, floor))
+                pg4 = None
+                if args.postgraphile:
+                    workdir = ROOT / "bench" / ".node"
+                    workdir.mkdir(exist_ok=True)
+                    pg_port = free_port()
+                    pg_proc = start_postgraphile(direct_url, f"p_{pid}", pg_port, workdir)
                     if pg_proc is not None:
-                        await http_load("127.0.0.1", pg_port, gql_request, clients, 1.0, b"Alice")
-                        g = await http_load(
-                            "127.0.0.1", pg_port, gql_request, clients, args.seconds, b"Alice"
-                        )
-                        g.name = "postgraphile4"
-                        print(g.line())
-                        print(f"  fluxbase / postgraphile4 = {f.rps / g.rps:.2f}x")
-                    if minimal_proc is not None:
-                        await http_load("127.0.0.1", minimal_port, minimal_request, clients, 1.0, b"Alice")
-                        m = await http_load(
-                            "127.0.0.1", minimal_port, minimal_request, clients, args.seconds, b"Alice"
-                        )
-                        m.name = "minimal"
-                        print(m.line())
-                        print(f"  fluxbase / minimal ASGI over asyncpg = {f.rps / m.rps:.2%}")
-                    print(f"  fluxbase / direct asyncpg (held connections) = {f.rps / d.rps:.2%}")
-                    print(f"  fluxbase / asyncpg pool (pool.fetchrow) = {f.rps / pl.rps:.2%}")
-            finally:
-                if pg_proc is not None:
-                    stop_process(pg_proc, signal.SIGTERM)
-                if minimal_proc is not None:
-                    stop_process(minimal_proc, signal.SIGTERM)
+                        procs.append(pg_proc)
+                        pg4 = Server("postgraphile4", pg_port, pg_proc)
+                print(
+                    f"\nPoint SELECT, {args.seconds:.0f}s per run, cores={os.cpu_count()}, generator={args.generator}, "
+                    f"database over {'Unix socket' if args.socket else 'TCP 127.0.0.1'}"
+                )
+                for clients in client_counts:
+                    print(f"\n-- {clients} clients, load average {loadavg()}")
+                    await measure_all(args, clients, direct_url, pg4, gql, apis, sql, minimal)
+                    print(f"  load average after: {loadavg()}")
             api.close()
         await stack.drop_database(dbname)
     finally:

@@ -336,27 +336,47 @@ async def test_session_lock_from_a_one_round_trip_request_is_released_when_idle(
     takes the one-round-trip path, whose reset runs at the start of the next request) is released
     shortly after the request even if no other request comes (tenancy.pools.IDLE_RESET_S)."""
     async with _own_project(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, key):
-        fn = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
-        assert (await api.sql(key, pid, fn)).json()["success"]
+        assert (await api.sql(key, pid, _GRAB)).json()["success"]
         assert (await api.sql(key, pid, "SELECT grab()")).json()["success"]
-        held = (
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND a.usename LIKE $1"
-        )
-        control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
-        try:
-            n = None
-            for _ in range(30):
-                n = await control.fetchval(held, f"p_{pid}_%")
-                if n == 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert n == 0
-            # ...and the connection is still the pool's, clean, for the next request.
-            body = (await api.sql(key, pid, "SELECT current_setting('work_mem') AS wm")).json()
-            assert body["success"]
-        finally:
-            await control.close()
+        assert await _advisory_locks_left(inst, pid) == 0
+        # ...and the connection is still the pool's, clean, for the next request.
+        body = (await api.sql(key, pid, "SELECT current_setting('work_mem') AS wm")).json()
+        assert body["success"]
+
+
+async def test_idle_reset_waits_for_the_last_request_of_a_busy_connection(spawn) -> None:
+    """A connection has one idle-reset timer at a time (tenancy.pools.TenantPool.release): a
+    request that ends while the timer of an earlier one is pending still gets its session reset
+    once the connection is idle (the timer, finding it used since, waits for the rest)."""
+    async with _own_project(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, key):
+        assert (await api.sql(key, pid, _GRAB)).json()["success"]
+        await asyncio.sleep(0.5)  # that request's own timer has fired
+        for _ in range(3):  # back to back: each ends while the first one's timer is pending
+            assert (await api.sql(key, pid, "SELECT 1")).json()["success"]
+        assert (await api.sql(key, pid, "SELECT grab()")).json()["success"]
+        assert await _advisory_locks_left(inst, pid) == 0
+
+
+_GRAB = "CREATE FUNCTION grab() RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_lock(77)'"
+
+
+async def _advisory_locks_left(inst: Any, pid: str, within_s: float = 3.0) -> int:
+    """The project's session advisory locks, polled until none is left or `within_s` passed."""
+    held = (
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND a.usename LIKE $1"
+    )
+    control = await asyncpg.connect(inst.env["FLUXBASE_DATABASE_URL"])
+    try:
+        n = -1
+        for _ in range(int(within_s / 0.1)):
+            n = await control.fetchval(held, f"p_{pid}_%")
+            if n == 0:
+                break
+            await asyncio.sleep(0.1)
+        return n
+    finally:
+        await control.close()
 
 
 ROLES_OF = """SELECT a.rolname, r.rolconfig, a.rolpassword FROM pg_authid a JOIN pg_roles r USING (oid)

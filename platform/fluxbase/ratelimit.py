@@ -24,6 +24,14 @@ class Quota:
             "X-RateLimit-Reset": str(self.reset_s),
         }
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as an ASGI answer carries them (the SQL fast path's, built directly)."""
+        return [
+            (b"x-ratelimit-limit", b"%d" % self.limit),
+            (b"x-ratelimit-remaining", b"%d" % self.remaining),
+            (b"x-ratelimit-reset", b"%d" % self.reset_s),
+        ]
+
 
 class RateLimiter:
     """`hit(name, limit, window)` counts a request and answers the Quota left, or raises

@@ -93,7 +93,10 @@ class SqlFastPath:
             content, status = _JSON.encode(err.body()), err.status
         quota = scope.get(QUOTA_SCOPE_KEY)
         if quota is not None:
-            extra.extend(_quota_headers(quota, {k for k, _ in extra}))
+            if extra:  # an error's own headers (a 429 brings X-RateLimit-* itself)
+                extra.extend(_quota_headers(quota, {k for k, _ in extra}))
+            else:
+                extra = quota.raw_headers()
         response = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),

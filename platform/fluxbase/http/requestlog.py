@@ -106,6 +106,7 @@ class RequestLog:
         given = _header(scope, b"x-request-id")
         rid = given if given is not None and _VALID_ID.fullmatch(given) else "req_" + secrets.token_hex(6)
         scope[REQUEST_ID_KEY] = rid
+        rid_header = rid.encode()
         token = REQUEST_ID.set(rid)
         HTTP_IN_FLIGHT.inc()
         started = time.perf_counter()
@@ -126,12 +127,15 @@ class RequestLog:
             nonlocal status, json_answer
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                headers = list(message.get("headers", ()))
+                headers = message.get("headers", ())
+                if not isinstance(headers, (list, tuple)):
+                    headers = list(headers)  # any iterable, read twice below
                 json_answer = self.terminal and any(
                     k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in headers
                 )
-                headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
-                message["headers"] = [*headers, (b"x-request-id", rid.encode())]
+                # one new list: the app's headers but any X-Request-Id of its own, then ours
+                message["headers"] = [h for h in headers if h[0].lower() != b"x-request-id"]
+                message["headers"].append((b"x-request-id", rid_header))
             elif message["type"] == "http.response.body" and json_answer and len(error_body) < _PEEK:
                 error_body.extend(message.get("body", b"")[: _PEEK - len(error_body)])
             await send(message)

@@ -77,9 +77,10 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     """A tenant pool connection: its prepared one-round-trip prefix (tenancy.wire), whether
     a request left session state that only the next one-round-trip request's prefix clears, and
-    whether it logged in with settings above the caps (`login_over_caps`)."""
+    whether it logged in with settings above the caps (`login_over_caps`), and whether its
+    idle-reset timer is pending (`TenantPool.release`)."""
 
-    __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix")
+    __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix", "reset_timer")
 
     def _get_unique_id(self, prefix: str) -> str:
         """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
@@ -203,17 +204,23 @@ class TenantPool:
             conn.terminate()  # its termination listener frees the slot
             return
         self._hand_on(conn)
-        if getattr(conn, "dirty", False):
+        if getattr(conn, "dirty", False) and not getattr(conn, "reset_timer", False):
             # A one-round-trip request resets the session only when the next one starts: if
             # none comes soon, reset it now, so that nothing it held (session advisory locks,
-            # temp tables) outlives it by more than IDLE_RESET_S.
+            # temp tables) outlives it by more than IDLE_RESET_S. One timer per connection,
+            # not one per request: when it finds the connection used since, it waits on.
+            conn.reset_timer = True
             asyncio.get_running_loop().call_later(IDLE_RESET_S, self._reset_if_idle, conn)
 
     def _reset_if_idle(self, conn: TenantConnection) -> None:
+        conn.reset_timer = False
         if self._closed or not getattr(conn, "dirty", False) or conn not in self._idle:
+            return  # clean, or in use: its next release starts the timer again
+        idle_for = time.monotonic() - conn.idle_since
+        if idle_for < IDLE_RESET_S * 0.9:  # used and released again since: wait for the rest
+            conn.reset_timer = True
+            asyncio.get_running_loop().call_later(IDLE_RESET_S - idle_for, self._reset_if_idle, conn)
             return
-        if time.monotonic() - conn.idle_since < IDLE_RESET_S * 0.9:
-            return  # used and released again since: that release's timer decides
         self._idle.remove(conn)
         task = asyncio.get_running_loop().create_task(self._reset(conn))
         self._resets.add(task)
