@@ -295,3 +295,58 @@ async def test_a_project_owner_who_is_not_an_instance_admin_gets_no_admin_screen
         f"{instance.url}/dashboard/admin/p/{project.id}/status", form={"action": "suspend"}
     )
     assert r2.status == 403 and "CSRF_FAILED" in await r2.text()
+
+
+async def test_objects_named_dot_and_dot_dot_are_managed_in_the_browser(
+    api: Api, instance: Instance, project: ProjectCtx, page: Any
+) -> None:
+    """Browsers resolve `.` and `..` path segments (encoded or not), so the dashboard escapes them
+    in its URLs (and anything starting with `~`, the escape) and each action reaches its object."""
+    for q in (
+        'CREATE TABLE "." (k text PRIMARY KEY, v text)',
+        """INSERT INTO "." VALUES ('..', 'dots'), ('~x', 'tilde'), ('plain', 'p')""",
+        'CREATE TABLE "~." (id int PRIMARY KEY)',
+        'CREATE POLICY ".." ON "." USING (true)',
+    ):
+        r = await api.sql(project.admin_key, project.id, q)
+        assert r.json()["success"], r.text
+    console = Console(page)
+    await sign_in(page, instance.url, project.owner["email"])
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/tables")
+    await page.get_by_role("link", name=".", exact=True).click()
+    await page.get_by_role("heading", name=".", exact=True).wait_for()
+    grid = page.get_by_role("table", name="Rows of .", exact=True)
+    assert await grid.locator("tbody tr").count() == 3
+    await page.get_by_role("link", name="Edit row ..", exact=True).click()
+    edit = page.get_by_role("region", name=re.compile("^Edit row"))
+    await edit.get_by_label("v text", exact=True).fill("edited")
+    await page.get_by_role("button", name="Save row").click()
+    await page.get_by_role("status").filter(has_text="Row .. updated").wait_for()
+    await page.get_by_role("button", name="Delete row ~x", exact=True).click()
+    await page.get_by_role("status").filter(has_text="Row ~x deleted").wait_for()
+    r = await api.sql(project.admin_key, project.id, 'SELECT k, v FROM "." ORDER BY k')
+    assert r.json()["result"]["rows"] == [{"k": "..", "v": "edited"}, {"k": "plain", "v": "p"}], r.text
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/tables")
+    await page.get_by_role("link", name="~.", exact=True).click()
+    await page.get_by_role("heading", name="~.", exact=True).wait_for()
+    # RLS: enable on ".", drop the policy named "..".
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/rls")
+    await page.get_by_role("button", name="Enable RLS on .", exact=True).click()
+    await page.locator("[data-table='.'] [data-rls-state]").filter(has_text="RLS enabled").wait_for()
+    await page.get_by_role("button", name="Drop policy ..", exact=True).click()
+    await page.get_by_role("status").filter(has_text="dropped").wait_for()
+    r = await api.sql(
+        project.admin_key,
+        project.id,
+        "SELECT c.relrowsecurity AS rls, (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid) AS n "
+        "FROM pg_class c WHERE c.relname = '.' AND c.relkind = 'r'",
+    )
+    assert r.json()["result"]["rows"] == [{"rls": True, "n": 0}], r.text
+    # Realtime capture switch of ".".
+    await page.goto(f"{instance.url}/dashboard/p/{project.id}/realtime")
+    switch = page.get_by_role("button", name=re.compile(r"^(Capture|Stop capturing) \.$"))
+    before = await switch.get_attribute("aria-label")
+    await switch.click()
+    await page.get_by_role("status").filter(has_text="Changes of . are").wait_for()
+    assert await switch.get_attribute("aria-label") != before
+    assert console.errors == []
