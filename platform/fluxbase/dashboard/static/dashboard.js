@@ -208,7 +208,13 @@
     const data = new FormData();
     Object.keys(form.fields).forEach((k) => data.append(k, form.fields[k]));
     data.append("file", file, file.name);  // S3 wants the file as the form's last field
-    await send("POST", form.url, data, {}, [200, 201, 204], onProgress);
+    try {
+      await send("POST", form.url, data, {}, [200, 201, 204], onProgress);
+    } catch (err) {
+      // A browser that cannot reach the object store, or a store without CORS for this origin.
+      throw new Error(err.message + " (to the object store at " + new URL(form.url).origin +
+        ": it must be reachable from this browser and allow this origin by CORS)");
+    }
     return send("POST", base + "/upload-confirm", dashForm({ fileId: form.file.id }), csrf, 200);
   }
 
