@@ -11,7 +11,9 @@ import asyncio
 import re
 import sys
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 from dashboard_support import CHROMIUM, launch, sign_in
 from fluxbase.devstack.procs import free_port
@@ -58,6 +60,17 @@ async def fill_demo(api: Api) -> tuple[dict[str, str], str, str]:
     ):
         r = await api.sql(admin, pid, q)
         assert r.json()["success"], r.text
+    r = await api.http.post(
+        f"/api/projects/{pid}/migrations",
+        json={"name": "0001_tags", "sql": "CREATE TABLE tags (id serial PRIMARY KEY, label text UNIQUE)"},
+        headers=bearer(admin),
+    )
+    assert r.status_code == 200, r.text
+    # A second user's project, for the instance-admin screen.
+    grace = await api.login("grace@example.com", "correct horse battery")
+    other = await api.new_project(grace, "Grace's shop")
+    r = await api.http.post(f"/api/admin/projects/{other}/suspend", headers=bearer(token))
+    assert r.status_code == 200, r.text
     return user, token, pid
 
 
@@ -65,6 +78,21 @@ async def shoot(page: object, name: str, *, full: bool = True) -> None:
     path = OUT / f"{name}.png"
     await page.screenshot(path=str(path), full_page=full)  # type: ignore[attr-defined]
     print(f"  {path.relative_to(ROOT)}")
+
+
+async def shoot_progress(page: Any, bar: str, name: str, bytes_per_s: int, start: Awaitable[Any]) -> None:
+    """Start an upload under Chromium's network throttle and shoot it with its bar part-way."""
+    cdp = await page.context.new_cdp_session(page)
+    await cdp.send("Network.enable")
+    slow = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": bytes_per_s}
+    await cdp.send("Network.emulateNetworkConditions", slow)
+    await start
+    # (wait_for_function would evaluate a string, which the page's CSP refuses: poll instead)
+    while float(await page.locator(bar).get_attribute("value") or 0) < 25:
+        await asyncio.sleep(0.05)
+    await shoot(page, name, full=False)
+    await cdp.send("Network.emulateNetworkConditions", {**slow, "uploadThroughput": -1})
+    await page.wait_for_load_state()
 
 
 async def main() -> int:
@@ -95,7 +123,7 @@ async def run(base: str) -> None:
         await page.goto(f"{base}/dashboard/")
         await shoot(page, "setup")
         await ctx.close()
-        user, _, pid = await fill_demo(api)
+        user, token, pid = await fill_demo(api)
 
         for label, viewport in (("", DESKTOP), ("-phone", PHONE)):
             ctx = await browser.new_context(viewport=viewport)
@@ -150,6 +178,18 @@ async def run(base: str) -> None:
             await shoot(page, "storage" + label)
             await page.get_by_role("link", name="avatars").click()
             await shoot(page, "storage-bucket" + label)
+            if not label:
+                await shoot_progress(
+                    page,
+                    "#upload-progress",
+                    "storage-upload-progress",
+                    1024 * 1024,
+                    page.get_by_label("choose files").set_input_files(
+                        files=[
+                            {"name": "talk.mp4", "mimeType": "video/mp4", "buffer": bytes(9 * 1024 * 1024)}
+                        ]
+                    ),
+                )
             await page.goto(f"{base}/dashboard/p/{pid}/realtime")
             await shoot(page, "realtime" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/users")
@@ -166,6 +206,25 @@ async def run(base: str) -> None:
             await shoot(page, "webhooks" + label)
             await page.goto(f"{base}/dashboard/p/{pid}/settings")
             await shoot(page, "settings" + label)
+            if not label:
+                dump = await api.http.get(f"/api/projects/{pid}/export", headers=bearer(token))
+                assert dump.status_code == 200, dump.text
+                await page.get_by_label("New project's name (optional)").fill("Notes app (copy)")
+                await page.get_by_label("Export file (.sql)").set_input_files(
+                    files=[{"name": "notes.sql", "mimeType": "application/sql", "buffer": dump.content}]
+                )
+                await shoot_progress(
+                    page,
+                    "#import-progress",
+                    "settings-import-progress",
+                    max(len(dump.content) // 4, 1024),
+                    page.get_by_role("button", name="Import", exact=True).click(),
+                )
+                await page.wait_for_url(re.compile(r"/dashboard/p/[0-9a-f]+/$"))
+            await page.goto(f"{base}/dashboard/admin")
+            await shoot(page, "admin" + label)
+            await page.goto(f"{base}/dashboard/admin/p/{pid}")
+            await shoot(page, "admin-quotas" + label)
             await ctx.close()
     await api.close()
 

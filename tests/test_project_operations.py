@@ -288,6 +288,41 @@ async def test_suspend_and_resume(api: Api, project, instance_admin, rt) -> None
     )
 
 
+async def test_instance_admins_list_every_project_and_nobody_else_does(
+    api: Api, project, instance_admin
+) -> None:
+    pid, root = project.id, instance_admin["token"]
+    stranger, stranger_token = await api.new_user()
+    other = await api.new_project(stranger_token, "stranger's")
+    for denied in (project.owner_token, project.admin_key, stranger_token):
+        assert_error(
+            await api.http.get("/api/admin/projects", headers=bearer(denied)), 403, "INSUFFICIENT_PERMISSIONS"
+        )
+    assert_error(await api.http.get("/api/admin/projects"), 401, "AUTH_REQUIRED")
+    body = await _ok(await api.http.get("/api/admin/projects", params={"limit": 1}, headers=bearer(root)))
+    # Newest first: the stranger's project, then (on the next page) the fixture's.
+    assert [p["id"] for p in body["projects"]] == [other]
+    assert body["projects"][0]["ownerEmail"] == stranger["email"] and body["projects"][0]["members"] == 1
+    assert body["projects"][0]["status"] == "active" and body["nextCursor"] == other
+    body = await _ok(
+        await api.http.get(
+            "/api/admin/projects", params={"limit": 1, "after": body["nextCursor"]}, headers=bearer(root)
+        )
+    )
+    assert [p["id"] for p in body["projects"]] == [pid]
+    assert body["projects"][0]["ownerEmail"] == project.owner["email"]
+    await _ok(await api.http.post(f"/api/admin/projects/{pid}/suspend", headers=bearer(root)))
+    body = await _ok(await api.http.get("/api/admin/projects", params={"limit": 5}, headers=bearer(root)))
+    assert {p["id"]: p["status"] for p in body["projects"]}[pid] == "suspended"
+    await _ok(await api.http.post(f"/api/admin/projects/{pid}/resume", headers=bearer(root)))
+    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}):
+        assert_error(
+            await api.http.get("/api/admin/projects", params=bad, headers=bearer(root)),
+            400,
+            "VALIDATION_ERROR",
+        )
+
+
 async def test_suspension_ends_live_subscriptions(
     api: Api, project, instance_admin, instance, log_dir
 ) -> None:

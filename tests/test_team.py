@@ -534,7 +534,7 @@ NOT_PROJECT_SCOPED = {
 }
 # Instance-admin operations on a project (not member roles or key scopes): their own tests in
 # test_project_operations.py check that keys, members and project admins are refused.
-INSTANCE_ADMIN_ROUTES = {"setQuotas", "suspendProject", "resumeProject"}
+INSTANCE_ADMIN_ROUTES = {"setQuotas", "suspendProject", "resumeProject", "listAllProjects"}
 
 
 def expected(level: str, principal: str, ok: int) -> tuple[int, str | None]:

@@ -17,6 +17,7 @@ from litestar.static_files import create_static_files_router
 from fluxbase.errors import FluxbaseError
 
 from . import (
+    admin_pages,
     auth_pages,
     end_user_pages,
     key_pages,
@@ -46,6 +47,7 @@ SCREENS = (
     end_user_pages,
     team_pages,
     webhook_pages,
+    admin_pages,
 )
 
 

@@ -12,11 +12,12 @@ from litestar.response import Stream
 
 from fluxbase.errors import FluxbaseError, StorageUnavailable
 from fluxbase.http.context import AppContext
+from fluxbase.http.edge import error_response
 from fluxbase.services import dump, migrations, operations, projects, team
 from fluxbase.services.access import Need
 from fluxbase.storage.service import delete_project_objects
 
-from .web import Dash, form, signed_in
+from .web import BASE, Dash, form, signed_in
 
 
 async def projects_page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
@@ -84,6 +85,9 @@ async def settings_page(dash: Dash, status: int = 200, **extra: Any) -> Response
     assert dash.access is not None
     applied = await migrations.list_migrations(dash.ctx.db, dash.access.project.id)
     extra.setdefault("confirm", "")
+    extra.setdefault("mig_name", "")
+    extra.setdefault("mig_sql", "")
+    extra.setdefault("sqlstate", None)
     return dash.render("project_settings.html", status, migrations=applied, **extra)
 
 
@@ -123,6 +127,49 @@ async def vacuum(project_id: str, request: Request[Any, Any, Any], ctx: AppConte
     return await settings_page(
         dash,
         notice=f"Vacuumed {r.tables} tables in {r.duration_ms} ms: {r.size_before} → {r.size_after} bytes.",
+    )
+
+
+@post("/p/{project_id:str}/migrations", status_code=200)
+async def apply_migration(project_id: str, request: Request[Any, Any, Any], ctx: AppContext) -> Response[Any]:
+    """The API's applyMigration: a named SQL migration, applied once (developer role or above)."""
+    dash = await signed_in(request, ctx)
+    access = await dash.project(project_id, Need.SCHEMA)
+    data = await form(request)
+    name, sql = data.get("name", "").strip(), data.get("sql", "")
+    try:
+        applied, migration = await migrations.apply_migration(
+            ctx.db, ctx.tenants, access, name, sql, ctx.settings.tenant.pool_acquire_timeout_s
+        )
+    except FluxbaseError as exc:
+        # MigrationFailed carries the SQLSTATE as the API shows it: details "ERROR:  42P01".
+        sqlstate = str(exc.extra.get("details", "")).removeprefix("ERROR:").strip() or None
+        return await settings_page(dash, exc.status, error=exc, sqlstate=sqlstate, mig_name=name, mig_sql=sql)
+    if not applied:
+        return await settings_page(
+            dash, notice=f"{migration.name} was already applied (same SQL); nothing ran."
+        )
+    return await settings_page(dash, notice=f"Applied migration {migration.name}.")
+
+
+@post("/import", status_code=201, request_max_body_size=None)
+async def import_project(request: Request[Any, Any, Any], ctx: AppContext, name: str = "") -> Response[Any]:
+    """The API's importProject: the export file as the raw body (sent by the page's script, with
+    upload progress); the new project is the member's own."""
+    dash = await signed_in(request, ctx)
+    try:
+        project = await dump.import_upload(
+            ctx.db, ctx.tenants, ctx.settings, dash.user.id, name.strip() or None, request.stream()
+        )
+    except FluxbaseError as exc:
+        return error_response(exc)
+    return Response(
+        {
+            "success": True,
+            "project": {"id": project.id, "name": project.name},
+            "url": f"{BASE}/p/{project.id}/",
+        },
+        status_code=201,
     )
 
 
@@ -167,6 +214,8 @@ ROUTES = [
     project_settings,
     set_read_only,
     vacuum,
+    apply_migration,
+    import_project,
     export,
     delete_project,
 ]

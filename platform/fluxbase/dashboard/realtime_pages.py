@@ -13,7 +13,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.services import realtime
 from fluxbase.services.access import Need
 
-from .web import Dash, form, signed_in
+from .web import Dash, form, signed_in, unsegment
 
 TOKEN_TTL_S = 300  # the inspector subscribes at once; the token is re-checked while subscribed
 
@@ -45,6 +45,7 @@ async def realtime_page(project_id: str, request: Request[Any, Any, Any], ctx: A
 async def switch(
     project_id: str, table: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
     dash = await signed_in(request, ctx)
     access = await dash.project(project_id, Need.SCHEMA)
     on = (await form(request)).get("enabled") == "true"

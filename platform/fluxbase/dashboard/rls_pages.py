@@ -16,7 +16,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.services import rls
 from fluxbase.services.access import Need
 
-from .web import Dash, form, signed_in
+from .web import Dash, form, signed_in, unsegment
 
 COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -149,6 +149,7 @@ async def create_policy(project_id: str, request: Request[Any, Any, Any], ctx: A
 async def set_table(
     project_id: str, table: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
     dash = await signed_in(request, ctx)
     access = await dash.project(project_id, Need.MANAGE)
     data = await form(request)
@@ -166,6 +167,8 @@ async def set_table(
 async def drop_policy(
     project_id: str, table: str, name: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
+    name = unsegment(name)
     dash = await signed_in(request, ctx)
     access = await dash.project(project_id, Need.MANAGE)
     try:

@@ -47,18 +47,37 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @functools.lru_cache(maxsize=8)
-def csp_header(realtime_url: str) -> tuple[bytes, bytes]:
+def csp_header(realtime_url: str, s3_url: str = "") -> tuple[bytes, bytes]:
     """The policy: scripts, styles and connections to this origin only, plus the realtime
-    service's origin for the live event inspector's WebSocket."""
+    service's origin for the live event inspector's WebSocket and, on storage pages only, the S3
+    endpoint's origin the presigned POST uploads go to (`s3_url`, derived from settings)."""
     parts = urlsplit(realtime_url)
     origin = f" {parts.scheme}://{parts.netloc}" if parts.scheme in ("ws", "wss") and parts.netloc else ""
+    s3 = urlsplit(s3_url)
+    if s3.scheme in ("http", "https") and s3.netloc:
+        origin += f" {s3.scheme}://{s3.netloc}"
     return b"content-security-policy", CSP.format(realtime=origin).encode()
 
 
-def _realtime_url(scope: Scope) -> str:
+def _settings(scope: Scope) -> Any:
     app = scope.get("app")
     ctx = getattr(getattr(app, "state", None), "ctx", None)
-    return str(ctx.settings.realtime_url) if ctx is not None else ""
+    return ctx.settings if ctx is not None else None
+
+
+def s3_origin_url(settings: Any) -> str:
+    """Where presigned URLs point (storage.s3.ObjectStore signs with the public endpoint if set)."""
+    return str(settings.s3.public_endpoint_url or settings.s3.endpoint_url)
+
+
+def _csp(scope: Scope, path: str) -> tuple[bytes, bytes]:
+    settings = _settings(scope)
+    if settings is None:
+        return csp_header("")
+    # /dashboard/p/<project>/storage/<bucket>: the only pages that upload to S3 directly.
+    parts = path.split("/")
+    uploads = len(parts) >= 6 and parts[2] == "p" and parts[4] == "storage"
+    return csp_header(str(settings.realtime_url), s3_origin_url(settings) if uploads else "")
 
 
 def add_headers(message: Message, scope: Scope) -> None:
@@ -72,7 +91,7 @@ def add_headers(message: Message, scope: Scope) -> None:
         return
     headers = list(message.get("headers", []))  # type: ignore[union-attr]
     names = {h[0].lower() for h in headers}
-    headers += [h for h in (*_HEADER_BYTES, csp_header(_realtime_url(scope))) if h[0] not in names]
+    headers += [h for h in (*_HEADER_BYTES, _csp(scope, path)) if h[0] not in names]
     if not path.startswith(COOKIE_PATH + "/static/"):
         headers = [h for h in headers if h[0].lower() != b"cache-control"]
         headers.append(_NO_STORE)

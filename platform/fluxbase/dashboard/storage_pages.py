@@ -12,6 +12,7 @@ from litestar.response import Redirect
 from fluxbase.errors import FluxbaseError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import error_response
+from fluxbase.http.storage_shapes import file_out, presigned_post_out
 from fluxbase.services.access import Need
 from fluxbase.storage.access import Op, StorageAccess, storage_access
 from fluxbase.storage.service import BucketPatch, StorageService
@@ -20,6 +21,9 @@ from fluxbase.storage.uploads import UploadRequest, stream_upload
 from .web import Dash, form, signed_in
 
 PAGE = 1000
+# Files from this size up go from the browser straight to S3 through the API's presigned POST
+# (createUploadUrl + confirmUpload); smaller ones stream through the API in one request.
+DIRECT_UPLOAD_BYTES = 8 * 1024 * 1024
 
 
 def _svc(ctx: AppContext) -> StorageService:
@@ -98,6 +102,7 @@ async def _bucket_page(
         files=files,
         more=page.next_cursor is not None,
         crumbs=crumbs,
+        direct_min=DIRECT_UPLOAD_BYTES,
         **extra,
     )
 
@@ -152,6 +157,45 @@ async def upload(
     return Response({"success": True, "name": file.name, "size": file.size}, status_code=201)
 
 
+@post("/p/{project_id:str}/storage/{bucket_id:str}/upload-url", status_code=201)
+async def upload_url(
+    project_id: str, bucket_id: str, request: Request[Any, Any, Any], ctx: AppContext
+) -> Response[Any]:
+    """The API's createUploadUrl: a presigned POST form for one file of a declared size and type,
+    which the page's upload script sends straight to S3 (with progress), then confirms."""
+    dash = await signed_in(request, ctx)
+    await dash.project(project_id, Need.WRITE)
+    data = await form(request)
+    size = data.get("size", "")
+    try:
+        post_form = await _svc(ctx).create_upload_url(
+            await _sa(dash, Op.WRITE),
+            bucket_id,
+            data.get("name", ""),
+            content_type=data.get("contentType") or None,
+            size=int(size) if size.isdigit() else None,
+            expires_in=None,
+            upsert=False,
+        )
+    except FluxbaseError as exc:
+        return error_response(exc)
+    return Response(presigned_post_out(post_form), status_code=201)
+
+
+@post("/p/{project_id:str}/storage/{bucket_id:str}/upload-confirm", status_code=200)
+async def upload_confirm(
+    project_id: str, bucket_id: str, request: Request[Any, Any, Any], ctx: AppContext
+) -> Response[Any]:
+    """The API's confirmUpload: register the bytes the browser POSTed to S3."""
+    dash = await signed_in(request, ctx)
+    await dash.project(project_id, Need.WRITE)
+    try:
+        file = await _svc(ctx).confirm_upload(await _sa(dash, Op.WRITE), (await form(request)).get("fileId"))
+    except FluxbaseError as exc:
+        return error_response(exc)
+    return Response({"success": True, "file": file_out(file)}, status_code=200)
+
+
 @get("/p/{project_id:str}/storage-file")
 async def download(
     project_id: str, request: Request[Any, Any, Any], ctx: AppContext, key: str = ""
@@ -184,4 +228,14 @@ async def file_action(
     return await _bucket_page(dash, bucket_id, prefix, link=signed)
 
 
-ROUTES = [storage_page, create_bucket, bucket_page, update_bucket, upload, download, file_action]
+ROUTES = [
+    storage_page,
+    create_bucket,
+    bucket_page,
+    update_bucket,
+    upload,
+    upload_url,
+    upload_confirm,
+    download,
+    file_action,
+]

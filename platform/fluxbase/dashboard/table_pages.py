@@ -24,7 +24,7 @@ from fluxbase.services.access import Need
 from fluxbase.tenancy.session import Tx
 
 from .tenant import member_request
-from .web import Dash, form, signed_in
+from .web import Dash, form, signed_in, unsegment
 
 COUNT_CAP = 10_000  # row counts above this show as "10000+" (an exact count scans the table)
 NEW_COLUMN_ROWS = 4
@@ -194,6 +194,7 @@ async def _table_page(
 async def table_page(
     project_id: str, table: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
     dash = await signed_in(request, ctx)
     await dash.project(project_id, Need.READ)
     params = {k: v for k, v in request.query_params.items() if isinstance(v, str)}
@@ -214,6 +215,7 @@ def _values(fields: dict[str, str], prefix: str) -> dict[str, Any]:
 async def insert_row(
     project_id: str, table: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
     dash = await signed_in(request, ctx)
     await dash.project(project_id, Need.WRITE)
     fields = await form(request)
@@ -229,6 +231,8 @@ async def insert_row(
 async def update_row(
     project_id: str, table: str, key: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
+    key = unsegment(key)
     dash = await signed_in(request, ctx)
     await dash.project(project_id, Need.WRITE)
     fields = await form(request)
@@ -249,6 +253,8 @@ async def update_row(
 async def delete_row(
     project_id: str, table: str, key: str, request: Request[Any, Any, Any], ctx: AppContext
 ) -> Response[Any]:
+    table = unsegment(table)
+    key = unsegment(key)
     dash = await signed_in(request, ctx)
     await dash.project(project_id, Need.SCHEMA)
     try:

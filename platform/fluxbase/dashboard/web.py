@@ -56,14 +56,23 @@ def _when(value: Any) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
+ESCAPE = "~"
+
+
 def _segment(value: Any) -> str:
-    """A tenant value (table, policy, row key) as ONE path segment: every `/` and `?` quoted, and
-    `.`/`..` (which browsers resolve, encoded or not) replaced by a segment naming no object, so
-    a value can never aim a form at another route (hostile review 4)."""
+    """A tenant value (table, policy, row key) as ONE path segment: every `/` and `?` quoted, so
+    a value can never aim a form at another route (hostile review 4). `.` and `..`, which browsers
+    resolve even when percent-encoded, get the escape `~` in front, and so does any value that
+    starts with `~`; `unsegment` (in the handlers) takes exactly one `~` off again."""
     text = str(value)
-    if text in (".", ".."):
-        return "%00"
+    if text in (".", "..") or text.startswith(ESCAPE):
+        text = ESCAPE + text
     return quote(text, safe="")
+
+
+def unsegment(value: str) -> str:
+    """The tenant value a `segment`-built path parameter names (the inverse of `_segment`)."""
+    return value[len(ESCAPE) :] if value.startswith(ESCAPE) else value
 
 
 _ENV.filters["segment"] = _segment

@@ -106,6 +106,7 @@ ROUTES = [
     operations.vacuum_project,
     operations.update_project,
     operations.get_quotas,
+    operations.list_all_projects,
     operations.set_quotas,
     operations.suspend_project,
     operations.resume_project,

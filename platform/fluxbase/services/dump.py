@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from fluxbase.errors import (
     ImportFailed,
     ImportIntegrityError,
     ImportRefused,
+    PayloadTooLarge,
 )
 from fluxbase.security.roles import role_password, schema_name
 from fluxbase.services import extensions, migrations, projects, quota
@@ -634,3 +636,30 @@ async def _load(
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
+
+
+async def import_upload(
+    db: asyncpg.Pool,
+    pools: TenantPools,
+    settings: Settings,
+    owner_id: str,
+    name: str | None,
+    chunks: AsyncIterator[bytes],
+) -> Project:
+    """Spool an uploaded export to a temporary file (refused past FLUXBASE_IMPORT_MAX_BYTES) and
+    import it as a new project of `owner_id`, named `name` or after the dump's schema."""
+    limit = settings.dump.import_max_bytes
+    with tempfile.TemporaryFile() as f:
+        size = 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The dump is larger than the import limit of {limit} bytes.")
+            f.write(chunk)
+        return await import_project(db, pools, settings, owner_id, name or _name_from(f), f)
+
+
+def _name_from(f: IO[bytes]) -> str:
+    f.seek(0)
+    m = re.match(rb"-- fluxbase-export format=1 schema=(p_[0-9a-f]{16})", f.readline(200))
+    return f"import of {m.group(1).decode()}" if m else "imported project"

@@ -174,3 +174,33 @@ async def set_quotas(
                 window,
             )
         return await get_quotas(conn, settings, project_id)
+
+
+@dataclass(frozen=True)
+class InstanceProject:
+    """One project as an instance admin sees it: who owns it and how many members it has."""
+
+    project: Project
+    owner_email: str | None
+    members: int
+
+
+async def list_all_projects(
+    db: asyncpg.Pool, limit: int = 100, after: str | None = None
+) -> tuple[list[InstanceProject], str | None]:
+    """Every project of the instance, newest first, a page at a time (the next page's cursor, or None)."""
+    if not 1 <= limit <= 1000:
+        raise ValidationError("limit must be between 1 and 1000.")
+    rows = await db.fetch(
+        """SELECT p.*, u.email AS owner_email,
+                  (SELECT count(*) FROM fluxbase.project_members m WHERE m.project_id = p.id) AS members
+           FROM fluxbase.projects p LEFT JOIN fluxbase.users u ON u.id = p.owner_id
+           WHERE $2::text IS NULL
+              OR (p.created_at, p.id) < (SELECT a.created_at, a.id FROM fluxbase.projects a WHERE a.id = $2)
+           ORDER BY p.created_at DESC, p.id DESC
+           LIMIT $1""",
+        limit + 1,
+        after,
+    )
+    page = [InstanceProject(Project.from_row(r), r["owner_email"], int(r["members"])) for r in rows[:limit]]
+    return page, page[-1].project.id if len(rows) > limit else None

@@ -159,29 +159,63 @@
     setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
   }
 
-  // Uploads: each file streamed through the API's upload path, with a progress bar.
+  // Uploads with a progress bar: small files through the API, large ones straight to S3.
   function csrfToken() {
     const headers = document.body.getAttribute("hx-headers");
     try { return JSON.parse(headers)["X-CSRF-Token"]; } catch (e) { return ""; }
   }
 
-  function uploadOne(url, file, name, onProgress) {
+  // One XMLHttpRequest with upload progress; resolves with the parsed JSON of an `ok` status.
+  function send(method, url, body, headers, ok, onProgress) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
-      xhr.open("POST", url + "?name=" + encodeURIComponent(name));
-      xhr.setRequestHeader("X-CSRF-Token", csrfToken());
-      xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+      xhr.open(method, url);
+      Object.keys(headers).forEach((h) => xhr.setRequestHeader(h, headers[h]));
+      if (onProgress) {
+        xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+      }
       xhr.addEventListener("load", () => {
-        let body = {};
-        try { body = JSON.parse(xhr.responseText); } catch (e) { body = {}; }
-        if (xhr.status === 201) resolve(body);
-        else reject(new Error(body.error ? body.error.code + ": " + body.error.message : "HTTP " + xhr.status));
+        let parsed = {};
+        try { parsed = JSON.parse(xhr.responseText); } catch (e) { parsed = {}; }
+        if ([].concat(ok).includes(xhr.status)) resolve(parsed);
+        else if (parsed.error) reject(new Error(parsed.error.code + ": " + parsed.error.message));
+        else reject(new Error("HTTP " + xhr.status + (xhr.responseText ? ": " + xhr.responseText.slice(0, 200) : "")));
       });
       xhr.addEventListener("error", () => reject(new Error("The upload failed (network).")));
-      const data = new FormData();
-      data.append("file", file, file.name);
-      xhr.send(data);
+      xhr.send(body);
     });
+  }
+
+  function dashForm(fields) {
+    const body = new URLSearchParams();
+    Object.keys(fields).forEach((k) => body.append(k, fields[k]));
+    return body;
+  }
+
+  // Small files: streamed through the API's upload path in one request.
+  function uploadOne(url, file, name, onProgress) {
+    const data = new FormData();
+    data.append("file", file, file.name);
+    return send("POST", url + "?name=" + encodeURIComponent(name), data, { "X-CSRF-Token": csrfToken() }, 201, onProgress);
+  }
+
+  // Large files: the API's presigned POST (createUploadUrl), the bytes straight to S3, then
+  // confirmUpload. The S3 origin is in this page's CSP connect-src, derived from the settings.
+  async function uploadDirect(base, file, name, onProgress) {
+    const csrf = { "X-CSRF-Token": csrfToken() };
+    const form = await send("POST", base + "/upload-url",
+      dashForm({ name: name, size: String(file.size), contentType: file.type || "application/octet-stream" }), csrf, 201);
+    const data = new FormData();
+    Object.keys(form.fields).forEach((k) => data.append(k, form.fields[k]));
+    data.append("file", file, file.name);  // S3 wants the file as the form's last field
+    try {
+      await send("POST", form.url, data, {}, [200, 201, 204], onProgress);
+    } catch (err) {
+      // A browser that cannot reach the object store, or a store without CORS for this origin.
+      throw new Error(err.message + " (to the object store at " + new URL(form.url).origin +
+        ": it must be reachable from this browser and allow this origin by CORS)");
+    }
+    return send("POST", base + "/upload-confirm", dashForm({ fileId: form.file.id }), csrf, 200);
   }
 
   function wireUploads() {
@@ -199,8 +233,13 @@
       for (const file of list) {
         status.textContent = "Uploading " + file.name + "…";
         try {
-          await uploadOne(zone.getAttribute("data-upload"), file, zone.getAttribute("data-prefix") + file.name,
-            (part) => { bar.value = Math.round(100 * (done + part * file.size) / total); });
+          const name = zone.getAttribute("data-prefix") + file.name;
+          const onProgress = (part) => { bar.value = Math.round(100 * (done + part * file.size) / total); };
+          if (file.size >= Number(zone.getAttribute("data-direct-min"))) {
+            await uploadDirect(zone.getAttribute("data-direct"), file, name, onProgress);
+          } else {
+            await uploadOne(zone.getAttribute("data-upload"), file, name, onProgress);
+          }
         } catch (err) {
           status.textContent = file.name + ": " + err.message;
           status.classList.add("error");
@@ -217,6 +256,35 @@
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
     zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); run(e.dataTransfer.files); });
     zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  }
+
+  // Import: the export file as the request body, with upload progress; then the new project.
+  function wireImport() {
+    const box = document.querySelector("[data-import]");
+    if (!box) return;
+    const file = document.getElementById("import-file");
+    const name = document.getElementById("import-name");
+    const bar = document.getElementById("import-progress");
+    const status = document.getElementById("import-status");
+    document.getElementById("import-start").addEventListener("click", async () => {
+      const chosen = file.files[0];
+      status.classList.remove("error");
+      if (!chosen) { status.textContent = "Choose an export file first."; status.classList.add("error"); return; }
+      bar.hidden = false;
+      bar.value = 0;
+      status.textContent = "Uploading " + chosen.name + "…";
+      const url = box.getAttribute("data-import") + "?name=" + encodeURIComponent(name.value.trim());
+      try {
+        const done = await send("POST", url, chosen, { "X-CSRF-Token": csrfToken(), "Content-Type": "application/sql" }, 201,
+          (part) => { bar.value = Math.round(100 * part); if (part >= 1) status.textContent = "Uploaded; importing…"; });
+        bar.value = 100;
+        status.textContent = "Imported as " + done.project.name + ".";
+        window.location.assign(done.url);
+      } catch (err) {
+        status.textContent = err.message;
+        status.classList.add("error");
+      }
+    });
   }
 
   // The live event inspector: a member realtime token, then the project's room over WebSocket.
@@ -285,6 +353,7 @@
     wireConfirm(document);
     wireEditor();
     wireUploads();
+    wireImport();
     wireInspector();
   });
 })();

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import tempfile
 from typing import Annotated, Any
 
 import msgspec
@@ -11,7 +9,7 @@ from litestar import Request, get, patch, post
 from litestar.params import QueryParameter
 from litestar.response import Stream
 
-from fluxbase.errors import AuthRequired, PayloadTooLarge, ValidationError
+from fluxbase.errors import AuthRequired, ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Body, project_out
@@ -112,6 +110,26 @@ async def set_quotas(
     return {"success": True, "quotas": quotas.out()}
 
 
+LimitQ = Annotated[int, QueryParameter(name="limit", required=False, ge=1, le=1000)]
+AfterQ = Annotated[str | None, QueryParameter(name="after", required=False)]
+
+
+@get("/api/admin/projects", operation_id="listAllProjects", tags=["admin"])
+async def list_all_projects(
+    ctx: AppContext, caller: Caller, limit: LimitQ = 100, after: AfterQ = None
+) -> dict[str, Any]:
+    """Every project of the instance (instance admins only), newest first; `nextCursor` pages on."""
+    operations.require_instance_admin(caller.principal)
+    page, cursor = await operations.list_all_projects(ctx.db, limit, after)
+    return {
+        "success": True,
+        "projects": [
+            {**project_out(p.project), "ownerEmail": p.owner_email, "members": p.members} for p in page
+        ],
+        "nextCursor": cursor,
+    }
+
+
 @post(
     "/api/admin/projects/{project_id:str}/suspend",
     operation_id="suspendProject",
@@ -164,22 +182,7 @@ async def import_project(
 ) -> dict[str, Any]:
     if caller.principal.user is None:
         raise AuthRequired("This endpoint needs a dashboard session token, not an API key.")
-    limit = ctx.settings.dump.import_max_bytes
-    with tempfile.TemporaryFile() as f:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The dump is larger than the import limit of {limit} bytes.")
-            f.write(chunk)
-        project_name = name or _name_from(f)
-        project = await dump.import_project(
-            ctx.db, ctx.tenants, ctx.settings, caller.principal.user.id, project_name, f
-        )
+    project = await dump.import_upload(
+        ctx.db, ctx.tenants, ctx.settings, caller.principal.user.id, name, request.stream()
+    )
     return {"success": True, "project": project_out(project, "admin")}
-
-
-def _name_from(f: Any) -> str:
-    f.seek(0)
-    m = re.match(rb"-- fluxbase-export format=1 schema=(p_[0-9a-f]{16})", f.readline(200))
-    return f"import of {m.group(1).decode()}" if m else "imported project"
