@@ -92,7 +92,11 @@ async def _run(dash: Dash, access: ProjectAccess, data: dict[str, str]) -> dict[
     res = await sql.execute(ctx.tenants, ctx.db, req, query, params)
     elapsed = (time.perf_counter() - started) * 1000
     rows = [msgspec.json.decode(r) for r in res.rows]
-    columns = [{"name": c, "type": _type_of([r.get(c) for r in rows])} for c in res.columns]
+    types = res.column_types()
+    columns = [
+        {"name": c, "type": types[i] if i < len(types) else _type_of([r.get(c) for r in rows])}
+        for i, c in enumerate(res.columns)
+    ]
     return {
         "columns": columns,
         "rows": rows[:DISPLAY_ROWS],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,13 @@ class StatementResult:
     message: str | None
     truncated: bool
     operation: str
+    # The result columns as asyncpg Attributes: the dashboard shows their PostgreSQL types; the
+    # API's envelope does not carry them (the guide's `result` shape).
+    attributes: Sequence[Any] = ()
+
+    def column_types(self) -> list[str]:
+        """Each result column's PostgreSQL type name (`int4`, `text`, `timestamptz`, …)."""
+        return [a.type.name for a in self.attributes]
 
     def result(self) -> dict[str, Any]:
         return {
@@ -73,6 +81,7 @@ def encode_result(
     max_rows: int,
     bytes_left: int,
     keyword: str,
+    attributes: Sequence[Any] = (),
 ) -> tuple[StatementResult, int]:
     """Encode a statement's rows within the row cap (`rows` holds up to one more) and the byte
     budget; the result and the budget left."""
@@ -89,5 +98,5 @@ def encode_result(
     count = len(encoded) if columns else (count_of(status) or 0)
     operation = operation_of(status, keyword or "UNKNOWN")
     return StatementResult(
-        columns, encoded, count, None if columns else status, truncated, operation
+        columns, encoded, count, None if columns else status, truncated, operation, attributes
     ), bytes_left

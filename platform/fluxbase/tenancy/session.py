@@ -260,7 +260,14 @@ class Tx:
             conn.terminate()
             raise TransactionEnded(self.index)
         res, self.bytes_left = encode_result(
-            wire.column_names(stmt), rows, status, completed, self.limits.max_rows, self.bytes_left, keyword
+            wire.column_names(stmt),
+            rows,
+            status,
+            completed,
+            self.limits.max_rows,
+            self.bytes_left,
+            keyword,
+            wire.attributes(stmt),
         )
         return res
 
@@ -550,7 +557,14 @@ async def _one_round_trip(
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
         return encode_result(
-            wire.column_names(stmt), rows, status, completed, limits.max_rows, limits.max_bytes, keyword
+            wire.column_names(stmt),
+            rows,
+            status,
+            completed,
+            limits.max_rows,
+            limits.max_bytes,
+            keyword,
+            wire.attributes(stmt),
         )[0]
     raise AssertionError("unreachable")
 

@@ -201,6 +201,12 @@ def column_names(stmt: Any) -> list[str]:
     return [a.name for a in stmt._get_attributes()]
 
 
+def attributes(stmt: Any) -> Sequence[Any]:
+    """The statement's result columns as asyncpg `Attribute`s (`.name`, `.type.name`): the
+    tuple asyncpg keeps, not a copy."""
+    return stmt._get_attributes()  # type: ignore[no-any-return]
+
+
 async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[list[Any], str | None, bool]:
     """Bind and run a prepared statement, fetching at most `limit` rows: (rows, command tag or
     None, whether it completed). Anything already `write`n goes out ahead of it."""
