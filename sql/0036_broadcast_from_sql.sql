@@ -224,3 +224,137 @@ BEGIN
     RETURN size;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Capture cost (issue 20). The capture trigger functions run as the writer (SECURITY INVOKER):
+-- their `SET search_path` clause protected nothing (whatever they resolve runs with the writer's
+-- own rights, and the table's owner can attach any trigger of its own anyway), but it cost a
+-- GUC save, a search path recomputation and a restore at every call. Without it, every name
+-- in them is schema-qualified (functions, types, operators). bench/capture_cost.py measures it.
+CREATE OR REPLACE FUNCTION fluxbase_capture.capture_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n);
+    IF imgs IS NOT NULL THEN
+        PERFORM fluxbase_capture.write_events(TG_RELID, 'INSERT', imgs, NULL);
+    END IF;
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION fluxbase_capture.capture_insert() RESET search_path;
+
+CREATE OR REPLACE FUNCTION fluxbase_capture.capture_delete() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o);
+    IF imgs IS NOT NULL THEN
+        PERFORM fluxbase_capture.write_events(TG_RELID, 'DELETE', imgs, imgs);
+    END IF;
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION fluxbase_capture.capture_delete() RESET search_path;
+
+CREATE OR REPLACE FUNCTION fluxbase_capture.capture_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER
+AS $$
+BEGIN
+    PERFORM fluxbase_capture.write_events(TG_RELID, 'UPDATE', ARRAY[pg_catalog.to_jsonb(NEW)],
+                                          ARRAY[pg_catalog.to_jsonb(OLD)]);
+    RETURN NULL;
+END
+$$;
+ALTER FUNCTION fluxbase_capture.capture_update() RESET search_path;
+
+-- write_events as sql/0022 wrote it, except how it finds the session's project (below).
+CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
+    p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
+) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text[];
+    ident text[];
+    v_rec jsonb;
+    v_old jsonb;
+    v_n integer;
+    su text;
+BEGIN
+    IF pg_catalog.pg_trigger_depth() < 1 THEN
+        RAISE EXCEPTION 'fluxbase_capture.write_events may only be called by the capture triggers'
+            USING ERRCODE = '42501';
+    END IF;
+    -- The table's schema and name from the catalog (with search_path = pg_catalog, regclass
+    -- output is always schema-qualified; an oid that is no relation comes out as a bare number).
+    -- A catalog cache lookup: a query here would double the cost of a captured UPDATE.
+    ident := pg_catalog.parse_ident(p_table::text);
+    -- The session's project without a regular expression: regexp_match here cost about 140 µs
+    -- of CPU per call (bench/capture_cost.py), more than the rest of the capture together.
+    -- Same test as '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$'.
+    su := session_user::text;
+    IF pg_catalog.starts_with(su, 'p_') AND pg_catalog.substr(su, 19, 1) = '_'
+       AND pg_catalog.substr(su, 20) IN ('admin', 'rw', 'ro', 'rt')
+       AND pg_catalog.ltrim(pg_catalog.substr(su, 3, 16), '0123456789abcdef') = ''
+       AND pg_catalog.octet_length(pg_catalog.substr(su, 3, 16)) = 16 THEN
+        m := ARRAY[pg_catalog.substr(su, 3, 16)];
+    ELSE
+        -- a platform session (runtime, migration) is attributed by the schema
+        m := NULL;
+    END IF;
+    IF m IS NULL THEN
+        m := pg_catalog.regexp_match(ident[1], '^p_([0-9a-f]{16})$');
+    END IF;
+    IF m IS NULL OR pg_catalog.array_length(ident, 1) <> 2 OR ident[1] IS DISTINCT FROM 'p_' || m[1] THEN
+        RAISE EXCEPTION 'fluxbase_capture.write_events: not a table of the calling project' USING ERRCODE = '42501';
+    END IF;
+    IF p_operation = 'TRUNCATE' THEN
+        v_rec := pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]);
+        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, bytes)
+        VALUES (m[1], 'schema', ident[2], 'TRUNCATE', v_rec, pg_catalog.pg_column_size(v_rec));
+    ELSIF p_operation IN ('INSERT', 'UPDATE', 'DELETE') THEN
+        IF pg_catalog.cardinality(p_records) = 1 THEN
+            -- One image (pair): the row-level UPDATE trigger calls this for every row, so no
+            -- set-returning query here.
+            v_rec := p_records[1];
+            v_old := p_olds[1];
+            v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            IF v_n > 1048576 THEN
+                v_rec := fluxbase_capture.small_fields(v_rec);
+                v_old := fluxbase_capture.small_fields(v_old);
+                v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            END IF;
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
+        ELSE
+            -- (multi-argument unnest: FROM only, unqualified)
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            SELECT m[1], 'row', ident[2], p_operation, s.r, s.o,
+                   CASE WHEN s.n > 1048576
+                        THEN coalesce(pg_catalog.pg_column_size(s.r), 0) + coalesce(pg_catalog.pg_column_size(s.o), 0)
+                        ELSE s.n END
+            FROM (SELECT CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.r) ELSE u.r END AS r,
+                         CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.o) ELSE u.o END AS o,
+                         u.n
+                  FROM (SELECT x.r, x.o, coalesce(pg_catalog.pg_column_size(x.r), 0)
+                                         + coalesce(pg_catalog.pg_column_size(x.o), 0) AS n
+                        FROM unnest(p_records, p_olds) AS x(r, o)) AS u) AS s;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+        END IF;
+    ELSE
+        RAISE EXCEPTION 'fluxbase_capture.write_events: unknown operation' USING ERRCODE = '22023';
+    END IF;
+    -- The doorbell, rung only while a reader sleeps (every notifying commit takes a cluster lock).
+    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+END
+$$;
