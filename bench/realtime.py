@@ -6,6 +6,8 @@ measures on one table:
   2. fan-out: deliveries/s when one transaction inserts --burst rows to all subscribers,
   3. write throughput of 32 concurrent single-row INSERT transactions, realtime on vs off,
   4. realtime-process RSS per idle subscriber (--idle clients),
+  6. PostgreSQL CPU per captured single-row write against no trigger and a 4-byte trigger
+     (bench/capture_cost.py; --capture-writes per table and operation, 0 to skip),
   5. with a Node load client (bench/realtime_load.mjs: Node's built-in WebSocket, one process,
      lighter than the Python client, which would compete with the server for the same cores):
      p50/p99 commit-to-client latency at --node-subscribers and --rate commits/s, and the
@@ -34,6 +36,8 @@ from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+import capture_cost  # noqa: E402  (bench/, on sys.path as the script's folder)
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from fluxbase.security.roles import role_name, role_password  # noqa: E402
@@ -192,6 +196,7 @@ async def main() -> None:
     ap.add_argument("--node-idle", type=int, default=10000)
     ap.add_argument("--only-node", action="store_true", help="only the Node load client measurements")
     ap.add_argument("--no-fsync", action="store_true", help="run PostgreSQL with fsync off (test settings)")
+    ap.add_argument("--capture-writes", type=int, default=5000)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-rt-bench-"))
@@ -287,6 +292,11 @@ async def main() -> None:
             )
             for ws in idle:
                 await ws.close()
+            if args.capture_writes:
+                tables = await capture_cost.setup(writer, None)
+                await capture_cost.measure(writer, tables, max(100, args.capture_writes // 10), 1)
+                us = await capture_cost.measure(writer, tables, args.capture_writes, 3)
+                print("\n".join(capture_cost.report(us, tables)))
             await writer.close()
             api.close()
     finally:

@@ -186,6 +186,7 @@ DEFINERS = {
     "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
+    "realtime.broadcast(text,jsonb,text)": "fluxbase_guard_broadcast",
 }
 ALLOWED = {
     "fluxbase_outbox_writer": {
@@ -248,6 +249,14 @@ ALLOWED = {
         "EXECUTE fluxbase_guard.allowed_extensions()",
         "EXECUTE fluxbase_guard.extension_grant(text,text,boolean)",
         *(f"USAGE schema {o.schema}" for o in CATALOG),
+    },
+    # Broadcast from SQL (sql/0036): the calling project's status and topic rules, the outbox.
+    "fluxbase_guard_broadcast": {
+        "USAGE schema fluxbase",
+        "INSERT fluxbase.events",
+        "SELECT fluxbase.event_readers(waiting)",
+        *(f"SELECT fluxbase.projects({c})" for c in ("id", "status", "read_only")),
+        *(f"SELECT fluxbase.realtime_settings({c})" for c in ("project_id", "topics")),
     },
 }
 

@@ -22,7 +22,8 @@ from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
 log = logging.getLogger(__name__)
 
 OWNER = "fluxbase_owner"
-PLATFORM_SCHEMAS = ("fluxbase", "fluxbase_guard", "fluxbase_capture", "auth")
+# `realtime` holds what tenant SQL calls by name (sql/0036: realtime.broadcast).
+PLATFORM_SCHEMAS = ("fluxbase", "fluxbase_guard", "fluxbase_capture", "auth", "realtime")
 
 # Every platform SECURITY DEFINER function and the role that owns it. A definer function not
 # listed here is owned by OWNER and reported (tests/test_privilege.py fails on it): add it here
@@ -43,7 +44,12 @@ DEFINER_OWNERS = {
     "fluxbase_guard.create_extension(text,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.drop_extensions(text[],boolean,boolean)": "fluxbase_guard_extensions",
     "fluxbase_guard.forget_extensions(text)": "fluxbase_guard_extensions",
+    "realtime.broadcast(text,jsonb,text)": "fluxbase_guard_broadcast",
 }
+
+# sql/0036: the group whose members (each project's admin and readwrite roles, granted at
+# provisioning) may call realtime.broadcast; the runtime holds it with ADMIN only, to grant it.
+REALTIME_SENDERS = "fluxbase_realtime_senders"
 
 # sql/0021: the group role that may read the catalog content closed to PUBLIC (function bodies,
 # expressions, comments, statistics), and the platform roles that are its members. Tenant roles
@@ -188,6 +194,8 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     )
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {rt} WITH GRANT OPTION")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt} WITH GRANT OPTION")
+    if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", REALTIME_SENDERS):
+        await conn.execute(f"GRANT {REALTIME_SENDERS} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
     for param in SUSET_ROLE_SETTINGS:
         await conn.execute(f"GRANT SET ON PARAMETER {param} TO {rt}")
     # Terminating a project's backends (deadlines, project deletion). sql/0028 closes the signal

@@ -297,6 +297,8 @@ async def broadcast(db: asyncpg.Pool | asyncpg.Connection, project_id: str, even
 
 # The global bounds count only row and schema events: broadcasts have per-project bounds (below),
 # so a project that broadcasts a lot never pushes another project's history out of the outbox.
+# (Under the row bound, `rn` of the broadcasts before the window's first row event is 0: without
+# `$3 > 0` every trim took them, whatever their project's own bound.)
 _TRIM_CUTOFF_SQL = """
 WITH oldest AS (
     SELECT xid, id, created_at,
@@ -309,7 +311,7 @@ WITH oldest AS (
           ORDER BY xid, id LIMIT $1) s
 )
 SELECT o.xid::text AS xid, o.id FROM oldest o
-WHERE o.created_at < now() - make_interval(secs => $2) OR o.rn <= $3
+WHERE o.created_at < now() - make_interval(secs => $2) OR (o.rn <= $3 AND $3 > 0)
 ORDER BY o.xid DESC, o.id DESC LIMIT 1
 """
 
@@ -404,6 +406,20 @@ async def trim_events(
             return deleted
 
 
+_TRIM_BROADCASTS_SQL = """
+WITH gone AS (
+    DELETE FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'
+    AND (project_id, xid, id) <= ($1::text, $2::text::xid8, $3::bigint) RETURNING xid, bytes
+), counted AS (
+    INSERT INTO fluxbase.outbox_usage AS u (project_id, bytes)
+    SELECT $1, -sum(bytes) FROM gone WHERE bytes IS NOT NULL AND xid < $4::text::xid8
+    HAVING count(*) > 0
+    ON CONFLICT (project_id) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes
+)
+SELECT count(*) FROM gone
+"""
+
+
 async def _trim_broadcasts(db: asyncpg.Pool, keep: int) -> int:
     deleted = 0
     for project in await db.fetch(_BROADCAST_HEAVY_SQL, keep):
@@ -424,14 +440,10 @@ async def _trim_broadcasts(db: asyncpg.Pool, keep: int) -> int:
                 row["xid"],
                 row["id"],
             )
-            status = await conn.execute(
-                """DELETE FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'
-                   AND (project_id, xid, id) <= ($1::text, $2::text::xid8, $3::bigint)""",
-                project_id,
-                row["xid"],
-                row["id"],
-            )
-        deleted += int(status.split()[-1])
+            # Broadcasts from SQL carry their size (sql/0036): what the counter holds of them goes.
+            mark = await conn.fetchval(_MARK_SQL)
+            n = await conn.fetchval(_TRIM_BROADCASTS_SQL, project_id, row["xid"], row["id"], mark)
+        deleted += int(n)
     return deleted
 
 

@@ -7,6 +7,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
+from fluxbase.db.privileges import REALTIME_SENDERS
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -62,6 +63,9 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     # statement that ran them (the caps are asserted again: tenancy.statements.ASSERTED).
     await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
+    # realtime.broadcast (sql/0036) for the roles that may write; the function applies the
+    # project's topic rules. Dropping the role drops the membership.
+    await conn.execute(f"GRANT {REALTIME_SENDERS} TO {admin}, {rw} WITH INHERIT TRUE, SET FALSE")
     await _provision_checker(conn, project_id, settings, path)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     # The runtime role is not a superuser: what only the schema's owner may do, it does as the

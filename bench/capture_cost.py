@@ -1,0 +1,289 @@
+"""PostgreSQL CPU per captured single-row write: capture triggers against no trigger and a floor.
+
+Measures, in one run and interleaved round by round, the CPU time of the writer's own
+PostgreSQL backend (utime + stime of its process, /proc/<pid>/stat) for single-row INSERT,
+UPDATE and DELETE statements, each its own transaction, as the project's admin role, on tables:
+  off      realtime switched off (no trigger: the baseline);
+  floor    a row trigger that writes 4 bytes to another table (what any AFTER trigger costs);
+  capture  the capture triggers as the migrations installed them;
+  legacy   (with --legacy) sql/0030's capture triggers, installed in a scratch schema, to
+           compare against the installed ones in the same run.
+Prints µs per write per table, capture minus off (the capture cost), floor minus off, and the
+on/off CPU ratio. Load from other processes cancels out of the ratios (same run, interleaved);
+the absolute figures are CPU time, which queueing behind other processes does not inflate.
+
+    .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy]
+
+bench/realtime.py calls `measure` for its capture table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fluxbase.devstack.procs import free_port  # noqa: E402
+from fluxbase.security.roles import role_name, role_password  # noqa: E402
+from support import run_service, start_stack, stop_stack  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+OPS = ("INSERT", "UPDATE", "DELETE")
+
+# sql/0030's trigger functions and sql/0022's write_events (before sql/0036), under other names,
+# so one run compares them with what the migrations installed. Created by the superuser; the
+# writer function is a definer owned like the real one.
+LEGACY_SQL = """
+CREATE SCHEMA IF NOT EXISTS bench_legacy;
+GRANT USAGE ON SCHEMA bench_legacy TO PUBLIC;
+CREATE OR REPLACE FUNCTION bench_legacy.write_events(p_table regclass, p_operation text,
+    p_records jsonb[], p_olds jsonb[]) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text[];
+    ident text[];
+    v_rec jsonb;
+    v_old jsonb;
+    v_n integer;
+BEGIN
+    IF pg_catalog.pg_trigger_depth() < 1 THEN
+        RAISE EXCEPTION 'only from triggers' USING ERRCODE = '42501';
+    END IF;
+    ident := pg_catalog.parse_ident(p_table::text);
+    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$');
+    IF m IS NULL OR pg_catalog.array_length(ident, 1) <> 2 OR ident[1] IS DISTINCT FROM 'p_' || m[1] THEN
+        RAISE EXCEPTION 'not a table of the calling project' USING ERRCODE = '42501';
+    END IF;
+    IF pg_catalog.cardinality(p_records) = 1 THEN
+        v_rec := p_records[1];
+        v_old := p_olds[1];
+        v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+        IF v_n > 1048576 THEN
+            v_rec := fluxbase_capture.small_fields(v_rec);
+            v_old := fluxbase_capture.small_fields(v_old);
+            v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+        END IF;
+        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+        VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
+    ELSE
+        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+        SELECT m[1], 'row', ident[2], p_operation, x.r, x.o,
+               coalesce(pg_catalog.pg_column_size(x.r), 0) + coalesce(pg_catalog.pg_column_size(x.o), 0)
+        FROM unnest(p_records, p_olds) AS x(r, o);
+    END IF;
+    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+END
+$$;
+ALTER FUNCTION bench_legacy.write_events(regclass, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
+CREATE OR REPLACE FUNCTION bench_legacy.capture_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    imgs jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n);
+    IF imgs IS NOT NULL THEN
+        PERFORM bench_legacy.write_events(TG_RELID, 'INSERT', imgs, NULL);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE FUNCTION bench_legacy.capture_delete() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    imgs jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o);
+    IF imgs IS NOT NULL THEN
+        PERFORM bench_legacy.write_events(TG_RELID, 'DELETE', imgs, imgs);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE FUNCTION bench_legacy.capture_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM bench_legacy.write_events(TG_RELID, 'UPDATE', ARRAY[pg_catalog.to_jsonb(NEW)],
+                                      ARRAY[pg_catalog.to_jsonb(OLD)]);
+    RETURN NULL;
+END
+$$;
+"""
+
+LEGACY_TRIGGERS = """
+CREATE TRIGGER legacy_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_legacy.capture_insert();
+CREATE TRIGGER legacy_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION bench_legacy.capture_update();
+CREATE TRIGGER legacy_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_legacy.capture_delete();
+"""
+
+FLOOR_SQL = """
+CREATE TABLE cc_side (x int);
+CREATE FUNCTION cc_floor_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO cc_side VALUES (1);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER cc_floor_trg AFTER INSERT OR UPDATE OR DELETE ON cc_floor
+    FOR EACH ROW EXECUTE FUNCTION cc_floor_fn();
+"""
+
+TABLE = "(id bigserial PRIMARY KEY, v text, n int, at timestamptz DEFAULT now())"
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def setup(admin: asyncpg.Connection, superuser: asyncpg.Connection | None) -> list[str]:
+    """Create the tables (as the project's admin); returns the table names measured."""
+    tables = ["cc_off", "cc_floor", "cc_capture"]
+    for t in tables:
+        await admin.execute(f"CREATE TABLE {t} {TABLE}")
+    await admin.execute("SELECT fluxbase_capture.detach_capture('cc_off'::regclass)")
+    await admin.execute("SELECT fluxbase_capture.detach_capture('cc_floor'::regclass)")
+    await admin.execute(FLOOR_SQL)
+    await admin.execute("SELECT fluxbase_capture.detach_capture('cc_side'::regclass)")
+    if superuser is not None:
+        await superuser.execute(LEGACY_SQL)
+        await admin.execute("CREATE TABLE cc_legacy " + TABLE)
+        await admin.execute("SELECT fluxbase_capture.detach_capture('cc_legacy'::regclass)")
+        await admin.execute(LEGACY_TRIGGERS.format(t="cc_legacy"))
+        tables.append("cc_legacy")
+    for t in tables:
+        await admin.execute(PROCS.format(t=t))
+    return tables
+
+
+PROCS = """
+CREATE PROCEDURE {t}_insert(cnt int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..cnt LOOP
+        INSERT INTO {t} (v, n) VALUES ('hello', i);
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_update(lo bigint, cnt int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN lo..lo + cnt - 1 LOOP
+        UPDATE {t} SET v = 'world', n = n + 1 WHERE id = i;
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_delete(lo bigint, cnt int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN lo..lo + cnt - 1 LOOP
+        DELETE FROM {t} WHERE id = i;
+        COMMIT;
+    END LOOP;
+END
+$$;
+"""
+
+
+async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int) -> int:
+    """Backend CPU ticks of n single-row statements, each its own transaction (a procedure that
+    commits after each: no client round trip between them, so the measurement takes seconds)."""
+    if op == "INSERT":
+        t0 = cpu_ticks(pid)
+        await conn.execute(f"CALL {table}_insert($1)", n)
+    else:
+        lo = await conn.fetchval(f"SELECT min(id) FROM {table}")
+        t0 = cpu_ticks(pid)
+        await conn.execute(f"CALL {table}_{op.lower()}($1, $2)", lo, n)
+    return cpu_ticks(pid) - t0
+
+
+async def measure(admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int) -> dict:
+    """µs of backend CPU per single-row write, per operation and table (sums over rounds)."""
+    pid = await admin.fetchval("SELECT pg_backend_pid()")
+    ticks = {(op, t): 0 for op in OPS for t in tables}
+    for r in range(rounds):
+        order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
+        for t in order:
+            for op in OPS:
+                ticks[(op, t)] += await _phase(admin, pid, op, t, writes)
+    return {k: v / TICK / (writes * rounds) * 1e6 for k, v in ticks.items()}
+
+
+def report(us: dict, tables: list[str]) -> list[str]:
+    lines = ["capture cost (PostgreSQL backend CPU, µs per single-row write, each its own transaction)"]
+    lines.append(f"  {'table':<12}" + "".join(f"{op:>10}" for op in OPS))
+    for t in tables:
+        lines.append(f"  {t:<12}" + "".join(f"{us[(op, t)]:>10.1f}" for op in OPS))
+    for t in tables[1:]:
+        lines.append(
+            f"  {t + ' - off':<12}"
+            + "".join(f"{us[(op, t)] - us[(op, 'cc_off')]:>10.1f}" for op in OPS)
+            + "   on/off CPU "
+            + " ".join(f"{us[(op, t)] / us[(op, 'cc_off')]:.2f}" for op in OPS)
+        )
+    lines.append(
+        f"  mean capture - off: {statistics.mean(us[(op, 'cc_capture')] - us[(op, 'cc_off')] for op in OPS):.1f} µs"
+    )
+    lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return lines
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--writes", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fsync", action="store_true", help="PostgreSQL with fsync on (default off: CPU only)")
+    ap.add_argument("--legacy", action="store_true", help="also sql/0030's triggers (before sql/0036)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fluxbase-cc-bench-"))
+    stack = start_stack(tmp, durable=args.fsync)
+    try:
+        dbname = await stack.create_database()
+        api_port = free_port()
+        env = stack.env(dbname, FLUXBASE_API_PORT=str(api_port), FLUXBASE_RATE_LIMIT_REQUESTS="100000000")
+        with run_service(["api"], env, api_port, tmp):
+            api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+            api.post("/api/auth/register", json={"email": "b@example.com", "password": "bench password"})
+            tok = api.post(
+                "/api/auth/login", json={"email": "b@example.com", "password": "bench password"}
+            ).json()
+            h = {"Authorization": f"Bearer {tok['token']}"}
+            pid = api.post("/api/projects", json={"name": "cc"}, headers=h).json()["project"]["id"]
+            role = role_name(pid, "admin")
+            assert stack.pg is not None
+            dsn = f"postgresql://{role}:{role_password(stack.secret_key, role)}@127.0.0.1:{stack.pg.port}/{dbname}"
+            admin = await asyncpg.connect(dsn)
+            superuser = await asyncpg.connect(stack.database_url(dbname)) if args.legacy else None
+            tables = await setup(admin, superuser)
+            await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
+            us = await measure(admin, tables, args.writes, args.rounds)
+            print("\n" + "\n".join(report(us, tables)))
+            await admin.close()
+            if superuser is not None:
+                await superuser.close()
+            api.close()
+    finally:
+        stop_stack(stack)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
