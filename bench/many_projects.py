@@ -301,12 +301,26 @@ async def main() -> None:
                 cat_after = await su.fetchval(CATALOG_BYTES)
                 n = max(len(ids), 1)
                 print(line("POST /api/projects", prov))
+                tenth = max(len(prov) // 10, 1)
+                print(line("  the first 10%", prov[:tenth]))
+                print(line("  the last 10%", prov[-tenth:]))
                 print(f"  wall {prov_s:.1f} s: {prov_s / n * 1000:.1f} ms per project ({n / prov_s:.1f}/s)")
                 print(
                     f"  catalog (pg_catalog relations) {(cat_after - cat_before) / n / 1024:.1f} KiB per project, "
                     f"database {(db_after - db_before) / n / 1024:.1f} KiB per project "
                     f"(database now {db_after / 2**20:.0f} MiB)"
                 )
+
+                acl = await su.fetchrow(
+                    "SELECT cardinality(datacl) AS n, pg_column_size(datacl) AS b FROM pg_database"
+                    " WHERE datname = current_database()"
+                )
+                print(
+                    f"  the database's ACL: {acl['n']} entries, {acl['b']} bytes stored (one per tenant role)"
+                )
+                after = await connection_cost(stack, dbname, 100)
+                print(line("new connection now, SCRAM 1 iteration", after[1]))
+                print(f"  ratio p50 after/before provisioning: {pct(after[1], 0.5) / pct(cost[1], 0.5):.2f}")
 
                 active = ids[:active_n]
                 keys: list[tuple[str, str]] = []
