@@ -272,7 +272,10 @@ async def main() -> None:
             f"cores={os.cpu_count()}, load {os.getloadavg()[0]:.1f}"
         )
         with two_apis(stack, dbname, tmp, args.budget) as urls:
-            apis = [httpx.AsyncClient(base_url=u, timeout=60) for u in urls]
+            # Idle keep-alive connections are dropped before uvicorn's 5 s would close them under
+            # a request (a ReadError that is the client's, not the server's).
+            limits = httpx.Limits(keepalive_expiry=2.0)
+            apis = [httpx.AsyncClient(base_url=u, timeout=60, limits=limits) for u in urls]
             peak = Peak(stack.database_url(dbname))
             peak.start()
             try:
