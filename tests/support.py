@@ -88,14 +88,14 @@ class Stack:
         return env
 
 
-def start_stack(tmp: Path, *, durable: bool = False) -> Stack:
+def start_stack(tmp: Path, *, durable: bool = False, max_connections: int = 300) -> Stack:
     db_url = os.environ.get("FLUXBASE_TEST_DATABASE_URL")
     s3_url = os.environ.get("FLUXBASE_TEST_S3_URL")
     pg = s3 = None
     if db_url:
         admin_url = db_url
     else:
-        pg = EmbeddedPostgres(tmp / "pg", free_port(), durable=durable)
+        pg = EmbeddedPostgres(tmp / "pg", free_port(), durable=durable, max_connections=max_connections)
         pg.init()
         pg.start()
         admin_url = pg.url

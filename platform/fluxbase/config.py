@@ -186,6 +186,18 @@ class TenantSettings(msgspec.Struct, frozen=True):
     role_connection_limit: int = 20
     pool_max_per_role: int = 10
     pool_acquire_timeout_s: float = 5.0
+    """How long a request waits for a tenant connection (FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS), then
+    503 DATABASE_CONNECTION_ERROR."""
+    connection_budget: int = 64
+    """Tenant connections one process keeps open over all projects' pools
+    (FLUXBASE_TENANT_CONNECTION_BUDGET): at the budget, opening one closes the least recently
+    used idle connection of another pool, or waits for one (a request waits at most
+    `pool_acquire_timeout_s`, then 503 DATABASE_CONNECTION_ERROR). Size it so that every
+    process's budget together stays below the server's max_connections."""
+    scram_iterations: int = 1
+    """SCRAM-SHA-256 iterations of tenant role passwords (FLUXBASE_TENANT_SCRAM_ITERATIONS), applied
+    by `fluxbase migrate`. Every new connection pays them client-side; tenant passwords are 256
+    random bits, which stretching cannot strengthen (PostgreSQL's default is 4096)."""
     max_rows: int = 10_000
     max_bytes: int = 10 * 1024 * 1024
     rate_limit_requests: int = 50
@@ -521,6 +533,22 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "FLUXBASE_TENANT_CONNECTION_LIMIT", tenant_defaults.role_connection_limit
         ),
         pool_max_per_role=int_of("FLUXBASE_TENANT_POOL_MAX", tenant_defaults.pool_max_per_role),
+        pool_acquire_timeout_s=float(
+            _positive(
+                int_of(
+                    "FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS", int(tenant_defaults.pool_acquire_timeout_s)
+                ),
+                "FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS",
+            )
+        ),
+        connection_budget=_positive(
+            int_of("FLUXBASE_TENANT_CONNECTION_BUDGET", tenant_defaults.connection_budget),
+            "FLUXBASE_TENANT_CONNECTION_BUDGET",
+        ),
+        scram_iterations=_positive(
+            int_of("FLUXBASE_TENANT_SCRAM_ITERATIONS", tenant_defaults.scram_iterations),
+            "FLUXBASE_TENANT_SCRAM_ITERATIONS",
+        ),
         rate_limit_requests=int_of("FLUXBASE_RATE_LIMIT_REQUESTS", tenant_defaults.rate_limit_requests),
         rate_limit_window_s=int_of("FLUXBASE_RATE_LIMIT_WINDOW_S", tenant_defaults.rate_limit_window_s),
         extensions=_extensions(get("FLUXBASE_EXTENSIONS")),

@@ -66,7 +66,13 @@ class EmbeddedPostgres:
     """initdb once, then start/stop a postmaster listening on 127.0.0.1:port."""
 
     def __init__(
-        self, base_dir: Path, port: int, *, durable: bool = True, superuser_password: str | None = None
+        self,
+        base_dir: Path,
+        port: int,
+        *,
+        durable: bool = True,
+        superuser_password: str | None = None,
+        max_connections: int = 300,
     ):
         self.base_dir = base_dir
         self.data_dir = base_dir / "data"
@@ -78,6 +84,7 @@ class EmbeddedPostgres:
         self.bin_dir = find_bin_dir()
         self._proc: subprocess.Popen[bytes] | None = None
         self._password = superuser_password
+        self.max_connections = max_connections
 
     @property
     def password(self) -> str:
@@ -164,7 +171,7 @@ class EmbeddedPostgres:
         log = self.log_path.open("ab")
         settings = [
             "listen_addresses=127.0.0.1",
-            "max_connections=300",
+            f"max_connections={int(self.max_connections)}",
             "shared_buffers=128MB",
             "unix_socket_permissions=0700",
             "log_min_messages=warning",

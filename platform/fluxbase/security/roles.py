@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 
@@ -28,6 +29,24 @@ def role_name(project_id: str, scope: str) -> str:
 
 def role_password(secret: str, role: str) -> str:
     return hmac.new(secret.encode(), f"fluxbase-tenant-role:{role}".encode(), hashlib.sha256).hexdigest()
+
+
+def role_verifier(secret: str, role: str, iterations: int) -> str:
+    """The role's SCRAM-SHA-256 secret (what `ALTER ROLE … PASSWORD` stores), computed here so
+    that it carries `iterations` rather than the server-wide `scram_iterations` (4096).
+
+    Every connection pays the iterations client-side (PBKDF2 on the SASL exchange), several
+    milliseconds at 4096 on a cold project's first request. Stretching protects guessable
+    passwords; a tenant password is 256 random bits, so a low count costs no security. The salt
+    derives from the secret like the password, so re-deriving it (`fluxbase migrate`) changes
+    nothing when the secret did not change."""
+    password = role_password(secret, role)  # hex: SASLprep leaves it unchanged
+    salt = hmac.new(secret.encode(), f"fluxbase-tenant-salt:{role}".encode(), hashlib.sha256).digest()[:16]
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored = hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
+    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
 
 
 # What a project's realtime checker role may call (sql/0015; sql/0008's first two are dropped by

@@ -44,6 +44,18 @@ POOL_WAITING = REGISTRY.gauge("fluxbase_tenant_pool_waiting", "Requests waiting 
 POOL_BUSIEST = REGISTRY.gauge(
     "fluxbase_tenant_pool_busiest_ratio", "Connections in use over the cap, in the busiest tenant pool."
 )
+POOL_EVICTIONS = REGISTRY.counter(
+    "fluxbase_tenant_pool_evictions_total",
+    "Idle tenant connections closed to make room for another pool's under the connection budget.",
+)
+BUDGET_WAITS = REGISTRY.counter(
+    "fluxbase_tenant_budget_waits_total",
+    "New tenant connections that waited for the connection budget (every connection was busy).",
+)
+BUDGET_CONNECTIONS = REGISTRY.gauge(
+    "fluxbase_tenant_budget_connections", "Tenant connections of this process counted against the budget."
+)
+BUDGET_LIMIT = REGISTRY.gauge("fluxbase_tenant_budget_limit", "The tenant connection budget of this process.")
 IDLE_CONNECTION_S = 60.0  # a tenant connection unused this long is closed
 IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle this long
 
@@ -110,6 +122,93 @@ async def login_over_caps(conn: asyncpg.Connection, caps: Caps) -> bool:
     return any(over_cap(name, row[name], caps) is not None for name in ASSERTED)
 
 
+class ConnectionBudget:
+    """At most `limit` tenant connections in this process, over every pool (one LOGIN role per
+    project and scope means connections are never shared across projects, so a few hundred active
+    projects would otherwise exhaust the server's max_connections).
+
+    A pool takes a slot before it opens a connection. At the budget, the least recently used idle
+    connection of any pool is closed and its slot passed on; a busy connection is never touched.
+    When every connection is busy the opener waits, first come first served, for the next slot
+    freed (a connection that ends or is released idle); its wait is bounded by the caller's
+    acquire timeout (503 DATABASE_CONNECTION_ERROR), so no request waits for ever.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # connections open or being opened
+        # Every pool's idle connections, least recently released first.
+        self._idle: collections.OrderedDict[TenantConnection, TenantPool] = collections.OrderedDict()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def take(self, timeout: float | None) -> None:  # noqa: ASYNC109 (the pool's acquire timeout)
+        """A slot for a new connection: a free one, an idle connection's (closed), or the next
+        one freed (TimeoutError after `timeout`)."""
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        if self._idle:
+            conn, pool = self._idle.popitem(last=False)
+            try:
+                await self._evict(conn, pool)  # its slot is ours
+            except BaseException:
+                self.give()
+                raise
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        BUDGET_WAITS.inc()
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give()  # handed a slot just as we gave up: pass it on
+            else:
+                fut.cancel()
+                self._waiters.remove(fut)  # only live waiters stay queued
+            raise
+
+    def give(self) -> None:
+        """A slot is free (a connection ended, or an opening failed): to the first waiter."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.used -= 1
+
+    def park(self, conn: TenantConnection, pool: TenantPool) -> bool:
+        """`conn` is idle in `pool`: remember it as the most recently used; False when a waiter
+        needs its slot instead (the connection is then closed)."""
+        if self._waiters:
+            task = asyncio.get_running_loop().create_task(self._evict(conn, pool))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(lambda _: self.give())
+            return False
+        self._idle[conn] = pool
+        return True
+
+    def unpark(self, conn: TenantConnection) -> None:
+        self._idle.pop(conn, None)
+
+    async def _evict(self, conn: TenantConnection, pool: TenantPool) -> None:
+        """Close `conn` (its slot stays taken, for whoever gets it next). The close completes
+        when the server closes the socket, which a backend does after leaving the proc array:
+        the server's count never sees the old and the new connection at once."""
+        pool._forget(conn)
+        POOL_EVICTIONS.inc()
+        try:
+            await asyncio.wait_for(conn.close(), 5)
+        except Exception:
+            conn.terminate()
+        except BaseException:  # cancelled: never leave it half closed
+            conn.terminate()
+            raise
+
+
 class TenantPool:
     """The connections of one (project, scope): a LIFO list of idle ones and a queue of waiters.
 
@@ -120,9 +219,15 @@ class TenantPool:
     Tenant connections reset nothing on release: every request starts with the session reset.
     """
 
-    def __init__(self, connect: Callable[[], Awaitable[TenantConnection]], max_size: int) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[TenantConnection]],
+        max_size: int,
+        budget: ConnectionBudget | None = None,
+    ) -> None:
         self._connect = connect
         self._max = max_size
+        self._budget = budget
         self._idle: list[TenantConnection] = []
         self._all: set[TenantConnection] = set()
         self._opening = 0
@@ -144,10 +249,12 @@ class TenantPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
+            if self._budget is not None:
+                self._budget.unpark(conn)
             if not conn.is_closed():
                 return conn
         if self.get_size() < self._max:
-            return await self._open()
+            return await self._open(timeout)
         fut: asyncio.Future[TenantConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         POOL_WAITS.inc()
@@ -163,14 +270,24 @@ class TenantPool:
             raise
         finally:
             POOL_WAIT_SECONDS.observe(time.perf_counter() - waited)
-        return got if got is not None else await self._open()
+        return got if got is not None else await self._open(timeout)
 
-    async def _open(self) -> TenantConnection:
+    async def _open(self, timeout: float | None = None) -> TenantConnection:  # noqa: ASYNC109
         self._opening += 1
+        budget = self._budget
+        try:
+            if budget is not None:
+                await budget.take(timeout)
+        except BaseException:
+            self._opening -= 1
+            self._hand_on(None)
+            raise
         try:
             conn = await self._connect()
         except BaseException:
             self._opening -= 1
+            if budget is not None:
+                budget.give()
             self._hand_on(None)  # the slot is free again for a waiter
             raise
         self._opening -= 1
@@ -183,10 +300,18 @@ class TenantPool:
 
     def _gone(self, conn: asyncpg.Connection) -> None:
         if conn in self._all:
-            self._all.discard(conn)  # type: ignore[arg-type]
-            with contextlib.suppress(ValueError):
-                self._idle.remove(conn)  # type: ignore[arg-type]
+            self._forget(conn)  # type: ignore[arg-type]
+            if self._budget is not None:
+                self._budget.give()
             self._hand_on(None)
+
+    def _forget(self, conn: TenantConnection) -> None:
+        """`conn` no longer counts in this pool (it ended, or the budget is closing it)."""
+        self._all.discard(conn)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        if self._budget is not None:
+            self._budget.unpark(conn)
 
     def _hand_on(self, conn: TenantConnection | None) -> None:
         """Give a connection (or None: a free slot) to the first live waiter, else park it."""
@@ -196,6 +321,8 @@ class TenantPool:
                 fut.set_result(conn)
                 return
         if conn is not None:
+            if self._budget is not None and not self._budget.park(conn, self):
+                return  # another pool's request needed the slot
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
 
@@ -222,6 +349,8 @@ class TenantPool:
             asyncio.get_running_loop().call_later(IDLE_RESET_S - idle_for, self._reset_if_idle, conn)
             return
         self._idle.remove(conn)
+        if self._budget is not None:
+            self._budget.unpark(conn)
         task = asyncio.get_running_loop().create_task(self._reset(conn))
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
@@ -257,6 +386,8 @@ class TenantPool:
         old = [c for c in self._idle if c.idle_since < cutoff]
         for conn in old:
             self._idle.remove(conn)
+            if self._budget is not None:
+                self._budget.unpark(conn)
         for conn in old:
             try:
                 await asyncio.wait_for(conn.close(), 5)
@@ -309,6 +440,7 @@ class TenantPools:
         self._host, self._port = settings.database.server()
         self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
         self._pools: dict[tuple[str, str, bool], TenantPool] = {}
+        self.budget = ConnectionBudget(settings.tenant.connection_budget)
         self._last_used: dict[tuple[str, str, bool], float] = {}
         # What tenant statements are and which are refused, for these roles' caps.
         self.statements = Classifier(Caps.of(settings.tenant))
@@ -327,6 +459,8 @@ class TenantPools:
         POOL_WAITING.set(value=sum(len(p._waiters) for p in pools))
         busiest = max(((p.get_size() - p.get_idle_size()) / max(p._max, 1) for p in pools), default=0.0)
         POOL_BUSIEST.set(value=busiest)
+        BUDGET_CONNECTIONS.set(value=self.budget.used)
+        BUDGET_LIMIT.set(value=self.budget.limit)
 
     @property
     def admin_deadline_s(self) -> float:
@@ -373,7 +507,7 @@ class TenantPools:
                 raise
             return cast(TenantConnection, conn)
 
-        pool = self._pools[key] = TenantPool(connect, self._max_size)
+        pool = self._pools[key] = TenantPool(connect, self._max_size, self.budget)
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle())
         return pool

@@ -16,9 +16,16 @@ from fluxbase.security.roles import (
     ROLES,
     SCOPES,
     role_name,
-    role_password,
+    role_verifier,
     schema_name,
 )
+
+
+def _password(settings: Settings, role: str) -> str:
+    """The role's password clause value: a SCRAM secret with the tenant iteration count
+    (security.roles.role_verifier), never the plain password, which the server would hash with
+    the server-wide 4096 iterations that every connection then pays."""
+    return quote_literal(role_verifier(settings.auth.secret_key, role, settings.tenant.scram_iterations))
 
 
 def _role_settings(settings: Settings) -> dict[str, str]:
@@ -32,8 +39,19 @@ def _role_settings(settings: Settings) -> dict[str, str]:
     }
 
 
+async def serialise(conn: asyncpg.Connection) -> None:
+    """Wait for any other transaction that creates or drops a project's roles.
+
+    Provisioning changes the ACLs of shared catalog rows (the database's, set_config's, plpgsql's,
+    the checker functions'): two at once fail with "tuple concurrently updated". A table lock no
+    tenant can take (an advisory key is open to every role in the database); SHARE UPDATE
+    EXCLUSIVE conflicts with itself, not with reads or writes of the table."""
+    await conn.execute("LOCK TABLE fluxbase.projects IN SHARE UPDATE EXCLUSIVE MODE")
+
+
 async def provision_project(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
     """Create the project's schema and its three LOGIN roles (caller owns the transaction)."""
+    await serialise(conn)
     schema = quote_ident(schema_name(project_id))
     admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
@@ -43,7 +61,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     path = extensions.search_path(project_id)
     for scope in SCOPES:
         role = role_name(project_id, scope)
-        pw = quote_literal(role_password(settings.auth.secret_key, role))
+        pw = _password(settings, role)
         await conn.execute(
             f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
             f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
@@ -89,7 +107,7 @@ async def _provision_checker(
     """The realtime RLS checker role: inherits the read role, may set the identity, and may call
     the check functions (sql/0008), which nobody else may."""
     rt, ro = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "read"))
-    pw = quote_literal(role_password(settings.auth.secret_key, role_name(project_id, CHECKER)))
+    pw = _password(settings, role_name(project_id, CHECKER))
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     await conn.execute(
         f"CREATE ROLE {rt} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
@@ -121,9 +139,12 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
     role = role_name(project_id, EXPORTER)
     if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
         return role
+    await serialise(conn)
+    if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+        return role  # created while we waited
     r = quote_ident(role)
     admin = quote_ident(role_name(project_id, "admin"))
-    pw = quote_literal(role_password(settings.auth.secret_key, role))
+    pw = _password(settings, role)
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     await conn.execute(
         f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
@@ -144,6 +165,7 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
     Runs as the runtime role (not a superuser): what only an owner may drop, it drops as that
     role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
     roles = [role_name(project_id, s) for s in ROLES]
+    await serialise(conn)
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
     )
@@ -174,15 +196,19 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
 
 
 async def sync_role_passwords(conn: asyncpg.Connection, settings: Settings) -> int:
-    """Re-derive every tenant role password (after FLUXBASE_SECRET_KEY rotation)."""
+    """Re-derive every tenant role password (after FLUXBASE_SECRET_KEY rotation, or a change of
+    FLUXBASE_TENANT_SCRAM_ITERATIONS); returns how many changed. Runs as the migration role (a
+    superuser, which may read pg_authid): a role whose stored secret is already the derived one is
+    left alone, so a restart with 10 000 projects costs one query, not 50 000 statements."""
+    ids = [r["id"] for r in await conn.fetch("SELECT id FROM fluxbase.projects")]
+    roles = [role_name(pid, kind) for pid in ids for kind in ROLES]
     n = 0
-    for row in await conn.fetch("SELECT id FROM fluxbase.projects"):
-        for kind in ROLES:
-            role = role_name(row["id"], kind)
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-            if kind == EXPORTER and not exists:
-                continue  # created on the project's first export
-            pw = quote_literal(role_password(settings.auth.secret_key, role))
-            await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {pw}")
+    for row in await conn.fetch(
+        "SELECT rolname, rolpassword FROM pg_catalog.pg_authid WHERE rolname = ANY($1::text[])", roles
+    ):
+        role = row["rolname"]  # an export role exists from the project's first export on
+        pw = role_verifier(settings.auth.secret_key, role, settings.tenant.scram_iterations)
+        if row["rolpassword"] != pw:
+            await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {quote_literal(pw)}")
             n += 1
     return n
