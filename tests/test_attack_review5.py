@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from support import Api
+from support import Api, bearer
 from test_attack_review1 import MANY, batch, browser_key, end_user, sql
 from test_realtime import _realtime
 from test_realtime_horizons import a_project, hold, joined, key
@@ -226,7 +227,7 @@ async def test_one_projects_open_transactions_do_not_delay_another_projects_even
 SUBSTITUTE = """DO $s$ DECLARE n text; BEGIN
   FOREACH n IN ARRAY ARRAY[{names}]::text[] LOOP
     BEGIN
-      EXECUTE pg_catalog.format('PREPARE %I AS SELECT 4242::bigint AS count', n);
+      EXECUTE pg_catalog.format('PREPARE %I AS {replacement}', n);
     EXCEPTION WHEN OTHERS THEN NULL;
     END;
   END LOOP;
@@ -257,8 +258,69 @@ async def test_admin_cannot_substitute_another_principals_cached_statement(api: 
         for answer in await asyncio.gather(*(batch(api, mallory, pid, probe) for _ in range(8))):
             names |= set(re.findall(LEAKED_NAME, str(answer)))
         listed = ", ".join(f"'{n}'" for n in sorted(names))
-        await asyncio.gather(*(sql(api, mallory, pid, SUBSTITUTE.format(names=listed)) for _ in range(8)))
+        await asyncio.gather(
+            *(
+                sql(
+                    api,
+                    mallory,
+                    pid,
+                    SUBSTITUTE.format(names=listed, replacement="SELECT 4242::bigint AS count"),
+                )
+                for _ in range(8)
+            )
+        )
     assert names, "no statement name was revealed"
     answers = await asyncio.gather(*(batch(api, victim, pid, probe) for _ in range(8)))
     counts = [a["results"][0]["rows"][0]["count"] for a in answers if a.get("success")]
     assert 4242 not in counts, counts
+
+
+ANY_NAME = r'prepared statement "(__asyncpg_stmt_[0-9a-f]{32}__)" does not exist'
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the platform's own quota check runs as a cached named statement on the tenant "
+    "session; after a DO block's DEALLOCATE ALL its name leaks in the 26000 error and a PREPARE "
+    "under it answers 0, so writes pass the database quota (the shared disk)",
+)
+async def test_admin_cannot_substitute_the_platforms_quota_check(
+    api: Api, project: Any, instance_admin: dict[str, Any]
+) -> None:
+    pid, key = project.id, project.admin_key
+    assert (await sql(api, key, pid, "CREATE TABLE blob (v text)"))["success"]
+    r = await api.http.get(f"/api/projects/{pid}/quotas", headers=bearer(key))
+    cap = r.json()["quotas"]["databaseUsedBytes"] * 4 + 65_536
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas",
+        json={"databaseBytes": cap},
+        headers=bearer(instance_admin["token"]),
+    )
+    assert r.status_code == 200, r.text
+
+    def write() -> list[str]:
+        # A text never sent before: prepared afresh, so the request reaches the quota check.
+        return [f"INSERT INTO blob VALUES ('{secrets.token_hex(8)}')"]
+
+    assert all(a["success"] for a in await asyncio.gather(*(batch(api, key, pid, write()) for _ in range(8))))
+    rows = cap // 1000 * 5  # ~5x the cap, incompressible
+    big = (
+        "INSERT INTO blob SELECT (SELECT string_agg(md5(random()::text || g || i), '') "
+        f"FROM generate_series(1, 31) i) FROM generate_series(1, {rows}) g WHERE g > -{{}}"
+    )
+    # The quota holds before the attack: the same write is refused.
+    control = await batch(api, key, pid, [big.format(0)])
+    assert control["error"]["code"] == "DATABASE_QUOTA_EXCEEDED", control
+    names: set[str] = set()
+    for _ in range(3):
+        await asyncio.gather(*(sql(api, key, pid, DEALLOCATE) for _ in range(8)))
+        for answer in await asyncio.gather(*(batch(api, key, pid, write()) for _ in range(8))):
+            names |= set(re.findall(ANY_NAME, str(answer)))
+        listed = ", ".join(f"'{n}'" for n in sorted(names))
+        fake = SUBSTITUTE.format(names=listed, replacement="SELECT 0::bigint")
+        await asyncio.gather(*(sql(api, key, pid, fake) for _ in range(8)))
+    assert names, "no statement name was revealed"
+    answers = await asyncio.gather(*(batch(api, key, pid, [big.format(n)]) for n in range(1, 5)))
+    count = await sql(api, key, pid, "SELECT count(*) AS n FROM blob")
+    assert count["result"]["rows"][0]["n"] < rows, count  # nothing of a write over the cap stays
+    assert not any(a.get("success") for a in answers), [a.get("error") for a in answers]
