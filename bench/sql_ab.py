@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sql_throughput import QUERY, http_load, post  # noqa: E402
+from sql_throughput import QUERY, http_load  # noqa: E402
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
@@ -84,6 +84,17 @@ def setup(port: int) -> bytes:
     api.close()
     body = json.dumps({"projectId": pid, "query": QUERY, "params": [1]}).encode()
     return post("/api/execute-sql", port, body, {"Authorization": f"Bearer {key}"})
+
+
+def post(path: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    """A raw keep-alive HTTP/1.1 POST, as `http_load` sends it over and over."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 async def main() -> None:

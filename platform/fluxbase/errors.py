@@ -119,6 +119,17 @@ class DatabaseUnavailable(FluxbaseError):
     default_message = "Transient database connectivity issue. Retry after a few seconds."
 
 
+class SessionStatementsLost(DatabaseUnavailable):
+    """The pooled session's prepared statements were dropped or replaced by SQL of the project
+    (`DEALLOCATE` or `PREPARE` in a `DO` block's dynamic SQL): the session was closed, nothing of
+    the request committed, and the statement's name is not repeated (tenancy.errors.TAMPERED)."""
+
+    default_message = (
+        "The database session's prepared statements were dropped by SQL of this project "
+        "(DEALLOCATE or PREPARE in dynamic SQL); nothing was committed. Retry the request."
+    )
+
+
 class ConnectionsBusy(DatabaseUnavailable):
     """Every connection of the project's pool stayed in use for the acquire timeout."""
 

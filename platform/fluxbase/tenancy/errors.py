@@ -44,6 +44,27 @@ CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalC
 # A concurrent DDL changed a plan asyncpg had cached: nothing ran for real, retry once.
 CACHE_STALE = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)
 
+# The session's prepared statements no longer match what asyncpg and the request prefix cached:
+# project SQL ran `DEALLOCATE` (26000 on the next use) or `PREPARE` under one of their names
+# (42P05) through a DO block's dynamic SQL, where the classifier cannot see it. The error names
+# the statement, whose 128 random bits are all that keeps another principal's statement (or the
+# platform's quota check) from being replaced: never echo it, never reuse the session
+# (hostile review 5).
+TAMPERED = frozenset({"26000", "42P05"})
+
+
+def tampered(exc: BaseException | None) -> bool:
+    """Whether a failure means the session's statements changed: the driver's error, or an API
+    error raised while handling one (`raise … from None` keeps it as `__context__`)."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if getattr(exc, "sqlstate", None) in TAMPERED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 CONFLICT, FORBIDDEN, TIMEOUT = "conflict", "forbidden", "timeout"
 
 # SQLSTATE → what kind of failure it is for a REST caller (absent: the statement was wrong).

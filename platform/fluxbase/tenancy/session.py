@@ -31,6 +31,7 @@ from fluxbase.errors import (
     DatabaseUnavailable,
     FluxbaseError,
     InternalError,
+    SessionStatementsLost,
     StatementFailed,
     StatementTimedOut,
 )
@@ -44,6 +45,7 @@ from fluxbase.tenancy.errors import (
     SESSION_GONE,
     guard_refusal,
     statement_error,
+    tampered,
 )
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
@@ -345,7 +347,36 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     return out
 
 
+# How many sessions whose prepared statements project SQL dropped one request may meet (each is
+# closed as it is met, so a pool of N holds at most N): the request then runs on the next one.
+TAMPERED_RETRIES = 16
+
+
 async def on_connection(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    req: TenantRequest,
+    run: Callable[[Any], Awaitable[T]],
+    index: Callable[[], int | None] = lambda: None,
+    *,
+    pipelined: bool = False,
+) -> T:
+    """`_on_connection`, run again on another session when the one it got had its prepared
+    statements dropped by project SQL (nothing of the request committed there): another
+    principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs this request nothing."""
+    try:
+        return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
+    except SessionStatementsLost:
+        for attempt in range(TAMPERED_RETRIES):
+            try:
+                return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
+            except SessionStatementsLost:
+                if attempt == TAMPERED_RETRIES - 1:
+                    raise
+        raise
+
+
+async def _on_connection(
     pools: TenantPools,
     control: asyncpg.Pool,
     req: TenantRequest,
@@ -356,7 +387,8 @@ async def on_connection(
 ) -> T:
     """Run `run(conn)` on a pooled connection of the project's own role within the request
     deadline (the backend is terminated when it passes). A connection that is lost, timed out or
-    still in a transaction afterwards is terminated, never handed to the next request."""
+    still in a transaction afterwards, or whose prepared statements project SQL dropped or
+    replaced, is terminated, never handed to the next request."""
     project_id, limits = req.project_id, req.limits
     pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
     try:
@@ -398,6 +430,13 @@ async def on_connection(
                 conn.terminate()
             log.warning("tenant connection lost for project %s: %r", project_id, exc)
             raise DatabaseUnavailable() from None
+        except Exception as exc:
+            if not tampered(exc):
+                raise
+            dead = True
+            conn.terminate()
+            log.warning("project %s dropped or replaced a pooled session's prepared statements", project_id)
+            raise SessionStatementsLost() from None
         finally:
             timer.cancel()
     finally:
@@ -449,7 +488,7 @@ async def transaction(
         txs.append(tx)
         return await _in_transaction(tx, begin_over_caps if over_caps(conn) else begin, work)
 
-    return await on_connection(pools, control, req, run, lambda: txs[0].index if txs else None)
+    return await on_connection(pools, control, req, run, lambda: txs[-1].index if txs else None)
 
 
 # -- one round trip ---------------------------------------------------------------------------
@@ -627,6 +666,12 @@ async def admin_session(
                 conn.terminate()
             ms = int((limit or 0) * 1000)
             raise StatementTimedOut(f"canceling statement due to deadline ({ms} ms)", "57014", None) from None
+        except Exception as exc:
+            if not tampered(exc):
+                raise
+            conn.terminate()  # its prepared statements are not the ones asyncpg cached
+            log.warning("project %s dropped or replaced a pooled session's prepared statements", project_id)
+            raise SessionStatementsLost() from None
         if begin is not None:
             if not conn.is_in_transaction():
                 # tenancy.statements refuses transaction control in scripts: a bug, never a path.
