@@ -35,7 +35,7 @@ from support import start_stack, stop_stack  # noqa: E402
 
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-chaos-"))
-    stack = start_stack(tmp)
+    stack = start_stack(tmp, durable=True)  # acknowledged commits survive an immediate stop
     rig = Rig(stack, tmp, writers=args.writers, rate=args.rate, subscribers=args.subscribers)
     outcomes: list[Outcome] = []
     try:
@@ -47,7 +47,7 @@ async def main(args: argparse.Namespace) -> int:
                 f"{target}: {o.confirmed} inserts answered success, {o.written} committed; "
                 f"failed writes {dict(o.statuses)}, api back after "
                 f"{o.api_recover_s if o.api_recover_s is None else round(o.api_recover_s, 2)} s, "
-                f"phantoms {sum(len(v) for v in o.phantom.values())}, "
+                f"phantoms {sum(len(v) for v in o.phantom.values())}, duplicates {o.duplicated}, "
                 f"two webhook-ids for one row {len(o.foreign_ids)}",
                 flush=True,
             )

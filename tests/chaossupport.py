@@ -91,6 +91,8 @@ class Receiver:
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.delay = 0.1
+        self.in_flight = 0
         self.got: list[tuple[float, int, int, str]] = []
         self._runner: web.AppRunner | None = None
 
@@ -102,6 +104,11 @@ class Receiver:
         event = json.loads(await request.read())
         new = event["data"]["new"]
         self.got.append((time.monotonic(), new["phase"], new["n"], request.headers["webhook-id"]))
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(self.delay)  # so that a worker can be killed mid-request
+        finally:
+            self.in_flight -= 1
         return web.Response(text="OK")
 
     async def start(self) -> None:
@@ -315,6 +322,10 @@ class Rig:
             await asyncio.to_thread(pg.start)
             return restarted, time.monotonic()
         proc = self.procs[target]
+        if target == "worker":  # mid-request: it holds the endpoint's send lease
+            deadline = time.monotonic() + 5
+            while not self.receiver.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait, 10)
         await asyncio.sleep(down_s)

@@ -20,8 +20,9 @@ OUTCOMES: list[Outcome] = []
 
 @pytest.fixture(scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> AsyncIterator[Rig]:
-    # Its own PostgreSQL (never the session's): one test stops it.
-    stack = start_stack(tmp_path_factory.mktemp("chaos"))
+    # Its own PostgreSQL (never the session's): one test stops it. Durable (fsync and synchronous
+    # commit on): an immediate stop of the fast test settings may drop acknowledged commits.
+    stack = start_stack(tmp_path_factory.mktemp("chaos"), durable=True)
     r = Rig(stack, log_dir)
     try:
         await r.start()
