@@ -313,6 +313,10 @@ class Rig:
         if target == "none":
             await asyncio.sleep(down_s)
             return time.monotonic(), time.monotonic()
+        if target in ("worker", "postgres"):  # mid-request: the worker holds the endpoint's send lease
+            deadline = time.monotonic() + 5
+            while not self.receiver.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         if target == "postgres":
             pg = self.stack.pg
             assert pg is not None, "needs the test's own embedded PostgreSQL"
@@ -322,10 +326,6 @@ class Rig:
             await asyncio.to_thread(pg.start)
             return restarted, time.monotonic()
         proc = self.procs[target]
-        if target == "worker":  # mid-request: it holds the endpoint's send lease
-            deadline = time.monotonic() + 5
-            while not self.receiver.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait, 10)
         await asyncio.sleep(down_s)
