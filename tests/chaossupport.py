@@ -206,7 +206,7 @@ class Rig:
         )
         self.db = await asyncpg.connect(self.stack.database_url(self.dbname))
         await self._spawn("api")
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.api_port}", timeout=5)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.api_port}", timeout=15)
         api = Api(f"http://127.0.0.1:{self.api_port}")
         try:
             _, token = await api.new_user()
