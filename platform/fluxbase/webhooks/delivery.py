@@ -11,7 +11,8 @@ drains each endpoint's queue in order. Both run in `fluxbase worker`, any number
 - **Send.** Per endpoint, a lease on the endpoint's row (`send_lease`, sql/0017), taken and
   released in short statements (never a long transaction: an open transaction with an xid would
   hold back every outbox reader's xmin; never an advisory lock: any tenant may take any advisory
-  key), expiring on its own if the worker dies; then up to `batch`
+  key), free as soon as the holder's backend is gone (a killed worker, a restarted PostgreSQL) and
+  otherwise expiring on its own; then up to `batch`
   pending deliveries in id order; the first failure stops that endpoint until its retry is due,
   so receivers see events in order. Results are written in one statement after the requests.
   A crash in between re-sends those requests with the same `webhook-id`: at-least-once.
@@ -299,19 +300,24 @@ async def send_endpoint(
 ) -> tuple[int, bool] | None:
     """Send one endpoint's due deliveries in order: (requests made, more due now), or None
     when another worker is sending to this endpoint."""
-    lease = secrets.token_hex(8)
     # Longer than one round of sending can take (5 s of progress plus one request's timeout).
     lease_s = max(60.0, 4 * settings.webhooks.timeout_s + 30)
     async with db.acquire() as conn:
-        taken = await conn.fetchval(
-            "UPDATE fluxbase.webhooks SET send_lease = $2, "
+        # The lease names the backend of the connection held for the whole round
+        # ("<token>:<pid>"): when that backend is gone (the worker was SIGKILLed, PostgreSQL
+        # restarted) the lease is free at once instead of stalling the endpoint until it expires
+        # (issue 18, chaos). A reused pid only falls back to the expiry.
+        lease = await conn.fetchval(
+            "UPDATE fluxbase.webhooks SET send_lease = $2 || ':' || pg_backend_pid(), "
             "send_lease_until = now() + make_interval(secs => $3) "
-            "WHERE id = $1 AND (send_lease_until IS NULL OR send_lease_until < now()) RETURNING true",
+            "WHERE id = $1 AND (send_lease_until IS NULL OR send_lease_until < now() "
+            "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+            "WHERE a.pid::text = split_part(send_lease, ':', 2))) RETURNING send_lease",
             webhook_id,
-            lease,
+            secrets.token_hex(8),
             lease_s,
         )
-        if not taken:
+        if lease is None:
             return None
         try:
             return await _send_locked(conn, settings, sender, webhook_id, stopping)
