@@ -47,8 +47,6 @@ async def db_events(sub: Any, seconds: float) -> list[dict[str, Any]]:
 DEALLOCATE = "DO $d$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $d$"
 
 
-
-
 async def _principals(api: Api, project: Any, who: str) -> tuple[str, str | None, str, str | None]:
     """(victim key, victim user token, mallory key, mallory user token) sharing one tenant pool."""
     pid = project.id
