@@ -394,6 +394,15 @@ class TenantPool:
             except Exception:
                 conn.terminate()
 
+    def discard_idle(self) -> None:
+        """Terminate every idle connection now (their session state is not to be trusted: a
+        request found one whose prepared statements project SQL had dropped)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if self._budget is not None:
+                self._budget.unpark(conn)
+            conn.terminate()
+
     def terminate(self) -> None:
         self._closed = True
         for conn in list(self._all):

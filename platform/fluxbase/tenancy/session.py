@@ -347,11 +347,6 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     return out
 
 
-# How many sessions whose prepared statements project SQL dropped one request may meet (each is
-# closed as it is met, so a pool of N holds at most N): the request then runs on the next one.
-TAMPERED_RETRIES = 16
-
-
 async def on_connection(
     pools: TenantPools,
     control: asyncpg.Pool,
@@ -361,19 +356,17 @@ async def on_connection(
     *,
     pipelined: bool = False,
 ) -> T:
-    """`_on_connection`, run again on another session when the one it got had its prepared
-    statements dropped by project SQL (nothing of the request committed there): another
-    principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs this request nothing."""
+    """`_on_connection`, run once more when the session it got had its prepared statements
+    dropped by project SQL (nothing of the request committed there): the pool's idle sessions,
+    which the same SQL may have reached, are closed first, so the retry gets a session nobody
+    tampered with and another principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs
+    this request nothing. Only once: a request that drops its own statements fails with the
+    503 instead of running again and again."""
     try:
         return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
     except SessionStatementsLost:
-        for attempt in range(TAMPERED_RETRIES):
-            try:
-                return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
-            except SessionStatementsLost:
-                if attempt == TAMPERED_RETRIES - 1:
-                    raise
-        raise
+        (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
+        return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
 
 
 async def _on_connection(
