@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from fluxbase.security.roles import role_name
@@ -142,3 +143,52 @@ async def test_one_project_cannot_hold_every_budget_slot(small_budget: Small) ->
     finally:
         for r in await asyncio.gather(*hogs):
             assert r.status_code == 200, r.text
+
+
+# -- 3. the dashboard's new parts ----------------------------------------------------------------
+
+# POST /dashboard/import takes the export file as an unbounded raw body (request_max_body_size=None,
+# streamed to a spool file by the handler). But the dashboard router's before_request hook
+# (web.check_csrf) looks for the CSRF token in the parsed form when no X-CSRF-Token header came:
+# `request.form()` reads the whole body into memory first, before any sign-in check, with no size
+# limit on this route. Anyone who can reach the dashboard makes the API process hold as much
+# memory as it sends.
+BODY_MB = 160
+
+
+def _peak_rss_kib(pid: int) -> int:
+    total = 0
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            total += int(line.split()[1])
+    return total
+
+
+async def _big_form() -> AsyncIterator[bytes]:
+    yield b"a="
+    chunk = b"x" * (1024 * 1024)
+    for _ in range(BODY_MB):
+        yield chunk
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: web.check_csrf parses the form of the unbounded /dashboard/import body "
+    "before anything else, so an anonymous POST makes the API hold its whole body in memory",
+)
+async def test_an_anonymous_import_post_is_refused_before_its_body_is_read(instance: Any) -> None:
+    pid = instance.server.proc.pid
+    before = _peak_rss_kib(pid)
+    async with httpx.AsyncClient(base_url=instance.url, timeout=120) as http:
+        try:
+            r = await http.post(
+                "/dashboard/import",
+                content=_big_form(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            status = r.status_code
+        except httpx.HTTPError:  # the server may answer and close before the body is sent
+            status = None
+    grew_mb = (_peak_rss_kib(pid) - before) / 1024
+    assert status in (None, 401, 403, 413, 303), status
+    assert grew_mb < BODY_MB / 4, f"an anonymous {BODY_MB} MB POST grew the API's peak memory by {grew_mb:.0f} MB"
