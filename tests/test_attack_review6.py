@@ -192,3 +192,38 @@ async def test_an_anonymous_import_post_is_refused_before_its_body_is_read(insta
     grew_mb = (_peak_rss_kib(pid) - before) / 1024
     assert status in (None, 401, 403, 413, 303), status
     assert grew_mb < BODY_MB / 4, f"an anonymous {BODY_MB} MB POST grew the API's peak memory by {grew_mb:.0f} MB"
+
+
+# -- 2. realtime.broadcast from SQL ----------------------------------------------------------------
+
+# A WebSocket or HTTP broadcast costs one hit of the key's rate limit each (server.py _broadcast,
+# "As POST /api/realtime/broadcast: … the key's rate limit"). realtime.broadcast() costs nothing
+# of it: one execute-sql request of a readwrite key limited to 3 requests a minute puts thousands
+# of broadcasts into the outbox, each delivered to every subscriber of the topic. Only a capped
+# project's size check bounds them (the default is no database cap).
+FLOOD = 5000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: broadcasts from SQL bypass the per-key broadcast rate limit; one request "
+    "emits thousands (sql/0036 has no per-transaction bound)",
+)
+async def test_one_request_cannot_emit_more_broadcasts_than_the_keys_rate_limit(
+    api: Api, project: Any, control_db: Any
+) -> None:
+    key = await api.new_key(project.owner_token, project.id, "readwrite", rateLimitRequests=3)
+    before = await control_db.fetchval(
+        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'", project.id
+    )
+    out = await sql(
+        api,
+        key,
+        project.id,
+        f"SELECT count(realtime.broadcast('room', jsonb_build_object('i', g))) FROM generate_series(1, {FLOOD}) g",
+    )
+    after = await control_db.fetchval(
+        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'", project.id
+    )
+    sent = after - before
+    assert sent <= 3, f"one request of a key limited to 3 requests emitted {sent} broadcasts ({out})"
