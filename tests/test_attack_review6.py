@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -130,7 +131,8 @@ async def test_one_project_cannot_hold_every_budget_slot(small_budget: Small) ->
     try:
         for _ in range(100):  # until the hog holds every slot
             busy = await small_budget.su.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2 AND state = 'active'",
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = $1 AND usename = $2 AND state = 'active'",
                 small_budget.inst.dbname,
                 role_name(a, "admin"),
             )
@@ -158,7 +160,7 @@ BODY_MB = 160
 
 def _peak_rss_kib(pid: int) -> int:
     total = 0
-    for line in open(f"/proc/{pid}/status").read().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             total += int(line.split()[1])
     return total
@@ -191,7 +193,7 @@ async def test_an_anonymous_import_post_is_refused_before_its_body_is_read(insta
             status = None
     grew_mb = (_peak_rss_kib(pid) - before) / 1024
     assert status in (None, 401, 403, 413, 303), status
-    assert grew_mb < BODY_MB / 4, f"an anonymous {BODY_MB} MB POST grew the API's peak memory by {grew_mb:.0f} MB"
+    assert grew_mb < BODY_MB / 4, f"an anonymous {BODY_MB} MB POST: the API's peak memory +{grew_mb:.0f} MB"
 
 
 # -- 2. realtime.broadcast from SQL ----------------------------------------------------------------
@@ -220,7 +222,8 @@ async def test_one_request_cannot_emit_more_broadcasts_than_the_keys_rate_limit(
         api,
         key,
         project.id,
-        f"SELECT count(realtime.broadcast('room', jsonb_build_object('i', g))) FROM generate_series(1, {FLOOD}) g",
+        "SELECT count(realtime.broadcast('room', jsonb_build_object('i', g)))"
+        f" FROM generate_series(1, {FLOOD}) g",
     )
     after = await control_db.fetchval(
         "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'", project.id
