@@ -211,7 +211,10 @@ async def check_csrf(request: Request[Any, Any, Any]) -> Response[Any] | None:
         return None
     ctx: AppContext = request.app.state.ctx
     presented = request.headers.get(security.CSRF_HEADER)
-    if presented is None:
+    if presented is None and request.route_handler.resolve_request_max_body_size() is not None:
+        # Only a bounded body is parsed for the form's token. A raw-body route without a limit
+        # (the import) takes the token in the header, which its page's script sends: parsing its
+        # body here read all of it into memory before any check (hostile review 6).
         presented = (await form(request)).get(security.CSRF_FIELD)
     session = request.cookies.get(security.SESSION_COOKIE, "")
     if security.csrf_ok(
