@@ -60,11 +60,6 @@ async def _setup_lost(api: Api, project: Any) -> None:
     assert out["success"], out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a project's own RAISE … ERRCODE '26000' is taken for lost prepared statements "
-    "and the request runs 17 times on 17 new backends (tenancy/session.py on_connection)",
-)
 @pytest.mark.parametrize("who", ["admin", "end user"])
 async def test_a_statement_raising_26000_itself_runs_once(api: Api, project: Any, who: str) -> None:
     await _setup_lost(api, project)
@@ -79,11 +74,6 @@ async def test_a_statement_raising_26000_itself_runs_once(api: Api, project: Any
     assert runs == 1, f"one {who} request ran the statement {runs} times"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: each retry of on_connection gets a fresh request deadline, so one request "
-    "holds a backend for up to 17 deadlines",
-)
 async def test_the_retry_stays_within_one_request_deadline(api: Api, project: Any) -> None:
     await _setup_lost(api, project)
     # Each run sleeps 0.3 s; one request may take about one run's time (plus connection setup),
@@ -235,11 +225,6 @@ async def test_one_request_cannot_emit_more_broadcasts_than_the_keys_rate_limit(
 DEALLOCATE = "DO $d$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $d$"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: admin_session answers 503 SessionStatementsLost instead of running again on "
-    "another session, so an admin key's DEALLOCATE ALL breaks the owner's next RLS request",
-)
 async def test_deallocate_all_does_not_break_the_owners_rls_management(api: Api, project: Any) -> None:
     pid = project.id
     setup = await sql(

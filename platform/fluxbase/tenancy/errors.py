@@ -9,6 +9,7 @@ the REST endpoints (records, tables, RLS management) give them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import asyncpg
@@ -51,6 +52,10 @@ CACHE_STALE = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedS
 # platform's quota check) from being replaced: never echo it, never reuse the session
 # (hostile review 5).
 TAMPERED = frozenset({"26000", "42P05"})
+# ...and only when the error names one of the session's own statements (pools.TenantConnection's
+# names): a project's `RAISE … USING ERRCODE '26000'`, or its own `PREPARE x` twice, is its
+# statement failing, not the session (hostile review 6: those ran the request again and again).
+_OWN_STATEMENT = re.compile(r"__asyncpg_(?:stmt|cursor)_[0-9a-f]{32}__")
 
 
 def tampered(exc: BaseException | None) -> bool:
@@ -59,7 +64,7 @@ def tampered(exc: BaseException | None) -> bool:
     for _ in range(8):
         if exc is None:
             return False
-        if getattr(exc, "sqlstate", None) in TAMPERED:
+        if getattr(exc, "sqlstate", None) in TAMPERED and _OWN_STATEMENT.search(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -362,11 +363,18 @@ async def on_connection(
     tampered with and another principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs
     this request nothing. Only once: a request that drops its own statements fails with the
     503 instead of running again and again."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
     except SessionStatementsLost:
         (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
-        return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
+        # Within the request's one deadline, not a second one.
+        left = req.limits.deadline_s - (loop.time() - started)
+        if left <= 0:
+            raise
+        again = dataclasses.replace(req, limits=dataclasses.replace(req.limits, deadline_s=left))
+        return await _on_connection(pools, control, again, run, index, pipelined=pipelined)
 
 
 async def _on_connection(
@@ -643,6 +651,10 @@ async def admin_session(
         try:
             async with asyncio.timeout(limit):
                 await clean(conn)
+                # Platform work prepares its statements afresh: the admin pool is shared with admin
+                # keys, whose DO blocks may have dropped what asyncpg cached on this session
+                # (hostile review 6).
+                wire.forget_statements(conn)
                 # The caps, as for requests (the admin role's own defaults may have been changed
                 # from plpgsql); VACUUM, outside a transaction, gets them for the session until
                 # the reset.

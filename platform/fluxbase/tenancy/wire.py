@@ -225,6 +225,13 @@ async def forget_cached_plans(conn: Any, exc: BaseException) -> None:
         conn._drop_local_statement_cache()
 
 
+def forget_statements(conn: Any) -> None:
+    """Drop asyncpg's statement cache of this session: what is used next is prepared afresh
+    under new names (asyncpg closes the old ones; closing one that no longer exists is no
+    error)."""
+    conn._drop_local_statement_cache()
+
+
 def no_jit_introspection(conn: Any) -> None:
     """asyncpg wraps its type introspection (first use of an enum, domain, composite, ...) in
     set_config('jit', ...), which read and readwrite roles may not call (sql/0007). Without
