@@ -109,32 +109,31 @@ async def small_budget(stack: Any, spawn: Any) -> AsyncIterator[Small]:
         yield s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the connection budget has no per-project share; one project's slow requests "
-    "hold every slot and other projects get 503 (tenancy/pools.py ConnectionBudget)",
-)
 async def test_one_project_cannot_hold_every_budget_slot(small_budget: Small) -> None:
+    """Project A sends as many slow requests as the budget has slots: it gets at most its share
+    (half the budget; its other requests wait for its own connections, then answer 503), and
+    project B's request is served meanwhile."""
     (a, ka), (b, kb) = small_budget.projects
     api = small_budget.api
     hogs = [asyncio.create_task(api.sql(ka, a, "SELECT pg_sleep(5)")) for _ in range(STARVE_BUDGET)]
     try:
-        for _ in range(100):  # until the hog holds every slot
+        busy, peak = 0, 0
+        for _ in range(40):  # until the hog holds all it can
             busy = await small_budget.su.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE datname = $1 AND usename = $2 AND state = 'active'",
                 small_budget.inst.dbname,
                 role_name(a, "admin"),
             )
-            if busy == STARVE_BUDGET:
-                break
+            peak = max(peak, busy)
             await asyncio.sleep(0.05)
-        assert busy == STARVE_BUDGET
+        assert 1 <= peak < STARVE_BUDGET, peak
         r = await api.sql(kb, b, "SELECT 1 AS one")
         assert r.status_code == 200 and r.json()["success"], f"the other project: {r.status_code} {r.text}"
     finally:
         for r in await asyncio.gather(*hogs):
-            assert r.status_code == 200, r.text
+            # the hog's requests past its share wait for its own connections, then answer 503
+            assert r.status_code == 200 or r.json()["error"]["code"] == "DATABASE_CONNECTION_ERROR", r.text
 
 
 # -- 3. the dashboard's new parts ----------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -137,6 +138,11 @@ class ConnectionBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0  # connections open or being opened
+        # One project's most (hostile review 6: one project's slow requests held every slot and
+        # every other project's requests waited, then failed). Past it, a project's opener closes
+        # an idle connection of its own or waits for one of its own to end.
+        self.share = max(1, limit // 2)
+        self._projects: dict[str, weakref.WeakSet[TenantPool]] = collections.defaultdict(weakref.WeakSet)
         # Every pool's idle connections, least recently released first.
         self._idle: collections.OrderedDict[TenantConnection, TenantPool] = collections.OrderedDict()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -169,6 +175,29 @@ class ConnectionBudget:
                 fut.cancel()
                 self._waiters.remove(fut)  # only live waiters stay queued
             raise
+
+    def register(self, pool: TenantPool) -> None:
+        self._projects[pool.project].add(pool)
+
+    def held(self, project: str) -> int:
+        """The project's connections open or being opened, over all its pools."""
+        return sum(p.get_size() for p in self._projects.get(project, ()))
+
+    async def within_share(self, project: str, timeout: float | None) -> bool:  # noqa: ASYNC109
+        """Wait until the project (counting the connection being opened) is within its share:
+        True when an idle connection of its own was closed for it (its slot is the opener's),
+        False when it may take a slot as usual; TimeoutError after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.held(project) > self.share:
+            own = next((c for c, p in self._idle.items() if p.project == project), None)
+            if own is not None:
+                await self._evict(own, self._idle.pop(own))
+                return True
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError
+            await asyncio.sleep(0.01)
+        return False
 
     def give(self) -> None:
         """A slot is free (a connection ended, or an opening failed): to the first waiter."""
@@ -224,10 +253,12 @@ class TenantPool:
         connect: Callable[[], Awaitable[TenantConnection]],
         max_size: int,
         budget: ConnectionBudget | None = None,
+        project: str = "",
     ) -> None:
         self._connect = connect
         self._max = max_size
         self._budget = budget
+        self.project = project
         self._idle: list[TenantConnection] = []
         self._all: set[TenantConnection] = set()
         self._opening = 0
@@ -276,7 +307,9 @@ class TenantPool:
         self._opening += 1
         budget = self._budget
         try:
-            if budget is not None:
+            if budget is not None and not (
+                budget.held(self.project) > budget.share and await budget.within_share(self.project, timeout)
+            ):
                 await budget.take(timeout)
         except BaseException:
             self._opening -= 1
@@ -516,7 +549,8 @@ class TenantPools:
                 raise
             return cast(TenantConnection, conn)
 
-        pool = self._pools[key] = TenantPool(connect, self._max_size, self.budget)
+        pool = self._pools[key] = TenantPool(connect, self._max_size, self.budget, project_id)
+        self.budget.register(pool)
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle())
         return pool
