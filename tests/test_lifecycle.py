@@ -6,8 +6,11 @@ within FLUXBASE_API_DRAIN_SECONDS even when a request would run longer."""
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,8 +20,8 @@ import httpx
 import pytest
 
 from fluxbase.config import ConfigError, load_settings
-from fluxbase.devstack.procs import free_port
-from support import Api, run_service
+from fluxbase.devstack.procs import free_port, stop_process
+from support import Api, bearer, run_service
 
 REQUIRED = {
     "FLUXBASE_SECRET_KEY": "s" * 40,
@@ -272,3 +275,75 @@ async def test_sigterm_exits_within_the_drain_time(project, log_dir) -> None:
                 await conn.close()
         finally:
             await api.close()
+
+
+# -- OpenTelemetry tracing -----------------------------------------------------------------------
+
+
+async def test_requests_are_traced_when_the_sdk_is_installed(project, log_dir) -> None:
+    """OTEL_TRACES_EXPORTER=console: one SERVER span per request, child of the caller's
+    traceparent, named by the route template, with the status and the request id, and no
+    credential (the key in the Authorization header never appears in a span)."""
+    pytest.importorskip("opentelemetry.sdk")
+    port = free_port()
+    env = dict(project["env"], FLUXBASE_API_PORT=str(port), OTEL_TRACES_EXPORTER="console")
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    with run_service(["api"], env, port, log_dir, ready_path="/live") as server:
+        api = Api(server.url)
+        try:
+            r = await api.http.post(
+                "/api/execute-sql",
+                json={"projectId": project["pid"], "query": "SELECT 1 AS one"},
+                headers={
+                    **bearer(project["key"]),
+                    "traceparent": f"00-{trace_id}-{parent}-01",
+                    "X-Request-Id": "req_traced_one",
+                },
+            )
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 10
+            while "req_traced_one" not in server.log():
+                assert time.monotonic() < deadline, server.log()[-2000:]
+                await asyncio.sleep(0.1)
+        finally:
+            await api.close()
+        stop_process(server.proc, signal.SIGTERM, timeout=15)
+    spans = _json_objects(server.log())
+    mine = [s for s in spans if s.get("attributes", {}).get("fluxbase.request_id") == "req_traced_one"]
+    assert len(mine) == 1, server.log()[-3000:]
+    span = mine[0]
+    assert span["name"] == "POST /api/execute-sql"
+    assert span["kind"] == "SpanKind.SERVER"
+    assert span["context"]["trace_id"] == f"0x{trace_id}"
+    assert span["parent_id"] == f"0x{parent}"
+    assert span["attributes"]["http.response.status_code"] == 200
+    assert span["attributes"]["http.route"] == "/api/execute-sql"
+    assert span["resource"]["attributes"]["service.name"] == "fluxbase-api"
+    assert project["key"] not in server.log()
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """The JSON objects (spans, pretty-printed over several lines) in a log."""
+    decoder = json.JSONDecoder()
+    found, i = [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+        i = end
+    return found
+
+
+def test_tracing_is_off_and_not_imported_without_an_exporter() -> None:
+    """No hard dependency: building the API does not import OpenTelemetry unless asked to."""
+    from fluxbase.http.tracing import tracer_from_env
+
+    assert tracer_from_env({}) is None
+    assert tracer_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    code = "import sys, fluxbase.http.asgi; print(any(m.startswith('opentelemetry') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
