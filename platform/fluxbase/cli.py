@@ -114,6 +114,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,
         lifespan="on",
+        # SIGTERM: uvicorn closes the listener at once (new connections are refused), lets the
+        # requests in flight finish, and without a bound would wait for them forever (a container
+        # is then SIGKILLed after its grace period, cutting every one). Past the drain time the
+        # remaining requests are cancelled and the process exits. A float works (asyncio.timeout).
+        timeout_graceful_shutdown=settings.http.drain_s,  # type: ignore[arg-type]
     )
     return 0
 

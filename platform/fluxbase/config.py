@@ -30,15 +30,18 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     url: str
     migration_url: str = ""
     allow_superuser: bool = False
-    pool_min: int = 1
+    pool_min: int = 0
+    """Control-plane connections each pool keeps open when idle (FLUXBASE_DATABASE_POOL_MIN)."""
     pool_max: int = 10
     connect_timeout: float = 5.0
+    """Seconds to open one connection (FLUXBASE_DATABASE_CONNECT_TIMEOUT_SECONDS)."""
     # Every wait on the control plane is bounded: a lock held elsewhere (by another request, or a
     # tenant's transaction on a shared object) fails the request with 503 instead of pinning a
     # control connection; a pool with no free connection likewise.
     lock_timeout_ms: int = 10_000
     statement_timeout_ms: int = 120_000
     acquire_timeout_s: float = 10.0
+    """Wait for a free control-plane connection (FLUXBASE_DATABASE_ACQUIRE_TIMEOUT_SECONDS), then 503."""
 
     def server(self) -> tuple[str, int]:
         """(host, port) of the server; host may be a Unix socket directory, given as the URL's
@@ -89,6 +92,9 @@ class HttpSettings(msgspec.Struct, frozen=True):
     workers: int = 1
     public_url: str = ""
     trusted_proxies: tuple[str, ...] = ()
+    drain_s: float = 30.0
+    """On SIGTERM the API stops accepting connections and lets requests in flight finish for at
+    most this long, then cancels them and exits (FLUXBASE_API_DRAIN_SECONDS)."""
 
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
@@ -180,9 +186,13 @@ class TenantSettings(msgspec.Struct, frozen=True):
     """The whole load of one import (FLUXBASE_IMPORT_DEADLINE_MS): its one transaction holds back
     every project's realtime events while it runs."""
     lock_timeout_ms: int = 5_000
+    """`lock_timeout` of tenant SQL (FLUXBASE_SQL_LOCK_TIMEOUT_MS)."""
     idle_in_transaction_ms: int = 10_000
+    """`idle_in_transaction_session_timeout` of tenant sessions (FLUXBASE_SQL_IDLE_IN_TRANSACTION_MS)."""
     temp_file_limit_kb: int = 1_048_576
+    """`temp_file_limit` of tenant sessions (FLUXBASE_SQL_TEMP_FILE_LIMIT_KB)."""
     work_mem_kb: int = 16_384
+    """`work_mem` of tenant sessions (FLUXBASE_SQL_WORK_MEM_KB)."""
     role_connection_limit: int = 20
     pool_max_per_role: int = 10
     pool_acquire_timeout_s: float = 5.0
@@ -313,6 +323,22 @@ def _int(value: str, name: str) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
+def _float(value: str, name: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _positive_float(value: float, name: str) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value
+
+
 def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -391,7 +417,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _mail(get: Callable[[str, str], str], int_of: Callable[[str, int], int]) -> MailSettings:
+def _mail(
+    get: Callable[[str, str], str],
+    int_of: Callable[[str, int], int],
+    float_of: Callable[[str, float], float],
+) -> MailSettings:
     d = MailSettings()
     security = get("FLUXBASE_SMTP_SECURITY", d.smtp_security).strip().lower()
     if security not in ("starttls", "tls", "none"):
@@ -415,20 +445,13 @@ def _mail(get: Callable[[str, str], str], int_of: Callable[[str, int], int]) -> 
         smtp_security=security,
         smtp_username=username,
         smtp_password=password,
-        smtp_timeout_s=float(
-            _positive(
-                int_of("FLUXBASE_SMTP_TIMEOUT_SECONDS", int(d.smtp_timeout_s)),
-                "FLUXBASE_SMTP_TIMEOUT_SECONDS",
-            )
-        ),
+        smtp_timeout_s=float_of("FLUXBASE_SMTP_TIMEOUT_SECONDS", d.smtp_timeout_s),
         sender=sender,
         retry_schedule=_schedule(
             get("FLUXBASE_MAIL_RETRY_SCHEDULE", ",".join(str(s) for s in d.retry_schedule)),
             "FLUXBASE_MAIL_RETRY_SCHEDULE",
         ),
-        poll_s=float(
-            _positive(int_of("FLUXBASE_MAIL_POLL_SECONDS", int(d.poll_s)), "FLUXBASE_MAIL_POLL_SECONDS")
-        ),
+        poll_s=float_of("FLUXBASE_MAIL_POLL_SECONDS", d.poll_s),
         link_ttl_s=_positive(
             int_of("FLUXBASE_MAIL_LINK_TTL_SECONDS", d.link_ttl_s), "FLUXBASE_MAIL_LINK_TTL_SECONDS"
         ),
@@ -517,6 +540,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raw = get(name)
         return default if raw is None else _int(raw, name)
 
+    def float_of(name: str, default: float) -> float:
+        """A positive number of seconds; fractions allowed (`0.5`)."""
+        raw = get(name)
+        return default if raw is None else _positive_float(_float(raw, name), name)
+
     tenant_defaults = TenantSettings()
     tenant = TenantSettings(
         request_deadline_ms=int_of("FLUXBASE_SQL_DEADLINE_MS", tenant_defaults.request_deadline_ms),
@@ -533,13 +561,23 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "FLUXBASE_TENANT_CONNECTION_LIMIT", tenant_defaults.role_connection_limit
         ),
         pool_max_per_role=int_of("FLUXBASE_TENANT_POOL_MAX", tenant_defaults.pool_max_per_role),
-        pool_acquire_timeout_s=float(
-            _positive(
-                int_of(
-                    "FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS", int(tenant_defaults.pool_acquire_timeout_s)
-                ),
-                "FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS",
-            )
+        pool_acquire_timeout_s=float_of(
+            "FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS", tenant_defaults.pool_acquire_timeout_s
+        ),
+        lock_timeout_ms=_positive(
+            int_of("FLUXBASE_SQL_LOCK_TIMEOUT_MS", tenant_defaults.lock_timeout_ms),
+            "FLUXBASE_SQL_LOCK_TIMEOUT_MS",
+        ),
+        idle_in_transaction_ms=_positive(
+            int_of("FLUXBASE_SQL_IDLE_IN_TRANSACTION_MS", tenant_defaults.idle_in_transaction_ms),
+            "FLUXBASE_SQL_IDLE_IN_TRANSACTION_MS",
+        ),
+        temp_file_limit_kb=_positive(
+            int_of("FLUXBASE_SQL_TEMP_FILE_LIMIT_KB", tenant_defaults.temp_file_limit_kb),
+            "FLUXBASE_SQL_TEMP_FILE_LIMIT_KB",
+        ),
+        work_mem_kb=_positive(
+            int_of("FLUXBASE_SQL_WORK_MEM_KB", tenant_defaults.work_mem_kb), "FLUXBASE_SQL_WORK_MEM_KB"
         ),
         connection_budget=_positive(
             int_of("FLUXBASE_TENANT_CONNECTION_BUDGET", tenant_defaults.connection_budget),
@@ -560,6 +598,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         workers=int_of("FLUXBASE_API_WORKERS", 1),
         public_url=get("FLUXBASE_API_PUBLIC_URL", "") or "",
         trusted_proxies=proxies,
+        drain_s=float_of("FLUXBASE_API_DRAIN_SECONDS", HttpSettings().drain_s),
     )
     try:
         http.proxy_networks()
@@ -581,13 +620,18 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     _check_storage(storage)
     wd = WebhookSettings()
     webhooks = WebhookSettings(
-        timeout_s=float(_positive(int_of("FLUXBASE_WEBHOOKS_TIMEOUT_S", 10), "FLUXBASE_WEBHOOKS_TIMEOUT_S")),
+        timeout_s=float_of("FLUXBASE_WEBHOOKS_TIMEOUT_S", wd.timeout_s),
         retry_schedule=_schedule(
             get("FLUXBASE_WEBHOOKS_RETRY_SCHEDULE", "") or ",".join(str(s) for s in wd.retry_schedule),
             "FLUXBASE_WEBHOOKS_RETRY_SCHEDULE",
         ),
         concurrency=_positive(
             int_of("FLUXBASE_WEBHOOKS_CONCURRENCY", wd.concurrency), "FLUXBASE_WEBHOOKS_CONCURRENCY"
+        ),
+        batch=_positive(int_of("FLUXBASE_WEBHOOKS_BATCH", wd.batch), "FLUXBASE_WEBHOOKS_BATCH"),
+        response_body_max=_non_negative(
+            int_of("FLUXBASE_WEBHOOKS_RESPONSE_BODY_MAX", wd.response_body_max),
+            "FLUXBASE_WEBHOOKS_RESPONSE_BODY_MAX",
         ),
         log_retention_s=int_of("FLUXBASE_WEBHOOKS_LOG_RETENTION_S", wd.log_retention_s),
     )
@@ -605,12 +649,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             int_of("FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS", eu.refresh_reuse_s),
             "FLUXBASE_ENDUSER_REFRESH_REUSE_SECONDS",
         ),
-        jwks_timeout_s=float(
-            _positive(
-                int_of("FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS", int(eu.jwks_timeout_s)),
-                "FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS",
-            )
-        ),
+        jwks_timeout_s=float_of("FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS", eu.jwks_timeout_s),
         jwks_cache_s=int_of("FLUXBASE_ENDUSER_JWKS_CACHE_SECONDS", eu.jwks_cache_s),
         jwks_min_refresh_s=int_of("FLUXBASE_ENDUSER_JWKS_MIN_REFRESH_SECONDS", eu.jwks_min_refresh_s),
     )
@@ -626,6 +665,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         networks = [str(ipaddress.ip_network(n, strict=False)) for n in allow]
     except ValueError as exc:
         raise ConfigError(f"FLUXBASE_OUTBOUND_ALLOW_NETWORKS: {exc}") from None
+    dbd = DatabaseSettings(url=db_url)
     return Settings(
         database=DatabaseSettings(
             url=db_url,
@@ -634,7 +674,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                 get("FLUXBASE_DATABASE_ALLOW_SUPERUSER", "false") or "false",
                 "FLUXBASE_DATABASE_ALLOW_SUPERUSER",
             ),
+            pool_min=_non_negative(
+                int_of("FLUXBASE_DATABASE_POOL_MIN", dbd.pool_min), "FLUXBASE_DATABASE_POOL_MIN"
+            ),
             pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10),
+            connect_timeout=float_of("FLUXBASE_DATABASE_CONNECT_TIMEOUT_SECONDS", dbd.connect_timeout),
+            acquire_timeout_s=float_of("FLUXBASE_DATABASE_ACQUIRE_TIMEOUT_SECONDS", dbd.acquire_timeout_s),
             lock_timeout_ms=_positive(
                 int_of("FLUXBASE_DATABASE_LOCK_TIMEOUT_MS", 10_000), "FLUXBASE_DATABASE_LOCK_TIMEOUT_MS"
             ),
@@ -685,7 +730,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             port=int_of("FLUXBASE_REALTIME_PORT", 8081),
             public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
             queue_size=int_of("FLUXBASE_REALTIME_QUEUE_SIZE", 1000),
-            ping_interval_s=float(int_of("FLUXBASE_REALTIME_PING_SECONDS", 20)),
+            ping_interval_s=float_of("FLUXBASE_REALTIME_PING_SECONDS", 20.0),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),
             events_max_rows=int_of("FLUXBASE_EVENTS_MAX_ROWS", 1_000_000),
             rls_pool_max=_positive(
@@ -694,21 +739,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             rls_timeout_ms=_positive(
                 int_of("FLUXBASE_REALTIME_RLS_TIMEOUT_MS", 2000), "FLUXBASE_REALTIME_RLS_TIMEOUT_MS"
             ),
-            revalidate_s=float(
-                _positive(
-                    int_of("FLUXBASE_REALTIME_REVALIDATE_SECONDS", 2), "FLUXBASE_REALTIME_REVALIDATE_SECONDS"
-                )
-            ),
+            revalidate_s=float_of("FLUXBASE_REALTIME_REVALIDATE_SECONDS", 2.0),
             broadcast_keep=_positive(
                 int_of("FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT", 1000),
                 "FLUXBASE_EVENTS_BROADCASTS_PER_PROJECT",
             ),
-            presence_heartbeat_s=float(
-                _positive(
-                    int_of("FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS", 15),
-                    "FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS",
-                )
-            ),
+            presence_heartbeat_s=float_of("FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS", 15.0),
             presence_max_members=_positive(
                 int_of("FLUXBASE_REALTIME_PRESENCE_MAX_MEMBERS", 100),
                 "FLUXBASE_REALTIME_PRESENCE_MAX_MEMBERS",
@@ -730,7 +766,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         end_user=end_user,
         outbound=OutboundSettings(allow_networks=tuple(dict.fromkeys(networks))),
-        mail=_mail(lambda n, dflt: get(n, dflt) or dflt, int_of),
+        mail=_mail(lambda n, dflt: get(n, dflt) or dflt, int_of, float_of),
         run_worker_in_api=_bool(
             get("FLUXBASE_RUN_WORKER_IN_API", "false") or "false", "FLUXBASE_RUN_WORKER_IN_API"
         ),

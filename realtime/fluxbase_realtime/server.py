@@ -59,7 +59,6 @@ from fluxbase.services import realtime
 from fluxbase.services.access import authenticate_key, load_project
 from fluxbase.services.identity import IdentityResolver, end_user_identity
 from fluxbase.services.realtime import Cursor
-from fluxbase.storage.s3 import ObjectStore
 from fluxbase_realtime import credentials
 from fluxbase_realtime import filters as row_filters
 from fluxbase_realtime.credentials import Credential, Grant
@@ -129,7 +128,6 @@ class RealtimeService:
         self.end_user_verifier = end_user_verifier
         self.gate: RlsGate | None = None
         self.db: asyncpg.Pool | None = None
-        self.store = ObjectStore(settings.s3)
         self.hub = Hub()
         self.queue_size = settings.realtime.queue_size
         # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
@@ -160,7 +158,6 @@ class RealtimeService:
         if self.end_user_verifier is None:
             self.end_user_verifier = resolver_verifier(IdentityResolver(self.db, self.settings))
         self.gate = self.hub.gate = RlsGate(self.settings, self.db)
-        await self.store.start()
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
         self._revalidate_task = asyncio.create_task(self._revalidate(self.settings.realtime.revalidate_s))
@@ -260,27 +257,18 @@ class RealtimeService:
             await self.gate.close()
         if self.db is not None:
             await self.db.close()
-        await self.store.close()
         self._unregister()
 
     async def ready(self) -> dict[str, str]:
-        async def pg() -> bool:
-            try:
-                assert self.db is not None
-                return await asyncio.wait_for(self.db.fetchval("SELECT 1"), 2) == 1
-            except Exception:
-                return False
-
-        async def s3() -> bool:
-            try:
-                return await asyncio.wait_for(self.store.ping(), 3)
-            except Exception:
-                return False
-
-        pg_ok, s3_ok = await asyncio.gather(pg(), s3())
+        """What serving needs: the control database and the outbox reader. Not S3: the realtime
+        service never reads or writes an object, so an S3 outage must not take it out of rotation."""
+        try:
+            assert self.db is not None
+            pg_ok = await asyncio.wait_for(self.db.fetchval("SELECT 1"), 2) == 1
+        except Exception:
+            pg_ok = False
         return {
             "postgres": "ok" if pg_ok else "down",
-            "s3": "ok" if s3_ok else "down",
             "outbox": "ok" if self.reader.ready.is_set() else "starting",
         }
 

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from fluxbase.config import load_settings
 from fluxbase.http.app import create_app
 from fluxbase.http.fastpath import SqlFastPath
 from fluxbase.http.requestlog import RequestLog
+from fluxbase.http.tracing import TraceRequests, tracer_from_env
 from fluxbase.logs import setup_logging
 
 
 def create_from_env(terminal: bool = False) -> RequestLog:
     settings = load_settings(os.environ)
     setup_logging(settings.log_level, settings.log_format)
+    app: Any = SqlFastPath(create_app(settings))
+    tracer = tracer_from_env(os.environ)
+    if tracer is not None:
+        app = TraceRequests(app, tracer)
     return RequestLog(
-        SqlFastPath(create_app(settings)),
+        app,
         terminal=terminal,
         json_log=settings.log_format == "json",
         metrics_token=settings.metrics_token,
