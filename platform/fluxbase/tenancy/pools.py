@@ -192,7 +192,11 @@ class ConnectionBudget:
         while self.held(project) > self.share:
             own = next((c for c, p in self._idle.items() if p.project == project), None)
             if own is not None:
-                await self._evict(own, self._idle.pop(own))
+                try:
+                    await self._evict(own, self._idle.pop(own))  # its slot is ours
+                except BaseException:
+                    self.give()
+                    raise
                 return True
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError
