@@ -497,11 +497,13 @@ async def _retention_trims_and_old_cursors_get_resync_required(api: Api, project
         for v in ("old1", "old2"):
             await api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ($1)", [v])
         first, _ = await sub.rows(2)
-    # Trim by age (everything finished is older than 0 s) while a writer keeps inserting.
+    # Trim by age (everything finished is older than 0 s) while a writer keeps inserting. Short
+    # batches interleave with the writer; not single rows: the shared outbox holds every earlier
+    # test's events (thousands from the review tests' floods), one round trip each took minutes.
     writer = asyncio.create_task(
         api.sql(project.admin_key, project.id, "INSERT INTO items (v) VALUES ('during')")
     )
-    deleted = await trim_events(control_db, max_age_s=0, max_rows=1_000_000, batch=1)
+    deleted = await trim_events(control_db, max_age_s=0, max_rows=1_000_000, batch=200)
     assert deleted >= 2
     assert (await writer).json()["success"]
     left = await control_db.fetchval(
