@@ -53,7 +53,8 @@ async def main(args: argparse.Namespace) -> int:
                 o = await rig.phase(target, before_s=args.before, down_s=args.down, after_s=args.after)
             outcomes.append(o)
             print(
-                f"{target}: {o.confirmed} inserts answered success, {o.written} committed; "
+                f"{target}: {o.confirmed} {'uploads' if target == 's3' else 'inserts'} answered success, "
+                f"{o.written} {'file rows' if target == 's3' else 'committed'}; "
                 f"failed writes {dict(o.statuses)}, api back after "
                 f"{o.api_recover_s if o.api_recover_s is None else round(o.api_recover_s, 2)} s, "
                 f"phantoms {sum(len(v) for v in o.phantom.values())}, duplicates {o.duplicated}, "
