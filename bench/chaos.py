@@ -12,6 +12,12 @@ consumer got a row written after it (its ratio against the baseline phase, which
 delivery latency on this machine, is printed below the table), and start_s: the part of it the
 restarted process took to be ready (a Python process start on a loaded machine dominates).
 
+The s3 phase kills `weed mini` under upload load instead (streamed through the API and
+presigned POSTs straight to S3), then runs housekeeping: written = file rows, delivered = rows
+whose object is there with their size, lost = rows without it or uploads answered success
+without a row, duplicated = objects no row accounts for; recover_s = restart until an upload
+succeeds again.
+
     .venv/bin/python bench/chaos.py [--rate 10] [--writers 3] [--subscribers 2] [--down 1.5]
         [--targets realtime,worker,api,postgres]
 """
@@ -41,10 +47,14 @@ async def main(args: argparse.Namespace) -> int:
     try:
         await rig.start()
         for target in ["none", *args.targets.split(",")]:
-            o = await rig.phase(target, before_s=args.before, down_s=args.down, after_s=args.after)
+            if target == "s3":  # uploads through the API and presigned POSTs, then housekeeping
+                o = await rig.storage_phase(before_s=args.before, down_s=args.down, after_s=args.after)
+            else:
+                o = await rig.phase(target, before_s=args.before, down_s=args.down, after_s=args.after)
             outcomes.append(o)
             print(
-                f"{target}: {o.confirmed} inserts answered success, {o.written} committed; "
+                f"{target}: {o.confirmed} {'uploads' if target == 's3' else 'inserts'} answered success, "
+                f"{o.written} {'file rows' if target == 's3' else 'committed'}; "
                 f"failed writes {dict(o.statuses)}, api back after "
                 f"{o.api_recover_s if o.api_recover_s is None else round(o.api_recover_s, 2)} s, "
                 f"phantoms {sum(len(v) for v in o.phantom.values())}, duplicates {o.duplicated}, "
@@ -62,7 +72,7 @@ async def main(args: argparse.Namespace) -> int:
     if base:
         print()
         for o in outcomes[1:]:
-            if o.recover_s is not None:
+            if o.recover_s is not None and o.killed != "s3":
                 print(
                     f"{o.killed}: recovery {o.recover_s / base:.1f}x the no-fault delivery latency ({base:.2f} s)"
                 )

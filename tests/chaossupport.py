@@ -8,6 +8,12 @@ load, kills `target` with SIGKILL mid-load (PostgreSQL: an immediate stop), rest
 the consumers to catch up and returns an `Outcome`: what was committed (decided from the table
 when a writer's request failed), what each consumer got, lost, got twice, and got without a
 commit, the API statuses seen and the seconds to recover.
+
+`Rig.storage_phase()` does the same to the S3 server (`weed mini`, SIGKILL) under upload load:
+uploads streamed through the API and presigned POSTs straight to S3 (then confirmed). Then it
+runs the worker's housekeeping as if its grace periods had passed, and compares rows and
+objects: a file row without its object (or with other bytes) is lost, an object no row accounts
+for is reported in the `duplicated` column.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,7 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from fluxbase.devstack.procs import free_port, stop_process
 from support import ROOT, Api, Stack, bearer, wait_http_ok
 
-TARGETS = ("realtime", "worker", "api", "postgres")  # "none": the same phase without a fault
+TARGETS = ("realtime", "worker", "api", "postgres", "s3")  # "none": the same phase without a fault
 SCHEDULE = "0.2,0.3,0.5,0.5,1,1,2,2,2,2"  # webhook retries: quick, and long enough for an outage
 
 
@@ -183,6 +190,9 @@ class Rig:
         self.receiver = Receiver()
         self.subs: list[Subscriber] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.bucket_made = False
+        self.sizes: dict[str, int] = {}  # object key -> size, after the last storage phase
+        self.storage_detail: dict[str, Any] = {}
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -317,6 +327,15 @@ class Rig:
             deadline = time.monotonic() + 5
             while not self.receiver.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
+        if target == "s3":
+            s3 = self.stack.s3
+            assert s3 is not None and s3.pid is not None, "needs the test's own weed mini"
+            os.kill(s3.pid, signal.SIGKILL)
+            await asyncio.to_thread(s3.stop)  # reaps it
+            await asyncio.sleep(down_s)
+            restarted = time.monotonic()
+            await asyncio.to_thread(s3.start)
+            return restarted, time.monotonic()
         if target == "postgres":
             pg = self.stack.pg
             assert pg is not None, "needs the test's own embedded PostgreSQL"
@@ -396,6 +415,200 @@ class Rig:
             vanished=sorted(set(confirmed) - committed),
             statuses=st["statuses"],
             recover_s=recover,
+            api_recover_s=(min(ok_after) - restarted) if ok_after else None,
+            ready_s=ready - restarted,
+        )
+
+    # -- storage --------------------------------------------------------------------------------
+
+    async def _api_uploader(self, phase: int, stop: asyncio.Event, st: dict[str, Any]) -> None:
+        """Uploads streamed through the API (POST /api/storage/upload), one after another."""
+        while not stop.is_set():
+            name = f"p{phase}/api-{next(self.counter)}.bin"
+            data = name.encode() * 2000
+            began = time.monotonic()
+            try:
+                r = await self.http.post(
+                    "/api/storage/upload",
+                    data={"projectId": self.pid, "bucketId": "chaos", "name": name},
+                    files={"file": (name, data, "application/octet-stream")},
+                    headers=bearer(self.key),
+                )
+                ok, label = r.status_code == 201, str(r.status_code)
+                if not ok:
+                    st["codes"][r.json().get("error", {}).get("code", "?")] += 1
+            except httpx.HTTPError as exc:
+                ok, label = False, type(exc).__name__
+            if ok:
+                st["confirmed"][name] = (time.monotonic(), len(data))
+                st["ok_started"].append(began)
+            else:
+                st["statuses"][label] += 1
+                await asyncio.sleep(0.1)
+
+    async def _direct_uploader(self, phase: int, stop: asyncio.Event, st: dict[str, Any]) -> None:
+        """Presigned POST uploads: a form from the API, the bytes straight to S3 (retried while
+        S3 is down, for as long as the load runs), then confirmUpload (retried on 503)."""
+        async with httpx.AsyncClient(timeout=10) as plain:
+            while not stop.is_set():
+                name = f"p{phase}/direct-{next(self.counter)}.bin"
+                data = name.encode() * 1000
+                try:
+                    r = await self.http.post(
+                        "/api/storage/upload-url",
+                        json={"projectId": self.pid, "bucketId": "chaos", "name": name, "size": len(data)},
+                        headers=bearer(self.key),
+                    )
+                except httpx.HTTPError as exc:
+                    st["statuses"][type(exc).__name__] += 1
+                    continue
+                if r.status_code != 201:
+                    st["statuses"][str(r.status_code)] += 1
+                    await asyncio.sleep(0.1)
+                    continue
+                grant = r.json()
+                posted = False
+                while not posted and not stop.is_set():
+                    try:
+                        p = await plain.post(
+                            grant["url"],
+                            data=grant["fields"],
+                            files={"file": (name, data, "application/octet-stream")},
+                        )
+                        posted = p.status_code in (200, 201, 204)
+                    except httpx.HTTPError:
+                        pass
+                    if not posted:
+                        await asyncio.sleep(0.2)
+                while posted:
+                    try:
+                        c = await self.http.post(
+                            "/api/storage/upload-url/confirm",
+                            json={"projectId": self.pid, "fileId": grant["file"]["id"]},
+                            headers=bearer(self.key),
+                        )
+                        if c.status_code == 200:
+                            st["confirmed"][name] = (time.monotonic(), len(data))
+                            break
+                        st["statuses"][str(c.status_code)] += 1
+                        st["codes"][c.json().get("error", {}).get("code", "?")] += 1
+                    except httpx.HTTPError as exc:
+                        st["statuses"][type(exc).__name__] += 1
+                    if stop.is_set() and time.monotonic() > st["give_up"]:
+                        break  # housekeeping registers what S3 holds
+                    await asyncio.sleep(0.2)
+
+    async def _housekeep(self) -> tuple[dict[str, int], list[str], set[str]]:
+        """The worker's housekeeping, run as if every lease, form and grace period had run out
+        (the load is over: nothing is in flight). Returns its counts, the keys in the bucket and
+        the keys of multipart uploads left unfinished."""
+        from fluxbase.config import load_settings
+        from fluxbase.storage.s3 import ObjectStore
+        from fluxbase.worker import housekeeping
+
+        settings = load_settings({**self.env, "FLUXBASE_STORAGE_ORPHAN_GRACE_S": "0"})
+        await self.db.execute(
+            "UPDATE fluxbase.objects SET lease_until = now() - interval '1 second', "
+            "upload_expires_at = CASE WHEN lease_kind = 'presigned' THEN now() - interval '1 second' "
+            "ELSE upload_expires_at END WHERE project_id = $1 AND lease_id IS NOT NULL",
+            self.pid,
+        )
+        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=2)
+        store = ObjectStore(settings.s3)
+        await store.start()
+        try:
+            await asyncio.sleep(1.0)  # LastModified has a resolution of a second
+            counts = await housekeeping(pool, settings, store)
+            counts = {k: v for k, v in counts.items() if k.startswith("storage.")}
+            # Leases housekeeping took over while settling are released by its own next round.
+            counts2 = await housekeeping(pool, settings, store)
+            for k, v in counts2.items():
+                if k.startswith("storage."):
+                    counts[k] = counts.get(k, 0) + v
+            keys: list[str] = []
+            pages = store.client.get_paginator("list_objects_v2")
+            async for page in pages.paginate(Bucket=store.bucket):
+                keys += [o["Key"] for o in page.get("Contents", [])]
+            uploads: set[str] = set()
+            pages = store.client.get_paginator("list_multipart_uploads")
+            async for page in pages.paginate(Bucket=store.bucket):
+                uploads |= {u["Key"] for u in page.get("Uploads", [])}
+            self.sizes = {}
+            for key in keys:
+                head = await store.client.head_object(Bucket=store.bucket, Key=key)
+                self.sizes[key] = int(head["ContentLength"])
+            return counts, keys, uploads
+        finally:
+            await store.close()
+            await pool.close()
+
+    async def storage_phase(
+        self, *, before_s: float = 2.0, down_s: float = 1.5, after_s: float = 2.5, uploaders: int = 2
+    ) -> Outcome:
+        """SIGKILL the S3 server mid-load of uploads, restart it, settle, compare rows and objects."""
+        if not self.bucket_made:
+            body = {"projectId": self.pid, "name": "chaos"}
+            r = await self.http.post("/api/storage/buckets", json=body, headers=bearer(self.key))
+            assert r.status_code == 201, r.text
+            self.bucket_made = True
+        phase = next(self.phases)
+        stop = asyncio.Event()
+        st: dict[str, Any] = {
+            "confirmed": {},
+            "ok_started": [],
+            "statuses": Counter(),
+            "codes": Counter(),
+            "give_up": math.inf,
+        }
+        tasks = [asyncio.create_task(self._api_uploader(phase, stop, st)) for _ in range(uploaders)]
+        tasks.append(asyncio.create_task(self._direct_uploader(phase, stop, st)))
+        await asyncio.sleep(before_s)
+        restarted, ready = await self._kill_and_restart("s3", down_s)
+        await asyncio.sleep(after_s)
+        st["give_up"] = time.monotonic() + 10
+        stop.set()
+        await asyncio.gather(*tasks)
+        counts, keys, unfinished = await self._housekeep()
+        rows = {
+            r["name"]: (r["s3_key"], r["size"])
+            for r in await self.db.fetch(
+                "SELECT o.name, o.s3_key, o.size FROM fluxbase.objects o JOIN fluxbase.buckets b "
+                "ON b.id = o.bucket_id WHERE o.project_id = $1 AND b.name = 'chaos' AND o.status = 'ready' "
+                "AND o.name LIKE $2",
+                self.pid,
+                f"p{phase}/%",
+            )
+        }
+        pending = await self.db.fetchval(
+            "SELECT count(*) FROM fluxbase.objects WHERE project_id = $1 AND status <> 'ready'", self.pid
+        )
+        confirmed: dict[str, tuple[float, int]] = st["confirmed"]
+        stored = {n for n, (key, size) in rows.items() if self.sizes.get(key) == size}
+        accounted = {key for key, _ in rows.values()} | {
+            r["s3_key"] for r in await self.db.fetch("SELECT s3_key FROM fluxbase.objects")
+        }
+        mine = [k for k in keys if k.startswith((f"{self.pid}/", f"_presigned/{self.pid}/", "_staging/"))]
+        unaccounted = sorted(k for k in mine if k not in accounted) + sorted(unfinished)
+        ok_after = [t for t in st["ok_started"] if t >= restarted]
+        first_ok = min((t for t, _ in confirmed.values() if t >= restarted), default=None)
+        self.storage_detail = {
+            "housekeeping": counts,
+            "pending rows": pending,
+            "codes": dict(st["codes"]),
+            "unaccounted": unaccounted[:20],
+        }
+        return Outcome(
+            killed="s3",
+            written=len(rows),
+            confirmed=len(confirmed),
+            delivered={"s3": len(stored)},
+            lost={"s3": sorted((set(rows) - stored) | (set(confirmed) - set(rows)))},
+            duplicated={"s3": len(unaccounted)},
+            phantom={"s3": []},
+            foreign_ids=[],
+            vanished=sorted(set(confirmed) - set(rows)),
+            statuses=st["statuses"],
+            recover_s=None if first_ok is None else first_ok - restarted,
             api_recover_s=(min(ok_after) - restarted) if ok_after else None,
             ready_s=ready - restarted,
         )

@@ -144,7 +144,12 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
 
 @contextlib.contextmanager
 def run_service(
-    command: list[str], env: dict[str, str], port: int, log_dir: Path, ready_path: str = "/ready"
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    log_dir: Path,
+    ready_path: str = "/ready",
+    timeout: float = 60,
 ) -> Iterator[ServerProcess]:
     """Start `python -m fluxbase <command>` and wait for it to be ready; always stop it."""
     log_path = log_dir / f"{command[0]}-{port}.log"
@@ -158,7 +163,7 @@ def run_service(
             cwd=ROOT,
         )
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}{ready_path}", proc, log_path)
+        wait_http_ok(f"http://127.0.0.1:{port}{ready_path}", proc, log_path, timeout)
         yield ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     finally:
         stop_process(proc, signal.SIGTERM, timeout=15)

@@ -3,7 +3,10 @@ realtime subscribers resuming by cursor and a webhook endpoint receiving, SIGKIL
 realtime service, the webhook worker and the API, then stop PostgreSQL immediately; each is
 restarted. Every committed row reaches every consumer exactly once (the endpoint: a repeat only
 under the same webhook-id), nothing uncommitted is delivered, the API answers 503 and never 500
-while PostgreSQL is down, and recovers by itself. The tests run in order on one rig."""
+while PostgreSQL is down, and recovers by itself. Last, the S3 server is SIGKILLed during uploads
+(through the API and presigned POSTs straight to S3): the API answers 503 STORAGE_UNAVAILABLE and
+never 500, recovers by itself, and after housekeeping every file row has its object and every
+object a row. The tests run in order on one rig."""
 
 from __future__ import annotations
 
@@ -80,3 +83,23 @@ async def test_postgres_stopped_immediately(rig: Rig) -> None:
     assert o.statuses.get("503", 0) >= 1, dict(o.statuses)
     assert set(o.statuses) <= {"503"}, dict(o.statuses)
     assert o.api_recover_s is not None and rig.procs["api"].poll() is None
+
+
+@pytest.mark.timeout(300)  # run alone (-k), it also starts the rig; weed mini restarts in ~10 s
+async def test_s3_killed_during_uploads(rig: Rig) -> None:
+    o = await rig.storage_phase()
+    OUTCOMES.append(o)
+    detail = rig.storage_detail
+    print(f"\n{table([o])}\nfailed calls: {dict(o.statuses)}; {detail}; api back after {o.api_recover_s}s")
+    where = f"\n{o}\n{detail}\n{rig.logs()}"
+    assert o.confirmed >= 5, f"too little load{where}"
+    assert o.statuses.get("503", 0) >= 1, f"no upload met the outage{where}"
+    # Uploads and confirmations met 503 STORAGE_UNAVAILABLE while S3 was down, never a 500.
+    assert set(o.statuses) <= {"503"}, f"answers besides 503: {dict(o.statuses)}{where}"
+    assert set(detail["codes"]) <= {"STORAGE_UNAVAILABLE"}, where
+    assert not o.vanished, f"uploads answered success without a file: {o.vanished}{where}"
+    assert o.total_lost == 0, f"file rows without their object: {o.lost}{where}"
+    assert o.total_duplicated == 0, f"objects no row accounts for: {detail['unaccounted']}{where}"
+    assert detail["pending rows"] == 0, where
+    assert o.api_recover_s is not None and o.recover_s is not None, f"no upload after the restart{where}"
+    assert rig.procs["api"].poll() is None, "the API recovered without a restart of its own"

@@ -288,6 +288,15 @@ def test_error_table_matches_the_catalog() -> None:
     assert not problems, "README 'Errors' table:\n" + "\n".join(problems)
 
 
+def test_every_code_the_edge_writes_is_in_the_catalog() -> None:
+    """The edge renders Litestar's own exceptions itself; each code it writes is a catalog code
+    (so OpenAPI, the clients and the README table know it), with the status the edge answers."""
+    catalog = codes_in_catalog()
+    assert codes_of_the_edge() >= {"NOT_FOUND", "METHOD_NOT_ALLOWED", "PAYLOAD_TOO_LARGE"}
+    assert codes_of_the_edge() - catalog.keys() == set()
+    assert catalog["METHOD_NOT_ALLOWED"] == {405}
+
+
 # -- WebSocket messages ------------------------------------------------------------------------
 
 REALTIME = ROOT / "realtime" / "fluxbase_realtime"

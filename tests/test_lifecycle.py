@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from websockets.asyncio.client import connect as websockets_connect
 
 from fluxbase.config import ConfigError, load_settings
 from fluxbase.devstack.procs import free_port, stop_process
@@ -321,6 +323,120 @@ async def test_requests_are_traced_when_the_sdk_is_installed(project, log_dir) -
     assert span["attributes"]["http.route"] == "/api/execute-sql"
     assert span["resource"]["attributes"]["service.name"] == "fluxbase-api"
     assert project["key"] not in server.log()
+    # The tenant statement: a CLIENT span under the request's, named by its kind, no SQL text.
+    (db,) = [
+        s
+        for s in spans
+        if s["context"]["trace_id"] == f"0x{trace_id}" and s["attributes"].get("db.system") == "postgresql"
+    ]
+    assert db["parent_id"] == span["context"]["span_id"]
+    assert db["kind"] == "SpanKind.CLIENT"
+    assert db["name"] == "SELECT" and db["attributes"]["db.operation.name"] == "SELECT"
+    assert "one" not in json.dumps(db), db
+
+
+async def test_statements_realtime_and_webhook_attempts_are_traced(project, log_dir) -> None:
+    """The explicit-transaction path's statement span carries no literal (a failing one only its
+    SQLSTATE); the realtime service traces each delivery and the worker each webhook attempt,
+    whose request carries the attempt's `traceparent` to the receiver."""
+    pytest.importorskip("opentelemetry.sdk")
+    from test_webhooks import Receiver
+
+    api_port, rt_port = free_port(), free_port()
+    env = dict(
+        project["env"],
+        FLUXBASE_API_PORT=str(api_port),
+        FLUXBASE_REALTIME_PORT=str(rt_port),
+        FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true",
+        OTEL_TRACES_EXPORTER="console",
+    )
+    receiver = await Receiver().start()
+    api = Api(f"http://127.0.0.1:{api_port}")
+    try:
+        with (
+            run_service(["api"], env, api_port, log_dir, ready_path="/live") as server,
+            run_service(["realtime"], env, rt_port, log_dir, ready_path="/live") as rt,
+        ):
+            key, pid = project["key"], project["pid"]
+            r = await api.sql(key, pid, "CREATE TABLE IF NOT EXISTS traced (id serial PRIMARY KEY, v text)")
+            assert r.json()["success"], r.text
+            r = await api.http.post(
+                "/api/webhooks",
+                json={
+                    "projectId": pid,
+                    "url": receiver.url,
+                    "events": ["row.inserted"],
+                    "tables": ["traced"],
+                },
+                headers=bearer(key),
+            )
+            assert r.status_code == 201, r.text
+            hook = str(r.json()["webhook"]["id"])
+            worker_log = log_dir / f"traced-worker-{rt_port}.log"
+            worker = await asyncio.to_thread(_start_worker, env, worker_log)
+            try:
+                async with websockets_connect(f"ws://127.0.0.1:{rt_port}/?token={key}") as ws:
+                    await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
+                    while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "subscribed":
+                        pass
+                    batch = await api.http.post(
+                        "/api/execute-batch",
+                        json={
+                            "projectId": pid,
+                            "statements": [
+                                {"query": "INSERT INTO traced (v) VALUES ('secret-literal-1')"},
+                                {"query": "SELECT 'secret-literal-2'::int"},
+                            ],
+                        },
+                        headers=bearer(key),
+                    )
+                    assert batch.status_code == 200 and batch.json()["success"] is False, batch.text
+                    r = await api.sql(key, pid, "INSERT INTO traced (v) VALUES ($1)", ["secret-param-3"])
+                    assert r.json()["success"], r.text
+                    while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "db_event":
+                        pass
+                deadline = time.monotonic() + 30
+                while not receiver.requests or "webhook attempt" not in worker_log.read_text(
+                    errors="replace"
+                ):
+                    assert time.monotonic() < deadline and worker.poll() is None, worker_log.read_text()[
+                        -3000:
+                    ]
+                    await asyncio.sleep(0.1)
+            finally:
+                stop_process(worker, signal.SIGTERM, timeout=30)
+            await api.http.delete(f"/api/webhooks/{hook}", headers=bearer(key))
+            stop_process(rt.proc, signal.SIGTERM, timeout=15)
+            stop_process(server.proc, signal.SIGTERM, timeout=15)
+        logs = server.log() + rt.log() + worker_log.read_text(errors="replace")
+        for secret in ("secret-literal", "secret-param", key):
+            assert secret not in logs
+        spans = _json_objects(logs)
+        db = [s for s in spans if s.get("attributes", {}).get("db.system") == "postgresql"]
+        failed = [s for s in db if s["status"]["status_code"] == "ERROR"]
+        assert [s["attributes"].get("error.type") for s in failed] == ["22P02"], failed
+        assert {s["name"] for s in db} >= {"INSERT", "SELECT", "CREATE"}
+        deliver = [s for s in spans if s.get("name") == "realtime deliver"]
+        assert deliver and deliver[0]["resource"]["attributes"]["service.name"] == "fluxbase-realtime"
+        assert sum(s["attributes"]["fluxbase.realtime.deliveries"] for s in deliver) >= 1
+        (attempt, *_) = [s for s in spans if s.get("name") == "webhook attempt"]
+        assert attempt["kind"] == "SpanKind.CLIENT"
+        assert attempt["resource"]["attributes"]["service.name"] == "fluxbase-worker"
+        assert attempt["attributes"]["http.response.status_code"] == 200
+        assert attempt["attributes"]["fluxbase.webhook.id"] == hook
+        assert receiver.url not in json.dumps(attempt)
+        sent = receiver.requests[0]["headers"].get("traceparent", "")
+        assert sent.split("-")[1:3] == [attempt["context"]["trace_id"][2:], attempt["context"]["span_id"][2:]]
+    finally:
+        await api.close()
+        await receiver.stop()
+
+
+def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fluxbase", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _json_objects(text: str) -> list[dict[str, Any]]:

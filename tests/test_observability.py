@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import re
 import signal
 import subprocess
@@ -207,6 +208,129 @@ async def test_unmatched_paths_share_one_label(obs) -> None:
     after = await scrape(obs["url"])
     assert value(after, "fluxbase_http_requests_total", method="GET", route="unmatched", status="404") >= 3
     assert not any("/no/such" in dict(labels).get("route", "") for _, labels in after)
+
+
+def test_shared_registries_merge_every_process_and_keep_the_dead_ones_counts(tmp_path) -> None:
+    """Two registries sharing a directory (as two API workers do): counters and histograms sum
+    over both, gauges over the live ones (a ratio by its maximum); a dead process's counters
+    stay, its gauges go; a file that grows past its first size reads back whole."""
+    regs = [metrics.Registry(), metrics.Registry()]
+    for r in regs:
+        r.counter("t_requests_total", "requests", ("route",))
+        r.histogram("t_seconds", "latency", ("route",))
+        r.gauge("t_in_flight", "now")
+        r.gauge("t_busiest_ratio", "max", merge="max")
+        r.gauge("t_pools", "by project", ("project",))
+    paths = [r.share(tmp_path, "api") for r in regs]
+    a, b = regs
+    a.counter("t_requests_total", "requests", ("route",)).inc("/x", amount=2)
+    b.counter("t_requests_total", "requests", ("route",)).inc("/x", amount=3)
+    b.counter("t_requests_total", "requests", ("route",)).inc("/y")
+    a.histogram("t_seconds", "latency", ("route",)).observe(0.003, "/x")
+    b.histogram("t_seconds", "latency", ("route",)).observe(7.0, "/x")
+    a.gauge("t_in_flight", "now").set(value=1)
+    b.gauge("t_in_flight", "now").set(value=2)
+    a.gauge("t_busiest_ratio", "max", merge="max").set(value=0.25)
+    b.gauge("t_busiest_ratio", "max", merge="max").set(value=0.75)
+    pools = b.gauge("t_pools", "by project", ("project",))
+    pools.set("p1", value=4)
+    pools.clear()  # a labelled gauge's cleared series disappears from every scrape
+    pools.set("p2", value=5)
+    many = a.counter("t_many_total", "forces the file to grow", ("n",))
+    for i in range(3000):
+        many.inc(str(i), amount=i)
+
+    both = parse(asyncio.run(a.render()).decode())
+    assert value(both, "t_requests_total", route="/x") == 5
+    assert value(both, "t_requests_total", route="/y") == 1
+    assert value(both, "t_seconds_count", route="/x") == 2
+    assert value(both, "t_seconds_bucket", route="/x", le="0.005") == 1
+    assert value(both, "t_seconds_sum", route="/x") == 7.003
+    assert value(both, "t_in_flight") == 3
+    assert value(both, "t_busiest_ratio") == 0.75
+    assert ("t_pools", frozenset({("project", "p1")})) not in both
+    assert value(both, "t_pools", project="p2") == 5
+    assert sum(v for (n, _), v in both.items() if n == "t_many_total") == sum(range(3000))
+    assert os.path.getsize(paths[0]) > 64 * 1024
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    paths[1].rename(tmp_path / f"api-{gone.pid}-dead{metrics.SharedStore.SUFFIX}")
+    after_b_died = parse(asyncio.run(a.render()).decode())
+    assert value(after_b_died, "t_requests_total", route="/x") == 5  # counters never go down
+    assert value(after_b_died, "t_seconds_count", route="/x") == 2
+    assert value(after_b_died, "t_in_flight") == 1
+    assert value(after_b_died, "t_busiest_ratio") == 0.25
+    assert ("t_pools", frozenset({("project", "p2")})) not in after_b_died
+
+
+def _served(directory: Path, route: str) -> dict[int, float]:
+    """Requests to `route` each API worker counted in its shared metrics file, by pid."""
+    out: dict[int, float] = {}
+    for path in directory.glob("*" + metrics.SharedStore.SUFFIX):
+        pid = int(path.name.split("-")[1])
+        for name, labels, _, v in metrics.SharedStore.read(path):
+            if name == "fluxbase_http_requests_total" and labels[1] == route:
+                out[pid] = out.get(pid, 0.0) + v
+    return out
+
+
+async def test_one_scrape_counts_every_api_workers_requests(stack, log_dir, tmp_path) -> None:
+    """Two uvicorn workers, N requests spread over both: a scrape (answered by either) shows N,
+    and still N after a worker is SIGKILLed: its counters outlive it."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    stale = shared / f"api-1-0000{metrics.SharedStore.SUFFIX}"  # a file of an earlier run
+    stale.write_bytes(b"\0" * 64)
+    dbname = await stack.create_database()
+    port = free_port()
+    env = stack.env(
+        dbname,
+        FLUXBASE_API_PORT=str(port),
+        FLUXBASE_API_WORKERS="2",
+        FLUXBASE_API_METRICS_DIR=str(shared),
+        FLUXBASE_METRICS_TOKEN=TOKEN,
+    )
+    route = {"method": "GET", "route": "unmatched", "status": "404"}
+    began = time.monotonic()
+    try:
+        # Two processes start at once: on a loaded machine that takes a while.
+        with run_service(["api"], env, port, log_dir, ready_path="/live", timeout=180) as server:
+            print(f"two workers ready in {time.monotonic() - began:.1f} s")
+            assert not stale.exists()
+            sent = 0
+            # A fresh connection per request: the kernel hands them to both workers.
+            async with httpx.AsyncClient(
+                base_url=server.url, limits=httpx.Limits(max_keepalive_connections=0)
+            ) as http:
+                while sent < 40 or len([v for v in _served(shared, "unmatched").values() if v]) < 2:
+                    assert sent < 400, f"one worker answered everything: {_served(shared, 'unmatched')}"
+                    rs = await asyncio.gather(*(http.get(f"/no/such/{sent + i}") for i in range(8)))
+                    assert all(r.status_code == 404 for r in rs)
+                    sent += 8
+            served = _served(shared, "unmatched")
+            assert sum(served.values()) == sent and len(served) == 2, served
+            for _ in range(4):  # whichever worker answers the scrape
+                samples = await scrape(server.url)
+                assert value(samples, "fluxbase_http_requests_total", **route) == sent
+                assert (
+                    value(
+                        samples,
+                        "fluxbase_http_request_duration_seconds_count",
+                        method="GET",
+                        route="unmatched",
+                    )
+                    == sent
+                )
+            victim = next(pid for pid, v in served.items() if v)
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: not metrics._alive(victim))
+            for _ in range(4):
+                samples = await scrape(server.url)
+                assert value(samples, "fluxbase_http_requests_total", **route) == sent
+            assert value(samples, "fluxbase_http_requests_in_flight") == 0
+    finally:
+        await stack.drop_database(dbname)
 
 
 async def test_s3_errors_are_counted(obs) -> None:

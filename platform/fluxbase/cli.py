@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from fluxbase.config import ConfigError, Settings, load_settings
@@ -102,6 +106,40 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not args.no_migrate:
         asyncio.run(_migrate(settings))
     workers = args.workers or settings.http.workers
+    with _shared_metrics_dir(settings.http.metrics_dir, workers):
+        _run_uvicorn(uvicorn, args, settings, host, port, workers)
+    return 0
+
+
+@contextlib.contextmanager
+def _shared_metrics_dir(given: str, workers: int) -> Iterator[None]:
+    """With several workers, a directory where they share their metrics (fluxbase.metrics),
+    passed to them as FLUXBASE_API_METRICS_DIR: the one given, emptied of the last run's files,
+    or a private temporary one removed at exit."""
+    if not given and workers <= 1:
+        yield
+        return
+    from fluxbase.metrics import SharedStore
+
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob(f"*{SharedStore.SUFFIX}"):
+            old.unlink(missing_ok=True)
+        yield
+        return
+    directory = Path(tempfile.mkdtemp(prefix="fluxbase-metrics-"))
+    os.environ["FLUXBASE_API_METRICS_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        os.environ.pop("FLUXBASE_API_METRICS_DIR", None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_uvicorn(
+    uvicorn: Any, args: argparse.Namespace, settings: Settings, host: str, port: int, workers: int
+) -> None:
     uvicorn.run(
         "fluxbase.http.asgi:create_with_request_log"
         if args.request_log
@@ -120,7 +158,6 @@ def cmd_api(args: argparse.Namespace) -> int:
         # remaining requests are cancelled and the process exits. A float works (asyncio.timeout).
         timeout_graceful_shutdown=settings.http.drain_s,  # type: ignore[arg-type]
     )
-    return 0
 
 
 def cmd_realtime(args: argparse.Namespace) -> int:
@@ -132,6 +169,9 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     host = args.host or settings.realtime.host
     port = args.port or settings.realtime.port
     ensure_port_free(host, port, "realtime service", "FLUXBASE_REALTIME_PORT")
+    from fluxbase import tracing
+
+    tracing.setup(os.environ, "fluxbase-realtime")
     asyncio.run(serve(settings, host, port))
     return 0
 
@@ -143,6 +183,9 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
     settings = _settings()
     _setup_logging(settings)
+    from fluxbase import tracing
+
+    tracing.setup(os.environ, "fluxbase-worker")
 
     async def main() -> None:
         # SIGTERM (a container stopping) and SIGINT: start nothing new, let deliveries in flight

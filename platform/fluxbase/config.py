@@ -95,6 +95,11 @@ class HttpSettings(msgspec.Struct, frozen=True):
     drain_s: float = 30.0
     """On SIGTERM the API stops accepting connections and lets requests in flight finish for at
     most this long, then cancels them and exits (FLUXBASE_API_DRAIN_SECONDS)."""
+    metrics_dir: str = ""
+    """Where the API's worker processes share their metrics, so that a scrape of any of them
+    answers for all (FLUXBASE_API_METRICS_DIR). Empty: with more than one worker, `fluxbase api`
+    makes a private temporary directory per run and removes it at exit; a directory given here
+    is emptied of metric files at start."""
 
     def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
@@ -599,6 +604,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         public_url=get("FLUXBASE_API_PUBLIC_URL", "") or "",
         trusted_proxies=proxies,
         drain_s=float_of("FLUXBASE_API_DRAIN_SECONDS", HttpSettings().drain_s),
+        metrics_dir=get("FLUXBASE_API_METRICS_DIR", "") or "",
     )
     try:
         http.proxy_networks()

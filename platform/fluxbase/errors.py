@@ -82,6 +82,10 @@ class Conflict(FluxbaseError):
     code, status, default_message = "CONFLICT", 409, "The resource already exists or is in use."
 
 
+class MethodNotAllowed(FluxbaseError):
+    code, status, default_message = "METHOD_NOT_ALLOWED", 405, "This method is not allowed on this route."
+
+
 class PayloadTooLarge(FluxbaseError):
     code, status, default_message = "PAYLOAD_TOO_LARGE", 413, "The request is too large."
 

@@ -6,6 +6,14 @@ must come from bounded sets (route templates, status codes, reader names), never
 project ids or user input. Gauges that mirror live state are filled at scrape time by
 collectors (`REGISTRY.on_scrape`). No dependency: the format is a few lines of text.
 
+Several processes, one answer (the API's uvicorn workers): `Registry.share(directory)` makes
+every update also write the new value into this process's file in `directory` (a memory map of
+float slots, see `SharedStore`), and a scrape of any process then merges every file there:
+counters and histograms summed over all processes, dead ones included (a counter never goes
+down because a worker died); gauges over the processes still alive (summed, or the maximum for
+a ratio). Gauges that collectors fill at scrape time are refreshed in every process every few
+seconds, so a sibling's are at most that old.
+
 Access: with FLUXBASE_METRICS_TOKEN set, a request needs `Authorization: Bearer <token>`;
 without it, only loopback clients (127.0.0.0/8, ::1) are answered, and never a request that
 carries a proxy's forwarding header.
@@ -17,8 +25,14 @@ import asyncio
 import bisect
 import hmac
 import ipaddress
+import json
 import math
+import mmap
+import os
+import secrets
+import struct
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -41,6 +55,95 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
+class SharedStore:
+    """This process's metric values in a file that sibling processes read: a header (bytes
+    used), then entries of a key (JSON `[name, labels, slot]`) and one float each, appended once
+    and updated in place. An entry is written before the header counts it, so a reader never
+    sees half of one."""
+
+    SUFFIX = ".metrics"
+    _INITIAL = 64 * 1024
+
+    def __init__(self, directory: Path, prefix: str) -> None:
+        self.path = directory / f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}{self.SUFFIX}"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "r+b")
+        self._file.truncate(self._INITIAL)
+        self._mm = mmap.mmap(self._file.fileno(), self._INITIAL)
+        self._used = 8
+        struct.pack_into("<Q", self._mm, 0, self._used)
+        self._offsets: dict[tuple[str, Labels, int], int] = {}
+
+    def set(self, name: str, labels: Labels, slot: int, value: float) -> None:
+        offset = self._offsets.get((name, labels, slot))
+        if offset is None:
+            offset = self._append(name, labels, slot)
+        struct.pack_into("<d", self._mm, offset, value)
+
+    def _append(self, name: str, labels: Labels, slot: int) -> int:
+        key = json.dumps([name, list(labels), slot]).encode()
+        size = 4 + len(key)
+        size += -size % 8
+        if self._used + size + 8 > len(self._mm):
+            capacity = max(len(self._mm) * 2, self._used + size + 8)
+            self._file.truncate(capacity)
+            self._mm.close()
+            self._mm = mmap.mmap(self._file.fileno(), capacity)
+        struct.pack_into(f"<I{len(key)}s", self._mm, self._used, len(key), key)
+        offset = self._used + size
+        struct.pack_into("<d", self._mm, offset, 0.0)
+        self._used = offset + 8
+        struct.pack_into("<Q", self._mm, 0, self._used)
+        self._offsets[(name, labels, slot)] = offset
+        return offset
+
+    @staticmethod
+    def read(path: Path) -> Iterable[tuple[str, Labels, int, float]]:
+        """The entries of one process's file (of any process; a torn tail is left out)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return
+        if len(data) < 8:
+            return
+        (used,) = struct.unpack_from("<Q", data, 0)
+        pos, end = 8, min(used, len(data))
+        while pos + 4 <= end:
+            (n,) = struct.unpack_from("<I", data, pos)
+            key_end = pos + 4 + n
+            value_at = key_end + (-(4 + n) % 8)
+            if value_at + 8 > end:
+                return
+            try:
+                name, labels, slot = json.loads(data[pos + 4 : key_end])
+            except ValueError:
+                return
+            yield (
+                str(name),
+                tuple(str(v) for v in labels),
+                int(slot),
+                struct.unpack_from("<d", data, value_at)[0],
+            )
+            pos = value_at + 8
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 class _Metric:
     kind = ""
 
@@ -48,6 +151,15 @@ class _Metric:
         self.name = name
         self.help = help_text
         self.label_names = labels
+        self.store: SharedStore | None = None
+
+    def write_all(self) -> None:
+        """Write every current value to `store` (when it is attached)."""
+        raise NotImplementedError
+
+    def empty(self) -> _Metric:
+        """A metric of the same definition with no values (to merge processes' values into)."""
+        raise NotImplementedError
 
     def _key(self, labels: Labels) -> Labels:
         if len(labels) != len(self.label_names):
@@ -79,10 +191,20 @@ class Counter(_Metric):
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
+        value = self.values[key] = self.values.get(key, 0.0) + amount
+        if self.store is not None:
+            self.store.set(self.name, key, 0, value)
 
     def get(self, *labels: str) -> float:
         return self.values.get(self._key(labels), 0.0)
+
+    def write_all(self) -> None:
+        if self.store is not None:
+            for key, value in self.values.items():
+                self.store.set(self.name, key, 0, value)
+
+    def empty(self) -> Counter:
+        return Counter(self.name, self.help, self.label_names)
 
     def samples(self) -> Iterable[str]:
         for key, value in sorted(self.values.items()):
@@ -94,11 +216,27 @@ class Gauge(Counter):
 
     kind = "gauge"
 
+    def __init__(self, name: str, help_text: str, labels: Labels = (), merge: str = "sum") -> None:
+        super().__init__(name, help_text, labels)
+        if merge not in ("sum", "max"):
+            raise ValueError("merge is sum or max")
+        self.merge = merge  # how the values of several processes combine
+
     def set(self, *labels: str, value: float) -> None:
-        self.values[self._key(labels)] = float(value)
+        key = self._key(labels)
+        self.values[key] = float(value)
+        if self.store is not None:
+            self.store.set(self.name, key, 0, float(value))
 
     def clear(self) -> None:
+        if self.store is not None:  # an entry stays in the file: NaN marks it unset
+            for key in self.values:
+                self.store.set(self.name, key, 0, math.nan)
         self.values = {} if self.label_names else {(): 0.0}
+        self.write_all()
+
+    def empty(self) -> Gauge:
+        return Gauge(self.name, self.help, self.label_names, self.merge)
 
 
 class Histogram(_Metric):
@@ -118,8 +256,21 @@ class Histogram(_Metric):
         row = self.series.get(key)
         if row is None:
             row = self.series[key] = [0.0] * (len(self.buckets) + 2)
-        row[bisect.bisect_left(self.buckets, value)] += 1
+        slot = bisect.bisect_left(self.buckets, value)
+        row[slot] += 1
         row[-1] += value
+        if self.store is not None:
+            self.store.set(self.name, key, slot, row[slot])
+            self.store.set(self.name, key, len(row) - 1, row[-1])
+
+    def write_all(self) -> None:
+        if self.store is not None:
+            for key, row in self.series.items():
+                for slot, value in enumerate(row):
+                    self.store.set(self.name, key, slot, value)
+
+    def empty(self) -> Histogram:
+        return Histogram(self.name, self.help, self.label_names, self.buckets)
 
     def count(self, *labels: str) -> float:
         row = self.series.get(self._key(labels))
@@ -144,6 +295,8 @@ class Registry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[Collector] = []
+        self._store: SharedStore | None = None
+        self._shared_dir: Path | None = None
 
     def _add(self, metric: M) -> M:
         existing = self._metrics.get(metric.name)
@@ -152,13 +305,81 @@ class Registry:
                 raise ValueError(f"metric {metric.name} registered twice with different kinds")
             return existing  # type: ignore[return-value]
         self._metrics[metric.name] = metric
+        metric.store = self._store
+        metric.write_all()
         return metric
+
+    @property
+    def shared(self) -> bool:
+        return self._store is not None
+
+    def share(self, directory: str | Path, prefix: str = "api") -> Path:
+        """Write this process's values to a new file in `directory` from now on, and answer
+        scrapes for every process with a file there (see the module docstring)."""
+        self._shared_dir = Path(directory)
+        self._store = SharedStore(self._shared_dir, prefix)
+        for metric in self._metrics.values():
+            metric.store = self._store
+            metric.write_all()
+        return self._store.path
+
+    async def collect(self) -> None:
+        """Run the scrape-time collectors (a failing one counts, and hides no other)."""
+        for collect in list(self._collectors):
+            try:
+                result = collect()
+                if result is not None:
+                    await result
+            except Exception:
+                self.counter(
+                    "fluxbase_metrics_collector_errors_total", "Scrape-time collectors that failed."
+                ).inc()
+
+    async def refresh_forever(self, every_s: float = 5.0) -> None:
+        """Keep this process's collected gauges in its shared file at most `every_s` old."""
+        while True:
+            await self.collect()
+            await asyncio.sleep(every_s)
+
+    def _merged(self) -> list[_Metric]:
+        """Every process's values in `_shared_dir`, merged (see the module docstring)."""
+        assert self._shared_dir is not None
+        merged: dict[str, _Metric] = {name: m.empty() for name, m in self._metrics.items()}
+        for metric in merged.values():
+            if isinstance(metric, Counter):
+                metric.values = {}
+        for path in sorted(self._shared_dir.glob(f"*{SharedStore.SUFFIX}")):
+            try:
+                alive = _alive(int(path.name.split("-")[1]))
+            except (IndexError, ValueError):
+                continue
+            for name, labels, slot, value in SharedStore.read(path):
+                into = merged.get(name)
+                if into is None or math.isnan(value) or len(labels) != len(into.label_names):
+                    continue
+                if isinstance(into, Histogram):
+                    row = into.series.setdefault(labels, [0.0] * (len(into.buckets) + 2))
+                    if slot < len(row):
+                        row[slot] += value
+                elif isinstance(into, Gauge):
+                    if alive:
+                        was = into.values.get(labels)
+                        if was is not None:
+                            value = max(was, value) if into.merge == "max" else was + value
+                        into.values[labels] = value
+                elif isinstance(into, Counter):
+                    into.values[labels] = into.values.get(labels, 0.0) + value
+        for metric in merged.values():  # an unlabelled metric always has its one sample
+            if isinstance(metric, Counter) and not metric.label_names and () not in metric.values:
+                metric.values[()] = 0.0
+        return list(merged.values())
 
     def counter(self, name: str, help_text: str, labels: Labels = ()) -> Counter:
         return self._add(Counter(name, help_text, labels))
 
-    def gauge(self, name: str, help_text: str, labels: Labels = ()) -> Gauge:
-        return self._add(Gauge(name, help_text, labels))
+    def gauge(self, name: str, help_text: str, labels: Labels = (), merge: str = "sum") -> Gauge:
+        """`merge`: how the values of several processes combine when shared (sum or max)."""
+        return self._add(Gauge(name, help_text, labels, merge))
 
     def histogram(
         self, name: str, help_text: str, labels: Labels = (), buckets: tuple[float, ...] = LATENCY_BUCKETS
@@ -172,16 +393,9 @@ class Registry:
         return lambda: self._collectors.remove(collector) if collector in self._collectors else None
 
     async def render(self) -> bytes:
-        for collect in list(self._collectors):
-            try:
-                result = collect()
-                if result is not None:
-                    await result
-            except Exception:  # a failing collector must not hide the others
-                self.counter(
-                    "fluxbase_metrics_collector_errors_total", "Scrape-time collectors that failed."
-                ).inc()
-        return "".join(m.render() for m in self._metrics.values()).encode()
+        await self.collect()
+        metrics = self._merged() if self._shared_dir is not None else self._metrics.values()
+        return "".join(m.render() for m in metrics).encode()
 
 
 REGISTRY = Registry()

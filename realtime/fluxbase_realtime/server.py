@@ -39,7 +39,7 @@ from websockets.asyncio.server import Request, Response, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
-from fluxbase import ids, metrics
+from fluxbase import ids, metrics, tracing
 from fluxbase.config import Settings
 from fluxbase.db.control import check_runtime_role
 from fluxbase.errors import (
@@ -172,7 +172,15 @@ class RealtimeService:
         self._presence_task = asyncio.create_task(self.presence.run(self._stop, _abort))
 
     async def _deliver(self, events: list[OutboxEvent]) -> None:
-        await self.hub.dispatch(events)
+        if tracing.enabled():
+            before = self.hub.delivered
+            with tracing.span(
+                "realtime deliver", "consumer", {"messaging.batch.message_count": len(events)}
+            ) as span:
+                await self.hub.dispatch(events)
+                span.set_attribute("fluxbase.realtime.deliveries", self.hub.delivered - before)
+        else:
+            await self.hub.dispatch(events)
         # While events keep coming, the reader polls again after a pause that grows with the
         # number of sockets (5 ms up to 25 ms at 1 250 and more): with many sockets, each write
         # carries several commits' events instead of one write per commit and socket.

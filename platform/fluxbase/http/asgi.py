@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fluxbase import metrics, tracing
 from fluxbase.config import load_settings
 from fluxbase.http.app import create_app
 from fluxbase.http.fastpath import SqlFastPath
 from fluxbase.http.requestlog import RequestLog
-from fluxbase.http.tracing import TraceRequests, tracer_from_env
+from fluxbase.http.tracing import TraceRequests
 from fluxbase.logs import setup_logging
 
 
 def create_from_env(terminal: bool = False) -> RequestLog:
     settings = load_settings(os.environ)
     setup_logging(settings.log_level, settings.log_format)
+    if settings.http.metrics_dir and not metrics.REGISTRY.shared:
+        metrics.REGISTRY.share(settings.http.metrics_dir, "api")
     app: Any = SqlFastPath(create_app(settings))
-    tracer = tracer_from_env(os.environ)
+    tracer = tracing.setup(os.environ, "fluxbase-api")
     if tracer is not None:
         app = TraceRequests(app, tracer)
     return RequestLog(

@@ -23,7 +23,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 
-from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError
+from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError, MethodNotAllowed
 from fluxbase.http.context import AppContext
 from fluxbase.http.requestlog import request_id
 from fluxbase.ratelimit import Quota
@@ -108,7 +108,7 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
     if isinstance(exc, NotFoundException):
         code, msg = "NOT_FOUND", "No such route."
     elif isinstance(exc, MethodNotAllowedException):
-        code, msg = "METHOD_NOT_ALLOWED", "This method is not allowed on this route."
+        code, msg = "METHOD_NOT_ALLOWED", MethodNotAllowed.default_message
     elif exc.status_code == 413:
         code, msg = "PAYLOAD_TOO_LARGE", "The request body is too large."
     elif isinstance(exc.__cause__, SerializationException) and exc.status_code == 400:

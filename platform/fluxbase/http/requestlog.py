@@ -20,6 +20,7 @@ and message. Coloured by status when the output is a terminal.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -91,6 +92,7 @@ class RequestLog:
         self.terminal = terminal
         self.json_log = json_log
         self.metrics_token = metrics_token
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> Any:  # the wrapped app's state, for code that reaches through
@@ -100,6 +102,9 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self._refresher is None and metrics.REGISTRY.shared:
+            # Siblings answer scrapes with this process's collected gauges: keep them fresh.
+            self._refresher = asyncio.get_running_loop().create_task(metrics.REGISTRY.refresh_forever())
         if scope.get("path") == "/metrics" and scope.get("method") in ("GET", "HEAD"):
             await self._metrics(scope, send)
             return

@@ -43,7 +43,9 @@ POOL_CONNECTIONS = REGISTRY.gauge(
 )
 POOL_WAITING = REGISTRY.gauge("fluxbase_tenant_pool_waiting", "Requests waiting for a tenant connection now.")
 POOL_BUSIEST = REGISTRY.gauge(
-    "fluxbase_tenant_pool_busiest_ratio", "Connections in use over the cap, in the busiest tenant pool."
+    "fluxbase_tenant_pool_busiest_ratio",
+    "Connections in use over the cap, in the busiest tenant pool.",
+    merge="max",
 )
 POOL_EVICTIONS = REGISTRY.counter(
     "fluxbase_tenant_pool_evictions_total",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
+from fluxbase import tracing
 from fluxbase.db.quoting import quote_literal
 from fluxbase.errors import (
     ConnectionsBusy,
@@ -222,7 +223,21 @@ class Tx:
             return exc  # the transaction runner retries once
         return statement_error(exc, self.may_write, self.index)
 
-    async def run(
+    def run(
+        self, query: str, params: list[Any], keyword: str = "", before: tuple[str, ...] = ()
+    ) -> Awaitable[StatementResult]:
+        """Run one statement (in a span of its kind when tracing is on: fluxbase.tracing)."""
+        if tracing.enabled():
+            return self._traced(query, params, keyword, before)
+        return self._run(query, params, keyword, before)
+
+    async def _traced(
+        self, query: str, params: list[Any], keyword: str, before: tuple[str, ...]
+    ) -> StatementResult:
+        with tracing.statement_span(keyword):
+            return await self._run(query, params, keyword, before)
+
+    async def _run(
         self, query: str, params: list[Any], keyword: str = "", before: tuple[str, ...] = ()
     ) -> StatementResult:
         """Run one statement with the row cap and the request's remaining byte budget; `before`
@@ -520,6 +535,8 @@ class Fallback(Exception):
     request changed the session's transaction defaults (now reset); FXEPO, the cached key state
     is out of date (`check_key` decides); FXU01/FXU02, the end user's session check refused."""
 
+    traced_as_ok = True  # not a failure of the statement's span (fluxbase.tracing)
+
 
 async def _one_round_trip(
     conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str, caps: Caps
@@ -609,6 +626,13 @@ async def _one_round_trip(
     raise AssertionError("unreachable")
 
 
+async def _traced_one_round_trip(
+    conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str, caps: Caps
+) -> StatementResult:
+    with tracing.statement_span(keyword):
+        return await _one_round_trip(conn, req, query, params, keyword, caps)
+
+
 def one_round_trip(
     pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any], keyword: str
 ) -> Awaitable[StatementResult]:
@@ -617,7 +641,9 @@ def one_round_trip(
         pools,
         control,
         req,
-        lambda conn: _one_round_trip(conn, req, query, params, keyword, pools.statements.caps),
+        lambda conn: (_traced_one_round_trip if tracing.enabled() else _one_round_trip)(
+            conn, req, query, params, keyword, pools.statements.caps
+        ),
         pipelined=True,
     )
 

@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from fluxbase import tracing
 from fluxbase.config import Settings
 from fluxbase.metrics import OUTBOX_LAG, REGISTRY
 from fluxbase.security import ssrf
@@ -355,9 +356,25 @@ async def _send_locked(
     for d in pending:
         if not d["due"]:
             break
-        attempt = await sender.send(
-            hook["url"], hook["secret"], d["message_id"], d["event_type"], d["body"].encode()
-        )
+        with tracing.span(
+            "webhook attempt",
+            "client",
+            {
+                "http.request.method": "POST",
+                "fluxbase.webhook.id": str(webhook_id),
+                "fluxbase.webhook.message_id": str(d["message_id"]),
+                "fluxbase.webhook.event_type": str(d["event_type"]),
+                "fluxbase.webhook.attempt": int(d["attempts"]) + 1,
+            },
+        ) as span:
+            attempt = await sender.send(
+                hook["url"], hook["secret"], d["message_id"], d["event_type"], d["body"].encode()
+            )
+            if attempt.status is not None:
+                span.set_attribute("http.response.status_code", attempt.status)
+            if not attempt.ok:
+                span.set_attribute("error.type", str(attempt.status or "no answer"))
+                tracing.set_error(span)
         results.append((d, attempt, datetime.now(UTC)))
         ATTEMPTS.inc("delivered" if attempt.ok else "failed")
         if not attempt.ok:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from fluxbase import __version__
+from fluxbase import __version__, tracing
 from fluxbase.config import WebhookSettings
 from fluxbase.errors import ValidationError
 from fluxbase.security import ssrf
@@ -47,6 +47,7 @@ class Sender:
             "X-Fluxbase-Event": event_type,
             **signing.headers(secret, message_id, int(time.time()), body),
         }
+        tracing.inject(headers)  # the receiver may continue the attempt's trace (traceparent)
         limit = self.settings.response_body_max
         try:
             async with self._http.request(
