@@ -200,7 +200,7 @@ async def delete_project(project_id: str, request: Request[Any, Any, Any], ctx: 
             error_message="Type the project's name exactly to confirm its deletion.",
         )
     await ctx.tenants.close_project(access.project.id)
-    await projects.delete_project(ctx.db, access.project.id)
+    await projects.delete_project(ctx.db, access.project.id, ctx.cluster_pools())
     ctx.auth.forget_project(access.project.id)
     with contextlib.suppress(StorageUnavailable):
         await delete_project_objects(ctx.store, access.project.id)

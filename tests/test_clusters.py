@@ -1,0 +1,249 @@
+"""Database clusters (issue 19): registration verified before saving, CloudSync-style failure
+codes, management keys, placement, and tenant SQL on a project that lives on a second
+PostgreSQL server — all through the real API, with two (three, for the version check) real
+PostgreSQL servers."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+import pytest
+
+from fluxbase.devstack.postgres import EmbeddedPostgres
+from fluxbase.devstack.procs import free_port
+from support import Api, Stack, assert_clean, assert_error, bearer, run_service
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _url(pg: EmbeddedPostgres, db: str, user: str = "postgres", password: str | None = None) -> str:
+    pw = quote(password if password is not None else pg.password, safe="")
+    return f"postgresql://{user}:{pw}@127.0.0.1:{pg.port}/{db}"
+
+
+@pytest.fixture(scope="module")
+def pg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """The second cluster: a PostgreSQL server of its own (port and data dir)."""
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg2"), free_port(), durable=False, max_connections=100)
+    pg.init()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+async def pg2_db(pg2: EmbeddedPostgres) -> str:
+    conn = await asyncpg.connect(pg2.url)
+    try:
+        await conn.execute("CREATE DATABASE cluster_two")
+        await conn.execute("CREATE ROLE weak LOGIN CREATEDB PASSWORD 'weak-password-1'")
+        await conn.execute("GRANT CREATE ON DATABASE cluster_two TO weak")
+    finally:
+        await conn.close()
+    return "cluster_two"
+
+
+@pytest.fixture(scope="module")
+async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
+    """An instance of its own: registering a cluster changes where its new projects go."""
+    dbname = await stack.create_database()
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            api = Api(server.url)
+            admin = await api.register(email="root@example.com")
+            token = await api.login(admin["email"], admin["password"])
+            try:
+                yield {"url": server.url, "dbname": dbname, "admin": token, "api": api}
+            finally:
+                await api.close()
+    finally:
+        await stack.drop_database(dbname)
+
+
+SEEN: list[str] = []  # every response body of this module, checked for the cluster password
+
+
+def _seen(resp: httpx.Response) -> httpx.Response:
+    SEEN.append(resp.text)
+    assert_clean(resp)
+    return resp
+
+
+async def test_clusters_end_to_end(
+    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, tmp_path: Path
+) -> None:
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+
+    # --- management keys: minted by an instance admin's session only ----------------------
+    r = _seen(await http.post("/api/admin/management-keys", json={"name": "automation"}, headers=admin))
+    assert r.status_code == 201, r.text
+    mkey = r.json()["key"]
+    assert mkey.startswith("flx_mgmt_")
+    mgmt = bearer(mkey)
+    assert_error(await http.post("/api/admin/management-keys", json={"name": "x"}, headers=mgmt), 403, "INSUFFICIENT_PERMISSIONS")
+    assert_error(await http.get("/api/admin/clusters"), 401, "AUTH_REQUIRED")
+
+    # --- verification failures: nothing is saved --------------------------------------------
+    async def register(conn_str: str, label: str = "two") -> httpx.Response:
+        return _seen(
+            await http.post(
+                "/api/admin/clusters",
+                json={"label": label, "connectionString": conn_str, "region": "eu-west"},
+                headers=mgmt,
+            )
+        )
+
+    body = assert_error(await register(f"postgresql://postgres:x@127.0.0.1:{free_port()}/postgres"), 422, "DATABASE_UNREACHABLE")
+    assert body["error"]["details"] == {"failure": "database_unreachable", "retryable": True}
+    body = assert_error(await register(_url(pg2, pg2_db, password="wrong-password")), 422, "DATABASE_AUTH_FAILED")
+    assert body["error"]["details"]["failure"] == "database_auth_failed"
+    body = assert_error(await register(_url(pg2, pg2_db, "weak", "weak-password-1")), 422, "DATABASE_PERMISSION_DENIED")
+    assert body["error"]["details"]["failure"] == "database_permission_denied"
+    assert "CREATEROLE" in body["error"]["message"]
+
+    if (PG15_BIN / "postgres").exists():
+        # A real PostgreSQL 15 (Debian's): Fluxbase's SQL needs 16 (GRANT … WITH INHERIT/SET).
+        pg15 = EmbeddedPostgres(tmp_path / "pg15", free_port(), durable=False, max_connections=20)
+        pg15.bin_dir = PG15_BIN
+        pg15.init()
+        pg15.start()
+        try:
+            body = assert_error(await register(_url(pg15, "postgres")), 422, "DATABASE_VERSION_UNSUPPORTED")
+            assert body["error"]["details"]["failure"] == "database_version_unsupported"
+            assert "15" in body["error"]["message"]
+        finally:
+            pg15.stop("immediate")
+
+    r = _seen(await http.get("/api/admin/clusters", headers=mgmt))
+    assert r.status_code == 200
+    assert [c["id"] for c in r.json()["clusters"]] == ["default"]
+
+    # --- register: verified, installed, secret kept out of every response -------------------
+    r = await register(_url(pg2, pg2_db))
+    assert r.status_code == 201, r.text
+    cluster = r.json()["cluster"]
+    cid = cluster["id"]
+    assert cluster["connection"] == {"host": "127.0.0.1", "port": pg2.port, "database": pg2_db, "user": "postgres"}
+    assert cluster["region"] == "eu-west" and cluster["isDefault"] is False and cluster["projects"] == 0
+    assert cluster["serverVersion"] >= 160000
+    assert_error(await register(_url(pg2, pg2_db), "again"), 409, "CONFLICT")
+
+    r = _seen(await http.patch(f"/api/admin/clusters/{cid}", json={"label": "Second"}, headers=mgmt))
+    assert r.status_code == 200 and r.json()["cluster"]["label"] == "Second"
+    # A new connection string is verified before it is stored: a wrong one changes nothing.
+    bad = _url(pg2, pg2_db, password="nope")
+    assert_error(
+        _seen(await http.patch(f"/api/admin/clusters/{cid}", json={"connectionString": bad}, headers=mgmt)),
+        422,
+        "DATABASE_AUTH_FAILED",
+    )
+    r = _seen(await http.get(f"/api/admin/clusters/{cid}/connection", headers=mgmt))
+    check = r.json()["connection"]
+    assert check["ok"] is True and check["failure"] is None and check["latencyMs"] >= 0 and check["checkedAt"]
+    assert_error(await http.get("/api/admin/clusters/cl_nope", headers=mgmt), 404, "CLUSTER_NOT_FOUND")
+
+    # The live check sees the server as it is now: a changed password is reported, not raised.
+    new_pw = secrets.token_hex(12)
+    conn2 = await asyncpg.connect(pg2.url)
+    try:
+        await conn2.execute(f"ALTER ROLE postgres PASSWORD '{new_pw}'")
+        r = _seen(await http.get(f"/api/admin/clusters/{cid}/connection", headers=mgmt))
+        check = r.json()["connection"]
+        assert check["ok"] is False and check["failure"]["code"] == "database_auth_failed", check
+        await conn2.execute(f"ALTER ROLE postgres PASSWORD '{pg2.password}'")
+    finally:
+        await conn2.close()
+
+    # --- permissions: project keys, non-admin users and management keys stay in their lane ---
+    user, user_token = await api.new_user()
+    assert_error(await http.get("/api/admin/clusters", headers=bearer(user_token)), 403, "INSUFFICIENT_PERMISSIONS")
+
+    # --- placement: fewest projects; an explicit clusterId is an instance admin's -----------
+    first = await api.new_project(user_token, "first")  # both empty: the default cluster first
+    second = await api.new_project(user_token, "second")  # now cluster two has fewer
+    r = await http.post("/api/projects", json={"name": "x", "clusterId": cid}, headers=bearer(user_token))
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await http.post("/api/projects", json={"name": "third", "clusterId": "default"}, headers=admin)
+    assert r.status_code == 201, r.text
+    third = r.json()["project"]["id"]
+    r = await http.post("/api/projects", json={"name": "x", "clusterId": "cl_nope"}, headers=admin)
+    assert_error(r, 404, "CLUSTER_NOT_FOUND")
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
+    try:
+        placed = dict(await control.fetch("SELECT id, cluster_id FROM fluxbase.projects"))
+        assert placed == {first: "default", second: cid, third: "default"}
+    finally:
+        await control.close()
+
+    # --- tenant SQL on cluster two: runs there, as the project's own role ------------------
+    key = await api.new_key(user_token, second, "admin", rateLimitRequests=100_000)
+    assert_error(await http.post("/api/execute-sql", json={"projectId": second, "query": "SELECT 1"}, headers=mgmt), 401, "AUTH_REQUIRED")
+    assert_error(await http.get("/api/projects", headers=mgmt), 401, "AUTH_REQUIRED")
+    assert_error(await http.get("/api/admin/clusters", headers=bearer(key)), 403, "INSUFFICIENT_PERMISSIONS")
+    r = await api.sql(key, second, "CREATE TABLE items (id serial PRIMARY KEY, name text)")
+    assert r.status_code == 200 and r.json()["success"], r.text
+    r = await api.sql(key, second, "INSERT INTO items (name) VALUES ($1) RETURNING id", ["on cluster two"])
+    assert r.json()["success"], r.text
+    r = await api.sql(key, second, "SELECT session_user AS who, inet_server_port() AS port, name FROM items")
+    row = r.json()["result"]["rows"][0]
+    assert row["who"] == f"p_{second}_admin"
+    assert row["port"] == pg2.port
+    assert row["name"] == "on cluster two"
+    # Physically on cluster two, absent from the control plane's server.
+    there = await asyncpg.connect(_url(pg2, pg2_db))
+    try:
+        assert await there.fetchval(f'SELECT name FROM "p_{second}".items') == "on cluster two"
+    finally:
+        await there.close()
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
+    try:
+        assert await control.fetchval("SELECT to_regnamespace($1)", f"p_{second}") is None
+        assert await control.fetchval("SELECT to_regnamespace($1)", f"p_{first}") is not None
+    finally:
+        await control.close()
+    # Projects on the default cluster still work alongside.
+    key1 = await api.new_key(user_token, first, "admin", rateLimitRequests=100_000)
+    r = await api.sql(key1, first, "SELECT inet_server_port() AS port")
+    assert r.json()["success"], r.text
+
+    # A revoked key stops at once on cluster two too (checked on the control plane).
+    keys = (await http.get(f"/api/projects/{second}/api-keys", headers=bearer(user_token))).json()["apiKeys"]
+    r = await http.delete(f"/api/projects/{second}/api-keys/{keys[0]['id']}", headers=bearer(user_token))
+    assert r.status_code == 200, r.text
+    assert_error(await api.sql(key, second, "SELECT 1"), 401, "AUTH_REQUIRED")
+
+    # --- removal: refused while projects live there -----------------------------------------
+    body = assert_error(await http.delete(f"/api/admin/clusters/{cid}", headers=mgmt), 409, "CLUSTER_IN_USE")
+    assert body["error"]["details"]["projects"] == 1
+    assert_error(await http.delete("/api/admin/clusters/default", headers=mgmt), 409, "CLUSTER_IN_USE")
+    r = await http.delete(f"/api/projects/{second}", headers=bearer(user_token))
+    assert r.status_code == 200, r.text
+    there = await asyncpg.connect(_url(pg2, pg2_db))
+    try:
+        assert await there.fetchval("SELECT to_regnamespace($1)", f"p_{second}") is None
+        assert await there.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p_{second}_%") == 0
+    finally:
+        await there.close()
+    r = _seen(await http.delete(f"/api/admin/clusters/{cid}", headers=mgmt))
+    assert r.status_code == 200, r.text
+
+    # --- a revoked management key is no credential ------------------------------------------
+    mk_id = (await http.get("/api/admin/management-keys", headers=admin)).json()["managementKeys"][0]["id"]
+    r = _seen(await http.delete(f"/api/admin/management-keys/{mk_id}", headers=admin))
+    assert r.status_code == 200 and r.json()["managementKey"]["revokedAt"]
+    assert_error(await http.get("/api/admin/clusters", headers=mgmt), 401, "AUTH_REQUIRED")
+
+    # The superuser password of cluster two never appeared in any response.
+    assert SEEN and all(pg2.password not in text for text in SEEN)
