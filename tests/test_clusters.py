@@ -92,7 +92,11 @@ async def test_clusters_end_to_end(
     mkey = r.json()["key"]
     assert mkey.startswith("flx_mgmt_")
     mgmt = bearer(mkey)
-    assert_error(await http.post("/api/admin/management-keys", json={"name": "x"}, headers=mgmt), 403, "INSUFFICIENT_PERMISSIONS")
+    assert_error(
+        await http.post("/api/admin/management-keys", json={"name": "x"}, headers=mgmt),
+        403,
+        "INSUFFICIENT_PERMISSIONS",
+    )
     assert_error(await http.get("/api/admin/clusters"), 401, "AUTH_REQUIRED")
 
     # --- verification failures: nothing is saved --------------------------------------------
@@ -105,11 +109,19 @@ async def test_clusters_end_to_end(
             )
         )
 
-    body = assert_error(await register(f"postgresql://postgres:x@127.0.0.1:{free_port()}/postgres"), 422, "DATABASE_UNREACHABLE")
+    body = assert_error(
+        await register(f"postgresql://postgres:x@127.0.0.1:{free_port()}/postgres"),
+        422,
+        "DATABASE_UNREACHABLE",
+    )
     assert body["error"]["details"] == {"failure": "database_unreachable", "retryable": True}
-    body = assert_error(await register(_url(pg2, pg2_db, password="wrong-password")), 422, "DATABASE_AUTH_FAILED")
+    body = assert_error(
+        await register(_url(pg2, pg2_db, password="wrong-password")), 422, "DATABASE_AUTH_FAILED"
+    )
     assert body["error"]["details"]["failure"] == "database_auth_failed"
-    body = assert_error(await register(_url(pg2, pg2_db, "weak", "weak-password-1")), 422, "DATABASE_PERMISSION_DENIED")
+    body = assert_error(
+        await register(_url(pg2, pg2_db, "weak", "weak-password-1")), 422, "DATABASE_PERMISSION_DENIED"
+    )
     assert body["error"]["details"]["failure"] == "database_permission_denied"
     assert "CREATEROLE" in body["error"]["message"]
 
@@ -135,7 +147,12 @@ async def test_clusters_end_to_end(
     assert r.status_code == 201, r.text
     cluster = r.json()["cluster"]
     cid = cluster["id"]
-    assert cluster["connection"] == {"host": "127.0.0.1", "port": pg2.port, "database": pg2_db, "user": "postgres"}
+    assert cluster["connection"] == {
+        "host": "127.0.0.1",
+        "port": pg2.port,
+        "database": pg2_db,
+        "user": "postgres",
+    }
     assert cluster["region"] == "eu-west" and cluster["isDefault"] is False and cluster["projects"] == 0
     assert cluster["serverVersion"] >= 160000
     assert_error(await register(_url(pg2, pg2_db), "again"), 409, "CONFLICT")
@@ -167,8 +184,10 @@ async def test_clusters_end_to_end(
         await conn2.close()
 
     # --- permissions: project keys, non-admin users and management keys stay in their lane ---
-    user, user_token = await api.new_user()
-    assert_error(await http.get("/api/admin/clusters", headers=bearer(user_token)), 403, "INSUFFICIENT_PERMISSIONS")
+    _user, user_token = await api.new_user()
+    assert_error(
+        await http.get("/api/admin/clusters", headers=bearer(user_token)), 403, "INSUFFICIENT_PERMISSIONS"
+    )
 
     # --- placement: fewest projects; an explicit clusterId is an instance admin's -----------
     first = await api.new_project(user_token, "first")  # both empty: the default cluster first
@@ -189,7 +208,11 @@ async def test_clusters_end_to_end(
 
     # --- tenant SQL on cluster two: runs there, as the project's own role ------------------
     key = await api.new_key(user_token, second, "admin", rateLimitRequests=100_000)
-    assert_error(await http.post("/api/execute-sql", json={"projectId": second, "query": "SELECT 1"}, headers=mgmt), 401, "AUTH_REQUIRED")
+    assert_error(
+        await http.post("/api/execute-sql", json={"projectId": second, "query": "SELECT 1"}, headers=mgmt),
+        401,
+        "AUTH_REQUIRED",
+    )
     assert_error(await http.get("/api/projects", headers=mgmt), 401, "AUTH_REQUIRED")
     assert_error(await http.get("/api/admin/clusters", headers=bearer(key)), 403, "INSUFFICIENT_PERMISSIONS")
     r = await api.sql(key, second, "CREATE TABLE items (id serial PRIMARY KEY, name text)")
@@ -233,7 +256,9 @@ async def test_clusters_end_to_end(
     there = await asyncpg.connect(_url(pg2, pg2_db))
     try:
         assert await there.fetchval("SELECT to_regnamespace($1)", f"p_{second}") is None
-        assert await there.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p_{second}_%") == 0
+        assert (
+            await there.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p_{second}_%") == 0
+        )
     finally:
         await there.close()
     r = _seen(await http.delete(f"/api/admin/clusters/{cid}", headers=mgmt))

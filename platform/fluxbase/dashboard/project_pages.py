@@ -38,7 +38,9 @@ async def create_project(request: Request[Any, Any, Any], ctx: AppContext) -> Re
     dash = await signed_in(request, ctx)
     name = (await form(request)).get("name", "")
     try:
-        project = await projects.create_project(ctx.db, ctx.settings, dash.user.id, name)
+        project = await projects.create_project(
+            ctx.db, ctx.settings, dash.user.id, name, cluster_pools=ctx.cluster_pools()
+        )
     except FluxbaseError as exc:
         return await projects_page(dash, exc.status, error=exc, name=name)
     return dash.redirect(f"/p/{project.id}/")

@@ -128,7 +128,9 @@ async def connect(target: Target, timeout: float = VERIFY_TIMEOUT_S) -> asyncpg.
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
         raise ClusterAuthFailed() from None
     except asyncpg.InvalidCatalogNameError:
-        raise ClusterVerificationFailed(f"Database {target.database!r} does not exist on the server.") from None
+        raise ClusterVerificationFailed(
+            f"Database {target.database!r} does not exist on the server."
+        ) from None
     except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError):
         raise ClusterUnreachable() from None
     except asyncpg.PostgresError as exc:
@@ -141,7 +143,8 @@ async def verify(conn: asyncpg.Connection) -> int:
     version = int(await conn.fetchval("SELECT current_setting('server_version_num')"))
     if version < MIN_SERVER_VERSION:
         raise ClusterVersionUnsupported(
-            f"PostgreSQL {version // 10000} is not supported: Fluxbase needs {MIN_SERVER_VERSION // 10000} or later."
+            f"PostgreSQL {version // 10000} is not supported: "
+            f"Fluxbase needs {MIN_SERVER_VERSION // 10000} or later."
         )
     row = await conn.fetchrow(
         """SELECT r.rolsuper, r.rolcreaterole, r.rolcreatedb,
@@ -174,7 +177,13 @@ def runtime_login(settings: Settings, target: Target) -> Target:
     runtime = urlsplit(db.url)
     migrating = urlsplit(db.migration_url) if db.migration_url else None
     if migrating is not None and runtime.username and runtime.username != migrating.username:
-        return Target(target.host, target.port, target.database, unquote(runtime.username), unquote(runtime.password or ""))
+        return Target(
+            target.host,
+            target.port,
+            target.database,
+            unquote(runtime.username),
+            unquote(runtime.password or ""),
+        )
     return target
 
 
@@ -249,7 +258,9 @@ async def get_cluster(db: asyncpg.Pool, cluster_id: str) -> Cluster:
     return _row_cluster(row)
 
 
-async def _refuse_duplicate(db: asyncpg.Pool, settings: Settings, target: Target, except_id: str = "") -> None:
+async def _refuse_duplicate(
+    db: asyncpg.Pool, settings: Settings, target: Target, except_id: str = ""
+) -> None:
     host, port = settings.database.server()
     control_db = (urlsplit(settings.database.url).path or "/postgres").lstrip("/") or "postgres"
     if (target.host, target.port, target.database) == (host, port, control_db):
@@ -285,7 +296,8 @@ async def register_cluster(
     version = await _verify_and_install(settings, target)
     cluster_id = ids.prefixed("cl")
     await db.execute(
-        """INSERT INTO fluxbase.clusters (id, label, region, host, port, database, username, secret, server_version)
+        """INSERT INTO fluxbase.clusters
+               (id, label, region, host, port, database, username, secret, server_version)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
         cluster_id,
         label,
@@ -313,11 +325,15 @@ async def update_cluster(
     """Change label/region; a new connection string is verified (and installed) before it is stored."""
     current = await get_cluster(db, cluster_id)
     if current.target is None and connection_string is not None:
-        raise ValidationError("The default cluster's connection is FLUXBASE_DATABASE_URL; it cannot be changed here.")
+        raise ValidationError(
+            "The default cluster's connection is FLUXBASE_DATABASE_URL; it cannot be changed here."
+        )
     async with db.acquire() as conn, conn.transaction():
         if label is not None:
             await conn.execute(
-                "UPDATE fluxbase.clusters SET label = $2, updated_at = now() WHERE id = $1", cluster_id, _label(label)
+                "UPDATE fluxbase.clusters SET label = $2, updated_at = now() WHERE id = $1",
+                cluster_id,
+                _label(label),
             )
         if region is not None or clear_region:
             await conn.execute(
@@ -330,7 +346,8 @@ async def update_cluster(
             await _refuse_duplicate(db, settings, target, except_id=cluster_id)
             version = await _verify_and_install(settings, target)
             await conn.execute(
-                """UPDATE fluxbase.clusters SET host = $2, port = $3, database = $4, username = $5, secret = $6,
+                """UPDATE fluxbase.clusters
+                   SET host = $2, port = $3, database = $4, username = $5, secret = $6,
                           server_version = $7, updated_at = now() WHERE id = $1""",
                 cluster_id,
                 target.host,
@@ -428,7 +445,9 @@ class ClusterPools:
             existing = self._pools.get(cluster_id)
             if existing is not None:
                 return existing
-            login = runtime_login(self._settings, await stored_target(self._control, self._settings, cluster_id))
+            login = runtime_login(
+                self._settings, await stored_target(self._control, self._settings, cluster_id)
+            )
             db = self._settings.database
             pool = await asyncpg.create_pool(
                 host=login.host,
@@ -470,7 +489,9 @@ class ManagementKey:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ManagementKey:
-        return cls(row["id"], row["name"], row["prefix"], row["created_at"], row["last_used_at"], row["revoked_at"])
+        return cls(
+            row["id"], row["name"], row["prefix"], row["created_at"], row["last_used_at"], row["revoked_at"]
+        )
 
 
 def _hash(raw: str) -> bytes:

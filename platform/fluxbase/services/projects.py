@@ -42,7 +42,8 @@ async def create_project(
         async with db.acquire() as conn, conn.transaction():
             where = await clusters.place(conn, cluster_id) if cluster_pools is not None else clusters.DEFAULT
             row = await conn.fetchrow(
-                "INSERT INTO fluxbase.projects (id, name, owner_id, cluster_id) VALUES ($1, $2, $3, $4) RETURNING *",
+                """INSERT INTO fluxbase.projects (id, name, owner_id, cluster_id)
+                   VALUES ($1, $2, $3, $4) RETURNING *""",
                 project_id,
                 name,
                 owner_id,
@@ -93,7 +94,9 @@ async def delete_project(
     """Drop roles, schema and control-plane rows in one transaction (on a registered cluster, its
     side is dropped first, inside the control plane's transaction that holds the project row)."""
     async with db.acquire() as conn, conn.transaction():
-        where = await conn.fetchval("SELECT cluster_id FROM fluxbase.projects WHERE id = $1 FOR UPDATE", project_id)
+        where = await conn.fetchval(
+            "SELECT cluster_id FROM fluxbase.projects WHERE id = $1 FOR UPDATE", project_id
+        )
         if where is None or where == clusters.DEFAULT or cluster_pools is None:
             await provision.drop_project(conn, project_id)
         else:

@@ -125,7 +125,15 @@ class ManagementKeyListResponse(_Wire):
 def _cluster_out(c: Cluster) -> ClusterOut:
     conn = None if c.target is None else ClusterConnectionOut(**c.target.public())
     return ClusterOut(
-        c.id, c.label, c.region, c.target is None, conn, c.server_version, c.projects, c.created_at, c.updated_at
+        c.id,
+        c.label,
+        c.region,
+        c.target is None,
+        conn,
+        c.server_version,
+        c.projects,
+        c.created_at,
+        c.updated_at,
     )
 
 
@@ -140,13 +148,17 @@ def _key_out(k: ManagementKey) -> ManagementKeyOut:
     return ManagementKeyOut(k.id, k.name, k.prefix, k.created_at, k.last_used_at, k.revoked_at)
 
 
-async def _instance_admin(request: Request[Any, Any, Any], ctx: AppContext, *, allow_key: bool = True) -> str | None:
+async def _instance_admin(
+    request: Request[Any, Any, Any], ctx: AppContext, *, allow_key: bool = True
+) -> str | None:
     """The caller must be an instance admin's session (returns the user id) or, where
     `allow_key`, a live management key (returns None)."""
     bearer = bearer_token(request)
     if bearer and clusters.looks_like_management_key(bearer):
         if not allow_key:
-            raise InsufficientPermissions("Management keys are minted and revoked by an instance admin's session.")
+            raise InsufficientPermissions(
+                "Management keys are minted and revoked by an instance admin's session."
+            )
         await clusters.authenticate_management_key(ctx.db, bearer)
         return None
     if bearer and apikeys.looks_like_key(bearer):
@@ -159,7 +171,9 @@ async def _instance_admin(request: Request[Any, Any, Any], ctx: AppContext, *, a
 
 
 @post("/api/admin/clusters", operation_id="registerCluster", tags=TAGS, status_code=201)
-async def register_cluster(request: Request[Any, Any, Any], ctx: AppContext, data: RegisterClusterBody) -> ClusterResponse:
+async def register_cluster(
+    request: Request[Any, Any, Any], ctx: AppContext, data: RegisterClusterBody
+) -> ClusterResponse:
     await _instance_admin(request, ctx)
     c = await clusters.register_cluster(ctx.db, ctx.settings, data.label, data.connection_string, data.region)
     return ClusterResponse(_cluster_out(c))
@@ -195,16 +209,22 @@ async def update_cluster(
 
 
 @delete("/api/admin/clusters/{cluster_id:str}", operation_id="removeCluster", tags=TAGS, status_code=200)
-async def remove_cluster(request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str) -> RemovedResponse:
+async def remove_cluster(
+    request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str
+) -> RemovedResponse:
     await _instance_admin(request, ctx)
     await clusters.remove_cluster(ctx.db, cluster_id)
     return RemovedResponse(cluster_id)
 
 
 @get("/api/admin/clusters/{cluster_id:str}/connection", operation_id="checkClusterConnection", tags=TAGS)
-async def check_connection(request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str) -> ConnectionCheckResponse:
+async def check_connection(
+    request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str
+) -> ConnectionCheckResponse:
     await _instance_admin(request, ctx)
-    return ConnectionCheckResponse(_check_out(await clusters.check_connection(ctx.db, ctx.settings, cluster_id)))
+    return ConnectionCheckResponse(
+        _check_out(await clusters.check_connection(ctx.db, ctx.settings, cluster_id))
+    )
 
 
 @post("/api/admin/management-keys", operation_id="createManagementKey", tags=TAGS, status_code=201)
@@ -223,8 +243,12 @@ async def list_management_keys(request: Request[Any, Any, Any], ctx: AppContext)
     return ManagementKeyListResponse([_key_out(k) for k in await clusters.list_management_keys(ctx.db)])
 
 
-@delete("/api/admin/management-keys/{key_id:str}", operation_id="revokeManagementKey", tags=TAGS, status_code=200)
-async def revoke_management_key(request: Request[Any, Any, Any], ctx: AppContext, key_id: str) -> ManagementKeyResponse:
+@delete(
+    "/api/admin/management-keys/{key_id:str}", operation_id="revokeManagementKey", tags=TAGS, status_code=200
+)
+async def revoke_management_key(
+    request: Request[Any, Any, Any], ctx: AppContext, key_id: str
+) -> ManagementKeyResponse:
     await _instance_admin(request, ctx, allow_key=False)
     return ManagementKeyResponse(_key_out(await clusters.revoke_management_key(ctx.db, key_id)))
 

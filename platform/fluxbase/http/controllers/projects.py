@@ -26,9 +26,16 @@ def _user_id(caller: Caller) -> str:
 async def create_project(data: CreateProjectBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     user_id = _user_id(caller)
     if data.cluster_id is not None:  # choosing a cluster is an instance admin's decision
-        clusters.require_instance_admin(caller.principal.user is not None and caller.principal.user.is_instance_admin)
+        clusters.require_instance_admin(
+            caller.principal.user is not None and caller.principal.user.is_instance_admin
+        )
     project = await projects.create_project(
-        ctx.db, ctx.settings, user_id, data.name, cluster_pools=ctx.cluster_pools(), cluster_id=data.cluster_id
+        ctx.db,
+        ctx.settings,
+        user_id,
+        data.name,
+        cluster_pools=ctx.cluster_pools(),
+        cluster_id=data.cluster_id,
     )
     return {"success": True, "project": project_out(project, "admin")}
 
