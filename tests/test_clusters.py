@@ -5,6 +5,8 @@ PostgreSQL servers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
@@ -63,7 +66,7 @@ async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
             admin = await api.register(email="root@example.com")
             token = await api.login(admin["email"], admin["password"])
             try:
-                yield {"url": server.url, "dbname": dbname, "admin": token, "api": api}
+                yield {"url": server.url, "dbname": dbname, "admin": token, "api": api, "env": env}
             finally:
                 await api.close()
     finally:
@@ -80,7 +83,7 @@ def _seen(resp: httpx.Response) -> httpx.Response:
 
 
 async def test_clusters_end_to_end(
-    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, tmp_path: Path
+    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, tmp_path: Path, log_dir: Path
 ) -> None:
     api: Api = inst["api"]
     http = api.http
@@ -240,6 +243,37 @@ async def test_clusters_end_to_end(
     key1 = await api.new_key(user_token, first, "admin", rateLimitRequests=100_000)
     r = await api.sql(key1, first, "SELECT inet_server_port() AS port")
     assert r.json()["success"], r.text
+
+    # --- realtime reads cluster two's outbox: admin (everything) and read key (RLS gate) --
+    rt_port = free_port()
+    rt_env = dict(inst["env"], FLUXBASE_REALTIME_PORT=str(rt_port))
+    read_key = await api.new_key(user_token, second, "read")
+    with run_service(["realtime"], rt_env, rt_port, log_dir):
+        ws_url = f"ws://127.0.0.1:{rt_port}/?token="
+        room = {"type": "subscribe", "roomId": f"project_{second}"}
+        async with connect(ws_url + key) as ws_admin, connect(ws_url + read_key) as ws_read:
+            for ws in (ws_admin, ws_read):
+                await ws.send(json.dumps(room))
+                first_msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert first_msg["type"] == "subscribed", first_msg
+            r = await api.sql(key, second, "INSERT INTO items (name) VALUES ('live')")
+            assert r.json()["success"], r.text
+            for ws in (ws_admin, ws_read):
+                while True:
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if event["type"] == "db_event":
+                        break
+                assert event["payload"]["operation"] == "INSERT"
+                assert event["payload"]["record"]["name"] == "live", event
+        # Replay from a cursor reads cluster two's outbox too.
+        async with connect(ws_url + key) as ws:
+            await ws.send(json.dumps({**room, "since": "0:0"}))
+            names = []
+            while len(names) < 2:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] == "db_event":
+                    names.append(msg["payload"]["record"]["name"])
+            assert names == ["on cluster two", "live"]
 
     # A revoked key stops at once on cluster two too (checked on the control plane).
     keys = (await http.get(f"/api/projects/{second}/api-keys", headers=bearer(user_token))).json()["apiKeys"]

@@ -93,7 +93,7 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     whether it logged in with settings above the caps (`login_over_caps`), and whether its
     idle-reset timer is pending (`TenantPool.release`)."""
 
-    __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix", "reset_timer")
+    __slots__ = ("dirty", "idle_since", "over_caps", "remote", "request_prefix", "reset_timer")
 
     def _get_unique_id(self, prefix: str) -> str:
         """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
@@ -565,7 +565,9 @@ class TenantPools:
         existing = self._pools.get(key)
         if existing is not None:
             return existing
-        kwargs = self._connect_kwargs(project_id, scope, await self._address(project_id))
+        where = await self._address(project_id)
+        remote = where != (self._host, self._port, self._database)
+        kwargs = self._connect_kwargs(project_id, scope, where)
         existing = self._pools.get(key)
         if existing is not None:  # made while the address was looked up
             return existing
@@ -575,6 +577,8 @@ class TenantPools:
             try:
                 await init_tenant_connection(conn)
                 conn.over_caps = await login_over_caps(conn, self.statements.caps)
+                # On another cluster than the control plane's (session.terminate).
+                conn.remote = remote
             except BaseException:
                 conn.terminate()
                 raise
