@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import connect
 
 from fluxbase.devstack.postgres import EmbeddedPostgres
@@ -31,9 +34,21 @@ def _url(pg: EmbeddedPostgres, db: str, user: str = "postgres", password: str | 
 
 
 @pytest.fixture(scope="module")
-def pg2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def own_tmp() -> Iterator[Path]:
+    """Data folders outside pytest's basetemp: a pytest session starting meanwhile (another
+    checkout's) resets /tmp/pytest-of-<user> to 0700, and the servers' system user then cannot
+    reach a data folder below it (initdb fails with "Permission denied")."""
+    path = Path(tempfile.mkdtemp(prefix="fx-clusters-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg2(own_tmp: Path) -> Iterator[EmbeddedPostgres]:
     """The second cluster: a PostgreSQL server of its own (port and data dir)."""
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg2"), free_port(), durable=False, max_connections=100)
+    pg = EmbeddedPostgres(own_tmp / "pg2", free_port(), durable=False, max_connections=100)
     pg.init()
     pg.start()
     try:
@@ -59,7 +74,12 @@ async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
     """An instance of its own: registering a cluster changes where its new projects go."""
     dbname = await stack.create_database()
     port = free_port()
-    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    env = stack.env(
+        dbname,
+        FLUXBASE_API_PORT=str(port),
+        FLUXBASE_RUN_WORKER_IN_API="true",
+        FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true",
+    )
     try:
         with run_service(["api"], env, port, log_dir) as server:
             api = Api(server.url)
@@ -82,74 +102,89 @@ def _seen(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
-async def test_clusters_end_to_end(
-    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, tmp_path: Path, log_dir: Path
-) -> None:
-    api: Api = inst["api"]
-    http = api.http
-    admin = bearer(inst["admin"])
+@pytest.fixture(scope="module")
+def state() -> dict[str, Any]:
+    """What the tests of this module hand on to the next (they run in order)."""
+    return {}
 
-    # --- management keys: minted by an instance admin's session only ----------------------
-    r = _seen(await http.post("/api/admin/management-keys", json={"name": "automation"}, headers=admin))
+
+@pytest.fixture(scope="module")
+async def mgmt(inst: dict[str, Any]) -> dict[str, str]:
+    """A management key, minted by the instance admin's session."""
+    r = _seen(
+        await inst["api"].http.post(
+            "/api/admin/management-keys", json={"name": "automation"}, headers=bearer(inst["admin"])
+        )
+    )
     assert r.status_code == 201, r.text
-    mkey = r.json()["key"]
-    assert mkey.startswith("flx_mgmt_")
-    mgmt = bearer(mkey)
+    assert r.json()["key"].startswith("flx_mgmt_")
+    return bearer(r.json()["key"])
+
+
+async def _register(
+    inst: dict[str, Any], mgmt: dict[str, str], conn_str: str, label: str = "two"
+) -> httpx.Response:
+    return _seen(
+        await inst["api"].http.post(
+            "/api/admin/clusters",
+            json={"label": label, "connectionString": conn_str, "region": "eu-west"},
+            headers=mgmt,
+        )
+    )
+
+
+async def test_verification_failures_save_nothing(
+    inst: dict[str, Any], mgmt: dict[str, str], pg2: EmbeddedPostgres, pg2_db: str
+) -> None:
+    http = inst["api"].http
     assert_error(
         await http.post("/api/admin/management-keys", json={"name": "x"}, headers=mgmt),
         403,
         "INSUFFICIENT_PERMISSIONS",
     )
     assert_error(await http.get("/api/admin/clusters"), 401, "AUTH_REQUIRED")
-
-    # --- verification failures: nothing is saved --------------------------------------------
-    async def register(conn_str: str, label: str = "two") -> httpx.Response:
-        return _seen(
-            await http.post(
-                "/api/admin/clusters",
-                json={"label": label, "connectionString": conn_str, "region": "eu-west"},
-                headers=mgmt,
-            )
-        )
-
-    body = assert_error(
-        await register(f"postgresql://postgres:x@127.0.0.1:{free_port()}/postgres"),
-        422,
-        "DATABASE_UNREACHABLE",
-    )
+    unreachable = f"postgresql://postgres:x@127.0.0.1:{free_port()}/postgres"
+    body = assert_error(await _register(inst, mgmt, unreachable), 422, "DATABASE_UNREACHABLE")
     assert body["error"]["details"] == {"failure": "database_unreachable", "retryable": True}
-    body = assert_error(
-        await register(_url(pg2, pg2_db, password="wrong-password")), 422, "DATABASE_AUTH_FAILED"
-    )
-    assert body["error"]["details"]["failure"] == "database_auth_failed"
-    body = assert_error(
-        await register(_url(pg2, pg2_db, "weak", "weak-password-1")), 422, "DATABASE_PERMISSION_DENIED"
-    )
+    wrong = _url(pg2, pg2_db, password="wrong-password")
+    body = assert_error(await _register(inst, mgmt, wrong), 422, "DATABASE_AUTH_FAILED")
+    assert body["error"]["details"] == {"failure": "database_auth_failed", "retryable": False}
+    weak = _url(pg2, pg2_db, "weak", "weak-password-1")
+    body = assert_error(await _register(inst, mgmt, weak), 422, "DATABASE_PERMISSION_DENIED")
     assert body["error"]["details"]["failure"] == "database_permission_denied"
     assert "CREATEROLE" in body["error"]["message"]
-
-    if (PG15_BIN / "postgres").exists():
-        # A real PostgreSQL 15 (Debian's): Fluxbase's SQL needs 16 (GRANT … WITH INHERIT/SET).
-        pg15 = EmbeddedPostgres(tmp_path / "pg15", free_port(), durable=False, max_connections=20)
-        pg15.bin_dir = PG15_BIN
-        pg15.init()
-        pg15.start()
-        try:
-            body = assert_error(await register(_url(pg15, "postgres")), 422, "DATABASE_VERSION_UNSUPPORTED")
-            assert body["error"]["details"]["failure"] == "database_version_unsupported"
-            assert "15" in body["error"]["message"]
-        finally:
-            pg15.stop("immediate")
-
     r = _seen(await http.get("/api/admin/clusters", headers=mgmt))
     assert r.status_code == 200
     assert [c["id"] for c in r.json()["clusters"]] == ["default"]
 
-    # --- register: verified, installed, secret kept out of every response -------------------
-    r = await register(_url(pg2, pg2_db))
+
+@pytest.mark.skipif(not (PG15_BIN / "postgres").exists(), reason="no Debian PostgreSQL 15 binaries")
+async def test_version_unsupported_with_a_real_postgresql_15(
+    inst: dict[str, Any], mgmt: dict[str, str], own_tmp: Path
+) -> None:
+    """Debian's PostgreSQL 15: Fluxbase's SQL needs 16 (GRANT … WITH INHERIT/SET options)."""
+    pg15 = EmbeddedPostgres(own_tmp / "pg15", free_port(), durable=False, max_connections=20)
+    pg15.bin_dir = PG15_BIN
+    pg15.init()
+    pg15.start()
+    try:
+        body = assert_error(
+            await _register(inst, mgmt, _url(pg15, "postgres")), 422, "DATABASE_VERSION_UNSUPPORTED"
+        )
+        assert body["error"]["details"]["failure"] == "database_version_unsupported"
+        assert "PostgreSQL 15" in body["error"]["message"]
+    finally:
+        pg15.stop("immediate")
+
+
+async def test_register_update_and_live_check(
+    inst: dict[str, Any], mgmt: dict[str, str], pg2: EmbeddedPostgres, pg2_db: str, state: dict[str, Any]
+) -> None:
+    http = inst["api"].http
+    r = await _register(inst, mgmt, _url(pg2, pg2_db))
     assert r.status_code == 201, r.text
     cluster = r.json()["cluster"]
-    cid = cluster["id"]
+    cid = state["cid"] = cluster["id"]
     assert cluster["connection"] == {
         "host": "127.0.0.1",
         "port": pg2.port,
@@ -158,17 +193,14 @@ async def test_clusters_end_to_end(
     }
     assert cluster["region"] == "eu-west" and cluster["isDefault"] is False and cluster["projects"] == 0
     assert cluster["serverVersion"] >= 160000
-    assert_error(await register(_url(pg2, pg2_db), "again"), 409, "CONFLICT")
+    assert_error(await _register(inst, mgmt, _url(pg2, pg2_db), "again"), 409, "CONFLICT")
 
     r = _seen(await http.patch(f"/api/admin/clusters/{cid}", json={"label": "Second"}, headers=mgmt))
     assert r.status_code == 200 and r.json()["cluster"]["label"] == "Second"
     # A new connection string is verified before it is stored: a wrong one changes nothing.
     bad = _url(pg2, pg2_db, password="nope")
-    assert_error(
-        _seen(await http.patch(f"/api/admin/clusters/{cid}", json={"connectionString": bad}, headers=mgmt)),
-        422,
-        "DATABASE_AUTH_FAILED",
-    )
+    r = _seen(await http.patch(f"/api/admin/clusters/{cid}", json={"connectionString": bad}, headers=mgmt))
+    assert_error(r, 422, "DATABASE_AUTH_FAILED")
     r = _seen(await http.get(f"/api/admin/clusters/{cid}/connection", headers=mgmt))
     check = r.json()["connection"]
     assert check["ok"] is True and check["failure"] is None and check["latencyMs"] >= 0 and check["checkedAt"]
@@ -186,15 +218,28 @@ async def test_clusters_end_to_end(
     finally:
         await conn2.close()
 
-    # --- permissions: project keys, non-admin users and management keys stay in their lane ---
+
+async def test_placement_and_sql_on_cluster_two(
+    inst: dict[str, Any],
+    mgmt: dict[str, str],
+    pg2: EmbeddedPostgres,
+    pg2_db: str,
+    stack: Stack,
+    state: dict[str, Any],
+) -> None:
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    cid = state["cid"]
     _user, user_token = await api.new_user()
+    state["user_token"] = user_token
     assert_error(
         await http.get("/api/admin/clusters", headers=bearer(user_token)), 403, "INSUFFICIENT_PERMISSIONS"
     )
 
-    # --- placement: fewest projects; an explicit clusterId is an instance admin's -----------
+    # Placement: fewest projects; an explicit clusterId is an instance admin's decision.
     first = await api.new_project(user_token, "first")  # both empty: the default cluster first
-    second = await api.new_project(user_token, "second")  # now cluster two has fewer
+    second = state["second"] = await api.new_project(user_token, "second")  # now cluster two has fewer
     r = await http.post("/api/projects", json={"name": "x", "clusterId": cid}, headers=bearer(user_token))
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
     r = await http.post("/api/projects", json={"name": "third", "clusterId": "default"}, headers=admin)
@@ -209,13 +254,10 @@ async def test_clusters_end_to_end(
     finally:
         await control.close()
 
-    # --- tenant SQL on cluster two: runs there, as the project's own role ------------------
-    key = await api.new_key(user_token, second, "admin", rateLimitRequests=100_000)
-    assert_error(
-        await http.post("/api/execute-sql", json={"projectId": second, "query": "SELECT 1"}, headers=mgmt),
-        401,
-        "AUTH_REQUIRED",
-    )
+    # Tenant SQL on cluster two runs there, as the project's own LOGIN role.
+    key = state["key"] = await api.new_key(user_token, second, "admin", rateLimitRequests=100_000)
+    query = {"projectId": second, "query": "SELECT 1"}
+    assert_error(await http.post("/api/execute-sql", json=query, headers=mgmt), 401, "AUTH_REQUIRED")
     assert_error(await http.get("/api/projects", headers=mgmt), 401, "AUTH_REQUIRED")
     assert_error(await http.get("/api/admin/clusters", headers=bearer(key)), 403, "INSUFFICIENT_PERMISSIONS")
     r = await api.sql(key, second, "CREATE TABLE items (id serial PRIMARY KEY, name text)")
@@ -243,11 +285,17 @@ async def test_clusters_end_to_end(
     key1 = await api.new_key(user_token, first, "admin", rateLimitRequests=100_000)
     r = await api.sql(key1, first, "SELECT inet_server_port() AS port")
     assert r.json()["success"], r.text
+    assert r.json()["result"]["rows"][0]["port"] != pg2.port
 
-    # --- realtime reads cluster two's outbox: admin (everything) and read key (RLS gate) --
+
+async def test_realtime_reads_cluster_two(inst: dict[str, Any], state: dict[str, Any], log_dir: Path) -> None:
+    """An admin key (everything) and a read key (through the RLS gate, on cluster two's checker
+    role) receive cluster two's events; a replay from a cursor reads its outbox too."""
+    api: Api = inst["api"]
+    second, key = state["second"], state["key"]
     rt_port = free_port()
     rt_env = dict(inst["env"], FLUXBASE_REALTIME_PORT=str(rt_port))
-    read_key = await api.new_key(user_token, second, "read")
+    read_key = await api.new_key(state["user_token"], second, "read")
     with run_service(["realtime"], rt_env, rt_port, log_dir):
         ws_url = f"ws://127.0.0.1:{rt_port}/?token="
         room = {"type": "subscribe", "roomId": f"project_{second}"}
@@ -265,7 +313,6 @@ async def test_clusters_end_to_end(
                         break
                 assert event["payload"]["operation"] == "INSERT"
                 assert event["payload"]["record"]["name"] == "live", event
-        # Replay from a cursor reads cluster two's outbox too.
         async with connect(ws_url + key) as ws:
             await ws.send(json.dumps({**room, "since": "0:0"}))
             names = []
@@ -275,13 +322,59 @@ async def test_clusters_end_to_end(
                     names.append(msg["payload"]["record"]["name"])
             assert names == ["on cluster two", "live"]
 
+
+async def test_worker_delivers_webhooks_from_cluster_two(inst: dict[str, Any], state: dict[str, Any]) -> None:
+    api: Api = inst["api"]
+    second, key = state["second"], state["key"]
+    received: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(text="OK")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    try:
+        r = await api.http.post(
+            "/api/webhooks",
+            json={
+                "projectId": second,
+                "url": f"http://127.0.0.1:{hook_port}/hook",
+                "events": ["row.inserted"],
+            },
+            headers=bearer(key),
+        )
+        assert r.status_code == 201, r.text
+        r = await api.sql(key, second, "INSERT INTO items (name) VALUES ('hooked')")
+        assert r.json()["success"], r.text
+        for _ in range(300):
+            if any(b"hooked" in b for b in received):
+                break
+            await asyncio.sleep(0.05)
+        assert [b for b in received if b"hooked" in b], received
+        assert not [b for b in received if b"live" in b]  # written before the endpoint existed
+    finally:
+        await runner.cleanup()
+
+
+async def test_revocation_and_removal(
+    inst: dict[str, Any], mgmt: dict[str, str], pg2: EmbeddedPostgres, pg2_db: str, state: dict[str, Any]
+) -> None:
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    cid, second, key, user_token = state["cid"], state["second"], state["key"], state["user_token"]
     # A revoked key stops at once on cluster two too (checked on the control plane).
     keys = (await http.get(f"/api/projects/{second}/api-keys", headers=bearer(user_token))).json()["apiKeys"]
     r = await http.delete(f"/api/projects/{second}/api-keys/{keys[0]['id']}", headers=bearer(user_token))
     assert r.status_code == 200, r.text
     assert_error(await api.sql(key, second, "SELECT 1"), 401, "AUTH_REQUIRED")
 
-    # --- removal: refused while projects live there -----------------------------------------
+    # Removal is refused while projects live there.
     body = assert_error(await http.delete(f"/api/admin/clusters/{cid}", headers=mgmt), 409, "CLUSTER_IN_USE")
     assert body["error"]["details"]["projects"] == 1
     assert_error(await http.delete("/api/admin/clusters/default", headers=mgmt), 409, "CLUSTER_IN_USE")
@@ -298,7 +391,7 @@ async def test_clusters_end_to_end(
     r = _seen(await http.delete(f"/api/admin/clusters/{cid}", headers=mgmt))
     assert r.status_code == 200, r.text
 
-    # --- a revoked management key is no credential ------------------------------------------
+    # A revoked management key is no credential.
     mk_id = (await http.get("/api/admin/management-keys", headers=admin)).json()["managementKeys"][0]["id"]
     r = _seen(await http.delete(f"/api/admin/management-keys/{mk_id}", headers=admin))
     assert r.status_code == 200 and r.json()["managementKey"]["revokedAt"]
