@@ -9,6 +9,7 @@ import asyncio
 import json
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from websockets.asyncio.client import connect
 
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
-from support import Api, Stack, assert_clean, assert_error, bearer, run_service
+from support import ROOT, Api, Stack, assert_clean, assert_error, bearer, run_service
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -359,6 +360,30 @@ async def test_worker_delivers_webhooks_from_cluster_two(inst: dict[str, Any], s
         assert not [b for b in received if b"live" in b]  # written before the endpoint existed
     finally:
         await runner.cleanup()
+
+
+async def test_fluxbase_migrate_reaches_registered_clusters(
+    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str
+) -> None:
+    """An upgrade's new migration files are applied on every registered cluster too."""
+    there = await asyncpg.connect(_url(pg2, pg2_db))
+    try:
+        await there.execute("DELETE FROM fluxbase.schema_migrations WHERE version = '0037'")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fluxbase",
+            "migrate",
+            env=inst["env"],
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+        assert await there.fetchval("SELECT 1 FROM fluxbase.schema_migrations WHERE version = '0037'") == 1
+    finally:
+        await there.close()
 
 
 async def test_revocation_and_removal(

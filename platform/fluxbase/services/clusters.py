@@ -197,6 +197,33 @@ async def install(conn: asyncpg.Connection, settings: Settings) -> list[str]:
     return applied
 
 
+async def migrate_registered(settings: Settings) -> dict[str, list[str] | None]:
+    """Apply pending migrations (and the privilege model) on every registered cluster, as its
+    registered role; returns what each applied (None: it failed, which is logged)."""
+    db = settings.database
+    control = await asyncpg.connect(db.url, timeout=db.connect_timeout)
+    try:
+        ids = [r["id"] for r in await control.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")]
+        targets = {cid: await _stored_target(control, settings, cid) for cid in ids}
+    finally:
+        await control.close()
+    done: dict[str, list[str] | None] = {}
+    for cluster_id, target in targets.items():
+        try:
+            conn = await connect(target)
+            try:
+                await verify(conn)
+                done[cluster_id] = await install(conn, settings)
+            finally:
+                await conn.close()
+        except Exception as exc:
+            log.error(
+                "could not migrate database cluster %s (%s:%s): %r", cluster_id, target.host, target.port, exc
+            )
+            done[cluster_id] = None
+    return done
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 
@@ -376,6 +403,12 @@ async def remove_cluster(db: asyncpg.Pool, cluster_id: str) -> None:
 
 
 async def stored_target(db: asyncpg.Pool, settings: Settings, cluster_id: str) -> Target:
+    return await _stored_target(db, settings, cluster_id)
+
+
+async def _stored_target(
+    db: asyncpg.Pool | asyncpg.Connection, settings: Settings, cluster_id: str
+) -> Target:
     row = await db.fetchrow(
         "SELECT host, port, database, username, secret FROM fluxbase.clusters WHERE id = $1", cluster_id
     )
