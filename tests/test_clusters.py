@@ -87,7 +87,14 @@ async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
             admin = await api.register(email="root@example.com")
             token = await api.login(admin["email"], admin["password"])
             try:
-                yield {"url": server.url, "dbname": dbname, "admin": token, "api": api, "env": env}
+                yield {
+                    "url": server.url,
+                    "dbname": dbname,
+                    "admin": token,
+                    "api": api,
+                    "env": env,
+                    "server": server,
+                }
             finally:
                 await api.close()
     finally:
@@ -424,3 +431,5 @@ async def test_revocation_and_removal(
 
     # The superuser password of cluster two never appeared in any response.
     assert SEEN and all(pg2.password not in text for text in SEEN)
+    # Nor in the API's log (which has logged every request and the failed verifications).
+    assert inst["server"].log() and pg2.password not in inst["server"].log()
