@@ -80,6 +80,7 @@ async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
         FLUXBASE_API_PORT=str(port),
         FLUXBASE_RUN_WORKER_IN_API="true",
         FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true",
+        FLUXBASE_LOG_LEVEL="info",  # the log is checked for the cluster password
     )
     try:
         with run_service(["api"], env, port, log_dir) as server:
