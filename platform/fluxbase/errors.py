@@ -266,3 +266,46 @@ class RedirectNotAllowed(FluxbaseError):
 class EmailNotVerified(FluxbaseError):
     code, status = "EMAIL_NOT_VERIFIED", 403
     default_message = "Confirm your email address first: follow the link in the verification email."
+
+
+class ClusterVerificationFailed(FluxbaseError):
+    """A database cluster failed verification (services/clusters.py). The envelope code is
+    upper-case like every other code; `details.failure` carries CloudSync's lower-case name
+    (`database_unreachable`, …) and `details.retryable` whether trying again may help."""
+
+    failure: ClassVar[str] = "database_error"
+    retryable: ClassVar[bool] = False
+    code, status, default_message = "DATABASE_ERROR", 422, "The database cluster could not be verified."
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.extra.setdefault("details", {"failure": self.failure, "retryable": self.retryable})
+
+
+class ClusterUnreachable(ClusterVerificationFailed):
+    failure, retryable = "database_unreachable", True
+    code, default_message = "DATABASE_UNREACHABLE", "The database cluster is unreachable."
+
+
+class ClusterAuthFailed(ClusterVerificationFailed):
+    failure = "database_auth_failed"
+    code, default_message = "DATABASE_AUTH_FAILED", "The database cluster refused the credentials."
+
+
+class ClusterPermissionDenied(ClusterVerificationFailed):
+    failure = "database_permission_denied"
+    code, default_message = "DATABASE_PERMISSION_DENIED", "The role lacks privileges Fluxbase needs."
+
+
+class ClusterVersionUnsupported(ClusterVerificationFailed):
+    failure = "database_version_unsupported"
+    code, default_message = "DATABASE_VERSION_UNSUPPORTED", "The PostgreSQL version is not supported."
+
+
+class ClusterNotFound(FluxbaseError):
+    code, status, default_message = "CLUSTER_NOT_FOUND", 404, "Database cluster not found."
+
+
+class ClusterInUse(FluxbaseError):
+    code, status = "CLUSTER_IN_USE", 409
+    default_message = "Projects still live on this database cluster; move or delete them first."

@@ -150,7 +150,8 @@ class RlsGate:
     """Decides, per batch, which events each distinct end user of a project may receive."""
 
     def __init__(self, settings: Settings, control: asyncpg.Pool):
-        self.pools = TenantPools(settings, max_size=settings.realtime.rls_pool_max)
+        # `control`: the checker roles connect to the project's own cluster (services.clusters).
+        self.pools = TenantPools(settings, max_size=settings.realtime.rls_pool_max, control=control)
         self.timeout_s = settings.realtime.rls_timeout_ms / 1000
         self.pool_max = settings.realtime.rls_pool_max
         self.control = control

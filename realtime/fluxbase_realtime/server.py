@@ -61,6 +61,7 @@ from fluxbase.services.identity import IdentityResolver, end_user_identity
 from fluxbase.services.realtime import Cursor
 from fluxbase_realtime import credentials
 from fluxbase_realtime import filters as row_filters
+from fluxbase_realtime.clusters import ClusterReaders
 from fluxbase_realtime.credentials import Credential, Grant
 from fluxbase_realtime.hub import Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
@@ -132,9 +133,11 @@ class RealtimeService:
         self.queue_size = settings.realtime.queue_size
         # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
         # by one burst; writers drain between batches while the reader waits on PostgreSQL.
-        self.reader = OutboxReader(
-            settings.database.url, self._deliver, batch=max(1, min(2000, self.queue_size // 2))
-        )
+        batch = max(1, min(2000, self.queue_size // 2))
+        self.reader = OutboxReader(settings.database.url, self._deliver, batch=batch)
+        # One more reader per registered database cluster (fluxbase_realtime.clusters).
+        self.clusters = ClusterReaders(settings, self.reader, self._deliver, batch)
+        self._clusters_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
@@ -159,6 +162,7 @@ class RealtimeService:
             self.end_user_verifier = resolver_verifier(IdentityResolver(self.db, self.settings))
         self.gate = self.hub.gate = RlsGate(self.settings, self.db)
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
+        self._clusters_task = asyncio.create_task(self.clusters.watch(self.db, self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
         self._revalidate_task = asyncio.create_task(self._revalidate(self.settings.realtime.revalidate_s))
         rt = self.settings.realtime
@@ -259,6 +263,10 @@ class RealtimeService:
         if self._reader_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader_task, 5)
+        if self._clusters_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._clusters_task, 5)
+        await self.clusters.close()
         await self.reader.close()
         await self.hub.close()
         if self.gate is not None:
@@ -598,8 +606,10 @@ class RealtimeService:
             room=room,
             filters=filters or None,
         )
-        await self.reader.ready.wait()
-        upto = self.reader.position(project_id)
+        assert self.db is not None
+        reader = await self.clusters.reader_for(self.db, project_id)
+        await reader.ready.wait()
+        upto = reader.position(project_id)
         if since is not None:
             start = realtime.parse_cursor(since)
             sub.held = []
@@ -631,8 +641,9 @@ class RealtimeService:
                 )
                 return
             after = since
+            outbox = await self.clusters.replay_db(self.db, sub.project_id)
             while not client.closed:
-                events = await read_replay(self.db, sub.project_id, after, upto, 1000)
+                events = await read_replay(outbox, sub.project_id, after, upto, 1000)
                 for message in await self.hub.visible(sub, events):
                     client.push(message)
                 if len(events) < 1000:

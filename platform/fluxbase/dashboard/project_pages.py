@@ -38,7 +38,9 @@ async def create_project(request: Request[Any, Any, Any], ctx: AppContext) -> Re
     dash = await signed_in(request, ctx)
     name = (await form(request)).get("name", "")
     try:
-        project = await projects.create_project(ctx.db, ctx.settings, dash.user.id, name)
+        project = await projects.create_project(
+            ctx.db, ctx.settings, dash.user.id, name, cluster_pools=ctx.cluster_pools()
+        )
     except FluxbaseError as exc:
         return await projects_page(dash, exc.status, error=exc, name=name)
     return dash.redirect(f"/p/{project.id}/")
@@ -200,7 +202,7 @@ async def delete_project(project_id: str, request: Request[Any, Any, Any], ctx: 
             error_message="Type the project's name exactly to confirm its deletion.",
         )
     await ctx.tenants.close_project(access.project.id)
-    await projects.delete_project(ctx.db, access.project.id)
+    await projects.delete_project(ctx.db, access.project.id, ctx.cluster_pools())
     ctx.auth.forget_project(access.project.id)
     with contextlib.suppress(StorageUnavailable):
         await delete_project_objects(ctx.store, access.project.id)

@@ -140,9 +140,17 @@ async def migrate_database(settings: Settings) -> list[str]:
         await apply_privileges(conn, runtime_user, runtime_password)
         await apply_extensions(conn, settings.tenant.extensions)
         await sync_role_passwords(conn, settings)
-        return applied
+        clusters = await conn.fetchval("SELECT to_regclass('fluxbase.clusters') IS NOT NULL")
     finally:
         await conn.close()
+    if clusters:
+        # Registered database clusters get the same files (services.clusters). A cluster that
+        # cannot be reached is reported and skipped: one unreachable server must not keep the
+        # instance from starting; its own projects fail until it is migrated.
+        from fluxbase.services.clusters import migrate_registered
+
+        await migrate_registered(settings)
+    return applied
 
 
 async def _refuse_pending(conn: asyncpg.Connection) -> None:

@@ -17,6 +17,7 @@ from fluxbase.db.control import create_control_pool
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers import (
     auth,
+    clusters,
     data,
     end_users,
     extensions,
@@ -146,6 +147,7 @@ ROUTES = [
     rls.set_table_rls,
     rls.get_realtime_settings,
     rls.set_realtime_settings,
+    *clusters.ROUTES,
     openapi_asset,
 ]
 

@@ -10,6 +10,7 @@ from fluxbase.config import Settings
 from fluxbase.ratelimit import RateLimiter
 from fluxbase.security import ssrf
 from fluxbase.services.access import Authenticator
+from fluxbase.services.clusters import ClusterPools
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.services.quota import SizeCache
 from fluxbase.storage.s3 import ObjectStore
@@ -28,6 +29,13 @@ class AppContext:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     sizes: SizeCache = field(default_factory=SizeCache)
     _sender: Sender | None = None
+    _clusters: ClusterPools | None = None
+
+    def cluster_pools(self) -> ClusterPools:
+        """The runtime role's pools on registered database clusters, made on first use."""
+        if self._clusters is None:
+            self._clusters = ClusterPools(self.settings, self.db)
+        return self._clusters
 
     def webhook_sender(self) -> Sender:
         """The HTTP client for webhook test pings, made on first use."""
@@ -39,5 +47,7 @@ class AppContext:
         if self._sender is not None:
             await self._sender.close()
         await self.tenants.close()
+        if self._clusters is not None:
+            await self._clusters.close()
         await self.store.close()
         await self.db.close()

@@ -28,6 +28,7 @@ class LoginBody(Body):
 
 class CreateProjectBody(Body):
     name: str
+    cluster_id: str | None = None  # instance admins only (services.clusters)
 
 
 class CreateKeyBody(Body):

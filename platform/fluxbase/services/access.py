@@ -86,6 +86,7 @@ class Project:
     rate_limit: tuple[int, int] | None
     created_at: datetime
     db_quota: int | None = None  # database-size cap in bytes (None: no cap)
+    cluster_id: str = "default"  # the database cluster the project lives on (services.clusters)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
@@ -98,6 +99,7 @@ class Project:
             (rl[0], rl[1]) if rl[0] else None,
             row[prefix + "created_at"],
             row.get(prefix + "db_quota_bytes"),
+            row.get(prefix + "cluster_id") or "default",
         )
 
 
@@ -125,7 +127,7 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        k.require_user_auth,
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
-       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes,
+       p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes, p.cluster_id AS p_cluster_id,
        (SELECT e.epoch FROM fluxbase_guard.auth_epochs e WHERE e.project_id = k.project_id) AS epoch
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1

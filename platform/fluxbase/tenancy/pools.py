@@ -95,7 +95,7 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     whether it logged in with settings above the caps (`login_over_caps`), and whether its
     idle-reset timer is pending (`TenantPool.release`)."""
 
-    __slots__ = ("dirty", "idle_since", "over_caps", "request_prefix", "reset_timer")
+    __slots__ = ("dirty", "idle_since", "over_caps", "remote", "request_prefix", "reset_timer")
 
     def _get_unique_id(self, prefix: str) -> str:
         """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
@@ -488,6 +488,7 @@ class TenantPools:
         self._host, self._port = settings.database.server()
         self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
         self._pools: dict[tuple[str, str, bool], TenantPool] = {}
+        self._where: dict[str, tuple[str, int, str]] = {}  # project → its cluster's address
         self.budget = ConnectionBudget(settings.tenant.connection_budget)
         self._last_used: dict[tuple[str, str, bool], float] = {}
         # What tenant statements are and which are refused, for these roles' caps.
@@ -522,12 +523,35 @@ class TenantPools:
         """How long a request waits for a busy pool's connection (then 503)."""
         return self._settings.tenant.pool_acquire_timeout_s
 
-    def _connect_kwargs(self, project_id: str, scope: str) -> dict[str, object]:
+    async def _address(self, project_id: str) -> tuple[str, int, str]:
+        """(host, port, database) of the project's cluster (services.clusters): the control
+        plane's own unless the project row names a registered cluster. Projects do not move
+        between clusters yet, so the answer is kept for the process's life."""
+        known = self._where.get(project_id)
+        if known is not None:
+            return known
+        where = (self._host, self._port, self._database)
+        if self.control is not None:
+            row = await self.control.fetchrow(
+                """SELECT c.id, c.host, c.port, c.database FROM fluxbase.projects p
+                   JOIN fluxbase.clusters c ON c.id = p.cluster_id WHERE p.id = $1""",
+                project_id,
+            )
+            if row is not None and row["id"] != "default":
+                where = (row["host"], row["port"], row["database"])
+            if row is None:
+                return where  # not (or no longer) a project: nothing to remember
+        if len(self._where) >= 100_000:
+            self._where.clear()
+        self._where[project_id] = where
+        return where
+
+    def _connect_kwargs(self, project_id: str, scope: str, where: tuple[str, int, str]) -> dict[str, object]:
         role = role_name(project_id, scope)
         return {
-            "host": self._host,
-            "port": self._port,
-            "database": self._database,
+            "host": where[0],
+            "port": where[1],
+            "database": where[2],
             "user": role,
             "password": role_password(self._settings.auth.secret_key, role),
             "ssl": False,
@@ -543,13 +567,20 @@ class TenantPools:
         existing = self._pools.get(key)
         if existing is not None:
             return existing
-        kwargs = self._connect_kwargs(project_id, scope)
+        where = await self._address(project_id)
+        remote = where != (self._host, self._port, self._database)
+        kwargs = self._connect_kwargs(project_id, scope, where)
+        existing = self._pools.get(key)
+        if existing is not None:  # made while the address was looked up
+            return existing
 
         async def connect() -> TenantConnection:
             conn = await asyncpg.connect(connection_class=TenantConnection, **kwargs)  # type: ignore[arg-type]
             try:
                 await init_tenant_connection(conn)
                 conn.over_caps = await login_over_caps(conn, self.statements.caps)
+                # On another cluster than the control plane's (session.terminate).
+                conn.remote = remote
             except BaseException:
                 conn.terminate()
                 raise
@@ -562,6 +593,7 @@ class TenantPools:
         return pool
 
     async def close_project(self, project_id: str) -> None:
+        self._where.pop(project_id, None)
         for key in [k for k in self._pools if k[0] == project_id]:
             pool = self._pools.pop(key)
             self._last_used.pop(key, None)

@@ -186,6 +186,11 @@ async def terminate(control: asyncpg.Pool, conn: Any) -> None:
     """Kill a tenant backend that outlived its deadline (cancel can be swallowed by plpgsql)."""
     pid = conn.get_server_pid()
     conn.terminate()
+    if getattr(conn, "remote", False):
+        # The backend is on a registered cluster, not the control plane's server: the pid means
+        # another session there (it may be another project's). Closing the socket and the role's
+        # own statement_timeout / idle_in_transaction_session_timeout end it instead.
+        return
     with contextlib.suppress(Exception):
         await asyncio.wait_for(control.execute("SELECT pg_terminate_backend($1)", pid), 3)
 

@@ -39,6 +39,7 @@ from fluxbase import tracing
 from fluxbase.config import Settings
 from fluxbase.metrics import OUTBOX_LAG, REGISTRY
 from fluxbase.security import ssrf
+from fluxbase.services import clusters
 from fluxbase.webhooks.sender import Attempt, Sender
 
 log = logging.getLogger("fluxbase.webhooks")
@@ -97,6 +98,15 @@ WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < h.below_all
 ORDER BY e.xid, e.id
 LIMIT $3
 """
+
+# The same read on a registered database cluster (services.clusters): its outbox holds its own
+# projects' events, while the endpoints live in the control plane; $7 lists the projects of that
+# cluster with an enabled endpoint.
+_CLUSTER_EVENTS_SQL = _EVENTS_SQL.replace(
+    "e.project_id IN (SELECT project_id FROM fluxbase.webhooks WHERE enabled)",
+    "e.project_id = ANY($7::text[])",
+)
+assert _CLUSTER_EVENTS_SQL != _EVENTS_SQL
 
 # Endpoints whose oldest pending delivery is due.
 _DUE_SQL = """
@@ -193,10 +203,22 @@ class _Hook:
         return self.tables is None or table in self.tables
 
 
-async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[set[str], bool, bool]:
+async def dispatch_once(
+    conn: asyncpg.Connection,
+    limit: int = 1000,
+    *,
+    control: asyncpg.Pool | None = None,
+    cluster_id: str | None = None,
+) -> tuple[set[str], bool, bool]:
     """Queue deliveries for the next events: (endpoints that got deliveries, more events pending,
     whether any endpoint is enabled at all). (empty, False, True) when another worker holds the
-    cursor."""
+    cursor.
+
+    `conn` is on the database whose outbox is read. For a registered cluster (`control` and
+    `cluster_id` given) the endpoints are read from, and the deliveries written to, the control
+    plane, before the cluster's cursor moves in its own transaction: a crash in between queues
+    the same events again under the same message ids (at-least-once, as everywhere)."""
+    hooks_db: asyncpg.Pool | asyncpg.Connection = conn if control is None else control
     async with conn.transaction():
         # Safe without waiting for the WAL flush: a crash loses the deliveries and the cursor
         # move together, and the next dispatcher queues the same events again.
@@ -209,7 +231,20 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
         # Taken before the events are read, in an earlier snapshot: every event below it is
         # visible to the read, and no horizon of the read's snapshot lies below it.
         xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
+        hooked: list[str] = []
+        if control is None:
+            active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
+        else:
+            hooked = [
+                r["project_id"]
+                for r in await control.fetch(
+                    """SELECT DISTINCT w.project_id FROM fluxbase.webhooks w
+                       JOIN fluxbase.projects p ON p.id = w.project_id
+                       WHERE w.enabled AND p.cluster_id = $1""",
+                    cluster_id,
+                )
+            ]
+            active = bool(hooked)
         early = {
             r["project_id"]: (int(r["xid"]), r["last_id"])
             for r in await conn.fetch(
@@ -218,19 +253,22 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
         }
         rows = []
         if active:
-            rows = await conn.fetch(
-                _EVENTS_SQL,
+            args = [
                 cursor["xid"],
                 cursor["last_id"],
                 limit,
                 list(early),
                 [str(x) for x, _ in early.values()],
                 [i for _, i in early.values()],
-            )
+            ]
+            if control is None:
+                rows = await conn.fetch(_EVENTS_SQL, *args)
+            else:
+                rows = await conn.fetch(_CLUSTER_EVENTS_SQL, *args, hooked)
         queued: list[tuple[str, str, str, str]] = []
         if rows:
             hooks: dict[str, list[_Hook]] = {}
-            for h in await conn.fetch(
+            for h in await hooks_db.fetch(
                 "SELECT id, project_id, events, tables, created_at FROM fluxbase.webhooks "
                 "WHERE enabled AND project_id = ANY($1::text[])",
                 list({r["project_id"] for r in rows}),
@@ -254,7 +292,7 @@ async def dispatch_once(conn: asyncpg.Connection, limit: int = 1000) -> tuple[se
                     if hook.wants(event_type, r["table_name"], r["created_at"]):
                         queued.append((hook.id, message_id, event_type, body.decode()))
             if queued:
-                await conn.copy_records_to_table(
+                await hooks_db.copy_records_to_table(
                     "webhook_deliveries",
                     schema_name="fluxbase",
                     columns=["webhook_id", "message_id", "event_type", "body"],
@@ -445,6 +483,11 @@ async def _disable(
     log.warning("webhook %s disabled after %d failed attempts", hook["id"], attempts)
 
 
+def _ring(bell: asyncio.Event) -> Any:
+    """A LISTEN callback that only sets `bell` (the payload is never read)."""
+    return lambda *_: bell.set()
+
+
 class WebhookWorker:
     """The dispatcher and the sender loop of one worker process."""
 
@@ -469,7 +512,11 @@ class WebhookWorker:
         flight `grace_s` (default: the request timeout plus 5 s) to finish and be written
         down. What is still unfinished then is cancelled: its deliveries stay pending and are
         sent again later with the same webhook-id (at-least-once), its lease released."""
-        tasks = [asyncio.create_task(self._dispatch_loop(stop)), asyncio.create_task(self._send_loop(stop))]
+        tasks = [
+            asyncio.create_task(self._dispatch_loop(stop)),
+            asyncio.create_task(self._send_loop(stop)),
+            asyncio.create_task(self._watch_clusters(stop)),
+        ]
         unregister = REGISTRY.on_scrape(self._collect)
         try:
             await stop.wait()
@@ -507,24 +554,72 @@ class WebhookWorker:
     def _on_notify(self, *_: object) -> None:
         self._bell.set()
 
-    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+    async def _watch_clusters(self, stop: asyncio.Event) -> None:
+        """One dispatcher per registered database cluster (services.clusters), started as they
+        appear and stopped when they are removed; the control plane's is `_dispatch_loop`'s own."""
+        loops: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        try:
+            while not stop.is_set():
+                try:
+                    ids = {
+                        r["id"]
+                        for r in await self.db.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")
+                    }
+                    for cluster_id in ids - set(loops):
+                        target = clusters.runtime_login(
+                            self.settings, await clusters.stored_target(self.db, self.settings, cluster_id)
+                        )
+                        own_stop = asyncio.Event()
+                        task = asyncio.create_task(self._dispatch_loop(own_stop, target, cluster_id))
+                        loops[cluster_id] = (own_stop, task)
+                    for cluster_id in set(loops) - ids:
+                        own_stop, task = loops.pop(cluster_id)
+                        own_stop.set()
+                        await asyncio.gather(task, return_exceptions=True)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("could not refresh the database clusters (%r)", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 2.0)
+        finally:
+            for own_stop, task in loops.values():
+                own_stop.set()
+                task.cancel()
+            await asyncio.gather(*(t for _, t in loops.values()), return_exceptions=True)
+
+    async def _dispatch_loop(
+        self, stop: asyncio.Event, target: clusters.Target | None = None, cluster_id: str | None = None
+    ) -> None:
         backoff = 0.2
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self.settings.database.url,
-                    timeout=self.settings.database.connect_timeout,
-                    server_settings={"application_name": "fluxbase-webhooks"},
-                )
-                await conn.add_listener(CHANNEL, self._on_notify)
+                if target is None:
+                    conn = await asyncpg.connect(
+                        self.settings.database.url,
+                        timeout=self.settings.database.connect_timeout,
+                        server_settings={"application_name": "fluxbase-webhooks"},
+                    )
+                else:
+                    conn = await asyncpg.connect(
+                        host=target.host,
+                        port=target.port,
+                        user=target.user,
+                        password=target.password or None,
+                        database=target.database,
+                        ssl=False,
+                        timeout=self.settings.database.connect_timeout,
+                        server_settings={"application_name": "fluxbase-webhooks"},
+                    )
+                # A registered cluster's doorbell wakes its own dispatcher only.
+                bell = self._bell if target is None else asyncio.Event()
+                await conn.add_listener(CHANNEL, self._on_notify if target is None else _ring(bell))
                 await conn.execute(
                     "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, false) "
                     "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now()",
                     self.reader_id,
                 )
                 backoff = 0.2
-                await self._dispatch_forever(conn, stop)
+                await self._dispatch_forever(conn, stop, cluster_id, bell)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("webhook dispatcher lost its connection (%r); retrying in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):
@@ -542,8 +637,11 @@ class WebhookWorker:
             waiting,
         )
 
-    async def _dispatch(self, conn: asyncpg.Connection) -> tuple[bool, bool]:
-        queued, more, active = await dispatch_once(conn)
+    async def _dispatch(self, conn: asyncpg.Connection, cluster_id: str | None = None) -> tuple[bool, bool]:
+        if cluster_id is None:
+            queued, more, active = await dispatch_once(conn)
+        else:
+            queued, more, active = await dispatch_once(conn, control=self.db, cluster_id=cluster_id)
         # Start sending to those endpoints now, without waiting for the sender loop's next look.
         for hook_id in queued:
             if hook_id not in self._inflight and len(self._inflight) < self.settings.webhooks.concurrency:
@@ -552,10 +650,18 @@ class WebhookWorker:
             self._work.set()
         return more or bool(queued), active
 
-    async def _dispatch_forever(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+    async def _dispatch_forever(
+        self,
+        conn: asyncpg.Connection,
+        stop: asyncio.Event,
+        cluster_id: str | None = None,
+        bell: asyncio.Event | None = None,
+    ) -> None:
+        bell = bell or self._bell
         while not stop.is_set():
-            busy, active = await self._dispatch(conn)
-            self.ready.set()
+            busy, active = await self._dispatch(conn, cluster_id)
+            if cluster_id is None:
+                self.ready.set()
             if busy:
                 self._drained = False
                 await asyncio.sleep(0.002)
@@ -568,11 +674,11 @@ class WebhookWorker:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 continue
             # Drained: ask for the doorbell, look once more, then sleep until it rings.
-            self._bell.clear()
+            bell.clear()
             await self._set_waiting(conn, True)
-            if not (await self._dispatch(conn))[0]:
+            if not (await self._dispatch(conn, cluster_id))[0]:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._bell.wait(), 1.0)
+                    await asyncio.wait_for(bell.wait(), 1.0)
             self._drained, self._drained_at = False, time.monotonic()
             await self._set_waiting(conn, False)
 

@@ -11,7 +11,7 @@ from fluxbase.errors import AuthRequired, StorageUnavailable, ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import CreateKeyBody, CreateProjectBody, key_out, project_out
-from fluxbase.services import apikeys, projects
+from fluxbase.services import apikeys, clusters, projects
 from fluxbase.services.access import Need, authorize
 from fluxbase.storage.service import delete_project_objects
 
@@ -24,7 +24,19 @@ def _user_id(caller: Caller) -> str:
 
 @post("/api/projects", operation_id="createProject", tags=["projects"], status_code=201)
 async def create_project(data: CreateProjectBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    project = await projects.create_project(ctx.db, ctx.settings, _user_id(caller), data.name)
+    user_id = _user_id(caller)
+    if data.cluster_id is not None:  # choosing a cluster is an instance admin's decision
+        clusters.require_instance_admin(
+            caller.principal.user is not None and caller.principal.user.is_instance_admin
+        )
+    project = await projects.create_project(
+        ctx.db,
+        ctx.settings,
+        user_id,
+        data.name,
+        cluster_pools=ctx.cluster_pools(),
+        cluster_id=data.cluster_id,
+    )
     return {"success": True, "project": project_out(project, "admin")}
 
 
@@ -44,7 +56,7 @@ async def get_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[
 async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
     await ctx.tenants.close_project(access.project.id)
-    await projects.delete_project(ctx.db, access.project.id)
+    await projects.delete_project(ctx.db, access.project.id, ctx.cluster_pools())
     ctx.auth.forget_project(access.project.id)  # its cached keys die now, not when they expire
     # Rows are gone; the bytes follow (if S3 is down, housekeeping removes them as orphans).
     with contextlib.suppress(StorageUnavailable):

@@ -28,7 +28,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token, remember_quota
 from fluxbase.security import apikeys
 from fluxbase.services import sql
-from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authorize
+from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authenticate_key, authorize
 from fluxbase.tenancy.results import ENCODER, StatementResult
 from fluxbase.tenancy.session import Identity, Limits, TenantRequest
 
@@ -100,6 +100,13 @@ async def sql_access(
         principal, key_project = await ctx.auth.principal(bearer, origin)
     # A data surface: request_identity applies the requireUserAuth rule right after.
     access = await authorize(ctx.db, principal, key_project, project_id, need, end_user_surface=True)
+    if key_auth is not None and access.project.cluster_id != "default":
+        # The in-transaction key guard reads the control plane, which is not in a registered
+        # cluster's database: the key is checked there, uncached, just before (services.clusters).
+        key_auth = await authenticate_key(ctx.db, bearer or "", origin)
+        access = await authorize(
+            ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
+        )
     limit, window = access.rate_limit(ctx.settings)
     remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
     return access, key_auth
@@ -120,6 +127,8 @@ async def tenant_request(
 ) -> TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
     access, key_auth = await sql_access(request, ctx, project_id, need)
+    if access.project.cluster_id != "default":
+        key_auth = None  # checked on the control plane in sql_access; no guard on that cluster
     return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,

@@ -1,0 +1,111 @@
+"""One outbox reader per registered database cluster (services.clusters): each cluster's
+projects write their events to that cluster's own `fluxbase.events`, so the realtime service
+reads every cluster's outbox and fans all of them out through the one hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+import asyncpg
+
+from fluxbase.config import Settings
+from fluxbase.services import clusters
+from fluxbase_realtime.outbox import OutboxEvent, OutboxReader
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 2.0  # how soon a newly registered cluster's outbox is read without a subscriber asking
+
+
+def _dsn(target: clusters.Target) -> str:
+    auth = quote(target.user, safe="") + (":" + quote(target.password, safe="") if target.password else "")
+    return f"postgresql://{auth}@{target.host}:{target.port}/{quote(target.database, safe='')}"
+
+
+class ClusterReaders:
+    """The default cluster's reader plus one per registered cluster, started as they appear and
+    stopped when they are removed; which cluster each project lives on, remembered."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        default: OutboxReader,
+        deliver: Callable[[list[OutboxEvent]], Awaitable[None]],
+        batch: int,
+    ) -> None:
+        self.settings = settings
+        self.readers: dict[str, OutboxReader] = {clusters.DEFAULT: default}
+        self.pools: dict[str, asyncpg.Pool] = {}  # replay reads on a registered cluster
+        self._deliver = deliver
+        self._batch = batch
+        self._stops: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._where: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def cluster_of(self, db: asyncpg.Pool, project_id: str) -> str:
+        known = self._where.get(project_id)
+        if known is None:
+            found = await db.fetchval("SELECT cluster_id FROM fluxbase.projects WHERE id = $1", project_id)
+            known = str(found or clusters.DEFAULT)
+            if found is not None:
+                self._where[project_id] = known
+        return known
+
+    async def reader_for(self, db: asyncpg.Pool, project_id: str) -> OutboxReader:
+        cluster_id = await self.cluster_of(db, project_id)
+        reader = self.readers.get(cluster_id)
+        if reader is None:
+            await self.refresh(db)
+            reader = self.readers.get(cluster_id, self.readers[clusters.DEFAULT])
+        return reader
+
+    async def replay_db(self, db: asyncpg.Pool, project_id: str) -> asyncpg.Pool:
+        """Where a project's past events are read: its cluster's database."""
+        cluster_id = await self.cluster_of(db, project_id)
+        return self.pools.get(cluster_id, db)
+
+    async def refresh(self, db: asyncpg.Pool) -> None:
+        """Start a reader for every registered cluster that has none; stop removed ones'."""
+        async with self._lock:
+            ids = {r["id"] for r in await db.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")}
+            for cluster_id in ids - set(self.readers):
+                target = clusters.runtime_login(
+                    self.settings, await clusters.stored_target(db, self.settings, cluster_id)
+                )
+                dsn = _dsn(target)
+                reader = OutboxReader(dsn, self._deliver, batch=self._batch)
+                self.pools[cluster_id] = await asyncpg.create_pool(dsn, min_size=0, max_size=2)  # type: ignore[assignment]
+                stop = self._stops[cluster_id] = asyncio.Event()
+                self.readers[cluster_id] = reader
+                self._tasks[cluster_id] = asyncio.create_task(reader.run(stop))
+                log.info("reading the outbox of cluster %s", cluster_id)
+            for cluster_id in set(self.readers) - ids - {clusters.DEFAULT}:
+                await self._stop(cluster_id)
+
+    async def _stop(self, cluster_id: str) -> None:
+        self._stops.pop(cluster_id).set()
+        task = self._tasks.pop(cluster_id)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+        await self.readers.pop(cluster_id).close()
+        pool = self.pools.pop(cluster_id, None)
+        if pool is not None:
+            await pool.close()
+
+    async def watch(self, db: asyncpg.Pool, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.refresh(db)
+            except Exception as exc:
+                log.warning("could not refresh the database clusters (%r)", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), REFRESH_S)
+
+    async def close(self) -> None:
+        for cluster_id in list(self._stops):
+            await self._stop(cluster_id)
