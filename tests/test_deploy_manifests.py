@@ -197,7 +197,10 @@ def test_the_proxy_upgrades_websockets_for_realtime_only() -> None:
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
 def test_nginx_accepts_both_proxy_configurations(tmp_path) -> None:
     """`nginx -t` on the configuration the entrypoint writes, with and without TLS (Docker's DNS
-    names and paths replaced by local ones)."""
+    names and paths replaced by local ones; on an nginx older than the image's 1.28, its newer
+    directives `http2 on` and `server … resolve` are left out)."""
+    banner = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10).stderr
+    old = tuple(map(int, re.findall(r"nginx/(\d+)\.(\d+)", banner)[0])) < (1, 25)
     cert = ["-keyout", str(tmp_path / "tls.key"), "-out", str(tmp_path / "tls.crt")]
     subprocess.run(
         [
@@ -233,7 +236,8 @@ def test_nginx_accepts_both_proxy_configurations(tmp_path) -> None:
             text = f.read_text().replace("/etc/fluxbase/proxy/", f"{src}/")
             text = text.replace("/etc/fluxbase/tls/", f"{root / 'tls'}/")
             text = re.sub(r"server (api|realtime):(\d+) resolve;", r"server 127.0.0.1:\2;", text)
-            f.write_text(text.replace("resolver 127.0.0.11 valid=10s ipv6=off;", ""))
+            text = text.replace("resolver 127.0.0.11 valid=10s ipv6=off;", "")
+            f.write_text(text.replace("    http2 on;\n", "") if old else text)
         main = root / "nginx.conf"
         main.write_text(
             f"pid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{}}\n"
