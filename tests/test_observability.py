@@ -504,6 +504,15 @@ async def delete_hook(obs, hook_id: str) -> None:
     await obs["api"].http.delete(f"/api/webhooks/{hook_id}", headers=bearer(obs["key"]))
 
 
+async def test_worker_live_answers_without_a_token_and_the_metrics_stay_guarded(worker: Worker) -> None:
+    """The container probes (compose.yaml, infra/k8s/worker.yaml) call /live with no token."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        live = await http.get(f"{worker.url}/live")
+        assert live.status_code == 200 and live.json() == {"status": "ok"}
+        assert (await http.get(f"{worker.url}/metrics")).status_code == 401
+        assert (await http.get(f"{worker.url}/live/x")).status_code == 404
+
+
 async def test_worker_metrics_count_attempts_and_failures(obs, worker: Worker, receiver: Receiver) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(f"{worker.url}/metrics")).status_code == 401

@@ -440,7 +440,8 @@ OUTBOX_LAG = REGISTRY.gauge(
 
 
 async def serve_metrics(host: str, port: int, token: str) -> asyncio.Server:
-    """A minimal HTTP listener answering `GET /metrics` (the worker has no other HTTP server)."""
+    """A minimal HTTP listener answering `GET /metrics` and `GET /live` (the worker has no other
+    HTTP server; `/live` carries no data, so it needs no token: a container's liveness probe)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -453,7 +454,9 @@ async def serve_metrics(host: str, port: int, token: str) -> asyncio.Server:
             }
             peer = writer.get_extra_info("peername")
             proxied = any(h in headers for h in PROXY_HEADERS)
-            if method != "GET" or path != "/metrics":
+            if method == "GET" and path == "/live":
+                status, ctype, body = "200 OK", "application/json", b'{"status":"ok"}'
+            elif method != "GET" or path != "/metrics":
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             elif not allowed(token, headers.get("authorization"), peer[0] if peer else None, proxied):
                 status, ctype, body = "401 Unauthorized", "application/json", DENIED
