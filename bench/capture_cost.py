@@ -6,13 +6,15 @@ UPDATE and DELETE statements, each its own transaction, as the project's admin r
   off      realtime switched off (no trigger: the baseline);
   floor    a row trigger that writes 4 bytes to another table (what any AFTER trigger costs);
   capture  the capture triggers as the migrations installed them;
-  legacy   (with --legacy) sql/0030's capture triggers, installed in a scratch schema, to
-           compare against the installed ones in the same run.
-Prints µs per write per table, capture minus off (the capture cost), floor minus off, and the
-on/off CPU ratio. Load from other processes cancels out of the ratios (same run, interleaved);
+  legacy   (with --legacy) sql/0036's capture triggers, installed in a scratch schema, to
+           compare against the installed ones in the same run;
+  hop, check, bell, insert, lean1, heap, emit  (with --breakdown) the capture path cut short at
+           each step, to see where the CPU goes (BREAKDOWN below).
+Prints µs per write per table, capture minus off (the capture cost), floor minus off, the
+on/off CPU ratio, and the capture cost over the floor's (the figure to compare across machines). Load from other processes cancels out of the ratios (same run, interleaved);
 the absolute figures are CPU time, which queueing behind other processes does not inflate.
 
-    .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy]
+    .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy] [--breakdown]
 
 bench/realtime.py calls `measure` for its capture table.
 """
@@ -41,59 +43,17 @@ from support import run_service, start_stack, stop_stack  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 OPS = ("INSERT", "UPDATE", "DELETE")
 
-# sql/0030's trigger functions and sql/0022's write_events (before sql/0036), under other names,
-# so one run compares them with what the migrations installed. Created by the superuser; the
+# sql/0036's trigger functions and write_events (what main installs today), under other names,
+# so one run compares a change to the installed ones against them. Created by the superuser; the
 # writer function is a definer owned like the real one.
 LEGACY_SQL = """
 CREATE SCHEMA IF NOT EXISTS bench_legacy;
 GRANT USAGE ON SCHEMA bench_legacy TO PUBLIC;
-CREATE OR REPLACE FUNCTION bench_legacy.write_events(p_table regclass, p_operation text,
-    p_records jsonb[], p_olds jsonb[]) RETURNS void
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    m text[];
-    ident text[];
-    v_rec jsonb;
-    v_old jsonb;
-    v_n integer;
-BEGIN
-    IF pg_catalog.pg_trigger_depth() < 1 THEN
-        RAISE EXCEPTION 'only from triggers' USING ERRCODE = '42501';
-    END IF;
-    ident := pg_catalog.parse_ident(p_table::text);
-    m := pg_catalog.regexp_match(session_user::text, '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$');
-    IF m IS NULL OR pg_catalog.array_length(ident, 1) <> 2 OR ident[1] IS DISTINCT FROM 'p_' || m[1] THEN
-        RAISE EXCEPTION 'not a table of the calling project' USING ERRCODE = '42501';
-    END IF;
-    IF pg_catalog.cardinality(p_records) = 1 THEN
-        v_rec := p_records[1];
-        v_old := p_olds[1];
-        v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
-        IF v_n > 1048576 THEN
-            v_rec := fluxbase_capture.small_fields(v_rec);
-            v_old := fluxbase_capture.small_fields(v_old);
-            v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
-        END IF;
-        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
-        VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
-    ELSE
-        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
-        SELECT m[1], 'row', ident[2], p_operation, x.r, x.o,
-               coalesce(pg_catalog.pg_column_size(x.r), 0) + coalesce(pg_catalog.pg_column_size(x.o), 0)
-        FROM unnest(p_records, p_olds) AS x(r, o);
-    END IF;
-    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
-        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
-    END IF;
-END
-$$;
-ALTER FUNCTION bench_legacy.write_events(regclass, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
 CREATE OR REPLACE FUNCTION bench_legacy.capture_insert() RETURNS trigger
-    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 DECLARE
-    imgs jsonb[];
+    imgs pg_catalog.jsonb[];
 BEGIN
     imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n);
     IF imgs IS NOT NULL THEN
@@ -102,11 +62,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
 CREATE OR REPLACE FUNCTION bench_legacy.capture_delete() RETURNS trigger
-    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 DECLARE
-    imgs jsonb[];
+    imgs pg_catalog.jsonb[];
 BEGIN
     imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o);
     IF imgs IS NOT NULL THEN
@@ -115,15 +76,104 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
 CREATE OR REPLACE FUNCTION bench_legacy.capture_update() RETURNS trigger
-    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 BEGIN
     PERFORM bench_legacy.write_events(TG_RELID, 'UPDATE', ARRAY[pg_catalog.to_jsonb(NEW)],
-                                      ARRAY[pg_catalog.to_jsonb(OLD)]);
+                                          ARRAY[pg_catalog.to_jsonb(OLD)]);
     RETURN NULL;
 END
 $$;
+
+-- write_events as sql/0022 wrote it, except how it finds the session's project (below).
+CREATE OR REPLACE FUNCTION bench_legacy.write_events(
+    p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
+) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text[];
+    ident text[];
+    v_rec jsonb;
+    v_old jsonb;
+    v_n integer;
+    su text;
+BEGIN
+    IF pg_catalog.pg_trigger_depth() < 1 THEN
+        RAISE EXCEPTION 'bench_legacy.write_events may only be called by the capture triggers'
+            USING ERRCODE = '42501';
+    END IF;
+    -- The table's schema and name from the catalog (with search_path = pg_catalog, regclass
+    -- output is always schema-qualified; an oid that is no relation comes out as a bare number).
+    -- A catalog cache lookup: a query here would double the cost of a captured UPDATE.
+    ident := pg_catalog.parse_ident(p_table::text);
+    -- The session's project without a regular expression: regexp_match here cost about 140 µs
+    -- of CPU per call (bench/capture_cost.py), more than the rest of the capture together.
+    -- Same test as '^p_([0-9a-f]{16})_(admin|rw|ro|rt)$'.
+    su := session_user::text;
+    IF pg_catalog.starts_with(su, 'p_') AND pg_catalog.substr(su, 19, 1) = '_'
+       AND pg_catalog.substr(su, 20) IN ('admin', 'rw', 'ro', 'rt')
+       AND pg_catalog.ltrim(pg_catalog.substr(su, 3, 16), '0123456789abcdef') = ''
+       AND pg_catalog.octet_length(pg_catalog.substr(su, 3, 16)) = 16 THEN
+        m := ARRAY[pg_catalog.substr(su, 3, 16)];
+    ELSE
+        -- a platform session (runtime, migration) is attributed by the schema
+        m := NULL;
+    END IF;
+    IF m IS NULL THEN
+        m := pg_catalog.regexp_match(ident[1], '^p_([0-9a-f]{16})$');
+    END IF;
+    IF m IS NULL OR pg_catalog.array_length(ident, 1) <> 2 OR ident[1] IS DISTINCT FROM 'p_' || m[1] THEN
+        RAISE EXCEPTION 'bench_legacy.write_events: not a table of the calling project' USING ERRCODE = '42501';
+    END IF;
+    IF p_operation = 'TRUNCATE' THEN
+        v_rec := pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]);
+        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, bytes)
+        VALUES (m[1], 'schema', ident[2], 'TRUNCATE', v_rec, pg_catalog.pg_column_size(v_rec));
+    ELSIF p_operation IN ('INSERT', 'UPDATE', 'DELETE') THEN
+        IF pg_catalog.cardinality(p_records) = 1 THEN
+            -- One image (pair): the row-level UPDATE trigger calls this for every row, so no
+            -- set-returning query here.
+            v_rec := p_records[1];
+            v_old := p_olds[1];
+            v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            IF v_n > 1048576 THEN
+                v_rec := fluxbase_capture.small_fields(v_rec);
+                v_old := fluxbase_capture.small_fields(v_old);
+                v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
+            END IF;
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
+        ELSE
+            -- (multi-argument unnest: FROM only, unqualified)
+            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            SELECT m[1], 'row', ident[2], p_operation, s.r, s.o,
+                   CASE WHEN s.n > 1048576
+                        THEN coalesce(pg_catalog.pg_column_size(s.r), 0) + coalesce(pg_catalog.pg_column_size(s.o), 0)
+                        ELSE s.n END
+            FROM (SELECT CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.r) ELSE u.r END AS r,
+                         CASE WHEN u.n > 1048576 THEN fluxbase_capture.small_fields(u.o) ELSE u.o END AS o,
+                         u.n
+                  FROM (SELECT x.r, x.o, coalesce(pg_catalog.pg_column_size(x.r), 0)
+                                         + coalesce(pg_catalog.pg_column_size(x.o), 0) AS n
+                        FROM unnest(p_records, p_olds) AS x(r, o)) AS u) AS s;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+        END IF;
+    ELSE
+        RAISE EXCEPTION 'bench_legacy.write_events: unknown operation' USING ERRCODE = '22023';
+    END IF;
+    -- The doorbell, rung only while a reader sleeps (every notifying commit takes a cluster lock).
+    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+END
+$$;
+ALTER FUNCTION bench_legacy.write_events(regclass, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
 """
 
 LEGACY_TRIGGERS = """
@@ -133,6 +183,99 @@ CREATE TRIGGER legacy_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION benc
 CREATE TRIGGER legacy_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bench_legacy.capture_delete();
 """
+
+# --breakdown: where a captured write's CPU goes. Each variant is the capture path cut short at
+# one step: trigger functions shaped like the installed ones (statement-level INSERT and DELETE
+# with transition tables, row-level UPDATE) calling a definer owned like the real writer, with
+# the same pinned search_path, whose body does only:
+#   hop     nothing (trigger, row images, definer call);
+#   check   the caller checks (trigger depth, the table in the session user's project);
+#   bell    check + the doorbell query (event_readers);
+#   insert  check + the outbox INSERT (fluxbase.events, its two indexes);
+#   lean1   check + the same INSERT into a copy of the outbox with one index (xid, id);
+#   heap    check + the same INSERT into a copy with no index and no identity column;
+#   emit    check + pg_logical_emit_message of the same content (raw WAL cost, no reader).
+BREAKDOWN_PRE = """
+CREATE SCHEMA IF NOT EXISTS bench_t;
+GRANT USAGE ON SCHEMA bench_t TO PUBLIC;
+CREATE TABLE bench_t.ev1 (id bigint GENERATED ALWAYS AS IDENTITY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    project_id text NOT NULL, kind text NOT NULL, table_name text, operation text NOT NULL,
+    record jsonb, old jsonb, created_at timestamptz NOT NULL DEFAULT now(), bytes integer);
+CREATE UNIQUE INDEX ON bench_t.ev1 (xid, id);
+CREATE TABLE bench_t.ev0 (xid xid8 NOT NULL DEFAULT pg_current_xact_id(), project_id text NOT NULL,
+    kind text NOT NULL, table_name text, operation text NOT NULL, record jsonb, old jsonb, bytes integer);
+GRANT INSERT ON bench_t.ev1, bench_t.ev0 TO fluxbase_outbox_writer;
+"""
+_CHECK = """DECLARE
+    ident text[] := pg_catalog.parse_ident(p_table::text);
+BEGIN
+    IF NOT (pg_catalog.pg_trigger_depth() > 0
+            AND pg_catalog.substr(session_user::text, 1, 19) = ident[1] || '_') THEN
+        RAISE EXCEPTION 'not a capture trigger of the calling project' USING ERRCODE = '42501';
+    END IF;
+"""
+_INSERT = """    INSERT INTO {tbl} (project_id, kind, table_name, operation, record, old, bytes)
+    VALUES (pg_catalog.substr(ident[1], 3), 'row', ident[2], p_operation, p_record, p_old,
+            coalesce(pg_catalog.pg_column_size(p_record), 0) + coalesce(pg_catalog.pg_column_size(p_old), 0));
+"""
+_BELL = """    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+"""
+_EMIT = """    PERFORM pg_catalog.pg_logical_emit_message(true, 'fluxbase', pg_catalog.jsonb_build_array(
+        pg_catalog.substr(ident[1], 3), ident[2], p_operation, p_record, p_old)::text);
+"""
+BREAKDOWN = {
+    "hop": "BEGIN\n    RETURN;\nEND",
+    "check": _CHECK + "END",
+    "bell": _CHECK + _BELL + "END",
+    "insert": _CHECK + _INSERT.format(tbl="fluxbase.events") + "END",
+    "lean1": _CHECK + _INSERT.format(tbl="bench_t.ev1") + "END",
+    "heap": _CHECK + _INSERT.format(tbl="bench_t.ev0") + "END",
+    "emit": _CHECK + _EMIT + "END",
+}
+BREAKDOWN_SQL = """
+CREATE SCHEMA bench_{n};
+GRANT USAGE ON SCHEMA bench_{n} TO PUBLIC;
+CREATE FUNCTION bench_{n}.w(p_table regclass, p_operation text, p_record jsonb, p_old jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+{body}
+$$;
+ALTER FUNCTION bench_{n}.w(regclass, text, jsonb, jsonb) OWNER TO fluxbase_outbox_writer;
+CREATE FUNCTION bench_{n}.ins() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n);
+    PERFORM bench_{n}.w(TG_RELID, 'INSERT', imgs[1], NULL);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION bench_{n}.del() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o);
+    PERFORM bench_{n}.w(TG_RELID, 'DELETE', imgs[1], imgs[1]);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION bench_{n}.upd() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM bench_{n}.w(TG_RELID, 'UPDATE', pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD));
+    RETURN NULL;
+END
+$$;
+"""
+BREAKDOWN_TRIGGERS = """
+CREATE TRIGGER b_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_{n}.ins();
+CREATE TRIGGER b_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION bench_{n}.upd();
+CREATE TRIGGER b_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_{n}.del();
+"""
+
 
 FLOOR_SQL = """
 CREATE TABLE cc_side (x int);
@@ -154,8 +297,11 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-async def setup(admin: asyncpg.Connection, superuser: asyncpg.Connection | None) -> list[str]:
-    """Create the tables (as the project's admin); returns the table names measured."""
+async def setup(
+    admin: asyncpg.Connection, superuser: asyncpg.Connection | None, breakdown: bool = False
+) -> list[str]:
+    """Create the tables (as the project's admin; the scratch functions as the superuser);
+    returns the table names measured."""
     tables = ["cc_off", "cc_floor", "cc_capture"]
     for t in tables:
         await admin.execute(f"CREATE TABLE {t} {TABLE}")
@@ -169,6 +315,15 @@ async def setup(admin: asyncpg.Connection, superuser: asyncpg.Connection | None)
         await admin.execute("SELECT fluxbase_capture.detach_capture('cc_legacy'::regclass)")
         await admin.execute(LEGACY_TRIGGERS.format(t="cc_legacy"))
         tables.append("cc_legacy")
+    if superuser is not None and breakdown:
+        await superuser.execute(BREAKDOWN_PRE)
+        for n, body in BREAKDOWN.items():
+            await superuser.execute(BREAKDOWN_SQL.format(n=n, body=body))
+            t = f"cc_{n}"
+            await admin.execute(f"CREATE TABLE {t} {TABLE}")
+            await admin.execute(f"SELECT fluxbase_capture.detach_capture('{t}'::regclass)")
+            await admin.execute(BREAKDOWN_TRIGGERS.format(t=t, n=n))
+            tables.append(t)
     for t in tables:
         await admin.execute(PROCS.format(t=t))
     return tables
@@ -242,6 +397,13 @@ def report(us: dict, tables: list[str]) -> list[str]:
     lines.append(
         f"  mean capture - off: {statistics.mean(us[(op, 'cc_capture')] - us[(op, 'cc_off')] for op in OPS):.1f} µs"
     )
+    lines.append(
+        "  capture cost / floor cost (a trigger writing 4 bytes; machine-independent): "
+        + " ".join(
+            f"{op} {(us[(op, 'cc_capture')] - us[(op, 'cc_off')]) / max(us[(op, 'cc_floor')] - us[(op, 'cc_off')], 1e-9):.1f}"
+            for op in OPS
+        )
+    )
     lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return lines
 
@@ -251,7 +413,10 @@ async def main() -> None:
     ap.add_argument("--writes", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fsync", action="store_true", help="PostgreSQL with fsync on (default off: CPU only)")
-    ap.add_argument("--legacy", action="store_true", help="also sql/0030's triggers (before sql/0036)")
+    ap.add_argument(
+        "--legacy", action="store_true", help="also sql/0036's triggers, as a baseline for a change"
+    )
+    ap.add_argument("--breakdown", action="store_true", help="also the capture path cut short at each step")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-cc-bench-"))
     stack = start_stack(tmp, durable=args.fsync)
@@ -271,8 +436,10 @@ async def main() -> None:
             assert stack.pg is not None
             dsn = f"postgresql://{role}:{role_password(stack.secret_key, role)}@127.0.0.1:{stack.pg.port}/{dbname}"
             admin = await asyncpg.connect(dsn)
-            superuser = await asyncpg.connect(stack.database_url(dbname)) if args.legacy else None
-            tables = await setup(admin, superuser)
+            superuser = (
+                await asyncpg.connect(stack.database_url(dbname)) if args.legacy or args.breakdown else None
+            )
+            tables = await setup(admin, superuser, args.breakdown)
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
             us = await measure(admin, tables, args.writes, args.rounds)
             print("\n" + "\n".join(report(us, tables)))
