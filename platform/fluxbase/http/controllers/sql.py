@@ -101,7 +101,7 @@ async def sql_access(
     # A data surface: request_identity applies the requireUserAuth rule right after.
     access = await authorize(ctx.db, principal, key_project, project_id, need, end_user_surface=True)
     limit, window = access.rate_limit(ctx.settings)
-    remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
+    remember_quota(request, await ctx.limiter.hit(principal.label, limit, window))
     return access, key_auth
 
 
