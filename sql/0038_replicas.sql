@@ -5,7 +5,8 @@
 --    token for limits under 200, about 1% of the limit above) and spends it locally. Each lease
 --    is one element of the name's row: how many tokens, and until when (database clock, epoch
 --    seconds) they count. A lease counts from its grant until grant + hold + window, so a token
---    spent at any moment of the hold still counts for a full window after it: no window of
+--    spent at any moment of the hold still counts for a full window after it (a one-token lease
+--    has no hold: the request that took it is admitted at the grant): no window of
 --    `window` seconds ever holds more than `limit` spent tokens across all replicas. When the
 --    process leases again it hands the previous lease back: the tokens it did not spend stop
 --    counting, and the spent ones count until the last spend + window only.

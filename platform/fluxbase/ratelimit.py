@@ -7,9 +7,11 @@ spend when it leases again. The slice is one token for limits under 200 (the doc
 then hold exactly across replicas) and about 1% of the limit above that (a round trip per slice;
 a replica may then hold up to a slice that another replica's client cannot use until it is
 handed back or its hold ends, so that client is refused at most (replicas - 1) x (slice - 1)
-requests early). No window ever admits more than the limit: a lease counts from its grant for
-the hold plus a full window (see the migration). A full window is remembered locally until its
-next token frees up (at most HOLD_S), so a flood of refused requests costs no round trips.
+requests early). No window ever admits more than the limit: a request is admitted when the
+table grants its token, and a one-token lease counts from then for one window; a larger slice is
+spent within HOLD_S and counts from its grant for HOLD_S plus a window (see the migration). A
+full window is remembered locally until its next token frees up (at most HOLD_S), so a flood of
+refused requests costs no round trips.
 """
 
 from __future__ import annotations
@@ -175,10 +177,14 @@ class SharedRateLimiter:
         # until the last spend (on the database's clock, rounded up) plus the window.
         old = lease.until
         old_until = lease.db_t0 + (lease.last - lease.t0) + lease.window + 0.001 if lease.spent else 0.0
+        # A one-token lease is spent by the request that took it: it counts from the grant for
+        # exactly one window. A larger slice is spent within HOLD_S and counts that much longer.
+        want = self.slice_of(limit)
+        hold = self.HOLD_S if want > 1 else 0.0
         t0 = time.monotonic()
         self.round_trips += 1
         row = await self.db.fetchrow(
-            _LEASE, name, limit, float(window), self.slice_of(limit), self.HOLD_S, old, old_until, lease.left
+            _LEASE, name, limit, float(window), want, hold, old, old_until, lease.left
         )
         assert row is not None
         granted, counted, db_now, oldest = row["granted"], row["counted"], row["now_s"], row["oldest"]
@@ -189,7 +195,7 @@ class SharedRateLimiter:
         lease.oldest = (oldest - db_now) if oldest is not None else window
         # Spend nothing after the hold; a full window is believed until its oldest token frees
         # up, but at most HOLD_S (another replica may hand tokens back earlier).
-        lease.valid_until = t0 + (self.HOLD_S if granted else min(self.HOLD_S, max(0.0, lease.oldest)))
+        lease.valid_until = t0 + (hold if granted else min(self.HOLD_S, max(0.0, lease.oldest)))
         if granted == 0:
             retry = max(1, math.ceil(lease.oldest))
             raise RateLimited(retry, quota=Quota(limit, 0, retry))
