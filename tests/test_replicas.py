@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from chaossupport import Receiver
 from fluxbase.devstack.procs import free_port, stop_process
-from support import ROOT, Api, Stack, bearer, run_service, wait_http_ok
+from support import ROOT, Api, Stack, bearer, wait_http_ok
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,7 +64,11 @@ async def topo(stack: Stack, log_dir: Path) -> AsyncIterator[Topology]:
     apis: list[Api] = []
     try:
         with contextlib.ExitStack() as procs:
-            procs.enter_context(run_service(["api"], env("api1"), ports["api1"], log_dir))  # migrates
+            first, first_log = _spawn("api", env("api1"), log_dir / f"replicas-api1-{ports['api1']}.log")
+            procs.callback(_stop, first)  # (it migrates the new database)
+            await asyncio.to_thread(
+                wait_http_ok, f"http://127.0.0.1:{ports['api1']}/ready", first, first_log, 150
+            )
             print("topo: api1 up", time.monotonic() - t_start, flush=True)
             # The rest at once (the machine may be loaded: a generous readiness timeout).
             named = {"api2": env("api2"), "rt1": env(rt="rt1"), "rt2": env(rt="rt2")}
