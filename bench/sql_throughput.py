@@ -10,6 +10,8 @@ project with one row, then measures at 8 and 32 concurrent clients:
   * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1, once per server variant of
     --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, the others
     serve the same ASGI factory under that server),
+  * fluxbase xN (optional, --replicas N): N `fluxbase api` processes on N ports, each loaded by
+    its own generator with 1/N of the clients at once (their req/s summed),
   * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
   * minimal (optional, --minimal): a bare ASGI app over asyncpg (bench/minimal_app.py: no auth,
     no transaction, no reset) under each variant's server and workers: the floor of that server.
@@ -21,6 +23,7 @@ Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
     .venv/bin/python bench/sql_throughput.py [--seconds 8] [--servers api,uvicorn:2,granian:1]
         [--rounds 3] [--postgraphile] [--minimal] [--generator wrk|python] [--cross-check] [--socket]
+        [--replicas 2]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -195,11 +198,16 @@ class Server:
     label: str
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    # --replicas 2: further API processes on their own ports, loaded at the same time (the
+    # clients split evenly, one generator per replica); req/s and CPU are their sums.
+    peers: list[Server] = field(default_factory=list)
 
 
 async def measure_http(
     server: Server, target: Target, clients: int, seconds: float, generator: str, warmup: float = 1.0
 ) -> Result:
+    if server.peers:
+        return await measure_replicas(server, target, clients, seconds, generator, warmup)
     if generator == "wrk":
         await asyncio.to_thread(wrk_load, server.port, target, clients, warmup)
     else:
@@ -217,6 +225,25 @@ async def measure_http(
         result.server_cpu = 100 * (tree_cpu_ticks(server.proc.pid) - cpu0) / CLK_TCK / elapsed
     result.name = server.label
     return result
+
+
+async def measure_replicas(
+    server: Server, target: Target, clients: int, seconds: float, generator: str, warmup: float
+) -> Result:
+    """`server` and its peers loaded at once, `clients` split evenly among them."""
+    group = [server, *server.peers]
+    share = [clients // len(group) + (i < clients % len(group)) for i in range(len(group))]
+    solo = [Server(s.label, s.port, s.proc) for s in group]
+    results = await asyncio.gather(
+        *(measure_http(s, target, c, seconds, generator, warmup) for s, c in zip(solo, share, strict=True))
+    )
+    total = Result(server.label, clients, [], 1.0, sum(r.errors for r in results))
+    total.rps = sum(r.rps for r in results)
+    total.p50 = max(r.p50 for r in results)  # the slower replica's
+    total.p99 = max(r.p99 for r in results)
+    total.gen_cpu = sum(r.gen_cpu or 0.0 for r in results)
+    total.server_cpu = sum(r.server_cpu or 0.0 for r in results)
+    return total
 
 
 async def asyncpg_load(url: str, clients: int, seconds: float, *, per_query_pool: bool) -> Result:
@@ -316,6 +343,27 @@ def start_server(cmd: list[str], env: dict[str, str], probe: Target, port: int) 
     raise SystemExit(f"{' '.join(cmd)} did not answer")
 
 
+async def start_replicas(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    first: subprocess.Popen[bytes],
+    port: int,
+    probe: Target,
+    procs: list[subprocess.Popen[bytes]],
+) -> Server:
+    """The shipped API plus `--replicas - 1` more `fluxbase api` processes on the same database."""
+    group = Server(f"fluxbase api:{args.workers} x{args.replicas}", port, first)
+    for _ in range(args.replicas - 1):
+        peer = free_port()
+        cmd = [sys.executable, "-m", "fluxbase", "api"]
+        proc = await asyncio.to_thread(
+            start_server, cmd, {**env, "FLUXBASE_API_PORT": str(peer)}, probe, peer
+        )
+        procs.append(proc)
+        group.peers.append(Server(f"fluxbase api replica {len(group.peers) + 2}", peer, proc))
+    return group
+
+
 def parse_servers(spec: str) -> list[tuple[str, int]]:
     out = []
     for item in spec.split(","):
@@ -407,6 +455,13 @@ async def main() -> None:
         "from --workers) and server:workers with server uvicorn or granian, e.g. api,uvicorn:1,granian:2",
     )
     ap.add_argument("--workers", type=int, default=1, help="workers of the `api` variant")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="2: also measure two `fluxbase api` processes on two ports, one generator each "
+        "(their rate limit and revocations are shared through PostgreSQL)",
+    )
     ap.add_argument("--clients", default="8,32")
     ap.add_argument("--rounds", type=int, default=1, help="measure every target this many times in turn")
     ap.add_argument("--postgraphile", action="store_true", help="also measure PostGraphile 4 (npm install)")
@@ -533,6 +588,8 @@ async def main() -> None:
                         )
                         procs.append(floor.proc)
                     apis.append((server, floor))
+                if args.replicas > 1:
+                    apis.append((await start_replicas(args, env, api_server.proc, port, sql, procs), None))
                 pg4 = None
                 if args.postgraphile:
                     workdir = ROOT / "bench" / ".node"

@@ -1,10 +1,28 @@
-"""In-process sliding-window rate limiter (per key or client; each API worker keeps its own)."""
+"""Request rate limits: `SharedRateLimiter` (every API and realtime replica shares the count, in
+the control plane) and `RateLimiter` (an in-process sliding window, for one process alone).
+
+The shared limiter does not go to PostgreSQL per request: a process leases a slice of a name's
+window from `fluxbase.rate_leases` (sql/0038) and spends it locally, handing back what it did not
+spend when it leases again. The slice is one token for limits under 200 (the documented numbers
+then hold exactly across replicas) and about 1% of the limit above that (a round trip per slice;
+a replica may then hold up to a slice that another replica's client cannot use until it is
+handed back or its hold ends, so that client is refused at most (replicas - 1) x (slice - 1)
+requests early). No window ever admits more than the limit: a request is admitted when the
+table grants its token, and a one-token lease counts from then for one window; a larger slice is
+spent within HOLD_S and counts from its grant for HOLD_S plus a window (see the migration). A
+full window is remembered locally until its next token frees up (at most HOLD_S), so a flood of
+refused requests costs no round trips.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
+
+import asyncpg
 
 from fluxbase.errors import RateLimited
 
@@ -60,3 +78,134 @@ class RateLimiter:
     def _evict(self, now: float, window: float) -> None:
         for name in [n for n, q in self._hits.items() if not q or q[-1] <= now - window]:
             del self._hits[name]
+
+
+_LEASE = (
+    "SELECT granted, counted, now_s, oldest, until_s FROM fluxbase.rate_lease($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+
+
+class _Lease:
+    """This process's slice of one name's window."""
+
+    __slots__ = (
+        "counted",
+        "db_t0",
+        "full",
+        "last",
+        "left",
+        "limit",
+        "oldest",
+        "spent",
+        "t0",
+        "until",
+        "valid_until",
+        "window",
+    )
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.window = 0.0
+        self.left = 0  # tokens still to spend
+        self.spent = 0
+        self.full = False  # the table refused: the window is full until valid_until
+        self.valid_until = 0.0  # monotonic: spend no token after this (also: refused until then)
+        self.until: float | None = None  # the lease's `until` in the table (None: nothing held)
+        self.t0 = 0.0  # monotonic time the lease was asked for
+        self.db_t0 = 0.0  # the database's clock at the grant
+        self.last = 0.0  # monotonic time of the last spend
+        self.counted = 0  # tokens the table counted right after the grant
+        self.oldest = 0.0  # seconds after t0 when the oldest counted token frees up
+
+
+class SharedRateLimiter:
+    """`await hit(name, limit, window)`, like `RateLimiter.hit`, with the count shared by every
+    process through the control plane (a lease per name and process; see the module)."""
+
+    HOLD_S = 1.0  # a lease is spent within this (longer: fewer round trips, more tokens held)
+    MAX_SLICE = 1000
+
+    def __init__(self, db: asyncpg.Pool, max_names: int = 100_000):
+        self.db = db
+        self._leases: dict[str, _Lease] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._max_names = max_names
+        self.round_trips = 0
+
+    @classmethod
+    def slice_of(cls, limit: int) -> int:
+        """Tokens per lease: 1 under 200 (exact), else about 1% of the limit."""
+        return max(1, min(cls.MAX_SLICE, limit // 100))
+
+    async def hit(self, name: str, limit: int, window: float) -> Quota:
+        now = time.monotonic()
+        lease = self._leases.get(name)
+        if lease is not None and lease.limit == limit and lease.window == window and now < lease.valid_until:
+            if lease.left > 0:
+                return self._spend(lease, now)
+            if lease.full:
+                retry = max(1, math.ceil(lease.t0 + lease.oldest - now))
+                raise RateLimited(retry, quota=Quota(limit, 0, retry))
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        async with lock:
+            return await self._lease(name, limit, window)
+
+    def _spend(self, lease: _Lease, now: float) -> Quota:
+        lease.left -= 1
+        lease.spent += 1
+        lease.last = now
+        remaining = max(0, lease.limit - lease.counted) + lease.left
+        reset = max(1, math.ceil(lease.t0 + lease.oldest - now))
+        return Quota(lease.limit, remaining, reset)
+
+    async def _lease(self, name: str, limit: int, window: float) -> Quota:
+        lease = self._leases.get(name)
+        now = time.monotonic()
+        if lease is not None and lease.limit == limit and lease.window == window and now < lease.valid_until:
+            if lease.left > 0:  # another request of this process leased while this one waited
+                return self._spend(lease, now)
+            if lease.full:
+                retry = max(1, math.ceil(lease.t0 + lease.oldest - now))
+                raise RateLimited(retry, quota=Quota(limit, 0, retry))
+        if lease is None:
+            if len(self._leases) >= self._max_names:
+                self._evict(now)
+            lease = self._leases[name] = _Lease()
+        # Hand the previous lease back: the unspent tokens stop counting, the spent ones count
+        # until the last spend (on the database's clock, rounded up) plus the window.
+        old = lease.until
+        old_until = lease.db_t0 + (lease.last - lease.t0) + lease.window + 0.001 if lease.spent else 0.0
+        # A one-token lease is spent by the request that took it: it counts from the grant for
+        # exactly one window. A larger slice is spent within HOLD_S and counts that much longer.
+        want = self.slice_of(limit)
+        hold = self.HOLD_S if want > 1 else 0.0
+        t0 = time.monotonic()
+        self.round_trips += 1
+        row = await self.db.fetchrow(
+            _LEASE, name, limit, float(window), want, hold, old, old_until, lease.left
+        )
+        assert row is not None
+        granted, counted, db_now, oldest = row["granted"], row["counted"], row["now_s"], row["oldest"]
+        lease.limit, lease.window, lease.t0, lease.db_t0 = limit, window, t0, db_now
+        lease.left, lease.spent, lease.last, lease.counted = granted, 0, t0, counted
+        lease.full = granted == 0
+        lease.until = row["until_s"] if granted else None  # the previous one was handed back
+        lease.oldest = (oldest - db_now) if oldest is not None else window
+        # Spend nothing after the hold; a full window is believed until its oldest token frees
+        # up, but at most HOLD_S (another replica may hand tokens back earlier).
+        lease.valid_until = t0 + (hold if granted else min(self.HOLD_S, max(0.0, lease.oldest)))
+        if granted == 0:
+            retry = max(1, math.ceil(lease.oldest))
+            raise RateLimited(retry, quota=Quota(limit, 0, retry))
+        return self._spend(lease, time.monotonic())
+
+    def _evict(self, now: float) -> None:
+        for name in [n for n, le in self._leases.items() if le.valid_until <= now and not self._locked(n)]:
+            del self._leases[name]
+            self._locks.pop(name, None)
+
+    def _locked(self, name: str) -> bool:
+        lock = self._locks.get(name)
+        return lock is not None and lock.locked()

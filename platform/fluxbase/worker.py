@@ -32,6 +32,11 @@ async def housekeeping(
     sessions = await db.execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'")
     throttle = await db.execute("DELETE FROM fluxbase.auth_throttle WHERE resets_at < now()")
     counts = {"sessions": int(sessions.split()[-1]), "throttleCounters": int(throttle.split()[-1])}
+    # Rate-limit leases (sql/0038) of names no replica has leased for longer than their window.
+    leases = await db.execute(
+        "DELETE FROM fluxbase.rate_leases WHERE last_until < extract(epoch FROM clock_timestamp())"
+    )
+    counts["rateLeases"] = int(leases.split()[-1])
     # Project users' sessions (their refresh tokens cascade): a day after expiry or revocation
     # a token naming them is refused as "no such session" just as well.
     user_sessions = await db.execute(

@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed
 from fluxbase import ids, metrics, tracing
 from fluxbase.config import Settings
 from fluxbase.db.control import check_runtime_role
+from fluxbase.db.doorbell import ControlBell, wait_any
 from fluxbase.errors import (
     AuthRequired,
     FluxbaseError,
@@ -52,7 +53,7 @@ from fluxbase.errors import (
     UserTokenRequired,
     ValidationError,
 )
-from fluxbase.ratelimit import RateLimiter
+from fluxbase.ratelimit import SharedRateLimiter
 from fluxbase.security import apikeys, tokens, usertokens
 from fluxbase.security.roles import role_name
 from fluxbase.services import realtime
@@ -142,8 +143,11 @@ class RealtimeService:
         self._reader_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self.clients: set[Client] = set()
-        self.limiter = RateLimiter()
+        # Shared with the API replicas: a key's broadcasts and requests count against one limit.
+        self.limiter: SharedRateLimiter | None = None
         self._revalidate_task: asyncio.Task[None] | None = None
+        self.bell: ControlBell | None = None
+        self._bell_task: asyncio.Task[None] | None = None
         self.presence: Presence | None = None
         self._presence_task: asyncio.Task[None] | None = None
         self._topic_rules: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
@@ -158,12 +162,15 @@ class RealtimeService:
     async def start(self) -> None:
         self.db = await asyncpg.create_pool(self.settings.database.url, min_size=0, max_size=8)
         await check_runtime_role(self.db, self.settings)
+        self.limiter = SharedRateLimiter(self.db)
         if self.end_user_verifier is None:
             self.end_user_verifier = resolver_verifier(IdentityResolver(self.db, self.settings))
         self.gate = self.hub.gate = RlsGate(self.settings, self.db)
         self._reader_task = asyncio.create_task(self.reader.run(self._stop))
         self._clusters_task = asyncio.create_task(self.clusters.watch(self.db, self._stop))
         self._ping_task = asyncio.create_task(self._keepalive(self.settings.realtime.ping_interval_s))
+        self.bell = ControlBell(self.settings.database.url, "fluxbase-realtime-control")
+        self._bell_task = asyncio.create_task(self.bell.run(self._stop))
         self._revalidate_task = asyncio.create_task(self._revalidate(self.settings.realtime.revalidate_s))
         rt = self.settings.realtime
         self.presence = Presence(
@@ -203,10 +210,14 @@ class RealtimeService:
     async def _revalidate(self, every_s: float) -> None:
         """Check every live subscription's credential again, every `every_s` seconds, in one
         batched query per kind for all projects (credentials.invalid); end those that no longer
-        hold. The state is PostgreSQL's, so every replica ends them within one round."""
+        hold. The state is PostgreSQL's, so every replica ends them within one round; the control
+        doorbell (a key revoked, a project suspended, on any replica) starts a round at once."""
         while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), every_s)
+            if self.bell is None:
+                await wait_any(self._stop, at_most_s=every_s)
+            else:
+                await wait_any(self._stop, self.bell.rang, at_most_s=every_s)
+                self.bell.rang.clear()
             try:
                 await self.revalidate_once()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -255,7 +266,7 @@ class RealtimeService:
 
     async def close(self) -> None:
         self._stop.set()
-        for task in (self._ping_task, self._revalidate_task, self._presence_task):
+        for task in (self._ping_task, self._revalidate_task, self._presence_task, self._bell_task):
             if task is not None:
                 task.cancel()
         if self.presence is not None:
@@ -510,7 +521,8 @@ class RealtimeService:
                 f"Broadcasting needs scope 'readwrite' or 'admin'; this credential has '{grant.scope}'."
             )
         body = realtime.broadcast_body(msg.get("event"), msg.get("payload"))
-        self.limiter.hit(grant.limiter_name, *grant.rate)
+        assert self.limiter is not None
+        await self.limiter.hit(grant.limiter_name, *grant.rate)
         assert self.db is not None
         await realtime.insert_broadcast(self.db, grant.project_id, body, sub.topic)
 
@@ -544,7 +556,8 @@ class RealtimeService:
         sub = self._topic_sub(client, room)
         assert sub.grant is not None and sub.topic is not None and self.presence is not None
         await self._topic_allows(sub.grant, sub.topic, "track")
-        self.limiter.hit(sub.grant.limiter_name, *sub.grant.rate)
+        assert self.limiter is not None
+        await self.limiter.hit(sub.grant.limiter_name, *sub.grant.rate)
         key = await self.presence.track(client, sub.project_id, sub.topic, msg.get("payload"))
         if client.subs.get(room) is not sub:  # left while tracking: take it back
             await self.presence.untrack(client, sub.project_id, sub.topic)

@@ -85,7 +85,7 @@ async def _run(dash: Dash, access: ProjectAccess, data: dict[str, str]) -> dict[
     identity = await ctx.identity.identity(
         access, user_token=user_token, auth_uid=auth_uid, session_checked_in_sql=True
     )
-    req = tenant_request(ctx, access, identity)
+    req = await tenant_request(ctx, access, identity)
     query = data.get("query", "")
     params = _params(data.get("params", ""))
     started = time.perf_counter()

@@ -9,9 +9,9 @@ from fluxbase.services.access import ProjectAccess
 from fluxbase.tenancy.session import Identity, TenantRequest
 
 
-def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Identity) -> TenantRequest:
+async def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Identity) -> TenantRequest:
     limit, window = access.rate_limit(ctx.settings)
-    ctx.limiter.hit(access.principal.label, limit, window)
+    await ctx.limiter.hit(access.principal.label, limit, window)
     return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
@@ -26,4 +26,4 @@ def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Identity) -
 async def member_request(ctx: AppContext, access: ProjectAccess) -> TenantRequest:
     """The member acting as themself (no end user): what a session's REST data call runs as."""
     identity = await ctx.identity.identity(access, user_token=None, auth_uid=None)
-    return tenant_request(ctx, access, identity)
+    return await tenant_request(ctx, access, identity)

@@ -14,6 +14,7 @@ from litestar.di import Provide
 from fluxbase import __version__, dashboard
 from fluxbase.config import Settings
 from fluxbase.db.control import create_control_pool
+from fluxbase.db.doorbell import ControlBell, wait_any
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers import (
     auth,
@@ -34,6 +35,7 @@ from fluxbase.http.controllers import (
 )
 from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.http.openapi import openapi_asset, openapi_config
+from fluxbase.ratelimit import SharedRateLimiter
 from fluxbase.services.access import Authenticator
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
@@ -152,6 +154,14 @@ ROUTES = [
 ]
 
 
+async def _forget_on_ring(bell: ControlBell, auth: Authenticator, stop: asyncio.Event) -> None:
+    """Forget every cached key whenever the control doorbell rings."""
+    while not stop.is_set():
+        await wait_any(bell.rang, stop)
+        bell.rang.clear()
+        auth.forget_all()
+
+
 def create_app(settings: Settings) -> Litestar:
     """Build the API app; connections are opened at startup, closed at shutdown."""
 
@@ -170,7 +180,16 @@ def create_app(settings: Settings) -> Litestar:
             store=store,
             auth=Authenticator(db, settings),
             identity=IdentityResolver(db, settings),
+            limiter=SharedRateLimiter(db),
         )
+        # Replicas agree: a key revoked or a project suspended through another API process
+        # drops this process's cached keys at once (the SQL path's guard refuses them anyway).
+        app.state.bell_stop = asyncio.Event()
+        bell = ControlBell(settings.database.url, "fluxbase-api-control")
+        app.state.bell_tasks = [
+            asyncio.create_task(bell.run(app.state.bell_stop)),
+            asyncio.create_task(_forget_on_ring(bell, app.state.ctx.auth, app.state.bell_stop)),
+        ]
 
         if settings.run_worker_in_api:
             # One-node setups: the worker (webhook delivery, housekeeping) inside this process.
@@ -180,6 +199,11 @@ def create_app(settings: Settings) -> Litestar:
             app.state.worker = asyncio.create_task(run_worker(settings, app.state.worker_stop))
 
     async def shutdown(app: Litestar) -> None:
+        if hasattr(app.state, "bell_stop"):
+            app.state.bell_stop.set()
+            for task in app.state.bell_tasks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 5)
         worker: asyncio.Task[None] | None = getattr(app.state, "worker", None)
         if worker is not None:
             app.state.worker_stop.set()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from fluxbase.config import Settings
-from fluxbase.ratelimit import RateLimiter
+from fluxbase.ratelimit import SharedRateLimiter
 from fluxbase.security import ssrf
 from fluxbase.services.access import Authenticator
 from fluxbase.services.clusters import ClusterPools
@@ -26,7 +26,7 @@ class AppContext:
     store: ObjectStore
     auth: Authenticator
     identity: IdentityResolver
-    limiter: RateLimiter = field(default_factory=RateLimiter)
+    limiter: SharedRateLimiter
     sizes: SizeCache = field(default_factory=SizeCache)
     _sender: Sender | None = None
     _clusters: ClusterPools | None = None

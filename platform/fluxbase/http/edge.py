@@ -223,7 +223,7 @@ async def provide_caller(request: Request[Any, Any, Any]) -> Caller:
         # only SQL (which counts in its own path): the key's, else the project's, else the default.
         t = ctx.settings.tenant
         limit, window = key.rate_limit or project.rate_limit or (t.rate_limit_requests, t.rate_limit_window_s)
-        remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
+        remember_quota(request, await ctx.limiter.hit(principal.label, limit, window))
     return Caller(principal, project)
 
 

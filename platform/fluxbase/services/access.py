@@ -244,6 +244,10 @@ class Authenticator:
             if auth.key_hash == key_hash:
                 self._cache.pop(raw_key, None)
 
+    def forget_all(self) -> None:
+        """Drop every cached key (the control doorbell rang: another replica changed a key or project)."""
+        self._cache.clear()
+
     def forget_project(self, project_id: str) -> None:
         """Drop this process's cached keys of a project (after its settings changed)."""
         for raw_key, (_, auth) in list(self._cache.items()):

@@ -108,7 +108,7 @@ async def sql_access(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
     limit, window = access.rate_limit(ctx.settings)
-    remember_quota(request, ctx.limiter.hit(principal.label, limit, window))
+    remember_quota(request, await ctx.limiter.hit(principal.label, limit, window))
     return access, key_auth
 
 
