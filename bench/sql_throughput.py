@@ -316,6 +316,16 @@ def start_server(cmd: list[str], env: dict[str, str], probe: Target, port: int) 
     raise SystemExit(f"{' '.join(cmd)} did not answer")
 
 
+def print_tail(api: httpx.Client) -> None:
+    """The `api` server's cumulative tenant-pool wait and execute-sql time buckets (since start)."""
+    text = api.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith("fluxbase_tenant_pool_wait_seconds") or (
+            line.startswith("fluxbase_http_request_duration_seconds") and "execute-sql" in line
+        ):
+            print("  " + line)
+
+
 def parse_servers(spec: str) -> list[tuple[str, int]]:
     out = []
     for item in spec.split(","):
@@ -423,6 +433,12 @@ async def main() -> None:
         action="store_true",
         help="connect the API, asyncpg and PostGraphile over the embedded server's Unix socket",
     )
+    ap.add_argument("--pool-max", type=int, default=16, help="FLUXBASE_TENANT_POOL_MAX of the API servers")
+    ap.add_argument(
+        "--tail",
+        action="store_true",
+        help="after each client count, print the `api` server's tenant-pool wait and request-time buckets",
+    )
     args = ap.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
     variants = parse_servers(args.servers)
@@ -447,7 +463,7 @@ async def main() -> None:
             FLUXBASE_API_PORT=str(port),
             FLUXBASE_API_WORKERS=str(args.workers),
             FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
-            FLUXBASE_TENANT_POOL_MAX="16",
+            FLUXBASE_TENANT_POOL_MAX=str(args.pool_max),
             # every variant's workers hold their own tenant pool while all of them run
             FLUXBASE_TENANT_CONNECTION_LIMIT="200",
         )
@@ -549,6 +565,8 @@ async def main() -> None:
                 for clients in client_counts:
                     print(f"\n-- {clients} clients, load average {loadavg()}")
                     await measure_all(args, clients, direct_url, pg4, gql, apis, sql, minimal)
+                    if args.tail:
+                        print_tail(api)
                     print(f"  load average after: {loadavg()}")
             api.close()
         await stack.drop_database(dbname)
