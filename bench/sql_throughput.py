@@ -383,7 +383,7 @@ async def measure_all(
                 x = await measure_http(server, sql, clients, args.seconds, "python")
                 x.name += " (python gen)"
                 keep(x)
-            if floor is not None:
+            if floor is not None and len(runs.get(floor.label, ())) < len(runs[server.label]):
                 keep(await measure_http(floor, minimal, clients, args.seconds, args.generator))
     if args.rounds > 1:
         print(f"  medians of {args.rounds} rounds:")
@@ -533,10 +533,13 @@ async def main() -> None:
                         )
                         procs.append(server.proc)
                     floor = None
-                    if args.minimal:
-                        floor = Server(f"minimal {name}:{workers}", free_port())
-                        real = "uvicorn" if name == "api" else name
-                        floor.label = f"minimal {real}:{args.workers if name == 'api' else workers}"
+                    real = "uvicorn" if name == "api" else name
+                    label = f"minimal {real}:{args.workers if name == 'api' else workers}"
+                    same = [f for _, f in apis if f is not None and f.label == label]
+                    if args.minimal and same:
+                        floor = same[0]  # one floor per server and workers, shared by its variants
+                    elif args.minimal:
+                        floor = Server(label, free_port())
                         cmd = server_command(
                             real,
                             args.workers if name == "api" else workers,

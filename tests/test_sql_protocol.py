@@ -16,7 +16,12 @@ PATH = "/api/execute-sql"
 
 
 def request(
-    project, query: str, *, extra: dict[str, str] | None = None, version: str = "1.1", body: bytes | None = None
+    project,
+    query: str,
+    *,
+    extra: dict[str, str] | None = None,
+    version: str = "1.1",
+    body: bytes | None = None,
 ) -> bytes:
     payload = body if body is not None else json.dumps({"projectId": project.id, "query": query}).encode()
     headers = {
@@ -133,8 +138,15 @@ async def test_a_body_over_the_limit_is_refused_at_once_and_the_connection_close
 async def test_a_chunked_body_is_answered_as_well(api: Api, project) -> None:
     payload = json.dumps({"projectId": project.id, "query": "SELECT 7 AS n"}).encode()
     half = len(payload) // 2
-    chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, payload[:half], len(payload) - half, payload[half:])
-    raw = request(project, "", body=b"").replace(b"Content-Length: 0", b"Transfer-Encoding: chunked") + chunked
+    chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        half,
+        payload[:half],
+        len(payload) - half,
+        payload[half:],
+    )
+    raw = (
+        request(project, "", body=b"").replace(b"Content-Length: 0", b"Transfer-Encoding: chunked") + chunked
+    )
     reader, writer = await connect(api)
     try:
         writer.write(raw)
@@ -163,7 +175,9 @@ async def test_a_body_in_pieces_is_read_whole(api: Api, project) -> None:
 async def test_cors_request_id_and_errors_on_the_protocol_path(api: Api, project) -> None:
     reader, writer = await connect(api)
     try:
-        writer.write(request(project, "SELECT 1", extra={"Origin": "https://app.example", "X-Request-Id": "abc-42"}))
+        writer.write(
+            request(project, "SELECT 1", extra={"Origin": "https://app.example", "X-Request-Id": "abc-42"})
+        )
         status, headers, _ = await read_answer(reader)
         assert status == 200 and headers["access-control-allow-origin"] == "*"
         assert headers["x-request-id"] == "abc-42"

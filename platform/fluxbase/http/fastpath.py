@@ -42,7 +42,7 @@ class _Request:
 
     __slots__ = ("_body", "headers", "scope")
 
-    def __init__(self, headers: _Headers, body: bytes, scope: Scope):
+    def __init__(self, headers: dict[str, str], body: bytes, scope: Scope):
         self.headers = headers
         self._body = body
         self.scope = scope
@@ -83,7 +83,10 @@ class SqlFastPath:
                 response.append((b"access-control-allow-origin", b"*"))
         else:
             status, response, content = await self.answer(headers, body, scope)
-        response[:0] = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        response[:0] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": response})
         await send({"type": "http.response.body", "body": content})
 

@@ -80,8 +80,12 @@ class _SqlCycle:
         "waiter",
     )
 
-    def __init__(self, proto: SqlHttpProtocol, headers: dict[str, str], keep_alive: bool) -> None:
+    def __init__(
+        self, proto: SqlHttpProtocol, fast: SqlFastPath, headers: dict[str, str], keep_alive: bool
+    ) -> None:
         self.proto = proto
+        self.fast = fast
+        self.json_log = proto.json_log
         self.headers = headers
         self.keep_alive = keep_alive
         self.body = bytearray()
@@ -122,10 +126,16 @@ class _SqlCycle:
         try:
             if self.too_large:
                 exc = PayloadTooLarge("The request body is too large.")
-                status, extra, content = exc.status, [_CORS] if "origin" in headers else [], _JSON.encode(exc.body())
+                status, extra, content = (
+                    exc.status,
+                    [_CORS] if "origin" in headers else [],
+                    _JSON.encode(exc.body()),
+                )
                 self.keep_alive = False  # the rest of the body is not read
             else:
-                status, extra, content = await self.fast.answer(headers, bytes(self.body), {REQUEST_ID_KEY: rid})
+                status, extra, content = await self.fast.answer(
+                    headers, bytes(self.body), {REQUEST_ID_KEY: rid}
+                )
             if proto.flow.write_paused and not self.disconnected:
                 await proto.flow.drain()
             if not self.disconnected:
@@ -195,9 +205,9 @@ class SqlHttpProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
                 return
             headers[name.decode("latin-1")] = value.decode("latin-1")
-        cycle = _SqlCycle(self, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive())
-        cycle.fast = fast
-        cycle.json_log = self.json_log
+        cycle = _SqlCycle(
+            self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        )
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
