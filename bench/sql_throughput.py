@@ -8,8 +8,9 @@ project with one row, then measures at 8 and 32 concurrent clients:
     (`pool.fetchrow`: acquire, query, release; release resets the session, so two round trips),
     the baseline that does the per-request isolation work Fluxbase does,
   * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1, once per server variant of
-    --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, the others
-    serve the same ASGI factory under that server),
+    --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, whose
+    uvicorn protocol answers the route itself (fluxbase.http.protocol); the others serve the
+    same ASGI factory under that server, so `uvicorn:1` is the ASGI path on the same server),
   * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
   * minimal (optional, --minimal): a bare ASGI app over asyncpg (bench/minimal_app.py: no auth,
     no transaction, no reset) under each variant's server and workers: the floor of that server.
@@ -21,6 +22,7 @@ Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
     .venv/bin/python bench/sql_throughput.py [--seconds 8] [--servers api,uvicorn:2,granian:1]
         [--rounds 3] [--postgraphile] [--minimal] [--generator wrk|python] [--cross-check] [--socket]
+        [--pool-max 16] [--tail]
 """
 
 from __future__ import annotations
