@@ -8,8 +8,9 @@ project with one row, then measures at 8 and 32 concurrent clients:
     (`pool.fetchrow`: acquire, query, release; release resets the session, so two round trips),
     the baseline that does the per-request isolation work Fluxbase does,
   * fluxbase: POST /api/execute-sql over keep-alive HTTP/1.1, once per server variant of
-    --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, the others
-    serve the same ASGI factory under that server),
+    --servers (HTTP server and worker processes; `api` is `fluxbase api` as shipped, whose
+    uvicorn protocol answers the route itself (fluxbase.http.protocol); the others serve the
+    same ASGI factory under that server, so `uvicorn:1` is the ASGI path on the same server),
   * fluxbase xN (optional, --replicas N): N `fluxbase api` processes on N ports, each loaded by
     its own generator with 1/N of the clients at once (their req/s summed),
   * postgraphile (optional, --postgraphile): PostGraphile 4 serving the same row over GraphQL,
@@ -23,7 +24,7 @@ Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
     .venv/bin/python bench/sql_throughput.py [--seconds 8] [--servers api,uvicorn:2,granian:1]
         [--rounds 3] [--postgraphile] [--minimal] [--generator wrk|python] [--cross-check] [--socket]
-        [--replicas 2]
+        [--pool-max 16] [--tail] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def start_server(cmd: list[str], env: dict[str, str], probe: Target, port: int) 
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT / "bench"
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded machine starts a server slowly
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
@@ -362,6 +363,16 @@ async def start_replicas(
         procs.append(proc)
         group.peers.append(Server(f"fluxbase api replica {len(group.peers) + 2}", peer, proc))
     return group
+
+
+def print_tail(api: httpx.Client) -> None:
+    """The `api` server's cumulative tenant-pool wait and execute-sql time buckets (since start)."""
+    text = api.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith("fluxbase_tenant_pool_wait_seconds") or (
+            line.startswith("fluxbase_http_request_duration_seconds") and "execute-sql" in line
+        ):
+            print("  " + line)
 
 
 def parse_servers(spec: str) -> list[tuple[str, int]]:
@@ -421,7 +432,7 @@ async def measure_all(
                 x = await measure_http(server, sql, clients, args.seconds, "python")
                 x.name += " (python gen)"
                 keep(x)
-            if floor is not None:
+            if floor is not None and len(runs.get(floor.label, ())) < len(runs[server.label]):
                 keep(await measure_http(floor, minimal, clients, args.seconds, args.generator))
     if args.rounds > 1:
         print(f"  medians of {args.rounds} rounds:")
@@ -478,6 +489,12 @@ async def main() -> None:
         action="store_true",
         help="connect the API, asyncpg and PostGraphile over the embedded server's Unix socket",
     )
+    ap.add_argument("--pool-max", type=int, default=16, help="FLUXBASE_TENANT_POOL_MAX of the API servers")
+    ap.add_argument(
+        "--tail",
+        action="store_true",
+        help="after each client count, print the `api` server's tenant-pool wait and request-time buckets",
+    )
     args = ap.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
     variants = parse_servers(args.servers)
@@ -502,7 +519,7 @@ async def main() -> None:
             FLUXBASE_API_PORT=str(port),
             FLUXBASE_API_WORKERS=str(args.workers),
             FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
-            FLUXBASE_TENANT_POOL_MAX="16",
+            FLUXBASE_TENANT_POOL_MAX=str(args.pool_max),
             # every variant's workers hold their own tenant pool while all of them run
             FLUXBASE_TENANT_CONNECTION_LIMIT="200",
         )
@@ -572,10 +589,13 @@ async def main() -> None:
                         )
                         procs.append(server.proc)
                     floor = None
-                    if args.minimal:
-                        floor = Server(f"minimal {name}:{workers}", free_port())
-                        real = "uvicorn" if name == "api" else name
-                        floor.label = f"minimal {real}:{args.workers if name == 'api' else workers}"
+                    real = "uvicorn" if name == "api" else name
+                    label = f"minimal {real}:{args.workers if name == 'api' else workers}"
+                    same = [f for _, f in apis if f is not None and f.label == label]
+                    if args.minimal and same:
+                        floor = same[0]  # one floor per server and workers, shared by its variants
+                    elif args.minimal:
+                        floor = Server(label, free_port())
                         cmd = server_command(
                             real,
                             args.workers if name == "api" else workers,
@@ -606,6 +626,8 @@ async def main() -> None:
                 for clients in client_counts:
                     print(f"\n-- {clients} clients, load average {loadavg()}")
                     await measure_all(args, clients, direct_url, pg4, gql, apis, sql, minimal)
+                    if args.tail:
+                        print_tail(api)
                     print(f"  load average after: {loadavg()}")
             api.close()
         await stack.drop_database(dbname)

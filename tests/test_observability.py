@@ -376,6 +376,26 @@ async def test_one_json_line_per_request_with_the_given_request_id(obs) -> None:
     assert secret not in log and obs["key"] not in log
 
 
+async def test_execute_sql_logs_one_json_line_on_the_protocol_path(obs) -> None:
+    """`fluxbase api` answers execute-sql inside its HTTP protocol (fluxbase.http.protocol), not
+    through RequestLog: the same JSON line, request id and no key in the log."""
+    rid = "sql-line-0042"
+    r = await obs["api"].http.post(
+        "/api/execute-sql",
+        json={"projectId": obs["pid"], "query": "SELECT 1 AS x"},
+        headers={**bearer(obs["key"]), "X-Request-Id": rid},
+    )
+    assert r.status_code == 200 and r.json()["success"] and r.headers["x-request-id"] == rid
+    await until(lambda: any(d.get("requestId") == rid for d in json_lines(obs["server"].log())))
+    lines = [d for d in json_lines(obs["server"].log()) if d.get("requestId") == rid]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line["logger"] == "fluxbase.request" and line["method"] == "POST"
+    assert line["route"] == "/api/execute-sql" and line["status"] == 200
+    assert line["project"] == obs["pid"] and isinstance(line["durationMs"], float)
+    assert obs["key"] not in obs["server"].log()
+
+
 @pytest.mark.parametrize("given", [b"x" * 129, b"bad\tid", "caf\u00e9".encode("latin-1"), b""])
 async def test_an_invalid_request_id_is_replaced(obs, given: bytes) -> None:
     async with httpx.AsyncClient(base_url=obs["url"]) as http:

@@ -145,6 +145,8 @@ def _run_uvicorn(
         if args.request_log
         else "fluxbase.http.asgi:create_from_env",
         factory=True,
+        # uvicorn's httptools protocol, answering POST /api/execute-sql without ASGI
+        http="fluxbase.http.protocol:SqlHttpProtocol",
         host=host,
         port=port,
         workers=workers if workers > 1 else None,

@@ -19,16 +19,22 @@ def create_from_env(terminal: bool = False) -> RequestLog:
     setup_logging(settings.log_level, settings.log_format)
     if settings.http.metrics_dir and not metrics.REGISTRY.shared:
         metrics.REGISTRY.share(settings.http.metrics_dir, "api")
-    app: Any = SqlFastPath(create_app(settings))
+    fast = SqlFastPath(create_app(settings))
+    app: Any = fast
     tracer = tracing.setup(os.environ, "fluxbase-api")
     if tracer is not None:
         app = TraceRequests(app, tracer)
-    return RequestLog(
+    wrapper = RequestLog(
         app,
         terminal=terminal,
         json_log=settings.log_format == "json",
         metrics_token=settings.metrics_token,
     )
+    if tracer is None and not terminal:
+        # fluxbase.http.protocol answers execute-sql from here (it logs and counts like RequestLog;
+        # spans and the terminal line stay with the ASGI path)
+        wrapper.fast = fast
+    return wrapper
 
 
 def create_with_request_log() -> RequestLog:

@@ -42,7 +42,7 @@ class _Request:
 
     __slots__ = ("_body", "headers", "scope")
 
-    def __init__(self, headers: _Headers, body: bytes, scope: Scope):
+    def __init__(self, headers: dict[str, str], body: bytes, scope: Scope):
         self.headers = headers
         self._body = body
         self.scope = scope
@@ -74,11 +74,30 @@ class SqlFastPath:
             await self.app(scope, receive, send_with_quota)  # type: ignore[arg-type]
             return
         scope["path_template"] = PATH  # the route label of the request metrics
-        ctx: AppContext = self.app.state.ctx
         headers = _Headers((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
-        extra: list[tuple[bytes, bytes]] = []
         try:
             body = await _read_body(receive)
+        except PayloadTooLarge as exc:
+            status, response, content = exc.status, [], _JSON.encode(exc.body())
+            if "origin" in headers:
+                response.append((b"access-control-allow-origin", b"*"))
+        else:
+            status, response, content = await self.answer(headers, body, scope)
+        response[:0] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": response})
+        await send({"type": "http.response.body", "body": content})
+
+    async def answer(
+        self, headers: dict[str, str], body: bytes, scope: Scope
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """(status, headers other than content-type/-length, body) of one execute-sql request:
+        the ASGI path above and the HTTP protocol's (fluxbase.http.protocol) share it."""
+        ctx: AppContext = self.app.state.ctx
+        extra: list[tuple[bytes, bytes]] = []
+        try:
             content, status = await run_execute_sql(cast(Any, _Request(headers, body, scope)), ctx), 200
         except FluxbaseError as exc:
             content, status = _JSON.encode(exc.body()), exc.status
@@ -97,15 +116,9 @@ class SqlFastPath:
                 extra.extend(_quota_headers(quota, {k for k, _ in extra}))
             else:
                 extra = quota.raw_headers()
-        response = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(content)).encode()),
-            *extra,
-        ]
         if "origin" in headers:
-            response.append((b"access-control-allow-origin", b"*"))
-        await send({"type": "http.response.start", "status": status, "headers": response})
-        await send({"type": "http.response.body", "body": content})
+            extra.append((b"access-control-allow-origin", b"*"))
+        return status, extra, content
 
 
 def _quota_headers(quota: Quota, have: set[bytes]) -> list[tuple[bytes, bytes]]:

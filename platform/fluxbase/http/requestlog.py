@@ -93,6 +93,9 @@ class RequestLog:
         self.json_log = json_log
         self.metrics_token = metrics_token
         self._refresher: asyncio.Task[None] | None = None
+        # The SQL fast path the HTTP protocol may call directly (fluxbase.http.protocol): set by
+        # the factory when nothing between this wrapper and it needs to see the request.
+        self.fast: Any = None
 
     @property
     def state(self) -> Any:  # the wrapped app's state, for code that reaches through

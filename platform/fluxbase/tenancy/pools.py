@@ -244,6 +244,11 @@ class ConnectionBudget:
             raise
 
 
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class TenantPool:
     """The connections of one (project, scope): a LIFO list of idle ones and a queue of waiters.
 
@@ -292,20 +297,26 @@ class TenantPool:
                 return conn
         if self.get_size() < self._max:
             return await self._open(timeout)
-        fut: asyncio.Future[TenantConnection | None] = asyncio.get_running_loop().create_future()
+        # First come, first served (`_hand_on` pops the oldest). The wait's bound is a plain
+        # timer that fails the future, not `asyncio.timeout` (which cancels the task and turns
+        # the CancelledError back into a TimeoutError): under load most requests wait here.
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[TenantConnection | None] = loop.create_future()
         self._waiters.append(fut)
         POOL_WAITS.inc()
         waited = time.perf_counter()
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, fut)
         try:
-            async with asyncio.timeout(timeout):
-                got = await fut
+            got = await fut
         except BaseException:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._hand_on(fut.result())  # handed one just as we gave up: pass it on
             else:
                 fut.cancel()
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             POOL_WAIT_SECONDS.observe(time.perf_counter() - waited)
         return got if got is not None else await self._open(timeout)
 

@@ -1,0 +1,231 @@
+"""`POST /api/execute-sql` answered inside uvicorn's HTTP/1.1 protocol, without ASGI.
+
+`fluxbase api` serves with `SqlHttpProtocol`, uvicorn's own httptools protocol (its parsing,
+limits, keep-alive timeout, flow control, pipelining order, graceful drain) with one change: a
+`POST /api/execute-sql` request whose body comes with a Content-Length is recognised when its
+headers are complete and answered by the same code as the ASGI fast path
+(`SqlFastPath.answer`: body decoding, key, origin, authorisation, rate limit, deadline,
+envelope) from the parsed headers and body, its answer written as one `transport.write`. No
+ASGI scope, receive/send closures, message dicts or per-request `asyncio.Event`; one task per
+request (the database is awaited), started and tracked (drain on SIGTERM) as uvicorn tracks its
+own.
+
+What `RequestLog` does for every other request it does here too: the request id (the client's
+valid `X-Request-Id` or a new one, answered as `X-Request-Id` and set for the request's log
+lines), the request metrics (route `/api/execute-sql`) and the JSON log line. Anything it is
+unsure of goes to ASGI unchanged: another route or method, a query string, `Transfer-Encoding`
+(chunked bodies), `Expect: 100-continue`, an upgrade, uvicorn's `limit_concurrency`, a root
+path, tracing on, or the terminal request log of `fluxbase dev`. A body past the 10 MB limit is
+answered 413 at once and the connection closed.
+
+Relies on uvicorn internals (`HttpToolsProtocol`'s per-request attributes, `_start_asgi_task`,
+`on_response_complete`): pyproject pins uvicorn's minor version, and `tests/test_sql_protocol.py`
+tests every behaviour taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from fluxbase.errors import PayloadTooLarge
+from fluxbase.http.edge import _JSON
+from fluxbase.http.fastpath import MAX_BODY, PATH, SqlFastPath
+from fluxbase.http.requestlog import (
+    _PEEK,
+    _PROJECT_IN_BODY,
+    _VALID_ID,
+    HTTP_IN_FLIGHT,
+    HTTP_REQUESTS,
+    HTTP_SECONDS,
+    REQUEST_ID_KEY,
+    RequestLog,
+    request_log,
+)
+from fluxbase.logs import REQUEST_ID
+
+_PATH = PATH.encode()
+_CORS = (b"access-control-allow-origin", b"*")
+
+
+def _request_log_of(app: Any) -> RequestLog | None:
+    """The RequestLog under uvicorn's wrappers (proxy headers, message logger), if any."""
+    for _ in range(8):
+        if isinstance(app, RequestLog):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+class _SqlCycle:
+    """One execute-sql request on a connection, in the place of uvicorn's RequestResponseCycle
+    (the protocol reads and sets the same attributes: body, more_body, response_complete,
+    disconnected, keep_alive, message_event.set())."""
+
+    __slots__ = (
+        "body",
+        "disconnected",
+        "fast",
+        "headers",
+        "json_log",
+        "keep_alive",
+        "more_body",
+        "proto",
+        "response_complete",
+        "too_large",
+        "waiter",
+    )
+
+    def __init__(
+        self, proto: SqlHttpProtocol, fast: SqlFastPath, headers: dict[str, str], keep_alive: bool
+    ) -> None:
+        self.proto = proto
+        self.fast = fast
+        self.json_log = proto.json_log
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.too_large = False
+        self.response_complete = False
+        self.disconnected = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    @property
+    def message_event(self) -> _SqlCycle:
+        return self
+
+    def set(self) -> None:
+        """More of the request arrived (or the client left): wake the task waiting for it."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run_asgi(self, _app: object) -> None:
+        """Answer the request (the name is the one uvicorn's task starter calls)."""
+        proto = self.proto
+        while self.more_body and not self.too_large and not self.disconnected:
+            proto.flow.resume_reading()  # a pipelined request's reading was paused
+            self.waiter = proto.loop.create_future()
+            await self.waiter
+            self.waiter = None
+        if self.disconnected:
+            return
+        headers = self.headers
+        given = headers.get("x-request-id")
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else "req_" + secrets.token_hex(6)
+        token = REQUEST_ID.set(rid)
+        HTTP_IN_FLIGHT.inc()
+        started = time.perf_counter()
+        status = 500
+        written = False
+        try:
+            if self.too_large:
+                exc = PayloadTooLarge("The request body is too large.")
+                status, extra, content = (
+                    exc.status,
+                    [_CORS] if "origin" in headers else [],
+                    _JSON.encode(exc.body()),
+                )
+                self.keep_alive = False  # the rest of the body is not read
+            else:
+                status, extra, content = await self.fast.answer(
+                    headers, bytes(self.body), {REQUEST_ID_KEY: rid}
+                )
+            if proto.flow.write_paused and not self.disconnected:
+                await proto.flow.drain()
+            if not self.disconnected:
+                out = [STATUS_LINE[status]]
+                for name, value in proto.server_state.default_headers:
+                    out += (name, b": ", value, b"\r\n")
+                out.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
+                for name, value in extra:
+                    out += (name, b": ", value, b"\r\n")
+                out += (b"x-request-id: ", rid.encode(), b"\r\n")
+                if not self.keep_alive:
+                    out.append(b"connection: close\r\n")
+                out += (b"\r\n", content)
+                proto.transport.write(b"".join(out))
+                written = True
+        finally:
+            seconds = time.perf_counter() - started
+            HTTP_IN_FLIGHT.inc(amount=-1)
+            HTTP_REQUESTS.inc("POST", PATH, str(status))
+            HTTP_SECONDS.observe(seconds, "POST", PATH)
+            if self.json_log:
+                m = _PROJECT_IN_BODY.search(self.body, 0, _PEEK)
+                request_log.info(
+                    "request",
+                    extra={
+                        "method": "POST",
+                        "route": PATH,
+                        "status": status,
+                        "durationMs": round(seconds * 1000, 3),
+                        "project": m.group(1).decode() if m else None,
+                    },
+                )
+            REQUEST_ID.reset(token)
+            self.response_complete = True
+            if not written or not self.keep_alive:
+                proto.transport.close()
+            if written:
+                proto.on_response_complete()
+
+
+class SqlHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering execute-sql itself (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        log = _request_log_of(self.app)
+        self.fast: SqlFastPath | None = log.fast if log is not None else None
+        self.json_log = log.json_log if log is not None else False
+
+    def on_headers_complete(self) -> None:
+        fast = self.fast
+        parser = self.parser
+        if (
+            fast is None
+            or self.url != _PATH
+            or parser.get_method() != b"POST"
+            or self.expect_100_continue
+            or parser.should_upgrade()
+            or self.root_path
+            or self.limit_concurrency is not None
+        ):
+            super().on_headers_complete()
+            return
+        headers: dict[str, str] = {}
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                super().on_headers_complete()
+                return
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        cycle = _SqlCycle(
+            self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        )
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, None)  # type: ignore[arg-type]
+        else:  # pipelined: answered in order, after the one before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is not _SqlCycle:
+            super().on_body(body)
+            return
+        if cycle.response_complete or cycle.too_large:
+            return
+        if len(cycle.body) + len(body) > MAX_BODY:
+            cycle.too_large = True
+            cycle.body = bytearray()
+            cycle.set()
+            return
+        cycle.body += body
