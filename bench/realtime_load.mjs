@@ -6,7 +6,7 @@
 // mode `latency`: subscribe <sockets> sockets, print "ready", then read until every socket got
 // <events> db_events; each row's `v` is the wall-clock time (ms since the epoch) its writer began
 // the commit, so a latency is arrival minus that (commit time included: an upper bound). Prints
-// one JSON line {deliveries, p50, p99, mean, max} in ms.
+// one JSON line {deliveries, p50, p99, mean, max} in ms, and cpuS: the client's CPU seconds.
 // mode `idle`: open <sockets> subscribed sockets, print "ready", and hold them until stdin closes.
 import { createInterface } from 'node:readline';
 
@@ -53,6 +53,7 @@ if (mode === 'idle') {
       p99: sorted[Math.floor(count * 0.99)],
       mean: sum / count,
       max: sorted[count - 1],
+      cpuS: (process.cpuUsage().user + process.cpuUsage().system) / 1e6, // this client's own CPU
     }));
     for (const ws of socks) ws.close();
     process.exit(0);

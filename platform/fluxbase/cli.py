@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from fluxbase.config import ConfigError, Settings, load_settings
@@ -131,9 +131,34 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     _setup_logging(settings)
     host = args.host or settings.realtime.host
     port = args.port or settings.realtime.port
+    if args.reuse_port:  # one worker of `--workers N`: its supervisor checked the port
+        run_loop(serve(settings, host, port, reuse_port=True), args.loop)
+        return 0
     ensure_port_free(host, port, "realtime service", "FLUXBASE_REALTIME_PORT")
-    asyncio.run(serve(settings, host, port))
+    workers = args.workers or settings.realtime.workers
+    if workers > 1:
+        from fluxbase_realtime.workers import supervise
+
+        return supervise(host, port, workers, args.loop)
+    run_loop(serve(settings, host, port), args.loop)
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run `main` on uvloop where it is installed (it comes with uvicorn[standard]; `auto`) or
+    asked for, else on asyncio's own loop. The realtime service's time goes to socket writes,
+    and uvloop's transports make each one cheaper."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main)
+            return
+    asyncio.run(main)
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
@@ -278,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("realtime", help="run the realtime WebSocket service")
     rt.add_argument("--host")
     rt.add_argument("--port", type=int)
+    rt.add_argument(
+        "--workers", type=int, help="processes on the one port (default FLUXBASE_REALTIME_WORKERS or 1)"
+    )
+    rt.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
+    rt.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (auto: uvloop where installed)",
+    )
     rt.set_defaults(fn=cmd_realtime)
     sub.add_parser("worker", help="run webhook delivery and housekeeping").set_defaults(fn=cmd_worker)
     mig = sub.add_parser("migrate", help="apply pending SQL migrations")
