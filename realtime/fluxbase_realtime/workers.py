@@ -23,10 +23,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger("fluxbase.realtime.workers")
 
 RESTART_DELAY_S = 1.0  # a worker that keeps dying at start is not restarted in a tight loop
+EARLY_EXIT_S = 30.0  # a worker that exits this soon after its start failed to start
+MAX_FAILED_STARTS = 5  # in a row: then the configuration is wrong (port, database); give up
 STOP_WITHIN_S = 15.0  # after SIGTERM, a worker still running is killed
 
 
@@ -38,8 +41,18 @@ def worker_command(host: str, port: int, loop: str) -> list[str]:
     ]
 
 
+@dataclass
+class _Slot:
+    """One worker place: its current process, when it started, when its last one ended."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    ended: float = float("-inf")
+
+
 def supervise(host: str, port: int, workers: int, loop: str = "auto") -> int:
-    """Run `workers` realtime processes on `host:port` until SIGTERM/SIGINT; returns the exit code."""
+    """Run `workers` realtime processes on `host:port` until SIGTERM/SIGINT; returns the exit code
+    (1 when workers keep failing to start: the port or the database is wrong)."""
     stopping = False
 
     def stop(*_: object) -> None:
@@ -49,27 +62,35 @@ def supervise(host: str, port: int, workers: int, loop: str = "auto") -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     env = dict(os.environ, FLUXBASE_REALTIME_WORKERS="1")
-    procs: list[subprocess.Popen[bytes] | None] = [None] * workers
-    started_at = [0.0] * workers
+    slots = [_Slot() for _ in range(workers)]
+    failed_starts = 0
+    code = 0
     try:
         while not stopping:
-            for i, proc in enumerate(procs):
-                if proc is not None and proc.poll() is None:
-                    continue
-                if proc is not None:
+            for i, slot in enumerate(slots):
+                now = time.monotonic()
+                if slot.proc is not None:
+                    if slot.proc.poll() is None:
+                        continue
                     log.warning(
-                        "realtime worker %d (pid %d) exited with %s; restarting", i, proc.pid, proc.returncode
+                        "realtime worker %d (pid %d) exited with %s", i, slot.proc.pid, slot.proc.returncode
                     )
-                if time.monotonic() - started_at[i] < RESTART_DELAY_S:
+                    failed_starts = failed_starts + 1 if now - slot.started < EARLY_EXIT_S else 0
+                    slot.proc, slot.ended = None, now
+                    if failed_starts >= MAX_FAILED_STARTS:
+                        log.error("realtime workers keep failing to start; stopping")
+                        code, stopping = 1, True
+                        break
+                if now - slot.ended < RESTART_DELAY_S:
                     continue
-                started_at[i] = time.monotonic()
-                started = procs[i] = subprocess.Popen(
+                slot.proc = subprocess.Popen(
                     worker_command(host, port, loop), env=env, stdin=subprocess.DEVNULL
                 )
-                log.info("realtime worker %d started (pid %d) on %s:%d", i, started.pid, host, port)
+                slot.started = now
+                log.info("realtime worker %d started (pid %d) on %s:%d", i, slot.proc.pid, host, port)
             time.sleep(0.2)
     finally:
-        live = [p for p in procs if p is not None and p.poll() is None]
+        live = [s.proc for s in slots if s.proc is not None and s.proc.poll() is None]
         for p in live:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -81,4 +102,4 @@ def supervise(host: str, port: int, workers: int, loop: str = "auto") -> int:
                 log.warning("realtime worker pid %d did not stop in time; killing it", p.pid)
                 p.kill()
                 p.wait()
-    return 0
+    return code
