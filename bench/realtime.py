@@ -8,8 +8,10 @@ measures on one table:
   4. realtime-process RSS per idle subscriber (--idle clients),
   6. PostgreSQL CPU per captured single-row write against no trigger and a 4-byte trigger
      (bench/capture_cost.py; --capture-writes per table and operation, 0 to skip),
-  5. with a Node load client (bench/realtime_load.mjs: Node's built-in WebSocket, one process,
-     lighter than the Python client, which would compete with the server for the same cores):
+  5. with a Node load client (bench/realtime_load.mjs, one process: the `ws` package when
+     `npm install --prefix bench/.node ws` put it there, else Node's built-in WebSocket, which
+     costs the client about three times the server's CPU per message; either is lighter than
+     the Python client, which would compete with the server for the same cores):
      p50/p99 commit-to-client latency at --node-subscribers and --rate commits/s, and the RSS of
      the realtime process(es) holding --node-idle idle sockets; once for each count of realtime
      processes on one port in --workers (FLUXBASE_REALTIME_WORKERS; default 1,2), in this one

@@ -22,6 +22,9 @@ from test_realtime import Sub, subscribe
 from test_realtime_v2 import _diff, _join, _send, _socket, _track
 
 ENV = {"FLUXBASE_REALTIME_WORKERS": "2", "FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS": "3"}
+# The first test also starts three processes (a supervisor and two workers), and on a loaded
+# machine that alone has taken most of the default 120 s.
+pytestmark = pytest.mark.timeout(240)
 
 
 def _children(pid: int) -> list[int]:

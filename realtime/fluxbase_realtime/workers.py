@@ -50,7 +50,7 @@ class _Slot:
     ended: float = float("-inf")
 
 
-def supervise(host: str, port: int, workers: int, loop: str = "auto") -> int:
+def supervise(host: str, port: int, workers: int, loop: str = "asyncio") -> int:
     """Run `workers` realtime processes on `host:port` until SIGTERM/SIGINT; returns the exit code
     (1 when workers keep failing to start: the port or the database is wrong)."""
     stopping = False
