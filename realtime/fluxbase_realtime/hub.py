@@ -147,8 +147,9 @@ class Client:
     An idle subscriber therefore costs no task and no asyncio.Queue, only this object and the
     connection itself. `pending` holds serialized frames (one entry may carry several messages,
     a fan-out class's batch); `queued` counts the messages in it, which the queue bound limits.
-    Frames are written straight to the transport, so the service must negotiate no extension
-    (server.serve: compression=None).
+    Frames are written straight to the transport; a connection that negotiated an extension
+    (compression: server.serve offers none, an embedding server may) is not `framed` and gets
+    its messages one by one through `ws.send` instead.
     """
 
     ws: ServerConnection
@@ -159,6 +160,10 @@ class Client:
     closed: bool = False
     writer: asyncio.Task[None] | None = None
     dirty: bool = False  # in _dirty: flushed once the current callback (a dispatch) is done
+    framed: bool = True  # frames may be written straight to the transport (no extension)
+
+    def __post_init__(self) -> None:
+        self.framed = not self.ws.protocol.extensions
 
     def push(self, message: bytes) -> None:
         """Queue one message; written with whatever else is pushed in this callback."""
@@ -167,7 +172,7 @@ class Client:
         if self.queued >= self.queue_size:
             self.cut_off()
             return
-        self.pending.append(frame_of(message))
+        self.pending.append(frame_of(message) if self.framed else message)
         self.queued += 1
         if not self.dirty and (self.writer is None or self.writer.done()):
             self.dirty = True
@@ -197,7 +202,7 @@ class Client:
 
     def _writable(self) -> bool:
         ws = self.ws
-        return ws.protocol.state is State.OPEN and not ws.paused and not ws.protocol.extensions
+        return self.framed and ws.protocol.state is State.OPEN and not ws.paused
 
     def _take(self) -> bytes:
         pending = self.pending
@@ -242,8 +247,11 @@ class Client:
         # await, so a push either lands before the check or sees a finished writer and starts one.
         ws = self.ws
         try:
+            while self.pending and not self.framed:
+                self.queued -= 1
+                await ws.send(self.pending.popleft(), text=True)  # (raises once closed)
             while self.pending:
-                if ws.protocol.state is not State.OPEN or ws.protocol.extensions:
+                if ws.protocol.state is not State.OPEN:
                     # Closing: nothing more may follow the close frame (its handler ends it).
                     self.pending.clear()
                     self.queued = 0
@@ -321,7 +329,12 @@ class Hub:
             batches: dict[tuple[object, ...], tuple[bytes, int]] = {}
             rest: list[tuple[Subscription, Client]] = []
             for sub, client in list(room.items()):
-                if sub.held is not None or sub.viewer is not None or len(client.subs) != 1:
+                if (
+                    sub.held is not None
+                    or sub.viewer is not None
+                    or len(client.subs) != 1
+                    or not client.framed
+                ):
                     rest.append((sub, client))
                     continue
                 key = sub.key
@@ -422,7 +435,7 @@ class Hub:
         for sub, client in subs.items():
             if sub.viewer is None or room.get(sub) is not client:
                 continue  # left (or resubscribed) while the gate was deciding
-            if len(client.subs) != 1:
+            if len(client.subs) != 1 or not client.framed:
                 rest.append((sub, client))
                 continue
             key = (sub.viewer, sub.key)
