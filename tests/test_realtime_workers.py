@@ -204,8 +204,8 @@ async def test_one_batch_reaches_each_fanout_class_exactly(api: Api, project, wo
                 assert sorted(v for op, v in got if op == "INSERT") == inserted, (name, got)
                 assert [v for op, v in got[len(inserted) :] if op == "DELETE"] == deleted, (name, got)
                 assert [m for m in await s.silent(0.3) if m["type"] == "db_event"] == [], name
-        got = [m["payload"]["record"]["v"] for m in await two.rows(4, timeout=15)]
-        assert sorted(got) == ["d", "half", "one", "two"]
-        deleted = await two.rows(1, timeout=15)
-        assert deleted[0]["payload"]["operation"] == "DELETE"
+        values = [m["payload"]["record"]["v"] for m in await two.rows(4, timeout=15)]
+        assert sorted(values) == ["d", "half", "one", "two"]
+        (last,) = await two.rows(1, timeout=15)
+        assert last["payload"]["operation"] == "DELETE"
         assert await _send(two, type="ping") == {"type": "pong"}
