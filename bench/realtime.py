@@ -8,27 +8,37 @@ measures on one table:
   4. realtime-process RSS per idle subscriber (--idle clients),
   6. PostgreSQL CPU per captured single-row write against no trigger and a 4-byte trigger
      (bench/capture_cost.py; --capture-writes per table and operation, 0 to skip),
-  5. with a Node load client (bench/realtime_load.mjs: Node's built-in WebSocket, one process,
-     lighter than the Python client, which would compete with the server for the same cores):
-     p50/p99 commit-to-client latency at --node-subscribers and --rate commits/s, and the
-     realtime process's RSS holding --node-idle idle sockets.
+  5. with a Node load client (bench/realtime_load.mjs, one process: the `ws` package when
+     `npm install --prefix bench/.node ws` put it there, else Node's built-in WebSocket, which
+     costs the client about three times the server's CPU per message; either is lighter than
+     the Python client, which would compete with the server for the same cores):
+     p50/p99 commit-to-client latency at --node-subscribers and --rate commits/s, and the RSS of
+     the realtime process(es) holding --node-idle idle sockets; once for each count of realtime
+     processes on one port in --workers (FLUXBASE_REALTIME_WORKERS; default 1,2), in this one
+     invocation, so the machine's load is shared by the figures compared. The realtime CPU per
+     delivery and the load client's CPU are printed beside each latency.
 Writers use asyncpg directly (as the project's admin role), so only the capture path differs.
 
     .venv/bin/python bench/realtime.py [--subscribers 100] [--rate 100] [--seconds 10]
+    .venv/bin/python bench/realtime.py --only-node --no-fsync --workers 1,2 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -55,6 +65,43 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def family(pid: int) -> list[int]:
+    """The realtime process and its workers (FLUXBASE_REALTIME_WORKERS > 1: its children)."""
+    try:
+        kids = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        kids = []
+    return [pid, *kids]
+
+
+def family_rss_kb(pid: int) -> int:
+    return sum(rss_kb(p) for p in family(pid))
+
+
+def family_cpu_s(pid: int) -> float:
+    return sum(cpu_s(p) for p in family(pid))
+
+
+def listeners(port: int) -> int:
+    """Listening TCP sockets on `port` (one per realtime worker with SO_REUSEPORT)."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(name).read_text().splitlines()[1:]:
+            f = line.split()
+            n += int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A"
+    return n
+
+
+def raise_fd_limit() -> int:
+    """As many open files as the hard limit allows (10 000 idle sockets need more than 1 024);
+    the realtime service and the load client started from here inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def open_subscribers(url: str, pid: str, key: str, n: int) -> list:
@@ -148,8 +195,6 @@ async def _node(*args: str) -> asyncio.subprocess.Process:
 
 
 def _node_major(node: str) -> str:
-    import subprocess
-
     return (
         subprocess.run([node, "--version"], capture_output=True, text=True)
         .stdout.strip()
@@ -159,30 +204,81 @@ def _node_major(node: str) -> str:
 
 
 async def node_latency(
-    url: str, pid: str, key: str, n: int, writer: asyncpg.Connection, rate: float, seconds: float
-) -> dict[str, float]:
+    url: str, pid: str, key: str, n: int, writer: asyncpg.Connection, rate: float, seconds: float, rt_pid: int
+) -> dict[str, Any]:
     total = int(rate * seconds)
     proc = await _node("latency", url, key, f"project_{pid}", str(n), str(total))
+    cpu0 = family_cpu_s(rt_pid)  # from here on: deliveries only, not the 1 000 subscriptions
     start = time.perf_counter()
     for i in range(total):
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         await writer.execute("INSERT INTO bench (v) VALUES ($1)", f"{time.time() * 1000:.3f}")
     assert proc.stdout is not None
     out = await asyncio.wait_for(proc.stdout.readline(), 180)
+    result = dict(json.loads(out))
+    result["realtimeCpuS"] = family_cpu_s(rt_pid) - cpu0
+    result["wallS"] = time.perf_counter() - start
     await proc.wait()
-    return dict(json.loads(out))
+    return result
 
 
 async def node_idle(url: str, pid: str, key: str, n: int, rt_pid: int) -> tuple[int, int]:
+    """RSS of the realtime process and its workers before and while holding `n` idle sockets."""
     await asyncio.sleep(1)
-    before = rss_kb(rt_pid)
+    before = family_rss_kb(rt_pid)
     proc = await _node("idle", url, key, f"project_{pid}", str(n))
     await asyncio.sleep(2)
-    after = rss_kb(rt_pid)
+    after = family_rss_kb(rt_pid)
     assert proc.stdin is not None
     proc.stdin.close()
     await proc.wait()
     return before, after
+
+
+async def node_round(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    tmp: Path,
+    pid: str,
+    key: str,
+    writer: asyncpg.Connection,
+    workers: int,
+    loop: str,
+) -> None:
+    """The Node load client against a realtime service of `workers` processes on one port."""
+    port = free_port()
+    wenv = dict(env, FLUXBASE_REALTIME_PORT=str(port), FLUXBASE_REALTIME_WORKERS=str(workers))
+    with run_service(["realtime", "--loop", loop], wenv, port, tmp) as rt:
+        deadline = time.monotonic() + 60
+        while listeners(port) < workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
+        url = f"ws://127.0.0.1:{port}"
+        what = f"{workers} process{'es' if workers > 1 else ''} ({loop} loop)"
+        if args.node_subscribers:
+            r = await node_latency(
+                url, pid, key, args.node_subscribers, writer, args.rate, args.seconds, rt.proc.pid
+            )
+            cpu, wall = r["realtimeCpuS"], r["wallS"]
+            print(
+                f"latency      {what}, {args.node_subscribers} subscribers (Node load client, "
+                f"{r.get('client', 'node-builtin')}), "
+                f"{args.rate:.0f} commits/s: p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  "
+                f"mean {r['mean']:.2f} ms  max {r['max']:.0f} ms ({r['deliveries']:.0f} deliveries); "
+                f"realtime CPU {cpu:.1f} s = {cpu / max(1, r['deliveries']) * 1e6:.2f} us per delivery, "
+                f"load client CPU {r.get('cpuS', 0):.1f} s, both from the first commit, in {wall:.0f} s; "
+                f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+                flush=True,
+            )
+        if args.node_idle:
+            before, after = await node_idle(url, pid, key, args.node_idle, rt.proc.pid)
+            print(
+                f"idle memory  {what}, {args.node_idle} sockets (Node load client): realtime RSS "
+                f"{before / 1024:.0f} -> {after / 1024:.0f} MB "
+                f"({(after - before) / args.node_idle:.1f} KB each); "
+                f"load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
 
 async def main() -> None:
@@ -194,11 +290,25 @@ async def main() -> None:
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--node-subscribers", type=int, default=1000)
     ap.add_argument("--node-idle", type=int, default=10000)
+    ap.add_argument(
+        "--workers",
+        default="1,2",
+        help="realtime processes for the Node measurements, one run each, e.g. 1,2 (FLUXBASE_REALTIME_WORKERS)",
+    )
+    ap.add_argument(
+        "--loops",
+        default="auto",
+        help="event loops for the Node measurements: auto, asyncio, uvloop (e.g. asyncio,uvloop)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the --workers sequence (interleaved)")
     ap.add_argument("--only-node", action="store_true", help="only the Node load client measurements")
     ap.add_argument("--no-fsync", action="store_true", help="run PostgreSQL with fsync off (test settings)")
     ap.add_argument("--capture-writes", type=int, default=5000)
     args = ap.parse_args()
 
+    fds = raise_fd_limit()
+    if fds < args.node_idle + 1000:
+        print(f"warning: {fds} open files allowed; {args.node_idle} idle sockets may not fit")
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-rt-bench-"))
     stack = start_stack(tmp, durable=not args.no_fsync)
     try:
@@ -212,7 +322,14 @@ async def main() -> None:
             FLUXBASE_REALTIME_QUEUE_SIZE="5000",
             FLUXBASE_TENANT_CONNECTION_LIMIT="100",
         )
-        with run_service(["api"], env, api_port, tmp), run_service(["realtime"], env, rt_port, tmp) as rt:
+        with contextlib.ExitStack() as services:
+            # Migrate first, without the API's start-up deadline (a loaded machine takes minutes).
+            migrate = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "fluxbase", "migrate", env=env, cwd=ROOT
+            )
+            if await migrate.wait():
+                raise SystemExit("fluxbase migrate failed")
+            services.enter_context(run_service(["api", "--no-migrate"], env, api_port, tmp))
             api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
             api.post("/api/auth/register", json={"email": "b@example.com", "password": "bench password"})
             tok = api.post(
@@ -237,25 +354,13 @@ async def main() -> None:
             cores = Path("/proc/cpuinfo").read_text().count("processor")
             print(f"\nRealtime on {cores} cores, PostgreSQL fsync {'off' if args.no_fsync else 'on'}")
 
-            if args.node_subscribers:
-                cpu0 = cpu_s(rt.proc.pid)
-                r = await node_latency(url, pid, key, args.node_subscribers, writer, args.rate, args.seconds)
-                cpu = cpu_s(rt.proc.pid) - cpu0
-                print(
-                    f"latency      {args.node_subscribers} subscribers (Node load client), {args.rate:.0f} "
-                    f"commits/s: p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  mean {r['mean']:.2f} ms  "
-                    f"max {r['max']:.0f} ms ({r['deliveries']:.0f} deliveries); realtime CPU "
-                    f"{cpu:.1f} s = {cpu / max(1, r['deliveries']) * 1e6:.1f} us per delivery; "
-                    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-                )
-            if args.node_idle:
-                before, after = await node_idle(url, pid, key, args.node_idle, rt.proc.pid)
-                print(
-                    f"idle memory  {args.node_idle} sockets (Node load client): realtime RSS "
-                    f"{before / 1024:.0f} -> {after / 1024:.0f} MB ({(after - before) / args.node_idle:.1f} KB each)"
-                )
+            configs = [(int(w), lp) for w in args.workers.split(",") for lp in args.loops.split(",")]
+            for workers, loop in configs * args.rounds:
+                await node_round(args, env, tmp, pid, key, writer, workers, loop)
             if args.only_node:
                 return
+            # The Python client's measurements, against one realtime process of their own.
+            rt = services.enter_context(run_service(["realtime"], env, rt_port, tmp))
 
             socks = await open_subscribers(url, pid, key, args.subscribers)
             lat = sorted(await latency(socks, writer, args.rate, args.seconds))

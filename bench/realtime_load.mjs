@@ -6,9 +6,20 @@
 // mode `latency`: subscribe <sockets> sockets, print "ready", then read until every socket got
 // <events> db_events; each row's `v` is the wall-clock time (ms since the epoch) its writer began
 // the commit, so a latency is arrival minus that (commit time included: an upper bound). Prints
-// one JSON line {deliveries, p50, p99, mean, max} in ms.
+// one JSON line {deliveries, p50, p99, mean, max} in ms, and cpuS: the client's CPU seconds.
 // mode `idle`: open <sockets> subscribed sockets, print "ready", and hold them until stdin closes.
 import { createInterface } from 'node:readline';
+
+// The `ws` package where bench/.node has it (`npm install --prefix bench/.node ws`: lighter per
+// message than Node's built-in WebSocket), else the built-in one; the result says which.
+let WebSocketClass = globalThis.WebSocket;
+let client = 'node-builtin';
+try {
+  WebSocketClass = (await import(new URL('./.node/node_modules/ws/wrapper.mjs', import.meta.url))).default;
+  client = 'ws';
+} catch {
+  // no `ws`: the built-in client
+}
 
 const [mode, url, token, room, nArg, eventsArg] = process.argv.slice(2);
 const n = Number(nArg);
@@ -17,7 +28,7 @@ const now = () => performance.timeOrigin + performance.now();
 
 function open() {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${url}/?token=${encodeURIComponent(token)}`);
+    const ws = new WebSocketClass(`${url}/?token=${encodeURIComponent(token)}`);
     ws.onerror = (e) => reject(new Error(`socket error: ${e.message ?? e}`));
     ws.onopen = () => ws.send(JSON.stringify({ type: 'subscribe', roomId: room }));
     ws.onmessage = (e) => {
@@ -29,6 +40,7 @@ function open() {
 }
 
 const socks = [];
+let cpuAtReady = 0;
 for (let i = 0; i < n; i += 200) {
   const batch = [];
   for (let j = i; j < Math.min(n, i + 200); j++) batch.push(open());
@@ -53,6 +65,8 @@ if (mode === 'idle') {
       p99: sorted[Math.floor(count * 0.99)],
       mean: sum / count,
       max: sorted[count - 1],
+      cpuS: (process.cpuUsage().user + process.cpuUsage().system) / 1e6 - cpuAtReady, // while receiving
+      client,
     }));
     for (const ws of socks) ws.close();
     process.exit(0);
@@ -70,5 +84,6 @@ if (mode === 'idle') {
     };
   }
   setTimeout(() => { console.error(`timed out: ${done}/${n} sockets complete`); finish(); }, 120000);
+  cpuAtReady = (process.cpuUsage().user + process.cpuUsage().system) / 1e6;
   console.log('ready');
 }

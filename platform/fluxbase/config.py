@@ -133,6 +133,8 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     """Presence members per topic."""
     presence_max_state_bytes: int = 2048
     """One presence state, as JSON."""
+    workers: int = 1
+    """Realtime processes sharing the port (SO_REUSEPORT), each a whole replica."""
 
 
 class AuthSettings(msgspec.Struct, frozen=True):
@@ -759,6 +761,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                 int_of("FLUXBASE_REALTIME_PRESENCE_MAX_STATE_BYTES", 2048),
                 "FLUXBASE_REALTIME_PRESENCE_MAX_STATE_BYTES",
             ),
+            workers=_positive(int_of("FLUXBASE_REALTIME_WORKERS", 1), "FLUXBASE_REALTIME_WORKERS"),
         ),
         tenant=tenant,
         storage=storage,

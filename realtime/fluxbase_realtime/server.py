@@ -696,9 +696,15 @@ def _json(connection: ServerConnection, status: HTTPStatus, body: dict[str, obje
 
 
 async def serve(
-    settings: Settings, host: str, port: int, end_user_verifier: EndUserVerifier | None = None
+    settings: Settings,
+    host: str,
+    port: int,
+    end_user_verifier: EndUserVerifier | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
-    """Run the service until SIGINT/SIGTERM; `end_user_verifier` admits end-user credentials."""
+    """Run the service until SIGINT/SIGTERM; `end_user_verifier` admits end-user credentials;
+    `reuse_port` binds with SO_REUSEPORT, beside the other workers of one supervisor (workers)."""
     service = RealtimeService(settings, end_user_verifier)
     await service.start()
     stop = asyncio.Event()
@@ -718,6 +724,7 @@ async def serve(
             # No permessage-deflate: compressing each message once per subscriber costs more CPU
             # than the fan-out itself, and one frame's bytes can then serve every socket (hub).
             compression=None,
+            reuse_port=reuse_port,
         ):
             log.info("realtime listening on ws://%s:%s", host, port)
             await stop.wait()
