@@ -23,7 +23,15 @@ from litestar.exceptions import (
     ValidationException,
 )
 
-from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError
+from fluxbase.errors import (
+    DatabaseUnavailable,
+    FluxbaseError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+)
 from fluxbase.http.context import AppContext
 from fluxbase.http.requestlog import request_id
 from fluxbase.ratelimit import Quota
@@ -105,19 +113,20 @@ def on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> 
 
 
 def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    # Every code answered here is one of the catalog's (fluxbase.errors), so the contract lists it.
     if isinstance(exc, NotFoundException):
-        code, msg = "NOT_FOUND", "No such route."
+        code, msg = NotFound.code, "No such route."
     elif isinstance(exc, MethodNotAllowedException):
-        code, msg = "METHOD_NOT_ALLOWED", "This method is not allowed on this route."
+        code, msg = MethodNotAllowed.code, MethodNotAllowed.default_message
     elif exc.status_code == 413:
-        code, msg = "PAYLOAD_TOO_LARGE", "The request body is too large."
+        code, msg = PayloadTooLarge.code, "The request body is too large."
     elif isinstance(exc.__cause__, SerializationException) and exc.status_code == 400:
-        code, msg = "VALIDATION_ERROR", NOT_JSON
+        code, msg = ValidationError.code, NOT_JSON
     elif 400 <= exc.status_code < 500:
-        code, msg = "VALIDATION_ERROR", str(exc.detail)
+        code, msg = ValidationError.code, str(exc.detail)
     else:
         log.error("http exception %s: %s", exc.status_code, exc.detail)
-        code, msg = "INTERNAL_ERROR", InternalError.default_message
+        code, msg = InternalError.code, InternalError.default_message
     body = {"success": False, "error": {"code": code, "message": msg}}
     return Response(
         content=_JSON.encode(body),

@@ -124,7 +124,8 @@ async def list_all_projects(
     return {
         "success": True,
         "projects": [
-            {**project_out(p.project), "ownerEmail": p.owner_email, "members": p.members} for p in page
+            {**msgspec.to_builtins(project_out(p.project)), "ownerEmail": p.owner_email, "members": p.members}
+            for p in page
         ],
         "nextCursor": cursor,
     }

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 from litestar import delete, get, post
 
 from fluxbase.errors import AuthRequired, StorageUnavailable, ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
-from fluxbase.http.shapes import CreateKeyBody, CreateProjectBody, key_out, project_out
+from fluxbase.http.shapes import (
+    CreateKeyBody,
+    CreateProjectBody,
+    KeyAnswer,
+    KeyCreated,
+    KeysAnswer,
+    ProjectAnswer,
+    ProjectDeleted,
+    ProjectsAnswer,
+    key_out,
+    project_out,
+)
 from fluxbase.services import apikeys, projects
 from fluxbase.services.access import Need, authorize
 from fluxbase.storage.service import delete_project_objects
@@ -23,25 +33,25 @@ def _user_id(caller: Caller) -> str:
 
 
 @post("/api/projects", operation_id="createProject", tags=["projects"], status_code=201)
-async def create_project(data: CreateProjectBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def create_project(data: CreateProjectBody, ctx: AppContext, caller: Caller) -> ProjectAnswer:
     project = await projects.create_project(ctx.db, ctx.settings, _user_id(caller), data.name)
-    return {"success": True, "project": project_out(project, "admin")}
+    return ProjectAnswer(project=project_out(project, "admin"))
 
 
 @get("/api/projects", operation_id="listProjects", tags=["projects"])
-async def list_projects(ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def list_projects(ctx: AppContext, caller: Caller) -> ProjectsAnswer:
     rows = await projects.list_projects(ctx.db, _user_id(caller))
-    return {"success": True, "projects": [project_out(p, role) for p, role in rows]}
+    return ProjectsAnswer(projects=[project_out(p, role) for p, role in rows])
 
 
 @get("/api/projects/{project_id:str}", operation_id="getProject", tags=["projects"])
-async def get_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def get_project(project_id: str, ctx: AppContext, caller: Caller) -> ProjectAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return {"success": True, "project": project_out(access.project, access.member_role)}
+    return ProjectAnswer(project=project_out(access.project, access.member_role))
 
 
 @delete("/api/projects/{project_id:str}", operation_id="deleteProject", tags=["projects"], status_code=200)
-async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> ProjectDeleted:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
     await ctx.tenants.close_project(access.project.id)
     await projects.delete_project(ctx.db, access.project.id)
@@ -49,7 +59,7 @@ async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> di
     # Rows are gone; the bytes follow (if S3 is down, housekeeping removes them as orphans).
     with contextlib.suppress(StorageUnavailable):
         await delete_project_objects(ctx.store, access.project.id)
-    return {"success": True, "projectId": access.project.id}
+    return ProjectDeleted(project_id=access.project.id)
 
 
 def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
@@ -64,7 +74,7 @@ def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
 @post(
     "/api/projects/{project_id:str}/api-keys", operation_id="createApiKey", tags=["api-keys"], status_code=201
 )
-async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, caller: Caller) -> KeyCreated:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     raw, key = await apikeys.create_key(
         ctx.db,
@@ -76,16 +86,13 @@ async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, call
         rate_limit=_rate_limit(data),
         require_user_auth=data.require_user_auth,
     )
-    return {"success": True, "key": raw, "apiKey": key_out(key)}
+    return KeyCreated(key=raw, api_key=key_out(key))
 
 
 @get("/api/projects/{project_id:str}/api-keys", operation_id="listApiKeys", tags=["api-keys"])
-async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> KeysAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    return {
-        "success": True,
-        "apiKeys": [key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)],
-    }
+    return KeysAnswer(api_keys=[key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)])
 
 
 @post(
@@ -94,10 +101,10 @@ async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> dict[st
     tags=["api-keys"],
     status_code=200,
 )
-async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> KeyCreated:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     raw, key = await apikeys.rotate_key(ctx.db, access, key_id)
-    return {"success": True, "key": raw, "apiKey": key_out(key)}
+    return KeyCreated(key=raw, api_key=key_out(key))
 
 
 @delete(
@@ -106,7 +113,7 @@ async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Call
     tags=["api-keys"],
     status_code=200,
 )
-async def revoke_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def revoke_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> KeyAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
     key = await apikeys.revoke_key(ctx.db, access, key_id)
-    return {"success": True, "apiKey": key_out(key)}
+    return KeyAnswer(api_key=key_out(key))

@@ -10,6 +10,7 @@ from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller, bearer_token
+from fluxbase.http.shapes import Answer, Out
 from fluxbase.security import apikeys, usertokens
 from fluxbase.services import realtime
 from fluxbase.services.access import Need, authorize
@@ -35,44 +36,64 @@ class BroadcastBody(msgspec.Struct, rename="camel"):
     payload: Any = None
 
 
+class RealtimeTable(Out):
+    name: str
+    enabled: bool
+
+
+class TablesAnswer(Answer, kw_only=True):
+    tables: list[RealtimeTable]
+
+
+class VersionAnswer(Answer, kw_only=True):
+    project_id: str
+    version: str | None
+
+
+class TokenAnswer(Answer, kw_only=True):
+    token: str
+    expires_at: int
+    project_id: str
+
+
+class BroadcastAnswer(Answer, kw_only=True):
+    id: int
+
+
+def _tables(rows: list[dict[str, Any]]) -> TablesAnswer:
+    return TablesAnswer(tables=[RealtimeTable(r["name"], r["enabled"]) for r in rows])
+
+
 @get("/api/realtime/tables", operation_id="listRealtimeTables", tags=["realtime"])
-async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
+async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> TablesAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return {"success": True, "tables": await realtime.list_tables(ctx.db, access.project.id)}
+    return _tables(await realtime.list_tables(ctx.db, access.project.id))
 
 
 @post("/api/realtime/enable", operation_id="enableRealtime", tags=["realtime"], status_code=200)
-async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
-    return {
-        "success": True,
-        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, True),
-    }
+    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, True))
 
 
 @post("/api/realtime/disable", operation_id="disableRealtime", tags=["realtime"], status_code=200)
-async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
-    return {
-        "success": True,
-        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, False),
-    }
+    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, False))
 
 
 @get("/api/version", operation_id="getVersion", tags=["realtime"])
-async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
+async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> VersionAnswer:
     access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return {
-        "success": True,
-        "projectId": access.project.id,
-        "version": await realtime.latest_cursor(ctx.db, access.project.id),
-    }
+    return VersionAnswer(
+        project_id=access.project.id, version=await realtime.latest_cursor(ctx.db, access.project.id)
+    )
 
 
 @post("/api/realtime/token", operation_id="createRealtimeToken", tags=["realtime"], status_code=201)
 async def create_token(
     data: TokenBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
-) -> dict[str, Any]:
+) -> TokenAnswer:
     access = await authorize(
         ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ, end_user_surface=True
     )
@@ -87,7 +108,7 @@ async def create_token(
         data.expires_in,
         _minter(caller, request, identity.claims if user_token else None),
     )
-    return {"success": True, "token": token, "expiresAt": exp, "projectId": access.project.id}
+    return TokenAnswer(token=token, expires_at=exp, project_id=access.project.id)
 
 
 def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[str, Any] | None) -> Minter:
@@ -109,7 +130,7 @@ def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[s
 @post("/api/realtime/broadcast", operation_id="broadcast", tags=["realtime"], status_code=200)
 async def broadcast(
     data: BroadcastBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
-) -> dict[str, Any]:
+) -> BroadcastAnswer:
     access = await authorize(
         ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE, end_user_surface=True
     )
@@ -119,4 +140,4 @@ async def broadcast(
         access, user_token=request.headers.get("x-fluxbase-user-token"), auth_uid=None
     )
     event_id = await realtime.broadcast(ctx.db, access.project.id, data.event, data.payload)
-    return {"success": True, "id": event_id}
+    return BroadcastAnswer(id=event_id)
