@@ -155,6 +155,9 @@ SESSION_ONLY = frozenset(
     }
 )
 
+# Operations that answer bytes, not JSON: their media type.
+BINARY_ANSWERS = {"exportProject": "application/sql", "getPublicFile": "*/*"}
+
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _STATUS_TEXT = {
     400: "The request is not valid",
@@ -242,7 +245,8 @@ def complete_document(
     comp["securitySchemes"] = SECURITY_SCHEMES
     schemas = comp.setdefault("schemas", {})
     for name, schema in components.items():
-        schemas.setdefault(name, schema)
+        if schemas.setdefault(name, schema) != schema:
+            raise RuntimeError(f"two different schemas are named {name}")
     codes = catalog()
     for status, status_codes in codes.items():
         schemas[f"Error{status}"] = error_schema(status_codes)
@@ -255,6 +259,11 @@ def complete_document(
             if op_id in bodies:
                 media_type, schema = bodies[op_id]
                 op["requestBody"] = {"required": True, "content": {media_type: {"schema": schema}}}
+            if op_id in BINARY_ANSWERS:
+                binary = {"schema": {"type": "string", "format": "binary"}}
+                for status, response in op.get("responses", {}).items():
+                    if status.startswith("2"):
+                        response["content"] = {BINARY_ANSWERS[op_id]: binary}
             if op_id in successes:
                 for status, response in op.get("responses", {}).items():
                     if status.startswith("2"):

@@ -119,7 +119,7 @@ class UserAnswer(Answer, kw_only=True):
 
 class LoginAnswer(Answer, kw_only=True):
     token: str
-    expires_at: datetime
+    expires_at: int
     user: UserOut
 
 
@@ -217,6 +217,42 @@ class BatchAnswer(msgspec.Struct, rename="camel"):
     execution_info: BatchExecutionInfo
 
 
+class DataTables(msgspec.Struct):
+    """GET /api/schema and /api/projects/{id}/tables: every table, its columns, indexes and RLS."""
+
+    success: bool
+    tables: list[dict[str, Any]]
+
+
+class DataTableCreated(msgspec.Struct):
+    success: bool
+    table: dict[str, Any]
+
+
+class DataRecordsPage(msgspec.Struct, rename="camel"):
+    success: bool
+    records: list[dict[str, Any]]
+    count: int
+    limit: int
+    offset: int
+    has_more: bool
+    truncated: bool
+
+
+class DataRecordsInserted(msgspec.Struct):
+    """`record` too when one object was sent."""
+
+    success: bool
+    records: list[dict[str, Any]]
+    count: int
+    record: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class DataRecord(msgspec.Struct):
+    success: bool
+    record: dict[str, Any]
+
+
 _OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 _MULTIPART: dict[str, Any] = {
     "type": "object",
@@ -232,7 +268,8 @@ _MULTIPART: dict[str, Any] = {
 def hand_read_shapes(
     execute_sql: type, execute_batch: type
 ) -> tuple[dict[str, tuple[str, Any]], dict[str, list[type]]]:
-    """Per operation id: (media type, Struct or JSON schema) of the body; the 200's Structs."""
+    """Per operation id: (media type, Struct or JSON schema) of the body; the 2xx answer's Structs
+    (these routes encode their answer once, on the SQL hot path, so the Structs only document it)."""
     from fluxbase.services.data import TableDef
 
     bodies: dict[str, tuple[str, Any]] = {
@@ -251,5 +288,13 @@ def hand_read_shapes(
     successes: dict[str, list[type]] = {
         "executeSql": [SqlAnswer, SqlFailed],
         "executeBatch": [BatchAnswer, SqlFailed],
+        "getSchema": [DataTables],
+        "listTables": [DataTables],
+        "createTable": [DataTableCreated],
+        "listRecords": [DataRecordsPage],
+        "createRecords": [DataRecordsInserted],
+        "getRecord": [DataRecord],
+        "updateRecord": [DataRecord],
+        "deleteRecord": [DataRecord],
     }
     return bodies, successes

@@ -9,7 +9,7 @@ an invitation and listing one's own invitations need the invited user's dashboar
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from litestar import delete, get, patch, post
 from litestar.params import QueryParameter
@@ -91,12 +91,25 @@ def member_out(m: team.Member) -> MemberOut:
     return MemberOut(m.user_id, m.email, m.display_name, m.role, m.joined_at)
 
 
-def _invite_fields(i: team.Invitation) -> tuple[Any, ...]:
-    return (i.id, i.project_id, i.email, i.role, i.status, i.invited_at, i.expires_at, i.responded_at)
-
-
 def invite_out(i: team.Invitation) -> InviteOut:
-    return InviteOut(*_invite_fields(i))
+    return InviteOut(
+        i.id, i.project_id, i.email, i.role, i.status, i.invited_at, i.expires_at, i.responded_at
+    )
+
+
+def _my_invite(o: team.OpenInvitation) -> MyInviteOut:
+    i = o.invitation
+    return MyInviteOut(
+        i.id,
+        i.project_id,
+        i.email,
+        i.role,
+        i.status,
+        i.invited_at,
+        i.expires_at,
+        i.responded_at,
+        o.project_name,
+    )
 
 
 @get("/api/team", operation_id="listTeam", tags=["team"])
@@ -140,6 +153,4 @@ async def change_member_role(data: ChangeRoleBody, ctx: AppContext, caller: Call
 @get("/api/invites", operation_id="listMyInvites", tags=["team"])
 async def list_my_invites(ctx: AppContext, caller: Caller) -> MyInvitesAnswer:
     found = await team.my_invites(ctx.db, team.session_user(caller.principal))
-    return MyInvitesAnswer(
-        invites=[MyInviteOut(*_invite_fields(o.invitation), o.project_name) for o in found]
-    )
+    return MyInvitesAnswer(invites=[_my_invite(o) for o in found])
