@@ -35,7 +35,7 @@ from fluxbase.errors import (
 from fluxbase.http.context import AppContext
 from fluxbase.http.requestlog import request_id
 from fluxbase.ratelimit import Quota
-from fluxbase.services.access import Principal, Project
+from fluxbase.services.access import Need, Principal, Project, ProjectAccess, authorize
 
 log = logging.getLogger("fluxbase.http")
 
@@ -216,6 +216,14 @@ class Caller:
 
     principal: Principal
     key_project: Project | None
+
+    async def access(
+        self, ctx: AppContext, project_id: str | None, need: Need, *, end_user_surface: bool = False
+    ) -> ProjectAccess:
+        """The one authorisation step of a project route: may this caller do `need` on it?"""
+        return await authorize(
+            ctx.db, self.principal, self.key_project, project_id, need, end_user_surface=end_user_surface
+        )
 
 
 async def provide_ctx(request: Request[Any, Any, Any]) -> AppContext:

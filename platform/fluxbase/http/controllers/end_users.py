@@ -14,7 +14,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller, bearer_token, client_ip
 from fluxbase.http.shapes import Answer, Body, MessageAnswer, Ok, Out, ResetAnswer
 from fluxbase.services import end_users
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 BASE = "/api/projects/{project_id:str}/auth"
 LimitQ = Annotated[int | None, QueryParameter(name="limit", required=False)]
@@ -308,7 +308,7 @@ async def list_users(
     limit: LimitQ = None,
     offset: OffsetQ = None,
 ) -> ProjectUsersAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     users, total = await end_users.list_users(ctx.db, access.project.id, limit or 100, offset or 0)
     return ProjectUsersAnswer(users=[user_out(u) for u in users], total=total)
 
@@ -320,7 +320,7 @@ async def list_users(
     status_code=200,
 )
 async def disable_user(project_id: str, user_id: str, ctx: AppContext, caller: Caller) -> ProjectUserAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     user = await end_users.set_disabled(ctx.db, access.project.id, user_id, True)
     return ProjectUserAnswer(user=user_out(user))
 
@@ -332,7 +332,7 @@ async def disable_user(project_id: str, user_id: str, ctx: AppContext, caller: C
     status_code=200,
 )
 async def enable_user(project_id: str, user_id: str, ctx: AppContext, caller: Caller) -> ProjectUserAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     user = await end_users.set_disabled(ctx.db, access.project.id, user_id, False)
     return ProjectUserAnswer(user=user_out(user))
 
@@ -344,7 +344,7 @@ async def enable_user(project_id: str, user_id: str, ctx: AppContext, caller: Ca
     status_code=200,
 )
 async def revoke_sessions(project_id: str, user_id: str, ctx: AppContext, caller: Caller) -> ResetAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     revoked = await end_users.revoke_sessions(ctx.db, access.project.id, user_id)
     return ResetAnswer(revoked_sessions=revoked)
 
@@ -356,14 +356,14 @@ async def revoke_sessions(project_id: str, user_id: str, ctx: AppContext, caller
     status_code=200,
 )
 async def delete_user(project_id: str, user_id: str, ctx: AppContext, caller: Caller) -> UserDeleted:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     await end_users.delete_user(ctx.db, access.project.id, user_id)
     return UserDeleted(user_id=user_id)
 
 
 @get(f"{BASE}/settings", operation_id="getProjectAuthSettings", tags=["end-user auth"])
 async def get_settings(project_id: str, ctx: AppContext, caller: Caller) -> AuthSettingsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     return AuthSettingsAnswer(settings=settings_out(await end_users.get_config(ctx.db, access.project.id)))
 
 
@@ -377,7 +377,7 @@ async def update_settings(
         raise ValidationError(str(exc)) from None
     except msgspec.DecodeError:
         raise ValidationError("The request body must be JSON.") from None
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
     config = await end_users.update_config(ctx.db, access.project.id, changes)
     ctx.identity.forget(access.project.id)

@@ -11,7 +11,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.services import extensions
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 
 class InstallBody(Body):
@@ -54,7 +54,7 @@ def extension_out(e: extensions.Extension) -> ExtensionOut:
 
 @get("/api/projects/{project_id:str}/extensions", operation_id="listExtensions", tags=["extensions"])
 async def list_extensions(project_id: str, ctx: AppContext, caller: Caller) -> ExtensionsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     rows = await extensions.list_extensions(ctx.db, access.project.id)
     return ExtensionsAnswer(extensions=[extension_out(e) for e in rows])
 
@@ -70,7 +70,7 @@ async def list_extensions(project_id: str, ctx: AppContext, caller: Caller) -> E
 async def install_extension(
     project_id: str, data: InstallBody, ctx: AppContext, caller: Caller
 ) -> Response[ExtensionAnswer]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+    access = await caller.access(ctx, project_id, Need.SCHEMA)
     created, ext = await extensions.install(
         ctx.db, ctx.tenants, access.project, data.name, ctx.settings.tenant.pool_acquire_timeout_s
     )
@@ -84,7 +84,7 @@ async def install_extension(
     status_code=200,
 )
 async def remove_extension(project_id: str, name: str, ctx: AppContext, caller: Caller) -> ExtensionAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+    access = await caller.access(ctx, project_id, Need.SCHEMA)
     ext = await extensions.remove(
         ctx.db, ctx.tenants, access.project, name, ctx.settings.tenant.pool_acquire_timeout_s
     )

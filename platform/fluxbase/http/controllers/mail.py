@@ -12,7 +12,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.mail import outbox, templates
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 BASE = "/api/projects/{project_id:str}/mail"
 LimitQ = Annotated[int | None, QueryParameter(name="limit", required=False)]
@@ -80,7 +80,7 @@ def template_out(kind: str, t: templates.Template, custom: bool) -> TemplateOut:
 
 @get(f"{BASE}/templates", operation_id="listMailTemplates", tags=["email"])
 async def list_templates(project_id: str, ctx: AppContext, caller: Caller) -> TemplatesAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     custom = await outbox.overridden(ctx.db, access.project.id)
     out: list[TemplateOut] = []
     for kind in templates.PROJECT_KINDS:
@@ -93,7 +93,7 @@ async def list_templates(project_id: str, ctx: AppContext, caller: Caller) -> Te
 async def set_template(
     project_id: str, kind: str, data: TemplateBody, ctx: AppContext, caller: Caller
 ) -> TemplateAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     t = await outbox.save_template(
         ctx.db, access.project.id, kind, templates.Template(data.subject, data.text, data.html)
     )
@@ -102,7 +102,7 @@ async def set_template(
 
 @delete(f"{BASE}/templates/{{kind:str}}", operation_id="resetMailTemplate", tags=["email"], status_code=200)
 async def reset_template(project_id: str, kind: str, ctx: AppContext, caller: Caller) -> TemplateAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     t = await outbox.reset_template(ctx.db, access.project.id, kind)
     return TemplateAnswer(template=template_out(kind, t, False))
 
@@ -117,7 +117,7 @@ async def preview_template(
     project_id: str, kind: str, data: PreviewBody, ctx: AppContext, caller: Caller
 ) -> PreviewAnswer:
     """Render the saved template, or the one in the body (validated, not saved), with sample values."""
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     templates.check_kind(kind)
     t = await outbox.template_for(ctx.db, access.project.id, kind)
     if data.subject is not None or data.text is not None or data.html is not None:
@@ -132,7 +132,7 @@ async def preview_template(
 async def mail_log(project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = None) -> MailLogAnswer:
     """Messages of this project, newest first: status (pending, sent, failed, bounced), attempts,
     the last error. Bodies are never returned (they hold single-use tokens)."""
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     entries = await outbox.project_log(ctx.db, access.project.id, limit or 100)
     return MailLogAnswer(
         messages=[

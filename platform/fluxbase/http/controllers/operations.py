@@ -15,7 +15,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out, ProjectAnswer, ProjectOut, project_out
 from fluxbase.services import dump, migrations, operations
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 
 class MigrationBody(Body):
@@ -108,7 +108,7 @@ def _quotas(q: operations.Quotas) -> QuotasAnswer:
 async def apply_migration(
     project_id: str, data: MigrationBody, ctx: AppContext, caller: Caller
 ) -> MigrationApplied:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+    access = await caller.access(ctx, project_id, Need.SCHEMA)
     applied, migration = await migrations.apply_migration(
         ctx.db, ctx.tenants, access, data.name, data.sql, ctx.settings.tenant.pool_acquire_timeout_s
     )
@@ -117,7 +117,7 @@ async def apply_migration(
 
 @get("/api/projects/{project_id:str}/migrations", operation_id="listMigrations", tags=["migrations"])
 async def list_migrations(project_id: str, ctx: AppContext, caller: Caller) -> MigrationsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     rows = await migrations.list_migrations(ctx.db, access.project.id)
     return MigrationsAnswer(migrations=[_migration_out(m) for m in rows])
 
@@ -129,7 +129,7 @@ async def list_migrations(project_id: str, ctx: AppContext, caller: Caller) -> M
     status_code=200,
 )
 async def vacuum_project(project_id: str, ctx: AppContext, caller: Caller) -> VacuumAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     r = await operations.vacuum(
         ctx.db, ctx.tenants, access.project.id, ctx.settings.tenant.pool_acquire_timeout_s
     )
@@ -142,7 +142,7 @@ async def vacuum_project(project_id: str, ctx: AppContext, caller: Caller) -> Va
 async def update_project(
     project_id: str, data: ProjectPatchBody, ctx: AppContext, caller: Caller
 ) -> ProjectAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     project = access.project
     if data.read_only is not None:
         project = await operations.set_read_only(ctx.db, project.id, data.read_only)
@@ -152,7 +152,7 @@ async def update_project(
 
 @get("/api/projects/{project_id:str}/quotas", operation_id="getQuotas", tags=["operations"])
 async def get_quotas(project_id: str, ctx: AppContext, caller: Caller) -> QuotasAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     quotas = await operations.get_quotas(ctx.db, ctx.settings, access.project.id)
     return _quotas(quotas)
 
@@ -222,7 +222,7 @@ async def resume_project(project_id: str, ctx: AppContext, caller: Caller) -> Pr
     response_description="The project as SQL (schema and data), streamed.",
 )
 async def export_project(project_id: str, ctx: AppContext, caller: Caller) -> Stream:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     export = await dump.start_export(ctx.settings, ctx.db, access.project.id)
     return Stream(
         export.stream(),

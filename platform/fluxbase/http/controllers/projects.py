@@ -22,7 +22,7 @@ from fluxbase.http.shapes import (
     project_out,
 )
 from fluxbase.services import apikeys, projects
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 from fluxbase.storage.service import delete_project_objects
 
 
@@ -46,13 +46,13 @@ async def list_projects(ctx: AppContext, caller: Caller) -> ProjectsAnswer:
 
 @get("/api/projects/{project_id:str}", operation_id="getProject", tags=["projects"])
 async def get_project(project_id: str, ctx: AppContext, caller: Caller) -> ProjectAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     return ProjectAnswer(project=project_out(access.project, access.member_role))
 
 
 @delete("/api/projects/{project_id:str}", operation_id="deleteProject", tags=["projects"], status_code=200)
 async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> ProjectDeleted:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.OWNER)
+    access = await caller.access(ctx, project_id, Need.OWNER)
     await ctx.tenants.close_project(access.project.id)
     await projects.delete_project(ctx.db, access.project.id)
     ctx.auth.forget_project(access.project.id)  # its cached keys die now, not when they expire
@@ -75,7 +75,7 @@ def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
     "/api/projects/{project_id:str}/api-keys", operation_id="createApiKey", tags=["api-keys"], status_code=201
 )
 async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, caller: Caller) -> KeyCreated:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     raw, key = await apikeys.create_key(
         ctx.db,
         access,
@@ -91,7 +91,7 @@ async def create_key(project_id: str, data: CreateKeyBody, ctx: AppContext, call
 
 @get("/api/projects/{project_id:str}/api-keys", operation_id="listApiKeys", tags=["api-keys"])
 async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> KeysAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     return KeysAnswer(api_keys=[key_out(k) for k in await apikeys.list_keys(ctx.db, access.project.id)])
 
 
@@ -102,7 +102,7 @@ async def list_keys(project_id: str, ctx: AppContext, caller: Caller) -> KeysAns
     status_code=200,
 )
 async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> KeyCreated:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     raw, key = await apikeys.rotate_key(ctx.db, access, key_id)
     return KeyCreated(key=raw, api_key=key_out(key))
 
@@ -114,6 +114,6 @@ async def rotate_key(project_id: str, key_id: str, ctx: AppContext, caller: Call
     status_code=200,
 )
 async def revoke_key(project_id: str, key_id: str, ctx: AppContext, caller: Caller) -> KeyAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     key = await apikeys.revoke_key(ctx.db, access, key_id)
     return KeyAnswer(api_key=key_out(key))

@@ -13,7 +13,7 @@ from fluxbase.http.edge import Caller, bearer_token
 from fluxbase.http.shapes import Answer, Out
 from fluxbase.security import apikeys, usertokens
 from fluxbase.services import realtime
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 from fluxbase.services.realtime import Minter
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
@@ -66,25 +66,25 @@ def _tables(rows: list[dict[str, Any]]) -> TablesAnswer:
 
 @get("/api/realtime/tables", operation_id="listRealtimeTables", tags=["realtime"])
 async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> TablesAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     return _tables(await realtime.list_tables(ctx.db, access.project.id))
 
 
 @post("/api/realtime/enable", operation_id="enableRealtime", tags=["realtime"], status_code=200)
 async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, True))
 
 
 @post("/api/realtime/disable", operation_id="disableRealtime", tags=["realtime"], status_code=200)
 async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, False))
 
 
 @get("/api/version", operation_id="getVersion", tags=["realtime"])
 async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> VersionAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     return VersionAnswer(
         project_id=access.project.id, version=await realtime.latest_cursor(ctx.db, access.project.id)
     )
@@ -94,9 +94,7 @@ async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) 
 async def create_token(
     data: TokenBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
 ) -> TokenAnswer:
-    access = await authorize(
-        ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ, end_user_surface=True
-    )
+    access = await caller.access(ctx, data.project_id, Need.READ, end_user_surface=True)
     # The same identity rules as SQL: an end-user token wins, requireUserAuth keys need one.
     user_token = request.headers.get("x-fluxbase-user-token")
     identity = await ctx.identity.identity(access, user_token=user_token, auth_uid=data.auth_uid)
@@ -131,9 +129,7 @@ def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[s
 async def broadcast(
     data: BroadcastBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
 ) -> BroadcastAnswer:
-    access = await authorize(
-        ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE, end_user_surface=True
-    )
+    access = await caller.access(ctx, data.project_id, Need.WRITE, end_user_surface=True)
     # A requireUserAuth (browser) key broadcasts only for a verified end user, as it runs SQL
     # and as it broadcasts over the socket.
     await ctx.identity.identity(

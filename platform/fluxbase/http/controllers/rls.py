@@ -16,7 +16,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.services import rls
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
 
@@ -99,7 +99,7 @@ def _settings(project_id: str, settings: dict[str, Any]) -> RealtimeSettingsAnsw
 
 @get("/api/projects/{project_id:str}/rls", operation_id="listRls", tags=["rls"])
 async def list_rls(project_id: str, ctx: AppContext, caller: Caller) -> RlsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     tables = await rls.list_tables(ctx.tenants, access.project.id)
     return RlsAnswer(tables=[table_out(t) for t in tables])
 
@@ -110,7 +110,7 @@ async def list_rls(project_id: str, ctx: AppContext, caller: Caller) -> RlsAnswe
 async def create_policy(
     project_id: str, data: CreatePolicyBody, ctx: AppContext, caller: Caller
 ) -> PolicyCreated:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     table, enabled_now = await rls.create_policy(
         ctx.tenants,
         access.project.id,
@@ -139,7 +139,7 @@ async def create_policy(
     status_code=200,
 )
 async def drop_policy(project_id: str, table: str, name: str, ctx: AppContext, caller: Caller) -> TableAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     return TableAnswer(table=table_out(await rls.drop_policy(ctx.tenants, access.project.id, table, name)))
 
 
@@ -152,7 +152,7 @@ async def drop_policy(project_id: str, table: str, name: str, ctx: AppContext, c
 async def set_table_rls(
     project_id: str, table: str, data: TableRlsBody, ctx: AppContext, caller: Caller
 ) -> TableAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     found = await rls.set_table(
         ctx.tenants, access.project.id, table, enabled=data.enabled, forced=data.forced
     )
@@ -163,7 +163,7 @@ async def set_table_rls(
 async def get_realtime_settings(
     ctx: AppContext, caller: Caller, project_id: ProjectQ = None
 ) -> RealtimeSettingsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+    access = await caller.access(ctx, project_id, Need.READ)
     settings = await rls.realtime_settings(ctx.db, access.project.id)
     return _settings(access.project.id, settings)
 
@@ -172,7 +172,7 @@ async def get_realtime_settings(
 async def set_realtime_settings(
     data: RealtimeSettingsBody, ctx: AppContext, caller: Caller
 ) -> RealtimeSettingsAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
+    access = await caller.access(ctx, data.project_id, Need.MANAGE)
     settings = await rls.set_realtime_settings(
         ctx.db, access.project.id, data.schema_events_to_users, data.topics
     )

@@ -39,7 +39,7 @@ from fluxbase.http.storage_shapes import (
     presigned_post_out,
     signed_out,
 )
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 from fluxbase.storage.access import Op, StorageAccess, storage_access
 from fluxbase.storage.service import BucketPatch, StorageService
 from fluxbase.storage.uploads import UploadRequest, stream_upload
@@ -80,7 +80,7 @@ async def list_buckets(
 
 @post("/api/storage/buckets", operation_id="createBucket", tags=["storage"], status_code=201)
 async def create_bucket(data: CreateBucketBody, ctx: AppContext, caller: Caller) -> BucketAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     bucket = await _svc(ctx).create_bucket(
         access, data.name, data.is_public, data.allowed_mime_types, data.end_user_access
     )
@@ -89,7 +89,7 @@ async def create_bucket(data: CreateBucketBody, ctx: AppContext, caller: Caller)
 
 @patch("/api/storage/buckets", operation_id="updateBucket", tags=["storage"])
 async def update_bucket(data: UpdateBucketBody, ctx: AppContext, caller: Caller) -> BucketAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     ref, new_name = (data.bucket_id, data.name) if data.bucket_id is not None else (data.name, data.new_name)
     types = data.allowed_mime_types
     change = BucketPatch(
@@ -111,13 +111,7 @@ async def delete_bucket(
     bucket_id: BucketQ = None,
 ) -> BucketAnswer:
     body = decode_optional(await request.body(), BucketRefBody)
-    access = await authorize(
-        ctx.db,
-        caller.principal,
-        caller.key_project,
-        either("projectId", project_id, body.project_id),
-        Need.SCHEMA,
-    )
+    access = await caller.access(ctx, either("projectId", project_id, body.project_id), Need.SCHEMA)
     ref = either("bucketId", bucket_id, body.bucket_id or body.name)
     bucket = await _svc(ctx).delete_bucket(access, ref)
     return BucketAnswer(bucket=bucket_out(bucket))

@@ -18,7 +18,7 @@ from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.services import team
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
 UserQ = Annotated[str | None, QueryParameter(name="userId", required=False)]
@@ -114,7 +114,7 @@ def _my_invite(o: team.OpenInvitation) -> MyInviteOut:
 
 @get("/api/team", operation_id="listTeam", tags=["team"])
 async def list_team(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> TeamAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     found = await team.list_team(ctx.db, access.project.id)
     return TeamAnswer(
         members=[member_out(m) for m in found.members], invites=[invite_out(i) for i in found.invites]
@@ -123,7 +123,7 @@ async def list_team(ctx: AppContext, caller: Caller, project_id: ProjectQ = None
 
 @post("/api/team", operation_id="inviteMember", tags=["team"], status_code=201)
 async def invite_member(data: InviteBody, ctx: AppContext, caller: Caller) -> InviteAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
+    access = await caller.access(ctx, data.project_id, Need.MANAGE)
     invitation = await team.invite(ctx.db, ctx.settings, access, data.email, data.role)
     return InviteAnswer(invite=invite_out(invitation))
 
@@ -138,14 +138,14 @@ async def answer_invite(data: AnswerInviteBody, ctx: AppContext, caller: Caller)
 async def remove_member(
     ctx: AppContext, caller: Caller, project_id: ProjectQ = None, user_id: UserQ = None
 ) -> MemberRemoved:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     member = await team.remove_member(ctx.db, access, user_id)
     return MemberRemoved(project_id=access.project.id, user_id=member.user_id)
 
 
 @patch("/api/team", operation_id="changeMemberRole", tags=["team"])
 async def change_member_role(data: ChangeRoleBody, ctx: AppContext, caller: Caller) -> MemberAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
+    access = await caller.access(ctx, data.project_id, Need.MANAGE)
     member = await team.change_role(ctx.db, access, data.user_id, data.role)
     return MemberAnswer(member=member_out(member))
 

@@ -16,7 +16,7 @@ from litestar.params import QueryParameter
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.shapes import Answer, Body, Out
-from fluxbase.services.access import Need, ProjectAccess, authorize
+from fluxbase.services.access import Need, ProjectAccess
 from fluxbase.webhooks import service
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
@@ -101,12 +101,12 @@ def webhook_out(h: service.Webhook, secret: str | None = None) -> WebhookOut:
 
 async def _access(ctx: AppContext, caller: Caller, webhook_id: str) -> ProjectAccess:
     project_id = await service.project_of(ctx.db, webhook_id)
-    return await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    return await caller.access(ctx, project_id, Need.MANAGE)
 
 
 @post("/api/webhooks", operation_id="createWebhook", tags=["webhooks"], status_code=201)
 async def create_webhook(data: CreateWebhookBody, ctx: AppContext, caller: Caller) -> WebhookAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
+    access = await caller.access(ctx, data.project_id, Need.MANAGE)
     hook, secret = await service.create(
         ctx.db, ctx.settings, access.project.id, data.url, data.events, data.tables, data.secret, data.enabled
     )
@@ -115,7 +115,7 @@ async def create_webhook(data: CreateWebhookBody, ctx: AppContext, caller: Calle
 
 @get("/api/webhooks", operation_id="listWebhooks", tags=["webhooks"])
 async def list_webhooks(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> WebhooksAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     hooks = await service.list_for(ctx.db, access.project.id)
     return WebhooksAnswer(webhooks=[webhook_out(h) for h in hooks])
 
@@ -179,5 +179,5 @@ async def redeliver(webhook_id: str, delivery_id: str, ctx: AppContext, caller: 
 async def project_log(
     project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = 100
 ) -> ProjectLogAnswer:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     return ProjectLogAnswer(entries=await service.project_log(ctx.db, access.project.id, limit))
