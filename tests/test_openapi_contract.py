@@ -50,7 +50,7 @@ SERVER_SQL = (
     "fluxbase.sessions",
     "pg_stat_activity",
 )
-RAW_KEY = re.compile(r"fb_[a-z]+_[A-Za-z0-9_-]{20,}")
+RAW_KEY = re.compile(r"flx_live_[0-9A-Za-z]{49}")  # fluxbase.security.apikeys
 KEY_ANSWERS = ("createApiKey", "rotateApiKey")
 
 
@@ -194,6 +194,19 @@ async def test_every_operation_against_the_live_api(instance: Instance, project:
     assert tally.operations >= 100
     assert tally.responses >= tally.operations
     assert not tally.failures, "\n".join(tally.failures)
+
+
+def test_the_leak_check_sees_each_kind_of_leak() -> None:
+    """The check above could fail: a secret, a stack trace, server SQL and a raw key are seen."""
+    from fluxbase.security import apikeys
+
+    key, secret = apikeys.generate(), "s3cr3t-server-key-value"
+    assert _no_leak("listApiKeys", '{"ok":1}', [secret], key) is None
+    assert _no_leak("listApiKeys", f'{{"x":"{secret}"}}', [secret], key) == "a server secret"
+    assert _no_leak("listApiKeys", "Traceback (most recent call last):", [secret], key)
+    assert _no_leak("listApiKeys", "SELECT 1 FROM fluxbase.api_keys", [secret], key)
+    assert _no_leak("listApiKeys", f'"{apikeys.generate()}"', [secret], key) == "a raw API key"
+    assert _no_leak("createApiKey", f'"{apikeys.generate()}"', [secret], key) is None
 
 
 # --- The document itself ------------------------------------------------------------------------
