@@ -34,6 +34,7 @@ from fluxbase.errors import (
 )
 from fluxbase.http.context import AppContext
 from fluxbase.http.requestlog import request_id
+from fluxbase.http.shapes import NOT_JSON
 from fluxbase.ratelimit import Quota
 from fluxbase.services.access import Need, Principal, Project, ProjectAccess, authorize
 
@@ -69,8 +70,6 @@ def on_fluxbase_error(_: Request[Any, Any, Any], exc: FluxbaseError) -> Response
     return error_response(exc)
 
 
-# The one wording of a body that is not JSON, on every route (the SQL fast path included).
-NOT_JSON = "The request body must be JSON."
 _ENUM_RE = re.compile(r"^Invalid enum value (.+)$")
 
 

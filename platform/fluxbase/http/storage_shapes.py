@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fluxbase.errors import ValidationError
-from fluxbase.http.shapes import Answer, Body, Out
+from fluxbase.http.shapes import Answer, Body, Out, decode_body
 from fluxbase.storage.service import (
     Bucket,
     BucketListing,
@@ -81,12 +81,7 @@ def decode_optional(raw: bytes, cls: type[T]) -> T:
     """A JSON body that may be absent (DELETE requests carry their arguments either way)."""
     if not raw.strip():
         return cls()
-    try:
-        return msgspec.json.decode(raw, type=cls)
-    except msgspec.ValidationError as exc:
-        raise ValidationError(str(exc)) from None
-    except msgspec.DecodeError:
-        raise ValidationError("The request body must be JSON.") from None
+    return decode_body(raw, cls)
 
 
 def either(name: str, query: str | None, body: str | None) -> str | None:

@@ -9,10 +9,10 @@ import msgspec
 from litestar import Request, delete, get, patch, post
 from litestar.params import QueryParameter
 
-from fluxbase.errors import AuthRequired, ValidationError
+from fluxbase.errors import AuthRequired
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller, bearer_token, client_ip
-from fluxbase.http.shapes import Answer, Body, MessageAnswer, Ok, Out, ResetAnswer
+from fluxbase.http.shapes import Answer, Body, MessageAnswer, Ok, Out, ResetAnswer, decode_body
 from fluxbase.services import end_users
 from fluxbase.services.access import Need
 
@@ -61,9 +61,6 @@ class AuthSettingsPatch(msgspec.Struct, rename="camel", forbid_unknown_fields=Tr
     jwt_expected_audiences: list[str] | msgspec.UnsetType | None = msgspec.UNSET
     email_verification: str | msgspec.UnsetType = msgspec.UNSET
     redirect_urls: list[str] | msgspec.UnsetType | None = msgspec.UNSET
-
-
-_decode_patch = msgspec.json.Decoder(AuthSettingsPatch).decode
 
 
 class ProjectUserOut(Out):
@@ -371,12 +368,7 @@ async def get_settings(project_id: str, ctx: AppContext, caller: Caller) -> Auth
 async def update_settings(
     project_id: str, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
 ) -> AuthSettingsAnswer:
-    try:
-        body = _decode_patch(await request.body())
-    except msgspec.ValidationError as exc:
-        raise ValidationError(str(exc)) from None
-    except msgspec.DecodeError:
-        raise ValidationError("The request body must be JSON.") from None
+    body = decode_body(await request.body(), AuthSettingsPatch)
     access = await caller.access(ctx, project_id, Need.MANAGE)
     changes = {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not msgspec.UNSET}
     config = await end_users.update_config(ctx.db, access.project.id, changes)
