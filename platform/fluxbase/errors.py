@@ -78,12 +78,12 @@ class NotFound(FluxbaseError):
     code, status, default_message = "NOT_FOUND", 404, "Not found."
 
 
-class Conflict(FluxbaseError):
-    code, status, default_message = "CONFLICT", 409, "The resource already exists or is in use."
-
-
 class MethodNotAllowed(FluxbaseError):
     code, status, default_message = "METHOD_NOT_ALLOWED", 405, "This method is not allowed on this route."
+
+
+class Conflict(FluxbaseError):
+    code, status, default_message = "CONFLICT", 409, "The resource already exists or is in use."
 
 
 class PayloadTooLarge(FluxbaseError):

@@ -23,11 +23,20 @@ from litestar.exceptions import (
     ValidationException,
 )
 
-from fluxbase.errors import DatabaseUnavailable, FluxbaseError, InternalError, MethodNotAllowed
+from fluxbase.errors import (
+    DatabaseUnavailable,
+    FluxbaseError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+)
 from fluxbase.http.context import AppContext
 from fluxbase.http.requestlog import request_id
+from fluxbase.http.shapes import NOT_JSON
 from fluxbase.ratelimit import Quota
-from fluxbase.services.access import Principal, Project
+from fluxbase.services.access import Need, Principal, Project, ProjectAccess, authorize
 
 log = logging.getLogger("fluxbase.http")
 
@@ -61,8 +70,6 @@ def on_fluxbase_error(_: Request[Any, Any, Any], exc: FluxbaseError) -> Response
     return error_response(exc)
 
 
-# The one wording of a body that is not JSON, on every route (the SQL fast path included).
-NOT_JSON = "The request body must be JSON."
 _ENUM_RE = re.compile(r"^Invalid enum value (.+)$")
 
 
@@ -105,19 +112,20 @@ def on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> 
 
 
 def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    # Every code answered here is one of the catalog's (fluxbase.errors), so the contract lists it.
     if isinstance(exc, NotFoundException):
-        code, msg = "NOT_FOUND", "No such route."
+        code, msg = NotFound.code, "No such route."
     elif isinstance(exc, MethodNotAllowedException):
-        code, msg = "METHOD_NOT_ALLOWED", MethodNotAllowed.default_message
+        code, msg = MethodNotAllowed.code, MethodNotAllowed.default_message
     elif exc.status_code == 413:
-        code, msg = "PAYLOAD_TOO_LARGE", "The request body is too large."
+        code, msg = PayloadTooLarge.code, "The request body is too large."
     elif isinstance(exc.__cause__, SerializationException) and exc.status_code == 400:
-        code, msg = "VALIDATION_ERROR", NOT_JSON
+        code, msg = ValidationError.code, NOT_JSON
     elif 400 <= exc.status_code < 500:
-        code, msg = "VALIDATION_ERROR", str(exc.detail)
+        code, msg = ValidationError.code, str(exc.detail)
     else:
         log.error("http exception %s: %s", exc.status_code, exc.detail)
-        code, msg = "INTERNAL_ERROR", InternalError.default_message
+        code, msg = InternalError.code, InternalError.default_message
     body = {"success": False, "error": {"code": code, "message": msg}}
     return Response(
         content=_JSON.encode(body),
@@ -207,6 +215,14 @@ class Caller:
 
     principal: Principal
     key_project: Project | None
+
+    async def access(
+        self, ctx: AppContext, project_id: str | None, need: Need, *, end_user_surface: bool = False
+    ) -> ProjectAccess:
+        """The one authorisation step of a project route: may this caller do `need` on it?"""
+        return await authorize(
+            ctx.db, self.principal, self.key_project, project_id, need, end_user_surface=end_user_surface
+        )
 
 
 async def provide_ctx(request: Request[Any, Any, Any]) -> AppContext:

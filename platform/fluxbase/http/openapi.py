@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Any
 
-from litestar import Response, get
+import msgspec
+from litestar import Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import (
     JsonRenderPlugin,
@@ -19,7 +21,7 @@ from litestar.openapi.plugins import (
     YamlRenderPlugin,
 )
 
-from fluxbase.errors import NotFound
+from fluxbase.errors import FluxbaseError, NotFound
 
 SCHEMA_PATH = "/schema"
 ASSETS = f"{SCHEMA_PATH}/assets"
@@ -45,21 +47,21 @@ def openapi_config(title: str, version: str) -> OpenAPIConfig:
         version=version,
         path=SCHEMA_PATH,
         render_plugins=[
-            RedocRenderPlugin(
+            _Redoc(
                 path=["/", "/redoc"],
                 js_url=f"{ASSETS}/redoc.standalone.js",
                 google_fonts=False,
                 favicon=_NO_FAVICON,
             ),
-            SwaggerRenderPlugin(
+            _Swagger(
                 path="/swagger",
                 js_url=f"{ASSETS}/swagger-ui-bundle.js",
                 css_url=f"{ASSETS}/swagger-ui.css",
                 standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
                 favicon=_NO_FAVICON,
             ),
-            JsonRenderPlugin(path="/openapi.json"),
-            YamlRenderPlugin(path=["/openapi.yaml", "/openapi.yml"]),
+            _Json(path="/openapi.json"),
+            _Yaml(path=["/openapi.yaml", "/openapi.yml"]),
         ],
     )
 
@@ -76,3 +78,263 @@ def openapi_asset(name: str) -> Response[bytes]:
     if media_type is None:
         raise NotFound("No such asset.")
     return Response(_asset(name), media_type=media_type, headers={"Cache-Control": "public, max-age=86400"})
+
+
+# --- The parts of the contract Litestar cannot infer from a handler's signature -----------------
+#
+# Litestar documents what a handler's annotations say. The rest is added here, once, to the
+# generated document: the security schemes and each operation's security, the error envelope
+# with the codes of the catalog (fluxbase.errors) each status can carry, and the bodies of the
+# routes that read their body themselves (SQL, data, uploads, imports: they stream or decode it
+# on a hot path; `/api/execute-sql` is usually answered by http.fastpath before Litestar).
+
+API_KEY = "apiKey"
+SESSION = "dashboardSession"
+PROJECT_USER = "projectUserToken"
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    API_KEY: {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "fb_<scope>_<key>",
+        "description": "A project API key (Authorization: Bearer fb_...); its scope limits what it may do.",
+    },
+    SESSION: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A dashboard session token from POST /api/auth/login.",
+    },
+    PROJECT_USER: {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A project end user's access token from POST /api/projects/{id}/auth/login.",
+    },
+}
+
+# Operations anyone may call (no credential), and those only a dashboard session may call.
+PUBLIC = frozenset(
+    {
+        "live",
+        "ready",
+        "register",
+        "login",
+        "recoverAccount",
+        "resetAccountPassword",
+        "adminStatus",
+        "getPublicFile",
+        "projectUserRegister",
+        "projectUserLogin",
+        "projectUserRefresh",
+        "projectUserRequestVerification",
+        "projectUserVerifyEmail",
+        "projectUserRecover",
+        "projectUserResetPassword",
+        "projectUserMagicLink",
+        "projectUserMagicLinkLogin",
+        "projectUserConfirmEmailChange",
+    }
+)
+# Operations of a project's end user, with the user's own access token.
+PROJECT_USER_ONLY = frozenset({"projectUserLogout", "projectUserMe", "projectUserRequestEmailChange"})
+# Public operations that never refuse a credential (the rest of PUBLIC check a password or token).
+ANONYMOUS = frozenset({"live", "ready", "adminStatus"})
+SESSION_ONLY = frozenset(
+    {
+        "logout",
+        "me",
+        "createProject",
+        "listProjects",
+        "listMyInvites",
+        "answerInvite",
+        "listAllProjects",
+        "setQuotas",
+        "suspendProject",
+        "resumeProject",
+        "importProject",
+    }
+)
+
+# Operations that answer bytes, not JSON: their media type.
+BINARY_ANSWERS = {"exportProject": "application/sql", "getPublicFile": "*/*"}
+
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+_STATUS_TEXT = {
+    400: "The request is not valid",
+    401: "No valid credential",
+    403: "The credential may not do this",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    410: "Gone",
+    413: "Too large",
+    415: "Unsupported media type",
+    416: "Range not satisfiable",
+    429: "Rate limited",
+    500: "Unexpected server error",
+    503: "A dependency is unavailable; retry",
+    504: "Timed out",
+}
+
+
+def catalog() -> dict[int, list[str]]:
+    """Every error code of the catalog by HTTP status (errors raised with status 200 excluded)."""
+    by_status: dict[int, set[str]] = {}
+
+    def walk(cls: type[FluxbaseError]) -> None:
+        for sub in cls.__subclasses__():
+            if sub.status >= 400:
+                by_status.setdefault(sub.status, set()).add(sub.code)
+            walk(sub)
+
+    by_status.setdefault(FluxbaseError.status, set()).add(FluxbaseError.code)
+    walk(FluxbaseError)
+    return {status: sorted(codes) for status, codes in sorted(by_status.items())}
+
+
+def error_schema(codes: list[str]) -> dict[str, Any]:
+    """The `{success: false, error: {code, message}}` envelope, with the codes a status carries."""
+    return {
+        "type": "object",
+        "required": ["success", "error"],
+        "properties": {
+            "success": {"type": "boolean", "enum": [False]},
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": codes},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    }
+
+
+# Statuses only some areas answer (by the operation's first tag).
+_AREA_STATUSES = {
+    "storage": [413, 415, 416],
+    "team": [410],
+    "sql": [504],
+    "data": [504],
+    "operations": [504],
+}
+
+
+def _statuses(op_id: str, method: str, has_input: bool, tag: str) -> list[int]:
+    statuses = [404, 429, 500, 503, *_AREA_STATUSES.get(tag, [])]
+    if has_input or method in ("post", "put", "patch"):
+        statuses += [400, 413]
+    if op_id not in ANONYMOUS:
+        statuses += [401, 403]
+    if method != "get":
+        statuses += [409]
+    return sorted(set(statuses))
+
+
+def complete_document(
+    doc: dict[str, Any],
+    bodies: dict[str, tuple[str, dict[str, Any]]],
+    successes: dict[str, dict[str, Any]],
+    components: dict[str, Any],
+) -> dict[str, Any]:
+    """Add security, error responses and the hand-read bodies to Litestar's document (in place)."""
+    comp = doc.setdefault("components", {})
+    if "securitySchemes" in comp:
+        return doc  # done already (the rendered document is built once and cached)
+    comp["securitySchemes"] = SECURITY_SCHEMES
+    schemas = comp.setdefault("schemas", {})
+    for name, schema in components.items():
+        if schemas.setdefault(name, schema) != schema:
+            raise RuntimeError(f"two different schemas are named {name}")
+    codes = catalog()
+    for status, status_codes in codes.items():
+        schemas[f"Error{status}"] = error_schema(status_codes)
+    for path_item in doc.get("paths", {}).values():
+        for method in _METHODS:
+            op = path_item.get(method)
+            if op is None:
+                continue
+            op_id = op.get("operationId", "")
+            if op_id in bodies:
+                media_type, schema = bodies[op_id]
+                op["requestBody"] = {"required": True, "content": {media_type: {"schema": schema}}}
+            if op_id in BINARY_ANSWERS:
+                binary = {"schema": {"type": "string", "format": "binary"}}
+                for status, response in op.get("responses", {}).items():
+                    if status.startswith("2"):
+                        response["content"] = {BINARY_ANSWERS[op_id]: binary}
+            if op_id in successes:
+                for status, response in op.get("responses", {}).items():
+                    if status.startswith("2"):
+                        response["content"] = {"application/json": {"schema": successes[op_id]}}
+            if op_id in PUBLIC:
+                op["security"] = []
+            elif op_id in PROJECT_USER_ONLY:
+                op["security"] = [{PROJECT_USER: []}]
+            elif op_id in SESSION_ONLY:
+                op["security"] = [{SESSION: []}]
+            else:
+                op["security"] = [{API_KEY: []}, {SESSION: []}]
+            has_input = bool(op.get("parameters")) or "requestBody" in op
+            responses = op.setdefault("responses", {})
+            tag = (op.get("tags") or [""])[0]
+            for status in _statuses(op_id, method, has_input, tag):
+                if status not in codes:
+                    continue
+                responses[str(status)] = {
+                    "description": _STATUS_TEXT.get(status, "Error") + f": {', '.join(codes[status])}.",
+                    "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/Error{status}"}}
+                    },
+                }
+    return doc
+
+
+def _hand_read() -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The bodies (and answers) of the routes that read their body themselves, as schemas."""
+    from fluxbase.http.controllers import end_users, sql
+    from fluxbase.http.shapes import hand_read_shapes
+
+    bodies, successes = hand_read_shapes(sql.ExecuteSqlBody, sql.ExecuteBatchBody)
+    bodies["updateProjectAuthSettings"] = ("application/json", end_users.AuthSettingsPatch)
+    types = [t for _, t in bodies.values() if isinstance(t, type)]
+    types += [t for ts in successes.values() for t in ts]
+    refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schema_of = dict(zip(types, refs, strict=True))
+
+    def schema(t: Any) -> dict[str, Any]:
+        return schema_of[t] if isinstance(t, type) else dict(t)
+
+    return (
+        {op: (media, schema(t)) for op, (media, t) in bodies.items()},
+        {op: {"anyOf": [schema_of[t] for t in ts]} for op, ts in successes.items()},
+        components,
+    )
+
+
+def completed(doc: dict[str, Any]) -> dict[str, Any]:
+    if "securitySchemes" in doc.get("components", {}):
+        return doc
+    bodies, successes, components = _hand_read()
+    return complete_document(doc, bodies, successes, components)
+
+
+class _Json(JsonRenderPlugin):
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, completed(openapi_schema))
+
+
+class _Yaml(YamlRenderPlugin):
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, completed(openapi_schema))
+
+
+class _Redoc(RedocRenderPlugin):
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, completed(openapi_schema))
+
+
+class _Swagger(SwaggerRenderPlugin):
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, completed(openapi_schema))

@@ -6,12 +6,13 @@ field is camelCase like the rest of the API.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
 
 from fluxbase.errors import ValidationError
-from fluxbase.http.shapes import Body
+from fluxbase.http.shapes import Answer, Body, Out, decode_body
 from fluxbase.storage.service import (
     Bucket,
     BucketListing,
@@ -80,12 +81,7 @@ def decode_optional(raw: bytes, cls: type[T]) -> T:
     """A JSON body that may be absent (DELETE requests carry their arguments either way)."""
     if not raw.strip():
         return cls()
-    try:
-        return msgspec.json.decode(raw, type=cls)
-    except msgspec.ValidationError as exc:
-        raise ValidationError(str(exc)) from None
-    except msgspec.DecodeError:
-        raise ValidationError("The request body must be JSON.") from None
+    return decode_body(raw, cls)
 
 
 def either(name: str, query: str | None, body: str | None) -> str | None:
@@ -95,79 +91,141 @@ def either(name: str, query: str | None, body: str | None) -> str | None:
     return body if body is not None else query
 
 
-def limits_out(limits: Limits) -> dict[str, Any]:
-    return {
-        "maxFileSize": limits.max_file_size,
-        "quotaBytes": limits.quota_bytes,
-        "usedBytes": limits.used_bytes,
-    }
+class LimitsOut(Out):
+    max_file_size: int
+    quota_bytes: int
+    used_bytes: int
 
 
-def bucket_out(b: Bucket) -> dict[str, Any]:
-    return {
-        "id": b.id,
-        "name": b.name,
-        "isPublic": b.is_public,
-        "allowedMimeTypes": b.allowed_mime_types,
-        "endUserAccess": b.rules.out(),
-        "fileCount": b.file_count,
-        "size": b.size,
-        "createdAt": b.created_at,
-        "updatedAt": b.updated_at,
-    }
+class BucketOut(Out):
+    id: str
+    name: str
+    is_public: bool
+    allowed_mime_types: list[str] | None
+    end_user_access: dict[str, str]
+    file_count: int
+    size: int
+    created_at: datetime
+    updated_at: datetime
 
 
-def listing_out(listing: BucketListing) -> dict[str, Any]:
-    return {
-        "success": True,
-        "buckets": [bucket_out(b) for b in listing.buckets],
-        "totalSize": listing.total_size,
-        "limits": limits_out(listing.limits),
-    }
+class FileOut(Out):
+    """A stored file; `status` only while it is not ready, `publicUrl` only in a public bucket."""
+
+    id: str
+    name: str
+    s3_key: str = msgspec.field(name="s3_key")
+    size: int
+    bucket_id: str
+    content_type: str
+    created_at: datetime
+    updated_at: datetime
+    status: str | msgspec.UnsetType = msgspec.UNSET
+    public_url: str | msgspec.UnsetType = msgspec.UNSET
 
 
-def file_out(f: StoredFile) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": f.id,
-        "name": f.name,
-        "s3_key": f.s3_key,
-        "size": f.size,
-        "bucketId": f.bucket_id,
-        "contentType": f.content_type,
-        "createdAt": f.created_at,
-        "updatedAt": f.updated_at,
-    }
-    if f.status != "ready":
-        out["status"] = f.status
-    if f.public_url is not None:
-        out["publicUrl"] = f.public_url
-    return out
+class BucketsAnswer(Answer, kw_only=True):
+    buckets: list[BucketOut]
+    total_size: int
+    limits: LimitsOut
 
 
-def page_out(page: FilePage) -> dict[str, Any]:
-    return {"success": True, "files": [file_out(f) for f in page.files], "nextCursor": page.next_cursor}
+class BucketAnswer(Answer, kw_only=True):
+    bucket: BucketOut
 
 
-def signed_out(s: SignedUrl) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "success": True,
-        "url": s.url,
-        "expiresIn": s.expires_in,
-        "expiresAt": s.expires_at,
-    }
-    if s.public_url is not None:
-        out["publicUrl"] = s.public_url
-    return out
+class FileAnswer(Answer, kw_only=True):
+    file: FileOut
 
 
-def presigned_post_out(p: PresignedPost) -> dict[str, Any]:
-    return {
-        "success": True,
-        "url": p.url,
-        "fields": p.fields,
-        "method": "POST",
-        "expiresIn": p.expires_in,
-        "expiresAt": p.expires_at,
-        "maxSize": p.max_size,
-        "file": file_out(p.file),
-    }
+class FilesAnswer(Answer, kw_only=True):
+    files: list[FileOut]
+    next_cursor: str | None
+
+
+class FilesDeleted(Answer, kw_only=True):
+    deleted: list[str]
+    not_found: list[str]
+
+
+class SignedUrlAnswer(Answer, kw_only=True):
+    url: str
+    expires_in: int
+    expires_at: datetime
+    public_url: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class PresignedPostAnswer(Answer, kw_only=True):
+    url: str
+    fields: dict[str, str]
+    method: str
+    expires_in: int
+    expires_at: datetime
+    max_size: int
+    file: FileOut
+
+
+def limits_out(limits: Limits) -> LimitsOut:
+    return LimitsOut(limits.max_file_size, limits.quota_bytes, limits.used_bytes)
+
+
+def bucket_out(b: Bucket) -> BucketOut:
+    return BucketOut(
+        b.id,
+        b.name,
+        b.is_public,
+        b.allowed_mime_types,
+        b.rules.out(),
+        b.file_count,
+        b.size,
+        b.created_at,
+        b.updated_at,
+    )
+
+
+def listing_out(listing: BucketListing) -> BucketsAnswer:
+    return BucketsAnswer(
+        buckets=[bucket_out(b) for b in listing.buckets],
+        total_size=listing.total_size,
+        limits=limits_out(listing.limits),
+    )
+
+
+def file_out(f: StoredFile) -> FileOut:
+    return FileOut(
+        f.id,
+        f.name,
+        f.s3_key,
+        f.size,
+        f.bucket_id,
+        f.content_type,
+        f.created_at,
+        f.updated_at,
+        f.status if f.status != "ready" else msgspec.UNSET,
+        f.public_url if f.public_url is not None else msgspec.UNSET,
+    )
+
+
+def page_out(page: FilePage) -> FilesAnswer:
+    return FilesAnswer(files=[file_out(f) for f in page.files], next_cursor=page.next_cursor)
+
+
+def signed_out(s: SignedUrl) -> SignedUrlAnswer:
+    return SignedUrlAnswer(
+        url=s.url,
+        expires_in=s.expires_in,
+        expires_at=s.expires_at,
+        public_url=s.public_url if s.public_url is not None else msgspec.UNSET,
+    )
+
+
+def presigned_post_out(p: PresignedPost) -> PresignedPostAnswer:
+    return PresignedPostAnswer(
+        url=p.url,
+        fields=p.fields,
+        method="POST",
+        expires_in=p.expires_in,
+        expires_at=p.expires_at,
+        max_size=p.max_size,
+        file=file_out(p.file),
+    )

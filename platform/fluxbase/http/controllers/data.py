@@ -12,6 +12,7 @@ from litestar.params import QueryParameter
 from fluxbase.errors import ValidationError
 from fluxbase.http.context import AppContext
 from fluxbase.http.controllers.sql import AUTH_UID_HEADER, forget_refused_key, tenant_request
+from fluxbase.http.shapes import decode_body
 from fluxbase.services import data
 from fluxbase.services.access import Need
 from fluxbase.tenancy.session import Tx
@@ -44,10 +45,7 @@ async def _run(
 
 
 async def _json(request: Request[Any, Any, Any]) -> Any:
-    try:
-        return msgspec.json.decode(await request.body())
-    except msgspec.DecodeError:
-        raise ValidationError("The request body must be JSON.") from None
+    return decode_body(await request.body(), Any)
 
 
 @get("/api/schema", operation_id="getSchema", tags=["data"])

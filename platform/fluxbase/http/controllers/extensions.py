@@ -2,42 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
 
 from litestar import Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
 
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
-from fluxbase.http.shapes import Body
+from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.services import extensions
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 
 class InstallBody(Body):
     name: str
 
 
+class ExtensionOut(Out):
+    name: str
+    available: bool
+    installed: bool
+    version: str | None
+    schema: str
+    requires: list[str]
+    reason: str
+    unavailable_reason: str | None
+    installed_at: datetime | None
+
+
+class ExtensionsAnswer(Answer, kw_only=True):
+    extensions: list[ExtensionOut]
+
+
+class ExtensionAnswer(Answer, kw_only=True):
+    extension: ExtensionOut
+
+
+def extension_out(e: extensions.Extension) -> ExtensionOut:
+    return ExtensionOut(
+        e.name,
+        e.available,
+        e.installed,
+        e.version,
+        e.schema,
+        e.requires,
+        e.reason,
+        e.unavailable_reason,
+        e.installed_at,
+    )
+
+
 @get("/api/projects/{project_id:str}/extensions", operation_id="listExtensions", tags=["extensions"])
-async def list_extensions(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
+async def list_extensions(project_id: str, ctx: AppContext, caller: Caller) -> ExtensionsAnswer:
+    access = await caller.access(ctx, project_id, Need.READ)
     rows = await extensions.list_extensions(ctx.db, access.project.id)
-    return {"success": True, "extensions": [e.out() for e in rows]}
+    return ExtensionsAnswer(extensions=[extension_out(e) for e in rows])
 
 
 @post(
     "/api/projects/{project_id:str}/extensions",
     operation_id="installExtension",
     tags=["extensions"],
+    status_code=201,
     description="Install an extension of the allow-list in the project (201; 200 if it already was).",
+    responses={200: ResponseSpec(ExtensionAnswer, description="It was installed already")},
 )
 async def install_extension(
     project_id: str, data: InstallBody, ctx: AppContext, caller: Caller
-) -> Response[dict[str, Any]]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+) -> Response[ExtensionAnswer]:
+    access = await caller.access(ctx, project_id, Need.SCHEMA)
     created, ext = await extensions.install(
         ctx.db, ctx.tenants, access.project, data.name, ctx.settings.tenant.pool_acquire_timeout_s
     )
-    return Response({"success": True, "extension": ext.out()}, status_code=201 if created else 200)
+    return Response(ExtensionAnswer(extension=extension_out(ext)), status_code=201 if created else 200)
 
 
 @delete(
@@ -46,9 +83,9 @@ async def install_extension(
     tags=["extensions"],
     status_code=200,
 )
-async def remove_extension(project_id: str, name: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.SCHEMA)
+async def remove_extension(project_id: str, name: str, ctx: AppContext, caller: Caller) -> ExtensionAnswer:
+    access = await caller.access(ctx, project_id, Need.SCHEMA)
     ext = await extensions.remove(
         ctx.db, ctx.tenants, access.project, name, ctx.settings.tenant.pool_acquire_timeout_s
     )
-    return {"success": True, "extension": ext.out()}
+    return ExtensionAnswer(extension=extension_out(ext))

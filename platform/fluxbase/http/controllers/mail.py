@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated
 
 from litestar import delete, get, post, put
 from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
-from fluxbase.http.shapes import Body
+from fluxbase.http.shapes import Answer, Body, Out
 from fluxbase.mail import outbox, templates
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 
 BASE = "/api/projects/{project_id:str}/mail"
 LimitQ = Annotated[int | None, QueryParameter(name="limit", required=False)]
@@ -29,44 +30,81 @@ class PreviewBody(Body):
     html: str | None = None
 
 
-def template_out(kind: str, t: templates.Template, custom: bool) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "subject": t.subject,
-        "text": t.text,
-        "html": t.html,
-        "custom": custom,
-        "placeholders": list(templates.FIELDS[kind]),
-    }
+class TemplateOut(Out):
+    kind: str
+    subject: str
+    text: str
+    html: str
+    custom: bool
+    placeholders: list[str]
+
+
+class RenderedOut(Out):
+    subject: str
+    text: str
+    html: str
+
+
+class MessageOut(Out):
+    id: int
+    kind: str
+    to: str
+    subject: str
+    status: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    finished_at: datetime | None
+
+
+class TemplatesAnswer(Answer, kw_only=True):
+    templates: list[TemplateOut]
+
+
+class TemplateAnswer(Answer, kw_only=True):
+    template: TemplateOut
+
+
+class PreviewAnswer(Answer, kw_only=True):
+    preview: RenderedOut
+
+
+class MailLogAnswer(Answer, kw_only=True):
+    messages: list[MessageOut]
+
+
+def template_out(kind: str, t: templates.Template, custom: bool) -> TemplateOut:
+    return TemplateOut(kind, t.subject, t.text, t.html, custom, list(templates.FIELDS[kind]))
 
 
 @get(f"{BASE}/templates", operation_id="listMailTemplates", tags=["email"])
-async def list_templates(project_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+async def list_templates(project_id: str, ctx: AppContext, caller: Caller) -> TemplatesAnswer:
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     custom = await outbox.overridden(ctx.db, access.project.id)
-    out = []
+    out: list[TemplateOut] = []
     for kind in templates.PROJECT_KINDS:
         t = await outbox.template_for(ctx.db, access.project.id, kind)
         out.append(template_out(kind, t, kind in custom))
-    return {"success": True, "templates": out}
+    return TemplatesAnswer(templates=out)
 
 
 @put(f"{BASE}/templates/{{kind:str}}", operation_id="setMailTemplate", tags=["email"])
 async def set_template(
     project_id: str, kind: str, data: TemplateBody, ctx: AppContext, caller: Caller
-) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+) -> TemplateAnswer:
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     t = await outbox.save_template(
         ctx.db, access.project.id, kind, templates.Template(data.subject, data.text, data.html)
     )
-    return {"success": True, "template": template_out(kind, t, True)}
+    return TemplateAnswer(template=template_out(kind, t, True))
 
 
 @delete(f"{BASE}/templates/{{kind:str}}", operation_id="resetMailTemplate", tags=["email"], status_code=200)
-async def reset_template(project_id: str, kind: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+async def reset_template(project_id: str, kind: str, ctx: AppContext, caller: Caller) -> TemplateAnswer:
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     t = await outbox.reset_template(ctx.db, access.project.id, kind)
-    return {"success": True, "template": template_out(kind, t, False)}
+    return TemplateAnswer(template=template_out(kind, t, False))
 
 
 @post(
@@ -77,9 +115,9 @@ async def reset_template(project_id: str, kind: str, ctx: AppContext, caller: Ca
 )
 async def preview_template(
     project_id: str, kind: str, data: PreviewBody, ctx: AppContext, caller: Caller
-) -> dict[str, Any]:
+) -> PreviewAnswer:
     """Render the saved template, or the one in the body (validated, not saved), with sample values."""
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     templates.check_kind(kind)
     t = await outbox.template_for(ctx.db, access.project.id, kind)
     if data.subject is not None or data.text is not None or data.html is not None:
@@ -87,30 +125,29 @@ async def preview_template(
             kind, templates.Template(data.subject or t.subject, data.text or t.text, data.html or t.html)
         )
     out = templates.render(t, {**templates.SAMPLE, "project_name": access.project.name})
-    return {"success": True, "preview": {"subject": out.subject, "text": out.text, "html": out.html}}
+    return PreviewAnswer(preview=RenderedOut(out.subject, out.text, out.html))
 
 
 @get(f"{BASE}/log", operation_id="mailLog", tags=["email"])
-async def mail_log(project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = None) -> dict[str, Any]:
+async def mail_log(project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = None) -> MailLogAnswer:
     """Messages of this project, newest first: status (pending, sent, failed, bounced), attempts,
     the last error. Bodies are never returned (they hold single-use tokens)."""
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     entries = await outbox.project_log(ctx.db, access.project.id, limit or 100)
-    return {
-        "success": True,
-        "messages": [
-            {
-                "id": e.id,
-                "kind": e.kind,
-                "to": e.recipient,
-                "subject": e.subject,
-                "status": e.status,
-                "attempts": e.attempts,
-                "lastError": e.last_error,
-                "createdAt": e.created_at,
-                "nextAttemptAt": e.next_attempt_at if e.status == "pending" else None,
-                "finishedAt": e.finished_at,
-            }
+    return MailLogAnswer(
+        messages=[
+            MessageOut(
+                e.id,
+                e.kind,
+                e.recipient,
+                e.subject,
+                e.status,
+                e.attempts,
+                e.last_error,
+                e.created_at,
+                e.next_attempt_at if e.status == "pending" else None,
+                e.finished_at,
+            )
             for e in entries
-        ],
-    }
+        ]
+    )

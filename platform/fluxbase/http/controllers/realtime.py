@@ -10,9 +10,10 @@ from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller, bearer_token
+from fluxbase.http.shapes import Answer, Out
 from fluxbase.security import apikeys, usertokens
 from fluxbase.services import realtime
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 from fluxbase.services.realtime import Minter
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
@@ -35,47 +36,65 @@ class BroadcastBody(msgspec.Struct, rename="camel"):
     payload: Any = None
 
 
+class RealtimeTable(Out):
+    name: str
+    enabled: bool
+
+
+class TablesAnswer(Answer, kw_only=True):
+    tables: list[RealtimeTable]
+
+
+class VersionAnswer(Answer, kw_only=True):
+    project_id: str
+    version: str | None
+
+
+class TokenAnswer(Answer, kw_only=True):
+    token: str
+    expires_at: int
+    project_id: str
+
+
+class BroadcastAnswer(Answer, kw_only=True):
+    id: int
+
+
+def _tables(rows: list[dict[str, Any]]) -> TablesAnswer:
+    return TablesAnswer(tables=[RealtimeTable(r["name"], r["enabled"]) for r in rows])
+
+
 @get("/api/realtime/tables", operation_id="listRealtimeTables", tags=["realtime"])
-async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return {"success": True, "tables": await realtime.list_tables(ctx.db, access.project.id)}
+async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> TablesAnswer:
+    access = await caller.access(ctx, project_id, Need.READ)
+    return _tables(await realtime.list_tables(ctx.db, access.project.id))
 
 
 @post("/api/realtime/enable", operation_id="enableRealtime", tags=["realtime"], status_code=200)
-async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
-    return {
-        "success": True,
-        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, True),
-    }
+async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
+    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, True))
 
 
 @post("/api/realtime/disable", operation_id="disableRealtime", tags=["realtime"], status_code=200)
-async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
-    return {
-        "success": True,
-        "tables": await realtime.set_enabled(ctx.db, access.project.id, data.tables, False),
-    }
+async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
+    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, False))
 
 
 @get("/api/version", operation_id="getVersion", tags=["realtime"])
-async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.READ)
-    return {
-        "success": True,
-        "projectId": access.project.id,
-        "version": await realtime.latest_cursor(ctx.db, access.project.id),
-    }
+async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> VersionAnswer:
+    access = await caller.access(ctx, project_id, Need.READ)
+    return VersionAnswer(
+        project_id=access.project.id, version=await realtime.latest_cursor(ctx.db, access.project.id)
+    )
 
 
 @post("/api/realtime/token", operation_id="createRealtimeToken", tags=["realtime"], status_code=201)
 async def create_token(
     data: TokenBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
-) -> dict[str, Any]:
-    access = await authorize(
-        ctx.db, caller.principal, caller.key_project, data.project_id, Need.READ, end_user_surface=True
-    )
+) -> TokenAnswer:
+    access = await caller.access(ctx, data.project_id, Need.READ, end_user_surface=True)
     # The same identity rules as SQL: an end-user token wins, requireUserAuth keys need one.
     user_token = request.headers.get("x-fluxbase-user-token")
     identity = await ctx.identity.identity(access, user_token=user_token, auth_uid=data.auth_uid)
@@ -87,7 +106,7 @@ async def create_token(
         data.expires_in,
         _minter(caller, request, identity.claims if user_token else None),
     )
-    return {"success": True, "token": token, "expiresAt": exp, "projectId": access.project.id}
+    return TokenAnswer(token=token, expires_at=exp, project_id=access.project.id)
 
 
 def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[str, Any] | None) -> Minter:
@@ -109,14 +128,12 @@ def _minter(caller: Caller, request: Request[Any, Any, Any], user_claims: dict[s
 @post("/api/realtime/broadcast", operation_id="broadcast", tags=["realtime"], status_code=200)
 async def broadcast(
     data: BroadcastBody, ctx: AppContext, caller: Caller, request: Request[Any, Any, Any]
-) -> dict[str, Any]:
-    access = await authorize(
-        ctx.db, caller.principal, caller.key_project, data.project_id, Need.WRITE, end_user_surface=True
-    )
+) -> BroadcastAnswer:
+    access = await caller.access(ctx, data.project_id, Need.WRITE, end_user_surface=True)
     # A requireUserAuth (browser) key broadcasts only for a verified end user, as it runs SQL
     # and as it broadcasts over the socket.
     await ctx.identity.identity(
         access, user_token=request.headers.get("x-fluxbase-user-token"), auth_uid=None
     )
     event_id = await realtime.broadcast(ctx.db, access.project.id, data.event, data.payload)
-    return {"success": True, "id": event_id}
+    return BroadcastAnswer(id=event_id)

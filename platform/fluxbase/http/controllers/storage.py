@@ -17,10 +17,17 @@ from litestar.response import Stream
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
 from fluxbase.http.storage_shapes import (
+    BucketAnswer,
     BucketRefBody,
+    BucketsAnswer,
     ConfirmUploadBody,
     CreateBucketBody,
     DeleteFilesBody,
+    FileAnswer,
+    FilesAnswer,
+    FilesDeleted,
+    PresignedPostAnswer,
+    SignedUrlAnswer,
     UpdateBucketBody,
     UploadUrlBody,
     bucket_out,
@@ -32,7 +39,7 @@ from fluxbase.http.storage_shapes import (
     presigned_post_out,
     signed_out,
 )
-from fluxbase.services.access import Need, authorize
+from fluxbase.services.access import Need
 from fluxbase.storage.access import Op, StorageAccess, storage_access
 from fluxbase.storage.service import BucketPatch, StorageService
 from fluxbase.storage.uploads import UploadRequest, stream_upload
@@ -66,23 +73,23 @@ async def _files_access(
 @get("/api/storage/buckets", operation_id="listBuckets", tags=["storage"])
 async def list_buckets(
     request: Request[Any, Any, Any], ctx: AppContext, caller: Caller, project_id: ProjectQ = None
-) -> dict[str, Any]:
+) -> BucketsAnswer:
     sa = await _files_access(request, ctx, caller, project_id, Op.READ)
     return listing_out(await _svc(ctx).list_buckets(sa))
 
 
 @post("/api/storage/buckets", operation_id="createBucket", tags=["storage"], status_code=201)
-async def create_bucket(data: CreateBucketBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+async def create_bucket(data: CreateBucketBody, ctx: AppContext, caller: Caller) -> BucketAnswer:
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     bucket = await _svc(ctx).create_bucket(
         access, data.name, data.is_public, data.allowed_mime_types, data.end_user_access
     )
-    return {"success": True, "bucket": bucket_out(bucket)}
+    return BucketAnswer(bucket=bucket_out(bucket))
 
 
 @patch("/api/storage/buckets", operation_id="updateBucket", tags=["storage"])
-async def update_bucket(data: UpdateBucketBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.SCHEMA)
+async def update_bucket(data: UpdateBucketBody, ctx: AppContext, caller: Caller) -> BucketAnswer:
+    access = await caller.access(ctx, data.project_id, Need.SCHEMA)
     ref, new_name = (data.bucket_id, data.name) if data.bucket_id is not None else (data.name, data.new_name)
     types = data.allowed_mime_types
     change = BucketPatch(
@@ -92,7 +99,7 @@ async def update_bucket(data: UpdateBucketBody, ctx: AppContext, caller: Caller)
         allowed_mime_types=types if isinstance(types, list) else None,
         end_user_access=data.end_user_access,
     )
-    return {"success": True, "bucket": bucket_out(await _svc(ctx).update_bucket(access, ref, change))}
+    return BucketAnswer(bucket=bucket_out(await _svc(ctx).update_bucket(access, ref, change)))
 
 
 @delete("/api/storage/buckets", operation_id="deleteBucket", tags=["storage"], status_code=200)
@@ -102,18 +109,12 @@ async def delete_bucket(
     caller: Caller,
     project_id: ProjectQ = None,
     bucket_id: BucketQ = None,
-) -> dict[str, Any]:
+) -> BucketAnswer:
     body = decode_optional(await request.body(), BucketRefBody)
-    access = await authorize(
-        ctx.db,
-        caller.principal,
-        caller.key_project,
-        either("projectId", project_id, body.project_id),
-        Need.SCHEMA,
-    )
+    access = await caller.access(ctx, either("projectId", project_id, body.project_id), Need.SCHEMA)
     ref = either("bucketId", bucket_id, body.bucket_id or body.name)
     bucket = await _svc(ctx).delete_bucket(access, ref)
-    return {"success": True, "bucket": bucket_out(bucket)}
+    return BucketAnswer(bucket=bucket_out(bucket))
 
 
 @post(
@@ -124,7 +125,7 @@ async def delete_bucket(
     request_max_body_size=None,
     description="multipart/form-data: file, bucketId (UUID or name), projectId; streamed to S3.",
 )
-async def upload_file(request: Request[Any, Any, Any], ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def upload_file(request: Request[Any, Any, Any], ctx: AppContext, caller: Caller) -> FileAnswer:
     length = request.headers.get("content-length")
     req = UploadRequest(
         principal=caller.principal,
@@ -136,7 +137,7 @@ async def upload_file(request: Request[Any, Any, Any], ctx: AppContext, caller: 
         user_token=request.headers.get(USER_TOKEN_HEADER),
     )
     file = await stream_upload(_svc(ctx), ctx.identity, req, request.stream())
-    return {"success": True, "file": file_out(file)}
+    return FileAnswer(file=file_out(file))
 
 
 @get("/api/storage/files", operation_id="listFiles", tags=["storage"])
@@ -149,7 +150,7 @@ async def list_files(
     prefix: str = "",
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     cursor: str | None = None,
-) -> dict[str, Any]:
+) -> FilesAnswer:
     sa = await _files_access(request, ctx, caller, project_id, Op.READ)
     return page_out(await _svc(ctx).list_files(sa, bucket_id, prefix=prefix, limit=limit, cursor=cursor))
 
@@ -162,7 +163,7 @@ async def file_url(
     project_id: ProjectQ = None,
     s3_key: KeyQ = None,
     expires_in: Annotated[int | None, QueryParameter(name="expiresIn", required=False)] = None,
-) -> dict[str, Any]:
+) -> SignedUrlAnswer:
     sa = await _files_access(request, ctx, caller, project_id, Op.READ)
     return signed_out(await _svc(ctx).sign_download(sa, s3_key, expires_in))
 
@@ -173,7 +174,7 @@ async def _delete_files(
     caller: Caller,
     project_id: str | None,
     s3_key: str | None,
-) -> dict[str, Any]:
+) -> FilesDeleted:
     body = decode_optional(await request.body(), DeleteFilesBody)
     sa = await _files_access(
         request, ctx, caller, either("projectId", project_id, body.project_id), Op.DELETE
@@ -181,7 +182,7 @@ async def _delete_files(
     single = either("s3Key", s3_key, body.s3_key)
     keys: list[object] = [*([single] if single is not None else []), *(body.s3_keys or [])]
     deleted, missing = await _svc(ctx).delete_files(sa, keys, single=single is not None and not body.s3_keys)
-    return {"success": True, "deleted": deleted, "notFound": missing}
+    return FilesDeleted(deleted=deleted, not_found=missing)
 
 
 @delete("/api/storage/files", operation_id="deleteFiles", tags=["storage"], status_code=200)
@@ -191,7 +192,7 @@ async def delete_files(
     caller: Caller,
     project_id: ProjectQ = None,
     s3_key: KeyQ = None,
-) -> dict[str, Any]:
+) -> FilesDeleted:
     return await _delete_files(request, ctx, caller, project_id, s3_key)
 
 
@@ -202,14 +203,14 @@ async def delete_file(
     caller: Caller,
     project_id: ProjectQ = None,
     s3_key: KeyQ = None,
-) -> dict[str, Any]:
+) -> FilesDeleted:
     return await _delete_files(request, ctx, caller, project_id, s3_key)
 
 
 @post("/api/storage/upload-url", operation_id="createUploadUrl", tags=["storage"], status_code=201)
 async def create_upload_url(
     request: Request[Any, Any, Any], data: UploadUrlBody, ctx: AppContext, caller: Caller
-) -> dict[str, Any]:
+) -> PresignedPostAnswer:
     sa = await _files_access(request, ctx, caller, data.project_id, Op.WRITE)
     post_form = await _svc(ctx).create_upload_url(
         sa,
@@ -226,9 +227,9 @@ async def create_upload_url(
 @post("/api/storage/upload-url/confirm", operation_id="confirmUpload", tags=["storage"], status_code=200)
 async def confirm_upload(
     request: Request[Any, Any, Any], data: ConfirmUploadBody, ctx: AppContext, caller: Caller
-) -> dict[str, Any]:
+) -> FileAnswer:
     sa = await _files_access(request, ctx, caller, data.project_id, Op.WRITE)
-    return {"success": True, "file": file_out(await _svc(ctx).confirm_upload(sa, data.file_id))}
+    return FileAnswer(file=file_out(await _svc(ctx).confirm_upload(sa, data.file_id)))
 
 
 @get("/api/storage/public/{key:path}", operation_id="getPublicFile", tags=["storage"])

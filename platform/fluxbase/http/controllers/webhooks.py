@@ -6,6 +6,7 @@ asks: webhook URLs and their logs describe a project's integrations.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -14,8 +15,8 @@ from litestar.params import QueryParameter
 
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import Caller
-from fluxbase.http.shapes import Body
-from fluxbase.services.access import Need, ProjectAccess, authorize
+from fluxbase.http.shapes import Answer, Body, Out
+from fluxbase.services.access import Need, ProjectAccess
 from fluxbase.webhooks import service
 
 ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False)]
@@ -42,58 +43,112 @@ class UpdateWebhookBody(Body):
     enabled: bool | msgspec.UnsetType = msgspec.UNSET
 
 
+class WebhookOut(Out):
+    """An endpoint; `secret` only in the answer that created or rotated it, `queue` on get/list."""
+
+    id: str
+    project_id: str
+    url: str
+    events: list[str]
+    tables: list[str] | None
+    enabled: bool
+    disabled_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    queue: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    secret: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class WebhookAnswer(Answer, kw_only=True):
+    webhook: WebhookOut
+
+
+class WebhooksAnswer(Answer, kw_only=True):
+    webhooks: list[WebhookOut]
+
+
+class WebhookDeleted(Answer, kw_only=True):
+    id: str
+
+
+class DeliveryAnswer(Answer, kw_only=True):
+    delivery: dict[str, Any]
+
+
+class DeliveriesAnswer(Answer, kw_only=True):
+    deliveries: list[dict[str, Any]]
+
+
+class ProjectLogAnswer(Answer, kw_only=True):
+    entries: list[dict[str, Any]]
+
+
+def webhook_out(h: service.Webhook, secret: str | None = None) -> WebhookOut:
+    return WebhookOut(
+        h.id,
+        h.project_id,
+        h.url,
+        h.events,
+        h.tables,
+        h.enabled,
+        h.disabled_reason,
+        h.created_at,
+        h.updated_at,
+        h.queue if h.queue is not None else msgspec.UNSET,
+        secret if secret is not None else msgspec.UNSET,
+    )
+
+
 async def _access(ctx: AppContext, caller: Caller, webhook_id: str) -> ProjectAccess:
     project_id = await service.project_of(ctx.db, webhook_id)
-    return await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+    return await caller.access(ctx, project_id, Need.MANAGE)
 
 
 @post("/api/webhooks", operation_id="createWebhook", tags=["webhooks"], status_code=201)
-async def create_webhook(data: CreateWebhookBody, ctx: AppContext, caller: Caller) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, data.project_id, Need.MANAGE)
+async def create_webhook(data: CreateWebhookBody, ctx: AppContext, caller: Caller) -> WebhookAnswer:
+    access = await caller.access(ctx, data.project_id, Need.MANAGE)
     hook, secret = await service.create(
         ctx.db, ctx.settings, access.project.id, data.url, data.events, data.tables, data.secret, data.enabled
     )
-    return {"success": True, "webhook": {**hook.out(), "secret": secret}}
+    return WebhookAnswer(webhook=webhook_out(hook, secret))
 
 
 @get("/api/webhooks", operation_id="listWebhooks", tags=["webhooks"])
-async def list_webhooks(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
+async def list_webhooks(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> WebhooksAnswer:
+    access = await caller.access(ctx, project_id, Need.MANAGE)
     hooks = await service.list_for(ctx.db, access.project.id)
-    return {"success": True, "webhooks": [h.out() for h in hooks]}
+    return WebhooksAnswer(webhooks=[webhook_out(h) for h in hooks])
 
 
 @get("/api/webhooks/{webhook_id:str}", operation_id="getWebhook", tags=["webhooks"])
-async def get_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def get_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> WebhookAnswer:
     access = await _access(ctx, caller, webhook_id)
-    return {"success": True, "webhook": (await service.get(ctx.db, access.project.id, webhook_id)).out()}
+    return WebhookAnswer(webhook=webhook_out(await service.get(ctx.db, access.project.id, webhook_id)))
 
 
 @patch("/api/webhooks/{webhook_id:str}", operation_id="updateWebhook", tags=["webhooks"])
 async def update_webhook(
     webhook_id: str, data: UpdateWebhookBody, ctx: AppContext, caller: Caller
-) -> dict[str, Any]:
+) -> WebhookAnswer:
     access = await _access(ctx, caller, webhook_id)
     changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET}
     hook, secret = await service.update(ctx.db, ctx.settings, access.project.id, webhook_id, changes)
-    out = hook.out()
-    if secret is not None:
-        out["secret"] = secret  # a new secret is shown once, like the first one
-    return {"success": True, "webhook": out}
+    # A new secret is shown once, like the first one.
+    return WebhookAnswer(webhook=webhook_out(hook, secret))
 
 
 @delete("/api/webhooks/{webhook_id:str}", operation_id="deleteWebhook", tags=["webhooks"], status_code=200)
-async def delete_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def delete_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> WebhookDeleted:
     access = await _access(ctx, caller, webhook_id)
     await service.delete(ctx.db, access.project.id, webhook_id)
-    return {"success": True, "id": webhook_id}
+    return WebhookDeleted(id=webhook_id)
 
 
 @post("/api/webhooks/{webhook_id:str}/test", operation_id="testWebhook", tags=["webhooks"], status_code=200)
-async def test_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def test_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> DeliveryAnswer:
     access = await _access(ctx, caller, webhook_id)
     delivery = await service.send_test(ctx.db, ctx.webhook_sender(), access.project.id, webhook_id)
-    return {"success": True, "delivery": delivery}
+    return DeliveryAnswer(delivery=delivery)
 
 
 @get("/api/webhooks/{webhook_id:str}/deliveries", operation_id="listWebhookDeliveries", tags=["webhooks"])
@@ -104,12 +159,9 @@ async def list_deliveries(
     status: StatusQ = None,
     before: BeforeQ = None,
     limit: LimitQ = 50,
-) -> dict[str, Any]:
+) -> DeliveriesAnswer:
     await _access(ctx, caller, webhook_id)
-    return {
-        "success": True,
-        "deliveries": await service.deliveries(ctx.db, webhook_id, status, limit, before),
-    }
+    return DeliveriesAnswer(deliveries=await service.deliveries(ctx.db, webhook_id, status, limit, before))
 
 
 @post(
@@ -118,14 +170,14 @@ async def list_deliveries(
     tags=["webhooks"],
     status_code=202,
 )
-async def redeliver(webhook_id: str, delivery_id: str, ctx: AppContext, caller: Caller) -> dict[str, Any]:
+async def redeliver(webhook_id: str, delivery_id: str, ctx: AppContext, caller: Caller) -> DeliveryAnswer:
     await _access(ctx, caller, webhook_id)
-    return {"success": True, "delivery": await service.redeliver(ctx.db, webhook_id, delivery_id)}
+    return DeliveryAnswer(delivery=await service.redeliver(ctx.db, webhook_id, delivery_id))
 
 
 @get("/api/projects/{project_id:str}/log", operation_id="projectLog", tags=["projects"])
 async def project_log(
     project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = 100
-) -> dict[str, Any]:
-    access = await authorize(ctx.db, caller.principal, caller.key_project, project_id, Need.MANAGE)
-    return {"success": True, "entries": await service.project_log(ctx.db, access.project.id, limit)}
+) -> ProjectLogAnswer:
+    access = await caller.access(ctx, project_id, Need.MANAGE)
+    return ProjectLogAnswer(entries=await service.project_log(ctx.db, access.project.id, limit))
