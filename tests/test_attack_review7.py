@@ -68,7 +68,14 @@ async def inst(stack: Stack, log_dir: Path) -> AsyncIterator[dict[str, Any]]:
             )
             assert r.status_code == 201, r.text
             try:
-                yield {"api": api, "admin": token, "mgmt": r.json()["key"], "env": env, "dbname": dbname}
+                yield {
+                    "api": api,
+                    "admin": token,
+                    "mgmt": r.json()["key"],
+                    "env": env,
+                    "dbname": dbname,
+                    "stack": stack,
+                }
             finally:
                 await api.close()
     finally:
@@ -98,9 +105,20 @@ async def registered(inst: dict[str, Any], pg2: EmbeddedPostgres) -> dict[str, A
 async def on_two(inst: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     """A victim's project, placed by the placement policy (fewest projects) on the new cluster."""
     api: Api = inst["api"]
+    # One project on the default cluster already (ties go to the default one).
+    r = await api.http.post(
+        "/api/projects", json={"name": "filler", "clusterId": "default"}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 201, r.text
     _user, token = await api.new_user()
     pid = await api.new_project(token, "victim")
     key = await api.new_key(token, pid, "admin", rateLimitRequests=100_000)
+    control = await asyncpg.connect(inst["stack"].database_url(inst["dbname"]))  # observe only
+    try:
+        placed = await control.fetchval("SELECT cluster_id FROM fluxbase.projects WHERE id = $1", pid)
+    finally:
+        await control.close()
+    assert placed == registered["cid"]
     return {"pid": pid, "key": key, "token": token}
 
 
@@ -307,3 +325,29 @@ async def test_a_backend_on_a_registered_cluster_does_not_outlive_the_deadline(
     finally:
         await observer.close()
     assert busy == 0, f"{busy} backend(s) of the project still running {3 + DEADLINE_MS / 1000:.1f} s after"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review7 finding 4: the database quota is not enforced on a registered cluster: "
+    "fluxbase_guard.check_db_quota reads the cluster's mirror row, whose db_quota_bytes is never set",
+)
+async def test_the_database_quota_holds_on_a_registered_cluster(
+    inst: dict[str, Any], on_two: dict[str, Any]
+) -> None:
+    """The cap an instance admin sets on the control plane applies to a project whose data is on
+    another server."""
+    api: Api = inst["api"]
+    pid, key = on_two["pid"], on_two["key"]
+    assert (await api.sql(key, pid, "CREATE TABLE blob (v text)")).json()["success"]
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": 1}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 200 and r.json()["quotas"]["databaseBytes"] == 1, r.text
+    try:
+        r = await api.sql(key, pid, "INSERT INTO blob SELECT repeat('x', 1000) FROM generate_series(1, 250)")
+        assert_error(r, 413, "DATABASE_QUOTA_EXCEEDED")
+    finally:
+        await api.http.patch(
+            f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": None}, headers=bearer(inst["admin"])
+        )
