@@ -11,8 +11,10 @@ attacker who owns that server (finding 1) or is used only to observe effects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -122,10 +124,20 @@ async def on_two(inst: dict[str, Any], registered: dict[str, Any]) -> dict[str, 
     return {"pid": pid, "key": key, "token": token}
 
 
+@pytest.fixture(scope="module")
+def rt(inst: dict[str, Any], registered: dict[str, Any], log_dir: Path) -> Iterator[str]:
+    """The realtime service of the module's instance (started after the cluster's registration,
+    so it reads that cluster's outbox too): its WebSocket URL up to `?token=`."""
+    rt_port = free_port()
+    env = dict(inst["env"], FLUXBASE_REALTIME_PORT=str(rt_port))
+    with run_service(["realtime"], env, rt_port, log_dir):
+        yield f"ws://127.0.0.1:{rt_port}/?token="
+
+
 # -- 1. management keys and /api/admin/clusters --------------------------------------------------
 
 
-async def test_a_management_key_is_no_credential_elsewhere(inst: dict[str, Any], log_dir: Path) -> None:
+async def test_a_management_key_is_no_credential_elsewhere(inst: dict[str, Any], rt: str) -> None:
     http: httpx.AsyncClient = inst["api"].http
     mgmt = bearer(inst["mgmt"])
     for method, path, body in ELSEWHERE:
@@ -141,15 +153,13 @@ async def test_a_management_key_is_no_credential_elsewhere(inst: dict[str, Any],
         r = await http.request(method, path, json=body, headers=mgmt)
         assert r.status_code == 403, (method, path, r.text)
     # The realtime service (its own process) refuses it as a token too.
-    rt_port = free_port()
-    with run_service(["realtime"], dict(inst["env"], FLUXBASE_REALTIME_PORT=str(rt_port)), rt_port, log_dir):
-        try:
-            async with connect(f"ws://127.0.0.1:{rt_port}/?token={inst['mgmt']}") as ws:
-                await ws.send('{"type": "subscribe", "roomId": "project_x"}')
-                msg = await asyncio.wait_for(ws.recv(), 10)
-                assert "error" in str(msg).lower(), msg
-        except InvalidStatus as exc:
-            assert exc.response.status_code in (401, 403)
+    try:
+        async with connect(rt + inst["mgmt"]) as ws:
+            await ws.send('{"type": "subscribe", "roomId": "project_x"}')
+            msg = await asyncio.wait_for(ws.recv(), 10)
+            assert "error" in str(msg).lower(), msg
+    except InvalidStatus as exc:
+        assert exc.response.status_code in (401, 403)
 
 
 async def test_no_connection_is_attempted_for_non_admins(inst: dict[str, Any], pg2: EmbeddedPostgres) -> None:  # noqa: F811
@@ -351,3 +361,44 @@ async def test_the_database_quota_holds_on_a_registered_cluster(
         await api.http.patch(
             f"/api/admin/projects/{pid}/quotas", json={"databaseBytes": None}, headers=bearer(inst["admin"])
         )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review7 finding 5: each cluster's outbox reader feeds the one hub without checking that "
+    "an event's project lives on that cluster: the owner of a registered cluster injects events "
+    "into any project's realtime rooms (the webhook dispatcher filters by cluster; realtime does not)",
+)
+async def test_a_registered_cluster_cannot_speak_for_another_clusters_project(
+    inst: dict[str, Any],
+    registered: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+    rt: str,
+) -> None:
+    api: Api = inst["api"]
+    r = await api.http.post(
+        "/api/projects", json={"name": "on default", "clusterId": "default"}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 201, r.text
+    victim = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], victim, "admin")
+    got: list[dict[str, Any]] = []
+    async with connect(rt + key) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{victim}"}))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert first["type"] == "subscribed", first
+        owner = await asyncpg.connect(_url(pg2, registered["db"]))
+        try:
+            await owner.execute(
+                """INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record)
+                   VALUES ($1, 'row', 'accounts', 'UPDATE', '{"id": 1, "balance": 1000000}')""",
+                victim,
+            )
+        finally:
+            await owner.close()
+        with contextlib.suppress(TimeoutError):
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if msg["type"] == "db_event":
+                    got.append(msg)
+    assert got == [], got
