@@ -192,11 +192,6 @@ async def test_no_connection_is_attempted_for_non_admins(inst: dict[str, Any], p
     assert_error(await api.http.get("/api/admin/clusters", headers=bearer(bad)), 401, "AUTH_REQUIRED")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 2: host=<unix socket dir> in the connection string is accepted: the API "
-    "connects to local sockets (peer/trust authentication of the API's OS user)",
-)
 async def test_a_connection_string_cannot_name_a_unix_socket(
     inst: dict[str, Any],
     pg2: EmbeddedPostgres,  # noqa: F811
@@ -208,7 +203,7 @@ async def test_a_connection_string_cannot_name_a_unix_socket(
         json={"label": "socket", "connectionString": socket_url},
         headers=bearer(inst["mgmt"]),
     )
-    # Reaching the socket answers DATABASE_AUTH_FAILED (it connected); a refusal is 400.
+    # Reaching the socket answered DATABASE_AUTH_FAILED (it connected) before the fix.
     assert_error(r, 400, "VALIDATION_ERROR")
 
 
