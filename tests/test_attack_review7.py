@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -29,6 +30,7 @@ from fluxbase.db.quoting import quote_ident
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
 from support import Api, Stack, assert_error, bearer, run_service
+from test_attack_review1 import browser_key, end_user, sql
 from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
 
 DEADLINE_MS = 1500
@@ -288,6 +290,24 @@ async def test_the_mirror_row_and_other_keys_on_the_cluster(
     assert r.json()["success"], r.text
     body = (await api.sql(read_key, pid, "INSERT INTO ro VALUES (1)")).json()
     assert body["success"] is False, body
+
+
+async def test_an_end_user_session_ends_on_a_registered_cluster_too(
+    inst: dict[str, Any], on_two: dict[str, Any]
+) -> None:
+    """End-user tokens are not served there yet (docs/clusters.md): whatever the first answer,
+    a logged-out session must not open the project."""
+    api: Api = inst["api"]
+    pid = on_two["pid"]
+    browser = await browser_key(api, SimpleNamespace(id=pid, owner_token=on_two["token"]))
+    _uid, token = await end_user(api, pid)
+    before = await sql(api, browser, pid, "SELECT 1 AS one", token)
+    r = await api.http.post(f"/api/projects/{pid}/auth/logout", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    after = await sql(api, browser, pid, "SELECT 1 AS one", token)
+    assert after["success"] is False, (before, after)
+    # Without a user token the browser key (requireUserAuth) opens nothing either.
+    assert (await sql(api, browser, pid, "SELECT 1 AS one"))["success"] is False
 
 
 STUBBORN = """CREATE FUNCTION stubborn() RETURNS void LANGUAGE plpgsql AS $$
