@@ -90,6 +90,10 @@ def parse_connection_string(value: str) -> Target:
     database = unquote(parts.path.lstrip("/"))
     if not host or not parts.username or not database:
         raise ValidationError("connectionString needs a user, a host and a database name.")
+    if host.startswith(("/", "@")) or "," in host:
+        # A Unix-socket directory (or several hosts) would let the API reach local servers
+        # through peer/trust authentication of its own OS user: TCP hosts only.
+        raise ValidationError("connectionString's host must be a network host, not a socket path.")
     if set(query) - {"host", "sslmode"} or query.get("sslmode", ["disable"])[0] not in ("disable", "prefer"):
         raise ValidationError("connectionString may only carry host and sslmode=disable|prefer parameters.")
     return Target(host, int(port), database, unquote(parts.username), unquote(parts.password or ""))
