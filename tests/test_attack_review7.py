@@ -209,12 +209,6 @@ async def test_a_connection_string_cannot_name_a_unix_socket(
     assert_error(r, 400, "VALIDATION_ERROR")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 1: registering a cluster sends the control plane's runtime password in "
-    "plain text (CREATE/ALTER ROLE … PASSWORD) to the registered server; a management key's holder "
-    "who owns that server reads it from its log and logs in to the control plane as the runtime role",
-)
 async def test_a_management_key_cannot_obtain_the_runtime_password(
     inst: dict[str, Any],
     registered: dict[str, Any],
@@ -318,11 +312,6 @@ EXIT WHEN pg_catalog.clock_timestamp() - t0 > interval '60 seconds'; END LOOP;
 END $$"""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 3: on a registered cluster the deadline kill only closes the socket; a "
-    "statement that swallows cancellation keeps its backend (and a connection slot) running",
-)
 async def test_a_backend_on_a_registered_cluster_does_not_outlive_the_deadline(
     inst: dict[str, Any],
     registered: dict[str, Any],
@@ -352,11 +341,6 @@ async def test_a_backend_on_a_registered_cluster_does_not_outlive_the_deadline(
     assert busy == 0, f"{busy} backend(s) of the project still running {3 + DEADLINE_MS / 1000:.1f} s after"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 4: the database quota is not enforced on a registered cluster: "
-    "fluxbase_guard.check_db_quota reads the cluster's mirror row, whose db_quota_bytes is never set",
-)
 async def test_the_database_quota_holds_on_a_registered_cluster(
     inst: dict[str, Any], on_two: dict[str, Any]
 ) -> None:
@@ -378,12 +362,6 @@ async def test_the_database_quota_holds_on_a_registered_cluster(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 5: each cluster's outbox reader feeds the one hub without checking that "
-    "an event's project lives on that cluster: the owner of a registered cluster injects events "
-    "into any project's realtime rooms (the webhook dispatcher filters by cluster; realtime does not)",
-)
 async def test_a_registered_cluster_cannot_speak_for_another_clusters_project(
     inst: dict[str, Any],
     registered: dict[str, Any],

@@ -64,6 +64,22 @@ class ClusterReaders:
             reader = self.readers.get(cluster_id, self.readers[clusters.DEFAULT])
         return reader
 
+    def _only(self, db: asyncpg.Pool, cluster_id: str) -> Callable[[list[OutboxEvent]], Awaitable[None]]:
+        """A registered cluster's reader speaks only for the projects that live there: whoever runs
+        that server can write any row into its outbox, naming any project (hostile review 7)."""
+
+        async def deliver(events: list[OutboxEvent]) -> None:
+            keep = []
+            for event in events:
+                if await self.cluster_of(db, event.project_id) == cluster_id:
+                    keep.append(event)
+                else:
+                    log.warning("dropped an event of cluster %s for a project living elsewhere", cluster_id)
+            if keep:
+                await self._deliver(keep)
+
+        return deliver
+
     async def replay_db(self, db: asyncpg.Pool, project_id: str) -> asyncpg.Pool:
         """Where a project's past events are read: its cluster's database."""
         cluster_id = await self.cluster_of(db, project_id)
@@ -75,10 +91,10 @@ class ClusterReaders:
             ids = {r["id"] for r in await db.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")}
             for cluster_id in ids - set(self.readers):
                 target = clusters.runtime_login(
-                    self.settings, await clusters.stored_target(db, self.settings, cluster_id)
+                    self.settings, await clusters.stored_target(db, self.settings, cluster_id), cluster_id
                 )
                 dsn = _dsn(target)
-                reader = OutboxReader(dsn, self._deliver, batch=self._batch)
+                reader = OutboxReader(dsn, self._only(db, cluster_id), batch=self._batch)
                 self.pools[cluster_id] = await asyncpg.create_pool(dsn, min_size=0, max_size=2)  # type: ignore[assignment]
                 stop = self._stops[cluster_id] = asyncio.Event()
                 self.readers[cluster_id] = reader

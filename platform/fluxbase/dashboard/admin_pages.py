@@ -99,7 +99,7 @@ async def set_quotas(project_id: str, request: Request[Any, Any, Any], ctx: AppC
         changes = _changes(await form(request))
         if not changes:
             return await _quota_page(dash, project_id, notice="Nothing changed.")
-        await operations.set_quotas(ctx.db, ctx.settings, project_id, changes)
+        await operations.set_quotas(ctx.db, ctx.settings, project_id, changes, ctx.cluster_pools())
     except FluxbaseError as exc:
         return await _quota_page(dash, project_id, exc.status, error=exc)
     ctx.auth.forget_project(project_id)

@@ -183,6 +183,9 @@ def create_app(settings: Settings) -> Litestar:
             identity=IdentityResolver(db, settings),
             limiter=SharedRateLimiter(db),
         )
+        ctx = app.state.ctx
+        # A tenant backend past its deadline on a registered cluster is signalled there.
+        ctx.tenants.cluster_pool = lambda cluster_id: ctx.cluster_pools().pool(cluster_id)
         # Replicas agree: a key revoked or a project suspended through another API process
         # drops this process's cached keys at once (the SQL path's guard refuses them anyway).
         app.state.bell_stop = asyncio.Event()

@@ -13,6 +13,7 @@ returned or logged.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -173,10 +174,23 @@ async def verify(conn: asyncpg.Connection) -> int:
     return version
 
 
-def runtime_login(settings: Settings, target: Target) -> Target:
+def cluster_runtime_password(settings: Settings, cluster_id: str) -> str:
+    """The runtime role's password on one registered cluster: derived from the server secret and
+    the cluster's id, never the control plane's own. Whoever runs a registered server sees it (the
+    privilege step sets it there), so it must open nothing but that server (hostile review 7)."""
+    mac = hmac.new(
+        settings.auth.secret_key.encode(),
+        b"fluxbase cluster runtime v1:" + cluster_id.encode(),
+        hashlib.sha256,
+    )
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+
+def runtime_login(settings: Settings, target: Target, cluster_id: str) -> Target:
     """How the API logs in to a registered cluster: as the runtime role (created there by the
-    privilege step with the runtime URL's password), or, where the processes run as the
-    migrating role itself (a development override), as the registered role."""
+    privilege step with the cluster's own derived password, `cluster_runtime_password`), or,
+    where the processes run as the migrating role itself (a development override), as the
+    registered role."""
     db = settings.database
     runtime = urlsplit(db.url)
     migrating = urlsplit(db.migration_url) if db.migration_url else None
@@ -186,15 +200,15 @@ def runtime_login(settings: Settings, target: Target) -> Target:
             target.port,
             target.database,
             unquote(runtime.username),
-            unquote(runtime.password or ""),
+            cluster_runtime_password(settings, cluster_id),
         )
     return target
 
 
-async def install(conn: asyncpg.Connection, settings: Settings) -> list[str]:
+async def install(conn: asyncpg.Connection, settings: Settings, cluster_id: str) -> list[str]:
     """What `fluxbase migrate` does, on a registered cluster (its session is a superuser's)."""
     applied = await migrate(conn)
-    login = runtime_login(settings, Target("", 0, "", ""))
+    login = runtime_login(settings, Target("", 0, "", ""), cluster_id)
     runtime_user = login.user or None
     await apply_privileges(conn, runtime_user, login.password or None if runtime_user else None)
     await apply_extensions(conn, settings.tenant.extensions)
@@ -217,7 +231,7 @@ async def migrate_registered(settings: Settings) -> dict[str, list[str] | None]:
             conn = await connect(target)
             try:
                 await verify(conn)
-                done[cluster_id] = await install(conn, settings)
+                done[cluster_id] = await install(conn, settings, cluster_id)
             finally:
                 await conn.close()
         except Exception as exc:
@@ -307,11 +321,11 @@ async def _refuse_duplicate(
         raise Conflict("That database is already registered as a cluster.")
 
 
-async def _verify_and_install(settings: Settings, target: Target) -> int:
+async def _verify_and_install(settings: Settings, target: Target, cluster_id: str) -> int:
     conn = await connect(target)
     try:
         version = await verify(conn)
-        await install(conn, settings)
+        await install(conn, settings, cluster_id)
         return version
     finally:
         await conn.close()
@@ -324,8 +338,8 @@ async def register_cluster(
     label, region = _label(label), _region(region)
     target = parse_connection_string(connection_string)
     await _refuse_duplicate(db, settings, target)
-    version = await _verify_and_install(settings, target)
     cluster_id = ids.prefixed("cl")
+    version = await _verify_and_install(settings, target, cluster_id)
     await db.execute(
         """INSERT INTO fluxbase.clusters
                (id, label, region, host, port, database, username, secret, server_version)
@@ -375,7 +389,7 @@ async def update_cluster(
         if connection_string is not None:
             target = parse_connection_string(connection_string)
             await _refuse_duplicate(db, settings, target, except_id=cluster_id)
-            version = await _verify_and_install(settings, target)
+            version = await _verify_and_install(settings, target, cluster_id)
             await conn.execute(
                 """UPDATE fluxbase.clusters
                    SET host = $2, port = $3, database = $4, username = $5, secret = $6,
@@ -483,7 +497,7 @@ class ClusterPools:
             if existing is not None:
                 return existing
             login = runtime_login(
-                self._settings, await stored_target(self._control, self._settings, cluster_id)
+                self._settings, await stored_target(self._control, self._settings, cluster_id), cluster_id
             )
             db = self._settings.database
             pool = await asyncpg.create_pool(
@@ -587,3 +601,24 @@ async def authenticate_management_key(db: asyncpg.Pool, raw: str) -> ManagementK
 def require_instance_admin(is_admin: bool) -> None:
     if not is_admin:
         raise InsufficientPermissions("Only an instance admin may manage database clusters.")
+
+
+async def mirror_project(db: asyncpg.Pool, pools: ClusterPools | None, project_id: str) -> None:
+    """Copy what the guards on a registered cluster read of the project row (the database quota,
+    status, read-only flag) from the control plane to the cluster's copy: `check_db_quota` there
+    reads the copy, which was written once with the id and name only (hostile review 7)."""
+    row = await db.fetchrow(
+        "SELECT cluster_id, db_quota_bytes, status, read_only FROM fluxbase.projects WHERE id = $1",
+        project_id,
+    )
+    if row is None or row["cluster_id"] in (None, DEFAULT) or pools is None:
+        return
+    remote = await pools.pool(row["cluster_id"])
+    await remote.execute(
+        """UPDATE fluxbase.projects SET db_quota_bytes = $2, status = $3, read_only = $4
+           WHERE id = $1""",
+        project_id,
+        row["db_quota_bytes"],
+        row["status"],
+        row["read_only"],
+    )

@@ -20,6 +20,7 @@ from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import InsufficientPermissions, ValidationError
 from fluxbase.security.roles import schema_name
 from fluxbase.services.access import Principal, Project, load_project
+from fluxbase.services.clusters import ClusterPools, mirror_project
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.session import admin_session
 
@@ -137,9 +138,14 @@ def _limit(value: Any, name: str) -> int | None:
 
 
 async def set_quotas(
-    db: asyncpg.Pool, settings: Settings, project_id: str, changes: dict[str, Any]
+    db: asyncpg.Pool,
+    settings: Settings,
+    project_id: str,
+    changes: dict[str, Any],
+    cluster_pools: ClusterPools | None = None,
 ) -> Quotas:
-    """Apply the given fields (absent: unchanged; null: back to the instance default)."""
+    """Apply the given fields (absent: unchanged; null: back to the instance default); a project
+    on a registered cluster gets its database quota mirrored there (`clusters.mirror_project`)."""
     known = {"databaseBytes", "storageBytes", "maxFileSize", "rateLimitRequests", "rateLimitWindowSeconds"}
     unknown = set(changes) - known
     if unknown:
@@ -173,7 +179,10 @@ async def set_quotas(
                 requests,
                 window,
             )
-        return await get_quotas(conn, settings, project_id)
+        quotas = await get_quotas(conn, settings, project_id)
+    if "databaseBytes" in vals:
+        await mirror_project(db, cluster_pools, project_id)
+    return quotas
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,15 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     whether it logged in with settings above the caps (`login_over_caps`), and whether its
     idle-reset timer is pending (`TenantPool.release`)."""
 
-    __slots__ = ("dirty", "idle_since", "over_caps", "remote", "request_prefix", "reset_timer")
+    __slots__ = (
+        "cluster_pool",
+        "dirty",
+        "idle_since",
+        "over_caps",
+        "remote",
+        "request_prefix",
+        "reset_timer",
+    )
 
     def _get_unique_id(self, prefix: str) -> str:
         """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
@@ -500,6 +508,10 @@ class TenantPools:
         self._database = (parts.path or "/postgres").lstrip("/") or "postgres"
         self._pools: dict[tuple[str, str, bool], TenantPool] = {}
         self._where: dict[str, tuple[str, int, str]] = {}  # project → its cluster's address
+        self._cluster: dict[str, str] = {}  # project → its registered cluster's id (not default)
+        # The runtime role's pool on a registered cluster (services.clusters.ClusterPools.pool),
+        # set by the API: a backend that outlives its deadline there is signalled through it.
+        self.cluster_pool: Callable[[str], Awaitable[asyncpg.Pool]] | None = None
         self.budget = ConnectionBudget(settings.tenant.connection_budget)
         self._last_used: dict[tuple[str, str, bool], float] = {}
         # What tenant statements are and which are refused, for these roles' caps.
@@ -550,10 +562,12 @@ class TenantPools:
             )
             if row is not None and row["id"] != "default":
                 where = (row["host"], row["port"], row["database"])
+                self._cluster[project_id] = row["id"]
             if row is None:
                 return where  # not (or no longer) a project: nothing to remember
         if len(self._where) >= 100_000:
             self._where.clear()
+            self._cluster.clear()
         self._where[project_id] = where
         return where
 
@@ -579,7 +593,8 @@ class TenantPools:
         if existing is not None:
             return existing
         where = await self._address(project_id)
-        remote = where != (self._host, self._port, self._database)
+        remote = self._cluster.get(project_id) if where != (self._host, self._port, self._database) else None
+        cluster_pool = self.cluster_pool
         kwargs = self._connect_kwargs(project_id, scope, where)
         existing = self._pools.get(key)
         if existing is not None:  # made while the address was looked up
@@ -590,8 +605,10 @@ class TenantPools:
             try:
                 await init_tenant_connection(conn)
                 conn.over_caps = await login_over_caps(conn, self.statements.caps)
-                # On another cluster than the control plane's (session.terminate).
+                # On another cluster than the control plane's: session.terminate signals the
+                # backend through that cluster's runtime pool, never the control plane's.
                 conn.remote = remote
+                conn.cluster_pool = cluster_pool
             except BaseException:
                 conn.terminate()
                 raise

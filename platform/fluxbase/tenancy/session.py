@@ -186,10 +186,17 @@ async def terminate(control: asyncpg.Pool, conn: Any) -> None:
     """Kill a tenant backend that outlived its deadline (cancel can be swallowed by plpgsql)."""
     pid = conn.get_server_pid()
     conn.terminate()
-    if getattr(conn, "remote", False):
-        # The backend is on a registered cluster, not the control plane's server: the pid means
-        # another session there (it may be another project's). Closing the socket and the role's
-        # own statement_timeout / idle_in_transaction_session_timeout end it instead.
+    cluster = getattr(conn, "remote", None)
+    if cluster:
+        # The backend is on a registered cluster, not the control plane's server (there the pid
+        # means another session, maybe another project's): signal it through that cluster's
+        # runtime pool. Closing the socket alone is not enough: a plpgsql loop that swallows
+        # query_canceled never reads it (hostile review 7).
+        pool_of = getattr(conn, "cluster_pool", None)
+        if pool_of is not None:
+            with contextlib.suppress(Exception):
+                pool = await asyncio.wait_for(pool_of(cluster), 3)
+                await asyncio.wait_for(pool.execute("SELECT pg_terminate_backend($1)", pid), 3)
         return
     with contextlib.suppress(Exception):
         await asyncio.wait_for(control.execute("SELECT pg_terminate_backend($1)", pid), 3)

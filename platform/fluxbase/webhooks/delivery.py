@@ -567,7 +567,9 @@ class WebhookWorker:
                     }
                     for cluster_id in ids - set(loops):
                         target = clusters.runtime_login(
-                            self.settings, await clusters.stored_target(self.db, self.settings, cluster_id)
+                            self.settings,
+                            await clusters.stored_target(self.db, self.settings, cluster_id),
+                            cluster_id,
                         )
                         own_stop = asyncio.Event()
                         task = asyncio.create_task(self._dispatch_loop(own_stop, target, cluster_id))

@@ -168,7 +168,7 @@ async def set_quotas(
         raise ValidationError("The request body must be JSON.") from None
     if not isinstance(changes, dict):
         raise ValidationError("The request body must be a JSON object.")
-    quotas = await operations.set_quotas(ctx.db, ctx.settings, project_id, changes)
+    quotas = await operations.set_quotas(ctx.db, ctx.settings, project_id, changes, ctx.cluster_pools())
     # This process's caches learn the new cap at once; other processes within the key cache TTL.
     ctx.auth.forget_project(project_id)
     ctx.sizes.forget(project_id)
