@@ -253,6 +253,14 @@ def codes_of_the_edge() -> set[str]:
             for name, value in pairs:
                 if isinstance(name, ast.Name) and name.id == "code":
                     found |= _strings(value)
+                    # `code = NotFound.code`: the catalog class's own code
+                    if (
+                        isinstance(value, ast.Attribute)
+                        and value.attr == "code"
+                        and isinstance(value.value, ast.Name)
+                    ):
+                        cls = getattr(errors, value.value.id, None)
+                        found.add(cls.code if cls is not None else f"<unknown class {value.value.id}>")
     return found
 
 
