@@ -3,10 +3,11 @@
 Revoking, rotating or deleting an API key and suspending, resuming or deleting a project (or
 changing its rate limit or read-only flag) ring `fluxbase_control` on commit. Each API and
 realtime process keeps one dedicated LISTEN connection (not from a pool), reconnected with
-backoff; the callback only sets an event. The payload is never read, so a tenant's forged NOTIFY
-only costs a re-check: API processes forget their cached keys, realtime processes re-check every
-subscriber's credential at once instead of at the next `revalidate_s` round. A reconnect counts
-as a ring too (one may have been missed meanwhile).
+backoff; the callback only wakes a reader. Any session may NOTIFY the channel (tenants too), so a
+ring is only a hint: the reader reads `fluxbase.control_epoch` (sql/0040), which only the
+platform's triggers bump, and `rang` is set only when the epoch moved (hostile review 8). A forged
+ring costs one indexed read per process; rings that arrive together cost one. A reconnect reads
+the epoch too and counts as a ring (one may have been missed meanwhile).
 """
 
 from __future__ import annotations
@@ -30,11 +31,35 @@ class ControlBell:
         self.application_name = application_name
         self.rang = asyncio.Event()
         self.listening = asyncio.Event()
-        self.rings = 0
+        self.rings = 0  # real rings: the epoch moved
+        self.hints = 0  # notifications received, forged ones included
+        self._poked = asyncio.Event()
+        self._epoch: int | None = None
 
     def _on_notify(self, *_: object) -> None:
-        self.rings += 1
-        self.rang.set()
+        self.hints += 1
+        self._poked.set()
+
+    async def _read_epochs(
+        self, conn: asyncpg.Connection, done: asyncio.Event, closed: asyncio.Event
+    ) -> None:
+        """On every hint, read the epoch; ring only when it moved. A failed read ends the
+        connection (`closed`), and the reconnect reads the epoch and rings."""
+        while not done.is_set():
+            await wait_any(self._poked, done)
+            if done.is_set():
+                return
+            self._poked.clear()
+            try:
+                epoch = await conn.fetchval("SELECT epoch FROM fluxbase.control_epoch WHERE id = 1")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("control doorbell: could not read the epoch: %r", exc)
+                closed.set()
+                return
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self.rings += 1
+                self.rang.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
@@ -47,16 +72,25 @@ class ControlBell:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("control doorbell: could not connect: %r", exc)
             else:
+                done = asyncio.Event()
+                reader: asyncio.Task[None] | None = None
                 try:
                     conn.add_termination_listener(lambda _c, ev=closed: ev.set())
                     await conn.add_listener(CHANNEL, self._on_notify)
+                    self._epoch = await conn.fetchval("SELECT epoch FROM fluxbase.control_epoch WHERE id = 1")
                     self.listening.set()
                     self.rang.set()
                     backoff = 0.1
+                    reader = asyncio.create_task(self._read_epochs(conn, done, closed))
                     await wait_any(stop, closed)
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("control doorbell: connection lost: %r", exc)
                 finally:
+                    done.set()
+                    if reader is not None:
+                        reader.cancel()
+                        with contextlib.suppress(BaseException):
+                            await reader
                     self.listening.clear()
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)
