@@ -213,12 +213,6 @@ async def test_non_utf8_and_control_bytes_in_headers_are_harmless(api: Api, proj
         writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn's httptools protocol (and so SqlHttpProtocol) bounds neither the size of a "
-    "request's header block nor the time it takes to arrive: before any key is checked, one "
-    "connection can make the API buffer an unbounded header list (8 MB here)",
-)
 async def test_an_oversized_header_block_is_refused(api: Api, project: Any) -> None:
     raw = request(project, "SELECT 1 AS n")
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -248,12 +242,6 @@ async def test_an_oversized_header_block_is_refused(api: Api, project: Any) -> N
     assert refused, "8 MB of request headers were accepted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no deadline covers reading an execute-sql body (nor any request's, in uvicorn): a "
-    "client that sends the headers and part of the body holds the connection, its task and "
-    "up to 10 MB of buffer forever, unauthenticated",
-)
 async def test_a_stalled_body_is_dropped(api: Api, project: Any) -> None:
     raw = request(project, "SELECT 1 AS n")
     reader, writer = await connect(api)
