@@ -135,12 +135,15 @@ async def test_admin_classes_get_what_the_per_event_path_gives_and_no_other_proj
     await _sql(api, key, pid, "CREATE TABLE mark (id serial PRIMARY KEY, v text)")
     other = await api.new_project(project.owner_token)
     other_key = await api.new_key(project.owner_token, other, "admin", rateLimitRequests=1_000_000)
-    await _sql(api, other_key, other, "CREATE TABLE t (id serial PRIMARY KEY, n int, x numeric, s text, b boolean)")
+    await _sql(
+        api, other_key, other, "CREATE TABLE t (id serial PRIMARY KEY, n int, x numeric, s text, b boolean)"
+    )
     async with served(instance) as (url, service), contextlib.AsyncExitStack() as stack:
         # Two sockets per spec (a class of two), the reference beside them; the same shapes in
         # another project.
         classes = [
-            [await stack.enter_async_context(subscribe(url, pid, key, **spec)) for _ in range(2)] for spec in SPECS
+            [await stack.enter_async_context(subscribe(url, pid, key, **spec)) for _ in range(2)]
+            for spec in SPECS
         ]
         oracles = [await _oracle(url, pid, key, stack, **spec) for spec in SPECS]
         strangers = [await stack.enter_async_context(subscribe(url, other, other_key)) for _ in range(2)]
@@ -183,21 +186,26 @@ async def _rt_token(api: Api, project: Any, uid: str | None, key: str | None = N
     return str(r.json()["token"])
 
 
-async def test_end_users_sharing_a_class_see_only_their_own_rows(api: Api, project: Any, instance: Any) -> None:
+async def test_end_users_sharing_a_class_see_only_their_own_rows(
+    api: Api, project: Any, instance: Any
+) -> None:
     await _rls_docs(api, project)
     pid = project.id
     read_key = await api.new_key(project.owner_token, pid, "read", rateLimitRequests=1_000_000)
     tokens = {u: await _rt_token(api, project, u) for u in ("u1", "u2", "U1", "u1 ")}
     async with served(instance) as (url, service), contextlib.AsyncExitStack() as stack:
-        socks = {u: [await stack.enter_async_context(subscribe(url, pid, t)) for _ in range(3)] for u, t in tokens.items()}
+        socks = {
+            u: [await stack.enter_async_context(subscribe(url, pid, t)) for _ in range(3)]
+            for u, t in tokens.items()
+        }
         anon = [await stack.enter_async_context(subscribe(url, pid, read_key)) for _ in range(2)]
         _framed(service)
         await _sql(
             api,
             project.admin_key,
             pid,
-            "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b'), ('U1', 'c'), ('u1 ', 'd'), (NULL, 'e'),"
-            " ('u1', 'f')",
+            "INSERT INTO docs (owner, v) VALUES ('u1', 'a'), ('u2', 'b'), ('U1', 'c'), ('u1 ', 'd'),"
+            " (NULL, 'e'), ('u1', 'f')",
         )
         await _sql(api, project.admin_key, pid, "UPDATE docs SET owner = 'u2' WHERE v = 'a'")
         await _sql(api, project.admin_key, pid, "INSERT INTO mark (v) VALUES ('end')")
@@ -230,12 +238,17 @@ async def test_a_revoked_member_of_a_class_gets_nothing_more(
     await _sql(api, project.admin_key, pid, "CREATE TABLE mark (id serial PRIMARY KEY, v text)")
     doomed = await api.new_key(project.owner_token, pid, scope, rateLimitRequests=1_000_000)
     kept = await api.new_key(project.owner_token, pid, scope, rateLimitRequests=1_000_000)
-    async with served(instance) as (url, service), subscribe(url, pid, doomed) as a, subscribe(url, pid, kept) as b:
+    async with (
+        served(instance) as (url, service),
+        subscribe(url, pid, doomed) as a,
+        subscribe(url, pid, kept) as b,
+    ):
         _framed(service)
         await _sql(api, project.admin_key, pid, "INSERT INTO mark (v) VALUES ('before')")
         assert await _until(a, "before") == [] and await _until(b, "before") == []
         r = await api.http.delete(
-            f"/api/projects/{pid}/api-keys/{await _key_id(api, project, doomed)}", headers=bearer(project.owner_token)
+            f"/api/projects/{pid}/api-keys/{await _key_id(api, project, doomed)}",
+            headers=bearer(project.owner_token),
         )
         assert r.status_code == 200, r.text
         await service.revalidate_once()  # (the doorbell starts one anyway; here it is certain)
@@ -245,7 +258,9 @@ async def test_a_revoked_member_of_a_class_gets_nothing_more(
         assert [m["type"] for m in rest] == ["error"], rest
 
 
-async def test_switching_paths_keeps_order_without_gap_or_duplicate(api: Api, project: Any, instance: Any) -> None:
+async def test_switching_paths_keeps_order_without_gap_or_duplicate(
+    api: Api, project: Any, instance: Any
+) -> None:
     """A socket goes per-event (a second room) → class (it leaves the room) → replay (since) →
     class again, with events committed throughout: it sees each event once, in commit order."""
     pid, key = project.id, project.admin_key
@@ -302,7 +317,12 @@ async def test_a_socket_that_stops_reading_holds_bounded_bytes(api: Api, project
             # 48 rows of 900 kB each: what PostgreSQL stores is a few kB (TOAST compresses the
             # repeats), what the socket is sent is 43 MB.
             for _ in range(4):
-                await _sql(api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 12)")
+                await _sql(
+                    api,
+                    key,
+                    pid,
+                    "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 12)",
+                )
             deadline = time.monotonic() + 20
             while service.hub.delivered - before < 48 and not client.closed and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -327,14 +347,11 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers are started without PR_SET_PDEATHSIG (procs.die_with_parent exists, unused): a "
-    "supervisor that dies by SIGKILL (OOM killer) or SIGHUP (not handled) leaves its workers "
-    "serving the port; a new supervisor then refuses the port or, once restarted, runs beside them",
-)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
 def test_workers_end_with_their_supervisor(instance: Any, sig: signal.Signals) -> None:
+    """A supervisor killed outright (SIGKILL: the OOM killer) or hung up (SIGHUP) leaves no worker
+    serving the port (they were orphaned, still accepting connections, before workers.py started
+    them with die_with_parent and handled SIGHUP)."""
     port = free_port()
     env = dict(instance.env, FLUXBASE_REALTIME_PORT=str(port))
     sup = subprocess.Popen(
@@ -383,9 +400,11 @@ async def test_a_port_held_by_another_user_is_not_shared(instance: Any) -> None:
     check nor a worker's bind (websockets' serve with reuse_port, as server.serve does) may join
     it — the kernel only groups sockets of one user, and the check binds without the option."""
     port = free_port()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(port)], stdout=subprocess.PIPE)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, str(port), stdout=asyncio.subprocess.PIPE
+    )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == b"ready"
+        assert holder.stdout is not None and (await holder.stdout.readline()).strip() == b"ready"
         with pytest.raises(PortInUse):
             ensure_port_free("127.0.0.1", port, "realtime service", "FLUXBASE_REALTIME_PORT")
 
@@ -397,4 +416,4 @@ async def test_a_port_held_by_another_user_is_not_shared(instance: Any) -> None:
                 pass
     finally:
         holder.kill()
-        holder.wait()
+        await holder.wait()
