@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from websockets.asyncio.server import serve as ws_serve
 
 from fluxbase.config import load_settings
 from fluxbase.devstack.procs import PortInUse, ensure_port_free, free_port
+from fluxbase_realtime.hub import frame_of
 from fluxbase_realtime.server import RealtimeService
 from support import Api, bearer
 from test_realtime import Sub, subscribe
@@ -258,6 +260,58 @@ async def test_a_revoked_member_of_a_class_gets_nothing_more(
         assert [m["type"] for m in rest] == ["error"], rest
 
 
+async def test_a_credential_revoked_while_the_gate_decides_gets_nothing(
+    api: Api, project: Any, instance: Any
+) -> None:
+    """Two read-key sockets in one gated class (same viewer); the batch's policy check takes
+    0.8 s and one key is revoked (and its subscription ended) meanwhile: the batch, once
+    decided, reaches only the other."""
+    pid, admin = project.id, project.admin_key
+    await _sql(api, admin, pid, "CREATE TABLE mark (id serial PRIMARY KEY, v text)")
+    await _sql(api, admin, pid, "CREATE TABLE slow (id serial PRIMARY KEY, v text)")
+    h = bearer(admin)
+    r = await api.http.post(
+        f"/api/projects/{pid}/rls/policies",
+        json={
+            "table": "slow",
+            "name": "slow",
+            "command": "SELECT",
+            "using": "(SELECT true FROM pg_sleep(0.8))",
+        },
+        headers=h,
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(f"/api/projects/{pid}/rls/tables/slow", json={"enabled": True}, headers=h)
+    assert r.status_code == 200, r.text
+    doomed = await api.new_key(project.owner_token, pid, "read", rateLimitRequests=1_000_000)
+    kept = await api.new_key(project.owner_token, pid, "read", rateLimitRequests=1_000_000)
+    async with (
+        served(instance) as (url, service),
+        subscribe(url, pid, doomed) as a,
+        subscribe(url, pid, kept) as b,
+    ):
+        _framed(service)
+        assert service.gate is not None
+        before = service.gate.queries
+        await _sql(api, admin, pid, "INSERT INTO slow (v) VALUES ('secret')")
+        deadline = time.monotonic() + 5
+        while service.gate.queries == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the lane is deciding now (0.8 s)
+        r = await api.http.delete(
+            f"/api/projects/{pid}/api-keys/{await _key_id(api, project, doomed)}",
+            headers=bearer(project.owner_token),
+        )
+        assert r.status_code == 200, r.text
+        await service.revalidate_once()  # (unless the doorbell's round ended it already)
+        assert len(service.hub.rooms[pid]) == 1, "the revoked subscription is still in the room"
+        lane = service.hub._lanes.get(pid)
+        assert lane is not None and lane.task is not None, "the decision ended before the revocation"
+        await _sql(api, admin, pid, "INSERT INTO mark (v) VALUES ('after')")
+        assert [m["payload"]["record"]["v"] for m in await _until(b, "after")] == ["secret"]
+        rest = await a.silent(0.5)
+        assert [m["type"] for m in rest] == ["error"], rest
+
+
 async def test_switching_paths_keeps_order_without_gap_or_duplicate(
     api: Api, project: Any, instance: Any
 ) -> None:
@@ -300,7 +354,8 @@ async def test_switching_paths_keeps_order_without_gap_or_duplicate(
     strict=True,
     reason="the slow-consumer bound counts messages (queue_size, 1000), not bytes: a socket that "
     "stops reading holds up to ~2 x 1000 messages of up to ~1 MB each in its pending list and its "
-    "transport buffer before it is cut off (4008)",
+    "transport buffer before it is cut off (4008); on the class path one batch (up to 500 "
+    "messages) goes into the transport in one write, before flow control can apply",
 )
 async def test_a_socket_that_stops_reading_holds_bounded_bytes(api: Api, project: Any, instance: Any) -> None:
     pid, key = project.id, project.admin_key
@@ -314,20 +369,45 @@ async def test_a_socket_that_stops_reading_holds_bounded_bytes(api: Api, project
             port = ws.transport.get_extra_info("sockname")[1]
             client = next(c for c in service.clients if c.ws.remote_address[1] == port)
             before = service.hub.delivered
-            # 48 rows of 900 kB each: what PostgreSQL stores is a few kB (TOAST compresses the
-            # repeats), what the socket is sent is 43 MB.
-            for _ in range(4):
-                await _sql(
-                    api,
-                    key,
-                    pid,
-                    "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 12)",
-                )
+            # 28 rows of 900 kB each: what PostgreSQL stores is a few kB (TOAST compresses the
+            # repeats), what the socket is sent is 25 MB.
+            await _sql(
+                api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 28)"
+            )
             deadline = time.monotonic() + 20
-            while service.hub.delivered - before < 48 and not client.closed and time.monotonic() < deadline:
+            while service.hub.delivered - before < 28 and not client.closed and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             held = sum(len(p) for p in client.pending) + client.ws.transport.get_write_buffer_size()
-            assert client.closed or held <= 16 << 20, f"{held / 1e6:.0f} MB held for one stalled socket"
+            ws.transport.abort()  # (no closing handshake behind 20 MB nobody reads)
+            assert client.closed or held <= 8 << 20, f"{held / 1e6:.0f} MB held for one stalled socket"
+
+
+def _frame_cache_bytes() -> int:
+    """Bytes of messages (and as many again of frames) that hub.frame_of's cache keeps alive."""
+    caches = [r for r in gc.get_referents(frame_of) if isinstance(r, dict)]
+    return sum(
+        2 * len(k[0]) for c in caches for k in c if isinstance(k, tuple) and k and isinstance(k[0], bytes)
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hub.frame_of is an lru_cache of 8192 entries whatever their size: it keeps each "
+    "delivered message and its frame alive after every socket has it, up to 8192 x ~2 MB "
+    "(~16 GB) in the one process serving every project",
+)
+async def test_delivered_messages_are_not_kept_alive(api: Api, project: Any, instance: Any) -> None:
+    pid, key = project.id, project.admin_key
+    await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    async with served(instance) as (url, _service), subscribe(url, pid, key) as sub:
+        before = _frame_cache_bytes()
+        await _sql(
+            api, key, pid, "INSERT INTO big (v) SELECT repeat('y', 900000) FROM generate_series(1, 24)"
+        )
+        assert len(await sub.rows(24, 20)) == 24  # every message delivered and read
+        gc.collect()
+        kept = _frame_cache_bytes() - before
+        assert kept <= 8 << 20, f"{kept / 1e6:.0f} MB kept after delivery"
 
 
 # -- 3. the supervisor of --workers ------------------------------------------------------------
