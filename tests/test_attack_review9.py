@@ -164,6 +164,37 @@ async def test_admin_classes_get_what_the_per_event_path_gives_and_no_other_proj
             assert [m["payload"]["record"]["n"] for m in got if m["type"] == ROW] == [99]
 
 
+async def test_topic_and_project_rooms_never_share_a_class(api: Api, project: Any, instance: Any) -> None:
+    pid, key = project.id, project.admin_key
+    x, y = f"project_{pid}:x", f"project_{pid}:y"
+    async with served(instance) as (url, service), contextlib.AsyncExitStack() as stack:
+        rooms = {
+            room: [await stack.enter_async_context(subscribe(url, pid, key, roomId=room)) for _ in range(n)]
+            for room, n in ((f"project_{pid}", 2), (x, 2), (y, 1))
+        }
+        sender = await stack.enter_async_context(subscribe(url, pid, key, roomId=x))
+        await sender.ws.send(json.dumps({"type": "subscribe", "roomId": y}))
+        assert (await sender.until(lambda m: m["type"] == "subscribed"))["roomId"] == y
+        _framed(service)
+        for room, event in ((x, "ex"), (y, "ey")):
+            await sender.ws.send(
+                json.dumps({"type": "broadcast", "roomId": room, "event": event, "payload": room})
+            )
+        r = await api.http.post(
+            "/api/realtime/broadcast",
+            json={"projectId": pid, "event": "all", "payload": 1},
+            headers=bearer(key),
+        )
+        assert r.status_code == 200, r.text
+        want = {f"project_{pid}": ["all"], x: ["ex"], y: ["ey"]}
+        for room, members in rooms.items():
+            for s in members:
+                got = await s.silent(0.7)
+                assert [(m["event"], m["roomId"]) for m in got if m["type"] == "broadcast"] == [
+                    (e, room) for e in want[room]
+                ], room
+
+
 async def _rls_docs(api: Api, project: Any) -> None:
     pid, key = project.id, project.admin_key
     await _sql(api, key, pid, "CREATE TABLE docs (id serial PRIMARY KEY, owner text, v text)")
