@@ -9,7 +9,7 @@ through PostgreSQL; a subscriber therefore receives every event once from the wo
 its socket, and presence is the same whichever worker a socket landed on.
 
 The supervisor serves nothing itself. It restarts a worker that dies (its sockets are gone; their
-clients reconnect and resume with `since`), and on SIGTERM/SIGINT stops the workers, each
+clients reconnect and resume with `since`), and on SIGTERM/SIGINT/SIGHUP stops the workers, each
 closing its sockets and leaving its presence, then exits. `/metrics` answers for the worker that
 took the scrape's connection.
 """
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from fluxbase.devstack.procs import die_with_parent
 
 log = logging.getLogger("fluxbase.realtime.workers")
 
@@ -51,7 +53,7 @@ class _Slot:
 
 
 def supervise(host: str, port: int, workers: int, loop: str = "asyncio") -> int:
-    """Run `workers` realtime processes on `host:port` until SIGTERM/SIGINT; returns the exit code
+    """Run `workers` realtime processes on `host:port` until SIGTERM/SIGINT/SIGHUP; returns the exit code
     (1 when workers keep failing to start: the port or the database is wrong)."""
     stopping = False
 
@@ -59,7 +61,7 @@ def supervise(host: str, port: int, workers: int, loop: str = "asyncio") -> int:
         nonlocal stopping
         stopping = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
     env = dict(os.environ, FLUXBASE_REALTIME_WORKERS="1")
     slots = [_Slot() for _ in range(workers)]
@@ -83,8 +85,13 @@ def supervise(host: str, port: int, workers: int, loop: str = "asyncio") -> int:
                         break
                 if now - slot.ended < RESTART_DELAY_S:
                     continue
+                # die_with_parent: a supervisor that dies without its `finally` (SIGKILL, the
+                # OOM killer) takes its workers along instead of leaving them on the port.
                 slot.proc = subprocess.Popen(
-                    worker_command(host, port, loop), env=env, stdin=subprocess.DEVNULL
+                    worker_command(host, port, loop),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent(),
                 )
                 slot.started = now
                 log.info("realtime worker %d started (pid %d) on %s:%d", i, slot.proc.pid, host, port)
