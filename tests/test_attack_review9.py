@@ -33,7 +33,7 @@ from websockets.asyncio.server import serve as ws_serve
 
 from fluxbase.config import load_settings
 from fluxbase.devstack.procs import PortInUse, ensure_port_free, free_port
-from fluxbase_realtime.hub import frame_of
+from fluxbase_realtime.hub import _small_frame_of
 from fluxbase_realtime.server import RealtimeService
 from support import Api, bearer
 from test_realtime import Sub, subscribe
@@ -415,18 +415,12 @@ async def test_a_socket_that_stops_reading_holds_bounded_bytes(api: Api, project
 
 def _frame_cache_bytes() -> int:
     """Bytes of messages (and as many again of frames) that hub.frame_of's cache keeps alive."""
-    caches = [r for r in gc.get_referents(frame_of) if isinstance(r, dict)]
+    caches = [r for r in gc.get_referents(_small_frame_of) if isinstance(r, dict)]
     return sum(
         2 * len(k[0]) for c in caches for k in c if isinstance(k, tuple) and k and isinstance(k[0], bytes)
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub.frame_of is an lru_cache of 8192 entries whatever their size: it keeps each "
-    "delivered message and its frame alive after every socket has it, up to 8192 x ~2 MB "
-    "(~16 GB) in the one process serving every project",
-)
 async def test_delivered_messages_are_not_kept_alive(api: Api, project: Any, instance: Any) -> None:
     pid, key = project.id, project.admin_key
     await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")

@@ -126,9 +126,21 @@ def _flush_dirty() -> None:
             log.debug("flush failed: %r", exc)
 
 
+# Frames of small messages are cached (the same event reaches many sockets); a large one is built
+# each time, so the cache cannot keep megabytes of delivered messages alive (hostile review 9:
+# 8 192 entries of any size let one tenant pin gigabytes).
+FRAME_CACHE_MAX_MESSAGE = 16 * 1024
+
+
 @functools.lru_cache(maxsize=8192)
+def _small_frame_of(message: bytes) -> bytes:
+    return Frame(Opcode.TEXT, message).serialize(mask=False)
+
+
 def frame_of(message: bytes) -> bytes:
     """The unmasked, uncompressed text frame of `message` (the same for every socket)."""
+    if len(message) <= FRAME_CACHE_MAX_MESSAGE:
+        return _small_frame_of(message)
     return Frame(Opcode.TEXT, message).serialize(mask=False)
 
 
