@@ -386,3 +386,28 @@ async def test_duplicate_keys_take_the_last_value_consistently(api: Api, project
         path, content=raw, headers={**bearer(project.admin_key), "Content-Type": "application/json"}
     )
     assert r.status_code == 200 and r.json()["settings"]["registrationOpen"] is False, r.text
+
+
+async def test_typed_bodies_refuse_type_confusion(api: Api, project: Any) -> None:
+    # Litestar decodes `data:` bodies with msgspec's lax mode (strict=False), unlike decode_body:
+    # "0"/"false" -> False, "true" -> True, "30" or 1e3 -> int. That is sane (no string is
+    # "truthy"), but bool-for-int, out-of-range ints, unknown spellings and a string for a list
+    # are refused, and no key is created by them.
+    path = f"/api/projects/{project.id}/api-keys"
+    h = bearer(project.admin_key)
+    before = len((await api.http.get(path, headers=h)).json()["apiKeys"])
+    for extra in (
+        {"expiresInDays": True},
+        {"requireUserAuth": "yes"},
+        {"requireUserAuth": 2},
+        # Fixed in this review: over the `integer` column these were 500 INTERNAL_ERROR.
+        {"rateLimitRequests": 2**70, "rateLimitWindowSeconds": 60},
+        {"rateLimitRequests": 2**31, "rateLimitWindowSeconds": 60},
+        {"rateLimitRequests": 10, "rateLimitWindowSeconds": 2**31},
+        {"allowedOrigins": "https://evil.example"},
+    ):
+        r = await api.http.post(path, json={"name": "k", "scope": "read", **extra}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR", (extra, r.text)
+    assert len((await api.http.get(path, headers=h)).json()["apiKeys"]) == before
+    r = await api.http.post(path, json={"name": "k", "scope": "read", "requireUserAuth": "true"}, headers=h)
+    assert r.status_code == 201 and r.json()["apiKey"]["requireUserAuth"] is True, r.text
