@@ -14,6 +14,8 @@ from fluxbase.services.apikeys import ApiKey
 
 # The one wording of a body that is not JSON (http.edge and the SQL fast path say the same).
 NOT_JSON = "The request body must be JSON."
+# msgspec raises RecursionError (not a DecodeError) on JSON nested deeper than the interpreter allows.
+TOO_DEEP = "The request body is nested too deeply."
 
 
 class Body(msgspec.Struct, rename="camel", forbid_unknown_fields=False):
@@ -32,6 +34,8 @@ def decode_body(raw: bytes, cls: type[T]) -> T:
         raise ValidationError(str(exc)) from None
     except msgspec.DecodeError:
         raise ValidationError(NOT_JSON) from None
+    except RecursionError:
+        raise ValidationError(TOO_DEEP) from None
 
 
 class RegisterBody(Body):

@@ -74,12 +74,17 @@ async def delete_project(project_id: str, ctx: AppContext, caller: Caller) -> Pr
     return ProjectDeleted(project_id=access.project.id)
 
 
+_INT4_MAX = 2**31 - 1
+
+
 def _rate_limit(data: CreateKeyBody) -> tuple[int, int] | None:
     if data.rate_limit_requests is None:
         return None
     window = data.rate_limit_window_seconds or 10
     if data.rate_limit_requests < 1 or window < 1:
         raise ValidationError("rateLimitRequests and rateLimitWindowSeconds must be positive.")
+    if data.rate_limit_requests > _INT4_MAX or window > _INT4_MAX:  # the columns are `integer`
+        raise ValidationError(f"rateLimitRequests and rateLimitWindowSeconds must be at most {_INT4_MAX}.")
     return data.rate_limit_requests, window
 
 

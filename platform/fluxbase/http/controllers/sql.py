@@ -26,6 +26,7 @@ from fluxbase.errors import (
 )
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token, remember_quota
+from fluxbase.http.shapes import TOO_DEEP
 from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authenticate_key, authorize
@@ -53,6 +54,8 @@ def decode_body(raw: bytes) -> ExecuteSqlBody:
         raise ValidationError(str(exc)) from None
     except msgspec.DecodeError:
         raise ValidationError("The request body must be JSON.") from None
+    except RecursionError:  # deeply nested `params`: a client error, not a 500
+        raise ValidationError(TOO_DEEP) from None
 
 
 async def request_identity(
@@ -268,6 +271,8 @@ async def execute_batch(request: Request[Any, Any, Any], ctx: AppContext) -> Res
         raise ValidationError(str(exc)) from None
     except msgspec.DecodeError:
         raise ValidationError("The request body must be JSON.") from None
+    except RecursionError:
+        raise ValidationError(TOO_DEEP) from None
     auth_uid = body.auth_uid if body.auth_uid is not None else request.headers.get(AUTH_UID_HEADER)
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
     statements = [sql.Statement(s.query, s.params) for s in body.statements]
