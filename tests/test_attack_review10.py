@@ -357,11 +357,6 @@ async def test_deeply_nested_hand_read_body_is_a_validation_error(
     assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR", r.text[:200]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an Any-typed field of a body Litestar decodes (broadcast payload) lets msgspec's "
-    "RecursionError through to the catch-all: 500 INTERNAL_ERROR, not a 400",
-)
 @pytest.mark.parametrize(
     "route",
     [("/api/realtime/broadcast", "payload", {"event": "x"})],

@@ -135,7 +135,25 @@ def on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response
     )
 
 
+def _nested_too_deeply(exc: Exception) -> bool:
+    """msgspec's RecursionError while Litestar decodes a body (an `Any` field of deeply nested
+    JSON): the client's fault, not a crash. Only when raised by Litestar's own JSON decoding."""
+    if not isinstance(exc, RecursionError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (
+        code is not None
+        and code.co_name in ("decode_json", "decode_msgpack")
+        and code.co_filename.replace("\\", "/").endswith("litestar/serialization/msgspec_hooks.py")
+    )
+
+
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if _nested_too_deeply(exc):
+        return error_response(ValidationError("The request body is nested too deeply."))
     if isinstance(exc, CONTROL_BUSY):
         log.warning(
             "control-plane wait timed out on %s %s (%s): %r",
