@@ -535,6 +535,19 @@ NOT_PROJECT_SCOPED = {
 # Instance-admin operations on a project (not member roles or key scopes): their own tests in
 # test_project_operations.py check that keys, members and project admins are refused.
 INSTANCE_ADMIN_ROUTES = {"setQuotas", "suspendProject", "resumeProject", "listAllProjects"}
+# The database-cluster management API (instance admins and management keys; tested in
+# tests/test_clusters.py and tests/test_attack_review7.py, which refuse every other principal).
+INSTANCE_ADMIN_ROUTES |= {
+    "registerCluster",
+    "listClusters",
+    "getCluster",
+    "updateCluster",
+    "removeCluster",
+    "checkClusterConnection",
+    "createManagementKey",
+    "listManagementKeys",
+    "revokeManagementKey",
+}
 
 
 def expected(level: str, principal: str, ok: int) -> tuple[int, str | None]:
