@@ -31,12 +31,14 @@ class RegisterClusterBody(_Wire, forbid_unknown_fields=True):
     label: str
     connection_string: str
     region: str | None = None
+    placement: str | None = None  # "open" | "closed"; default: open for a session, closed for a key
 
 
 class UpdateClusterBody(_Wire, forbid_unknown_fields=True):
     label: str | None = None
     connection_string: str | None = None
     region: str | None = None
+    placement: str | None = None  # "open" needs an instance admin's session
 
 
 class ClusterConnectionOut(_Wire):
@@ -56,6 +58,7 @@ class ClusterOut(_Wire):
     connection: ClusterConnectionOut | None
     server_version: int | None
     projects: int
+    placement: str
     created_at: datetime
     updated_at: datetime
 
@@ -132,6 +135,7 @@ def _cluster_out(c: Cluster) -> ClusterOut:
         conn,
         c.server_version,
         c.projects,
+        c.placement,
         c.created_at,
         c.updated_at,
     )
@@ -174,8 +178,16 @@ async def _instance_admin(
 async def register_cluster(
     request: Request[Any, Any, Any], ctx: AppContext, data: RegisterClusterBody
 ) -> ClusterResponse:
-    await _instance_admin(request, ctx)
-    c = await clusters.register_cluster(ctx.db, ctx.settings, data.label, data.connection_string, data.region)
+    user_id = await _instance_admin(request, ctx)
+    c = await clusters.register_cluster(
+        ctx.db,
+        ctx.settings,
+        data.label,
+        data.connection_string,
+        data.region,
+        by_session=user_id is not None,
+        placement=data.placement,
+    )
     return ClusterResponse(_cluster_out(c))
 
 
@@ -195,7 +207,7 @@ async def get_cluster(request: Request[Any, Any, Any], ctx: AppContext, cluster_
 async def update_cluster(
     request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str, data: UpdateClusterBody
 ) -> ClusterResponse:
-    await _instance_admin(request, ctx)
+    user_id = await _instance_admin(request, ctx)
     c = await clusters.update_cluster(
         ctx.db,
         ctx.settings,
@@ -204,6 +216,8 @@ async def update_cluster(
         region=data.region,
         connection_string=data.connection_string,
         clear_region=data.region == "",
+        placement=data.placement,
+        by_session=user_id is not None,
     )
     return ClusterResponse(_cluster_out(c))
 
