@@ -17,7 +17,7 @@ from fluxbase.errors import AuthRequired, InsufficientPermissions
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
-from fluxbase.services import clusters
+from fluxbase.services import clusters, moves
 from fluxbase.services.clusters import Cluster, ConnectionCheck, ManagementKey
 
 TAGS = ["clusters"]
@@ -39,6 +39,17 @@ class UpdateClusterBody(_Wire, forbid_unknown_fields=True):
     connection_string: str | None = None
     region: str | None = None
     placement: str | None = None  # "open" needs an instance admin's session
+
+
+class MoveProjectBody(_Wire, forbid_unknown_fields=True):
+    cluster_id: str
+
+
+class ProjectMovedResponse(_Wire):
+    project_id: str
+    from_cluster_id: str
+    cluster_id: str
+    success: bool = True
 
 
 class ClusterConnectionOut(_Wire):
@@ -267,7 +278,29 @@ async def revoke_management_key(
     return ManagementKeyResponse(_key_out(await clusters.revoke_management_key(ctx.db, key_id)))
 
 
+@post("/api/admin/projects/{project_id:str}/move", operation_id="moveProject", tags=TAGS, status_code=200)
+async def move_project(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str, data: MoveProjectBody
+) -> ProjectMovedResponse:
+    """Move a project to another cluster (services.moves): read-only while its schema and data
+    are copied, then switched; keys, storage, webhooks and team are untouched. A management key
+    moves projects only to clusters open to placement."""
+    user_id = await _instance_admin(request, ctx)
+    source = await moves.move_project(
+        ctx.db,
+        ctx.cluster_pools(),
+        ctx.tenants,
+        ctx.settings,
+        project_id,
+        data.cluster_id,
+        by_session=user_id is not None,
+    )
+    ctx.auth.forget_all()  # cached keys carry the project's cluster
+    return ProjectMovedResponse(project_id, source, data.cluster_id)
+
+
 ROUTES = [
+    move_project,
     register_cluster,
     list_clusters,
     get_cluster,
