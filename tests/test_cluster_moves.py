@@ -119,6 +119,9 @@ async def test_a_move_is_refused_to_the_wrong_callers_and_targets(inst: dict[str
     assert_error(await http.post(path, json={"clusterId": cid}), 401, "AUTH_REQUIRED")
     r = await http.post(path, json={"clusterId": cid}, headers=bearer(inst["user_token"]))
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    project_key = await api.new_key(inst["admin"], pid, "admin")
+    r = await http.post(path, json={"clusterId": cid}, headers=bearer(project_key))
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
     admin = bearer(inst["admin"])
     assert_error(
         await http.post(path, json={"clusterId": "cl_nope"}, headers=admin), 404, "CLUSTER_NOT_FOUND"
@@ -262,4 +265,30 @@ async def test_a_move_copies_everything_and_refuses_writes_meanwhile(
     assert (await _schema_on(inst["two_url"], pid))[0] is True
     # The team and the keys are untouched: the owner still lists them.
     r = await http.get(f"/api/projects/{pid}/api-keys", headers=bearer(inst["admin"]))
-    assert r.status_code == 200 and len(r.json()["apiKeys"]) == 3, r.text
+    assert r.status_code == 200 and len(r.json()["apiKeys"]) == 4, r.text
+
+
+async def test_a_move_back_to_the_default_cluster(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """From a registered cluster (pg_dump pointed at it, its export role made there) back to the
+    control plane's server, by the admin's session."""
+    api: Api = inst["api"]
+    pid, key = inst["pid"], inst["key"]
+    r = await api.http.post(
+        f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["fromClusterId"] == inst["cid"]
+    r = await api.sql(key, pid, "SELECT inet_server_port() AS port, count(*)::int AS n FROM notes")
+    row = r.json()["result"]["rows"][0]
+    assert row["port"] != pg2.port and row["n"] == 6, r.text
+    assert await _schema_on(inst["two_url"], pid) == (False, 0)
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": "default",
+        "moving_to": None,
+        "read_only": False,
+    }
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('home again') RETURNING id")
+    assert r.json()["result"]["rows"][0]["id"] == 7, r.text
