@@ -292,3 +292,34 @@ async def test_a_move_back_to_the_default_cluster(
     }
     r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('home again') RETURNING id")
     assert r.json()["result"]["rows"][0]["id"] == 7, r.text
+
+
+async def test_a_move_whose_process_died_is_recovered(inst: dict[str, Any]) -> None:
+    """A mark left behind by a move whose API process died (no one holds the project's move
+    lock) keeps writes refused, and the next move recovers it first instead of answering
+    PROJECT_MOVING for ever."""
+    api: Api = inst["api"]
+    pid, cid, key = inst["pid"], inst["cid"], inst["key"]
+    control = await asyncpg.connect(inst["control_url"])
+    try:
+        await control.execute(
+            """UPDATE fluxbase.projects SET moving_to = $2, read_only_before_move = read_only,
+                      read_only = true WHERE id = $1""",
+            pid,
+            cid,
+        )
+    finally:
+        await control.close()
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('refused')")
+    assert_error(r, 409, "PROJECT_MOVING")
+    r = await api.http.post(
+        f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 200, r.text
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": cid,
+        "moving_to": None,
+        "read_only": False,
+    }
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('on two again') RETURNING id")
+    assert r.json()["result"]["rows"][0]["id"] == 8, r.text

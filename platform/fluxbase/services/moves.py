@@ -57,6 +57,7 @@ from fluxbase.tenancy.pools import TenantPools
 log = logging.getLogger("fluxbase.moves")
 
 LOCK_WAIT_S = 10  # how long the quiesce waits for writes already under way
+MOVE_LOCK = 0x4D4F5645  # the advisory lock class of project moves ("MOVE"), keyed by project
 
 
 async def _server(db: asyncpg.Pool, settings: Settings, cluster_id: str) -> tuple[str, int, str]:
@@ -123,6 +124,26 @@ async def _drop_on_cluster(
             await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
 
 
+async def _recover(db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, project_id: str) -> None:
+    """A mark left by a move whose process died (nobody holds the project's move lock): drop the
+    target's partial copy and make the project writable on its source again."""
+    row = await db.fetchrow("SELECT cluster_id, moving_to FROM fluxbase.projects WHERE id = $1", project_id)
+    if row is None or row["moving_to"] is None:
+        return
+    log.warning("project %s: recovering an interrupted move to %s", project_id, row["moving_to"])
+    if row["moving_to"] != row["cluster_id"]:
+        await _drop_on_cluster(db, cluster_pools, row["moving_to"], project_id)
+    await db.execute(
+        """UPDATE fluxbase.projects
+           SET moving_to = NULL, read_only = coalesce(read_only_before_move, read_only),
+               read_only_before_move = NULL
+           WHERE id = $1 AND moving_to = $2""",
+        project_id,
+        row["moving_to"],
+    )
+    await clusters.mirror_project(db, cluster_pools, project_id)
+
+
 async def move_project(
     db: asyncpg.Pool,
     cluster_pools: clusters.ClusterPools,
@@ -133,8 +154,41 @@ async def move_project(
     *,
     by_session: bool,
 ) -> str:
-    """Move the project to `target_id` (see the module's docstring); returns the source's id."""
+    """Move the project to `target_id` (see the module's docstring); returns the source's id.
+
+    The move holds a session advisory lock on the control plane for the project: a second move
+    meanwhile answers PROJECT_MOVING, and a mark nobody holds the lock for (the moving process
+    died) is recovered first (`_recover`)."""
     target = await clusters.get_cluster(db, target_id)
+    async with db.acquire() as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", MOVE_LOCK, project_id):
+            raise ProjectMoving("The project is already being moved.")
+        try:
+            try:
+                await _recover(db, cluster_pools, project_id)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.error("project %s: recovering an interrupted move failed: %r", project_id, exc)
+                raise ProjectMoveFailed(
+                    "An interrupted earlier move could not be cleaned up (its target is unreachable?)."
+                ) from None
+            return await _move(
+                db, cluster_pools, tenants, settings, project_id, target, by_session=by_session
+            )
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock($1, hashtext($2))", MOVE_LOCK, project_id)
+
+
+async def _move(
+    db: asyncpg.Pool,
+    cluster_pools: clusters.ClusterPools,
+    tenants: TenantPools,
+    settings: Settings,
+    project_id: str,
+    target: clusters.Cluster,
+    *,
+    by_session: bool,
+) -> str:
+    target_id = target.id
     row = await db.fetchrow(
         "SELECT cluster_id, moving_to, name FROM fluxbase.projects WHERE id = $1", project_id
     )
