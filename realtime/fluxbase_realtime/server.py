@@ -231,7 +231,11 @@ class RealtimeService:
         if self.db is None:
             return 0
         live = [(sub, client) for room in list(self.hub.rooms.values()) for sub, client in list(room.items())]
-        await self._resync_moved(live)
+        try:
+            await self._resync_moved(live)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as failure:
+            # Revocation below must not wait on this: log it, the next round tries again.
+            log.warning("could not check for moved projects: %r", failure)
         creds = {sub.grant.credential for sub, _ in live if sub.grant is not None}
         bad = await credentials.invalid(self.db, creds)
         ended = 0
