@@ -285,6 +285,30 @@ async def test_a_management_key_cannot_draw_other_users_projects(
 # -- 2. projects on a registered cluster ----------------------------------------------------------
 
 
+async def test_a_management_key_cannot_repoint_a_cluster_that_holds_projects(
+    inst: dict[str, Any],
+    registered: dict[str, Any],
+    on_two: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """The projects living on a cluster follow its connection string: a key that sends a new one
+    (a server whose authentication its holder controls) would receive their new writes. While
+    projects live there, only an instance admin's session changes it."""
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE attacker_db2")
+    finally:
+        await owner.close()
+    r = await inst["api"].http.patch(
+        f"/api/admin/clusters/{registered['cid']}",
+        json={"connectionString": _url(pg2, "attacker_db2")},
+        headers=bearer(inst["mgmt"]),
+    )
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await inst["api"].http.get(f"/api/admin/clusters/{registered['cid']}", headers=bearer(inst["mgmt"]))
+    assert r.json()["cluster"]["connection"]["database"] == registered["db"]
+
+
 async def test_the_mirror_row_and_other_keys_on_the_cluster(
     inst: dict[str, Any], on_two: dict[str, Any]
 ) -> None:

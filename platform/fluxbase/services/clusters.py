@@ -411,6 +411,10 @@ async def update_cluster(
         raise ValidationError(
             "The default cluster's connection is FLUXBASE_DATABASE_URL; it cannot be changed here."
         )
+    if connection_string is not None and current.projects and not by_session:
+        # The projects living there follow the connection string: a key's holder would point
+        # them at a server whose authentication they control and receive their writes.
+        _require_session(by_session, "change the connection string of a cluster that holds projects")
     if placement is not None:
         if _placement(placement) == "open":
             _require_session(by_session, "open a cluster to placement")
