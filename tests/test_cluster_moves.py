@@ -276,11 +276,24 @@ async def test_a_move_back_to_the_default_cluster(
     control plane's server, by the admin's session."""
     api: Api = inst["api"]
     pid, key = inst["pid"], inst["key"]
-    r = await api.http.post(
-        f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=bearer(inst["admin"])
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["fromClusterId"] == inst["cid"]
+    control = await asyncpg.connect(inst["control_url"])
+    try:
+        before = await control.fetchval("SELECT coalesce(max(id), 0) FROM fluxbase.events")
+        r = await api.http.post(
+            f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=bearer(inst["admin"])
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["fromClusterId"] == inst["cid"]
+        # The copied rows are no new rows: no row events (for subscribers and webhooks) on the
+        # target's outbox.
+        copied = await control.fetchval(
+            "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'row' AND id > $2",
+            pid,
+            before,
+        )
+        assert copied == 0
+    finally:
+        await control.close()
     r = await api.sql(key, pid, "SELECT inet_server_port() AS port, count(*)::int AS n FROM notes")
     row = r.json()["result"]["rows"][0]
     assert row["port"] != pg2.port and row["n"] == 6, r.text
@@ -292,6 +305,15 @@ async def test_a_move_back_to_the_default_cluster(
     }
     r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('home again') RETURNING id")
     assert r.json()["result"]["rows"][0]["id"] == 7, r.text
+    control = await asyncpg.connect(inst["control_url"])
+    try:  # realtime capture is attached again after the copy: new rows are events
+        n = await control.fetchval(
+            "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND record->>'body' = 'home again'",
+            pid,
+        )
+        assert n == 1
+    finally:
+        await control.close()
 
 
 async def test_a_move_whose_process_died_is_recovered(inst: dict[str, Any]) -> None:

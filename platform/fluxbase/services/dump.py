@@ -650,14 +650,26 @@ async def load_statements(
     source: str,
     target: str,
     at: Callable[[int], None] = lambda _i: None,
+    *,
+    quiet: bool = False,
 ) -> None:
     """Run a verified dump's vetted statements and COPY data on `conn` (a project admin role's
     session inside the caller's transaction), the source schema renamed to `target`; `at` is told
-    each statement's index before it runs (for the error message)."""
+    each statement's index before it runs (for the error message).
+
+    `quiet`: the copied rows are not new rows (a move between clusters): each table's capture
+    triggers are detached for its COPY and attached again at the end where realtime is on for
+    it, so the copy writes no row events for subscribers and webhooks."""
     prefix = caps + "; "  # before each statement, as migrations
+    copied: list[str] = []
     for item in parse(f, source):
         at(item.index)
         if isinstance(item, Copy):
+            if quiet:
+                # SECURITY INVOKER, run as the table's owner (sql/0012), like the realtime switch.
+                table = f"{quote_ident(target)}.{quote_ident(item.table)}"
+                await conn.execute("SELECT fluxbase_capture.detach_capture($1::regclass)", table)
+                copied.append(item.table)
             await conn.copy_to_table(
                 item.table, schema_name=target, columns=item.columns, source=_aiter(item.chunks())
             )
@@ -666,6 +678,11 @@ async def load_statements(
         if sql is not None:
             # CREATE EXTENSION: the platform's call that turns it on (sql/0023).
             await conn.execute(prefix + classification.as_run(retarget(sql, target)))
+    for name in copied:
+        # What the DDL event trigger decided at CREATE TABLE (realtime switched off or not).
+        if not await conn.fetchval("SELECT fluxbase_capture.capture_disabled($1)", name):
+            table = f"{quote_ident(target)}.{quote_ident(name)}"
+            await conn.execute("SELECT fluxbase_capture.attach_capture($1::regclass)", table)
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -247,7 +247,7 @@ async def _move(
             try:
                 async with conn.transaction():
                     caps = classification.Caps.of(settings.tenant).script()
-                    await dump.load_statements(conn, caps, f, schema, schema_name(project_id))
+                    await dump.load_statements(conn, caps, f, schema, schema_name(project_id), quiet=True)
             finally:
                 await conn.close()
         switched = await db.fetchval(
