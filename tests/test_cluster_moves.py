@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
 from support import Api, Stack, assert_error, bearer, run_service
+from test_attack_review1 import end_user
 from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
 
 
@@ -129,6 +130,14 @@ async def test_a_move_is_refused_to_the_wrong_callers_and_targets(inst: dict[str
     assert_error(await http.post(path, json={"clusterId": "default"}, headers=admin), 409, "CONFLICT")
     r = await http.post("/api/admin/projects/p_nope/move", json={"clusterId": cid}, headers=admin)
     assert_error(r, 404, "PROJECT_NOT_FOUND")
+    # End-user tokens are not served on a registered cluster yet: a project with end users
+    # stays where they can log in.
+    r = await http.post("/api/projects", json={"name": "with users", "clusterId": "default"}, headers=admin)
+    with_users = r.json()["project"]["id"]
+    await end_user(api, with_users)
+    r = await http.post(f"/api/admin/projects/{with_users}/move", json={"clusterId": cid}, headers=admin)
+    assert_error(r, 409, "CONFLICT")
+    assert "end users" in r.json()["error"]["message"]
     # A management key moves projects only to clusters open to placement (review 7's hole).
     r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "closed"}, headers=admin)
     assert r.status_code == 200, r.text
