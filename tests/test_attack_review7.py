@@ -107,13 +107,18 @@ async def registered(inst: dict[str, Any], pg2: EmbeddedPostgres) -> dict[str, A
 
 @pytest.fixture(scope="module")
 async def on_two(inst: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
-    """A victim's project, placed by the placement policy (fewest projects) on the new cluster."""
+    """A victim's project, placed by the placement policy (fewest projects) on the new cluster,
+    once an instance admin's session has opened it to placement."""
     api: Api = inst["api"]
     # One project on the default cluster already (ties go to the default one).
     r = await api.http.post(
         "/api/projects", json={"name": "filler", "clusterId": "default"}, headers=bearer(inst["admin"])
     )
     assert r.status_code == 201, r.text
+    r = await api.http.patch(
+        f"/api/admin/clusters/{registered['cid']}", json={"placement": "open"}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 200 and r.json()["cluster"]["placement"] == "open", r.text
     _user, token = await api.new_user()
     pid = await api.new_project(token, "victim")
     key = await api.new_key(token, pid, "admin", rateLimitRequests=100_000)
@@ -230,33 +235,78 @@ async def test_a_management_key_cannot_obtain_the_runtime_password(
     assert password not in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review7 finding 1b: a cluster registered by a management key receives other users' new "
-    "projects at once (placement: fewest projects); its owner reads their rows",
-)
 async def test_a_management_key_cannot_draw_other_users_projects(
     inst: dict[str, Any],
     registered: dict[str, Any],
-    on_two: dict[str, Any],
     pg2: EmbeddedPostgres,  # noqa: F811
 ) -> None:
+    """Review 7 finding 1b: the key's cluster took the next project (fewest projects) and its
+    owner read the victim's rows. A cluster registered by a management key is closed to
+    placement until an instance admin's session opens it; the key cannot open it."""
     api: Api = inst["api"]
-    r = await api.sql(on_two["key"], on_two["pid"], "CREATE TABLE secrets (v text)")
+    mgmt = bearer(inst["mgmt"])
+    r = await api.http.get(f"/api/admin/clusters/{registered['cid']}", headers=mgmt)
+    assert r.json()["cluster"]["placement"] == "closed", r.text
+    # One project on the default cluster already (ties go to the default one).
+    r = await api.http.post(
+        "/api/projects", json={"name": "filler", "clusterId": "default"}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 201, r.text
+    _user, token = await api.new_user()
+    pid = await api.new_project(token, "victim")
+    key = await api.new_key(token, pid, "admin", rateLimitRequests=100_000)
+    r = await api.sql(key, pid, "CREATE TABLE secrets (v text)")
     assert r.json()["success"], r.text
-    r = await api.sql(on_two["key"], on_two["pid"], "INSERT INTO secrets VALUES ('victim-secret')")
+    r = await api.sql(key, pid, "INSERT INTO secrets VALUES ('victim-secret')")
     assert r.json()["success"], r.text
     owner = await asyncpg.connect(_url(pg2, registered["db"]))
     try:
-        seen = await owner.fetchval(f"SELECT v FROM {quote_ident('p_' + on_two['pid'])}.secrets")
+        seen = await owner.fetchval(f"SELECT v FROM {quote_ident('p_' + pid)}.secrets")
     except asyncpg.UndefinedTableError:
         seen = None
     finally:
         await owner.close()
     assert seen != "victim-secret"
+    # Nor can the key open its cluster, at registration or afterwards.
+    r = await api.http.patch(
+        f"/api/admin/clusters/{registered['cid']}", json={"placement": "open"}, headers=mgmt
+    )
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await api.http.post(
+        "/api/admin/clusters",
+        json={"label": "again", "connectionString": _url(pg2, "postgres"), "placement": "open"},
+        headers=mgmt,
+    )
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await api.http.get(f"/api/admin/clusters/{registered['cid']}", headers=mgmt)
+    assert r.json()["cluster"]["placement"] == "closed", r.text
 
 
 # -- 2. projects on a registered cluster ----------------------------------------------------------
+
+
+async def test_a_management_key_cannot_repoint_a_cluster_that_holds_projects(
+    inst: dict[str, Any],
+    registered: dict[str, Any],
+    on_two: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """The projects living on a cluster follow its connection string: a key that sends a new one
+    (a server whose authentication its holder controls) would receive their new writes. While
+    projects live there, only an instance admin's session changes it."""
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE attacker_db2")
+    finally:
+        await owner.close()
+    r = await inst["api"].http.patch(
+        f"/api/admin/clusters/{registered['cid']}",
+        json={"connectionString": _url(pg2, "attacker_db2")},
+        headers=bearer(inst["mgmt"]),
+    )
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await inst["api"].http.get(f"/api/admin/clusters/{registered['cid']}", headers=bearer(inst["mgmt"]))
+    assert r.json()["cluster"]["connection"]["database"] == registered["db"]
 
 
 async def test_the_mirror_row_and_other_keys_on_the_cluster(

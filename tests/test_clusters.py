@@ -246,6 +246,19 @@ async def test_placement_and_sql_on_cluster_two(
         await http.get("/api/admin/clusters", headers=bearer(user_token)), 403, "INSUFFICIENT_PERMISSIONS"
     )
 
+    # Registered with a management key, the cluster is closed to placement; only an instance
+    # admin's session opens it (hostile review 7).
+    r = await http.get(f"/api/admin/clusters/{cid}", headers=mgmt)
+    assert r.json()["cluster"]["placement"] == "closed"
+    r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "open"}, headers=mgmt)
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "shut"}, headers=admin)
+    assert_error(r, 400, "VALIDATION_ERROR")
+    r = await http.patch("/api/admin/clusters/default", json={"placement": "closed"}, headers=admin)
+    assert_error(r, 400, "VALIDATION_ERROR")
+    r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "open"}, headers=admin)
+    assert r.status_code == 200 and r.json()["cluster"]["placement"] == "open", r.text
+
     # Placement: fewest projects; an explicit clusterId is an instance admin's decision.
     first = await api.new_project(user_token, "first")  # both empty: the default cluster first
     second = state["second"] = await api.new_project(user_token, "second")  # now cluster two has fewer

@@ -547,6 +547,7 @@ INSTANCE_ADMIN_ROUTES |= {
     "createManagementKey",
     "listManagementKeys",
     "revokeManagementKey",
+    "moveProject",  # tests/test_cluster_moves.py refuses users, project keys and no credential
 }
 
 

@@ -309,3 +309,19 @@ class ClusterNotFound(FluxbaseError):
 class ClusterInUse(FluxbaseError):
     code, status = "CLUSTER_IN_USE", 409
     default_message = "Projects still live on this database cluster; move or delete them first."
+
+
+class ProjectMoving(FluxbaseError):
+    code, status = "PROJECT_MOVING", 409
+    default_message = (
+        "The project is being moved to another database cluster: writes are refused until the move "
+        "ends (reads still work). Retry shortly."
+    )
+
+
+class ProjectMoveFailed(FluxbaseError):
+    code, status = "PROJECT_MOVE_FAILED", 502
+    default_message = (
+        "The project could not be copied to the target cluster; it stays on its cluster, writable, "
+        "and the partial copy was removed."
+    )

@@ -56,6 +56,24 @@ class ClusterReaders:
                 self._where[project_id] = known
         return known
 
+    async def moved(self, db: asyncpg.Pool, project_ids: set[str]) -> list[str]:
+        """Which of these projects live on another cluster than remembered (a move between
+        clusters, services.moves): their new cluster is remembered from now on."""
+        known = [p for p in project_ids if p in self._where]
+        if not known:
+            return []
+        rows = await db.fetch(
+            "SELECT id, cluster_id FROM fluxbase.projects WHERE id = ANY($1::text[])", known
+        )
+        moved = []
+        for row in rows:
+            if self._where.get(row["id"]) != row["cluster_id"]:
+                self._where[row["id"]] = str(row["cluster_id"])
+                moved.append(str(row["id"]))
+        if moved:
+            await self.refresh(db)  # a reader for the new cluster, if it has none yet
+        return moved
+
     async def reader_for(self, db: asyncpg.Pool, project_id: str) -> OutboxReader:
         cluster_id = await self.cluster_of(db, project_id)
         reader = self.readers.get(cluster_id)

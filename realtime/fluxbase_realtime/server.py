@@ -231,6 +231,11 @@ class RealtimeService:
         if self.db is None:
             return 0
         live = [(sub, client) for room in list(self.hub.rooms.values()) for sub, client in list(room.items())]
+        try:
+            await self._resync_moved(live)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as failure:
+            # Revocation below must not wait on this: log it, the next round tries again.
+            log.warning("could not check for moved projects: %r", failure)
         creds = {sub.grant.credential for sub, _ in live if sub.grant is not None}
         bad = await credentials.invalid(self.db, creds)
         ended = 0
@@ -243,6 +248,28 @@ class RealtimeService:
                 self._end(sub, client, exc)
                 ended += 1
         return ended
+
+    async def _resync_moved(self, live: list[tuple[Subscription, Client]]) -> None:
+        """Subscribers of a project that moved to another cluster (services.moves) get
+        `resync_required`: its events now come from that cluster's outbox, whose cursors are not
+        the old one's, so a client re-reads its state and subscribes on with the new cursor."""
+        assert self.db is not None
+        moved = set(await self.clusters.moved(self.db, {sub.project_id for sub, _ in live}))
+        for sub, client in live:
+            if sub.project_id not in moved:
+                continue
+            reader = await self.clusters.reader_for(self.db, sub.project_id)
+            cursor = reader.position(sub.project_id) if reader.cursor is not None else None
+            client.push(
+                _dumps(
+                    {
+                        "type": "resync_required",
+                        "roomId": sub.room or ROOM_PREFIX + sub.project_id,
+                        "message": "The project moved to another database cluster: re-read its state.",
+                        "cursor": None if cursor is None else str(cursor),
+                    }
+                )
+            )
 
     def _end(self, sub: Subscription, client: Client, exc: FluxbaseError) -> None:
         room = sub.room or ROOM_PREFIX + sub.project_id

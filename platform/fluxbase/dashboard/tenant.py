@@ -18,6 +18,7 @@ async def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Ident
         identity=identity,
         limits=limits_of(ctx),
         project_read_only=access.project.read_only,
+        project_moving=access.project.moving,
         db_quota=access.project.db_quota,
         sizes=ctx.sizes,
     )

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 
+import asyncpg
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -155,12 +156,20 @@ ROUTES = [
 ]
 
 
-async def _forget_on_ring(bell: ControlBell, auth: Authenticator, stop: asyncio.Event) -> None:
-    """Forget every cached key whenever the control doorbell rings."""
+async def _forget_on_ring(
+    bell: ControlBell, auth: Authenticator, stop: asyncio.Event, tenants: TenantPools | None = None
+) -> None:
+    """Forget every cached key whenever the control doorbell rings, and the tenant pools of
+    projects that moved to another cluster (services.moves)."""
     while not stop.is_set():
         await wait_any(bell.rang, stop)
         bell.rang.clear()
         auth.forget_all()
+        if tenants is not None:
+            try:
+                await tenants.forget_moved()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not check for moved projects: %r", exc)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -192,7 +201,9 @@ def create_app(settings: Settings) -> Litestar:
         bell = ControlBell(settings.database.url, "fluxbase-api-control")
         app.state.bell_tasks = [
             asyncio.create_task(bell.run(app.state.bell_stop)),
-            asyncio.create_task(_forget_on_ring(bell, app.state.ctx.auth, app.state.bell_stop)),
+            asyncio.create_task(
+                _forget_on_ring(bell, app.state.ctx.auth, app.state.bell_stop, app.state.ctx.tenants)
+            ),
         ]
 
         if settings.run_worker_in_api:

@@ -22,6 +22,7 @@ from fluxbase.errors import (
     AuthRequired,
     InsufficientPermissions,
     OriginNotAllowed,
+    ProjectMoving,
     ProjectNotFound,
     ProjectReadOnly,
     ProjectSuspended,
@@ -87,6 +88,7 @@ class Project:
     created_at: datetime
     db_quota: int | None = None  # database-size cap in bytes (None: no cap)
     cluster_id: str = "default"  # the database cluster the project lives on (services.clusters)
+    moving: bool = False  # being moved to another cluster (services.moves): writes are refused
 
     @classmethod
     def from_row(cls, row: asyncpg.Record, prefix: str = "") -> Project:
@@ -100,6 +102,7 @@ class Project:
             row[prefix + "created_at"],
             row.get(prefix + "db_quota_bytes"),
             row.get(prefix + "cluster_id") or "default",
+            row.get(prefix + "moving_to") is not None,
         )
 
 
@@ -128,6 +131,7 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        p.id AS p_id, p.name AS p_name, p.status AS p_status, p.read_only AS p_read_only,
        p.rate_limit_requests AS p_rate_limit_requests, p.rate_limit_window_s AS p_rate_limit_window_s,
        p.created_at AS p_created_at, p.db_quota_bytes AS p_db_quota_bytes, p.cluster_id AS p_cluster_id,
+       p.moving_to AS p_moving_to,
        (SELECT e.epoch FROM fluxbase_guard.auth_epochs e WHERE e.project_id = k.project_id) AS epoch
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1
@@ -356,5 +360,7 @@ WRITE_NEEDS = frozenset({Need.WRITE, Need.SCHEMA})
 def _check_status(project: Project, need: Need) -> None:
     if project.status == "suspended":
         raise ProjectSuspended()
+    if project.moving and need in WRITE_NEEDS:
+        raise ProjectMoving()
     if project.read_only and need in WRITE_NEEDS:
         raise ProjectReadOnly()

@@ -255,6 +255,7 @@ class Cluster:
     projects: int
     created_at: datetime
     updated_at: datetime
+    placement: str = "open"  # "open": the placement policy may put new projects here
 
 
 def _row_cluster(row: asyncpg.Record) -> Cluster:
@@ -270,7 +271,24 @@ def _row_cluster(row: asyncpg.Record) -> Cluster:
         row["projects"],
         row["created_at"],
         row["updated_at"],
+        row["placement"],
     )
+
+
+PLACEMENTS = ("open", "closed")
+
+
+def _placement(value: str) -> str:
+    if value not in PLACEMENTS:
+        raise ValidationError("placement must be 'open' or 'closed'.")
+    return value
+
+
+def _require_session(by_session: bool, what: str) -> None:
+    """Opening a cluster to the placement policy puts other users' projects (and so their rows)
+    on a server someone else may run: an instance admin's decision, never a management key's."""
+    if not by_session:
+        raise InsufficientPermissions(f"Only an instance admin's dashboard session may {what}.")
 
 
 _SELECT = """SELECT c.*, (SELECT count(*) FROM fluxbase.projects p WHERE p.cluster_id = c.id)::int AS projects
@@ -332,18 +350,33 @@ async def _verify_and_install(settings: Settings, target: Target, cluster_id: st
 
 
 async def register_cluster(
-    db: asyncpg.Pool, settings: Settings, label: str, connection_string: str, region: str | None
+    db: asyncpg.Pool,
+    settings: Settings,
+    label: str,
+    connection_string: str,
+    region: str | None,
+    *,
+    by_session: bool,
+    placement: str | None = None,
 ) -> Cluster:
-    """Verify, install Fluxbase's SQL, then save: a cluster that fails any step is not saved."""
+    """Verify, install Fluxbase's SQL, then save: a cluster that fails any step is not saved.
+
+    Registered by an instance admin's session, it is open to the placement policy unless asked
+    otherwise; registered by a management key it starts closed, and only a session opens it
+    (hostile review 7: the key's holder may run the server and read what is placed there)."""
     label, region = _label(label), _region(region)
+    if placement is None:
+        placement = "open" if by_session else "closed"
+    if _placement(placement) == "open":
+        _require_session(by_session, "open a cluster to placement")
     target = parse_connection_string(connection_string)
     await _refuse_duplicate(db, settings, target)
     cluster_id = ids.prefixed("cl")
     version = await _verify_and_install(settings, target, cluster_id)
     await db.execute(
         """INSERT INTO fluxbase.clusters
-               (id, label, region, host, port, database, username, secret, server_version)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+               (id, label, region, host, port, database, username, secret, server_version, placement)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
         cluster_id,
         label,
         region,
@@ -353,6 +386,7 @@ async def register_cluster(
         target.user,
         seal(settings, cluster_id, target.password),
         version,
+        placement,
     )
     return await get_cluster(db, cluster_id)
 
@@ -366,13 +400,26 @@ async def update_cluster(
     region: str | None,
     connection_string: str | None,
     clear_region: bool = False,
+    placement: str | None = None,
+    by_session: bool = False,
 ) -> Cluster:
-    """Change label/region; a new connection string is verified (and installed) before it is stored."""
+    """Change label/region/placement; a new connection string is verified (and installed) before
+    it is stored. Only a session opens placement (anyone here may close it); a key that changes the
+    connection string closes it (the new address is a server the key's holder may run)."""
     current = await get_cluster(db, cluster_id)
     if current.target is None and connection_string is not None:
         raise ValidationError(
             "The default cluster's connection is FLUXBASE_DATABASE_URL; it cannot be changed here."
         )
+    if connection_string is not None and current.projects and not by_session:
+        # The projects living there follow the connection string: a key's holder would point
+        # them at a server whose authentication they control and receive their writes.
+        _require_session(by_session, "change the connection string of a cluster that holds projects")
+    if placement is not None:
+        if _placement(placement) == "open":
+            _require_session(by_session, "open a cluster to placement")
+        if current.target is None and placement != "open":
+            raise ValidationError("The default cluster is always open to placement.")
     async with db.acquire() as conn, conn.transaction():
         if label is not None:
             await conn.execute(
@@ -401,6 +448,16 @@ async def update_cluster(
                 target.user,
                 seal(settings, cluster_id, target.password),
                 version,
+            )
+            if not by_session:
+                await conn.execute(
+                    "UPDATE fluxbase.clusters SET placement = 'closed' WHERE id = $1", cluster_id
+                )
+        if placement is not None:
+            await conn.execute(
+                "UPDATE fluxbase.clusters SET placement = $2, updated_at = now() WHERE id = $1",
+                cluster_id,
+                placement,
             )
     return await get_cluster(db, cluster_id)
 
@@ -467,13 +524,15 @@ async def check_connection(db: asyncpg.Pool, settings: Settings, cluster_id: str
 
 
 async def place(conn: asyncpg.Connection, cluster_id: str | None) -> str:
-    """The cluster a new project goes to: the one asked for, or the one with the fewest projects."""
+    """The cluster a new project goes to: the one asked for (an instance admin's choice, open or
+    closed), or the open cluster with the fewest projects."""
     if cluster_id is not None:
         if not await conn.fetchval("SELECT 1 FROM fluxbase.clusters WHERE id = $1 FOR KEY SHARE", cluster_id):
             raise ClusterNotFound()
         return cluster_id
     chosen = await conn.fetchval(
         """SELECT c.id FROM fluxbase.clusters c LEFT JOIN fluxbase.projects p ON p.cluster_id = c.id
+           WHERE c.placement = 'open' OR c.id = 'default'
            GROUP BY c.id ORDER BY count(p.id), c.id = 'default' DESC, c.created_at, c.id LIMIT 1"""
     )
     return str(chosen)

@@ -33,7 +33,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -212,16 +212,32 @@ class Export:
                 await self.proc.wait()
 
 
-async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) -> Export:
+async def start_export(
+    settings: Settings,
+    db: asyncpg.Pool,
+    project_id: str,
+    *,
+    server: tuple[str, int, str] | None = None,
+    roles_db: asyncpg.Pool | None = None,
+) -> Export:
     """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot.
-    The project's applied migrations (its ledger) are carried in the export."""
+    The project's applied migrations (its ledger) are carried in the export.
+
+    `server` (host, port, database) and `roles_db` (the runtime role's pool there) name the
+    cluster the project lives on; by default the control plane's (a move between clusters
+    passes a registered one's, services.moves)."""
     ledger = await migrations.list_migrations(db, project_id)
     installed = await extensions.installed(db, project_id)
-    parts = urlsplit(settings.database.url)
-    host, port = settings.database.server()
+    if server is None:
+        parts = urlsplit(settings.database.url)
+        server = (*settings.database.server(), (parts.path or "/postgres").lstrip("/") or "postgres")
+    host, port, dbname = server
     for attempt in range(3):
         try:
-            async with db.acquire(timeout=settings.database.connect_timeout) as conn, conn.transaction():
+            async with (
+                (roles_db or db).acquire(timeout=settings.database.connect_timeout) as conn,
+                conn.transaction(),
+            ):
                 role = await ensure_export_role(conn, project_id, settings)
             break
         except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
@@ -251,7 +267,7 @@ async def start_export(settings: Settings, db: asyncpg.Pool, project_id: str) ->
         "--username",
         role,
         "--dbname",
-        (parts.path or "/postgres").lstrip("/") or "postgres",
+        dbname,
         "--schema",
         schema,
         "--no-owner",
@@ -612,18 +628,12 @@ async def _load(
         ) as conn:
             for token in ledger_tokens:
                 await conn.execute("SELECT fluxbase_guard.redeem_migration($1)", token)
-            caps = pools.statements.caps.script() + "; "  # before each statement, as migrations
-            for item in parse(f, source):
-                index = item.index
-                if isinstance(item, Copy):
-                    await conn.copy_to_table(
-                        item.table, schema_name=target, columns=item.columns, source=_aiter(item.chunks())
-                    )
-                    continue
-                sql = vet(item, source)
-                if sql is not None:
-                    # CREATE EXTENSION: the platform's call that turns it on (sql/0023).
-                    await conn.execute(caps + classification.as_run(retarget(sql, target)))
+
+            def at(i: int) -> None:
+                nonlocal index
+                index = i
+
+            await load_statements(conn, pools.statements.caps.script(), f, source, target, at)
             await quota.check(conn, project_id)
     except asyncpg.PostgresError as exc:
         raise ImportFailed(
@@ -631,6 +641,48 @@ async def _load(
             "No project was created.",
             extra={"statementIndex": index, "details": f"ERROR:  {exc.sqlstate}"},
         ) from None
+
+
+async def load_statements(
+    conn: asyncpg.Connection,
+    caps: str,
+    f: IO[bytes],
+    source: str,
+    target: str,
+    at: Callable[[int], None] = lambda _i: None,
+    *,
+    quiet: bool = False,
+) -> None:
+    """Run a verified dump's vetted statements and COPY data on `conn` (a project admin role's
+    session inside the caller's transaction), the source schema renamed to `target`; `at` is told
+    each statement's index before it runs (for the error message).
+
+    `quiet`: the copied rows are not new rows (a move between clusters): each table's capture
+    triggers are detached for its COPY and attached again at the end where realtime is on for
+    it, so the copy writes no row events for subscribers and webhooks."""
+    prefix = caps + "; "  # before each statement, as migrations
+    copied: list[str] = []
+    for item in parse(f, source):
+        at(item.index)
+        if isinstance(item, Copy):
+            if quiet:
+                # SECURITY INVOKER, run as the table's owner (sql/0012), like the realtime switch.
+                table = f"{quote_ident(target)}.{quote_ident(item.table)}"
+                await conn.execute("SELECT fluxbase_capture.detach_capture($1::regclass)", table)
+                copied.append(item.table)
+            await conn.copy_to_table(
+                item.table, schema_name=target, columns=item.columns, source=_aiter(item.chunks())
+            )
+            continue
+        sql = vet(item, source)
+        if sql is not None:
+            # CREATE EXTENSION: the platform's call that turns it on (sql/0023).
+            await conn.execute(prefix + classification.as_run(retarget(sql, target)))
+    for name in copied:
+        # What the DDL event trigger decided at CREATE TABLE (realtime switched off or not).
+        if not await conn.fetchval("SELECT fluxbase_capture.capture_disabled($1)", name):
+            table = f"{quote_ident(target)}.{quote_ident(name)}"
+            await conn.execute("SELECT fluxbase_capture.attach_capture($1::regclass)", table)
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from fluxbase.errors import StatementFailed, ValidationError
+from fluxbase.errors import ProjectMoving, StatementFailed, ValidationError
 from fluxbase.tenancy import statements as classification
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.results import StatementResult
@@ -37,6 +37,21 @@ def _check_query(query: str, what: str = "query") -> None:
         raise ValidationError(f"{what} is too long or contains NUL characters.")
 
 
+# Statements that only read: all a project being moved between clusters still runs (others are
+# refused before they reach the database, where they would queue behind the move's table locks).
+_READS = frozenset({"SelectStmt", "ExplainStmt", "VariableShowStmt"})
+_WRITES_INSIDE = frozenset(
+    {"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "LockingClause", "IntoClause"}
+)
+
+
+def _refuse_while_moving(req: TenantRequest, verdict: classification.Verdict) -> None:
+    if req.project_moving and not all(
+        s.node in _READS and not (s.kinds & _WRITES_INSIDE) for s in verdict.statements
+    ):
+        raise ProjectMoving()
+
+
 async def execute(
     pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any]
 ) -> StatementResult:
@@ -48,6 +63,7 @@ async def execute(
     refused = verdict.refusal(classification.REQUEST)
     if refused is not None:
         raise StatementFailed(refused.message, refused.sqlstate)
+    _refuse_while_moving(req, verdict)
     keyword = verdict.keyword
     if pipelinable(req, verdict, query):
         try:
@@ -119,6 +135,7 @@ async def execute_batch(
         refused = verdict.refusal(classification.BATCH)
         if refused is not None:
             raise StatementFailed(refused.message, refused.sqlstate, i)
+        _refuse_while_moving(req, verdict)
         keywords.append(verdict.keyword)
         verdicts.append(verdict)
 

@@ -548,8 +548,8 @@ class TenantPools:
 
     async def _address(self, project_id: str) -> tuple[str, int, str]:
         """(host, port, database) of the project's cluster (services.clusters): the control
-        plane's own unless the project row names a registered cluster. Projects do not move
-        between clusters yet, so the answer is kept for the process's life."""
+        plane's own unless the project row names a registered cluster. Kept until the project
+        moves (`forget_moved`, on the control doorbell) or its pools are closed."""
         known = self._where.get(project_id)
         if known is not None:
             return known
@@ -620,8 +620,25 @@ class TenantPools:
             self._reaper = asyncio.create_task(self._reap_idle())
         return pool
 
+    async def forget_moved(self) -> int:
+        """Close the pools of projects that moved to another cluster since their address was
+        looked up (services.moves; called when the control doorbell rings): their next request
+        connects to where they live now. Returns how many moved."""
+        if self.control is None or not self._where:
+            return 0
+        known = list(self._where)
+        rows = await self.control.fetch(
+            "SELECT id, cluster_id FROM fluxbase.projects WHERE id = ANY($1::text[])", known
+        )
+        moved = [r["id"] for r in rows if r["cluster_id"] != self._cluster.get(r["id"], "default")]
+        for project_id in moved:
+            self._cluster.pop(project_id, None)
+            await self.close_project(project_id)
+        return len(moved)
+
     async def close_project(self, project_id: str) -> None:
         self._where.pop(project_id, None)
+        self._cluster.pop(project_id, None)
         for key in [k for k in self._pools if k[0] == project_id]:
             pool = self._pools.pop(key)
             self._last_used.pop(key, None)

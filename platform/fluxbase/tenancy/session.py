@@ -33,6 +33,8 @@ from fluxbase.errors import (
     DatabaseUnavailable,
     FluxbaseError,
     InternalError,
+    ProjectMoving,
+    ProjectReadOnly,
     SessionStatementsLost,
     StatementFailed,
     StatementTimedOut,
@@ -94,6 +96,7 @@ class TenantRequest:
     # which the one-round-trip path trusts only while `epoch` is current; the explicit path
     # leaves it to the key guard, which reads it inside the transaction).
     project_read_only: bool = False
+    project_moving: bool = False  # being moved between clusters (services.moves): writes refused
     guard: tuple[bytes, str] | None = None  # (key hash, project) for fluxbase_guard.check_key
     db_quota: int | None = None  # the project's database-size cap
     sizes: SizeCache | None = None
@@ -390,6 +393,26 @@ async def on_connection(
     tampered with and another principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs
     this request nothing. Only once: a request that drops its own statements fails with the
     503 instead of running again and again."""
+    try:
+        return await _retrying(pools, control, req, run, index, pipelined=pipelined)
+    except ProjectReadOnly:
+        # Read-only because a move between clusters is copying it (services.moves): say so.
+        if control is not None and await control.fetchval(
+            "SELECT moving_to IS NOT NULL FROM fluxbase.projects WHERE id = $1", req.project_id
+        ):
+            raise ProjectMoving() from None
+        raise
+
+
+async def _retrying(
+    pools: TenantPools,
+    control: asyncpg.Pool,
+    req: TenantRequest,
+    run: Callable[[Any], Awaitable[T]],
+    index: Callable[[], int | None] = lambda: None,
+    *,
+    pipelined: bool = False,
+) -> T:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:

@@ -17,7 +17,7 @@ from fluxbase.errors import AuthRequired, InsufficientPermissions
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token
 from fluxbase.security import apikeys
-from fluxbase.services import clusters
+from fluxbase.services import clusters, moves
 from fluxbase.services.clusters import Cluster, ConnectionCheck, ManagementKey
 
 TAGS = ["clusters"]
@@ -31,12 +31,25 @@ class RegisterClusterBody(_Wire, forbid_unknown_fields=True):
     label: str
     connection_string: str
     region: str | None = None
+    placement: str | None = None  # "open" | "closed"; default: open for a session, closed for a key
 
 
 class UpdateClusterBody(_Wire, forbid_unknown_fields=True):
     label: str | None = None
     connection_string: str | None = None
     region: str | None = None
+    placement: str | None = None  # "open" needs an instance admin's session
+
+
+class MoveProjectBody(_Wire, forbid_unknown_fields=True):
+    cluster_id: str
+
+
+class ProjectMovedResponse(_Wire):
+    project_id: str
+    from_cluster_id: str
+    cluster_id: str
+    success: bool = True
 
 
 class ClusterConnectionOut(_Wire):
@@ -56,6 +69,7 @@ class ClusterOut(_Wire):
     connection: ClusterConnectionOut | None
     server_version: int | None
     projects: int
+    placement: str
     created_at: datetime
     updated_at: datetime
 
@@ -132,6 +146,7 @@ def _cluster_out(c: Cluster) -> ClusterOut:
         conn,
         c.server_version,
         c.projects,
+        c.placement,
         c.created_at,
         c.updated_at,
     )
@@ -174,8 +189,16 @@ async def _instance_admin(
 async def register_cluster(
     request: Request[Any, Any, Any], ctx: AppContext, data: RegisterClusterBody
 ) -> ClusterResponse:
-    await _instance_admin(request, ctx)
-    c = await clusters.register_cluster(ctx.db, ctx.settings, data.label, data.connection_string, data.region)
+    user_id = await _instance_admin(request, ctx)
+    c = await clusters.register_cluster(
+        ctx.db,
+        ctx.settings,
+        data.label,
+        data.connection_string,
+        data.region,
+        by_session=user_id is not None,
+        placement=data.placement,
+    )
     return ClusterResponse(_cluster_out(c))
 
 
@@ -195,7 +218,7 @@ async def get_cluster(request: Request[Any, Any, Any], ctx: AppContext, cluster_
 async def update_cluster(
     request: Request[Any, Any, Any], ctx: AppContext, cluster_id: str, data: UpdateClusterBody
 ) -> ClusterResponse:
-    await _instance_admin(request, ctx)
+    user_id = await _instance_admin(request, ctx)
     c = await clusters.update_cluster(
         ctx.db,
         ctx.settings,
@@ -204,6 +227,8 @@ async def update_cluster(
         region=data.region,
         connection_string=data.connection_string,
         clear_region=data.region == "",
+        placement=data.placement,
+        by_session=user_id is not None,
     )
     return ClusterResponse(_cluster_out(c))
 
@@ -253,7 +278,29 @@ async def revoke_management_key(
     return ManagementKeyResponse(_key_out(await clusters.revoke_management_key(ctx.db, key_id)))
 
 
+@post("/api/admin/projects/{project_id:str}/move", operation_id="moveProject", tags=TAGS, status_code=200)
+async def move_project(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str, data: MoveProjectBody
+) -> ProjectMovedResponse:
+    """Move a project to another cluster (services.moves): read-only while its schema and data
+    are copied, then switched; keys, storage, webhooks and team are untouched. A management key
+    moves projects only to clusters open to placement."""
+    user_id = await _instance_admin(request, ctx)
+    source = await moves.move_project(
+        ctx.db,
+        ctx.cluster_pools(),
+        ctx.tenants,
+        ctx.settings,
+        project_id,
+        data.cluster_id,
+        by_session=user_id is not None,
+    )
+    ctx.auth.forget_all()  # cached keys carry the project's cluster
+    return ProjectMovedResponse(project_id, source, data.cluster_id)
+
+
 ROUTES = [
+    move_project,
     register_cluster,
     list_clusters,
     get_cluster,

@@ -138,6 +138,7 @@ async def tenant_request(
         identity=await request_identity(request, ctx, access, auth_uid),
         limits=limits_of(ctx),
         project_read_only=access.project.read_only,
+        project_moving=access.project.moving,
         guard=(key_auth.key_hash, key_auth.project.id) if key_auth is not None else None,
         db_quota=access.project.db_quota,
         sizes=ctx.sizes,

@@ -1,0 +1,304 @@
+"""Moving a project between database clusters (issue 19; docs/clusters.md "Moving a project").
+
+The steps, each undone if a later one fails:
+
+1. mark: the control plane's project row gets `moving_to` and `read_only` (its previous value
+   kept in `read_only_before_move`), so every guard, key cache and replica that honours
+   read-only refuses writes; the access layer answers them PROJECT_MOVING;
+2. quiesce: a session of the project's admin role on the source takes SHARE locks on every
+   table of the schema (it waits for writes already under way, and holds later ones off) and
+   keeps them while the copy runs;
+3. copy: pg_dump of the project's schema as its export role (services.dump), verified (trailer
+   checksum), then the project's schema and LOGIN roles are provisioned on the target (same
+   derived passwords, a mirror row on a registered cluster) and the dump is loaded there in one
+   transaction as the project's admin role, vetted and retargeted like an import: tables, data,
+   sequences, functions, views, RLS switches and policies; grants come from the roles' default
+   privileges, as for any table the project creates, and Fluxbase's capture triggers from the
+   event trigger;
+4. switch: one control-plane UPDATE sets `cluster_id` to the target and restores `read_only`;
+   the project's tenant pools of this process are closed, and the control doorbell (sql/0043)
+   tells realtime replicas, which re-read where the project lives and send its subscribers
+   `resync_required`;
+5. the source's schema and roles are dropped (a failure there is logged: the project already
+   lives on the target).
+
+A failure in steps 1 to 4 drops whatever was provisioned on the target, clears the mark (the project is
+writable on the source again) and answers PROJECT_MOVE_FAILED. API keys, storage, webhooks, the
+team, end users and the migration ledger live in the control plane and are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from fluxbase.config import Settings
+from fluxbase.db.quoting import quote_ident
+from fluxbase.errors import (
+    Conflict,
+    FluxbaseError,
+    InsufficientPermissions,
+    ProjectMoveFailed,
+    ProjectMoving,
+    ProjectNotFound,
+)
+from fluxbase.security.roles import role_name, role_password, schema_name
+from fluxbase.services import clusters, dump, extensions
+from fluxbase.tenancy import provision
+from fluxbase.tenancy import statements as classification
+from fluxbase.tenancy.pools import TenantPools
+
+log = logging.getLogger("fluxbase.moves")
+
+LOCK_WAIT_S = 10  # how long the quiesce waits for writes already under way
+MOVE_LOCK = 0x4D4F5645  # the advisory lock class of project moves ("MOVE"), keyed by project
+
+
+async def _server(db: asyncpg.Pool, settings: Settings, cluster_id: str) -> tuple[str, int, str]:
+    """(host, port, database) of a cluster, as tenant roles reach it."""
+    if cluster_id == clusters.DEFAULT:
+        parts = urlsplit(settings.database.url)
+        host, port = settings.database.server()
+        return host, port, (parts.path or "/postgres").lstrip("/") or "postgres"
+    target = await clusters.stored_target(db, settings, cluster_id)
+    return target.host, target.port, target.database
+
+
+async def _admin_connect(
+    settings: Settings, server: tuple[str, int, str], project_id: str
+) -> asyncpg.Connection:
+    role = role_name(project_id, "admin")
+    return await asyncpg.connect(
+        host=server[0],
+        port=server[1],
+        database=server[2],
+        user=role,
+        password=role_password(settings.auth.secret_key, role),
+        ssl=False,
+        timeout=settings.database.connect_timeout,
+        server_settings={"application_name": f"fluxbase-move-{project_id}"},
+    )
+
+
+@contextlib.asynccontextmanager
+async def _quiesced(settings: Settings, server: tuple[str, int, str], project_id: str) -> AsyncIterator[None]:
+    """SHARE locks on every table of the project's schema on the source, held for the block:
+    writes already running finish first, later ones wait (and are refused by read-only)."""
+    conn = await _admin_connect(settings, server, project_id)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'; SET LOCAL statement_timeout = 0; "
+                "SET LOCAL idle_in_transaction_session_timeout = 0"
+            )
+            tables = await conn.fetch(
+                """SELECT c.relname FROM pg_catalog.pg_class c
+                   WHERE c.relnamespace = pg_catalog.to_regnamespace($1) AND c.relkind IN ('r', 'p')""",
+                schema_name(project_id),
+            )
+            if tables:
+                names = ", ".join(
+                    f"{quote_ident(schema_name(project_id))}.{quote_ident(t['relname'])}" for t in tables
+                )
+                await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+async def _drop_on_cluster(
+    db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, cluster_id: str, project_id: str
+) -> None:
+    """Drop the project's schema and roles on one cluster (and its mirror row on a registered
+    one); the control plane's project row is left alone."""
+    pool = await cluster_pools.pool(cluster_id)
+    async with pool.acquire() as conn, conn.transaction():
+        await provision.drop_project(conn, project_id)
+        if cluster_id != clusters.DEFAULT:
+            await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
+
+
+async def _recover(db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, project_id: str) -> None:
+    """A mark left by a move whose process died (nobody holds the project's move lock): drop the
+    target's partial copy and make the project writable on its source again."""
+    row = await db.fetchrow("SELECT cluster_id, moving_to FROM fluxbase.projects WHERE id = $1", project_id)
+    if row is None or row["moving_to"] is None:
+        return
+    log.warning("project %s: recovering an interrupted move to %s", project_id, row["moving_to"])
+    if row["moving_to"] != row["cluster_id"]:
+        await _drop_on_cluster(db, cluster_pools, row["moving_to"], project_id)
+    await db.execute(
+        """UPDATE fluxbase.projects
+           SET moving_to = NULL, read_only = coalesce(read_only_before_move, read_only),
+               read_only_before_move = NULL
+           WHERE id = $1 AND moving_to = $2""",
+        project_id,
+        row["moving_to"],
+    )
+    await clusters.mirror_project(db, cluster_pools, project_id)
+
+
+async def move_project(
+    db: asyncpg.Pool,
+    cluster_pools: clusters.ClusterPools,
+    tenants: TenantPools,
+    settings: Settings,
+    project_id: str,
+    target_id: str,
+    *,
+    by_session: bool,
+) -> str:
+    """Move the project to `target_id` (see the module's docstring); returns the source's id.
+
+    The move holds a session advisory lock on the control plane for the project: a second move
+    meanwhile answers PROJECT_MOVING, and a mark nobody holds the lock for (the moving process
+    died) is recovered first (`_recover`)."""
+    target = await clusters.get_cluster(db, target_id)
+    async with db.acquire() as lock:
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", MOVE_LOCK, project_id):
+            raise ProjectMoving("The project is already being moved.")
+        try:
+            try:
+                await _recover(db, cluster_pools, project_id)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.error("project %s: recovering an interrupted move failed: %r", project_id, exc)
+                raise ProjectMoveFailed(
+                    "An interrupted earlier move could not be cleaned up (its target is unreachable?)."
+                ) from None
+            return await _move(
+                db, cluster_pools, tenants, settings, project_id, target, by_session=by_session
+            )
+        finally:
+            await lock.execute("SELECT pg_advisory_unlock($1, hashtext($2))", MOVE_LOCK, project_id)
+
+
+async def _move(
+    db: asyncpg.Pool,
+    cluster_pools: clusters.ClusterPools,
+    tenants: TenantPools,
+    settings: Settings,
+    project_id: str,
+    target: clusters.Cluster,
+    *,
+    by_session: bool,
+) -> str:
+    target_id = target.id
+    row = await db.fetchrow(
+        "SELECT cluster_id, moving_to, name FROM fluxbase.projects WHERE id = $1", project_id
+    )
+    if row is None:
+        raise ProjectNotFound()
+    if row["moving_to"] is not None:
+        raise ProjectMoving("The project is already being moved.")
+    source_id = str(row["cluster_id"])
+    if source_id == target_id:
+        raise Conflict("The project already lives on that cluster.")
+    if not by_session and target.placement != "open":
+        # The key's holder may run a closed cluster's server: moving other users' projects
+        # there is the same hole placement had (hostile review 7).
+        raise InsufficientPermissions(
+            "A management key moves projects only to clusters open to placement; "
+            "an instance admin's session opens them."
+        )
+    if await extensions.installed(db, project_id):
+        raise Conflict("Projects with extensions installed cannot be moved yet (docs/clusters.md).")
+    if target_id != clusters.DEFAULT and await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM fluxbase.project_users WHERE project_id = $1)", project_id
+    ):
+        # Their accounts stay in the control plane, but end-user tokens are not served on a
+        # registered cluster yet (docs/clusters.md): the move would lock them out.
+        raise Conflict("Projects with end users cannot move to a registered cluster yet (docs/clusters.md).")
+
+    marked = await db.fetchval(
+        """UPDATE fluxbase.projects
+           SET moving_to = $2, read_only_before_move = read_only, read_only = true
+           WHERE id = $1 AND cluster_id = $3 AND moving_to IS NULL RETURNING id""",
+        project_id,
+        target_id,
+        source_id,
+    )
+    if marked is None:
+        raise ProjectMoving("The project is already being moved.")
+    provisioned = False
+    try:
+        await clusters.mirror_project(db, cluster_pools, project_id)
+        source = await _server(db, settings, source_id)
+        there = await _server(db, settings, target_id)
+        source_pool = await cluster_pools.pool(source_id)
+        target_pool = await cluster_pools.pool(target_id)
+        with tempfile.TemporaryFile() as f:
+            async with _quiesced(settings, source, project_id):
+                export = await dump.start_export(
+                    settings, db, project_id, server=source, roles_db=source_pool
+                )
+                async for chunk in export.stream():
+                    f.write(chunk)
+            schema = await asyncio.to_thread(dump.check_dump, f)
+            async with target_pool.acquire() as rc, rc.transaction():
+                provisioned = True  # from here on, a failure drops what the target has
+                if target_id != clusters.DEFAULT:
+                    await rc.execute(
+                        "INSERT INTO fluxbase.projects (id, name, read_only) VALUES ($1, $2, true)",
+                        project_id,
+                        row["name"],
+                    )
+                await provision.provision_project(rc, project_id, settings)
+            conn = await _admin_connect(settings, there, project_id)
+            try:
+                async with conn.transaction():
+                    caps = classification.Caps.of(settings.tenant).script()
+                    await dump.load_statements(conn, caps, f, schema, schema_name(project_id), quiet=True)
+            finally:
+                await conn.close()
+        switched = await db.fetchval(
+            """UPDATE fluxbase.projects
+               SET cluster_id = $2, moving_to = NULL, read_only = coalesce(read_only_before_move, false),
+                   read_only_before_move = NULL
+               WHERE id = $1 AND moving_to = $2 RETURNING id""",
+            project_id,
+            target_id,
+        )
+        if switched is None:
+            raise ProjectNotFound("The project was deleted during the move.")
+    except BaseException as exc:
+        if provisioned:
+            try:
+                await _drop_on_cluster(db, cluster_pools, target_id, project_id)
+            except Exception as drop_exc:
+                log.error(
+                    "could not remove the partial copy of %s on %s: %r", project_id, target_id, drop_exc
+                )
+        await db.execute(
+            """UPDATE fluxbase.projects
+               SET moving_to = NULL, read_only = coalesce(read_only_before_move, read_only),
+                   read_only_before_move = NULL
+               WHERE id = $1 AND moving_to = $2""",
+            project_id,
+            target_id,
+        )
+        with contextlib.suppress(Exception):
+            await clusters.mirror_project(db, cluster_pools, project_id)
+        if isinstance(exc, ProjectNotFound):
+            raise
+        if isinstance(exc, (FluxbaseError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError)):
+            log.error("moving project %s from %s to %s failed: %r", project_id, source_id, target_id, exc)
+            raise ProjectMoveFailed() from None
+        raise
+
+    # Switched: this process's pools reconnect to the target; the source's copy goes.
+    await tenants.close_project(project_id)
+    try:
+        await clusters.mirror_project(db, cluster_pools, project_id)
+        await _drop_on_cluster(db, cluster_pools, source_id, project_id)
+    except Exception as exc:
+        log.error(
+            "project %s moved to %s; removing it from %s failed: %r", project_id, target_id, source_id, exc
+        )
+    log.info("project %s moved from cluster %s to %s", project_id, source_id, target_id)
+    return source_id

@@ -1,0 +1,356 @@
+"""Moving a project between database clusters (issue 19): POST /api/admin/projects/{id}/move,
+through the real API and realtime service, with two real PostgreSQL servers. A failing target
+leaves the project on its source, writable, with nothing left on the target; a move copies rows,
+RLS policies and grants, refuses writes while it copies (PROJECT_MOVING), keeps the keys working
+and tells realtime subscribers to resync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+from websockets.asyncio.client import connect
+
+from fluxbase.devstack.postgres import EmbeddedPostgres
+from fluxbase.devstack.procs import free_port
+from support import Api, Stack, assert_error, bearer, run_service
+from test_attack_review1 import end_user
+from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
+
+
+def _url(pg: EmbeddedPostgres, db: str) -> str:
+    return f"postgresql://postgres:{quote(pg.password, safe='')}@127.0.0.1:{pg.port}/{db}"
+
+
+@pytest.fixture(scope="module")
+async def inst(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncIterator[dict[str, Any]]:  # noqa: F811
+    """An instance of its own with cluster two registered (by the admin's session: open), a
+    project on the default cluster and its realtime service."""
+    dbname = await stack.create_database()
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE move_two")
+    finally:
+        await owner.close()
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            api = Api(server.url)
+            admin = await api.register(email="mover@example.com")
+            token = await api.login(admin["email"], admin["password"])
+            r = await api.http.post(
+                "/api/admin/clusters",
+                json={"label": "two", "connectionString": _url(pg2, "move_two")},
+                headers=bearer(token),
+            )
+            assert r.status_code == 201 and r.json()["cluster"]["placement"] == "open", r.text
+            cid = r.json()["cluster"]["id"]
+            r = await api.http.post(
+                "/api/admin/management-keys", json={"name": "automation"}, headers=bearer(token)
+            )
+            mgmt = r.json()["key"]
+            _user, user_token = await api.new_user()
+            r = await api.http.post(
+                "/api/projects", json={"name": "mover", "clusterId": "default"}, headers=bearer(token)
+            )
+            assert r.status_code == 201, r.text
+            pid = r.json()["project"]["id"]
+            rt_port = free_port()
+            with run_service(["realtime"], dict(env, FLUXBASE_REALTIME_PORT=str(rt_port)), rt_port, log_dir):
+                try:
+                    yield {
+                        "api": api,
+                        "admin": token,
+                        "mgmt": mgmt,
+                        "cid": cid,
+                        "pid": pid,
+                        "user_token": user_token,
+                        "control_url": stack.database_url(dbname),
+                        "two_url": _url(pg2, "move_two"),
+                        "rt": f"ws://127.0.0.1:{rt_port}/?token=",
+                    }
+                finally:
+                    await api.close()
+    finally:
+        await stack.drop_database(dbname)
+
+
+SETUP = [
+    "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)",
+    "INSERT INTO notes (body) VALUES ('public one'), ('private two'), ('public three')",
+    "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+    "CREATE POLICY readers_see_public ON notes FOR SELECT USING (body LIKE 'public%')",
+    "CREATE POLICY writers_all ON notes FOR ALL TO {rw} USING (true) WITH CHECK (true)",
+]
+
+
+async def _where(url: str, pid: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT cluster_id, moving_to, read_only FROM fluxbase.projects WHERE id = $1", pid
+        )
+        return dict(row) if row else {}
+    finally:
+        await conn.close()
+
+
+async def _schema_on(url: str, pid: str) -> tuple[bool, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        schema = await conn.fetchval("SELECT to_regnamespace($1)", f"p_{pid}") is not None
+        roles = await conn.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%")
+        return schema, int(roles)
+    finally:
+        await conn.close()
+
+
+async def test_a_move_is_refused_to_the_wrong_callers_and_targets(inst: dict[str, Any]) -> None:
+    api: Api = inst["api"]
+    http = api.http
+    pid, cid = inst["pid"], inst["cid"]
+    path = f"/api/admin/projects/{pid}/move"
+    assert_error(await http.post(path, json={"clusterId": cid}), 401, "AUTH_REQUIRED")
+    r = await http.post(path, json={"clusterId": cid}, headers=bearer(inst["user_token"]))
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    project_key = await api.new_key(inst["admin"], pid, "admin")
+    r = await http.post(path, json={"clusterId": cid}, headers=bearer(project_key))
+    assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    admin = bearer(inst["admin"])
+    assert_error(
+        await http.post(path, json={"clusterId": "cl_nope"}, headers=admin), 404, "CLUSTER_NOT_FOUND"
+    )
+    assert_error(await http.post(path, json={"clusterId": "default"}, headers=admin), 409, "CONFLICT")
+    r = await http.post("/api/admin/projects/p_nope/move", json={"clusterId": cid}, headers=admin)
+    assert_error(r, 404, "PROJECT_NOT_FOUND")
+    # End-user tokens are not served on a registered cluster yet: a project with end users
+    # stays where they can log in.
+    r = await http.post("/api/projects", json={"name": "with users", "clusterId": "default"}, headers=admin)
+    with_users = r.json()["project"]["id"]
+    await end_user(api, with_users)
+    r = await http.post(f"/api/admin/projects/{with_users}/move", json={"clusterId": cid}, headers=admin)
+    assert_error(r, 409, "CONFLICT")
+    assert "end users" in r.json()["error"]["message"]
+    # A management key moves projects only to clusters open to placement (review 7's hole).
+    r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "closed"}, headers=admin)
+    assert r.status_code == 200, r.text
+    try:
+        r = await http.post(path, json={"clusterId": cid}, headers=bearer(inst["mgmt"]))
+        assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
+    finally:
+        r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "open"}, headers=admin)
+        assert r.status_code == 200, r.text
+    assert (await _where(inst["control_url"], pid))["cluster_id"] == "default"
+
+
+async def test_a_failing_target_leaves_the_project_on_its_source(inst: dict[str, Any]) -> None:
+    api: Api = inst["api"]
+    pid, cid = inst["pid"], inst["cid"]
+    key = inst["key"] = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    rw = f"p_{pid}_rw"
+    for q in SETUP:
+        r = await api.sql(key, pid, q.format(rw=rw))
+        assert r.json()["success"], (q, r.text)
+    # The target refuses the copy half-way: its owner's event trigger fails the table's creation
+    # (after the schema and roles were provisioned there).
+    two = await asyncpg.connect(inst["two_url"])
+    try:
+        await two.execute(
+            """CREATE FUNCTION public.refuse_notes() RETURNS event_trigger LANGUAGE plpgsql AS $$
+               BEGIN IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands()
+                                WHERE object_identity LIKE '%.notes') THEN
+                 RAISE EXCEPTION 'the target refuses'; END IF; END $$"""
+        )
+        await two.execute(
+            "CREATE EVENT TRIGGER refuse_notes ON ddl_command_end EXECUTE FUNCTION public.refuse_notes()"
+        )
+        r = await api.http.post(
+            f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(inst["admin"])
+        )
+        assert_error(r, 502, "PROJECT_MOVE_FAILED")
+    finally:
+        await two.execute("DROP EVENT TRIGGER IF EXISTS refuse_notes")
+        await two.close()
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": "default",
+        "moving_to": None,
+        "read_only": False,
+    }
+    assert await _schema_on(inst["two_url"], pid) == (False, 0)  # the partial copy is gone
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('public four') RETURNING id")
+    assert r.json()["success"], r.text  # writable on the source
+    r = await api.sql(key, pid, "SELECT count(*)::int AS n, inet_server_port() AS port FROM notes")
+    assert r.json()["result"]["rows"][0]["n"] == 4
+
+
+async def test_a_move_copies_everything_and_refuses_writes_meanwhile(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    api: Api = inst["api"]
+    http = api.http
+    pid, cid, key = inst["pid"], inst["cid"], inst["key"]
+    read_key = await api.new_key(inst["admin"], pid, "read")
+    rw_key = await api.new_key(inst["admin"], pid, "readwrite")
+    r = await api.sql(read_key, pid, "SELECT body FROM notes ORDER BY id")
+    visible_before = [row["body"] for row in r.json()["result"]["rows"]]
+    assert visible_before == ["public one", "public three", "public four"]
+
+    async with connect(inst["rt"] + key) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "subscribed"
+
+        # A write under way on the source (a superuser's lock standing for it) holds the copy at
+        # its start, while the project is already read-only: writes get PROJECT_MOVING.
+        control = await asyncpg.connect(inst["control_url"])
+        tx = control.transaction()
+        await tx.start()
+        await control.execute(f'LOCK TABLE "p_{pid}".notes IN ROW EXCLUSIVE MODE')
+        move = asyncio.create_task(
+            http.post(
+                f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(inst["mgmt"])
+            )
+        )
+        try:
+            for _ in range(200):
+                if (await _where(inst["control_url"], pid)).get("moving_to") == cid:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the move never started")
+            r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('during the move')")
+            assert_error(r, 409, "PROJECT_MOVING")
+            r = await api.sql(rw_key, pid, "UPDATE notes SET body = 'x'")
+            assert_error(r, 409, "PROJECT_MOVING")
+            r = await api.sql(key, pid, "SELECT count(*)::int AS n FROM notes")
+            assert r.json()["success"] and r.json()["result"]["rows"][0]["n"] == 4, r.text  # reads work
+        finally:
+            await tx.rollback()
+            await control.close()
+        r = await move
+        assert r.status_code == 200, r.text
+        assert r.json()["fromClusterId"] == "default" and r.json()["clusterId"] == cid
+
+        # Realtime subscribers are told to resync, and then receive the new cluster's events.
+        async def next_of(kind: str) -> dict[str, Any]:
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] == kind:
+                    return msg
+
+        resync = await next_of("resync_required")
+        assert resync["roomId"] == f"project_{pid}"
+        r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('public after')")
+        assert r.json()["success"], r.text  # writable again, with the same key
+        event = await next_of("db_event")
+        assert event["payload"]["record"]["body"] == "public after"
+
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": cid,
+        "moving_to": None,
+        "read_only": False,
+    }
+    # The rows, the RLS policies and the grants came along; the data lives on cluster two only.
+    r = await api.sql(key, pid, "SELECT inet_server_port() AS port, count(*)::int AS n FROM notes")
+    assert r.json()["result"]["rows"][0] == {"port": pg2.port, "n": 5}, r.text
+    r = await api.sql(read_key, pid, "SELECT body FROM notes ORDER BY id")
+    assert [row["body"] for row in r.json()["result"]["rows"]] == [*visible_before, "public after"]
+    r = await api.sql(
+        rw_key, pid, "UPDATE notes SET body = body || '!' WHERE body = 'private two' RETURNING body"
+    )
+    assert r.json()["result"]["rows"] == [{"body": "private two!"}], r.text
+    r = await api.sql(read_key, pid, "INSERT INTO notes (body) VALUES ('nope')")
+    assert r.json()["success"] is False
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('serial goes on') RETURNING id")
+    assert r.json()["result"]["rows"][0]["id"] == 6, r.text  # the sequence came along
+    assert await _schema_on(inst["control_url"], pid) == (False, 0)  # the source's copy is gone
+    assert (await _schema_on(inst["two_url"], pid))[0] is True
+    # The team and the keys are untouched: the owner still lists them.
+    r = await http.get(f"/api/projects/{pid}/api-keys", headers=bearer(inst["admin"]))
+    assert r.status_code == 200 and len(r.json()["apiKeys"]) == 4, r.text
+
+
+async def test_a_move_back_to_the_default_cluster(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """From a registered cluster (pg_dump pointed at it, its export role made there) back to the
+    control plane's server, by the admin's session."""
+    api: Api = inst["api"]
+    pid, key = inst["pid"], inst["key"]
+    control = await asyncpg.connect(inst["control_url"])
+    try:
+        before = await control.fetchval("SELECT coalesce(max(id), 0) FROM fluxbase.events")
+        r = await api.http.post(
+            f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=bearer(inst["admin"])
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["fromClusterId"] == inst["cid"]
+        # The copied rows are no new rows: no row events (for subscribers and webhooks) on the
+        # target's outbox.
+        copied = await control.fetchval(
+            "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'row' AND id > $2",
+            pid,
+            before,
+        )
+        assert copied == 0
+    finally:
+        await control.close()
+    r = await api.sql(key, pid, "SELECT inet_server_port() AS port, count(*)::int AS n FROM notes")
+    row = r.json()["result"]["rows"][0]
+    assert row["port"] != pg2.port and row["n"] == 6, r.text
+    assert await _schema_on(inst["two_url"], pid) == (False, 0)
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": "default",
+        "moving_to": None,
+        "read_only": False,
+    }
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('home again') RETURNING id")
+    assert r.json()["result"]["rows"][0]["id"] == 7, r.text
+    control = await asyncpg.connect(inst["control_url"])
+    try:  # realtime capture is attached again after the copy: new rows are events
+        n = await control.fetchval(
+            "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND record->>'body' = 'home again'",
+            pid,
+        )
+        assert n == 1
+    finally:
+        await control.close()
+
+
+async def test_a_move_whose_process_died_is_recovered(inst: dict[str, Any]) -> None:
+    """A mark left behind by a move whose API process died (no one holds the project's move
+    lock) keeps writes refused, and the next move recovers it first instead of answering
+    PROJECT_MOVING for ever."""
+    api: Api = inst["api"]
+    pid, cid, key = inst["pid"], inst["cid"], inst["key"]
+    control = await asyncpg.connect(inst["control_url"])
+    try:
+        await control.execute(
+            """UPDATE fluxbase.projects SET moving_to = $2, read_only_before_move = read_only,
+                      read_only = true WHERE id = $1""",
+            pid,
+            cid,
+        )
+    finally:
+        await control.close()
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('refused')")
+    assert_error(r, 409, "PROJECT_MOVING")
+    r = await api.http.post(
+        f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 200, r.text
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": cid,
+        "moving_to": None,
+        "read_only": False,
+    }
+    r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('on two again') RETURNING id")
+    assert r.json()["result"]["rows"][0]["id"] == 8, r.text
