@@ -23,6 +23,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -36,6 +37,7 @@ from support import NEVER_IN_RESPONSES
 pytestmark = pytest.mark.timeout(300)  # 66 s at load 10 on 2 cores, 166 s at load 25
 
 MAX_EXAMPLES = 4
+NEGATIVE_EXAMPLES = 2
 SEED = 18
 # Operations that hash a password or dump a database: two examples each keep the budget.
 SLOW = {
@@ -69,6 +71,7 @@ class Tally:
     operations: int = 0
     responses: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    codes: dict[str, int] = field(default_factory=dict)  # error codes answered
     failures: list[str] = field(default_factory=list)
 
 
@@ -131,13 +134,34 @@ class Target:
     session: requests.Session = field(default_factory=requests.Session)
 
 
-def _exercise(op: Any, target: Target, tally: Tally) -> None:
+def _check(op_id: str, case: Any, response: Any, target: Target, tally: Tally) -> None:
+    tally.responses += 1
+    tally.statuses[response.status_code] = tally.statuses.get(response.status_code, 0) + 1
+    if response.status_code >= 400:
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            code = response.json()["error"]["code"]
+            tally.codes[code] = tally.codes.get(code, 0) + 1
+    leak = _no_leak(op_id, response.text, target.secrets, target.auth["apiKey"])
+    if leak:
+        tally.failures.append(f"{op_id}: {response.status_code} carries {leak}")
+    try:
+        # The error answers' codes are checked here too: each operation's error schema lists
+        # only the codes it can answer (http.error_codes), so a code it does not list fails.
+        case.validate_response(response, checks=CHECKS)
+    except (Exception, BaseExceptionGroup) as exc:  # one line per failure; every operation runs
+        first = str(exc).strip().splitlines()
+        tally.failures.append(f"{op_id}: {response.status_code} {' | '.join(first[:6])[:600]}")
+        raise
+
+
+def _exercise(op: Any, target: Target, tally: Tally, mode: GenerationMode, examples: int) -> None:
     op_id = op.definition.raw.get("operationId", op.label)
     headers = _headers(op, target.auth)
+    bad_credential_tried = mode is GenerationMode.NEGATIVE or not headers
 
-    @given(case=op.as_strategy())
+    @given(case=op.as_strategy(mode))
     @settings(
-        max_examples=2 if op_id in SLOW else MAX_EXAMPLES,
+        max_examples=examples,
         derandomize=True,
         database=None,
         deadline=None,
@@ -145,23 +169,26 @@ def _exercise(op: Any, target: Target, tally: Tally) -> None:
         suppress_health_check=list(HealthCheck),
     )
     def exercise(case: Any) -> None:
+        nonlocal bad_credential_tried
         _pin_project(case, target.project_id, op_id)
+        if not bad_credential_tried:
+            # Once per operation, the same request with a credential that is not valid: the
+            # 401 it answers must be one the operation lists.
+            bad_credential_tried = True
+            response = case.call(
+                base_url=target.base_url, session=target.session, headers=BAD_CREDENTIAL, timeout=30
+            )
+            _check(op_id, case, response, target, tally)
         response = case.call(base_url=target.base_url, session=target.session, headers=headers, timeout=30)
-        tally.responses += 1
-        tally.statuses[response.status_code] = tally.statuses.get(response.status_code, 0) + 1
-        leak = _no_leak(op_id, response.text, target.secrets, target.auth["apiKey"])
-        if leak:
-            tally.failures.append(f"{op_id}: {response.status_code} carries {leak}")
-        try:
-            case.validate_response(response, checks=CHECKS)
-        except (Exception, BaseExceptionGroup) as exc:  # one line per failure; every operation runs
-            first = str(exc).strip().splitlines()
-            tally.failures.append(f"{op_id}: {response.status_code} {' | '.join(first[:6])[:600]}")
-            raise
+        _check(op_id, case, response, target, tally)
 
     # Recorded in the tally (schemathesis raises a BaseExceptionGroup); go on with the next one.
     with contextlib.suppress(Exception, BaseExceptionGroup):
         exercise()
+
+
+# A well-formed key that does not exist: the server looks it up and refuses it.
+BAD_CREDENTIAL = {"Authorization": "Bearer flx_live_" + "0" * 49}
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -172,7 +199,11 @@ def _run(schema: Any, target: Target) -> Tally:
     for op in sorted((r.ok() for r in schema.get_all_operations()), key=_order):
         tally.operations += 1
         started, before = time.monotonic(), tally.responses
-        _exercise(op, target, tally)
+        slow = op.definition.raw.get("operationId") in SLOW
+        _exercise(op, target, tally, GenerationMode.POSITIVE, 2 if slow else MAX_EXAMPLES)
+        if op.definition.raw.get("parameters") or "requestBody" in op.definition.raw:
+            # Input the schema forbids: the 400s (and 404s) must be documented ones too.
+            _exercise(op, target, tally, GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES)
         print(  # progress with -s: the slow operations stand out
             f"{op.label}: {tally.responses - before} responses, {time.monotonic() - started:.2f} s",
             flush=True,
@@ -199,10 +230,14 @@ async def test_every_operation_against_the_live_api(instance: Instance, project:
     elapsed = time.monotonic() - started
     print(
         f"\nschemathesis: {tally.operations} operations, {tally.responses} responses in {elapsed:.1f} s; "
-        f"statuses {dict(sorted(tally.statuses.items()))}"
+        f"statuses {dict(sorted(tally.statuses.items()))}; codes {dict(sorted(tally.codes.items()))}"
     )
     assert tally.operations >= 100
     assert tally.responses >= tally.operations
+    # The run answers errors, not only successes: each of these was checked against the
+    # operation's own list of codes.
+    for code in ("AUTH_REQUIRED", "VALIDATION_ERROR", "NOT_FOUND"):
+        assert tally.codes.get(code, 0) >= 5, (code, tally.codes)
     assert not tally.failures, "\n".join(tally.failures)
 
 
@@ -232,6 +267,7 @@ async def test_document_lists_bodies_errors_and_security_of_every_operation(inst
     doc = await _document(instance)
     assert set(doc["components"]["securitySchemes"]) == {"apiKey", "dashboardSession", "projectUserToken"}
     untyped, no_body, no_errors, no_security = [], [], [], []
+    catalog = _catalog()
     count = 0
     for path, item in doc["paths"].items():
         for method, op in item.items():
@@ -249,9 +285,7 @@ async def test_document_lists_bodies_errors_and_security_of_every_operation(inst
                 no_body.append(f"{method.upper()} {path}")
             errors = [s for s in op["responses"] if s[0] in "45"]
             if "500" not in errors or any(
-                op["responses"][s]["content"]["application/json"]["schema"].get("$ref", "").split("/")[-1]
-                != f"Error{s}"
-                for s in errors
+                not set(_codes(op, s)) <= catalog.get(int(s), set()) or not _codes(op, s) for s in errors
             ):
                 no_errors.append(op_id)
             if "security" not in op:
@@ -261,6 +295,92 @@ async def test_document_lists_bodies_errors_and_security_of_every_operation(inst
     assert not no_errors, no_errors
     assert not no_security, no_security
     assert not untyped, untyped
+
+
+def _catalog() -> dict[int, set[str]]:
+    """Every code of fluxbase.errors by the statuses it is answered with."""
+    from fluxbase.errors import FluxbaseError
+
+    out: dict[int, set[str]] = {}
+    todo = [FluxbaseError]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        out.setdefault(cls.status, set()).add(cls.code)
+    return out
+
+
+def _codes(op: dict[str, Any], status: str) -> list[str]:
+    """The codes an operation documents for an error status."""
+    schema = op["responses"][status]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["success", "error"], schema
+    codes: list[str] = schema["properties"]["error"]["properties"]["code"]["enum"]
+    return codes
+
+
+async def test_each_operation_lists_only_the_codes_it_can_answer(instance: Instance) -> None:
+    """Derived per operation (http.error_codes), not every code of the status: the health
+    checks answer no 401, a dashboard-session route no project error, webhooks no storage code."""
+    doc = await _document(instance)
+    ops = {
+        op["operationId"]: op
+        for item in doc["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+
+    def listed(op_id: str) -> set[str]:
+        op = ops[op_id]
+        return {c for s in op["responses"] if s[0] in "45" for c in _codes(op, s)}
+
+    everything = {c for codes in _catalog().values() for c in codes}
+    assert listed("live") == {"INTERNAL_ERROR", "DATABASE_CONNECTION_ERROR"}
+    assert "401" not in ops["ready"]["responses"]
+    assert {"AUTH_REQUIRED", "PROJECT_NOT_FOUND", "INSUFFICIENT_PERMISSIONS", "RATE_LIMIT"} <= listed(
+        "createWebhook"
+    )
+    assert not listed("createWebhook") & {"STORAGE_QUOTA_EXCEEDED", "INVITATION_EXPIRED", "CLUSTER_IN_USE"}
+    assert {"STORAGE_QUOTA_EXCEEDED", "UNSUPPORTED_MEDIA_TYPE", "STORAGE_UNAVAILABLE"} <= listed("uploadFile")
+    assert "INVITATION_EXPIRED" in listed("answerInvite")
+    assert "PROJECT_NOT_FOUND" not in listed("listProjects")
+    assert "CLUSTER_IN_USE" in listed("removeCluster")
+    # Each operation lists fewer codes than the catalog holds: nothing lists everything.
+    assert all(listed(op_id) < everything for op_id in ops)
+
+
+def test_the_reader_follows_calls_methods_and_annotations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.error_codes finds an error raised two calls away, through an annotated parameter's
+    method and a subclass's override, and not one that is only caught."""
+    from fluxbase.errors import Conflict, NotFound, RateLimited
+    from fluxbase.http import error_codes
+
+    monkeypatch.setattr(error_codes, "ROOTS", {"fluxbase", __name__.split(".")[0]})
+    assert error_codes.raised_by(_handler) == {Conflict, RateLimited}
+    assert NotFound not in error_codes.raised_by(_handler)
+
+
+class _Store:
+    async def put(self) -> None: ...
+
+
+class _S3Store(_Store):
+    async def put(self) -> None:
+        from fluxbase.errors import Conflict
+
+        raise Conflict()
+
+
+async def _helper(store: _Store) -> None:
+    await store.put()
+
+
+async def _handler(store: _Store) -> None:
+    from fluxbase.errors import NotFound, RateLimited
+
+    try:
+        await _helper(store)
+    except NotFound:
+        raise RateLimited(1) from None
 
 
 # POST/PATCH operations that take no body (their input is the path).
