@@ -157,6 +157,42 @@ SESSION_ONLY = frozenset(
     }
 )
 
+
+# OpenAPI links (clients and schemathesis's stateful run follow them): what a created resource's
+# id lets you call next. By operation and success status: link name -> target and parameters.
+def _link(op_id: str, **parameters: str) -> dict[str, Any]:
+    return {"operationId": op_id, "parameters": parameters}
+
+
+_PROJECT = "$response.body#/project/id"
+_WEBHOOK = "$response.body#/webhook/id"
+_KEY = {"project_id": "$request.path.project_id", "key_id": "$response.body#/apiKey/id"}
+LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("createProject", "201"): {
+        "GetProject": _link("getProject", project_id=_PROJECT),
+        "ListApiKeys": _link("listApiKeys", project_id=_PROJECT),
+        "CreateApiKey": _link("createApiKey", project_id=_PROJECT),
+    },
+    ("createApiKey", "201"): {
+        "RotateApiKey": _link("rotateApiKey", **_KEY),
+        "RevokeApiKey": _link("revokeApiKey", **_KEY),
+    },
+    ("createWebhook", "201"): {
+        "GetWebhook": _link("getWebhook", webhook_id=_WEBHOOK),
+        "UpdateWebhook": _link("updateWebhook", webhook_id=_WEBHOOK),
+        "TestWebhook": _link("testWebhook", webhook_id=_WEBHOOK),
+        "ListWebhookDeliveries": _link("listWebhookDeliveries", webhook_id=_WEBHOOK),
+        "DeleteWebhook": _link("deleteWebhook", webhook_id=_WEBHOOK),
+    },
+    ("testWebhook", "200"): {
+        "RedeliverWebhook": _link(
+            "redeliverWebhook",
+            webhook_id="$request.path.webhook_id",
+            delivery_id="$response.body#/delivery/id",
+        ),
+    },
+}
+
 # Operations that answer bytes, not JSON: their media type.
 BINARY_ANSWERS = {"exportProject": "application/sql", "getPublicFile": "*/*"}
 
@@ -250,6 +286,9 @@ def complete_document(
                 op["security"] = [{SESSION: []}]
             else:
                 op["security"] = [{API_KEY: []}, {SESSION: []}]
+            for status, response in op.get("responses", {}).items():
+                if (op_id, status) in LINKS:
+                    response["links"] = LINKS[op_id, status]
             params = op.get("parameters") or []
             has_path = any(p.get("in") == "path" for p in params)
             found = raised.get(op_id, set()) | transport_errors(bool(params), has_path, "requestBody" in op)
