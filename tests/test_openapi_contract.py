@@ -109,6 +109,8 @@ def _pin_project(case: Any, project_id: str, op_id: str) -> None:
         case.query["projectId"] = project_id
     if isinstance(case.body, dict) and "projectId" in case.body:
         case.body["projectId"] = project_id
+    if op_id == "updateProject" and isinstance(case.body, dict) and case.body.get("readOnly"):
+        case.body["readOnly"] = False  # a read-only project refuses every write the run makes next
 
 
 def _headers(op: Any, auth: dict[str, str]) -> dict[str, str]:
@@ -469,6 +471,44 @@ async def test_each_operation_lists_only_the_codes_it_can_answer(instance: Insta
     assert "CLUSTER_IN_USE" in listed("removeCluster")
     # Each operation lists fewer codes than the catalog holds: nothing lists everything.
     assert all(listed(op_id) < everything for op_id in ops)
+
+
+async def test_links_name_real_operations_and_their_parameters(instance: Instance) -> None:
+    doc = await _document(instance)
+    ops = {
+        op["operationId"]: op
+        for item in doc["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+    links = [
+        (op_id, name, link)
+        for op_id, op in ops.items()
+        for response in op["responses"].values()
+        for name, link in response.get("links", {}).items()
+    ]
+    assert len(links) >= 10
+    for op_id, name, link in links:
+        target = ops[link["operationId"]]
+        path_params = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+        assert set(link["parameters"]) == path_params, (op_id, name)
+        for value in link["parameters"].values():
+            assert value.startswith(("$response.body#/", "$request.path.")), (op_id, name, value)
+
+
+async def test_webhook_log_answers_are_typed(instance: Instance) -> None:
+    """The delivery log (every attempt: time, status, response time, error, body), the queue and
+    the project log are described field by field, with the names the JSON has."""
+    doc = await _document(instance)
+    schemas = doc["components"]["schemas"]
+
+    def props(name: str) -> set[str]:
+        return set(schemas[name]["properties"])
+
+    assert {"at", "responseStatus", "responseTimeMs", "responseBody", "error"} == props("DeliveryAttempt")
+    assert {"messageId", "status", "attempts", "attemptLog", "payload", "nextRetryAt"} <= props("DeliveryOut")
+    assert {"pending", "blocked", "reason", "blockedBy", "lastError", "nextRetryAt"} == props("WebhookQueue")
+    assert {"id", "level", "source", "message", "details", "createdAt"} == props("ProjectLogEntry")
 
 
 def test_the_reader_follows_calls_methods_and_annotations(monkeypatch: pytest.MonkeyPatch) -> None:
