@@ -263,7 +263,7 @@ STATEFUL_OPS = [
 # created disabled, so nothing is ever sent to it (test pings and redelivery are left out here:
 # they would send; tests/test_webhooks.py covers them against a local receiver).
 HOOK = {"url": "https://1.1.1.1/fluxbase-contract", "events": ["row.inserted"], "enabled": False}
-STATEFUL_SCENARIOS = 12
+STATEFUL_SCENARIOS = 20
 STATEFUL_STEPS = 6
 
 

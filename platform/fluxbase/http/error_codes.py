@@ -95,19 +95,31 @@ def _members(cls: type, name: str) -> list[Any]:
 
 
 class _Reader:
-    def __init__(self) -> None:
-        self.memo: dict[Any, frozenset[type[FluxbaseError]]] = {}
+    """The call graph, read once per function: what each raises itself and what it reaches."""
 
-    def codes(self, fn: Any, owner: type | None = None) -> frozenset[type[FluxbaseError]]:
-        key = (fn, owner)
-        if key in self.memo:
-            return self.memo[key]
-        self.memo[key] = frozenset()  # a cycle sees what is known so far
-        found: set[type[FluxbaseError]] = set()
-        for target, target_owner in self._edges(fn, owner, found):
-            found |= self.codes(target, target_owner)
-        self.memo[key] = frozenset(found)
-        return self.memo[key]
+    def __init__(self) -> None:
+        self.graph: dict[tuple[Any, Any], tuple[set[type[FluxbaseError]], list[tuple[Any, Any]]]] = {}
+
+    def _node(self, key: tuple[Any, Any]) -> tuple[set[type[FluxbaseError]], list[tuple[Any, Any]]]:
+        if key not in self.graph:
+            found: set[type[FluxbaseError]] = set()
+            self.graph[key] = (found, self._edges(key[0], key[1], found))
+        return self.graph[key]
+
+    def codes(self, fn: Any, owner: type | None = None) -> set[type[FluxbaseError]]:
+        """Everything reachable from `fn` (cycles included: a plain walk over the graph)."""
+        out: set[type[FluxbaseError]] = set()
+        seen: set[tuple[Any, Any]] = set()
+        todo = [(fn, owner)]
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            found, edges = self._node(key)
+            out |= found
+            todo += edges
+        return out
 
     def _edges(self, fn: Any, owner: type | None, found: set[type[FluxbaseError]]) -> list[tuple[Any, Any]]:
         try:
