@@ -3,7 +3,10 @@
 Every operation of /schema/openapi.json is called with generated requests (seeded, so a run is
 reproducible), authenticated as its `security` says (an admin API key where one is allowed,
 else a dashboard session). Each answer must not be a 5xx, must have a documented status, content
-type and body schema, and must not carry a secret, a stack trace or SQL text of the server.
+type and body schema (an error's code must be one the operation lists), and must not carry a
+secret, a stack trace or SQL text of the server. Operations with input are also called with
+input their schema forbids, and those that take a credential once with one that does not exist,
+so error answers are checked too. A stateful run follows the document's links.
 A second, cheap test holds the document itself: every operation documents a typed 2xx body,
 a request body where it takes one, its error envelope and its security.
 """

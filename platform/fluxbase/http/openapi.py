@@ -86,9 +86,9 @@ def openapi_asset(name: str) -> Response[bytes]:
 # Litestar documents what a handler's annotations say. The rest is added here, once, to the
 # generated document: the security schemes and each operation's security, the error envelope
 # with the codes of the catalog (fluxbase.errors) each operation can answer (derived from its code
-# by http.error_codes), and the bodies of the
-# routes that read their body themselves (SQL, data, uploads, imports: they stream or decode it
-# on a hot path; `/api/execute-sql` is usually answered by http.fastpath before Litestar).
+# by http.error_codes), the links between operations, and the bodies of the routes that read
+# their body themselves (SQL, data, uploads, imports: they stream or decode it on a hot path;
+# `/api/execute-sql` is usually answered by http.fastpath before Litestar).
 
 API_KEY = "apiKey"
 SESSION = "dashboardSession"
@@ -139,8 +139,6 @@ PUBLIC = frozenset(
 )
 # Operations of a project's end user, with the user's own access token.
 PROJECT_USER_ONLY = frozenset({"projectUserLogout", "projectUserMe", "projectUserRequestEmailChange"})
-# Public operations that never refuse a credential (the rest of PUBLIC check a password or token).
-ANONYMOUS = frozenset({"live", "ready", "adminStatus"})
 SESSION_ONLY = frozenset(
     {
         "logout",
