@@ -1233,9 +1233,32 @@ def test_expectations_follow_the_documented_model() -> None:
     assert expected("session", "key_admin", 200) == (401, "AUTH_REQUIRED")
 
 
+_DOCUMENTED: dict[str, dict[str, set[str]]] = {}
+
+
+async def documented_codes(api: Api, op_id: str) -> dict[str, set[str]]:
+    """The error codes the OpenAPI document lists for an operation, by status."""
+    if not _DOCUMENTED:
+        spec = (await api.http.get("/schema/openapi.json")).json()
+        for item in spec["paths"].values():
+            for op in item.values():
+                if isinstance(op, dict) and "operationId" in op:
+                    _DOCUMENTED[op["operationId"]] = {
+                        status: set(
+                            r["content"]["application/json"]["schema"]["properties"]["error"]["properties"][
+                                "code"
+                            ]["enum"]
+                        )
+                        for status, r in op["responses"].items()
+                        if status[0] in "45"
+                    }
+    return _DOCUMENTED[op_id]
+
+
 @pytest.mark.parametrize("row", MATRIX, ids=lambda row: row.op)
 async def test_permission_matrix(world: World, row: Row) -> None:
     failures: list[str] = []
+    listed = await documented_codes(world.api, row.op)
     for principal in PRINCIPALS:
         status, code = expected(row.level, principal, row.ok)
         resp = await row.call(world, world.headers(principal))
@@ -1244,6 +1267,11 @@ async def test_permission_matrix(world: World, row: Row) -> None:
             body = resp.json()
         except ValueError:
             body = None
+        if resp.status_code >= 400 and isinstance(body, dict) and isinstance(body.get("error"), dict):
+            # Every refusal is one the contract lists for this operation (http.error_codes).
+            answered = body["error"].get("code")
+            if answered not in listed.get(str(resp.status_code), set()):
+                failures.append(f"{principal}: {resp.status_code} {answered} is not in the document's list")
         if code is None:
             good = resp.status_code == status and isinstance(body, dict) and body.get("success") is True
         else:

@@ -22,6 +22,7 @@ from litestar.openapi.plugins import (
 )
 
 from fluxbase.errors import FluxbaseError, NotFound
+from fluxbase.http.error_codes import by_operation, transport_errors
 
 SCHEMA_PATH = "/schema"
 ASSETS = f"{SCHEMA_PATH}/assets"
@@ -84,9 +85,10 @@ def openapi_asset(name: str) -> Response[bytes]:
 #
 # Litestar documents what a handler's annotations say. The rest is added here, once, to the
 # generated document: the security schemes and each operation's security, the error envelope
-# with the codes of the catalog (fluxbase.errors) each status can carry, and the bodies of the
-# routes that read their body themselves (SQL, data, uploads, imports: they stream or decode it
-# on a hot path; `/api/execute-sql` is usually answered by http.fastpath before Litestar).
+# with the codes of the catalog (fluxbase.errors) each operation can answer (derived from its code
+# by http.error_codes), the links between operations, and the bodies of the routes that read
+# their body themselves (SQL, data, uploads, imports: they stream or decode it on a hot path;
+# `/api/execute-sql` is usually answered by http.fastpath before Litestar).
 
 API_KEY = "apiKey"
 SESSION = "dashboardSession"
@@ -137,8 +139,6 @@ PUBLIC = frozenset(
 )
 # Operations of a project's end user, with the user's own access token.
 PROJECT_USER_ONLY = frozenset({"projectUserLogout", "projectUserMe", "projectUserRequestEmailChange"})
-# Public operations that never refuse a credential (the rest of PUBLIC check a password or token).
-ANONYMOUS = frozenset({"live", "ready", "adminStatus"})
 SESSION_ONLY = frozenset(
     {
         "logout",
@@ -155,6 +155,42 @@ SESSION_ONLY = frozenset(
     }
 )
 
+
+# OpenAPI links (clients and schemathesis's stateful run follow them): what a created resource's
+# id lets you call next. By operation and success status: link name -> target and parameters.
+def _link(op_id: str, **parameters: str) -> dict[str, Any]:
+    return {"operationId": op_id, "parameters": parameters}
+
+
+_PROJECT = "$response.body#/project/id"
+_WEBHOOK = "$response.body#/webhook/id"
+_KEY = {"project_id": "$request.path.project_id", "key_id": "$response.body#/apiKey/id"}
+LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("createProject", "201"): {
+        "GetProject": _link("getProject", project_id=_PROJECT),
+        "ListApiKeys": _link("listApiKeys", project_id=_PROJECT),
+        "CreateApiKey": _link("createApiKey", project_id=_PROJECT),
+    },
+    ("createApiKey", "201"): {
+        "RotateApiKey": _link("rotateApiKey", **_KEY),
+        "RevokeApiKey": _link("revokeApiKey", **_KEY),
+    },
+    ("createWebhook", "201"): {
+        "GetWebhook": _link("getWebhook", webhook_id=_WEBHOOK),
+        "UpdateWebhook": _link("updateWebhook", webhook_id=_WEBHOOK),
+        "TestWebhook": _link("testWebhook", webhook_id=_WEBHOOK),
+        "ListWebhookDeliveries": _link("listWebhookDeliveries", webhook_id=_WEBHOOK),
+        "DeleteWebhook": _link("deleteWebhook", webhook_id=_WEBHOOK),
+    },
+    ("testWebhook", "200"): {
+        "RedeliverWebhook": _link(
+            "redeliverWebhook",
+            webhook_id="$request.path.webhook_id",
+            delivery_id="$response.body#/delivery/id",
+        ),
+    },
+}
+
 # Operations that answer bytes, not JSON: their media type.
 BINARY_ANSWERS = {"exportProject": "application/sql", "getPublicFile": "*/*"}
 
@@ -170,26 +206,12 @@ _STATUS_TEXT = {
     413: "Too large",
     415: "Unsupported media type",
     416: "Range not satisfiable",
+    422: "The database cluster could not be verified",
     429: "Rate limited",
     500: "Unexpected server error",
     503: "A dependency is unavailable; retry",
     504: "Timed out",
 }
-
-
-def catalog() -> dict[int, list[str]]:
-    """Every error code of the catalog by HTTP status (errors raised with status 200 excluded)."""
-    by_status: dict[int, set[str]] = {}
-
-    def walk(cls: type[FluxbaseError]) -> None:
-        for sub in cls.__subclasses__():
-            if sub.status >= 400:
-                by_status.setdefault(sub.status, set()).add(sub.code)
-            walk(sub)
-
-    by_status.setdefault(FluxbaseError.status, set()).add(FluxbaseError.code)
-    walk(FluxbaseError)
-    return {status: sorted(codes) for status, codes in sorted(by_status.items())}
 
 
 def error_schema(codes: list[str]) -> dict[str, Any]:
@@ -211,25 +233,13 @@ def error_schema(codes: list[str]) -> dict[str, Any]:
     }
 
 
-# Statuses only some areas answer (by the operation's first tag).
-_AREA_STATUSES = {
-    "storage": [413, 415, 416],
-    "team": [410],
-    "sql": [504],
-    "data": [504],
-    "operations": [504],
-}
-
-
-def _statuses(op_id: str, method: str, has_input: bool, tag: str) -> list[int]:
-    statuses = [404, 429, 500, 503, *_AREA_STATUSES.get(tag, [])]
-    if has_input or method in ("post", "put", "patch"):
-        statuses += [400, 413]
-    if op_id not in ANONYMOUS:
-        statuses += [401, 403]
-    if method != "get":
-        statuses += [409]
-    return sorted(set(statuses))
+def _responses(errors: set[type[FluxbaseError]]) -> dict[int, list[str]]:
+    """The codes of the errors by HTTP status (errors answered with 200, like SQL's, are not)."""
+    by_status: dict[int, set[str]] = {}
+    for cls in errors:
+        if cls.status >= 400:
+            by_status.setdefault(cls.status, set()).add(cls.code)
+    return {status: sorted(codes) for status, codes in sorted(by_status.items())}
 
 
 def complete_document(
@@ -237,6 +247,7 @@ def complete_document(
     bodies: dict[str, tuple[str, dict[str, Any]]],
     successes: dict[str, dict[str, Any]],
     components: dict[str, Any],
+    raised: dict[str, set[type[FluxbaseError]]],
 ) -> dict[str, Any]:
     """Add security, error responses and the hand-read bodies to Litestar's document (in place)."""
     comp = doc.setdefault("components", {})
@@ -247,9 +258,6 @@ def complete_document(
     for name, schema in components.items():
         if schemas.setdefault(name, schema) != schema:
             raise RuntimeError(f"two different schemas are named {name}")
-    codes = catalog()
-    for status, status_codes in codes.items():
-        schemas[f"Error{status}"] = error_schema(status_codes)
     for path_item in doc.get("paths", {}).values():
         for method in _METHODS:
             op = path_item.get(method)
@@ -276,17 +284,17 @@ def complete_document(
                 op["security"] = [{SESSION: []}]
             else:
                 op["security"] = [{API_KEY: []}, {SESSION: []}]
-            has_input = bool(op.get("parameters")) or "requestBody" in op
+            for status, response in op.get("responses", {}).items():
+                if (op_id, status) in LINKS:
+                    response["links"] = LINKS[op_id, status]
+            params = op.get("parameters") or []
+            has_path = any(p.get("in") == "path" for p in params)
+            found = raised.get(op_id, set()) | transport_errors(bool(params), has_path, "requestBody" in op)
             responses = op.setdefault("responses", {})
-            tag = (op.get("tags") or [""])[0]
-            for status in _statuses(op_id, method, has_input, tag):
-                if status not in codes:
-                    continue
+            for status, codes in _responses(found).items():
                 responses[str(status)] = {
-                    "description": _STATUS_TEXT.get(status, "Error") + f": {', '.join(codes[status])}.",
-                    "content": {
-                        "application/json": {"schema": {"$ref": f"#/components/schemas/Error{status}"}}
-                    },
+                    "description": _STATUS_TEXT.get(status, "Error") + f": {', '.join(codes)}.",
+                    "content": {"application/json": {"schema": error_schema(codes)}},
                 }
     return doc
 
@@ -313,28 +321,28 @@ def _hand_read() -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[
     )
 
 
-def completed(doc: dict[str, Any]) -> dict[str, Any]:
+def completed(doc: dict[str, Any], app: Any) -> dict[str, Any]:
     if "securitySchemes" in doc.get("components", {}):
         return doc
     bodies, successes, components = _hand_read()
-    return complete_document(doc, bodies, successes, components)
+    return complete_document(doc, bodies, successes, components, by_operation(app))
 
 
 class _Json(JsonRenderPlugin):
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return super().render(request, completed(openapi_schema))
+        return super().render(request, completed(openapi_schema, request.app))
 
 
 class _Yaml(YamlRenderPlugin):
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return super().render(request, completed(openapi_schema))
+        return super().render(request, completed(openapi_schema, request.app))
 
 
 class _Redoc(RedocRenderPlugin):
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return super().render(request, completed(openapi_schema))
+        return super().render(request, completed(openapi_schema, request.app))
 
 
 class _Swagger(SwaggerRenderPlugin):
     def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
-        return super().render(request, completed(openapi_schema))
+        return super().render(request, completed(openapi_schema, request.app))

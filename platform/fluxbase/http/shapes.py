@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -240,16 +240,49 @@ class BatchAnswer(msgspec.Struct, rename="camel"):
     execution_info: BatchExecutionInfo
 
 
+class DataColumn(msgspec.Struct, rename="camel"):
+    name: str
+    type: str
+    nullable: bool
+    default: str | None
+    primary_key: bool
+    identity: Literal["always", "by default"] | None
+    generated: bool
+
+
+class DataIndex(msgspec.Struct):
+    name: str
+    unique: bool
+    primary: bool
+    sql: str
+
+
+class DataRls(msgspec.Struct):
+    enabled: bool
+    forced: bool
+
+
+class DataTable(msgspec.Struct, rename="camel"):
+    """A table as services.data.Table.out() writes it."""
+
+    name: str
+    columns: list[DataColumn]
+    primary_key: list[str]
+    indexes: list[DataIndex]
+    rls: DataRls
+    sql: str
+
+
 class DataTables(msgspec.Struct):
     """GET /api/schema and /api/projects/{id}/tables: every table, its columns, indexes and RLS."""
 
     success: bool
-    tables: list[dict[str, Any]]
+    tables: list[DataTable]
 
 
 class DataTableCreated(msgspec.Struct):
     success: bool
-    table: dict[str, Any]
+    table: DataTable
 
 
 class DataRecordsPage(msgspec.Struct, rename="camel"):

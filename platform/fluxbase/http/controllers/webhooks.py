@@ -7,7 +7,7 @@ asks: webhook URLs and their logs describe a project's integrations.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import delete, get, patch, post
@@ -23,6 +23,7 @@ ProjectQ = Annotated[str | None, QueryParameter(name="projectId", required=False
 StatusQ = Annotated[str | None, QueryParameter(name="status", required=False)]
 BeforeQ = Annotated[str | None, QueryParameter(name="before", required=False)]
 LimitQ = Annotated[int, QueryParameter(name="limit", required=False)]
+T = TypeVar("T")
 
 
 class CreateWebhookBody(Body):
@@ -43,6 +44,61 @@ class UpdateWebhookBody(Body):
     enabled: bool | msgspec.UnsetType = msgspec.UNSET
 
 
+class WebhookQueue(Out):
+    """An endpoint's delivery queue: how much waits, whether (and by what) it is blocked, and
+    when it is tried next (deliveries go out in order, so a failed head holds up the rest)."""
+
+    pending: int
+    blocked: bool
+    reason: str | None
+    blocked_by: str | None  # the id of the failed delivery at the head
+    last_error: str | None
+    next_retry_at: datetime | None
+
+
+class DeliveryAttempt(Out):
+    """One attempt at a delivery: when, the receiver's status, time and (truncated) body, or
+    the error that kept it from answering."""
+
+    at: datetime
+    response_status: int | None
+    response_time_ms: int | None
+    response_body: str | None
+    error: str | None
+
+
+class DeliveryOut(Out):
+    """A delivery of the log: its state, the last attempt, the payload sent and every attempt
+    (`attemptLog`, oldest first, the newest 50)."""
+
+    id: str
+    message_id: str  # the `webhook-id` header: the same on every attempt and redelivery
+    event_type: str
+    status: str
+    attempts: int
+    response_status: int | None
+    response_time_ms: int | None
+    response_body: str | None
+    error: str | None
+    next_retry_at: datetime | None
+    last_attempt_at: datetime | None
+    created_at: datetime
+    redelivery_of: str | None
+    payload: Any  # the JSON body sent, as sent
+    attempt_log: list[DeliveryAttempt] = []
+
+
+class ProjectLogEntry(Out):
+    """An entry of the project log (webhook endpoints disabled, deliveries given up, ...)."""
+
+    id: str
+    level: str
+    source: str
+    message: str
+    details: Any | None  # a JSON object, or null
+    created_at: datetime
+
+
 class WebhookOut(Out):
     """An endpoint; `secret` only in the answer that created or rotated it, `queue` on get/list."""
 
@@ -55,7 +111,7 @@ class WebhookOut(Out):
     disabled_reason: str | None
     created_at: datetime
     updated_at: datetime
-    queue: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    queue: WebhookQueue | msgspec.UnsetType = msgspec.UNSET
     secret: str | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -72,15 +128,20 @@ class WebhookDeleted(Answer, kw_only=True):
 
 
 class DeliveryAnswer(Answer, kw_only=True):
-    delivery: dict[str, Any]
+    delivery: DeliveryOut
 
 
 class DeliveriesAnswer(Answer, kw_only=True):
-    deliveries: list[dict[str, Any]]
+    deliveries: list[DeliveryOut]
 
 
 class ProjectLogAnswer(Answer, kw_only=True):
-    entries: list[dict[str, Any]]
+    entries: list[ProjectLogEntry]
+
+
+def _typed(rows: Any, t: type[T]) -> T:
+    """The service's camelCase dicts (the dashboard renders them too) as the documented Struct."""
+    return msgspec.convert(rows, t)
 
 
 def webhook_out(h: service.Webhook, secret: str | None = None) -> WebhookOut:
@@ -94,7 +155,7 @@ def webhook_out(h: service.Webhook, secret: str | None = None) -> WebhookOut:
         h.disabled_reason,
         h.created_at,
         h.updated_at,
-        h.queue if h.queue is not None else msgspec.UNSET,
+        _typed(h.queue, WebhookQueue) if h.queue is not None else msgspec.UNSET,
         secret if secret is not None else msgspec.UNSET,
     )
 
@@ -148,7 +209,7 @@ async def delete_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> We
 async def test_webhook(webhook_id: str, ctx: AppContext, caller: Caller) -> DeliveryAnswer:
     access = await _access(ctx, caller, webhook_id)
     delivery = await service.send_test(ctx.db, ctx.webhook_sender(), access.project.id, webhook_id)
-    return DeliveryAnswer(delivery=delivery)
+    return DeliveryAnswer(delivery=_typed(delivery, DeliveryOut))
 
 
 @get("/api/webhooks/{webhook_id:str}/deliveries", operation_id="listWebhookDeliveries", tags=["webhooks"])
@@ -161,7 +222,8 @@ async def list_deliveries(
     limit: LimitQ = 50,
 ) -> DeliveriesAnswer:
     await _access(ctx, caller, webhook_id)
-    return DeliveriesAnswer(deliveries=await service.deliveries(ctx.db, webhook_id, status, limit, before))
+    rows = await service.deliveries(ctx.db, webhook_id, status, limit, before)
+    return DeliveriesAnswer(deliveries=_typed(rows, list[DeliveryOut]))
 
 
 @post(
@@ -172,7 +234,9 @@ async def list_deliveries(
 )
 async def redeliver(webhook_id: str, delivery_id: str, ctx: AppContext, caller: Caller) -> DeliveryAnswer:
     await _access(ctx, caller, webhook_id)
-    return DeliveryAnswer(delivery=await service.redeliver(ctx.db, webhook_id, delivery_id))
+    return DeliveryAnswer(
+        delivery=_typed(await service.redeliver(ctx.db, webhook_id, delivery_id), DeliveryOut)
+    )
 
 
 @get("/api/projects/{project_id:str}/log", operation_id="projectLog", tags=["projects"])
@@ -180,4 +244,5 @@ async def project_log(
     project_id: str, ctx: AppContext, caller: Caller, limit: LimitQ = 100
 ) -> ProjectLogAnswer:
     access = await caller.access(ctx, project_id, Need.MANAGE)
-    return ProjectLogAnswer(entries=await service.project_log(ctx.db, access.project.id, limit))
+    entries = await service.project_log(ctx.db, access.project.id, limit)
+    return ProjectLogAnswer(entries=_typed(entries, list[ProjectLogEntry]))
