@@ -91,3 +91,95 @@ async def test_housekeeping_trims_the_outbox_of_every_cluster(
         await there.fetchval("SELECT count(*) FROM fluxbase.event_readers WHERE reader_id = 'stale-reader'")
         == 0
     )
+
+
+async def test_named_migrations_on_a_cluster(
+    inst: dict[str, Any],  # noqa: F811
+    placed: dict[str, Any],
+    control: asyncpg.Pool,
+    there: asyncpg.Connection,
+) -> None:
+    """The ticket and the ledger live on the project's cluster, where the migration's transaction
+    redeems the ticket (before: the ticket was stored in the control plane, which the cluster's
+    fluxbase_guard.redeem_migration cannot see, and every push failed)."""
+    http = inst["api"].http
+    pid, key = placed["pid"], placed["key"]
+    body = {"name": "001_tags", "sql": "CREATE TABLE tags (id int PRIMARY KEY, label text)"}
+    r = await http.post(f"/api/projects/{pid}/migrations", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    assert r.json()["applied"] is True and r.json()["migration"]["name"] == "001_tags"
+    r = await http.post(f"/api/projects/{pid}/migrations", json=body, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["applied"] is False, r.text
+    changed = {"name": "001_tags", "sql": "CREATE TABLE tags (id bigint)"}
+    r = await http.post(f"/api/projects/{pid}/migrations", json=changed, headers=bearer(key))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "MIGRATION_CHECKSUM_MISMATCH", r.text
+    # A failing migration leaves neither its changes nor a ledger row.
+    bad = {"name": "002_bad", "sql": "CREATE TABLE half (id int); SELECT * FROM no_such_table"}
+    r = await http.post(f"/api/projects/{pid}/migrations", json=bad, headers=bearer(key))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "MIGRATION_FAILED", r.text
+    r = await http.get(f"/api/projects/{pid}/migrations", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    assert [m["name"] for m in r.json()["migrations"]] == ["001_tags"]
+    assert await there.fetchval("SELECT to_regclass($1)", f"p_{pid}.tags") is not None
+    assert await there.fetchval("SELECT to_regclass($1)", f"p_{pid}.half") is None
+    assert (
+        await there.fetchval("SELECT count(*) FROM fluxbase.project_migrations WHERE project_id = $1", pid)
+        == 1
+    )
+    assert await there.fetchval("SELECT count(*) FROM fluxbase.migration_tickets") == 0
+    assert (
+        await control.fetchval("SELECT count(*) FROM fluxbase.project_migrations WHERE project_id = $1", pid)
+        == 0
+    )
+
+
+async def test_export_and_import_on_a_cluster(
+    inst: dict[str, Any],  # noqa: F811
+    placed: dict[str, Any],
+    control: asyncpg.Pool,
+    pg2: EmbeddedPostgres,  # noqa: F811
+    there: asyncpg.Connection,
+) -> None:
+    """Export dumps the project from its cluster's server (before: pg_dump was pointed at the
+    control plane's, where the schema is not, and the export failed); an import is placed like
+    any new project and loaded, with its ledger, on the cluster it lands on."""
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    pid, key, cid = placed["pid"], placed["key"], placed["cid"]
+    r = await api.sql(key, pid, "INSERT INTO items (name) VALUES ('exported from two')")
+    assert r.json()["success"], r.text
+    r = await http.post(
+        f"/api/projects/{pid}/migrations",
+        json={"name": "010_exported", "sql": "CREATE TABLE moved (id int)"},
+        headers=bearer(key),
+    )
+    assert r.status_code == 200, r.text
+    r = await http.get(f"/api/projects/{pid}/export", headers=admin)
+    assert r.status_code == 200, r.text
+    dump = r.content
+    assert dump.startswith(f"-- fluxbase-export format=1 schema=p_{pid}".encode())
+    assert b"exported from two" in dump and b"-- fluxbase-export-end sha256=" in dump
+    assert b"010_exported" in dump  # the ledger, read from the cluster
+
+    # Placement sends the import to cluster two once the default one holds more projects.
+    while True:
+        counts = dict(await control.fetch("SELECT cluster_id, count(*) FROM fluxbase.projects GROUP BY 1"))
+        if counts.get("default", 0) > counts.get(cid, 0):
+            break
+        r = await http.post("/api/projects", json={"name": "filler", "clusterId": "default"}, headers=admin)
+        assert r.status_code == 201, r.text
+    r = await http.post(
+        "/api/projects/import?name=copy", content=dump, headers={**admin, "Content-Type": "application/sql"}
+    )
+    assert r.status_code == 201, r.text
+    new = r.json()["project"]["id"]
+    assert await control.fetchval("SELECT cluster_id FROM fluxbase.projects WHERE id = $1", new) == cid
+    new_key = await api.new_key(inst["admin"], new, "admin")
+    r = await api.sql(new_key, new, "SELECT name, inet_server_port() AS port FROM items ORDER BY id")
+    assert r.json()["success"], r.text
+    rows = r.json()["result"]["rows"]
+    assert "exported from two" in [row["name"] for row in rows] and rows[0]["port"] == pg2.port
+    r = await http.get(f"/api/projects/{new}/migrations", headers=bearer(new_key))
+    assert "010_exported" in [m["name"] for m in r.json()["migrations"]], r.text
+    assert await there.fetchval("SELECT to_regclass($1)", f"p_{new}.moved") is not None
