@@ -1,21 +1,26 @@
 """Features served for a project placed on a registered database cluster (issue 19): the
-cluster's outbox housekeeping, export/import, named migrations — through the real API, with two
-real PostgreSQL servers (the fixtures of test_clusters.py: a second embedded server, an instance
-of its own, a management key)."""
+cluster's outbox housekeeping, export/import, named migrations, realtime row filters — through
+the real API, with two real PostgreSQL servers (the fixtures of test_clusters.py: a second
+embedded server, an instance of its own, a management key)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from websockets.asyncio.client import connect
 
 from fluxbase.config import load_settings
 from fluxbase.devstack.postgres import EmbeddedPostgres
+from fluxbase.devstack.procs import free_port
 from fluxbase.services.clusters import ClusterPools
 from fluxbase.worker import housekeeping
-from support import Api, Stack, bearer
+from support import Api, Stack, bearer, run_service
 from test_clusters import _register, _url, inst, mgmt, own_tmp, pg2, pg2_db  # noqa: F401  (fixtures)
 
 
@@ -183,3 +188,63 @@ async def test_export_and_import_on_a_cluster(
     r = await http.get(f"/api/projects/{new}/migrations", headers=bearer(new_key))
     assert "010_exported" in [m["name"] for m in r.json()["migrations"]], r.text
     assert await there.fetchval("SELECT to_regclass($1)", f"p_{new}.moved") is not None
+
+
+async def _next(ws: Any, types: tuple[str, ...]) -> dict[str, Any]:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if msg["type"] in types:
+            return dict(msg)
+
+
+async def test_realtime_row_filters_on_a_cluster(
+    inst: dict[str, Any],  # noqa: F811
+    placed: dict[str, Any],
+    log_dir: Path,
+) -> None:
+    """A row filter's column is looked up in the catalog of the project's cluster (before: in the
+    control plane's, where the table is not, so every filter answered "unknown column"), as the
+    subscriber's role, which exists there; and the filter narrows the cluster's events."""
+    api: Api = inst["api"]
+    pid, key = placed["pid"], placed["key"]
+    r = await api.sql(key, pid, "CREATE TABLE scores (id serial PRIMARY KEY, who text, n int)")
+    assert r.json()["success"], r.text
+    read_key = await api.new_key(inst["admin"], pid, "read")
+    rt_port = free_port()
+    rt_env = dict(inst["env"], FLUXBASE_REALTIME_PORT=str(rt_port))
+    room = f"project_{pid}"
+    with run_service(["realtime"], rt_env, rt_port, log_dir):
+        ws_url = f"ws://127.0.0.1:{rt_port}/?token="
+        async with connect(ws_url + key) as ws, connect(ws_url + read_key) as ws_read:
+            for bad in (
+                {"column": "nope", "op": "eq", "value": 1},
+                {"column": "n", "op": "eq", "value": "x"},
+            ):
+                await ws.send(json.dumps({"type": "subscribe", "roomId": room, "filters": {"scores": bad}}))
+                msg = await _next(ws, ("error", "subscribed"))
+                assert msg["type"] == "error" and msg["error"]["code"] == "VALIDATION_ERROR", msg
+            # A read key's filter is checked as its own role, which exists on cluster two only.
+            await ws_read.send(
+                json.dumps(
+                    {
+                        "type": "subscribe",
+                        "roomId": room,
+                        "filters": {"scores": {"column": "who", "op": "eq", "value": "high"}},
+                    }
+                )
+            )
+            msg = await _next(ws_read, ("error", "subscribed"))
+            assert msg["type"] == "subscribed", msg
+            good = {"scores": {"column": "n", "op": "gt", "value": 5}}
+            await ws.send(
+                json.dumps({"type": "subscribe", "roomId": room, "tables": ["scores"], "filters": good})
+            )
+            msg = await _next(ws, ("error", "subscribed"))
+            assert msg["type"] == "subscribed", msg
+            r = await api.sql(key, pid, "INSERT INTO scores (who, n) VALUES ('low', 1), ('high', 9)")
+            assert r.json()["success"], r.text
+            for sock in (ws, ws_read):
+                event = await _next(sock, ("db_event",))
+                assert event["payload"]["record"]["who"] == "high", event
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_next(ws, ("db_event",)), 1.0)
