@@ -20,7 +20,7 @@ from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
 from fluxbase.services.clusters import ClusterPools
 from fluxbase.worker import housekeeping
-from support import Api, Stack, bearer, run_service
+from support import Api, Stack, assert_error, bearer, random_ip, run_service
 from test_clusters import _register, _url, inst, mgmt, own_tmp, pg2, pg2_db  # noqa: F401  (fixtures)
 
 
@@ -248,3 +248,80 @@ async def test_realtime_row_filters_on_a_cluster(
                 assert event["payload"]["record"]["who"] == "high", event
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(_next(ws, ("db_event",)), 1.0)
+
+
+async def _end_user(api: Api, pid: str, email: str) -> dict[str, Any]:
+    auth = f"/api/projects/{pid}/auth"
+    r = await api.http.post(f"{auth}/register", json={"email": email, "password": "correct horse battery"})
+    assert r.status_code == 201, r.text
+    user = r.json()["user"]
+    r = await api.http.post(
+        f"{auth}/login",
+        json={"email": email, "password": "correct horse battery"},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 200, r.text
+    return {"id": user["id"], **r.json()}
+
+
+async def test_end_user_tokens_on_a_cluster(
+    inst: dict[str, Any],  # noqa: F811
+    placed: dict[str, Any],
+) -> None:
+    """A project user's token is honoured on a registered cluster (before: the in-transaction
+    check read the cluster's empty session tables and refused every token), and the session is
+    still checked on every request: logout and disabling stop the next one; a forged or another
+    project's token never becomes an identity."""
+    api: Api = inst["api"]
+    http = api.http
+    pid, key = placed["pid"], placed["key"]
+    for stmt in (
+        "CREATE TABLE notes (id serial PRIMARY KEY, owner text DEFAULT auth.uid(), body text)",
+        "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON notes USING (owner = auth.uid()) WITH CHECK (owner = auth.uid())",
+    ):
+        r = await api.sql(key, pid, stmt)
+        assert r.json()["success"], (stmt, r.text)
+    rw = await api.new_key(inst["admin"], pid, "readwrite", rateLimitRequests=100_000)
+    ann = await _end_user(api, pid, "ann@example.com")
+    bob = await _end_user(api, pid, "bob@example.com")
+
+    async def as_user(token: str, query: str) -> Any:
+        return await http.post(
+            "/api/execute-sql",
+            json={"projectId": pid, "query": query},
+            headers={**bearer(rw), "X-Fluxbase-User-Token": token},
+        )
+
+    for who in (ann, bob):
+        r = await as_user(who["accessToken"], f"INSERT INTO notes (body) VALUES ('{who['id']}')")
+        assert r.status_code == 200 and r.json()["success"], r.text
+    r = await as_user(ann["accessToken"], "SELECT auth.uid() AS uid, body FROM notes")
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["rows"] == [{"uid": ann["id"], "body": ann["id"]}]
+
+    # A token with a changed signature, or one of a project on the default cluster, is refused.
+    head, payload, sig = ann["accessToken"].split(".")
+    forged = f"{head}.{payload}.{sig[:-4]}{'AAAA' if not sig.endswith('AAAA') else 'BBBB'}"
+    assert_error(await as_user(forged, "SELECT 1"), 401, "INVALID_USER_TOKEN")
+    r = await http.post(
+        "/api/projects", json={"name": "elsewhere", "clusterId": "default"}, headers=bearer(inst["admin"])
+    )
+    other = r.json()["project"]["id"]
+    stranger = await _end_user(api, other, "ann@example.com")
+    assert_error(await as_user(stranger["accessToken"], "SELECT 1"), 401, "INVALID_USER_TOKEN")
+
+    # Disabling the user stops the next request; enabling lets it through again.
+    auth, admin = f"/api/projects/{pid}/auth", bearer(key)
+    r = await http.post(f"{auth}/users/{bob['id']}/disable", headers=admin)
+    assert r.status_code == 200, r.text
+    assert_error(await as_user(bob["accessToken"], "SELECT 1"), 401, "USER_DISABLED")
+    r = await http.post(f"{auth}/users/{bob['id']}/enable", headers=admin)
+    assert (await as_user(bob["accessToken"], "SELECT 1")).status_code == 200
+    # Logout (a revoked session) stops the very next request.
+    r = await http.post(f"{auth}/logout", headers=bearer(ann["accessToken"]))
+    assert r.status_code == 200, r.text
+    assert_error(await as_user(ann["accessToken"], "SELECT 1"), 401, "INVALID_USER_TOKEN")
+    assert (await as_user(bob["accessToken"], "SELECT body FROM notes")).json()["result"]["rows"] == [
+        {"body": bob["id"]}
+    ]
