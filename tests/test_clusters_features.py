@@ -98,6 +98,53 @@ async def test_housekeeping_trims_the_outbox_of_every_cluster(
     )
 
 
+async def test_housekeeping_keeps_what_the_clusters_webhook_dispatcher_has_not_read(
+    inst: dict[str, Any],  # noqa: F811
+    placed: dict[str, Any],
+    control: asyncpg.Pool,
+    there: asyncpg.Connection,
+) -> None:
+    """A registered cluster's own fluxbase.webhooks is empty (endpoints live in the control
+    plane), so trimming there must ask the control plane whether its dispatcher still needs the
+    events: while one of its projects has an enabled endpoint, nothing past the cursor goes."""
+    api: Api = inst["api"]
+    pid, key = placed["pid"], placed["key"]
+    r = await api.http.post(
+        "/api/webhooks",
+        json={"projectId": pid, "url": "http://127.0.0.1:9/hook", "events": ["row.inserted"]},
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    hook_id = r.json()["webhook"]["id"]
+    # A dispatcher that is behind: its cursor at the start and held there.
+    await there.execute(
+        """CREATE FUNCTION public.hold_cursor() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RETURN NULL; END $$;
+           UPDATE fluxbase.webhook_dispatch SET last_xid = '0'::xid8, last_id = 0;
+           CREATE TRIGGER hold BEFORE UPDATE ON fluxbase.webhook_dispatch
+           FOR EACH ROW EXECUTE FUNCTION public.hold_cursor()"""
+    )
+    settings = load_settings(dict(inst["env"], FLUXBASE_EVENTS_RETENTION_SECONDS="0"))
+    pools = ClusterPools(settings, control)
+    try:
+        r = await api.sql(key, pid, "INSERT INTO items (name) VALUES ('for the hook')")
+        assert r.json()["success"], r.text
+        counts = await housekeeping(control, settings, cluster_pools=pools)
+        assert counts[f"events.{placed['cid']}"] == 0, counts
+        assert await there.fetchval("SELECT count(*) FROM fluxbase.events WHERE project_id = $1", pid) >= 1
+        # Without an enabled endpoint the same events go.
+        r = await api.http.delete(f"/api/webhooks/{hook_id}", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        counts = await housekeeping(control, settings, cluster_pools=pools)
+        assert counts[f"events.{placed['cid']}"] >= 1, counts
+        assert await there.fetchval("SELECT count(*) FROM fluxbase.events WHERE project_id = $1", pid) == 0
+    finally:
+        await pools.close()
+        await there.execute(
+            "DROP TRIGGER hold ON fluxbase.webhook_dispatch; DROP FUNCTION public.hold_cursor()"
+        )
+
+
 async def test_named_migrations_on_a_cluster(
     inst: dict[str, Any],  # noqa: F811
     placed: dict[str, Any],
