@@ -13,7 +13,7 @@ from fluxbase.errors import StorageUnavailable
 from fluxbase.mail import outbox as mail_outbox
 from fluxbase.mail import sender as mail_sender
 from fluxbase.metrics import serve_metrics
-from fluxbase.services import realtime
+from fluxbase.services import clusters, realtime
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.storage.service import StorageService
 from fluxbase.webhooks import service as webhooks
@@ -24,11 +24,58 @@ log = logging.getLogger("fluxbase.worker")
 HOUSEKEEPING_INTERVAL_S = 60.0
 
 
-async def housekeeping(
-    db: asyncpg.Pool, settings: Settings, store: ObjectStore | None = None
+async def housekeep_outbox(db: asyncpg.Pool, settings: Settings, webhooks_waiting: bool = False) -> int:
+    """One database's realtime outbox: fold its byte counters, trim events past the retention
+    limits, drop reader rows not seen for 10 minutes. The control plane's and every registered
+    cluster's (each cluster holds the outbox of the projects placed on it). Returns events trimmed."""
+    await realtime.count_outbox_bytes(db)
+    trimmed = await realtime.trim_events(
+        db,
+        settings.realtime.events_retention_s,
+        settings.realtime.events_max_rows,
+        broadcast_keep=settings.realtime.broadcast_keep,
+        webhooks_waiting=webhooks_waiting,
+    )
+    await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
+    return trimmed
+
+
+async def housekeep_clusters(
+    db: asyncpg.Pool, settings: Settings, cluster_pools: clusters.ClusterPools
 ) -> dict[str, int]:
-    """Trim expired sessions and throttle counters, and (given the object store) settle storage
-    leftovers: abandoned uploads and deletes, orphaned objects. Returns counts."""
+    """The outbox housekeeping on every registered cluster, as the runtime role there. An
+    unreachable cluster is logged and skipped (the others go on); its outbox is trimmed on the
+    next round it answers. Returns events trimmed per cluster id."""
+    done: dict[str, int] = {}
+    for row in await db.fetch(
+        "SELECT id FROM fluxbase.clusters WHERE id <> $1 ORDER BY id", clusters.DEFAULT
+    ):
+        cluster_id = row["id"]
+        # The cluster's webhook dispatcher reads its outbox for endpoints stored here: while one
+        # of its projects has an enabled endpoint, nothing past that dispatcher's cursor goes.
+        waiting = bool(
+            await db.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks w JOIN fluxbase.projects p
+                   ON p.id = w.project_id WHERE w.enabled AND p.cluster_id = $1)""",
+                cluster_id,
+            )
+        )
+        try:
+            done[cluster_id] = await housekeep_outbox(await cluster_pools.pool(cluster_id), settings, waiting)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("housekeeping of database cluster %s failed, will retry: %r", cluster_id, exc)
+    return done
+
+
+async def housekeeping(
+    db: asyncpg.Pool,
+    settings: Settings,
+    store: ObjectStore | None = None,
+    cluster_pools: clusters.ClusterPools | None = None,
+) -> dict[str, int]:
+    """Trim expired sessions and throttle counters, the realtime outbox (and, given the cluster
+    pools, every registered cluster's), and (given the object store) settle storage leftovers:
+    abandoned uploads and deletes, orphaned objects. Returns counts."""
     sessions = await db.execute("DELETE FROM fluxbase.sessions WHERE expires_at < now() - interval '1 day'")
     throttle = await db.execute("DELETE FROM fluxbase.auth_throttle WHERE resets_at < now()")
     counts = {"sessions": int(sessions.split()[-1]), "throttleCounters": int(throttle.split()[-1])}
@@ -44,14 +91,10 @@ async def housekeeping(
            WHERE expires_at < now() - interval '1 day' OR revoked_at < now() - interval '1 day'"""
     )
     counts["projectUserSessions"] = int(user_sessions.split()[-1])
-    await realtime.count_outbox_bytes(db)
-    counts["events"] = await realtime.trim_events(
-        db,
-        settings.realtime.events_retention_s,
-        settings.realtime.events_max_rows,
-        broadcast_keep=settings.realtime.broadcast_keep,
-    )
-    await db.execute("DELETE FROM fluxbase.event_readers WHERE seen_at < now() - interval '10 minutes'")
+    counts["events"] = await housekeep_outbox(db, settings)
+    if cluster_pools is not None:
+        for cluster_id, trimmed in (await housekeep_clusters(db, settings, cluster_pools)).items():
+            counts[f"events.{cluster_id}"] = trimmed
     counts["webhookDeliveries"] = await webhooks.trim_log(db, settings.webhooks.log_retention_s)
     counts["mailMessages"] = await mail_outbox.trim_log(db, settings.mail.log_retention_s)
     tokens = await db.execute("DELETE FROM fluxbase.mail_tokens WHERE expires_at < now() - interval '1 day'")
@@ -73,6 +116,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     db = await create_control_pool(settings, max_size=settings.webhooks.concurrency + 4)
     store = ObjectStore(settings.s3)
     await store.start()
+    cluster_pools = clusters.ClusterPools(settings, db)
     hooks = WebhookWorker(settings, db)
     delivery = asyncio.create_task(hooks.run(stop))
     mail = asyncio.create_task(mail_sender.run(db, settings.mail, stop))
@@ -85,7 +129,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         while not stop.is_set():
             try:
-                await housekeeping(db, settings, store)
+                await housekeeping(db, settings, store, cluster_pools)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("housekeeping failed, will retry: %r", exc)
             try:
@@ -100,4 +144,5 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             await listener.wait_closed()
         log.info("worker stopped")
         await store.close()
+        await cluster_pools.close()
         await db.close()

@@ -631,7 +631,11 @@ class RealtimeService:
             assert self.db is not None
             # Checked as the role the subscriber's rows are checked as (None: an admin).
             role = None if grant.viewer is None else role_name(project_id, grant.viewer.scope)
-            await row_filters.check_columns(self.db, project_id, role, filters)
+            # In the catalog of the project's own cluster (its reader, started if it is new,
+            # brings the pool replays use there; the control plane's for the default cluster).
+            await self.clusters.reader_for(self.db, project_id)
+            catalog = await self.clusters.replay_db(self.db, project_id)
+            await row_filters.check_columns(catalog, project_id, role, filters)
         since = msg.get("since")
         old = client.subs.get(room)
         if old is not None:

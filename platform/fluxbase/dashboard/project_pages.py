@@ -85,7 +85,8 @@ async def project_home(project_id: str, request: Request[Any, Any, Any], ctx: Ap
 
 async def settings_page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
     assert dash.access is not None
-    applied = await migrations.list_migrations(dash.ctx.db, dash.access.project.id)
+    home = await dash.ctx.cluster_pools().pool(dash.access.project.cluster_id)  # the ledger's cluster
+    applied = await migrations.list_migrations(home, dash.access.project.id)
     extra.setdefault("confirm", "")
     extra.setdefault("mig_name", "")
     extra.setdefault("mig_sql", "")
@@ -141,7 +142,12 @@ async def apply_migration(project_id: str, request: Request[Any, Any, Any], ctx:
     name, sql = data.get("name", "").strip(), data.get("sql", "")
     try:
         applied, migration = await migrations.apply_migration(
-            ctx.db, ctx.tenants, access, name, sql, ctx.settings.tenant.pool_acquire_timeout_s
+            await ctx.cluster_pools().pool(access.project.cluster_id),  # the ledger's cluster
+            ctx.tenants,
+            access,
+            name,
+            sql,
+            ctx.settings.tenant.pool_acquire_timeout_s,
         )
     except FluxbaseError as exc:
         # MigrationFailed carries the SQLSTATE as the API shows it: details "ERROR:  42P01".
@@ -161,7 +167,13 @@ async def import_project(request: Request[Any, Any, Any], ctx: AppContext, name:
     dash = await signed_in(request, ctx)
     try:
         project = await dump.import_upload(
-            ctx.db, ctx.tenants, ctx.settings, dash.user.id, name.strip() or None, request.stream()
+            ctx.db,
+            ctx.tenants,
+            ctx.settings,
+            dash.user.id,
+            name.strip() or None,
+            request.stream(),
+            ctx.cluster_pools(),
         )
     except FluxbaseError as exc:
         return error_response(exc)
@@ -180,7 +192,13 @@ async def export(project_id: str, request: Request[Any, Any, Any], ctx: AppConte
     """The API's exportProject, as a download (a GET: it changes nothing)."""
     dash = await signed_in(request, ctx)
     access = await dash.project(project_id, Need.MANAGE)
-    started = await dump.start_export(ctx.settings, ctx.db, access.project.id)
+    started = await dump.start_export(
+        ctx.settings,
+        ctx.db,
+        access.project.id,
+        cluster_pools=ctx.cluster_pools(),
+        cluster_id=access.project.cluster_id,
+    )
     return Stream(
         started.stream(),
         media_type="application/sql",

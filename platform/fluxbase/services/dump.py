@@ -52,7 +52,7 @@ from fluxbase.errors import (
     PayloadTooLarge,
 )
 from fluxbase.security.roles import role_password, schema_name
-from fluxbase.services import extensions, migrations, projects, quota
+from fluxbase.services import clusters, extensions, migrations, projects, quota
 from fluxbase.services.access import Project
 from fluxbase.services.migrations import Migration
 from fluxbase.services.sqlscript import ScriptError, split_statements
@@ -219,25 +219,31 @@ async def start_export(
     *,
     server: tuple[str, int, str] | None = None,
     roles_db: asyncpg.Pool | None = None,
+    cluster_pools: clusters.ClusterPools | None = None,
+    cluster_id: str = clusters.DEFAULT,
 ) -> Export:
     """Start pg_dump as the project's export role; fail here (before any byte is sent) if it cannot.
     The project's applied migrations (its ledger) are carried in the export.
 
-    `server` (host, port, database) and `roles_db` (the runtime role's pool there) name the
-    cluster the project lives on; by default the control plane's (a move between clusters
-    passes a registered one's, services.moves)."""
-    ledger = await migrations.list_migrations(db, project_id)
-    installed = await extensions.installed(db, project_id)
+    The project's server and the runtime role's pool there: `server` (host, port, database) with
+    `roles_db` (a move between clusters passes them, services.moves), else the registered cluster
+    `cluster_id` through the API's `cluster_pools`, else the control plane's. Its ledger,
+    extensions and export role are read and made there."""
+    home = roles_db or db
     if server is None:
-        parts = urlsplit(settings.database.url)
-        server = (*settings.database.server(), (parts.path or "/postgres").lstrip("/") or "postgres")
+        if cluster_id != clusters.DEFAULT and cluster_pools is not None:
+            home = await cluster_pools.pool(cluster_id)
+            where = await clusters.stored_target(db, settings, cluster_id)
+            server = (where.host, where.port, where.database)
+        else:
+            parts = urlsplit(settings.database.url)
+            server = (*settings.database.server(), (parts.path or "/postgres").lstrip("/") or "postgres")
     host, port, dbname = server
+    ledger = await migrations.list_migrations(home, project_id)
+    installed = await extensions.installed(home, project_id)
     for attempt in range(3):
         try:
-            async with (
-                (roles_db or db).acquire(timeout=settings.database.connect_timeout) as conn,
-                conn.transaction(),
-            ):
+            async with home.acquire(timeout=settings.database.connect_timeout) as conn, conn.transaction():
                 role = await ensure_export_role(conn, project_id, settings)
             break
         except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
@@ -579,19 +585,24 @@ async def import_project(
     owner_id: str,
     name: str,
     f: IO[bytes],
+    cluster_pools: clusters.ClusterPools | None = None,
 ) -> Project:
-    """Create a project and load the dump into it, with its migration ledger, all or nothing."""
+    """Create a project and load the dump into it, with its migration ledger, all or nothing.
+    Given the API's `cluster_pools`, the new project is placed like any other (services.clusters
+    .place) and loaded on its cluster."""
     source = await asyncio.to_thread(check_dump, f)
     ledger = read_ledger(f)
-    project = await projects.create_project(db, settings, owner_id, name)
+    project = await projects.create_project(db, settings, owner_id, name, cluster_pools=cluster_pools)
     target = schema_name(project.id)
     try:
         # The ledger rows are written by the load's own transaction (one-use tickets redeemed
         # by fluxbase_guard.redeem_migration, as `migrations push` does): they commit with it.
+        # Tickets and ledger live on the project's own cluster, where that transaction runs.
+        home = db if cluster_pools is None else await cluster_pools.pool(project.cluster_id)
         tokens = []
         for ledger_name, checksum in ledger:
             token = secrets.token_bytes(32)
-            await db.execute(
+            await home.execute(
                 """INSERT INTO fluxbase.migration_tickets (token_hash, project_id, name, checksum, applied_by)
                    VALUES ($1, $2, $3, $4, $5)""",
                 hashlib.sha256(token).digest(),
@@ -604,7 +615,7 @@ async def import_project(
         await _load(pools, settings, project.id, f, source, target, tokens)
     except BaseException:
         await pools.close_project(project.id)
-        await projects.delete_project(db, project.id)
+        await projects.delete_project(db, project.id, cluster_pools)
         raise
     return project
 
@@ -697,6 +708,7 @@ async def import_upload(
     owner_id: str,
     name: str | None,
     chunks: AsyncIterator[bytes],
+    cluster_pools: clusters.ClusterPools | None = None,
 ) -> Project:
     """Spool an uploaded export to a temporary file (refused past FLUXBASE_IMPORT_MAX_BYTES) and
     import it as a new project of `owner_id`, named `name` or after the dump's schema."""
@@ -708,7 +720,7 @@ async def import_upload(
             if size > limit:
                 raise PayloadTooLarge(f"The dump is larger than the import limit of {limit} bytes.")
             f.write(chunk)
-        return await import_project(db, pools, settings, owner_id, name or _name_from(f), f)
+        return await import_project(db, pools, settings, owner_id, name or _name_from(f), f, cluster_pools)
 
 
 def _name_from(f: IO[bytes]) -> str:

@@ -249,6 +249,12 @@ class IdentityResolver:
         through sql.begin_script pass `session_checked_in_sql=True`: an own token's session is
         then checked inside the request's transaction instead of by a control-plane query here.
         """
+        if access.project.cluster_id != "default":
+            # fluxbase_guard.check_user_session reads the control plane's session tables, which
+            # are not in a registered cluster's database (services.clusters): an own token's
+            # session is checked here instead, on the control plane, uncached, on every request
+            # (as API keys are there), so a logout or a disabled user stops the next request.
+            session_checked_in_sql = False
         if user_token:
             claims = await self.claims(
                 access.project.id, user_token, session_checked_later=session_checked_in_sql

@@ -1,8 +1,10 @@
 """Named, checksummed schema migrations of a project, applied once on its own admin role.
 
 A migration runs in one transaction on a tenant connection whose session user is
-`p_<id>_admin`. The ledger (`fluxbase.project_migrations`) is in the control plane, which the
-tenant cannot write; the API first stores a one-use ticket (the SHA-256 of a random token), and
+`p_<id>_admin`. The ledger (`fluxbase.project_migrations`) is in the platform's schema of the
+project's cluster (the control plane, or the registered cluster it lives on: callers pass that
+cluster's runtime pool as `db`), which the tenant cannot write; the API first stores a one-use
+ticket there (the SHA-256 of a random token), and
 the tenant transaction redeems it with `fluxbase_guard.redeem_migration`, which writes the
 ledger row inside that same transaction. So the row exists exactly when the migration
 committed, and a failing migration leaves neither schema changes nor a ledger row.

@@ -24,7 +24,8 @@ The steps, each undone if a later one fails:
 
 A failure in steps 1 to 4 drops whatever was provisioned on the target, clears the mark (the project is
 writable on the source again) and answers PROJECT_MOVE_FAILED. API keys, storage, webhooks, the
-team, end users and the migration ledger live in the control plane and are not touched.
+team and end users live in the control plane and are not touched; the migration ledger lives
+with the project's data on its cluster and is carried over.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ async def _drop_on_cluster(
     pool = await cluster_pools.pool(cluster_id)
     async with pool.acquire() as conn, conn.transaction():
         await provision.drop_project(conn, project_id)
+        # The migration ledger lives with the project's data (services.migrations): it goes too.
+        await conn.execute("DELETE FROM fluxbase.project_migrations WHERE project_id = $1", project_id)
         if cluster_id != clusters.DEFAULT:
             await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
 
@@ -239,6 +242,12 @@ async def _move(
                 )
                 async for chunk in export.stream():
                     f.write(chunk)
+                # The ledger sits beside the project's data, on its cluster (services.migrations).
+                ledger = await source_pool.fetch(
+                    "SELECT name, checksum, applied_at, applied_by FROM fluxbase.project_migrations"
+                    " WHERE project_id = $1",
+                    project_id,
+                )
             schema = await asyncio.to_thread(dump.check_dump, f)
             async with target_pool.acquire() as rc, rc.transaction():
                 provisioned = True  # from here on, a failure drops what the target has
@@ -249,6 +258,12 @@ async def _move(
                         row["name"],
                     )
                 await provision.provision_project(rc, project_id, settings)
+                await rc.executemany(
+                    "INSERT INTO fluxbase.project_migrations"
+                    " (project_id, name, checksum, applied_at, applied_by)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    [(project_id, *r) for r in ledger],
+                )
             conn = await _admin_connect(settings, there, project_id)
             try:
                 async with conn.transaction():

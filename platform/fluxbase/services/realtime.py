@@ -306,7 +306,9 @@ WITH oldest AS (
     FROM (SELECT xid, id, kind, created_at FROM fluxbase.events
           WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
             -- never past the webhook dispatcher while any endpoint waits for events
-            AND (NOT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)
+            -- ($4: a registered cluster's endpoints are in the control plane, which the
+            -- caller asked; its own fluxbase.webhooks is empty)
+            AND (NOT ($4::boolean OR EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled))
                  OR (xid, id) <= (SELECT last_xid, last_id FROM fluxbase.webhook_dispatch))
           ORDER BY xid, id LIMIT $1) s
 )
@@ -376,6 +378,7 @@ async def trim_events(
     max_rows: int,
     batch: int = 5000,
     broadcast_keep: int = BROADCAST_KEEP_PER_PROJECT,
+    webhooks_waiting: bool = False,
 ) -> int:
     """Delete the oldest outbox events past the age or size limit, a short batch at a time,
     and each project's broadcasts beyond its newest `broadcast_keep`.
@@ -383,14 +386,16 @@ async def trim_events(
     Only finished transactions are trimmed, a prefix in cursor order (per project for
     broadcasts), and the retention mark (the project's, for broadcasts) moves first, so a
     `since` older than the mark answers resync_required instead of a gap. Inserts never wait
-    on these deletes.
+    on these deletes. Nothing past the webhook dispatcher's cursor goes while an endpoint is
+    enabled: on a registered cluster the caller says so (`webhooks_waiting`, read from the
+    control plane, where that cluster's projects' endpoints are).
     """
     deleted = await _trim_broadcasts(db, broadcast_keep)
     while True:
         estimate = await db.fetchval("SELECT count(*) FROM fluxbase.events WHERE kind <> 'broadcast'")
         excess = max(0, int(estimate) - max_rows)
         async with db.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(_TRIM_CUTOFF_SQL, batch, max_age_s, excess)
+            row = await conn.fetchrow(_TRIM_CUTOFF_SQL, batch, max_age_s, excess, webhooks_waiting)
             if row is None:
                 return deleted
             await conn.execute(

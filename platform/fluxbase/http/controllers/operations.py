@@ -109,8 +109,10 @@ async def apply_migration(
     project_id: str, data: MigrationBody, ctx: AppContext, caller: Caller
 ) -> MigrationApplied:
     access = await caller.access(ctx, project_id, Need.SCHEMA)
+    # The ledger and its tickets live on the project's cluster (the control pool for the default).
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)
     applied, migration = await migrations.apply_migration(
-        ctx.db, ctx.tenants, access, data.name, data.sql, ctx.settings.tenant.pool_acquire_timeout_s
+        home, ctx.tenants, access, data.name, data.sql, ctx.settings.tenant.pool_acquire_timeout_s
     )
     return MigrationApplied(applied=applied, migration=_migration_out(migration))
 
@@ -118,7 +120,8 @@ async def apply_migration(
 @get("/api/projects/{project_id:str}/migrations", operation_id="listMigrations", tags=["migrations"])
 async def list_migrations(project_id: str, ctx: AppContext, caller: Caller) -> MigrationsAnswer:
     access = await caller.access(ctx, project_id, Need.READ)
-    rows = await migrations.list_migrations(ctx.db, access.project.id)
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)
+    rows = await migrations.list_migrations(home, access.project.id)
     return MigrationsAnswer(migrations=[_migration_out(m) for m in rows])
 
 
@@ -223,7 +226,13 @@ async def resume_project(project_id: str, ctx: AppContext, caller: Caller) -> Pr
 )
 async def export_project(project_id: str, ctx: AppContext, caller: Caller) -> Stream:
     access = await caller.access(ctx, project_id, Need.MANAGE)
-    export = await dump.start_export(ctx.settings, ctx.db, access.project.id)
+    export = await dump.start_export(
+        ctx.settings,
+        ctx.db,
+        access.project.id,
+        cluster_pools=ctx.cluster_pools(),
+        cluster_id=access.project.cluster_id,
+    )
     return Stream(
         export.stream(),
         media_type="application/sql",
@@ -248,6 +257,12 @@ async def import_project(
     if caller.principal.user is None:
         raise AuthRequired("This endpoint needs a dashboard session token, not an API key.")
     project = await dump.import_upload(
-        ctx.db, ctx.tenants, ctx.settings, caller.principal.user.id, name, request.stream()
+        ctx.db,
+        ctx.tenants,
+        ctx.settings,
+        caller.principal.user.id,
+        name,
+        request.stream(),
+        ctx.cluster_pools(),
     )
     return ProjectAnswer(project=project_out(project, "admin"))
