@@ -202,6 +202,10 @@ async def test_a_move_copies_everything_and_refuses_writes_meanwhile(
     r = await api.sql(read_key, pid, "SELECT body FROM notes ORDER BY id")
     visible_before = [row["body"] for row in r.json()["result"]["rows"]]
     assert visible_before == ["public one", "public three", "public four"]
+    # A named migration: its ledger row lives beside the data and moves with it.
+    migration = {"name": "001_tags", "sql": "CREATE TABLE tags (id int PRIMARY KEY)"}
+    r = await http.post(f"/api/projects/{pid}/migrations", json=migration, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
 
     async with connect(inst["rt"] + key) as ws:
         await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
@@ -272,6 +276,21 @@ async def test_a_move_copies_everything_and_refuses_writes_meanwhile(
     assert r.json()["result"]["rows"][0]["id"] == 6, r.text  # the sequence came along
     assert await _schema_on(inst["control_url"], pid) == (False, 0)  # the source's copy is gone
     assert (await _schema_on(inst["two_url"], pid))[0] is True
+    # The ledger came along: the migration is listed and not applied again; none is left behind.
+    r = await http.get(f"/api/projects/{pid}/migrations", headers=bearer(key))
+    assert [m["name"] for m in r.json()["migrations"]] == ["001_tags"], r.text
+    r = await http.post(f"/api/projects/{pid}/migrations", json=migration, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["applied"] is False, r.text
+    control = await asyncpg.connect(inst["control_url"])
+    try:
+        assert (
+            await control.fetchval(
+                "SELECT count(*) FROM fluxbase.project_migrations WHERE project_id = $1", pid
+            )
+            == 0
+        )
+    finally:
+        await control.close()
     # The team and the keys are untouched: the owner still lists them.
     r = await http.get(f"/api/projects/{pid}/api-keys", headers=bearer(inst["admin"]))
     assert r.status_code == 200 and len(r.json()["apiKeys"]) == 4, r.text
