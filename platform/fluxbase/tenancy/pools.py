@@ -591,6 +591,17 @@ class TenantPools:
         self._where[project_id] = where
         return where
 
+    def locate(self, project_id: str, cluster_id: str) -> None:
+        """Remember the cluster of a project whose row the caller has just read (a cold key
+        lookup, services.access.Authenticator): one on the control plane's own cluster then needs
+        no lookup of its own (`_address`) when its first pool opens. A registered cluster's
+        address is still read by `_address`."""
+        if cluster_id == "default" and project_id not in self._where:
+            if len(self._where) >= 100_000:
+                self._where.clear()
+                self._cluster.clear()
+            self._where[project_id] = (self._host, self._port, self._database)
+
     def _connect_kwargs(self, project_id: str, scope: str, where: tuple[str, int, str]) -> dict[str, object]:
         role = role_name(project_id, scope)
         return {
