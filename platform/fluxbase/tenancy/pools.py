@@ -134,7 +134,9 @@ def login_over_caps(row: Any, caps: Caps) -> bool:
     return any(over_cap(name, row[name], caps) is not None for name in ASSERTED)
 
 
-async def open_tenant_session(conn: TenantConnection, project_id: str, scope: str, caps: Caps) -> None:
+async def open_tenant_session(
+    conn: TenantConnection, project_id: str, scope: str, caps: Caps, *, prefix: bool = True
+) -> None:
     """Everything a new tenant connection needs before its first request, in two round trips:
     JSON-faithful decoding, the one-round-trip prefix's steps prepared (tenancy.wire), and whether
     it logged in above the caps, read on this very session (every login reads it afresh).
@@ -142,6 +144,10 @@ async def open_tenant_session(conn: TenantConnection, project_id: str, scope: st
     It used to be one round trip per prepared step and two for the login settings (14): on a
     cold project's first request they were a third of the time (issue 19)."""
     await init_tenant_connection(conn)
+    if not prefix:  # a pool whose connections never take the one-round-trip path (realtime's)
+        conn.request_prefix = None
+        conn.over_caps = login_over_caps(await conn.fetchrow(_LOGIN_SETTINGS_SQL), caps)
+        return
     claims = base_claims(scope, project_id)
     conn.request_prefix, row = await wire.RequestPrefix.open(
         conn,
@@ -518,8 +524,12 @@ class TenantPools:
         idle_pool_seconds: float = 300.0,
         max_size: int | None = None,
         control: asyncpg.Pool | None = None,
+        *,
+        prefix: bool = True,
     ):
         self._settings = settings
+        # Whether new connections prepare the one-round-trip request prefix (open_tenant_session).
+        self._prefix = prefix
         # A platform pool for terminating a tenant backend past its deadline (admin sessions).
         self.control = control
         self._max_size = max_size or settings.tenant.pool_max_per_role
@@ -634,7 +644,7 @@ class TenantPools:
         async def connect() -> TenantConnection:
             conn = await asyncpg.connect(connection_class=TenantConnection, **kwargs)  # type: ignore[arg-type]
             try:
-                await open_tenant_session(conn, project_id, scope, self.statements.caps)
+                await open_tenant_session(conn, project_id, scope, self.statements.caps, prefix=self._prefix)
                 # On another cluster than the control plane's: session.terminate signals the
                 # backend through that cluster's runtime pool, never the control plane's.
                 conn.remote = remote
