@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from fluxbase.security.roles import SCOPES, role_name, role_password, role_verifier  # noqa: E402
-from fluxbase.tenancy.pools import TenantConnection, init_tenant_connection  # noqa: E402
+from fluxbase.tenancy.pools import TenantConnection, open_tenant_session  # noqa: E402
+from fluxbase.tenancy.statements import Caps  # noqa: E402
 from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
 
 MAX_CONNECTIONS = 200
@@ -64,7 +65,8 @@ def line(name: str, lat: list[float], extra: str = "") -> str:
 
 
 async def connection_cost(stack: Stack, dbname: str, rounds: int) -> dict[int, list[float]]:
-    """connect + the pool's connection setup for a role at 4096 and at 1 iterations, interleaved."""
+    """connect + the pool's connection setup (pools.open_tenant_session: codecs, the prepared
+    one-round-trip steps, the login settings) for a role at 4096 and at 1 iterations, interleaved."""
     su = await asyncpg.connect(stack.database_url(dbname))
     secret = secrets.token_urlsafe(32)
     roles = {4096: "bench_scram_4096", 1: "bench_scram_1"}
@@ -86,7 +88,7 @@ async def connection_cost(stack: Stack, dbname: str, rounds: int) -> dict[int, l
                     ssl=False,
                     connection_class=TenantConnection,
                 )
-                await init_tenant_connection(conn)
+                await open_tenant_session(conn, "bench", "admin", Caps())
                 out[it].append(time.perf_counter() - t0)
                 await conn.close()
         return out

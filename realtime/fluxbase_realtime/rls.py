@@ -151,7 +151,10 @@ class RlsGate:
 
     def __init__(self, settings: Settings, control: asyncpg.Pool):
         # `control`: the checker roles connect to the project's own cluster (services.clusters).
-        self.pools = TenantPools(settings, max_size=settings.realtime.rls_pool_max, control=control)
+        # Policy lookups and checks only (pool.fetch): no one-round-trip prefix to prepare.
+        self.pools = TenantPools(
+            settings, max_size=settings.realtime.rls_pool_max, control=control, prefix=False
+        )
         self.timeout_s = settings.realtime.rls_timeout_ms / 1000
         self.pool_max = settings.realtime.rls_pool_max
         self.control = control

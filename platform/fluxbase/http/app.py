@@ -195,6 +195,8 @@ def create_app(settings: Settings) -> Litestar:
         ctx = app.state.ctx
         # A tenant backend past its deadline on a registered cluster is signalled there.
         ctx.tenants.cluster_pool = lambda cluster_id: ctx.cluster_pools().pool(cluster_id)
+        # A project's first request needs no cluster lookup: its key's lookup read the row.
+        ctx.auth.on_project = lambda project: ctx.tenants.locate(project.id, project.cluster_id)
         # Replicas agree: a key revoked or a project suspended through another API process
         # drops this process's cached keys at once (the SQL path's guard refuses them anyway).
         app.state.bell_stop = asyncio.Event()

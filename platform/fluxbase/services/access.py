@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -124,7 +125,13 @@ class ProjectAccess:
         return settings.tenant.rate_limit_requests, settings.tenant.rate_limit_window_s
 
 
+# The key, its project and the project's auth epoch in one snapshot, and lastUsedAt touched in
+# the same statement (one round trip on a cold key, not two): only for a key that is live (not
+# revoked or expired), used from an origin it allows ($2 NULL: no Origin header) and not
+# touched in the last minute. The touch changes no column the auth-epoch or control-bell
+# triggers watch (sql/0011, sql/0038).
 _KEY_QUERY = """
+WITH k AS (
 SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k.expires_at,
        k.revoked_at, k.last_used_at, k.rate_limit_requests AS k_rlr, k.rate_limit_window_s AS k_rlw,
        k.require_user_auth,
@@ -135,6 +142,13 @@ SELECT k.id AS k_id, k.project_id AS k_project_id, k.scope, k.allowed_origins, k
        (SELECT e.epoch FROM fluxbase_guard.auth_epochs e WHERE e.project_id = k.project_id) AS epoch
 FROM fluxbase.api_keys k JOIN fluxbase.projects p ON p.id = k.project_id
 WHERE k.key_hash = $1
+), touched AS (
+UPDATE fluxbase.api_keys t SET last_used_at = now() FROM k
+WHERE t.id = k.k_id AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+  AND (cardinality(k.allowed_origins) = 0 OR $2::text = ANY (k.allowed_origins))
+  AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '60 seconds')
+)
+SELECT * FROM k
 """
 
 
@@ -160,7 +174,7 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
     if not apikeys.well_formed(raw_key):
         raise AuthRequired("API key is malformed (checksum mismatch).")
     key_hash = apikeys.hash_key(raw_key)
-    row = await db.fetchrow(_KEY_QUERY, key_hash)
+    row = await db.fetchrow(_KEY_QUERY, key_hash, origin)
     if row is None:
         if await db.fetchval("SELECT true FROM fluxbase.rotated_api_keys WHERE key_hash = $1", key_hash):
             raise AuthRequired(
@@ -184,9 +198,6 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
         row["epoch"],
     )
     _check_origin(auth, origin)
-    last = row["last_used_at"]
-    if last is None or (now - last).total_seconds() > 60:
-        await db.execute("UPDATE fluxbase.api_keys SET last_used_at = now() WHERE id = $1", row["k_id"])
     return auth
 
 
@@ -206,6 +217,9 @@ class Authenticator:
     def __init__(self, db: asyncpg.Pool, settings: Settings):
         self.db = db
         self.settings = settings
+        # Told each project a cold key lookup read (the API's tenancy.pools.TenantPools.locate:
+        # the project's cluster then needs no query of its own on its first request).
+        self.on_project: Callable[[Project], None] | None = None
         self._cache: dict[str, tuple[float, KeyAuth]] = {}
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -232,6 +246,8 @@ class Authenticator:
             self._touch(auth, now)
             return auth
         auth = await authenticate_key(self.db, raw_key, origin)
+        if self.on_project is not None:
+            self.on_project(auth.project)
         if auth.project.status != "active":
             # Never cache a suspended project: resuming must take effect on the next request
             # (the guard only re-checks in the direction active → suspended).

@@ -22,7 +22,7 @@ from fluxbase.errors import IdentityProviderUnavailable, InvalidUserToken, Valid
 from fluxbase.security import ssrf, usertokens
 from fluxbase.services import end_users
 from fluxbase.services.access import ProjectAccess, require_end_user_token
-from fluxbase.tenancy.session import Identity, base_claims
+from fluxbase.tenancy.identity import Identity, base_claims
 
 log = logging.getLogger("fluxbase.identity")
 

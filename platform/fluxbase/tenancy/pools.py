@@ -25,6 +25,7 @@ from fluxbase.config import Settings
 from fluxbase.metrics import REGISTRY
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.tenancy import wire
+from fluxbase.tenancy.identity import Identity, base_claims, identity_statements
 from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
 
 
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A tenant pool connection: its prepared one-round-trip prefix (tenancy.wire), whether
-    a request left session state that only the next one-round-trip request's prefix clears, and
-    whether it logged in with settings above the caps (`login_over_caps`), and whether its
-    idle-reset timer is pending (`TenantPool.release`)."""
+    """A tenant pool connection: its one-round-trip prefix (tenancy.wire, prepared when it opens,
+    `open_tenant_session`), whether a request left session state that only the next
+    one-round-trip request's prefix clears, whether it logged in with settings above the caps
+    (`login_over_caps`), and whether its idle-reset timer is pending (`TenantPool.release`)."""
 
     __slots__ = (
         "cluster_pool",
@@ -124,13 +125,38 @@ _LOGIN_SETTINGS_SQL = "SELECT " + ", ".join(
 )
 
 
-async def login_over_caps(conn: asyncpg.Connection, caps: Caps) -> bool:
-    """Whether the session's own defaults (what RESET ALL returns to) exceed the caps: a role
-    may change its defaults itself (`ALTER ROLE CURRENT_USER SET work_mem` from plpgsql), and a
-    new login picks them up. Such a connection gets the caps asserted at each request's start
-    (tenancy.session); the others need not pay for it."""
-    row = await conn.fetchrow(_LOGIN_SETTINGS_SQL)
+def login_over_caps(row: Any, caps: Caps) -> bool:
+    """Whether the session's own defaults (what RESET ALL returns to: `row`, the login settings
+    `open_tenant_session` read) exceed the caps: a role may change its defaults itself
+    (`ALTER ROLE CURRENT_USER SET work_mem` from plpgsql), and a new login picks them up. Such a
+    connection gets the caps asserted at each request's start (tenancy.session); the others need
+    not pay for it."""
     return any(over_cap(name, row[name], caps) is not None for name in ASSERTED)
+
+
+async def open_tenant_session(
+    conn: TenantConnection, project_id: str, scope: str, caps: Caps, *, prefix: bool = True
+) -> None:
+    """Everything a new tenant connection needs before its first request, in two round trips:
+    JSON-faithful decoding, the one-round-trip prefix's steps prepared (tenancy.wire), and whether
+    it logged in above the caps, read on this very session (every login reads it afresh).
+
+    It used to be one round trip per prepared step and two for the login settings (14): on a
+    cold project's first request they were a third of the time (issue 19)."""
+    await init_tenant_connection(conn)
+    if not prefix:  # a pool whose connections never take the one-round-trip path (realtime's)
+        conn.request_prefix = None
+        conn.over_caps = login_over_caps(await conn.fetchrow(_LOGIN_SETTINGS_SQL), caps)
+        return
+    claims = base_claims(scope, project_id)
+    conn.request_prefix, row = await wire.RequestPrefix.open(
+        conn,
+        _LOGIN_SETTINGS_SQL,
+        identity_statements(Identity(None, claims, scope)),
+        claims,
+        caps.statements(),
+    )
+    conn.over_caps = login_over_caps(row, caps)
 
 
 class ConnectionBudget:
@@ -498,8 +524,12 @@ class TenantPools:
         idle_pool_seconds: float = 300.0,
         max_size: int | None = None,
         control: asyncpg.Pool | None = None,
+        *,
+        prefix: bool = True,
     ):
         self._settings = settings
+        # Whether new connections prepare the one-round-trip request prefix (open_tenant_session).
+        self._prefix = prefix
         # A platform pool for terminating a tenant backend past its deadline (admin sessions).
         self.control = control
         self._max_size = max_size or settings.tenant.pool_max_per_role
@@ -571,6 +601,17 @@ class TenantPools:
         self._where[project_id] = where
         return where
 
+    def locate(self, project_id: str, cluster_id: str) -> None:
+        """Remember the cluster of a project whose row the caller has just read (a cold key
+        lookup, services.access.Authenticator): one on the control plane's own cluster then needs
+        no lookup of its own (`_address`) when its first pool opens. A registered cluster's
+        address is still read by `_address`."""
+        if cluster_id == "default" and project_id not in self._where:
+            if len(self._where) >= 100_000:
+                self._where.clear()
+                self._cluster.clear()
+            self._where[project_id] = (self._host, self._port, self._database)
+
     def _connect_kwargs(self, project_id: str, scope: str, where: tuple[str, int, str]) -> dict[str, object]:
         role = role_name(project_id, scope)
         return {
@@ -603,8 +644,7 @@ class TenantPools:
         async def connect() -> TenantConnection:
             conn = await asyncpg.connect(connection_class=TenantConnection, **kwargs)  # type: ignore[arg-type]
             try:
-                await init_tenant_connection(conn)
-                conn.over_caps = await login_over_caps(conn, self.statements.caps)
+                await open_tenant_session(conn, project_id, scope, self.statements.caps, prefix=self._prefix)
                 # On another cluster than the control plane's: session.terminate signals the
                 # backend through that cluster's runtime pool, never the control plane's.
                 conn.remote = remote

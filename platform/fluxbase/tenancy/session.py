@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-import msgspec
 
 from fluxbase import tracing
 from fluxbase.db.quoting import quote_literal
@@ -51,6 +50,7 @@ from fluxbase.tenancy.errors import (
     statement_error,
     tampered,
 )
+from fluxbase.tenancy.identity import Identity, identity_statements
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
@@ -59,21 +59,6 @@ from fluxbase.tenancy.statements import Caps
 log = logging.getLogger("fluxbase.tenancy")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who the statement runs for: auth.uid(), auth.jwt() claims and auth.role()."""
-
-    uid: str | None
-    claims: dict[str, Any]
-    role: str
-    # A Fluxbase project user's (session id, project id): checked inside the transaction by
-    # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
-    user_session: tuple[str, str] | None = None
-    # An end user's request (a user token: requireUserAuth keys always carry one). It runs on
-    # connections of its own, never shared with a trusted server key's requests.
-    end_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,28 +89,6 @@ class TenantRequest:
     # that cache entry when the epoch has moved on since.
     epoch: int | None = None
     evict_key: Callable[[bytes], None] | None = None
-
-
-def base_claims(scope: str, project_id: str) -> dict[str, Any]:
-    """auth.jwt() of a request without an end user (an API key or member acting for itself)."""
-    return {"role": scope, "project_id": project_id}
-
-
-def identity_statements(identity: Identity) -> tuple[str, str, str]:
-    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
-    roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
-
-    SET LOCAL on every path, so no identity outlives its transaction. On the one-round-trip path
-    the messages before the Sync are one implicit transaction: there SET LOCAL takes effect for
-    the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
-    pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
-    can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
-    claims = msgspec.json.encode(identity.claims).decode()
-    return (
-        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
-        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
-        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
-    )
 
 
 def identity_script(identity: Identity) -> str:
@@ -577,13 +540,7 @@ async def _one_round_trip(
     conn: Any, req: TenantRequest, query: str, params: list[Any], keyword: str, caps: Caps
 ) -> StatementResult:
     """Reset, identity, caps, guard and the statement as one implicit transaction."""
-    prefix = getattr(conn, "request_prefix", None)
-    if prefix is None:
-        claims = base_claims(req.scope, req.project_id)
-        fixed = identity_statements(Identity(None, claims, req.scope))
-        prefix = conn.request_prefix = await wire.RequestPrefix.prepare(
-            conn, fixed, claims, caps.statements() if over_caps(conn) else ()
-        )
+    prefix = conn.request_prefix  # prepared when the connection opened (pools.open_tenant_session)
     identity = req.identity
     caps_steps = prefix.limits if over_caps(conn) else b""
     if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:

@@ -82,19 +82,29 @@ def parse_bind_execute(sql: str) -> bytes:
     )
 
 
+def parse(name: str, sql: str) -> bytes:
+    """A Parse message: `sql` (no declared parameter types) as the named statement `name`."""
+    return _message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+
+
 class RequestPrefix:
-    """A connection's prepared pipeline steps, kept referenced so asyncpg never closes them.
+    """A connection's prepared pipeline steps, parsed once when the connection opens (`open`).
 
     `fixed` are statements the connection's requests often repeat (the identity of requests
-    without an end user: constant per project and scope, hence per pool), and `limits` those
-    every request runs (the resource caps, tenancy.statements.ASSERTED); they are prepared too,
-    and any other statement is parsed unnamed."""
+    without an end user: constant per project and scope, hence per pool), and `limits` the
+    resource caps (tenancy.statements.ASSERTED) that every request on a connection that logged in
+    above them runs; they are prepared too, and any other statement is parsed unnamed.
+
+    The steps are named statements that asyncpg does not know of (it never closes them: nothing
+    but the session's end does); their names are as unguessable as asyncpg's own on a
+    TenantConnection. `_login` is the one statement asyncpg prepared here (the login settings
+    query); it stays referenced, so asyncpg never closes it, and `drain` runs it."""
 
     __slots__ = (
         "_check",
         "_fixed",
+        "_login",
         "_read_only",
-        "_statements",
         "_user_session",
         "anonymous",
         "anonymous_claims",
@@ -104,15 +114,15 @@ class RequestPrefix:
 
     def __init__(
         self,
-        statements: list[Any],
+        names: Sequence[str],
+        login: Any,
         fixed: Sequence[str],
         anonymous_claims: dict[str, Any],
         limits: Sequence[str] = (),
     ):
-        self._statements = statements
+        self._login = login
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
-        names = [s._state.name for s in statements]
         n = len(RESET_STEPS)
         self.reset = b"".join(bind_execute(name) for name in names[:n])
         self._check, self._read_only, self._user_session = names[n : n + 3]
@@ -122,15 +132,28 @@ class RequestPrefix:
         self.limits = b"".join(self._fixed[sql] for sql in limits)
 
     @classmethod
-    async def prepare(
+    async def open(
         cls,
         conn: asyncpg.Connection,
+        login_sql: str,
         fixed: Sequence[str],
         anonymous_claims: dict[str, Any],
         limits: Sequence[str] = (),
-    ) -> RequestPrefix:
+    ) -> tuple[RequestPrefix, Any]:
+        """Prepare the steps on a new connection and run `login_sql` (a query of one row, the
+        session's login settings): (the prefix, that row), in two round trips, not one per step.
+
+        The steps' Parse messages go out ahead of asyncpg's own Parse/Describe/Flush of
+        `login_sql` (no Sync between them): the server parses them all and answers in one reply,
+        whose ParseCompletes asyncpg's prepare reader skips. A step that fails to parse fails
+        that prepare (asyncpg then syncs and raises the error): the caller closes the connection.
+        """
         sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed, *limits)
-        return cls([await conn.prepare(sql) for sql in sqls], fixed, anonymous_claims, limits)
+        names = [conn._get_unique_id("stmt") for _ in sqls]
+        write(conn, b"".join(parse(name, sql) for name, sql in zip(names, sqls, strict=True)))
+        login = await conn.prepare(login_sql)
+        row = await login.fetchrow()
+        return cls(names, login, fixed, anonymous_claims, limits), row
 
     def statement(self, sql: str) -> bytes:
         """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""
@@ -155,11 +178,12 @@ class RequestPrefix:
         return out
 
     async def drain(self, conn: Any) -> None:
-        """End a prefix written without its statement: run one reset step with a Sync after it.
-        A refusal the prefix raised is moot then (the request already failed)."""
+        """End a prefix written without its statement: run the login settings query (it changes
+        nothing) with a Sync after it. A refusal the prefix raised is moot then (the request
+        already failed)."""
         with contextlib.suppress(asyncpg.PostgresError):
             await conn._protocol.bind_execute(
-                state=self._statements[0]._state,
+                state=self._login._state,
                 args=[],
                 portal_name="",
                 limit=0,

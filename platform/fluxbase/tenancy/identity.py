@@ -1,0 +1,48 @@
+"""Who a tenant request runs for, as the SQL that sets it (tenancy.session runs it; tenancy.pools
+prepares the identity of requests without an end user when a connection opens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from fluxbase.db.quoting import quote_literal
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the statement runs for: auth.uid(), auth.jwt() claims and auth.role()."""
+
+    uid: str | None
+    claims: dict[str, Any]
+    role: str
+    # A Fluxbase project user's (session id, project id): checked inside the transaction by
+    # fluxbase_guard.check_user_session, so logout and disabling apply to the next request.
+    user_session: tuple[str, str] | None = None
+    # An end user's request (a user token: requireUserAuth keys always carry one). It runs on
+    # connections of its own, never shared with a trusted server key's requests.
+    end_user: bool = False
+
+
+def base_claims(scope: str, project_id: str) -> dict[str, Any]:
+    """auth.jwt() of a request without an end user (an API key or member acting for itself)."""
+    return {"role": scope, "project_id": project_id}
+
+
+def identity_statements(identity: Identity) -> tuple[str, str, str]:
+    """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
+    roles may not execute set_config (sql/0007), so they cannot change it mid-statement.
+
+    SET LOCAL on every path, so no identity outlives its transaction. On the one-round-trip path
+    the messages before the Sync are one implicit transaction: there SET LOCAL takes effect for
+    the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
+    pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
+    can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
+    claims = msgspec.json.encode(identity.claims).decode()
+    return (
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
+    )
