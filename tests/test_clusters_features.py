@@ -214,7 +214,10 @@ async def test_export_and_import_on_a_cluster(
     assert b"exported from two" in dump and b"-- fluxbase-export-end sha256=" in dump
     assert b"010_exported" in dump  # the ledger, read from the cluster
 
-    # Placement sends the import to cluster two once the default one holds more projects.
+    # Placement sends the import to cluster two once the default one holds more projects (a
+    # cluster a management key registered is closed to placement until the admin opens it).
+    r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "open"}, headers=admin)
+    assert r.status_code == 200, r.text
     while True:
         counts = dict(await control.fetch("SELECT cluster_id, count(*) FROM fluxbase.projects GROUP BY 1"))
         if counts.get("default", 0) > counts.get(cid, 0):
