@@ -185,16 +185,11 @@ async def test_an_anonymous_import_post_is_refused_before_its_body_is_read(insta
 # A WebSocket or HTTP broadcast costs one hit of the key's rate limit each (server.py _broadcast,
 # "As POST /api/realtime/broadcast: … the key's rate limit"). realtime.broadcast() costs nothing
 # of it: one execute-sql request of a readwrite key limited to 3 requests a minute puts thousands
-# of broadcasts into the outbox, each delivered to every subscriber of the topic. Only a capped
-# project's size check bounds them (the default is no database cap).
+# of broadcasts into the outbox, each delivered to every subscriber of the topic. Fixed by
+# sql/0042: a transaction may broadcast what is left of its credential's window (at most 1 000).
 FLOOD = 5000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: broadcasts from SQL bypass the per-key broadcast rate limit; one request "
-    "emits thousands (sql/0036 has no per-transaction bound)",
-)
 async def test_one_request_cannot_emit_more_broadcasts_than_the_keys_rate_limit(
     api: Api, project: Any, control_db: Any
 ) -> None:

@@ -381,13 +381,6 @@ async def test_switching_paths_keeps_order_without_gap_or_duplicate(
 # -- 2. slow consumers on the class path -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the slow-consumer bound counts messages (queue_size, 1000), not bytes: a socket that "
-    "stops reading holds up to ~2 x 1000 messages of up to ~1 MB each in its pending list and its "
-    "transport buffer before it is cut off (4008); on the class path one batch (up to 500 "
-    "messages) goes into the transport in one write, before flow control can apply",
-)
 async def test_a_socket_that_stops_reading_holds_bounded_bytes(api: Api, project: Any, instance: Any) -> None:
     pid, key = project.id, project.admin_key
     await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")

@@ -92,6 +92,7 @@ NEW_VARIABLES = [
     ("FLUXBASE_SQL_TEMP_FILE_LIMIT_KB", "2048", lambda s: s.tenant.temp_file_limit_kb, 2048),
     ("FLUXBASE_SQL_WORK_MEM_KB", "8192", lambda s: s.tenant.work_mem_kb, 8192),
     ("FLUXBASE_API_DRAIN_SECONDS", "1.5", lambda s: s.http.drain_s, 1.5),
+    ("FLUXBASE_REALTIME_MAX_BUFFERED_BYTES", "2097152", lambda s: s.realtime.max_buffered_bytes, 2 << 20),
 ]
 
 # Settings in seconds: each takes a fraction.
@@ -124,6 +125,12 @@ def test_seconds_take_fractions_and_refuse_nonsense(name, read) -> None:
     for bad in ("0", "-1", "abc", "nan", "inf"):
         with pytest.raises(ConfigError, match=name):
             load_settings({**REQUIRED, name: bad})
+
+
+def test_the_socket_byte_bound_holds_at_least_one_large_message() -> None:
+    for bad in ("1048575", "0", "-1", "abc"):
+        with pytest.raises(ConfigError, match="FLUXBASE_REALTIME_MAX_BUFFERED_BYTES"):
+            load_settings({**REQUIRED, "FLUXBASE_REALTIME_MAX_BUFFERED_BYTES": bad})
 
 
 def test_every_settings_field_is_read_from_the_environment() -> None:

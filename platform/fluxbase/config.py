@@ -113,6 +113,9 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     public_url: str = ""
     queue_size: int = 1000
     """Messages buffered per socket before a slow consumer is closed (code 4008)."""
+    max_buffered_bytes: int = 8 << 20
+    """Bytes a socket may hold unsent (queued and in its transport buffer) before it is closed
+    as a slow consumer (code 4008); the outbox is delivered in batches of at most half of it."""
     ping_interval_s: float = 20.0
     """Every socket is pinged this often so proxies keep idle connections open."""
     events_retention_s: int = 24 * 3600
@@ -349,6 +352,12 @@ def _positive_float(value: float, name: str) -> float:
 def _positive(value: int, name: str) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _at_least(value: int, floor: int, name: str) -> int:
+    if value < floor:
+        raise ConfigError(f"{name} must be at least {floor}, got {value}")
     return value
 
 
@@ -738,6 +747,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             port=int_of("FLUXBASE_REALTIME_PORT", 8081),
             public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
             queue_size=int_of("FLUXBASE_REALTIME_QUEUE_SIZE", 1000),
+            max_buffered_bytes=_at_least(
+                int_of("FLUXBASE_REALTIME_MAX_BUFFERED_BYTES", 8 << 20),
+                1 << 20,
+                "FLUXBASE_REALTIME_MAX_BUFFERED_BYTES",
+            ),
             ping_interval_s=float_of("FLUXBASE_REALTIME_PING_SECONDS", 20.0),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),
             events_max_rows=int_of("FLUXBASE_EVENTS_MAX_ROWS", 1_000_000),

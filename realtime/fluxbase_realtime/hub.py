@@ -144,6 +144,31 @@ def frame_of(message: bytes) -> bytes:
     return Frame(Opcode.TEXT, message).serialize(mask=False)
 
 
+# A socket's writes carry at most this much (whole frames): a fan-out class's large batch goes
+# out in runs of frames, each written once the socket has taken the previous one, so what a
+# socket holds beyond its queue is one run in its transport buffer, not the whole batch copied.
+WRITE_CHUNK = 256 * 1024
+DEFAULT_MAX_BYTES = 8 << 20
+
+
+def runs_of(frames: list[bytes]) -> list[bytes | memoryview]:
+    """`frames` joined, as one buffer or (past WRITE_CHUNK) views of it cut at frame boundaries,
+    each at most WRITE_CHUNK unless one frame alone is larger."""
+    data = b"".join(frames)
+    if len(data) <= WRITE_CHUNK:
+        return [data]
+    view = memoryview(data)
+    runs: list[bytes | memoryview] = []
+    start = end = 0
+    for f in frames:
+        if end > start and end + len(f) - start > WRITE_CHUNK:
+            runs.append(view[start:end])
+            start = end
+        end += len(f)
+    runs.append(view[start:end])
+    return runs
+
+
 CUT_OFF = REGISTRY.counter(
     "fluxbase_realtime_slow_consumers_total", "Subscribers closed because their queue was full."
 )
@@ -166,8 +191,12 @@ class Client:
 
     ws: ServerConnection
     queue_size: int = DEFAULT_QUEUE
-    pending: deque[bytes] = field(default_factory=deque)
+    pending: deque[bytes | memoryview] = field(default_factory=deque)
     queued: int = 0
+    # Bytes in `pending`, and the most a socket may hold unsent (pending and its transport's
+    # buffer) before it is cut off: a socket holding nothing always takes the next batch.
+    pending_bytes: int = 0
+    max_bytes: int = DEFAULT_MAX_BYTES
     subs: dict[str, Subscription] = field(default_factory=dict)
     closed: bool = False
     writer: asyncio.Task[None] | None = None
@@ -184,7 +213,12 @@ class Client:
         if self.queued >= self.queue_size:
             self.cut_off()
             return
-        self.pending.append(frame_of(message) if self.framed else message)
+        data = frame_of(message) if self.framed else message
+        if self._over(len(data)):
+            self.cut_off()
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
         self.queued += 1
         if not self.dirty and (self.writer is None or self.writer.done()):
             self.dirty = True
@@ -192,19 +226,33 @@ class Client:
             if len(_dirty) == 1:
                 asyncio.get_running_loop().call_soon(_flush_dirty)
 
-    def send_frames(self, frames: bytes, count: int) -> None:
+    def held(self) -> int:
+        """Bytes this socket holds unsent: queued, and in its transport's buffer."""
+        transport = self.ws.transport
+        return self.pending_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+
+    def _over(self, more: int) -> bool:
+        held = self.held()
+        return held > 0 and held + more > self.max_bytes
+
+    def send_frames(self, runs: list[bytes | memoryview], count: int, size: int) -> None:
         """Send `count` messages already serialized as frames (a fan-out class's batch, the same
-        bytes object for every socket of the class): written at once when nothing is ahead of
-        them and the socket takes it without waiting, else queued behind what is."""
+        buffers for every socket of the class, `size` bytes in runs of whole frames: `runs_of`):
+        the first run written at once when nothing is ahead of it and the socket takes it
+        without waiting, the rest queued behind it for the writer, which sends a run each time
+        the socket has taken the previous one."""
         if self.closed:
             return
-        if self.queued + count > self.queue_size:
+        if self.queued + count > self.queue_size or self._over(size):
             self.cut_off()
             return
         if not self.pending and (self.writer is None or self.writer.done()) and self._writable():
-            self.ws.transport.write(frames)
-            return
-        self.pending.append(frames)
+            self.ws.transport.write(runs[0])
+            if len(runs) == 1:
+                return
+            runs = runs[1:]
+        self.pending.extend(runs)
+        self.pending_bytes += sum(len(r) for r in runs)
         self.queued += count
         if not self.dirty and (self.writer is None or self.writer.done()):
             self.dirty = True
@@ -216,11 +264,23 @@ class Client:
         ws = self.ws
         return self.framed and ws.protocol.state is State.OPEN and not ws.paused
 
-    def _take(self) -> bytes:
+    def _take(self) -> bytes | memoryview:
+        """Whole frames from the head of `pending`, about WRITE_CHUNK of them (one run at least)."""
         pending = self.pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self.queued = 0
+        if len(pending) == 1:
+            data = pending.popleft()
+        else:
+            parts = [pending.popleft()]
+            size = len(parts[0])
+            while pending and size + len(pending[0]) <= WRITE_CHUNK:
+                part = pending.popleft()
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts) if len(parts) > 1 else parts[0]
+        self.pending_bytes -= len(data)
+        if not pending:
+            self.pending_bytes = 0
+            self.queued = 0
         return data
 
     def flush(self) -> None:
@@ -233,7 +293,8 @@ class Client:
             return  # a writer is waiting for the socket: it sends these too, in order
         if self._writable():
             self.ws.transport.write(self._take())
-            return
+            if not self.pending:
+                return
         self.writer = asyncio.create_task(self._write())
 
     def cut_off(self) -> None:
@@ -247,6 +308,7 @@ class Client:
         if self.writer is not None:
             self.writer.cancel()  # frames already written stay ahead of the close frame
         self.pending.clear()
+        self.pending_bytes = 0
         self.queued = 0
         task = asyncio.create_task(
             self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
@@ -261,14 +323,17 @@ class Client:
         try:
             while self.pending and not self.framed:
                 self.queued -= 1
-                await ws.send(self.pending.popleft(), text=True)  # (raises once closed)
+                message = self.pending.popleft()
+                self.pending_bytes -= len(message)
+                await ws.send(bytes(message), text=True)  # (raises once closed)
             while self.pending:
                 if ws.protocol.state is not State.OPEN:
                     # Closing: nothing more may follow the close frame (its handler ends it).
                     self.pending.clear()
+                    self.pending_bytes = 0
                     self.queued = 0
                     return
-                # Whole frames, in order, in one write; frames the protocol itself sends (pong,
+                # Whole frames, in order, a run per write; frames the protocol itself sends (pong,
                 # close) go between two writes, never inside a frame.
                 ws.transport.write(self._take())
                 await ws.drain()  # flow control: wait while the socket's buffer is full
@@ -278,6 +343,7 @@ class Client:
     async def stop(self) -> None:
         self.closed = True
         self.pending.clear()
+        self.pending_bytes = 0
         self.queued = 0
         if self.writer is not None and not self.writer.done():
             self.writer.cancel()
@@ -338,7 +404,7 @@ class Hub:
                 continue
             # The fast path: a socket with this one subscription, no replay running and no gate
             # gets its class's batch, selected and joined once per class.
-            batches: dict[tuple[object, ...], tuple[bytes, int]] = {}
+            batches: dict[tuple[object, ...], tuple[list[bytes | memoryview], int, int]] = {}
             rest: list[tuple[Subscription, Client]] = []
             for sub, client in list(room.items()):
                 if (
@@ -353,7 +419,7 @@ class Hub:
                 batch = batches.get(key)
                 if batch is None:
                     frames = [frame_of(ev.message) for ev in evs if sub.wants(ev)]
-                    batch = batches[key] = (b"".join(frames), len(frames))
+                    batch = batches[key] = (runs_of(frames), len(frames), sum(map(len, frames)))
                 if batch[1]:
                     client.send_frames(*batch)
                     self.delivered += batch[1]
@@ -442,7 +508,7 @@ class Hub:
         room = self.rooms.get(project_id, {})
         # As in dispatch: one batch per viewer and fan-out class for sockets with one
         # subscription, event by event for the others.
-        batches: dict[tuple[object, ...], tuple[bytes, int]] = {}
+        batches: dict[tuple[object, ...], tuple[list[bytes | memoryview], int, int]] = {}
         rest: list[tuple[Subscription, Client]] = []
         for sub, client in subs.items():
             if sub.viewer is None or room.get(sub) is not client:
@@ -459,7 +525,7 @@ class Hub:
                     for i, ev in enumerate(events)
                     if (message := mine.get(i)) is not None and sub.wants(ev)
                 ]
-                batch = batches[key] = (b"".join(frames), len(frames))
+                batch = batches[key] = (runs_of(frames), len(frames), sum(map(len, frames)))
             if batch[1]:
                 client.send_frames(*batch)
                 self.delivered += batch[1]

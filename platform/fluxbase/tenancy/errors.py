@@ -23,6 +23,7 @@ from fluxbase.errors import (
     ProjectReadOnly,
     ProjectSuspended,
     QueryTimeout,
+    RateLimited,
     SqlConflict,
     SqlExecFailed,
     SqlForbidden,
@@ -72,6 +73,9 @@ def tampered(exc: BaseException | None) -> bool:
 
 CONFLICT, FORBIDDEN, TIMEOUT = "conflict", "forbidden", "timeout"
 
+# realtime.broadcast() past what is left of the request's rate limit (sql/0042): 429 RATE_LIMIT.
+SQL_BROADCASTS_SPENT = "FX429"
+
 # SQLSTATE → what kind of failure it is for a REST caller (absent: the statement was wrong).
 SQLSTATES: dict[str, str] = {
     "23505": CONFLICT,  # unique_violation
@@ -113,6 +117,8 @@ def statement_error(exc: BaseException, may_write: bool, index: int | None = Non
     if isinstance(exc, asyncpg.PostgresError):
         if exc.sqlstate == "25006" and may_write:
             return ProjectReadOnly()
+        if exc.sqlstate == SQL_BROADCASTS_SPENT:  # realtime.broadcast past the request's share
+            return RateLimited(1, str(exc.args[0]) if exc.args else None)
         message = str(exc.args[0]) if exc.args else type(exc).__name__
         return statement_failed(message, exc.sqlstate or "XX000", index)
     if isinstance(exc, (ParamError, asyncpg.DataError)):  # DataError: client-side encoding

@@ -89,6 +89,14 @@ class TenantRequest:
     # that cache entry when the epoch has moved on since.
     epoch: int | None = None
     evict_key: Callable[[bytes], None] | None = None
+    # How many realtime.broadcast() calls the transaction may make (sql/0042): what is left of
+    # the caller's rate-limit window after this request. None: the function's hard cap.
+    broadcasts: int | None = None
+
+
+def broadcast_cap_statement(n: int) -> str:
+    """The SET LOCAL that gives the transaction its share of broadcasts (sql/0042)."""
+    return f"SET LOCAL fluxbase.broadcast_cap = '{max(0, min(int(n), 999_999))}'"
 
 
 def identity_script(identity: Identity) -> str:
@@ -100,6 +108,7 @@ def begin_script(
     read_only: bool,
     guard: tuple[bytes, str] | None = None,
     isolation: str = "READ COMMITTED",
+    broadcasts: int | None = None,
 ) -> str:
     """BEGIN, the key guard, the end user's session check and the identity in one round trip."""
     mode = "READ ONLY" if read_only else "READ WRITE"
@@ -110,6 +119,8 @@ def begin_script(
         sid, project = (quote_literal(v) for v in identity.user_session)
         uid = quote_literal(identity.uid or "")
         check += f"SELECT fluxbase_guard.check_user_session({sid}, {uid}, {project}); "
+    if broadcasts is not None:
+        check += broadcast_cap_statement(broadcasts) + "; "
     return f"BEGIN ISOLATION LEVEL {isolation} {mode}; {check}{identity_script(identity)}"
 
 
@@ -489,6 +500,7 @@ async def transaction(
         read_only or (req.project_read_only and req.guard is None) or scope == "read",
         req.guard,
         isolation,
+        req.broadcasts,
     )
     begin_over_caps = f"{begin}; {caps.script()}"  # a connection that logged in above the caps
     may_write = scope != "read" and not read_only
@@ -547,6 +559,8 @@ async def _one_round_trip(
         who = prefix.anonymous
     else:
         who = b"".join(prefix.statement(s) for s in identity_statements(identity))
+    if req.broadcasts is not None:
+        who += prefix.statement(broadcast_cap_statement(req.broadcasts))
     head = b"".join(
         (
             prefix.reset,

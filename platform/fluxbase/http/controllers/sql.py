@@ -27,6 +27,7 @@ from fluxbase.errors import (
 from fluxbase.http.context import AppContext
 from fluxbase.http.edge import bearer_token, remember_quota
 from fluxbase.http.shapes import TOO_DEEP
+from fluxbase.ratelimit import Quota
 from fluxbase.security import apikeys
 from fluxbase.services import sql
 from fluxbase.services.access import KeyAuth, Need, Project, ProjectAccess, authenticate_key, authorize
@@ -84,7 +85,7 @@ def limits_of(ctx: AppContext) -> Limits:
 
 async def sql_access(
     request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
-) -> tuple[ProjectAccess, KeyAuth | None]:
+) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
     """Authenticate (cached key on the hot path), authorise `need` and count the request.
 
     With an API key the second value is its cached state, whose liveness `tenancy.session.transaction`
@@ -111,8 +112,9 @@ async def sql_access(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
     limit, window = access.rate_limit(ctx.settings)
-    remember_quota(request, await ctx.limiter.hit(principal.label, limit, window))
-    return access, key_auth
+    quota = await ctx.limiter.hit(principal.label, limit, window)
+    remember_quota(request, quota)
+    return access, key_auth, quota
 
 
 @post("/api/execute-sql", operation_id="executeSql", tags=["sql"], status_code=200)
@@ -129,7 +131,7 @@ async def tenant_request(
     need: Need = Need.READ,
 ) -> TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
-    access, key_auth = await sql_access(request, ctx, project_id, need)
+    access, key_auth, quota = await sql_access(request, ctx, project_id, need)
     if access.project.cluster_id != "default":
         key_auth = None  # checked on the control plane in sql_access; no guard on that cluster
     return TenantRequest(
@@ -144,6 +146,9 @@ async def tenant_request(
         sizes=ctx.sizes,
         epoch=key_auth.epoch if key_auth is not None else None,
         evict_key=ctx.auth.evict,
+        # Broadcasts from SQL spend the same window as the request (sql/0042): read keys cannot
+        # call realtime.broadcast at all.
+        broadcasts=quota.remaining if access.sql_scope != "read" else None,
     )
 
 

@@ -1,0 +1,147 @@
+"""The per-socket byte bound (FLUXBASE_REALTIME_MAX_BUFFERED_BYTES) on the fan-out class path.
+
+A statement's large rows reach every socket of a class as runs of whole frames written one after
+the other as the socket takes them, and the outbox is handed to the hub in parts of at most half
+the bound: a reader that keeps up receives a statement many times the bound, in order, with
+pings answered in between (a pong never lands inside a frame); a socket that stops reading is
+closed with 4008 holding no more than the bound, and its class's other members do not notice.
+The real service runs in this process on a real socket (tests/test_attack_review9.served)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+
+from fluxbase.config import load_settings
+from fluxbase.devstack.procs import free_port
+from fluxbase_realtime.hub import WRITE_CHUNK, runs_of
+from fluxbase_realtime.server import RealtimeService
+from support import Api
+from test_realtime import subscribe
+
+BOUND = 2 << 20
+
+
+@contextlib.asynccontextmanager
+async def served(instance: Any, **env: str) -> AsyncIterator[tuple[str, RealtimeService]]:
+    service = RealtimeService(load_settings({**instance.env, **env}))
+    await service.start()
+    port = free_port()
+    try:
+        async with ws_serve(
+            service.handler,
+            "127.0.0.1",
+            port,
+            process_request=service.process_request,
+            ping_interval=None,
+            compression=None,
+        ):
+            yield f"ws://127.0.0.1:{port}", service
+    finally:
+        await service.close()
+
+
+async def _sql(api: Api, key: str, pid: str, q: str) -> None:
+    r = await api.sql(key, pid, q)
+    assert r.json()["success"], r.text
+
+
+def test_runs_are_whole_frames_of_at_most_a_chunk() -> None:
+    frames = [bytes([i]) * n for i, n in enumerate([1000, WRITE_CHUNK - 500, 10, 3 * WRITE_CHUNK, 7, 7])]
+    runs = runs_of(frames)
+    assert b"".join(bytes(r) for r in runs) == b"".join(frames)
+    ends = {sum(map(len, frames[: i + 1])) for i in range(len(frames))}
+    at = 0
+    for r in runs:
+        at += len(r)
+        assert at in ends, "a run ends inside a frame"
+        assert len(r) <= WRITE_CHUNK or len(r) == 3 * WRITE_CHUNK  # only a frame alone is larger
+    assert runs_of([b"ab", b"c"]) == [b"abc"]
+
+
+async def test_readers_that_keep_up_take_a_statement_far_past_the_bound(
+    api: Api, project: Any, instance: Any
+) -> None:
+    pid, key = project.id, project.admin_key
+    await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    rows = 24  # 21.6 MB of messages: about ten times the bound
+    async with (
+        served(instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND)) as (url, service),
+        subscribe(url, pid, key) as a,
+        subscribe(url, pid, key) as b,  # the same fan-out class
+    ):
+        cut = service.hub.delivered
+
+        async def pinging() -> None:  # pongs go out between the runs of frames
+            while True:
+                await asyncio.wait_for(await a.ws.ping(), 10)
+                await asyncio.sleep(0.01)
+
+        pinger = asyncio.create_task(pinging())
+        try:
+            await _sql(
+                api,
+                key,
+                pid,
+                f"INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, {rows})",
+            )
+            got_a, got_b = await asyncio.gather(a.rows(rows, 30), b.rows(rows, 30))
+        finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
+        for got in (got_a, got_b):
+            ids = [m["payload"]["record"]["id"] for m in got]
+            assert ids == sorted(ids) and len(set(ids)) == rows
+            assert all(len(m["payload"]["record"]["v"]) == 900000 for m in got)
+        assert service.hub.delivered - cut == 2 * rows
+        assert all(not c.closed for c in service.clients)
+
+
+async def test_a_stalled_socket_is_cut_off_at_the_bound_and_its_class_peer_is_not(
+    api: Api, project: Any, instance: Any
+) -> None:
+    pid, key = project.id, project.admin_key
+    await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    async with (
+        served(instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND)) as (url, service),
+        subscribe(url, pid, key) as peer,
+        connect(f"{url}/?token={key}", max_queue=1, compression=None) as ws,
+    ):
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        port = ws.transport.get_extra_info("sockname")[1]
+        client = next(c for c in service.clients if c.ws.remote_address[1] == port)
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while not client.closed:
+                most = max(most, client.held())
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        await _sql(
+            api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 28)"
+        )
+        assert len(await peer.rows(28, 30)) == 28  # the peer of the same class gets everything
+        deadline = time.monotonic() + 10
+        while not client.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        watcher.cancel()
+        assert client.closed, f"a stalled socket still open, holding {client.held() / 1e6:.1f} MB"
+        assert most <= BOUND, f"{most / 1e6:.1f} MB held before the cut-off"
+        code = None
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while True:  # read what was sent before the close frame
+                await asyncio.wait_for(ws.recv(), 10)
+        code = ws.close_code
+        assert code == 4008, code
