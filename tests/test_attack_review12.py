@@ -110,3 +110,62 @@ async def test_a_socket_that_pings_and_never_reads_is_dropped_before_its_pongs_p
         writer.close()
         assert most <= 2 * BOUND + (1 << 20), f"{most / 1e6:.1f} MB of pongs held (dropped: {dropped})"
         assert held == 0, f"the socket is still open holding {held / 1e6:.1f} MB"
+
+
+# -- 2. the broadcast budget (sql/0042) ---------------------------------------------------------------
+
+
+async def _sent(control_db: Any, pid: str) -> int:
+    return int(
+        await control_db.fetchval(
+            "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND kind = 'broadcast'", pid
+        )
+    )
+
+
+async def _ok(api: Api, key: str, pid: str, q: str) -> None:
+    r = await api.sql(key, pid, q)
+    assert r.status_code == 200 and r.json()["success"], r.text
+
+
+async def _batch(api: Api, key: str, pid: str, statements: list[str]) -> httpx.Response:
+    return await api.http.post(
+        "/api/execute-batch",
+        json={"projectId": pid, "statements": [{"query": q} for q in statements]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+DEFERRED = [
+    "CREATE TABLE notes (id int)",
+    """CREATE FUNCTION shout() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM realtime.broadcast('room', jsonb_build_object('id', NEW.id)); RETURN NULL; END $$""",
+    """CREATE CONSTRAINT TRIGGER shout AFTER INSERT ON notes DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW EXECUTE FUNCTION shout()""",
+]
+
+
+async def test_broadcasts_of_a_deferred_trigger_at_commit_are_capped_and_answered_429(
+    api: Api, project: Any, control_db: Any
+) -> None:
+    """An admin's deferred constraint trigger broadcasts at COMMIT, after every statement of the
+    request ran: the cap (SET LOCAL) is still in force there and the count is the transaction's,
+    so a readwrite key limited to 3 requests still sends no more than 2. Both paths answer the
+    documented 429 RATE_LIMIT."""
+    pid = project.id
+    for q in DEFERRED:
+        await _ok(api, project.admin_key, pid, q)
+    before = await _sent(control_db, pid)
+    key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+    r = await api.sql(key, pid, "INSERT INTO notes SELECT g FROM generate_series(1, 5) g")  # one round trip
+    assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMIT", r.text
+    key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+    r = await _batch(api, key, pid, ["INSERT INTO notes SELECT g FROM generate_series(1, 5) g"])  # explicit
+    assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMIT", r.text
+    assert await _sent(control_db, pid) == before
+    r = await api.sql(project.admin_key, pid, "SELECT count(*) AS n FROM notes")
+    assert r.json()["result"]["rows"] == [{"n": 0}], r.text
+    # Within the share, the deferred broadcasts go out.
+    key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+    await _ok(api, key, pid, "INSERT INTO notes VALUES (1), (2)")
+    assert await _sent(control_db, pid) == before + 2
