@@ -169,3 +169,56 @@ async def test_broadcasts_of_a_deferred_trigger_at_commit_are_capped_and_answere
     key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
     await _ok(api, key, pid, "INSERT INTO notes VALUES (1), (2)")
     assert await _sent(control_db, pid) == before + 2
+
+
+def _flood(n: int) -> str:
+    return f"SELECT count(realtime.broadcast('room', jsonb_build_object('i', g))) FROM generate_series(1, {n}) g"
+
+
+async def test_a_readwrite_key_can_neither_reset_its_share_nor_leave_its_transaction(
+    api: Api, project: Any, control_db: Any
+) -> None:
+    """A missing cap means the hard 1 000 (sql/0042 fails open to it), so RESET and SET ... TO
+    DEFAULT of fluxbase.broadcast_cap would be a way out for a readwrite key: the classifier
+    refuses both, as SET and set_config. A procedure that COMMITs between broadcasts (a new
+    transaction: a new xid and no SET LOCAL) cannot run: CALL always runs in the explicit
+    transaction. A cursor's broadcasts are counted as they are fetched."""
+    pid = project.id
+    await _ok(
+        api,
+        project.admin_key,
+        pid,
+        """CREATE PROCEDURE chunks(n int) LANGUAGE plpgsql AS $$
+BEGIN FOR i IN 1..n LOOP PERFORM realtime.broadcast('room', '{}'::jsonb); COMMIT; END LOOP; END $$""",
+    )
+    await _ok(api, project.admin_key, pid, "GRANT EXECUTE ON PROCEDURE chunks(int) TO PUBLIC")
+    before = await _sent(control_db, pid)
+    for escape in (
+        "RESET fluxbase.broadcast_cap",
+        "SET LOCAL fluxbase.broadcast_cap TO DEFAULT",
+        "SET LOCAL fluxbase.broadcast_cap = '1000'",
+        "SET LOCAL \"FLUXBASE\".\"BROADCAST_CAP\" = '1000'",
+        "SELECT set_config('fluxbase.broadcast_cap', '1000', true)",
+    ):
+        key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+        r = await _batch(api, key, pid, [escape, _flood(5)])
+        assert r.status_code in (200, 403, 429), (escape, r.text)
+        assert r.json()["success"] is False, (escape, r.text)
+        assert r.json()["error"].get("statementIndex") == 0, (escape, r.text)  # refused itself
+    key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+    r = await api.sql(key, pid, "CALL chunks(5)")
+    assert r.json()["success"] is False, r.text
+    assert "invalid transaction termination" in r.json()["error"]["message"], r.text
+    key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
+    r = await _batch(
+        api,
+        key,
+        pid,
+        [
+            "DECLARE c CURSOR FOR SELECT realtime.broadcast('room', '{}'::jsonb) FROM generate_series(1, 5)",
+            "FETCH 2 FROM c",
+            "FETCH 3 FROM c",
+        ],
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMIT", r.text
+    assert await _sent(control_db, pid) == before
