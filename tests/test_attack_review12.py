@@ -24,7 +24,8 @@ from websockets.asyncio.server import serve as ws_serve
 from fluxbase.config import load_settings
 from fluxbase.devstack.procs import free_port
 from fluxbase_realtime.server import RealtimeService
-from support import Api
+from support import Api, bearer
+from test_attack_review4 import browser, page_csrf
 
 BOUND = 2 << 20
 
@@ -172,7 +173,9 @@ async def test_broadcasts_of_a_deferred_trigger_at_commit_are_capped_and_answere
 
 
 def _flood(n: int) -> str:
-    return f"SELECT count(realtime.broadcast('room', jsonb_build_object('i', g))) FROM generate_series(1, {n}) g"
+    return (
+        f"SELECT count(realtime.broadcast('room', jsonb_build_object('i', g))) FROM generate_series(1, {n}) g"
+    )
 
 
 async def test_a_readwrite_key_can_neither_reset_its_share_nor_leave_its_transaction(
@@ -197,7 +200,7 @@ BEGIN FOR i IN 1..n LOOP PERFORM realtime.broadcast('room', '{}'::jsonb); COMMIT
         "RESET fluxbase.broadcast_cap",
         "SET LOCAL fluxbase.broadcast_cap TO DEFAULT",
         "SET LOCAL fluxbase.broadcast_cap = '1000'",
-        "SET LOCAL \"FLUXBASE\".\"BROADCAST_CAP\" = '1000'",
+        'SET LOCAL "FLUXBASE"."BROADCAST_CAP" = \'1000\'',
         "SELECT set_config('fluxbase.broadcast_cap', '1000', true)",
     ):
         key = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=3)
@@ -222,3 +225,24 @@ BEGIN FOR i IN 1..n LOOP PERFORM realtime.broadcast('room', '{}'::jsonb); COMMIT
     )
     assert r.status_code == 429 and r.json()["error"]["code"] == "RATE_LIMIT", r.text
     assert await _sent(control_db, pid) == before
+
+
+async def test_the_dashboard_sql_page_spends_the_members_window_too(
+    api: Api, project: Any, instance: Any, instance_admin: dict[str, Any], control_db: Any
+) -> None:
+    """The dashboard's SQL page built its TenantRequest without the broadcast share: every run
+    there could broadcast the hard 1 000 whatever was left of the member's window (a project
+    limited to 3 requests a minute sent 5 from one run). Now it is the same share as the API's."""
+    pid = project.id
+    r = await api.http.patch(
+        f"/api/admin/projects/{pid}/quotas",
+        json={"rateLimitRequests": 3, "rateLimitWindowSeconds": 60},
+        headers=bearer(instance_admin["token"]),
+    )
+    assert r.status_code == 200, r.text
+    before = await _sent(control_db, pid)
+    async with browser(instance, project.owner_token) as b:
+        _, csrf = await page_csrf(b, f"/dashboard/p/{pid}/sql")
+        r = await b.post(f"/dashboard/p/{pid}/sql", data={"_csrf": csrf, "query": _flood(5)})
+        assert r.status_code in (200, 429), r.text
+    assert await _sent(control_db, pid) == before, "the dashboard run broadcast past its window"
