@@ -164,7 +164,10 @@ class _Metric:
     def _key(self, labels: Labels) -> Labels:
         if len(labels) != len(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}")
-        return tuple(str(v) for v in labels)
+        for v in labels:  # (the hot path passes strings: no new tuple then)
+            if type(v) is not str:
+                return tuple(str(v) for v in labels)
+        return tuple(labels)
 
     def _label_text(self, values: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
         pairs = [*zip(self.label_names, values, strict=True), *extra]

@@ -26,7 +26,6 @@ tests every behaviour taken over.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Any
 
@@ -44,6 +43,7 @@ from fluxbase.http.requestlog import (
     HTTP_SECONDS,
     REQUEST_ID_KEY,
     RequestLog,
+    new_request_id,
     request_log,
 )
 from fluxbase.logs import REQUEST_ID
@@ -142,7 +142,7 @@ class _SqlCycle:
             return
         headers = self.headers
         given = headers.get("x-request-id")
-        rid = given if given is not None and _VALID_ID.fullmatch(given) else "req_" + secrets.token_hex(6)
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         token = REQUEST_ID.set(rid)
         HTTP_IN_FLIGHT.inc()
         started = time.perf_counter()
