@@ -193,7 +193,11 @@ class Counter(_Metric):
         self.values: dict[Labels, float] = {} if labels else {(): 0.0}
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        key = self._key(labels)
+        self.inc_key(self._key(labels), amount)
+
+    def inc_key(self, key: Labels, amount: float = 1.0) -> None:
+        """`inc` with the labels already a key: a tuple of strings, one per label name (a hot
+        path builds it once)."""
         value = self.values[key] = self.values.get(key, 0.0) + amount
         if self.store is not None:
             self.store.set(self.name, key, 0, value)
@@ -255,7 +259,10 @@ class Histogram(_Metric):
         self.series: dict[Labels, list[float]] = {}  # per bucket counts, then +Inf, sum
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
+        self.observe_key(value, self._key(labels))
+
+    def observe_key(self, value: float, key: Labels) -> None:
+        """`observe` with the labels already a key (as for `Counter.inc_key`)."""
         row = self.series.get(key)
         if row is None:
             row = self.series[key] = [0.0] * (len(self.buckets) + 2)

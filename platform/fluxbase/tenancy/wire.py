@@ -198,12 +198,18 @@ def parameter_types(stmt: Any) -> Sequence[Any]:
 
 
 def column_names(stmt: Any) -> list[str]:
-    return [a.name for a in stmt._get_attributes()]
+    return names(stmt._get_attributes())
+
+
+def names(attributes: Sequence[Any]) -> list[str]:
+    """The column names of `attributes(stmt)` (asyncpg builds that tuple anew at each call: a
+    request asks for it once)."""
+    return [a.name for a in attributes]
 
 
 def attributes(stmt: Any) -> Sequence[Any]:
-    """The statement's result columns as asyncpg `Attribute`s (`.name`, `.type.name`): the
-    tuple asyncpg keeps, not a copy."""
+    """The statement's result columns as asyncpg `Attribute`s (`.name`, `.type.name`), built
+    anew by asyncpg at each call."""
     return stmt._get_attributes()  # type: ignore[no-any-return]
 
 
