@@ -245,12 +245,11 @@ class SqlHttpProtocol(HttpToolsProtocol):
         ):
             super().on_headers_complete()
             return
-        headers: dict[str, str] = {}
-        for name, value in self.headers:
-            if name == b"transfer-encoding":
-                super().on_headers_complete()
-                return
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+        # (a repeated name: its last value, as before)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
+        if "transfer-encoding" in headers:
+            super().on_headers_complete()
+            return
         cycle = _SqlCycle(
             self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
         )

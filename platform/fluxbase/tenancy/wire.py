@@ -82,6 +82,11 @@ def parse_bind_execute(sql: str) -> bytes:
     )
 
 
+# The check step's Bind/Execute by (its statement's name, project, epoch): RequestPrefix.checks.
+_CHECKS: dict[tuple[str, str, int | None], bytes] = {}
+_CHECKS_MAX = 4096
+
+
 class RequestPrefix:
     """A connection's prepared pipeline steps, kept referenced so asyncpg never closes them.
 
@@ -145,7 +150,16 @@ class RequestPrefix:
         session: tuple[str, str] | None,
         user_id: str | None,
     ) -> bytes:
-        out = bind_execute(self._check, (project_id.encode(), None if epoch is None else str(epoch).encode()))
+        key = (self._check, project_id, epoch)
+        out = _CHECKS.get(key)
+        if out is None:
+            # The same bytes for every request of this connection until the project's auth
+            # epoch moves: built once (the statement's name, random per session, is in the key).
+            if len(_CHECKS) >= _CHECKS_MAX:
+                _CHECKS.clear()
+            out = _CHECKS[key] = bind_execute(
+                self._check, (project_id.encode(), None if epoch is None else str(epoch).encode())
+            )
         if session is not None:
             out += bind_execute(
                 self._user_session, (session[0].encode(), (user_id or "").encode(), session[1].encode())
