@@ -51,8 +51,11 @@ STEPS = [
     ("      identity", "fluxbase.http.controllers.sql", "request_identity"),
     ("      classify the statement (cached)", "fluxbase.tenancy.statements", "Classifier.classify"),
     ("      connection + one round trip", "fluxbase.tenancy.session", "on_connection"),
+    ("        pool: acquire a connection", "fluxbase.tenancy.pools", "TenantPool.acquire"),
+    ("        pool: release it", "fluxbase.tenancy.pools", "TenantPool.release"),
     ("        prepare (statement cache)", "fluxbase.tenancy.wire", "prepare"),
     ("        adapt parameters", "fluxbase.tenancy.session", "adapt_params"),
+    ("        send the request prefix (its own socket write)", "fluxbase.tenancy.wire", "write"),
     ("        database round trip", "fluxbase.tenancy.wire", "execute"),
     ("        encode the rows", "fluxbase.tenancy.session", "encode_result"),
 ]

@@ -164,7 +164,10 @@ class _Metric:
     def _key(self, labels: Labels) -> Labels:
         if len(labels) != len(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}")
-        return tuple(str(v) for v in labels)
+        for v in labels:  # (the hot path passes strings: no new tuple then)
+            if type(v) is not str:
+                return tuple(str(v) for v in labels)
+        return tuple(labels)
 
     def _label_text(self, values: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
         pairs = [*zip(self.label_names, values, strict=True), *extra]
@@ -190,7 +193,11 @@ class Counter(_Metric):
         self.values: dict[Labels, float] = {} if labels else {(): 0.0}
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        key = self._key(labels)
+        self.inc_key(self._key(labels), amount)
+
+    def inc_key(self, key: Labels, amount: float = 1.0) -> None:
+        """`inc` with the labels already a key: a tuple of strings, one per label name (a hot
+        path builds it once)."""
         value = self.values[key] = self.values.get(key, 0.0) + amount
         if self.store is not None:
             self.store.set(self.name, key, 0, value)
@@ -252,7 +259,10 @@ class Histogram(_Metric):
         self.series: dict[Labels, list[float]] = {}  # per bucket counts, then +Inf, sum
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
+        self.observe_key(value, self._key(labels))
+
+    def observe_key(self, value: float, key: Labels) -> None:
+        """`observe` with the labels already a key (as for `Counter.inc_key`)."""
         row = self.series.get(key)
         if row is None:
             row = self.series[key] = [0.0] * (len(self.buckets) + 2)

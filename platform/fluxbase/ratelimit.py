@@ -128,7 +128,8 @@ class SharedRateLimiter:
     def __init__(self, db: asyncpg.Pool, max_names: int = 100_000):
         self.db = db
         self._leases: dict[str, _Lease] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # The lease being asked for, per name: done when it is (the waiters then spend from it).
+        self._leasing: dict[str, asyncio.Future[None]] = {}
         self._max_names = max_names
         self.round_trips = 0
 
@@ -138,19 +139,35 @@ class SharedRateLimiter:
         return max(1, min(cls.MAX_SLICE, limit // 100))
 
     async def hit(self, name: str, limit: int, window: float) -> Quota:
-        now = time.monotonic()
-        lease = self._leases.get(name)
-        if lease is not None and lease.limit == limit and lease.window == window and now < lease.valid_until:
-            if lease.left > 0:
-                return self._spend(lease, now)
-            if lease.full:
-                retry = max(1, math.ceil(lease.t0 + lease.oldest - now))
-                raise RateLimited(retry, quota=Quota(limit, 0, retry))
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        async with lock:
+        while True:
+            now = time.monotonic()
+            lease = self._leases.get(name)
+            if (
+                lease is not None
+                and lease.limit == limit
+                and lease.window == window
+                and now < lease.valid_until
+            ):
+                if lease.left > 0:
+                    return self._spend(lease, now)
+                if lease.full:
+                    retry = max(1, math.ceil(lease.t0 + lease.oldest - now))
+                    raise RateLimited(retry, quota=Quota(limit, 0, retry))
+            leasing = self._leasing.get(name)
+            if leasing is None:
+                break
+            # Another request of this process is leasing for this name: wait for it with every
+            # other waiter at once (one loop iteration), then spend from what it got. (An
+            # asyncio.Lock woke its waiters one loop iteration apart: at 32 clients each slice's
+            # renewal queued ~16 requests for up to 50 ms, the whole 32-client p99.)
+            await asyncio.shield(leasing)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leasing[name] = done
+        try:
             return await self._lease(name, limit, window)
+        finally:
+            del self._leasing[name]
+            done.set_result(None)
 
     def _spend(self, lease: _Lease, now: float) -> Quota:
         lease.left -= 1
@@ -161,14 +178,9 @@ class SharedRateLimiter:
         return Quota(lease.limit, remaining, reset)
 
     async def _lease(self, name: str, limit: int, window: float) -> Quota:
+        """Lease a new slice (the only request of this process doing so for `name`: `hit`)."""
         lease = self._leases.get(name)
         now = time.monotonic()
-        if lease is not None and lease.limit == limit and lease.window == window and now < lease.valid_until:
-            if lease.left > 0:  # another request of this process leased while this one waited
-                return self._spend(lease, now)
-            if lease.full:
-                retry = max(1, math.ceil(lease.t0 + lease.oldest - now))
-                raise RateLimited(retry, quota=Quota(limit, 0, retry))
         if lease is None:
             if len(self._leases) >= self._max_names:
                 self._evict(now)
@@ -202,10 +214,5 @@ class SharedRateLimiter:
         return self._spend(lease, time.monotonic())
 
     def _evict(self, now: float) -> None:
-        for name in [n for n, le in self._leases.items() if le.valid_until <= now and not self._locked(n)]:
+        for name in [n for n, le in self._leases.items() if le.valid_until <= now and n not in self._leasing]:
             del self._leases[name]
-            self._locks.pop(name, None)
-
-    def _locked(self, name: str) -> bool:
-        lock = self._locks.get(name)
-        return lock is not None and lock.locked()

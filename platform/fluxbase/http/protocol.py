@@ -26,7 +26,6 @@ tests every behaviour taken over.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Any
 
@@ -44,6 +43,7 @@ from fluxbase.http.requestlog import (
     HTTP_SECONDS,
     REQUEST_ID_KEY,
     RequestLog,
+    new_request_id,
     request_log,
 )
 from fluxbase.logs import REQUEST_ID
@@ -56,6 +56,9 @@ MAX_HEADER_BYTES = 256 * 1024
 BODY_IDLE_S = 5.0
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _CORS = (b"access-control-allow-origin", b"*")
+# The request metrics' label keys (fluxbase.metrics `inc_key`): by status, and the route's.
+_REQUESTS_KEYS: dict[int, tuple[str, ...]] = {}
+_ROUTE_KEY = ("POST", PATH)
 
 
 def _request_log_of(app: Any) -> RequestLog | None:
@@ -142,9 +145,9 @@ class _SqlCycle:
             return
         headers = self.headers
         given = headers.get("x-request-id")
-        rid = given if given is not None and _VALID_ID.fullmatch(given) else "req_" + secrets.token_hex(6)
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         token = REQUEST_ID.set(rid)
-        HTTP_IN_FLIGHT.inc()
+        HTTP_IN_FLIGHT.inc_key(())
         started = time.perf_counter()
         status = 500
         written = False
@@ -178,9 +181,12 @@ class _SqlCycle:
                 written = True
         finally:
             seconds = time.perf_counter() - started
-            HTTP_IN_FLIGHT.inc(amount=-1)
-            HTTP_REQUESTS.inc("POST", PATH, str(status))
-            HTTP_SECONDS.observe(seconds, "POST", PATH)
+            HTTP_IN_FLIGHT.inc_key((), -1.0)
+            key = _REQUESTS_KEYS.get(status)
+            if key is None:
+                key = _REQUESTS_KEYS[status] = ("POST", PATH, str(status))
+            HTTP_REQUESTS.inc_key(key)
+            HTTP_SECONDS.observe_key(seconds, _ROUTE_KEY)
             if self.json_log:
                 m = _PROJECT_IN_BODY.search(self.body, 0, _PEEK)
                 request_log.info(
@@ -239,12 +245,11 @@ class SqlHttpProtocol(HttpToolsProtocol):
         ):
             super().on_headers_complete()
             return
-        headers: dict[str, str] = {}
-        for name, value in self.headers:
-            if name == b"transfer-encoding":
-                super().on_headers_complete()
-                return
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+        # (a repeated name: its last value, as before)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
+        if "transfer-encoding" in headers:
+            super().on_headers_complete()
+            return
         cycle = _SqlCycle(
             self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
         )

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import re
-import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -65,6 +66,17 @@ HTTP_IN_FLIGHT = metrics.REGISTRY.gauge(
     "fluxbase_http_requests_in_flight", "HTTP requests being answered now."
 )
 request_log = logging.getLogger("fluxbase.request")
+
+
+# Request ids name a request in logs and answers; nothing depends on their being unguessable
+# (the client may choose its own). A process-local generator seeded from os.urandom: no
+# getrandom syscall per request, as secrets.token_hex had. Same shape: `req_` + 12 hex digits.
+_ids = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(16)))  # forked workers differ
+
+
+def new_request_id() -> str:
+    return f"req_{_ids.getrandbits(48):012x}"
 
 
 def request_id(scope: Any) -> str:
@@ -112,7 +124,7 @@ class RequestLog:
             await self._metrics(scope, send)
             return
         given = _header(scope, b"x-request-id")
-        rid = given if given is not None and _VALID_ID.fullmatch(given) else "req_" + secrets.token_hex(6)
+        rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         scope[REQUEST_ID_KEY] = rid
         rid_header = rid.encode()
         token = REQUEST_ID.set(rid)

@@ -267,15 +267,16 @@ class Tx:
             # session to anyone again.
             conn.terminate()
             raise TransactionEnded(self.index)
+        attributes = wire.attributes(stmt)
         res, self.bytes_left = encode_result(
-            wire.column_names(stmt),
+            wire.names(attributes),
             rows,
             status,
             completed,
             self.limits.max_rows,
             self.bytes_left,
             keyword,
-            wire.attributes(stmt),
+            attributes,
         )
         return res
 
@@ -622,15 +623,16 @@ async def _one_round_trip(
             raise
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
+        attributes = wire.attributes(stmt)
         return encode_result(
-            wire.column_names(stmt),
+            wire.names(attributes),
             rows,
             status,
             completed,
             limits.max_rows,
             limits.max_bytes,
             keyword,
-            wire.attributes(stmt),
+            attributes,
         )[0]
     raise AssertionError("unreachable")
 

@@ -87,6 +87,11 @@ def parse(name: str, sql: str) -> bytes:
     return _message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
 
 
+# The check step's Bind/Execute by (its statement's name, project, epoch): RequestPrefix.checks.
+_CHECKS: dict[tuple[str, str, int | None], bytes] = {}
+_CHECKS_MAX = 4096
+
+
 class RequestPrefix:
     """A connection's prepared pipeline steps, parsed once when the connection opens (`open`).
 
@@ -168,7 +173,16 @@ class RequestPrefix:
         session: tuple[str, str] | None,
         user_id: str | None,
     ) -> bytes:
-        out = bind_execute(self._check, (project_id.encode(), None if epoch is None else str(epoch).encode()))
+        key = (self._check, project_id, epoch)
+        out = _CHECKS.get(key)
+        if out is None:
+            # The same bytes for every request of this connection until the project's auth
+            # epoch moves: built once (the statement's name, random per session, is in the key).
+            if len(_CHECKS) >= _CHECKS_MAX:
+                _CHECKS.clear()
+            out = _CHECKS[key] = bind_execute(
+                self._check, (project_id.encode(), None if epoch is None else str(epoch).encode())
+            )
         if session is not None:
             out += bind_execute(
                 self._user_session, (session[0].encode(), (user_id or "").encode(), session[1].encode())
@@ -222,12 +236,18 @@ def parameter_types(stmt: Any) -> Sequence[Any]:
 
 
 def column_names(stmt: Any) -> list[str]:
-    return [a.name for a in stmt._get_attributes()]
+    return names(stmt._get_attributes())
+
+
+def names(attributes: Sequence[Any]) -> list[str]:
+    """The column names of `attributes(stmt)` (asyncpg builds that tuple anew at each call: a
+    request asks for it once)."""
+    return [a.name for a in attributes]
 
 
 def attributes(stmt: Any) -> Sequence[Any]:
-    """The statement's result columns as asyncpg `Attribute`s (`.name`, `.type.name`): the
-    tuple asyncpg keeps, not a copy."""
+    """The statement's result columns as asyncpg `Attribute`s (`.name`, `.type.name`), built
+    anew by asyncpg at each call."""
     return stmt._get_attributes()  # type: ignore[no-any-return]
 
 

@@ -73,8 +73,22 @@ async def request_identity(
     )
 
 
+_LIMITS: dict[int, tuple[object, Limits]] = {}
+
+
 def limits_of(ctx: AppContext) -> Limits:
+    """The request limits of these settings (built once per settings object: they are frozen)."""
     t = ctx.settings.tenant
+    known = _LIMITS.get(id(t))
+    if known is not None and known[0] is t:
+        return known[1]
+    if len(_LIMITS) > 64:
+        _LIMITS.clear()
+    limits = _LIMITS[id(t)] = (t, _limits(t))
+    return limits[1]
+
+
+def _limits(t: Any) -> Limits:
     return Limits(
         deadline_s=t.request_deadline_ms / 1000,
         max_rows=t.max_rows,
