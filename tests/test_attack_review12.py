@@ -246,3 +246,25 @@ async def test_the_dashboard_sql_page_spends_the_members_window_too(
         r = await b.post(f"/dashboard/p/{pid}/sql", data={"_csrf": csrf, "query": _flood(5)})
         assert r.status_code in (200, 429), r.text
     assert await _sent(control_db, pid) == before, "the dashboard run broadcast past its window"
+
+
+# -- 3. after the sqlspeed merge: the hot path's rate limit under concurrency -------------------------
+
+
+async def test_concurrent_requests_of_one_key_never_pass_its_limit_with_lease_waiters(
+    api: Api, project: Any
+) -> None:
+    """sqlspeed replaced the per-name lease lock by one future its waiters share: twenty
+    execute-sql requests of a key limited to 5 arriving at once still get 5 answers and 15
+    refusals (429 RATE_LIMIT, with Retry-After), and none of the refused ran its statement."""
+    pid = project.id
+    await _ok(api, project.admin_key, pid, "CREATE TABLE hits (v int)")
+    key = await api.new_key(
+        project.owner_token, pid, "readwrite", rateLimitRequests=5, rateLimitWindowSeconds=60
+    )
+    answers = await asyncio.gather(*(api.sql(key, pid, f"INSERT INTO hits VALUES ({i})") for i in range(20)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] * 5 + [429] * 15, codes
+    assert all("Retry-After" in r.headers for r in answers if r.status_code == 429)
+    r = await api.sql(project.admin_key, pid, "SELECT count(*) AS n FROM hits")
+    assert r.json()["result"]["rows"] == [{"n": 5}], r.text
