@@ -81,7 +81,7 @@ async def test_a_socket_that_pings_and_never_reads_is_dropped_before_its_pongs_p
     (every byte the peer sent, for as long as it kept the socket open); now its connection is
     dropped once its unsent bytes pass twice the bound."""
     async with served(instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND)) as (port, service):
-        reader, writer = await _upgrade(port, project.admin_key)
+        _reader, writer = await _upgrade(port, project.admin_key)
         local = writer.get_extra_info("sockname")[1]
         client = None
         deadline = time.monotonic() + 10
