@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from websockets.asyncio.server import serve as ws_serve
 
 from fluxbase.config import load_settings
@@ -26,6 +27,7 @@ from fluxbase.devstack.procs import free_port
 from fluxbase_realtime.server import RealtimeService
 from support import Api, bearer
 from test_attack_review4 import browser, page_csrf
+from test_realtime import subscribe
 
 BOUND = 2 << 20
 
@@ -268,3 +270,52 @@ async def test_concurrent_requests_of_one_key_never_pass_its_limit_with_lease_wa
     assert all("Retry-After" in r.headers for r in answers if r.status_code == 429)
     r = await api.sql(project.admin_key, pid, "SELECT count(*) AS n FROM hits")
     assert r.json()["result"]["rows"] == [{"n": 5}], r.text
+
+
+# -- 4. realtime: one tenant's stalled socket holds every project's delivery --------------------------
+
+
+def _text_frame(payload: bytes) -> bytes:
+    assert len(payload) < 126
+    return b"\x81" + bytes([0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (review 12): RealtimeService._drained waits up to DRAIN_WAIT_S (0.25 s) before "
+    "each further part of a large outbox batch while ANY open socket holds more than half the "
+    "bound, so one tenant's socket that stopped (or reads just slowly enough to stay above half "
+    "without reaching the cut-off) holds up every project's events behind its large rows",
+)
+async def test_another_tenants_stalled_socket_does_not_delay_a_projects_events(
+    api: Api, project: Any, instance: Any
+) -> None:
+    """The attacker's project writes 24 rows of 900 kB while one of its sockets, subscribed, reads
+    nothing; a victim project's one-row insert right after reaches its subscriber 0.35 s later
+    (0.08 s without the stalled socket: one DRAIN_WAIT_S wait, measured at load average ~3 on
+    2 cores). A reader that drains about half the bound per 0.25 s is never cut off and makes
+    every part of every large batch wait. The fix: wait only for sockets that are taking the
+    previous part (progress since the last part), or give each project's rooms their own
+    delivery so a wait holds no other project's events."""
+    pid, key = project.id, project.admin_key
+    await _ok(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    vid = await api.new_project(project.owner_token, "victim")
+    vkey = await api.new_key(project.owner_token, vid, "admin")
+    await _ok(api, vkey, vid, "CREATE TABLE small (id int)")
+    async with served(instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND)) as (port, service):
+        _reader, stalled = await _upgrade(port, key)
+        stalled.write(_text_frame(f'{{"type": "subscribe", "roomId": "project_{pid}"}}'.encode()))
+        await stalled.drain()
+        deadline = time.monotonic() + 10
+        while not any(c.subs for c in service.clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        async with subscribe(f"ws://127.0.0.1:{port}", vid, vkey) as victim:
+            await _ok(
+                api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 24)"
+            )
+            started = time.monotonic()
+            await _ok(api, vkey, vid, "INSERT INTO small VALUES (1)")
+            await victim.rows(1, 30)
+            took = time.monotonic() - started
+        stalled.close()
+    assert took < 0.2, f"the victim's event took {took:.2f} s"
