@@ -36,14 +36,7 @@ async def served(instance: Any, **env: str) -> AsyncIterator[tuple[str, Realtime
     await service.start()
     port = free_port()
     try:
-        async with ws_serve(
-            service.handler,
-            "127.0.0.1",
-            port,
-            process_request=service.process_request,
-            ping_interval=None,
-            compression=None,
-        ):
+        async with ws_serve(service.handler, "127.0.0.1", port, **service.ws_options()):
             yield f"ws://127.0.0.1:{port}", service
     finally:
         await service.close()

@@ -65,7 +65,7 @@ from fluxbase_realtime import credentials
 from fluxbase_realtime import filters as row_filters
 from fluxbase_realtime.clusters import ClusterReaders
 from fluxbase_realtime.credentials import Credential, Grant
-from fluxbase_realtime.hub import Client, Hub, Subscription
+from fluxbase_realtime.hub import CUT_OFF, DEFAULT_MAX_BYTES, Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
 from fluxbase_realtime.presence import Presence, Watcher
 from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
@@ -508,6 +508,20 @@ class RealtimeService:
 
     # -- protocol ---------------------------------------------------------------------------
 
+    def ws_options(self) -> dict[str, Any]:
+        """The websockets server options the service runs with (`serve`; tests serve the same)."""
+        return {
+            "process_request": self.process_request,
+            "ping_interval": None,  # one service-wide ping loop instead (RealtimeService._keepalive)
+            "max_size": 1 << 20,
+            "max_queue": 16,
+            # No permessage-deflate: compressing each message once per subscriber costs more CPU
+            # than the fan-out itself, and one frame's bytes can then serve every socket (hub).
+            "compression": None,
+            # A peer that reads nothing is dropped before what it made us write piles up (pongs).
+            "create_connection": bounded_connection(self.max_bytes),
+        }
+
     async def handler(self, ws: ServerConnection) -> None:
         query = parse_qs(urlsplit(ws.request.path).query) if ws.request else {}
         url_token: str | None = (query.get("token") or [None])[0]  # type: ignore[list-item]
@@ -739,6 +753,32 @@ class RealtimeService:
 _background: set[asyncio.Task[Any]] = set()
 
 
+class BoundedConnection(ServerConnection):
+    """A server connection that drops a peer whose unsent bytes pass `max_unsent` when it sends.
+
+    websockets answers every ping frame at once with a pong of the same payload, written to the
+    transport whether or not the peer reads (pause_writing stops nothing): a peer that sends
+    pings and reads nothing made the server hold every byte it sent, without bound. The hub's
+    byte bound (hub.Client) counts only what the hub queues and is checked only when an event
+    is delivered. Here, after each read, a transport holding more than `max_unsent` (twice the
+    hub's bound: the hub may hand one part of up to half of it, plus an event, to a socket
+    holding nothing) is aborted; its handler then cleans up."""
+
+    max_unsent = 2 * DEFAULT_MAX_BYTES
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        transport = self.transport
+        if not transport.is_closing() and transport.get_write_buffer_size() > self.max_unsent:
+            CUT_OFF.inc()
+            transport.abort()
+
+
+def bounded_connection(max_bytes: int) -> type[BoundedConnection]:
+    """`BoundedConnection` for a service whose per-socket bound is `max_bytes`."""
+    return type("BoundedConnection", (BoundedConnection,), {"max_unsent": 2 * max_bytes})
+
+
 def _abort(client: Any) -> None:
     """Drop a connection at once (it stopped answering pings): its handler then cleans up."""
     transport = getattr(getattr(client, "ws", None), "transport", None)
@@ -774,19 +814,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        async with ws_serve(
-            service.handler,
-            host,
-            port,
-            process_request=service.process_request,
-            ping_interval=None,  # one service-wide ping loop instead (RealtimeService._keepalive)
-            max_size=1 << 20,
-            max_queue=16,
-            # No permessage-deflate: compressing each message once per subscriber costs more CPU
-            # than the fan-out itself, and one frame's bytes can then serve every socket (hub).
-            compression=None,
-            reuse_port=reuse_port,
-        ):
+        async with ws_serve(service.handler, host, port, reuse_port=reuse_port, **service.ws_options()):
             log.info("realtime listening on ws://%s:%s", host, port)
             await stop.wait()
     finally:

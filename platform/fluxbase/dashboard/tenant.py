@@ -11,7 +11,7 @@ from fluxbase.tenancy.session import Identity, TenantRequest
 
 async def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Identity) -> TenantRequest:
     limit, window = access.rate_limit(ctx.settings)
-    await ctx.limiter.hit(access.principal.label, limit, window)
+    quota = await ctx.limiter.hit(access.principal.label, limit, window)
     return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
@@ -21,6 +21,8 @@ async def tenant_request(ctx: AppContext, access: ProjectAccess, identity: Ident
         project_moving=access.project.moving,
         db_quota=access.project.db_quota,
         sizes=ctx.sizes,
+        # Broadcasts from SQL spend the member's window as the API's requests do (sql/0042).
+        broadcasts=quota.remaining if access.sql_scope != "read" else None,
     )
 
 

@@ -46,6 +46,7 @@ from fluxbase.tenancy.errors import (
     CACHE_STALE,
     CONNECTION_LOST,
     SESSION_GONE,
+    SQL_BROADCASTS_SPENT,
     guard_refusal,
     statement_error,
     tampered,
@@ -349,6 +350,8 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
         await conn.execute(SESSION_RESET)
+        if exc.sqlstate == SQL_BROADCASTS_SPENT:  # a deferred trigger's broadcasts past the share
+            raise statement_error(exc, False) from None
         raise StatementFailed(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000") from None
     return out
 
