@@ -42,6 +42,7 @@ import asyncpg
 from fluxbase.config import Settings
 from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import (
+    ClusterNotFound,
     Conflict,
     FluxbaseError,
     InsufficientPermissions,
@@ -49,7 +50,7 @@ from fluxbase.errors import (
     ProjectMoving,
     ProjectNotFound,
 )
-from fluxbase.security.roles import role_name, role_password, schema_name
+from fluxbase.security.roles import ROLES, role_name, role_password, schema_name
 from fluxbase.services import clusters, dump, extensions
 from fluxbase.tenancy import provision
 from fluxbase.tenancy import statements as classification
@@ -111,6 +112,22 @@ async def _quiesced(settings: Settings, server: tuple[str, int, str], project_id
             yield
     finally:
         await conn.close()
+
+
+async def _end_transactions_begun_before_the_mark(pool: asyncpg.Pool, project_id: str) -> None:
+    """End the project's transactions open on the source when it was marked (its mirror row
+    included): they began read-write, and a write of theirs that waits for the quiesce's locks (or
+    comes after them) would commit on the source after the dump's snapshot and be dropped with it,
+    though answered as a success (hostile review 11 finding 3). Their requests answer a retryable
+    DATABASE_CONNECTION_ERROR; transactions begun from here on are read-only (the mark changed
+    the project's auth epoch). Idle pooled connections hold no transaction and are left alone."""
+    roles = [role_name(project_id, s) for s in ROLES]
+    await pool.execute(
+        """SELECT pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity
+           WHERE usename = ANY($1::text[]) AND state IS DISTINCT FROM 'idle'
+             AND pid <> pg_catalog.pg_backend_pid()""",
+        roles,
+    )
 
 
 async def _drop_on_cluster(
@@ -218,14 +235,29 @@ async def _move(
         # registered cluster yet (docs/clusters.md): the move would lock them out.
         raise Conflict("Projects with end users cannot move to a registered cluster yet (docs/clusters.md).")
 
-    marked = await db.fetchval(
-        """UPDATE fluxbase.projects
-           SET moving_to = $2, read_only_before_move = read_only, read_only = true
-           WHERE id = $1 AND cluster_id = $3 AND moving_to IS NULL RETURNING id""",
-        project_id,
-        target_id,
-        source_id,
-    )
+    async with db.acquire() as mc, mc.transaction():
+        # The target's placement again under a SHARE lock on its row (the latest version): a
+        # key's change of its connection string (which closes it) either committed before, and
+        # a key's move is refused here, or waits for this mark and then counts this project
+        # (services.clusters.update_cluster; hostile review 11 finding 1).
+        placement = await mc.fetchval(
+            "SELECT placement FROM fluxbase.clusters WHERE id = $1 FOR SHARE", target_id
+        )
+        if placement is None:
+            raise ClusterNotFound()
+        if not by_session and placement != "open" and target_id != clusters.DEFAULT:
+            raise InsufficientPermissions(
+                "A management key moves projects only to clusters open to placement; "
+                "an instance admin's session opens them."
+            )
+        marked = await mc.fetchval(
+            """UPDATE fluxbase.projects
+               SET moving_to = $2, read_only_before_move = read_only, read_only = true
+               WHERE id = $1 AND cluster_id = $3 AND moving_to IS NULL RETURNING id""",
+            project_id,
+            target_id,
+            source_id,
+        )
     if marked is None:
         raise ProjectMoving("The project is already being moved.")
     provisioned = False
@@ -235,6 +267,7 @@ async def _move(
         there = await _server(db, settings, target_id)
         source_pool = await cluster_pools.pool(source_id)
         target_pool = await cluster_pools.pool(target_id)
+        await _end_transactions_begun_before_the_mark(source_pool, project_id)
         with tempfile.TemporaryFile() as f:
             async with _quiesced(settings, source, project_id):
                 export = await dump.start_export(
