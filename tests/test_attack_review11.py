@@ -166,6 +166,32 @@ async def test_a_key_cannot_repoint_the_cluster_a_project_is_moving_to(
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
 
 
+async def test_a_cluster_a_project_is_moving_to_is_not_removed_with_a_500(inst: dict[str, Any]) -> None:
+    """Removing the cluster while a project is being moved there: the "projects live there"
+    check counted only switched projects, and the DELETE then broke the moving project's
+    foreign key (moving_to): seen answering 500 INTERNAL_ERROR. Now 409 CLUSTER_IN_USE."""
+    api: Api = inst["api"]
+    http = api.http
+    cid = inst["cid"]
+    pid, _key = await _project_with_rows(api, inst["admin"], "moving while removed")
+    control = await asyncpg.connect(inst["control_url"])
+    tx = control.transaction()
+    await tx.start()
+    await control.execute(f'LOCK TABLE "p_{pid}".notes IN ROW EXCLUSIVE MODE')
+    move = asyncio.create_task(
+        http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(inst["admin"]))
+    )
+    try:
+        await _wait_marked(inst["control_url"], pid, cid)
+        removed = await http.delete(f"/api/admin/clusters/{cid}", headers=bearer(inst["admin"]))
+    finally:
+        await tx.rollback()
+        await control.close()
+        r = await move
+    assert_error(removed, 409, "CLUSTER_IN_USE")
+    assert r.status_code == 200, r.text
+
+
 async def test_held_a_key_cannot_move_projects_to_a_closed_cluster_nor_open_one(
     inst: dict[str, Any],
     pg2: EmbeddedPostgres,  # noqa: F811

@@ -496,8 +496,12 @@ async def remove_cluster(db: asyncpg.Pool, cluster_id: str) -> None:
         row = await conn.fetchrow("SELECT id FROM fluxbase.clusters WHERE id = $1 FOR UPDATE", cluster_id)
         if row is None:
             raise ClusterNotFound()
-        # FOR UPDATE on the cluster row conflicts with the FOR KEY SHARE a project insert takes.
-        n = await conn.fetchval("SELECT count(*) FROM fluxbase.projects WHERE cluster_id = $1", cluster_id)
+        # FOR UPDATE on the cluster row conflicts with the FOR KEY SHARE a project insert (or a
+        # move's mark) takes. A project being moved there counts (its moving_to refers to the
+        # row: the DELETE answered 500, hostile review 11).
+        n = await conn.fetchval(
+            "SELECT count(*) FROM fluxbase.projects WHERE cluster_id = $1 OR moving_to = $1", cluster_id
+        )
         if n:
             raise ClusterInUse(extra={"details": {"projects": n}})
         await conn.execute("DELETE FROM fluxbase.clusters WHERE id = $1", cluster_id)
