@@ -381,3 +381,50 @@ async def test_a_write_begun_before_the_mark_is_not_lost(inst: dict[str, Any]) -
     kept = r.json()["result"]["rows"][0]["n"] == 1
     # Either the write is refused (PROJECT_MOVING or a retryable error), or it is kept.
     assert kept or not answered_ok, (w.text, r.text)
+
+
+# -- held: the cold key lookup touches lastUsedAt only for a key that may be used ------------------
+
+
+async def test_held_a_refused_key_is_not_marked_used_by_the_cold_lookup(inst: dict[str, Any]) -> None:
+    """The cold lookup touches lastUsedAt in its own statement now (sql of services.access): a
+    key refused for its origin or revoked must not look used; a key that is used does."""
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    pid, _key = await _project_with_rows(api, inst["admin"], "cold lookups")
+
+    async def new_key(**extra: Any) -> tuple[str, str]:
+        r = await http.post(
+            f"/api/projects/{pid}/api-keys", json={"name": "k", "scope": "read", **extra}, headers=admin
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["key"], r.json()["apiKey"]["id"]
+
+    async def last_used(key_id: str) -> Any:
+        r = await http.get(f"/api/projects/{pid}/api-keys", headers=admin)
+        return next(k for k in r.json()["apiKeys"] if k["id"] == key_id)["lastUsedAt"]
+
+    pinned, pinned_id = await new_key(allowedOrigins=["https://app.example.com"])
+    revoked, revoked_id = await new_key()
+    r = await http.delete(f"/api/projects/{pid}/api-keys/{revoked_id}", headers=admin)
+    assert r.status_code == 200, r.text
+    body = {"projectId": pid, "query": "SELECT 1"}
+    for _ in range(2):
+        r = await http.post(
+            "/api/execute-sql", json=body, headers={**bearer(pinned), "Origin": "https://evil.example.com"}
+        )
+        assert_error(r, 403, "ORIGIN_NOT_ALLOWED")
+        assert_error(
+            await http.post("/api/execute-sql", json=body, headers=bearer(pinned)), 403, "ORIGIN_NOT_ALLOWED"
+        )
+        assert_error(
+            await http.post("/api/execute-sql", json=body, headers=bearer(revoked)), 401, "AUTH_REQUIRED"
+        )
+    assert await last_used(pinned_id) is None
+    assert await last_used(revoked_id) is None
+    r = await http.post(
+        "/api/execute-sql", json=body, headers={**bearer(pinned), "Origin": "https://app.example.com"}
+    )
+    assert r.status_code == 200 and r.json()["success"], r.text
+    assert await last_used(pinned_id) is not None
