@@ -428,3 +428,34 @@ async def test_held_a_refused_key_is_not_marked_used_by_the_cold_lookup(inst: di
     )
     assert r.status_code == 200 and r.json()["success"], r.text
     assert await last_used(pinned_id) is not None
+
+
+# -- 5. another project's tenant holds a project's move lock ------------------------------------------
+
+
+async def test_a_tenant_cannot_hold_another_projects_move_lock(inst: dict[str, Any]) -> None:
+    """The move lock was pg_advisory_lock(0x4D4F5645, hashtext(project id)) in the control
+    database, which the default cluster's tenants share and where they may take advisory locks:
+    any project's key held a victim's move lock (seen: the victim's move answered 409
+    PROJECT_MOVING "already being moved" while the other tenant's statement ran, and it can run
+    one after another). The lock's key is now derived with the instance's secret."""
+    api: Api = inst["api"]
+    victim, _ = await _project_with_rows(api, inst["admin"], "move lock victim")
+    attacker, attacker_key = await _project_with_rows(api, inst["admin"], "move lock holder")
+    hold = api.sql(
+        attacker_key,
+        attacker,
+        f"SELECT pg_advisory_xact_lock(1297045061, hashtext('{victim}')), pg_sleep(4)",
+    )
+    holding = asyncio.create_task(hold)
+    await asyncio.sleep(1)
+    try:
+        r = await api.http.post(
+            f"/api/admin/projects/{victim}/move",
+            json={"clusterId": inst["cid"]},
+            headers=bearer(inst["admin"]),
+        )
+    finally:
+        h = await holding
+    assert h.json()["success"], h.text  # the tenant did hold that lock
+    assert r.status_code == 200, r.text

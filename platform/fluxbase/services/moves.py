@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -59,7 +60,17 @@ from fluxbase.tenancy.pools import TenantPools
 log = logging.getLogger("fluxbase.moves")
 
 LOCK_WAIT_S = 10  # how long the quiesce waits for writes already under way
-MOVE_LOCK = 0x4D4F5645  # the advisory lock class of project moves ("MOVE"), keyed by project
+
+
+def _move_lock(settings: Settings, project_id: str) -> tuple[int, int]:
+    """The advisory-lock key of a project's moves, derived with the instance's secret: the
+    control database is the default cluster's, where every tenant may take any advisory lock,
+    and with a key anyone could compute (it was (0x4D4F5645, hashtext(project id))) one project
+    held another's move lock: its moves answered PROJECT_MOVING (hostile review 11)."""
+    digest = hmac.new(
+        settings.auth.secret_key.encode(), b"fluxbase.move:" + project_id.encode(), "sha256"
+    ).digest()
+    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:8], "big", signed=True)
 
 
 async def _server(db: asyncpg.Pool, settings: Settings, cluster_id: str) -> tuple[str, int, str]:
@@ -180,8 +191,9 @@ async def move_project(
     meanwhile answers PROJECT_MOVING, and a mark nobody holds the lock for (the moving process
     died) is recovered first (`_recover`)."""
     target = await clusters.get_cluster(db, target_id)
+    lock_key = _move_lock(settings, project_id)
     async with db.acquire() as lock:
-        if not await lock.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", MOVE_LOCK, project_id):
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1::int4, $2::int4)", *lock_key):
             raise ProjectMoving("The project is already being moved.")
         try:
             try:
@@ -195,7 +207,7 @@ async def move_project(
                 db, cluster_pools, tenants, settings, project_id, target, by_session=by_session
             )
         finally:
-            await lock.execute("SELECT pg_advisory_unlock($1, hashtext($2))", MOVE_LOCK, project_id)
+            await lock.execute("SELECT pg_advisory_unlock($1::int4, $2::int4)", *lock_key)
 
 
 async def _move(
