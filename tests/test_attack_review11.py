@@ -2,17 +2,20 @@
 between clusters, features served on registered clusters, their housekeeping) and the cold
 connection setup, attacked through the real API with two real PostgreSQL servers.
 
-Findings (docs in the review report):
+Findings (each test was seen failing before its fix):
 1. a management key repoints a cluster that a project is being moved to (the "holds projects"
    check counted only projects already switched there), so the moved project — another user's,
    moved there by the same key — follows the connection string to the key holder's server
-   (fixed: the check also counts projects moving there, under the cluster row's lock; the key's
-   move checks placement under that lock too; the placement policy re-checks its choice);
+   (fixed: the check also counts projects moving there, again under the cluster row's lock; a
+   key's move checks placement under that lock; the placement policy re-checks its choice);
 2. a registered cluster whose server stops answering holds the worker's housekeeping for the
-   whole instance for ever (no time limit: webhook/mail logs, storage leftovers and the other
-   clusters were never trimmed again) (fixed: each cluster's round has a time limit);
+   whole instance for ever (fixed: each cluster's round has a time limit);
 3. a write whose transaction began before a move's mark commits on the source after the copy's
-   snapshot and is lost with the source, though it was answered 200 (xfail: see the reason).
+   snapshot and is lost with the source, though answered 200 (fixed: the move ends the
+   project's transactions open on the source at its mark);
+4. removing a cluster a project is being moved to answered 500 (fixed: 409 CLUSTER_IN_USE);
+5. any default-cluster tenant could hold another project's move lock (a guessable advisory
+   key) and its moves answered PROJECT_MOVING (fixed: the key is derived with the secret).
 Defences that held are tested below them.
 """
 
