@@ -22,6 +22,9 @@ from fluxbase.webhooks.delivery import WebhookWorker
 log = logging.getLogger("fluxbase.worker")
 
 HOUSEKEEPING_INTERVAL_S = 60.0
+# How long one registered cluster's outbox round may take: a server that stops answering (its
+# operator controls it) must not hold the instance's housekeeping (hostile review 11 finding 2).
+CLUSTER_HOUSEKEEPING_TIMEOUT_S = 30.0
 
 
 async def housekeep_outbox(db: asyncpg.Pool, settings: Settings, webhooks_waiting: bool = False) -> int:
@@ -40,8 +43,14 @@ async def housekeep_outbox(db: asyncpg.Pool, settings: Settings, webhooks_waitin
     return trimmed
 
 
+_STRAGGLERS: set[asyncio.Task[int]] = set()  # cluster rounds past their time, left to end
+
+
 async def housekeep_clusters(
-    db: asyncpg.Pool, settings: Settings, cluster_pools: clusters.ClusterPools
+    db: asyncpg.Pool,
+    settings: Settings,
+    cluster_pools: clusters.ClusterPools,
+    timeout_s: float = CLUSTER_HOUSEKEEPING_TIMEOUT_S,
 ) -> dict[str, int]:
     """The outbox housekeeping on every registered cluster, as the runtime role there. An
     unreachable cluster is logged and skipped (the others go on); its outbox is trimmed on the
@@ -60,11 +69,32 @@ async def housekeep_clusters(
                 cluster_id,
             )
         )
+        # A task waited on with a time limit, not wait_for: cancelling asyncpg on a server that
+        # does not answer may itself wait on that server, so a round past its time is cancelled
+        # and left to end on its own (its pool holds at most a few connections).
+        task = asyncio.create_task(_housekeep_cluster(cluster_pools, cluster_id, settings, waiting))
+        finished, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not finished:
+            task.cancel()
+            _STRAGGLERS.add(task)
+            task.add_done_callback(_STRAGGLERS.discard)
+            log.warning(
+                "housekeeping of database cluster %s took over %ss, left for the next round",
+                cluster_id,
+                timeout_s,
+            )
+            continue
         try:
-            done[cluster_id] = await housekeep_outbox(await cluster_pools.pool(cluster_id), settings, waiting)
+            done[cluster_id] = task.result()
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("housekeeping of database cluster %s failed, will retry: %r", cluster_id, exc)
     return done
+
+
+async def _housekeep_cluster(
+    cluster_pools: clusters.ClusterPools, cluster_id: str, settings: Settings, waiting: bool
+) -> int:
+    return await housekeep_outbox(await cluster_pools.pool(cluster_id), settings, waiting)
 
 
 async def housekeeping(
@@ -72,6 +102,7 @@ async def housekeeping(
     settings: Settings,
     store: ObjectStore | None = None,
     cluster_pools: clusters.ClusterPools | None = None,
+    cluster_timeout_s: float = CLUSTER_HOUSEKEEPING_TIMEOUT_S,
 ) -> dict[str, int]:
     """Trim expired sessions and throttle counters, the realtime outbox (and, given the cluster
     pools, every registered cluster's), and (given the object store) settle storage leftovers:
@@ -93,7 +124,9 @@ async def housekeeping(
     counts["projectUserSessions"] = int(user_sessions.split()[-1])
     counts["events"] = await housekeep_outbox(db, settings)
     if cluster_pools is not None:
-        for cluster_id, trimmed in (await housekeep_clusters(db, settings, cluster_pools)).items():
+        for cluster_id, trimmed in (
+            await housekeep_clusters(db, settings, cluster_pools, cluster_timeout_s)
+        ).items():
             counts[f"events.{cluster_id}"] = trimmed
     counts["webhookDeliveries"] = await webhooks.trim_log(db, settings.webhooks.log_retention_s)
     counts["mailMessages"] = await mail_outbox.trim_log(db, settings.mail.log_retention_s)

@@ -411,7 +411,11 @@ async def update_cluster(
         raise ValidationError(
             "The default cluster's connection is FLUXBASE_DATABASE_URL; it cannot be changed here."
         )
-    if connection_string is not None and current.projects and not by_session:
+    if (
+        connection_string is not None
+        and not by_session
+        and (current.projects or await _holds_projects(db, cluster_id))
+    ):
         # The projects living there follow the connection string: a key's holder would point
         # them at a server whose authentication they control and receive their writes.
         _require_session(by_session, "change the connection string of a cluster that holds projects")
@@ -437,6 +441,16 @@ async def update_cluster(
             target = parse_connection_string(connection_string)
             await _refuse_duplicate(db, settings, target, except_id=cluster_id)
             version = await _verify_and_install(settings, target, cluster_id)
+            if not by_session:
+                # Checked again under the cluster row's lock, after the (slow) verification: a
+                # project placed there or marked to move there meanwhile takes a KEY SHARE lock
+                # on this row (foreign keys), so it either is counted here or waits for this
+                # transaction and then finds the cluster closed (hostile review 11 finding 1).
+                await conn.execute("SELECT 1 FROM fluxbase.clusters WHERE id = $1 FOR UPDATE", cluster_id)
+                if await _holds_projects(conn, cluster_id):
+                    _require_session(
+                        by_session, "change the connection string of a cluster that holds projects"
+                    )
             await conn.execute(
                 """UPDATE fluxbase.clusters
                    SET host = $2, port = $3, database = $4, username = $5, secret = $6,
@@ -462,6 +476,18 @@ async def update_cluster(
     return await get_cluster(db, cluster_id)
 
 
+async def _holds_projects(db: asyncpg.Pool | asyncpg.Connection, cluster_id: str) -> bool:
+    """Whether projects live on the cluster or are being moved there (services.moves): both
+    follow its connection string."""
+    return bool(
+        await db.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM fluxbase.projects
+                              WHERE cluster_id = $1 OR moving_to = $1)""",
+            cluster_id,
+        )
+    )
+
+
 async def remove_cluster(db: asyncpg.Pool, cluster_id: str) -> None:
     """Remove a registered cluster; refused for the default one and while projects live there."""
     if cluster_id == DEFAULT:
@@ -470,8 +496,12 @@ async def remove_cluster(db: asyncpg.Pool, cluster_id: str) -> None:
         row = await conn.fetchrow("SELECT id FROM fluxbase.clusters WHERE id = $1 FOR UPDATE", cluster_id)
         if row is None:
             raise ClusterNotFound()
-        # FOR UPDATE on the cluster row conflicts with the FOR KEY SHARE a project insert takes.
-        n = await conn.fetchval("SELECT count(*) FROM fluxbase.projects WHERE cluster_id = $1", cluster_id)
+        # FOR UPDATE on the cluster row conflicts with the FOR KEY SHARE a project insert (or a
+        # move's mark) takes. A project being moved there counts (its moving_to refers to the
+        # row: the DELETE answered 500, hostile review 11).
+        n = await conn.fetchval(
+            "SELECT count(*) FROM fluxbase.projects WHERE cluster_id = $1 OR moving_to = $1", cluster_id
+        )
         if n:
             raise ClusterInUse(extra={"details": {"projects": n}})
         await conn.execute("DELETE FROM fluxbase.clusters WHERE id = $1", cluster_id)
@@ -530,12 +560,22 @@ async def place(conn: asyncpg.Connection, cluster_id: str | None) -> str:
         if not await conn.fetchval("SELECT 1 FROM fluxbase.clusters WHERE id = $1 FOR KEY SHARE", cluster_id):
             raise ClusterNotFound()
         return cluster_id
-    chosen = await conn.fetchval(
-        """SELECT c.id FROM fluxbase.clusters c LEFT JOIN fluxbase.projects p ON p.cluster_id = c.id
-           WHERE c.placement = 'open' OR c.id = 'default'
-           GROUP BY c.id ORDER BY count(p.id), c.id = 'default' DESC, c.created_at, c.id LIMIT 1"""
-    )
-    return str(chosen)
+    for _ in range(3):
+        chosen = await conn.fetchval(
+            """SELECT c.id FROM fluxbase.clusters c LEFT JOIN fluxbase.projects p ON p.cluster_id = c.id
+               WHERE c.placement = 'open' OR c.id = 'default'
+               GROUP BY c.id ORDER BY count(p.id), c.id = 'default' DESC, c.created_at, c.id LIMIT 1"""
+        )
+        # The choice again under a KEY SHARE lock, which reads the row's latest version: a key
+        # that repointed (and so closed) the cluster since the choice was read is not followed
+        # (hostile review 11 finding 1); the lock holds off the next change until this commits.
+        if await conn.fetchval(
+            """SELECT 1 FROM fluxbase.clusters WHERE id = $1 AND (placement = 'open' OR id = 'default')
+               FOR KEY SHARE""",
+            chosen,
+        ):
+            return str(chosen)
+    return DEFAULT
 
 
 class ClusterPools:

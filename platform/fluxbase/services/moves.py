@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ import asyncpg
 from fluxbase.config import Settings
 from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import (
+    ClusterNotFound,
     Conflict,
     FluxbaseError,
     InsufficientPermissions,
@@ -49,7 +51,7 @@ from fluxbase.errors import (
     ProjectMoving,
     ProjectNotFound,
 )
-from fluxbase.security.roles import role_name, role_password, schema_name
+from fluxbase.security.roles import ROLES, role_name, role_password, schema_name
 from fluxbase.services import clusters, dump, extensions
 from fluxbase.tenancy import provision
 from fluxbase.tenancy import statements as classification
@@ -58,7 +60,17 @@ from fluxbase.tenancy.pools import TenantPools
 log = logging.getLogger("fluxbase.moves")
 
 LOCK_WAIT_S = 10  # how long the quiesce waits for writes already under way
-MOVE_LOCK = 0x4D4F5645  # the advisory lock class of project moves ("MOVE"), keyed by project
+
+
+def _move_lock(settings: Settings, project_id: str) -> tuple[int, int]:
+    """The advisory-lock key of a project's moves, derived with the instance's secret: the
+    control database is the default cluster's, where every tenant may take any advisory lock,
+    and with a key anyone could compute (it was (0x4D4F5645, hashtext(project id))) one project
+    held another's move lock: its moves answered PROJECT_MOVING (hostile review 11)."""
+    digest = hmac.new(
+        settings.auth.secret_key.encode(), b"fluxbase.move:" + project_id.encode(), "sha256"
+    ).digest()
+    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:8], "big", signed=True)
 
 
 async def _server(db: asyncpg.Pool, settings: Settings, cluster_id: str) -> tuple[str, int, str]:
@@ -113,6 +125,22 @@ async def _quiesced(settings: Settings, server: tuple[str, int, str], project_id
         await conn.close()
 
 
+async def _end_transactions_begun_before_the_mark(pool: asyncpg.Pool, project_id: str) -> None:
+    """End the project's transactions open on the source when it was marked (its mirror row
+    included): they began read-write, and a write of theirs that waits for the quiesce's locks (or
+    comes after them) would commit on the source after the dump's snapshot and be dropped with it,
+    though answered as a success (hostile review 11 finding 3). Their requests answer a retryable
+    DATABASE_CONNECTION_ERROR; transactions begun from here on are read-only (the mark changed
+    the project's auth epoch). Idle pooled connections hold no transaction and are left alone."""
+    roles = [role_name(project_id, s) for s in ROLES]
+    await pool.execute(
+        """SELECT pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity
+           WHERE usename = ANY($1::text[]) AND state IS DISTINCT FROM 'idle'
+             AND pid <> pg_catalog.pg_backend_pid()""",
+        roles,
+    )
+
+
 async def _drop_on_cluster(
     db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, cluster_id: str, project_id: str
 ) -> None:
@@ -163,8 +191,9 @@ async def move_project(
     meanwhile answers PROJECT_MOVING, and a mark nobody holds the lock for (the moving process
     died) is recovered first (`_recover`)."""
     target = await clusters.get_cluster(db, target_id)
+    lock_key = _move_lock(settings, project_id)
     async with db.acquire() as lock:
-        if not await lock.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", MOVE_LOCK, project_id):
+        if not await lock.fetchval("SELECT pg_try_advisory_lock($1::int4, $2::int4)", *lock_key):
             raise ProjectMoving("The project is already being moved.")
         try:
             try:
@@ -178,7 +207,7 @@ async def move_project(
                 db, cluster_pools, tenants, settings, project_id, target, by_session=by_session
             )
         finally:
-            await lock.execute("SELECT pg_advisory_unlock($1, hashtext($2))", MOVE_LOCK, project_id)
+            await lock.execute("SELECT pg_advisory_unlock($1::int4, $2::int4)", *lock_key)
 
 
 async def _move(
@@ -218,14 +247,29 @@ async def _move(
         # registered cluster yet (docs/clusters.md): the move would lock them out.
         raise Conflict("Projects with end users cannot move to a registered cluster yet (docs/clusters.md).")
 
-    marked = await db.fetchval(
-        """UPDATE fluxbase.projects
-           SET moving_to = $2, read_only_before_move = read_only, read_only = true
-           WHERE id = $1 AND cluster_id = $3 AND moving_to IS NULL RETURNING id""",
-        project_id,
-        target_id,
-        source_id,
-    )
+    async with db.acquire() as mc, mc.transaction():
+        # The target's placement again under a SHARE lock on its row (the latest version): a
+        # key's change of its connection string (which closes it) either committed before, and
+        # a key's move is refused here, or waits for this mark and then counts this project
+        # (services.clusters.update_cluster; hostile review 11 finding 1).
+        placement = await mc.fetchval(
+            "SELECT placement FROM fluxbase.clusters WHERE id = $1 FOR SHARE", target_id
+        )
+        if placement is None:
+            raise ClusterNotFound()
+        if not by_session and placement != "open" and target_id != clusters.DEFAULT:
+            raise InsufficientPermissions(
+                "A management key moves projects only to clusters open to placement; "
+                "an instance admin's session opens them."
+            )
+        marked = await mc.fetchval(
+            """UPDATE fluxbase.projects
+               SET moving_to = $2, read_only_before_move = read_only, read_only = true
+               WHERE id = $1 AND cluster_id = $3 AND moving_to IS NULL RETURNING id""",
+            project_id,
+            target_id,
+            source_id,
+        )
     if marked is None:
         raise ProjectMoving("The project is already being moved.")
     provisioned = False
@@ -235,6 +279,7 @@ async def _move(
         there = await _server(db, settings, target_id)
         source_pool = await cluster_pools.pool(source_id)
         target_pool = await cluster_pools.pool(target_id)
+        await _end_transactions_begun_before_the_mark(source_pool, project_id)
         with tempfile.TemporaryFile() as f:
             async with _quiesced(settings, source, project_id):
                 export = await dump.start_export(
