@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fluxbase.tenancy import statements as classification
@@ -149,6 +149,7 @@ async def _observe(conn: asyncpg.Connection, text: str) -> dict[str, Any]:
             out["tag"] = await conn.execute(text)
         except asyncpg.PostgresError as exc:
             out["error"] = exc.sqlstate
+            out["message"] = str(exc)
         if out["error"] is None:
             out["ended"] = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text") != xid
             out["uid"] = await conn.fetchval("SELECT current_setting($1, true)", UID)
@@ -156,6 +157,12 @@ async def _observe(conn: asyncpg.Connection, text: str) -> dict[str, Any]:
         return out
     finally:
         await conn.execute("ROLLBACK; RESET ALL; DEALLOCATE ALL")  # ROLLBACK outside one only warns
+
+
+# 42601 raised by parse analysis, not by the grammar: the grammar (which the classifier shares)
+# accepted the text, and the server refused it whole, so nothing ran either way. Hypothesis found
+# `SELECT/**/*--*/**/…`: the `--` starts a comment, leaving `SELECT *` with no FROM.
+_ANALYSIS_SYNTAX_ERRORS = {"SELECT * with no tables specified is not valid"}
 
 
 _TAGS = {
@@ -168,6 +175,7 @@ _TAGS = {
 
 @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=statements())
+@example(text="SELECT/**/*--*/**/set_config('fluxbase.auth_uid','v1', true)")
 async def test_classifier_agrees_with_the_server(scratch: asyncpg.Connection, text: str) -> None:
     verdict = classification.Classifier().classify(text)
     seen = await _observe(scratch, text)
@@ -177,7 +185,7 @@ async def test_classifier_agrees_with_the_server(scratch: asyncpg.Connection, te
         assert seen["error"] == "42601", (text, seen)
         return
     assert verdict.count == 1, (text, verdict)
-    if seen["error"] == "42601":
+    if seen["error"] == "42601" and seen["message"] not in _ANALYSIS_SYNTAX_ERRORS:
         raise AssertionError(f"the server found a syntax error the classifier did not: {text!r}")
     if seen["error"] is not None:
         return  # e.g. an invalid value for work_mem: nothing happened either way
