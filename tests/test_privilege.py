@@ -254,6 +254,9 @@ ALLOWED = {
     "fluxbase_guard_broadcast": {
         "USAGE schema fluxbase",
         "INSERT fluxbase.events",
+        # sql/0042: the broadcast budget counts the transaction's own broadcast rows.
+        "SELECT fluxbase.events(xid)",
+        "SELECT fluxbase.events(kind)",
         "SELECT fluxbase.event_readers(waiting)",
         *(f"SELECT fluxbase.projects({c})" for c in ("id", "status", "read_only")),
         *(f"SELECT fluxbase.realtime_settings({c})" for c in ("project_id", "topics")),

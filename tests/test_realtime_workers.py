@@ -133,7 +133,12 @@ async def test_two_workers_on_one_port_deliver_every_event_once(api: Api, projec
         ka = await _track(a, room, {"who": "a"})
         assert await _join(b, room) == {ka: {"who": "a"}}
         kb = await _track(b, room, {"who": "b"})
-        assert (await _diff(a, lambda p: kb in p["joins"]))["joins"] == {kb: {"who": "b"}}
+        joins = (await _diff(a, lambda p: kb in p["joins"]))["joins"]
+        # a's own join may arrive in the same coalesced diff as b's; nothing else may.
+        assert joins[kb] == {"who": "b"} and {k: v for k, v in joins.items() if k != kb} in (
+            {},
+            {ka: {"who": "a"}},
+        )
 
 
 async def test_a_killed_worker_is_replaced_and_the_other_keeps_delivering(api: Api, project, workers) -> None:
