@@ -63,9 +63,10 @@ EVENT_TYPES = {
 ALL_EVENTS = ("row.inserted", "row.updated", "row.deleted", "schema.changed")
 
 # After the global cursor ($1, $2), below every project's horizon and each project's own, and
-# after what was queued of that project early ($4/$5/$6). One statement, so the open
-# transactions and the events are seen in one snapshot; its sessions come from
-# pg_stat_activity (the runtime role is a member of pg_read_all_stats). A project role
+# after what was queued of that project early ($4/$5/$6), of the projects $7 lists (those with
+# an enabled endpoint; on a registered cluster the endpoints live in the control plane). One
+# statement, so the open transactions and the events are seen in one snapshot; its sessions
+# come from pg_stat_activity (the runtime role is a member of pg_read_all_stats). A project role
 # (p_<16 hex>_<scope>, fluxbase.security.roles) writes only its own project's events (the
 # capture definers check the schema against the session user), so it holds back only its
 # project; any other open transaction, or one whose session has ended since the snapshot,
@@ -94,19 +95,11 @@ WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < h.below_all
   AND (b.below IS NULL OR e.xid < b.below)
   AND (f.project_id IS NULL OR (e.xid, e.id) > (f.xid::xid8, f.id))
   AND e.kind IN ('row', 'schema')
-  AND e.project_id IN (SELECT project_id FROM fluxbase.webhooks WHERE enabled)
+  AND e.project_id = ANY($7::text[])
 ORDER BY e.xid, e.id
 LIMIT $3
 """
 
-# The same read on a registered database cluster (services.clusters): its outbox holds its own
-# projects' events, while the endpoints live in the control plane; $7 lists the projects of that
-# cluster with an enabled endpoint.
-_CLUSTER_EVENTS_SQL = _EVENTS_SQL.replace(
-    "e.project_id IN (SELECT project_id FROM fluxbase.webhooks WHERE enabled)",
-    "e.project_id = ANY($7::text[])",
-)
-assert _CLUSTER_EVENTS_SQL != _EVENTS_SQL
 
 # Endpoints whose oldest pending delivery is due.
 _DUE_SQL = """
@@ -231,9 +224,14 @@ async def dispatch_once(
         # Taken before the events are read, in an earlier snapshot: every event below it is
         # visible to the read, and no horizon of the read's snapshot lies below it.
         xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        hooked: list[str] = []
+        # The projects with an enabled endpoint, passed to the read as a list rather than joined
+        # in: a semi-join against the endpoints let the generic plan trade the cursor-ordered
+        # probe for a walk of every project's events whenever the endpoint statistics moved.
         if control is None:
-            active = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE enabled)")
+            hooked = [
+                r["project_id"]
+                for r in await conn.fetch("SELECT DISTINCT project_id FROM fluxbase.webhooks WHERE enabled")
+            ]
         else:
             hooked = [
                 r["project_id"]
@@ -244,7 +242,7 @@ async def dispatch_once(
                     cluster_id,
                 )
             ]
-            active = bool(hooked)
+        active = bool(hooked)
         early = {
             r["project_id"]: (int(r["xid"]), r["last_id"])
             for r in await conn.fetch(
@@ -261,10 +259,7 @@ async def dispatch_once(
                 [str(x) for x, _ in early.values()],
                 [i for _, i in early.values()],
             ]
-            if control is None:
-                rows = await conn.fetch(_EVENTS_SQL, *args)
-            else:
-                rows = await conn.fetch(_CLUSTER_EVENTS_SQL, *args, hooked)
+            rows = await conn.fetch(_EVENTS_SQL, *args, hooked)
         queued: list[tuple[str, str, str, str]] = []
         if rows:
             hooks: dict[str, list[_Hook]] = {}
