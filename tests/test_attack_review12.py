@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from websockets.asyncio.server import serve as ws_serve
 
 from fluxbase.config import load_settings
@@ -280,13 +279,6 @@ def _text_frame(payload: bytes) -> bytes:
     return b"\x81" + bytes([0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (review 12): RealtimeService._drained waits up to DRAIN_WAIT_S (0.25 s) before "
-    "each further part of a large outbox batch while ANY open socket holds more than half the "
-    "bound, so one tenant's socket that stopped (or reads just slowly enough to stay above half "
-    "without reaching the cut-off) holds up every project's events behind its large rows",
-)
 async def test_another_tenants_stalled_socket_does_not_delay_a_projects_events(
     api: Api, project: Any, instance: Any
 ) -> None:
@@ -294,9 +286,9 @@ async def test_another_tenants_stalled_socket_does_not_delay_a_projects_events(
     nothing; a victim project's one-row insert right after reaches its subscriber 0.35 s later
     (0.08 s without the stalled socket: one DRAIN_WAIT_S wait, measured at load average ~3 on
     2 cores). A reader that drains about half the bound per 0.25 s is never cut off and makes
-    every part of every large batch wait. The fix: wait only for sockets that are taking the
-    previous part (progress since the last part), or give each project's rooms their own
-    delivery so a wait holds no other project's events."""
+    every part of every large batch wait. Fixed: the service no longer waits for any socket;
+    each socket takes a large batch's parts at its own pace from its own backlog (hub.Client)
+    and is cut off when a part has waited hub.STALL_S without fitting under its bound."""
     pid, key = project.id, project.admin_key
     await _ok(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
     vid = await api.new_project(project.owner_token, "victim")

@@ -149,6 +149,15 @@ def frame_of(message: bytes) -> bytes:
 # socket holds beyond its queue is one run in its transport buffer, not the whole batch copied.
 WRITE_CHUNK = 256 * 1024
 DEFAULT_MAX_BYTES = 8 << 20
+# A socket whose next part has waited this long without fitting under its byte bound is cut off
+# (4008): it stopped reading, or reads slower than about half its bound per STALL_S.
+STALL_S = 0.25
+# Parts a socket has not taken yet (its backlog) may reference at most this many times its bound:
+# a reader that keeps up takes a statement of this size; one that falls this far behind is cut off.
+BACKLOG_FACTOR = 32
+# A socket holding at most this much unsent (its transport drained) takes the next part whatever
+# its size: a single message larger than the bound still reaches a reader that keeps up.
+SMALL_HELD = 64 * 1024
 
 
 def runs_of(frames: list[bytes]) -> list[bytes | memoryview]:
@@ -169,6 +178,58 @@ def runs_of(frames: list[bytes]) -> list[bytes | memoryview]:
     return runs
 
 
+def _frame_size(n: int) -> int:
+    """Bytes of the unmasked frame of an `n`-byte message (RFC 6455 header: 2, 4 or 10 bytes)."""
+    return n + (2 if n < 126 else 4 if n < 65536 else 10)
+
+
+class Part:
+    """Messages handed to sockets as one unit: a fan-out class's batch (or one slice of a large
+    one, at most `Hub.part_bytes`), the same object for every socket of the class.
+
+    Its frames are built when the first socket takes it and kept while sockets that have not
+    taken it yet hold it in their backlog, so the class's sockets share one copy of the bytes;
+    a part nobody took yet holds only the event messages (shared with the outbox batch)."""
+
+    __slots__ = ("_runs", "count", "messages", "size", "waiting")
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+        self.count = len(messages)
+        self.size = sum(_frame_size(len(m)) for m in messages)
+        self.waiting = 0  # backlogs holding it
+        self._runs: list[bytes | memoryview] | None = None
+
+    def runs(self) -> list[bytes | memoryview]:
+        runs = self._runs
+        if runs is None:
+            runs = runs_of([frame_of(m) for m in self.messages])
+            if self.waiting:
+                self._runs = runs
+        return runs
+
+    def taken(self) -> None:
+        """One socket with this part in its backlog took it (or dropped it)."""
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self._runs = None
+
+
+def parts_of(messages: list[bytes], most: int) -> list[Part]:
+    """`messages` in parts of at most `most` frame bytes (a message larger alone is one part)."""
+    parts: list[Part] = []
+    start = size = 0
+    for i, m in enumerate(messages):
+        n = _frame_size(len(m))
+        if size and size + n > most:
+            parts.append(Part(messages[start:i]))
+            start, size = i, 0
+        size += n
+    if start < len(messages):
+        parts.append(Part(messages[start:] if start else messages))
+    return parts
+
+
 CUT_OFF = REGISTRY.counter(
     "fluxbase_realtime_slow_consumers_total", "Subscribers closed because their queue was full."
 )
@@ -187,6 +248,12 @@ class Client:
     Frames are written straight to the transport; a connection that negotiated an extension
     (compression: server.serve offers none, an embedding server may) is not `framed` and gets
     its messages one by one through `ws.send` instead.
+
+    Each socket takes its messages at its own pace: a part that does not fit under the socket's
+    byte bound (`max_bytes`, counting `pending` and the transport's buffer) waits in the socket's
+    `backlog` (shared Parts, in order) and is taken as the socket drains; one that has waited
+    STALL_S without fitting cuts the socket off (4008). Nothing waits for a socket but its own
+    writer, so a slow or stalled socket delays no other socket's delivery.
     """
 
     ws: ServerConnection
@@ -202,6 +269,12 @@ class Client:
     writer: asyncio.Task[None] | None = None
     dirty: bool = False  # in _dirty: flushed once the current callback (a dispatch) is done
     framed: bool = True  # frames may be written straight to the transport (no extension)
+    # Parts not taken yet (None while empty: an idle socket holds no deque), their messages and
+    # frame bytes, and when the head part started waiting (event-loop time).
+    backlog: deque[Part] | None = None
+    backlog_count: int = 0
+    backlog_bytes: int = 0
+    head_since: float = 0.0
 
     def __post_init__(self) -> None:
         self.framed = not self.ws.protocol.extensions
@@ -210,16 +283,22 @@ class Client:
         """Queue one message; written with whatever else is pushed in this callback."""
         if self.closed:
             return
+        if self.backlog is not None:
+            self.send_part(Part([message]))
+            return
         if self.queued >= self.queue_size:
             self.cut_off()
             return
         data = frame_of(message) if self.framed else message
         if self._over(len(data)):
-            self.cut_off()
+            self.send_part(Part([message]))
             return
         self.pending.append(data)
         self.pending_bytes += len(data)
         self.queued += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self.dirty and (self.writer is None or self.writer.done()):
             self.dirty = True
             _dirty.append(self)
@@ -235,17 +314,46 @@ class Client:
         held = self.held()
         return held > 0 and held + more > self.max_bytes
 
-    def send_frames(self, runs: list[bytes | memoryview], count: int, size: int) -> None:
-        """Send `count` messages already serialized as frames (a fan-out class's batch, the same
-        buffers for every socket of the class, `size` bytes in runs of whole frames: `runs_of`):
-        the first run written at once when nothing is ahead of it and the socket takes it
-        without waiting, the rest queued behind it for the writer, which sends a run each time
-        the socket has taken the previous one."""
+    def _fits(self, size: int) -> bool:
+        held = self.held()
+        return held + size <= self.max_bytes or (held <= SMALL_HELD and not self.pending)
+
+    def send_part(self, part: Part) -> None:
+        """Send a part (its frames the same buffers for every socket of its class): taken at once
+        when nothing waits ahead of it and it fits under the byte bound, else appended to the
+        backlog, which the socket's writer takes from as the socket drains."""
         if self.closed:
             return
-        if self.queued + count > self.queue_size or self._over(size):
+        if self.queued + self.backlog_count + part.count > self.queue_size:
             self.cut_off()
             return
+        if self.backlog is None and self._fits(part.size):
+            self._take_part(part)
+            return
+        if self.backlog_bytes + part.size > BACKLOG_FACTOR * self.max_bytes:
+            self.cut_off()
+            return
+        if self.backlog is None:
+            self.backlog = deque()
+            self.head_since = asyncio.get_running_loop().time()
+        self.backlog.append(part)
+        part.waiting += 1
+        self.backlog_count += part.count
+        self.backlog_bytes += part.size
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write())
+
+    def _take_part(self, part: Part) -> None:
+        """Queue `part` behind what is pending; its first run is written at once when nothing is
+        ahead of it and the socket takes it without waiting."""
+        if not self.framed:
+            for m in part.messages:
+                self.pending.append(m)
+                self.pending_bytes += len(m)
+            self.queued += part.count
+            self._schedule()
+            return
+        runs = part.runs()
         if not self.pending and (self.writer is None or self.writer.done()) and self._writable():
             self.ws.transport.write(runs[0])
             if len(runs) == 1:
@@ -253,12 +361,38 @@ class Client:
             runs = runs[1:]
         self.pending.extend(runs)
         self.pending_bytes += sum(len(r) for r in runs)
-        self.queued += count
-        if not self.dirty and (self.writer is None or self.writer.done()):
-            self.dirty = True
-            _dirty.append(self)
-            if len(_dirty) == 1:
-                asyncio.get_running_loop().call_soon(_flush_dirty)
+        self.queued += part.count
+        self._schedule()
+
+    def _admit(self) -> None:
+        """Move the backlog's parts that fit now into `pending`, in order."""
+        backlog = self.backlog
+        while backlog:
+            part = backlog[0]
+            if not self._fits(part.size):
+                return
+            backlog.popleft()
+            self.backlog_count -= part.count
+            self.backlog_bytes -= part.size
+            runs = part.runs() if self.framed else None
+            part.taken()
+            if runs is None:
+                for m in part.messages:
+                    self.pending.append(m)
+                    self.pending_bytes += len(m)
+            else:
+                self.pending.extend(runs)
+                self.pending_bytes += sum(len(r) for r in runs)
+            self.queued += part.count
+            self.head_since = asyncio.get_running_loop().time()
+        self._drop_backlog()
+
+    def _drop_backlog(self) -> None:
+        if self.backlog is not None:
+            for part in self.backlog:
+                part.taken()
+        self.backlog = None
+        self.backlog_count = self.backlog_bytes = 0
 
     def _writable(self) -> bool:
         ws = self.ws
@@ -303,40 +437,74 @@ class Client:
             return
         self.closed = True
         CUT_OFF.inc()
-        DROPPED.inc(amount=self.queued + 1)
+        DROPPED.inc(amount=self.queued + self.backlog_count + 1)
         log.warning("closing slow consumer %s (queue full)", self.ws.remote_address)
         if self.writer is not None:
             self.writer.cancel()  # frames already written stay ahead of the close frame
         self.pending.clear()
         self.pending_bytes = 0
         self.queued = 0
+        self._drop_backlog()
         task = asyncio.create_task(
             self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
         )
         _background.add(task)
         task.add_done_callback(_background.discard)
 
+    async def _wait(self) -> bool:
+        """Wait for the socket to take what it holds, at most until its backlog's head part has
+        waited STALL_S; a head part that still does not fit then cuts the socket off (False)."""
+        backlog = self.backlog
+        left = self.head_since + STALL_S - asyncio.get_running_loop().time()
+        if backlog and left <= 0 and not self._fits(backlog[0].size):
+            self.cut_off()
+            return False
+        if self.ws.paused:
+            if not backlog:
+                await self.ws.drain()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ws.drain(), max(left, 0.001))
+        elif not self.pending and backlog and not self._fits(backlog[0].size):
+            await asyncio.sleep(0.005)  # the transport is sending what it holds: look again soon
+        return True
+
     async def _write(self) -> None:
         # Single-threaded: between the last emptiness check and the task finishing there is no
         # await, so a push either lands before the check or sees a finished writer and starts one.
         ws = self.ws
         try:
-            while self.pending and not self.framed:
-                self.queued -= 1
-                message = self.pending.popleft()
-                self.pending_bytes -= len(message)
-                await ws.send(bytes(message), text=True)  # (raises once closed)
-            while self.pending:
+            while True:
+                if self.backlog:
+                    self._admit()
+                if self.closed:
+                    return
+                if not self.pending:
+                    if not self.backlog:
+                        return
+                    if not await self._wait():
+                        return
+                    continue
+                if not self.framed:
+                    self.queued -= 1
+                    message = self.pending.popleft()
+                    self.pending_bytes -= len(message)
+                    await ws.send(bytes(message), text=True)  # (raises once closed)
+                    continue
                 if ws.protocol.state is not State.OPEN:
                     # Closing: nothing more may follow the close frame (its handler ends it).
                     self.pending.clear()
                     self.pending_bytes = 0
                     self.queued = 0
+                    self._drop_backlog()
                     return
                 # Whole frames, in order, a run per write; frames the protocol itself sends (pong,
                 # close) go between two writes, never inside a frame.
                 ws.transport.write(self._take())
-                await ws.drain()  # flow control: wait while the socket's buffer is full
+                # Flow control: wait while the socket's buffer is full (and its backlog's head
+                # part has not waited too long).
+                if not await self._wait():
+                    return
         except ConnectionClosed:
             pass
 
@@ -345,6 +513,7 @@ class Client:
         self.pending.clear()
         self.pending_bytes = 0
         self.queued = 0
+        self._drop_backlog()
         if self.writer is not None and not self.writer.done():
             self.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -379,6 +548,9 @@ class Hub:
         self.delivered = 0
         self.gate = gate
         self._lanes: dict[str, _Lane] = {}
+        # A class's batch reaches its sockets in parts of at most this many bytes (half the
+        # per-socket bound: one part never cuts off a socket that holds nothing).
+        self.part_bytes = DEFAULT_MAX_BYTES // 2
 
     def join(self, client: Client, sub: Subscription) -> None:
         self.rooms[sub.project_id][sub] = client
@@ -404,7 +576,7 @@ class Hub:
                 continue
             # The fast path: a socket with this one subscription, no replay running and no gate
             # gets its class's batch, selected and joined once per class.
-            batches: dict[tuple[object, ...], tuple[list[bytes | memoryview], int, int]] = {}
+            batches: dict[tuple[object, ...], tuple[list[Part], int]] = {}
             rest: list[tuple[Subscription, Client]] = []
             for sub, client in list(room.items()):
                 if (
@@ -418,10 +590,11 @@ class Hub:
                 key = sub.key
                 batch = batches.get(key)
                 if batch is None:
-                    frames = [frame_of(ev.message) for ev in evs if sub.wants(ev)]
-                    batch = batches[key] = (runs_of(frames), len(frames), sum(map(len, frames)))
+                    messages = [ev.message for ev in evs if sub.wants(ev)]
+                    batch = batches[key] = (parts_of(messages, self.part_bytes), len(messages))
                 if batch[1]:
-                    client.send_frames(*batch)
+                    for part in batch[0]:
+                        client.send_part(part)
                     self.delivered += batch[1]
             if rest:
                 self._dispatch_each(project_id, evs, rest, gated)
@@ -508,7 +681,7 @@ class Hub:
         room = self.rooms.get(project_id, {})
         # As in dispatch: one batch per viewer and fan-out class for sockets with one
         # subscription, event by event for the others.
-        batches: dict[tuple[object, ...], tuple[list[bytes | memoryview], int, int]] = {}
+        batches: dict[tuple[object, ...], tuple[list[Part], int]] = {}
         rest: list[tuple[Subscription, Client]] = []
         for sub, client in subs.items():
             if sub.viewer is None or room.get(sub) is not client:
@@ -520,14 +693,15 @@ class Hub:
             batch = batches.get(key)
             if batch is None:
                 mine = allowed.get(sub.viewer, {})
-                frames = [
-                    frame_of(message)
+                messages = [
+                    message
                     for i, ev in enumerate(events)
                     if (message := mine.get(i)) is not None and sub.wants(ev)
                 ]
-                batch = batches[key] = (runs_of(frames), len(frames), sum(map(len, frames)))
+                batch = batches[key] = (parts_of(messages, self.part_bytes), len(messages))
             if batch[1]:
-                client.send_frames(*batch)
+                for part in batch[0]:
+                    client.send_part(part)
                 self.delivered += batch[1]
         for i, ev in enumerate(events):
             for sub, client in rest:

@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import signal
-import time
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -133,9 +132,10 @@ class RealtimeService:
         self.db: asyncpg.Pool | None = None
         self.hub = Hub()
         self.queue_size = settings.realtime.queue_size
-        # Bytes a socket may hold unsent; the outbox is handed to the hub in parts of at most
-        # half of it, and the next part waits (a little) for the sockets to take the previous one.
+        # Bytes a socket may hold unsent; a class's batch reaches a socket in parts of at most
+        # half of it, each taken as the socket drains (hub.Client).
         self.max_bytes = settings.realtime.max_buffered_bytes
+        self.hub.part_bytes = max(1, self.max_bytes // 2)
         # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
         # by one burst; writers drain between batches while the reader waits on PostgreSQL.
         batch = max(1, min(2000, self.queue_size // 2))
@@ -187,32 +187,10 @@ class RealtimeService:
         self._presence_task = asyncio.create_task(self.presence.run(self._stop, _abort))
 
     async def _deliver(self, events: list[OutboxEvent]) -> None:
-        # A batch of large events (one statement's 900 kB rows) goes out in parts of at most half
-        # the per-socket byte bound: one part never cuts a socket that holds nothing off, and a
-        # reader that keeps up takes each part before the next (DRAIN_WAIT_S at most); a socket
-        # that stopped reading fills up and is cut off (4008) at the bound.
-        half = self.max_bytes // 2
-        start = size = 0
-        for i, ev in enumerate(events):
-            n = len(ev.message)
-            if size and size + n > half:
-                await self._deliver_part(events[start:i])
-                await self._drained(half)
-                start, size = i, 0
-            size += n
-        await self._deliver_part(events if start == 0 else events[start:])
-
-    DRAIN_WAIT_S = 0.25
-
-    async def _drained(self, below: int) -> None:
-        """Wait until no open socket holds more than `below` unsent bytes, DRAIN_WAIT_S at most."""
-        deadline = time.monotonic() + self.DRAIN_WAIT_S
-        while time.monotonic() < deadline:
-            if not any(c.held() > below for c in self.clients if not c.closed):
-                return
-            await asyncio.sleep(0.005)
-
-    async def _deliver_part(self, events: list[OutboxEvent]) -> None:
+        # The whole batch is handed to the hub at once: each socket takes it at its own pace
+        # (hub.Client's backlog, in parts of at most half the per-socket byte bound), so a socket
+        # that reads slowly or not at all delays nobody else's events; it is cut off (4008) once
+        # a part has waited hub.STALL_S without fitting under its bound.
         if tracing.enabled():
             before = self.hub.delivered
             with tracing.span(
