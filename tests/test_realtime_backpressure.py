@@ -1,10 +1,11 @@
 """The per-socket byte bound (FLUXBASE_REALTIME_MAX_BUFFERED_BYTES) on the fan-out class path.
 
 A statement's large rows reach every socket of a class as runs of whole frames written one after
-the other as the socket takes them, and the outbox is handed to the hub in parts of at most half
-the bound: a reader that keeps up receives a statement many times the bound, in order, with
-pings answered in between (a pong never lands inside a frame); a socket that stops reading is
-closed with 4008 holding no more than the bound, and its class's other members do not notice.
+the other as the socket takes them, in parts of at most half the bound that each socket takes
+from its own backlog at its own pace: a reader that keeps up receives a statement many times the
+bound, in order, with pings answered in between (a pong never lands inside a frame); a socket
+that stops reading is closed with 4008 holding no more than the bound, and its class's other
+members do not notice; a slow reader delays no other socket of its project.
 The real service runs in this process on a real socket (tests/test_attack_review9.served)."""
 
 from __future__ import annotations
@@ -138,3 +139,74 @@ async def test_a_stalled_socket_is_cut_off_at_the_bound_and_its_class_peer_is_no
                 await asyncio.wait_for(ws.recv(), 10)
         code = ws.close_code
         assert code == 4008, code
+
+
+async def test_a_slow_reader_delays_neither_its_project_nor_itself_past_its_pace(
+    api: Api, project: Any, instance: Any
+) -> None:
+    """One socket reads slowly (about 5 MB/s, a few times the bound per second: it keeps up, so it
+    is never cut off) while a statement of 24 rows of 900 kB reaches it; a subscriber of the
+    same project (another class: table `small` only) gets a row inserted right after within
+    0.2 s, without waiting for the slow socket to take the large rows (with the service's former
+    wait between parts: 3.39 s at load average 4.7), and the slow socket still gets every row,
+    in order."""
+    from test_attack_review12 import _text_frame, _upgrade
+
+    pid, key = project.id, project.admin_key
+    await _sql(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    await _sql(api, key, pid, "CREATE TABLE small (id int)")
+    port = 0
+    async with served(instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND)) as (url, service):
+        port = int(url.rsplit(":", 1)[1])
+        reader, slow = await _upgrade(port, key)
+        slow.write(_text_frame(f'{{"type": "subscribe", "roomId": "project_{pid}"}}'.encode()))
+        await slow.drain()
+        got = bytearray()
+
+        async def read_slowly() -> None:
+            while len(got) < 24 * 900_000:
+                chunk = await reader.read(64 * 1024)
+                if not chunk:
+                    return
+                got.extend(chunk)
+                await asyncio.sleep(0.012)
+
+        deadline = time.monotonic() + 10
+        while not any(c.subs for c in service.clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        async with subscribe(url, pid, key, tables=["small"]) as peer:
+            slow_task = asyncio.create_task(read_slowly())
+            await _sql(
+                api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 24)"
+            )
+            started = time.monotonic()
+            await _sql(api, key, pid, "INSERT INTO small VALUES (1)")
+            await peer.rows(1, 30)
+            took = time.monotonic() - started
+            await asyncio.wait_for(slow_task, 30)
+        slow.close()
+    assert took < 0.2, f"the peer's event took {took:.2f} s"
+    messages = [json.loads(m) for m in _text_messages(bytes(got))]
+    assert messages[0]["type"] == "subscribed", messages[0]
+    ids = [m["payload"]["record"]["id"] for m in messages[1:] if "v" in m["payload"]["record"]]
+    assert len(ids) == 24 and ids == sorted(ids), f"the slow reader got {len(ids)} rows (cut off?)"
+    assert all(len(m["payload"]["record"]["v"]) == 900_000 for m in messages[1:25])
+
+
+def _text_messages(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked, unfragmented frames in `data` (what the server sent), up to
+    the last whole frame."""
+    out: list[bytes] = []
+    at = 0
+    while at + 2 <= len(data):
+        n, head = data[at + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(data[at + 2 : at + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[at + 2 : at + 10], "big"), 10
+        if at + head + n > len(data):
+            break
+        if data[at] == 0x81:
+            out.append(data[at + head : at + head + n])
+        at += head + n
+    return out
