@@ -187,9 +187,9 @@ class Part:
     """Messages handed to sockets as one unit: a fan-out class's batch (or one slice of a large
     one, at most `Hub.part_bytes`), the same object for every socket of the class.
 
-    Its frames are built when the first socket takes it and kept while sockets that have not
-    taken it yet hold it in their backlog, so the class's sockets share one copy of the bytes;
-    a part nobody took yet holds only the event messages (shared with the outbox batch)."""
+    Its frames are built when the first socket takes it, once for the class, and dropped when
+    the last socket holding it in its backlog takes it (or is cut off); a part no socket took yet
+    holds only the event messages (shared with the outbox batch)."""
 
     __slots__ = ("_runs", "count", "messages", "size", "waiting")
 
@@ -203,9 +203,7 @@ class Part:
     def runs(self) -> list[bytes | memoryview]:
         runs = self._runs
         if runs is None:
-            runs = runs_of([frame_of(m) for m in self.messages])
-            if self.waiting:
-                self._runs = runs
+            runs = self._runs = runs_of([frame_of(m) for m in self.messages])
         return runs
 
     def taken(self) -> None:
@@ -275,6 +273,7 @@ class Client:
     backlog_count: int = 0
     backlog_bytes: int = 0
     head_since: float = 0.0
+    timer: asyncio.TimerHandle | None = None  # checks the head part's STALL_S deadline
 
     def __post_init__(self) -> None:
         self.framed = not self.ws.protocol.extensions
@@ -340,8 +339,31 @@ class Client:
         part.waiting += 1
         self.backlog_count += part.count
         self.backlog_bytes += part.size
+        self._arm()
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self._write())
+
+    def _arm(self) -> None:
+        """Check the backlog's head part once it has waited STALL_S (whatever the writer awaits)."""
+        if self.timer is None:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_at(self.head_since + STALL_S, self._deadline)
+
+    def _deadline(self) -> None:
+        """The head part's time is up: take what fits now, cut the socket off if the head part
+        still does not fit (it waited STALL_S), else look again at the new head's deadline."""
+        self.timer = None
+        if self.closed or not self.backlog:
+            return
+        self._admit()
+        if self.pending and (self.writer is None or self.writer.done()):
+            self.writer = asyncio.create_task(self._write())
+        if not self.backlog:
+            return
+        if asyncio.get_running_loop().time() >= self.head_since + STALL_S:
+            self.cut_off()
+        else:
+            self._arm()
 
     def _take_part(self, part: Part) -> None:
         """Queue `part` behind what is pending; its first run is written at once when nothing is
@@ -385,7 +407,7 @@ class Client:
                 self.pending_bytes += sum(len(r) for r in runs)
             self.queued += part.count
             self.head_since = asyncio.get_running_loop().time()
-        self._drop_backlog()
+        self._drop_backlog()  # (empty)
 
     def _drop_backlog(self) -> None:
         if self.backlog is not None:
@@ -393,6 +415,9 @@ class Client:
                 part.taken()
         self.backlog = None
         self.backlog_count = self.backlog_bytes = 0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _writable(self) -> bool:
         ws = self.ws
@@ -452,21 +477,18 @@ class Client:
         task.add_done_callback(_background.discard)
 
     async def _wait(self) -> bool:
-        """Wait for the socket to take what it holds, at most until its backlog's head part has
-        waited STALL_S; a head part that still does not fit then cuts the socket off (False)."""
+        """Wait while the socket's buffer is full (flow control); False once it is cut off (its
+        backlog's head part waited STALL_S and still does not fit: `_deadline`)."""
         backlog = self.backlog
-        left = self.head_since + STALL_S - asyncio.get_running_loop().time()
-        if backlog and left <= 0 and not self._fits(backlog[0].size):
-            self.cut_off()
-            return False
+        if backlog and not self._fits(backlog[0].size):
+            if asyncio.get_running_loop().time() >= self.head_since + STALL_S:
+                self.cut_off()
+                return False
+            if not self.pending and not self.ws.paused:
+                await asyncio.sleep(0.005)  # the transport is sending what it holds: look again soon
+                return True
         if self.ws.paused:
-            if not backlog:
-                await self.ws.drain()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ws.drain(), max(left, 0.001))
-        elif not self.pending and backlog and not self._fits(backlog[0].size):
-            await asyncio.sleep(0.005)  # the transport is sending what it holds: look again soon
+            await self.ws.drain()
         return True
 
     async def _write(self) -> None:
@@ -501,8 +523,6 @@ class Client:
                 # Whole frames, in order, a run per write; frames the protocol itself sends (pong,
                 # close) go between two writes, never inside a frame.
                 ws.transport.write(self._take())
-                # Flow control: wait while the socket's buffer is full (and its backlog's head
-                # part has not waited too long).
                 if not await self._wait():
                     return
         except ConnectionClosed:
