@@ -191,26 +191,26 @@ class Part:
     the last socket holding it in its backlog takes it (or is cut off); a part no socket took yet
     holds only the event messages (shared with the outbox batch)."""
 
-    __slots__ = ("_runs", "count", "messages", "size", "waiting")
+    __slots__ = ("cached", "count", "messages", "size", "waiting")
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
         self.count = len(messages)
         self.size = sum(_frame_size(len(m)) for m in messages)
         self.waiting = 0  # backlogs holding it
-        self._runs: list[bytes | memoryview] | None = None
+        self.cached: list[bytes | memoryview] | None = None  # runs(), once built
 
     def runs(self) -> list[bytes | memoryview]:
-        runs = self._runs
+        runs = self.cached
         if runs is None:
-            runs = self._runs = runs_of([frame_of(m) for m in self.messages])
+            runs = self.cached = runs_of([frame_of(m) for m in self.messages])
         return runs
 
     def taken(self) -> None:
         """One socket with this part in its backlog took it (or dropped it)."""
         self.waiting -= 1
         if self.waiting <= 0:
-            self._runs = None
+            self.cached = None
 
 
 def parts_of(messages: list[bytes], most: int) -> list[Part]:
@@ -326,9 +326,12 @@ class Client:
         if self.queued + self.backlog_count + part.count > self.queue_size:
             self.cut_off()
             return
-        if self.backlog is None and self._fits(part.size):
-            self._take_part(part)
-            return
+        if self.backlog is None:
+            transport = self.ws.transport
+            held = self.pending_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+            if held + part.size <= self.max_bytes or (held <= SMALL_HELD and not self.pending):
+                self._take_part(part)
+                return
         if self.backlog_bytes + part.size > BACKLOG_FACTOR * self.max_bytes:
             self.cut_off()
             return
@@ -375,7 +378,7 @@ class Client:
             self.queued += part.count
             self._schedule()
             return
-        runs = part.runs()
+        runs = part.cached or part.runs()
         if not self.pending and (self.writer is None or self.writer.done()) and self._writable():
             self.ws.transport.write(runs[0])
             if len(runs) == 1:
