@@ -37,6 +37,18 @@ def _url(pg: EmbeddedPostgres, db: str) -> str:
     return f"postgresql://postgres:{quote(pg.password, safe='')}@127.0.0.1:{pg.port}/{db}"
 
 
+def spawn_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fluxbase", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+
+
 @pytest.fixture(scope="module")
 async def inst(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncIterator[dict[str, Any]]:  # noqa: F811
     """API, realtime and worker on an instance of their own, cluster two registered (open)."""
@@ -69,15 +81,7 @@ async def inst(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncItera
             )
             assert r.status_code == 201, r.text
             cid = r.json()["cluster"]["id"]
-            with (log_dir / f"worker-drain-{port}.log").open("ab") as log:
-                worker = subprocess.Popen(
-                    [sys.executable, "-m", "fluxbase", "worker"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=ROOT,
-                )
+            worker = spawn_worker(env, log_dir / f"worker-drain-{port}.log")
             try:
                 with run_service(["realtime"], env, rt_port, log_dir):
                     try:

@@ -171,9 +171,7 @@ WHERE r.reader_id LIKE 'rt\\_%'
 DRAIN_POLL_S = 0.05
 
 
-async def _drain(
-    db: asyncpg.Pool, source_pool: asyncpg.Pool, project_id: str, timeout_s: float
-) -> None:
+async def _drain(db: asyncpg.Pool, source_pool: asyncpg.Pool, project_id: str, timeout_s: float) -> None:
     """Wait until the source's readers have passed the project's last event: the webhook
     dispatcher (if the project has an enabled endpoint) has queued it, and every live realtime
     reader has handed it to its subscribers. After the switch, the source's readers no longer
