@@ -278,3 +278,81 @@ async def test_a_move_whose_readers_stay_behind_fails_and_changes_nothing(inst: 
         assert {n for _, phase, n, _ in receiver.got if phase == 2} >= set(range(7))
     finally:
         await holder.close()
+
+
+async def test_per_table_realtime_switches_hold_on_a_registered_cluster_and_move_along(
+    inst: dict[str, Any],
+) -> None:
+    """The switches live beside the project's data, on its cluster (fluxbase.realtime_tables
+    there, read by its capture functions). Seen failing before: on cluster two the switch
+    answered 400 VALIDATION_ERROR "unknown table(s): quiet" (the tables were looked for in the
+    control plane's catalog), so every table stayed captured."""
+    api: Api = inst["api"]
+    r = await api.http.post(
+        "/api/projects", json={"name": "switches", "clusterId": inst["cid"]}, headers=bearer(inst["admin"])
+    )
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin")
+    for t in ("loud", "quiet"):
+        r = await api.sql(key, pid, f"CREATE TABLE {t} (n int PRIMARY KEY)")
+        assert r.json()["success"], r.text
+    r = await api.http.post(
+        "/api/realtime/disable", json={"projectId": pid, "tables": ["quiet"]}, headers=bearer(key)
+    )
+    assert r.status_code == 200, r.text
+    assert {t["name"]: t["enabled"] for t in r.json()["tables"]} == {"loud": True, "quiet": False}
+
+    async with connect(inst["rt"] + key) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "roomId": f"project_{pid}"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "subscribed"
+
+        async def rows_until_loud(n: int) -> list[tuple[str, int]]:
+            """Insert into quiet, then loud; the row events received up to loud's (the project's
+            events arrive in commit order: quiet's would come first)."""
+            for t in ("quiet", "loud"):
+                r = await api.sql(key, pid, f"INSERT INTO {t} (n) VALUES ($1)", [n])
+                assert r.json()["success"], r.text
+            seen: list[tuple[str, int]] = []
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 15))
+                if msg["type"] == "db_event":
+                    seen.append((msg["payload"]["table"], msg["payload"]["record"]["n"]))
+                    if seen[-1] == ("loud", n):
+                        return seen
+
+        assert await rows_until_loud(1) == [("loud", 1)]
+        # A table made again under the same name stays off (the event trigger asks the cluster).
+        r = await api.sql(key, pid, "DROP TABLE quiet")
+        assert r.json()["success"], r.text
+        r = await api.sql(key, pid, "CREATE TABLE quiet (n int PRIMARY KEY)")
+        assert r.json()["success"], r.text
+        assert [x for x in await rows_until_loud(2) if x[0] != "schema"] == [("loud", 2)]
+
+        # The switches move with the project (to the default cluster here).
+        r = await api.http.post(
+            f"/api/admin/projects/{pid}/move",
+            json={"clusterId": "default"},
+            headers=bearer(inst["admin"]),
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        while json.loads(await asyncio.wait_for(ws.recv(), 15))["type"] != "resync_required":
+            pass
+        r = await api.http.get(f"/api/realtime/tables?projectId={pid}", headers=bearer(key))
+        assert {t["name"]: t["enabled"] for t in r.json()["tables"]} == {"loud": True, "quiet": False}
+        assert await rows_until_loud(3) == [("loud", 3)]
+        r = await api.http.post(
+            "/api/realtime/enable", json={"projectId": pid, "tables": ["quiet"]}, headers=bearer(key)
+        )
+        assert r.status_code == 200, r.text
+        assert await rows_until_loud(4) == [("quiet", 4), ("loud", 4)]
+    # Nothing of the project's switches is left on cluster two.
+    two = await asyncpg.connect(inst["two_url"])
+    try:
+        assert (
+            await two.fetchval("SELECT count(*) FROM fluxbase.realtime_tables WHERE project_id = $1", pid)
+            == 0
+        )
+    finally:
+        await two.close()

@@ -226,6 +226,9 @@ async def _drop_on_cluster(
         await provision.drop_project(conn, project_id)
         # The migration ledger lives with the project's data (services.migrations): it goes too.
         await conn.execute("DELETE FROM fluxbase.project_migrations WHERE project_id = $1", project_id)
+        # So are its per-table realtime switches (on the default cluster, the control plane's
+        # project row stays: its switches go here).
+        await conn.execute("DELETE FROM fluxbase.realtime_tables WHERE project_id = $1", project_id)
         if cluster_id != clusters.DEFAULT:
             await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
 
@@ -368,6 +371,12 @@ async def _move(
                     " WHERE project_id = $1",
                     project_id,
                 )
+                # The per-table realtime switches live beside the data too: the load below
+                # attaches capture again only where they say realtime is on (capture_disabled).
+                switches = await source_pool.fetch(
+                    "SELECT table_name, enabled FROM fluxbase.realtime_tables WHERE project_id = $1",
+                    project_id,
+                )
             schema = await asyncio.to_thread(dump.check_dump, f)
             async with target_pool.acquire() as rc, rc.transaction():
                 provisioned = True  # from here on, a failure drops what the target has
@@ -383,6 +392,11 @@ async def _move(
                     " (project_id, name, checksum, applied_at, applied_by)"
                     " VALUES ($1, $2, $3, $4, $5)",
                     [(project_id, *r) for r in ledger],
+                )
+                await rc.execute("DELETE FROM fluxbase.realtime_tables WHERE project_id = $1", project_id)
+                await rc.executemany(
+                    "INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled) VALUES ($1, $2, $3)",
+                    [(project_id, r["table_name"], r["enabled"]) for r in switches],
                 )
             conn = await _admin_connect(settings, there, project_id)
             try:
