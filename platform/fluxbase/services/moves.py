@@ -395,7 +395,8 @@ async def _move(
                 )
                 await rc.execute("DELETE FROM fluxbase.realtime_tables WHERE project_id = $1", project_id)
                 await rc.executemany(
-                    "INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled) VALUES ($1, $2, $3)",
+                    "INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled)"
+                    " VALUES ($1, $2, $3)",
                     [(project_id, r["table_name"], r["enabled"]) for r in switches],
                 )
             conn = await _admin_connect(settings, there, project_id)
