@@ -15,17 +15,20 @@ The steps, each undone if a later one fails:
    sequences, functions, views, RLS switches and policies; grants come from the roles' default
    privileges, as for any table the project creates, and Fluxbase's capture triggers from the
    event trigger;
-4. switch: one control-plane UPDATE sets `cluster_id` to the target and restores `read_only`;
+4. drain: wait (FLUXBASE_MOVE_DRAIN_TIMEOUT_SECONDS at most) until the source's webhook
+   dispatcher and every live realtime reader have passed the project's last event there
+   (`_drain`): after the switch they no longer speak for it, so an unread event would be lost;
+5. switch: one control-plane UPDATE sets `cluster_id` to the target and restores `read_only`;
    the project's tenant pools of this process are closed, and the control doorbell (sql/0043)
    tells realtime replicas, which re-read where the project lives and send its subscribers
    `resync_required`;
-5. the source's schema and roles are dropped (a failure there is logged: the project already
+6. the source's schema and roles are dropped (a failure there is logged: the project already
    lives on the target).
 
-A failure in steps 1 to 4 drops whatever was provisioned on the target, clears the mark (the project is
+A failure in steps 1 to 5 drops whatever was provisioned on the target, clears the mark (the project is
 writable on the source again) and answers PROJECT_MOVE_FAILED. API keys, storage, webhooks, the
 team and end users live in the control plane and are not touched; the migration ledger lives
-with the project's data on its cluster and is carried over.
+with the project's data on its cluster and is carried over, as are its per-table realtime switches.
 """
 
 from __future__ import annotations
