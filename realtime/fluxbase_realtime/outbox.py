@@ -348,7 +348,9 @@ class OutboxReader:
             events, pending = await self._poll(conn)
             self.ready.set()
             if events:
-                await self.deliver(events)
+                # The cursor already stands past these: a reader cancelled now (a cluster's
+                # connection changed, fluxbase_realtime.clusters) still hands them on.
+                await asyncio.shield(self.deliver(events))
             if events or pending:
                 await self._record_position(conn)
                 self.drained = False
@@ -362,7 +364,7 @@ class OutboxReader:
             await self._set_waiting(conn, True)
             events, pending = await self._poll(conn)
             if events:
-                await self.deliver(events)
+                await asyncio.shield(self.deliver(events))
             if not events and not pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._bell.wait(), self.idle_poll_s)

@@ -577,7 +577,10 @@ class WebhookWorker:
                         own_stop, task = loops.pop(cluster_id)
                         versions.pop(cluster_id, None)
                         own_stop.set()
-                        await asyncio.gather(task, return_exceptions=True)
+                        # One stuck on an address that is gone is cancelled: a dispatch is one
+                        # transaction there, and its cursor moves only when it commits.
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(task, 2.0)
                     for cluster_id in set(current) - set(loops):
                         stored, version = await clusters.stored_target_and_version(
                             self.db, self.settings, cluster_id
