@@ -68,6 +68,7 @@ async def inst(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncItera
         FLUXBASE_REALTIME_PORT=str(rt_port),
         FLUXBASE_WEBHOOKS_ALLOW_LOOPBACK="true",
         FLUXBASE_MOVE_DRAIN_TIMEOUT_SECONDS=str(DRAIN_S),
+        FLUXBASE_LOG_LEVEL="info",
     )
     try:
         with run_service(["api"], env, port, log_dir) as server:

@@ -192,13 +192,19 @@ async def _drain(db: asyncpg.Pool, source_pool: asyncpg.Pool, project_id: str, t
     last_hook = await source_pool.fetchrow(_LAST_EVENT_SQL, project_id, ["row", "schema"]) if hooked else None
     if last_any is None:
         return
-    deadline = asyncio.get_running_loop().time() + timeout_s
+    started = asyncio.get_running_loop().time()
+    deadline = started + timeout_s
     while True:
         webhooks_done = last_hook is None or bool(
             await source_pool.fetchval(_WEBHOOKS_PAST_SQL, project_id, last_hook["xid"], last_hook["id"])
         )
         behind = await source_pool.fetchval(_REALTIME_BEHIND_SQL, last_any["xid"], last_any["id"])
         if webhooks_done and not behind:
+            log.info(
+                "project %s: the source's readers passed its last event after %.0f ms",
+                project_id,
+                (asyncio.get_running_loop().time() - started) * 1000,
+            )
             return
         if asyncio.get_running_loop().time() >= deadline:
             what = [] if webhooks_done else ["the webhook dispatcher"]
