@@ -42,6 +42,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     statement_timeout_ms: int = 120_000
     acquire_timeout_s: float = 10.0
     """Wait for a free control-plane connection (FLUXBASE_DATABASE_ACQUIRE_TIMEOUT_SECONDS), then 503."""
+    move_drain_s: float = 30.0
+    """How long a move between clusters waits for the source's webhook dispatcher and realtime
+    readers to pass the project's last event before it gives up (FLUXBASE_MOVE_DRAIN_TIMEOUT_SECONDS)."""
 
     def server(self) -> tuple[str, int]:
         """(host, port) of the server; host may be a Unix socket directory, given as the URL's
@@ -697,6 +700,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             pool_max=int_of("FLUXBASE_DATABASE_POOL_MAX", 10),
             connect_timeout=float_of("FLUXBASE_DATABASE_CONNECT_TIMEOUT_SECONDS", dbd.connect_timeout),
             acquire_timeout_s=float_of("FLUXBASE_DATABASE_ACQUIRE_TIMEOUT_SECONDS", dbd.acquire_timeout_s),
+            move_drain_s=float_of("FLUXBASE_MOVE_DRAIN_TIMEOUT_SECONDS", dbd.move_drain_s),
             lock_timeout_ms=_positive(
                 int_of("FLUXBASE_DATABASE_LOCK_TIMEOUT_MS", 10_000), "FLUXBASE_DATABASE_LOCK_TIMEOUT_MS"
             ),

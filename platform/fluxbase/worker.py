@@ -55,6 +55,8 @@ async def housekeep_clusters(
     """The outbox housekeeping on every registered cluster, as the runtime role there. An
     unreachable cluster is logged and skipped (the others go on); its outbox is trimmed on the
     next round it answers. Returns events trimmed per cluster id."""
+    # A cluster whose connection string changed since its pool was made: connect anew.
+    await cluster_pools.forget_changed()
     done: dict[str, int] = {}
     for row in await db.fetch(
         "SELECT id FROM fluxbase.clusters WHERE id <> $1 ORDER BY id", clusters.DEFAULT
@@ -150,7 +152,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     store = ObjectStore(settings.s3)
     await store.start()
     cluster_pools = clusters.ClusterPools(settings, db)
-    hooks = WebhookWorker(settings, db)
+    hooks = WebhookWorker(settings, db, cluster_pools)
     delivery = asyncio.create_task(hooks.run(stop))
     mail = asyncio.create_task(mail_sender.run(db, settings.mail, stop))
     listener = None

@@ -17,6 +17,7 @@ from fluxbase.services import clusters
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader
 
 log = logging.getLogger(__name__)
+RESTART_WAIT_S = 2.0  # how long a reader whose cluster's connection changed may take to stop
 
 REFRESH_S = 2.0  # how soon a newly registered cluster's outbox is read without a subscriber asking
 
@@ -45,6 +46,8 @@ class ClusterReaders:
         self._stops: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._where: dict[str, str] = {}
+        self._versions: dict[str, str] = {}  # the connection version each reader was made from
+        self._carry: dict[str, OutboxReader] = {}  # a stopped reader whose position goes on
         self._lock = asyncio.Lock()
 
     async def cluster_of(self, db: asyncpg.Pool, project_id: str) -> str:
@@ -104,32 +107,58 @@ class ClusterReaders:
         return self.pools.get(cluster_id, db)
 
     async def refresh(self, db: asyncpg.Pool) -> None:
-        """Start a reader for every registered cluster that has none; stop removed ones'."""
+        """Start a reader for every registered cluster that has none; stop removed ones'; and
+        restart, with the new details, those whose connection string changed (`PATCH
+        /api/admin/clusters/{id} {connectionString}`: the same database at another address, or
+        a new password). A restarted reader goes on from the old one's position: every event
+        the old one had not delivered is delivered by the new one, none twice."""
         async with self._lock:
-            ids = {r["id"] for r in await db.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")}
-            for cluster_id in ids - set(self.readers):
-                target = clusters.runtime_login(
-                    self.settings, await clusters.stored_target(db, self.settings, cluster_id), cluster_id
-                )
-                dsn = _dsn(target)
+            versions = await clusters.connection_versions(db)
+            for cluster_id in [c for c in self.readers if c != clusters.DEFAULT]:
+                if cluster_id in versions and versions[cluster_id] != self._versions.get(cluster_id):
+                    log.info("cluster %s: its connection changed, reconnecting its outbox reader", cluster_id)
+                    # Not through the old address (it may be gone): a short graceful stop, and
+                    # the old reader's row is removed through the new connection below.
+                    self._carry[cluster_id] = await self._stop(cluster_id, restart=True)
+            for cluster_id in set(versions) - set(self.readers):
+                stored, version = await clusters.stored_target_and_version(db, self.settings, cluster_id)
+                dsn = _dsn(clusters.runtime_login(self.settings, stored, cluster_id))
                 reader = OutboxReader(dsn, self._only(db, cluster_id), batch=self._batch)
+                before = self._carry.pop(cluster_id, None)
+                if before is not None and before.cursor is not None:
+                    reader.cursor, reader.early = before.cursor, dict(before.early)
                 self.pools[cluster_id] = await asyncpg.create_pool(dsn, min_size=0, max_size=2)  # type: ignore[assignment]
+                if before is not None:
+                    with contextlib.suppress(Exception):
+                        await self.pools[cluster_id].execute(
+                            "DELETE FROM fluxbase.event_readers WHERE reader_id = $1", before.reader_id
+                        )
                 stop = self._stops[cluster_id] = asyncio.Event()
                 self.readers[cluster_id] = reader
+                self._versions[cluster_id] = version
                 self._tasks[cluster_id] = asyncio.create_task(reader.run(stop))
                 log.info("reading the outbox of cluster %s", cluster_id)
-            for cluster_id in set(self.readers) - ids - {clusters.DEFAULT}:
+            for cluster_id in set(self.readers) - set(versions) - {clusters.DEFAULT}:
                 await self._stop(cluster_id)
 
-    async def _stop(self, cluster_id: str) -> None:
+    async def _stop(self, cluster_id: str, *, restart: bool = False) -> OutboxReader:
         self._stops.pop(cluster_id).set()
         task = self._tasks.pop(cluster_id)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
-        await self.readers.pop(cluster_id).close()
+            # A reader stops between two polls; one stuck on a connection to an address that is
+            # gone is cancelled (its cursor moves only after a poll returned).
+            await asyncio.wait_for(task, RESTART_WAIT_S if restart else 5)
+        self._versions.pop(cluster_id, None)
+        reader = self.readers.pop(cluster_id)
+        if not restart:
+            await reader.close()
         pool = self.pools.pop(cluster_id, None)
         if pool is not None:
-            await pool.close()
+            if restart:
+                pool.terminate()
+            else:
+                await pool.close()
+        return reader
 
     async def watch(self, db: asyncpg.Pool, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -39,6 +39,7 @@ from fluxbase.services.realtime import MESSAGE_SQL, Cursor
 log = logging.getLogger("fluxbase.realtime.outbox")
 
 CHANNEL = "fluxbase_events"
+POSITION_EVERY_S = 0.2  # how often a busy reader records where its delivery stands (sql/0045)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class OutboxReader:
         self.doorbells = 0
         self.drained = False  # the last poll found nothing more to read (lag 0)
         self.drained_at = time.monotonic()
+        self._recorded_at = 0.0
 
     def position(self, project_id: str) -> Cursor:
         """Where live delivery of a project's events stands: each of its events at or below it
@@ -222,18 +224,42 @@ class OutboxReader:
             self.dsn, timeout=5, server_settings={"application_name": "fluxbase-realtime"}
         )
         await conn.add_listener(CHANNEL, self._on_notify)
+        # backend_pid: a move (services.moves) waits only for readers whose backend is alive.
         await conn.execute(
-            "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, false) "
-            "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now()",
+            "INSERT INTO fluxbase.event_readers (reader_id, waiting, backend_pid) "
+            "VALUES ($1, false, pg_backend_pid()) "
+            "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now(), "
+            "backend_pid = pg_backend_pid()",
             self.reader_id,
         )
         return conn
 
     async def _set_waiting(self, conn: asyncpg.Connection, waiting: bool) -> None:
+        """Also records where delivery stands (`read_xid`, `read_id`: every event at or below it
+        has been handed to `deliver`), which a move between clusters waits on (sql/0045)."""
+        cursor = self.cursor
         await conn.execute(
-            "UPDATE fluxbase.event_readers SET waiting = $2, seen_at = now() WHERE reader_id = $1",
+            "UPDATE fluxbase.event_readers SET waiting = $2, seen_at = now(), "
+            "read_xid = $3::text::xid8, read_id = $4 WHERE reader_id = $1",
             self.reader_id,
             waiting,
+            str(cursor.xid) if cursor is not None else None,
+            cursor.id if cursor is not None else None,
+        )
+        self._recorded_at = time.monotonic()
+
+    async def _record_position(self, conn: asyncpg.Connection) -> None:
+        """While events keep coming (no drain, so no `_set_waiting`), the position is recorded
+        at most every POSITION_EVERY_S: one small UPDATE, whatever the event rate."""
+        if self.cursor is None or time.monotonic() - self._recorded_at < POSITION_EVERY_S:
+            return
+        self._recorded_at = time.monotonic()
+        await conn.execute(
+            "UPDATE fluxbase.event_readers SET seen_at = now(), read_xid = $2::text::xid8, read_id = $3 "
+            "WHERE reader_id = $1",
+            self.reader_id,
+            str(self.cursor.xid),
+            self.cursor.id,
         )
 
     async def _poll(self, conn: asyncpg.Connection) -> tuple[list[OutboxEvent], bool]:
@@ -322,8 +348,11 @@ class OutboxReader:
             events, pending = await self._poll(conn)
             self.ready.set()
             if events:
-                await self.deliver(events)
+                # The cursor already stands past these: a reader cancelled now (a cluster's
+                # connection changed, fluxbase_realtime.clusters) still hands them on.
+                await asyncio.shield(self.deliver(events))
             if events or pending:
+                await self._record_position(conn)
                 self.drained = False
                 # Held back by an open transaction, nothing new read: no doorbell will say when
                 # it ends (an abort rings none), so look again soon, but not in a tight loop.
@@ -335,7 +364,7 @@ class OutboxReader:
             await self._set_waiting(conn, True)
             events, pending = await self._poll(conn)
             if events:
-                await self.deliver(events)
+                await asyncio.shield(self.deliver(events))
             if not events and not pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._bell.wait(), self.idle_poll_s)

@@ -240,6 +240,11 @@ class RealtimeService:
             return 0
         live = [(sub, client) for room in list(self.hub.rooms.values()) for sub, client in list(room.items())]
         try:
+            # A cluster whose connection string changed: its reader reconnects with the new one.
+            await self.clusters.refresh(self.db)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as failure:
+            log.warning("could not refresh the database clusters: %r", failure)
+        try:
             await self._resync_moved(live)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as failure:
             # Revocation below must not wait on this: log it, the next round tries again.

@@ -21,8 +21,10 @@ TOKEN_TTL_S = 300  # the inspector subscribes at once; the token is re-checked w
 async def _page(dash: Dash, status: int = 200, **extra: Any) -> Response[Any]:
     assert dash.access is not None
     pid = dash.access.project.id
-    tables = await realtime.list_tables(dash.ctx.db, pid)
-    cursor = await realtime.latest_cursor(dash.ctx.db, pid)
+    # The project's cluster: its tables, capture switches and outbox live there (docs/clusters.md).
+    home = await dash.ctx.cluster_pools().pool(dash.access.project.cluster_id)
+    tables = await realtime.list_tables(home, pid)
+    cursor = await realtime.latest_cursor(home, pid)
     return dash.render(
         "realtime.html",
         status,
@@ -50,7 +52,8 @@ async def switch(
     access = await dash.project(project_id, Need.SCHEMA)
     on = (await form(request)).get("enabled") == "true"
     try:
-        await realtime.set_enabled(ctx.db, access.project.id, [table], on)
+        home = await ctx.cluster_pools().pool(access.project.cluster_id)
+        await realtime.set_enabled(home, access.project.id, [table], on)
     except FluxbaseError as exc:
         return await _page(dash, exc.status, error=exc)
     return await _page(dash, notice=f"Changes of {table} are {'captured' if on else 'no longer captured'}.")

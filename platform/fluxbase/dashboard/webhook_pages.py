@@ -52,6 +52,7 @@ async def create(project_id: str, request: Request[Any, Any, Any], ctx: AppConte
             _tables(data.get("tables", "")),
             None,
             True,
+            catalog=await ctx.cluster_pools().pool(access.project.cluster_id),  # where its tables are
         )
     except FluxbaseError as exc:
         return await _list(dash, exc.status, error=exc, values=data, chosen=chosen)

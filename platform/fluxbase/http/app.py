@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import Callable
 
 import asyncpg
 from litestar import Litestar
@@ -39,6 +40,7 @@ from fluxbase.http.edge import EXCEPTION_HANDLERS, provide_caller, provide_ctx
 from fluxbase.http.openapi import openapi_asset, openapi_config
 from fluxbase.ratelimit import SharedRateLimiter
 from fluxbase.services.access import Authenticator
+from fluxbase.services.clusters import ClusterPools
 from fluxbase.services.identity import IdentityResolver
 from fluxbase.storage.s3 import ObjectStore
 from fluxbase.tenancy.pools import TenantPools
@@ -157,10 +159,15 @@ ROUTES = [
 
 
 async def _forget_on_ring(
-    bell: ControlBell, auth: Authenticator, stop: asyncio.Event, tenants: TenantPools | None = None
+    bell: ControlBell,
+    auth: Authenticator,
+    stop: asyncio.Event,
+    tenants: TenantPools | None = None,
+    cluster_pools: Callable[[], ClusterPools] | None = None,
 ) -> None:
-    """Forget every cached key whenever the control doorbell rings, and the tenant pools of
-    projects that moved to another cluster (services.moves)."""
+    """Forget every cached key whenever the control doorbell rings, the tenant pools of
+    projects that moved to another cluster (services.moves) or whose cluster's connection
+    changed, and the runtime pools of such clusters (sql/0045 rings on that change)."""
     while not stop.is_set():
         await wait_any(bell.rang, stop)
         bell.rang.clear()
@@ -170,6 +177,11 @@ async def _forget_on_ring(
                 await tenants.forget_moved()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("could not check for moved projects: %r", exc)
+        if cluster_pools is not None:
+            try:
+                await cluster_pools().forget_changed()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not check for changed cluster connections: %r", exc)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -204,7 +216,9 @@ def create_app(settings: Settings) -> Litestar:
         app.state.bell_tasks = [
             asyncio.create_task(bell.run(app.state.bell_stop)),
             asyncio.create_task(
-                _forget_on_ring(bell, app.state.ctx.auth, app.state.bell_stop, app.state.ctx.tenants)
+                _forget_on_ring(
+                    bell, ctx.auth, app.state.bell_stop, ctx.tenants, cluster_pools=ctx.cluster_pools
+                )
             ),
         ]
 

@@ -514,13 +514,41 @@ async def stored_target(db: asyncpg.Pool, settings: Settings, cluster_id: str) -
 async def _stored_target(
     db: asyncpg.Pool | asyncpg.Connection, settings: Settings, cluster_id: str
 ) -> Target:
+    return (await stored_target_and_version(db, settings, cluster_id))[0]
+
+
+def _version(row: asyncpg.Record) -> str:
+    """Names one version of a cluster's connection (address, user and sealed secret): it changes
+    exactly when `PATCH … {connectionString}` stores a new one. Never shown: a digest, kept in
+    memory to tell whether a pool or reader was made from the current details."""
+    digest = hashlib.sha256(
+        f"{row['host']}\0{row['port']}\0{row['database']}\0{row['username']}\0".encode()
+        + bytes(row["secret"])
+    )
+    return digest.hexdigest()
+
+
+async def stored_target_and_version(
+    db: asyncpg.Pool | asyncpg.Connection, settings: Settings, cluster_id: str
+) -> tuple[Target, str]:
+    """The stored connection of a registered cluster and its version (`connection_versions`)."""
     row = await db.fetchrow(
         "SELECT host, port, database, username, secret FROM fluxbase.clusters WHERE id = $1", cluster_id
     )
     if row is None:
         raise ClusterNotFound()
     password = unseal(settings, cluster_id, row["secret"])
-    return Target(row["host"], row["port"], row["database"], row["username"], password)
+    return Target(row["host"], row["port"], row["database"], row["username"], password), _version(row)
+
+
+async def connection_versions(db: asyncpg.Pool | asyncpg.Connection) -> dict[str, str]:
+    """Each registered cluster's connection version: a process compares it with the one its pools
+    and readers were made from, and remakes them when the connection string changed (the control
+    doorbell rings on that change, sql/0045)."""
+    rows = await db.fetch(
+        "SELECT id, host, port, database, username, secret FROM fluxbase.clusters WHERE id <> 'default'"
+    )
+    return {r["id"]: _version(r) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -586,6 +614,7 @@ class ClusterPools:
         self._settings = settings
         self._control = control
         self._pools: dict[str, asyncpg.Pool] = {}
+        self._versions: dict[str, str] = {}  # the connection version each pool was made from
         self._lock = asyncio.Lock()
 
     async def pool(self, cluster_id: str) -> asyncpg.Pool:
@@ -595,9 +624,8 @@ class ClusterPools:
             existing = self._pools.get(cluster_id)
             if existing is not None:
                 return existing
-            login = runtime_login(
-                self._settings, await stored_target(self._control, self._settings, cluster_id), cluster_id
-            )
+            stored, version = await stored_target_and_version(self._control, self._settings, cluster_id)
+            login = runtime_login(self._settings, stored, cluster_id)
             db = self._settings.database
             pool = await asyncpg.create_pool(
                 host=login.host,
@@ -617,10 +645,32 @@ class ClusterPools:
             )
             assert pool is not None
             self._pools[cluster_id] = pool
+            self._versions[cluster_id] = version
             return pool
+
+    async def forget_changed(self) -> list[str]:
+        """Close the pools of clusters whose connection changed (or that were removed) since
+        they were made: the next use connects with the stored details. Returns their ids."""
+        if not self._pools:
+            return []
+        current = await connection_versions(self._control)
+        async with self._lock:
+            changed = [c for c in self._pools if current.get(c) != self._versions.get(c)]
+            pools = [self._pools.pop(c) for c in changed]
+            for c in changed:
+                self._versions.pop(c, None)
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except Exception:
+                pool.terminate()
+        if changed:
+            log.info("database cluster connection changed: reconnecting to %s", ", ".join(changed))
+        return changed
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
+        self._versions = {}
         for pool in pools:
             await pool.close()
 

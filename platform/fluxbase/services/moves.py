@@ -15,17 +15,20 @@ The steps, each undone if a later one fails:
    sequences, functions, views, RLS switches and policies; grants come from the roles' default
    privileges, as for any table the project creates, and Fluxbase's capture triggers from the
    event trigger;
-4. switch: one control-plane UPDATE sets `cluster_id` to the target and restores `read_only`;
+4. drain: wait (FLUXBASE_MOVE_DRAIN_TIMEOUT_SECONDS at most) until the source's webhook
+   dispatcher and every live realtime reader have passed the project's last event there
+   (`_drain`): after the switch they no longer speak for it, so an unread event would be lost;
+5. switch: one control-plane UPDATE sets `cluster_id` to the target and restores `read_only`;
    the project's tenant pools of this process are closed, and the control doorbell (sql/0043)
    tells realtime replicas, which re-read where the project lives and send its subscribers
    `resync_required`;
-5. the source's schema and roles are dropped (a failure there is logged: the project already
+6. the source's schema and roles are dropped (a failure there is logged: the project already
    lives on the target).
 
-A failure in steps 1 to 4 drops whatever was provisioned on the target, clears the mark (the project is
+A failure in steps 1 to 5 drops whatever was provisioned on the target, clears the mark (the project is
 writable on the source again) and answers PROJECT_MOVE_FAILED. API keys, storage, webhooks, the
 team and end users live in the control plane and are not touched; the migration ledger lives
-with the project's data on its cluster and is carried over.
+with the project's data on its cluster and is carried over, as are its per-table realtime switches.
 """
 
 from __future__ import annotations
@@ -141,6 +144,87 @@ async def _end_transactions_begun_before_the_mark(pool: asyncpg.Pool, project_id
     )
 
 
+# The project's newest event on the source, in the order every reader delivers it: by the
+# project's index (project_id, xid, id). `$2`: the kinds that count (webhooks see row and schema
+# events only).
+_LAST_EVENT_SQL = """
+SELECT e.xid::text AS xid, e.id FROM fluxbase.events e
+WHERE e.project_id = $1 AND e.kind = ANY($2::text[])
+ORDER BY e.project_id DESC, e.xid DESC, e.id DESC LIMIT 1
+"""
+
+# Whether the source's webhook dispatcher has queued the event ($2, $3): its global cursor, or
+# what it queued of the project above it (webhook_dispatch_early, sql/0035), is at or past it.
+_WEBHOOKS_PAST_SQL = """
+SELECT EXISTS (SELECT 1 FROM fluxbase.webhook_dispatch
+               WHERE (last_xid, last_id) >= ($2::text::xid8, $3::bigint))
+    OR EXISTS (SELECT 1 FROM fluxbase.webhook_dispatch_early
+               WHERE project_id = $1 AND (last_xid, last_id) >= ($2::text::xid8, $3::bigint))
+"""
+
+# The live realtime readers of the source (their backend still connected) whose recorded
+# delivery position (sql/0045) is not yet past the event ($1, $2).
+_REALTIME_BEHIND_SQL = """
+SELECT count(*) FROM fluxbase.event_readers r
+WHERE r.reader_id LIKE 'rt\\_%'
+  AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.backend_pid)
+  AND (r.read_xid IS NULL OR (r.read_xid, r.read_id) < ($1::text::xid8, $2::bigint))
+"""
+
+DRAIN_POLL_S = 0.05
+
+
+async def _drain(db: asyncpg.Pool, source_pool: asyncpg.Pool, project_id: str, timeout_s: float) -> None:
+    """Wait until the source's readers have passed the project's last event: the webhook
+    dispatcher (if the project has an enabled endpoint) has queued it, and every live realtime
+    reader has handed it to its subscribers. After the switch, the source's readers no longer
+    speak for the project (a registered cluster's reader drops its events, the dispatcher no
+    longer lists it), so an event still unread there would never reach its endpoints or
+    subscribers. The project is read-only and quiesced by now: no later event is written there.
+    Past `timeout_s` (a dispatcher down, a transaction holding every reader back), the move
+    fails and is undone (ProjectMoveFailed)."""
+    hooked = bool(
+        await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM fluxbase.webhooks WHERE project_id = $1 AND enabled)", project_id
+        )
+    )
+    last_any = await source_pool.fetchrow(_LAST_EVENT_SQL, project_id, ["row", "schema", "broadcast"])
+    last_hook = await source_pool.fetchrow(_LAST_EVENT_SQL, project_id, ["row", "schema"]) if hooked else None
+    if last_any is None:
+        return
+    started = asyncio.get_running_loop().time()
+    deadline = started + timeout_s
+    while True:
+        webhooks_done = last_hook is None or bool(
+            await source_pool.fetchval(_WEBHOOKS_PAST_SQL, project_id, last_hook["xid"], last_hook["id"])
+        )
+        behind = await source_pool.fetchval(_REALTIME_BEHIND_SQL, last_any["xid"], last_any["id"])
+        if webhooks_done and not behind:
+            log.info(
+                "project %s: the source's readers passed its last event after %.0f ms",
+                project_id,
+                (asyncio.get_running_loop().time() - started) * 1000,
+            )
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            what = [] if webhooks_done else ["the webhook dispatcher"]
+            if behind:
+                what.append(f"{behind} realtime reader(s)")
+            log.error(
+                "project %s: %s had not read its last event on the source after %.0f s",
+                project_id,
+                " and ".join(what),
+                timeout_s,
+            )
+            raise ProjectMoveFailed(
+                "The source cluster's "
+                + " and ".join(what)
+                + f" had not delivered the project's last events after {timeout_s:g} s; nothing was"
+                " changed. Retry once they catch up (is a worker running?)."
+            )
+        await asyncio.sleep(DRAIN_POLL_S)
+
+
 async def _drop_on_cluster(
     db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, cluster_id: str, project_id: str
 ) -> None:
@@ -151,6 +235,9 @@ async def _drop_on_cluster(
         await provision.drop_project(conn, project_id)
         # The migration ledger lives with the project's data (services.migrations): it goes too.
         await conn.execute("DELETE FROM fluxbase.project_migrations WHERE project_id = $1", project_id)
+        # So are its per-table realtime switches (on the default cluster, the control plane's
+        # project row stays: its switches go here).
+        await conn.execute("DELETE FROM fluxbase.realtime_tables WHERE project_id = $1", project_id)
         if cluster_id != clusters.DEFAULT:
             await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
 
@@ -293,6 +380,12 @@ async def _move(
                     " WHERE project_id = $1",
                     project_id,
                 )
+                # The per-table realtime switches live beside the data too: the load below
+                # attaches capture again only where they say realtime is on (capture_disabled).
+                switches = await source_pool.fetch(
+                    "SELECT table_name, enabled FROM fluxbase.realtime_tables WHERE project_id = $1",
+                    project_id,
+                )
             schema = await asyncio.to_thread(dump.check_dump, f)
             async with target_pool.acquire() as rc, rc.transaction():
                 provisioned = True  # from here on, a failure drops what the target has
@@ -309,6 +402,12 @@ async def _move(
                     " VALUES ($1, $2, $3, $4, $5)",
                     [(project_id, *r) for r in ledger],
                 )
+                await rc.execute("DELETE FROM fluxbase.realtime_tables WHERE project_id = $1", project_id)
+                await rc.executemany(
+                    "INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled)"
+                    " VALUES ($1, $2, $3)",
+                    [(project_id, r["table_name"], r["enabled"]) for r in switches],
+                )
             conn = await _admin_connect(settings, there, project_id)
             try:
                 async with conn.transaction():
@@ -316,6 +415,9 @@ async def _move(
                     await dump.load_statements(conn, caps, f, schema, schema_name(project_id), quiet=True)
             finally:
                 await conn.close()
+        # Every event the project wrote on the source reaches its endpoints and subscribers
+        # before the switch (the readers stop speaking for it there afterwards).
+        await _drain(db, source_pool, project_id, settings.database.move_drain_s)
         switched = await db.fetchval(
             """UPDATE fluxbase.projects
                SET cluster_id = $2, moving_to = NULL, read_only = coalesce(read_only_before_move, false),
@@ -344,7 +446,7 @@ async def _move(
         )
         with contextlib.suppress(Exception):
             await clusters.mirror_project(db, cluster_pools, project_id)
-        if isinstance(exc, ProjectNotFound):
+        if isinstance(exc, (ProjectNotFound, ProjectMoveFailed)):
             raise
         if isinstance(exc, (FluxbaseError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError)):
             log.error("moving project %s from %s to %s failed: %r", project_id, source_id, target_id, exc)

@@ -662,15 +662,27 @@ class TenantPools:
 
     async def forget_moved(self) -> int:
         """Close the pools of projects that moved to another cluster since their address was
-        looked up (services.moves; called when the control doorbell rings): their next request
-        connects to where they live now. Returns how many moved."""
+        looked up (services.moves), or whose registered cluster's address changed (`PATCH
+        /api/admin/clusters/{id} {connectionString}`; called when the control doorbell rings):
+        their next request connects to where they live now. Returns how many were closed."""
         if self.control is None or not self._where:
             return 0
         known = list(self._where)
         rows = await self.control.fetch(
-            "SELECT id, cluster_id FROM fluxbase.projects WHERE id = ANY($1::text[])", known
+            """SELECT p.id, p.cluster_id, c.host, c.port, c.database
+               FROM fluxbase.projects p JOIN fluxbase.clusters c ON c.id = p.cluster_id
+               WHERE p.id = ANY($1::text[])""",
+            known,
         )
-        moved = [r["id"] for r in rows if r["cluster_id"] != self._cluster.get(r["id"], "default")]
+        moved = [
+            r["id"]
+            for r in rows
+            if r["cluster_id"] != self._cluster.get(r["id"], "default")
+            or (
+                r["cluster_id"] != "default"
+                and self._where.get(r["id"]) != (r["host"], r["port"], r["database"])
+            )
+        ]
         for project_id in moved:
             self._cluster.pop(project_id, None)
             await self.close_project(project_id)

@@ -45,6 +45,8 @@ from fluxbase.webhooks.sender import Attempt, Sender
 log = logging.getLogger("fluxbase.webhooks")
 
 CHANNEL = "fluxbase_events"
+# How often the worker looks for registered clusters that appeared, went, or changed connection.
+CLUSTERS_EVERY_S = 0.5
 
 ATTEMPTS = REGISTRY.counter(
     "fluxbase_webhook_attempts_total", "Webhook requests made, by result (delivered or failed).", ("result",)
@@ -486,9 +488,14 @@ def _ring(bell: asyncio.Event) -> Any:
 class WebhookWorker:
     """The dispatcher and the sender loop of one worker process."""
 
-    def __init__(self, settings: Settings, db: asyncpg.Pool):
+    def __init__(
+        self, settings: Settings, db: asyncpg.Pool, cluster_pools: clusters.ClusterPools | None = None
+    ):
         self.settings = settings
         self.db = db
+        # The process's runtime pools on registered clusters (housekeeping): closed with the
+        # dispatchers when a cluster's connection changes.
+        self.cluster_pools = cluster_pools
         self.sender = Sender(settings.webhooks, ssrf.Policy.of(settings))
         self.reader_id = "wh_" + secrets.token_hex(6)
         self.ready = asyncio.Event()
@@ -551,32 +558,42 @@ class WebhookWorker:
 
     async def _watch_clusters(self, stop: asyncio.Event) -> None:
         """One dispatcher per registered database cluster (services.clusters), started as they
-        appear and stopped when they are removed; the control plane's is `_dispatch_loop`'s own."""
+        appear, stopped when they are removed, and restarted with the new details when a
+        cluster's connection string changes (its cursor lives in the cluster's database, so the
+        new connection goes on where the old one stopped); looked at every CLUSTERS_EVERY_S.
+        The control plane's dispatcher is `_dispatch_loop`'s own."""
         loops: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        versions: dict[str, str] = {}
         try:
             while not stop.is_set():
                 try:
-                    ids = {
-                        r["id"]
-                        for r in await self.db.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")
+                    current = await clusters.connection_versions(self.db)
+                    changed = set(loops) - set(current) | {
+                        c for c in loops if c in current and current[c] != versions.get(c)
                     }
-                    for cluster_id in ids - set(loops):
-                        target = clusters.runtime_login(
-                            self.settings,
-                            await clusters.stored_target(self.db, self.settings, cluster_id),
-                            cluster_id,
+                    if changed and self.cluster_pools is not None:
+                        await self.cluster_pools.forget_changed()
+                    for cluster_id in changed:
+                        own_stop, task = loops.pop(cluster_id)
+                        versions.pop(cluster_id, None)
+                        own_stop.set()
+                        # One stuck on an address that is gone is cancelled: a dispatch is one
+                        # transaction there, and its cursor moves only when it commits.
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(task, 2.0)
+                    for cluster_id in set(current) - set(loops):
+                        stored, version = await clusters.stored_target_and_version(
+                            self.db, self.settings, cluster_id
                         )
+                        target = clusters.runtime_login(self.settings, stored, cluster_id)
                         own_stop = asyncio.Event()
                         task = asyncio.create_task(self._dispatch_loop(own_stop, target, cluster_id))
                         loops[cluster_id] = (own_stop, task)
-                    for cluster_id in set(loops) - ids:
-                        own_stop, task = loops.pop(cluster_id)
-                        own_stop.set()
-                        await asyncio.gather(task, return_exceptions=True)
+                        versions[cluster_id] = version
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("could not refresh the database clusters (%r)", exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 2.0)
+                    await asyncio.wait_for(stop.wait(), CLUSTERS_EVERY_S)
         finally:
             for own_stop, task in loops.values():
                 own_stop.set()
@@ -611,8 +628,10 @@ class WebhookWorker:
                 bell = self._bell if target is None else asyncio.Event()
                 await conn.add_listener(CHANNEL, self._on_notify if target is None else _ring(bell))
                 await conn.execute(
-                    "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, false) "
-                    "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now()",
+                    "INSERT INTO fluxbase.event_readers (reader_id, waiting, backend_pid) "
+                    "VALUES ($1, false, pg_backend_pid()) "
+                    "ON CONFLICT (reader_id) DO UPDATE SET waiting = false, seen_at = now(), "
+                    "backend_pid = pg_backend_pid()",
                     self.reader_id,
                 )
                 backoff = 0.2

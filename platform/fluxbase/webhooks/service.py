@@ -125,11 +125,14 @@ async def create(
     tables: list[str] | None,
     secret: str | None,
     enabled: bool,
+    *,
+    catalog: asyncpg.Pool | None = None,
 ) -> tuple[Webhook, str]:
-    """Create an endpoint; returns it and its secret (shown this once)."""
+    """Create an endpoint; returns it and its secret (shown this once). `catalog`: the pool of
+    the project's cluster, whose catalog has its tables (the control plane's by default)."""
     events = check_events(events)
     tables = check_tables(tables)
-    await check_tables_exist(db, project_id, tables)
+    await check_tables_exist(catalog or db, project_id, tables)
     secret = signing.check_secret(secret) if secret is not None else signing.new_secret()
     await check_url(settings, url)
     async with db.acquire() as conn, conn.transaction():
@@ -178,9 +181,16 @@ async def get(db: asyncpg.Pool, project_id: str, webhook_id: str) -> Webhook:
 
 
 async def update(
-    db: asyncpg.Pool, settings: Settings, project_id: str, webhook_id: str, changes: dict[str, Any]
+    db: asyncpg.Pool,
+    settings: Settings,
+    project_id: str,
+    webhook_id: str,
+    changes: dict[str, Any],
+    *,
+    catalog: asyncpg.Pool | None = None,
 ) -> tuple[Webhook, str | None]:
-    """Apply a PATCH; returns the endpoint and a new secret if one was set or generated."""
+    """Apply a PATCH; returns the endpoint and a new secret if one was set or generated.
+    `catalog`: as for `create`."""
     sets: list[str] = []
     args: list[Any] = [webhook_id, project_id]
 
@@ -195,7 +205,7 @@ async def update(
         put("events", check_events(changes["events"]))
     if "tables" in changes:
         tables = check_tables(changes["tables"])
-        await check_tables_exist(db, project_id, tables)
+        await check_tables_exist(catalog or db, project_id, tables)
         put("tables", tables)
     if changes.get("rotate_secret"):
         new_secret = signing.new_secret()

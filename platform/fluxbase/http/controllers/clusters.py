@@ -230,6 +230,10 @@ async def update_cluster(
         placement=data.placement,
         by_session=user_id is not None,
     )
+    if data.connection_string is not None:
+        # This process at once; the others when the control doorbell rings (sql/0045).
+        await ctx.cluster_pools().forget_changed()
+        await ctx.tenants.forget_moved()
     return ClusterResponse(_cluster_out(c))
 
 

@@ -67,26 +67,33 @@ def _tables(rows: list[dict[str, Any]]) -> TablesAnswer:
 @get("/api/realtime/tables", operation_id="listRealtimeTables", tags=["realtime"])
 async def list_tables(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> TablesAnswer:
     access = await caller.access(ctx, project_id, Need.READ)
-    return _tables(await realtime.list_tables(ctx.db, access.project.id))
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)  # where its tables live
+    return _tables(await realtime.list_tables(home, access.project.id))
 
 
 @post("/api/realtime/enable", operation_id="enableRealtime", tags=["realtime"], status_code=200)
 async def enable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
     access = await caller.access(ctx, data.project_id, Need.SCHEMA)
-    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, True))
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)  # its switches live there
+    return _tables(await realtime.set_enabled(home, access.project.id, data.tables, True))
 
 
 @post("/api/realtime/disable", operation_id="disableRealtime", tags=["realtime"], status_code=200)
 async def disable(data: TablesBody, ctx: AppContext, caller: Caller) -> TablesAnswer:
     access = await caller.access(ctx, data.project_id, Need.SCHEMA)
-    return _tables(await realtime.set_enabled(ctx.db, access.project.id, data.tables, False))
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)  # its switches live there
+    return _tables(await realtime.set_enabled(home, access.project.id, data.tables, False))
 
 
 @get("/api/version", operation_id="getVersion", tags=["realtime"])
 async def version(ctx: AppContext, caller: Caller, project_id: ProjectQ = None) -> VersionAnswer:
     access = await caller.access(ctx, project_id, Need.READ)
     return VersionAnswer(
-        project_id=access.project.id, version=await realtime.latest_cursor(ctx.db, access.project.id)
+        project_id=access.project.id,
+        # The newest event in the outbox of the project's cluster (its events are written there).
+        version=await realtime.latest_cursor(
+            await ctx.cluster_pools().pool(access.project.cluster_id), access.project.id
+        ),
     )
 
 

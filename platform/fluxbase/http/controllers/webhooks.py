@@ -169,7 +169,15 @@ async def _access(ctx: AppContext, caller: Caller, webhook_id: str) -> ProjectAc
 async def create_webhook(data: CreateWebhookBody, ctx: AppContext, caller: Caller) -> WebhookAnswer:
     access = await caller.access(ctx, data.project_id, Need.MANAGE)
     hook, secret = await service.create(
-        ctx.db, ctx.settings, access.project.id, data.url, data.events, data.tables, data.secret, data.enabled
+        ctx.db,
+        ctx.settings,
+        access.project.id,
+        data.url,
+        data.events,
+        data.tables,
+        data.secret,
+        data.enabled,
+        catalog=await ctx.cluster_pools().pool(access.project.cluster_id),  # where its tables are
     )
     return WebhookAnswer(webhook=webhook_out(hook, secret))
 
@@ -193,7 +201,14 @@ async def update_webhook(
 ) -> WebhookAnswer:
     access = await _access(ctx, caller, webhook_id)
     changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET}
-    hook, secret = await service.update(ctx.db, ctx.settings, access.project.id, webhook_id, changes)
+    hook, secret = await service.update(
+        ctx.db,
+        ctx.settings,
+        access.project.id,
+        webhook_id,
+        changes,
+        catalog=await ctx.cluster_pools().pool(access.project.cluster_id),
+    )
     # A new secret is shown once, like the first one.
     return WebhookAnswer(webhook=webhook_out(hook, secret))
 
