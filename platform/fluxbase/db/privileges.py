@@ -18,6 +18,7 @@ import asyncpg
 
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
+from fluxbase.tenancy.buckets import all_buckets, bucket_of, bucket_verifier
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,56 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
             f"CREATE POLICY runtime_all ON fluxbase_guard.auth_epochs FOR ALL TO {rt} "
             "USING (true) WITH CHECK (true)"
         )
-    await _adopt_project_roles(conn, user)
+    if password:
+        await _provisioners(conn, password)
+    await _adopt_project_roles(conn, user, provisioners=bool(password))
     await _no_temporary_for_readers(conn, user)
+
+
+async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None:
+    """The provisioner roles (tenancy/buckets.py): each creates and administers the roles of the
+    projects hashed to it, and passes on to them what the runtime used to (see _runtime_role).
+    Their password derives from the runtime's, which the processes log in with; the runtime is
+    not a member of them (so not of any project role). One round trip for all of them."""
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    existing = {
+        r["rolname"]: r["rolpassword"]
+        for r in await conn.fetch(
+            "SELECT rolname, rolpassword FROM pg_catalog.pg_authid WHERE rolname = ANY($1::text[])",
+            all_buckets(),
+        )
+    }
+    senders = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", REALTIME_SENDERS)
+    reader = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", CATALOG_READER)
+    forget = await conn.fetchval(
+        "SELECT to_regprocedure('fluxbase_guard.forget_extensions(text)') IS NOT NULL"
+    )
+    attrs = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT 16"
+    sql: list[str] = []
+    for bucket in all_buckets():
+        b = quote_ident(bucket)
+        verifier = bucket_verifier(runtime_password, bucket)
+        if bucket not in existing:
+            sql.append(f"CREATE ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
+        elif existing[bucket] != verifier:
+            sql.append(f"ALTER ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
+        # Roles it creates are granted to it WITH ADMIN and SET (not INHERIT), as to the runtime.
+        sql.append(f"ALTER ROLE {b} SET createrole_self_grant = 'set'")
+        sql.append(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {b} WITH GRANT OPTION")
+        sql.append(f"GRANT USAGE ON SCHEMA fluxbase_guard TO {b}")
+        if forget:
+            sql.append(f"GRANT EXECUTE ON FUNCTION fluxbase_guard.forget_extensions(text) TO {b}")
+        sql.append(
+            f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {b} WITH GRANT OPTION"
+        )
+        sql.append(f"GRANT USAGE ON LANGUAGE plpgsql TO {b} WITH GRANT OPTION")
+        sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {b} WITH GRANT OPTION")
+        for group, present in ((REALTIME_SENDERS, senders), (CATALOG_READER, reader)):
+            if present:
+                sql.append(f"GRANT {group} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        for param in SUSET_ROLE_SETTINGS:
+            sql.append(f"GRANT SET ON PARAMETER {param} TO {b}")
+    await conn.execute(";\n".join(sql))
 
 
 async def _no_temporary_for_readers(conn: asyncpg.Connection, user: str) -> None:
@@ -246,28 +295,35 @@ async def _no_temporary_for_readers(conn: asyncpg.Connection, user: str) -> None
         await conn.execute("RESET ROLE")
 
 
-async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
-    """Project roles created before the runtime role existed (by a superuser runtime): give the
-    runtime what it has over the ones it creates, and re-grant what it must be able to revoke."""
-    rt = quote_ident(user)
+async def _adopt_project_roles(conn: asyncpg.Connection, user: str, *, provisioners: bool) -> None:
+    """Project roles created before the runtime role existed (by a superuser runtime): give their
+    provisioner (or, without provisioners, the runtime) what it has over the ones it creates, and
+    re-grant what it must be able to revoke. Roles the runtime administers (made before the
+    provisioners) are left to it (tenancy/buckets.py)."""
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
     for p in await conn.fetch("SELECT id FROM fluxbase.projects"):
+        adopter = bucket_of(p["id"]) if provisioners else user
+        rt = quote_ident(adopter)
         for kind in ROLES:
             role = role_name(p["id"], kind)
             adopted = await conn.fetchval(
-                """SELECT bool_or(m.admin_option) AND bool_or(m.set_option) FROM pg_auth_members m
+                """SELECT bool_or(r.rolname = $3 AND r.rolname <> $2 AND m.admin_option)
+                          OR (bool_or(r.rolname = $2 AND m.admin_option)
+                              AND bool_or(r.rolname = $2 AND m.set_option))
+                   FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
                    WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-                     AND m.member = (SELECT oid FROM pg_roles WHERE rolname = $2)""",
+                     AND r.rolname IN ($2, $3)""",
                 role,
                 user,
+                adopter,
             )
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
             if not exists or adopted:
                 continue
             r = quote_ident(role)
             await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
-            # What the superuser granted, the runtime could not revoke when it drops the project:
-            # grant it again as the runtime.
+            # What the superuser granted, the adopter could not revoke when it drops the project:
+            # grant it again as the adopter.
             privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
             fns = CHECKER_FUNCTIONS
             set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
