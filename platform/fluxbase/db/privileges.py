@@ -18,6 +18,7 @@ import asyncpg
 
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
+from fluxbase.tenancy.buckets import PREFIX as PROVISIONER_PREFIX
 from fluxbase.tenancy.buckets import all_buckets, bucket_of, bucket_verifier
 
 log = logging.getLogger(__name__)
@@ -301,45 +302,51 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str, *, provision
     re-grant what it must be able to revoke. Roles the runtime administers (made before the
     provisioners) are left to it (tenancy/buckets.py)."""
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    for p in await conn.fetch("SELECT id FROM fluxbase.projects"):
-        adopter = bucket_of(p["id"]) if provisioners else user
+    kinds = {
+        role_name(p["id"], kind): (p["id"], kind)
+        for p in await conn.fetch("SELECT id FROM fluxbase.projects")
+        for kind in ROLES
+    }
+    # One query whatever the number of projects (this runs at every start): the existing project
+    # roles that neither their provisioner nor the runtime (ADMIN and SET) administers.
+    orphans = await conn.fetch(
+        """SELECT r.rolname FROM pg_roles r WHERE r.rolname = ANY($1::text[])
+             AND NOT EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                             WHERE m.roleid = r.oid AND m.admin_option AND starts_with(b.rolname, $3))
+             AND NOT (EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                              WHERE m.roleid = r.oid AND b.rolname = $2 AND m.admin_option)
+                      AND EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                                  WHERE m.roleid = r.oid AND b.rolname = $2 AND m.set_option))
+           ORDER BY r.rolname""",
+        list(kinds),
+        user,
+        PROVISIONER_PREFIX,
+    )
+    for row in orphans:
+        role = row["rolname"]
+        project_id, kind = kinds[role]
+        adopter = bucket_of(project_id) if provisioners else user
         rt = quote_ident(adopter)
-        for kind in ROLES:
-            role = role_name(p["id"], kind)
-            adopted = await conn.fetchval(
-                """SELECT bool_or(r.rolname = $3 AND r.rolname <> $2 AND m.admin_option)
-                          OR (bool_or(r.rolname = $2 AND m.admin_option)
-                              AND bool_or(r.rolname = $2 AND m.set_option))
-                   FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
-                   WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-                     AND r.rolname IN ($2, $3)""",
-                role,
-                user,
-                adopter,
-            )
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-            if not exists or adopted:
-                continue
-            r = quote_ident(role)
-            await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
-            # What the superuser granted, the adopter could not revoke when it drops the project:
-            # grant it again as the adopter.
-            privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
-            fns = CHECKER_FUNCTIONS
-            set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
-            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
-            if kind in ("admin", "realtime"):
-                await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
-            if kind == "admin":
-                await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-            if kind == "realtime":
-                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
-            await conn.execute(f"SET LOCAL ROLE {rt}")
-            await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
-            if kind in ("admin", "realtime"):
-                await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
-            if kind == "admin":
-                await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
-            if kind == "realtime":
-                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
-            await conn.execute("RESET ROLE")
+        r = quote_ident(role)
+        await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
+        # What the superuser granted, the adopter could not revoke when it drops the project:
+        # grant it again as the adopter.
+        privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
+        fns = CHECKER_FUNCTIONS
+        set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
+        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+        if kind in ("admin", "realtime"):
+            await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
+        if kind == "admin":
+            await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
+        if kind == "realtime":
+            await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
+        await conn.execute(f"SET LOCAL ROLE {rt}")
+        await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
+        if kind in ("admin", "realtime"):
+            await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
+        if kind == "admin":
+            await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
+        if kind == "realtime":
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
+        await conn.execute("RESET ROLE")
