@@ -6,7 +6,7 @@ import re
 
 from fluxbase.db.quoting import quote_ident
 from fluxbase.security import apikeys
-from support import RUNTIME_ROLE, Api, assert_clean, assert_error, bearer
+from support import Api, assert_clean, assert_error, bearer
 
 
 async def test_create_list_get_delete_project(api: Api, control_db, instance_admin) -> None:
@@ -261,15 +261,17 @@ async def test_migration_0008_gives_existing_projects_a_checker_role(api: Api, c
     whole (it creates them again), and 0022's drop afterwards."""
     from fluxbase.db.migrate import sql_dir
     from fluxbase.security.roles import CHECKER_FUNCTIONS
+    from fluxbase.tenancy.buckets import bucket_of
 
     _, token = await api.new_user()
     pid = await api.new_project(token)
     rt, ro = f"p_{pid}_rt", f"p_{pid}_ro"
     async with control_db.acquire() as conn:
-        # As before 0008. The runtime role granted its privileges: only it can revoke them.
+        # As before 0008. The project's provisioner role granted its privileges (tenancy/buckets.py):
+        # only it can revoke them.
         db = quote_ident(await conn.fetchval("SELECT current_database()"))
         await conn.execute(
-            f'SET ROLE "{RUNTIME_ROLE}"; REVOKE ALL ON DATABASE {db} FROM "{rt}"; '
+            f'SET ROLE "{bucket_of(pid)}"; REVOKE ALL ON DATABASE {db} FROM "{rt}"; '
             "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean), "
             f'{CHECKER_FUNCTIONS} FROM "{rt}"; REVOKE "p_{pid}_rw" FROM "{rt}"; '
             "RESET ROLE"

@@ -18,6 +18,8 @@ import asyncpg
 
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import CHECKER_FUNCTIONS, ROLES, role_name
+from fluxbase.tenancy.buckets import PREFIX as PROVISIONER_PREFIX
+from fluxbase.tenancy.buckets import all_buckets, bucket_of, bucket_verifier
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +225,56 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
             f"CREATE POLICY runtime_all ON fluxbase_guard.auth_epochs FOR ALL TO {rt} "
             "USING (true) WITH CHECK (true)"
         )
-    await _adopt_project_roles(conn, user)
+    if password:
+        await _provisioners(conn, password)
+    await _adopt_project_roles(conn, user, provisioners=bool(password))
     await _no_temporary_for_readers(conn, user)
+
+
+async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None:
+    """The provisioner roles (tenancy/buckets.py): each creates and administers the roles of the
+    projects hashed to it, and passes on to them what the runtime used to (see _runtime_role).
+    Their password derives from the runtime's, which the processes log in with; the runtime is
+    not a member of them (so not of any project role). One round trip for all of them."""
+    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    existing = {
+        r["rolname"]: r["rolpassword"]
+        for r in await conn.fetch(
+            "SELECT rolname, rolpassword FROM pg_catalog.pg_authid WHERE rolname = ANY($1::text[])",
+            all_buckets(),
+        )
+    }
+    senders = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", REALTIME_SENDERS)
+    reader = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", CATALOG_READER)
+    forget = await conn.fetchval(
+        "SELECT to_regprocedure('fluxbase_guard.forget_extensions(text)') IS NOT NULL"
+    )
+    attrs = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT 16"
+    sql: list[str] = []
+    for bucket in all_buckets():
+        b = quote_ident(bucket)
+        verifier = bucket_verifier(runtime_password, bucket)
+        if bucket not in existing:
+            sql.append(f"CREATE ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
+        elif existing[bucket] != verifier:
+            sql.append(f"ALTER ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
+        # Roles it creates are granted to it WITH ADMIN and SET (not INHERIT), as to the runtime.
+        sql.append(f"ALTER ROLE {b} SET createrole_self_grant = 'set'")
+        sql.append(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {b} WITH GRANT OPTION")
+        sql.append(f"GRANT USAGE ON SCHEMA fluxbase_guard TO {b}")
+        if forget:
+            sql.append(f"GRANT EXECUTE ON FUNCTION fluxbase_guard.forget_extensions(text) TO {b}")
+        sql.append(
+            f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {b} WITH GRANT OPTION"
+        )
+        sql.append(f"GRANT USAGE ON LANGUAGE plpgsql TO {b} WITH GRANT OPTION")
+        sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {b} WITH GRANT OPTION")
+        for group, present in ((REALTIME_SENDERS, senders), (CATALOG_READER, reader)):
+            if present:
+                sql.append(f"GRANT {group} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        for param in SUSET_ROLE_SETTINGS:
+            sql.append(f"GRANT SET ON PARAMETER {param} TO {b}")
+    await conn.execute(";\n".join(sql))
 
 
 async def _no_temporary_for_readers(conn: asyncpg.Connection, user: str) -> None:
@@ -246,44 +296,57 @@ async def _no_temporary_for_readers(conn: asyncpg.Connection, user: str) -> None
         await conn.execute("RESET ROLE")
 
 
-async def _adopt_project_roles(conn: asyncpg.Connection, user: str) -> None:
-    """Project roles created before the runtime role existed (by a superuser runtime): give the
-    runtime what it has over the ones it creates, and re-grant what it must be able to revoke."""
-    rt = quote_ident(user)
+async def _adopt_project_roles(conn: asyncpg.Connection, user: str, *, provisioners: bool) -> None:
+    """Project roles created before the runtime role existed (by a superuser runtime): give their
+    provisioner (or, without provisioners, the runtime) what it has over the ones it creates, and
+    re-grant what it must be able to revoke. Roles the runtime administers (made before the
+    provisioners) are left to it (tenancy/buckets.py)."""
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    for p in await conn.fetch("SELECT id FROM fluxbase.projects"):
-        for kind in ROLES:
-            role = role_name(p["id"], kind)
-            adopted = await conn.fetchval(
-                """SELECT bool_or(m.admin_option) AND bool_or(m.set_option) FROM pg_auth_members m
-                   WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
-                     AND m.member = (SELECT oid FROM pg_roles WHERE rolname = $2)""",
-                role,
-                user,
-            )
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-            if not exists or adopted:
-                continue
-            r = quote_ident(role)
-            await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
-            # What the superuser granted, the runtime could not revoke when it drops the project:
-            # grant it again as the runtime.
-            privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
-            fns = CHECKER_FUNCTIONS
-            set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
-            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
-            if kind in ("admin", "realtime"):
-                await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
-            if kind == "admin":
-                await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-            if kind == "realtime":
-                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
-            await conn.execute(f"SET LOCAL ROLE {rt}")
-            await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
-            if kind in ("admin", "realtime"):
-                await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
-            if kind == "admin":
-                await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
-            if kind == "realtime":
-                await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
-            await conn.execute("RESET ROLE")
+    kinds = {
+        role_name(p["id"], kind): (p["id"], kind)
+        for p in await conn.fetch("SELECT id FROM fluxbase.projects")
+        for kind in ROLES
+    }
+    # One query whatever the number of projects (this runs at every start): the existing project
+    # roles that neither their provisioner nor the runtime (ADMIN and SET) administers.
+    orphans = await conn.fetch(
+        """SELECT r.rolname FROM pg_roles r WHERE r.rolname = ANY($1::text[])
+             AND NOT EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                             WHERE m.roleid = r.oid AND m.admin_option AND starts_with(b.rolname, $3))
+             AND NOT (EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                              WHERE m.roleid = r.oid AND b.rolname = $2 AND m.admin_option)
+                      AND EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.member
+                                  WHERE m.roleid = r.oid AND b.rolname = $2 AND m.set_option))
+           ORDER BY r.rolname""",
+        list(kinds),
+        user,
+        PROVISIONER_PREFIX,
+    )
+    for row in orphans:
+        role = row["rolname"]
+        project_id, kind = kinds[role]
+        adopter = bucket_of(project_id) if provisioners else user
+        rt = quote_ident(adopter)
+        r = quote_ident(role)
+        await conn.execute(f"GRANT {r} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
+        # What the superuser granted, the adopter could not revoke when it drops the project:
+        # grant it again as the adopter.
+        privs = "CONNECT, TEMPORARY" if kind == "admin" else "CONNECT"
+        fns = CHECKER_FUNCTIONS
+        set_config = "FUNCTION pg_catalog.set_config(text, text, boolean)"
+        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
+        if kind in ("admin", "realtime"):
+            await conn.execute(f"REVOKE EXECUTE ON {set_config} FROM {r}")
+        if kind == "admin":
+            await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
+        if kind == "realtime":
+            await conn.execute(f"REVOKE EXECUTE ON FUNCTION {fns} FROM {r}")
+        await conn.execute(f"SET LOCAL ROLE {rt}")
+        await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {r}")
+        if kind in ("admin", "realtime"):
+            await conn.execute(f"GRANT EXECUTE ON {set_config} TO {r}")
+        if kind == "admin":
+            await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {r}")
+        if kind == "realtime":
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION {fns} TO {r}")
+        await conn.execute("RESET ROLE")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncpg
 
 from fluxbase import ids
@@ -55,18 +57,22 @@ async def create_project(
                 owner_id,
             )
             if where == clusters.DEFAULT or cluster_pools is None:
+                # The roles are made by the project's provisioner, committed before this
+                # transaction (tenancy/buckets.py): dropped again if this one fails.
+                provisioned_on = db
                 await provision.provision_project(conn, project_id, settings)
             else:
                 remote = await cluster_pools.pool(where)
+                provisioned_on = remote
                 async with remote.acquire() as rc, rc.transaction():
                     await rc.execute(
                         "INSERT INTO fluxbase.projects (id, name) VALUES ($1, $2)", project_id, name
                     )
                     await provision.provision_project(rc, project_id, settings)
-                provisioned_on = remote
     except BaseException:
         if provisioned_on is not None:
-            await _drop_on(provisioned_on, project_id)
+            with contextlib.suppress(Exception):
+                await _drop_on(provisioned_on, project_id)
         raise
     assert row is not None
     return Project.from_row(row)

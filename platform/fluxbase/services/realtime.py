@@ -19,6 +19,7 @@ from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
 from fluxbase.security.roles import role_name, schema_name
+from fluxbase.tenancy import buckets
 
 TOKEN_KIND = "realtime"  # noqa: S105 - a token type, not a secret
 MAX_TOKEN_TTL_S = 24 * 3600
@@ -99,13 +100,16 @@ async def set_enabled(
     if unknown:
         raise ValidationError(f"unknown table(s): {', '.join(sorted(unknown))}.")
     async with db.acquire() as conn, conn.transaction():
+        # As the table's owner (capture functions are SECURITY INVOKER; docs/security.md), which
+        # the project's provisioner may act as (tenancy/buckets.py); committed before the rows below.
+        async with buckets.acting(conn, project_id) as owner:
+            for table in tables:
+                regclass = f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
+                fn = "fluxbase_capture.attach_capture" if enabled else "fluxbase_capture.detach_capture"
+                await owner.execute(f"SET LOCAL ROLE {quote_ident(role_name(project_id, 'admin'))}")
+                await owner.execute(f"SELECT {fn}($1::regclass)", regclass)
+                await owner.execute("SET LOCAL ROLE NONE")
         for table in tables:
-            regclass = f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
-            fn = "fluxbase_capture.attach_capture" if enabled else "fluxbase_capture.detach_capture"
-            # As the table's owner (capture functions are SECURITY INVOKER; docs/security.md).
-            await conn.execute(f"SET LOCAL ROLE {quote_ident(role_name(project_id, 'admin'))}")
-            await conn.execute(f"SELECT {fn}($1::regclass)", regclass)
-            await conn.execute("SET LOCAL ROLE NONE")
             await conn.execute(
                 """INSERT INTO fluxbase.realtime_tables (project_id, table_name, enabled) VALUES ($1, $2, $3)
                    ON CONFLICT (project_id, table_name) DO UPDATE SET enabled = EXCLUDED.enabled""",

@@ -1,5 +1,7 @@
 """Project schemas and roles: each (project, scope) its own LOGIN role, created, re-keyed and
-dropped here (the caller owns the transaction; the runtime role is not a superuser)."""
+dropped here (the caller owns the transaction; the runtime role is not a superuser). What needs
+the project's roles' administrator runs as the project's provisioner role (tenancy/buckets.py),
+in a transaction of its own committed before the caller's."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fluxbase.security.roles import (
     role_verifier,
     schema_name,
 )
+from fluxbase.tenancy import buckets
 
 
 def _password(settings: Settings, role: str) -> str:
@@ -50,8 +53,15 @@ async def serialise(conn: asyncpg.Connection) -> None:
 
 
 async def provision_project(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
-    """Create the project's schema and its three LOGIN roles (caller owns the transaction)."""
+    """Create the project's schema and its LOGIN roles (caller owns the transaction, and holds the
+    serialising lock until it commits; the roles are made by the project's provisioner role, in a
+    transaction committed when this returns: a caller that fails after it drops the project)."""
     await serialise(conn)
+    async with buckets.acting(conn, project_id, settings, new=True) as c:
+        await _provision(c, project_id, settings)
+
+
+async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
     schema = quote_ident(schema_name(project_id))
     admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
     db = quote_ident(await conn.fetchval("SELECT current_database()"))
@@ -86,7 +96,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     await conn.execute(f"GRANT {REALTIME_SENDERS} TO {admin}, {rw} WITH INHERIT TRUE, SET FALSE")
     await _provision_checker(conn, project_id, settings, path)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
-    # The runtime role is not a superuser: what only the schema's owner may do, it does as the
+    # The provisioner is not a superuser: what only the schema's owner may do, it does as the
     # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
     await conn.execute(f"SET LOCAL ROLE {admin}")
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {rw}, {ro}")
@@ -142,33 +152,40 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
     await serialise(conn)
     if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
         return role  # created while we waited
-    r = quote_ident(role)
-    admin = quote_ident(role_name(project_id, "admin"))
-    pw = _password(settings, role)
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
-    await conn.execute(
-        f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
-        f"CONNECTION LIMIT 2 PASSWORD {pw}"
-    )
-    await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {r}")
-    await conn.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
-    for name, value in _role_settings(settings).items():
-        await conn.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
-    await conn.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
-    await conn.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
+    async with buckets.acting(conn, project_id, settings) as c:
+        r = quote_ident(role)
+        admin = quote_ident(role_name(project_id, "admin"))
+        pw = _password(settings, role)
+        db = quote_ident(await c.fetchval("SELECT current_database()"))
+        await c.execute(
+            f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+            f"CONNECTION LIMIT 2 PASSWORD {pw}"
+        )
+        await c.execute(f"GRANT CONNECT ON DATABASE {db} TO {r}")
+        await c.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
+        for name, value in _role_settings(settings).items():
+            await c.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
+        await c.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
+        await c.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
     return role
 
 
 async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
-    """Remove the project's schema, objects and roles (caller owns the transaction).
+    """Remove the project's schema, objects and roles (caller owns the transaction; what its roles'
+    provisioner does commits when this returns).
 
-    Runs as the runtime role (not a superuser): what only an owner may drop, it drops as that
-    role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
+    Runs as the runtime role or the project's provisioner (not superusers): what only an owner may
+    drop, it drops as that role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
     roles = [role_name(project_id, s) for s in ROLES]
     await serialise(conn)
     await conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
     )
+    async with buckets.acting(conn, project_id) as c:
+        await _drop(c, project_id, roles)
+
+
+async def _drop(conn: asyncpg.Connection, project_id: str, roles: list[str]) -> None:
     existing = {
         r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
     }
