@@ -1,0 +1,162 @@
+"""Hostile review 13: the provision merge (provisioner roles, tenancy/buckets.py), the clusterops
+merge (drain before a move's switch, connection changes) and the rtstall merge, attacked through
+the real API on the real stack with the source in hand.
+
+Each test asserts the SECURE behaviour. A hole still open is marked `xfail(strict=True)`; the
+mark goes with the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from fluxbase.security.roles import role_name, role_password
+from fluxbase.tenancy.buckets import PREFIX, all_buckets, bucket_of, bucket_password
+from support import Api, bearer
+
+
+async def _ok(api: Api, key: str, pid: str, query: str) -> dict[str, Any]:
+    r = await api.sql(key, pid, query)
+    assert r.status_code == 200 and r.json()["success"], (query, r.text)
+    return r.json()
+
+
+async def _refused(api: Api, key: str, pid: str, query: str) -> None:
+    r = await api.sql(key, pid, query)
+    assert r.status_code < 500, (query, r.text)
+    assert not r.json().get("success"), (query, r.text)
+
+
+# -- 1. provisioner roles: out of a tenant's reach -----------------------------------------------
+
+
+async def test_a_tenant_admin_cannot_reach_its_provisioner_role(
+    api: Api, project: Any, instance: Any
+) -> None:
+    """The project's provisioner administers every role of its bucket (other tenants' too). The
+    project's admin key, running any SQL the API allows, cannot become it, join it, change it,
+    hand it a role, read its password, or log in as it with a password derived from anything the
+    tenant sees (its keys, its role names, an empty runtime password)."""
+    pid, key = project.id, project.admin_key
+    mine = bucket_of(pid)
+    other = next(b for b in all_buckets() if b != mine)
+    admin = role_name(pid, "admin")
+    for bucket in (mine, other):
+        await _refused(api, key, pid, f"SET ROLE {bucket}")
+        await _refused(api, key, pid, f"SET SESSION AUTHORIZATION {bucket}")
+        await _refused(api, key, pid, f"ALTER ROLE {bucket} PASSWORD 'owned'")
+        await _refused(api, key, pid, f"ALTER ROLE {bucket} SET search_path = public")
+        await _refused(api, key, pid, f"GRANT {admin} TO {bucket}")
+        await _refused(api, key, pid, f"GRANT {bucket} TO {admin}")
+        await _refused(api, key, pid, f"CREATE SCHEMA s_{bucket[-2:]} AUTHORIZATION {bucket}")
+        await _refused(api, key, pid, f"DO $$BEGIN EXECUTE 'SET ROLE {bucket}'; END$$")
+        r = await _ok(
+            api,
+            key,
+            pid,
+            f"SELECT pg_has_role(current_user, '{bucket}', 'MEMBER') AS m, "
+            f"has_database_privilege('{bucket}', current_database(), 'CREATE') AS c",
+        )
+        assert r["result"]["rows"][0]["m"] is False, r
+    await _refused(api, key, pid, "SELECT rolpassword FROM pg_authid")
+    await _refused(api, key, pid, f"SELECT * FROM pg_catalog.pg_authid WHERE rolname = '{mine}'")
+    # A login as the bucket with what the tenant could guess.
+    url = urlsplit(instance.env["FLUXBASE_DATABASE_URL"])
+    dbname = url.path.lstrip("/")
+    for guess in (
+        bucket_password("", mine),
+        role_password(key, mine),
+        role_password("", mine),
+        key,
+        mine,
+    ):
+        with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+            conn = await asyncpg.connect(
+                host=url.hostname, port=url.port, user=mine, password=guess, database=dbname
+            )
+            await conn.close()
+
+
+async def test_a_tenant_cannot_write_or_read_the_event_readers(api: Api, project: Any) -> None:
+    """A move's drain trusts fluxbase.event_readers (sql/0045): a tenant that could write a
+    reader's position could make a move switch before its readers passed the last event."""
+    pid, key = project.id, project.admin_key
+    await _refused(api, key, pid, "SELECT * FROM fluxbase.event_readers")
+    await _refused(
+        api, key, pid, "UPDATE fluxbase.event_readers SET read_xid = '999999999'::xid8, read_id = 1"
+    )
+    await _refused(
+        api,
+        key,
+        pid,
+        "INSERT INTO fluxbase.event_readers (reader_id, backend_pid) VALUES ('rt_x', pg_backend_pid())",
+    )
+
+
+# -- 2. a provisioner's connection limit: one tenant's requests fill it for its whole bucket ------
+
+
+async def _two_projects_in_one_bucket(api: Api) -> tuple[tuple[str, str], tuple[str, str]]:
+    """An attacker's project, and a victim's (another account) hashed to the same provisioner."""
+    _, atk_token = await api.new_user()
+    atk = await api.new_project(atk_token, "attacker")
+    atk_key = await api.new_key(atk_token, atk, "admin", rateLimitRequests=1_000_000)
+    _, vic_token = await api.new_user()
+    for _ in range(200):
+        vic = await api.new_project(vic_token, "victim")
+        if bucket_of(vic) == bucket_of(atk):
+            break
+        r = await api.http.delete(f"/api/projects/{vic}", headers=bearer(vic_token))
+        assert r.status_code < 300, r.text
+    else:
+        raise AssertionError("no project in the attacker's bucket")
+    vic_key = await api.new_key(vic_token, vic, "admin", rateLimitRequests=1_000_000)
+    return (atk, atk_key), (vic, vic_key)
+
+
+async def test_a_tenant_cannot_fill_its_provisioners_connection_limit_for_other_projects(spawn: Any) -> None:
+    """POST /api/realtime/enable opens a connection as the project's provisioner (services/
+    realtime.set_enabled) and runs CREATE TRIGGER there, which waits (lock_timeout, 10 s) for a
+    lock on the tenant's own table that the tenant may hold. Each bucket role had CONNECTION
+    LIMIT 16, shared by every project of its bucket and every API process: 16 such requests
+    from one tenant, and another tenant's realtime switch, project deletion, export or the
+    creation of any new project hashed there fails (503) for as long as the tenant keeps it up.
+    The instance's control pool is 24 connections here (standing for a few API processes of
+    the default 10 each): the limit that runs out is the bucket's."""
+    async with spawn(FLUXBASE_DATABASE_POOL_MAX="24") as inst:
+        api = Api(inst.url)
+        try:
+            (atk, atk_key), (vic, vic_key) = await _two_projects_in_one_bucket(api)
+            for pid, key in ((atk, atk_key), (vic, vic_key)):
+                await _ok(api, key, pid, "CREATE TABLE t (id int)")
+            # The tenant holds ROW EXCLUSIVE on its own table for 6 s (one statement).
+            holder = asyncio.create_task(
+                api.sql(
+                    atk_key,
+                    atk,
+                    "WITH w AS (INSERT INTO t VALUES (1) RETURNING id) SELECT pg_sleep(6) FROM w",
+                )
+            )
+            await asyncio.sleep(0.5)
+            body = {"projectId": atk, "tables": ["t"]}
+            blocked = [
+                asyncio.create_task(api.http.post("/api/realtime/enable", json=body, headers=bearer(atk_key)))
+                for _ in range(17)
+            ]
+            await asyncio.sleep(1.5)
+            r = await api.http.post(
+                "/api/realtime/enable", json={"projectId": vic, "tables": ["t"]}, headers=bearer(vic_key)
+            )
+            await asyncio.gather(holder, *blocked, return_exceptions=True)
+            assert r.status_code == 200, r.text
+        finally:
+            await api.close()
+
+
+def test_bucket_names_are_what_the_tests_assume() -> None:
+    assert all(b.startswith(PREFIX) for b in all_buckets())
