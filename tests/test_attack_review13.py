@@ -160,3 +160,45 @@ async def test_a_tenant_cannot_fill_its_provisioners_connection_limit_for_other_
 
 def test_bucket_names_are_what_the_tests_assume() -> None:
     assert all(b.startswith(PREFIX) for b in all_buckets())
+
+
+async def test_enabling_realtime_on_a_table_dropped_meanwhile_is_not_a_500(api: Api, project: Any) -> None:
+    """The realtime switch checks the tables exist, then attaches capture as the project's
+    provisioner (acting as the admin role). A table the tenant drops in between (its DROP waits
+    in a statement that holds the lock) must give a documented error, never a 500."""
+    pid, key = project.id, project.admin_key
+    await _ok(api, key, pid, "CREATE TABLE gone (id int)")
+    stmts = [{"query": "DROP TABLE gone"}, {"query": "SELECT pg_sleep(2)"}]
+    dropper = asyncio.create_task(
+        api.http.post("/api/execute-batch", json={"projectId": pid, "statements": stmts}, headers=bearer(key))
+    )
+    await asyncio.sleep(0.5)
+    r = await api.http.post(
+        "/api/realtime/enable", json={"projectId": pid, "tables": ["gone"]}, headers=bearer(key)
+    )
+    d = await dropper
+    assert d.json()["success"], d.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR", r.text
+    assert "gone" in r.json()["error"]["message"], r.text
+    # A table replaced meanwhile by a view of the same name: refused the same way.
+    await _ok(api, key, pid, "CREATE TABLE swapped (id int)")
+    stmts = [
+        {"query": "DROP TABLE swapped"},
+        {"query": "CREATE VIEW swapped AS SELECT 1 AS id"},
+        {"query": "SELECT pg_sleep(2)"},
+    ]
+    swapper = asyncio.create_task(
+        api.http.post("/api/execute-batch", json={"projectId": pid, "statements": stmts}, headers=bearer(key))
+    )
+    await asyncio.sleep(0.5)
+    r = await api.http.post(
+        "/api/realtime/enable", json={"projectId": pid, "tables": ["swapped"]}, headers=bearer(key)
+    )
+    assert (await swapper).json()["success"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR", r.text
+    # A table that stays: enabled as before.
+    await _ok(api, key, pid, "CREATE TABLE kept (id int)")
+    r = await api.http.post(
+        "/api/realtime/enable", json={"projectId": pid, "tables": ["kept"]}, headers=bearer(key)
+    )
+    assert r.status_code == 200 and {"name": "kept", "enabled": True} in r.json()["tables"], r.text
