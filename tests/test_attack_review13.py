@@ -9,6 +9,8 @@ mark goes with the fix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -202,3 +204,63 @@ async def test_enabling_realtime_on_a_table_dropped_meanwhile_is_not_a_500(api: 
         "/api/realtime/enable", json={"projectId": pid, "tables": ["kept"]}, headers=bearer(key)
     )
     assert r.status_code == 200 and {"name": "kept", "enabled": True} in r.json()["tables"], r.text
+
+
+async def test_a_tenant_cannot_hold_everyones_provisioning_by_deleting_its_project_under_load(
+    api: Api,
+) -> None:
+    """Deleting a project takes the global provisioning lock (provision.serialise), terminates
+    the project's sessions, then (as its provisioner, on a new connection) drops its schema,
+    which waits for the locks on its tables. A tenant that keeps statements on its own tables
+    coming reconnects in between; the drop then waits its lock_timeout holding the global lock,
+    and every other account's project creation waits with it."""
+    _, atk_token = await api.new_user()
+    atk = await api.new_project(atk_token, "attacker")
+    key = await api.new_key(atk_token, atk, "admin", rateLimitRequests=1_000_000)
+    await _ok(api, key, atk, "CREATE TABLE t (id int)")
+    await _ok(api, key, atk, "INSERT INTO t VALUES (1)")
+    stop = asyncio.Event()
+
+    async def spam() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                await api.sql(key, atk, "SELECT pg_sleep(12) FROM t")
+
+    spammers = [asyncio.create_task(spam()) for _ in range(30)]
+    await asyncio.sleep(1.5)
+    _, vic_token = await api.new_user()
+    deleting = asyncio.create_task(api.http.delete(f"/api/projects/{atk}", headers=bearer(atk_token)))
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await api.new_project(vic_token, "victim")
+    waited = time.monotonic() - t0
+    stop.set()
+    d = await deleting
+    await asyncio.gather(*spammers, return_exceptions=True)
+    # Before the fix: the victim waited 4.9 s (the drop's lock_timeout), the delete got 503 and
+    # could be retried at will.
+    assert waited < 3.0, (waited, d.status_code, d.text)
+    assert d.status_code == 200, d.text
+
+
+async def test_a_delete_that_fails_leaves_the_project_working(
+    api: Api, project: Any, control_db: Any
+) -> None:
+    """The project's roles stop taking logins while it is dropped (committed by the provisioner
+    before the drop): a drop that fails (here a lock held outside the project for longer than
+    the lock timeout) gives the logins back, and the project keeps working."""
+    pid, key = project.id, project.admin_key
+    await _ok(api, key, pid, "CREATE TABLE t (id int)")
+    async with control_db.acquire() as c, c.transaction():
+        await c.execute(f'LOCK TABLE "p_{pid}"."t" IN ACCESS SHARE MODE')
+        r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(project.owner_token))
+        assert r.status_code == 503, r.text
+    roles = await control_db.fetch(
+        "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%"
+    )
+    assert roles and all(r["rolcanlogin"] for r in roles), roles
+    r = await api.sql(key, pid, "INSERT INTO t VALUES (1)")
+    assert r.status_code == 200 and r.json()["success"], r.text
+    r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(project.owner_token))
+    assert r.status_code == 200, r.text
+    assert not await control_db.fetch("SELECT 1 FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%")
