@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from fluxbase.security.roles import role_name, role_password
-from fluxbase.tenancy.buckets import PREFIX, all_buckets, bucket_of, bucket_password
+from fluxbase.tenancy.buckets import all_buckets, bucket_of, bucket_password
 from support import Api, bearer
 
 
@@ -158,10 +158,6 @@ async def test_a_tenant_cannot_fill_its_provisioners_connection_limit_for_other_
             assert r.status_code == 200, r.text
         finally:
             await api.close()
-
-
-def test_bucket_names_are_what_the_tests_assume() -> None:
-    assert all(b.startswith(PREFIX) for b in all_buckets())
 
 
 async def test_enabling_realtime_on_a_table_dropped_meanwhile_is_not_a_500(api: Api, project: Any) -> None:
