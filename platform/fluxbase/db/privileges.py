@@ -249,7 +249,13 @@ async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None
     forget = await conn.fetchval(
         "SELECT to_regprocedure('fluxbase_guard.forget_extensions(text)') IS NOT NULL"
     )
-    attrs = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT 16"
+    # No connection limit of their own: a bucket is shared by every project hashed to it and by
+    # every process, so a limit was one tenant's to fill for its whole bucket (a realtime switch
+    # waiting on a lock of the tenant's table holds its connection; review 13). Each bucket
+    # connection is opened while its caller holds a runtime pool connection (buckets.acting), so
+    # the runtime's pools bound them. Attributes are asserted at every start, not only with a
+    # new password.
+    attrs = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT -1"
     sql: list[str] = []
     for bucket in all_buckets():
         b = quote_ident(bucket)
@@ -258,6 +264,8 @@ async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None
             sql.append(f"CREATE ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
         elif existing[bucket] != verifier:
             sql.append(f"ALTER ROLE {b} {attrs} PASSWORD {quote_literal(verifier)}")
+        else:
+            sql.append(f"ALTER ROLE {b} {attrs}")
         # Roles it creates are granted to it WITH ADMIN and SET (not INHERIT), as to the runtime.
         sql.append(f"ALTER ROLE {b} SET createrole_self_grant = 'set'")
         sql.append(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {b} WITH GRANT OPTION")

@@ -107,6 +107,19 @@ async def set_enabled(
                 regclass = f"{quote_ident(schema_name(project_id))}.{quote_ident(table)}"
                 fn = "fluxbase_capture.attach_capture" if enabled else "fluxbase_capture.detach_capture"
                 await owner.execute(f"SET LOCAL ROLE {quote_ident(role_name(project_id, 'admin'))}")
+                # Locked first, then looked at again: a table the tenant dropped or replaced since
+                # the check above is unknown (its regclass would be a bare OID in the trigger's
+                # DDL: a syntax error, a 500, review 13). The lock is the one CREATE TRIGGER takes.
+                try:
+                    await owner.execute(f"LOCK TABLE {regclass} IN SHARE ROW EXCLUSIVE MODE")
+                except asyncpg.UndefinedTableError:
+                    raise ValidationError(f"unknown table(s): {table}.") from None
+                if not await owner.fetchval(
+                    "SELECT relkind IN ('r', 'p') AND NOT relispartition FROM pg_catalog.pg_class"
+                    " WHERE oid = $1::regclass",
+                    regclass,
+                ):
+                    raise ValidationError(f"unknown table(s): {table}.")
                 await owner.execute(f"SELECT {fn}($1::regclass)", regclass)
                 await owner.execute("SET LOCAL ROLE NONE")
         for table in tables:

@@ -5,6 +5,8 @@ in a transaction of its own committed before the caller's."""
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncpg
 
 from fluxbase.config import Settings
@@ -177,12 +179,30 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
     Runs as the runtime role or the project's provisioner (not superusers): what only an owner may
     drop, it drops as that role (SET LOCAL ROLE); the privileges it granted the roles, it revokes."""
     roles = [role_name(project_id, s) for s in ROLES]
-    await serialise(conn)
-    await conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
-    )
+    # No new session of the project from here on (committed at once where a provisioner acts):
+    # one opened after its sessions are terminated below would take the locks the drop needs,
+    # and the drop would wait its lock_timeout holding the lock every project's provisioning
+    # waits for (a tenant that keeps statements coming stalled everyone's; review 13). Given
+    # back if the drop fails.
+    await _logins(conn, project_id, roles, allowed=False)
+    try:
+        await serialise(conn)
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
+        )
+        async with buckets.acting(conn, project_id) as c:
+            await _drop(c, project_id, roles)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await _logins(conn, project_id, roles, allowed=True)
+        raise
+
+
+async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
+    """Let the project's roles log in, or not (as their administrator)."""
     async with buckets.acting(conn, project_id) as c:
-        await _drop(c, project_id, roles)
+        for row in await c.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", roles):
+            await c.execute(f"ALTER ROLE {quote_ident(row['rolname'])} {'LOGIN' if allowed else 'NOLOGIN'}")
 
 
 async def _drop(conn: asyncpg.Connection, project_id: str, roles: list[str]) -> None:
