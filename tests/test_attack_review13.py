@@ -279,7 +279,6 @@ def _backlogged(service: Any) -> int:
     return sum(parts.values())
 
 
-@pytest.mark.xfail(strict=True, reason="open: backlogs are bounded per socket only")
 async def test_backlogs_of_many_classes_stay_under_the_service_wide_budget(
     api: Api, project: Any, instance: Any
 ) -> None:

@@ -183,6 +183,37 @@ def _frame_size(n: int) -> int:
     return n + (2 if n < 126 else 4 if n < 65536 else 10)
 
 
+class Backlogs:
+    """The service-wide budget of the parts waiting in sockets' backlogs (hostile review 13).
+
+    A backlog may reference BACKLOG_FACTOR times its socket's bound, and a part keeps its frames
+    (built once for its fan-out class) while any socket holds it: sockets of many classes that
+    read just enough not to be cut off would otherwise make the service hold classes x 32 x bound.
+    Each distinct part is counted once (its frame bytes) from the moment a first backlog holds it
+    until the last one takes it or drops it; what the parts keep alive (their messages and built
+    frames) is at most about twice `used`. A part that would take `used` past `most` first closes
+    (4008) the sockets holding the most backlog until it fits, or the socket it was meant for if
+    that one holds the most: a slow socket of one class delays or closes no socket that keeps up."""
+
+    __slots__ = ("holders", "most", "used")
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.used = 0
+        self.holders: set[Client] = set()  # sockets whose backlog is not empty
+
+    def make_room(self, client: Client, size: int) -> bool:
+        """Room for a part of `size` bytes entering `client`'s backlog; False: `client` is the
+        one to close (it would hold the most)."""
+        while self.used + size > self.most:
+            victim = max(self.holders, key=lambda c: c.backlog_bytes, default=None)
+            if victim is None or victim is client or victim.backlog_bytes <= client.backlog_bytes + size:
+                return False
+            OVER_BUDGET.inc()
+            victim.cut_off()
+        return True
+
+
 class Part:
     """Messages handed to sockets as one unit: a fan-out class's batch (or one slice of a large
     one, at most `Hub.part_bytes`), the same object for every socket of the class.
@@ -191,7 +222,7 @@ class Part:
     the last socket holding it in its backlog takes it (or is cut off); a part no socket took yet
     holds only the event messages (shared with the outbox batch)."""
 
-    __slots__ = ("cached", "count", "messages", "size", "waiting")
+    __slots__ = ("budget", "cached", "count", "messages", "size", "waiting")
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
@@ -199,6 +230,7 @@ class Part:
         self.size = sum(_frame_size(len(m)) for m in messages)
         self.waiting = 0  # backlogs holding it
         self.cached: list[bytes | memoryview] | None = None  # runs(), once built
+        self.budget: Backlogs | None = None  # the budget its size is counted in, while waiting
 
     def runs(self) -> list[bytes | memoryview]:
         runs = self.cached
@@ -211,6 +243,16 @@ class Part:
         self.waiting -= 1
         if self.waiting <= 0:
             self.cached = None
+            if self.budget is not None:
+                self.budget.used -= self.size
+                self.budget = None
+
+    def wait_in(self, budget: Backlogs | None) -> None:
+        """One more backlog holds this part (the first one counts it in `budget`)."""
+        if self.waiting <= 0 and budget is not None:
+            budget.used += self.size
+            self.budget = budget
+        self.waiting += 1
 
 
 def parts_of(messages: list[bytes], most: int) -> list[Part]:
@@ -233,6 +275,10 @@ CUT_OFF = REGISTRY.counter(
 )
 DROPPED = REGISTRY.counter(
     "fluxbase_realtime_dropped_messages_total", "Messages not sent because their subscriber was cut off."
+)
+OVER_BUDGET = REGISTRY.counter(
+    "fluxbase_realtime_backlog_budget_closes_total",
+    "Subscribers closed because the service-wide backlog budget (FLUXBASE_REALTIME_MAX_BACKLOG_BYTES) was full.",
 )
 
 
@@ -274,6 +320,8 @@ class Client:
     backlog_bytes: int = 0
     head_since: float = 0.0
     timer: asyncio.TimerHandle | None = None  # checks the head part's STALL_S deadline
+    # The service-wide budget of backlogged parts (None: this socket's own bound only).
+    budget: Backlogs | None = None
 
     def __post_init__(self) -> None:
         self.framed = not self.ws.protocol.extensions
@@ -335,11 +383,18 @@ class Client:
         if self.backlog_bytes + part.size > BACKLOG_FACTOR * self.max_bytes:
             self.cut_off()
             return
+        budget = self.budget
+        if budget is not None and part.waiting <= 0 and not budget.make_room(self, part.size):
+            OVER_BUDGET.inc()
+            self.cut_off()
+            return
         if self.backlog is None:
             self.backlog = deque()
             self.head_since = asyncio.get_running_loop().time()
+            if budget is not None:
+                budget.holders.add(self)
         self.backlog.append(part)
-        part.waiting += 1
+        part.wait_in(budget)
         self.backlog_count += part.count
         self.backlog_bytes += part.size
         self._arm()
@@ -416,6 +471,8 @@ class Client:
         if self.backlog is not None:
             for part in self.backlog:
                 part.taken()
+            if self.budget is not None:
+                self.budget.holders.discard(self)
         self.backlog = None
         self.backlog_count = self.backlog_bytes = 0
         if self.timer is not None:
