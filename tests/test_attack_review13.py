@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -260,3 +261,105 @@ async def test_a_delete_that_fails_leaves_the_project_working(
     r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(project.owner_token))
     assert r.status_code == 200, r.text
     assert not await control_db.fetch("SELECT 1 FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%")
+
+
+# -- 5. realtime: backlogs of many fan-out classes (rtstall) -------------------------------------
+
+
+def _masked_text(payload: bytes) -> bytes:
+    """A client text frame (mask 0: the payload as is) of up to 65 535 bytes."""
+    n = len(payload)
+    head = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return b"\x81" + head + b"\x00\x00\x00\x00" + payload
+
+
+def _backlogged(service: Any) -> int:
+    """What the parts waiting in sockets' backlogs keep in memory, service-wide: the messages
+    they reference (each once, whatever the number of classes sharing it) and the frames built
+    for them (once per class)."""
+    messages: dict[int, int] = {}
+    frames: dict[int, int] = {}
+    for c in list(service.clients):
+        for p in list(c.backlog or ()):
+            messages.update((id(m), len(m)) for m in p.messages)
+            if p.cached is not None:
+                frames[id(p)] = sum(len(r) for r in p.cached)
+    return sum(messages.values()) + sum(frames.values())
+
+
+async def test_backlogs_of_many_classes_stay_under_the_service_wide_budget(
+    api: Api, project: Any, instance: Any
+) -> None:
+    """Each socket's backlog may reach 32 times the per-socket bound (a reader that keeps up takes
+    statements that large), and a part's frames, built once per fan-out class when a socket of
+    the class takes it, are kept while any other socket of the class holds it. Six classes
+    (different `operations`/`tables`), each with a reader that keeps up (it builds the frames)
+    and a socket that reads nothing, and one statement of 14.4 MB: the service held 75.6 MB
+    (1 MiB per-socket bound; measured as below) until the stalled sockets were cut off 0.25 s
+    later, and sockets that drain just enough to stay open make it last; more classes, more
+    memory, up to classes x 32 x bound. Now what backlogs keep is bounded service-wide
+    (FLUXBASE_REALTIME_MAX_BACKLOG_BYTES): past it, the socket holding the most backlog is
+    closed (4008): here the stalled sockets, while the readers that keep up get every row and a
+    subscriber of another class is not affected."""
+    from test_attack_review12 import _upgrade, served
+    from test_realtime import subscribe
+
+    bound, budget = 1 << 20, 16 << 20
+    pid, key = project.id, project.admin_key
+    await _ok(api, key, pid, "CREATE TABLE big (id serial PRIMARY KEY, v text)")
+    await _ok(api, key, pid, "CREATE TABLE small (id int)")
+    env = {
+        "FLUXBASE_REALTIME_MAX_BUFFERED_BYTES": str(bound),
+        "FLUXBASE_REALTIME_MAX_BACKLOG_BYTES": str(budget),
+    }
+    async with served(instance, **env) as (port, service), contextlib.AsyncExitStack() as stack:
+        url = f"ws://127.0.0.1:{port}"
+        classes: list[dict[str, Any]] = []
+        for tables in (None, ["big"]):
+            for ops in (["INSERT"], ["INSERT", "UPDATE"], ["INSERT", "DELETE"]):
+                classes.append({"operations": ops} | ({"tables": tables} if tables else {}))
+        writers = []
+        fast = []
+        for extra in classes:
+            fast.append(await stack.enter_async_context(subscribe(url, pid, key, **extra)))  # keeps up
+            _reader, writer = await _upgrade(port, key)  # reads nothing
+            body = {"type": "subscribe", "roomId": f"project_{pid}", **extra}
+            writer.write(_masked_text(json.dumps(body).encode()))
+            await writer.drain()
+            writers.append(writer)
+        stack.callback(lambda: [w.close() for w in writers])
+        deadline = time.monotonic() + 10
+        while sum(1 for c in service.clients if c.subs) < 2 * len(classes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len({next(iter(c.subs.values())).key for c in service.clients if c.subs}) == len(classes)
+        peer = await stack.enter_async_context(subscribe(url, pid, key, tables=["small"]))
+        local = peer.ws.transport.get_extra_info("sockname")[1]
+        mine = next(c for c in service.clients if c.ws.remote_address[1] == local)
+        most = 0
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            nonlocal most
+            while not stop.is_set():
+                most = max(most, _backlogged(service))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await _ok(
+                api, key, pid, "INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, 16)"
+            )
+            await _ok(api, key, pid, "INSERT INTO small VALUES (1)")
+            assert len(await peer.rows(1, 30)) == 1
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(c.backlog for c in service.clients):
+                await asyncio.sleep(0.02)
+            assert not mine.closed  # the peer (no backlog) is never the one closed
+            assert service.backlogs.used == 0 and not service.backlogs.refs  # all given back
+            for sub in fast:  # the readers that keep up got every row, in order
+                ids = [m["payload"]["record"]["id"] for m in await sub.rows(16, 10)]
+                assert ids == sorted(ids) and len(set(ids)) == 16, ids
+        finally:
+            stop.set()
+            await watcher
+        assert most <= budget, f"{most / 1e6:.1f} MB kept by backlogs (budget {budget / 1e6:.1f} MB)"

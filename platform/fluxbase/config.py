@@ -119,6 +119,10 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     max_buffered_bytes: int = 8 << 20
     """Bytes a socket may hold unsent (queued and in its transport buffer) before it is closed
     as a slow consumer (code 4008); the outbox is delivered in batches of at most half of it."""
+    max_backlog_bytes: int = 64 * (8 << 20)
+    """Bytes of parts waiting in sockets' backlogs, service-wide (each distinct part counted
+    once, whatever the number of sockets holding it); past it, the socket holding the most
+    backlog is closed (code 4008). Default: 64 times `max_buffered_bytes`."""
     ping_interval_s: float = 20.0
     """Every socket is pinged this often so proxies keep idle connections open."""
     events_retention_s: int = 24 * 3600
@@ -611,6 +615,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         extensions=_extensions(get("FLUXBASE_EXTENSIONS")),
     )
     proxies = tuple(p.strip() for p in (get("FLUXBASE_TRUSTED_PROXIES", "") or "").split(",") if p.strip())
+    max_buffered = _at_least(
+        int_of("FLUXBASE_REALTIME_MAX_BUFFERED_BYTES", 8 << 20),
+        1 << 20,
+        "FLUXBASE_REALTIME_MAX_BUFFERED_BYTES",
+    )
     http = HttpSettings(
         host=get("FLUXBASE_API_HOST", "127.0.0.1") or "127.0.0.1",
         port=int_of("FLUXBASE_API_PORT", 8080),
@@ -751,10 +760,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             port=int_of("FLUXBASE_REALTIME_PORT", 8081),
             public_url=get("FLUXBASE_REALTIME_PUBLIC_URL", "") or "",
             queue_size=int_of("FLUXBASE_REALTIME_QUEUE_SIZE", 1000),
-            max_buffered_bytes=_at_least(
-                int_of("FLUXBASE_REALTIME_MAX_BUFFERED_BYTES", 8 << 20),
+            max_buffered_bytes=max_buffered,
+            max_backlog_bytes=_at_least(
+                int_of("FLUXBASE_REALTIME_MAX_BACKLOG_BYTES", 64 * max_buffered),
                 1 << 20,
-                "FLUXBASE_REALTIME_MAX_BUFFERED_BYTES",
+                "FLUXBASE_REALTIME_MAX_BACKLOG_BYTES",
             ),
             ping_interval_s=float_of("FLUXBASE_REALTIME_PING_SECONDS", 20.0),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),

@@ -183,6 +183,63 @@ def _frame_size(n: int) -> int:
     return n + (2 if n < 126 else 4 if n < 65536 else 10)
 
 
+class Backlogs:
+    """The service-wide budget of what sockets' backlogs keep in memory (hostile review 13).
+
+    A backlog may reference BACKLOG_FACTOR times its socket's bound, and a part keeps its frames
+    (built once for its fan-out class) while any socket holds it: sockets of many classes that
+    read just enough not to be cut off would otherwise make the service hold classes x 32 x bound.
+    `used` counts what waiting parts keep alive, each byte once: the event messages they reference
+    (shared by the parts of every class, counted while any waiting part references them) and the
+    frames of a waiting part once built. Past `most`, the sockets holding the most backlog are
+    closed (4008) until it fits again: a socket that keeps up holds little backlog, so a slow
+    socket of one class closes no socket that keeps up."""
+
+    __slots__ = ("holders", "most", "refs", "used")
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.used = 0
+        self.holders: set[Client] = set()  # sockets whose backlog is not empty
+        self.refs: dict[int, int] = {}  # id(message) -> waiting parts referencing it
+
+    def hold(self, part: Part) -> None:
+        """`part` entered its first backlog: count its messages (once each) and built frames."""
+        refs = self.refs
+        for m in part.messages:
+            k = id(m)  # stable while counted: the part keeps `m` alive
+            n = refs.get(k, 0)
+            if not n:
+                self.used += len(m)
+            refs[k] = n + 1
+        if part.cached is not None:
+            self.used += part.size
+        part.budget = self
+
+    def release(self, part: Part) -> None:
+        """`part` left its last backlog (its built frames are dropped with it)."""
+        refs = self.refs
+        for m in part.messages:
+            k = id(m)
+            n = refs[k] - 1
+            if n:
+                refs[k] = n
+            else:
+                del refs[k]
+                self.used -= len(m)
+        if part.cached is not None:
+            self.used -= part.size
+        part.budget = None
+
+    def shed(self) -> None:
+        """Close the sockets holding the most backlog until `used` is within `most` again (called
+        after a part enters a backlog or a socket takes a part, whose frames it may have built)."""
+        while self.used > self.most and self.holders:
+            victim = max(self.holders, key=lambda c: c.backlog_bytes)
+            OVER_BUDGET.inc()
+            victim.cut_off()  # (leaves `holders`)
+
+
 class Part:
     """Messages handed to sockets as one unit: a fan-out class's batch (or one slice of a large
     one, at most `Hub.part_bytes`), the same object for every socket of the class.
@@ -191,7 +248,7 @@ class Part:
     the last socket holding it in its backlog takes it (or is cut off); a part no socket took yet
     holds only the event messages (shared with the outbox batch)."""
 
-    __slots__ = ("cached", "count", "messages", "size", "waiting")
+    __slots__ = ("budget", "cached", "count", "messages", "size", "waiting")
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
@@ -199,18 +256,29 @@ class Part:
         self.size = sum(_frame_size(len(m)) for m in messages)
         self.waiting = 0  # backlogs holding it
         self.cached: list[bytes | memoryview] | None = None  # runs(), once built
+        self.budget: Backlogs | None = None  # counted in it while waiting in a backlog
 
     def runs(self) -> list[bytes | memoryview]:
         runs = self.cached
         if runs is None:
             runs = self.cached = runs_of([frame_of(m) for m in self.messages])
+            if self.budget is not None:  # built while other sockets hold it: kept until taken
+                self.budget.used += self.size
         return runs
 
     def taken(self) -> None:
         """One socket with this part in its backlog took it (or dropped it)."""
         self.waiting -= 1
         if self.waiting <= 0:
+            if self.budget is not None:
+                self.budget.release(self)
             self.cached = None
+
+    def wait_in(self, budget: Backlogs | None) -> None:
+        """One more backlog holds this part (the first one counts it in `budget`)."""
+        if self.waiting <= 0 and budget is not None:
+            budget.hold(self)
+        self.waiting += 1
 
 
 def parts_of(messages: list[bytes], most: int) -> list[Part]:
@@ -233,6 +301,10 @@ CUT_OFF = REGISTRY.counter(
 )
 DROPPED = REGISTRY.counter(
     "fluxbase_realtime_dropped_messages_total", "Messages not sent because their subscriber was cut off."
+)
+OVER_BUDGET = REGISTRY.counter(
+    "fluxbase_realtime_backlog_budget_closes_total",
+    "Subscribers closed because the backlogs passed FLUXBASE_REALTIME_MAX_BACKLOG_BYTES.",
 )
 
 
@@ -274,6 +346,8 @@ class Client:
     backlog_bytes: int = 0
     head_since: float = 0.0
     timer: asyncio.TimerHandle | None = None  # checks the head part's STALL_S deadline
+    # The service-wide budget of backlogged parts (None: this socket's own bound only).
+    budget: Backlogs | None = None
 
     def __post_init__(self) -> None:
         self.framed = not self.ws.protocol.extensions
@@ -331,20 +405,27 @@ class Client:
             held = self.pending_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
             if held + part.size <= self.max_bytes or (held <= SMALL_HELD and not self.pending):
                 self._take_part(part)
+                if self.budget is not None and self.budget.used > self.budget.most:
+                    self.budget.shed()  # (its frames, built now, are kept for the class's backlogs)
                 return
         if self.backlog_bytes + part.size > BACKLOG_FACTOR * self.max_bytes:
             self.cut_off()
             return
+        budget = self.budget
         if self.backlog is None:
             self.backlog = deque()
             self.head_since = asyncio.get_running_loop().time()
+            if budget is not None:
+                budget.holders.add(self)
         self.backlog.append(part)
-        part.waiting += 1
+        part.wait_in(budget)
         self.backlog_count += part.count
         self.backlog_bytes += part.size
         self._arm()
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self._write())
+        if budget is not None and budget.used > budget.most:
+            budget.shed()  # (may close this socket: it then holds the most)
 
     def _arm(self) -> None:
         """Check the backlog's head part once it has waited STALL_S (whatever the writer awaits)."""
@@ -390,7 +471,15 @@ class Client:
         self._schedule()
 
     def _admit(self) -> None:
-        """Move the backlog's parts that fit now into `pending`, in order."""
+        """Move the backlog's parts that fit now into `pending`, in order; then, if frames built
+        for them (kept while other sockets of the class hold the parts) pass the service-wide
+        budget, close the sockets holding the most backlog (maybe this one: callers check)."""
+        self._move_fitting()
+        budget = self.budget
+        if budget is not None and budget.used > budget.most:
+            budget.shed()
+
+    def _move_fitting(self) -> None:
         backlog = self.backlog
         while backlog:
             part = backlog[0]
@@ -416,6 +505,8 @@ class Client:
         if self.backlog is not None:
             for part in self.backlog:
                 part.taken()
+            if self.budget is not None:
+                self.budget.holders.discard(self)
         self.backlog = None
         self.backlog_count = self.backlog_bytes = 0
         if self.timer is not None:

@@ -64,7 +64,7 @@ from fluxbase_realtime import credentials
 from fluxbase_realtime import filters as row_filters
 from fluxbase_realtime.clusters import ClusterReaders
 from fluxbase_realtime.credentials import Credential, Grant
-from fluxbase_realtime.hub import CUT_OFF, DEFAULT_MAX_BYTES, Client, Hub, Subscription
+from fluxbase_realtime.hub import CUT_OFF, DEFAULT_MAX_BYTES, Backlogs, Client, Hub, Subscription
 from fluxbase_realtime.outbox import OutboxEvent, OutboxReader, read_replay
 from fluxbase_realtime.presence import Presence, Watcher
 from fluxbase_realtime.rls import EndUserVerifier, RlsGate, Viewer, resolver_verifier
@@ -136,6 +136,9 @@ class RealtimeService:
         # half of it, each taken as the socket drains (hub.Client).
         self.max_bytes = settings.realtime.max_buffered_bytes
         self.hub.part_bytes = max(1, self.max_bytes // 2)
+        # Parts waiting in backlogs, service-wide (FLUXBASE_REALTIME_MAX_BACKLOG_BYTES): past it
+        # the socket holding the most backlog is closed (hub.Backlogs).
+        self.backlogs = Backlogs(settings.realtime.max_backlog_bytes)
         # A batch never exceeds half a socket queue, so a consumer that keeps up is never cut off
         # by one burst; writers drain between batches while the reader waits on PostgreSQL.
         batch = max(1, min(2000, self.queue_size // 2))
@@ -509,7 +512,7 @@ class RealtimeService:
         query = parse_qs(urlsplit(ws.request.path).query) if ws.request else {}
         url_token: str | None = (query.get("token") or [None])[0]  # type: ignore[list-item]
         origin = ws.request.headers.get("Origin") if ws.request else None
-        client = Client(ws, self.queue_size, max_bytes=self.max_bytes)
+        client = Client(ws, self.queue_size, max_bytes=self.max_bytes, budget=self.backlogs)
         self.clients.add(client)
         try:
             async for raw in ws:
