@@ -59,6 +59,19 @@ def pg2(own_tmp: Path) -> Iterator[EmbeddedPostgres]:
 
 
 @pytest.fixture(scope="module")
+def pg3(own_tmp: Path) -> Iterator[EmbeddedPostgres]:
+    """A third server, for modules that register a second cluster beside pg2's: one server is at
+    most one cluster (roles are per server; services/clusters.py)."""
+    pg = EmbeddedPostgres(own_tmp / "pg3", free_port(), durable=False, max_connections=50)
+    pg.init()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
 async def pg2_db(pg2: EmbeddedPostgres) -> str:
     conn = await asyncpg.connect(pg2.url)
     try:
@@ -308,6 +321,96 @@ async def test_placement_and_sql_on_cluster_two(
     r = await api.sql(key1, first, "SELECT inet_server_port() AS port")
     assert r.json()["success"], r.text
     assert r.json()["result"]["rows"][0]["port"] != pg2.port
+
+
+async def test_one_server_is_one_cluster(
+    inst: dict[str, Any], pg2: EmbeddedPostgres, stack: Stack, state: dict[str, Any]
+) -> None:
+    """Roles are per server: a second database of a registered cluster's server, or another
+    database of the control plane's server, is refused (409 CONFLICT, failure
+    database_already_registered), before anything is installed there. Before sql/0047 both were
+    registered (201): the second registration set the runtime's and the provisioners' passwords
+    from its own cluster id (on the control plane's server: the control plane's own runtime role),
+    and a project created on cluster two afterwards could not be dropped (seen failing: 201)."""
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    cid = state["cid"]
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE cluster_two_b")
+    finally:
+        await owner.close()
+    same_server = _url(pg2, "cluster_two_b")
+    r = _seen(
+        await http.post(
+            "/api/admin/clusters", json={"label": "b", "connectionString": same_server}, headers=admin
+        )
+    )
+    body = assert_error(r, 409, "CONFLICT")
+    assert body["error"]["details"] == {"failure": "database_already_registered", "retryable": False}
+    assert "already registered" in body["error"]["message"]
+    control_server_db = await stack.create_database()
+    try:
+        control_server = stack.database_url(control_server_db)  # its superuser, at 127.0.0.1
+        r = _seen(
+            await http.post(
+                "/api/admin/clusters", json={"label": "c", "connectionString": control_server}, headers=admin
+            )
+        )
+        body = assert_error(r, 409, "CONFLICT")
+        assert body["error"]["details"]["failure"] == "database_already_registered"
+        assert "control plane" in body["error"]["message"]
+        # Nor may a registered cluster's connection string move to the control plane's server.
+        r = _seen(
+            await http.patch(
+                f"/api/admin/clusters/{cid}", json={"connectionString": control_server}, headers=admin
+            )
+        )
+        body = assert_error(r, 409, "CONFLICT")
+        assert body["error"]["details"]["failure"] == "database_already_registered"
+        check = await asyncpg.connect(stack.database_url(control_server_db))
+        try:  # refused before the install: no Fluxbase SQL there
+            assert await check.fetchval("SELECT to_regnamespace('fluxbase')") is None
+        finally:
+            await check.close()
+    finally:
+        await stack.drop_database(control_server_db)
+    r = _seen(await http.get("/api/admin/clusters", headers=admin))
+    assert [c["id"] for c in r.json()["clusters"]] == ["default", cid]
+    there = await asyncpg.connect(_url(pg2, "cluster_two_b"))
+    try:
+        assert await there.fetchval("SELECT to_regnamespace('fluxbase')") is None
+    finally:
+        await there.close()
+
+    # Cluster two's roles still log in: a project created there now is provisioned by its
+    # provisioner role and dropped again, roles included.
+    r = await http.post("/api/projects", json={"name": "same server", "clusterId": cid}, headers=admin)
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    r = await api.sql(key, pid, "CREATE TABLE t (id int)")
+    assert r.json()["success"], r.text
+    there = await asyncpg.connect(_url(pg2, "cluster_two"))
+    try:
+        admins = await there.fetch(
+            """SELECT b.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid
+               JOIN pg_roles b ON b.oid = m.member WHERE r.rolname = $1 AND m.admin_option""",
+            f"p_{pid}_admin",
+        )
+        assert [a["rolname"] for a in admins] and all(
+            a["rolname"].startswith("fluxbase_provisioner_") for a in admins
+        ), admins
+        r = await http.delete(f"/api/projects/{pid}", headers=admin)
+        assert r.status_code == 200, r.text
+        left = await there.fetchval(
+            "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)", f"p_{pid}_"
+        )
+        assert left == 0
+        assert await there.fetchval("SELECT to_regnamespace($1)", f"p_{pid}") is None
+    finally:
+        await there.close()
 
 
 async def test_realtime_reads_cluster_two(inst: dict[str, Any], state: dict[str, Any], log_dir: Path) -> None:
