@@ -327,12 +327,9 @@ async def _move(
         )
     if await extensions.installed(db, project_id):
         raise Conflict("Projects with extensions installed cannot be moved yet (docs/clusters.md).")
-    if target_id != clusters.DEFAULT and await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM fluxbase.project_users WHERE project_id = $1)", project_id
-    ):
-        # Their accounts stay in the control plane, but end-user tokens are not served on a
-        # registered cluster yet (docs/clusters.md): the move would lock them out.
-        raise Conflict("Projects with end users cannot move to a registered cluster yet (docs/clusters.md).")
+    # End users need nothing moved: their accounts and sessions live in the control plane, and
+    # their tokens are served on every cluster (on a registered one the session is checked on the
+    # control plane before each request, services.identity; tests/test_cluster_moves.py).
 
     async with db.acquire() as mc, mc.transaction():
         # The target's placement again under a SHARE lock on its row (the latest version): a
