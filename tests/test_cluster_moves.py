@@ -449,3 +449,79 @@ async def test_a_project_with_end_users_moves_to_a_registered_cluster(
     # Nothing of the project is left on the control plane's server.
     assert await _schema_on(inst["control_url"], pid) == (False, 0)
     assert (await _schema_on(inst["two_url"], pid))[0] is True
+
+
+async def test_installed_extensions_move_along(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """A project with an extension installed moves (before: 409): the dump turns it on in the
+    project on the target (fluxbase_guard.create_extension as the project's admin role, like an
+    install) before the tables that use it. A target whose server does not offer it is refused
+    before anything is marked. The extensions page reads where the project lives."""
+    api: Api = inst["api"]
+    http = api.http
+    admin, cid = bearer(inst["admin"]), inst["cid"]
+    r = await http.post("/api/projects", json={"name": "with citext", "clusterId": "default"}, headers=admin)
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    r = await http.post(f"/api/projects/{pid}/extensions", json={"name": "citext"}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    for q in (
+        "CREATE TABLE tags (id serial PRIMARY KEY, name citext NOT NULL UNIQUE)",
+        "INSERT INTO tags (name) VALUES ('Fluxbase'), ('Postgres')",
+    ):
+        r = await api.sql(key, pid, q)
+        assert r.json()["success"], (q, r.text)
+
+    async def installed() -> list[str]:
+        r = await http.get(f"/api/projects/{pid}/extensions", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        return [e["name"] for e in r.json()["extensions"] if e["installed"]]
+
+    assert await installed() == ["citext"]
+    # A target whose server does not offer it: refused, nothing marked, still writable.
+    two = await asyncpg.connect(inst["two_url"])
+    try:
+        await two.execute("UPDATE fluxbase.extensions SET available = false WHERE name = 'citext'")
+        try:
+            r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=admin)
+            body = assert_error(r, 409, "CONFLICT")
+            assert "citext" in body["error"]["message"]
+        finally:
+            await two.execute("UPDATE fluxbase.extensions SET available = true WHERE name = 'citext'")
+    finally:
+        await two.close()
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": "default",
+        "moving_to": None,
+        "read_only": False,
+    }
+
+    r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await api.sql(
+        key, pid, "SELECT name::text AS name, inet_server_port() AS port FROM tags WHERE name = 'FLUXBASE'"
+    )
+    assert r.json()["result"]["rows"] == [{"name": "Fluxbase", "port": pg2.port}], r.text
+    r = await api.sql(key, pid, "INSERT INTO tags (name) VALUES ('POSTGRES')")
+    assert not r.json()["success"], r.text  # citext's equality in the unique index, on the target
+    assert await installed() == ["citext"]
+    for url, want in ((inst["two_url"], ["citext"]), (inst["control_url"], [])):
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT name FROM fluxbase.project_extensions WHERE project_id = $1", pid)
+            assert [x["name"] for x in rows] == want, url
+        finally:
+            await conn.close()
+
+    # And back to the default cluster (read on the registered one, where it is recorded).
+    r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await api.sql(
+        key, pid, "SELECT count(*)::int AS n, inet_server_port() AS port FROM tags WHERE name = 'postgres'"
+    )
+    row = r.json()["result"]["rows"][0]
+    assert row["n"] == 1 and row["port"] != pg2.port, r.text
+    assert await installed() == ["citext"]
