@@ -22,8 +22,10 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import connect
 
+from fluxbase.config import load_settings
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
+from fluxbase.services.clusters import seal
 from support import ROOT, Api, Stack, assert_clean, assert_error, bearer, run_service
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -487,11 +489,30 @@ async def test_worker_delivers_webhooks_from_cluster_two(inst: dict[str, Any], s
 
 
 async def test_fluxbase_migrate_reaches_registered_clusters(
-    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str
+    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, state: dict[str, Any]
 ) -> None:
-    """An upgrade's new migration files are applied on every registered cluster too."""
+    """An upgrade's new migration files are applied on every registered cluster too. Clusters
+    registered before sql/0047 get their server's identifier there; of two that share a server
+    (possible then), the newest keeps it and the other is reported and left alone (installing
+    there again would set the newest one's runtime and provisioner passwords)."""
+    cid = state["cid"]
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
     there = await asyncpg.connect(_url(pg2, pg2_db))
     try:
+        sysid = await control.fetchval("SELECT system_identifier FROM fluxbase.clusters WHERE id = $1", cid)
+        assert sysid == str(await there.fetchval("SELECT system_identifier FROM pg_control_system()"))
+        # As before sql/0047: no identifiers, and an older registration of another database of
+        # cluster two's server.
+        await control.execute("UPDATE fluxbase.clusters SET system_identifier = NULL WHERE id = $1", cid)
+        await control.execute(
+            """INSERT INTO fluxbase.clusters (id, label, host, port, database, username, secret, placement,
+                                              created_at)
+               SELECT 'cl_legacy', 'legacy', host, port, 'cluster_two_b', username, $2, 'closed',
+                      created_at - interval '1 day'
+               FROM fluxbase.clusters WHERE id = $1""",
+            cid,
+            seal(load_settings(inst["env"]), "cl_legacy", pg2.password),
+        )
         await there.execute("DELETE FROM fluxbase.schema_migrations WHERE version = '0037'")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -506,8 +527,26 @@ async def test_fluxbase_migrate_reaches_registered_clusters(
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
         assert await there.fetchval("SELECT 1 FROM fluxbase.schema_migrations WHERE version = '0037'") == 1
+        ids = dict(
+            await control.fetch("SELECT id, system_identifier FROM fluxbase.clusters WHERE id <> 'default'")
+        )
+        assert ids == {cid: sysid, "cl_legacy": None}
+        assert b"cl_legacy is on the same PostgreSQL server as " + cid.encode() in out
+        legacy = await asyncpg.connect(_url(pg2, "cluster_two_b"))
+        try:  # not installed there
+            assert await legacy.fetchval("SELECT to_regnamespace('fluxbase')") is None
+        finally:
+            await legacy.close()
     finally:
+        await control.execute("DELETE FROM fluxbase.clusters WHERE id = 'cl_legacy'")
+        await control.close()
         await there.close()
+    # Cluster two's runtime and provisioner logins still work: a project is made and dropped there.
+    http, admin = inst["api"].http, bearer(inst["admin"])
+    r = await http.post("/api/projects", json={"name": "after migrate", "clusterId": cid}, headers=admin)
+    assert r.status_code == 201, r.text
+    r = await http.delete(f"/api/projects/{r.json()['project']['id']}", headers=admin)
+    assert r.status_code == 200, r.text
 
 
 async def test_revocation_and_removal(
