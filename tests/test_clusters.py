@@ -503,6 +503,8 @@ async def test_fluxbase_migrate_reaches_registered_clusters(
         assert sysid == str(await there.fetchval("SELECT system_identifier FROM pg_control_system()"))
         # As before sql/0047: no identifiers, and an older registration of another database of
         # cluster two's server.
+        if not await there.fetchval("SELECT 1 FROM pg_database WHERE datname = 'cluster_two_b'"):
+            await there.execute("CREATE DATABASE cluster_two_b")
         await control.execute("UPDATE fluxbase.clusters SET system_identifier = NULL WHERE id = $1", cid)
         await control.execute(
             """INSERT INTO fluxbase.clusters (id, label, host, port, database, username, secret, placement,
