@@ -344,6 +344,13 @@ async def test_one_server_is_one_cluster(
     finally:
         await owner.close()
     same_server = _url(pg2, "cluster_two_b")
+    # Cluster two as if registered before sql/0047 and unreachable at the last migrate: its
+    # server's identifier is read when the next registration needs it.
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
+    try:
+        await control.execute("UPDATE fluxbase.clusters SET system_identifier = NULL WHERE id = $1", cid)
+    finally:
+        await control.close()
     r = _seen(
         await http.post(
             "/api/admin/clusters", json={"label": "b", "connectionString": same_server}, headers=admin
@@ -501,6 +508,7 @@ async def test_fluxbase_migrate_reaches_registered_clusters(
     try:
         sysid = await control.fetchval("SELECT system_identifier FROM fluxbase.clusters WHERE id = $1", cid)
         assert sysid == str(await there.fetchval("SELECT system_identifier FROM pg_control_system()"))
+        # (test_one_server_is_one_cluster erased it; the registration it refused read it again)
         # As before sql/0047: no identifiers, and an older registration of another database of
         # cluster two's server.
         if not await there.fetchval("SELECT 1 FROM pg_database WHERE datname = 'cluster_two_b'"):

@@ -395,6 +395,34 @@ def _registry_lock(settings: Settings) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:8], "big", signed=True)
 
 
+async def _identify_unrecorded(db: asyncpg.Pool, settings: Settings, except_id: str) -> None:
+    """Record the server identifier of registered clusters that have none yet (registered before
+    sql/0047 and unreachable at the last `fluxbase migrate`), so `_refuse_same_server` sees them;
+    one still unreachable is logged and left out. Committed on its own (a refusal keeps it)."""
+    rows = await db.fetch(
+        "SELECT id FROM fluxbase.clusters WHERE system_identifier IS NULL AND id <> 'default' AND id <> $1",
+        except_id,
+    )
+    for row in rows:
+        try:
+            other = await connect(await _stored_target(db, settings, row["id"]))
+            try:
+                sysid = await server_identifier(other)
+            finally:
+                await other.close()
+        except (ClusterVerificationFailed, asyncpg.PostgresError, OSError) as exc:
+            log.warning("could not read the server identifier of cluster %s: %r", row["id"], exc)
+            continue
+        try:
+            await db.execute(
+                "UPDATE fluxbase.clusters SET system_identifier = $2 WHERE id = $1", row["id"], sysid
+            )
+        except asyncpg.UniqueViolationError:
+            log.error(
+                "cluster %s is on the server of another cluster (registered before sql/0047)", row["id"]
+            )
+
+
 async def _refuse_same_server(conn: asyncpg.Connection, sysid: str, except_id: str) -> None:
     """One PostgreSQL server is at most one cluster: roles (the runtime's, the provisioners', every
     project's) are per server, so a second registration would set the first one's passwords and
@@ -454,6 +482,7 @@ async def register_cluster(
         _require_session(by_session, "open a cluster to placement")
     target = parse_connection_string(connection_string)
     await _refuse_duplicate(db, settings, target)
+    await _identify_unrecorded(db, settings, "")
     cluster_id = ids.prefixed("cl")
     async with db.acquire() as conn, conn.transaction():
         version, sysid = await _verify_and_install(conn, settings, target, cluster_id)
@@ -529,6 +558,7 @@ async def update_cluster(
         if connection_string is not None:
             target = parse_connection_string(connection_string)
             await _refuse_duplicate(db, settings, target, except_id=cluster_id)
+            await _identify_unrecorded(db, settings, cluster_id)
             version, sysid = await _verify_and_install(conn, settings, target, cluster_id)
             if not by_session:
                 # Checked again under the cluster row's lock, after the (slow) verification: a
