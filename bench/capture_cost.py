@@ -429,12 +429,45 @@ BEGIN
     END LOOP;
 END
 $$;
+CREATE PROCEDURE {t}_binsert(cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..cnt / b LOOP
+        INSERT INTO {t} (v, n) SELECT 'hello', g FROM generate_series(1, b) g;
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_bupdate(lo bigint, cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 0..cnt / b - 1 LOOP
+        UPDATE {t} SET v = 'world', n = n + 1 WHERE id >= lo + i * b AND id < lo + (i + 1) * b;
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_bdelete(lo bigint, cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 0..cnt / b - 1 LOOP
+        DELETE FROM {t} WHERE id >= lo + i * b AND id < lo + (i + 1) * b;
+        COMMIT;
+    END LOOP;
+END
+$$;
 """
 
 
-async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int) -> int:
+async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int, bulk: int = 1) -> int:
     """Backend CPU ns of n single-row statements, each its own transaction (a procedure that
-    commits after each: no client round trip between them, so the measurement takes seconds)."""
+    commits after each: no client round trip between them, so the measurement takes seconds);
+    with `bulk` > 1, of n rows written `bulk` rows a statement."""
+    if bulk > 1:
+        lo = await conn.fetchval(f"SELECT min(id) FROM {table}") if op != "INSERT" else None
+        t0 = cpu_ns(pid)
+        if op == "INSERT":
+            await conn.execute(f"CALL {table}_binsert($1, $2)", n, bulk)
+        else:
+            await conn.execute(f"CALL {table}_b{op.lower()}($1, $2, $3)", lo, n, bulk)
+        return cpu_ns(pid) - t0
     if op == "INSERT":
         t0 = cpu_ns(pid)
         await conn.execute(f"CALL {table}_insert($1)", n)
@@ -445,20 +478,27 @@ async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int
     return cpu_ns(pid) - t0
 
 
-async def measure(admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int) -> dict:
-    """µs of backend CPU per single-row write, per operation and table (sums over rounds)."""
+async def measure(
+    admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
+) -> dict:
+    """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
+    and table (sums over rounds)."""
     pid = await admin.fetchval("SELECT pg_backend_pid()")
     ticks = {(op, t): 0 for op in OPS for t in tables}
     for r in range(rounds):
         order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
         for t in order:
             for op in OPS:
-                ticks[(op, t)] += await _phase(admin, pid, op, t, writes)
-    return {k: v / (writes * rounds) / 1e3 for k, v in ticks.items()}
+                ticks[(op, t)] += await _phase(admin, pid, op, t, writes, bulk)
+    return {k: v / (writes // bulk * bulk * rounds) / 1e3 for k, v in ticks.items()}
 
 
-def report(us: dict, tables: list[str]) -> list[str]:
+def report(us: dict, tables: list[str], bulk: int = 1) -> list[str]:
     lines = ["capture cost (PostgreSQL backend CPU, µs per single-row write, each its own transaction)"]
+    if bulk > 1:
+        lines = [
+            f"capture cost (PostgreSQL backend CPU, µs per row, {bulk} rows a statement and transaction)"
+        ]
     lines.append(f"  {'table':<12}" + "".join(f"{op:>10}" for op in OPS))
     for t in tables:
         lines.append(f"  {t:<12}" + "".join(f"{us[(op, t)]:>10.1f}" for op in OPS))
@@ -632,6 +672,7 @@ async def main() -> None:
         "--legacy", action="store_true", help="also sql/0036's triggers, as a baseline for a change"
     )
     ap.add_argument("--breakdown", action="store_true", help="also the capture path cut short at each step")
+    ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
     ap.add_argument(
         "--decode",
         action="store_true",
@@ -666,6 +707,9 @@ async def main() -> None:
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
             us = await measure(admin, tables, args.writes, args.rounds)
             print("\n" + "\n".join(report(us, tables)))
+            if args.bulk > 1:
+                us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
+                print("\n" + "\n".join(report(us, tables, args.bulk)))
             await admin.close()
             if superuser is not None:
                 await superuser.close()
