@@ -9,6 +9,8 @@ UPDATE and DELETE statements, each its own transaction, as the project's admin r
   capture  the capture triggers as the migrations installed them;
   legacy   (with --legacy) sql/0036's capture triggers (what main installed before sql/0048),
            in a scratch schema, to compare against the installed ones in the same run;
+  updstmt  (with --breakdown) the installed capture but a statement-level UPDATE trigger (both
+           transition tables, one write_events call per statement) instead of the row-level one;
   images, hop, hopinv, hopnoset, hop1, check, chkbare, bell, bellseq, insert, lean1, heap, emit
            (with --breakdown) the capture path cut short at each step, and candidate cuts, to
            see where the CPU goes (BREAKDOWN below).
@@ -216,8 +218,6 @@ CREATE TRIGGER legacy_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
 #           relation is not reachable without a query, so: regclass text's prefix);
 #   bellseq check + a doorbell read from a sequence's last value (no query);
 BREAKDOWN_PRE = """
-CREATE SCHEMA IF NOT EXISTS bench_t;
-GRANT USAGE ON SCHEMA bench_t TO PUBLIC;
 CREATE TABLE bench_t.ev1 (id bigint GENERATED ALWAYS AS IDENTITY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     project_id text NOT NULL, kind text NOT NULL, table_name text, operation text NOT NULL,
     record jsonb, old jsonb, created_at timestamptz NOT NULL DEFAULT now(), bytes integer);
@@ -227,6 +227,18 @@ CREATE TABLE bench_t.ev0 (xid xid8 NOT NULL DEFAULT pg_current_xact_id(), projec
 GRANT INSERT ON bench_t.ev1, bench_t.ev0 TO fluxbase_outbox_writer;
 CREATE SEQUENCE bench_t.bell MINVALUE 0 START 0;
 GRANT SELECT ON bench_t.bell TO fluxbase_outbox_writer;
+"""
+UPDSTMT_SQL = """
+CREATE SCHEMA IF NOT EXISTS bench_t;
+GRANT USAGE ON SCHEMA bench_t TO PUBLIC;
+CREATE FUNCTION bench_t.capture_update_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM fluxbase_capture.write_events(TG_RELID, 'UPDATE',
+        (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n),
+        (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o));
+    RETURN NULL;
+END
+$$;
 """
 _CHECK = """DECLARE
     ident pg_catalog.text[] := pg_catalog.parse_ident(p_table::pg_catalog.text);
@@ -391,6 +403,16 @@ async def setup(
         await admin.execute(LEGACY_TRIGGERS.format(t="cc_legacy"))
         tables.append("cc_legacy")
     if superuser is not None and breakdown:
+        # The installed capture with a statement-level UPDATE trigger (both transition tables,
+        # one write_events call per statement) instead of the row-level one.
+        await superuser.execute(UPDSTMT_SQL)
+        await admin.execute("CREATE TABLE cc_updstmt " + TABLE)
+        await admin.execute("DROP TRIGGER fluxbase_capture_upd ON cc_updstmt")
+        await admin.execute(
+            "CREATE TRIGGER updstmt AFTER UPDATE ON cc_updstmt REFERENCING OLD TABLE AS old_rows "
+            "NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_t.capture_update_rows()"
+        )
+        tables.append("cc_updstmt")
         await superuser.execute(BREAKDOWN_PRE)
         for n in BREAKDOWN:
             await superuser.execute(breakdown_sql(n))

@@ -7,7 +7,6 @@
 -- the row itself, is most of a capture). So, per captured single-row statement:
 --   trigger (INSERT/DELETE)  one statement: the images and the call (was an assignment with a
 --                            query, an IF and the call);
---   trigger (UPDATE)         statement-level too (below): one call per statement, not per row;
 --   write_events             the checks a project session passes in one expression (was about
 --                            fifteen), then the outbox INSERT and the doorbell as before;
 --   the outbox               no CHECK on `kind` (below).
@@ -57,47 +56,11 @@ END
 $$;
 ALTER FUNCTION fluxbase_capture.capture_delete() RESET search_path;
 
--- UPDATE, statement-level like INSERT and DELETE: a bulk UPDATE was one write_events call, one
--- outbox INSERT statement and one doorbell query per row (about 37 µs a row at 100 rows a
--- statement, INSERT about 7), now one of each per statement. The two transition tables hold the
--- statement's rows in the same order (PostgreSQL appends a row's old and new image together,
--- cross-partition moves included), so the n-th new image pairs with the n-th old one, as
--- write_events pairs them. On a partitioned table the event names the table the statement
--- named, the parent, as its INSERT and DELETE events always did (the row-level trigger, cloned
--- on each partition, named the partition).
--- capture_update(), the row-level function, stays for triggers of tables not attached again.
-CREATE OR REPLACE FUNCTION fluxbase_capture.capture_update_rows() RETURNS trigger
-    LANGUAGE plpgsql SECURITY INVOKER
-AS $$
-BEGIN
-    PERFORM fluxbase_capture.write_events(TG_RELID, 'UPDATE', i.news, i.olds)
-    FROM (SELECT (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n) AS news,
-                 (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o) AS olds) AS i
-    WHERE i.news IS NOT NULL;
-    RETURN NULL;
-END
-$$;
-GRANT EXECUTE ON FUNCTION fluxbase_capture.capture_update_rows() TO PUBLIC;
-
-CREATE OR REPLACE FUNCTION fluxbase_capture.attach_capture(p_table regclass) RETURNS void
-    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF (SELECT relispartition FROM pg_catalog.pg_class WHERE oid = p_table) THEN
-        RETURN;  -- the partitioned parent's triggers already cover its partitions
-    END IF;
-    PERFORM fluxbase_capture.detach_capture(p_table);
-    EXECUTE pg_catalog.format('CREATE TRIGGER fluxbase_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_insert()', p_table);
-    EXECUTE pg_catalog.format('CREATE TRIGGER fluxbase_capture_upd AFTER UPDATE ON %s '
-                              'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_update_rows()', p_table);
-    EXECUTE pg_catalog.format('CREATE TRIGGER fluxbase_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_delete()', p_table);
-    EXECUTE pg_catalog.format('CREATE TRIGGER fluxbase_capture_trunc AFTER TRUNCATE ON %s '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_truncate()', p_table);
-END
-$$;
+-- UPDATE stays row-level (capture_update, one expression already). A statement-level UPDATE
+-- trigger with both transition tables makes a bulk UPDATE one write_events call per statement
+-- (about 11 µs a row at 100 rows a statement instead of 49) but costs a single-row UPDATE about
+-- 11 µs more (the two transition tables and their query); bench/capture_cost.py measures it as
+-- cc_updstmt, next to the installed one.
 
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
     p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
@@ -196,22 +159,5 @@ BEGIN
     IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) THEN
         PERFORM pg_catalog.pg_notify('fluxbase_events', '');
     END IF;
-END
-$$;
-
--- Tables captured today get the statement-level UPDATE trigger (the others, switched off, keep
--- no triggers). Only tables whose UPDATE capture is the row-level one: a table's owner runs
--- attach_capture again whenever realtime is switched on.
-DO $$
-DECLARE
-    t record;
-BEGIN
-    FOR t IN SELECT DISTINCT tg.tgrelid FROM pg_catalog.pg_trigger tg
-             WHERE tg.tgname = 'fluxbase_capture_upd'
-               AND tg.tgfoid = 'fluxbase_capture.capture_update()'::pg_catalog.regprocedure
-               AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = tg.tgrelid AND c.relispartition) LOOP
-        PERFORM fluxbase_capture.attach_capture(t.tgrelid::regclass);
-    END LOOP;
 END
 $$;

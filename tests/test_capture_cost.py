@@ -1,8 +1,8 @@
 """sql/0048's cheaper capture keeps what capture did (bench/capture_cost.py measures the cost).
 
-UPDATE is captured by a statement-level trigger now, pairing the n-th new image with the n-th
-old one from the two transition tables; write_events takes its checks in one expression on the
-way a project session goes, and the old way for everything else (platform sessions, TRUNCATE)."""
+write_events takes its checks in one expression on the way a project session goes, and the old
+way for everything else (platform sessions, TRUNCATE); bulk statements go through its many-row
+INSERT, single rows through its one-row VALUES."""
 
 from __future__ import annotations
 
@@ -68,27 +68,6 @@ async def test_update_of_no_row_writes_no_event(api: Api, project: Any, control_
     ]
 
 
-async def test_partitioned_update_is_named_by_the_parent_and_pairs_across_partitions(
-    api: Api, project: Any, control_db: asyncpg.Pool
-) -> None:
-    """Before sql/0048 the row-level UPDATE trigger, cloned on each partition, named the
-    partition in the event; INSERT and DELETE named the parent. A row that moves to another
-    partition is one UPDATE event with its old and new image."""
-    await _ok(api, project, "CREATE TABLE parted (id int, v text) PARTITION BY RANGE (id)")
-    await _ok(api, project, "CREATE TABLE parted_lo PARTITION OF parted FOR VALUES FROM (0) TO (100)")
-    await _ok(api, project, "CREATE TABLE parted_hi PARTITION OF parted FOR VALUES FROM (100) TO (200)")
-    await _ok(api, project, "INSERT INTO parted VALUES (1, 'a'), (2, 'b')")
-    await _ok(api, project, "UPDATE parted SET id = id + 100 WHERE id = 1")
-    await _ok(api, project, "UPDATE parted SET v = 'c' WHERE id = 2")
-    events = await _events(control_db, project.id, "parted")
-    assert [(e["operation"], e["old"], e["record"]) for e in events if e["operation"] == "UPDATE"] == [
-        ("UPDATE", {"id": 1, "v": "a"}, {"id": 101, "v": "a"}),
-        ("UPDATE", {"id": 2, "v": "b"}, {"id": 2, "v": "c"}),
-    ], events
-    for part in ("parted_lo", "parted_hi"):
-        assert await _events(control_db, project.id, part) == []
-
-
 async def test_platform_session_and_truncate_still_captured(
     api: Api, project: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -106,21 +85,3 @@ async def test_platform_session_and_truncate_still_captured(
     ], events
     assert events[1]["old"] == {"id": 7, "v": "platform"} and events[1]["record"] == {"id": 7, "v": "again"}
     assert events[0]["bytes"] > 0
-
-
-async def test_capture_triggers_are_statement_level(api: Api, project: Any, control_db: asyncpg.Pool) -> None:
-    await _ok(api, project, "CREATE TABLE shape (id int)")
-    rows = await control_db.fetch(
-        """SELECT t.tgname, t.tgfoid::regproc::text AS fn, (t.tgtype & 1) = 1 AS row_level,
-                  t.tgoldtable, t.tgnewtable
-           FROM pg_trigger t WHERE t.tgrelid = $1::regclass AND t.tgname LIKE 'fluxbase_capture_%'
-           ORDER BY t.tgname""",
-        f"p_{project.id}.shape",
-    )
-    got = {r["tgname"]: (r["fn"], r["row_level"], r["tgoldtable"], r["tgnewtable"]) for r in rows}
-    assert got == {
-        "fluxbase_capture_del": ("fluxbase_capture.capture_delete", False, "old_rows", None),
-        "fluxbase_capture_ins": ("fluxbase_capture.capture_insert", False, None, "new_rows"),
-        "fluxbase_capture_trunc": ("fluxbase_capture.capture_truncate", False, None, None),
-        "fluxbase_capture_upd": ("fluxbase_capture.capture_update_rows", False, "old_rows", "new_rows"),
-    }
