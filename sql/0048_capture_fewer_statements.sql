@@ -58,9 +58,9 @@ ALTER FUNCTION fluxbase_capture.capture_delete() RESET search_path;
 
 -- UPDATE stays row-level (capture_update, one expression already). A statement-level UPDATE
 -- trigger with both transition tables makes a bulk UPDATE one write_events call per statement
--- (about 11 µs a row at 100 rows a statement instead of 49) but costs a single-row UPDATE about
--- 11 µs more (the two transition tables and their query); bench/capture_cost.py measures it as
--- cc_updstmt, next to the installed one.
+-- (13-14 µs a row at 100 rows a statement instead of 37-47) but costs a single-row UPDATE 11-39
+-- µs more (the two transition tables and their query); bench/capture_cost.py --breakdown
+-- measures it as cc_updstmt, next to the installed one.
 
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
     p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
