@@ -591,7 +591,7 @@ async def _one_round_trip(
         except ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        wire.write(conn, head)
+        prefix.send(conn, head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
             rows, status, completed = await wire.execute(conn, stmt, args, limits.max_rows + 1)

@@ -15,7 +15,9 @@ covers every step).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +109,7 @@ class RequestPrefix:
 
     __slots__ = (
         "_check",
+        "_fd",
         "_fixed",
         "_login",
         "_read_only",
@@ -126,6 +129,7 @@ class RequestPrefix:
         limits: Sequence[str] = (),
     ):
         self._login = login
+        self._fd: int | None = None  # `send`'s socket: unknown yet (-1: none it may use)
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
         n = len(RESET_STEPS)
@@ -191,6 +195,35 @@ class RequestPrefix:
             out += bind_execute(self._read_only)
         return out
 
+    def send(self, conn: Any, data: bytes) -> None:
+        """Write the prefix `data` so that it leaves with the driver's next write: one TCP
+        segment, one wake-up of PostgreSQL for the prefix and the statement, where two writes
+        made two. The prefix goes straight to the socket with MSG_MORE (the kernel holds it
+        back until the next send without that flag: asyncpg's Bind/Execute/Sync, or `drain`'s),
+        which costs the same one system call the transport's own write did, and nothing to undo
+        afterwards (TCP_CORK needed two more per request). Only when the transport has nothing
+        queued, so the order on the wire stays the order of the writes; a TLS connection, a
+        Unix socket or anything the kernel does not take at once goes through the transport as
+        before (`write`)."""
+        fd = self._fd
+        if fd is None:
+            fd = self._fd = _raw_fd(conn._transport)
+        transport = conn._transport
+        if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+            # A socket object over the transport's descriptor, for this one call: detached
+            # before anything else runs, so it never closes what it does not own.
+            sock = _socket.socket(_socket.AF_INET, _NONBLOCKING_STREAM, 0, fd)
+            try:
+                sent = sock.send(data, _MSG_MORE)
+            except OSError:  # full or broken: the transport's write handles either
+                sent = 0
+            finally:
+                sock.detach()
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
     async def drain(self, conn: Any) -> None:
         """End a prefix written without its statement: run the login settings query (it changes
         nothing) with a Sync after it. A refusal the prefix raised is moot then (the request
@@ -209,6 +242,20 @@ class RequestPrefix:
 def write(conn: Any, data: bytes) -> None:
     """Queue raw protocol messages ahead of the connection's next operation."""
     conn._transport.write(data)
+
+
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def _raw_fd(transport: Any) -> int:
+    """The descriptor of a plain TCP transport that `RequestPrefix.send` may write to, or -1."""
+    if not _MSG_MORE or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return -1
+    return int(sock.fileno())
 
 
 # -- statements with a row cap --------------------------------------------------------------------
