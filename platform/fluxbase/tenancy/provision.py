@@ -194,12 +194,79 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
         )
+        await _revoke_foreign_grants(conn, roles)
         async with buckets.acting(conn, project_id) as c:
             await _drop(c, project_id, roles)
     except BaseException:
         with contextlib.suppress(Exception):
             await _logins(conn, project_id, roles, allowed=True)
         raise
+
+
+# What another project's roles granted this project's roles on their objects (a tenant may grant
+# its objects to any role): the entries that keep DROP ROLE from succeeding ("some objects depend
+# on it"), found through pg_shdepend's index, with who granted them.
+_FOREIGN_GRANTS_SQL = """
+WITH mine AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
+deps AS (
+    SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_shdepend d
+    WHERE d.refclassid = 'pg_catalog.pg_authid'::regclass AND d.refobjid IN (SELECT oid FROM mine)
+      AND d.deptype = 'a'
+      AND d.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+),
+entries AS (
+    SELECT 'TABLE ' || c.oid::regclass::text AS target, c.relacl AS acl
+    FROM pg_catalog.pg_class c JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
+         AND deps.objid = c.oid AND deps.objsubid = 0
+    UNION ALL
+    SELECT '(' || quote_ident(a.attname) || ') ON TABLE ' || a.attrelid::regclass::text, a.attacl
+    FROM pg_catalog.pg_attribute a JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
+         AND deps.objid = a.attrelid AND deps.objsubid = a.attnum
+    UNION ALL
+    SELECT 'ROUTINE ' || p.oid::regprocedure::text, p.proacl
+    FROM pg_catalog.pg_proc p
+    JOIN deps ON deps.classid = 'pg_catalog.pg_proc'::regclass AND deps.objid = p.oid
+    UNION ALL
+    SELECT 'TYPE ' || t.oid::regtype::text, t.typacl
+    FROM pg_catalog.pg_type t
+    JOIN deps ON deps.classid = 'pg_catalog.pg_type'::regclass AND deps.objid = t.oid
+    UNION ALL
+    SELECT 'SCHEMA ' || quote_ident(n.nspname), n.nspacl
+    FROM pg_catalog.pg_namespace n
+    JOIN deps ON deps.classid = 'pg_catalog.pg_namespace'::regclass AND deps.objid = n.oid
+    UNION ALL
+    SELECT 'LARGE OBJECT ' || l.oid::text, l.lomacl
+    FROM pg_catalog.pg_largeobject_metadata l
+    JOIN deps ON deps.classid = 'pg_catalog.pg_largeobject'::regclass AND deps.objid = l.oid
+)
+SELECT DISTINCT e.target, m.rolname AS grantee, g.rolname AS grantor
+FROM entries e, aclexplode(e.acl) x
+JOIN mine m ON m.oid = x.grantee
+JOIN pg_catalog.pg_roles g ON g.oid = x.grantor
+WHERE g.rolname ~ '^p_[0-9a-f]{16}_' AND NOT g.rolname = ANY($1::text[])
+ORDER BY 3, 1, 2
+"""
+
+
+async def _revoke_foreign_grants(conn: asyncpg.Connection, roles: list[str]) -> None:
+    """Revoke what other projects' roles granted these roles, each as its grantor (acting as the
+    grantor's project's administrator): without it one tenant could keep any project whose id it
+    knows from being deleted by granting that project's role a privilege on its own table."""
+    rows = await conn.fetch(_FOREIGN_GRANTS_SQL, roles)
+    by_grantor: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_grantor.setdefault(r["grantor"], []).append(r)
+    for grantor, grants in by_grantor.items():
+        other = grantor.split("_")[1]
+        async with buckets.acting(conn, other) as c:
+            await c.execute(f"SET LOCAL ROLE {quote_ident(grantor)}")
+            for g in grants:
+                await c.execute(
+                    f"REVOKE ALL {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+                    if g["target"].startswith("(")
+                    else f"REVOKE ALL ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+                )
+            await c.execute("RESET ROLE")
 
 
 async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
