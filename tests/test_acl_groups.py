@@ -397,6 +397,8 @@ async def test_grants_from_another_project_do_not_block_deletion(api: Api, contr
         f"GRANT EXECUTE ON FUNCTION f() TO p_{b}_admin",
         f"GRANT USAGE ON TYPE mood TO p_{b}_ro",
         f"GRANT USAGE ON SCHEMA p_{a} TO p_{b}_admin",
+        f"ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO p_{b}_ro",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA p_{a} GRANT EXECUTE ON FUNCTIONS TO p_{b}_rw",
     ):
         await _ok(api, ka, a, q)
     r = await api.http.delete(f"/api/projects/{b}", headers=bearer(token))
