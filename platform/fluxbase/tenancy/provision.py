@@ -194,12 +194,118 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
         )
+        await _revoke_foreign(conn, roles)
         async with buckets.acting(conn, project_id) as c:
             await _drop(c, project_id, roles)
     except BaseException:
         with contextlib.suppress(Exception):
             await _logins(conn, project_id, roles, allowed=True)
         raise
+
+
+# What other projects' roles gave the dying roles (hostile review 14): an owner may grant its
+# objects to any role, and create policies and default privileges naming any role. DROP OWNED BY,
+# run as the dying role, revokes only the entries that role could revoke itself (it errors on an
+# object it holds nothing else on), and leaves a policy on a table it does not own: DROP ROLE then
+# failed, and any tenant kept any other project from being deleted (or a move from removing the
+# source's copy). Entries in ACLs (table, column, sequence, function, schema, type, large object)
+# naming one of `$1` and granted by another project's role; policies of another project's tables
+# naming one of them. Default privileges are removed by DROP OWNED whoever set them.
+_FOREIGN_ACL_SQL = r"""
+WITH dying AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
+deps AS (
+    SELECT DISTINCT s.classid, s.objid FROM pg_catalog.pg_shdepend s
+    WHERE s.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+      AND s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype = 'a'
+      AND s.refobjid IN (SELECT oid FROM dying)
+),
+acls AS (
+    SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END
+               || pg_catalog.format('%I.%I', n.nspname, c.relname) AS target, NULL::text AS col, c.relacl AS acl
+    FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+    UNION ALL
+    SELECT 'TABLE ' || pg_catalog.format('%I.%I', n.nspname, c.relname), pg_catalog.quote_ident(a.attname), a.attacl
+    FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND a.attacl IS NOT NULL
+    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+    UNION ALL
+    SELECT CASE WHEN p.prokind = 'p' THEN 'PROCEDURE ' ELSE 'FUNCTION ' END
+               || pg_catalog.format('%I.%I(%s)', n.nspname, p.proname,
+                                    pg_catalog.pg_get_function_identity_arguments(p.oid)), NULL, p.proacl
+    FROM deps d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+    UNION ALL
+    SELECT 'SCHEMA ' || pg_catalog.quote_ident(n.nspname), NULL, n.nspacl
+    FROM deps d JOIN pg_catalog.pg_namespace n ON n.oid = d.objid
+    WHERE d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
+    UNION ALL
+    SELECT 'TYPE ' || pg_catalog.format('%I.%I', n.nspname, t.typname), NULL, t.typacl
+    FROM deps d JOIN pg_catalog.pg_type t ON t.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+    WHERE d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass
+    UNION ALL
+    SELECT 'LARGE OBJECT ' || m.oid::text, NULL, m.lomacl
+    FROM deps d JOIN pg_catalog.pg_largeobject_metadata m ON m.oid = d.objid
+    WHERE d.classid = 'pg_catalog.pg_largeobject'::pg_catalog.regclass
+)
+SELECT a.target, a.col, gr.rolname AS grantor, d.rolname AS grantee,
+       pg_catalog.array_agg(DISTINCT x.privilege_type ORDER BY x.privilege_type) AS privs
+FROM acls a CROSS JOIN LATERAL pg_catalog.aclexplode(a.acl) x
+JOIN dying d ON d.oid = x.grantee JOIN pg_catalog.pg_roles gr ON gr.oid = x.grantor
+WHERE x.grantor NOT IN (SELECT oid FROM dying) AND gr.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$'
+GROUP BY 1, 2, 3, 4
+ORDER BY 3, 1, 2, 4
+"""
+
+_FOREIGN_POLICY_SQL = r"""
+WITH dying AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[]))
+SELECT pg_catalog.quote_ident(pol.polname) AS name, pg_catalog.format('%I.%I', n.nspname, c.relname) AS tbl,
+       o.rolname AS owner,
+       ARRAY(SELECT r.rolname FROM pg_catalog.unnest(pol.polroles) u(oid)
+             JOIN pg_catalog.pg_roles r ON r.oid = u.oid
+             WHERE u.oid NOT IN (SELECT oid FROM dying) ORDER BY 1) AS keep,
+       0::oid = ANY (pol.polroles) AS public
+FROM pg_catalog.pg_policy pol JOIN pg_catalog.pg_class c ON c.oid = pol.polrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+WHERE pol.polroles && ARRAY(SELECT oid FROM dying)
+  AND c.relowner NOT IN (SELECT oid FROM dying) AND o.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$'
+ORDER BY 3, 2, 1
+"""
+
+
+async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> None:
+    """Take back what other projects' roles gave `roles` (_FOREIGN_ACL_SQL), each as the role that
+    granted it (as the table's owner for a policy: the dying roles leave its role list, and a
+    policy left with none is dropped, as DROP OWNED does for a superuser; it applied to them
+    only). Done by the grantor project's own administrator, committed before the drop."""
+    work: dict[str, list[tuple[str, str]]] = {}
+    for g in await conn.fetch(_FOREIGN_ACL_SQL, roles):
+        privs = ", ".join(f"{p} ({g['col']})" if g["col"] else p for p in g["privs"])
+        stmt = f"REVOKE {privs} ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+        work.setdefault(g["grantor"], []).append((g["grantor"], stmt))
+    for p in await conn.fetch(_FOREIGN_POLICY_SQL, roles):
+        keep = ", ".join(quote_ident(r) for r in p["keep"]) or None
+        if p["public"]:
+            keep = ", ".join(x for x in ("public", keep) if x)
+        stmt = (
+            f"ALTER POLICY {p['name']} ON {p['tbl']} TO {keep}"
+            if keep
+            else f"DROP POLICY {p['name']} ON {p['tbl']}"
+        )
+        work.setdefault(p["owner"], []).append((p["owner"], stmt))
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for grantor, stmts in work.items():
+        by_project.setdefault(grantor.split("_")[1], []).extend(stmts)
+    for pid, stmts in sorted(by_project.items()):
+        async with buckets.acting(conn, pid) as c:
+            for role, stmt in stmts:
+                await c.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+                await c.execute(stmt)
+                await c.execute("SET LOCAL ROLE NONE")
 
 
 async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
