@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-import pytest
 
 from fluxbase.db.privileges import GROUP_PRIVILEGES, tenant_group
 from support import Api, bearer
@@ -49,8 +48,10 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     the dying role, revokes only what that role could revoke itself: "permission denied for
     column tableoid of relation bait_seq", and DROP ROLE fails on the entries left). Any tenant
     of the database could keep any other project from being deleted, and a move from removing
-    the source's copy. Now the grants are taken back by their grantor, and the attacker's own
-    objects are otherwise untouched."""
+    the source's copy. The tenant groups add a variant no project role could undo: a member's
+    re-grant through a grant option an owner gave the group is recorded as the group's. Now the
+    grants are taken back by their grantor (the group's by the drop's administrator, which holds
+    SET on the groups), and the attacker's own objects are otherwise untouched."""
     _, atk_token = await api.new_user()
     atk = await api.new_project(atk_token, "attacker")
     akey = await api.new_key(atk_token, atk, "admin")
@@ -74,6 +75,22 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
         f"ALTER DEFAULT PRIVILEGES IN SCHEMA p_{atk} GRANT SELECT ON TABLES TO {roles}",
     ):
         await _ok(api, akey, atk, q)
+    # A second project of the attacker re-grants A's table through the admin group's grant
+    # option: that entry's grantor is the group, which nobody may become.
+    atk2 = await api.new_project(atk_token, "attacker 2")
+    akey2 = await api.new_key(atk_token, atk2, "admin")
+    db = await control_db.fetchval("SELECT current_database()")
+    g = tenant_group(db, "admin")
+    await _ok(api, akey, atk, f"GRANT USAGE ON SCHEMA p_{atk} TO {g}")
+    await _ok(api, akey, atk, f"GRANT SELECT, INSERT ON bait TO {g} WITH GRANT OPTION")
+    await _ok(api, akey2, atk2, f"GRANT SELECT, INSERT ON p_{atk}.bait TO {roles}")
+    grantors = await control_db.fetchval(
+        "SELECT array_agg(DISTINCT x.grantor::regrole::text) FROM pg_class c, aclexplode(c.relacl) x "
+        "WHERE c.oid = $1::regclass AND x.grantee = $2::regrole",
+        f"p_{atk}.bait",
+        f"p_{vic}_ro",
+    )
+    assert sorted(grantors) == sorted([f"p_{atk}_admin", g]), grantors
     r = await api.http.delete(f"/api/projects/{vic}", headers=bearer(vic_token))
     assert r.status_code < 500, r.text
     assert r.status_code in (200, 204), r.text
@@ -83,9 +100,142 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     pols = {
         r["polname"]: r["roles"]
         for r in await control_db.fetch(
-            "SELECT polname, polroles::regrole[]::text[] AS roles FROM pg_policy WHERE polrelid = $1::regclass",
+            "SELECT polname, polroles::regrole[]::text[] AS roles FROM pg_policy "
+            "WHERE polrelid = $1::regclass",
             f"p_{atk}.bait",
         )
     }
     assert pols == {"bait_mixed": [f"p_{atk}_ro"]}, pols
     await _ok(api, akey, atk, "SELECT bait_fn(), count(*) FROM bait")
+
+
+# -- 2. the tenant groups: no channel between tenants, nothing new for any scope -----------------
+
+_MAY = """SELECT has_database_privilege(current_user, current_database(), 'TEMPORARY') AS temporary,
+                 has_database_privilege(current_user, current_database(), 'CREATE') AS create,
+                 has_function_privilege(current_user, 'pg_catalog.set_config(text,text,boolean)', 'EXECUTE')
+                   AS set_config,
+                 has_language_privilege(current_user, 'plpgsql', 'USAGE') AS plpgsql"""
+
+_GROUP_STATE = """
+SELECT g.rolname,
+       (SELECT array_agg(m.member::regrole::text || ':' || m.admin_option || m.inherit_option || m.set_option
+                         ORDER BY 1)
+        FROM pg_auth_members m WHERE m.roleid = g.oid) AS members,
+       (SELECT array_agg(m.roleid::regrole::text ORDER BY 1) FROM pg_auth_members m WHERE m.member = g.oid)
+         AS member_of,
+       (SELECT count(*) FROM pg_class WHERE relowner = g.oid)
+       + (SELECT count(*) FROM pg_proc WHERE proowner = g.oid)
+       + (SELECT count(*) FROM pg_namespace WHERE nspowner = g.oid)
+       + (SELECT count(*) FROM pg_type WHERE typowner = g.oid) AS owns,
+       has_database_privilege(g.oid, current_database(), 'CONNECT') AS connect,
+       has_database_privilege(g.oid, current_database(), 'TEMPORARY') AS temporary,
+       has_function_privilege(g.oid, 'pg_catalog.set_config(text,text,boolean)', 'EXECUTE') AS set_config,
+       has_language_privilege(g.oid, 'plpgsql', 'USAGE') AS plpgsql,
+       g.rolcanlogin, g.rolinherit, g.rolcreaterole, g.rolconfig
+FROM pg_roles g WHERE g.rolname = ANY($1::text[]) ORDER BY 1
+"""
+
+
+async def test_no_scope_gains_a_privilege_through_its_group(api: Api, project: Any) -> None:
+    """Read and readwrite keys, and an end user's token, hold no TEMPORARY, set_config or plpgsql
+    through their group (the admin group has them); what needs them is refused."""
+    from test_attack_review1 import end_user, sql
+
+    pid, token = project.id, project.owner_token
+    await _ok(api, project.admin_key, pid, "CREATE TABLE notes (v text)")
+    read = await api.new_key(token, pid, "read")
+    rw = await api.new_key(token, pid, "readwrite")
+    r = await api.http.post(
+        f"/api/projects/{pid}/api-keys",
+        json={"name": "browser", "scope": "readwrite", "requireUserAuth": True},
+        headers=bearer(token),
+    )
+    assert r.status_code == 201, r.text
+    browser = r.json()["key"]
+    _, user_token = await end_user(api, pid)
+    callers = [(read, None), (rw, None), (browser, user_token)]
+    for key, ut in callers:
+        body = await sql(api, key, pid, _MAY, ut)
+        assert body["success"], body
+        assert body["result"]["rows"] == [
+            dict(temporary=False, create=False, set_config=False, plpgsql=False)
+        ]
+        for q in (
+            "CREATE TEMP TABLE t (v int)",
+            "SELECT set_config('fluxbase.auth_uid', 'someone', true)",
+            "DO $$ BEGIN PERFORM 1; END $$",
+        ):
+            body = await sql(api, key, pid, q, ut)
+            assert not body.get("success"), (q, body)
+    body = await sql(api, project.admin_key, pid, _MAY)
+    assert body["result"]["rows"] == [dict(temporary=True, create=False, set_config=True, plpgsql=True)]
+
+
+async def test_a_project_admin_cannot_use_its_group_as_a_channel(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Through the API, with DO blocks (the classifier does not see into them): becoming the
+    group, granting it on, revoking it from itself or another tenant, altering it, making it own
+    something (ownership transfer, REASSIGN OWNED, a schema), taking its privileges away from
+    every other tenant (REVOKE, DROP OWNED BY). Afterwards every group is as it was: same members
+    with the same options, owns nothing, same privileges.
+
+    Seen succeeding, and inert: the admin role has the privileges of its group (INHERIT TRUE), so
+    PostgreSQL lets it run ALTER DEFAULT PRIVILEGES FOR ROLE <group> (even IN SCHEMA of another
+    project: the group creates nothing, so those entries never apply), REASSIGN OWNED BY <group>
+    and DROP OWNED BY <group> (the group owns nothing; DROP OWNED revokes only what the caller
+    granted), REVOKE ... FROM <group> (only the caller's own grants), and GRANT its own objects
+    to a group WITH GRANT OPTION (see test 1 for what that did to project deletion)."""
+    _, other_token = await api.new_user()
+    other = await api.new_project(other_token, "bystander")
+    pid, key = project.id, project.admin_key
+    db = await control_db.fetchval("SELECT current_database()")
+    groups = [tenant_group(db, k) for k in GROUP_PRIVILEGES]
+    before = [dict(r) for r in await control_db.fetch(_GROUP_STATE, groups)]
+    await _ok(api, key, pid, "CREATE TABLE mine (v int)")
+    await _ok(api, key, pid, "CREATE TYPE mood AS ENUM ('ok')")
+    await _ok(api, key, pid, "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    for g in groups:
+        for q in (
+            f"SET ROLE {g}",
+            f"SELECT set_config('role', '{g}', true)",
+            f"GRANT {g} TO p_{other}_ro",
+            f"GRANT {g} TO p_{pid}_ro WITH INHERIT TRUE",
+            f"GRANT {g} TO CURRENT_USER WITH SET TRUE",
+            f"REVOKE {g} FROM CURRENT_USER",
+            f"REVOKE {g} FROM p_{other}_admin",
+            f"REVOKE INHERIT OPTION FOR {g} FROM p_{other}_ro",
+            f"ALTER ROLE {g} LOGIN PASSWORD 'x'",
+            f"ALTER ROLE {g} SET search_path = p_{pid}",
+            f"ALTER ROLE {g} RENAME TO evil",
+            f"COMMENT ON ROLE {g} IS 'evil'",
+            f"ALTER TABLE mine OWNER TO {g}",
+            f"ALTER TYPE mood OWNER TO {g}",
+            f"ALTER FUNCTION f() OWNER TO {g}",
+            f"CREATE SCHEMA evil AUTHORIZATION {g}",
+            f"REASSIGN OWNED BY CURRENT_USER TO {g}",
+            f"REASSIGN OWNED BY {g} TO CURRENT_USER",
+            f"DROP OWNED BY {g}",
+            f'REVOKE ALL ON DATABASE "{db}" FROM {g}',
+            f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {g}",
+            f"REVOKE USAGE ON LANGUAGE plpgsql FROM {g}",
+            f"SECURITY LABEL ON ROLE {g} IS 'x'",
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} GRANT ALL ON TABLES TO p_{pid}_admin",
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} IN SCHEMA p_{other} GRANT ALL ON TABLES TO p_{pid}_admin",
+            f"GRANT SELECT ON mine TO {g} WITH GRANT OPTION",
+        ):
+            doubled = q.replace("'", "''")
+            await api.sql(key, pid, q)  # the classifier refuses most; either way:
+            await api.sql(key, pid, f"DO $$ BEGIN EXECUTE '{doubled}'; END $$")
+    after = [dict(r) for r in await control_db.fetch(_GROUP_STATE, groups)]
+    assert after == before
+    assert all(r["owns"] == 0 and r["connect"] and not r["rolcanlogin"] for r in after), after
+    owner = await control_db.fetchval(
+        "SELECT relowner::regrole::text FROM pg_class WHERE oid = $1::regclass", f"p_{pid}.mine"
+    )
+    assert owner == f"p_{pid}_admin"
+    # The bystander still works: connects, creates temporary objects, runs plpgsql.
+    okey = await api.new_key(other_token, other, "admin")
+    await _ok(api, okey, other, "CREATE TEMP TABLE tt (v int)")
+    await _ok(api, okey, other, "DO $$ BEGIN PERFORM pg_catalog.set_config('work_mem', '4MB', true); END $$")

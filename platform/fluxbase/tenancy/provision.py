@@ -11,7 +11,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
+from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group, tenant_groups
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -194,8 +194,9 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
         )
-        await _revoke_foreign(conn, roles)
+        as_groups = await _revoke_foreign(conn, roles)
         async with buckets.acting(conn, project_id) as c:
+            await _as_grantors(c, as_groups)
             await _drop(c, project_id, roles)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -209,8 +210,10 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
 # object it holds nothing else on), and leaves a policy on a table it does not own: DROP ROLE then
 # failed, and any tenant kept any other project from being deleted (or a move from removing the
 # source's copy). Entries in ACLs (table, column, sequence, function, schema, type, large object)
-# naming one of `$1` and granted by another project's role; policies of another project's tables
-# naming one of them. Default privileges are removed by DROP OWNED whoever set them.
+# naming one of `$1` and granted by another project's role, or by one of the shared groups in `$2`
+# (a member re-granting what an owner granted a group WITH GRANT OPTION grants as the group);
+# policies of another project's tables naming one of them. Default privileges are removed by DROP
+# OWNED whoever set them.
 _FOREIGN_ACL_SQL = r"""
 WITH dying AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
 deps AS (
@@ -221,12 +224,14 @@ deps AS (
 ),
 acls AS (
     SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END
-               || pg_catalog.format('%I.%I', n.nspname, c.relname) AS target, NULL::text AS col, c.relacl AS acl
+               || pg_catalog.format('%I.%I', n.nspname, c.relname) AS target,
+           NULL::text AS col, c.relacl AS acl
     FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
     UNION ALL
-    SELECT 'TABLE ' || pg_catalog.format('%I.%I', n.nspname, c.relname), pg_catalog.quote_ident(a.attname), a.attacl
+    SELECT 'TABLE ' || pg_catalog.format('%I.%I', n.nspname, c.relname),
+           pg_catalog.quote_ident(a.attname), a.attacl
     FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND a.attacl IS NOT NULL
@@ -256,7 +261,8 @@ SELECT a.target, a.col, gr.rolname AS grantor, d.rolname AS grantee,
        pg_catalog.array_agg(DISTINCT x.privilege_type ORDER BY x.privilege_type) AS privs
 FROM acls a CROSS JOIN LATERAL pg_catalog.aclexplode(a.acl) x
 JOIN dying d ON d.oid = x.grantee JOIN pg_catalog.pg_roles gr ON gr.oid = x.grantor
-WHERE x.grantor NOT IN (SELECT oid FROM dying) AND gr.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$'
+WHERE x.grantor NOT IN (SELECT oid FROM dying)
+  AND (gr.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$' OR gr.rolname = ANY ($2::text[]))
 GROUP BY 1, 2, 3, 4
 ORDER BY 3, 1, 2, 4
 """
@@ -277,13 +283,17 @@ ORDER BY 3, 2, 1
 """
 
 
-async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> None:
+async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> list[tuple[str, str]]:
     """Take back what other projects' roles gave `roles` (_FOREIGN_ACL_SQL), each as the role that
     granted it (as the table's owner for a policy: the dying roles leave its role list, and a
     policy left with none is dropped, as DROP OWNED does for a superuser; it applied to them
-    only). Done by the grantor project's own administrator, committed before the drop."""
+    only). Done by the grantor project's own administrator, committed before the drop. What a
+    shared group granted is returned, (group, statement): the dying project's administrator runs
+    it as the group (it holds SET on them, db/privileges.py) in the drop's own transaction (the
+    drop's DROP OWNED would wait for the ACL rows a transaction of its own left locked)."""
+    shared = [*tenant_groups(await conn.fetchval("SELECT current_database()")), REALTIME_SENDERS]
     work: dict[str, list[tuple[str, str]]] = {}
-    for g in await conn.fetch(_FOREIGN_ACL_SQL, roles):
+    for g in await conn.fetch(_FOREIGN_ACL_SQL, roles, shared):
         privs = ", ".join(f"{p} ({g['col']})" if g["col"] else p for p in g["privs"])
         stmt = f"REVOKE {privs} ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
         work.setdefault(g["grantor"], []).append((g["grantor"], stmt))
@@ -299,13 +309,19 @@ async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> None:
         work.setdefault(p["owner"], []).append((p["owner"], stmt))
     by_project: dict[str, list[tuple[str, str]]] = {}
     for grantor, stmts in work.items():
-        by_project.setdefault(grantor.split("_")[1], []).extend(stmts)
+        if grantor not in shared:
+            by_project.setdefault(grantor.split("_")[1], []).extend(stmts)
     for pid, stmts in sorted(by_project.items()):
         async with buckets.acting(conn, pid) as c:
-            for role, stmt in stmts:
-                await c.execute(f"SET LOCAL ROLE {quote_ident(role)}")
-                await c.execute(stmt)
-                await c.execute("SET LOCAL ROLE NONE")
+            await _as_grantors(c, stmts)
+    return [st for grantor in shared for st in work.get(grantor, [])]
+
+
+async def _as_grantors(conn: asyncpg.Connection, stmts: list[tuple[str, str]]) -> None:
+    for role, stmt in stmts:
+        await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+        await conn.execute(stmt)
+        await conn.execute("SET LOCAL ROLE NONE")
 
 
 async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
