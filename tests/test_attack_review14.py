@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import pytest
 
 from fluxbase.db.privileges import GROUP_PRIVILEGES, tenant_group
 from support import Api, bearer
@@ -239,3 +240,71 @@ async def test_a_project_admin_cannot_use_its_group_as_a_channel(
     okey = await api.new_key(other_token, other, "admin")
     await _ok(api, okey, other, "CREATE TEMP TABLE tt (v int)")
     await _ok(api, okey, other, "DO $$ BEGIN PERFORM pg_catalog.set_config('work_mem', '4MB', true); END $$")
+
+
+# -- 3. two databases of one server; a provisioning that fails half-way --------------------------
+
+
+async def test_groups_of_two_databases_of_one_server_stay_apart(
+    api: Api, spawn: Any, stack: Any, instance: Any, control_db: asyncpg.Pool
+) -> None:
+    """Two Fluxbase databases on one PostgreSQL server (roles are per server): each has its own
+    groups, and a project role of one may not connect to the other, through its group or
+    otherwise. A provisioning that fails after CREATE ROLE (its group grant refused) leaves no
+    role behind."""
+    from urllib.parse import urlsplit
+
+    from fluxbase.security.roles import role_password
+
+    _, token = await api.new_user()
+    here = await api.new_project(token, "here")
+    db1 = instance.dbname
+    async with spawn() as inst2:
+        db2 = inst2.dbname
+        assert {tenant_group(db1, k) for k in GROUP_PRIVILEGES}.isdisjoint(
+            {tenant_group(db2, k) for k in GROUP_PRIVILEGES}
+        )
+        api2 = Api(inst2.url)
+        try:
+            _, token2 = await api2.new_user()
+            there = await api2.new_project(token2, "there")
+            for role, db in [(f"p_{here}_{s}", db2) for s in ("admin", "rw", "ro", "rt")] + [
+                (f"p_{there}_{s}", db1) for s in ("admin", "rw", "ro", "rt")
+            ]:
+                assert not await control_db.fetchval(
+                    "SELECT has_database_privilege($1, $2, 'CONNECT')", role, db
+                ), (role, db)
+                u = urlsplit(stack.database_url(db))
+                with pytest.raises(asyncpg.PostgresError):
+                    conn = await asyncpg.connect(
+                        host=u.hostname,
+                        port=u.port,
+                        database=db,
+                        user=role,
+                        password=role_password(stack.secret_key, role),
+                    )
+                    await conn.close()
+            # Half-way: the provisioner may no longer grant the connect group (as if the
+            # privilege step had not run there); the project's creation fails, and leaves nothing.
+            sup = await asyncpg.connect(stack.database_url(db2))
+            try:
+                before = await sup.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'p\\_%'")
+                g = tenant_group(db2, "connect")
+                holders = [
+                    r[0]
+                    for r in await sup.fetch(
+                        "SELECT member::regrole::text FROM pg_auth_members WHERE roleid = $1::regrole "
+                        "AND admin_option",
+                        g,
+                    )
+                ]
+                await sup.execute(f"REVOKE ADMIN OPTION FOR {g} FROM {', '.join(holders)} CASCADE")
+                r = await api2.http.post("/api/projects", json={"name": "half"}, headers=bearer(token2))
+                assert r.status_code >= 400, r.text
+                after = await sup.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'p\\_%'")
+                assert after == before
+                assert await sup.fetchval("SELECT count(*) FROM fluxbase.projects WHERE name = 'half'") == 0
+            finally:
+                await sup.close()
+        finally:
+            await api2.close()
