@@ -85,6 +85,21 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     await _ok(api, akey, atk, f"GRANT USAGE ON SCHEMA p_{atk} TO {g}")
     await _ok(api, akey, atk, f"GRANT SELECT, INSERT ON bait TO {g} WITH GRANT OPTION")
     await _ok(api, akey2, atk2, f"GRANT SELECT, INSERT ON p_{atk}.bait TO {roles}")
+    # Default privileges of the group in the victim's schema, naming the victim's roles.
+    await _ok(
+        api,
+        akey,
+        atk,
+        f"DO $$ BEGIN EXECUTE 'ALTER DEFAULT PRIVILEGES FOR ROLE {g} IN SCHEMA p_{vic} "
+        f"GRANT SELECT ON TABLES TO {roles}'; END $$",
+    )
+    await _ok(
+        api,
+        akey,
+        atk,
+        "CREATE FUNCTION bait_args(a int, VARIADIC b text[]) RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    )
+    await _ok(api, akey, atk, f"GRANT EXECUTE ON FUNCTION bait_args(int, text[]) TO {roles}")
     grantors = await control_db.fetchval(
         "SELECT array_agg(DISTINCT x.grantor::regrole::text) FROM pg_class c, aclexplode(c.relacl) x "
         "WHERE c.oid = $1::regclass AND x.grantee = $2::regrole",

@@ -293,7 +293,15 @@ async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> list[tu
     drop's DROP OWNED would wait for the ACL rows a transaction of its own left locked)."""
     shared = [*tenant_groups(await conn.fetchval("SELECT current_database()")), REALTIME_SENDERS]
     work: dict[str, list[tuple[str, str]]] = {}
-    for g in await conn.fetch(_FOREIGN_ACL_SQL, roles, shared):
+    # Names as the provisioner's sessions read them (search_path pg_catalog, pg_temp: every type
+    # of a function's arguments qualified unless it is pg_catalog's); the caller's path after.
+    path = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
+    await conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+    try:
+        acls = await conn.fetch(_FOREIGN_ACL_SQL, roles, shared)
+    finally:
+        await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", path)
+    for g in acls:
         privs = ", ".join(f"{p} ({g['col']})" if g["col"] else p for p in g["privs"])
         stmt = f"REVOKE {privs} ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
         work.setdefault(g["grantor"], []).append((g["grantor"], stmt))
