@@ -255,7 +255,15 @@ async def test_existing_roles_are_moved_onto_the_groups(api: Api, instance, cont
         "fluxbase_guard.visible_rows_as(text, text, text[], text[], text[], text[], text[])"
     )
     r = {s: f'"p_{pid}_{s}"' for s in ("admin", "rw", "ro", "rt")}
+    await _ok(api, await api.new_key(token, pid, "admin"), pid, "CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    from fluxbase.db.privileges import extension_group
+
     async with control_db.acquire() as conn, conn.transaction():
+        # The extension schema's USAGE as create_extension granted it before sql/0046.
+        await conn.execute("SET LOCAL ROLE fluxbase_guard_extensions")
+        await conn.execute(f"REVOKE {extension_group(db, 'ext_pg_trgm')} FROM {', '.join(r.values())}")
+        await conn.execute(f"GRANT USAGE ON SCHEMA ext_pg_trgm TO {', '.join(r.values())}")
+        await conn.execute("RESET ROLE")
         for kind in GROUP_PRIVILEGES:
             await conn.execute(f"REVOKE {tenant_group(db, kind)} FROM {', '.join(r.values())}")
         # What provisioning granted before the groups, by whom it may have been granted.
@@ -271,8 +279,15 @@ async def test_existing_roles_are_moved_onto_the_groups(api: Api, instance, cont
         await conn.execute(f'GRANT CONNECT ON DATABASE "{db}" TO {r["ro"]}')
     legacy = {k: v for k, v in (await _entries(control_db)).items() if v[0]}
     assert legacy["database"][0] == 6 and legacy["plpgsql"][0] == 1, legacy
+    trgm = "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_pg_trgm'"
+    assert f"p_{pid}_ro" in await control_db.fetchval(trgm)
     await migrate_database(settings)
     assert all(tenant == 0 for tenant, _ in (await _entries(control_db)).values())
+    assert "p_" not in await control_db.fetchval(trgm)
+    for s in r:
+        assert await control_db.fetchval(
+            "SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", f"p_{pid}_{s}"
+        ), s
     for suffix, expected in _EXPECTED.items():
         if suffix != "ex":
             row = await control_db.fetchrow(_MAY, f"p_{pid}_{suffix}")
@@ -304,3 +319,40 @@ async def test_dropping_a_project_with_entries_of_its_own(api: Api, control_db) 
     assert r.status_code in (200, 204), r.text
     assert not await control_db.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%")
     assert all(tenant == 0 for tenant, _ in (await _entries(control_db)).values())
+
+
+async def test_extension_schema_acl_does_not_grow_with_projects(api: Api, control_db) -> None:
+    """Projects installing an extension join its schema's tenant group (sql/0046): the schema's
+    ACL names no project role, each of the four roles may use the schema (and no other
+    project's role gains anything); dropping the extension takes the membership back."""
+    from fluxbase.db.privileges import extension_group
+
+    _, token = await api.new_user()
+    db = await control_db.fetchval("SELECT current_database()")
+    acl = "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_pg_trgm'"
+    pids = [await api.new_project(token, f"e{i}") for i in range(3)]
+    keys = [await api.new_key(token, pid, "admin") for pid in pids]
+    for pid, key in zip(pids[:2], keys[:2], strict=True):
+        await _ok(api, key, pid, "CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        await _ok(api, key, pid, "SELECT similarity('abc', 'abd')")
+    before = await control_db.fetchval(acl)
+    assert "p_" not in before, before
+    await _ok(api, keys[2], pids[2], "CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    assert await control_db.fetchval(acl) == before
+    group = extension_group(db, "ext_pg_trgm")
+    for suffix in ("admin", "rw", "ro", "rt"):
+        for pid in pids:
+            role = f"p_{pid}_{suffix}"
+            assert await control_db.fetchval("SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", role)
+            assert not await control_db.fetchval("SELECT pg_has_role($1, $2, 'SET')", role, group)
+    other = await api.new_project(token, "none")
+    assert not await control_db.fetchval(
+        "SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", f"p_{other}_admin"
+    )
+    await _ok(api, keys[2], pids[2], "DROP EXTENSION pg_trgm")
+    assert not await control_db.fetchval(
+        "SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", f"p_{pids[2]}_admin"
+    )
+    assert await control_db.fetchval(
+        "SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", f"p_{pids[0]}_ro"
+    )

@@ -94,6 +94,11 @@ def tenant_group(database: str, kind: str) -> str:
     return f"fluxbase_tenant_{h}_{kind}"
 
 
+def extension_group(database: str, schema: str) -> str:
+    """The database's tenant group for an extension schema (sql/0046 computes the same name)."""
+    return tenant_group(database, "ext_" + hashlib.sha256(schema.encode()).hexdigest()[:8])
+
+
 def tenant_groups(database: str) -> list[str]:
     return [tenant_group(database, kind) for kind in GROUP_PRIVILEGES]
 
