@@ -85,6 +85,24 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     await _ok(api, akey, atk, f"GRANT USAGE ON SCHEMA p_{atk} TO {g}")
     await _ok(api, akey, atk, f"GRANT SELECT, INSERT ON bait TO {g} WITH GRANT OPTION")
     await _ok(api, akey2, atk2, f"GRANT SELECT, INSERT ON p_{atk}.bait TO {roles}")
+    # The same through an extension schema's group (sql/0046): both attacker projects installed
+    # pg_trgm, so both are members of its group.
+    from fluxbase.db.privileges import extension_group
+
+    eg = extension_group(db, "ext_pg_trgm")
+    for k, p in ((akey, atk), (akey2, atk2)):
+        await _ok(api, k, p, "CREATE EXTENSION pg_trgm")
+    await _ok(api, akey, atk, "CREATE TABLE bait2 (v int)")
+    await _ok(api, akey, atk, f"GRANT USAGE ON SCHEMA p_{atk} TO {eg}")
+    await _ok(api, akey, atk, f"GRANT SELECT ON bait2 TO {eg} WITH GRANT OPTION")
+    await _ok(api, akey2, atk2, f"GRANT SELECT ON p_{atk}.bait2 TO {roles}")
+    grantors = await control_db.fetchval(
+        "SELECT array_agg(x.grantor::regrole::text) FROM pg_class c, aclexplode(c.relacl) x "
+        "WHERE c.oid = $1::regclass AND x.grantee = $2::regrole",
+        f"p_{atk}.bait2",
+        f"p_{vic}_ro",
+    )
+    assert eg in grantors, grantors
     # Default privileges of the group in the victim's schema, naming the victim's roles.
     await _ok(
         api,

@@ -11,7 +11,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group, tenant_groups
+from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -291,7 +291,17 @@ async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> list[tu
     shared group granted is returned, (group, statement): the dying project's administrator runs
     it as the group (it holds SET on them, db/privileges.py) in the drop's own transaction (the
     drop's DROP OWNED would wait for the ACL rows a transaction of its own left locked)."""
-    shared = [*tenant_groups(await conn.fetchval("SELECT current_database()")), REALTIME_SENDERS]
+    # This database's tenant groups (extension schemas' included, sql/0046) and realtime senders.
+    prefix = tenant_group(await conn.fetchval("SELECT current_database()"), "")
+    shared = [
+        r["rolname"]
+        for r in await conn.fetch(
+            "SELECT rolname FROM pg_catalog.pg_roles WHERE pg_catalog.starts_with(rolname, $1) "
+            "OR rolname = $2",
+            prefix,
+            REALTIME_SENDERS,
+        )
+    ]
     work: dict[str, list[tuple[str, str]]] = {}
     # Names as the provisioner's sessions read them (search_path pg_catalog, pg_temp: every type
     # of a function's arguments qualified unless it is pg_catalog's); the caller's path after.
