@@ -15,6 +15,7 @@ import pytest
 
 from fluxbase.db.privileges import GROUP_PRIVILEGES, tenant_group
 from support import Api, bearer
+from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
 
 
 async def _ok(api: Api, key: str, pid: str, query: str) -> dict[str, Any]:
@@ -341,3 +342,93 @@ async def test_groups_of_two_databases_of_one_server_stay_apart(
                 await sup.close()
         finally:
             await api2.close()
+
+
+# -- 4. moves (sysid): another tenant's grant may not keep a moved project's copy on its source ---
+
+
+async def test_a_tenant_on_the_source_cannot_keep_a_moved_projects_copy_there(
+    stack: Any,
+    log_dir: Any,
+    pg2: Any,  # noqa: F811
+) -> None:
+    """The victim's project moves to a registered cluster; an attacker's project on the source
+    had granted its table to the victim's roles (and named them in a policy). The move succeeds
+    either way, but before the fix the source's drop failed (logged only): the victim's schema,
+    data and LOGIN roles stayed on the source server after the move, and a later move back there
+    failed (its roles already existed). Now nothing of the victim is left on the source, and
+    the attacker's objects are otherwise untouched."""
+    from urllib.parse import quote
+
+    from fluxbase.devstack.procs import free_port
+    from support import run_service
+
+    dbname = await stack.create_database()
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE r14_two")
+    finally:
+        await owner.close()
+    two_url = f"postgresql://postgres:{quote(pg2.password, safe='')}@127.0.0.1:{pg2.port}/r14_two"
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            api = Api(server.url)
+            try:
+                admin = await api.register(email="r14-mover@example.com")
+                token = await api.login(admin["email"], admin["password"])
+                r = await api.http.post(
+                    "/api/admin/clusters",
+                    json={"label": "two", "connectionString": two_url},
+                    headers=bearer(token),
+                )
+                assert r.status_code == 201, r.text
+                cid = r.json()["cluster"]["id"]
+                _, atk_token = await api.new_user()
+                atk = await api.new_project(atk_token, "attacker")
+                akey = await api.new_key(atk_token, atk, "admin")
+                r = await api.http.post(
+                    "/api/projects", json={"name": "victim", "clusterId": "default"}, headers=bearer(token)
+                )
+                assert r.status_code == 201, r.text
+                vic = r.json()["project"]["id"]
+                vkey = await api.new_key(token, vic, "admin")
+                await _ok(api, vkey, vic, "CREATE TABLE mine (v text)")
+                await _ok(api, vkey, vic, "INSERT INTO mine VALUES ('victim data')")
+                roles = f"p_{vic}_ro, p_{vic}_admin, p_{vic}_rw"
+                for q in (
+                    "CREATE TABLE bait (v int)",
+                    f"GRANT SELECT ON bait TO {roles}",
+                    "ALTER TABLE bait ENABLE ROW LEVEL SECURITY",
+                    f"CREATE POLICY bait_pol ON bait FOR SELECT TO {roles} USING (true)",
+                ):
+                    await _ok(api, akey, atk, q)
+                r = await api.http.post(
+                    f"/api/admin/projects/{vic}/move", json={"clusterId": cid}, headers=bearer(token)
+                )
+                assert r.status_code == 200, r.text
+                body = await _ok(api, vkey, vic, "SELECT v FROM mine")
+                assert body["result"]["rows"] == [{"v": "victim data"}]
+                src = await asyncpg.connect(stack.database_url(dbname))
+                try:
+                    assert await src.fetchval("SELECT to_regnamespace($1)", f"p_{vic}") is None
+                    left = await src.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{vic}_%")
+                    assert [x[0] for x in left] == []
+                    assert (
+                        await src.fetchval("SELECT count(*) FROM pg_policy WHERE polname = 'bait_pol'") == 0
+                    )
+                finally:
+                    await src.close()
+                await _ok(api, akey, atk, "SELECT count(*) FROM bait")
+                # And back: its roles are created on the source server again.
+                r = await api.http.post(
+                    f"/api/admin/projects/{vic}/move", json={"clusterId": "default"}, headers=bearer(token)
+                )
+                assert r.status_code == 200, r.text
+                body = await _ok(api, vkey, vic, "SELECT v FROM mine")
+                assert body["result"]["rows"] == [{"v": "victim data"}]
+            finally:
+                await api.close()
+    finally:
+        await stack.drop_database(dbname)
