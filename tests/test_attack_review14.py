@@ -410,6 +410,18 @@ async def test_a_tenant_on_the_source_cannot_keep_a_moved_projects_copy_there(
                 assert r.status_code == 200, r.text
                 body = await _ok(api, vkey, vic, "SELECT v FROM mine")
                 assert body["result"]["rows"] == [{"v": "victim data"}]
+                # An end user of the attacker's project is nobody on the moved project (its
+                # identity is checked on the control plane there): refused, not run as anyone.
+                from test_attack_review1 import end_user
+
+                _, stranger = await end_user(api, atk)
+                rw = await api.new_key(token, vic, "readwrite")
+                r = await api.http.post(
+                    "/api/execute-sql",
+                    json={"projectId": vic, "query": "SELECT auth.uid() AS uid, v FROM mine"},
+                    headers={**bearer(rw), "X-Fluxbase-User-Token": stranger},
+                )
+                assert r.status_code == 401 and r.json()["error"]["code"] == "INVALID_USER_TOKEN", r.text
                 src = await asyncpg.connect(stack.database_url(dbname))
                 try:
                     assert await src.fetchval("SELECT to_regnamespace($1)", f"p_{vic}") is None
