@@ -356,3 +356,54 @@ async def test_extension_schema_acl_does_not_grow_with_projects(api: Api, contro
     assert await control_db.fetchval(
         "SELECT has_schema_privilege($1, 'ext_pg_trgm', 'USAGE')", f"p_{pids[0]}_ro"
     )
+
+
+async def test_default_privileges_for_a_group_block_no_deletion(api: Api, control_db) -> None:
+    """Holding a group's privileges, a tenant may set default privileges FOR ROLE the group
+    (for objects the group would create: none ever can be). Naming its own or another project's
+    roles there keeps neither project from being deleted."""
+    _, token = await api.new_user()
+    a, b = await api.new_project(token, "a"), await api.new_project(token, "b")
+    db = await control_db.fetchval("SELECT current_database()")
+    g = tenant_group(db, "admin")
+    ka = await api.new_key(token, a, "admin")
+    for q in (
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} GRANT SELECT ON TABLES TO p_{b}_ro",
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} IN SCHEMA p_{a} GRANT SELECT ON TABLES TO p_{a}_rw",
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} GRANT EXECUTE ON FUNCTIONS TO p_{a}_ro",
+    ):
+        await _ok(api, ka, a, f"DO $$ BEGIN EXECUTE '{q}'; END $$")
+    for pid in (b, a):
+        r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        assert not await control_db.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{pid}_%")
+
+
+async def test_grants_from_another_project_do_not_block_deletion(api: Api, control_db) -> None:
+    """A tenant may grant its objects to any role, another project's included; such a grant kept
+    that project's roles from being dropped (DROP ROLE: "some objects depend on it", a 500 on
+    DELETE and a project nobody could delete). The deletion now revokes them as their grantor."""
+    _, token = await api.new_user()
+    a, b = await api.new_project(token, "a"), await api.new_project(token, "b")
+    ka = await api.new_key(token, a, "admin")
+    for q in (
+        "CREATE TABLE s (v int, w int)",
+        "CREATE SEQUENCE sq",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TYPE mood AS ENUM ('ok')",
+        f"GRANT SELECT ON s TO p_{b}_ro, p_{b}_admin",
+        f"GRANT UPDATE (w) ON s TO p_{b}_rw",
+        f"GRANT USAGE ON SEQUENCE sq TO p_{b}_rt",
+        f"GRANT EXECUTE ON FUNCTION f() TO p_{b}_admin",
+        f"GRANT USAGE ON TYPE mood TO p_{b}_ro",
+        f"GRANT USAGE ON SCHEMA p_{a} TO p_{b}_admin",
+        f"ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO p_{b}_ro",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA p_{a} GRANT EXECUTE ON FUNCTIONS TO p_{b}_rw",
+    ):
+        await _ok(api, ka, a, q)
+    r = await api.http.delete(f"/api/projects/{b}", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert not await control_db.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", f"p_{b}_%")
+    # The granting project is untouched.
+    await _ok(api, ka, a, "INSERT INTO s VALUES (1, 2)")
+    assert (await _ok(api, ka, a, "SELECT f() AS one"))["result"]["rows"] == [{"one": 1}]
