@@ -340,6 +340,7 @@ class TenantPool:
         self._idle: list[TenantConnection] = []
         self._all: set[TenantConnection] = set()
         self._opening = 0
+        self._preopening = 0  # of `_opening`: connections opened ahead of their request (`preopen`)
         self._waiters: collections.deque[asyncio.Future[TenantConnection | None]] = collections.deque()
         self._resets: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -362,16 +363,25 @@ class TenantPool:
                 self._budget.unpark(conn)
             if not conn.is_closed():
                 return conn
+        if self._preopening > len(self._waiters):
+            # A connection is being opened for this request already (`preopen`): take it when it
+            # is ready (or open one after all if that failed), never open a second one.
+            return await self._wait(timeout, waited=False)
         if self.get_size() < self._max:
             return await self._open(timeout)
+        return await self._wait(timeout)
+
+    async def _wait(self, timeout: float | None, *, waited: bool = True) -> TenantConnection:  # noqa: ASYNC109
+        """The next connection handed on (or a free slot, then a new connection)."""
         # First come, first served (`_hand_on` pops the oldest). The wait's bound is a plain
         # timer that fails the future, not `asyncio.timeout` (which cancels the task and turns
         # the CancelledError back into a TimeoutError): under load most requests wait here.
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[TenantConnection | None] = loop.create_future()
         self._waiters.append(fut)
-        POOL_WAITS.inc()
-        waited = time.perf_counter()
+        if waited:
+            POOL_WAITS.inc()
+        started = time.perf_counter()
         timer = None if timeout is None else loop.call_later(timeout, _time_out, fut)
         try:
             got = await fut
@@ -384,11 +394,46 @@ class TenantPool:
         finally:
             if timer is not None:
                 timer.cancel()
-            POOL_WAIT_SECONDS.observe(time.perf_counter() - waited)
-        return got if got is not None else await self._open(timeout)
+            if waited:
+                POOL_WAIT_SECONDS.observe(time.perf_counter() - started)
+        if got is not None:
+            return got
+        # Handed a free slot (a connection ended, or the one opened ahead failed): open one
+        # within what is left of the wait's bound, not a whole new one.
+        return await self._open(
+            None if timeout is None else max(0.0, started + timeout - time.perf_counter())
+        )
 
-    async def _open(self, timeout: float | None = None) -> TenantConnection:  # noqa: ASYNC109
+    def preopen(self, timeout: float | None) -> bool:
+        """Start opening a connection for a request that is about to acquire one, when none is
+        idle or being opened (a cold project: its caller, already authenticated, overlaps the
+        connect with its own remaining work, issue 19). The connection is handed on like a
+        released one: to that request when it waits in `acquire`, else parked idle. True when
+        one is being opened."""
+        if self._closed or self._idle or self._opening or self.get_size() >= self._max:
+            return False
         self._opening += 1
+        self._preopening += 1
+        task = asyncio.get_running_loop().create_task(self._open_ahead(timeout))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+        return True
+
+    async def _open_ahead(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        try:
+            conn = await self._open(timeout, counted=True)
+        except Exception:  # `_open` handed the slot on: a waiter opens its own
+            self._preopening -= 1
+            return
+        except BaseException:
+            self._preopening -= 1
+            raise
+        self._preopening -= 1
+        self._hand_on(conn)
+
+    async def _open(self, timeout: float | None = None, *, counted: bool = False) -> TenantConnection:  # noqa: ASYNC109
+        if not counted:  # `preopen` counted it in `_opening` already
+            self._opening += 1
         budget = self._budget
         try:
             if budget is not None and not (
@@ -667,12 +712,32 @@ class TenantPools:
         if existing is not None:
             return existing
         where = await self._address(project_id)
-        remote = self._cluster.get(project_id) if where != (self._host, self._port, self._database) else None
-        cluster_pool = self.cluster_pool
-        kwargs = self._connect_kwargs(project_id, scope, where)
         existing = self._pools.get(key)
         if existing is not None:  # made while the address was looked up
             return existing
+        return self._make_pool(key, where)
+
+    def preopen(self, project_id: str, scope: str, end_user: bool = False) -> None:
+        """Start opening the connection a request of (project, scope) is about to need while the
+        request does its remaining control-plane work (the rate lease): a cold project's connect
+        then overlaps it instead of following it (issue 19). For a caller already authenticated
+        for the project (an unauthenticated request must never make the server open, or the
+        budget evict, a connection), and only on the control plane's cluster (`locate`)."""
+        key = (project_id, scope, end_user)
+        pool = self._pools.get(key)
+        if pool is None:
+            where = self._where.get(project_id)
+            if where != (self._host, self._port, self._database):
+                return
+            pool = self._make_pool(key, where)
+        pool.preopen(self.acquire_timeout_s)
+
+    def _make_pool(self, key: tuple[str, str, bool], where: tuple[str, int, str]) -> TenantPool:
+        project_id, scope, _ = key
+        self._last_used[key] = time.monotonic()
+        remote = self._cluster.get(project_id) if where != (self._host, self._port, self._database) else None
+        cluster_pool = self.cluster_pool
+        kwargs = self._connect_kwargs(project_id, scope, where)
 
         async def connect() -> TenantConnection:
             conn = await asyncpg.connect(connection_class=TenantConnection, **kwargs)  # type: ignore[arg-type]
