@@ -335,3 +335,29 @@ async def test_a_slot_is_freed_ahead_of_the_next_cold_request(stack: Any, spawn:
         assert len(await s.backends()) == AHEAD_BUDGET - 1
         assert await s.metric("fluxbase_tenant_pool_evictions_total") == 3
         assert await s.metric("fluxbase_tenant_budget_waits_total") == 0
+
+
+async def test_only_an_authenticated_authorised_request_opens_a_connection_ahead(small: Small) -> None:
+    """The connect that overlaps the rate lease (`TenantPools.preopen`) starts only once the
+    request is authenticated and authorised for the project: a key of another project, a wrong
+    key, and a requireUserAuth key without its user token open no connection for the project,
+    so nobody without a working key can make the server open (or the budget evict) one."""
+    await idle(small)
+    (a, ka), (b, _) = small.projects[6], small.projects[7]
+    browser = await small.api.new_key(
+        small.token, b, "read", requireUserAuth=True, rateLimitRequests=1_000_000
+    )
+    await small.su.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
+        [role_name(b, s) for s in ("read", "readwrite", "admin")],
+    )
+    for _ in range(100):
+        if not any(u.startswith(f"p_{b}_") for u in await small.backends()):
+            break
+        await asyncio.sleep(0.03)
+    for key in (ka, ka[:-4] + "abcd", browser):
+        r = await small.api.sql(key, b, "SELECT 1")
+        assert r.status_code in (401, 403), r.text
+    await asyncio.sleep(0.3)  # a connection opened ahead would be open (or opening) by now
+    assert not any(u.startswith(f"p_{b}_") for u in await small.backends())
+    await ok(small.api, ka, a, "SELECT 1")  # and the keys that work still do
