@@ -1,20 +1,28 @@
 """PostgreSQL CPU per captured single-row write: capture triggers against no trigger and a floor.
 
 Measures, in one run and interleaved round by round, the CPU time of the writer's own
-PostgreSQL backend (utime + stime of its process, /proc/<pid>/stat) for single-row INSERT,
+PostgreSQL backend (its run time in /proc/<pid>/schedstat, in nanoseconds; utime + stime count
+10 ms ticks, 2.5 µs a write at 4 000 writes) for single-row INSERT,
 UPDATE and DELETE statements, each its own transaction, as the project's admin role, on tables:
   off      realtime switched off (no trigger: the baseline);
   floor    a row trigger that writes 4 bytes to another table (what any AFTER trigger costs);
   capture  the capture triggers as the migrations installed them;
-  legacy   (with --legacy) sql/0036's capture triggers, installed in a scratch schema, to
-           compare against the installed ones in the same run;
-  hop, check, bell, insert, lean1, heap, emit  (with --breakdown) the capture path cut short at
-           each step, to see where the CPU goes (BREAKDOWN below).
+  legacy   (with --legacy) sql/0036's capture triggers (what main installed before sql/0048),
+           in a scratch schema, to compare against the installed ones in the same run;
+  updstmt  (with --breakdown) the installed capture but a statement-level UPDATE trigger (both
+           transition tables, one write_events call per statement) instead of the row-level one;
+  images, hop, hopinv, hopnoset, hop1, check, chkbare, bell, bellseq, insert, lean1, heap, emit
+           (with --breakdown) the capture path cut short at each step, and candidate cuts, to
+           see where the CPU goes (BREAKDOWN below).
 Prints µs per write per table, capture minus off (the capture cost), floor minus off, the
 on/off CPU ratio, and the capture cost over the floor's (the figure to compare across machines). Load from other processes cancels out of the ratios (same run, interleaved);
 the absolute figures are CPU time, which queueing behind other processes does not inflate.
 
     .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy] [--breakdown]
+    .venv/bin/python bench/capture_cost.py --decode [--writes 3000] [--rounds 2]
+
+--decode measures instead the pg_logical_emit_message path with a decoding reader, on a scratch
+server of its own with wal_level=logical (DECODE_SQL below).
 
 bench/realtime.py calls `measure` for its capture table.
 """
@@ -43,12 +51,18 @@ from support import run_service, start_stack, stop_stack  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 OPS = ("INSERT", "UPDATE", "DELETE")
 
-# sql/0036's trigger functions and write_events (what main installs today), under other names,
-# so one run compares a change to the installed ones against them. Created by the superuser; the
+# sql/0036's trigger functions and write_events (main's before sql/0048), under other names,
+# writing to a copy of main's outbox (with the CHECK sql/0048 drops), so one run compares a
+# change to the installed ones against them. Created by the superuser; the
 # writer function is a definer owned like the real one.
 LEGACY_SQL = """
 CREATE SCHEMA IF NOT EXISTS bench_legacy;
 GRANT USAGE ON SCHEMA bench_legacy TO PUBLIC;
+-- The outbox as main has it (sql/0005's CHECK on kind, which sql/0048 drops; both indexes).
+CREATE TABLE bench_legacy.events (LIKE fluxbase.events INCLUDING ALL);
+ALTER TABLE bench_legacy.events DROP CONSTRAINT IF EXISTS events_kind_check;
+ALTER TABLE bench_legacy.events ADD CONSTRAINT events_kind_check CHECK (kind IN ('row', 'schema', 'broadcast'));
+GRANT INSERT ON bench_legacy.events TO fluxbase_outbox_writer;
 CREATE OR REPLACE FUNCTION bench_legacy.capture_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
@@ -131,7 +145,7 @@ BEGIN
     END IF;
     IF p_operation = 'TRUNCATE' THEN
         v_rec := pg_catalog.jsonb_build_object('command', 'TRUNCATE', 'object', ident[1] || '.' || ident[2]);
-        INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, bytes)
+        INSERT INTO bench_legacy.events (project_id, kind, table_name, operation, record, bytes)
         VALUES (m[1], 'schema', ident[2], 'TRUNCATE', v_rec, pg_catalog.pg_column_size(v_rec));
     ELSIF p_operation IN ('INSERT', 'UPDATE', 'DELETE') THEN
         IF pg_catalog.cardinality(p_records) = 1 THEN
@@ -145,11 +159,11 @@ BEGIN
                 v_old := fluxbase_capture.small_fields(v_old);
                 v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
             END IF;
-            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            INSERT INTO bench_legacy.events (project_id, kind, table_name, operation, record, old, bytes)
             VALUES (m[1], 'row', ident[2], p_operation, v_rec, v_old, v_n);
         ELSE
             -- (multi-argument unnest: FROM only, unqualified)
-            INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
+            INSERT INTO bench_legacy.events (project_id, kind, table_name, operation, record, old, bytes)
             SELECT m[1], 'row', ident[2], p_operation, s.r, s.o,
                    CASE WHEN s.n > 1048576
                         THEN coalesce(pg_catalog.pg_column_size(s.r), 0) + coalesce(pg_catalog.pg_column_size(s.o), 0)
@@ -187,7 +201,7 @@ CREATE TRIGGER legacy_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
 # --breakdown: where a captured write's CPU goes. Each variant is the capture path cut short at
 # one step: trigger functions shaped like the installed ones (statement-level INSERT and DELETE
 # with transition tables, row-level UPDATE) calling a definer owned like the real writer, with
-# the same pinned search_path, whose body does only:
+# the same pinned search_path (unless the name says otherwise), whose body does only:
 #   hop     nothing (trigger, row images, definer call);
 #   check   the caller checks (trigger depth, the table in the session user's project);
 #   bell    check + the doorbell query (event_readers);
@@ -195,9 +209,15 @@ CREATE TRIGGER legacy_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
 #   lean1   check + the same INSERT into a copy of the outbox with one index (xid, id);
 #   heap    check + the same INSERT into a copy with no index and no identity column;
 #   emit    check + pg_logical_emit_message of the same content (raw WAL cost, no reader).
+# and the candidates for cutting them:
+#   images  the trigger functions build the images and call nothing (the trigger's own share);
+#   hopinv  hop, but a plain SECURITY INVOKER function (what the definer switch costs);
+#   hopnoset  hop, a definer without `SET search_path` (what the GUC save/restore costs);
+#   hop1    hop, the INSERT/DELETE trigger builds the images inside the call (one SPI statement);
+#   chkbare check without parse_ident: the schema from the catalog cache (regnamespace of the
+#           relation is not reachable without a query, so: regclass text's prefix);
+#   bellseq check + a doorbell read from a sequence's last value (no query);
 BREAKDOWN_PRE = """
-CREATE SCHEMA IF NOT EXISTS bench_t;
-GRANT USAGE ON SCHEMA bench_t TO PUBLIC;
 CREATE TABLE bench_t.ev1 (id bigint GENERATED ALWAYS AS IDENTITY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     project_id text NOT NULL, kind text NOT NULL, table_name text, operation text NOT NULL,
     record jsonb, old jsonb, created_at timestamptz NOT NULL DEFAULT now(), bytes integer);
@@ -205,12 +225,36 @@ CREATE UNIQUE INDEX ON bench_t.ev1 (xid, id);
 CREATE TABLE bench_t.ev0 (xid xid8 NOT NULL DEFAULT pg_current_xact_id(), project_id text NOT NULL,
     kind text NOT NULL, table_name text, operation text NOT NULL, record jsonb, old jsonb, bytes integer);
 GRANT INSERT ON bench_t.ev1, bench_t.ev0 TO fluxbase_outbox_writer;
+CREATE SEQUENCE bench_t.bell MINVALUE 0 START 0;
+GRANT SELECT ON bench_t.bell TO fluxbase_outbox_writer;
+"""
+UPDSTMT_SQL = """
+CREATE SCHEMA IF NOT EXISTS bench_t;
+GRANT USAGE ON SCHEMA bench_t TO PUBLIC;
+CREATE FUNCTION bench_t.capture_update_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM fluxbase_capture.write_events(TG_RELID, 'UPDATE',
+        (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n),
+        (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o));
+    RETURN NULL;
+END
+$$;
 """
 _CHECK = """DECLARE
-    ident text[] := pg_catalog.parse_ident(p_table::text);
+    ident pg_catalog.text[] := pg_catalog.parse_ident(p_table::pg_catalog.text);
 BEGIN
     IF NOT (pg_catalog.pg_trigger_depth() > 0
-            AND pg_catalog.substr(session_user::text, 1, 19) = ident[1] || '_') THEN
+            AND pg_catalog.substr(session_user::pg_catalog.text, 1, 19) = ident[1] || '_') THEN
+        RAISE EXCEPTION 'not a capture trigger of the calling project' USING ERRCODE = '42501';
+    END IF;
+"""
+_CHKBARE = """DECLARE
+    t pg_catalog.text := p_table::pg_catalog.text;
+    ident pg_catalog.text[] := ARRAY[pg_catalog.substr(t, 1, 18), pg_catalog.substr(t, 20)];
+BEGIN
+    IF NOT (pg_catalog.pg_trigger_depth() > 0
+            AND pg_catalog.substr(session_user::pg_catalog.text, 1, 18) = ident[1]
+            AND pg_catalog.substr(t, 19, 1) = '.') THEN
         RAISE EXCEPTION 'not a capture trigger of the calling project' USING ERRCODE = '42501';
     END IF;
 """
@@ -222,52 +266,78 @@ _BELL = """    IF EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting) TH
         PERFORM pg_catalog.pg_notify('fluxbase_events', '');
     END IF;
 """
+_BELLSEQ = """    IF pg_catalog.pg_sequence_last_value('bench_t.bell'::pg_catalog.regclass) > 0 THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+"""
 _EMIT = """    PERFORM pg_catalog.pg_logical_emit_message(true, 'fluxbase', pg_catalog.jsonb_build_array(
         pg_catalog.substr(ident[1], 3), ident[2], p_operation, p_record, p_old)::text);
 """
-BREAKDOWN = {
-    "hop": "BEGIN\n    RETURN;\nEND",
-    "check": _CHECK + "END",
-    "bell": _CHECK + _BELL + "END",
-    "insert": _CHECK + _INSERT.format(tbl="fluxbase.events") + "END",
-    "lean1": _CHECK + _INSERT.format(tbl="bench_t.ev1") + "END",
-    "heap": _CHECK + _INSERT.format(tbl="bench_t.ev0") + "END",
-    "emit": _CHECK + _EMIT + "END",
+_SET = "SET search_path = pg_catalog, pg_temp"
+# name: (definer body, SECURITY, proconfig, trigger shape)
+BREAKDOWN: dict[str, tuple[str, str, str, str]] = {
+    "images": ("BEGIN\n    RETURN;\nEND", "DEFINER", _SET, "nocall"),
+    "hop": ("BEGIN\n    RETURN;\nEND", "DEFINER", _SET, "std"),
+    "hopinv": ("BEGIN\n    RETURN;\nEND", "INVOKER", "", "std"),
+    "hopnoset": ("BEGIN\n    RETURN;\nEND", "DEFINER", "", "std"),
+    "hop1": ("BEGIN\n    RETURN;\nEND", "DEFINER", _SET, "one"),
+    "check": (_CHECK + "END", "DEFINER", _SET, "std"),
+    "chkbare": (_CHKBARE + "END", "DEFINER", _SET, "std"),
+    "bell": (_CHECK + _BELL + "END", "DEFINER", _SET, "std"),
+    "bellseq": (_CHECK + _BELLSEQ + "END", "DEFINER", _SET, "std"),
+    "insert": (_CHECK + _INSERT.format(tbl="fluxbase.events") + "END", "DEFINER", _SET, "std"),
+    "lean1": (_CHECK + _INSERT.format(tbl="bench_t.ev1") + "END", "DEFINER", _SET, "std"),
+    "heap": (_CHECK + _INSERT.format(tbl="bench_t.ev0") + "END", "DEFINER", _SET, "std"),
+    "emit": (_CHECK + _EMIT + "END", "DEFINER", _SET, "std"),
 }
 BREAKDOWN_SQL = """
 CREATE SCHEMA bench_{n};
 GRANT USAGE ON SCHEMA bench_{n} TO PUBLIC;
 CREATE FUNCTION bench_{n}.w(p_table regclass, p_operation text, p_record jsonb, p_old jsonb) RETURNS void
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql VOLATILE SECURITY {sec} {config}
 AS $$
 {body}
 $$;
 ALTER FUNCTION bench_{n}.w(regclass, text, jsonb, jsonb) OWNER TO fluxbase_outbox_writer;
-CREATE FUNCTION bench_{n}.ins() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    imgs pg_catalog.jsonb[];
-BEGIN
-    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM new_rows n);
-    PERFORM bench_{n}.w(TG_RELID, 'INSERT', imgs[1], NULL);
-    RETURN NULL;
-END
-$$;
-CREATE FUNCTION bench_{n}.del() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    imgs pg_catalog.jsonb[];
-BEGIN
-    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) FROM old_rows o);
-    PERFORM bench_{n}.w(TG_RELID, 'DELETE', imgs[1], imgs[1]);
-    RETURN NULL;
-END
-$$;
 CREATE FUNCTION bench_{n}.upd() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM bench_{n}.w(TG_RELID, 'UPDATE', pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD));
+    {upd};
     RETURN NULL;
 END
 $$;
 """
+_STMT_TRIGGERS = {
+    "std": """
+CREATE FUNCTION bench_{n}.{f}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM {rows} n);
+    PERFORM bench_{n}.w(TG_RELID, '{op}', imgs[1], {old});
+    RETURN NULL;
+END
+$$;
+""",
+    "nocall": """
+CREATE FUNCTION bench_{n}.{f}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    imgs pg_catalog.jsonb[];
+BEGIN
+    imgs := (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) FROM {rows} n);
+    RETURN NULL;
+END
+$$;
+""",
+    "one": """
+CREATE FUNCTION bench_{n}.{f}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM bench_{n}.w(TG_RELID, '{op}', i.a[1], {old1})
+    FROM (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) AS a FROM {rows} n) i;
+    RETURN NULL;
+END
+$$;
+""",
+}
 BREAKDOWN_TRIGGERS = """
 CREATE TRIGGER b_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bench_{n}.ins();
@@ -275,6 +345,18 @@ CREATE TRIGGER b_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION bench_{n}
 CREATE TRIGGER b_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bench_{n}.del();
 """
+
+
+def breakdown_sql(n: str) -> str:
+    body, sec, config, shape = BREAKDOWN[n]
+    upd = "PERFORM pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD)"
+    if shape != "nocall":
+        upd = f"PERFORM bench_{n}.w(TG_RELID, 'UPDATE', pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD))"
+    sql = BREAKDOWN_SQL.format(n=n, body=body, sec=sec, config=config, upd=upd)
+    tpl = _STMT_TRIGGERS[shape]
+    sql += tpl.format(n=n, f="ins", rows="new_rows", op="INSERT", old="NULL", old1="NULL")
+    sql += tpl.format(n=n, f="del", rows="old_rows", op="DELETE", old="imgs[1]", old1="i.a[1]")
+    return sql
 
 
 FLOOR_SQL = """
@@ -292,9 +374,14 @@ CREATE TRIGGER cc_floor_trg AFTER INSERT OR UPDATE OR DELETE ON cc_floor
 TABLE = "(id bigserial PRIMARY KEY, v text, n int, at timestamptz DEFAULT now())"
 
 
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+def cpu_ns(pid: int) -> int:
+    """The backend's CPU time in ns: /proc/<pid>/schedstat's run time (nanosecond resolution;
+    utime + stime count 10 ms ticks, 2.5 µs per write at 4 000 writes), else utime + stime."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // TICK
 
 
 async def setup(
@@ -316,9 +403,19 @@ async def setup(
         await admin.execute(LEGACY_TRIGGERS.format(t="cc_legacy"))
         tables.append("cc_legacy")
     if superuser is not None and breakdown:
+        # The installed capture with a statement-level UPDATE trigger (both transition tables,
+        # one write_events call per statement) instead of the row-level one.
+        await superuser.execute(UPDSTMT_SQL)
+        await admin.execute("CREATE TABLE cc_updstmt " + TABLE)
+        await admin.execute("DROP TRIGGER fluxbase_capture_upd ON cc_updstmt")
+        await admin.execute(
+            "CREATE TRIGGER updstmt AFTER UPDATE ON cc_updstmt REFERENCING OLD TABLE AS old_rows "
+            "NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION bench_t.capture_update_rows()"
+        )
+        tables.append("cc_updstmt")
         await superuser.execute(BREAKDOWN_PRE)
-        for n, body in BREAKDOWN.items():
-            await superuser.execute(BREAKDOWN_SQL.format(n=n, body=body))
+        for n in BREAKDOWN:
+            await superuser.execute(breakdown_sql(n))
             t = f"cc_{n}"
             await admin.execute(f"CREATE TABLE {t} {TABLE}")
             await admin.execute(f"SELECT fluxbase_capture.detach_capture('{t}'::regclass)")
@@ -354,36 +451,76 @@ BEGIN
     END LOOP;
 END
 $$;
+CREATE PROCEDURE {t}_binsert(cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..cnt / b LOOP
+        INSERT INTO {t} (v, n) SELECT 'hello', g FROM generate_series(1, b) g;
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_bupdate(lo bigint, cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 0..cnt / b - 1 LOOP
+        UPDATE {t} SET v = 'world', n = n + 1 WHERE id >= lo + i * b AND id < lo + (i + 1) * b;
+        COMMIT;
+    END LOOP;
+END
+$$;
+CREATE PROCEDURE {t}_bdelete(lo bigint, cnt int, b int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 0..cnt / b - 1 LOOP
+        DELETE FROM {t} WHERE id >= lo + i * b AND id < lo + (i + 1) * b;
+        COMMIT;
+    END LOOP;
+END
+$$;
 """
 
 
-async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int) -> int:
-    """Backend CPU ticks of n single-row statements, each its own transaction (a procedure that
-    commits after each: no client round trip between them, so the measurement takes seconds)."""
+async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int, bulk: int = 1) -> int:
+    """Backend CPU ns of n single-row statements, each its own transaction (a procedure that
+    commits after each: no client round trip between them, so the measurement takes seconds);
+    with `bulk` > 1, of n rows written `bulk` rows a statement."""
+    if bulk > 1:
+        lo = await conn.fetchval(f"SELECT min(id) FROM {table}") if op != "INSERT" else None
+        t0 = cpu_ns(pid)
+        if op == "INSERT":
+            await conn.execute(f"CALL {table}_binsert($1, $2)", n, bulk)
+        else:
+            await conn.execute(f"CALL {table}_b{op.lower()}($1, $2, $3)", lo, n, bulk)
+        return cpu_ns(pid) - t0
     if op == "INSERT":
-        t0 = cpu_ticks(pid)
+        t0 = cpu_ns(pid)
         await conn.execute(f"CALL {table}_insert($1)", n)
     else:
         lo = await conn.fetchval(f"SELECT min(id) FROM {table}")
-        t0 = cpu_ticks(pid)
+        t0 = cpu_ns(pid)
         await conn.execute(f"CALL {table}_{op.lower()}($1, $2)", lo, n)
-    return cpu_ticks(pid) - t0
+    return cpu_ns(pid) - t0
 
 
-async def measure(admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int) -> dict:
-    """µs of backend CPU per single-row write, per operation and table (sums over rounds)."""
+async def measure(
+    admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
+) -> dict:
+    """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
+    and table (sums over rounds)."""
     pid = await admin.fetchval("SELECT pg_backend_pid()")
     ticks = {(op, t): 0 for op in OPS for t in tables}
     for r in range(rounds):
         order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
         for t in order:
             for op in OPS:
-                ticks[(op, t)] += await _phase(admin, pid, op, t, writes)
-    return {k: v / TICK / (writes * rounds) * 1e6 for k, v in ticks.items()}
+                ticks[(op, t)] += await _phase(admin, pid, op, t, writes, bulk)
+    return {k: v / (writes // bulk * bulk * rounds) / 1e3 for k, v in ticks.items()}
 
 
-def report(us: dict, tables: list[str]) -> list[str]:
+def report(us: dict, tables: list[str], bulk: int = 1) -> list[str]:
     lines = ["capture cost (PostgreSQL backend CPU, µs per single-row write, each its own transaction)"]
+    if bulk > 1:
+        lines = [
+            f"capture cost (PostgreSQL backend CPU, µs per row, {bulk} rows a statement and transaction)"
+        ]
     lines.append(f"  {'table':<12}" + "".join(f"{op:>10}" for op in OPS))
     for t in tables:
         lines.append(f"  {t:<12}" + "".join(f"{us[(op, t)]:>10.1f}" for op in OPS))
@@ -408,6 +545,146 @@ def report(us: dict, tables: list[str]) -> list[str]:
     return lines
 
 
+# --decode: the pg_logical_emit_message path's whole cost, on a separate scratch server with
+# wal_level=logical (the stack's server is not): the writer's CPU per write and a decoding
+# reader's (a pgoutput slot with messages, polled with pg_logical_slot_get_binary_changes after
+# each phase, so its per-call overhead is spread over the phase's writes: the cheapest polling).
+# Tables: d_off (no trigger), d_outbox (the breakdown's `insert` shape: statement trigger,
+# images, definer, an outbox INSERT into a copy of fluxbase.events with its two indexes, the
+# doorbell query) and d_emit (same, pg_logical_emit_message instead of INSERT and doorbell).
+# The decoder reads all WAL, so its CPU per write of d_off is what the slot costs every write.
+DECODE_SQL = """
+CREATE ROLE d_writer NOLOGIN;
+CREATE SCHEMA d;
+GRANT USAGE ON SCHEMA d TO PUBLIC;
+CREATE TABLE d.events (id bigint GENERATED ALWAYS AS IDENTITY, xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    project_id text NOT NULL, kind text NOT NULL, table_name text, operation text NOT NULL,
+    record jsonb, old jsonb, created_at timestamptz NOT NULL DEFAULT now(), bytes integer);
+CREATE UNIQUE INDEX ON d.events (xid, id);
+CREATE INDEX ON d.events (project_id, xid, id);
+CREATE TABLE d.readers (reader_id text PRIMARY KEY, waiting boolean NOT NULL DEFAULT false);
+GRANT INSERT ON d.events TO d_writer;
+GRANT SELECT ON d.readers TO d_writer;
+CREATE FUNCTION d.w_outbox(p_table regclass, p_operation text, p_record jsonb, p_old jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO d.events (project_id, kind, table_name, operation, record, old, bytes)
+    VALUES ('0123456789abcdef', 'row', p_table::text, p_operation, p_record, p_old,
+            coalesce(pg_catalog.pg_column_size(p_record), 0) + coalesce(pg_catalog.pg_column_size(p_old), 0));
+    IF EXISTS (SELECT 1 FROM d.readers WHERE waiting) THEN
+        PERFORM pg_catalog.pg_notify('fluxbase_events', '');
+    END IF;
+END $$;
+CREATE FUNCTION d.w_emit(p_table regclass, p_operation text, p_record jsonb, p_old jsonb) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'fluxbase', pg_catalog.jsonb_build_array(
+        '0123456789abcdef', p_table::text, p_operation, p_record, p_old)::text);
+END $$;
+ALTER FUNCTION d.w_outbox(regclass, text, jsonb, jsonb) OWNER TO d_writer;
+ALTER FUNCTION d.w_emit(regclass, text, jsonb, jsonb) OWNER TO d_writer;
+"""
+DECODE_TRIGGERS = """
+CREATE FUNCTION d.{w}_ins() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM d.{w}(TG_RELID, 'INSERT', i.a[1], NULL)
+    FROM (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*)) AS a FROM new_rows n) i;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION d.{w}_del() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM d.{w}(TG_RELID, 'DELETE', i.a[1], i.a[1])
+    FROM (SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*)) AS a FROM old_rows o) i;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION d.{w}_upd() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM d.{w}(TG_RELID, 'UPDATE', pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER t_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION d.{w}_ins();
+CREATE TRIGGER t_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION d.{w}_upd();
+CREATE TRIGGER t_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION d.{w}_del();
+"""
+
+
+async def decode_run(writes: int, rounds: int) -> list[str]:
+    """Writer and decoding-reader CPU per write on a wal_level=logical scratch server."""
+    from fluxbase.devstack.postgres import EmbeddedPostgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="fluxbase-cc-decode-"))
+    pg = EmbeddedPostgres(tmp / "pg", free_port(), durable=False)
+    pg.init()
+    with (pg.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("\nwal_level = logical\nmax_replication_slots = 4\nmax_wal_senders = 4\n")
+    pg.start()
+    try:
+        writer = await asyncpg.connect(pg.url)
+        reader = await asyncpg.connect(pg.url)
+        await writer.execute(DECODE_SQL)
+        tables = ["cc_off", "cc_outbox", "cc_emit"]
+        for t in tables:
+            await writer.execute(f"CREATE TABLE {t} {TABLE}")
+            await writer.execute(PROCS.format(t=t))
+        await writer.execute(DECODE_TRIGGERS.format(t="cc_outbox", w="w_outbox"))
+        await writer.execute(DECODE_TRIGGERS.format(t="cc_emit", w="w_emit"))
+        await writer.execute("CREATE PUBLICATION d_pub")  # no tables: messages only
+        await reader.execute("SELECT pg_create_logical_replication_slot('d_slot', 'pgoutput')")
+        rpid = await reader.fetchval("SELECT pg_backend_pid()")
+        poll = (
+            "SELECT count(*) FROM pg_logical_slot_get_binary_changes('d_slot', NULL, 20000, "
+            "'proto_version', '1', 'publication_names', 'd_pub', 'messages', 'true')"
+        )
+
+        async def drain() -> int:
+            t0 = cpu_ns(rpid)
+            while await reader.fetchval(poll):
+                pass
+            return cpu_ns(rpid) - t0
+
+        wpid = await writer.fetchval("SELECT pg_backend_pid()")
+        for t in tables:  # warm
+            for op in OPS:
+                await _phase(writer, wpid, op, t, max(100, writes // 10))
+        await drain()
+        w_ns = {(op, t): 0 for op in OPS for t in tables}
+        r_ns = dict(w_ns)
+        for r in range(rounds):
+            for t in tables[r % len(tables) :] + tables[: r % len(tables)]:
+                for op in OPS:
+                    w_ns[(op, t)] += await _phase(writer, wpid, op, t, writes)
+                    r_ns[(op, t)] += await drain()
+        n = writes * rounds
+        lines = [
+            "pg_logical_emit_message path (scratch server, wal_level=logical; µs of CPU per write)",
+            f"  {'table':<12}" + "".join(f"{op + ' w':>10}{op + ' r':>10}" for op in OPS),
+        ]
+        for t in tables:
+            lines.append(
+                f"  {t:<12}"
+                + "".join(f"{w_ns[(op, t)] / n / 1e3:>10.1f}{r_ns[(op, t)] / n / 1e3:>10.1f}" for op in OPS)
+            )
+        for t in tables[1:]:
+            lines.append(
+                f"  {t + ' - off':<12}"
+                + "".join(
+                    f"{(w_ns[(op, t)] - w_ns[(op, 'cc_off')]) / n / 1e3:>10.1f}"
+                    f"{(r_ns[(op, t)] - r_ns[(op, 'cc_off')]) / n / 1e3:>10.1f}"
+                    for op in OPS
+                )
+            )
+        lines.append("  (w: the writer's backend; r: the decoding reader's backend, polled after each phase)")
+        lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        await writer.close()
+        await reader.close()
+        return lines
+    finally:
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--writes", type=int, default=20000)
@@ -417,7 +694,16 @@ async def main() -> None:
         "--legacy", action="store_true", help="also sql/0036's triggers, as a baseline for a change"
     )
     ap.add_argument("--breakdown", action="store_true", help="also the capture path cut short at each step")
+    ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
+    ap.add_argument(
+        "--decode",
+        action="store_true",
+        help="only the pg_logical_emit_message path with a decoding reader (separate scratch server)",
+    )
     args = ap.parse_args()
+    if args.decode:
+        print("\n" + "\n".join(await decode_run(args.writes, args.rounds)))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-cc-bench-"))
     stack = start_stack(tmp, durable=args.fsync)
     try:
@@ -443,6 +729,9 @@ async def main() -> None:
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
             us = await measure(admin, tables, args.writes, args.rounds)
             print("\n" + "\n".join(report(us, tables)))
+            if args.bulk > 1:
+                us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
+                print("\n" + "\n".join(report(us, tables, args.bulk)))
             await admin.close()
             if superuser is not None:
                 await superuser.close()

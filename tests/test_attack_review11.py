@@ -37,7 +37,7 @@ from fluxbase.devstack.procs import free_port
 from fluxbase.services.clusters import ClusterPools
 from fluxbase.worker import housekeeping
 from support import Api, Stack, assert_error, bearer, run_service
-from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
+from test_clusters import own_tmp, pg2, pg3  # noqa: F401  (module fixtures: more PostgreSQL servers)
 
 
 def _url(pg: EmbeddedPostgres, db: str, port: int | None = None) -> str:
@@ -45,16 +45,24 @@ def _url(pg: EmbeddedPostgres, db: str, port: int | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-async def inst(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncIterator[dict[str, Any]]:  # noqa: F811
+async def inst(
+    stack: Stack,
+    log_dir: Path,
+    pg2: EmbeddedPostgres,  # noqa: F811
+    pg3: EmbeddedPostgres,  # noqa: F811
+) -> AsyncIterator[dict[str, Any]]:
     """An instance of its own; cluster two registered (and opened) by the admin's session; a
-    management key; a victim user with a project on the default cluster."""
+    management key; a victim user with a project on the default cluster. The other clusters the
+    tests register are on pg3 (one server is at most one cluster); r11_evil on pg2 is where a key
+    repoints cluster two (the same server)."""
     dbname = await stack.create_database()
-    owner = await asyncpg.connect(pg2.url)
-    try:
-        for db in ("r11_two", "r11_evil", "r11_stall"):
-            await owner.execute(f"CREATE DATABASE {db}")
-    finally:
-        await owner.close()
+    for pg, dbs in ((pg2, ("r11_two", "r11_evil")), (pg3, ("r11_evil", "r11_stall"))):
+        owner = await asyncpg.connect(pg.url)
+        try:
+            for db in dbs:
+                await owner.execute(f"CREATE DATABASE {db}")
+        finally:
+            await owner.close()
     port = free_port()
     env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
     try:
@@ -197,7 +205,7 @@ async def test_a_cluster_a_project_is_moving_to_is_not_removed_with_a_500(inst: 
 
 async def test_held_a_key_cannot_move_projects_to_a_closed_cluster_nor_open_one(
     inst: dict[str, Any],
-    pg2: EmbeddedPostgres,  # noqa: F811
+    pg3: EmbeddedPostgres,  # noqa: F811
 ) -> None:
     """A cluster the key registers starts closed; the key can neither open it nor move any
     project onto it; a key that repoints an empty open cluster closes it."""
@@ -206,12 +214,12 @@ async def test_held_a_key_cannot_move_projects_to_a_closed_cluster_nor_open_one(
     mgmt = bearer(inst["mgmt"])
     r = await http.post(
         "/api/admin/clusters",
-        json={"label": "evil", "connectionString": _url(pg2, "r11_evil"), "placement": "open"},
+        json={"label": "evil", "connectionString": _url(pg3, "r11_evil"), "placement": "open"},
         headers=mgmt,
     )
     assert_error(r, 403, "INSUFFICIENT_PERMISSIONS")
     r = await http.post(
-        "/api/admin/clusters", json={"label": "evil", "connectionString": _url(pg2, "r11_evil")}, headers=mgmt
+        "/api/admin/clusters", json={"label": "evil", "connectionString": _url(pg3, "r11_evil")}, headers=mgmt
     )
     assert r.status_code == 201 and r.json()["cluster"]["placement"] == "closed", r.text
     evil = r.json()["cluster"]["id"]
@@ -285,18 +293,18 @@ class _Proxy:
 
 async def test_a_stalled_cluster_does_not_hold_the_instances_housekeeping(
     inst: dict[str, Any],
-    pg2: EmbeddedPostgres,  # noqa: F811
+    pg3: EmbeddedPostgres,  # noqa: F811
 ) -> None:
     """Cluster "stall" is reached through a relay that then stops answering. Before the fix
     housekeeping() never returned (seen: the 40 s wait below timed out), so the webhook and mail
     logs, mail tokens, storage leftovers and every other cluster's outbox were never trimmed
     again on the whole instance. Now that cluster's round is cut off, logged, and the rest runs."""
-    proxy = _Proxy(pg2.port)
+    proxy = _Proxy(pg3.port)
     port = await proxy.start()
     api: Api = inst["api"]
     r = await api.http.post(
         "/api/admin/clusters",
-        json={"label": "stall", "connectionString": _url(pg2, "r11_stall", port), "placement": "closed"},
+        json={"label": "stall", "connectionString": _url(pg3, "r11_stall", port), "placement": "closed"},
         headers=bearer(inst["admin"]),
     )
     assert r.status_code == 201, r.text

@@ -130,14 +130,6 @@ async def test_a_move_is_refused_to_the_wrong_callers_and_targets(inst: dict[str
     assert_error(await http.post(path, json={"clusterId": "default"}, headers=admin), 409, "CONFLICT")
     r = await http.post("/api/admin/projects/p_nope/move", json={"clusterId": cid}, headers=admin)
     assert_error(r, 404, "PROJECT_NOT_FOUND")
-    # End-user tokens are not served on a registered cluster yet: a project with end users
-    # stays where they can log in.
-    r = await http.post("/api/projects", json={"name": "with users", "clusterId": "default"}, headers=admin)
-    with_users = r.json()["project"]["id"]
-    await end_user(api, with_users)
-    r = await http.post(f"/api/admin/projects/{with_users}/move", json={"clusterId": cid}, headers=admin)
-    assert_error(r, 409, "CONFLICT")
-    assert "end users" in r.json()["error"]["message"]
     # A management key moves projects only to clusters open to placement (review 7's hole).
     r = await http.patch(f"/api/admin/clusters/{cid}", json={"placement": "closed"}, headers=admin)
     assert r.status_code == 200, r.text
@@ -373,3 +365,163 @@ async def test_a_move_whose_process_died_is_recovered(inst: dict[str, Any]) -> N
     }
     r = await api.sql(key, pid, "INSERT INTO notes (body) VALUES ('on two again') RETURNING id")
     assert r.json()["result"]["rows"][0]["id"] == 8, r.text
+
+
+async def test_a_project_with_end_users_moves_to_a_registered_cluster(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """End users live in the control plane (accounts, sessions), so a move carries nothing of
+    theirs; what changes is where their identity is checked (on a registered cluster: on the
+    control plane before each request, services.identity). Before, the move answered 409. Now an
+    end user signed in before the move keeps using their token after it, through execute-sql and
+    the records API, under the table's RLS on the new cluster; a new end user signs up there;
+    logout still stops the next request."""
+    api: Api = inst["api"]
+    http = api.http
+    admin, cid = bearer(inst["admin"]), inst["cid"]
+    r = await http.post("/api/projects", json={"name": "with users", "clusterId": "default"}, headers=admin)
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    for q in (
+        "CREATE TABLE notes (id serial PRIMARY KEY, owner text NOT NULL DEFAULT auth.uid(), body text)",
+        "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY own ON notes USING (owner = auth.uid()) WITH CHECK (owner = auth.uid())",
+    ):
+        r = await api.sql(key, pid, q)
+        assert r.json()["success"], (q, r.text)
+    rw = await api.new_key(inst["admin"], pid, "readwrite", rateLimitRequests=100_000)
+    ann, ann_token = await end_user(api, pid)
+    bob, bob_token = await end_user(api, pid)
+
+    def as_user(token: str) -> dict[str, str]:
+        return {**bearer(rw), "X-Fluxbase-User-Token": token}
+
+    async def sql_as(token: str, query: str) -> Any:
+        return await http.post(
+            "/api/execute-sql", json={"projectId": pid, "query": query}, headers=as_user(token)
+        )
+
+    for token, body in ((ann_token, "ann before"), (bob_token, "bob before")):
+        r = await sql_as(token, f"INSERT INTO notes (body) VALUES ('{body}')")
+        assert r.status_code == 200 and r.json()["success"], r.text
+    # Used before the move: whatever a process cached of the token and the project's cluster.
+    r = await sql_as(ann_token, "SELECT auth.uid() AS uid, body FROM notes")
+    assert r.json()["result"]["rows"] == [{"uid": ann, "body": "ann before"}], r.text
+
+    r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (await _where(inst["control_url"], pid))["cluster_id"] == cid
+
+    # Ann's token from before the move: SQL runs on cluster two, as the project's role, with her
+    # identity under RLS (her row only).
+    r = await sql_as(ann_token, "SELECT auth.uid() AS uid, inet_server_port() AS port, body FROM notes")
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["rows"] == [{"uid": ann, "port": pg2.port, "body": "ann before"}]
+    records = f"/api/projects/{pid}/tables/notes/records"
+    r = await http.post(records, json={"body": "ann after"}, headers=as_user(ann_token))
+    assert r.status_code == 201, r.text
+    r = await http.get(records, headers=as_user(ann_token))
+    assert r.status_code == 200, r.text
+    assert sorted((x["owner"], x["body"]) for x in r.json()["records"]) == [
+        (ann, "ann after"),
+        (ann, "ann before"),
+    ]
+    # RLS refuses a row in someone else's name.
+    r = await sql_as(ann_token, f"INSERT INTO notes (owner, body) VALUES ('{bob}', 'forged')")
+    assert not r.json().get("success"), r.text
+    r = await http.get(records, headers=as_user(bob_token))
+    assert [x["body"] for x in r.json()["records"]] == ["bob before"], r.text
+
+    # A new end user signs up after the move and works there.
+    carl, carl_token = await end_user(api, pid)
+    r = await http.post(records, json={"body": "carl"}, headers=as_user(carl_token))
+    assert r.status_code == 201, r.text
+    r = await sql_as(carl_token, "SELECT owner, body, inet_server_port() AS port FROM notes")
+    assert r.json()["result"]["rows"] == [{"owner": carl, "body": "carl", "port": pg2.port}], r.text
+
+    # The session is still checked on every request: logout stops Ann's next one.
+    r = await http.post(f"/api/projects/{pid}/auth/logout", headers=bearer(ann_token))
+    assert r.status_code == 200, r.text
+    assert_error(await sql_as(ann_token, "SELECT 1"), 401, "INVALID_USER_TOKEN")
+    assert (await sql_as(bob_token, "SELECT 1")).status_code == 200
+    # Nothing of the project is left on the control plane's server.
+    assert await _schema_on(inst["control_url"], pid) == (False, 0)
+    assert (await _schema_on(inst["two_url"], pid))[0] is True
+
+
+async def test_installed_extensions_move_along(
+    inst: dict[str, Any],
+    pg2: EmbeddedPostgres,  # noqa: F811
+) -> None:
+    """A project with an extension installed moves (before: 409): the dump turns it on in the
+    project on the target (fluxbase_guard.create_extension as the project's admin role, like an
+    install) before the tables that use it. A target whose server does not offer it is refused
+    before anything is marked. The extensions page reads where the project lives."""
+    api: Api = inst["api"]
+    http = api.http
+    admin, cid = bearer(inst["admin"]), inst["cid"]
+    r = await http.post("/api/projects", json={"name": "with citext", "clusterId": "default"}, headers=admin)
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    r = await http.post(f"/api/projects/{pid}/extensions", json={"name": "citext"}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    for q in (
+        "CREATE TABLE tags (id serial PRIMARY KEY, name citext NOT NULL UNIQUE)",
+        "INSERT INTO tags (name) VALUES ('Fluxbase'), ('Postgres')",
+    ):
+        r = await api.sql(key, pid, q)
+        assert r.json()["success"], (q, r.text)
+
+    async def installed() -> list[str]:
+        r = await http.get(f"/api/projects/{pid}/extensions", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        return [e["name"] for e in r.json()["extensions"] if e["installed"]]
+
+    assert await installed() == ["citext"]
+    # A target whose server does not offer it: refused, nothing marked, still writable.
+    two = await asyncpg.connect(inst["two_url"])
+    try:
+        await two.execute("UPDATE fluxbase.extensions SET available = false WHERE name = 'citext'")
+        try:
+            r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=admin)
+            body = assert_error(r, 409, "CONFLICT")
+            assert "citext" in body["error"]["message"]
+        finally:
+            await two.execute("UPDATE fluxbase.extensions SET available = true WHERE name = 'citext'")
+    finally:
+        await two.close()
+    assert await _where(inst["control_url"], pid) == {
+        "cluster_id": "default",
+        "moving_to": None,
+        "read_only": False,
+    }
+
+    r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await api.sql(
+        key, pid, "SELECT name::text AS name, inet_server_port() AS port FROM tags WHERE name = 'FLUXBASE'"
+    )
+    assert r.json()["result"]["rows"] == [{"name": "Fluxbase", "port": pg2.port}], r.text
+    r = await api.sql(key, pid, "INSERT INTO tags (name) VALUES ('POSTGRES')")
+    assert not r.json()["success"], r.text  # citext's equality in the unique index, on the target
+    assert await installed() == ["citext"]
+    for url, want in ((inst["two_url"], ["citext"]), (inst["control_url"], [])):
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT name FROM fluxbase.project_extensions WHERE project_id = $1", pid)
+            assert [x["name"] for x in rows] == want, url
+        finally:
+            await conn.close()
+
+    # And back to the default cluster (read on the registered one, where it is recorded).
+    r = await http.post(f"/api/admin/projects/{pid}/move", json={"clusterId": "default"}, headers=admin)
+    assert r.status_code == 200, r.text
+    r = await api.sql(
+        key, pid, "SELECT count(*)::int AS n, inet_server_port() AS port FROM tags WHERE name = 'postgres'"
+    )
+    row = r.json()["result"]["rows"][0]
+    assert row["n"] == 1 and row["port"] != pg2.port, r.text
+    assert await installed() == ["citext"]

@@ -22,8 +22,10 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import connect
 
+from fluxbase.config import load_settings
 from fluxbase.devstack.postgres import EmbeddedPostgres
 from fluxbase.devstack.procs import free_port
+from fluxbase.services.clusters import seal
 from support import ROOT, Api, Stack, assert_clean, assert_error, bearer, run_service
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -50,6 +52,19 @@ def own_tmp() -> Iterator[Path]:
 def pg2(own_tmp: Path) -> Iterator[EmbeddedPostgres]:
     """The second cluster: a PostgreSQL server of its own (port and data dir)."""
     pg = EmbeddedPostgres(own_tmp / "pg2", free_port(), durable=False, max_connections=100)
+    pg.init()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop("immediate")
+
+
+@pytest.fixture(scope="module")
+def pg3(own_tmp: Path) -> Iterator[EmbeddedPostgres]:
+    """A third server, for modules that register a second cluster beside pg2's: one server is at
+    most one cluster (roles are per server; services/clusters.py)."""
+    pg = EmbeddedPostgres(own_tmp / "pg3", free_port(), durable=False, max_connections=50)
     pg.init()
     pg.start()
     try:
@@ -295,6 +310,17 @@ async def test_placement_and_sql_on_cluster_two(
     there = await asyncpg.connect(_url(pg2, pg2_db))
     try:
         assert await there.fetchval(f'SELECT name FROM "p_{second}".items') == "on cluster two"
+        # Its roles hold CONNECT there through that database's tenant groups (made by the
+        # registration's privilege step), with no entry of their own in its ACL (issue 19).
+        from fluxbase.db.privileges import tenant_group
+
+        assert await there.fetchval(
+            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{second}_admin", tenant_group(pg2_db, "admin")
+        )
+        assert not await there.fetchval(
+            """SELECT count(*) FROM pg_database d, aclexplode(d.datacl) x JOIN pg_roles g ON g.oid = x.grantee
+               WHERE d.datname = current_database() AND g.rolname ~ '^p_[0-9a-f]{16}_'"""
+        )
     finally:
         await there.close()
     control = await asyncpg.connect(stack.database_url(inst["dbname"]))
@@ -308,6 +334,103 @@ async def test_placement_and_sql_on_cluster_two(
     r = await api.sql(key1, first, "SELECT inet_server_port() AS port")
     assert r.json()["success"], r.text
     assert r.json()["result"]["rows"][0]["port"] != pg2.port
+
+
+async def test_one_server_is_one_cluster(
+    inst: dict[str, Any], pg2: EmbeddedPostgres, stack: Stack, state: dict[str, Any]
+) -> None:
+    """Roles are per server: a second database of a registered cluster's server, or another
+    database of the control plane's server, is refused (409 CONFLICT, failure
+    database_already_registered), before anything is installed there. Before sql/0047 both were
+    registered (201): the second registration set the runtime's and the provisioners' passwords
+    from its own cluster id (on the control plane's server: the control plane's own runtime role),
+    and a project created on cluster two afterwards could not be dropped (seen failing: 201)."""
+    api: Api = inst["api"]
+    http = api.http
+    admin = bearer(inst["admin"])
+    cid = state["cid"]
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE cluster_two_b")
+    finally:
+        await owner.close()
+    same_server = _url(pg2, "cluster_two_b")
+    # Cluster two as if registered before sql/0047 and unreachable at the last migrate: its
+    # server's identifier is read when the next registration needs it.
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
+    try:
+        await control.execute("UPDATE fluxbase.clusters SET system_identifier = NULL WHERE id = $1", cid)
+    finally:
+        await control.close()
+    r = _seen(
+        await http.post(
+            "/api/admin/clusters", json={"label": "b", "connectionString": same_server}, headers=admin
+        )
+    )
+    body = assert_error(r, 409, "CONFLICT")
+    assert body["error"]["details"] == {"failure": "database_already_registered", "retryable": False}
+    assert "already registered" in body["error"]["message"]
+    control_server_db = await stack.create_database()
+    try:
+        control_server = stack.database_url(control_server_db)  # its superuser, at 127.0.0.1
+        r = _seen(
+            await http.post(
+                "/api/admin/clusters", json={"label": "c", "connectionString": control_server}, headers=admin
+            )
+        )
+        body = assert_error(r, 409, "CONFLICT")
+        assert body["error"]["details"]["failure"] == "database_already_registered"
+        assert "control plane" in body["error"]["message"]
+        # Nor may a registered cluster's connection string move to the control plane's server.
+        r = _seen(
+            await http.patch(
+                f"/api/admin/clusters/{cid}", json={"connectionString": control_server}, headers=admin
+            )
+        )
+        body = assert_error(r, 409, "CONFLICT")
+        assert body["error"]["details"]["failure"] == "database_already_registered"
+        check = await asyncpg.connect(stack.database_url(control_server_db))
+        try:  # refused before the install: no Fluxbase SQL there
+            assert await check.fetchval("SELECT to_regnamespace('fluxbase')") is None
+        finally:
+            await check.close()
+    finally:
+        await stack.drop_database(control_server_db)
+    r = _seen(await http.get("/api/admin/clusters", headers=admin))
+    assert [c["id"] for c in r.json()["clusters"]] == ["default", cid]
+    there = await asyncpg.connect(_url(pg2, "cluster_two_b"))
+    try:
+        assert await there.fetchval("SELECT to_regnamespace('fluxbase')") is None
+    finally:
+        await there.close()
+
+    # Cluster two's roles still log in: a project created there now is provisioned by its
+    # provisioner role and dropped again, roles included.
+    r = await http.post("/api/projects", json={"name": "same server", "clusterId": cid}, headers=admin)
+    assert r.status_code == 201, r.text
+    pid = r.json()["project"]["id"]
+    key = await api.new_key(inst["admin"], pid, "admin", rateLimitRequests=100_000)
+    r = await api.sql(key, pid, "CREATE TABLE t (id int)")
+    assert r.json()["success"], r.text
+    there = await asyncpg.connect(_url(pg2, "cluster_two"))
+    try:
+        admins = await there.fetch(
+            """SELECT b.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid
+               JOIN pg_roles b ON b.oid = m.member WHERE r.rolname = $1 AND m.admin_option""",
+            f"p_{pid}_admin",
+        )
+        assert [a["rolname"] for a in admins] and all(
+            a["rolname"].startswith("fluxbase_provisioner_") for a in admins
+        ), admins
+        r = await http.delete(f"/api/projects/{pid}", headers=admin)
+        assert r.status_code == 200, r.text
+        left = await there.fetchval(
+            "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)", f"p_{pid}_"
+        )
+        assert left == 0
+        assert await there.fetchval("SELECT to_regnamespace($1)", f"p_{pid}") is None
+    finally:
+        await there.close()
 
 
 async def test_realtime_reads_cluster_two(inst: dict[str, Any], state: dict[str, Any], log_dir: Path) -> None:
@@ -384,11 +507,33 @@ async def test_worker_delivers_webhooks_from_cluster_two(inst: dict[str, Any], s
 
 
 async def test_fluxbase_migrate_reaches_registered_clusters(
-    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str
+    inst: dict[str, Any], pg2: EmbeddedPostgres, pg2_db: str, stack: Stack, state: dict[str, Any]
 ) -> None:
-    """An upgrade's new migration files are applied on every registered cluster too."""
+    """An upgrade's new migration files are applied on every registered cluster too. Clusters
+    registered before sql/0047 get their server's identifier there; of two that share a server
+    (possible then), the newest keeps it and the other is reported and left alone (installing
+    there again would set the newest one's runtime and provisioner passwords)."""
+    cid = state["cid"]
+    control = await asyncpg.connect(stack.database_url(inst["dbname"]))
     there = await asyncpg.connect(_url(pg2, pg2_db))
     try:
+        sysid = await control.fetchval("SELECT system_identifier FROM fluxbase.clusters WHERE id = $1", cid)
+        assert sysid == str(await there.fetchval("SELECT system_identifier FROM pg_control_system()"))
+        # (test_one_server_is_one_cluster erased it; the registration it refused read it again)
+        # As before sql/0047: no identifiers, and an older registration of another database of
+        # cluster two's server.
+        if not await there.fetchval("SELECT 1 FROM pg_database WHERE datname = 'cluster_two_b'"):
+            await there.execute("CREATE DATABASE cluster_two_b")
+        await control.execute("UPDATE fluxbase.clusters SET system_identifier = NULL WHERE id = $1", cid)
+        await control.execute(
+            """INSERT INTO fluxbase.clusters (id, label, host, port, database, username, secret, placement,
+                                              created_at)
+               SELECT 'cl_legacy', 'legacy', host, port, 'cluster_two_b', username, $2, 'closed',
+                      created_at - interval '1 day'
+               FROM fluxbase.clusters WHERE id = $1""",
+            cid,
+            seal(load_settings(inst["env"]), "cl_legacy", pg2.password),
+        )
         await there.execute("DELETE FROM fluxbase.schema_migrations WHERE version = '0037'")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -403,8 +548,26 @@ async def test_fluxbase_migrate_reaches_registered_clusters(
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
         assert await there.fetchval("SELECT 1 FROM fluxbase.schema_migrations WHERE version = '0037'") == 1
+        ids = dict(
+            await control.fetch("SELECT id, system_identifier FROM fluxbase.clusters WHERE id <> 'default'")
+        )
+        assert ids == {cid: sysid, "cl_legacy": None}
+        assert b"cl_legacy is on the same PostgreSQL server as " + cid.encode() in out
+        legacy = await asyncpg.connect(_url(pg2, "cluster_two_b"))
+        try:  # not installed there
+            assert await legacy.fetchval("SELECT to_regnamespace('fluxbase')") is None
+        finally:
+            await legacy.close()
     finally:
+        await control.execute("DELETE FROM fluxbase.clusters WHERE id = 'cl_legacy'")
+        await control.close()
         await there.close()
+    # Cluster two's runtime and provisioner logins still work: a project is made and dropped there.
+    http, admin = inst["api"].http, bearer(inst["admin"])
+    r = await http.post("/api/projects", json={"name": "after migrate", "clusterId": cid}, headers=admin)
+    assert r.status_code == 201, r.text
+    r = await http.delete(f"/api/projects/{r.json()['project']['id']}", headers=admin)
+    assert r.status_code == 200, r.text
 
 
 async def test_revocation_and_removal(

@@ -302,6 +302,22 @@ class ClusterVersionUnsupported(ClusterVerificationFailed):
     code, default_message = "DATABASE_VERSION_UNSUPPORTED", "The PostgreSQL version is not supported."
 
 
+class ClusterAlreadyRegistered(Conflict):
+    """The database, or another database of the same PostgreSQL server (same
+    `pg_control_system().system_identifier`), is already a cluster or is the control plane's:
+    roles are per server, so one server is at most one cluster (docs/clusters.md)."""
+
+    failure: ClassVar[str] = "database_already_registered"
+    default_message = (
+        "That PostgreSQL server is already in use: it holds a registered cluster or the control "
+        "plane. Roles are per server, so register one database per server."
+    )
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.extra.setdefault("details", {"failure": self.failure, "retryable": False})
+
+
 class ClusterNotFound(FluxbaseError):
     code, status, default_message = "CLUSTER_NOT_FOUND", 404, "Database cluster not found."
 

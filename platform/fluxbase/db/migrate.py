@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from fluxbase.config import ConfigError, Settings
 from fluxbase.db.extensions import apply_extensions
 from fluxbase.db.privileges import apply_privileges
 from fluxbase.tenancy.provision import sync_role_passwords
+
+log = logging.getLogger(__name__)
 
 FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -141,6 +144,8 @@ async def migrate_database(settings: Settings) -> list[str]:
         await apply_extensions(conn, settings.tenant.extensions)
         await sync_role_passwords(conn, settings)
         clusters = await conn.fetchval("SELECT to_regclass('fluxbase.clusters') IS NOT NULL")
+        if clusters:
+            await _record_default_server(conn)
     finally:
         await conn.close()
     if clusters:
@@ -151,6 +156,23 @@ async def migrate_database(settings: Settings) -> list[str]:
 
         await migrate_registered(settings)
     return applied
+
+
+async def _record_default_server(conn: asyncpg.Connection) -> None:
+    """The control plane's server identifier on the default cluster's row (sql/0047), again at
+    every run (a restored or upgraded server has a new one): a registration of another database
+    of this server is refused by it (services.clusters)."""
+    try:
+        await conn.execute(
+            """UPDATE fluxbase.clusters c SET system_identifier = s.system_identifier::text
+               FROM pg_catalog.pg_control_system() s
+               WHERE c.id = 'default' AND c.system_identifier IS DISTINCT FROM s.system_identifier::text"""
+        )
+    except asyncpg.UniqueViolationError:
+        log.error(
+            "a registered database cluster is on the control plane's own PostgreSQL server "
+            "(registered before sql/0047): remove it (docs/clusters.md)"
+        )
 
 
 async def _refuse_pending(conn: asyncpg.Connection) -> None:

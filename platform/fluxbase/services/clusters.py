@@ -35,6 +35,7 @@ from fluxbase.db.migrate import migrate
 from fluxbase.db.privileges import apply_privileges
 from fluxbase.errors import (
     AuthRequired,
+    ClusterAlreadyRegistered,
     ClusterAuthFailed,
     ClusterInUse,
     ClusterNotFound,
@@ -42,7 +43,6 @@ from fluxbase.errors import (
     ClusterUnreachable,
     ClusterVerificationFailed,
     ClusterVersionUnsupported,
-    Conflict,
     InsufficientPermissions,
     NotFound,
     ValidationError,
@@ -174,6 +174,12 @@ async def verify(conn: asyncpg.Connection) -> int:
     return version
 
 
+async def server_identifier(conn: asyncpg.Connection) -> str:
+    """The server's `pg_control_system().system_identifier` (a superuser's session): the same for
+    every database of one PostgreSQL server, which is what roles are shared by."""
+    return str(await conn.fetchval("SELECT system_identifier::text FROM pg_catalog.pg_control_system()"))
+
+
 def cluster_runtime_password(settings: Settings, cluster_id: str) -> str:
     """The runtime role's password on one registered cluster: derived from the server secret and
     the cluster's id, never the control plane's own. Whoever runs a registered server sees it (the
@@ -221,7 +227,14 @@ async def migrate_registered(settings: Settings) -> dict[str, list[str] | None]:
     db = settings.database
     control = await asyncpg.connect(db.url, timeout=db.connect_timeout)
     try:
-        ids = [r["id"] for r in await control.fetch("SELECT id FROM fluxbase.clusters WHERE id <> 'default'")]
+        # Newest first: of two clusters registered on one server before sql/0047, the later one's
+        # passwords are the ones in force there; it keeps them (`_record_identifier`).
+        ids = [
+            r["id"]
+            for r in await control.fetch(
+                "SELECT id FROM fluxbase.clusters WHERE id <> 'default' ORDER BY created_at DESC, id"
+            )
+        ]
         targets = {cid: await _stored_target(control, settings, cid) for cid in ids}
     finally:
         await control.close()
@@ -231,6 +244,10 @@ async def migrate_registered(settings: Settings) -> dict[str, list[str] | None]:
             conn = await connect(target)
             try:
                 await verify(conn)
+                sysid = await server_identifier(conn)
+                if not await _record_identifier(settings, cluster_id, sysid):
+                    done[cluster_id] = None
+                    continue
                 done[cluster_id] = await install(conn, settings, cluster_id)
             finally:
                 await conn.close()
@@ -240,6 +257,36 @@ async def migrate_registered(settings: Settings) -> dict[str, list[str] | None]:
             )
             done[cluster_id] = None
     return done
+
+
+async def _record_identifier(settings: Settings, cluster_id: str, sysid: str) -> bool:
+    """Store a registered cluster's server identifier (clusters registered before sql/0047 have
+    none). False if another cluster, or the control plane, already has that server: it was
+    registered twice before the check existed, and installing again would set the runtime's and
+    the provisioners' passwords from this cluster's id (the other's logins would fail). It is
+    then left as it is and reported: remove one of them (move its projects first)."""
+    control = await asyncpg.connect(settings.database.url, timeout=settings.database.connect_timeout)
+    try:
+        other = await control.fetchval(
+            "SELECT id FROM fluxbase.clusters WHERE system_identifier = $1 AND id <> $2", sysid, cluster_id
+        )
+        if other is None:
+            try:
+                await control.execute(
+                    "UPDATE fluxbase.clusters SET system_identifier = $2 WHERE id = $1", cluster_id, sysid
+                )
+                return True
+            except asyncpg.UniqueViolationError:
+                other = "another cluster"
+    finally:
+        await control.close()
+    log.error(
+        "database cluster %s is on the same PostgreSQL server as %s (registered before one server "
+        "was limited to one cluster): not migrated; remove one of them (docs/clusters.md)",
+        cluster_id,
+        other,
+    )
+    return False
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -327,7 +374,7 @@ async def _refuse_duplicate(
     host, port = settings.database.server()
     control_db = (urlsplit(settings.database.url).path or "/postgres").lstrip("/") or "postgres"
     if (target.host, target.port, target.database) == (host, port, control_db):
-        raise Conflict("That database is the default cluster (the control plane).")
+        raise ClusterAlreadyRegistered("That database is the default cluster (the control plane).")
     taken = await db.fetchval(
         "SELECT id FROM fluxbase.clusters WHERE host = $1 AND port = $2 AND database = $3 AND id <> $4",
         target.host,
@@ -336,15 +383,79 @@ async def _refuse_duplicate(
         except_id,
     )
     if taken:
-        raise Conflict("That database is already registered as a cluster.")
+        raise ClusterAlreadyRegistered("That database is already registered as a cluster.")
 
 
-async def _verify_and_install(settings: Settings, target: Target, cluster_id: str) -> int:
+def _registry_lock(settings: Settings) -> tuple[int, int]:
+    """The advisory-lock key that serialises registrations and new connection strings (a
+    transaction lock on the control plane): between the server check and the stored row, no
+    other registration of the same server installs there. Derived with the instance's secret,
+    like a move's (services.moves): tenants on the default cluster may take any advisory key."""
+    digest = hmac.new(settings.auth.secret_key.encode(), b"fluxbase.cluster-registry", "sha256").digest()
+    return int.from_bytes(digest[:4], "big", signed=True), int.from_bytes(digest[4:8], "big", signed=True)
+
+
+async def _identify_unrecorded(db: asyncpg.Pool, settings: Settings, except_id: str) -> None:
+    """Record the server identifier of registered clusters that have none yet (registered before
+    sql/0047 and unreachable at the last `fluxbase migrate`), so `_refuse_same_server` sees them;
+    one still unreachable is logged and left out. Committed on its own (a refusal keeps it)."""
+    rows = await db.fetch(
+        "SELECT id FROM fluxbase.clusters WHERE system_identifier IS NULL AND id <> 'default' AND id <> $1",
+        except_id,
+    )
+    for row in rows:
+        try:
+            other = await connect(await _stored_target(db, settings, row["id"]))
+            try:
+                sysid = await server_identifier(other)
+            finally:
+                await other.close()
+        except (ClusterVerificationFailed, asyncpg.PostgresError, OSError) as exc:
+            log.warning("could not read the server identifier of cluster %s: %r", row["id"], exc)
+            continue
+        try:
+            await db.execute(
+                "UPDATE fluxbase.clusters SET system_identifier = $2 WHERE id = $1", row["id"], sysid
+            )
+        except asyncpg.UniqueViolationError:
+            log.error(
+                "cluster %s is on the server of another cluster (registered before sql/0047)", row["id"]
+            )
+
+
+async def _refuse_same_server(conn: asyncpg.Connection, sysid: str, except_id: str) -> None:
+    """One PostgreSQL server is at most one cluster: roles (the runtime's, the provisioners', every
+    project's) are per server, so a second registration would set the first one's passwords and
+    share its projects' roles (sql/0047)."""
+    taken = await conn.fetchval(
+        "SELECT id FROM fluxbase.clusters WHERE system_identifier = $1 AND id <> $2", sysid, except_id
+    )
+    if taken == DEFAULT:
+        raise ClusterAlreadyRegistered(
+            "That database is on the control plane's PostgreSQL server (the default cluster); "
+            "roles are per server, so it cannot be a cluster of its own."
+        )
+    if taken is not None:
+        raise ClusterAlreadyRegistered(
+            "Another database of that PostgreSQL server is already registered as a cluster; roles "
+            "are per server, so one server is one cluster."
+        )
+
+
+async def _verify_and_install(
+    control: asyncpg.Connection, settings: Settings, target: Target, cluster_id: str
+) -> tuple[int, str]:
+    """Verify the server, refuse one already in use, install: returns (server_version_num, the
+    server's system identifier). `control` is in a transaction that holds the registry lock
+    (`_registry_lock`) until the caller has stored the row."""
+    await control.execute("SELECT pg_advisory_xact_lock($1::int4, $2::int4)", *_registry_lock(settings))
     conn = await connect(target)
     try:
         version = await verify(conn)
+        sysid = await server_identifier(conn)
+        await _refuse_same_server(control, sysid, cluster_id)
         await install(conn, settings, cluster_id)
-        return version
+        return version, sysid
     finally:
         await conn.close()
 
@@ -371,23 +482,30 @@ async def register_cluster(
         _require_session(by_session, "open a cluster to placement")
     target = parse_connection_string(connection_string)
     await _refuse_duplicate(db, settings, target)
+    await _identify_unrecorded(db, settings, "")
     cluster_id = ids.prefixed("cl")
-    version = await _verify_and_install(settings, target, cluster_id)
-    await db.execute(
-        """INSERT INTO fluxbase.clusters
-               (id, label, region, host, port, database, username, secret, server_version, placement)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
-        cluster_id,
-        label,
-        region,
-        target.host,
-        target.port,
-        target.database,
-        target.user,
-        seal(settings, cluster_id, target.password),
-        version,
-        placement,
-    )
+    async with db.acquire() as conn, conn.transaction():
+        version, sysid = await _verify_and_install(conn, settings, target, cluster_id)
+        try:
+            await conn.execute(
+                """INSERT INTO fluxbase.clusters
+                       (id, label, region, host, port, database, username, secret, server_version,
+                        placement, system_identifier)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                cluster_id,
+                label,
+                region,
+                target.host,
+                target.port,
+                target.database,
+                target.user,
+                seal(settings, cluster_id, target.password),
+                version,
+                placement,
+                sysid,
+            )
+        except asyncpg.UniqueViolationError:
+            raise ClusterAlreadyRegistered() from None
     return await get_cluster(db, cluster_id)
 
 
@@ -440,7 +558,8 @@ async def update_cluster(
         if connection_string is not None:
             target = parse_connection_string(connection_string)
             await _refuse_duplicate(db, settings, target, except_id=cluster_id)
-            version = await _verify_and_install(settings, target, cluster_id)
+            await _identify_unrecorded(db, settings, cluster_id)
+            version, sysid = await _verify_and_install(conn, settings, target, cluster_id)
             if not by_session:
                 # Checked again under the cluster row's lock, after the (slow) verification: a
                 # project placed there or marked to move there meanwhile takes a KEY SHARE lock
@@ -454,7 +573,7 @@ async def update_cluster(
             await conn.execute(
                 """UPDATE fluxbase.clusters
                    SET host = $2, port = $3, database = $4, username = $5, secret = $6,
-                          server_version = $7, updated_at = now() WHERE id = $1""",
+                          server_version = $7, system_identifier = $8, updated_at = now() WHERE id = $1""",
                 cluster_id,
                 target.host,
                 target.port,
@@ -462,6 +581,7 @@ async def update_cluster(
                 target.user,
                 seal(settings, cluster_id, target.password),
                 version,
+                sysid,
             )
             if not by_session:
                 await conn.execute(

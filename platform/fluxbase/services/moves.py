@@ -242,6 +242,38 @@ async def _drop_on_cluster(
             await conn.execute("DELETE FROM fluxbase.projects WHERE id = $1", project_id)
 
 
+async def _refuse_unoffered_extensions(
+    cluster_pools: clusters.ClusterPools, project_id: str, source_id: str, target_id: str
+) -> None:
+    """The project's installed extensions travel with it: the dump's header turns each on in the
+    project on the target (`CREATE EXTENSION`, which the load runs as the project's admin role
+    through fluxbase_guard.create_extension, the path a tenant's own install and an import take)
+    before the tables that use them. So the target's server must offer every one of them (its
+    fluxbase.extensions, written by its migration step): refused before anything is marked.
+    Read where the project lives: its extensions are recorded beside its data (sql/0023)."""
+    try:
+        wanted = await extensions.installed(await cluster_pools.pool(source_id), project_id)
+        if not wanted:
+            return
+        target_pool = await cluster_pools.pool(target_id)
+        offered = {
+            r["name"] for r in await target_pool.fetch("SELECT name FROM fluxbase.extensions WHERE available")
+        }
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        log.error(
+            "project %s: reading the extensions of %s / %s failed: %r", project_id, source_id, target_id, exc
+        )
+        raise ProjectMoveFailed(
+            "The source or the target cluster could not be read; nothing was changed."
+        ) from None
+    missing = [name for name in wanted if name not in offered]
+    if missing:
+        raise Conflict(
+            f"The target cluster does not offer the extension(s) the project has installed: "
+            f"{', '.join(missing)} (GET /api/projects/{{id}}/extensions lists them on each cluster)."
+        )
+
+
 async def _recover(db: asyncpg.Pool, cluster_pools: clusters.ClusterPools, project_id: str) -> None:
     """A mark left by a move whose process died (nobody holds the project's move lock): drop the
     target's partial copy and make the project writable on its source again."""
@@ -325,14 +357,10 @@ async def _move(
             "A management key moves projects only to clusters open to placement; "
             "an instance admin's session opens them."
         )
-    if await extensions.installed(db, project_id):
-        raise Conflict("Projects with extensions installed cannot be moved yet (docs/clusters.md).")
-    if target_id != clusters.DEFAULT and await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM fluxbase.project_users WHERE project_id = $1)", project_id
-    ):
-        # Their accounts stay in the control plane, but end-user tokens are not served on a
-        # registered cluster yet (docs/clusters.md): the move would lock them out.
-        raise Conflict("Projects with end users cannot move to a registered cluster yet (docs/clusters.md).")
+    await _refuse_unoffered_extensions(cluster_pools, project_id, source_id, target_id)
+    # End users need nothing moved: their accounts and sessions live in the control plane, and
+    # their tokens are served on every cluster (on a registered one the session is checked on the
+    # control plane before each request, services.identity; tests/test_cluster_moves.py).
 
     async with db.acquire() as mc, mc.transaction():
         # The target's placement again under a SHARE lock on its row (the latest version): a

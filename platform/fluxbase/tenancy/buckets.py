@@ -142,29 +142,21 @@ async def acting(
     if settings is not None:
         db = settings.database
         timeouts = (db.connect_timeout, db.lock_timeout_ms, db.statement_timeout_ms)
-    try:
-        bconn = await asyncpg.connect(
-            **where,
-            user=bucket,
-            password=bucket_password(runtime_password, bucket),
-            timeout=timeouts[0],
-            server_settings={
-                "application_name": "fluxbase-provisioner",
-                "lock_timeout": f"{timeouts[1]}ms",
-                "statement_timeout": f"{timeouts[2]}ms",
-                "search_path": "pg_catalog, pg_temp",
-            },
-        )
-    except asyncpg.InvalidPasswordError:
-        if not new:
-            raise
-        # Roles are per server: where one server holds several registered clusters (databases),
-        # each registration's privilege step set the buckets' passwords from its own runtime
-        # password, and the last one won. A new project's roles are then created by the runtime
-        # itself, as before the buckets (secure, only not flat); its later role work follows.
-        log.warning("provisioner %s refused the derived password: the runtime creates the roles", bucket)
-        yield conn
-        return
+    # One server is one cluster (services.clusters refuses a second registration of a server,
+    # sql/0047), so the privilege step that set this bucket's password there derived it from the
+    # password this runtime logged in with: no other registration overwrites it.
+    bconn = await asyncpg.connect(
+        **where,
+        user=bucket,
+        password=bucket_password(runtime_password, bucket),
+        timeout=timeouts[0],
+        server_settings={
+            "application_name": "fluxbase-provisioner",
+            "lock_timeout": f"{timeouts[1]}ms",
+            "statement_timeout": f"{timeouts[2]}ms",
+            "search_path": "pg_catalog, pg_temp",
+        },
+    )
     try:
         async with bconn.transaction():
             yield bconn

@@ -55,7 +55,9 @@ def extension_out(e: extensions.Extension) -> ExtensionOut:
 @get("/api/projects/{project_id:str}/extensions", operation_id="listExtensions", tags=["extensions"])
 async def list_extensions(project_id: str, ctx: AppContext, caller: Caller) -> ExtensionsAnswer:
     access = await caller.access(ctx, project_id, Need.READ)
-    rows = await extensions.list_extensions(ctx.db, access.project.id)
+    # The allow-list and the project's installs are recorded where its data lives (sql/0023).
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)
+    rows = await extensions.list_extensions(home, access.project.id)
     return ExtensionsAnswer(extensions=[extension_out(e) for e in rows])
 
 
@@ -71,8 +73,9 @@ async def install_extension(
     project_id: str, data: InstallBody, ctx: AppContext, caller: Caller
 ) -> Response[ExtensionAnswer]:
     access = await caller.access(ctx, project_id, Need.SCHEMA)
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)
     created, ext = await extensions.install(
-        ctx.db, ctx.tenants, access.project, data.name, ctx.settings.tenant.pool_acquire_timeout_s
+        home, ctx.tenants, access.project, data.name, ctx.settings.tenant.pool_acquire_timeout_s
     )
     return Response(ExtensionAnswer(extension=extension_out(ext)), status_code=201 if created else 200)
 
@@ -85,7 +88,8 @@ async def install_extension(
 )
 async def remove_extension(project_id: str, name: str, ctx: AppContext, caller: Caller) -> ExtensionAnswer:
     access = await caller.access(ctx, project_id, Need.SCHEMA)
+    home = await ctx.cluster_pools().pool(access.project.cluster_id)
     ext = await extensions.remove(
-        ctx.db, ctx.tenants, access.project, name, ctx.settings.tenant.pool_acquire_timeout_s
+        home, ctx.tenants, access.project, name, ctx.settings.tenant.pool_acquire_timeout_s
     )
     return ExtensionAnswer(extension=extension_out(ext))
