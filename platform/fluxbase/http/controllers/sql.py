@@ -125,6 +125,13 @@ async def sql_access(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
+    if access.project.cluster_id == "default":
+        # Authenticated and authorised: a cold project's connection opens while the rate lease
+        # is read (issue 19). The pool is the one the request will take (scope, end user or not).
+        user_token = request.headers.get(USER_TOKEN_HEADER)
+        key = principal.key
+        if user_token or key is None or not key.require_user_auth:
+            ctx.tenants.preopen(access.project.id, access.sql_scope, end_user=bool(user_token))
     limit, window = access.rate_limit(ctx.settings)
     quota = await ctx.limiter.hit(principal.label, limit, window)
     remember_quota(request, quota)
