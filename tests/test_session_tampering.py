@@ -48,17 +48,20 @@ async def test_a_request_that_drops_its_own_statements_runs_at_most_twice(
 
 async def test_other_principals_never_see_a_dropped_session(api: Api, project: Any) -> None:
     """Another admin key's DEALLOCATE ALL on many pooled sessions, then a burst of this key's
-    cached statements: every request succeeds, none answers with a statement's name."""
+    cached statements: every request succeeds, none answers with a statement's name. The
+    DEALLOCATE requests themselves succeed too: one that meets a session an earlier one dropped
+    runs again on a session opened after that was found, never on another one in use meanwhile
+    (which came back to the pool dropped as well: about one run in five failed so)."""
     pid = project.id
     victim = await api.new_key(project.owner_token, pid, "admin", rateLimitRequests=MANY)
     mallory = await api.new_key(project.owner_token, pid, "admin", rateLimitRequests=MANY)
     assert (await sql(api, victim, pid, "CREATE TABLE n (v int)"))["success"]
     probe = "SELECT count(*) AS c FROM n"
-    for _ in range(3):
+    for _ in range(6):
         warm = await asyncio.gather(*(sql(api, victim, pid, probe) for _ in range(8)))
         assert all(a["success"] for a in warm), warm[:1]
         dropped = await asyncio.gather(*(sql(api, mallory, pid, DEALLOCATE) for _ in range(8)))
-        assert all(d["success"] for d in dropped), dropped[:1]
+        assert all(d["success"] for d in dropped), [d for d in dropped if not d["success"]][:2]
         answers = await asyncio.gather(*(sql(api, victim, pid, probe) for _ in range(12)))
         assert all(a["success"] for a in answers), [a for a in answers if not a["success"]][:2]
         assert not any(NAME.search(str(a)) for a in answers)

@@ -100,6 +100,7 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
         "cluster_pool",
         "dirty",
         "idle_since",
+        "opened_at",
         "over_caps",
         "remote",
         "request_prefix",
@@ -453,6 +454,7 @@ class TenantPool:
             self._hand_on(None)  # the slot is free again for a waiter
             raise
         self._opening -= 1
+        conn.opened_at = time.monotonic()
         self._all.add(conn)
         conn.add_termination_listener(self._gone)
         if self._closed:
@@ -555,6 +557,20 @@ class TenantPool:
                 await asyncio.wait_for(conn.close(), 5)
             except Exception:
                 conn.terminate()
+
+    async def acquire_opened_after(self, since: float, timeout: float | None) -> TenantConnection:  # noqa: ASYNC109
+        """A connection this pool opened after `since` (`time.monotonic()`): for the one retry of
+        a request that met a session whose prepared statements project SQL dropped. Sessions in
+        use when that was found may be tampered with too and come back to the pool after
+        `discard_idle`; one handed to this call is terminated and the next taken (a new one once
+        its slot is free), within `timeout`."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            conn = await self.acquire(None if end is None else max(0.0, end - loop.time()))
+            if getattr(conn, "opened_at", since) >= since:
+                return conn
+            conn.terminate()
 
     def discard_idle(self) -> None:
         """Terminate every idle connection now (their session state is not to be trusted: a

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -393,13 +394,17 @@ async def _retrying(
     try:
         return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
     except SessionStatementsLost:
+        since = time.monotonic()
         (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
         # Within the request's one deadline, not a second one.
         left = req.limits.deadline_s - (loop.time() - started)
         if left <= 0:
             raise
         again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
-        return await _on_connection(pools, control, again, run, index, pipelined=pipelined)
+        # On a session opened from now on: others in use meanwhile may be tampered with too.
+        return await _on_connection(
+            pools, control, again, run, index, pipelined=pipelined, opened_after=since
+        )
 
 
 async def _on_connection(
@@ -410,6 +415,7 @@ async def _on_connection(
     index: Callable[[], int | None] = lambda: None,
     *,
     pipelined: bool = False,
+    opened_after: float | None = None,
 ) -> T:
     """Run `run(conn)` on a pooled connection of the project's own role within the request
     deadline (the backend is terminated when it passes). A connection that is lost, timed out or
@@ -418,7 +424,11 @@ async def _on_connection(
     project_id, limits = req.project_id, req.limits
     pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
     try:
-        conn = await pool.acquire(limits.acquire_timeout_s)  # `acquire`, inlined: the hot path
+        conn = await (
+            pool.acquire(limits.acquire_timeout_s)  # `acquire`, inlined: the hot path
+            if opened_after is None
+            else pool.acquire_opened_after(opened_after, limits.acquire_timeout_s)
+        )
     except TimeoutError:
         raise ConnectionsBusy() from None
     dead = False
