@@ -55,7 +55,11 @@ STEPS = [
     ("        pool: release it", "fluxbase.tenancy.pools", "TenantPool.release"),
     ("        prepare (statement cache)", "fluxbase.tenancy.wire", "prepare"),
     ("        adapt parameters", "fluxbase.tenancy.session", "adapt_params"),
-    ("        send the request prefix (its own socket write)", "fluxbase.tenancy.wire", "write"),
+    (
+        "        send the request prefix (MSG_MORE: leaves with the statement)",
+        "fluxbase.tenancy.wire",
+        "RequestPrefix.send",
+    ),
     ("        database round trip", "fluxbase.tenancy.wire", "execute"),
     ("        encode the rows", "fluxbase.tenancy.session", "encode_result"),
 ]

@@ -292,3 +292,72 @@ async def test_projects_created_at_once_all_succeed(small: Small) -> None:
         pid = r.json()["project"]["id"]
         key = await small.api.new_key(small.token, pid, "admin", rateLimitRequests=1_000_000)
         await ok(small.api, key, pid, "SELECT 1")
+
+
+AHEAD_BUDGET = 16  # the smallest budget that keeps a slot free ahead of need (a sixteenth)
+
+
+async def test_a_slot_is_freed_ahead_of_the_next_cold_request(stack: Any, spawn: Callable[..., Any]) -> None:
+    """From a budget of 16 up, once the budget fills, the least recently used idle connection is
+    closed in the background: the next project's first request finds a free slot instead of
+    waiting for an evicted backend to exit (issue 19: that wait was on every cold request past the
+    budget). The server still never sees more than the budget."""
+    async with _small(
+        stack,
+        spawn,
+        FLUXBASE_TENANT_CONNECTION_BUDGET=str(AHEAD_BUDGET),
+        FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS="2",
+    ) as s:
+        await s.add_projects(AHEAD_BUDGET + 2)
+        assert await s.metric("fluxbase_tenant_pool_evictions_total") == 0
+        async with sampled(s) as seen:
+            for pid, key in s.projects[:AHEAD_BUDGET]:
+                await ok(s.api, key, pid, "SELECT 1")
+            # The sixteenth took the last slot: one idle connection is closed without any request
+            # asking for its slot.
+            for _ in range(100):
+                if len(await s.backends()) == AHEAD_BUDGET - 1:
+                    break
+                await asyncio.sleep(0.03)
+            assert len(await s.backends()) == AHEAD_BUDGET - 1
+            assert await s.metric("fluxbase_tenant_pool_evictions_total") == 1
+            # The next cold projects take the free slot (each closes the next idle one ahead).
+            for pid, key in s.projects[AHEAD_BUDGET:]:
+                await ok(s.api, key, pid, "SELECT 1")
+                # One connection for it: the one opened while its rate lease was read (preopen)
+                # is the one its request took.
+                assert (await s.backends()).count(role_name(pid, "admin")) == 1
+            for _ in range(100):
+                if len(await s.backends()) == AHEAD_BUDGET - 1:
+                    break
+                await asyncio.sleep(0.03)
+        assert max(seen) <= AHEAD_BUDGET, seen
+        assert len(await s.backends()) == AHEAD_BUDGET - 1
+        assert await s.metric("fluxbase_tenant_pool_evictions_total") == 3
+        assert await s.metric("fluxbase_tenant_budget_waits_total") == 0
+
+
+async def test_only_an_authenticated_authorised_request_opens_a_connection_ahead(small: Small) -> None:
+    """The connect that overlaps the rate lease (`TenantPools.preopen`) starts only once the
+    request is authenticated and authorised for the project: a key of another project, a wrong
+    key, and a requireUserAuth key without its user token open no connection for the project,
+    so nobody without a working key can make the server open (or the budget evict) one."""
+    await idle(small)
+    (a, ka), (b, _) = small.projects[6], small.projects[7]
+    browser = await small.api.new_key(
+        small.token, b, "read", requireUserAuth=True, rateLimitRequests=1_000_000
+    )
+    await small.su.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
+        [role_name(b, s) for s in ("read", "readwrite", "admin")],
+    )
+    for _ in range(100):
+        if not any(u.startswith(f"p_{b}_") for u in await small.backends()):
+            break
+        await asyncio.sleep(0.03)
+    for key in (ka, ka[:-4] + "abcd", browser):
+        r = await small.api.sql(key, b, "SELECT 1")
+        assert r.status_code in (401, 403), r.text
+    await asyncio.sleep(0.3)  # a connection opened ahead would be open (or opening) by now
+    assert not any(u.startswith(f"p_{b}_") for u in await small.backends())
+    await ok(small.api, ka, a, "SELECT 1")  # and the keys that work still do

@@ -224,3 +224,63 @@ async def test_a_cold_key_lookup_is_one_statement_that_touches_only_a_live_key(
         assert await _last_used(control_db, revoked_id) is None
     finally:
         await conn.close()
+
+
+async def _backends(control_db: asyncpg.Pool, role: str) -> int:
+    return await control_db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)  # type: ignore[no-any-return]
+
+
+async def test_a_connection_opened_ahead_is_the_one_the_request_takes(
+    instance: Any, control_db: asyncpg.Pool, project: Any
+) -> None:
+    """`TenantPools.preopen` (called once a request is authenticated, while its rate lease is
+    read) starts the cold project's connection; the request's acquire then waits for that one
+    instead of opening a second. Nothing is opened for a project whose address the pools do not
+    know, nor when a connection is idle or already opening."""
+    settings = load_settings(instance.env)
+    pools = TenantPools(settings, max_size=4)
+    role = role_name(project.id, "admin")
+    try:
+        pools.preopen(project.id, "admin")  # not located by a key lookup: nothing to overlap
+        assert (await pools.pool(project.id, "admin")).get_size() == 0
+        await pools.close_project(project.id)
+        pools.locate(project.id, "default")
+        pools.preopen(project.id, "admin")
+        pools.preopen(project.id, "admin")  # already opening: not a second one
+        pool = await pools.pool(project.id, "admin")
+        assert pool.get_size() == 1
+        conn = await pool.acquire(5)
+        try:
+            assert pool.get_size() == 1 and conn.request_prefix is not None
+            assert await _backends(control_db, role) == 1
+        finally:
+            await pool.release(conn)
+        pools.preopen(project.id, "admin")  # one is idle
+        assert pool.get_size() == 1
+        assert await _rows(pools, control_db, project.id, "SELECT 41 + 1 AS answer") == [{"answer": 42}]
+        assert await _backends(control_db, role) == 1
+    finally:
+        await pools.close()
+
+
+async def test_a_failed_opening_ahead_leaves_the_request_its_own_error(
+    instance: Any, control_db: asyncpg.Pool
+) -> None:
+    """When the connection opened ahead fails (here: the role does not exist), the waiting
+    request opens one itself and gets that opening's error at once, not a wait for its timeout;
+    the pool and the budget keep no slot for it."""
+    settings = load_settings(instance.env)
+    pools = TenantPools(settings, max_size=4)
+    ghost = "0123456789abcdef"
+    try:
+        pools.locate(ghost, "default")
+        pools.preopen(ghost, "admin")
+        pool = await pools.pool(ghost, "admin")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+            await pool.acquire(10)
+        assert loop.time() - started < 5
+        assert pool.get_size() == 0 and pools.budget.used == 0
+    finally:
+        await pools.close()

@@ -20,15 +20,14 @@ import asyncio
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 
 from fluxbase.errors import RateLimited
 
 
-@dataclass(frozen=True)
-class Quota:
+class Quota(msgspec.Struct, frozen=True):
     """Where a caller stands after a counted request: the answer's X-RateLimit-* headers."""
 
     limit: int

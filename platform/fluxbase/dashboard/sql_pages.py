@@ -9,7 +9,6 @@ step "Test in SQL Editor".
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -68,7 +67,7 @@ def _type_of(values: list[Any]) -> str:
 def _as_end_user(access: ProjectAccess) -> ProjectAccess:
     """The member's access with the scope an app's end users get: at most readwrite."""
     scope = "readwrite" if SCOPE_RANK[access.sql_scope] >= SCOPE_RANK["readwrite"] else access.sql_scope
-    return dataclasses.replace(access, sql_scope=scope)
+    return msgspec.structs.replace(access, sql_scope=scope)
 
 
 async def _run(dash: Dash, access: ProjectAccess, data: dict[str, str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import msgspec
 
 from fluxbase import ids
 from fluxbase.config import Settings
@@ -107,8 +108,7 @@ class Project:
         )
 
 
-@dataclass(frozen=True)
-class ProjectAccess:
+class ProjectAccess(msgspec.Struct, frozen=True):
     """The outcome of authorisation: the project, the caller, and the SQL scope to run as."""
 
     project: Project

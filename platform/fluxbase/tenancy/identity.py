@@ -3,7 +3,6 @@ prepares the identity of requests without an end user when a connection opens)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -11,8 +10,7 @@ import msgspec
 from fluxbase.db.quoting import quote_literal
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(msgspec.Struct, frozen=True):
     """Who the statement runs for: auth.uid(), auth.jwt() claims and auth.role()."""
 
     uid: str | None

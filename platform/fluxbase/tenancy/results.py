@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -32,8 +31,18 @@ def operation_of(status: str | None, fallback: str) -> str:
     """The command tag without its counts ("INSERT 0 3" → "INSERT")."""
     if not status:
         return fallback
-    words = [w for w in status.split() if not w.isdigit()]
-    return " ".join(words) or fallback
+    key = (status, fallback)
+    known = _OPERATIONS.get(key)
+    if known is None:
+        if len(_OPERATIONS) >= 4096:
+            _OPERATIONS.clear()
+        words = [w for w in status.split() if not w.isdigit()]
+        known = _OPERATIONS[key] = " ".join(words) or fallback
+    return known
+
+
+# operation_of's answers: a few tags and counts repeat request after request.
+_OPERATIONS: dict[tuple[str, str], str] = {}
 
 
 def count_of(status: str | None) -> int | None:
@@ -45,8 +54,7 @@ def count_of(status: str | None) -> int | None:
     return None
 
 
-@dataclass
-class StatementResult:
+class StatementResult(msgspec.Struct):
     """One statement's outcome, encoded: execute-sql's `result` plus the operation name."""
 
     columns: list[str]

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
+import msgspec
 
 from fluxbase import tracing
 from fluxbase.db.quoting import quote_literal
@@ -62,16 +61,14 @@ log = logging.getLogger("fluxbase.tenancy")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True):
     deadline_s: float
     max_rows: int
     max_bytes: int
     acquire_timeout_s: float
 
 
-@dataclass(frozen=True)
-class TenantRequest:
+class TenantRequest(msgspec.Struct, frozen=True):
     """What one data request brings to its tenant transaction, resolved once at the HTTP edge."""
 
     project_id: str
@@ -401,7 +398,7 @@ async def _retrying(
         left = req.limits.deadline_s - (loop.time() - started)
         if left <= 0:
             raise
-        again = dataclasses.replace(req, limits=dataclasses.replace(req.limits, deadline_s=left))
+        again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
         return await _on_connection(pools, control, again, run, index, pipelined=pipelined)
 
 
@@ -586,12 +583,13 @@ async def _one_round_trip(
             stmt = await wire.prepare(conn, query)
         except Exception as exc:
             raise statement_error(exc, may_write) from None
+        types, attributes, columns = prefix.shape(stmt)
         try:
-            args = adapt_params(wire.parameter_types(stmt), params)
+            args = adapt_params(types, params)
         except ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        wire.write(conn, head)
+        prefix.send(conn, head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
             rows, status, completed = await wire.execute(conn, stmt, args, limits.max_rows + 1)
@@ -623,9 +621,8 @@ async def _one_round_trip(
             raise
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
-        attributes = wire.attributes(stmt)
         return encode_result(
-            wire.names(attributes),
+            columns,
             rows,
             status,
             completed,

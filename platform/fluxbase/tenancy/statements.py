@@ -289,7 +289,9 @@ class Verdict:
     def count(self) -> int:
         return len(self.statements)
 
-    @property
+    # keyword and pipelinable: read by every execute-sql request of a cached verdict, computed
+    # once (a frozen verdict of frozen statements: the answer never changes).
+    @functools.cached_property
     def keyword(self) -> str:
         """The first statement's first keyword ("" for an empty text)."""
         return self.statements[0].keyword if self.statements else ""
@@ -301,7 +303,7 @@ class Verdict:
     def refusal(self, context: str) -> Refusal | None:
         return self.refusals[context]
 
-    @property
+    @functools.cached_property
     def pipelinable(self) -> bool:
         """May run on the one-round-trip path: one statement that can neither end the implicit
         transaction (CALL and DO may COMMIT outside a transaction block) nor take a session

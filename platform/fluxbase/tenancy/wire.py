@@ -15,7 +15,9 @@ covers every step).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,19 +75,25 @@ def bind_execute(statement: str, params: Sequence[bytes | None] = ()) -> bytes:
     return _message(b"B", b"".join(parts)) + _EXECUTE
 
 
+_BIND_EXECUTE_UNNAMED = _message(b"B", b"\x00\x00" + _BIND_NO_PARAMS_TAIL) + _EXECUTE
+
+
 def parse_bind_execute(sql: str) -> bytes:
-    """An unnamed statement without parameters, parsed, bound and run."""
-    return (
-        _message(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00")
-        + _message(b"B", b"\x00\x00" + _BIND_NO_PARAMS_TAIL)
-        + _EXECUTE
-    )
+    """An unnamed statement without parameters, parsed, bound and run (a broadcast cap or an
+    end user's identity, per request: the Parse message written out here, not by `_message`)."""
+    text = sql.encode()
+    # Parse: unnamed statement, the text, no declared parameter types (4 bytes around the text).
+    return b"P%b\x00%b\x00\x00\x00%b" % ((len(text) + 8).to_bytes(4, "big"), text, _BIND_EXECUTE_UNNAMED)
 
 
 def parse(name: str, sql: str) -> bytes:
     """A Parse message: `sql` (no declared parameter types) as the named statement `name`."""
     return _message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
 
+
+# RequestPrefix.shape: (parameter types, result attributes, column names).
+Shape = tuple[Sequence[Any], Sequence[Any], list[str]]
+_SHAPES_MAX = 512  # per connection (asyncpg caches 100 statements per connection by default)
 
 # The check step's Bind/Execute by (its statement's name, project, epoch): RequestPrefix.checks.
 _CHECKS: dict[tuple[str, str, int | None], bytes] = {}
@@ -107,9 +115,11 @@ class RequestPrefix:
 
     __slots__ = (
         "_check",
+        "_fd",
         "_fixed",
         "_login",
         "_read_only",
+        "_shapes",
         "_user_session",
         "anonymous",
         "anonymous_claims",
@@ -126,6 +136,8 @@ class RequestPrefix:
         limits: Sequence[str] = (),
     ):
         self._login = login
+        self._fd: int | None = None  # `send`'s socket: unknown yet (-1: none it may use)
+        self._shapes: dict[int, tuple[Any, Shape]] = {}
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
         n = len(RESET_STEPS)
@@ -191,6 +203,50 @@ class RequestPrefix:
             out += bind_execute(self._read_only)
         return out
 
+    def shape(self, stmt: Any) -> Shape:
+        """(parameter types, result attributes, column names) of a statement asyncpg prepared
+        on this connection: asyncpg builds the first two anew at each call (a named tuple per
+        type), and they never change for one prepared statement, so they are built once here.
+        Keyed by the statement object (a re-prepared statement is a new one), held with it."""
+        known = self._shapes.get(id(stmt))
+        if known is not None and known[0] is stmt:
+            return known[1]
+        if len(self._shapes) >= _SHAPES_MAX:
+            self._shapes.clear()
+        attrs = attributes(stmt)
+        shape = (parameter_types(stmt), attrs, names(attrs))
+        self._shapes[id(stmt)] = (stmt, shape)
+        return shape
+
+    def send(self, conn: Any, data: bytes) -> None:
+        """Write the prefix `data` so that it leaves with the driver's next write: one TCP
+        segment, one wake-up of PostgreSQL for the prefix and the statement, where two writes
+        made two. The prefix goes straight to the socket with MSG_MORE (the kernel holds it
+        back until the next send without that flag: asyncpg's Bind/Execute/Sync, or `drain`'s),
+        which costs the same one system call the transport's own write did, and nothing to undo
+        afterwards (TCP_CORK needed two more per request). Only when the transport has nothing
+        queued, so the order on the wire stays the order of the writes; a TLS connection, a
+        Unix socket or anything the kernel does not take at once goes through the transport as
+        before (`write`)."""
+        transport = conn._transport
+        fd = self._fd
+        if fd is None:
+            fd = self._fd = _raw_fd(transport)
+        if fd < 0 or transport.get_write_buffer_size() or transport.is_closing():
+            transport.write(data)
+            return
+        # A socket object over the transport's descriptor, for this one call: detached before
+        # anything else runs, so it never closes what it does not own.
+        sock = _socket.socket(_socket.AF_INET, _NONBLOCKING_STREAM, 0, fd)
+        try:
+            sent = sock.send(data, _MSG_MORE)
+        except OSError:  # full or broken: the transport's write handles either
+            sent = 0
+        finally:
+            sock.detach()
+        if sent != len(data):
+            transport.write(data[sent:])
+
     async def drain(self, conn: Any) -> None:
         """End a prefix written without its statement: run the login settings query (it changes
         nothing) with a Sync after it. A refusal the prefix raised is moot then (the request
@@ -209,6 +265,20 @@ class RequestPrefix:
 def write(conn: Any, data: bytes) -> None:
     """Queue raw protocol messages ahead of the connection's next operation."""
     conn._transport.write(data)
+
+
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def _raw_fd(transport: Any) -> int:
+    """The descriptor of a plain TCP transport that `RequestPrefix.send` may write to, or -1."""
+    if not _MSG_MORE or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return -1
+    return int(sock.fileno())
 
 
 # -- statements with a row cap --------------------------------------------------------------------

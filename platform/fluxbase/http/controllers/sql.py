@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import msgspec
@@ -125,6 +125,13 @@ async def sql_access(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
+    if access.project.cluster_id == "default":
+        # Authenticated and authorised: a cold project's connection opens while the rate lease
+        # is read (issue 19). The pool is the one the request will take (scope, end user or not).
+        user_token = request.headers.get(USER_TOKEN_HEADER)
+        key = principal.key
+        if user_token or key is None or not key.require_user_auth:
+            ctx.tenants.preopen(access.project.id, access.sql_scope, end_user=bool(user_token))
     limit, window = access.rate_limit(ctx.settings)
     quota = await ctx.limiter.hit(principal.label, limit, window)
     remember_quota(request, quota)
@@ -166,29 +173,45 @@ async def tenant_request(
     )
 
 
+# What `refused_key` handles: a refused key or a project gone under its cached key.
+KEY_REFUSALS = (
+    AuthRequired,
+    ProjectSuspended,
+    DatabaseUnavailable,
+    asyncpg.InvalidAuthorizationSpecificationError,
+)
+
+
 @contextlib.asynccontextmanager
 async def forget_refused_key(ctx: AppContext, req: TenantRequest) -> AsyncIterator[None]:
-    """A key the in-transaction guard refused (revoked, expired, suspended) leaves the cache.
+    """`refused_key` around a block (execute-sql's hot path calls it from a plain `except`:
+    a context manager per request costs ~90 bytecodes)."""
+    try:
+        yield
+    except KEY_REFUSALS as exc:
+        await refused_key(ctx, req, exc)
+
+
+async def refused_key(ctx: AppContext, req: TenantRequest, exc: BaseException) -> NoReturn:
+    """Re-raise `exc` (one of KEY_REFUSALS) from a tenant request, or what it means: a key the
+    in-transaction guard refused (revoked, expired, suspended) leaves the cache.
 
     A project deleted since its key was cached (by any replica) has no roles left, so the tenant
     connection fails before any guard runs: that is the caller's credential being gone (401, or
     404 for a dashboard session), not a server error."""
-    try:
-        yield
-    except (AuthRequired, ProjectSuspended):
+    if isinstance(exc, AuthRequired | ProjectSuspended):
         if req.guard is not None:
             ctx.auth.evict(req.guard[0])
-        raise
-    except (DatabaseUnavailable, asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        if await _project_exists(ctx, req):
-            if isinstance(exc, DatabaseUnavailable):
-                raise
-            raise DatabaseUnavailable() from None
-        ctx.auth.forget_project(req.project_id)
-        await ctx.tenants.close_project(req.project_id)
-        if req.guard is not None:
-            raise AuthRequired("API key is not valid.") from None
-        raise ProjectNotFound() from None
+        raise exc
+    if await _project_exists(ctx, req):
+        if isinstance(exc, DatabaseUnavailable):
+            raise exc
+        raise DatabaseUnavailable() from None
+    ctx.auth.forget_project(req.project_id)
+    await ctx.tenants.close_project(req.project_id)
+    if req.guard is not None:
+        raise AuthRequired("API key is not valid.") from None
+    raise ProjectNotFound() from None
 
 
 async def _project_exists(ctx: AppContext, req: TenantRequest) -> bool:
@@ -209,10 +232,11 @@ async def run_execute_sql(request: Request[Any, Any, Any], ctx: AppContext) -> b
     req = await tenant_request(request, ctx, body.project_id, auth_uid)
     started = time.perf_counter()
     try:
-        async with forget_refused_key(ctx, req):
-            res = await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
+        res = await sql.execute(ctx.tenants, ctx.db, req, body.query, body.params)
     except StatementFailed as exc:
         return statement_failed_body(exc)
+    except KEY_REFUSALS as exc:
+        await refused_key(ctx, req, exc)
     elapsed_ms = (time.perf_counter() - started) * 1000
     return ENCODER.encode(
         {

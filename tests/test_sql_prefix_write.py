@@ -1,0 +1,151 @@
+"""The one-round-trip request prefix leaves with its statement: one TCP segment per request.
+
+`RequestPrefix.send` writes the prefix with MSG_MORE, so the kernel holds it until asyncpg's
+Bind/Execute/Sync follows and both reach PostgreSQL in one segment (one wake-up of the backend,
+where two writes made two). Counted with the kernel's own per-socket counter of data segments
+sent (`tcpi_data_segs_out` in TCP_INFO), on asyncio's loop and on uvloop's (`fluxbase api`
+runs on uvloop); a Unix-socket connection falls back to the transport's write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+import uvloop
+
+from fluxbase.config import load_settings
+from fluxbase.services import sql
+from fluxbase.tenancy import session, wire
+from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.results import encode
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO and MSG_MORE are Linux's")
+
+_DATA_SEGS_OUT = 156  # offset of tcpi_data_segs_out in struct tcp_info (Linux 4.6+)
+
+
+def _data_segments_out(sock: Any) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return int(struct.unpack_from("I", info, _DATA_SEGS_OUT)[0])
+
+
+@pytest.fixture
+async def tenancy(instance, control_db, project) -> AsyncIterator[tuple[TenantPools, Any, str]]:
+    settings = load_settings({**instance.env, "FLUXBASE_TENANT_POOL_MAX": "1"})
+    pools = TenantPools(settings, max_size=1)
+    try:
+        yield pools, control_db, project.id
+    finally:
+        await pools.close()
+
+
+def _request(pid: str, uid: str | None) -> session.TenantRequest:
+    claims: dict[str, Any] = {"role": "admin", "project_id": pid}
+    if uid is not None:
+        claims["sub"] = uid
+    return session.TenantRequest(
+        project_id=pid,
+        scope="admin",
+        identity=session.Identity(uid, claims, "admin"),
+        limits=session.Limits(deadline_s=10, max_rows=100, max_bytes=1 << 20, acquire_timeout_s=5),
+    )
+
+
+@pytest.mark.parametrize("uid", [None, "alice"], ids=["prepared identity", "end-user identity"])
+async def test_a_pipelined_request_sends_one_segment(tenancy, uid: str | None) -> None:
+    pools, control, pid = tenancy
+    req = _request(pid, uid)
+    query = "SELECT $1::int + 1 AS n, auth.uid() AS u"
+    body = encode((await sql.execute(pools, control, req, query, [1])).result())  # warm: prepared
+    pool = await pools.pool(pid, "admin")
+    conn = await pool.acquire()
+    sock = conn._transport.get_extra_info("socket")
+    await pool.release(conn)
+    assert sock.family in (socket.AF_INET, socket.AF_INET6)
+    for n in range(5):
+        before = _data_segments_out(sock)
+        body = encode((await sql.execute(pools, control, req, query, [n])).result())
+        assert _data_segments_out(sock) - before == 1, "prefix and statement in one segment"
+        assert f'"n":{n + 1}'.encode() in body and (uid or "null").encode() in body, body
+    again = await pool.acquire()
+    try:
+        assert again is conn and conn.dirty  # the same session served them all, pipelined
+    finally:
+        await pool.release(again)
+
+
+async def test_a_failing_prefix_step_still_aborts_its_statement_in_one_segment(tenancy) -> None:
+    """The statement after a refused step never runs: PostgreSQL skips to the Sync, as when the
+    prefix had its own write (here a prefix step raises, then the statement would insert)."""
+    pools, control, pid = tenancy
+    req = _request(pid, None)
+    await sql.execute(pools, control, req, "CREATE TABLE IF NOT EXISTS prefix_probe (n int)", [])
+    pool = await pools.pool(pid, "admin")
+    conn = await pool.acquire()
+    try:
+        prefix = conn.request_prefix
+        stmt = await wire.prepare(conn, "INSERT INTO prefix_probe VALUES (1)")
+        sock = conn._transport.get_extra_info("socket")
+        before = _data_segments_out(sock)
+        prefix.send(conn, prefix.reset + wire.parse_bind_execute("SELECT 1 / 0 WHERE false IS NOT NULL"))
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await wire.execute(conn, stmt, [], 10)
+        assert _data_segments_out(sock) - before == 1
+        assert await conn.fetchval("SELECT count(*) FROM prefix_probe") == 0
+    finally:
+        await pool.release(conn)
+
+
+def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **connect: Any) -> tuple[int, Any]:
+    async def main() -> tuple[int, Any]:
+        conn = await asyncpg.connect(url, **connect)
+        try:
+            prefix, _ = await wire.RequestPrefix.open(conn, "SELECT 1", (), {})
+            stmt = await wire.prepare(conn, "SELECT $1::int * 2, current_setting('fx.probe', true)")
+            raw = conn._transport.get_extra_info("socket")
+            tcp = raw.family in (socket.AF_INET, socket.AF_INET6)
+            segments = 0
+            for n in range(5):
+                before = _data_segments_out(raw) if tcp else 0
+                # A prefix that leaves state for the statement: it must run first, in order.
+                prefix.send(conn, prefix.reset + wire.parse_bind_execute("SET LOCAL fx.probe = 'p'"))
+                rows, _, completed = await wire.execute(conn, stmt, [n], 10)
+                segments = max(segments, (_data_segments_out(raw) - before) if tcp else 0)
+                assert completed and tuple(rows[0]) == (2 * n, "p"), rows
+            assert await conn.fetchval("SELECT current_setting('fx.probe', true)") in (None, "")
+            assert (prefix._fd >= 0) == tcp  # the raw socket only for TCP
+            return segments, type(conn._transport).__module__
+        finally:
+            await conn.close()
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+@pytest.mark.parametrize(
+    "factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+async def test_send_on_each_event_loop(
+    stack, instance, factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    url = stack.database_url(instance.dbname)  # migrated: the prefix's check step needs sql/0011
+    segments, transport = await asyncio.to_thread(_on_loop, factory, url)
+    assert segments == 1, transport
+    assert ("uvloop" in transport) == (factory is uvloop.new_event_loop)
+
+
+async def test_send_over_a_unix_socket_falls_back_to_the_transport(stack, instance) -> None:
+    if getattr(stack, "pg", None) is None:
+        pytest.skip("needs the embedded PostgreSQL's socket")
+    url = stack.database_url(instance.dbname)
+    where = {"host": str(stack.pg.socket_dir), "port": urlsplit(url).port}
+    segments, _ = await asyncio.to_thread(_on_loop, uvloop.new_event_loop, url, **where)
+    assert segments == 0  # no TCP: nothing counted, and the results above were checked
