@@ -42,6 +42,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fluxbase.db.privileges import tenant_group  # noqa: E402
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from fluxbase.security.roles import SCOPES, role_name, role_password, role_verifier  # noqa: E402
 from fluxbase.tenancy.pools import TenantConnection, open_tenant_session  # noqa: E402
@@ -71,9 +72,16 @@ async def connection_cost(stack: Stack, dbname: str, rounds: int) -> dict[int, l
     secret = secrets.token_urlsafe(32)
     roles = {4096: "bench_scram_4096", 1: "bench_scram_1"}
     try:
+        # CONNECT as a tenant role gets it: through its tenant group (db/privileges.py), or, before
+        # the groups, an entry of its own in the database's ACL.
+        group = tenant_group(dbname, "connect")
+        grouped = await su.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
         for it, role in roles.items():
             await su.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{role_verifier(secret, role, it)}'")
-            await su.execute(f'GRANT CONNECT ON DATABASE "{dbname}" TO {role}')
+            if grouped:
+                await su.execute(f"GRANT {group} TO {role} WITH INHERIT TRUE, SET FALSE")
+            else:
+                await su.execute(f'GRANT CONNECT ON DATABASE "{dbname}" TO {role}')
         assert stack.pg is not None
         out: dict[int, list[float]] = {4096: [], 1: []}
         for _ in range(rounds):
@@ -320,8 +328,14 @@ async def main() -> None:
                     "SELECT cardinality(datacl) AS n, pg_column_size(datacl) AS b FROM pg_database"
                     " WHERE datname = current_database()"
                 )
+                tenant_entries = await su.fetchval(
+                    """SELECT count(DISTINCT x.grantee) FROM pg_database d, aclexplode(d.datacl) x
+                       JOIN pg_roles g ON g.oid = x.grantee
+                       WHERE d.datname = current_database() AND g.rolname ~ '^p_[0-9a-f]{16}_'"""
+                )
                 print(
-                    f"  the database's ACL: {acl['n']} entries, {acl['b']} bytes stored (one per tenant role)"
+                    f"  the database's ACL: {acl['n']} entries ({tenant_entries} naming tenant roles), "
+                    f"{acl['b']} bytes stored"
                 )
                 after = await connection_cost(stack, dbname, 100)
                 print(line("new connection now, SCRAM 1 iteration", after[1]))

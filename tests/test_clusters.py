@@ -310,6 +310,17 @@ async def test_placement_and_sql_on_cluster_two(
     there = await asyncpg.connect(_url(pg2, pg2_db))
     try:
         assert await there.fetchval(f'SELECT name FROM "p_{second}".items') == "on cluster two"
+        # Its roles hold CONNECT there through that database's tenant groups (made by the
+        # registration's privilege step), with no entry of their own in its ACL (issue 19).
+        from fluxbase.db.privileges import tenant_group
+
+        assert await there.fetchval(
+            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{second}_admin", tenant_group(pg2_db, "admin")
+        )
+        assert not await there.fetchval(
+            """SELECT count(*) FROM pg_database d, aclexplode(d.datacl) x JOIN pg_roles g ON g.oid = x.grantee
+               WHERE d.datname = current_database() AND g.rolname ~ '^p_[0-9a-f]{16}_'"""
+        )
     finally:
         await there.close()
     control = await asyncpg.connect(stack.database_url(inst["dbname"]))

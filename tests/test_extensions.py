@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fluxbase.db.extensions import CATALOG
+from fluxbase.db.privileges import extension_group
 from support import ROOT, Api, Stack, assert_error, bearer
 
 # A query per extension that works only where it is installed (each returns ok = true).
@@ -339,8 +340,17 @@ async def test_deleting_a_project_removes_its_grants(api: Api, control_db, vecto
     pid = await api.new_project(token)
     key = await api.new_key(token, pid, "admin")
     await _vector_table(api, key, pid, 5)
+    # USAGE through the schema's tenant group (sql/0046), not entries of the project's own.
     acl = await control_db.fetchval("SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_vector'")
-    assert f"p_{pid}_admin" in acl and f"p_{pid}_ro" in acl, acl
+    assert f"p_{pid}" not in acl, acl
+    db = await control_db.fetchval("SELECT current_database()")
+    for suffix in ("admin", "rw", "ro", "rt"):
+        assert await control_db.fetchval(
+            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{pid}_{suffix}", extension_group(db, "ext_vector")
+        ), suffix
+        assert await control_db.fetchval(
+            "SELECT has_schema_privilege($1, 'ext_vector', 'USAGE')", f"p_{pid}_{suffix}"
+        ), suffix
     r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(token))
     assert r.status_code == 200, r.text
     acl = await control_db.fetchval("SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_vector'")

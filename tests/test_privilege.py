@@ -320,6 +320,17 @@ async def test_catalog_definer_functions_are_owned_by_narrow_roles(control_db, i
             held = {row[0] for row in await conn.fetch(_PRIVILEGES_SQL, role)}
             if role == "fluxbase_catalog_own":  # USAGE on every project schema, and only that there
                 held = {h for h in held if not re.fullmatch(r"USAGE schema p_[0-9a-f]{16}", h)}
+            if role == "fluxbase_guard_extensions":
+                # The extension schemas' tenant groups (sql/0046; every database's, roles being
+                # cluster-wide): ADMIN only, to grant them to project roles, never their USAGE.
+                ext_group = r"MEMBER OF fluxbase_tenant_[0-9a-f]{12}_ext_[0-9a-f]{8}"
+                assert any(re.fullmatch(ext_group, h) for h in held), sorted(held)
+                held = {h for h in held if not re.fullmatch(ext_group, h)}
+                assert not await conn.fetchval(
+                    """SELECT count(*) FROM pg_auth_members m WHERE m.member = $1::regrole
+                         AND (m.inherit_option OR m.set_option OR NOT m.admin_option)""",
+                    role,
+                )
             assert held <= allowed, (role, sorted(held - allowed))
         # The control plane's owner: NOLOGIN, not a superuser, member of nothing.
         owner = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'fluxbase_owner'")

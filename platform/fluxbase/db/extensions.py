@@ -156,6 +156,7 @@ async def apply_extensions(conn: asyncpg.Connection, names: tuple[str, ...] | No
         )
         await conn.execute("LOCK TABLE pg_catalog.pg_authid IN SHARE ROW EXCLUSIVE MODE")
         await _project_search_paths(conn)
+        await _extension_groups(conn)
 
 
 async def _install(conn: asyncpg.Connection, offer: Offer) -> tuple[str | None, str | None]:
@@ -209,3 +210,57 @@ async def _project_search_paths(conn: asyncpg.Connection) -> None:
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
             if exists and current != want:
                 await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {want}")
+
+
+# sql/0046's helper grants and revokes as this role (the owner of the extension definers).
+EXTENSIONS_ROLE = "fluxbase_guard_extensions"
+
+
+async def _extension_groups(conn: asyncpg.Connection) -> None:
+    """Each extension schema's tenant group (sql/0046, issue 19): created with USAGE on the schema,
+    administered (ADMIN only) by the extension definers' owner; the entries existing projects'
+    roles hold in the schema's ACL are moved onto it (membership granted, entry revoked, both as
+    that owner, who granted them), so the ACL stops growing with the projects using it."""
+    from fluxbase.db.privileges import extension_group  # (it imports config, which imports this)
+
+    if not await conn.fetchval(
+        "SELECT to_regprocedure('fluxbase_guard.extension_grant(text, text, boolean)') IS NOT NULL"
+    ) or not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", EXTENSIONS_ROLE):
+        return
+    db = await conn.fetchval("SELECT current_database()")
+    attrs = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
+    schemas = [
+        r["schema_name"]
+        for r in await conn.fetch(
+            """SELECT x.schema_name FROM fluxbase.extensions x
+               WHERE EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = x.schema_name)
+               ORDER BY x.schema_name"""
+        )
+    ]
+    for schema in schemas:
+        group = extension_group(db, schema)
+        g = quote_ident(group)
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
+        await conn.execute(f"{'ALTER' if exists else 'CREATE'} ROLE {g} {attrs}")
+        await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {g}")
+        await conn.execute(f"GRANT {g} TO {EXTENSIONS_ROLE} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        rows = await conn.fetch(
+            """SELECT DISTINCT r.rolname, gr.rolname AS grantor
+               FROM pg_namespace n, aclexplode(n.nspacl) x
+               JOIN pg_roles r ON r.oid = x.grantee JOIN pg_roles gr ON gr.oid = x.grantor
+               WHERE n.nspname = $1 AND r.rolname ~ '^p_[0-9a-f]{16}_(admin|rt|ro|rw|ex)$'
+               ORDER BY 1""",
+            schema,
+        )
+        if not rows:
+            continue
+        names = ", ".join(quote_ident(r["rolname"]) for r in rows)
+        await conn.execute(f"SET LOCAL ROLE {EXTENSIONS_ROLE}")
+        await conn.execute(f"GRANT {g} TO {names} WITH INHERIT TRUE, SET FALSE")
+        await conn.execute("RESET ROLE")
+        for grantor in sorted({r["grantor"] for r in rows}):
+            theirs = ", ".join(quote_ident(r["rolname"]) for r in rows if r["grantor"] == grantor)
+            await conn.execute(f"SET LOCAL ROLE {quote_ident(grantor)}")
+            await conn.execute(f"REVOKE USAGE ON SCHEMA {quote_ident(schema)} FROM {theirs}")
+            await conn.execute("RESET ROLE")
+        log.info("moved %d project roles onto the tenant group of %s", len(rows), schema)

@@ -11,11 +11,10 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import REALTIME_SENDERS
+from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
-    CHECKER_FUNCTIONS,
     EXPORTER,
     ROLES,
     SCOPES,
@@ -66,7 +65,7 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
 async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
     schema = quote_ident(schema_name(project_id))
     admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    dbname = await conn.fetchval("SELECT current_database()")
     limit = settings.tenant.role_connection_limit
     # The project's schema, then every extension schema: PostgreSQL skips those the role may not
     # use, so an extension becomes visible when the project installs it (db/extensions.py).
@@ -78,11 +77,11 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
             f"CREATE ROLE {quote_ident(role)} LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
             f"NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {int(limit)} PASSWORD {pw}"
         )
-        # Only the admin role may create temporary objects: with none of its own, a read or
+        # What it needs outside its schema, through its tenant group (db/privileges.py): CONNECT;
+        # only the admin role may create temporary objects: with none of its own, a read or
         # readwrite key (an end user) cannot run code it wrote anywhere — a temporary cast called
         # by a foreign key's check trigger let it forge capture events (hostile review 2).
-        privs = "CONNECT, TEMPORARY" if scope == "admin" else "CONNECT"
-        await conn.execute(f"GRANT {privs} ON DATABASE {db} TO {quote_ident(role)}")
+        await _join_group(conn, role, scope, dbname)
         await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {path}")
         for name, value in _role_settings(settings).items():
             await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
@@ -90,9 +89,8 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
     # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007). The
     # admin keeps set_config because pg_dump (the export, logged in as it) calls it on connecting;
     # what it could do with it, plpgsql's EXECUTE 'SET …' can as well, and both end with the
-    # statement that ran them (the caps are asserted again: tenancy.statements.ASSERTED).
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {admin}")
-    await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {admin}")
+    # statement that ran them (the caps are asserted again: tenancy.statements.ASSERTED). Both
+    # come with its group (db/privileges.GROUP_PRIVILEGES), joined above.
     # realtime.broadcast (sql/0036) for the roles that may write; the function applies the
     # project's topic rules. Dropping the role drops the membership.
     await conn.execute(f"GRANT {REALTIME_SENDERS} TO {admin}, {rw} WITH INHERIT TRUE, SET FALSE")
@@ -120,21 +118,28 @@ async def _provision_checker(
     the check functions (sql/0008), which nobody else may."""
     rt, ro = (quote_ident(role_name(project_id, s)) for s in (CHECKER, "read"))
     pw = _password(settings, role_name(project_id, CHECKER))
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
     await conn.execute(
         f"CREATE ROLE {rt} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
         f"CONNECTION LIMIT {int(settings.tenant.role_connection_limit)} PASSWORD {pw}"
     )
-    await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {rt}")
+    # CONNECT, set_config and the check functions: its group's (db/privileges.GROUP_PRIVILEGES).
+    await _join_group(
+        conn, role_name(project_id, CHECKER), CHECKER, await conn.fetchval("SELECT current_database()")
+    )
     await conn.execute(f"ALTER ROLE {rt} SET search_path = {path}")
     for name, value in _role_settings(settings).items():
         await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
     await conn.execute(f"GRANT {ro} TO {rt}")
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt}")
-    await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt}")
     # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
     rw = quote_ident(role_name(project_id, "readwrite"))
     await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
+
+
+async def _join_group(conn: asyncpg.Connection, role: str, kind: str, database: str) -> None:
+    """Make the project role a member of its tenant group: it inherits the group's privileges
+    but may not SET ROLE to it, and holds no ADMIN on it (it may not grant it on)."""
+    group = quote_ident(tenant_group(database, ROLE_GROUP[kind]))
+    await conn.execute(f"GRANT {group} TO {quote_ident(role)} WITH INHERIT TRUE, SET FALSE")
 
 
 async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings: Settings) -> str:
@@ -158,12 +163,11 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
         r = quote_ident(role)
         admin = quote_ident(role_name(project_id, "admin"))
         pw = _password(settings, role)
-        db = quote_ident(await c.fetchval("SELECT current_database()"))
         await c.execute(
             f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
             f"CONNECTION LIMIT 2 PASSWORD {pw}"
         )
-        await c.execute(f"GRANT CONNECT ON DATABASE {db} TO {r}")
+        await _join_group(c, role, EXPORTER, await c.fetchval("SELECT current_database()"))
         await c.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
         for name, value in _role_settings(settings).items():
             await c.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
@@ -190,12 +194,79 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
         )
+        await _revoke_foreign_grants(conn, roles)
         async with buckets.acting(conn, project_id) as c:
             await _drop(c, project_id, roles)
     except BaseException:
         with contextlib.suppress(Exception):
             await _logins(conn, project_id, roles, allowed=True)
         raise
+
+
+# What another project's roles granted this project's roles on their objects (a tenant may grant
+# its objects to any role): the entries that keep DROP ROLE from succeeding ("some objects depend
+# on it"), found through pg_shdepend's index, with who granted them.
+_FOREIGN_GRANTS_SQL = """
+WITH mine AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
+deps AS (
+    SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_shdepend d
+    WHERE d.refclassid = 'pg_catalog.pg_authid'::regclass AND d.refobjid IN (SELECT oid FROM mine)
+      AND d.deptype = 'a'
+      AND d.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+),
+entries AS (
+    SELECT 'TABLE ' || c.oid::regclass::text AS target, c.relacl AS acl
+    FROM pg_catalog.pg_class c JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
+         AND deps.objid = c.oid AND deps.objsubid = 0
+    UNION ALL
+    SELECT '(' || quote_ident(a.attname) || ') ON TABLE ' || a.attrelid::regclass::text, a.attacl
+    FROM pg_catalog.pg_attribute a JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
+         AND deps.objid = a.attrelid AND deps.objsubid = a.attnum
+    UNION ALL
+    SELECT 'ROUTINE ' || p.oid::regprocedure::text, p.proacl
+    FROM pg_catalog.pg_proc p
+    JOIN deps ON deps.classid = 'pg_catalog.pg_proc'::regclass AND deps.objid = p.oid
+    UNION ALL
+    SELECT 'TYPE ' || t.oid::regtype::text, t.typacl
+    FROM pg_catalog.pg_type t
+    JOIN deps ON deps.classid = 'pg_catalog.pg_type'::regclass AND deps.objid = t.oid
+    UNION ALL
+    SELECT 'SCHEMA ' || quote_ident(n.nspname), n.nspacl
+    FROM pg_catalog.pg_namespace n
+    JOIN deps ON deps.classid = 'pg_catalog.pg_namespace'::regclass AND deps.objid = n.oid
+    UNION ALL
+    SELECT 'LARGE OBJECT ' || l.oid::text, l.lomacl
+    FROM pg_catalog.pg_largeobject_metadata l
+    JOIN deps ON deps.classid = 'pg_catalog.pg_largeobject'::regclass AND deps.objid = l.oid
+)
+SELECT DISTINCT e.target, m.rolname AS grantee, g.rolname AS grantor
+FROM entries e, aclexplode(e.acl) x
+JOIN mine m ON m.oid = x.grantee
+JOIN pg_catalog.pg_roles g ON g.oid = x.grantor
+WHERE g.rolname ~ '^p_[0-9a-f]{16}_' AND NOT g.rolname = ANY($1::text[])
+ORDER BY 3, 1, 2
+"""
+
+
+async def _revoke_foreign_grants(conn: asyncpg.Connection, roles: list[str]) -> None:
+    """Revoke what other projects' roles granted these roles, each as its grantor (acting as the
+    grantor's project's administrator): without it one tenant could keep any project whose id it
+    knows from being deleted by granting that project's role a privilege on its own table."""
+    rows = await conn.fetch(_FOREIGN_GRANTS_SQL, roles)
+    by_grantor: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_grantor.setdefault(r["grantor"], []).append(r)
+    for grantor, grants in by_grantor.items():
+        other = grantor.split("_")[1]
+        async with buckets.acting(conn, other) as c:
+            await c.execute(f"SET LOCAL ROLE {quote_ident(grantor)}")
+            for g in grants:
+                await c.execute(
+                    f"REVOKE ALL {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+                    if g["target"].startswith("(")
+                    else f"REVOKE ALL ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+                )
+            await c.execute("RESET ROLE")
 
 
 async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
@@ -217,7 +288,15 @@ async def _drop(conn: asyncpg.Connection, project_id: str, roles: list[str]) -> 
         await conn.execute(f"SET LOCAL ROLE {quote_ident(admin)}")
     await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema_name(project_id))} CASCADE")
     await conn.execute("SET LOCAL ROLE NONE")
-    db = quote_ident(await conn.fetchval("SELECT current_database()"))
+    # Entries of their own in the shared ACLs (granted before the tenant groups and not yet moved
+    # onto them by the privilege step): revoked by whoever granted them, if that is this role.
+    # Their group memberships go with the roles.
+    me = await conn.fetchval("SELECT current_user")
+    for g in await direct_grants(conn, sorted(existing)):
+        if g["grantor"] == me:
+            await conn.execute(
+                f"REVOKE {', '.join(g['privs'])} ON {g['target']} FROM {quote_ident(g['grantee'])}"
+            )
     for role in roles:
         if role not in existing:
             continue
@@ -225,10 +304,6 @@ async def _drop(conn: asyncpg.Connection, project_id: str, roles: list[str]) -> 
         await conn.execute(f"SET LOCAL ROLE {r}")
         await conn.execute(f"DROP OWNED BY {r} CASCADE")
         await conn.execute("SET LOCAL ROLE NONE")
-        await conn.execute(f"REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM {r}")
-        await conn.execute(f"REVOKE USAGE ON LANGUAGE plpgsql FROM {r}")
-        await conn.execute(f"REVOKE EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} FROM {r}")
-        await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {r}")
         await conn.execute(f"DROP ROLE {r}")
 
 
