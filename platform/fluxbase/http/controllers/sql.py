@@ -128,9 +128,12 @@ async def sql_access(
     if access.project.cluster_id == "default":
         # Authenticated and authorised: a cold project's connection opens while the rate lease
         # is read (issue 19). The pool is the one the request will take (scope, end user or not).
-        user_token = request.headers.get(USER_TOKEN_HEADER)
+        # Not for a requireUserAuth key: such a key is public (it ships in browser apps) and
+        # authenticates nothing until its end-user token is verified, which happens after this
+        # (hostile review 15: a made-up token opened a connection, then got 401).
         key = principal.key
-        if user_token or key is None or not key.require_user_auth:
+        if key is None or not key.require_user_auth:
+            user_token = request.headers.get(USER_TOKEN_HEADER)
             ctx.tenants.preopen(access.project.id, access.sql_scope, end_user=bool(user_token))
     limit, window = access.rate_limit(ctx.settings)
     quota = await ctx.limiter.hit(principal.label, limit, window)
