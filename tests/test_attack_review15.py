@@ -12,13 +12,13 @@ server's backends), never sets an attack up.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from typing import Any
 
 import asyncpg
 import pytest
 
-from fluxbase.security.roles import role_name
 from support import Api, assert_error, bearer
 from test_attack_review1 import MANY, end_user
 
@@ -34,7 +34,9 @@ async def _sql(
     body: dict[str, Any] = {"projectId": pid, "query": query}
     if params is not None:
         body["params"] = params
-    return await api.http.post("/api/execute-sql", json=body, headers=headers)
+    headers["Content-Type"] = "application/json"
+    # json.dumps escapes what UTF-8 cannot carry (a lone surrogate stays a \\ud800 escape).
+    return await api.http.post("/api/execute-sql", content=json.dumps(body).encode(), headers=headers)
 
 
 async def _ok(api: Api, key: str, pid: str, query: str, token: str | None = None) -> dict[str, Any]:
@@ -81,7 +83,8 @@ async def _drop_backends(control_db: asyncpg.Pool, pid: str) -> None:
 async def _outbox(control_db: asyncpg.Pool, marker: str) -> list[asyncpg.Record]:
     return list(
         await control_db.fetch(
-            "SELECT project_id, kind, table_name, operation, bytes FROM fluxbase.events WHERE record::text LIKE $1",
+            "SELECT project_id, kind, table_name, operation, bytes FROM fluxbase.events "
+            "WHERE record::text LIKE $1",
             f"%{marker}%",
         )
     )
@@ -245,3 +248,71 @@ async def test_held_refused_credentials_open_no_connection(
     r = await _sql(api, project.admin_key, pid, "SELECT 1")
     assert r.status_code in (401, 403, 423, 503), r.text
     assert await _none_opened(control_db, pid) == 0
+
+
+# -- 2. sqlspeed3: the prefix sent ahead of its statement ------------------------------------------
+
+HOSTILE_PARAMS: list[tuple[str, list[Any]]] = [
+    ("SELECT $1::int AS v", ["abc"]),
+    ("SELECT $1::int AS v", [2**70]),
+    ("SELECT $1::int AS v", [1] * 40_000),
+    ("SELECT $1::int AS v", []),
+    ("SELECT $1::int AS v", [True]),
+    ("SELECT $1::int AS v", [{"a": 1}]),
+    ("SELECT $1::int[] AS v", [[[1], [2, 3]]]),
+    ("SELECT $1::int[] AS v", [[1, "a"]]),
+    ("SELECT $1::int[] AS v", [[[[[[[[1]]]]]]]]),
+    ("SELECT $1::text AS v", ["a\u0000b"]),
+    ("SELECT $1::text AS v", ["\ud800"]),
+    ("SELECT '\ud800' AS v", []),
+    ("SELECT $1::numeric AS v", ["1e100000"]),
+    ("SELECT $1::numeric AS v", ["NaN"]),
+    ("SELECT $1::float8 AS v", [1e308]),
+    ("SELECT $1::bytea AS v", ["\\xzz"]),
+    ("SELECT $1::date AS v", ["2020-13-45"]),
+    ("SELECT $1::timestamptz AS v", [1e300]),
+    ("SELECT $1::uuid AS v", ["zzz"]),
+    ("SELECT $1::inet AS v", ["300.1.1.1"]),
+    ("SELECT $1::point AS v", [[1, 2]]),
+    ("SELECT $1::int8range AS v", ["[1,"]),
+    ("SELECT $1::interval AS v", ["P1Y"]),
+    ("SELECT $1::interval AS v", [12]),
+    ("SELECT $1::bit(3) AS v", ["10101"]),
+    ("SELECT $1::jsonb AS v", [[1, {"a": None}]]),
+    ("SELECT $1::xml AS v", ["<"]),
+    ("SELECT $1::money AS v", ["abc"]),
+    ("SELECT $1::oid AS v", [-1]),
+    ("SELECT $1::regclass AS v", ["pg_authid"]),
+    ("SELECT $1 AS v", ["x" * 2_000_000]),
+    ("SELECT $1::int AS v, $2::text AS w", [1]),
+    # Result values the session's codecs cannot decode (int8 and numeric are text-only there).
+    ("SELECT int8range(1, 2) AS v", []),
+    ("SELECT numrange(1, 2) AS v", []),
+    ("SELECT ROW(1::int8, 2) AS v", []),
+    ("SELECT ARRAY[ROW(1::int8)] AS v", []),
+    ("SELECT x FROM wide x", []),
+    ("SELECT ROW(1::int8) AS v -- " + "p" * 16_000, []),  # the explicit-transaction path
+    ("SELECT $1::int8range AS v -- " + "p" * 16_000, ["[1,2)"]),
+]
+
+
+async def test_held_hostile_parameters_answer_documented_errors(api: Api, project: Any) -> None:
+    """Parameters the driver cannot encode, the server refuses, or that do not fit the statement,
+    on the pipelined path (the prefix already written when the driver refuses), and results the
+    driver cannot decode: a documented error or an answer, never a 500 (the decode failures were
+    500 INTERNAL_ERROR or 503 DATABASE_CONNECTION_ERROR), and the next request on the pool runs
+    with its own identity."""
+    pid, key = project.id, project.admin_key
+    await _ok(api, key, pid, "CREATE TABLE wide (id bigint, n numeric)")
+    await _ok(api, key, pid, "INSERT INTO wide VALUES (1, 2)")
+    failures = []
+    for query, params in HOSTILE_PARAMS:
+        r = await _sql(api, key, pid, query, params)
+        if r.status_code >= 500 or (r.status_code == 200 and "INTERNAL" in r.text):
+            failures.append((query, str(params)[:40], r.status_code, r.text[:200]))
+        r = await _sql(api, key, pid, "SELECT auth.role() AS r, 7 AS n")
+        assert r.status_code == 200 and r.json()["result"]["rows"] == [{"r": "admin", "n": 7}], (
+            query,
+            r.text,
+        )
+    assert not failures, failures
