@@ -316,3 +316,75 @@ async def test_held_hostile_parameters_answer_documented_errors(api: Api, projec
             r.text,
         )
     assert not failures, failures
+
+
+async def test_held_identity_and_limits_never_cross_principals_on_pooled_sessions(
+    api: Api, project: Any
+) -> None:
+    """Two end users of one browser key share the end-user pool's sessions; a trusted key
+    asserting authUid shares the other pool. One user leaves what it can in the session (search
+    path, timeouts, work_mem, an identity SET); every request, run concurrently with the others,
+    answers with its own identity and the platform's limits, never the other principal's."""
+    pid = project.id
+    browser = await _browser_key(api, project)
+    rw = await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=MANY)
+    a_uid, a_tok = await end_user(api, pid)
+    b_uid, b_tok = await end_user(api, pid)
+    probe = (
+        "SELECT auth.uid()::text AS u, current_setting('statement_timeout') AS st, "
+        "current_setting('search_path') AS sp, current_setting('work_mem') AS wm"
+    )
+    base = (await _ok(api, browser, pid, probe, token=b_tok))["result"]["rows"][0]
+    assert base["u"] == b_uid, base
+    for q in (
+        "SET search_path TO pg_catalog",
+        "SET statement_timeout = 0",
+        "SET work_mem = '1GB'",
+        f"SET fluxbase.auth_uid = '{b_uid}'",
+        f"SELECT set_config('fluxbase.auth_uid', '{b_uid}', false)",
+    ):
+        r = await _sql(api, browser, pid, q, token=a_tok)
+        assert r.status_code < 500, (q, r.text)
+
+    async def one(n: int) -> None:
+        if n % 3 == 0:
+            r = await _sql(api, browser, pid, probe, token=a_tok)
+            want = a_uid
+        elif n % 3 == 1:
+            r = await _sql(api, browser, pid, probe, token=b_tok)
+            want = b_uid
+        else:
+            headers = {**bearer(rw), "Content-Type": "application/json"}
+            body = {"projectId": pid, "query": probe, "authUid": f"trusted-{n}"}
+            r = await api.http.post("/api/execute-sql", content=json.dumps(body).encode(), headers=headers)
+            want = f"trusted-{n}"
+        assert r.status_code == 200 and r.json()["success"], r.text
+        row = r.json()["result"]["rows"][0]
+        assert row["u"] == want, (n, row)
+        assert (row["st"], row["sp"], row["wm"]) == (base["st"], base["sp"], base["wm"]), (n, row, base)
+
+    for _ in range(3):
+        await asyncio.gather(*(one(n) for n in range(24)))
+
+
+async def test_held_limits_and_a_refused_key_on_the_pipelined_path(api: Api, project: Any) -> None:
+    """The row cap holds on the one-round-trip path (the prefix now leaves in the statement's
+    segment); a revoked key's statement never runs, whatever its cached state."""
+    pid, owner = project.id, project.owner_token
+    body = await _ok(api, project.admin_key, pid, "SELECT g FROM generate_series(1, 10005) g")
+    assert body["result"]["truncated"] is True and len(body["result"]["rows"]) == 10_000, body["result"][
+        "rowCount"
+    ]
+    await _ok(api, project.admin_key, pid, "CREATE TABLE marks (v int)")
+    r = await api.http.post(
+        f"/api/projects/{pid}/api-keys", json={"name": "k", "scope": "readwrite"}, headers=bearer(owner)
+    )
+    key, key_id = r.json()["key"], r.json()["apiKey"]["id"]
+    await _ok(api, key, pid, "INSERT INTO marks VALUES (1)")  # cached, its session warm
+    r = await api.http.delete(f"/api/projects/{pid}/api-keys/{key_id}", headers=bearer(owner))
+    assert r.status_code == 200, r.text
+    for n in range(2, 6):
+        r = await _sql(api, key, pid, f"INSERT INTO marks VALUES ({n})")
+        assert r.status_code == 401, r.text
+    rows = (await _ok(api, project.admin_key, pid, "SELECT v FROM marks ORDER BY v"))["result"]["rows"]
+    assert rows == [{"v": 1}], rows
