@@ -406,3 +406,35 @@ async def test_record_fields_come_back_right_or_fail(api: Api, project: Any) -> 
         assert r.status_code == 200, r.text
         body = r.json()
         assert not body["success"] or body["result"]["rows"][0]["v"] in (right, [str(v) for v in right]), body
+
+
+async def test_held_the_deadline_ends_a_pipelined_statement_that_swallows_cancels(
+    spawn: Any,
+) -> None:
+    """On the one-round-trip path (the prefix, with the statement_timeout it sets, now leaves in
+    the statement's segment) a statement past the request deadline is ended even when it catches
+    the cancel itself, its backend terminated; the next request of the key is served."""
+    async with spawn(FLUXBASE_SQL_DEADLINE_MS="1500") as inst:
+        api = Api(inst.url)
+        try:
+            _owner, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid, "admin", rateLimitRequests=MANY)
+            await _ok(
+                api,
+                key,
+                pid,
+                "CREATE FUNCTION stubborn() RETURNS int LANGUAGE plpgsql AS $f$ BEGIN LOOP BEGIN "
+                "PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; END $f$",
+            )
+            loop = asyncio.get_running_loop()
+            for query in ("SELECT pg_sleep(10)", "SELECT stubborn()"):
+                started = loop.time()
+                r = await _sql(api, key, pid, query)
+                took = loop.time() - started
+                assert r.status_code < 500 and not r.json()["success"], r.text
+                assert "57014" in r.text, r.text
+                assert took < 6, (query, took)
+                assert (await _ok(api, key, pid, "SELECT 1 AS one"))["result"]["rows"] == [{"one": 1}]
+        finally:
+            await api.close()
