@@ -221,7 +221,7 @@ async def _extension_groups(conn: asyncpg.Connection) -> None:
     administered (ADMIN only) by the extension definers' owner; the entries existing projects'
     roles hold in the schema's ACL are moved onto it (membership granted, entry revoked, both as
     that owner, who granted them), so the ACL stops growing with the projects using it."""
-    from fluxbase.db.privileges import extension_group  # (it imports config, which imports this)
+    from fluxbase.db.privileges import extension_group, tenant_group  # (imports config, which imports this)
 
     if not await conn.fetchval(
         "SELECT to_regprocedure('fluxbase_guard.extension_grant(text, text, boolean)') IS NOT NULL"
@@ -244,6 +244,22 @@ async def _extension_groups(conn: asyncpg.Connection) -> None:
         await conn.execute(f"{'ALTER' if exists else 'CREATE'} ROLE {g} {attrs}")
         await conn.execute(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {g}")
         await conn.execute(f"GRANT {g} TO {EXTENSIONS_ROLE} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        # SET (never INHERIT) for the roles that drop projects (the runtime and the provisioners,
+        # which administer the database's tenant groups): what a member re-granted through a
+        # grant option an owner gave this group is recorded as the group's, and only the group
+        # may revoke it (tenancy/provision._revoke_foreign; hostile review 14).
+        droppers = [
+            r["rolname"]
+            for r in await conn.fetch(
+                """SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
+                   WHERE m.admin_option AND m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
+                   ORDER BY 1""",
+                tenant_group(db, "connect"),
+            )
+        ]
+        if droppers:
+            names = ", ".join(quote_ident(d) for d in droppers)
+            await conn.execute(f"GRANT {g} TO {names} WITH INHERIT FALSE, SET TRUE")
         rows = await conn.fetch(
             """SELECT DISTINCT r.rolname, gr.rolname AS grantor
                FROM pg_namespace n, aclexplode(n.nspacl) x

@@ -52,7 +52,8 @@ DEFINER_OWNERS = {
 }
 
 # sql/0036: the group whose members (each project's admin and readwrite roles, granted at
-# provisioning) may call realtime.broadcast; the runtime holds it with ADMIN only, to grant it.
+# provisioning) may call realtime.broadcast; the runtime holds it with ADMIN and SET, never
+# INHERIT (_runtime_role).
 REALTIME_SENDERS = "fluxbase_realtime_senders"
 
 # sql/0021: the group role that may read the catalog content closed to PUBLIC (function bodies,
@@ -241,12 +242,17 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     )
     await conn.execute(f"GRANT USAGE ON LANGUAGE plpgsql TO {rt} WITH GRANT OPTION")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {rt} WITH GRANT OPTION")
+    # The shared groups tenants are members of (realtime senders, the tenant groups): ADMIN to
+    # grant them to the project roles it creates itself (where a provisioner cannot log in,
+    # tenancy/buckets.py); SET (never INHERIT) to take back, as the group, what a tenant re-granted
+    # through a group's grant option to a project being dropped (any owner may grant its objects
+    # to a group WITH GRANT OPTION; a member's re-grant is recorded as the group's, which nobody
+    # else may revoke, and kept DROP ROLE from succeeding: tenancy/provision._revoke_foreign,
+    # hostile review 14). The groups hold nothing the runtime does not.
+    shared = tenant_groups(await conn.fetchval("SELECT current_database()"))
     if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", REALTIME_SENDERS):
-        await conn.execute(f"GRANT {REALTIME_SENDERS} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
-    # The tenant groups: to grant them (ADMIN only) to the project roles it creates itself (where
-    # a provisioner cannot log in, tenancy/buckets.py).
-    groups = ", ".join(tenant_groups(await conn.fetchval("SELECT current_database()")))
-    await conn.execute(f"GRANT {groups} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        shared.append(REALTIME_SENDERS)
+    await conn.execute(f"GRANT {', '.join(shared)} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
     for param in SUSET_ROLE_SETTINGS:
         await conn.execute(f"GRANT SET ON PARAMETER {param} TO {rt}")
     # Terminating a project's backends (deadlines, project deletion). sql/0028 closes the signal
@@ -326,10 +332,11 @@ async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None
         )
         sql.append(f"GRANT USAGE ON LANGUAGE plpgsql TO {b} WITH GRANT OPTION")
         sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {b} WITH GRANT OPTION")
-        for group, present in ((REALTIME_SENDERS, senders), (CATALOG_READER, reader)):
-            if present:
-                sql.append(f"GRANT {group} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
-        sql.append(f"GRANT {groups} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        if reader:
+            sql.append(f"GRANT {CATALOG_READER} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+        # SET on the groups tenants are members of: as the runtime (_runtime_role).
+        shared = f"{groups}, {REALTIME_SENDERS}" if senders else groups
+        sql.append(f"GRANT {shared} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
         for param in SUSET_ROLE_SETTINGS:
             sql.append(f"GRANT SET ON PARAMETER {param} TO {b}")
     await conn.execute(";\n".join(sql))
@@ -375,7 +382,8 @@ async def _tenant_groups(conn: asyncpg.Connection) -> None:
     """Create this database's tenant groups (GROUP_PRIVILEGES) and give them their privileges.
     NOLOGIN, NOINHERIT and nothing else: no tenant holds ADMIN or SET on them (granted WITH
     INHERIT TRUE, SET FALSE), so none may grant them, become them, alter them or make them own
-    anything; the runtime and provisioner roles hold ADMIN only, to grant them."""
+    anything; the runtime and provisioner roles hold ADMIN, to grant them, and SET (to revoke as
+    a group, _runtime_role), never INHERIT."""
     db = await conn.fetchval("SELECT current_database()")
     attrs = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
     existing = {

@@ -194,8 +194,9 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
         )
-        await _revoke_foreign_grants(conn, roles)
+        as_groups = await _revoke_foreign(conn, roles)
         async with buckets.acting(conn, project_id) as c:
+            await _as_grantors(c, as_groups)
             await _drop(c, project_id, roles)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -203,70 +204,142 @@ async def drop_project(conn: asyncpg.Connection, project_id: str) -> None:
         raise
 
 
-# What another project's roles granted this project's roles on their objects (a tenant may grant
-# its objects to any role): the entries that keep DROP ROLE from succeeding ("some objects depend
-# on it"), found through pg_shdepend's index, with who granted them.
-_FOREIGN_GRANTS_SQL = """
-WITH mine AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
+# What other projects' roles gave the dying roles (hostile review 14): an owner may grant its
+# objects to any role, and create policies and default privileges naming any role. DROP OWNED BY,
+# run as the dying role, revokes only the entries that role could revoke itself (it errors on an
+# object it holds nothing else on), and leaves a policy on a table it does not own: DROP ROLE then
+# failed, and any tenant kept any other project from being deleted (or a move from removing the
+# source's copy). Entries in ACLs (table, column, sequence, function, schema, type, large object)
+# naming one of `$1` and granted by another project's role, or by one of the shared groups in `$2`
+# (a member re-granting what an owner granted a group WITH GRANT OPTION grants as the group);
+# policies of another project's tables naming one of them. Default privileges are removed by DROP
+# OWNED whoever set them.
+_FOREIGN_ACL_SQL = r"""
+WITH dying AS (SELECT oid, rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])),
 deps AS (
-    SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_shdepend d
-    WHERE d.refclassid = 'pg_catalog.pg_authid'::regclass AND d.refobjid IN (SELECT oid FROM mine)
-      AND d.deptype = 'a'
-      AND d.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+    SELECT DISTINCT s.classid, s.objid FROM pg_catalog.pg_shdepend s
+    WHERE s.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+      AND s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype = 'a'
+      AND s.refobjid IN (SELECT oid FROM dying)
 ),
-entries AS (
-    SELECT 'TABLE ' || c.oid::regclass::text AS target, c.relacl AS acl
-    FROM pg_catalog.pg_class c JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
-         AND deps.objid = c.oid AND deps.objsubid = 0
+acls AS (
+    SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END
+               || pg_catalog.format('%I.%I', n.nspname, c.relname) AS target,
+           NULL::text AS col, c.relacl AS acl
+    FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
     UNION ALL
-    SELECT '(' || quote_ident(a.attname) || ') ON TABLE ' || a.attrelid::regclass::text, a.attacl
-    FROM pg_catalog.pg_attribute a JOIN deps ON deps.classid = 'pg_catalog.pg_class'::regclass
-         AND deps.objid = a.attrelid AND deps.objsubid = a.attnum
+    SELECT 'TABLE ' || pg_catalog.format('%I.%I', n.nspname, c.relname),
+           pg_catalog.quote_ident(a.attname), a.attacl
+    FROM deps d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND a.attacl IS NOT NULL
+    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
     UNION ALL
-    SELECT 'ROUTINE ' || p.oid::regprocedure::text, p.proacl
-    FROM pg_catalog.pg_proc p
-    JOIN deps ON deps.classid = 'pg_catalog.pg_proc'::regclass AND deps.objid = p.oid
+    SELECT CASE WHEN p.prokind = 'p' THEN 'PROCEDURE ' ELSE 'FUNCTION ' END
+               || pg_catalog.format('%I.%I(%s)', n.nspname, p.proname,
+                                    pg_catalog.pg_get_function_identity_arguments(p.oid)), NULL, p.proacl
+    FROM deps d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
     UNION ALL
-    SELECT 'TYPE ' || t.oid::regtype::text, t.typacl
-    FROM pg_catalog.pg_type t
-    JOIN deps ON deps.classid = 'pg_catalog.pg_type'::regclass AND deps.objid = t.oid
+    SELECT 'SCHEMA ' || pg_catalog.quote_ident(n.nspname), NULL, n.nspacl
+    FROM deps d JOIN pg_catalog.pg_namespace n ON n.oid = d.objid
+    WHERE d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
     UNION ALL
-    SELECT 'SCHEMA ' || quote_ident(n.nspname), n.nspacl
-    FROM pg_catalog.pg_namespace n
-    JOIN deps ON deps.classid = 'pg_catalog.pg_namespace'::regclass AND deps.objid = n.oid
+    SELECT 'TYPE ' || pg_catalog.format('%I.%I', n.nspname, t.typname), NULL, t.typacl
+    FROM deps d JOIN pg_catalog.pg_type t ON t.oid = d.objid
+    JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+    WHERE d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass
     UNION ALL
-    SELECT 'LARGE OBJECT ' || l.oid::text, l.lomacl
-    FROM pg_catalog.pg_largeobject_metadata l
-    JOIN deps ON deps.classid = 'pg_catalog.pg_largeobject'::regclass AND deps.objid = l.oid
+    SELECT 'LARGE OBJECT ' || m.oid::text, NULL, m.lomacl
+    FROM deps d JOIN pg_catalog.pg_largeobject_metadata m ON m.oid = d.objid
+    WHERE d.classid = 'pg_catalog.pg_largeobject'::pg_catalog.regclass
 )
-SELECT DISTINCT e.target, m.rolname AS grantee, g.rolname AS grantor
-FROM entries e, aclexplode(e.acl) x
-JOIN mine m ON m.oid = x.grantee
-JOIN pg_catalog.pg_roles g ON g.oid = x.grantor
-WHERE g.rolname ~ '^p_[0-9a-f]{16}_' AND NOT g.rolname = ANY($1::text[])
-ORDER BY 3, 1, 2
+SELECT a.target, a.col, gr.rolname AS grantor, d.rolname AS grantee,
+       pg_catalog.array_agg(DISTINCT x.privilege_type ORDER BY x.privilege_type) AS privs
+FROM acls a CROSS JOIN LATERAL pg_catalog.aclexplode(a.acl) x
+JOIN dying d ON d.oid = x.grantee JOIN pg_catalog.pg_roles gr ON gr.oid = x.grantor
+WHERE x.grantor NOT IN (SELECT oid FROM dying)
+  AND (gr.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$' OR gr.rolname = ANY ($2::text[]))
+GROUP BY 1, 2, 3, 4
+ORDER BY 3, 1, 2, 4
+"""
+
+_FOREIGN_POLICY_SQL = r"""
+WITH dying AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[]))
+SELECT pg_catalog.quote_ident(pol.polname) AS name, pg_catalog.format('%I.%I', n.nspname, c.relname) AS tbl,
+       o.rolname AS owner,
+       ARRAY(SELECT r.rolname FROM pg_catalog.unnest(pol.polroles) u(oid)
+             JOIN pg_catalog.pg_roles r ON r.oid = u.oid
+             WHERE u.oid NOT IN (SELECT oid FROM dying) ORDER BY 1) AS keep,
+       0::oid = ANY (pol.polroles) AS public
+FROM pg_catalog.pg_policy pol JOIN pg_catalog.pg_class c ON c.oid = pol.polrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+WHERE pol.polroles && ARRAY(SELECT oid FROM dying)
+  AND c.relowner NOT IN (SELECT oid FROM dying) AND o.rolname ~ '^p_[0-9a-f]{16}_(admin|rw|ro|rt|ex)$'
+ORDER BY 3, 2, 1
 """
 
 
-async def _revoke_foreign_grants(conn: asyncpg.Connection, roles: list[str]) -> None:
-    """Revoke what other projects' roles granted these roles, each as its grantor (acting as the
-    grantor's project's administrator): without it one tenant could keep any project whose id it
-    knows from being deleted by granting that project's role a privilege on its own table."""
-    rows = await conn.fetch(_FOREIGN_GRANTS_SQL, roles)
-    by_grantor: dict[str, list[asyncpg.Record]] = {}
-    for r in rows:
-        by_grantor.setdefault(r["grantor"], []).append(r)
-    for grantor, grants in by_grantor.items():
-        other = grantor.split("_")[1]
-        async with buckets.acting(conn, other) as c:
-            await c.execute(f"SET LOCAL ROLE {quote_ident(grantor)}")
-            for g in grants:
-                await c.execute(
-                    f"REVOKE ALL {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
-                    if g["target"].startswith("(")
-                    else f"REVOKE ALL ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
-                )
-            await c.execute("RESET ROLE")
+async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> list[tuple[str, str]]:
+    """Take back what other projects' roles gave `roles` (_FOREIGN_ACL_SQL), each as the role that
+    granted it (as the table's owner for a policy: the dying roles leave its role list, and a
+    policy left with none is dropped, as DROP OWNED does for a superuser; it applied to them
+    only). Done by the grantor project's own administrator, committed before the drop. What a
+    shared group granted is returned, (group, statement): the dying project's administrator runs
+    it as the group (it holds SET on them, db/privileges.py) in the drop's own transaction (the
+    drop's DROP OWNED would wait for the ACL rows a transaction of its own left locked)."""
+    # This database's tenant groups (extension schemas' included, sql/0046) and realtime senders.
+    prefix = tenant_group(await conn.fetchval("SELECT current_database()"), "")
+    shared = [
+        r["rolname"]
+        for r in await conn.fetch(
+            "SELECT rolname FROM pg_catalog.pg_roles WHERE pg_catalog.starts_with(rolname, $1) "
+            "OR rolname = $2",
+            prefix,
+            REALTIME_SENDERS,
+        )
+    ]
+    work: dict[str, list[tuple[str, str]]] = {}
+    # Names as the provisioner's sessions read them (search_path pg_catalog, pg_temp: every type
+    # of a function's arguments qualified unless it is pg_catalog's); the caller's path after.
+    path = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
+    await conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+    try:
+        acls = await conn.fetch(_FOREIGN_ACL_SQL, roles, shared)
+    finally:
+        await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", path)
+    for g in acls:
+        privs = ", ".join(f"{p} ({g['col']})" if g["col"] else p for p in g["privs"])
+        stmt = f"REVOKE {privs} ON {g['target']} FROM {quote_ident(g['grantee'])} CASCADE"
+        work.setdefault(g["grantor"], []).append((g["grantor"], stmt))
+    for p in await conn.fetch(_FOREIGN_POLICY_SQL, roles):
+        keep = ", ".join(quote_ident(r) for r in p["keep"]) or None
+        if p["public"]:
+            keep = ", ".join(x for x in ("public", keep) if x)
+        stmt = (
+            f"ALTER POLICY {p['name']} ON {p['tbl']} TO {keep}"
+            if keep
+            else f"DROP POLICY {p['name']} ON {p['tbl']}"
+        )
+        work.setdefault(p["owner"], []).append((p["owner"], stmt))
+    by_project: dict[str, list[tuple[str, str]]] = {}
+    for grantor, stmts in work.items():
+        if grantor not in shared:
+            by_project.setdefault(grantor.split("_")[1], []).extend(stmts)
+    for pid, stmts in sorted(by_project.items()):
+        async with buckets.acting(conn, pid) as c:
+            await _as_grantors(c, stmts)
+    return [st for grantor in shared for st in work.get(grantor, [])]
+
+
+async def _as_grantors(conn: asyncpg.Connection, stmts: list[tuple[str, str]]) -> None:
+    for role, stmt in stmts:
+        await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+        await conn.execute(stmt)
+        await conn.execute("SET LOCAL ROLE NONE")
 
 
 async def _logins(conn: asyncpg.Connection, project_id: str, roles: list[str], *, allowed: bool) -> None:
