@@ -168,6 +168,17 @@ class SharedRateLimiter:
             del self._leasing[name]
             done.set_result(None)
 
+    def spent_out(self, name: str, limit: int, window: float) -> bool:
+        """Whether this process's lease for `name` says its window has no token left for now:
+        the table refused it, or counted the whole limit when it granted this process's last
+        token, which is spent, and the oldest counted token has not freed up yet. A local hint
+        (no round trip), never the decision (`hit` makes it): a request skips work that only an
+        admitted request needs (hostile review 15: opening its tenant connection ahead)."""
+        lease = self._leases.get(name)
+        if lease is None or lease.left > 0 or lease.limit != limit or lease.window != window:
+            return False
+        return (lease.full or lease.counted >= limit) and time.monotonic() < lease.t0 + lease.oldest
+
     def _spend(self, lease: _Lease, now: float) -> Quota:
         lease.left -= 1
         lease.spent += 1

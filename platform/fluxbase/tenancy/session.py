@@ -338,6 +338,8 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     except TransactionEnded:
         raise  # the connection is closed: nothing to roll back on it
     except FluxbaseError:
+        if conn.is_closed():
+            raise  # given up (wire: a value the codecs cannot take): nothing to roll back on it
         await conn.execute("ROLLBACK; " + SESSION_RESET)
         raise
     try:

@@ -23,6 +23,8 @@ from typing import Any
 
 import asyncpg
 
+from fluxbase.errors import StatementFailed
+
 # Steps with no parameters, in this order: clear what a previous request left in the session
 # (settings, cursors, LISTEN, temp objects, sequence state, session advisory locks) before
 # anything of this request runs.
@@ -286,7 +288,13 @@ def _raw_fd(transport: Any) -> int:
 
 async def prepare(conn: Any, query: str) -> Any:
     """The connection's (cached) prepared statement for `query`."""
-    return await conn._get_statement(query, None)
+    try:
+        return await conn._get_statement(query, None)
+    except asyncpg.exceptions.UnsupportedClientFeatureError:
+        # A parameter or result type the session's codecs cannot take (below, `execute`): a
+        # statement error, never a "connection lost" 503; the session is not reused.
+        conn.terminate()
+        raise StatementFailed(UNDECODABLE, "0A000") from None
 
 
 def named(stmt: Any) -> bool:
@@ -324,10 +332,28 @@ def attributes(stmt: Any) -> Sequence[Any]:
 async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[list[Any], str | None, bool]:
     """Bind and run a prepared statement, fetching at most `limit` rows: (rows, command tag or
     None, whether it completed). Anything already `write`n goes out ahead of it."""
-    rows, status, completed = await conn._protocol.bind_execute(
-        state=stmt, args=args, portal_name="", limit=limit, return_extra=True, timeout=None
-    )
+    try:
+        rows, status, completed = await conn._protocol.bind_execute(
+            state=stmt, args=args, portal_name="", limit=limit, return_extra=True, timeout=None
+        )
+    except asyncpg.DataError:
+        raise  # refused while encoding the parameters, before anything was written
+    except (asyncpg.exceptions.UnsupportedClientFeatureError, ValueError, TypeError):
+        # A result value the session's codecs cannot decode (hostile review 15): a range or a
+        # composite over int8/numeric, whose codecs are text-only here (JSON-faithful numbers),
+        # or an anonymous record, whose fields asyncpg hands them in binary. The driver gave up
+        # mid-stream: never reuse the session; the caller gets a statement error, not a 500 or
+        # a "connection lost" 503.
+        conn.terminate()
+        raise StatementFailed(UNDECODABLE, "0A000") from None
     return rows, (status.decode() if isinstance(status, bytes) else status), bool(completed)
+
+
+UNDECODABLE = (
+    "A value of this statement cannot be sent or returned as it is: records, composites and ranges "
+    "with bigint or numeric fields, and range parameters, are not supported. Select their fields, "
+    "or cast the value to or from text or json."
+)
 
 
 async def forget_cached_plans(conn: Any, exc: BaseException) -> None:

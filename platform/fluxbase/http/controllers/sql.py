@@ -125,14 +125,20 @@ async def sql_access(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
+    limit, window = access.rate_limit(ctx.settings)
     if access.project.cluster_id == "default":
         # Authenticated and authorised: a cold project's connection opens while the rate lease
         # is read (issue 19). The pool is the one the request will take (scope, end user or not).
-        user_token = request.headers.get(USER_TOKEN_HEADER)
+        # Not for a requireUserAuth key: such a key is public (it ships in browser apps) and
+        # authenticates nothing until its end-user token is verified, which happens after this;
+        # nor for a caller this process knows to be out of tokens (hostile review 15: a made-up
+        # token, or a key over its rate limit, opened a connection, then got 401 or 429).
         key = principal.key
-        if user_token or key is None or not key.require_user_auth:
+        if (key is None or not key.require_user_auth) and not ctx.limiter.spent_out(
+            principal.label, limit, window
+        ):
+            user_token = request.headers.get(USER_TOKEN_HEADER)
             ctx.tenants.preopen(access.project.id, access.sql_scope, end_user=bool(user_token))
-    limit, window = access.rate_limit(ctx.settings)
     quota = await ctx.limiter.hit(principal.label, limit, window)
     remember_quota(request, quota)
     return access, key_auth, quota
