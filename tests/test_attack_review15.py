@@ -131,6 +131,7 @@ async def test_held_write_events_fast_path_refuses_crafted_calls(
         assert r.status_code < 500 and not r.json()["success"], (call, r.text)
         assert r.json()["error"]["code"] not in ("INTERNAL_ERROR",), r.text
         await _ok(api, key, pid, f"DROP TRIGGER fwd{n} ON src")
+        await _ok(api, key, pid, f"DROP FUNCTION fwd{n}()")
     assert not await _outbox(control_db, marker)
     # Its own table, a record past the bound: stored with its small fields only.
     big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 40000) g)"

@@ -410,11 +410,15 @@ class TenantPool:
                 POOL_WAIT_SECONDS.observe(time.perf_counter() - started)
         if got is not None:
             return got
+        left = None if timeout is None else max(0.0, started + timeout - time.perf_counter())
+        if not waited and self._preopening and self.get_size() < self._max:
+            # Another request's opening failed (a role's connection limit) and handed on its
+            # slot while the connection opened ahead for this one is still on its way: wait for
+            # that one rather than open another, which the same limit would refuse.
+            return await self._wait(left, waited=False)
         # Handed a free slot (a connection ended, or the one opened ahead failed): open one
         # within what is left of the wait's bound, not a whole new one.
-        return await self._open(
-            None if timeout is None else max(0.0, started + timeout - time.perf_counter())
-        )
+        return await self._open(left)
 
     def preopen(self, timeout: float | None) -> bool:
         """Start opening a connection for a request that is about to acquire one, when none is
