@@ -101,6 +101,7 @@ FRACTIONAL = [
     ("FLUXBASE_ENDUSER_JWKS_TIMEOUT_SECONDS", lambda s: s.end_user.jwks_timeout_s),
     ("FLUXBASE_TENANT_ACQUIRE_TIMEOUT_SECONDS", lambda s: s.tenant.pool_acquire_timeout_s),
     ("FLUXBASE_REALTIME_PING_SECONDS", lambda s: s.realtime.ping_interval_s),
+    ("FLUXBASE_REALTIME_STALL_SECONDS", lambda s: s.realtime.stall_s),
     ("FLUXBASE_REALTIME_REVALIDATE_SECONDS", lambda s: s.realtime.revalidate_s),
     ("FLUXBASE_REALTIME_PRESENCE_HEARTBEAT_SECONDS", lambda s: s.realtime.presence_heartbeat_s),
     ("FLUXBASE_SMTP_TIMEOUT_SECONDS", lambda s: s.mail.smtp_timeout_s),

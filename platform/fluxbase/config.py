@@ -123,6 +123,10 @@ class RealtimeSettings(msgspec.Struct, frozen=True):
     """Bytes of parts waiting in sockets' backlogs, service-wide (each distinct part counted
     once, whatever the number of sockets holding it); past it, the socket holding the most
     backlog is closed (code 4008). Default: 64 times `max_buffered_bytes`."""
+    stall_s: float = 0.25
+    """A socket whose next part of a large batch has waited this long without fitting under
+    `max_buffered_bytes` is closed (code 4008): it stopped reading, or reads slower than about
+    half that bound per this many seconds."""
     ping_interval_s: float = 20.0
     """Every socket is pinged this often so proxies keep idle connections open."""
     events_retention_s: int = 24 * 3600
@@ -766,6 +770,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                 1 << 20,
                 "FLUXBASE_REALTIME_MAX_BACKLOG_BYTES",
             ),
+            stall_s=float_of("FLUXBASE_REALTIME_STALL_SECONDS", RealtimeSettings().stall_s),
             ping_interval_s=float_of("FLUXBASE_REALTIME_PING_SECONDS", 20.0),
             events_retention_s=int_of("FLUXBASE_EVENTS_RETENTION_SECONDS", 24 * 3600),
             events_max_rows=int_of("FLUXBASE_EVENTS_MAX_ROWS", 1_000_000),

@@ -150,7 +150,8 @@ def frame_of(message: bytes) -> bytes:
 WRITE_CHUNK = 256 * 1024
 DEFAULT_MAX_BYTES = 8 << 20
 # A socket whose next part has waited this long without fitting under its byte bound is cut off
-# (4008): it stopped reading, or reads slower than about half its bound per STALL_S.
+# (4008): it stopped reading, or reads slower than about half its bound per STALL_S. The default
+# of `Client.stall_s` (FLUXBASE_REALTIME_STALL_SECONDS).
 STALL_S = 0.25
 # Parts a socket has not taken yet (its backlog) may reference at most this many times its bound:
 # a reader that keeps up takes a statement of this size; one that falls this far behind is cut off.
@@ -334,6 +335,7 @@ class Client:
     # buffer) before it is cut off: a socket holding nothing always takes the next batch.
     pending_bytes: int = 0
     max_bytes: int = DEFAULT_MAX_BYTES
+    stall_s: float = STALL_S  # how long the backlog's head part may wait to fit
     subs: dict[str, Subscription] = field(default_factory=dict)
     closed: bool = False
     writer: asyncio.Task[None] | None = None
@@ -431,7 +433,7 @@ class Client:
         """Check the backlog's head part once it has waited STALL_S (whatever the writer awaits)."""
         if self.timer is None:
             loop = asyncio.get_running_loop()
-            self.timer = loop.call_at(self.head_since + STALL_S, self._deadline)
+            self.timer = loop.call_at(self.head_since + self.stall_s, self._deadline)
 
     def _deadline(self) -> None:
         """The head part's time is up: take what fits now, cut the socket off if the head part
@@ -444,7 +446,7 @@ class Client:
             self.writer = asyncio.create_task(self._write())
         if not self.backlog:
             return
-        if asyncio.get_running_loop().time() >= self.head_since + STALL_S:
+        if asyncio.get_running_loop().time() >= self.head_since + self.stall_s:
             self.cut_off()
         else:
             self._arm()
@@ -575,7 +577,7 @@ class Client:
         backlog's head part waited STALL_S and still does not fit: `_deadline`)."""
         backlog = self.backlog
         if backlog and not self._fits(backlog[0].size):
-            if asyncio.get_running_loop().time() >= self.head_since + STALL_S:
+            if asyncio.get_running_loop().time() >= self.head_since + self.stall_s:
                 self.cut_off()
                 return False
             if not self.pending and not self.ws.paused:

@@ -136,6 +136,7 @@ class RealtimeService:
         # half of it, each taken as the socket drains (hub.Client).
         self.max_bytes = settings.realtime.max_buffered_bytes
         self.hub.part_bytes = max(1, self.max_bytes // 2)
+        self.stall_s = settings.realtime.stall_s  # a part that waits this long cuts its socket off
         # Parts waiting in backlogs, service-wide (FLUXBASE_REALTIME_MAX_BACKLOG_BYTES): past it
         # the socket holding the most backlog is closed (hub.Backlogs).
         self.backlogs = Backlogs(settings.realtime.max_backlog_bytes)
@@ -193,7 +194,7 @@ class RealtimeService:
         # The whole batch is handed to the hub at once: each socket takes it at its own pace
         # (hub.Client's backlog, in parts of at most half the per-socket byte bound), so a socket
         # that reads slowly or not at all delays nobody else's events; it is cut off (4008) once
-        # a part has waited hub.STALL_S without fitting under its bound.
+        # a part has waited FLUXBASE_REALTIME_STALL_SECONDS without fitting under its bound.
         if tracing.enabled():
             before = self.hub.delivered
             with tracing.span(
@@ -512,7 +513,9 @@ class RealtimeService:
         query = parse_qs(urlsplit(ws.request.path).query) if ws.request else {}
         url_token: str | None = (query.get("token") or [None])[0]  # type: ignore[list-item]
         origin = ws.request.headers.get("Origin") if ws.request else None
-        client = Client(ws, self.queue_size, max_bytes=self.max_bytes, budget=self.backlogs)
+        client = Client(
+            ws, self.queue_size, max_bytes=self.max_bytes, stall_s=self.stall_s, budget=self.backlogs
+        )
         self.clients.add(client)
         try:
             async for raw in ws:
