@@ -49,7 +49,6 @@ PG_MODULE_MAGIC;
 PG_FUNCTION_INFO_V1(fluxbase_capture_insert);
 PG_FUNCTION_INFO_V1(fluxbase_capture_delete);
 PG_FUNCTION_INFO_V1(fluxbase_capture_update);
-PG_FUNCTION_INFO_V1(fluxbase_capture_version);
 
 #define CAPTURE_MAX_IMAGE_BYTES 1048576
 #define OUTBOX_WRITER "fluxbase_outbox_writer"
@@ -200,10 +199,22 @@ transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
 	return images;
 }
 
+/*
+ * pg_column_size of the image as write_events sees it: an element of a jsonb[] (the PL/pgSQL
+ * triggers pass arrays), stored with a 1-byte header when it fits in one (data up to 126 bytes),
+ * so 3 bytes less than the freshly built datum. `bytes` must be the same whichever capture runs.
+ */
 static int32
 image_size(Datum image, bool isnull)
 {
-	return isnull ? 0 : (int32) VARSIZE_ANY(DatumGetPointer(image));
+	Pointer		p;
+
+	if (isnull)
+		return 0;
+	p = DatumGetPointer(image);
+	if (VARATT_CAN_MAKE_SHORT(p))
+		return (int32) VARATT_CONVERTED_SHORT_SIZE(p);
+	return (int32) VARSIZE_ANY(p);
 }
 
 /* Prepare and keep a plan. The caller is SPI-connected. */
@@ -437,11 +448,4 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 	old = row_image(td->tg_trigtuple, desc, cat, outfn);
 	capture(td->tg_relation, "UPDATE", &record, &old, 1);
 	return PointerGetDatum(NULL);
-}
-
-/* fluxbase_capture.native_version(): which build is loaded (the installer's probe). */
-Datum
-fluxbase_capture_version(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_TEXT_P(cstring_to_text("1"));
 }

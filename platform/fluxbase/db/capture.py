@@ -27,6 +27,7 @@ NATIVE = {
     "capture_update": "fluxbase_capture_update",
 }
 C, PLPGSQL = "c", "plpgsql"
+NOT_SUPERUSER = "the migrating role is not a superuser"
 
 
 async def capture_language(conn: asyncpg.Connection) -> str | None:
@@ -49,7 +50,7 @@ async def install_native(conn: asyncpg.Connection) -> str | None:
     """Replace the three functions with the C ones, in a savepoint. None on success, else why
     not (one line, no secrets)."""
     if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
-        return "the migrating role is not a superuser"
+        return NOT_SUPERUSER
     try:
         async with conn.transaction():
             # The library is loaded and each symbol looked up when the function is created.
@@ -93,14 +94,19 @@ def _dollar_quote(src: str) -> str:
     return f"{tag}{src}{tag}"
 
 
-async def install_capture(conn: asyncpg.Connection, where: str = "") -> str:
-    """The C capture where this server can load it, else PL/pgSQL; returns which ('c' or
-    'plpgsql') and logs it in one line."""
-    why = await install_native(conn)
+async def install_capture(conn: asyncpg.Connection, where: str = "") -> str | None:
+    """The C capture where this server can load it, else PL/pgSQL; returns which is installed
+    ('c', 'plpgsql', None if neither whole) and logs it in one line. A role that is not a
+    superuser changes nothing."""
     suffix = f" ({where})" if where else ""
+    why = await install_native(conn)
     if why is None:
         log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)
         return C
+    if why == NOT_SUPERUSER:
+        now = await capture_language(conn)
+        log.warning("realtime capture: %s trigger functions, left as they are: %s%s", now, why, suffix)
+        return now
     if await capture_language(conn) != PLPGSQL:
         await install_plpgsql(conn)
     log.warning("realtime capture: PL/pgSQL trigger functions, the C library is not used: %s%s", why, suffix)
