@@ -5,6 +5,7 @@ role's rights, and `fluxbase migrate` falls back to PL/pgSQL where the library c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -346,3 +347,28 @@ async def test_a_role_that_is_not_a_superuser_changes_nothing(
         await conn.close()
     async with control_db.acquire() as c:
         assert await cap.capture_language(c) == cap.C
+
+
+async def test_the_doorbell_rings_while_a_reader_waits(
+    superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any
+) -> None:
+    """A captured statement notifies fluxbase_events while a reader is marked waiting (its
+    query runs as fluxbase_outbox_writer: the tenant cannot read event_readers)."""
+    await tenant.execute("CREATE TABLE bell (id int PRIMARY KEY)")
+    heard: list[str] = []
+    await superuser.add_listener("fluxbase_events", lambda *a: heard.append(a[2]))
+    reader = f"test-capture-native-{project.id}"
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+    try:
+        for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
+            heard.clear()
+            await tenant.execute(q)
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.02)
+            assert heard == ["fluxbase_events"], q
+    finally:
+        await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)

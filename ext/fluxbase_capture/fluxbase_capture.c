@@ -359,7 +359,7 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 
 			if (bell_plan == NULL)
 				bell_plan = keep_plan(BELL_SQL, 0, NULL);
-			rc = SPI_execute_plan(bell_plan, NULL, NULL, true, 1);
+			rc = SPI_execute_plan(bell_plan, NULL, NULL, false, 1);
 			if (rc != SPI_OK_SELECT || SPI_tuptable == NULL || SPI_processed != 1)
 				elog(ERROR, "fluxbase_capture: doorbell query failed: %s", SPI_result_code_string(rc));
 			v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
