@@ -372,3 +372,62 @@ async def test_the_doorbell_rings_while_a_reader_waits(
             assert heard == ["fluxbase_events"], q
     finally:
         await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+
+
+async def test_the_outbox_row_has_the_columns_defaults(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The C capture writes the outbox row without the INSERT statement while fluxbase.events is
+    the table it knows: `xid` is the writing transaction's, `created_at` its start, `id` from the
+    identity, in statement order, like the SQL defaults gave."""
+    await tenant.execute("CREATE TABLE dflt (id int PRIMARY KEY)")
+    async with tenant.transaction():
+        xid = await tenant.fetchval("SELECT pg_current_xact_id()::text")
+        now = await tenant.fetchval("SELECT now()")
+        await tenant.execute("INSERT INTO dflt VALUES (1), (2)")
+        await tenant.execute("UPDATE dflt SET id = id + 10")
+    rows = await control_db.fetch(
+        "SELECT id, xid::text AS xid, created_at, operation FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = 'dflt' AND kind = 'row' ORDER BY id",
+        project.id,
+    )
+    assert [r["operation"] for r in rows] == ["INSERT", "INSERT", "UPDATE", "UPDATE"]
+    assert {r["xid"] for r in rows} == {xid} and {r["created_at"] for r in rows} == {now}
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(set(ids))
+    nxt = await control_db.fetchval("SELECT nextval(pg_get_serial_sequence('fluxbase.events', 'id'))")
+    assert nxt > ids[-1]
+
+
+async def test_an_outbox_table_it_does_not_know_takes_the_insert_statement(
+    superuser: asyncpg.Connection, project: Any, tenant: asyncpg.Connection
+) -> None:
+    """A later migration that changes fluxbase.events (here: a column with a default, in a
+    transaction rolled back) makes the C capture write through its saved INSERT, so the new
+    column gets its default; afterwards the direct write is back."""
+    await tenant.execute("CREATE TABLE chg (id int PRIMARY KEY)")
+    me = role_name(project.id, "admin")
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute("ALTER TABLE fluxbase.events ADD COLUMN extra int NOT NULL DEFAULT 7")
+        await superuser.execute(f'SET LOCAL SESSION AUTHORIZATION "{me}"')
+        await superuser.execute(f'INSERT INTO "p_{project.id}".chg VALUES (1)')
+        await superuser.execute("RESET SESSION AUTHORIZATION")
+        got = await superuser.fetch(
+            "SELECT extra, operation FROM fluxbase.events "
+            "WHERE project_id = $1 AND table_name = 'chg' AND kind = 'row'",
+            project.id,
+        )
+        assert [tuple(r) for r in got] == [(7, "INSERT")]
+    finally:
+        await tx.rollback()
+    await tenant.execute("INSERT INTO chg VALUES (2)")
+    assert (
+        await superuser.fetchval(
+            "SELECT count(*) FROM fluxbase.events "
+            "WHERE project_id = $1 AND table_name = 'chg' AND kind = 'row'",
+            project.id,
+        )
+        == 1
+    )
