@@ -352,8 +352,9 @@ async def test_a_role_that_is_not_a_superuser_changes_nothing(
 async def test_the_doorbell_rings_while_a_reader_waits(
     superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any
 ) -> None:
-    """A captured statement notifies fluxbase_events while a reader is marked waiting (its
-    query runs as fluxbase_outbox_writer: the tenant cannot read event_readers)."""
+    """A captured statement notifies fluxbase_events while a reader is marked waiting (read as
+    fluxbase_outbox_writer: the tenant cannot read event_readers), at every isolation level
+    (a serializable transaction reads it through the saved query)."""
     await tenant.execute("CREATE TABLE bell (id int PRIMARY KEY)")
     heard: list[str] = []
     await superuser.add_listener("fluxbase_events", lambda *a: heard.append(a[2]))
@@ -362,14 +363,16 @@ async def test_the_doorbell_rings_while_a_reader_waits(
         "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
     )
     try:
-        for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
-            heard.clear()
-            await tenant.execute(q)
-            for _ in range(100):
-                if heard:
-                    break
-                await asyncio.sleep(0.02)
-            assert heard == ["fluxbase_events"], q
+        for iso in ("read_committed", "repeatable_read", "serializable"):
+            for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
+                heard.clear()
+                async with tenant.transaction(isolation=iso):
+                    await tenant.execute(q)
+                for _ in range(100):
+                    if heard:
+                        break
+                    await asyncio.sleep(0.02)
+                assert heard == ["fluxbase_events"], (iso, q)
     finally:
         await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
 

@@ -412,8 +412,8 @@ direct_insert(const char *project, const char *table, const char *operation, Dat
 	IndexInfo **iinfos;
 	int			nidx;
 	int			k;
-	Datum		values[MaxHeapAttributeNumber];
-	bool		nulls[MaxHeapAttributeNumber];
+	Datum	   *values;
+	bool	   *nulls;
 	HeapTuple	tuple;
 	TupleTableSlot *slot;
 	TupleDesc	desc;
@@ -461,6 +461,8 @@ direct_insert(const char *project, const char *table, const char *operation, Dat
 		}
 	}
 
+	values = palloc0(sizeof(Datum) * desc->natts);
+	nulls = palloc(sizeof(bool) * desc->natts);
 	memset(nulls, true, sizeof(bool) * desc->natts);
 	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
 	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
@@ -503,7 +505,8 @@ direct_insert(const char *project, const char *table, const char *operation, Dat
 }
 
 /* Is a reader waiting (EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting), on the
- * latest snapshot)? -1 when the table is not what this code knows (the caller queries). */
+ * latest snapshot)? -1 when the table is not what this code knows, or in a serializable
+ * transaction (the caller queries). */
 static int
 direct_readers_waiting(void)
 {
@@ -517,7 +520,9 @@ direct_readers_waiting(void)
 	bool		found = false;
 	int			i;
 
-	if (!OidIsValid(relid))
+	/* A serializable transaction reads it as the saved query does (its snapshot, its
+	 * predicate locks). */
+	if (!OidIsValid(relid) || IsolationIsSerializable())
 		return -1;
 	rel = table_open(relid, AccessShareLock);
 	desc = RelationGetDescr(rel);
