@@ -486,3 +486,21 @@ async def test_a_check_or_rule_on_the_outbox_is_honoured(
             )
     finally:
         await tx.rollback()
+
+
+async def test_processes_migrating_at_once_agree(
+    stack: Stack, instance: Instance, control_db: asyncpg.Pool
+) -> None:
+    """Replicas starting together each run the capture step: they take the migrations' lock in
+    turn, and all install the C functions (none falls back on a concurrent catalog update)."""
+    if not await _native(control_db):
+        pytest.skip("the server has no fluxbase_capture library (docs/capture.md)")
+    conns = [await asyncpg.connect(stack.database_url(instance.dbname)) for _ in range(3)]
+    try:
+        await cap.install_plpgsql(conns[0])  # so that every process replaces the functions
+        assert await asyncio.gather(*(cap.install_capture(c) for c in conns)) == [cap.C] * 3
+    finally:
+        await cap.install_capture(conns[0])
+        for c in conns:
+            await c.close()
+    assert await _native(control_db)
