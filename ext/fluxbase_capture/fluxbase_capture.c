@@ -1,0 +1,824 @@
+/*
+ * fluxbase_capture: the capture trigger functions in C (issue 20, "capture that costs less").
+ *
+ * fluxbase_capture.capture_insert() / capture_delete() (statement-level AFTER triggers with a
+ * transition table) and capture_update() (row-level AFTER UPDATE) with the semantics of
+ * sql/0036 and sql/0048, without PL/pgSQL's per-transaction executor setup:
+ *
+ *  - The fast path is a project session's: the session user is p_<16 hex>_(admin|rw|ro|rt) and
+ *    the table's schema is p_<the same 16 hex>. Everything else (a platform session, which
+ *    write_events attributes by the schema; a refusal) and every row whose images are over
+ *    1 MiB (write_events keeps their small fields) goes to the PL/pgSQL
+ *    fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]) through SPI, called as the
+ *    invoker exactly as the PL/pgSQL triggers call it, so those paths keep their behaviour.
+ *  - Row images are built as the invoker (the tenant), with what to_jsonb(row) runs: output
+ *    functions and casts to json of the tenant's types run with the tenant's own rights. The
+ *    user id is switched (to fluxbase_outbox_writer, SECURITY_RESTRICTED_OPERATION) only around
+ *    the outbox INSERT and the doorbell query: two saved plans whose every name is
+ *    schema-qualified, with no function or operator a tenant can define, on built-in-typed
+ *    parameters. Nothing tenant-defined runs while the user id is switched.
+ *  - One outbox row per row (project_id, 'row', table_name, operation, record, old, bytes =
+ *    pg_column_size(record) + pg_column_size(old)), and the doorbell (EXISTS a waiting reader
+ *    -> NOTIFY fluxbase_events) once per statement that wrote an event, as write_events does.
+ *
+ * The functions are SECURITY INVOKER; `fluxbase migrate` installs them when this library loads
+ * (fluxbase/db/capture.py) and keeps the PL/pgSQL ones (sql/0049) otherwise.
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/dependency.h"
+#include "catalog/index.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/sequence.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/jsonfuncs.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+#include "utils/tuplestore.h"
+#include "utils/xid8.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+PG_FUNCTION_INFO_V1(fluxbase_capture_insert);
+PG_FUNCTION_INFO_V1(fluxbase_capture_delete);
+PG_FUNCTION_INFO_V1(fluxbase_capture_update);
+
+#define CAPTURE_MAX_IMAGE_BYTES 1048576
+#define OUTBOX_WRITER "fluxbase_outbox_writer"
+
+/* Saved plans (SPI_keepplan), prepared on first use in this backend. */
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr bell_plan = NULL;
+static SPIPlanPtr delegate_plan = NULL;
+
+/* The session user's verdict, by its oid (SET SESSION AUTHORIZATION changes the oid), until
+ * any change to pg_authid (a rename from another session: roles_inval). */
+static Oid cached_session_user = InvalidOid;
+static bool cached_is_project = false;
+static char cached_project[17];
+
+static const char *const INSERT_SQL =
+	"INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes) "
+	"VALUES ($1, 'row', $2, $3, $4, $5, $6)";
+static const char *const BELL_SQL =
+	"SELECT EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting)";
+static const char *const DELEGATE_SQL =
+	"SELECT fluxbase_capture.write_events($1, $2, $3, $4)";
+
+static bool
+is_lower_hex(char c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+}
+
+/* Is the session user p_<16 hex>_(admin|rw|ro|rt)? Its 16 hex digits into project[17]. */
+static bool
+session_project(char *project)
+{
+	Oid			su = GetSessionUserId();
+
+	if (su != cached_session_user || !OidIsValid(cached_session_user))
+	{
+		char	   *name = GetUserNameFromId(su, true);
+		bool		ok = false;
+		char		found[17];
+
+		if (name != NULL)
+		{
+			size_t		len = strlen(name);
+
+			if (len >= 21 && name[0] == 'p' && name[1] == '_' && name[18] == '_')
+			{
+				const char *suffix = name + 19;
+				int			i;
+
+				ok = true;
+				for (i = 2; i < 18; i++)
+					if (!is_lower_hex(name[i]))
+						ok = false;
+				if (ok)
+					ok = strcmp(suffix, "admin") == 0 || strcmp(suffix, "rw") == 0 ||
+						strcmp(suffix, "ro") == 0 || strcmp(suffix, "rt") == 0;
+				if (ok)
+				{
+					memcpy(found, name + 2, 16);
+					found[16] = '\0';
+				}
+			}
+			pfree(name);
+		}
+		if (ok)
+			memcpy(cached_project, found, 17);
+		cached_is_project = ok;
+		cached_session_user = su;
+	}
+	if (!cached_is_project)
+		return false;
+	memcpy(project, cached_project, 17);
+	return true;
+}
+
+/* The fast path: a project session writing a table of its own project's schema. */
+static bool
+fast_path(Relation rel, char *project)
+{
+	char	   *nspname;
+	bool		ok;
+
+	if (!session_project(project))
+		return false;
+	nspname = get_namespace_name(RelationGetNamespace(rel));
+	ok = nspname != NULL && strlen(nspname) == 18 && nspname[0] == 'p' && nspname[1] == '_' &&
+		memcmp(nspname + 2, project, 16) == 0;
+	if (nspname != NULL)
+		pfree(nspname);
+	return ok;
+}
+
+/* to_jsonb(row): what PL/pgSQL's to_jsonb(NEW) / to_jsonb(n.*) computes, as the invoker. */
+static Datum
+row_image(HeapTuple tuple, TupleDesc desc, JsonTypeCategory cat, Oid outfn)
+{
+	Datum		composite = heap_copy_tuple_as_datum(tuple, desc);
+
+	return datum_to_jsonb(composite, cat, outfn);
+}
+
+/* The images of every row of a transition table, in its order (palloc'd in the caller's
+ * memory context); *count set. */
+static Datum *
+transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
+{
+	JsonTypeCategory cat;
+	Oid			outfn;
+	TupleTableSlot *slot;
+	int			ptr;
+	int			n = 0;
+	int			cap = 8;
+	Datum	   *images = palloc(sizeof(Datum) * cap);
+
+	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
+	slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+	/* A read pointer of our own, as a NamedTuplestoreScan takes (other triggers of the same
+	 * statement may read the same transition table). */
+	ptr = tuplestore_alloc_read_pointer(ts, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(ts, ptr);
+	tuplestore_rescan(ts);
+	for (;;)
+	{
+		bool		should_free;
+		HeapTuple	tuple;
+
+		tuplestore_select_read_pointer(ts, ptr);
+		if (!tuplestore_gettupleslot(ts, true, false, slot))
+			break;
+		tuple = ExecFetchSlotHeapTuple(slot, false, &should_free);
+		if (n == cap)
+		{
+			if (cap > (int) (MaxAllocSize / sizeof(Datum) / 2))
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("fluxbase_capture: too many rows in one statement")));
+			cap *= 2;
+			images = repalloc(images, sizeof(Datum) * cap);
+		}
+		images[n++] = row_image(tuple, desc, cat, outfn);
+		if (should_free)
+			heap_freetuple(tuple);
+		ExecClearTuple(slot);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	*count = n;
+	return images;
+}
+
+/*
+ * pg_column_size of the image as write_events sees it: an element of a jsonb[] (the PL/pgSQL
+ * triggers pass arrays), stored with a 1-byte header when it fits in one (data up to 126 bytes),
+ * so 3 bytes less than the freshly built datum. `bytes` must be the same whichever capture runs.
+ */
+static int32
+image_size(Datum image, bool isnull)
+{
+	Pointer		p;
+
+	if (isnull)
+		return 0;
+	p = DatumGetPointer(image);
+	if (VARATT_CAN_MAKE_SHORT(p))
+		return (int32) VARATT_CONVERTED_SHORT_SIZE(p);
+	return (int32) VARSIZE_ANY(p);
+}
+
+/* Prepare and keep a plan. The caller is SPI-connected. */
+static SPIPlanPtr
+keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "fluxbase_capture: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "fluxbase_capture: SPI_keepplan failed");
+	return plan;
+}
+
+/* write_events(relid, operation, records, olds) as the invoker, as the PL/pgSQL triggers call
+ * it (the caller is SPI-connected). */
+static void
+delegate(Oid relid, const char *operation, Datum *records, Datum *olds, int n, bool olds_null)
+{
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (delegate_plan == NULL)
+	{
+		Oid			argtypes[4] = {REGCLASSOID, TEXTOID, JSONBARRAYOID, JSONBARRAYOID};
+
+		delegate_plan = keep_plan(DELEGATE_SQL, 4, argtypes);
+	}
+	values[0] = ObjectIdGetDatum(relid);
+	values[1] = CStringGetTextDatum(operation);
+	values[2] = PointerGetDatum(construct_array(records, n, JSONBOID, -1, false, TYPALIGN_INT));
+	if (olds_null)
+	{
+		values[3] = (Datum) 0;
+		nulls[3] = 'n';
+	}
+	else
+		values[3] = PointerGetDatum(construct_array(olds, n, JSONBOID, -1, false, TYPALIGN_INT));
+	rc = SPI_execute_plan(delegate_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "fluxbase_capture: write_events call failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * The direct outbox write: what the saved INSERT does, without an executor per row (the
+ * executor's start and end were most of a captured write). Used only while fluxbase.events is
+ * exactly the table this code knows: a plain heap table with the columns below (and no other),
+ * `id` an identity column, `xid` defaulting to pg_current_xact_id() and `created_at` to now(), no
+ * trigger, rule, CHECK, generated column or row security, and indexes on plain columns (no expression,
+ * predicate, exclusion or deferred uniqueness). Anything else (a later migration changed it)
+ * takes the saved INSERT plan. No function a tenant can define runs here: the values are built
+ * above, the index support functions are the platform indexes' built-in ones.
+ */
+#define EV_NCOLS 10
+enum
+{
+	EV_ID, EV_XID, EV_PROJECT, EV_KIND, EV_TABLE, EV_OPERATION, EV_RECORD, EV_OLD, EV_CREATED, EV_BYTES
+};
+static const char *const EV_NAMES[EV_NCOLS] = {
+	"id", "xid", "project_id", "kind", "table_name", "operation", "record", "old", "created_at", "bytes"
+};
+static const Oid EV_TYPES[EV_NCOLS] = {
+	INT8OID, XID8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID, INT4OID
+};
+
+/* The verdict on fluxbase.events' layout, until a relcache invalidation of it. */
+static Oid	events_relid = InvalidOid;
+static bool events_checked = false;
+static bool events_direct = false;
+static AttrNumber events_attnum[EV_NCOLS];
+static Oid	events_idseq = InvalidOid;
+
+static void
+events_inval(Datum arg, Oid relid)
+{
+	if (!OidIsValid(relid) || relid == events_relid || relid == events_idseq)
+		events_checked = false;
+}
+
+static void
+roles_inval(Datum arg, int cacheid, uint32 hashvalue)
+{
+	cached_session_user = InvalidOid;
+}
+
+void
+_PG_init(void)
+{
+	CacheRegisterRelcacheCallback(events_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(AUTHOID, roles_inval, (Datum) 0);
+}
+
+static Oid
+fluxbase_relid(const char *name)
+{
+	Oid			nsp = get_namespace_oid("fluxbase", true);
+
+	return OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+}
+
+static bool
+default_is_call(TupleConstr *constr, AttrNumber attnum, Oid funcid)
+{
+	int			i;
+
+	if (constr == NULL)
+		return false;
+	for (i = 0; i < constr->num_defval; i++)
+	{
+		if (constr->defval[i].adnum == attnum)
+		{
+			Node	   *expr = stringToNode(constr->defval[i].adbin);
+
+			return expr != NULL && IsA(expr, FuncExpr) && ((FuncExpr *) expr)->funcid == funcid &&
+				((FuncExpr *) expr)->args == NIL;
+		}
+	}
+	return false;
+}
+
+/* Check fluxbase.events (open) against what the direct write knows. */
+static bool
+events_layout_ok(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			seen = 0;
+	int			i;
+	int			c;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL || rel->rd_rules != NULL ||
+		desc->constr == NULL || desc->constr->num_check != 0 ||
+		desc->constr->has_generated_stored || desc->constr->has_generated_virtual)
+		return false;
+	for (c = 0; c < EV_NCOLS; c++)
+		events_attnum[c] = InvalidAttrNumber;
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		known = false;
+
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < EV_NCOLS; c++)
+		{
+			if (strcmp(NameStr(att->attname), EV_NAMES[c]) == 0)
+			{
+				if (att->atttypid != EV_TYPES[c] || events_attnum[c] != InvalidAttrNumber ||
+					att->attgenerated != '\0')
+					return false;
+				events_attnum[c] = att->attnum;
+				known = true;
+				seen++;
+			}
+		}
+		if (!known)
+			return false;
+	}
+	if (seen != EV_NCOLS)
+		return false;
+	/* id: an identity column (its sequence), xid and created_at: the defaults the SQL has */
+	if (TupleDescAttr(desc, events_attnum[EV_ID] - 1)->attidentity == '\0')
+		return false;
+	events_idseq = getIdentitySequence(rel, events_attnum[EV_ID], true);
+	if (!OidIsValid(events_idseq))
+		return false;
+	if (!default_is_call(desc->constr, events_attnum[EV_XID], F_PG_CURRENT_XACT_ID) ||
+		!default_is_call(desc->constr, events_attnum[EV_CREATED], F_NOW))
+		return false;
+	return true;
+}
+
+/* fluxbase.events opened once per statement for the direct write of its rows. */
+typedef struct Outbox
+{
+	bool		opened;
+	bool		direct;			/* the direct write applies (else the saved INSERT) */
+	Relation	rel;
+	int			nidx;
+	Relation   *irels;
+	IndexInfo **iinfos;
+	TupleTableSlot *slot;
+	Datum	   *values;
+	bool	   *nulls;
+} Outbox;
+
+/* Open fluxbase.events and its indexes for the direct write, if it applies. */
+static void
+outbox_open(Outbox *ob)
+{
+	Oid			relid = fluxbase_relid("events");
+	List	   *indexes;
+	ListCell   *lc;
+	int			k = 0;
+
+	ob->opened = true;
+	ob->direct = false;
+	if (!OidIsValid(relid))
+		return;
+	ob->rel = table_open(relid, RowExclusiveLock);
+	if (!events_checked || events_relid != relid)
+	{
+		events_relid = relid;
+		events_direct = events_layout_ok(ob->rel);
+		events_checked = true;
+	}
+	if (!events_direct)
+	{
+		table_close(ob->rel, NoLock);
+		ob->rel = NULL;
+		return;
+	}
+	/* The indexes first: one this code cannot fill means the saved plan, before any write. */
+	indexes = RelationGetIndexList(ob->rel);
+	ob->nidx = list_length(indexes);
+	ob->irels = palloc(sizeof(Relation) * (ob->nidx > 0 ? ob->nidx : 1));
+	ob->iinfos = palloc(sizeof(IndexInfo *) * (ob->nidx > 0 ? ob->nidx : 1));
+	foreach(lc, indexes)
+	{
+		Relation	irel = index_open(lfirst_oid(lc), RowExclusiveLock);
+		IndexInfo  *ii = BuildIndexInfo(irel);
+
+		ob->irels[k] = irel;
+		ob->iinfos[k] = ii;
+		k++;
+		if (ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
+			(irel->rd_index->indisunique && !irel->rd_index->indimmediate))
+		{
+			int			j;
+
+			for (j = 0; j < k; j++)
+				index_close(ob->irels[j], NoLock);
+			table_close(ob->rel, NoLock);
+			ob->rel = NULL;
+			list_free(indexes);
+			events_direct = false;	/* until the table changes */
+			return;
+		}
+	}
+	list_free(indexes);
+	ob->slot = MakeSingleTupleTableSlot(RelationGetDescr(ob->rel), &TTSOpsHeapTuple);
+	ob->values = palloc0(sizeof(Datum) * RelationGetDescr(ob->rel)->natts);
+	ob->nulls = palloc(sizeof(bool) * RelationGetDescr(ob->rel)->natts);
+	ob->direct = true;
+}
+
+static void
+outbox_close(Outbox *ob)
+{
+	int			k;
+
+	if (!ob->opened || !ob->direct)
+		return;
+	for (k = 0; k < ob->nidx; k++)
+		index_close(ob->irels[k], NoLock);
+	ExecDropSingleTupleTableSlot(ob->slot);
+	table_close(ob->rel, NoLock);
+	ob->direct = false;
+}
+
+/* Insert one outbox row into the opened fluxbase.events directly. */
+static void
+direct_insert(Outbox *ob, const char *project, const char *table, const char *operation,
+			  Datum record, Datum old, bool old_null, int32 bytes)
+{
+	TupleDesc	desc = RelationGetDescr(ob->rel);
+	Datum	   *values = ob->values;
+	bool	   *nulls = ob->nulls;
+	HeapTuple	tuple;
+	int			k;
+
+	memset(nulls, true, sizeof(bool) * desc->natts);
+	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
+	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	values[events_attnum[EV_PROJECT] - 1] = CStringGetTextDatum(project);
+	values[events_attnum[EV_KIND] - 1] = CStringGetTextDatum("row");
+	values[events_attnum[EV_TABLE] - 1] = CStringGetTextDatum(table);
+	values[events_attnum[EV_OPERATION] - 1] = CStringGetTextDatum(operation);
+	values[events_attnum[EV_RECORD] - 1] = record;
+	values[events_attnum[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
+	values[events_attnum[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	values[events_attnum[EV_BYTES] - 1] = Int32GetDatum(bytes);
+	for (k = 0; k < EV_NCOLS; k++)
+		nulls[events_attnum[k] - 1] = false;
+	if (old_null)
+		nulls[events_attnum[EV_OLD] - 1] = true;
+	tuple = heap_form_tuple(desc, values, nulls);
+	simple_heap_insert(ob->rel, tuple);
+
+	ExecStoreHeapTuple(tuple, ob->slot, false);
+	for (k = 0; k < ob->nidx; k++)
+	{
+		Datum		ivalues[INDEX_MAX_KEYS];
+		bool		inulls[INDEX_MAX_KEYS];
+
+		if (!ob->iinfos[k]->ii_ReadyForInserts)
+			continue;
+		FormIndexDatum(ob->iinfos[k], ob->slot, NULL, ivalues, inulls);
+		index_insert(ob->irels[k], ivalues, inulls, &tuple->t_self, ob->rel,
+					 ob->irels[k]->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+					 false, ob->iinfos[k]);
+	}
+	ExecClearTuple(ob->slot);
+	heap_freetuple(tuple);
+}
+
+/* Is a reader waiting (EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting), on the
+ * latest snapshot)? -1 when the table is not what this code knows, or in a serializable
+ * transaction (the caller queries). */
+static int
+direct_readers_waiting(void)
+{
+	Oid			relid = fluxbase_relid("event_readers");
+	Relation	rel;
+	TupleDesc	desc;
+	AttrNumber	waiting = InvalidAttrNumber;
+	Snapshot	snap;
+	TableScanDesc scan;
+	HeapTuple	tup;
+	bool		found = false;
+	int			i;
+
+	/* A serializable transaction reads it as the saved query does (its snapshot, its
+	 * predicate locks). */
+	if (!OidIsValid(relid) || IsolationIsSerializable())
+		return -1;
+	rel = table_open(relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (!att->attisdropped && strcmp(NameStr(att->attname), "waiting") == 0 && att->atttypid == BOOLOID)
+			waiting = att->attnum;
+	}
+	if (waiting == InvalidAttrNumber || rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->rd_tableam != GetHeapamTableAmRoutine() || rel->rd_rel->relrowsecurity)
+	{
+		table_close(rel, NoLock);
+		return -1;
+	}
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snap, 0, NULL);
+	while (!found && (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, waiting, desc, &isnull);
+
+		found = !isnull && DatumGetBool(d);
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snap);
+	table_close(rel, NoLock);
+	return found ? 1 : 0;
+}
+
+/* The saved INSERT: the outbox row when the direct write does not know the table. */
+static void
+spi_insert(const char *project, const char *table, const char *operation, Datum record,
+		   Datum old, bool old_null, int32 bytes)
+{
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (insert_plan == NULL)
+	{
+		Oid			argtypes[6] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT4OID};
+
+		insert_plan = keep_plan(INSERT_SQL, 6, argtypes);
+	}
+	values[0] = CStringGetTextDatum(project);
+	values[1] = CStringGetTextDatum(table);
+	values[2] = CStringGetTextDatum(operation);
+	values[3] = record;
+	values[4] = old_null ? (Datum) 0 : old;
+	if (old_null)
+		nulls[4] = 'n';
+	values[5] = Int32GetDatum(bytes);
+	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "fluxbase_capture: outbox insert failed: %s", SPI_result_code_string(rc));
+}
+
+/* The saved doorbell query, when the direct read does not know event_readers. */
+static bool
+spi_readers_waiting(void)
+{
+	int			rc;
+	bool		isnull = true;
+	Datum		v;
+
+	if (bell_plan == NULL)
+		bell_plan = keep_plan(BELL_SQL, 0, NULL);
+	rc = SPI_execute_plan(bell_plan, NULL, NULL, false, 1);
+	if (rc != SPI_OK_SELECT || SPI_tuptable == NULL || SPI_processed != 1)
+		elog(ERROR, "fluxbase_capture: doorbell query failed: %s", SPI_result_code_string(rc));
+	v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return !isnull && DatumGetBool(v);
+}
+
+static void
+spi_connect(bool *connected)
+{
+	if (*connected)
+		return;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "fluxbase_capture: SPI_connect failed");
+	*connected = true;
+}
+
+/*
+ * The capture of one statement's (or one row's) images: records[i] with olds[i] (olds NULL: no
+ * old images). The images are already built, as the invoker. SPI is connected only for what
+ * needs it (write_events, and the saved plans when the direct ways do not apply); an error
+ * leaves it to the (sub)transaction's abort, as everywhere in PostgreSQL.
+ */
+static void
+capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
+{
+	char		project[17];
+	const char *table = RelationGetRelationName(rel);
+	Oid			writer;
+	Oid			save_userid;
+	int			save_sec;
+	bool		connected = false;
+	Outbox		ob = {0};
+	volatile bool wrote = false;
+	volatile bool ring = false;
+	int			i;
+
+	if (n <= 0)
+		return;
+	if (!fast_path(rel, project))
+	{
+		/* A platform session, or a refusal: write_events decides, as before. */
+		spi_connect(&connected);
+		delegate(RelationGetRelid(rel), operation, records, olds, n, olds == NULL);
+		SPI_finish();
+		return;
+	}
+	writer = get_role_oid(OUTBOX_WRITER, true);
+	if (!OidIsValid(writer))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("fluxbase_capture: the role %s does not exist", OUTBOX_WRITER)));
+
+	/*
+	 * Only the outbox writes and the doorbell read run as the outbox writer, restricted, and
+	 * nothing in them is the tenant's (values built before, platform table, indexes and
+	 * sequence). write_events (rows over 1 MiB) is called as the invoker.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	PG_TRY();
+	{
+		for (i = 0; i < n; i++)
+		{
+			bool		old_null = olds == NULL;
+			Datum		old = old_null ? (Datum) 0 : olds[i];
+			int32		bytes = image_size(records[i], false) + image_size(old, old_null);
+
+			if (bytes > CAPTURE_MAX_IMAGE_BYTES)
+			{
+				/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
+				spi_connect(&connected);
+				delegate(RelationGetRelid(rel), operation, &records[i], old_null ? NULL : &olds[i], 1,
+						 old_null);
+				continue;
+			}
+			SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+								   SECURITY_RESTRICTED_OPERATION);
+			if (!ob.opened)
+				outbox_open(&ob);
+			if (ob.direct)
+				direct_insert(&ob, project, table, operation, records[i], old, old_null, bytes);
+			else
+			{
+				spi_connect(&connected);
+				spi_insert(project, table, operation, records[i], old, old_null, bytes);
+			}
+			wrote = true;
+			SetUserIdAndSecContext(save_userid, save_sec);
+		}
+		outbox_close(&ob);
+
+		if (wrote)
+		{
+			/* The doorbell, rung only while a reader sleeps (every notifying commit takes a
+			 * cluster lock). */
+			int			direct;
+
+			SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+								   SECURITY_RESTRICTED_OPERATION);
+			direct = direct_readers_waiting();
+			if (direct >= 0)
+				ring = direct == 1;
+			else
+			{
+				spi_connect(&connected);
+				ring = spi_readers_waiting();
+			}
+			SetUserIdAndSecContext(save_userid, save_sec);
+		}
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+	}
+	PG_END_TRY();
+	if (ring)
+		Async_Notify("fluxbase_events", "");
+	if (connected)
+		SPI_finish();
+}
+
+static TriggerData *
+trigger_data(FunctionCallInfo fcinfo, const char *fname)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo) || fcinfo->context == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("fluxbase_capture.%s may only be called by the capture triggers", fname)));
+	return (TriggerData *) fcinfo->context;
+}
+
+static void
+wrong_attachment(const char *fname, const char *how)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("fluxbase_capture.%s must be attached %s", fname, how)));
+}
+
+/* AFTER INSERT ... REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT */
+Datum
+fluxbase_capture_insert(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_insert");
+	Datum	   *images;
+	int			n = 0;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_insert", "AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
+	images = transition_images(td->tg_newtable, RelationGetDescr(td->tg_relation), &n);
+	capture(td->tg_relation, "INSERT", images, NULL, n);
+	return PointerGetDatum(NULL);
+}
+
+/* AFTER DELETE ... REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT */
+Datum
+fluxbase_capture_delete(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_delete");
+	Datum	   *images;
+	int			n = 0;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_DELETE(td->tg_event) || td->tg_oldtable == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_delete", "AFTER DELETE FOR EACH STATEMENT with an OLD TABLE");
+	images = transition_images(td->tg_oldtable, RelationGetDescr(td->tg_relation), &n);
+	/* record and old are both the deleted row's image, as write_events(.., imgs, imgs) */
+	capture(td->tg_relation, "DELETE", images, images, n);
+	return PointerGetDatum(NULL);
+}
+
+/* AFTER UPDATE ... FOR EACH ROW */
+Datum
+fluxbase_capture_update(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_update");
+	TupleDesc	desc;
+	JsonTypeCategory cat;
+	Oid			outfn;
+	Datum		record;
+	Datum		old;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_UPDATE(td->tg_event) || td->tg_trigtuple == NULL ||
+		td->tg_newtuple == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_update", "AFTER UPDATE FOR EACH ROW");
+	desc = RelationGetDescr(td->tg_relation);
+	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
+	record = row_image(td->tg_newtuple, desc, cat, outfn);
+	old = row_image(td->tg_trigtuple, desc, cat, outfn);
+	capture(td->tg_relation, "UPDATE", &record, &old, 1);
+	return PointerGetDatum(NULL);
+}
