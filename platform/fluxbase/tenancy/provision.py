@@ -11,7 +11,13 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
+from fluxbase.db.privileges import (
+    REALTIME_SENDERS,
+    ROLE_GROUP,
+    SUSET_ROLE_SETTINGS,
+    direct_grants,
+    tenant_group,
+)
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -82,9 +88,7 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
         # readwrite key (an end user) cannot run code it wrote anywhere — a temporary cast called
         # by a foreign key's check trigger let it forge capture events (hostile review 2).
         await _join_group(conn, role, scope, dbname)
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {path}")
-        for name, value in _role_settings(settings).items():
-            await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
+        await _set_defaults(conn, role, settings, path)
     # Only the admin role may change request-local settings or run plpgsql (DO blocks,
     # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007). The
     # admin keeps set_config because pg_dump (the export, logged in as it) calls it on connecting;
@@ -126,13 +130,32 @@ async def _provision_checker(
     await _join_group(
         conn, role_name(project_id, CHECKER), CHECKER, await conn.fetchval("SELECT current_database()")
     )
-    await conn.execute(f"ALTER ROLE {rt} SET search_path = {path}")
-    for name, value in _role_settings(settings).items():
-        await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
+    await _set_defaults(conn, role_name(project_id, CHECKER), settings, path)
     await conn.execute(f"GRANT {ro} TO {rt}")
     # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
     rw = quote_ident(role_name(project_id, "readwrite"))
     await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
+
+
+async def _set_defaults(conn: asyncpg.Connection, role: str, settings: Settings, path: str) -> None:
+    """The new role's defaults (search_path, _role_settings), in one round trip.
+
+    Set as the role itself (SET LOCAL ROLE: its administrator holds SET on it) wherever the role
+    may: ALTER ROLE of another role by a CREATEROLE role checks that it holds ADMIN on it, and that
+    check walks the administrator's whole membership list (PostgreSQL's roles_is_member_of, not
+    cached when asked for an ADMIN grant), which holds two entries for every role it ever created:
+    six such statements per role made each provisioning cost time proportional to the number of
+    projects its provisioner already administered (docs/scaling.md). A role changing its own
+    defaults is not checked. The superuser-only ones (SUSET_ROLE_SETTINGS, e.g. temp_file_limit)
+    stay the administrator's: the role holds no SET privilege on them, and must not."""
+    r = quote_ident(role)
+    own = {"search_path": path} | {n: quote_literal(v) for n, v in _role_settings(settings).items()}
+    suset = {n: v for n, v in own.items() if n in SUSET_ROLE_SETTINGS}
+    sql = [f"SET LOCAL ROLE {r}"]
+    sql += [f"ALTER ROLE {r} SET {n} = {v}" for n, v in own.items() if n not in suset]
+    sql.append("SET LOCAL ROLE NONE")
+    sql += [f"ALTER ROLE {r} SET {n} = {v}" for n, v in suset.items()]
+    await conn.execute(";\n".join(sql))
 
 
 async def _join_group(conn: asyncpg.Connection, role: str, kind: str, database: str) -> None:
@@ -168,9 +191,7 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
             f"CONNECTION LIMIT 2 PASSWORD {pw}"
         )
         await _join_group(c, role, EXPORTER, await c.fetchval("SELECT current_database()"))
-        await c.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
-        for name, value in _role_settings(settings).items():
-            await c.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
+        await _set_defaults(c, role, settings, quote_ident(schema_name(project_id)))
         await c.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
         await c.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
     return role
