@@ -212,8 +212,8 @@ async def test_project_of_another_bucket_keeps_working(api: Api, control_db) -> 
 
 async def test_role_defaults_set_as_the_role(api: Api, control_db) -> None:
     """A new project's roles get every default (search_path and the tenant settings, the
-    superuser-only temp_file_limit included), set partly as the role itself (tenancy/provision.py
-    _set_defaults), and the provisioning leaves its provisioner's session as itself."""
+    superuser-only temp_file_limit included), all in one round trip (tenancy/provision.py
+    _set_defaults)."""
     _, token = await api.new_user()
     pid = await api.new_project(token)
     rows = await control_db.fetch(

@@ -11,13 +11,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import (
-    REALTIME_SENDERS,
-    ROLE_GROUP,
-    SUSET_ROLE_SETTINGS,
-    direct_grants,
-    tenant_group,
-)
+from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -138,24 +132,11 @@ async def _provision_checker(
 
 
 async def _set_defaults(conn: asyncpg.Connection, role: str, settings: Settings, path: str) -> None:
-    """The new role's defaults (search_path, _role_settings), in one round trip.
-
-    Set as the role itself (SET LOCAL ROLE: its administrator holds SET on it) wherever the role
-    may: ALTER ROLE of another role by a CREATEROLE role checks that it holds ADMIN on it, and that
-    check walks the administrator's whole membership list (PostgreSQL's roles_is_member_of, not
-    cached when asked for an ADMIN grant), which holds two entries for every role it ever created:
-    six such statements per role made each provisioning cost time proportional to the number of
-    projects its provisioner already administered (docs/scaling.md). A role changing its own
-    defaults is not checked. The superuser-only ones (SUSET_ROLE_SETTINGS, e.g. temp_file_limit)
-    stay the administrator's: the role holds no SET privilege on them, and must not."""
+    """The new role's defaults (search_path, _role_settings), in one round trip (each is an ALTER
+    ROLE of its own; the provisioning runs about thirty)."""
     r = quote_ident(role)
-    own = {"search_path": path} | {n: quote_literal(v) for n, v in _role_settings(settings).items()}
-    suset = {n: v for n, v in own.items() if n in SUSET_ROLE_SETTINGS}
-    sql = [f"SET LOCAL ROLE {r}"]
-    sql += [f"ALTER ROLE {r} SET {n} = {v}" for n, v in own.items() if n not in suset]
-    sql.append("SET LOCAL ROLE NONE")
-    sql += [f"ALTER ROLE {r} SET {n} = {v}" for n, v in suset.items()]
-    await conn.execute(";\n".join(sql))
+    values = {"search_path": path} | {n: quote_literal(v) for n, v in _role_settings(settings).items()}
+    await conn.execute(";\n".join(f"ALTER ROLE {r} SET {n} = {v}" for n, v in values.items()))
 
 
 async def _join_group(conn: asyncpg.Connection, role: str, kind: str, database: str) -> None:
