@@ -340,8 +340,9 @@ async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[li
         raise  # refused while encoding the parameters, before anything was written
     except (asyncpg.exceptions.UnsupportedClientFeatureError, ValueError, TypeError):
         # A result value the session's codecs cannot decode (hostile review 15): a range or a
-        # composite over int8/numeric, whose codecs are text-only here (JSON-faithful numbers),
-        # or an anonymous record, whose fields asyncpg hands them in binary. The driver gave up
+        # composite over numeric, whose codec is text-only here (exact numbers), or a numeric
+        # field of an anonymous record whose binary form is not UTF-8 (tenancy.pools
+        # `_numeric_decode`). The driver gave up
         # mid-stream: never reuse the session; the caller gets a statement error, not a 500 or
         # a "connection lost" 503.
         conn.terminate()
@@ -351,7 +352,7 @@ async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[li
 
 UNDECODABLE = (
     "A value of this statement cannot be sent or returned as it is: records, composites and ranges "
-    "with bigint or numeric fields, and range parameters, are not supported. Select their fields, "
+    "with numeric fields, and range parameters, are not supported. Select their fields, "
     "or cast the value to or from text or json."
 )
 
