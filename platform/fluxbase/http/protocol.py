@@ -26,6 +26,8 @@ tests every behaviour taken over.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import time
 from typing import Any
 
@@ -59,6 +61,20 @@ _CORS = (b"access-control-allow-origin", b"*")
 # The request metrics' label keys (fluxbase.metrics `inc_key`): by status, and the route's.
 _REQUESTS_KEYS: dict[int, tuple[str, ...]] = {}
 _ROUTE_KEY = ("POST", PATH)
+_LATIN1 = itertools.repeat("latin-1")  # `map(str, names, _LATIN1)`: each name decoded, in C
+_OWS = itertools.repeat(b" \t")
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
+_HEADER_LINE = b"%s: %s\r\n".__mod__  # (name, value) -> its line
+# The server's default headers (uvicorn replaces the list each second: its date) as one block,
+# by the list they were built from.
+_DEFAULTS: list[Any] = [None, b""]
+
+
+def _default_headers(defaults: list[tuple[bytes, bytes]]) -> bytes:
+    if defaults is not _DEFAULTS[0]:
+        _DEFAULTS[:] = defaults, b"".join(b"%s: %s\r\n" % pair for pair in defaults)
+    block: bytes = _DEFAULTS[1]
+    return block
 
 
 def _request_log_of(app: Any) -> RequestLog | None:
@@ -167,12 +183,12 @@ class _SqlCycle:
             if proto.flow.write_paused and not self.disconnected:
                 await proto.flow.drain()
             if not self.disconnected:
-                out = [STATUS_LINE[status]]
-                for name, value in proto.server_state.default_headers:
-                    out += (name, b": ", value, b"\r\n")
-                out.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
-                for name, value in extra:
-                    out += (name, b": ", value, b"\r\n")
+                out = [
+                    STATUS_LINE[status],
+                    _default_headers(proto.server_state.default_headers),
+                    b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content),
+                ]
+                out += map(_HEADER_LINE, extra)
                 out += (b"x-request-id: ", rid.encode(), b"\r\n")
                 if not self.keep_alive:
                     out.append(b"connection: close\r\n")
@@ -230,6 +246,11 @@ class SqlHttpProtocol(HttpToolsProtocol):
         self._headers_pending = True
         self._header_bytes = 0
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """uvicorn's, with its per-header work (lower-case name, value without trailing
+        whitespace, the Expect check) done for the whole block in `on_headers_complete`."""
+        self.headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         self._headers_pending = False
         fast = self.fast
@@ -238,17 +259,24 @@ class SqlHttpProtocol(HttpToolsProtocol):
             fast is None
             or self.url != _PATH
             or parser.get_method() != b"POST"
-            or self.expect_100_continue
             or parser.should_upgrade()
             or self.root_path
             or self.limit_concurrency is not None
         ):
-            super().on_headers_complete()
+            self._asgi_headers_complete()
             return
-        # (a repeated name: its last value, as before)
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
-        if "transfer-encoding" in headers:
-            super().on_headers_complete()
+        raw = self.headers
+        # uvicorn's on_header work (lower-case names, no trailing whitespace), in C over the
+        # block; a repeated name: its last value, as before.
+        headers = dict(
+            zip(
+                map(str, map(bytes.lower, map(_NAME, raw)), _LATIN1),
+                map(str, map(bytes.rstrip, map(_VALUE, raw), _OWS), _LATIN1),
+                strict=True,
+            )
+        )
+        if "transfer-encoding" in headers or "expect" in headers:
+            self._asgi_headers_complete()
             return
         cycle = _SqlCycle(
             self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
@@ -260,6 +288,13 @@ class SqlHttpProtocol(HttpToolsProtocol):
         else:  # pipelined: answered in order, after the one before it
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+
+    def _asgi_headers_complete(self) -> None:
+        """The request goes to ASGI: uvicorn's on_header work first, on the list its scope holds."""
+        raw = self.headers
+        raw[:] = [(name.lower(), value.rstrip(b" \t")) for name, value in raw]
+        self.expect_100_continue = any(n == b"expect" and v.lower() == b"100-continue" for n, v in raw)
+        super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -371,8 +372,12 @@ async def on_connection(
     tampered with and another principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs
     this request nothing. Only once: a request that drops its own statements fails with the
     503 instead of running again and again."""
+    started = time.monotonic()
     try:
-        return await _retrying(pools, control, req, run, index, pipelined=pipelined)
+        try:
+            return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
+        except SessionStatementsLost:
+            return await _again(pools, control, req, run, index, pipelined, started)
     except ProjectReadOnly:
         # Read-only because a move between clusters is copying it (services.moves): say so.
         if control is not None and await control.fetchval(
@@ -382,31 +387,25 @@ async def on_connection(
         raise
 
 
-async def _retrying(
+async def _again(
     pools: TenantPools,
     control: asyncpg.Pool,
     req: TenantRequest,
     run: Callable[[Any], Awaitable[T]],
-    index: Callable[[], int | None] = lambda: None,
-    *,
-    pipelined: bool = False,
+    index: Callable[[], int | None],
+    pipelined: bool,
+    started: float,
 ) -> T:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
-        return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
-    except SessionStatementsLost:
-        since = time.monotonic()
-        (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
-        # Within the request's one deadline, not a second one.
-        left = req.limits.deadline_s - (loop.time() - started)
-        if left <= 0:
-            raise
-        again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
-        # On a session opened from now on: others in use meanwhile may be tampered with too.
-        return await _on_connection(
-            pools, control, again, run, index, pipelined=pipelined, opened_after=since
-        )
+    """`on_connection`'s one retry (a coroutine of its own: the hot path awaits one frame less)."""
+    since = time.monotonic()
+    (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
+    # Within the request's one deadline, not a second one.
+    left = req.limits.deadline_s - (since - started)
+    if left <= 0:
+        raise SessionStatementsLost()
+    again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
+    # On a session opened from now on: others in use meanwhile may be tampered with too.
+    return await _on_connection(pools, control, again, run, index, pipelined=pipelined, opened_after=since)
 
 
 async def _on_connection(
@@ -657,15 +656,12 @@ def one_round_trip(
     pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any], keyword: str
 ) -> Awaitable[StatementResult]:
     """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
-    return on_connection(
-        pools,
-        control,
-        req,
-        lambda conn: (_traced_one_round_trip if tracing.enabled() else _one_round_trip)(
-            conn, req, query, params, keyword, pools.statements.caps
-        ),
-        pipelined=True,
+    # A partial, not a lambda: the hot path calls it without a Python frame of its own.
+    step = _traced_one_round_trip if tracing.enabled() else _one_round_trip
+    run = functools.partial(
+        step, req=req, query=query, params=params, keyword=keyword, caps=pools.statements.caps
     )
+    return on_connection(pools, control, req, run, pipelined=True)
 
 
 # -- platform work on a project's objects -----------------------------------------------------
