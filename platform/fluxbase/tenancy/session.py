@@ -552,6 +552,18 @@ def pipelinable(req: TenantRequest, verdict: classification.Verdict, query: str 
 _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
 
 
+# The broadcast cap's step (unnamed Parse/Bind/Execute, the same on every connection) by count:
+# a window's counts repeat window after window.
+_CAP_STEPS: dict[int, bytes] = {}
+
+
+def _cap_step(n: int) -> bytes:
+    if len(_CAP_STEPS) >= 4096:
+        _CAP_STEPS.clear()
+    step = _CAP_STEPS[n] = wire.parse_bind_execute(broadcast_cap_statement(n))
+    return step
+
+
 class Fallback(Exception):
     """Run the request as an explicit transaction after all (sql/0011): FXRST, a previous
     request changed the session's transaction defaults (now reset); FXEPO, the cached key state
@@ -572,7 +584,8 @@ async def _one_round_trip(
     else:
         who = b"".join(prefix.statement(s) for s in identity_statements(identity))
     if req.broadcasts is not None:
-        who += prefix.statement(broadcast_cap_statement(req.broadcasts))
+        cap = _CAP_STEPS.get(req.broadcasts)
+        who += cap if cap is not None else _cap_step(req.broadcasts)
     head = b"".join(
         (
             prefix.reset,
