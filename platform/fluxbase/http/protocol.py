@@ -99,19 +99,12 @@ class _SqlCycle:
     (the protocol reads and sets the same attributes: body, more_body, response_complete,
     disconnected, keep_alive, message_event.set())."""
 
-    __slots__ = (
-        "body",
-        "disconnected",
-        "fast",
-        "headers",
-        "json_log",
-        "keep_alive",
-        "more_body",
-        "proto",
-        "response_complete",
-        "too_large",
-        "waiter",
-    )
+    # Defaults as class attributes (an instance sets what changes): fewer stores per request.
+    more_body = True
+    too_large = False
+    response_complete = False
+    disconnected = False
+    waiter: asyncio.Future[object] | None = None
 
     def __init__(
         self, proto: SqlHttpProtocol, fast: SqlFastPath, headers: dict[str, str], keep_alive: bool
@@ -122,11 +115,6 @@ class _SqlCycle:
         self.headers = headers
         self.keep_alive = keep_alive
         self.body = bytearray()
-        self.more_body = True
-        self.too_large = False
-        self.response_complete = False
-        self.disconnected = False
-        self.waiter: asyncio.Future[object] | None = None
 
     @property
     def message_event(self) -> _SqlCycle:
@@ -242,7 +230,11 @@ class SqlHttpProtocol(HttpToolsProtocol):
                 self.send_400_response("The request headers are too large.")
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        """uvicorn's, but the ASGI scope is built only for a request that goes to ASGI
+        (`_asgi_headers_complete`): the fast path never reads it."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._headers_pending = True
         self._header_bytes = 0
 
@@ -290,10 +282,20 @@ class SqlHttpProtocol(HttpToolsProtocol):
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
 
     def _asgi_headers_complete(self) -> None:
-        """The request goes to ASGI: uvicorn's on_header work first, on the list its scope holds."""
-        raw = self.headers
-        raw[:] = [(name.lower(), value.rstrip(b" \t")) for name, value in raw]
+        """The request goes to ASGI: uvicorn's on_header work and its scope first."""
+        raw = self.headers = [(name.lower(), value.rstrip(b" \t")) for name, value in self.headers]
         self.expect_100_continue = any(n == b"expect" and v.lower() == b"100-continue" for n, v in raw)
+        self.scope = {  # type: ignore[typeddict-item]  # uvicorn's on_message_begin's
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": raw,
+            "state": self.app_state.copy(),
+        }
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
