@@ -96,7 +96,7 @@ class TenantRequest(msgspec.Struct, frozen=True):
 
 def broadcast_cap_statement(n: int) -> str:
     """The SET LOCAL that gives the transaction its share of broadcasts (sql/0042)."""
-    return f"SET LOCAL fluxbase.broadcast_cap = '{max(0, min(int(n), 999_999))}'"
+    return f"SET LOCAL fluxbase.broadcast_cap = '{max(0, min(int(n), _CAP_MAX))}'"
 
 
 def identity_script(identity: Identity) -> str:
@@ -555,6 +555,7 @@ _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
 # The broadcast cap's step (unnamed Parse/Bind/Execute, the same on every connection) by count:
 # a window's counts repeat window after window.
 _CAP_STEPS: dict[int, bytes] = {}
+_CAP_MAX = 999_999
 
 
 def _cap_step(n: int) -> bytes:
@@ -583,9 +584,12 @@ async def _one_round_trip(
         who = prefix.anonymous
     else:
         who = b"".join(prefix.statement(s) for s in identity_statements(identity))
-    if req.broadcasts is not None:
-        cap = _CAP_STEPS.get(req.broadcasts)
-        who += cap if cap is not None else _cap_step(req.broadcasts)
+    n = req.broadcasts
+    if n is not None:
+        if n > _CAP_MAX:
+            n = _CAP_MAX  # (as broadcast_cap_statement caps it: one cached step past it)
+        cap = _CAP_STEPS.get(n)
+        who += cap if cap is not None else _cap_step(n)
     head = b"".join(
         (
             prefix.reset,
@@ -616,7 +620,7 @@ async def _one_round_trip(
         prefix.send(conn, head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
-            rows, status, completed = await wire.execute(conn, stmt, args, limits.max_rows + 1)
+            rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)
         except asyncpg.PostgresError as exc:
             state = exc.sqlstate
             if state in _REFUSALS:
@@ -638,6 +642,8 @@ async def _one_round_trip(
             # on the wire without a Sync. Run a harmless prefix step to end it, then report.
             await prefix.drain(conn)
             raise StatementFailed(str(exc), "22023") from None
+        except wire.UNDECODABLE_ERRORS:
+            raise wire.undecodable(conn) from None  # as wire.execute's
         except CONNECTION_LOST:
             raise
         except Exception:
@@ -645,6 +651,8 @@ async def _one_round_trip(
             raise
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
+        elif type(status) is bytes:
+            status = status.decode()
         return encode_result(
             columns,
             rows,

@@ -342,12 +342,30 @@ async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[li
         # A result value the session's codecs cannot decode (hostile review 15): a range or a
         # composite over numeric, whose codec is text-only here (exact numbers), or a numeric
         # field of an anonymous record whose binary form is not UTF-8 (tenancy.pools
-        # `_numeric_decode`). The driver gave up
-        # mid-stream: never reuse the session; the caller gets a statement error, not a 500 or
-        # a "connection lost" 503.
+        # `_numeric_decode`). The driver gave up mid-stream: never reuse the session; the caller
+        # gets a statement error, not a 500 or a "connection lost" 503.
         conn.terminate()
         raise StatementFailed(UNDECODABLE, "0A000") from None
     return rows, (status.decode() if isinstance(status, bytes) else status), bool(completed)
+
+
+# What `execute` turns into UNDECODABLE (asyncpg.DataError, a ValueError too, is caught before).
+UNDECODABLE_ERRORS = (asyncpg.exceptions.UnsupportedClientFeatureError, ValueError, TypeError)
+
+
+def run_bound(conn: Any, stmt: Any, args: list[Any], limit: int) -> Any:
+    """`execute` without a coroutine frame of its own (the one-round-trip hot path awaits one
+    frame less): awaiting it gives (rows, command tag as bytes or str, completed); its caller
+    handles asyncpg.DataError as `execute`'s does, then UNDECODABLE_ERRORS with `undecodable`."""
+    return conn._protocol.bind_execute(
+        state=stmt, args=args, portal_name="", limit=limit, return_extra=True, timeout=None
+    )
+
+
+def undecodable(conn: Any) -> StatementFailed:
+    """What a result value the session's codecs cannot decode becomes (see `execute`)."""
+    conn.terminate()
+    return StatementFailed(UNDECODABLE, "0A000")
 
 
 UNDECODABLE = (
