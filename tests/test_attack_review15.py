@@ -17,7 +17,6 @@ import secrets
 from typing import Any
 
 import asyncpg
-import pytest
 
 from support import Api, assert_error, bearer
 from test_attack_review1 import MANY, end_user
@@ -491,3 +490,29 @@ async def test_a_jsonb_field_of_a_record_keeps_the_answer_json(api: Api, project
         assert r.status_code == 200, r.text
         body = json.loads(r.content)
         assert body["success"] and body["result"]["rows"] == [{"v": want}], body
+
+
+async def test_held_a_parameter_the_driver_refuses_ends_its_written_prefix(api: Api, project: Any) -> None:
+    """asyncpg raises its own refusal to encode a parameter as `asyncpg.DataError`, which is a
+    PostgresError (SQLSTATE class 22): on the one-round-trip path it was taken for the server's
+    error, so the prefix already written stayed on the wire without its Sync (joining the next
+    request's transaction) and the answer said 22000, not the documented 22023. Each refusal
+    now answers 22023 and ends its prefix; the key's next requests run as before."""
+    pid, key = project.id, project.admin_key
+    for query, params in (
+        ("SELECT $1::int8 AS v", [1.5]),
+        ("SELECT $1::int8 AS v", [2**63]),
+        ("SELECT $1::timestamptz AS v", [1e300]),
+        ("SELECT $1::interval AS v", [12]),
+    ):
+        r = await _sql(api, key, pid, query, params)
+        assert r.status_code == 200, r.text
+        error = r.json()["error"]
+        assert error["code"] == "SQL_EXEC_ERROR" and error["details"] == "ERROR:  22023", (query, r.text)
+        # The explicit-transaction path (a statement too long to pipeline) answers the same.
+        r = await _sql(api, key, pid, query + " -- " + "p" * 16_000, params)
+        assert r.status_code == 200 and r.json()["error"]["details"] == "ERROR:  22023", (query, r.text)
+        body = await _ok(
+            api, key, pid, "SELECT auth.role() AS r, current_setting('transaction_read_only') AS ro"
+        )
+        assert body["result"]["rows"] == [{"r": "admin", "ro": "off"}], body["result"]

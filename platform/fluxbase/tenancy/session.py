@@ -622,6 +622,11 @@ async def _one_round_trip(
         try:
             rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)
         except asyncpg.PostgresError as exc:
+            if wire.refused_encoding(exc):
+                # Refused while encoding, before the driver wrote anything: the prefix is
+                # already on the wire without a Sync. Run a harmless prefix step to end it.
+                await prefix.drain(conn)
+                raise StatementFailed(str(exc), "22023") from None
             state = exc.sqlstate
             if state in _REFUSALS:
                 # A pipeline check refused, or the tenant's statement raised one of these codes
@@ -637,11 +642,6 @@ async def _one_round_trip(
                 await wire.forget_cached_plans(conn, exc)
                 continue  # a DDL changed a cached plan; nothing ran for real
             raise statement_error(exc, may_write) from None
-        except asyncpg.DataError as exc:
-            # Refused while encoding, before the driver wrote anything: the prefix is already
-            # on the wire without a Sync. Run a harmless prefix step to end it, then report.
-            await prefix.drain(conn)
-            raise StatementFailed(str(exc), "22023") from None
         except wire.UNDECODABLE_ERRORS:
             raise wire.undecodable(conn) from None  # as wire.execute's
         except CONNECTION_LOST:

@@ -362,6 +362,13 @@ def run_bound(conn: Any, stmt: Any, args: list[Any], limit: int) -> Any:
     )
 
 
+def refused_encoding(exc: BaseException) -> bool:
+    """Whether asyncpg refused to encode a parameter (nothing of the statement written). It
+    raises that as `asyncpg.DataError`, which is also the PostgresError of SQLSTATE 22000; the
+    server's own errors carry a severity, the driver's none."""
+    return type(exc) is asyncpg.DataError and getattr(exc, "severity", None) is None
+
+
 def undecodable(conn: Any) -> StatementFailed:
     """What a result value the session's codecs cannot decode becomes (see `execute`)."""
     conn.terminate()
