@@ -14,7 +14,7 @@ What `RequestLog` does for every other request it does here too: the request id 
 valid `X-Request-Id` or a new one, answered as `X-Request-Id` and set for the request's log
 lines), the request metrics (route `/api/execute-sql`) and the JSON log line. Anything it is
 unsure of goes to ASGI unchanged: another route or method, a query string, `Transfer-Encoding`
-(chunked bodies), `Expect: 100-continue`, an upgrade, uvicorn's `limit_concurrency`, a root
+(chunked bodies), an `Expect` header, an upgrade, uvicorn's `limit_concurrency`, a root
 path, tracing on, or the terminal request log of `fluxbase dev`. A body past the 10 MB limit is
 answered 413 at once and the connection closed.
 
