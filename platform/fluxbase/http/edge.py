@@ -199,9 +199,10 @@ def bearer_token(request: Request[Any, Any, Any]) -> str | None:
     if not header:
         return None
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    value = value.strip()
+    if not value or scheme.lower() != "bearer":
         return None
-    return value.strip()
+    return value
 
 
 def client_ip(request: Request[Any, Any, Any], ctx: AppContext) -> str:
