@@ -60,13 +60,14 @@ STEPS = [
         "fluxbase.tenancy.wire",
         "RequestPrefix.send",
     ),
-    ("        database round trip", "fluxbase.tenancy.wire", "execute"),
+    # (wire.run_bound returns the driver's awaitable: timed until it is done)
+    ("        database round trip", "fluxbase.tenancy.wire", "run_bound"),
     ("        encode the rows", "fluxbase.tenancy.session", "encode_result"),
 ]
 
 
 def _timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    if asyncio.iscoroutinefunction(fn):
+    if asyncio.iscoroutinefunction(fn) or fn.__name__ == "run_bound":
 
         async def awrapper(*a: Any, **kw: Any) -> Any:
             t0, c0 = time.perf_counter_ns(), time.thread_time_ns()

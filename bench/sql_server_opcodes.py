@@ -9,12 +9,14 @@ frames are not counted; its time is in the µs figure for both sides alike. Load
 does not move the bytecode counts.
 
     .venv/bin/python bench/sql_server_opcodes.py [--rounds 3] [--requests 1000]
+        [--protocol-only] [--by-function 40]   # where the bytecodes of one request go
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -35,7 +37,9 @@ PROTOCOLS = {
 }
 
 
-async def _child(body: bytes, key: str, requests: int, http: str) -> dict[str, float]:
+async def _child(
+    body: bytes, key: str, requests: int, http: str, by_function: int = 0, by_line: bool = False
+) -> dict[str, Any]:
     import uvicorn
 
     from fluxbase.devstack.procs import free_port
@@ -82,11 +86,16 @@ async def _child(body: bytes, key: str, requests: int, http: str) -> dict[str, f
         per_request.append((time.perf_counter() - t0) / requests * 1e6)
     count = 0
     here = os.path.abspath(__file__)
+    per_function: collections.Counter[str] = collections.Counter()
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         nonlocal count
         if event == "opcode":
             count += 1
+            if by_function:
+                code = frame.f_code
+                where = f":{frame.f_lineno}" if by_line else ""
+                per_function[f"{code.co_qualname} ({os.path.basename(code.co_filename)}{where})"] += 1
         return local
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
@@ -106,7 +115,8 @@ async def _child(body: bytes, key: str, requests: int, http: str) -> dict[str, f
     writer.close()
     server.should_exit = True
     await serving
-    return {"us_per_request": min(per_request), "opcodes_per_request": count / traced}
+    top = [(name, n / traced) for name, n in per_function.most_common(by_function)]
+    return {"us_per_request": min(per_request), "opcodes_per_request": count / traced, "top": top}
 
 
 async def _parent(args: argparse.Namespace) -> None:
@@ -121,9 +131,10 @@ async def _parent(args: argparse.Namespace) -> None:
         dbname = await stack.create_database()
         env = stack.env(dbname, FLUXBASE_RATE_LIMIT_REQUESTS="100000000", FLUXBASE_LOG_LEVEL="error")
         body, key = _setup(env, tmp)
-        got: dict[str, list[dict[str, float]]] = {k: [] for k in PROTOCOLS}
+        protocols = {k: v for k, v in PROTOCOLS.items() if not args.protocol_only or "fluxbase api" in k}
+        got: dict[str, list[dict[str, Any]]] = {k: [] for k in protocols}
         for n in range(args.rounds):
-            for name in list(PROTOCOLS) if n % 2 == 0 else list(reversed(PROTOCOLS)):
+            for name in list(protocols) if n % 2 == 0 else list(reversed(protocols)):
                 proc = await asyncio.to_thread(
                     subprocess.run,
                     [
@@ -133,7 +144,10 @@ async def _parent(args: argparse.Namespace) -> None:
                         "--requests",
                         str(args.requests),
                         "--http",
-                        PROTOCOLS[name],
+                        protocols[name],
+                        "--by-function",
+                        str(args.by_function),
+                        *(["--by-line"] if args.by_line else []),
                     ],
                     input=json.dumps({"body": body.decode(), "key": key}).encode(),
                     env=env,
@@ -146,6 +160,8 @@ async def _parent(args: argparse.Namespace) -> None:
                     f"round {n} {name:<26} {result['opcodes_per_request']:8.0f} bytecodes/request  "
                     f"{result['us_per_request']:6.1f} µs/request (sequential, client in-process)"
                 )
+                for fn, ops in result["top"]:
+                    print(f"    {ops:7.1f}  {fn}")
         med = {
             name: (
                 statistics.median(r["opcodes_per_request"] for r in rs),
@@ -156,8 +172,9 @@ async def _parent(args: argparse.Namespace) -> None:
         print()
         for name, (ops, us) in med.items():
             print(f"{name:<26} {ops:8.0f} bytecodes/request, {us:6.1f} µs/request")
-        (a_ops, a_us), (b_ops, b_us) = med.values()
-        print(f"protocol/ASGI: bytecodes {b_ops / a_ops:.3f}, time {b_us / a_us:.3f}")
+        if len(med) == 2:
+            (a_ops, a_us), (b_ops, b_us) = med.values()
+            print(f"protocol/ASGI: bytecodes {b_ops / a_ops:.3f}, time {b_us / a_us:.3f}")
         await stack.drop_database(dbname)
     finally:
         stop_stack(stack)
@@ -168,6 +185,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument(
+        "--by-function", type=int, default=0, help="print the N functions with the most bytecodes"
+    )
+    ap.add_argument("--by-line", action="store_true", help="--by-function counts per source line")
+    ap.add_argument("--protocol-only", action="store_true", help="measure only `fluxbase api`'s protocol")
     ap.add_argument("--http", default=PROTOCOLS["protocol (fluxbase api)"], help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,7 +197,11 @@ def main() -> None:
         import uvloop
 
         spec = json.loads(sys.stdin.read())
-        result = uvloop.run(_child(spec["body"].encode(), spec["key"], args.requests, args.http))
+        result = uvloop.run(
+            _child(
+                spec["body"].encode(), spec["key"], args.requests, args.http, args.by_function, args.by_line
+            )
+        )
         print(json.dumps(result))
         return
     asyncio.run(_parent(args))

@@ -17,7 +17,6 @@ import secrets
 from typing import Any
 
 import asyncpg
-import pytest
 
 from support import Api, assert_error, bearer
 from test_attack_review1 import MANY, end_user
@@ -285,7 +284,7 @@ HOSTILE_PARAMS: list[tuple[str, list[Any]]] = [
     ("SELECT $1::regclass AS v", ["pg_authid"]),
     ("SELECT $1 AS v", ["x" * 2_000_000]),
     ("SELECT $1::int AS v, $2::text AS w", [1]),
-    # Result values the session's codecs cannot decode (int8 and numeric are text-only there).
+    # Result values the session's codecs could not decode (numeric is text-only there; int8 was).
     ("SELECT int8range(1, 2) AS v", []),
     ("SELECT numrange(1, 2) AS v", []),
     ("SELECT ROW(1::int8, 2) AS v", []),
@@ -390,13 +389,11 @@ async def test_held_limits_and_a_refused_key_on_the_pipelined_path(api: Api, pro
     assert rows == [{"v": 1}], rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (low, integrity): inside an anonymous record asyncpg hands int8/numeric fields to "
-    "the session's text-only codecs (tenancy.pools: JSON-faithful numbers) in binary, so some "
-    "values come back silently wrong instead of failing (the rest now fail with 0A000)",
-)
 async def test_record_fields_come_back_right_or_fail(api: Api, project: Any) -> None:
+    """Inside an anonymous record asyncpg hands every field its binary form, also to the session's
+    JSON-faithful int8/numeric codecs: 0x3132333435363738 came back as 12345678. int8 now has one
+    binary codec for columns and record fields; a numeric field comes back as PostgreSQL writes
+    it, or (binary that is not UTF-8) fails with 0A000, never a wrong number."""
     pid, key = project.id, project.admin_key
     for query, right in (
         ("SELECT ROW(3544952156018063160::int8) AS v", [3544952156018063160]),
@@ -406,6 +403,46 @@ async def test_record_fields_come_back_right_or_fail(api: Api, project: Any) -> 
         assert r.status_code == 200, r.text
         body = json.loads(r.content)  # an answer that is not JSON fails here
         assert not body["success"] or body["result"]["rows"][0]["v"] in (right, [str(v) for v in right]), body
+    # int8 fields: always right (big ones as strings, like columns), next to other fields.
+    big = 2**53
+    for n in (3544952156018063160, 12345678, -1, 0, 2**53 - 1, -(2**53 - 1), big, -big, 2**63 - 1, -(2**63)):
+        row = await _ok(api, key, pid, f"SELECT ROW('{n}'::int8, 'x', '{n}'::int8) AS v, '{n}'::int8 AS c")
+        want = n if abs(n) < big else str(n)
+        assert row["result"]["rows"] == [{"v": [want, "x", want], "c": want}], (n, row["result"])
+    # numeric fields: PostgreSQL's own text, or 0A000; the ones whose binary is UTF-8 come back.
+    for text in ("1", "0", "0.00", "10000", "123", "0.0001", "100000000", "-12.50", "NaN", "200", "1e-30"):
+        r = await _sql(api, key, pid, f"SELECT ROW('{text}'::numeric) AS v, '{text}'::numeric::text AS t")
+        assert r.status_code == 200, r.text
+        body = json.loads(r.content)
+        if body["success"]:
+            row = body["result"]["rows"][0]
+            assert row["v"] == [row["t"]], (text, row)
+        else:
+            assert body["error"]["code"] == "SQL_EXEC_ERROR" and "0A000" in r.text, (text, r.text)
+            assert text not in ("1", "0", "0.00", "10000", "123", "100000000"), r.text
+    # Columns, arrays, parameters and ranges of int8 and numeric, unchanged or now decodable.
+    body = await _ok(
+        api,
+        key,
+        pid,
+        "SELECT 9007199254740993::int8 AS a, ARRAY[1, 9007199254740993]::int8[] AS b, "
+        "1.50::numeric AS c, ARRAY[0.1, 2]::numeric[] AS d, int8range(1, 5) AS e",
+    )
+    assert body["result"]["rows"] == [
+        {
+            "a": "9007199254740993",
+            "b": [1, "9007199254740993"],
+            "c": "1.50",
+            "d": ["0.1", "2"],
+            "e": {"lower": 1, "upper": 5, "lowerInc": True, "upperInc": False, "empty": False},
+        }
+    ], body["result"]
+    for param, want in ((7, 7), ("8", 8), (9007199254740993, "9007199254740993"), (-(2**63), str(-(2**63)))):
+        r = await _sql(api, key, pid, "SELECT $1::int8 AS v", [param])
+        assert r.status_code == 200 and r.json()["result"]["rows"] == [{"v": want}], (param, r.text)
+    for param in (1.5, 2**63, "x", [1]):
+        r = await _sql(api, key, pid, "SELECT $1::int8 AS v", [param])
+        assert r.status_code == 200 and r.json()["error"]["code"] == "SQL_EXEC_ERROR", (param, r.text)
 
 
 async def test_held_the_deadline_ends_a_pipelined_statement_that_swallows_cancels(
@@ -453,3 +490,29 @@ async def test_a_jsonb_field_of_a_record_keeps_the_answer_json(api: Api, project
         assert r.status_code == 200, r.text
         body = json.loads(r.content)
         assert body["success"] and body["result"]["rows"] == [{"v": want}], body
+
+
+async def test_held_a_parameter_the_driver_refuses_ends_its_written_prefix(api: Api, project: Any) -> None:
+    """asyncpg raises its own refusal to encode a parameter as `asyncpg.DataError`, which is a
+    PostgresError (SQLSTATE class 22): on the one-round-trip path it was taken for the server's
+    error, so the prefix already written stayed on the wire without its Sync (joining the next
+    request's transaction) and the answer said 22000, not the documented 22023. Each refusal
+    now answers 22023 and ends its prefix; the key's next requests run as before."""
+    pid, key = project.id, project.admin_key
+    for query, params in (
+        ("SELECT $1::int8 AS v", [1.5]),
+        ("SELECT $1::int8 AS v", [2**63]),
+        ("SELECT $1::timestamptz AS v", [1e300]),
+        ("SELECT $1::interval AS v", [12]),
+    ):
+        r = await _sql(api, key, pid, query, params)
+        assert r.status_code == 200, r.text
+        error = r.json()["error"]
+        assert error["code"] == "SQL_EXEC_ERROR" and error["details"] == "ERROR:  22023", (query, r.text)
+        # The explicit-transaction path (a statement too long to pipeline) answers the same.
+        r = await _sql(api, key, pid, query + " -- " + "p" * 16_000, params)
+        assert r.status_code == 200 and r.json()["error"]["details"] == "ERROR:  22023", (query, r.text)
+        body = await _ok(
+            api, key, pid, "SELECT auth.role() AS r, current_setting('transaction_read_only') AS ro"
+        )
+        assert body["result"]["rows"] == [{"r": "admin", "ro": "off"}], body["result"]

@@ -217,3 +217,38 @@ async def test_requests_on_the_protocol_path_are_counted(api: Api, project) -> N
     after = (await api.http.get("/metrics")).text
     assert count(after, "200") - count(before, "200") == 3
     assert count(after, "400") - count(before, "400") == 1
+
+
+async def test_header_names_in_any_case_and_trailing_whitespace(api: Api, project) -> None:
+    """The protocol lower-cases names and strips values' trailing whitespace once per header
+    block (uvicorn did it per header): a key sent as `AUTHORIZATION: Bearer <key>  `, an origin
+    and a request id in other cases are read as before; a request with an `Expect` header goes
+    to ASGI (100-continue answered first) and gets the same answer; the next request on the
+    connection takes the protocol path again."""
+    reader, writer = await connect(api)
+    try:
+        payload = json.dumps({"projectId": project.id, "query": "SELECT 5 AS n"}).encode()
+        head = (
+            f"POST {PATH} HTTP/1.1\r\nhOsT: 127.0.0.1\r\nAUTHORIZATION: Bearer {project.admin_key} \t \r\n"
+            "Content-TYPE: application/json\r\nORIGIN: https://app.example \r\n"
+            "X-Request-ID: req_casecheck01\r\n"
+            f"CONTENT-LENGTH: {len(payload)}\r\n\r\n"
+        )
+        writer.write(head.encode() + payload)
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and rows(body) == [{"n": 5}], body
+        assert headers["access-control-allow-origin"] == "*"
+        assert headers["x-request-id"] == "req_casecheck01"
+        writer.write(request(project, "SELECT 6 AS n", extra={"Expect": "100-continue"}))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim  # uvicorn's, through ASGI
+        status, _, body = await read_answer(reader)
+        assert status == 200 and rows(body) == [{"n": 6}], body
+        writer.write(request(project, "SELECT 7 AS n", extra={"EXPECT": "something-else"}))
+        status, _, body = await read_answer(reader)
+        assert status == 417 or (status == 200 and rows(body) == [{"n": 7}]), (status, body)
+        writer.write(request(project, "SELECT 8 AS n"))
+        status, _, body = await read_answer(reader)
+        assert status == 200 and rows(body) == [{"n": 8}], body
+    finally:
+        writer.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, cast
+from typing import Any
 
 from litestar import Litestar
 
@@ -98,7 +98,7 @@ class SqlFastPath:
         ctx: AppContext = self.app.state.ctx
         extra: list[tuple[bytes, bytes]] = []
         try:
-            content, status = await run_execute_sql(cast(Any, _Request(headers, body, scope)), ctx), 200
+            content, status = await run_execute_sql(_Request(headers, body, scope), ctx), 200  # type: ignore[arg-type]
         except FluxbaseError as exc:
             content, status = _JSON.encode(exc.body()), exc.status
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]

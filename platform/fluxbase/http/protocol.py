@@ -14,7 +14,7 @@ What `RequestLog` does for every other request it does here too: the request id 
 valid `X-Request-Id` or a new one, answered as `X-Request-Id` and set for the request's log
 lines), the request metrics (route `/api/execute-sql`) and the JSON log line. Anything it is
 unsure of goes to ASGI unchanged: another route or method, a query string, `Transfer-Encoding`
-(chunked bodies), `Expect: 100-continue`, an upgrade, uvicorn's `limit_concurrency`, a root
+(chunked bodies), an `Expect` header, an upgrade, uvicorn's `limit_concurrency`, a root
 path, tracing on, or the terminal request log of `fluxbase dev`. A body past the 10 MB limit is
 answered 413 at once and the connection closed.
 
@@ -26,6 +26,8 @@ tests every behaviour taken over.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import time
 from typing import Any
 
@@ -59,6 +61,20 @@ _CORS = (b"access-control-allow-origin", b"*")
 # The request metrics' label keys (fluxbase.metrics `inc_key`): by status, and the route's.
 _REQUESTS_KEYS: dict[int, tuple[str, ...]] = {}
 _ROUTE_KEY = ("POST", PATH)
+_LATIN1 = itertools.repeat("latin-1")  # `map(str, names, _LATIN1)`: each name decoded, in C
+_OWS = itertools.repeat(b" \t")
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
+_HEADER_LINE = b"%s: %s\r\n".__mod__  # (name, value) -> its line
+# The server's default headers (uvicorn replaces the list each second: its date) as one block,
+# by the list they were built from.
+_DEFAULTS: list[Any] = [None, b""]
+
+
+def _default_headers(defaults: list[tuple[bytes, bytes]]) -> bytes:
+    if defaults is not _DEFAULTS[0]:
+        _DEFAULTS[:] = defaults, b"".join(b"%s: %s\r\n" % pair for pair in defaults)
+    block: bytes = _DEFAULTS[1]
+    return block
 
 
 def _request_log_of(app: Any) -> RequestLog | None:
@@ -83,19 +99,12 @@ class _SqlCycle:
     (the protocol reads and sets the same attributes: body, more_body, response_complete,
     disconnected, keep_alive, message_event.set())."""
 
-    __slots__ = (
-        "body",
-        "disconnected",
-        "fast",
-        "headers",
-        "json_log",
-        "keep_alive",
-        "more_body",
-        "proto",
-        "response_complete",
-        "too_large",
-        "waiter",
-    )
+    # Defaults as class attributes (an instance sets what changes): fewer stores per request.
+    more_body = True
+    too_large = False
+    response_complete = False
+    disconnected = False
+    waiter: asyncio.Future[object] | None = None
 
     def __init__(
         self, proto: SqlHttpProtocol, fast: SqlFastPath, headers: dict[str, str], keep_alive: bool
@@ -106,11 +115,6 @@ class _SqlCycle:
         self.headers = headers
         self.keep_alive = keep_alive
         self.body = bytearray()
-        self.more_body = True
-        self.too_large = False
-        self.response_complete = False
-        self.disconnected = False
-        self.waiter: asyncio.Future[object] | None = None
 
     @property
     def message_event(self) -> _SqlCycle:
@@ -167,12 +171,12 @@ class _SqlCycle:
             if proto.flow.write_paused and not self.disconnected:
                 await proto.flow.drain()
             if not self.disconnected:
-                out = [STATUS_LINE[status]]
-                for name, value in proto.server_state.default_headers:
-                    out += (name, b": ", value, b"\r\n")
-                out.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
-                for name, value in extra:
-                    out += (name, b": ", value, b"\r\n")
+                out = [
+                    STATUS_LINE[status],
+                    _default_headers(proto.server_state.default_headers),
+                    b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content),
+                ]
+                out += map(_HEADER_LINE, extra)
                 out += (b"x-request-id: ", rid.encode(), b"\r\n")
                 if not self.keep_alive:
                     out.append(b"connection: close\r\n")
@@ -226,9 +230,18 @@ class SqlHttpProtocol(HttpToolsProtocol):
                 self.send_400_response("The request headers are too large.")
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        """uvicorn's, but the ASGI scope is built only for a request that goes to ASGI
+        (`_asgi_headers_complete`): the fast path never reads it."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._headers_pending = True
         self._header_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """uvicorn's, with its per-header work (lower-case name, value without trailing
+        whitespace, the Expect check) done for the whole block in `on_headers_complete`."""
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._headers_pending = False
@@ -238,17 +251,24 @@ class SqlHttpProtocol(HttpToolsProtocol):
             fast is None
             or self.url != _PATH
             or parser.get_method() != b"POST"
-            or self.expect_100_continue
             or parser.should_upgrade()
             or self.root_path
             or self.limit_concurrency is not None
         ):
-            super().on_headers_complete()
+            self._asgi_headers_complete()
             return
-        # (a repeated name: its last value, as before)
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.headers}
-        if "transfer-encoding" in headers:
-            super().on_headers_complete()
+        raw = self.headers
+        # uvicorn's on_header work (lower-case names, no trailing whitespace), in C over the
+        # block; a repeated name: its last value, as before.
+        headers = dict(
+            zip(
+                map(str, map(bytes.lower, map(_NAME, raw)), _LATIN1),
+                map(str, map(bytes.rstrip, map(_VALUE, raw), _OWS), _LATIN1),
+                strict=True,
+            )
+        )
+        if "transfer-encoding" in headers or "expect" in headers:
+            self._asgi_headers_complete()
             return
         cycle = _SqlCycle(
             self, fast, headers, parser.get_http_version() != "1.0" and parser.should_keep_alive()
@@ -260,6 +280,23 @@ class SqlHttpProtocol(HttpToolsProtocol):
         else:  # pipelined: answered in order, after the one before it
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+
+    def _asgi_headers_complete(self) -> None:
+        """The request goes to ASGI: uvicorn's on_header work and its scope first."""
+        raw = self.headers = [(name.lower(), value.rstrip(b" \t")) for name, value in self.headers]
+        self.expect_100_continue = any(n == b"expect" and v.lower() == b"100-continue" for n, v in raw)
+        self.scope = {  # type: ignore[typeddict-item]  # uvicorn's on_message_begin's
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": raw,
+            "state": self.app_state.copy(),
+        }
+        super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

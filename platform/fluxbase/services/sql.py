@@ -63,7 +63,8 @@ async def execute(
     refused = verdict.refusal(classification.REQUEST)
     if refused is not None:
         raise StatementFailed(refused.message, refused.sqlstate)
-    _refuse_while_moving(req, verdict)
+    if req.project_moving:
+        _refuse_while_moving(req, verdict)
     keyword = verdict.keyword
     if pipelinable(req, verdict, query):
         try:

@@ -32,6 +32,7 @@ from fluxbase.errors import (
     UserDisabled,
     ValidationError,
 )
+from fluxbase.tenancy import wire
 from fluxbase.tenancy.params import ParamError
 
 # Server-side errors that mean the session is gone, not that the statement was wrong.
@@ -114,6 +115,9 @@ def statement_error(exc: BaseException, may_write: bool, index: int | None = Non
     switched read-only: PROJECT_READ_ONLY."""
     if isinstance(exc, SESSION_GONE):
         return exc
+    if isinstance(exc, ParamError) or wire.refused_encoding(exc):  # client-side encoding
+        # (asyncpg's refusal is an asyncpg.DataError: a PostgresError, SQLSTATE 22000, too)
+        return StatementFailed(str(exc), "22023", index)
     if isinstance(exc, asyncpg.PostgresError):
         if exc.sqlstate == "25006" and may_write:
             return ProjectReadOnly()
@@ -121,8 +125,6 @@ def statement_error(exc: BaseException, may_write: bool, index: int | None = Non
             return RateLimited(1, str(exc.args[0]) if exc.args else None)
         message = str(exc.args[0]) if exc.args else type(exc).__name__
         return statement_failed(message, exc.sqlstate or "XX000", index)
-    if isinstance(exc, (ParamError, asyncpg.DataError)):  # DataError: client-side encoding
-        return StatementFailed(str(exc), "22023", index)
     return exc
 
 

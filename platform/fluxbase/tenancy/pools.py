@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,9 +70,57 @@ IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle 
 SESSION_RESET = "; ".join(wire.RESET_STEPS) + ";"
 
 
-def _int8_decode(text: str) -> int | str:
-    n = int(text)
-    return n if -INT53 <= n <= INT53 else text
+_INT8 = struct.Struct("!q")
+_int8_unpack = _INT8.unpack
+_int8_pack = _INT8.pack
+
+
+def _int8_decode(data: bytes) -> int | str:
+    """int8 in binary: the same codec for a column and for a field of an anonymous record, which
+    asyncpg always hands its fields in binary (hostile review 15: a text codec read the 8 bytes
+    as digits, so 0x3132333435363738 came back as 12345678)."""
+    n: int = _int8_unpack(data)[0]
+    return n if -INT53 <= n <= INT53 else str(n)
+
+
+def _int8_encode(value: Any) -> bytes:
+    """A parameter (an int after tenancy.params.adapt; the platform's own callers may pass the
+    digits as text). Anything else fails in the driver: a DataError, SQLSTATE 22023."""
+    return _int8_pack(int(value) if isinstance(value, str) else value)
+
+
+def _numeric_decode(text: str) -> str:
+    """numeric exactly as PostgreSQL writes it. A field of an anonymous record arrives in binary
+    (see `_int8_decode`): its sign word's low byte is always 0, and PostgreSQL's text never holds
+    a NUL, so the two cannot be confused; binary that is not valid UTF-8 failed before this
+    (a ValueError: SQL_EXEC_ERROR 0A000, tenancy.wire.execute). Plain columns stay text, one
+    test more than `str`."""
+    return text if "\x00" not in text else _numeric_from_binary(text.encode())
+
+
+_NUMERIC_HEAD = struct.Struct("!HhHH")  # ndigits, weight, sign, dscale; then base-10000 digits
+_NUMERIC_SPECIAL = {0xC000: "NaN", 0xD000: "Infinity", 0xF000: "-Infinity"}
+
+
+def _numeric_from_binary(data: bytes) -> str:
+    """PostgreSQL's text of a numeric from its binary form (numeric.c get_str_from_var)."""
+    ndigits, weight, sign, dscale = _NUMERIC_HEAD.unpack_from(data)
+    if sign in _NUMERIC_SPECIAL:
+        return _NUMERIC_SPECIAL[sign]
+    if sign not in (0, 0x4000) or len(data) != 8 + 2 * ndigits:
+        raise ValueError("not a binary numeric")
+    digits = "".join(f"{d:04d}" for d in struct.unpack_from(f"!{ndigits}H", data, 8))
+    whole = weight + 1  # base-10000 digits before the point
+    if whole > 0:
+        digits = digits.ljust(4 * whole, "0")
+        out = digits[: 4 * whole].lstrip("0") or "0"
+        fraction = digits[4 * whole :]
+    else:
+        out = "0"
+        fraction = "0000" * -whole + digits
+    if dscale:
+        out += "." + fraction.ljust(dscale, "0")[:dscale]
+    return "-" + out if sign == 0x4000 else out
 
 
 def _jsonb_decode(text: str) -> msgspec.Raw:
@@ -97,8 +146,12 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", format="text", encoder=_json_encode, decoder=_jsonb_decode
     )
-    await conn.set_type_codec("numeric", schema="pg_catalog", format="text", encoder=str, decoder=str)
-    await conn.set_type_codec("int8", schema="pg_catalog", format="text", encoder=str, decoder=_int8_decode)
+    await conn.set_type_codec(
+        "numeric", schema="pg_catalog", format="text", encoder=str, decoder=_numeric_decode
+    )
+    await conn.set_type_codec(
+        "int8", schema="pg_catalog", format="binary", encoder=_int8_encode, decoder=_int8_decode
+    )
 
 
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,7 +96,7 @@ class TenantRequest(msgspec.Struct, frozen=True):
 
 def broadcast_cap_statement(n: int) -> str:
     """The SET LOCAL that gives the transaction its share of broadcasts (sql/0042)."""
-    return f"SET LOCAL fluxbase.broadcast_cap = '{max(0, min(int(n), 999_999))}'"
+    return f"SET LOCAL fluxbase.broadcast_cap = '{max(0, min(int(n), _CAP_MAX))}'"
 
 
 def identity_script(identity: Identity) -> str:
@@ -371,8 +372,12 @@ async def on_connection(
     tampered with and another principal's `DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$` costs
     this request nothing. Only once: a request that drops its own statements fails with the
     503 instead of running again and again."""
+    started = time.monotonic()
     try:
-        return await _retrying(pools, control, req, run, index, pipelined=pipelined)
+        try:
+            return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
+        except SessionStatementsLost:
+            return await _again(pools, control, req, run, index, pipelined, started)
     except ProjectReadOnly:
         # Read-only because a move between clusters is copying it (services.moves): say so.
         if control is not None and await control.fetchval(
@@ -382,31 +387,25 @@ async def on_connection(
         raise
 
 
-async def _retrying(
+async def _again(
     pools: TenantPools,
     control: asyncpg.Pool,
     req: TenantRequest,
     run: Callable[[Any], Awaitable[T]],
-    index: Callable[[], int | None] = lambda: None,
-    *,
-    pipelined: bool = False,
+    index: Callable[[], int | None],
+    pipelined: bool,
+    started: float,
 ) -> T:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
-        return await _on_connection(pools, control, req, run, index, pipelined=pipelined)
-    except SessionStatementsLost:
-        since = time.monotonic()
-        (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
-        # Within the request's one deadline, not a second one.
-        left = req.limits.deadline_s - (loop.time() - started)
-        if left <= 0:
-            raise
-        again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
-        # On a session opened from now on: others in use meanwhile may be tampered with too.
-        return await _on_connection(
-            pools, control, again, run, index, pipelined=pipelined, opened_after=since
-        )
+    """`on_connection`'s one retry (a coroutine of its own: the hot path awaits one frame less)."""
+    since = time.monotonic()
+    (await pools.pool(req.project_id, req.scope, end_user=req.identity.end_user)).discard_idle()
+    # Within the request's one deadline, not a second one.
+    left = req.limits.deadline_s - (since - started)
+    if left <= 0:
+        raise SessionStatementsLost()
+    again = msgspec.structs.replace(req, limits=msgspec.structs.replace(req.limits, deadline_s=left))
+    # On a session opened from now on: others in use meanwhile may be tampered with too.
+    return await _on_connection(pools, control, again, run, index, pipelined=pipelined, opened_after=since)
 
 
 async def _on_connection(
@@ -553,6 +552,19 @@ def pipelinable(req: TenantRequest, verdict: classification.Verdict, query: str 
 _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
 
 
+# The broadcast cap's step (unnamed Parse/Bind/Execute, the same on every connection) by count:
+# a window's counts repeat window after window.
+_CAP_STEPS: dict[int, bytes] = {}
+_CAP_MAX = 999_999
+
+
+def _cap_step(n: int) -> bytes:
+    if len(_CAP_STEPS) >= 4096:
+        _CAP_STEPS.clear()
+    step = _CAP_STEPS[n] = wire.parse_bind_execute(broadcast_cap_statement(n))
+    return step
+
+
 class Fallback(Exception):
     """Run the request as an explicit transaction after all (sql/0011): FXRST, a previous
     request changed the session's transaction defaults (now reset); FXEPO, the cached key state
@@ -572,8 +584,12 @@ async def _one_round_trip(
         who = prefix.anonymous
     else:
         who = b"".join(prefix.statement(s) for s in identity_statements(identity))
-    if req.broadcasts is not None:
-        who += prefix.statement(broadcast_cap_statement(req.broadcasts))
+    n = req.broadcasts
+    if n is not None:
+        if n > _CAP_MAX:
+            n = _CAP_MAX  # (as broadcast_cap_statement caps it: one cached step past it)
+        cap = _CAP_STEPS.get(n)
+        who += cap if cap is not None else _cap_step(n)
     head = b"".join(
         (
             prefix.reset,
@@ -604,8 +620,13 @@ async def _one_round_trip(
         prefix.send(conn, head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
-            rows, status, completed = await wire.execute(conn, stmt, args, limits.max_rows + 1)
+            rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)
         except asyncpg.PostgresError as exc:
+            if wire.refused_encoding(exc):
+                # Refused while encoding, before the driver wrote anything: the prefix is
+                # already on the wire without a Sync. Run a harmless prefix step to end it.
+                await prefix.drain(conn)
+                raise StatementFailed(str(exc), "22023") from None
             state = exc.sqlstate
             if state in _REFUSALS:
                 # A pipeline check refused, or the tenant's statement raised one of these codes
@@ -621,11 +642,8 @@ async def _one_round_trip(
                 await wire.forget_cached_plans(conn, exc)
                 continue  # a DDL changed a cached plan; nothing ran for real
             raise statement_error(exc, may_write) from None
-        except asyncpg.DataError as exc:
-            # Refused while encoding, before the driver wrote anything: the prefix is already
-            # on the wire without a Sync. Run a harmless prefix step to end it, then report.
-            await prefix.drain(conn)
-            raise StatementFailed(str(exc), "22023") from None
+        except wire.UNDECODABLE_ERRORS:
+            raise wire.undecodable(conn) from None  # as wire.execute's
         except CONNECTION_LOST:
             raise
         except Exception:
@@ -633,6 +651,8 @@ async def _one_round_trip(
             raise
         if len(rows) > limits.max_rows:
             status = None  # the portal was suspended: the last command tag is the prefix's
+        elif type(status) is bytes:
+            status = status.decode()
         return encode_result(
             columns,
             rows,
@@ -657,15 +677,12 @@ def one_round_trip(
     pools: TenantPools, control: asyncpg.Pool, req: TenantRequest, query: str, params: list[Any], keyword: str
 ) -> Awaitable[StatementResult]:
     """One statement in one round trip (raises Fallback when it must run in `transaction`)."""
-    return on_connection(
-        pools,
-        control,
-        req,
-        lambda conn: (_traced_one_round_trip if tracing.enabled() else _one_round_trip)(
-            conn, req, query, params, keyword, pools.statements.caps
-        ),
-        pipelined=True,
+    # A partial, not a lambda: the hot path calls it without a Python frame of its own.
+    step = _traced_one_round_trip if tracing.enabled() else _one_round_trip
+    run = functools.partial(
+        step, req=req, query=query, params=params, keyword=keyword, caps=pools.statements.caps
     )
+    return on_connection(pools, control, req, run, pipelined=True)
 
 
 # -- platform work on a project's objects -----------------------------------------------------

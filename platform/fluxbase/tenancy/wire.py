@@ -343,18 +343,44 @@ async def execute(conn: Any, stmt: Any, args: list[Any], limit: int) -> tuple[li
         raise  # refused while encoding the parameters, before anything was written
     except (asyncpg.exceptions.UnsupportedClientFeatureError, ValueError, TypeError):
         # A result value the session's codecs cannot decode (hostile review 15): a range or a
-        # composite over int8/numeric, whose codecs are text-only here (JSON-faithful numbers),
-        # or an anonymous record, whose fields asyncpg hands them in binary. The driver gave up
-        # mid-stream: never reuse the session; the caller gets a statement error, not a 500 or
-        # a "connection lost" 503.
+        # composite over numeric, whose codec is text-only here (exact numbers), or a numeric
+        # field of an anonymous record whose binary form is not UTF-8 (tenancy.pools
+        # `_numeric_decode`). The driver gave up mid-stream: never reuse the session; the caller
+        # gets a statement error, not a 500 or a "connection lost" 503.
         conn.terminate()
         raise StatementFailed(UNDECODABLE, "0A000") from None
     return rows, (status.decode() if isinstance(status, bytes) else status), bool(completed)
 
 
+# What `execute` turns into UNDECODABLE (asyncpg.DataError, a ValueError too, is caught before).
+UNDECODABLE_ERRORS = (asyncpg.exceptions.UnsupportedClientFeatureError, ValueError, TypeError)
+
+
+def run_bound(conn: Any, stmt: Any, args: list[Any], limit: int) -> Any:
+    """`execute` without a coroutine frame of its own (the one-round-trip hot path awaits one
+    frame less): awaiting it gives (rows, command tag as bytes or str, completed); its caller
+    handles asyncpg.DataError as `execute`'s does, then UNDECODABLE_ERRORS with `undecodable`."""
+    return conn._protocol.bind_execute(
+        state=stmt, args=args, portal_name="", limit=limit, return_extra=True, timeout=None
+    )
+
+
+def refused_encoding(exc: BaseException) -> bool:
+    """Whether asyncpg refused to encode a parameter (nothing of the statement written). It
+    raises that as `asyncpg.DataError`, which is also the PostgresError of SQLSTATE 22000; the
+    server's own errors carry a severity, the driver's none."""
+    return type(exc) is asyncpg.DataError and getattr(exc, "severity", None) is None
+
+
+def undecodable(conn: Any) -> StatementFailed:
+    """What a result value the session's codecs cannot decode becomes (see `execute`)."""
+    conn.terminate()
+    return StatementFailed(UNDECODABLE, "0A000")
+
+
 UNDECODABLE = (
     "A value of this statement cannot be sent or returned as it is: records, composites and ranges "
-    "with bigint or numeric fields, and range parameters, are not supported. Select their fields, "
+    "with numeric fields, and range parameters, are not supported. Select their fields, "
     "or cast the value to or from text or json."
 )
 
