@@ -223,7 +223,10 @@ async def test_a_per_role_connection_limit_still_holds(stack: Any, spawn: Callab
             rs = await asyncio.gather(*(s.api.sql(key, pid, "SELECT pg_sleep(0.5)") for _ in range(5)))
         assert max(seen) == 2, seen
         good = [r for r in rs if r.status_code == 200 and r.json()["success"]]
-        assert len(good) >= 2
+        # Not ">= 2": PostgreSQL checks the limit as each backend starts, counting backends that
+        # are starting too, so openings that race can all be refused while only one connection
+        # lives (seen in CI: 2 backends sampled, one of them refused, 1 success of 5).
+        assert good
         for r in rs:
             assert r.status_code in (200, 503), r.text
             if r.status_code == 503:
