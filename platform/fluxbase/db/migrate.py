@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from fluxbase.config import ConfigError, Settings
+from fluxbase.db.capture import install_capture
 from fluxbase.db.extensions import apply_extensions
 from fluxbase.db.privileges import apply_privileges
 from fluxbase.tenancy.provision import sync_role_passwords
@@ -141,6 +142,8 @@ async def migrate_database(settings: Settings) -> list[str]:
                 runtime_user = unquote(parts.username)
                 runtime_password = unquote(parts.password) if parts.password else None
         await apply_privileges(conn, runtime_user, runtime_password)
+        # C capture trigger functions where this server has the library, else PL/pgSQL (db/capture.py).
+        await install_capture(conn)
         await apply_extensions(conn, settings.tenant.extensions)
         await sync_role_passwords(conn, settings)
         clusters = await conn.fetchval("SELECT to_regclass('fluxbase.clusters') IS NOT NULL")

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fluxbase import ids
 from fluxbase.config import Settings
+from fluxbase.db.capture import install_capture
 from fluxbase.db.extensions import apply_extensions
 from fluxbase.db.migrate import migrate
 from fluxbase.db.privileges import apply_privileges
@@ -217,6 +218,7 @@ async def install(conn: asyncpg.Connection, settings: Settings, cluster_id: str)
     login = runtime_login(settings, Target("", 0, "", ""), cluster_id)
     runtime_user = login.user or None
     await apply_privileges(conn, runtime_user, login.password or None if runtime_user else None)
+    await install_capture(conn, f"cluster {cluster_id}")
     await apply_extensions(conn, settings.tenant.extensions)
     return applied
 

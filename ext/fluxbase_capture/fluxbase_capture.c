@@ -1,0 +1,451 @@
+/*
+ * fluxbase_capture: the capture trigger functions in C (issue 20, "capture that costs less").
+ *
+ * fluxbase_capture.capture_insert() / capture_delete() (statement-level AFTER triggers with a
+ * transition table) and capture_update() (row-level AFTER UPDATE) with the semantics of
+ * sql/0036 and sql/0048, without PL/pgSQL's per-transaction executor setup:
+ *
+ *  - The fast path is a project session's: the session user is p_<16 hex>_(admin|rw|ro|rt) and
+ *    the table's schema is p_<the same 16 hex>. Everything else (a platform session, which
+ *    write_events attributes by the schema; a refusal) and every row whose images are over
+ *    1 MiB (write_events keeps their small fields) goes to the PL/pgSQL
+ *    fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]) through SPI, called as the
+ *    invoker exactly as the PL/pgSQL triggers call it, so those paths keep their behaviour.
+ *  - Row images are built as the invoker (the tenant), with what to_jsonb(row) runs: output
+ *    functions and casts to json of the tenant's types run with the tenant's own rights. The
+ *    user id is switched (to fluxbase_outbox_writer, SECURITY_RESTRICTED_OPERATION) only around
+ *    the outbox INSERT and the doorbell query: two saved plans whose every name is
+ *    schema-qualified, with no function or operator a tenant can define, on built-in-typed
+ *    parameters. Nothing tenant-defined runs while the user id is switched.
+ *  - One outbox row per row (project_id, 'row', table_name, operation, record, old, bytes =
+ *    pg_column_size(record) + pg_column_size(old)), and the doorbell (EXISTS a waiting reader
+ *    -> NOTIFY fluxbase_events) once per statement that wrote an event, as write_events does.
+ *
+ * The functions are SECURITY INVOKER; `fluxbase migrate` installs them when this library loads
+ * (fluxbase/db/capture.py) and keeps the PL/pgSQL ones (sql/0049) otherwise.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/jsonfuncs.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/tuplestore.h"
+
+PG_MODULE_MAGIC;
+
+PG_FUNCTION_INFO_V1(fluxbase_capture_insert);
+PG_FUNCTION_INFO_V1(fluxbase_capture_delete);
+PG_FUNCTION_INFO_V1(fluxbase_capture_update);
+
+#define CAPTURE_MAX_IMAGE_BYTES 1048576
+#define OUTBOX_WRITER "fluxbase_outbox_writer"
+
+/* Saved plans (SPI_keepplan), prepared on first use in this backend. */
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr bell_plan = NULL;
+static SPIPlanPtr delegate_plan = NULL;
+
+/* The session user's verdict: a session user cannot be renamed while it is one (ALTER ROLE
+ * refuses), and SET SESSION AUTHORIZATION changes the oid, so (oid -> verdict) stays true. */
+static Oid cached_session_user = InvalidOid;
+static bool cached_is_project = false;
+static char cached_project[17];
+
+static const char *const INSERT_SQL =
+	"INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes) "
+	"VALUES ($1, 'row', $2, $3, $4, $5, $6)";
+static const char *const BELL_SQL =
+	"SELECT EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting)";
+static const char *const DELEGATE_SQL =
+	"SELECT fluxbase_capture.write_events($1, $2, $3, $4)";
+
+static bool
+is_lower_hex(char c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+}
+
+/* Is the session user p_<16 hex>_(admin|rw|ro|rt)? Its 16 hex digits into project[17]. */
+static bool
+session_project(char *project)
+{
+	Oid			su = GetSessionUserId();
+
+	if (su != cached_session_user || !OidIsValid(cached_session_user))
+	{
+		char	   *name = GetUserNameFromId(su, true);
+		bool		ok = false;
+		char		found[17];
+
+		if (name != NULL)
+		{
+			size_t		len = strlen(name);
+
+			if (len >= 21 && name[0] == 'p' && name[1] == '_' && name[18] == '_')
+			{
+				const char *suffix = name + 19;
+				int			i;
+
+				ok = true;
+				for (i = 2; i < 18; i++)
+					if (!is_lower_hex(name[i]))
+						ok = false;
+				if (ok)
+					ok = strcmp(suffix, "admin") == 0 || strcmp(suffix, "rw") == 0 ||
+						strcmp(suffix, "ro") == 0 || strcmp(suffix, "rt") == 0;
+				if (ok)
+				{
+					memcpy(found, name + 2, 16);
+					found[16] = '\0';
+				}
+			}
+			pfree(name);
+		}
+		if (ok)
+			memcpy(cached_project, found, 17);
+		cached_is_project = ok;
+		cached_session_user = su;
+	}
+	if (!cached_is_project)
+		return false;
+	memcpy(project, cached_project, 17);
+	return true;
+}
+
+/* The fast path: a project session writing a table of its own project's schema. */
+static bool
+fast_path(Relation rel, char *project)
+{
+	char	   *nspname;
+	bool		ok;
+
+	if (!session_project(project))
+		return false;
+	nspname = get_namespace_name(RelationGetNamespace(rel));
+	ok = nspname != NULL && strlen(nspname) == 18 && nspname[0] == 'p' && nspname[1] == '_' &&
+		memcmp(nspname + 2, project, 16) == 0;
+	if (nspname != NULL)
+		pfree(nspname);
+	return ok;
+}
+
+/* to_jsonb(row): what PL/pgSQL's to_jsonb(NEW) / to_jsonb(n.*) computes, as the invoker. */
+static Datum
+row_image(HeapTuple tuple, TupleDesc desc, JsonTypeCategory cat, Oid outfn)
+{
+	Datum		composite = heap_copy_tuple_as_datum(tuple, desc);
+
+	return datum_to_jsonb(composite, cat, outfn);
+}
+
+/* The images of every row of a transition table, in its order (palloc'd in the caller's
+ * memory context); *count set. */
+static Datum *
+transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
+{
+	JsonTypeCategory cat;
+	Oid			outfn;
+	TupleTableSlot *slot;
+	int			ptr;
+	int			n = 0;
+	int			cap = 8;
+	Datum	   *images = palloc(sizeof(Datum) * cap);
+
+	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
+	slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+	/* A read pointer of our own, as a NamedTuplestoreScan takes (other triggers of the same
+	 * statement may read the same transition table). */
+	ptr = tuplestore_alloc_read_pointer(ts, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(ts, ptr);
+	tuplestore_rescan(ts);
+	for (;;)
+	{
+		bool		should_free;
+		HeapTuple	tuple;
+
+		tuplestore_select_read_pointer(ts, ptr);
+		if (!tuplestore_gettupleslot(ts, true, false, slot))
+			break;
+		tuple = ExecFetchSlotHeapTuple(slot, false, &should_free);
+		if (n == cap)
+		{
+			if (cap > (int) (MaxAllocSize / sizeof(Datum) / 2))
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("fluxbase_capture: too many rows in one statement")));
+			cap *= 2;
+			images = repalloc(images, sizeof(Datum) * cap);
+		}
+		images[n++] = row_image(tuple, desc, cat, outfn);
+		if (should_free)
+			heap_freetuple(tuple);
+		ExecClearTuple(slot);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	*count = n;
+	return images;
+}
+
+/*
+ * pg_column_size of the image as write_events sees it: an element of a jsonb[] (the PL/pgSQL
+ * triggers pass arrays), stored with a 1-byte header when it fits in one (data up to 126 bytes),
+ * so 3 bytes less than the freshly built datum. `bytes` must be the same whichever capture runs.
+ */
+static int32
+image_size(Datum image, bool isnull)
+{
+	Pointer		p;
+
+	if (isnull)
+		return 0;
+	p = DatumGetPointer(image);
+	if (VARATT_CAN_MAKE_SHORT(p))
+		return (int32) VARATT_CONVERTED_SHORT_SIZE(p);
+	return (int32) VARSIZE_ANY(p);
+}
+
+/* Prepare and keep a plan. The caller is SPI-connected. */
+static SPIPlanPtr
+keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "fluxbase_capture: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "fluxbase_capture: SPI_keepplan failed");
+	return plan;
+}
+
+/* write_events(relid, operation, records, olds) as the invoker, as the PL/pgSQL triggers call
+ * it (the caller is SPI-connected). */
+static void
+delegate(Oid relid, const char *operation, Datum *records, Datum *olds, int n, bool olds_null)
+{
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (delegate_plan == NULL)
+	{
+		Oid			argtypes[4] = {REGCLASSOID, TEXTOID, JSONBARRAYOID, JSONBARRAYOID};
+
+		delegate_plan = keep_plan(DELEGATE_SQL, 4, argtypes);
+	}
+	values[0] = ObjectIdGetDatum(relid);
+	values[1] = CStringGetTextDatum(operation);
+	values[2] = PointerGetDatum(construct_array(records, n, JSONBOID, -1, false, TYPALIGN_INT));
+	if (olds_null)
+	{
+		values[3] = (Datum) 0;
+		nulls[3] = 'n';
+	}
+	else
+		values[3] = PointerGetDatum(construct_array(olds, n, JSONBOID, -1, false, TYPALIGN_INT));
+	rc = SPI_execute_plan(delegate_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "fluxbase_capture: write_events call failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * The capture of one statement's (or one row's) images: records[i] with olds[i] (olds NULL: no
+ * old images). The images are already built, as the invoker.
+ */
+static void
+capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
+{
+	char		project[17];
+	Oid			writer;
+	Oid			save_userid;
+	int			save_sec;
+	volatile bool wrote = false;
+	int			i;
+
+	if (n <= 0)
+		return;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "fluxbase_capture: SPI_connect failed");
+	if (!fast_path(rel, project))
+	{
+		/* A platform session, or a refusal: write_events decides, as before. */
+		delegate(RelationGetRelid(rel), operation, records, olds, n, olds == NULL);
+		SPI_finish();
+		return;
+	}
+	writer = get_role_oid(OUTBOX_WRITER, true);
+	if (!OidIsValid(writer))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("fluxbase_capture: the role %s does not exist", OUTBOX_WRITER)));
+
+	for (i = 0; i < n; i++)
+	{
+		bool		old_null = olds == NULL;
+		int32		bytes = image_size(records[i], false) + image_size(old_null ? (Datum) 0 : olds[i], old_null);
+
+		if (bytes > CAPTURE_MAX_IMAGE_BYTES)
+		{
+			/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
+			delegate(RelationGetRelid(rel), operation, &records[i], old_null ? NULL : &olds[i], 1, old_null);
+			continue;
+		}
+
+		GetUserIdAndSecContext(&save_userid, &save_sec);
+		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+							   SECURITY_RESTRICTED_OPERATION);
+		PG_TRY();
+		{
+			Datum		values[6];
+			char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+			int			rc;
+
+			if (insert_plan == NULL)
+			{
+				Oid			argtypes[6] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT4OID};
+
+				insert_plan = keep_plan(INSERT_SQL, 6, argtypes);
+			}
+			values[0] = CStringGetTextDatum(project);
+			values[1] = CStringGetTextDatum(RelationGetRelationName(rel));
+			values[2] = CStringGetTextDatum(operation);
+			values[3] = records[i];
+			if (old_null)
+			{
+				values[4] = (Datum) 0;
+				nulls[4] = 'n';
+			}
+			else
+				values[4] = olds[i];
+			values[5] = Int32GetDatum(bytes);
+			rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+			if (rc != SPI_OK_INSERT)
+				elog(ERROR, "fluxbase_capture: outbox insert failed: %s", SPI_result_code_string(rc));
+			wrote = true;
+		}
+		PG_FINALLY();
+		{
+			SetUserIdAndSecContext(save_userid, save_sec);
+		}
+		PG_END_TRY();
+	}
+
+	if (wrote)
+	{
+		/* The doorbell, rung only while a reader sleeps (every notifying commit takes a
+		 * cluster lock). */
+		volatile bool ring = false;
+
+		GetUserIdAndSecContext(&save_userid, &save_sec);
+		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+							   SECURITY_RESTRICTED_OPERATION);
+		PG_TRY();
+		{
+			int			rc;
+			bool		isnull = true;
+			Datum		v;
+
+			if (bell_plan == NULL)
+				bell_plan = keep_plan(BELL_SQL, 0, NULL);
+			rc = SPI_execute_plan(bell_plan, NULL, NULL, false, 1);
+			if (rc != SPI_OK_SELECT || SPI_tuptable == NULL || SPI_processed != 1)
+				elog(ERROR, "fluxbase_capture: doorbell query failed: %s", SPI_result_code_string(rc));
+			v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+			ring = !isnull && DatumGetBool(v);
+		}
+		PG_FINALLY();
+		{
+			SetUserIdAndSecContext(save_userid, save_sec);
+		}
+		PG_END_TRY();
+		if (ring)
+			Async_Notify("fluxbase_events", "");
+	}
+	SPI_finish();
+}
+
+static TriggerData *
+trigger_data(FunctionCallInfo fcinfo, const char *fname)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo) || fcinfo->context == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("fluxbase_capture.%s may only be called by the capture triggers", fname)));
+	return (TriggerData *) fcinfo->context;
+}
+
+static void
+wrong_attachment(const char *fname, const char *how)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("fluxbase_capture.%s must be attached %s", fname, how)));
+}
+
+/* AFTER INSERT ... REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT */
+Datum
+fluxbase_capture_insert(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_insert");
+	Datum	   *images;
+	int			n = 0;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_insert", "AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
+	images = transition_images(td->tg_newtable, RelationGetDescr(td->tg_relation), &n);
+	capture(td->tg_relation, "INSERT", images, NULL, n);
+	return PointerGetDatum(NULL);
+}
+
+/* AFTER DELETE ... REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT */
+Datum
+fluxbase_capture_delete(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_delete");
+	Datum	   *images;
+	int			n = 0;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_DELETE(td->tg_event) || td->tg_oldtable == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_delete", "AFTER DELETE FOR EACH STATEMENT with an OLD TABLE");
+	images = transition_images(td->tg_oldtable, RelationGetDescr(td->tg_relation), &n);
+	/* record and old are both the deleted row's image, as write_events(.., imgs, imgs) */
+	capture(td->tg_relation, "DELETE", images, images, n);
+	return PointerGetDatum(NULL);
+}
+
+/* AFTER UPDATE ... FOR EACH ROW */
+Datum
+fluxbase_capture_update(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = trigger_data(fcinfo, "capture_update");
+	TupleDesc	desc;
+	JsonTypeCategory cat;
+	Oid			outfn;
+	Datum		record;
+	Datum		old;
+
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_UPDATE(td->tg_event) || td->tg_trigtuple == NULL ||
+		td->tg_newtuple == NULL || td->tg_relation == NULL)
+		wrong_attachment("capture_update", "AFTER UPDATE FOR EACH ROW");
+	desc = RelationGetDescr(td->tg_relation);
+	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
+	record = row_image(td->tg_newtuple, desc, cat, outfn);
+	old = row_image(td->tg_trigtuple, desc, cat, outfn);
+	capture(td->tg_relation, "UPDATE", &record, &old, 1);
+	return PointerGetDatum(NULL);
+}

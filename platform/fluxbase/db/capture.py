@@ -1,0 +1,113 @@
+"""Which capture trigger functions a database gets, decided at every migration (issue 20).
+
+fluxbase_capture.capture_insert() / capture_delete() / capture_update() run for every captured
+write. Their C versions (ext/fluxbase_capture, built and installed into the embedded server by
+`make venv`) cost a fraction of the PL/pgSQL ones (docs/benchmarks.md "What capture costs a
+writer"). After the migrations, `install_capture` tries, in a savepoint, to replace the three
+functions' bodies with the C ones; where the library cannot be loaded (not installed on this
+server, built for another major version) or the migrating role is not a superuser (a C function
+needs one), it installs (or keeps) the PL/pgSQL bodies, whose canonical source is sql/0049
+(fluxbase_capture.*_plpgsql). CREATE OR REPLACE keeps the functions' oids, so the triggers of
+existing tables keep working whichever is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "$libdir/fluxbase_capture"
+# function -> the library's symbol
+NATIVE = {
+    "capture_insert": "fluxbase_capture_insert",
+    "capture_delete": "fluxbase_capture_delete",
+    "capture_update": "fluxbase_capture_update",
+}
+C, PLPGSQL = "c", "plpgsql"
+NOT_SUPERUSER = "the migrating role is not a superuser"
+
+
+async def capture_language(conn: asyncpg.Connection) -> str | None:
+    """'c' when all three capture functions are the C ones, 'plpgsql' when all are PL/pgSQL,
+    None when they are missing or mixed."""
+    langs = {
+        r["lanname"]
+        for r in await conn.fetch(
+            """SELECT l.lanname FROM pg_catalog.pg_proc p
+               JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+               WHERE p.pronamespace = 'fluxbase_capture'::pg_catalog.regnamespace
+                 AND p.proname = ANY($1::text[]) AND p.pronargs = 0""",
+            list(NATIVE),
+        )
+    }
+    return langs.pop() if len(langs) == 1 else None
+
+
+async def install_native(conn: asyncpg.Connection) -> str | None:
+    """Replace the three functions with the C ones, in a savepoint. None on success, else why
+    not (one line, no secrets)."""
+    if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
+        return NOT_SUPERUSER
+    try:
+        async with conn.transaction():
+            # The library is loaded and each symbol looked up when the function is created.
+            await conn.execute("SET LOCAL check_function_bodies = on")
+            for name, symbol in NATIVE.items():
+                await conn.execute(
+                    f"CREATE OR REPLACE FUNCTION fluxbase_capture.{name}() RETURNS trigger "
+                    f"LANGUAGE c SECURITY INVOKER AS '{LIBRARY}', '{symbol}'"
+                )
+    except asyncpg.PostgresError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{first} ({exc.sqlstate})"
+    return None
+
+
+async def install_plpgsql(conn: asyncpg.Connection) -> None:
+    """Give the three functions the PL/pgSQL bodies of sql/0049's *_plpgsql functions."""
+    async with conn.transaction():
+        for name in NATIVE:
+            src = await conn.fetchval(
+                """SELECT p.prosrc FROM pg_catalog.pg_proc p
+                   WHERE p.pronamespace = 'fluxbase_capture'::pg_catalog.regnamespace
+                     AND p.proname = $1 AND p.pronargs = 0""",
+                f"{name}_plpgsql",
+            )
+            if src is None:
+                raise RuntimeError(f"fluxbase_capture.{name}_plpgsql() is missing (sql/0049)")
+            await conn.execute(
+                f"CREATE OR REPLACE FUNCTION fluxbase_capture.{name}() RETURNS trigger "
+                f"LANGUAGE plpgsql SECURITY INVOKER AS {_dollar_quote(src)}"
+            )
+            await conn.execute(f"ALTER FUNCTION fluxbase_capture.{name}() RESET search_path")
+
+
+def _dollar_quote(src: str) -> str:
+    tag = "$fluxbase_capture$"
+    n = 0
+    while tag in src:
+        n += 1
+        tag = f"$fluxbase_capture{n}$"
+    return f"{tag}{src}{tag}"
+
+
+async def install_capture(conn: asyncpg.Connection, where: str = "") -> str | None:
+    """The C capture where this server can load it, else PL/pgSQL; returns which is installed
+    ('c', 'plpgsql', None if neither whole) and logs it in one line. A role that is not a
+    superuser changes nothing."""
+    suffix = f" ({where})" if where else ""
+    why = await install_native(conn)
+    if why is None:
+        log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)
+        return C
+    if why == NOT_SUPERUSER:
+        now = await capture_language(conn)
+        log.warning("realtime capture: %s trigger functions, left as they are: %s%s", now, why, suffix)
+        return now
+    if await capture_language(conn) != PLPGSQL:
+        await install_plpgsql(conn)
+    log.warning("realtime capture: PL/pgSQL trigger functions, the C library is not used: %s%s", why, suffix)
+    return PLPGSQL

@@ -1,0 +1,374 @@
+"""Capture in C (ext/fluxbase_capture, issue 20): the C trigger functions are the ones the
+embedded server runs, they capture what the PL/pgSQL ones did (images identical to to_jsonb,
+bytes, refusals, the 1 MiB rule, TRUNCATE), they run nothing a tenant defined with another
+role's rights, and `fluxbase migrate` falls back to PL/pgSQL where the library cannot load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from conftest import Instance
+from fluxbase.db import capture as cap
+from fluxbase.security.roles import role_name, role_password
+from support import Api, Stack
+
+FUNCS = ("capture_insert", "capture_delete", "capture_update")
+
+
+@pytest.fixture
+async def tenant(stack: Stack, instance: Instance, project: Any) -> AsyncIterator[asyncpg.Connection]:
+    """A session as the project's admin role itself (what the SQL API runs tenant SQL on)."""
+    assert stack.pg is not None
+    role = role_name(project.id, "admin")
+    conn = await asyncpg.connect(
+        host="127.0.0.1",
+        port=stack.pg.port,
+        user=role,
+        password=role_password(stack.secret_key, role),
+        database=instance.dbname,
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def superuser(stack: Stack, instance: Instance) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(stack.database_url(instance.dbname))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _events(control_db: asyncpg.Pool, pid: str, table: str) -> list[asyncpg.Record]:
+    return await control_db.fetch(
+        "SELECT kind, operation, record::text AS record, old::text AS old, bytes, "
+        "pg_column_size(record) AS rsize FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = $2 AND (kind = 'row' OR operation = 'TRUNCATE') "
+        "ORDER BY xid, id",
+        pid,
+        table,
+    )
+
+
+async def test_the_embedded_server_runs_the_c_capture(control_db: asyncpg.Pool) -> None:
+    """`make venv` built the library and the migration installed it: a broken build must fail
+    here, not fall back silently."""
+    rows = await control_db.fetch(
+        """SELECT p.proname, l.lanname, p.probin, p.prosrc, p.prosecdef, r.rolname
+           FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang JOIN pg_roles r ON r.oid = p.proowner
+           WHERE p.pronamespace = 'fluxbase_capture'::regnamespace AND p.proname = ANY($1::text[])""",
+        list(FUNCS),
+    )
+    assert sorted((r["proname"], r["lanname"], r["probin"], r["prosrc"]) for r in rows) == sorted(
+        (f, "c", "$libdir/fluxbase_capture", f"fluxbase_{f}") for f in FUNCS
+    ), rows
+    assert not any(r["prosecdef"] for r in rows) and {r["rolname"] for r in rows} == {"fluxbase_owner"}
+    async with control_db.acquire() as conn:
+        assert await cap.capture_language(conn) == cap.C
+
+
+TYPES_SQL = """
+CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TYPE pair AS (a int, b text);
+CREATE TYPE spot AS (x int, y int);
+CREATE TABLE cast_log (cur text, sess text, at_depth int);
+CREATE FUNCTION mood_json(m mood) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    INSERT INTO cast_log VALUES (current_user, session_user, pg_trigger_depth());
+    RETURN json_build_object('mood', m::text, 'by', current_user);
+END
+$$;
+CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
+CREATE TABLE kinds (
+    id bigint PRIMARY KEY, d posint, ints int[], texts text[], p pair, ps pair[], n numeric,
+    big numeric(30, 10), ts timestamptz, day date, iv interval, j jsonb, js json, b bytea,
+    m mood, s spot, u uuid, f float8, ok boolean, t text, "Odd Name" text, gone text
+);
+ALTER TABLE kinds DROP COLUMN gone;
+CREATE TABLE after_log (cur text, sess text);
+CREATE FUNCTION after_kinds() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO after_log VALUES (current_user, session_user);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER zz_after AFTER INSERT OR UPDATE OR DELETE ON kinds
+    FOR EACH STATEMENT EXECUTE FUNCTION after_kinds();
+"""
+ROWS_SQL = """
+INSERT INTO kinds VALUES
+ (1, 5, '{1,NULL,3}', '{"a b","q\\"uote",NULL}', ROW(1, 'x'), ARRAY[ROW(2, 'y')::pair, NULL], 1.50,
+  12345678901234567890.0123456789, '2026-01-02 03:04:05.678+02', '2026-12-31', '1 day 02:03:04',
+  '{"k": [1, {"z": null}], "a": "é"}', '{"raw":  1,"raw": 2}', '\\x00ff10', 'happy', ROW(3, 4),
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'NaN', true, E'line\\n"tab"\\t\\u00e9', 'spaced'),
+ (2, NULL, NULL, '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'null', NULL, NULL, NULL, NULL,
+  NULL, '-Infinity', NULL, '', NULL)
+"""
+
+
+async def test_images_are_to_jsonb_of_the_row_built_as_the_tenant(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Every column type to_jsonb knows (domains, arrays, composites, enums, numeric,
+    timestamptz, jsonb, json, bytea, a dropped column, a user type with a cast to json): the
+    event's images are exactly to_jsonb(row). The tenant's cast runs as the tenant only (it
+    records current_user and session_user), and after capture the session's user is the
+    tenant's again."""
+    me = role_name(project.id, "admin")
+    await tenant.execute(TYPES_SQL)
+    await tenant.execute(ROWS_SQL)
+    want = {r["id"]: r["j"] for r in await tenant.fetch("SELECT id, to_jsonb(k)::text AS j FROM kinds k")}
+    await tenant.execute("UPDATE kinds SET n = n + 1, s = ROW(5, 6), ints = ints || 9 WHERE id = 1")
+    upd = {r["id"]: r["j"] for r in await tenant.fetch("SELECT id, to_jsonb(k)::text AS j FROM kinds k")}
+    await tenant.execute("DELETE FROM kinds")
+
+    events = await _events(control_db, project.id, "kinds")
+    assert [(e["kind"], e["operation"]) for e in events] == [
+        ("row", "INSERT"),
+        ("row", "INSERT"),
+        ("row", "UPDATE"),
+        ("row", "DELETE"),
+        ("row", "DELETE"),
+    ], events
+    assert [e["record"] for e in events[:2]] == [want[1], want[2]]
+    assert events[0]["old"] is None and events[0]["bytes"] == events[0]["rsize"]
+    assert (events[2]["record"], events[2]["old"]) == (upd[1], want[1])
+    assert sorted((e["record"], e["old"]) for e in events[3:]) == sorted(
+        [(upd[1], upd[1]), (want[2], want[2])]
+    )
+    assert all(e["bytes"] == 2 * e["rsize"] for e in events[3:])
+    first = json.loads(events[0]["record"])
+    assert (
+        first["m"] == {"mood": "happy", "by": me}
+        and first["s"] == {"x": 3, "y": 4}
+        and first["Odd Name"] == "spaced"
+        and "gone" not in first
+    )
+    # Every run of the tenant's cast: as the tenant, by both names.
+    log = await tenant.fetch("SELECT DISTINCT cur, sess FROM cast_log")
+    assert [tuple(r) for r in log] == [(me, me)], log
+    assert await tenant.fetchval("SELECT count(*) FROM cast_log WHERE at_depth > 0") > 0
+    assert {tuple(r) for r in await tenant.fetch("SELECT cur, sess FROM after_log")} == {(me, me)}
+    assert await tenant.fetchval("SELECT current_user") == me
+
+
+async def test_bulk_statements_write_one_event_per_row(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    await tenant.execute("CREATE TABLE bulk (id int PRIMARY KEY, v text)")
+    await tenant.execute("INSERT INTO bulk SELECT g, 'v' || g FROM generate_series(1, 50) g")
+    await tenant.execute("UPDATE bulk SET v = v || '!' WHERE id <= 10")
+    await tenant.execute("DELETE FROM bulk WHERE id > 40")
+    events = await _events(control_db, project.id, "bulk")
+    ops = [e["operation"] for e in events]
+    assert ops == ["INSERT"] * 50 + ["UPDATE"] * 10 + ["DELETE"] * 10
+    assert [json.loads(e["record"])["id"] for e in events[:50]] == list(range(1, 51))
+    assert sorted(json.loads(e["old"])["id"] for e in events[60:]) == list(range(41, 51))
+
+
+async def test_rolled_back_writes_capture_nothing(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    await tenant.execute("CREATE TABLE rb (id int PRIMARY KEY, v text)")
+    await tenant.execute("INSERT INTO rb VALUES (1, 'kept')")
+    tx = tenant.transaction()
+    await tx.start()
+    await tenant.execute("INSERT INTO rb VALUES (2, 'gone')")
+    await tenant.execute("UPDATE rb SET v = 'changed'")
+    await tenant.execute("DELETE FROM rb")
+    await tx.rollback()
+    async with tenant.transaction():
+        await tenant.execute("INSERT INTO rb VALUES (3, 'kept too')")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with tenant.transaction():  # a savepoint rolled back
+                await tenant.execute("UPDATE rb SET v = 'sp'")
+                await tenant.execute("INSERT INTO rb VALUES (1, 'dup')")
+    events = await _events(control_db, project.id, "rb")
+    assert [(e["operation"], json.loads(e["record"])["id"]) for e in events] == [("INSERT", 1), ("INSERT", 3)]
+    assert await tenant.fetchval("SELECT current_user") == role_name(project.id, "admin")
+
+
+async def test_calling_the_c_functions_directly_is_refused(
+    api: Api, tenant: asyncpg.Connection, project: Any
+) -> None:
+    for f in FUNCS:
+        with pytest.raises(
+            asyncpg.InsufficientPrivilegeError, match="may only be called by the capture triggers"
+        ):
+            await tenant.execute(f"SELECT fluxbase_capture.{f}()")
+        r = await api.sql(
+            project.admin_key, project.id, f"DO $$ BEGIN PERFORM fluxbase_capture.{f}(); END $$"
+        )
+        body = r.json()
+        assert not body.get("success") and "may only be called by the capture triggers" in r.text, body
+
+
+async def test_wrongly_attached_c_function_is_refused(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The tenant attaches the C functions in shapes the capture does not use: refused, nothing
+    written."""
+    await tenant.execute("CREATE TABLE odd (id int)")
+    await tenant.execute("SELECT fluxbase_capture.detach_capture('odd'::regclass)")
+    await tenant.execute(
+        "CREATE TRIGGER w AFTER INSERT ON odd FOR EACH ROW EXECUTE FUNCTION fluxbase_capture.capture_update()"
+    )
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await tenant.execute("INSERT INTO odd VALUES (1)")
+    await tenant.execute("DROP TRIGGER w ON odd")
+    await tenant.execute(
+        "CREATE TRIGGER w AFTER INSERT ON odd FOR EACH STATEMENT "
+        "EXECUTE FUNCTION fluxbase_capture.capture_delete()"
+    )
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await tenant.execute("INSERT INTO odd VALUES (1)")
+    assert await _events(control_db, project.id, "odd") == []
+
+
+async def test_another_projects_table_is_refused(
+    api: Api, tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Project A's session writing a table of project B's schema (a grant the platform never
+    makes, made here by the superuser) is refused by write_events, as before: no event in
+    either project."""
+    _, token = await api.new_user()
+    other = await api.new_project(token)
+    key = await api.new_key(token, other, "admin")
+    r = await api.sql(key, other, "CREATE TABLE theirs (id int PRIMARY KEY)")
+    assert r.json()["success"], r.text
+    me = role_name(project.id, "admin")
+    await control_db.execute(f'GRANT USAGE ON SCHEMA "p_{other}" TO "{me}"')
+    await control_db.execute(f'GRANT INSERT, UPDATE, DELETE, SELECT ON "p_{other}".theirs TO "{me}"')
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not a table of the calling project"):
+            await tenant.execute(f'INSERT INTO "p_{other}".theirs VALUES (1)')
+        await control_db.execute(f'INSERT INTO "p_{other}".theirs VALUES (2)')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not a table of the calling project"):
+            await tenant.execute(f'UPDATE "p_{other}".theirs SET id = 3')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="not a table of the calling project"):
+            await tenant.execute(f'DELETE FROM "p_{other}".theirs')
+    finally:
+        await control_db.execute(f'REVOKE ALL ON "p_{other}".theirs FROM "{me}"')
+        await control_db.execute(f'REVOKE ALL ON SCHEMA "p_{other}" FROM "{me}"')
+    assert await _events(control_db, project.id, "theirs") == []
+    # the platform session's own insert: attributed to B by its schema (write_events' way)
+    assert [(e["operation"], e["record"]) for e in await _events(control_db, other, "theirs")] == [
+        ("INSERT", '{"id": 2}')
+    ]
+
+
+async def test_truncate_and_images_over_1_mib_go_through_write_events(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    await tenant.execute("CREATE TABLE huge (id int PRIMARY KEY, small text, blob text)")
+    await tenant.execute("INSERT INTO huge VALUES (1, 'tiny', repeat('x', 1100000)), (2, 's', 'short')")
+    await tenant.execute("UPDATE huge SET small = 'tiny2' WHERE id = 1")
+    await tenant.execute("DELETE FROM huge WHERE id = 1")
+    await tenant.execute("TRUNCATE huge")
+    events = await _events(control_db, project.id, "huge")
+    assert [(e["kind"], e["operation"]) for e in events] == [
+        ("row", "INSERT"),
+        ("row", "INSERT"),
+        ("row", "UPDATE"),
+        ("row", "DELETE"),
+        ("schema", "TRUNCATE"),
+    ], [(e["kind"], e["operation"]) for e in events]
+    assert json.loads(events[0]["record"]) == {"id": 1, "small": "tiny"}
+    assert events[0]["bytes"] == events[0]["rsize"] < 1000
+    assert json.loads(events[1]["record"]) == {"id": 2, "small": "s", "blob": "short"}
+    assert json.loads(events[2]["record"]) == {"id": 1, "small": "tiny2"}
+    assert json.loads(events[2]["old"]) == {"id": 1, "small": "tiny"}
+    assert json.loads(events[3]["old"]) == {"id": 1, "small": "tiny2"}
+    assert json.loads(events[4]["record"])["command"] == "TRUNCATE"
+
+
+async def test_fallback_to_plpgsql_captures_the_same_and_c_comes_back(
+    superuser: asyncpg.Connection,
+    tenant: asyncpg.Connection,
+    project: Any,
+    control_db: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the library cannot be loaded (here: a library name this server does not have),
+    install_capture keeps the PL/pgSQL bodies of sql/0049; both capture the same events, bytes
+    included. The C functions are back afterwards (the shared instance unchanged)."""
+    await tenant.execute("CREATE TABLE same (id int PRIMARY KEY, v text, n numeric, a int[], j jsonb)")
+    work = [
+        "INSERT INTO same VALUES ({i}, 'v', 1.5, '{{1,2}}', '{{\"k\": [1]}}'), "
+        "({j}, NULL, NULL, NULL, 'null'), (3, repeat('long', 40), 2, NULL, NULL)",
+        "UPDATE same SET v = 'w', a = a || 3 WHERE id = {i}",
+        "DELETE FROM same WHERE id IN ({i}, {j}, 3)",
+    ]
+    try:
+        monkeypatch.setattr(cap, "LIBRARY", "$libdir/fluxbase_capture_not_here")
+        with caplog.at_level(logging.INFO, logger="fluxbase.db.capture"):
+            assert await cap.install_capture(superuser) == cap.PLPGSQL
+        assert "PL/pgSQL" in caplog.text and "fluxbase_capture_not_here" in caplog.text
+        assert await cap.capture_language(superuser) == cap.PLPGSQL
+        for q in work:
+            await tenant.execute(q.format(i=1, j=2))
+        monkeypatch.setattr(cap, "LIBRARY", "$libdir/fluxbase_capture")
+        assert await cap.install_capture(superuser) == cap.C
+        for q in work:
+            await tenant.execute(q.format(i=1, j=2))
+    finally:
+        monkeypatch.setattr(cap, "LIBRARY", "$libdir/fluxbase_capture")
+        await cap.install_capture(superuser)
+    assert await cap.capture_language(superuser) == cap.C
+    events = [
+        (e["kind"], e["operation"], e["record"], e["old"], e["bytes"])
+        for e in await _events(control_db, project.id, "same")
+    ]
+    assert len(events) == 14 and events[:7] == events[7:], events
+    # a small image's size is with its 1-byte header (as an element of write_events' jsonb[])
+    assert events[1][4] < 127 < 130 < events[2][4], events
+
+
+async def test_a_role_that_is_not_a_superuser_changes_nothing(
+    stack: Stack, instance: Instance, control_db: asyncpg.Pool
+) -> None:
+    conn = await asyncpg.connect(stack.runtime_url(instance.dbname))
+    try:
+        assert await cap.install_native(conn) == cap.NOT_SUPERUSER
+        assert await cap.install_capture(conn) == cap.C
+    finally:
+        await conn.close()
+    async with control_db.acquire() as c:
+        assert await cap.capture_language(c) == cap.C
+
+
+async def test_the_doorbell_rings_while_a_reader_waits(
+    superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any
+) -> None:
+    """A captured statement notifies fluxbase_events while a reader is marked waiting (its
+    query runs as fluxbase_outbox_writer: the tenant cannot read event_readers)."""
+    await tenant.execute("CREATE TABLE bell (id int PRIMARY KEY)")
+    heard: list[str] = []
+    await superuser.add_listener("fluxbase_events", lambda *a: heard.append(a[2]))
+    reader = f"test-capture-native-{project.id}"
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+    try:
+        for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
+            heard.clear()
+            await tenant.execute(q)
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.02)
+            assert heard == ["fluxbase_events"], q
+    finally:
+        await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
