@@ -193,6 +193,20 @@ SHAPES: list[tuple[str, list[str], list[str]]] = [
         ],
     ),
     (
+        # capture inside capture: a cast to json of the tenant's (called while an image is built)
+        # writes the captured table again, 60 levels deep
+        "capture_inside_capture",
+        [
+            "CREATE TYPE deep AS ENUM ('x')",
+            "CREATE TABLE rec (id int, d deep)",
+            "CREATE FUNCTION deep_json(v deep) RETURNS json LANGUAGE plpgsql VOLATILE AS $$ BEGIN "
+            "IF pg_trigger_depth() < 60 THEN INSERT INTO rec VALUES (pg_trigger_depth(), 'x'); END IF; "
+            "RETURN to_json(v::text); END $$",
+            "CREATE CAST (deep AS json) WITH FUNCTION deep_json(deep)",
+        ],
+        ["INSERT INTO rec VALUES (0, 'x')"],
+    ),
+    (
         # the table altered between two captures of one session, its row type changed
         "altered_between_captures",
         ["CREATE TABLE ab (id int, v text)"],
@@ -224,7 +238,7 @@ async def test_hostile_table_shapes_do_not_crash_the_server(
         assert await _server_mark(observer) == before, name
     ev = {
         t: await _row_events(control_db, pid, t)
-        for t in ("zc", "ma", "gc", "pt", "pt1", "pt2", "ip", "ic", "dc", "wide", "mt", "um", "ab")
+        for t in ("zc", "ma", "gc", "pt", "pt1", "pt2", "ip", "ic", "dc", "wide", "mt", "um", "ab", "rec")
     }
     # zero columns: four inserts, four deletes, each image {}
     assert [(e["operation"], e["record"], e["bytes"] > 0) for e in ev["zc"]] == [
@@ -282,12 +296,26 @@ async def test_hostile_table_shapes_do_not_crash_the_server(
         ("DELETE", {"id": 1, "w": "2"}),
         ("DELETE", {"id": 2, "w": "two"}),
     ]
+    # each level's event written after the deeper levels' (their statements ended first)
+    assert [json.loads(e["record"])["id"] for e in ev["rec"]] == list(range(59, -1, -1))
     # nothing of this project's tables went anywhere else
     assert not await control_db.fetchval(
         "SELECT count(*) FROM fluxbase.events WHERE project_id <> $1 AND table_name = ANY($2::text[]) "
         "AND created_at > now() - interval '10 minutes'",
         pid,
         list(ev),
+    )
+    # without a bottom: PostgreSQL's stack depth check ends it with an error, not a crash
+    await _ok(
+        api,
+        key,
+        pid,
+        "CREATE OR REPLACE FUNCTION deep_json(v deep) RETURNS json LANGUAGE plpgsql VOLATILE AS $$ BEGIN "
+        "INSERT INTO rec VALUES (pg_trigger_depth(), 'x'); RETURN to_json(v::text); END $$",
+    )
+    r = await _sql(api, key, pid, "INSERT INTO rec VALUES (-1, 'x')")
+    assert r.status_code < 500 and not r.json().get("success") and "stack depth limit exceeded" in r.text, (
+        r.text
     )
     assert await _server_mark(observer) == before
     await _another_project_works(api, control_db)
