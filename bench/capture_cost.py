@@ -6,7 +6,10 @@ PostgreSQL backend (its run time in /proc/<pid>/schedstat, in nanoseconds; utime
 UPDATE and DELETE statements, each its own transaction, as the project's admin role, on tables:
   off      realtime switched off (no trigger: the baseline);
   floor    a row trigger that writes 4 bytes to another table (what any AFTER trigger costs);
-  capture  the capture triggers as the migrations installed them;
+  capture  the capture triggers as the migrations installed them (C where ext/fluxbase_capture
+           is built: `make venv` builds it for the embedded server);
+  plpgsql  the same triggers on sql/0049's PL/pgSQL capture functions (what a server without
+           the C library runs), in the same run;
   legacy   (with --legacy) sql/0036's capture triggers (what main installed before sql/0048),
            in a scratch schema, to compare against the installed ones in the same run;
   updstmt  (with --breakdown) the installed capture but a statement-level UPDATE trigger (both
@@ -188,6 +191,14 @@ BEGIN
 END
 $$;
 ALTER FUNCTION bench_legacy.write_events(regclass, text, jsonb[], jsonb[]) OWNER TO fluxbase_outbox_writer;
+"""
+
+PLPGSQL_TRIGGERS = """
+CREATE TRIGGER plpgsql_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_insert_plpgsql();
+CREATE TRIGGER plpgsql_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION fluxbase_capture.capture_update_plpgsql();
+CREATE TRIGGER plpgsql_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_delete_plpgsql();
 """
 
 LEGACY_TRIGGERS = """
@@ -396,6 +407,15 @@ async def setup(
     await admin.execute("SELECT fluxbase_capture.detach_capture('cc_floor'::regclass)")
     await admin.execute(FLOOR_SQL)
     await admin.execute("SELECT fluxbase_capture.detach_capture('cc_side'::regclass)")
+    if await admin.fetchval(
+        "SELECT to_regprocedure('fluxbase_capture.capture_insert_plpgsql()') IS NOT NULL"
+    ):
+        # sql/0049's PL/pgSQL capture (what a server without the C library runs) beside the
+        # installed one (C where ext/fluxbase_capture is built).
+        await admin.execute("CREATE TABLE cc_plpgsql " + TABLE)
+        await admin.execute("SELECT fluxbase_capture.detach_capture('cc_plpgsql'::regclass)")
+        await admin.execute(PLPGSQL_TRIGGERS.format(t="cc_plpgsql"))
+        tables.append("cc_plpgsql")
     if superuser is not None:
         await superuser.execute(LEGACY_SQL)
         await admin.execute("CREATE TABLE cc_legacy " + TABLE)
@@ -515,12 +535,25 @@ async def measure(
     return {k: v / (writes // bulk * bulk * rounds) / 1e3 for k, v in ticks.items()}
 
 
-def report(us: dict, tables: list[str], bulk: int = 1) -> list[str]:
+async def installed_capture(conn: asyncpg.Connection) -> str:
+    """Which capture functions the migration installed: 'C' (ext/fluxbase_capture) or 'PL/pgSQL'."""
+    lang = await conn.fetchval(
+        "SELECT l.lanname FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+        "WHERE p.oid = 'fluxbase_capture.capture_insert()'::pg_catalog.regprocedure"
+    )
+    return "C" if lang == "c" else "PL/pgSQL"
+
+
+def report(us: dict, tables: list[str], bulk: int = 1, capture_installed: str = "") -> list[str]:
     lines = ["capture cost (PostgreSQL backend CPU, µs per single-row write, each its own transaction)"]
     if bulk > 1:
         lines = [
             f"capture cost (PostgreSQL backend CPU, µs per row, {bulk} rows a statement and transaction)"
         ]
+    if capture_installed:
+        lines.append(
+            f"  cc_capture: the installed capture functions ({capture_installed}); cc_plpgsql: sql/0049's"
+        )
     lines.append(f"  {'table':<12}" + "".join(f"{op:>10}" for op in OPS))
     for t in tables:
         lines.append(f"  {t:<12}" + "".join(f"{us[(op, t)]:>10.1f}" for op in OPS))
@@ -531,9 +564,11 @@ def report(us: dict, tables: list[str], bulk: int = 1) -> list[str]:
             + "   on/off CPU "
             + " ".join(f"{us[(op, t)] / us[(op, 'cc_off')]:.2f}" for op in OPS)
         )
-    lines.append(
-        f"  mean capture - off: {statistics.mean(us[(op, 'cc_capture')] - us[(op, 'cc_off')] for op in OPS):.1f} µs"
-    )
+    for t in ("cc_capture", "cc_plpgsql", "cc_legacy"):
+        if (OPS[0], t) in us:
+            cost = statistics.mean(us[(op, t)] - us[(op, "cc_off")] for op in OPS)
+            ratio = statistics.mean(us[(op, t)] / us[(op, "cc_off")] for op in OPS)
+            lines.append(f"  mean {t} - off: {cost:.1f} µs, on/off CPU {ratio:.2f}")
     lines.append(
         "  capture cost / floor cost (a trigger writing 4 bytes; machine-independent): "
         + " ".join(
@@ -726,12 +761,13 @@ async def main() -> None:
                 await asyncpg.connect(stack.database_url(dbname)) if args.legacy or args.breakdown else None
             )
             tables = await setup(admin, superuser, args.breakdown)
+            installed = await installed_capture(admin)
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
             us = await measure(admin, tables, args.writes, args.rounds)
-            print("\n" + "\n".join(report(us, tables)))
+            print("\n" + "\n".join(report(us, tables, 1, installed)))
             if args.bulk > 1:
                 us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
-                print("\n" + "\n".join(report(us, tables, args.bulk)))
+                print("\n" + "\n".join(report(us, tables, args.bulk, installed)))
             await admin.close()
             if superuser is not None:
                 await superuser.close()

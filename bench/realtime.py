@@ -401,7 +401,8 @@ async def main() -> None:
                 tables = await capture_cost.setup(writer, None)
                 await capture_cost.measure(writer, tables, max(100, args.capture_writes // 10), 1)
                 us = await capture_cost.measure(writer, tables, args.capture_writes, 3)
-                print("\n".join(capture_cost.report(us, tables)))
+                installed = await capture_cost.installed_capture(writer)
+                print("\n".join(capture_cost.report(us, tables, 1, installed)))
             await writer.close()
             api.close()
     finally:

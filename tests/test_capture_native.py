@@ -352,8 +352,9 @@ async def test_a_role_that_is_not_a_superuser_changes_nothing(
 async def test_the_doorbell_rings_while_a_reader_waits(
     superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any
 ) -> None:
-    """A captured statement notifies fluxbase_events while a reader is marked waiting (its
-    query runs as fluxbase_outbox_writer: the tenant cannot read event_readers)."""
+    """A captured statement notifies fluxbase_events while a reader is marked waiting (read as
+    fluxbase_outbox_writer: the tenant cannot read event_readers), at every isolation level
+    (a serializable transaction reads it through the saved query)."""
     await tenant.execute("CREATE TABLE bell (id int PRIMARY KEY)")
     heard: list[str] = []
     await superuser.add_listener("fluxbase_events", lambda *a: heard.append(a[2]))
@@ -362,13 +363,74 @@ async def test_the_doorbell_rings_while_a_reader_waits(
         "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
     )
     try:
-        for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
-            heard.clear()
-            await tenant.execute(q)
-            for _ in range(100):
-                if heard:
-                    break
-                await asyncio.sleep(0.02)
-            assert heard == ["fluxbase_events"], q
+        for iso in ("read_committed", "repeatable_read", "serializable"):
+            for q in ("INSERT INTO bell VALUES (1)", "UPDATE bell SET id = 2", "DELETE FROM bell"):
+                heard.clear()
+                async with tenant.transaction(isolation=iso):
+                    await tenant.execute(q)
+                for _ in range(100):
+                    if heard:
+                        break
+                    await asyncio.sleep(0.02)
+                assert heard == ["fluxbase_events"], (iso, q)
     finally:
         await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+
+
+async def test_the_outbox_row_has_the_columns_defaults(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The C capture writes the outbox row without the INSERT statement while fluxbase.events is
+    the table it knows: `xid` is the writing transaction's, `created_at` its start, `id` from the
+    identity, in statement order, like the SQL defaults gave."""
+    await tenant.execute("CREATE TABLE dflt (id int PRIMARY KEY)")
+    async with tenant.transaction():
+        xid = await tenant.fetchval("SELECT pg_current_xact_id()::text")
+        now = await tenant.fetchval("SELECT now()")
+        await tenant.execute("INSERT INTO dflt VALUES (1), (2)")
+        await tenant.execute("UPDATE dflt SET id = id + 10")
+    rows = await control_db.fetch(
+        "SELECT id, xid::text AS xid, created_at, operation FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = 'dflt' AND kind = 'row' ORDER BY id",
+        project.id,
+    )
+    assert [r["operation"] for r in rows] == ["INSERT", "INSERT", "UPDATE", "UPDATE"]
+    assert {r["xid"] for r in rows} == {xid} and {r["created_at"] for r in rows} == {now}
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(set(ids))
+    nxt = await control_db.fetchval("SELECT nextval(pg_get_serial_sequence('fluxbase.events', 'id'))")
+    assert nxt > ids[-1]
+
+
+async def test_an_outbox_table_it_does_not_know_takes_the_insert_statement(
+    superuser: asyncpg.Connection, project: Any, tenant: asyncpg.Connection
+) -> None:
+    """A later migration that changes fluxbase.events (here: a column with a default, in a
+    transaction rolled back) makes the C capture write through its saved INSERT, so the new
+    column gets its default; afterwards the direct write is back."""
+    await tenant.execute("CREATE TABLE chg (id int PRIMARY KEY)")
+    me = role_name(project.id, "admin")
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute("ALTER TABLE fluxbase.events ADD COLUMN extra int NOT NULL DEFAULT 7")
+        await superuser.execute(f'SET LOCAL SESSION AUTHORIZATION "{me}"')
+        await superuser.execute(f'INSERT INTO "p_{project.id}".chg VALUES (1)')
+        await superuser.execute("RESET SESSION AUTHORIZATION")
+        got = await superuser.fetch(
+            "SELECT extra, operation FROM fluxbase.events "
+            "WHERE project_id = $1 AND table_name = 'chg' AND kind = 'row'",
+            project.id,
+        )
+        assert [tuple(r) for r in got] == [(7, "INSERT")]
+    finally:
+        await tx.rollback()
+    await tenant.execute("INSERT INTO chg VALUES (2)")
+    assert (
+        await superuser.fetchval(
+            "SELECT count(*) FROM fluxbase.events "
+            "WHERE project_id = $1 AND table_name = 'chg' AND kind = 'row'",
+            project.id,
+        )
+        == 1
+    )

@@ -26,9 +26,18 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/dependency.h"
+#include "catalog/index.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
+#include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -38,13 +47,20 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/jsonfuncs.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 #include "utils/tuplestore.h"
+#include "utils/xid8.h"
 
 PG_MODULE_MAGIC;
+
+void		_PG_init(void);
 
 PG_FUNCTION_INFO_V1(fluxbase_capture_insert);
 PG_FUNCTION_INFO_V1(fluxbase_capture_delete);
@@ -261,26 +277,363 @@ delegate(Oid relid, const char *operation, Datum *records, Datum *olds, int n, b
 }
 
 /*
+ * The direct outbox write: what the saved INSERT does, without an executor per row (the
+ * executor's start and end were most of a captured write). Used only while fluxbase.events is
+ * exactly the table this code knows: a plain heap table with the columns below (and no other),
+ * `id` an identity column, `xid` defaulting to pg_current_xact_id() and `created_at` to now(), no
+ * trigger, CHECK, generated column or row security, and indexes on plain columns (no expression,
+ * predicate, exclusion or deferred uniqueness). Anything else (a later migration changed it)
+ * takes the saved INSERT plan. No function a tenant can define runs here: the values are built
+ * above, the index support functions are the platform indexes' built-in ones.
+ */
+#define EV_NCOLS 10
+enum
+{
+	EV_ID, EV_XID, EV_PROJECT, EV_KIND, EV_TABLE, EV_OPERATION, EV_RECORD, EV_OLD, EV_CREATED, EV_BYTES
+};
+static const char *const EV_NAMES[EV_NCOLS] = {
+	"id", "xid", "project_id", "kind", "table_name", "operation", "record", "old", "created_at", "bytes"
+};
+static const Oid EV_TYPES[EV_NCOLS] = {
+	INT8OID, XID8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID, INT4OID
+};
+
+/* The verdict on fluxbase.events' layout, until a relcache invalidation of it. */
+static Oid	events_relid = InvalidOid;
+static bool events_checked = false;
+static bool events_direct = false;
+static AttrNumber events_attnum[EV_NCOLS];
+static Oid	events_idseq = InvalidOid;
+
+static void
+events_inval(Datum arg, Oid relid)
+{
+	if (!OidIsValid(relid) || relid == events_relid || relid == events_idseq)
+		events_checked = false;
+}
+
+void
+_PG_init(void)
+{
+	CacheRegisterRelcacheCallback(events_inval, (Datum) 0);
+}
+
+static Oid
+fluxbase_relid(const char *name)
+{
+	Oid			nsp = get_namespace_oid("fluxbase", true);
+
+	return OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+}
+
+static bool
+default_is_call(TupleConstr *constr, AttrNumber attnum, Oid funcid)
+{
+	int			i;
+
+	if (constr == NULL)
+		return false;
+	for (i = 0; i < constr->num_defval; i++)
+	{
+		if (constr->defval[i].adnum == attnum)
+		{
+			Node	   *expr = stringToNode(constr->defval[i].adbin);
+
+			return expr != NULL && IsA(expr, FuncExpr) && ((FuncExpr *) expr)->funcid == funcid &&
+				((FuncExpr *) expr)->args == NIL;
+		}
+	}
+	return false;
+}
+
+/* Check fluxbase.events (open) against what the direct write knows. */
+static bool
+events_layout_ok(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			seen = 0;
+	int			i;
+	int			c;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL ||
+		desc->constr == NULL || desc->constr->num_check != 0 ||
+		desc->constr->has_generated_stored || desc->constr->has_generated_virtual)
+		return false;
+	for (c = 0; c < EV_NCOLS; c++)
+		events_attnum[c] = InvalidAttrNumber;
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		known = false;
+
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < EV_NCOLS; c++)
+		{
+			if (strcmp(NameStr(att->attname), EV_NAMES[c]) == 0)
+			{
+				if (att->atttypid != EV_TYPES[c] || events_attnum[c] != InvalidAttrNumber ||
+					att->attgenerated != '\0')
+					return false;
+				events_attnum[c] = att->attnum;
+				known = true;
+				seen++;
+			}
+		}
+		if (!known)
+			return false;
+	}
+	if (seen != EV_NCOLS)
+		return false;
+	/* id: an identity column (its sequence), xid and created_at: the defaults the SQL has */
+	if (TupleDescAttr(desc, events_attnum[EV_ID] - 1)->attidentity == '\0')
+		return false;
+	events_idseq = getIdentitySequence(rel, events_attnum[EV_ID], true);
+	if (!OidIsValid(events_idseq))
+		return false;
+	if (!default_is_call(desc->constr, events_attnum[EV_XID], F_PG_CURRENT_XACT_ID) ||
+		!default_is_call(desc->constr, events_attnum[EV_CREATED], F_NOW))
+		return false;
+	return true;
+}
+
+/* Insert one outbox row into fluxbase.events directly; false (nothing written) when the table
+ * is not the one this code knows, and the caller takes the saved INSERT plan. */
+static bool
+direct_insert(const char *project, const char *table, const char *operation, Datum record,
+			  Datum old, bool old_null, int32 bytes)
+{
+	Oid			relid = fluxbase_relid("events");
+	Relation	rel;
+	List	   *indexes;
+	ListCell   *lc;
+	Relation   *irels;
+	IndexInfo **iinfos;
+	int			nidx;
+	int			k;
+	Datum	   *values;
+	bool	   *nulls;
+	HeapTuple	tuple;
+	TupleTableSlot *slot;
+	TupleDesc	desc;
+
+	if (!OidIsValid(relid))
+		return false;
+	rel = table_open(relid, RowExclusiveLock);
+	if (!events_checked || events_relid != relid)
+	{
+		events_relid = relid;
+		events_direct = events_layout_ok(rel);
+		events_checked = true;
+	}
+	if (!events_direct)
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
+	desc = RelationGetDescr(rel);
+
+	/* The indexes first: one this code cannot fill means the saved plan, before any write. */
+	indexes = RelationGetIndexList(rel);
+	nidx = list_length(indexes);
+	irels = palloc(sizeof(Relation) * (nidx > 0 ? nidx : 1));
+	iinfos = palloc(sizeof(IndexInfo *) * (nidx > 0 ? nidx : 1));
+	k = 0;
+	foreach(lc, indexes)
+	{
+		Relation	irel = index_open(lfirst_oid(lc), RowExclusiveLock);
+		IndexInfo  *ii = BuildIndexInfo(irel);
+
+		irels[k] = irel;
+		iinfos[k] = ii;
+		k++;
+		if (ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
+			(irel->rd_index->indisunique && !irel->rd_index->indimmediate))
+		{
+			int			j;
+
+			for (j = 0; j < k; j++)
+				index_close(irels[j], NoLock);
+			table_close(rel, NoLock);
+			events_direct = false;	/* until the table changes */
+			return false;
+		}
+	}
+
+	values = palloc0(sizeof(Datum) * desc->natts);
+	nulls = palloc(sizeof(bool) * desc->natts);
+	memset(nulls, true, sizeof(bool) * desc->natts);
+	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
+	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	values[events_attnum[EV_PROJECT] - 1] = CStringGetTextDatum(project);
+	values[events_attnum[EV_KIND] - 1] = CStringGetTextDatum("row");
+	values[events_attnum[EV_TABLE] - 1] = CStringGetTextDatum(table);
+	values[events_attnum[EV_OPERATION] - 1] = CStringGetTextDatum(operation);
+	values[events_attnum[EV_RECORD] - 1] = record;
+	values[events_attnum[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
+	values[events_attnum[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	values[events_attnum[EV_BYTES] - 1] = Int32GetDatum(bytes);
+	for (k = 0; k < EV_NCOLS; k++)
+		nulls[events_attnum[k] - 1] = false;
+	if (old_null)
+		nulls[events_attnum[EV_OLD] - 1] = true;
+	tuple = heap_form_tuple(desc, values, nulls);
+	simple_heap_insert(rel, tuple);
+
+	slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
+	ExecStoreHeapTuple(tuple, slot, false);
+	for (k = 0; k < nidx; k++)
+	{
+		Datum		ivalues[INDEX_MAX_KEYS];
+		bool		inulls[INDEX_MAX_KEYS];
+
+		if (iinfos[k]->ii_ReadyForInserts)
+		{
+			FormIndexDatum(iinfos[k], slot, NULL, ivalues, inulls);
+			index_insert(irels[k], ivalues, inulls, &tuple->t_self, rel,
+						 irels[k]->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+						 false, iinfos[k]);
+		}
+		index_close(irels[k], NoLock);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	heap_freetuple(tuple);
+	list_free(indexes);
+	table_close(rel, NoLock);
+	return true;
+}
+
+/* Is a reader waiting (EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting), on the
+ * latest snapshot)? -1 when the table is not what this code knows, or in a serializable
+ * transaction (the caller queries). */
+static int
+direct_readers_waiting(void)
+{
+	Oid			relid = fluxbase_relid("event_readers");
+	Relation	rel;
+	TupleDesc	desc;
+	AttrNumber	waiting = InvalidAttrNumber;
+	Snapshot	snap;
+	TableScanDesc scan;
+	HeapTuple	tup;
+	bool		found = false;
+	int			i;
+
+	/* A serializable transaction reads it as the saved query does (its snapshot, its
+	 * predicate locks). */
+	if (!OidIsValid(relid) || IsolationIsSerializable())
+		return -1;
+	rel = table_open(relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (!att->attisdropped && strcmp(NameStr(att->attname), "waiting") == 0 && att->atttypid == BOOLOID)
+			waiting = att->attnum;
+	}
+	if (waiting == InvalidAttrNumber || rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->rd_tableam != GetHeapamTableAmRoutine() || rel->rd_rel->relrowsecurity)
+	{
+		table_close(rel, NoLock);
+		return -1;
+	}
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snap, 0, NULL);
+	while (!found && (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, waiting, desc, &isnull);
+
+		found = !isnull && DatumGetBool(d);
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snap);
+	table_close(rel, NoLock);
+	return found ? 1 : 0;
+}
+
+/* The saved INSERT: the outbox row when the direct write does not know the table. */
+static void
+spi_insert(const char *project, const char *table, const char *operation, Datum record,
+		   Datum old, bool old_null, int32 bytes)
+{
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (insert_plan == NULL)
+	{
+		Oid			argtypes[6] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT4OID};
+
+		insert_plan = keep_plan(INSERT_SQL, 6, argtypes);
+	}
+	values[0] = CStringGetTextDatum(project);
+	values[1] = CStringGetTextDatum(table);
+	values[2] = CStringGetTextDatum(operation);
+	values[3] = record;
+	values[4] = old_null ? (Datum) 0 : old;
+	if (old_null)
+		nulls[4] = 'n';
+	values[5] = Int32GetDatum(bytes);
+	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "fluxbase_capture: outbox insert failed: %s", SPI_result_code_string(rc));
+}
+
+/* The saved doorbell query, when the direct read does not know event_readers. */
+static bool
+spi_readers_waiting(void)
+{
+	int			rc;
+	bool		isnull = true;
+	Datum		v;
+
+	if (bell_plan == NULL)
+		bell_plan = keep_plan(BELL_SQL, 0, NULL);
+	rc = SPI_execute_plan(bell_plan, NULL, NULL, false, 1);
+	if (rc != SPI_OK_SELECT || SPI_tuptable == NULL || SPI_processed != 1)
+		elog(ERROR, "fluxbase_capture: doorbell query failed: %s", SPI_result_code_string(rc));
+	v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return !isnull && DatumGetBool(v);
+}
+
+static void
+spi_connect(bool *connected)
+{
+	if (*connected)
+		return;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "fluxbase_capture: SPI_connect failed");
+	*connected = true;
+}
+
+/*
  * The capture of one statement's (or one row's) images: records[i] with olds[i] (olds NULL: no
- * old images). The images are already built, as the invoker.
+ * old images). The images are already built, as the invoker. SPI is connected only for what
+ * needs it (write_events, and the saved plans when the direct ways do not apply); an error
+ * leaves it to the (sub)transaction's abort, as everywhere in PostgreSQL.
  */
 static void
 capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 {
 	char		project[17];
+	const char *table = RelationGetRelationName(rel);
 	Oid			writer;
 	Oid			save_userid;
 	int			save_sec;
+	bool		connected = false;
 	volatile bool wrote = false;
+	volatile bool ring = false;
 	int			i;
 
 	if (n <= 0)
 		return;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "fluxbase_capture: SPI_connect failed");
 	if (!fast_path(rel, project))
 	{
 		/* A platform session, or a refusal: write_events decides, as before. */
+		spi_connect(&connected);
 		delegate(RelationGetRelid(rel), operation, records, olds, n, olds == NULL);
 		SPI_finish();
 		return;
@@ -294,45 +647,28 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	for (i = 0; i < n; i++)
 	{
 		bool		old_null = olds == NULL;
-		int32		bytes = image_size(records[i], false) + image_size(old_null ? (Datum) 0 : olds[i], old_null);
+		Datum		old = old_null ? (Datum) 0 : olds[i];
+		int32		bytes = image_size(records[i], false) + image_size(old, old_null);
 
 		if (bytes > CAPTURE_MAX_IMAGE_BYTES)
 		{
 			/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
+			spi_connect(&connected);
 			delegate(RelationGetRelid(rel), operation, &records[i], old_null ? NULL : &olds[i], 1, old_null);
 			continue;
 		}
-
+		/* Only the outbox write runs as the outbox writer, restricted; nothing in it is the
+		 * tenant's (values built above, platform table and indexes). */
 		GetUserIdAndSecContext(&save_userid, &save_sec);
 		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 							   SECURITY_RESTRICTED_OPERATION);
 		PG_TRY();
 		{
-			Datum		values[6];
-			char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-			int			rc;
-
-			if (insert_plan == NULL)
+			if (!direct_insert(project, table, operation, records[i], old, old_null, bytes))
 			{
-				Oid			argtypes[6] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, INT4OID};
-
-				insert_plan = keep_plan(INSERT_SQL, 6, argtypes);
+				spi_connect(&connected);
+				spi_insert(project, table, operation, records[i], old, old_null, bytes);
 			}
-			values[0] = CStringGetTextDatum(project);
-			values[1] = CStringGetTextDatum(RelationGetRelationName(rel));
-			values[2] = CStringGetTextDatum(operation);
-			values[3] = records[i];
-			if (old_null)
-			{
-				values[4] = (Datum) 0;
-				nulls[4] = 'n';
-			}
-			else
-				values[4] = olds[i];
-			values[5] = Int32GetDatum(bytes);
-			rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-			if (rc != SPI_OK_INSERT)
-				elog(ERROR, "fluxbase_capture: outbox insert failed: %s", SPI_result_code_string(rc));
 			wrote = true;
 		}
 		PG_FINALLY();
@@ -346,24 +682,20 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	{
 		/* The doorbell, rung only while a reader sleeps (every notifying commit takes a
 		 * cluster lock). */
-		volatile bool ring = false;
-
 		GetUserIdAndSecContext(&save_userid, &save_sec);
 		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 							   SECURITY_RESTRICTED_OPERATION);
 		PG_TRY();
 		{
-			int			rc;
-			bool		isnull = true;
-			Datum		v;
+			int			direct = direct_readers_waiting();
 
-			if (bell_plan == NULL)
-				bell_plan = keep_plan(BELL_SQL, 0, NULL);
-			rc = SPI_execute_plan(bell_plan, NULL, NULL, false, 1);
-			if (rc != SPI_OK_SELECT || SPI_tuptable == NULL || SPI_processed != 1)
-				elog(ERROR, "fluxbase_capture: doorbell query failed: %s", SPI_result_code_string(rc));
-			v = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			ring = !isnull && DatumGetBool(v);
+			if (direct >= 0)
+				ring = direct == 1;
+			else
+			{
+				spi_connect(&connected);
+				ring = spi_readers_waiting();
+			}
 		}
 		PG_FINALLY();
 		{
@@ -373,7 +705,8 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 		if (ring)
 			Async_Notify("fluxbase_events", "");
 	}
-	SPI_finish();
+	if (connected)
+		SPI_finish();
 }
 
 static TriggerData *
