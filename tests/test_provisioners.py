@@ -157,3 +157,73 @@ async def test_project_administered_by_the_runtime_keeps_working(api: Api, insta
     r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(token))
     assert r.status_code in (200, 204), r.text
     assert await _project_roles(control_db, pid) == []
+
+
+async def test_project_of_another_bucket_keeps_working(api: Api, control_db) -> None:
+    """A project whose roles a bucket other than bucket_of(id) administers (provisioned when there
+    were fewer buckets: BUCKETS grew so that no bucket's membership list, walked by every
+    role-touching statement it runs, grows past ~1/BUCKETS of the roles): the export role, realtime
+    capture as the owner and deletion go through the bucket that holds ADMIN, read from the
+    catalog, not the one its id hashes to now."""
+    _, token = await api.new_user()
+    pid = await api.new_project(token)
+    mine = bucket_of(pid)
+    other = next(b for b in all_buckets()[:32] if b != mine)
+    roles = await _project_roles(control_db, pid)
+    # What a provisioning by `other` leaves: its ADMIN grant (grantor the bootstrap superuser) and
+    # its createrole_self_grant SET grant (its own).
+    for role in roles:
+        await control_db.execute(f'GRANT "{role}" TO "{other}" WITH ADMIN OPTION, INHERIT FALSE, SET FALSE')
+        await control_db.execute(
+            f'GRANT "{role}" TO "{other}" WITH INHERIT FALSE, SET TRUE GRANTED BY "{other}"'
+        )
+    # The memberships `mine` granted among the project's roles (read into the checker), as `other`.
+    granted = await control_db.fetch(
+        """SELECT r.rolname AS role, u.rolname AS member, m.admin_option, m.inherit_option, m.set_option
+           FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
+           WHERE m.grantor = $1::regrole AND r.rolname = ANY($2::text[])""",
+        mine,
+        roles,
+    )
+    for g in granted:
+        opts = ", ".join(
+            f"{o.split('_')[0].upper()} {str(g[o]).upper()}" for o in ("inherit_option", "set_option")
+        )
+        await control_db.execute(f'GRANT "{g["role"]}" TO "{g["member"]}" WITH {opts} GRANTED BY "{other}"')
+    for role in roles:
+        await control_db.execute(f'REVOKE "{role}" FROM "{mine}" GRANTED BY "{mine}" CASCADE')
+        await control_db.execute(f'REVOKE "{role}" FROM "{mine}" CASCADE')
+    admins = {r["member"] for r in await control_db.fetch(_ADMINS, f"p_{pid}_%") if r["admin_option"]}
+    assert admins == {other}, admins
+    key = await api.new_key(token, pid, "admin", rateLimitRequests=1_000_000)
+    await _ok(api, key, pid, "CREATE TABLE t (id int PRIMARY KEY)")
+    r = await api.http.post(
+        "/api/realtime/enable", json={"projectId": pid, "tables": ["t"]}, headers=bearer(key)
+    )
+    assert r.status_code == 200, r.text
+    r = await api.http.get(f"/api/projects/{pid}/export", headers=bearer(token))
+    assert r.status_code == 200, r.text[:300]
+    admins = {r["member"] for r in await control_db.fetch(_ADMINS, f"p_{pid}_%") if r["admin_option"]}
+    assert admins == {other}, admins  # the export role too
+    r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(token))
+    assert r.status_code in (200, 204), r.text
+    assert await _project_roles(control_db, pid) == []
+
+
+async def test_role_defaults_set_as_the_role(api: Api, control_db) -> None:
+    """A new project's roles get every default (search_path and the tenant settings, the
+    superuser-only temp_file_limit included), all in one round trip (tenancy/provision.py
+    _set_defaults)."""
+    _, token = await api.new_user()
+    pid = await api.new_project(token)
+    rows = await control_db.fetch(
+        """SELECT r.rolname, s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+           WHERE r.rolname LIKE $1 AND s.setdatabase = 0""",
+        f"p_{pid}_%",
+    )
+    got = {r["rolname"]: {c.split("=", 1)[0] for c in r["setconfig"]} for r in rows}
+    assert set(got) == set(await _project_roles(control_db, pid)), got
+    want = {"search_path", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"}
+    want |= {"work_mem", "temp_file_limit"}
+    for role, names in got.items():
+        assert names == want, (role, names)

@@ -24,6 +24,7 @@ from collections import deque
 import asyncpg
 import msgspec
 
+from fluxbase.db.control import fetchrow_stateless
 from fluxbase.errors import RateLimited
 
 
@@ -205,8 +206,10 @@ class SharedRateLimiter:
         hold = self.HOLD_S if want > 1 else 0.0
         t0 = time.monotonic()
         self.round_trips += 1
-        row = await self.db.fetchrow(
-            _LEASE, name, limit, float(window), want, hold, old, old_until, lease.left
+        # One fixed statement (a function whose search_path is its own): no session state, so
+        # its connection skips the pool's reset query (db/control.py).
+        row = await fetchrow_stateless(
+            self.db, _LEASE, name, limit, float(window), want, hold, old, old_until, lease.left
         )
         assert row is not None
         granted, counted, db_now, oldest = row["granted"], row["counted"], row["now_s"], row["oldest"]

@@ -323,22 +323,25 @@ async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None
             sql.append(f"ALTER ROLE {b} {attrs}")
         # Roles it creates are granted to it WITH ADMIN and SET (not INHERIT), as to the runtime.
         sql.append(f"ALTER ROLE {b} SET createrole_self_grant = 'set'")
-        sql.append(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {b} WITH GRANT OPTION")
-        sql.append(f"GRANT USAGE ON SCHEMA fluxbase_guard TO {b}")
-        if forget:
-            sql.append(f"GRANT EXECUTE ON FUNCTION fluxbase_guard.forget_extensions(text) TO {b}")
-        sql.append(
-            f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {b} WITH GRANT OPTION"
-        )
-        sql.append(f"GRANT USAGE ON LANGUAGE plpgsql TO {b} WITH GRANT OPTION")
-        sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {b} WITH GRANT OPTION")
-        if reader:
-            sql.append(f"GRANT {CATALOG_READER} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
-        # SET on the groups tenants are members of: as the runtime (_runtime_role).
-        shared = f"{groups}, {REALTIME_SENDERS}" if senders else groups
-        sql.append(f"GRANT {shared} TO {b} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
-        for param in SUSET_ROLE_SETTINGS:
-            sql.append(f"GRANT SET ON PARAMETER {param} TO {b}")
+    # The grants, each one statement for every bucket (BUCKETS of them: one rewrite of each ACL,
+    # not one per bucket; this runs at every start).
+    bs = ", ".join(quote_ident(b) for b in all_buckets())
+    sql.append(f"GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {db} TO {bs} WITH GRANT OPTION")
+    sql.append(f"GRANT USAGE ON SCHEMA fluxbase_guard TO {bs}")
+    if forget:
+        sql.append(f"GRANT EXECUTE ON FUNCTION fluxbase_guard.forget_extensions(text) TO {bs}")
+    sql.append(
+        f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {bs} WITH GRANT OPTION"
+    )
+    sql.append(f"GRANT USAGE ON LANGUAGE plpgsql TO {bs} WITH GRANT OPTION")
+    sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {bs} WITH GRANT OPTION")
+    if reader:
+        sql.append(f"GRANT {CATALOG_READER} TO {bs} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE")
+    # SET on the groups tenants are members of: as the runtime (_runtime_role).
+    shared = f"{groups}, {REALTIME_SENDERS}" if senders else groups
+    sql.append(f"GRANT {shared} TO {bs} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
+    for param in SUSET_ROLE_SETTINGS:
+        sql.append(f"GRANT SET ON PARAMETER {param} TO {bs}")
     await conn.execute(";\n".join(sql))
 
 

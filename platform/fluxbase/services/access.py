@@ -20,6 +20,7 @@ import msgspec
 
 from fluxbase import ids
 from fluxbase.config import Settings
+from fluxbase.db.control import fetchrow_stateless
 from fluxbase.errors import (
     AuthRequired,
     InsufficientPermissions,
@@ -174,7 +175,7 @@ async def authenticate_key(db: asyncpg.Pool, raw_key: str, origin: str | None) -
     if not apikeys.well_formed(raw_key):
         raise AuthRequired("API key is malformed (checksum mismatch).")
     key_hash = apikeys.hash_key(raw_key)
-    row = await db.fetchrow(_KEY_QUERY, key_hash, origin)
+    row = await fetchrow_stateless(db, _KEY_QUERY, key_hash, origin)
     if row is None:
         if await db.fetchval("SELECT true FROM fluxbase.rotated_api_keys WHERE key_hash = $1", key_hash):
             raise AuthRequired(

@@ -82,9 +82,7 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
         # readwrite key (an end user) cannot run code it wrote anywhere — a temporary cast called
         # by a foreign key's check trigger let it forge capture events (hostile review 2).
         await _join_group(conn, role, scope, dbname)
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} SET search_path = {path}")
-        for name, value in _role_settings(settings).items():
-            await conn.execute(f"ALTER ROLE {quote_ident(role)} SET {name} = {quote_literal(value)}")
+        await _set_defaults(conn, role, settings, path)
     # Only the admin role may change request-local settings or run plpgsql (DO blocks,
     # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007). The
     # admin keeps set_config because pg_dump (the export, logged in as it) calls it on connecting;
@@ -126,13 +124,19 @@ async def _provision_checker(
     await _join_group(
         conn, role_name(project_id, CHECKER), CHECKER, await conn.fetchval("SELECT current_database()")
     )
-    await conn.execute(f"ALTER ROLE {rt} SET search_path = {path}")
-    for name, value in _role_settings(settings).items():
-        await conn.execute(f"ALTER ROLE {rt} SET {name} = {quote_literal(value)}")
+    await _set_defaults(conn, role_name(project_id, CHECKER), settings, path)
     await conn.execute(f"GRANT {ro} TO {rt}")
     # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
     rw = quote_ident(role_name(project_id, "readwrite"))
     await conn.execute(f"GRANT {rw} TO {rt} WITH INHERIT FALSE, SET TRUE")
+
+
+async def _set_defaults(conn: asyncpg.Connection, role: str, settings: Settings, path: str) -> None:
+    """The new role's defaults (search_path, _role_settings), in one round trip (each is an ALTER
+    ROLE of its own; the provisioning runs about thirty)."""
+    r = quote_ident(role)
+    values = {"search_path": path} | {n: quote_literal(v) for n, v in _role_settings(settings).items()}
+    await conn.execute(";\n".join(f"ALTER ROLE {r} SET {n} = {v}" for n, v in values.items()))
 
 
 async def _join_group(conn: asyncpg.Connection, role: str, kind: str, database: str) -> None:
@@ -168,9 +172,7 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
             f"CONNECTION LIMIT 2 PASSWORD {pw}"
         )
         await _join_group(c, role, EXPORTER, await c.fetchval("SELECT current_database()"))
-        await c.execute(f"ALTER ROLE {r} SET search_path = {quote_ident(schema_name(project_id))}")
-        for name, value in _role_settings(settings).items():
-            await c.execute(f"ALTER ROLE {r} SET {name} = {quote_literal(value)}")
+        await _set_defaults(c, role, settings, quote_ident(schema_name(project_id)))
         await c.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
         await c.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
     return role

@@ -40,8 +40,11 @@ RESET_STEPS = (
 # deferrable defaults a previous request changed, and with FXEPO when the project's auth epoch
 # is not the one the API's cached key state was read with ($2 NULL: no cached key state).
 # Every name and operator is schema-qualified: nothing resolves through the tenant's path.
-CHECK = """SELECT FROM (SELECT pg_catalog.max(a.epoch) AS epoch FROM fluxbase_guard.auth_epochs a
-              WHERE a.project_id OPERATOR(pg_catalog.=) $1::pg_catalog.text) e
+# The epoch is a scalar subquery (project_id is the table's primary key: at most one row), not
+# max(): a fresh backend parses and plans it without the aggregate's catalog lookups (issue 19:
+# this step is part of every new connection's first request).
+CHECK = """SELECT FROM (SELECT (SELECT a.epoch FROM fluxbase_guard.auth_epochs a
+              WHERE a.project_id OPERATOR(pg_catalog.=) $1::pg_catalog.text) AS epoch) e
 WHERE CASE
     WHEN pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed'
       OR pg_catalog.current_setting('transaction_read_only') OPERATOR(pg_catalog.<>) 'off'
