@@ -16,6 +16,7 @@ Each test asserts the SECURE (or intended) behaviour. A hole still open is marke
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -518,3 +519,52 @@ async def test_bytes_are_the_same_whichever_capture_runs(
     ]
     assert [x[:3] for x in c] == [x[:3] for x in pl] and len(c) == 8
     assert c == pl, [(a[0], a[3], b[3]) for a, b in zip(c, pl, strict=True)]
+
+
+# -- 5. the direct outbox write under every isolation level, with a reader waiting -------------
+
+
+async def test_capture_in_every_isolation_level_rings_and_writes(
+    tenant: asyncpg.Connection,  # noqa: F811
+    project: Any,
+    control_db: asyncpg.Pool,
+    observer: asyncpg.Connection,
+) -> None:
+    """capture3 writes the outbox row with heap and index inserts of its own and reads
+    event_readers with its own scan (the saved query in a serializable transaction). In read
+    committed, repeatable read and serializable transactions, with a reader marked waiting, every
+    captured statement writes its events and rings once; a read-only transaction writes nothing."""
+    before = await _server_mark(observer)
+    await tenant.execute("CREATE TABLE iso (id int PRIMARY KEY, v text)")
+    heard: list[str] = []
+    await observer.add_listener("fluxbase_events", lambda *a: heard.append(a[2]))
+    reader = f"test-review16-{project.id}"
+    await observer.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+    try:
+        for n, level in enumerate(("read_committed", "repeatable_read", "serializable")):
+            heard.clear()
+            async with tenant.transaction(isolation=level):
+                await tenant.execute(f"INSERT INTO iso VALUES ({n}, 'a'), ({n + 10}, 'b')")
+                await tenant.execute(f"UPDATE iso SET v = 'c' WHERE id = {n}")
+                await tenant.execute(f"DELETE FROM iso WHERE id = {n + 10}")
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.02)
+            assert heard == ["fluxbase_events"], level  # one NOTIFY a transaction (deduplicated)
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            async with tenant.transaction(readonly=True):
+                await tenant.execute("INSERT INTO iso VALUES (99, 'ro')")
+    finally:
+        await observer.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+    ev = [
+        (e["operation"], json.loads(e["record"])["id"])
+        for e in await _row_events(control_db, project.id, "iso")
+    ]
+    want: list[tuple[str, int]] = []
+    for n in range(3):
+        want += [("INSERT", n), ("INSERT", n + 10), ("UPDATE", n), ("DELETE", n + 10)]
+    assert ev == want, ev
+    assert await _server_mark(observer) == before
