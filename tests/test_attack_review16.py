@@ -26,7 +26,8 @@ import pytest
 
 from conftest import Instance
 from fluxbase.security.roles import role_name
-from support import Api, Stack
+from fluxbase.tenancy.buckets import all_buckets, bucket_of
+from support import Api, Stack, bearer
 from test_attack_review15 import _ok, _sql
 from test_capture_native import tenant  # noqa: F401  (a session as the project's admin role)
 
@@ -568,3 +569,49 @@ async def test_capture_in_every_isolation_level_rings_and_writes(
         want += [("INSERT", n), ("INSERT", n + 10), ("UPDATE", n), ("DELETE", n + 10)]
     assert ev == want, ev
     assert await _server_mark(observer) == before
+
+
+# -- 6. cold4: 128 provisioner buckets, the administrator read from the catalog ----------------
+
+
+async def test_tenant_cannot_take_or_break_its_provisioner(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """cold4 reads the bucket that administers a project's roles from pg_auth_members (the first
+    one holding ADMIN, its own hash's first) and grew the buckets to 128 (names up to
+    fluxbase_provisioner_127). The project's admin tries, in plpgsql that no classifier sees, to
+    join, become, alter or re-grant its own bucket and a three-digit one, to give another bucket
+    ADMIN over its roles, and to take its bucket's ADMIN away: all refused, the administration
+    unchanged, and deleting the project leaves none of its roles behind."""
+    key, pid = project.admin_key, project.id
+    me = role_name(pid, "admin")
+    mine = bucket_of(pid)
+    far = all_buckets()[-1]
+    admins = """SELECT r.rolname AS role, b.rolname AS member FROM pg_auth_members m
+                JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles b ON b.oid = m.member
+                WHERE r.rolname LIKE $1 AND m.admin_option ORDER BY 1, 2"""
+    before = [tuple(r) for r in await control_db.fetch(admins, f"p_{pid}_%")]
+    assert {m for _, m in before} == {mine} and len(before) == 4, before
+    attempts = [f'GRANT "{b}" TO "{me}"' for b in (mine, far)] + [
+        f'SET ROLE "{mine}"',
+        f"ALTER ROLE \"{far}\" PASSWORD 'owned'",
+        f'ALTER ROLE "{far}" SET search_path = public',
+        f'GRANT "{role_name(pid, "readwrite")}" TO "{far}" WITH ADMIN OPTION',
+        f'GRANT "{me}" TO "{far}" WITH ADMIN OPTION',
+        f'REVOKE "{role_name(pid, "readwrite")}" FROM "{mine}"',
+        f'REVOKE "{me}" FROM "{mine}" CASCADE',
+        f'DROP ROLE "{far}"',
+    ]
+    for q in attempts:
+        r = await _sql(api, key, pid, f"DO $$ BEGIN EXECUTE $q${q}$q$; END $$")
+        body = r.json()
+        assert r.status_code < 500 and not body.get("success"), (q, body)
+        assert "permission denied" in body["error"]["message"], (q, body)
+    assert [tuple(r) for r in await control_db.fetch(admins, f"p_{pid}_%")] == before
+    assert not await control_db.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", me, mine)
+    assert not await control_db.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", me, far)
+    r = await api.http.delete(f"/api/projects/{pid}", headers=bearer(project.owner_token))
+    assert r.status_code in (200, 204), r.text
+    assert not await control_db.fetchval(
+        "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"p\\_{pid}\\_%"
+    )
