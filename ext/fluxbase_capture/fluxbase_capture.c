@@ -54,6 +54,7 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 #include "utils/xid8.h"
@@ -74,8 +75,8 @@ static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr bell_plan = NULL;
 static SPIPlanPtr delegate_plan = NULL;
 
-/* The session user's verdict: a session user cannot be renamed while it is one (ALTER ROLE
- * refuses), and SET SESSION AUTHORIZATION changes the oid, so (oid -> verdict) stays true. */
+/* The session user's verdict, by its oid (SET SESSION AUTHORIZATION changes the oid), until
+ * any change to pg_authid (a rename from another session: roles_inval). */
 static Oid cached_session_user = InvalidOid;
 static bool cached_is_project = false;
 static char cached_project[17];
@@ -312,10 +313,17 @@ events_inval(Datum arg, Oid relid)
 		events_checked = false;
 }
 
+static void
+roles_inval(Datum arg, int cacheid, uint32 hashvalue)
+{
+	cached_session_user = InvalidOid;
+}
+
 void
 _PG_init(void)
 {
 	CacheRegisterRelcacheCallback(events_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(AUTHOID, roles_inval, (Datum) 0);
 }
 
 static Oid
