@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 # Every role-touching statement a bucket runs walks its whole membership list (two entries for
 # each role it created, PostgreSQL's roles_is_member_of; not cached when it checks an ADMIN grant):
 # a provisioning costs time proportional to the roles its bucket already administers, ~0.035 ms
-# per entry per project on the test stack (docs/scaling.md). 128 buckets keep that under ~800
-# entries (~0.03 s a project) at 10 000 projects; 32 reached 3 100 (0.1 s more a project).
+# per entry per project on the test stack (docs/scaling.md). 128 buckets keep that to ~650
+# entries each at 10 000 projects; 32 reached ~2 500 (at 4 000 projects, one at a time: the last
+# tenth 85 ms a project with 32, 40 ms with 128).
 # Changing it re-hashes new projects only: existing ones stay with the bucket that administers
 # them (administered_by_bucket reads it from the catalog).
 BUCKETS = 128
