@@ -214,6 +214,23 @@ SHAPES: list[tuple[str, list[str], list[str]]] = [
         ["INSERT INTO rec VALUES (0, 'x')"],
     ),
     (
+        # writes made by foreign-key actions (RI triggers run them through SPI as the owner,
+        # inside the parent's AFTER trigger): the child's captures nest in the parent's
+        "foreign_key_actions",
+        [
+            "CREATE TABLE fkp (id int PRIMARY KEY)",
+            "CREATE TABLE fkc (id int, p int REFERENCES fkp (id) ON UPDATE CASCADE ON DELETE CASCADE)",
+            "CREATE TABLE fkn (id int, p int REFERENCES fkp (id) ON DELETE SET NULL)",
+        ],
+        [
+            "INSERT INTO fkp VALUES (1), (2)",
+            "INSERT INTO fkc VALUES (10, 1), (20, 2)",
+            "INSERT INTO fkn VALUES (30, 2)",
+            "UPDATE fkp SET id = 3 WHERE id = 1",
+            "DELETE FROM fkp WHERE id = 2",
+        ],
+    ),
+    (
         # the table altered between two captures of one session, its row type changed
         "altered_between_captures",
         ["CREATE TABLE ab (id int, v text)"],
@@ -245,7 +262,24 @@ async def test_hostile_table_shapes_do_not_crash_the_server(
         assert await _server_mark(observer) == before, name
     ev = {
         t: await _row_events(control_db, pid, t)
-        for t in ("zc", "ma", "gc", "pt", "pt1", "pt2", "ip", "ic", "dc", "wide", "mt", "um", "ab", "rec")
+        for t in (
+            "zc",
+            "ma",
+            "gc",
+            "pt",
+            "pt1",
+            "pt2",
+            "ip",
+            "ic",
+            "dc",
+            "wide",
+            "mt",
+            "um",
+            "ab",
+            "rec",
+            "fkc",
+            "fkn",
+        )
     }
     # zero columns: four inserts, four deletes, each image {}
     assert [(e["operation"], e["record"], e["bytes"] > 0) for e in ev["zc"]] == [
@@ -307,6 +341,16 @@ async def test_hostile_table_shapes_do_not_crash_the_server(
         ("INSERT", {"id": 2, "w": "two"}),
         ("DELETE", {"id": 1, "w": "2"}),
         ("DELETE", {"id": 2, "w": "two"}),
+    ]
+    assert [(e["operation"], json.loads(e["record"])) for e in ev["fkc"]] == [
+        ("INSERT", {"id": 10, "p": 1}),
+        ("INSERT", {"id": 20, "p": 2}),
+        ("UPDATE", {"id": 10, "p": 3}),
+        ("DELETE", {"id": 20, "p": 2}),
+    ]
+    assert [(e["operation"], json.loads(e["record"])) for e in ev["fkn"]] == [
+        ("INSERT", {"id": 30, "p": 2}),
+        ("UPDATE", {"id": 30, "p": None}),
     ]
     # each level's event written after the deeper levels' (their statements ended first)
     assert [json.loads(e["record"])["id"] for e in ev["rec"]] == list(range(59, -1, -1))
