@@ -406,55 +406,58 @@ events_layout_ok(Relation rel)
 	return true;
 }
 
-/* Insert one outbox row into fluxbase.events directly; false (nothing written) when the table
- * is not the one this code knows, and the caller takes the saved INSERT plan. */
-static bool
-direct_insert(const char *project, const char *table, const char *operation, Datum record,
-			  Datum old, bool old_null, int32 bytes)
+/* fluxbase.events opened once per statement for the direct write of its rows. */
+typedef struct Outbox
 {
-	Oid			relid = fluxbase_relid("events");
+	bool		opened;
+	bool		direct;			/* the direct write applies (else the saved INSERT) */
 	Relation	rel;
-	List	   *indexes;
-	ListCell   *lc;
+	int			nidx;
 	Relation   *irels;
 	IndexInfo **iinfos;
-	int			nidx;
-	int			k;
+	TupleTableSlot *slot;
 	Datum	   *values;
 	bool	   *nulls;
-	HeapTuple	tuple;
-	TupleTableSlot *slot;
-	TupleDesc	desc;
+} Outbox;
 
+/* Open fluxbase.events and its indexes for the direct write, if it applies. */
+static void
+outbox_open(Outbox *ob)
+{
+	Oid			relid = fluxbase_relid("events");
+	List	   *indexes;
+	ListCell   *lc;
+	int			k = 0;
+
+	ob->opened = true;
+	ob->direct = false;
 	if (!OidIsValid(relid))
-		return false;
-	rel = table_open(relid, RowExclusiveLock);
+		return;
+	ob->rel = table_open(relid, RowExclusiveLock);
 	if (!events_checked || events_relid != relid)
 	{
 		events_relid = relid;
-		events_direct = events_layout_ok(rel);
+		events_direct = events_layout_ok(ob->rel);
 		events_checked = true;
 	}
 	if (!events_direct)
 	{
-		table_close(rel, NoLock);
-		return false;
+		table_close(ob->rel, NoLock);
+		ob->rel = NULL;
+		return;
 	}
-	desc = RelationGetDescr(rel);
-
 	/* The indexes first: one this code cannot fill means the saved plan, before any write. */
-	indexes = RelationGetIndexList(rel);
-	nidx = list_length(indexes);
-	irels = palloc(sizeof(Relation) * (nidx > 0 ? nidx : 1));
-	iinfos = palloc(sizeof(IndexInfo *) * (nidx > 0 ? nidx : 1));
-	k = 0;
+	indexes = RelationGetIndexList(ob->rel);
+	ob->nidx = list_length(indexes);
+	ob->irels = palloc(sizeof(Relation) * (ob->nidx > 0 ? ob->nidx : 1));
+	ob->iinfos = palloc(sizeof(IndexInfo *) * (ob->nidx > 0 ? ob->nidx : 1));
 	foreach(lc, indexes)
 	{
 		Relation	irel = index_open(lfirst_oid(lc), RowExclusiveLock);
 		IndexInfo  *ii = BuildIndexInfo(irel);
 
-		irels[k] = irel;
-		iinfos[k] = ii;
+		ob->irels[k] = irel;
+		ob->iinfos[k] = ii;
 		k++;
 		if (ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
 			(irel->rd_index->indisunique && !irel->rd_index->indimmediate))
@@ -462,15 +465,46 @@ direct_insert(const char *project, const char *table, const char *operation, Dat
 			int			j;
 
 			for (j = 0; j < k; j++)
-				index_close(irels[j], NoLock);
-			table_close(rel, NoLock);
+				index_close(ob->irels[j], NoLock);
+			table_close(ob->rel, NoLock);
+			ob->rel = NULL;
+			list_free(indexes);
 			events_direct = false;	/* until the table changes */
-			return false;
+			return;
 		}
 	}
+	list_free(indexes);
+	ob->slot = MakeSingleTupleTableSlot(RelationGetDescr(ob->rel), &TTSOpsHeapTuple);
+	ob->values = palloc0(sizeof(Datum) * RelationGetDescr(ob->rel)->natts);
+	ob->nulls = palloc(sizeof(bool) * RelationGetDescr(ob->rel)->natts);
+	ob->direct = true;
+}
 
-	values = palloc0(sizeof(Datum) * desc->natts);
-	nulls = palloc(sizeof(bool) * desc->natts);
+static void
+outbox_close(Outbox *ob)
+{
+	int			k;
+
+	if (!ob->opened || !ob->direct)
+		return;
+	for (k = 0; k < ob->nidx; k++)
+		index_close(ob->irels[k], NoLock);
+	ExecDropSingleTupleTableSlot(ob->slot);
+	table_close(ob->rel, NoLock);
+	ob->direct = false;
+}
+
+/* Insert one outbox row into the opened fluxbase.events directly. */
+static void
+direct_insert(Outbox *ob, const char *project, const char *table, const char *operation,
+			  Datum record, Datum old, bool old_null, int32 bytes)
+{
+	TupleDesc	desc = RelationGetDescr(ob->rel);
+	Datum	   *values = ob->values;
+	bool	   *nulls = ob->nulls;
+	HeapTuple	tuple;
+	int			k;
+
 	memset(nulls, true, sizeof(bool) * desc->natts);
 	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
 	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
@@ -487,29 +521,23 @@ direct_insert(const char *project, const char *table, const char *operation, Dat
 	if (old_null)
 		nulls[events_attnum[EV_OLD] - 1] = true;
 	tuple = heap_form_tuple(desc, values, nulls);
-	simple_heap_insert(rel, tuple);
+	simple_heap_insert(ob->rel, tuple);
 
-	slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
-	ExecStoreHeapTuple(tuple, slot, false);
-	for (k = 0; k < nidx; k++)
+	ExecStoreHeapTuple(tuple, ob->slot, false);
+	for (k = 0; k < ob->nidx; k++)
 	{
 		Datum		ivalues[INDEX_MAX_KEYS];
 		bool		inulls[INDEX_MAX_KEYS];
 
-		if (iinfos[k]->ii_ReadyForInserts)
-		{
-			FormIndexDatum(iinfos[k], slot, NULL, ivalues, inulls);
-			index_insert(irels[k], ivalues, inulls, &tuple->t_self, rel,
-						 irels[k]->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
-						 false, iinfos[k]);
-		}
-		index_close(irels[k], NoLock);
+		if (!ob->iinfos[k]->ii_ReadyForInserts)
+			continue;
+		FormIndexDatum(ob->iinfos[k], ob->slot, NULL, ivalues, inulls);
+		index_insert(ob->irels[k], ivalues, inulls, &tuple->t_self, ob->rel,
+					 ob->irels[k]->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+					 false, ob->iinfos[k]);
 	}
-	ExecDropSingleTupleTableSlot(slot);
+	ExecClearTuple(ob->slot);
 	heap_freetuple(tuple);
-	list_free(indexes);
-	table_close(rel, NoLock);
-	return true;
 }
 
 /* Is a reader waiting (EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting), on the
@@ -632,6 +660,7 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	Oid			save_userid;
 	int			save_sec;
 	bool		connected = false;
+	Outbox		ob = {0};
 	volatile bool wrote = false;
 	volatile bool ring = false;
 	int			i;
@@ -652,51 +681,53 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("fluxbase_capture: the role %s does not exist", OUTBOX_WRITER)));
 
-	for (i = 0; i < n; i++)
+	/*
+	 * Only the outbox writes and the doorbell read run as the outbox writer, restricted, and
+	 * nothing in them is the tenant's (values built before, platform table, indexes and
+	 * sequence). write_events (rows over 1 MiB) is called as the invoker.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	PG_TRY();
 	{
-		bool		old_null = olds == NULL;
-		Datum		old = old_null ? (Datum) 0 : olds[i];
-		int32		bytes = image_size(records[i], false) + image_size(old, old_null);
+		for (i = 0; i < n; i++)
+		{
+			bool		old_null = olds == NULL;
+			Datum		old = old_null ? (Datum) 0 : olds[i];
+			int32		bytes = image_size(records[i], false) + image_size(old, old_null);
 
-		if (bytes > CAPTURE_MAX_IMAGE_BYTES)
-		{
-			/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
-			spi_connect(&connected);
-			delegate(RelationGetRelid(rel), operation, &records[i], old_null ? NULL : &olds[i], 1, old_null);
-			continue;
-		}
-		/* Only the outbox write runs as the outbox writer, restricted; nothing in it is the
-		 * tenant's (values built above, platform table and indexes). */
-		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-							   SECURITY_RESTRICTED_OPERATION);
-		PG_TRY();
-		{
-			if (!direct_insert(project, table, operation, records[i], old, old_null, bytes))
+			if (bytes > CAPTURE_MAX_IMAGE_BYTES)
+			{
+				/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
+				spi_connect(&connected);
+				delegate(RelationGetRelid(rel), operation, &records[i], old_null ? NULL : &olds[i], 1,
+						 old_null);
+				continue;
+			}
+			SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+								   SECURITY_RESTRICTED_OPERATION);
+			if (!ob.opened)
+				outbox_open(&ob);
+			if (ob.direct)
+				direct_insert(&ob, project, table, operation, records[i], old, old_null, bytes);
+			else
 			{
 				spi_connect(&connected);
 				spi_insert(project, table, operation, records[i], old, old_null, bytes);
 			}
 			wrote = true;
-		}
-		PG_FINALLY();
-		{
 			SetUserIdAndSecContext(save_userid, save_sec);
 		}
-		PG_END_TRY();
-	}
+		outbox_close(&ob);
 
-	if (wrote)
-	{
-		/* The doorbell, rung only while a reader sleeps (every notifying commit takes a
-		 * cluster lock). */
-		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-							   SECURITY_RESTRICTED_OPERATION);
-		PG_TRY();
+		if (wrote)
 		{
-			int			direct = direct_readers_waiting();
+			/* The doorbell, rung only while a reader sleeps (every notifying commit takes a
+			 * cluster lock). */
+			int			direct;
 
+			SetUserIdAndSecContext(writer, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+								   SECURITY_RESTRICTED_OPERATION);
+			direct = direct_readers_waiting();
 			if (direct >= 0)
 				ring = direct == 1;
 			else
@@ -704,15 +735,16 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 				spi_connect(&connected);
 				ring = spi_readers_waiting();
 			}
-		}
-		PG_FINALLY();
-		{
 			SetUserIdAndSecContext(save_userid, save_sec);
 		}
-		PG_END_TRY();
-		if (ring)
-			Async_Notify("fluxbase_events", "");
 	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+	}
+	PG_END_TRY();
+	if (ring)
+		Async_Notify("fluxbase_events", "");
 	if (connected)
 		SPI_finish();
 }
