@@ -158,12 +158,17 @@ SHAPES: list[tuple[str, list[str], list[str]]] = [
         # was updated again and deleted in the same transaction
         "deferred_constraint_trigger",
         [
-            "CREATE TABLE dc (id int, v text)",
-            "INSERT INTO dc VALUES (1, 'a')",
+            "CREATE TABLE dc (id int, v text, big text STORAGE EXTERNAL)",
+            "INSERT INTO dc VALUES (1, 'a', repeat('0123456789', 700))",
             "CREATE CONSTRAINT TRIGGER late AFTER UPDATE ON dc DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
             "EXECUTE FUNCTION fluxbase_capture.capture_update()",
         ],
-        ["DO $$ BEGIN UPDATE dc SET v = 'b'; UPDATE dc SET v = 'c'; DELETE FROM dc; END $$"],
+        # each UPDATE replaces the TOASTed value: the deferred trigger reads values whose TOAST
+        # rows the same transaction deleted
+        [
+            "DO $$ BEGIN UPDATE dc SET v = 'b', big = repeat('b', 7000); "
+            "UPDATE dc SET v = 'c', big = repeat('c', 7000); DELETE FROM dc; END $$"
+        ],
     ),
     (
         "wide_1600_columns",
@@ -349,6 +354,11 @@ async def _hostile_shapes(
     assert sorted(dc) == sorted(
         [("INSERT", "a"), ("UPDATE", "b"), ("UPDATE", "c"), ("DELETE", "c"), ("UPDATE", "b"), ("UPDATE", "c")]
     ), dc
+    assert sorted((json.loads(e["record"])["v"], json.loads(e["record"])["big"]) for e in ev["dc"])[-1] == (
+        "c",
+        "c" * 7000,
+    )
+    assert {len(json.loads(e["record"])["big"]) for e in ev["dc"]} == {7000}
     assert [e["operation"] for e in ev["wide"]] == ["INSERT", "UPDATE", "DELETE"]
     wide = json.loads(ev["wide"][1]["record"])
     assert len(wide) == 1600 and (wide["c1"], wide["c2"], wide["c1600"], wide["c3"]) == (1, 3, 2, None)
@@ -554,17 +564,13 @@ async def test_tenant_code_in_a_capture_runs_as_the_tenant_and_errors_restore_it
 # -- 4. bytes: the same whichever capture runs ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 16 F1: the C capture counts a small image (<= 126 bytes of data) with a 1-byte header "
-    "where write_events' one-image path (single-row INSERT and DELETE, every UPDATE) counts 4: 3 bytes "
-    "less per image than the PL/pgSQL capture and the fallback",
-)
 async def test_bytes_are_the_same_whichever_capture_runs(
     api: Api, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """capture3 says `bytes` must be what write_events (the PL/pgSQL capture, and the fallback
-    where the library cannot load) stores. The tenant attaches sql/0049's PL/pgSQL functions to
+    """F1 (fixed here): capture3 says `bytes` must be what write_events (the PL/pgSQL capture, and
+    the fallback where the library cannot load) stores; the C capture counted a small image of a
+    single-row statement 3 bytes short (a 1-byte header where write_events' one-image path
+    measures the 4-byte one). The tenant attaches sql/0049's PL/pgSQL functions to
     one table and keeps the C ones on its twin; the same single-row and multi-row statements on
     both must count the same bytes (the outbox quota adds them up)."""
     key, pid = project.admin_key, project.id
