@@ -9,6 +9,15 @@ admin role) and assert that the postmaster did not restart (pg_postmaster_start_
 observer connection opened before survive), that another project keeps working, and that what
 was captured is exactly to_jsonb(row) in the writer's own project.
 
+Findings: F1 (low, fixed in ext/fluxbase_capture): the C capture counted a small image of a
+single-row statement 3 bytes short of what write_events (the PL/pgSQL capture and the fallback)
+stores as `bytes`, the figure the outbox quota adds up. Everything else here held: no crash path
+(zero columns, missing attributes, external TOAST, generated columns, partitions and inheritance
+with other tuple layouts, deferred constraint triggers, 1600 columns, forty triggers on one
+transition table, MERGE and upsert, ALTER between captures, capture nested in a cast and in
+foreign-key actions, unbounded recursion), no tenant code as the outbox writer, no event outside
+the writer's project, the same events under the PL/pgSQL fallback; cold4's buckets untouchable.
+
 Each test asserts the SECURE (or intended) behaviour. A hole still open is marked
 `xfail(strict=True)`; the mark goes with the fix. The database fixtures (`control_db`,
 `superuser`) only observe, never set an attack up.
