@@ -217,19 +217,22 @@ transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
 }
 
 /*
- * pg_column_size of the image as write_events sees it: an element of a jsonb[] (the PL/pgSQL
- * triggers pass arrays), stored with a 1-byte header when it fits in one (data up to 126 bytes),
- * so 3 bytes less than the freshly built datum. `bytes` must be the same whichever capture runs.
+ * pg_column_size of the image as write_events measures it; `bytes` must be the same whichever
+ * capture runs (hostile review 16 F1). write_events measures a statement of several rows on
+ * unnest()'s output, whose tuples store an image of up to 126 data bytes with a 1-byte header
+ * (3 bytes less than the freshly built datum), but one image (a single-row INSERT or DELETE,
+ * every UPDATE) as p_records[1], the array element itself with its 4-byte header. `single`: the
+ * statement's only row.
  */
 static int32
-image_size(Datum image, bool isnull)
+image_size(Datum image, bool isnull, bool single)
 {
 	Pointer		p;
 
 	if (isnull)
 		return 0;
 	p = DatumGetPointer(image);
-	if (VARATT_CAN_MAKE_SHORT(p))
+	if (!single && VARATT_CAN_MAKE_SHORT(p))
 		return (int32) VARATT_CONVERTED_SHORT_SIZE(p);
 	return (int32) VARSIZE_ANY(p);
 }
@@ -693,7 +696,7 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 		{
 			bool		old_null = olds == NULL;
 			Datum		old = old_null ? (Datum) 0 : olds[i];
-			int32		bytes = image_size(records[i], false) + image_size(old, old_null);
+			int32		bytes = image_size(records[i], false, n == 1) + image_size(old, old_null, n == 1);
 
 			if (bytes > CAPTURE_MAX_IMAGE_BYTES)
 			{
