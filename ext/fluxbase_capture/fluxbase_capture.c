@@ -35,6 +35,7 @@
 #include "catalog/dependency.h"
 #include "catalog/index.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/sequence.h"
@@ -384,8 +385,9 @@ events_layout_ok(Relation rel)
 		{
 			if (strcmp(NameStr(att->attname), EV_NAMES[c]) == 0)
 			{
+				/* (only `old` may be NULL here: heap_form_tuple checks no NOT NULL) */
 				if (att->atttypid != EV_TYPES[c] || events_attnum[c] != InvalidAttrNumber ||
-					att->attgenerated != '\0')
+					att->attgenerated != '\0' || (c == EV_OLD && att->attnotnull))
 					return false;
 				events_attnum[c] = att->attnum;
 				known = true;
@@ -462,7 +464,9 @@ outbox_open(Outbox *ob)
 		ob->irels[k] = irel;
 		ob->iinfos[k] = ii;
 		k++;
-		if (ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
+		/* btree only: other access methods may need index_insert_cleanup (BRIN keeps a pin) */
+		if (irel->rd_rel->relam != BTREE_AM_OID ||
+			ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
 			(irel->rd_index->indisunique && !irel->rd_index->indimmediate))
 		{
 			int			j;

@@ -69,8 +69,14 @@ async def install_native(conn: asyncpg.Connection) -> str | None:
     try:
         async with conn.transaction():
             if await _native_installed(conn):
-                # Still loadable by this server (not removed, not another major version)?
-                await conn.execute(f"LOAD '{LIBRARY}'")
+                # Still loadable by this server (not removed, not another major version), each
+                # symbol still there (a LOAD alone would not look them up: review 16)?
+                await conn.execute(
+                    "SELECT pg_catalog.fmgr_c_validator(p.oid) FROM pg_catalog.pg_proc p "
+                    "WHERE p.pronamespace = 'fluxbase_capture'::pg_catalog.regnamespace "
+                    "AND p.proname = ANY($1::text[]) AND p.pronargs = 0",
+                    list(NATIVE),
+                )
                 return None
             # The library is loaded and each symbol looked up when the function is created.
             await conn.execute("SET LOCAL check_function_bodies = on")
