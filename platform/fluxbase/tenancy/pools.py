@@ -166,6 +166,7 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
         "idle_since",
         "opened_at",
         "over_caps",
+        "released",
         "remote",
         "request_prefix",
         "reset_timer",
@@ -562,6 +563,7 @@ class TenantPool:
         if self._closed or conn.is_closed():
             conn.terminate()  # its termination listener frees the slot
             return
+        conn.released = True  # it served a request: `acquire_opened_after` takes only fresh ones
         self._hand_on(conn)
         if getattr(conn, "dirty", False) and not getattr(conn, "reset_timer", False):
             # A one-round-trip request resets the session only when the next one starts: if
@@ -631,12 +633,15 @@ class TenantPool:
         a request that met a session whose prepared statements project SQL dropped. Sessions in
         use when that was found may be tampered with too and come back to the pool after
         `discard_idle`; one handed to this call is terminated and the next taken (a new one once
-        its slot is free), within `timeout`."""
+        its slot is free), within `timeout`. Only one no request has released yet: another
+        request may have used (and tampered with) a session opened since."""
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
         while True:
             conn = await self.acquire(None if end is None else max(0.0, end - loop.time()))
-            if getattr(conn, "opened_at", since) >= since:
+            # Opened since, and never released: a session opened after the drop was found can
+            # still have served another principal's DEALLOCATE before this retry took it.
+            if getattr(conn, "opened_at", since) >= since and not getattr(conn, "released", False):
                 return conn
             conn.terminate()
 
