@@ -118,7 +118,7 @@ def test_compose_runs_replicas_behind_the_proxy(compose) -> None:
     for name in ("migrate", "api", "realtime", "worker"):
         assert services[name]["build"]["dockerfile"] == "infra/Dockerfile"
     assert services["postgres"]["build"]["dockerfile"] == "infra/postgres/Dockerfile"
-    assert "image" not in services["postgres"] or services["postgres"]["image"] != "postgres:18"
+    assert services["postgres"]["image"] == "fluxbase-postgres:18"  # the build's tag, not Docker Hub's
 
 
 def test_compose_health_checks_test_tcp_on_the_container_itself(compose) -> None:
