@@ -551,19 +551,44 @@ async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int
     return cpu_ns(pid) - t0
 
 
-async def measure(
+async def measure_rounds(
     admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
 ) -> dict:
     """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
-    and table (sums over rounds)."""
+    and table, one figure per round."""
     pid = await admin.fetchval("SELECT pg_backend_pid()")
-    ticks = {(op, t): 0 for op in OPS for t in tables}
+    samples: dict = {(op, t): [] for op in OPS for t in tables}
+    rows = writes // bulk * bulk
     for r in range(rounds):
         order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
         for t in order:
             for op in OPS:
-                ticks[(op, t)] += await _phase(admin, pid, op, t, writes, bulk)
-    return {k: v / (writes // bulk * bulk * rounds) / 1e3 for k, v in ticks.items()}
+                samples[(op, t)].append(await _phase(admin, pid, op, t, writes, bulk) / rows / 1e3)
+    return samples
+
+
+async def measure(
+    admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
+) -> dict:
+    """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
+    and table (means over rounds)."""
+    samples = await measure_rounds(admin, tables, writes, rounds, bulk)
+    return {k: statistics.mean(v) for k, v in samples.items()}
+
+
+def report_rounds(samples: dict, tables: list[str]) -> list[str]:
+    """Each table's cost (minus the same round's off) per operation: median [min-max] over the
+    rounds; with --alt, the figure to compare builds under a varying load."""
+    lines = ["capture cost per round (µs, table - off of the same round): median [min-max]"]
+    lines.append(f"  {'table':<14}" + "".join(f"{op:>22}" for op in OPS))
+    for t in tables[1:]:
+        cells = []
+        for op in OPS:
+            d = [a - b for a, b in zip(samples[(op, t)], samples[(op, "cc_off")], strict=True)]
+            cells.append(f"{statistics.median(d):>8.1f} [{min(d):.1f}-{max(d):.1f}]")
+        lines.append(f"  {t:<14}" + "".join(f"{c:>22}" for c in cells))
+    lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return lines
 
 
 async def installed_capture(conn: asyncpg.Connection) -> str:
@@ -767,6 +792,11 @@ async def main() -> None:
         metavar="LIB",
         help="also the C capture of $libdir/LIB.so (another build), on a table of its own; repeatable",
     )
+    ap.add_argument(
+        "--superuser-sql",
+        default="",
+        help="SQL the superuser runs after the setup (A/B of a schema change in alternating runs)",
+    )
     ap.add_argument("--no-plpgsql", action="store_true", help="leave out the PL/pgSQL table")
     ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
     ap.add_argument(
@@ -798,16 +828,21 @@ async def main() -> None:
             admin = await asyncpg.connect(dsn)
             superuser = (
                 await asyncpg.connect(stack.database_url(dbname))
-                if args.legacy or args.breakdown or args.alt
+                if args.legacy or args.breakdown or args.alt or args.superuser_sql
                 else None
             )
             tables = await setup(admin, superuser, args.breakdown, args.alt, args.legacy or args.breakdown)
             if args.no_plpgsql and "cc_plpgsql" in tables:
                 tables.remove("cc_plpgsql")
+            if args.superuser_sql:
+                assert superuser is not None
+                await superuser.execute(args.superuser_sql)
             installed = await installed_capture(admin)
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
-            us = await measure(admin, tables, args.writes, args.rounds)
+            samples = await measure_rounds(admin, tables, args.writes, args.rounds)
+            us = {k: statistics.mean(v) for k, v in samples.items()}
             print("\n" + "\n".join(report(us, tables, 1, installed)))
+            print("\n" + "\n".join(report_rounds(samples, tables)))
             if args.bulk > 1:
                 us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
                 print("\n" + "\n".join(report(us, tables, args.bulk, installed)))
