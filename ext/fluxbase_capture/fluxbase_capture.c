@@ -601,13 +601,17 @@ events_learn(Relation rel)
 	events_direct = true;
 }
 
-/* fluxbase.events opened once per statement for the direct write of its rows. IndexInfo and
- * the value arrays are this statement's copies (a learning in between would reset capture_cxt). */
+/* fluxbase.events opened once per statement for the direct write of its rows. What the rows
+ * are written with is this statement's copy (column positions, sequence, IndexInfo), taken with
+ * every lock held: nothing learned later in the statement changes it. */
 typedef struct Outbox
 {
 	bool		opened;
 	bool		direct;			/* the direct write applies (else the saved INSERT) */
 	Relation	rel;
+	int			natts;
+	AttrNumber	attnum[EV_NCOLS];
+	Oid			idseq;
 	int			nidx;
 	Relation   *irels;
 	IndexInfo  *iinfos;
@@ -687,8 +691,11 @@ outbox_open(Outbox *ob)
 			continue;
 		}
 		ob->rel = rel;
-		ob->values = palloc0(sizeof(Datum) * events_natts);
-		ob->nulls = palloc(sizeof(bool) * events_natts);
+		ob->natts = events_natts;
+		memcpy(ob->attnum, events_attnum, sizeof(events_attnum));
+		ob->idseq = events_idseq;
+		ob->values = palloc0(sizeof(Datum) * ob->natts);
+		ob->nulls = palloc(sizeof(bool) * ob->natts);
 		ob->direct = true;
 		return;
 	}
@@ -713,27 +720,27 @@ static void
 direct_insert(Outbox *ob, Datum project, Datum table, Datum operation,
 			  Datum record, Datum old, bool old_null, int32 bytes)
 {
-	int			natts = events_natts;
+	const AttrNumber *at = ob->attnum;
 	Datum	   *values = ob->values;
 	bool	   *nulls = ob->nulls;
 	HeapTuple	tuple;
 	int			k;
 
-	memset(nulls, true, sizeof(bool) * natts);
-	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
-	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
-	values[events_attnum[EV_PROJECT] - 1] = project;
-	values[events_attnum[EV_KIND] - 1] = row_text;
-	values[events_attnum[EV_TABLE] - 1] = table;
-	values[events_attnum[EV_OPERATION] - 1] = operation;
-	values[events_attnum[EV_RECORD] - 1] = record;
-	values[events_attnum[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
-	values[events_attnum[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	values[events_attnum[EV_BYTES] - 1] = Int32GetDatum(bytes);
+	memset(nulls, true, sizeof(bool) * ob->natts);
+	values[at[EV_ID] - 1] = Int64GetDatum(nextval_internal(ob->idseq, false));
+	values[at[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	values[at[EV_PROJECT] - 1] = project;
+	values[at[EV_KIND] - 1] = row_text;
+	values[at[EV_TABLE] - 1] = table;
+	values[at[EV_OPERATION] - 1] = operation;
+	values[at[EV_RECORD] - 1] = record;
+	values[at[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
+	values[at[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	values[at[EV_BYTES] - 1] = Int32GetDatum(bytes);
 	for (k = 0; k < EV_NCOLS; k++)
-		nulls[events_attnum[k] - 1] = false;
+		nulls[at[k] - 1] = false;
 	if (old_null)
-		nulls[events_attnum[EV_OLD] - 1] = true;
+		nulls[at[EV_OLD] - 1] = true;
 	tuple = heap_form_tuple(RelationGetDescr(ob->rel), values, nulls);
 	simple_heap_insert(ob->rel, tuple);
 
