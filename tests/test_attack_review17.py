@@ -12,6 +12,7 @@ Each test asserts the secure/correct behaviour; a hole not fixed here stays
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -168,6 +169,63 @@ async def test_vacuum_full_reindex_concurrently_and_a_recreated_table_are_follow
     # (statement texts asyncpg has not prepared before: DISCARD ALL dropped its prepared ones)
     assert await tenant.fetchval("SELECT pg_backend_pid() AS after_discard") == pid_before
     assert await tenant.fetchval("SELECT current_user AS after_discard") == role_name(project.id, "admin")
+    assert await _mark(superuser) == started
+
+
+async def test_an_index_built_concurrently_while_captures_run_holds_every_row(
+    superuser: asyncpg.Connection,  # noqa: F811
+    project: Any,
+    tenant: asyncpg.Connection,  # noqa: F811
+    tenant2: asyncpg.Connection,
+    control_db: asyncpg.Pool,
+) -> None:
+    """CREATE INDEX CONCURRENTLY (and REINDEX CONCURRENTLY) of the outbox while one tenant
+    backend holds a capturing transaction open across the build and another keeps capturing in
+    short transactions (both with the outbox's facts kept from before the index existed): once
+    the build ends, the new index holds every row of the outbox (amcheck heapallindexed), so
+    no capture skipped an index that was ready, and no event is lost."""
+    assert await _native(control_db)
+    started = await _mark(superuser)
+    await tenant.execute("CREATE TABLE cic17 (id int PRIMARY KEY)")
+    await tenant.execute("INSERT INTO cic17 VALUES (1)")
+    await tenant2.execute("INSERT INTO cic17 VALUES (2)")
+    tx = tenant2.transaction()
+    await tx.start()
+    await tenant2.execute("INSERT INTO cic17 VALUES (3)")
+    build = asyncio.ensure_future(
+        control_db.execute(
+            "CREATE INDEX CONCURRENTLY review17_cic_idx ON fluxbase.events (project_id, table_name)"
+        )
+    )
+    try:
+        keys = [3]
+        for i in range(4, 24):
+            await (tenant if i % 3 else tenant2).execute("INSERT INTO cic17 VALUES ($1)", i)
+            keys.append(i)
+            await asyncio.sleep(0.01)
+        assert not build.done()  # waits for tenant2's open transaction
+        await tx.commit()
+        await asyncio.wait_for(build, 30)
+        for i in range(24, 30):
+            await (tenant if i % 2 else tenant2).execute("INSERT INTO cic17 VALUES ($1)", i)
+        reindex = asyncio.ensure_future(
+            control_db.execute("REINDEX INDEX CONCURRENTLY fluxbase.review17_cic_idx")
+        )
+        for i in range(30, 40):
+            await (tenant if i % 2 else tenant2).execute("INSERT INTO cic17 VALUES ($1)", i)
+        await asyncio.wait_for(reindex, 30)
+        await tenant.execute("INSERT INTO cic17 VALUES (40)")
+        await tenant2.execute("INSERT INTO cic17 VALUES (41)")
+        assert sorted(k for _, k in await _ops(control_db, project.id, "cic17")) == list(range(1, 42))
+        await _indexes_hold_every_row(superuser)
+        assert await superuser.fetchval(
+            "SELECT indisvalid AND indisready FROM pg_index "
+            "WHERE indexrelid = 'fluxbase.review17_cic_idx'::regclass"
+        )
+    finally:
+        if not build.done():
+            build.cancel()
+        await superuser.execute("DROP INDEX IF EXISTS fluxbase.review17_cic_idx")
     assert await _mark(superuser) == started
 
 
