@@ -144,7 +144,7 @@ session_project(char *project)
 }
 
 /* The verdict on the last table schema seen (its oid: p_<16 hex>, and which), until any change
- * to pg_namespace (schema_inval). */
+ * to pg_namespace (names_inval). */
 static Oid	cached_nsp = InvalidOid;
 static bool cached_nsp_is_project = false;
 static char cached_nsp_project[17];
