@@ -229,6 +229,46 @@ async def test_an_index_built_concurrently_while_captures_run_holds_every_row(
     assert await _mark(superuser) == started
 
 
+async def test_a_statement_cancelled_mid_capture_leaves_the_session_and_outbox_sane(
+    superuser: asyncpg.Connection,  # noqa: F811
+    project: Any,
+    tenant: asyncpg.Connection,  # noqa: F811
+    control_db: asyncpg.Pool,
+) -> None:
+    """Statements of many rows cancelled by statement_timeout at different points (building the
+    images, or in the direct write's loop while the user id is the outbox writer's): each
+    aborts cleanly, the session is the tenant's again (no writer's rights left behind), later
+    captures write normally, the outbox holds exactly the committed rows' events and its
+    indexes every row (amcheck); the server stays up."""
+    assert await _native(control_db)
+    started = await _mark(superuser)
+    me = role_name(project.id, "admin")
+    await tenant.execute("CREATE TABLE cx17 (id int PRIMARY KEY, v text)")
+    cancelled = 0
+    base = 0
+    for ms in (40, 80, 160, 320, 640):
+        await tenant.execute(f"SET statement_timeout = {ms}")
+        try:
+            await tenant.execute(
+                "INSERT INTO cx17 SELECT g, repeat('x', 40) FROM generate_series($1::int, $1 + 59999) g", base
+            )
+        except asyncpg.QueryCanceledError:
+            cancelled += 1
+        await tenant.execute("RESET statement_timeout")
+        base += 60_000
+        assert await tenant.fetchval("SELECT current_user::text || session_user::text") == me + me
+        await tenant.execute("INSERT INTO cx17 VALUES ($1, 'after')", 10_000_000 + ms)
+    assert cancelled >= 1
+    rows = await tenant.fetchval("SELECT count(*) FROM cx17")
+    events = await control_db.fetchval(
+        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND table_name = 'cx17' AND kind = 'row'",
+        project.id,
+    )
+    assert events == rows
+    await _indexes_hold_every_row(superuser)
+    assert await _mark(superuser) == started
+
+
 # -- the outbox writer's privileges -------------------------------------------------------------
 
 
