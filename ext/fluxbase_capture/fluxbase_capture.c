@@ -346,6 +346,7 @@ static Oid	writer_oid = InvalidOid;
  * (oids, and IndexInfo built into capture_cxt), until a relcache invalidation of the table, of
  * its identity sequence or of one of its indexes. */
 static bool events_valid = false;
+static bool events_learning = false;	/* still set: the last learning ended in an error */
 static bool events_direct = false;
 static int	events_natts = 0;
 static AttrNumber events_attnum[EV_NCOLS];
@@ -562,13 +563,17 @@ events_learn(Relation rel)
 	int			n;
 
 	events_valid = true;
+	events_learning = true;
 	events_direct = false;
 	events_nidx = 0;
 	events_idx = NULL;
 	events_iinfo = NULL;
 	MemoryContextReset(capture_cxt);
 	if (!events_layout_ok(rel))
+	{
+		events_learning = false;
 		return;
+	}
 	indexes = RelationGetIndexList(rel);
 	n = list_length(indexes);
 	old = MemoryContextSwitchTo(capture_cxt);
@@ -593,12 +598,14 @@ events_learn(Relation rel)
 		if (!ok)
 		{
 			list_free(indexes);
+			events_learning = false;
 			return;				/* events_direct stays false until the table changes */
 		}
 		events_iinfo[events_nidx - 1] = ii;
 	}
 	list_free(indexes);
 	events_direct = true;
+	events_learning = false;
 }
 
 /* fluxbase.events opened once per statement for the direct write of its rows. What the rows
@@ -650,7 +657,7 @@ outbox_open(Outbox *ob)
 			table_close(rel, NoLock);
 			continue;
 		}
-		if (!events_valid)
+		if (!events_valid || events_learning)
 			events_learn(rel);
 		if (!events_direct || !events_valid || !events_shape_ok(rel))
 		{
