@@ -361,7 +361,8 @@ async def main() -> None:
                     keys.append((pid, r.json()["key"]))
 
                 print(
-                    f"\n3. Rotating over {len(keys)} active projects through both APIs, {args.clients} at a time:"
+                    f"\n3. Rotating over {len(keys)} active projects through both APIs, {args.clients} at a time"
+                    f" (load {os.getloadavg()[0]:.1f}):"
                 )
                 cpu = CpuShare()
                 first = await rotate(apis, keys, args.clients, 0, errors)
@@ -375,7 +376,10 @@ async def main() -> None:
                 print(line("later passes (cold again after eviction)", rot, f"  evictions {evictions:.0f}"))
                 print(f"  {args.http_client} {cpu.report(len(rot))}")
 
-                print("\n4. The same rotation with the active roles at 4096 iterations (before the fix):")
+                print(
+                    "\n4. The same rotation with the active roles at 4096 iterations (before the fix)"
+                    f" (load {os.getloadavg()[0]:.1f}):"
+                )
                 secret = stack.secret_key
                 await set_iterations(su, secret, active, 4096)
                 old = await rotate(apis, keys, args.clients, 1, errors)
