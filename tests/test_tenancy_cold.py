@@ -138,18 +138,31 @@ async def test_a_new_connection_and_its_first_request_take_four_round_trips_afte
 async def test_a_new_session_parses_the_reset_steps_only_when_a_request_needs_them(
     relayed: tuple[Relay, dict[str, str]], control_db: asyncpg.Pool, project: Any
 ) -> None:
-    """A new session has nothing to reset: its first request sends no reset step, and neither
-    the connection's setup nor that request parses them (nor the read-only and end-user steps
-    an admin key's request does not use). The next request on the session parses and runs them:
-    what the first left in the session (a setting, an advisory lock) is gone, and a third finds
-    them parsed (a second Parse of a named statement would fail)."""
+    """A new session has nothing to reset: its first request runs only the first reset step
+    (CLOSE ALL, so that the identity's SET LOCAL is not the pipeline's first statement, which
+    PostgreSQL warns about), and neither the connection's setup nor that request parses the
+    others (nor the read-only and end-user steps an admin key's request does not use). The next
+    request on the session parses and runs them: what the first left in the session (a setting,
+    an advisory lock) is gone, and a later one finds them parsed (a second Parse of a named
+    statement would fail)."""
     relay, env = relayed
     pools = TenantPools(load_settings(env), max_size=1)
     try:
+        pool = await pools.pool(project.id, "admin")
+        conn = await pool.acquire()  # a new session, no request ran on it yet
+        notices: list[str] = []
+        conn.add_log_listener(lambda _c, msg: notices.append(f"{msg.severity}: {msg.message}"))
         left = "SELECT set_config('fx.left', 'x', false) AS s, pg_advisory_lock(4242) IS NULL AS l"
-        assert await _rows(pools, control_db, project.id, left) == [{"s": "x", "l": False}]
+        try:
+            res = await session._one_round_trip(
+                conn, _request(project.id), left, [], "SELECT", pools.statements.caps
+            )
+        finally:
+            await pool.release(conn)
+        assert msgspec.json.decode(encode(res.result()))["rows"] == [{"s": "x", "l": False}]
+        assert notices == []  # no "SET LOCAL can only be used in transaction blocks"
         first = bytes(relay.sent)
-        for step in (*wire.RESET_STEPS, wire.READ_ONLY, wire.USER_SESSION):
+        for step in (*wire.RESET_STEPS[1:], wire.READ_ONLY, wire.USER_SESSION):
             assert step.encode() not in first, step
         assert b"fluxbase_guard.auth_epochs" in first  # the check step is parsed at setup
         probe = (
@@ -162,6 +175,7 @@ async def test_a_new_session_parses_the_reset_steps_only_when_a_request_needs_th
             parsed = b"pg_advisory_unlock_all" in relay.sent
             assert parsed == (n == 0), n  # parsed by the second request only
             await _rows(pools, control_db, project.id, left)  # state for the next probe to find gone
+        assert notices == []
     finally:
         await pools.close()
 
