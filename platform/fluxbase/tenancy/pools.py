@@ -564,6 +564,9 @@ class TenantPool:
             conn.terminate()  # its termination listener frees the slot
             return
         conn.released = True  # it served a request: `acquire_opened_after` takes only fresh ones
+        prefix = getattr(conn, "request_prefix", None)
+        if prefix is not None:
+            prefix.fresh = False  # the next one-round-trip request resets the session first
         self._hand_on(conn)
         if getattr(conn, "dirty", False) and not getattr(conn, "reset_timer", False):
             # A one-round-trip request resets the session only when the next one starts: if
@@ -676,6 +679,9 @@ class TenantPool:
 async def clean(conn: TenantConnection) -> None:
     """Reset the session if a one-round-trip request used it last (call right after acquire
     on any path that does not start with the request prefix)."""
+    prefix = getattr(conn, "request_prefix", None)
+    if prefix is not None:
+        prefix.fresh = False  # this path may leave state the next prefix must reset
     if getattr(conn, "dirty", False):
         await conn.execute(SESSION_RESET)
         conn.dirty = False

@@ -590,15 +590,15 @@ async def _one_round_trip(
             n = _CAP_MAX  # (as broadcast_cap_statement caps it: one cached step past it)
         cap = _CAP_STEPS.get(n)
         who += cap if cap is not None else _cap_step(n)
+    read_only = req.scope == "read" or req.project_read_only
     head = b"".join(
         (
-            prefix.reset,
             caps_steps,
             who,
             prefix.checks(
                 req.project_id,
                 req.epoch if req.guard is not None else None,
-                req.scope == "read" or req.project_read_only,
+                read_only,
                 identity.user_session,
                 identity.uid,
             ),
@@ -617,7 +617,9 @@ async def _one_round_trip(
         except ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        prefix.send(conn, head)
+        # The reset (none on a fresh session) and the Parse of any step not sent before, built
+        # per attempt: a retry's session is no longer fresh, and what the first sent is parsed.
+        prefix.send(conn, prefix.begin(read_only, identity.user_session is not None) + head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
             rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)
