@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 from litestar import MediaType, Request, Response, post
 
+from fluxbase.config import Settings
 from fluxbase.errors import (
     AuthRequired,
     DatabaseUnavailable,
@@ -97,6 +98,43 @@ def _limits(t: Any) -> Limits:
     )
 
 
+class _Grant:
+    """`authorize`'s answer for one cached key, project and need, with what follows from it on
+    every request (the rate limit and its name, whether a connection may open ahead)."""
+
+    __slots__ = (
+        "access",
+        "key_auth",
+        "label",
+        "limit",
+        "need",
+        "preopen",
+        "project_id",
+        "settings",
+        "window",
+    )
+
+    def __init__(
+        self, key_auth: KeyAuth, project_id: str, need: Need, settings: Settings, access: ProjectAccess
+    ) -> None:
+        self.key_auth, self.project_id, self.need, self.settings = key_auth, project_id, need, settings
+        self.access = access
+        self.limit, self.window = access.rate_limit(settings)
+        self.label = access.principal.label
+        key = access.principal.key
+        # Not for a requireUserAuth key (see sql_access); a key of another cluster never gets here.
+        self.preopen = key is None or not key.require_user_auth
+
+
+# Per cached key (by the identity of its KeyAuth, which the key cache hands out until it drops
+# it): the authorisation of its last project and need. Everything `authorize` and the rate limit
+# read is in that KeyAuth (its principal, its project's state when cached) or in the frozen
+# settings, so a hit is the answer `authorize` would give; a refusal is never remembered, and a
+# key evicted from the cache (revoked, settings changed, doorbell) is never handed out again.
+_GRANTS: dict[int, _Grant] = {}
+_GRANTS_MAX = 10_000
+
+
 async def sql_access(
     request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
 ) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
@@ -107,12 +145,45 @@ async def sql_access(
     """
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
-    key_auth: KeyAuth | None = None
-    key_project: Project | None
     if bearer and apikeys.looks_like_key(bearer):
         # Hot path: the key's project and scope come from a short-lived cache; its liveness
         # is re-checked inside the request's transaction (auth epoch, fluxbase_guard.check_key).
-        key_auth = await ctx.auth.key_for_sql(bearer, origin)
+        key_auth = ctx.auth.cached_key(bearer, origin) or await ctx.auth.key_for_sql(bearer, origin)
+        grant = _GRANTS.get(id(key_auth))
+        if (
+            grant is None
+            or grant.key_auth is not key_auth
+            or grant.project_id != project_id
+            or grant.need is not need
+            or grant.settings is not ctx.settings
+        ):
+            return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, key_auth)
+        quota = ctx.limiter.take(grant.label, grant.limit, grant.window)
+        if quota is None:
+            return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, key_auth)
+        # Admitted: a cold project's connection opens while the statement is prepared (issue 19).
+        if grant.preopen:
+            access = grant.access
+            ctx.tenants.preopen(
+                access.project.id, access.sql_scope, end_user=bool(request.headers.get(USER_TOKEN_HEADER))
+            )
+        remember_quota(request, quota)
+        return grant.access, key_auth, quota
+    return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, None)
+
+
+async def _sql_access_slow(
+    request: Request[Any, Any, Any],
+    ctx: AppContext,
+    project_id: str | None,
+    need: Need,
+    bearer: str | None,
+    origin: str | None,
+    key_auth: KeyAuth | None,
+) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
+    """`sql_access` without a remembered grant or a token at hand (and for dashboard sessions)."""
+    key_project: Project | None
+    if key_auth is not None:
         principal, key_project = key_auth.principal, key_auth.project
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
@@ -125,6 +196,10 @@ async def sql_access(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
+    elif key_auth is not None and project_id is not None:
+        if len(_GRANTS) >= _GRANTS_MAX:
+            _GRANTS.clear()
+        _GRANTS[id(key_auth)] = _Grant(key_auth, project_id, need, ctx.settings, access)
     limit, window = access.rate_limit(ctx.settings)
     if access.project.cluster_id == "default":
         # Authenticated and authorised: a cold project's connection opens while the rate lease
