@@ -16,7 +16,6 @@ import asyncpg
 import msgspec
 from litestar import MediaType, Request, Response, post
 
-from fluxbase.config import Settings
 from fluxbase.errors import (
     AuthRequired,
     DatabaseUnavailable,
@@ -100,39 +99,85 @@ def _limits(t: Any) -> Limits:
 
 class _Grant:
     """`authorize`'s answer for one cached key, project and need, with what follows from it on
-    every request (the rate limit and its name, whether a connection may open ahead)."""
+    every request: the rate limit and its name, whether a connection may open ahead, and the
+    request's `TenantRequest` but for its identity and broadcast share."""
 
     __slots__ = (
         "access",
+        "bearer",
+        "ctx",
         "key_auth",
         "label",
         "limit",
         "need",
         "preopen",
         "project_id",
+        "request",
         "settings",
         "window",
+        "writes",
     )
 
     def __init__(
-        self, key_auth: KeyAuth, project_id: str, need: Need, settings: Settings, access: ProjectAccess
+        self,
+        ctx: AppContext,
+        bearer: str,
+        key_auth: KeyAuth,
+        project_id: str,
+        need: Need,
+        access: ProjectAccess,
     ) -> None:
-        self.key_auth, self.project_id, self.need, self.settings = key_auth, project_id, need, settings
-        self.access = access
-        self.limit, self.window = access.rate_limit(settings)
+        self.ctx, self.settings, self.bearer, self.key_auth = ctx, ctx.settings, bearer, key_auth
+        self.project_id, self.need, self.access = project_id, need, access
+        self.limit, self.window = access.rate_limit(ctx.settings)
         self.label = access.principal.label
         key = access.principal.key
-        # Not for a requireUserAuth key (see sql_access); a key of another cluster never gets here.
+        # Not for a requireUserAuth key (see `_sql_access`); a key of a project on another
+        # cluster gets no grant (it is checked uncached on the control plane every time).
         self.preopen = key is None or not key.require_user_auth
+        self.writes = access.sql_scope != "read"
+        self.request = _tenant_request(ctx, access, key_auth, _NOBODY, None)
 
 
-# Per cached key (by the identity of its KeyAuth, which the key cache hands out until it drops
-# it): the authorisation of its last project and need. Everything `authorize` and the rate limit
-# read is in that KeyAuth (its principal, its project's state when cached) or in the frozen
-# settings, so a hit is the answer `authorize` would give; a refusal is never remembered, and a
-# key evicted from the cache (revoked, settings changed, doorbell) is never handed out again.
-_GRANTS: dict[int, _Grant] = {}
+_NOBODY = Identity(None, {}, "anon")  # (a grant's TenantRequest gets each request's identity)
+
+# Per Authorization header of a cached key: the authorisation of its last project and need. All
+# that `authorize` and the rate limit read is in the key's cached KeyAuth (its principal, its
+# project's state) or in the frozen settings, so while the key cache hands out that same KeyAuth
+# object a grant is the answer `authorize` would give; a key the cache dropped (entry expired,
+# revocation seen, doorbell, settings changed) comes back as a new KeyAuth, and the grant is
+# made again. A refusal is never remembered.
+_GRANTS: dict[str, _Grant] = {}
 _GRANTS_MAX = 10_000
+
+
+def _granted(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need
+) -> tuple[_Grant, Quota] | None:
+    """`sql_access`'s hot path, without a coroutine: the grant of a cached key and a token of
+    this process's rate lease, or None (then `_sql_access`)."""
+    headers = request.headers
+    grant = _GRANTS.get(headers.get("authorization", ""))
+    if (
+        grant is None
+        or grant.project_id != project_id
+        or grant.need is not need
+        or grant.ctx is not ctx
+        or grant.settings is not ctx.settings
+        # The key cache's own checks (expiry, allowed origins, lastUsedAt), on the same entry.
+        or ctx.auth.cached_key(grant.bearer, headers.get("origin")) is not grant.key_auth
+    ):
+        return None
+    quota = ctx.limiter.take(grant.label, grant.limit, grant.window)
+    if quota is None:
+        return None
+    if grant.preopen:  # admitted: a cold project's connection opens meanwhile (issue 19)
+        access = grant.access
+        ctx.tenants.preopen(
+            access.project.id, access.sql_scope, end_user=bool(headers.get(USER_TOKEN_HEADER))
+        )
+    remember_quota(request, quota)
+    return grant, quota
 
 
 async def sql_access(
@@ -143,47 +188,25 @@ async def sql_access(
     With an API key the second value is its cached state, whose liveness `tenancy.session.transaction`
     re-checks inside the request's transaction (the key may have been revoked since).
     """
+    granted = _granted(request, ctx, project_id, need)
+    if granted is not None:
+        grant, quota = granted
+        return grant.access, grant.key_auth, quota
+    return await _sql_access(request, ctx, project_id, need)
+
+
+async def _sql_access(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need
+) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
+    """`sql_access` without a grant at hand or a token of the lease (and for dashboard sessions)."""
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
+    key_auth: KeyAuth | None = None
+    key_project: Project | None
     if bearer and apikeys.looks_like_key(bearer):
         # Hot path: the key's project and scope come from a short-lived cache; its liveness
         # is re-checked inside the request's transaction (auth epoch, fluxbase_guard.check_key).
-        key_auth = ctx.auth.cached_key(bearer, origin) or await ctx.auth.key_for_sql(bearer, origin)
-        grant = _GRANTS.get(id(key_auth))
-        if (
-            grant is None
-            or grant.key_auth is not key_auth
-            or grant.project_id != project_id
-            or grant.need is not need
-            or grant.settings is not ctx.settings
-        ):
-            return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, key_auth)
-        quota = ctx.limiter.take(grant.label, grant.limit, grant.window)
-        if quota is None:
-            return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, key_auth)
-        # Admitted: a cold project's connection opens while the statement is prepared (issue 19).
-        if grant.preopen:
-            access = grant.access
-            ctx.tenants.preopen(
-                access.project.id, access.sql_scope, end_user=bool(request.headers.get(USER_TOKEN_HEADER))
-            )
-        remember_quota(request, quota)
-        return grant.access, key_auth, quota
-    return await _sql_access_slow(request, ctx, project_id, need, bearer, origin, None)
-
-
-async def _sql_access_slow(
-    request: Request[Any, Any, Any],
-    ctx: AppContext,
-    project_id: str | None,
-    need: Need,
-    bearer: str | None,
-    origin: str | None,
-    key_auth: KeyAuth | None,
-) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
-    """`sql_access` without a remembered grant or a token at hand (and for dashboard sessions)."""
-    key_project: Project | None
-    if key_auth is not None:
+        key_auth = await ctx.auth.key_for_sql(bearer, origin)
         principal, key_project = key_auth.principal, key_auth.project
     else:
         principal, key_project = await ctx.auth.principal(bearer, origin)
@@ -196,10 +219,12 @@ async def _sql_access_slow(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
-    elif key_auth is not None and project_id is not None:
+    elif key_auth is not None and bearer is not None and project_id is not None:
         if len(_GRANTS) >= _GRANTS_MAX:
             _GRANTS.clear()
-        _GRANTS[id(key_auth)] = _Grant(key_auth, project_id, need, ctx.settings, access)
+        _GRANTS[request.headers.get("authorization", "")] = _Grant(
+            ctx, bearer, key_auth, project_id, need, access
+        )
     limit, window = access.rate_limit(ctx.settings)
     if access.project.cluster_id == "default":
         # Authenticated and authorised: a cold project's connection opens while the rate lease
@@ -233,13 +258,36 @@ async def tenant_request(
     need: Need = Need.READ,
 ) -> TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
-    access, key_auth, quota = await sql_access(request, ctx, project_id, need)
+    granted = _granted(request, ctx, project_id, need)
+    if granted is not None:  # the hot path: the grant's request with this one's identity
+        grant, quota = granted
+        return msgspec.structs.replace(
+            grant.request,
+            identity=await request_identity(request, ctx, grant.access, auth_uid),
+            broadcasts=quota.remaining if grant.writes else None,
+        )
+    access, key_auth, quota = await _sql_access(request, ctx, project_id, need)
+    identity = await request_identity(request, ctx, access, auth_uid)
+    # Broadcasts from SQL spend the same window as the request (sql/0042): read keys cannot
+    # call realtime.broadcast at all.
+    return _tenant_request(
+        ctx, access, key_auth, identity, quota.remaining if access.sql_scope != "read" else None
+    )
+
+
+def _tenant_request(
+    ctx: AppContext,
+    access: ProjectAccess,
+    key_auth: KeyAuth | None,
+    identity: Identity,
+    broadcasts: int | None,
+) -> TenantRequest:
     if access.project.cluster_id != "default":
         key_auth = None  # checked on the control plane in sql_access; no guard on that cluster
     return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
-        identity=await request_identity(request, ctx, access, auth_uid),
+        identity=identity,
         limits=limits_of(ctx),
         project_read_only=access.project.read_only,
         project_moving=access.project.moving,
@@ -248,9 +296,7 @@ async def tenant_request(
         sizes=ctx.sizes,
         epoch=key_auth.epoch if key_auth is not None else None,
         evict_key=ctx.auth.evict,
-        # Broadcasts from SQL spend the same window as the request (sql/0042): read keys cannot
-        # call realtime.broadcast at all.
-        broadcasts=quota.remaining if access.sql_scope != "read" else None,
+        broadcasts=broadcasts,
     )
 
 
