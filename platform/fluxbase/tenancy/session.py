@@ -423,15 +423,21 @@ async def _on_connection(
     still in a transaction afterwards, or whose prepared statements project SQL dropped or
     replaced, is terminated, never handed to the next request."""
     project_id, limits = req.project_id, req.limits
-    pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
-    try:
-        conn = await (
-            pool.acquire(limits.acquire_timeout_s)  # `acquire`, inlined: the hot path
-            if opened_after is None
-            else pool.acquire_opened_after(opened_after, limits.acquire_timeout_s)
-        )
-    except TimeoutError:
-        raise ConnectionsBusy() from None
+    end_user = req.identity.end_user
+    pool = pools.pool_now(project_id, req.scope, end_user)
+    if pool is None:
+        pool = await pools.pool(project_id, req.scope, end_user=end_user)
+    # An idle connection without a coroutine (the hot path), else wait for one.
+    conn = pool.take_idle() if opened_after is None else None
+    if conn is None:
+        try:
+            conn = await (
+                pool.acquire(limits.acquire_timeout_s)
+                if opened_after is None
+                else pool.acquire_opened_after(opened_after, limits.acquire_timeout_s)
+            )
+        except TimeoutError:
+            raise ConnectionsBusy() from None
     dead = False
     try:
         # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
@@ -481,7 +487,7 @@ async def _on_connection(
             dead = True
             conn.terminate()  # never hand an open transaction to the next request
         if not dead:
-            await pool.release(conn)
+            pool.release_now(conn)
 
 
 async def transaction(
@@ -607,10 +613,12 @@ async def _one_round_trip(
     may_write = req.scope != "read"
     limits = req.limits
     for attempt in (0, 1):
-        try:
-            stmt = await wire.prepare(conn, query)
-        except Exception as exc:
-            raise statement_error(exc, may_write) from None
+        stmt = wire.cached_statement(conn, query)
+        if stmt is None:
+            try:
+                stmt = await wire.prepare(conn, query)
+            except Exception as exc:
+                raise statement_error(exc, may_write) from None
         types, attributes, columns = prefix.shape(stmt)
         try:
             args = adapt_params(types, params)

@@ -336,6 +336,12 @@ def _raw_fd(transport: Any) -> int:
 # -- statements with a row cap --------------------------------------------------------------------
 
 
+def cached_statement(conn: Any, query: str) -> Any:
+    """The statement `prepare` would answer from asyncpg's statement cache (None: not cached),
+    without its two coroutines: the same cache key asyncpg's `_get_statement` looks up."""
+    return conn._stmt_cache.get((query, conn._protocol.get_record_class(), False))
+
+
 async def prepare(conn: Any, query: str) -> Any:
     """The connection's (cached) prepared statement for `query`."""
     try:
