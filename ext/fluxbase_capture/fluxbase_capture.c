@@ -668,6 +668,14 @@ outbox_open(Outbox *ob)
 				return;			/* the saved INSERT, until the table changes */
 			continue;
 		}
+		/* The outbox writer's right to insert, checked as the saved INSERT checks it, so that an
+		 * operator's REVOKE holds for every capture path (review 17): without it, the saved
+		 * INSERT, which raises the error. The user id is the writer's here. */
+		if (pg_class_aclcheck(relid, GetUserId(), ACL_INSERT) != ACLCHECK_OK)
+		{
+			table_close(rel, NoLock);
+			return;
+		}
 		ob->nidx = events_nidx;
 		ob->irels = palloc(sizeof(Relation) * (ob->nidx > 0 ? ob->nidx : 1));
 		ob->iinfos = palloc(sizeof(IndexInfo) * (ob->nidx > 0 ? ob->nidx : 1));
@@ -836,7 +844,9 @@ direct_readers_waiting(void)
 			return -1;
 		}
 		att = TupleDescAttr(desc, waiting - 1);
-		if (att->attisdropped || att->atttypid != BOOLOID)
+		/* (and the writer's right to read it, as the saved plan's SELECT needs: review 17) */
+		if (att->attisdropped || att->atttypid != BOOLOID ||
+			pg_attribute_aclcheck(relid, waiting, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		{
 			table_close(rel, NoLock);
 			return -1;
