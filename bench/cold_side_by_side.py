@@ -28,13 +28,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from many_projects import Errors, line, provision  # noqa: E402
+from rawhttp import CpuShare, client  # noqa: E402
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
@@ -75,6 +74,12 @@ async def main() -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--clients", default="4,2", help="concurrent requests, one group per value")
     ap.add_argument("--max-connections", type=int, default=200)
+    ap.add_argument(
+        "--http-client",
+        default="raw",
+        choices=("raw", "httpx"),
+        help="bench/rawhttp.py, or httpx (cross-check)",
+    )
     args = ap.parse_args()
     clients_list = [int(c) for c in args.clients.split(",")]
 
@@ -89,8 +94,8 @@ async def main() -> None:
             for path in (None, base_path):  # this checkout first: it migrates the database
                 env, port = api_env(stack, dbname, args.budget, path)
                 urls.append(running.enter_context(run_service(["api"], env, port, tmp)).url)
-            limits = httpx.Limits(keepalive_expiry=2.0)
-            apis = [httpx.AsyncClient(base_url=u, timeout=60, limits=limits) for u in urls]
+            apis = [client(args.http_client, u) for u in urls]
+            print(f"HTTP client: {args.http_client}")
             try:
                 email = f"side-{secrets.token_hex(4)}@example.com"
                 await apis[0].post(
@@ -117,7 +122,7 @@ async def main() -> None:
                         lat: dict[str, list[float]] = {"new": [], "base": []}
                         todo = iter(enumerate(group))
 
-                        async def client(
+                        async def one_client(
                             p: int, lat: dict[str, list[float]], todo: Iterator[tuple[int, tuple[str, str]]]
                         ) -> None:
                             for i, (pid, key) in todo:
@@ -133,9 +138,11 @@ async def main() -> None:
                                     errors.add(resp.text)
 
                         load = os.getloadavg()[0]
-                        await asyncio.gather(*(client(p, lat, todo) for _ in range(clients)))
+                        cpu = CpuShare()
+                        await asyncio.gather(*(one_client(p, lat, todo) for _ in range(clients)))
                         for side in names:
                             print(line(f"{side}, pass {p}", lat[side], f"  load {load:.1f}"), flush=True)
+                        print(f"    {args.http_client} {cpu.report(len(group))}", flush=True)
             finally:
                 for a in apis:
                     await a.aclose()

@@ -35,12 +35,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from rawhttp import CpuShare, client  # noqa: E402
 
 from fluxbase.db.privileges import tenant_group  # noqa: E402
 from fluxbase.devstack.procs import free_port  # noqa: E402
@@ -150,7 +154,7 @@ class Errors:
 
 
 async def provision(
-    api: httpx.AsyncClient, token: str, n: int, clients: int, errors: Errors
+    api: Any, token: str, n: int, clients: int, errors: Errors
 ) -> tuple[list[str], list[float]]:
     ids: list[str] = []
     lat: list[float] = []
@@ -175,7 +179,7 @@ async def provision(
 
 
 async def rotate(
-    apis: list[httpx.AsyncClient], keys: list[tuple[str, str]], clients: int, shift: int, errors: Errors
+    apis: list[Any], keys: list[tuple[str, str]], clients: int, shift: int, errors: Errors
 ) -> list[float]:
     """One pass over every active project, `clients` at a time; project i goes to API (i + shift) % 2."""
     lat: list[float] = []
@@ -199,7 +203,7 @@ async def rotate(
 
 
 async def warm(
-    apis: list[httpx.AsyncClient], keys: list[tuple[str, str]], clients: int, seconds: float, errors: Errors
+    apis: list[Any], keys: list[tuple[str, str]], clients: int, seconds: float, errors: Errors
 ) -> tuple[float, list[float]]:
     lat: list[float] = []
     stop = time.perf_counter() + seconds
@@ -268,6 +272,13 @@ async def main() -> None:
     ap.add_argument("--passes", type=int, default=3, help="rotation passes after the first")
     ap.add_argument("--warm", type=int, default=40, help="projects in the warm phase (below the budget)")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument(
+        "--http-client",
+        default="raw",
+        choices=("raw", "httpx"),
+        help="the benchmark's HTTP client: raw asyncio streams (bench/rawhttp.py, less CPU on the "
+        "server's cores) or httpx (the cross-check)",
+    )
     args = ap.parse_args()
     active_n = min(args.active, args.projects)
 
@@ -282,10 +293,8 @@ async def main() -> None:
             f"cores={os.cpu_count()}, load {os.getloadavg()[0]:.1f}"
         )
         with two_apis(stack, dbname, tmp, args.budget) as urls:
-            # Idle keep-alive connections are dropped before uvicorn's 5 s would close them under
-            # a request (a ReadError that is the client's, not the server's).
-            limits = httpx.Limits(keepalive_expiry=2.0)
-            apis = [httpx.AsyncClient(base_url=u, timeout=60, limits=limits) for u in urls]
+            apis = [client(args.http_client, u) for u in urls]
+            print(f"HTTP client: {args.http_client}")
             peak = Peak(stack.database_url(dbname))
             peak.start()
             try:
@@ -352,17 +361,25 @@ async def main() -> None:
                     keys.append((pid, r.json()["key"]))
 
                 print(
-                    f"\n3. Rotating over {len(keys)} active projects through both APIs, {args.clients} at a time:"
+                    f"\n3. Rotating over {len(keys)} active projects through both APIs, {args.clients} at a time"
+                    f" (load {os.getloadavg()[0]:.1f}):"
                 )
+                cpu = CpuShare()
                 first = await rotate(apis, keys, args.clients, 0, errors)
                 print(line("first request of each project (cold)", first))
+                print(f"  {args.http_client} {cpu.report(len(first))}")
                 rot: list[float] = []
+                cpu = CpuShare()
                 for p in range(args.passes):
                     rot += await rotate(apis, keys, args.clients, p + 1, errors)
                 evictions = sum([await metric(u, "fluxbase_tenant_pool_evictions_total") for u in urls])
                 print(line("later passes (cold again after eviction)", rot, f"  evictions {evictions:.0f}"))
+                print(f"  {args.http_client} {cpu.report(len(rot))}")
 
-                print("\n4. The same rotation with the active roles at 4096 iterations (before the fix):")
+                print(
+                    "\n4. The same rotation with the active roles at 4096 iterations (before the fix)"
+                    f" (load {os.getloadavg()[0]:.1f}):"
+                )
                 secret = stack.secret_key
                 await set_iterations(su, secret, active, 4096)
                 old = await rotate(apis, keys, args.clients, 1, errors)
@@ -377,9 +394,11 @@ async def main() -> None:
 
                 hot = keys[: args.warm]
                 await rotate(apis, hot, args.clients, 0, errors)
+                cpu = CpuShare()
                 rps, warm_lat = await warm(apis, hot, args.clients, args.seconds, errors)
                 print(f"\n5. Warm: {len(hot)} projects, {args.clients} clients, {args.seconds:.0f} s:")
                 print(line("warm requests", warm_lat, f"  {rps:.0f} req/s"))
+                print(f"  {args.http_client} {cpu.report(len(warm_lat))}")
                 print(f"  ratio cold/warm p50: {pct(first, 0.5) / pct(warm_lat, 0.5):.2f}")
             finally:
                 await peak.stop()
@@ -391,7 +410,7 @@ async def main() -> None:
         too_many = sum(log.count(t) for t in TOO_MANY)
         cold = first + rot + new
         print(
-            f"\n| projects | active | connections peak (tenant) | cold p50 | cold p99 | warm req/s | "
+            f"\nHTTP client {args.http_client}\n| projects | active | connections peak (tenant) | cold p50 | cold p99 | warm req/s | "
             f"provisioning s/project |\n|---|---|---|---|---|---|---|\n"
             f"| {len(ids)} | {len(keys)} | {peak.peak} ({peak.tenant_peak}) of {MAX_CONNECTIONS} | "
             f"{pct(cold, 0.5):.1f} ms | {pct(cold, 0.99):.1f} ms | {rps:.0f} | {prov_s / n:.3f} |"

@@ -40,20 +40,22 @@ TOTALS: dict[str, int] = defaultdict(int)
 CPU: dict[str, int] = defaultdict(int)
 COUNTS: dict[str, int] = defaultdict(int)
 
-# (label, module, attribute path): what is timed, in the order and nesting it is printed.
+# (label, module, attribute path): what is timed, in the order and nesting it is printed. `a|b`:
+# the last name's alternatives on the same owner, each timed where the code has it (the hot path
+# calls one of them per request: a synchronous fast path, or the coroutine of earlier commits).
 STEPS = [
     ("whole request (request log, fast path, handler)", "fluxbase.http.requestlog", "RequestLog.__call__"),
     ("  fast path (headers, body, answer)", "fluxbase.http.fastpath", "SqlFastPath.__call__"),
     ("    read the body", "fluxbase.http.fastpath", "_read_body"),
     ("    handler (run_execute_sql)", "fluxbase.http.controllers.sql", "run_execute_sql"),
     ("      decode the JSON body", "fluxbase.http.controllers.sql", "decode_body"),
-    ("      key, project, authorisation", "fluxbase.http.controllers.sql", "sql_access"),
+    ("      key, project, authorisation", "fluxbase.http.controllers.sql", "sql_access|_granted"),
     ("      identity", "fluxbase.http.controllers.sql", "request_identity"),
     ("      classify the statement (cached)", "fluxbase.tenancy.statements", "Classifier.classify"),
     ("      connection + one round trip", "fluxbase.tenancy.session", "on_connection"),
-    ("        pool: acquire a connection", "fluxbase.tenancy.pools", "TenantPool.acquire"),
-    ("        pool: release it", "fluxbase.tenancy.pools", "TenantPool.release"),
-    ("        prepare (statement cache)", "fluxbase.tenancy.wire", "prepare"),
+    ("        pool: acquire a connection", "fluxbase.tenancy.pools", "TenantPool.acquire|take_idle"),
+    ("        pool: release it", "fluxbase.tenancy.pools", "TenantPool.release|release_now"),
+    ("        prepare (statement cache)", "fluxbase.tenancy.wire", "prepare|cached_statement"),
     ("        adapt parameters", "fluxbase.tenancy.session", "adapt_params"),
     (
         "        send the request prefix (MSG_MORE: leaves with the statement)",
@@ -98,10 +100,13 @@ def instrument() -> None:
     for label, module_name, attr in STEPS:
         module = importlib.import_module(module_name)
         owner: Any = module
-        *path, name = attr.split(".")
+        *path, names = attr.split(".")
         for part in path:
             owner = getattr(owner, part)
-        setattr(owner, name, _timed(label, getattr(owner, name)))
+        for name in names.split("|"):
+            fn = getattr(owner, name, None)
+            if fn is not None:
+                setattr(owner, name, _timed(label, fn))
     # Names imported into other modules before the patch: point them at the timed versions.
     from fluxbase.http import fastpath
     from fluxbase.http.controllers import sql as controller

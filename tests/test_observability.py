@@ -201,6 +201,29 @@ async def test_a_request_moves_its_counter_and_histogram_by_route_template(obs) 
     )
 
 
+def test_tallied_observations_land_in_the_buckets_one_by_one_would(tmp_path) -> None:
+    """`Histogram.observe_many` (the SQL protocol path's flush) equals `observe_key` per value,
+    in memory and in the shared file siblings read."""
+    one, many = metrics.Registry(), metrics.Registry()
+    for registry, name in ((one, "one"), (many, "many")):
+        (tmp_path / name).mkdir()
+        registry.share(tmp_path / name)
+    a = one.histogram("t_seconds", "h", ("route",))
+    b = many.histogram("t_seconds", "h", ("route",))
+    values = [0.0, 0.0004, 0.004, 0.004, 0.05, 0.3, 2.5, 12.0, 1e9]
+    for v in values:
+        a.observe_key(v, ("/x",))
+    b.observe_many(values, ("/x",))
+    b.observe_many([], ("/x",))
+    assert a.series == b.series and sum(b.series[("/x",)][:-1]) == len(values)
+
+    def stored(directory: Path) -> dict[Any, float]:
+        (path,) = directory.glob("*" + metrics.SharedStore.SUFFIX)
+        return {(n, lb, slot): v for n, lb, slot, v in metrics.SharedStore.read(path) if v}
+
+    assert stored(tmp_path / "one") == stored(tmp_path / "many")
+
+
 async def test_unmatched_paths_share_one_label(obs) -> None:
     async with httpx.AsyncClient(base_url=obs["url"]) as http:
         for i in range(3):

@@ -95,7 +95,9 @@ async def test_a_failing_prefix_step_still_aborts_its_statement_in_one_segment(t
         stmt = await wire.prepare(conn, "INSERT INTO prefix_probe VALUES (1)")
         sock = conn._transport.get_extra_info("socket")
         before = _data_segments_out(sock)
-        prefix.send(conn, prefix.reset + wire.parse_bind_execute("SELECT 1 / 0 WHERE false IS NOT NULL"))
+        prefix.send(
+            conn, prefix.begin(False, False) + wire.parse_bind_execute("SELECT 1 / 0 WHERE false IS NOT NULL")
+        )
         with pytest.raises(asyncpg.DivisionByZeroError):
             await wire.execute(conn, stmt, [], 10)
         assert _data_segments_out(sock) - before == 1
@@ -116,7 +118,9 @@ def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **conne
             for n in range(5):
                 before = _data_segments_out(raw) if tcp else 0
                 # A prefix that leaves state for the statement: it must run first, in order.
-                prefix.send(conn, prefix.reset + wire.parse_bind_execute("SET LOCAL fx.probe = 'p'"))
+                prefix.send(
+                    conn, prefix.begin(False, False) + wire.parse_bind_execute("SET LOCAL fx.probe = 'p'")
+                )
                 rows, _, completed = await wire.execute(conn, stmt, [n], 10)
                 segments = max(segments, (_data_segments_out(raw) - before) if tcp else 0)
                 assert completed and tuple(rows[0]) == (2 * n, "p"), rows

@@ -22,7 +22,7 @@ from fluxbase.config import load_settings
 from fluxbase.errors import AuthRequired, OriginNotAllowed
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.services import access
-from fluxbase.tenancy import session
+from fluxbase.tenancy import session, wire
 from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.results import encode
 from support import Api, bearer
@@ -34,6 +34,7 @@ class Relay:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.round_trips = 0
+        self.sent = bytearray()  # what the client sent since the last `reset`
         self._last = "server"  # the client's first bytes start the first round trip
         self._tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
@@ -45,6 +46,7 @@ class Relay:
     def reset(self) -> None:
         """Count from zero; the client's next bytes start a round trip."""
         self.round_trips = 0
+        self.sent.clear()
         self._last = "server"
 
     async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
@@ -53,8 +55,10 @@ class Relay:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, side: str) -> None:
             with contextlib.suppress(ConnectionError):
                 while data := await src.read(65536):
-                    if side == "client" and self._last == "server":
-                        self.round_trips += 1
+                    if side == "client":
+                        self.sent += data
+                        if self._last == "server":
+                            self.round_trips += 1
                     self._last = side
                     dst.write(data)
                     await dst.drain()
@@ -127,6 +131,51 @@ async def test_a_new_connection_and_its_first_request_take_four_round_trips_afte
         relay.reset()
         assert await _rows(pools, control_db, project.id, "SELECT 41 + 1 AS answer") == [{"answer": 42}]
         assert relay.round_trips == 1
+    finally:
+        await pools.close()
+
+
+async def test_a_new_session_parses_the_reset_steps_only_when_a_request_needs_them(
+    relayed: tuple[Relay, dict[str, str]], control_db: asyncpg.Pool, project: Any
+) -> None:
+    """A new session has nothing to reset: its first request runs only the first reset step
+    (CLOSE ALL, so that the identity's SET LOCAL is not the pipeline's first statement, which
+    PostgreSQL warns about), and neither the connection's setup nor that request parses the
+    others (nor the read-only and end-user steps an admin key's request does not use). The next
+    request on the session parses and runs them: what the first left in the session (a setting,
+    an advisory lock) is gone, and a later one finds them parsed (a second Parse of a named
+    statement would fail)."""
+    relay, env = relayed
+    pools = TenantPools(load_settings(env), max_size=1)
+    try:
+        pool = await pools.pool(project.id, "admin")
+        conn = await pool.acquire()  # a new session, no request ran on it yet
+        notices: list[str] = []
+        conn.add_log_listener(lambda _c, msg: notices.append(f"{msg.severity}: {msg.message}"))
+        left = "SELECT set_config('fx.left', 'x', false) AS s, pg_advisory_lock(4242) IS NULL AS l"
+        try:
+            res = await session._one_round_trip(
+                conn, _request(project.id), left, [], "SELECT", pools.statements.caps
+            )
+        finally:
+            await pool.release(conn)
+        assert msgspec.json.decode(encode(res.result()))["rows"] == [{"s": "x", "l": False}]
+        assert notices == []  # no "SET LOCAL can only be used in transaction blocks"
+        first = bytes(relay.sent)
+        for step in (*wire.RESET_STEPS[1:], wire.READ_ONLY, wire.USER_SESSION):
+            assert step.encode() not in first, step
+        assert b"fluxbase_guard.auth_epochs" in first  # the check step is parsed at setup
+        probe = (
+            "SELECT coalesce(current_setting('fx.left', true), '') AS s,"
+            " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS l"
+        )
+        for n in range(2):
+            relay.reset()
+            assert await _rows(pools, control_db, project.id, probe) == [{"s": "", "l": 0}]
+            parsed = b"pg_advisory_unlock_all" in relay.sent
+            assert parsed == (n == 0), n  # parsed by the second request only
+            await _rows(pools, control_db, project.id, left)  # state for the next probe to find gone
+        assert notices == []
     finally:
         await pools.close()
 

@@ -89,6 +89,7 @@ class _Lease:
     """This process's slice of one name's window."""
 
     __slots__ = (
+        "base",
         "counted",
         "db_t0",
         "full",
@@ -96,6 +97,7 @@ class _Lease:
         "left",
         "limit",
         "oldest",
+        "reset_at",
         "spent",
         "t0",
         "until",
@@ -116,6 +118,8 @@ class _Lease:
         self.last = 0.0  # monotonic time of the last spend
         self.counted = 0  # tokens the table counted right after the grant
         self.oldest = 0.0  # seconds after t0 when the oldest counted token frees up
+        self.base = 0  # max(0, limit - counted): the tokens left in the window beyond this lease
+        self.reset_at = 0.0  # t0 + oldest: monotonic time the oldest counted token frees up
 
 
 class SharedRateLimiter:
@@ -137,6 +141,18 @@ class SharedRateLimiter:
     def slice_of(cls, limit: int) -> int:
         """Tokens per lease: 1 under 200 (exact), else about 1% of the limit."""
         return max(1, min(cls.MAX_SLICE, limit // 100))
+
+    def take(self, name: str, limit: int, window: float) -> Quota | None:
+        """`hit`'s common path without a coroutine: a token of this process's lease for `name`,
+        or None when there is none to spend now (then `await hit(...)`, which leases, waits for
+        the lease in flight or refuses)."""
+        lease = self._leases.get(name)
+        if lease is None or lease.left <= 0 or lease.limit != limit or lease.window != window:
+            return None
+        now = time.monotonic()
+        if now >= lease.valid_until:
+            return None
+        return self._spend(lease, now)
 
     async def hit(self, name: str, limit: int, window: float) -> Quota:
         while True:
@@ -184,9 +200,8 @@ class SharedRateLimiter:
         lease.left -= 1
         lease.spent += 1
         lease.last = now
-        remaining = max(0, lease.limit - lease.counted) + lease.left
-        reset = max(1, math.ceil(lease.t0 + lease.oldest - now))
-        return Quota(lease.limit, remaining, reset)
+        reset = math.ceil(lease.reset_at - now)
+        return Quota(lease.limit, lease.base + lease.left, reset if reset > 1 else 1)
 
     async def _lease(self, name: str, limit: int, window: float) -> Quota:
         """Lease a new slice (the only request of this process doing so for `name`: `hit`)."""
@@ -218,6 +233,7 @@ class SharedRateLimiter:
         lease.full = granted == 0
         lease.until = row["until_s"] if granted else None  # the previous one was handed back
         lease.oldest = (oldest - db_now) if oldest is not None else window
+        lease.base, lease.reset_at = max(0, limit - counted), t0 + lease.oldest  # (for _spend)
         # Spend nothing after the hold; a full window is believed until its oldest token frees
         # up, but at most HOLD_S (another replica may hand tokens back earlier).
         lease.valid_until = t0 + (hold if granted else min(self.HOLD_S, max(0.0, lease.oldest)))

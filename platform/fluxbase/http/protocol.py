@@ -26,6 +26,7 @@ tests every behaviour taken over.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import operator
 import time
@@ -33,6 +34,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from fluxbase import metrics
 from fluxbase.errors import PayloadTooLarge
 from fluxbase.http.edge import _JSON
 from fluxbase.http.fastpath import MAX_BODY, PATH, SqlFastPath
@@ -75,6 +77,51 @@ def _default_headers(defaults: list[tuple[bytes, bytes]]) -> bytes:
         _DEFAULTS[:] = defaults, b"".join(b"%s: %s\r\n" % pair for pair in defaults)
     block: bytes = _DEFAULTS[1]
     return block
+
+
+class _Tally:
+    """The request metrics of this path between two flushes into the registry's: a request
+    appends its status and duration and moves `live`, where four metric updates cost ~100
+    bytecodes; `flush_metrics` adds them up in C before every scrape and once a second (a timer
+    the first request starts), so a scrape, or a sibling worker reading the shared file a
+    second later, sees every request answered."""
+
+    __slots__ = ("flushed_live", "live", "loop", "seconds", "statuses")
+
+    def __init__(self) -> None:
+        self.live = 0  # requests of this path being answered now
+        self.flushed_live = 0  # `live` as the in-flight gauge last got it
+        self.statuses: list[int] = []
+        self.seconds: list[float] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the flush timer runs on
+
+
+_TALLY = _Tally()  # (an instance: storing into a class's attributes costs its type caches)
+
+
+def flush_metrics() -> None:
+    """Add the tallied requests to the registry's metrics (route `/api/execute-sql`)."""
+    statuses, seconds = _TALLY.statuses, _TALLY.seconds
+    if statuses:
+        _TALLY.statuses, _TALLY.seconds = [], []
+        for status, n in collections.Counter(statuses).items():
+            key = _REQUESTS_KEYS.get(status)
+            if key is None:
+                key = _REQUESTS_KEYS[status] = ("POST", PATH, str(status))
+            HTTP_REQUESTS.inc_key(key, float(n))
+        HTTP_SECONDS.observe_many(seconds, _ROUTE_KEY)
+    live = _TALLY.live
+    if live != _TALLY.flushed_live:
+        HTTP_IN_FLIGHT.inc_key((), float(live - _TALLY.flushed_live))
+        _TALLY.flushed_live = live
+
+
+def _flush_every_second(loop: asyncio.AbstractEventLoop) -> None:
+    flush_metrics()
+    loop.call_later(1.0, _flush_every_second, loop)
+
+
+metrics.REGISTRY.on_scrape(flush_metrics)
 
 
 def _request_log_of(app: Any) -> RequestLog | None:
@@ -151,7 +198,7 @@ class _SqlCycle:
         given = headers.get("x-request-id")
         rid = given if given is not None and _VALID_ID.fullmatch(given) else new_request_id()
         token = REQUEST_ID.set(rid)
-        HTTP_IN_FLIGHT.inc_key(())
+        _TALLY.live += 1
         started = time.perf_counter()
         status = 500
         written = False
@@ -185,12 +232,9 @@ class _SqlCycle:
                 written = True
         finally:
             seconds = time.perf_counter() - started
-            HTTP_IN_FLIGHT.inc_key((), -1.0)
-            key = _REQUESTS_KEYS.get(status)
-            if key is None:
-                key = _REQUESTS_KEYS[status] = ("POST", PATH, str(status))
-            HTTP_REQUESTS.inc_key(key)
-            HTTP_SECONDS.observe_key(seconds, _ROUTE_KEY)
+            _TALLY.live -= 1
+            _TALLY.statuses.append(status)
+            _TALLY.seconds.append(seconds)
             if self.json_log:
                 m = _PROJECT_IN_BODY.search(self.body, 0, _PEEK)
                 request_log.info(
@@ -221,6 +265,9 @@ class SqlHttpProtocol(HttpToolsProtocol):
         self.json_log = log.json_log if log is not None else False
         self._headers_pending = False
         self._header_bytes = 0
+        if self.fast is not None and _TALLY.loop is not self.loop:  # the metrics' flush (_Tally)
+            _TALLY.loop = self.loop
+            self.loop.call_later(1.0, _flush_every_second, self.loop)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -422,13 +422,9 @@ class TenantPool:
         (TimeoutError after `timeout`)."""
         if self._closed:
             raise asyncpg.InterfaceError("pool is closed")
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if self._budget is not None:
-                self._budget.unpark(conn)
-            if not conn.is_closed():
-                return conn
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
         if self._preopening > len(self._waiters):
             # A connection is being opened for this request already (`preopen`): take it when it
             # is ready (or open one after all if that failed), never open a second one.
@@ -436,6 +432,20 @@ class TenantPool:
         if self.get_size() < self._max:
             return await self._open(timeout)
         return await self._wait(timeout)
+
+    def take_idle(self) -> TenantConnection | None:
+        """`acquire`'s first step without a coroutine (the hot path): an idle live connection
+        of an open pool, or None (then `await acquire(...)`)."""
+        if self._closed:
+            return None
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if self._budget is not None:
+                self._budget.unpark(conn)
+            if not conn.is_closed():
+                return conn
+        return None
 
     async def _wait(self, timeout: float | None, *, waited: bool = True) -> TenantConnection:  # noqa: ASYNC109
         """The next connection handed on (or a free slot, then a new connection)."""
@@ -560,10 +570,17 @@ class TenantPool:
             self._idle.append(conn)
 
     async def release(self, conn: TenantConnection) -> None:
+        self.release_now(conn)
+
+    def release_now(self, conn: TenantConnection) -> None:
+        """`release` without a coroutine (it never waits)."""
         if self._closed or conn.is_closed():
             conn.terminate()  # its termination listener frees the slot
             return
         conn.released = True  # it served a request: `acquire_opened_after` takes only fresh ones
+        prefix = getattr(conn, "request_prefix", None)
+        if prefix is not None:
+            prefix.fresh = False  # the next one-round-trip request resets the session first
         self._hand_on(conn)
         if getattr(conn, "dirty", False) and not getattr(conn, "reset_timer", False):
             # A one-round-trip request resets the session only when the next one starts: if
@@ -676,6 +693,9 @@ class TenantPool:
 async def clean(conn: TenantConnection) -> None:
     """Reset the session if a one-round-trip request used it last (call right after acquire
     on any path that does not start with the request prefix)."""
+    prefix = getattr(conn, "request_prefix", None)
+    if prefix is not None:
+        prefix.fresh = False  # this path may leave state the next prefix must reset
     if getattr(conn, "dirty", False):
         await conn.execute(SESSION_RESET)
         conn.dirty = False
@@ -791,6 +811,14 @@ class TenantPools:
             "timeout": self._settings.database.connect_timeout,
             "server_settings": {"application_name": f"fluxbase-tenant-{project_id}"},
         }
+
+    def pool_now(self, project_id: str, scope: str, end_user: bool = False) -> TenantPool | None:
+        """`pool` without a coroutine when the pool exists (the hot path), else None."""
+        key = (project_id, scope, end_user)
+        existing = self._pools.get(key)
+        if existing is not None:
+            self._last_used[key] = time.monotonic()
+        return existing
 
     async def pool(self, project_id: str, scope: str, end_user: bool = False) -> TenantPool:
         """The pool of (project, scope); `end_user` requests (a user token) get connections of

@@ -423,15 +423,21 @@ async def _on_connection(
     still in a transaction afterwards, or whose prepared statements project SQL dropped or
     replaced, is terminated, never handed to the next request."""
     project_id, limits = req.project_id, req.limits
-    pool = await pools.pool(project_id, req.scope, end_user=req.identity.end_user)
-    try:
-        conn = await (
-            pool.acquire(limits.acquire_timeout_s)  # `acquire`, inlined: the hot path
-            if opened_after is None
-            else pool.acquire_opened_after(opened_after, limits.acquire_timeout_s)
-        )
-    except TimeoutError:
-        raise ConnectionsBusy() from None
+    end_user = req.identity.end_user
+    pool = pools.pool_now(project_id, req.scope, end_user)
+    if pool is None:
+        pool = await pools.pool(project_id, req.scope, end_user=end_user)
+    # An idle connection without a coroutine (the hot path), else wait for one.
+    conn = pool.take_idle() if opened_after is None else None
+    if conn is None:
+        try:
+            conn = await (
+                pool.acquire(limits.acquire_timeout_s)
+                if opened_after is None
+                else pool.acquire_opened_after(opened_after, limits.acquire_timeout_s)
+            )
+        except TimeoutError:
+            raise ConnectionsBusy() from None
     dead = False
     try:
         # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
@@ -481,7 +487,7 @@ async def _on_connection(
             dead = True
             conn.terminate()  # never hand an open transaction to the next request
         if not dead:
-            await pool.release(conn)
+            pool.release_now(conn)
 
 
 async def transaction(
@@ -590,15 +596,15 @@ async def _one_round_trip(
             n = _CAP_MAX  # (as broadcast_cap_statement caps it: one cached step past it)
         cap = _CAP_STEPS.get(n)
         who += cap if cap is not None else _cap_step(n)
+    read_only = req.scope == "read" or req.project_read_only
     head = b"".join(
         (
-            prefix.reset,
             caps_steps,
             who,
             prefix.checks(
                 req.project_id,
                 req.epoch if req.guard is not None else None,
-                req.scope == "read" or req.project_read_only,
+                read_only,
                 identity.user_session,
                 identity.uid,
             ),
@@ -607,17 +613,21 @@ async def _one_round_trip(
     may_write = req.scope != "read"
     limits = req.limits
     for attempt in (0, 1):
-        try:
-            stmt = await wire.prepare(conn, query)
-        except Exception as exc:
-            raise statement_error(exc, may_write) from None
+        stmt = wire.cached_statement(conn, query)
+        if stmt is None:
+            try:
+                stmt = await wire.prepare(conn, query)
+            except Exception as exc:
+                raise statement_error(exc, may_write) from None
         types, attributes, columns = prefix.shape(stmt)
         try:
             args = adapt_params(types, params)
         except ParamError as exc:
             await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
-        prefix.send(conn, head)
+        # The reset (none on a fresh session) and the Parse of any step not sent before, built
+        # per attempt: a retry's session is no longer fresh, and what the first sent is parsed.
+        prefix.send(conn, prefix.begin(read_only, identity.user_session is not None) + head)
         conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
         try:
             rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)

@@ -116,18 +116,34 @@ class RequestPrefix:
     The steps are named statements that asyncpg does not know of (it never closes them: nothing
     but the session's end does); their names are as unguessable as asyncpg's own on a
     TenantConnection. `_login` is the one statement asyncpg prepared here (the login settings
-    query); it stays referenced, so asyncpg never closes it, and `drain` runs it."""
+    query); it stays referenced, so asyncpg never closes it, and `drain` runs it.
+
+    Steps a connection's first request may not need are parsed when a request first needs them
+    (issue 19: on a cold project's new backend every parse and first plan is catalog-cache work,
+    and a connection evicted after one request never needs them): the reset steps but the first
+    (a new session has nothing to reset: `fresh`, which every other use of the session clears,
+    `pools.clean` and `TenantPool.release`), the read-only step and the end-user session check.
+    Their Parse messages go first in that request's head, ahead of anything that could fail and
+    make the server skip them, and count as sent when `send` wrote the head (`begin` only stages
+    them). A fresh session's request still starts with the first reset step (`CLOSE ALL`: parsed
+    without a catalog lookup, a no-op there): the identity's SET LOCAL must not be the pipeline's
+    first statement, which PostgreSQL runs outside the implicit transaction block and answers
+    with a "SET LOCAL can only be used in transaction blocks" warning."""
 
     __slots__ = (
         "_check",
         "_fd",
+        "_first",
         "_fixed",
         "_login",
         "_read_only",
         "_shapes",
+        "_staged",
+        "_unparsed",
         "_user_session",
         "anonymous",
         "anonymous_claims",
+        "fresh",
         "limits",
         "reset",
     )
@@ -148,6 +164,17 @@ class RequestPrefix:
         n = len(RESET_STEPS)
         self.reset = b"".join(bind_execute(name) for name in names[:n])
         self._check, self._read_only, self._user_session = names[n : n + 3]
+        # Parse messages not sent yet, by what needs them (`begin`); a session nothing ran on yet.
+        self._first = bind_execute(names[0])  # a fresh session's only reset step (`begin`)
+        self._unparsed: dict[str, bytes] = {
+            "reset": b"".join(
+                parse(name, sql) for name, sql in zip(names[1:n], RESET_STEPS[1:], strict=True)
+            ),
+            "read_only": parse(self._read_only, READ_ONLY),
+            "user_session": parse(self._user_session, USER_SESSION),
+        }
+        self._staged: tuple[str, ...] | None = None
+        self.fresh = True
         steps = (*fixed, *limits)
         self._fixed = {sql: bind_execute(name) for sql, name in zip(steps, names[n + 3 :], strict=True)}
         self.anonymous = b"".join(self._fixed[sql] for sql in fixed)
@@ -172,10 +199,24 @@ class RequestPrefix:
         """
         sqls = (*RESET_STEPS, CHECK, READ_ONLY, USER_SESSION, *fixed, *limits)
         names = [conn._get_unique_id("stmt") for _ in sqls]
-        write(conn, b"".join(parse(name, sql) for name, sql in zip(names, sqls, strict=True)))
+        # The first reset step, the check step, the identity and the caps now; the others when
+        # first needed (`begin`).
+        eager = 0, len(RESET_STEPS), *range(len(RESET_STEPS) + 3, len(sqls))
+        write(conn, b"".join(parse(names[i], sqls[i]) for i in eager))
         login = await conn.prepare(login_sql)
         row = await login.fetchrow()
         return cls(names, login, fixed, anonymous_claims, limits), row
+
+    def begin(self, read_only: bool, user_session: bool) -> bytes:
+        """The head's first part: the Parse messages of the lazily parsed steps this request
+        needs (`read_only`, `user_session`, and the reset steps unless the session is fresh),
+        then the reset (its first step only on a fresh session). Staged: `send` marks them sent."""
+        unparsed = self._unparsed
+        wanted = (("reset", not self.fresh), ("read_only", read_only), ("user_session", user_session))
+        needed = tuple(k for k, want in wanted if want and k in unparsed)
+        self._staged = needed
+        parses = b"".join(unparsed[k] for k in needed) if needed else b""
+        return parses + (self._first if self.fresh else self.reset)
 
     def statement(self, sql: str) -> bytes:
         """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""
@@ -233,6 +274,12 @@ class RequestPrefix:
         queued, so the order on the wire stays the order of the writes; a TLS connection, a
         Unix socket or anything the kernel does not take at once goes through the transport as
         before (`write`)."""
+        staged = self._staged
+        if staged is not None:  # the head `begin` built is on its way: what it parsed, and reset
+            self._staged = None
+            self.fresh = False
+            for k in staged:
+                del self._unparsed[k]
         transport = conn._transport
         fd = self._fd
         if fd is None:
@@ -287,6 +334,12 @@ def _raw_fd(transport: Any) -> int:
 
 
 # -- statements with a row cap --------------------------------------------------------------------
+
+
+def cached_statement(conn: Any, query: str) -> Any:
+    """The statement `prepare` would answer from asyncpg's statement cache (None: not cached),
+    without its two coroutines: the same cache key asyncpg's `_get_statement` looks up."""
+    return conn._stmt_cache.get((query, conn._protocol.get_record_class(), False))
 
 
 async def prepare(conn: Any, query: str) -> Any:

@@ -97,6 +97,89 @@ def _limits(t: Any) -> Limits:
     )
 
 
+class _Grant:
+    """`authorize`'s answer for one cached key, project and need, with what follows from it on
+    every request: the rate limit and its name, whether a connection may open ahead, and the
+    request's `TenantRequest` but for its identity and broadcast share."""
+
+    __slots__ = (
+        "access",
+        "bearer",
+        "ctx",
+        "key_auth",
+        "label",
+        "limit",
+        "need",
+        "preopen",
+        "project_id",
+        "request",
+        "settings",
+        "window",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        ctx: AppContext,
+        bearer: str,
+        key_auth: KeyAuth,
+        project_id: str,
+        need: Need,
+        access: ProjectAccess,
+    ) -> None:
+        self.ctx, self.settings, self.bearer, self.key_auth = ctx, ctx.settings, bearer, key_auth
+        self.project_id, self.need, self.access = project_id, need, access
+        self.limit, self.window = access.rate_limit(ctx.settings)
+        self.label = access.principal.label
+        key = access.principal.key
+        # Not for a requireUserAuth key (see `_sql_access`); a key of a project on another
+        # cluster gets no grant (it is checked uncached on the control plane every time).
+        self.preopen = key is None or not key.require_user_auth
+        self.writes = access.sql_scope != "read"
+        self.request = _tenant_request(ctx, access, key_auth, _NOBODY, None)
+
+
+_NOBODY = Identity(None, {}, "anon")  # (a grant's TenantRequest gets each request's identity)
+
+# Per Authorization header of a cached key: the authorisation of its last project and need. All
+# that `authorize` and the rate limit read is in the key's cached KeyAuth (its principal, its
+# project's state) or in the frozen settings, so while the key cache hands out that same KeyAuth
+# object a grant is the answer `authorize` would give; a key the cache dropped (entry expired,
+# revocation seen, doorbell, settings changed) comes back as a new KeyAuth, and the grant is
+# made again. A refusal is never remembered.
+_GRANTS: dict[str, _Grant] = {}
+_GRANTS_MAX = 10_000
+
+
+def _granted(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need
+) -> tuple[_Grant, Quota] | None:
+    """`sql_access`'s hot path, without a coroutine: the grant of a cached key and a token of
+    this process's rate lease, or None (then `_sql_access`)."""
+    headers = request.headers
+    grant = _GRANTS.get(headers.get("authorization", ""))
+    if (
+        grant is None
+        or grant.project_id != project_id
+        or grant.need is not need
+        or grant.ctx is not ctx
+        or grant.settings is not ctx.settings
+        # The key cache's own checks (expiry, allowed origins, lastUsedAt), on the same entry.
+        or ctx.auth.cached_key(grant.bearer, headers.get("origin")) is not grant.key_auth
+    ):
+        return None
+    quota = ctx.limiter.take(grant.label, grant.limit, grant.window)
+    if quota is None:
+        return None
+    if grant.preopen:  # admitted: a cold project's connection opens meanwhile (issue 19)
+        access = grant.access
+        ctx.tenants.preopen(
+            access.project.id, access.sql_scope, end_user=bool(headers.get(USER_TOKEN_HEADER))
+        )
+    remember_quota(request, quota)
+    return grant, quota
+
+
 async def sql_access(
     request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need = Need.READ
 ) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
@@ -105,6 +188,17 @@ async def sql_access(
     With an API key the second value is its cached state, whose liveness `tenancy.session.transaction`
     re-checks inside the request's transaction (the key may have been revoked since).
     """
+    granted = _granted(request, ctx, project_id, need)
+    if granted is not None:
+        grant, quota = granted
+        return grant.access, grant.key_auth, quota
+    return await _sql_access(request, ctx, project_id, need)
+
+
+async def _sql_access(
+    request: Request[Any, Any, Any], ctx: AppContext, project_id: str | None, need: Need
+) -> tuple[ProjectAccess, KeyAuth | None, Quota]:
+    """`sql_access` without a grant at hand or a token of the lease (and for dashboard sessions)."""
     bearer = bearer_token(request)
     origin = request.headers.get("origin")
     key_auth: KeyAuth | None = None
@@ -124,6 +218,12 @@ async def sql_access(
         key_auth = await authenticate_key(ctx.db, bearer or "", origin)
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
+        )
+    elif key_auth is not None and bearer is not None and project_id is not None:
+        if len(_GRANTS) >= _GRANTS_MAX:
+            _GRANTS.clear()
+        _GRANTS[request.headers.get("authorization", "")] = _Grant(
+            ctx, bearer, key_auth, project_id, need, access
         )
     limit, window = access.rate_limit(ctx.settings)
     if access.project.cluster_id == "default":
@@ -158,13 +258,36 @@ async def tenant_request(
     need: Need = Need.READ,
 ) -> TenantRequest:
     """Authenticate, authorise, count and resolve the identity of one data request."""
-    access, key_auth, quota = await sql_access(request, ctx, project_id, need)
+    granted = _granted(request, ctx, project_id, need)
+    if granted is not None:  # the hot path: the grant's request with this one's identity
+        grant, quota = granted
+        return msgspec.structs.replace(
+            grant.request,
+            identity=await request_identity(request, ctx, grant.access, auth_uid),
+            broadcasts=quota.remaining if grant.writes else None,
+        )
+    access, key_auth, quota = await _sql_access(request, ctx, project_id, need)
+    identity = await request_identity(request, ctx, access, auth_uid)
+    # Broadcasts from SQL spend the same window as the request (sql/0042): read keys cannot
+    # call realtime.broadcast at all.
+    return _tenant_request(
+        ctx, access, key_auth, identity, quota.remaining if access.sql_scope != "read" else None
+    )
+
+
+def _tenant_request(
+    ctx: AppContext,
+    access: ProjectAccess,
+    key_auth: KeyAuth | None,
+    identity: Identity,
+    broadcasts: int | None,
+) -> TenantRequest:
     if access.project.cluster_id != "default":
         key_auth = None  # checked on the control plane in sql_access; no guard on that cluster
     return TenantRequest(
         project_id=access.project.id,
         scope=access.sql_scope,
-        identity=await request_identity(request, ctx, access, auth_uid),
+        identity=identity,
         limits=limits_of(ctx),
         project_read_only=access.project.read_only,
         project_moving=access.project.moving,
@@ -173,9 +296,7 @@ async def tenant_request(
         sizes=ctx.sizes,
         epoch=key_auth.epoch if key_auth is not None else None,
         evict_key=ctx.auth.evict,
-        # Broadcasts from SQL spend the same window as the request (sql/0042): read keys cannot
-        # call realtime.broadcast at all.
-        broadcasts=quota.remaining if access.sql_scope != "read" else None,
+        broadcasts=broadcasts,
     )
 
 
