@@ -134,6 +134,25 @@ async def test_state_a_new_sessions_first_request_leaves_is_gone_for_the_next_ke
     assert same >= 1, same  # the probe met mallory's very session (else this proves nothing)
 
 
+async def test_state_a_migration_leaves_on_a_new_session_is_gone_for_the_next_request(
+    api: Api, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Another path first (a migration, on the admin pool's new session), the one-round-trip
+    path next: the migration's session-level state is gone for the next key's request."""
+    pid, owner = project.id, project.owner_token
+    await _setup(api, project)
+    victim = await api.new_key(owner, pid, "admin", rateLimitRequests=MANY)
+    for n in range(2):
+        await _drop_backends(control_db, pid)
+        r = await api.http.post(
+            f"/api/projects/{pid}/migrations",
+            json={"name": f"r18_{n}", "sql": "SELECT leave('migration')"},
+            headers=bearer(project.admin_key),
+        )
+        assert r.status_code == 200, r.text
+        _clean(await _probe(api, victim, pid))
+
+
 async def test_end_user_state_on_a_new_end_user_session_is_gone_for_the_next_end_user(
     api: Api, project: Any, control_db: asyncpg.Pool
 ) -> None:
