@@ -163,7 +163,7 @@ async def test_end_user_state_on_a_new_end_user_session_is_gone_for_the_next_end
     await _setup(api, project)
     key = await browser_key(api, project)
     _alice, a_tok = await end_user(api, pid)
-    _bob, b_tok = await end_user(api, pid)
+    bob, b_tok = await end_user(api, pid)
     same = 0
     for _ in range(2):
         await _drop_backends(control_db, pid)
@@ -178,6 +178,13 @@ async def test_end_user_state_on_a_new_end_user_session_is_gone_for_the_next_end
         r = await _sql(api, key, pid, "SELECT 1 AS one", token=a_tok)
         assert r.status_code == 401, r.text
     assert (await _ok(api, key, pid, "SELECT 1 AS one", token=b_tok))["result"]["rows"] == [{"one": 1}]
+    # bob disabled by the project's owner: refused on the session he just used.
+    r = await api.http.post(
+        f"/api/projects/{pid}/auth/users/{bob}/disable", headers=bearer(project.owner_token)
+    )
+    assert r.status_code == 200, r.text
+    r = await _sql(api, key, pid, "SELECT 1 AS one", token=b_tok)
+    assert r.status_code == 401, r.text
 
 
 async def test_read_only_holds_on_a_session_that_served_writes_before(
@@ -247,6 +254,21 @@ async def test_a_revoked_key_is_refused_at_once_though_its_grant_was_warm(api: A
         headers=bearer(raw),
     )
     assert r.status_code == 401, r.text
+    # A rotated key: its old secret is refused at once, though its grant was warm.
+    r = await api.http.post(
+        f"/api/projects/{pid}/api-keys",
+        json={"name": "rotated", "scope": "admin", "rateLimitRequests": MANY},
+        headers=bearer(owner),
+    )
+    assert r.status_code == 201, r.text
+    old, key_id = r.json()["key"], r.json()["apiKey"]["id"]
+    await _warm(api, old, pid)
+    r = await api.http.post(f"/api/projects/{pid}/api-keys/{key_id}/rotate", headers=bearer(owner))
+    assert r.status_code == 200, r.text
+    new = r.json()["key"]
+    answers = await asyncio.gather(*(_sql(api, old, pid, "SELECT 1 AS one") for _ in range(4)))
+    assert all(a.status_code == 401 for a in answers), [a.text for a in answers if a.status_code != 401][:2]
+    await _ok(api, new, pid, "SELECT 1 AS one")
 
 
 async def test_a_suspended_project_is_refused_at_once_and_resumes_at_once(
