@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+from fluxbase import metrics
 from support import Api
 
 PATH = "/api/execute-sql"
@@ -252,3 +255,48 @@ async def test_header_names_in_any_case_and_trailing_whitespace(api: Api, projec
         assert status == 200 and rows(body) == [{"n": 8}], body
     finally:
         writer.close()
+
+
+async def test_a_sibling_reads_the_protocol_paths_requests_within_a_second(spawn, tmp_path) -> None:
+    """The protocol path tallies its request metrics (`http.protocol._Tally`) and adds them up
+    before each scrape *and once a second*: with shared metrics (several workers), a sibling
+    answering a scrape reads this process's file, which must show every request without this
+    process being scraped itself."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    async with spawn(FLUXBASE_API_METRICS_DIR=str(shared)) as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await api.new_key(token, pid, "admin", rateLimitRequests=1_000_000)
+
+            def served() -> float:
+                return sum(
+                    v
+                    for path in shared.glob("*" + metrics.SharedStore.SUFFIX)
+                    for name, labels, _, v in metrics.SharedStore.read(path)
+                    if name == "fluxbase_http_requests_total" and labels[1] == PATH
+                )
+
+            # Three batches, each seen within 2 s: the flush of every second does it; the
+            # 5-second refresh of collected gauges (`Registry.refresh_forever`, started by the
+            # first ASGI request) alone would miss at least one of them almost every time.
+            reader, writer = await connect(api)
+            try:
+                for _ in range(3):
+                    before = served()
+                    for _ in range(5):
+                        writer.write(
+                            request(SimpleNamespace(id=pid, admin_key=key), "SELECT 1")  # type: ignore[arg-type]
+                        )
+                        status, _, _ = await read_answer(reader)
+                        assert status == 200
+                    deadline = time.monotonic() + 2.0
+                    while served() < before + 5 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    assert served() == before + 5
+            finally:
+                writer.close()
+        finally:
+            await api.close()
