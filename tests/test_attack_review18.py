@@ -11,10 +11,14 @@ backends so that the next request meets a new session (as a dropped connection d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import types
 from typing import Any
 
 import asyncpg
+import pytest
 
 from support import Api, assert_error, bearer
 from test_attack_review1 import MANY, browser_key, end_user
@@ -327,3 +331,66 @@ async def test_a_rate_limit_holds_under_a_burst_on_a_warm_grant(api: Api, projec
     answers = await asyncio.gather(*(_sql(api, second, pid, "SELECT 1 AS one") for _ in range(8)))
     codes = [a.status_code for a in answers]
     assert codes.count(200) == 5 and codes.count(429) == 3, codes
+
+
+# -- 3. sqlspeed5: the grants' table, keyed by the whole Authorization header ----------------------
+
+
+def _rss_kib(pid: int) -> int:
+    """Resident memory of a process and its descendants (KiB)."""
+    procs = [p for p in os.listdir("/proc") if p.isdigit()]
+    parents: dict[int, int] = {}
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{p}/stat") as f:
+                parents[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        more = {c for c, pp in parents.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    total = 0
+    for p in tree:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return total
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sqlspeed5: http/controllers/sql.py keeps a grant per whole Authorization header (up to "
+    "10 000, each up to 256 KiB), made before the end-user token and rate-limit checks: a public "
+    "requireUserAuth key's anonymous callers make each API process hold up to ~2.5 GiB",
+)
+async def test_a_public_keys_callers_cannot_make_the_api_keep_their_headers(spawn: Any) -> None:
+    """A requireUserAuth key ships in browser apps: anyone has it. Without an end-user token every
+    request is refused (401), yet each distinct Authorization header of a known key must not stay
+    in the API's memory: `Bearer` + n spaces + the key is the same key for every n, and a header
+    may be 256 KiB long. 400 such requests (100 MiB of headers) must not grow the API by 40 MiB."""
+    async with spawn() as inst:
+        api = Api(inst.url)
+        try:
+            _owner, token = await api.new_user()
+            pid = await api.new_project(token)
+            key = await browser_key(api, types.SimpleNamespace(id=pid, owner_token=token))
+            body = {"projectId": pid, "query": "SELECT 1"}
+            r = await api.http.post("/api/execute-sql", json=body, headers=bearer(key))
+            assert_error(r, 401, "USER_TOKEN_REQUIRED")
+            await asyncio.sleep(0.5)
+            before = _rss_kib(inst.server.proc.pid)
+            pad = 250 * 1024
+
+            async def one(n: int) -> int:
+                h = {"Authorization": "Bearer" + " " * (pad - n) + key}
+                r = await api.http.post("/api/execute-sql", json=body, headers=h)
+                return r.status_code
+
+            for start in range(0, 400, 8):
+                codes = await asyncio.gather(*(one(n) for n in range(start, start + 8)))
+                assert all(c == 401 for c in codes), codes
+            await asyncio.sleep(0.5)
+            grown_mib = (_rss_kib(inst.server.proc.pid) - before) / 1024
+            assert grown_mib < 40, f"the API grew by {grown_mib:.0f} MiB"
+        finally:
+            await api.close()
