@@ -201,6 +201,24 @@ CREATE TRIGGER plpgsql_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION fluxbase_capture.capture_delete_plpgsql();
 """
 
+# --alt LIB: the same triggers on C functions of another build of ext/fluxbase_capture installed
+# under another name ($libdir/LIB.so), in a scratch schema: a change to the C code against the
+# build before it, interleaved in one run (`make -C ext/fluxbase_capture` then copy the .so).
+ALT_SQL = """
+CREATE SCHEMA bench_alt_{n};
+GRANT USAGE ON SCHEMA bench_alt_{n} TO PUBLIC;
+CREATE FUNCTION bench_alt_{n}.capture_insert() RETURNS trigger LANGUAGE c AS '$libdir/{lib}', 'fluxbase_capture_insert';
+CREATE FUNCTION bench_alt_{n}.capture_update() RETURNS trigger LANGUAGE c AS '$libdir/{lib}', 'fluxbase_capture_update';
+CREATE FUNCTION bench_alt_{n}.capture_delete() RETURNS trigger LANGUAGE c AS '$libdir/{lib}', 'fluxbase_capture_delete';
+"""
+ALT_TRIGGERS = """
+CREATE TRIGGER alt_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_alt_{n}.capture_insert();
+CREATE TRIGGER alt_upd AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION bench_alt_{n}.capture_update();
+CREATE TRIGGER alt_del AFTER DELETE ON {t} REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_alt_{n}.capture_delete();
+"""
+
 LEGACY_TRIGGERS = """
 CREATE TRIGGER legacy_ins AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bench_legacy.capture_insert();
@@ -396,7 +414,11 @@ def cpu_ns(pid: int) -> int:
 
 
 async def setup(
-    admin: asyncpg.Connection, superuser: asyncpg.Connection | None, breakdown: bool = False
+    admin: asyncpg.Connection,
+    superuser: asyncpg.Connection | None,
+    breakdown: bool = False,
+    alts: list[str] | None = None,
+    legacy: bool = True,
 ) -> list[str]:
     """Create the tables (as the project's admin; the scratch functions as the superuser);
     returns the table names measured."""
@@ -416,12 +438,21 @@ async def setup(
         await admin.execute("SELECT fluxbase_capture.detach_capture('cc_plpgsql'::regclass)")
         await admin.execute(PLPGSQL_TRIGGERS.format(t="cc_plpgsql"))
         tables.append("cc_plpgsql")
-    if superuser is not None:
+    if superuser is not None and legacy:
         await superuser.execute(LEGACY_SQL)
         await admin.execute("CREATE TABLE cc_legacy " + TABLE)
         await admin.execute("SELECT fluxbase_capture.detach_capture('cc_legacy'::regclass)")
         await admin.execute(LEGACY_TRIGGERS.format(t="cc_legacy"))
         tables.append("cc_legacy")
+    for lib in alts or []:
+        assert superuser is not None
+        n = "".join(c if c.isalnum() else "_" for c in lib.removeprefix("fluxbase_capture_"))
+        await superuser.execute(ALT_SQL.format(n=n, lib=lib))
+        t = f"cc_alt_{n}"
+        await admin.execute(f"CREATE TABLE {t} {TABLE}")
+        await admin.execute(f"SELECT fluxbase_capture.detach_capture('{t}'::regclass)")
+        await admin.execute(ALT_TRIGGERS.format(t=t, n=n))
+        tables.append(t)
     if superuser is not None and breakdown:
         # The installed capture with a statement-level UPDATE trigger (both transition tables,
         # one write_events call per statement) instead of the row-level one.
@@ -510,29 +541,60 @@ async def _phase(conn: asyncpg.Connection, pid: int, op: str, table: str, n: int
         else:
             await conn.execute(f"CALL {table}_b{op.lower()}($1, $2, $3)", lo, n, bulk)
         return cpu_ns(pid) - t0
-    if op == "INSERT":
-        t0 = cpu_ns(pid)
-        await conn.execute(f"CALL {table}_insert($1)", n)
-    else:
-        lo = await conn.fetchval(f"SELECT min(id) FROM {table}")
-        t0 = cpu_ns(pid)
-        await conn.execute(f"CALL {table}_{op.lower()}($1, $2)", lo, n)
+    # CALLs of at most CHUNK writes: one statement of thousands of commits outlasts the project
+    # role's statement_timeout on a loaded machine with fsync on (bench/realtime.py)
+    lo = await conn.fetchval(f"SELECT min(id) FROM {table}") if op != "INSERT" else 0
+    t0 = cpu_ns(pid)
+    for start in range(0, n, CHUNK):
+        cnt = min(CHUNK, n - start)
+        if op == "INSERT":
+            await conn.execute(f"CALL {table}_insert($1)", cnt)
+        else:
+            await conn.execute(f"CALL {table}_{op.lower()}($1, $2)", lo + start, cnt)
     return cpu_ns(pid) - t0
+
+
+CHUNK = 500
+
+
+async def measure_rounds(
+    admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
+) -> dict:
+    """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
+    and table, one figure per round."""
+    pid = await admin.fetchval("SELECT pg_backend_pid()")
+    samples: dict = {(op, t): [] for op in OPS for t in tables}
+    rows = writes // bulk * bulk
+    for r in range(rounds):
+        order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
+        for t in order:
+            for op in OPS:
+                samples[(op, t)].append(await _phase(admin, pid, op, t, writes, bulk) / rows / 1e3)
+    return samples
 
 
 async def measure(
     admin: asyncpg.Connection, tables: list[str], writes: int, rounds: int, bulk: int = 1
 ) -> dict:
     """µs of backend CPU per single-row write (per row, `bulk` rows a statement), per operation
-    and table (sums over rounds)."""
-    pid = await admin.fetchval("SELECT pg_backend_pid()")
-    ticks = {(op, t): 0 for op in OPS for t in tables}
-    for r in range(rounds):
-        order = tables[r % len(tables) :] + tables[: r % len(tables)]  # rotate: no table always first
-        for t in order:
-            for op in OPS:
-                ticks[(op, t)] += await _phase(admin, pid, op, t, writes, bulk)
-    return {k: v / (writes // bulk * bulk * rounds) / 1e3 for k, v in ticks.items()}
+    and table (means over rounds)."""
+    samples = await measure_rounds(admin, tables, writes, rounds, bulk)
+    return {k: statistics.mean(v) for k, v in samples.items()}
+
+
+def report_rounds(samples: dict, tables: list[str]) -> list[str]:
+    """Each table's cost (minus the same round's off) per operation: median [min-max] over the
+    rounds; with --alt, the figure to compare builds under a varying load."""
+    lines = ["capture cost per round (µs, table - off of the same round): median [min-max]"]
+    lines.append(f"  {'table':<14}" + "".join(f"{op:>22}" for op in OPS))
+    for t in tables[1:]:
+        cells = []
+        for op in OPS:
+            d = [a - b for a, b in zip(samples[(op, t)], samples[(op, "cc_off")], strict=True)]
+            cells.append(f"{statistics.median(d):>8.1f} [{min(d):.1f}-{max(d):.1f}]")
+        lines.append(f"  {t:<14}" + "".join(f"{c:>22}" for c in cells))
+    lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return lines
 
 
 async def installed_capture(conn: asyncpg.Connection) -> str:
@@ -564,7 +626,7 @@ def report(us: dict, tables: list[str], bulk: int = 1, capture_installed: str = 
             + "   on/off CPU "
             + " ".join(f"{us[(op, t)] / us[(op, 'cc_off')]:.2f}" for op in OPS)
         )
-    for t in ("cc_capture", "cc_plpgsql", "cc_legacy"):
+    for t in ["cc_capture", "cc_plpgsql", "cc_legacy"] + [t for t in tables if t.startswith("cc_alt_")]:
         if (OPS[0], t) in us:
             cost = statistics.mean(us[(op, t)] - us[(op, "cc_off")] for op in OPS)
             ratio = statistics.mean(us[(op, t)] / us[(op, "cc_off")] for op in OPS)
@@ -729,6 +791,19 @@ async def main() -> None:
         "--legacy", action="store_true", help="also sql/0036's triggers, as a baseline for a change"
     )
     ap.add_argument("--breakdown", action="store_true", help="also the capture path cut short at each step")
+    ap.add_argument(
+        "--alt",
+        action="append",
+        default=[],
+        metavar="LIB",
+        help="also the C capture of $libdir/LIB.so (another build), on a table of its own; repeatable",
+    )
+    ap.add_argument(
+        "--superuser-sql",
+        default="",
+        help="SQL the superuser runs after the setup (A/B of a schema change in alternating runs)",
+    )
+    ap.add_argument("--no-plpgsql", action="store_true", help="leave out the PL/pgSQL table")
     ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
     ap.add_argument(
         "--decode",
@@ -758,13 +833,22 @@ async def main() -> None:
             dsn = f"postgresql://{role}:{role_password(stack.secret_key, role)}@127.0.0.1:{stack.pg.port}/{dbname}"
             admin = await asyncpg.connect(dsn)
             superuser = (
-                await asyncpg.connect(stack.database_url(dbname)) if args.legacy or args.breakdown else None
+                await asyncpg.connect(stack.database_url(dbname))
+                if args.legacy or args.breakdown or args.alt or args.superuser_sql
+                else None
             )
-            tables = await setup(admin, superuser, args.breakdown)
+            tables = await setup(admin, superuser, args.breakdown, args.alt, args.legacy or args.breakdown)
+            if args.no_plpgsql and "cc_plpgsql" in tables:
+                tables.remove("cc_plpgsql")
+            if args.superuser_sql:
+                assert superuser is not None
+                await superuser.execute(args.superuser_sql)
             installed = await installed_capture(admin)
             await measure(admin, tables, max(100, args.writes // 10), 1)  # warm caches and plans
-            us = await measure(admin, tables, args.writes, args.rounds)
+            samples = await measure_rounds(admin, tables, args.writes, args.rounds)
+            us = {k: statistics.mean(v) for k, v in samples.items()}
             print("\n" + "\n".join(report(us, tables, 1, installed)))
+            print("\n" + "\n".join(report_rounds(samples, tables)))
             if args.bulk > 1:
                 us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
                 print("\n" + "\n".join(report(us, tables, args.bulk, installed)))

@@ -506,8 +506,15 @@ async def _retention_trims_and_old_cursors_get_resync_required(api: Api, project
     deleted = await trim_events(control_db, max_age_s=0, max_rows=1_000_000, batch=200)
     assert deleted >= 2
     assert (await writer).json()["success"]
+    # By the readers' order (xid, id): ids alone are not ordered across backends (each caches 64,
+    # sql/0050), so an event committed later may carry a lower id.
+    fx, fid = first["cursor"].split(":")
     left = await control_db.fetchval(
-        "SELECT count(*) FROM fluxbase.events WHERE project_id = $1 AND id <= $2", project.id, first["id"]
+        "SELECT count(*) FROM fluxbase.events"
+        " WHERE project_id = $1 AND (xid, id) <= ($2::text::xid8, $3::bigint)",
+        project.id,
+        fx,
+        int(fid),
     )
     assert left == 0
     async with connect(f"{rt}/?token={project.admin_key}") as ws:

@@ -143,21 +143,36 @@ session_project(char *project)
 	return true;
 }
 
+/* The verdict on the last table schema seen (its oid: p_<16 hex>, and which), until any change
+ * to pg_namespace (names_inval). */
+static Oid	cached_nsp = InvalidOid;
+static bool cached_nsp_is_project = false;
+static char cached_nsp_project[17];
+
 /* The fast path: a project session writing a table of its own project's schema. */
 static bool
 fast_path(Relation rel, char *project)
 {
-	char	   *nspname;
-	bool		ok;
+	Oid			nsp = RelationGetNamespace(rel);
 
 	if (!session_project(project))
 		return false;
-	nspname = get_namespace_name(RelationGetNamespace(rel));
-	ok = nspname != NULL && strlen(nspname) == 18 && nspname[0] == 'p' && nspname[1] == '_' &&
-		memcmp(nspname + 2, project, 16) == 0;
-	if (nspname != NULL)
-		pfree(nspname);
-	return ok;
+	if (nsp != cached_nsp || !OidIsValid(cached_nsp))
+	{
+		char	   *nspname = get_namespace_name(nsp);
+
+		cached_nsp_is_project = nspname != NULL && strlen(nspname) == 18 && nspname[0] == 'p' &&
+			nspname[1] == '_';
+		if (cached_nsp_is_project)
+		{
+			memcpy(cached_nsp_project, nspname + 2, 16);
+			cached_nsp_project[16] = '\0';
+		}
+		if (nspname != NULL)
+			pfree(nspname);
+		cached_nsp = nsp;
+	}
+	return cached_nsp_is_project && memcmp(cached_nsp_project, project, 16) == 0;
 }
 
 /* to_jsonb(row): what PL/pgSQL's to_jsonb(NEW) / to_jsonb(n.*) computes, as the invoker. */
@@ -303,39 +318,113 @@ static const Oid EV_TYPES[EV_NCOLS] = {
 	INT8OID, XID8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID, INT4OID
 };
 
-/* The verdict on fluxbase.events' layout, until a relcache invalidation of it. */
+/*
+ * What the direct write and the doorbell read know about the platform's tables, kept between
+ * calls (the catalog lookups, index list and IndexInfo builds were about a tenth of a captured
+ * write). Only oids and values copied into capture_cxt are kept, never a pointer into a relcache
+ * or catcache entry (those are rebuilt under us). Every call still opens and locks the tables
+ * and indexes, by the kept oids, which processes the pending invalidations; the callbacks below
+ * reset what may have changed (they only clear flags), the callers check the flags again once
+ * every lock is held and start over otherwise, and what is kept is compared with the opened
+ * relations (columns' types, index keys) before it is used. Anything unexpected takes the saved
+ * SPI plans, which resolve every name themselves.
+ */
+static MemoryContext capture_cxt = NULL;
+
+/* The text 'row' (the outbox's `kind`), in TopMemoryContext. */
+static Datum row_text;
+
+/* Found by name: schema fluxbase, its tables events and event_readers, the role
+ * fluxbase_outbox_writer. Reset by any change to pg_namespace, to pg_class's names, to
+ * pg_authid, and by a relcache invalidation of either table. */
+static bool oids_valid = false;
 static Oid	events_relid = InvalidOid;
-static bool events_checked = false;
+static Oid	readers_relid = InvalidOid;
+static Oid	writer_oid = InvalidOid;
+
+/* fluxbase.events: the verdict on its layout and, when the direct write applies, its indexes
+ * (oids, and IndexInfo built into capture_cxt), until a relcache invalidation of the table, of
+ * its identity sequence or of one of its indexes. */
+static bool events_valid = false;
+static bool events_learning = false;	/* still set: the last learning ended in an error */
 static bool events_direct = false;
+static int	events_natts = 0;
 static AttrNumber events_attnum[EV_NCOLS];
 static Oid	events_idseq = InvalidOid;
+static int	events_nidx = 0;
+static Oid *events_idx = NULL;
+static IndexInfo **events_iinfo = NULL;
+
+/* fluxbase.event_readers' boolean `waiting` (InvalidAttrNumber: the saved query), until a
+ * relcache invalidation of the table. */
+static bool readers_valid = false;
+static AttrNumber readers_waiting = InvalidAttrNumber;
 
 static void
-events_inval(Datum arg, Oid relid)
+relcache_inval(Datum arg, Oid relid)
 {
+	int			i;
+
 	if (!OidIsValid(relid) || relid == events_relid || relid == events_idseq)
-		events_checked = false;
+		events_valid = false;
+	for (i = 0; i < events_nidx; i++)
+		if (events_idx[i] == relid)
+			events_valid = false;
+	if (!OidIsValid(relid) || relid == readers_relid)
+		readers_valid = false;
+	if (!OidIsValid(relid) || relid == events_relid || relid == readers_relid)
+		oids_valid = false;
 }
 
 static void
 roles_inval(Datum arg, int cacheid, uint32 hashvalue)
 {
 	cached_session_user = InvalidOid;
+	oids_valid = false;
+}
+
+static void
+names_inval(Datum arg, int cacheid, uint32 hashvalue)
+{
+	oids_valid = false;
+	if (cacheid == NAMESPACEOID)
+		cached_nsp = InvalidOid;
 }
 
 void
 _PG_init(void)
 {
-	CacheRegisterRelcacheCallback(events_inval, (Datum) 0);
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	row_text = CStringGetTextDatum("row");
+	MemoryContextSwitchTo(old);
+	capture_cxt = AllocSetContextCreate(TopMemoryContext, "fluxbase_capture", ALLOCSET_SMALL_SIZES);
+	CacheRegisterRelcacheCallback(relcache_inval, (Datum) 0);
 	CacheRegisterSyscacheCallback(AUTHOID, roles_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(NAMESPACEOID, names_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(RELNAMENSP, names_inval, (Datum) 0);
 }
 
-static Oid
-fluxbase_relid(const char *name)
+/* Look the oids up by name. A lookup may process invalidations (a catalog read takes a lock):
+ * oids_valid is set first, so one that arrives meanwhile leaves it false. */
+static void
+lookup_oids(void)
 {
-	Oid			nsp = get_namespace_oid("fluxbase", true);
+	Oid			nsp;
+	Oid			events;
+	Oid			readers;
 
-	return OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+	oids_valid = true;
+	nsp = get_namespace_oid("fluxbase", true);
+	events = OidIsValid(nsp) ? get_relname_relid("events", nsp) : InvalidOid;
+	readers = OidIsValid(nsp) ? get_relname_relid("event_readers", nsp) : InvalidOid;
+	if (events != events_relid)
+		events_valid = false;
+	if (readers != readers_relid)
+		readers_valid = false;
+	events_relid = events;
+	readers_relid = readers;
+	writer_oid = get_role_oid(OUTBOX_WRITER, true);
 }
 
 static bool
@@ -358,7 +447,37 @@ default_is_call(TupleConstr *constr, AttrNumber attnum, Oid funcid)
 	return false;
 }
 
-/* Check fluxbase.events (open) against what the direct write knows. */
+/* The checks that need the opened fluxbase.events only (no catalog read), made at every
+ * opening: the kind of relation, no trigger, rule or row security, and the kept columns'
+ * positions and types against its tuple descriptor. */
+static bool
+events_shape_ok(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			c;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_tableam != GetHeapamTableAmRoutine() ||
+		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL || rel->rd_rules != NULL ||
+		desc->constr == NULL || desc->constr->num_check != 0 ||
+		desc->constr->has_generated_stored || desc->constr->has_generated_virtual ||
+		desc->natts != events_natts)
+		return false;
+	for (c = 0; c < EV_NCOLS; c++)
+	{
+		Form_pg_attribute att;
+
+		if (events_attnum[c] < 1 || events_attnum[c] > desc->natts)
+			return false;
+		att = TupleDescAttr(desc, events_attnum[c] - 1);
+		if (att->attisdropped || att->atttypid != EV_TYPES[c] || att->attgenerated != '\0' ||
+			(c == EV_OLD && att->attnotnull))
+			return false;
+	}
+	return true;
+}
+
+/* Check fluxbase.events (open) against what the direct write knows, and keep where its columns
+ * are. */
 static bool
 events_layout_ok(Relation rel)
 {
@@ -367,13 +486,9 @@ events_layout_ok(Relation rel)
 	int			i;
 	int			c;
 
-	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_tableam != GetHeapamTableAmRoutine() ||
-		rel->rd_rel->relrowsecurity || rel->trigdesc != NULL || rel->rd_rules != NULL ||
-		desc->constr == NULL || desc->constr->num_check != 0 ||
-		desc->constr->has_generated_stored || desc->constr->has_generated_virtual)
-		return false;
 	for (c = 0; c < EV_NCOLS; c++)
 		events_attnum[c] = InvalidAttrNumber;
+	events_natts = desc->natts;
 	for (i = 0; i < desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
@@ -386,8 +501,7 @@ events_layout_ok(Relation rel)
 			if (strcmp(NameStr(att->attname), EV_NAMES[c]) == 0)
 			{
 				/* (only `old` may be NULL here: heap_form_tuple checks no NOT NULL) */
-				if (att->atttypid != EV_TYPES[c] || events_attnum[c] != InvalidAttrNumber ||
-					att->attgenerated != '\0' || (c == EV_OLD && att->attnotnull))
+				if (events_attnum[c] != InvalidAttrNumber)
 					return false;
 				events_attnum[c] = att->attnum;
 				known = true;
@@ -397,7 +511,7 @@ events_layout_ok(Relation rel)
 		if (!known)
 			return false;
 	}
-	if (seen != EV_NCOLS)
+	if (seen != EV_NCOLS || !events_shape_ok(rel))
 		return false;
 	/* id: an identity column (its sequence), xid and created_at: the defaults the SQL has */
 	if (TupleDescAttr(desc, events_attnum[EV_ID] - 1)->attidentity == '\0')
@@ -411,16 +525,103 @@ events_layout_ok(Relation rel)
 	return true;
 }
 
-/* fluxbase.events opened once per statement for the direct write of its rows. */
+/* An index this code can fill: btree (other access methods may need index_insert_cleanup: BRIN
+ * keeps a pin), on plain columns of the table (no expression, predicate, exclusion or deferred
+ * uniqueness), with the key columns `ii` was built with. Read from the opened index's pg_index
+ * row at every opening. */
+static bool
+index_plain_btree(Relation irel, Oid heap, IndexInfo *ii)
+{
+	Form_pg_index idx = irel->rd_index;
+	int			j;
+
+	if (irel->rd_rel->relam != BTREE_AM_OID || idx->indrelid != heap ||
+		!heap_attisnull(irel->rd_indextuple, Anum_pg_index_indexprs, NULL) ||
+		!heap_attisnull(irel->rd_indextuple, Anum_pg_index_indpred, NULL) ||
+		idx->indisexclusion || (idx->indisunique && !idx->indimmediate) ||
+		idx->indnatts != ii->ii_NumIndexAttrs || ii->ii_Expressions != NIL ||
+		ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL)
+		return false;
+	for (j = 0; j < idx->indnatts; j++)
+		if (idx->indkey.values[j] != ii->ii_IndexAttrNumbers[j] ||
+			idx->indkey.values[j] < 1 || idx->indkey.values[j] > events_natts)
+			return false;
+	return true;
+}
+
+/*
+ * Learn fluxbase.events (open, locked): its layout and its indexes, into capture_cxt.
+ * events_valid is set first: an invalidation while learning (index_open takes locks) clears it
+ * and the caller starts over.
+ */
+static void
+events_learn(Relation rel)
+{
+	List	   *indexes;
+	ListCell   *lc;
+	MemoryContext old;
+	int			n;
+
+	events_valid = true;
+	events_learning = true;
+	events_direct = false;
+	events_nidx = 0;
+	events_idx = NULL;
+	events_iinfo = NULL;
+	MemoryContextReset(capture_cxt);
+	if (!events_layout_ok(rel))
+	{
+		events_learning = false;
+		return;
+	}
+	indexes = RelationGetIndexList(rel);
+	n = list_length(indexes);
+	old = MemoryContextSwitchTo(capture_cxt);
+	events_idx = palloc(sizeof(Oid) * (n > 0 ? n : 1));
+	events_iinfo = palloc(sizeof(IndexInfo *) * (n > 0 ? n : 1));
+	MemoryContextSwitchTo(old);
+	foreach(lc, indexes)
+	{
+		Oid			ioid = lfirst_oid(lc);
+		Relation	irel;
+		IndexInfo  *ii;
+		bool		ok;
+
+		/* counted before it is opened: an invalidation of it while opening resets */
+		events_idx[events_nidx++] = ioid;
+		irel = index_open(ioid, RowExclusiveLock);
+		old = MemoryContextSwitchTo(capture_cxt);
+		ii = BuildIndexInfo(irel);
+		MemoryContextSwitchTo(old);
+		ok = index_plain_btree(irel, RelationGetRelid(rel), ii);
+		index_close(irel, NoLock);
+		if (!ok)
+		{
+			list_free(indexes);
+			events_learning = false;
+			return;				/* events_direct stays false until the table changes */
+		}
+		events_iinfo[events_nidx - 1] = ii;
+	}
+	list_free(indexes);
+	events_direct = true;
+	events_learning = false;
+}
+
+/* fluxbase.events opened once per statement for the direct write of its rows. What the rows
+ * are written with is this statement's copy (column positions, sequence, IndexInfo), taken with
+ * every lock held: nothing learned later in the statement changes it. */
 typedef struct Outbox
 {
 	bool		opened;
 	bool		direct;			/* the direct write applies (else the saved INSERT) */
 	Relation	rel;
+	int			natts;
+	AttrNumber	attnum[EV_NCOLS];
+	Oid			idseq;
 	int			nidx;
 	Relation   *irels;
-	IndexInfo **iinfos;
-	TupleTableSlot *slot;
+	IndexInfo  *iinfos;
 	Datum	   *values;
 	bool	   *nulls;
 } Outbox;
@@ -429,62 +630,91 @@ typedef struct Outbox
 static void
 outbox_open(Outbox *ob)
 {
-	Oid			relid = fluxbase_relid("events");
-	List	   *indexes;
-	ListCell   *lc;
-	int			k = 0;
+	int			attempt;
 
 	ob->opened = true;
 	ob->direct = false;
-	if (!OidIsValid(relid))
-		return;
-	ob->rel = table_open(relid, RowExclusiveLock);
-	if (!events_checked || events_relid != relid)
+	for (attempt = 0; attempt < 4; attempt++)
 	{
-		events_relid = relid;
-		events_direct = events_layout_ok(ob->rel);
-		events_checked = true;
-	}
-	if (!events_direct)
-	{
-		table_close(ob->rel, NoLock);
-		ob->rel = NULL;
-		return;
-	}
-	/* The indexes first: one this code cannot fill means the saved plan, before any write. */
-	indexes = RelationGetIndexList(ob->rel);
-	ob->nidx = list_length(indexes);
-	ob->irels = palloc(sizeof(Relation) * (ob->nidx > 0 ? ob->nidx : 1));
-	ob->iinfos = palloc(sizeof(IndexInfo *) * (ob->nidx > 0 ? ob->nidx : 1));
-	foreach(lc, indexes)
-	{
-		Relation	irel = index_open(lfirst_oid(lc), RowExclusiveLock);
-		IndexInfo  *ii = BuildIndexInfo(irel);
+		Oid			relid;
+		Relation	rel;
+		int			k;
+		bool		ok = true;
 
-		ob->irels[k] = irel;
-		ob->iinfos[k] = ii;
-		k++;
-		/* btree only: other access methods may need index_insert_cleanup (BRIN keeps a pin) */
-		if (irel->rd_rel->relam != BTREE_AM_OID ||
-			ii->ii_Expressions != NIL || ii->ii_Predicate != NIL || ii->ii_ExclusionOps != NULL ||
-			(irel->rd_index->indisunique && !irel->rd_index->indimmediate))
+		if (!oids_valid)
+			lookup_oids();
+		relid = events_relid;
+		if (!OidIsValid(relid))
+			return;
+		rel = try_table_open(relid, RowExclusiveLock);
+		if (rel == NULL)
+		{
+			oids_valid = false;
+			continue;
+		}
+		if (!oids_valid || events_relid != relid)
+		{
+			table_close(rel, NoLock);
+			continue;
+		}
+		if (!events_valid || events_learning)
+			events_learn(rel);
+		if (!events_direct || !events_valid || !events_shape_ok(rel))
+		{
+			table_close(rel, NoLock);
+			if (events_valid && events_direct)
+				events_valid = false;	/* the shape changed: learn again */
+			else if (events_valid)
+				return;			/* the saved INSERT, until the table changes */
+			continue;
+		}
+		/* The outbox writer's right to insert, checked as the saved INSERT checks it, so that an
+		 * operator's REVOKE holds for every capture path (review 17): without it, the saved
+		 * INSERT, which raises the error. The user id is the writer's here. */
+		if (pg_class_aclcheck(relid, GetUserId(), ACL_INSERT) != ACLCHECK_OK)
+		{
+			table_close(rel, NoLock);
+			return;
+		}
+		ob->nidx = events_nidx;
+		ob->irels = palloc(sizeof(Relation) * (ob->nidx > 0 ? ob->nidx : 1));
+		ob->iinfos = palloc(sizeof(IndexInfo) * (ob->nidx > 0 ? ob->nidx : 1));
+		for (k = 0; k < ob->nidx && ok; k++)
+		{
+			/* (the kept array: an invalidation while opening only clears events_valid) */
+			Relation	irel = try_index_open(events_idx[k], RowExclusiveLock);
+
+			ob->irels[k] = irel;
+			if (irel == NULL)
+				ok = false;
+			else
+			{
+				memcpy(&ob->iinfos[k], events_iinfo[k], sizeof(IndexInfo));
+				ok = index_plain_btree(irel, relid, &ob->iinfos[k]);
+			}
+		}
+		/* Every lock is held: is what was kept still current? */
+		if (!ok || !events_valid || !oids_valid || events_relid != relid)
 		{
 			int			j;
 
 			for (j = 0; j < k; j++)
-				index_close(ob->irels[j], NoLock);
-			table_close(ob->rel, NoLock);
-			ob->rel = NULL;
-			list_free(indexes);
-			events_direct = false;	/* until the table changes */
-			return;
+				if (ob->irels[j] != NULL)
+					index_close(ob->irels[j], NoLock);
+			table_close(rel, NoLock);
+			events_valid = false;
+			continue;
 		}
+		ob->rel = rel;
+		ob->natts = events_natts;
+		memcpy(ob->attnum, events_attnum, sizeof(events_attnum));
+		ob->idseq = events_idseq;
+		ob->values = palloc0(sizeof(Datum) * ob->natts);
+		ob->nulls = palloc(sizeof(bool) * ob->natts);
+		ob->direct = true;
+		return;
 	}
-	list_free(indexes);
-	ob->slot = MakeSingleTupleTableSlot(RelationGetDescr(ob->rel), &TTSOpsHeapTuple);
-	ob->values = palloc0(sizeof(Datum) * RelationGetDescr(ob->rel)->natts);
-	ob->nulls = palloc(sizeof(bool) * RelationGetDescr(ob->rel)->natts);
-	ob->direct = true;
+	/* still changing under us after several tries: the saved INSERT for this statement */
 }
 
 static void
@@ -496,54 +726,59 @@ outbox_close(Outbox *ob)
 		return;
 	for (k = 0; k < ob->nidx; k++)
 		index_close(ob->irels[k], NoLock);
-	ExecDropSingleTupleTableSlot(ob->slot);
 	table_close(ob->rel, NoLock);
 	ob->direct = false;
 }
 
 /* Insert one outbox row into the opened fluxbase.events directly. */
 static void
-direct_insert(Outbox *ob, const char *project, const char *table, const char *operation,
+direct_insert(Outbox *ob, Datum project, Datum table, Datum operation,
 			  Datum record, Datum old, bool old_null, int32 bytes)
 {
-	TupleDesc	desc = RelationGetDescr(ob->rel);
+	const AttrNumber *at = ob->attnum;
 	Datum	   *values = ob->values;
 	bool	   *nulls = ob->nulls;
 	HeapTuple	tuple;
 	int			k;
 
-	memset(nulls, true, sizeof(bool) * desc->natts);
-	values[events_attnum[EV_ID] - 1] = Int64GetDatum(nextval_internal(events_idseq, false));
-	values[events_attnum[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
-	values[events_attnum[EV_PROJECT] - 1] = CStringGetTextDatum(project);
-	values[events_attnum[EV_KIND] - 1] = CStringGetTextDatum("row");
-	values[events_attnum[EV_TABLE] - 1] = CStringGetTextDatum(table);
-	values[events_attnum[EV_OPERATION] - 1] = CStringGetTextDatum(operation);
-	values[events_attnum[EV_RECORD] - 1] = record;
-	values[events_attnum[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
-	values[events_attnum[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	values[events_attnum[EV_BYTES] - 1] = Int32GetDatum(bytes);
+	memset(nulls, true, sizeof(bool) * ob->natts);
+	values[at[EV_ID] - 1] = Int64GetDatum(nextval_internal(ob->idseq, false));
+	values[at[EV_XID] - 1] = FullTransactionIdGetDatum(GetTopFullTransactionId());
+	values[at[EV_PROJECT] - 1] = project;
+	values[at[EV_KIND] - 1] = row_text;
+	values[at[EV_TABLE] - 1] = table;
+	values[at[EV_OPERATION] - 1] = operation;
+	values[at[EV_RECORD] - 1] = record;
+	values[at[EV_OLD] - 1] = old_null ? (Datum) 0 : old;
+	values[at[EV_CREATED] - 1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	values[at[EV_BYTES] - 1] = Int32GetDatum(bytes);
 	for (k = 0; k < EV_NCOLS; k++)
-		nulls[events_attnum[k] - 1] = false;
+		nulls[at[k] - 1] = false;
 	if (old_null)
-		nulls[events_attnum[EV_OLD] - 1] = true;
-	tuple = heap_form_tuple(desc, values, nulls);
+		nulls[at[EV_OLD] - 1] = true;
+	tuple = heap_form_tuple(RelationGetDescr(ob->rel), values, nulls);
 	simple_heap_insert(ob->rel, tuple);
 
-	ExecStoreHeapTuple(tuple, ob->slot, false);
 	for (k = 0; k < ob->nidx; k++)
 	{
+		IndexInfo  *ii = &ob->iinfos[k];
 		Datum		ivalues[INDEX_MAX_KEYS];
 		bool		inulls[INDEX_MAX_KEYS];
+		int			j;
 
-		if (!ob->iinfos[k]->ii_ReadyForInserts)
+		/* indisready read from the opened index (a CREATE INDEX CONCURRENTLY under way) */
+		if (!ob->irels[k]->rd_index->indisready)
 			continue;
-		FormIndexDatum(ob->iinfos[k], ob->slot, NULL, ivalues, inulls);
+		/* FormIndexDatum for plain columns (index_plain_btree): the values just stored */
+		for (j = 0; j < ii->ii_NumIndexAttrs; j++)
+		{
+			ivalues[j] = values[ii->ii_IndexAttrNumbers[j] - 1];
+			inulls[j] = nulls[ii->ii_IndexAttrNumbers[j] - 1];
+		}
 		index_insert(ob->irels[k], ivalues, inulls, &tuple->t_self, ob->rel,
 					 ob->irels[k]->rd_index->indisunique ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
-					 false, ob->iinfos[k]);
+					 false, ii);
 	}
-	ExecClearTuple(ob->slot);
 	heap_freetuple(tuple);
 }
 
@@ -553,48 +788,84 @@ direct_insert(Outbox *ob, const char *project, const char *table, const char *op
 static int
 direct_readers_waiting(void)
 {
-	Oid			relid = fluxbase_relid("event_readers");
-	Relation	rel;
-	TupleDesc	desc;
-	AttrNumber	waiting = InvalidAttrNumber;
-	Snapshot	snap;
-	TableScanDesc scan;
-	HeapTuple	tup;
-	bool		found = false;
-	int			i;
+	int			attempt;
 
 	/* A serializable transaction reads it as the saved query does (its snapshot, its
 	 * predicate locks). */
-	if (!OidIsValid(relid) || IsolationIsSerializable())
+	if (IsolationIsSerializable())
 		return -1;
-	rel = table_open(relid, AccessShareLock);
-	desc = RelationGetDescr(rel);
-	for (i = 0; i < desc->natts; i++)
+	for (attempt = 0; attempt < 4; attempt++)
 	{
-		Form_pg_attribute att = TupleDescAttr(desc, i);
+		Oid			relid;
+		Relation	rel;
+		TupleDesc	desc;
+		AttrNumber	waiting;
+		Form_pg_attribute att;
+		Snapshot	snap;
+		TableScanDesc scan;
+		HeapTuple	tup;
+		bool		found = false;
 
-		if (!att->attisdropped && strcmp(NameStr(att->attname), "waiting") == 0 && att->atttypid == BOOLOID)
-			waiting = att->attnum;
-	}
-	if (waiting == InvalidAttrNumber || rel->rd_rel->relkind != RELKIND_RELATION ||
-		rel->rd_tableam != GetHeapamTableAmRoutine() || rel->rd_rel->relrowsecurity)
-	{
+		if (!oids_valid)
+			lookup_oids();
+		relid = readers_relid;
+		if (!OidIsValid(relid))
+			return -1;
+		rel = try_table_open(relid, AccessShareLock);
+		if (rel == NULL)
+		{
+			oids_valid = false;
+			continue;
+		}
+		if (!oids_valid || readers_relid != relid)
+		{
+			table_close(rel, NoLock);
+			continue;
+		}
+		desc = RelationGetDescr(rel);
+		if (!readers_valid)
+		{
+			int			i;
+
+			readers_valid = true;
+			readers_waiting = InvalidAttrNumber;
+			for (i = 0; i < desc->natts; i++)
+			{
+				att = TupleDescAttr(desc, i);
+				if (!att->attisdropped && strcmp(NameStr(att->attname), "waiting") == 0)
+					readers_waiting = att->attnum;
+			}
+		}
+		waiting = readers_waiting;
+		if (waiting < 1 || waiting > desc->natts || rel->rd_rel->relkind != RELKIND_RELATION ||
+			rel->rd_tableam != GetHeapamTableAmRoutine() || rel->rd_rel->relrowsecurity)
+		{
+			table_close(rel, NoLock);
+			return -1;
+		}
+		att = TupleDescAttr(desc, waiting - 1);
+		/* (and the writer's right to read it, as the saved plan's SELECT needs: review 17) */
+		if (att->attisdropped || att->atttypid != BOOLOID ||
+			pg_attribute_aclcheck(relid, waiting, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		{
+			table_close(rel, NoLock);
+			return -1;
+		}
+		snap = RegisterSnapshot(GetLatestSnapshot());
+		scan = table_beginscan(rel, snap, 0, NULL);
+		while (!found && (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+		{
+			bool		isnull;
+			Datum		d = heap_getattr(tup, waiting, desc, &isnull);
+
+			found = !isnull && DatumGetBool(d);
+		}
+		table_endscan(scan);
+		UnregisterSnapshot(snap);
 		table_close(rel, NoLock);
-		return -1;
+		return found ? 1 : 0;
 	}
-	snap = RegisterSnapshot(GetLatestSnapshot());
-	scan = table_beginscan(rel, snap, 0, NULL);
-	while (!found && (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
-	{
-		bool		isnull;
-		Datum		d = heap_getattr(tup, waiting, desc, &isnull);
-
-		found = !isnull && DatumGetBool(d);
-	}
-	table_endscan(scan);
-	UnregisterSnapshot(snap);
-	table_close(rel, NoLock);
-	return found ? 1 : 0;
+	return -1;
 }
 
 /* The saved INSERT: the outbox row when the direct write does not know the table. */
@@ -671,6 +942,9 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	volatile bool wrote = false;
 	volatile bool ring = false;
 	int			i;
+	Datum		project_text;
+	Datum		table_text;
+	Datum		operation_text;
 
 	if (n <= 0)
 		return;
@@ -682,7 +956,9 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 		SPI_finish();
 		return;
 	}
-	writer = get_role_oid(OUTBOX_WRITER, true);
+	if (!oids_valid)
+		lookup_oids();
+	writer = writer_oid;
 	if (!OidIsValid(writer))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -693,6 +969,9 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	 * nothing in them is the tenant's (values built before, platform table, indexes and
 	 * sequence). write_events (rows over 1 MiB) is called as the invoker.
 	 */
+	project_text = CStringGetTextDatum(project);
+	table_text = CStringGetTextDatum(table);
+	operation_text = CStringGetTextDatum(operation);
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	PG_TRY();
 	{
@@ -715,7 +994,8 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 			if (!ob.opened)
 				outbox_open(&ob);
 			if (ob.direct)
-				direct_insert(&ob, project, table, operation, records[i], old, old_null, bytes);
+				direct_insert(&ob, project_text, table_text, operation_text, records[i], old, old_null,
+							  bytes);
 			else
 			{
 				spi_connect(&connected);
