@@ -219,12 +219,17 @@ async def _sql_access(
         access = await authorize(
             ctx.db, key_auth.principal, key_auth.project, project_id, need, end_user_surface=True
         )
-    elif key_auth is not None and bearer is not None and project_id is not None:
+    elif (
+        key_auth is not None
+        and bearer is not None
+        and project_id is not None
+        # Only the canonical header: entries stay one per key and key-sized (review 18: `Bearer`
+        # + n spaces + a key was a new entry of up to 256 KiB each, refused requests included).
+        and request.headers.get("authorization") == "Bearer " + bearer
+    ):
         if len(_GRANTS) >= _GRANTS_MAX:
             _GRANTS.clear()
-        _GRANTS[request.headers.get("authorization", "")] = _Grant(
-            ctx, bearer, key_auth, project_id, need, access
-        )
+        _GRANTS["Bearer " + bearer] = _Grant(ctx, bearer, key_auth, project_id, need, access)
     limit, window = access.rate_limit(ctx.settings)
     if access.project.cluster_id == "default":
         # Authenticated and authorised: a cold project's connection opens while the rate lease
