@@ -186,3 +186,13 @@ async def test_tenant_advisory_lock_does_not_block_registration(api: Api, projec
     finally:
         done = await holder
     assert done.json()["success"], done.text
+
+
+def test_the_timing_equalisers_hash_has_the_hashers_parameters() -> None:
+    """An unknown email is verified against a fixed dummy hash so that it costs what a known one
+    does: only while that hash carries the parameters real hashes get (a library upgrade that
+    changes them must change it too), and it is a hash of the phrase it claims."""
+    from fluxbase.security import passwords
+
+    assert not passwords._hasher.check_needs_rehash(passwords._DUMMY_HASH)
+    assert passwords._hasher.verify(passwords._DUMMY_HASH, "fluxbase-timing-equaliser")
