@@ -294,6 +294,29 @@ async def test_the_outbox_write_needs_the_writers_insert_privilege(
     assert await _ops(control_db, project.id, "acl17") == [("INSERT", 1)]
 
 
+async def test_the_doorbell_read_needs_the_writers_select_privilege(
+    superuser: asyncpg.Connection,  # noqa: F811
+    project: Any,
+    tenant: asyncpg.Connection,  # noqa: F811
+    control_db: asyncpg.Pool,
+) -> None:
+    """The doorbell (is a reader waiting?) reads fluxbase.event_readers with the outbox
+    writer's rights, as the saved query and write_events do: once an operator revokes the
+    writer's SELECT of `waiting`, a captured write is refused, not answered by a direct read
+    around the grant. (Seen failing on a build whose direct read skipped the column check.)"""
+    assert await _native(control_db)
+    await tenant.execute("CREATE TABLE bell17 (id int PRIMARY KEY)")
+    await tenant.execute("INSERT INTO bell17 VALUES (1)")  # facts kept, the direct read chosen
+    await superuser.execute("REVOKE SELECT (waiting) ON fluxbase.event_readers FROM fluxbase_outbox_writer")
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO bell17 VALUES (2)")
+    finally:
+        await superuser.execute("GRANT SELECT (waiting) ON fluxbase.event_readers TO fluxbase_outbox_writer")
+    await tenant.execute("INSERT INTO bell17 VALUES (3)")
+    assert await _ops(control_db, project.id, "bell17") == [("INSERT", 1), ("INSERT", 3)]
+
+
 async def test_the_plpgsql_capture_needs_the_writers_insert_privilege(
     plpgsql_capture: None,  # noqa: F811
     superuser: asyncpg.Connection,  # noqa: F811
