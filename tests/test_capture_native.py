@@ -642,3 +642,50 @@ async def test_kept_catalog_facts_follow_a_replaced_outbox_and_its_rollback(
     assert await superuser.fetchval(count.format(t="fluxbase.events"), project.id) == 2
     await _indexes_hold_every_row(superuser)
     assert await superuser.fetchval("SELECT pg_postmaster_start_time()") == started
+
+
+async def test_the_outbox_grows_by_chunks_whose_pages_are_filled(
+    superuser: asyncpg.Connection,
+    project: Any,
+    tenant: asyncpg.Connection,
+    control_db: asyncpg.Pool,
+) -> None:
+    """Single-row captures add 32 empty pages at a time to fluxbase.events and enter them into
+    the free space map (instead of PostgreSQL's one page per insert, each a write of 8 KiB of
+    zeros): after the outbox grew by 100 pages, its end holds 1–32 pages not used yet (one page
+    per insert leaves none), the new pages below them are filled (the free space map handed
+    them out; none was skipped), every index holds every row (amcheck), and the events are
+    the rows written, in order."""
+    assert await _native(control_db)
+    await tenant.execute("CREATE TABLE grow1 (id int PRIMARY KEY, v text)")
+    pages = "SELECT pg_relation_size('fluxbase.events') / current_setting('block_size')::int"
+    before = await superuser.fetchval(pages)
+    written = 0
+    while await superuser.fetchval(pages) < before + 100:
+        # one INSERT statement per row (one capture each), 200 rows a round trip
+        await tenant.execute(
+            f"DO $$ BEGIN FOR i IN {written + 1}..{written + 200} LOOP "
+            "INSERT INTO grow1 VALUES (i, repeat('x', 300)); END LOOP; END $$"
+        )
+        written += 200
+        assert written <= 20_000
+    after = await superuser.fetchval(pages)
+    last = await superuser.fetchval("SELECT max((ctid::text::point)[0])::int FROM fluxbase.events")
+    assert 1 <= after - 1 - last <= 32, (before, after, last)
+    used = {
+        r["b"]
+        for r in await superuser.fetch(
+            "SELECT DISTINCT (ctid::text::point)[0]::int AS b FROM fluxbase.events "
+            "WHERE project_id = $1 AND table_name = 'grow1'",
+            project.id,
+        )
+    }
+    new_pages = set(range(before, last + 1))
+    assert new_pages <= used, sorted(new_pages - used)
+    ids = await control_db.fetch(
+        "SELECT (record->>'id')::int AS id FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = 'grow1' AND kind = 'row' ORDER BY xid, id",
+        project.id,
+    )
+    assert [r["id"] for r in ids] == list(range(1, written + 1))
+    await _indexes_hold_every_row(superuser)
