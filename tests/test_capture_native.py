@@ -652,7 +652,7 @@ async def test_the_outbox_grows_by_chunks_whose_pages_are_filled(
 ) -> None:
     """Single-row captures add 32 empty pages at a time to fluxbase.events and enter them into
     the free space map (instead of PostgreSQL's one page per insert, each a write of 8 KiB of
-    zeros): after the outbox grew by 100 pages, its end holds 1–32 pages not used yet (one page
+    zeros): after the outbox grew by 100 pages, its end holds 1 to 32 pages not used yet (one page
     per insert leaves none), the new pages below them are filled (the free space map handed
     them out; none was skipped), every index holds every row (amcheck), and the events are
     the rows written, in order."""
