@@ -35,8 +35,13 @@ venv: $(STAMP) $(EXT) ## Create .venv and install Fluxbase with the embedded ser
 run: $(STAMP) $(EXT) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
 	$(BIN)/fluxbase dev
 
-test: $(STAMP) $(EXT) ## Run the test suite against real PostgreSQL and S3
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The suite in TEST_WORKERS parallel pytest-xdist workers (0: in this process, serially). Each worker
+# has its own session stack (PostgreSQL, S3, API); --dist loadfile keeps a file's tests on one
+# worker, so module fixtures are set up once. `.venv/bin/pytest tests/test_x.py` stays serial.
+TEST_WORKERS ?= 2
+
+test: $(STAMP) $(EXT) ## Run the test suite against real PostgreSQL and S3 (TEST_WORKERS=2 workers)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 check: $(STAMP) ## ruff (incl. A005) and mypy
 	$(BIN)/ruff check platform realtime tests bench clients/python

@@ -14,6 +14,35 @@ import pytest
 from fluxbase.devstack.procs import free_port
 from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
 
+# `make test` runs the suite in pytest-xdist workers with --dist loadfile: each file runs whole on
+# one worker, files handed out in collection order as workers free up. The slowest files (measured
+# with `--durations`, seconds on the 2-core reference machine) go first, so that no long file
+# starts last and leaves one worker running alone at the end; the rest keep their usual order.
+SLOWEST_FILES: tuple[str, ...] = (
+    "test_chaos.py",
+    "test_clients_chaos.py",
+    "test_dev_command.py",
+    "test_tutorial.py",
+    "test_openapi_contract.py",
+    "test_clients_js.py",
+    "test_cluster_moves.py",
+    "test_clusters.py",
+    "test_realtime_failover.py",
+    "test_first_hour.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist: keep the order below, not "most tests first"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # only in xdist workers; a serial run keeps its order
+        return
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
