@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from fluxbase.devstack.procs import free_port
-from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
+from support import Api, ServerProcess, Stack, bearer, run_service, start_stack, stop_stack
 
 # `make test` runs the suite in pytest-xdist workers with --dist loadfile: each file runs whole on
 # one worker, files handed out in collection order as workers free up. The slowest files (measured:
@@ -93,9 +93,19 @@ async def spawn_instance(stack: Stack, log_dir: Path, **env_extra: str) -> Async
         await stack.drop_database(dbname)
 
 
+ROOT_EMAIL, ROOT_PASSWORD = "root@example.com", "correct horse battery"
+
+
 @pytest.fixture(scope="session")
 async def instance(stack: Stack, log_dir: Path) -> AsyncIterator[Instance]:
     async with spawn_instance(stack, log_dir) as inst:
+        # Its first account, so its instance admin (`instance_admin`), is registered before any
+        # test can register another: under xdist a worker runs the files in any order.
+        client = Api(inst.url)
+        try:
+            await client.register(email=ROOT_EMAIL, password=ROOT_PASSWORD, name="Root")
+        finally:
+            await client.close()
         yield inst
 
 
@@ -127,9 +137,10 @@ async def instance_admin(instance: Instance) -> dict[str, Any]:
     """The first account registered on the session instance (so its instance admin)."""
     client = Api(instance.url)
     try:
-        user = await client.register(email="root@example.com", name="Root")
-        user["token"] = await client.login(user["email"], user["password"])
-        return user
+        token = await client.login(ROOT_EMAIL, ROOT_PASSWORD)
+        r = await client.http.get("/api/auth/me", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        return {**r.json()["user"], "password": ROOT_PASSWORD, "token": token}
     finally:
         await client.close()
 
