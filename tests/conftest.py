@@ -12,7 +12,45 @@ import asyncpg
 import pytest
 
 from fluxbase.devstack.procs import free_port
-from support import Api, ServerProcess, Stack, run_service, start_stack, stop_stack
+from support import Api, ServerProcess, Stack, bearer, run_service, start_stack, stop_stack
+
+# `make test` runs the suite in pytest-xdist workers with --dist loadfile: each file runs whole on
+# one worker, files handed out in collection order as workers free up. The slowest files (measured:
+# the sum of a file's test times in the JUnit report of a full run) go first, so that no long file
+# starts last and leaves one worker running alone at the end; the rest keep their usual order.
+SLOWEST_FILES: tuple[str, ...] = (  # seconds per file in a 2-worker run, 3 December 2026
+    "test_attack_review3.py",  # 113
+    "test_chaos.py",  # 113
+    "test_dashboard.py",  # 105
+    "test_dev_command.py",  # 78
+    "test_team.py",  # 75
+    "test_sql_isolation.py",  # 71
+    "test_storage.py",  # 65
+    "test_webhooks.py",  # 61
+    "test_login_throttle.py",  # 58
+    "test_observability.py",  # 54
+    "test_openapi_contract.py",  # 52
+    "test_lifecycle.py",  # 50
+    "test_mail_flows.py",  # 45
+    "test_dashboard_admin.py",  # 44
+    "test_clients_chaos.py",  # 40
+    "test_clients_js.py",  # 38
+    "test_tutorial.py",  # 37
+    "test_realtime.py",  # 35
+    "test_sql_classifier_property.py",  # 35
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist: keep the order below, not "most tests first"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # only in xdist workers; a serial run keeps its order
+        return
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +93,19 @@ async def spawn_instance(stack: Stack, log_dir: Path, **env_extra: str) -> Async
         await stack.drop_database(dbname)
 
 
+ROOT_EMAIL, ROOT_PASSWORD = "root@example.com", "correct horse battery"
+
+
 @pytest.fixture(scope="session")
 async def instance(stack: Stack, log_dir: Path) -> AsyncIterator[Instance]:
     async with spawn_instance(stack, log_dir) as inst:
+        # Its first account, so its instance admin (`instance_admin`), is registered before any
+        # test can register another: under xdist a worker runs the files in any order.
+        client = Api(inst.url)
+        try:
+            await client.register(email=ROOT_EMAIL, password=ROOT_PASSWORD, name="Root")
+        finally:
+            await client.close()
         yield inst
 
 
@@ -89,9 +137,10 @@ async def instance_admin(instance: Instance) -> dict[str, Any]:
     """The first account registered on the session instance (so its instance admin)."""
     client = Api(instance.url)
     try:
-        user = await client.register(email="root@example.com", name="Root")
-        user["token"] = await client.login(user["email"], user["password"])
-        return user
+        token = await client.login(ROOT_EMAIL, ROOT_PASSWORD)
+        r = await client.http.get("/api/auth/me", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        return {**r.json()["user"], "password": ROOT_PASSWORD, "token": token}
     finally:
         await client.close()
 

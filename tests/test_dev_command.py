@@ -354,3 +354,31 @@ def test_port_in_use_gives_a_clear_message_and_starts_nothing(tmp_path: Path, ta
     assert "Traceback" not in output
     assert leftovers(setup.path) == []
     assert not setup.path.exists()  # the port check runs before anything is created
+
+
+_PICK_PORTS = """
+import json
+import socket
+
+from fluxbase.devstack.procs import free_port
+picks = [free_port() for _ in range(6)] + [free_port(below=55_000) for _ in range(3)]
+with socket.socket() as held:  # a port in use is never handed out
+    held.bind(("127.0.0.1", picks[-1] + 1))
+    picks.append(free_port())
+print(json.dumps(picks))
+"""
+
+
+@pytest.mark.parametrize(("worker", "block"), [("gw0", (20_000, 26_384)), ("gw1", (26_384, 32_768))])
+def test_parallel_test_workers_pick_ports_from_their_own_blocks(worker: str, block: tuple[int, int]) -> None:
+    """Under pytest-xdist two workers (and their children) pick ports while children bind earlier
+    picks: each worker takes them from its own block below the ephemeral range, never twice in a
+    row, never one that is taken."""
+    env = {**os.environ, "PYTEST_XDIST_WORKER": worker, "PYTEST_XDIST_WORKER_COUNT": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PICK_PORTS], env=env, capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    picks = json.loads(out)
+    assert all(block[0] <= p < block[1] for p in picks), picks
+    assert len(set(picks)) == len(picks), picks
+    assert picks[-1] != picks[-2] + 1, picks  # the held port was skipped

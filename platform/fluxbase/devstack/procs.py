@@ -29,19 +29,61 @@ class Interrupted(KeyboardInterrupt):
 StopCheck = Callable[[], bool]
 
 
+# Under pytest-xdist (`make test` runs the suite in parallel workers) each worker, and every process
+# it starts, inherits PYTEST_XDIST_WORKER=gw<N> and PYTEST_XDIST_WORKER_COUNT. A port is picked
+# here and bound later by a child: two workers asking the kernel (bind to port 0) could be handed
+# the same port in that gap. Each worker therefore takes ports from its own block below the
+# kernel's ephemeral range (32768 up on Linux, where outgoing connections take their local ports),
+# walking the block from a random start so consecutive picks of one process always differ.
+_BLOCKS_FROM, _BLOCKS_TO = 20_000, 32_768
+_cursor: list[int] = []
+
+
+def _worker_block() -> tuple[int, int] | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    try:
+        count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        return None
+    size = (_BLOCKS_TO - _BLOCKS_FROM) // count
+    start = _BLOCKS_FROM + (int(worker[2:]) % count) * size
+    return start, start + size
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1", *, below: int | None = None) -> int:
-    """A port nobody is listening on; with `below`, one under that bound (from 20000 up)."""
+    """A port nobody is listening on; with `below`, one under that bound (from 20000 up).
+
+    In a pytest-xdist worker, one from that worker's own block (see above)."""
+    block = _worker_block()
+    if block is not None and (below is None or below > block[0]):
+        lo, hi = block
+        hi = min(hi, below) if below is not None else hi
+        if not _cursor:
+            _cursor.append(random.randrange(lo, hi))
+        for _ in range(hi - lo):
+            port = lo + (_cursor[0] - lo) % (hi - lo)
+            _cursor[0] = port + 1
+            if _bindable(host, port):
+                return port
+        raise RuntimeError(f"no free port in {lo}-{hi}")
     if below is None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             return int(s.getsockname()[1])
     for _ in range(200):
         port = random.randrange(20_000, below)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if _bindable(host, port):
             return port
     raise RuntimeError(f"no free port below {below}")
 
