@@ -141,10 +141,27 @@ async def test_a_renamed_database_hands_its_groups_to_no_new_one(stack: Any, log
                 _, token2 = await api.new_user()
                 pid2 = await api.new_project(token2, "after the rename")
                 key2 = await api.new_key(token2, pid2, "admin")
-                r = await api.sql(key2, pid2, "CREATE TABLE t2 (v int)")
-                assert r.json()["success"], r.text
+                for q in (
+                    "CREATE TABLE t2 (v int)",
+                    "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+                    "SELECT similarity('abc', 'abd')",
+                ):
+                    r = await api.sql(key2, pid2, q)
+                    assert r.json()["success"], (q, r.text)
             finally:
                 await api.close()
+        # The extension's USAGE through B's own extension group (sql/0046: the stored prefix,
+        # not one computed from B's new name), with no entry of the project's in the schema's ACL.
+        ext_b = await _fetch(stack, b, _EXTENSION_GROUPS)
+        assert _prefixes(ext_b) == _prefixes(old_groups), ext_b
+        held = await _fetch(
+            stack,
+            b,
+            "SELECT g FROM unnest($2::text[]) g WHERE pg_has_role($1, g, 'MEMBER')",
+            f"p_{pid2}_ro",
+            ext_b,
+        )
+        assert len(held) == 1, (held, ext_b)
         conn = await _login(stack, b, f"p_{pid}_ro")
         assert await conn.fetchval("SELECT count(*) FROM t") == 2
         await conn.close()
