@@ -17,6 +17,7 @@ run on the outbox itself. Each test asserts the secure/correct behaviour; a hole
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import asyncpg
@@ -383,3 +384,64 @@ async def test_the_tenant_cannot_truncate_vacuum_lock_or_invalidate_the_outbox(
     assert await superuser.fetchval("SELECT pg_relation_filenode('fluxbase.events')") == node
     await tenant.execute("INSERT INTO own19 VALUES (2)")
     assert await _ops(control_db, project.id, "own19") == [("INSERT", 1), ("INSERT", 2)]
+
+
+# -- 6. branch groups: the tenant groups' stored prefix (sql/0051) -------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review 19 G1 (open, low; an operator's copy): the prefix is a row of the database, so a "
+    "copy made on the same server (CREATE DATABASE ... TEMPLATE, or a pg_dump restored into a new "
+    "database) carries the original's prefix: its privilege step grants the original's groups "
+    "CONNECT on the copy, and a project made on the copy joins the original's groups, so it may "
+    "connect to the original (only an ERROR in the log says so)",
+)
+async def test_a_copy_of_a_database_gets_groups_of_its_own(stack: Stack, tmp_path: Any) -> None:
+    """Database A, migrated; B made from it (CREATE DATABASE B TEMPLATE A: what a pg_dump of A
+    restored into a new database also gives, the prefix row included) and migrated, as an operator
+    makes a staging copy or a second instance from a prepared database. A project made on B (its
+    role joins B's admin group as provision._join_group does, with the prefix group_prefix reads
+    on B) may connect to B, and must not to A; B's groups must not be A's.
+
+    Seen: B's stored prefix is A's, B's groups are A's, and B's project role logs into A (and
+    would inherit TEMPORARY, set_config and plpgsql there); the privilege step logs the sharing
+    as an ERROR. Before the branch (groups named from the database's name) B got its own groups.
+    Fix (for the lead): keep the database's oid with the prefix (pg_database.oid: a rename keeps
+    it; a copy, a restore and a new database under an old name get a new one) and, when the stored
+    oid is not current_database()'s, choose again (named or fresh, as sql/0051 does) and move the
+    project roles already here onto the new groups, as move_to_groups moves direct grants."""
+    from fluxbase.db.privileges import group_prefix, tenant_group
+    from fluxbase.db.quoting import quote_literal
+    from fluxbase.security.roles import role_password
+    from test_group_identity import _CONNECT_GROUPS, _admin, _fetch, _login, _migrate_in_process, _prefixes
+
+    a = await stack.create_database()
+    b = a + "_copy"
+    role = f"p_{secrets.token_hex(8)}_admin"
+    try:
+        await _migrate_in_process(stack, a, None, tmp_path)
+        await _admin(stack, f'CREATE DATABASE "{b}" TEMPLATE "{a}"')
+        await _migrate_in_process(stack, b, None, tmp_path)
+        conn = await asyncpg.connect(stack.database_url(b))
+        try:
+            group = tenant_group(await group_prefix(conn), "admin")
+            pw = quote_literal(role_password(stack.secret_key, role))
+            await conn.execute(f"CREATE ROLE {role} LOGIN NOINHERIT PASSWORD {pw}")
+            await conn.execute(f"ALTER ROLE {role} INHERIT")
+            await conn.execute(f'GRANT "{group}" TO {role} WITH INHERIT TRUE, SET FALSE')
+        finally:
+            await conn.close()
+        own = await _login(stack, b, role)
+        await own.close()
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied for database"):
+            other = await _login(stack, a, role)
+            await other.close()
+        groups_a = await _fetch(stack, a, _CONNECT_GROUPS)
+        groups_b = await _fetch(stack, b, _CONNECT_GROUPS)
+        assert len(groups_a) == 3 and len(groups_b) == 3, (groups_a, groups_b)
+        assert _prefixes(groups_a).isdisjoint(_prefixes(groups_b)), (groups_a, groups_b)
+    finally:
+        await stack.drop_database(b)
+        await stack.drop_database(a)
+        await _admin(stack, f"DROP ROLE IF EXISTS {role}")
