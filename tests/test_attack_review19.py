@@ -74,12 +74,11 @@ async def _one_write_sessions(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review 19 F1 (open, medium): the 32 pre-added pages are entered into the free space "
-    "map, whose search cursor hands each backend that has no target page yet (a new session) the "
-    "next page, and the row that lands on the last of them adds 32 more: every session that "
-    "writes one row takes a whole 8 KiB page of the outbox and the file grows by a page per such "
-    "session (even rolled back, never charged to the project), where PostgreSQL alone packs them "
-    "into the last page",
+    reason="review 19 F1 (open, low-medium): the 32 pre-added pages are entered into the free space "
+    "map, whose search cursor hands each backend without a target page (a new session) the next "
+    "page, and the row that lands on the last of them adds 32 more: sessions of one write each "
+    "take a page apiece (rolled back too, never charged to the project) and the outbox grows to "
+    "about ten times the pages its rows need, where PostgreSQL alone packs them into the last page",
 )
 @pytest.mark.parametrize("commit", [True, False], ids=["committed", "rolled-back"])
 async def test_sessions_of_one_write_each_do_not_grow_the_outbox_a_page_each(
@@ -446,3 +445,40 @@ async def test_a_copy_of_a_database_gets_groups_of_its_own(stack: Stack, tmp_pat
         await stack.drop_database(b)
         await stack.drop_database(a)
         await _admin(stack, f"DROP ROLE IF EXISTS {role}")
+
+
+async def test_a_tenant_cannot_change_who_may_connect_to_its_database(
+    superuser: asyncpg.Connection,  # noqa: F811
+    project: Any,
+    tenant: asyncpg.Connection,  # noqa: F811
+) -> None:
+    """The stored prefix is chosen from the groups holding CONNECT on the database (sql/0051), and
+    those groups decide who may connect: the project admin, on its own session, grants CONNECT
+    on the database to PUBLIC and to another database's group name, revokes it from its own
+    group, and grants its group on to PUBLIC: nothing changes (the database's ACL, the group's
+    members), and the group is still its only way in. Seen holding."""
+    from fluxbase.db.privileges import group_prefix, tenant_group
+
+    db = await superuser.fetchval("SELECT current_database()")
+    acl = "SELECT datacl::text FROM pg_database WHERE datname = current_database()"
+    before = await superuser.fetchval(acl)
+    group = tenant_group(await group_prefix(superuser), "admin")
+    members = "SELECT count(*) FROM pg_auth_members WHERE roleid = $1::regrole"
+    n = await superuser.fetchval(members, group)
+    for sql in (
+        f'GRANT CONNECT, TEMPORARY ON DATABASE "{db}" TO PUBLIC',
+        f'GRANT CONNECT ON DATABASE "{db}" TO "{tenant_group("000000000000", "connect")}"',
+        f'REVOKE CONNECT ON DATABASE "{db}" FROM "{group}"',
+        f'GRANT "{group}" TO PUBLIC',
+    ):
+        try:
+            await tenant.execute(sql)  # a WARNING (nothing granted or revoked), or refused
+        except (
+            asyncpg.InsufficientPrivilegeError,
+            asyncpg.UndefinedObjectError,
+            asyncpg.InvalidGrantOperationError,
+        ):
+            pass
+    assert await superuser.fetchval(acl) == before
+    assert await superuser.fetchval(members, group) == n
+    assert await tenant.fetchval("SELECT has_database_privilege(current_database(), 'CONNECT')")
