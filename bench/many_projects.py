@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from rawhttp import CpuShare, client  # noqa: E402
 
-from fluxbase.db.privileges import tenant_group  # noqa: E402
+from fluxbase.db.privileges import group_prefix, tenant_group  # noqa: E402
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from fluxbase.security.roles import SCOPES, role_name, role_password, role_verifier  # noqa: E402
 from fluxbase.tenancy.pools import TenantConnection, open_tenant_session  # noqa: E402
@@ -78,7 +78,7 @@ async def connection_cost(stack: Stack, dbname: str, rounds: int) -> dict[int, l
     try:
         # CONNECT as a tenant role gets it: through its tenant group (db/privileges.py), or, before
         # the groups, an entry of its own in the database's ACL.
-        group = tenant_group(dbname, "connect")
+        group = tenant_group(await group_prefix(su), "connect")
         grouped = await su.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
         for it, role in roles.items():
             await su.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{role_verifier(secret, role, it)}'")

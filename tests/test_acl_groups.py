@@ -95,22 +95,24 @@ async def test_acl_entries_do_not_grow_with_projects(api: Api, control_db) -> No
 async def test_groups_are_per_database_and_hold_only_their_privileges(stack, control_db) -> None:
     """Roles are cluster-wide, database privileges are not: another database's groups hold no
     privilege here (a tenant there may not connect here), and the groups log in as nobody."""
-    db = await control_db.fetchval("SELECT current_database()")
-    other = tenant_group(db + "_other", "connect")
-    assert other not in tenant_groups(db)
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     for kind in GROUP_PRIVILEGES:
-        row = await control_db.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", tenant_group(db, kind))
+        row = await control_db.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", tenant_group(h, kind))
         assert row is not None, kind
         assert not row["rolcanlogin"] and not row["rolsuper"] and not row["rolcreaterole"], dict(row)
         assert not row["rolinherit"] and not row["rolbypassrls"] and not row["rolcreatedb"], dict(row)
-    # Every database a tenant group of another database may connect to: its own only.
+    # The groups that may connect here are this database's, and each tenant group of the server
+    # may connect to one database only (its own).
     rows = await control_db.fetch(
-        """SELECT d.datname, g.rolname FROM pg_database d, aclexplode(d.datacl) x
-           JOIN pg_roles g ON g.oid = x.grantee
-           WHERE g.rolname LIKE 'fluxbase\\_tenant\\_%' AND x.privilege_type = 'CONNECT'"""
+        """SELECT g.rolname, array_agg(d.datname ORDER BY d.datname) AS dbs
+           FROM pg_database d, aclexplode(d.datacl) x JOIN pg_roles g ON g.oid = x.grantee
+           WHERE g.rolname LIKE 'fluxbase\\_tenant\\_%' AND x.privilege_type = 'CONNECT'
+           GROUP BY 1"""
     )
+    db = await control_db.fetchval("SELECT current_database()")
+    assert sorted(r["rolname"] for r in rows if db in r["dbs"]) == sorted(tenant_groups(h)), rows
     for r in rows:
-        assert r["rolname"] in tenant_groups(r["datname"]), dict(r)
+        assert len(r["dbs"]) == 1, dict(r)
 
 
 async def _login(stack, instance, role: str) -> asyncpg.Connection:
@@ -138,6 +140,7 @@ async def test_a_tenant_cannot_become_grant_alter_or_use_its_group(
     _, token = await api.new_user()
     pid, other = await api.new_project(token, "a"), await api.new_project(token, "b")
     db = await control_db.fetchval("SELECT current_database()")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     key = await api.new_key(token, pid, "admin")
     await _ok(api, key, pid, "CREATE TABLE mine (v int)")
     okey = await api.new_key(token, other, "admin")
@@ -146,7 +149,7 @@ async def test_a_tenant_cannot_become_grant_alter_or_use_its_group(
     conn = await _login(stack, instance, f"p_{pid}_{suffix}")
     try:
         for kind in GROUP_PRIVILEGES:
-            g = tenant_group(db, kind)
+            g = tenant_group(h, kind)
             attempts = [
                 f"SET ROLE {g}",
                 f"SELECT set_config('role', '{g}', false)",
@@ -195,7 +198,7 @@ async def test_a_tenant_cannot_become_grant_alter_or_use_its_group(
             ), g
             assert await control_db.fetchval(
                 "SELECT pg_has_role($1, $2, 'MEMBER')", f"p_{pid}_{suffix}", g
-            ) == (g == tenant_group(db, "admin" if suffix == "admin" else "connect"))
+            ) == (g == tenant_group(h, "admin" if suffix == "admin" else "connect"))
             assert not await control_db.fetchval("SELECT pg_has_role($1, $2, 'SET')", f"p_{pid}_{suffix}", g)
         # Its group reaches no other project's role.
         for s in ("admin", "rw", "ro", "rt"):
@@ -203,7 +206,7 @@ async def test_a_tenant_cannot_become_grant_alter_or_use_its_group(
     finally:
         await conn.close()
     # And through the API (plpgsql EXECUTE included) the same statements fail as well.
-    g = tenant_group(db, "connect")
+    g = tenant_group(h, "connect")
     for q in (f"SET ROLE {g}", f"DO $$ BEGIN EXECUTE 'GRANT {g} TO p_{other}_ro'; END $$"):
         r = await api.sql(key, pid, q)
         assert not r.json()["success"], (q, r.text)
@@ -218,13 +221,13 @@ async def test_granting_to_a_group_shares_no_more_than_public(api: Api, control_
     such a grant of its own, no tenant reaches another's table through the groups."""
     _, token = await api.new_user()
     a, b = await api.new_project(token, "a"), await api.new_project(token, "b")
-    db = await control_db.fetchval("SELECT current_database()")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     ka, kb = await api.new_key(token, a, "admin"), await api.new_key(token, b, "admin")
     await _ok(api, ka, a, "CREATE TABLE s (v int)")
     await _ok(api, ka, a, "INSERT INTO s VALUES (1)")
     read = f"SELECT * FROM p_{a}.s"
     assert not (await api.sql(kb, b, read)).json()["success"]
-    g = tenant_group(db, "admin")
+    g = tenant_group(h, "admin")
     await _ok(api, ka, a, f"GRANT SELECT ON s TO {g}")
     assert not (await api.sql(kb, b, read)).json()["success"]  # no USAGE on a's schema
     await _ok(api, ka, a, f"REVOKE SELECT ON s FROM {g}")
@@ -249,6 +252,7 @@ async def test_existing_roles_are_moved_onto_the_groups(api: Api, instance, cont
     _, token = await api.new_user()
     pid = await api.new_project(token, "legacy")
     db = await control_db.fetchval("SELECT current_database()")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     sc = "FUNCTION pg_catalog.set_config(text, text, boolean)"
     checker = (
         "fluxbase_guard.checker_role_ok(text, text), fluxbase_guard.scope_policies(text, text[], text), "
@@ -261,11 +265,11 @@ async def test_existing_roles_are_moved_onto_the_groups(api: Api, instance, cont
     async with control_db.acquire() as conn, conn.transaction():
         # The extension schema's USAGE as create_extension granted it before sql/0046.
         await conn.execute("SET LOCAL ROLE fluxbase_guard_extensions")
-        await conn.execute(f"REVOKE {extension_group(db, 'ext_pg_trgm')} FROM {', '.join(r.values())}")
+        await conn.execute(f"REVOKE {extension_group(h, 'ext_pg_trgm')} FROM {', '.join(r.values())}")
         await conn.execute(f"GRANT USAGE ON SCHEMA ext_pg_trgm TO {', '.join(r.values())}")
         await conn.execute("RESET ROLE")
         for kind in GROUP_PRIVILEGES:
-            await conn.execute(f"REVOKE {tenant_group(db, kind)} FROM {', '.join(r.values())}")
+            await conn.execute(f"REVOKE {tenant_group(h, kind)} FROM {', '.join(r.values())}")
         # What provisioning granted before the groups, by whom it may have been granted.
         await conn.execute(f'SET LOCAL ROLE "{bucket_of(pid)}"')
         await conn.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{db}" TO {r["admin"]}')
@@ -328,7 +332,7 @@ async def test_extension_schema_acl_does_not_grow_with_projects(api: Api, contro
     from fluxbase.db.privileges import extension_group
 
     _, token = await api.new_user()
-    db = await control_db.fetchval("SELECT current_database()")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     acl = "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_pg_trgm'"
     pids = [await api.new_project(token, f"e{i}") for i in range(3)]
     keys = [await api.new_key(token, pid, "admin") for pid in pids]
@@ -339,7 +343,7 @@ async def test_extension_schema_acl_does_not_grow_with_projects(api: Api, contro
     assert "p_" not in before, before
     await _ok(api, keys[2], pids[2], "CREATE EXTENSION IF NOT EXISTS pg_trgm")
     assert await control_db.fetchval(acl) == before
-    group = extension_group(db, "ext_pg_trgm")
+    group = extension_group(h, "ext_pg_trgm")
     for suffix in ("admin", "rw", "ro", "rt"):
         for pid in pids:
             role = f"p_{pid}_{suffix}"
@@ -364,8 +368,8 @@ async def test_default_privileges_for_a_group_block_no_deletion(api: Api, contro
     roles there keeps neither project from being deleted."""
     _, token = await api.new_user()
     a, b = await api.new_project(token, "a"), await api.new_project(token, "b")
-    db = await control_db.fetchval("SELECT current_database()")
-    g = tenant_group(db, "admin")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+    g = tenant_group(h, "admin")
     ka = await api.new_key(token, a, "admin")
     for q in (
         f"ALTER DEFAULT PRIVILEGES FOR ROLE {g} GRANT SELECT ON TABLES TO p_{b}_ro",

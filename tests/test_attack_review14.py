@@ -81,8 +81,8 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     # option: that entry's grantor is the group, which nobody may become.
     atk2 = await api.new_project(atk_token, "attacker 2")
     akey2 = await api.new_key(atk_token, atk2, "admin")
-    db = await control_db.fetchval("SELECT current_database()")
-    g = tenant_group(db, "admin")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+    g = tenant_group(h, "admin")
     await _ok(api, akey, atk, f"GRANT USAGE ON SCHEMA p_{atk} TO {g}")
     await _ok(api, akey, atk, f"GRANT SELECT, INSERT ON bait TO {g} WITH GRANT OPTION")
     await _ok(api, akey2, atk2, f"GRANT SELECT, INSERT ON p_{atk}.bait TO {roles}")
@@ -90,7 +90,7 @@ async def test_another_tenant_cannot_keep_a_project_from_being_deleted(
     # pg_trgm, so both are members of its group.
     from fluxbase.db.privileges import extension_group
 
-    eg = extension_group(db, "ext_pg_trgm")
+    eg = extension_group(h, "ext_pg_trgm")
     for k, p in ((akey, atk), (akey2, atk2)):
         await _ok(api, k, p, "CREATE EXTENSION pg_trgm")
     await _ok(api, akey, atk, "CREATE TABLE bait2 (v int)")
@@ -226,7 +226,8 @@ async def test_a_project_admin_cannot_use_its_group_as_a_channel(
     other = await api.new_project(other_token, "bystander")
     pid, key = project.id, project.admin_key
     db = await control_db.fetchval("SELECT current_database()")
-    groups = [tenant_group(db, k) for k in GROUP_PRIVILEGES]
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+    groups = [tenant_group(h, k) for k in GROUP_PRIVILEGES]
     before = [dict(r) for r in await control_db.fetch(_GROUP_STATE, groups)]
     await _ok(api, key, pid, "CREATE TABLE mine (v int)")
     await _ok(api, key, pid, "CREATE TYPE mood AS ENUM ('ok')")
@@ -295,8 +296,14 @@ async def test_groups_of_two_databases_of_one_server_stay_apart(
     db1 = instance.dbname
     async with spawn() as inst2:
         db2 = inst2.dbname
-        assert {tenant_group(db1, k) for k in GROUP_PRIVILEGES}.isdisjoint(
-            {tenant_group(db2, k) for k in GROUP_PRIVILEGES}
+        h1 = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+        sup2 = await asyncpg.connect(stack.database_url(db2))
+        try:
+            h2 = await sup2.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+        finally:
+            await sup2.close()
+        assert {tenant_group(h1, k) for k in GROUP_PRIVILEGES}.isdisjoint(
+            {tenant_group(h2, k) for k in GROUP_PRIVILEGES}
         )
         api2 = Api(inst2.url)
         try:
@@ -323,7 +330,7 @@ async def test_groups_of_two_databases_of_one_server_stay_apart(
             sup = await asyncpg.connect(stack.database_url(db2))
             try:
                 before = await sup.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'p\\_%'")
-                g = tenant_group(db2, "connect")
+                g = tenant_group(h2, "connect")
                 holders = [
                     r[0]
                     for r in await sup.fetch(

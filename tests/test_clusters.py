@@ -312,10 +312,12 @@ async def test_placement_and_sql_on_cluster_two(
         assert await there.fetchval(f'SELECT name FROM "p_{second}".items') == "on cluster two"
         # Its roles hold CONNECT there through that database's tenant groups (made by the
         # registration's privilege step), with no entry of their own in its ACL (issue 19).
-        from fluxbase.db.privileges import tenant_group
+        from fluxbase.db.privileges import group_prefix, tenant_group
 
         assert await there.fetchval(
-            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{second}_admin", tenant_group(pg2_db, "admin")
+            "SELECT pg_has_role($1, $2, 'USAGE')",
+            f"p_{second}_admin",
+            tenant_group(await group_prefix(there), "admin"),
         )
         assert not await there.fetchval(
             """SELECT count(*) FROM pg_database d, aclexplode(d.datacl) x JOIN pg_roles g ON g.oid = x.grantee

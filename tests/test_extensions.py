@@ -343,10 +343,10 @@ async def test_deleting_a_project_removes_its_grants(api: Api, control_db, vecto
     # USAGE through the schema's tenant group (sql/0046), not entries of the project's own.
     acl = await control_db.fetchval("SELECT nspacl::text FROM pg_namespace WHERE nspname = 'ext_vector'")
     assert f"p_{pid}" not in acl, acl
-    db = await control_db.fetchval("SELECT current_database()")
+    h = await control_db.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
     for suffix in ("admin", "rw", "ro", "rt"):
         assert await control_db.fetchval(
-            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{pid}_{suffix}", extension_group(db, "ext_vector")
+            "SELECT pg_has_role($1, $2, 'USAGE')", f"p_{pid}_{suffix}", extension_group(h, "ext_vector")
         ), suffix
         assert await control_db.fetchval(
             "SELECT has_schema_privilege($1, 'ext_vector', 'USAGE')", f"p_{pid}_{suffix}"

@@ -249,6 +249,8 @@ ALLOWED = {
         "EXECUTE fluxbase_guard.tenant_project()",
         "EXECUTE fluxbase_guard.allowed_extensions()",
         "EXECUTE fluxbase_guard.extension_grant(text,text,boolean)",
+        # extension_grant names the schema's group from the database's stored prefix (sql/0051).
+        "SELECT fluxbase.tenant_group_prefix",
         *(f"USAGE schema {o.schema}" for o in CATALOG),
     },
     # Broadcast from SQL (sql/0036): the calling project's status and topic rules, the outbox.

@@ -221,13 +221,17 @@ async def _extension_groups(conn: asyncpg.Connection) -> None:
     administered (ADMIN only) by the extension definers' owner; the entries existing projects'
     roles hold in the schema's ACL are moved onto it (membership granted, entry revoked, both as
     that owner, who granted them), so the ACL stops growing with the projects using it."""
-    from fluxbase.db.privileges import extension_group, tenant_group  # (imports config, which imports this)
+    from fluxbase.db.privileges import (  # (imports config, which imports this)
+        extension_group,
+        group_prefix,
+        tenant_group,
+    )
 
     if not await conn.fetchval(
         "SELECT to_regprocedure('fluxbase_guard.extension_grant(text, text, boolean)') IS NOT NULL"
     ) or not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", EXTENSIONS_ROLE):
         return
-    db = await conn.fetchval("SELECT current_database()")
+    h = await group_prefix(conn)
     attrs = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
     schemas = [
         r["schema_name"]
@@ -238,7 +242,7 @@ async def _extension_groups(conn: asyncpg.Connection) -> None:
         )
     ]
     for schema in schemas:
-        group = extension_group(db, schema)
+        group = extension_group(h, schema)
         g = quote_ident(group)
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
         await conn.execute(f"{'ALTER' if exists else 'CREATE'} ROLE {g} {attrs}")
@@ -254,7 +258,7 @@ async def _extension_groups(conn: asyncpg.Connection) -> None:
                 """SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
                    WHERE m.admin_option AND m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)
                    ORDER BY 1""",
-                tenant_group(db, "connect"),
+                tenant_group(h, "connect"),
             )
         ]
         if droppers:

@@ -68,8 +68,11 @@ CATALOG_READERS = ("fluxbase_catalog_own", "fluxbase_guard_quota")
 # its group WITH INHERIT TRUE, SET FALSE at provisioning, so those ACLs hold three entries
 # whatever the number of projects, instead of one per role (40 034 entries on the database at
 # 10 000 projects, scanned at every connection start, rewritten by every grant). Roles are
-# cluster-wide and database privileges are not: the groups are per database (named from it), or
-# a tenant of one database would gain CONNECT on every other database of the server.
+# cluster-wide and database privileges are not: the groups are per database, or a tenant of one
+# database would gain CONNECT on every other database of the server. Their names' prefix is the
+# database's own, stored in it (sql/0051, group_prefix), not derived from its name at each use:
+# a renamed database keeps its groups, and a new database made under an old one's name gets
+# groups of its own, not the old one's (whose project roles are members).
 # kind -> (database privileges, set_config, plpgsql, checker functions)
 GROUP_PRIVILEGES = {
     "admin": ("CONNECT, TEMPORARY", True, True, False),
@@ -88,19 +91,44 @@ _ROLE_SUFFIX_GROUP = {"admin": "admin", "rt": "checker", "ro": "connect", "rw": 
 SET_CONFIG = "FUNCTION pg_catalog.set_config(text, text, boolean)"
 
 
-def tenant_group(database: str, kind: str) -> str:
-    """The database's tenant group of `kind` (GROUP_PRIVILEGES): one name per database of the server."""
-    h = hashlib.sha256(f"fluxbase-tenant-group:{database}".encode()).hexdigest()[:12]
-    return f"fluxbase_tenant_{h}_{kind}"
+_PREFIX_RE = re.compile(r"[0-9a-f]{12}")
 
 
-def extension_group(database: str, schema: str) -> str:
-    """The database's tenant group for an extension schema (sql/0046 computes the same name)."""
-    return tenant_group(database, "ext_" + hashlib.sha256(schema.encode()).hexdigest()[:8])
+def named_prefix(database: str) -> str:
+    """The group prefix computed from a database's name: every database's before sql/0051, and a
+    new database's first choice (sql/0051 stores what it chose)."""
+    return hashlib.sha256(f"fluxbase-tenant-group:{database}".encode()).hexdigest()[:12]
 
 
-def tenant_groups(database: str) -> list[str]:
-    return [tenant_group(database, kind) for kind in GROUP_PRIVILEGES]
+async def group_prefix(conn: asyncpg.Connection) -> str:
+    """This database's tenant group prefix (`<h>` of fluxbase_tenant_<h>_<kind>), as stored by
+    sql/0051: chosen once, so a renamed database keeps its groups and a new database of an old
+    one's name does not get them. Before sql/0051 (a test migrating a subset): from the name."""
+    row = await conn.fetchrow(
+        "SELECT pg_catalog.current_database() AS db, "
+        "pg_catalog.to_regclass('fluxbase.tenant_group_prefix') IS NOT NULL AS stored"
+    )
+    if not row["stored"]:
+        return named_prefix(row["db"])
+    h = await conn.fetchval("SELECT prefix FROM fluxbase.tenant_group_prefix")
+    if not isinstance(h, str) or not _PREFIX_RE.fullmatch(h):
+        raise RuntimeError("fluxbase.tenant_group_prefix holds no valid prefix (sql/0051)")
+    return h
+
+
+def tenant_group(prefix: str, kind: str) -> str:
+    """The database's tenant group of `kind` (GROUP_PRIVILEGES), `prefix` its group_prefix: one
+    name per database of the server."""
+    return f"fluxbase_tenant_{prefix}_{kind}"
+
+
+def extension_group(prefix: str, schema: str) -> str:
+    """The database's tenant group for an extension schema (sql/0051 computes the same name)."""
+    return tenant_group(prefix, "ext_" + hashlib.sha256(schema.encode()).hexdigest()[:8])
+
+
+def tenant_groups(prefix: str) -> list[str]:
+    return [tenant_group(prefix, kind) for kind in GROUP_PRIVILEGES]
 
 
 # Session settings the runtime writes into project roles (ALTER ROLE ... SET) that only a
@@ -141,6 +169,11 @@ async def apply_privileges(
     if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", OWNER):
         return  # migrations before sql/0012 (a test migrating a subset)
     async with conn.transaction():
+        # One privilege step per database at a time: two processes starting at once on a new
+        # database both re-own and grant the same rows ("tuple concurrently updated"). The
+        # ledger's lock, as migrate() takes it (no tenant may take it: not an advisory key),
+        # taken before pg_authid's below.
+        await conn.execute("LOCK TABLE fluxbase.schema_migrations IN SHARE ROW EXCLUSIVE MODE")
         await _own_control_plane(conn)
         # One database at a time for the cluster-wide part (roles, memberships, role
         # settings); taken after the per-database part, so it is held for as short as may be.
@@ -236,6 +269,14 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
         await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {rt}")
         await conn.execute(f"GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {s} TO {rt}")
         await conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO {rt}")
+    # The group prefix (sql/0051) is read, never written, by the processes: a runtime that could
+    # set it to another database's would have the next privilege step grant those groups (and so
+    # that database's project roles) CONNECT here.
+    if await conn.fetchval("SELECT to_regclass('fluxbase.tenant_group_prefix') IS NOT NULL"):
+        await conn.execute(
+            f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER "
+            f"ON fluxbase.tenant_group_prefix FROM {rt}"
+        )
     # Passed on to project roles at provisioning (sql/0007, sql/0008).
     await conn.execute(
         f"GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {rt} WITH GRANT OPTION"
@@ -249,7 +290,7 @@ async def _runtime_role(conn: asyncpg.Connection, user: str, password: str | Non
     # to a group WITH GRANT OPTION; a member's re-grant is recorded as the group's, which nobody
     # else may revoke, and kept DROP ROLE from succeeding: tenancy/provision._revoke_foreign,
     # hostile review 14). The groups hold nothing the runtime does not.
-    shared = tenant_groups(await conn.fetchval("SELECT current_database()"))
+    shared = tenant_groups(await group_prefix(conn))
     if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", REALTIME_SENDERS):
         shared.append(REALTIME_SENDERS)
     await conn.execute(f"GRANT {', '.join(shared)} TO {rt} WITH ADMIN OPTION, INHERIT FALSE, SET TRUE")
@@ -310,7 +351,7 @@ async def _provisioners(conn: asyncpg.Connection, runtime_password: str) -> None
     # the runtime's pools bound them. Attributes are asserted at every start, not only with a
     # new password.
     attrs = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT CONNECTION LIMIT -1"
-    groups = ", ".join(tenant_groups(await conn.fetchval("SELECT current_database()")))
+    groups = ", ".join(tenant_groups(await group_prefix(conn)))
     sql: list[str] = []
     for bucket in all_buckets():
         b = quote_ident(bucket)
@@ -388,17 +429,18 @@ async def _tenant_groups(conn: asyncpg.Connection) -> None:
     anything; the runtime and provisioner roles hold ADMIN, to grant them, and SET (to revoke as
     a group, _runtime_role), never INHERIT."""
     db = await conn.fetchval("SELECT current_database()")
+    h = await group_prefix(conn)
     attrs = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
     existing = {
         r["rolname"]
         for r in await conn.fetch(
-            "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])", tenant_groups(db)
+            "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])", tenant_groups(h)
         )
     }
     sql: list[str] = []
     for kind, (db_privs, set_config, plpgsql, checker) in GROUP_PRIVILEGES.items():
-        g = quote_ident(tenant_group(db, kind))
-        sql.append(f"{'ALTER' if tenant_group(db, kind) in existing else 'CREATE'} ROLE {g} {attrs}")
+        g = quote_ident(tenant_group(h, kind))
+        sql.append(f"{'ALTER' if tenant_group(h, kind) in existing else 'CREATE'} ROLE {g} {attrs}")
         sql.append(f"GRANT {db_privs} ON DATABASE {quote_ident(db)} TO {g}")
         if set_config:
             sql.append(f"GRANT EXECUTE ON {SET_CONFIG} TO {g}")
@@ -407,6 +449,23 @@ async def _tenant_groups(conn: asyncpg.Connection) -> None:
         if checker:
             sql.append(f"GRANT EXECUTE ON FUNCTION {CHECKER_FUNCTIONS} TO {g}")
     await conn.execute(";\n".join(sql))
+    # Groups shared with another database: a database made under a renamed or dropped one's name
+    # and migrated before sql/0051 took that one's groups (their project roles may connect to
+    # both). Not undone here (which database's are they?): said, so an operator can act.
+    shared = await conn.fetch(
+        """SELECT DISTINCT d.datname FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) x
+           WHERE x.grantee = ANY (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[]))
+             AND d.datname <> pg_catalog.current_database() ORDER BY 1""",
+        tenant_groups(h),
+    )
+    if shared:
+        log.error(
+            "the tenant groups of database %s (fluxbase_tenant_%s_*) hold privileges on database(s) %s "
+            "too: their project roles may connect to both (docs/security.md, tenant groups)",
+            db,
+            h,
+            ", ".join(r["datname"] for r in shared),
+        )
 
 
 # The entries naming project roles in the ACLs the tenant groups took over (one row per object,
@@ -450,11 +509,11 @@ async def move_to_groups(conn: asyncpg.Connection) -> int:
     rows = await direct_grants(conn)
     if not rows:
         return 0
-    db = await conn.fetchval("SELECT current_database()")
+    h = await group_prefix(conn)
     by_group: dict[str, set[str]] = {}
     for r in rows:
         kind = _ROLE_SUFFIX_GROUP[r["grantee"].rsplit("_", 1)[1]]
-        by_group.setdefault(tenant_group(db, kind), set()).add(r["grantee"])
+        by_group.setdefault(tenant_group(h, kind), set()).add(r["grantee"])
     for group, members in by_group.items():
         names = ", ".join(quote_ident(m) for m in sorted(members))
         await conn.execute(f"GRANT {quote_ident(group)} TO {names} WITH INHERIT TRUE, SET FALSE")

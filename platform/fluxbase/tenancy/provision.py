@@ -11,7 +11,7 @@ import asyncpg
 
 from fluxbase.config import Settings
 from fluxbase.db import extensions
-from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, tenant_group
+from fluxbase.db.privileges import REALTIME_SENDERS, ROLE_GROUP, direct_grants, group_prefix, tenant_group
 from fluxbase.db.quoting import quote_ident, quote_literal
 from fluxbase.security.roles import (
     CHECKER,
@@ -58,14 +58,15 @@ async def provision_project(conn: asyncpg.Connection, project_id: str, settings:
     serialising lock until it commits; the roles are made by the project's provisioner role, in a
     transaction committed when this returns: a caller that fails after it drops the project)."""
     await serialise(conn)
+    # Read here: the provisioner may not read the control plane (sql/0051).
+    prefix = await group_prefix(conn)
     async with buckets.acting(conn, project_id, settings, new=True) as c:
-        await _provision(c, project_id, settings)
+        await _provision(c, project_id, settings, prefix)
 
 
-async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settings) -> None:
+async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settings, prefix: str) -> None:
     schema = quote_ident(schema_name(project_id))
     admin, rw, ro = (quote_ident(role_name(project_id, s)) for s in ("admin", "readwrite", "read"))
-    dbname = await conn.fetchval("SELECT current_database()")
     limit = settings.tenant.role_connection_limit
     # The project's schema, then every extension schema: PostgreSQL skips those the role may not
     # use, so an extension becomes visible when the project installs it (db/extensions.py).
@@ -81,7 +82,7 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
         # only the admin role may create temporary objects: with none of its own, a read or
         # readwrite key (an end user) cannot run code it wrote anywhere — a temporary cast called
         # by a foreign key's check trigger let it forge capture events (hostile review 2).
-        await _join_group(conn, role, scope, dbname)
+        await _join_group(conn, role, scope, prefix)
         await _set_defaults(conn, role, settings, path)
     # Only the admin role may change request-local settings or run plpgsql (DO blocks,
     # functions): read and readwrite roles must not be able to forge auth.uid() (sql/0007). The
@@ -92,7 +93,7 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
     # realtime.broadcast (sql/0036) for the roles that may write; the function applies the
     # project's topic rules. Dropping the role drops the membership.
     await conn.execute(f"GRANT {REALTIME_SENDERS} TO {admin}, {rw} WITH INHERIT TRUE, SET FALSE")
-    await _provision_checker(conn, project_id, settings, path)
+    await _provision_checker(conn, project_id, settings, path, prefix)
     await conn.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {admin}")
     # The provisioner is not a superuser: what only the schema's owner may do, it does as the
     # owner (it may SET ROLE to the roles it created; sql/0012, db/privileges.py).
@@ -110,7 +111,7 @@ async def _provision(conn: asyncpg.Connection, project_id: str, settings: Settin
 
 
 async def _provision_checker(
-    conn: asyncpg.Connection, project_id: str, settings: Settings, path: str
+    conn: asyncpg.Connection, project_id: str, settings: Settings, path: str, prefix: str
 ) -> None:
     """The realtime RLS checker role: inherits the read role, may set the identity, and may call
     the check functions (sql/0008), which nobody else may."""
@@ -121,9 +122,7 @@ async def _provision_checker(
         f"CONNECTION LIMIT {int(settings.tenant.role_connection_limit)} PASSWORD {pw}"
     )
     # CONNECT, set_config and the check functions: its group's (db/privileges.GROUP_PRIVILEGES).
-    await _join_group(
-        conn, role_name(project_id, CHECKER), CHECKER, await conn.fetchval("SELECT current_database()")
-    )
+    await _join_group(conn, role_name(project_id, CHECKER), CHECKER, prefix)
     await _set_defaults(conn, role_name(project_id, CHECKER), settings, path)
     await conn.execute(f"GRANT {ro} TO {rt}")
     # Checks run as the subscriber's own role (sql/0015): read, or readwrite without its rights.
@@ -139,10 +138,11 @@ async def _set_defaults(conn: asyncpg.Connection, role: str, settings: Settings,
     await conn.execute(";\n".join(f"ALTER ROLE {r} SET {n} = {v}" for n, v in values.items()))
 
 
-async def _join_group(conn: asyncpg.Connection, role: str, kind: str, database: str) -> None:
-    """Make the project role a member of its tenant group: it inherits the group's privileges
-    but may not SET ROLE to it, and holds no ADMIN on it (it may not grant it on)."""
-    group = quote_ident(tenant_group(database, ROLE_GROUP[kind]))
+async def _join_group(conn: asyncpg.Connection, role: str, kind: str, prefix: str) -> None:
+    """Make the project role a member of its tenant group (`prefix`: the database's group_prefix):
+    it inherits the group's privileges but may not SET ROLE to it, and holds no ADMIN on it (it
+    may not grant it on)."""
+    group = quote_ident(tenant_group(prefix, ROLE_GROUP[kind]))
     await conn.execute(f"GRANT {group} TO {quote_ident(role)} WITH INHERIT TRUE, SET FALSE")
 
 
@@ -163,6 +163,7 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
     await serialise(conn)
     if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
         return role  # created while we waited
+    prefix = await group_prefix(conn)
     async with buckets.acting(conn, project_id, settings) as c:
         r = quote_ident(role)
         admin = quote_ident(role_name(project_id, "admin"))
@@ -171,7 +172,7 @@ async def ensure_export_role(conn: asyncpg.Connection, project_id: str, settings
             f"CREATE ROLE {r} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
             f"CONNECTION LIMIT 2 PASSWORD {pw}"
         )
-        await _join_group(c, role, EXPORTER, await c.fetchval("SELECT current_database()"))
+        await _join_group(c, role, EXPORTER, prefix)
         await _set_defaults(c, role, settings, quote_ident(schema_name(project_id)))
         await c.execute(f"GRANT {admin} TO {r} WITH INHERIT TRUE, SET FALSE")
         await c.execute(f"GRANT fluxbase_catalog_reader TO {r} WITH INHERIT TRUE, SET FALSE")
@@ -294,7 +295,7 @@ async def _revoke_foreign(conn: asyncpg.Connection, roles: list[str]) -> list[tu
     it as the group (it holds SET on them, db/privileges.py) in the drop's own transaction (the
     drop's DROP OWNED would wait for the ACL rows a transaction of its own left locked)."""
     # This database's tenant groups (extension schemas' included, sql/0046) and realtime senders.
-    prefix = tenant_group(await conn.fetchval("SELECT current_database()"), "")
+    prefix = tenant_group(await group_prefix(conn), "")
     shared = [
         r["rolname"]
         for r in await conn.fetch(
