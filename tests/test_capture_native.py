@@ -689,3 +689,89 @@ async def test_the_outbox_grows_by_chunks_whose_pages_are_filled(
     )
     assert [r["id"] for r in ids] == list(range(1, written + 1))
     await _indexes_hold_every_row(superuser)
+
+
+async def _hint(conn: asyncpg.Connection) -> int | None:
+    return await conn.fetchval("SELECT pg_sequence_last_value('fluxbase.readers_waiting_hint')")
+
+
+async def test_the_doorbell_hint_says_what_event_readers_says(
+    superuser: asyncpg.Connection, project: Any
+) -> None:
+    """The doorbell's hint (sql/0052) is 1 while a reader waits and 0 once none does: read under
+    its lock, which holds every other reader's change of `waiting` back, it always agrees with
+    event_readers (the C capture skips event_readers only when it says 0)."""
+    reader = f"test-hint-{project.id}"
+
+    async def agree() -> int:
+        async with superuser.transaction():
+            await superuser.execute("LOCK TABLE fluxbase.readers_hint_lock IN EXCLUSIVE MODE")
+            hint = await _hint(superuser)
+            anyone = await superuser.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting)"
+            )
+        assert hint == (1 if anyone else 0)
+        return hint
+
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+    try:
+        assert await agree() == 1
+        await superuser.execute(
+            "UPDATE fluxbase.event_readers SET waiting = false WHERE reader_id = $1", reader
+        )
+        await agree()
+        await superuser.execute(
+            "UPDATE fluxbase.event_readers SET waiting = true WHERE reader_id = $1", reader
+        )
+        assert await agree() == 1
+    finally:
+        await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+    await agree()
+
+
+async def test_a_reader_waking_while_another_falls_asleep_leaves_the_hint_up(
+    stack: Stack, instance: Instance, superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any
+) -> None:
+    """Reader A wakes (waiting = false) while reader B's `waiting = true` is not committed yet:
+    without the hint's lock A's trigger sees nobody waiting and sets 0, B commits, and the hint
+    says 0 while B sleeps, so captured writes ring no doorbell for it (seen failing with the
+    function's LOCK removed). With it, A's trigger waits for B's commit and leaves 1, and a
+    captured write rings."""
+    a, b = f"test-hint-a-{project.id}", f"test-hint-b-{project.id}"
+    other = await asyncpg.connect(stack.database_url(instance.dbname))
+    await tenant.execute("CREATE TABLE hint_bell (id int PRIMARY KEY)")
+    heard: list[str] = []
+    await superuser.add_listener("fluxbase_events", lambda *args: heard.append(args[2]))
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true), ($2, false)", a, b
+    )
+    tx = other.transaction()
+    try:
+        await tx.start()
+        await other.execute("UPDATE fluxbase.event_readers SET waiting = true WHERE reader_id = $1", b)
+        wake = asyncio.create_task(
+            superuser.execute("UPDATE fluxbase.event_readers SET waiting = false WHERE reader_id = $1", a)
+        )
+        await asyncio.sleep(0.3)  # (held back by the hint's lock until B commits)
+        await tx.commit()
+        await wake
+        assert await _hint(superuser) == 1, "B waits: the hint must not say 0"
+        # Only B waits: a captured write rings for it.
+        for _ in range(3):
+            heard.clear()
+            await tenant.execute("INSERT INTO hint_bell VALUES (1)")
+            await tenant.execute("DELETE FROM hint_bell")
+            for _ in range(100):
+                if heard:
+                    break
+                await asyncio.sleep(0.02)
+            assert heard, "a reader waits: the captured write must ring"
+    finally:
+        if not other.is_closed() and other.is_in_transaction():
+            await tx.rollback()
+        await superuser.execute(
+            "DELETE FROM fluxbase.event_readers WHERE reader_id = ANY($1::text[])", [a, b]
+        )
+        await other.close()

@@ -193,6 +193,7 @@ ALLOWED = {
         "USAGE schema fluxbase",
         "INSERT fluxbase.events",
         "SELECT fluxbase.event_readers(waiting)",
+        "SELECT fluxbase.readers_waiting_hint",  # the doorbell's hint (sql/0052)
         "SELECT fluxbase.realtime_tables(project_id)",
         "SELECT fluxbase.realtime_tables(table_name)",
         "SELECT fluxbase.realtime_tables(enabled)",

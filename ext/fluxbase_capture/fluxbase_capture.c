@@ -342,6 +342,7 @@ static Datum row_text;
 static bool oids_valid = false;
 static Oid	events_relid = InvalidOid;
 static Oid	readers_relid = InvalidOid;
+static Oid	hint_relid = InvalidOid;	/* fluxbase.readers_waiting_hint, a sequence (sql/0052) */
 static Oid	writer_oid = InvalidOid;
 
 /* fluxbase.events: the verdict on its layout and, when the direct write applies, its indexes
@@ -384,7 +385,7 @@ relcache_inval(Datum arg, Oid relid)
 			events_valid = false;
 	if (!OidIsValid(relid) || relid == readers_relid)
 		readers_valid = false;
-	if (!OidIsValid(relid) || relid == events_relid || relid == readers_relid)
+	if (!OidIsValid(relid) || relid == events_relid || relid == readers_relid || relid == hint_relid)
 		oids_valid = false;
 }
 
@@ -425,6 +426,7 @@ lookup_oids(void)
 	Oid			nsp;
 	Oid			events;
 	Oid			readers;
+	Oid			hint;
 
 	oids_valid = true;
 	nsp = get_namespace_oid("fluxbase", true);
@@ -436,6 +438,8 @@ lookup_oids(void)
 		readers_valid = false;
 	events_relid = events;
 	readers_relid = readers;
+	hint = OidIsValid(nsp) ? get_relname_relid("readers_waiting_hint", nsp) : InvalidOid;
+	hint_relid = OidIsValid(hint) && get_rel_relkind(hint) == RELKIND_SEQUENCE ? hint : InvalidOid;
 	writer_oid = get_role_oid(OUTBOX_WRITER, true);
 }
 
@@ -829,6 +833,39 @@ direct_insert(Outbox *ob, Datum project, Datum table, Datum operation,
 	heap_freetuple(tuple);
 }
 
+/* The doorbell's hint (sql/0052): 0 when fluxbase.readers_waiting_hint says no reader waits, -1
+ * when it does not (one may wait, or the hint is not known: the caller asks event_readers). Read
+ * as the outbox writer, with the rights the scan needs (SELECT of event_readers.waiting: review
+ * 17) and SELECT of the sequence; the kept oids and column were checked by this call's opening
+ * of the outbox, which processed the pending invalidations, and a column gone since counts as
+ * not known. */
+static int
+readers_hint(void)
+{
+	Oid			relid = readers_relid;
+	Oid			hint = hint_relid;
+	AttrNumber	waiting = readers_waiting;
+	bool		is_missing = false;
+	Datum		value;
+
+	LOCAL_FCINFO(fcinfo, 1);
+
+	if (!oids_valid || !readers_valid || !OidIsValid(relid) || !OidIsValid(hint) || waiting < 1)
+		return -1;
+	if (pg_attribute_aclcheck_ext(relid, waiting, GetUserId(), ACL_SELECT, &is_missing) != ACLCHECK_OK ||
+		is_missing)
+		return -1;
+	if (pg_class_aclcheck(hint, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		return -1;
+	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = ObjectIdGetDatum(hint);
+	fcinfo->args[0].isnull = false;
+	value = pg_sequence_last_value(fcinfo);
+	if (fcinfo->isnull)
+		return -1;
+	return DatumGetInt64(value) == 0 ? 0 : -1;
+}
+
 /* Is a reader waiting (EXISTS (SELECT 1 FROM fluxbase.event_readers WHERE waiting), on the
  * latest snapshot)? -1 when the table is not what this code knows, or in a serializable
  * transaction (the caller queries). */
@@ -841,6 +878,9 @@ direct_readers_waiting(void)
 	 * predicate locks). */
 	if (IsolationIsSerializable())
 		return -1;
+	/* No reader waits, says the hint: nothing to ask. */
+	if (readers_hint() == 0)
+		return 0;
 	for (attempt = 0; attempt < 4; attempt++)
 	{
 		Oid			relid;
