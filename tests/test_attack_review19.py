@@ -72,14 +72,6 @@ async def _one_write_sessions(
 # -- 1. the outbox's size ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 19 F1 (open, low-medium): the 32 pre-added pages are entered into the free space "
-    "map, whose search cursor hands each backend without a target page (a new session) the next "
-    "page, and the row that lands on the last of them adds 32 more: sessions of one write each "
-    "take a page apiece (rolled back too, never charged to the project) and the outbox grows to "
-    "about ten times the pages its rows need, where PostgreSQL alone packs them into the last page",
-)
 @pytest.mark.parametrize("commit", [True, False], ids=["committed", "rolled-back"])
 async def test_sessions_of_one_write_each_do_not_grow_the_outbox_a_page_each(
     stack: Stack,
