@@ -381,14 +381,6 @@ async def test_the_tenant_cannot_truncate_vacuum_lock_or_invalidate_the_outbox(
 # -- 6. branch groups: the tenant groups' stored prefix (sql/0051) -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 19 G1 (open, low; an operator's copy): the prefix is a row of the database, so a "
-    "copy made on the same server (CREATE DATABASE ... TEMPLATE, or a pg_dump restored into a new "
-    "database) carries the original's prefix: its privilege step grants the original's groups "
-    "CONNECT on the copy, and a project made on the copy joins the original's groups, so it may "
-    "connect to the original (only an ERROR in the log says so)",
-)
 async def test_a_copy_of_a_database_gets_groups_of_its_own(stack: Stack, tmp_path: Any) -> None:
     """Database A, migrated; B made from it (CREATE DATABASE B TEMPLATE A: what a pg_dump of A
     restored into a new database also gives, the prefix row included) and migrated, as an operator

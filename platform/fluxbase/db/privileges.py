@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 
 import asyncpg
 
@@ -422,6 +423,48 @@ async def _adopt_project_roles(conn: asyncpg.Connection, user: str, *, provision
         # replaces by its tenant group's membership.
 
 
+async def _own_prefix(conn: asyncpg.Connection, db: str, h: str) -> str:
+    """This database's stored prefix `h`, or a new one if the database is a copy of another.
+
+    A copy made on the same server (CREATE DATABASE … TEMPLATE, or a dump restored into a new
+    database) carries the stored prefix (sql/0051), and its privilege step would give the
+    original's groups CONNECT on it, so a project made on the copy could connect to the original
+    (hostile review 19, G1). A copy does not inherit the original's database ACL: its prefix's
+    groups hold privileges on another database and not CONNECT on this one. Such a database
+    chooses again, as sql/0051 does (the name's prefix if no role has it, else a random one),
+    under the pg_authid lock the caller holds. The copied projects' roles stay members of the
+    original's groups only: on the copy they fail closed (no CONNECT) rather than reach both."""
+    row = await conn.fetchrow(
+        """SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) x
+                          WHERE d.datname = pg_catalog.current_database() AND x.privilege_type = 'CONNECT'
+                            AND x.grantee = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1)) AS here,
+                  EXISTS (SELECT 1 FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) x
+                          WHERE d.datname <> pg_catalog.current_database()
+                            AND x.grantee = ANY (SELECT oid FROM pg_catalog.pg_roles
+                                                 WHERE rolname = ANY($2::text[]))) AS elsewhere,
+                  pg_catalog.to_regclass('fluxbase.tenant_group_prefix') IS NOT NULL AS stored""",
+        tenant_group(h, "connect"),
+        tenant_groups(h),
+    )
+    if row["here"] or not row["elsewhere"] or not row["stored"]:  # (before sql/0051: by name)
+        return h
+    new = named_prefix(db)
+    while await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE pg_catalog.starts_with(rolname, $1))",
+        f"fluxbase_tenant_{new}_",
+    ):
+        new = secrets.token_hex(6)
+    await conn.execute("UPDATE fluxbase.tenant_group_prefix SET prefix = $1", new)
+    log.warning(
+        "database %s carried the tenant group prefix of another database (a copy or a restore): "
+        "it has groups of its own now (fluxbase_tenant_%s_*); projects copied with it do not "
+        "connect here until they are provisioned again (docs/security.md, tenant groups)",
+        db,
+        new,
+    )
+    return new
+
+
 async def _tenant_groups(conn: asyncpg.Connection) -> None:
     """Create this database's tenant groups (GROUP_PRIVILEGES) and give them their privileges.
     NOLOGIN, NOINHERIT and nothing else: no tenant holds ADMIN or SET on them (granted WITH
@@ -429,7 +472,7 @@ async def _tenant_groups(conn: asyncpg.Connection) -> None:
     anything; the runtime and provisioner roles hold ADMIN, to grant them, and SET (to revoke as
     a group, _runtime_role), never INHERIT."""
     db = await conn.fetchval("SELECT current_database()")
-    h = await group_prefix(conn)
+    h = await _own_prefix(conn, db, await group_prefix(conn))
     attrs = "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT"
     existing = {
         r["rolname"]
