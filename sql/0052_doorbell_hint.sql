@@ -33,12 +33,37 @@ CREATE OR REPLACE FUNCTION fluxbase.keep_readers_waiting_hint() RETURNS trigger
 AS $$
 BEGIN
     LOCK TABLE fluxbase.readers_hint_lock IN EXCLUSIVE MODE;
+    -- Only a statement's own snapshot, taken after the lock, sees what readers committed before
+    -- it: at REPEATABLE READ or SERIALIZABLE (a default an operator may set) the transaction's
+    -- snapshot predates the wait, and a waking reader would miss another's `waiting = true` and
+    -- leave 0 while it sleeps (review 20). There the hint only goes up.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM pg_catalog.setval('fluxbase.readers_waiting_hint'::pg_catalog.regclass, 1);
+        RETURN NULL;
+    END IF;
     PERFORM pg_catalog.setval('fluxbase.readers_waiting_hint'::pg_catalog.regclass,
         CASE WHEN EXISTS (SELECT 1 FROM fluxbase.event_readers r WHERE r.waiting) THEN 1 ELSE 0 END);
     RETURN NULL;
 END
 $$;
 REVOKE ALL ON FUNCTION fluxbase.keep_readers_waiting_hint() FROM PUBLIC;
+
+-- The lock first, before the statement takes any row lock (review 20: taken after them, a
+-- transaction changing two readers' rows deadlocked with the second reader's own change).
+CREATE OR REPLACE FUNCTION fluxbase.lock_readers_waiting_hint() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    LOCK TABLE fluxbase.readers_hint_lock IN EXCLUSIVE MODE;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION fluxbase.lock_readers_waiting_hint() FROM PUBLIC;
+DROP TRIGGER IF EXISTS event_readers_hint_lock ON fluxbase.event_readers;
+CREATE TRIGGER event_readers_hint_lock
+    BEFORE INSERT OR UPDATE OF waiting OR DELETE OR TRUNCATE ON fluxbase.event_readers
+    FOR EACH STATEMENT EXECUTE FUNCTION fluxbase.lock_readers_waiting_hint();
 
 DROP TRIGGER IF EXISTS event_readers_hint ON fluxbase.event_readers;
 CREATE TRIGGER event_readers_hint
