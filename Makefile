@@ -35,13 +35,13 @@ venv: $(STAMP) $(EXT) ## Create .venv and install Fluxbase with the embedded ser
 run: $(STAMP) $(EXT) ## Start the whole stack (embedded PostgreSQL + S3, api, realtime, worker)
 	$(BIN)/fluxbase dev
 
-# The suite in TEST_WORKERS parallel pytest-xdist workers (0, the default for now: in this
-# process, serially; 2 halves the time but three tests still fail now and then under it, see
-# CHANGELOG). Each worker has its own session stack (PostgreSQL, S3, API); --dist loadfile keeps a
-# file's tests on one worker, so module fixtures are set up once.
-TEST_WORKERS ?= 0
+# The suite in TEST_WORKERS parallel pytest-xdist workers (default 2, about half the serial
+# time on two cores; 0: in this process, serially). Each worker has its own session stack
+# (PostgreSQL, S3, API); --dist loadfile keeps a file's tests on one worker, so module fixtures are
+# set up once. A single file stays serial: `.venv/bin/pytest tests/test_x.py`.
+TEST_WORKERS ?= 2
 
-test: $(STAMP) $(EXT) ## Run the test suite against real PostgreSQL and S3 (TEST_WORKERS=2: two workers)
+test: $(STAMP) $(EXT) ## Run the test suite against real PostgreSQL and S3 (TEST_WORKERS=0: serially)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 check: $(STAMP) ## ruff (incl. A005) and mypy

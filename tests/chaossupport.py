@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,10 +317,14 @@ class Rig:
                 st["statuses"][label] += 1
             await asyncio.sleep(max(0.0, period - (time.monotonic() - began)))
 
-    async def _kill_and_restart(self, target: str, down_s: float) -> tuple[float, float]:
+    async def _kill_and_restart(
+        self, target: str, down_s: float, met: Callable[[], bool] | None = None
+    ) -> tuple[float, float]:
         """SIGKILL `target` (PostgreSQL: immediate stop), keep it down `down_s`, restart it.
         Returns the monotonic times the restart was issued and the process was ready again
-        (/ready for the API and realtime, pg_isready for PostgreSQL, spawned for the worker)."""
+        (/ready for the API and realtime, pg_isready for PostgreSQL, spawned for the worker).
+        With `met` (S3 only), it stays down past `down_s` until `met()` says the load met the
+        outage (at most 30 s more): on a loaded machine the load may not reach it in `down_s`."""
         if target == "none":
             await asyncio.sleep(down_s)
             return time.monotonic(), time.monotonic()
@@ -333,6 +338,9 @@ class Rig:
             os.kill(s3.pid, signal.SIGKILL)
             await asyncio.to_thread(s3.stop)  # reaps it
             await asyncio.sleep(down_s)
+            deadline = time.monotonic() + 30
+            while met is not None and not met() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             restarted = time.monotonic()
             await asyncio.to_thread(s3.start)
             return restarted, time.monotonic()
@@ -563,7 +571,12 @@ class Rig:
         tasks = [asyncio.create_task(self._api_uploader(phase, stop, st)) for _ in range(uploaders)]
         tasks.append(asyncio.create_task(self._direct_uploader(phase, stop, st)))
         await asyncio.sleep(before_s)
-        restarted, ready = await self._kill_and_restart("s3", down_s)
+        # Down until an API call has met the outage (a 503): a presigned POST straight to S3 is
+        # retried silently and does not count.
+        met_before = st["statuses"]["503"]
+        restarted, ready = await self._kill_and_restart(
+            "s3", down_s, lambda: st["statuses"]["503"] > met_before
+        )
         await asyncio.sleep(after_s)
         st["give_up"] = time.monotonic() + 10
         stop.set()

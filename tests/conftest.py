@@ -14,8 +14,8 @@ import pytest
 from fluxbase.devstack.procs import free_port
 from support import Api, ServerProcess, Stack, bearer, run_service, start_stack, stop_stack
 
-# `make test TEST_WORKERS=2` runs the suite in pytest-xdist workers with --dist loadfile (the
-# default is still one process, see the Makefile): each file runs whole on one worker, files
+# `make test` runs the suite in two pytest-xdist workers with --dist loadfile (TEST_WORKERS=0:
+# one process, see the Makefile): each file runs whole on one worker, files
 # handed out in collection order as workers free up. The slowest files (measured:
 # the sum of a file's test times in the JUnit report of a full run) go first, so that no long file
 # starts last and leaves one worker running alone at the end; the rest keep their usual order.

@@ -70,40 +70,44 @@ async def test_readers_that_keep_up_take_a_statement_far_past_the_bound(
     # Keeping up means taking half the bound within the stall window. The readers run in this
     # process, beside the service, on cores the rest of the suite shares: at the default 0.25 s
     # (4 MB/s each) a loaded machine once starved them into a cut-off. 2 s asks 0.5 MB/s.
-    async with (
-        served(
-            instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND), FLUXBASE_REALTIME_STALL_SECONDS="2"
-        ) as (url, service),
-        subscribe(url, pid, key) as a,
-        subscribe(url, pid, key) as b,  # the same fan-out class
-    ):
-        cut = service.hub.delivered
+    # Under the suite's load this test once sat until the 120 s pytest-timeout with its event
+    # loop idle: the timeout's stack shows only the idle loop. Here a wait that does not end
+    # raises inside the awaited call, so the failure's traceback names it.
+    async with asyncio.timeout(90):
+        async with (
+            served(
+                instance, FLUXBASE_REALTIME_MAX_BUFFERED_BYTES=str(BOUND), FLUXBASE_REALTIME_STALL_SECONDS="2"
+            ) as (url, service),
+            subscribe(url, pid, key) as a,
+            subscribe(url, pid, key) as b,  # the same fan-out class
+        ):
+            cut = service.hub.delivered
 
-        async def pinging() -> None:  # pongs go out between the runs of frames
-            while True:
-                await asyncio.wait_for(await a.ws.ping(), 10)
-                await asyncio.sleep(0.01)
+            async def pinging() -> None:  # pongs go out between the runs of frames
+                while True:
+                    await asyncio.wait_for(await a.ws.ping(), 10)
+                    await asyncio.sleep(0.01)
 
-        pinger = asyncio.create_task(pinging())
-        try:
-            await _sql(
-                api,
-                key,
-                pid,
-                f"INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, {rows})",
-            )
-            got_a, got_b = await asyncio.gather(a.rows(rows, 30), b.rows(rows, 30))
-        finally:
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
-        for got in (got_a, got_b):
-            ids = [m["payload"]["record"]["id"] for m in got]
-            assert ids == sorted(ids) and len(set(ids)) == rows
-            assert all(len(m["payload"]["record"]["v"]) == 900000 for m in got)
-        assert service.hub.delivered - cut == 2 * rows
-        assert all(not c.closed for c in service.clients)
-        assert {c.stall_s for c in service.clients} == {2.0}  # the setting reached the sockets
+            pinger = asyncio.create_task(pinging())
+            try:
+                await _sql(
+                    api,
+                    key,
+                    pid,
+                    f"INSERT INTO big (v) SELECT repeat('x', 900000) FROM generate_series(1, {rows})",
+                )
+                got_a, got_b = await asyncio.gather(a.rows(rows, 30), b.rows(rows, 30))
+            finally:
+                pinger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pinger
+            for got in (got_a, got_b):
+                ids = [m["payload"]["record"]["id"] for m in got]
+                assert ids == sorted(ids) and len(set(ids)) == rows
+                assert all(len(m["payload"]["record"]["v"]) == 900000 for m in got)
+            assert service.hub.delivered - cut == 2 * rows
+            assert all(not c.closed for c in service.clients)
+            assert {c.stall_s for c in service.clients} == {2.0}  # the setting reached the sockets
 
 
 async def test_a_stalled_socket_is_cut_off_at_the_bound_and_its_class_peer_is_not(

@@ -36,8 +36,16 @@ async def test_realtime_and_postgres_restart_under_load_lose_nothing(tmp_path, l
             received: list[int] = []
             errors: list[str] = []
             stop = asyncio.Event()
+            subscribed = asyncio.Event()  # live delivery to the subscriber has begun
+            written = asyncio.Event()  # the writer is done: `committed` is final
 
             async def writer() -> None:
+                try:
+                    await write()
+                finally:
+                    written.set()
+
+            async def write() -> None:
                 dsn = stack.database_url(inst.dbname)
                 i = 0
                 while not stop.is_set():
@@ -67,7 +75,9 @@ async def test_realtime_and_postgres_restart_under_load_lose_nothing(tmp_path, l
                             if cursor:
                                 msg["since"] = cursor
                             await ws.send(json.dumps(msg))
-                            while not (stop.is_set() and committed <= set(received)):
+                            # Until the writer is done, not merely told to stop: its last INSERT
+                            # may still be in flight, then commit and join `committed`.
+                            while not (written.is_set() and committed <= set(received)):
                                 try:
                                     raw = await asyncio.wait_for(ws.recv(), 1)
                                 except TimeoutError:
@@ -76,6 +86,14 @@ async def test_realtime_and_postgres_restart_under_load_lose_nothing(tmp_path, l
                                 if m["type"] == "db_event":
                                     received.append(m["payload"]["record"]["v"])
                                     cursor = m["cursor"]
+                                elif m["type"] == "subscribed":
+                                    # The first subscribe has no `since`: what came before it is
+                                    # not the subscriber's. Resuming from here replays what is
+                                    # committed after it (a resume's own position is not taken:
+                                    # its replay follows the `subscribed`).
+                                    if cursor is None:
+                                        cursor = m["cursor"]
+                                    subscribed.set()
                                 elif m["type"] == "error":
                                     await asyncio.sleep(0.2)
                                     break
@@ -87,6 +105,9 @@ async def test_realtime_and_postgres_restart_under_load_lose_nothing(tmp_path, l
 
             with run_service(["realtime"], env, port, log_dir) as rt1:
                 sub = asyncio.create_task(subscriber())
+                # Writes begin once the subscription stands: a row committed before it is no
+                # event the subscriber was promised.
+                await asyncio.wait_for(subscribed.wait(), 30)
                 wr = asyncio.create_task(writer())
                 await asyncio.sleep(1.5)
                 rt1.proc.send_signal(signal.SIGKILL)
