@@ -59,6 +59,8 @@ from support import run_service, start_stack, stop_stack  # noqa: E402
 
 QUERY = "SELECT id, name, email FROM bench_users WHERE id = $1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The embedded postmaster's pid (main sets it): its tree's CPU is the database's per request.
+DB_PID: int | None = None
 WRK_SCRIPT = ROOT / "bench" / "wrk_post.lua"
 
 
@@ -71,6 +73,7 @@ class Result:
         self.p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else float("nan")
         self.gen_cpu: float | None = None  # % of one core: the load generator
         self.server_cpu: float | None = None  # % of one core: the server's process tree
+        self.db_cpu: float | None = None  # % of one core: PostgreSQL (the postmaster's tree)
 
     def line(self) -> str:
         cpu = ""
@@ -79,6 +82,9 @@ class Result:
         if self.server_cpu is not None:
             per = self.server_cpu / 100 / self.rps * 1e6 if self.rps else float("nan")
             cpu += f"   server CPU {self.server_cpu:4.0f}% ({per:4.0f} us/req)"
+        if self.db_cpu is not None:
+            per = self.db_cpu / 100 / self.rps * 1e6 if self.rps else float("nan")
+            cpu += f"   database {per:4.0f} us/req"
         return (
             f"{self.name:<24} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
             f"p99 {self.p99:6.2f} ms   errors {self.errors}{cpu}"
@@ -214,6 +220,7 @@ async def measure_http(
     else:
         await http_load("127.0.0.1", server.port, target.raw(server.port), clients, warmup, target.check)
     cpu0 = tree_cpu_ticks(server.proc.pid) if server.proc is not None else 0
+    db0 = tree_cpu_ticks(DB_PID) if DB_PID is not None else 0
     t0 = time.perf_counter()
     if generator == "wrk":
         result = await asyncio.to_thread(wrk_load, server.port, target, clients, seconds)
@@ -221,9 +228,11 @@ async def measure_http(
         result = await http_load(
             "127.0.0.1", server.port, target.raw(server.port), clients, seconds, target.check
         )
+    elapsed = time.perf_counter() - t0
     if server.proc is not None:
-        elapsed = time.perf_counter() - t0
         result.server_cpu = 100 * (tree_cpu_ticks(server.proc.pid) - cpu0) / CLK_TCK / elapsed
+    if DB_PID is not None:
+        result.db_cpu = 100 * (tree_cpu_ticks(DB_PID) - db0) / CLK_TCK / elapsed
     result.name = server.label
     return result
 
@@ -244,6 +253,8 @@ async def measure_replicas(
     total.p99 = max(r.p99 for r in results)
     total.gen_cpu = sum(r.gen_cpu or 0.0 for r in results)
     total.server_cpu = sum(r.server_cpu or 0.0 for r in results)
+    # (each replica's run read the whole database's CPU over the same seconds)
+    total.db_cpu = results[0].db_cpu
     return total
 
 
@@ -264,12 +275,16 @@ async def asyncpg_load(url: str, clients: int, seconds: float, *, per_query_pool
                 latencies.append(time.perf_counter() - t0)
 
     cpu0 = time.process_time()
+    db0 = tree_cpu_ticks(DB_PID) if DB_PID is not None else 0
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed = time.perf_counter() - t0
+    db1 = tree_cpu_ticks(DB_PID) if DB_PID is not None else 0
     await pool.close()
     result = Result("asyncpg pool" if per_query_pool else "asyncpg held", clients, latencies, elapsed, 0)
     result.server_cpu = 100 * (time.process_time() - cpu0) / elapsed  # the client is the "server"
+    if DB_PID is not None:
+        result.db_cpu = 100 * (db1 - db0) / CLK_TCK / elapsed
     return result
 
 
@@ -501,6 +516,8 @@ async def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-bench-"))
     stack = start_stack(tmp)
+    global DB_PID
+    DB_PID = stack.pg.pid if stack.pg is not None else None
     try:
         dbname = await stack.create_database()
         port = free_port()
