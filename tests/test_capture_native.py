@@ -1014,3 +1014,37 @@ async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
         )
         await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
     assert await _img6_ops(control_db, project.id, "bell6") == [("INSERT", i) for i in range(5)]
+
+
+async def test_a_kept_image_plan_follows_a_cast_to_json_created_and_dropped(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """A column's JSON category depends on pg_cast (a cast to json of its type): a session whose
+    image plan for a table is kept sees a cast created, then dropped, between its writes (the
+    column's type is unchanged, so only the pg_cast invalidation can tell), and each image is
+    to_jsonb of its row at that moment. (Seen failing on a build without the pg_cast callback.)"""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TYPE tone6 AS ENUM ('lo', 'hi'); CREATE TABLE cast6 (id int PRIMARY KEY, m tone6); "
+        "CREATE FUNCTION tone6_json(m tone6) RETURNS json LANGUAGE sql IMMUTABLE "
+        "AS $$ SELECT json_build_object('tone', m::text) $$"
+    )
+    want: list[str] = []
+
+    async def write(i: int) -> None:
+        await tenant.execute(f"INSERT INTO cast6 VALUES ({i}, 'hi')")
+        want.append(await tenant.fetchval(f"SELECT to_jsonb(c)::text FROM cast6 c WHERE id = {i}"))
+
+    await write(1)
+    await write(2)  # (the plan kept)
+    await tenant.execute("CREATE CAST (tone6 AS json) WITH FUNCTION tone6_json(tone6)")
+    await write(3)
+    await tenant.execute("DROP CAST (tone6 AS json)")
+    await write(4)
+    rows = await control_db.fetch(
+        "SELECT record::text AS r FROM fluxbase.events WHERE project_id = $1 AND table_name = 'cast6' "
+        "AND kind = 'row' ORDER BY xid, id",
+        project.id,
+    )
+    assert [r["r"] for r in rows] == want
+    assert [json.loads(w)["m"] for w in want] == ["hi", "hi", {"tone": "hi"}, "hi"]
