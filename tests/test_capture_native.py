@@ -849,50 +849,54 @@ async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
     )
     assert [e["operation"] for e in events] == ["INSERT"] * 6 + ["UPDATE"] * 4 + ["DELETE"] * 3
     # Every image and its expected to_jsonb, into one table, read back as stored bytes.
-    await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
-    await superuser.execute("DROP TABLE IF EXISTS public.img6_cmp")
-    await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
-    sch = f"p_{project.id}"
-    pairs = await superuser.fetch(
-        f"""WITH ev AS (
-              SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-              FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
-            SELECT ev.n, ev.operation, ev.record, ev.old,
-                   (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
-                       WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
-                     AND w.id = (ev.record->>'id')::bigint) AS want_rec,
-                   (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
-                     AND w.id = (ev.record->>'id')::bigint) AS want_old
-            FROM ev ORDER BY ev.n""",
-        project.id,
-    )
-    await superuser.execute(
-        f"""INSERT INTO public.img6_cmp
-            WITH ev AS (
-              SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-              FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
-              AND kind = 'row'),
-            wants AS (
-              SELECT ev.n, ev.operation, ev.record, ev.old,
-                     (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
-                         WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
-                       AND w.id = (ev.record->>'id')::bigint) AS want_rec,
-                     (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
-                       AND w.id = (ev.record->>'id')::bigint) AS want_old
-              FROM ev)
-            SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
-            UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
-            UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
-    )
-    raw = await superuser.fetch(
-        """SELECT d[1] AS k, d[2] AS a FROM (
-             SELECT tuple_data_split('public.img6_cmp'::regclass, t_data, t_infomask, t_infomask2,
-                                     t_bits) AS d
-             FROM generate_series(0, (pg_relation_size('public.img6_cmp') / 8192)::int - 1) AS b,
-                  LATERAL heap_page_items(get_raw_page('public.img6_cmp', b)) AS i
-             WHERE t_data IS NOT NULL) AS x"""
-    )
-    await superuser.execute("DROP TABLE public.img6_cmp")
+    # (in a transaction rolled back: neither the extension nor the table stays)
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
+        sch = f"p_{project.id}"
+        pairs = await superuser.fetch(
+            f"""WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
+                SELECT ev.n, ev.operation, ev.record, ev.old,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                           WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                         AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                         AND w.id = (ev.record->>'id')::bigint) AS want_old
+                FROM ev ORDER BY ev.n""",
+            project.id,
+        )
+        await superuser.execute(
+            f"""INSERT INTO public.img6_cmp
+                WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
+                  AND kind = 'row'),
+                wants AS (
+                  SELECT ev.n, ev.operation, ev.record, ev.old,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                             WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                           AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                           AND w.id = (ev.record->>'id')::bigint) AS want_old
+                  FROM ev)
+                SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
+                UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
+                UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
+        )
+        raw = await superuser.fetch(
+            """SELECT d[1] AS k, d[2] AS a FROM (
+                 SELECT tuple_data_split('public.img6_cmp'::regclass, t_data, t_infomask, t_infomask2,
+                                         t_bits) AS d
+                 FROM generate_series(0, (pg_relation_size('public.img6_cmp') / 8192)::int - 1) AS b,
+                      LATERAL heap_page_items(get_raw_page('public.img6_cmp', b)) AS i
+                 WHERE t_data IS NOT NULL) AS x"""
+        )
+    finally:
+        await tx.rollback()
     stored = {int.from_bytes(r["k"], "little", signed=True): r["a"] for r in raw}
     assert len(pairs) == 13 and len(stored) == 13 * 2 + 7 * 2, (len(pairs), len(stored))
     for p in pairs:
