@@ -928,19 +928,21 @@ async def _img6_ops(control_db: asyncpg.Pool, pid: str, table: str) -> list[tupl
     return [(r["operation"], int(r["id"])) for r in rows]
 
 
-async def test_kept_privilege_answers_follow_grants_and_memberships_of_another_session(
+async def test_the_writers_privileges_follow_grants_and_memberships_of_another_session(
     tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """The outbox writer's privileges are answered once per backend and kept: a long-lived
-    tenant session (its answers kept by earlier writes) sees another session's REVOKE of the
+    """The outbox writer's privileges hold in a long-lived session whatever a backend keeps
+    between writes (a build that kept the checks' answers must drop them on every grant and
+    membership change): a tenant session that wrote before sees another session's REVOKE of the
     writer's INSERT on the very next write (refused, 42501, as every capture path is), the GRANT
     back (written), the privilege held only through a role the writer is a member of (written),
-    and that membership revoked (refused again)."""
+    and that membership revoked (refused again). (Seen failing on a build that kept its privilege
+    answers and never invalidated them.)"""
     assert await _native(control_db)
     grp = f"acl6_{project.id}"
     await tenant.execute("CREATE TABLE acl6 (id int PRIMARY KEY)")
     await tenant.execute("INSERT INTO acl6 VALUES (1)")
-    await tenant.execute("INSERT INTO acl6 VALUES (2)")  # answers kept
+    await tenant.execute("INSERT INTO acl6 VALUES (2)")  # (a backend's kept facts learnt)
     await superuser.execute(f'CREATE ROLE "{grp}" NOLOGIN')
     try:
         await superuser.execute("REVOKE INSERT ON fluxbase.events FROM fluxbase_outbox_writer")
@@ -969,14 +971,15 @@ async def test_kept_privilege_answers_follow_grants_and_memberships_of_another_s
     assert await _img6_ops(control_db, project.id, "acl6") == [("INSERT", i) for i in (1, 2, 4, 5, 7, 8, 10)]
 
 
-async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
+async def test_the_hint_privilege_follows_a_revoke_in_another_session(
     tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """The doorbell's hint is read only with the writer's SELECT on the sequence (kept answer):
+    """The doorbell's hint is read only with the writer's SELECT on the sequence:
     with the hint forced to 0 while a reader waits, a captured write trusts it and rings no
     doorbell; once another session revokes that SELECT, the long-lived tenant session's next
     write no longer reads the hint, asks event_readers and rings; granted back, it trusts the
-    hint again. (Seen failing on a build whose kept answers were never invalidated.)"""
+    hint again. (Seen failing on a build that kept its privilege answers and never invalidated
+    them.)"""
     assert await _native(control_db)
     reader = f"test-acl6-{project.id}"
     heard: list[str] = []
@@ -999,9 +1002,9 @@ async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
     try:
         await rings(0)  # (a backend's first capture learns event_readers' column by reading it)
         assert not await rings(1)
-        assert not await rings(2)  # answer kept
+        assert not await rings(2)
         # (USAGE granted instead: pg_sequence_last_value itself would read the value with it, so
-        # only the capture's own kept answer on SELECT can refuse)
+        # only the capture's own check of SELECT can refuse)
         await superuser.execute(
             "REVOKE SELECT ON SEQUENCE fluxbase.readers_waiting_hint FROM fluxbase_outbox_writer; "
             "GRANT USAGE ON SEQUENCE fluxbase.readers_waiting_hint TO fluxbase_outbox_writer"
