@@ -775,3 +775,283 @@ async def test_a_reader_waking_while_another_falls_asleep_leaves_the_hint_up(
             "DELETE FROM fluxbase.event_readers WHERE reader_id = ANY($1::text[])", [a, b]
         )
         await other.close()
+
+
+# -- the kept image plans and privilege answers (capture6) --------------------------------------
+
+IMG6_SQL = """
+CREATE DOMAIN posint6 AS int CHECK (VALUE > 0);
+CREATE DOMAIN small6 AS smallint;
+CREATE DOMAIN stamp6 AS timestamptz;
+CREATE TYPE mood6 AS ENUM ('sad', 'ok', 'happy');
+CREATE TYPE pair6 AS (a int, b text);
+CREATE TABLE img6 (
+    id bigint PRIMARY KEY, i2 smallint, i4 int, i8 bigint, d posint6, s2 small6, n numeric,
+    nb numeric(30, 10), f4 real, f8 float8, ok boolean, t text, vc varchar(20), c char(5), js json,
+    jb jsonb, ints int[], p pair6, ps pair6[], m mood6, ts timestamptz, st stamp6, tsn timestamp,
+    day date, b bytea, u uuid, iv interval, gone int, "Odd ""N"" x" text, zz text, a text
+);
+ALTER TABLE img6 DROP COLUMN gone;
+CREATE TABLE img6_want (stage text, id bigint, j jsonb);
+"""
+IMG6_ROWS = """
+INSERT INTO img6 VALUES
+ (1, -32768, -2147483648, -9223372036854775808, 1, -1, 'NaN', -0.0000000001, 'NaN', 'Infinity',
+  true, E'é😀\\n\\t"q"\\\\\\u0001', 'vc ', 'ab', '{"raw":  1,"raw": 2}', 'null', '{1,NULL,-3}',
+  ROW(1, 'x'), ARRAY[ROW(2, 'y')::pair6, NULL], 'sad', '2026-01-02 03:04:05.678+02',
+  'infinity', '1999-12-31 23:59:59.999999', '0001-01-01 BC', '\\x00ff10',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '-1 day 02:03:04', 'x', '', 'first'),
+ (2, 32767, 2147483647, 9223372036854775807, 2147483647, 32767, 'Infinity', 12345678901234567890.0123456789,
+  '-Infinity', '-Infinity', false, '', '', '', '"scalar"', '"s"', '{}', ROW(NULL, NULL), '{}', 'happy',
+  '-infinity', '2026-06-30 12:00:00+00', 'infinity', 'infinity', '', NULL, '0', NULL, NULL, NULL),
+ (3, 0, 0, 0, 3, 0, '-Infinity', 1.50, 0.1, 1e300, NULL, NULL, NULL, NULL, '5', '12.30',
+  '{{1,2},{3,4}}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '-0', '-0', NULL, NULL, NULL, NULL, '[1, {"b": 2, "a": 1}]',
+  '{"k": [1, {"z": null}], "a": "é", "n": -1.000}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL)
+"""
+
+
+async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
+    tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The images built from a kept plan (integers as numerics directly, text, dates and jsonb
+    pushed as they are, the rest through PostgreSQL's datum_to_jsonb, keys pre-sorted) are the
+    bytes to_jsonb(row) stores: ints at their limits, numerics and floats with NaN and the
+    infinities, text with unicode and escapes, json (duplicate keys, scalars), jsonb, arrays,
+    composites, domains over int and timestamptz, enums, dates, bytea, NULLs, a dropped column,
+    and a column added after the rows existed (its default a missing attribute of the old
+    tuples), for INSERT (one statement of several rows, and one row), UPDATE and DELETE. Compared
+    as stored tuples' bytes (pageinspect), not as jsonb equality or text."""
+    assert await _native(control_db)
+    await tenant.execute(IMG6_SQL)
+    await tenant.execute(IMG6_ROWS)
+    await tenant.execute(
+        "INSERT INTO img6 (id, i4, t) VALUES (5, -7, 'one row'); "
+        "INSERT INTO img6_want SELECT 'ins', id, to_jsonb(img6_row) FROM img6 img6_row"
+    )
+    await tenant.execute("ALTER TABLE img6 ADD COLUMN late int DEFAULT 7, ADD COLUMN late2 text")
+    await tenant.execute(
+        "INSERT INTO img6 (id, late2) VALUES (6, 'after'); "
+        "INSERT INTO img6_want SELECT 'ins', id, to_jsonb(img6_row) FROM img6 img6_row WHERE id = 6; "
+        "INSERT INTO img6_want SELECT 'pre_upd', id, to_jsonb(img6_row) FROM img6 img6_row"
+    )
+    await tenant.execute("UPDATE img6 SET i4 = i4 - 1, late2 = 'u' WHERE id IN (2, 3, 5, 6)")
+    await tenant.execute(
+        "INSERT INTO img6_want SELECT 'upd', id, to_jsonb(img6_row) FROM img6 img6_row; "
+        "DELETE FROM img6 WHERE id IN (1, 2); DELETE FROM img6 WHERE id = 4"
+    )
+    events = await control_db.fetch(
+        "SELECT operation, record, old FROM fluxbase.events WHERE project_id = $1 "
+        "AND table_name = 'img6' AND kind = 'row' ORDER BY xid, id",
+        project.id,
+    )
+    assert [e["operation"] for e in events] == ["INSERT"] * 6 + ["UPDATE"] * 4 + ["DELETE"] * 3
+    # Every image and its expected to_jsonb, into one table, read back as stored bytes.
+    # (in a transaction rolled back: neither the extension nor the table stays)
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
+        sch = f"p_{project.id}"
+        pairs = await superuser.fetch(
+            f"""WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
+                SELECT ev.n, ev.operation, ev.record, ev.old,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                           WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                         AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                         AND w.id = (ev.record->>'id')::bigint) AS want_old
+                FROM ev ORDER BY ev.n""",
+            project.id,
+        )
+        await superuser.execute(
+            f"""INSERT INTO public.img6_cmp
+                WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
+                  AND kind = 'row'),
+                wants AS (
+                  SELECT ev.n, ev.operation, ev.record, ev.old,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                             WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                           AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                           AND w.id = (ev.record->>'id')::bigint) AS want_old
+                  FROM ev)
+                SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
+                UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
+                UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
+        )
+        raw = await superuser.fetch(
+            """SELECT d[1] AS k, d[2] AS a FROM (
+                 SELECT tuple_data_split('public.img6_cmp'::regclass, t_data, t_infomask, t_infomask2,
+                                         t_bits) AS d
+                 FROM generate_series(0, (pg_relation_size('public.img6_cmp') / 8192)::int - 1) AS b,
+                      LATERAL heap_page_items(get_raw_page('public.img6_cmp', b)) AS i
+                 WHERE t_data IS NOT NULL) AS x"""
+        )
+    finally:
+        await tx.rollback()
+    stored = {int.from_bytes(r["k"], "little", signed=True): r["a"] for r in raw}
+    assert len(pairs) == 13 and len(stored) == 13 * 2 + 7 * 2, (len(pairs), len(stored))
+    for p in pairs:
+        n, op = p["n"], p["operation"]
+        assert p["want_rec"] is not None
+        assert stored[n * 10 + 1] == stored[n * 10 + 2], (op, p["record"], p["want_rec"])
+        if op == "INSERT":
+            assert p["old"] is None
+            continue
+        want_old = p["want_old"] if op == "UPDATE" else p["want_rec"]
+        assert stored[n * 10 + 3] == stored[n * 10 + 4 if op == "UPDATE" else n * 10 + 2], (
+            op,
+            p["old"],
+            want_old,
+        )
+    # (and as values: the late column's default in the old tuples' images)
+    assert {json.loads(p["old"])["late"] for p in pairs if p["operation"] == "UPDATE"} == {7}
+    first = json.loads(pairs[0]["record"])
+    assert first["i8"] == -9223372036854775808 and first["n"] == "NaN" and first["f8"] == "Infinity"
+
+
+async def _img6_ops(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, int]]:
+    rows = await control_db.fetch(
+        "SELECT operation, record->>'id' AS id FROM fluxbase.events "
+        "WHERE project_id = $1 AND table_name = $2 AND kind = 'row' ORDER BY xid, id",
+        pid,
+        table,
+    )
+    return [(r["operation"], int(r["id"])) for r in rows]
+
+
+async def test_the_writers_privileges_follow_grants_and_memberships_of_another_session(
+    tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The outbox writer's privileges hold in a long-lived session whatever a backend keeps
+    between writes (a build that kept the checks' answers must drop them on every grant and
+    membership change): a tenant session that wrote before sees another session's REVOKE of the
+    writer's INSERT on the very next write (refused, 42501, as every capture path is), the GRANT
+    back (written), the privilege held only through a role the writer is a member of (written),
+    and that membership revoked (refused again). (Seen failing on a build that kept its privilege
+    answers and never invalidated them.)"""
+    assert await _native(control_db)
+    grp = f"acl6_{project.id}"
+    await tenant.execute("CREATE TABLE acl6 (id int PRIMARY KEY)")
+    await tenant.execute("INSERT INTO acl6 VALUES (1)")
+    await tenant.execute("INSERT INTO acl6 VALUES (2)")  # (a backend's kept facts learnt)
+    await superuser.execute(f'CREATE ROLE "{grp}" NOLOGIN')
+    try:
+        await superuser.execute("REVOKE INSERT ON fluxbase.events FROM fluxbase_outbox_writer")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO acl6 VALUES (3)")
+        await superuser.execute("GRANT INSERT ON fluxbase.events TO fluxbase_outbox_writer")
+        await tenant.execute("INSERT INTO acl6 VALUES (4)")
+        await tenant.execute("INSERT INTO acl6 VALUES (5)")
+        # Only through a membership (the writer is NOINHERIT: the grant inherits): answered,
+        # kept, then the membership goes.
+        await superuser.execute(f'GRANT INSERT ON fluxbase.events TO "{grp}"')
+        await superuser.execute("REVOKE INSERT ON fluxbase.events FROM fluxbase_outbox_writer")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO acl6 VALUES (6)")
+        await superuser.execute(f'GRANT "{grp}" TO fluxbase_outbox_writer WITH INHERIT TRUE')
+        await tenant.execute("INSERT INTO acl6 VALUES (7)")
+        await tenant.execute("INSERT INTO acl6 VALUES (8)")
+        await superuser.execute(f'REVOKE "{grp}" FROM fluxbase_outbox_writer')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO acl6 VALUES (9)")
+    finally:
+        await superuser.execute("GRANT INSERT ON fluxbase.events TO fluxbase_outbox_writer")
+        await superuser.execute(f'REVOKE INSERT ON fluxbase.events FROM "{grp}"')
+        await superuser.execute(f'DROP ROLE "{grp}"')
+    await tenant.execute("INSERT INTO acl6 VALUES (10)")
+    assert await _img6_ops(control_db, project.id, "acl6") == [("INSERT", i) for i in (1, 2, 4, 5, 7, 8, 10)]
+
+
+async def test_the_hint_privilege_follows_a_revoke_in_another_session(
+    tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The doorbell's hint is read only with the writer's SELECT on the sequence:
+    with the hint forced to 0 while a reader waits, a captured write trusts it and rings no
+    doorbell; once another session revokes that SELECT, the long-lived tenant session's next
+    write no longer reads the hint, asks event_readers and rings; granted back, it trusts the
+    hint again. (Seen failing on a build that kept its privilege answers and never invalidated
+    them.)"""
+    assert await _native(control_db)
+    reader = f"test-acl6-{project.id}"
+    heard: list[str] = []
+    await tenant.execute("CREATE TABLE bell6 (id int PRIMARY KEY)")
+    await superuser.add_listener("fluxbase_events", lambda *args: heard.append(args[2]))
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+
+    async def rings(i: int) -> bool:
+        await superuser.execute("SELECT setval('fluxbase.readers_waiting_hint', 0)")
+        heard.clear()
+        await tenant.execute(f"INSERT INTO bell6 VALUES ({i})")
+        for _ in range(25):
+            if heard:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    try:
+        await rings(0)  # (a backend's first capture learns event_readers' column by reading it)
+        assert not await rings(1)
+        assert not await rings(2)
+        # (USAGE granted instead: pg_sequence_last_value itself would read the value with it, so
+        # only the capture's own check of SELECT can refuse)
+        await superuser.execute(
+            "REVOKE SELECT ON SEQUENCE fluxbase.readers_waiting_hint FROM fluxbase_outbox_writer; "
+            "GRANT USAGE ON SEQUENCE fluxbase.readers_waiting_hint TO fluxbase_outbox_writer"
+        )
+        assert await rings(3)
+        await superuser.execute(
+            "GRANT SELECT ON SEQUENCE fluxbase.readers_waiting_hint TO fluxbase_outbox_writer"
+        )
+        assert not await rings(4)
+    finally:
+        await superuser.execute(
+            "GRANT SELECT ON SEQUENCE fluxbase.readers_waiting_hint TO fluxbase_outbox_writer; "
+            "REVOKE USAGE ON SEQUENCE fluxbase.readers_waiting_hint FROM fluxbase_outbox_writer"
+        )
+        await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+    assert await _img6_ops(control_db, project.id, "bell6") == [("INSERT", i) for i in range(5)]
+
+
+async def test_a_kept_image_plan_follows_a_cast_to_json_created_and_dropped(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """A column's JSON category depends on pg_cast (a cast to json of its type): a session whose
+    image plan for a table is kept sees a cast created, then dropped, between its writes (the
+    column's type is unchanged, so only the pg_cast invalidation can tell), and each image is
+    to_jsonb of its row at that moment. (Seen failing on a build without the pg_cast callback.)"""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TYPE tone6 AS ENUM ('lo', 'hi'); CREATE TABLE cast6 (id int PRIMARY KEY, m tone6); "
+        "CREATE FUNCTION tone6_json(m tone6) RETURNS json LANGUAGE sql IMMUTABLE "
+        "AS $$ SELECT json_build_object('tone', m::text) $$"
+    )
+    want: list[str] = []
+
+    async def write(i: int) -> None:
+        await tenant.execute(f"INSERT INTO cast6 VALUES ({i}, 'hi')")
+        want.append(await tenant.fetchval(f"SELECT to_jsonb(c)::text FROM cast6 c WHERE id = {i}"))
+
+    await write(1)
+    await write(2)  # (the plan kept)
+    await tenant.execute("CREATE CAST (tone6 AS json) WITH FUNCTION tone6_json(tone6)")
+    await write(3)
+    await tenant.execute("DROP CAST (tone6 AS json)")
+    await write(4)
+    rows = await control_db.fetch(
+        "SELECT record::text AS r FROM fluxbase.events WHERE project_id = $1 AND table_name = 'cast6' "
+        "AND kind = 'row' ORDER BY xid, id",
+        project.id,
+    )
+    assert [r["r"] for r in rows] == want
+    assert [json.loads(w)["m"] for w in want] == ["hi", "hi", {"tone": "hi"}, "hi"]

@@ -11,8 +11,9 @@
  *    1 MiB (write_events keeps their small fields) goes to the PL/pgSQL
  *    fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]) through SPI, called as the
  *    invoker exactly as the PL/pgSQL triggers call it, so those paths keep their behaviour.
- *  - Row images are built as the invoker (the tenant), with what to_jsonb(row) runs: output
- *    functions and casts to json of the tenant's types run with the tenant's own rights. The
+ *  - Row images are built as the invoker (the tenant), byte for byte what to_jsonb(row) gives,
+ *    from an image plan kept per relation (row_image below): output functions and casts to json
+ *    of the tenant's types run with the tenant's own rights. The
  *    user id is switched (to fluxbase_outbox_writer, SECURITY_RESTRICTED_OPERATION) only around
  *    the outbox INSERT and the doorbell query: two saved plans whose every name is
  *    schema-qualified, with no function or operator a tenant can define, on built-in-typed
@@ -51,10 +52,13 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/hsearch.h"
 #include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/jsonfuncs.h"
 #include "utils/lsyscache.h"
+#include "utils/numeric.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -177,29 +181,364 @@ fast_path(Relation rel, char *project)
 	return cached_nsp_is_project && memcmp(cached_nsp_project, project, 16) == 0;
 }
 
-/* to_jsonb(row): what PL/pgSQL's to_jsonb(NEW) / to_jsonb(n.*) computes, as the invoker. */
-static Datum
-row_image(HeapTuple tuple, TupleDesc desc, JsonTypeCategory cat, Oid outfn)
+/*
+ * Row images: to_jsonb(row), byte for byte, without what PostgreSQL's composite_to_jsonb does
+ * again for every row: json_categorize_type of every column (syscache lookups of its type, its
+ * base type, element type, cast to json), a copy of the row as a composite datum, the text
+ * round trip of an integer into a numeric, and sorting the keys.
+ *
+ * Per relation, an image plan is kept: every live column's attnum and type, its
+ * JsonTypeCategory and output function as json_categorize_type answers, and the columns in the
+ * order of jsonb's keys (shorter names first, then bytewise: the order uniqueifyJsonbObject
+ * sorts them into; it still sorts, so a stale order could only cost time, never change the
+ * image). Each value is turned into a JsonbValue as datum_to_jsonb_internal does: bool, an
+ * integer (int2/int4/int8, or a domain over one: int64_to_numeric, what numeric_in of its text
+ * gives), date/timestamp/timestamptz (JsonEncodeDateTime), NULL, and the other scalar types
+ * (their output function's text; text, varchar and bpchar as they are), and a jsonb column is
+ * unpacked into the object as datum_to_jsonb_internal does. Everything else (numeric, float4,
+ * float8, arrays, composites, json, a type with a cast to json) goes through PostgreSQL's own
+ * datum_to_jsonb, whose result pushJsonbValue unpacks into the object. Output functions and
+ * casts still run as the invoker. tests/test_capture_native.py compares the images with
+ * to_jsonb of the same rows for many types.
+ *
+ * A plan is kept until a relcache invalidation of its relation (ALTER TABLE, a renamed column)
+ * or any change to pg_type or pg_cast (a new cast to json changes a column's category): the
+ * callbacks only clear a flag or bump image_gen; and every use compares the plan's column
+ * types with the relation's tuple descriptor (else it is rebuilt). A call builds its image
+ * from its own copy of the plan: a capture nested in a tenant's cast function may rebuild the
+ * kept one.
+ */
+enum
 {
-	Datum		composite = heap_copy_tuple_as_datum(tuple, desc);
+	IMG_BOOL, IMG_INT2, IMG_INT4, IMG_INT8, IMG_DATE, IMG_TIMESTAMP, IMG_TIMESTAMPTZ, IMG_TEXT,
+	IMG_OUT, IMG_JSONB, IMG_PG
+};
+typedef struct ImageCol
+{
+	AttrNumber	attnum;
+	uint8		how;			/* IMG_* */
+	JsonTypeCategory cat;
+	Oid			typid;			/* the column's type when planned */
+	Oid			outfn;
+} ImageCol;
+typedef struct ImagePlan
+{
+	int			natts;			/* the descriptor's natts when planned */
+	int			ncols;			/* live columns */
+	ImageCol	cols[FLEXIBLE_ARRAY_MEMBER];
+} ImagePlan;
+typedef struct ImageEntry
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	uint64		gen;
+	ImagePlan  *plan;			/* in images_cxt */
+} ImageEntry;
 
-	return datum_to_jsonb(composite, cat, outfn);
+static MemoryContext images_cxt = NULL;
+static HTAB *images = NULL;
+static uint64 image_gen = 1;
+
+#define IMAGES_MAX_RELATIONS 256
+
+static void
+images_relcache_inval(Datum arg, Oid relid)
+{
+	ImageEntry *e;
+
+	if (images == NULL)
+		return;
+	if (!OidIsValid(relid))
+	{
+		image_gen++;
+		return;
+	}
+	e = (ImageEntry *) hash_search(images, &relid, HASH_FIND, NULL);
+	if (e != NULL)
+		e->valid = false;
+}
+
+static void
+images_syscache_inval(Datum arg, int cacheid, uint32 hashvalue)
+{
+	image_gen++;
+}
+
+/* jsonb's key order (jsonb_util.c lengthCompareJsonbStringValue): length, then bytes. */
+static TupleDesc plan_desc_for_sort;
+
+static int
+image_col_cmp(const void *a, const void *b)
+{
+	const char *na = NameStr(TupleDescAttr(plan_desc_for_sort, ((const ImageCol *) a)->attnum - 1)->attname);
+	const char *nb = NameStr(TupleDescAttr(plan_desc_for_sort, ((const ImageCol *) b)->attnum - 1)->attname);
+	size_t		la = strlen(na);
+	size_t		lb = strlen(nb);
+
+	if (la != lb)
+		return la > lb ? 1 : -1;
+	return memcmp(na, nb, la);
+}
+
+/* A plan for `desc`, palloc'd in the current memory context. */
+static ImagePlan *
+image_plan_build(TupleDesc desc)
+{
+	ImagePlan  *plan = palloc(offsetof(ImagePlan, cols) + sizeof(ImageCol) * (desc->natts > 0 ? desc->natts : 1));
+	int			i;
+
+	plan->natts = desc->natts;
+	plan->ncols = 0;
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		ImageCol   *c;
+
+		if (att->attisdropped)
+			continue;
+		c = &plan->cols[plan->ncols++];
+		c->attnum = att->attnum;
+		c->typid = att->atttypid;
+		json_categorize_type(att->atttypid, true, &c->cat, &c->outfn);
+		switch (c->cat)
+		{
+			case JSONTYPE_BOOL:
+				c->how = IMG_BOOL;
+				break;
+			case JSONTYPE_NUMERIC:
+				c->how = c->outfn == F_INT2OUT ? IMG_INT2 :
+					c->outfn == F_INT4OUT ? IMG_INT4 :
+					c->outfn == F_INT8OUT ? IMG_INT8 : IMG_PG;
+				break;
+			case JSONTYPE_DATE:
+				c->how = IMG_DATE;
+				break;
+			case JSONTYPE_TIMESTAMP:
+				c->how = IMG_TIMESTAMP;
+				break;
+			case JSONTYPE_TIMESTAMPTZ:
+				c->how = IMG_TIMESTAMPTZ;
+				break;
+			case JSONTYPE_JSONB:
+				c->how = IMG_JSONB;
+				break;
+			case JSONTYPE_OTHER:
+				c->how = (c->outfn == F_TEXTOUT || c->outfn == F_VARCHAROUT || c->outfn == F_BPCHAROUT) ?
+					IMG_TEXT : IMG_OUT;
+				break;
+			default:
+				c->how = IMG_PG;
+				break;
+		}
+	}
+	plan_desc_for_sort = desc;
+	if (plan->ncols > 1)
+		qsort(plan->cols, plan->ncols, sizeof(ImageCol), image_col_cmp);
+	return plan;
+}
+
+/* Does the plan still describe `desc` (same columns, same types)? */
+static bool
+image_plan_fits(const ImagePlan *plan, TupleDesc desc)
+{
+	int			i;
+	int			live = 0;
+
+	if (plan->natts != desc->natts)
+		return false;
+	for (i = 0; i < desc->natts; i++)
+		if (!TupleDescAttr(desc, i)->attisdropped)
+			live++;
+	if (live != plan->ncols)
+		return false;
+	for (i = 0; i < plan->ncols; i++)
+	{
+		Form_pg_attribute att;
+
+		if (plan->cols[i].attnum < 1 || plan->cols[i].attnum > desc->natts)
+			return false;
+		att = TupleDescAttr(desc, plan->cols[i].attnum - 1);
+		if (att->attisdropped || att->atttypid != plan->cols[i].typid)
+			return false;
+	}
+	return true;
+}
+
+/* This call's copy (current memory context) of the kept plan for `rel`, kept or rebuilt. */
+static ImagePlan *
+image_plan(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Oid			relid = RelationGetRelid(rel);
+	ImageEntry *e;
+	bool		found;
+	ImagePlan  *plan;
+	Size		size;
+
+	if (images == NULL || hash_get_num_entries(images) >= IMAGES_MAX_RELATIONS)
+	{
+		HASHCTL		ctl;
+
+		if (images != NULL)
+			hash_destroy(images);
+		images = NULL;
+		if (images_cxt == NULL)
+			images_cxt = AllocSetContextCreate(TopMemoryContext, "fluxbase_capture images",
+											   ALLOCSET_SMALL_SIZES);
+		MemoryContextReset(images_cxt);
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(ImageEntry);
+		ctl.hcxt = images_cxt;
+		images = hash_create("fluxbase_capture image plans", 16, &ctl,
+							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	e = (ImageEntry *) hash_search(images, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		e->valid = false;
+		e->plan = NULL;
+	}
+	if (!e->valid || e->gen != image_gen || e->plan == NULL || !image_plan_fits(e->plan, desc))
+	{
+		MemoryContext old;
+		ImagePlan  *built;
+
+		/* set first: an invalidation while planning (catalog reads) leaves it stale */
+		e->valid = true;
+		e->gen = image_gen;
+		if (e->plan != NULL)
+			pfree(e->plan);
+		e->plan = NULL;
+		old = MemoryContextSwitchTo(images_cxt);
+		built = image_plan_build(desc);
+		MemoryContextSwitchTo(old);
+		/* (planning reads catalogs only; no capture runs in it, so the entry is still ours) */
+		e->plan = built;
+	}
+	size = offsetof(ImagePlan, cols) + sizeof(ImageCol) * (e->plan->ncols > 0 ? e->plan->ncols : 1);
+	plan = palloc(size);
+	memcpy(plan, e->plan, size);
+	return plan;
+}
+
+/* to_jsonb(row) of `tuple` (of `desc`, which the plan fits) with the plan. */
+static Datum
+row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Datum *values, bool *isnull)
+{
+	JsonbParseState *state = NULL;
+	JsonbValue *res;
+	int			i;
+
+	heap_deform_tuple(tuple, desc, values, isnull);
+	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	for (i = 0; i < plan->ncols; i++)
+	{
+		const ImageCol *c = &plan->cols[i];
+		Form_pg_attribute att = TupleDescAttr(desc, c->attnum - 1);
+		Datum		val = values[c->attnum - 1];
+		JsonbValue	k;
+		JsonbValue	v;
+
+		k.type = jbvString;
+		k.val.string.val = NameStr(att->attname);
+		k.val.string.len = strlen(k.val.string.val);
+		pushJsonbValue(&state, WJB_KEY, &k);
+		if (isnull[c->attnum - 1])
+		{
+			v.type = jbvNull;
+			pushJsonbValue(&state, WJB_VALUE, &v);
+			continue;
+		}
+		switch (c->how)
+		{
+			case IMG_BOOL:
+				v.type = jbvBool;
+				v.val.boolean = DatumGetBool(val);
+				break;
+			case IMG_INT2:
+				v.type = jbvNumeric;
+				v.val.numeric = int64_to_numeric(DatumGetInt16(val));
+				break;
+			case IMG_INT4:
+				v.type = jbvNumeric;
+				v.val.numeric = int64_to_numeric(DatumGetInt32(val));
+				break;
+			case IMG_INT8:
+				v.type = jbvNumeric;
+				v.val.numeric = int64_to_numeric(DatumGetInt64(val));
+				break;
+			case IMG_DATE:
+			case IMG_TIMESTAMP:
+			case IMG_TIMESTAMPTZ:
+				v.type = jbvString;
+				v.val.string.val = JsonEncodeDateTime(NULL, val,
+													  c->how == IMG_DATE ? DATEOID :
+													  c->how == IMG_TIMESTAMP ? TIMESTAMPOID : TIMESTAMPTZOID,
+													  NULL);
+				v.val.string.len = strlen(v.val.string.val);
+				break;
+			case IMG_TEXT:
+			case IMG_OUT:
+				v.type = jbvString;
+				if (c->how == IMG_TEXT)
+				{
+					text	   *txt = DatumGetTextPP(val);
+
+					v.val.string.val = VARDATA_ANY(txt);
+					v.val.string.len = VARSIZE_ANY_EXHDR(txt);
+				}
+				else
+				{
+					v.val.string.val = OidOutputFunctionCall(c->outfn, val);
+					v.val.string.len = strlen(v.val.string.val);
+				}
+				/* jsonb.c checkStringLen */
+				if ((size_t) v.val.string.len > JENTRY_OFFLENMASK)
+					ereport(ERROR,
+							(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+							 errmsg("string too long to represent as jsonb string"),
+							 errdetail("Due to an implementation restriction, jsonb strings cannot exceed %d bytes.",
+									   JENTRY_OFFLENMASK)));
+				break;
+			case IMG_JSONB:
+				{
+					Jsonb	   *jb = DatumGetJsonbP(val);
+
+					v.type = jbvBinary;
+					v.val.binary.data = &jb->root;
+					v.val.binary.len = VARSIZE(jb) - VARHDRSZ;
+				}
+				break;
+			default:
+				{
+					Jsonb	   *jb = DatumGetJsonbP(datum_to_jsonb(val, c->cat, c->outfn));
+
+					v.type = jbvBinary;
+					v.val.binary.data = &jb->root;
+					v.val.binary.len = VARSIZE(jb) - VARHDRSZ;
+				}
+				break;
+		}
+		pushJsonbValue(&state, WJB_VALUE, &v);
+	}
+	res = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return JsonbPGetDatum(JsonbValueToJsonb(res));
 }
 
 /* The images of every row of a transition table, in its order (palloc'd in the caller's
  * memory context); *count set. */
 static Datum *
-transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
+transition_images(Tuplestorestate *ts, TupleDesc desc, const ImagePlan *plan, int *count)
 {
-	JsonTypeCategory cat;
-	Oid			outfn;
 	TupleTableSlot *slot;
 	int			ptr;
 	int			n = 0;
 	int			cap = 8;
 	Datum	   *images = palloc(sizeof(Datum) * cap);
+	Datum	   *values = palloc(sizeof(Datum) * (desc->natts > 0 ? desc->natts : 1));
+	bool	   *isnull = palloc(sizeof(bool) * (desc->natts > 0 ? desc->natts : 1));
 
-	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
+	PinTupleDesc(desc);
 	slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
 	/* A read pointer of our own, as a NamedTuplestoreScan takes (other triggers of the same
 	 * statement may read the same transition table). */
@@ -224,12 +563,15 @@ transition_images(Tuplestorestate *ts, TupleDesc desc, int *count)
 			cap *= 2;
 			images = repalloc(images, sizeof(Datum) * cap);
 		}
-		images[n++] = row_image(tuple, desc, cat, outfn);
+		images[n++] = row_image(tuple, desc, plan, values, isnull);
 		if (should_free)
 			heap_freetuple(tuple);
 		ExecClearTuple(slot);
 	}
 	ExecDropSingleTupleTableSlot(slot);
+	ReleaseTupleDesc(desc);
+	pfree(values);
+	pfree(isnull);
 	*count = n;
 	return images;
 }
@@ -371,6 +713,7 @@ static BlockNumber events_extended_to = InvalidBlockNumber;
 static bool readers_valid = false;
 static AttrNumber readers_waiting = InvalidAttrNumber;
 
+
 static void
 relcache_inval(Datum arg, Oid relid)
 {
@@ -416,6 +759,9 @@ _PG_init(void)
 	CacheRegisterSyscacheCallback(AUTHOID, roles_inval, (Datum) 0);
 	CacheRegisterSyscacheCallback(NAMESPACEOID, names_inval, (Datum) 0);
 	CacheRegisterSyscacheCallback(RELNAMENSP, names_inval, (Datum) 0);
+	CacheRegisterRelcacheCallback(images_relcache_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(TYPEOID, images_syscache_inval, (Datum) 0);
+	CacheRegisterSyscacheCallback(CASTSOURCETARGET, images_syscache_inval, (Datum) 0);
 }
 
 /* Look the oids up by name. A lookup may process invalidations (a catalog read takes a lock):
@@ -1167,7 +1513,8 @@ fluxbase_capture_insert(PG_FUNCTION_ARGS)
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
 		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL || td->tg_relation == NULL)
 		wrong_attachment("capture_insert", "AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
-	images = transition_images(td->tg_newtable, RelationGetDescr(td->tg_relation), &n);
+	images = transition_images(td->tg_newtable, RelationGetDescr(td->tg_relation),
+							   image_plan(td->tg_relation), &n);
 	capture(td->tg_relation, "INSERT", images, NULL, n);
 	return PointerGetDatum(NULL);
 }
@@ -1183,7 +1530,8 @@ fluxbase_capture_delete(PG_FUNCTION_ARGS)
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
 		!TRIGGER_FIRED_BY_DELETE(td->tg_event) || td->tg_oldtable == NULL || td->tg_relation == NULL)
 		wrong_attachment("capture_delete", "AFTER DELETE FOR EACH STATEMENT with an OLD TABLE");
-	images = transition_images(td->tg_oldtable, RelationGetDescr(td->tg_relation), &n);
+	images = transition_images(td->tg_oldtable, RelationGetDescr(td->tg_relation),
+							   image_plan(td->tg_relation), &n);
 	/* record and old are both the deleted row's image, as write_events(.., imgs, imgs) */
 	capture(td->tg_relation, "DELETE", images, images, n);
 	return PointerGetDatum(NULL);
@@ -1195,8 +1543,9 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = trigger_data(fcinfo, "capture_update");
 	TupleDesc	desc;
-	JsonTypeCategory cat;
-	Oid			outfn;
+	ImagePlan  *plan;
+	Datum	   *values;
+	bool	   *isnull;
 	Datum		record;
 	Datum		old;
 
@@ -1205,9 +1554,13 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 		td->tg_newtuple == NULL || td->tg_relation == NULL)
 		wrong_attachment("capture_update", "AFTER UPDATE FOR EACH ROW");
 	desc = RelationGetDescr(td->tg_relation);
-	json_categorize_type(desc->tdtypeid, true, &cat, &outfn);
-	record = row_image(td->tg_newtuple, desc, cat, outfn);
-	old = row_image(td->tg_trigtuple, desc, cat, outfn);
+	plan = image_plan(td->tg_relation);
+	values = palloc(sizeof(Datum) * (desc->natts > 0 ? desc->natts : 1));
+	isnull = palloc(sizeof(bool) * (desc->natts > 0 ? desc->natts : 1));
+	PinTupleDesc(desc);
+	record = row_image(td->tg_newtuple, desc, plan, values, isnull);
+	old = row_image(td->tg_trigtuple, desc, plan, values, isnull);
+	ReleaseTupleDesc(desc);
 	capture(td->tg_relation, "UPDATE", &record, &old, 1);
 	return PointerGetDatum(NULL);
 }
