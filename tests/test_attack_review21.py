@@ -405,3 +405,55 @@ async def test_the_backend_does_not_grow_over_20000_captured_writes(
         == 20000
     )
     assert last - first < 2 * 1024, (first, last)
+
+
+async def test_kept_answers_follow_a_revoke_of_waiting_and_the_database_owner(
+    superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """With a reader waiting and the hint forced to 0, a long-lived tenant session's writes trust
+    the hint (kept 'may read waiting' and 'may read the hint'). Another session revokes the
+    writer's SELECT (waiting) on event_readers: the very next write must not keep trusting the
+    hint (the saved SELECT would be refused: the write is, 42501, as review 17 made every path).
+    Then the writer's INSERT only through pg_database_owner (a DATABASEOID fact): granted by
+    making the writer the database's owner, then the owner changed back: the next write is
+    refused."""
+    assert await _native(control_db)
+    reader = f"r21-{project.id}"
+    db = await superuser.fetchval("SELECT current_database()")
+    owner = await superuser.fetchval(
+        "SELECT datdba::regrole::text FROM pg_database WHERE datname = current_database()"
+    )
+    await tenant.execute("CREATE TABLE wait21 (id int PRIMARY KEY)")
+    await superuser.execute(
+        "INSERT INTO fluxbase.event_readers (reader_id, waiting) VALUES ($1, true)", reader
+    )
+    try:
+        await superuser.execute("SELECT setval('fluxbase.readers_waiting_hint', 0)")
+        await tenant.execute("INSERT INTO wait21 VALUES (1)")
+        await tenant.execute("INSERT INTO wait21 VALUES (2)")  # kept
+        await superuser.execute(
+            "REVOKE SELECT (waiting) ON fluxbase.event_readers FROM fluxbase_outbox_writer"
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO wait21 VALUES (3)")
+        await superuser.execute("GRANT SELECT (waiting) ON fluxbase.event_readers TO fluxbase_outbox_writer")
+        await tenant.execute("INSERT INTO wait21 VALUES (4)")
+        # INSERT only through the database owner's pseudo-role
+        await superuser.execute("GRANT INSERT ON fluxbase.events TO pg_database_owner")
+        await superuser.execute("REVOKE INSERT ON fluxbase.events FROM fluxbase_outbox_writer")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO wait21 VALUES (5)")
+        await superuser.execute(f'ALTER DATABASE "{db}" OWNER TO fluxbase_outbox_writer')
+        await tenant.execute("INSERT INTO wait21 VALUES (6)")
+        await tenant.execute("INSERT INTO wait21 VALUES (7)")  # kept
+        await superuser.execute(f'ALTER DATABASE "{db}" OWNER TO {owner}')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenant.execute("INSERT INTO wait21 VALUES (8)")
+    finally:
+        await superuser.execute(f'ALTER DATABASE "{db}" OWNER TO {owner}')
+        await superuser.execute("GRANT INSERT ON fluxbase.events TO fluxbase_outbox_writer")
+        await superuser.execute("REVOKE INSERT ON fluxbase.events FROM pg_database_owner")
+        await superuser.execute("GRANT SELECT (waiting) ON fluxbase.event_readers TO fluxbase_outbox_writer")
+        await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
+    ops = [rec["id"] for _, rec, _ in await _images(control_db, project.id, "wait21")]
+    assert ops == [1, 2, 4, 6, 7]
