@@ -364,6 +364,44 @@ async def test_a_nested_capture_in_a_cast_function_keeps_both_images_right(
     assert await superuser.fetchval("SELECT pg_postmaster_start_time()") == start
 
 
+async def test_a_cast_function_writing_its_own_table_and_making_types_mid_image(
+    superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """The tenant's cast to json, run while the UPDATE capture builds a row's image (only then:
+    a setting of the session), creates a
+    type (every kept plan goes stale: the nested capture rebuilds the kept plan of this very
+    table, freeing the one the outer call copied) and inserts into the same table (a nested
+    INSERT capture of it): every image is to_jsonb of its row, the backend lives."""
+    assert await _native(control_db)
+    start = await superuser.fetchval("SELECT pg_postmaster_start_time()")
+    await tenant.execute(
+        "CREATE SEQUENCE r21s; CREATE TYPE r21 AS ENUM ('p', 'q'); "
+        "CREATE TABLE self21 (id int PRIMARY KEY, n r21, k bigint, t text); "
+        "CREATE FUNCTION r21_json(x r21) RETURNS json LANGUAGE plpgsql VOLATILE AS $$ "
+        "DECLARE s bigint; BEGIN IF x = 'p' AND current_setting('r21.nest', true) = 'on' THEN "
+        "s := nextval('r21s'); "
+        "EXECUTE format('CREATE TYPE r21_%s AS ENUM (''a'')', s); "
+        "INSERT INTO self21 VALUES (100 + s, 'q', s, repeat('z', 3)); END IF; "
+        "RETURN json_build_object('v', x::text); END $$; "
+        "CREATE CAST (r21 AS json) WITH FUNCTION r21_json(r21)"
+    )
+    await tenant.execute("INSERT INTO self21 VALUES (1, 'q', -1, 'a'), (2, 'q', -2, 'b')")
+    before = {i: await _want(tenant, "self21", i) for i in (1, 2)}
+    await tenant.execute("SET r21.nest = 'on'; UPDATE self21 SET n = 'p' WHERE id IN (1, 2); RESET r21.nest")
+    after = {i: await _want(tenant, "self21", i) for i in (1, 2, 101, 102)}
+    got = await _images(control_db, project.id, "self21")
+    assert sorted(got, key=lambda g: (g[0], g[1]["id"])) == [
+        ("INSERT", before[1], None),
+        ("INSERT", before[2], None),
+        ("INSERT", after[101], None),
+        ("INSERT", after[102], None),
+        ("UPDATE", after[1], before[1]),
+        ("UPDATE", after[2], before[2]),
+    ]
+    assert after[1]["n"] == {"v": "p"} and after[101]["n"] == {"v": "q"}
+    assert await superuser.fetchval("SELECT pg_postmaster_start_time()") == start
+
+
 async def test_the_backend_does_not_grow_over_20000_captured_writes(
     superuser: asyncpg.Connection, tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
