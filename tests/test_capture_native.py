@@ -849,50 +849,54 @@ async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
     )
     assert [e["operation"] for e in events] == ["INSERT"] * 6 + ["UPDATE"] * 4 + ["DELETE"] * 3
     # Every image and its expected to_jsonb, into one table, read back as stored bytes.
-    await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
-    await superuser.execute("DROP TABLE IF EXISTS public.img6_cmp")
-    await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
-    sch = f"p_{project.id}"
-    pairs = await superuser.fetch(
-        f"""WITH ev AS (
-              SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-              FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
-            SELECT ev.n, ev.operation, ev.record, ev.old,
-                   (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
-                       WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
-                     AND w.id = (ev.record->>'id')::bigint) AS want_rec,
-                   (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
-                     AND w.id = (ev.record->>'id')::bigint) AS want_old
-            FROM ev ORDER BY ev.n""",
-        project.id,
-    )
-    await superuser.execute(
-        f"""INSERT INTO public.img6_cmp
-            WITH ev AS (
-              SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-              FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
-              AND kind = 'row'),
-            wants AS (
-              SELECT ev.n, ev.operation, ev.record, ev.old,
-                     (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
-                         WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
-                       AND w.id = (ev.record->>'id')::bigint) AS want_rec,
-                     (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
-                       AND w.id = (ev.record->>'id')::bigint) AS want_old
-              FROM ev)
-            SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
-            UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
-            UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
-    )
-    raw = await superuser.fetch(
-        """SELECT d[1] AS k, d[2] AS a FROM (
-             SELECT tuple_data_split('public.img6_cmp'::regclass, t_data, t_infomask, t_infomask2,
-                                     t_bits) AS d
-             FROM generate_series(0, (pg_relation_size('public.img6_cmp') / 8192)::int - 1) AS b,
-                  LATERAL heap_page_items(get_raw_page('public.img6_cmp', b)) AS i
-             WHERE t_data IS NOT NULL) AS x"""
-    )
-    await superuser.execute("DROP TABLE public.img6_cmp")
+    # (in a transaction rolled back: neither the extension nor the table stays)
+    tx = superuser.transaction()
+    await tx.start()
+    try:
+        await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
+        sch = f"p_{project.id}"
+        pairs = await superuser.fetch(
+            f"""WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
+                SELECT ev.n, ev.operation, ev.record, ev.old,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                           WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                         AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                         AND w.id = (ev.record->>'id')::bigint) AS want_old
+                FROM ev ORDER BY ev.n""",
+            project.id,
+        )
+        await superuser.execute(
+            f"""INSERT INTO public.img6_cmp
+                WITH ev AS (
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
+                  FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
+                  AND kind = 'row'),
+                wants AS (
+                  SELECT ev.n, ev.operation, ev.record, ev.old,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
+                             WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
+                           AND w.id = (ev.record->>'id')::bigint) AS want_rec,
+                         (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
+                           AND w.id = (ev.record->>'id')::bigint) AS want_old
+                  FROM ev)
+                SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
+                UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
+                UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
+        )
+        raw = await superuser.fetch(
+            """SELECT d[1] AS k, d[2] AS a FROM (
+                 SELECT tuple_data_split('public.img6_cmp'::regclass, t_data, t_infomask, t_infomask2,
+                                         t_bits) AS d
+                 FROM generate_series(0, (pg_relation_size('public.img6_cmp') / 8192)::int - 1) AS b,
+                      LATERAL heap_page_items(get_raw_page('public.img6_cmp', b)) AS i
+                 WHERE t_data IS NOT NULL) AS x"""
+        )
+    finally:
+        await tx.rollback()
     stored = {int.from_bytes(r["k"], "little", signed=True): r["a"] for r in raw}
     assert len(pairs) == 13 and len(stored) == 13 * 2 + 7 * 2, (len(pairs), len(stored))
     for p in pairs:
@@ -924,19 +928,21 @@ async def _img6_ops(control_db: asyncpg.Pool, pid: str, table: str) -> list[tupl
     return [(r["operation"], int(r["id"])) for r in rows]
 
 
-async def test_kept_privilege_answers_follow_grants_and_memberships_of_another_session(
+async def test_the_writers_privileges_follow_grants_and_memberships_of_another_session(
     tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """The outbox writer's privileges are answered once per backend and kept: a long-lived
-    tenant session (its answers kept by earlier writes) sees another session's REVOKE of the
+    """The outbox writer's privileges hold in a long-lived session whatever a backend keeps
+    between writes (a build that kept the checks' answers must drop them on every grant and
+    membership change): a tenant session that wrote before sees another session's REVOKE of the
     writer's INSERT on the very next write (refused, 42501, as every capture path is), the GRANT
     back (written), the privilege held only through a role the writer is a member of (written),
-    and that membership revoked (refused again)."""
+    and that membership revoked (refused again). (Seen failing on a build that kept its privilege
+    answers and never invalidated them.)"""
     assert await _native(control_db)
     grp = f"acl6_{project.id}"
     await tenant.execute("CREATE TABLE acl6 (id int PRIMARY KEY)")
     await tenant.execute("INSERT INTO acl6 VALUES (1)")
-    await tenant.execute("INSERT INTO acl6 VALUES (2)")  # answers kept
+    await tenant.execute("INSERT INTO acl6 VALUES (2)")  # (a backend's kept facts learnt)
     await superuser.execute(f'CREATE ROLE "{grp}" NOLOGIN')
     try:
         await superuser.execute("REVOKE INSERT ON fluxbase.events FROM fluxbase_outbox_writer")
@@ -965,14 +971,15 @@ async def test_kept_privilege_answers_follow_grants_and_memberships_of_another_s
     assert await _img6_ops(control_db, project.id, "acl6") == [("INSERT", i) for i in (1, 2, 4, 5, 7, 8, 10)]
 
 
-async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
+async def test_the_hint_privilege_follows_a_revoke_in_another_session(
     tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """The doorbell's hint is read only with the writer's SELECT on the sequence (kept answer):
+    """The doorbell's hint is read only with the writer's SELECT on the sequence:
     with the hint forced to 0 while a reader waits, a captured write trusts it and rings no
     doorbell; once another session revokes that SELECT, the long-lived tenant session's next
     write no longer reads the hint, asks event_readers and rings; granted back, it trusts the
-    hint again. (Seen failing on a build whose kept answers were never invalidated.)"""
+    hint again. (Seen failing on a build that kept its privilege answers and never invalidated
+    them.)"""
     assert await _native(control_db)
     reader = f"test-acl6-{project.id}"
     heard: list[str] = []
@@ -995,9 +1002,9 @@ async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
     try:
         await rings(0)  # (a backend's first capture learns event_readers' column by reading it)
         assert not await rings(1)
-        assert not await rings(2)  # answer kept
+        assert not await rings(2)
         # (USAGE granted instead: pg_sequence_last_value itself would read the value with it, so
-        # only the capture's own kept answer on SELECT can refuse)
+        # only the capture's own check of SELECT can refuse)
         await superuser.execute(
             "REVOKE SELECT ON SEQUENCE fluxbase.readers_waiting_hint FROM fluxbase_outbox_writer; "
             "GRANT USAGE ON SEQUENCE fluxbase.readers_waiting_hint TO fluxbase_outbox_writer"
@@ -1014,3 +1021,37 @@ async def test_kept_hint_privilege_follows_a_revoke_in_another_session(
         )
         await superuser.execute("DELETE FROM fluxbase.event_readers WHERE reader_id = $1", reader)
     assert await _img6_ops(control_db, project.id, "bell6") == [("INSERT", i) for i in range(5)]
+
+
+async def test_a_kept_image_plan_follows_a_cast_to_json_created_and_dropped(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """A column's JSON category depends on pg_cast (a cast to json of its type): a session whose
+    image plan for a table is kept sees a cast created, then dropped, between its writes (the
+    column's type is unchanged, so only the pg_cast invalidation can tell), and each image is
+    to_jsonb of its row at that moment. (Seen failing on a build without the pg_cast callback.)"""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TYPE tone6 AS ENUM ('lo', 'hi'); CREATE TABLE cast6 (id int PRIMARY KEY, m tone6); "
+        "CREATE FUNCTION tone6_json(m tone6) RETURNS json LANGUAGE sql IMMUTABLE "
+        "AS $$ SELECT json_build_object('tone', m::text) $$"
+    )
+    want: list[str] = []
+
+    async def write(i: int) -> None:
+        await tenant.execute(f"INSERT INTO cast6 VALUES ({i}, 'hi')")
+        want.append(await tenant.fetchval(f"SELECT to_jsonb(c)::text FROM cast6 c WHERE id = {i}"))
+
+    await write(1)
+    await write(2)  # (the plan kept)
+    await tenant.execute("CREATE CAST (tone6 AS json) WITH FUNCTION tone6_json(tone6)")
+    await write(3)
+    await tenant.execute("DROP CAST (tone6 AS json)")
+    await write(4)
+    rows = await control_db.fetch(
+        "SELECT record::text AS r FROM fluxbase.events WHERE project_id = $1 AND table_name = 'cast6' "
+        "AND kind = 'row' ORDER BY xid, id",
+        project.id,
+    )
+    assert [r["r"] for r in rows] == want
+    assert [json.loads(w)["m"] for w in want] == ["hi", "hi", {"tone": "hi"}, "hi"]

@@ -11,8 +11,9 @@
  *    1 MiB (write_events keeps their small fields) goes to the PL/pgSQL
  *    fluxbase_capture.write_events(regclass, text, jsonb[], jsonb[]) through SPI, called as the
  *    invoker exactly as the PL/pgSQL triggers call it, so those paths keep their behaviour.
- *  - Row images are built as the invoker (the tenant), with what to_jsonb(row) runs: output
- *    functions and casts to json of the tenant's types run with the tenant's own rights. The
+ *  - Row images are built as the invoker (the tenant), byte for byte what to_jsonb(row) gives,
+ *    from an image plan kept per relation (row_image below): output functions and casts to json
+ *    of the tenant's types run with the tenant's own rights. The
  *    user id is switched (to fluxbase_outbox_writer, SECURITY_RESTRICTED_OPERATION) only around
  *    the outbox INSERT and the doorbell query: two saved plans whose every name is
  *    schema-qualified, with no function or operator a tenant can define, on built-in-typed
@@ -712,74 +713,6 @@ static BlockNumber events_extended_to = InvalidBlockNumber;
 static bool readers_valid = false;
 static AttrNumber readers_waiting = InvalidAttrNumber;
 
-/*
- * The outbox writer's privileges (review 17: the direct write and read check what the saved
- * plans' INSERT and SELECT would), answered once and kept until anything they read may have
- * changed: pg_class (relacl, relowner: RELOID), pg_attribute (attacl: ATTNUM), roles and their
- * memberships (superuser, inheritance, pg_read_all_data / pg_write_all_data, membership in the
- * database owner: AUTHOID, AUTHMEMROLEMEM, DATABASEOID). Any invalidation of those catalogs
- * bumps acl_gen (no filtering by object: a recheck costs what every check cost before). An
- * answer is for one (user id, relation, column, mode) and is used only while acl_gen is the one
- * read before it was computed, so an invalidation processed while it was being computed (a
- * catalog read takes a lock, which processes pending invalidations) leaves it stale. Another
- * session's GRANT or REVOKE is processed at this session's next transaction start or lock, as
- * the syscache entries the checks read are: the kept answer is never older than they would be.
- */
-enum
-{
-	ACL_EVENTS_INSERT, ACL_WAITING_SELECT, ACL_HINT_SELECT, ACL_NSLOTS
-};
-typedef struct AclAnswer
-{
-	uint64		gen;			/* acl_gen when computed (0: none) */
-	Oid			roleid;
-	Oid			relid;
-	AttrNumber	attnum;			/* InvalidAttrNumber: the table's privilege */
-	AclMode		mode;
-	bool		ok;
-} AclAnswer;
-static uint64 acl_gen = 1;
-static AclAnswer acl_answers[ACL_NSLOTS];
-
-/* Has the current user `mode` on relation `relid` (attnum 0) or its column `attnum`? The
- * checks are the ones made before (pg_class_aclcheck; pg_attribute_aclcheck_ext, a column gone
- * counting as no), their answers kept (above). */
-static bool
-acl_ok(int slot, Oid relid, AttrNumber attnum, AclMode mode)
-{
-	AclAnswer  *a = &acl_answers[slot];
-	Oid			roleid = GetUserId();
-	uint64		gen;
-	bool		ok;
-
-	if (a->gen == acl_gen && a->roleid == roleid && a->relid == relid && a->attnum == attnum &&
-		a->mode == mode)
-		return a->ok;
-	gen = acl_gen;
-	a->gen = 0;
-	if (attnum == InvalidAttrNumber)
-		ok = pg_class_aclcheck(relid, roleid, mode) == ACLCHECK_OK;
-	else
-	{
-		bool		is_missing = false;
-
-		ok = pg_attribute_aclcheck_ext(relid, attnum, roleid, mode, &is_missing) == ACLCHECK_OK &&
-			!is_missing;
-	}
-	a->roleid = roleid;
-	a->relid = relid;
-	a->attnum = attnum;
-	a->mode = mode;
-	a->ok = ok;
-	a->gen = gen;
-	return ok;
-}
-
-static void
-acl_inval(Datum arg, int cacheid, uint32 hashvalue)
-{
-	acl_gen++;
-}
 
 static void
 relcache_inval(Datum arg, Oid relid)
@@ -804,7 +737,6 @@ roles_inval(Datum arg, int cacheid, uint32 hashvalue)
 {
 	cached_session_user = InvalidOid;
 	oids_valid = false;
-	acl_gen++;
 }
 
 static void
@@ -830,10 +762,6 @@ _PG_init(void)
 	CacheRegisterRelcacheCallback(images_relcache_inval, (Datum) 0);
 	CacheRegisterSyscacheCallback(TYPEOID, images_syscache_inval, (Datum) 0);
 	CacheRegisterSyscacheCallback(CASTSOURCETARGET, images_syscache_inval, (Datum) 0);
-	CacheRegisterSyscacheCallback(RELOID, acl_inval, (Datum) 0);
-	CacheRegisterSyscacheCallback(ATTNUM, acl_inval, (Datum) 0);
-	CacheRegisterSyscacheCallback(AUTHMEMROLEMEM, acl_inval, (Datum) 0);
-	CacheRegisterSyscacheCallback(DATABASEOID, acl_inval, (Datum) 0);
 }
 
 /* Look the oids up by name. A lookup may process invalidations (a catalog read takes a lock):
@@ -1105,7 +1033,7 @@ outbox_open(Outbox *ob)
 		/* The outbox writer's right to insert, checked as the saved INSERT checks it, so that an
 		 * operator's REVOKE holds for every capture path (review 17): without it, the saved
 		 * INSERT, which raises the error. The user id is the writer's here. */
-		if (!acl_ok(ACL_EVENTS_INSERT, relid, InvalidAttrNumber, ACL_INSERT))
+		if (pg_class_aclcheck(relid, GetUserId(), ACL_INSERT) != ACLCHECK_OK)
 		{
 			table_close(rel, NoLock);
 			return;
@@ -1278,15 +1206,17 @@ readers_hint(void)
 	Oid			relid = readers_relid;
 	Oid			hint = hint_relid;
 	AttrNumber	waiting = readers_waiting;
+	bool		is_missing = false;
 	Datum		value;
 
 	LOCAL_FCINFO(fcinfo, 1);
 
 	if (!oids_valid || !readers_valid || !OidIsValid(relid) || !OidIsValid(hint) || waiting < 1)
 		return -1;
-	if (!acl_ok(ACL_WAITING_SELECT, relid, waiting, ACL_SELECT))
+	if (pg_attribute_aclcheck_ext(relid, waiting, GetUserId(), ACL_SELECT, &is_missing) != ACLCHECK_OK ||
+		is_missing)
 		return -1;
-	if (!acl_ok(ACL_HINT_SELECT, hint, InvalidAttrNumber, ACL_SELECT))
+	if (pg_class_aclcheck(hint, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		return -1;
 	InitFunctionCallInfoData(*fcinfo, NULL, 1, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = ObjectIdGetDatum(hint);
@@ -1364,7 +1294,7 @@ direct_readers_waiting(void)
 		att = TupleDescAttr(desc, waiting - 1);
 		/* (and the writer's right to read it, as the saved plan's SELECT needs: review 17) */
 		if (att->attisdropped || att->atttypid != BOOLOID ||
-			!acl_ok(ACL_WAITING_SELECT, relid, waiting, ACL_SELECT))
+			pg_attribute_aclcheck(relid, waiting, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		{
 			table_close(rel, NoLock);
 			return -1;
