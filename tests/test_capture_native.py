@@ -856,25 +856,11 @@ async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
         await superuser.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
         await superuser.execute("CREATE TABLE public.img6_cmp (k int, a jsonb)")
         sch = f"p_{project.id}"
-        pairs = await superuser.fetch(
-            f"""WITH ev AS (
+        # Each event with the to_jsonb images it should hold (its record's, and for an UPDATE
+        # the row's before it).
+        wants = f"""WITH ev AS (
                   SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row')
-                SELECT ev.n, ev.operation, ev.record, ev.old,
-                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
-                           WHEN 'INSERT' THEN 'ins' ELSE 'upd' END
-                         AND w.id = (ev.record->>'id')::bigint) AS want_rec,
-                       (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
-                         AND w.id = (ev.record->>'id')::bigint) AS want_old
-                FROM ev ORDER BY ev.n""",
-            project.id,
-        )
-        await superuser.execute(
-            f"""INSERT INTO public.img6_cmp
-                WITH ev AS (
-                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-                  FROM fluxbase.events WHERE project_id = '{project.id}' AND table_name = 'img6'
-                  AND kind = 'row'),
+                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row'),
                 wants AS (
                   SELECT ev.n, ev.operation, ev.record, ev.old,
                          (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation
@@ -883,9 +869,15 @@ async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
                          (SELECT j FROM "{sch}".img6_want w WHERE w.stage = 'pre_upd'
                            AND w.id = (ev.record->>'id')::bigint) AS want_old
                   FROM ev)
-                SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
+                """
+        pairs = await superuser.fetch(wants + "SELECT * FROM wants ORDER BY n", project.id)
+        await superuser.execute(
+            "INSERT INTO public.img6_cmp "
+            + wants
+            + """SELECT n * 10 + 1, record FROM wants UNION ALL SELECT n * 10 + 2, want_rec FROM wants
                 UNION ALL SELECT n * 10 + 3, old FROM wants WHERE old IS NOT NULL
-                UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL"""
+                UNION ALL SELECT n * 10 + 4, want_old FROM wants WHERE old IS NOT NULL""",
+            project.id,
         )
         raw = await superuser.fetch(
             """SELECT d[1] AS k, d[2] AS a FROM (
