@@ -30,6 +30,7 @@ import asyncpg
 import pytest
 
 from conftest import Instance
+from fluxbase.db.capture import OLD_IMAGE_SQL
 from fluxbase.security.roles import role_name
 from support import Stack
 from test_attack_review17 import _tenant_conn
@@ -38,7 +39,7 @@ from test_capture_native import _native, superuser, tenant  # noqa: F401
 
 async def _images(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, Any, Any]]:
     rows = await control_db.fetch(
-        "SELECT operation, record::text AS record, old::text AS old FROM fluxbase.events "
+        f"SELECT e.operation, e.record::text AS record, {OLD_IMAGE_SQL}::text AS old FROM fluxbase.events e "
         "WHERE project_id = $1 AND table_name = $2 AND kind = 'row' ORDER BY xid, id",
         pid,
         table,
@@ -525,7 +526,7 @@ async def test_images_of_partitions_with_other_column_orders(
     upd = {i: await _want(tenant, "par21", i) for i in (1, 101)}
     await tenant.execute("DELETE FROM par21")
     rows = await control_db.fetch(
-        "SELECT operation, record::text AS record, old::text AS old FROM fluxbase.events "
+        f"SELECT e.operation, e.record::text AS record, {OLD_IMAGE_SQL}::text AS old FROM fluxbase.events e "
         "WHERE project_id = $1 AND table_name LIKE 'par21%' AND kind = 'row' ORDER BY xid, id",
         project.id,
     )

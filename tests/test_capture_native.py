@@ -18,6 +18,7 @@ import pytest
 from conftest import Instance
 from fluxbase.db import capture as cap
 from fluxbase.security.roles import role_name, role_password
+from fluxbase.services.realtime import MESSAGE_SQL
 from support import Api, Stack
 
 FUNCS = ("capture_insert", "capture_delete", "capture_update")
@@ -152,9 +153,8 @@ async def test_images_are_to_jsonb_of_the_row_built_as_the_tenant(
     assert [e["record"] for e in events[:2]] == [want[1], want[2]]
     assert events[0]["old"] is None and events[0]["bytes"] == events[0]["rsize"]
     assert (events[2]["record"], events[2]["old"]) == (upd[1], want[1])
-    assert sorted((e["record"], e["old"]) for e in events[3:]) == sorted(
-        [(upd[1], upd[1]), (want[2], want[2])]
-    )
+    # a DELETE's image stored once (sql/0053)
+    assert sorted((e["record"], e["old"]) for e in events[3:]) == sorted([(upd[1], None), (want[2], None)])
     assert all(e["bytes"] == 2 * e["rsize"] for e in events[3:])
     first = json.loads(events[0]["record"])
     assert (
@@ -182,7 +182,9 @@ async def test_bulk_statements_write_one_event_per_row(
     ops = [e["operation"] for e in events]
     assert ops == ["INSERT"] * 50 + ["UPDATE"] * 10 + ["DELETE"] * 10
     assert [json.loads(e["record"])["id"] for e in events[:50]] == list(range(1, 51))
-    assert sorted(json.loads(e["old"])["id"] for e in events[60:]) == list(range(41, 51))
+    # a DELETE's image is stored once, as record (sql/0053)
+    assert all(e["old"] is None for e in events[60:])
+    assert sorted(json.loads(e["record"])["id"] for e in events[60:]) == list(range(41, 51))
 
 
 async def test_rolled_back_writes_capture_nothing(
@@ -297,8 +299,53 @@ async def test_truncate_and_images_over_1_mib_go_through_write_events(
     assert json.loads(events[1]["record"]) == {"id": 2, "small": "s", "blob": "short"}
     assert json.loads(events[2]["record"]) == {"id": 1, "small": "tiny2"}
     assert json.loads(events[2]["old"]) == {"id": 1, "small": "tiny"}
-    assert json.loads(events[3]["old"]) == {"id": 1, "small": "tiny2"}
+    # a DELETE's image is stored once (sql/0053), its small fields as record
+    assert json.loads(events[3]["record"]) == {"id": 1, "small": "tiny2"} and events[3]["old"] is None
     assert json.loads(events[4]["record"])["command"] == "TRUNCATE"
+
+
+async def test_a_delete_stores_its_image_once_and_the_readers_give_it_as_both(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """sql/0053: a DELETE's outbox row keeps the deleted row's image in `record` only (`old`
+    NULL), `bytes` counts it twice as before, and the realtime message (MESSAGE_SQL) gives it
+    as `old` too (the webhook reader: tests/test_webhooks.py's row.deleted); an event stored
+    before (old set) reads the same."""
+    await tenant.execute("CREATE TABLE gone (id int PRIMARY KEY, v text)")
+    for i, v in ((1, "a"), (2, "b"), (3, "c")):
+        await tenant.execute("INSERT INTO gone VALUES ($1, $2)", i, v)
+    await tenant.execute("DELETE FROM gone WHERE id = 1")  # one row
+    await tenant.execute("DELETE FROM gone WHERE id IN (2, 3)")  # a statement of two
+    rows = await control_db.fetch(
+        f"""SELECT e.operation, e.record::text AS record, e.old IS NULL AS no_old, e.bytes,
+                  pg_column_size(e.record) AS rsize, {MESSAGE_SQL} AS message
+           FROM fluxbase.events e WHERE e.project_id = $1 AND e.table_name = 'gone' AND e.kind = 'row'
+           ORDER BY e.xid, e.id""",
+        project.id,
+    )
+    assert [r["operation"] for r in rows] == ["INSERT"] * 3 + ["DELETE"] * 3
+    inserted, deleted = rows[:3], rows[3:]
+    assert all(r["no_old"] for r in rows)
+    for ins, dele in zip(inserted, deleted, strict=True):
+        assert dele["record"] == ins["record"]
+        payload = json.loads(dele["message"])["payload"]
+        assert payload["record"] == payload["old"] == json.loads(ins["record"])
+    # counted twice, as before: the single row's with its 4-byte header (as write_events'
+    # p_records[1]), a statement's rows as stored
+    assert deleted[0]["bytes"] == 2 * inserted[0]["bytes"]
+    assert [r["bytes"] for r in deleted[1:]] == [2 * r["rsize"] for r in deleted[1:]]
+    # an event stored before sql/0053 (old set) reads as it did
+    await control_db.execute(
+        "INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes) "
+        "VALUES ($1, 'row', 'gone_before', 'DELETE', '{\"id\": 9}', '{\"id\": 9}', 20)",
+        project.id,
+    )
+    msg = await control_db.fetchval(
+        f"SELECT {MESSAGE_SQL} FROM fluxbase.events e "
+        "WHERE e.project_id = $1 AND e.table_name = 'gone_before'",
+        project.id,
+    )
+    assert json.loads(msg)["payload"]["old"] == {"id": 9} == json.loads(msg)["payload"]["record"]
 
 
 async def test_fallback_to_plpgsql_captures_the_same_and_c_comes_back(
@@ -859,8 +906,9 @@ async def test_images_are_byte_identical_to_to_jsonb_for_every_kind_of_column(
         # Each event with the to_jsonb images it should hold (its record's, and for an UPDATE
         # the row's before it).
         wants = f"""WITH ev AS (
-                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record, old
-                  FROM fluxbase.events WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row'),
+                  SELECT row_number() OVER (ORDER BY xid, id) AS n, operation, record,
+                         {cap.OLD_IMAGE_SQL} AS old
+                  FROM fluxbase.events e WHERE project_id = $1 AND table_name = 'img6' AND kind = 'row'),
                 wants AS (
                   SELECT ev.n, ev.operation, ev.record, ev.old,
                          (SELECT j FROM "{sch}".img6_want w WHERE w.stage = CASE ev.operation

@@ -119,6 +119,8 @@ async def test_row_and_schema_events_follow_the_doc(api: Api, project, rt) -> No
             "v": "a",
         }
         assert dele["payload"]["operation"] == "DELETE" and dele["payload"]["record"] == {"id": 1, "v": "b"}
+        # (stored once in the outbox, sql/0053: the reader gives it as both)
+        assert dele["payload"]["old"] == {"id": 1, "v": "b"}
         for m in (ins, upd, dele):
             assert m["roomId"] == f"project_{project.id}" and isinstance(m["id"], int) and m["timestamp"]
         assert ins["cursor"] < upd["cursor"] or ins["id"] < upd["id"]

@@ -21,6 +21,8 @@
  *  - One outbox row per row (project_id, 'row', table_name, operation, record, old, bytes =
  *    pg_column_size(record) + pg_column_size(old)), and the doorbell (EXISTS a waiting reader
  *    -> NOTIFY fluxbase_events) once per statement that wrote an event, as write_events does.
+ *    A DELETE's old image is its record: stored once (`old` NULL, sql/0053), counted twice in
+ *    `bytes`; the readers give it as both.
  *
  * The functions are SECURITY INVOKER; `fluxbase migrate` installs them when this library loads
  * (fluxbase/db/capture.py) and keeps the PL/pgSQL ones (sql/0049) otherwise.
@@ -1393,6 +1395,7 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 	Datum		project_text;
 	Datum		table_text;
 	Datum		operation_text;
+	bool		deleting = strcmp(operation, "DELETE") == 0;
 
 	if (n <= 0)
 		return;
@@ -1429,6 +1432,9 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 			Datum		old = old_null ? (Datum) 0 : olds[i];
 			int32		bytes = image_size(records[i], false, n == 1) + image_size(old, old_null, n == 1);
 
+			/* what the outbox stores of the old image: none for a DELETE (its record, sql/0053) */
+			bool		store_old = !old_null && !deleting;
+
 			if (bytes > CAPTURE_MAX_IMAGE_BYTES)
 			{
 				/* write_events keeps the small fields of images over 1 MiB (sql/0022). */
@@ -1442,12 +1448,13 @@ capture(Relation rel, const char *operation, Datum *records, Datum *olds, int n)
 			if (!ob.opened)
 				outbox_open(&ob);
 			if (ob.direct)
-				direct_insert(&ob, project_text, table_text, operation_text, records[i], old, old_null,
-							  bytes);
+				direct_insert(&ob, project_text, table_text, operation_text, records[i],
+							  store_old ? old : (Datum) 0, !store_old, bytes);
 			else
 			{
 				spi_connect(&connected);
-				spi_insert(project, table, operation, records[i], old, old_null, bytes);
+				spi_insert(project, table, operation, records[i], store_old ? old : (Datum) 0,
+						   !store_old, bytes);
 			}
 			wrote = true;
 			SetUserIdAndSecContext(save_userid, save_sec);

@@ -27,6 +27,9 @@ NATIVE = {
     "capture_update": "fluxbase_capture_update",
 }
 C, PLPGSQL = "c", "plpgsql"
+# A row event's old image as every reader gives it (alias `e` for fluxbase.events): a DELETE's is
+# its record, which the outbox stores once (sql/0053); events stored before keep `old` set.
+OLD_IMAGE_SQL = "coalesce(e.old, CASE e.operation WHEN 'DELETE' THEN e.record END)"
 NOT_SUPERUSER = "the migrating role is not a superuser"
 
 

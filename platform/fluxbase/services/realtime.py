@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from fluxbase import ids
+from fluxbase.db.capture import OLD_IMAGE_SQL
 from fluxbase.db.quoting import quote_ident
 from fluxbase.errors import ProjectNotFound, ProjectReadOnly, ProjectSuspended, ValidationError
 from fluxbase.security import tokens
@@ -31,14 +32,18 @@ _CURSOR_RE = re.compile(r"^(\d{1,20}):(\d{1,20})$")
 
 # One row of fluxbase.events → the wire message (type, id, cursor, roomId, timestamp, payload).
 # Timestamps in UTC ending in `Z`, with microseconds, like every timestamp the API answers.
-MESSAGE_SQL = """
+# A DELETE's old image is its record, stored once (sql/0053): given as both (OLD_IMAGE_SQL).
+MESSAGE_SQL = (
+    """
 CASE e.kind
   WHEN 'row' THEN json_build_object(
     'type', 'db_event', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
     'roomId', 'project_' || e.project_id,
     'timestamp', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'payload', json_build_object('operation', e.operation, 'table', e.table_name,
-                                 'record', e.record, 'old', e.old))
+                                 'record', e.record, 'old', """
+    + OLD_IMAGE_SQL
+    + """))
   WHEN 'schema' THEN json_build_object(
     'type', 'schema_update', 'id', e.id, 'cursor', e.xid::text || ':' || e.id,
     'roomId', 'project_' || e.project_id,
@@ -51,6 +56,7 @@ CASE e.kind
     'event', e.record->'event', 'payload', e.record->'payload')
 END::text
 """
+)
 
 
 @dataclass(frozen=True)

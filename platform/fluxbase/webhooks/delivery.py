@@ -37,6 +37,7 @@ import msgspec
 
 from fluxbase import tracing
 from fluxbase.config import Settings
+from fluxbase.db.capture import OLD_IMAGE_SQL
 from fluxbase.metrics import OUTBOX_LAG, REGISTRY
 from fluxbase.security import ssrf
 from fluxbase.services import clusters
@@ -73,7 +74,8 @@ ALL_EVENTS = ("row.inserted", "row.updated", "row.deleted", "schema.changed")
 # capture definers check the schema against the session user), so it holds back only its
 # project; any other open transaction, or one whose session has ended since the snapshot,
 # holds back all. The same rule as the realtime reader (fluxbase_realtime.outbox.horizons).
-_EVENTS_SQL = r"""
+_EVENTS_SQL = (
+    r"""
 WITH snap AS MATERIALIZED (SELECT pg_catalog.pg_current_snapshot() AS s),
 open AS MATERIALIZED (
     SELECT x, (SELECT pg_catalog.substring(a.usename::text, '^p_([0-9a-f]{16})_[a-z]+$')
@@ -86,7 +88,10 @@ horizon AS MATERIALIZED (
 ),
 own AS MATERIALIZED (SELECT project, min(x) AS below FROM open WHERE project IS NOT NULL GROUP BY project)
 SELECT e.id, e.xid::text AS xid, e.project_id, e.kind, e.table_name, e.operation,
-       e.record::text AS record, e.old::text AS old, e.created_at,
+       e.record::text AS record,
+       """
+    + OLD_IMAGE_SQL
+    + r"""::text AS old, e.created_at,
        to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS ts
 FROM fluxbase.events e
 CROSS JOIN horizon h
@@ -101,6 +106,7 @@ WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint) AND e.xid < h.below_all
 ORDER BY e.xid, e.id
 LIMIT $3
 """
+)
 
 
 # Endpoints whose oldest pending delivery is due.
