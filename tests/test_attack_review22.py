@@ -10,8 +10,15 @@ set); the C and PL/pgSQL captures side by side (one row, a statement of several,
 own trigger calling write_events with crafted arguments (an UPDATE without an old image, a
 DELETE whose old image differs from its record or is missing, a lower-case operation, TRUNCATE)
 to make a reader put a record where an old image is missing; the webhook read of the same
-events; the outbox quota's DELETE allowance. Each test asserts the secure/correct behaviour; a
-hole still open is `xfail(strict=True)` with its reason.
+events; every outbox query of the services and every SQL function (none reads `old` raw); a
+project moved to a registered cluster (live and replayed DELETEs read there); a reader of the
+previous release during an upgrade. Each test asserts the secure/correct behaviour; a hole still
+open is `xfail(strict=True)` with its reason.
+
+Found and fixed (sql/0054): a DELETE handed to write_events without old images (a tenant's own
+trigger) was delivered with its record as both images but counted once in `bytes`, past the
+1 MiB bound on one event's images (test_a_crafted_delete_counts_the_images_the_readers_deliver
+failed before it).
 """
 
 # ruff: noqa: F811  (the fixtures imported from test_capture_native are the parameters)
@@ -20,18 +27,23 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
 
 from fluxbase.db import capture as cap
+from fluxbase.devstack.postgres import EmbeddedPostgres
+from fluxbase.devstack.procs import free_port
 from fluxbase.services.realtime import MESSAGE_SQL
 from fluxbase.webhooks.delivery import _EVENTS_SQL, event_message
-from support import Api, bearer
+from support import Api, Stack, bearer, run_service
 from test_capture_native import _native, superuser, tenant  # noqa: F401
+from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
 from test_realtime import Sub, _realtime, subscribe
 
 ROW = "db_event"
@@ -486,3 +498,106 @@ async def test_a_reader_of_the_previous_release_reads_a_delete_written_now(
         project.id,
     )
     assert json.loads(msg)["payload"]["old"] == {"id": 1, "v": "a"}
+
+
+# -- a project moved to another cluster --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def moved(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncIterator[dict[str, Any]]:
+    """An instance of its own with a second server registered as cluster two, its realtime
+    service, and a project with an RLS table that has deleted a row on the default cluster and
+    was then moved to cluster two."""
+    dbname = await stack.create_database()
+    owner = await asyncpg.connect(pg2.url)
+    try:
+        await owner.execute("CREATE DATABASE move22")
+    finally:
+        await owner.close()
+    two_url = f"postgresql://postgres:{quote(pg2.password, safe='')}@127.0.0.1:{pg2.port}/move22"
+    port = free_port()
+    env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
+    try:
+        with run_service(["api"], env, port, log_dir) as server:
+            api = Api(server.url)
+            try:
+                admin = await api.register(email="mover22@example.com")
+                token = await api.login(admin["email"], admin["password"])
+                r = await api.http.post(
+                    "/api/admin/clusters",
+                    json={"label": "two", "connectionString": two_url},
+                    headers=bearer(token),
+                )
+                assert r.status_code == 201, r.text
+                cid = r.json()["cluster"]["id"]
+                r = await api.http.post(
+                    "/api/projects", json={"name": "mover22", "clusterId": "default"}, headers=bearer(token)
+                )
+                assert r.status_code == 201, r.text
+                pid = r.json()["project"]["id"]
+                key = await api.new_key(token, pid, "admin", rateLimitRequests=100_000)
+                project = SimpleNamespace(id=pid, admin_key=key)
+                await _rls_table(api, project, "mv22")
+                await _sql(api, project, "INSERT INTO mv22 VALUES (1, 'u1', 'src', NULL)")
+                await _sql(api, project, "DELETE FROM mv22 WHERE id = 1")  # on the source
+                r = await api.http.post(
+                    f"/api/admin/projects/{pid}/move", json={"clusterId": cid}, headers=bearer(token)
+                )
+                assert r.status_code == 200, r.text
+                rt_port = free_port()
+                with run_service(
+                    ["realtime"], dict(env, FLUXBASE_REALTIME_PORT=str(rt_port)), rt_port, log_dir
+                ):
+                    yield {
+                        "api": api,
+                        "project": project,
+                        "two_url": two_url,
+                        "rt": f"ws://127.0.0.1:{rt_port}",
+                    }
+            finally:
+                await api.close()
+    finally:
+        await stack.drop_database(dbname)
+
+
+async def test_a_moved_project_deletes_on_its_new_cluster_as_on_the_old(moved: dict[str, Any]) -> None:
+    """Cluster two was migrated with sql/0053 and 0054 and runs the same capture: the moved
+    project's DELETEs are stored once there, its end users get those of their own rows only, with
+    `old` equal to the record, live and in a `since` replay read from cluster two."""
+    api, project, rt = moved["api"], moved["project"], moved["rt"]
+    two = await asyncpg.connect(moved["two_url"])
+    try:
+        done = {r["version"] for r in await two.fetch("SELECT version FROM fluxbase.schema_migrations")}
+        assert {"0053", "0054"} <= done, sorted(done)[-3:]
+        assert await cap.capture_language(two) == cap.C
+        u1_tok = await _token(api, project, "u1")
+        async with subscribe(rt, project.id, project.admin_key) as key:
+            await _sql(api, project, "INSERT INTO mv22 VALUES (2, 'u1', 'start', NULL)")
+            (first,) = await key.rows(1)
+            async with subscribe(rt, project.id, u1_tok) as u1:
+                await _sql(
+                    api, project, "INSERT INTO mv22 VALUES (3, 'u1', 'mine', NULL), (4, 'u2', 'theirs', NULL)"
+                )
+                await _sql(api, project, "DELETE FROM mv22 WHERE id IN (3, 4)")
+                await _sql(api, project, "INSERT INTO mv22 VALUES (5, 'u1', 'end', NULL)")
+                live = await _until(u1, "end")
+            every = await _until(key, "end")
+        async with subscribe(rt, project.id, u1_tok, since=first["cursor"]) as u1:
+            await _sql(api, project, "INSERT INTO mv22 VALUES (6, 'u1', 'end2', NULL)")
+            replayed = await _until(u1, "end2")
+        for got in (live, every, replayed):
+            _deletes_whole(got)
+        assert [x for x in _seen(live) if x[0] == "DELETE"] == [("DELETE", "mine", "mine")], _seen(live)
+        assert sorted(x for x in _seen(every) if x[0] == "DELETE") == [
+            ("DELETE", "mine", "mine"),
+            ("DELETE", "theirs", "theirs"),
+        ]
+        assert [x for x in _seen(replayed) if x[0] == "DELETE"] == [("DELETE", "mine", "mine")]
+        stored = await two.fetch(
+            "SELECT old IS NULL AS no_old FROM fluxbase.events "
+            "WHERE project_id = $1 AND operation = 'DELETE'",
+            project.id,
+        )
+        assert [r["no_old"] for r in stored] == [True, True]
+    finally:
+        await two.close()
