@@ -8,7 +8,8 @@ may not see, live and replayed, for events written now and stored before the mig
 set); the C and PL/pgSQL captures side by side (one row, a statement of several, rows over
 1 MiB alone and in a statement, a platform session's writes through write_events); a tenant's
 own trigger calling write_events with crafted arguments (an UPDATE without an old image, a
-DELETE whose old image differs from its record or is missing, a lower-case operation, TRUNCATE)
+DELETE whose old image differs from its record or is missing, a lower-case operation, TRUNCATE,
+a schema event named DELETE)
 to make a reader put a record where an old image is missing; the webhook read of the same
 events; every outbox query of the services and every SQL function (none reads `old` raw); a
 project moved to a registered cluster (live and replayed DELETEs read there); a reader of the
@@ -358,7 +359,8 @@ async def test_crafted_write_events_never_make_a_reader_put_a_record_where_old_i
     `old` null in the realtime message and the webhook body; a DELETE whose crafted old image
     differs from its record reads with the record as old (the one the RLS gate checks, so no
     image it did not check rides along); a lower-case 'delete' is refused; a schema event named
-    'DELETE' (write_schema_event, callable by the admin role) carries no old anywhere."""
+    'DELETE' (write_schema_event, callable by the admin role) and a crafted TRUNCATE carry no old
+    anywhere."""
     await tenant.execute(CRAFT_SQL)
     after = await _last_id(control_db)
     r1, r2, o1 = {"id": 1, "v": "rec"}, {"id": 2, "v": "rec2"}, {"id": 1, "v": "OTHER"}
@@ -372,10 +374,12 @@ async def test_crafted_write_events_never_make_a_reader_put_a_record_where_old_i
         "SELECT fluxbase_capture.write_schema_event($1, 'craft22', 'DELETE', '{\"id\": 1, \"v\": \"sch\"}')",
         f"p_{project.id}",
     )
+    await _craft(tenant, "TRUNCATE", [r1], [r1])  # a schema event of its own, images ignored
     ev = await _read_all(control_db, project.id, after)
     assert [(e["kind"], e["op"]) for e in ev] == [("row", "UPDATE")] * 3 + [
         ("row", "DELETE"),
         ("schema", "DELETE"),
+        ("schema", "TRUNCATE"),
     ]
     upd = ev[:3]
     assert [(e["record"], e["old"]) for e in upd] == [(r1, None), (r1, o1), (r2, None)]
@@ -392,6 +396,10 @@ async def test_crafted_write_events_never_make_a_reader_put_a_record_where_old_i
     sch = ev[4]
     assert "old" not in sch["message"]["payload"] and sch["message"]["type"] == "schema_update"
     assert sch["hook"] == ("schema.changed", {"new": {"id": 1, "v": "sch"}, "old": None})
+    trunc = ev[5]
+    assert trunc["old"] is None and "old" not in trunc["message"]["payload"]
+    assert trunc["record"] == {"command": "TRUNCATE", "object": f"p_{project.id}.craft22"}
+    assert trunc["hook"] == ("schema.changed", {"new": trunc["record"], "old": None})
 
 
 async def test_a_crafted_delete_counts_the_images_the_readers_deliver(
