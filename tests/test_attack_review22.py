@@ -14,7 +14,7 @@ to make a reader put a record where an old image is missing; the webhook read of
 events; every outbox query of the services and every SQL function (none reads `old` raw); a
 project moved to a registered cluster (live and replayed DELETEs read there); a reader of the
 previous release during an upgrade; the RLS gate on images cut to their small fields (over 1 MiB,
-older than sql/0053). Each test asserts the secure/correct behaviour; a hole still
+older than sql/0053, fixed in rls.check_sql). Each test asserts the secure/correct behaviour; a hole still
 open is `xfail(strict=True)` with its reason.
 
 Found and fixed (sql/0054): a DELETE handed to write_events without old images (a tenant's own
@@ -615,19 +615,16 @@ async def test_a_moved_project_deletes_on_its_new_cluster_as_on_the_old(moved: d
 # -- images over 1 MiB and the RLS gate --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pre-existing since sql/0022, not sql/0053's (hostile review 22, low): an image over "
-    "1 MiB keeps only its fields of at most 64 bytes, and the RLS gate evaluates the policy on "
-    "that cut image, so a policy that passes when a large column is null (a deny list written "
-    "`NOT (auth.uid() = ANY (coalesce(blocked, '{}')))`) lets a blocked end user receive the row's "
-    "DELETE (and INSERT/UPDATE) with its small fields. A fix needs the cut marked in the outbox "
-    "and the gate withholding cut images from end users (or checking them as unknown): a design "
-    "decision for the lead.",
-)
 async def test_a_cut_image_over_1_mib_does_not_pass_a_deny_list_policy(
     api: Api, project: Any, rt: str
 ) -> None:
+    """Older than sql/0053 (since sql/0022's 1 MiB rule), found here and fixed in the RLS gate
+    (rls.check_sql; this test failed before): an image over 1 MiB keeps only its fields of at
+    most 64 bytes, and the gate evaluated the policy on that cut image, so a policy that passes
+    when a large column is null (a deny list written `NOT (auth.uid() = ANY (coalesce(blocked,
+    '{}')))`) let a blocked end user receive the row's INSERT and DELETE with its small fields.
+    An image now has to name every column the table's SELECT policies refer to; a policy on
+    small columns only still sees such rows (test_end_users_get_a_delete_only_of_rows...)."""
     await _sql(api, project, "CREATE TABLE deny22 (id int PRIMARY KEY, v text, blocked text[], blob text)")
     h = bearer(project.admin_key)
     r = await api.http.post(
