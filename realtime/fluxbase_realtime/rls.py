@@ -6,7 +6,8 @@ project's read role and readwrite keys as its readwrite role, with the anonymous
 (the read role for end-user JWTs presented directly). That is the role's table privilege and,
 on tables with RLS, the SELECT policies that apply to the role, evaluated by PostgreSQL as that
 very role (sql/0015: the checker role `p_<id>_rt` does SET ROLE; never a privileged role). The
-image of INSERT and UPDATE is the new row, that of DELETE the old row (its last state). An UPDATE
+image of INSERT and UPDATE is the new row, that of DELETE the old row (its last state); an image
+cut to its small fields (over 1 MiB) must still name every column the policies refer to. An UPDATE
 whose old row the subscriber could not see arrives with `old: null`, so a row moving into view
 does not reveal what it was before. Schema events reach keys, and end users only if the project
 allows it (`fluxbase.realtime_settings`); broadcasts reach everyone.
