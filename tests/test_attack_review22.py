@@ -642,12 +642,23 @@ async def test_a_cut_image_over_1_mib_does_not_pass_a_deny_list_policy(
         f"/api/projects/{project.id}/rls/tables/deny22", json={"enabled": True}, headers=h
     )
     assert r.status_code == 200, r.text
+    # The same deny list through the whole row (`deny22w.*`: no column in pg_depend).
+    await _sql(api, project, "CREATE TABLE deny22w (id int PRIMARY KEY, v text, blocked text[], blob text)")
+    await _sql(
+        api,
+        project,
+        "CREATE FUNCTION not_blocked(d deny22w) RETURNS boolean LANGUAGE sql STABLE "
+        "AS $f$ SELECT NOT (auth.uid() = ANY (coalesce(d.blocked, '{}'))) $f$",
+    )
+    await _sql(api, project, "ALTER TABLE deny22w ENABLE ROW LEVEL SECURITY")
+    await _sql(api, project, "CREATE POLICY not_blocked ON deny22w FOR SELECT USING (not_blocked(deny22w))")
     blocked = "ARRAY['u1', 'some-other-user-with-a-long-name', 'and-another-one-to-pass-64-bytes']"
     async with subscribe(rt, project.id, await _token(api, project, "u1")) as u1:
-        await _sql(api, project, f"INSERT INTO deny22 VALUES (1, 'hidden', {blocked}, repeat('x', 1100000))")
-        await _sql(api, project, f"INSERT INTO deny22 VALUES (2, 'hidden2', {blocked}, 'small')")
-        await _sql(api, project, "DELETE FROM deny22")
-        await _sql(api, project, "INSERT INTO deny22 VALUES (3, 'end', NULL, NULL)")
-        got = await _until(u1, "end")
+        for t in ("deny22", "deny22w"):
+            await _sql(api, project, f"INSERT INTO {t} VALUES (1, 'hidden', {blocked}, repeat('x', 1100000))")
+            await _sql(api, project, f"INSERT INTO {t} VALUES (2, 'hidden2', {blocked}, 'small')")
+            await _sql(api, project, f"DELETE FROM {t}")
+            await _sql(api, project, f"INSERT INTO {t} VALUES (3, 'end_{t}', NULL, NULL)")
+        got = await _until(u1, "end_deny22w")
     # u1 may SELECT none of rows 1 and 2: no event of theirs
-    assert _seen(got) == [("INSERT", "end", None)], _seen(got)
+    assert _seen(got) == [("INSERT", "end_deny22", None), ("INSERT", "end_deny22w", None)], _seen(got)

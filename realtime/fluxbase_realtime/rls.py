@@ -136,39 +136,51 @@ def check_sql(schema: str, table: str, permissive: list[str], restrictive: list[
     its columns, or to it by name) mean exactly what they mean in a query on the table.
 
     An image must name every column the table's SELECT policies refer to (all of them for a
-    policy that refers to the whole row), as to_jsonb of a row does, nulls included: one over
-    1 MiB keeps only its small fields (sql/0022), and a column it lost would read as null, which
-    a policy may let through (a deny list, `NOT (auth.uid() = ANY (coalesce(blocked, '{}')))`:
-    hostile review 22). Such an image, or one older than a column a policy came to refer to, is
-    not visible (fail closed). The columns come from the policies' dependencies (pg_depend), in
-    one sub-select per check.
+    policy that refers to the whole row, `table.*`), as to_jsonb of a row does, nulls included:
+    one over 1 MiB keeps only its small fields (sql/0022), and a column it lost would read as
+    null, which a policy may let through (a deny list, `NOT (auth.uid() = ANY (coalesce(blocked,
+    '{}')))`: hostile review 22). Such an image, or one older than a column a policy came to
+    refer to, is not visible (fail closed). The columns come from the policies' dependencies
+    (pg_depend), in one sub-select per check.
     """
     where = " OR ".join(f"({q})" for q in permissive)
     if restrictive:
         where = f"({where}) AND " + " AND ".join(f"({q})" for q in restrictive)
     rowtype = f"{quote_ident(schema)}.{quote_ident(table)}"
     literal = "'" + rowtype.replace("'", "''") + "'"
+    # A whole-row reference (deparsed `table.*`, the name quoted only where it must be) records
+    # no column in pg_depend: every column then (a mere mention of the text is only stricter).
+    marks = (f"{table}.*", f"{quote_ident(table)}.*")
+    whole_row = any(m in q for q in (*permissive, *restrictive) for m in marks)
+    needed = _ALL_KEYS if whole_row else _NEEDED_KEYS
     return (
         "SELECT $3::integer, $2::integer, __fx_in.__fx_ord, NULL::text "
         "FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS __fx_in(__fx_row, __fx_ord) "
         f"CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{rowtype}, "
         f"__fx_in.__fx_row) AS {quote_ident(table)} "
-        f"WHERE __fx_in.__fx_row OPERATOR(pg_catalog.?&) ({_NEEDED_KEYS.format(rel=literal)}) AND ({where})"
+        f"WHERE __fx_in.__fx_row OPERATOR(pg_catalog.?&) ({needed.format(rel=literal)}) AND ({where})"
     )
 
 
 # The columns an image must name for the SELECT policies of a table ({rel}, a quoted literal) to
-# be evaluated on it: those a policy's expressions depend on (pg_depend, deptype 'n'), every
-# column when one depends on the whole row (refobjsubid 0).
+# be evaluated on it: those a policy's expressions depend on (pg_depend, deptype 'n'; every column
+# for a dependency on the table itself, refobjsubid 0). A whole-row reference records none
+# (PostgreSQL's find_expr_references): check_sql takes _ALL_KEYS for it. By the table's side of
+# pg_depend (its reference index): about 0.06 ms a check, against 0.7 ms by the policies' side.
 _NEEDED_KEYS = (
     "SELECT coalesce(pg_catalog.array_agg(a.attname::text), '{{}}') FROM pg_catalog.pg_attribute a "
     "WHERE a.attrelid = {rel}::pg_catalog.regclass AND a.attnum OPERATOR(pg_catalog.>) 0 "
-    "AND NOT a.attisdropped AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p "
-    "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass "
-    "AND d.objid = p.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
-    "AND d.refobjid = a.attrelid AND d.deptype = 'n' "
-    "AND d.refobjsubid IN (0, a.attnum) "
-    "WHERE p.polrelid = a.attrelid AND p.polcmd IN ('r', '*'))"
+    "AND NOT a.attisdropped AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
+    "WHERE d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = a.attrelid "
+    "AND d.refobjsubid IN (0, a.attnum) AND d.deptype = 'n' "
+    "AND d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass "
+    "AND d.objid IN (SELECT p.oid FROM pg_catalog.pg_policy p "
+    "WHERE p.polrelid = a.attrelid AND p.polcmd IN ('r', '*')))"
+)
+_ALL_KEYS = (
+    "SELECT coalesce(pg_catalog.array_agg(a.attname::text), '{{}}') FROM pg_catalog.pg_attribute a "
+    "WHERE a.attrelid = {rel}::pg_catalog.regclass AND a.attnum OPERATOR(pg_catalog.>) 0 "
+    "AND NOT a.attisdropped"
 )
 
 
