@@ -8,6 +8,10 @@
 -- PostgreSQL CPU). `bytes` still counts the image twice, as the readers deliver it: the outbox
 -- quota, the 1 MiB bound on one event's images and the moves' accounting are unchanged. The C
 -- capture (ext/fluxbase_capture) stores the same rows.
+-- A DELETE's old images are taken to be its records whatever write_events is handed (hostile
+-- review 22): a tenant's own trigger calling it for a DELETE with no old images (or other ones,
+-- which the outbox drops) would otherwise have an event delivered with its record twice but
+-- counted once, up to 2 MiB of images where the bound is 1 MiB (the lines marked "review 22").
 
 CREATE OR REPLACE FUNCTION fluxbase_capture.write_events(
     p_table regclass, p_operation text, p_records jsonb[], p_olds jsonb[]
@@ -74,14 +78,16 @@ BEGIN
     IF pg_catalog.cardinality(p_records) = 1 THEN
         -- One image (pair), the common case (the row-level UPDATE trigger calls this for every
         -- row): a one-row VALUES, the cheapest plan to start.
-        v_n := coalesce(pg_catalog.pg_column_size(p_records[1]), 0) + coalesce(pg_catalog.pg_column_size(p_olds[1]), 0);
+        -- (review 22) a DELETE's old image is its record, as the readers deliver it
+        v_n := coalesce(pg_catalog.pg_column_size(p_records[1]), 0)
+               + coalesce(pg_catalog.pg_column_size(CASE WHEN p_operation = 'DELETE' THEN p_records[1] ELSE p_olds[1] END), 0);
         IF v_n <= 1048576 THEN
             INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
             VALUES (m[1], 'row', ident[2], p_operation, p_records[1],
                     CASE WHEN p_operation <> 'DELETE' THEN p_olds[1] END, v_n);
         ELSE
             v_rec := fluxbase_capture.small_fields(p_records[1]);
-            v_old := fluxbase_capture.small_fields(p_olds[1]);
+            v_old := CASE WHEN p_operation = 'DELETE' THEN v_rec ELSE fluxbase_capture.small_fields(p_olds[1]) END;  -- (review 22)
             v_n := coalesce(pg_catalog.pg_column_size(v_rec), 0) + coalesce(pg_catalog.pg_column_size(v_old), 0);
             INSERT INTO fluxbase.events (project_id, kind, table_name, operation, record, old, bytes)
             VALUES (m[1], 'row', ident[2], p_operation, v_rec, CASE WHEN p_operation <> 'DELETE' THEN v_old END, v_n);
@@ -98,7 +104,9 @@ BEGIN
                      u.n
               FROM (SELECT x.r, x.o, coalesce(pg_catalog.pg_column_size(x.r), 0)
                                      + coalesce(pg_catalog.pg_column_size(x.o), 0) AS n
-                    FROM unnest(p_records, p_olds) AS x(r, o)) AS u) AS s;
+                    -- (review 22) a DELETE's old images are its records
+                    FROM unnest(p_records, CASE WHEN p_operation = 'DELETE' THEN p_records ELSE p_olds END)
+                         AS x(r, o)) AS u) AS s;
         IF NOT FOUND THEN
             RETURN;
         END IF;
