@@ -18,9 +18,9 @@ older than sql/0053, fixed in rls.check_sql). Each test asserts the secure/corre
 open is `xfail(strict=True)` with its reason.
 
 Found and fixed (in sql/0053's write_events, the lines marked "review 22"): a DELETE handed to
-write_events without old images (a tenant's own trigger) was delivered with its record as both images but counted once in `bytes`, past the
-1 MiB bound on one event's images (test_a_crafted_delete_counts_the_images_the_readers_deliver
-failed before it).
+write_events without old images (a tenant's own trigger) was delivered with its record as both
+images but counted once in `bytes`, past the 1 MiB bound on one event's images
+(test_a_crafted_delete_counts_the_images_the_readers_deliver failed before it).
 """
 
 # ruff: noqa: F811  (the fixtures imported from test_capture_native are the parameters)
