@@ -24,7 +24,7 @@ Prints req/s, p50/p99 latency and the ratios. Everything runs on this machine.
 
     .venv/bin/python bench/sql_throughput.py [--seconds 8] [--servers api,uvicorn:2,granian:1]
         [--rounds 3] [--postgraphile] [--minimal] [--generator wrk|python] [--cross-check] [--socket]
-        [--pool-max 16] [--tail] [--replicas 2]
+        [--pool-max N] [--tail] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -75,16 +75,25 @@ class Result:
         self.server_cpu: float | None = None  # % of one core: the server's process tree
         self.db_cpu: float | None = None  # % of one core: PostgreSQL (the postmaster's tree)
 
+    def per_request(self, share: float | None) -> float:
+        """µs of CPU per request of a share (% of one core) measured over the run."""
+        return share / 100 / self.rps * 1e6 if share is not None and self.rps else 0.0
+
+    def total_us(self) -> float:
+        """CPU per request of everything the target needs on this machine: server (or client),
+        database and load generator."""
+        return (
+            self.per_request(self.server_cpu) + self.per_request(self.db_cpu) + self.per_request(self.gen_cpu)
+        )
+
     def line(self) -> str:
         cpu = ""
         if self.gen_cpu is not None:
             cpu = f"   generator CPU {self.gen_cpu:4.0f}%"
         if self.server_cpu is not None:
-            per = self.server_cpu / 100 / self.rps * 1e6 if self.rps else float("nan")
-            cpu += f"   server CPU {self.server_cpu:4.0f}% ({per:4.0f} us/req)"
+            cpu += f"   server CPU {self.server_cpu:4.0f}% ({self.per_request(self.server_cpu):4.0f} us/req)"
         if self.db_cpu is not None:
-            per = self.db_cpu / 100 / self.rps * 1e6 if self.rps else float("nan")
-            cpu += f"   database {per:4.0f} us/req"
+            cpu += f"   database {self.per_request(self.db_cpu):4.0f} us/req"
         return (
             f"{self.name:<24} clients={self.clients:<3} {self.rps:>8.0f} req/s   p50 {self.p50:6.2f} ms   "
             f"p99 {self.p99:6.2f} ms   errors {self.errors}{cpu}"
@@ -469,6 +478,31 @@ async def measure_all(
         if floor is not None:
             ratios.append(f"/ floor {ratio(server.label, floor.label)}")
         print(f"  {server.label}: " + "   ".join(ratios))
+    budget(runs, [server.label for server, _ in apis])
+
+
+def budget(runs: dict[str, list[Result]], labels: list[str]) -> None:
+    """The machine's CPU budget: each target's CPU per request, all processes counted (server or
+    client, PostgreSQL, generator), and the throughput it allows with every core busy; for
+    Fluxbase, the CPU per request 0.8x the pool's median would allow on these cores. A target whose
+    server is one process at a full core is bound by that process before the budget."""
+    cores = os.cpu_count() or 1
+    if "asyncpg pool" not in runs or any(median(rs).db_cpu is None for rs in runs.values()):
+        return
+    print(f"  CPU per request, all processes (cores={cores}; bound = cores / total):")
+    for name, results in runs.items():
+        m = median(results)
+        total = m.total_us()
+        parts = f"server {m.per_request(m.server_cpu):.0f} + database {m.per_request(m.db_cpu):.0f}"
+        if m.gen_cpu is not None:
+            parts += f" + generator {m.per_request(m.gen_cpu):.0f}"
+        print(f"    {name:<24} {total:5.0f} us ({parts})   bound {cores * 1e6 / total:6.0f} req/s")
+    need = cores * 1e6 / (0.8 * median(runs["asyncpg pool"]).rps)
+    for label in labels:
+        have = median(runs[label]).total_us()
+        print(
+            f"    {label}: 0.8x the pool on {cores} cores needs <= {need:.0f} us/req in all; it takes {have:.0f}"
+        )
 
 
 async def main() -> None:
@@ -504,7 +538,12 @@ async def main() -> None:
         action="store_true",
         help="connect the API, asyncpg and PostGraphile over the embedded server's Unix socket",
     )
-    ap.add_argument("--pool-max", type=int, default=16, help="FLUXBASE_TENANT_POOL_MAX of the API servers")
+    ap.add_argument(
+        "--pool-max",
+        type=int,
+        default=None,
+        help="FLUXBASE_TENANT_POOL_MAX of the API servers (default: the shipped default, unset)",
+    )
     ap.add_argument(
         "--tail",
         action="store_true",
@@ -536,9 +575,9 @@ async def main() -> None:
             FLUXBASE_API_PORT=str(port),
             FLUXBASE_API_WORKERS=str(args.workers),
             FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
-            FLUXBASE_TENANT_POOL_MAX=str(args.pool_max),
             # every variant's workers hold their own tenant pool while all of them run
             FLUXBASE_TENANT_CONNECTION_LIMIT="200",
+            **({} if args.pool_max is None else {"FLUXBASE_TENANT_POOL_MAX": str(args.pool_max)}),
         )
         with run_service(["api"], env, port, tmp) as api_server:
             api = httpx.Client(base_url=api_server.url, timeout=30)
