@@ -487,12 +487,13 @@ def budget(runs: dict[str, list[Result]], labels: list[str]) -> None:
     Fluxbase, the CPU per request 0.8x the pool's median would allow on these cores. A target whose
     server is one process at a full core is bound by that process before the budget."""
     cores = os.cpu_count() or 1
-    if "asyncpg pool" not in runs or any(median(rs).db_cpu is None for rs in runs.values()):
-        return
+    medians = [median(rs) for rs in runs.values()]
+    if "asyncpg pool" not in runs or any(m.db_cpu is None or not m.rps for m in medians):
+        return  # no database CPU measured (an external server), or a target served nothing
     print(f"  CPU per request, all processes (cores={cores}; bound = cores / total):")
     for name, results in runs.items():
         m = median(results)
-        total = m.total_us()
+        total = max(m.total_us(), 1e-3)
         parts = f"server {m.per_request(m.server_cpu):.0f} + database {m.per_request(m.db_cpu):.0f}"
         if m.gen_cpu is not None:
             parts += f" + generator {m.per_request(m.gen_cpu):.0f}"
