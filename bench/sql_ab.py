@@ -3,7 +3,9 @@
 Throughput on a shared, noisy machine moves by more than the difference a refactor makes, so
 the two servers run side by side on one PostgreSQL (a database each) and are measured in turns
 (A B A B ...), and each turn also reports the API process's CPU time per request (user + system,
-from /proc): the Python work a request costs, which other load on the machine disturbs far less.
+from /proc): the Python work a request costs, which other load on the machine disturbs far less;
+and, with the embedded PostgreSQL, the database's (its process tree over the same turn: only one
+side is loaded at a time).
 
     .venv/bin/python bench/sql_ab.py --base /path/to/other/checkout [--rounds 4] [--seconds 6]
 """
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sql_throughput import QUERY, http_load  # noqa: E402
+from sql_throughput import QUERY, http_load, tree_cpu_ticks  # noqa: E402
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
@@ -118,6 +120,8 @@ async def main() -> None:
             sides = {"A (base)": (port_a, pid_a, setup(port_a)), "B (this)": (port_b, pid_b, setup(port_b))}
             rps: dict[str, list[float]] = {k: [] for k in sides}
             cpu_us: dict[str, list[float]] = {k: [] for k in sides}
+            db_us: dict[str, list[float]] = {k: [] for k in sides}
+            db_pid = stack.pg.pid if stack.pg is not None else None
             for port, _, request in sides.values():
                 await http_load("127.0.0.1", port, request, args.clients, 2.0, b'"Alice"')  # warm-up
             for n in range(args.rounds):
@@ -125,23 +129,32 @@ async def main() -> None:
                 for name in order:
                     port, pid, request = sides[name]
                     before = cpu_seconds(pid)
+                    db_before = tree_cpu_ticks(db_pid) if db_pid is not None else 0
                     r = await http_load("127.0.0.1", port, request, args.clients, args.seconds, b'"Alice"')
                     used = cpu_seconds(pid) - before
+                    db_used = (tree_cpu_ticks(db_pid) - db_before) / TICK if db_pid is not None else 0.0
                     done = r.rps * args.seconds
                     rps[name].append(r.rps)
                     cpu_us[name].append(used / done * 1e6 if done else float("nan"))
+                    db_us[name].append(db_used / done * 1e6 if done and db_pid is not None else float("nan"))
                     print(
-                        f"round {n} {name}: {r.rps:8.0f} req/s  {cpu_us[name][-1]:6.1f} µs CPU/request  errors {r.errors}"
+                        f"round {n} {name}: {r.rps:8.0f} req/s  {cpu_us[name][-1]:6.1f} µs CPU/request  "
+                        f"database {db_us[name][-1]:6.1f} µs/request  errors {r.errors}"
                     )
             print(f"\n{args.clients} clients, {args.rounds} rounds of {args.seconds:.0f}s each, alternating")
             for name in sides:
                 print(
                     f"{name}: median {statistics.median(rps[name]):8.0f} req/s, "
-                    f"median {statistics.median(cpu_us[name]):6.1f} µs API CPU per request"
+                    f"median {statistics.median(cpu_us[name]):6.1f} µs API CPU per request, "
+                    f"median {statistics.median(db_us[name]):6.1f} µs database CPU per request"
                 )
             a, b = list(sides)
             print(f"B/A throughput {statistics.median(rps[b]) / statistics.median(rps[a]):.3f}")
             print(f"B/A CPU per request {statistics.median(cpu_us[b]) / statistics.median(cpu_us[a]):.3f}")
+            if db_pid is not None:
+                print(
+                    f"B/A database CPU per request {statistics.median(db_us[b]) / statistics.median(db_us[a]):.3f}"
+                )
         await stack.drop_database(db_a)
         await stack.drop_database(db_b)
     finally:
