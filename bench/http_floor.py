@@ -55,7 +55,7 @@ rsgi = _Rsgi()
 
 
 def serve_socketify(port: int) -> None:
-    from socketify import App  # type: ignore[import-not-found]  # not a dependency
+    from socketify import App, AppListenOptions  # type: ignore[import-not-found]  # not a dependency
 
     app = App()
 
@@ -64,7 +64,8 @@ def serve_socketify(port: int) -> None:
         res.end(BODY)
 
     app.get("/", hello)
-    app.listen(port, lambda config: None)
+    # (a bare port would bind every interface)
+    app.listen(AppListenOptions(port=port, host="127.0.0.1"), lambda config: None)
     app.run()
 
 
