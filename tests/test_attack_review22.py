@@ -33,7 +33,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -45,7 +44,7 @@ from fluxbase.services.realtime import MESSAGE_SQL
 from fluxbase.webhooks.delivery import _EVENTS_SQL, event_message
 from support import Api, Stack, bearer, run_service
 from test_capture_native import _native, superuser, tenant  # noqa: F401
-from test_clusters import own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
+from test_clusters import _url, own_tmp, pg2  # noqa: F401  (module fixtures: a second PostgreSQL server)
 from test_realtime import Sub, _realtime, subscribe
 
 ROW = "db_event"
@@ -523,7 +522,7 @@ async def moved(stack: Stack, log_dir: Path, pg2: EmbeddedPostgres) -> AsyncIter
         await owner.execute("CREATE DATABASE move22")
     finally:
         await owner.close()
-    two_url = f"postgresql://postgres:{quote(pg2.password, safe='')}@127.0.0.1:{pg2.port}/move22"
+    two_url = _url(pg2, "move22")
     port = free_port()
     env = stack.env(dbname, FLUXBASE_API_PORT=str(port))
     try:
