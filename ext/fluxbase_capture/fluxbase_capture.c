@@ -50,10 +50,13 @@
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "storage/freespace.h"
+#include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/guc_tables.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/json.h"
@@ -1570,4 +1573,54 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 	ReleaseTupleDesc(desc);
 	capture(td->tg_relation, "UPDATE", &record, &old, 1);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * fluxbase_guard.reset_session(): the request pipeline's session reset in one call (issue 24).
+ *
+ * Each request on a pooled tenant session first clears what the previous one left there. As
+ * statements that is `CLOSE ALL; UNLISTEN *; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;
+ * SELECT pg_advisory_unlock_all()`, six parse/bind/execute cycles of the backend per request.
+ * This does the last five as the statements do (ExecSetVariableStmt's RESET ALL, DiscardCommand's
+ * TEMP and SEQUENCES, pg_advisory_unlock_all's lock release) in one. `CLOSE ALL` stays a statement
+ * of its own, first in the pipeline (tenancy/wire.py says why).
+ *
+ * RESET ALL is refused to tenant SQL (it would drop the request's SET LOCAL identity and caps),
+ * and every tenant role may execute this function, so the function refuses wherever a request's
+ * own SQL can run: once any setting has been changed in the current transaction, a GUC stack
+ * entry. The request's identity is SET LOCAL ahead of its tenant SQL on every path
+ * (tenancy/identity.py), and a function's own SET clause makes such an entry too, so tenant SQL
+ * always finds one. (Not the identity's value itself: an admin may give its role a default
+ * for it, and its project's every request would then be refused.) It refuses in a
+ * security-restricted operation too, where UNLISTEN, DISCARD and RESET refuse.
+ */
+PG_FUNCTION_INFO_V1(fluxbase_reset_session);
+
+static void
+refuse_reset(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("fluxbase_guard.reset_session() may only begin a request")));
+}
+
+Datum
+fluxbase_reset_session(PG_FUNCTION_ARGS)
+{
+	int			num_vars;
+	struct config_generic **vars = get_guc_variables(&num_vars);
+
+	/* as utility.c's CheckRestrictedOperation for UNLISTEN and DISCARD */
+	if (InSecurityRestrictedOperation())
+		refuse_reset();
+	for (int i = 0; i < num_vars; i++)
+		if (vars[i]->stack != NULL)
+			refuse_reset();
+
+	Async_UnlistenAll();		/* UNLISTEN * */
+	ResetAllOptions();			/* RESET ALL */
+	ResetTempTableNamespace();	/* DISCARD TEMP */
+	ResetSequenceCaches();		/* DISCARD SEQUENCES */
+	LockReleaseSession(USER_LOCKMETHOD);	/* pg_advisory_unlock_all() */
+	PG_RETURN_VOID();
 }

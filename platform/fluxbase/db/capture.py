@@ -9,6 +9,11 @@ server, built for another major version) or the migrating role is not a superuse
 needs one), it installs (or keeps) the PL/pgSQL bodies, whose canonical source is sql/0049
 (fluxbase_capture.*_plpgsql). CREATE OR REPLACE keeps the functions' oids, so the triggers of
 existing tables keep working whichever is installed.
+
+The same library has the request pipeline's session reset (issue 24): `install_reset` creates
+fluxbase_guard.reset_session() where the library loads and drops it where it does not, and each
+tenant session asks at login whether it exists (tenancy.wire.NATIVE_RESET_SQL) to choose between
+the two-step reset and the six statements.
 """
 
 from __future__ import annotations
@@ -113,6 +118,46 @@ async def install_plpgsql(conn: asyncpg.Connection) -> None:
             await conn.execute(f"ALTER FUNCTION fluxbase_capture.{name}() RESET search_path")
 
 
+RESET_FUNCTION = "fluxbase_guard.reset_session()"
+RESET_SYMBOL = "fluxbase_reset_session"
+
+
+async def install_reset(conn: asyncpg.Connection) -> str | None:
+    """Make fluxbase_guard.reset_session() the C function of LIBRARY, in a savepoint: None on
+    success, else why not, and then the function is dropped, so that sessions fall back to the
+    six reset statements (a function that cannot load would fail every request). Its guard is in
+    the C code (it refuses inside a request), which is why every role may execute it. Needs a
+    superuser, as install_native."""
+    if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
+        return NOT_SUPERUSER
+    try:
+        async with conn.transaction():
+            current = await conn.fetchrow(
+                """SELECT l.lanname, p.probin, p.prosrc FROM pg_catalog.pg_proc p
+                   JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+                   WHERE p.oid = pg_catalog.to_regprocedure($1)""",
+                RESET_FUNCTION,
+            )
+            if current is not None and tuple(current) == (C, LIBRARY, RESET_SYMBOL):
+                # Still loadable here, its symbol still there (review 16: a LOAD alone would not
+                # look it up).
+                await conn.execute(
+                    "SELECT pg_catalog.fmgr_c_validator(pg_catalog.to_regprocedure($1))", RESET_FUNCTION
+                )
+            else:
+                await conn.execute("SET LOCAL check_function_bodies = on")
+                await conn.execute(
+                    f"CREATE OR REPLACE FUNCTION {RESET_FUNCTION} RETURNS void LANGUAGE c VOLATILE "
+                    f"PARALLEL UNSAFE SECURITY INVOKER AS '{LIBRARY}', '{RESET_SYMBOL}'"
+                )
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION {RESET_FUNCTION} TO PUBLIC")
+    except asyncpg.PostgresError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        await conn.execute(f"DROP FUNCTION IF EXISTS {RESET_FUNCTION}")
+        return f"{first} ({exc.sqlstate})"
+    return None
+
+
 def _dollar_quote(src: str) -> str:
     tag = "$fluxbase_capture$"
     n = 0
@@ -137,6 +182,11 @@ async def install_capture(conn: asyncpg.Connection, where: str = "") -> str | No
     async with conn.transaction():
         if await conn.fetchval("SELECT to_regclass('fluxbase.schema_migrations') IS NOT NULL"):
             await conn.execute("LOCK TABLE fluxbase.schema_migrations IN SHARE ROW EXCLUSIVE MODE")
+        why_reset = await install_reset(conn)
+        if why_reset is None:
+            log.info("session reset: C function (%s)%s", LIBRARY, suffix)
+        else:
+            log.warning("session reset: six statements, the C library is not used: %s%s", why_reset, suffix)
         why = await install_native(conn)
         if why is None:
             log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)

@@ -7,6 +7,7 @@ socket, so tenant roles can only log in with their derived passwords.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import pwd
@@ -46,12 +47,21 @@ def _system_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(SYSTEM_USER)
+        pass
+    # One creator at a time (test workers start their servers at once on a fresh machine: two
+    # useradd runs at once left a uid that the next lookup no longer found). The lock is an
+    # advisory flock of /etc/passwd, which only this code takes.
+    with open("/etc/passwd", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
+            return pwd.getpwnam(SYSTEM_USER)
 
 
 def _open_path_for(path: Path) -> None:

@@ -54,7 +54,7 @@ from fluxbase.tenancy.errors import (
 )
 from fluxbase.tenancy.identity import Identity, identity_statements
 from fluxbase.tenancy.params import ParamError, adapt_params
-from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
+from fluxbase.tenancy.pools import TenantConnection, TenantPool, TenantPools, clean, reset_sql
 from fluxbase.tenancy.results import StatementResult, encode_result
 from fluxbase.tenancy.statements import Caps
 
@@ -315,7 +315,7 @@ async def _begin(conn: Any, begin: str) -> None:
     except asyncpg.PostgresError as exc:
         if isinstance(exc, SESSION_GONE):
             raise
-        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        await conn.execute("ROLLBACK; " + reset_sql(conn))
         refusal = guard_refusal(exc)
         if refusal is not None:
             raise refusal from None
@@ -341,16 +341,16 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     except FluxbaseError:
         if conn.is_closed():
             raise  # given up (wire: a value the codecs cannot take): nothing to roll back on it
-        await conn.execute("ROLLBACK; " + SESSION_RESET)
+        await conn.execute("ROLLBACK; " + reset_sql(conn))
         raise
     try:
-        await conn.execute("COMMIT; " + SESSION_RESET)
+        await conn.execute("COMMIT; " + reset_sql(conn))
     except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
         if isinstance(exc, SESSION_GONE):
             raise
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-        await conn.execute(SESSION_RESET)
+        await conn.execute(reset_sql(conn))
         if exc.sqlstate == SQL_BROADCASTS_SPENT:  # a deferred trigger's broadcasts past the share
             raise statement_error(exc, False) from None
         raise StatementFailed(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000") from None
@@ -623,7 +623,7 @@ async def _one_round_trip(
         try:
             args = adapt_params(types, params)
         except ParamError as exc:
-            await conn.execute(SESSION_RESET)  # ends the implicit transaction a Parse may have opened
+            await conn.execute(reset_sql(conn))  # ends the implicit transaction a Parse may have opened
             raise StatementFailed(str(exc), "22023") from None
         # The reset (none on a fresh session) and the Parse of any step not sent before, built
         # per attempt: a retry's session is no longer fresh, and what the first sent is parsed.
@@ -643,7 +643,7 @@ async def _one_round_trip(
                 # itself: either way nothing committed, and the explicit-transaction path, whose
                 # guard runs apart from the statement, tells the two apart.
                 if state == "FXRST":
-                    await conn.execute(SESSION_RESET)
+                    await conn.execute(reset_sql(conn))
                     conn.dirty = False
                 elif state == "FXEPO" and req.evict_key is not None and req.guard is not None:
                     req.evict_key(req.guard[0])
@@ -755,16 +755,16 @@ async def admin_session(
                 # tenancy.statements refuses transaction control in scripts: a bug, never a path.
                 log.error("an admin session of %s left its transaction", project_id)
                 raise InternalError()
-            await conn.execute("COMMIT; " + SESSION_RESET)
+            await conn.execute("COMMIT; " + reset_sql(conn))
         else:
-            await conn.execute(SESSION_RESET)
+            await conn.execute(reset_sql(conn))
         ok = True
     finally:
         if not ok and not conn.is_closed():
             try:
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
-                await conn.execute(SESSION_RESET)
+                await conn.execute(reset_sql(conn))
             except Exception:
                 conn.terminate()
         await pool.release(conn)
