@@ -214,7 +214,8 @@ class RequestPrefix:
         limits: Sequence[str] = (),
     ) -> tuple[RequestPrefix, Any]:
         """Prepare the steps on a new connection and run `login_sql` (a query of one row, the
-        session's login settings, with a `native_reset` column: NATIVE_RESET_SQL): (the prefix,
+        session's login settings, with a `native_reset` column, NATIVE_RESET_SQL, where the C reset may
+        be used): (the prefix,
         that row), in two round trips, not one per step.
 
         The steps' Parse messages go out ahead of asyncpg's own Parse/Describe/Flush of
@@ -231,7 +232,7 @@ class RequestPrefix:
         write(conn, b"".join(parse(names[i], sqls[i]) for i in eager))
         login = await conn.prepare(login_sql)
         row = await login.fetchrow()
-        native = bool(row["native_reset"])
+        native = bool(row.get("native_reset"))  # no such column: the six statements
         reset_names = [conn._get_unique_id("stmt") for _ in reset_steps(native)[1:]]
         return cls(names, login, fixed, anonymous_claims, limits, native, reset_names), row
 
