@@ -1587,12 +1587,15 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
  *
  * RESET ALL is refused to tenant SQL (it would drop the request's SET LOCAL identity and caps),
  * and every tenant role may execute this function, so the function refuses wherever a request's
- * own SQL can run: once any setting has been changed in the current transaction, a GUC stack
- * entry. The request's identity is SET LOCAL ahead of its tenant SQL on every path
- * (tenancy/identity.py), and a function's own SET clause makes such an entry too, so tenant SQL
- * always finds one. (Not the identity's value itself: an admin may give its role a default
- * for it, and its project's every request would then be refused.) It refuses in a
- * security-restricted operation too, where UNLISTEN, DISCARD and RESET refuse.
+ * own SQL can run: once the request identity's settings (fluxbase.auth_uid, auth_claims,
+ * auth_role) have been set in the current transaction, which leaves a GUC stack entry on them.
+ * The identity is SET LOCAL ahead of the tenant SQL on every path (tenancy/identity.py), so tenant
+ * SQL always finds the entries; between requests, where the pool calls this, there are none.
+ * (Not the identity's value itself: an admin may give its role a default for it, and its
+ * project's every request would then be refused. Not every setting's stack either: PostgreSQL 16
+ * and later only hand out a freshly sorted copy of the whole list, which cost more than the five
+ * statements this replaces.) It refuses in a security-restricted operation too, where UNLISTEN,
+ * DISCARD and RESET refuse.
  */
 PG_FUNCTION_INFO_V1(fluxbase_reset_session);
 
@@ -1604,18 +1607,23 @@ refuse_reset(void)
 			 errmsg("fluxbase_guard.reset_session() may only begin a request")));
 }
 
+static const char *const identity_settings[] = {
+	"fluxbase.auth_uid", "fluxbase.auth_claims", "fluxbase.auth_role"
+};
+
 Datum
 fluxbase_reset_session(PG_FUNCTION_ARGS)
 {
-	int			num_vars;
-	struct config_generic **vars = get_guc_variables(&num_vars);
-
 	/* as utility.c's CheckRestrictedOperation for UNLISTEN and DISCARD */
 	if (InSecurityRestrictedOperation())
 		refuse_reset();
-	for (int i = 0; i < num_vars; i++)
-		if (vars[i]->stack != NULL)
+	for (int i = 0; i < lengthof(identity_settings); i++)
+	{
+		struct config_generic *setting = find_option(identity_settings[i], false, true, ERROR);
+
+		if (setting != NULL && setting->stack != NULL)
 			refuse_reset();
+	}
 
 	Async_UnlistenAll();		/* UNLISTEN * */
 	ResetAllOptions();			/* RESET ALL */
