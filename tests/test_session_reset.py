@@ -74,7 +74,7 @@ async def test_sessions_of_a_server_with_the_library_use_the_c_reset(
     """The login query tells a session which reset its server has; the embedded server has the
     library (`make venv` builds it), so its sessions run the two-step reset."""
     from fluxbase.config import load_settings
-    from fluxbase.tenancy.pools import TenantPools, reset_sql
+    from fluxbase.tenancy.pools import TenantPools
 
     if not await _has_library(control_db):
         pytest.skip("FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)")
@@ -83,9 +83,8 @@ async def test_sessions_of_a_server_with_the_library_use_the_c_reset(
         pool = await pools.pool(project.id, "admin")
         async with pool.connection() as conn:
             assert conn.request_prefix.native_reset is True
-            assert reset_sql(conn) == wire.reset_sql(True)
             # ...which a session may run between requests, outside any transaction.
-            await conn.execute(reset_sql(conn))
+            await conn.execute("; ".join(wire.NATIVE_RESET_STEPS))
             assert await conn.fetchval("SELECT 1") == 1
     finally:
         await pools.close()
@@ -195,8 +194,8 @@ async def test_what_a_request_leaves_is_gone_by_the_next_with_either_reset(
             assert first["success"], first
             backend = first["result"]["rows"][0]["p"]
             if not with_c and native:
-                # That request's session found the function gone and was replaced (below): the
-                # one now pooled logged in without it. Leave the state on it again.
+                # That request's session found the function gone and switched to the statements
+                # (below); leave the state on it again, which the statements must now clear.
                 first = await _sql(api, key, pid, "SELECT leave(), pg_backend_pid() AS p")
                 backend = first["result"]["rows"][0]["p"]
             row = (await _sql(api, key, pid, probe))["result"]["rows"][0]
@@ -211,12 +210,14 @@ async def test_what_a_request_leaves_is_gone_by_the_next_with_either_reset(
             assert currval["success"] is False and currval["error"]["details"] == "ERROR:  55000", currval
 
 
-async def test_a_session_whose_reset_function_went_away_is_replaced(
+async def test_a_session_whose_reset_function_went_away_switches_to_the_statements(
     spawn: Any, stack: Stack, control_db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fluxbase migrate` drops the function where the library no longer loads. A session that
-    found it at login then fails its next reset: it is given up and the request runs once more,
-    on a session that logs in without it, instead of failing (and failing again on that session)."""
+    found it at login then fails its next reset, first in the pipeline, so nothing else of the
+    request ran: the session calls the function to see that it fails, resets with the six
+    statements from then on, and the request runs again, instead of failing (and failing again
+    on that session)."""
     if not await _has_library(control_db):
         pytest.skip("FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)")
     async with _own(spawn, stack, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, _token, key):
@@ -228,13 +229,11 @@ async def test_a_session_whose_reset_function_went_away_is_replaced(
             why = await cap.install_reset(su)
             assert why is not None and "fluxbase_capture_not_here" in why, why
             assert await su.fetchval("SELECT to_regprocedure('fluxbase_guard.reset_session()')") is None
-            for _ in range(3):
-                body = await _sql(api, key, pid, "SELECT pg_backend_pid() AS p, 1 AS one")
+            for n in range(3):
+                body = await _sql(api, key, pid, f"SELECT pg_backend_pid() AS p, {n} AS n")
                 assert body["success"], body
-                assert body["result"]["rows"][0]["one"] == 1
-            after = body["result"]["rows"][0]["p"]
-            assert after != before  # the session that had the function was given up
-            # Back: a migration recreates it; sessions opened from then on use it again.
+                assert body["result"]["rows"] == [{"p": before, "n": n}], body  # the same session
+            # Back: a migration recreates it.
             monkeypatch.setattr(cap, "LIBRARY", "$libdir/fluxbase_capture")
             assert await cap.install_reset(su) is None
             assert await cap.install_reset(su) is None  # idempotent: validated, not recreated
@@ -247,6 +246,20 @@ async def test_a_session_whose_reset_function_went_away_is_replaced(
             monkeypatch.setattr(cap, "LIBRARY", "$libdir/fluxbase_capture")
             await cap.install_reset(su)
             await su.close()
+
+
+def test_the_guard_covers_every_setting_the_platform_sets_before_tenant_sql() -> None:
+    """The C guard refuses once any of these has a stack entry: the identity and every cap the
+    request (and admin_session's platform work) asserts with SET LOCAL (tenancy.statements)."""
+    import re
+    from pathlib import Path
+
+    from fluxbase.tenancy.statements import ASSERTED
+
+    source = (Path(__file__).parent.parent / "ext/fluxbase_capture/fluxbase_capture.c").read_text()
+    block = source[source.index("request_settings[] = {") :]
+    listed = set(re.findall(r'"([a-z_.]+)"', block[: block.index("};")]))
+    assert listed == set(ASSERTED) | {"fluxbase.auth_uid", "fluxbase.auth_claims", "fluxbase.auth_role"}
 
 
 async def test_a_role_that_is_not_a_superuser_does_not_install_it(stack: Stack, instance: Instance) -> None:

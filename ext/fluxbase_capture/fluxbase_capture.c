@@ -1587,15 +1587,16 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
  *
  * RESET ALL is refused to tenant SQL (it would drop the request's SET LOCAL identity and caps),
  * and every tenant role may execute this function, so the function refuses wherever a request's
- * own SQL can run: once the request identity's settings (fluxbase.auth_uid, auth_claims,
- * auth_role) have been set in the current transaction, which leaves a GUC stack entry on them.
- * The identity is SET LOCAL ahead of the tenant SQL on every path (tenancy/identity.py), so tenant
- * SQL always finds the entries; between requests, where the pool calls this, there are none.
- * (Not the identity's value itself: an admin may give its role a default for it, and its
- * project's every request would then be refused. Not every setting's stack either: PostgreSQL 16
- * and later only hand out a freshly sorted copy of the whole list, which cost more than the five
- * statements this replaces.) It refuses in a security-restricted operation too, where UNLISTEN,
- * DISCARD and RESET refuse.
+ * own SQL can run: once the platform has set the request identity (fluxbase.auth_uid,
+ * auth_claims, auth_role) or a resource cap (tenancy/statements.py ASSERTED) in the current
+ * transaction, which leaves a GUC stack entry on that setting. The identity is SET LOCAL ahead of
+ * the tenant SQL on every request path (tenancy/identity.py), and the platform's own work on a
+ * project's session (admin_session) asserts the caps first, so tenant SQL always finds an entry;
+ * between requests, where the pool calls this, there is none. (Not the settings' values: an admin
+ * may give its role defaults for them, and its project's every request would then be refused.
+ * Not every setting's stack either: PostgreSQL 16 and later only hand out a freshly sorted copy
+ * of the whole list, which cost more than the five statements this replaces.) It refuses in a
+ * security-restricted operation too, where UNLISTEN, DISCARD and RESET refuse.
  */
 PG_FUNCTION_INFO_V1(fluxbase_reset_session);
 
@@ -1607,8 +1608,12 @@ refuse_reset(void)
 			 errmsg("fluxbase_guard.reset_session() may only begin a request")));
 }
 
-static const char *const identity_settings[] = {
-	"fluxbase.auth_uid", "fluxbase.auth_claims", "fluxbase.auth_role"
+/* tests/test_session_reset.py checks this list against tenancy/statements.py ASSERTED */
+static const char *const request_settings[] = {
+	"fluxbase.auth_uid", "fluxbase.auth_claims", "fluxbase.auth_role",
+	"work_mem", "maintenance_work_mem", "hash_mem_multiplier",
+	"max_parallel_workers_per_gather", "max_parallel_maintenance_workers",
+	"statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"
 };
 
 Datum
@@ -1617,9 +1622,9 @@ fluxbase_reset_session(PG_FUNCTION_ARGS)
 	/* as utility.c's CheckRestrictedOperation for UNLISTEN and DISCARD */
 	if (InSecurityRestrictedOperation())
 		refuse_reset();
-	for (int i = 0; i < lengthof(identity_settings); i++)
+	for (int i = 0; i < lengthof(request_settings); i++)
 	{
-		struct config_generic *setting = find_option(identity_settings[i], false, true, ERROR);
+		struct config_generic *setting = find_option(request_settings[i], false, true, ERROR);
 
 		if (setting != NULL && setting->stack != NULL)
 			refuse_reset();

@@ -58,14 +58,6 @@ TAMPERED = frozenset({"26000", "42P05"})
 # names): a project's `RAISE … USING ERRCODE '26000'`, or its own `PREPARE x` twice, is its
 # statement failing, not the session (hostile review 6: those ran the request again and again).
 _OWN_STATEMENT = re.compile(r"__asyncpg_(?:stmt|cursor)_[0-9a-f]{32}__")
-# The C session reset (tenancy.wire.NATIVE_RESET_STEPS) gone from under a session that found it
-# at login: `fluxbase migrate` dropped it where its library no longer loads (db/capture.py). The
-# session is given up and the request runs once more on a new one, which logs in without it.
-# (A project raising these itself gets what a DEALLOCATE gets it: its own request run once more.)
-_RESET_GONE = {
-    "42883": "function fluxbase_guard.reset_session() does not exist",
-    "58P01": '"$libdir/fluxbase_capture"',
-}
 
 
 def tampered(exc: BaseException | None) -> bool:
@@ -74,11 +66,7 @@ def tampered(exc: BaseException | None) -> bool:
     for _ in range(8):
         if exc is None:
             return False
-        state = getattr(exc, "sqlstate", None)
-        if state in TAMPERED and _OWN_STATEMENT.search(str(exc)):
-            return True
-        gone = _RESET_GONE.get(state) if state is not None else None
-        if gone is not None and gone in str(exc):
+        if getattr(exc, "sqlstate", None) in TAMPERED and _OWN_STATEMENT.search(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

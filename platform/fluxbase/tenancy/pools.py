@@ -67,14 +67,7 @@ IDLE_RESET_S = 0.2  # a session the one-round-trip path left is reset when idle 
 # Run after every request, in the same round trip as COMMIT/ROLLBACK: nothing a tenant did to
 # its session (settings, cursors, LISTEN, advisory locks, temp tables) survives into the next.
 # The same steps as the one-round-trip prefix's (one list: tenancy.wire.RESET_STEPS).
-# Where the server has the C reset (wire.NATIVE_RESET_STEPS), a session's `session_reset` is the
-# two-step one: `reset_sql` gives the one that session learned at login.
-SESSION_RESET = wire.reset_sql(False)
-
-
-def reset_sql(conn: Any) -> str:
-    """The session reset `conn` runs (simple protocol): the C one where its login found it."""
-    return getattr(conn, "session_reset", SESSION_RESET)
+SESSION_RESET = "; ".join(wire.RESET_STEPS) + ";"
 
 
 _INT8 = struct.Struct("!q")
@@ -177,7 +170,6 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
         "remote",
         "request_prefix",
         "reset_timer",
-        "session_reset",
     )
 
     def _get_unique_id(self, prefix: str) -> str:
@@ -194,6 +186,8 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
         return f"__asyncpg_{prefix}_{secrets.token_hex(16)}__"
 
 
+# ...and whether the server has the C session reset (wire.NATIVE_RESET_SQL: only the
+# one-round-trip prefix uses it; the simple-protocol SESSION_RESET stays the six statements).
 _LOGIN_SETTINGS_SQL = (
     "SELECT "
     + ", ".join(f"pg_catalog.current_setting('{n}') AS {n}" for n in sorted(ASSERTED))
@@ -222,9 +216,7 @@ async def open_tenant_session(
     await init_tenant_connection(conn)
     if not prefix:  # a pool whose connections never take the one-round-trip path (realtime's)
         conn.request_prefix = None
-        row = await conn.fetchrow(_LOGIN_SETTINGS_SQL)
-        conn.over_caps = login_over_caps(row, caps)
-        conn.session_reset = wire.reset_sql(bool(row["native_reset"]))
+        conn.over_caps = login_over_caps(await conn.fetchrow(_LOGIN_SETTINGS_SQL), caps)
         return
     claims = base_claims(scope, project_id)
     conn.request_prefix, row = await wire.RequestPrefix.open(
@@ -235,7 +227,6 @@ async def open_tenant_session(
         caps.statements(),
     )
     conn.over_caps = login_over_caps(row, caps)
-    conn.session_reset = wire.reset_sql(conn.request_prefix.native_reset)
 
 
 class ConnectionBudget:
@@ -621,7 +612,7 @@ class TenantPool:
 
     async def _reset(self, conn: TenantConnection) -> None:
         try:
-            await asyncio.wait_for(conn.execute(reset_sql(conn)), 10)
+            await asyncio.wait_for(conn.execute(SESSION_RESET), 10)
             conn.dirty = False
         except Exception:
             conn.terminate()  # its termination listener frees the slot
@@ -710,7 +701,7 @@ async def clean(conn: TenantConnection) -> None:
     if prefix is not None:
         prefix.fresh = False  # this path may leave state the next prefix must reset
     if getattr(conn, "dirty", False):
-        await conn.execute(reset_sql(conn))
+        await conn.execute(SESSION_RESET)
         conn.dirty = False
 
 

@@ -54,7 +54,7 @@ from fluxbase.tenancy.errors import (
 )
 from fluxbase.tenancy.identity import Identity, identity_statements
 from fluxbase.tenancy.params import ParamError, adapt_params
-from fluxbase.tenancy.pools import TenantConnection, TenantPool, TenantPools, clean, reset_sql
+from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
 from fluxbase.tenancy.statements import Caps
 
@@ -315,7 +315,7 @@ async def _begin(conn: Any, begin: str) -> None:
     except asyncpg.PostgresError as exc:
         if isinstance(exc, SESSION_GONE):
             raise
-        await conn.execute("ROLLBACK; " + reset_sql(conn))
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
         refusal = guard_refusal(exc)
         if refusal is not None:
             raise refusal from None
@@ -341,16 +341,16 @@ async def _in_transaction(tx: Tx, begin: str, work: Callable[[Tx], Awaitable[T]]
     except FluxbaseError:
         if conn.is_closed():
             raise  # given up (wire: a value the codecs cannot take): nothing to roll back on it
-        await conn.execute("ROLLBACK; " + reset_sql(conn))
+        await conn.execute("ROLLBACK; " + SESSION_RESET)
         raise
     try:
-        await conn.execute("COMMIT; " + reset_sql(conn))
+        await conn.execute("COMMIT; " + SESSION_RESET)
     except asyncpg.PostgresError as exc:  # e.g. a deferred constraint failing at commit
         if isinstance(exc, SESSION_GONE):
             raise
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-        await conn.execute(reset_sql(conn))
+        await conn.execute(SESSION_RESET)
         if exc.sqlstate == SQL_BROADCASTS_SPENT:  # a deferred trigger's broadcasts past the share
             raise statement_error(exc, False) from None
         raise StatementFailed(exc.args[0] if exc.args else "commit failed", exc.sqlstate or "XX000") from None
@@ -612,24 +612,38 @@ async def _one_round_trip(
     )
     may_write = req.scope != "read"
     limits = req.limits
+    user_session = identity.user_session is not None
     for attempt in (0, 1):
+        # The reset's first statements run only on a session some request used (`begin`).
+        reset_runs = not prefix.fresh
         stmt = wire.cached_statement(conn, query)
-        if stmt is None:
+        sent = False
+        try:
+            if stmt is None:
+                # Parsed after the prefix, in its transaction (wire.prepare_after): what parsing
+                # runs of the tenant's code runs under the request's identity, caps and checks.
+                conn.dirty = True
+                try:
+                    stmt, sent = await wire.prepare_after(
+                        conn, prefix, prefix.begin(read_only, user_session) + head, query
+                    )
+                except asyncpg.PostgresError:
+                    raise
+                except Exception as exc:
+                    raise statement_error(exc, may_write) from None
+            types, attributes, columns = prefix.shape(stmt)
             try:
-                stmt = await wire.prepare(conn, query)
-            except Exception as exc:
-                raise statement_error(exc, may_write) from None
-        types, attributes, columns = prefix.shape(stmt)
-        try:
-            args = adapt_params(types, params)
-        except ParamError as exc:
-            await conn.execute(reset_sql(conn))  # ends the implicit transaction a Parse may have opened
-            raise StatementFailed(str(exc), "22023") from None
-        # The reset (none on a fresh session) and the Parse of any step not sent before, built
-        # per attempt: a retry's session is no longer fresh, and what the first sent is parsed.
-        prefix.send(conn, prefix.begin(read_only, identity.user_session is not None) + head)
-        conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
-        try:
+                args = adapt_params(types, params)
+            except ParamError as exc:
+                if sent:
+                    await prefix.drain(conn)  # ends the transaction the prefix opened
+                raise StatementFailed(str(exc), "22023") from None
+            if not sent:
+                # The reset (none on a fresh session) and the Parse of any step not sent before,
+                # built per attempt: a retry's session is no longer fresh, and what the first
+                # sent is parsed.
+                prefix.send(conn, prefix.begin(read_only, user_session) + head)
+                conn.dirty = True  # until the next request's prefix (or pools.clean) resets the session
             rows, status, completed = await wire.run_bound(conn, stmt, args, limits.max_rows + 1)
         except asyncpg.PostgresError as exc:
             if wire.refused_encoding(exc):
@@ -643,7 +657,7 @@ async def _one_round_trip(
                 # itself: either way nothing committed, and the explicit-transaction path, whose
                 # guard runs apart from the statement, tells the two apart.
                 if state == "FXRST":
-                    await conn.execute(reset_sql(conn))
+                    await conn.execute(SESSION_RESET)
                     conn.dirty = False
                 elif state == "FXEPO" and req.evict_key is not None and req.guard is not None:
                     req.evict_key(req.guard[0])
@@ -651,10 +665,12 @@ async def _one_round_trip(
             if isinstance(exc, CACHE_STALE) and attempt == 0:
                 await wire.forget_cached_plans(conn, exc)
                 continue  # a DDL changed a cached plan; nothing ran for real
+            if attempt == 0 and reset_runs and await prefix.reset_failed(conn, exc):
+                continue  # the C reset failed, first in the pipeline: nothing else ran
             raise statement_error(exc, may_write) from None
         except wire.UNDECODABLE_ERRORS:
             raise wire.undecodable(conn) from None  # as wire.execute's
-        except CONNECTION_LOST:
+        except (*CONNECTION_LOST, FluxbaseError):
             raise
         except Exception:
             conn.terminate()  # the protocol state is unknown: never reuse this connection
@@ -755,16 +771,16 @@ async def admin_session(
                 # tenancy.statements refuses transaction control in scripts: a bug, never a path.
                 log.error("an admin session of %s left its transaction", project_id)
                 raise InternalError()
-            await conn.execute("COMMIT; " + reset_sql(conn))
+            await conn.execute("COMMIT; " + SESSION_RESET)
         else:
-            await conn.execute(reset_sql(conn))
+            await conn.execute(SESSION_RESET)
         ok = True
     finally:
         if not ok and not conn.is_closed():
             try:
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
-                await conn.execute(reset_sql(conn))
+                await conn.execute(SESSION_RESET)
             except Exception:
                 conn.terminate()
         await pool.release(conn)

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import logging
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
 from fluxbase.errors import StatementFailed
+
+log = logging.getLogger(__name__)
 
 # Steps with no parameters, in this order: clear what a previous request left in the session
 # (settings, cursors, LISTEN, temp objects, sequence state, session advisory locks) before
@@ -37,23 +41,34 @@ RESET_STEPS = (
     "SELECT FROM pg_catalog.pg_advisory_unlock_all() u WHERE u IS NULL",
 )
 # The same in two steps where the server has the C function (issue 24: ext/fluxbase_capture's
-# fluxbase_reset_session does the last five at once, about 45 µs less of the backend's CPU per
-# request; db/capture.install_reset creates it). It refuses to run once anything in the
-# transaction changed a setting (the request's SET LOCAL identity always has), so tenant SQL
-# cannot call it. Each session learns which it has at login (NATIVE_RESET_SQL).
+# fluxbase_reset_session does the last five at once; db/capture.install_reset creates it). It
+# refuses once the request's identity or caps are set in the transaction, so tenant SQL cannot
+# call it. Each session learns at login whether its server has it (NATIVE_RESET_SQL, a column of
+# the login query). Only the one-round-trip prefix uses it: the simple-protocol resets
+# (pools.SESSION_RESET, after COMMIT in the same query) stay the six statements, so that a reset
+# that fails can never be taken for a failed COMMIT.
 NATIVE_RESET_STEPS = ("CLOSE ALL", "SELECT WHERE fluxbase_guard.reset_session() IS NULL")
-# A column of the login query: does this server have the C reset? (The function exists only
-# where its library loaded when the database was migrated.)
 NATIVE_RESET_SQL = "pg_catalog.to_regprocedure('fluxbase_guard.reset_session()') IS NOT NULL"
+# Errors a C function that no longer loads raises: gone (42883: dropped, or the library has no
+# such symbol), its library missing (58P01) or unloadable (58000, XX000: another build).
+NATIVE_RESET_FAILURES = frozenset({"42883", "58P01", "58000", "XX000"})
+# Servers (address, database) where the C reset failed: sessions opened there for this long use
+# the six statements, whatever the login query says (RequestPrefix.reset_failed).
+NATIVE_RESET_RETRY_S = 60.0
+_NATIVE_FAILED: dict[tuple[str, str], float] = {}
 
 
 def reset_steps(native: bool) -> tuple[str, ...]:
     return NATIVE_RESET_STEPS if native else RESET_STEPS
 
 
-def reset_sql(native: bool) -> str:
-    """The reset as one simple-protocol string (pools.session_reset)."""
-    return "; ".join(reset_steps(native)) + ";"
+def _server(conn: Any) -> tuple[str, str]:
+    return (str(conn._addr), str(conn._params.database))
+
+
+def _native_usable(conn: Any) -> bool:
+    until = _NATIVE_FAILED.get(_server(conn))
+    return until is None or time.monotonic() >= until
 
 
 # Refuses (sql/0011) with FXRST when the transaction started with isolation, read-only or
@@ -232,7 +247,8 @@ class RequestPrefix:
         write(conn, b"".join(parse(names[i], sqls[i]) for i in eager))
         login = await conn.prepare(login_sql)
         row = await login.fetchrow()
-        native = bool(row.get("native_reset"))  # no such column: the six statements
+        # (No such column: the six statements.)
+        native = bool(row.get("native_reset")) and _native_usable(conn)
         reset_names = [conn._get_unique_id("stmt") for _ in reset_steps(native)[1:]]
         return cls(names, login, fixed, anonymous_claims, limits, native, reset_names), row
 
@@ -246,6 +262,37 @@ class RequestPrefix:
         self._staged = needed
         parses = b"".join(unparsed[k] for k in needed) if needed else b""
         return parses + (self._first if self.fresh else self.reset)
+
+    def use_statements(self, conn: Any) -> None:
+        """Reset with the six statements from now on (the C reset failed: `reset_failed`)."""
+        rest = RESET_STEPS[1:]
+        names = [conn._get_unique_id("stmt") for _ in rest]
+        self.native_reset = False
+        self.reset = self._first + b"".join(bind_execute(name) for name in names)
+        self._unparsed["reset"] = b"".join(parse(name, sql) for name, sql in zip(names, rest, strict=True))
+
+    async def reset_failed(self, conn: Any, exc: BaseException) -> bool:
+        """Whether a request's failure `exc` was this session's C reset failing to run (the
+        function dropped, its library gone or another build): then nothing after it ran, this
+        session resets with the six statements from now on, so do sessions opened on this server
+        for NATIVE_RESET_RETRY_S, and the request may run again. Decided by calling the function
+        on this session (now idle: the failed request's Sync ended its transaction), never from
+        the error's text, which a tenant's own statement can write (hostile review 23); a
+        statement's own error costs that one round trip."""
+        if not self.native_reset or getattr(exc, "sqlstate", None) not in NATIVE_RESET_FAILURES:
+            return False
+        try:
+            await conn.execute(NATIVE_RESET_STEPS[1])
+        except asyncpg.PostgresError as probe:
+            _NATIVE_FAILED[_server(conn)] = time.monotonic() + NATIVE_RESET_RETRY_S
+            log.warning(
+                "the C session reset failed (%s): this server's sessions reset with statements for %.0f s",
+                probe.sqlstate,
+                NATIVE_RESET_RETRY_S,
+            )
+            self.use_statements(conn)
+            return True
+        return False
 
     def statement(self, sql: str) -> bytes:
         """Run `sql` (no parameters): by name if prepared here, else parsed unnamed."""
@@ -380,6 +427,55 @@ async def prepare(conn: Any, query: str) -> Any:
         # statement error, never a "connection lost" 503; the session is not reused.
         conn.terminate()
         raise StatementFailed(UNDECODABLE, "0A000") from None
+
+
+async def prepare_after(conn: Any, prefix: RequestPrefix, head: bytes, query: str) -> tuple[Any, bool]:
+    """Prepare `query`, which the statement cache does not hold, after the request prefix `head`
+    in the same implicit transaction: (the statement, whether `head` still stands).
+
+    Parsing a statement can run tenant code (a domain's CHECK on a literal of the domain, an
+    array or row input function): written first, the reset, identity, caps, checks and read-only
+    mode are in force when it runs, as for the statement itself (hostile review 23: parsed ahead
+    of them, in its own transaction, it wrote to a read-only project). asyncpg's own prepare
+    (Parse, Describe, Flush: no Sync) skips the prefix's BindComplete and CommandComplete
+    messages, and a prefix step's error fails it (asyncpg then syncs). What could end the
+    transaction between the prefix and the statement's Bind is done before or apart: closing
+    statements evicted from the cache first, and where a type must be introspected (its own
+    queries, each with a Sync) the transaction is ended (`drain`) and False returned: the caller
+    writes the prefix again before the Bind. Named statements only (`named`: the one-round-trip
+    path takes no statement longer than asyncpg's cacheable size)."""
+    config = conn._config
+    if not conn._stmt_cache_enabled or (
+        config.max_cacheable_statement_size and len(query) > config.max_cacheable_statement_size
+    ):
+        raise ValueError("prepare_after takes only statements asyncpg caches (named)")
+    if conn._stmts_to_close:
+        await conn._cleanup_stmts()  # their Close and Sync, before the request's transaction
+    record_class = conn._protocol.get_record_class()
+    prefix.send(conn, head)
+    try:
+        stmt = await conn._protocol.prepare(
+            conn._get_unique_id("stmt"), query, None, record_class=record_class, ignore_custom_codec=False
+        )
+        stands = True
+        missing = stmt._init_types()
+        if missing:
+            await prefix.drain(conn)
+            stands = False
+            for _ in range(5):  # as asyncpg's _get_statement: more than one round is rare
+                types, _intro = await conn._introspect_types(missing, None)
+                conn._protocol.get_settings().register_data_types(types)
+                missing = stmt._init_types()
+                if not missing:
+                    break
+            else:
+                raise asyncpg.exceptions.InternalClientError("could not resolve the statement's types")
+        stmt._init_codecs()
+    except asyncpg.exceptions.UnsupportedClientFeatureError:
+        conn.terminate()  # as `prepare`
+        raise StatementFailed(UNDECODABLE, "0A000") from None
+    conn._stmt_cache.put((query, record_class, False), stmt)
+    return stmt, stands
 
 
 def named(stmt: Any) -> bool:
