@@ -41,6 +41,7 @@
 #include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
+#include "commands/portalcmds.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
@@ -1581,9 +1582,9 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
  * Each request on a pooled tenant session first clears what the previous one left there. As
  * statements that is `CLOSE ALL; UNLISTEN *; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;
  * SELECT pg_advisory_unlock_all()`, six parse/bind/execute cycles of the backend per request.
- * This does the last five as the statements do (ExecSetVariableStmt's RESET ALL, DiscardCommand's
- * TEMP and SEQUENCES, pg_advisory_unlock_all's lock release) in one. `CLOSE ALL` stays a statement
- * of its own, first in the pipeline (tenancy/wire.py says why).
+ * This does all six as the statements do (PerformPortalClose, ExecSetVariableStmt's RESET ALL,
+ * DiscardCommand's TEMP and SEQUENCES, pg_advisory_unlock_all's lock release) in one. A session's
+ * first request still starts with a `CLOSE ALL` statement of its own (tenancy/wire.py says why).
  *
  * RESET ALL is refused to tenant SQL (it would drop the request's SET LOCAL identity and caps),
  * and every tenant role may execute this function, so the function refuses wherever a request's
@@ -1630,6 +1631,7 @@ fluxbase_reset_session(PG_FUNCTION_ARGS)
 			refuse_reset();
 	}
 
+	PerformPortalClose(NULL);	/* CLOSE ALL (this call's own portal, active, stays) */
 	Async_UnlistenAll();		/* UNLISTEN * */
 	ResetAllOptions();			/* RESET ALL */
 	ResetTempTableNamespace();	/* DISCARD TEMP */

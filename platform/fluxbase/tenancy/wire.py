@@ -40,8 +40,10 @@ RESET_STEPS = (
     "DISCARD SEQUENCES",
     "SELECT FROM pg_catalog.pg_advisory_unlock_all() u WHERE u IS NULL",
 )
-# The same in two steps where the server has the C function (issue 24: ext/fluxbase_capture's
-# fluxbase_reset_session does the last five at once; db/capture.install_reset creates it). It
+# The same where the server has the C function (issue 24: ext/fluxbase_capture's
+# fluxbase_reset_session does all six at once; db/capture.install_reset creates it): a used
+# session's reset is the call alone, and CLOSE ALL stays first only where the list is run whole
+# (a session's first request runs only it, RequestPrefix.begin). It
 # refuses once the request's identity or caps are set in the transaction, so tenant SQL cannot
 # call it. Each session learns at login whether its server has it (NATIVE_RESET_SQL, a column of
 # the login query). Only the one-round-trip prefix uses it: the simple-protocol resets
@@ -204,7 +206,9 @@ class RequestPrefix:
         self.native_reset = native_reset
         rest = reset_steps(native_reset)[1:]
         self._first = bind_execute(names[0])  # a fresh session's only reset step (`begin`)
-        self.reset = self._first + b"".join(bind_execute(name) for name in reset_names)
+        # The C function closes the cursors too: a used session's reset is that one call.
+        first = b"" if native_reset else self._first
+        self.reset = first + b"".join(bind_execute(name) for name in reset_names)
         self._check, self._read_only, self._user_session = names[1:4]
         # Parse messages not sent yet, by what needs them (`begin`); a session nothing ran on yet.
         self._unparsed: dict[str, bytes] = {
