@@ -624,9 +624,10 @@ async def _one_round_trip(
                 # runs of the tenant's code runs under the request's identity, caps and checks.
                 conn.dirty = True
                 try:
-                    stmt, sent = await wire.prepare_after(
-                        conn, prefix, prefix.begin(read_only, user_session) + head, query
+                    stmt = await wire.prepare_after(
+                        conn, prefix, lambda: prefix.begin(read_only, user_session) + head, query
                     )
+                    sent = True
                 except asyncpg.PostgresError:
                     raise
                 except Exception as exc:
@@ -636,7 +637,7 @@ async def _one_round_trip(
                 args = adapt_params(types, params)
             except ParamError as exc:
                 if sent:
-                    await prefix.drain(conn)  # ends the transaction the prefix opened
+                    await prefix.drain(conn)  # rolls back the transaction the prefix opened
                 raise StatementFailed(str(exc), "22023") from None
             if not sent:
                 # The reset (none on a fresh session) and the Parse of any step not sent before,

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -126,6 +126,10 @@ def parse_bind_execute(sql: str) -> bytes:
     text = sql.encode()
     # Parse: unnamed statement, the text, no declared parameter types (4 bytes around the text).
     return b"P%b\x00%b\x00\x00\x00%b" % ((len(text) + 8).to_bytes(4, "big"), text, _BIND_EXECUTE_UNNAMED)
+
+
+# A step that fails, so that the Sync after it rolls the implicit transaction back (`drain`).
+_ABORT = parse_bind_execute("SELECT fluxbase_guard.refuse('FXDRN')")
 
 
 def parse(name: str, sql: str) -> bytes:
@@ -281,13 +285,19 @@ class RequestPrefix:
         session resets with the six statements from now on, so do sessions opened on this server
         for NATIVE_RESET_RETRY_S, and the request may run again. Decided by calling the function
         on this session (now idle: the failed request's Sync ended its transaction), never from
-        the error's text, which a tenant's own statement can write (hostile review 23); a
-        statement's own error costs that one round trip."""
+        the error's text, which a tenant's own statement can write (hostile review 23), and only
+        when the call fails with one of those codes too; a statement's own error costs that one
+        round trip."""
         if not self.native_reset or getattr(exc, "sqlstate", None) not in NATIVE_RESET_FAILURES:
             return False
         try:
             await conn.execute(NATIVE_RESET_STEPS[1])
         except asyncpg.PostgresError as probe:
+            if probe.sqlstate not in NATIVE_RESET_FAILURES:
+                # It ran and failed at its work (its DISCARD TEMP waiting on a lock a tenant
+                # holds, hostile review 24): not a reset that cannot run. The request's own
+                # error stands; the session's next request resets it again.
+                return False
             _NATIVE_FAILED[_server(conn)] = time.monotonic() + NATIVE_RESET_RETRY_S
             log.warning(
                 "the C session reset failed (%s): this server's sessions reset with statements for %.0f s",
@@ -380,9 +390,13 @@ class RequestPrefix:
             transport.write(data[sent:])
 
     async def drain(self, conn: Any) -> None:
-        """End a prefix written without its statement: run the login settings query (it changes
-        nothing) with a Sync after it. A refusal the prefix raised is moot then (the request
-        already failed)."""
+        """End a prefix written without its statement, rolling its transaction back: a step that
+        fails (`_ABORT`), then the login settings query with a Sync after it. Nothing of the
+        transaction commits: not the prefix's settings, nor what parsing a statement did in it
+        (`prepare_after`: a request refused for its parameters, or whose types are introspected,
+        must not keep its parse-time writes, hostile review 24). Its errors are moot (the request
+        already failed, or is prepared again)."""
+        write(conn, _ABORT)
         with contextlib.suppress(asyncpg.PostgresError):
             await conn._protocol.bind_execute(
                 state=self._login._state,
@@ -433,53 +447,57 @@ async def prepare(conn: Any, query: str) -> Any:
         raise StatementFailed(UNDECODABLE, "0A000") from None
 
 
-async def prepare_after(conn: Any, prefix: RequestPrefix, head: bytes, query: str) -> tuple[Any, bool]:
-    """Prepare `query`, which the statement cache does not hold, after the request prefix `head`
-    in the same implicit transaction: (the statement, whether `head` still stands).
+async def prepare_after(conn: Any, prefix: RequestPrefix, head: Callable[[], bytes], query: str) -> Any:
+    """Prepare `query`, which the statement cache does not hold, after the request prefix
+    (`head()`, built per send) in the same implicit transaction; the caller then sends only the
+    statement's Bind/Execute/Sync.
 
     Parsing a statement can run tenant code (a domain's CHECK on a literal of the domain, an
     array or row input function): written first, the reset, identity, caps, checks and read-only
     mode are in force when it runs, as for the statement itself (hostile review 23: parsed ahead
     of them, in its own transaction, it wrote to a read-only project). asyncpg's own prepare
     (Parse, Describe, Flush: no Sync) skips the prefix's BindComplete and CommandComplete
-    messages, and a prefix step's error fails it (asyncpg then syncs). What could end the
-    transaction between the prefix and the statement's Bind is done before or apart: closing
-    statements evicted from the cache first, and where a type must be introspected (its own
-    queries, each with a Sync) the transaction is ended (`drain`) and False returned: the caller
-    writes the prefix again before the Bind. Named statements only (`named`: the one-round-trip
-    path takes no statement longer than asyncpg's cacheable size)."""
+    messages, and a prefix step's error fails it (asyncpg then syncs). Nothing may end the
+    transaction between the prefix and the statement's Bind: statements evicted from the cache
+    are closed first, and where a type must be introspected (asyncpg's own queries, each with a
+    Sync) the transaction is rolled back (`drain`: what parsing did is undone, hostile review 24),
+    the types introspected, and the statement parsed again under a new name after a new prefix
+    (the first is closed with the next eviction): what parsing runs takes effect only in the
+    transaction that runs the statement. Named statements only (`named`: the one-round-trip path
+    takes no statement longer than asyncpg's cacheable size)."""
     config = conn._config
     if not conn._stmt_cache_enabled or (
         config.max_cacheable_statement_size and len(query) > config.max_cacheable_statement_size
     ):
         raise ValueError("prepare_after takes only statements asyncpg caches (named)")
-    if conn._stmts_to_close:
-        await conn._cleanup_stmts()  # their Close and Sync, before the request's transaction
     record_class = conn._protocol.get_record_class()
-    prefix.send(conn, head)
     try:
-        stmt = await conn._protocol.prepare(
-            conn._get_unique_id("stmt"), query, None, record_class=record_class, ignore_custom_codec=False
-        )
-        stands = True
-        missing = stmt._init_types()
-        if missing:
+        for _ in range(5):  # as asyncpg's _get_statement: a second round is rare, a third a race
+            if conn._stmts_to_close:
+                await conn._cleanup_stmts()  # their Close and Sync, before the request's transaction
+            prefix.send(conn, head())
+            stmt = await conn._protocol.prepare(
+                conn._get_unique_id("stmt"), query, None, record_class=record_class, ignore_custom_codec=False
+            )
+            missing = stmt._init_types()
+            if not missing:
+                break
             await prefix.drain(conn)
-            stands = False
-            for _ in range(5):  # as asyncpg's _get_statement: more than one round is rare
+            for _ in range(5):
                 types, _intro = await conn._introspect_types(missing, None)
                 conn._protocol.get_settings().register_data_types(types)
                 missing = stmt._init_types()
                 if not missing:
                     break
-            else:
-                raise asyncpg.exceptions.InternalClientError("could not resolve the statement's types")
+            conn._stmts_to_close.add(stmt)  # parsed in the rolled-back transaction
+        else:
+            raise asyncpg.exceptions.InternalClientError("could not resolve the statement's types")
         stmt._init_codecs()
     except asyncpg.exceptions.UnsupportedClientFeatureError:
         conn.terminate()  # as `prepare`
         raise StatementFailed(UNDECODABLE, "0A000") from None
     conn._stmt_cache.put((query, record_class, False), stmt)
-    return stmt, stands
+    return stmt
 
 
 def named(stmt: Any) -> bool:
