@@ -101,15 +101,18 @@ class Result:
 
 
 def _stat_ticks(pid: int) -> tuple[int, int]:
-    """(ppid, utime + stime in clock ticks) of one process."""
+    """(ppid, utime + stime + cutime + cstime in clock ticks) of one process: its own CPU and
+    that of its children it has waited for (a PostgreSQL backend that exits during a round stays
+    counted in the postmaster's, instead of its ticks leaving the tree's sum)."""
     with open(f"/proc/{pid}/stat") as f:
         text = f.read()
     fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
 
 
 def tree_cpu_ticks(root: int) -> int:
-    """CPU ticks of a process and all its live descendants (server workers)."""
+    """CPU ticks of a process and all its descendants (server workers), the exited ones that
+    were waited for included."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
