@@ -574,7 +574,8 @@ def _cap_step(n: int) -> bytes:
 class Fallback(Exception):
     """Run the request as an explicit transaction after all (sql/0011): FXRST, a previous
     request changed the session's transaction defaults (now reset); FXEPO, the cached key state
-    is out of date (`check_key` decides); FXU01/FXU02, the end user's session check refused."""
+    is out of date (`check_key` decides); FXU01/FXU02, the end user's session check refused; a
+    statement whose types asyncpg must introspect (wire.NeedsIntrospection)."""
 
     traced_as_ok = True  # not a failure of the statement's span (fluxbase.tracing)
 
@@ -625,9 +626,11 @@ async def _one_round_trip(
                 conn.dirty = True
                 try:
                     stmt = await wire.prepare_after(
-                        conn, prefix, lambda: prefix.begin(read_only, user_session) + head, query
+                        conn, prefix, prefix.begin(read_only, user_session) + head, query
                     )
                     sent = True
+                except wire.NeedsIntrospection:
+                    raise Fallback() from None  # asyncpg introspects it there, inside the request
                 except asyncpg.PostgresError:
                     raise
                 except Exception as exc:
@@ -671,7 +674,7 @@ async def _one_round_trip(
             raise statement_error(exc, may_write) from None
         except wire.UNDECODABLE_ERRORS:
             raise wire.undecodable(conn) from None  # as wire.execute's
-        except (*CONNECTION_LOST, FluxbaseError):
+        except (*CONNECTION_LOST, FluxbaseError, Fallback):
             raise
         except Exception:
             conn.terminate()  # the protocol state is unknown: never reuse this connection

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -447,10 +447,16 @@ async def prepare(conn: Any, query: str) -> Any:
         raise StatementFailed(UNDECODABLE, "0A000") from None
 
 
-async def prepare_after(conn: Any, prefix: RequestPrefix, head: Callable[[], bytes], query: str) -> Any:
-    """Prepare `query`, which the statement cache does not hold, after the request prefix
-    (`head()`, built per send) in the same implicit transaction; the caller then sends only the
-    statement's Bind/Execute/Sync.
+class NeedsIntrospection(Exception):
+    """`prepare_after` met a type asyncpg must introspect: its queries each end with a Sync, which
+    would end the request's transaction, so the request takes the explicit-transaction path
+    (tenancy.session.Fallback), where they run inside the request's own transaction."""
+
+
+async def prepare_after(conn: Any, prefix: RequestPrefix, head: bytes, query: str) -> Any:
+    """Prepare `query`, which the statement cache does not hold, after the request prefix `head`
+    in the same implicit transaction; the caller then sends only the statement's
+    Bind/Execute/Sync.
 
     Parsing a statement can run tenant code (a domain's CHECK on a literal of the domain, an
     array or row input function): written first, the reset, identity, caps, checks and read-only
@@ -459,39 +465,28 @@ async def prepare_after(conn: Any, prefix: RequestPrefix, head: Callable[[], byt
     (Parse, Describe, Flush: no Sync) skips the prefix's BindComplete and CommandComplete
     messages, and a prefix step's error fails it (asyncpg then syncs). Nothing may end the
     transaction between the prefix and the statement's Bind: statements evicted from the cache
-    are closed first, and where a type must be introspected (asyncpg's own queries, each with a
-    Sync) the transaction is rolled back (`drain`: what parsing did is undone, hostile review 24),
-    the types introspected, and the statement parsed again under a new name after a new prefix
-    (the first is closed with the next eviction): what parsing runs takes effect only in the
-    transaction that runs the statement. Named statements only (`named`: the one-round-trip path
-    takes no statement longer than asyncpg's cacheable size)."""
+    are closed first, and where a type must be introspected the transaction is rolled back
+    (`drain`: what parsing did is undone, hostile review 24), this statement queued for Close, and
+    NeedsIntrospection raised (hostile review 25: introspecting here ran asyncpg's queries on the
+    session as the previous request left it, outside any request). Named statements only
+    (`named`: the one-round-trip path takes no statement longer than asyncpg's cacheable size)."""
     config = conn._config
     if not conn._stmt_cache_enabled or (
         config.max_cacheable_statement_size and len(query) > config.max_cacheable_statement_size
     ):
         raise ValueError("prepare_after takes only statements asyncpg caches (named)")
+    if conn._stmts_to_close:
+        await conn._cleanup_stmts()  # their Close and Sync, before the request's transaction
     record_class = conn._protocol.get_record_class()
+    prefix.send(conn, head)
     try:
-        for _ in range(5):  # as asyncpg's _get_statement: a second round is rare, a third a race
-            if conn._stmts_to_close:
-                await conn._cleanup_stmts()  # their Close and Sync, before the request's transaction
-            prefix.send(conn, head())
-            stmt = await conn._protocol.prepare(
-                conn._get_unique_id("stmt"), query, None, record_class=record_class, ignore_custom_codec=False
-            )
-            missing = stmt._init_types()
-            if not missing:
-                break
+        stmt = await conn._protocol.prepare(
+            conn._get_unique_id("stmt"), query, None, record_class=record_class, ignore_custom_codec=False
+        )
+        if stmt._init_types():
+            conn._stmts_to_close.add(stmt)  # closed before the next prepare: never left behind
             await prefix.drain(conn)
-            for _ in range(5):
-                types, _intro = await conn._introspect_types(missing, None)
-                conn._protocol.get_settings().register_data_types(types)
-                missing = stmt._init_types()
-                if not missing:
-                    break
-            conn._stmts_to_close.add(stmt)  # parsed in the rolled-back transaction
-        else:
-            raise asyncpg.exceptions.InternalClientError("could not resolve the statement's types")
+            raise NeedsIntrospection()
         stmt._init_codecs()
     except asyncpg.exceptions.UnsupportedClientFeatureError:
         conn.terminate()  # as `prepare`
