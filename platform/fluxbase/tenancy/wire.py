@@ -238,8 +238,7 @@ class RequestPrefix:
     ) -> tuple[RequestPrefix, Any]:
         """Prepare the steps on a new connection and run `login_sql` (a query of one row, the
         session's login settings, with a `native_reset` column, NATIVE_RESET_SQL, where the C reset may
-        be used): (the prefix,
-        that row), in two round trips, not one per step.
+        be used): (the prefix, that row), in two round trips, not one per step.
 
         The steps' Parse messages go out ahead of asyncpg's own Parse/Describe/Flush of
         `login_sql` (no Sync between them): the server parses them all and answers in one reply,
