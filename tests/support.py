@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,3 +251,83 @@ class Api:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# -- tenant SQL through the API (the session-reset tests and hostile reviews 23-25) -------------
+
+END_USER_PASSWORD = "correct horse battery"
+
+
+async def has_capture_library(control_db: asyncpg.Pool) -> bool:
+    """Whether the test server runs the C functions of ext/fluxbase_capture (capture, reset)."""
+    from fluxbase.db import capture
+
+    async with control_db.acquire() as conn:
+        return await capture.capture_language(conn) == capture.C
+
+
+async def need_capture_library(control_db: asyncpg.Pool) -> None:
+    import pytest
+
+    if not await has_capture_library(control_db):
+        pytest.skip("FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)")
+
+
+@contextlib.asynccontextmanager
+async def own_project(spawn: Callable[..., Any], **env: str) -> AsyncIterator[tuple[Any, Api, str, str, str]]:
+    """A spawned instance (conftest.spawn, `env` its extra settings) with one project:
+    (instance, api, project id, owner token, an admin key without a practical rate limit)."""
+    async with spawn(**env) as inst:
+        api = Api(inst.url)
+        try:
+            _, token = await api.new_user()
+            pid = await api.new_project(token)
+            yield inst, api, pid, token, await api.new_key(token, pid, rateLimitRequests=1_000_000)
+        finally:
+            await api.close()
+
+
+async def end_user(api: Api, pid: str) -> tuple[str, str]:
+    """A new end user of the project, signed in: (its id, its access token)."""
+    email = f"u-{secrets.token_hex(4)}@example.com"
+    r = await api.http.post(
+        f"/api/projects/{pid}/auth/register", json={"email": email, "password": END_USER_PASSWORD}
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{pid}/auth/login",
+        json={"email": email, "password": END_USER_PASSWORD},
+        headers={"X-Forwarded-For": random_ip()},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["user"]["id"], body["accessToken"]
+
+
+async def post_sql(
+    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST /api/execute-sql with `key` and, given `token`, as that end user: (status, body)."""
+    headers = bearer(key)
+    if token is not None:
+        headers["X-Fluxbase-User-Token"] = token
+    payload: dict[str, Any] = {"projectId": pid, "query": q}
+    if params is not None:
+        payload["params"] = params
+    r = await api.http.post("/api/execute-sql", json=payload, headers=headers)
+    return r.status_code, dict(r.json())
+
+
+async def sql_body(
+    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
+) -> dict[str, Any]:
+    return (await post_sql(api, key, pid, q, token, params))[1]
+
+
+async def sql_rows(
+    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a statement that must succeed."""
+    body = await sql_body(api, key, pid, q, token, params)
+    assert body["success"], (q, body)
+    return list(body["result"]["rows"])

@@ -36,81 +36,19 @@ left in the session.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from conftest import Instance
-from fluxbase.db import capture as cap
-from support import Api, bearer, random_ip
-
-PASSWORD = "correct horse battery"
-
-
-async def _need_library(control_db: asyncpg.Pool) -> None:
-    async with control_db.acquire() as conn:
-        if await cap.capture_language(conn) != cap.C:
-            pytest.skip(
-                "FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)"
-            )
-
-
-@contextlib.asynccontextmanager
-async def _own(spawn: Any, **env: str) -> AsyncIterator[tuple[Instance, Api, str, str, str]]:
-    """A spawned instance with one project: (instance, api, project id, owner token, admin key)."""
-    async with spawn(**env) as inst:
-        api = Api(inst.url)
-        try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            yield inst, api, pid, token, await api.new_key(token, pid, rateLimitRequests=1_000_000)
-        finally:
-            await api.close()
-
-
-async def _user_token(api: Api, pid: str) -> tuple[str, str]:
-    email = f"r25-{secrets.token_hex(4)}@example.com"
-    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    r = await api.http.post(
-        f"/api/projects/{pid}/auth/login",
-        json={"email": email, "password": PASSWORD},
-        headers={"X-Forwarded-For": random_ip()},
-    )
-    assert r.status_code == 200, r.text
-    body = r.json()
-    return body["user"]["id"], body["accessToken"]
-
-
-async def _post(
-    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
-) -> tuple[int, dict[str, Any]]:
-    headers = bearer(key)
-    if token is not None:
-        headers["X-Fluxbase-User-Token"] = token
-    payload: dict[str, Any] = {"projectId": pid, "query": q}
-    if params is not None:
-        payload["params"] = params
-    r = await api.http.post("/api/execute-sql", json=payload, headers=headers)
-    return r.status_code, dict(r.json())
-
-
-async def _sql(
-    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
-) -> dict[str, Any]:
-    return (await _post(api, key, pid, q, token, params))[1]
-
-
-async def _ok(
-    api: Api, key: str, pid: str, q: str, token: str | None = None, params: list[Any] | None = None
-) -> list[dict[str, Any]]:
-    body = await _sql(api, key, pid, q, token, params)
-    assert body["success"], (q, body)
-    return list(body["result"]["rows"])
+from support import Api
+from support import end_user as _user_token
+from support import need_capture_library as _need_library
+from support import own_project as _own
+from support import post_sql as _post
+from support import sql_body as _sql
+from support import sql_rows as _ok
 
 
 async def _hooked_table(api: Api, admin: str, pid: str) -> None:

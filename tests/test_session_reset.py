@@ -11,9 +11,6 @@ request's SET LOCAL identity and caps).
 
 from __future__ import annotations
 
-import contextlib
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -22,50 +19,13 @@ import pytest
 from conftest import Instance
 from fluxbase.db import capture as cap
 from fluxbase.tenancy import wire
-from support import Api, Stack, bearer, random_ip
+from support import Api, Stack
+from support import end_user as _user_token
+from support import has_capture_library as _has_library
+from support import own_project as _own
+from support import sql_body as _sql
 
-PASSWORD = "correct horse battery"
 REFUSED = "fluxbase_guard.reset_session() may only begin a request"
-
-
-async def _has_library(control_db: asyncpg.Pool) -> bool:
-    async with control_db.acquire() as conn:
-        return await cap.capture_language(conn) == cap.C
-
-
-@contextlib.asynccontextmanager
-async def _own(spawn: Any, stack: Stack, **env: str) -> AsyncIterator[tuple[Instance, Api, str, str, str]]:
-    """A spawned instance with one project: (instance, api, project id, owner token, admin key)."""
-    async with spawn(**env) as inst:
-        api = Api(inst.url)
-        try:
-            _, token = await api.new_user()
-            pid = await api.new_project(token)
-            yield inst, api, pid, token, await api.new_key(token, pid, rateLimitRequests=1_000_000)
-        finally:
-            await api.close()
-
-
-async def _user_token(api: Api, pid: str) -> tuple[str, str]:
-    email = f"r-{secrets.token_hex(4)}@example.com"
-    r = await api.http.post(f"/api/projects/{pid}/auth/register", json={"email": email, "password": PASSWORD})
-    assert r.status_code == 201, r.text
-    r = await api.http.post(
-        f"/api/projects/{pid}/auth/login",
-        json={"email": email, "password": PASSWORD},
-        headers={"X-Forwarded-For": random_ip()},
-    )
-    assert r.status_code == 200, r.text
-    body = r.json()
-    return body["user"]["id"], body["accessToken"]
-
-
-async def _sql(api: Api, key: str, pid: str, q: str, token: str | None = None) -> dict[str, Any]:
-    headers = bearer(key)
-    if token is not None:
-        headers["X-Fluxbase-User-Token"] = token
-    r = await api.http.post("/api/execute-sql", json={"projectId": pid, "query": q}, headers=headers)
-    return dict(r.json())
 
 
 async def test_sessions_of_a_server_with_the_library_use_the_c_reset(
@@ -165,7 +125,7 @@ async def test_what_a_request_leaves_is_gone_by_the_next_with_either_reset(
     a held cursor, left by one request, are gone when the next starts on the same backend: with
     the C reset, and with the six statements once the function is dropped."""
     native = await _has_library(control_db)
-    async with _own(spawn, stack, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, _token, key):
+    async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, _token, key):
         leave = [
             "CREATE SEQUENCE s",
             "CREATE FUNCTION leave() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
@@ -220,7 +180,7 @@ async def test_a_session_whose_reset_function_went_away_switches_to_the_statemen
     on that session)."""
     if not await _has_library(control_db):
         pytest.skip("FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)")
-    async with _own(spawn, stack, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, _token, key):
+    async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (inst, api, pid, _token, key):
         one = await _sql(api, key, pid, "SELECT pg_backend_pid() AS p")
         before = one["result"]["rows"][0]["p"]
         su = await asyncpg.connect(stack.database_url(inst.dbname))
