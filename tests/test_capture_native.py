@@ -715,7 +715,9 @@ async def test_the_outbox_grows_by_chunks_whose_pages_are_filled(
             "INSERT INTO grow1 VALUES (i, repeat('x', 300)); END LOOP; END $$"
         )
         written += 200
-        assert written <= 20_000
+        # A bound on the loop, not on the behaviour: free space that other tests' pruned events
+        # left in the outbox is filled before it grows (a CI run needed 20 200 rows).
+        assert written <= 100_000
     after = await superuser.fetchval(pages)
     last = await superuser.fetchval("SELECT max((ctid::text::point)[0])::int FROM fluxbase.events")
     assert 1 <= after - 1 - last <= 32, (before, after, last)
