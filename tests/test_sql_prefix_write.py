@@ -125,7 +125,9 @@ def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **conne
                 segments = max(segments, (_data_segments_out(raw) - before) if tcp else 0)
                 assert completed and tuple(rows[0]) == (2 * n, "p"), rows
             assert await conn.fetchval("SELECT current_setting('fx.probe', true)") in (None, "")
-            assert (prefix._fd >= 0) == tcp  # the raw socket only for TCP
+            assert (prefix._sock is not False) == tcp  # the raw socket only for TCP
+            if tcp:  # one socket object per connection, over the transport's descriptor
+                assert prefix._sock.fileno() == raw.fileno()
             return segments, type(conn._transport).__module__
         finally:
             await conn.close()
@@ -153,3 +155,26 @@ async def test_send_over_a_unix_socket_falls_back_to_the_transport(stack, instan
     where = {"host": str(stack.pg.socket_dir), "port": urlsplit(url).port}
     segments, _ = await asyncio.to_thread(_on_loop, uvloop.new_event_loop, url, **where)
     assert segments == 0  # no TCP: nothing counted, and the results above were checked
+
+
+def test_borrowed_socket_never_closes_the_descriptor() -> None:
+    """The prefix's socket object is over a descriptor the transport owns: dropping it, or the
+    collector finalising it in a cycle, must leave the descriptor open."""
+    import gc
+    import os
+
+    a, b = socket.socketpair()
+    try:
+        fd = a.fileno()
+        borrowed = wire._Borrowed(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+        assert borrowed.send(b"x") == 1
+        cycle: list[Any] = [borrowed]
+        cycle.append(cycle)
+        del borrowed, cycle
+        gc.collect()
+        os.fstat(fd)  # still open: raises OSError (EBADF) if the object closed it
+        a.send(b"y")
+        assert b.recv(8) == b"xy"
+    finally:
+        a.close()
+        b.close()

@@ -86,6 +86,25 @@ async def test_keep_alive_answers_several_requests_on_one_connection(api: Api, p
         writer.close()
 
 
+async def test_keep_alive_timeout_counts_from_the_last_answer(api: Api, project) -> None:
+    """uvicorn's keep-alive timeout (5 s), kept by one timer per connection: a connection used
+    again within it stays open however long it lives, and one left idle closes about 5 s after
+    its last answer, not before."""
+    reader, writer = await connect(api)
+    try:
+        for n in range(3):  # 6 s in all, each request 3 s after the answer before it
+            if n:
+                await asyncio.sleep(3)
+            writer.write(request(project, f"SELECT {n} AS n"))
+            status, _, body = await read_answer(reader)
+            assert status == 200 and rows(body) == [{"n": n}]
+        answered = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 15) == b""  # the server closed it
+        assert 4.5 <= time.monotonic() - answered <= 8.0
+    finally:
+        writer.close()
+
+
 async def test_pipelined_requests_are_answered_in_order(api: Api, project) -> None:
     """The first is the slowest: each answer still comes in the order the requests were sent,
     and a pipelined request to another route (ASGI) keeps its place between them."""

@@ -265,9 +265,53 @@ class SqlHttpProtocol(HttpToolsProtocol):
         self.json_log = log.json_log if log is not None else False
         self._headers_pending = False
         self._header_bytes = 0
+        self._idle_at: float | None = None  # loop time of the last answer, None while busy
         if self.fast is not None and _TALLY.loop is not self.loop:  # the metrics' flush (_Tally)
             _TALLY.loop = self.loop
             self.loop.call_later(1.0, _flush_every_second, self.loop)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        timer = self.timeout_keep_alive_task
+        if timer is not None:
+            self.timeout_keep_alive_task = None
+            timer.cancel()
+
+    # The keep-alive timeout, as uvicorn's (the connection closes `timeout_keep_alive` seconds
+    # after its last answer unless more data came), with one timer per connection instead of
+    # one armed at every answer and cancelled at the next request's first bytes (a timer handle
+    # made and cancelled per request): an answer notes the time, arriving data marks the
+    # connection busy, and the timer, when it fires, closes an idle connection or waits on.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_at = None  # data arrived: busy until its answer (the timer lets it be)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive timer above."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._idle_at = None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        loop = self.loop
+        self._idle_at = loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        idle_at = self._idle_at
+        if idle_at is None or self.transport.is_closing():
+            return  # busy: its answer arms the timer again
+        left = idle_at + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

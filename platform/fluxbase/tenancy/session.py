@@ -442,7 +442,10 @@ async def _on_connection(
     try:
         # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
         # of its cost on this path); the backend is then terminated.
-        task = asyncio.current_task()
+        # (The connection's loop, this task's: `get_running_loop()` makes a getpid system
+        # call on Python 3.11, `current_task()` without a loop another.)
+        loop = conn._loop
+        task = asyncio.current_task(loop)
         assert task is not None
         expired: list[bool] = []
 
@@ -450,7 +453,6 @@ async def _on_connection(
             expired.append(True)
             task.cancel()
 
-        loop = asyncio.get_running_loop()
         timer = loop.call_at(loop.time() + limits.deadline_s, expire)
         try:
             if not pipelined:

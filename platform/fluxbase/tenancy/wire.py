@@ -173,12 +173,12 @@ class RequestPrefix:
 
     __slots__ = (
         "_check",
-        "_fd",
         "_first",
         "_fixed",
         "_login",
         "_read_only",
         "_shapes",
+        "_sock",
         "_staged",
         "_unparsed",
         "_user_session",
@@ -203,7 +203,8 @@ class RequestPrefix:
         """`names`: the statements of (the first reset step, CHECK, READ_ONLY, USER_SESSION,
         *fixed, *limits); `reset_names`: those of the other reset steps (`reset_steps`)."""
         self._login = login
-        self._fd: int | None = None  # `send`'s socket: unknown yet (-1: none it may use)
+        # `send`'s socket: unknown yet (None), none it may use (False), or the transport's.
+        self._sock: _Borrowed | bool | None = None
         self._shapes: dict[int, tuple[Any, Shape]] = {}
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
@@ -370,21 +371,16 @@ class RequestPrefix:
             for k in staged:
                 del self._unparsed[k]
         transport = conn._transport
-        fd = self._fd
-        if fd is None:
-            fd = self._fd = _raw_fd(transport)
-        if fd < 0 or transport.get_write_buffer_size() or transport.is_closing():
+        sock = self._sock
+        if sock is None:
+            sock = self._sock = _borrow(transport)
+        if sock is False or transport.get_write_buffer_size() or transport.is_closing():
             transport.write(data)
             return
-        # A socket object over the transport's descriptor, for this one call: detached before
-        # anything else runs, so it never closes what it does not own.
-        sock = _socket.socket(_socket.AF_INET, _NONBLOCKING_STREAM, 0, fd)
         try:
-            sent = sock.send(data, _MSG_MORE)
+            sent = sock.send(data, _MSG_MORE)  # type: ignore[union-attr]
         except OSError:  # full or broken: the transport's write handles either
             sent = 0
-        finally:
-            sock.detach()
         if sent != len(data):
             transport.write(data[sent:])
 
@@ -416,14 +412,28 @@ _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
-def _raw_fd(transport: Any) -> int:
-    """The descriptor of a plain TCP transport that `RequestPrefix.send` may write to, or -1."""
+class _Borrowed(_socket.socket):
+    """A socket object over a descriptor the transport owns, for `RequestPrefix.send`: made once
+    per connection (a new object per send cost a `getsockname` system call each), and never
+    closing what it does not own: finalised, it lets go of the descriptor (`detach`) instead of
+    closing it. `send` uses it only while the transport is open, so the descriptor is still the
+    transport's (a closed one's number may be reused)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+def _borrow(transport: Any) -> _Borrowed | bool:
+    """`RequestPrefix.send`'s socket for a plain TCP transport, or False (TLS, a Unix socket, or
+    no MSG_MORE here: the transport's own write)."""
     if not _MSG_MORE or transport.get_extra_info("ssl_object") is not None:
-        return -1
+        return False
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return -1
-    return int(sock.fileno())
+        return False
+    return _Borrowed(sock.family, _NONBLOCKING_STREAM, 0, sock.fileno())
 
 
 # -- statements with a row cap --------------------------------------------------------------------
