@@ -257,6 +257,29 @@ async def test_deadline_cancels_even_with_statement_timeout_disabled(spawn) -> N
         assert busy == 0
 
 
+async def test_deadline_counts_from_each_request_on_a_reused_connection(spawn) -> None:
+    """One deadline timer per tenant connection (session.Deadline): when the timer an earlier
+    request armed fires during a later one on the same session, the later one runs on until
+    its own deadline, and is cancelled then."""
+    async with _own_project(spawn, FLUXBASE_SQL_DEADLINE_MS="1500") as (_inst, api, pid, key):
+
+        async def backend(query: str) -> tuple[dict[str, Any], float]:
+            t0 = time.monotonic()
+            body = (await api.sql(key, pid, query)).json()
+            return body, time.monotonic() - t0
+
+        first, _ = await backend("SELECT pg_backend_pid() AS p")
+        await asyncio.sleep(1.0)
+        # Armed by the first request, the timer fires 0.5 s into this one: it must wait on for
+        # this request's own deadline (1.5 s after it began), then cancel it.
+        second, took = await backend("SELECT pg_backend_pid() AS p FROM pg_sleep(30)")
+        assert second["success"] is False and second["error"]["code"] == "QUERY_TIMEOUT"
+        assert 1.3 <= took < 6
+        third, _ = await backend("SELECT pg_backend_pid() AS p FROM pg_sleep(0.5)")
+        assert third["success"] is True, third
+        assert third["result"]["rows"] != first["result"]["rows"]  # the timed-out session is gone
+
+
 async def test_held_locks_do_not_outlive_the_request(api: Api, project) -> None:
     await api.sql(project.admin_key, project.id, "CREATE TABLE lk (id int)")
     assert (await api.sql(project.admin_key, project.id, "LOCK TABLE lk IN ACCESS EXCLUSIVE MODE")).json()[

@@ -408,6 +408,52 @@ async def _again(
     return await _on_connection(pools, control, again, run, index, pipelined=pipelined, opened_after=since)
 
 
+class Deadline:
+    """The request deadline of one tenant connection, with one timer for the connection's life
+    instead of one made and cancelled per request (a timer handle and a libuv timer each).
+    `start` notes the request's task and when it is due, arming the timer only if none is
+    armed by then; when the timer fires it cancels the request in flight if it is due (and
+    sets `expired`), arms itself again for a later one, or stops while the connection is idle
+    (the next `start` arms it)."""
+
+    __slots__ = ("due", "expired", "loop", "task", "timer", "timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None  # the request in flight
+        self.due = 0.0  # loop time its deadline passes
+        self.expired = False  # the timer cancelled it
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+
+    def start(self, task: asyncio.Task[Any], seconds: float) -> None:
+        due = self.loop.time() + seconds
+        self.task, self.due, self.expired = task, due, False
+        timer = self.timer
+        if timer is None or self.timer_at > due:
+            if timer is not None:
+                timer.cancel()
+            self.timer, self.timer_at = self.loop.call_at(due, self._fire), due
+
+    def close(self) -> None:
+        """The connection is done with: no timer left behind."""
+        self.task = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        task = self.task
+        if task is None:
+            return  # idle
+        if self.loop.time() < self.due:  # a later request's deadline: wait for it
+            self.timer, self.timer_at = self.loop.call_at(self.due, self._fire), self.due
+            return
+        self.task, self.expired = None, True
+        task.cancel()
+
+
 async def _on_connection(
     pools: TenantPools,
     control: asyncpg.Pool,
@@ -441,28 +487,29 @@ async def _on_connection(
     dead = False
     try:
         # The request deadline: a timer that cancels this task (asyncio.timeout, at a fraction
-        # of its cost on this path); the backend is then terminated.
+        # of its cost on this path); the backend is then terminated. One timer per connection
+        # (`Deadline`), not one made and cancelled per request.
         # (The connection's loop, this task's: `get_running_loop()` makes a getpid system
         # call on Python 3.11, `current_task()` without a loop another.)
         loop = conn._loop
         task = asyncio.current_task(loop)
         assert task is not None
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            task.cancel()
-
-        timer = loop.call_at(loop.time() + limits.deadline_s, expire)
+        watch: Deadline | None = getattr(conn, "deadline", None)
+        if watch is None:
+            watch = Deadline(loop)
+            with contextlib.suppress(AttributeError):  # (a connection of another class)
+                conn.deadline = watch
+        watch.start(task, limits.deadline_s)
         try:
             if not pipelined:
                 await clean(conn)
             return await run(conn)
         except asyncio.CancelledError:
-            if not expired:
+            if not watch.expired:
                 raise
             task.uncancel()
             dead = True
+            watch.close()
             await terminate(control, conn)
             ms = int(limits.deadline_s * 1000)
             raise StatementTimedOut(
@@ -483,7 +530,7 @@ async def _on_connection(
             log.warning("project %s dropped or replaced a pooled session's prepared statements", project_id)
             raise SessionStatementsLost() from None
         finally:
-            timer.cancel()
+            watch.task = None  # the request is over: the timer lets the connection be
     finally:
         if not dead and not conn.is_closed() and conn.is_in_transaction():
             dead = True
