@@ -157,8 +157,9 @@ async def init_tenant_connection(conn: asyncpg.Connection) -> None:
 class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
     """A tenant pool connection: its one-round-trip prefix (tenancy.wire, prepared when it opens,
     `open_tenant_session`), its request deadline's timer (`session.Deadline`), whether a
-    request left session state that only the next one-round-trip request's prefix clears, whether it logged in with settings above the caps
-    (`login_over_caps`), and whether its idle-reset timer is pending (`TenantPool.release`)."""
+    request left session state that only the next one-round-trip request's prefix clears,
+    whether it logged in with settings above the caps (`login_over_caps`), and whether its
+    idle-reset timer is pending (`TenantPool.release`)."""
 
     __slots__ = (
         "cluster_pool",
