@@ -371,10 +371,13 @@ class RequestPrefix:
             for k in staged:
                 del self._unparsed[k]
         transport = conn._transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            transport.write(data)
+            return
         sock = self._sock
-        if sock is None:
+        if sock is None:  # borrowed at the first send, while the transport is open
             sock = self._sock = _borrow(transport)
-        if sock is False or transport.get_write_buffer_size() or transport.is_closing():
+        if sock is False:
             transport.write(data)
             return
         try:
@@ -433,7 +436,10 @@ def _borrow(transport: Any) -> _Borrowed | bool:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
-    return _Borrowed(sock.family, _NONBLOCKING_STREAM, 0, sock.fileno())
+    try:
+        return _Borrowed(sock.family, _NONBLOCKING_STREAM, 0, sock.fileno())
+    except (OSError, ValueError):  # (closed meanwhile: the transport's write reports it)
+        return False
 
 
 # -- statements with a row cap --------------------------------------------------------------------
