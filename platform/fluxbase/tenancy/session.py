@@ -491,7 +491,7 @@ async def _on_connection(
         # (`Deadline`), not one made and cancelled per request.
         # (The connection's loop, this task's: `get_running_loop()` makes a getpid system
         # call on Python 3.11, `current_task()` without a loop another.)
-        loop = conn._loop
+        loop = wire.loop_of(conn)
         task = asyncio.current_task(loop)
         assert task is not None
         watch: Deadline | None = getattr(conn, "deadline", None)
