@@ -7,7 +7,10 @@ from /proc): the Python work a request costs, which other load on the machine di
 and, with the embedded PostgreSQL, the database's (its process tree over the same turn: only one
 side is loaded at a time).
 
-    .venv/bin/python bench/sql_ab.py --base /path/to/other/checkout [--rounds 4] [--seconds 6]
+    .venv/bin/python bench/sql_ab.py --base /path/to/other/checkout [--rounds 4] [--seconds 6] [--wrk]
+
+`--wrk` loads each side with wrk (one thread, as sql_throughput.py) and leaves the tenant pool at
+its shipped size; without it, the Python generator in this process and a pool of 16.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sql_throughput import QUERY, http_load, tree_cpu_ticks  # noqa: E402
+from sql_throughput import QUERY, Target, http_load, tree_cpu_ticks, wrk_load  # noqa: E402
 
 from fluxbase.devstack.procs import free_port  # noqa: E402
 from support import Stack, run_service, start_stack, stop_stack  # noqa: E402
@@ -46,7 +50,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(stack: Stack, dbname: str, tree: Path, tmp: Path) -> Iterator[tuple[int, int]]:
+def server(
+    stack: Stack, dbname: str, tree: Path, tmp: Path, pool_max: str | None = "16"
+) -> Iterator[tuple[int, int]]:
     """An API server running the code of `tree`: (its port, its pid)."""
     port = free_port()
     env = stack.env(
@@ -54,7 +60,7 @@ def server(stack: Stack, dbname: str, tree: Path, tmp: Path) -> Iterator[tuple[i
         FLUXBASE_API_PORT=str(port),
         FLUXBASE_API_WORKERS="1",
         FLUXBASE_RATE_LIMIT_REQUESTS="100000000",
-        FLUXBASE_TENANT_POOL_MAX="16",
+        **({} if pool_max is None else {"FLUXBASE_TENANT_POOL_MAX": pool_max}),
         FLUXBASE_TENANT_CONNECTION_LIMIT="40",
         PYTHONPATH=f"{tree / 'platform'}:{tree / 'realtime'}",
     )
@@ -105,14 +111,29 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument(
+        "--wrk",
+        action="store_true",
+        help="load with wrk (bench/wrk_post.lua) and the shipped tenant pool, as sql_throughput.py does",
+    )
     args = ap.parse_args()
+    pool_max = None if args.wrk else "16"
+
+    async def load(port: int, request: bytes, seconds: float) -> Any:
+        if not args.wrk:
+            return await http_load("127.0.0.1", port, request, args.clients, seconds, b'"Alice"')
+        head, body = request.split(b"\r\n\r\n", 1)
+        auth = [h for h in head.decode().split("\r\n")[1:] if h.lower().startswith("authorization")]
+        target = Target("/api/execute-sql", body, auth, b'"Alice"')
+        return await asyncio.to_thread(wrk_load, port, target, args.clients, seconds)
+
     tmp = Path(tempfile.mkdtemp(prefix="fluxbase-ab-"))
     stack = start_stack(tmp)
     try:
         db_a, db_b = await stack.create_database(), await stack.create_database()
         with (
-            server(stack, db_a, args.base.resolve(), tmp) as (port_a, pid_a),
-            server(stack, db_b, ROOT, tmp) as (
+            server(stack, db_a, args.base.resolve(), tmp, pool_max) as (port_a, pid_a),
+            server(stack, db_b, ROOT, tmp, pool_max) as (
                 port_b,
                 pid_b,
             ),
@@ -123,14 +144,14 @@ async def main() -> None:
             db_us: dict[str, list[float]] = {k: [] for k in sides}
             db_pid = stack.pg.pid if stack.pg is not None else None
             for port, _, request in sides.values():
-                await http_load("127.0.0.1", port, request, args.clients, 2.0, b'"Alice"')  # warm-up
+                await load(port, request, 2.0)  # warm-up
             for n in range(args.rounds):
                 order = list(sides) if n % 2 == 0 else list(reversed(sides))
                 for name in order:
                     port, pid, request = sides[name]
                     before = cpu_seconds(pid)
                     db_before = tree_cpu_ticks(db_pid) if db_pid is not None else 0
-                    r = await http_load("127.0.0.1", port, request, args.clients, args.seconds, b'"Alice"')
+                    r = await load(port, request, args.seconds)
                     used = cpu_seconds(pid) - before
                     db_used = (tree_cpu_ticks(db_pid) - db_before) / TICK if db_pid is not None else 0.0
                     done = r.rps * args.seconds
