@@ -308,7 +308,7 @@ class SqlHttpProtocol(HttpToolsProtocol):
         if idle_at is None or self.transport.is_closing():
             return  # busy: its answer arms the timer again
         left = idle_at + self.timeout_keep_alive - self.loop.time()
-        if left > 0:
+        if left > 0.001:  # (within uvloop's millisecond it is due: waiting on would spin)
             self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
         else:
             self.timeout_keep_alive_handler()
