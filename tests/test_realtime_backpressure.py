@@ -29,6 +29,7 @@ from support import Api
 from test_realtime import subscribe
 
 BOUND = 2 << 20
+SLOW_PACE = 8e6  # bytes per second: twice what the service cuts a socket off under at BOUND
 
 
 @contextlib.asynccontextmanager
@@ -154,8 +155,8 @@ async def test_a_stalled_socket_is_cut_off_at_the_bound_and_its_class_peer_is_no
 async def test_a_slow_reader_delays_neither_its_project_nor_itself_past_its_pace(
     api: Api, project: Any, instance: Any
 ) -> None:
-    """One socket reads slowly (about 5 MB/s, a few times the bound per second: it keeps up, so it
-    is never cut off) while a statement of 24 rows of 900 kB reaches it; a subscriber of the
+    """One socket reads slowly (SLOW_PACE, 8 MB/s, a few times the bound per second: it keeps up,
+    so it is never cut off) while a statement of 24 rows of 900 kB reaches it; a subscriber of the
     same project (another class: table `small` only) gets a row inserted right after at once
     (0.07 s measured), without waiting for the slow socket to take the large rows (with the service's former
     wait between parts: 3.39 s at load average 4.7), and the slow socket still gets every row,
@@ -174,12 +175,16 @@ async def test_a_slow_reader_delays_neither_its_project_nor_itself_past_its_pace
         got = bytearray()
 
         async def read_slowly() -> None:
+            # Paced by the clock, not by a fixed sleep per read: a fixed sleep that overshoots
+            # under load (CI) slowed it below the pace the service cuts off at (half the bound,
+            # 1 MB, per 0.25 s), and it was cut off with 17 of 24 rows; this one catches up.
+            begun = time.monotonic()
             while len(got) < 24 * 900_000:
                 chunk = await reader.read(64 * 1024)
                 if not chunk:
                     return
                 got.extend(chunk)
-                await asyncio.sleep(0.012)
+                await asyncio.sleep(max(0.0, begun + len(got) / SLOW_PACE - time.monotonic()))
 
         deadline = time.monotonic() + 10
         while not any(c.subs for c in service.clients) and time.monotonic() < deadline:
