@@ -22,6 +22,13 @@ on/off CPU ratio, and the capture cost over the floor's (the figure to compare a
 the absolute figures are CPU time, which queueing behind other processes does not inflate.
 
     .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy] [--breakdown]
+        [--fsync] [--concurrent 32]
+
+--concurrent N measures the same tables again with N writers at once (--writes in all per table
+and operation and round), each write still its own transaction: with fsync on their commits
+share WAL flushes (group commit), as in the pgbench runs of 32 clients that first measured
+capture (docs/benchmarks.md). It prints the writers' backends' CPU per write and the whole
+server's (every PostgreSQL process: the WAL writer, the checkpointer, ...).
     .venv/bin/python bench/capture_cost.py --decode [--writes 3000] [--rounds 2]
 
 --decode measures instead the pg_logical_emit_message path with a decoding reader, on a scratch
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -582,6 +590,80 @@ async def measure(
     return {k: statistics.mean(v) for k, v in samples.items()}
 
 
+def tree_cpu_ns(root: int) -> int:
+    """CPU ns of a process and its children (the postmaster and every server process: backends,
+    WAL writer, checkpointer, ...), from /proc/<pid>/schedstat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_ns(pid)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+async def measure_concurrent(
+    writers: list[asyncpg.Connection], tables: list[str], writes: int, rounds: int, server_pid: int | None
+) -> tuple[dict, dict]:
+    """The issue's own yardstick (pgbench-like: 32 concurrent writers, fsync on, where commits
+    share their WAL flushes): `writes` single-row writes per writer, each its own transaction,
+    all writers at once, per operation and table, interleaved round by round. Returns µs per
+    write of the writers' backends' CPU and (server_pid given) of the whole server's, one figure
+    per round each."""
+    pids = [await w.fetchval("SELECT pg_backend_pid()") for w in writers]
+    own: dict = {(op, t): [] for op in OPS for t in tables}
+    whole: dict = {(op, t): [] for op in OPS for t in tables}
+    n = writes * len(writers)
+    for r in range(rounds):
+        order = tables[r % len(tables) :] + tables[: r % len(tables)]
+        for t in order:
+            for op in OPS:
+                lo = await writers[0].fetchval(f"SELECT min(id) FROM {t}") if op != "INSERT" else 0
+                s0 = tree_cpu_ns(server_pid) if server_pid is not None else 0
+                c0 = sum(cpu_ns(p) for p in pids)
+                calls = []
+                for k, w in enumerate(writers):
+                    if op == "INSERT":
+                        calls.append(w.execute(f"CALL {t}_insert($1)", writes))
+                    else:
+                        calls.append(w.execute(f"CALL {t}_{op.lower()}($1, $2)", lo + k * writes, writes))
+                await asyncio.gather(*calls)
+                own[(op, t)].append((sum(cpu_ns(p) for p in pids) - c0) / n / 1e3)
+                if server_pid is not None:
+                    whole[(op, t)].append((tree_cpu_ns(server_pid) - s0) / n / 1e3)
+    return own, whole
+
+
+def report_concurrent(own: dict, whole: dict, tables: list[str], writers: int) -> list[str]:
+    """The concurrent writers' figures: mean over rounds of each table minus off, per operation."""
+    lines = [
+        f"capture cost with {writers} concurrent writers (µs per single-row write, each its own "
+        "transaction; mean over rounds, table - off)"
+    ]
+    for label, us in (("writers' backends", own), ("whole server", whole)):
+        if not us[(OPS[0], tables[0])]:
+            continue
+        mean = {k: statistics.mean(v) for k, v in us.items()}
+        lines.append(f"  {label}: " + "  ".join(f"off {op} {mean[(op, 'cc_off')]:.1f}" for op in OPS))
+        for t in tables[1:]:
+            d = [mean[(op, t)] - mean[(op, "cc_off")] for op in OPS]
+            lines.append(
+                f"    {t + ' - off':<18}"
+                + "".join(f"{op} {x:>6.1f}   " for op, x in zip(OPS, d, strict=True))
+                + f"mean {statistics.mean(d):.1f}"
+            )
+    lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return lines
+
+
 def report_rounds(samples: dict, tables: list[str]) -> list[str]:
     """Each table's cost (minus the same round's off) per operation: median [min-max] over the
     rounds; with --alt, the figure to compare builds under a varying load."""
@@ -595,6 +677,38 @@ def report_rounds(samples: dict, tables: list[str]) -> list[str]:
         lines.append(f"  {t:<14}" + "".join(f"{c:>22}" for c in cells))
     lines.append(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return lines
+
+
+async def concurrent_run(
+    dsn: str,
+    superuser_url: str,
+    tables: list[str],
+    writers: int,
+    writes: int,
+    rounds: int,
+    server_pid: int | None,
+) -> list[str]:
+    """`measure_concurrent` with `writers` connections of the role of `dsn`, `writes` in all per
+    operation and table a round (after a tenth as warm-up): the report's lines."""
+    # (The project's roles have a connection limit below 32: raised for the run, as the superuser.)
+    superuser = await asyncpg.connect(superuser_url)
+    probe = await asyncpg.connect(dsn)
+    role = await probe.fetchval("SELECT current_user")
+    await probe.close()
+    limit = await superuser.fetchval("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", role)
+    await superuser.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {max(limit, writers + 8)}')
+    conns: list[asyncpg.Connection] = []
+    try:
+        conns = [await asyncpg.connect(dsn) for _ in range(writers)]
+        each = max(1, writes // writers)
+        await measure_concurrent(conns, tables, max(1, each // 10), 1, None)  # warm-up
+        own, whole = await measure_concurrent(conns, tables, each, rounds, server_pid)
+    finally:
+        for c in conns:
+            await c.close()
+        await superuser.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {limit}')
+        await superuser.close()
+    return report_concurrent(own, whole, tables, writers)
 
 
 async def installed_capture(conn: asyncpg.Connection) -> str:
@@ -806,6 +920,13 @@ async def main() -> None:
     ap.add_argument("--no-plpgsql", action="store_true", help="leave out the PL/pgSQL table")
     ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
     ap.add_argument(
+        "--concurrent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N concurrent writers (the issue's pgbench-like yardstick), --writes / N each",
+    )
+    ap.add_argument(
         "--decode",
         action="store_true",
         help="only the pg_logical_emit_message path with a decoding reader (separate scratch server)",
@@ -852,6 +973,21 @@ async def main() -> None:
             if args.bulk > 1:
                 us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
                 print("\n" + "\n".join(report(us, tables, args.bulk, installed)))
+            if args.concurrent:
+                print(
+                    "\n"
+                    + "\n".join(
+                        await concurrent_run(
+                            dsn,
+                            stack.database_url(dbname),
+                            tables,
+                            args.concurrent,
+                            args.writes,
+                            args.rounds,
+                            stack.pg.pid,
+                        )
+                    )
+                )
             await admin.close()
             if superuser is not None:
                 await superuser.close()

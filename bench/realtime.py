@@ -7,7 +7,9 @@ measures on one table:
   3. write throughput of 32 concurrent single-row INSERT transactions, realtime on vs off,
   4. realtime-process RSS per idle subscriber (--idle clients),
   6. PostgreSQL CPU per captured single-row write against no trigger and a 4-byte trigger
-     (bench/capture_cost.py; --capture-writes per table and operation, 0 to skip),
+     (bench/capture_cost.py; --capture-writes per table and operation, 0 to skip): one writer,
+     a WAL flush per write, then 32 writers at once, whose commits share their flushes (the
+     issue's own yardstick: pgbench's 32 clients),
   5. with a Node load client (bench/realtime_load.mjs, one process: the `ws` package, which the
      benchmark installs into bench/.node with npm when it is missing, else Node's built-in
      WebSocket, which
@@ -186,7 +188,8 @@ def _ensure_ws() -> None:
     client falls back to the built-in one and says so in its result."""
     node_dir = ROOT / "bench" / ".node"
     npm = shutil.which("npm")
-    if (node_dir / "node_modules" / "ws").exists() or npm is None:
+    # (ws 8's ES module entry: PostGraphile's npm install in the same folder brings ws 7, without it)
+    if (node_dir / "node_modules" / "ws" / "wrapper.mjs").exists() or npm is None:
         return
     node_dir.mkdir(exist_ok=True)
     r = subprocess.run(
@@ -423,6 +426,11 @@ async def main() -> None:
                 us = await capture_cost.measure(writer, tables, args.capture_writes, 3)
                 installed = await capture_cost.installed_capture(writer)
                 print("\n".join(capture_cost.report(us, tables, 1, installed)))
+                # The issue's own yardstick: 32 writers at once, whose commits share WAL flushes.
+                lines = await capture_cost.concurrent_run(
+                    dsn, stack.database_url(dbname), tables, 32, args.capture_writes, 3, stack.pg.pid
+                )
+                print("\n".join(lines))
             await writer.close()
             api.close()
     finally:
