@@ -23,18 +23,18 @@ the absolute figures are CPU time, which queueing behind other processes does no
 
     .venv/bin/python bench/capture_cost.py [--writes 3000] [--rounds 3] [--legacy] [--breakdown]
         [--fsync] [--concurrent 32]
+    .venv/bin/python bench/capture_cost.py --decode [--writes 3000] [--rounds 2]
 
 --concurrent N measures the same tables again with N writers at once (--writes in all per table
 and operation and round), each write still its own transaction: with fsync on their commits
 share WAL flushes (group commit), as in the pgbench runs of 32 clients that first measured
 capture (docs/benchmarks.md). It prints the writers' backends' CPU per write and the whole
 server's (every PostgreSQL process: the WAL writer, the checkpointer, ...).
-    .venv/bin/python bench/capture_cost.py --decode [--writes 3000] [--rounds 2]
 
 --decode measures instead the pg_logical_emit_message path with a decoding reader, on a scratch
 server of its own with wal_level=logical (DECODE_SQL below).
 
-bench/realtime.py calls `measure` for its capture table.
+bench/realtime.py calls `measure` and `concurrent_run` for its capture tables.
 """
 
 from __future__ import annotations
