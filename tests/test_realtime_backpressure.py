@@ -30,6 +30,7 @@ from test_realtime import subscribe
 
 BOUND = 2 << 20
 SLOW_PACE = 8e6  # bytes per second: twice what the service cuts a socket off under at BOUND
+CATCH_UP_S = 0.25  # the most the slow reader reads without pause after falling behind
 
 
 @contextlib.asynccontextmanager
@@ -177,14 +178,18 @@ async def test_a_slow_reader_delays_neither_its_project_nor_itself_past_its_pace
         async def read_slowly() -> None:
             # Paced by the clock, not by a fixed sleep per read: a fixed sleep that overshoots
             # under load (CI) slowed it below the pace the service cuts off at (half the bound,
-            # 1 MB, per 0.25 s), and it was cut off with 17 of 24 rows; this one catches up.
+            # 1 MB, per 0.25 s), and it was cut off with 17 of 24 rows. This one catches up
+            # after a stall, by at most CATCH_UP_S of reading (no burst after waiting for the
+            # rows: it stays slow).
             begun = time.monotonic()
             while len(got) < 24 * 900_000:
                 chunk = await reader.read(64 * 1024)
                 if not chunk:
                     return
                 got.extend(chunk)
-                await asyncio.sleep(max(0.0, begun + len(got) / SLOW_PACE - time.monotonic()))
+                now = time.monotonic()
+                begun = max(begun, now - CATCH_UP_S - len(got) / SLOW_PACE)
+                await asyncio.sleep(max(0.0, begun + len(got) / SLOW_PACE - now))
 
         deadline = time.monotonic() + 10
         while not any(c.subs for c in service.clients) and time.monotonic() < deadline:
