@@ -241,13 +241,6 @@ async def test_images_of_stored_generated_columns_are_to_jsonb_of_the_row(
     assert got == [("INSERT", ins, None), ("UPDATE", upd, ins), ("DELETE", upd, upd)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgreSQL 18 never computes VIRTUAL generated columns for triggers (null in NEW/OLD "
-    "and in transition tables: docs 'Overview of Trigger Behavior'); the capture, C and PL/pgSQL "
-    "alike (not new in capture6), images them as null, so subscribers and webhooks get v: null "
-    "where SELECT to_jsonb(row) gives the value",
-)
 async def test_images_of_virtual_generated_columns_are_to_jsonb_of_the_row(
     tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:

@@ -1097,3 +1097,103 @@ async def test_a_kept_image_plan_follows_a_cast_to_json_created_and_dropped(
     )
     assert [r["r"] for r in rows] == want
     assert [json.loads(w)["m"] for w in want] == ["hi", "hi", {"tone": "hi"}, "hi"]
+
+
+# -- virtual generated columns (PostgreSQL 18) -----------------------------------------------------
+
+
+async def _vimages(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, Any, Any]]:
+    from fluxbase.services.realtime import OLD_IMAGE_SQL
+
+    rows = await control_db.fetch(
+        f"SELECT e.operation, e.record::text AS record, {OLD_IMAGE_SQL}::text AS old FROM fluxbase.events e "
+        "WHERE project_id = $1 AND table_name = $2 AND kind = 'row' ORDER BY xid, id",
+        pid,
+        table,
+    )
+    return [
+        (r["operation"], json.loads(r["record"]), None if r["old"] is None else json.loads(r["old"]))
+        for r in rows
+    ]
+
+
+async def test_virtual_generated_columns_are_computed_in_every_image(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """PostgreSQL hands triggers a virtual generated column as null (NEW, OLD, transition
+    tables); the images carry its value, as to_jsonb of the row selected does: multi-row INSERT
+    and DELETE (transition tables), UPDATE (both images), a column after a dropped one, a text
+    expression and a null result."""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TABLE vg (id int PRIMARY KEY, gone int, a int, t text, "
+        "v int GENERATED ALWAYS AS (a * 3) VIRTUAL, "
+        "s text GENERATED ALWAYS AS (upper(t) || '!') VIRTUAL)"
+    )
+    await tenant.execute("ALTER TABLE vg DROP COLUMN gone")
+    await tenant.execute("INSERT INTO vg (id, a, t) VALUES (1, 5, 'x'), (2, NULL, 'y'), (3, 7, NULL)")
+    one = "SELECT to_jsonb(x)::text FROM vg x WHERE id = $1"
+    want = {i: json.loads(await tenant.fetchval(one, i)) for i in (1, 2, 3)}
+    assert want[1]["v"] == 15 and want[1]["s"] == "X!" and want[2]["v"] is None and want[3]["s"] is None
+    await tenant.execute("UPDATE vg SET a = a + 1, t = 'z' WHERE id = 1")
+    upd = json.loads(await tenant.fetchval("SELECT to_jsonb(x)::text FROM vg x WHERE id = 1"))
+    assert upd["v"] == 18 and upd["s"] == "Z!"
+    await tenant.execute("DELETE FROM vg WHERE id IN (1, 3)")
+    got = await _vimages(control_db, project.id, "vg")
+    assert got == [
+        ("INSERT", want[1], None),
+        ("INSERT", want[2], None),
+        ("INSERT", want[3], None),
+        ("UPDATE", upd, want[1]),
+        ("DELETE", upd, upd),
+        ("DELETE", want[3], want[3]),
+    ], got
+
+
+async def test_a_virtual_column_that_fails_to_compute_is_null_and_the_write_stands(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """A value a SELECT of the row cannot compute (a division by zero: a data exception) is
+    imaged as null, the row's other columns as they are, and the tenant's write is not failed
+    by capture; the rows around it keep their values."""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TABLE vz (id int PRIMARY KEY, a int, q int GENERATED ALWAYS AS (100 / a) VIRTUAL, "
+        "w int GENERATED ALWAYS AS (a + 1) VIRTUAL)"
+    )
+    await tenant.execute("INSERT INTO vz (id, a) VALUES (1, 4), (2, 0), (3, 5)")
+    await tenant.execute("UPDATE vz SET a = 0 WHERE id = 1")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await tenant.fetchval("SELECT q FROM vz WHERE id = 2")
+    assert await tenant.fetchval("SELECT count(*) FROM vz") == 3
+    got = await _vimages(control_db, project.id, "vz")
+    assert [(op, rec) for op, rec, _ in got] == [
+        ("INSERT", {"id": 1, "a": 4, "q": 25, "w": 5}),
+        ("INSERT", {"id": 2, "a": 0, "q": None, "w": None}),
+        ("INSERT", {"id": 3, "a": 5, "q": 20, "w": 6}),
+        ("UPDATE", {"id": 1, "a": 0, "q": None, "w": None}),
+    ], got
+    assert got[3][2] == {"id": 1, "a": 4, "q": 25, "w": 5}
+
+
+async def test_a_cancel_while_computing_virtual_columns_is_not_swallowed(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Only data exceptions are imaged as null: a statement timeout that fires while the images'
+    virtual columns are computed (an expensive built-in expression over many rows) cancels the
+    statement, which writes nothing."""
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TABLE vc (id int PRIMARY KEY, t text, "
+        "h text GENERATED ALWAYS AS (md5(repeat(t, 20000))) VIRTUAL)"
+    )
+    await tenant.execute("SET statement_timeout = '300ms'")
+    try:
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await tenant.execute(
+                "INSERT INTO vc (id, t) SELECT g, 'abcdefgh' FROM generate_series(1, 5000) g"
+            )
+    finally:
+        await tenant.execute("RESET statement_timeout")
+    assert await tenant.fetchval("SELECT count(*) FROM vc") == 0
+    assert await _vimages(control_db, project.id, "vc") == []

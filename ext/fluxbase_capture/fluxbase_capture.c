@@ -58,6 +58,7 @@
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/guc_tables.h"
+#include "utils/errcodes.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/json.h"
@@ -71,6 +72,9 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 #include "utils/xid8.h"
+#if PG_VERSION_NUM >= 180000
+#include "rewrite/rewriteHandler.h"
+#endif
 
 PG_MODULE_MAGIC;
 
@@ -427,15 +431,133 @@ image_plan(Relation rel)
 	return plan;
 }
 
-/* to_jsonb(row) of `tuple` (of `desc`, which the plan fits) with the plan. */
+/*
+ * Virtual generated columns (PostgreSQL 18). PostgreSQL computes them when a row is read, never
+ * for triggers: NEW, OLD and transition tables hold them as null. to_jsonb of the row selected
+ * gives their value, so the image computes them too, from the relation's generation
+ * expressions, over the row's stored columns. PostgreSQL allows only built-in functions,
+ * operators and types in them (checked at CREATE and ALTER TABLE), and they run here as the
+ * invoker, like the rest of the image, before the user id is switched for the outbox. A value
+ * that fails to compute with a data exception (SQLSTATE class 22: a division by zero, an
+ * overflow), which a SELECT of the row would raise, is imaged as null rather than failing the
+ * tenant's write: each row's computation runs in a subtransaction of its own. Any other error
+ * (a cancel, the request deadline, out of memory) is raised as it is.
+ */
+typedef struct Virtuals
+{
+	int			n;
+	AttrNumber *attnums;
+	ExprState **exprs;
+	EState	   *estate;
+	ExprContext *econtext;
+	TupleTableSlot *slot;
+} Virtuals;
+
+/* The relation's virtual generated columns, ready to compute; NULL when it has none. */
+static Virtuals *
+virtuals_begin(Relation rel)
+{
+#if PG_VERSION_NUM >= 180000
+	TupleDesc	desc = RelationGetDescr(rel);
+	Virtuals   *v;
+	int			i;
+
+	if (desc->constr == NULL || !desc->constr->has_generated_virtual)
+		return NULL;
+	v = palloc0(sizeof(Virtuals));
+	v->attnums = palloc(sizeof(AttrNumber) * desc->natts);
+	v->exprs = palloc(sizeof(ExprState *) * desc->natts);
+	v->estate = CreateExecutorState();
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (att->attisdropped || att->attgenerated != ATTRIBUTE_GENERATED_VIRTUAL)
+			continue;
+		v->attnums[v->n] = att->attnum;
+		v->exprs[v->n] = ExecPrepareExpr((Expr *) build_generation_expression(rel, att->attnum),
+										 v->estate);
+		v->n++;
+	}
+	v->econtext = GetPerTupleExprContext(v->estate);
+	v->slot = MakeSingleTupleTableSlot(desc, &TTSOpsHeapTuple);
+	v->econtext->ecxt_scantuple = v->slot;
+	return v;
+#else
+	return NULL;
+#endif
+}
+
+static void
+virtuals_end(Virtuals *v)
+{
+	if (v == NULL)
+		return;
+	ExecDropSingleTupleTableSlot(v->slot);
+	FreeExecutorState(v->estate);
+}
+
+/* Set the virtual columns' values and nulls of `tuple` (deformed into values/isnull). The
+ * values live in the per-tuple context until the next call. */
+static void
+virtuals_compute(Virtuals *v, HeapTuple tuple, Datum *values, bool *isnull)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	int			i;
+
+	ResetExprContext(v->econtext);
+	ExecStoreHeapTuple(tuple, v->slot, false);
+	for (i = 0; i < v->n; i++)
+		isnull[v->attnums[i] - 1] = true;
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		for (i = 0; i < v->n; i++)
+		{
+			AttrNumber	a = v->attnums[i];
+
+			values[a - 1] = ExecEvalExprSwitchContext(v->exprs[i], v->econtext, &isnull[a - 1]);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) != ERRCODE_DATA_EXCEPTION)
+			ReThrowError(edata);
+		FlushErrorState();
+		FreeErrorData(edata);
+		/* the row's virtual columns stay null (one failed: a SELECT of the row fails) */
+		for (i = 0; i < v->n; i++)
+			isnull[v->attnums[i] - 1] = true;
+	}
+	PG_END_TRY();
+	ExecClearTuple(v->slot);
+}
+
+/* to_jsonb(row) of `tuple` (of `desc`, which the plan fits) with the plan (`virt`: the
+ * relation's virtual generated columns, or NULL). */
 static Datum
-row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Datum *values, bool *isnull)
+row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Virtuals *virt, Datum *values,
+		  bool *isnull)
 {
 	JsonbParseState *state = NULL;
 	JsonbValue *res;
 	int			i;
 
 	heap_deform_tuple(tuple, desc, values, isnull);
+	if (virt != NULL)
+		virtuals_compute(virt, tuple, values, isnull);
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (i = 0; i < plan->ncols; i++)
 	{
@@ -534,7 +656,7 @@ row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Datum *values,
 /* The images of every row of a transition table, in its order (palloc'd in the caller's
  * memory context); *count set. */
 static Datum *
-transition_images(Tuplestorestate *ts, TupleDesc desc, const ImagePlan *plan, int *count)
+transition_images(Tuplestorestate *ts, TupleDesc desc, const ImagePlan *plan, Virtuals *virt, int *count)
 {
 	TupleTableSlot *slot;
 	int			ptr;
@@ -569,7 +691,7 @@ transition_images(Tuplestorestate *ts, TupleDesc desc, const ImagePlan *plan, in
 			cap *= 2;
 			images = repalloc(images, sizeof(Datum) * cap);
 		}
-		images[n++] = row_image(tuple, desc, plan, values, isnull);
+		images[n++] = row_image(tuple, desc, plan, virt, values, isnull);
 		if (should_free)
 			heap_freetuple(tuple);
 		ExecClearTuple(slot);
@@ -1519,13 +1641,16 @@ fluxbase_capture_insert(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = trigger_data(fcinfo, "capture_insert");
 	Datum	   *images;
+	Virtuals   *virt;
 	int			n = 0;
 
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
 		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL || td->tg_relation == NULL)
 		wrong_attachment("capture_insert", "AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
+	virt = virtuals_begin(td->tg_relation);
 	images = transition_images(td->tg_newtable, RelationGetDescr(td->tg_relation),
-							   image_plan(td->tg_relation), &n);
+							   image_plan(td->tg_relation), virt, &n);
+	virtuals_end(virt);
 	capture(td->tg_relation, "INSERT", images, NULL, n);
 	return PointerGetDatum(NULL);
 }
@@ -1536,13 +1661,16 @@ fluxbase_capture_delete(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = trigger_data(fcinfo, "capture_delete");
 	Datum	   *images;
+	Virtuals   *virt;
 	int			n = 0;
 
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
 		!TRIGGER_FIRED_BY_DELETE(td->tg_event) || td->tg_oldtable == NULL || td->tg_relation == NULL)
 		wrong_attachment("capture_delete", "AFTER DELETE FOR EACH STATEMENT with an OLD TABLE");
+	virt = virtuals_begin(td->tg_relation);
 	images = transition_images(td->tg_oldtable, RelationGetDescr(td->tg_relation),
-							   image_plan(td->tg_relation), &n);
+							   image_plan(td->tg_relation), virt, &n);
+	virtuals_end(virt);
 	/* record and old are both the deleted row's image, as write_events(.., imgs, imgs) */
 	capture(td->tg_relation, "DELETE", images, images, n);
 	return PointerGetDatum(NULL);
@@ -1555,6 +1683,7 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 	TriggerData *td = trigger_data(fcinfo, "capture_update");
 	TupleDesc	desc;
 	ImagePlan  *plan;
+	Virtuals   *virt;
 	Datum	   *values;
 	bool	   *isnull;
 	Datum		record;
@@ -1569,8 +1698,10 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 	values = palloc(sizeof(Datum) * (desc->natts > 0 ? desc->natts : 1));
 	isnull = palloc(sizeof(bool) * (desc->natts > 0 ? desc->natts : 1));
 	PinTupleDesc(desc);
-	record = row_image(td->tg_newtuple, desc, plan, values, isnull);
-	old = row_image(td->tg_trigtuple, desc, plan, values, isnull);
+	virt = virtuals_begin(td->tg_relation);
+	record = row_image(td->tg_newtuple, desc, plan, virt, values, isnull);
+	old = row_image(td->tg_trigtuple, desc, plan, virt, values, isnull);
+	virtuals_end(virt);
 	ReleaseTupleDesc(desc);
 	capture(td->tg_relation, "UPDATE", &record, &old, 1);
 	return PointerGetDatum(NULL);
