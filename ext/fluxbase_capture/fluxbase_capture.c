@@ -530,12 +530,13 @@ virtuals_compute(Virtuals *v, HeapTuple tuple, Datum *values, bool *isnull)
 
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
+		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
+		/* as PL/pgSQL's exception blocks: copied, flushed, rolled back, then raised again */
 		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) != ERRCODE_DATA_EXCEPTION)
 			ReThrowError(edata);
-		FlushErrorState();
 		FreeErrorData(edata);
 		/* the row's virtual columns stay null (one failed: a SELECT of the row fails) */
 		for (i = 0; i < v->n; i++)
