@@ -28,6 +28,16 @@ Found (each a strict xfail):
    or quota effect; a few such statements in parallel reach the host's OOM killer (a server
    restart). Not bounded by work_mem.
 
+3. (the most serious) A row where one virtual column raises a data exception has ALL its
+   virtual columns imaged null, keys present. The realtime gate (realtime rls.check_sql)
+   evaluates the table's SELECT policies on the image (jsonb_populate_record): a policy on a
+   virtual column that passes on null (`draft IS NOT TRUE`) lets an end user receive the INSERT
+   (or DELETE) of a row it hides, with every stored column, whenever an unrelated virtual column
+   of that row divides by zero. (The PL/pgSQL fallback, which images every virtual column null,
+   leaks the same way for every row: not a change of 1dcb311's, but the same hole.)
+4. Transition-table tuples have no table oid: a virtual column over `tableoid` is imaged 0 (and
+   `tableoid <> 0` false) in INSERT and DELETE images; UPDATE images (heap tuples) are right.
+
 Held: PostgreSQL 18 refuses every tenant-code path into a virtual expression that was tried;
 nothing tenant-defined runs inside the per-row subtransaction or after the user id switch; the
 images equal to_jsonb of the row for every type and statement shape above (a partition's UPDATE
@@ -60,8 +70,10 @@ import pytest
 from support import Api, assert_error, bearer
 from test_attack_review1 import sql
 from test_attack_review21 import _images
+from test_attack_review22 import _seen, _sql, _token, _until, rt  # noqa: F401
 from test_caps_outbox import _used
 from test_capture_native import _native, superuser, tenant  # noqa: F401
+from test_realtime import subscribe
 
 
 async def _outcome(conn: asyncpg.Connection, q: str) -> str:
@@ -430,3 +442,72 @@ async def test_a_statements_images_do_not_hold_unbounded_backend_memory(
         assert await tenant.fetchval("SELECT pg_total_relation_size('amp27')") < 256 * 1024
         grown = _hwm_mib(pid) - before
     assert grown < 64, f"the backend grew by {grown} MiB for a table of under 256 KiB"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review 27 F3: a class-22 error in one virtual column images EVERY virtual column of the "
+    "row as null (key present), and the realtime gate (rls.check_sql) evaluates SELECT policies on "
+    "the image: a policy on a virtual column that passes on null lets end users receive rows it hides",
+)
+async def test_a_row_whose_virtual_column_fails_does_not_pass_a_policy_on_another(
+    api: Api, project: Any, rt: str
+) -> None:
+    """A draft row (draft = true: hidden from end users by `draft IS NOT TRUE`) whose unrelated
+    `ratio` divides by zero: its image has draft null, so the gate lets end user u1 receive the
+    INSERT with every stored column ('draft-secret'), which u1's SELECT never returns. A draft
+    row whose ratio computes is withheld (draft true in its image). Fail closed would be: a
+    column that failed to compute left out of the image (the gate's ?& then refuses it), or the
+    row's event not delivered to filtered subscribers."""
+    await _sql(
+        api,
+        project,
+        "CREATE TABLE post27 (id int PRIMARY KEY, v text, status text, hits int, visits int, "
+        "draft bool GENERATED ALWAYS AS (status = 'draft') VIRTUAL, "
+        "ratio int GENERATED ALWAYS AS (hits / visits) VIRTUAL)",
+    )
+    h = bearer(project.admin_key)
+    r = await api.http.post(
+        f"/api/projects/{project.id}/rls/policies",
+        json={"table": "post27", "name": "published", "command": "SELECT", "using": "draft IS NOT TRUE"},
+        headers=h,
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{project.id}/rls/tables/post27", json={"enabled": True}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    async with subscribe(rt, project.id, await _token(api, project, "u1")) as u1:
+        await _sql(api, project, "INSERT INTO post27 VALUES (1, 'draft-ok', 'draft', 1, 1)")
+        await _sql(api, project, "INSERT INTO post27 VALUES (2, 'draft-secret', 'draft', 1, 0)")
+        await _sql(api, project, "INSERT INTO post27 VALUES (3, 'end', 'published', 1, 1)")
+        got = await _until(u1, "end")
+    assert _seen(got) == [("INSERT", "end", None)], _seen(got)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review 27 F4: transition-table tuples carry no table oid (ExecStoreHeapTuple of a "
+    "minimal tuple's copy): a virtual column over tableoid is imaged 0 in INSERT and DELETE images",
+)
+async def test_a_virtual_column_over_tableoid_is_imaged_as_selected(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    assert await _native(control_db)
+    await tenant.execute(
+        "CREATE TABLE toid27 (id int PRIMARY KEY, a int, "
+        "v int8 GENERATED ALWAYS AS (tableoid::int8) VIRTUAL, "
+        "mine bool GENERATED ALWAYS AS (tableoid <> 0) VIRTUAL)"
+    )
+    await tenant.execute("INSERT INTO toid27 (id, a) VALUES (1, 1), (2, 2)")
+    await tenant.execute("UPDATE toid27 SET a = 3 WHERE id = 1")
+    rows = {r["id"]: r for r in await _rows(tenant, "toid27")}
+    await tenant.execute("DELETE FROM toid27 WHERE id = 2")
+    got = await _images(control_db, project.id, "toid27")
+    assert rows[2]["v"] > 0 and rows[2]["mine"] is True
+    assert got[2][1] == rows[1], got  # the UPDATE image (a heap tuple: its table oid is set)
+    assert [(op, rec) for op, rec, _ in got if op != "UPDATE"] == [
+        ("INSERT", {**rows[1], "a": 1}),
+        ("INSERT", rows[2]),
+        ("DELETE", rows[2]),
+    ], got
