@@ -27,7 +27,6 @@ Found (each a strict xfail):
    image, so a 300-row INSERT of a 72 KB table grows the backend by ~130 MB with no table growth
    or quota effect; a few such statements in parallel reach the host's OOM killer (a server
    restart). Not bounded by work_mem.
-
 3. (the most serious) A row where one virtual column raises a data exception has ALL its
    virtual columns imaged null, keys present. The realtime gate (realtime rls.check_sql)
    evaluates the table's SELECT policies on the image (jsonb_populate_record): a policy on a
@@ -53,11 +52,14 @@ columns; images of numeric/float8 virtual columns are byte-identical to to_jsonb
 virtual column's type changed, its expression set, a column dropped or added, all in the
 transaction of the writes, image as the rows select.
 
-Not attacked / notes: the PL/pgSQL fallback (sql/0049) still images virtual columns as null; a
-row where one virtual column raises class 22 has ALL its virtual columns imaged null (by design:
-to_jsonb of that row fails); ALTER TABLE ... ATTACH PARTITION of a captured table fails on the
-cloned capture trigger's name (pre-existing, not this change); INSERT directly into a partition
-is not captured (no statement triggers on partitions; pre-existing).
+Not attacked / notes: the PL/pgSQL fallback (sql/0049) still images virtual columns as null
+(with a policy on a virtual column, F3's leak for every row); ICU collations (this build has no
+ICU); exhausting 2^32 subtransaction ids in one transaction (BeginInternalSubTransaction would
+then FATAL the session, hours of rows); actually driving the host into the OOM killer (F2 was
+measured, not pushed); cross-partition UPDATE; webhooks (they carry the same images). Outside
+this change: ALTER TABLE ... ATTACH PARTITION of a captured table fails on the cloned capture
+trigger's name, and an INSERT straight into a partition is not captured (no statement triggers
+on partitions).
 """
 
 # ruff: noqa: F811  (the fixtures imported from test_capture_native are the parameters)
