@@ -58,8 +58,11 @@ ICU); exhausting 2^32 subtransaction ids in one transaction (BeginInternalSubTra
 then FATAL the session, hours of rows); actually driving the host into the OOM killer (F2 was
 measured, not pushed); cross-partition UPDATE; webhooks (they carry the same images). Outside
 this change: ALTER TABLE ... ATTACH PARTITION of a captured table fails on the cloned capture
-trigger's name, and an INSERT straight into a partition is not captured (no statement triggers
-on partitions).
+trigger's name, an INSERT straight into a partition is not captured (no statement triggers on
+partitions), and an UPDATE that moves a row to another partition writes no event at all (no
+UPDATE row trigger fires for a move, and the parent's INSERT/DELETE statement triggers do not
+fire for an UPDATE statement). Inheritance: DELETE/UPDATE through a parent image child rows as
+a SELECT of the table named in the event gives them (held).
 """
 
 # ruff: noqa: F811  (the fixtures imported from test_capture_native are the parameters)
