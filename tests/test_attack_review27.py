@@ -78,6 +78,7 @@ import pytest
 
 from support import Api, assert_error, bearer
 from test_attack_review1 import sql
+from test_attack_review16 import plpgsql_capture  # noqa: F401
 from test_attack_review21 import _images
 from test_attack_review22 import _seen, _sql, _token, _until, rt  # noqa: F401
 from test_caps_outbox import _used
@@ -142,7 +143,8 @@ async def test_images_of_many_result_types_are_to_jsonb_of_the_row(
 ) -> None:
     """Virtual columns of many result types, a TOASTed stored column, an UPDATE of rows whose
     values compute: each UPDATE image (new and old) is to_jsonb of the row selected; a row a
-    SELECT cannot image (varchar(3) overflow: class 22) has its virtual columns null."""
+    SELECT cannot image (varchar(3) overflow: class 22) has that column left out of its image,
+    its other virtual columns computed."""
     assert await _native(control_db)
     await tenant.execute(
         "CREATE TABLE ty27 (id int PRIMARY KEY, a int, t text, j jsonb, "
@@ -171,8 +173,8 @@ async def test_images_of_many_result_types_are_to_jsonb_of_the_row(
     assert [(op, rec) for op, rec, _ in got[:2]] == [("INSERT", before[0]), ("INSERT", before[1])], got
     assert got[3:] == [("UPDATE", after[0], before[0]), ("UPDATE", after[1], before[1])], got
     overflow = got[2][1]
-    assert overflow["id"] == 3 and overflow["t"] == "abcdef" and overflow["ov"] is None, overflow
-    assert all(overflow[k] is None for k in ("n", "f", "b", "d", "ts", "jj", "arr", "i8", "iv", "vc", "ln"))
+    assert overflow["id"] == 3 and overflow["t"] == "abcdef" and "ov" not in overflow, overflow
+    assert overflow["vc"] == "abc" and overflow["ln"] == 6 and overflow["b"] is False, overflow
 
 
 async def test_images_follow_every_statement_shape(
@@ -181,8 +183,8 @@ async def test_images_follow_every_statement_shape(
     """ON CONFLICT DO UPDATE, MERGE (insert, update, delete), a write undone by a PL/pgSQL
     EXCEPTION block and by ROLLBACK TO SAVEPOINT (no event; per-row subtransactions inside the
     user's), columns added later (fast default, a virtual column over it), a BEFORE trigger that
-    changes the row, an ON DELETE CASCADE, COPY: the images are what the rows computed, rows
-    with a division by zero null, and the server never restarted."""
+    changes the row, an ON DELETE CASCADE, COPY: the images are what the rows computed, a
+    column with a division by zero left out, and the server never restarted."""
     assert await _native(control_db)
     start = await superuser.fetchval("SELECT pg_postmaster_start_time()")
     await tenant.execute(
@@ -223,12 +225,12 @@ async def test_images_follow_every_statement_shape(
     r1 = {"id": 1, "a": 1, "t": "a", "x": 1, "w": 100, "s": "a1"}
     r1b = {**r1, "a": 2, "w": 50}
     r1c = {**r1, "a": 5, "w": 20}
-    r2 = {"id": 2, "a": 0, "t": "c", "x": 1, "w": None, "s": None}
+    r2 = {"id": 2, "a": 0, "t": "c", "x": 1, "s": "c1"}
     r3 = {"id": 3, "a": 4, "t": "m", "x": 1, "w": 25, "s": "m1"}
     r1d = {**r1c, "t": "a!", "s": "a!1", "y": 7, "z": 19}
     r3d = {**r3, "t": "m!", "s": "m!1", "y": 7, "z": 18}
     r30 = {"id": 30, "a": 30, "t": "bt", "x": 1, "w": 3, "s": "bt1", "y": 7, "z": 44}
-    r30b = {**r30, "a": 0, "w": None, "s": None, "z": None}
+    r30b = {"id": 30, "a": 0, "t": "bt", "x": 1, "s": "bt1", "y": 7, "z": 14}
     assert got == [
         ("INSERT", r1, None),
         ("UPDATE", r1b, r1),
@@ -236,7 +238,7 @@ async def test_images_follow_every_statement_shape(
         ("UPDATE", r1c, r1b),
         ("DELETE", r2, r2),
         ("INSERT", r3, None),
-        ("INSERT", {"id": 11, "a": 0, "t": "f", "x": 1, "w": None, "s": None}, None),
+        ("INSERT", {"id": 11, "a": 0, "t": "f", "x": 1, "s": "f1"}, None),
         ("INSERT", {"id": 21, "a": 2, "t": "h", "x": 1, "w": 50, "s": "h1"}, None),
         ("UPDATE", r1d, {**r1c, "y": 7, "z": 19}),
         ("UPDATE", r3d, {**r3, "y": 7, "z": 18}),
@@ -253,7 +255,7 @@ async def test_images_follow_every_statement_shape(
     await tenant.execute("INSERT INTO par27 VALUES (0), (1)")
     await tenant.execute("INSERT INTO ch27 VALUES (1, 0), (2, 1)")
     await tenant.execute("DELETE FROM par27")
-    c1, c2 = {"id": 1, "p": 0, "v": None}, {"id": 2, "p": 1, "v": 10}
+    c1, c2 = {"id": 1, "p": 0}, {"id": 2, "p": 1, "v": 10}
     assert await _images(control_db, project.id, "ch27") == [
         ("INSERT", c1, None),
         ("INSERT", c2, None),
@@ -309,7 +311,7 @@ async def test_a_cast_that_renames_alters_or_writes_the_table_mid_image_leaves_t
     next row's: it renames a virtual column (allowed: renameatt does not check the table is in
     use), tries SET EXPRESSION and DROP COLUMN (refused, the table is in use), writes the same
     table (a nested capture with its own virtual columns) and updates it. No crash; the nested
-    rows are imaged with their class-22 columns null."""
+    rows are imaged without their class-22 columns."""
     assert await _native(control_db)
     start = await superuser.fetchval("SELECT pg_postmaster_start_time()")
     await tenant.execute("CREATE TYPE e27 AS ENUM ('1', '2', '3', '4', '5')")
@@ -340,7 +342,7 @@ async def test_a_cast_that_renames_alters_or_writes_the_table_mid_image_leaves_t
     assert outcomes[3] == ["ok", "ok"] and outcomes[5] == ["ok", "ok"] and outcomes[1][0] == "ok", outcomes
     got = await _images(control_db, project.id, "vt27")
     nested = [rec for op, rec, _ in got if op == "INSERT" and rec["id"] >= 1000]
-    assert nested and all(r["v"] is None and r["s"] is None and r["a"] == 0 for r in nested), got
+    assert nested and all("v" not in r and r["a"] == 0 for r in nested), got
     assert ("INSERT", {"id": 3, "a": 2, "m": "3", "v": 50, "s": "2z"}, None) in got, got
     assert await superuser.fetchval("SELECT pg_postmaster_start_time()") == start
 
@@ -351,7 +353,7 @@ async def test_a_cast_that_renames_alters_or_writes_the_table_mid_image_leaves_t
 async def test_a_cancel_among_class_22_rows_is_not_swallowed_and_subtransactions_take_no_xid(
     tenant: asyncpg.Connection, superuser: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
-    """Rows alternate between a division by zero (swallowed: imaged null) and a long built-in
+    """Rows alternate between a division by zero (swallowed: left out of the image) and a long built-in
     computation; pg_cancel_backend lands during the images: the statement is canceled and
     writes nothing. The per-row subtransactions (here every one rolled back) assign no XIDs:
     inside the open transaction the backend has no subtransaction XIDs and is not overflowed,
@@ -385,7 +387,7 @@ async def test_a_cancel_among_class_22_rows_is_not_swallowed_and_subtransactions
         )
         assert (sub["subxact_count"], sub["subxact_overflowed"]) == (0, False), sub
     got = await _images(control_db, project.id, "vc27")
-    assert len(got) == 200 and all(rec["h"] is None for _, rec, _ in got)
+    assert len(got) == 200 and all("h" not in rec for _, rec, _ in got)
 
 
 async def test_per_row_subtransactions_leak_nothing_over_12000_statements_of_one_transaction(
@@ -479,12 +481,6 @@ async def test_a_statements_images_do_not_hold_unbounded_backend_memory(
     assert grown < 64, f"the backend grew by {grown} MiB for a table of under 256 KiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 27 F3: a class-22 error in one virtual column images EVERY virtual column of the "
-    "row as null (key present), and the realtime gate (rls.check_sql) evaluates SELECT policies on "
-    "the image: a policy on a virtual column that passes on null lets end users receive rows it hides",
-)
 async def test_a_row_whose_virtual_column_fails_does_not_pass_a_policy_on_another(
     api: Api, project: Any, rt: str
 ) -> None:
@@ -520,11 +516,6 @@ async def test_a_row_whose_virtual_column_fails_does_not_pass_a_policy_on_anothe
     assert _seen(got) == [("INSERT", "end", None)], _seen(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 27 F4: transition-table tuples carry no table oid (ExecStoreHeapTuple of a "
-    "minimal tuple's copy): a virtual column over tableoid is imaged 0 in INSERT and DELETE images",
-)
 async def test_a_virtual_column_over_tableoid_is_imaged_as_selected(
     tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -546,3 +537,43 @@ async def test_a_virtual_column_over_tableoid_is_imaged_as_selected(
         ("INSERT", rows[2]),
         ("DELETE", rows[2]),
     ], got
+
+
+async def test_under_the_plpgsql_fallback_a_policy_on_a_virtual_column_fails_closed(
+    plpgsql_capture: None, api: Api, project: Any, rt: str
+) -> None:
+    """The PL/pgSQL capture (a server without the C library) cannot compute virtual columns: it
+    leaves them out of its images (sql/0054), where it imaged them as null, which a policy on one
+    (`draft IS NOT TRUE`) let through: every draft row reached end users. Now the gate refuses
+    the images without the key the policy needs: end user u1 receives none of the table's rows,
+    and a subscriber with the API key receives them all, without the virtual column. (Before
+    sql/0054 u1 received the draft rows: seen failing.)"""
+    await _sql(
+        api,
+        project,
+        "CREATE TABLE postfb27 (id int PRIMARY KEY, v text, status text, "
+        "draft bool GENERATED ALWAYS AS (status = 'draft') VIRTUAL)",
+    )
+    h = bearer(project.admin_key)
+    r = await api.http.post(
+        f"/api/projects/{project.id}/rls/policies",
+        json={"table": "postfb27", "name": "published", "command": "SELECT", "using": "draft IS NOT TRUE"},
+        headers=h,
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        f"/api/projects/{project.id}/rls/tables/postfb27", json={"enabled": True}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    async with (
+        subscribe(rt, project.id, await _token(api, project, "u1")) as u1,
+        subscribe(rt, project.id, project.admin_key) as admin,
+    ):
+        await _sql(api, project, "INSERT INTO postfb27 VALUES (1, 'draft-secret', 'draft')")
+        await _sql(api, project, "INSERT INTO postfb27 VALUES (2, 'end', 'published')")
+        got = await _until(admin, "end")
+        assert [m["payload"]["record"] for m in got if m["type"] == "db_event"] == [
+            {"id": 1, "v": "draft-secret", "status": "draft"},
+            {"id": 2, "v": "end", "status": "published"},
+        ]
+        assert [m for m in await u1.silent(2.0) if m["type"] == "db_event"] == []

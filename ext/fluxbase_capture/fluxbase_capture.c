@@ -446,6 +446,8 @@ image_plan(Relation rel)
 typedef struct Virtuals
 {
 	int			n;
+	Oid			relid;
+	bool	   *omit;			/* by attnum - 1: failed to compute for this row */
 	AttrNumber *attnums;
 	ExprState **exprs;
 	EState	   *estate;
@@ -466,6 +468,8 @@ virtuals_begin(Relation rel)
 		return NULL;
 	v = palloc0(sizeof(Virtuals));
 	v->attnums = palloc(sizeof(AttrNumber) * desc->natts);
+	v->omit = palloc0(sizeof(bool) * desc->natts);
+	v->relid = RelationGetRelid(rel);
 	v->exprs = palloc(sizeof(ExprState *) * desc->natts);
 	v->estate = CreateExecutorState();
 	for (i = 0; i < desc->natts; i++)
@@ -497,24 +501,22 @@ virtuals_end(Virtuals *v)
 	FreeExecutorState(v->estate);
 }
 
-/* Set the virtual columns' values and nulls of `tuple` (deformed into values/isnull). The
- * values live in the per-tuple context until the next call. */
-static void
-virtuals_compute(Virtuals *v, HeapTuple tuple, Datum *values, bool *isnull)
+/* Compute the virtual columns [from, to) of the slot's row into values/isnull, in a
+ * subtransaction: false when one failed with a data exception (then none of them is set);
+ * any other error is raised. */
+static bool
+virtuals_try(Virtuals *v, int from, int to, Datum *values, bool *isnull)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
 	int			i;
 
-	ResetExprContext(v->econtext);
-	ExecStoreHeapTuple(tuple, v->slot, false);
-	for (i = 0; i < v->n; i++)
-		isnull[v->attnums[i] - 1] = true;
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		for (i = 0; i < v->n; i++)
+		for (i = from; i < to; i++)
 		{
 			AttrNumber	a = v->attnums[i];
 
@@ -538,11 +540,36 @@ virtuals_compute(Virtuals *v, HeapTuple tuple, Datum *values, bool *isnull)
 		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) != ERRCODE_DATA_EXCEPTION)
 			ReThrowError(edata);
 		FreeErrorData(edata);
-		/* the row's virtual columns stay null (one failed: a SELECT of the row fails) */
-		for (i = 0; i < v->n; i++)
-			isnull[v->attnums[i] - 1] = true;
+		ok = false;
 	}
 	PG_END_TRY();
+	return ok;
+}
+
+/* Set the virtual columns' values and nulls of `tuple` (deformed into values/isnull); the
+ * values live in the per-tuple context until the next call. A column that fails to compute is
+ * marked in v->omit: its key is left out of the image, never imaged as null (null may pass a
+ * SELECT policy that its value would not: the realtime gate refuses an image without a key a
+ * policy needs, hostile review 27). All columns are computed at once; only a row where one
+ * fails is computed again column by column. */
+static void
+virtuals_compute(Virtuals *v, HeapTuple tuple, Oid relid, Datum *values, bool *isnull)
+{
+	int			i;
+
+	ResetExprContext(v->econtext);
+	ExecStoreHeapTuple(tuple, v->slot, false);
+	/* transition tables' tuples carry no table oid: the trigger's relation (review 27 F4) */
+	v->slot->tts_tableOid = relid;
+	for (i = 0; i < v->n; i++)
+		v->omit[v->attnums[i] - 1] = false;
+	if (!virtuals_try(v, 0, v->n, values, isnull))
+	{
+		ResetExprContext(v->econtext);
+		for (i = 0; i < v->n; i++)
+			if (!virtuals_try(v, i, i + 1, values, isnull))
+				v->omit[v->attnums[i] - 1] = true;
+	}
 	ExecClearTuple(v->slot);
 }
 
@@ -558,7 +585,7 @@ row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Virtuals *virt
 
 	heap_deform_tuple(tuple, desc, values, isnull);
 	if (virt != NULL)
-		virtuals_compute(virt, tuple, values, isnull);
+		virtuals_compute(virt, tuple, virt->relid, values, isnull);
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (i = 0; i < plan->ncols; i++)
 	{
@@ -568,6 +595,8 @@ row_image(HeapTuple tuple, TupleDesc desc, const ImagePlan *plan, Virtuals *virt
 		JsonbValue	k;
 		JsonbValue	v;
 
+		if (virt != NULL && virt->omit[c->attnum - 1])
+			continue;			/* a virtual column that failed to compute: no key */
 		k.type = jbvString;
 		k.val.string.val = NameStr(att->attname);
 		k.val.string.len = strlen(k.val.string.val);

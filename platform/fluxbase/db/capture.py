@@ -99,6 +99,22 @@ async def install_native(conn: asyncpg.Connection) -> str | None:
     return None
 
 
+async def _plpgsql_current(conn: asyncpg.Connection) -> bool:
+    """Do the three functions have the bodies of their *_plpgsql sources (a migration may have
+    changed those: sql/0054)?"""
+    return bool(
+        await conn.fetchval(
+            """SELECT pg_catalog.count(*) = $2 FROM pg_catalog.pg_proc f
+               JOIN pg_catalog.pg_proc s ON s.pronamespace = f.pronamespace
+                AND s.proname = f.proname || '_plpgsql' AND s.pronargs = 0
+               WHERE f.pronamespace = 'fluxbase_capture'::pg_catalog.regnamespace
+                 AND f.proname = ANY($1::text[]) AND f.pronargs = 0 AND f.prosrc = s.prosrc""",
+            list(NATIVE),
+            len(NATIVE),
+        )
+    )
+
+
 async def install_plpgsql(conn: asyncpg.Connection) -> None:
     """Give the three functions the PL/pgSQL bodies of sql/0049's *_plpgsql functions."""
     async with conn.transaction():
@@ -191,7 +207,7 @@ async def install_capture(conn: asyncpg.Connection, where: str = "") -> str | No
         if why is None:
             log.info("realtime capture: C trigger functions (%s)%s", LIBRARY, suffix)
             return C
-        if await capture_language(conn) != PLPGSQL:
+        if await capture_language(conn) != PLPGSQL or not await _plpgsql_current(conn):
             await install_plpgsql(conn)
     log.warning("realtime capture: PL/pgSQL trigger functions, the C library is not used: %s%s", why, suffix)
     return PLPGSQL
