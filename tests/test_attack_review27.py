@@ -15,7 +15,7 @@ a cancel (pg_cancel_backend) while rows that raise class 22 and rows that comput
 interleaved; subtransaction XIDs (subxid overflow) of the per-row subtransactions; bulk cost;
 the project's database cap; the backend's memory.
 
-Found (each a strict xfail):
+Found (each a strict xfail, seen failing; 3 and 4 fixed, 1 and 2 open):
 
 1. Over its database cap a project can no longer DELETE rows of a table with a virtual column
    that expands (sql/0022's exemption grants DELETE events up to four times the rows' share of
@@ -33,9 +33,13 @@ Found (each a strict xfail):
    virtual column that passes on null (`draft IS NOT TRUE`) lets an end user receive the INSERT
    (or DELETE) of a row it hides, with every stored column, whenever an unrelated virtual column
    of that row divides by zero. (The PL/pgSQL fallback, which images every virtual column null,
-   leaks the same way for every row: not a change of 1dcb311's, but the same hole.)
+   leaks the same way for every row: not a change of 1dcb311's, but the same hole.) Fixed: a
+   column that fails is left out of the image, key and all, the row's others computed; the
+   PL/pgSQL capture leaves out every virtual column (sql/0054); the gate refuses an image
+   without a key a policy needs.
 4. Transition-table tuples have no table oid: a virtual column over `tableoid` is imaged 0 (and
    `tableoid <> 0` false) in INSERT and DELETE images; UPDATE images (heap tuples) are right.
+   Fixed: the slot takes the trigger's relation's oid.
 
 Held: PostgreSQL 18 refuses every tenant-code path into a virtual expression that was tried;
 nothing tenant-defined runs inside the per-row subtransaction or after the user id switch; the
@@ -52,8 +56,7 @@ columns; images of numeric/float8 virtual columns are byte-identical to to_jsonb
 virtual column's type changed, its expression set, a column dropped or added, all in the
 transaction of the writes, image as the rows select.
 
-Not attacked / notes: the PL/pgSQL fallback (sql/0049) still images virtual columns as null
-(with a policy on a virtual column, F3's leak for every row); ICU collations (this build has no
+Not attacked / notes: ICU collations (this build has no
 ICU); exhausting 2^32 subtransaction ids in one transaction (BeginInternalSubTransaction would
 then FATAL the session, hours of rows); actually driving the host into the OOM killer (F2 was
 measured, not pushed); cross-partition UPDATE; webhooks (they carry the same images). Outside
