@@ -439,9 +439,10 @@ image_plan(Relation rel)
  * operators and types in them (checked at CREATE and ALTER TABLE), and they run here as the
  * invoker, like the rest of the image, before the user id is switched for the outbox. A value
  * that fails to compute with a data exception (SQLSTATE class 22: a division by zero, an
- * overflow), which a SELECT of the row would raise, is imaged as null rather than failing the
- * tenant's write: each row's computation runs in a subtransaction of its own. Any other error
- * (a cancel, the request deadline, out of memory) is raised as it is.
+ * overflow), which a SELECT of the row would raise, is left out of the image (never imaged as
+ * null: virtuals_compute) rather than failing the tenant's write: each row's computation runs
+ * in a subtransaction of its own. Any other error (a cancel, the request deadline, out of
+ * memory) is raised as it is.
  */
 typedef struct Virtuals
 {
@@ -502,7 +503,7 @@ virtuals_end(Virtuals *v)
 }
 
 /* Compute the virtual columns [from, to) of the slot's row into values/isnull, in a
- * subtransaction: false when one failed with a data exception (then none of them is set);
+ * subtransaction: false when one failed with a data exception (then none of them may be used);
  * any other error is raised. */
 static bool
 virtuals_try(Virtuals *v, int from, int to, Datum *values, bool *isnull)
