@@ -35,20 +35,7 @@ from fluxbase.db.capture import OLD_IMAGE_SQL
 from fluxbase.security.roles import role_name
 from support import Stack
 from test_attack_review17 import _tenant_conn
-from test_capture_native import _native, superuser, tenant  # noqa: F401
-
-
-async def _images(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, Any, Any]]:
-    rows = await control_db.fetch(
-        f"SELECT e.operation, e.record::text AS record, {OLD_IMAGE_SQL}::text AS old FROM fluxbase.events e "
-        "WHERE project_id = $1 AND table_name = $2 AND kind = 'row' ORDER BY xid, id",
-        pid,
-        table,
-    )
-    return [
-        (r["operation"], json.loads(r["record"]), None if r["old"] is None else json.loads(r["old"]))
-        for r in rows
-    ]
+from test_capture_native import _images, _native, superuser, tenant  # noqa: F401
 
 
 async def _want(conn: asyncpg.Connection, table: str, ident: int) -> Any:

@@ -62,6 +62,21 @@ async def _events(control_db: asyncpg.Pool, pid: str, table: str) -> list[asyncp
     )
 
 
+async def _images(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, Any, Any]]:
+    """(operation, record, old) of the table's row events, as the readers give them."""
+    rows = await control_db.fetch(
+        f"SELECT e.operation, e.record::text AS record, {cap.OLD_IMAGE_SQL}::text AS old "
+        "FROM fluxbase.events e WHERE project_id = $1 AND table_name = $2 AND kind = 'row' "
+        "ORDER BY xid, id",
+        pid,
+        table,
+    )
+    return [
+        (r["operation"], json.loads(r["record"]), None if r["old"] is None else json.loads(r["old"]))
+        for r in rows
+    ]
+
+
 async def _native(control_db: asyncpg.Pool) -> bool:
     async with control_db.acquire() as conn:
         return await cap.capture_language(conn) == cap.C
@@ -1102,21 +1117,6 @@ async def test_a_kept_image_plan_follows_a_cast_to_json_created_and_dropped(
 # -- virtual generated columns (PostgreSQL 18) -----------------------------------------------------
 
 
-async def _vimages(control_db: asyncpg.Pool, pid: str, table: str) -> list[tuple[str, Any, Any]]:
-    from fluxbase.services.realtime import OLD_IMAGE_SQL
-
-    rows = await control_db.fetch(
-        f"SELECT e.operation, e.record::text AS record, {OLD_IMAGE_SQL}::text AS old FROM fluxbase.events e "
-        "WHERE project_id = $1 AND table_name = $2 AND kind = 'row' ORDER BY xid, id",
-        pid,
-        table,
-    )
-    return [
-        (r["operation"], json.loads(r["record"]), None if r["old"] is None else json.loads(r["old"]))
-        for r in rows
-    ]
-
-
 async def test_virtual_generated_columns_are_computed_in_every_image(
     tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -1139,7 +1139,7 @@ async def test_virtual_generated_columns_are_computed_in_every_image(
     upd = json.loads(await tenant.fetchval("SELECT to_jsonb(x)::text FROM vg x WHERE id = 1"))
     assert upd["v"] == 18 and upd["s"] == "Z!"
     await tenant.execute("DELETE FROM vg WHERE id IN (1, 3)")
-    got = await _vimages(control_db, project.id, "vg")
+    got = await _images(control_db, project.id, "vg")
     assert got == [
         ("INSERT", want[1], None),
         ("INSERT", want[2], None),
@@ -1167,7 +1167,7 @@ async def test_a_virtual_column_that_fails_to_compute_is_left_out_and_the_write_
     with pytest.raises(asyncpg.DivisionByZeroError):
         await tenant.fetchval("SELECT q FROM vz WHERE id = 2")
     assert await tenant.fetchval("SELECT count(*) FROM vz") == 3
-    got = await _vimages(control_db, project.id, "vz")
+    got = await _images(control_db, project.id, "vz")
     assert [(op, rec) for op, rec, _ in got] == [
         ("INSERT", {"id": 1, "a": 4, "q": 25, "w": 5}),
         ("INSERT", {"id": 2, "a": 0, "w": 1}),
@@ -1197,4 +1197,4 @@ async def test_a_cancel_while_computing_virtual_columns_is_not_swallowed(
     finally:
         await tenant.execute("RESET statement_timeout")
     assert await tenant.fetchval("SELECT count(*) FROM vc") == 0
-    assert await _vimages(control_db, project.id, "vc") == []
+    assert await _images(control_db, project.id, "vc") == []
