@@ -393,7 +393,8 @@ async def test_a_project_still_introspects_its_own_objects(api: Api, control_db:
     # Deparsed for the project's search_path, as its own session prints it: names unqualified.
     async with control_db.acquire() as conn:
         seq_default = await conn.fetchval(
-            f"SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = '{s}.customers'::regclass"
+            f"SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = '{s}.customers'::regclass "
+            "AND adnum = 2"
         )
     body = await _sql(api, admin, other, "CREATE TABLE serials (id serial PRIMARY KEY)")
     assert body["success"], body
