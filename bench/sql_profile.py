@@ -58,7 +58,7 @@ STEPS = [
     ("        prepare (statement cache)", "fluxbase.tenancy.wire", "prepare|cached_statement"),
     ("        adapt parameters", "fluxbase.tenancy.session", "adapt_params"),
     (
-        "        send the request prefix (MSG_MORE: leaves with the statement)",
+        "        hold the request prefix (it leaves with the statement)",
         "fluxbase.tenancy.wire",
         "RequestPrefix.send",
     ),

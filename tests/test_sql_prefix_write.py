@@ -1,10 +1,10 @@
 """The one-round-trip request prefix leaves with its statement: one TCP segment per request.
 
-`RequestPrefix.send` writes the prefix with MSG_MORE, so the kernel holds it until asyncpg's
-Bind/Execute/Sync follows and both reach PostgreSQL in one segment (one wake-up of the backend,
-where two writes made two). Counted with the kernel's own per-socket counter of data segments
-sent (`tcpi_data_segs_out` in TCP_INFO), on asyncio's loop and on uvloop's (`fluxbase api`
-runs on uvloop); a Unix-socket connection falls back to the transport's write.
+`RequestPrefix.send` holds the prefix in the connection's `HeldTransport`, which puts it in front
+of asyncpg's Bind/Execute/Sync, so both reach PostgreSQL in one write and one segment (one
+wake-up of the backend, where two writes made two). Counted with the kernel's own per-socket
+counter of data segments sent (`tcpi_data_segs_out` in TCP_INFO), on asyncio's loop and on
+uvloop's (`fluxbase api` runs on uvloop), and over a Unix socket.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import uvloop
 from fluxbase.config import load_settings
 from fluxbase.services import sql
 from fluxbase.tenancy import session, wire
-from fluxbase.tenancy.pools import TenantPools
+from fluxbase.tenancy.pools import TenantConnection, TenantPools
 from fluxbase.tenancy.results import encode
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO and MSG_MORE are Linux's")
+_LINUX = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is Linux's")
 
 _DATA_SEGS_OUT = 156  # offset of tcpi_data_segs_out in struct tcp_info (Linux 4.6+)
 
@@ -59,6 +59,7 @@ def _request(pid: str, uid: str | None) -> session.TenantRequest:
     )
 
 
+@_LINUX
 @pytest.mark.parametrize("uid", [None, "alice"], ids=["prepared identity", "end-user identity"])
 async def test_a_pipelined_request_sends_one_segment(tenancy, uid: str | None) -> None:
     pools, control, pid = tenancy
@@ -82,6 +83,7 @@ async def test_a_pipelined_request_sends_one_segment(tenancy, uid: str | None) -
         await pool.release(again)
 
 
+@_LINUX
 async def test_a_failing_prefix_step_still_aborts_its_statement_in_one_segment(tenancy) -> None:
     """The statement after a refused step never runs: PostgreSQL skips to the Sync, as when the
     prefix had its own write (here a prefix step raises, then the statement would insert)."""
@@ -108,8 +110,11 @@ async def test_a_failing_prefix_step_still_aborts_its_statement_in_one_segment(t
 
 def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **connect: Any) -> tuple[int, Any]:
     async def main() -> tuple[int, Any]:
-        conn = await asyncpg.connect(url, **connect)
+        conn = await asyncpg.connect(url, connection_class=TenantConnection, **connect)
         try:
+            # The hook in asyncpg's connect: every write of the connection goes through it.
+            assert type(conn._protocol) is wire._Protocol, type(conn._protocol)
+            assert conn._transport is conn._protocol.held_transport
             prefix, _ = await wire.RequestPrefix.open(conn, "SELECT 1", (), {})
             stmt = await wire.prepare(conn, "SELECT $1::int * 2, current_setting('fx.probe', true)")
             raw = conn._transport.get_extra_info("socket")
@@ -125,10 +130,8 @@ def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **conne
                 segments = max(segments, (_data_segments_out(raw) - before) if tcp else 0)
                 assert completed and tuple(rows[0]) == (2 * n, "p"), rows
             assert await conn.fetchval("SELECT current_setting('fx.probe', true)") in (None, "")
-            assert (prefix._sock is not False) == tcp  # the raw socket only for TCP
-            if tcp:  # one socket object per connection, over the transport's descriptor
-                assert prefix._sock.fileno() == raw.fileno()
-            return segments, type(conn._transport).__module__
+            assert conn._transport.held == b""
+            return segments, type(conn._transport.transport).__module__
         finally:
             await conn.close()
 
@@ -136,6 +139,7 @@ def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **conne
         return runner.run(main())
 
 
+@_LINUX
 @pytest.mark.parametrize(
     "factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
 )
@@ -148,33 +152,52 @@ async def test_send_on_each_event_loop(
     assert ("uvloop" in transport) == (factory is uvloop.new_event_loop)
 
 
-async def test_send_over_a_unix_socket_falls_back_to_the_transport(stack, instance) -> None:
+async def test_send_over_a_unix_socket(stack, instance) -> None:
     if getattr(stack, "pg", None) is None:
         pytest.skip("needs the embedded PostgreSQL's socket")
     url = stack.database_url(instance.dbname)
     where = {"host": str(stack.pg.socket_dir), "port": urlsplit(url).port}
     segments, _ = await asyncio.to_thread(_on_loop, uvloop.new_event_loop, url, **where)
-    assert segments == 0  # no TCP: nothing counted, and the results above were checked
+    assert segments == 0  # no TCP: nothing counted; the order and the results were checked
 
 
-def test_borrowed_socket_never_closes_the_descriptor() -> None:
-    """The prefix's socket object is over a descriptor the transport owns: dropping it, or the
-    collector finalising it in a cycle, must leave the descriptor open."""
-    import gc
-    import os
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
 
-    a, b = socket.socketpair()
-    try:
-        fd = a.fileno()
-        borrowed = wire._Borrowed(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
-        assert borrowed.send(b"x") == 1
-        cycle: list[Any] = [borrowed]
-        cycle.append(cycle)
-        del borrowed, cycle
-        gc.collect()
-        os.fstat(fd)  # still open: raises OSError (EBADF) if the object closed it
-        a.send(b"y")
-        assert b.recv(8) == b"xy"
-    finally:
-        a.close()
-        b.close()
+    def write(self, data: Any) -> None:
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, lines: Any) -> None:
+        self.calls.append(("writelines", [bytes(x) for x in lines]))
+
+    def abort(self) -> None:
+        self.calls.append(("abort", None))
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+def test_held_bytes_lead_the_next_write_once() -> None:
+    """What is held goes out in front of the next write (a memoryview, as asyncpg writes), in the
+    same call, and only once; writelines keeps it first; an abort drops it; everything else is
+    the loop's transport's."""
+    inner = _Recorder()
+    held = wire.HeldTransport(inner)
+    held.write(b"plain")
+    held.held += b"P1"
+    held.held += b"P2"
+    held.write(memoryview(b"stmt"))
+    held.write(b"next")
+    held.held += b"P3"
+    held.writelines([b"a", memoryview(b"b")])
+    held.held += b"lost"
+    held.abort()
+    assert inner.calls == [
+        ("write", b"plain"),
+        ("write", b"P1P2stmt"),
+        ("write", b"next"),
+        ("writelines", [b"P3", b"a", b"b"]),
+        ("abort", None),
+    ]
+    assert held.held == b"" and held.get_write_buffer_size() == 7

@@ -174,6 +174,11 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
         "reset_timer",
     )
 
+    def __init__(self, protocol: Any, transport: Any, *args: Any) -> None:
+        # Its writes go through the protocol's HeldTransport, as the driver's own do, so that a
+        # held request prefix leaves in front of whichever comes first (wire.RequestPrefix.send).
+        super().__init__(protocol, wire.held_transport(protocol, transport), *args)
+
     def _get_unique_id(self, prefix: str) -> str:
         """Names for the statements (and cursors) asyncpg prepares on this session: unguessable.
 

@@ -15,11 +15,9 @@ covers every step).
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -179,7 +177,6 @@ class RequestPrefix:
         "_login",
         "_read_only",
         "_shapes",
-        "_sock",
         "_staged",
         "_unparsed",
         "_user_session",
@@ -204,8 +201,6 @@ class RequestPrefix:
         """`names`: the statements of (the first reset step, CHECK, READ_ONLY, USER_SESSION,
         *fixed, *limits); `reset_names`: those of the other reset steps (`reset_steps`)."""
         self._login = login
-        # `send`'s socket: unknown yet (None), none it may use (False), or the transport's.
-        self._sock: _Borrowed | bool | None = None
         self._shapes: dict[int, tuple[Any, Shape]] = {}
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
         self.anonymous_claims = anonymous_claims
@@ -356,15 +351,12 @@ class RequestPrefix:
         return shape
 
     def send(self, conn: Any, data: bytes) -> None:
-        """Write the prefix `data` so that it leaves with the driver's next write: one TCP
-        segment, one wake-up of PostgreSQL for the prefix and the statement, where two writes
-        made two. The prefix goes straight to the socket with MSG_MORE (the kernel holds it
-        back until the next send without that flag: asyncpg's Bind/Execute/Sync, or `drain`'s),
-        which costs the same one system call the transport's own write did, and nothing to undo
-        afterwards (TCP_CORK needed two more per request). Only when the transport has nothing
-        queued, so the order on the wire stays the order of the writes; a TLS connection, a
-        Unix socket or anything the kernel does not take at once goes through the transport as
-        before (`write`)."""
+        """Hold the prefix `data` so that it leaves with the driver's next write, in the same
+        system call: one TCP segment, one wake-up of PostgreSQL for the prefix and the
+        statement, where two writes made two. The connection writes through a `HeldTransport`
+        (every asyncpg connection of the process does: `_Protocol`), which puts what it holds
+        in front of the next write: asyncpg's Bind/Execute/Sync, its Parse/Describe/Flush
+        (`prepare_after`), or `drain`'s. The order on the wire is the order of the writes."""
         staged = self._staged
         if staged is not None:  # the head `begin` built is on its way: what it parsed, and reset
             self._staged = None
@@ -372,21 +364,10 @@ class RequestPrefix:
             for k in staged:
                 del self._unparsed[k]
         transport = conn._transport
-        if transport.get_write_buffer_size() or transport.is_closing():
+        if type(transport) is HeldTransport:
+            transport.held += data
+        else:  # (a connection asyncpg opened before this module was imported)
             transport.write(data)
-            return
-        sock = self._sock
-        if sock is None:  # borrowed at the first send, while the transport is open
-            sock = self._sock = _borrow(transport)
-        if sock is False:
-            transport.write(data)
-            return
-        try:
-            sent = sock.send(data, _MSG_MORE)  # type: ignore[union-attr]
-        except OSError:  # full or broken: the transport's write handles either
-            sent = 0
-        if sent != len(data):
-            transport.write(data[sent:])
 
     async def drain(self, conn: Any) -> None:
         """End a prefix written without its statement, rolling its transaction back: a step that
@@ -418,35 +399,92 @@ def write(conn: Any, data: bytes) -> None:
     conn._transport.write(data)
 
 
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+class HeldTransport:
+    """The transport an asyncpg connection writes through: the event loop's, with bytes held for
+    the next write (`RequestPrefix.send`). A held prefix goes out in front of whatever the
+    connection writes next, in one system call and one TCP segment with it; nothing else
+    changes. The rest of the transport's interface is passed through."""
+
+    __slots__ = ("held", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.held = b""
+
+    def write(self, data: Any) -> None:
+        held = self.held
+        if held:
+            self.held = b""
+            data = held + data
+        self.transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        held = self.held
+        if held:
+            self.held = b""
+            lines = [held, *lines]
+        self.transport.writelines(lines)
+
+    def abort(self) -> None:
+        self.held = b""
+        self.transport.abort()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()  # type: ignore[no-any-return]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
-class _Borrowed(_socket.socket):
-    """A socket object over a descriptor the transport owns, for `RequestPrefix.send`: made once
-    per connection (a new object per send cost a `getsockname` system call each), and never
-    closing what it does not own: finalised, it lets go of the descriptor (`detach`) instead of
-    closing it. `send` uses it only while the transport is open, so the descriptor is still the
-    transport's (a closed one's number may be reused)."""
+class _Protocol(asyncpg.protocol.Protocol):  # type: ignore[misc]
+    """asyncpg's protocol, given a `HeldTransport` over the loop's transport when it connects.
+    asyncpg keeps its transport in a C attribute that only `connection_made` sets, so this is
+    the one place to put anything between the driver and the socket."""
 
-    __slots__ = ()
-
-    def __del__(self) -> None:
-        self.detach()
+    def connection_made(self, transport: Any) -> None:
+        held = self.held_transport = HeldTransport(transport)
+        super().connection_made(held)
 
 
-def _borrow(transport: Any) -> _Borrowed | bool:
-    """`RequestPrefix.send`'s socket for a plain TCP transport, or False (TLS, a Unix socket, or
-    no MSG_MORE here: the transport's own write)."""
-    if not _MSG_MORE or transport.get_extra_info("ssl_object") is not None:
-        return False
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        return _Borrowed(sock.family, _NONBLOCKING_STREAM, 0, sock.fileno())
-    except (OSError, ValueError):  # (closed meanwhile: the transport's write reports it)
-        return False
+class _ProtocolModule:
+    """What `asyncpg.connect_utils` sees as its `protocol` module: it only ever takes
+    `Protocol` from it (`__connect_addr`'s factory); anything else is asyncpg's."""
+
+    Protocol = _Protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncpg.protocol, name)
+
+
+def _install() -> None:
+    """Every asyncpg connection this process opens from now on writes through a `HeldTransport`
+    (its `Connection._transport` too, `held_transport`); tests/test_sql_prefix_write.py fails if an
+    asyncpg upgrade moves the hook."""
+    from asyncpg import connect_utils
+
+    if connect_utils.protocol is asyncpg.protocol:
+        connect_utils.protocol = _ProtocolModule()  # type: ignore[assignment]
+
+
+_install()
+
+
+def held_transport(protocol: Any, transport: Any) -> Any:
+    """The transport a new asyncpg Connection over `protocol` should keep: the protocol's
+    `HeldTransport`, where it has one, so that every write of the connection goes through it."""
+    return getattr(protocol, "held_transport", transport)
 
 
 # -- statements with a row cap --------------------------------------------------------------------
