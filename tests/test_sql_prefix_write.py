@@ -108,6 +108,33 @@ async def test_a_failing_prefix_step_still_aborts_its_statement_in_one_segment(t
         await pool.release(conn)
 
 
+async def test_the_read_only_step_is_parsed_when_first_needed_and_only_then(tenancy) -> None:
+    """`begin` sends a lazily parsed step's Parse with the first request that needs it, and never
+    again (a second Parse of the same name fails the request); requests that need none send none."""
+    pools, control, pid = tenancy
+    req = _request(pid, None)
+    await sql.execute(pools, control, req, "CREATE TABLE IF NOT EXISTS lazy_probe (n int)", [])
+    pool = await pools.pool(pid, "admin")
+    conn = await pool.acquire()
+    try:
+        prefix = conn.request_prefix
+        insert = await wire.prepare(conn, "INSERT INTO lazy_probe VALUES (1)")
+        for read_only in (False, False, True, True, False):
+            refused = read_only
+            head = prefix.begin(read_only, False)
+            assert (b"SET transaction_read_only" in head) == (read_only and "read_only" in prefix._unparsed)
+            prefix.send(conn, head + prefix.checks(pid, None, read_only, None, None))
+            if refused:
+                with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                    await wire.execute(conn, insert, [], 10)
+            else:
+                await wire.execute(conn, insert, [], 10)
+        assert "read_only" not in prefix._unparsed
+        assert await conn.fetchval("SELECT count(*) FROM lazy_probe") == 3
+    finally:
+        await pool.release(conn)
+
+
 def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **connect: Any) -> tuple[int, Any]:
     async def main() -> tuple[int, Any]:
         conn = await asyncpg.connect(url, connection_class=TenantConnection, **connect)

@@ -261,11 +261,18 @@ class RequestPrefix:
         needs (`read_only`, `user_session`, and the reset steps unless the session is fresh),
         then the reset (its first step only on a fresh session). Staged: `send` marks them sent."""
         unparsed = self._unparsed
-        wanted = (("reset", not self.fresh), ("read_only", read_only), ("user_session", user_session))
+        fresh = self.fresh
+        if not (
+            (not fresh and "reset" in unparsed)
+            or (read_only and "read_only" in unparsed)
+            or (user_session and "user_session" in unparsed)
+        ):  # (the usual case: every step this request needs is parsed on the session)
+            self._staged = ()
+            return self._first if fresh else self.reset
+        wanted = (("reset", not fresh), ("read_only", read_only), ("user_session", user_session))
         needed = tuple(k for k, want in wanted if want and k in unparsed)
         self._staged = needed
-        parses = b"".join(unparsed[k] for k in needed) if needed else b""
-        return parses + (self._first if self.fresh else self.reset)
+        return b"".join(unparsed[k] for k in needed) + (self._first if fresh else self.reset)
 
     def use_statements(self, conn: Any) -> None:
         """Reset with the six statements from now on (the C reset failed: `reset_failed`)."""
