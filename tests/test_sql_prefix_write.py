@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import msgspec
 import pytest
 import uvloop
 
@@ -133,6 +134,53 @@ async def test_the_read_only_step_is_parsed_when_first_needed_and_only_then(tena
         assert await conn.fetchval("SELECT count(*) FROM lazy_probe") == 3
     finally:
         await pool.release(conn)
+
+
+class _Tap:
+    """The loop's transport, with what is written through it kept (as PostgreSQL messages)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.sent = bytearray()
+
+    def write(self, data: Any) -> None:
+        self.sent += data
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def kinds(self) -> list[str]:
+        out, i, data = [], 0, bytes(self.sent)
+        while i < len(data):
+            out.append(chr(data[i]))
+            i += 1 + int.from_bytes(data[i + 1 : i + 5], "big")
+        return out
+
+
+@pytest.mark.parametrize(("share", "parses"), [(5000, 0), (1000, 0), (999, 1), (None, 0)])
+async def test_a_full_broadcast_share_is_prepared_on_the_session(tenancy, share, parses) -> None:
+    """The share of broadcasts that repeats (the cap, 1 000, wherever a window has that much
+    left) is a statement prepared when the connection opened: a warm request then sends no Parse
+    at all. A smaller share is parsed with its request, as before."""
+    pools, control, pid = tenancy
+    req = msgspec.structs.replace(_request(pid, None), broadcasts=share)
+    query = "SELECT current_setting('fluxbase.broadcast_cap', true) AS cap"
+    for _ in range(2):  # warm: the statement prepared, the session's lazily parsed steps too
+        await sql.execute(pools, control, req, query, [])
+    pool = await pools.pool(pid, "admin")
+    conn = await pool.acquire()
+    tap = conn._transport.transport = _Tap(conn._transport.transport)
+    await pool.release(conn)
+    try:
+        body = encode((await sql.execute(pools, control, req, query, [])).result())
+    finally:
+        conn._transport.transport = tap.transport
+    kinds = tap.kinds()
+    assert kinds.count("P") == parses, kinds
+    assert kinds[-1] == "S" and kinds.count("S") == 1
+    expected = "null" if share is None else f'"{min(share, 1000)}"'
+    assert f'"cap":{expected}'.encode() in body, body
 
 
 def _on_loop(factory: Callable[[], asyncio.AbstractEventLoop], url: str, **connect: Any) -> tuple[int, Any]:

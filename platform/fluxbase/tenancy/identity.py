@@ -29,6 +29,15 @@ def base_claims(scope: str, project_id: str) -> dict[str, Any]:
     return {"role": scope, "project_id": project_id}
 
 
+# realtime.broadcast takes at most 1 000 a transaction whatever `fluxbase.broadcast_cap` says
+# (sql/0042), so a request's share past it is that cap. The statement for it, the one that repeats
+# request after request wherever a key's window has that much left, is prepared on every tenant
+# session (FULL_CAP: parsed with the request prefix's other steps when the connection opens,
+# pools.open_tenant_session) instead of parsed with each request.
+BROADCAST_CAP_MAX = 1000
+FULL_CAP = f"SET LOCAL fluxbase.broadcast_cap = '{BROADCAST_CAP_MAX}'"
+
+
 def identity_statements(identity: Identity) -> tuple[str, str, str]:
     """The request identity as SET LOCAL statements, not set_config(): tenant read and readwrite
     roles may not execute set_config (sql/0007), so they cannot change it mid-statement.

@@ -26,7 +26,7 @@ from fluxbase.config import Settings
 from fluxbase.metrics import REGISTRY
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.tenancy import wire
-from fluxbase.tenancy.identity import Identity, base_claims, identity_statements
+from fluxbase.tenancy.identity import FULL_CAP, Identity, base_claims, identity_statements
 from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ async def open_tenant_session(
         identity_statements(Identity(None, claims, scope)),
         claims,
         caps.statements(),
+        (FULL_CAP,),
     )
     conn.over_caps = login_over_caps(row, caps)
 

@@ -52,7 +52,7 @@ from fluxbase.tenancy.errors import (
     statement_error,
     tampered,
 )
-from fluxbase.tenancy.identity import Identity, identity_statements
+from fluxbase.tenancy.identity import BROADCAST_CAP_MAX, FULL_CAP, Identity, identity_statements
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
@@ -616,7 +616,7 @@ _REFUSALS = frozenset({"FXRST", "FXEPO", "FXU01", "FXU02", "FX401", "FX403"})
 # The broadcast cap's step (unnamed Parse/Bind/Execute, the same on every connection) by count:
 # a window's counts repeat window after window.
 _CAP_STEPS: dict[int, bytes] = {}
-_CAP_MAX = 999_999
+_CAP_MAX = BROADCAST_CAP_MAX
 
 
 def _cap_step(n: int) -> bytes:
@@ -648,10 +648,11 @@ async def _one_round_trip(
         who = b"".join(prefix.statement(s) for s in identity_statements(identity))
     n = req.broadcasts
     if n is not None:
-        if n > _CAP_MAX:
-            n = _CAP_MAX  # (as broadcast_cap_statement caps it: one cached step past it)
-        cap = _CAP_STEPS.get(n)
-        who += cap if cap is not None else _cap_step(n)
+        if n >= _CAP_MAX:
+            who += prefix.statement(FULL_CAP)  # (as broadcast_cap_statement caps it)
+        else:
+            cap = _CAP_STEPS.get(n)
+            who += cap if cap is not None else _cap_step(n)
     read_only = req.scope == "read" or req.project_read_only
     head = b"".join(
         (

@@ -197,9 +197,11 @@ class RequestPrefix:
         limits: Sequence[str] = (),
         native_reset: bool = False,
         reset_names: Sequence[str] = (),
+        extra: Sequence[str] = (),
     ):
         """`names`: the statements of (the first reset step, CHECK, READ_ONLY, USER_SESSION,
-        *fixed, *limits); `reset_names`: those of the other reset steps (`reset_steps`)."""
+        *fixed, *limits, *extra); `reset_names`: those of the other reset steps (`reset_steps`);
+        `extra`: other steps that repeat, prepared too (`statement`)."""
         self._login = login
         self._shapes: dict[int, tuple[Any, Shape]] = {}
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
@@ -219,7 +221,7 @@ class RequestPrefix:
         }
         self._staged: tuple[str, ...] | None = None
         self.fresh = True
-        steps = (*fixed, *limits)
+        steps = (*fixed, *limits, *extra)
         self._fixed = {sql: bind_execute(name) for sql, name in zip(steps, names[4:], strict=True)}
         self.anonymous = b"".join(self._fixed[sql] for sql in fixed)
         self.limits = b"".join(self._fixed[sql] for sql in limits)
@@ -232,6 +234,7 @@ class RequestPrefix:
         fixed: Sequence[str],
         anonymous_claims: dict[str, Any],
         limits: Sequence[str] = (),
+        extra: Sequence[str] = (),
     ) -> tuple[RequestPrefix, Any]:
         """Prepare the steps on a new connection and run `login_sql` (a query of one row, the
         session's login settings, with a `native_reset` column, NATIVE_RESET_SQL, where the C reset may
@@ -245,7 +248,7 @@ class RequestPrefix:
         other reset steps, which of the two resets the login row tells, when first needed
         (`begin`).
         """
-        sqls = (RESET_STEPS[0], CHECK, READ_ONLY, USER_SESSION, *fixed, *limits)
+        sqls = (RESET_STEPS[0], CHECK, READ_ONLY, USER_SESSION, *fixed, *limits, *extra)
         names = [conn._get_unique_id("stmt") for _ in sqls]
         eager = 0, 1, *range(4, len(sqls))
         write(conn, b"".join(parse(names[i], sqls[i]) for i in eager))
@@ -254,7 +257,7 @@ class RequestPrefix:
         # (No such column: the six statements.)
         native = bool(row.get("native_reset")) and _native_usable(conn)
         reset_names = [conn._get_unique_id("stmt") for _ in reset_steps(native)[1:]]
-        return cls(names, login, fixed, anonymous_claims, limits, native, reset_names), row
+        return cls(names, login, fixed, anonymous_claims, limits, native, reset_names, extra), row
 
     def begin(self, read_only: bool, user_session: bool) -> bytes:
         """The head's first part: the Parse messages of the lazily parsed steps this request
