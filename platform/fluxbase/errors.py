@@ -134,6 +134,18 @@ class SessionStatementsLost(DatabaseUnavailable):
     )
 
 
+class ResultTypeChanged(DatabaseUnavailable):
+    """A composite type in a statement's result changed (ALTER TYPE) after the session had cached
+    it: the driver cannot read the rows. On the one-round-trip path the statement's transaction
+    has ended by then, so a request that could write is not run again (hostile review 28); the
+    session's type cache is reloaded and the session kept."""
+
+    default_message = (
+        "A type in the statement's result changed while it ran (ALTER TYPE), so its result could "
+        "not be read. The statement ran; run it again to read the result."
+    )
+
+
 class ConnectionsBusy(DatabaseUnavailable):
     """Every connection of the project's pool stayed in use for the acquire timeout."""
 

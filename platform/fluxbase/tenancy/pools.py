@@ -586,7 +586,7 @@ class TenantPool:
 
     def release_now(self, conn: TenantConnection) -> None:
         """`release` without a coroutine (it never waits)."""
-        if self._closed or conn.is_closed():
+        if self._closed or conn.is_closed() or wire.holds(conn):
             conn.terminate()  # its termination listener frees the slot
             return
         conn.released = True  # it served a request: `acquire_opened_after` takes only fresh ones

@@ -35,6 +35,7 @@ from fluxbase.errors import (
     InternalError,
     ProjectMoving,
     ProjectReadOnly,
+    ResultTypeChanged,
     SessionStatementsLost,
     StatementFailed,
     StatementTimedOut,
@@ -728,6 +729,15 @@ async def _one_round_trip(
             if attempt == 0 and reset_runs and await prefix.reset_failed(conn, exc):
                 continue  # the C reset failed, first in the pipeline: nothing else ran
             raise statement_error(exc, may_write) from None
+        except asyncpg.exceptions.OutdatedSchemaCacheError as exc:
+            # A composite type of the result changed since this session cached it (ALTER TYPE):
+            # asyncpg found it reading the rows, after the Sync ended the transaction. Fresh type
+            # codecs; the session stays. Run again only what could not write (hostile review 28:
+            # this was answered as a lost connection and the session closed).
+            await wire.forget_cached_plans(conn, exc)
+            if attempt == 0 and read_only:
+                continue
+            raise ResultTypeChanged() from None
         except wire.UNDECODABLE_ERRORS:
             raise wire.undecodable(conn) from None  # as wire.execute's
         except (*CONNECTION_LOST, FluxbaseError, Fallback):

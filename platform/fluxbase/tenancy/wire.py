@@ -491,6 +491,15 @@ def _install() -> None:
 _install()
 
 
+def holds(conn: Any) -> bool:
+    """Whether the connection still holds prefix bytes that no statement followed: a request
+    cancelled from outside between `RequestPrefix.send` and the driver's write (asyncpg waiting
+    for an earlier cancel to finish; hostile review 28). Such a session is never handed on: the
+    bytes would lead the next principal's request."""
+    transport = conn._transport
+    return type(transport) is HeldTransport and bool(transport.held)
+
+
 def held_transport(protocol: Any, transport: Any) -> Any:
     """The transport a new asyncpg Connection over `protocol` should keep: the protocol's
     `HeldTransport`, where it has one, so that every write of the connection goes through it."""
