@@ -205,8 +205,8 @@ async def test_cache_stale_retry_sends_one_prefix(tenancy) -> None:
         with contextlib.suppress(AttributeError):
             del held.transport.write
     assert '"columns":["a","b","u"]' in out.decode(), out
-    identity = b"fluxbase.auth_uid"
-    # The anonymous identity is prepared; alice's SET LOCAL is parsed unnamed, once per prefix.
+    identity = b'"sub":"alice"'
+    # Alice's claims go out once per prefix (in her SET LOCAL, or in begin_request's parameters).
     assert sum(w.count(identity) for w in writes) == 2, writes  # attempt 0 and the retry, one each
     assert all(w.count(identity) <= 1 for w in writes)
     assert held.held == b""

@@ -26,6 +26,7 @@ from support import own_project as _own
 from support import sql_body as _sql
 
 REFUSED = "fluxbase_guard.reset_session() may only begin a request"
+REFUSED_BEGIN = "fluxbase_guard.begin_request() may only begin a request"
 
 
 async def test_sessions_of_a_server_with_the_library_use_the_c_reset(
@@ -69,6 +70,8 @@ async def test_tenant_sql_cannot_call_the_reset(api: Api, project: Any, control_
         "CREATE FUNCTION do_reset() RETURNS void LANGUAGE sql AS 'SELECT fluxbase_guard.reset_session()'",
         "CREATE FUNCTION do_reset_plain() RETURNS void LANGUAGE plpgsql "
         "AS $$ BEGIN PERFORM fluxbase_guard.reset_session(); END $$",
+        "CREATE FUNCTION do_begin() RETURNS void LANGUAGE sql "
+        "AS $$ SELECT fluxbase_guard.begin_request('forged', '{}', 'admin') $$",
     ):
         assert (await _sql(api, admin, pid, q))["success"], q
     keys = {
@@ -76,8 +79,13 @@ async def test_tenant_sql_cannot_call_the_reset(api: Api, project: Any, control_
         "readwrite": await api.new_key(project.owner_token, pid, "readwrite", rateLimitRequests=1_000_000),
         "read": await api.new_key(project.owner_token, pid, "read", rateLimitRequests=1_000_000),
     }
+    forged = '\'forged\', \'{"sub": "forged", "role": "admin"}\', \'admin\''
     calls = [
         "SELECT fluxbase_guard.reset_session()",
+        # begin_request would also set the identity: the same guard refuses it
+        f"SELECT fluxbase_guard.begin_request({forged})",
+        f"SELECT v FROM notes WHERE (SELECT fluxbase_guard.begin_request({forged})) IS NULL",
+        "SELECT do_begin()",
         "SELECT fluxbase_guard.reset_session() IS NULL AS r, auth.uid() AS uid",
         "SELECT v FROM notes WHERE (SELECT fluxbase_guard.reset_session()) IS NULL",
         "SELECT do_reset()",
@@ -88,6 +96,7 @@ async def test_tenant_sql_cannot_call_the_reset(api: Api, project: Any, control_
     admin_only = [
         "DO $$ BEGIN PERFORM fluxbase_guard.reset_session(); END $$",
         "DO $$ BEGIN EXECUTE 'SELECT fluxbase_guard.reset_session()'; END $$",
+        "DO $$ BEGIN PERFORM fluxbase_guard.begin_request('forged', '{}', 'admin'); END $$",
     ]
     tried = 0
     for label, key in keys.items():
@@ -96,7 +105,9 @@ async def test_tenant_sql_cannot_call_the_reset(api: Api, project: Any, control_
                 body = await _sql(api, key, pid, q, token)
                 assert body["success"] is False, (label, token is not None, q, body)
                 assert body["error"]["details"] == "ERROR:  42501", (label, q, body)
-                assert REFUSED in body["error"]["message"], body
+                assert (REFUSED if "reset_session" in q or "do_reset" in q else REFUSED_BEGIN) in body[
+                    "error"
+                ]["message"], body
                 tried += 1
             # The refusal left the session as it was: the same identity, the same rows.
             who = await _sql(api, key, pid, "SELECT auth.uid() AS uid, auth.role() AS role", token)
@@ -147,7 +158,10 @@ async def test_what_a_request_leaves_is_gone_by_the_next_with_either_reset(
             if not with_c and native:
                 su = await asyncpg.connect(stack.database_url(inst.dbname))
                 try:
-                    await su.execute("DROP FUNCTION fluxbase_guard.reset_session()")
+                    await su.execute(
+                        "DROP FUNCTION fluxbase_guard.reset_session(); "
+                        "DROP FUNCTION fluxbase_guard.begin_request(text, text, text)"
+                    )
                 finally:
                     await su.close()
             first = await _sql(api, key, pid, "SELECT leave(), pg_backend_pid() AS p")
@@ -189,6 +203,10 @@ async def test_a_session_whose_reset_function_went_away_switches_to_the_statemen
             why = await cap.install_reset(su)
             assert why is not None and "fluxbase_capture_not_here" in why, why
             assert await su.fetchval("SELECT to_regprocedure('fluxbase_guard.reset_session()')") is None
+            assert (
+                await su.fetchval("SELECT to_regprocedure('fluxbase_guard.begin_request(text,text,text)')")
+                is None
+            )
             for n in range(3):
                 body = await _sql(api, key, pid, f"SELECT pg_backend_pid() AS p, {n} AS n")
                 assert body["success"], body
@@ -228,3 +246,42 @@ async def test_a_role_that_is_not_a_superuser_does_not_install_it(stack: Stack, 
         assert await cap.install_reset(conn) == cap.NOT_SUPERUSER
     finally:
         await conn.close()
+
+
+async def test_begin_request_resets_then_sets_the_identity_for_its_transaction_only(
+    stack: Stack, instance: Instance, control_db: asyncpg.Pool, project: Any
+) -> None:
+    """Outside a request (a tenant role's own session, as the pool's), begin_request sets the
+    three identity settings for its transaction, as SET LOCAL does; a second call in the same
+    transaction is refused (the first left stack entries); a null is refused, not skipped."""
+    from fluxbase.config import load_settings
+    from fluxbase.tenancy.pools import TenantPools
+
+    if not await _has_library(control_db):
+        pytest.skip("FLUXBASE_TEST_DATABASE_URL's server has no fluxbase_capture library (docs/capture.md)")
+    pools = TenantPools(load_settings(instance.env), max_size=1)
+    try:
+        pool = await pools.pool(project.id, "admin")
+        async with pool.connection() as conn:
+            assert conn.request_prefix._begin is not None  # the login query found it
+            who = (
+                "SELECT current_setting('fluxbase.auth_uid', true) AS u,"
+                " current_setting('fluxbase.auth_role', true) AS r"
+            )
+            async with conn.transaction():
+                await conn.execute("SET LOCAL work_mem = '1MB'")  # a request setting: refused
+                with pytest.raises(asyncpg.InsufficientPrivilegeError, match="begin_request"):
+                    await conn.execute("SELECT fluxbase_guard.begin_request('a', '{}', 'user')")
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("SELECT fluxbase_guard.begin_request('alice', '{\"sub\":\"alice\"}', 'user')")
+            assert tuple(await conn.fetchrow(who)) == ("alice", "user")
+            assert await conn.fetchval("SELECT auth.uid()") == "alice"
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="begin_request"):
+                await conn.execute("SELECT fluxbase_guard.begin_request('mallory', '{}', 'admin')")
+            await tx.rollback()
+            assert tuple(await conn.fetchrow(who)) in ((None, None), ("", ""))
+            with pytest.raises(asyncpg.NullValueNotAllowedError):
+                await conn.execute("SELECT fluxbase_guard.begin_request(NULL, '{}', 'user')")
+    finally:
+        await pools.close()

@@ -1764,11 +1764,11 @@ fluxbase_capture_update(PG_FUNCTION_ARGS)
 PG_FUNCTION_INFO_V1(fluxbase_reset_session);
 
 static void
-refuse_reset(void)
+refuse_reset(const char *function)
 {
 	ereport(ERROR,
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-			 errmsg("fluxbase_guard.reset_session() may only begin a request")));
+			 errmsg("fluxbase_guard.%s may only begin a request", function)));
 }
 
 /* tests/test_session_reset.py checks this list against tenancy/statements.py ASSERTED */
@@ -1779,18 +1779,18 @@ static const char *const request_settings[] = {
 	"statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"
 };
 
-Datum
-fluxbase_reset_session(PG_FUNCTION_ARGS)
+static void
+reset_session(const char *function)
 {
 	/* as utility.c's CheckRestrictedOperation for UNLISTEN and DISCARD */
 	if (InSecurityRestrictedOperation())
-		refuse_reset();
+		refuse_reset(function);
 	for (int i = 0; i < lengthof(request_settings); i++)
 	{
 		struct config_generic *setting = find_option(request_settings[i], false, true, ERROR);
 
 		if (setting != NULL && setting->stack != NULL)
-			refuse_reset();
+			refuse_reset(function);
 	}
 
 	PerformPortalClose(NULL);	/* CLOSE ALL (this call's own portal, active, stays) */
@@ -1799,5 +1799,46 @@ fluxbase_reset_session(PG_FUNCTION_ARGS)
 	ResetTempTableNamespace();	/* DISCARD TEMP */
 	ResetSequenceCaches();		/* DISCARD SEQUENCES */
 	LockReleaseSession(USER_LOCKMETHOD);	/* pg_advisory_unlock_all() */
+}
+
+Datum
+fluxbase_reset_session(PG_FUNCTION_ARGS)
+{
+	reset_session("reset_session()");
+	PG_RETURN_VOID();
+}
+
+/*
+ * fluxbase_guard.begin_request(uid text, claims text, role text): the session reset above, then
+ * the request identity, as `SET LOCAL fluxbase.auth_uid = ...; SET LOCAL fluxbase.auth_claims =
+ * ...; SET LOCAL fluxbase.auth_role = ...` would set it (tenancy/identity.py): one call where the
+ * request pipeline ran four statements (issue 24).
+ *
+ * It is the reset's guard that keeps tenant SQL from choosing its identity with it: the reset
+ * refuses once any request setting has a GUC stack entry in the transaction, and this call
+ * leaves one on each of the three it sets, so after it nothing in the same transaction can call
+ * it (or the reset) again; every path that runs tenant SQL sets the identity (or asserts the
+ * caps) before it (see fluxbase_reset_session). A null argument is refused: a strict function
+ * would be skipped, and with it the reset and the identity.
+ */
+PG_FUNCTION_INFO_V1(fluxbase_begin_request);
+
+static const char *const identity_settings[] = {
+	"fluxbase.auth_uid", "fluxbase.auth_claims", "fluxbase.auth_role"
+};
+
+Datum
+fluxbase_begin_request(PG_FUNCTION_ARGS)
+{
+	for (int i = 0; i < lengthof(identity_settings); i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("fluxbase_guard.begin_request() takes no null identity")));
+	reset_session("begin_request()");
+	for (int i = 0; i < lengthof(identity_settings); i++)
+		(void) set_config_option(identity_settings[i], text_to_cstring(PG_GETARG_TEXT_PP(i)),
+								 superuser() ? PGC_SUSET : PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 	PG_RETURN_VOID();
 }

@@ -136,40 +136,47 @@ async def install_plpgsql(conn: asyncpg.Connection) -> None:
 
 RESET_FUNCTION = "fluxbase_guard.reset_session()"
 RESET_SYMBOL = "fluxbase_reset_session"
+# The reset and the request identity in one call (the same library and guard): tenancy.wire uses
+# it where a session finds it at login (NATIVE_BEGIN_SQL), else the reset and three SET LOCALs.
+BEGIN_FUNCTION = "fluxbase_guard.begin_request(text, text, text)"
+BEGIN_SYMBOL = "fluxbase_begin_request"
 
 
 async def install_reset(conn: asyncpg.Connection) -> str | None:
-    """Make fluxbase_guard.reset_session() the C function of LIBRARY, in a savepoint: None on
-    success, else why not, and then the function is dropped, so that sessions fall back to the
-    six reset statements (a function that cannot load would fail every request). Its guard is in
-    the C code (it refuses inside a request), which is why every role may execute it. Needs a
-    superuser, as install_native."""
+    """Make fluxbase_guard.reset_session() and fluxbase_guard.begin_request(text, text, text)
+    the C functions of LIBRARY, in a savepoint: None on success, else why not, and then both are
+    dropped, so that sessions fall back to the six reset statements and the identity's SET LOCALs
+    (a function that cannot load would fail every request). Their guard is in the C code (they
+    refuse inside a request), which is why every role may execute them. Needs a superuser, as
+    install_native."""
     if not await conn.fetchval("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user"):
         return NOT_SUPERUSER
     try:
         async with conn.transaction():
-            current = await conn.fetchrow(
-                """SELECT l.lanname, p.probin, p.prosrc FROM pg_catalog.pg_proc p
-                   JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-                   WHERE p.oid = pg_catalog.to_regprocedure($1)""",
-                RESET_FUNCTION,
-            )
-            if current is not None and tuple(current) == (C, LIBRARY, RESET_SYMBOL):
-                # Still loadable here, its symbol still there (review 16: a LOAD alone would not
-                # look it up).
-                await conn.execute(
-                    "SELECT pg_catalog.fmgr_c_validator(pg_catalog.to_regprocedure($1))", RESET_FUNCTION
+            for function, symbol in ((RESET_FUNCTION, RESET_SYMBOL), (BEGIN_FUNCTION, BEGIN_SYMBOL)):
+                current = await conn.fetchrow(
+                    """SELECT l.lanname, p.probin, p.prosrc FROM pg_catalog.pg_proc p
+                       JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+                       WHERE p.oid = pg_catalog.to_regprocedure($1)""",
+                    function,
                 )
-            else:
-                await conn.execute("SET LOCAL check_function_bodies = on")
-                await conn.execute(
-                    f"CREATE OR REPLACE FUNCTION {RESET_FUNCTION} RETURNS void LANGUAGE c VOLATILE "
-                    f"PARALLEL UNSAFE SECURITY INVOKER AS '{LIBRARY}', '{RESET_SYMBOL}'"
-                )
-            await conn.execute(f"GRANT EXECUTE ON FUNCTION {RESET_FUNCTION} TO PUBLIC")
+                if current is not None and tuple(current) == (C, LIBRARY, symbol):
+                    # Still loadable here, its symbol still there (review 16: a LOAD alone would
+                    # not look it up).
+                    await conn.execute(
+                        "SELECT pg_catalog.fmgr_c_validator(pg_catalog.to_regprocedure($1))", function
+                    )
+                else:
+                    await conn.execute("SET LOCAL check_function_bodies = on")
+                    await conn.execute(
+                        f"CREATE OR REPLACE FUNCTION {function} RETURNS void LANGUAGE c VOLATILE "
+                        f"PARALLEL UNSAFE SECURITY INVOKER AS '{LIBRARY}', '{symbol}'"
+                    )
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")
     except asyncpg.PostgresError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         await conn.execute(f"DROP FUNCTION IF EXISTS {RESET_FUNCTION}")
+        await conn.execute(f"DROP FUNCTION IF EXISTS {BEGIN_FUNCTION}")
         return f"{first} ({exc.sqlstate})"
     return None
 

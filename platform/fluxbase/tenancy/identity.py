@@ -47,9 +47,15 @@ def identity_statements(identity: Identity) -> tuple[str, str, str]:
     the rest of it, and since the session reset steps come first (PostgreSQL 17+ treats the
     pipeline as an implicit transaction block from its second message on) it logs no "SET LOCAL
     can only be used in transaction blocks" warning (tests/test_sql_pipeline_identity.py)."""
-    claims = msgspec.json.encode(identity.claims).decode()
+    uid, claims, role = identity_values(identity)
     return (
-        f"SET LOCAL fluxbase.auth_uid = {quote_literal(identity.uid or '')}",
+        f"SET LOCAL fluxbase.auth_uid = {quote_literal(uid)}",
         f"SET LOCAL fluxbase.auth_claims = {quote_literal(claims)}",
-        f"SET LOCAL fluxbase.auth_role = {quote_literal(identity.role)}",
+        f"SET LOCAL fluxbase.auth_role = {quote_literal(role)}",
     )
+
+
+def identity_values(identity: Identity) -> tuple[str, str, str]:
+    """The values of fluxbase.auth_uid, auth_claims and auth_role for `identity`: what
+    `identity_statements` sets, and what fluxbase_guard.begin_request() takes (tenancy.wire)."""
+    return identity.uid or "", msgspec.json.encode(identity.claims).decode(), identity.role

@@ -26,7 +26,7 @@ from fluxbase.config import Settings
 from fluxbase.metrics import REGISTRY
 from fluxbase.security.roles import role_name, role_password
 from fluxbase.tenancy import wire
-from fluxbase.tenancy.identity import FULL_CAP, Identity, base_claims, identity_statements
+from fluxbase.tenancy.identity import FULL_CAP, Identity, base_claims, identity_statements, identity_values
 from fluxbase.tenancy.statements import ASSERTED, Caps, Classifier, over_cap
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class TenantConnection(asyncpg.Connection):  # type: ignore[misc]
 _LOGIN_SETTINGS_SQL = (
     "SELECT "
     + ", ".join(f"pg_catalog.current_setting('{n}') AS {n}" for n in sorted(ASSERTED))
-    + f", {wire.NATIVE_RESET_SQL} AS native_reset"
+    + f", {wire.NATIVE_RESET_SQL} AS native_reset, {wire.NATIVE_BEGIN_SQL} AS native_begin"
 )
 
 
@@ -226,13 +226,15 @@ async def open_tenant_session(
         conn.over_caps = login_over_caps(await conn.fetchrow(_LOGIN_SETTINGS_SQL), caps)
         return
     claims = base_claims(scope, project_id)
+    anonymous = Identity(None, claims, scope)
     conn.request_prefix, row = await wire.RequestPrefix.open(
         conn,
         _LOGIN_SETTINGS_SQL,
-        identity_statements(Identity(None, claims, scope)),
+        identity_statements(anonymous),
         claims,
         caps.statements(),
         (FULL_CAP,),
+        identity_values(anonymous),
     )
     conn.over_caps = login_over_caps(row, caps)
 

@@ -53,7 +53,13 @@ from fluxbase.tenancy.errors import (
     statement_error,
     tampered,
 )
-from fluxbase.tenancy.identity import BROADCAST_CAP_MAX, FULL_CAP, Identity, identity_statements
+from fluxbase.tenancy.identity import (
+    BROADCAST_CAP_MAX,
+    FULL_CAP,
+    Identity,
+    identity_statements,
+    identity_values,
+)
 from fluxbase.tenancy.params import ParamError, adapt_params
 from fluxbase.tenancy.pools import SESSION_RESET, TenantConnection, TenantPool, TenantPools, clean
 from fluxbase.tenancy.results import StatementResult, encode_result
@@ -643,22 +649,24 @@ async def _one_round_trip(
     prefix = conn.request_prefix  # prepared when the connection opened (pools.open_tenant_session)
     identity = req.identity
     caps_steps = prefix.limits if over_caps(conn) else b""
-    if identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims:
-        who = prefix.anonymous
-    else:
-        who = b"".join(prefix.statement(s) for s in identity_statements(identity))
+    anonymous = (
+        identity.uid is None and identity.user_session is None and identity.claims == prefix.anonymous_claims
+    )
     n = req.broadcasts
+    share = b""
     if n is not None:
         if n >= _CAP_MAX:
-            who += prefix.statement(FULL_CAP)  # (as broadcast_cap_statement caps it)
+            share = prefix.statement(FULL_CAP)  # (as broadcast_cap_statement caps it)
         else:
             cap = _CAP_STEPS.get(n)
-            who += cap if cap is not None else _cap_step(n)
+            share = cap if cap is not None else _cap_step(n)
     read_only = req.scope == "read" or req.project_read_only
-    head = b"".join(
+    # After the identity (whose step may be the reset too: RequestPrefix.identity): the caps,
+    # this request's share of broadcasts, the checks.
+    rest = b"".join(
         (
             caps_steps,
-            who,
+            share,
             prefix.checks(
                 req.project_id,
                 req.epoch if req.guard is not None else None,
@@ -674,6 +682,12 @@ async def _one_round_trip(
     for attempt in (0, 1):
         # The reset's first statements run only on a session some request used (`begin`).
         reset_runs = not prefix.fresh
+        # Per attempt: a retry's session is no longer fresh, or resets with statements now.
+        if prefix.begins_request():
+            who = prefix.begin_request(None if anonymous else identity_values(identity))
+        else:
+            who = prefix.anonymous if anonymous else _identity_steps(prefix, identity)
+        head = who + rest
         stmt = wire.cached_statement(conn, query)
         sent = False
         try:
@@ -760,6 +774,10 @@ async def _one_round_trip(
             attributes,
         )[0]
     raise AssertionError("unreachable")
+
+
+def _identity_steps(prefix: wire.RequestPrefix, identity: Identity) -> bytes:
+    return b"".join(prefix.statement(s) for s in identity_statements(identity))
 
 
 async def _traced_one_round_trip(

@@ -50,6 +50,11 @@ RESET_STEPS = (
 # that fails can never be taken for a failed COMMIT.
 NATIVE_RESET_STEPS = ("CLOSE ALL", "SELECT WHERE fluxbase_guard.reset_session() IS NULL")
 NATIVE_RESET_SQL = "pg_catalog.to_regprocedure('fluxbase_guard.reset_session()') IS NOT NULL"
+# The same reset and the request identity in one call (the same library: db/capture.install_reset
+# creates both). A used session's request then starts with this one step where it ran the reset
+# and three SET LOCALs (`RequestPrefix.identity`); the function refuses as the reset does.
+NATIVE_BEGIN = "SELECT WHERE fluxbase_guard.begin_request($1, $2, $3) IS NULL"
+NATIVE_BEGIN_SQL = "pg_catalog.to_regprocedure('fluxbase_guard.begin_request(text,text,text)') IS NOT NULL"
 # Errors a C function that no longer loads raises: gone (42883: dropped, or the library has no
 # such symbol), its library missing (58P01) or unloadable (58000, XX000: another build).
 NATIVE_RESET_FAILURES = frozenset({"42883", "58P01", "58000", "XX000"})
@@ -171,6 +176,8 @@ class RequestPrefix:
     with a "SET LOCAL can only be used in transaction blocks" warning."""
 
     __slots__ = (
+        "_anonymous_begin",
+        "_begin",
         "_check",
         "_first",
         "_fixed",
@@ -198,10 +205,13 @@ class RequestPrefix:
         native_reset: bool = False,
         reset_names: Sequence[str] = (),
         extra: Sequence[str] = (),
+        begin: tuple[str, tuple[str, str, str]] | None = None,
     ):
         """`names`: the statements of (the first reset step, CHECK, READ_ONLY, USER_SESSION,
         *fixed, *limits, *extra); `reset_names`: those of the other reset steps (`reset_steps`);
-        `extra`: other steps that repeat, prepared too (`statement`)."""
+        `extra`: other steps that repeat, prepared too (`statement`); `begin`: where the server
+        has fluxbase_guard.begin_request(), the name its step is parsed under and the values of
+        the `fixed` identity (`identity`)."""
         self._login = login
         self._shapes: dict[int, tuple[Any, Shape]] = {}
         # auth.jwt() of the requests whose whole identity is `fixed`, run as `anonymous`.
@@ -219,6 +229,15 @@ class RequestPrefix:
             "read_only": parse(self._read_only, READ_ONLY),
             "user_session": parse(self._user_session, USER_SESSION),
         }
+        # With begin_request, a used session's reset is that call, which `identity` makes: its
+        # Parse is the "reset" step `begin` sends first, and the reset `begin` adds is nothing.
+        self._begin: str | None = None
+        self._anonymous_begin = b""
+        if begin is not None and native_reset:
+            self._begin, values = begin
+            self._unparsed["reset"] = parse(self._begin, NATIVE_BEGIN)
+            self.reset = b""
+            self._anonymous_begin = bind_execute(self._begin, [v.encode() for v in values])
         self._staged: tuple[str, ...] | None = None
         self.fresh = True
         steps = (*fixed, *limits, *extra)
@@ -235,6 +254,7 @@ class RequestPrefix:
         anonymous_claims: dict[str, Any],
         limits: Sequence[str] = (),
         extra: Sequence[str] = (),
+        anonymous_values: tuple[str, str, str] | None = None,
     ) -> tuple[RequestPrefix, Any]:
         """Prepare the steps on a new connection and run `login_sql` (a query of one row, the
         session's login settings, with a `native_reset` column, NATIVE_RESET_SQL, where the C reset may
@@ -246,7 +266,9 @@ class RequestPrefix:
         that prepare (asyncpg then syncs and raises the error): the caller closes the connection.
         The first reset step, the check step, the identity and the caps are parsed now; the
         other reset steps, which of the two resets the login row tells, when first needed
-        (`begin`).
+        (`begin`). `anonymous_values`: the `fixed` identity's values (identity.identity_values),
+        for fluxbase_guard.begin_request() where the login row's `native_begin` says the server
+        has it (NATIVE_BEGIN_SQL).
         """
         sqls = (RESET_STEPS[0], CHECK, READ_ONLY, USER_SESSION, *fixed, *limits, *extra)
         names = [conn._get_unique_id("stmt") for _ in sqls]
@@ -257,7 +279,11 @@ class RequestPrefix:
         # (No such column: the six statements.)
         native = bool(row.get("native_reset")) and _native_usable(conn)
         reset_names = [conn._get_unique_id("stmt") for _ in reset_steps(native)[1:]]
-        return cls(names, login, fixed, anonymous_claims, limits, native, reset_names, extra), row
+        begin = None
+        if native and anonymous_values is not None and row.get("native_begin"):
+            begin = (conn._get_unique_id("stmt"), anonymous_values)
+        prefix = cls(names, login, fixed, anonymous_claims, limits, native, reset_names, extra, begin)
+        return prefix, row
 
     def begin(self, read_only: bool, user_session: bool) -> bytes:
         """The head's first part: the Parse messages of the lazily parsed steps this request
@@ -277,11 +303,26 @@ class RequestPrefix:
         self._staged = needed
         return b"".join(unparsed[k] for k in needed) + (self._first if fresh else self.reset)
 
+    def begins_request(self) -> bool:
+        """Whether this attempt's identity is one call of fluxbase_guard.begin_request() (a used
+        session of a server that has it), which resets the session first (`begin` added no
+        reset), instead of the SET LOCAL statements."""
+        return self._begin is not None and not self.fresh
+
+    def begin_request(self, values: tuple[str, str, str] | None) -> bytes:
+        """That call's step, for the `fixed` identity (None: prebuilt) or these values
+        (identity.identity_values)."""
+        if values is None:
+            return self._anonymous_begin
+        assert self._begin is not None
+        return bind_execute(self._begin, [v.encode() for v in values])
+
     def use_statements(self, conn: Any) -> None:
         """Reset with the six statements from now on (the C reset failed: `reset_failed`)."""
         rest = RESET_STEPS[1:]
         names = [conn._get_unique_id("stmt") for _ in rest]
         self.native_reset = False
+        self._begin = None
         self.reset = self._first + b"".join(bind_execute(name) for name in names)
         self._unparsed["reset"] = b"".join(parse(name, sql) for name, sql in zip(names, rest, strict=True))
 
@@ -297,7 +338,9 @@ class RequestPrefix:
         if not self.native_reset or getattr(exc, "sqlstate", None) not in NATIVE_RESET_FAILURES:
             return False
         try:
-            await conn.execute(NATIVE_RESET_STEPS[1])
+            # The call the request made: begin_request (with an empty identity, gone with the
+            # probe's own transaction) where the session uses it, else the reset.
+            await conn.execute(NATIVE_RESET_STEPS[1] if self._begin is None else _BEGIN_PROBE)
         except asyncpg.PostgresError as probe:
             if probe.sqlstate not in NATIVE_RESET_FAILURES:
                 # It ran and failed at its work (its DISCARD TEMP waiting on a lock a tenant
@@ -407,6 +450,9 @@ def loop_of(conn: Any) -> asyncio.AbstractEventLoop:
 def write(conn: Any, data: bytes) -> None:
     """Queue raw protocol messages ahead of the connection's next operation."""
     conn._transport.write(data)
+
+
+_BEGIN_PROBE = "SELECT WHERE fluxbase_guard.begin_request('', '{}', '') IS NULL"
 
 
 class HeldTransport:
