@@ -32,7 +32,7 @@ Found (each a strict xfail, seen failing, until its fix; both fixed in the same 
    back to the pool while asyncpg's cancel is still in flight, predates the commit; so did the
    prefix sent ahead of a write that never came (MSG_MORE's bytes left after 200 ms), but the
    held prefix now also survives until whatever is written next on that session.
-   Fixed: `TenantPool.release_now` closes a session that still holds bytes (`wire.holds`).
+   Fixed: `TenantPool.release_now` closes a session that still holds bytes (`wire.unfit`).
 
 2. (low, pre-existing, found at the CACHE_STALE retry) asyncpg's OutdatedSchemaCacheError, one
    of the two CACHE_STALE errors, is an InternalClientError, not a PostgresError: the retry
@@ -345,7 +345,7 @@ async def test_a_left_prefix_never_lends_its_identity(tenancy) -> None:
     second.cancel()
     with pytest.raises(asyncio.CancelledError):
         await second
-    assert conn.is_closed()  # never handed on (`wire.holds`)
+    assert conn.is_closed()  # never handed on (`wire.unfit`)
     query = _WHO + ", current_setting('fluxbase.auth_claims', true) AS claims"
     out = await _body(pools, control, carol, query, [])
     assert '"u":"carol","ro":"off"' in out.decode() and "bob" not in out.decode(), out

@@ -69,6 +69,7 @@
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 #include "utils/xid8.h"
@@ -1792,6 +1793,15 @@ reset_session(const char *function)
 		if (setting != NULL && setting->stack != NULL)
 			refuse_reset(function);
 	}
+
+	/*
+	 * The reset is the platform's work, not the request's: a session-level statement_timeout a
+	 * request left (dynamic SQL can set one) must not cancel it. With 1 ms and a few thousand
+	 * temporary tables to drop, every later request on the session failed here (hostile review
+	 * 29). RESET ALL below sets it back, and the next message arms the timer with that value.
+	 */
+	if (get_timeout_active(STATEMENT_TIMEOUT))
+		disable_timeout(STATEMENT_TIMEOUT, false);
 
 	PerformPortalClose(NULL);	/* CLOSE ALL (this call's own portal, active, stays) */
 	Async_UnlistenAll();		/* UNLISTEN * */

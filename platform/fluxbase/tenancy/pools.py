@@ -588,7 +588,7 @@ class TenantPool:
 
     def release_now(self, conn: TenantConnection) -> None:
         """`release` without a coroutine (it never waits)."""
-        if self._closed or conn.is_closed() or wire.holds(conn):
+        if self._closed or conn.is_closed() or wire.unfit(conn):
             conn.terminate()  # its termination listener frees the slot
             return
         conn.released = True  # it served a request: `acquire_opened_after` takes only fresh ones

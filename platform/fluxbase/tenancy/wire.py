@@ -537,13 +537,18 @@ def _install() -> None:
 _install()
 
 
-def holds(conn: Any) -> bool:
-    """Whether the connection still holds prefix bytes that no statement followed: a request
-    cancelled from outside between `RequestPrefix.send` and the driver's write (asyncpg waiting
-    for an earlier cancel to finish; hostile review 28). Such a session is never handed on: the
-    bytes would lead the next principal's request."""
+def unfit(conn: Any) -> bool:
+    """Whether a session must not go to the next request: it still holds prefix bytes that no
+    statement followed (a request cancelled from outside between `RequestPrefix.send` and the
+    driver's write, asyncpg waiting for an earlier cancel; hostile review 28), or a request left
+    it a client encoding other than UTF-8 (dynamic SQL in a project function can SET it, and the
+    next request's parameters, its identity's included, would be encoded and decoded with it
+    before its reset runs; hostile review 29). asyncpg follows the server's reports of
+    `client_encoding`, so its codec is the session's."""
     transport = conn._transport
-    return type(transport) is HeldTransport and bool(transport.held)
+    if type(transport) is HeldTransport and transport.held:
+        return True
+    return conn._protocol.get_settings().get_text_codec().name != "utf-8"  # type: ignore[no-any-return]
 
 
 def held_transport(protocol: Any, transport: Any) -> Any:
