@@ -661,7 +661,7 @@ async def _one_round_trip(
             cap = _CAP_STEPS.get(n)
             share = cap if cap is not None else _cap_step(n)
     read_only = req.scope == "read" or req.project_read_only
-    # After the identity (whose step may be the reset too: RequestPrefix.identity): the caps,
+    # After the identity (whose step may be the reset too: RequestPrefix.begins_request): the caps,
     # this request's share of broadcasts, the checks.
     rest = b"".join(
         (
