@@ -52,7 +52,7 @@ NATIVE_RESET_STEPS = ("CLOSE ALL", "SELECT WHERE fluxbase_guard.reset_session() 
 NATIVE_RESET_SQL = "pg_catalog.to_regprocedure('fluxbase_guard.reset_session()') IS NOT NULL"
 # The same reset and the request identity in one call (the same library: db/capture.install_reset
 # creates both). A used session's request then starts with this one step where it ran the reset
-# and three SET LOCALs (`RequestPrefix.identity`); the function refuses as the reset does.
+# and three SET LOCALs (`RequestPrefix.begins_request`); the function refuses as the reset does.
 NATIVE_BEGIN = "SELECT WHERE fluxbase_guard.begin_request($1, $2, $3) IS NULL"
 NATIVE_BEGIN_SQL = "pg_catalog.to_regprocedure('fluxbase_guard.begin_request(text,text,text)') IS NOT NULL"
 # Errors a C function that no longer loads raises: gone (42883: dropped, or the library has no
