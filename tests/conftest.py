@@ -11,7 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from fluxbase.config import load_settings
 from fluxbase.devstack.procs import free_port
+from fluxbase.tenancy.pools import TenantPools
 from support import Api, ServerProcess, Stack, bearer, run_service, start_stack, stop_stack
 
 # `make test` runs the suite in two pytest-xdist workers with --dist loadfile (TEST_WORKERS=0:
@@ -161,3 +163,16 @@ async def project(api: Api, instance_admin: dict[str, Any]) -> ProjectCtx:
     # Not rate-limited: tests drive many requests; tests of the limit make their own keys.
     key = await api.new_key(token, pid, "admin", rateLimitRequests=1_000_000)
     return ProjectCtx(pid, token, owner, key)
+
+
+@pytest.fixture
+async def tenancy(
+    instance: Instance, control_db: asyncpg.Pool, project: ProjectCtx
+) -> AsyncIterator[tuple[TenantPools, asyncpg.Pool, str]]:
+    """The API's tenant pools, in the test's own process, one connection per pool (so consecutive
+    requests share a session): (the pools, the control-plane pool, the project id)."""
+    pools = TenantPools(load_settings({**instance.env, "FLUXBASE_TENANT_POOL_MAX": "1"}), max_size=1)
+    try:
+        yield pools, control_db, project.id
+    finally:
+        await pools.close()

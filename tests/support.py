@@ -287,9 +287,10 @@ async def own_project(spawn: Callable[..., Any], **env: str) -> AsyncIterator[tu
             await api.close()
 
 
-async def end_user(api: Api, pid: str) -> tuple[str, str]:
-    """A new end user of the project, signed in: (its id, its access token)."""
-    email = f"u-{secrets.token_hex(4)}@example.com"
+async def end_user(api: Api, pid: str, email: str | None = None) -> tuple[str, str]:
+    """A new end user of the project (a random address unless `email`), signed in: (its id, its
+    access token)."""
+    email = email or f"u-{secrets.token_hex(4)}@example.com"
     r = await api.http.post(
         f"/api/projects/{pid}/auth/register", json={"email": email, "password": END_USER_PASSWORD}
     )

@@ -73,7 +73,7 @@ import asyncio
 import contextlib
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,7 +84,6 @@ import pytest
 import uvloop
 from asyncpg import connect_utils
 
-from fluxbase.config import load_settings
 from fluxbase.errors import FluxbaseError, StatementFailed
 from fluxbase.services import sql
 from fluxbase.tenancy import session, wire
@@ -94,16 +93,6 @@ from fluxbase.tenancy.results import encode
 _LOOPS = pytest.mark.parametrize(
     "factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
 )
-
-
-@pytest.fixture
-async def tenancy(instance, control_db, project) -> AsyncIterator[tuple[TenantPools, Any, str]]:
-    settings = load_settings({**instance.env, "FLUXBASE_TENANT_POOL_MAX": "1"})
-    pools = TenantPools(settings, max_size=1)
-    try:
-        yield pools, control_db, project.id
-    finally:
-        await pools.close()
 
 
 def _request(

@@ -91,7 +91,7 @@ from typing import Any
 
 import asyncpg
 
-from support import END_USER_PASSWORD, Api, Stack, bearer, random_ip
+from support import Api, Stack, bearer
 from support import end_user as _user_token
 from support import need_capture_library as _need_library
 from support import own_project as _own
@@ -104,6 +104,13 @@ SETENC = (
     "CREATE FUNCTION setenc(e text) RETURNS int LANGUAGE plpgsql AS $f$ BEGIN "
     "EXECUTE 'SET client_' || 'encoding = ' || pg_catalog.quote_literal(e); RETURN 1; END $f$"
 )
+
+
+async def _with_setenc(api: Api, admin: str, pid: str, *more: str) -> None:
+    """The project function that leaves a client encoding (SETENC, callable by every role), and
+    `more` statements of the test's own, run with the admin key."""
+    for q in (SETENC, "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC", *more):
+        assert (await _sql(api, admin, pid, q))["success"], q
 
 
 async def _as_uid(api: Api, key: str, pid: str, q: str, uid: str) -> dict[str, Any]:
@@ -122,13 +129,13 @@ async def test_session_encoding_left_by_a_request_does_not_change_the_next_ident
     users) must run as 'é'."""
     await _need_library(control_db)
     async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (_inst, api, pid, token, admin):
-        for q in (
-            SETENC,
-            "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC",
+        await _with_setenc(
+            api,
+            admin,
+            pid,
             "CREATE TABLE w (u text)",
             "GRANT SELECT, INSERT ON w TO PUBLIC",
-        ):
-            assert (await _sql(api, admin, pid, q))["success"], q
+        )
         rw = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
         await _ok(api, rw, pid, "SELECT 1 AS one")  # used: its next request starts with begin_request
         await _ok(api, rw, pid, "SELECT setenc('LATIN1') AS x")  # (as another authUid, or none)
@@ -222,28 +229,16 @@ async def test_one_end_users_session_encoding_does_not_change_anothers_claims(
     auth.jwt()->>'email')."""
     await _need_library(control_db)
     async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (_inst, api, pid, token, admin):
-        for q in (
-            SETENC,
-            "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC",
+        await _with_setenc(
+            api,
+            admin,
+            pid,
             "CREATE TABLE mail (e text)",
             "GRANT SELECT, INSERT ON mail TO PUBLIC",
-        ):
-            assert (await _sql(api, admin, pid, q))["success"], q
+        )
         rw = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
-        tokens = []
-        for email in ("josé@example.com", f"mallory-{pid[-6:]}@example.com"):
-            r = await api.http.post(
-                f"/api/projects/{pid}/auth/register", json={"email": email, "password": END_USER_PASSWORD}
-            )
-            assert r.status_code == 201, r.text
-            r = await api.http.post(
-                f"/api/projects/{pid}/auth/login",
-                json={"email": email, "password": END_USER_PASSWORD},
-                headers={"X-Forwarded-For": random_ip()},
-            )
-            assert r.status_code == 200, r.text
-            tokens.append(r.json()["accessToken"])
-        jose, mallory = tokens
+        _, jose = await _user_token(api, pid, "josé@example.com")
+        _, mallory = await _user_token(api, pid, f"mallory-{pid[-6:]}@example.com")
         await _ok(api, rw, pid, "SELECT 1 AS one", jose)  # the end-user session is used
         await _ok(api, rw, pid, "SELECT setenc('LATIN1') AS x", mallory)
         body = await _sql(api, rw, pid, "INSERT INTO mail VALUES (auth.jwt() ->> 'email')", jose)
@@ -264,13 +259,13 @@ async def test_with_the_set_local_statements_the_left_encoding_does_not_change_t
             await su.execute("DROP FUNCTION fluxbase_guard.begin_request(text, text, text)")
         finally:
             await su.close()
-        for q in (
-            SETENC,
-            "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC",
+        await _with_setenc(
+            api,
+            admin,
+            pid,
             "CREATE TABLE w (u text)",
             "GRANT SELECT, INSERT ON w TO PUBLIC",
-        ):
-            assert (await _sql(api, admin, pid, q))["success"], q
+        )
         rw = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
         await _ok(api, rw, pid, "SELECT 1 AS one")
         await _ok(api, rw, pid, "SELECT setenc('LATIN1') AS x")
@@ -289,13 +284,13 @@ async def test_a_left_encoding_does_not_garble_the_next_principals_parameters(
     LATIN1 bytes are valid UTF-8 ('Ã©') would be stored as another value ('é')."""
     await _need_library(control_db)
     async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (_inst, api, pid, token, admin):
-        for q in (
-            SETENC,
-            "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC",
+        await _with_setenc(
+            api,
+            admin,
+            pid,
             "CREATE TABLE w2 (v text)",
             "GRANT SELECT, INSERT ON w2 TO PUBLIC",
-        ):
-            assert (await _sql(api, admin, pid, q))["success"], q
+        )
         mallory = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
         victim = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
         await _ok(api, mallory, pid, "SELECT setenc('LATIN1') AS x")
@@ -333,20 +328,6 @@ async def test_a_left_statement_timeout_does_not_brick_the_pooled_session(
         assert any(b["success"] for b in bodies), bodies
 
 
-async def _register(api: Api, pid: str, email: str) -> str:
-    r = await api.http.post(
-        f"/api/projects/{pid}/auth/register", json={"email": email, "password": END_USER_PASSWORD}
-    )
-    assert r.status_code == 201, r.text
-    r = await api.http.post(
-        f"/api/projects/{pid}/auth/login",
-        json={"email": email, "password": END_USER_PASSWORD},
-        headers={"X-Forwarded-For": random_ip()},
-    )
-    assert r.status_code == 200, r.text
-    return str(r.json()["accessToken"])
-
-
 async def test_an_end_user_cannot_take_anothers_rows_through_a_left_encoding(
     spawn: Any, control_db: asyncpg.Pool
 ) -> None:
@@ -356,20 +337,20 @@ async def test_an_end_user_cannot_take_anothers_rows_through_a_left_encoding(
     inserts his note as 'josÃ©@…': Mallory's. Mallory must not read it."""
     await _need_library(control_db)
     async with _own(spawn, FLUXBASE_TENANT_POOL_MAX="1") as (_inst, api, pid, token, admin):
-        for q in (
-            SETENC,
-            "GRANT EXECUTE ON FUNCTION setenc(text) TO PUBLIC",
+        await _with_setenc(
+            api,
+            admin,
+            pid,
             "CREATE TABLE notes (owner text NOT NULL DEFAULT auth.jwt() ->> 'email', body text)",
             "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
             "CREATE POLICY mine ON notes USING (owner = auth.jwt() ->> 'email') "
             "WITH CHECK (owner = auth.jwt() ->> 'email')",
             "GRANT SELECT, INSERT ON notes TO PUBLIC",
-        ):
-            assert (await _sql(api, admin, pid, q))["success"], q
+        )
         rw = await api.new_key(token, pid, "readwrite", rateLimitRequests=1_000_000)
         tag = pid[-6:]
-        jose = await _register(api, pid, f"josé-{tag}@example.com")
-        mallory = await _register(api, pid, f"josÃ©-{tag}@example.com")
+        _, jose = await _user_token(api, pid, f"josé-{tag}@example.com")
+        _, mallory = await _user_token(api, pid, f"josÃ©-{tag}@example.com")
         await _ok(api, rw, pid, "SELECT 1 AS one", jose)  # the end-user session is used
         await _ok(api, rw, pid, "SELECT setenc('LATIN1') AS x", mallory)
         body = await _sql(api, rw, pid, "INSERT INTO notes (body) VALUES ('josé: my secret')", jose)

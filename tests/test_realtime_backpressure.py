@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -216,26 +216,9 @@ async def test_a_slow_reader_delays_neither_its_project_nor_itself_past_its_pace
     assert all(len(m["payload"]["record"]["v"]) == 900_000 for m in messages[1:25])
 
 
-def _whole_frames(data: bytearray) -> int:
-    """How many frames of `data` (what the server sent) are whole, without copying them."""
-    count = at = 0
-    while at + 2 <= len(data):
-        n, head = data[at + 1] & 0x7F, 2
-        if n == 126:
-            n, head = int.from_bytes(data[at + 2 : at + 4], "big"), 4
-        elif n == 127:
-            n, head = int.from_bytes(data[at + 2 : at + 10], "big"), 10
-        if at + head + n > len(data):
-            break
-        count += 1
-        at += head + n
-    return count
-
-
-def _text_messages(data: bytes) -> list[bytes]:
-    """The payloads of the unmasked, unfragmented frames in `data` (what the server sent), up to
-    the last whole frame."""
-    out: list[bytes] = []
+def _frames(data: bytes | bytearray) -> Iterator[tuple[int, int, int]]:
+    """(first byte, payload start, payload end) of each whole unmasked frame in `data` (what the
+    server sent), up to the last whole one, without copying anything."""
     at = 0
     while at + 2 <= len(data):
         n, head = data[at + 1] & 0x7F, 2
@@ -244,8 +227,16 @@ def _text_messages(data: bytes) -> list[bytes]:
         elif n == 127:
             n, head = int.from_bytes(data[at + 2 : at + 10], "big"), 10
         if at + head + n > len(data):
-            break
-        if data[at] == 0x81:
-            out.append(data[at + head : at + head + n])
+            return
+        yield data[at], at + head, at + head + n
         at += head + n
-    return out
+
+
+def _whole_frames(data: bytearray) -> int:
+    return sum(1 for _ in _frames(data))
+
+
+def _text_messages(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked, unfragmented text frames in `data`, up to the last whole
+    frame."""
+    return [data[start:end] for first, start, end in _frames(data) if first == 0x81]

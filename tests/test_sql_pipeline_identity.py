@@ -7,29 +7,16 @@ through the API), so that the tenant connection itself can be inspected after a 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from fluxbase.config import load_settings
 from fluxbase.errors import StatementFailed
 from fluxbase.services import sql
 from fluxbase.tenancy import session
-from fluxbase.tenancy.pools import TenantPools
 from fluxbase.tenancy.results import encode
 from support import Api
-
-
-@pytest.fixture
-async def tenancy(instance, control_db, project) -> AsyncIterator[tuple[TenantPools, Any, str]]:
-    settings = load_settings({**instance.env, "FLUXBASE_TENANT_POOL_MAX": "1"})
-    pools = TenantPools(settings, max_size=1)
-    try:
-        yield pools, control_db, project.id
-    finally:
-        await pools.close()
 
 
 def _request(pid: str, scope: str, uid: str | None, end_user: bool = False) -> session.TenantRequest:

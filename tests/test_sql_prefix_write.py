@@ -13,7 +13,7 @@ import asyncio
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,10 +22,9 @@ import msgspec
 import pytest
 import uvloop
 
-from fluxbase.config import load_settings
 from fluxbase.services import sql
 from fluxbase.tenancy import session, wire
-from fluxbase.tenancy.pools import TenantConnection, TenantPools
+from fluxbase.tenancy.pools import TenantConnection
 from fluxbase.tenancy.results import encode
 
 _LINUX = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is Linux's")
@@ -36,16 +35,6 @@ _DATA_SEGS_OUT = 156  # offset of tcpi_data_segs_out in struct tcp_info (Linux 4
 def _data_segments_out(sock: Any) -> int:
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
     return int(struct.unpack_from("I", info, _DATA_SEGS_OUT)[0])
-
-
-@pytest.fixture
-async def tenancy(instance, control_db, project) -> AsyncIterator[tuple[TenantPools, Any, str]]:
-    settings = load_settings({**instance.env, "FLUXBASE_TENANT_POOL_MAX": "1"})
-    pools = TenantPools(settings, max_size=1)
-    try:
-        yield pools, control_db, project.id
-    finally:
-        await pools.close()
 
 
 def _request(pid: str, uid: str | None) -> session.TenantRequest:
