@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -108,6 +109,19 @@ class DevProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_output(self, *patterns: str, timeout: float = 15) -> str:
+        """The output once every regex in `patterns` is in it: a request's line is relayed through
+        the supervisor after its response has reached the client, so it can lag that response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            missing = [p for p in patterns if not re.search(p, out)]
+            if not missing:
+                return out
+            if time.monotonic() > deadline:
+                pytest.fail(f"{missing[0]!r} not in the output after {timeout:.0f}s:\n{out[-3000:]}")
+            time.sleep(0.1)
 
     def track(self) -> None:
         """Remember every descendant (postmaster and its workers, weed, api, realtime, worker)."""
