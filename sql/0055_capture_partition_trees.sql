@@ -34,8 +34,8 @@
 -- * These functions are PL/pgSQL, so the tree's UPDATEs and its partitions' writes leave out the
 --   virtual generated columns (sql/0054); writes through the root keep the C capture's images.
 -- * A partition is captured when its root is: attach_capture of the root attaches the tree,
---   attach_capture of a partition whose root is not captured does nothing, and detach_capture of
---   the root detaches the tree. The DDL event trigger attaches a new partition (CREATE TABLE
+--   attach_capture of a partition whose root is not captured removes the partition's capture
+--   triggers, and detach_capture of the root detaches the tree. The DDL event trigger attaches a new partition (CREATE TABLE
 --   ... PARTITION OF, as before) and the partitions of a partitioned table an ALTER TABLE changed
 --   (ATTACH PARTITION), so an attached table, captured or not before, gets the partition shape.
 --   A detached partition keeps it: its events then name it, its own root.

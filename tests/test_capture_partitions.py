@@ -57,8 +57,14 @@ WRITES = (
     ("UPDATE pt SET v = 'same' WHERE id = 1", [("UPDATE", {"id": 1, "v": "same"}, {"id": 1, "v": "root"})]),
     # a move between partitions, through the root: one UPDATE
     ("UPDATE pt SET id = 101 WHERE id = 1", [("UPDATE", {"id": 101, "v": "same"}, {"id": 1, "v": "same"})]),
-    ("UPDATE pt_a SET v = 'leaf2' WHERE id = 2", [("UPDATE", {"id": 2, "v": "leaf2"}, {"id": 2, "v": "leaf"})]),
-    ("UPDATE pt_b SET v = 'mid2' WHERE id = 150", [("UPDATE", {"id": 150, "v": "mid2"}, {"id": 150, "v": "mid"})]),
+    (
+        "UPDATE pt_a SET v = 'leaf2' WHERE id = 2",
+        [("UPDATE", {"id": 2, "v": "leaf2"}, {"id": 2, "v": "leaf"})],
+    ),
+    (
+        "UPDATE pt_b SET v = 'mid2' WHERE id = 150",
+        [("UPDATE", {"id": 150, "v": "mid2"}, {"id": 150, "v": "mid"})],
+    ),
     (
         "INSERT INTO pt_a VALUES (2, 'upsert') ON CONFLICT (id) DO UPDATE SET v = excluded.v",
         [("UPDATE", {"id": 2, "v": "upsert"}, {"id": 2, "v": "leaf2"})],
@@ -128,12 +134,22 @@ async def test_a_moved_row_its_new_partition_drops_is_a_delete_not_a_wrong_pair(
         "CREATE FUNCTION drop_gone() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN IF NEW.v = 'gone' THEN RETURN NULL; END IF; RETURN NEW; END $$"
     )
-    await tenant.execute("CREATE TRIGGER drop_gone BEFORE INSERT ON pt_b1 FOR EACH ROW EXECUTE FUNCTION drop_gone()")
+    await tenant.execute(
+        "CREATE TRIGGER drop_gone BEFORE INSERT ON pt_b1 FOR EACH ROW EXECUTE FUNCTION drop_gone()"
+    )
     await tenant.execute("UPDATE pt SET id = id + 100 WHERE id IN (1, 3)")
     assert await tenant.fetch("SELECT id, v FROM pt ORDER BY id") == [(103, "moves")]
-    got = [(op, rec) for t, op, rec, old in await _row_events(control_db, project.id) if op != "INSERT" or rec["id"] > 100]
+    got = [
+        (op, rec)
+        for t, op, rec, old in await _row_events(control_db, project.id)
+        if op != "INSERT" or rec["id"] > 100
+    ]
     assert _canon(got) == _canon(
-        [("DELETE", {"id": 1, "v": "gone"}), ("DELETE", {"id": 3, "v": "moves"}), ("INSERT", {"id": 103, "v": "moves"})]
+        [
+            ("DELETE", {"id": 1, "v": "gone"}),
+            ("DELETE", {"id": 3, "v": "moves"}),
+            ("INSERT", {"id": 103, "v": "moves"}),
+        ]
     )
 
 
@@ -167,15 +183,23 @@ async def test_a_tree_switched_off_captures_none_of_its_partitions(
     h = bearer(project.admin_key)
     r = await api.http.get("/api/realtime/tables", params={"projectId": project.id}, headers=h)
     assert {t["name"]: t["enabled"] for t in r.json()["tables"]} == {"pt": True}  # partitions are not listed
-    r = await api.http.post("/api/realtime/disable", json={"projectId": project.id, "tables": ["pt"]}, headers=h)
+    r = await api.http.post(
+        "/api/realtime/disable", json={"projectId": project.id, "tables": ["pt"]}, headers=h
+    )
     assert r.status_code == 200, r.text
     await tenant.execute("CREATE TABLE pt_c PARTITION OF pt FOR VALUES FROM (200) TO (300)")
-    for q in ("INSERT INTO pt_a VALUES (1, 'x')", "INSERT INTO pt_b1 VALUES ('y', 150)", "INSERT INTO pt_c VALUES (250, 'z')"):
+    for q in (
+        "INSERT INTO pt_a VALUES (1, 'x')",
+        "INSERT INTO pt_b1 VALUES ('y', 150)",
+        "INSERT INTO pt_c VALUES (250, 'z')",
+    ):
         await tenant.execute(q)
     await tenant.execute("UPDATE pt SET id = id + 1")
     assert await _row_events(control_db, project.id) == []
     assert await _images(control_db, project.id, "pt_c") == []
-    r = await api.http.post("/api/realtime/enable", json={"projectId": project.id, "tables": ["pt"]}, headers=h)
+    r = await api.http.post(
+        "/api/realtime/enable", json={"projectId": project.id, "tables": ["pt"]}, headers=h
+    )
     assert r.status_code == 200, r.text
     await tenant.execute("UPDATE pt_c SET v = 'on again'")
     assert await _images(control_db, project.id, "pt") == [
@@ -189,7 +213,9 @@ async def test_truncating_a_partition_names_the_partition(
     await _tree(tenant)
     await tenant.execute("INSERT INTO pt VALUES (1, 'a'), (150, 'b')")
     await tenant.execute("TRUNCATE pt_a")
-    truncs = [r["record"] for r in await _events(control_db, project.id, "pt_a") if r["operation"] == "TRUNCATE"]
+    truncs = [
+        r["record"] for r in await _events(control_db, project.id, "pt_a") if r["operation"] == "TRUNCATE"
+    ]
     assert len(truncs) == 1 and '"TRUNCATE"' in truncs[0]
     assert not [r for r in await _events(control_db, project.id, "pt") if r["operation"] == "TRUNCATE"]
 
@@ -209,15 +235,22 @@ async def test_a_tree_captured_before_sql_0055_is_reshaped(
         f"CREATE TRIGGER fluxbase_capture_upd AFTER UPDATE ON {schema}.pt "
         "FOR EACH ROW EXECUTE FUNCTION fluxbase_capture.capture_update()"
     )
-    assert await superuser.fetchval(
-        "SELECT count(*) FROM pg_trigger WHERE tgname = 'fluxbase_capture_upd' AND tgparentid <> 0"
-    ) >= 2
+    assert (
+        await superuser.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'fluxbase_capture_upd' AND tgparentid <> 0"
+        )
+        >= 2
+    )
     await superuser.execute(f"SELECT fluxbase_capture.attach_capture('{schema}.pt'::regclass)")
-    assert await superuser.fetchval(
-        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "WHERE c.relnamespace = $1::regnamespace AND t.tgname LIKE 'fluxbase_capture%' AND t.tgparentid <> 0",
-        schema,
-    ) == 0
+    assert (
+        await superuser.fetchval(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE c.relnamespace = $1::regnamespace AND t.tgname LIKE 'fluxbase_capture%' "
+            "AND t.tgparentid <> 0",
+            schema,
+        )
+        == 0
+    )
     await tenant.execute("INSERT INTO pt VALUES (1, 'a')")
     await tenant.execute("UPDATE pt SET id = 150")
     assert [op for _, op, _, _ in await _row_events(control_db, project.id)] == ["INSERT", "UPDATE"]
