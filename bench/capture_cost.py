@@ -12,6 +12,10 @@ UPDATE and DELETE statements, each its own transaction, as the project's admin r
            the C library runs), in the same run;
   legacy   (with --legacy) sql/0036's capture triggers (what main installed before sql/0048),
            in a scratch schema, to compare against the installed ones in the same run;
+  treeoff, tree
+           (with --tree) a partitioned table with one partition, written through its root:
+           realtime off, and captured as sql/0055 captures partition trees (statement-level
+           PL/pgSQL UPDATE capture; INSERT and DELETE as installed);
   updstmt  (with --breakdown) the installed capture but a statement-level UPDATE trigger (both
            transition tables, one write_events call per statement) instead of the row-level one;
   images, hop, hopinv, hopnoset, hop1, check, chkbare, bell, bellseq, insert, lean1, heap, emit
@@ -409,6 +413,7 @@ CREATE TRIGGER cc_floor_trg AFTER INSERT OR UPDATE OR DELETE ON cc_floor
 """
 
 TABLE = "(id bigserial PRIMARY KEY, v text, n int, at timestamptz DEFAULT now())"
+TREE = "(id bigserial PRIMARY KEY, v text, n int, at timestamptz DEFAULT now()) PARTITION BY RANGE (id)"
 
 
 def cpu_ns(pid: int) -> int:
@@ -427,6 +432,7 @@ async def setup(
     breakdown: bool = False,
     alts: list[str] | None = None,
     legacy: bool = True,
+    tree: bool = False,
 ) -> list[str]:
     """Create the tables (as the project's admin; the scratch functions as the superuser);
     returns the table names measured."""
@@ -461,6 +467,14 @@ async def setup(
         await admin.execute(f"SELECT fluxbase_capture.detach_capture('{t}'::regclass)")
         await admin.execute(ALT_TRIGGERS.format(t=t, n=n))
         tables.append(t)
+    if tree:
+        for t in ("cc_treeoff", "cc_tree"):
+            await admin.execute(f"CREATE TABLE {t} {TREE}")
+            await admin.execute(
+                f"CREATE TABLE {t}_all PARTITION OF {t} FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"
+            )
+            tables.append(t)
+        await admin.execute("SELECT fluxbase_capture.detach_capture('cc_treeoff'::regclass)")
     if superuser is not None and breakdown:
         # The installed capture with a statement-level UPDATE trigger (both transition tables,
         # one write_events call per statement) instead of the row-level one.
@@ -720,6 +734,18 @@ async def installed_capture(conn: asyncpg.Connection) -> str:
     return "C" if lang == "c" else "PL/pgSQL"
 
 
+def report_tree(us: dict) -> list[str]:
+    """The partition tree's capture cost (cc_tree minus cc_treeoff) against the plain table's."""
+    lines = ["partition tree (sql/0055), µs of PostgreSQL CPU per write, capture minus off:"]
+    for op in OPS:
+        tree = us[(op, "cc_tree")] - us[(op, "cc_treeoff")]
+        plain = us[(op, "cc_capture")] - us[(op, "cc_off")]
+        lines.append(
+            f"  {op:<7} tree {tree:>7.1f}   plain table {plain:>7.1f}   ratio {tree / max(plain, 1e-9):.2f}"
+        )
+    return lines
+
+
 def report(us: dict, tables: list[str], bulk: int = 1, capture_installed: str = "") -> list[str]:
     lines = ["capture cost (PostgreSQL backend CPU, µs per single-row write, each its own transaction)"]
     if bulk > 1:
@@ -918,6 +944,7 @@ async def main() -> None:
         help="SQL the superuser runs after the setup (A/B of a schema change in alternating runs)",
     )
     ap.add_argument("--no-plpgsql", action="store_true", help="leave out the PL/pgSQL table")
+    ap.add_argument("--tree", action="store_true", help="also a partitioned table, off and captured")
     ap.add_argument("--bulk", type=int, default=1, help="rows per statement (default 1)")
     ap.add_argument(
         "--concurrent",
@@ -958,7 +985,9 @@ async def main() -> None:
                 if args.legacy or args.breakdown or args.alt or args.superuser_sql
                 else None
             )
-            tables = await setup(admin, superuser, args.breakdown, args.alt, args.legacy or args.breakdown)
+            tables = await setup(
+                admin, superuser, args.breakdown, args.alt, args.legacy or args.breakdown, args.tree
+            )
             if args.no_plpgsql and "cc_plpgsql" in tables:
                 tables.remove("cc_plpgsql")
             if args.superuser_sql:
@@ -970,6 +999,8 @@ async def main() -> None:
             us = {k: statistics.mean(v) for k, v in samples.items()}
             print("\n" + "\n".join(report(us, tables, 1, installed)))
             print("\n" + "\n".join(report_rounds(samples, tables)))
+            if args.tree:
+                print("\n" + "\n".join(report_tree(us)))
             if args.bulk > 1:
                 us = await measure(admin, tables, args.writes, args.rounds, args.bulk)
                 print("\n" + "\n".join(report(us, tables, args.bulk, installed)))

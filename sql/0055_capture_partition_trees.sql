@@ -32,7 +32,8 @@
 --   DELETEs and its new images as INSERTs, which is what happened to the rows, without pairing
 --   a row with another's image.
 -- * These functions are PL/pgSQL, so the tree's UPDATEs and its partitions' writes leave out the
---   virtual generated columns (sql/0054); writes through the root keep the C capture's images.
+--   virtual generated columns (sql/0054; a partition's column is virtual exactly where its
+--   parent's is); writes through the root keep the C capture's images.
 -- * A partition is captured when its root is: attach_capture of the root attaches the tree,
 --   attach_capture of a partition whose root is not captured removes the partition's capture
 --   triggers, and detach_capture of the root detaches the tree. The DDL event trigger attaches a new partition (CREATE TABLE
@@ -52,9 +53,13 @@ CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_insert() RETURNS trigge
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 DECLARE
-    root pg_catalog.regclass := fluxbase_capture.capture_root(TG_RELID);
-    cols pg_catalog.text[] := fluxbase_capture.uncomputed_columns(TG_RELID)
-                              OPERATOR(pg_catalog.||) fluxbase_capture.uncomputed_columns(root);
+    root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
+    -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)
+    cols pg_catalog.text[] := (SELECT coalesce(pg_catalog.array_agg(a.attname::pg_catalog.text), '{}')
+                               FROM pg_catalog.pg_attribute a
+                               WHERE a.attrelid OPERATOR(pg_catalog.=) TG_RELID
+                                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                                 AND a.attgenerated OPERATOR(pg_catalog.=) 'v');
     imgs pg_catalog.jsonb[];
 BEGIN
     SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(n.*) OPERATOR(pg_catalog.-) cols) INTO imgs FROM new_rows n;
@@ -69,9 +74,13 @@ CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_delete() RETURNS trigge
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 DECLARE
-    root pg_catalog.regclass := fluxbase_capture.capture_root(TG_RELID);
-    cols pg_catalog.text[] := fluxbase_capture.uncomputed_columns(TG_RELID)
-                              OPERATOR(pg_catalog.||) fluxbase_capture.uncomputed_columns(root);
+    root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
+    -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)
+    cols pg_catalog.text[] := (SELECT coalesce(pg_catalog.array_agg(a.attname::pg_catalog.text), '{}')
+                               FROM pg_catalog.pg_attribute a
+                               WHERE a.attrelid OPERATOR(pg_catalog.=) TG_RELID
+                                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                                 AND a.attgenerated OPERATOR(pg_catalog.=) 'v');
     imgs pg_catalog.jsonb[];
 BEGIN
     SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(o.*) OPERATOR(pg_catalog.-) cols) INTO imgs FROM old_rows o;
@@ -86,9 +95,13 @@ CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_update() RETURNS trigge
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
 DECLARE
-    root pg_catalog.regclass := fluxbase_capture.capture_root(TG_RELID);
-    cols pg_catalog.text[] := fluxbase_capture.uncomputed_columns(TG_RELID)
-                              OPERATOR(pg_catalog.||) fluxbase_capture.uncomputed_columns(root);
+    root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
+    -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)
+    cols pg_catalog.text[] := (SELECT coalesce(pg_catalog.array_agg(a.attname::pg_catalog.text), '{}')
+                               FROM pg_catalog.pg_attribute a
+                               WHERE a.attrelid OPERATOR(pg_catalog.=) TG_RELID
+                                 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                                 AND a.attgenerated OPERATOR(pg_catalog.=) 'v');
     olds pg_catalog.jsonb[];
     news pg_catalog.jsonb[];
 BEGIN
