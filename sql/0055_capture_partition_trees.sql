@@ -250,8 +250,9 @@ BEGIN
 END
 $$;
 
--- The DDL event trigger as in sql/0012, and: after an ALTER TABLE of a partitioned table (ATTACH
--- PARTITION names the parent), reshape_partitions.
+-- The DDL event trigger as in sql/0012, and: a new partition is attached whatever realtime_tables
+-- says of its name (attach_capture decides by its root); after an ALTER TABLE of a partitioned
+-- table (ATTACH PARTITION names the parent), reshape_partitions.
 CREATE OR REPLACE FUNCTION fluxbase.on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
@@ -262,8 +263,10 @@ DECLARE
 BEGIN
     FOR cmd IN SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
         CONTINUE WHEN cmd.schema_name IS NULL OR cmd.schema_name !~ '^p_[0-9a-f]{16}$';
+        -- (a partition follows its root, whatever realtime_tables says of its name)
         IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-           AND NOT fluxbase_capture.capture_disabled(pg_catalog.split_part(cmd.object_identity, '.', 2)) THEN
+           AND (EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = cmd.objid AND c.relispartition)
+                OR NOT fluxbase_capture.capture_disabled(pg_catalog.split_part(cmd.object_identity, '.', 2))) THEN
             PERFORM fluxbase_capture.attach_capture(cmd.objid::regclass);
         ELSIF cmd.object_type = 'table' AND cmd.command_tag = 'ALTER TABLE'
               AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = cmd.objid AND c.relkind = 'p') THEN

@@ -207,6 +207,24 @@ async def test_a_tree_switched_off_captures_none_of_its_partitions(
     ]
 
 
+async def test_a_partition_follows_its_root_whatever_was_said_of_its_name(
+    api: Api, tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """Realtime switched off for a plain table that is then dropped: a partition created later
+    with its name is still captured, because its root is."""
+    await _tree(tenant)
+    await tenant.execute("CREATE TABLE pt_c (id int, v text)")
+    h = bearer(project.admin_key)
+    r = await api.http.post(
+        "/api/realtime/disable", json={"projectId": project.id, "tables": ["pt_c"]}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    await tenant.execute("DROP TABLE pt_c")
+    await tenant.execute("CREATE TABLE pt_c PARTITION OF pt FOR VALUES FROM (200) TO (300)")
+    await tenant.execute("INSERT INTO pt_c VALUES (250, 'z')")
+    assert await _images(control_db, project.id, "pt") == [("INSERT", {"id": 250, "v": "z"}, None)]
+
+
 async def test_truncating_a_partition_names_the_partition(
     tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
