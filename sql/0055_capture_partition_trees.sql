@@ -31,6 +31,8 @@
 --   its new partition drops. That row is gone. Then the statement's old images are written as
 --   DELETEs and its new images as INSERTs, which is what happened to the rows, without pairing
 --   a row with another's image.
+-- * Their variables win over the tenant's column names (#variable_conflict use_variable: a table
+--   with a column named like one of them must not fail its writes).
 -- * These functions are PL/pgSQL, so the tree's UPDATEs and its partitions' writes leave out the
 --   virtual generated columns (sql/0054; a partition's column is virtual exactly where its
 --   parent's is); writes through the root keep the C capture's images.
@@ -52,6 +54,7 @@ $$;
 CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
+#variable_conflict use_variable
 DECLARE
     root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
     -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)
@@ -73,6 +76,7 @@ $$;
 CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_delete() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
+#variable_conflict use_variable
 DECLARE
     root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
     -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)
@@ -94,6 +98,7 @@ $$;
 CREATE OR REPLACE FUNCTION fluxbase_capture.capture_tree_update() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER
 AS $$
+#variable_conflict use_variable
 DECLARE
     root pg_catalog.regclass := coalesce(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
     -- fluxbase_capture.uncomputed_columns(TG_RELID), inline (a function with SET costs more)

@@ -225,6 +225,28 @@ async def test_a_partition_follows_its_root_whatever_was_said_of_its_name(
     assert await _images(control_db, project.id, "pt") == [("INSERT", {"id": 250, "v": "z"}, None)]
 
 
+async def test_columns_named_like_the_capture_s_variables(
+    tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
+) -> None:
+    """A tree whose columns have the names of the PL/pgSQL capture's variables: its writes neither
+    fail (an ambiguous column reference) nor image the wrong thing."""
+    await tenant.execute(
+        "CREATE TABLE vt (id int, root text, cols text, olds text, news text, imgs text) "
+        "PARTITION BY RANGE (id)"
+    )
+    await tenant.execute("CREATE TABLE vt_a PARTITION OF vt FOR VALUES FROM (0) TO (100)")
+    await tenant.execute("CREATE TABLE vt_b PARTITION OF vt FOR VALUES FROM (100) TO (200)")
+    await tenant.execute("INSERT INTO vt_a VALUES (1, 'r', 'c', 'o', 'n', 'i')")
+    await tenant.execute("UPDATE vt SET id = 101, cols = 'c2'")
+    await tenant.execute("DELETE FROM vt_b")
+    row = {"root": "r", "olds": "o", "news": "n", "imgs": "i"}
+    assert await _images(control_db, project.id, "vt") == [
+        ("INSERT", {"id": 1, "cols": "c", **row}, None),
+        ("UPDATE", {"id": 101, "cols": "c2", **row}, {"id": 1, "cols": "c", **row}),
+        ("DELETE", {"id": 101, "cols": "c2", **row}, {"id": 101, "cols": "c2", **row}),
+    ]
+
+
 async def test_truncating_a_partition_names_the_partition(
     tenant: asyncpg.Connection, project: Any, control_db: asyncpg.Pool
 ) -> None:
