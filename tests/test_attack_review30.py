@@ -127,6 +127,7 @@ from fluxbase.security.roles import role_name
 from support import ROOT, Api, bearer
 from test_attack_review22 import ROW, _sql, _token, _until, rt  # noqa: F401
 from test_capture_native import _images, superuser, tenant  # noqa: F401
+from test_capture_partitions import owned_tree
 from test_project_dump import _export, _import
 from test_realtime import subscribe
 
@@ -234,18 +235,7 @@ async def test_copy_into_a_partition_is_an_insert_of_the_root(
     "partitions) reaches no subscriber: the old owner is never told the row left",
 )
 async def test_a_merge_giving_a_row_away_reaches_its_subscribers(api: Api, project: Any, rt: str) -> None:
-    await _sql(api, project, "CREATE TABLE ord (id int, owner text, v text) PARTITION BY LIST (owner)")
-    await _sql(api, project, "CREATE TABLE ord_u1 PARTITION OF ord FOR VALUES IN ('u1')")
-    await _sql(api, project, "CREATE TABLE ord_u2 PARTITION OF ord FOR VALUES IN ('u2')")
-    h = bearer(project.admin_key)
-    r = await api.http.post(
-        f"/api/projects/{project.id}/rls/policies",
-        json={"table": "ord", "name": "own", "command": "SELECT", "using": "owner = auth.uid()"},
-        headers=h,
-    )
-    assert r.status_code == 201, r.text
-    r = await api.http.post(f"/api/projects/{project.id}/rls/tables/ord", json={"enabled": True}, headers=h)
-    assert r.status_code == 200, r.text
+    await owned_tree(api, project)
     async with (
         subscribe(rt, project.id, project.admin_key, tables=["ord"]) as admin,
         subscribe(rt, project.id, await _token(api, project, "u1")) as u1,

@@ -296,11 +296,9 @@ async def test_a_tree_captured_before_sql_0055_is_reshaped(
     assert [op for _, op, _, _ in await _row_events(control_db, project.id)] == ["INSERT", "UPDATE"]
 
 
-async def test_a_subscriber_of_the_root_receives_every_write_as_its_policies_allow(
-    api: Api, project: Any, rt: str
-) -> None:
-    """End to end: writes naming partitions and a move reach a subscriber of the root, and an end
-    user's delivery follows the root's SELECT policy (the row of another owner is withheld)."""
+async def owned_tree(api: Api, project: Any) -> None:
+    """`ord` (id, owner, v), LIST-partitioned by owner ('u1', 'u2'), whose rows only their owner
+    may SELECT (end users), with RLS on."""
     await _sql(api, project, "CREATE TABLE ord (id int, owner text, v text) PARTITION BY LIST (owner)")
     await _sql(api, project, "CREATE TABLE ord_u1 PARTITION OF ord FOR VALUES IN ('u1')")
     await _sql(api, project, "CREATE TABLE ord_u2 PARTITION OF ord FOR VALUES IN ('u2')")
@@ -313,6 +311,14 @@ async def test_a_subscriber_of_the_root_receives_every_write_as_its_policies_all
     assert r.status_code == 201, r.text
     r = await api.http.post(f"/api/projects/{project.id}/rls/tables/ord", json={"enabled": True}, headers=h)
     assert r.status_code == 200, r.text
+
+
+async def test_a_subscriber_of_the_root_receives_every_write_as_its_policies_allow(
+    api: Api, project: Any, rt: str
+) -> None:
+    """End to end: writes naming partitions and a move reach a subscriber of the root, and an end
+    user's delivery follows the root's SELECT policy (the row of another owner is withheld)."""
+    await owned_tree(api, project)
     async with (
         subscribe(rt, project.id, project.admin_key, tables=["ord"]) as admin,
         subscribe(rt, project.id, await _token(api, project, "u1")) as u1,
