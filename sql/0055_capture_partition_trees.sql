@@ -43,7 +43,8 @@
 --   triggers, and detach_capture of the root detaches the tree. The DDL event trigger attaches a new partition (CREATE TABLE
 --   ... PARTITION OF, as before) and the partitions of a partitioned table an ALTER TABLE changed
 --   (ATTACH PARTITION), so an attached table, captured or not before, gets the partition shape.
---   A detached partition keeps it: its events then name it, its own root.
+--   A detached partition becomes a table of its own for capture (settle_detached): captured
+--   unless realtime was switched off for its name.
 
 CREATE OR REPLACE FUNCTION fluxbase_capture.capture_root(p_table pg_catalog.regclass)
     RETURNS pg_catalog.regclass
@@ -310,6 +311,31 @@ $$;
 GRANT EXECUTE ON FUNCTION fluxbase_capture.attach_partition_capture(regclass),
     fluxbase_capture.reshape_partitions(regclass) TO PUBLIC;
 
+-- Tables of a schema that were partitions and are no longer (DETACH PARTITION, whose command
+-- names the parent, not them): they still have a partition's triggers. Each becomes a table of
+-- its own for capture: captured as any table, unless realtime was switched off for its name,
+-- which its stay in a captured tree did not change (hostile review 31).
+CREATE OR REPLACE FUNCTION fluxbase_capture.settle_detached(p_schema oid) RETURNS void
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
+AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT c.oid, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_trigger g ON g.tgrelid = c.oid
+             WHERE c.relnamespace = p_schema AND NOT c.relispartition AND c.relkind IN ('r', 'p')
+               AND g.tgname = 'fluxbase_capture_ins'
+               AND g.tgfoid = 'fluxbase_capture.capture_tree_insert()'::regprocedure LOOP
+        IF fluxbase_capture.capture_disabled(t.relname::text) THEN
+            PERFORM fluxbase_capture.detach_capture(t.oid::regclass);
+        ELSE
+            PERFORM fluxbase_capture.attach_capture(t.oid::regclass);
+        END IF;
+    END LOOP;
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION fluxbase_capture.settle_detached(oid) TO PUBLIC;
+
 CREATE OR REPLACE FUNCTION fluxbase_capture.attach_capture(p_table regclass) RETURNS void
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
@@ -347,7 +373,7 @@ $$;
 
 -- The DDL event trigger as in sql/0012, and: a new partition is attached whatever realtime_tables
 -- says of its name (attach_capture decides by its root); after an ALTER TABLE of a partitioned
--- table (ATTACH PARTITION names the parent), reshape_partitions.
+-- table (ATTACH and DETACH PARTITION name the parent), reshape_partitions and settle_detached.
 CREATE OR REPLACE FUNCTION fluxbase.on_ddl_end() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
@@ -366,6 +392,8 @@ BEGIN
         ELSIF cmd.object_type = 'table' AND cmd.command_tag = 'ALTER TABLE'
               AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = cmd.objid AND c.relkind = 'p') THEN
             PERFORM fluxbase_capture.reshape_partitions(cmd.objid::regclass);
+            PERFORM fluxbase_capture.settle_detached(
+                (SELECT c.relnamespace FROM pg_catalog.pg_class c WHERE c.oid = cmd.objid));
         END IF;
         -- One event per statement: the command that matches the statement's own tag.
         IF NOT found_main THEN
