@@ -40,9 +40,10 @@
 --   parent's is); writes through the root keep the C capture's images.
 -- * A partition is captured when its root is: attach_capture of the root attaches the tree,
 --   attach_capture of a partition whose root is not captured removes the partition's capture
---   triggers, and detach_capture of the root detaches the tree. The DDL event trigger attaches a new partition (CREATE TABLE
---   ... PARTITION OF, as before) and the partitions of a partitioned table an ALTER TABLE changed
---   (ATTACH PARTITION), so an attached table, captured or not before, gets the partition shape.
+--   triggers, and detach_capture of the root detaches the tree. The DDL event trigger attaches
+--   a new partition (CREATE TABLE ... PARTITION OF, as before) and the partitions of a
+--   partitioned table an ALTER TABLE changed (ATTACH PARTITION), so an attached table, captured
+--   or not before, gets the partition shape.
 --   A detached partition becomes a table of its own for capture (settle_detached): captured
 --   unless realtime was switched off for its name.
 
@@ -233,7 +234,8 @@ AS $$
 $$;
 GRANT EXECUTE ON FUNCTION fluxbase_capture.partition_tree(regclass) TO PUBLIC;
 
--- The table and every partition below it, the root first: dropping a root's row-level trigger drops its clones (sql/0012's shape).
+-- The table and every partition below it, the root first: dropping a root's row-level trigger
+-- drops its clones (sql/0012's shape).
 CREATE OR REPLACE FUNCTION fluxbase_capture.detach_capture(p_table regclass) RETURNS void
     LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog
 AS $$
